@@ -1,0 +1,1 @@
+"""What users did: logins, logouts and the actions they took."""

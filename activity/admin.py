@@ -1,0 +1,28 @@
+"""Admin of the activity log, read-only."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from activity.models import UserActivity
+
+
+@admin.register(UserActivity)
+class UserActivityAdmin(admin.ModelAdmin):
+    """What users did; nobody edits history."""
+
+    list_display = ("timestamp", "username", "action", "ip_address")
+    list_filter = ("action",)
+    search_fields = ("username", "ip_address")
+    date_hierarchy = "timestamp"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

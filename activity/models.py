@@ -1,0 +1,32 @@
+"""The user activity log."""
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class UserActivity(models.Model):
+    """One thing a user did (or tried to do), with where it came from."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="activities",
+    )
+    # Kept apart from ``user`` so that the record survives the account's deletion
+    # and can name the account a failed login tried.
+    username = models.CharField(max_length=150, db_index=True)
+    action = models.CharField(max_length=50, db_index=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=500, blank=True)
+    timestamp = models.DateTimeField(auto_now_add=True, db_index=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-timestamp"]
+        verbose_name_plural = "user activities"
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.action}"

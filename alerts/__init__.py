@@ -1,0 +1,1 @@
+"""Alerts raised about hosts, and their life cycle."""

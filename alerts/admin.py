@@ -1,0 +1,52 @@
+"""Admin of alerts, with acknowledge and resolve actions."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.http import HttpRequest
+
+from alerts import services
+from alerts.models import Alert
+
+
+@admin.register(Alert)
+class AlertAdmin(admin.ModelAdmin):
+    """Alerts; state changes go through the services so that subscribers see them."""
+
+    list_display = ("title", "severity", "status", "host", "category", "created_at")
+    list_filter = ("severity", "status", "category")
+    search_fields = ("title", "message", "host__hostname")
+    readonly_fields = ("id", "status", "created_at", "updated_at", "acknowledged_by",
+                       "acknowledged_at", "resolved_by", "resolved_at")
+    actions = ["acknowledge", "resolve"]
+
+    def save_model(self, request: HttpRequest, obj: Alert, form: Any, change: bool) -> None:
+        """New alerts are raised through the service."""
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created = services.alert_raise(severity=obj.severity, category=obj.category,
+                                       title=obj.title, message=obj.message, host=obj.host)
+        obj.pk = created.pk
+
+    def _apply(self, request: HttpRequest, queryset: Any, service: Any, verb: str) -> None:
+        done = skipped = 0
+        for alert in queryset:
+            try:
+                service(alert_id=alert.pk, user=request.user)
+                done += 1
+            except services.AlertStateError:
+                skipped += 1
+        self.message_user(request, f"{done} alert(s) {verb}; {skipped} skipped.",
+                          messages.SUCCESS if not skipped else messages.WARNING)
+
+    @admin.action(description="Acknowledge selected alerts")
+    def acknowledge(self, request: HttpRequest, queryset: Any) -> None:
+        """Acknowledge each open alert selected."""
+        self._apply(request, queryset, services.alert_acknowledge, "acknowledged")
+
+    @admin.action(description="Resolve selected alerts")
+    def resolve(self, request: HttpRequest, queryset: Any) -> None:
+        """Resolve each unresolved alert selected."""
+        self._apply(request, queryset, services.alert_resolve, "resolved")

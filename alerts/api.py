@@ -1,0 +1,89 @@
+"""REST API of alerts: list, raise (staff), acknowledge, resolve."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.shortcuts import get_object_or_404
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from alerts import selectors, services
+from alerts.models import Alert, Severity
+from hosts.models import Host
+from sysmanage import permissions
+
+
+class AlertSerializer(serializers.ModelSerializer):
+    """An alert with its host's name."""
+
+    hostname = serializers.CharField(source="host.hostname", read_only=True, default=None)
+
+    class Meta:
+        model = Alert
+        fields = [
+            "id", "host", "hostname", "severity", "category", "title", "message", "status",
+            "created_at", "updated_at", "acknowledged_at", "resolved_at",
+        ]
+        read_only_fields = fields
+
+
+class AlertRaiseSerializer(serializers.Serializer):
+    """What a person supplies to raise an alert by hand."""
+
+    severity = serializers.ChoiceField(choices=Severity.choices)
+    category = serializers.CharField(max_length=50)
+    title = serializers.CharField(max_length=200)
+    message = serializers.CharField(allow_blank=True, required=False, default="")
+    host = serializers.PrimaryKeyRelatedField(queryset=Host.objects.all(), required=False,
+                                              allow_null=True)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v for v in value.split(",") if v] if value else None
+
+
+class AlertViewSet(viewsets.ReadOnlyModelViewSet):
+    """Alerts, newest first. ``?severity=warning,critical``, ``?status=open``, ``?host=``."""
+
+    serializer_class = AlertSerializer
+
+    def get_queryset(self) -> Any:
+        """Alerts narrowed by the query parameters."""
+        params = self.request.query_params
+        return selectors.alert_list(severity=_csv(params.get("severity")),
+                                    status=_csv(params.get("status")),
+                                    host_id=params.get("host"))
+
+    def _require_manager(self) -> None:
+        if not permissions.can_manage_alerts(self.request.user):
+            raise PermissionDenied("You do not have permission to manage alerts")
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Raise an alert by hand (staff or ``alerts.change_alert``)."""
+        self._require_manager()
+        form = AlertRaiseSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        alert = services.alert_raise(**form.validated_data)
+        return Response(AlertSerializer(alert).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def acknowledge(self, request: Request, pk: str | None = None) -> Response:
+        """Acknowledge an open alert."""
+        return self._transition(services.alert_acknowledge, pk)
+
+    @action(detail=True, methods=["post"])
+    def resolve(self, request: Request, pk: str | None = None) -> Response:
+        """Resolve an open or acknowledged alert."""
+        return self._transition(services.alert_resolve, pk)
+
+    def _transition(self, service: Any, pk: str | None) -> Response:
+        self._require_manager()
+        get_object_or_404(Alert, pk=pk)
+        try:
+            alert = service(alert_id=pk, user=self.request.user)
+        except services.AlertStateError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(AlertSerializer(alert).data)

@@ -1,0 +1,38 @@
+"""Reads of alerts, and the fleet-wide counts that involve them."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from alerts.models import Alert
+from hosts import selectors as host_selectors
+from sysmanage.protocol import iso
+
+
+def alert_list(*, severity: list[str] | None = None, status: list[str] | None = None,
+               host_id: str | None = None) -> QuerySet[Alert]:
+    """Alerts, newest first, optionally narrowed by severity, status and host."""
+    alerts = Alert.objects.select_related("host")
+    if severity:
+        alerts = alerts.filter(severity__in=severity)
+    if status:
+        alerts = alerts.filter(status__in=status)
+    if host_id:
+        alerts = alerts.filter(host_id=host_id)
+    return alerts.order_by("-created_at")
+
+
+def fleet_stats(filters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``fleet_status`` figures, read from the database."""
+    hosts_with_alerts = (
+        Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
+        .values("host_id").distinct().count()
+    )
+    return {
+        **host_selectors.host_counts(),
+        "hosts_with_alerts": hosts_with_alerts,
+        "pending_operations": host_selectors.pending_operation_count(),
+        "last_updated": iso(timezone.now()),
+    }

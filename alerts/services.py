@@ -1,0 +1,69 @@
+"""Writes of alerts: raise, acknowledge, resolve; each publishes on ``system_alerts``."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from alerts.events import AlertChanged
+from alerts.models import Alert, AlertStatus, Severity
+from hosts.models import Host
+from sysmanage.events import publish
+from sysmanage.fleet import fleet_changed
+from sysmanage.protocol import iso
+
+
+class AlertStateError(Exception):
+    """The alert cannot make the requested transition (e.g. resolving it twice)."""
+
+
+def _publish(alert: Alert, action: str) -> None:
+    publish(AlertChanged(
+        alert_id=str(alert.id), action=action, severity=alert.severity, status=alert.status,
+        title=alert.title, message=alert.message,
+        host_id=str(alert.host_id) if alert.host_id else None,
+        hostname=alert.host.hostname if alert.host else None,
+        category=alert.category, timestamp=iso(alert.updated_at) or "",
+    ))
+    fleet_changed()
+
+
+def alert_raise(*, severity: str, category: str, title: str, message: str = "",
+                host: Host | None = None) -> Alert:
+    """Open a new alert."""
+    if severity not in Severity.values:
+        raise ValueError(f"unknown severity {severity!r}")
+    with transaction.atomic():
+        alert = Alert.objects.create(severity=severity, category=category, title=title,
+                                     message=message, host=host)
+        _publish(alert, "raised")
+    return alert
+
+
+def alert_acknowledge(*, alert_id: Any, user: Any) -> Alert:
+    """Acknowledge an open alert."""
+    with transaction.atomic():
+        alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
+        if alert.status != AlertStatus.OPEN:
+            raise AlertStateError(f"alert is {alert.status}, not open")
+        alert.status = AlertStatus.ACKNOWLEDGED
+        alert.acknowledged_by = user
+        alert.acknowledged_at = timezone.now()
+        alert.save()
+        _publish(alert, "acknowledged")
+    return alert
+
+
+def alert_resolve(*, alert_id: Any, user: Any | None) -> Alert:
+    """Resolve an open or acknowledged alert (``user`` None when resolved automatically)."""
+    with transaction.atomic():
+        alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
+        if alert.status == AlertStatus.RESOLVED:
+            raise AlertStateError("alert is resolved already")
+        alert.status = AlertStatus.RESOLVED
+        alert.resolved_by = user
+        alert.resolved_at = timezone.now()
+        alert.save()
+        _publish(alert, "resolved")
+    return alert

@@ -1,0 +1,1 @@
+"""Managed hosts, the commands run on them and their package operations."""

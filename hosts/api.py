@@ -1,0 +1,100 @@
+"""REST API of hosts, command executions and package operations."""
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers, viewsets
+
+from hosts import selectors
+from hosts.models import CommandExecution, Host, PackageOperation
+
+
+class HostSerializer(serializers.ModelSerializer):
+    """A host with its reported facts."""
+
+    class Meta:
+        model = Host
+        fields = [
+            "id", "hostname", "fqdn", "ip_addresses", "os_name", "os_version", "kernel",
+            "architecture", "cpu_count", "memory_total", "agent_version", "status",
+            "last_seen", "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class HostViewSet(viewsets.ReadOnlyModelViewSet):
+    """Managed hosts. ``?search=`` matches hostname and FQDN; ``?status=`` filters."""
+
+    serializer_class = HostSerializer
+
+    def get_queryset(self) -> Any:
+        """Hosts narrowed by the query parameters."""
+        params = self.request.query_params
+        return selectors.host_list(search=params.get("search"), status=params.get("status"))
+
+
+class CommandExecutionSerializer(serializers.ModelSerializer):
+    """A command run on a host, and its result."""
+
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+
+    class Meta:
+        model = CommandExecution
+        fields = [
+            "id", "host", "hostname", "command", "timeout", "status", "exit_code", "stdout",
+            "stderr", "execution_time", "error", "requested_by", "created_at", "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Command executions, newest first; ``?host=`` and ``?status=`` filter."""
+
+    serializer_class = CommandExecutionSerializer
+
+    def get_queryset(self) -> Any:
+        """Executions narrowed by the query parameters."""
+        queryset = CommandExecution.objects.select_related("host", "requested_by")
+        params = self.request.query_params
+        if params.get("host"):
+            queryset = queryset.filter(host_id=params["host"])
+        if params.get("status"):
+            queryset = queryset.filter(status=params["status"])
+        return queryset
+
+
+class PackageOperationSerializer(serializers.ModelSerializer):
+    """A package operation on a host, with its progress."""
+
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+
+    class Meta:
+        model = PackageOperation
+        fields = [
+            "id", "host", "hostname", "operation", "package", "status", "progress", "message",
+            "output", "requested_by", "created_at", "updated_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
+    """Package operations, newest first; ``?host=`` and ``?status=`` filter."""
+
+    serializer_class = PackageOperationSerializer
+
+    def get_queryset(self) -> Any:
+        """Operations narrowed by the query parameters."""
+        queryset = PackageOperation.objects.select_related("host", "requested_by")
+        params = self.request.query_params
+        if params.get("host"):
+            queryset = queryset.filter(host_id=params["host"])
+        if params.get("status"):
+            queryset = queryset.filter(status=params["status"])
+        return queryset
+
+

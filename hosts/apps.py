@@ -1,0 +1,20 @@
+"""App configuration of the hosts app."""
+from django.apps import AppConfig
+
+
+class HostsConfig(AppConfig):
+    """Managed hosts and what runs on them."""
+
+    name = "hosts"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Plug the hosts app into the protocol core: snapshots, filter checks, commands."""
+        from hosts import commands, selectors
+        from sysmanage import commands as command_registry
+        from sysmanage import topics
+
+        topics.register_snapshot("host_status", selectors.host_status_snapshot)
+        topics.register_filter_check("host_id", selectors.host_id_problem)
+        command_registry.register("command_execution", commands.handle_command)
+        command_registry.register("package_operations", commands.handle_package_operation)

@@ -1,0 +1,1 @@
+"""The SysManage server: settings, ASGI entry point, and the live protocol core."""

@@ -1,0 +1,29 @@
+"""
+ASGI entry point: ``daphne sysmanage.asgi:application`` serves HTTP and WebSocket
+on one port.
+"""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sysmanage.settings")
+django_asgi_app = get_asgi_application()
+
+# Imported after Django is set up: these modules use the models.
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from sysmanage.auth import BrowserOriginValidator  # noqa: E402
+from sysmanage.routing import websocket_urlpatterns  # noqa: E402
+from sysmanage.singleton import ensure_single_process_on_memory_layer  # noqa: E402
+
+ensure_single_process_on_memory_layer()
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": BrowserOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+    }
+)

@@ -1,0 +1,151 @@
+"""
+Authentication of WebSocket connections.
+
+A client proves who it is with an access JWT in one of three places: the ``token``
+query parameter (as the seed document shows), a ``Sec-WebSocket-Protocol`` offer
+(``["bearer", TOKEN]`` or ``"bearer.TOKEN"``, for clients that keep tokens out of URLs),
+or an ``Authorization: Bearer`` header (non-browser clients).  Without a token, a
+logged-in Django session authenticates same-origin pages.  A token that is present but
+bad never falls back to the session.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from channels.db import database_sync_to_async
+from channels.security.websocket import WebsocketDenier
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.http.request import validate_host
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.tokens import AccessToken
+
+#: Scope key under which the outermost middleware keeps the server's send callable.
+RAW_SEND_KEY = "sysmanage.raw_send"
+#: The subprotocol the server selects when a client offered a bearer token that way.
+BEARER_SUBPROTOCOL = "bearer"
+
+
+@dataclass(frozen=True)
+class SocketCredentials:
+    """Who a connection belongs to, or why it does not belong to anyone."""
+
+    user: Any = None
+    via: str | None = None
+    expires_at: float | None = None
+    subprotocol: str | None = None
+    error: str | None = None
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _offered_subprotocols(scope: dict[str, Any]) -> list[str]:
+    return [p.strip() for p in scope.get("subprotocols", ()) if p and p.strip()]
+
+
+def find_token(scope: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """Return ``(token, where, subprotocol_to_select)``; token None when none was sent."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if query.get("token"):
+        return query["token"][0], "query", None
+    offered = _offered_subprotocols(scope)
+    for index, proto in enumerate(offered):
+        if proto.lower().startswith(BEARER_SUBPROTOCOL + "."):
+            return proto[len(BEARER_SUBPROTOCOL) + 1:], "subprotocol", proto
+        if proto.lower() == BEARER_SUBPROTOCOL and index + 1 < len(offered):
+            return offered[index + 1], "subprotocol", BEARER_SUBPROTOCOL
+    authorization = _header(scope, b"authorization")
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip(), "header", None
+        return "", "header", None
+    return None, None, None
+
+
+def user_for_access_token(raw: str) -> tuple[Any, float | None, str | None]:
+    """Validate an access JWT; return ``(user, expires_at, None)`` or ``(None, None, why)``."""
+    try:
+        token = AccessToken(raw)
+    except TokenError:
+        return None, None, "Invalid or expired JWT token"
+    claim = settings.SIMPLE_JWT.get("USER_ID_CLAIM", "user_id")
+    user_model = get_user_model()
+    try:
+        user = user_model.objects.get(pk=token.payload.get(claim))
+    except (user_model.DoesNotExist, ValueError, TypeError):
+        return None, None, "Invalid or expired JWT token"
+    if not user.is_active:
+        return None, None, "User account is disabled"
+    exp = token.payload.get("exp")
+    return user, float(exp) if exp is not None else None, None
+
+
+@database_sync_to_async
+def authenticate_socket(scope: dict[str, Any]) -> SocketCredentials:
+    """Resolve the credentials of a connecting socket (runs in the database thread)."""
+    raw, via, subprotocol = find_token(scope)
+    if raw is not None:
+        if not raw:
+            return SocketCredentials(via=via, subprotocol=subprotocol,
+                                     error="Malformed Authorization header")
+        user, expires_at, error = user_for_access_token(raw)
+        return SocketCredentials(user=user, via=via, expires_at=expires_at,
+                                 subprotocol=subprotocol, error=error)
+    user = scope.get("user")
+    if user is not None:
+        user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
+    if user is not None and user.is_authenticated and user.is_active:
+        return SocketCredentials(user=user, via="session")
+    return SocketCredentials(error="Missing JWT token")
+
+
+def seconds_until(expires_at: float | None) -> float | None:
+    """Seconds from now until ``expires_at`` (epoch), or None if it never expires."""
+    return None if expires_at is None else max(0.0, expires_at - time.time())
+
+
+def origin_allowed(origin: str, scope: dict[str, Any]) -> bool:
+    """Whether a browser at ``origin`` may open a socket to this server.
+
+    Same-origin pages are always allowed; other origins must be listed in
+    ``WS_ALLOWED_ORIGINS`` or match ``ALLOWED_HOSTS`` (a bare ``*`` there does not
+    count: it would let any site ride a logged-in user's session).
+    """
+    if origin == "null":
+        return False
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    host_header = _header(scope, b"host")
+    if host_header and host_header.lower() == parts.netloc.lower():
+        return True
+    if origin.rstrip("/") in getattr(settings, "WS_ALLOWED_ORIGINS", ()):
+        return True
+    patterns = [h for h in settings.ALLOWED_HOSTS if h != "*"]
+    return bool(parts.hostname) and validate_host(parts.hostname or "", patterns)
+
+
+class BrowserOriginValidator:
+    """Refuse WebSocket handshakes from foreign origins; allow clients that send none."""
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """Called per connection: pass it on, or deny it with HTTP 403."""
+        origin = _header(scope, b"origin")
+        if origin is not None and not origin_allowed(origin, scope):
+            return await WebsocketDenier()(scope, receive, send)
+        # The server's own send callable, before middleware wraps it: the hub writes
+        # event frames through it directly (see sysmanage.transport).
+        scope = {**scope, RAW_SEND_KEY: send}
+        return await self.application(scope, receive, send)

@@ -1,0 +1,264 @@
+"""
+The client WebSocket endpoint, ``/ws``: the seed protocol for dashboards and clients.
+
+:class:`ClientConsumer` owns one connection: it authenticates it, enforces size and
+rate limits, parses each message and hands it to a small handler per message type.
+Channels are handled by :mod:`sysmanage.topics`; events arrive through the process's
+:class:`~sysmanage.hub.Hub`, never through a per-connection layer channel.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from sysmanage import commands
+from sysmanage.auth import RAW_SEND_KEY, authenticate_socket, seconds_until
+from sysmanage.hub import Hub
+from sysmanage.protocol import (
+    ClientMessage,
+    CloseCode,
+    ErrorCode,
+    MessageType,
+    ProtocolError,
+    auth_failed_envelope,
+    dumps,
+    envelope,
+    error_envelope,
+    parse_client_message,
+)
+from sysmanage.topics import filter_problem, get_topic, snapshot_provider
+from sysmanage.transport import Frame, Outbound
+
+logger = logging.getLogger(__name__)
+
+#: Rejected messages in a row (while over the rate) after which the socket is closed.
+MAX_RATE_VIOLATIONS = 100
+
+
+class TokenBucket:
+    """Allows ``rate`` messages a second on average, in bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.capacity = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> float:
+        """Take one token; return 0 if allowed, else the seconds until one is free."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class ClientConsumer(AsyncWebsocketConsumer):
+    """One authenticated client connection speaking the seed protocol."""
+
+    # No per-connection layer channel: every event reaches this socket through the
+    # process's hub, which saves a layer round trip (and a Redis connection) per client.
+    channel_layer_alias = "__hub_only__"
+
+    user: Any = None
+    user_id: str | None = None
+    hub: Hub | None = None
+    outbound: Outbound | None = None
+
+    async def connect(self) -> None:
+        """Called on the handshake: authenticate, then accept (always, to explain refusals)."""
+        credentials = await authenticate_socket(self.scope)
+        await self.accept(subprotocol=credentials.subprotocol)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
+        )
+        if credentials.user is None:
+            await self._refuse(credentials.error or "Invalid or expired JWT token")
+            return
+        self.user = credentials.user
+        self.user_id = str(self.user.pk)
+        self.auth_via = credentials.via
+        self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
+        self.rate_violations = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.hub = await Hub.for_running_loop()
+        self.hub.register(self)
+        delay = seconds_until(credentials.expires_at)
+        self.expiry_timer = (
+            asyncio.get_running_loop().call_later(delay, self._token_expired)
+            if delay is not None else None
+        )
+
+    async def disconnect(self, code: int) -> None:
+        """Called when the socket closes: drop subscriptions, timers and running tasks."""
+        if self.hub is not None:
+            self.hub.unregister(self)
+        timer = getattr(self, "expiry_timer", None)
+        if timer is not None:
+            timer.cancel()
+        for task in getattr(self, "tasks", ()):
+            task.cancel()
+        if self.outbound is not None:
+            self.outbound.stop()
+
+    # -- sending ----------------------------------------------------------------------
+
+    def deliver(self, frame: Frame) -> None:
+        """Called by the hub with an event frame; never blocks."""
+        if self.outbound is not None and not getattr(self, "closing", False):
+            self.outbound.deliver(frame)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Send one message to this client, in order with event frames."""
+        if self.outbound is not None:
+            self.outbound.send_text(dumps(message))
+
+    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
+        """Send ``message`` (normally an error) and close with ``code``."""
+        self.closing = True
+        if self.hub is not None:
+            self.hub.unregister(self)
+        assert self.outbound is not None
+        if self.outbound.overflowed:
+            # The buffer is full; the reason goes in the close frame instead.
+            await self.close(code=int(code), reason=message["data"].get("code"))
+            return
+        self.reply(message)
+        await self.outbound.flush()
+        await self.close(code=int(code))
+
+    async def _refuse(self, why: str) -> None:
+        await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(why))
+
+    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+        """Called by the hub when this user's access was revoked."""
+        if not self.closing:
+            self.closing = True
+            self._spawn(self._close_with(code, error))
+
+    def _token_expired(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._spawn(self._close_with(CloseCode.AUTH_FAILED,
+                                         auth_failed_envelope("JWT token expired")))
+
+    def _on_overflow(self) -> None:
+        logger.warning("closing a client that stopped reading (user %s)", self.user_id)
+        self.closing = True
+        self._spawn(self._close_with(
+            CloseCode.SLOW_CONSUMER,
+            error_envelope(ErrorCode.SLOW_CONSUMER,
+                           "Too many undelivered messages; reconnect and resubscribe"),
+        ))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks = getattr(self, "tasks", None)
+        if tasks is not None:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Called for each client frame: check limits, parse, dispatch by type."""
+        if self.user is None or self.closing:
+            return
+        if text_data is None:
+            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE,
+                                      "Binary frames are not supported; send JSON text"))
+            return
+        if len(text_data) > settings.WS_MAX_MESSAGE_BYTES or \
+                len(text_data.encode("utf-8")) > settings.WS_MAX_MESSAGE_BYTES:
+            await self._close_with(CloseCode.MESSAGE_TOO_BIG, error_envelope(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"Message exceeds {settings.WS_MAX_MESSAGE_BYTES} bytes"))
+            return
+        try:
+            message = parse_client_message(text_data)
+            if not await self._within_rate(message):
+                return
+            await self.HANDLERS[message.type](self, message)
+        except ProtocolError as exc:
+            self.reply(exc.to_envelope())
+        except Exception:
+            logger.exception("error handling a client message")
+            self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    async def _within_rate(self, message: ClientMessage) -> bool:
+        wait = self.bucket.take()
+        if wait == 0:
+            self.rate_violations = 0
+            return True
+        self.rate_violations += 1
+        if self.rate_violations > MAX_RATE_VIOLATIONS:
+            await self._close_with(CloseCode.RATE_LIMITED, error_envelope(
+                ErrorCode.RATE_LIMITED, "Too many messages; connection closed"))
+            return False
+        self.reply(error_envelope(
+            ErrorCode.RATE_LIMITED, "Too many messages; this one was not processed",
+            id_=message.id, retry_after=round(wait, 3)))
+        return False
+
+    async def on_ping(self, message: ClientMessage) -> None:
+        """Answer an application-level ping with a pong carrying the same id."""
+        self.reply(envelope(MessageType.PONG, message.channel or "system", {}, id_=message.id))
+
+    async def on_subscribe(self, message: ClientMessage) -> None:
+        """Subscribe (or re-subscribe with new filters) and confirm the filters in force."""
+        topic = get_topic(message.channel, message.id)
+        denied = topic.authorize(self.user)
+        if denied:
+            raise ProtocolError(ErrorCode.SUBSCRIPTION_FAILED, denied, channel="subscription",
+                                id_=message.id, requested_channel=topic.name)
+        filters = topic.clean_filters(message.filters, message.id)
+        problem = await database_sync_to_async(filter_problem)(filters)
+        if problem:
+            raise ProtocolError(ErrorCode.INVALID_FILTERS, problem, channel="subscription",
+                                id_=message.id, requested_channel=topic.name)
+        assert self.hub is not None
+        self.hub.subscribe(self, topic.name, filters)
+        self.reply(envelope(MessageType.RESPONSE, topic.name, {
+            "action": "subscribe", "status": "subscribed", "channel": topic.name,
+            "filters": _jsonable(filters)}, id_=message.id))
+        provider = snapshot_provider(topic.name) if topic.sends_initial_state else None
+        if provider is not None:
+            state = await database_sync_to_async(provider)(filters)
+            self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
+
+    async def on_unsubscribe(self, message: ClientMessage) -> None:
+        """Unsubscribe; answering even when there was no subscription (it is idempotent)."""
+        topic = get_topic(message.channel, message.id)
+        assert self.hub is not None
+        was = self.hub.unsubscribe(self, topic.name)
+        self.reply(envelope(MessageType.RESPONSE, topic.name, {
+            "action": "unsubscribe", "status": "unsubscribed", "channel": topic.name,
+            "was_subscribed": was}, id_=message.id))
+
+    async def on_command(self, message: ClientMessage) -> None:
+        """Run a channel command in its own task so that long commands block nothing."""
+        handler = commands.handler_for(message.channel, message.id)
+        context = commands.CommandContext(user=self.user, scope=self.scope, reply=self.reply)
+        self._spawn(commands.run(handler, context, message))
+
+    HANDLERS = {
+        MessageType.PING: on_ping,
+        MessageType.SUBSCRIBE: on_subscribe,
+        MessageType.UNSUBSCRIBE: on_unsubscribe,
+        MessageType.COMMAND: on_command,
+    }
+
+
+def _jsonable(filters: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in filters.items()}

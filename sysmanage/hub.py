@@ -1,0 +1,300 @@
+"""
+The per-process hub: two-level fan-out of events to WebSocket connections.
+
+Each server process runs one hub.  It joins :data:`~sysmanage.events.EVENTS_GROUP`
+once, receives every event from the channel layer (in-memory or Redis), and hands it
+to the local connections whose subscriptions match, serializing each distinct payload
+once.  Going through the layer once per process instead of once per connection is what
+lets fan-out keep up (see ``docs/architecture.md``).  The hub also forwards events
+published in this process to the layer, in order, and coalesces fleet status updates.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any, ClassVar, Protocol
+
+from channels.layers import BaseChannelLayer, get_channel_layer
+from django.conf import settings
+
+from sysmanage.events import EVENTS_GROUP
+from sysmanage.protocol import MessageType, dumps, envelope
+from sysmanage.topics import TOPICS, Filters
+from sysmanage.transport import Frame
+
+logger = logging.getLogger(__name__)
+
+#: Re-join the group this often: channels-redis expires members after ``group_expiry``.
+REJOIN_INTERVAL = 3600.0
+#: Back-off bounds when the layer fails (Redis restarting, network blip).
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+#: Attempts to hand one published message to the layer before giving up on it.
+PUBLISH_ATTEMPTS = 5
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    user_id: str | None
+
+    def deliver(self, frame: Frame) -> None:
+        """Send ``frame`` without blocking."""
+
+    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+        """Send ``error`` and close the connection with ``code`` (scheduled, not awaited)."""
+
+
+class Hub:
+    """Fans events out to this process's connections; one per process (per event loop)."""
+
+    _current: ClassVar[Hub | None] = None
+    _start_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, layer: BaseChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
+        self.layer = layer
+        self.loop = loop
+        self.channel_name: str | None = None
+        self.subscriptions: dict[str, dict[Subscriber, Filters]] = defaultdict(dict)
+        self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = asyncio.Event()
+        self._closed = False
+        self.fleet = FleetCoalescer(self)
+        self.stats = {"events": 0, "deliveries": 0, "frames": 0, "publish_failures": 0}
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    def current(cls) -> Hub | None:
+        """The hub of this process, if one was started."""
+        return cls._current
+
+    @classmethod
+    async def for_running_loop(cls) -> Hub:
+        """Return this process's hub for the running loop, starting it on first use."""
+        loop = asyncio.get_running_loop()
+        hub = cls._current
+        if hub is None or hub.loop is not loop or hub._closed:
+            hub = cls(get_channel_layer(), loop)
+            cls._current = hub
+            await hub.start()
+        await hub._started.wait()
+        return hub
+
+    async def start(self) -> None:
+        """Create this hub's layer channel, join the events group and start its tasks."""
+        self.channel_name = await self.layer.new_channel(prefix="hub.")
+        await self.layer.group_add(EVENTS_GROUP, self.channel_name)
+        self._tasks = [
+            asyncio.ensure_future(self._receive_loop()),
+            asyncio.ensure_future(self._publish_loop()),
+            asyncio.ensure_future(self._rejoin_loop()),
+        ]
+        self._started.set()
+        logger.info("hub %s started", self.channel_name)
+
+    async def close(self) -> None:
+        """Stop the hub's tasks and leave the group (tests and shutdown)."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.channel_name is not None:
+            with contextlib.suppress(Exception):
+                await self.layer.group_discard(EVENTS_GROUP, self.channel_name)
+        if Hub._current is self:
+            Hub._current = None
+
+    def accepts_messages(self) -> bool:
+        """Whether the hub's loop is alive to take published messages."""
+        return not self._closed and self.loop.is_running() and not self.loop.is_closed()
+
+    def owns_current_thread(self) -> bool:
+        """Whether the caller runs on the hub's own event loop thread."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    # -- connections ----------------------------------------------------------------
+
+    def register(self, conn: Subscriber) -> None:
+        """Track ``conn`` so that control messages (revocations) can reach it."""
+        if conn.user_id is not None:
+            self.by_user[conn.user_id].add(conn)
+
+    def unregister(self, conn: Subscriber) -> None:
+        """Forget ``conn`` and all its subscriptions."""
+        for subs in self.subscriptions.values():
+            subs.pop(conn, None)
+        if conn.user_id is not None:
+            users = self.by_user.get(conn.user_id)
+            if users is not None:
+                users.discard(conn)
+                if not users:
+                    del self.by_user[conn.user_id]
+
+    def subscribe(self, conn: Subscriber, channel: str, filters: Filters) -> None:
+        """Subscribe ``conn`` to ``channel``, replacing any filters it had there."""
+        self.subscriptions[channel][conn] = filters
+
+    def unsubscribe(self, conn: Subscriber, channel: str) -> bool:
+        """Unsubscribe ``conn`` from ``channel``; return whether it was subscribed."""
+        return self.subscriptions[channel].pop(conn, None) is not None
+
+    def subscriber_count(self, channel: str | None = None) -> int:
+        """How many local subscriptions exist (on ``channel``, or on all channels)."""
+        if channel is not None:
+            return len(self.subscriptions.get(channel, {}))
+        return sum(len(s) for s in self.subscriptions.values())
+
+    # -- inbound: layer -> connections ---------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.channel_name is not None
+        delay = RETRY_MIN
+        while True:
+            try:
+                message = await self.layer.receive(self.channel_name)
+                delay = RETRY_MIN
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("hub receive failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            try:
+                self.handle(message)
+            except Exception:
+                logger.exception("hub failed to handle a %s message", message.get("type"))
+
+    def handle(self, message: dict[str, Any]) -> None:
+        """Act on one layer message: an event to fan out, or a control message."""
+        kind = message.get("type")
+        if kind == "hub.event":
+            self.dispatch(message)
+        elif kind == "hub.control":
+            self.control(message)
+        else:
+            logger.warning("hub ignored a message of unknown type %r", kind)
+
+    def dispatch(self, message: dict[str, Any]) -> int:
+        """Deliver one event to each matching local subscriber; return how many got it."""
+        channel = message["channel"]
+        data = message["data"]
+        if channel == "fleet_status":
+            self.fleet.seen(data)
+        subscribers = self.subscriptions.get(channel)
+        self.stats["events"] += 1
+        if not subscribers:
+            return 0
+        topic = TOPICS[channel]
+        frames: dict[Any, Frame] = {}
+        delivered = 0
+        for conn, filters in list(subscribers.items()):
+            if not topic.matches(filters, data):
+                continue
+            key = topic.variant(filters)
+            frame = frames.get(key)
+            if frame is None:
+                payload = envelope(
+                    MessageType.EVENT, channel, topic.render(filters, data),
+                    timestamp=message.get("timestamp"),
+                )
+                frame = frames[key] = Frame(dumps(payload))
+            conn.deliver(frame)
+            delivered += 1
+        self.stats["deliveries"] += delivered
+        self.stats["frames"] += len(frames)
+        return delivered
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Close connections named by a control message (revoked user or session)."""
+        action = message.get("action")
+        if action == "close_user":
+            targets = list(self.by_user.get(str(message.get("user_id")), ()))
+        else:
+            logger.warning("hub ignored unknown control action %r", action)
+            return
+        from sysmanage.protocol import auth_failed_envelope
+
+        error = auth_failed_envelope(message.get("reason") or "Session revoked")
+        for conn in targets:
+            conn.close_from_hub(int(message.get("code") or 4003), error)
+
+    # -- outbound: this process -> layer ---------------------------------------------------
+
+    def enqueue_publish(self, message: dict[str, Any]) -> None:
+        """Queue ``message`` for the layer; called on the hub's loop only."""
+        self._outbox.put_nowait(message)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            await self._publish_one(message)
+
+    async def _publish_one(self, message: dict[str, Any]) -> None:
+        delay = RETRY_MIN
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await self.layer.group_send(EVENTS_GROUP, message)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("publishing %s failed (attempt %d)", message.get("event"),
+                               attempt, exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        self.stats["publish_failures"] += 1
+        logger.error("dropped event %s after %d attempts: the channel layer is unreachable",
+                     message.get("event") or message.get("action"), PUBLISH_ATTEMPTS)
+
+    async def _rejoin_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_INTERVAL)
+            try:
+                await self.layer.group_add(EVENTS_GROUP, self.channel_name or "")
+            except Exception:
+                logger.exception("hub could not renew its group membership")
+
+
+class FleetCoalescer:
+    """Publishes fleet status when it changes, at most once per interval per process."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.last_sent: dict[str, Any] | None = None
+        self._last_time = 0.0
+        self._pending = False
+
+    def seen(self, data: dict[str, Any]) -> None:
+        """Remember fleet status published by any process, to skip repeating it."""
+        self.last_sent = data
+
+    def request(self) -> None:
+        """Note that fleet figures may have changed; recompute them soon (on the loop)."""
+        if self._pending:
+            return
+        self._pending = True
+        interval = settings.FLEET_STATUS_MIN_INTERVAL
+        delay = max(0.0, self._last_time + interval - time.monotonic())
+        self.hub.loop.call_later(delay, lambda: asyncio.ensure_future(self._run()))
+
+    async def _run(self) -> None:
+        from sysmanage import fleet
+
+        self._pending = False
+        self._last_time = time.monotonic()
+        try:
+            await fleet.apublish_if_changed(self.last_sent)
+        except Exception:
+            logger.exception("could not compute fleet status")

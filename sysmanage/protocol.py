@@ -1,0 +1,221 @@
+"""
+The WebSocket envelope: building the messages the server sends, parsing the ones it gets.
+
+Every server message is ``{type, channel, data, timestamp}`` plus the ``id`` of the
+request it answers.  Error codes and close codes are listed here and nowhere else;
+``docs/websocket-protocol.md`` documents each of them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+
+class MessageType(StrEnum):
+    """Message types of the seed protocol, plus the application-level ping/pong."""
+
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    COMMAND = "command"
+    STATUS = "status"
+    EVENT = "event"
+    RESPONSE = "response"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+
+
+#: Types a client may send; the rest are sent by the server only.
+CLIENT_TYPES = frozenset(
+    {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.COMMAND, MessageType.PING}
+)
+SERVER_ONLY_TYPES = frozenset(
+    {MessageType.STATUS, MessageType.EVENT, MessageType.RESPONSE, MessageType.ERROR,
+     MessageType.PONG}
+)
+
+
+class ErrorCode(StrEnum):
+    """Codes carried in ``data.code`` of an ``error`` message."""
+
+    AUTH_FAILED = "AUTH_FAILED"
+    SUBSCRIPTION_FAILED = "SUBSCRIPTION_FAILED"
+    COMMAND_FAILED = "COMMAND_FAILED"
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    UNSUPPORTED_TYPE = "UNSUPPORTED_TYPE"
+    UNKNOWN_CHANNEL = "UNKNOWN_CHANNEL"
+    INVALID_FILTERS = "INVALID_FILTERS"
+    INVALID_COMMAND = "INVALID_COMMAND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    RATE_LIMITED = "RATE_LIMITED"
+    SLOW_CONSUMER = "SLOW_CONSUMER"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses."""
+
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    AUTH_FAILED = 4001
+    SESSION_REVOKED = 4003
+    SLOW_CONSUMER = 4008
+    RATE_LIMITED = 4029
+
+
+#: Largest ``id`` a client may attach; longer ones are refused, not echoed.
+MAX_ID_LENGTH = 128
+
+
+def utc_now_iso() -> str:
+    """Return the current time as ISO-8601 UTC with a ``Z`` suffix, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso(value: datetime | None) -> str | None:
+    """Format an aware datetime as ISO-8601 UTC with a ``Z`` suffix."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def envelope(
+    type_: str,
+    channel: str,
+    data: dict[str, Any],
+    *,
+    id_: str | int | None = None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """Build a server message; ``id`` is present only when answering a request."""
+    message: dict[str, Any] = {
+        "type": str(type_),
+        "channel": channel,
+        "data": data,
+        "timestamp": timestamp or utc_now_iso(),
+    }
+    if id_ is not None:
+        message["id"] = id_
+    return message
+
+
+def error_envelope(
+    code: ErrorCode,
+    message: str,
+    *,
+    channel: str = "system",
+    id_: str | int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build an ``error`` message with a code, a human message and any extra fields."""
+    return envelope(
+        MessageType.ERROR, channel, {"code": str(code), "message": message, **extra}, id_=id_
+    )
+
+
+def auth_failed_envelope(message: str = "Invalid or expired JWT token") -> dict[str, Any]:
+    """The seed's ``AUTH_FAILED`` error, sent before closing with ``CloseCode.AUTH_FAILED``."""
+    return error_envelope(
+        ErrorCode.AUTH_FAILED, message, action="reconnect_with_valid_token"
+    )
+
+
+def dumps(message: dict[str, Any]) -> str:
+    """Serialize a message compactly."""
+    return json.dumps(message, separators=(",", ":"), default=str)
+
+
+class ProtocolError(Exception):
+    """A client message the server cannot act on; becomes an ``error`` envelope."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        channel: str = "system",
+        id_: str | int | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.channel = channel
+        self.id = id_
+        self.extra = extra
+
+    def to_envelope(self) -> dict[str, Any]:
+        """Render this error as the protocol's ``error`` message."""
+        return error_envelope(
+            self.code, self.message, channel=self.channel, id_=self.id, **self.extra
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    """A parsed, shape-checked message from a client."""
+
+    type: str
+    channel: str | None
+    data: dict[str, Any]
+    filters: dict[str, Any] | None
+    id: str | int | None
+
+
+def _extract_id(raw: dict[str, Any]) -> str | int | None:
+    """Return the request ``id`` if it is one the server can echo back safely."""
+    value = raw.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'id' must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"'id' must be at most {MAX_ID_LENGTH} characters"
+        )
+    return value
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Parse one text frame into a :class:`ClientMessage` or raise :class:`ProtocolError`."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object")
+    id_ = _extract_id(raw)
+    type_ = raw.get("type")
+    if type_ is None:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message has no 'type'", id_=id_)
+    if not isinstance(type_, str) or type_ not in MessageType.__members__.values():
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"Unknown message type {str(type_)[:64]!r}", id_=id_,
+            allowed_types=sorted(str(t) for t in CLIENT_TYPES),
+        )
+    if type_ in SERVER_ONLY_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_TYPE, f"Messages of type {type_!r} are sent by the server only",
+            id_=id_, allowed_types=sorted(str(t) for t in CLIENT_TYPES),
+        )
+    channel = raw.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'channel' must be a string", id_=id_)
+    data = raw.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'data' must be an object", id_=id_)
+    filters = raw.get("filters")
+    if filters is not None and not isinstance(filters, dict):
+        raise ProtocolError(
+            ErrorCode.INVALID_FILTERS, "'filters' must be an object", channel="subscription",
+            id_=id_, requested_channel=channel,
+        )
+    return ClientMessage(type=type_, channel=channel, data=data, filters=filters, id=id_)

@@ -1,0 +1,253 @@
+"""
+The seven channels of the WebSocket API, each a small handler class.
+
+A handler authorizes a subscriber, validates and normalizes its filters, decides whether
+an event matches them, shapes the delivered payload, and optionally supplies the current
+state on subscribe.  The hub and the consumer know channels only through this registry.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+from sysmanage import permissions
+from sysmanage.protocol import ErrorCode, ProtocolError
+
+Filters = dict[str, Any]
+
+
+def _filters_error(channel: str, message: str, id_: str | int | None) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.INVALID_FILTERS, message, channel="subscription", id_=id_,
+        requested_channel=channel,
+    )
+
+
+class Topic:
+    """Base channel handler: no filters, every event matches, payload unchanged."""
+
+    name: ClassVar[str]
+    #: filter name -> (required, parser); parsers raise ValueError with a reason.
+    filter_fields: ClassVar[dict[str, tuple[bool, str]]] = {}
+    #: whether subscribers get a ``status`` message with the current state at once.
+    sends_initial_state: ClassVar[bool] = False
+
+    def authorize(self, user: Any) -> str | None:
+        """Return why ``user`` may not subscribe, or None if it may."""
+        return permissions.subscribe_denied_reason(user, self.name)
+
+    def clean_filters(self, raw: Filters | None, id_: str | int | None) -> Filters:
+        """Validate ``raw`` filters; return the normalized filters in force."""
+        raw = raw or {}
+        unknown = sorted(set(raw) - set(self.filter_fields))
+        if unknown:
+            allowed = ", ".join(sorted(self.filter_fields)) or "none"
+            raise _filters_error(
+                self.name, f"Unknown filter(s) {', '.join(unknown)} for channel "
+                f"'{self.name}' (allowed: {allowed})", id_,
+            )
+        cleaned: Filters = {}
+        for field, (required, kind) in self.filter_fields.items():
+            if field not in raw or raw[field] is None:
+                if required:
+                    raise _filters_error(
+                        self.name, f"Channel '{self.name}' requires the filter '{field}'", id_
+                    )
+                continue
+            try:
+                cleaned[field] = PARSERS[kind](raw[field])
+            except ValueError as exc:
+                raise _filters_error(self.name, f"Filter '{field}': {exc}", id_) from None
+        return cleaned
+
+    def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
+        """Whether an event with payload ``data`` goes to a subscriber with ``filters``."""
+        host_id = filters.get("host_id")
+        return host_id is None or data.get("host_id") == host_id
+
+    def variant(self, filters: Filters) -> Hashable:
+        """A key naming the payload shape this subscriber gets; equal keys share a frame."""
+        return None
+
+    def render(self, filters: Filters, data: dict[str, Any]) -> dict[str, Any]:
+        """The payload delivered to a subscriber with ``filters``."""
+        return data
+
+
+def parse_uuid(value: Any) -> str:
+    """A UUID in canonical string form."""
+    if not isinstance(value, str):
+        raise ValueError("must be a UUID string")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError(f"{value[:64]!r} is not a valid UUID") from None
+
+
+def _parse_choice_list(value: Any, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be a non-empty list of {what} ({', '.join(choices)})")
+    bad = [v for v in value if v not in choices]
+    if bad:
+        raise ValueError(f"unknown {what} {bad!r} (allowed: {', '.join(choices)})")
+    return tuple(c for c in choices if c in value)
+
+
+SEVERITIES = ("info", "warning", "critical")
+METRICS = ("cpu", "memory", "disk", "load")
+#: metric filter name -> key in the ``metrics`` payload
+METRIC_KEYS = {
+    "cpu": "cpu_usage",
+    "memory": "memory_usage",
+    "disk": "disk_usage",
+    "load": "load_average",
+}
+
+PARSERS = {
+    "uuid": parse_uuid,
+    "severities": lambda v: _parse_choice_list(v, SEVERITIES, "severity"),
+    "metrics": lambda v: _parse_choice_list(v, METRICS, "metric"),
+}
+
+
+class HostStatusTopic(Topic):
+    """Host status changes; optional ``host_id``; current state sent on subscribe."""
+
+    name = "host_status"
+    filter_fields = {"host_id": (False, "uuid")}
+    sends_initial_state = True
+
+
+class PackageOperationsTopic(Topic):
+    """Package operation progress for one host (``host_id`` required)."""
+
+    name = "package_operations"
+    filter_fields = {"host_id": (True, "uuid")}
+
+
+class CommandExecutionTopic(Topic):
+    """Command executions and their results; optional ``host_id``."""
+
+    name = "command_execution"
+    filter_fields = {"host_id": (False, "uuid")}
+
+
+class SystemAlertsTopic(Topic):
+    """Alerts raised and changed; optional ``severity`` list and ``host_id``."""
+
+    name = "system_alerts"
+    filter_fields = {"severity": (False, "severities"), "host_id": (False, "uuid")}
+
+    def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
+        """Match on host (if filtered) and on severity (if filtered)."""
+        severities = filters.get("severity")
+        if severities is not None and data.get("severity") not in severities:
+            return False
+        return super().matches(filters, data)
+
+
+class UserActivityTopic(Topic):
+    """Logins, logouts and user actions; staff only."""
+
+    name = "user_activity"
+
+
+class HostMetricsTopic(Topic):
+    """Live metrics of one host (``host_id`` required), limited to the ``metrics`` named."""
+
+    name = "host_metrics"
+    filter_fields = {"host_id": (True, "uuid"), "metrics": (False, "metrics")}
+
+    def variant(self, filters: Filters) -> Hashable:
+        """Subscribers asking for the same metric names share one serialized frame."""
+        return filters.get("metrics")
+
+    def render(self, filters: Filters, data: dict[str, Any]) -> dict[str, Any]:
+        """Keep only the metrics the subscriber asked for."""
+        wanted = filters.get("metrics")
+        if wanted is None:
+            return data
+        keys = {METRIC_KEYS[m] for m in wanted}
+        metrics = {k: v for k, v in data.get("metrics", {}).items() if k in keys}
+        return {**data, "metrics": metrics}
+
+
+class FleetStatusTopic(Topic):
+    """Fleet-wide counts; current state sent on subscribe."""
+
+    name = "fleet_status"
+    sends_initial_state = True
+
+    def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
+        """Every fleet event goes to every subscriber."""
+        return True
+
+
+TOPICS: dict[str, Topic] = {
+    topic.name: topic
+    for topic in (
+        HostStatusTopic(),
+        PackageOperationsTopic(),
+        CommandExecutionTopic(),
+        SystemAlertsTopic(),
+        UserActivityTopic(),
+        HostMetricsTopic(),
+        FleetStatusTopic(),
+    )
+}
+
+
+def get_topic(name: str | None, id_: str | int | None) -> Topic:
+    """Return the handler of channel ``name`` or raise ``UNKNOWN_CHANNEL``."""
+    topic = TOPICS.get(name or "")
+    if topic is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_CHANNEL,
+            f"Unknown channel {str(name)[:64]!r}" if name else "Message has no 'channel'",
+            channel="subscription", id_=id_, requested_channel=name,
+            available_channels=sorted(TOPICS),
+        )
+    return topic
+
+
+Snapshot = Any  # Callable[[Filters], dict[str, Any]], run in a worker thread
+_SNAPSHOTS: dict[str, Snapshot] = {}
+
+
+def register_snapshot(channel: str, provider: Snapshot) -> None:
+    """Register the function that returns ``channel``'s current state for a subscriber.
+
+    Apps above the core register these from ``AppConfig.ready`` so that the core
+    never imports them.
+    """
+    if channel not in TOPICS:
+        raise ValueError(f"unknown channel {channel!r}")
+    if channel in _SNAPSHOTS and _SNAPSHOTS[channel] is not provider:
+        raise ValueError(f"a snapshot for {channel!r} is registered already")
+    _SNAPSHOTS[channel] = provider
+
+
+def snapshot_provider(channel: str) -> Snapshot | None:
+    """The registered current-state function of ``channel``, if any."""
+    return _SNAPSHOTS.get(channel)
+
+
+FilterCheck = Any  # Callable[[Any], str | None], run in a worker thread
+_FILTER_CHECKS: dict[str, FilterCheck] = {}
+
+
+def register_filter_check(field: str, check: FilterCheck) -> None:
+    """Register a database check of filter ``field`` (e.g. that a ``host_id`` exists)."""
+    _FILTER_CHECKS[field] = check
+
+
+def filter_problem(filters: Filters) -> str | None:
+    """Run the registered checks on ``filters``; return the first problem found."""
+    for field, value in filters.items():
+        check = _FILTER_CHECKS.get(field)
+        if check is not None:
+            problem = check(value)
+            if problem:
+                return f"Filter '{field}': {problem}"
+    return None

@@ -1,0 +1,140 @@
+"""
+Writing frames to one WebSocket without waiting, with a bound on memory.
+
+Under Daphne the ASGI ``send`` callable is ``partial(server.handle_reply, protocol)``;
+its ``protocol`` is Autobahn's, whose writes are synchronous appends to the Twisted
+transport.  :class:`Outbound` writes pre-framed messages straight to it (framing each
+distinct payload once for every recipient) and reads the transport's write buffer to
+find clients that stopped reading.  Under any other server it falls back to a bounded
+queue drained by a writer task.  Either way, delivering a frame never blocks the hub.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Frames a fallback queue holds before its client counts as too slow.
+FALLBACK_QUEUE_FRAMES = 2000
+#: How long a close waits for queued frames to be written first.
+FLUSH_SECONDS = 2.0
+
+
+class Frame:
+    """One serialized server message, shared by every recipient of the same payload."""
+
+    __slots__ = ("_factory", "_prepared", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._prepared: Any = None
+        self._factory: Any = None
+
+    def prepared_for(self, factory: Any) -> Any:
+        """The message framed once by ``factory`` (Autobahn's), reused for every socket."""
+        if self._factory is not factory:
+            self._prepared = factory.prepareMessage(self.text.encode("utf-8"), isBinary=False)
+            self._factory = factory
+        return self._prepared
+
+
+def _daphne_protocol(send: Any) -> Any:
+    """Return Daphne's protocol object behind an ASGI ``send`` callable, if it is one."""
+    if isinstance(send, functools.partial) and send.args:
+        protocol = send.args[0]
+        if hasattr(protocol, "sendPreparedMessage") and hasattr(protocol, "transport"):
+            return protocol
+    return None
+
+
+class Outbound:
+    """The outgoing side of one client connection."""
+
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+        *,
+        max_buffer_bytes: int,
+        on_overflow: Callable[[], None],
+    ) -> None:
+        self._send = send
+        self._protocol = _daphne_protocol(send)
+        self._max_buffer = max_buffer_bytes
+        self._on_overflow = on_overflow
+        self._queue: asyncio.Queue[str] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.overflowed = False
+        if self._protocol is None:
+            self._queue = asyncio.Queue(maxsize=FALLBACK_QUEUE_FRAMES)
+            self._writer = asyncio.ensure_future(self._drain_queue())
+
+    @property
+    def direct(self) -> bool:
+        """Whether frames go straight to the socket (Daphne) rather than through a queue."""
+        return self._protocol is not None
+
+    def backlog_bytes(self) -> int:
+        """Bytes written to the socket but not yet taken by the client (0 if unknown)."""
+        transport = getattr(self._protocol, "transport", None)
+        if transport is None:
+            return 0
+        data = getattr(transport, "dataBuffer", b"")
+        offset = getattr(transport, "offset", 0)
+        pending = getattr(transport, "_tempDataLen", 0)
+        return len(data) - offset + pending
+
+    def deliver(self, frame: Frame) -> None:
+        """Send ``frame`` now or queue it; a client too far behind is reported once."""
+        if self.overflowed:
+            return
+        protocol = self._protocol
+        if protocol is not None:
+            if protocol.state != protocol.STATE_OPEN:
+                return
+            if self.backlog_bytes() > self._max_buffer:
+                self._overflow()
+                return
+            protocol.sendPreparedMessage(frame.prepared_for(protocol.factory))
+            return
+        assert self._queue is not None
+        try:
+            self._queue.put_nowait(frame.text)
+        except asyncio.QueueFull:
+            self._overflow()
+
+    def send_text(self, text: str) -> None:
+        """Send a message meant for this connection only (replies, errors, snapshots)."""
+        self.deliver(Frame(text))
+
+    async def flush(self) -> None:
+        """Wait (at most FLUSH_SECONDS) until queued frames are written; used before a close."""
+        if self._queue is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_SECONDS):
+                await self._queue.join()
+
+    def stop(self) -> None:
+        """Stop the writer task; called when the connection ends."""
+        if self._writer is not None:
+            self._writer.cancel()
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._on_overflow()
+
+    async def _drain_queue(self) -> None:
+        assert self._queue is not None
+        while True:
+            text = await self._queue.get()
+            try:
+                await self._send({"type": "websocket.send", "text": text})
+            except Exception:  # the socket is gone; the consumer's disconnect cleans up
+                logger.debug("dropping frame for a closed connection", exc_info=True)
+            finally:
+                self._queue.task_done()

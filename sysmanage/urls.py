@@ -1,0 +1,34 @@
+"""HTTP routes: the admin, the REST API and its schema."""
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.routers import DefaultRouter
+from rest_framework_simplejwt.views import TokenRefreshView
+
+from activity.api import LoginTokenView, LogoutTokenView, UserActivityViewSet
+from alerts.api import AlertViewSet
+from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
+
+router = DefaultRouter()
+router.register("hosts", HostViewSet, basename="host")
+router.register("alerts", AlertViewSet, basename="alert")
+router.register("activity", UserActivityViewSet, basename="activity")
+router.register("commands", CommandExecutionViewSet, basename="command")
+router.register("package-operations", PackageOperationViewSet, basename="package-operation")
+
+
+def health(request: HttpRequest) -> HttpResponse:
+    """Liveness check for load balancers and the test harness."""
+    return HttpResponse("ok", content_type="text/plain")
+
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
+    path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),
+    path("api/token/logout/", LogoutTokenView.as_view(), name="token_logout"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/", include(router.urls)),
+    path("healthz", health, name="health"),
+]
