@@ -64,8 +64,9 @@ def _command_failed(message: ClientMessage, why: str, host_id: str,
                          id_=message.id, host_id=host_id, execution_id=execution_id)
 
 
-def _require_permission(context: CommandContext, message: ClientMessage) -> None:
-    if not permissions.can_run_commands(context.user):
+async def _require_permission(context: CommandContext, message: ClientMessage) -> None:
+    # has_perm reads the user's permissions from the database on first use.
+    if not await database_sync_to_async(permissions.can_run_commands)(context.user):
         raise ProtocolError(
             ErrorCode.PERMISSION_DENIED, "You do not have permission to run commands on hosts",
             channel=message.channel or "system", id_=message.id)
@@ -87,7 +88,7 @@ def _unreachable_reason(host: Host) -> str | None:
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
     """Run a shell command on a host (``command`` on ``command_execution``)."""
     request = parse_command(message)
-    _require_permission(context, message)
+    await _require_permission(context, message)
     host = await _get_host(request.host_id)
     if host is None:
         raise _command_failed(message, "Host not found", request.host_id, None)
@@ -121,7 +122,7 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:
     """Start a package operation on a host (``command`` on ``package_operations``)."""
     host_id, operation, package = parse_package_operation(message)
-    _require_permission(context, message)
+    await _require_permission(context, message)
     host = await _get_host(host_id)
     if host is None:
         raise _command_failed(message, "Host not found", host_id, None)

@@ -92,7 +92,7 @@ def send_to_hubs(message: dict[str, Any]) -> None:
         if hub.owns_current_thread():
             hub.enqueue_publish(message)
         else:
-            hub.loop.call_soon_threadsafe(hub.enqueue_publish, message)
+            hub.call_soon_threadsafe(hub.enqueue_publish, message)
         return
     _warn_if_unshared_layer()
     async_to_sync(get_channel_layer().group_send)(EVENTS_GROUP, message)

@@ -61,7 +61,7 @@ def _request_update() -> None:
         if hub.owns_current_thread():
             hub.fleet.request()
         else:
-            hub.loop.call_soon_threadsafe(hub.fleet.request)
+            hub.call_soon_threadsafe(hub.fleet.request)
         return
     send_to_hubs(FleetStatusUpdated(**fleet_stats()).to_message())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -91,9 +92,9 @@ class Hub:
         self.channel_name = await self.layer.new_channel(prefix="hub.")
         await self.layer.group_add(EVENTS_GROUP, self.channel_name)
         self._tasks = [
-            asyncio.ensure_future(self._receive_loop()),
-            asyncio.ensure_future(self._publish_loop()),
-            asyncio.ensure_future(self._rejoin_loop()),
+            self.spawn(self._receive_loop()),
+            self.spawn(self._publish_loop()),
+            self.spawn(self._rejoin_loop()),
         ]
         self._started.set()
         logger.info("hub %s started", self.channel_name)
@@ -111,6 +112,19 @@ class Hub:
                 await self.layer.group_discard(EVENTS_GROUP, self.channel_name)
         if Hub._current is self:
             Hub._current = None
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of the hub with a fresh context.
+
+        A task inherits the context of whoever created it; if that was a
+        ``sync_to_async`` worker, asgiref would refuse the hub's own database calls
+        as a deadlock.  The hub's work belongs to no request, so it starts clean.
+        """
+        return self.loop.create_task(coro, context=contextvars.Context())
+
+    def call_soon_threadsafe(self, callback: Any, *args: Any) -> None:
+        """Run ``callback(*args)`` on the hub's loop, from any thread, in a fresh context."""
+        self.loop.call_soon_threadsafe(callback, *args, context=contextvars.Context())
 
     def accepts_messages(self) -> bool:
         """Whether the hub's loop is alive to take published messages."""
@@ -287,7 +301,8 @@ class FleetCoalescer:
         self._pending = True
         interval = settings.FLEET_STATUS_MIN_INTERVAL
         delay = max(0.0, self._last_time + interval - time.monotonic())
-        self.hub.loop.call_later(delay, lambda: asyncio.ensure_future(self._run()))
+        self.hub.loop.call_later(delay, lambda: self.hub.spawn(self._run()),
+                                 context=contextvars.Context())
 
     async def _run(self) -> None:
         from sysmanage import fleet

@@ -16,6 +16,12 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """PBKDF2's deliberate slowness only slows the suite down."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _fresh_layer_and_hub():
     """Each test gets a new in-memory layer and starts its own hub on its own loop."""
     channel_layers.backends.clear()
@@ -46,3 +52,29 @@ def token_for():
         return str(AccessToken.for_user(user))
 
     return issue
+
+
+@pytest.fixture
+def published(monkeypatch, django_capture_on_commit_callbacks):
+    """Capture the layer messages that services publish (after commit), in order."""
+    import sysmanage.events
+    import sysmanage.fleet
+
+    messages: list[dict] = []
+    monkeypatch.setattr(sysmanage.events, "send_to_hubs", messages.append)
+    monkeypatch.setattr(sysmanage.fleet, "send_to_hubs", messages.append)
+
+    class Capture:
+        def __init__(self):
+            self.messages = messages
+
+        def run(self, fn, *args, **kwargs):
+            """Call ``fn`` and run its on-commit callbacks; return its result."""
+            with django_capture_on_commit_callbacks(execute=True):
+                return fn(*args, **kwargs)
+
+        def events(self, name=None):
+            return [m for m in messages if m.get("type") == "hub.event"
+                    and (name is None or m["event"] == name)]
+
+    return Capture()
