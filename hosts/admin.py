@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from hosts import services
@@ -24,10 +24,33 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class HostAdmin(admin.ModelAdmin):
     """Hosts: status comes from the agent; the rest can be corrected by hand."""
 
-    list_display = ("hostname", "status", "last_seen", "os_name", "os_version", "agent_version")
+    list_display = ("hostname", "status", "last_seen", "os_name", "os_version", "agent_version",
+                    "has_token")
     list_filter = ("status", "os_name")
     search_fields = ("hostname", "fqdn")
-    readonly_fields = ("id", "status", "last_seen", "created_at", "updated_at")
+    readonly_fields = ("id", "status", "last_seen", "token_issued_at", "token_revoked_at",
+                       "created_at", "updated_at")
+    actions = ["rotate_token", "revoke_token"]
+
+    @admin.display(boolean=True, description="agent token")
+    def has_token(self, obj: Host) -> bool:
+        """Whether an agent can authenticate as this host."""
+        return obj.has_token
+
+    @admin.action(description="Issue a new agent token (shown once)")
+    def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
+        """Rotate each selected host's token and show the new tokens once."""
+        for host in queryset:
+            _, token = services.host_rotate_token(host_id=host.pk)
+            self.message_user(request, f"New agent token for {host.hostname} (shown only "
+                              f"now): {token}", messages.WARNING)
+
+    @admin.action(description="Revoke agent token")
+    def revoke_token(self, request: HttpRequest, queryset: Any) -> None:
+        """Revoke each selected host's token; connected agents are disconnected."""
+        for host in queryset:
+            services.host_revoke_token(host_id=host.pk)
+        self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
         """New hosts go through the service so that fleet figures are published."""

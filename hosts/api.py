@@ -1,9 +1,14 @@
 """REST API of hosts, command executions and package operations."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from django.utils import timezone
 from rest_framework import serializers, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from hosts import selectors
 from hosts.models import CommandExecution, Host, PackageOperation
@@ -31,6 +36,18 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         """Hosts narrowed by the query parameters."""
         params = self.request.query_params
         return selectors.host_list(search=params.get("search"), status=params.get("status"))
+
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str | None = None) -> Response:
+        """Per-minute metrics history; ``?minutes=`` (default 60, at most 10080)."""
+        host = self.get_object()
+        try:
+            minutes = max(1, min(10080, int(request.query_params.get("minutes", 60))))
+        except ValueError:
+            return Response({"detail": "minutes must be an integer"}, status=400)
+        since = timezone.now() - timedelta(minutes=minutes)
+        return Response({"host_id": str(host.id), "minutes": minutes,
+                         "samples": selectors.metric_history(str(host.id), since=since)})
 
 
 class CommandExecutionSerializer(serializers.ModelSerializer):

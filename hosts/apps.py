@@ -10,11 +10,16 @@ class HostsConfig(AppConfig):
 
     def ready(self) -> None:
         """Plug the hosts app into the protocol core: snapshots, filter checks, commands."""
-        from hosts import commands, selectors
+        from django.conf import settings
+
+        from hosts import commands, maintenance, selectors
         from sysmanage import commands as command_registry
         from sysmanage import topics
+        from sysmanage.hub import register_periodic
 
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)
         command_registry.register("command_execution", commands.handle_command)
         command_registry.register("package_operations", commands.handle_package_operation)
+        register_periodic("hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS,
+                          maintenance.sweep)

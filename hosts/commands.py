@@ -7,15 +7,20 @@ connection gets the seed's ``COMMAND_FAILED`` at once.
 """
 from __future__ import annotations
 
+import asyncio
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 
-from hosts import agent_link, services
+from hosts import selectors, services
 from hosts.models import ExecutionStatus, Host, HostStatus, OperationStatus, PackageOperationKind
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
-from sysmanage.protocol import ClientMessage, ErrorCode, ProtocolError
+from sysmanage.hub import Hub
+from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
 
 MAX_COMMAND_LENGTH = 4096
@@ -77,32 +82,83 @@ def _get_host(host_id: str) -> Host | None:
     return Host.objects.filter(id=host_id).first()
 
 
-def _unreachable_reason(host: Host) -> str | None:
+async def _reachable_host(message: ClientMessage, host_id: str) -> Host:
+    """The host, if it exists and its agent is online; else ``COMMAND_FAILED`` at once."""
+    host = await _get_host(host_id)
+    if host is None:
+        raise _command_failed(message, "Host not found", host_id, None)
+    return host
+
+
+def _offline_reason(host: Host) -> str | None:
     if host.status != HostStatus.ONLINE:
         return f"Host not reachable: {host.hostname} is {host.status}"
-    if agent_link.connection_for(str(host.id)) is None:
-        return f"Host not reachable: no agent connection for {host.hostname}"
     return None
 
 
+async def _handed_over(hub: Hub, ref: str) -> bool:
+    """Wait until the server process holding the host's agent confirms it sent ``ref``."""
+    try:
+        await asyncio.wait_for(hub.wait_for(f"took:{ref}"),
+                               settings.AGENT_DISPATCH_CONFIRM_SECONDS)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
-    """Run a shell command on a host (``command`` on ``command_execution``)."""
+    """Run a shell command on a host (``command`` on ``command_execution``).
+
+    Records the execution, hands it to the agent and answers with the seed's
+    ``response`` when the result arrives (or ``timeout`` if it never does).
+    """
     request = parse_command(message)
     await _require_permission(context, message)
-    host = await _get_host(request.host_id)
-    if host is None:
-        raise _command_failed(message, "Host not found", request.host_id, None)
+    host = await _reachable_host(message, request.host_id)
+    hub = await Hub.for_running_loop()
+    execution_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(hub, execution_id))
+    finished = hub.wait_for(f"done:{execution_id}")
     execution = await database_sync_to_async(services.command_create)(
         host=host, command=request.command, timeout=request.timeout, user=context.user,
-        request_id=str(message.id or ""))
-    why = _unreachable_reason(host)
-    connection = agent_link.connection_for(str(host.id))
-    if why is not None or connection is None:
-        why = why or "Host not reachable"
-        await database_sync_to_async(services.command_finish)(
-            execution=execution, status=ExecutionStatus.FAILED, error=why)
-        raise _command_failed(message, why, request.host_id, str(execution.id))
-    await connection.run_command(execution)
+        request_id=str(message.id or ""), execution_id=execution_id)
+    why = _offline_reason(host)
+    if why is None and not await taken:
+        why = "Host not reachable: its agent did not take the command"
+    if why is not None:
+        taken.cancel()
+        finished.cancel()
+        await _fail_command(execution_id, host, why)
+        raise _command_failed(message, why, request.host_id, execution_id)
+    data = await _wait_for_result(finished, execution, host)
+    context.reply(envelope(MessageType.RESPONSE, "command_execution",
+                           _response_data(data), id_=message.id))
+
+
+async def _fail_command(execution_id: str, host: Host, why: str) -> None:
+    await database_sync_to_async(services.command_record_result)(
+        execution_id=execution_id, host_id=host.id,
+        result={"status": ExecutionStatus.FAILED, "error": why})
+
+
+async def _wait_for_result(finished: asyncio.Future[dict[str, Any]], execution: Any,
+                           host: Host) -> dict[str, Any]:
+    """The final event of ``execution``; times it out if the agent never answers."""
+    limit = execution.timeout + settings.COMMAND_RESULT_GRACE_SECONDS
+    try:
+        return await asyncio.wait_for(finished, limit)
+    except TimeoutError:
+        await database_sync_to_async(services.command_record_result)(
+            execution_id=execution.id, host_id=host.id,
+            result={"status": ExecutionStatus.TIMEOUT,
+                    "error": "No result from the agent in time"})
+        return await database_sync_to_async(selectors.command_event_data)(execution.id)
+
+
+def _response_data(data: dict[str, Any]) -> dict[str, Any]:
+    keys = ("execution_id", "host_id", "hostname", "command", "status", "exit_code", "stdout",
+            "stderr", "execution_time", "error")
+    return {key: data.get(key) for key in keys}
 
 
 def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
@@ -120,19 +176,29 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
 
 
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:
-    """Start a package operation on a host (``command`` on ``package_operations``)."""
+    """Start a package operation (``command`` on ``package_operations``).
+
+    Answers with a ``response`` once the agent has it; progress and the final status
+    follow as ``package_operations`` events.
+    """
     host_id, operation, package = parse_package_operation(message)
     await _require_permission(context, message)
-    host = await _get_host(host_id)
-    if host is None:
-        raise _command_failed(message, "Host not found", host_id, None)
+    host = await _reachable_host(message, host_id)
+    hub = await Hub.for_running_loop()
+    operation_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(hub, operation_id))
     record = await database_sync_to_async(services.package_operation_create)(
-        host=host, operation=operation, package=package, user=context.user)
-    why = _unreachable_reason(host)
-    connection = agent_link.connection_for(str(host.id))
-    if why is not None or connection is None:
-        why = why or "Host not reachable"
-        await database_sync_to_async(services.package_operation_update)(
-            operation=record, status=OperationStatus.FAILED, progress=0, message=why)
-        raise _command_failed(message, why, host_id, str(record.id))
-    await connection.run_package_operation(record)
+        host=host, operation=operation, package=package, user=context.user,
+        operation_id=operation_id)
+    why = _offline_reason(host)
+    if why is None and not await taken:
+        why = "Host not reachable: its agent did not take the operation"
+    if why is not None:
+        taken.cancel()
+        await database_sync_to_async(services.package_operation_record_result)(
+            operation_id=operation_id, host_id=host.id, status=OperationStatus.FAILED,
+            message=why, output="")
+        raise _command_failed(message, why, host_id, operation_id)
+    context.reply(envelope(MessageType.RESPONSE, "package_operations", {
+        "execution_id": str(record.id), "host_id": str(host.id), "hostname": host.hostname,
+        "operation": operation, "package": package, "status": "pending"}, id_=message.id))

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sysmanage.events import Event
+
+if TYPE_CHECKING:
+    from hosts.models import CommandExecution, PackageOperation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +55,7 @@ class CommandExecutionUpdated(Event):
     execution_time: float | None
     requested_by: str | None
     error: str
+    final: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,3 +73,28 @@ class PackageOperationUpdated(Event):
     status: str
     progress: int
     message: str
+    final: bool
+
+
+def command_event(execution: CommandExecution) -> CommandExecutionUpdated:
+    """The event describing ``execution`` as it is now."""
+    return CommandExecutionUpdated(
+        execution_id=str(execution.id), host_id=str(execution.host_id),
+        hostname=execution.host.hostname, command=execution.command, status=execution.status,
+        exit_code=execution.exit_code, stdout=execution.stdout, stderr=execution.stderr,
+        execution_time=execution.execution_time,
+        requested_by=execution.requested_by.username if execution.requested_by else None,
+        error=execution.error,
+        final=execution.status not in execution.ACTIVE_STATUSES,
+    )
+
+
+def operation_event(operation: PackageOperation) -> PackageOperationUpdated:
+    """The event describing ``operation`` as it is now."""
+    return PackageOperationUpdated(
+        execution_id=str(operation.id), host_id=str(operation.host_id),
+        hostname=operation.host.hostname, operation=operation.operation,
+        package=operation.package, status=operation.status, progress=operation.progress,
+        message=operation.message,
+        final=operation.status not in operation.ACTIVE_STATUSES,
+    )

@@ -33,6 +33,14 @@ class Host(models.Model):
         max_length=10, choices=HostStatus.choices, default=HostStatus.UNKNOWN, db_index=True
     )
     last_seen = models.DateTimeField(null=True, blank=True)
+    # SHA-256 of the agent's token; the token itself is shown once and never stored.
+    # Empty when the host has no valid token (never enrolled, or revoked).
+    token_hash = models.CharField(max_length=64, blank=True, db_index=True, editable=False)
+    token_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    token_revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Which agent connection last said hello: a late disconnect of an older connection
+    # (possibly in another server process) must not mark the host offline.
+    agent_session = models.CharField(max_length=64, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -41,6 +49,11 @@ class Host(models.Model):
 
     def __str__(self) -> str:
         return self.hostname
+
+    @property
+    def has_token(self) -> bool:
+        """Whether an agent can currently authenticate as this host."""
+        return bool(self.token_hash)
 
 
 class ExecutionStatus(models.TextChoices):
@@ -133,3 +146,24 @@ class PackageOperation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.operation} {self.package} on {self.host_id}"
+
+
+class MetricSample(models.Model):
+    """One minute of a host's metrics, averaged: the history behind the charts."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="metric_samples")
+    minute = models.DateTimeField(db_index=True)
+    samples = models.PositiveIntegerField(default=0)
+    cpu_usage = models.FloatField(null=True, blank=True)
+    memory_usage = models.FloatField(null=True, blank=True)
+    disk_usage = models.JSONField(default=dict, blank=True)
+    load_average = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["host", "minute"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "minute"], name="one_sample_per_host_minute"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.host_id} @ {self.minute:%Y-%m-%d %H:%M}"

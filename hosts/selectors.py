@@ -55,3 +55,40 @@ def pending_operation_count() -> int:
         CommandExecution.objects.filter(status__in=CommandExecution.ACTIVE_STATUSES).count()
         + PackageOperation.objects.filter(status__in=PackageOperation.ACTIVE_STATUSES).count()
     )
+
+
+def pending_work(host_id: str) -> tuple[list[CommandExecution], list[PackageOperation]]:
+    """Commands and package operations queued for a host's agent and not yet finished."""
+    commands = list(CommandExecution.objects.filter(
+        host_id=host_id, status__in=CommandExecution.ACTIVE_STATUSES).order_by("created_at"))
+    operations = list(PackageOperation.objects.filter(
+        host_id=host_id, status__in=PackageOperation.ACTIVE_STATUSES).order_by("created_at"))
+    return commands, operations
+
+
+def host_for_token(token: str) -> Host | None:
+    """The host whose current agent token is ``token``, if any."""
+    from hosts.tokens import token_digest
+
+    if not token:
+        return None
+    return Host.objects.filter(token_hash=token_digest(token)).first()
+
+
+def metric_history(host_id: str, *, since: Any) -> list[dict[str, Any]]:
+    """A host's per-minute metrics since ``since``, oldest first."""
+    from hosts.models import MetricSample
+
+    rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since).order_by("minute")
+    return [{"minute": iso(r.minute), "samples": r.samples, "cpu_usage": r.cpu_usage,
+             "memory_usage": r.memory_usage, "disk_usage": r.disk_usage,
+             "load_average": r.load_average} for r in rows]
+
+
+def command_event_data(execution_id: Any) -> dict[str, Any]:
+    """An execution as its ``command_execution`` events show it."""
+    from hosts.events import command_event
+
+    execution = CommandExecution.objects.select_related("host", "requested_by").get(
+        id=execution_id)
+    return command_event(execution).data()

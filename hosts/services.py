@@ -4,27 +4,31 @@ through here, and each publishes its event after the transaction commits.
 """
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from hosts.events import (
-    CommandExecutionUpdated,
     HostMetricsReported,
     HostStatusChanged,
-    PackageOperationUpdated,
+    command_event,
+    operation_event,
 )
 from hosts.models import (
     CommandExecution,
     ExecutionStatus,
     Host,
     HostStatus,
+    MetricSample,
     OperationStatus,
     PackageOperation,
 )
-from sysmanage.events import publish
+from hosts.tokens import new_token, token_digest
+from sysmanage.events import publish, publish_control
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
 
@@ -46,10 +50,54 @@ def host_create(*, hostname: str, **facts: Any) -> Host:
 
 
 def host_delete(*, host: Host) -> None:
-    """Delete a host and everything recorded about it."""
+    """Delete a host and everything recorded about it; its agent is disconnected."""
     with transaction.atomic():
+        host_id = str(host.id)
         host.delete()
+        publish_control("close_agent", host_id=host_id, reason="Host was deleted")
         fleet_changed()
+
+
+def host_register(*, hostname: str) -> tuple[Host, str]:
+    """Enroll a host: create it (or re-enroll an existing one) and issue its agent token.
+
+    Returns the host and the token, which is not stored and cannot be shown again.
+    """
+    with transaction.atomic():
+        host = Host.objects.select_for_update().filter(hostname=hostname).first()
+        if host is None:
+            host = host_create(hostname=hostname)
+        token = _issue_token(host)
+    return host, token
+
+
+def host_rotate_token(*, host_id: Any) -> tuple[Host, str]:
+    """Replace a host's token; an agent connected with the old one is disconnected."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(id=host_id)
+        token = _issue_token(host)
+        publish_control("close_agent", host_id=str(host.id), reason="Agent token was rotated")
+    return host, token
+
+
+def host_revoke_token(*, host_id: Any) -> Host:
+    """Revoke a host's token; its connected agent is disconnected at once."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(id=host_id)
+        host.token_hash = ""
+        host.token_revoked_at = timezone.now()
+        host.save(update_fields=["token_hash", "token_revoked_at", "updated_at"])
+        publish_control("close_agent", host_id=str(host.id), reason="Agent token was revoked")
+    return host
+
+
+def _issue_token(host: Host) -> str:
+    token = new_token()
+    host.token_hash = token_digest(token)
+    host.token_issued_at = timezone.now()
+    host.token_revoked_at = None
+    host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at", "updated_at"])
+    return token
 
 
 def host_set_status(*, host_id: Any, status: str, seen_at: datetime | None = None) -> Host:
@@ -83,26 +131,16 @@ def host_report_metrics(*, host: Host, metrics: dict[str, Any],
     ))
 
 
-def _command_event(execution: CommandExecution) -> CommandExecutionUpdated:
-    return CommandExecutionUpdated(
-        execution_id=str(execution.id), host_id=str(execution.host_id),
-        hostname=execution.host.hostname, command=execution.command, status=execution.status,
-        exit_code=execution.exit_code, stdout=execution.stdout, stderr=execution.stderr,
-        execution_time=execution.execution_time,
-        requested_by=execution.requested_by.username if execution.requested_by else None,
-        error=execution.error,
-    )
-
-
 def command_create(*, host: Host, command: str, timeout: int, user: Any,
-                   request_id: str = "") -> CommandExecution:
-    """Record a command a user asked to run; it starts as pending."""
+                   request_id: str = "", execution_id: Any = None) -> CommandExecution:
+    """Record a command a user asked to run (pending) and tell the host's agent."""
     with transaction.atomic():
         execution = CommandExecution.objects.create(
-            host=host, command=command, timeout=timeout, requested_by=user,
-            request_id=request_id,
+            id=execution_id or uuid.uuid4(), host=host, command=command, timeout=timeout,
+            requested_by=user, request_id=request_id,
         )
-        publish(_command_event(execution))
+        publish(command_event(execution))
+        publish_control("agent_dispatch", host_id=str(host.id))
         fleet_changed()
     return execution
 
@@ -122,28 +160,21 @@ def command_finish(*, execution: CommandExecution, status: str, exit_code: int |
         execution.error = error
         execution.finished_at = timezone.now()
         execution.save()
-        publish(_command_event(execution))
+        publish(command_event(execution))
         fleet_changed()
     return execution
 
 
-def _operation_event(operation: PackageOperation) -> PackageOperationUpdated:
-    return PackageOperationUpdated(
-        execution_id=str(operation.id), host_id=str(operation.host_id),
-        hostname=operation.host.hostname, operation=operation.operation,
-        package=operation.package, status=operation.status, progress=operation.progress,
-        message=operation.message,
-    )
-
-
-def package_operation_create(*, host: Host, operation: str, package: str,
-                             user: Any) -> PackageOperation:
-    """Record a package operation a user asked for; it starts as pending."""
+def package_operation_create(*, host: Host, operation: str, package: str, user: Any,
+                             operation_id: Any = None) -> PackageOperation:
+    """Record a package operation a user asked for (pending) and tell the host's agent."""
     with transaction.atomic():
         record = PackageOperation.objects.create(
-            host=host, operation=operation, package=package, requested_by=user,
+            id=operation_id or uuid.uuid4(), host=host, operation=operation, package=package,
+            requested_by=user,
         )
-        publish(_operation_event(record))
+        publish(operation_event(record))
+        publish_control("agent_dispatch", host_id=str(host.id))
         fleet_changed()
     return record
 
@@ -162,7 +193,155 @@ def package_operation_update(*, operation: PackageOperation, status: str, progre
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             operation.finished_at = timezone.now()
         operation.save()
-        publish(_operation_event(operation))
+        publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             fleet_changed()
     return operation
+
+
+# -- agent-driven changes ------------------------------------------------------------
+
+
+def host_agent_hello(*, host_id: Any, session: str, facts: dict[str, Any]) -> Host:
+    """Store the facts an agent reported on connecting, and mark its host online."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(id=host_id)
+        for field in HOST_FACT_FIELDS:
+            if field in facts and facts[field] is not None:
+                setattr(host, field, facts[field])
+        host.agent_session = session
+        host.save()
+        return host_set_status(host_id=host.id, status=HostStatus.ONLINE)
+
+
+def host_agent_gone(*, host_id: Any, session: str) -> bool:
+    """Mark a host offline when its current agent connection ends; False if superseded."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().filter(id=host_id).first()
+        if host is None or host.agent_session != session:
+            return False
+        host.agent_session = ""
+        host.save(update_fields=["agent_session", "updated_at"])
+        host_set_status(host_id=host.id, status=HostStatus.OFFLINE)
+    return True
+
+
+def host_touch(*, host_id: Any, seen_at: datetime) -> None:
+    """Record when a host's agent was last heard from (no event)."""
+    Host.objects.filter(id=host_id).update(last_seen=seen_at)
+
+
+def hosts_mark_offline(*, silent_for: float) -> list[Host]:
+    """Mark offline every online host not heard from for ``silent_for`` seconds."""
+    cutoff = timezone.now() - timedelta(seconds=silent_for)
+    stale = Host.objects.filter(status=HostStatus.ONLINE).filter(
+        Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True))
+    return [host_set_status(host_id=host.id, status=HostStatus.OFFLINE)
+            for host in stale]
+
+
+def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
+    """Note that the agent started a pending command; False if it was not pending."""
+    with transaction.atomic():
+        execution = CommandExecution.objects.select_for_update().select_related(
+            "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
+        if execution is None or execution.status != ExecutionStatus.PENDING:
+            return False
+        execution.status = ExecutionStatus.RUNNING
+        execution.started_at = timezone.now()
+        execution.save(update_fields=["status", "started_at"])
+        publish(command_event(execution))
+    return True
+
+
+def command_record_result(*, execution_id: Any, host_id: Any, result: dict[str, Any]) -> bool:
+    """Store an agent's result once; False if unknown, another host's, or already final."""
+    with transaction.atomic():
+        execution = CommandExecution.objects.select_for_update().select_related(
+            "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
+        if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
+            return False
+        command_finish(execution=execution, **result)
+    return True
+
+
+def commands_expire_overdue(*, grace: float) -> int:
+    """Time out commands whose agent never answered (timeout plus ``grace`` seconds)."""
+    now = timezone.now()
+    expired = 0
+    for execution in CommandExecution.objects.filter(
+            status__in=CommandExecution.ACTIVE_STATUSES).select_related("host", "requested_by"):
+        deadline = execution.created_at + timedelta(seconds=execution.timeout + grace)
+        if deadline > now:
+            continue
+        with transaction.atomic():
+            locked = CommandExecution.objects.select_for_update().get(id=execution.id)
+            if locked.status in CommandExecution.ACTIVE_STATUSES:
+                command_finish(execution=execution, status=ExecutionStatus.TIMEOUT,
+                               error="No result from the agent in time")
+                expired += 1
+    return expired
+
+
+def package_operation_record_progress(*, operation_id: Any, host_id: Any, progress: int,
+                                      message: str) -> bool:
+    """Store progress of an unfinished operation; False if unknown or finished."""
+    with transaction.atomic():
+        operation = PackageOperation.objects.select_for_update().select_related("host").filter(
+            id=operation_id, host_id=host_id).first()
+        if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
+            return False
+        package_operation_update(operation=operation, status=OperationStatus.IN_PROGRESS,
+                                 progress=progress, message=message)
+    return True
+
+
+def package_operation_record_result(*, operation_id: Any, host_id: Any, status: str,
+                                    message: str, output: str) -> bool:
+    """Store an operation's final result once; False if unknown or already final."""
+    if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
+        raise ValueError(f"{status!r} is not a final status")
+    with transaction.atomic():
+        operation = PackageOperation.objects.select_for_update().select_related("host").filter(
+            id=operation_id, host_id=host_id).first()
+        if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
+            return False
+        package_operation_update(
+            operation=operation, status=status, message=message, output=output,
+            progress=100 if status == OperationStatus.COMPLETED else operation.progress)
+    return True
+
+
+def package_operations_expire_overdue(*, silent_for: float) -> int:
+    """Fail operations with no progress for ``silent_for`` seconds (agent gone)."""
+    cutoff = timezone.now() - timedelta(seconds=silent_for)
+    stale = PackageOperation.objects.filter(
+        status__in=PackageOperation.ACTIVE_STATUSES, updated_at__lt=cutoff).select_related("host")
+    count = 0
+    for operation in stale:
+        if package_operation_record_result(
+                operation_id=operation.id, host_id=operation.host_id,
+                status=OperationStatus.FAILED, output=operation.output,
+                message="No word from the agent in time; the result is unknown"):
+            count += 1
+    return count
+
+
+def metric_sample_save(*, host_id: Any, minute: datetime, samples: int,
+                       averages: dict[str, Any]) -> None:
+    """Store (or merge into) the one-minute history row of a host."""
+    with transaction.atomic():
+        row, created = MetricSample.objects.select_for_update().get_or_create(
+            host_id=host_id, minute=minute, defaults={"samples": samples, **averages})
+        if created:
+            return
+        total = row.samples + samples
+        for field in ("cpu_usage", "memory_usage"):
+            old, new = getattr(row, field), averages.get(field)
+            if new is not None:
+                merged = new if old is None else (old * row.samples + new * samples) / total
+                setattr(row, field, merged)
+        row.disk_usage = averages.get("disk_usage") or row.disk_usage
+        row.load_average = averages.get("load_average") or row.load_average
+        row.samples = total
+        row.save()

@@ -10,10 +10,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sysmanage.settings")
 django_asgi_app = get_asgi_application()
 
 # Imported after Django is set up: these modules use the models.
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from sysmanage.auth import BrowserOriginValidator  # noqa: E402
 from sysmanage.routing import websocket_urlpatterns  # noqa: E402
 from sysmanage.singleton import ensure_single_process_on_memory_layer  # noqa: E402
 
@@ -22,8 +20,6 @@ ensure_single_process_on_memory_layer()
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": BrowserOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": URLRouter(websocket_urlpatterns),
     }
 )

@@ -71,6 +71,15 @@ def find_token(scope: dict[str, Any]) -> tuple[str | None, str | None, str | Non
     return None, None, None
 
 
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (agents), or None."""
+    authorization = _header(scope, b"authorization")
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
 def user_for_access_token(raw: str) -> tuple[Any, float | None, str | None]:
     """Validate an access JWT; return ``(user, expires_at, None)`` or ``(None, None, why)``."""
     try:
@@ -132,6 +141,19 @@ def origin_allowed(origin: str, scope: dict[str, Any]) -> bool:
         return True
     patterns = [h for h in settings.ALLOWED_HOSTS if h != "*"]
     return bool(parts.hostname) and validate_host(parts.hostname or "", patterns)
+
+
+class RefuseBrowsers:
+    """Refuse handshakes that carry an ``Origin`` header: only agents may use this route."""
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """Called per connection: browsers always send Origin, agents never do."""
+        if _header(scope, b"origin") is not None:
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)
 
 
 class BrowserOriginValidator:

@@ -92,7 +92,14 @@ class ClientConsumer(AsyncWebsocketConsumer):
         self.rate_violations = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
-        self.hub = await Hub.for_running_loop()
+        try:
+            self.hub = await Hub.for_running_loop()
+        except Exception:
+            logger.exception("cannot reach the channel layer; refusing the connection")
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, error_envelope(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The server cannot deliver events right now; reconnect later"))
+            return
         self.hub.register(self)
         delay = seconds_until(credentials.expires_at)
         self.expiry_timer = (

@@ -78,6 +78,16 @@ def publish_control(action: str, **fields: Any) -> None:
     transaction.on_commit(lambda: send_to_hubs(message))
 
 
+def publish_now(event: Event) -> None:
+    """Publish ``event`` at once, outside any transaction (e.g. live metrics)."""
+    send_to_hubs(event.to_message())
+
+
+def publish_control_now(action: str, **fields: Any) -> None:
+    """Send a control message to every hub at once, outside any transaction."""
+    send_to_hubs({"type": "hub.control", "action": action, **fields})
+
+
 def send_to_hubs(message: dict[str, Any]) -> None:
     """Hand ``message`` to the layer, from any thread, without waiting on the event loop.
 

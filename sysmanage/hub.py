@@ -17,13 +17,14 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
 from sysmanage.events import EVENTS_GROUP
-from sysmanage.protocol import MessageType, dumps, envelope
+from sysmanage.protocol import CloseCode, MessageType, auth_failed_envelope, dumps, envelope
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
 
@@ -37,6 +38,21 @@ RETRY_MIN, RETRY_MAX = 0.2, 5.0
 PUBLISH_ATTEMPTS = 5
 
 
+PeriodicJob = Callable[[], Any]  # a sync function, run in the database thread
+_PERIODIC: dict[str, tuple[Callable[[], float], PeriodicJob]] = {}
+
+
+def register_periodic(name: str, interval: Callable[[], float], job: PeriodicJob) -> None:
+    """Run ``job`` every ``interval()`` seconds in each server process (after a first run).
+
+    Apps register maintenance here from ``AppConfig.ready``; jobs must be safe to run in
+    several processes at once.
+    """
+    if name in _PERIODIC and _PERIODIC[name][1] is not job:
+        raise ValueError(f"periodic job {name!r} is registered already")
+    _PERIODIC[name] = (interval, job)
+
+
 class Subscriber(Protocol):
     """What the hub needs of a connection."""
 
@@ -47,6 +63,9 @@ class Subscriber(Protocol):
 
     def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
         """Send ``error`` and close the connection with ``code`` (scheduled, not awaited)."""
+
+    def nudge(self) -> None:
+        """(Agents only) look for work queued for this host."""
 
 
 class Hub:
@@ -63,8 +82,10 @@ class Hub:
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._started = asyncio.Event()
+        self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
+        self.agents: dict[str, Subscriber] = {}
+        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
         self.fleet = FleetCoalescer(self)
         self.stats = {"events": 0, "deliveries": 0, "frames": 0, "publish_failures": 0}
 
@@ -77,26 +98,40 @@ class Hub:
 
     @classmethod
     async def for_running_loop(cls) -> Hub:
-        """Return this process's hub for the running loop, starting it on first use."""
+        """Return this process's hub for the running loop, starting it on first use.
+
+        Raises whatever the channel layer raised if the hub cannot start (e.g. Redis
+        is unreachable); the next caller tries again.
+        """
         loop = asyncio.get_running_loop()
         hub = cls._current
-        if hub is None or hub.loop is not loop or hub._closed:
-            hub = cls(get_channel_layer(), loop)
-            cls._current = hub
+        if hub is not None and hub.loop is loop and not hub._closed:
+            await asyncio.shield(hub._ready)
+            return hub
+        hub = cls(get_channel_layer(), loop)
+        cls._current = hub
+        try:
             await hub.start()
-        await hub._started.wait()
+        except BaseException as exc:
+            if cls._current is hub:
+                cls._current = None
+            hub._ready.set_exception(exc)
+            hub._ready.exception()  # retrieved here, so no "never retrieved" warning
+            raise
+        hub._ready.set_result(None)
         return hub
 
     async def start(self) -> None:
         """Create this hub's layer channel, join the events group and start its tasks."""
-        self.channel_name = await self.layer.new_channel(prefix="hub.")
+        self.channel_name = await self.layer.new_channel(prefix="hub")
         await self.layer.group_add(EVENTS_GROUP, self.channel_name)
         self._tasks = [
             self.spawn(self._receive_loop()),
             self.spawn(self._publish_loop()),
             self.spawn(self._rejoin_loop()),
+            *(self.spawn(self._periodic_loop(name, interval, job))
+              for name, (interval, job) in _PERIODIC.items()),
         ]
-        self._started.set()
         logger.info("hub %s started", self.channel_name)
 
     async def close(self) -> None:
@@ -155,6 +190,39 @@ class Hub:
                 if not users:
                     del self.by_user[conn.user_id]
 
+    def register_agent(self, host_id: str, conn: Subscriber) -> Subscriber | None:
+        """Record ``conn`` as ``host_id``'s agent here; return the connection it replaces."""
+        previous = self.agents.get(host_id)
+        self.agents[host_id] = conn
+        return previous if previous is not conn else None
+
+    def unregister_agent(self, host_id: str, conn: Subscriber) -> bool:
+        """Forget ``conn`` as ``host_id``'s agent; False if another connection replaced it."""
+        if self.agents.get(host_id) is conn:
+            del self.agents[host_id]
+            return True
+        return False
+
+    def wait_for(self, key: str) -> asyncio.Future[dict[str, Any]]:
+        """A future resolved by :meth:`resolve` for ``key`` (e.g. an execution's end)."""
+        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._waiters[key].append(future)
+        future.add_done_callback(lambda f: self._forget_waiter(key, f))
+        return future
+
+    def resolve(self, key: str, value: dict[str, Any]) -> None:
+        """Resolve every waiter of ``key`` with ``value``."""
+        for future in self._waiters.pop(key, ()):
+            if not future.done():
+                future.set_result(value)
+
+    def _forget_waiter(self, key: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters and future in waiters:
+            waiters.remove(future)
+            if not waiters:
+                del self._waiters[key]
+
     def subscribe(self, conn: Subscriber, channel: str, filters: Filters) -> None:
         """Subscribe ``conn`` to ``channel``, replacing any filters it had there."""
         self.subscriptions[channel][conn] = filters
@@ -206,6 +274,8 @@ class Hub:
         data = message["data"]
         if channel == "fleet_status":
             self.fleet.seen(data)
+        if data.get("final") and data.get("execution_id"):
+            self.resolve(f"done:{data['execution_id']}", data)
         subscribers = self.subscriptions.get(channel)
         self.stats["events"] += 1
         if not subscribers:
@@ -231,18 +301,13 @@ class Hub:
         return delivered
 
     def control(self, message: dict[str, Any]) -> None:
-        """Close connections named by a control message (revoked user or session)."""
+        """Act on a control message: close revoked sockets, nudge agents, wake waiters."""
         action = message.get("action")
-        if action == "close_user":
-            targets = list(self.by_user.get(str(message.get("user_id")), ()))
-        else:
+        handler = _CONTROL_HANDLERS.get(str(action))
+        if handler is None:
             logger.warning("hub ignored unknown control action %r", action)
             return
-        from sysmanage.protocol import auth_failed_envelope
-
-        error = auth_failed_envelope(message.get("reason") or "Session revoked")
-        for conn in targets:
-            conn.close_from_hub(int(message.get("code") or 4003), error)
+        handler(self, message)
 
     # -- outbound: this process -> layer ---------------------------------------------------
 
@@ -279,6 +344,51 @@ class Hub:
                 await self.layer.group_add(EVENTS_GROUP, self.channel_name or "")
             except Exception:
                 logger.exception("hub could not renew its group membership")
+
+
+    async def _periodic_loop(self, name: str, interval: Callable[[], float],
+                             job: PeriodicJob) -> None:
+        from channels.db import database_sync_to_async
+
+        while True:
+            try:
+                await database_sync_to_async(job)()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("periodic job %s failed", name)
+            await asyncio.sleep(interval())
+
+
+def _close_user(hub: Hub, message: dict[str, Any]) -> None:
+    error = auth_failed_envelope(message.get("reason") or "Session revoked")
+    for conn in list(hub.by_user.get(str(message.get("user_id")), ())):
+        conn.close_from_hub(int(message.get("code") or CloseCode.AUTH_FAILED), error)
+
+
+def _close_agent(hub: Hub, message: dict[str, Any]) -> None:
+    conn = hub.agents.get(str(message.get("host_id")))
+    if conn is not None:
+        conn.close_from_hub(CloseCode.AUTH_FAILED,
+                            auth_failed_envelope(message.get("reason") or "Token revoked"))
+
+
+def _agent_dispatch(hub: Hub, message: dict[str, Any]) -> None:
+    conn = hub.agents.get(str(message.get("host_id")))
+    if conn is not None:
+        conn.nudge()
+
+
+def _agent_took(hub: Hub, message: dict[str, Any]) -> None:
+    hub.resolve(f"took:{message.get('ref')}", message)
+
+
+_CONTROL_HANDLERS = {
+    "close_user": _close_user,
+    "close_agent": _close_agent,
+    "agent_dispatch": _agent_dispatch,
+    "agent_took": _agent_took,
+}
 
 
 class FleetCoalescer:

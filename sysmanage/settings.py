@@ -219,6 +219,22 @@ WS_ALLOWED_ORIGINS = [
 ]
 FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.0")
 
+# --- Agents -------------------------------------------------------------------------
+HOST_OFFLINE_AFTER_SECONDS = env_int("HOST_OFFLINE_AFTER_SECONDS", 90)
+AGENT_HEARTBEAT_INTERVAL = env_int("AGENT_HEARTBEAT_INTERVAL", 30)
+AGENT_METRICS_INTERVAL = env_int("AGENT_METRICS_INTERVAL", 5)
+AGENT_MAX_MESSAGE_BYTES = env_int("AGENT_MAX_MESSAGE_BYTES", 1024 * 1024)
+AGENT_RATE_LIMIT_PER_SECOND = env_int("AGENT_RATE_LIMIT_PER_SECOND", 50)
+AGENT_RATE_LIMIT_BURST = env_int("AGENT_RATE_LIMIT_BURST", 200)
+# How long a requester waits for the agent's server process to confirm it took a command.
+AGENT_DISPATCH_CONFIRM_SECONDS = float(env("AGENT_DISPATCH_CONFIRM_SECONDS", "5") or "5")
+# Extra time past a command's own timeout before the server gives up on its result.
+COMMAND_RESULT_GRACE_SECONDS = env_int("COMMAND_RESULT_GRACE_SECONDS", 30)
+# A package operation with no word from its agent this long is failed.
+PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 1800)
+# How often each server process sweeps for silent hosts and overdue commands.
+MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
+
 # --- Internationalization, static files ---------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

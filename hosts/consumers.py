@@ -1,0 +1,283 @@
+"""
+The agent endpoint, ``/ws/agent``: one socket per managed host.
+
+:class:`AgentConsumer` authenticates the host's token (``Authorization: Bearer``), marks
+the host online after ``hello``, turns metrics into ``host_metrics`` events without
+writing the database per report, hands queued commands and package operations to the
+agent, and stores the results it sends back, acknowledging each once stored.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils import timezone
+
+from hosts import agent_protocol, selectors, services
+from hosts.events import HostMetricsReported
+from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
+from sysmanage.auth import RAW_SEND_KEY, bearer_token
+from sysmanage.consumers import TokenBucket
+from sysmanage.events import publish_control_now, publish_now
+from sysmanage.hub import Hub
+from sysmanage.protocol import (
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    auth_failed_envelope,
+    dumps,
+    error_envelope,
+    iso,
+    utc_now_iso,
+)
+from sysmanage.transport import Outbound
+
+logger = logging.getLogger(__name__)
+
+#: How often a connected agent's pending work is re-checked, in case a nudge was lost.
+PENDING_POLL_SECONDS = 10.0
+
+
+class AgentConsumer(AsyncWebsocketConsumer):
+    """The connection of one host's agent."""
+
+    channel_layer_alias = "__hub_only__"  # work reaches agents through the hub
+
+    host_id: str | None = None
+    hub: Hub | None = None
+    outbound: Outbound | None = None
+    ready = False
+    closing = False
+    user_id = None  # agents are not users; the hub's user index skips them
+
+    async def connect(self) -> None:
+        """Called on the handshake: authenticate the host token, then register with the hub."""
+        await self.accept()
+        self.outbound = Outbound(self.scope.get(RAW_SEND_KEY, self.base_send),
+                                 max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+                                 on_overflow=lambda: None)
+        token = bearer_token(self.scope)
+        host = await database_sync_to_async(selectors.host_for_token)(token or "")
+        if host is None:
+            await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(
+                "Missing agent token" if not token else "Invalid or revoked agent token"))
+            return
+        self.host_id, self.hostname = str(host.id), host.hostname
+        self.session = uuid.uuid4().hex
+        self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
+                                  settings.AGENT_RATE_LIMIT_BURST)
+        self.aggregator = MinuteAggregator()
+        self.sent: set[str] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.last_persisted = 0.0
+        self.hub = await Hub.for_running_loop()
+        previous = self.hub.register_agent(self.host_id, self)
+        if previous is not None:
+            previous.close_from_hub(CloseCode.REPLACED, error_envelope(
+                ErrorCode.REPLACED, "Another connection with this host's token took over"))
+        self._spawn(self._poll_pending())
+
+    async def disconnect(self, code: int) -> None:
+        """Called when the socket closes: flush metrics history, mark the host offline."""
+        for task in getattr(self, "tasks", ()):
+            task.cancel()
+        if self.outbound is not None:
+            self.outbound.stop()
+        if self.hub is None or self.host_id is None:
+            return
+        self.hub.unregister_agent(self.host_id, self)
+        await self._save_minute(self.aggregator.flush())
+        if self.ready:
+            await database_sync_to_async(services.host_agent_gone)(
+                host_id=self.host_id, session=self.session)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send_message(self, type_: str, data: dict[str, Any], id_: Any = None) -> None:
+        """Send one protocol message to the agent."""
+        if self.outbound is not None:
+            message = {"type": type_, "data": data, "timestamp": utc_now_iso()}
+            if id_ is not None:
+                message["id"] = id_
+            self.outbound.send_text(dumps(message))
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Send an already-built envelope (errors)."""
+        if self.outbound is not None:
+            self.outbound.send_text(dumps(message))
+
+    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
+        self.closing = True
+        self.reply(message)
+        assert self.outbound is not None
+        await self.outbound.flush()
+        await self.close(code=int(code))
+
+    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+        """Called by the hub: token revoked or rotated, host deleted, or replaced."""
+        if not self.closing:
+            self.closing = True
+            self._spawn(self._close_with(code, error))
+
+    def nudge(self) -> None:
+        """Called by the hub when work was queued for this host."""
+        if self.ready and not self.closing:
+            self._spawn(self.dispatch_pending())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Called for each agent frame: check limits, parse, dispatch by type."""
+        if self.host_id is None or self.closing:
+            return
+        if text_data is None:
+            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
+            return
+        if len(text_data) > settings.AGENT_MAX_MESSAGE_BYTES:
+            await self._close_with(CloseCode.MESSAGE_TOO_BIG, error_envelope(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"Message exceeds {settings.AGENT_MAX_MESSAGE_BYTES} bytes"))
+            return
+        try:
+            type_, data, id_ = agent_protocol.parse_agent_message(text_data)
+            if self.bucket.take():
+                raise ProtocolError(ErrorCode.RATE_LIMITED, "Too many messages", id_=id_)
+            if not self.ready and type_ != "hello":
+                raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Send 'hello' first", id_=id_)
+            await self.HANDLERS[type_](self, data, id_)
+        except ProtocolError as exc:
+            self.reply(exc.to_envelope())
+        except Exception:
+            logger.exception("error handling a message from agent of %s", self.hostname)
+            self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+
+    async def on_hello(self, data: dict[str, Any], id_: Any) -> None:
+        """Store the host's facts, mark it online and hand over queued work."""
+        facts = agent_protocol.clean_facts(data, id_)
+        await database_sync_to_async(services.host_agent_hello)(
+            host_id=self.host_id, session=self.session, facts=facts)
+        self.ready = True
+        self.last_persisted = time.monotonic()
+        self.send_message("welcome", {
+            "host_id": self.host_id, "heartbeat_interval": settings.AGENT_HEARTBEAT_INTERVAL,
+            "metrics_interval": settings.AGENT_METRICS_INTERVAL, "server_time": utc_now_iso(),
+        }, id_)
+        self.sent.clear()
+        await self.dispatch_pending()
+
+    async def on_heartbeat(self, data: dict[str, Any], id_: Any) -> None:
+        """Note that the agent is alive."""
+        await self._seen()
+
+    async def on_metrics(self, data: dict[str, Any], id_: Any) -> None:
+        """Publish live metrics; add them to this minute's history row."""
+        try:
+            metrics = clean_metrics(data.get("metrics"))
+        except MetricsError as exc:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), id_=id_) from None
+        now = timezone.now()
+        publish_now(HostMetricsReported(host_id=self.host_id or "", hostname=self.hostname,
+                                        timestamp=iso(now) or "", metrics=metrics))
+        await self._save_minute(self.aggregator.add(now, metrics))
+        await self._seen()
+
+    async def on_command_started(self, data: dict[str, Any], id_: Any) -> None:
+        """Mark a command running."""
+        execution_id = agent_protocol.reference(data, "execution_id", id_)
+        await database_sync_to_async(services.command_mark_running)(
+            execution_id=execution_id, host_id=self.host_id)
+
+    async def on_command_result(self, data: dict[str, Any], id_: Any) -> None:
+        """Store a command's result (once) and acknowledge it."""
+        execution_id = agent_protocol.reference(data, "execution_id", id_)
+        result = agent_protocol.clean_command_result(data, id_)
+        await database_sync_to_async(services.command_record_result)(
+            execution_id=execution_id, host_id=self.host_id, result=result)
+        self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
+        await self._seen()
+
+    async def on_package_progress(self, data: dict[str, Any], id_: Any) -> None:
+        """Store and publish a package operation's progress."""
+        operation_id = agent_protocol.reference(data, "operation_id", id_)
+        progress, message = agent_protocol.clean_progress(data, id_)
+        await database_sync_to_async(services.package_operation_record_progress)(
+            operation_id=operation_id, host_id=self.host_id, progress=progress, message=message)
+
+    async def on_package_result(self, data: dict[str, Any], id_: Any) -> None:
+        """Store a package operation's result (once) and acknowledge it."""
+        operation_id = agent_protocol.reference(data, "operation_id", id_)
+        status = data.get("status")
+        if status not in ("completed", "failed"):
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'status' must be completed or failed",
+                                id_=id_)
+        output = str(data.get("output") or "")[:agent_protocol.MAX_OUTPUT_CHARS]
+        message = str(data.get("message") or "")[:1000]
+        await database_sync_to_async(services.package_operation_record_result)(
+            operation_id=operation_id, host_id=self.host_id, status=status, message=message,
+            output=output)
+        self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
+
+    HANDLERS = {
+        "hello": on_hello,
+        "heartbeat": on_heartbeat,
+        "metrics": on_metrics,
+        "command_started": on_command_started,
+        "command_result": on_command_result,
+        "package_progress": on_package_progress,
+        "package_result": on_package_result,
+    }
+
+    # -- work for the agent ---------------------------------------------------------------
+
+    async def dispatch_pending(self) -> None:
+        """Send the agent every queued command and operation it has not been sent yet."""
+        commands, operations = await database_sync_to_async(selectors.pending_work)(
+            self.host_id or "")
+        for execution in commands:
+            if self._first_time(str(execution.id)):
+                self.send_message("run_command", {
+                    "execution_id": str(execution.id), "command": execution.command,
+                    "timeout": execution.timeout})
+        for operation in operations:
+            if self._first_time(str(operation.id)):
+                self.send_message("package_operation", {
+                    "operation_id": str(operation.id), "operation": operation.operation,
+                    "package": operation.package})
+
+    def _first_time(self, ref: str) -> bool:
+        if ref in self.sent:
+            return False
+        self.sent.add(ref)
+        publish_control_now("agent_took", ref=ref, host_id=self.host_id)
+        return True
+
+    async def _poll_pending(self) -> None:
+        while True:
+            await asyncio.sleep(PENDING_POLL_SECONDS)
+            if self.ready and not self.closing:
+                await self.dispatch_pending()
+
+    async def _seen(self) -> None:
+        """Persist last-seen at most every third of the offline timeout."""
+        now = time.monotonic()
+        if now - self.last_persisted >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
+            self.last_persisted = now
+            await database_sync_to_async(services.host_touch)(
+                host_id=self.host_id, seen_at=timezone.now())
+
+    async def _save_minute(self, finished: tuple[Any, int, dict[str, Any]] | None) -> None:
+        if finished is not None:
+            minute, samples, averages = finished
+            await database_sync_to_async(services.metric_sample_save)(
+                host_id=self.host_id, minute=minute, samples=samples, averages=averages)
