@@ -9,5 +9,9 @@ class ActivityConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the login and logout receivers of Django's auth signals."""
+        """Connect the auth-signal receivers and take audit records from lower apps."""
         from activity import receivers  # noqa: F401
+        from activity.services import activity_record
+        from sysmanage.audit import register_sink
+
+        register_sink(activity_record)

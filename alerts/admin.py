@@ -8,6 +8,7 @@ from django.http import HttpRequest
 
 from alerts import services
 from alerts.models import Alert
+from sysmanage.audit import request_actor
 
 
 @admin.register(Alert)
@@ -34,7 +35,7 @@ class AlertAdmin(admin.ModelAdmin):
         done = skipped = 0
         for alert in queryset:
             try:
-                service(alert_id=alert.pk, user=request.user)
+                service(alert_id=alert.pk, actor=request_actor(request))
                 done += 1
             except services.AlertStateError:
                 skipped += 1

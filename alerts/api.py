@@ -14,6 +14,7 @@ from alerts import selectors, services
 from alerts.models import Alert, Severity
 from hosts.models import Host
 from sysmanage import permissions
+from sysmanage.audit import request_actor
 
 
 class AlertSerializer(serializers.ModelSerializer):
@@ -83,7 +84,7 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
         self._require_manager()
         get_object_or_404(Alert, pk=pk)
         try:
-            alert = service(alert_id=pk, user=self.request.user)
+            alert = service(alert_id=pk, actor=request_actor(self.request))
         except services.AlertStateError as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(AlertSerializer(alert).data)

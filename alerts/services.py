@@ -9,6 +9,7 @@ from django.utils import timezone
 from alerts.events import AlertChanged
 from alerts.models import Alert, AlertStatus, Severity
 from hosts.models import Host
+from sysmanage.audit import Actor, audit
 from sysmanage.events import publish
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso
@@ -41,8 +42,9 @@ def alert_raise(*, severity: str, category: str, title: str, message: str = "",
     return alert
 
 
-def alert_acknowledge(*, alert_id: Any, user: Any) -> Alert:
+def alert_acknowledge(*, alert_id: Any, actor: Actor) -> Alert:
     """Acknowledge an open alert."""
+    user = actor.user
     with transaction.atomic():
         alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
         if alert.status != AlertStatus.OPEN:
@@ -52,11 +54,13 @@ def alert_acknowledge(*, alert_id: Any, user: Any) -> Alert:
         alert.acknowledged_at = timezone.now()
         alert.save()
         _publish(alert, "acknowledged")
+        audit("alert_acknowledged", actor, alert_id=str(alert.id), title=alert.title)
     return alert
 
 
-def alert_resolve(*, alert_id: Any, user: Any | None) -> Alert:
-    """Resolve an open or acknowledged alert (``user`` None when resolved automatically)."""
+def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
+    """Resolve an open or acknowledged alert (``actor`` None when resolved automatically)."""
+    user = actor.user if actor is not None else None
     with transaction.atomic():
         alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
         if alert.status == AlertStatus.RESOLVED:
@@ -66,4 +70,5 @@ def alert_resolve(*, alert_id: Any, user: Any | None) -> Alert:
         alert.resolved_at = timezone.now()
         alert.save()
         _publish(alert, "resolved")
+        audit("alert_resolved", actor, alert_id=str(alert.id), title=alert.title)
     return alert

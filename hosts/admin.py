@@ -8,6 +8,7 @@ from django.http import HttpRequest
 
 from hosts import services
 from hosts.models import CommandExecution, Host, PackageOperation
+from sysmanage.audit import request_actor
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -41,7 +42,7 @@ class HostAdmin(admin.ModelAdmin):
     def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
         """Rotate each selected host's token and show the new tokens once."""
         for host in queryset:
-            _, token = services.host_rotate_token(host_id=host.pk)
+            _, token = services.host_rotate_token(host_id=host.pk, actor=request_actor(request))
             self.message_user(request, f"New agent token for {host.hostname} (shown only "
                               f"now): {token}", messages.WARNING)
 
@@ -49,7 +50,7 @@ class HostAdmin(admin.ModelAdmin):
     def revoke_token(self, request: HttpRequest, queryset: Any) -> None:
         """Revoke each selected host's token; connected agents are disconnected."""
         for host in queryset:
-            services.host_revoke_token(host_id=host.pk)
+            services.host_revoke_token(host_id=host.pk, actor=request_actor(request))
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:

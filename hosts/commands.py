@@ -121,7 +121,7 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     finished = hub.wait_for(f"done:{execution_id}")
     execution = await database_sync_to_async(services.command_create)(
         host=host, command=request.command, timeout=request.timeout, user=context.user,
-        request_id=str(message.id or ""), execution_id=execution_id)
+        request_id=str(message.id or ""), execution_id=execution_id, actor=context.actor)
     why = _offline_reason(host)
     if why is None and not await taken:
         why = "Host not reachable: its agent did not take the command"
@@ -189,7 +189,7 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     taken = asyncio.ensure_future(_handed_over(hub, operation_id))
     record = await database_sync_to_async(services.package_operation_create)(
         host=host, operation=operation, package=package, user=context.user,
-        operation_id=operation_id)
+        operation_id=operation_id, actor=context.actor)
     why = _offline_reason(host)
     if why is None and not await taken:
         why = "Host not reachable: its agent did not take the operation"

@@ -28,6 +28,7 @@ from hosts.models import (
     PackageOperation,
 )
 from hosts.tokens import new_token, token_digest
+from sysmanage.audit import Actor, audit
 from sysmanage.events import publish, publish_control
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
@@ -58,7 +59,7 @@ def host_delete(*, host: Host) -> None:
         fleet_changed()
 
 
-def host_register(*, hostname: str) -> tuple[Host, str]:
+def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, str]:
     """Enroll a host: create it (or re-enroll an existing one) and issue its agent token.
 
     Returns the host and the token, which is not stored and cannot be shown again.
@@ -68,19 +69,21 @@ def host_register(*, hostname: str) -> tuple[Host, str]:
         if host is None:
             host = host_create(hostname=hostname)
         token = _issue_token(host)
+        audit("host_enrolled", actor, host_id=str(host.id), hostname=host.hostname)
     return host, token
 
 
-def host_rotate_token(*, host_id: Any) -> tuple[Host, str]:
+def host_rotate_token(*, host_id: Any, actor: Actor | None = None) -> tuple[Host, str]:
     """Replace a host's token; an agent connected with the old one is disconnected."""
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
         token = _issue_token(host)
         publish_control("close_agent", host_id=str(host.id), reason="Agent token was rotated")
+        audit("host_token_rotated", actor, host_id=str(host.id), hostname=host.hostname)
     return host, token
 
 
-def host_revoke_token(*, host_id: Any) -> Host:
+def host_revoke_token(*, host_id: Any, actor: Actor | None = None) -> Host:
     """Revoke a host's token; its connected agent is disconnected at once."""
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
@@ -88,6 +91,7 @@ def host_revoke_token(*, host_id: Any) -> Host:
         host.token_revoked_at = timezone.now()
         host.save(update_fields=["token_hash", "token_revoked_at", "updated_at"])
         publish_control("close_agent", host_id=str(host.id), reason="Agent token was revoked")
+        audit("host_token_revoked", actor, host_id=str(host.id), hostname=host.hostname)
     return host
 
 
@@ -132,7 +136,8 @@ def host_report_metrics(*, host: Host, metrics: dict[str, Any],
 
 
 def command_create(*, host: Host, command: str, timeout: int, user: Any,
-                   request_id: str = "", execution_id: Any = None) -> CommandExecution:
+                   request_id: str = "", execution_id: Any = None,
+                   actor: Actor | None = None) -> CommandExecution:
     """Record a command a user asked to run (pending) and tell the host's agent."""
     with transaction.atomic():
         execution = CommandExecution.objects.create(
@@ -141,6 +146,8 @@ def command_create(*, host: Host, command: str, timeout: int, user: Any,
         )
         publish(command_event(execution))
         publish_control("agent_dispatch", host_id=str(host.id))
+        audit("command_run", actor, host_id=str(host.id), hostname=host.hostname,
+              command=command, execution_id=str(execution.id))
         fleet_changed()
     return execution
 
@@ -166,7 +173,8 @@ def command_finish(*, execution: CommandExecution, status: str, exit_code: int |
 
 
 def package_operation_create(*, host: Host, operation: str, package: str, user: Any,
-                             operation_id: Any = None) -> PackageOperation:
+                             operation_id: Any = None,
+                             actor: Actor | None = None) -> PackageOperation:
     """Record a package operation a user asked for (pending) and tell the host's agent."""
     with transaction.atomic():
         record = PackageOperation.objects.create(
@@ -175,6 +183,8 @@ def package_operation_create(*, host: Host, operation: str, package: str, user: 
         )
         publish(operation_event(record))
         publish_control("agent_dispatch", host_id=str(host.id))
+        audit("package_operation_started", actor, host_id=str(host.id), hostname=host.hostname,
+              operation=operation, package=package, execution_id=str(record.id))
         fleet_changed()
     return record
 

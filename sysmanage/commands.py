@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sysmanage.audit import Actor
 from sysmanage.protocol import ClientMessage, ErrorCode, ProtocolError, error_envelope
 from sysmanage.topics import TOPICS
 
@@ -31,6 +32,11 @@ class CommandContext:
         """The client's address as the server saw it."""
         client = self.scope.get("client")
         return client[0] if client else None
+
+    @property
+    def actor(self) -> Actor:
+        """The requester, for the audit trail."""
+        return Actor(user=self.user, ip_address=self.ip_address, user_agent=self.user_agent)
 
     @property
     def user_agent(self) -> str:

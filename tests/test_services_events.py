@@ -9,6 +9,7 @@ from activity.services import activity_record
 from alerts import services as alerts
 from hosts import services as hosts
 from hosts.models import ExecutionStatus, HostStatus, OperationStatus
+from sysmanage.audit import Actor
 from sysmanage.events import event_types
 
 pytestmark = pytest.mark.django_db
@@ -111,17 +112,17 @@ def test_alert_lifecycle_events(published, host, make_user):
     alert = published.run(alerts.alert_raise, severity="warning", category="disk_space",
                           title="High disk usage", message="Disk usage on /var is 85%",
                           host=host)
-    published.run(alerts.alert_acknowledge, alert_id=alert.id, user=user)
-    published.run(alerts.alert_resolve, alert_id=alert.id, user=user)
+    published.run(alerts.alert_acknowledge, alert_id=alert.id, actor=Actor(user=user))
+    published.run(alerts.alert_resolve, alert_id=alert.id, actor=Actor(user=user))
     events = published.events("alert.changed")
     assert [e["data"]["action"] for e in events] == ["raised", "acknowledged", "resolved"]
     assert events[0]["data"]["hostname"] == "web-01"
     for event in events:
         assert_valid(event)
     with pytest.raises(alerts.AlertStateError):
-        alerts.alert_resolve(alert_id=alert.id, user=user)
+        alerts.alert_resolve(alert_id=alert.id, actor=Actor(user=user))
     with pytest.raises(alerts.AlertStateError):
-        alerts.alert_acknowledge(alert_id=alert.id, user=user)
+        alerts.alert_acknowledge(alert_id=alert.id, actor=Actor(user=user))
     figures = [e["data"]["hosts_with_alerts"] for e in published.events("fleet.status_updated")]
     assert figures == [1, 1, 0]
 

@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from hosts import services
+from sysmanage.audit import Actor
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 
@@ -28,7 +29,8 @@ class Command(BaseCommand):
         hostname = options["hostname"].strip()
         if not HOSTNAME.match(hostname):
             raise CommandError(f"{hostname!r} is not a valid hostname")
-        host, token = services.host_register(hostname=hostname)
+        host, token = services.host_register(
+            hostname=hostname, actor=Actor.command_line("register_host"))
         self.stderr.write(f"Enrolled {host.hostname}. Start its agent with:\n"
                           f"  python -m agent --server http://SERVER:8000 --token {token}\n"
                           "The token is shown only now.")

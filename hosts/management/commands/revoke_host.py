@@ -7,6 +7,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from hosts import services
 from hosts.management.commands._hosts import find_host
+from sysmanage.audit import Actor
 
 
 class Command(BaseCommand):
@@ -21,5 +22,6 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Revoke."""
-        host = services.host_revoke_token(host_id=find_host(options["host"]).id)
+        host = services.host_revoke_token(
+            host_id=find_host(options["host"]).id, actor=Actor.command_line("revoke_host"))
         self.stdout.write(f"Revoked the agent token of {host.hostname}.")

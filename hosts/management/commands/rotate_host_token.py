@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from hosts import services
 from hosts.management.commands._hosts import find_host
+from sysmanage.audit import Actor
 
 
 class Command(BaseCommand):
@@ -22,5 +23,6 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Rotate and print the new token."""
-        host, token = services.host_rotate_token(host_id=find_host(options["host"]).id)
+        host, token = services.host_rotate_token(
+            host_id=find_host(options["host"]).id, actor=Actor.command_line("rotate_host_token"))
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))
