@@ -9,8 +9,18 @@ class AlertsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Provide the fleet figures, which count hosts with alerts."""
-        from alerts import selectors
+        """Provide fleet figures, judge metrics and host states, take alert commands."""
+        from django.conf import settings
+
+        from alerts import commands, evaluation, selectors
+        from sysmanage import commands as command_registry
         from sysmanage import topics
+        from sysmanage.events import listen
+        from sysmanage.hub import register_periodic
 
         topics.register_snapshot("fleet_status", selectors.fleet_stats)
+        listen("host.metrics_reported", evaluation.on_metrics)
+        listen("host.status_changed", evaluation.on_status)
+        register_periodic("alerts.rules", lambda: settings.ALERT_RULES_RELOAD_SECONDS,
+                          evaluation.reload_rules)
+        command_registry.register("system_alerts", commands.handle_alert_command)

@@ -25,6 +25,41 @@ class AlertStatus(models.TextChoices):
     RESOLVED = "resolved", "Resolved"
 
 
+class RuleMetric(models.TextChoices):
+    """What an alert rule watches."""
+
+    DISK = "disk_usage", "Disk usage (%), per mount point"
+    MEMORY = "memory_usage", "Memory usage (%)"
+    CPU = "cpu_usage", "CPU usage (%)"
+    LOAD = "load_per_cpu", "1-minute load average per CPU"
+    OFFLINE = "host_offline", "Host offline"
+
+
+class AlertRule(models.Model):
+    """A threshold on a metric (or host state) that raises, updates and resolves alerts."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    metric = models.CharField(max_length=20, choices=RuleMetric.choices)
+    category = models.CharField(max_length=50)
+    warning_threshold = models.FloatField(null=True, blank=True)
+    critical_threshold = models.FloatField(null=True, blank=True)
+    sustained_samples = models.PositiveIntegerField(
+        default=1, help_text="Consecutive samples over a threshold before the alert is raised.")
+    clear_margin = models.FloatField(
+        default=5.0, help_text="How far below a threshold the value must fall before the "
+        "alert is lowered or resolved, so that it does not flap.")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Alert(models.Model):
     """One alert; open and acknowledged alerts are active, resolved ones are history."""
 
@@ -53,9 +88,20 @@ class Alert(models.Model):
         related_name="+",
     )
     resolved_at = models.DateTimeField(null=True, blank=True)
+    rule = models.ForeignKey(AlertRule, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="alerts")
+    # Which instance of the rule (a mount point for disk rules; empty otherwise).
+    rule_key = models.CharField(max_length=255, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "rule", "rule_key"],
+                condition=models.Q(status__in=["open", "acknowledged"]),
+                name="one_active_alert_per_host_rule",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.title}"

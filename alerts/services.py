@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from alerts.events import AlertChanged
@@ -72,3 +72,34 @@ def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
         _publish(alert, "resolved")
         audit("alert_resolved", actor, alert_id=str(alert.id), title=alert.title)
     return alert
+
+
+def rule_alert_sync(*, host_id: Any, rule_id: Any, key: str, severity: str | None,
+                    title: str, message: str, category: str) -> Alert | None:
+    """Make the active alert of (host, rule, key) match ``severity``; None resolves it.
+
+    Raises the alert if there is none, updates its severity and text if it differs, and
+    resolves it (automatically, by no one) when ``severity`` is None.
+    """
+    with transaction.atomic():
+        active = Alert.objects.select_for_update().select_related("host").filter(
+            host_id=host_id, rule_id=rule_id, rule_key=key,
+            status__in=Alert.ACTIVE_STATUSES).first()
+        if severity is None:
+            return alert_resolve(alert_id=active.id, actor=None) if active else None
+        if active is None:
+            try:
+                with transaction.atomic():
+                    alert = Alert.objects.create(
+                        host_id=host_id, rule_id=rule_id, rule_key=key, severity=severity,
+                        category=category, title=title, message=message)
+            except IntegrityError:  # another process raised it a moment ago
+                return None
+            alert = Alert.objects.select_related("host").get(id=alert.id)
+            _publish(alert, "raised")
+            return alert
+        if active.severity != severity:
+            active.severity, active.title, active.message = severity, title, message
+            active.save()
+            _publish(active, "updated")
+        return active

@@ -54,6 +54,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     outbound: Outbound | None = None
     ready = False
     closing = False
+    cpu_count: int | None = None
     user_id = None  # agents are not users; the hub's user index skips them
 
     async def connect(self) -> None:
@@ -165,8 +166,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def on_hello(self, data: dict[str, Any], id_: Any) -> None:
         """Store the host's facts, mark it online and hand over queued work."""
         facts = agent_protocol.clean_facts(data, id_)
-        await database_sync_to_async(services.host_agent_hello)(
+        host = await database_sync_to_async(services.host_agent_hello)(
             host_id=self.host_id, session=self.session, facts=facts)
+        self.cpu_count = host.cpu_count
         self.ready = True
         self.last_persisted = time.monotonic()
         self.send_message("welcome", {
@@ -188,7 +190,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), id_=id_) from None
         now = timezone.now()
         publish_now(HostMetricsReported(host_id=self.host_id or "", hostname=self.hostname,
-                                        timestamp=iso(now) or "", metrics=metrics))
+                                        timestamp=iso(now) or "", metrics=metrics,
+                                        cpu_count=self.cpu_count))
         await self._save_minute(self.aggregator.add(now, metrics))
         await self._seen()
 

@@ -35,6 +35,7 @@ class HostMetricsReported(Event):
     hostname: str
     timestamp: str
     metrics: dict[str, Any]
+    cpu_count: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

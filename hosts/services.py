@@ -131,7 +131,7 @@ def host_report_metrics(*, host: Host, metrics: dict[str, Any],
     """Publish a host's live metrics on ``host_metrics`` (no database write)."""
     publish(HostMetricsReported(
         host_id=str(host.id), hostname=host.hostname, timestamp=timestamp or utc_now_iso(),
-        metrics=metrics,
+        metrics=metrics, cpu_count=host.cpu_count,
     ))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from asgiref.sync import async_to_sync
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 EVENTS_GROUP = "sysmanage.events"
 
 _REGISTRY: dict[str, type[Event]] = {}
+Listener = Callable[[dict[str, Any]], None]
+_LISTENERS: dict[str, list[Listener]] = defaultdict(list)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,10 +70,36 @@ def event_types() -> dict[str, type[Event]]:
     return dict(_REGISTRY)
 
 
+def listen(event_name: str, listener: Listener) -> None:
+    """Call ``listener(data)`` in the publishing process whenever ``event_name`` is published.
+
+    Higher apps react to lower apps' events this way (alerts to metrics, for instance).
+    A listener runs where the event was published: after commit in a worker thread, or
+    on the event loop for :func:`publish_now`, where it must not block.
+    """
+    if event_name not in _REGISTRY:
+        raise ValueError(f"unknown event {event_name!r}")
+    if listener not in _LISTENERS[event_name]:
+        _LISTENERS[event_name].append(listener)
+
+
+def _notify(message: dict[str, Any]) -> None:
+    for listener in _LISTENERS.get(message.get("event", ""), ()):
+        try:
+            listener(message["data"])
+        except Exception:
+            logger.exception("listener of %s failed", message.get("event"))
+
+
+def _deliver(message: dict[str, Any]) -> None:
+    send_to_hubs(message)
+    _notify(message)
+
+
 def publish(event: Event) -> None:
     """Publish ``event`` once the current transaction (if any) commits."""
     message = event.to_message()
-    transaction.on_commit(lambda: send_to_hubs(message))
+    transaction.on_commit(lambda: _deliver(message))
 
 
 def publish_control(action: str, **fields: Any) -> None:
@@ -80,7 +110,7 @@ def publish_control(action: str, **fields: Any) -> None:
 
 def publish_now(event: Event) -> None:
     """Publish ``event`` at once, outside any transaction (e.g. live metrics)."""
-    send_to_hubs(event.to_message())
+    _deliver(event.to_message())
 
 
 def publish_control_now(action: str, **fields: Any) -> None:

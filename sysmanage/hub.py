@@ -161,6 +161,18 @@ class Hub:
         """Run ``callback(*args)`` on the hub's loop, from any thread, in a fresh context."""
         self.loop.call_soon_threadsafe(callback, *args, context=contextvars.Context())
 
+    def run_in_background(self, job: Callable[..., Any], *args: Any) -> None:
+        """Run blocking ``job(*args)`` in the database thread without awaiting it."""
+        from channels.db import database_sync_to_async
+
+        async def run() -> None:
+            try:
+                await database_sync_to_async(job)(*args)
+            except Exception:
+                logger.exception("background job %s failed", getattr(job, "__name__", job))
+
+        self.spawn(run())
+
     def accepts_messages(self) -> bool:
         """Whether the hub's loop is alive to take published messages."""
         return not self._closed and self.loop.is_running() and not self.loop.is_closed()

@@ -235,6 +235,9 @@ PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 180
 # How often each server process sweeps for silent hosts and overdue commands.
 MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 
+# How often each server process re-reads alert rules edited in the admin.
+ALERT_RULES_RELOAD_SECONDS = env_int("ALERT_RULES_RELOAD_SECONDS", 30)
+
 # --- Internationalization, static files ---------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -1,0 +1,88 @@
+"""
+Wiring of alert rules to the events of the hosts app.
+
+Metrics reports are judged in memory by this process's :class:`~alerts.rules.RuleEngine`;
+only verdicts reach the database, in the background.  Host status changes raise and
+resolve the "host offline" alerts.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from alerts import services
+from alerts.models import AlertRule, RuleMetric
+from alerts.rules import RuleEngine, RuleSpec, Verdict
+
+logger = logging.getLogger(__name__)
+
+ENGINE = RuleEngine()
+
+TITLES = {
+    "disk_usage": "High disk usage on {key}",
+    "memory_usage": "High memory usage",
+    "cpu_usage": "High CPU usage",
+    "load_per_cpu": "High load",
+}
+MESSAGES = {
+    "disk_usage": "Disk usage on {key} is {value:.1f}% ({severity} at {threshold:g}%)",
+    "memory_usage": "Memory usage is {value:.1f}% ({severity} at {threshold:g}%)",
+    "cpu_usage": "CPU usage is {value:.1f}% ({severity} at {threshold:g}%, "
+                 "sustained over {sustained} samples)",
+    "load_per_cpu": "Load average is {value:.2f} per CPU ({severity} at {threshold:g})",
+}
+
+
+def reload_rules() -> None:
+    """Read the enabled rules from the database (periodically and after edits)."""
+    ENGINE.set_rules([RuleSpec.from_model(r) for r in AlertRule.objects.filter(enabled=True)])
+
+
+def apply_verdicts(verdicts: list[Verdict]) -> None:
+    """Write the engine's verdicts through the alert services."""
+    for verdict in verdicts:
+        rule = verdict.rule
+        threshold = rule.critical if verdict.severity == "critical" else rule.warning
+        values = {"key": verdict.key, "value": verdict.value, "severity": verdict.severity,
+                  "threshold": threshold or 0, "sustained": rule.sustained}
+        services.rule_alert_sync(
+            host_id=verdict.host_id, rule_id=rule.id, key=verdict.key,
+            severity=verdict.severity, category=rule.category,
+            title=TITLES[rule.metric].format(**values),
+            message=MESSAGES[rule.metric].format(**values) if verdict.severity else "")
+
+
+def on_metrics(data: dict[str, Any]) -> None:
+    """Listener of ``host.metrics_reported``: judge in memory, write only verdicts."""
+    from sysmanage.hub import Hub
+
+    hub = Hub.current()
+    in_loop = hub is not None and hub.owns_current_thread()
+    if ENGINE.rules is None:
+        if in_loop:
+            hub.run_in_background(reload_rules)  # type: ignore[union-attr]
+            return
+        reload_rules()
+    verdicts = ENGINE.observe(data["host_id"], data.get("hostname", ""),
+                              data.get("metrics") or {}, data.get("cpu_count"))
+    if not verdicts:
+        return
+    if in_loop:
+        hub.run_in_background(apply_verdicts, verdicts)  # type: ignore[union-attr]
+    else:
+        apply_verdicts(verdicts)
+
+
+def on_status(data: dict[str, Any]) -> None:
+    """Listener of ``host.status_changed`` (runs after commit, in a worker thread)."""
+    rules = AlertRule.objects.filter(enabled=True, metric=RuleMetric.OFFLINE)
+    offline = data["status"] == "offline"
+    for rule in rules:
+        severity = "critical" if (rule.critical_threshold is not None or
+                                  rule.warning_threshold is None) else "warning"
+        services.rule_alert_sync(
+            host_id=data["host_id"], rule_id=rule.id, key="",
+            severity=severity if offline else None, category=rule.category,
+            title=f"Host offline: {data['hostname']}",
+            message=f"{data['hostname']} went offline (was {data['previous_status']}) at "
+                    f"{data['timestamp']}")
