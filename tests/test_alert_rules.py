@@ -8,7 +8,7 @@ from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from alerts.rules import RuleEngine, RuleSpec
 from hosts import services as host_services
-from tests.wsutil import next_event, open_socket, request, subscribe
+from tests.wsutil import open_socket, request, subscribe
 
 DISK = RuleSpec(id="d", name="Disk", metric="disk_usage", category="disk_space", warning=85,
                 critical=95, sustained=1, margin=3)
@@ -144,12 +144,16 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
         severity="warning", category="x", title="Something")
     comm = await open_socket("/ws", token=token_for(ops))
     await subscribe(comm, "system_alerts", {"severity": ["warning"]})
-    reply = await request(comm, {"type": "command", "channel": "system_alerts", "id": "a1",
-                                 "data": {"action": "acknowledge", "alert_id": str(alert.id)}})
-    assert reply["type"] == "response" and reply["id"] == "a1"
-    assert reply["data"]["status"] == "acknowledged"
-    event = await next_event(comm, "system_alerts")
-    assert event["data"]["action"] == "acknowledged"
+    await comm.send_json_to({"type": "command", "channel": "system_alerts", "id": "a1",
+                             "data": {"action": "acknowledge", "alert_id": str(alert.id)}})
+    # The response and the event travel separately; either may come first.
+    got = {}
+    while len(got) < 2:
+        message = await comm.receive_json_from(timeout=3)
+        got[message["type"]] = message
+    assert got["response"]["id"] == "a1"
+    assert got["response"]["data"]["status"] == "acknowledged"
+    assert got["event"]["data"]["action"] == "acknowledged"
     again = await request(comm, {"type": "command", "channel": "system_alerts", "id": "a2",
                                  "data": {"action": "acknowledge", "alert_id": str(alert.id)}})
     assert again["data"]["code"] == "COMMAND_FAILED"
