@@ -6,7 +6,11 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from activity.forms import LockoutAdminAuthenticationForm
 from activity.models import UserActivity
+
+# Session logins (admin, dashboards) refuse locked-out accounts and addresses.
+admin.site.login_form = LockoutAdminAuthenticationForm
 
 
 @admin.register(UserActivity)

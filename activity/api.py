@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import TokenBlacklistView, TokenObtainPairView
 
+from activity.lockout import lockout_message, lockout_remaining
 from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
@@ -37,7 +38,11 @@ class UserActivitySerializer(serializers.ModelSerializer):
 
 
 class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
-    """User activity, newest first; ``?user=``, ``?username=``, ``?action=`` filter."""
+    """User activity, newest first.
+
+    Filters: ``?user=`` (id), ``?username=``, ``?action=``, ``?ip_address=``, and
+    ``?since=`` / ``?until=`` (ISO-8601 times).
+    """
 
     serializer_class = UserActivitySerializer
     permission_classes = [IsStaff]
@@ -47,7 +52,8 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
         queryset = UserActivity.objects.select_related("user")
         params = self.request.query_params
         for param, field in (("user", "user_id"), ("username", "username"),
-                             ("action", "action")):
+                             ("action", "action"), ("ip_address", "ip_address"),
+                             ("since", "timestamp__gte"), ("until", "timestamp__lt")):
             if params.get(param):
                 queryset = queryset.filter(**{field: params[param]})
         return queryset
@@ -57,7 +63,17 @@ class LoginTokenView(TokenObtainPairView):
     """``POST /api/token/``: username and password in, access and refresh tokens out."""
 
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        """Issue tokens and record the login."""
+        """Refuse locked-out logins, else issue tokens and record the login."""
+        ip, _ = request_origin(request)
+        username = request.data.get("username") if hasattr(request.data, "get") else None
+        remaining = lockout_remaining(username=str(username or "") or None, ip_address=ip)
+        if remaining:
+            activity_record(action="login_locked", username=str(username or "")[:150],
+                            ip_address=ip, user_agent=request_origin(request)[1],
+                            details={"via": "token", "retry_after": remaining})
+            return Response({"detail": lockout_message(remaining), "code": "login_locked",
+                             "retry_after": remaining}, status=429,
+                            headers={"Retry-After": str(remaining)})
         response = super().post(request, *args, **kwargs)
         if response.status_code == 200:
             user_id = RefreshToken(response.data["refresh"]).payload.get("user_id")

@@ -7,3 +7,4 @@ from sysmanage.models import User
 admin.site.register(User, UserAdmin)
 admin.site.site_header = "SysManage administration"
 admin.site.site_title = "SysManage"
+

@@ -176,6 +176,12 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "/admin/login/"
+# Failed logins within the window that lock an account (or, with the larger threshold,
+# an address) for LOGIN_LOCKOUT_SECONDS after the last failure.
+LOGIN_LOCKOUT_THRESHOLD = env_int("LOGIN_LOCKOUT_THRESHOLD", 5)
+LOGIN_LOCKOUT_ADDRESS_THRESHOLD = env_int("LOGIN_LOCKOUT_ADDRESS_THRESHOLD", 20)
+LOGIN_LOCKOUT_WINDOW_SECONDS = env_int("LOGIN_LOCKOUT_WINDOW_SECONDS", 900)
+LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900)
 
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_TTL_SECONDS", 900)),
