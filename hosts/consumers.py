@@ -50,19 +50,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "__hub_only__"  # work reaches agents through the hub
 
     host_id: str | None = None
+    hostname = ""
     hub: Hub | None = None
     outbound: Outbound | None = None
     ready = False
     closing = False
     cpu_count: int | None = None
     user_id = None  # agents are not users; the hub's user index skips them
+    session_tag = None
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
         await self.accept()
         self.outbound = Outbound(self.scope.get(RAW_SEND_KEY, self.base_send),
                                  max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-                                 on_overflow=lambda: None)
+                                 on_overflow=self._on_overflow)
         token = bearer_token(self.scope)
         host = await database_sync_to_async(selectors.host_for_token)(token or "")
         if host is None:
@@ -115,8 +117,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _close_with(self, code: int, message: dict[str, Any]) -> None:
         self.closing = True
-        self.reply(message)
         assert self.outbound is not None
+        if self.outbound.overflowed:
+            await self.close(code=int(code))
+            return
+        self.reply(message)
         await self.outbound.flush()
         await self.close(code=int(code))
 
@@ -125,6 +130,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if not self.closing:
             self.closing = True
             self._spawn(self._close_with(code, error))
+
+    def _on_overflow(self) -> None:
+        """The agent stopped reading: drop it so that it reconnects and catches up."""
+        logger.warning("closing the agent of %s: it stopped reading", self.hostname)
+        self.close_from_hub(CloseCode.SLOW_CONSUMER, error_envelope(
+            ErrorCode.SLOW_CONSUMER, "Too many undelivered messages; reconnect"))
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host."""

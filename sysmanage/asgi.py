@@ -4,10 +4,14 @@ on one port.
 """
 import os
 
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sysmanage.settings")
-django_asgi_app = get_asgi_application()
+# Static files (the dashboards' script and styles, the admin's) come from the same
+# process, so the server needs nothing in front of it; a proxy may serve STATIC_ROOT
+# itself after `collectstatic`.
+django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
 # Imported after Django is set up: these modules use the models.
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -31,14 +31,17 @@ from sysmanage.protocol import (
     envelope,
     error_envelope,
     parse_client_message,
+    request_id_of,
 )
+from sysmanage.services import session_tag
 from sysmanage.topics import filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame, Outbound
 
 logger = logging.getLogger(__name__)
 
-#: Rejected messages in a row (while over the rate) after which the socket is closed.
+#: Messages refused for rate within RATE_VIOLATION_WINDOW seconds that close the socket.
 MAX_RATE_VIOLATIONS = 100
+RATE_VIOLATION_WINDOW = 10.0
 
 
 class TokenBucket:
@@ -70,6 +73,7 @@ class ClientConsumer(AsyncWebsocketConsumer):
 
     user: Any = None
     user_id: str | None = None
+    session_tag: str | None = None
     hub: Hub | None = None
     outbound: Outbound | None = None
 
@@ -88,8 +92,11 @@ class ClientConsumer(AsyncWebsocketConsumer):
         self.user = credentials.user
         self.user_id = str(self.user.pk)
         self.auth_via = credentials.via
+        session = self.scope.get("session")
+        if credentials.via == "session" and session is not None and session.session_key:
+            self.session_tag = session_tag(session.session_key)
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.rate_violations = 0
+        self.rate_violations: list[float] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         try:
@@ -192,10 +199,10 @@ class ClientConsumer(AsyncWebsocketConsumer):
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"Message exceeds {settings.WS_MAX_MESSAGE_BYTES} bytes"))
             return
+        if not await self._within_rate(text_data):
+            return
         try:
             message = parse_client_message(text_data)
-            if not await self._within_rate(message):
-                return
             await self.HANDLERS[message.type](self, message)
         except ProtocolError as exc:
             self.reply(exc.to_envelope())
@@ -203,19 +210,21 @@ class ClientConsumer(AsyncWebsocketConsumer):
             logger.exception("error handling a client message")
             self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
-    async def _within_rate(self, message: ClientMessage) -> bool:
+    async def _within_rate(self, text: str) -> bool:
+        """Take a token for this frame (parsed or not); refuse it, or close, when over."""
         wait = self.bucket.take()
         if wait == 0:
-            self.rate_violations = 0
             return True
-        self.rate_violations += 1
-        if self.rate_violations > MAX_RATE_VIOLATIONS:
+        now = time.monotonic()
+        self.rate_violations = [t for t in self.rate_violations
+                                if now - t < RATE_VIOLATION_WINDOW] + [now]
+        if len(self.rate_violations) > MAX_RATE_VIOLATIONS:
             await self._close_with(CloseCode.RATE_LIMITED, error_envelope(
                 ErrorCode.RATE_LIMITED, "Too many messages; connection closed"))
             return False
         self.reply(error_envelope(
             ErrorCode.RATE_LIMITED, "Too many messages; this one was not processed",
-            id_=message.id, retry_after=round(wait, 3)))
+            id_=request_id_of(text), retry_after=round(wait, 3)))
         return False
 
     async def on_ping(self, message: ClientMessage) -> None:

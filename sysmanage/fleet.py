@@ -74,6 +74,5 @@ async def apublish_if_changed(last_sent: dict[str, Any] | None) -> bool:
     if _same_figures(last_sent, stats):
         return False
     hub = await Hub.for_running_loop()
-    hub.fleet.seen(stats)
     hub.enqueue_publish(FleetStatusUpdated(**stats).to_message())
     return True

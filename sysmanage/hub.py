@@ -57,6 +57,7 @@ class Subscriber(Protocol):
     """What the hub needs of a connection."""
 
     user_id: str | None
+    session_tag: str | None
 
     def deliver(self, frame: Frame) -> None:
         """Send ``frame`` without blocking."""
@@ -80,6 +81,7 @@ class Hub:
         self.channel_name: str | None = None
         self.subscriptions: dict[str, dict[Subscriber, Filters]] = defaultdict(dict)
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
+        self.by_session: dict[str, set[Subscriber]] = defaultdict(set)
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[None] = loop.create_future()
@@ -188,19 +190,28 @@ class Hub:
 
     def register(self, conn: Subscriber) -> None:
         """Track ``conn`` so that control messages (revocations) can reach it."""
-        if conn.user_id is not None:
-            self.by_user[conn.user_id].add(conn)
+        for index, key in self._indexes(conn):
+            index[key].add(conn)
 
     def unregister(self, conn: Subscriber) -> None:
         """Forget ``conn`` and all its subscriptions."""
         for subs in self.subscriptions.values():
             subs.pop(conn, None)
+        for index, key in self._indexes(conn):
+            members = index.get(key)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del index[key]
+
+    def _indexes(self, conn: Subscriber) -> list[tuple[dict[str, set[Subscriber]], str]]:
+        found = []
         if conn.user_id is not None:
-            users = self.by_user.get(conn.user_id)
-            if users is not None:
-                users.discard(conn)
-                if not users:
-                    del self.by_user[conn.user_id]
+            found.append((self.by_user, conn.user_id))
+        tag = getattr(conn, "session_tag", None)
+        if tag is not None:
+            found.append((self.by_session, tag))
+        return found
 
     def register_agent(self, host_id: str, conn: Subscriber) -> Subscriber | None:
         """Record ``conn`` as ``host_id``'s agent here; return the connection it replaces."""
@@ -285,6 +296,8 @@ class Hub:
         channel = message["channel"]
         data = message["data"]
         if channel == "fleet_status":
+            if self.fleet.repeats(data):
+                return 0  # same figures as the last ones sent (another process had them)
             self.fleet.seen(data)
         if data.get("final") and data.get("execution_id"):
             self.resolve(f"done:{data['execution_id']}", data)
@@ -378,6 +391,12 @@ def _close_user(hub: Hub, message: dict[str, Any]) -> None:
         conn.close_from_hub(int(message.get("code") or CloseCode.AUTH_FAILED), error)
 
 
+def _close_session(hub: Hub, message: dict[str, Any]) -> None:
+    error = auth_failed_envelope(message.get("reason") or "Logged out")
+    for conn in list(hub.by_session.get(str(message.get("session")), ())):
+        conn.close_from_hub(int(message.get("code") or CloseCode.AUTH_FAILED), error)
+
+
 def _close_agent(hub: Hub, message: dict[str, Any]) -> None:
     conn = hub.agents.get(str(message.get("host_id")))
     if conn is not None:
@@ -397,6 +416,7 @@ def _agent_took(hub: Hub, message: dict[str, Any]) -> None:
 
 _CONTROL_HANDLERS = {
     "close_user": _close_user,
+    "close_session": _close_session,
     "close_agent": _close_agent,
     "agent_dispatch": _agent_dispatch,
     "agent_took": _agent_took,
@@ -415,6 +435,12 @@ class FleetCoalescer:
     def seen(self, data: dict[str, Any]) -> None:
         """Remember fleet status published by any process, to skip repeating it."""
         self.last_sent = data
+
+    def repeats(self, data: dict[str, Any]) -> bool:
+        """Whether ``data`` has the same figures as the last fleet status delivered."""
+        last = self.last_sent
+        return last is not None and all(
+            last.get(k) == v for k, v in data.items() if k != "last_updated")
 
     def request(self) -> None:
         """Note that fleet figures may have changed; recompute them soon (on the loop)."""

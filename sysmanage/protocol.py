@@ -61,16 +61,18 @@ class ErrorCode(StrEnum):
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes the server uses."""
+    """WebSocket close codes the server uses.
 
-    GOING_AWAY = 1001
-    MESSAGE_TOO_BIG = 1009
-    TRY_AGAIN_LATER = 1013
+    Daphne lets an application close only with 1000 or 3000-4999, so the server's own
+    reasons are 4xxx codes, named after the nearest HTTP status where there is one.
+    """
+
     AUTH_FAILED = 4001
-    SESSION_REVOKED = 4003
     SLOW_CONSUMER = 4008
     REPLACED = 4009
+    MESSAGE_TOO_BIG = 4013
     RATE_LIMITED = 4029
+    TRY_AGAIN_LATER = 4503
 
 
 #: Largest ``id`` a client may attach; longer ones are refused, not echoed.
@@ -223,3 +225,12 @@ def parse_client_message(text: str) -> ClientMessage:
             id_=id_, requested_channel=channel,
         )
     return ClientMessage(type=type_, channel=channel, data=data, filters=filters, id=id_)
+
+
+def request_id_of(text: str) -> str | int | None:
+    """The ``id`` of a frame if it is a JSON object with a usable one (else None)."""
+    try:
+        raw = json.loads(text)
+        return _extract_id(raw) if isinstance(raw, dict) else None
+    except (ValueError, RecursionError, ProtocolError):
+        return None

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.signals import user_logged_out
 from django.db.models.signals import post_save, pre_delete
 from django.dispatch import receiver
 
-from sysmanage.services import user_sessions_revoke
+from sysmanage.services import session_sockets_close, user_sessions_revoke
 
 
 @receiver(post_save, sender=get_user_model())
@@ -26,3 +27,11 @@ def close_sockets_of_deactivated_user(sender: Any, instance: Any, **kwargs: Any)
 def close_sockets_of_deleted_user(sender: Any, instance: Any, **kwargs: Any) -> None:
     """Called before a user is deleted: its open sockets are closed."""
     user_sessions_revoke(user_id=str(instance.pk), reason="User account was deleted")
+
+
+@receiver(user_logged_out)
+def close_sockets_of_ended_session(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """Called on session logout: the sockets that session opened are closed too."""
+    session = getattr(request, "session", None)
+    if session is not None and session.session_key:
+        session_sockets_close(session_key=session.session_key, reason="Logged out")

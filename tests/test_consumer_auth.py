@@ -149,5 +149,5 @@ async def test_unreachable_channel_layer_is_reported(make_user, token_for, monke
     comm = await open_socket("/ws", token=token_for(user))
     error = await comm.receive_json_from(timeout=3)
     assert error["data"]["code"] == "SERVICE_UNAVAILABLE"
-    assert await expect_close(comm) == 1013
+    assert await expect_close(comm) == 4503
     assert Hub.current() is None  # the next connection tries again

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -237,12 +238,12 @@ async def test_binary_frames_are_refused(viewer_socket):
     assert error["data"]["code"] == "INVALID_MESSAGE"
 
 
-async def test_oversized_message_closes_with_1009(viewer_socket, settings):
+async def test_oversized_message_closes_with_4013(viewer_socket, settings):
     settings.WS_MAX_MESSAGE_BYTES = 1024
     await viewer_socket.send_to(text_data='{"type":"ping","pad":"' + "x" * 2000 + '"}')
     error = await viewer_socket.receive_json_from(timeout=3)
     assert error["data"]["code"] == "MESSAGE_TOO_LARGE"
-    assert await expect_close(viewer_socket) == 1009
+    assert await expect_close(viewer_socket) == 4013
 
 
 async def test_flood_is_rate_limited_then_closed(make_user, token_for, settings):
@@ -256,14 +257,14 @@ async def test_flood_is_rate_limited_then_closed(make_user, token_for, settings)
     assert limited["data"]["code"] == "RATE_LIMITED"
     assert limited["id"] == "over"
     assert limited["data"]["retry_after"] > 0
-    for i in range(105):
-        await comm.send_json_to({"type": "ping", "id": i})
+    for i in range(105):  # malformed frames count against the rate too
+        await comm.send_to(text_data="not json" if i % 2 else json.dumps({"type": "ping",
+                                                                         "id": i}))
     codes = []
     while True:
         output = await comm.receive_output(timeout=3)
         if output["type"] == "websocket.close":
             break
-        import json
         codes.append(json.loads(output["text"])["data"]["code"])
     assert output["code"] == 4029
     assert set(codes) == {"RATE_LIMITED"}

@@ -19,6 +19,7 @@ class Recorder:
 
     def __init__(self, user_id="u"):
         self.user_id = user_id
+        self.session_tag = None
         self.frames: list[Frame] = []
         self.closed: list[tuple[int, dict]] = []
 
@@ -164,3 +165,34 @@ async def test_direct_mode_skips_sockets_that_are_not_open(state):
                         on_overflow=lambda: None)
     outbound.deliver(Frame("{}"))
     assert protocol.sent == []
+
+
+async def test_close_session_reaches_only_that_sessions_sockets():
+    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    mine, other = Recorder("a"), Recorder("a")
+    mine.session_tag, other.session_tag = "s1", None
+    hub.register(mine)
+    hub.register(other)
+    hub.handle({"type": "hub.control", "action": "close_session", "session": "s1",
+                "reason": "Logged out", "code": 4001})
+    assert [code for code, _ in mine.closed] == [4001]
+    assert other.closed == []
+    hub.unregister(mine)
+    assert hub.by_session == {}
+
+
+async def test_repeated_fleet_figures_are_not_delivered_twice():
+    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    conn = Recorder()
+    hub.subscribe(conn, "fleet_status", {})
+    figures = {"total_hosts": 2, "online_hosts": 1, "offline_hosts": 1, "hosts_with_alerts": 0,
+               "pending_operations": 0}
+
+    def fleet(last_updated, **changes):
+        return {"type": "hub.event", "event": "fleet.status_updated", "channel": "fleet_status",
+                "timestamp": last_updated,
+                "data": {**figures, **changes, "last_updated": last_updated}}
+
+    assert hub.dispatch(fleet("t1")) == 1
+    assert hub.dispatch(fleet("t2")) == 0  # same figures from another process
+    assert hub.dispatch(fleet("t3", online_hosts=2, offline_hosts=0)) == 1
