@@ -1,0 +1,494 @@
+/**
+ * Browser client for the SysManage live WebSocket API (`/ws`); no dependencies, no build
+ * step. It matches replies to requests by `id`, renews subscriptions after reconnecting,
+ * queues requests while offline, reconnects with exponential backoff, checks the connection
+ * with ping/pong and replaces the access token before it expires. See docs/browser-client.md.
+ */
+
+/** Defaults of the {@link SysManageClient} options (times in milliseconds). */
+export const DEFAULTS = Object.freeze({
+  pingInterval: 25000, pongTimeout: 10000, connectTimeout: 15000, requestTimeout: 30000,
+  commandGrace: 40000, minDelay: 1000, maxDelay: 30000, stableAfter: 10000,
+  refreshBefore: 60000, queueLimit: 100, maxMessageBytes: 65536,
+});
+
+/** Close code the client uses when it gives up on a connection that does not answer. */
+const CLOSE_NO_ANSWER = 4000;
+
+/**
+ * What failed requests reject with. `code` is the server's `data.code` (`COMMAND_FAILED`,
+ * `INVALID_FILTERS`, `RATE_LIMITED`...) or a client code: `TIMEOUT`, `DISCONNECTED`,
+ * `QUEUE_FULL`, `MESSAGE_TOO_LARGE`, `CLOSED`, `UNAUTHENTICATED`, `REPLACED`.
+ * `data` is the server's `data` (e.g. `execution_id`, `retry_after`); `server` is true
+ * when the server sent the error.
+ */
+export class SysManageError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {{data?: object, channel?: string, server?: boolean}} [details]
+   */
+  constructor(code, message, { data = {}, channel = null, server = false } = {}) {
+    super(message);
+    Object.assign(this, { name: "SysManageError", code, data, channel, server });
+  }
+}
+
+/**
+ * The expiry of a JSON Web Token, from its `exp` claim (the signature is not checked).
+ * @param {string} token
+ * @returns {number|null} milliseconds since the epoch, or null
+ */
+export function decodeJwtExpiry(token) {
+  const part = typeof token === "string" ? token.split(".")[1] : undefined;
+  if (!part) return null;
+  try {
+    const base64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const payload = JSON.parse(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, "=")));
+    return typeof payload?.exp === "number" && Number.isFinite(payload.exp) ? payload.exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * `/ws` on the page's host: `wss:` for `https:` pages, `ws:` otherwise.
+ * @param {{protocol: string, host: string}} [loc] default `location`
+ * @returns {string}
+ */
+export function websocketUrl(loc = globalThis.location) {
+  if (!loc) throw new Error("SysManageClient: no `url` option and no `location` to derive it from");
+  return `${loc.protocol === "https:" ? "wss:" : "ws:"}//${loc.host}/ws`;
+}
+
+/**
+ * Reconnection delay, exponential with full jitter: uniform in [0, min(maxDelay, minDelay * 2^attempt)).
+ * @param {number} attempt 0 for the first retry
+ * @param {number} minDelay
+ * @param {number} maxDelay
+ * @param {() => number} [random]
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, minDelay, maxDelay, random = Math.random) {
+  return Math.floor(random() * Math.min(maxDelay, minDelay * 2 ** Math.min(attempt, 30)));
+}
+
+/**
+ * Whether a parsed server message has the envelope shape: an object with string `type` and
+ * `channel`, an object `data`, and an `id` (if any) that is a string or a number.
+ * @param {unknown} m
+ * @returns {boolean}
+ */
+export function isEnvelope(m) {
+  const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  return isObject(m) && typeof m.type === "string" && typeof m.channel === "string" &&
+    isObject(m.data) && (m.id == null || typeof m.id === "string" || typeof m.id === "number");
+}
+
+/**
+ * A connection to `/ws` that survives network trouble and token expiry. Its `state` is
+ * `closed` (not started, or stopped by `close()`), `connecting`, `open`, `offline`
+ * (waiting to retry) or `unauthenticated` (stopped: log in again, then `connect()`).
+ */
+export class SysManageClient {
+  /**
+   * @param {object} [options] all optional; times in ms; the numbers default to {@link DEFAULTS}:
+   *   `pingInterval`, `pongTimeout`, `connectTimeout`, `requestTimeout`, `commandGrace` (added
+   *   to a shell command's timeout), `minDelay`/`maxDelay` (backoff), `stableAfter` (resets
+   *   the backoff), `refreshBefore` (new token this long before expiry, or at 90% of the time
+   *   left), `queueLimit`, `maxMessageBytes`
+   * @param {string} [options.url] default: `/ws` on the page's host
+   * @param {() => Promise<string|null>} [options.getToken] an access token, or null to use the
+   *   page's Django session; called before every (re)connect and before the token expires
+   * @param {typeof WebSocket} [options.WebSocketImpl] default `globalThis.WebSocket`
+   * @param {Function} [options.setTimeout] with `clearTimeout`, `now`, `random`: for tests
+   */
+  constructor(options = {}) {
+    const o = (this.options = { ...DEFAULTS, ...options });
+    this.url = o.url || websocketUrl();
+    this.state = "closed";
+    this._WebSocket = o.WebSocketImpl || globalThis.WebSocket;
+    this._getToken = o.getToken || (async () => null);
+    this._setTimeout = o.setTimeout || ((fn, ms) => globalThis.setTimeout(fn, ms));
+    this._clearTimeout = o.clearTimeout || ((handle) => globalThis.clearTimeout(handle));
+    this._now = o.now || (() => Date.now());
+    this._random = o.random || Math.random;
+    this._conn = null; // the connection in use: {ws, token, openedAt, draining}
+    this._next = null; // a connection opening with a fresh token, to take over
+    this._draining = new Set(); // replaced connections that still owe replies
+    this._subs = new Map(); // channel -> {channel, filters, handler, ready}
+    this._pending = new Map(); // id -> {id, text, resolve, reject, timer, conn}
+    this._queue = []; // pending requests not sent yet
+    this._timers = {};
+    this._listeners = { state: new Set(), error: new Set() };
+    this._attempt = this._gen = this._seq = this._emptyTokens = 0;
+    this._skew = 0; // server clock minus local clock
+    this._needAuth = false;
+    this._idPrefix = Math.floor(Math.random() * 36 ** 4).toString(36) + "-";
+  }
+
+  /** Start connecting (only when `closed` or `unauthenticated`). @returns {this} */
+  connect() {
+    if (this.state === "closed" || this.state === "unauthenticated") {
+      this._attempt = this._emptyTokens = 0;
+      this._needAuth = false;
+      this._start();
+    }
+    return this;
+  }
+
+  /** While `offline`, retry now instead of waiting for the backoff delay. */
+  reconnectNow() { if (this.state === "offline") this._start(); }
+
+  /** Close the connection and stop reconnecting; pending requests reject with `CLOSED`. */
+  close() { this._stop("closed", new SysManageError("CLOSED", "The client was closed")); }
+
+  /**
+   * Call `cb(state, info)` on every state change. For `offline`, `info` has `retryIn` (ms),
+   * `retryAt` (epoch ms), `attempt`, and the `code`/`reason` of the close, if any.
+   * @returns {() => void} removes the listener
+   */
+  onStateChange(cb) { return this._listen("state", cb); }
+
+  /**
+   * Call `cb({code, message, channel, data})` for errors not tied to a pending request:
+   * server errors such as AUTH_FAILED or SLOW_CONSUMER, refused subscriptions, and
+   * client-side problems (TOKEN_UNAVAILABLE, CONNECT_FAILED, MALFORMED_MESSAGE).
+   * @returns {() => void} removes the listener
+   */
+  onError(cb) { return this._listen("error", cb); }
+
+  /**
+   * Send a message with a new `id` and wait for the `response` (or `pong`) with that id.
+   * Queued while not connected. Rejects with a {@link SysManageError} on an `error` with
+   * that id, on timeout, or when the connection that carried it is lost (`DISCONNECTED`).
+   * @param {{type: string, channel?: string, data?: object, filters?: object}} message
+   * @param {{timeout?: number}} [options] default `requestTimeout`
+   * @returns {Promise<object>} the whole response message
+   */
+  request(message, { timeout = this.options.requestTimeout } = {}) {
+    if (this.state === "closed" || this.state === "unauthenticated") {
+      return Promise.reject(new SysManageError(this.state.toUpperCase(), `The client is ${this.state}`));
+    }
+    const id = this._nextId();
+    const text = JSON.stringify({ ...message, id });
+    if (new TextEncoder().encode(text).length > this.options.maxMessageBytes) {
+      return Promise.reject(new SysManageError("MESSAGE_TOO_LARGE", "The message exceeds the server's size limit"));
+    }
+    return new Promise((resolve, reject) => {
+      const entry = { id, text, resolve, reject, conn: null };
+      entry.timer = this._setTimeout(
+        () => this._settle(id, new SysManageError("TIMEOUT", `No answer within ${timeout} ms`)), timeout);
+      this._pending.set(id, entry);
+      this._transmit(entry);
+    });
+  }
+
+  /**
+   * Send a command: `command_execution` {host_id, command, timeout},
+   * `package_operations` {host_id, operation, package}, `system_alerts` {action, alert_id}.
+   * A shell command waits for its own `timeout` (seconds, default 30) plus `commandGrace`.
+   * @param {string} channel
+   * @param {object} data
+   * @param {{timeout?: number}} [options]
+   * @returns {Promise<object>} the `data` of the response
+   */
+  async command(channel, data, { timeout } = {}) {
+    timeout ??= channel === "command_execution"
+      ? (Number(data?.timeout) || 30) * 1000 + this.options.commandGrace : this.options.requestTimeout;
+    return (await this.request({ type: "command", channel, data }, { timeout })).data;
+  }
+
+  /**
+   * Subscribe to a channel, now and again after every reconnect, with the same filters.
+   * `handler(data, message)` gets each `event` and `status` snapshot of the channel;
+   * `message.type` tells which. Subscribing again to a channel replaces its filters and
+   * handler. A subscription the server refuses is dropped and reported to `onError`.
+   * @param {string} channel
+   * @param {object|null} [filters]
+   * @param {(data: object, message: object) => void} handler
+   * @returns {(() => Promise<void>) & {ready: Promise<object>}} call it to unsubscribe;
+   *   `.ready` resolves with the first `response` (the filters in force) or rejects if refused
+   */
+  subscribe(channel, filters, handler) {
+    if (typeof filters === "function") [handler, filters] = [filters, null];
+    const sub = { channel, filters: filters || null, handler };
+    sub.ready = new Promise((resolve, reject) => Object.assign(sub, { resolve, reject }));
+    sub.ready.catch(() => {}); // awaiting it is optional
+    this._subs.get(channel)?.reject(new SysManageError("REPLACED", `Subscription to ${channel} replaced`));
+    this._subs.set(channel, sub);
+    if (this.state === "open") this._sendSubscribe(sub);
+    const unsubscribe = () => this._unsubscribe(sub);
+    unsubscribe.ready = sub.ready;
+    return unsubscribe;
+  }
+
+  // -- connecting ------------------------------------------------------------------------
+
+  async _start() {
+    const gen = ++this._gen;
+    this._clear("retry");
+    this._setState("connecting");
+    let token;
+    try {
+      token = (await this._getToken()) || null;
+    } catch (err) {
+      if (gen !== this._gen) return;
+      this._report("TOKEN_UNAVAILABLE", `Could not get an access token: ${err?.message ?? err}`);
+      return this._scheduleRetry();
+    }
+    if (gen !== this._gen) return;
+    if (this._needAuth) { // the last connection was refused for its credentials
+      this._emptyTokens = token ? 0 : this._emptyTokens + 1;
+      if (this._emptyTokens >= 2) return this._stop("unauthenticated", new SysManageError("UNAUTHENTICATED", "Not logged in"));
+    }
+    const conn = (this._conn = this._open(token));
+    if (!conn) return this._scheduleRetry();
+    this._timer("watchdog", this.options.connectTimeout, () => this._lost(conn, "Connection timed out"));
+  }
+
+  _open(token) {
+    const conn = { ws: null, token, openedAt: 0, draining: false };
+    try { // the token travels as a subprotocol, never in the URL
+      conn.ws = new this._WebSocket(this.url, token ? ["bearer", token] : undefined);
+    } catch (err) {
+      this._report("CONNECT_FAILED", `Cannot open a WebSocket: ${err?.message ?? err}`);
+      return null;
+    }
+    conn.ws.onopen = () => this._onOpen(conn);
+    conn.ws.onmessage = (event) => this._onMessage(conn, event.data);
+    conn.ws.onclose = (event) => this._onClose(conn, event.code, event.reason);
+    conn.ws.onerror = () => {}; // a close event follows
+    return conn;
+  }
+
+  _onOpen(conn) {
+    if (conn === this._next) { // a fresh token: take over, let the old connection drain
+      const old = this._conn;
+      [this._conn, this._next] = [conn, null];
+      if (old) this._retire(old);
+    } else if (conn !== this._conn) return;
+    conn.openedAt = this._now();
+    this._clear("watchdog");
+    this._setState("open");
+    this._schedulePing();
+    this._scheduleRefresh(conn.token);
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    for (const entry of this._queue.splice(0)) this._transmit(entry);
+  }
+
+  _onClose(conn, code, reason) {
+    this._detach(conn);
+    if (conn.draining) return void this._draining.delete(conn);
+    if (conn === this._next) { // the replacement failed; try again later
+      this._next = null;
+      return void (this._conn && this._scheduleRefresh(this._conn.token));
+    }
+    if (conn !== this._conn) return;
+    if (this._next) this._detach(this._next);
+    this._conn = this._next = null;
+    ["watchdog", "ping", "refresh"].forEach((name) => this._clear(name));
+    if (conn.openedAt && this._now() - conn.openedAt >= this.options.stableAfter) this._attempt = 0;
+    if (code === 4029) this._attempt = Math.max(this._attempt, 3); // rate limited: slow down
+    this._needAuth = code === 4001 || code === 4003;
+    this._scheduleRetry({ code, reason });
+  }
+
+  /** Give up on a connection that does not answer, and reconnect. */
+  _lost(conn, reason) {
+    this._detach(conn, CLOSE_NO_ANSWER, reason);
+    this._onClose(conn, CLOSE_NO_ANSWER, reason);
+  }
+
+  /** Stop listening to a connection, close it, and fail the requests sent on it. */
+  _detach(conn, code = 1000, reason = "") {
+    const ws = conn.ws;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try { ws.close(code, reason); } catch { /* closed already */ }
+    for (const entry of [...this._pending.values()]) {
+      if (entry.conn === conn) this._settle(entry.id, new SysManageError("DISCONNECTED", "The connection was lost before the reply"));
+    }
+  }
+
+  _scheduleRetry(info = {}) {
+    const delay = backoffDelay(this._attempt++, this.options.minDelay, this.options.maxDelay, this._random);
+    this._timer("retry", delay, () => this._start());
+    this._setState("offline", { ...info, retryIn: delay, retryAt: this._now() + delay, attempt: this._attempt });
+  }
+
+  _stop(state, err) {
+    this._gen++; // cancels a getToken() in progress
+    Object.keys(this._timers).forEach((name) => this._clear(name));
+    const conns = [this._conn, this._next, ...this._draining].filter(Boolean);
+    this._conn = this._next = null;
+    this._draining.clear();
+    this._queue = [];
+    for (const id of [...this._pending.keys()]) this._settle(id, err);
+    conns.forEach((conn) => this._detach(conn));
+    this._setState(state);
+  }
+
+  // -- token refresh ---------------------------------------------------------------------
+
+  _scheduleRefresh(token) {
+    const expiry = decodeJwtExpiry(token);
+    if (expiry == null) return;
+    const remaining = expiry - (this._now() + this._skew);
+    const delay = remaining - Math.min(this.options.refreshBefore, remaining / 10);
+    if (delay >= 1000) this._timer("refresh", delay, () => this._refresh());
+  }
+
+  /** Open a second connection with a fresh token; it takes over once open. */
+  async _refresh() {
+    const [conn, gen] = [this._conn, this._gen];
+    let token = null;
+    try {
+      token = await this._getToken();
+    } catch (err) {
+      this._report("TOKEN_UNAVAILABLE", `Could not refresh the access token: ${err?.message ?? err}`);
+    }
+    if (gen !== this._gen || conn !== this._conn || this._next) return;
+    if (!token || token === conn.token) return this._scheduleRefresh(conn.token); // try again later
+    this._next = this._open(token);
+  }
+
+  _retire(conn) {
+    conn.draining = true;
+    this._draining.add(conn);
+    this._closeIfDrained(conn);
+  }
+
+  _closeIfDrained(conn) {
+    for (const entry of this._pending.values()) if (entry.conn === conn) return;
+    this._draining.delete(conn);
+    this._detach(conn, 1000, "Replaced");
+  }
+
+  // -- messages --------------------------------------------------------------------------
+
+  _onMessage(conn, raw) {
+    let msg = null;
+    try { msg = typeof raw === "string" ? JSON.parse(raw) : null; } catch { /* reported below */ }
+    if (!isEnvelope(msg)) return this._report("MALFORMED_MESSAGE", "Ignored a malformed message from the server");
+    const entry = msg.id != null ? this._pending.get(msg.id) : undefined;
+    const reply = entry?.conn === conn && ["response", "pong", "error"].includes(msg.type);
+    if (conn.draining) return void (reply && this._answer(entry, msg)); // only what it owes
+    if (conn !== this._conn) return;
+    this._clear("watchdog"); // the connection is alive
+    if (msg.type !== "error") { // the server accepted our credentials
+      this._needAuth = false;
+      this._emptyTokens = 0;
+    }
+    if (msg.type === "pong" || msg.type === "response") {
+      const serverTime = Date.parse(msg.timestamp);
+      if (!Number.isNaN(serverTime)) this._skew = serverTime - this._now();
+    }
+    if (reply) return this._answer(entry, msg);
+    if (msg.type === "error") return this._emit("error", errorInfo(msg));
+    if (msg.type === "event" || msg.type === "status") {
+      const sub = this._subs.get(msg.channel);
+      if (sub) this._call(sub.handler, msg.data, msg);
+    }
+  }
+
+  _answer(entry, msg) {
+    if (msg.type !== "error") return this._settle(entry.id, null, msg);
+    const { code, message } = errorInfo(msg);
+    this._settle(entry.id, new SysManageError(code, message, { data: msg.data, channel: msg.channel, server: true }));
+  }
+
+  _transmit(entry) {
+    if (this.state === "open" && this._conn) {
+      entry.conn = this._conn;
+      return this._conn.ws.send(entry.text);
+    }
+    this._queue.push(entry);
+    if (this._queue.length > this.options.queueLimit) {
+      this._settle(this._queue[0].id, new SysManageError("QUEUE_FULL", "Dropped: too many requests waiting for a connection"));
+    }
+  }
+
+  _settle(id, err, value) {
+    const entry = this._pending.get(id);
+    if (!entry) return;
+    this._pending.delete(id);
+    this._clearTimeout(entry.timer);
+    const queued = this._queue.indexOf(entry);
+    if (queued >= 0) this._queue.splice(queued, 1);
+    if (err) entry.reject(err);
+    else entry.resolve(value);
+    if (entry.conn?.draining && this._draining.has(entry.conn)) this._closeIfDrained(entry.conn);
+  }
+
+  _sendSubscribe(sub) {
+    const message = { type: "subscribe", channel: sub.channel };
+    if (sub.filters) message.filters = sub.filters;
+    this.request(message).then(sub.resolve, (err) => this._subscribeFailed(sub, err));
+  }
+
+  _subscribeFailed(sub, err) {
+    if (this._subs.get(sub.channel) !== sub || !err.server) return; // renewed after reconnecting
+    if (err.code === "RATE_LIMITED") {
+      const retry = () => this._subs.get(sub.channel) === sub && this.state === "open" && this._sendSubscribe(sub);
+      return void this._setTimeout(retry, Math.max(100, 1000 * (Number(err.data.retry_after) || 1)));
+    }
+    this._subs.delete(sub.channel);
+    sub.reject(err);
+    this._emit("error", { code: err.code, message: err.message, channel: sub.channel, data: err.data });
+  }
+
+  _unsubscribe(sub) {
+    if (this._subs.get(sub.channel) !== sub) return Promise.resolve();
+    this._subs.delete(sub.channel);
+    if (this.state !== "open") return Promise.resolve();
+    return this.request({ type: "unsubscribe", channel: sub.channel }).then(() => {}, () => {});
+  }
+
+  _schedulePing() {
+    this._timer("ping", this.options.pingInterval, () => {
+      const conn = this._conn;
+      if (this.state !== "open" || !conn) return;
+      conn.ws.send(JSON.stringify({ type: "ping", id: this._nextId() }));
+      if (!("watchdog" in this._timers)) {
+        this._timer("watchdog", this.options.pongTimeout, () => this._lost(conn, "No pong from the server"));
+      }
+      this._schedulePing();
+    });
+  }
+
+  // -- small helpers ---------------------------------------------------------------------
+
+  _nextId() { return this._idPrefix + (++this._seq).toString(36); }
+
+  _timer(name, ms, fn) {
+    this._clear(name);
+    this._timers[name] = this._setTimeout(() => { delete this._timers[name]; fn(); }, ms);
+  }
+
+  _clear(name) {
+    if (name in this._timers) this._clearTimeout(this._timers[name]);
+    delete this._timers[name];
+  }
+
+  _setState(state, info = {}) {
+    if (state === this.state && state !== "offline") return;
+    this.state = state;
+    this._emit("state", state, info);
+  }
+
+  _listen(kind, cb) { this._listeners[kind].add(cb); return () => this._listeners[kind].delete(cb); }
+
+  _emit(kind, ...args) { for (const cb of [...this._listeners[kind]]) this._call(cb, ...args); }
+
+  _report(code, message) { this._emit("error", { code, message, channel: null, data: {} }); }
+
+  _call(fn, ...args) {
+    try { fn(...args); } catch (err) { console.error("sysmanage-client: a callback threw", err); }
+  }
+}
+
+function errorInfo(msg) {
+  const code = typeof msg.data.code === "string" ? msg.data.code : "ERROR";
+  const message = typeof msg.data.message === "string" ? msg.data.message : code;
+  return { code, message, channel: msg.channel, data: msg.data };
+}
