@@ -1,0 +1,1 @@
+"""Package operations: detecting the package manager and installing, removing, updating."""

@@ -1,0 +1,185 @@
+"""One connection to the server: hello, welcome, then messages until it closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from agent import __version__
+from agent.facts import collect_facts
+from agent.metrics import collect_metrics
+from agent.protocol import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_GOING_AWAY,
+    HEARTBEAT,
+    HELLO,
+    MAX_FRAME_BYTES,
+    METRICS,
+    WELCOME,
+    dumps,
+    envelope,
+)
+
+if TYPE_CHECKING:
+    from agent.service import Agent
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for ``welcome`` after ``hello``.
+WELCOME_TIMEOUT = 30.0
+OPEN_TIMEOUT = 20.0
+#: Seconds between retries of results that stay unacknowledged on a live connection.
+RETRY_UNACKED_EVERY = 300.0
+#: A metrics reading that takes longer than this (hung mount) is skipped.
+METRICS_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """How a connection attempt ended."""
+
+    close_code: int | None
+    reason: str
+    uptime: float = 0.0
+    welcomed: bool = False
+    #: The HTTP status of a refused handshake, if that is how it ended.
+    http_status: int | None = None
+
+    @property
+    def auth_failed(self) -> bool:
+        """Whether the server rejected the token (close 4001, or HTTP 401/403)."""
+        return self.close_code == CLOSE_AUTH_FAILED or self.http_status in (401, 403)
+
+
+class Link:
+    """A welcomed connection that the rest of the agent sends through."""
+
+    def __init__(self, websocket: ClientConnection) -> None:
+        """Wrap an open connection."""
+        self._websocket = websocket
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send ``message``; return False if the connection is already closed."""
+        try:
+            await self._websocket.send(dumps(message))
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def close(self, reason: str = "agent shutting down") -> None:
+        """Close the connection with 1001 (going away)."""
+        await self._websocket.close(CLOSE_GOING_AWAY, reason)
+
+
+async def connect_once(agent: Agent) -> SessionEnd:
+    """Connect, run the session until the connection ends, and say how it ended."""
+    url = agent.config.websocket_url
+    headers = {"Authorization": f"Bearer {agent.config.token}"}
+    log.info("Connecting to %s", url)
+    try:
+        async with connect(url, additional_headers=headers, max_size=MAX_FRAME_BYTES,
+                           open_timeout=OPEN_TIMEOUT, close_timeout=5,
+                           user_agent_header=f"sysmanage-agent/{__version__}") as websocket:
+            return await _serve(agent, websocket, time.monotonic())
+    except ConnectionClosed as exc:
+        return _closed(exc)
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        log.warning("The server refused the connection with HTTP %d", status)
+        return SessionEnd(None, f"HTTP {status}", http_status=status)
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("Cannot connect to %s: %s", url, reason)
+        return SessionEnd(None, reason)
+
+
+async def _serve(agent: Agent, websocket: ClientConnection, opened: float) -> SessionEnd:
+    """Say hello, wait for welcome, then handle messages while sending reports."""
+    facts = await asyncio.to_thread(collect_facts, agent.config.hostname, agent.capabilities)
+    await websocket.send(dumps(envelope(HELLO, facts)))
+    end = await _await_welcome(agent, websocket)
+    if end is not None:
+        return end
+    log.info("Connected to the server as %s", facts["hostname"])
+    link = Link(websocket)
+    agent.attach(link)
+    reports = [asyncio.create_task(_heartbeats(agent, link)),
+               asyncio.create_task(_metrics(agent, link)),
+               asyncio.create_task(_resend_results(agent, link))]
+    try:
+        end = await _receive(agent, websocket)
+    finally:
+        agent.detach(link)
+        for task in reports:
+            task.cancel()
+        await asyncio.gather(*reports, return_exceptions=True)
+    return SessionEnd(end.close_code, end.reason, time.monotonic() - opened, welcomed=True)
+
+
+async def _await_welcome(agent: Agent, websocket: ClientConnection) -> SessionEnd | None:
+    """Handle messages until ``welcome``; return how the connection ended if it did first."""
+    try:
+        async with asyncio.timeout(WELCOME_TIMEOUT):
+            while True:
+                message = await agent.handle(await websocket.recv())
+                if message is not None and message["type"] == WELCOME:
+                    return None
+    except ConnectionClosed as exc:
+        return _closed(exc)
+    except TimeoutError:
+        log.warning("The server sent no welcome within %gs", WELCOME_TIMEOUT)
+        await websocket.close(CLOSE_GOING_AWAY, "no welcome")
+        return SessionEnd(None, "no welcome")
+
+
+async def _receive(agent: Agent, websocket: ClientConnection) -> SessionEnd:
+    """Handle server messages until the connection closes."""
+    try:
+        while True:
+            await agent.handle(await websocket.recv())
+    except ConnectionClosed as exc:
+        return _closed(exc)
+
+
+def _closed(exc: ConnectionClosed) -> SessionEnd:
+    """The end of a connection that closed, with the server's close code if it sent one."""
+    if exc.rcvd is None:
+        return SessionEnd(None, "connection lost")
+    return SessionEnd(exc.rcvd.code, exc.rcvd.reason)
+
+
+async def _resend_results(agent: Agent, link: Link) -> None:
+    """Send all unacknowledged results now, then retry old ones now and then.
+
+    A result the server could not store (it answered with an error instead of an ack) is
+    thus retried on a live connection too, not only after the next reconnect.
+    """
+    await agent.resend_pending(link)
+    while True:
+        await asyncio.sleep(RETRY_UNACKED_EVERY)
+        await agent.resend_pending(link, older_than=RETRY_UNACKED_EVERY)
+
+
+async def _heartbeats(agent: Agent, link: Link) -> None:
+    """Send a heartbeat every ``heartbeat_interval`` seconds."""
+    while True:
+        await asyncio.sleep(agent.intervals.heartbeat)
+        await link.send(envelope(HEARTBEAT, {}))
+
+
+async def _metrics(agent: Agent, link: Link) -> None:
+    """Send metrics now and then every ``metrics_interval`` seconds."""
+    while True:
+        try:
+            data = await asyncio.wait_for(asyncio.to_thread(collect_metrics), METRICS_TIMEOUT)
+        except Exception as exc:
+            log.warning("Cannot collect metrics: %s", exc)
+        else:
+            await link.send(envelope(METRICS, data))
+        await asyncio.sleep(agent.intervals.metrics)
