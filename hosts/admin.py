@@ -10,6 +10,9 @@ from hosts import services
 from hosts.models import CommandExecution, Host, PackageOperation
 from sysmanage.audit import request_actor
 
+# The admin's "View site" link leads to the dashboards.
+admin.site.site_url = "/"
+
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     """A record the server writes and people only read."""

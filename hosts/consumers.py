@@ -40,9 +40,6 @@ from sysmanage.transport import Outbound
 
 logger = logging.getLogger(__name__)
 
-#: How often a connected agent's pending work is re-checked, in case a nudge was lost.
-PENDING_POLL_SECONDS = 10.0
-
 
 class AgentConsumer(AsyncWebsocketConsumer):
     """The connection of one host's agent."""
@@ -72,6 +69,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
                 "Missing agent token" if not token else "Invalid or revoked agent token"))
             return
         self.host_id, self.hostname = str(host.id), host.hostname
+        self.token_hash = host.token_hash
         self.session = uuid.uuid4().hex
         self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
                                   settings.AGENT_RATE_LIMIT_BURST)
@@ -277,9 +275,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
         return True
 
     async def _poll_pending(self) -> None:
+        """Re-check the token and queued work now and then.
+
+        Revocations normally arrive at once through the hub; this also catches them
+        when they were made by a process that shares no channel layer with this one.
+        """
         while True:
-            await asyncio.sleep(PENDING_POLL_SECONDS)
-            if self.ready and not self.closing:
+            await asyncio.sleep(settings.AGENT_RECHECK_SECONDS)
+            if self.closing:
+                return
+            if not await database_sync_to_async(selectors.token_still_valid)(
+                    self.host_id or "", self.token_hash):
+                self.close_from_hub(CloseCode.AUTH_FAILED, auth_failed_envelope(
+                    "Agent token was revoked or rotated"))
+                return
+            if self.ready:
                 await self.dispatch_pending()
 
     async def _seen(self) -> None:

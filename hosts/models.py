@@ -5,6 +5,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.urls import reverse
 
 
 class HostStatus(models.TextChoices):
@@ -49,6 +50,10 @@ class Host(models.Model):
 
     def __str__(self) -> str:
         return self.hostname
+
+    def get_absolute_url(self) -> str:
+        """The host's dashboard page."""
+        return reverse("dashboard-host", args=[self.pk])
 
     @property
     def has_token(self) -> bool:

@@ -175,7 +175,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/"
 # Failed logins within the window that lock an account (or, with the larger threshold,
 # an address) for LOGIN_LOCKOUT_SECONDS after the last failure.
 LOGIN_LOCKOUT_THRESHOLD = env_int("LOGIN_LOCKOUT_THRESHOLD", 5)
@@ -234,6 +235,9 @@ AGENT_RATE_LIMIT_PER_SECOND = env_int("AGENT_RATE_LIMIT_PER_SECOND", 50)
 AGENT_RATE_LIMIT_BURST = env_int("AGENT_RATE_LIMIT_BURST", 200)
 # How long a requester waits for the agent's server process to confirm it took a command.
 AGENT_DISPATCH_CONFIRM_SECONDS = float(env("AGENT_DISPATCH_CONFIRM_SECONDS", "5") or "5")
+# How often each agent connection re-checks its token and its queued work (a safety net
+# for revocations and nudges that did not arrive through the channel layer).
+AGENT_RECHECK_SECONDS = float(env("AGENT_RECHECK_SECONDS", "10") or "10")
 # Extra time past a command's own timeout before the server gives up on its result.
 COMMAND_RESULT_GRACE_SECONDS = env_int("COMMAND_RESULT_GRACE_SECONDS", 30)
 # A package operation with no word from its agent this long is failed.

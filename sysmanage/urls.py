@@ -1,5 +1,6 @@
-"""HTTP routes: the admin, the REST API and its schema."""
+"""HTTP routes: the dashboard pages, the admin, the REST API and its schema."""
 from django.contrib import admin
+from django.contrib.auth.views import LogoutView
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
@@ -7,8 +8,11 @@ from rest_framework.routers import DefaultRouter
 from rest_framework_simplejwt.views import TokenRefreshView
 
 from activity.api import LoginTokenView, LogoutTokenView, UserActivityViewSet
+from activity.views import ActivityView, DashboardLoginView, OverviewView
 from alerts.api import AlertViewSet
+from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
+from hosts.views import HostDetailView, HostListView
 
 router = DefaultRouter()
 router.register("hosts", HostViewSet, basename="host")
@@ -24,6 +28,13 @@ def health(request: HttpRequest) -> HttpResponse:
 
 
 urlpatterns = [
+    path("", OverviewView.as_view(), name="dashboard-overview"),
+    path("hosts/", HostListView.as_view(), name="dashboard-hosts"),
+    path("hosts/<uuid:host_id>/", HostDetailView.as_view(), name="dashboard-host"),
+    path("alerts/", AlertListView.as_view(), name="dashboard-alerts"),
+    path("activity/", ActivityView.as_view(), name="dashboard-activity"),
+    path("login/", DashboardLoginView.as_view(), name="login"),
+    path("logout/", LogoutView.as_view(next_page="login"), name="logout"),
     path("admin/", admin.site.urls),
     path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
     path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),

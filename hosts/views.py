@@ -1,0 +1,100 @@
+"""
+Pages of the hosts app: the hosts table and one host's page.
+
+Also home of :class:`DashboardMixin`, which every dashboard page uses; the alerts and
+activity pages import it from here (higher apps may import lower ones).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponseBase
+from django.shortcuts import get_object_or_404
+from django.views.generic import TemplateView
+
+from hosts import selectors
+from hosts.models import Host
+from sysmanage import permissions
+from sysmanage.protocol import iso
+
+
+class DashboardMixin(LoginRequiredMixin):
+    """A dashboard page: login required, optionally a permission, and the navigation.
+
+    ``required_permission`` is one of the :mod:`sysmanage.permissions` predicates; a
+    logged-in user who fails it gets 403 (anonymous visitors go to the login page).
+    """
+
+    nav_section = ""
+    required_permission: Callable[[Any], bool] | None = None
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        """Refuse logged-in users without the page's permission; the rest as usual."""
+        check = type(self).required_permission
+        if request.user.is_authenticated and check is not None and not check(request.user):
+            raise PermissionDenied("You do not have permission to see this page.")
+        return super().dispatch(request, *args, **kwargs)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """Add what the navigation shows to this user."""
+        context: dict[str, Any] = super().get_context_data(**kwargs)  # type: ignore[misc]
+        user = self.request.user  # type: ignore[attr-defined]
+        context.update(
+            nav_section=self.nav_section,
+            can_view_activity=permissions.can_view_activity(user),
+            can_use_admin=admin.site.has_permission(self.request),  # type: ignore[attr-defined]
+        )
+        return context
+
+
+class HostListView(DashboardMixin, TemplateView):
+    """``/hosts/``: every host (or those matching ``?q=``), with live status."""
+
+    template_name = "hosts/host_list.html"
+    nav_section = "hosts"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """The hosts matching the search, and whether there are any hosts at all."""
+        query = self.request.GET.get("q", "").strip()[:255]
+        hosts = list(selectors.host_list(search=query or None))
+        total = len(hosts) if not query else selectors.host_counts()["total_hosts"]
+        return {**super().get_context_data(**kwargs), "query": query, "hosts": hosts,
+                "total_hosts": total}
+
+
+class HostDetailView(DashboardMixin, TemplateView):
+    """``/hosts/<uuid>/``: a host's facts, live charts, console, packages and alerts."""
+
+    template_name = "hosts/host_detail.html"
+    nav_section = "hosts"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """The host, what this user may do to it, and the data its page script needs."""
+        host = get_object_or_404(selectors.host_list(), pk=kwargs["host_id"])
+        user = self.request.user
+        can_run = permissions.can_run_commands(user)
+        can_manage = permissions.can_manage_alerts(user)
+        return {**super().get_context_data(**kwargs), "host": host,
+                "can_run_commands": can_run, "can_manage_alerts": can_manage,
+                "page_data": host_page_data(host, can_run_commands=can_run,
+                                            can_manage_alerts=can_manage)}
+
+
+def host_page_data(host: Host, *, can_run_commands: bool,
+                   can_manage_alerts: bool) -> dict[str, Any]:
+    """What the host page's script starts from (rendered with ``json_script``)."""
+    return {
+        "hostId": str(host.id),
+        "hostname": host.hostname,
+        "status": host.status,
+        "lastSeen": iso(host.last_seen),
+        "cpuCount": host.cpu_count,
+        "canRunCommands": can_run_commands,
+        "canManageAlerts": can_manage_alerts,
+        "offlineAfterSeconds": settings.HOST_OFFLINE_AFTER_SECONDS,
+    }
