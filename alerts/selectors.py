@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from alerts.models import Alert
+from alerts.models import Alert, Severity
 from hosts import selectors as host_selectors
 from sysmanage.protocol import iso
 
@@ -36,3 +36,12 @@ def fleet_stats(filters: dict[str, Any] | None = None) -> dict[str, Any]:
         "pending_operations": host_selectors.pending_operation_count(),
         "last_updated": iso(timezone.now()),
     }
+
+
+def alert_severity_counts() -> dict[str, int]:
+    """Active (open or acknowledged) alerts per severity; every severity is present."""
+    counts = dict(
+        Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES)
+        .values_list("severity").annotate(count=Count("id")).order_by()
+    )
+    return {severity: counts.get(severity, 0) for severity in Severity.values}

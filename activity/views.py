@@ -1,0 +1,113 @@
+"""
+Pages of the activity app, and the pages that span every app: the login page and the
+fleet overview. They live here because activity is the top of the app stack, the one
+app that may read hosts, alerts and activity alike.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.views import LoginView
+from django.views.generic import TemplateView
+
+from activity import selectors
+from activity.forms import LockoutAuthenticationForm
+from activity.models import UserActivity
+from alerts import selectors as alert_selectors
+from alerts.models import Severity
+from hosts.views import DashboardMixin
+from sysmanage import permissions
+
+OVERVIEW_ACTIVITY_ROWS = 20
+ACTIVITY_PAGE_ROWS = 100
+#: How many rows the live activity page keeps before dropping the oldest.
+ACTIVITY_PAGE_LIVE_ROWS = 500
+
+#: Words for the recorded actions; the page scripts get the same table.
+ACTION_LABELS = {
+    "login": "Logged in",
+    "logout": "Logged out",
+    "login_failed": "Login failed",
+    "login_locked": "Login refused (locked)",
+    "command_run": "Ran a command",
+    "package_operation_started": "Package operation",
+    "alert_acknowledged": "Acknowledged an alert",
+    "alert_resolved": "Resolved an alert",
+    "host_enrolled": "Enrolled a host",
+    "host_token_rotated": "Replaced a host token",
+    "host_token_revoked": "Revoked a host token",
+}
+#: Actions shown as warnings.
+WARNING_ACTIONS = ("login_failed", "login_locked")
+#: Identifiers in ``details`` that mean nothing to a reader.
+HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id")
+
+
+def details_text(details: dict[str, Any]) -> str:
+    """``details`` as one line, ``key: value · key: value``, without identifiers."""
+    return " · ".join(f"{key}: {value}" for key, value in details.items()
+                      if key not in HIDDEN_DETAILS and value not in (None, ""))
+
+
+def activity_row(record: UserActivity) -> dict[str, Any]:
+    """One activity record as the activity tables show it."""
+    return {
+        "timestamp": record.timestamp, "username": record.username, "action": record.action,
+        "label": ACTION_LABELS.get(record.action, record.action),
+        "warning": record.action in WARNING_ACTIONS, "ip_address": record.ip_address or "",
+        "user_agent": record.user_agent, "details": details_text(record.details),
+    }
+
+
+def activity_script_data(rows: int) -> dict[str, Any]:
+    """What the activity scripts need: the row limit and the action words."""
+    return {"activityRows": rows, "actionLabels": ACTION_LABELS,
+            "warningActions": list(WARNING_ACTIONS), "hiddenDetails": list(HIDDEN_DETAILS)}
+
+
+class DashboardLoginView(LoginView):
+    """``/login/``: Django's login view with the lockout-aware form."""
+
+    form_class = LockoutAuthenticationForm
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+    next_page = "dashboard-overview"
+
+
+class OverviewView(DashboardMixin, TemplateView):
+    """``/``: fleet figures, active alerts by severity and (for staff) recent activity."""
+
+    template_name = "activity/overview.html"
+    nav_section = "overview"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """Figures and counts as they are now; the page script keeps them current."""
+        can_view_activity = permissions.can_view_activity(self.request.user)
+        counts = alert_selectors.alert_severity_counts()
+        return {
+            **super().get_context_data(**kwargs),
+            "fleet": alert_selectors.fleet_stats(),
+            "alert_counts": [(value, label, counts[value])
+                             for value, label in reversed(Severity.choices)],
+            "active_alerts": sum(counts.values()),
+            "activities": ([activity_row(r) for r in
+                            selectors.activity_recent(limit=OVERVIEW_ACTIVITY_ROWS)]
+                           if can_view_activity else []),
+            "page_data": {"canViewActivity": can_view_activity,
+                          **activity_script_data(OVERVIEW_ACTIVITY_ROWS)},
+        }
+
+
+class ActivityView(DashboardMixin, TemplateView):
+    """``/activity/`` (staff only): the live user activity stream."""
+
+    template_name = "activity/activity_list.html"
+    nav_section = "activity"
+    required_permission = staticmethod(permissions.can_view_activity)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """The most recent records; the page script prepends new ones as they happen."""
+        records = selectors.activity_recent(limit=ACTIVITY_PAGE_ROWS)
+        return {**super().get_context_data(**kwargs),
+                "activities": [activity_row(r) for r in records],
+                "page_data": activity_script_data(ACTIVITY_PAGE_LIVE_ROWS)}

@@ -1,0 +1,16 @@
+/** `/activity/`: the live user activity stream (staff only). */
+import { followActivity } from "./activity-feed.js";
+import { pageData, showNotice, startLive } from "./live.js";
+
+const data = pageData();
+const client = startLive({
+  onReconnect: () => showNotice("Reconnected. Activity recorded while this page was offline is not shown here.",
+    { kind: "warn", key: "reconnected", action: { text: "Reload", run: () => location.reload() } }),
+});
+
+followActivity(client, {
+  tbody: document.getElementById("activity-rows"),
+  empty: document.getElementById("activity-empty"),
+  compact: false,
+  data,
+});

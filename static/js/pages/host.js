@@ -1,0 +1,260 @@
+/**
+ * `/hosts/<id>/`: one host, live. Status from `host_status`; charts from the per-minute
+ * history (`GET /api/hosts/<id>/metrics/`) then `host_metrics`; the host's active alerts
+ * (`GET /api/alerts/`, then `system_alerts`); a command console (`command` on
+ * `command_execution`) and package operations (`command` on `package_operations`, with
+ * progress from its events).
+ */
+import { AlertTable, alertFromApi } from "./alerts-ui.js";
+import { LineChart } from "./chart.js";
+import {
+  describeError, el, formatNumber, getJSON, pageData, showNotice, startLive, timeElement,
+} from "./live.js";
+
+const data = pageData();
+const hostId = data.hostId;
+const HISTORY_LIMIT = 10;
+
+const client = startLive({ onReconnect: () => loadAlerts() });
+
+// -- status -------------------------------------------------------------------------------
+
+const STATUS_WORDS = { online: "Online", offline: "Offline", unknown: "Unknown" };
+let lastSeenIso = data.lastSeen;
+
+client.subscribe("host_status", { host_id: hostId }, (change, message) => {
+  if (message.type === "status") {
+    const host = change.hosts.find((h) => h.host_id === hostId);
+    if (host) showStatus(host.status, host.last_seen);
+  } else {
+    showStatus(change.status, change.status === "online" ? change.timestamp : null);
+    const was = change.previous_status ? ` (was ${change.previous_status})` : "";
+    showNotice(`${data.hostname} is ${change.status}${was}.`, { kind: change.status === "online" ? "ok" : "warn", key: "host-status" });
+  }
+});
+
+function showStatus(status, iso) {
+  if (iso) lastSeenIso = iso;
+  document.getElementById("host-status").replaceChildren(
+    el("span", { className: `badge status-${status}` }, STATUS_WORDS[status] || status));
+  document.getElementById("host-last-seen").replaceChildren(status === "online"
+    ? el("span", { className: "seen-now", title: "The agent is connected and reporting" }, "now")
+    : timeElement(lastSeenIso, "never"));
+  document.querySelectorAll(".host-offline-hint").forEach((hint) => { hint.hidden = status === "online"; });
+}
+
+// -- charts -------------------------------------------------------------------------------
+
+const figure = (name) => document.querySelector(`[data-chart="${name}"]`);
+const charts = {
+  cpu: new LineChart(figure("cpu"), { label: "CPU usage" }),
+  memory: new LineChart(figure("memory"), { label: "Memory usage" }),
+  disk: new LineChart(figure("disk"), { label: "Disk usage per mount point" }),
+  load: new LineChart(figure("load"), {
+    label: "Load average", max: null, unit: "", digits: 2,
+    reference: data.cpuCount ? { value: data.cpuCount, label: `${data.cpuCount} CPUs` } : null,
+  }),
+};
+const LOAD_NAMES = ["1 min", "5 min", "15 min"];
+
+/** Add one set of metrics (a live report or a history minute) at `time` (epoch ms). */
+function plot(time, metrics) {
+  charts.cpu.add("cpu", time, metrics.cpu_usage, "CPU");
+  charts.memory.add("memory", time, metrics.memory_usage, "Memory");
+  for (const [mount, percent] of Object.entries(metrics.disk_usage || {})) charts.disk.add(mount, time, percent);
+  (metrics.load_average || []).forEach((value, i) => charts.load.add(LOAD_NAMES[i], time, value));
+}
+
+client.subscribe("host_metrics", { host_id: hostId }, ({ timestamp, metrics }) => {
+  plot(Date.parse(timestamp), metrics || {});
+});
+
+/** The last hour, one averaged point per minute (drawn mid-minute). */
+async function loadHistory() {
+  try {
+    const history = await getJSON(`/api/hosts/${hostId}/metrics/?minutes=60`);
+    for (const row of history.samples) plot(Date.parse(row.minute) + 30_000, row);
+  } catch (err) {
+    showNotice(`Could not load the metrics history: ${err.message}`, { kind: "error", key: "history" });
+  }
+}
+loadHistory();
+
+// -- alerts -------------------------------------------------------------------------------
+
+const alertTable = new AlertTable({
+  tbody: document.getElementById("alert-rows"),
+  empty: document.getElementById("alerts-empty"),
+  showHost: false,
+  canManage: data.canManageAlerts,
+  states: ["open", "acknowledged"],
+});
+if (data.canManageAlerts) alertTable.bindActions(client);
+const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }, (alert) => alertTable.apply(alert));
+
+/** Read the host's active alerts (again after a reconnect: events may have been missed). */
+async function loadAlerts() {
+  const empty = document.getElementById("alerts-empty");
+  try {
+    const page = await getJSON(`/api/alerts/?host=${hostId}&status=open,acknowledged&limit=200`);
+    alertTable.replaceAll(page.results.map(alertFromApi));
+    empty.textContent = "No open alerts for this host.";
+  } catch (err) {
+    empty.textContent = `Could not load the alerts: ${err.message}`;
+    empty.hidden = false;
+  }
+}
+alertsSubscription.ready.then(loadAlerts, loadAlerts); // subscribed first: no change falls in between
+
+// -- command console --------------------------------------------------------------------------
+
+const consoleForm = document.getElementById("console-form");
+const commandInput = document.getElementById("console-command");
+const timeoutInput = document.getElementById("console-timeout");
+const consoleHistory = document.getElementById("console-history");
+
+commandInput.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    consoleForm.requestSubmit();
+  }
+});
+
+consoleForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const command = commandInput.value.trim();
+  const timeout = Number(timeoutInput.value);
+  if (!command || !Number.isInteger(timeout) || timeout < 1 || timeout > 3600) {
+    consoleForm.reportValidity();
+    return;
+  }
+  const entry = commandEntry(command, timeout);
+  try {
+    showResult(entry, await client.command("command_execution", { host_id: hostId, command, timeout }));
+  } catch (err) {
+    showCommandError(entry, err);
+  }
+});
+
+/** A new history item, newest first, at most HISTORY_LIMIT of them. */
+function commandEntry(command, timeout) {
+  const badge = el("span", { className: "badge status-running" }, "Running…");
+  const meta = el("span", { className: "history-meta" }, `timeout ${timeout} s · started `, timeElement(new Date().toISOString()));
+  const again = el("button", {
+    type: "button", className: "link-button", disabled: !data.canRunCommands,
+    onclick: () => { commandInput.value = command; timeoutInput.value = String(timeout); commandInput.focus(); },
+  }, "Edit again");
+  const body = el("div", { className: "history-body" });
+  const item = el("li", { ariaBusy: "true" },
+    el("div", { className: "history-head" }, el("span", { className: "history-command" }, command), badge, meta, again), body);
+  consoleHistory.prepend(item);
+  while (consoleHistory.children.length > HISTORY_LIMIT) consoleHistory.lastElementChild.remove();
+  document.getElementById("console-empty").hidden = true;
+  return { item, badge, meta, body };
+}
+
+const RESULT_WORDS = { failed: "Failed", timeout: "Timed out", pending: "Pending", running: "Running" };
+
+/** Show a command's result: exit status, time, stdout and stderr, or why it did not run. */
+function showResult(entry, result) {
+  entry.item.removeAttribute("aria-busy");
+  const ok = result.status === "completed" && result.exit_code === 0;
+  const words = result.status === "completed" ? `Exit ${result.exit_code}` : RESULT_WORDS[result.status] || result.status;
+  entry.badge.className = `badge status-${ok ? "completed" : "failed"}`;
+  entry.badge.textContent = words;
+  if (typeof result.execution_time === "number") entry.meta.append(` · took ${formatNumber(result.execution_time, 3)} s`);
+  if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
+  if (result.stdout) entry.body.append(el("p", { className: "output-label" }, "Output"), el("pre", { className: "output" }, result.stdout));
+  if (result.stderr) entry.body.append(el("p", { className: "output-label" }, "Errors"), el("pre", { className: "output output-stderr" }, result.stderr));
+  if (result.status === "completed" && !result.stdout && !result.stderr) entry.body.append(el("p", { className: "muted" }, "No output."));
+}
+
+/** Show why a command was refused or lost, in words. */
+function showCommandError(entry, err) {
+  entry.item.removeAttribute("aria-busy");
+  entry.badge.className = "badge status-error";
+  entry.badge.textContent = err.code === "PERMISSION_DENIED" ? "Not allowed"
+    : err.code === "COMMAND_FAILED" ? "Not run" : "Error";
+  const words = err.code === "COMMAND_FAILED" ? `The command could not be run: ${err.message}`
+    : err.code === "PERMISSION_DENIED" ? "You are not allowed to run commands on hosts."
+      : describeError(err);
+  entry.body.append(el("p", { className: "error-text" }, words));
+}
+
+// -- package operations ------------------------------------------------------------------------
+
+const packageForm = document.getElementById("package-form");
+const packageInput = document.getElementById("package-name");
+const operationsList = document.getElementById("package-operations");
+const operations = new Map(); // execution_id -> {item, ...parts, rank}
+const RANK = { pending: 0, in_progress: 1, completed: 2, failed: 2 };
+const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update" };
+const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
+
+client.subscribe("package_operations", { host_id: hostId }, (event) => showOperation(event));
+
+packageForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const operation = event.submitter?.value || "install";
+  const name = packageInput.value.trim();
+  if (!packageInput.checkValidity() || !name) {
+    packageForm.reportValidity();
+    return;
+  }
+  const buttons = packageForm.querySelectorAll("button");
+  buttons.forEach((b) => { b.disabled = true; });
+  try {
+    showOperation(await client.command("package_operations", { host_id: hostId, operation, package: name }));
+    packageInput.value = "";
+  } catch (err) {
+    const message = err.code === "PERMISSION_DENIED" ? "You are not allowed to change packages on hosts."
+      : err.code === "COMMAND_FAILED" ? `Not started: ${err.message}` : describeError(err);
+    showOperation({
+      execution_id: err.data?.execution_id || `local-${Date.now()}`, operation, package: name,
+      status: "failed", progress: 0, message, final: true,
+    });
+  } finally {
+    buttons.forEach((b) => { b.disabled = false; });
+  }
+});
+
+/** Create or advance an operation's entry (events may arrive before the command's answer). */
+function showOperation(op) {
+  let entry = operations.get(op.execution_id);
+  if (!entry) {
+    entry = operationEntry(op);
+    operations.set(op.execution_id, entry);
+  }
+  const rank = RANK[op.status] ?? 0;
+  if (rank < entry.rank) return;
+  entry.rank = rank;
+  const progress = op.status === "completed" ? 100 : Math.max(0, Math.min(100, Number(op.progress) || 0));
+  if (op.progress !== undefined || op.status === "completed") {
+    entry.bar.value = progress;
+    entry.value.textContent = `${progress} %`;
+  }
+  entry.badge.className = `badge status-${op.status}`;
+  entry.badge.textContent = OPERATION_STATUS[op.status] || op.status;
+  if (op.message) entry.message.textContent = op.message;
+  entry.item.setAttribute("aria-busy", String(rank < 2));
+}
+
+function operationEntry(op) {
+  const title = `${OPERATION_WORDS[op.operation] || op.operation} ${op.package}`;
+  const parts = {
+    badge: el("span", { className: "badge" }),
+    bar: el("progress", { max: 100, value: 0, ariaLabel: `Progress of ${title}` }),
+    value: el("span", { className: "progress-value", ariaHidden: "true" }, "0 %"),
+    message: el("p", { className: "progress-message" }),
+    rank: -1,
+  };
+  parts.item = el("li", {},
+    el("div", { className: "history-head" }, el("span", { className: "history-command" }, title), parts.badge,
+      el("span", { className: "history-meta" }, "started ", timeElement(new Date().toISOString()))),
+    el("div", { className: "progress" }, parts.bar, parts.value),
+    parts.message);
+  operationsList.prepend(parts.item);
+  while (operationsList.children.length > HISTORY_LIMIT) operationsList.lastElementChild.remove();
+  document.getElementById("packages-empty").hidden = true;
+  return parts;
+}

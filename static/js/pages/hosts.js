@@ -1,0 +1,156 @@
+/**
+ * `/hosts/`: the hosts table with live status and last-seen from `host_status`
+ * (snapshot, then events with `previous_status`) and instant filtering as you type.
+ *
+ * The server renders the hosts matching `?q=`; once a snapshot names hosts the table does
+ * not have (a narrower server search, or hosts enrolled since), the whole list is read
+ * from `GET /api/hosts/` so that filtering can widen again without a reload.
+ */
+import { el, getJSON, showNotice, startLive, timeElement } from "./live.js";
+
+const STATUS_WORDS = { online: "Online", offline: "Offline", unknown: "Unknown" };
+
+const tbody = document.getElementById("host-rows");
+const search = document.getElementById("host-search");
+const countText = document.getElementById("host-count");
+const changeText = document.getElementById("host-change");
+const rows = new Map([...tbody.rows].map((row) => [row.dataset.hostId, row]));
+let listComplete = false;
+let loading = null;
+
+const client = startLive();
+client.subscribe("host_status", null, (data, message) => {
+  if (message.type === "status") applySnapshot(data.hosts);
+  else applyChange(data);
+});
+
+search.addEventListener("input", () => {
+  const query = search.value.trim();
+  const url = new URL(location.href);
+  if (query) url.searchParams.set("q", query);
+  else url.searchParams.delete("q");
+  history.replaceState(null, "", url);
+  applyFilter();
+});
+search.form.addEventListener("submit", (event) => {
+  event.preventDefault(); // the table is filtered already; the URL says so too
+  applyFilter();
+});
+
+/** The status badge, like `hosts/_status_badge.html`. */
+function statusBadge(status) {
+  return el("span", { className: `badge status-${status}` }, STATUS_WORDS[status] || status);
+}
+
+/** "now" for an online host (its agent reports all the time), else the last time seen. */
+function lastSeen(status, iso) {
+  if (status === "online") {
+    return el("span", { className: "seen-now", title: "The agent is connected and reporting" }, "now");
+  }
+  return timeElement(iso, "never");
+}
+
+/** Show a host's status and last-seen in its row. */
+function setStatus(row, status, iso) {
+  row.dataset.status = status;
+  if (iso) row.dataset.lastSeen = iso;
+  row.querySelector('[data-cell="status"]').replaceChildren(statusBadge(status));
+  row.querySelector('[data-cell="last-seen"]').replaceChildren(lastSeen(status, row.dataset.lastSeen));
+}
+
+/** A `host_status` snapshot: every host's state; hosts missing from it were deleted. */
+function applySnapshot(hosts) {
+  const seen = new Set();
+  for (const host of hosts) {
+    seen.add(host.host_id);
+    const row = rows.get(host.host_id);
+    if (row) setStatus(row, host.status, host.last_seen);
+  }
+  for (const [id, row] of rows) {
+    if (!seen.has(id)) {
+      row.remove();
+      rows.delete(id);
+    }
+  }
+  if (hosts.some((host) => !rows.has(host.host_id))) loadAllHosts(); // filters when done
+  else applyFilter();
+}
+
+/** One host changed status. */
+function applyChange(change) {
+  const row = rows.get(change.host_id);
+  if (!row) return void loadAllHosts();
+  setStatus(row, change.status, change.status === "online" ? change.timestamp : null);
+  row.classList.remove("is-changed");
+  void row.offsetWidth; // restart the highlight
+  row.classList.add("is-changed");
+  const was = change.previous_status ? ` (was ${change.previous_status})` : "";
+  changeText.replaceChildren(`Latest change: ${change.hostname} is ${change.status}${was}, `,
+    timeElement(change.timestamp), ".");
+}
+
+/** Read every host from the REST API (all pages) and add the rows the table lacks. */
+function loadAllHosts() {
+  if (listComplete || loading) return loading;
+  loading = (async () => {
+    try {
+      let url = "/api/hosts/?limit=500";
+      while (url) {
+        const page = await getJSON(url);
+        page.results.forEach(upsertHost);
+        url = page.next;
+      }
+      listComplete = true;
+    } catch (err) {
+      showNotice(`Could not load the host list: ${err.message}`, { kind: "error", key: "hosts" });
+    } finally {
+      loading = null;
+      applyFilter();
+    }
+  })();
+  return loading;
+}
+
+/** Add (in hostname order) or refresh the row of a host from the REST API. */
+function upsertHost(host) {
+  let row = rows.get(host.id);
+  if (!row) {
+    row = hostRow(host);
+    rows.set(host.id, row);
+    const next = [...tbody.rows].find((other) => other.dataset.hostname.localeCompare(host.hostname) > 0);
+    tbody.insertBefore(row, next || null);
+  }
+  setStatus(row, host.status, host.last_seen);
+}
+
+/** A row like the server's, from a REST API host. */
+function hostRow(host) {
+  const os = [host.os_name, host.os_version].filter(Boolean).join(" ") || "—";
+  const name = el("th", { scope: "row" }, el("a", { href: `/hosts/${host.id}/` }, host.hostname));
+  if (host.fqdn && host.fqdn !== host.hostname) name.append(el("span", { className: "sub" }, host.fqdn));
+  return el("tr", { dataset: { hostId: host.id, hostname: host.hostname, fqdn: host.fqdn || "" } },
+    name,
+    el("td", { dataset: { cell: "status" } }),
+    el("td", { className: "nowrap", dataset: { cell: "last-seen" } }),
+    el("td", { className: "col-optional" }, os),
+    el("td", { className: "col-optional" }, host.agent_version || "—"));
+}
+
+/** Show the rows whose hostname or FQDN contains the query (as the server searches). */
+function applyFilter() {
+  const query = search.value.trim().toLowerCase();
+  let shown = 0;
+  for (const row of rows.values()) {
+    const match = !query || row.dataset.hostname.toLowerCase().includes(query) ||
+      row.dataset.fqdn.toLowerCase().includes(query);
+    row.hidden = !match;
+    if (match) shown += 1;
+  }
+  const total = rows.size;
+  document.getElementById("hosts-none").hidden = total > 0;
+  document.getElementById("hosts-no-match").hidden = total === 0 || shown > 0;
+  document.getElementById("no-match-query").textContent = search.value.trim();
+  const plural = (n) => `${n} host${n === 1 ? "" : "s"}`;
+  const text = query ? `${shown} of ${plural(total)} match “${search.value.trim()}”.` : `${plural(total)}.`;
+  if (countText.textContent !== text) countText.textContent = text;
+}

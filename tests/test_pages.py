@@ -1,0 +1,369 @@
+"""The dashboard pages: login, access rules, what each page renders, search and filters."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from activity.models import UserActivity
+from activity.services import activity_record
+from alerts import services as alert_services
+from alerts.models import Alert
+from hosts import services as host_services
+from hosts.models import Host
+from tests.conftest import PASSWORD
+
+pytestmark = pytest.mark.django_db
+
+PAGES = ["/", "/hosts/", "/alerts/", "/activity/"]
+
+
+def page_data(response) -> dict:
+    """The JSON a page hands its script (``json_script`` with id ``page-data``)."""
+    content = response.content.decode()
+    start = content.index('id="page-data"')
+    start = content.index(">", start) + 1
+    return json.loads(content[start:content.index("</script>", start)])
+
+
+@pytest.fixture
+def operator(client, make_user):
+    make_user("operator")
+    assert client.login(username="operator", password=PASSWORD)
+    return client
+
+
+@pytest.fixture
+def staff(client, make_user):
+    make_user("boss", staff=True)
+    assert client.login(username="boss", password=PASSWORD)
+    return client
+
+
+@pytest.fixture
+def root(client, make_user):
+    make_user("root", superuser=True)
+    assert client.login(username="root", password=PASSWORD)
+    return client
+
+
+@pytest.fixture
+def host():
+    return host_services.host_create(hostname="web-01", fqdn="web-01.example.com",
+                                     os_name="Debian GNU/Linux", os_version="12", cpu_count=4)
+
+
+# -- login and logout ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PAGES + [f"/hosts/{uuid.uuid4()}/"])
+def test_pages_require_login(client, path):
+    response = client.get(path)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/?next=")
+
+
+def test_login_page_renders_without_the_live_connection(client):
+    response = client.get("/login/")
+    assert response.status_code == 200
+    assert b'name="username"' in response.content
+    assert b'id="connection"' not in response.content
+
+
+def test_login_redirects_to_the_overview_and_is_recorded(client, make_user):
+    make_user("operator")
+    response = client.post("/login/", {"username": "operator", "password": PASSWORD})
+    assert response.status_code == 302
+    assert response["Location"] == "/"
+    assert UserActivity.objects.filter(username="operator", action="login",
+                                       details__path="/login/").exists()
+
+
+def test_login_follows_next(client, make_user):
+    make_user("operator")
+    response = client.post("/login/?next=/alerts/", {
+        "username": "operator", "password": PASSWORD, "next": "/alerts/"})
+    assert response["Location"] == "/alerts/"
+
+
+def test_wrong_password_shows_the_form_again(client, make_user):
+    make_user("operator")
+    response = client.post("/login/", {"username": "operator", "password": "wrong"})
+    assert response.status_code == 200
+    assert b"Please enter a correct username and password" in response.content
+
+
+def test_locked_account_sees_the_lockout_message(client, make_user, settings):
+    settings.LOGIN_LOCKOUT_THRESHOLD = 2
+    make_user("operator")
+    for _ in range(2):
+        client.post("/login/", {"username": "operator", "password": "wrong"})
+    response = client.post("/login/", {"username": "operator", "password": PASSWORD})
+    assert response.status_code == 200
+    assert b"Too many failed logins" in response.content
+    assert "_auth_user_id" not in client.session
+    locked = UserActivity.objects.get(action="login_locked")
+    assert locked.username == "operator"
+    assert locked.details["via"] == "session"
+
+
+def test_admin_login_still_locks_out(client, make_user, settings):
+    settings.LOGIN_LOCKOUT_THRESHOLD = 1
+    make_user("root", superuser=True)
+    client.post("/admin/login/", {"username": "root", "password": "wrong"})
+    response = client.post("/admin/login/", {"username": "root", "password": PASSWORD})
+    assert b"Too many failed logins" in response.content
+
+
+def test_logged_in_users_skip_the_login_page(operator):
+    assert operator.get("/login/")["Location"] == "/"
+
+
+def test_logout_is_post_only_and_goes_to_login(operator):
+    assert operator.get("/logout/").status_code == 405
+    response = operator.post("/logout/")
+    assert response.status_code == 302
+    assert response["Location"] == "/login/"
+    assert operator.get("/").status_code == 302
+
+
+# -- access ---------------------------------------------------------------------------------
+
+
+def test_activity_page_is_staff_only(operator):
+    assert operator.get("/activity/").status_code == 403
+
+
+def test_activity_page_for_staff(staff):
+    activity_record(action="command_run", username="alice",
+                    details={"hostname": "web-01", "command": "uptime", "execution_id": "x"})
+    response = staff.get("/activity/")
+    assert response.status_code == 200
+    assert len(response.context["activities"]) == UserActivity.objects.count()
+    row = response.context["activities"][0]
+    assert row["label"] == "Ran a command"
+    assert row["details"] == "hostname: web-01 · command: uptime"  # identifiers left out
+    assert page_data(response)["actionLabels"]["login"] == "Logged in"
+
+
+def test_activity_page_keeps_the_last_hundred(staff):
+    for i in range(105):
+        activity_record(action="login", username=f"user{i}")
+    assert len(staff.get("/activity/").context["activities"]) == 100
+
+
+def test_navigation_shows_activity_and_admin_to_staff_only(operator, make_user, client):
+    content = operator.get("/").content
+    assert b'href="/activity/"' not in content
+    assert b'href="/admin/"' not in content
+    client.logout()
+    make_user("boss", staff=True)
+    client.login(username="boss", password=PASSWORD)
+    content = client.get("/").content
+    assert b'href="/activity/"' in content
+    assert b'href="/admin/"' in content
+
+
+# -- overview ---------------------------------------------------------------------------------
+
+
+def test_overview_of_an_empty_fleet_explains_enrolment(operator):
+    response = operator.get("/")
+    assert response.status_code == 200
+    assert response.context["fleet"]["total_hosts"] == 0
+    assert b"python manage.py register_host" in response.content
+    assert b"seed_demo" in response.content
+    assert b'aria-labelledby="empty-fleet-heading" hidden' not in response.content
+
+
+def test_overview_counts_hosts_and_active_alerts(operator, host):
+    alert_services.alert_raise(severity="critical", category="disk", title="Disk", host=host)
+    alert_services.alert_raise(severity="warning", category="cpu", title="CPU", host=host)
+    resolved = alert_services.alert_raise(severity="warning", category="x", title="Old")
+    Alert.objects.filter(pk=resolved.pk).update(status="resolved")
+    response = operator.get("/")
+    assert response.context["fleet"]["total_hosts"] == 1
+    assert response.context["alert_counts"] == [
+        ("critical", "Critical", 1), ("warning", "Warning", 1), ("info", "Info", 0)]
+    assert response.context["active_alerts"] == 2
+    assert b"No hosts yet" in response.content  # present for live use, but hidden
+    assert b'aria-labelledby="empty-fleet-heading" hidden' in response.content
+
+
+def test_overview_activity_for_staff_only(operator, make_user, client):
+    activity_record(action="login", username="someone")
+    response = operator.get("/")
+    assert response.context["activities"] == []
+    assert page_data(response)["canViewActivity"] is False
+    assert b"Recent activity" not in response.content
+    client.logout()
+    make_user("boss", staff=True)
+    client.login(username="boss", password=PASSWORD)
+    response = client.get("/")
+    assert page_data(response)["canViewActivity"] is True
+    assert 0 < len(response.context["activities"]) <= 20
+
+
+# -- hosts --------------------------------------------------------------------------------------
+
+
+def test_hosts_table(operator, host):
+    host_services.host_create(hostname="db-01", os_name="Ubuntu")
+    response = operator.get("/hosts/")
+    assert response.status_code == 200
+    assert [h.hostname for h in response.context["hosts"]] == ["db-01", "web-01"]
+    assert f'href="/hosts/{host.pk}/"'.encode() in response.content
+    assert b"Debian GNU/Linux" in response.content
+
+
+def test_hosts_search(operator, host):
+    host_services.host_create(hostname="db-01")
+    response = operator.get("/hosts/?q=WEB")
+    assert [h.hostname for h in response.context["hosts"]] == ["web-01"]
+    assert response.context["query"] == "WEB"
+    assert response.context["total_hosts"] == 2
+    assert operator.get("/hosts/?q=example.com").context["hosts"][0].hostname == "web-01"
+
+
+def test_hosts_search_without_match(operator, host):
+    response = operator.get("/hosts/?q=nothing-like-it")
+    assert response.context["hosts"] == []
+    assert b"No hosts match" in response.content
+
+
+def test_hosts_empty_state(operator):
+    response = operator.get("/hosts/")
+    assert response.context["total_hosts"] == 0
+    assert b"No hosts yet" in response.content
+    assert b'id="hosts-none" class="empty-state" hidden' not in response.content
+
+
+# -- one host -------------------------------------------------------------------------------------
+
+
+def test_host_page(operator, host):
+    response = operator.get(f"/hosts/{host.pk}/")
+    assert response.status_code == 200
+    assert response.context["host"] == host
+    data = page_data(response)
+    assert data["hostId"] == str(host.pk)
+    assert data["cpuCount"] == 4
+    assert data["canRunCommands"] is False
+    assert data["canManageAlerts"] is False
+    for chart in ("cpu", "memory", "disk", "load"):
+        assert f'data-chart="{chart}"'.encode() in response.content
+
+
+def test_host_page_of_unknown_host_is_404(operator):
+    assert operator.get(f"/hosts/{uuid.uuid4()}/").status_code == 404
+    assert operator.get("/hosts/not-a-uuid/").status_code == 404
+
+
+def test_console_disabled_without_the_permission(operator, host):
+    content = operator.get(f"/hosts/{host.pk}/").content.decode()
+    assert "You may not run commands on hosts" in content
+    assert "<fieldset disabled>" in content
+
+
+def test_console_enabled_with_the_permission(client, make_user, host):
+    user = make_user("runner")
+    user.user_permissions.add(Permission.objects.get(codename="run_command"))
+    client.login(username="runner", password=PASSWORD)
+    response = client.get(f"/hosts/{host.pk}/")
+    assert response.context["can_run_commands"] is True
+    assert "<fieldset disabled>" not in response.content.decode()
+    assert page_data(response)["canRunCommands"] is True
+
+
+def test_superuser_may_run_commands_and_manage_alerts(root, host):
+    data = page_data(root.get(f"/hosts/{host.pk}/"))
+    assert data["canRunCommands"] is True
+    assert data["canManageAlerts"] is True
+
+
+def test_host_absolute_url_and_admin_link(root, host):
+    assert host.get_absolute_url() == f"/hosts/{host.pk}/"
+    content = root.get(f"/admin/hosts/host/{host.pk}/change/").content.decode()
+    assert f'href="/hosts/{host.pk}/"' in content
+    assert "View on dashboard" in content
+    assert 'href="/"' in root.get("/admin/").content.decode()  # "View site"
+
+
+# -- alerts ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def alerts(host):
+    made = {
+        "critical": alert_services.alert_raise(severity="critical", category="disk",
+                                               title="Disk full", host=host),
+        "warning": alert_services.alert_raise(severity="warning", category="cpu",
+                                              title="CPU busy", host=host),
+        "info": alert_services.alert_raise(severity="info", category="note", title="FYI"),
+    }
+    Alert.objects.filter(pk=made["info"].pk).update(status="resolved")
+    return made
+
+
+def titles(response) -> set[str]:
+    return {a.title for a in response.context["alerts"]}
+
+
+def test_alerts_default_to_active(operator, alerts):
+    response = operator.get("/alerts/")
+    assert response.status_code == 200
+    assert titles(response) == {"Disk full", "CPU busy"}
+    assert response.context["states"] == ["open", "acknowledged"]
+    assert response.context["showing_default"] is True
+
+
+def test_alerts_filtered_by_severity_and_state(operator, alerts):
+    response = operator.get("/alerts/?severity=critical&severity=info&status=open&status=resolved")
+    assert titles(response) == {"Disk full", "FYI"}
+    assert page_data(response)["severities"] == ["info", "critical"]
+    assert titles(operator.get("/alerts/?severity=warning,critical")) == {"Disk full", "CPU busy"}
+
+
+def test_alerts_form_with_nothing_ticked_shows_everything(operator, alerts):
+    assert titles(operator.get("/alerts/?filtered=1")) == {"Disk full", "CPU busy", "FYI"}
+
+
+def test_alerts_unknown_filter_values_are_ignored(operator, alerts):
+    response = operator.get("/alerts/?severity=bogus&status=nope")
+    assert titles(response) == {"Disk full", "CPU busy"}
+
+
+def test_alerts_empty_state(operator):
+    assert b"No open alerts." in operator.get("/alerts/").content
+
+
+def test_alert_buttons_only_for_managers(operator, make_user, client, alerts):
+    assert b'data-action="acknowledge"' not in operator.get("/alerts/").content
+    client.logout()
+    make_user("boss", staff=True)
+    client.login(username="boss", password=PASSWORD)
+    response = client.get("/alerts/")
+    assert b'data-action="acknowledge"' in response.content
+    assert page_data(response)["canManageAlerts"] is True
+
+
+def test_alerts_are_paginated(operator, host):
+    for i in range(105):
+        alert_services.alert_raise(severity="info", category="x", title=f"Alert {i}")
+    first = operator.get("/alerts/")
+    assert len(first.context["alerts"]) == 100
+    assert page_data(first)["firstPage"] is True
+    second = operator.get("/alerts/?page=2")
+    assert len(second.context["alerts"]) == 5
+    assert page_data(second)["firstPage"] is False
+
+
+def test_every_page_links_its_script_and_styles(staff, host):
+    for path in PAGES + [f"/hosts/{host.pk}/"]:
+        content = staff.get(path).content.decode()
+        assert "/static/css/app.css" in content, path
+        assert 'type="module" src="/static/js/pages/' in content, path
+        assert 'id="connection"' in content, path
+    assert Host.objects.count() == 1
