@@ -46,7 +46,8 @@ def alert_acknowledge(*, alert_id: Any, actor: Actor) -> Alert:
     """Acknowledge an open alert."""
     user = actor.user
     with transaction.atomic():
-        alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
+        alert = Alert.objects.select_for_update(of=("self",)).select_related("host").get(
+            id=alert_id)
         if alert.status != AlertStatus.OPEN:
             raise AlertStateError(f"alert is {alert.status}, not open")
         alert.status = AlertStatus.ACKNOWLEDGED
@@ -62,7 +63,8 @@ def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
     """Resolve an open or acknowledged alert (``actor`` None when resolved automatically)."""
     user = actor.user if actor is not None else None
     with transaction.atomic():
-        alert = Alert.objects.select_for_update().select_related("host").get(id=alert_id)
+        alert = Alert.objects.select_for_update(of=("self",)).select_related("host").get(
+            id=alert_id)
         if alert.status == AlertStatus.RESOLVED:
             raise AlertStateError("alert is resolved already")
         alert.status = AlertStatus.RESOLVED
@@ -82,7 +84,7 @@ def rule_alert_sync(*, host_id: Any, rule_id: Any, key: str, severity: str | Non
     resolves it (automatically, by no one) when ``severity`` is None.
     """
     with transaction.atomic():
-        active = Alert.objects.select_for_update().select_related("host").filter(
+        active = Alert.objects.select_for_update(of=("self",)).select_related("host").filter(
             host_id=host_id, rule_id=rule_id, rule_key=key,
             status__in=Alert.ACTIVE_STATUSES).first()
         if severity is None:

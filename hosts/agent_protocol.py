@@ -60,7 +60,7 @@ def clean_facts(data: dict[str, Any], id_: str | int | None) -> dict[str, Any]:
         if value is not None:
             if not isinstance(value, str):
                 raise _invalid(f"'{key}' must be a string", id_)
-            facts[key] = value[:limit]
+            facts[key] = without_nul(value[:limit])
     facts.pop("hostname", None)  # the enrolled name stays; the reported one is informative
     addresses = data.get("ip_addresses", [])
     if not isinstance(addresses, list):
@@ -93,7 +93,12 @@ def _text(data: dict[str, Any], key: str, id_: str | int | None) -> str:
     value = data.get(key) or ""
     if not isinstance(value, str):
         raise _invalid(f"'{key}' must be a string", id_)
-    return value[:MAX_OUTPUT_CHARS]
+    return without_nul(value[:MAX_OUTPUT_CHARS])
+
+
+def without_nul(text: str) -> str:
+    """``text`` with NUL characters replaced (PostgreSQL text columns cannot hold them)."""
+    return text.replace("\x00", "\ufffd")
 
 
 def clean_command_result(data: dict[str, Any], id_: str | int | None) -> dict[str, Any]:

@@ -56,6 +56,8 @@ def parse_command(message: ClientMessage) -> CommandRequest:
         raise _invalid(message, "'command' must be a non-empty string")
     if len(command) > MAX_COMMAND_LENGTH:
         raise _invalid(message, f"'command' must be at most {MAX_COMMAND_LENGTH} characters")
+    if "\x00" in command:
+        raise _invalid(message, "'command' must not contain NUL characters")
     timeout = message.data.get("timeout", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
             or not 1 <= timeout <= MAX_TIMEOUT:
@@ -170,7 +172,8 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
                        + ", ".join(PackageOperationKind.values))
     package = message.data.get("package")
     if not isinstance(package, str) or not package.strip() or len(package) > 255 \
-            or package.startswith("-") or any(c.isspace() for c in package):
+            or package.startswith("-") or any(c.isspace() or not c.isprintable()
+                                              for c in package):
         raise _invalid(message, "'package' must be one package name")
     return host_id, operation, package
 

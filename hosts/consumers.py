@@ -233,8 +233,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if status not in ("completed", "failed"):
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'status' must be completed or failed",
                                 id_=id_)
-        output = str(data.get("output") or "")[:agent_protocol.MAX_OUTPUT_CHARS]
-        message = str(data.get("message") or "")[:1000]
+        output = agent_protocol.without_nul(
+            str(data.get("output") or "")[:agent_protocol.MAX_OUTPUT_CHARS])
+        message = agent_protocol.without_nul(str(data.get("message") or "")[:1000])
         await database_sync_to_async(services.package_operation_record_result)(
             operation_id=operation_id, host_id=self.host_id, status=status, message=message,
             output=output)

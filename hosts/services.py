@@ -253,7 +253,7 @@ def hosts_mark_offline(*, silent_for: float) -> list[Host]:
 def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
     """Note that the agent started a pending command; False if it was not pending."""
     with transaction.atomic():
-        execution = CommandExecution.objects.select_for_update().select_related(
+        execution = CommandExecution.objects.select_for_update(of=("self",)).select_related(
             "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
         if execution is None or execution.status != ExecutionStatus.PENDING:
             return False
@@ -267,7 +267,7 @@ def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
 def command_record_result(*, execution_id: Any, host_id: Any, result: dict[str, Any]) -> bool:
     """Store an agent's result once; False if unknown, another host's, or already final."""
     with transaction.atomic():
-        execution = CommandExecution.objects.select_for_update().select_related(
+        execution = CommandExecution.objects.select_for_update(of=("self",)).select_related(
             "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
         if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
             return False
@@ -297,8 +297,8 @@ def package_operation_record_progress(*, operation_id: Any, host_id: Any, progre
                                       message: str) -> bool:
     """Store progress of an unfinished operation; False if unknown or finished."""
     with transaction.atomic():
-        operation = PackageOperation.objects.select_for_update().select_related("host").filter(
-            id=operation_id, host_id=host_id).first()
+        operation = PackageOperation.objects.select_for_update(of=("self",)).select_related(
+            "host").filter(id=operation_id, host_id=host_id).first()
         if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
             return False
         package_operation_update(operation=operation, status=OperationStatus.IN_PROGRESS,
@@ -312,8 +312,8 @@ def package_operation_record_result(*, operation_id: Any, host_id: Any, status: 
     if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
-        operation = PackageOperation.objects.select_for_update().select_related("host").filter(
-            id=operation_id, host_id=host_id).first()
+        operation = PackageOperation.objects.select_for_update(of=("self",)).select_related(
+            "host").filter(id=operation_id, host_id=host_id).first()
         if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
             return False
         package_operation_update(

@@ -189,17 +189,18 @@ class ClientConsumer(AsyncWebsocketConsumer):
         """Called for each client frame: check limits, parse, dispatch by type."""
         if self.user is None or self.closing:
             return
-        if text_data is None:
-            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE,
-                                      "Binary frames are not supported; send JSON text"))
-            return
-        if len(text_data) > settings.WS_MAX_MESSAGE_BYTES or \
-                len(text_data.encode("utf-8")) > settings.WS_MAX_MESSAGE_BYTES:
+        if text_data is not None and (
+                len(text_data) > settings.WS_MAX_MESSAGE_BYTES
+                or len(text_data.encode("utf-8")) > settings.WS_MAX_MESSAGE_BYTES):
             await self._close_with(CloseCode.MESSAGE_TOO_BIG, error_envelope(
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"Message exceeds {settings.WS_MAX_MESSAGE_BYTES} bytes"))
             return
-        if not await self._within_rate(text_data):
+        if not await self._within_rate(text_data or ""):
+            return
+        if text_data is None:
+            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE,
+                                      "Binary frames are not supported; send JSON text"))
             return
         try:
             message = parse_client_message(text_data)

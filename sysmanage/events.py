@@ -135,7 +135,13 @@ def send_to_hubs(message: dict[str, Any]) -> None:
             hub.call_soon_threadsafe(hub.enqueue_publish, message)
         return
     _warn_if_unshared_layer()
-    async_to_sync(get_channel_layer().group_send)(EVENTS_GROUP, message)
+    try:
+        async_to_sync(get_channel_layer().group_send)(EVENTS_GROUP, message)
+    except Exception:
+        # The change itself is committed; failing the request now would only invite a
+        # duplicate retry.  Say loudly which event was lost instead.
+        logger.exception("could not publish %s: the channel layer is unreachable",
+                         message.get("event") or message.get("action"))
 
 
 _warned = threading.Event()

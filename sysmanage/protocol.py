@@ -77,6 +77,8 @@ class CloseCode(IntEnum):
 
 #: Largest ``id`` a client may attach; longer ones are refused, not echoed.
 MAX_ID_LENGTH = 128
+#: Largest integer ``id``: what a JavaScript number holds exactly.
+MAX_INT_ID = 2**53 - 1
 
 
 def utc_now_iso() -> str:
@@ -184,6 +186,10 @@ def _extract_id(raw: dict[str, Any]) -> str | int | None:
     if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, f"'id' must be at most {MAX_ID_LENGTH} characters"
+        )
+    if isinstance(value, int) and not -MAX_INT_ID <= value <= MAX_INT_ID:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "an integer 'id' must fit in 53 bits (as in JavaScript)"
         )
     return value
 
