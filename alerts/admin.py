@@ -7,7 +7,7 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from alerts import services
-from alerts.models import Alert
+from alerts.models import Alert, AlertRule
 from sysmanage.audit import request_actor
 
 
@@ -51,3 +51,29 @@ class AlertAdmin(admin.ModelAdmin):
     def resolve(self, request: HttpRequest, queryset: Any) -> None:
         """Resolve each unresolved alert selected."""
         self._apply(request, queryset, services.alert_resolve, "resolved")
+
+
+@admin.register(AlertRule)
+class AlertRuleAdmin(admin.ModelAdmin):
+    """Alert rules; every server process picks up edits within ALERT_RULES_RELOAD_SECONDS."""
+
+    list_display = ("name", "metric", "warning_threshold", "critical_threshold",
+                    "sustained_samples", "clear_margin", "enabled")
+    list_editable = ("enabled",)
+    list_filter = ("metric", "enabled")
+    fieldsets = (
+        (None, {"fields": ("name", "metric", "category", "enabled")}),
+        ("Thresholds", {"fields": ("warning_threshold", "critical_threshold",
+                                   "sustained_samples", "clear_margin"),
+                        "description": "Disk, memory and CPU rules are in percent; the load "
+                        "rule is the 1-minute load average per CPU. A rule for host offline "
+                        "needs no thresholds: set a critical threshold (any value) to raise "
+                        "critical alerts, or only a warning threshold for warnings."}),
+    )
+
+    def save_model(self, request: HttpRequest, obj: AlertRule, form: Any, change: bool) -> None:
+        """Save, and let this process use the new rules at once."""
+        super().save_model(request, obj, form, change)
+        from alerts.evaluation import reload_rules
+
+        reload_rules()

@@ -6,7 +6,7 @@ from django.contrib import admin
 
 from activity.models import UserActivity
 from alerts import services as alert_services
-from alerts.models import Alert
+from alerts.models import Alert, AlertRule
 from hosts.models import CommandExecution, Host, PackageOperation
 from sysmanage.models import User
 from tests.conftest import PASSWORD
@@ -22,7 +22,8 @@ def admin_client(client, make_user):
 
 
 def test_every_model_is_registered():
-    for model in (User, Host, CommandExecution, PackageOperation, Alert, UserActivity):
+    for model in (User, Host, CommandExecution, PackageOperation, Alert, AlertRule,
+                  UserActivity):
         assert admin.site.is_registered(model), model
 
 
@@ -30,7 +31,8 @@ def test_admin_pages_render(admin_client):
     for path in ("/admin/", "/admin/hosts/host/", "/admin/alerts/alert/",
                  "/admin/activity/useractivity/", "/admin/hosts/commandexecution/",
                  "/admin/hosts/packageoperation/", "/admin/sysmanage/user/",
-                 "/admin/hosts/host/add/"):
+                 "/admin/hosts/host/add/", "/admin/alerts/alertrule/",
+                 "/admin/auth/group/"):
         assert admin_client.get(path).status_code == 200, path
 
 
@@ -65,3 +67,34 @@ def test_activity_is_read_only_in_the_admin(admin_client):
     record = UserActivity.objects.first()
     assert admin_client.get(f"/admin/activity/useractivity/{record.pk}/delete/").status_code \
         == 403
+
+
+def test_editing_a_rule_takes_effect_in_this_process(admin_client):
+    from alerts import evaluation
+
+    rule = AlertRule.objects.get(name="Disk usage")
+    response = admin_client.post(f"/admin/alerts/alertrule/{rule.pk}/change/", {
+        "name": rule.name, "metric": rule.metric, "category": rule.category, "enabled": "on",
+        "warning_threshold": "70", "critical_threshold": "90", "sustained_samples": "1",
+        "clear_margin": "3"})
+    assert response.status_code == 302, response.content[:2000]
+    disk = next(r for r in evaluation.ENGINE.rules if r.name == "Disk usage")
+    assert (disk.warning, disk.critical) == (70.0, 90.0)
+
+
+def test_rotating_a_token_in_the_admin_shows_it_once(admin_client,
+                                                    django_capture_on_commit_callbacks):
+    from hosts import services
+
+    host, old = services.host_register(hostname="web-01")
+    response = admin_client.post("/admin/hosts/host/", {
+        "action": "rotate_token", "_selected_action": [str(host.pk)]}, follow=True)
+    assert b"New agent token for web-01" in response.content
+    host.refresh_from_db()
+    assert host.token_hash and old not in response.content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post("/admin/hosts/host/", {
+            "action": "revoke_token", "_selected_action": [str(host.pk)]})
+    host.refresh_from_db()
+    assert host.token_hash == ""
+    assert UserActivity.objects.filter(action="host_token_revoked", username="root").exists()

@@ -1,0 +1,322 @@
+"""
+End to end: a real Daphne server, the real agent program (``python -m agent``) as a
+subprocess, and real WebSocket clients speaking the seed protocol.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import harness
+from tests.integration.client import WsClient, ws_connect
+
+pytestmark = pytest.mark.integration
+
+AGENT_SETTINGS = {
+    "AGENT_HEARTBEAT_INTERVAL": "2",
+    "AGENT_METRICS_INTERVAL": "1",
+    "AGENT_RECHECK_SECONDS": "1",
+    "COMMAND_RESULT_GRACE_SECONDS": "5",
+}
+
+
+class AgentProcess:
+    """The agent program running against a server, with its own state directory."""
+
+    def __init__(self, server_url: str, token: str, state_dir: Path, log: Path) -> None:
+        self.args = [sys.executable, "-m", "agent", "--server", server_url,
+                     "--state-dir", str(state_dir), "--metrics-interval", "1",
+                     "--heartbeat-interval", "2", "--log-level", "DEBUG"]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYSMANAGE_")}
+        self.env["SYSMANAGE_AGENT_TOKEN"] = token
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        """Start the agent (it connects and reconnects by itself)."""
+        handle = self.log.open("ab")
+        self.proc = subprocess.Popen(self.args, cwd=harness.REPO_ROOT, env=self.env,
+                                     stdout=handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+class Proxy:
+    """A TCP relay between agent and server whose connections the test can cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        """Listen on a free port; return it."""
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        """Drop every relayed connection at once (both directions)."""
+        for writer in self.writers:
+            transport = writer.transport
+            if transport is not None:
+                transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        """Stop listening and drop everything."""
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
+    """One server on SQLite with short agent intervals."""
+    with launch_sqlite("agents", **AGENT_SETTINGS) as deployment:
+        yield deployment
+
+
+def register(deployment: harness.Deployment, hostname: str) -> dict[str, str]:
+    """``manage.py register_host``: its last line is the JSON with host_id and token."""
+    out = harness.run_python(["manage.py", "register_host", hostname], deployment.env,
+                             what="register_host").stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@contextlib.asynccontextmanager
+async def running_agent(deployment: harness.Deployment, tmp_path: Path, hostname: str,
+                        server_url: str | None = None) -> AsyncIterator[tuple[dict, AgentProcess]]:
+    """Enroll ``hostname``, start its agent, wait until it is online."""
+    enrolled = register(deployment, hostname)
+    agent = AgentProcess(server_url or deployment.server.base_url, enrolled["token"],
+                         tmp_path / f"{hostname}-state", tmp_path / f"{hostname}.log").start()
+    try:
+        await wait_status(deployment, enrolled["host_id"], "online")
+        yield enrolled, agent
+    finally:
+        agent.stop()
+        assert enrolled["token"] not in agent.log.read_text(errors="replace")
+
+
+async def wait_status(deployment: harness.Deployment, host_id: str, status: str,
+                      timeout: float = 20) -> None:
+    """Poll the REST API until the host has ``status``."""
+    from tests.integration.client import api
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = await api("GET", deployment.server.base_url, f"/api/hosts/{host_id}/",
+                             token=deployment.token("admin"))
+        if response.status == 200 and response.body["status"] == status:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"host {host_id} did not become {status}")
+
+
+async def host_event(ws: WsClient, host_id: str) -> dict[str, Any]:
+    """The next ``host_status`` event of ``host_id``."""
+    return await ws.expect(lambda m: m["type"] == "event" and m["channel"] == "host_status"
+                           and m["data"]["host_id"] == host_id, 20, what="host status event")
+
+
+async def client(stack: contextlib.AsyncExitStack, deployment: harness.Deployment,
+                 user: str = "admin") -> WsClient:
+    """A client socket that closes when ``stack`` does."""
+    return await stack.enter_async_context(
+        ws_connect(deployment.server.ws_url, token=deployment.token(user)))
+
+
+async def run(ws: WsClient, host_id: str, command: str, timeout: int = 10,
+              wait: float = 30) -> dict[str, Any]:
+    return await ws.request({"type": "command", "channel": "command_execution",
+                             "data": {"host_id": host_id, "command": command,
+                                      "timeout": timeout}}, timeout=wait)
+
+
+async def test_online_metrics_and_offline(deployment, tmp_path):
+    async with contextlib.AsyncExitStack() as stack:
+        ws = await client(stack, deployment)
+        await ws.subscribe("host_status")
+        async with running_agent(deployment, tmp_path, "e2e-status") as (enrolled, agent):
+            host_id = enrolled["host_id"]
+            online = await host_event(ws, host_id)
+            assert (online["data"]["status"], online["data"]["previous_status"]) == \
+                ("online", "unknown")
+            watcher = await client(stack, deployment)
+            await watcher.subscribe("host_metrics", {"host_id": host_id,
+                                                     "metrics": ["cpu", "disk"]})
+            event = await watcher.next_event("host_metrics", timeout=10)
+            metrics = event["data"]["metrics"]
+            assert set(metrics) == {"cpu_usage", "disk_usage"}
+            assert 0 <= metrics["cpu_usage"] <= 100
+            assert "/" in metrics["disk_usage"] and 0 < metrics["disk_usage"]["/"] <= 100
+            agent.stop()
+            offline = await host_event(ws, host_id)
+            assert (offline["data"]["status"], offline["data"]["previous_status"]) == \
+                ("offline", "online")
+
+
+async def test_commands_echo_exit_code_timeout_and_concurrency(deployment, tmp_path):
+    async with contextlib.AsyncExitStack() as stack, \
+            running_agent(deployment, tmp_path, "e2e-commands") as (enrolled, _):
+        host_id = enrolled["host_id"]
+        ws = await client(stack, deployment)
+        echo = await run(ws, host_id, "echo hello from the agent")
+        assert echo["type"] == "response" and echo["channel"] == "command_execution"
+        data = echo["data"]
+        assert (data["status"], data["exit_code"], data["stdout"], data["stderr"]) == \
+            ("completed", 0, "hello from the agent\n", "")
+        assert data["execution_time"] >= 0 and data["host_id"] == host_id
+        failing = await run(ws, host_id, "echo oops >&2; exit 3")
+        assert (failing["data"]["exit_code"], failing["data"]["stderr"]) == (3, "oops\n")
+        slow = await run(ws, host_id, "sleep 30", timeout=1)
+        assert slow["data"]["status"] == "timeout" and slow["data"]["exit_code"] is None
+        sockets = [await client(stack, deployment) for _ in range(4)]
+        started = time.monotonic()
+        results = await asyncio.gather(*(run(sock, host_id, f"sleep 1; echo {i}")
+                                         for i, sock in enumerate(sockets)))
+        assert sorted(r["data"]["stdout"] for r in results) == [f"{i}\n" for i in range(4)]
+        assert time.monotonic() - started < 3.5  # side by side, not one after another
+
+
+async def test_command_failed_cases(deployment, tmp_path):
+    async with contextlib.AsyncExitStack() as stack:
+        ws = await client(stack, deployment)
+        unknown = await run(ws, "00000000-0000-4000-8000-000000000000", "true")
+        assert unknown["data"]["code"] == "COMMAND_FAILED"
+        assert unknown["data"]["message"] == "Host not found"
+        enrolled = register(deployment, "e2e-never-connected")
+        offline = await run(ws, enrolled["host_id"], "true")
+        assert offline["type"] == "error" and offline["channel"] == "command_execution"
+        assert offline["data"]["code"] == "COMMAND_FAILED"
+        assert offline["data"]["message"].startswith("Host not reachable")
+        assert offline["data"]["execution_id"]
+
+
+async def test_result_made_while_disconnected_is_delivered_after_reconnect(
+        deployment, tmp_path):
+    from tests.integration.client import api
+
+    proxy = Proxy(deployment.server.port)
+    port = await proxy.start()
+    async with contextlib.AsyncExitStack() as stack, \
+            running_agent(deployment, tmp_path, "e2e-reconnect",
+                          f"http://127.0.0.1:{port}") as (enrolled, _):
+        host_id = enrolled["host_id"]
+        ws = await client(stack, deployment)
+        watcher = await client(stack, deployment)
+        await watcher.subscribe("host_status", {"host_id": host_id})
+        pending = asyncio.ensure_future(run(ws, host_id, "sleep 3; echo survived",
+                                            timeout=30, wait=60))
+        await asyncio.sleep(1)
+        proxy.cut()  # the agent loses its socket while the command runs
+        offline = await host_event(watcher, host_id)
+        online = await host_event(watcher, host_id)  # it reconnected by itself
+        assert (offline["data"]["status"], online["data"]["status"]) == ("offline", "online")
+        response = await pending
+        assert response["type"] == "response", response
+        assert (response["data"]["status"], response["data"]["stdout"]) == \
+            ("completed", "survived\n")
+        listing = await api("GET", deployment.server.base_url,
+                            f"/api/commands/?host={host_id}", token=deployment.token("admin"))
+        assert [c["status"] for c in listing.body["results"]] == ["completed"]
+    await proxy.close()
+
+
+async def test_revoked_token_disconnects_the_agent(deployment, tmp_path):
+    async with running_agent(deployment, tmp_path, "e2e-revoke") as (enrolled, agent):
+        harness.run_python(["manage.py", "revoke_host", "e2e-revoke"], deployment.env,
+                           what="revoke_host")
+        # Another process revoked it; without a shared layer the connection notices on
+        # its next re-check (AGENT_RECHECK_SECONDS=1) and closes with 4001.
+        await wait_status(deployment, enrolled["host_id"], "offline", timeout=15)
+        log = agent.log.read_text()
+        assert "AUTH_FAILED: Agent token was revoked or rotated" in log
+        assert agent.proc is not None and agent.proc.poll() is None  # waiting, not dead
+
+
+def _build_deb(workdir: Path) -> Path:
+    root = workdir / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/sysmanage-e2e-selftest").mkdir(parents=True)
+    (root / "usr/share/sysmanage-e2e-selftest/README").write_text("installed by a test\n")
+    (root / "DEBIAN/control").write_text(
+        "Package: sysmanage-e2e-selftest\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: SysManage tests <tests@example.invalid>\n"
+        "Description: package installed and removed by the end-to-end tests\n")
+    target = workdir / "sysmanage-e2e-selftest_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(target)], check=True,
+                   capture_output=True)
+    return target
+
+
+def _installed() -> bool:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "sysmanage-e2e-selftest"],
+                            capture_output=True, text=True)
+    return "install ok installed" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get")
+                    or not shutil.which("dpkg-deb"), reason="needs root, apt-get and dpkg-deb")
+async def test_package_install_and_remove_for_real(deployment, tmp_path):
+    deb = _build_deb(tmp_path)
+    subprocess.run(["dpkg", "-r", "sysmanage-e2e-selftest"], capture_output=True)
+    async with contextlib.AsyncExitStack() as stack, \
+            running_agent(deployment, tmp_path, "e2e-packages") as (enrolled, _):
+        host_id = enrolled["host_id"]
+        ws = await client(stack, deployment)
+        await ws.subscribe("package_operations", {"host_id": host_id})
+        for operation, package, installed in (("install", str(deb), True),
+                                              ("remove", "sysmanage-e2e-selftest", False)):
+            reply = await ws.request({"type": "command", "channel": "package_operations",
+                                      "data": {"host_id": host_id, "operation": operation,
+                                               "package": package}}, timeout=30)
+            assert reply["type"] == "response", reply
+            operation_id = reply["data"]["execution_id"]
+            progress = []
+            while True:
+                event = await ws.expect(
+                    lambda m, ref=operation_id: m["type"] == "event"
+                    and m["channel"] == "package_operations"
+                    and m["data"]["execution_id"] == ref, 240, what="package progress")
+                progress.append(event["data"]["progress"])
+                if event["data"]["status"] in ("completed", "failed"):
+                    break
+            assert event["data"]["status"] == "completed", event
+            assert progress[-1] == 100 and len(progress) >= 2
+            assert _installed() is installed
