@@ -320,3 +320,65 @@ async def test_package_install_and_remove_for_real(deployment, tmp_path):
             assert event["data"]["status"] == "completed", event
             assert progress[-1] == 100 and len(progress) >= 2
             assert _installed() is installed
+
+
+async def test_fleet_status_is_right_after_a_server_restart(launch_sqlite, tmp_path):
+    with launch_sqlite("restart", **AGENT_SETTINGS) as restart:
+        proxy = Proxy(restart.server.port)
+        port = await proxy.start()
+        async with contextlib.AsyncExitStack() as stack, \
+                running_agent(restart, tmp_path, "e2e-restart",
+                              f"http://127.0.0.1:{port}") as (enrolled, _):
+            ws = await client(stack, restart)
+            _, before = await ws.subscribe_with_status("fleet_status")
+            assert before["data"]["online_hosts"] >= 1
+        # the agent is stopped: the host is offline now; restart the server process
+        await wait_status(restart, enrolled["host_id"], "offline")
+        old = restart.servers[0]
+        old.stop()
+        (new,) = harness.start_servers([("restart-2", restart.env)], tmp_path)
+        restart.servers[0] = new
+        proxy.target_port = new.port
+        async with contextlib.AsyncExitStack() as stack:
+            ws = await client(stack, restart)
+            _, after = await ws.subscribe_with_status("fleet_status")
+            figures = {k: after["data"][k] for k in ("total_hosts", "online_hosts")}
+            assert figures == {"total_hosts": before["data"]["total_hosts"],
+                               "online_hosts": before["data"]["online_hosts"] - 1}
+            agent = AgentProcess(f"http://127.0.0.1:{port}", enrolled["token"],
+                                 tmp_path / "restart-state", tmp_path / "restart2.log").start()
+            try:
+                event = await ws.expect(lambda m: m["type"] == "event"
+                                        and m["channel"] == "fleet_status"
+                                        and m["data"]["online_hosts"]
+                                        == before["data"]["online_hosts"], 20,
+                                        what="fleet status with the host back online")
+                assert event["data"]["total_hosts"] == before["data"]["total_hosts"]
+            finally:
+                agent.stop()
+        await proxy.close()
+
+
+async def test_seed_demo_streams_a_live_fleet(deployment, tmp_path):
+    async with contextlib.AsyncExitStack() as stack:
+        ws = await client(stack, deployment)
+        demo = subprocess.Popen(
+            [sys.executable, "manage.py", "seed_demo", "--server", deployment.server.base_url,
+             "--hosts", "3", "--interval", "0.5", "--duration", "8", "--seed", "1"],
+            cwd=harness.REPO_ROOT, env=deployment.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        try:
+            await asyncio.sleep(2)
+            host_id = await asyncio.to_thread(
+                harness.manage_shell, deployment.env,
+                "from hosts.models import Host; "
+                "print(Host.objects.get(hostname='demo-web-01').id)")
+            await ws.subscribe("host_metrics", {"host_id": host_id.strip()})
+            event = await ws.next_event("host_metrics", timeout=10)
+            assert set(event["data"]["metrics"]) == {"cpu_usage", "memory_usage",
+                                                     "disk_usage", "load_average"}
+            await wait_status(deployment, host_id.strip(), "online")
+        finally:
+            output, _ = await asyncio.to_thread(demo.communicate, timeout=30)
+        assert demo.returncode == 0, output
+        assert b"Streaming metrics from 3 demo hosts" in output
