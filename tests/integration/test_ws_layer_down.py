@@ -1,0 +1,79 @@
+"""
+A server whose channel layer (Redis) is unreachable: sockets are refused with
+SERVICE_UNAVAILABLE, and the REST API should keep working.
+"""
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.client import api, ws_connect
+from tests.integration.harness import Deployment
+from tests.integration.tokens import forge_access_token
+
+# The server logs the layer's connection errors; that is expected here.
+pytestmark = [pytest.mark.integration, pytest.mark.server_errors_expected]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def no_layer(launch_sqlite: Any) -> Iterator[Deployment]:
+    with launch_sqlite("layer-down", REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+                       SYSMANAGE_REDIS_PREFIX="sysmanage-it-unreachable") as deployment:
+        yield deployment
+
+
+def admin_token(d: Deployment) -> str:
+    # /api/token/ cannot be used: see test_login_works_while_the_layer_is_down
+    return forge_access_token(d.env["DJANGO_SECRET_KEY"], d.user_id("admin"))
+
+
+async def test_socket_is_refused_with_service_unavailable(no_layer: Deployment):
+    async with ws_connect(no_layer.server.ws_url, token=admin_token(no_layer)) as client:
+        closed = await client.expect_closed(timeout=15)
+    # docs/websocket-protocol.md: "try again later" is 4503 (Daphne refuses 1013)
+    assert closed.code == 4503, closed.code
+    assert len(closed.messages) == 1, closed.messages
+    error = closed.messages[0]
+    assert error["type"] == "error"
+    assert error["channel"] == "system"
+    assert error["data"]["code"] == "SERVICE_UNAVAILABLE"
+    assert "id" not in error
+
+
+async def test_read_only_rest_api_works_while_the_layer_is_down(no_layer: Deployment):
+    response = await api("GET", no_layer.server.base_url, "/api/hosts/",
+                         token=admin_token(no_layer))
+    assert response.status == 200
+    assert response.body["count"] == len(no_layer.seed["hosts"])
+
+
+async def test_login_works_while_the_layer_is_down(no_layer: Deployment):
+    """Events are best effort: recording the login must not fail the login."""
+    response = await api("POST", no_layer.server.base_url, "/api/token/",
+                         json_body={"username": "viewer", "password": no_layer.password})
+    assert response.status == 200, response.status
+    assert {"access", "refresh"} <= set(response.body)
+    log = await api("GET", no_layer.server.base_url, "/api/activity/?username=viewer",
+                    token=admin_token(no_layer))
+    assert "login" in [row["action"] for row in log.body["results"]]
+
+
+async def test_raising_an_alert_while_the_layer_is_down(no_layer: Deployment):
+    """A committed write answers success even though its event cannot be delivered."""
+    base, token = no_layer.server.base_url, admin_token(no_layer)
+    before = (await api("GET", base, "/api/alerts/", token=token)).body["count"]
+    response = await api("POST", base, "/api/alerts/", token=token, json_body={
+        "severity": "warning", "category": "disk_space", "title": "layer down"})
+    assert response.status == 201, response.status
+    after = (await api("GET", base, "/api/alerts/", token=token)).body["count"]
+    assert after == before + 1
