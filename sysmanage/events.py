@@ -145,13 +145,23 @@ def send_to_hubs(message: dict[str, Any]) -> None:
 
 
 _warned = threading.Event()
+_server_process = threading.Event()
+
+
+def mark_server_process() -> None:
+    """Note that this process serves clients: its events need no warning (see below)."""
+    _server_process.set()
 
 
 def _warn_if_unshared_layer() -> None:
-    """Say once that events of a process without a hub reach nobody on the in-memory layer."""
+    """Say once that events of a process without a hub reach nobody on the in-memory layer.
+
+    A server process without a hub simply has no subscriber yet; any other process
+    (a management command) is talking to nobody, which is worth a warning.
+    """
     from django.conf import settings
 
-    if settings.REDIS_URL or _warned.is_set():
+    if settings.REDIS_URL or _warned.is_set() or _server_process.is_set():
         return
     _warned.set()
     logger.warning(
