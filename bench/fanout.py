@@ -1,0 +1,624 @@
+"""
+Fan-out benchmark: the real server (Daphne + hub + Redis layer) against a bare
+``websockets`` broadcast server, driven by the same load generator.
+
+One command runs everything and stops by itself::
+
+    .venv/bin/python bench/fanout.py --subscribers 500 --events 200 --rate 100
+
+For each subscriber count it runs, each time on a freshly started server:
+
+1. ``nominal``: both servers at ``--rate`` events/s;
+2. ``saturation``: both servers at ``--saturation-rate`` events/s (far above what either
+   delivers, so deliveries/s is the server's ceiling);
+3. ``half``: both servers at half the event rate the real server sustained in (2)
+   (its deliveries/s divided by the subscriber count), where p99 latency is judged.
+
+The load generator (``bench/loadgen.py``) runs as two processes, both separate from
+the server: one holding every subscriber, one publisher; the real server gets its
+events through Redis exactly as it would from another server process.  Server RSS is
+read before and after the subscribers connect; CPU time of the server, of the load
+generator and of the whole machine is read over the publish-and-deliver window, so a
+reader can tell which side was the bottleneck, how much server CPU one delivery costs,
+and whether something else was using the machine.
+
+Needs Redis on 127.0.0.1:6379 (``--redis-url``); targets only loopback addresses.
+See docs/benchmarks.md for how to read the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+PYTHON = sys.executable
+DAPHNE = str(Path(PYTHON).parent / "daphne")
+LOOPBACK = "127.0.0.1"
+
+#: Creates the benchmark's user and host in the fresh database; prints the host id.
+SETUP_SCRIPT = """
+import os
+from django.contrib.auth import get_user_model
+from hosts.services import host_create
+get_user_model().objects.create_user(
+    username="bench", password=os.environ["BENCH_PASSWORD"], is_staff=True)
+print("HOST_ID", host_create(hostname="bench-host").id)
+"""
+
+
+class BenchError(RuntimeError):
+    """A run could not be carried out (a process failed or timed out)."""
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Return once ``port`` accepts connections; fail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args!r} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+            return
+        time.sleep(0.1)
+    raise BenchError(f"nothing listened on port {port} within {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Terminate ``proc`` (and kill it if it lingers); bounded by ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def raise_open_file_limit() -> None:
+    """Let this process and its children hold thousands of sockets."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@dataclass
+class Server:
+    """A started server under test."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    token: str = ""
+
+
+class CpuWindow:
+    """CPU seconds used by some processes and by the whole machine over a window."""
+
+    def __init__(self, procs: dict[str, psutil.Process]) -> None:
+        self.procs = procs
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, dict[str, float], float]:
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        used: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                used[name] = times.user + times.system
+        return time.monotonic(), used, busy
+
+    def percentages(self) -> dict[str, float]:
+        """Percent of one core used since the window opened, per process and ``machine``."""
+        t0, used0, busy0 = self.start
+        t1, used1, busy1 = self._sample()
+        span = max(t1 - t0, 1e-6)
+        result = {name: 100.0 * (used1.get(name, used0[name]) - used0[name]) / span
+                  for name in used0}
+        result["machine"] = 100.0 * (busy1 - busy0) / span
+        return {k: round(v, 1) for k, v in result.items()}
+
+
+class Bench:
+    """Owns the temporary directory, the database and every process of a benchmark."""
+
+    def __init__(self, options: argparse.Namespace, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.prefix = f"sysmanage-bench-{uuid.uuid4().hex[:12]}"
+        self.password = secrets.token_urlsafe(16)
+        self.host_id = ""
+        self.runs = 0
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
+            "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+            "SYSMANAGE_VAR_DIR": str(workdir / "var"),
+            "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+            "REDIS_URL": options.redis_url,
+            "SYSMANAGE_REDIS_PREFIX": self.prefix,
+            "JWT_ACCESS_TTL_SECONDS": "7200",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                        os.environ.get("PYTHONPATH")])),
+            "BENCH_PASSWORD": self.password,
+            "PYTHONUNBUFFERED": "1",
+        }
+        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                     "ALL_PROXY"):
+            self.env.pop(name, None)
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def prepare_database(self) -> None:
+        """Migrate a fresh SQLite database and create the user and the host."""
+        manage = [PYTHON, str(REPO / "manage.py")]
+        self._run(manage + ["migrate", "--noinput", "-v", "0"], timeout=300)
+        output = self._run(manage + ["shell", "-c", SETUP_SCRIPT], timeout=120)
+        for line in output.splitlines():
+            if line.startswith("HOST_ID "):
+                self.host_id = line.split()[1]
+        if not self.host_id:
+            raise BenchError(f"setup printed no host id:\n{output}")
+
+    def _run(self, command: list[str], timeout: float) -> str:
+        done = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    # -- servers --------------------------------------------------------------------------
+
+    def start_server(self, kind: str) -> Server:
+        """Start a fresh server of ``kind`` (``bare`` or ``real``) on a free port."""
+        self.runs += 1
+        busy = self.wait_until_quiet()
+        if busy > self.options.quiet_below:
+            print(f"  (machine still {busy:.0f}% busy with other processes; measuring anyway)",
+                  flush=True)
+        port = free_port()
+        log = self.workdir / f"{self.runs:02d}-{kind}-server.log"
+        if kind == "bare":
+            command = [PYTHON, str(BENCH / "bare_server.py"), "--port", str(port)]
+        else:
+            command = [DAPHNE, "-b", LOOPBACK, "-p", str(port), self.options.asgi_app]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        server = Server(kind, proc, f"ws://{LOOPBACK}:{port}", log)
+        try:
+            wait_for_port(port, proc, timeout=60)
+            if kind == "real":
+                server.token = self._token(port)
+        except BaseException:
+            stop_process(proc)
+            raise
+        return server
+
+    def _token(self, port: int) -> str:
+        body = json.dumps({"username": "bench", "password": self.password}).encode()
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{port}/api/token/", data=body,
+            headers={"Content-Type": "application/json"}, method="POST")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=30) as response:
+            return str(json.load(response)["access"])
+
+    # -- one run --------------------------------------------------------------------------
+
+    def run(self, kind: str, label: str, subscribers: int, rate: float) -> Row:
+        """Start a server, drive it with the load generator once, stop everything."""
+        options = self.options
+        server = self.start_server(kind)
+        logs = self.workdir / f"{self.runs:02d}-{kind}"
+        deadline = options.connect_timeout + options.events / rate + options.drain_timeout + 120
+        common = [PYTHON, str(BENCH / "loadgen.py")]
+        shared = ["--mode", kind, "--url", server.url, "--events", str(options.events),
+                  "--host-id", self.host_id, "--deadline", str(deadline)]
+        server_ps = psutil.Process(server.proc.pid)
+        children: list[Child] = []
+        try:
+            time.sleep(options.settle)
+            rss_before = server_ps.memory_info().rss
+            subs = Child.spawn(common + ["subscribe"] + shared + [
+                "--subscribers", str(subscribers), "--client", options.client,
+                "--token", server.token, "--connect-timeout", str(options.connect_timeout),
+                "--drain-timeout", str(options.drain_timeout)],
+                self.env, Path(f"{logs}-subscribers.log"))
+            children.append(subs)
+            subs.expect("READY", options.connect_timeout + 30)
+            time.sleep(options.settle)
+            rss_after = server_ps.memory_info().rss
+            pub = Child.spawn(common + ["publish"] + shared + ["--rate", str(rate)],
+                              self.env, Path(f"{logs}-publisher.log"))
+            children.append(pub)
+            pub.expect("READY", 60)
+            profiler = self._start_profiler(server, label, subscribers)
+            cpu = CpuWindow({"server": server_ps, "subscribers": psutil.Process(subs.proc.pid),
+                             "publisher": psutil.Process(pub.proc.pid)})
+            pub.say("GO", {})
+            done = pub.expect("DONE", options.events / rate + 120)
+            subs.say("PUBLISHED", done)
+            subs.expect("DRAINED", deadline)
+            usage = cpu.percentages()
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                children.append(Child(profiler, queue.Queue(), self.workdir / "py-spy.log"))
+            result = subs.expect("RESULT", 30)
+            for child in children:
+                child.proc.wait(30)
+            if server.proc.poll() is not None:
+                raise BenchError(f"{kind} server died:\n{tail(server.log)}")
+        finally:
+            for child in children:
+                stop_process(child.proc, grace=5)
+            stop_process(server.proc)
+        result["published_rate"] = done["published_rate"]
+        result["rate"] = rate
+        return Row.build(kind, label, result, rss_before, rss_after, usage)
+
+    def _start_profiler(self, server: Server, label: str,
+                        subscribers: int) -> subprocess.Popen[str] | None:
+        """Sample the server with py-spy over the publish window, if ``--profile`` asks."""
+        directory: Path | None = self.options.profile
+        if directory is None or server.kind not in self.options.profile_servers:
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        output = directory / f"{server.kind}-{label}-{subscribers}.txt"
+        py_spy = Path(PYTHON).parent / "py-spy"
+        with (self.workdir / "py-spy.log").open("a") as log:
+            proc = subprocess.Popen(
+                [str(py_spy), "record", "--pid", str(server.proc.pid), "--rate", "250",
+                 "--format", "raw", "--nonblocking", "--output", str(output)],
+                stdout=log, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)  # py-spy attaches before the first event
+        return proc
+
+    def wait_until_quiet(self) -> float:
+        """Wait (bounded) until other processes leave the CPUs idle; return their busy %."""
+        limit, deadline = self.options.quiet_below, time.monotonic() + self.options.quiet_wait
+        while True:
+            busy = psutil.cpu_percent(interval=1.0) * psutil.cpu_count()
+            if busy <= limit or time.monotonic() >= deadline:
+                return round(busy, 1)
+
+    def cleanup_redis(self) -> None:
+        """Delete the keys this benchmark's channel layer left in Redis (unique prefix)."""
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(self.options.redis_url, socket_timeout=5)
+            keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+
+@dataclass
+class Child:
+    """A load generator process and the protocol lines it prints (see bench/loadgen.py)."""
+
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str | None]
+    log: Path
+
+    @classmethod
+    def spawn(cls, command: list[str], env: dict[str, str], log: Path) -> Child:
+        """Start ``command`` with its stderr in ``log`` and its stdout read line by line."""
+        with log.open("w") as err:
+            proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, text=True,
+                                    start_new_session=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return cls(proc, lines, log)
+
+    def say(self, tag: str, payload: dict[str, Any]) -> None:
+        """Send one protocol line to the process."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{tag} {json.dumps(payload)}\n")
+        self.proc.stdin.flush()
+
+    def expect(self, tag: str, timeout: float) -> dict[str, Any]:
+        """Wait for the process's ``tag`` line and return its JSON payload."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"no {tag} from {self.log.name} within {timeout:.0f}s:\n"
+                                 f"{tail(self.log)}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise BenchError(f"{self.log.name}: exited before {tag}:\n{tail(self.log)}")
+            head, _, payload = line.partition(" ")
+            if head == tag:
+                return dict(json.loads(payload or "{}"))
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    server: str
+    label: str
+    subscribers: int
+    events: int
+    rate: float
+    published_rate: float
+    deliveries_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    lost: int
+    mean_bytes: float | None
+    server_cpu: float
+    server_us_per_delivery: float | None
+    loadgen_cpu: float
+    other_cpu: float
+    kb_per_conn: float
+    rss_before_mb: float
+    rss_after_mb: float
+    connect_seconds: float
+    ratio: float | None = None
+    closed_early: int = 0
+    duplicates: int = 0
+
+    @classmethod
+    def build(cls, kind: str, label: str, result: dict[str, Any], rss_before: int,
+              rss_after: int, usage: dict[str, float]) -> Row:
+        """Combine the load generator's result with the orchestrator's measurements."""
+        subscribers = int(result["subscribers"])
+        loadgen = round(usage.get("subscribers", 0.0) + usage.get("publisher", 0.0), 1)
+        return cls(
+            server=kind, label=label, subscribers=subscribers, events=int(result["events"]),
+            rate=float(result["rate"]), published_rate=float(result["published_rate"]),
+            deliveries_per_s=float(result["deliveries_per_s"]),
+            p50_ms=result["p50_ms"], p99_ms=result["p99_ms"], lost=int(result["lost"]),
+            mean_bytes=result["mean_bytes"],
+            server_cpu=usage.get("server", 0.0), loadgen_cpu=loadgen,
+            server_us_per_delivery=round(usage.get("server", 0.0) * 1e4
+                                         / float(result["deliveries_per_s"]), 1)
+            if float(result["deliveries_per_s"]) > 0 else None,
+            other_cpu=max(0.0, round(usage["machine"] - usage.get("server", 0.0) - loadgen, 1)),
+            kb_per_conn=round((rss_after - rss_before) / 1024 / max(subscribers, 1), 1),
+            rss_before_mb=round(rss_before / 2**20, 1), rss_after_mb=round(rss_after / 2**20, 1),
+            connect_seconds=float(result["connect_seconds"]),
+            closed_early=int(result.get("closed_early", 0)),
+            duplicates=int(result.get("duplicates", 0)),
+        )
+
+
+COLUMNS: list[tuple[str, str, int]] = [
+    ("server", "server", 6), ("label", "run", 10), ("subscribers", "subs", 5),
+    ("events", "events", 6), ("rate", "rate/s", 7), ("published_rate", "pub/s", 7),
+    ("deliveries_per_s", "deliv/s", 8), ("p50_ms", "p50 ms", 7), ("p99_ms", "p99 ms", 7),
+    ("lost", "lost", 6), ("mean_bytes", "msg B", 5), ("server_cpu", "srv%", 5),
+    ("server_us_per_delivery", "srv us/del", 10),
+    ("loadgen_cpu", "gen%", 5), ("other_cpu", "oth%", 5), ("kb_per_conn", "KB/conn", 7),
+    ("ratio", "real/bare", 9),
+]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[Row]) -> str:
+    """The results as a Markdown table (readable as plain text too)."""
+    head = "| " + " | ".join(title.rjust(width) for _, title, width in COLUMNS) + " |"
+    rule = "|" + "|".join("-" * (width + 1) + ":" for _, _, width in COLUMNS) + "|"
+    body = [
+        "| " + " | ".join(_cell(getattr(row, key)).rjust(width) for key, _, width in COLUMNS)
+        + " |"
+        for row in rows
+    ]
+    return "\n".join([head, rule, *body])
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Set real/bare deliveries/s on each real row that has a bare run of the same kind."""
+    bare = {(r.subscribers, r.label): r for r in rows if r.server == "bare"}
+    for row in rows:
+        match = bare.get((row.subscribers, row.label))
+        if row.server == "real" and match is not None and match.deliveries_per_s > 0:
+            row.ratio = round(row.deliveries_per_s / match.deliveries_per_s, 2)
+
+
+def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterator[str]:
+    """One line per subscriber count on each target."""
+    for row in rows:
+        if row.server != "real":
+            continue
+        if row.label == "saturation" and row.ratio is not None:
+            ok = "met" if row.ratio >= ratio_target else "NOT met"
+            yield (f"{row.subscribers} subscribers: real/bare deliveries/s at saturation "
+                   f"{row.ratio:.2f} (target >= {ratio_target}): {ok}")
+            bare = next((r for r in rows if r.server == "bare" and r.label == row.label
+                         and r.subscribers == row.subscribers), None)
+            if bare is not None and bare.server_us_per_delivery and row.server_us_per_delivery:
+                yield (f"{row.subscribers} subscribers: server CPU per delivery at saturation "
+                       f"real {row.server_us_per_delivery:.1f} us, bare "
+                       f"{bare.server_us_per_delivery:.1f} us (bare/real "
+                       f"{bare.server_us_per_delivery / row.server_us_per_delivery:.2f})")
+        if row.label == "half" and row.p99_ms is not None:
+            ok = "met" if row.p99_ms < p99_target and row.lost == 0 else "NOT met"
+            yield (f"{row.subscribers} subscribers: real p99 at {row.rate:g} events/s (half "
+                   f"its saturated rate) {row.p99_ms:.1f} ms, {row.lost} lost "
+                   f"(target < {p99_target:g} ms): {ok}")
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description="Fan-out benchmark: real server vs. bare websockets broadcast.")
+    parser.add_argument("--subscribers", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[500], help="subscriber counts, comma-separated (500,1000)")
+    parser.add_argument("--events", type=int, default=200, help="events per run")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="event rate of the nominal run, events/s")
+    parser.add_argument("--saturation-rate", type=float, default=5000.0,
+                        help="event rate of the saturation run, events/s")
+    parser.add_argument("--client", choices=("lean", "standard"), default="lean",
+                        help="subscriber implementation (see bench/loadgen.py)")
+    parser.add_argument("--drain-timeout", type=float, default=5.0,
+                        help="a run ends this long after the last delivery seen")
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="pause before reading RSS and starting to publish, seconds")
+    parser.add_argument("--servers", default={"bare", "real"},
+                        type=lambda s: set(s.split(",")) & {"bare", "real"} or {"bare", "real"},
+                        help="servers to run: bare,real (default both)")
+    parser.add_argument("--asgi-app", default="sysmanage.asgi:application",
+                        help="application Daphne serves (to compare an experimental build; "
+                        "PYTHONPATH is passed on)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--ratio-target", type=float, default=0.8)
+    parser.add_argument("--p99-target", type=float, default=100.0, help="milliseconds")
+    parser.add_argument("--quiet-below", type=float, default=20.0,
+                        help="before each run, wait until the machine's CPU use (%% of one "
+                        "core, all cores summed) is at most this")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="wait at most this many seconds for a quiet machine")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="record py-spy samples of the server over each publish window "
+                        "into DIR (collapsed stacks, one file per run)")
+    parser.add_argument("--profile-servers", default="real",
+                        type=lambda s: set(s.split(",")), help="which servers to profile")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (database and logs)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole benchmark and print the table; 0 when every run completed, else 1."""
+    options = parse_args(argv)
+    if not options.redis_url.startswith(("redis://127.", "redis://localhost")):
+        raise SystemExit("--redis-url must point to a loopback address")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    raise_open_file_limit()
+    try:
+        redis.Redis.from_url(options.redis_url, socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        raise SystemExit(f"Redis is not reachable at {options.redis_url}: {exc}") from None
+
+    workdir = Path(tempfile.mkdtemp(prefix="sysmanage-bench-"))
+    bench = Bench(options, workdir)
+    rows: list[Row] = []
+    status = 0
+    try:
+        bench.prepare_database()
+        print(f"machine: {psutil.cpu_count()} CPUs, python {sys.version.split()[0]}; "
+              f"work dir {workdir}", flush=True)
+        kinds = [k for k in ("bare", "real") if k in options.servers]
+        for n in options.subscribers:
+            for label, rate in (("nominal", options.rate),
+                                ("saturation", options.saturation_rate)):
+                for kind in kinds:
+                    rows.append(bench.run(kind, label, n, rate))
+                    _progress(rows[-1])
+            # Half the event rate the real server (else the bare one) sustained.
+            reference = next(r for r in reversed(rows) if r.server == kinds[-1]
+                             and r.label == "saturation" and r.subscribers == n)
+            half = round(reference.deliveries_per_s / n / 2, 1)
+            if half <= 0:
+                raise BenchError(f"the {kinds[-1]} server delivered nothing at saturation")
+            for kind in reversed(kinds):
+                rows.append(bench.run(kind, "half", n, half))
+                _progress(rows[-1])
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        print(f"benchmark stopped: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        bench.cleanup_redis()
+        if options.keep:
+            print(f"kept {workdir}")
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+        add_ratios(rows)
+        if rows:
+            print()
+            print(table(rows))
+            print()
+            for line in verdicts(rows, options.ratio_target, options.p99_target):
+                print(line)
+        if options.json is not None and rows:
+            options.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return status
+
+
+def _progress(row: Row) -> None:
+    print(f"  {row.server:4} {row.label:10} {row.subscribers:5} subs @ {row.rate:g}/s: "
+          f"{row.deliveries_per_s:.0f} deliveries/s, p99 {row.p99_ms} ms, lost {row.lost}, "
+          f"server CPU {row.server_cpu}% ({row.server_us_per_delivery} us/delivery), "
+          f"load generator CPU {row.loadgen_cpu}%, others {row.other_cpu}%",
+          flush=True)
+    if row.closed_early or row.duplicates:
+        print(f"  WARNING: {row.closed_early} connections closed by the server, "
+              f"{row.duplicates} duplicate deliveries", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
