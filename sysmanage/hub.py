@@ -80,6 +80,9 @@ class Hub:
         self.loop = loop
         self.channel_name: str | None = None
         self.subscriptions: dict[str, dict[Subscriber, Filters]] = defaultdict(dict)
+        # channel -> host_id (None: all hosts) -> payload variant -> subscribers.  Dispatch
+        # walks only the buckets an event can match and frames each variant once.
+        self._index: dict[str, dict[Any, dict[Any, set[Subscriber]]]] = defaultdict(dict)
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
         self.by_session: dict[str, set[Subscriber]] = defaultdict(set)
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -195,8 +198,8 @@ class Hub:
 
     def unregister(self, conn: Subscriber) -> None:
         """Forget ``conn`` and all its subscriptions."""
-        for subs in self.subscriptions.values():
-            subs.pop(conn, None)
+        for channel in list(self.subscriptions):
+            self.unsubscribe(conn, channel)
         for index, key in self._indexes(conn):
             members = index.get(key)
             if members is not None:
@@ -248,11 +251,30 @@ class Hub:
 
     def subscribe(self, conn: Subscriber, channel: str, filters: Filters) -> None:
         """Subscribe ``conn`` to ``channel``, replacing any filters it had there."""
+        self.unsubscribe(conn, channel)
         self.subscriptions[channel][conn] = filters
+        self._bucket(channel, filters).add(conn)
 
     def unsubscribe(self, conn: Subscriber, channel: str) -> bool:
         """Unsubscribe ``conn`` from ``channel``; return whether it was subscribed."""
-        return self.subscriptions[channel].pop(conn, None) is not None
+        filters = self.subscriptions[channel].pop(conn, None)
+        if filters is None:
+            return False
+        hosts = self._index[channel]
+        key = filters.get("host_id")
+        variants = hosts[key]
+        bucket = variants[TOPICS[channel].variant(filters)]
+        bucket.discard(conn)
+        if not bucket:
+            del variants[TOPICS[channel].variant(filters)]
+            if not variants:
+                del hosts[key]
+        return True
+
+    def _bucket(self, channel: str, filters: Filters) -> set[Subscriber]:
+        """The set of subscribers sharing ``filters``' host and payload shape."""
+        variants = self._index[channel].setdefault(filters.get("host_id"), {})
+        return variants.setdefault(TOPICS[channel].variant(filters), set())
 
     def subscriber_count(self, channel: str | None = None) -> int:
         """How many local subscriptions exist (on ``channel``, or on all channels)."""
@@ -301,28 +323,31 @@ class Hub:
             self.fleet.seen(data)
         if data.get("final") and data.get("execution_id"):
             self.resolve(f"done:{data['execution_id']}", data)
-        subscribers = self.subscriptions.get(channel)
         self.stats["events"] += 1
-        if not subscribers:
+        hosts = self._index.get(channel)
+        if not hosts:
             return 0
         topic = TOPICS[channel]
-        frames: dict[Any, Frame] = {}
-        delivered = 0
-        for conn, filters in list(subscribers.items()):
-            if not topic.matches(filters, data):
-                continue
-            key = topic.variant(filters)
-            frame = frames.get(key)
-            if frame is None:
-                payload = envelope(
-                    MessageType.EVENT, channel, topic.render(filters, data),
-                    timestamp=message.get("timestamp"),
-                )
-                frame = frames[key] = Frame(dumps(payload))
-            conn.deliver(frame)
-            delivered += 1
+        host_id = data.get("host_id")
+        buckets = [hosts.get(None)] + ([hosts.get(host_id)] if host_id is not None else [])
+        frames = delivered = 0
+        filters_of = self.subscriptions[channel]
+        for variants in buckets:
+            for conns in (variants or {}).values():
+                frame: Frame | None = None
+                for conn in list(conns):
+                    filters = filters_of[conn]
+                    if topic.extra_match and not topic.matches(filters, data):
+                        continue
+                    if frame is None:
+                        frame = Frame(dumps(envelope(
+                            MessageType.EVENT, channel, topic.render(filters, data),
+                            timestamp=message.get("timestamp"))))
+                        frames += 1
+                    conn.deliver(frame)
+                    delivered += 1
         self.stats["deliveries"] += delivered
-        self.stats["frames"] += len(frames)
+        self.stats["frames"] += frames
         return delivered
 
     def control(self, message: dict[str, Any]) -> None:

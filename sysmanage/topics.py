@@ -32,6 +32,9 @@ class Topic:
     filter_fields: ClassVar[dict[str, tuple[bool, str]]] = {}
     #: whether subscribers get a ``status`` message with the current state at once.
     sends_initial_state: ClassVar[bool] = False
+    #: whether :meth:`matches` checks more than the host (the hub indexes subscribers by
+    #: ``host_id``, so for the other channels it need not call it per subscriber).
+    extra_match: ClassVar[bool] = False
 
     def authorize(self, user: Any) -> str | None:
         """Return why ``user`` may not subscribe, or None if it may."""
@@ -138,6 +141,7 @@ class SystemAlertsTopic(Topic):
 
     name = "system_alerts"
     filter_fields = {"severity": (False, "severities"), "host_id": (False, "uuid")}
+    extra_match = True
 
     def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
         """Match on host (if filtered) and on severity (if filtered)."""

@@ -196,3 +196,32 @@ async def test_repeated_fleet_figures_are_not_delivered_twice():
     assert hub.dispatch(fleet("t1")) == 1
     assert hub.dispatch(fleet("t2")) == 0  # same figures from another process
     assert hub.dispatch(fleet("t3", online_hosts=2, offline_hosts=0)) == 1
+
+
+async def test_resubscribing_moves_a_connection_between_host_buckets():
+    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    conn = Recorder()
+    other_host = str(uuid.uuid4())
+    hub.subscribe(conn, "host_metrics", {"host_id": other_host})
+    hub.subscribe(conn, "host_metrics", {"host_id": HOST, "metrics": ("cpu",)})
+    assert hub.dispatch(metrics_message()) == 1
+    assert json.loads(conn.frames[0].text)["data"]["metrics"] == {"cpu_usage": 1.0}
+    assert other_host not in hub._index["host_metrics"]
+    hub.unsubscribe(conn, "host_metrics")
+    assert hub._index["host_metrics"] == {}
+    assert hub.dispatch(metrics_message()) == 0
+
+
+async def test_host_filtered_alert_subscribers_skip_hostless_alerts():
+    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    everything, one_host, critical_only = Recorder(), Recorder(), Recorder()
+    hub.subscribe(everything, "system_alerts", {})
+    hub.subscribe(one_host, "system_alerts", {"host_id": HOST})
+    hub.subscribe(critical_only, "system_alerts", {"severity": ("critical",)})
+    alert = {"type": "hub.event", "event": "alert.changed", "channel": "system_alerts",
+             "timestamp": "t", "data": {"alert_id": "a", "severity": "warning",
+                                        "host_id": None, "title": "x"}}
+    assert hub.dispatch(alert) == 1
+    assert (len(everything.frames), len(one_host.frames), len(critical_only.frames)) == (1, 0, 0)
+    alert["data"] = {**alert["data"], "host_id": HOST, "severity": "critical"}
+    assert hub.dispatch(alert) == 3
