@@ -15,7 +15,12 @@ const data = pageData();
 const hostId = data.hostId;
 const HISTORY_LIMIT = 10;
 
-const client = startLive({ onReconnect: () => loadAlerts() });
+const client = startLive({
+  onReconnect: () => {
+    loadAlerts();
+    refreshOperations();
+  },
+});
 
 // -- status -------------------------------------------------------------------------------
 
@@ -192,6 +197,18 @@ const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update"
 const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
 
 client.subscribe("package_operations", { host_id: hostId }, (event) => showOperation(event));
+
+/** After a reconnect, bring the operations shown up to date (events may have been missed). */
+async function refreshOperations() {
+  try {
+    const page = await getJSON(`/api/package-operations/?host=${encodeURIComponent(hostId)}&limit=50`);
+    for (const op of page.results.reverse()) {
+      if (operations.has(op.id)) showOperation({ ...op, execution_id: op.id });
+    }
+  } catch (err) {
+    showNotice(`Could not refresh package operations: ${err.message}`, { kind: "error", key: "operations" });
+  }
+}
 
 packageForm.addEventListener("submit", async (event) => {
   event.preventDefault();

@@ -77,9 +77,21 @@ function applySnapshot(hosts) {
 }
 
 /** One host changed status. */
-function applyChange(change) {
-  const row = rows.get(change.host_id);
-  if (!row) return void loadAllHosts();
+async function applyChange(change) {
+  let row = rows.get(change.host_id);
+  if (!row) {
+    // A host enrolled after this page was loaded: fetch its row, then show the change.
+    try {
+      upsertHost(await getJSON(`/api/hosts/${encodeURIComponent(change.host_id)}/`));
+      applyFilter();
+    } catch (err) {
+      showNotice(`Could not load host ${change.hostname}: ${err.message}`,
+        { kind: "error", key: "hosts" });
+      return;
+    }
+    row = rows.get(change.host_id);
+    if (!row) return;
+  }
   setStatus(row, change.status, change.status === "online" ? change.timestamp : null);
   row.classList.remove("is-changed");
   void row.offsetWidth; // restart the highlight

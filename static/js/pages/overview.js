@@ -9,7 +9,15 @@ const SEVERITIES = ["critical", "warning", "info"];
 const FIGURES = ["total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts", "pending_operations"];
 
 const data = pageData();
-const client = startLive({ onReconnect: () => recountAlerts() });
+const client = startLive({
+  onReconnect: () => {
+    recountAlerts();
+    if (data.canViewActivity) {
+      showNotice("Reconnected. Activity recorded while this page was offline is not listed.",
+        { kind: "warn", key: "reconnected", action: { text: "Reload", run: () => location.reload() } });
+    }
+  },
+});
 
 client.subscribe("fleet_status", null, showFleet);
 client.subscribe("system_alerts", null, () => scheduleRecount());
