@@ -23,3 +23,5 @@ class HostsConfig(AppConfig):
         command_registry.register("package_operations", commands.handle_package_operation)
         register_periodic("hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS,
                           maintenance.sweep)
+        register_periodic("hosts.agent_recheck", lambda: settings.AGENT_RECHECK_SECONDS,
+                          maintenance.agent_recheck)

@@ -82,7 +82,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if previous is not None:
             previous.close_from_hub(CloseCode.REPLACED, error_envelope(
                 ErrorCode.REPLACED, "Another connection with this host's token took over"))
-        self._spawn(self._poll_pending())
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: flush metrics history, mark the host offline."""
@@ -274,24 +273,6 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.sent.add(ref)
         publish_control_now("agent_took", ref=ref, host_id=self.host_id)
         return True
-
-    async def _poll_pending(self) -> None:
-        """Re-check the token and queued work now and then.
-
-        Revocations normally arrive at once through the hub; this also catches them
-        when they were made by a process that shares no channel layer with this one.
-        """
-        while True:
-            await asyncio.sleep(settings.AGENT_RECHECK_SECONDS)
-            if self.closing:
-                return
-            if not await database_sync_to_async(selectors.token_still_valid)(
-                    self.host_id or "", self.token_hash):
-                self.close_from_hub(CloseCode.AUTH_FAILED, auth_failed_envelope(
-                    "Agent token was revoked or rotated"))
-                return
-            if self.ready:
-                await self.dispatch_pending()
 
     async def _seen(self) -> None:
         """Persist last-seen at most every third of the offline timeout."""

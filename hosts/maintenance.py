@@ -6,6 +6,7 @@ operations end with a clear status.  Every server process runs it periodically, 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -36,3 +37,35 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
         logger.info("sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) "
                     "failed", len(offline), timed_out, failed)
     return report
+
+
+def agent_recheck() -> None:
+    """For every agent connected to this process: is its token still valid, and is work
+    waiting for it?  One query for each question, for all of them at once.
+
+    Revocations and new work normally arrive at once through the hub; this catches the
+    ones made by a process that shares no channel layer with this one, and nudges that
+    were lost.
+    """
+    from hosts.models import CommandExecution, Host, PackageOperation
+    from sysmanage.hub import Hub
+    from sysmanage.protocol import CloseCode, auth_failed_envelope
+
+    hub = Hub.current()
+    if hub is None or not hub.agents:
+        return
+    connected = list(hub.agents.items())  # a snapshot; the loop may change the dict
+    ids = [host_id for host_id, _ in connected]
+    tokens = dict(Host.objects.filter(id__in=ids).values_list("id", "token_hash"))
+    waiting = set(CommandExecution.objects.filter(
+        host_id__in=ids, status__in=CommandExecution.ACTIVE_STATUSES).values_list(
+        "host_id", flat=True)) | set(PackageOperation.objects.filter(
+        host_id__in=ids, status__in=PackageOperation.ACTIVE_STATUSES).values_list(
+        "host_id", flat=True))
+    for host_id, conn in connected:
+        token_hash = tokens.get(uuid.UUID(host_id))
+        if not token_hash or token_hash != getattr(conn, "token_hash", None):
+            hub.call_soon_threadsafe(conn.close_from_hub, CloseCode.AUTH_FAILED,
+                                     auth_failed_envelope("Agent token was revoked or rotated"))
+        elif uuid.UUID(host_id) in waiting:
+            hub.call_soon_threadsafe(conn.nudge)

@@ -93,7 +93,3 @@ def command_event_data(execution_id: Any) -> dict[str, Any]:
         id=execution_id)
     return command_event(execution).data()
 
-
-def token_still_valid(host_id: str, token_hash: str) -> bool:
-    """Whether ``host_id`` still has the token whose digest is ``token_hash``."""
-    return bool(token_hash) and Host.objects.filter(id=host_id, token_hash=token_hash).exists()

@@ -128,7 +128,11 @@ TEMPLATES = [
 # DATABASE_URL takes any URL of the usual form (postgres://..., sqlite:///path).
 # Without it the server keeps a SQLite file under var/.
 DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+# Keep database connections open between requests and socket messages: Daphne runs every
+# database call of a process in one thread, and opening a connection per call cost
+# more than the queries themselves under agent load (docs/benchmarks.md).
+DATABASES = {"default": dj_database_url.parse(
+    DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers proceed while the single writer commits; the timeout rides
     # out short write bursts instead of failing with "database is locked".
