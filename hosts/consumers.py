@@ -24,6 +24,7 @@ from hosts.events import HostMetricsReported
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import RAW_SEND_KEY, bearer_token
 from sysmanage.consumers import TokenBucket
+from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.events import publish_control_now, publish_now
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
@@ -41,7 +42,7 @@ from sysmanage.transport import Outbound
 logger = logging.getLogger(__name__)
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     """The connection of one host's agent."""
 
     channel_layer_alias = "__hub_only__"  # work reaches agents through the hub

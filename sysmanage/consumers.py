@@ -19,6 +19,7 @@ from django.conf import settings
 
 from sysmanage import commands
 from sysmanage.auth import RAW_SEND_KEY, authenticate_socket, seconds_until
+from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
     ClientMessage,
@@ -64,7 +65,7 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-class ClientConsumer(AsyncWebsocketConsumer):
+class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     """One authenticated client connection speaking the seed protocol."""
 
     # No per-connection layer channel: every event reaches this socket through the
