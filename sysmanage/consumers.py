@@ -75,6 +75,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     user: Any = None
     user_id: str | None = None
     session_tag: str | None = None
+    closing = False
     hub: Hub | None = None
     outbound: Outbound | None = None
 
@@ -131,7 +132,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     def deliver(self, frame: Frame) -> None:
         """Called by the hub with an event frame; never blocks."""
-        if self.outbound is not None and not getattr(self, "closing", False):
+        if not self.closing and self.outbound is not None:
             self.outbound.deliver(frame)
 
     def reply(self, message: dict[str, Any]) -> None:

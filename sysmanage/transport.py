@@ -87,6 +87,8 @@ class Outbound:
         self._send = send
         self._protocol = _daphne_protocol(send)
         self._socket = _raw_socket(self._protocol) if self._protocol is not None else None
+        # Twisted's TCP transport, read directly on the hot path (see backlog_bytes).
+        self._tcp = self._protocol.transport if self._socket is not None else None
         self._max_buffer = max_buffer_bytes
         self._on_overflow = on_overflow
         self._queue: asyncio.Queue[str] | None = None
@@ -119,7 +121,9 @@ class Outbound:
         if protocol is not None:
             if protocol.state != protocol.STATE_OPEN:
                 return
-            backlog = self.backlog_bytes()
+            transport = self._tcp
+            backlog = (len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+                       if transport is not None else self.backlog_bytes())
             if backlog > self._max_buffer:
                 self._overflow()
                 return

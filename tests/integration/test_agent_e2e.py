@@ -382,3 +382,42 @@ async def test_seed_demo_streams_a_live_fleet(deployment, tmp_path):
             output, _ = await asyncio.to_thread(demo.communicate, timeout=30)
         assert demo.returncode == 0, output
         assert b"Streaming metrics from 3 demo hosts" in output
+
+
+async def wait_command(deployment: harness.Deployment, host_id: str, status: str,
+                       timeout: float = 40) -> dict[str, Any]:
+    """Poll the REST API until the host's latest command has ``status``; return it."""
+    from tests.integration.client import api
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = await api("GET", deployment.server.base_url, f"/api/commands/?host={host_id}",
+                            token=deployment.token("admin"))
+        results = listing.body["results"] if listing.status == 200 else []
+        if results and results[0]["status"] == status:
+            return results[0]
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"the command of {host_id} did not become {status}")
+
+
+async def test_command_running_across_a_server_restart_ends_recorded(launch_sqlite, tmp_path):
+    with launch_sqlite("restart-cmd", **AGENT_SETTINGS) as restart:
+        proxy = Proxy(restart.server.port)
+        port = await proxy.start()
+        async with running_agent(restart, tmp_path, "e2e-restart-cmd",
+                                 f"http://127.0.0.1:{port}") as (enrolled, _):
+            host_id = enrolled["host_id"]
+            async with contextlib.AsyncExitStack() as stack:
+                ws = await client(stack, restart)
+                await ws.send({"type": "command", "channel": "command_execution", "id": "r1",
+                               "data": {"host_id": host_id, "timeout": 30,
+                                        "command": "sleep 4; echo after-restart"}})
+                await wait_command(restart, host_id, "running", timeout=15)
+            restart.servers[0].stop()  # the server goes away while the command runs
+            (new,) = harness.start_servers([("restart-cmd-2", restart.env)], tmp_path)
+            restart.servers[0] = new
+            proxy.target_port = new.port
+            restart.tokens.clear()
+            done = await wait_command(restart, host_id, "completed")
+            assert (done["stdout"], done["exit_code"]) == ("after-restart\n", 0)
+        await proxy.close()
