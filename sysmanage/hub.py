@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 REJOIN_INTERVAL = 3600.0
 #: Back-off bounds when the layer fails (Redis restarting, network blip).
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+#: Messages received from the layer and waiting for fan-out, at most.
+INBOX_SIZE = 1000
 #: Attempts to hand one published message to the layer before giving up on it.
 PUBLISH_ATTEMPTS = 5
 
@@ -86,6 +88,8 @@ class Hub:
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
         self.by_session: dict[str, set[Subscriber]] = defaultdict(set)
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Received but not yet fanned out; bounded so a backlog stays in the layer.
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
@@ -132,6 +136,7 @@ class Hub:
         await self.layer.group_add(EVENTS_GROUP, self.channel_name)
         self._tasks = [
             self.spawn(self._receive_loop()),
+            self.spawn(self._dispatch_loop()),
             self.spawn(self._publish_loop()),
             self.spawn(self._rejoin_loop()),
             *(self.spawn(self._periodic_loop(name, interval, job))
@@ -298,6 +303,16 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
+            await self._inbox.put(message)
+
+    async def _dispatch_loop(self) -> None:
+        """Hand received messages on, while the receive loop already fetches the next.
+
+        With Redis each receive is a round trip; overlapping it with the fan-out of the
+        previous event keeps the process busy delivering instead of waiting.
+        """
+        while True:
+            message = await self._inbox.get()
             try:
                 self.handle(message)
             except Exception:
