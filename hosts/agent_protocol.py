@@ -7,12 +7,11 @@ with a code the agent can log; nothing an agent sends reaches a service unchecke
 from __future__ import annotations
 
 import ipaddress
-import json
 import uuid
 from typing import Any
 
 from hosts.models import ExecutionStatus
-from sysmanage.protocol import MAX_ID_LENGTH, ErrorCode, ProtocolError
+from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
 AGENT_MESSAGE_TYPES = frozenset({
     "hello", "heartbeat", "metrics", "command_started", "command_result",
@@ -27,16 +26,7 @@ FACT_LIMITS = {
 
 def parse_agent_message(text: str) -> tuple[str, dict[str, Any], str | int | None]:
     """Parse one agent frame into ``(type, data, id)``."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object")
-    id_ = raw.get("id")
-    if not (id_ is None or (isinstance(id_, str | int) and not isinstance(id_, bool)
-                            and len(str(id_)) <= MAX_ID_LENGTH)):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'id' must be a short string or integer")
+    raw, id_ = load_object(text)
     type_ = raw.get("type")
     if type_ not in AGENT_MESSAGE_TYPES:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown agent message type "

@@ -176,6 +176,17 @@ class ClientMessage:
     id: str | int | None
 
 
+def load_object(text: str) -> tuple[dict[str, Any], str | int | None]:
+    """Decode a frame that must be a JSON object; return it with its checked ``id``."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object")
+    return raw, _extract_id(raw)
+
+
 def _extract_id(raw: dict[str, Any]) -> str | int | None:
     """Return the request ``id`` if it is one the server can echo back safely."""
     value = raw.get("id")
@@ -196,13 +207,7 @@ def _extract_id(raw: dict[str, Any]) -> str | int | None:
 
 def parse_client_message(text: str) -> ClientMessage:
     """Parse one text frame into a :class:`ClientMessage` or raise :class:`ProtocolError`."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message must be a JSON object")
-    id_ = _extract_id(raw)
+    raw, id_ = load_object(text)
     type_ = raw.get("type")
     if type_ is None:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message has no 'type'", id_=id_)
