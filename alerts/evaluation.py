@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from alerts import services
-from alerts.models import AlertRule, RuleMetric
+from alerts.models import Alert, AlertRule, RuleMetric
 from alerts.rules import RuleEngine, RuleSpec, Verdict
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def reload_rules() -> None:
 
 def apply_verdicts(verdicts: list[Verdict]) -> None:
     """Write the engine's verdicts through the alert services."""
-    for verdict in verdicts:
+    for verdict in _worth_writing(verdicts):
         rule = verdict.rule
         threshold = rule.critical if verdict.severity == "critical" else rule.warning
         values = {"key": verdict.key, "value": verdict.value, "severity": verdict.severity,
@@ -50,6 +50,26 @@ def apply_verdicts(verdicts: list[Verdict]) -> None:
             severity=verdict.severity, category=rule.category,
             title=TITLES[rule.metric].format(**values),
             message=MESSAGES[rule.metric].format(**values) if verdict.severity else "")
+
+
+def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
+    """Drop "no alert" verdicts where there is no active alert to resolve, in one query.
+
+    After a start every host's first report yields such a verdict per rule and mount;
+    checking them together keeps a fleet reconnecting at once from queueing thousands
+    of transactions on the database thread.
+    """
+    clear = [v for v in verdicts if v.severity is None]
+    if not clear:
+        return verdicts
+    active = {
+        (str(host_id), str(rule_id), key)
+        for host_id, rule_id, key in Alert.objects.filter(
+            host_id__in={v.host_id for v in clear}, rule_id__in={v.rule.id for v in clear},
+            status__in=Alert.ACTIVE_STATUSES).values_list("host_id", "rule_id", "rule_key")
+    }
+    return [v for v in verdicts
+            if v.severity is not None or (v.host_id, v.rule.id, v.key) in active]
 
 
 def on_metrics(data: dict[str, Any]) -> None:

@@ -169,3 +169,26 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
 
     assert await database_sync_to_async(
         UserActivity.objects.filter(action="alert_acknowledged", username="ops").exists)()
+
+
+@pytest.mark.django_db
+def test_after_a_restart_a_stale_alert_is_resolved_and_clear_hosts_cost_one_query(
+        published, django_assert_num_queries):
+    from alerts import services as alert_services
+
+    evaluation.reload_rules()
+    rule = AlertRule.objects.get(name="Disk usage")
+    stale_host = host_services.host_create(hostname="stale", cpu_count=2)
+    clear_host = host_services.host_create(hostname="clear", cpu_count=2)
+    alert_services.rule_alert_sync(host_id=stale_host.id, rule_id=rule.id, key="/",
+                                   severity="warning", title="t", message="m",
+                                   category="disk_space")
+    evaluation.ENGINE.__init__()  # a new process: nothing known about the database
+    evaluation.reload_rules()
+    with django_assert_num_queries(1):  # one lookup for all of the clear host's rules
+        evaluation.on_metrics({"host_id": str(clear_host.id), "hostname": "clear",
+                               "cpu_count": 2, "metrics": {"disk_usage": {"/": 10.0},
+                                                           "memory_usage": 20.0}})
+    published.run(evaluation.on_metrics, {"host_id": str(stale_host.id), "hostname": "stale",
+                                          "cpu_count": 2, "metrics": {"disk_usage": {"/": 10.0}}})
+    assert Alert.objects.get(host=stale_host).status == "resolved"
