@@ -42,7 +42,8 @@ def fleet_stats() -> dict[str, Any]:
     return dict(provider({}))
 
 
-def _same_figures(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+def same_figures(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    """Whether two fleet statuses have the same figures (``last_updated`` aside)."""
     if a is None:
         return False
     return all(a.get(k) == v for k, v in b.items() if k != "last_updated")
@@ -71,7 +72,7 @@ async def apublish_if_changed(last_sent: dict[str, Any] | None) -> bool:
     from sysmanage.hub import Hub
 
     stats = await database_sync_to_async(fleet_stats)()
-    if _same_figures(last_sent, stats):
+    if same_figures(last_sent, stats):
         return False
     hub = await Hub.for_running_loop()
     hub.enqueue_publish(FleetStatusUpdated(**stats).to_message())

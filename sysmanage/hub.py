@@ -24,6 +24,7 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
 from sysmanage.events import EVENTS_GROUP
+from sysmanage.fleet import same_figures
 from sysmanage.protocol import CloseCode, MessageType, auth_failed_envelope, dumps, envelope
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
@@ -478,9 +479,7 @@ class FleetCoalescer:
 
     def repeats(self, data: dict[str, Any]) -> bool:
         """Whether ``data`` has the same figures as the last fleet status delivered."""
-        last = self.last_sent
-        return last is not None and all(
-            last.get(k) == v for k, v in data.items() if k != "last_updated")
+        return same_figures(self.last_sent, data)
 
     def request(self) -> None:
         """Note that fleet figures may have changed; recompute them soon (on the loop)."""
