@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.views import LoginView
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 from django.views.generic import TemplateView
 
 from activity import selectors
@@ -36,6 +38,10 @@ ACTION_LABELS = {
     "host_enrolled": "Enrolled a host",
     "host_token_rotated": "Replaced a host token",
     "host_token_revoked": "Revoked a host token",
+    "registration_approved": "Approved a host registration",
+    "registration_rejected": "Rejected a host registration",
+    "registration_key_created": "Created a registration key",
+    "registration_key_revoked": "Revoked a registration key",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")
@@ -75,10 +81,20 @@ class DashboardLoginView(LoginView):
 
 
 class OverviewView(DashboardMixin, TemplateView):
-    """``/``: fleet figures, active alerts by severity and (for staff) recent activity."""
+    """``/``: fleet figures, active alerts by severity and (for staff) recent activity.
+
+    Anonymous visitors get the login form here with 200 (not a redirect): SysManage
+    agents check that ``GET /`` answers 200 before every connection attempt.
+    """
 
     template_name = "activity/overview.html"
     nav_section = "overview"
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        """Show the login form to anonymous visitors; the overview to everyone else."""
+        if not request.user.is_authenticated:
+            return DashboardLoginView.as_view()(request, *args, **kwargs)
+        return super().dispatch(request, *args, **kwargs)
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         """Figures and counts as they are now; the page script keeps them current."""

@@ -7,7 +7,18 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from hosts import services
-from hosts.models import CommandExecution, Host, PackageOperation
+from hosts.models import (
+    AgentDelivery,
+    AgentRegistration,
+    CommandExecution,
+    Host,
+    HostInventory,
+    PackageOperation,
+    RegistrationKey,
+    RegistrationStatus,
+)
+from hosts.smagent import enrollment
+from hosts.smagent.enrollment import EnrollmentRefused
 from sysmanage.audit import request_actor
 
 # The admin's "View site" link leads to the dashboards.
@@ -28,12 +39,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class HostAdmin(admin.ModelAdmin):
     """Hosts: status comes from the agent; the rest can be corrected by hand."""
 
-    list_display = ("hostname", "status", "last_seen", "os_name", "os_version", "agent_version",
-                    "has_token")
-    list_filter = ("status", "os_name")
+    list_display = ("hostname", "status", "last_seen", "os_name", "os_version", "agent_kind",
+                    "agent_version", "has_token")
+    list_filter = ("status", "agent_kind", "os_name")
     search_fields = ("hostname", "fqdn")
-    readonly_fields = ("id", "status", "last_seen", "token_issued_at", "token_revoked_at",
-                       "created_at", "updated_at")
+    readonly_fields = ("id", "status", "agent_kind", "last_seen", "token_issued_at",
+                       "token_revoked_at", "created_at", "updated_at")
     actions = ["rotate_token", "revoke_token"]
 
     @admin.display(boolean=True, description="agent token")
@@ -45,7 +56,12 @@ class HostAdmin(admin.ModelAdmin):
     def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
         """Rotate each selected host's token and show the new tokens once."""
         for host in queryset:
-            _, token = services.host_rotate_token(host_id=host.pk, actor=request_actor(request))
+            try:
+                _, token = services.host_rotate_token(host_id=host.pk,
+                                                      actor=request_actor(request))
+            except ValueError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                continue
             self.message_user(request, f"New agent token for {host.hostname} (shown only "
                               f"now): {token}", messages.WARNING)
 
@@ -92,3 +108,90 @@ class PackageOperationAdmin(ReadOnlyAdmin):
     list_display = ("operation", "package", "host", "status", "progress", "created_at")
     list_filter = ("status", "operation")
     search_fields = ("package", "host__hostname")
+
+
+@admin.register(AgentRegistration)
+class AgentRegistrationAdmin(ReadOnlyAdmin):
+    """SysManage agents asking to be managed: approve or reject those waiting.  Deleting
+    a rejected registration lets that host ask again."""
+
+    list_display = ("hostname", "status", "fqdn", "remote_address", "agent_version", "key",
+                    "created_at", "decided_by")
+    list_filter = ("status",)
+    search_fields = ("hostname", "fqdn", "remote_address")
+    actions = ["approve", "reject"]
+
+    def _decide(self, request: HttpRequest, queryset: Any, decide: Any, done: str) -> None:
+        count = 0
+        for record in queryset.filter(status=RegistrationStatus.PENDING):
+            try:
+                decide(registration_id=record.pk, actor=request_actor(request))
+                count += 1
+            except EnrollmentRefused as exc:
+                self.message_user(request, f"{record.hostname}: {exc.detail}", messages.ERROR)
+        self.message_user(request, f"{done} {count} registration(s).")
+
+    @admin.action(description="Approve: manage these hosts")
+    def approve(self, request: HttpRequest, queryset: Any) -> None:
+        """Create the host of each selected waiting registration."""
+        self._decide(request, queryset, enrollment.registration_approve, "Approved")
+
+    @admin.action(description="Reject")
+    def reject(self, request: HttpRequest, queryset: Any) -> None:
+        """Refuse each selected waiting registration."""
+        self._decide(request, queryset, enrollment.registration_reject, "Rejected")
+
+
+@admin.register(RegistrationKey)
+class RegistrationKeyAdmin(admin.ModelAdmin):
+    """Keys that approve SysManage agents on registration; the key is shown once."""
+
+    list_display = ("name", "key_prefix", "uses", "max_uses", "expires_at", "revoked_at",
+                    "usable", "created_at")
+    fields = ("name", "max_uses", "expires_at")
+    actions = ["revoke"]
+
+    @admin.display(boolean=True)
+    def usable(self, obj: RegistrationKey) -> bool:
+        """Whether agents presenting the key are approved now."""
+        return enrollment.key_problem(obj) is None
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Keys are created and revoked, not edited."""
+        return obj is None and super().has_change_permission(request, obj)
+
+    def save_model(self, request: HttpRequest, obj: RegistrationKey, form: Any,
+                   change: bool) -> None:
+        """Create the key through the service and show it once."""
+        key, secret = enrollment.key_create(name=obj.name, max_uses=obj.max_uses,
+                                            expires_at=obj.expires_at,
+                                            actor=request_actor(request))
+        obj.pk, obj.key_prefix, obj.created_at = key.pk, key.key_prefix, key.created_at
+        self.message_user(request, f"Registration key {key.name} (shown only now): {secret} "
+                          "- put it in the agent's configuration as registration_key.",
+                          messages.WARNING)
+
+    @admin.action(description="Revoke")
+    def revoke(self, request: HttpRequest, queryset: Any) -> None:
+        """Revoke each selected key."""
+        for key in queryset:
+            enrollment.key_revoke(key_id=key.pk, actor=request_actor(request))
+        self.message_user(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(AgentDelivery)
+class AgentDeliveryAdmin(ReadOnlyAdmin):
+    """Commands sent to SysManage agents and whether they acknowledged them, read-only."""
+
+    list_display = ("command_type", "host", "state", "attempts", "sent_at", "acknowledged_at")
+    list_filter = ("state", "command_type")
+    search_fields = ("host__hostname",)
+
+
+@admin.register(HostInventory)
+class HostInventoryAdmin(ReadOnlyAdmin):
+    """The latest inventory reports of hosts, read-only."""
+
+    list_display = ("host", "kind", "item_count", "updated_at")
+    list_filter = ("kind",)
+    search_fields = ("host__hostname",)

@@ -5,13 +5,24 @@ from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
-from rest_framework import serializers, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from hosts import selectors
-from hosts.models import CommandExecution, Host, PackageOperation
+from hosts.models import (
+    AgentRegistration,
+    CommandExecution,
+    Host,
+    HostInventory,
+    PackageOperation,
+    RegistrationKey,
+)
+from hosts.smagent import enrollment
+from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage.audit import request_actor
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -21,8 +32,8 @@ class HostSerializer(serializers.ModelSerializer):
         model = Host
         fields = [
             "id", "hostname", "fqdn", "ip_addresses", "os_name", "os_version", "kernel",
-            "architecture", "cpu_count", "memory_total", "agent_version", "status",
-            "last_seen", "created_at", "updated_at",
+            "architecture", "cpu_count", "memory_total", "agent_version", "agent_kind",
+            "status", "last_seen", "created_at", "updated_at",
         ]
         read_only_fields = fields
 
@@ -48,6 +59,16 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         since = timezone.now() - timedelta(minutes=minutes)
         return Response({"host_id": str(host.id), "minutes": minutes,
                          "samples": selectors.metric_history(str(host.id), since=since)})
+
+    @action(detail=True, methods=["get"])
+    def inventory(self, request: Request, pk: str | None = None) -> Response:
+        """The latest OS, hardware, installed-package and available-update reports of
+        the host's agent (SysManage agents send them)."""
+        host = self.get_object()
+        return Response({"host_id": str(host.id), "inventory": {
+            row.kind: {"updated_at": row.updated_at, "item_count": row.item_count,
+                       "data": row.data}
+            for row in HostInventory.objects.filter(host=host)}})
 
 
 class CommandExecutionSerializer(serializers.ModelSerializer):
@@ -115,3 +136,99 @@ class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
         return queryset
 
 
+
+
+class AgentRegistrationSerializer(serializers.ModelSerializer):
+    """A SysManage agent's registration and where it stands."""
+
+    key = serializers.CharField(source="key.name", read_only=True, default=None)
+    decided_by = serializers.CharField(source="decided_by.username", read_only=True,
+                                       default=None)
+
+    class Meta:
+        model = AgentRegistration
+        fields = ["id", "hostname", "fqdn", "ip_addresses", "agent_version", "remote_address",
+                  "status", "key", "host", "decided_by", "decided_at", "created_at", "details"]
+        read_only_fields = fields
+
+
+class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
+    """SysManage agent registrations (staff only); ``?status=pending`` lists those
+    waiting.  ``POST …/approve/`` creates the host; ``POST …/reject/`` refuses it."""
+
+    serializer_class = AgentRegistrationSerializer
+    permission_classes = [IsAdminUser]
+
+    def get_queryset(self) -> Any:
+        """Registrations, newest first, narrowed by ``?status=``."""
+        rows = AgentRegistration.objects.select_related("key", "decided_by")
+        if self.request.query_params.get("status"):
+            rows = rows.filter(status=self.request.query_params["status"])
+        return rows
+
+    def _decide(self, request: Request, decide: Any) -> Response:
+        record = self.get_object()
+        try:
+            decide(registration_id=record.id, actor=request_actor(request))
+        except EnrollmentRefused as exc:
+            return Response({"detail": exc.detail}, status=exc.status)
+        record.refresh_from_db()
+        return Response(self.get_serializer(record).data)
+
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str | None = None) -> Response:
+        """Approve a waiting registration: its host exists from now on."""
+        return self._decide(request, enrollment.registration_approve)
+
+    @action(detail=True, methods=["post"])
+    def reject(self, request: Request, pk: str | None = None) -> Response:
+        """Reject a waiting registration."""
+        return self._decide(request, enrollment.registration_reject)
+
+
+class RegistrationKeySerializer(serializers.ModelSerializer):
+    """A registration key (its secret is returned once, on creation)."""
+
+    expires_in_seconds = serializers.IntegerField(write_only=True, required=False,
+                                                  min_value=60, max_value=10 * 365 * 86400)
+    usable = serializers.SerializerMethodField()
+
+    class Meta:
+        model = RegistrationKey
+        fields = ["id", "name", "key_prefix", "max_uses", "uses", "expires_at", "revoked_at",
+                  "created_at", "expires_in_seconds", "usable"]
+        read_only_fields = ["id", "key_prefix", "uses", "expires_at", "revoked_at",
+                            "created_at", "usable"]
+        extra_kwargs = {"max_uses": {"min_value": 1}}
+
+    def get_usable(self, key: RegistrationKey) -> bool:
+        """Whether agents presenting the key are approved now."""
+        return enrollment.key_problem(key) is None
+
+
+class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Registration keys (staff only): create one (the key is in the reply, once), list
+    them, ``POST …/revoke/``."""
+
+    serializer_class = RegistrationKeySerializer
+    permission_classes = [IsAdminUser]
+    queryset = RegistrationKey.objects.all()
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Create a key; the reply carries its secret ``key``, which is not stored."""
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        seconds = serializer.validated_data.get("expires_in_seconds")
+        key, secret = enrollment.key_create(
+            name=serializer.validated_data["name"],
+            max_uses=serializer.validated_data.get("max_uses"),
+            expires_at=timezone.now() + timedelta(seconds=seconds) if seconds else None,
+            actor=request_actor(request))
+        return Response({**self.get_serializer(key).data, "key": secret},
+                        status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str | None = None) -> Response:
+        """Revoke the key: agents presenting it are refused from now on."""
+        key = enrollment.key_revoke(key_id=self.get_object().id, actor=request_actor(request))
+        return Response(self.get_serializer(key).data)

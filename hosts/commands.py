@@ -16,7 +16,15 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from hosts import selectors, services
-from hosts.models import ExecutionStatus, Host, HostStatus, OperationStatus, PackageOperationKind
+from hosts.models import (
+    AgentKind,
+    ExecutionStatus,
+    Host,
+    HostStatus,
+    OperationStatus,
+    PackageOperationKind,
+)
+from hosts.smagent import deliveries
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
 from sysmanage.hub import Hub
@@ -98,14 +106,36 @@ def _offline_reason(host: Host) -> str | None:
     return None
 
 
-async def _handed_over(hub: Hub, ref: str) -> bool:
+def _delivery_window(host: Host) -> float:
+    """How long a request waits for the host's agent to take it: a SysManage agent's
+    commands wait in its queue through a reconnect or until its next poll."""
+    if host.agent_kind == AgentKind.SYSMANAGE:
+        return float(settings.SYSMANAGE_AGENT_DELIVERY_SECONDS)
+    return settings.AGENT_DISPATCH_CONFIRM_SECONDS
+
+
+async def _handed_over(hub: Hub, ref: str, seconds: float) -> bool:
     """Wait until the server process holding the host's agent confirms it sent ``ref``."""
     try:
-        await asyncio.wait_for(hub.wait_for(f"took:{ref}"),
-                               settings.AGENT_DISPATCH_CONFIRM_SECONDS)
+        await asyncio.wait_for(hub.wait_for(f"took:{ref}"), seconds)
     except TimeoutError:
         return False
     return True
+
+
+async def _sent_after_all(host: Host, kind: str, ref: str) -> bool:
+    """For a SysManage agent's queue: fail the request if no connection took it, at
+    once and atomically; True if it was sent after all (then its result is awaited)."""
+    if host.agent_kind != AgentKind.SYSMANAGE:
+        return False
+    why = "Not delivered: the host's agent did not take it in time"
+    if kind == "command":
+        failed = await database_sync_to_async(deliveries.fail_undelivered_command)(
+            execution_id=ref, why=why)
+    else:
+        failed = await database_sync_to_async(deliveries.fail_undelivered_operation)(
+            operation_id=ref, why=why)
+    return not failed
 
 
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
@@ -119,13 +149,14 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     host = await _reachable_host(message, request.host_id)
     hub = await Hub.for_running_loop()
     execution_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(hub, execution_id))
+    taken = asyncio.ensure_future(_handed_over(hub, execution_id, _delivery_window(host)))
     finished = hub.wait_for(f"done:{execution_id}")
     execution = await database_sync_to_async(services.command_create)(
         host=host, command=request.command, timeout=request.timeout, user=context.user,
         request_id=str(message.id or ""), execution_id=execution_id, actor=context.actor)
     why = _offline_reason(host)
-    if why is None and not await taken:
+    if why is None and not await taken and not await _sent_after_all(host, "command",
+                                                                       execution_id):
         why = "Host not reachable: its agent did not take the command"
     if why is not None:
         taken.cancel()
@@ -189,12 +220,13 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     host = await _reachable_host(message, host_id)
     hub = await Hub.for_running_loop()
     operation_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(hub, operation_id))
+    taken = asyncio.ensure_future(_handed_over(hub, operation_id, _delivery_window(host)))
     record = await database_sync_to_async(services.package_operation_create)(
         host=host, operation=operation, package=package, user=context.user,
         operation_id=operation_id, actor=context.actor)
     why = _offline_reason(host)
-    if why is None and not await taken:
+    if why is None and not await taken and not await _sent_after_all(host, "operation",
+                                                                       operation_id):
         why = "Host not reachable: its agent did not take the operation"
     if why is not None:
         taken.cancel()

@@ -16,6 +16,13 @@ class HostStatus(models.TextChoices):
     UNKNOWN = "unknown", "Unknown"
 
 
+class AgentKind(models.TextChoices):
+    """Which agent program manages a host, and so which protocol it speaks."""
+
+    NATIVE = "native", "SysManage server agent (/ws/agent)"
+    SYSMANAGE = "sysmanage", "SysManage agent (/api/agent/connect)"
+
+
 class Host(models.Model):
     """A managed machine, with the facts its agent last reported."""
 
@@ -30,6 +37,8 @@ class Host(models.Model):
     cpu_count = models.PositiveIntegerField(null=True, blank=True)
     memory_total = models.PositiveBigIntegerField("memory (bytes)", null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
+    agent_kind = models.CharField(max_length=10, choices=AgentKind.choices,
+                                  default=AgentKind.NATIVE)
     status = models.CharField(
         max_length=10, choices=HostStatus.choices, default=HostStatus.UNKNOWN, db_index=True
     )
@@ -172,3 +181,143 @@ class MetricSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.host_id} @ {self.minute:%Y-%m-%d %H:%M}"
+
+
+class RegistrationKey(models.Model):
+    """A key an administrator hands out so that SysManage agents presenting it are
+    approved on registration.  Only a SHA-256 digest is stored; the key is shown once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    key_prefix = models.CharField("key starts with", max_length=12, editable=False)
+    max_uses = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Leave empty for no limit.")
+    uses = models.PositiveIntegerField(default=0, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.key_prefix}…)"
+
+
+class RegistrationStatus(models.TextChoices):
+    """Where a SysManage agent's registration stands."""
+
+    PENDING = "pending", "Waiting for approval"
+    APPROVED = "approved", "Approved"
+    REJECTED = "rejected", "Rejected"
+
+
+class AgentRegistration(models.Model):
+    """A SysManage agent's request to be managed (``POST /api/host/register``).
+
+    Its id is the host id the agent keeps: approving creates the host with this id.
+    The agent's host token is issued with the registration and stored as a digest.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    hostname = models.CharField(max_length=255, db_index=True)
+    fqdn = models.CharField(max_length=255, blank=True)
+    ip_addresses = models.JSONField(default=list, blank=True)
+    agent_version = models.CharField(max_length=50, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    remote_address = models.GenericIPAddressField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=RegistrationStatus.choices,
+                              default=RegistrationStatus.PENDING, db_index=True)
+    token_hash = models.CharField(max_length=64, editable=False)
+    key = models.ForeignKey(RegistrationKey, null=True, blank=True, on_delete=models.SET_NULL,
+                            related_name="registrations")
+    host = models.OneToOneField(Host, null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="registration")
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hostname"], condition=models.Q(status="pending"),
+                name="one_pending_registration_per_hostname"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} ({self.status})"
+
+
+class DeliveryState(models.TextChoices):
+    """Where a command sent to a SysManage agent stands."""
+
+    SENT = "sent", "Sent, not acknowledged"
+    ACKNOWLEDGED = "acknowledged", "Acknowledged"
+    ABANDONED = "abandoned", "Never acknowledged"
+
+
+class AgentDelivery(models.Model):
+    """A command sent to a SysManage agent: resent until acknowledged, or abandoned.
+
+    Its id is the ``queue_message_id`` (and ``message_id``) the agent acknowledges,
+    reports results with and dedupes by, so a resend never runs the command twice.
+    Commands and package operations waiting for their host are the queue; a delivery
+    records each one's way to the agent.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="deliveries")
+    command_type = models.CharField(max_length=64)
+    execution = models.OneToOneField(CommandExecution, null=True, blank=True,
+                                     on_delete=models.CASCADE, related_name="delivery")
+    operation = models.OneToOneField(PackageOperation, null=True, blank=True,
+                                     on_delete=models.CASCADE, related_name="delivery")
+    state = models.CharField(max_length=12, choices=DeliveryState.choices,
+                             default=DeliveryState.SENT, db_index=True)
+    attempts = models.PositiveSmallIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField()
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["host", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.command_type} for {self.host_id} ({self.state})"
+
+
+class InventoryKind(models.TextChoices):
+    """The parts of a host's inventory its agent reports."""
+
+    OS = "os", "Operating system"
+    HARDWARE = "hardware", "Hardware"
+    SOFTWARE = "software", "Installed packages"
+    UPDATES = "updates", "Available updates"
+
+
+class HostInventory(models.Model):
+    """The latest inventory of one kind that a host's agent reported."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="inventory")
+    kind = models.CharField(max_length=10, choices=InventoryKind.choices)
+    data = models.JSONField(default=dict)
+    item_count = models.PositiveIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["host", "kind"]
+        verbose_name_plural = "host inventories"
+        constraints = [
+            models.UniqueConstraint(fields=["host", "kind"], name="one_inventory_per_kind"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of {self.host_id}"

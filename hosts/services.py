@@ -19,9 +19,11 @@ from hosts.events import (
     operation_event,
 )
 from hosts.models import (
+    AgentKind,
     CommandExecution,
     ExecutionStatus,
     Host,
+    HostInventory,
     HostStatus,
     MetricSample,
     OperationStatus,
@@ -39,13 +41,15 @@ HOST_FACT_FIELDS = (
 )
 
 
-def host_create(*, hostname: str, **facts: Any) -> Host:
+def host_create(*, hostname: str, host_id: Any = None, agent_kind: str = AgentKind.NATIVE,
+                **facts: Any) -> Host:
     """Create a host (status unknown until its agent connects)."""
     unknown = set(facts) - set(HOST_FACT_FIELDS)
     if unknown:
         raise TypeError(f"unknown host fields: {', '.join(sorted(unknown))}")
     with transaction.atomic():
-        host = Host.objects.create(hostname=hostname, **facts)
+        host = Host.objects.create(id=host_id or uuid.uuid4(), hostname=hostname,
+                                   agent_kind=agent_kind, **facts)
         fleet_changed()
     return host
 
@@ -68,6 +72,9 @@ def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, s
         host = Host.objects.select_for_update().filter(hostname=hostname).first()
         if host is None:
             host = host_create(hostname=hostname)
+        elif host.agent_kind != AgentKind.NATIVE:
+            raise ValueError(f"{hostname} is managed by a SysManage agent; it enrolls by "
+                             "registering (see docs/sysmanage-agent.md)")
         token = _issue_token(host)
         audit("host_enrolled", actor, host_id=str(host.id), hostname=host.hostname)
     return host, token
@@ -77,6 +84,9 @@ def host_rotate_token(*, host_id: Any, actor: Actor | None = None) -> tuple[Host
     """Replace a host's token; an agent connected with the old one is disconnected."""
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
+        if host.agent_kind != AgentKind.NATIVE:
+            raise ValueError(f"{host.hostname} is managed by a SysManage agent, which gets a "
+                             "new token only by registering again with a registration key")
         token = _issue_token(host)
         publish_control("close_agent", host_id=str(host.id), reason="Agent token was rotated")
         audit("host_token_rotated", actor, host_id=str(host.id), hostname=host.hostname)
@@ -234,6 +244,23 @@ def host_agent_gone(*, host_id: Any, session: str) -> bool:
         host.save(update_fields=["agent_session", "updated_at"])
         host_set_status(host_id=host.id, status=HostStatus.OFFLINE)
     return True
+
+
+def host_update_facts(*, host_id: Any, facts: dict[str, Any]) -> None:
+    """Store facts an agent reported while connected (no event: facts are not live data)."""
+    changes = {field: value for field, value in facts.items()
+               if field in HOST_FACT_FIELDS and value is not None}
+    if changes:
+        Host.objects.filter(id=host_id).update(**changes, updated_at=timezone.now())
+
+
+def host_inventory_save(*, host_id: Any, kind: str, data: dict[str, Any],
+                        item_count: int | None, facts: dict[str, Any]) -> None:
+    """Replace one kind of a host's inventory, and the host facts it carries."""
+    with transaction.atomic():
+        HostInventory.objects.update_or_create(
+            host_id=host_id, kind=kind, defaults={"data": data, "item_count": item_count})
+        host_update_facts(host_id=host_id, facts=facts)
 
 
 def host_touch(*, host_id: Any, seen_at: datetime) -> None:

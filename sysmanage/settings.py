@@ -249,6 +249,30 @@ PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 180
 # How often each server process sweeps for silent hosts and overdue commands.
 MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 
+# --- The SysManage agent (POST /api/host/register, /api/agent/*) --------------------
+# Approve every registration at once (no admin approval, no key needed).  Off: new
+# agents wait for approval unless they present a registration key.
+SYSMANAGE_AGENT_AUTO_APPROVE = env_bool("SYSMANAGE_AGENT_AUTO_APPROVE", False)
+# Registrations waiting for approval at most; further new ones are refused (429).
+SYSMANAGE_AGENT_MAX_PENDING = env_int("SYSMANAGE_AGENT_MAX_PENDING", 1000)
+# New registrations accepted from one address per hour.
+SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = env_int("SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR", 60)
+# Lifetime of the connection tokens /api/agent/auth hands out (one per connection).
+SYSMANAGE_AGENT_TOKEN_SECONDS = env_int("SYSMANAGE_AGENT_TOKEN_SECONDS", 300)
+# Largest frame or poll body accepted from these agents (inventories run to ~200 KB).
+SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = env_int("SYSMANAGE_AGENT_MAX_MESSAGE_BYTES",
+                                            4 * 1024 * 1024)
+# A sent command not acknowledged this long is sent again (same id: never run twice)...
+SYSMANAGE_AGENT_ACK_SECONDS = env_int("SYSMANAGE_AGENT_ACK_SECONDS", 15)
+# ... up to this many times in all; then it fails as not delivered.
+SYSMANAGE_AGENT_MAX_ATTEMPTS = env_int("SYSMANAGE_AGENT_MAX_ATTEMPTS", 5)
+# How long a command waits for its (reconnecting or polling) agent to take it.
+SYSMANAGE_AGENT_DELIVERY_SECONDS = env_int("SYSMANAGE_AGENT_DELIVERY_SECONDS", 30)
+# The poll interval told to agents on the HTTP polling fallback.
+SYSMANAGE_AGENT_POLL_INTERVAL = env_int("SYSMANAGE_AGENT_POLL_INTERVAL", 5)
+# How often the metric scripts pushed to these agents run (the agent's floor is 60 s).
+SYSMANAGE_AGENT_METRICS_CADENCE = env_int("SYSMANAGE_AGENT_METRICS_CADENCE", 60)
+
 # How often each server process re-reads alert rules edited in the admin.
 ALERT_RULES_RELOAD_SECONDS = env_int("ALERT_RULES_RELOAD_SECONDS", 30)
 

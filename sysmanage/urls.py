@@ -11,7 +11,14 @@ from activity.api import LoginTokenView, LogoutTokenView, UserActivityViewSet
 from activity.views import ActivityView, DashboardLoginView, OverviewView
 from alerts.api import AlertViewSet
 from alerts.views import AlertListView
-from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
+from hosts.api import (
+    AgentRegistrationViewSet,
+    CommandExecutionViewSet,
+    HostViewSet,
+    PackageOperationViewSet,
+    RegistrationKeyViewSet,
+)
+from hosts.smagent import views as sysmanage_agent
 from hosts.views import HostDetailView, HostListView
 
 router = DefaultRouter()
@@ -20,6 +27,8 @@ router.register("alerts", AlertViewSet, basename="alert")
 router.register("activity", UserActivityViewSet, basename="activity")
 router.register("commands", CommandExecutionViewSet, basename="command")
 router.register("package-operations", PackageOperationViewSet, basename="package-operation")
+router.register("registrations", AgentRegistrationViewSet, basename="registration")
+router.register("registration-keys", RegistrationKeyViewSet, basename="registration-key")
 
 
 def health(request: HttpRequest) -> HttpResponse:
@@ -39,6 +48,10 @@ urlpatterns = [
     path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
     path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),
     path("api/token/logout/", LogoutTokenView.as_view(), name="token_logout"),
+    # The SysManage agent's endpoints (docs/sysmanage-agent.md).
+    path("api/host/register", sysmanage_agent.register, name="sysmanage-agent-register"),
+    path("api/agent/auth", sysmanage_agent.auth, name="sysmanage-agent-auth"),
+    path("api/agent/poll", sysmanage_agent.poll, name="sysmanage-agent-poll"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/", include(router.urls)),
     path("healthz", health, name="health"),

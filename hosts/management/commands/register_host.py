@@ -29,8 +29,11 @@ class Command(BaseCommand):
         hostname = options["hostname"].strip()
         if not HOSTNAME.match(hostname):
             raise CommandError(f"{hostname!r} is not a valid hostname")
-        host, token = services.host_register(
-            hostname=hostname, actor=Actor.command_line("register_host"))
+        try:
+            host, token = services.host_register(
+                hostname=hostname, actor=Actor.command_line("register_host"))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         self.stderr.write(f"Enrolled {host.hostname}. Start its agent with:\n"
                           f"  python -m agent --server http://SERVER:8000 --token {token}\n"
                           "The token is shown only now.")

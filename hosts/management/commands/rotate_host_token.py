@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from hosts import services
 from hosts.management.commands._hosts import find_host
@@ -23,6 +23,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Rotate and print the new token."""
-        host, token = services.host_rotate_token(
-            host_id=find_host(options["host"]).id, actor=Actor.command_line("rotate_host_token"))
+        try:
+            host, token = services.host_rotate_token(
+                host_id=find_host(options["host"]).id,
+                actor=Actor.command_line("rotate_host_token"))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))

@@ -1,0 +1,193 @@
+"""
+``/api/agent/connect?token=…``: the WebSocket of an unchanged SysManage agent.
+
+The handshake is always accepted (the agent reads a refused handshake as a network that
+blocks WebSockets and switches to polling); a bad connection token then gets an
+``invalid_token`` error and close code 4001.  The host comes online once a message
+proves the agent's identity; from then on this connection is the host's agent in the
+hub, exactly like a connection of the product's own agent.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from hosts import services
+from hosts.smagent import enrollment, protocol
+from hosts.smagent.protocol import AgentProtocolError
+from hosts.smagent.session import AgentSession
+from sysmanage.auth import RAW_SEND_KEY
+from sysmanage.consumers import TokenBucket
+from sysmanage.dispatch import NoPerMessageCleanupMixin
+from sysmanage.hub import Hub
+from sysmanage.protocol import CloseCode
+from sysmanage.transport import Outbound
+
+logger = logging.getLogger(__name__)
+
+#: Messages refused for identity before the connection is dropped (the agent itself
+#: re-registers after three ``host_not_registered`` errors).
+MAX_REFUSALS = 5
+CLOSE_MESSAGE_TOO_BIG = 1009
+ERROR_TYPES = {CloseCode.AUTH_FAILED: "invalid_token", CloseCode.REPLACED: "replaced",
+               CloseCode.SLOW_CONSUMER: "slow_consumer"}
+
+
+class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
+    """The connection of one SysManage agent."""
+
+    channel_layer_alias = "__hub_only__"
+
+    session: AgentSession | None = None
+    hub: Hub | None = None
+    outbound: Outbound | None = None
+    registered = False
+    closing = False
+    user_id = None  # agents are not users; the hub's user index skips them
+    session_tag = None
+    token_hash = ""
+
+    async def connect(self) -> None:
+        """Accept, then check the connection token of the query string."""
+        await self.accept()
+        self.outbound = Outbound(self.scope.get(RAW_SEND_KEY, self.base_send),
+                                 max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+                                 on_overflow=self._on_overflow)
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        token = (query.get("token") or [""])[0]
+        host = await database_sync_to_async(enrollment.connection_token_host)(token)
+        if host is None:
+            await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
+                "invalid_token", "Missing, invalid or expired connection token; "
+                "get a new one from /api/agent/auth"))
+            return
+        self.session = AgentSession(host, polled=False)
+        self.token_hash = host.token_hash
+        self.connection_id = uuid.uuid4().hex
+        self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
+                                  settings.AGENT_RATE_LIMIT_BURST)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def disconnect(self, code: int) -> None:
+        """Forget this connection; the host goes offline unless another one took over."""
+        for task in getattr(self, "tasks", ()):
+            task.cancel()
+        if self.outbound is not None:
+            self.outbound.stop()
+        if self.hub is not None and self.session is not None and self.registered:
+            self.hub.unregister_agent(self.session.host_id, self)
+            await database_sync_to_async(services.host_agent_gone)(
+                host_id=self.session.host_id, session=self.connection_id)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Send messages to the agent, each as one frame under its 1 MiB limit."""
+        for message in messages:
+            try:
+                text = protocol.encode(message)
+            except ValueError:
+                logger.exception("not sending an oversized frame to the agent of %s",
+                                 self.session.hostname if self.session else "?")
+                continue
+            if self.outbound is not None:
+                self.outbound.send_text(text)
+
+    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
+        self.closing = True
+        assert self.outbound is not None
+        if not self.outbound.overflowed:
+            self.outbound.send_text(protocol.encode(message))
+            await self.outbound.flush()
+        await self.close(code=int(code))
+
+    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+        """Called by the hub: host token revoked or replaced, host deleted, or replaced
+        by a newer connection of the same host."""
+        if not self.closing:
+            self.closing = True
+            reason = str((error.get("data") or {}).get("message") or error.get("message")
+                         or "Disconnected by the server")
+            self._spawn(self._close_with(code, protocol.error_message(
+                ERROR_TYPES.get(code, "disconnected"), reason)))
+
+    def deliver(self, frame: Any) -> None:
+        """Agents subscribe to no channel; the hub never fans events out to them."""
+
+    def _on_overflow(self) -> None:
+        logger.warning("closing the agent of %s: it stopped reading",
+                       self.session.hostname if self.session else "?")
+        self.close_from_hub(CloseCode.SLOW_CONSUMER, {"message": "Too many unread messages"})
+
+    def nudge(self) -> None:
+        """Called by the hub when work was queued for this host (or a resend is due)."""
+        if self.registered and not self.closing:
+            self._spawn(self._send_due())
+
+    async def _send_due(self, resend_all: bool = False) -> None:
+        assert self.session is not None
+        self.send_messages(await self.session.due_commands(resend_all=resend_all))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Called for each frame: check size and rate, then hand it to the session."""
+        if self.session is None or self.closing:
+            return
+        size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
+        if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
+            await self._close_with(CLOSE_MESSAGE_TOO_BIG, protocol.error_message(
+                "message_too_large", f"Messages are limited to "
+                f"{settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes"))
+            return
+        try:
+            if text_data is None:
+                raise AgentProtocolError("invalid_message", "Send JSON text frames")
+            raw = protocol.decode(text_data)
+            if self.bucket.take():
+                raise AgentProtocolError("rate_limited", "Too many messages; this one was "
+                                         "not processed", message_id=raw.get("message_id"))
+            replies, first_proof = await self.session.handle(raw)
+            if first_proof:
+                await self._come_online(raw)
+            self.send_messages(replies)
+        except AgentProtocolError as exc:
+            self.send_messages([exc.to_message()])
+            if self.session.refusals >= MAX_REFUSALS:
+                await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
+                    "host_not_registered", "Too many messages from an unidentified agent"))
+        except Exception:
+            logger.exception("error handling a message from the agent of %s",
+                             self.session.hostname)
+            self.send_messages([protocol.error_message(
+                "server_error", "The server could not process this message")])
+
+    async def _come_online(self, raw: dict[str, Any]) -> None:
+        """The agent proved who it is: take over as the host's agent, mark it online,
+        push the metric scripts and everything queued for it."""
+        assert self.session is not None
+        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        facts = protocol.facts_from_system_info(data) \
+            if raw.get("message_type") == "system_info" else {}
+        self.hub = await Hub.for_running_loop()
+        previous = self.hub.register_agent(self.session.host_id, self)
+        self.registered = True
+        if previous is not None and previous is not self:
+            previous.close_from_hub(CloseCode.REPLACED, {
+                "message": "Another connection of this host took over"})
+        await database_sync_to_async(services.host_agent_hello)(
+            host_id=self.session.host_id, session=self.connection_id, facts=facts)
+        self.send_messages([await self.session.initial_metrics_command()])
+        await self._send_due(resend_all=True)

@@ -1,0 +1,332 @@
+"""
+The SysManage agent's messages, checked and translated (see ``docs/sysmanage-agent.md``).
+
+Agent → server: ``{message_type, message_id, timestamp, data}``; ``command_acknowledgment``
+carries no ``data`` and ``script_execution_result`` is flat.  Server → agent: the same
+envelope; commands add ``queue_message_id``; errors are ``{message_type: "error",
+error_type, message, data}``.  Nothing here touches the database.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hosts.agent_protocol import MAX_OUTPUT_CHARS, without_nul
+from hosts.metrics import MetricsError, clean_metrics
+from hosts.models import ExecutionStatus, OperationStatus
+
+#: Frames to the agent stay below its WebSocket client's 1 MiB limit.
+MAX_FRAME_TO_AGENT = 1024 * 1024 - 1024
+MESSAGE_ID = re.compile(r"^[A-Za-z0-9-]{20,100}$")
+MESSAGE_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+CLOCK_SKEW = timedelta(minutes=30)
+ENVELOPE_KEYS = ("message_type", "message_id", "timestamp", "data")
+MAX_MOUNTS = 16
+
+
+class AgentProtocolError(Exception):
+    """A message the server refuses, with the agent's ``error_type``."""
+
+    def __init__(self, error_type: str, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.data = data
+
+    def to_message(self) -> dict[str, Any]:
+        """The error as the agent reads it."""
+        return error_message(self.error_type, self.message, **self.data)
+
+
+def now_iso() -> str:
+    """The current time as the agent's timestamps are written."""
+    return datetime.now(UTC).isoformat()
+
+
+def error_message(error_type: str, message: str, **data: Any) -> dict[str, Any]:
+    """``{message_type: "error", error_type, message, data, timestamp}``."""
+    return {"message_type": "error", "message_id": str(uuid.uuid4()), "error_type": error_type,
+            "message": message, "timestamp": now_iso(), "data": data}
+
+
+def ack_message(acked_id: str, status: str = "received") -> dict[str, Any]:
+    """The acknowledgement of one agent message."""
+    return {"message_type": "ack", "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
+            "data": {"status": status, "acked_message_id": acked_id}}
+
+
+def command_message(delivery_id: str, command_type: str, parameters: dict[str, Any],
+                    timeout: int) -> dict[str, Any]:
+    """A command for the agent; its ids are the delivery's."""
+    return {"message_type": "command", "message_id": delivery_id,
+            "queue_message_id": delivery_id, "timestamp": now_iso(),
+            "data": {"command_type": command_type, "parameters": parameters,
+                     "timeout": timeout}}
+
+
+def for_polling(message: dict[str, Any]) -> dict[str, Any]:
+    """A server message as a poll reply carries it: the agent merges ``data`` into the
+    top level, so everything but the type and id goes inside ``data``."""
+    rest = {k: v for k, v in message.items() if k not in ("message_type", "message_id")}
+    return {"message_type": message["message_type"], "message_id": message["message_id"],
+            "data": rest}
+
+
+def encode(message: dict[str, Any]) -> str:
+    """One frame for the agent; refuses what its client would drop."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode("utf-8")) > MAX_FRAME_TO_AGENT:
+        raise ValueError(f"{message.get('message_type')} frame exceeds the agent's 1 MiB limit")
+    return text
+
+
+# -- reading agent messages ----------------------------------------------------------
+
+
+def decode(text: str) -> dict[str, Any]:
+    """A frame as a JSON object."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        raise AgentProtocolError("invalid_message", "The frame is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise AgentProtocolError("invalid_message", "A message must be a JSON object")
+    return raw
+
+
+def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """``(message_type, message_id, data)`` of a well-formed message.
+
+    ``message_id`` must be 20-100 letters, digits or dashes; the timestamp (required on
+    the socket; poll messages carry none) must be within 30 minutes of the server's
+    clock.  A message without ``data`` (acknowledgements, flat results) has its other
+    fields as data.
+    """
+    message_type = raw.get("message_type")
+    if not isinstance(message_type, str) or not MESSAGE_TYPE.match(message_type):
+        raise AgentProtocolError("invalid_message", "'message_type' must be a lower-case name")
+    message_id = raw.get("message_id")
+    if not isinstance(message_id, str) or not MESSAGE_ID.match(message_id):
+        raise AgentProtocolError("invalid_message", "'message_id' must be 20 to 100 letters, "
+                                 "digits or dashes", message_type=message_type)
+    timestamp = raw.get("timestamp")
+    if timestamp is not None or not polled:
+        _check_timestamp(timestamp, message_type, message_id)
+    data = raw.get("data")
+    if data is None:
+        data = {k: v for k, v in raw.items() if k not in ENVELOPE_KEYS}
+    if not isinstance(data, dict):
+        raise AgentProtocolError("invalid_message", "'data' must be an object",
+                                 message_type=message_type, message_id=message_id)
+    return message_type, message_id, data
+
+
+def _check_timestamp(value: Any, message_type: str, message_id: str) -> None:
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise AgentProtocolError("invalid_message", "'timestamp' must be an ISO-8601 time",
+                                 message_type=message_type, message_id=message_id) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if abs(datetime.now(UTC) - when) > CLOCK_SKEW:
+        raise AgentProtocolError("invalid_message", "'timestamp' is more than 30 minutes from "
+                                 "the server's clock", message_type=message_type,
+                                 message_id=message_id)
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None:
+        return None
+    return without_nul(str(value)[:limit])
+
+
+def _addresses(*values: Any) -> list[str]:
+    found: list[str] = []
+    for value in values:
+        for item in (value if isinstance(value, list) else [value])[:32]:
+            try:
+                address = str(ipaddress.ip_address(str(item).split("%")[0]))
+            except ValueError:
+                continue
+            if address not in found:
+                found.append(address)
+    return found
+
+
+def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
+    """Host facts from ``system_info`` (and the parts of ``heartbeat`` it shares)."""
+    facts: dict[str, Any] = {}
+    os_info = data.get("os_info") if isinstance(data.get("os_info"), dict) else {}
+    pairs = {
+        "fqdn": (data.get("fqdn"), 255),
+        "os_name": (os_info.get("distribution") or data.get("platform"), 100),
+        "os_version": (os_info.get("distribution_version") or data.get("platform_release"),
+                       100),
+        "kernel": (data.get("platform_release") if os_info.get("distribution") else None, 200),
+        "architecture": (data.get("machine_architecture") or data.get("architecture"), 50),
+        "agent_version": (data.get("agent_version"), 50),
+    }
+    for field, (value, limit) in pairs.items():
+        text = _text(value, limit)
+        if text:
+            facts[field] = text
+    addresses = _addresses(data.get("ipv4"), data.get("ipv6"))
+    if addresses:
+        facts["ip_addresses"] = addresses
+    return facts
+
+
+def facts_from_hardware(data: dict[str, Any]) -> dict[str, Any]:
+    """Host facts (CPUs, memory) from ``hardware_update``."""
+    facts: dict[str, Any] = {}
+    cpus = data.get("cpu_threads") or data.get("cpu_cores")
+    if isinstance(cpus, int) and not isinstance(cpus, bool) and 0 < cpus < 100000:
+        facts["cpu_count"] = cpus
+    memory = data.get("memory_total_mb")
+    if isinstance(memory, int | float) and not isinstance(memory, bool) and 0 < memory < 2**40:
+        facts["memory_total"] = int(memory * 1024 * 1024)
+    return facts
+
+
+def mounts_from_hardware(data: dict[str, Any]) -> list[str]:
+    """The mount points of ``hardware_update``'s storage devices (at most 16)."""
+    mounts: list[str] = []
+    devices = data.get("storage_devices")
+    for device in devices if isinstance(devices, list) else []:
+        mount = device.get("mount_point") if isinstance(device, dict) else None
+        if isinstance(mount, str) and mount.startswith("/") and len(mount) <= 255 \
+                and mount.isprintable() and mount not in mounts and not mount.startswith(
+                    ("/proc", "/sys", "/dev", "/run", "/snap", "/boot/efi")):
+            mounts.append(mount)
+    return mounts[:MAX_MOUNTS]
+
+
+def inventory_items(kind: str, data: dict[str, Any]) -> int | None:
+    """How many items an inventory report lists (packages, updates), if it lists any."""
+    key = {"software": "software_packages", "updates": "available_updates"}.get(kind)
+    items = data.get(key) if key else None
+    return len(items) if isinstance(items, list) else None
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str, Any]:
+    """An ``execute_shell`` ``command_result`` as :func:`hosts.services.command_finish`
+    takes it.  The output sits in ``result.result`` (nested twice)."""
+    outer = data.get("result") if isinstance(data.get("result"), dict) else {}
+    inner = outer.get("result") if isinstance(outer.get("result"), dict) else outer
+    exit_code = _int_or_none(data.get("exit_code"))
+    if exit_code is None:
+        exit_code = _int_or_none(inner.get("exit_code"))
+    stdout = _text(inner.get("stdout"), MAX_OUTPUT_CHARS) or ""
+    stderr = _text(inner.get("stderr"), MAX_OUTPUT_CHARS) or ""
+    error = _text(data.get("error"), 2000) or ""
+    success = data.get("success") is True and exit_code in (0, None)
+    if exit_code == -1 and "timed out" in error.lower():
+        status = ExecutionStatus.TIMEOUT
+    else:
+        status = ExecutionStatus.COMPLETED if success else ExecutionStatus.FAILED
+    return {"status": status, "exit_code": exit_code, "stdout": stdout, "stderr": stderr,
+            "execution_time": execution_time, "error": error}
+
+
+def package_result(data: dict[str, Any]) -> tuple[str, str, str]:
+    """``(status, message, output)`` of an ``install_packages``/``uninstall_packages``
+    ``command_result``."""
+    result = data.get("result") if isinstance(data.get("result"), dict) else {}
+    output = result.get("installation_log") or result.get("uninstall_log") or ""
+    if isinstance(output, list):
+        output = "\n".join(map(str, output))
+    failed = result.get("failed_packages")
+    ok = data.get("success") is True and not failed
+    message = _text(result.get("summary") or data.get("error") or "", 1000) or ""
+    if not ok and not message:
+        message = "The agent reported a failure"
+    status = OperationStatus.COMPLETED if ok else OperationStatus.FAILED
+    return status, message, _text(output, MAX_OUTPUT_CHARS) or ""
+
+
+# -- live metrics through custom metric scripts -----------------------------------------
+
+_CPU = """import time
+def sample():
+    with open('/proc/stat') as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + (v[4] if len(v) > 4 else 0), sum(v)
+i1, t1 = sample(); time.sleep(1); i2, t2 = sample()
+print(round(100.0 * (1 - (i2 - i1) / max(t2 - t1, 1)), 2))
+"""
+_MEMORY = """m = {}
+with open('/proc/meminfo') as f:
+    for line in f:
+        k, v = line.split(':', 1)
+        m[k] = int(v.split()[0])
+free = m.get('MemAvailable', m.get('MemFree', 0) + m.get('Buffers', 0) + m.get('Cached', 0))
+print(round(100.0 * (1 - free / m['MemTotal']), 2))
+"""
+_LOAD = "import os\nprint(os.getloadavg()[{index}])\n"
+_DISK = """import os
+s = os.statvfs({mount})
+used = (s.f_blocks - s.f_bfree) * s.f_frsize
+free = s.f_bavail * s.f_frsize
+print(round(100.0 * used / max(used + free, 1), 2))
+"""
+METRIC_PREFIX = "sysmanage-server."
+
+
+def metric_definitions(mounts: list[str], cadence: int) -> list[dict[str, Any]]:
+    """The ``sync_custom_metrics`` set: CPU, memory, load and disk use per mount."""
+    def metric(key: str, name: str, script: str) -> dict[str, Any]:
+        return {"id": METRIC_PREFIX + key, "name": name, "script": script,
+                "interpreter": "python3", "cadence_seconds": cadence}
+
+    metrics = [metric("cpu_usage", "CPU usage (%)", _CPU),
+               metric("memory_usage", "Memory usage (%)", _MEMORY)]
+    metrics += [metric(f"load_{n}", f"Load average ({n} min)", _LOAD.format(index=i))
+                for i, n in enumerate((1, 5, 15))]
+    metrics += [metric(f"disk:{mount}", f"Disk usage of {mount} (%)",
+                       _DISK.format(mount=json.dumps(mount)))
+                for mount in (mounts or ["/"])[:MAX_MOUNTS]]
+    return metrics
+
+
+def metrics_from_samples(samples: Any) -> dict[str, Any] | None:
+    """The seed's ``host_metrics`` figures from ``custom_metric_samples``; None when no
+    sample of ours has a value.  Samples of other metrics are ignored."""
+    if not isinstance(samples, list):
+        raise AgentProtocolError("invalid_message", "'samples' must be a list")
+    raw: dict[str, Any] = {}
+    load: dict[int, float] = {}
+    for sample in samples[:256]:
+        if not isinstance(sample, dict) or sample.get("status") != "ok":
+            continue
+        key, value = str(sample.get("metric_id") or ""), sample.get("value")
+        if not key.startswith(METRIC_PREFIX) or isinstance(value, bool) \
+                or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        key = key[len(METRIC_PREFIX):]
+        if key in ("cpu_usage", "memory_usage"):
+            raw[key] = min(100.0, max(0.0, float(value)))
+        elif key.startswith("load_") and key[5:] in ("1", "5", "15"):
+            load[int(key[5:])] = max(0.0, float(value))
+        elif key.startswith("disk:"):
+            raw.setdefault("disk_usage", {})[key[5:]] = min(100.0, max(0.0, float(value)))
+    if len(load) == 3:
+        raw["load_average"] = [load[1], load[5], load[15]]
+    if not raw:
+        return None
+    try:
+        return clean_metrics(raw)
+    except MetricsError as exc:
+        raise AgentProtocolError("invalid_message", str(exc)) from None

@@ -1,0 +1,194 @@
+"""
+One host's conversation with its SysManage agent, whichever transport carries it.
+
+:class:`AgentSession` checks each message, proves the agent's identity (``host_id`` and
+``host_token`` in ``data``: the connection token alone is handed to anyone who names
+the host), feeds the product's services, and returns what to send back.  The socket
+consumer keeps one session per connection; the polling view makes one per request.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from hosts import services
+from hosts.events import HostMetricsReported
+from hosts.models import Host, HostInventory, InventoryKind
+from hosts.smagent import deliveries, enrollment, protocol
+from hosts.smagent.protocol import AgentProtocolError
+from sysmanage.events import publish_control_now, publish_now
+from sysmanage.protocol import iso
+
+logger = logging.getLogger(__name__)
+
+INVENTORY_TYPES = {
+    "os_version_update": InventoryKind.OS,
+    "hardware_update": InventoryKind.HARDWARE,
+    "software_inventory_update": InventoryKind.SOFTWARE,
+    "package_updates_update": InventoryKind.UPDATES,
+}
+NOT_ACKNOWLEDGED = frozenset({"command_acknowledgment"})
+
+
+def _load_mounts(host_id: str) -> list[str]:
+    row = HostInventory.objects.filter(host_id=host_id, kind=InventoryKind.HARDWARE).first()
+    return protocol.mounts_from_hardware(row.data) if row is not None else []
+
+
+class AgentSession:
+    """What the server knows of one agent connection (or one poll)."""
+
+    def __init__(self, host: Host, *, polled: bool) -> None:
+        self.host = host
+        self.host_id = str(host.id)
+        self.hostname = host.hostname
+        self.token_hash = host.token_hash
+        self.cpu_count = host.cpu_count
+        self.polled = polled
+        self.verified = False
+        self.refusals = 0
+        self.mounts: list[str] | None = None
+        self.last_persisted = 0.0
+
+    # -- identity ------------------------------------------------------------------------
+
+    def _identify(self, message_type: str, message_id: str, data: dict[str, Any]) -> None:
+        """Check ``host_id``/``host_token`` where given; require them until proven."""
+        claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
+        if claimed_id is None and claimed_token is None:
+            if self.verified:
+                return
+            why = "Identify with host_id and host_token first"
+        elif str(claimed_id) != self.host_id:
+            why = "This host is not registered here (unknown host_id)"
+        elif not enrollment.host_token_matches(self.host, claimed_token):
+            why = "This host is not registered here (host_token does not match)"
+        else:
+            self.verified = True
+            return
+        self.refusals += 1
+        raise AgentProtocolError("host_not_registered", why, message_type=message_type,
+                                 message_id=message_id)
+
+    # -- handling ------------------------------------------------------------------------
+
+    async def handle(self, raw: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """Handle one message: ``(replies, first_proof)``; ``first_proof`` is True when
+        this message proved the agent's identity for the first time."""
+        message_type, message_id, data = protocol.check_envelope(raw, polled=self.polled)
+        if message_type == "command_acknowledgment":
+            await database_sync_to_async(deliveries.acknowledge)(
+                host_id=self.host_id, delivery_id=message_id)
+            return [], False
+        was_verified = self.verified
+        self._identify(message_type, message_id, data)
+        replies: list[dict[str, Any]] = []
+        handler = self.HANDLERS.get(message_type)
+        if handler is not None:
+            replies += await handler(self, data, message_id)
+        replies.append(protocol.ack_message(message_id))
+        return replies, not was_verified
+
+    async def on_system_info(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
+        """Facts about the host: stored (the first one on a connection also comes online)."""
+        await database_sync_to_async(services.host_update_facts)(
+            host_id=self.host_id, facts=protocol.facts_from_system_info(data))
+        await self.seen()
+        return []
+
+    async def on_heartbeat(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
+        """The agent is alive."""
+        await self.seen()
+        return []
+
+    async def on_command_result(self, data: dict[str, Any],
+                                message_id: str) -> list[dict[str, Any]]:
+        """A command's result: stored once, whether it comes before the ack or after."""
+        await database_sync_to_async(deliveries.record_result)(host_id=self.host_id, data=data)
+        await self.seen()
+        return []
+
+    async def on_custom_metric_samples(self, data: dict[str, Any],
+                                       message_id: str) -> list[dict[str, Any]]:
+        """Samples of the metric scripts: published as ``host_metrics``, kept per minute."""
+        metrics = protocol.metrics_from_samples(data.get("samples"))
+        if metrics is not None:
+            now = timezone.now()
+            publish_now(HostMetricsReported(host_id=self.host_id, hostname=self.hostname,
+                                            timestamp=iso(now) or "", metrics=metrics,
+                                            cpu_count=self.cpu_count))
+            averages = {key: metrics.get(key) for key in ("cpu_usage", "memory_usage")}
+            averages["disk_usage"] = metrics.get("disk_usage") or {}
+            averages["load_average"] = metrics.get("load_average") or []
+            await database_sync_to_async(services.metric_sample_save)(
+                host_id=self.host_id, minute=now.replace(second=0, microsecond=0), samples=1,
+                averages=averages)
+        await self.seen()
+        return []
+
+    async def on_inventory(self, message_type: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """An inventory report: stored as the host's latest of its kind."""
+        kind = INVENTORY_TYPES[message_type]
+        facts: dict[str, Any] = {}
+        if kind == InventoryKind.OS:
+            facts = protocol.facts_from_system_info(data)
+        elif kind == InventoryKind.HARDWARE:
+            facts = protocol.facts_from_hardware(data)
+            self.cpu_count = facts.get("cpu_count", self.cpu_count)
+        stored = {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
+        await database_sync_to_async(services.host_inventory_save)(
+            host_id=self.host_id, kind=kind, data=stored,
+            item_count=protocol.inventory_items(kind, data), facts=facts)
+        await self.seen()
+        if kind == InventoryKind.HARDWARE:
+            mounts = protocol.mounts_from_hardware(data)
+            if mounts and mounts != self.mounts:
+                return [self.metrics_command(mounts)]
+        return []
+
+    HANDLERS: dict[str, Any] = {
+        "system_info": on_system_info,
+        "heartbeat": on_heartbeat,
+        "command_result": on_command_result,
+        "custom_metric_samples": on_custom_metric_samples,
+        **{name: (lambda self, data, message_id, _name=name: self.on_inventory(_name, data))
+           for name in INVENTORY_TYPES},
+    }
+
+    # -- what the server sends ---------------------------------------------------------------
+
+    def metrics_command(self, mounts: list[str]) -> dict[str, Any]:
+        """``sync_custom_metrics`` with the scripts behind live metrics."""
+        self.mounts = list(mounts)
+        return protocol.command_message(
+            str(uuid.uuid4()), "sync_custom_metrics",
+            {"metrics": protocol.metric_definitions(
+                mounts, settings.SYSMANAGE_AGENT_METRICS_CADENCE)}, 60)
+
+    async def initial_metrics_command(self) -> dict[str, Any]:
+        """The metrics set for a newly proven connection (mounts from the last hardware
+        report, or ``/`` until one arrives)."""
+        mounts = await database_sync_to_async(_load_mounts)(self.host_id)
+        return self.metrics_command(mounts)
+
+    async def due_commands(self, *, resend_all: bool = False) -> list[dict[str, Any]]:
+        """Queued commands to send now; each is confirmed to its requester as taken."""
+        due = await database_sync_to_async(deliveries.take_due)(self.host_id,
+                                                                 resend_all=resend_all)
+        for item in due:
+            publish_control_now("agent_took", ref=item.ref, host_id=self.host_id)
+        return [item.message for item in due]
+
+    async def seen(self) -> None:
+        """Persist last-seen at most every third of the offline timeout."""
+        now = time.monotonic()
+        if now - self.last_persisted >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
+            self.last_persisted = now
+            await database_sync_to_async(services.host_touch)(
+                host_id=self.host_id, seen_at=timezone.now())

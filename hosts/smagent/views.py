@@ -1,0 +1,182 @@
+"""
+The HTTP side of the SysManage agent: registration, connection tokens and polling.
+
+These endpoints are called by agents, not people: no session, no CSRF, JSON in and out,
+and every refusal is a JSON ``{"detail": …}`` with the status the agent acts on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from hosts import services
+from hosts.models import HostStatus
+from hosts.smagent import enrollment, protocol
+from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
+from hosts.smagent.protocol import AgentProtocolError
+from hosts.smagent.session import AgentSession
+
+logger = logging.getLogger(__name__)
+
+HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?$")
+KEY_FIELDS = ("registration_key", "enrollment_token", "auto_approve_token")
+MAX_POLL_MESSAGES = 100
+MAX_POLL_WAIT = 25.0
+POLL_WAIT_STEP = 1.0
+
+
+def _refuse(status: int, detail: str) -> JsonResponse:
+    return JsonResponse({"detail": detail}, status=status)
+
+
+def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
+    """The request's JSON object, or :class:`EnrollmentRefused` with 400/413."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        raise EnrollmentRefused(413, f"The body exceeds {limit} bytes")
+    raw = request.read(limit + 1)
+    if len(raw) > limit:
+        raise EnrollmentRefused(413, f"The body exceeds {limit} bytes")
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, RecursionError):
+        raise EnrollmentRefused(400, "The body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise EnrollmentRefused(400, "The body must be a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], key: str, limit: int) -> str:
+    value = body.get(key)
+    return str(value)[:limit].replace("\x00", "") if isinstance(value, str | int | float) else ""
+
+
+def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
+    """The parts of a ``registration_request`` kept; unknown fields are tolerated."""
+    hostname = body.get("hostname")
+    if not isinstance(hostname, str) or not HOSTNAME.match(hostname):
+        raise EnrollmentRefused(400, "'hostname' must be a host name (letters, digits, dots, "
+                                     "dashes; at most 255 characters)")
+    keys = [body.get(name) for name in KEY_FIELDS if body.get(name)]
+    if any(not isinstance(key, str) or len(key) > 200 for key in keys):
+        raise EnrollmentRefused(400, "A registration key must be a string")
+    details = {k: body[k] for k in ("platform", "is_privileged", "script_execution_enabled",
+                                    "enabled_shells", "agent_capabilities") if k in body}
+    if len(json.dumps(details, default=str)) > 64 * 1024:
+        details = {k: v for k, v in details.items() if k != "agent_capabilities"}
+    return RegistrationRequest(
+        hostname=hostname, fqdn=_text(body, "fqdn", 255),
+        ip_addresses=protocol.facts_from_system_info(body).get("ip_addresses", []),
+        agent_version=_text(body, "agent_version", 50), key=keys[0] if keys else None,
+        details=details)
+
+
+@csrf_exempt
+@require_POST
+def register(request: HttpRequest) -> JsonResponse:
+    """``POST /api/host/register``: 201 new (pending or approved), 200 re-enrolled with a
+    key, 409 already registered, 403 refused, 400 malformed, 429 too many."""
+    try:
+        outcome = enrollment.registration_submit(
+            request=parse_registration(_json_body(request, 256 * 1024)),
+            remote_address=request.META.get("REMOTE_ADDR"))
+    except EnrollmentRefused as exc:
+        return _refuse(exc.status, exc.detail)
+    return JsonResponse(outcome.body, status=outcome.status)
+
+
+@csrf_exempt
+@require_POST
+def auth(request: HttpRequest) -> JsonResponse:
+    """``POST /api/agent/auth`` (header ``x-agent-hostname``): a connection token."""
+    hostname = request.headers.get("x-agent-hostname", "").strip()
+    if not hostname or not HOSTNAME.match(hostname):
+        return _refuse(400, "Send the host name in the x-agent-hostname header")
+    try:
+        token = enrollment.connection_token_issue(hostname)
+    except EnrollmentRefused as exc:
+        return _refuse(exc.status, exc.detail)
+    scheme = "wss" if request.is_secure() else "ws"
+    return JsonResponse({
+        "connection_token": token, "expires_in": settings.SYSMANAGE_AGENT_TOKEN_SECONDS,
+        "websocket_endpoint": f"{scheme}://{request.get_host()}/api/agent/connect",
+    })
+
+
+def _poll_request(request: HttpRequest) -> tuple[Any, list[Any], float]:
+    """``(host, messages, max_wait)`` of a poll, or :class:`EnrollmentRefused`."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    host = enrollment.connection_token_host(token.strip() if scheme.lower() == "bearer" else "")
+    if host is None:
+        raise EnrollmentRefused(401, "Missing, invalid or expired connection token")
+    body = _json_body(request, settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES)
+    if str(body.get("host_id")) != str(host.id):
+        raise EnrollmentRefused(403, "host_id does not match the connection token")
+    messages = body.get("messages") or []
+    if not isinstance(messages, list) or len(messages) > MAX_POLL_MESSAGES:
+        raise EnrollmentRefused(400, f"'messages' must be a list of at most "
+                                     f"{MAX_POLL_MESSAGES} messages")
+    wait = body.get("max_wait") or 0
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+        raise EnrollmentRefused(400, "'max_wait' must be a number of seconds")
+    return host, messages, min(float(wait), MAX_POLL_WAIT)
+
+
+@csrf_exempt
+@require_POST
+async def poll(request: HttpRequest) -> JsonResponse:
+    """``POST /api/agent/poll``: the agent's messages in, queued commands out.
+
+    Each message is handled as on the socket and answered (ack or error) in the reply;
+    a message that proves the agent's identity brings the host online.  With
+    ``max_wait`` the reply waits (up to 25 s) for a command when none is queued.
+    """
+    try:
+        host, messages, max_wait = await database_sync_to_async(_poll_request)(request)
+    except EnrollmentRefused as exc:
+        return _refuse(exc.status, exc.detail)
+    session = AgentSession(host, polled=True)
+    replies: list[dict[str, Any]] = []
+    for raw in messages:
+        try:
+            if not isinstance(raw, dict):
+                raise AgentProtocolError("invalid_message", "A message must be a JSON object")
+            answers, first_proof = await session.handle(raw)
+            replies += answers
+            if first_proof and host.status != HostStatus.ONLINE:
+                data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+                facts = protocol.facts_from_system_info(data) \
+                    if raw.get("message_type") == "system_info" else {}
+                await database_sync_to_async(services.host_agent_hello)(
+                    host_id=host.id, session=f"poll-{uuid.uuid4().hex}", facts=facts)
+                host.status = HostStatus.ONLINE
+                replies.append(await session.initial_metrics_command())
+        except AgentProtocolError as exc:
+            replies.append(exc.to_message())
+        except Exception:
+            logger.exception("error handling a polled message from %s", host.hostname)
+            replies.append(protocol.error_message(
+                "server_error", "The server could not process this message"))
+    commands = await session.due_commands()
+    deadline = time.monotonic() + max_wait
+    while not commands and time.monotonic() < deadline:
+        await asyncio.sleep(min(POLL_WAIT_STEP, max(0.0, deadline - time.monotonic())))
+        commands = await session.due_commands()
+    return JsonResponse({
+        "messages": [protocol.for_polling(m) for m in replies + commands],
+        "poll_interval": settings.SYSMANAGE_AGENT_POLL_INTERVAL,
+    })
