@@ -58,11 +58,26 @@ def host():
 # -- login and logout ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", PAGES + [f"/hosts/{uuid.uuid4()}/"])
+@pytest.mark.parametrize("path", [p for p in PAGES if p != "/"] + [f"/hosts/{uuid.uuid4()}/"])
 def test_pages_require_login(client, path):
     response = client.get(path)
     assert response.status_code == 302
     assert response["Location"].startswith("/login/?next=")
+
+
+def test_root_shows_the_login_form_with_200_to_anonymous_visitors(client):
+    # SysManage agents check that GET / answers 200 before every connection attempt.
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b'name="username"' in response.content
+    assert b"Fleet overview" not in response.content
+
+
+def test_logging_in_on_the_root_page_leads_to_the_overview(client, make_user):
+    make_user("ops")
+    response = client.post("/", {"username": "ops", "password": PASSWORD})
+    assert response.status_code == 302
+    assert client.get("/").context["nav_section"] == "overview"
 
 
 def test_login_page_renders_without_the_live_connection(client):
@@ -126,7 +141,8 @@ def test_logout_is_post_only_and_goes_to_login(operator):
     response = operator.post("/logout/")
     assert response.status_code == 302
     assert response["Location"] == "/login/"
-    assert operator.get("/").status_code == 302
+    assert operator.get("/hosts/").status_code == 302
+    assert b'name="username"' in operator.get("/").content
 
 
 # -- access ---------------------------------------------------------------------------------

@@ -321,9 +321,9 @@ def fill_login_form(browser: Browser, username: str, password: str) -> None:
 def ensure_logged_in(browser: Browser, username: str, password: str) -> None:
     """Log in unless the browser's session already is."""
     browser.driver.get(browser.url("/"))
-    if "/login/" in browser.driver.current_url:
+    if browser.find_all(".login-box"):  # anonymous: / shows the login form
         fill_login_form(browser, username, password)
-        browser.wait(lambda d: "/login/" not in d.current_url,
+        browser.wait(lambda d: not browser.find_all(".login-box"),
                      message="the login did not leave the login page")
 
 
