@@ -83,6 +83,7 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
     ones, after a reconnect: ``resend_all``) go again, until the attempts run out.
     """
     out: list[Outgoing] = []
+    new: list[Any] = []
     now = timezone.now()
     with transaction.atomic():
         for execution in CommandExecution.objects.select_for_update(of=("self",)).select_related(
@@ -91,6 +92,7 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
             delivery = AgentDelivery.objects.create(
                 host_id=host_id, command_type="execute_shell", execution=execution, sent_at=now)
             services.command_mark_running(execution_id=execution.id, host_id=host_id)
+            new.append(delivery.id)
             out.append(Outgoing(_shell_command(execution, str(delivery.id)), str(execution.id)))
         for operation in PackageOperation.objects.select_for_update(of=("self",)).select_related(
                 "host", "requested_by").filter(host_id=host_id, status=OperationStatus.PENDING,
@@ -101,11 +103,12 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
             services.package_operation_record_progress(
                 operation_id=operation.id, host_id=host_id, progress=0,
                 message="Sent to the agent")
+            new.append(delivery.id)
             out.append(Outgoing(_package_command(operation, str(delivery.id)), str(operation.id)))
         overdue = now - timedelta(seconds=settings.SYSMANAGE_AGENT_ACK_SECONDS)
         unacknowledged = AgentDelivery.objects.select_for_update(of=("self",)).select_related(
             "execution", "operation", "operation__requested_by").filter(
-            host_id=host_id, state=DeliveryState.SENT)
+            host_id=host_id, state=DeliveryState.SENT).exclude(id__in=new)
         if not resend_all:
             unacknowledged = unacknowledged.filter(sent_at__lt=overdue)
         for delivery in unacknowledged[:BATCH]:

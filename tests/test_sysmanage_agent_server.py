@@ -1,0 +1,607 @@
+"""The SysManage agent's server side below the network: message checks and translation,
+enrollment policy, connection tokens, the command queue, and the socket consumer."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.core import signing
+from django.utils import timezone
+
+from hosts import services
+from hosts.models import (
+    AgentDelivery,
+    AgentKind,
+    AgentRegistration,
+    CommandExecution,
+    DeliveryState,
+    ExecutionStatus,
+    Host,
+    HostStatus,
+    OperationStatus,
+    PackageOperation,
+    RegistrationStatus,
+)
+from hosts.smagent import deliveries, enrollment, protocol
+from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
+from hosts.smagent.protocol import AgentProtocolError
+from sysmanage.asgi import application
+from tests.wsutil import expect_close
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def registration(hostname="web-01", key=None) -> RegistrationRequest:
+    return RegistrationRequest(hostname=hostname, fqdn=f"{hostname}.example.com",
+                               ip_addresses=["192.0.2.7"], agent_version="1.0", key=key,
+                               details={})
+
+
+def submit(hostname="web-01", key=None, address="192.0.2.7"):
+    return enrollment.registration_submit(request=registration(hostname, key),
+                                          remote_address=address)
+
+
+def approved_host(hostname="web-01"):
+    """An approved SysManage-agent host and its host token."""
+    outcome = submit(hostname)
+    enrollment.registration_approve(registration_id=outcome.body["id"])
+    return Host.objects.get(id=outcome.body["id"]), outcome.body["host_token"]
+
+
+def now_iso():
+    return datetime.now(UTC).isoformat()
+
+
+def message(type_, data=None, **extra):
+    body = {"message_type": type_, "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
+            **extra}
+    if data is not None:
+        body["data"] = data
+    return body
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+def test_envelopes_are_checked():
+    good = message("heartbeat", {"agent_status": "healthy"})
+    assert protocol.check_envelope(good) == ("heartbeat", good["message_id"], good["data"])
+    for broken, why in [
+        ({**good, "message_id": "short-id"}, "message_id"),
+        ({**good, "message_id": "x" * 19 + "!"}, "message_id"),
+        ({**good, "message_type": 7}, "message_type"),
+        ({**good, "timestamp": (datetime.now(UTC) - timedelta(minutes=31)).isoformat()},
+         "30 minutes"),
+        ({**good, "timestamp": "yesterday"}, "ISO-8601"),
+        ({**good, "data": [1]}, "'data'"),
+    ]:
+        with pytest.raises(AgentProtocolError) as caught:
+            protocol.check_envelope(broken)
+        assert caught.value.error_type == "invalid_message"
+        assert why in caught.value.message
+
+
+def test_polled_messages_need_no_timestamp_and_flat_messages_keep_their_fields():
+    polled = {"message_type": "heartbeat", "message_id": str(uuid.uuid4()), "data": {}}
+    assert protocol.check_envelope(polled, polled=True)[0] == "heartbeat"
+    with pytest.raises(AgentProtocolError):
+        protocol.check_envelope(polled)
+    flat = message("script_execution_result", execution_id="e1", exit_code=0)
+    assert protocol.check_envelope(flat)[2] == {"execution_id": "e1", "exit_code": 0}
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"text"', "[" * 100000])
+def test_frames_must_be_json_objects(text):
+    with pytest.raises(AgentProtocolError) as caught:
+        protocol.decode(text)
+    assert caught.value.to_message()["error_type"] == "invalid_message"
+
+
+def test_shell_results_are_read_from_the_doubly_nested_result():
+    data = {"command_id": "c", "command_type": "execute_shell", "success": True,
+            "result": {"result": {"stdout": "hi\n", "stderr": "", "exit_code": 0}},
+            "error": None, "exit_code": 0}
+    assert protocol.shell_result(data, 0.15) == {
+        "status": "completed", "exit_code": 0, "stdout": "hi\n", "stderr": "",
+        "execution_time": 0.15, "error": ""}
+    failed = {**data, "success": False, "exit_code": 3,
+              "result": {"result": {"stdout": "", "stderr": "no\n", "exit_code": 3}}}
+    assert protocol.shell_result(failed, 1)["status"] == "failed"
+    assert protocol.shell_result(failed, 1)["exit_code"] == 3
+    timed_out = {"success": False, "exit_code": -1, "error": "Command timed out after 5 seconds",
+                 "result": {"stdout": "", "stderr": "Command timed out", "exit_code": -1}}
+    assert protocol.shell_result(timed_out, 5)["status"] == "timeout"
+    nul = {**data, "result": {"result": {"stdout": "a\x00b", "stderr": "", "exit_code": 0}}}
+    assert "\x00" not in protocol.shell_result(nul, 0)["stdout"]
+
+
+def test_package_results():
+    ok = {"success": True, "result": {"request_id": "r", "successful_packages": ["x"],
+                                      "failed_packages": [], "installation_log": "done"}}
+    assert protocol.package_result(ok) == ("completed", "", "done")
+    bad = {"success": False, "error": "apt failed",
+           "result": {"failed_packages": [{"package": "x"}], "uninstall_log": ["a", "b"]}}
+    assert protocol.package_result(bad) == ("failed", "apt failed", "a\nb")
+
+
+def test_samples_become_host_metrics():
+    prefix = protocol.METRIC_PREFIX
+    samples = [
+        {"metric_id": prefix + "cpu_usage", "value": 12.5, "status": "ok"},
+        {"metric_id": prefix + "memory_usage", "value": 140, "status": "ok"},
+        {"metric_id": prefix + "disk:/", "value": 40.0, "status": "ok"},
+        {"metric_id": prefix + "disk:/var", "value": None, "status": "error",
+         "error_detail": "boom"},
+        {"metric_id": prefix + "load_1", "value": 0.5, "status": "ok"},
+        {"metric_id": prefix + "load_5", "value": 0.25, "status": "ok"},
+        {"metric_id": "someone-else", "value": 3, "status": "ok"},
+    ]
+    assert protocol.metrics_from_samples(samples) == {
+        "cpu_usage": 12.5, "memory_usage": 100.0, "disk_usage": {"/": 40.0}}
+    samples.append({"metric_id": prefix + "load_15", "value": 0.125, "status": "ok"})
+    assert protocol.metrics_from_samples(samples)["load_average"] == [0.5, 0.25, 0.12]
+    assert protocol.metrics_from_samples([{"metric_id": "x", "value": 1, "status": "ok"}]) is None
+    with pytest.raises(AgentProtocolError):
+        protocol.metrics_from_samples({"not": "a list"})
+
+
+def test_the_metric_scripts_measure_this_machine():
+    mounts = protocol.mounts_from_hardware({"storage_devices": [
+        {"mount_point": "/"}, {"mount_point": "/proc"}, {"mount_point": ""},
+        {"mount_point": "/"}, {"name": "no mount"}]})
+    assert mounts == ["/"]
+    definitions = protocol.metric_definitions(mounts, 60)
+    assert {d["id"][len(protocol.METRIC_PREFIX):] for d in definitions} == {
+        "cpu_usage", "memory_usage", "load_1", "load_5", "load_15", "disk:/"}
+    samples = []
+    for definition in definitions:
+        assert definition["interpreter"] == "python3" and definition["cadence_seconds"] == 60
+        run = subprocess.run([sys.executable, "-c", definition["script"]], capture_output=True,
+                             text=True, timeout=30, check=True)
+        samples.append({"metric_id": definition["id"], "value": float(run.stdout.split()[-1]),
+                        "status": "ok"})
+    metrics = protocol.metrics_from_samples(samples)
+    assert set(metrics) == {"cpu_usage", "memory_usage", "disk_usage", "load_average"}
+    assert 0 < metrics["memory_usage"] < 100 and 0 < metrics["disk_usage"]["/"] <= 100
+
+
+def test_a_mount_point_cannot_inject_code_into_the_disk_script():
+    evil = "/x'); import os; os.system('touch /tmp/pwned'); ('"
+    script = protocol.metric_definitions([evil], 60)[-1]["script"]
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode != 0 and "FileNotFoundError" in run.stderr
+
+
+def test_facts_from_system_info_and_hardware():
+    facts = protocol.facts_from_system_info({
+        "fqdn": "web-01.example.com", "platform": "Linux", "platform_release": "6.1.0-28",
+        "machine_architecture": "x86_64", "ipv4": "192.0.2.7", "ipv6": "fe80::1%eth0",
+        "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12"},
+        "agent_version": "1.4.0"})
+    assert facts == {"fqdn": "web-01.example.com", "os_name": "Debian GNU/Linux",
+                     "os_version": "12", "kernel": "6.1.0-28", "architecture": "x86_64",
+                     "agent_version": "1.4.0", "ip_addresses": ["192.0.2.7", "fe80::1"]}
+    assert protocol.facts_from_hardware({"cpu_cores": 4, "cpu_threads": 8,
+                                         "memory_total_mb": 2048}) == {
+        "cpu_count": 8, "memory_total": 2048 * 2**20}
+    assert protocol.facts_from_hardware({"cpu_threads": True, "memory_total_mb": "x"}) == {}
+
+
+def test_frames_to_the_agent_stay_under_one_mebibyte():
+    small = protocol.command_message("d" * 36, "execute_shell", {"command": "x"}, 30)
+    assert json.loads(protocol.encode(small))["queue_message_id"] == "d" * 36
+    with pytest.raises(ValueError):
+        protocol.encode(protocol.command_message("d", "execute_shell",
+                                                 {"command": "x" * 1024 * 1024}, 30))
+
+
+def test_poll_replies_nest_everything_but_type_and_id_in_data():
+    command = protocol.command_message("q" * 36, "execute_shell", {"command": "id"}, 30)
+    polled = protocol.for_polling(command)
+    merged = {"message_type": polled["message_type"], "message_id": polled["message_id"],
+              **polled["data"]}  # what the agent does with a polled message
+    assert merged["queue_message_id"] == "q" * 36
+    assert merged["data"]["parameters"] == {"command": "id"}
+
+
+# -- enrollment --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_new_agent_waits_for_approval_and_keeps_its_identity():
+    first = submit()
+    assert first.status == 201 and first.body["approved"] is False
+    assert not Host.objects.exists()
+    assert submit().status == 409  # the agent keeps the id and token it got
+    with pytest.raises(EnrollmentRefused) as caught:
+        enrollment.connection_token_issue("web-01")
+    assert caught.value.status == 403
+    host = enrollment.registration_approve(registration_id=first.body["id"])
+    assert str(host.id) == first.body["id"] and host.agent_kind == AgentKind.SYSMANAGE
+    assert enrollment.host_token_matches(host, first.body["host_token"])
+    assert enrollment.connection_token_host(enrollment.connection_token_issue("web-01")) == host
+    with pytest.raises(EnrollmentRefused):
+        enrollment.registration_approve(registration_id=first.body["id"])
+
+
+@pytest.mark.django_db
+def test_rejected_registrations_are_refused_until_deleted():
+    record = submit().body
+    enrollment.registration_reject(registration_id=record["id"])
+    with pytest.raises(EnrollmentRefused) as caught:
+        submit()
+    assert caught.value.status == 403
+    with pytest.raises(EnrollmentRefused):
+        enrollment.connection_token_issue("web-01")
+    AgentRegistration.objects.all().delete()
+    assert submit().status == 201
+
+
+@pytest.mark.django_db
+def test_registration_keys_approve_at_once_within_their_limits():
+    key, secret = enrollment.key_create(name="rollout", max_uses=2)
+    assert KeyLike(secret) and key.key_hash != secret
+    outcome = submit("web-01", secret)
+    assert outcome.status == 201 and outcome.body["approved"] is True
+    assert Host.objects.get(id=outcome.body["id"]).hostname == "web-01"
+    assert submit("web-02", secret).status == 201
+    with pytest.raises(EnrollmentRefused, match="used up"):
+        submit("web-03", secret)
+    with pytest.raises(EnrollmentRefused, match="Unknown"):
+        submit("web-03", "smrk_nonsense")
+    revoked, revoked_secret = enrollment.key_create(name="old")
+    enrollment.key_revoke(key_id=revoked.id)
+    with pytest.raises(EnrollmentRefused, match="revoked"):
+        submit("web-03", revoked_secret)
+    _, expired = enrollment.key_create(name="past",
+                                       expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(EnrollmentRefused, match="expired"):
+        submit("web-03", expired)
+    assert not Host.objects.filter(hostname="web-03").exists()
+
+
+def KeyLike(secret: str) -> bool:  # noqa: N802 - reads as a predicate in the test
+    return secret.startswith(enrollment.KEY_PREFIX) and len(secret) > 30
+
+
+@pytest.mark.django_db
+def test_a_key_approves_a_waiting_registration_and_reenrolls_a_known_host():
+    waiting = submit().body
+    _, secret = enrollment.key_create(name="k")
+    outcome = submit("web-01", secret)
+    assert outcome.status == 201 and outcome.body["id"] == waiting["id"]
+    host = Host.objects.get(id=waiting["id"])
+    assert enrollment.host_token_matches(host, outcome.body["host_token"])
+    assert not enrollment.host_token_matches(host, waiting["host_token"])
+    old_connection = enrollment.connection_token_issue("web-01")
+    again = submit("web-01", secret)
+    assert again.status == 200 and again.body["id"] == str(host.id)
+    host.refresh_from_db()
+    assert enrollment.host_token_matches(host, again.body["host_token"])
+    assert enrollment.connection_token_host(old_connection) is None  # voided with the token
+
+
+@pytest.mark.django_db
+def test_hostnames_of_native_agents_cannot_be_taken(settings):
+    services.host_register(hostname="web-01")
+    settings.SYSMANAGE_AGENT_AUTO_APPROVE = True
+    with pytest.raises(EnrollmentRefused) as caught:
+        submit("web-01")
+    assert caught.value.status == 409
+    settings.SYSMANAGE_AGENT_AUTO_APPROVE = False
+    with pytest.raises(ValueError):
+        services.host_rotate_token(host_id=approved_host("web-02")[0].id)
+
+
+@pytest.mark.django_db
+def test_auto_approval_and_the_limits_on_waiting_registrations(settings):
+    settings.SYSMANAGE_AGENT_AUTO_APPROVE = True
+    assert submit("auto-1").body["approved"] is True
+    settings.SYSMANAGE_AGENT_AUTO_APPROVE = False
+    settings.SYSMANAGE_AGENT_MAX_PENDING = 2
+    submit("wait-1", address="192.0.2.1")
+    submit("wait-2", address="192.0.2.2")
+    with pytest.raises(EnrollmentRefused) as caught:
+        submit("wait-3", address="192.0.2.3")
+    assert caught.value.status == 429
+    settings.SYSMANAGE_AGENT_MAX_PENDING = 100
+    settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = 2
+    with pytest.raises(EnrollmentRefused, match="this address"):
+        submit("wait-3", address="192.0.2.1")
+        submit("wait-4", address="192.0.2.1")
+
+
+@pytest.mark.django_db
+def test_connection_tokens_are_signed_short_lived_and_bound_to_the_host_token(settings):
+    host, _ = approved_host()
+    token = enrollment.connection_token_issue("web-01")
+    assert enrollment.connection_token_host(token) == host
+    assert enrollment.connection_token_host(token[:-2] + "xx") is None
+    assert enrollment.connection_token_host("") is None
+    forged = signing.dumps({"h": str(host.id), "f": "0" * 16, "n": "1"},
+                           salt=enrollment.CONNECTION_TOKEN_SALT)
+    assert enrollment.connection_token_host(forged) is None
+    settings.SYSMANAGE_AGENT_TOKEN_SECONDS = -1
+    assert enrollment.connection_token_host(token) is None
+    settings.SYSMANAGE_AGENT_TOKEN_SECONDS = 300
+    services.host_revoke_token(host_id=host.id)
+    assert enrollment.connection_token_host(token) is None
+    with pytest.raises(EnrollmentRefused) as caught:
+        enrollment.connection_token_issue("web-01")
+    assert caught.value.status == 403
+    with pytest.raises(EnrollmentRefused) as caught:
+        enrollment.connection_token_issue("nobody")
+    assert caught.value.status == 404
+
+
+# -- the command queue -------------------------------------------------------------------------
+
+
+def online(host):
+    return services.host_set_status(host_id=host.id, status=HostStatus.ONLINE)
+
+
+@pytest.mark.django_db
+def test_commands_are_sent_once_and_resent_until_acknowledged(settings, published):
+    host, _ = approved_host()
+    execution = published.run(services.command_create, host=host, command="uptime",
+                              timeout=20, user=None)
+    [sent] = published.run(deliveries.take_due, host.id)
+    assert sent.ref == str(execution.id)
+    assert sent.message["data"] == {"command_type": "execute_shell", "timeout": 20,
+                                    "parameters": {"command": "uptime", "timeout": 20}}
+    execution.refresh_from_db()
+    assert execution.status == ExecutionStatus.RUNNING
+    assert deliveries.take_due(host.id) == []  # not overdue yet
+    settings.SYSMANAGE_AGENT_ACK_SECONDS = -1
+    [again] = deliveries.take_due(host.id)
+    assert again.message["queue_message_id"] == sent.message["queue_message_id"]
+    assert AgentDelivery.objects.get().attempts == 2
+    assert deliveries.acknowledge(host_id=host.id, delivery_id=sent.message["message_id"])
+    assert deliveries.take_due(host.id) == []
+    assert not deliveries.acknowledge(host_id=uuid.uuid4(), delivery_id=sent.message["message_id"])
+
+
+@pytest.mark.django_db
+def test_a_command_never_acknowledged_fails_as_not_delivered(settings):
+    host, _ = approved_host()
+    execution = services.command_create(host=host, command="uptime", timeout=20, user=None)
+    settings.SYSMANAGE_AGENT_ACK_SECONDS = -1
+    settings.SYSMANAGE_AGENT_MAX_ATTEMPTS = 2
+    assert len(deliveries.take_due(host.id)) == 1
+    assert len(deliveries.take_due(host.id)) == 1
+    assert deliveries.take_due(host.id) == []
+    execution.refresh_from_db()
+    assert execution.status == ExecutionStatus.FAILED
+    assert "did not acknowledge" in execution.error
+    assert AgentDelivery.objects.get().state == DeliveryState.ABANDONED
+
+
+@pytest.mark.django_db
+def test_a_result_before_the_acknowledgement_is_stored_once():
+    host, _ = approved_host()
+    execution = services.command_create(host=host, command="echo hi", timeout=20, user=None)
+    [sent] = deliveries.take_due(host.id)
+    result = {"command_id": sent.message["message_id"], "command_type": "execute_shell",
+              "success": True, "exit_code": 0,
+              "result": {"result": {"stdout": "hi\n", "stderr": "", "exit_code": 0}}}
+    assert deliveries.record_result(host_id=host.id, data=result)
+    assert deliveries.acknowledge(host_id=host.id, delivery_id=sent.message["message_id"])
+    changed = {**result, "result": {"result": {"stdout": "other", "stderr": "", "exit_code": 0}}}
+    assert deliveries.record_result(host_id=host.id, data=changed)  # a duplicate: acked only
+    execution.refresh_from_db()
+    assert (execution.status, execution.stdout, execution.exit_code) == ("completed", "hi\n", 0)
+    assert execution.execution_time is not None and execution.execution_time >= 0
+    assert not deliveries.record_result(host_id=host.id, data={"command_id": "metrics-sync"})
+
+
+@pytest.mark.django_db
+def test_package_operations_map_to_install_and_uninstall_packages():
+    host, _ = approved_host()
+    install = services.package_operation_create(host=host, operation="install", package="jq",
+                                                user=None)
+    remove = services.package_operation_create(host=host, operation="remove", package="vim",
+                                               user=None)
+    sent = {item.ref: item.message for item in deliveries.take_due(host.id)}
+    assert sent[str(install.id)]["data"]["command_type"] == "install_packages"
+    assert sent[str(remove.id)]["data"]["command_type"] == "uninstall_packages"
+    assert sent[str(install.id)]["data"]["parameters"]["packages"] == [
+        {"package_name": "jq", "package_manager": "auto"}]
+    assert sent[str(install.id)]["data"]["parameters"]["request_id"] == str(install.id)
+    install.refresh_from_db()
+    assert install.status == OperationStatus.IN_PROGRESS
+    deliveries.record_result(host_id=host.id, data={
+        "command_id": sent[str(install.id)]["message_id"], "success": True,
+        "result": {"failed_packages": [], "installation_log": "Setting up jq"}})
+    deliveries.record_result(host_id=host.id, data={
+        "command_id": sent[str(remove.id)]["message_id"], "success": False,
+        "error": "E: Unable to locate package vim", "result": None})
+    install.refresh_from_db()
+    removal = PackageOperation.objects.get(id=remove.id)
+    assert (install.status, install.progress, install.output) == ("completed", 100,
+                                                                  "Setting up jq")
+    assert removal.status == "failed" and "Unable to locate" in removal.message
+
+
+@pytest.mark.django_db
+def test_undelivered_commands_fail_once_and_sent_ones_do_not(settings):
+    host, _ = approved_host()
+    waiting = services.command_create(host=host, command="a", timeout=20, user=None)
+    taken = services.command_create(host=host, command="b", timeout=20, user=None)
+    CommandExecution.objects.filter(id=waiting.id).update(
+        created_at=timezone.now() - timedelta(minutes=5))
+    AgentDelivery.objects.create(host=host, command_type="execute_shell", execution=taken,
+                                 sent_at=timezone.now())
+    assert not deliveries.fail_undelivered_command(execution_id=taken.id, why="x")
+    native = services.host_register(hostname="native-01")[0]
+    native_command = services.command_create(host=native, command="c", timeout=20, user=None)
+    CommandExecution.objects.filter(id=native_command.id).update(
+        created_at=timezone.now() - timedelta(minutes=5))
+    assert deliveries.expire_undelivered() == 1
+    assert CommandExecution.objects.get(id=waiting.id).status == "failed"
+    assert "Not delivered" in CommandExecution.objects.get(id=waiting.id).error
+    assert CommandExecution.objects.get(id=native_command.id).status == "pending"
+    assert deliveries.expire_undelivered() == 0
+
+
+# -- the socket consumer -----------------------------------------------------------------------
+
+
+async def connect(token: str, headers=None) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(application, f"/api/agent/connect?token={token}",
+                                 headers=headers or [])
+    connected, _ = await comm.connect()
+    assert connected
+    return comm
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("token", ["", "garbage", "a.b.c"])
+async def test_bad_connection_tokens_are_accepted_then_closed_with_4001(token):
+    comm = await connect(token)
+    error = await comm.receive_json_from(timeout=3)
+    assert error["message_type"] == "error" and error["error_type"] == "invalid_token"
+    assert await expect_close(comm) == 4001
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_browsers_are_refused_at_the_handshake():
+    host, _ = await database_sync_to_async(approved_host)()
+    token = await database_sync_to_async(enrollment.connection_token_issue)("web-01")
+    comm = WebsocketCommunicator(application, f"/api/agent/connect?token={token}",
+                                 headers=[(b"origin", b"http://evil.example")])
+    connected, _ = await comm.connect()
+    assert not connected
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_agent_that_cannot_prove_its_identity_stays_offline_and_is_dropped():
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    wrong = {"host_id": str(host.id), "host_token": "not-it", "hostname": "web-01"}
+    for n in range(5):
+        await comm.send_json_to(message("system_info", wrong if n % 2 else {"hostname": "x"}))
+        reply = await comm.receive_json_from(timeout=3)
+        assert reply["error_type"] == "host_not_registered", reply
+    final = await comm.receive_json_from(timeout=3)
+    assert final["error_type"] == "host_not_registered"
+    assert await expect_close(comm) == 4001
+    status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
+    assert status != HostStatus.ONLINE
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frames_get_errors(
+        settings):
+    settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = 64 * 1024
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    ids = {"host_id": str(host.id), "host_token": host_token}
+    os_info = {"distribution": "Debian", "distribution_version": "12"}
+    info = message("system_info", {**ids, "hostname": "web-01", "platform": "Linux",
+                                   "os_info": os_info})
+    await comm.send_json_to(info)
+    sync = await comm.receive_json_from(timeout=3)
+    assert sync["message_type"] == "command"
+    assert sync["data"]["command_type"] == "sync_custom_metrics"
+    ack = await comm.receive_json_from(timeout=3)
+    assert ack["message_type"] == "ack"
+    assert ack["data"]["acked_message_id"] == info["message_id"]
+    row = await database_sync_to_async(Host.objects.get)(id=host.id)
+    assert (row.status, row.os_name, row.os_version) == ("online", "Debian", "12")
+    for frame in ("not json", "[]", json.dumps({"message_type": "heartbeat"})):
+        await comm.send_to(text_data=frame)
+        assert (await comm.receive_json_from(timeout=3))["error_type"] == "invalid_message"
+    await comm.send_to(bytes_data=b"\x00\x01")
+    assert (await comm.receive_json_from(timeout=3))["error_type"] == "invalid_message"
+    unknown = message("firewall_status_update", {**ids, "enabled": True})
+    await comm.send_json_to(unknown)
+    assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == \
+        unknown["message_id"]
+    await comm.send_to(text_data=json.dumps(message("software_inventory_update",
+                                                    {**ids, "pad": "x" * 70000})))
+    assert (await comm.receive_json_from(timeout=3))["error_type"] == "message_too_large"
+    assert await expect_close(comm) == 1009
+    await comm.disconnect()  # Daphne reports the closed socket to the consumer
+    status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
+    assert status == HostStatus.OFFLINE
+
+
+@pytest.mark.django_db
+def test_registrations_and_keys_over_rest(client, make_user):
+    from tests.conftest import PASSWORD
+
+    pending = submit().body
+    make_user("ops")
+    client.login(username="ops", password=PASSWORD)
+    assert client.get("/api/registrations/").status_code == 403
+    assert client.post("/api/registration-keys/", {"name": "k"}).status_code == 403
+    make_user("root", staff=True)
+    client.login(username="root", password=PASSWORD)
+    listed = client.get("/api/registrations/?status=pending").json()
+    assert [r["id"] for r in listed["results"]] == [pending["id"]]
+    approved = client.post(f"/api/registrations/{pending['id']}/approve/")
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    assert client.post(f"/api/registrations/{pending['id']}/approve/").status_code == 409
+    created = client.post("/api/registration-keys/", {"name": "rollout", "max_uses": 1,
+                                                      "expires_in_seconds": 3600},
+                          content_type="application/json")
+    assert created.status_code == 201 and created.json()["key"].startswith("smrk_")
+    assert created.json()["usable"] is True
+    key_id = created.json()["id"]
+    assert "key" not in client.get(f"/api/registration-keys/{key_id}/").json()
+    revoked = client.post(f"/api/registration-keys/{key_id}/revoke/")
+    assert revoked.json()["usable"] is False
+    with pytest.raises(EnrollmentRefused, match="revoked"):
+        submit("web-09", created.json()["key"])
+    assert AgentRegistration.objects.get(id=pending["id"]).status == RegistrationStatus.APPROVED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_polling_carries_messages_in_and_commands_out(client):
+    host, host_token = approved_host()
+    token = enrollment.connection_token_issue("web-01")
+
+    def poll(body, bearer=token):
+        return client.post("/api/agent/poll", body, content_type="application/json",
+                           headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+
+    assert poll({"host_id": str(host.id), "messages": []}, bearer=None).status_code == 401
+    assert poll({"host_id": str(host.id), "messages": []}, bearer="nope").status_code == 401
+    assert poll({"host_id": str(uuid.uuid4()), "messages": []}).status_code == 403
+    assert poll({"host_id": str(host.id), "messages": "x"}).status_code == 400
+    ids = {"host_id": str(host.id), "host_token": host_token}
+    info = {"message_type": "system_info", "message_id": str(uuid.uuid4()),
+            "data": {**ids, "hostname": "web-01", "platform": "Linux"}}
+    reply = poll({"host_id": str(host.id), "messages": [info, "junk"], "max_wait": 0})
+    assert reply.status_code == 200 and reply.json()["poll_interval"] > 0
+    kinds = [(m["message_type"], m["data"].get("error_type")) for m in reply.json()["messages"]]
+    assert kinds == [("ack", None), ("command", None), ("error", "invalid_message")], kinds
+    assert Host.objects.get(id=host.id).status == HostStatus.ONLINE
+    execution = services.command_create(host=host, command="id", timeout=20, user=None)
+    ack_only = poll({"host_id": str(host.id), "messages": []}).json()["messages"]
+    [command] = ack_only
+    assert command["data"]["queue_message_id"] == command["message_id"]
+    assert command["data"]["data"]["parameters"]["command"] == "id"
+    result = {"message_type": "command_result", "message_id": str(uuid.uuid4()),
+              "data": {**ids, "command_id": command["message_id"], "success": True,
+                       "exit_code": 0, "result": {"result": {"stdout": "uid=0", "stderr": "",
+                                                             "exit_code": 0}}}}
+    acknowledgement = {"message_type": "command_acknowledgment",
+                       "message_id": command["message_id"]}
+    poll({"host_id": str(host.id), "messages": [result, acknowledgement]})
+    execution.refresh_from_db()
+    assert (execution.status, execution.stdout) == ("completed", "uid=0")
+    assert AgentDelivery.objects.get(execution=execution).state == DeliveryState.ACKNOWLEDGED
+    spoofed = {**result, "message_id": str(uuid.uuid4()),
+               "data": {**result["data"], "host_token": "guess"}}
+    errors = poll({"host_id": str(host.id), "messages": [spoofed]}).json()["messages"]
+    assert [m["data"]["error_type"] for m in errors] == ["host_not_registered"]
