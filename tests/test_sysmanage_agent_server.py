@@ -605,3 +605,19 @@ def test_polling_carries_messages_in_and_commands_out(client):
                "data": {**result["data"], "host_token": "guess"}}
     errors = poll({"host_id": str(host.id), "messages": [spoofed]}).json()["messages"]
     assert [m["data"]["error_type"] for m in errors] == ["host_not_registered"]
+
+
+@pytest.mark.django_db
+def test_the_agent_may_ask_for_a_token_with_its_short_name():
+    # It registers with `hostname -f` but sends gethostname() to /api/agent/auth.
+    host, _ = approved_host("web-01.example.com")
+    token = enrollment.connection_token_issue("web-01")
+    assert enrollment.connection_token_host(token) == host
+    assert enrollment.connection_token_host(enrollment.connection_token_issue("WEB-01")) == host
+    approved_host("web-01.other.example")  # now the short name is ambiguous
+    with pytest.raises(EnrollmentRefused) as caught:
+        enrollment.connection_token_issue("web-01")
+    assert caught.value.status == 404
+    submit("db-01.example.com")
+    with pytest.raises(EnrollmentRefused, match="waiting for approval"):
+        enrollment.connection_token_issue("db-01")

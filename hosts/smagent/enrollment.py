@@ -154,9 +154,9 @@ def registration_submit(*, request: RegistrationRequest,
 
 def _submit(request: RegistrationRequest, remote_address: str | None) -> RegistrationOutcome:
     key = _take_key(request.key) if request.key else None
-    host = Host.objects.select_for_update().filter(hostname=request.hostname).first()
+    host = Host.objects.select_for_update().filter(hostname__iexact=request.hostname).first()
     pending = AgentRegistration.objects.select_for_update().filter(
-        hostname=request.hostname, status=RegistrationStatus.PENDING).first()
+        hostname__iexact=request.hostname, status=RegistrationStatus.PENDING).first()
     if host is not None:
         if host.agent_kind != AgentKind.SYSMANAGE:
             raise EnrollmentRefused(409, f"{request.hostname} is managed by another kind of "
@@ -265,19 +265,32 @@ def registration_reject(*, registration_id: Any, actor: Actor | None = None) -> 
 # -- connection tokens ---------------------------------------------------------------
 
 
+def _named(rows: Any, name: str) -> Any:
+    """The one row of ``rows`` (hosts or registrations) called ``name``.
+
+    The agent registers with its fully qualified name (``hostname -f``) but names itself
+    to ``/api/agent/auth`` with the short one (``gethostname()``), so a short name also
+    matches a unique ``name.domain``.
+    """
+    exact = rows.filter(hostname__iexact=name).first()
+    if exact is not None or "." in name:
+        return exact
+    qualified = list(rows.filter(hostname__istartswith=name + ".")[:2])
+    return qualified[0] if len(qualified) == 1 else None
+
+
 def connection_token_issue(hostname: str) -> str:
     """A signed, short-lived token for one connection of ``hostname``'s agent.
 
     It names the host and a fingerprint of its current host token, so that revoking or
     replacing that token also voids every connection token issued before.
     """
-    host = Host.objects.filter(hostname=hostname).first()
+    host = _named(Host.objects.all(), hostname)
     if host is None:
-        if AgentRegistration.objects.filter(hostname=hostname,
-                                            status=RegistrationStatus.PENDING).exists():
+        registrations = AgentRegistration.objects.all()
+        if _named(registrations.filter(status=RegistrationStatus.PENDING), hostname):
             raise EnrollmentRefused(403, f"{hostname} is waiting for approval")
-        if AgentRegistration.objects.filter(hostname=hostname,
-                                            status=RegistrationStatus.REJECTED).exists():
+        if _named(registrations.filter(status=RegistrationStatus.REJECTED), hostname):
             raise EnrollmentRefused(403, f"The registration of {hostname} was rejected")
         raise EnrollmentRefused(404, f"No host named {hostname} is registered")
     if host.agent_kind != AgentKind.SYSMANAGE:
