@@ -32,6 +32,7 @@ PYTHON = sys.executable
 HELPER = Path(__file__).resolve().parent / "_django_helper.py"
 
 SERVER_START_TIMEOUT = 30.0
+WS_TRANSPORT_LIMIT = 4 * 1024 * 1024 + 65536
 SERVER_STOP_TIMEOUT = 10.0
 SUBPROCESS_TIMEOUT = 60.0
 
@@ -251,7 +252,12 @@ class DaphneServer:
         try:
             self.process = subprocess.Popen(
                 [PYTHON, "-m", "daphne", "--fd", str(listener.fileno()),
-                 "--application-close-timeout", "5", "sysmanage.asgi:application"],
+                 "--application-close-timeout", "5",
+                 # as scripts/serve and docs/configuration.md run it: room for large
+                 # SysManage-agent inventories (Daphne's default is 1 MiB)
+                 "--websocket-max-message-size", str(WS_TRANSPORT_LIMIT),
+                 "--websocket-max-frame-size", str(WS_TRANSPORT_LIMIT),
+                 "sysmanage.asgi:application"],
                 cwd=REPO_ROOT, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
                 pass_fds=[listener.fileno()], start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
