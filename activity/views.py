@@ -10,6 +10,8 @@ from typing import Any
 from django.contrib.auth.views import LoginView
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
+from django.urls import reverse
+from django.utils.http import urlencode
 from django.views.generic import TemplateView
 
 from activity import selectors
@@ -17,6 +19,8 @@ from activity.forms import LockoutAuthenticationForm
 from activity.models import UserActivity
 from alerts import selectors as alert_selectors
 from alerts.models import Severity
+from hosts import selectors as host_selectors
+from hosts.models import RegistrationStatus
 from hosts.views import DashboardMixin
 from sysmanage import permissions
 
@@ -42,6 +46,7 @@ ACTION_LABELS = {
     "registration_rejected": "Rejected a host registration",
     "registration_key_created": "Created a registration key",
     "registration_key_revoked": "Revoked a registration key",
+    "host_reregistration_allowed": "Let a host register again",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")
@@ -71,6 +76,12 @@ def activity_script_data(rows: int) -> dict[str, Any]:
             "warningActions": list(WARNING_ACTIONS), "hiddenDetails": list(HIDDEN_DETAILS)}
 
 
+def pending_registrations_url() -> str:
+    """The admin's list of SysManage agent registrations waiting for approval."""
+    query = urlencode({"status__exact": RegistrationStatus.PENDING.value})
+    return f"{reverse('admin:hosts_agentregistration_changelist')}?{query}"
+
+
 class DashboardLoginView(LoginView):
     """``/login/``: Django's login view with the lockout-aware form."""
 
@@ -81,7 +92,8 @@ class DashboardLoginView(LoginView):
 
 
 class OverviewView(DashboardMixin, TemplateView):
-    """``/``: fleet figures, active alerts by severity and (for staff) recent activity.
+    """``/``: fleet figures, active alerts by severity and, for staff, registrations
+    waiting for approval and recent activity.
 
     Anonymous visitors get the login form here with 200 (not a redirect): SysManage
     agents check that ``GET /`` answers 200 before every connection attempt.
@@ -102,6 +114,10 @@ class OverviewView(DashboardMixin, TemplateView):
         counts = alert_selectors.alert_severity_counts()
         return {
             **super().get_context_data(**kwargs),
+            # Staff approve registrations in the admin; the count is as of page load.
+            "pending_registrations": (host_selectors.registration_pending_count()
+                                      if can_view_activity else 0),
+            "pending_registrations_url": pending_registrations_url(),
             "fleet": alert_selectors.fleet_stats(),
             "alert_counts": [(value, label, counts[value])
                              for value, label in reversed(Severity.choices)],

@@ -44,8 +44,9 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ("status", "agent_kind", "os_name")
     search_fields = ("hostname", "fqdn")
     readonly_fields = ("id", "status", "agent_kind", "last_seen", "token_issued_at",
-                       "token_revoked_at", "created_at", "updated_at")
-    actions = ["rotate_token", "revoke_token"]
+                       "token_revoked_at", "reregistration_allowed_until", "created_at",
+                       "updated_at")
+    actions = ["rotate_token", "revoke_token", "allow_reregistration"]
 
     @admin.display(boolean=True, description="agent token")
     def has_token(self, obj: Host) -> bool:
@@ -71,6 +72,18 @@ class HostAdmin(admin.ModelAdmin):
         for host in queryset:
             services.host_revoke_token(host_id=host.pk, actor=request_actor(request))
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
+
+    @admin.action(description="Let its SysManage agent register again (within an hour)")
+    def allow_reregistration(self, request: HttpRequest, queryset: Any) -> None:
+        """For agents that lost their identity: their next registration gets a new token."""
+        for host in queryset:
+            try:
+                enrollment.allow_reregistration(host_id=host.pk, actor=request_actor(request))
+            except EnrollmentRefused as exc:
+                self.message_user(request, exc.detail, messages.ERROR)
+                continue
+            self.message_user(request, f"The agent of {host.hostname} may register again "
+                              "within the next hour (once).")
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
         """New hosts go through the service so that fleet figures are published."""

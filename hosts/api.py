@@ -60,6 +60,20 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         return Response({"host_id": str(host.id), "minutes": minutes,
                          "samples": selectors.metric_history(str(host.id), since=since)})
 
+    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser],
+            url_path="allow-reregistration")
+    def allow_reregistration(self, request: Request, pk: str | None = None) -> Response:
+        """(Staff) let the host's SysManage agent register again within an hour, once:
+        for an agent that lost its identity."""
+        host = self.get_object()
+        try:
+            host = enrollment.allow_reregistration(host_id=host.id,
+                                                   actor=request_actor(request))
+        except EnrollmentRefused as exc:
+            return Response({"detail": exc.detail}, status=exc.status)
+        return Response({"host_id": str(host.id),
+                         "reregistration_allowed_until": host.reregistration_allowed_until})
+
     @action(detail=True, methods=["get"])
     def inventory(self, request: Request, pk: str | None = None) -> Response:
         """The latest OS, hardware, installed-package and available-update reports of

@@ -51,6 +51,9 @@ class Host(models.Model):
     # Which agent connection last said hello: a late disconnect of an older connection
     # (possibly in another server process) must not mark the host offline.
     agent_session = models.CharField(max_length=64, blank=True, editable=False)
+    # Until when a SysManage agent may register this hostname again (and get a new host
+    # token); set by an administrator for an agent that lost its identity.
+    reregistration_allowed_until = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,12 +1,29 @@
 """Reads of hosts, command executions and package operations."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.db.models import QuerySet
 
-from hosts.models import CommandExecution, Host, HostStatus, PackageOperation
+from hosts.models import (
+    AgentRegistration,
+    CommandExecution,
+    Host,
+    HostInventory,
+    HostStatus,
+    InventoryKind,
+    PackageOperation,
+    RegistrationStatus,
+)
 from sysmanage.protocol import iso
+
+#: How many rows of each inventory list a host's page shows at most.
+INVENTORY_STORAGE_ROWS = 100
+INVENTORY_UPDATE_ROWS = 200
+INVENTORY_PACKAGE_ROWS = 500
+MIB = 1024 * 1024
+MAX_NUMBER = 2**64
 
 
 def host_list(*, search: str | None = None, status: str | None = None) -> QuerySet[Host]:
@@ -93,3 +110,166 @@ def command_event_data(execution_id: Any) -> dict[str, Any]:
         id=execution_id)
     return command_event(execution).data()
 
+
+
+def registration_pending_count() -> int:
+    """How many SysManage agent registrations are waiting for approval."""
+    return AgentRegistration.objects.filter(status=RegistrationStatus.PENDING).count()
+
+
+# -- inventory, as a host's page shows it ----------------------------------------------------
+#
+# The reports come from SysManage agents as they sent them: any field may be missing or of
+# another type, so every value goes through one of these coercions and the shapers return
+# only strings, non-negative numbers, booleans and lists of such dicts.
+
+
+def _text(value: Any, limit: int = 200) -> str:
+    """``value`` as display text (strings and numbers only), or ``""``."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return ""
+    return str(value).strip()[:limit]
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a non-negative number below 2**64 (numeric strings too), or None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    # The bound keeps absurd values from overflowing the arithmetic and the size filters;
+    # NaN and the infinities fail the comparison too.
+    return value if 0 <= value < MAX_NUMBER else None
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a whole non-negative number, or None."""
+    number = _number(value)
+    return int(number) if number is not None else None
+
+
+def _flag(value: Any) -> bool:
+    """Whether ``value`` says yes (``True``, ``1``, ``"true"``, ``"yes"``)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1")
+    return value is True or (isinstance(value, int) and value == 1)
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dicts in ``value`` if it is a list; anything else is no items."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _listed(data: dict[str, Any], key: str, total_key: str) -> int | None:
+    """How many items a report lists: the list's length, else its reported total."""
+    items = data.get(key)
+    return len(items) if isinstance(items, list) else _count(data.get(total_key))
+
+
+def inventory_os(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``os`` report: distribution, kernel, architecture, time zone."""
+    info = data.get("os_info") if isinstance(data.get("os_info"), dict) else {}
+    return {
+        "name": _text(info.get("distribution")) or _text(data.get("platform")),
+        "version": _text(info.get("distribution_version")),
+        "codename": _text(info.get("distribution_codename")),
+        "kernel": _text(data.get("platform_release")),
+        "architecture": (_text(data.get("machine_architecture"))
+                         or _text(data.get("architecture"))),
+        "timezone": _text(data.get("timezone")),
+    }
+
+
+def _storage_row(device: dict[str, Any]) -> dict[str, Any]:
+    """One storage device; sizes in bytes, use in whole percent when both sizes are known."""
+    total = _count(device.get("total_size"))
+    used = _count(device.get("used_size"))
+    percent = round(min(used, total) * 100 / total) if total and used is not None else None
+    return {"name": _text(device.get("name")), "mount_point": _text(device.get("mount_point"), 255),
+            "file_system": _text(device.get("file_system"), 50), "total": total, "used": used,
+            "used_percent": percent}
+
+
+def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``hardware`` report: CPU, memory (in bytes), storage devices, interface names."""
+    devices = _dicts(data.get("storage_devices"))
+    memory_total = _number(data.get("memory_total_mb"))
+    memory_available = _number(data.get("memory_available_mb"))
+    interfaces = (_text(i.get("name"), 100) for i in _dicts(data.get("network_interfaces")))
+    return {
+        "cpu_model": _text(data.get("cpu_model")),
+        "cpu_vendor": _text(data.get("cpu_vendor")),
+        "cpu_cores": _count(data.get("cpu_cores")),
+        "cpu_threads": _count(data.get("cpu_threads")),
+        "cpu_mhz": _count(data.get("cpu_frequency_mhz")),
+        "memory_total": int(memory_total * MIB) if memory_total is not None else None,
+        "memory_available": (int(memory_available * MIB)
+                             if memory_available is not None else None),
+        "storage": [_storage_row(d) for d in devices[:INVENTORY_STORAGE_ROWS]],
+        "storage_more": max(len(devices) - INVENTORY_STORAGE_ROWS, 0),
+        "interfaces": [name for name in interfaces if name],
+    }
+
+
+def _update_row(item: dict[str, Any]) -> dict[str, Any]:
+    return {"name": _text(item.get("package_name"), 255),
+            "current": _text(item.get("current_version")),
+            "available": _text(item.get("available_version")),
+            "manager": _text(item.get("package_manager"), 50),
+            "security": _flag(item.get("is_security_update"))}
+
+
+def inventory_updates(data: dict[str, Any], *,
+                      limit: int = INVENTORY_UPDATE_ROWS) -> dict[str, Any]:
+    """The ``updates`` report: counts, and up to ``limit`` rows, security updates first."""
+    rows = [row for row in map(_update_row, _dicts(data.get("available_updates")))
+            if row["name"]]
+    rows.sort(key=lambda row: (not row["security"], row["name"].casefold()))
+    # With a list, the counts are those of the rows shown; without, the agent's own.
+    if isinstance(data.get("available_updates"), list):
+        security = sum(row["security"] for row in rows)
+    else:
+        security = _count(data.get("security_updates"))
+    return {"count": _listed(data, "available_updates", "total_updates"),
+            "security_count": security, "rows": rows[:limit], "listed": len(rows),
+            "more": max(len(rows) - limit, 0)}
+
+
+def inventory_software(data: dict[str, Any], *,
+                       limit: int = INVENTORY_PACKAGE_ROWS) -> dict[str, Any]:
+    """The ``software`` report: how many packages, and the first ``limit`` by name."""
+    rows = [{"name": _text(item.get("package_name"), 255), "version": _text(item.get("version")),
+             "manager": _text(item.get("package_manager"), 50)}
+            for item in _dicts(data.get("software_packages"))]
+    rows = sorted((row for row in rows if row["name"]),
+                  key=lambda row: (row["name"].casefold(), row["version"]))
+    return {"count": _listed(data, "software_packages", "total_packages"),
+            "rows": rows[:limit], "listed": len(rows), "more": max(len(rows) - limit, 0)}
+
+
+INVENTORY_SHAPERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    InventoryKind.OS: inventory_os,
+    InventoryKind.HARDWARE: inventory_hardware,
+    InventoryKind.UPDATES: inventory_updates,
+    InventoryKind.SOFTWARE: inventory_software,
+}
+
+
+def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, Any]]:
+    """Inventory rows as plain dicts by kind, each with its ``updated_at``; kinds not
+    reported are left out, so an empty dict means no inventory at all."""
+    view: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        shape = INVENTORY_SHAPERS.get(row.kind)
+        if shape is not None:
+            data = row.data if isinstance(row.data, dict) else {}
+            view[row.kind] = {**shape(data), "updated_at": row.updated_at}
+    return view
+
+
+def host_inventory_view(host_id: Any) -> dict[str, dict[str, Any]]:
+    """A host's latest inventory as its page shows it (see :func:`inventory_view`)."""
+    return inventory_view(list(HostInventory.objects.filter(host_id=host_id)))

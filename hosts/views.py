@@ -68,18 +68,21 @@ class HostListView(DashboardMixin, TemplateView):
 
 
 class HostDetailView(DashboardMixin, TemplateView):
-    """``/hosts/<uuid>/``: a host's facts, live charts, console, packages and alerts."""
+    """``/hosts/<uuid>/``: a host's facts and inventory, live charts, console, packages
+    and alerts."""
 
     template_name = "hosts/host_detail.html"
     nav_section = "hosts"
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
-        """The host, what this user may do to it, and the data its page script needs."""
+        """The host, its inventory, what this user may do to it, and the data its page
+        script needs."""
         host = get_object_or_404(selectors.host_list(), pk=kwargs["host_id"])
         user = self.request.user
         can_run = permissions.can_run_commands(user)
         can_manage = permissions.can_manage_alerts(user)
         return {**super().get_context_data(**kwargs), "host": host,
+                "inventory": selectors.host_inventory_view(host.pk),
                 "can_run_commands": can_run, "can_manage_alerts": can_manage,
                 "page_data": host_page_data(host, can_run_commands=can_run,
                                             can_manage_alerts=can_manage)}

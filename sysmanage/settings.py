@@ -135,10 +135,13 @@ DATABASES = {"default": dj_database_url.parse(
     DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers proceed while the single writer commits; the timeout rides
-    # out short write bursts instead of failing with "database is locked".
+    # out short write bursts instead of failing with "database is locked".  Transactions
+    # take the write lock when they begin: a deferred one that reads, then writes, fails
+    # at once (the timeout does not apply) when another connection wrote in between.
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;",
+         "transaction_mode": "IMMEDIATE"}
     )
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
         Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)

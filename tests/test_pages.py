@@ -11,8 +11,9 @@ from activity.models import UserActivity
 from activity.services import activity_record
 from alerts import services as alert_services
 from alerts.models import Alert
+from hosts import selectors as host_selectors
 from hosts import services as host_services
-from hosts.models import Host
+from hosts.models import AgentRegistration, Host, HostInventory
 from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db
@@ -383,3 +384,249 @@ def test_every_page_links_its_script_and_styles(staff, host):
         assert 'type="module" src="/static/js/pages/' in content, path
         assert 'id="connection"' in content, path
     assert Host.objects.count() == 1
+
+
+# -- a SysManage agent's inventory on the host page -------------------------------------------
+
+
+OS_REPORT = {
+    "platform": "Linux", "platform_release": "6.1.0-18-amd64",
+    "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1", "architecture": "64bit",
+    "machine_architecture": "x86_64", "processor": "", "timezone": "Europe/Berlin",
+    "python_version": "3.11.2",
+    "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12",
+                "distribution_codename": "bookworm"},
+}
+HARDWARE_REPORT = {
+    "cpu_vendor": "GenuineIntel", "cpu_model": "Intel(R) Xeon(R) Gold 6226R CPU @ 2.90GHz",
+    "cpu_cores": 8, "cpu_threads": 16, "cpu_frequency_mhz": 2900, "memory_total_mb": 32768,
+    "memory_available_mb": 20480,
+    "storage_devices": [
+        {"name": "/dev/sda1", "mount_point": "/", "total_size": 100 * 2**30,
+         "used_size": 42 * 2**30, "file_system": "ext4"},
+        {"name": "/dev/sdb1", "mount_point": "/srv/data", "total_size": 2 * 2**40,
+         "used_size": 1.9 * 2**40, "file_system": "xfs"},
+        {"name": "tmpfs", "mount_point": "/tmp", "file_system": "tmpfs"},  # no sizes
+    ],
+    "network_interfaces": [{"name": "lo", "ipv4_addresses": ["127.0.0.1"]},
+                           {"name": "eno1", "ipv4_addresses": ["192.0.2.7"]}],
+}
+UPDATES_REPORT = {
+    "available_updates": [
+        {"package_name": "curl", "current_version": "7.88.1-10+deb12u4",
+         "available_version": "7.88.1-10+deb12u5", "package_manager": "apt",
+         "is_security_update": False},
+        {"package_name": "openssl", "current_version": "3.0.11-1~deb12u1",
+         "available_version": "3.0.11-1~deb12u2", "package_manager": "apt",
+         "is_security_update": True},
+    ],
+    "total_updates": 2, "security_updates": 1,
+}
+
+
+def software_report(packages: int) -> dict:
+    return {"software_packages": [{"package_name": f"pkg-{i:04d}", "version": f"1.{i}-1",
+                                   "package_manager": "apt", "architecture": "amd64"}
+                                  for i in range(packages)],
+            "total_packages": packages}
+
+
+@pytest.fixture
+def sysmanage_host(host):
+    Host.objects.filter(pk=host.pk).update(agent_kind="sysmanage", agent_version="0.9.5")
+    for kind, data in (("os", OS_REPORT), ("hardware", HARDWARE_REPORT),
+                       ("updates", UPDATES_REPORT), ("software", software_report(3))):
+        HostInventory.objects.create(host=host, kind=kind, data=data,
+                                     item_count=len(data.get("available_updates", [])))
+    return host
+
+
+def test_host_page_shows_the_inventory(operator, sysmanage_host):
+    response = operator.get(f"/hosts/{sysmanage_host.pk}/")
+    assert response.status_code == 200
+    content = response.content.decode()
+    inventory = response.context["inventory"]
+    assert set(inventory) == {"os", "hardware", "updates", "software"}
+    assert 'id="inventory-heading"' in content
+    assert "SysManage agent 0.9.5" in content
+    # Operating system
+    assert "Debian GNU/Linux 12 (bookworm)" in content
+    assert "6.1.0-18-amd64" in content and "Europe/Berlin" in content
+    # Hardware
+    hardware = inventory["hardware"]
+    assert hardware["memory_total"] == 32 * 2**30
+    assert "Intel(R) Xeon(R) Gold 6226R" in content and "8 / 16" in content
+    assert [d["used_percent"] for d in hardware["storage"]] == [42, 95, None]
+    assert "/srv/data" in content and "95 %" in content and "eno1" in content
+    # Updates: security first
+    updates = inventory["updates"]
+    assert (updates["count"], updates["security_count"]) == (2, 1)
+    assert [row["name"] for row in updates["rows"]] == ["openssl", "curl"]
+    assert "3.0.11-1~deb12u2" in content
+    assert '<span class="badge severity-warning">Security</span>' in content
+    # Installed packages, collapsed
+    assert "3 packages installed." in content
+    assert '<details class="inventory-packages">' in content and "pkg-0002" in content
+    assert "more not shown" not in content
+    # Each part says when it was reported
+    assert content.count('class="inventory-reported muted"') == 4
+
+
+def test_host_page_without_inventory(operator, host):
+    response = operator.get(f"/hosts/{host.pk}/")
+    assert response.context["inventory"] == {}
+    content = response.content.decode()
+    assert 'id="inventory-heading"' not in content
+    assert "Built-in agent" in content
+
+
+def test_host_page_shows_only_the_reported_parts(operator, host):
+    HostInventory.objects.create(host=host, kind="updates", data={"available_updates": []},
+                                 item_count=0)
+    content = operator.get(f"/hosts/{host.pk}/").content.decode()
+    assert "No updates available." in content
+    assert 'id="inventory-os-heading"' not in content
+    assert 'id="inventory-software-heading"' not in content
+
+
+MALFORMED_REPORTS = {
+    "os": {"os_info": "Debian", "platform": ["Linux"], "platform_release": None,
+           "timezone": {"name": "UTC"}, "machine_architecture": 64},
+    "hardware": {"cpu_model": {"x": 1}, "cpu_cores": "many", "cpu_threads": -4,
+                 "memory_total_mb": True, "memory_available_mb": "nan",
+                 "storage_devices": [None, "sda", 7, {"mount_point": ["/"]},
+                                     {"mount_point": "/", "total_size": "100",
+                                      "used_size": 10**400},
+                                     {"mount_point": "/x", "total_size": 0, "used_size": 5}],
+                 "network_interfaces": {"eth0": {}}},
+    "updates": {"available_updates": [None, {"package_name": None},
+                                      {"package_name": "<script>alert(1)</script>",
+                                       "current_version": 1.5, "available_version": [2],
+                                       "is_security_update": "yes"}],
+                "total_updates": "lots", "security_updates": -1},
+    "software": {"software_packages": "many", "total_packages": "12"},
+}
+
+
+def test_host_page_survives_malformed_inventory(operator, host):
+    for kind, data in MALFORMED_REPORTS.items():
+        HostInventory.objects.create(host=host, kind=kind, data=data)
+    response = operator.get(f"/hosts/{host.pk}/")
+    assert response.status_code == 200
+    content = response.content.decode()
+    inventory = response.context["inventory"]
+    assert inventory["os"]["name"] == "" and inventory["os"]["architecture"] == "64"
+    hardware = inventory["hardware"]
+    assert hardware["cpu_cores"] is None and hardware["cpu_threads"] is None
+    assert hardware["memory_total"] is None and hardware["memory_available"] is None
+    assert hardware["interfaces"] == []
+    assert [(d["mount_point"], d["total"], d["used"], d["used_percent"])
+            for d in hardware["storage"]] == [("", None, None, None), ("/", 100, None, None),
+                                              ("/x", 0, 5, None)]
+    updates = inventory["updates"]
+    assert (updates["count"], updates["security_count"]) == (3, 1)
+    assert updates["rows"] == [{"name": "<script>alert(1)</script>", "current": "1.5",
+                                "available": "", "manager": "", "security": True}]
+    assert "<script>alert(1)" not in content and "&lt;script&gt;alert(1)" in content
+    assert inventory["software"]["count"] == 12 and inventory["software"]["rows"] == []
+    assert "12 packages installed." in content
+
+
+@pytest.mark.parametrize("data", [[1, 2], "text", True, 42, {}])
+def test_host_page_survives_inventory_that_is_not_an_object(operator, host, data):
+    for kind in ("os", "hardware", "updates", "software"):
+        HostInventory.objects.create(host=host, kind=kind, data=data)
+    response = operator.get(f"/hosts/{host.pk}/")
+    assert response.status_code == 200
+    assert response.context["inventory"]["software"]["count"] is None
+    assert "did not say how many packages" in response.content.decode()
+
+
+def test_inventory_updates_are_limited_to_200_security_first(operator, host):
+    updates = [{"package_name": f"lib{i:03d}", "current_version": "1", "available_version": "2",
+                "is_security_update": False} for i in range(249)]
+    updates.append({"package_name": "zz-last-by-name", "current_version": "1",
+                    "available_version": "2", "is_security_update": True})
+    HostInventory.objects.create(host=host, kind="updates", item_count=250,
+                                 data={"available_updates": updates, "total_updates": 250})
+    response = operator.get(f"/hosts/{host.pk}/")
+    rows = response.context["inventory"]["updates"]["rows"]
+    assert len(rows) == 200 and rows[0]["name"] == "zz-last-by-name"
+    content = response.content.decode()
+    assert "Showing the first 200 of 250 updates, security updates first; 50 more not shown." \
+        in content
+    assert content.count('<td class="version">') == 400
+
+
+def test_inventory_packages_are_limited_to_500(operator, host):
+    HostInventory.objects.create(host=host, kind="software", data=software_report(1200),
+                                 item_count=1200)
+    response = operator.get(f"/hosts/{host.pk}/")
+    software = response.context["inventory"]["software"]
+    assert software["count"] == 1200 and len(software["rows"]) == 500
+    assert software["rows"][-1]["name"] == "pkg-0499"
+    content = response.content.decode()
+    assert "1200 packages installed." in content
+    assert "The first 500 packages by name" in content
+    assert "Listing the first 500 of 1200 packages by name; 700 more not shown." in content
+    assert "pkg-0499" in content and "pkg-0500" not in content
+
+
+def test_inventory_shapers_are_plain_functions():
+    assert host_selectors.inventory_updates({}) == {
+        "count": None, "security_count": None, "rows": [], "listed": 0, "more": 0}
+    assert host_selectors.inventory_updates(
+        {"total_updates": 9, "security_updates": 2.0}, limit=1)["security_count"] == 2
+    assert host_selectors.inventory_software(software_report(5), limit=2)["more"] == 3
+    assert host_selectors.inventory_os({"platform": "FreeBSD", "platform_release": "14.0"}) \
+        == {"name": "FreeBSD", "version": "", "codename": "", "kernel": "14.0",
+            "architecture": "", "timezone": ""}
+    hardware = host_selectors.inventory_hardware({"memory_total_mb": "1024.5",
+                                                  "storage_devices": [{}] * 150})
+    assert hardware["memory_total"] == int(1024.5 * 2**20)
+    assert (len(hardware["storage"]), hardware["storage_more"]) == (100, 50)
+
+
+# -- registrations waiting for approval on the overview ----------------------------------------
+
+PENDING_URL = "/admin/hosts/agentregistration/?status__exact=pending"
+
+
+def test_overview_tells_staff_about_pending_registrations(staff):
+    AgentRegistration.objects.create(hostname="new-01", token_hash="0" * 64)
+    AgentRegistration.objects.create(hostname="new-02", token_hash="0" * 64)
+    AgentRegistration.objects.create(hostname="old-01", token_hash="0" * 64, status="approved")
+    AgentRegistration.objects.create(hostname="bad-01", token_hash="0" * 64, status="rejected")
+    response = staff.get("/")
+    assert response.context["pending_registrations"] == 2
+    content = response.content.decode()
+    assert f'<a href="{PENDING_URL}">2 hosts waiting for approval</a>' in content
+
+
+def test_pending_registrations_link_lists_them_in_the_admin(root):
+    AgentRegistration.objects.create(hostname="new-01", token_hash="0" * 64)
+    content = root.get("/").content.decode()
+    assert f'<a href="{PENDING_URL}">1 host waiting for approval</a>' in content
+    response = root.get(PENDING_URL)
+    assert response.status_code == 200
+    assert "new-01" in response.content.decode()
+
+
+def test_overview_hides_pending_registrations_from_non_staff(operator):
+    AgentRegistration.objects.create(hostname="new-01", token_hash="0" * 64)
+    response = operator.get("/")
+    assert response.context["pending_registrations"] == 0
+    assert "waiting for approval" not in response.content.decode()
+
+
+def test_overview_without_pending_registrations(staff):
+    AgentRegistration.objects.create(hostname="old-01", token_hash="0" * 64, status="approved")
+    response = staff.get("/")
+    assert response.context["pending_registrations"] == 0
+    assert 'id="pending-registrations"' not in response.content.decode()
+
+
+def test_hosts_table_marks_sysmanage_agent_hosts(operator, sysmanage_host):
+    host_services.host_create(hostname="db-01")
+    content = operator.get("/hosts/").content.decode()
+    assert content.count('<span class="badge">SysManage agent</span>') == 1

@@ -2,6 +2,7 @@
 enrollment policy, connection tokens, the command queue, and the socket consumer."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -182,7 +183,8 @@ def test_a_mount_point_cannot_inject_code_into_the_disk_script():
 
 def test_facts_from_system_info_and_hardware():
     facts = protocol.facts_from_system_info({
-        "fqdn": "web-01.example.com", "platform": "Linux", "platform_release": "6.1.0-28",
+        "fqdn": "web-01.example.com", "platform": "Linux",
+        "platform_release": "Debian GNU/Linux 12", "platform_version": "6.1.0-28",
         "machine_architecture": "x86_64", "ipv4": "192.0.2.7", "ipv6": "fe80::1%eth0",
         "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12"},
         "agent_version": "1.4.0"})
@@ -273,20 +275,44 @@ def KeyLike(secret: str) -> bool:  # noqa: N802 - reads as a predicate in the te
 
 
 @pytest.mark.django_db
-def test_a_key_approves_a_waiting_registration_and_reenrolls_a_known_host():
+def test_a_key_approves_a_waiting_registration_but_never_reenrolls_a_known_host():
     waiting = submit().body
-    _, secret = enrollment.key_create(name="k")
+    key, secret = enrollment.key_create(name="k", max_uses=2)
     outcome = submit("web-01", secret)
     assert outcome.status == 201 and outcome.body["id"] == waiting["id"]
     host = Host.objects.get(id=waiting["id"])
     assert enrollment.host_token_matches(host, outcome.body["host_token"])
     assert not enrollment.host_token_matches(host, waiting["host_token"])
+    # The agent registers on every start with the key in its configuration: nothing
+    # changes and the key is not used up (nor checked: revoking it stops no agent).
+    for _ in range(3):
+        assert submit("web-01", secret).status == 409
+    enrollment.key_revoke(key_id=key.id)
+    assert submit("web-01", secret).status == 409
+    key.refresh_from_db()
+    assert key.uses == 1
+    assert enrollment.host_token_matches(Host.objects.get(id=host.id), outcome.body["host_token"])
+
+
+@pytest.mark.django_db
+def test_an_agent_that_lost_its_identity_registers_again_once_allowed():
+    host, old_token = approved_host()
     old_connection = enrollment.connection_token_issue("web-01")
-    again = submit("web-01", secret)
+    assert submit().status == 409
+    enrollment.allow_reregistration(host_id=host.id)
+    again = submit()
     assert again.status == 200 and again.body["id"] == str(host.id)
     host.refresh_from_db()
     assert enrollment.host_token_matches(host, again.body["host_token"])
+    assert not enrollment.host_token_matches(host, old_token)
     assert enrollment.connection_token_host(old_connection) is None  # voided with the token
+    assert submit().status == 409  # once
+    Host.objects.filter(id=host.id).update(
+        reregistration_allowed_until=timezone.now() - timedelta(seconds=1))
+    assert submit().status == 409  # and not after the window
+    native = services.host_register(hostname="native-01")[0]
+    with pytest.raises(EnrollmentRefused):
+        enrollment.allow_reregistration(host_id=native.id)
 
 
 @pytest.mark.django_db
@@ -529,7 +555,7 @@ async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frame
     await comm.send_to(text_data=json.dumps(message("software_inventory_update",
                                                     {**ids, "pad": "x" * 70000})))
     assert (await comm.receive_json_from(timeout=3))["error_type"] == "message_too_large"
-    assert await expect_close(comm) == 1009
+    assert await expect_close(comm) == 4013
     await comm.disconnect()  # Daphne reports the closed socket to the consumer
     status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
     assert status == HostStatus.OFFLINE
@@ -621,3 +647,87 @@ def test_the_agent_may_ask_for_a_token_with_its_short_name():
     submit("db-01.example.com")
     with pytest.raises(EnrollmentRefused, match="waiting for approval"):
         enrollment.connection_token_issue("db-01")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_messages_naming_the_host_without_its_token_wait_for_proof():
+    # The agent adds host_token only where it adds host_id itself: system_info (always the
+    # first message) names the host alone, so it is held until a message proves identity.
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    info = message("system_info", {"host_id": str(host.id), "hostname": "web-01",
+                                   "platform": "Linux", "platform_version": "6.1.0-28",
+                                   "os_info": {"distribution": "Debian",
+                                               "distribution_version": "12"}})
+    await comm.send_json_to(info)
+    assert await comm.receive_nothing(timeout=0.3)
+    status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
+    assert status != HostStatus.ONLINE
+    beat = message("heartbeat", {"host_id": str(host.id), "host_token": host_token})
+    await comm.send_json_to(beat)
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
+    acked = [r["data"]["acked_message_id"] for r in replies if r["message_type"] == "ack"]
+    assert acked == [beat["message_id"], info["message_id"]]
+    assert [r["data"]["command_type"] for r in replies if r["message_type"] == "command"] == [
+        "sync_custom_metrics"]
+    row = await database_sync_to_async(Host.objects.get)(id=host.id)
+    assert (row.status, row.os_name, row.kernel) == ("online", "Debian", "6.1.0-28")
+    flat = message("script_execution_result", execution_id="e", host_id=str(host.id),
+                   exit_code=0)
+    await comm.send_json_to(flat)
+    assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == \
+        flat["message_id"]
+    await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_poll_without_proof_refuses_held_messages_unless_the_host_is_online(client):
+    host, host_token = approved_host()
+    token = enrollment.connection_token_issue("web-01")
+    info = {"message_type": "system_info", "message_id": str(uuid.uuid4()),
+            "data": {"host_id": str(host.id), "hostname": "web-01"}}
+
+    def poll(messages):
+        return client.post("/api/agent/poll", {"host_id": str(host.id), "messages": messages},
+                           content_type="application/json",
+                           headers={"Authorization": f"Bearer {token}"}).json()["messages"]
+
+    [refused] = poll([info])
+    assert refused["data"]["error_type"] == "identification_pending"
+    beat = {"message_type": "heartbeat", "message_id": str(uuid.uuid4()),
+            "data": {"host_id": str(host.id), "host_token": host_token}}
+    types = [m["message_type"] for m in poll([info, beat])]
+    assert types.count("ack") == 2 and "error" not in types
+    [ack] = poll([{**info, "message_id": str(uuid.uuid4())}])  # online now: trusted
+    assert ack["message_type"] == "ack"
+
+
+@pytest.mark.django_db
+def test_reregistration_over_rest_and_the_command_line(client, make_user):
+    from django.core.management import CommandError, call_command
+
+    from tests.conftest import PASSWORD
+
+    host, _ = approved_host()
+    make_user("ops")
+    client.login(username="ops", password=PASSWORD)
+    url = f"/api/hosts/{host.id}/allow-reregistration/"
+    assert client.post(url).status_code == 403
+    make_user("root", staff=True)
+    client.login(username="root", password=PASSWORD)
+    assert client.post(url).json()["reregistration_allowed_until"]
+    assert submit().status == 200
+    call_command("allow_reregistration", "web-01", "--minutes", "5")
+    assert submit().status == 200
+    with pytest.raises(CommandError, match="--minutes"):
+        call_command("allow_reregistration", "web-01", "--minutes", "0")
+    native = services.host_register(hostname="native-01")[0]
+    with pytest.raises(CommandError, match="not managed by a SysManage agent"):
+        call_command("allow_reregistration", str(native.id))
+    out = io.StringIO()
+    call_command("create_registration_key", "rollout", "--max-uses", "3", "--expires-in", "7d",
+                 stdout=out, stderr=io.StringIO())
+    created = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert submit("web-02", created["key"]).body["approved"] is True
+    with pytest.raises(CommandError, match="--expires-in"):
+        call_command("create_registration_key", "x", "--expires-in", "soon")

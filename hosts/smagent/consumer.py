@@ -20,7 +20,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from hosts import services
-from hosts.smagent import enrollment, protocol
+from hosts.smagent import deliveries, enrollment, protocol
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession
 from sysmanage.auth import RAW_SEND_KEY
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 #: Messages refused for identity before the connection is dropped (the agent itself
 #: re-registers after three ``host_not_registered`` errors).
 MAX_REFUSALS = 5
-CLOSE_MESSAGE_TOO_BIG = 1009
+MAX_LOGGED_REFUSALS = 10
 ERROR_TYPES = {CloseCode.AUTH_FAILED: "invalid_token", CloseCode.REPLACED: "replaced",
                CloseCode.SLOW_CONSUMER: "slow_consumer"}
 
@@ -50,6 +50,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     outbound: Outbound | None = None
     registered = False
     closing = False
+    resender: asyncio.Future[None] | None = None
     user_id = None  # agents are not users; the hub's user index skips them
     session_tag = None
     token_hash = ""
@@ -133,7 +134,23 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     async def _send_due(self, resend_all: bool = False) -> None:
         assert self.session is not None
-        self.send_messages(await self.session.due_commands(resend_all=resend_all))
+        sent = await self.session.due_commands(resend_all=resend_all)
+        self.send_messages(sent)
+        if sent and (self.resender is None or self.resender.done()):
+            self.resender = asyncio.ensure_future(self._resend_until_acknowledged())
+            self.tasks.add(self.resender)
+            self.resender.add_done_callback(self.tasks.discard)
+
+    async def _resend_until_acknowledged(self) -> None:
+        """While commands sent on this connection wait for their acknowledgement, look
+        again every ``SYSMANAGE_AGENT_ACK_SECONDS`` and send the overdue ones again."""
+        assert self.session is not None
+        while not self.closing:
+            await asyncio.sleep(settings.SYSMANAGE_AGENT_ACK_SECONDS + 0.05)
+            if not await database_sync_to_async(deliveries.unacknowledged)(
+                    self.session.host_id):
+                return
+            self.send_messages(await self.session.due_commands())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -148,7 +165,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             return
         size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
         if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
-            await self._close_with(CLOSE_MESSAGE_TOO_BIG, protocol.error_message(
+            await self._close_with(CloseCode.MESSAGE_TOO_BIG, protocol.error_message(
                 "message_too_large", f"Messages are limited to "
                 f"{settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes"))
             return
@@ -159,11 +176,12 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             if self.bucket.take():
                 raise AgentProtocolError("rate_limited", "Too many messages; this one was "
                                          "not processed", message_id=raw.get("message_id"))
-            replies, first_proof = await self.session.handle(raw)
+            replies, first_proof = await self.session.handle(raw, size)
             if first_proof:
                 await self._come_online(raw)
             self.send_messages(replies)
         except AgentProtocolError as exc:
+            self._log_refusal(exc)
             self.send_messages([exc.to_message()])
             if self.session.refusals >= MAX_REFUSALS:
                 await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
@@ -173,6 +191,15 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                              self.session.hostname)
             self.send_messages([protocol.error_message(
                 "server_error", "The server could not process this message")])
+
+    def _log_refusal(self, exc: AgentProtocolError) -> None:
+        """Log the first refusals of a connection (an agent that speaks differently, or
+        someone who is not the host), without flooding the log."""
+        self.logged_refusals = getattr(self, "logged_refusals", 0) + 1
+        if self.logged_refusals <= MAX_LOGGED_REFUSALS:
+            assert self.session is not None
+            logger.warning("agent of %s: %s %s: %s", self.session.hostname,
+                           exc.data.get("message_type", "frame"), exc.error_type, exc.message)
 
     async def _come_online(self, raw: dict[str, Any]) -> None:
         """The agent proved who it is: take over as the host's agent, mark it online,

@@ -125,6 +125,11 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
     return out
 
 
+def unacknowledged(host_id: Any) -> bool:
+    """Whether commands sent to ``host_id``'s agent still wait for an acknowledgement."""
+    return AgentDelivery.objects.filter(host_id=host_id, state=DeliveryState.SENT).exists()
+
+
 def _still_wanted(delivery: AgentDelivery) -> bool:
     if delivery.execution is not None:
         return delivery.execution.status in CommandExecution.ACTIVE_STATUSES
@@ -185,7 +190,7 @@ def record_result(*, host_id: Any, data: dict[str, Any]) -> bool:
             delivery.acknowledged_at = now
             delivery.save(update_fields=["state", "acknowledged_at"])
         if delivery.execution_id is not None:
-            elapsed = round((now - delivery.sent_at).total_seconds(), 3)
+            elapsed = round((now - delivery.created_at).total_seconds(), 3)  # first send
             services.command_record_result(
                 execution_id=delivery.execution_id, host_id=host_id,
                 result=protocol.shell_result(data, elapsed))

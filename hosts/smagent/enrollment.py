@@ -141,9 +141,10 @@ def registration_submit(*, request: RegistrationRequest,
     """Handle a ``registration_request``.
 
     A new hostname is recorded as waiting for approval, or approved at once with a
-    valid registration key (or when auto-approval is on).  A hostname that is already
-    registered or waiting answers 409 (the agent keeps the identity it has), unless a
-    valid key comes with it: then the host is enrolled again with a new host token.
+    valid registration key (or when auto-approval is on); a key also approves a waiting
+    one.  A hostname that is already registered or waiting answers 409 (the agent keeps
+    the identity it has), unless an administrator allowed its host to register again
+    (:func:`allow_reregistration`): then it is enrolled again with a new host token.
     """
     try:
         with transaction.atomic():
@@ -153,25 +154,31 @@ def registration_submit(*, request: RegistrationRequest,
 
 
 def _submit(request: RegistrationRequest, remote_address: str | None) -> RegistrationOutcome:
-    key = _take_key(request.key) if request.key else None
     host = Host.objects.select_for_update().filter(hostname__iexact=request.hostname).first()
-    pending = AgentRegistration.objects.select_for_update().filter(
-        hostname__iexact=request.hostname, status=RegistrationStatus.PENDING).first()
     if host is not None:
+        # The agent registers on every start, with the same key if it has one: a known
+        # host keeps its identity (409) unless an administrator let it register again.
+        # A key is neither checked nor used up here, so revoking or using up a key never
+        # stops an enrolled agent from starting.
         if host.agent_kind != AgentKind.SYSMANAGE:
             raise EnrollmentRefused(409, f"{request.hostname} is managed by another kind of "
                                          "agent on this server")
-        if key is None:
+        allowed = host.reregistration_allowed_until
+        if allowed is None or allowed <= timezone.now():
             return RegistrationOutcome(409, {"detail": f"{request.hostname} is already "
                                                        "registered"})
         token, digest = _new_host_token()
         host.token_hash, host.token_issued_at, host.token_revoked_at = digest, timezone.now(), None
+        host.reregistration_allowed_until = None
         host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at",
-                                 "updated_at"])
-        _record(request, remote_address, RegistrationStatus.APPROVED, digest, key, host)
+                                 "reregistration_allowed_until", "updated_at"])
+        _record(request, remote_address, RegistrationStatus.APPROVED, digest, None, host)
         publish_control("close_agent", host_id=str(host.id), reason="The host registered again")
         return RegistrationOutcome(200, {"id": str(host.id), "host_token": token,
                                          "approved": True})
+    key = _take_key(request.key) if request.key else None
+    pending = AgentRegistration.objects.select_for_update().filter(
+        hostname__iexact=request.hostname, status=RegistrationStatus.PENDING).first()
     if pending is not None and key is None:
         return RegistrationOutcome(409, {"detail": f"{request.hostname} is registered and "
                                                    "waiting for approval"})
@@ -260,6 +267,21 @@ def registration_reject(*, registration_id: Any, actor: Actor | None = None) -> 
         record.save(update_fields=["status", "decided_at", "decided_by"])
         audit("registration_rejected", actor, hostname=record.hostname)
     return record
+
+
+def allow_reregistration(*, host_id: Any, minutes: int = 60,
+                         actor: Actor | None = None) -> Host:
+    """Let the host's agent register again within ``minutes`` (once): for an agent that
+    lost its identity (its local database), which otherwise gets 409 forever."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(id=host_id)
+        if host.agent_kind != AgentKind.SYSMANAGE:
+            raise EnrollmentRefused(409, f"{host.hostname} is not managed by a SysManage agent")
+        host.reregistration_allowed_until = timezone.now() + timedelta(minutes=minutes)
+        host.save(update_fields=["reregistration_allowed_until", "updated_at"])
+        audit("host_reregistration_allowed", actor, host_id=str(host.id),
+              hostname=host.hostname)
+    return host
 
 
 # -- connection tokens ---------------------------------------------------------------

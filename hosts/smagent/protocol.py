@@ -168,7 +168,9 @@ def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
         "os_name": (os_info.get("distribution") or data.get("platform"), 100),
         "os_version": (os_info.get("distribution_version") or data.get("platform_release"),
                        100),
-        "kernel": (data.get("platform_release") if os_info.get("distribution") else None, 200),
+        # The agent has no kernel-release field; platform.version() is the kernel's build
+        # string ("#1 SMP PREEMPT_DYNAMIC Debian 6.1.115-1 ...").
+        "kernel": (data.get("platform_version"), 200),
         "architecture": (data.get("machine_architecture") or data.get("architecture"), 50),
         "agent_version": (data.get("agent_version"), 50),
     }

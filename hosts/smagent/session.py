@@ -33,7 +33,9 @@ INVENTORY_TYPES = {
     "software_inventory_update": InventoryKind.SOFTWARE,
     "package_updates_update": InventoryKind.UPDATES,
 }
-NOT_ACKNOWLEDGED = frozenset({"command_acknowledgment"})
+#: Messages held while a connection has not proved its identity yet.
+MAX_HELD = 100
+MAX_HELD_BYTES = 8 * 1024 * 1024
 
 
 def _load_mounts(host_id: str) -> list[str]:
@@ -53,17 +55,27 @@ class AgentSession:
         self.polled = polled
         self.verified = False
         self.refusals = 0
+        self.held: list[tuple[str, str, dict[str, Any]]] = []
+        self.held_bytes = 0
         self.mounts: list[str] | None = None
         self.last_persisted = 0.0
 
     # -- identity ------------------------------------------------------------------------
 
-    def _identify(self, message_type: str, message_id: str, data: dict[str, Any]) -> None:
-        """Check ``host_id``/``host_token`` where given; require them until proven."""
+    def _identify(self, message_type: str, message_id: str, data: dict[str, Any]) -> bool:
+        """Check the identity a message claims: True if it may be processed now, False if
+        it is the host's but must wait for proof; refused if it claims another identity.
+
+        The agent sends ``host_token`` only in messages to which it added ``host_id``
+        itself; ``system_info``, ``hardware_update`` and some others name the host alone.
+        Those are held until a message with both proves the connection.
+        """
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
+        if claimed_token is None and claimed_id is not None and str(claimed_id) == self.host_id:
+            return self.verified
         if claimed_id is None and claimed_token is None:
             if self.verified:
-                return
+                return True
             why = "Identify with host_id and host_token first"
         elif str(claimed_id) != self.host_id:
             why = "This host is not registered here (unknown host_id)"
@@ -71,29 +83,71 @@ class AgentSession:
             why = "This host is not registered here (host_token does not match)"
         else:
             self.verified = True
-            return
+            return True
         self.refusals += 1
         raise AgentProtocolError("host_not_registered", why, message_type=message_type,
                                  message_id=message_id)
 
     # -- handling ------------------------------------------------------------------------
 
-    async def handle(self, raw: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    async def handle(self, raw: dict[str, Any],
+                     size: int = 0) -> tuple[list[dict[str, Any]], bool]:
         """Handle one message: ``(replies, first_proof)``; ``first_proof`` is True when
-        this message proved the agent's identity for the first time."""
+        this message proved the agent's identity for the first time (the messages held
+        until then are handled with it)."""
         message_type, message_id, data = protocol.check_envelope(raw, polled=self.polled)
         if message_type == "command_acknowledgment":
             await database_sync_to_async(deliveries.acknowledge)(
                 host_id=self.host_id, delivery_id=message_id)
             return [], False
         was_verified = self.verified
-        self._identify(message_type, message_id, data)
+        if not self._identify(message_type, message_id, data):
+            self._hold(message_type, message_id, data, size)
+            return [], False
+        replies = await self._process(message_type, message_id, data)
+        if was_verified:
+            return replies, False
+        return replies + await self.release_held(), True
+
+    def _hold(self, message_type: str, message_id: str, data: dict[str, Any],
+              size: int) -> None:
+        if len(self.held) >= MAX_HELD or self.held_bytes + size > MAX_HELD_BYTES:
+            logger.warning("agent of %s: %s not processed, too many messages before it "
+                           "proved its identity", self.hostname, message_type)
+            raise AgentProtocolError(
+                "identification_pending", "Not processed: too many messages before one with "
+                "host_id and host_token", message_type=message_type, message_id=message_id)
+        self.held.append((message_type, message_id, data))
+        self.held_bytes += size
+
+    async def release_held(self) -> list[dict[str, Any]]:
+        """Handle the messages held for proof (once it came, or when the transport trusts
+        the host anyway)."""
+        held, self.held, self.held_bytes = self.held, [], 0
         replies: list[dict[str, Any]] = []
+        for message_type, message_id, data in held:
+            try:
+                replies += await self._process(message_type, message_id, data)
+            except AgentProtocolError as exc:
+                replies.append(exc.to_message())
+        return replies
+
+    def refuse_held(self) -> list[dict[str, Any]]:
+        """Errors for the held messages of a poll that never proved its identity."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        return [protocol.error_message(
+            "identification_pending", "Not processed: send it with host_token, or together "
+            "with a message that has host_id and host_token", message_type=message_type,
+            message_id=message_id) for message_type, message_id, _ in held]
+
+    async def _process(self, message_type: str, message_id: str,
+                       data: dict[str, Any]) -> list[dict[str, Any]]:
         handler = self.HANDLERS.get(message_type)
+        replies: list[dict[str, Any]] = []
         if handler is not None:
             replies += await handler(self, data, message_id)
         replies.append(protocol.ack_message(message_id))
-        return replies, not was_verified
+        return replies
 
     async def on_system_info(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
         """Facts about the host: stored (the first one on a connection also comes online)."""
@@ -165,7 +219,8 @@ class AgentSession:
 
     def metrics_command(self, mounts: list[str]) -> dict[str, Any]:
         """``sync_custom_metrics`` with the scripts behind live metrics."""
-        self.mounts = list(mounts)
+        mounts = list(mounts) or ["/"]
+        self.mounts = mounts
         return protocol.command_message(
             str(uuid.uuid4()), "sync_custom_metrics",
             {"metrics": protocol.metric_definitions(

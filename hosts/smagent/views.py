@@ -150,6 +150,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
     session = AgentSession(host, polled=True)
+    was_online = host.status == HostStatus.ONLINE
     replies: list[dict[str, Any]] = []
     for raw in messages:
         try:
@@ -171,6 +172,10 @@ async def poll(request: HttpRequest) -> JsonResponse:
             logger.exception("error handling a polled message from %s", host.hostname)
             replies.append(protocol.error_message(
                 "server_error", "The server could not process this message"))
+    if session.held:
+        # Messages naming the host without its token: handled if this host's agent proved
+        # itself in an earlier poll and is still online, otherwise refused (not lost).
+        replies += await session.release_held() if was_online else session.refuse_held()
     commands = await session.due_commands()
     deadline = time.monotonic() + max_wait
     while not commands and time.monotonic() < deadline:

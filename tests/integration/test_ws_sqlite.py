@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosedError
 
 from tests.integration import harness
 from tests.integration.client import (
@@ -588,7 +589,12 @@ async def test_oversized_message_gets_message_too_large_then_close(
 
 async def test_frame_over_daphne_limit_is_refused_by_daphne(server: Deployment):
     async with connect(server) as client:
-        await client.send(ping_of_size(1024 * 1024 + 1024, "huge"))
+        # the servers run as documented: Daphne's limit a little above the largest of
+        # the server's own (harness.WS_TRANSPORT_LIMIT)
+        try:
+            await client.send(ping_of_size(harness.WS_TRANSPORT_LIMIT + 1024, "huge"))
+        except ConnectionClosedError:
+            pass  # at 4 MiB the reset may come while the frame is still being written
         closed = await client.expect_closed()
     # The docs say Daphne closes with 1009; in practice Autobahn sends its 1009 close
     # frame, then drops the TCP connection while the rest of the frame is still
