@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -77,7 +76,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.aggregator = MinuteAggregator()
         self.sent: set[str] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.last_persisted = 0.0
+        self.last_seen = services.LastSeen(self.host_id)
         self.hub = await Hub.for_running_loop()
         previous = self.hub.register_agent(self.host_id, self)
         if previous is not None:
@@ -179,7 +178,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             host_id=self.host_id, session=self.session, facts=facts)
         self.cpu_count = host.cpu_count
         self.ready = True
-        self.last_persisted = time.monotonic()
+        self.last_seen = services.LastSeen(self.host_id, written_now=True)  # hello wrote it
         self.send_message("welcome", {
             "host_id": self.host_id, "heartbeat_interval": settings.AGENT_HEARTBEAT_INTERVAL,
             "metrics_interval": settings.AGENT_METRICS_INTERVAL, "server_time": utc_now_iso(),
@@ -189,7 +188,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     async def on_heartbeat(self, data: dict[str, Any], id_: Any) -> None:
         """Note that the agent is alive."""
-        await self._seen()
+        await self.last_seen.touch()
 
     async def on_metrics(self, data: dict[str, Any], id_: Any) -> None:
         """Publish live metrics; add them to this minute's history row."""
@@ -202,7 +201,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                                         timestamp=iso(now) or "", metrics=metrics,
                                         cpu_count=self.cpu_count))
         await self._save_minute(self.aggregator.add(now, metrics))
-        await self._seen()
+        await self.last_seen.touch()
 
     async def on_command_started(self, data: dict[str, Any], id_: Any) -> None:
         """Mark a command running."""
@@ -217,7 +216,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         await database_sync_to_async(services.command_record_result)(
             execution_id=execution_id, host_id=self.host_id, result=result)
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
-        await self._seen()
+        await self.last_seen.touch()
 
     async def on_package_progress(self, data: dict[str, Any], id_: Any) -> None:
         """Store and publish a package operation's progress."""
@@ -274,14 +273,6 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.sent.add(ref)
         publish_control_now("agent_took", ref=ref, host_id=self.host_id)
         return True
-
-    async def _seen(self) -> None:
-        """Persist last-seen at most every third of the offline timeout."""
-        now = time.monotonic()
-        if now - self.last_persisted >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
-            self.last_persisted = now
-            await database_sync_to_async(services.host_touch)(
-                host_id=self.host_id, seen_at=timezone.now())
 
     async def _save_minute(self, finished: tuple[Any, int, dict[str, Any]] | None) -> None:
         if finished is not None:

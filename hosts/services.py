@@ -4,10 +4,13 @@ through here, and each publishes its event after the transaction commits.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+from channels.db import database_sync_to_async
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -266,6 +269,23 @@ def host_inventory_save(*, host_id: Any, kind: str, data: dict[str, Any],
 def host_touch(*, host_id: Any, seen_at: datetime) -> None:
     """Record when a host's agent was last heard from (no event)."""
     Host.objects.filter(id=host_id).update(last_seen=seen_at)
+
+
+class LastSeen:
+    """An agent connection's last-seen time, written at most every third of the offline
+    timeout: often enough to keep the host online, rarely enough to spare the database."""
+
+    def __init__(self, host_id: Any, *, written_now: bool = False) -> None:
+        self.host_id = host_id
+        self.written = time.monotonic() if written_now else float("-inf")
+
+    async def touch(self) -> None:
+        """Note that the agent was heard from; persist it if it is time to."""
+        now = time.monotonic()
+        if now - self.written >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
+            self.written = now
+            await database_sync_to_async(host_touch)(host_id=self.host_id,
+                                                     seen_at=timezone.now())
 
 
 def hosts_mark_offline(*, silent_for: float) -> list[Host]:

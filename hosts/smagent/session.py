@@ -9,7 +9,6 @@ consumer keeps one session per connection; the polling view makes one per reques
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -58,7 +57,7 @@ class AgentSession:
         self.held: list[tuple[str, str, dict[str, Any]]] = []
         self.held_bytes = 0
         self.mounts: list[str] | None = None
-        self.last_persisted = 0.0
+        self.last_seen = services.LastSeen(self.host_id)
 
     # -- identity ------------------------------------------------------------------------
 
@@ -241,9 +240,5 @@ class AgentSession:
         return [item.message for item in due]
 
     async def seen(self) -> None:
-        """Persist last-seen at most every third of the offline timeout."""
-        now = time.monotonic()
-        if now - self.last_persisted >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
-            self.last_persisted = now
-            await database_sync_to_async(services.host_touch)(
-                host_id=self.host_id, seen_at=timezone.now())
+        """The agent was heard from."""
+        await self.last_seen.touch()
