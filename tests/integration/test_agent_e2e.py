@@ -21,6 +21,7 @@ import pytest
 
 from tests.integration import harness
 from tests.integration.client import WsClient, ws_connect
+from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration
 
@@ -61,47 +62,6 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-
-
-class Proxy:
-    """A TCP relay between agent and server whose connections the test can cut."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        """Listen on a free port; return it."""
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def cut(self) -> None:
-        """Drop every relayed connection at once (both directions)."""
-        for writer in self.writers:
-            transport = writer.transport
-            if transport is not None:
-                transport.abort()
-        self.writers.clear()
-
-    async def close(self) -> None:
-        """Stop listening and drop everything."""
-        self.cut()
-        if self.server is not None:
-            self.server.close()
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +192,7 @@ async def test_result_made_while_disconnected_is_delivered_after_reconnect(
         deployment, tmp_path):
     from tests.integration.client import api
 
-    proxy = Proxy(deployment.server.port)
+    proxy = Relay(deployment.server.port)
     port = await proxy.start()
     async with contextlib.AsyncExitStack() as stack, \
             running_agent(deployment, tmp_path, "e2e-reconnect",
@@ -324,7 +284,7 @@ async def test_package_install_and_remove_for_real(deployment, tmp_path):
 
 async def test_fleet_status_is_right_after_a_server_restart(launch_sqlite, tmp_path):
     with launch_sqlite("restart", **AGENT_SETTINGS) as restart:
-        proxy = Proxy(restart.server.port)
+        proxy = Relay(restart.server.port)
         port = await proxy.start()
         async with contextlib.AsyncExitStack() as stack, \
                 running_agent(restart, tmp_path, "e2e-restart",
@@ -402,7 +362,7 @@ async def wait_command(deployment: harness.Deployment, host_id: str, status: str
 
 async def test_command_running_across_a_server_restart_ends_recorded(launch_sqlite, tmp_path):
     with launch_sqlite("restart-cmd", **AGENT_SETTINGS) as restart:
-        proxy = Proxy(restart.server.port)
+        proxy = Relay(restart.server.port)
         port = await proxy.start()
         async with running_agent(restart, tmp_path, "e2e-restart-cmd",
                                  f"http://127.0.0.1:{port}") as (enrolled, _):

@@ -12,7 +12,7 @@ import http.client
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ import websockets
 from tests.compat.fake_sysmanage_agent import FakeSysManageAgent
 from tests.integration import harness
 from tests.integration.client import WsClient, api, ws_connect
+from tests.integration.relay import Relay
 
 pytestmark = pytest.mark.integration
 
@@ -681,7 +682,7 @@ async def test_command_resent_while_running_runs_once(deployment):
 
 async def test_command_sent_while_the_agent_is_cut_off_runs_once_after_reconnect(deployment):
     d = deployment
-    relay = FreezingRelay(d.server.port)
+    relay = Relay(d.server.port)
     port = await relay.start()
     agent = await enrolled(d, "cutoff")
     async with contextlib.AsyncExitStack() as stack:
@@ -890,53 +891,3 @@ async def test_polling_fallback_end_to_end(deployment):
                                                      raw=raw_body)
             assert status == 400, (raw_body, status, answer)
 
-
-# -- a relay whose agent side can be cut off while the server side stays open -----------
-
-
-class FreezingRelay:
-    """A TCP relay; :meth:`freeze` drops the agent's side and silently swallows what the
-    server sends, so that the server still believes the agent is connected."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.frozen = False
-        self.clients: list[asyncio.StreamWriter] = []
-        self.upstreams: list[asyncio.StreamWriter] = []
-        self.server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.clients.append(writer)
-        self.upstreams.append(up_writer)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                       keep_open: Callable[[], bool]) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    if self.frozen:
-                        continue  # swallowed
-                    dst.write(data)
-                    await dst.drain()
-            if not keep_open():
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer, lambda: self.frozen),
-                             pipe(up_reader, writer, lambda: False))
-
-    def freeze(self) -> None:
-        self.frozen = True
-        for writer in self.clients:
-            if writer.transport is not None:
-                writer.transport.abort()
-
-    async def close(self) -> None:
-        for writer in self.clients + self.upstreams:
-            if writer.transport is not None:
-                writer.transport.abort()
-        if self.server is not None:
-            self.server.close()
