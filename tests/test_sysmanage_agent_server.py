@@ -731,3 +731,21 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
     assert submit("web-02", created["key"]).body["approved"] is True
     with pytest.raises(CommandError, match="--expires-in"):
         call_command("create_registration_key", "x", "--expires-in", "soon")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_metric_scripts_go_once_when_a_held_hardware_report_came_first():
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    hardware = message("hardware_update", {"host_id": str(host.id), "storage_devices": [
+        {"mount_point": "/"}, {"mount_point": "/var"}]})
+    await comm.send_json_to(hardware)
+    await comm.send_json_to(message("heartbeat", {"host_id": str(host.id),
+                                                  "host_token": host_token}))
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
+    assert await comm.receive_nothing(timeout=0.3)
+    syncs = [r for r in replies if r["message_type"] == "command"]
+    assert len(syncs) == 1, replies
+    ids = {m["id"] for m in syncs[0]["data"]["parameters"]["metrics"]}
+    assert protocol.METRIC_PREFIX + "disk:/var" in ids
+    await comm.disconnect()

@@ -216,5 +216,6 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 "message": "Another connection of this host took over"})
         await database_sync_to_async(services.host_agent_hello)(
             host_id=self.session.host_id, session=self.connection_id, facts=facts)
-        self.send_messages([await self.session.initial_metrics_command()])
+        if self.session.mounts is None:  # a held hardware report may have sent it already
+            self.send_messages([await self.session.initial_metrics_command()])
         await self._send_due(resend_all=True)

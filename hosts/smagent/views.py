@@ -165,7 +165,8 @@ async def poll(request: HttpRequest) -> JsonResponse:
                 await database_sync_to_async(services.host_agent_hello)(
                     host_id=host.id, session=f"poll-{uuid.uuid4().hex}", facts=facts)
                 host.status = HostStatus.ONLINE
-                replies.append(await session.initial_metrics_command())
+                if session.mounts is None:  # not sent with a held hardware report
+                    replies.append(await session.initial_metrics_command())
         except AgentProtocolError as exc:
             replies.append(exc.to_message())
         except Exception:
