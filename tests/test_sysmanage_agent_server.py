@@ -197,6 +197,16 @@ def test_facts_from_system_info_and_hardware():
     assert protocol.facts_from_hardware({"cpu_threads": True, "memory_total_mb": "x"}) == {}
 
 
+def test_stored_reports_hold_no_nul_characters():
+    nested: dict = {"a\x00": ["b\x00", {"c": "d\x00e"}], "n": 1.5, "t": None}
+    assert protocol.storable(nested) == {"a\ufffd": ["b\ufffd", {"c": "d\ufffde"}], "n": 1.5,
+                                         "t": None}
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    assert "null" in json.dumps(protocol.storable(deep))
+
+
 def test_frames_to_the_agent_stay_under_one_mebibyte():
     small = protocol.command_message("d" * 36, "execute_shell", {"command": "x"}, 30)
     assert json.loads(protocol.encode(small))["queue_message_id"] == "d" * 36
@@ -748,4 +758,39 @@ async def test_the_metric_scripts_go_once_when_a_held_hardware_report_came_first
     assert len(syncs) == 1, replies
     ids = {m["id"] for m in syncs[0]["data"]["parameters"]["metrics"]}
     assert protocol.METRIC_PREFIX + "disk:/var" in ids
+    await comm.disconnect()
+
+
+WEIRD_VALUES = [None, True, -1, 1e308, "x" * 3000, [], [None, 1, "a"], {"a": {"b": []}},
+                "\x00", {"mount_point": 7}]
+FIELDS = ["samples", "storage_devices", "software_packages", "available_updates", "os_info",
+          "result", "command_id", "success", "exit_code", "error", "cpu_threads",
+          "memory_total_mb", "ipv4", "ipv6", "fqdn", "platform", "platform_release",
+          "platform_version", "hostname", "agent_version"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_odd_field_values_get_an_ack_or_a_clear_error_never_a_server_error():
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    ids = {"host_id": str(host.id), "host_token": host_token}
+    await comm.send_json_to(message("heartbeat", ids))
+    while (await comm.receive_json_from(timeout=3))["message_type"] != "ack":
+        pass
+    types = ["system_info", "heartbeat", "command_result", "custom_metric_samples",
+             "os_version_update", "hardware_update", "software_inventory_update",
+             "package_updates_update", "something_else"]
+    for index, message_type in enumerate(types):
+        for value in WEIRD_VALUES:
+            data = {**ids, **{field: value for field in FIELDS[index % 3::2]}}
+            sent = message(message_type, data)
+            await comm.send_json_to(sent)
+            while True:
+                reply = await comm.receive_json_from(timeout=3)
+                if reply["message_type"] == "command":  # a new metrics set: fine
+                    continue
+                break
+            assert reply["message_type"] in ("ack", "error"), reply
+            if reply["message_type"] == "error":
+                assert reply["error_type"] == "invalid_message", (message_type, value, reply)
     await comm.disconnect()

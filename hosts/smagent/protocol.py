@@ -209,6 +209,20 @@ def mounts_from_hardware(data: dict[str, Any]) -> list[str]:
     return mounts[:MAX_MOUNTS]
 
 
+def storable(value: Any, depth: int = 0) -> Any:
+    """``value`` with NUL characters replaced in every string and key, for a JSON column
+    (PostgreSQL's jsonb cannot hold ``\u0000``); nesting deeper than 32 is cut off."""
+    if isinstance(value, str):
+        return without_nul(value)
+    if depth >= 32:
+        return None
+    if isinstance(value, dict):
+        return {without_nul(str(k)): storable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v, depth + 1) for v in value]
+    return value
+
+
 def inventory_items(kind: str, data: dict[str, Any]) -> int | None:
     """How many items an inventory report lists (packages, updates), if it lists any."""
     key = {"software": "software_packages", "updates": "available_updates"}.get(kind)

@@ -194,7 +194,8 @@ class AgentSession:
         elif kind == InventoryKind.HARDWARE:
             facts = protocol.facts_from_hardware(data)
             self.cpu_count = facts.get("cpu_count", self.cpu_count)
-        stored = {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
+        stored = protocol.storable({k: v for k, v in data.items()
+                                    if k not in ("host_id", "host_token")})
         await database_sync_to_async(services.host_inventory_save)(
             host_id=self.host_id, kind=kind, data=stored,
             item_count=protocol.inventory_items(kind, data), facts=facts)

@@ -74,8 +74,9 @@ def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
     keys = [body.get(name) for name in KEY_FIELDS if body.get(name)]
     if any(not isinstance(key, str) or len(key) > 200 for key in keys):
         raise EnrollmentRefused(400, "A registration key must be a string")
-    details = {k: body[k] for k in ("platform", "is_privileged", "script_execution_enabled",
-                                    "enabled_shells", "agent_capabilities") if k in body}
+    details = protocol.storable({k: body[k] for k in (
+        "platform", "is_privileged", "script_execution_enabled", "enabled_shells",
+        "agent_capabilities") if k in body})
     if len(json.dumps(details, default=str)) > 64 * 1024:
         details = {k: v for k, v in details.items() if k != "agent_capabilities"}
     return RegistrationRequest(

@@ -302,3 +302,41 @@ async def test_nul_in_command_is_refused_as_invalid(cluster: Deployment):
             "data": {"host_id": cluster.host_id("web-01"), "command": "ls\u0000-la"}},
             EVENT_TIMEOUT)
     assert reply["data"]["code"] == "INVALID_COMMAND", reply
+
+
+async def test_a_sysmanage_agent_on_one_server_runs_commands_sent_through_the_other(
+        cluster: Deployment):
+    """Registration, approval, the agent's socket and its command queue on PostgreSQL,
+    with the command crossing Redis: the agent is on server A, the requester on B."""
+    from tests.compat.fake_sysmanage_agent import FakeSysManageAgent
+
+    a, b = server_a(cluster), server_b(cluster)
+    agent = FakeSysManageAgent(a.base_url, f"sm-pg-{uuid.uuid4().hex[:6]}",
+                               ack_order="result_first")
+    status, body = await asyncio.to_thread(agent.register)
+    assert status == 201 and body["approved"] is False, body
+    approved = await api("POST", b.base_url, f"/api/registrations/{agent.host_id}/approve/",
+                         token=cluster.token("admin"))
+    assert approved.status == 200 and approved.body["status"] == "approved", approved
+    async with connect(b, cluster) as client:
+        await client.subscribe("host_status", {"host_id": agent.host_id})
+        await agent.connect()
+        info = await agent.send_system_info()  # held: names the host without its token
+        await agent.send_acked("heartbeat", agent.heartbeat_data())  # proves it
+        await agent.wait_ack(info["message_id"])
+        online = await client.next_event("host_status", timeout=EVENT_TIMEOUT)
+        assert online["data"]["status"] == "online"
+        reply = await client.request({"type": "command", "channel": "command_execution",
+                                      "data": {"host_id": agent.host_id,
+                                               "command": "echo across; exit 4",
+                                               "timeout": 20}}, timeout=EVENT_TIMEOUT)
+        assert reply["type"] == "response", reply
+        assert (reply["data"]["status"], reply["data"]["exit_code"],
+                reply["data"]["stdout"]) == ("failed", 4, "across\n"), reply
+        assert reply["data"]["execution_time"] >= 0
+        host = await api("GET", b.base_url, f"/api/hosts/{agent.host_id}/",
+                         token=cluster.token("admin"))
+        assert host.body["agent_kind"] == "sysmanage" and host.body["os_name"]
+        await agent.close()
+        offline = await client.next_event("host_status", timeout=EVENT_TIMEOUT)
+        assert offline["data"]["status"] == "offline"
