@@ -166,10 +166,12 @@ def package_operation(browser: Browser, operation: str, package: str) -> Any:
         item = history_item(browser, "package-operations", title)
         if item is None:
             return False
+        # The badge first: read after it, the bar is at least as new (a final badge and a
+        # bar read before it could disagree when the last update lands in between).
+        badge = item.find_element("css selector", ".history-head .badge").text
         value = item.find_element("css selector", "progress").get_attribute("value")
         if not seen or seen[-1] != value:
             seen.append(value)
-        badge = item.find_element("css selector", ".history-head .badge").text
         return item if badge in ("Completed", "Failed") else False
 
     item = browser.wait(done, 240, f"{title} did not finish")
