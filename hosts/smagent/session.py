@@ -49,7 +49,6 @@ class AgentSession:
         self.host = host
         self.host_id = str(host.id)
         self.hostname = host.hostname
-        self.token_hash = host.token_hash
         self.cpu_count = host.cpu_count
         self.polled = polled
         self.verified = False
