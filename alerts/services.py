@@ -83,6 +83,10 @@ def rule_alert_sync(*, host_id: Any, rule_id: Any, key: str, severity: str | Non
     Raises the alert if there is none, updates its severity and text if it differs, and
     resolves it (automatically, by no one) when ``severity`` is None.
     """
+    active_alerts = Alert.objects.filter(host_id=host_id, rule_id=rule_id, rule_key=key,
+                                         status__in=Alert.ACTIVE_STATUSES)
+    if severity is None and not active_alerts.exists():
+        return None  # nothing to resolve: no write transaction (hosts coming online)
     with transaction.atomic():
         active = Alert.objects.select_for_update(of=("self",)).select_related("host").filter(
             host_id=host_id, rule_id=rule_id, rule_key=key,

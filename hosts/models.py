@@ -312,6 +312,9 @@ class HostInventory(models.Model):
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="inventory")
     kind = models.CharField(max_length=10, choices=InventoryKind.choices)
     data = models.JSONField(default=dict)
+    # SHA-256 of the report as received: an unchanged report (every reconnect resends
+    # them) is not written again.
+    digest = models.CharField(max_length=64, blank=True, editable=False)
     item_count = models.PositiveIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -258,12 +258,19 @@ def host_update_facts(*, host_id: Any, facts: dict[str, Any]) -> None:
 
 
 def host_inventory_save(*, host_id: Any, kind: str, data: dict[str, Any],
-                        item_count: int | None, facts: dict[str, Any]) -> None:
-    """Replace one kind of a host's inventory, and the host facts it carries."""
+                        item_count: int | None, facts: dict[str, Any],
+                        digest: str = "") -> bool:
+    """Replace one kind of a host's inventory, and the host facts it carries; False (and
+    nothing written) when ``digest`` says the stored report is the same."""
+    if digest and HostInventory.objects.filter(host_id=host_id, kind=kind,
+                                               digest=digest).exists():
+        return False
     with transaction.atomic():
         HostInventory.objects.update_or_create(
-            host_id=host_id, kind=kind, defaults={"data": data, "item_count": item_count})
+            host_id=host_id, kind=kind,
+            defaults={"data": data, "item_count": item_count, "digest": digest})
         host_update_facts(host_id=host_id, facts=facts)
+    return True
 
 
 def host_touch(*, host_id: Any, seen_at: datetime) -> None:

@@ -192,3 +192,17 @@ def test_after_a_restart_a_stale_alert_is_resolved_and_clear_hosts_cost_one_quer
     published.run(evaluation.on_metrics, {"host_id": str(stale_host.id), "hostname": "stale",
                                           "cpu_count": 2, "metrics": {"disk_usage": {"/": 10.0}}})
     assert Alert.objects.get(host=stale_host).status == "resolved"
+
+
+@pytest.mark.django_db
+def test_resolving_with_nothing_active_writes_nothing(django_assert_num_queries):
+    from alerts import services as alert_services
+    from alerts.models import AlertRule
+    from hosts import services as host_services
+
+    host = host_services.host_create(hostname="quiet-01")
+    rule = AlertRule.objects.first()
+    with django_assert_num_queries(1):  # one read; no transaction, no lock
+        assert alert_services.rule_alert_sync(
+            host_id=host.id, rule_id=rule.id, key="", severity=None, title="t", message="m",
+            category=rule.category) is None

@@ -794,3 +794,51 @@ async def test_odd_field_values_get_an_ack_or_a_clear_error_never_a_server_error
             if reply["message_type"] == "error":
                 assert reply["error_type"] == "invalid_message", (message_type, value, reply)
     await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_busy_database_is_answered_503_with_retry_after(client, monkeypatch):
+    from django.db import OperationalError
+
+    def locked(*args, **kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(enrollment, "registration_submit", locked)
+    monkeypatch.setattr(enrollment, "connection_token_issue", locked)
+    monkeypatch.setattr(enrollment, "connection_token_host", locked)
+    for path, headers in (("/api/host/register", {}),
+                          ("/api/agent/auth", {"x-agent-hostname": "web-01"}),
+                          ("/api/agent/poll", {"Authorization": "Bearer x"})):
+        response = client.post(path, {"hostname": "web-01", "host_id": "x", "messages": []},
+                               content_type="application/json", headers=headers)
+        assert response.status_code == 503, (path, response.content)
+        assert response["Retry-After"] == "5" and response.json()["detail"]
+
+
+@pytest.mark.django_db
+def test_unchanged_inventory_reports_are_not_written_again():
+    host, _ = approved_host()
+    report = {"software_packages": [{"package_name": "jq"}]}
+    digest = protocol.digest(report)
+    assert digest == protocol.digest(json.loads(json.dumps(report)))
+    assert services.host_inventory_save(host_id=host.id, kind="software", data=report,
+                                        item_count=1, facts={}, digest=digest)
+    assert not services.host_inventory_save(host_id=host.id, kind="software", data=report,
+                                            item_count=1, facts={}, digest=digest)
+    changed = {"software_packages": [{"package_name": "jq"}, {"package_name": "vim"}]}
+    assert services.host_inventory_save(host_id=host.id, kind="software", data=changed,
+                                        item_count=2, facts={},
+                                        digest=protocol.digest(changed))
+    assert host.inventory.get(kind="software").item_count == 2
+
+
+@pytest.mark.django_db
+def test_keyed_registrations_do_not_count_against_the_address_limit(settings):
+    settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = 2
+    _, secret = enrollment.key_create(name="rollout")
+    for n in range(3):
+        assert submit(f"keyed-{n}", secret, address="192.0.2.50").status == 201
+    assert submit("asks-1", address="192.0.2.50").status == 201
+    assert submit("asks-2", address="192.0.2.50").status == 201
+    with pytest.raises(EnrollmentRefused, match="this address"):
+        submit("asks-3", address="192.0.2.50")

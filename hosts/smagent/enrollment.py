@@ -132,8 +132,11 @@ def _new_host_token() -> tuple[str, str]:
 
 
 def _recent_from(address: str | None) -> int:
+    """Registrations without a key from ``address`` in the last hour (a keyed roll-out
+    behind one address must not block the hosts that ask for approval there)."""
     since = timezone.now() - timedelta(hours=1)
-    return AgentRegistration.objects.filter(remote_address=address, created_at__gte=since).count()
+    return AgentRegistration.objects.filter(remote_address=address, created_at__gte=since,
+                                            key__isnull=True).count()
 
 
 def registration_submit(*, request: RegistrationRequest,

@@ -8,6 +8,7 @@ error_type, message, data}``.  Nothing here touches the database.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
@@ -221,6 +222,12 @@ def storable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [storable(v, depth + 1) for v in value]
     return value
+
+
+def digest(value: Any) -> str:
+    """A SHA-256 of ``value`` as canonical JSON: equal reports, equal digests."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def inventory_items(kind: str, data: dict[str, Any]) -> int | None:

@@ -197,7 +197,8 @@ class AgentSession:
                                     if k not in ("host_id", "host_token")})
         await database_sync_to_async(services.host_inventory_save)(
             host_id=self.host_id, kind=kind, data=stored,
-            item_count=protocol.inventory_items(kind, data), facts=facts)
+            item_count=protocol.inventory_items(kind, data), facts=facts,
+            digest=protocol.digest(stored))
         await self.seen()
         if kind == InventoryKind.HARDWARE:
             mounts = protocol.mounts_from_hardware(data)

@@ -7,6 +7,7 @@ and every refusal is a JSON ``{"detail": …}`` with the status the agent acts o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -33,11 +35,43 @@ HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?$")
 KEY_FIELDS = ("registration_key", "enrollment_token", "auto_approve_token")
 MAX_POLL_MESSAGES = 100
 MAX_POLL_WAIT = 25.0
+BUSY_RETRY_AFTER = 5
 POLL_WAIT_STEP = 1.0
 
 
 def _refuse(status: int, detail: str) -> JsonResponse:
     return JsonResponse({"detail": detail}, status=status)
+
+
+def _busy() -> JsonResponse:
+    """503 with ``Retry-After``: the database could not take the request in time (a
+    connect storm on SQLite's single writer, or no pooled connection free).  The agent
+    retries; a 500 would only fill the log with tracebacks."""
+    response = _refuse(503, "The server is busy; retry shortly")
+    response["Retry-After"] = str(BUSY_RETRY_AFTER)
+    return response
+
+
+def when_busy_503(view: Any) -> Any:
+    """Answer :func:`_busy` when the database is locked or out of connections."""
+    if asyncio.iscoroutinefunction(view):
+        @functools.wraps(view)
+        async def wrapped_async(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await view(request, *args, **kwargs)
+            except OperationalError as exc:
+                logger.warning("%s answered 503: %s", request.path, exc)
+                return _busy()
+        return wrapped_async
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return view(request, *args, **kwargs)
+        except OperationalError as exc:
+            logger.warning("%s answered 503: %s", request.path, exc)
+            return _busy()
+    return wrapped
 
 
 def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
@@ -88,9 +122,10 @@ def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
 
 @csrf_exempt
 @require_POST
+@when_busy_503
 def register(request: HttpRequest) -> JsonResponse:
     """``POST /api/host/register``: 201 new (pending or approved), 200 re-enrolled with a
-    key, 409 already registered, 403 refused, 400 malformed, 429 too many."""
+    key, 409 already registered, 403 refused, 400 malformed, 429 too many, 503 busy."""
     try:
         outcome = enrollment.registration_submit(
             request=parse_registration(_json_body(request, 256 * 1024)),
@@ -102,6 +137,7 @@ def register(request: HttpRequest) -> JsonResponse:
 
 @csrf_exempt
 @require_POST
+@when_busy_503
 def auth(request: HttpRequest) -> JsonResponse:
     """``POST /api/agent/auth`` (header ``x-agent-hostname``): a connection token."""
     hostname = request.headers.get("x-agent-hostname", "").strip()
@@ -139,6 +175,7 @@ def _poll_request(request: HttpRequest) -> tuple[Any, list[Any], float]:
 
 @csrf_exempt
 @require_POST
+@when_busy_503
 async def poll(request: HttpRequest) -> JsonResponse:
     """``POST /api/agent/poll``: the agent's messages in, queued commands out.
 
