@@ -842,3 +842,46 @@ def test_keyed_registrations_do_not_count_against_the_address_limit(settings):
     assert submit("asks-2", address="192.0.2.50").status == 201
     with pytest.raises(EnrollmentRefused, match="this address"):
         submit("asks-3", address="192.0.2.50")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failure_while_handling_the_proving_message_still_brings_the_host_online(
+        monkeypatch):
+    from django.db import OperationalError
+
+    from hosts.smagent import session as session_module
+
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+
+    async def locked(self):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(session_module.AgentSession, "seen", locked)
+    await comm.send_json_to(message("heartbeat", {"host_id": str(host.id),
+                                                  "host_token": host_token}))
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(2)]
+    assert [r["message_type"] for r in replies] == ["command", "error"], replies
+    assert replies[1]["error_type"] == "server_error"
+    status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
+    assert status == HostStatus.ONLINE
+    await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_connection_that_cannot_come_online_is_closed_to_be_retried(monkeypatch):
+    from django.db import OperationalError
+
+    host, host_token = await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+
+    def locked(**kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(services, "host_agent_hello", locked)
+    await comm.send_json_to(message("heartbeat", {"host_id": str(host.id),
+                                                  "host_token": host_token}))
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(2)]
+    assert replies[0]["message_type"] == "ack"
+    assert replies[1]["error_type"] == "server_busy"
+    assert await expect_close(comm) == 4503

@@ -169,6 +169,8 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 "message_too_large", f"Messages are limited to "
                 f"{settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes"))
             return
+        raw: dict[str, Any] = {}
+        replies: list[dict[str, Any]] = []
         try:
             if text_data is None:
                 raise AgentProtocolError("invalid_message", "Send JSON text frames")
@@ -176,21 +178,33 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             if self.bucket.take():
                 raise AgentProtocolError("rate_limited", "Too many messages; this one was "
                                          "not processed", message_id=raw.get("message_id"))
-            replies, first_proof = await self.session.handle(raw, size)
-            if first_proof:
-                await self._come_online(raw)
-            self.send_messages(replies)
+            replies, _ = await self.session.handle(raw, size)
         except AgentProtocolError as exc:
             self._log_refusal(exc)
-            self.send_messages([exc.to_message()])
+            replies = [exc.to_message()]
             if self.session.refusals >= MAX_REFUSALS:
+                self.send_messages(replies)
                 await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
                     "host_not_registered", "Too many messages from an unidentified agent"))
+                return
         except Exception:
             logger.exception("error handling a message from the agent of %s",
                              self.session.hostname)
-            self.send_messages([protocol.error_message(
-                "server_error", "The server could not process this message")])
+            replies = [protocol.error_message(
+                "server_error", "The server could not process this message")]
+        # Proven (even if handling the message itself then failed): take over as the
+        # host's agent now, or drop the connection so that the agent comes back.
+        if self.session.verified and not self.registered and not self.closing:
+            try:
+                await self._come_online(raw)
+            except Exception:
+                logger.exception("could not bring the agent of %s online",
+                                 self.session.hostname)
+                self.send_messages(replies)
+                await self._close_with(CloseCode.TRY_AGAIN_LATER, protocol.error_message(
+                    "server_busy", "The server could not take this connection; reconnect"))
+                return
+        self.send_messages(replies)
 
     def _log_refusal(self, exc: AgentProtocolError) -> None:
         """Log the first refusals of a connection (an agent that speaks differently, or
