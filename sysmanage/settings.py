@@ -133,12 +133,14 @@ DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
 # more than the queries themselves under agent load (docs/benchmarks.md).
 DATABASES = {"default": dj_database_url.parse(
     DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" \
+        and env_int("DB_POOL_MAX", 10) > 0:
     # A pool per process (psycopg_pool): Django gives every HTTP request a thread of its
     # own, so per-thread connections meant one new PostgreSQL connection per request and,
     # in a connect storm of agents, "too many clients".  Pooled connections are returned
     # after each request or socket message and reused; a request waits (up to
     # DB_POOL_TIMEOUT) for one instead of failing.  Pooling replaces CONN_MAX_AGE.
+    # DB_POOL_MAX=0 turns it off (behind an external pooler such as PgBouncer).
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("DB_POOL_MIN", 2),
