@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import secrets
 import shutil
 import socket
@@ -40,6 +39,7 @@ from typing import Any
 
 import psutil
 import websockets
+from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -56,17 +56,8 @@ print(json.dumps({{"tokens": tokens, "access": str(AccessToken.for_user(user))}}
 """
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def raise_fd_limit() -> None:
-    """Allow a few thousand sockets in this process and its children."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
 def server_env(workdir: Path, redis_url: str | None) -> dict[str, str]:

@@ -44,11 +44,9 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +63,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import psutil
 import websockets
+from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -100,15 +99,8 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
 def pct(values: list[float], q: float) -> float | None:
