@@ -128,9 +128,9 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
     """SysManage agents asking to be managed: approve or reject those waiting.  Deleting
     a rejected registration lets that host ask again."""
 
-    list_display = ("hostname", "status", "fqdn", "remote_address", "agent_version", "key",
-                    "created_at", "decided_by")
-    list_filter = ("status",)
+    list_display = ("hostname", "status", "for_host", "fqdn", "remote_address",
+                    "agent_version", "key", "created_at", "decided_by")
+    list_filter = ("status", ("for_host", admin.EmptyFieldListFilter))
     search_fields = ("hostname", "fqdn", "remote_address")
     actions = ["approve", "reject"]
 

@@ -162,7 +162,8 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
     class Meta:
         model = AgentRegistration
         fields = ["id", "hostname", "fqdn", "ip_addresses", "agent_version", "remote_address",
-                  "status", "key", "host", "decided_by", "decided_at", "created_at", "details"]
+                  "status", "key", "host", "for_host", "decided_by", "decided_at", "created_at",
+                  "details"]
         read_only_fields = fields
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from hosts import services
-from hosts.smagent import deliveries
+from hosts.smagent import deliveries, enrollment
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class SweepReport:
     commands_timed_out: int
     operations_failed: int
     not_delivered: int = 0
+    registrations_expired: int = 0
 
 
 def sweep(*, offline_after: float | None = None) -> SweepReport:
@@ -35,10 +36,12 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
     undelivered = deliveries.expire_undelivered()
     failed = services.package_operations_expire_overdue(
         silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS)
-    report = SweepReport([h.hostname for h in offline], timed_out, failed, undelivered)
-    if offline or timed_out or failed or undelivered:
+    expired = enrollment.registrations_expire()
+    report = SweepReport([h.hostname for h in offline], timed_out, failed, undelivered, expired)
+    if offline or timed_out or failed or undelivered or expired:
         logger.info("sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) "
-                    "failed, %d not delivered", len(offline), timed_out, failed, undelivered)
+                    "failed, %d not delivered, %d registration(s) expired", len(offline),
+                    timed_out, failed, undelivered, expired)
     return report
 
 

@@ -5,6 +5,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Lower
 from django.urls import reverse
 
 
@@ -59,6 +60,10 @@ class Host(models.Model):
 
     class Meta:
         ordering = ["hostname"]
+        constraints = [
+            # Host names compare without regard to case everywhere (DNS does too).
+            models.UniqueConstraint(Lower("hostname"), name="host_hostname_unique_ci"),
+        ]
 
     def __str__(self) -> str:
         return self.hostname
@@ -217,6 +222,7 @@ class RegistrationStatus(models.TextChoices):
     PENDING = "pending", "Waiting for approval"
     APPROVED = "approved", "Approved"
     REJECTED = "rejected", "Rejected"
+    EXPIRED = "expired", "Expired without a decision"
 
 
 class AgentRegistration(models.Model):
@@ -240,6 +246,11 @@ class AgentRegistration(models.Model):
                             related_name="registrations")
     host = models.OneToOneField(Host, null=True, blank=True, on_delete=models.SET_NULL,
                                 related_name="registration")
+    # Set on a re-registration: the existing host whose identity the agent asks for.
+    # Approving it gives that host the agent's new token; until then the old one works.
+    for_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.CASCADE,
+                                 related_name="reregistrations",
+                                 verbose_name="re-registration of")
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
         related_name="+")
@@ -250,8 +261,8 @@ class AgentRegistration(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["hostname"], condition=models.Q(status="pending"),
-                name="one_pending_registration_per_hostname"),
+                Lower("hostname"), condition=models.Q(status="pending"),
+                name="one_pending_registration_per_hostname_ci"),
         ]
 
     def __str__(self) -> str:

@@ -272,10 +272,36 @@ MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 SYSMANAGE_AGENT_AUTO_APPROVE = env_bool("SYSMANAGE_AGENT_AUTO_APPROVE", False)
 # Registrations waiting for approval at most; further new ones are refused (429).
 SYSMANAGE_AGENT_MAX_PENDING = env_int("SYSMANAGE_AGENT_MAX_PENDING", 1000)
-# New registrations accepted from one address per hour.
-SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = env_int("SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR", 60)
+# New registrations without a key accepted from one address per hour, and waiting at
+# once from one address and from one network (/24 or /56).  Keyed registrations are
+# never counted or refused by these limits.
+SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = env_int("SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR", 20)
+SYSMANAGE_AGENT_PENDING_PER_ADDRESS = env_int("SYSMANAGE_AGENT_PENDING_PER_ADDRESS", 10)
+SYSMANAGE_AGENT_PENDING_PER_NETWORK = env_int("SYSMANAGE_AGENT_PENDING_PER_NETWORK", 50)
+# Registrations nobody approved or rejected expire after this long.
+SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS = env_int("SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS",
+                                                 7 * 86400)
 # Lifetime of the connection tokens /api/agent/auth hands out (one per connection).
 SYSMANAGE_AGENT_TOKEN_SECONDS = env_int("SYSMANAGE_AGENT_TOKEN_SECONDS", 300)
+# Until a connection proves whose agent it is (a message with host_id and host_token):
+# how long it may take, how many connections one address may hold in that state (per
+# process), how many messages and wire bytes each may have held for then, the bytes all
+# of them may hold together (per process), and the largest frame parsed before proof
+# (larger ones are held unread).
+SYSMANAGE_AGENT_PROVE_SECONDS = env_int("SYSMANAGE_AGENT_PROVE_SECONDS", 120)
+SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS = env_int("SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS", 32)
+SYSMANAGE_AGENT_HELD_MESSAGES = env_int("SYSMANAGE_AGENT_HELD_MESSAGES", 50)
+SYSMANAGE_AGENT_HELD_BYTES = env_int("SYSMANAGE_AGENT_HELD_BYTES", 1024 * 1024)
+SYSMANAGE_AGENT_HELD_BYTES_TOTAL = env_int("SYSMANAGE_AGENT_HELD_BYTES_TOTAL",
+                                           64 * 1024 * 1024)
+SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES = env_int("SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES",
+                                               64 * 1024)
+# Trust a polling agent that names its host_id (and holds a connection token for that
+# host's name) without host_token.  The unchanged agent's polls carry host_token only
+# inside some of its messages; off, commands reach a polling agent only in replies to
+# polls that carry one.  On, anyone who can reach /api/agent/poll and knows a host's
+# name and id can act as that host: only on a network where that is acceptable.
+SYSMANAGE_AGENT_TRUST_POLLING = env_bool("SYSMANAGE_AGENT_TRUST_POLLING", False)
 # Largest frame or poll body accepted from these agents (inventories run to ~200 KB).
 SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = env_int("SYSMANAGE_AGENT_MAX_MESSAGE_BYTES",
                                             4 * 1024 * 1024)

@@ -2,6 +2,7 @@
 enrollment policy, connection tokens, the command queue, and the socket consumer."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -12,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.core import signing
 from django.utils import timezone
 
 from hosts import services
@@ -29,7 +29,7 @@ from hosts.models import (
     PackageOperation,
     RegistrationStatus,
 )
-from hosts.smagent import deliveries, enrollment, protocol
+from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError
 from sysmanage.asgi import application
@@ -239,7 +239,8 @@ def test_a_new_agent_waits_for_approval_and_keeps_its_identity():
     host = enrollment.registration_approve(registration_id=first.body["id"])
     assert str(host.id) == first.body["id"] and host.agent_kind == AgentKind.SYSMANAGE
     assert enrollment.host_token_matches(host, first.body["host_token"])
-    assert enrollment.connection_token_host(enrollment.connection_token_issue("web-01")) == host
+    assert enrollment.connection_token_name(enrollment.connection_token_issue("web-01")) \
+        == "web-01"
     with pytest.raises(EnrollmentRefused):
         enrollment.registration_approve(registration_id=first.body["id"])
 
@@ -305,24 +306,50 @@ def test_a_key_approves_a_waiting_registration_but_never_reenrolls_a_known_host(
 
 
 @pytest.mark.django_db
-def test_an_agent_that_lost_its_identity_registers_again_once_allowed():
+def test_an_agent_that_lost_its_identity_registers_again_once_allowed_and_approved():
     host, old_token = approved_host()
-    old_connection = enrollment.connection_token_issue("web-01")
     assert submit().status == 409
     enrollment.allow_reregistration(host_id=host.id)
-    again = submit()
-    assert again.status == 200 and again.body["id"] == str(host.id)
+    again = submit(address="192.0.2.99")
+    # The first registration in the window waits for staff; it hands over nothing.
+    assert again.status == 201 and again.body["approved"] is False
+    assert again.body["id"] == str(host.id)
+    host.refresh_from_db()
+    assert enrollment.host_token_matches(host, old_token)
+    assert not enrollment.host_token_matches(host, again.body["host_token"])
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=again.body["host_token"]) \
+        is enrollment.Proof.AWAITING_APPROVAL
+    assert submit().status == 409  # the window closed with the first registration
+    record = AgentRegistration.objects.get(for_host=host, status=RegistrationStatus.PENDING)
+    assert record.remote_address == "192.0.2.99"
+    assert enrollment.registration_approve(registration_id=record.id) == host
     host.refresh_from_db()
     assert enrollment.host_token_matches(host, again.body["host_token"])
     assert not enrollment.host_token_matches(host, old_token)
-    assert enrollment.connection_token_host(old_connection) is None  # voided with the token
-    assert submit().status == 409  # once
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=old_token) \
+        is enrollment.Proof.REFUSED
+    assert submit().status == 409
+    enrollment.allow_reregistration(host_id=host.id)
     Host.objects.filter(id=host.id).update(
         reregistration_allowed_until=timezone.now() - timedelta(seconds=1))
-    assert submit().status == 409  # and not after the window
+    assert submit().status == 409  # not after the window
     native = services.host_register(hostname="native-01")[0]
     with pytest.raises(EnrollmentRefused):
         enrollment.allow_reregistration(host_id=native.id)
+
+
+@pytest.mark.django_db
+def test_a_rejected_reregistration_leaves_the_host_as_it_was():
+    host, old_token = approved_host()
+    enrollment.allow_reregistration(host_id=host.id)
+    intruder = submit(address="198.51.100.9").body
+    record = AgentRegistration.objects.get(for_host=host, status=RegistrationStatus.PENDING)
+    enrollment.registration_reject(registration_id=record.id)
+    host.refresh_from_db()
+    assert enrollment.host_token_matches(host, old_token)
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=intruder["host_token"]) \
+        is enrollment.Proof.REFUSED
+    assert submit().status == 409
 
 
 @pytest.mark.django_db
@@ -346,30 +373,72 @@ def test_auto_approval_and_the_limits_on_waiting_registrations(settings):
     submit("wait-1", address="192.0.2.1")
     submit("wait-2", address="192.0.2.2")
     with pytest.raises(EnrollmentRefused) as caught:
-        submit("wait-3", address="192.0.2.3")
+        submit("wait-3", address="198.51.100.3")
     assert caught.value.status == 429
+    _, secret = enrollment.key_create(name="rollout")
+    assert submit("keyed-1", secret, address="198.51.100.3").body["approved"] is True
     settings.SYSMANAGE_AGENT_MAX_PENDING = 100
-    settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = 2
+    settings.SYSMANAGE_AGENT_PENDING_PER_ADDRESS = 2
     with pytest.raises(EnrollmentRefused, match="this address"):
         submit("wait-3", address="192.0.2.1")
         submit("wait-4", address="192.0.2.1")
+    settings.SYSMANAGE_AGENT_PENDING_PER_NETWORK = 3
+    with pytest.raises(EnrollmentRefused, match="192.0.2.0/24"):
+        submit("wait-5", address="192.0.2.5")
+    assert submit("wait-5", address="203.0.113.5").status == 201
+    assert submit("keyed-2", secret, address="192.0.2.1").body["approved"] is True
 
 
 @pytest.mark.django_db
-def test_connection_tokens_are_signed_short_lived_and_bound_to_the_host_token(settings):
-    host, _ = approved_host()
+def test_waiting_registrations_expire(settings):
+    old = submit("old-1").body
+    AgentRegistration.objects.filter(id=old["id"]).update(
+        created_at=timezone.now() - timedelta(days=8))
+    fresh = submit("new-1").body
+    assert enrollment.registrations_expire() == 1
+    assert AgentRegistration.objects.get(id=old["id"]).status == RegistrationStatus.EXPIRED
+    assert AgentRegistration.objects.get(id=fresh["id"]).status == RegistrationStatus.PENDING
+    assert submit("old-1").status == 201  # it may ask again
+
+
+@pytest.mark.django_db
+def test_host_names_compare_without_regard_to_case():
+    record = submit("xss-host").body
+    enrollment.registration_reject(registration_id=record["id"])
+    for variant in ("XSS-HOST", "Xss-Host"):
+        with pytest.raises(EnrollmentRefused) as caught:
+            submit(variant)
+        assert caught.value.status == 403
+    host, _ = approved_host("web-01")
+    assert submit("WEB-01").status == 409
+    with pytest.raises(Exception):  # noqa: B017 - the database refuses it (IntegrityError)
+        Host.objects.create(hostname="Web-01")
+
+
+@pytest.mark.django_db
+def test_connection_tokens_are_opaque_short_lived_and_grant_nothing_alone(settings):
+    host, host_token = approved_host()
     token = enrollment.connection_token_issue("web-01")
-    assert enrollment.connection_token_host(token) == host
-    assert enrollment.connection_token_host(token[:-2] + "xx") is None
-    assert enrollment.connection_token_host("") is None
-    forged = signing.dumps({"h": str(host.id), "f": "0" * 16, "n": "1"},
-                           salt=enrollment.CONNECTION_TOKEN_SALT)
-    assert enrollment.connection_token_host(forged) is None
+    # Opaque: no part of it decodes to the host's id or name.
+    for part in token.split(".") + [token]:
+        padded = part + "=" * (-len(part) % 4)
+        decoded = base64.urlsafe_b64decode(padded.encode()) if part else b""
+        assert str(host.id).encode() not in decoded and b"web-01" not in decoded
+    assert enrollment.connection_token_name(token) == "web-01"
+    assert enrollment.connection_token_name(token[:-2] + "xx") is None
+    assert enrollment.connection_token_name("") is None
+    assert enrollment.connection_token_name(tokens.issue("nobody")) is None
     settings.SYSMANAGE_AGENT_TOKEN_SECONDS = -1
-    assert enrollment.connection_token_host(token) is None
+    assert enrollment.connection_token_name(token) is None
     settings.SYSMANAGE_AGENT_TOKEN_SECONDS = 300
+    # Proof, not the token, decides: the host's token for a host of that name.
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=host_token) == host
+    assert enrollment.prove(name="db-01", host_id=host.id, host_token=host_token) \
+        is enrollment.Proof.REFUSED
     services.host_revoke_token(host_id=host.id)
-    assert enrollment.connection_token_host(token) is None
+    assert enrollment.connection_token_name(token) is None
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=host_token) \
+        is enrollment.Proof.REFUSED
     with pytest.raises(EnrollmentRefused) as caught:
         enrollment.connection_token_issue("web-01")
     assert caught.value.status == 403
@@ -523,8 +592,13 @@ async def test_an_agent_that_cannot_prove_its_identity_stays_offline_and_is_drop
     host, host_token = await database_sync_to_async(approved_host)()
     comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
     wrong = {"host_id": str(host.id), "host_token": "not-it", "hostname": "web-01"}
-    for n in range(5):
-        await comm.send_json_to(message("system_info", wrong if n % 2 else {"hostname": "x"}))
+    # A message naming no identity (the agent's periodic os_version_update) is held, not
+    # refused: refusing it made real hosts drop their identity.
+    await comm.send_json_to(message("os_version_update", {"platform": "Linux"}))
+    assert (await comm.receive_json_from(timeout=3))["message_type"] == "ping"
+    assert await comm.receive_nothing(timeout=0.3)
+    for _ in range(5):
+        await comm.send_json_to(message("system_info", wrong))
         reply = await comm.receive_json_from(timeout=3)
         assert reply["error_type"] == "host_not_registered", reply
     final = await comm.receive_json_from(timeout=3)
@@ -620,11 +694,16 @@ def test_polling_carries_messages_in_and_commands_out(client):
     reply = poll({"host_id": str(host.id), "messages": [info, "junk"], "max_wait": 0})
     assert reply.status_code == 200 and reply.json()["poll_interval"] > 0
     kinds = [(m["message_type"], m["data"].get("error_type")) for m in reply.json()["messages"]]
-    assert kinds == [("ack", None), ("command", None), ("error", "invalid_message")], kinds
+    assert sorted(kinds, key=str) == [("ack", None), ("command", None),
+                                      ("error", "invalid_message"), ("ping", None)], kinds
     assert Host.objects.get(id=host.id).status == HostStatus.ONLINE
     execution = services.command_create(host=host, command="id", timeout=20, user=None)
-    ack_only = poll({"host_id": str(host.id), "messages": []}).json()["messages"]
-    [command] = ack_only
+    # A poll without proof takes nothing (the connection token is anybody's).
+    assert [m["message_type"] for m in poll({"host_id": str(host.id), "messages": []}
+                                             ).json()["messages"]] == ["ping"]
+    beat = {"message_type": "heartbeat", "message_id": str(uuid.uuid4()), "data": ids}
+    replies = poll({"host_id": str(host.id), "messages": [beat]}).json()["messages"]
+    [command] = [m for m in replies if m["message_type"] == "command"]
     assert command["data"]["queue_message_id"] == command["message_id"]
     assert command["data"]["data"]["parameters"]["command"] == "id"
     result = {"message_type": "command_result", "message_id": str(uuid.uuid4()),
@@ -639,24 +718,35 @@ def test_polling_carries_messages_in_and_commands_out(client):
     assert AgentDelivery.objects.get(execution=execution).state == DeliveryState.ACKNOWLEDGED
     spoofed = {**result, "message_id": str(uuid.uuid4()),
                "data": {**result["data"], "host_token": "guess"}}
-    errors = poll({"host_id": str(host.id), "messages": [spoofed]}).json()["messages"]
-    assert [m["data"]["error_type"] for m in errors] == ["host_not_registered"]
+    replies = poll({"host_id": str(host.id), "messages": [spoofed]}).json()["messages"]
+    assert [m["data"]["error_type"] for m in replies if m["message_type"] == "error"] == [
+        "host_not_registered"]
 
 
 @pytest.mark.django_db
 def test_the_agent_may_ask_for_a_token_with_its_short_name():
     # It registers with `hostname -f` but sends gethostname() to /api/agent/auth.
-    host, _ = approved_host("web-01.example.com")
+    host, host_token = approved_host("web-01.example.com")
     token = enrollment.connection_token_issue("web-01")
-    assert enrollment.connection_token_host(token) == host
-    assert enrollment.connection_token_host(enrollment.connection_token_issue("WEB-01")) == host
-    approved_host("web-01.other.example")  # now the short name is ambiguous
-    with pytest.raises(EnrollmentRefused) as caught:
-        enrollment.connection_token_issue("web-01")
-    assert caught.value.status == 404
-    submit("db-01.example.com")
+    assert enrollment.connection_token_name(token) == "web-01"
+    assert enrollment.connection_token_name(enrollment.connection_token_issue("WEB-01")) \
+        == "web-01"
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=host_token) == host
+    # A short name several hosts share still gets a token: the proof says which host the
+    # connection is, and it is always the one that proved it.
+    other, other_token = approved_host("web-01.other.example")
+    assert enrollment.connection_token_name(enrollment.connection_token_issue("web-01"))
+    assert enrollment.prove(name="web-01", host_id=other.id, host_token=other_token) == other
+    assert enrollment.prove(name="web-01", host_id=host.id, host_token=other_token) \
+        is enrollment.Proof.REFUSED
+    stranger, stranger_token = approved_host("db-01")
+    assert enrollment.prove(name="web-01", host_id=stranger.id,
+                            host_token=stranger_token) is enrollment.Proof.REFUSED
+    assert enrollment.prove(name="web-01.example.com", host_id=other.id,
+                            host_token=other_token) is enrollment.Proof.REFUSED
+    submit("mail-01.example.com")
     with pytest.raises(EnrollmentRefused, match="waiting for approval"):
-        enrollment.connection_token_issue("db-01")
+        enrollment.connection_token_issue("mail-01")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -670,6 +760,8 @@ async def test_messages_naming_the_host_without_its_token_wait_for_proof():
                                    "os_info": {"distribution": "Debian",
                                                "distribution_version": "12"}})
     await comm.send_json_to(info)
+    ping = await comm.receive_json_from(timeout=3)  # held, and proof asked for
+    assert ping["message_type"] == "ping"
     assert await comm.receive_nothing(timeout=0.3)
     status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
     assert status != HostStatus.ONLINE
@@ -677,7 +769,7 @@ async def test_messages_naming_the_host_without_its_token_wait_for_proof():
     await comm.send_json_to(beat)
     replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
     acked = [r["data"]["acked_message_id"] for r in replies if r["message_type"] == "ack"]
-    assert acked == [beat["message_id"], info["message_id"]]
+    assert acked == [info["message_id"], beat["message_id"]]  # in the order sent
     assert [r["data"]["command_type"] for r in replies if r["message_type"] == "command"] == [
         "sync_custom_metrics"]
     row = await database_sync_to_async(Host.objects.get)(id=host.id)
@@ -691,25 +783,40 @@ async def test_messages_naming_the_host_without_its_token_wait_for_proof():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_poll_without_proof_refuses_held_messages_unless_the_host_is_online(client):
+def test_a_poll_speaks_for_its_host_only_with_proof_in_that_poll(client, settings):
     host, host_token = approved_host()
-    token = enrollment.connection_token_issue("web-01")
     info = {"message_type": "system_info", "message_id": str(uuid.uuid4()),
             "data": {"host_id": str(host.id), "hostname": "web-01"}}
 
     def poll(messages):
+        token = enrollment.connection_token_issue("web-01")  # one per poll, as the agent
         return client.post("/api/agent/poll", {"host_id": str(host.id), "messages": messages},
                            content_type="application/json",
                            headers={"Authorization": f"Bearer {token}"}).json()["messages"]
 
-    [refused] = poll([info])
+    refused, ping = poll([info])
     assert refused["data"]["error_type"] == "identification_pending"
+    assert ping["message_type"] == "ping"  # its pong would prove the next poll
     beat = {"message_type": "heartbeat", "message_id": str(uuid.uuid4()),
             "data": {"host_id": str(host.id), "host_token": host_token}}
     types = [m["message_type"] for m in poll([info, beat])]
     assert types.count("ack") == 2 and "error" not in types
-    [ack] = poll([{**info, "message_id": str(uuid.uuid4())}])  # online now: trusted
+    # Online now, but a later poll proves nothing by that: still refused.
+    again, _ = poll([{**info, "message_id": str(uuid.uuid4())}])
+    assert again["data"]["error_type"] == "identification_pending"
+    settings.SYSMANAGE_AGENT_TRUST_POLLING = True  # the operator's explicit choice
+    [ack] = poll([{**info, "message_id": str(uuid.uuid4())}])
     assert ack["message_type"] == "ack"
+
+
+def test_polled_messages_are_read_as_the_agent_queued_them():
+    inner = message("heartbeat", {"host_id": "h", "host_token": "t"})
+    polled = {"message_type": "heartbeat", "message_id": str(uuid.uuid4()),
+              "data": json.dumps(inner)}
+    assert protocol.check_envelope(polled, polled=True) == (
+        "heartbeat", inner["message_id"], {"host_id": "h", "host_token": "t"})
+    with pytest.raises(AgentProtocolError):
+        protocol.check_envelope({**polled, "data": "{broken"}, polled=True)
 
 
 @pytest.mark.django_db
@@ -726,9 +833,10 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
     make_user("root", staff=True)
     client.login(username="root", password=PASSWORD)
     assert client.post(url).json()["reregistration_allowed_until"]
-    assert submit().status == 200
+    assert submit().status == 201
+    AgentRegistration.objects.filter(for_host=host).delete()
     call_command("allow_reregistration", "web-01", "--minutes", "5")
-    assert submit().status == 200
+    assert submit().status == 201
     with pytest.raises(CommandError, match="--minutes"):
         call_command("allow_reregistration", "web-01", "--minutes", "0")
     native = services.host_register(hostname="native-01")[0]
@@ -750,6 +858,7 @@ async def test_the_metric_scripts_go_once_when_a_held_hardware_report_came_first
     hardware = message("hardware_update", {"host_id": str(host.id), "storage_devices": [
         {"mount_point": "/"}, {"mount_point": "/var"}]})
     await comm.send_json_to(hardware)
+    assert (await comm.receive_json_from(timeout=3))["message_type"] == "ping"
     await comm.send_json_to(message("heartbeat", {"host_id": str(host.id),
                                                   "host_token": host_token}))
     replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
@@ -805,10 +914,11 @@ def test_a_busy_database_is_answered_503_with_retry_after(client, monkeypatch):
 
     monkeypatch.setattr(enrollment, "registration_submit", locked)
     monkeypatch.setattr(enrollment, "connection_token_issue", locked)
-    monkeypatch.setattr(enrollment, "connection_token_host", locked)
+    monkeypatch.setattr(enrollment, "named_host_ids", locked)
     for path, headers in (("/api/host/register", {}),
                           ("/api/agent/auth", {"x-agent-hostname": "web-01"}),
-                          ("/api/agent/poll", {"Authorization": "Bearer x"})):
+                          ("/api/agent/poll",
+                           {"Authorization": f"Bearer {tokens.issue('web-01')}"})):
         response = client.post(path, {"hostname": "web-01", "host_id": "x", "messages": []},
                                content_type="application/json", headers=headers)
         assert response.status_code == 503, (path, response.content)

@@ -10,6 +10,7 @@ hub, exactly like a connection of the product's own agent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from typing import Any
@@ -20,9 +21,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from hosts import services
-from hosts.smagent import deliveries, enrollment, protocol
+from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError
-from hosts.smagent.session import AgentSession
+from hosts.smagent.session import AgentSession, AwaitingApproval
 from sysmanage.auth import RAW_SEND_KEY
 from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
@@ -40,6 +41,28 @@ ERROR_TYPES = {CloseCode.AUTH_FAILED: "invalid_token", CloseCode.REPLACED: "repl
                CloseCode.SLOW_CONSUMER: "slow_consumer"}
 
 
+class UnprovenConnections:
+    """Connections of this process that have not proved whose agent they are, counted
+    per client address: one address may hold only so many."""
+
+    by_address: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def add(cls, address: str) -> bool:
+        """Count one more for ``address``, unless it holds as many as allowed."""
+        if cls.by_address[address] >= settings.SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS:
+            return False
+        cls.by_address[address] += 1
+        return True
+
+    @classmethod
+    def remove(cls, address: str) -> None:
+        """Count one fewer for ``address`` (it proved itself, or closed)."""
+        cls.by_address[address] -= 1
+        if cls.by_address[address] <= 0:
+            del cls.by_address[address]
+
+
 class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     """The connection of one SysManage agent."""
 
@@ -53,7 +76,14 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     resender: asyncio.Future[None] | None = None
     user_id = None  # agents are not users; the hub's user index skips them
     session_tag = None
-    token_hash = ""
+    unproven_address: str | None = None
+    deadline: asyncio.TimerHandle | None = None
+    challenged = False
+
+    @property
+    def token_hash(self) -> str:
+        """The host token digest the connection proved (the recheck compares it)."""
+        return self.session.token_hash if self.session is not None else ""
 
     async def connect(self) -> None:
         """Accept, then check the connection token of the query string."""
@@ -63,21 +93,54 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                                  on_overflow=self._on_overflow)
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
-        host = await database_sync_to_async(enrollment.connection_token_host)(token)
-        if host is None:
+        opened = tokens.open_token(token)
+        candidates = await database_sync_to_async(enrollment.named_host_ids)(opened.name) \
+            if opened is not None else set()
+        if opened is None or not candidates:
             await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
                 "invalid_token", "Missing, invalid or expired connection token; "
                 "get a new one from /api/agent/auth"))
             return
-        self.session = AgentSession(host, polled=False)
-        self.token_hash = host.token_hash
+        address = (self.scope.get("client") or ["?"])[0]
+        if not UnprovenConnections.add(address):
+            logger.warning("refused an agent connection from %s: too many connections from "
+                           "there have not proved their identity", address)
+            await self._close_with(CloseCode.RATE_LIMITED, protocol.error_message(
+                "too_many_connections", "Too many connections from this address have not "
+                "proved their identity; retry later"))
+            return
+        self.unproven_address = address
+        self.session = AgentSession(opened.name, polled=False, candidates=candidates)
         self.connection_id = uuid.uuid4().hex
         self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
                                   settings.AGENT_RATE_LIMIT_BURST)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.deadline = asyncio.get_running_loop().call_later(
+            settings.SYSMANAGE_AGENT_PROVE_SECONDS, self._proof_overdue)
+
+    def _proven(self) -> None:
+        """The connection proved its identity: it no longer counts as unproven."""
+        if self.unproven_address is not None:
+            UnprovenConnections.remove(self.unproven_address)
+            self.unproven_address = None
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _proof_overdue(self) -> None:
+        if self.session is not None and not self.session.verified and not self.closing:
+            logger.warning("closing the agent connection of %s: no proof of identity within "
+                           "%d s", self.session.name, settings.SYSMANAGE_AGENT_PROVE_SECONDS)
+            self.closing = True
+            self._spawn(self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
+                "identification_required", "No message with host_id and host_token came "
+                f"within {settings.SYSMANAGE_AGENT_PROVE_SECONDS} s of connecting")))
 
     async def disconnect(self, code: int) -> None:
         """Forget this connection; the host goes offline unless another one took over."""
+        self._proven()  # no longer counted, whatever it proved
+        if self.session is not None:
+            self.session.refuse_held()  # gives their bytes back to the process budget
         for task in getattr(self, "tasks", ()):
             task.cancel()
         if self.outbound is not None:
@@ -169,16 +232,17 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 "message_too_large", f"Messages are limited to "
                 f"{settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes"))
             return
-        raw: dict[str, Any] = {}
         replies: list[dict[str, Any]] = []
         try:
             if text_data is None:
                 raise AgentProtocolError("invalid_message", "Send JSON text frames")
-            raw = protocol.decode(text_data)
             if self.bucket.take():
                 raise AgentProtocolError("rate_limited", "Too many messages; this one was "
-                                         "not processed", message_id=raw.get("message_id"))
-            replies, _ = await self.session.handle(raw, size)
+                                         "not processed")
+            replies, _ = await self.session.receive_text(text_data, size)
+        except AwaitingApproval as exc:
+            await self._close_with(CloseCode.AUTH_FAILED, exc.to_message())
+            return
         except AgentProtocolError as exc:
             self._log_refusal(exc)
             replies = [exc.to_message()]
@@ -195,8 +259,9 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         # Proven (even if handling the message itself then failed): take over as the
         # host's agent now, or drop the connection so that the agent comes back.
         if self.session.verified and not self.registered and not self.closing:
+            self._proven()
             try:
-                await self._come_online(raw)
+                await self._come_online()
             except Exception:
                 logger.exception("could not bring the agent of %s online",
                                  self.session.hostname)
@@ -204,6 +269,10 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 await self._close_with(CloseCode.TRY_AGAIN_LATER, protocol.error_message(
                     "server_busy", "The server could not take this connection; reconnect"))
                 return
+        if self.session.held and not self.challenged:
+            # Held for proof: ask for it rather than wait for the next heartbeat.
+            self.challenged = True
+            replies.append(protocol.ping_message())
         self.send_messages(replies)
 
     def _log_refusal(self, exc: AgentProtocolError) -> None:
@@ -215,13 +284,11 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             logger.warning("agent of %s: %s %s: %s", self.session.hostname,
                            exc.data.get("message_type", "frame"), exc.error_type, exc.message)
 
-    async def _come_online(self, raw: dict[str, Any]) -> None:
+    async def _come_online(self) -> None:
         """The agent proved who it is: take over as the host's agent, mark it online,
-        push the metric scripts and everything queued for it."""
+        push the metric scripts and everything queued for it (facts came with the
+        messages themselves)."""
         assert self.session is not None
-        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-        facts = protocol.facts_from_system_info(data) \
-            if raw.get("message_type") == "system_info" else {}
         self.hub = await Hub.for_running_loop()
         previous = self.hub.register_agent(self.session.host_id, self)
         self.registered = True
@@ -229,7 +296,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             previous.close_from_hub(CloseCode.REPLACED, {
                 "message": "Another connection of this host took over"})
         await database_sync_to_async(services.host_agent_hello)(
-            host_id=self.session.host_id, session=self.connection_id, facts=facts)
+            host_id=self.session.host_id, session=self.connection_id, facts={})
         if self.session.mounts is None:  # a held hardware report may have sent it already
             self.send_messages([await self.session.initial_metrics_command()])
         await self._send_due(resend_all=True)

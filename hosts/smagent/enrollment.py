@@ -6,7 +6,9 @@ Every write here runs in one transaction; approvals and key changes are audited.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
+import ipaddress
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core import signing
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from hosts.models import (
@@ -26,13 +28,13 @@ from hosts.models import (
     RegistrationStatus,
 )
 from hosts.services import host_create
+from hosts.smagent import tokens
+from hosts.smagent.tokens import normalize_name
 from hosts.tokens import token_digest
 from sysmanage.audit import Actor, audit
 from sysmanage.events import publish_control
 
 KEY_PREFIX = "smrk_"  # noqa: S105 - a label, not a secret
-CONNECTION_TOKEN_SALT = "sysmanage.agent-connection"  # noqa: S105 - a salt, not a secret
-FINGERPRINT_CHARS = 16
 
 
 class EnrollmentRefused(Exception):
@@ -131,12 +133,40 @@ def _new_host_token() -> tuple[str, str]:
     return token, token_digest(token)
 
 
-def _recent_from(address: str | None) -> int:
-    """Registrations without a key from ``address`` in the last hour (a keyed roll-out
-    behind one address must not block the hosts that ask for approval there)."""
+def _network(address: str) -> str:
+    """The network an address belongs to for the registration limits: its /24 (IPv4)
+    or /56 (IPv6), the block one site or customer usually holds."""
+    parsed = ipaddress.ip_address(address)
+    prefix = 24 if parsed.version == 4 else 56
+    return str(ipaddress.ip_network(f"{parsed}/{prefix}", strict=False))
+
+
+def _flood_problem(remote_address: str | None) -> str | None:
+    """Why a registration without a key is refused for the registrations already
+    waiting (in all, from its address, from its network) or made within the hour from
+    its address; None when it may wait for approval.
+
+    Keyed registrations never get here: a flood of unapproved ones must not stop a
+    roll-out with keys.
+    """
+    unkeyed = AgentRegistration.objects.filter(key__isnull=True)
+    pending = unkeyed.filter(status=RegistrationStatus.PENDING)
+    if pending.count() >= settings.SYSMANAGE_AGENT_MAX_PENDING:
+        return "Too many registrations are waiting for approval"
+    if remote_address is None:
+        return None
     since = timezone.now() - timedelta(hours=1)
-    return AgentRegistration.objects.filter(remote_address=address, created_at__gte=since,
-                                            key__isnull=True).count()
+    if pending.filter(remote_address=remote_address).count() \
+            >= settings.SYSMANAGE_AGENT_PENDING_PER_ADDRESS \
+            or unkeyed.filter(remote_address=remote_address, created_at__gte=since).count() \
+            >= settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR:
+        return "Too many registrations from this address; try again later"
+    network = _network(remote_address)
+    same_network = sum(1 for address in pending.exclude(remote_address=None).values_list(
+        "remote_address", flat=True) if _network(address) == network)
+    if same_network >= settings.SYSMANAGE_AGENT_PENDING_PER_NETWORK:
+        return f"Too many registrations from {network} are waiting; try again later"
+    return None
 
 
 def registration_submit(*, request: RegistrationRequest,
@@ -147,7 +177,8 @@ def registration_submit(*, request: RegistrationRequest,
     valid registration key (or when auto-approval is on); a key also approves a waiting
     one.  A hostname that is already registered or waiting answers 409 (the agent keeps
     the identity it has), unless an administrator allowed its host to register again
-    (:func:`allow_reregistration`): then it is enrolled again with a new host token.
+    (:func:`allow_reregistration`): then the first registration in that window waits
+    for approval like a new one, and only staff hand the host's identity over.
     """
     try:
         with transaction.atomic():
@@ -159,26 +190,7 @@ def registration_submit(*, request: RegistrationRequest,
 def _submit(request: RegistrationRequest, remote_address: str | None) -> RegistrationOutcome:
     host = Host.objects.select_for_update().filter(hostname__iexact=request.hostname).first()
     if host is not None:
-        # The agent registers on every start, with the same key if it has one: a known
-        # host keeps its identity (409) unless an administrator let it register again.
-        # A key is neither checked nor used up here, so revoking or using up a key never
-        # stops an enrolled agent from starting.
-        if host.agent_kind != AgentKind.SYSMANAGE:
-            raise EnrollmentRefused(409, f"{request.hostname} is managed by another kind of "
-                                         "agent on this server")
-        allowed = host.reregistration_allowed_until
-        if allowed is None or allowed <= timezone.now():
-            return RegistrationOutcome(409, {"detail": f"{request.hostname} is already "
-                                                       "registered"})
-        token, digest = _new_host_token()
-        host.token_hash, host.token_issued_at, host.token_revoked_at = digest, timezone.now(), None
-        host.reregistration_allowed_until = None
-        host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at",
-                                 "reregistration_allowed_until", "updated_at"])
-        _record(request, remote_address, RegistrationStatus.APPROVED, digest, None, host)
-        publish_control("close_agent", host_id=str(host.id), reason="The host registered again")
-        return RegistrationOutcome(200, {"id": str(host.id), "host_token": token,
-                                         "approved": True})
+        return _submit_known(host, request, remote_address)
     key = _take_key(request.key) if request.key else None
     pending = AgentRegistration.objects.select_for_update().filter(
         hostname__iexact=request.hostname, status=RegistrationStatus.PENDING).first()
@@ -187,18 +199,16 @@ def _submit(request: RegistrationRequest, remote_address: str | None) -> Registr
                                                    "waiting for approval"})
     if key is None and not settings.SYSMANAGE_AGENT_AUTO_APPROVE:
         rejected = AgentRegistration.objects.filter(
-            hostname=request.hostname, status=RegistrationStatus.REJECTED).exists()
+            hostname__iexact=request.hostname, status=RegistrationStatus.REJECTED,
+            for_host__isnull=True).exists()
         if rejected:
             raise EnrollmentRefused(403, f"The registration of {request.hostname} was rejected "
                                          "by an administrator")
-        if AgentRegistration.objects.filter(status=RegistrationStatus.PENDING).count() \
-                >= settings.SYSMANAGE_AGENT_MAX_PENDING:
-            raise EnrollmentRefused(429, "Too many registrations are waiting for approval")
-        if _recent_from(remote_address) >= settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR:
-            raise EnrollmentRefused(429, "Too many registrations from this address; "
-                                         "try again later")
+        problem = _flood_problem(remote_address)
+        if problem:
+            raise EnrollmentRefused(429, problem)
         token, digest = _new_host_token()
-        record = _record(request, remote_address, RegistrationStatus.PENDING, digest, None, None)
+        record = _record(request, remote_address, RegistrationStatus.PENDING, digest, None)
         return RegistrationOutcome(201, {"id": str(record.id), "host_token": token,
                                          "approved": False})
     token, digest = _new_host_token()
@@ -207,9 +217,37 @@ def _submit(request: RegistrationRequest, remote_address: str | None) -> Registr
         record.token_hash, record.key = digest, key
         _update_details(record, request, remote_address)
     else:
-        record = _record(request, remote_address, RegistrationStatus.PENDING, digest, key, None)
+        record = _record(request, remote_address, RegistrationStatus.PENDING, digest, key)
     host = _approve(record, actor=None)
     return RegistrationOutcome(201, {"id": str(host.id), "host_token": token, "approved": True})
+
+
+def _submit_known(host: Host, request: RegistrationRequest,
+                  remote_address: str | None) -> RegistrationOutcome:
+    """A registration naming a known host.
+
+    The agent registers on every start, with the same key if it has one: a known host
+    keeps its identity (409), and a key is neither checked nor used up, so revoking or
+    using up a key never stops an enrolled agent from starting.  Within a window staff
+    opened (:func:`allow_reregistration`) the first registration is recorded as a
+    re-registration waiting for approval, with the address it came from; the window
+    closes with it, and the host's current token keeps working until staff approve.
+    """
+    if host.agent_kind != AgentKind.SYSMANAGE:
+        raise EnrollmentRefused(409, f"{request.hostname} is managed by another kind of "
+                                     "agent on this server")
+    allowed = host.reregistration_allowed_until
+    if allowed is None or allowed <= timezone.now():
+        return RegistrationOutcome(409, {"detail": f"{request.hostname} is already registered"})
+    host.reregistration_allowed_until = None
+    host.save(update_fields=["reregistration_allowed_until", "updated_at"])
+    token, digest = _new_host_token()
+    record = AgentRegistration(hostname=host.hostname, status=RegistrationStatus.PENDING,
+                               token_hash=digest, for_host=host)
+    _update_details(record, request, remote_address)
+    record.save()
+    return RegistrationOutcome(201, {"id": str(host.id), "host_token": token,
+                                     "approved": False})
 
 
 def _update_details(record: AgentRegistration, request: RegistrationRequest,
@@ -220,13 +258,10 @@ def _update_details(record: AgentRegistration, request: RegistrationRequest,
 
 
 def _record(request: RegistrationRequest, remote_address: str | None, status: str,
-            digest: str, key: RegistrationKey | None, host: Host | None) -> AgentRegistration:
+            digest: str, key: RegistrationKey | None) -> AgentRegistration:
     record = AgentRegistration(hostname=request.hostname, status=status, token_hash=digest,
                                key=key)
     _update_details(record, request, remote_address)
-    if host is not None:
-        AgentRegistration.objects.filter(host=host).update(host=None)
-        record.host, record.decided_at = host, timezone.now()
     record.save()
     return record
 
@@ -238,24 +273,50 @@ def _approve(record: AgentRegistration, *, actor: Actor | None) -> Host:
                        ip_addresses=record.ip_addresses, agent_version=record.agent_version[:50])
     host.token_hash, host.token_issued_at = record.token_hash, timezone.now()
     host.save(update_fields=["token_hash", "token_issued_at", "updated_at"])
-    record.status, record.host = RegistrationStatus.APPROVED, host
-    record.decided_at = timezone.now()
-    record.decided_by = actor.user if actor and getattr(actor.user, "pk", None) else None
-    record.save()
+    _decide(record, RegistrationStatus.APPROVED, actor, host=host)
     return host
 
 
+def _approve_reregistration(record: AgentRegistration, *, actor: Actor | None) -> Host:
+    """Give the host of an approved re-registration the agent's new token: the old one,
+    and every connection proven with it, stop working."""
+    host = Host.objects.select_for_update().get(id=record.for_host_id)
+    host.token_hash, host.token_issued_at, host.token_revoked_at = \
+        record.token_hash, timezone.now(), None
+    host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at",
+                             "updated_at"])
+    AgentRegistration.objects.filter(host=host).update(host=None)
+    _decide(record, RegistrationStatus.APPROVED, actor, host=host)
+    publish_control("close_agent", host_id=str(host.id), reason="The host registered again")
+    return host
+
+
+def _decide(record: AgentRegistration, status: str, actor: Actor | None,
+            host: Host | None = None) -> None:
+    record.status, record.decided_at = status, timezone.now()
+    record.decided_by = actor.user if actor and getattr(actor.user, "pk", None) else None
+    if host is not None:
+        record.host = host
+    record.save()
+
+
 def registration_approve(*, registration_id: Any, actor: Actor | None = None) -> Host:
-    """Approve a waiting registration: the host exists from now on, with the id and
-    host token its agent already holds."""
+    """Approve a waiting registration: the host exists from now on (or, for a
+    re-registration, takes the new token), with the id and host token its agent
+    already holds."""
     with transaction.atomic():
         record = AgentRegistration.objects.select_for_update().get(id=registration_id)
         if record.status != RegistrationStatus.PENDING:
             raise EnrollmentRefused(409, f"The registration is {record.status}, not waiting")
-        if Host.objects.filter(hostname=record.hostname).exists():
+        if record.for_host_id is not None:
+            host = _approve_reregistration(record, actor=actor)
+        elif Host.objects.filter(hostname__iexact=record.hostname).exists():
             raise EnrollmentRefused(409, f"A host named {record.hostname} exists already")
-        host = _approve(record, actor=actor)
-        audit("registration_approved", actor, host_id=str(host.id), hostname=host.hostname)
+        else:
+            host = _approve(record, actor=actor)
+        audit("registration_approved", actor, host_id=str(host.id), hostname=host.hostname,
+              reregistration=record.for_host_id is not None,
+              remote_address=record.remote_address)
     return host
 
 
@@ -265,11 +326,19 @@ def registration_reject(*, registration_id: Any, actor: Actor | None = None) -> 
         record = AgentRegistration.objects.select_for_update().get(id=registration_id)
         if record.status != RegistrationStatus.PENDING:
             raise EnrollmentRefused(409, f"The registration is {record.status}, not waiting")
-        record.status, record.decided_at = RegistrationStatus.REJECTED, timezone.now()
-        record.decided_by = actor.user if actor and getattr(actor.user, "pk", None) else None
-        record.save(update_fields=["status", "decided_at", "decided_by"])
+        _decide(record, RegistrationStatus.REJECTED, actor)
         audit("registration_rejected", actor, hostname=record.hostname)
     return record
+
+
+def registrations_expire() -> int:
+    """End registrations left waiting longer than ``SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS``
+    (run by the maintenance sweep): a flood of registrations nobody approves frees its
+    place in the limits by itself, and the records stay, with their addresses."""
+    cutoff = timezone.now() - timedelta(seconds=settings.SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS)
+    return AgentRegistration.objects.filter(
+        status=RegistrationStatus.PENDING, created_at__lt=cutoff).update(
+        status=RegistrationStatus.EXPIRED, decided_at=timezone.now())
 
 
 def allow_reregistration(*, host_id: Any, minutes: int = 60,
@@ -287,62 +356,94 @@ def allow_reregistration(*, host_id: Any, minutes: int = 60,
     return host
 
 
-# -- connection tokens ---------------------------------------------------------------
+# -- connection tokens and proof of identity ---------------------------------------
+
+
+def name_matches(hostname: str, name: str) -> bool:
+    """Whether the agent that calls itself ``name`` may be the host ``hostname``.
+
+    Names compare without regard to case.  The agent registers with its fully qualified
+    name (``hostname -f``) but names itself to ``/api/agent/auth`` with the short one
+    (``gethostname()``), so a short name also matches ``name.domain``.
+    """
+    hostname, name = normalize_name(hostname), normalize_name(name)
+    return hostname == name or ("." not in name and hostname.startswith(name + "."))
 
 
 def _named(rows: Any, name: str) -> Any:
-    """The one row of ``rows`` (hosts or registrations) called ``name``.
+    """The rows of ``rows`` (hosts or registrations) that ``name`` may be."""
+    name = normalize_name(name)
+    matching = Q(hostname__iexact=name)
+    if "." not in name:
+        matching |= Q(hostname__istartswith=name + ".")
+    return rows.filter(matching)
 
-    The agent registers with its fully qualified name (``hostname -f``) but names itself
-    to ``/api/agent/auth`` with the short one (``gethostname()``), so a short name also
-    matches a unique ``name.domain``.
-    """
-    exact = rows.filter(hostname__iexact=name).first()
-    if exact is not None or "." in name:
-        return exact
-    qualified = list(rows.filter(hostname__istartswith=name + ".")[:2])
-    return qualified[0] if len(qualified) == 1 else None
+
+def named_host_ids(name: str) -> set[str]:
+    """The SysManage-agent hosts with an agent token that an agent called ``name`` may
+    prove to be (usually one; a short name may match several fully qualified ones)."""
+    rows = _named(Host.objects.filter(agent_kind=AgentKind.SYSMANAGE), name)
+    return {str(pk) for pk in rows.exclude(token_hash="").values_list("id", flat=True)}
 
 
 def connection_token_issue(hostname: str) -> str:
-    """A signed, short-lived token for one connection of ``hostname``'s agent.
+    """An opaque, short-lived connection token for an agent that calls itself
+    ``hostname`` (see :mod:`hosts.smagent.tokens`).
 
-    It names the host and a fingerprint of its current host token, so that revoking or
-    replacing that token also voids every connection token issued before.
+    The token names no host: whichever host of that name the connection then proves to
+    be (its ``host_id`` and ``host_token``) is the one it speaks for.  Unknown, waiting
+    and rejected names are refused here with the status the agent acts on.
     """
-    host = _named(Host.objects.all(), hostname)
-    if host is None:
+    hosts = list(_named(Host.objects.all(), hostname)[:10])
+    if not hosts:
         registrations = AgentRegistration.objects.all()
-        if _named(registrations.filter(status=RegistrationStatus.PENDING), hostname):
+        if _named(registrations.filter(status=RegistrationStatus.PENDING), hostname).exists():
             raise EnrollmentRefused(403, f"{hostname} is waiting for approval")
-        if _named(registrations.filter(status=RegistrationStatus.REJECTED), hostname):
+        if _named(registrations.filter(status=RegistrationStatus.REJECTED), hostname).exists():
             raise EnrollmentRefused(403, f"The registration of {hostname} was rejected")
         raise EnrollmentRefused(404, f"No host named {hostname} is registered")
-    if host.agent_kind != AgentKind.SYSMANAGE:
+    agents = [host for host in hosts if host.agent_kind == AgentKind.SYSMANAGE]
+    if not agents:
         raise EnrollmentRefused(403, f"{hostname} is managed by another kind of agent")
-    if not host.token_hash:
+    if not any(host.token_hash for host in agents):
         raise EnrollmentRefused(403, f"The agent token of {hostname} was revoked")
-    payload = {"h": str(host.id), "f": host.token_hash[:FINGERPRINT_CHARS],
-               "n": secrets.token_hex(4)}
-    return signing.dumps(payload, salt=CONNECTION_TOKEN_SALT, compress=False)
+    return tokens.issue(hostname)
 
 
-def connection_token_host(token: str) -> Host | None:
-    """The host a valid, unexpired connection token names, if its host token is unchanged."""
-    if not token or len(token) > 512:
+def connection_token_name(token: str) -> str | None:
+    """The name a valid, unexpired connection token was issued for, while a host of
+    that name can still be proven; None otherwise."""
+    opened = tokens.open_token(token)
+    if opened is None or not named_host_ids(opened.name):
         return None
+    return opened.name
+
+
+class Proof(enum.Enum):
+    """What a message's ``host_id`` and ``host_token`` prove."""
+
+    REFUSED = "refused"
+    #: The token of a re-registration that staff have not approved yet.
+    AWAITING_APPROVAL = "awaiting_approval"
+
+
+def prove(*, name: str, host_id: Any, host_token: Any) -> Host | Proof:
+    """The host that ``host_id`` and ``host_token`` prove, if it is one the agent called
+    ``name`` may be; else why not."""
     try:
-        payload = signing.loads(token, salt=CONNECTION_TOKEN_SALT,
-                                max_age=settings.SYSMANAGE_AGENT_TOKEN_SECONDS)
-        host_id = uuid.UUID(str(payload["h"]))
-        fingerprint = str(payload["f"])
-    except (signing.BadSignature, KeyError, TypeError, ValueError):
-        return None
-    host = Host.objects.filter(id=host_id, agent_kind=AgentKind.SYSMANAGE).first()
-    if host is None or not host.token_hash \
-            or host.token_hash[:FINGERPRINT_CHARS] != fingerprint:
-        return None
-    return host
+        key = uuid.UUID(str(host_id))
+    except ValueError:
+        return Proof.REFUSED
+    host = Host.objects.filter(id=key, agent_kind=AgentKind.SYSMANAGE).first()
+    if host is None or not name_matches(host.hostname, name):
+        return Proof.REFUSED
+    if host_token_matches(host, host_token):
+        return host
+    if isinstance(host_token, str) and host_token and AgentRegistration.objects.filter(
+            for_host=host, status=RegistrationStatus.PENDING,
+            token_hash=token_digest(host_token)).exists():
+        return Proof.AWAITING_APPROVAL
+    return Proof.REFUSED
 
 
 def host_token_matches(host: Host, host_token: Any) -> bool:

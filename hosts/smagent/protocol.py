@@ -61,6 +61,13 @@ def ack_message(acked_id: str, status: str = "received") -> dict[str, Any]:
             "data": {"status": status, "acked_message_id": acked_id}}
 
 
+def ping_message() -> dict[str, Any]:
+    """A ``ping``: the agent answers with a ``pong`` that carries its ``host_id`` and
+    ``host_token``, the quickest proof of identity a connection (or a poll) can give."""
+    return {"message_type": "ping", "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
+            "data": {}}
+
+
 def command_message(delivery_id: str, command_type: str, parameters: dict[str, Any],
                     timeout: int) -> dict[str, Any]:
     """A command for the agent; its ids are the delivery's."""
@@ -100,14 +107,37 @@ def decode(text: str) -> dict[str, Any]:
     return raw
 
 
+def unwrap_polled(raw: dict[str, Any]) -> dict[str, Any]:
+    """A polled message as the agent queued it.
+
+    The unchanged agent polls with each message as its local queue keeps it: ``data``
+    is the whole message (envelope and all) as a JSON string, and ``message_id`` is the
+    queue entry's own.  The inner message is the one that counts.
+    """
+    data = raw.get("data")
+    if not isinstance(data, str):
+        return raw
+    try:
+        inner = json.loads(data)
+    except (ValueError, RecursionError):
+        raise AgentProtocolError("invalid_message", "'data' must be an object or a message "
+                                 "encoded as JSON", message_type=raw.get("message_type"),
+                                 message_id=raw.get("message_id")) from None
+    if isinstance(inner, dict) and "message_type" in inner:
+        return inner
+    return {**raw, "data": inner}
+
+
 def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, str, dict[str, Any]]:
     """``(message_type, message_id, data)`` of a well-formed message.
 
-    ``message_id`` must be 20-100 letters, digits or dashes; the timestamp (required on
-    the socket; poll messages carry none) must be within 30 minutes of the server's
-    clock.  A message without ``data`` (acknowledgements, flat results) has its other
-    fields as data.
+    ``message_id`` must be 20-100 letters, digits or dashes; on the socket the timestamp
+    must be within 30 minutes of the server's clock (polled messages may have waited in
+    the agent's queue longer, and need none).  A message without ``data``
+    (acknowledgements, flat results) has its other fields as data.
     """
+    if polled:
+        raw = unwrap_polled(raw)
     message_type = raw.get("message_type")
     if not isinstance(message_type, str) or not MESSAGE_TYPE.match(message_type):
         raise AgentProtocolError("invalid_message", "'message_type' must be a lower-case name")
@@ -115,9 +145,8 @@ def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, s
     if not isinstance(message_id, str) or not MESSAGE_ID.match(message_id):
         raise AgentProtocolError("invalid_message", "'message_id' must be 20 to 100 letters, "
                                  "digits or dashes", message_type=message_type)
-    timestamp = raw.get("timestamp")
-    if timestamp is not None or not polled:
-        _check_timestamp(timestamp, message_type, message_id)
+    if not polled:
+        _check_timestamp(raw.get("timestamp"), message_type, message_id)
     data = raw.get("data")
     if data is None:
         data = {k: v for k, v in raw.items() if k not in ENVELOPE_KEYS}

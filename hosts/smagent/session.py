@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -32,9 +33,6 @@ INVENTORY_TYPES = {
     "software_inventory_update": InventoryKind.SOFTWARE,
     "package_updates_update": InventoryKind.UPDATES,
 }
-#: Messages held while a connection has not proved its identity yet.
-MAX_HELD = 100
-MAX_HELD_BYTES = 8 * 1024 * 1024
 
 
 def _load_mounts(host_id: str) -> list[str]:
@@ -42,104 +40,199 @@ def _load_mounts(host_id: str) -> list[str]:
     return protocol.mounts_from_hardware(row.data) if row is not None else []
 
 
-class AgentSession:
-    """What the server knows of one agent connection (or one poll)."""
+class HeldBytes:
+    """The bytes of messages held for proof by every connection of this process, so
+    that many unproven connections together stay within a budget too."""
 
-    def __init__(self, host: Host, *, polled: bool) -> None:
-        self.host = host
-        self.host_id = str(host.id)
-        self.hostname = host.hostname
-        self.cpu_count = host.cpu_count
+    total = 0
+
+    @classmethod
+    def reserve(cls, size: int) -> bool:
+        """Count ``size`` more bytes, if the budget allows it."""
+        if cls.total + size > settings.SYSMANAGE_AGENT_HELD_BYTES_TOTAL:
+            return False
+        cls.total += size
+        return True
+
+    @classmethod
+    def release(cls, size: int) -> None:
+        """Give ``size`` bytes back."""
+        cls.total = max(0, cls.total - size)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A message received before the connection proved its identity: its frame as it
+    came (parsed only once proof arrives), or the message of a poll."""
+
+    text: str | None
+    raw: dict[str, Any] | None
+    size: int
+
+
+class AwaitingApproval(AgentProtocolError):
+    """The agent holds the token of a re-registration staff have not approved yet."""
+
+
+class AgentSession:
+    """What the server knows of one agent connection (or one poll).
+
+    It speaks for no host until a message proves one: ``host_id`` and ``host_token`` of
+    a host that the name its connection token was issued for may be.  Until then nothing
+    it sends changes anything, it gets no command, and its messages are held, within a
+    budget, and handled in order once proof comes.
+    """
+
+    def __init__(self, name: str, *, polled: bool, candidates: set[str]) -> None:
+        self.name = name
+        self.candidates = candidates
         self.polled = polled
-        self.verified = False
+        self.host: Host | None = None
+        self.host_id = ""
+        self.hostname = name
+        self.token_hash = ""
+        self.cpu_count: int | None = None
         self.refusals = 0
-        self.held: list[tuple[str, str, dict[str, Any]]] = []
+        self.held: list[Held] = []
         self.held_bytes = 0
         self.mounts: list[str] | None = None
+        self.last_seen: services.LastSeen | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Whether a message proved whose agent this is."""
+        return self.host is not None
+
+    def bind(self, host: Host) -> None:
+        """Speak for ``host`` from now on (it was proven, or the transport trusts it)."""
+        self.host, self.host_id, self.hostname = host, str(host.id), host.hostname
+        self.token_hash, self.cpu_count = host.token_hash, host.cpu_count
         self.last_seen = services.LastSeen(self.host_id)
 
     # -- identity ------------------------------------------------------------------------
 
-    def _identify(self, message_type: str, message_id: str, data: dict[str, Any]) -> bool:
-        """Check the identity a message claims: True if it may be processed now, False if
-        it is the host's but must wait for proof; refused if it claims another identity.
+    def _refuse(self, why: str, message_type: str, message_id: str) -> AgentProtocolError:
+        self.refusals += 1
+        return AgentProtocolError("host_not_registered", why, message_type=message_type,
+                                  message_id=message_id)
 
-        The agent sends ``host_token`` only in messages to which it added ``host_id``
-        itself; ``system_info``, ``hardware_update`` and some others name the host alone.
-        Those are held until a message with both proves the connection.
+    async def _prove(self, message_type: str, message_id: str, data: dict[str, Any]) -> bool:
+        """Before proof: True if this message proves the connection; False if it must be
+        held (it names no identity, or only a ``host_id`` it may prove later); refused
+        if it claims an identity this connection cannot have.
+
+        The agent adds ``host_token`` only to messages to which it adds ``host_id``
+        itself: ``system_info`` and others name the host alone, and its periodic
+        ``os_version_update`` names nothing.
         """
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
-        if claimed_token is None and claimed_id is not None and str(claimed_id) == self.host_id:
-            return self.verified
-        if claimed_id is None and claimed_token is None:
-            if self.verified:
-                return True
-            why = "Identify with host_id and host_token first"
-        elif str(claimed_id) != self.host_id:
-            why = "This host is not registered here (unknown host_id)"
-        elif not enrollment.host_token_matches(self.host, claimed_token):
-            why = "This host is not registered here (host_token does not match)"
-        else:
-            self.verified = True
-            return True
-        self.refusals += 1
-        raise AgentProtocolError("host_not_registered", why, message_type=message_type,
-                                 message_id=message_id)
+        if claimed_id is not None and str(claimed_id) not in self.candidates:
+            raise self._refuse("This host is not registered here (unknown host_id)",
+                               message_type, message_id)
+        if claimed_token is None:
+            return False
+        if claimed_id is None:
+            raise self._refuse("Send host_token together with host_id", message_type,
+                               message_id)
+        proof = await database_sync_to_async(enrollment.prove)(
+            name=self.name, host_id=claimed_id, host_token=claimed_token)
+        if proof is enrollment.Proof.AWAITING_APPROVAL:
+            raise AwaitingApproval("host_not_approved", "This host's registration is waiting "
+                                   "for approval by an administrator", message_type=message_type,
+                                   message_id=message_id)
+        if not isinstance(proof, Host):
+            raise self._refuse("This host is not registered here (host_token does not match)",
+                               message_type, message_id)
+        self.bind(proof)
+        return True
+
+    def _check_claim(self, message_type: str, message_id: str, data: dict[str, Any]) -> None:
+        """After proof: a message may name this host (or nothing), never another."""
+        claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
+        assert self.host is not None
+        if claimed_id is not None and str(claimed_id) != self.host_id:
+            raise self._refuse("This host is not registered here (unknown host_id)",
+                               message_type, message_id)
+        if claimed_token is not None \
+                and not enrollment.host_token_matches(self.host, claimed_token):
+            raise self._refuse("This host is not registered here (host_token does not match)",
+                               message_type, message_id)
 
     # -- handling ------------------------------------------------------------------------
 
-    async def handle(self, raw: dict[str, Any],
+    async def receive_text(self, text: str, size: int) -> tuple[list[dict[str, Any]], bool]:
+        """Handle one frame of the socket (``size`` bytes), as :meth:`handle` does.
+        Before proof a large frame is held as it came, unparsed: parsing megabytes for a
+        connection that may be anybody's is work (and memory) an attacker could make the
+        server do."""
+        if not self.verified and size > settings.SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES:
+            self._hold(Held(text, None, size), "", "")
+            return [], False
+        return await self.handle(protocol.decode(text), text=text, size=size)
+
+    async def handle(self, raw: dict[str, Any], *, text: str | None = None,
                      size: int = 0) -> tuple[list[dict[str, Any]], bool]:
         """Handle one message: ``(replies, first_proof)``; ``first_proof`` is True when
-        this message proved the agent's identity for the first time (the messages held
-        until then are handled with it)."""
+        this message proved the agent's identity (the messages held until then are
+        handled with it)."""
         message_type, message_id, data = protocol.check_envelope(raw, polled=self.polled)
-        if message_type == "command_acknowledgment":
-            await database_sync_to_async(deliveries.acknowledge)(
-                host_id=self.host_id, delivery_id=message_id)
+        if self.verified:
+            self._check_claim(message_type, message_id, data)
+            return await self._process(message_type, message_id, data), False
+        if not await self._prove(message_type, message_id, data):
+            held = Held(text, None, size) if text is not None else Held(None, raw, size)
+            self._hold(held, message_type, message_id)
             return [], False
-        was_verified = self.verified
-        if not self._identify(message_type, message_id, data):
-            self._hold(message_type, message_id, data, size)
-            return [], False
-        replies = await self._process(message_type, message_id, data)
-        if was_verified:
-            return replies, False
-        return replies + await self.release_held(), True
+        # The held messages were sent first: they are handled first.
+        replies = await self.release_held()
+        return replies + await self._process(message_type, message_id, data), True
 
-    def _hold(self, message_type: str, message_id: str, data: dict[str, Any],
-              size: int) -> None:
-        if len(self.held) >= MAX_HELD or self.held_bytes + size > MAX_HELD_BYTES:
-            logger.warning("agent of %s: %s not processed, too many messages before it "
-                           "proved its identity", self.hostname, message_type)
+    def _hold(self, held: Held, message_type: str, message_id: str) -> None:
+        if len(self.held) >= settings.SYSMANAGE_AGENT_HELD_MESSAGES \
+                or self.held_bytes + held.size > settings.SYSMANAGE_AGENT_HELD_BYTES \
+                or not HeldBytes.reserve(held.size):
+            logger.warning("agent of %s: %s not processed, too much sent before it proved "
+                           "its identity", self.name, message_type or "a large frame")
+            ids = {"message_type": message_type, "message_id": message_id} \
+                if message_type else {}
             raise AgentProtocolError(
-                "identification_pending", "Not processed: too many messages before one with "
-                "host_id and host_token", message_type=message_type, message_id=message_id)
-        self.held.append((message_type, message_id, data))
-        self.held_bytes += size
+                "identification_pending", "Not processed: too much sent before a message "
+                "with host_id and host_token", **ids)
+        self.held.append(held)
+        self.held_bytes += held.size
+
+    def _take_held(self) -> list[Held]:
+        held, self.held = self.held, []
+        HeldBytes.release(self.held_bytes)
+        self.held_bytes = 0
+        return held
 
     async def release_held(self) -> list[dict[str, Any]]:
-        """Handle the messages held for proof (once it came, or when the transport trusts
-        the host anyway)."""
-        held, self.held, self.held_bytes = self.held, [], 0
+        """Handle the messages held for proof, in order, once it came."""
         replies: list[dict[str, Any]] = []
-        for message_type, message_id, data in held:
+        for held in self._take_held():
             try:
-                replies += await self._process(message_type, message_id, data)
+                raw = held.raw if held.raw is not None else protocol.decode(held.text or "")
+                answers, _ = await self.handle(raw)
+                replies += answers
             except AgentProtocolError as exc:
                 replies.append(exc.to_message())
         return replies
 
     def refuse_held(self) -> list[dict[str, Any]]:
-        """Errors for the held messages of a poll that never proved its identity."""
-        held, self.held, self.held_bytes = self.held, [], 0
+        """Errors for the held messages of a poll (or a closing connection) that never
+        proved its identity: they were not processed, and the agent is told so."""
         return [protocol.error_message(
             "identification_pending", "Not processed: send it with host_token, or together "
-            "with a message that has host_id and host_token", message_type=message_type,
-            message_id=message_id) for message_type, message_id, _ in held]
+            "with a message that has host_id and host_token", **_ids(held))
+            for held in self._take_held()]
 
     async def _process(self, message_type: str, message_id: str,
                        data: dict[str, Any]) -> list[dict[str, Any]]:
+        if message_type == "command_acknowledgment":  # acknowledged by not resending
+            await database_sync_to_async(deliveries.acknowledge)(
+                host_id=self.host_id, delivery_id=message_id)
+            return []
         handler = self.HANDLERS.get(message_type)
         replies: list[dict[str, Any]] = []
         if handler is not None:
@@ -242,4 +335,13 @@ class AgentSession:
 
     async def seen(self) -> None:
         """The agent was heard from."""
+        assert self.last_seen is not None
         await self.last_seen.touch()
+
+
+def _ids(held: Held) -> dict[str, Any]:
+    """The type and id of a held message, where they can be told without parsing it."""
+    if held.raw is None:
+        return {}
+    return {"message_type": held.raw.get("message_type"),
+            "message_id": held.raw.get("message_id")}

@@ -23,8 +23,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from hosts import services
-from hosts.models import HostStatus
-from hosts.smagent import enrollment, protocol
+from hosts.models import Host, HostStatus
+from hosts.smagent import enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession
@@ -154,14 +154,28 @@ def auth(request: HttpRequest) -> JsonResponse:
     })
 
 
-def _poll_request(request: HttpRequest) -> tuple[Any, list[Any], float]:
-    """``(host, messages, max_wait)`` of a poll, or :class:`EnrollmentRefused`."""
+#: Poll bodies parsed at once per process: each may be megabytes from anyone holding a
+#: connection token, and parsing holds the interpreter.
+_PARSING = asyncio.Semaphore(2)
+
+
+async def _poll_body(request: HttpRequest) -> dict[str, Any]:
+    """The poll's JSON body, parsed off the event loop and the database thread."""
+    async with _PARSING:
+        return await asyncio.to_thread(_json_body, request,
+                                       settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES)
+
+
+async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], float]:
+    """``(session, messages, max_wait)`` of a poll, or :class:`EnrollmentRefused`."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    host = enrollment.connection_token_host(token.strip() if scheme.lower() == "bearer" else "")
-    if host is None:
+    opened = tokens.open_token(token.strip() if scheme.lower() == "bearer" else "")
+    if opened is None:
         raise EnrollmentRefused(401, "Missing, invalid or expired connection token")
-    body = _json_body(request, settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES)
-    if str(body.get("host_id")) != str(host.id):
+    body = await _poll_body(request)
+    host_id = str(body.get("host_id"))
+    candidates = await database_sync_to_async(enrollment.named_host_ids)(opened.name)
+    if host_id not in candidates:
         raise EnrollmentRefused(403, "host_id does not match the connection token")
     messages = body.get("messages") or []
     if not isinstance(messages, list) or len(messages) > MAX_POLL_MESSAGES:
@@ -170,7 +184,33 @@ def _poll_request(request: HttpRequest) -> tuple[Any, list[Any], float]:
     wait = body.get("max_wait") or 0
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
         raise EnrollmentRefused(400, "'max_wait' must be a number of seconds")
-    return host, messages, min(float(wait), MAX_POLL_WAIT)
+    session = AgentSession(opened.name, polled=True, candidates={host_id})
+    if settings.SYSMANAGE_AGENT_TRUST_POLLING:
+        # Trusted by configuration: the host the poll names, without host_token.
+        session.bind(await database_sync_to_async(Host.objects.get)(id=host_id))
+    return session, messages, min(float(wait), MAX_POLL_WAIT)
+
+
+async def _handle_polled(session: AgentSession, messages: list[Any]) -> tuple[
+        list[dict[str, Any]], bool]:
+    """Handle a poll's messages in order: ``(replies, proven)``, proven when one of them
+    proved the host's identity."""
+    replies: list[dict[str, Any]] = []
+    proven = False
+    for raw in messages:
+        try:
+            if not isinstance(raw, dict):
+                raise AgentProtocolError("invalid_message", "A message must be a JSON object")
+            answers, first_proof = await session.handle(raw)
+            replies += answers
+            proven = proven or first_proof
+        except AgentProtocolError as exc:
+            replies.append(exc.to_message())
+        except Exception:
+            logger.exception("error handling a polled message from %s", session.name)
+            replies.append(protocol.error_message(
+                "server_error", "The server could not process this message"))
+    return replies + session.refuse_held(), proven
 
 
 @csrf_exempt
@@ -179,48 +219,45 @@ def _poll_request(request: HttpRequest) -> tuple[Any, list[Any], float]:
 async def poll(request: HttpRequest) -> JsonResponse:
     """``POST /api/agent/poll``: the agent's messages in, queued commands out.
 
-    Each message is handled as on the socket and answered (ack or error) in the reply;
-    a message that proves the agent's identity brings the host online.  With
-    ``max_wait`` the reply waits (up to 25 s) for a command when none is queued.
+    Each message is handled as on the socket and answered (ack or error) in the reply.
+    A poll speaks for its host only if one of its own messages carries the host's
+    ``host_token`` (or ``SYSMANAGE_AGENT_TRUST_POLLING`` is on): only then are its
+    messages processed, the host brought online and queued commands handed out; with
+    ``max_wait`` the reply then waits (up to 25 s) for a command when none is queued.
+    Every reply ends with a ``ping``, whose ``pong`` proves the next poll.
     """
     try:
-        host, messages, max_wait = await database_sync_to_async(_poll_request)(request)
+        session, messages, max_wait = await _poll_request(request)
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
-    session = AgentSession(host, polled=True)
-    was_online = host.status == HostStatus.ONLINE
-    replies: list[dict[str, Any]] = []
-    for raw in messages:
-        try:
-            if not isinstance(raw, dict):
-                raise AgentProtocolError("invalid_message", "A message must be a JSON object")
-            answers, first_proof = await session.handle(raw)
-            replies += answers
-            if first_proof and host.status != HostStatus.ONLINE:
-                data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-                facts = protocol.facts_from_system_info(data) \
-                    if raw.get("message_type") == "system_info" else {}
-                await database_sync_to_async(services.host_agent_hello)(
-                    host_id=host.id, session=f"poll-{uuid.uuid4().hex}", facts=facts)
-                host.status = HostStatus.ONLINE
-                if session.mounts is None:  # not sent with a held hardware report
-                    replies.append(await session.initial_metrics_command())
-        except AgentProtocolError as exc:
-            replies.append(exc.to_message())
-        except Exception:
-            logger.exception("error handling a polled message from %s", host.hostname)
-            replies.append(protocol.error_message(
-                "server_error", "The server could not process this message"))
-    if session.held:
-        # Messages naming the host without its token: handled if this host's agent proved
-        # itself in an earlier poll and is still online, otherwise refused (not lost).
-        replies += await session.release_held() if was_online else session.refuse_held()
+    replies, proven = await _handle_polled(session, messages)
+    commands: list[dict[str, Any]] = []
+    if session.verified:
+        assert session.host is not None
+        if (proven or settings.SYSMANAGE_AGENT_TRUST_POLLING) \
+                and session.host.status != HostStatus.ONLINE:
+            await database_sync_to_async(services.host_agent_hello)(
+                host_id=session.host_id, session=f"poll-{uuid.uuid4().hex}", facts={})
+            if session.mounts is None:  # not sent with a held hardware report
+                replies.append(await session.initial_metrics_command())
+        else:
+            await session.seen()
+        commands = await _due_commands(session, max_wait)
+    if not settings.SYSMANAGE_AGENT_TRUST_POLLING:
+        # The agent's polls carry host_token only in some messages, and an idle poll
+        # carries none: the pong to this ping proves the next poll.
+        commands.append(protocol.ping_message())
+    return JsonResponse({
+        "messages": [protocol.for_polling(m) for m in replies + commands],
+        "poll_interval": settings.SYSMANAGE_AGENT_POLL_INTERVAL,
+    })
+
+
+async def _due_commands(session: AgentSession, max_wait: float) -> list[dict[str, Any]]:
+    """The commands due for a proven poll's host, waiting up to ``max_wait`` for one."""
     commands = await session.due_commands()
     deadline = time.monotonic() + max_wait
     while not commands and time.monotonic() < deadline:
         await asyncio.sleep(min(POLL_WAIT_STEP, max(0.0, deadline - time.monotonic())))
         commands = await session.due_commands()
-    return JsonResponse({
-        "messages": [protocol.for_polling(m) for m in replies + commands],
-        "poll_interval": settings.SYSMANAGE_AGENT_POLL_INTERVAL,
-    })
+    return commands

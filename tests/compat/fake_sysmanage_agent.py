@@ -731,13 +731,16 @@ class FakeSysManageAgent:
 
     def poll_message(self, message_type: str, data: dict[str, Any] | None = None
                      ) -> dict[str, Any]:
-        """A message as the agent posts it in a poll: no timestamp."""
+        """A message as the agent posts it in a poll (see :meth:`as_poll_message`)."""
         return self.as_poll_message(self.envelope(message_type, data))
 
     @staticmethod
     def as_poll_message(message: dict[str, Any]) -> dict[str, Any]:
-        return {"message_type": message["message_type"], "data": message.get("data") or {},
-                "message_id": message["message_id"]}
+        """As the agent's polling transport posts a message: taken from its outbound
+        queue, with the whole message JSON-encoded in ``data`` and the queue entry's
+        own id as ``message_id``."""
+        return {"message_type": message["message_type"], "data": json.dumps(message),
+                "message_id": new_message_id()}
 
     def poll_raw(self, body: Any, *, token: str | None = None, raw: bytes | None = None,
                  timeout: float = 40.0) -> tuple[int, Any]:

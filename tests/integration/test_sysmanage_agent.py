@@ -58,6 +58,11 @@ async def admin(d: harness.Deployment, method: str, path: str, user: str = "admi
     return await api(method, d.server.base_url, path, token=d.token(user), **kwargs)
 
 
+def inner_id(polled: dict[str, Any]) -> str:
+    """The id of the message a poll carries (the agent posts it JSON-encoded)."""
+    return json.loads(polled["data"])["message_id"]
+
+
 def results(body: Any) -> list[dict[str, Any]]:
     """The items of a list answer, paginated or not."""
     return body["results"] if isinstance(body, dict) and "results" in body else body
@@ -240,13 +245,16 @@ async def test_register_pending_approve_connect_online(deployment):
         await asyncio.sleep(0.3)
         assert (await host(d, agent.host_id)).body["status"] != "online"  # not proven yet
         message = await agent.send_system_info()  # host_id alone, as the agent sends it
-        await asyncio.sleep(0.3)
-        assert not [m for m in agent.received if m.get("message_type") == "ack"]  # held
-        assert (await host(d, agent.host_id)).body["status"] != "online"
+        # held, and proof asked for: the agent answers the ping with a pong that carries
+        # host_id and host_token, which proves the connection
+        ping = await agent.wait_type("ping")
+        ack = await agent.wait_ack(message["message_id"])
+        assert ack["_at"] > ping["_at"]
+        [pong] = [m for m in agent.sent if m["message_type"] == "pong"]
+        assert pong["data"]["host_token"] == agent.host_token
         beat = await agent.send_acked("heartbeat", agent.heartbeat_data())  # with host_token
         assert beat["data"] == {"status": "received", "acked_message_id": beat["data"][
             "acked_message_id"]}
-        ack = await agent.wait_ack(message["message_id"])
         assert ack["data"] == {"status": "received", "acked_message_id": message["message_id"]}
         assert isinstance(ack["message_id"], str) and ack["message_id"]
         online = await ws.expect(lambda m: m["type"] == "event"
@@ -330,9 +338,21 @@ async def test_registration_keys(deployment):
     allowed = await admin(d, "POST", f"/api/hosts/{first.host_id}/allow-reregistration/")
     assert allowed.status == 200, allowed
     status, body = await register(first)
-    assert status == 200, body
-    assert body["approved"] is True and body["id"] == exists.body["id"]
+    # the first registration in the window waits for staff (it may be anybody's)
+    assert status == 201, body
+    assert body["approved"] is False and body["id"] == exists.body["id"]
     assert body["host_token"] and body["host_token"] != old_token
+    assert (await register(first))[0] == 409  # the window closed with it
+    first.host_token = body["host_token"]
+    await first.connect()  # not yet approved: told so, and closed
+    await first.send("heartbeat", first.heartbeat_data())
+    error_of(await first.wait_type("error"), "host_not_approved")
+    assert await first.wait_closed() == 4001
+    pending = await admin(d, "GET", "/api/registrations/?status=pending")
+    [record] = [r for r in results(pending.body) if r["for_host"] == first.host_id]
+    assert record["remote_address"] == "127.0.0.1"
+    approved = await admin(d, "POST", f"/api/registrations/{record['id']}/approve/")
+    assert approved.status == 200, approved
     # the new host token proves the identity, the old one no longer does
     await first.connect()
     first.host_token = old_token
@@ -832,17 +852,19 @@ async def test_polling_fallback_end_to_end(deployment):
     async with contextlib.AsyncExitStack() as stack:
         ws = await seed_client(stack, d)
         await ws.subscribe("host_status", {"host_id": agent.host_id})
-        # system_info names the host without its token: alone in a poll it is refused
-        # (the host is not online yet), with a heartbeat that proves identity it is taken
+        # system_info names the host without its token: alone in a poll it is refused,
+        # and the reply asks for proof with a ping; the pong, posted with the next
+        # poll, carries host_id and host_token and proves that poll
         first = agent.poll_message("system_info", agent.system_info_data())
         refused = await agent.poll([first])
-        assert [m["data"].get("error_type") for m in refused["messages"]] == [
-            "identification_pending"], refused
-        beat = agent.poll_message("heartbeat", agent.heartbeat_data())
-        reply = await agent.poll([first, beat])
+        assert [m["data"].get("error_type") for m in refused["messages"]
+                if m["message_type"] == "error"] == ["identification_pending"], refused
+        assert [m["message_type"] for m in refused["messages"]][-1] == "ping"
+        assert [m["message_type"] for m in agent.poll_outbox] == ["pong"]
+        reply = await agent.poll([first])
         assert isinstance(reply["messages"], list)
         assert isinstance(reply["poll_interval"], int | float) and reply["poll_interval"] > 0
-        ack = await agent.wait_ack(first["message_id"])  # answered in the reply
+        ack = await agent.wait_ack(inner_id(first))  # answered in the reply
         assert ack["_via"] == "poll" and ack["data"]["status"] == "received"
         online = await ws.next_event("host_status", timeout=WAIT)
         assert online["data"]["status"] == "online"
@@ -867,13 +889,14 @@ async def test_polling_fallback_end_to_end(deployment):
         assert raw["message_id"]
         assert raw["data"]["data"]["command_type"] == "execute_shell"
         assert raw["data"]["data"]["parameters"]["command"] == "echo polled"
-        assert agent.poll_outbox == []
+        assert [m["message_type"] for m in agent.poll_outbox] == ["pong"]  # results went
         # posted messages are checked and answered like socket frames
         beat = agent.poll_message("heartbeat", agent.heartbeat_data())
-        bad = {**agent.poll_message("heartbeat", agent.heartbeat_data()), "message_id": "short"}
+        bad = agent.as_poll_message({**agent.envelope("heartbeat", agent.heartbeat_data()),
+                                     "message_id": "short"})
         start = len(agent.received)
         await agent.poll([beat, bad])
-        await agent.wait_ack(beat["message_id"])
+        await agent.wait_ack(inner_id(beat))
         error_of(await agent.wait_type("error", start=start), "invalid_message")
 
         # refusals
