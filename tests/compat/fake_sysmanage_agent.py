@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import time
 import urllib.error
@@ -92,7 +93,8 @@ class FakeSysManageAgent:
                  ack_order: str = "ack_first", fqdn: str | None = None,
                  ipv4: str = "127.0.0.1", ipv6: str = "::1",
                  package_failures: set[str] | None = None,
-                 compression: str | None = "deflate") -> None:
+                 compression: str | None = "deflate",
+                 source_address: str | None = None) -> None:
         assert ack_order in ACK_ORDERS, ack_order
         self.set_base_url(base_url)
         self.hostname = hostname
@@ -103,6 +105,9 @@ class FakeSysManageAgent:
         self.ack_order = ack_order
         self.package_failures = set(package_failures or ())
         self.compression = compression
+        # the local address to connect from (a loopback address other than 127.0.0.1
+        # stands for another machine)
+        self.source_address = source_address
         # identity, as the agent keeps it after registering
         self.host_id: str | None = None
         self.host_token: str | None = None
@@ -153,6 +158,8 @@ class FakeSysManageAgent:
             all_headers.setdefault("Content-Type", "application/json")
         url = self.base_url + path
         assert url.startswith(("http://", "https://")), url
+        if self.source_address is not None:
+            return self._http_from(method, path, data, all_headers, timeout)
         request = urllib.request.Request(url, data=data, method=method,  # noqa: S310
                                          headers=all_headers)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -167,6 +174,24 @@ class FakeSysManageAgent:
         except ValueError:
             parsed = text
         return status, parsed
+
+    def _http_from(self, method: str, path: str, data: bytes | None, headers: dict[str, str],
+                   timeout: float) -> tuple[int, Any]:
+        """:meth:`_http` from ``source_address`` (plain HTTP only)."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        assert parts.scheme == "http" and parts.hostname, self.base_url
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout,
+                                                source_address=(self.source_address, 0))
+        try:
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            status, text = response.status, response.read().decode(errors="replace")
+        finally:
+            connection.close()
+        try:
+            return status, (json.loads(text) if text else None)
+        except ValueError:
+            return status, text
 
     def registration_body(self, **extra: Any) -> dict[str, Any]:
         """The agent's ``registration_request``, plus ``extra`` fields."""
@@ -333,6 +358,8 @@ class FakeSysManageAgent:
         kwargs: dict[str, Any] = {}
         if origin is not None:
             kwargs["origin"] = origin
+        if self.source_address is not None:
+            kwargs["local_addr"] = (self.source_address, 0)
         self.ws = await connect(self.connect_url(token), open_timeout=TIMEOUT, close_timeout=2,
                                 proxy=None, compression=self.compression, **kwargs)
         self.close_code = None
