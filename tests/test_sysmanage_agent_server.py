@@ -609,6 +609,19 @@ async def test_an_agent_that_cannot_prove_its_identity_stays_offline_and_is_drop
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_an_agent_that_lost_its_identity_is_told_so_when_its_pong_names_nobody():
+    await database_sync_to_async(approved_host)()
+    comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
+    await comm.send_json_to(message("system_info", {"hostname": "web-01"}))
+    ping = await comm.receive_json_from(timeout=3)
+    assert ping["message_type"] == "ping"
+    await comm.send_json_to(message("pong", {"ping_id": ping["message_id"]}))
+    refusal = await comm.receive_json_from(timeout=3)
+    assert refusal["error_type"] == "host_not_registered", refusal
+    await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frames_get_errors(
         settings):
     settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = 64 * 1024

@@ -123,13 +123,19 @@ class AgentSession:
 
         The agent adds ``host_token`` only to messages to which it adds ``host_id``
         itself: ``system_info`` and others name the host alone, and its periodic
-        ``os_version_update`` names nothing.
+        ``os_version_update`` names nothing.  Its ``pong`` always carries what it has.
         """
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
         if claimed_id is not None and str(claimed_id) not in self.candidates:
             raise self._refuse("This host is not registered here (unknown host_id)",
                                message_type, message_id)
         if claimed_token is None:
+            if claimed_id is None and message_type == "pong":
+                # The answer to the server's ping carries whatever identity the agent
+                # holds: none at all means it lost it.  Telling it so is what makes it
+                # register again (after three such errors).
+                raise self._refuse("This agent sent no host_id and host_token; it is not "
+                                   "registered here", message_type, message_id)
             return False
         if claimed_id is None:
             raise self._refuse("Send host_token together with host_id", message_type,
