@@ -72,7 +72,7 @@ def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, s
     Returns the host and the token, which is not stored and cannot be shown again.
     """
     with transaction.atomic():
-        host = Host.objects.select_for_update().filter(hostname=hostname).first()
+        host = Host.objects.select_for_update().filter(hostname__iexact=hostname).first()
         if host is None:
             host = host_create(hostname=hostname)
         elif host.agent_kind != AgentKind.NATIVE:

@@ -411,6 +411,8 @@ def test_host_names_compare_without_regard_to_case():
         assert caught.value.status == 403
     host, _ = approved_host("web-01")
     assert submit("WEB-01").status == 409
+    native, _ = services.host_register(hostname="mail-01")
+    assert services.host_register(hostname="MAIL-01")[0].id == native.id  # re-enrolled
     with pytest.raises(Exception):  # noqa: B017 - the database refuses it (IntegrityError)
         Host.objects.create(hostname="Web-01")
 

@@ -14,7 +14,7 @@ def find_host(identifier: str) -> Host:
         host = Host.objects.filter(id=uuid.UUID(identifier)).first()
     except ValueError:
         host = None
-    host = host or Host.objects.filter(hostname=identifier).first()
+    host = host or Host.objects.filter(hostname__iexact=identifier).first()
     if host is None:
         raise CommandError(f"No host with hostname or id {identifier!r}")
     return host
