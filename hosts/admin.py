@@ -19,6 +19,7 @@ from hosts.models import (
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage import permissions
 from sysmanage.audit import request_actor
 
 # The admin's "View site" link leads to the dashboards.
@@ -48,12 +49,17 @@ class HostAdmin(admin.ModelAdmin):
                        "updated_at")
     actions = ["rotate_token", "revoke_token", "allow_reregistration"]
 
+    def has_manage_tokens_permission(self, request: HttpRequest) -> bool:
+        """Token actions: the right the REST API asks too (not merely seeing hosts)."""
+        return permissions.can_manage_host_tokens(request.user)
+
     @admin.display(boolean=True, description="agent token")
     def has_token(self, obj: Host) -> bool:
         """Whether an agent can authenticate as this host."""
         return obj.has_token
 
-    @admin.action(description="Issue a new agent token (shown once)")
+    @admin.action(description="Issue a new agent token (shown once)",
+                  permissions=["manage_tokens"])
     def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
         """Rotate each selected host's token and show the new tokens once."""
         for host in queryset:
@@ -66,14 +72,15 @@ class HostAdmin(admin.ModelAdmin):
             self.message_user(request, f"New agent token for {host.hostname} (shown only "
                               f"now): {token}", messages.WARNING)
 
-    @admin.action(description="Revoke agent token")
+    @admin.action(description="Revoke agent token", permissions=["manage_tokens"])
     def revoke_token(self, request: HttpRequest, queryset: Any) -> None:
         """Revoke each selected host's token; connected agents are disconnected."""
         for host in queryset:
             services.host_revoke_token(host_id=host.pk, actor=request_actor(request))
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
 
-    @admin.action(description="Let its SysManage agent register again (within an hour)")
+    @admin.action(description="Let its SysManage agent register again (within an hour)",
+                  permissions=["manage_tokens"])
     def allow_reregistration(self, request: HttpRequest, queryset: Any) -> None:
         """For agents that lost their identity: their next registration gets a new token."""
         for host in queryset:
@@ -134,6 +141,14 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
     search_fields = ("hostname", "fqdn", "remote_address")
     actions = ["approve", "reject"]
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Seeing registrations: the right the REST API asks too."""
+        return permissions.can_view_registrations(request.user)
+
+    def has_decide_permission(self, request: HttpRequest) -> bool:
+        """Approving and rejecting: the right the REST API asks too."""
+        return permissions.can_decide_registrations(request.user)
+
     def _decide(self, request: HttpRequest, queryset: Any, decide: Any, done: str) -> None:
         count = 0
         for record in queryset.filter(status=RegistrationStatus.PENDING):
@@ -144,12 +159,12 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{record.hostname}: {exc.detail}", messages.ERROR)
         self.message_user(request, f"{done} {count} registration(s).")
 
-    @admin.action(description="Approve: manage these hosts")
+    @admin.action(description="Approve: manage these hosts", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: Any) -> None:
         """Create the host of each selected waiting registration."""
         self._decide(request, queryset, enrollment.registration_approve, "Approved")
 
-    @admin.action(description="Reject")
+    @admin.action(description="Reject", permissions=["decide"])
     def reject(self, request: HttpRequest, queryset: Any) -> None:
         """Refuse each selected waiting registration."""
         self._decide(request, queryset, enrollment.registration_reject, "Rejected")
@@ -169,9 +184,21 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
         """Whether agents presenting the key are approved now."""
         return enrollment.key_problem(obj) is None
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Seeing keys: the right the REST API asks too."""
+        return permissions.can_view_registration_keys(request.user)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Creating keys: the right the REST API asks too."""
+        return permissions.can_create_registration_keys(request.user)
+
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Keys are created and revoked, not edited."""
-        return obj is None and super().has_change_permission(request, obj)
+        return obj is None and permissions.can_revoke_registration_keys(request.user)
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        """Revoking keys: the right the REST API asks too."""
+        return permissions.can_revoke_registration_keys(request.user)
 
     def save_model(self, request: HttpRequest, obj: RegistrationKey, form: Any,
                    change: bool) -> None:
@@ -184,7 +211,7 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
                           "- put it in the agent's configuration as registration_key.",
                           messages.WARNING)
 
-    @admin.action(description="Revoke")
+    @admin.action(description="Revoke", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: Any) -> None:
         """Revoke each selected key."""
         for key in queryset:

@@ -7,7 +7,7 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.permissions import IsAdminUser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -23,6 +23,7 @@ from hosts.models import (
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
 from sysmanage.audit import request_actor
+from sysmanage.permissions import RequiresRight
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -60,11 +61,14 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         return Response({"host_id": str(host.id), "minutes": minutes,
                          "samples": selectors.metric_history(str(host.id), since=since)})
 
-    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser],
+    # Reads are open to every signed-in user; the one write needs its right.
+    action_rights = {"allow_reregistration": "manage_host_tokens"}
+
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, RequiresRight],
             url_path="allow-reregistration")
     def allow_reregistration(self, request: Request, pk: str | None = None) -> Response:
-        """(Staff) let the host's SysManage agent register again within an hour, once:
-        for an agent that lost its identity."""
+        """Let the host's SysManage agent register again within an hour, once: for an
+        agent that lost its identity (staff with ``hosts.change_host``)."""
         host = self.get_object()
         try:
             host = enrollment.allow_reregistration(host_id=host.id,
@@ -167,11 +171,14 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
 
 
 class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
-    """SysManage agent registrations (staff only); ``?status=pending`` lists those
-    waiting.  ``POST …/approve/`` creates the host; ``POST …/reject/`` refuses it."""
+    """SysManage agent registrations (staff with ``hosts.view_agentregistration``);
+    ``?status=pending`` lists those waiting.  ``POST …/approve/`` creates the host;
+    ``POST …/reject/`` refuses it (both ``hosts.change_agentregistration``)."""
 
     serializer_class = AgentRegistrationSerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAuthenticated, RequiresRight]
+    action_rights = {"list": "view_registrations", "retrieve": "view_registrations",
+                     "approve": "decide_registrations", "reject": "decide_registrations"}
 
     def get_queryset(self) -> Any:
         """Registrations, newest first, narrowed by ``?status=``."""
@@ -221,11 +228,13 @@ class RegistrationKeySerializer(serializers.ModelSerializer):
 
 
 class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
-    """Registration keys (staff only): create one (the key is in the reply, once), list
-    them, ``POST …/revoke/``."""
+    """Registration keys (staff with the model permissions the admin asks): create one
+    (the key is in the reply, once), list them, ``POST …/revoke/``."""
 
     serializer_class = RegistrationKeySerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAuthenticated, RequiresRight]
+    action_rights = {"list": "view_registration_keys", "retrieve": "view_registration_keys",
+                     "create": "create_registration_keys", "revoke": "revoke_registration_keys"}
     queryset = RegistrationKey.objects.all()
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:

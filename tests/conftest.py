@@ -31,15 +31,27 @@ def _fresh_layer_and_hub():
     channel_layers.backends.clear()
 
 
+def grant(user, *perms: str) -> None:
+    """Give ``user`` the model permissions ``"app_label.codename"``."""
+    from django.contrib.auth.models import Permission
+
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(Permission.objects.get(
+            content_type__app_label=app_label, codename=codename))
+
+
 @pytest.fixture
 def make_user(db):
-    """Create users: ``make_user("alice", staff=True)``."""
+    """Create users: ``make_user("alice", staff=True, perms=["alerts.change_alert"])``."""
 
     def make(username: str = "operator", *, staff: bool = False, superuser: bool = False,
-             active: bool = True):
-        return get_user_model().objects.create_user(
+             active: bool = True, perms: tuple[str, ...] | list[str] = ()):
+        user = get_user_model().objects.create_user(
             username=username, password=PASSWORD, is_staff=staff or superuser,
             is_superuser=superuser, is_active=active)
+        grant(user, *perms)
+        return user
 
     return make
 
