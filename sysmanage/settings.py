@@ -214,11 +214,16 @@ SIMPLE_JWT = {
     "SIGNING_KEY": SECRET_KEY,
     "USER_ID_FIELD": "id",
     "USER_ID_CLAIM": "user_id",
+    # Tokens carry a fingerprint of the user's credentials, checked wherever a token is
+    # accepted: a password change voids them all (sysmanage/credentials.py).
+    "AUTH_TOKEN_CLASSES": ("sysmanage.credentials.FingerprintedAccessToken",),
+    "TOKEN_OBTAIN_SERIALIZER": "sysmanage.credentials.FingerprintTokenObtainPairSerializer",
+    "TOKEN_REFRESH_SERIALIZER": "sysmanage.credentials.FingerprintTokenRefreshSerializer",
 }
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework_simplejwt.authentication.JWTAuthentication",
+        "sysmanage.credentials.FingerprintJWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

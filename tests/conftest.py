@@ -8,7 +8,6 @@ os.environ.setdefault("SYSMANAGE_ALLOW_UNSHARED_LAYER", "1")
 import pytest  # noqa: E402
 from channels.layers import channel_layers  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
-from rest_framework_simplejwt.tokens import AccessToken  # noqa: E402
 
 from sysmanage.hub import Hub  # noqa: E402
 
@@ -61,7 +60,9 @@ def token_for():
     """An access JWT for a user."""
 
     def issue(user) -> str:
-        return str(AccessToken.for_user(user))
+        from sysmanage.credentials import access_token_for
+
+        return access_token_for(user)
 
     return issue
 
