@@ -23,6 +23,7 @@ from django.contrib.auth import get_user_model
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.tokens import AccessToken
 
+from sysmanage import permissions
 from sysmanage.credentials import REVOKED_MESSAGE, fingerprint, fingerprint_matches
 
 #: Scope key under which the outermost middleware keeps the server's send callable.
@@ -46,6 +47,7 @@ class SocketCredentials:
     subprotocol: str | None = None
     error: str | None = None
     fingerprint: str | None = None
+    rights: frozenset[str] = frozenset()
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -117,14 +119,17 @@ def authenticate_socket(scope: dict[str, Any]) -> SocketCredentials:
             return SocketCredentials(via=via, subprotocol=subprotocol,
                                      error="Malformed Authorization header")
         user, expires_at, error = user_for_access_token(raw)
+        if user is None:
+            return SocketCredentials(via=via, subprotocol=subprotocol, error=error)
         return SocketCredentials(user=user, via=via, expires_at=expires_at,
-                                 subprotocol=subprotocol, error=error,
-                                 fingerprint=fingerprint(user) if user else None)
+                                 subprotocol=subprotocol, fingerprint=fingerprint(user),
+                                 rights=permissions.socket_rights(user))
     user = scope.get("user")
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
     if user is not None and user.is_authenticated and user.is_active:
-        return SocketCredentials(user=user, via="session", fingerprint=fingerprint(user))
+        return SocketCredentials(user=user, via="session", fingerprint=fingerprint(user),
+                                 rights=permissions.socket_rights(user))
     return SocketCredentials(error="Missing JWT token")
 
 

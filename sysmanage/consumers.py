@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage import commands
+from sysmanage import commands, permissions
 from sysmanage.auth import RAW_SEND_KEY, authenticate_socket, seconds_until
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
@@ -35,7 +35,7 @@ from sysmanage.protocol import (
     request_id_of,
 )
 from sysmanage.services import session_tag
-from sysmanage.topics import filter_problem, get_topic, snapshot_provider
+from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame, Outbound
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,21 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     user: Any = None
     user_id: str | None = None
     session_tag: str | None = None
+    #: the Django session a session-authenticated socket was opened with (kept in memory
+    #: only: the recheck asks whether it still exists)
+    session_key: str | None = None
+    #: the credential fingerprint the socket was opened with (``sysmanage.credentials``)
+    fingerprint: str | None = None
+    #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
+    rights: frozenset[str] = frozenset()
+    rights_read_at = 0.0
     closing = False
     hub: Hub | None = None
     outbound: Outbound | None = None
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate, then accept (always, to explain refusals)."""
+        read_at = time.monotonic()
         credentials = await authenticate_socket(self.scope)
         await self.accept(subprotocol=credentials.subprotocol)
         self.outbound = Outbound(
@@ -94,9 +103,12 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.user = credentials.user
         self.user_id = str(self.user.pk)
         self.auth_via = credentials.via
+        self.fingerprint = credentials.fingerprint
+        self.rights, self.rights_read_at = credentials.rights, read_at
         session = self.scope.get("session")
         if credentials.via == "session" and session is not None and session.session_key:
             self.session_tag = session_tag(session.session_key)
+            self.session_key = session.session_key
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
         self.rate_violations: list[float] = []
         self.tasks: set[asyncio.Task[None]] = set()
@@ -162,6 +174,20 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if not self.closing:
             self.closing = True
             self._spawn(self._close_with(code, error))
+
+    def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
+        """Called with the user's rights as read from the database at ``read_at``: keep
+        them (unless newer ones were read since) and end each subscription that needs a
+        right no longer held."""
+        if self.closing or self.hub is None or read_at < self.rights_read_at:
+            return
+        self.rights, self.rights_read_at = rights, read_at
+        for channel in permissions.CHANNEL_RIGHTS:
+            if permissions.channel_lost(channel, rights) and self.hub.unsubscribe(self, channel):
+                self.reply(error_envelope(
+                    ErrorCode.SUBSCRIPTION_REVOKED,
+                    f"Subscription to '{channel}' ended: you no longer have permission "
+                    "for this channel", channel=channel, requested_channel=channel))
 
     def _token_expired(self) -> None:
         if not self.closing:
@@ -237,7 +263,10 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def on_subscribe(self, message: ClientMessage) -> None:
         """Subscribe (or re-subscribe with new filters) and confirm the filters in force."""
         topic = get_topic(message.channel, message.id)
-        denied = topic.authorize(self.user)
+        read_at = time.monotonic()
+        denied, rights = await database_sync_to_async(_authorize_now)(topic, self.user)
+        if rights is not None:
+            self.update_rights(rights, read_at=read_at)
         if denied:
             raise ProtocolError(ErrorCode.SUBSCRIPTION_FAILED, denied, channel="subscription",
                                 id_=message.id, requested_channel=topic.name)
@@ -277,6 +306,13 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         MessageType.UNSUBSCRIBE: on_unsubscribe,
         MessageType.COMMAND: on_command,
     }
+
+
+def _authorize_now(topic: Topic, user: Any) -> tuple[str | None, frozenset[str] | None]:
+    """Whether the user, as the database has it now, may subscribe to ``topic`` (None, or
+    why not), and the user's socket rights now (None if the user is gone)."""
+    now = permissions.fresh(user)
+    return topic.authorize(now), (permissions.socket_rights(now) if now is not None else None)
 
 
 def _jsonable(filters: dict[str, Any]) -> dict[str, Any]:

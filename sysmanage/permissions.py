@@ -7,12 +7,19 @@ active superusers hold them all.  Rights over the server's own set-up (registrat
 agent registrations, host tokens, the activity log) also need the staff flag, exactly as
 the admin does, so a user gets the same answer on every path.  The staff flag alone
 grants nothing.
+
+The checks read the flags and permissions of the user object they are given, and Django
+caches permissions on that object (``_perm_cache``).  A caller that holds a user for
+long, such as an open socket, asks :func:`holds_now` (or passes :func:`fresh`) to act on
+rights as they are now; sockets keep only :data:`SOCKET_RIGHTS` in memory, which the
+server rechecks (``sysmanage.recheck``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from rest_framework.permissions import BasePermission
 
 
@@ -52,6 +59,9 @@ RIGHTS: dict[str, Right] = {
 
 #: Channels that need a right to subscribe to, and that right.
 CHANNEL_RIGHTS = {"user_activity": "view_activity"}
+#: The rights an open socket keeps in memory: the hub consults them for every event, so
+#: they cannot be read from the database then.  The recheck keeps them current.
+SOCKET_RIGHTS = ("view_activity",)
 
 
 def _active(user: Any) -> bool:
@@ -74,6 +84,22 @@ def denial(right: str) -> str:
             f"(needs {staff}the permission {spec.permissions[0]})")
 
 
+def fresh(user: Any) -> Any:
+    """``user`` as the database has it now, permissions not yet read; None if deleted.
+
+    A user object read when a socket connected keeps the flags and the permission cache
+    of that moment.
+    """
+    if user is None or not user.is_authenticated:
+        return None
+    return get_user_model()._default_manager.filter(pk=user.pk).first()
+
+
+def holds_now(user: Any, right: str) -> bool:
+    """Whether ``user`` holds ``right`` according to the database now (runs queries)."""
+    return holds(fresh(user), right)
+
+
 def subscribe_denied_reason(user: Any, channel: str) -> str | None:
     """Return why ``user`` may not subscribe to ``channel``, or None when it may."""
     if not _active(user):
@@ -82,6 +108,17 @@ def subscribe_denied_reason(user: Any, channel: str) -> str | None:
     if right is not None and not holds(user, right):
         return f"Insufficient permissions for channel '{channel}'"
     return None
+
+
+def channel_lost(channel: str, rights: frozenset[str]) -> bool:
+    """Whether a subscription to ``channel`` needs a right missing from ``rights``."""
+    right = CHANNEL_RIGHTS.get(channel)
+    return right is not None and right not in rights
+
+
+def socket_rights(user: Any) -> frozenset[str]:
+    """The :data:`SOCKET_RIGHTS` that ``user`` holds."""
+    return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
 
 
 def can_run_commands(user: Any) -> bool:

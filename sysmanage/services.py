@@ -65,3 +65,11 @@ def user_credentials_sync(*, user: Any) -> int:
     """After ``user`` was saved: revoke the refresh tokens issued for credentials it no
     longer has (a new password, a deactivation).  Returns how many were revoked."""
     return refresh_tokens_revoke(user_id=user.pk, unless_issued_for=fingerprint(user))
+
+
+def user_access_recheck(*, user_ids: list[str] | None) -> None:
+    """Ask every server process to recheck the open sockets of ``user_ids`` (None: of
+    everyone) against the database, after commit: their flags, permissions or groups
+    changed."""
+    publish_control("recheck_users",
+                    user_ids=None if user_ids is None else [str(u) for u in user_ids])

@@ -251,6 +251,12 @@ WS_ALLOWED_ORIGINS = [
     if o.strip()
 ]
 FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.0")
+# How often each server process rechecks its client sockets against the database
+# (deleted or disabled users, changed passwords, ended sessions, lost rights): the bound
+# on how long a change no signal sees (QuerySet.update, raw SQL, an expired session)
+# takes to close a socket or end a subscription.  Changes made through save(), the
+# admin or the REST API are acted on at once.
+WS_RECHECK_SECONDS = max(0.2, float(env("WS_RECHECK_SECONDS", "5") or "5"))
 
 # --- Agents -------------------------------------------------------------------------
 HOST_OFFLINE_AFTER_SECONDS = env_int("HOST_OFFLINE_AFTER_SECONDS", 90)
