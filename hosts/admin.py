@@ -112,22 +112,59 @@ class HostAdmin(admin.ModelAdmin):
             services.host_delete(host=host)
 
 
+class OutputHidingAdmin(ReadOnlyAdmin):
+    """Shows ``private_fields`` only to the requester and holders of
+    ``hosts.view_command_output``, as the REST API and the sockets do."""
+
+    private_fields: tuple[str, ...] = ()
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """Leave out the private fields of a record this user may not read."""
+        fields = super().get_fields(request, obj)
+        if obj is not None and not permissions.can_see_command_output(request.user,
+                                                                      obj.requested_by_id):
+            return [f for f in fields if f not in self.private_fields]
+        return fields
+
+    def get_search_fields(self, request: HttpRequest) -> Any:
+        """Searching private text would reveal it: only for those who see everyone's."""
+        fields = super().get_search_fields(request)
+        if permissions.holds(request.user, "view_command_output"):
+            return fields
+        return [f for f in fields if f not in self.private_fields]
+
+
 @admin.register(CommandExecution)
-class CommandExecutionAdmin(ReadOnlyAdmin):
-    """Commands run on hosts, read-only."""
+class CommandExecutionAdmin(OutputHidingAdmin):
+    """Commands run on hosts, read-only; text and output for those who may see them."""
 
     list_display = ("command", "host", "status", "exit_code", "requested_by", "created_at")
     list_filter = ("status",)
     search_fields = ("command", "host__hostname")
+    private_fields = ("command", "stdout", "stderr", "error")
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        """The list, with each command shown only to those who may read it (a column
+        made per request: the admin object is shared by every request)."""
+        viewer = request.user
+
+        @admin.display(description="command")
+        def command_text(obj: CommandExecution) -> str:
+            if permissions.can_see_command_output(viewer, obj.requested_by_id):
+                return obj.command
+            return "(hidden)"
+
+        return (command_text, *self.list_display[1:])
 
 
 @admin.register(PackageOperation)
-class PackageOperationAdmin(ReadOnlyAdmin):
-    """Package operations, read-only."""
+class PackageOperationAdmin(OutputHidingAdmin):
+    """Package operations, read-only; output for those who may see it."""
 
     list_display = ("operation", "package", "host", "status", "progress", "created_at")
     list_filter = ("status", "operation")
     search_fields = ("package", "host__hostname")
+    private_fields = ("output",)
 
 
 @admin.register(AgentRegistration)

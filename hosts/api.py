@@ -22,6 +22,7 @@ from hosts.models import (
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage import permissions
 from sysmanage.audit import request_actor
 from sysmanage.permissions import RequiresRight
 
@@ -89,25 +90,48 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
             for row in HostInventory.objects.filter(host=host)}})
 
 
-class CommandExecutionSerializer(serializers.ModelSerializer):
-    """A command run on a host, and its result."""
+class OutputRedactingSerializer(serializers.ModelSerializer):
+    """Shows ``PRIVATE_FIELDS`` only to the requester and to holders of
+    ``hosts.view_command_output`` (superusers too); others get them as null, with
+    ``redacted`` true.  The same rule as the ``command_execution`` channel."""
 
+    PRIVATE_FIELDS: tuple[str, ...] = ()
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        """The record, its private fields hidden from those who may not see them."""
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        user = request.user if request is not None else None
+        visible = permissions.can_see_command_output(user, instance.requested_by_id)
+        if not visible:
+            data.update(dict.fromkeys(self.PRIVATE_FIELDS))
+        data["redacted"] = not visible
+        return data
+
+
+class CommandExecutionSerializer(OutputRedactingSerializer):
+    """A command run on a host, and its result (text and output for those who may)."""
+
+    PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
     hostname = serializers.CharField(source="host.hostname", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True,
                                          default=None)
+    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = CommandExecution
         fields = [
             "id", "host", "hostname", "command", "timeout", "status", "exit_code", "stdout",
             "stderr", "execution_time", "error", "requested_by", "created_at", "started_at",
-            "finished_at",
+            "finished_at", "redacted",
         ]
         read_only_fields = fields
 
 
 class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Command executions, newest first; ``?host=`` and ``?status=`` filter."""
+    """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Every user
+    sees that a command ran; its text and output only the requester and holders of
+    ``hosts.view_command_output``."""
 
     serializer_class = CommandExecutionSerializer
 
@@ -122,18 +146,21 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
         return queryset
 
 
-class PackageOperationSerializer(serializers.ModelSerializer):
-    """A package operation on a host, with its progress."""
+class PackageOperationSerializer(OutputRedactingSerializer):
+    """A package operation on a host, with its progress (the package manager's output for
+    those who may see it: it can echo configuration and credentials)."""
 
+    PRIVATE_FIELDS = ("output",)
     hostname = serializers.CharField(source="host.hostname", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True,
                                          default=None)
+    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = PackageOperation
         fields = [
             "id", "host", "hostname", "operation", "package", "status", "progress", "message",
-            "output", "requested_by", "created_at", "updated_at", "finished_at",
+            "output", "requested_by", "created_at", "updated_at", "finished_at", "redacted",
         ]
         read_only_fields = fields
 

@@ -364,14 +364,18 @@ class Hub:
         filters_of = self.subscriptions[channel]
         for variants in buckets:
             for conns in (variants or {}).values():
-                frame: Frame | None = None
+                # one frame per audience (None for topics whose payload is the same for all)
+                framed: dict[Any, Frame] = {}
                 for conn in list(conns):
                     filters = filters_of[conn]
                     if topic.extra_match and not topic.matches(filters, data):
                         continue
+                    audience = topic.audience(conn, data) if topic.per_viewer else None
+                    frame = framed.get(audience)
                     if frame is None:
-                        frame = Frame(dumps(envelope(
-                            MessageType.EVENT, channel, topic.render(filters, data),
+                        frame = framed[audience] = Frame(dumps(envelope(
+                            MessageType.EVENT, channel,
+                            topic.render_for(filters, data, audience),
                             timestamp=message.get("timestamp"))))
                         frames += 1
                     conn.deliver(frame)

@@ -35,6 +35,8 @@ class Right:
 RIGHTS: dict[str, Right] = {
     "run_command": Right(("sysmanage.run_command",),
                          "run commands and package operations on hosts"),
+    "view_command_output": Right(("hosts.view_command_output",),
+                                 "see the text and output of other users' commands"),
     "raise_alert": Right(("alerts.add_alert",), "raise alerts"),
     "manage_alert": Right(("alerts.change_alert",), "acknowledge or resolve alerts"),
     # Viewing in the admin is allowed by the view or the change permission.
@@ -61,7 +63,7 @@ RIGHTS: dict[str, Right] = {
 CHANNEL_RIGHTS = {"user_activity": "view_activity"}
 #: The rights an open socket keeps in memory: the hub consults them for every event, so
 #: they cannot be read from the database then.  The recheck keeps them current.
-SOCKET_RIGHTS = ("view_activity",)
+SOCKET_RIGHTS = ("view_activity", "view_command_output")
 
 
 def _active(user: Any) -> bool:
@@ -119,6 +121,23 @@ def channel_lost(channel: str, rights: frozenset[str]) -> bool:
 def socket_rights(user: Any) -> frozenset[str]:
     """The :data:`SOCKET_RIGHTS` that ``user`` holds."""
     return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
+
+
+def sees_command_output(*, user_id: str | None, rights: frozenset[str],
+                        requested_by_id: str | None) -> bool:
+    """Whether a viewer with ``rights`` sees the text and output of a command (or the
+    output of a package operation): they asked for it, or they may see everyone's."""
+    return "view_command_output" in rights or (
+        user_id is not None and requested_by_id is not None
+        and str(requested_by_id) == str(user_id))
+
+
+def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
+    """Whether ``user`` sees the text and output of a command ``requested_by_id`` asked
+    for (superusers see all)."""
+    return _active(user) and (
+        holds(user, "view_command_output")
+        or (requested_by_id is not None and str(requested_by_id) == str(user.pk)))
 
 
 def can_run_commands(user: Any) -> bool:

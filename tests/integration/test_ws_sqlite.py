@@ -801,12 +801,17 @@ async def test_command_to_unreachable_host_fails_and_is_recorded(
         assert event["data"]["requested_by"] == "admin"
     assert seen[1]["data"]["error"] == why
     record = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
-                       token=server.token("viewer"))
+                       token=server.token("admin"))
     assert record.status == 200
     assert record.body["status"] == "failed"
     assert record.body["error"] == why
     assert record.body["host"] == host
     assert record.body["requested_by"] == "admin"
+    # another user learns that it ran and failed, not what it was (test_security_authz.py)
+    other = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
+                      token=server.token("viewer"))
+    assert (other.body["status"], other.body["redacted"]) == ("failed", True)
+    assert other.body["command"] is None and other.body["error"] is None
 
 
 async def test_package_operation_on_offline_host_fails_and_is_recorded(server: Deployment):
