@@ -17,8 +17,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage import commands, permissions
-from sysmanage.auth import RAW_SEND_KEY, authenticate_socket, seconds_until
+from sysmanage import admission, commands, permissions
+from sysmanage.auth import RAW_SEND_KEY, SocketCredentials, authenticate_socket, seconds_until
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
@@ -89,17 +89,40 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate, then accept (always, to explain refusals)."""
+        address = admission.address_key(self.scope)
+        blocked = admission.AUTH_FAILURES.blocked_for(address)
+        if blocked:
+            await self._refuse_blocked(blocked)  # before any database work
+            return
         read_at = time.monotonic()
         credentials = await authenticate_socket(self.scope)
-        await self.accept(subprotocol=credentials.subprotocol)
-        self.outbound = Outbound(
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-            on_overflow=self._on_overflow,
-        )
+        await self._accept(credentials.subprotocol)
         if credentials.user is None:
+            admission.AUTH_FAILURES.record(address)
             await self._refuse(credentials.error or "Invalid or expired JWT token")
             return
+        self._adopt(credentials, read_at)
+        try:
+            self.hub = await Hub.for_running_loop()
+        except Exception:
+            logger.exception("cannot reach the channel layer; refusing the connection")
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, error_envelope(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "The server cannot deliver events right now; reconnect later"))
+            return
+        # No await between counting and registering: the cap cannot be raced past.
+        if admission.over_user_limit(len(self.hub.by_user.get(self.user_id or "", ()))):
+            await self._refuse_over_limit()
+            return
+        self.hub.register(self)
+        delay = seconds_until(credentials.expires_at)
+        self.expiry_timer = (
+            asyncio.get_running_loop().call_later(delay, self._token_expired)
+            if delay is not None else None
+        )
+
+    def _adopt(self, credentials: SocketCredentials, read_at: float) -> None:
+        """Take on the authenticated user, and set up this connection's limits."""
         self.user = credentials.user
         self.user_id = str(self.user.pk)
         self.auth_via = credentials.via
@@ -113,19 +136,28 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.rate_violations: list[float] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
-        try:
-            self.hub = await Hub.for_running_loop()
-        except Exception:
-            logger.exception("cannot reach the channel layer; refusing the connection")
-            await self._close_with(CloseCode.TRY_AGAIN_LATER, error_envelope(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                "The server cannot deliver events right now; reconnect later"))
-            return
-        self.hub.register(self)
-        delay = seconds_until(credentials.expires_at)
-        self.expiry_timer = (
-            asyncio.get_running_loop().call_later(delay, self._token_expired)
-            if delay is not None else None
+
+    async def _refuse_blocked(self, seconds: float) -> None:
+        await self._accept(None)
+        await self._close_with(CloseCode.AUTH_BLOCKED, error_envelope(
+            ErrorCode.TOO_MANY_AUTH_FAILURES,
+            "Too many failed authentications from this address; try again later",
+            retry_after=admission.retry_after(seconds)))
+
+    async def _refuse_over_limit(self) -> None:
+        limit = settings.WS_MAX_SOCKETS_PER_USER
+        await self._close_with(CloseCode.TOO_MANY_CONNECTIONS, error_envelope(
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"Too many open connections for this user (at most {limit}); close some first",
+            limit=limit))
+
+    async def _accept(self, subprotocol: str | None) -> None:
+        """Complete the handshake (refusals too, so they can be explained)."""
+        await self.accept(subprotocol=subprotocol)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
         )
 
     async def disconnect(self, code: int) -> None:

@@ -244,6 +244,12 @@ WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024)
 WS_RATE_LIMIT_PER_SECOND = env_int("WS_RATE_LIMIT_PER_SECOND", 20)
 WS_RATE_LIMIT_BURST = env_int("WS_RATE_LIMIT_BURST", 60)
 WS_MAX_SEND_BUFFER_BYTES = env_int("WS_MAX_SEND_BUFFER_BYTES", 4 * 1024 * 1024)
+# Open sockets one user may hold in one server process (0: no limit); more get 4429.
+WS_MAX_SOCKETS_PER_USER = env_int("WS_MAX_SOCKETS_PER_USER", 50)
+# Handshakes failing authentication from one address (IPv6: one /64) within the window
+# after which that address is refused at once (4403) until the window passes (0: off).
+WS_AUTH_FAILURES_PER_ADDRESS = env_int("WS_AUTH_FAILURES_PER_ADDRESS", 30)
+WS_AUTH_FAILURE_WINDOW_SECONDS = env_int("WS_AUTH_FAILURE_WINDOW_SECONDS", 60)
 # Origins (scheme://host[:port]) of pages on other hosts allowed to open /ws.
 WS_ALLOWED_ORIGINS = [
     o.strip().rstrip("/")

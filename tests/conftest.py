@@ -21,6 +21,16 @@ def _fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def _no_failed_handshakes_carried_over():
+    """Failed socket authentications are counted per process; each test starts at none."""
+    from sysmanage.admission import AUTH_FAILURES
+
+    AUTH_FAILURES.clear()
+    yield
+    AUTH_FAILURES.clear()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_layer_and_hub():
     """Each test gets a new in-memory layer and starts its own hub on its own loop."""
     channel_layers.backends.clear()
