@@ -138,6 +138,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.closing = False
 
     async def _refuse_blocked(self, seconds: float) -> None:
+        """Turn away an address with too many failed authentications, unchecked."""
         await self._accept(None)
         await self._close_with(CloseCode.AUTH_BLOCKED, error_envelope(
             ErrorCode.TOO_MANY_AUTH_FAILURES,
@@ -145,6 +146,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             retry_after=admission.retry_after(seconds)))
 
     async def _refuse_over_limit(self) -> None:
+        """Turn away a user who holds the most sockets allowed in this process."""
         limit = settings.WS_MAX_SOCKETS_PER_USER
         await self._close_with(CloseCode.TOO_MANY_CONNECTIONS, error_envelope(
             ErrorCode.TOO_MANY_CONNECTIONS,

@@ -7,7 +7,10 @@ password.  Every place that accepts a token -- the socket handshake, the REST AP
 ``/api/token/refresh/`` -- compares it with the user's fingerprint as it is now.  So a
 password change or a deactivation voids every outstanding token at once, however it was
 made: the admin, the REST API, ``manage.py shell`` or ``QuerySet.update``, which no
-signal sees.  Reactivating a user does not revive the tokens of before.
+signal sees.  The active flag is part of the digest so that the signal receivers can
+tell a deactivation from other saves (and blacklist refresh tokens); enabling the
+account again gives back the same fingerprint, so an access token of before that has
+not expired works again: change the password to void everything for good.
 """
 from __future__ import annotations
 
