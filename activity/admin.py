@@ -8,6 +8,7 @@ from django.http import HttpRequest
 
 from activity.forms import LockoutAdminAuthenticationForm
 from activity.models import UserActivity
+from sysmanage import permissions
 
 # Session logins (admin, dashboards) refuse locked-out accounts and addresses.
 admin.site.login_form = LockoutAdminAuthenticationForm
@@ -21,6 +22,10 @@ class UserActivityAdmin(admin.ModelAdmin):
     list_filter = ("action",)
     search_fields = ("username", "ip_address")
     date_hierarchy = "timestamp"
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Reading the log: the right the REST API, the sockets and the pages ask too."""
+        return permissions.can_view_activity(request.user)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

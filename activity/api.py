@@ -1,4 +1,5 @@
-"""REST API of user activity (staff only), and the token endpoints that record logins."""
+"""REST API of user activity (staff with ``activity.view_useractivity``), and the token
+endpoints that record logins."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,16 +14,6 @@ from activity.lockout import lockout_message, lockout_remaining
 from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
-
-
-class IsStaff(permissions.BasePermission):
-    """Staff only, through the project's one permission module."""
-
-    message = "Staff only"
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        """Whether the requester may read activity."""
-        return access.can_view_activity(request.user)
 
 
 class UserActivitySerializer(serializers.ModelSerializer):
@@ -45,7 +36,8 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
     """
 
     serializer_class = UserActivitySerializer
-    permission_classes = [IsStaff]
+    permission_classes = [permissions.IsAuthenticated, access.RequiresRight]
+    action_rights = {"list": "view_activity", "retrieve": "view_activity"}
 
     def get_queryset(self) -> Any:
         """Activity narrowed by the query parameters."""

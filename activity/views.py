@@ -114,9 +114,10 @@ class OverviewView(DashboardMixin, TemplateView):
         counts = alert_selectors.alert_severity_counts()
         return {
             **super().get_context_data(**kwargs),
-            # Staff approve registrations in the admin; the count is as of page load.
+            # Registrations are approved in the admin; the count is as of page load.
             "pending_registrations": (host_selectors.registration_pending_count()
-                                      if can_view_activity else 0),
+                                      if permissions.can_view_registrations(self.request.user)
+                                      else 0),
             "pending_registrations_url": pending_registrations_url(),
             "fleet": alert_selectors.fleet_stats(),
             "alert_counts": [(value, label, counts[value])

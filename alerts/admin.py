@@ -8,6 +8,7 @@ from django.http import HttpRequest
 
 from alerts import services
 from alerts.models import Alert, AlertRule
+from sysmanage import permissions
 from sysmanage.audit import request_actor
 
 
@@ -21,6 +22,14 @@ class AlertAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "status", "created_at", "updated_at", "acknowledged_by",
                        "acknowledged_at", "resolved_by", "resolved_at")
     actions = ["acknowledge", "resolve"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Raising alerts: the right the REST API asks too."""
+        return permissions.can_raise_alerts(request.user)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Changing alerts: the right the REST API and the sockets ask too."""
+        return permissions.can_manage_alerts(request.user)
 
     def save_model(self, request: HttpRequest, obj: Alert, form: Any, change: bool) -> None:
         """New alerts are raised through the service."""
@@ -42,12 +51,12 @@ class AlertAdmin(admin.ModelAdmin):
         self.message_user(request, f"{done} alert(s) {verb}; {skipped} skipped.",
                           messages.SUCCESS if not skipped else messages.WARNING)
 
-    @admin.action(description="Acknowledge selected alerts")
+    @admin.action(description="Acknowledge selected alerts", permissions=["change"])
     def acknowledge(self, request: HttpRequest, queryset: Any) -> None:
         """Acknowledge each open alert selected."""
         self._apply(request, queryset, services.alert_acknowledge, "acknowledged")
 
-    @admin.action(description="Resolve selected alerts")
+    @admin.action(description="Resolve selected alerts", permissions=["change"])
     def resolve(self, request: HttpRequest, queryset: Any) -> None:
         """Resolve each unresolved alert selected."""
         self._apply(request, queryset, services.alert_resolve, "resolved")

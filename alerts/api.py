@@ -1,4 +1,4 @@
-"""REST API of alerts: list, raise (staff), acknowledge, resolve."""
+"""REST API of alerts: list, raise, acknowledge, resolve (each write needs its right)."""
 from __future__ import annotations
 
 from typing import Any
@@ -58,13 +58,13 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
                                     status=_csv(params.get("status")),
                                     host_id=params.get("host"))
 
-    def _require_manager(self) -> None:
-        if not permissions.can_manage_alerts(self.request.user):
-            raise PermissionDenied("You do not have permission to manage alerts")
+    def _require(self, right: str) -> None:
+        if not permissions.holds(self.request.user, right):
+            raise PermissionDenied(permissions.denial(right))
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        """Raise an alert by hand (staff or ``alerts.change_alert``)."""
-        self._require_manager()
+        """Raise an alert by hand (``alerts.add_alert``)."""
+        self._require("raise_alert")
         form = AlertRaiseSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         alert = services.alert_raise(**form.validated_data)
@@ -72,16 +72,16 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
 
     @action(detail=True, methods=["post"])
     def acknowledge(self, request: Request, pk: str | None = None) -> Response:
-        """Acknowledge an open alert."""
+        """Acknowledge an open alert (``alerts.change_alert``)."""
         return self._transition(services.alert_acknowledge, pk)
 
     @action(detail=True, methods=["post"])
     def resolve(self, request: Request, pk: str | None = None) -> Response:
-        """Resolve an open or acknowledged alert."""
+        """Resolve an open or acknowledged alert (``alerts.change_alert``)."""
         return self._transition(services.alert_resolve, pk)
 
     def _transition(self, service: Any, pk: str | None) -> Response:
-        self._require_manager()
+        self._require("manage_alert")
         get_object_or_404(Alert, pk=pk)
         try:
             alert = service(alert_id=pk, actor=request_actor(self.request))

@@ -24,7 +24,8 @@ async def handle_alert_command(context: CommandContext, message: ClientMessage) 
     except ValueError as exc:
         raise ProtocolError(ErrorCode.INVALID_COMMAND, f"'alert_id' {exc}",
                             channel="system_alerts", id_=message.id) from None
-    if not await database_sync_to_async(permissions.can_manage_alerts)(context.user):
+    # As the database has the user now: the socket's user object is from connect time.
+    if not await database_sync_to_async(permissions.holds_now)(context.user, "manage_alert"):
         raise ProtocolError(ErrorCode.PERMISSION_DENIED, "You do not have permission to manage "
                             "alerts", channel="system_alerts", id_=message.id)
     try:

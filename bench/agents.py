@@ -48,11 +48,11 @@ DAPHNE = str(Path(PYTHON).parent / "daphne")
 ENROLL = """
 import json
 from django.contrib.auth import get_user_model
-from rest_framework_simplejwt.tokens import AccessToken
+from sysmanage.credentials import access_token_for
 from hosts.services import host_register
 user = get_user_model().objects.create_superuser("bench", "bench@example.invalid", "x" * 20)
 tokens = [host_register(hostname=f"agent-{{i:05d}}")[1] for i in range({count})]
-print(json.dumps({{"tokens": tokens, "access": str(AccessToken.for_user(user))}}))
+print(json.dumps({{"tokens": tokens, "access": access_token_for(user)}}))
 """
 
 

@@ -180,6 +180,8 @@ class Bench:
             "REDIS_URL": options.redis_url,
             "SYSMANAGE_REDIS_PREFIX": self.prefix,
             "JWT_ACCESS_TTL_SECONDS": "7200",
+            # Every subscriber socket of the benchmark is the same user's.
+            "WS_MAX_SOCKETS_PER_USER": "0",
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                         os.environ.get("PYTHONPATH")])),

@@ -77,9 +77,9 @@ AGENT_VERSION = "0.9.9-bench"
 SETUP = """
 import json
 from django.contrib.auth import get_user_model
-from rest_framework_simplejwt.tokens import AccessToken
+from sysmanage.credentials import access_token_for
 user = get_user_model().objects.create_superuser("bench", "bench@example.invalid", "x" * 20)
-print(json.dumps({"access": str(AccessToken.for_user(user))}))
+print(json.dumps({"access": access_token_for(user)}))
 """
 
 # Shared counters (multiprocessing.Array) of the client processes.

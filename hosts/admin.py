@@ -19,6 +19,7 @@ from hosts.models import (
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage import permissions
 from sysmanage.audit import request_actor
 
 # The admin's "View site" link leads to the dashboards.
@@ -48,12 +49,17 @@ class HostAdmin(admin.ModelAdmin):
                        "updated_at")
     actions = ["rotate_token", "revoke_token", "allow_reregistration"]
 
+    def has_manage_tokens_permission(self, request: HttpRequest) -> bool:
+        """Token actions: the right the REST API asks too (not merely seeing hosts)."""
+        return permissions.can_manage_host_tokens(request.user)
+
     @admin.display(boolean=True, description="agent token")
     def has_token(self, obj: Host) -> bool:
         """Whether an agent can authenticate as this host."""
         return obj.has_token
 
-    @admin.action(description="Issue a new agent token (shown once)")
+    @admin.action(description="Issue a new agent token (shown once)",
+                  permissions=["manage_tokens"])
     def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
         """Rotate each selected host's token and show the new tokens once."""
         for host in queryset:
@@ -66,14 +72,15 @@ class HostAdmin(admin.ModelAdmin):
             self.message_user(request, f"New agent token for {host.hostname} (shown only "
                               f"now): {token}", messages.WARNING)
 
-    @admin.action(description="Revoke agent token")
+    @admin.action(description="Revoke agent token", permissions=["manage_tokens"])
     def revoke_token(self, request: HttpRequest, queryset: Any) -> None:
         """Revoke each selected host's token; connected agents are disconnected."""
         for host in queryset:
             services.host_revoke_token(host_id=host.pk, actor=request_actor(request))
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
 
-    @admin.action(description="Let its SysManage agent register again (within an hour)")
+    @admin.action(description="Let its SysManage agent register again (within an hour)",
+                  permissions=["manage_tokens"])
     def allow_reregistration(self, request: HttpRequest, queryset: Any) -> None:
         """For agents that lost their identity: their next registration gets a new token."""
         for host in queryset:
@@ -105,22 +112,59 @@ class HostAdmin(admin.ModelAdmin):
             services.host_delete(host=host)
 
 
+class OutputHidingAdmin(ReadOnlyAdmin):
+    """Shows ``private_fields`` only to the requester and holders of
+    ``hosts.view_command_output``, as the REST API and the sockets do."""
+
+    private_fields: tuple[str, ...] = ()
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """Leave out the private fields of a record this user may not read."""
+        fields = super().get_fields(request, obj)
+        if obj is not None and not permissions.can_see_command_output(request.user,
+                                                                      obj.requested_by_id):
+            return [f for f in fields if f not in self.private_fields]
+        return fields
+
+    def get_search_fields(self, request: HttpRequest) -> Any:
+        """Searching private text would reveal it: only for those who see everyone's."""
+        fields = super().get_search_fields(request)
+        if permissions.holds(request.user, "view_command_output"):
+            return fields
+        return [f for f in fields if f not in self.private_fields]
+
+
 @admin.register(CommandExecution)
-class CommandExecutionAdmin(ReadOnlyAdmin):
-    """Commands run on hosts, read-only."""
+class CommandExecutionAdmin(OutputHidingAdmin):
+    """Commands run on hosts, read-only; text and output for those who may see them."""
 
     list_display = ("command", "host", "status", "exit_code", "requested_by", "created_at")
     list_filter = ("status",)
     search_fields = ("command", "host__hostname")
+    private_fields = ("command", "stdout", "stderr", "error")
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        """The list, with each command shown only to those who may read it (a column
+        made per request: the admin object is shared by every request)."""
+        viewer = request.user
+
+        @admin.display(description="command")
+        def command_text(obj: CommandExecution) -> str:
+            if permissions.can_see_command_output(viewer, obj.requested_by_id):
+                return obj.command
+            return "(hidden)"
+
+        return (command_text, *self.list_display[1:])
 
 
 @admin.register(PackageOperation)
-class PackageOperationAdmin(ReadOnlyAdmin):
-    """Package operations, read-only."""
+class PackageOperationAdmin(OutputHidingAdmin):
+    """Package operations, read-only; output for those who may see it."""
 
     list_display = ("operation", "package", "host", "status", "progress", "created_at")
     list_filter = ("status", "operation")
     search_fields = ("package", "host__hostname")
+    private_fields = ("output",)
 
 
 @admin.register(AgentRegistration)
@@ -134,6 +178,14 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
     search_fields = ("hostname", "fqdn", "remote_address")
     actions = ["approve", "reject"]
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Seeing registrations: the right the REST API asks too."""
+        return permissions.can_view_registrations(request.user)
+
+    def has_decide_permission(self, request: HttpRequest) -> bool:
+        """Approving and rejecting: the right the REST API asks too."""
+        return permissions.can_decide_registrations(request.user)
+
     def _decide(self, request: HttpRequest, queryset: Any, decide: Any, done: str) -> None:
         count = 0
         for record in queryset.filter(status=RegistrationStatus.PENDING):
@@ -144,12 +196,12 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{record.hostname}: {exc.detail}", messages.ERROR)
         self.message_user(request, f"{done} {count} registration(s).")
 
-    @admin.action(description="Approve: manage these hosts")
+    @admin.action(description="Approve: manage these hosts", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: Any) -> None:
         """Create the host of each selected waiting registration."""
         self._decide(request, queryset, enrollment.registration_approve, "Approved")
 
-    @admin.action(description="Reject")
+    @admin.action(description="Reject", permissions=["decide"])
     def reject(self, request: HttpRequest, queryset: Any) -> None:
         """Refuse each selected waiting registration."""
         self._decide(request, queryset, enrollment.registration_reject, "Rejected")
@@ -169,9 +221,21 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
         """Whether agents presenting the key are approved now."""
         return enrollment.key_problem(obj) is None
 
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Seeing keys: the right the REST API asks too."""
+        return permissions.can_view_registration_keys(request.user)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Creating keys: the right the REST API asks too."""
+        return permissions.can_create_registration_keys(request.user)
+
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """Keys are created and revoked, not edited."""
-        return obj is None and super().has_change_permission(request, obj)
+        return obj is None and permissions.can_revoke_registration_keys(request.user)
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        """Revoking keys: the right the REST API asks too."""
+        return permissions.can_revoke_registration_keys(request.user)
 
     def save_model(self, request: HttpRequest, obj: RegistrationKey, form: Any,
                    change: bool) -> None:
@@ -184,7 +248,7 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
                           "- put it in the agent's configuration as registration_key.",
                           messages.WARNING)
 
-    @admin.action(description="Revoke")
+    @admin.action(description="Revoke", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: Any) -> None:
         """Revoke each selected key."""
         for key in queryset:

@@ -7,7 +7,7 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.permissions import IsAdminUser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -22,7 +22,9 @@ from hosts.models import (
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage import permissions
 from sysmanage.audit import request_actor
+from sysmanage.permissions import RequiresRight
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -60,11 +62,14 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         return Response({"host_id": str(host.id), "minutes": minutes,
                          "samples": selectors.metric_history(str(host.id), since=since)})
 
-    @action(detail=True, methods=["post"], permission_classes=[IsAdminUser],
+    # Reads are open to every signed-in user; the one write needs its right.
+    action_rights = {"allow_reregistration": "manage_host_tokens"}
+
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, RequiresRight],
             url_path="allow-reregistration")
     def allow_reregistration(self, request: Request, pk: str | None = None) -> Response:
-        """(Staff) let the host's SysManage agent register again within an hour, once:
-        for an agent that lost its identity."""
+        """Let the host's SysManage agent register again within an hour, once: for an
+        agent that lost its identity (staff with ``hosts.change_host``)."""
         host = self.get_object()
         try:
             host = enrollment.allow_reregistration(host_id=host.id,
@@ -85,25 +90,48 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
             for row in HostInventory.objects.filter(host=host)}})
 
 
-class CommandExecutionSerializer(serializers.ModelSerializer):
-    """A command run on a host, and its result."""
+class OutputRedactingSerializer(serializers.ModelSerializer):
+    """Shows ``PRIVATE_FIELDS`` only to the requester and to holders of
+    ``hosts.view_command_output`` (superusers too); others get them as null, with
+    ``redacted`` true.  The same rule as the ``command_execution`` channel."""
 
+    PRIVATE_FIELDS: tuple[str, ...] = ()
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        """The record, its private fields hidden from those who may not see them."""
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        user = request.user if request is not None else None
+        visible = permissions.can_see_command_output(user, instance.requested_by_id)
+        if not visible:
+            data.update(dict.fromkeys(self.PRIVATE_FIELDS))
+        data["redacted"] = not visible
+        return data
+
+
+class CommandExecutionSerializer(OutputRedactingSerializer):
+    """A command run on a host, and its result (text and output for those who may)."""
+
+    PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
     hostname = serializers.CharField(source="host.hostname", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True,
                                          default=None)
+    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = CommandExecution
         fields = [
             "id", "host", "hostname", "command", "timeout", "status", "exit_code", "stdout",
             "stderr", "execution_time", "error", "requested_by", "created_at", "started_at",
-            "finished_at",
+            "finished_at", "redacted",
         ]
         read_only_fields = fields
 
 
 class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Command executions, newest first; ``?host=`` and ``?status=`` filter."""
+    """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Every user
+    sees that a command ran; its text and output only the requester and holders of
+    ``hosts.view_command_output``."""
 
     serializer_class = CommandExecutionSerializer
 
@@ -118,18 +146,21 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
         return queryset
 
 
-class PackageOperationSerializer(serializers.ModelSerializer):
-    """A package operation on a host, with its progress."""
+class PackageOperationSerializer(OutputRedactingSerializer):
+    """A package operation on a host, with its progress (the package manager's output for
+    those who may see it: it can echo configuration and credentials)."""
 
+    PRIVATE_FIELDS = ("output",)
     hostname = serializers.CharField(source="host.hostname", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True,
                                          default=None)
+    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = PackageOperation
         fields = [
             "id", "host", "hostname", "operation", "package", "status", "progress", "message",
-            "output", "requested_by", "created_at", "updated_at", "finished_at",
+            "output", "requested_by", "created_at", "updated_at", "finished_at", "redacted",
         ]
         read_only_fields = fields
 
@@ -168,11 +199,14 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
 
 
 class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
-    """SysManage agent registrations (staff only); ``?status=pending`` lists those
-    waiting.  ``POST …/approve/`` creates the host; ``POST …/reject/`` refuses it."""
+    """SysManage agent registrations (staff with ``hosts.view_agentregistration``);
+    ``?status=pending`` lists those waiting.  ``POST …/approve/`` creates the host;
+    ``POST …/reject/`` refuses it (both ``hosts.change_agentregistration``)."""
 
     serializer_class = AgentRegistrationSerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAuthenticated, RequiresRight]
+    action_rights = {"list": "view_registrations", "retrieve": "view_registrations",
+                     "approve": "decide_registrations", "reject": "decide_registrations"}
 
     def get_queryset(self) -> Any:
         """Registrations, newest first, narrowed by ``?status=``."""
@@ -222,11 +256,13 @@ class RegistrationKeySerializer(serializers.ModelSerializer):
 
 
 class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
-    """Registration keys (staff only): create one (the key is in the reply, once), list
-    them, ``POST …/revoke/``."""
+    """Registration keys (staff with the model permissions the admin asks): create one
+    (the key is in the reply, once), list them, ``POST …/revoke/``."""
 
     serializer_class = RegistrationKeySerializer
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAuthenticated, RequiresRight]
+    action_rights = {"list": "view_registration_keys", "retrieve": "view_registration_keys",
+                     "create": "create_registration_keys", "revoke": "revoke_registration_keys"}
     queryset = RegistrationKey.objects.all()
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -80,8 +80,8 @@ def _command_failed(message: ClientMessage, why: str, host_id: str,
 
 
 async def _require_permission(context: CommandContext, message: ClientMessage) -> None:
-    # has_perm reads the user's permissions from the database on first use.
-    if not await database_sync_to_async(permissions.can_run_commands)(context.user):
+    # As the database has the user now: the socket's user object is from connect time.
+    if not await database_sync_to_async(permissions.holds_now)(context.user, "run_command"):
         raise ProtocolError(
             ErrorCode.PERMISSION_DENIED, "You do not have permission to run commands on hosts",
             channel=message.channel or "system", id_=message.id)

@@ -55,6 +55,9 @@ class CommandExecutionUpdated(Event):
     stderr: str
     execution_time: float | None
     requested_by: str | None
+    #: who may see ``command``, ``stdout``, ``stderr`` and ``error`` besides the holders of
+    #: ``hosts.view_command_output``; never sent to clients (sysmanage.topics)
+    requested_by_id: str | None
     error: str
     final: bool
 
@@ -85,6 +88,7 @@ def command_event(execution: CommandExecution) -> CommandExecutionUpdated:
         exit_code=execution.exit_code, stdout=execution.stdout, stderr=execution.stderr,
         execution_time=execution.execution_time,
         requested_by=execution.requested_by.username if execution.requested_by else None,
+        requested_by_id=str(execution.requested_by_id) if execution.requested_by_id else None,
         error=execution.error,
         final=execution.status not in execution.ACTIVE_STATUSES,
     )

@@ -117,9 +117,18 @@ class CommandExecution(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [
+            # Without it, a user sees the text and output of their own commands only
+            # (and the output of their own package operations): commands can carry
+            # secrets (sysmanage.permissions).
+            ("view_command_output",
+             "Can see the text and output of every user's commands and package operations"),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.command} on {self.host_id}"
+        # Not the command: this name shows in admin titles and history to users who may
+        # not see the text (hosts.view_command_output).
+        return f"command {str(self.id)[:8]} on {self.host_id}"
 
 
 class PackageOperationKind(models.TextChoices):

@@ -10,5 +10,15 @@ class SysmanageConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the session-revocation receivers once the models are loaded."""
-        from sysmanage import receivers  # noqa: F401
+        """Connect the revocation receivers and the recheck of open sockets."""
+        from django.conf import settings
+
+        from sysmanage import (
+            receivers,  # noqa: F401
+            recheck,
+        )
+        from sysmanage.hub import register_control, register_periodic
+
+        register_periodic("sysmanage.socket_recheck", lambda: settings.WS_RECHECK_SECONDS,
+                          recheck.periodic_recheck)
+        register_control("recheck_users", recheck.on_recheck_users)

@@ -6,7 +6,8 @@ query parameter (as the seed document shows), a ``Sec-WebSocket-Protocol`` offer
 (``["bearer", TOKEN]`` or ``"bearer.TOKEN"``, for clients that keep tokens out of URLs),
 or an ``Authorization: Bearer`` header (non-browser clients).  Without a token, a
 logged-in Django session authenticates same-origin pages.  A token that is present but
-bad never falls back to the session.
+bad never falls back to the session.  A token must also carry the fingerprint of its
+user's current credentials (:mod:`sysmanage.credentials`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from django.contrib.auth import get_user_model
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.tokens import AccessToken
 
+from sysmanage import permissions
+from sysmanage.credentials import REVOKED_MESSAGE, fingerprint, fingerprint_matches
+
 #: Scope key under which the outermost middleware keeps the server's send callable.
 RAW_SEND_KEY = "sysmanage.raw_send"
 #: The subprotocol the server selects when a client offered a bearer token that way.
@@ -30,13 +34,20 @@ BEARER_SUBPROTOCOL = "bearer"
 
 @dataclass(frozen=True)
 class SocketCredentials:
-    """Who a connection belongs to, or why it does not belong to anyone."""
+    """Who a connection belongs to, or why it does not belong to anyone.
+
+    ``fingerprint`` is the credential fingerprint the socket was opened with (the
+    token's claim, or the session user's); the periodic recheck closes the socket when
+    the user's fingerprint no longer matches it.
+    """
 
     user: Any = None
     via: str | None = None
     expires_at: float | None = None
     subprotocol: str | None = None
     error: str | None = None
+    fingerprint: str | None = None
+    rights: frozenset[str] = frozenset()
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -93,6 +104,8 @@ def user_for_access_token(raw: str) -> tuple[Any, float | None, str | None]:
         return None, None, "Invalid or expired JWT token"
     if not user.is_active:
         return None, None, "User account is disabled"
+    if not fingerprint_matches(token.payload, user):
+        return None, None, REVOKED_MESSAGE
     exp = token.payload.get("exp")
     return user, float(exp) if exp is not None else None, None
 
@@ -106,13 +119,17 @@ def authenticate_socket(scope: dict[str, Any]) -> SocketCredentials:
             return SocketCredentials(via=via, subprotocol=subprotocol,
                                      error="Malformed Authorization header")
         user, expires_at, error = user_for_access_token(raw)
+        if user is None:
+            return SocketCredentials(via=via, subprotocol=subprotocol, error=error)
         return SocketCredentials(user=user, via=via, expires_at=expires_at,
-                                 subprotocol=subprotocol, error=error)
+                                 subprotocol=subprotocol, fingerprint=fingerprint(user),
+                                 rights=permissions.socket_rights(user))
     user = scope.get("user")
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
     if user is not None and user.is_authenticated and user.is_active:
-        return SocketCredentials(user=user, via="session")
+        return SocketCredentials(user=user, via="session", fingerprint=fingerprint(user),
+                                 rights=permissions.socket_rights(user))
     return SocketCredentials(error="Missing JWT token")
 
 

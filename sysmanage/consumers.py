@@ -17,8 +17,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage import commands
-from sysmanage.auth import RAW_SEND_KEY, authenticate_socket, seconds_until
+from sysmanage import admission, commands, permissions
+from sysmanage.auth import RAW_SEND_KEY, SocketCredentials, authenticate_socket, seconds_until
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
@@ -35,7 +35,7 @@ from sysmanage.protocol import (
     request_id_of,
 )
 from sysmanage.services import session_tag
-from sysmanage.topics import filter_problem, get_topic, snapshot_provider
+from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame, Outbound
 
 logger = logging.getLogger(__name__)
@@ -75,32 +75,33 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     user: Any = None
     user_id: str | None = None
     session_tag: str | None = None
+    #: the Django session a session-authenticated socket was opened with (kept in memory
+    #: only: the recheck asks whether it still exists)
+    session_key: str | None = None
+    #: the credential fingerprint the socket was opened with (``sysmanage.credentials``)
+    fingerprint: str | None = None
+    #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
+    rights: frozenset[str] = frozenset()
+    rights_read_at = 0.0
     closing = False
     hub: Hub | None = None
     outbound: Outbound | None = None
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate, then accept (always, to explain refusals)."""
+        address = admission.address_key(self.scope)
+        blocked = admission.AUTH_FAILURES.blocked_for(address)
+        if blocked:
+            await self._refuse_blocked(blocked)  # before any database work
+            return
+        read_at = time.monotonic()
         credentials = await authenticate_socket(self.scope)
-        await self.accept(subprotocol=credentials.subprotocol)
-        self.outbound = Outbound(
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-            on_overflow=self._on_overflow,
-        )
+        await self._accept(credentials.subprotocol)
         if credentials.user is None:
+            admission.AUTH_FAILURES.record(address)
             await self._refuse(credentials.error or "Invalid or expired JWT token")
             return
-        self.user = credentials.user
-        self.user_id = str(self.user.pk)
-        self.auth_via = credentials.via
-        session = self.scope.get("session")
-        if credentials.via == "session" and session is not None and session.session_key:
-            self.session_tag = session_tag(session.session_key)
-        self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.rate_violations: list[float] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closing = False
+        self._adopt(credentials, read_at)
         try:
             self.hub = await Hub.for_running_loop()
         except Exception:
@@ -109,11 +110,56 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 ErrorCode.SERVICE_UNAVAILABLE,
                 "The server cannot deliver events right now; reconnect later"))
             return
+        # No await between counting and registering: the cap cannot be raced past.
+        if admission.over_user_limit(len(self.hub.by_user.get(self.user_id or "", ()))):
+            await self._refuse_over_limit()
+            return
         self.hub.register(self)
         delay = seconds_until(credentials.expires_at)
         self.expiry_timer = (
             asyncio.get_running_loop().call_later(delay, self._token_expired)
             if delay is not None else None
+        )
+
+    def _adopt(self, credentials: SocketCredentials, read_at: float) -> None:
+        """Take on the authenticated user, and set up this connection's limits."""
+        self.user = credentials.user
+        self.user_id = str(self.user.pk)
+        self.auth_via = credentials.via
+        self.fingerprint = credentials.fingerprint
+        self.rights, self.rights_read_at = credentials.rights, read_at
+        session = self.scope.get("session")
+        if credentials.via == "session" and session is not None and session.session_key:
+            self.session_tag = session_tag(session.session_key)
+            self.session_key = session.session_key
+        self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
+        self.rate_violations: list[float] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    async def _refuse_blocked(self, seconds: float) -> None:
+        """Turn away an address with too many failed authentications, unchecked."""
+        await self._accept(None)
+        await self._close_with(CloseCode.AUTH_BLOCKED, error_envelope(
+            ErrorCode.TOO_MANY_AUTH_FAILURES,
+            "Too many failed authentications from this address; try again later",
+            retry_after=admission.retry_after(seconds)))
+
+    async def _refuse_over_limit(self) -> None:
+        """Turn away a user who holds the most sockets allowed in this process."""
+        limit = settings.WS_MAX_SOCKETS_PER_USER
+        await self._close_with(CloseCode.TOO_MANY_CONNECTIONS, error_envelope(
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"Too many open connections for this user (at most {limit}); close some first",
+            limit=limit))
+
+    async def _accept(self, subprotocol: str | None) -> None:
+        """Complete the handshake (refusals too, so they can be explained)."""
+        await self.accept(subprotocol=subprotocol)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
         )
 
     async def disconnect(self, code: int) -> None:
@@ -162,6 +208,20 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if not self.closing:
             self.closing = True
             self._spawn(self._close_with(code, error))
+
+    def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
+        """Called with the user's rights as read from the database at ``read_at``: keep
+        them (unless newer ones were read since) and end each subscription that needs a
+        right no longer held."""
+        if self.closing or self.hub is None or read_at < self.rights_read_at:
+            return
+        self.rights, self.rights_read_at = rights, read_at
+        for channel in permissions.CHANNEL_RIGHTS:
+            if permissions.channel_lost(channel, rights) and self.hub.unsubscribe(self, channel):
+                self.reply(error_envelope(
+                    ErrorCode.SUBSCRIPTION_REVOKED,
+                    f"Subscription to '{channel}' ended: you no longer have permission "
+                    "for this channel", channel=channel, requested_channel=channel))
 
     def _token_expired(self) -> None:
         if not self.closing:
@@ -237,7 +297,10 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def on_subscribe(self, message: ClientMessage) -> None:
         """Subscribe (or re-subscribe with new filters) and confirm the filters in force."""
         topic = get_topic(message.channel, message.id)
-        denied = topic.authorize(self.user)
+        read_at = time.monotonic()
+        denied, rights = await database_sync_to_async(_authorize_now)(topic, self.user)
+        if rights is not None:
+            self.update_rights(rights, read_at=read_at)
         if denied:
             raise ProtocolError(ErrorCode.SUBSCRIPTION_FAILED, denied, channel="subscription",
                                 id_=message.id, requested_channel=topic.name)
@@ -277,6 +340,13 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         MessageType.UNSUBSCRIBE: on_unsubscribe,
         MessageType.COMMAND: on_command,
     }
+
+
+def _authorize_now(topic: Topic, user: Any) -> tuple[str | None, frozenset[str] | None]:
+    """Whether the user, as the database has it now, may subscribe to ``topic`` (None, or
+    why not), and the user's socket rights now (None if the user is gone)."""
+    now = permissions.fresh(user)
+    return topic.authorize(now), (permissions.socket_rights(now) if now is not None else None)
 
 
 def _jsonable(filters: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import threading
 import time
@@ -41,8 +42,11 @@ INBOX_SIZE = 1000
 PUBLISH_ATTEMPTS = 5
 
 
-PeriodicJob = Callable[[], Any]  # a sync function, run in the database thread
+#: A sync function run in the database thread, or a coroutine function given the hub
+#: and run on its loop (for jobs that read the hub's connections).
+PeriodicJob = Callable[..., Any]
 _PERIODIC: dict[str, tuple[Callable[[], float], PeriodicJob]] = {}
+ControlHandler = Callable[["Hub", dict[str, Any]], None]
 
 
 def register_periodic(name: str, interval: Callable[[], float], job: PeriodicJob) -> None:
@@ -56,11 +60,21 @@ def register_periodic(name: str, interval: Callable[[], float], job: PeriodicJob
     _PERIODIC[name] = (interval, job)
 
 
+def register_control(action: str, handler: ControlHandler) -> None:
+    """Make every hub call ``handler(hub, message)`` for control messages of ``action``
+    (called on the hub's loop; it must not block).  Refuses duplicates."""
+    if action in _CONTROL_HANDLERS and _CONTROL_HANDLERS[action] is not handler:
+        raise ValueError(f"control action {action!r} is registered already")
+    _CONTROL_HANDLERS[action] = handler
+
+
 class Subscriber(Protocol):
     """What the hub needs of a connection."""
 
     user_id: str | None
     session_tag: str | None
+    #: what the connection's user may see (``sysmanage.permissions.SOCKET_RIGHTS``)
+    rights: frozenset[str]
 
     def deliver(self, frame: Frame) -> None:
         """Send ``frame`` without blocking."""
@@ -350,14 +364,18 @@ class Hub:
         filters_of = self.subscriptions[channel]
         for variants in buckets:
             for conns in (variants or {}).values():
-                frame: Frame | None = None
+                # one frame per audience (None for topics whose payload is the same for all)
+                framed: dict[Any, Frame] = {}
                 for conn in list(conns):
                     filters = filters_of[conn]
                     if topic.extra_match and not topic.matches(filters, data):
                         continue
+                    audience = topic.audience(conn, data) if topic.per_viewer else None
+                    frame = framed.get(audience)
                     if frame is None:
-                        frame = Frame(dumps(envelope(
-                            MessageType.EVENT, channel, topic.render(filters, data),
+                        frame = framed[audience] = Frame(dumps(envelope(
+                            MessageType.EVENT, channel,
+                            topic.render_for(filters, data, audience),
                             timestamp=message.get("timestamp"))))
                         frames += 1
                     conn.deliver(frame)
@@ -418,7 +436,10 @@ class Hub:
 
         while True:
             try:
-                await database_sync_to_async(job)()
+                if inspect.iscoroutinefunction(job):
+                    await job(self)
+                else:
+                    await database_sync_to_async(job)()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -455,7 +476,7 @@ def _agent_took(hub: Hub, message: dict[str, Any]) -> None:
     hub.resolve(f"took:{message.get('ref')}", message)
 
 
-_CONTROL_HANDLERS = {
+_CONTROL_HANDLERS: dict[str, ControlHandler] = {
     "close_user": _close_user,
     "close_session": _close_session,
     "close_agent": _close_agent,

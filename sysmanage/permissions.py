@@ -1,43 +1,208 @@
 """
-Who may do what: the one place the WebSocket consumers and the REST API ask.
+Who may do what: the one place the admin, the REST API, the WebSocket consumers and the
+pages ask.
+
+Every right is a Django model permission, granted in the admin to users or to groups;
+active superusers hold them all.  Rights over the server's own set-up (registration keys,
+agent registrations, host tokens, the activity log) also need the staff flag, exactly as
+the admin does, so a user gets the same answer on every path.  The staff flag alone
+grants nothing.
+
+The checks read the flags and permissions of the user object they are given, and Django
+caches permissions on that object (``_perm_cache``).  A caller that holds a user for
+long, such as an open socket, asks :func:`holds_now` (or passes :func:`fresh`) to act on
+rights as they are now; sockets keep only :data:`SOCKET_RIGHTS` in memory, which the
+server rechecks (``sysmanage.recheck``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-#: Channels only staff may subscribe to.
-STAFF_CHANNELS = frozenset({"user_activity"})
+from django.contrib.auth import get_user_model
+from rest_framework.permissions import BasePermission
+
+
+@dataclass(frozen=True)
+class Right:
+    """A right: the model permissions granting it (any one), and whether staff only."""
+
+    permissions: tuple[str, ...]
+    what: str
+    staff_only: bool = False
+
+
+RIGHTS: dict[str, Right] = {
+    "run_command": Right(("sysmanage.run_command",),
+                         "run commands and package operations on hosts"),
+    "view_command_output": Right(("hosts.view_command_output",),
+                                 "see the text and output of other users' commands"),
+    "raise_alert": Right(("alerts.add_alert",), "raise alerts"),
+    "manage_alert": Right(("alerts.change_alert",), "acknowledge or resolve alerts"),
+    # Viewing in the admin is allowed by the view or the change permission.
+    "view_activity": Right(("activity.view_useractivity", "activity.change_useractivity"),
+                           "read the user activity log", staff_only=True),
+    "view_registrations": Right(
+        ("hosts.view_agentregistration", "hosts.change_agentregistration"),
+        "see agent registrations", staff_only=True),
+    "decide_registrations": Right(("hosts.change_agentregistration",),
+                                  "approve or reject agent registrations", staff_only=True),
+    "view_registration_keys": Right(
+        ("hosts.view_registrationkey", "hosts.change_registrationkey"),
+        "see registration keys", staff_only=True),
+    "create_registration_keys": Right(("hosts.add_registrationkey",),
+                                      "create registration keys", staff_only=True),
+    "revoke_registration_keys": Right(("hosts.change_registrationkey",),
+                                      "revoke registration keys", staff_only=True),
+    "manage_host_tokens": Right(("hosts.change_host",),
+                                "rotate or revoke host tokens, or let a host register again",
+                                staff_only=True),
+}
+
+#: Channels that need a right to subscribe to, and that right.
+CHANNEL_RIGHTS = {"user_activity": "view_activity"}
+#: The rights an open socket keeps in memory: the hub consults them for every event, so
+#: they cannot be read from the database then.  The recheck keeps them current.
+SOCKET_RIGHTS = ("view_activity", "view_command_output")
+
+
+def _active(user: Any) -> bool:
+    return bool(user is not None and user.is_authenticated and user.is_active)
+
+
+def holds(user: Any, right: str) -> bool:
+    """Whether ``user`` holds ``right`` (a key of :data:`RIGHTS`)."""
+    spec = RIGHTS[right]
+    if not _active(user) or (spec.staff_only and not user.is_staff):
+        return False
+    return bool(user.is_superuser or any(user.has_perm(p) for p in spec.permissions))
+
+
+def denial(right: str) -> str:
+    """The message that explains a refusal for lack of ``right``."""
+    spec = RIGHTS[right]
+    staff = "staff status and " if spec.staff_only else ""
+    return (f"You do not have permission to {spec.what} "
+            f"(needs {staff}the permission {spec.permissions[0]})")
+
+
+def fresh(user: Any) -> Any:
+    """``user`` as the database has it now, permissions not yet read; None if deleted.
+
+    A user object read when a socket connected keeps the flags and the permission cache
+    of that moment.
+    """
+    if user is None or not user.is_authenticated:
+        return None
+    return get_user_model()._default_manager.filter(pk=user.pk).first()
+
+
+def holds_now(user: Any, right: str) -> bool:
+    """Whether ``user`` holds ``right`` according to the database now (runs queries)."""
+    return holds(fresh(user), right)
 
 
 def subscribe_denied_reason(user: Any, channel: str) -> str | None:
     """Return why ``user`` may not subscribe to ``channel``, or None when it may."""
-    if user is None or not user.is_authenticated or not user.is_active:
+    if not _active(user):
         return "Authentication required"
-    if channel in STAFF_CHANNELS and not user.is_staff:
+    right = CHANNEL_RIGHTS.get(channel)
+    if right is not None and not holds(user, right):
         return f"Insufficient permissions for channel '{channel}'"
     return None
 
 
+def channel_lost(channel: str, rights: frozenset[str]) -> bool:
+    """Whether a subscription to ``channel`` needs a right missing from ``rights``."""
+    right = CHANNEL_RIGHTS.get(channel)
+    return right is not None and right not in rights
+
+
+def socket_rights(user: Any) -> frozenset[str]:
+    """The :data:`SOCKET_RIGHTS` that ``user`` holds."""
+    return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
+
+
+def sees_command_output(*, user_id: str | None, rights: frozenset[str],
+                        requested_by_id: str | None) -> bool:
+    """Whether a viewer with ``rights`` sees the text and output of a command (or the
+    output of a package operation): they asked for it, or they may see everyone's."""
+    return "view_command_output" in rights or (
+        user_id is not None and requested_by_id is not None
+        and str(requested_by_id) == str(user_id))
+
+
+def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
+    """Whether ``user`` sees the text and output of a command ``requested_by_id`` asked
+    for (superusers see all)."""
+    return _active(user) and (
+        holds(user, "view_command_output")
+        or (requested_by_id is not None and str(requested_by_id) == str(user.pk)))
+
+
 def can_run_commands(user: Any) -> bool:
     """Whether ``user`` may run commands and package operations on hosts."""
-    return bool(
-        user is not None
-        and user.is_authenticated
-        and user.is_active
-        and (user.is_superuser or user.has_perm("sysmanage.run_command"))
-    )
+    return holds(user, "run_command")
+
+
+def can_raise_alerts(user: Any) -> bool:
+    """Whether ``user`` may raise an alert by hand."""
+    return holds(user, "raise_alert")
 
 
 def can_manage_alerts(user: Any) -> bool:
-    """Whether ``user`` may acknowledge, resolve or raise alerts."""
-    return bool(
-        user is not None
-        and user.is_authenticated
-        and user.is_active
-        and (user.is_staff or user.has_perm("alerts.change_alert"))
-    )
+    """Whether ``user`` may acknowledge or resolve alerts."""
+    return holds(user, "manage_alert")
 
 
 def can_view_activity(user: Any) -> bool:
     """Whether ``user`` may read the user activity log."""
-    return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
+    return holds(user, "view_activity")
+
+
+def can_view_registrations(user: Any) -> bool:
+    """Whether ``user`` may see SysManage agent registrations."""
+    return holds(user, "view_registrations")
+
+
+def can_decide_registrations(user: Any) -> bool:
+    """Whether ``user`` may approve or reject SysManage agent registrations."""
+    return holds(user, "decide_registrations")
+
+
+def can_view_registration_keys(user: Any) -> bool:
+    """Whether ``user`` may list registration keys."""
+    return holds(user, "view_registration_keys")
+
+
+def can_create_registration_keys(user: Any) -> bool:
+    """Whether ``user`` may create registration keys."""
+    return holds(user, "create_registration_keys")
+
+
+def can_revoke_registration_keys(user: Any) -> bool:
+    """Whether ``user`` may revoke registration keys."""
+    return holds(user, "revoke_registration_keys")
+
+
+def can_manage_host_tokens(user: Any) -> bool:
+    """Whether ``user`` may rotate or revoke host tokens or allow a re-registration."""
+    return holds(user, "manage_host_tokens")
+
+
+class RequiresRight(BasePermission):
+    """REST: each view action needs the right its view names in ``action_rights``.
+
+    An action the view does not list is refused: a new action must say what it needs.
+    """
+
+    message = "You do not have permission to perform this action."
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        """Whether the requester holds the right of this action (401 first if anonymous)."""
+        right = getattr(view, "action_rights", {}).get(getattr(view, "action", None))
+        if right is None or not holds(request.user, right):
+            if right is not None:
+                self.message = denial(right)
+            return False
+        return True

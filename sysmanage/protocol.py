@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
 
     AUTH_FAILED = "AUTH_FAILED"
     SUBSCRIPTION_FAILED = "SUBSCRIPTION_FAILED"
+    SUBSCRIPTION_REVOKED = "SUBSCRIPTION_REVOKED"
     COMMAND_FAILED = "COMMAND_FAILED"
     INVALID_JSON = "INVALID_JSON"
     INVALID_MESSAGE = "INVALID_MESSAGE"
@@ -58,6 +59,8 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
     REPLACED = "REPLACED"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    TOO_MANY_AUTH_FAILURES = "TOO_MANY_AUTH_FAILURES"
 
 
 class CloseCode(IntEnum):
@@ -72,6 +75,11 @@ class CloseCode(IntEnum):
     REPLACED = 4009
     MESSAGE_TOO_BIG = 4013
     RATE_LIMITED = 4029
+    #: too many failed authentications from this address: wait ``retry_after`` (403)
+    AUTH_BLOCKED = 4403
+    #: the user holds WS_MAX_SOCKETS_PER_USER sockets of this process already (429; 4029
+    #: is taken by the message rate limit)
+    TOO_MANY_CONNECTIONS = 4429
     TRY_AGAIN_LATER = 4503
 
 

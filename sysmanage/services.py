@@ -1,8 +1,12 @@
-"""Core services."""
+"""Core services: closing sockets and revoking tokens of users who lose access."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
+from django.utils import timezone
+
+from sysmanage.credentials import FINGERPRINT_CLAIM, fingerprint
 from sysmanage.events import publish_control
 from sysmanage.protocol import CloseCode
 
@@ -22,3 +26,50 @@ def session_sockets_close(*, session_key: str, reason: str) -> None:
     """Close every open WebSocket authenticated by this Django session, after commit."""
     publish_control("close_session", session=session_tag(session_key), reason=reason,
                     code=int(CloseCode.AUTH_FAILED))
+
+
+def _issued_for(stored_token: str) -> str | None:
+    """The fingerprint claim of a refresh token as stored (already verified when issued)."""
+    from rest_framework_simplejwt.exceptions import TokenError
+    from rest_framework_simplejwt.tokens import RefreshToken
+
+    try:
+        claim = RefreshToken(stored_token, verify=False).payload.get(FINGERPRINT_CLAIM)
+    except TokenError:
+        return None
+    return claim if isinstance(claim, str) else None
+
+
+def refresh_tokens_revoke(*, user_id: Any, unless_issued_for: str | None = None) -> int:
+    """Blacklist ``user_id``'s refresh tokens that are still valid; with
+    ``unless_issued_for``, only those issued for other credentials.  Returns how many.
+
+    Tokens are void anyway once their fingerprint differs (:mod:`sysmanage.credentials`);
+    the blacklist makes that visible (and survives a change back to the old password).
+    """
+    from rest_framework_simplejwt.token_blacklist.models import (
+        BlacklistedToken,
+        OutstandingToken,
+    )
+
+    rows = OutstandingToken.objects.filter(user_id=user_id, expires_at__gt=timezone.now(),
+                                           blacklistedtoken__isnull=True)
+    stale = [row for row in rows
+             if unless_issued_for is None or _issued_for(row.token) != unless_issued_for]
+    BlacklistedToken.objects.bulk_create([BlacklistedToken(token=row) for row in stale],
+                                         ignore_conflicts=True)
+    return len(stale)
+
+
+def user_credentials_sync(*, user: Any) -> int:
+    """After ``user`` was saved: revoke the refresh tokens issued for credentials it no
+    longer has (a new password, a deactivation).  Returns how many were revoked."""
+    return refresh_tokens_revoke(user_id=user.pk, unless_issued_for=fingerprint(user))
+
+
+def user_access_recheck(*, user_ids: list[str] | None) -> None:
+    """Ask every server process to recheck the open sockets of ``user_ids`` (None: of
+    everyone) against the database, after commit: their flags, permissions or groups
+    changed."""
+    publish_control("recheck_users",
+                    user_ids=None if user_ids is None else [str(u) for u in user_ids])

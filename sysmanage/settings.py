@@ -214,11 +214,16 @@ SIMPLE_JWT = {
     "SIGNING_KEY": SECRET_KEY,
     "USER_ID_FIELD": "id",
     "USER_ID_CLAIM": "user_id",
+    # Tokens carry a fingerprint of the user's credentials, checked wherever a token is
+    # accepted: a password change voids them all (sysmanage/credentials.py).
+    "AUTH_TOKEN_CLASSES": ("sysmanage.credentials.FingerprintedAccessToken",),
+    "TOKEN_OBTAIN_SERIALIZER": "sysmanage.credentials.FingerprintTokenObtainPairSerializer",
+    "TOKEN_REFRESH_SERIALIZER": "sysmanage.credentials.FingerprintTokenRefreshSerializer",
 }
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework_simplejwt.authentication.JWTAuthentication",
+        "sysmanage.credentials.FingerprintJWTAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -239,6 +244,12 @@ WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024)
 WS_RATE_LIMIT_PER_SECOND = env_int("WS_RATE_LIMIT_PER_SECOND", 20)
 WS_RATE_LIMIT_BURST = env_int("WS_RATE_LIMIT_BURST", 60)
 WS_MAX_SEND_BUFFER_BYTES = env_int("WS_MAX_SEND_BUFFER_BYTES", 4 * 1024 * 1024)
+# Open sockets one user may hold in one server process (0: no limit); more get 4429.
+WS_MAX_SOCKETS_PER_USER = env_int("WS_MAX_SOCKETS_PER_USER", 50)
+# Handshakes failing authentication from one address (IPv6: one /64) within the window
+# after which that address is refused at once (4403) until the window passes (0: off).
+WS_AUTH_FAILURES_PER_ADDRESS = env_int("WS_AUTH_FAILURES_PER_ADDRESS", 30)
+WS_AUTH_FAILURE_WINDOW_SECONDS = env_int("WS_AUTH_FAILURE_WINDOW_SECONDS", 60)
 # Origins (scheme://host[:port]) of pages on other hosts allowed to open /ws.
 WS_ALLOWED_ORIGINS = [
     o.strip().rstrip("/")
@@ -246,6 +257,12 @@ WS_ALLOWED_ORIGINS = [
     if o.strip()
 ]
 FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.0")
+# How often each server process rechecks its client sockets against the database
+# (deleted or disabled users, changed passwords, ended sessions, lost rights): the bound
+# on how long a change no signal sees (QuerySet.update, raw SQL, an expired session)
+# takes to close a socket or end a subscription.  Changes made through save(), the
+# admin or the REST API are acted on at once.
+WS_RECHECK_SECONDS = max(0.2, float(env("WS_RECHECK_SECONDS", "5") or "5"))
 
 # --- Agents -------------------------------------------------------------------------
 HOST_OFFLINE_AFTER_SECONDS = env_int("HOST_OFFLINE_AFTER_SECONDS", 90)

@@ -35,6 +35,9 @@ class Topic:
     #: whether :meth:`matches` checks more than the host (the hub indexes subscribers by
     #: ``host_id``, so for the other channels it need not call it per subscriber).
     extra_match: ClassVar[bool] = False
+    #: whether what a subscriber sees of an event depends on who they are (the hub then
+    #: asks :meth:`audience` per subscriber and frames each audience once).
+    per_viewer: ClassVar[bool] = False
 
     def authorize(self, user: Any) -> str | None:
         """Return why ``user`` may not subscribe, or None if it may."""
@@ -76,6 +79,16 @@ class Topic:
     def render(self, filters: Filters, data: dict[str, Any]) -> dict[str, Any]:
         """The payload delivered to a subscriber with ``filters``."""
         return data
+
+    def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
+        """(``per_viewer`` topics) which version of the event ``viewer`` (a connection,
+        with ``user_id`` and ``rights``) gets; viewers with equal keys share a frame."""
+        return None
+
+    def render_for(self, filters: Filters, data: dict[str, Any],
+                   audience: Hashable) -> dict[str, Any]:
+        """The payload for a subscriber with ``filters`` in ``audience``."""
+        return self.render(filters, data)
 
 
 def parse_uuid(value: Any) -> str:
@@ -130,10 +143,33 @@ class PackageOperationsTopic(Topic):
 
 
 class CommandExecutionTopic(Topic):
-    """Command executions and their results; optional ``host_id``."""
+    """Command executions and their results; optional ``host_id``.
+
+    Every subscriber learns that a command ran, where, by whom and how it ended; its
+    text and output (``command``, ``stdout``, ``stderr``, ``error``) only the requester
+    and holders of ``hosts.view_command_output`` see (they may carry secrets).  Others
+    get those fields as null, and ``redacted`` true.
+    """
 
     name = "command_execution"
     filter_fields = {"host_id": (False, "uuid")}
+    per_viewer = True
+    #: the fields only those who may see a command's output get
+    PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
+
+    def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
+        """True for viewers who see the text and output of this command."""
+        return permissions.sees_command_output(
+            user_id=viewer.user_id, rights=viewer.rights,
+            requested_by_id=data.get("requested_by_id"))
+
+    def render_for(self, filters: Filters, data: dict[str, Any],
+                   audience: Hashable) -> dict[str, Any]:
+        """The event, with its text and output only for those who may see them."""
+        shown = {k: v for k, v in data.items() if k != "requested_by_id"}
+        if audience:
+            return {**shown, "redacted": False}
+        return {**shown, **dict.fromkeys(self.PRIVATE_FIELDS), "redacted": True}
 
 
 class SystemAlertsTopic(Topic):

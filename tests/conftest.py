@@ -8,7 +8,6 @@ os.environ.setdefault("SYSMANAGE_ALLOW_UNSHARED_LAYER", "1")
 import pytest  # noqa: E402
 from channels.layers import channel_layers  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
-from rest_framework_simplejwt.tokens import AccessToken  # noqa: E402
 
 from sysmanage.hub import Hub  # noqa: E402
 
@@ -22,6 +21,16 @@ def _fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def _no_failed_handshakes_carried_over():
+    """Failed socket authentications are counted per process; each test starts at none."""
+    from sysmanage.admission import AUTH_FAILURES
+
+    AUTH_FAILURES.clear()
+    yield
+    AUTH_FAILURES.clear()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_layer_and_hub():
     """Each test gets a new in-memory layer and starts its own hub on its own loop."""
     channel_layers.backends.clear()
@@ -31,15 +40,27 @@ def _fresh_layer_and_hub():
     channel_layers.backends.clear()
 
 
+def grant(user, *perms: str) -> None:
+    """Give ``user`` the model permissions ``"app_label.codename"``."""
+    from django.contrib.auth.models import Permission
+
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(Permission.objects.get(
+            content_type__app_label=app_label, codename=codename))
+
+
 @pytest.fixture
 def make_user(db):
-    """Create users: ``make_user("alice", staff=True)``."""
+    """Create users: ``make_user("alice", staff=True, perms=["alerts.change_alert"])``."""
 
     def make(username: str = "operator", *, staff: bool = False, superuser: bool = False,
-             active: bool = True):
-        return get_user_model().objects.create_user(
+             active: bool = True, perms: tuple[str, ...] | list[str] = ()):
+        user = get_user_model().objects.create_user(
             username=username, password=PASSWORD, is_staff=staff or superuser,
             is_superuser=superuser, is_active=active)
+        grant(user, *perms)
+        return user
 
     return make
 
@@ -49,7 +70,9 @@ def token_for():
     """An access JWT for a user."""
 
     def issue(user) -> str:
-        return str(AccessToken.for_user(user))
+        from sysmanage.credentials import access_token_for
+
+        return access_token_for(user)
 
     return issue
 

@@ -67,7 +67,7 @@ def test_admin_logout_is_recorded(client, make_user):
 
 
 def test_activity_filters_by_time(make_user):
-    make_user("boss", staff=True)
+    make_user("boss", staff=True, perms=["activity.view_useractivity"])
     client = APIClient()
     access = token_login(client, "boss").data["access"]
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")

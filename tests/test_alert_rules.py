@@ -138,8 +138,9 @@ def test_host_offline_raises_critical_and_online_resolves(published):
 async def test_alert_commands_over_the_socket(make_user, token_for):
     from alerts import services as alert_services
 
-    ops = await database_sync_to_async(make_user)("ops", staff=True)
-    viewer = await database_sync_to_async(make_user)("viewer")
+    ops = await database_sync_to_async(make_user)("ops", perms=["alerts.change_alert"])
+    # the staff flag alone is not the permission
+    viewer = await database_sync_to_async(make_user)("viewer", staff=True)
     alert = await database_sync_to_async(alert_services.alert_raise)(
         severity="warning", category="x", title="Something")
     comm = await open_socket("/ws", token=token_for(ops))

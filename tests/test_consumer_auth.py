@@ -9,6 +9,7 @@ from channels.testing import WebsocketCommunicator
 from rest_framework_simplejwt.tokens import AccessToken
 
 from sysmanage.asgi import application
+from sysmanage.credentials import FingerprintedAccessToken
 from tests.wsutil import expect_close, open_socket, request
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -109,7 +110,7 @@ async def test_same_origin_is_accepted(make_user, token_for):
 
 async def test_token_expiring_while_open_closes_the_socket(make_user):
     user = await database_sync_to_async(make_user)()
-    token = AccessToken.for_user(user)
+    token = FingerprintedAccessToken.for_user(user)
     token.set_exp(lifetime=timedelta(seconds=1))
     comm = await open_socket("/ws", token=str(token))
     assert (await request(comm, {"type": "ping"}))["type"] == "pong"

@@ -29,6 +29,10 @@ def page_data(response) -> dict:
     return json.loads(content[start:content.index("</script>", start)])
 
 
+#: What a staff member who reads the activity log and approves agents is given.
+STAFF_PERMS = ("activity.view_useractivity", "hosts.view_agentregistration")
+
+
 @pytest.fixture
 def operator(client, make_user):
     make_user("operator")
@@ -38,7 +42,7 @@ def operator(client, make_user):
 
 @pytest.fixture
 def staff(client, make_user):
-    make_user("boss", staff=True)
+    make_user("boss", staff=True, perms=STAFF_PERMS)
     assert client.login(username="boss", password=PASSWORD)
     return client
 
@@ -176,7 +180,15 @@ def test_navigation_shows_activity_and_admin_to_staff_only(operator, make_user, 
     assert b'href="/activity/"' not in content
     assert b'href="/admin/"' not in content
     client.logout()
-    make_user("boss", staff=True)
+    # staff alone opens the admin, but not the activity log
+    make_user("clerk", staff=True)
+    client.login(username="clerk", password=PASSWORD)
+    content = client.get("/").content
+    assert b'href="/activity/"' not in content
+    assert b'href="/admin/"' in content
+    assert client.get("/activity/").status_code == 403
+    client.logout()
+    make_user("boss", staff=True, perms=STAFF_PERMS)
     client.login(username="boss", password=PASSWORD)
     content = client.get("/").content
     assert b'href="/activity/"' in content
@@ -216,7 +228,7 @@ def test_overview_activity_for_staff_only(operator, make_user, client):
     assert page_data(response)["canViewActivity"] is False
     assert b"Recent activity" not in response.content
     client.logout()
-    make_user("boss", staff=True)
+    make_user("boss", staff=True, perms=STAFF_PERMS)
     client.login(username="boss", password=PASSWORD)
     response = client.get("/")
     assert page_data(response)["canViewActivity"] is True
@@ -359,7 +371,12 @@ def test_alerts_empty_state(operator):
 def test_alert_buttons_only_for_managers(operator, make_user, client, alerts):
     assert b'data-action="acknowledge"' not in operator.get("/alerts/").content
     client.logout()
-    make_user("boss", staff=True)
+    # the staff flag alone manages nothing; the permission does
+    make_user("clerk", staff=True)
+    client.login(username="clerk", password=PASSWORD)
+    assert b'data-action="acknowledge"' not in client.get("/alerts/").content
+    client.logout()
+    make_user("boss", perms=["alerts.change_alert"])
     client.login(username="boss", password=PASSWORD)
     response = client.get("/alerts/")
     assert b'data-action="acknowledge"' in response.content

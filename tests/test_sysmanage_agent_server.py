@@ -669,7 +669,11 @@ def test_registrations_and_keys_over_rest(client, make_user):
     client.login(username="ops", password=PASSWORD)
     assert client.get("/api/registrations/").status_code == 403
     assert client.post("/api/registration-keys/", {"name": "k"}).status_code == 403
-    make_user("root", staff=True)
+    # the staff flag alone is not the admin's permission (see test_security_rest.py)
+    make_user("root", staff=True, perms=[
+        "hosts.view_agentregistration", "hosts.change_agentregistration",
+        "hosts.view_registrationkey", "hosts.add_registrationkey",
+        "hosts.change_registrationkey"])
     client.login(username="root", password=PASSWORD)
     listed = client.get("/api/registrations/?status=pending").json()
     assert [r["id"] for r in listed["results"]] == [pending["id"]]
@@ -845,7 +849,7 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
     client.login(username="ops", password=PASSWORD)
     url = f"/api/hosts/{host.id}/allow-reregistration/"
     assert client.post(url).status_code == 403
-    make_user("root", staff=True)
+    make_user("root", staff=True, perms=["hosts.change_host"])
     client.login(username="root", password=PASSWORD)
     assert client.post(url).json()["reregistration_allowed_until"]
     assert submit().status == 201

@@ -12,8 +12,9 @@ from sysmanage.topics import TOPICS, get_topic
 HOST = str(uuid.uuid4())
 
 
-def user(staff=False, active=True, authenticated=True):
-    return SimpleNamespace(is_staff=staff, is_active=active, is_authenticated=authenticated)
+def user(staff=False, active=True, authenticated=True, superuser=False, perms=()):
+    return SimpleNamespace(is_staff=staff, is_active=active, is_authenticated=authenticated,
+                           is_superuser=superuser, has_perm=lambda perm: perm in perms)
 
 
 def test_the_seven_channels_exist():
@@ -30,11 +31,16 @@ def test_unknown_channel_is_refused_with_the_list():
     assert "host_status" in caught.value.extra["available_channels"]
 
 
-def test_user_activity_is_staff_only():
+def test_user_activity_needs_staff_and_the_view_permission():
     topic = TOPICS["user_activity"]
-    assert topic.authorize(user(staff=True)) is None
-    assert topic.authorize(user()) == "Insufficient permissions for channel 'user_activity'"
-    assert topic.authorize(user(staff=True, active=False)) is not None
+    reader = ("activity.view_useractivity",)
+    assert topic.authorize(user(staff=True, perms=reader)) is None
+    assert topic.authorize(user(staff=True, superuser=True)) is None
+    refused = "Insufficient permissions for channel 'user_activity'"
+    assert topic.authorize(user()) == refused
+    assert topic.authorize(user(staff=True)) == refused  # the flag alone
+    assert topic.authorize(user(perms=reader)) == refused  # the permission alone
+    assert topic.authorize(user(staff=True, active=False, perms=reader)) is not None
 
 
 @pytest.mark.parametrize("channel", ["host_metrics", "package_operations"])

@@ -290,7 +290,9 @@ export class SysManageClient {
     ["watchdog", "ping", "refresh"].forEach((name) => this._clear(name));
     if (conn.openedAt && this._now() - conn.openedAt >= this.options.stableAfter) this._attempt = 0;
     if (code === 4029) this._attempt = Math.max(this._attempt, 3); // rate limited: slow down
-    this._needAuth = code === 4001 || code === 4003;
+    // too many failed handshakes from this address, or too many sockets of this user
+    if (code === 4403 || code === 4429) this._attempt = Math.max(this._attempt, 5);
+    this._needAuth = code === 4001 || code === 4003 || code === 4403;
     this._scheduleRetry({ code, reason });
   }
 
@@ -384,7 +386,11 @@ export class SysManageClient {
       if (!Number.isNaN(serverTime)) this._skew = serverTime - this._now();
     }
     if (reply) return this._answer(entry, msg);
-    if (msg.type === "error") return this._emit("error", errorInfo(msg));
+    if (msg.type === "error") {
+      // The server ended a subscription (the user lost the right): do not renew it.
+      if (msg.data.code === "SUBSCRIPTION_REVOKED") this._subs.delete(msg.channel);
+      return this._emit("error", errorInfo(msg));
+    }
     if (msg.type === "event" || msg.type === "status") {
       const sub = this._subs.get(msg.channel);
       if (sub) this._call(sub.handler, msg.data, msg);

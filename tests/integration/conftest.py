@@ -6,7 +6,8 @@ Fixtures of the integration tests: real databases, real Daphne processes.
 * ``sqlite_server`` (module): one server on a fresh copy, in-memory channel layer.
 * ``launch_sqlite`` (session): a factory for modules that need other settings.
 * ``pg_redis_cluster`` (module): a fresh PostgreSQL database, a Redis prefix of its own
-  and two servers sharing both.  Skipped when PostgreSQL or Redis is unreachable, unless
+  and two servers sharing both; ``launch_pg_redis`` (session) makes such clusters with
+  other settings.  Skipped when PostgreSQL or Redis is unreachable, unless
   ``CI`` is set, in which case that is a failure.  Their URLs come from
   SYSMANAGE_TEST_POSTGRES_URL (an admin connection; the tests create and drop their own
   database beside it) and SYSMANAGE_TEST_REDIS_URL; set to an empty value, a service is
@@ -127,9 +128,40 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def pg_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """Two servers on one fresh PostgreSQL database and one Redis prefix."""
+@pytest.fixture(scope="session")
+def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``with launch_pg_redis("name", SETTING="value") as deployment:`` two servers on one
+    fresh PostgreSQL database and one Redis prefix (skipped without those services)."""
+
+    @contextlib.contextmanager
+    def launch(name: str, **settings: str) -> Iterator[Deployment]:
+        _require_pg_redis()
+        work = tmp_path_factory.mktemp(name)
+        database = harness.create_postgres_database(POSTGRES_ADMIN_URL)
+        prefix = f"sysmanage-it-{secrets.token_hex(6)}"
+        servers: list[harness.DaphneServer] = []
+        try:
+            common = {
+                **COMMON_SETTINGS,
+                "DATABASE_URL": harness.with_database(POSTGRES_ADMIN_URL, database),
+                "DJANGO_SECRET_KEY": harness.new_secret(),
+                "SYSMANAGE_VAR_DIR": str(work / "var"),
+                **settings,
+            }
+            seed = harness.seed_database(harness.server_env(**common))
+            env = harness.server_env(**common, REDIS_URL=REDIS_TEST_URL,
+                                     SYSMANAGE_REDIS_PREFIX=prefix)
+            servers = harness.start_servers([(f"{name}-a", env), (f"{name}-b", env)], work)
+            yield Deployment(env=env, seed=seed, servers=servers, work_dir=work)
+        finally:
+            _stop_all(servers)
+            harness.drop_postgres_database(POSTGRES_ADMIN_URL, database)
+            harness.delete_redis_keys(REDIS_TEST_URL, prefix)
+
+    return launch
+
+
+def _require_pg_redis() -> None:
     for name, url in (("SYSMANAGE_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL),
                       ("SYSMANAGE_TEST_REDIS_URL", REDIS_TEST_URL)):
         if not url:
@@ -138,23 +170,10 @@ def pg_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deplo
                     harness.redis_reachable(REDIS_TEST_URL)):
         if problem:
             _unavailable(problem)
-    work = tmp_path_factory.mktemp("pg-redis")
-    name = harness.create_postgres_database(POSTGRES_ADMIN_URL)
-    prefix = f"sysmanage-it-{secrets.token_hex(6)}"
-    servers: list[harness.DaphneServer] = []
-    try:
-        common = {
-            **COMMON_SETTINGS,
-            "DATABASE_URL": harness.with_database(POSTGRES_ADMIN_URL, name),
-            "DJANGO_SECRET_KEY": harness.new_secret(),
-            "SYSMANAGE_VAR_DIR": str(work / "var"),
-        }
-        seed = harness.seed_database(harness.server_env(**common))
-        env = harness.server_env(**common, REDIS_URL=REDIS_TEST_URL,
-                                 SYSMANAGE_REDIS_PREFIX=prefix)
-        servers = harness.start_servers([("pg-a", env), ("pg-b", env)], work)
-        yield Deployment(env=env, seed=seed, servers=servers, work_dir=work)
-    finally:
-        _stop_all(servers)
-        harness.drop_postgres_database(POSTGRES_ADMIN_URL, name)
-        harness.delete_redis_keys(REDIS_TEST_URL, prefix)
+
+
+@pytest.fixture(scope="module")
+def pg_redis_cluster(launch_pg_redis: Any) -> Iterator[Deployment]:
+    """Two servers on one fresh PostgreSQL database and one Redis prefix."""
+    with launch_pg_redis("pg") as deployment:
+        yield deployment

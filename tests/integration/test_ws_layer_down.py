@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration import harness
 from tests.integration.client import api, ws_connect
 from tests.integration.harness import Deployment
-from tests.integration.tokens import forge_access_token
 
 # The server logs the layer's connection errors; that is expected here.
 pytestmark = [pytest.mark.integration, pytest.mark.server_errors_expected]
@@ -32,9 +32,20 @@ def no_layer(launch_sqlite: Any) -> Iterator[Deployment]:
         yield deployment
 
 
+_ADMIN_TOKENS: dict[str, str] = {}
+
+
 def admin_token(d: Deployment) -> str:
-    # /api/token/ cannot be used: see test_login_works_while_the_layer_is_down
-    return forge_access_token(d.env["DJANGO_SECRET_KEY"], d.user_id("admin"))
+    """An access token of ``admin`` made by a shell on the same database: /api/token/
+    cannot be used (see test_login_works_while_the_layer_is_down), and a token must
+    carry the fingerprint of the user's credentials."""
+    if d.env["DATABASE_URL"] not in _ADMIN_TOKENS:
+        out = harness.manage_shell(d.env, (
+            "from django.contrib.auth import get_user_model\n"
+            "from sysmanage.credentials import access_token_for\n"
+            "print('TOKEN', access_token_for(get_user_model().objects.get(username='admin')))"))
+        _ADMIN_TOKENS[d.env["DATABASE_URL"]] = out.split("TOKEN ", 1)[1].split()[0]
+    return _ADMIN_TOKENS[d.env["DATABASE_URL"]]
 
 
 async def test_socket_is_refused_with_service_unavailable(no_layer: Deployment):

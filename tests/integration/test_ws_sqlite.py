@@ -31,7 +31,7 @@ from tests.integration.client import (
     ws_connect,
 )
 from tests.integration.harness import SQLITE_SERVER_SETTINGS, Deployment
-from tests.integration.tokens import forge_access_token, unsigned_token
+from tests.integration.tokens import claims_of, forge_access_token, unsigned_token
 
 pytestmark = pytest.mark.integration
 
@@ -219,10 +219,18 @@ async def test_bad_credentials_get_auth_failed_then_4001(server: Deployment, cas
 
 
 async def test_forged_token_with_the_right_key_is_accepted(server: Deployment):
-    """Sanity check of the negative cases above: the same shape, correctly signed, works."""
-    token = forge_access_token(server.env["DJANGO_SECRET_KEY"], server.user_id("viewer"))
+    """Sanity check of the negative cases above: the same shape, correctly signed and
+    carrying the user's credential fingerprint (copied from a real token), works."""
+    secret, viewer = server.env["DJANGO_SECRET_KEY"], server.user_id("viewer")
+    fingerprint = claims_of(server.token("viewer"))["cfp"]
+    token = forge_access_token(secret, viewer, extra={"cfp": fingerprint})
     async with ws_connect(server.server.ws_url, token=token) as client:
         await client.ping()
+    # without the fingerprint, the same token is refused
+    async with ws_connect(server.server.ws_url,
+                          token=forge_access_token(secret, viewer)) as client:
+        await expect_auth_failed(
+            client, "Token revoked: the account's credentials changed; sign in again")
 
 
 # -- origins ----------------------------------------------------------------------------------
@@ -793,12 +801,17 @@ async def test_command_to_unreachable_host_fails_and_is_recorded(
         assert event["data"]["requested_by"] == "admin"
     assert seen[1]["data"]["error"] == why
     record = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
-                       token=server.token("viewer"))
+                       token=server.token("admin"))
     assert record.status == 200
     assert record.body["status"] == "failed"
     assert record.body["error"] == why
     assert record.body["host"] == host
     assert record.body["requested_by"] == "admin"
+    # another user learns that it ran and failed, not what it was (test_security_authz.py)
+    other = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
+                      token=server.token("viewer"))
+    assert (other.body["status"], other.body["redacted"]) == ("failed", True)
+    assert other.body["command"] is None and other.body["error"] is None
 
 
 async def test_package_operation_on_offline_host_fails_and_is_recorded(server: Deployment):

@@ -56,6 +56,14 @@ test("close code 4029 (rate limited) waits longer before reconnecting", async ()
   assert.deepEqual(offlineDelays(t.states), [4000]);
 });
 
+for (const code of [4403, 4429]) {
+  test(`close code ${code} (too many failed handshakes, or sockets) waits longer still`, async () => {
+    const t = await connected();
+    t.last().serverClose(code);
+    assert.deepEqual(offlineDelays(t.states), [15000]); // half of 30 s (random 0.5)
+  });
+}
+
 test("a ping is sent every pingInterval; a missing pong closes the socket and reconnects", async () => {
   const t = await connected({ pingInterval: 25_000, pongTimeout: 10_000 });
   const ws = t.last();

@@ -120,3 +120,22 @@ test("a handler that throws does not break the client", async (t) => {
   assert.deepEqual(seen, [{ total_hosts: 3 }]);
   assert.equal(console.error.mock.callCount(), 1);
 });
+
+test("a subscription the server revokes is reported, dropped and not renewed after a reconnect", async () => {
+  const t = await connected();
+  const { client, last, errors } = t;
+  const seen = [];
+  client.subscribe("user_activity", null, (data) => seen.push(data));
+  client.subscribe("fleet_status", null, () => {});
+  for (const sent of last().sent) last().reply(sent);
+  last().receive({ type: "error", channel: "user_activity", timestamp: new Date().toISOString(),
+    data: { code: "SUBSCRIPTION_REVOKED", message: "Subscription to 'user_activity' ended", requested_channel: "user_activity" } });
+  last().receive({ type: "event", channel: "user_activity", data: { action: "login" } });
+  assert.deepEqual(seen, []);
+  assert.deepEqual(errors.map(({ code, channel }) => ({ code, channel })),
+    [{ code: "SUBSCRIPTION_REVOKED", channel: "user_activity" }]);
+  last().serverClose(1006);
+  await reopen(t);
+  assert.deepEqual(last().sent.map(({ type, channel }) => ({ type, channel })),
+    [{ type: "subscribe", channel: "fleet_status" }]);
+});
