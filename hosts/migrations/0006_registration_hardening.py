@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('hosts', '0004_sysmanage_agent'),
+        ('hosts', '0005_view_command_output'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
