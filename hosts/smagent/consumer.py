@@ -110,6 +110,15 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 "proved their identity; retry later"))
             return
         self.unproven_address = address
+        try:
+            # Started before any message is handled: handling publishes events, which
+            # go through the hub of this process (the first connection starts it).
+            self.hub = await Hub.for_running_loop()
+        except Exception:
+            logger.exception("cannot reach the channel layer; refusing an agent connection")
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, protocol.error_message(
+                "server_busy", "The server cannot take connections right now; reconnect"))
+            return
         self.session = AgentSession(opened.name, polled=False, candidates=candidates)
         self.connection_id = uuid.uuid4().hex
         self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,

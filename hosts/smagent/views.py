@@ -28,6 +28,7 @@ from hosts.smagent import enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession
+from sysmanage.hub import Hub
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,11 @@ async def poll(request: HttpRequest) -> JsonResponse:
         session, messages, max_wait = await _poll_request(request)
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
+    try:
+        await Hub.for_running_loop()  # handling publishes events through it
+    except Exception:
+        logger.exception("cannot reach the channel layer; a poll answered 503")
+        return _busy()
     replies, proven = await _handle_polled(session, messages)
     commands: list[dict[str, Any]] = []
     if session.verified:

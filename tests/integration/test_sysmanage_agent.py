@@ -358,6 +358,34 @@ async def test_expired_connection_token(launch_sqlite):
         await close_and_settle(d, agent)
 
 
+SAMPLES = [{"metric_id": "sysmanage-server.cpu_usage", "value": 12.5, "status": "ok"},
+           {"metric_id": "sysmanage-server.memory_usage", "value": 40.0, "status": "ok"}]
+
+
+@pytest.mark.parametrize("transport", ["socket", "poll"])
+async def test_metrics_are_the_first_message_a_fresh_server_handles(launch_sqlite, transport):
+    # Handling publishes through the process's hub, which must exist by then even when
+    # an agent's metric samples are the first thing the process ever handles.  (The
+    # server fails the test with its own traceback otherwise.)
+    with launch_sqlite(f"sysmanage-agent-fresh-{transport}") as d:
+        agent = FakeSysManageAgent(d.server.base_url, hostname("fresh"))
+        await register(agent)
+        await asyncio.to_thread(harness.manage_shell, d.env, (
+            "from hosts.smagent import enrollment; "
+            f"enrollment.registration_approve(registration_id='{agent.host_id}')"))
+        if transport == "socket":
+            await agent.connect()
+            await agent.send_acked("custom_metric_samples", {"samples": SAMPLES})
+        else:
+            await agent.poll([agent.poll_message("custom_metric_samples", {"samples": SAMPLES})])
+        history = await admin(d, "GET", f"/api/hosts/{agent.host_id}/metrics/")
+        assert history.status == 200, history
+        assert "12.5" in json.dumps(history.body), history.body
+        await agent.close()
+        # (a server started inside a test is not watched by the traceback check)
+        assert "Traceback" not in d.server.log(), d.server.log()[-5000:]
+
+
 async def test_origin_header_is_refused_at_the_handshake(deployment):
     agent = await enrolled(deployment, "origin")
     for origin in ("https://evil.example.com", deployment.server.base_url):
