@@ -198,12 +198,17 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
-# Failed logins within the window that lock an account (or, with the larger threshold,
-# an address) for LOGIN_LOCKOUT_SECONDS after the last failure.
+# Login lockout (activity/lockout.py): failures within the window lock an account for
+# one address, or (larger threshold) an address for every account, LOGIN_LOCKOUT_SECONDS;
+# an account failing from anywhere is slowed down (never locked), except at addresses it
+# logged in from within LOGIN_FAMILIAR_DAYS.
 LOGIN_LOCKOUT_THRESHOLD = env_int("LOGIN_LOCKOUT_THRESHOLD", 5)
 LOGIN_LOCKOUT_ADDRESS_THRESHOLD = env_int("LOGIN_LOCKOUT_ADDRESS_THRESHOLD", 20)
 LOGIN_LOCKOUT_WINDOW_SECONDS = env_int("LOGIN_LOCKOUT_WINDOW_SECONDS", 900)
 LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900)
+LOGIN_THROTTLE_THRESHOLD = env_int("LOGIN_THROTTLE_THRESHOLD", 10)
+LOGIN_THROTTLE_MAX_SECONDS = env_int("LOGIN_THROTTLE_MAX_SECONDS", 60)
+LOGIN_FAMILIAR_DAYS = env_int("LOGIN_FAMILIAR_DAYS", 30)
 
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_TTL_SECONDS", 900)),
