@@ -23,6 +23,7 @@ from activity.lockout import LoginRefusal, login_attempt_end, login_attempt_star
 from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
+from sysmanage.api_input import query_filters
 
 
 class IsStaff(permissions.BasePermission):
@@ -47,6 +48,17 @@ class UserActivitySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class ActivityFilters(serializers.Serializer):
+    """``GET /api/activity/`` filters."""
+
+    user = serializers.UUIDField(required=False)
+    username = serializers.CharField(max_length=150, required=False)
+    action = serializers.CharField(max_length=50, required=False)
+    ip_address = serializers.IPAddressField(required=False)
+    since = serializers.DateTimeField(required=False)
+    until = serializers.DateTimeField(required=False)
+
+
 class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
     """User activity, newest first.
 
@@ -59,13 +71,13 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Activity narrowed by the query parameters."""
+        filters = query_filters(self.request, ActivityFilters)
         queryset = UserActivity.objects.select_related("user")
-        params = self.request.query_params
         for param, field in (("user", "user_id"), ("username", "username"),
                              ("action", "action"), ("ip_address", "ip_address"),
                              ("since", "timestamp__gte"), ("until", "timestamp__lt")):
-            if params.get(param):
-                queryset = queryset.filter(**{field: params[param]})
+            if param in filters:
+                queryset = queryset.filter(**{field: filters[param]})
         return queryset
 
 

@@ -53,9 +53,10 @@ def login_username_normalize(raw: Any) -> str | None:
 
     NFKC, then surrounding whitespace removed: what Django's login forms do to the
     username before authenticating, applied to the token endpoint too.  Lookups of
-    the user model stay exact (case-sensitive) on this string.
+    the user model stay exact (case-sensitive) on this string.  A name with a NUL
+    character is none (Django's forms refuse it too).
     """
-    if not isinstance(raw, str):
+    if not isinstance(raw, str) or "\x00" in raw:  # no database stores NUL in text
         return None
     return unicodedata.normalize("NFKC", raw).strip() or None
 

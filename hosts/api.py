@@ -15,14 +15,26 @@ from hosts import selectors
 from hosts.models import (
     AgentRegistration,
     CommandExecution,
+    ExecutionStatus,
     Host,
     HostInventory,
+    HostStatus,
+    OperationStatus,
     PackageOperation,
     RegistrationKey,
+    RegistrationStatus,
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
+from sysmanage.api_input import query_filters
 from sysmanage.audit import request_actor
+
+
+class HostFilters(serializers.Serializer):
+    """``GET /api/hosts/`` filters."""
+
+    search = serializers.CharField(max_length=255, required=False)
+    status = serializers.ChoiceField(choices=HostStatus.choices, required=False)
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -45,8 +57,8 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Hosts narrowed by the query parameters."""
-        params = self.request.query_params
-        return selectors.host_list(search=params.get("search"), status=params.get("status"))
+        filters = query_filters(self.request, HostFilters)
+        return selectors.host_list(search=filters.get("search"), status=filters.get("status"))
 
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str | None = None) -> Response:
@@ -102,6 +114,13 @@ class CommandExecutionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class CommandFilters(serializers.Serializer):
+    """``GET /api/commands/`` filters."""
+
+    host = serializers.UUIDField(required=False)
+    status = serializers.ChoiceField(choices=ExecutionStatus.choices, required=False)
+
+
 class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
     """Command executions, newest first; ``?host=`` and ``?status=`` filter."""
 
@@ -109,12 +128,12 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Executions narrowed by the query parameters."""
+        filters = query_filters(self.request, CommandFilters)
         queryset = CommandExecution.objects.select_related("host", "requested_by")
-        params = self.request.query_params
-        if params.get("host"):
-            queryset = queryset.filter(host_id=params["host"])
-        if params.get("status"):
-            queryset = queryset.filter(status=params["status"])
+        if "host" in filters:
+            queryset = queryset.filter(host_id=filters["host"])
+        if "status" in filters:
+            queryset = queryset.filter(status=filters["status"])
         return queryset
 
 
@@ -134,6 +153,13 @@ class PackageOperationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class PackageOperationFilters(serializers.Serializer):
+    """``GET /api/package-operations/`` filters."""
+
+    host = serializers.UUIDField(required=False)
+    status = serializers.ChoiceField(choices=OperationStatus.choices, required=False)
+
+
 class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
     """Package operations, newest first; ``?host=`` and ``?status=`` filter."""
 
@@ -141,15 +167,13 @@ class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Operations narrowed by the query parameters."""
+        filters = query_filters(self.request, PackageOperationFilters)
         queryset = PackageOperation.objects.select_related("host", "requested_by")
-        params = self.request.query_params
-        if params.get("host"):
-            queryset = queryset.filter(host_id=params["host"])
-        if params.get("status"):
-            queryset = queryset.filter(status=params["status"])
+        if "host" in filters:
+            queryset = queryset.filter(host_id=filters["host"])
+        if "status" in filters:
+            queryset = queryset.filter(status=filters["status"])
         return queryset
-
-
 
 
 class AgentRegistrationSerializer(serializers.ModelSerializer):
@@ -166,6 +190,12 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class RegistrationFilters(serializers.Serializer):
+    """``GET /api/registrations/`` filters."""
+
+    status = serializers.ChoiceField(choices=RegistrationStatus.choices, required=False)
+
+
 class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
     """SysManage agent registrations (staff only); ``?status=pending`` lists those
     waiting.  ``POST …/approve/`` creates the host; ``POST …/reject/`` refuses it."""
@@ -175,9 +205,10 @@ class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Registrations, newest first, narrowed by ``?status=``."""
+        filters = query_filters(self.request, RegistrationFilters)
         rows = AgentRegistration.objects.select_related("key", "decided_by")
-        if self.request.query_params.get("status"):
-            rows = rows.filter(status=self.request.query_params["status"])
+        if "status" in filters:
+            rows = rows.filter(status=filters["status"])
         return rows
 
     def _decide(self, request: Request, decide: Any) -> Response:

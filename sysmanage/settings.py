@@ -228,9 +228,19 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "sysmanage.pagination.CappedLimitOffsetPagination",
     "PAGE_SIZE": 100,
+    "DEFAULT_PARSER_CLASSES": [
+        "sysmanage.api_input.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "EXCEPTION_HANDLER": "sysmanage.api_input.api_exception_handler",
 }
+# Request limits of the REST API: the most items one page of a list may hold (?limit=
+# beyond it gets this many), and how deep a JSON body may nest.
+API_MAX_PAGE_SIZE = env_int("API_MAX_PAGE_SIZE", 500)
+API_MAX_JSON_DEPTH = env_int("API_MAX_JSON_DEPTH", 64)
 SPECTACULAR_SETTINGS = {
     "TITLE": "SysManage server API",
     "DESCRIPTION": "REST API of the SysManage fleet-management server. "

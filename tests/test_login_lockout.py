@@ -58,6 +58,7 @@ def test_non_strings_and_blank_names_are_no_username():
     assert login_username_normalize(123) is None
     assert login_username_normalize(["alice"]) is None
     assert login_username_normalize(" \t\n") is None
+    assert login_username_normalize("ali\x00ce") is None
 
 
 def test_ipv6_addresses_count_by_their_64_and_mapped_ipv4_as_ipv4():
@@ -122,7 +123,8 @@ def test_a_right_password_clears_its_pairs_failures(settings, make_user):
 def test_malformed_login_bodies_are_400_and_check_no_password(make_user):
     make_user("alice")
     for body in ({"username": 123, "password": PASSWORD}, {"username": ["alice"]},
-                 {"username": "  ", "password": "x"}, ["alice", PASSWORD]):
+                 {"username": "  ", "password": "x"}, ["alice", PASSWORD],
+                 {"username": "ali\x00ce", "password": PASSWORD}):
         response = APIClient().post("/api/token/", body, format="json")
         assert response.status_code == 400, (body, response.data)
         assert isinstance(response.data["detail"], str) or response.data
