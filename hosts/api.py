@@ -121,14 +121,45 @@ class CommandFilters(serializers.Serializer):
     status = serializers.ChoiceField(choices=ExecutionStatus.choices, required=False)
 
 
-class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Command executions, newest first; ``?host=`` and ``?status=`` filter."""
+class CommandExecutionListSerializer(serializers.ModelSerializer):
+    """A command in a list: the size and first characters of its output and errors
+    (``GET /api/commands/<id>/`` has them whole)."""
 
-    serializer_class = CommandExecutionSerializer
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+    stdout_length = serializers.IntegerField(read_only=True)
+    stderr_length = serializers.IntegerField(read_only=True)
+    stdout_preview = serializers.CharField(read_only=True)
+    stderr_preview = serializers.CharField(read_only=True)
+    error = serializers.CharField(source="error_text", read_only=True)
+
+    class Meta:
+        model = CommandExecution
+        fields = [
+            "id", "host", "hostname", "command", "timeout", "status", "exit_code",
+            "stdout_length", "stderr_length", "stdout_preview", "stderr_preview",
+            "execution_time", "error", "requested_by", "created_at", "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Lists
+    carry each output's length and first 200 characters; one execution, the whole."""
+
+    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+        """Outputs whole for one execution, in short for a list."""
+        return (CommandExecutionListSerializer if self.action == "list"
+                else CommandExecutionSerializer)
 
     def get_queryset(self) -> Any:
         """Executions narrowed by the query parameters."""
         filters = query_filters(self.request, CommandFilters)
+        if self.action == "list":
+            return selectors.command_list(host_id=filters.get("host"),
+                                          status=filters.get("status"))
         queryset = CommandExecution.objects.select_related("host", "requested_by")
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])
@@ -160,14 +191,41 @@ class PackageOperationFilters(serializers.Serializer):
     status = serializers.ChoiceField(choices=OperationStatus.choices, required=False)
 
 
-class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
-    """Package operations, newest first; ``?host=`` and ``?status=`` filter."""
+class PackageOperationListSerializer(serializers.ModelSerializer):
+    """A package operation in a list: the size and first characters of its output
+    (``GET /api/package-operations/<id>/`` has it whole)."""
 
-    serializer_class = PackageOperationSerializer
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+    output_length = serializers.IntegerField(read_only=True)
+    output_preview = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = PackageOperation
+        fields = [
+            "id", "host", "hostname", "operation", "package", "status", "progress", "message",
+            "output_length", "output_preview", "requested_by", "created_at", "updated_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
+    """Package operations, newest first; ``?host=`` and ``?status=`` filter.  Lists
+    carry the output's length and first 200 characters; one operation, the whole."""
+
+    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+        """Output whole for one operation, in short for a list."""
+        return (PackageOperationListSerializer if self.action == "list"
+                else PackageOperationSerializer)
 
     def get_queryset(self) -> Any:
         """Operations narrowed by the query parameters."""
         filters = query_filters(self.request, PackageOperationFilters)
+        if self.action == "list":
+            return selectors.package_operation_list(host_id=filters.get("host"),
+                                                    status=filters.get("status"))
         queryset = PackageOperation.objects.select_related("host", "requested_by")
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])

@@ -122,3 +122,27 @@ def test_field_errors_gain_a_detail_and_keep_their_keys(staff):
 def test_non_uuid_alert_actions_are_404_not_500(staff):
     for action in ("acknowledge", "resolve"):
         assert staff.post(f"/api/alerts/abc/{action}/").status_code == 404
+
+
+def test_lists_carry_outputs_in_short_and_one_item_whole(staff):
+    host = host_services.host_create(hostname="web-01")
+    big = "x" * 300_000 + "END"
+    execution = host_services.command_create(host=host, command="cat big", timeout=5,
+                                             user=None)
+    host_services.command_finish(execution=execution, status="completed", exit_code=0,
+                                 stdout=big, stderr="warn", error="e" * 5000)
+    operation = host_services.package_operation_create(host=host, operation="install",
+                                                       package="nginx", user=None)
+    host_services.package_operation_update(operation=operation, status="completed",
+                                           progress=100, output=big)
+    (listed,) = staff.get("/api/commands/").data["results"]
+    assert "stdout" not in listed and "stderr" not in listed
+    assert (listed["stdout_length"], listed["stderr_length"]) == (len(big), 4)
+    assert listed["stdout_preview"] == big[:200] and listed["stderr_preview"] == "warn"
+    assert len(listed["error"]) == 1000
+    whole = staff.get(f"/api/commands/{execution.id}/").data
+    assert (whole["stdout"], len(whole["error"])) == (big, 5000)
+    (listed_op,) = staff.get("/api/package-operations/").data["results"]
+    assert "output" not in listed_op
+    assert (listed_op["output_length"], listed_op["output_preview"]) == (len(big), big[:200])
+    assert staff.get(f"/api/package-operations/{operation.id}/").data["output"] == big
