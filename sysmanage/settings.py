@@ -52,6 +52,33 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 VAR_DIR = Path(env("SYSMANAGE_VAR_DIR", str(BASE_DIR / "var")) or BASE_DIR / "var")
 
 
+def _private_dir(path: Path) -> None:
+    """Create ``path`` for this user only (0700), or make an existing one so.
+
+    ``var/`` holds the secret key, the SQLite database and the admin password; created
+    under the usual umask it was 0755, readable by every local user.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(OSError):  # another user's directory, a read-only mount: leave it
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+
+
+def _private_sqlite_file(name: str) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would follow the
+    umask, 0644), or make an existing one and its journal files so."""
+    with suppress(FileExistsError):
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for path in (name, f"{name}-wal", f"{name}-shm", f"{name}-journal"):
+        with suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
+
+
+if VAR_DIR.exists():
+    _private_dir(VAR_DIR)
+
+
 def _local_secret_key() -> str:
     """A random key kept in VAR_DIR, so a first run is safe without configuration.
 
@@ -59,7 +86,7 @@ def _local_secret_key() -> str:
     """
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        _private_dir(VAR_DIR)
         with suppress(FileExistsError):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -158,7 +185,10 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
          "transaction_mode": "IMMEDIATE"}
     )
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
-        Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+        _database_dir = Path(DATABASES["default"]["NAME"]).parent
+        if _database_dir == VAR_DIR or not _database_dir.exists():
+            _private_dir(_database_dir)
+        _private_sqlite_file(str(DATABASES["default"]["NAME"]))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer ------------------------------------------------------------
@@ -339,6 +369,11 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     "loggers": {
+        # Django's own configuration gives these loggers handlers of their own, without
+        # the redacting filter (the console one in DEBUG); route them through ours.
+        "django": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO"),
+                   "propagate": False},
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.channels.server": {"level": "INFO"},
         "daphne": {"level": "WARNING"},
     },

@@ -9,18 +9,28 @@ loopback): each test fails if the hole it closes opens again.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.cookiejar
+import os
 import re
+import signal
+import socket
+import stat
+import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration import harness
-from tests.integration.client import HttpResponse, http_request, opener_from
+from tests.integration.client import HttpResponse, http_request, opener_from, ws_connect
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +229,136 @@ def test_a_burst_split_across_two_servers_is_evaluated_no_further_than_the_limit
     assert set(statuses) <= {401, 429}, statuses
     assert statuses[401] <= 5, statuses  # LOGIN_LOCKOUT_THRESHOLD's default
     assert failures_recorded(pg_redis_cluster, "doomed") == statuses[401]
+
+
+# -- the server started as scripts/serve starts it -----------------------------------------
+
+
+@dataclass
+class ServeScript:
+    """``scripts/serve`` running on a port of its own with a fresh ``SYSMANAGE_VAR_DIR``,
+    its stdout and stderr going to ``output``."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    var_dir: Path
+    output: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (the script stops Daphne), then SIGKILL."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _usual_umask() -> None:
+    """In the child: the umask most systems give users (what left var/ 0755 before)."""
+    os.umask(0o022)
+    os.setsid()
+
+
+@pytest.fixture(scope="module")
+def serve_script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeScript]:
+    """``scripts/serve`` as a person runs it (DEMO=0), on a var/ it creates itself."""
+    work = tmp_path_factory.mktemp("serve-script")
+    work.chmod(0o755)
+    port = _free_port()
+    env = harness.server_env(SYSMANAGE_VAR_DIR=str(work / "var"), PORT=str(port),
+                             HOST="127.0.0.1", DEMO="0", **harness.COMMON_SETTINGS)
+    output = work / "serve.log"
+    with output.open("wb") as sink:
+        process = subprocess.Popen([str(harness.REPO_ROOT / "scripts" / "serve")],
+                                   cwd=harness.REPO_ROOT, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT, preexec_fn=_usual_umask)
+    served = ServeScript(process, port, work / "var", output)
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(served.base_url):
+            assert process.poll() is None, f"scripts/serve exited:\n{served.text()}"
+            assert time.monotonic() < deadline, f"scripts/serve never served:\n{served.text()}"
+            time.sleep(0.2)
+        yield served
+    finally:
+        served.stop()
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        return harness.http_get(f"{base_url}/healthz", timeout=1.0) == (200, "ok")
+    except OSError:
+        return False
+
+
+def _raw_http(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is (bytes no client library would send); return the
+    answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_var_dir_and_database_are_private_to_the_server_user(serve_script):
+    var = serve_script.var_dir
+    assert stat.S_IMODE(var.stat().st_mode) == 0o700
+    files = {path.name: stat.S_IMODE(path.stat().st_mode) for path in var.iterdir()}
+    assert {"sysmanage.sqlite3", "secret_key", "admin-password"} <= files.keys(), files
+    assert all(mode == 0o600 for mode in files.values()), files
+
+
+async def test_no_token_reaches_the_log_of_a_server_run_by_scripts_serve(serve_script):
+    secrets_sent = {name: f"{name}-{uuid.uuid4().hex}" for name in (
+        "http-ws", "agent-ws", "bad-path", "bad-query", "drf-400", "encoded", "upper",
+        "access", "not-found", "bad-host")}
+    base, port = serve_script.base_url, serve_script.port
+    # /ws?token= as plain HTTP (no upgrade): Django answers 404
+    assert http_request("GET", f"{base}/ws?token={secrets_sent['http-ws']}").status == 404
+    # a WebSocket to the SysManage agents' endpoint with a (bad) connection token
+    with contextlib.suppress(Exception):
+        async with ws_connect(f"ws://127.0.0.1:{port}/api/agent/connect"
+                              f"?token={secrets_sent['agent-ws']}") as ws:
+            await ws.expect_closed()
+    # request lines Daphne itself refuses (400) before any application code runs
+    for raw in (f"GET /\xff?token={secrets_sent['bad-path']} HTTP/1.1",
+                f"GET /api/hosts/?token={secrets_sent['bad-query']}\xff HTTP/1.1"):
+        answer = _raw_http(port, raw.encode("latin-1") + b"\r\nHost: 127.0.0.1\r\n"
+                           b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    # Django and DRF refusals that log their own warnings
+    assert http_request("GET", f"{base}/api/hosts/?limit=x&token={secrets_sent['drf-400']}"
+                        ).status in (400, 401)
+    assert http_request("GET", f"{base}/nowhere/?token={secrets_sent['not-found']}"
+                        ).status == 404
+    assert http_request("GET", f"{base}/?token={secrets_sent['bad-host']}",
+                        headers={"Host": "evil.example"}).status == 400
+    # spellings of the parameter Django decodes as "token", and other credential names
+    for query in (f"t%6Fken={secrets_sent['encoded']}", f"TOKEN={secrets_sent['upper']}",
+                  f"access_token={secrets_sent['access']}"):
+        assert http_request("GET", f"{base}/ws?{query}").status == 404
+    await asyncio.sleep(0.5)  # the last access-log lines
+    serve_script.stop()
+    text = serve_script.text()
+    leaked = [name for name, secret in secrets_sent.items() if secret in text]
+    assert not leaked, f"secrets in the output: {leaked}\n{text[-5000:]}"
+    # and the requests were logged (redacted), so the test saw a working access log
+    assert '"GET /ws?token=[redacted]" 404' in text, text[-5000:]
+    assert "/api/agent/connect" in text, text[-5000:]
