@@ -124,6 +124,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "sysmanage.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -277,6 +278,14 @@ SPECTACULAR_SETTINGS = {
     "The live WebSocket API is at /ws; see docs/websocket-protocol.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several models have a "status" of their own values: name each set of values.
+    "ENUM_NAME_OVERRIDES": {
+        "HostStatusEnum": "hosts.models.HostStatus",
+        "ExecutionStatusEnum": "hosts.models.ExecutionStatus",
+        "OperationStatusEnum": "hosts.models.OperationStatus",
+        "RegistrationStatusEnum": "hosts.models.RegistrationStatus",
+        "AlertStatusEnum": "alerts.models.AlertStatus",
+    },
 }
 
 # --- WebSocket protocol limits --------------------------------------------------
@@ -352,6 +361,24 @@ SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# --- HTTPS behind a proxy (docs/configuration.md, "Production mode") ---------------
+# The proxy terminates TLS and says so in X-Forwarded-Proto: trust that header only when
+# told to (clients must not be able to reach the server around the proxy).  Without it,
+# behind a TLS proxy request.is_secure() was false and /api/agent/auth answered ws://.
+if env_bool("DJANGO_TRUST_PROXY_HEADERS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Production mode: HTTPS only.  Plain HTTP is redirected (except the health check, which
+# load balancers call directly), cookies are sent over HTTPS only, and browsers are told
+# to use HTTPS for a year (HSTS).
+if env_bool("DJANGO_SECURE", False):
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
 
 LOGGING = {
     "version": 1,

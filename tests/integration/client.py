@@ -284,10 +284,11 @@ class HttpResponse:
 
 def http_request(method: str, url: str, *, token: str | None = None, json_body: Any = None,
                  headers: dict[str, str] | None = None, opener: Any = None,
-                 form: dict[str, str] | None = None, timeout: float = 10.0) -> HttpResponse:
-    """One HTTP request; JSON bodies are decoded."""
+                 form: dict[str, str] | None = None, timeout: float = 10.0,
+                 raw_body: bytes | None = None) -> HttpResponse:
+    """One HTTP request (``raw_body`` is sent as it is); JSON bodies are decoded."""
     all_headers = {"Accept": "application/json", **(headers or {})}
-    data = None
+    data = raw_body
     if json_body is not None:
         data = json.dumps(json_body).encode()
         all_headers["Content-Type"] = "application/json"
