@@ -82,6 +82,7 @@ def address_key(ip_address: str | None) -> str:
 
 
 def _threshold(scope: str) -> int:
+    """The failures at which ``scope``'s counters lock (or slow down); 0: never."""
     return {PAIR: settings.LOGIN_LOCKOUT_THRESHOLD,
             ADDRESS: settings.LOGIN_LOCKOUT_ADDRESS_THRESHOLD,
             ACCOUNT: settings.LOGIN_THROTTLE_THRESHOLD}[scope]
@@ -132,6 +133,7 @@ def lockout_message(seconds: int, *, scope: str = PAIR) -> str:
 
 
 def _counter_keys(username: str, ip_address: str | None) -> list[tuple[str, str]]:
+    """The ``(scope, key)`` of every counter an attempt counts in, in locking order."""
     account, address = account_key(username), address_key(ip_address)
     keys = [(PAIR, f"{account}|{address}"[:255]), (ADDRESS, address), (ACCOUNT, account)]
     return sorted(key for key in keys if _threshold(key[0]) > 0)
@@ -193,16 +195,20 @@ def login_attempt_begin(*, username: str,
     now = timezone.now()
     with transaction.atomic():
         counters = _locked_counters(keys, now)
+        stored = {id(c): (c.failures, c.window_started, c.blocked_until) for c in counters}
         for counter in counters:
             _expire(counter, now)
         refusal = _refusal(counters, now, familiar=familiar)
-        blocks = {}
+        blocks: dict[tuple[str, str], tuple[datetime | None, datetime | None]] = {}
         for counter in counters:
             if refusal is None:
                 before = counter.blocked_until
                 _reserve(counter, now)
                 blocks[(counter.scope, counter.key)] = (counter.blocked_until, before)
-            counter.save(update_fields=["failures", "window_started", "blocked_until"])
+            # Refused attempts usually change nothing: no write for them under a flood.
+            if stored[id(counter)] != (counter.failures, counter.window_started,
+                                       counter.blocked_until):
+                counter.save(update_fields=["failures", "window_started", "blocked_until"])
     return refusal or LoginAttempt(username=username, counters=tuple(keys), blocks=blocks)
 
 

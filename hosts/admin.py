@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from hosts import services
@@ -113,6 +114,10 @@ class CommandExecutionAdmin(ReadOnlyAdmin):
     list_filter = ("status",)
     search_fields = ("command", "host__hostname")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[CommandExecution]:
+        """Outputs (up to 512 Ki characters each) are read only when a page shows them."""
+        return super().get_queryset(request).defer("stdout", "stderr")
+
 
 @admin.register(PackageOperation)
 class PackageOperationAdmin(ReadOnlyAdmin):
@@ -121,6 +126,10 @@ class PackageOperationAdmin(ReadOnlyAdmin):
     list_display = ("operation", "package", "host", "status", "progress", "created_at")
     list_filter = ("status", "operation")
     search_fields = ("package", "host__hostname")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PackageOperation]:
+        """The output (up to 512 Ki characters) is read only when a page shows it."""
+        return super().get_queryset(request).defer("output")
 
 
 @admin.register(AgentRegistration)

@@ -32,11 +32,14 @@ _PATTERNS = [
 
 
 def _sensitive(name: str) -> bool:
+    """Whether parameter ``name`` (as it appears, percent-encoded or not) names a
+    credential."""
     decoded = unquote_plus(name).lower()
     return any(word in decoded for word in SENSITIVE_NAMES)
 
 
 def _redact_parameter(match: re.Match[str]) -> str:
+    """One ``name=value`` pair, its value replaced if the name is a credential's."""
     if not match.group("value") or not _sensitive(match.group("name")):
         return match.group(0)
     return f"{match.group('lead')}{match.group('name')}=[redacted]"
