@@ -452,6 +452,17 @@ def test_other_malformed_requests_found_by_fuzzing_are_4xx(http_server):
         assert answer.body["detail"], answer.body
 
 
+@pytest.mark.postgres_redis
+def test_a_login_name_with_nul_is_400_on_postgresql(pg_redis_cluster):
+    # PostgreSQL stores no NUL in text: the lockout's counter once sent it there (500).
+    answer = http_request("POST", f"{pg_redis_cluster.server.base_url}/api/token/",
+                          json_body={"username": "ad\x00min", "password": "x"})
+    assert answer.status == 400, answer
+    form = http_request("POST", f"{pg_redis_cluster.server.base_url}/api/token/",
+                        form={"username": "ad\x00min", "password": "x"})
+    assert form.status == 400, form
+
+
 # -- large outputs and page sizes ---------------------------------------------------------
 
 
