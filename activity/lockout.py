@@ -1,9 +1,11 @@
 """
 Limiting password guessing at every login (token endpoint, dashboard and admin forms).
 
-The design is django-axes' default, locking the *combination* of account and address
-(``AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]``), with OWASP's advice for
-what locks cannot cover:
+The design is django-axes' combination mode, locking the *combination* of account and
+address (``AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]``; axes' default locks
+the address alone), plus an address limit and, for attacks on one account from many
+addresses, the exponential delay the OWASP Authentication Cheat Sheet describes as the
+alternative to locking the account:
 
 * ``pair``: an account tried from one address is locked after
   ``LOGIN_LOCKOUT_THRESHOLD`` failures, for ``LOGIN_LOCKOUT_SECONDS``.  The owner, at
