@@ -1,4 +1,4 @@
-"""Admin of the activity log, read-only."""
+"""Admin of the activity log (read-only) and of the failed-login counters."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from activity.forms import LockoutAdminAuthenticationForm
-from activity.models import UserActivity
+from activity.models import LoginCounter, UserActivity
 from sysmanage import permissions
 
 # Session logins (admin, dashboards) refuse locked-out accounts and addresses.
@@ -34,4 +34,20 @@ class UserActivityAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(LoginCounter)
+class LoginCounterAdmin(admin.ModelAdmin):
+    """Failed-login counters (``activity/lockout.py``): deleting one lifts its lock or
+    slow-down at once, e.g. for an owner locked out at their own address."""
+
+    list_display = ("scope", "key", "failures", "window_started", "blocked_until")
+    list_filter = ("scope",)
+    search_fields = ("key",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

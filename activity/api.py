@@ -2,18 +2,29 @@
 endpoints that record logins."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from rest_framework import permissions, serializers, viewsets
+from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.serializers import TokenRefreshSerializer
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
-from rest_framework_simplejwt.views import TokenBlacklistView, TokenObtainPairView
+from rest_framework_simplejwt.views import (
+    TokenBlacklistView,
+    TokenObtainPairView,
+    TokenRefreshView,
+)
 
-from activity.lockout import lockout_message, lockout_remaining
+from activity.lockout import LoginRefusal, login_attempt_end, login_attempt_start
 from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
+from sysmanage.api_input import query_filters
 
 
 class UserActivitySerializer(serializers.ModelSerializer):
@@ -26,6 +37,17 @@ class UserActivitySerializer(serializers.ModelSerializer):
         fields = ["id", "user_id", "username", "action", "ip_address", "user_agent",
                   "timestamp", "details"]
         read_only_fields = fields
+
+
+class ActivityFilters(serializers.Serializer):
+    """``GET /api/activity/`` filters."""
+
+    user = serializers.UUIDField(required=False)
+    username = serializers.CharField(max_length=150, required=False)
+    action = serializers.CharField(max_length=50, required=False)
+    ip_address = serializers.IPAddressField(required=False)
+    since = serializers.DateTimeField(required=False)
+    until = serializers.DateTimeField(required=False)
 
 
 class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
@@ -41,13 +63,13 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Activity narrowed by the query parameters."""
+        filters = query_filters(self.request, ActivityFilters)
         queryset = UserActivity.objects.select_related("user")
-        params = self.request.query_params
         for param, field in (("user", "user_id"), ("username", "username"),
                              ("action", "action"), ("ip_address", "ip_address"),
                              ("since", "timestamp__gte"), ("until", "timestamp__lt")):
-            if params.get(param):
-                queryset = queryset.filter(**{field: params[param]})
+            if param in filters:
+                queryset = queryset.filter(**{field: filters[param]})
         return queryset
 
 
@@ -55,27 +77,62 @@ class LoginTokenView(TokenObtainPairView):
     """``POST /api/token/``: username and password in, access and refresh tokens out."""
 
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        """Refuse locked-out logins, else issue tokens and record the login."""
-        ip, _ = request_origin(request)
-        username = request.data.get("username") if hasattr(request.data, "get") else None
-        remaining = lockout_remaining(username=str(username or "") or None, ip_address=ip)
-        if remaining:
-            activity_record(action="login_locked", username=str(username or "")[:150],
-                            ip_address=ip, user_agent=request_origin(request)[1],
-                            details={"via": "token", "retry_after": remaining})
-            return Response({"detail": lockout_message(remaining), "code": "login_locked",
-                             "retry_after": remaining}, status=429,
-                            headers={"Retry-After": str(remaining)})
-        response = super().post(request, *args, **kwargs)
-        if response.status_code == 200:
-            user_id = RefreshToken(response.data["refresh"]).payload.get("user_id")
-            from django.contrib.auth import get_user_model
+        """Refuse locked-out logins, else check the password, issue tokens and record
+        the login.  The username is normalized once, for the lockout and the check."""
+        data = request.data if isinstance(request.data, Mapping) else {}
+        attempt = login_attempt_start(request=request, raw_username=data.get("username"),
+                                      via="token")
+        if isinstance(attempt, LoginRefusal):
+            return Response({"detail": attempt.message, "code": attempt.code,
+                             "retry_after": attempt.retry_after}, status=429,
+                            headers={"Retry-After": str(attempt.retry_after)})
+        if attempt is None:  # checked no further: nothing may reach a password check
+            return Response({"detail": "Send a username (a non-empty string) and a "
+                                       "password.", "code": "invalid_credentials"},
+                            status=400)
+        serializer = self.get_serializer(data={**data, "username": attempt.username})
+        try:
+            serializer.is_valid(raise_exception=True)
+        except AuthenticationFailed:
+            login_attempt_end(attempt, outcome="failed")
+            raise
+        except (ValidationError, TokenError):
+            login_attempt_end(attempt, outcome="not_checked")
+            raise
+        login_attempt_end(attempt, outcome="succeeded")
+        self._record_login(request, serializer.validated_data["refresh"])
+        return Response(serializer.validated_data, status=200)
 
-            user = get_user_model().objects.get(pk=user_id)
-            ip, agent = request_origin(request)
-            activity_record(action="login", user=user, ip_address=ip, user_agent=agent,
-                            details={"via": "token"})
-        return response
+    @staticmethod
+    def _record_login(request: Request, refresh: str) -> None:
+        user_id = RefreshToken(refresh).payload.get("user_id")
+        user = get_user_model().objects.get(pk=user_id)
+        ip, agent = request_origin(request)
+        activity_record(action="login", user=user, ip_address=ip, user_agent=agent,
+                        details={"via": "token"})
+
+
+class RefreshTokenSerializer(TokenRefreshSerializer):
+    """simplejwt's refresh, answering 401 (not a server error) for a refresh token whose
+    user was deleted or deactivated since."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
+        """Check the token's user still exists and is active before rotating it."""
+        user_id = RefreshToken(attrs["refresh"]).payload.get(
+            jwt_settings.USER_ID_CLAIM)
+        user = get_user_model().objects.filter(
+            **{jwt_settings.USER_ID_FIELD: user_id}).first() if user_id else None
+        if user is None or not jwt_settings.USER_AUTHENTICATION_RULE(user):
+            raise AuthenticationFailed(self.error_messages["no_active_account"],
+                                       "no_active_account")
+        return super().validate(attrs)
+
+
+class RefreshTokenView(TokenRefreshView):
+    """``POST /api/token/refresh/``: a refresh token in, new access and refresh tokens
+    out (the old refresh token is blacklisted)."""
+
+    serializer_class = RefreshTokenSerializer
 
 
 class LogoutTokenView(TokenBlacklistView):
@@ -90,8 +147,6 @@ class LogoutTokenView(TokenBlacklistView):
             user_id = None
         response = super().post(request, *args, **kwargs)
         if response.status_code == 200 and user_id:
-            from django.contrib.auth import get_user_model
-
             user = get_user_model().objects.filter(pk=user_id).first()
             ip, agent = request_origin(request)
             activity_record(action="logout", user=user, ip_address=ip, user_agent=agent,

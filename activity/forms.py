@@ -7,37 +7,46 @@ from django import forms
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
 
-from activity.lockout import lockout_message, lockout_remaining
-from activity.services import activity_record, request_origin
+from activity.lockout import (
+    LoginRefusal,
+    login_attempt_end,
+    login_attempt_start,
+    login_username_normalize,
+)
 
 
 class LockoutMixin:
-    """Refuse locked-out accounts and addresses before any password is checked.
+    """Count the attempt, and refuse locked-out ones, before any password is checked.
 
-    Mixed into an ``AuthenticationForm``: it reads the form's ``data`` and ``request``.
+    Mixed into an ``AuthenticationForm``: it reads the form's ``cleaned_data`` and
+    ``request``, and authenticates with the username normalized as the lockout counts it.
     """
 
-    data: Any
+    cleaned_data: dict[str, Any]
     request: Any
-
-    def check_lockout(self) -> None:
-        """Raise a ``locked`` validation error while the account or address is locked.
-
-        The refusal is recorded (``login_locked``), as the token endpoint records it.
-        """
-        username = str(self.data.get("username") or "")
-        ip_address, user_agent = request_origin(self.request)
-        remaining = lockout_remaining(username=username or None, ip_address=ip_address)
-        if remaining:
-            activity_record(action="login_locked", username=username[:150],
-                            ip_address=ip_address, user_agent=user_agent,
-                            details={"via": "session", "retry_after": remaining})
-            raise forms.ValidationError(lockout_message(remaining), code="locked")
+    user_cache: Any
 
     def clean(self) -> dict[str, Any]:
-        """Check the lockout before the password."""
-        self.check_lockout()
-        return super().clean()  # type: ignore[misc]
+        """Gate the password check (Django's ``clean``) behind the lockout."""
+        username = login_username_normalize(self.cleaned_data.get("username"))
+        if username is None or not self.cleaned_data.get("password"):
+            return super().clean()  # type: ignore[misc]  # no password will be checked
+        self.cleaned_data["username"] = username
+        attempt = login_attempt_start(request=self.request, raw_username=username,
+                                      via="session")
+        if isinstance(attempt, LoginRefusal):
+            raise forms.ValidationError(attempt.message, code="locked")
+        assert attempt is not None
+        try:
+            cleaned = super().clean()  # type: ignore[misc]
+        except forms.ValidationError:
+            # A right password refused for another reason (an admin form and a user who
+            # is not staff) is no guess; a wrong one keeps its place as a failure.
+            right = self.user_cache is not None
+            login_attempt_end(attempt, outcome="succeeded" if right else "failed")
+            raise
+        login_attempt_end(attempt, outcome="succeeded")
+        return cleaned
 
 
 class LockoutAuthenticationForm(LockoutMixin, AuthenticationForm):

@@ -30,3 +30,30 @@ class UserActivity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username} {self.action}"
+
+
+class LoginCounter(models.Model):
+    """Failed logins counted under one key, updated atomically before a password check.
+
+    ``scope`` says what the key names: an account and the address it is tried from
+    (``pair``, locked after ``LOGIN_LOCKOUT_THRESHOLD`` failures), an address whatever
+    the account (``address``), or an account from anywhere (``account``, slowed down,
+    never locked).  ``failures`` counts attempts in flight too: an attempt reserves its
+    place before its password is checked and gives it back if the password was right.
+    """
+
+    scope = models.CharField(max_length=10)
+    key = models.CharField(max_length=255)
+    failures = models.PositiveIntegerField(default=0)
+    window_started = models.DateTimeField()
+    # pair and address: locked until then; account: no attempt from an unfamiliar
+    # address is checked before then.
+    blocked_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "key"],
+                                               name="login_counter_scope_key")]
+        indexes = [models.Index(fields=["window_started"])]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key}: {self.failures}"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.shortcuts import get_object_or_404
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
@@ -11,9 +10,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from alerts import selectors, services
-from alerts.models import Alert, Severity
+from alerts.models import Alert, AlertStatus, Severity
 from hosts.models import Host
 from sysmanage import permissions
+from sysmanage.api_input import CsvChoiceField, query_filters
 from sysmanage.audit import request_actor
 
 
@@ -42,8 +42,12 @@ class AlertRaiseSerializer(serializers.Serializer):
                                               allow_null=True)
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v for v in value.split(",") if v] if value else None
+class AlertFilters(serializers.Serializer):
+    """``GET /api/alerts/`` filters."""
+
+    severity = CsvChoiceField(choices=Severity.choices, required=False)
+    status = CsvChoiceField(choices=AlertStatus.choices, required=False)
+    host = serializers.UUIDField(required=False)
 
 
 class AlertViewSet(viewsets.ReadOnlyModelViewSet):
@@ -53,10 +57,11 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Alerts narrowed by the query parameters."""
-        params = self.request.query_params
-        return selectors.alert_list(severity=_csv(params.get("severity")),
-                                    status=_csv(params.get("status")),
-                                    host_id=params.get("host"))
+        filters = query_filters(self.request, AlertFilters)
+        host = filters.get("host")
+        return selectors.alert_list(severity=filters.get("severity") or None,
+                                    status=filters.get("status") or None,
+                                    host_id=str(host) if host else None)
 
     def _require(self, right: str) -> None:
         if not permissions.holds(self.request.user, right):
@@ -82,9 +87,10 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
 
     def _transition(self, service: Any, pk: str | None) -> Response:
         self._require("manage_alert")
-        get_object_or_404(Alert, pk=pk)
+        # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500).
+        alert_id = self.get_object().pk
         try:
-            alert = service(alert_id=pk, actor=request_actor(self.request))
+            alert = service(alert_id=alert_id, actor=request_actor(self.request))
         except services.AlertStateError as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(AlertSerializer(alert).data)

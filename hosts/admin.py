@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from hosts import services
@@ -156,6 +157,10 @@ class CommandExecutionAdmin(OutputHidingAdmin):
 
         return (command_text, *self.list_display[1:])
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[CommandExecution]:
+        """Outputs (up to 512 Ki characters each) are read only when a page shows them."""
+        return super().get_queryset(request).defer("stdout", "stderr")
+
 
 @admin.register(PackageOperation)
 class PackageOperationAdmin(OutputHidingAdmin):
@@ -165,6 +170,10 @@ class PackageOperationAdmin(OutputHidingAdmin):
     list_filter = ("status", "operation")
     search_fields = ("package", "host__hostname")
     private_fields = ("output",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PackageOperation]:
+        """The output (up to 512 Ki characters) is read only when a page shows it."""
+        return super().get_queryset(request).defer("output")
 
 
 @admin.register(AgentRegistration)

@@ -15,16 +15,28 @@ from hosts import selectors
 from hosts.models import (
     AgentRegistration,
     CommandExecution,
+    ExecutionStatus,
     Host,
     HostInventory,
+    HostStatus,
+    OperationStatus,
     PackageOperation,
     RegistrationKey,
+    RegistrationStatus,
 )
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
 from sysmanage import permissions
+from sysmanage.api_input import query_filters
 from sysmanage.audit import request_actor
 from sysmanage.permissions import RequiresRight
+
+
+class HostFilters(serializers.Serializer):
+    """``GET /api/hosts/`` filters."""
+
+    search = serializers.CharField(max_length=255, required=False)
+    status = serializers.ChoiceField(choices=HostStatus.choices, required=False)
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -47,8 +59,8 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Hosts narrowed by the query parameters."""
-        params = self.request.query_params
-        return selectors.host_list(search=params.get("search"), status=params.get("status"))
+        filters = query_filters(self.request, HostFilters)
+        return selectors.host_list(search=filters.get("search"), status=filters.get("status"))
 
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str | None = None) -> Response:
@@ -128,21 +140,63 @@ class CommandExecutionSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Every user
-    sees that a command ran; its text and output only the requester and holders of
-    ``hosts.view_command_output``."""
+class CommandFilters(serializers.Serializer):
+    """``GET /api/commands/`` filters."""
 
-    serializer_class = CommandExecutionSerializer
+    host = serializers.UUIDField(required=False)
+    status = serializers.ChoiceField(choices=ExecutionStatus.choices, required=False)
+
+
+class CommandExecutionListSerializer(OutputRedactingSerializer):
+    """A command in a list: the size and first characters of its output and errors
+    (``GET /api/commands/<id>/`` has them whole), for those who may see them."""
+
+    PRIVATE_FIELDS = ("command", "stdout_length", "stderr_length", "stdout_preview",
+                      "stderr_preview", "error")
+    redacted = serializers.BooleanField(read_only=True, default=False)
+
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+    stdout_length = serializers.IntegerField(read_only=True)
+    stderr_length = serializers.IntegerField(read_only=True)
+    stdout_preview = serializers.CharField(read_only=True)
+    stderr_preview = serializers.CharField(read_only=True)
+    error = serializers.CharField(source="error_text", read_only=True)
+
+    class Meta:
+        model = CommandExecution
+        fields = [
+            "id", "host", "hostname", "command", "timeout", "status", "exit_code",
+            "stdout_length", "stderr_length", "stdout_preview", "stderr_preview",
+            "execution_time", "error", "requested_by", "created_at", "started_at",
+            "finished_at", "redacted",
+        ]
+        read_only_fields = fields
+
+
+class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Lists
+    carry each output's length and first 200 characters; one execution, the whole.
+    Every user sees that a command ran; its text and output only the requester and
+    holders of ``hosts.view_command_output``."""
+
+    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+        """Outputs whole for one execution, in short for a list."""
+        return (CommandExecutionListSerializer if self.action == "list"
+                else CommandExecutionSerializer)
 
     def get_queryset(self) -> Any:
         """Executions narrowed by the query parameters."""
+        filters = query_filters(self.request, CommandFilters)
+        if self.action == "list":
+            return selectors.command_list(host_id=filters.get("host"),
+                                          status=filters.get("status"))
         queryset = CommandExecution.objects.select_related("host", "requested_by")
-        params = self.request.query_params
-        if params.get("host"):
-            queryset = queryset.filter(host_id=params["host"])
-        if params.get("status"):
-            queryset = queryset.filter(status=params["status"])
+        if "host" in filters:
+            queryset = queryset.filter(host_id=filters["host"])
+        if "status" in filters:
+            queryset = queryset.filter(status=filters["status"])
         return queryset
 
 
@@ -165,22 +219,57 @@ class PackageOperationSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
-    """Package operations, newest first; ``?host=`` and ``?status=`` filter."""
+class PackageOperationFilters(serializers.Serializer):
+    """``GET /api/package-operations/`` filters."""
 
-    serializer_class = PackageOperationSerializer
+    host = serializers.UUIDField(required=False)
+    status = serializers.ChoiceField(choices=OperationStatus.choices, required=False)
+
+
+class PackageOperationListSerializer(OutputRedactingSerializer):
+    """A package operation in a list: the size and first characters of its output
+    (``GET /api/package-operations/<id>/`` has it whole), for those who may see it."""
+
+    PRIVATE_FIELDS = ("output_length", "output_preview")
+    redacted = serializers.BooleanField(read_only=True, default=False)
+
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+    output_length = serializers.IntegerField(read_only=True)
+    output_preview = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = PackageOperation
+        fields = [
+            "id", "host", "hostname", "operation", "package", "status", "progress", "message",
+            "output_length", "output_preview", "requested_by", "created_at", "updated_at",
+            "finished_at", "redacted",
+        ]
+        read_only_fields = fields
+
+
+class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
+    """Package operations, newest first; ``?host=`` and ``?status=`` filter.  Lists
+    carry the output's length and first 200 characters; one operation, the whole."""
+
+    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+        """Output whole for one operation, in short for a list."""
+        return (PackageOperationListSerializer if self.action == "list"
+                else PackageOperationSerializer)
 
     def get_queryset(self) -> Any:
         """Operations narrowed by the query parameters."""
+        filters = query_filters(self.request, PackageOperationFilters)
+        if self.action == "list":
+            return selectors.package_operation_list(host_id=filters.get("host"),
+                                                    status=filters.get("status"))
         queryset = PackageOperation.objects.select_related("host", "requested_by")
-        params = self.request.query_params
-        if params.get("host"):
-            queryset = queryset.filter(host_id=params["host"])
-        if params.get("status"):
-            queryset = queryset.filter(status=params["status"])
+        if "host" in filters:
+            queryset = queryset.filter(host_id=filters["host"])
+        if "status" in filters:
+            queryset = queryset.filter(status=filters["status"])
         return queryset
-
-
 
 
 class AgentRegistrationSerializer(serializers.ModelSerializer):
@@ -198,6 +287,12 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class RegistrationFilters(serializers.Serializer):
+    """``GET /api/registrations/`` filters."""
+
+    status = serializers.ChoiceField(choices=RegistrationStatus.choices, required=False)
+
+
 class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
     """SysManage agent registrations (staff with ``hosts.view_agentregistration``);
     ``?status=pending`` lists those waiting.  ``POST …/approve/`` creates the host;
@@ -210,9 +305,10 @@ class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> Any:
         """Registrations, newest first, narrowed by ``?status=``."""
+        filters = query_filters(self.request, RegistrationFilters)
         rows = AgentRegistration.objects.select_related("key", "decided_by")
-        if self.request.query_params.get("status"):
-            rows = rows.filter(status=self.request.query_params["status"])
+        if "status" in filters:
+            rows = rows.filter(status=filters["status"])
         return rows
 
     def _decide(self, request: Request, decide: Any) -> Response:

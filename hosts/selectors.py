@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db.models import QuerySet
+from django.db.models.functions import Length, Substr
 
 from hosts.models import (
     AgentRegistration,
@@ -110,6 +111,45 @@ def command_event_data(execution_id: Any) -> dict[str, Any]:
         id=execution_id)
     return command_event(execution).data()
 
+
+
+#: Characters of each output a list item shows; the detail endpoint has the whole.
+LIST_PREVIEW_CHARS = 200
+#: Characters of a command's ``error`` a list item shows.
+LIST_ERROR_CHARS = 1000
+
+
+def command_list(*, host_id: Any = None, status: str | None = None
+                 ) -> QuerySet[CommandExecution]:
+    """Command executions, newest first, without their outputs: each carries
+    ``stdout_length``/``stderr_length`` and ``stdout_preview``/``stderr_preview``, and
+    ``error_text``, its error cut short.  Outputs run to 512 Ki characters each; a page
+    of them was hundreds of megabytes, read from the database whole."""
+    rows = CommandExecution.objects.select_related("host", "requested_by").defer(
+        "stdout", "stderr", "error").annotate(
+        stdout_length=Length("stdout"), stderr_length=Length("stderr"),
+        stdout_preview=Substr("stdout", 1, LIST_PREVIEW_CHARS),
+        stderr_preview=Substr("stderr", 1, LIST_PREVIEW_CHARS),
+        error_text=Substr("error", 1, LIST_ERROR_CHARS))
+    if host_id is not None:
+        rows = rows.filter(host_id=host_id)
+    if status:
+        rows = rows.filter(status=status)
+    return rows
+
+
+def package_operation_list(*, host_id: Any = None, status: str | None = None
+                           ) -> QuerySet[PackageOperation]:
+    """Package operations, newest first, without their output: each carries
+    ``output_length`` and ``output_preview`` instead."""
+    rows = PackageOperation.objects.select_related("host", "requested_by").defer(
+        "output").annotate(output_length=Length("output"),
+                           output_preview=Substr("output", 1, LIST_PREVIEW_CHARS))
+    if host_id is not None:
+        rows = rows.filter(host_id=host_id)
+    if status:
+        rows = rows.filter(status=status)
+    return rows
 
 
 def registration_pending_count() -> int:

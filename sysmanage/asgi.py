@@ -1,8 +1,11 @@
 """
-ASGI entry point: ``daphne sysmanage.asgi:application`` serves HTTP and WebSocket
-on one port.
+ASGI entry point: ``python -m sysmanage.serve sysmanage.asgi:application`` (Daphne with a
+redacting access log) serves HTTP and WebSocket on one port.
 """
+import logging
 import os
+import sys
+from pathlib import Path
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
@@ -22,6 +25,13 @@ from sysmanage.singleton import ensure_single_process_on_memory_layer  # noqa: E
 
 ensure_single_process_on_memory_layer()
 mark_server_process()
+
+if Path(sys.argv[0]).name == "daphne" or sys.argv[0].endswith(f"daphne{os.sep}__main__.py"):
+    # Plain daphne writes each request's URL to its access log as it came, tokens in
+    # query strings included; sysmanage.serve redacts them.
+    logging.getLogger("sysmanage").warning(
+        "Started by plain daphne, whose access log shows ?token= values: start the "
+        "server with `python -m sysmanage.serve` (same options) instead")
 
 application = ProtocolTypeRouter(
     {

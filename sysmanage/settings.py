@@ -52,6 +52,33 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 VAR_DIR = Path(env("SYSMANAGE_VAR_DIR", str(BASE_DIR / "var")) or BASE_DIR / "var")
 
 
+def _private_dir(path: Path) -> None:
+    """Create ``path`` for this user only (0700), or make an existing one so.
+
+    ``var/`` holds the secret key, the SQLite database and the admin password; created
+    under the usual umask it was 0755, readable by every local user.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(OSError):  # another user's directory, a read-only mount: leave it
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+
+
+def _private_sqlite_file(name: str) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would follow the
+    umask, 0644), or make an existing one and its journal files so."""
+    with suppress(FileExistsError):
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for path in (name, f"{name}-wal", f"{name}-shm", f"{name}-journal"):
+        with suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
+
+
+if VAR_DIR.exists():
+    _private_dir(VAR_DIR)
+
+
 def _local_secret_key() -> str:
     """A random key kept in VAR_DIR, so a first run is safe without configuration.
 
@@ -59,7 +86,7 @@ def _local_secret_key() -> str:
     """
     path = VAR_DIR / "secret_key"
     if not path.exists():
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        _private_dir(VAR_DIR)
         with suppress(FileExistsError):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -97,6 +124,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "sysmanage.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -158,7 +186,10 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
          "transaction_mode": "IMMEDIATE"}
     )
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
-        Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+        _database_dir = Path(DATABASES["default"]["NAME"]).parent
+        if _database_dir == VAR_DIR or not _database_dir.exists():
+            _private_dir(_database_dir)
+        _private_sqlite_file(str(DATABASES["default"]["NAME"]))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channel layer ------------------------------------------------------------
@@ -198,12 +229,17 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
-# Failed logins within the window that lock an account (or, with the larger threshold,
-# an address) for LOGIN_LOCKOUT_SECONDS after the last failure.
+# Login lockout (activity/lockout.py): failures within the window lock an account for
+# one address, or (larger threshold) an address for every account, LOGIN_LOCKOUT_SECONDS;
+# an account failing from anywhere is slowed down (never locked), except at addresses it
+# logged in from within LOGIN_FAMILIAR_DAYS.
 LOGIN_LOCKOUT_THRESHOLD = env_int("LOGIN_LOCKOUT_THRESHOLD", 5)
 LOGIN_LOCKOUT_ADDRESS_THRESHOLD = env_int("LOGIN_LOCKOUT_ADDRESS_THRESHOLD", 20)
 LOGIN_LOCKOUT_WINDOW_SECONDS = env_int("LOGIN_LOCKOUT_WINDOW_SECONDS", 900)
 LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900)
+LOGIN_THROTTLE_THRESHOLD = env_int("LOGIN_THROTTLE_THRESHOLD", 10)
+LOGIN_THROTTLE_MAX_SECONDS = env_int("LOGIN_THROTTLE_MAX_SECONDS", 60)
+LOGIN_FAMILIAR_DAYS = env_int("LOGIN_FAMILIAR_DAYS", 30)
 
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": timedelta(seconds=env_int("JWT_ACCESS_TTL_SECONDS", 900)),
@@ -228,15 +264,33 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "sysmanage.pagination.CappedLimitOffsetPagination",
     "PAGE_SIZE": 100,
+    "DEFAULT_PARSER_CLASSES": [
+        "sysmanage.api_input.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "EXCEPTION_HANDLER": "sysmanage.api_input.api_exception_handler",
 }
+# Request limits of the REST API: the most items one page of a list may hold (?limit=
+# beyond it gets this many), and how deep a JSON body may nest.
+API_MAX_PAGE_SIZE = env_int("API_MAX_PAGE_SIZE", 500)
+API_MAX_JSON_DEPTH = env_int("API_MAX_JSON_DEPTH", 64)
 SPECTACULAR_SETTINGS = {
     "TITLE": "SysManage server API",
     "DESCRIPTION": "REST API of the SysManage fleet-management server. "
     "The live WebSocket API is at /ws; see docs/websocket-protocol.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several models have a "status" of their own values: name each set of values.
+    "ENUM_NAME_OVERRIDES": {
+        "HostStatusEnum": "hosts.models.HostStatus",
+        "ExecutionStatusEnum": "hosts.models.ExecutionStatus",
+        "OperationStatusEnum": "hosts.models.OperationStatus",
+        "RegistrationStatusEnum": "hosts.models.RegistrationStatus",
+        "AlertStatusEnum": "alerts.models.AlertStatus",
+    },
 }
 
 # --- WebSocket protocol limits --------------------------------------------------
@@ -351,6 +405,24 @@ CSRF_COOKIE_SAMESITE = "Lax"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
+# --- HTTPS behind a proxy (docs/configuration.md, "Production mode") ---------------
+# The proxy terminates TLS and says so in X-Forwarded-Proto: trust that header only when
+# told to (clients must not be able to reach the server around the proxy).  Without it,
+# behind a TLS proxy request.is_secure() was false and /api/agent/auth answered ws://.
+if env_bool("DJANGO_TRUST_PROXY_HEADERS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Production mode: HTTPS only.  Plain HTTP is redirected (except the health check, which
+# load balancers call directly), cookies are sent over HTTPS only, and browsers are told
+# to use HTTPS for a year (HSTS).
+if env_bool("DJANGO_SECURE", False):
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -367,6 +439,11 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     "loggers": {
+        # Django's own configuration gives these loggers handlers of their own, without
+        # the redacting filter (the console one in DEBUG); route them through ours.
+        "django": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO"),
+                   "propagate": False},
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.channels.server": {"level": "INFO"},
         "daphne": {"level": "WARNING"},
     },

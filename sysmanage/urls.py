@@ -5,9 +5,13 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
-from rest_framework_simplejwt.views import TokenRefreshView
 
-from activity.api import LoginTokenView, LogoutTokenView, UserActivityViewSet
+from activity.api import (
+    LoginTokenView,
+    LogoutTokenView,
+    RefreshTokenView,
+    UserActivityViewSet,
+)
 from activity.views import ActivityView, DashboardLoginView, OverviewView
 from alerts.api import AlertViewSet
 from alerts.views import AlertListView
@@ -46,7 +50,7 @@ urlpatterns = [
     path("logout/", LogoutView.as_view(next_page="login"), name="logout"),
     path("admin/", admin.site.urls),
     path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
-    path("api/token/refresh/", TokenRefreshView.as_view(), name="token_refresh"),
+    path("api/token/refresh/", RefreshTokenView.as_view(), name="token_refresh"),
     path("api/token/logout/", LogoutTokenView.as_view(), name="token_logout"),
     # The SysManage agent's endpoints (docs/sysmanage-agent.md).
     path("api/host/register", sysmanage_agent.register, name="sysmanage-agent-register"),

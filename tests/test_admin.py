@@ -98,3 +98,26 @@ def test_rotating_a_token_in_the_admin_shows_it_once(admin_client,
     host.refresh_from_db()
     assert host.token_hash == ""
     assert UserActivity.objects.filter(action="host_token_revoked", username="root").exists()
+
+
+def test_command_and_operation_pages_show_outputs_read_lazily(admin_client):
+    from hosts import services as host_services
+
+    host = host_services.host_create(hostname="web-01")
+    execution = host_services.command_create(host=host, command="uptime", timeout=5, user=None)
+    host_services.command_finish(execution=execution, status="completed", exit_code=0,
+                                 stdout="lazy-output")
+    assert admin_client.get("/admin/hosts/commandexecution/").status_code == 200
+    page = admin_client.get(f"/admin/hosts/commandexecution/{execution.id}/change/")
+    assert b"lazy-output" in page.content
+
+
+def test_login_counters_can_be_deleted_to_lift_a_lock(admin_client):
+    from activity.lockout import login_attempt_begin
+    from activity.models import LoginCounter
+
+    login_attempt_begin(username="alice", ip_address="192.0.2.1")
+    counter = LoginCounter.objects.get(scope="pair")
+    assert admin_client.get("/admin/activity/logincounter/").status_code == 200
+    admin_client.post(f"/admin/activity/logincounter/{counter.pk}/delete/", {"post": "yes"})
+    assert not LoginCounter.objects.filter(scope="pair").exists()

@@ -98,3 +98,17 @@ def test_seed_demo_refuses_bad_arguments():
     for args in (["--hosts", "0"], ["--interval", "0"], ["--server", "ftp://x"]):
         with pytest.raises(CommandError):
             run("seed_demo", *args)
+
+
+def test_prune_removes_old_login_counters_but_not_live_locks():
+    from activity.models import LoginCounter
+
+    now = timezone.now()
+    LoginCounter.objects.create(scope="pair", key="old", failures=3,
+                                window_started=now - timedelta(days=40))
+    LoginCounter.objects.create(scope="pair", key="still-locked", failures=5,
+                                window_started=now - timedelta(days=40),
+                                blocked_until=now + timedelta(minutes=5))
+    LoginCounter.objects.create(scope="pair", key="recent", failures=1, window_started=now)
+    assert "Deleted 1 login counters" in run("prune_data", "--older-than", "30d")
+    assert set(LoginCounter.objects.values_list("key", flat=True)) == {"still-locked", "recent"}

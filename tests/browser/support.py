@@ -339,7 +339,7 @@ class FixedPortServer(harness.DaphneServer):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [harness.PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+            [harness.PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(self.port),
              "--application-close-timeout", "5", "sysmanage.asgi:application"],
             cwd=harness.REPO_ROOT, env=self.env, stdout=self._log_file,
             stderr=subprocess.STDOUT, start_new_session=True,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import http.client
 import http.cookiejar
 import itertools
 import json
@@ -251,6 +253,28 @@ async def handshake_status(url: str, **kwargs: Any) -> int:
 # -- HTTP ---------------------------------------------------------------------------------
 
 
+class _SourceAddressHandler(urllib.request.HTTPHandler):
+    """Plain HTTP from a chosen local address (any of 127.0.0.0/8 on loopback)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        connection = functools.partial(http.client.HTTPConnection,
+                                       source_address=(self.address, 0))
+        return self.do_open(connection, req)
+
+
+def opener_from(address: str, jar: http.cookiejar.CookieJar | None = None) -> Any:
+    """An opener whose connections come from ``address`` (e.g. ``127.0.0.7``): the
+    server sees another client address without trusting any proxy header."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), _SourceAddressHandler(address),
+        urllib.request.HTTPCookieProcessor(jar if jar is not None
+                                           else http.cookiejar.CookieJar()))
+
+
 @dataclass
 class HttpResponse:
     status: int
@@ -260,10 +284,11 @@ class HttpResponse:
 
 def http_request(method: str, url: str, *, token: str | None = None, json_body: Any = None,
                  headers: dict[str, str] | None = None, opener: Any = None,
-                 form: dict[str, str] | None = None, timeout: float = 10.0) -> HttpResponse:
-    """One HTTP request; JSON bodies are decoded."""
+                 form: dict[str, str] | None = None, timeout: float = 10.0,
+                 raw_body: bytes | None = None) -> HttpResponse:
+    """One HTTP request (``raw_body`` is sent as it is); JSON bodies are decoded."""
     all_headers = {"Accept": "application/json", **(headers or {})}
-    data = None
+    data = raw_body
     if json_body is not None:
         data = json.dumps(json_body).encode()
         all_headers["Content-Type"] = "application/json"

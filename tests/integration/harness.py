@@ -222,7 +222,8 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 
 @dataclass
 class DaphneServer:
-    """One ``daphne sysmanage.asgi:application`` process on a port of its own.
+    """One server process (``python -m sysmanage.serve sysmanage.asgi:application``, as
+    ``scripts/serve`` runs it: Daphne with a redacting access log) on a port of its own.
 
     The test process binds the listening socket and hands it to Daphne (``--fd``), so
     the port is known in advance and no other process can take it in between.
@@ -233,6 +234,8 @@ class DaphneServer:
     log_path: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    #: more command-line options (``--proxy-headers``)
+    args: list[str] = field(default_factory=list)
     _log_file: Any = field(default=None, repr=False)
 
     @property
@@ -254,13 +257,13 @@ class DaphneServer:
         self._log_file = self.log_path.open("wb")
         try:
             self.process = subprocess.Popen(
-                [PYTHON, "-m", "daphne", "--fd", str(listener.fileno()),
+                [PYTHON, "-m", "sysmanage.serve", "--fd", str(listener.fileno()),
                  "--application-close-timeout", "5",
                  # as scripts/serve and docs/configuration.md run it: room for large
                  # SysManage-agent inventories (Daphne's default is 1 MiB)
                  "--websocket-max-message-size", str(WS_TRANSPORT_LIMIT),
                  "--websocket-max-frame-size", str(WS_TRANSPORT_LIMIT),
-                 "sysmanage.asgi:application"],
+                 *self.args, "sysmanage.asgi:application"],
                 cwd=REPO_ROOT, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
                 pass_fds=[listener.fileno()], start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.utils import timezone
 
-from activity.models import UserActivity
+from activity.models import LoginCounter, UserActivity
 from alerts.models import Alert
 from hosts.models import CommandExecution, MetricSample, PackageOperation
 
@@ -41,7 +41,8 @@ class Command(BaseCommand):
     """Delete metrics history, activity, finished commands/operations and resolved alerts."""
 
     help = ("Delete data older than --older-than: per-minute metrics history, user activity, "
-            "finished command executions and package operations, and resolved alerts. "
+            "finished command executions and package operations, resolved alerts and "
+            "failed-login counters. "
             "Unfinished work and open alerts are kept. Safe to run while servers run.")
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -61,6 +62,10 @@ class Command(BaseCommand):
             "package operations": PackageOperation.objects.filter(
                 created_at__lt=cutoff).exclude(status__in=PackageOperation.ACTIVE_STATUSES),
             "resolved alerts": Alert.objects.filter(status="resolved", updated_at__lt=cutoff),
+            # Failed-login counters whose window began before the cutoff and that lock
+            # nothing now: they would be started afresh at the next attempt anyway.
+            "login counters": LoginCounter.objects.filter(window_started__lt=cutoff).exclude(
+                blocked_until__gt=timezone.now()),
         }
         verb = "Would delete" if options["dry_run"] else "Deleted"
         for label, queryset in targets.items():
