@@ -11,8 +11,6 @@ from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework_simplejwt.exceptions import TokenError
-from rest_framework_simplejwt.serializers import TokenRefreshSerializer
-from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import (
     TokenBlacklistView,
@@ -112,27 +110,12 @@ class LoginTokenView(TokenObtainPairView):
                         details={"via": "token"})
 
 
-class RefreshTokenSerializer(TokenRefreshSerializer):
-    """simplejwt's refresh, answering 401 (not a server error) for a refresh token whose
-    user was deleted or deactivated since."""
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
-        """Check the token's user still exists and is active before rotating it."""
-        user_id = RefreshToken(attrs["refresh"]).payload.get(
-            jwt_settings.USER_ID_CLAIM)
-        user = get_user_model().objects.filter(
-            **{jwt_settings.USER_ID_FIELD: user_id}).first() if user_id else None
-        if user is None or not jwt_settings.USER_AUTHENTICATION_RULE(user):
-            raise AuthenticationFailed(self.error_messages["no_active_account"],
-                                       "no_active_account")
-        return super().validate(attrs)
-
-
 class RefreshTokenView(TokenRefreshView):
     """``POST /api/token/refresh/``: a refresh token in, new access and refresh tokens
-    out (the old refresh token is blacklisted)."""
-
-    serializer_class = RefreshTokenSerializer
+    out (the old refresh token is blacklisted).  The serializer
+    (``sysmanage.credentials.FingerprintTokenRefreshSerializer``, from the settings)
+    answers 401 for a token whose user was deleted or disabled, or whose credentials
+    changed since it was issued."""
 
 
 class LogoutTokenView(TokenBlacklistView):

@@ -10,12 +10,14 @@ class SysmanageConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the revocation receivers and the recheck of open sockets."""
+        """Connect the revocation receivers, the recheck of open sockets and the OpenAPI
+        description of the authentication."""
         from django.conf import settings
 
         from sysmanage import (
             receivers,  # noqa: F401
             recheck,
+            schema,  # noqa: F401 - registers the OpenAPI description of the authentication
         )
         from sysmanage.hub import register_control, register_periodic
 

@@ -17,6 +17,9 @@ from tests.wsutil import next_event, open_socket, subscribe
 SECRET = "mysql -p'hunter2' -e 'select 1'"
 OUTPUT = "password accepted: hunter2"
 PRIVATE = ("command", "stdout", "stderr", "error")
+#: A list carries lengths and previews of the outputs instead (the detail has them whole).
+LIST_PRIVATE = ("command", "stdout_preview", "stderr_preview", "stdout_length",
+                "stderr_length", "error")
 
 
 def ran_command(user, host=None):
@@ -46,13 +49,14 @@ def test_rest_shows_text_and_output_to_those_who_may_see_them(make_user):
                               ("bob", False)):
         detail = rest(username).get(f"/api/commands/{execution.id}/").data
         listed = rest(username).get("/api/commands/").data["results"][0]
-        for row in (detail, listed):
+        for row, output, private in ((detail, "stdout", PRIVATE),
+                                     (listed, "stdout_preview", LIST_PRIVATE)):
             assert row["redacted"] is (not visible), username
             assert row["status"] == "completed" and row["requested_by"] == "alice"
             if visible:
-                assert (row["command"], row["stdout"]) == (SECRET, OUTPUT)
+                assert (row["command"], row[output]) == (SECRET, OUTPUT)
             else:
-                assert all(row[field] is None for field in PRIVATE), row
+                assert all(row[field] is None for field in private), row
                 assert "hunter2" not in str(row)
 
 
@@ -71,6 +75,11 @@ def test_rest_hides_package_operation_output_the_same_way(make_user):
     assert (mine["output"], mine["redacted"]) == ("db_password=hunter2", False)
     assert (theirs["output"], theirs["redacted"]) == (None, True)
     assert theirs["message"] == "Installed" and theirs["package"] == "nginx"
+    [listed] = rest("bob").get("/api/package-operations/").data["results"]
+    assert (listed["output_preview"], listed["output_length"], listed["redacted"]) == \
+        (None, None, True)
+    [own] = rest("alice").get("/api/package-operations/").data["results"]
+    assert (own["output_preview"], own["redacted"]) == ("db_password=hunter2", False)
 
 
 @pytest.mark.django_db(transaction=True)
