@@ -43,7 +43,6 @@ from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-DAPHNE = str(Path(PYTHON).parent / "daphne")
 
 ENROLL = """
 import json
@@ -91,7 +90,7 @@ def prepare(env: dict[str, str], agents: int) -> dict[str, Any]:
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start Daphne and wait until it answers."""
     handle = log.open("wb")
-    proc = subprocess.Popen([DAPHNE, "-b", "127.0.0.1", "-p", str(port),
+    proc = subprocess.Popen([PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(port),
                              "sysmanage.asgi:application"], cwd=REPO, env=env,
                             stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30

@@ -53,7 +53,6 @@ import redis
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PYTHON = sys.executable
-DAPHNE = str(Path(PYTHON).parent / "daphne")
 LOOPBACK = "127.0.0.1"
 
 #: Creates the benchmark's user and host in the fresh database; prints the host id.
@@ -226,7 +225,8 @@ class Bench:
         if kind == "bare":
             command = [PYTHON, str(BENCH / "bare_server.py"), "--port", str(port)]
         else:
-            command = [DAPHNE, "-b", LOOPBACK, "-p", str(port), self.options.asgi_app]
+            command = [PYTHON, "-m", "sysmanage.serve", "-b", LOOPBACK, "-p", str(port),
+                       self.options.asgi_app]
         with log.open("wb") as out:
             proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)

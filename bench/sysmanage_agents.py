@@ -533,7 +533,7 @@ def worker_main(indices: list[int], opts: dict[str, Any], shared: Shared, result
 # -- the server ---------------------------------------------------------------------------
 
 
-def server_env(workdir: Path, database_url: str) -> dict[str, str]:
+def server_env(workdir: Path, database_url: str, agents: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DJANGO_", "SYSMANAGE_", "JWT_", "WS_"))
            and k not in ("DATABASE_URL", "REDIS_URL", "LOG_LEVEL", "PYTHONPATH")}
@@ -541,6 +541,9 @@ def server_env(workdir: Path, database_url: str) -> dict[str, str]:
                 "SYSMANAGE_VAR_DIR": str(workdir), "DATABASE_URL": database_url,
                 "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
                 "JWT_ACCESS_TTL_SECONDS": "7200", "LOG_LEVEL": "WARNING",
+                # Every simulated agent connects from 127.0.0.1 but stands for a machine
+                # of its own: one address may hold all of them unproven at once.
+                "SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS": str(agents),
                 "PYTHONUNBUFFERED": "1"})
     return env
 
@@ -556,7 +559,7 @@ def manage(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+        [PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(port),
          "--websocket-max-message-size", str(WS_LIMIT), "--websocket-max-frame-size",
          str(WS_LIMIT), "sysmanage.asgi:application"],
         cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -756,8 +759,13 @@ async def coordinate(args: argparse.Namespace, port: int, access: str, shared: S
                                  if "all_online_at" in fleet else None)
     out["fleet_last"] = fleet.get("last")
 
-    hosts = rest_get(port, f"/api/hosts/?limit={n + 10}", access)
-    rows = hosts["results"] if isinstance(hosts, dict) else hosts
+    rows: list[dict[str, Any]] = []
+    while True:  # the API pages at most 500 hosts at a time
+        page = rest_get(port, f"/api/hosts/?status=online&limit=500&offset={len(rows)}",
+                        access)
+        rows += page["results"]
+        if not page.get("next") or not page["results"]:
+            break
     host_ids = [str(h["id"]) for h in rows if h.get("status") == "online"]
     out["online_in_db"] = len(host_ids)
     if host_ids:
@@ -1002,7 +1010,7 @@ def main() -> int:
             database_url = with_database(args.pg_admin_url, pg_name)
         else:
             database_url = f"sqlite:///{workdir / 'sysmanage.sqlite3'}"
-        env = server_env(workdir, database_url)
+        env = server_env(workdir, database_url, args.agents)
         manage(env, "migrate", "-v0")
         access = json.loads(manage(env, "shell", "-c", SETUP).strip().splitlines()[-1])["access"]
         key = json.loads(manage(env, "create_registration_key", "bench storm").strip()
