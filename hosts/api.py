@@ -108,6 +108,10 @@ class OutputRedactingSerializer(serializers.ModelSerializer):
     ``redacted`` true.  The same rule as the ``command_execution`` channel."""
 
     PRIVATE_FIELDS: tuple[str, ...] = ()
+    hostname = serializers.CharField(source="host.hostname", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
+                                         default=None)
+    redacted = serializers.BooleanField(read_only=True, default=False)
 
     def to_representation(self, instance: Any) -> dict[str, Any]:
         """The record, its private fields hidden from those who may not see them."""
@@ -125,10 +129,6 @@ class CommandExecutionSerializer(OutputRedactingSerializer):
     """A command run on a host, and its result (text and output for those who may)."""
 
     PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
-    hostname = serializers.CharField(source="host.hostname", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
-                                         default=None)
-    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = CommandExecution
@@ -153,11 +153,7 @@ class CommandExecutionListSerializer(OutputRedactingSerializer):
 
     PRIVATE_FIELDS = ("command", "stdout_length", "stderr_length", "stdout_preview",
                       "stderr_preview", "error")
-    redacted = serializers.BooleanField(read_only=True, default=False)
 
-    hostname = serializers.CharField(source="host.hostname", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
-                                         default=None)
     stdout_length = serializers.IntegerField(read_only=True)
     stderr_length = serializers.IntegerField(read_only=True)
     stdout_preview = serializers.CharField(read_only=True)
@@ -205,10 +201,6 @@ class PackageOperationSerializer(OutputRedactingSerializer):
     those who may see it: it can echo configuration and credentials)."""
 
     PRIVATE_FIELDS = ("output",)
-    hostname = serializers.CharField(source="host.hostname", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
-                                         default=None)
-    redacted = serializers.BooleanField(read_only=True, default=False)
 
     class Meta:
         model = PackageOperation
@@ -231,11 +223,7 @@ class PackageOperationListSerializer(OutputRedactingSerializer):
     (``GET /api/package-operations/<id>/`` has it whole), for those who may see it."""
 
     PRIVATE_FIELDS = ("output_length", "output_preview")
-    redacted = serializers.BooleanField(read_only=True, default=False)
 
-    hostname = serializers.CharField(source="host.hostname", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
-                                         default=None)
     output_length = serializers.IntegerField(read_only=True)
     output_preview = serializers.CharField(read_only=True)
 
