@@ -1,4 +1,5 @@
 """Admin of the activity log (read-only) and of the failed-login counters."""
+
 from __future__ import annotations
 
 from typing import Any

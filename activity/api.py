@@ -1,5 +1,6 @@
 """REST API of user activity (staff with ``activity.view_useractivity``), and the token
 endpoints that record logins."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -32,8 +33,16 @@ class UserActivitySerializer(serializers.ModelSerializer):
 
     class Meta:
         model = UserActivity
-        fields = ["id", "user_id", "username", "action", "ip_address", "user_agent",
-                  "timestamp", "details"]
+        fields = [
+            "id",
+            "user_id",
+            "username",
+            "action",
+            "ip_address",
+            "user_agent",
+            "timestamp",
+            "details",
+        ]
         read_only_fields = fields
 
 
@@ -63,9 +72,14 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
         """Activity narrowed by the query parameters."""
         filters = query_filters(self.request, ActivityFilters)
         queryset = UserActivity.objects.select_related("user")
-        for param, field in (("user", "user_id"), ("username", "username"),
-                             ("action", "action"), ("ip_address", "ip_address"),
-                             ("since", "timestamp__gte"), ("until", "timestamp__lt")):
+        for param, field in (
+            ("user", "user_id"),
+            ("username", "username"),
+            ("action", "action"),
+            ("ip_address", "ip_address"),
+            ("since", "timestamp__gte"),
+            ("until", "timestamp__lt"),
+        ):
             if param in filters:
                 queryset = queryset.filter(**{field: filters[param]})
         return queryset
@@ -78,16 +92,27 @@ class LoginTokenView(TokenObtainPairView):
         """Refuse locked-out logins, else check the password, issue tokens and record
         the login.  The username is normalized once, for the lockout and the check."""
         data = request.data if isinstance(request.data, Mapping) else {}
-        attempt = login_attempt_start(request=request, raw_username=data.get("username"),
-                                      via="token")
+        attempt = login_attempt_start(
+            request=request, raw_username=data.get("username"), via="token"
+        )
         if isinstance(attempt, LoginRefusal):
-            return Response({"detail": attempt.message, "code": attempt.code,
-                             "retry_after": attempt.retry_after}, status=429,
-                            headers={"Retry-After": str(attempt.retry_after)})
+            return Response(
+                {
+                    "detail": attempt.message,
+                    "code": attempt.code,
+                    "retry_after": attempt.retry_after,
+                },
+                status=429,
+                headers={"Retry-After": str(attempt.retry_after)},
+            )
         if attempt is None:  # checked no further: nothing may reach a password check
-            return Response({"detail": "Send a username (a non-empty string) and a "
-                                       "password.", "code": "invalid_credentials"},
-                            status=400)
+            return Response(
+                {
+                    "detail": "Send a username (a non-empty string) and a password.",
+                    "code": "invalid_credentials",
+                },
+                status=400,
+            )
         serializer = self.get_serializer(data={**data, "username": attempt.username})
         try:
             serializer.is_valid(raise_exception=True)
@@ -106,8 +131,9 @@ class LoginTokenView(TokenObtainPairView):
         user_id = RefreshToken(refresh).payload.get("user_id")
         user = get_user_model().objects.get(pk=user_id)
         ip, agent = request_origin(request)
-        activity_record(action="login", user=user, ip_address=ip, user_agent=agent,
-                        details={"via": "token"})
+        activity_record(
+            action="login", user=user, ip_address=ip, user_agent=agent, details={"via": "token"}
+        )
 
 
 class RefreshTokenView(TokenRefreshView):
@@ -132,6 +158,11 @@ class LogoutTokenView(TokenBlacklistView):
         if response.status_code == 200 and user_id:
             user = get_user_model().objects.filter(pk=user_id).first()
             ip, agent = request_origin(request)
-            activity_record(action="logout", user=user, ip_address=ip, user_agent=agent,
-                            details={"via": "token"})
+            activity_record(
+                action="logout",
+                user=user,
+                ip_address=ip,
+                user_agent=agent,
+                details={"via": "token"},
+            )
         return response

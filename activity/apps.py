@@ -1,4 +1,5 @@
 """App configuration of the activity app."""
+
 from django.apps import AppConfig
 
 

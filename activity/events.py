@@ -1,4 +1,5 @@
 """Events of the activity app."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """The session login forms (dashboards and admin), with lockout of repeated failures."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,7 @@ class LockoutMixin:
         if username is None or not self.cleaned_data.get("password"):
             return super().clean()  # type: ignore[misc]  # no password will be checked
         self.cleaned_data["username"] = username
-        attempt = login_attempt_start(request=self.request, raw_username=username,
-                                      via="session")
+        attempt = login_attempt_start(request=self.request, raw_username=username, via="session")
         if isinstance(attempt, LoginRefusal):
             raise forms.ValidationError(attempt.message, code="locked")
         assert attempt is not None

@@ -26,6 +26,7 @@ spelling that reaches an account counts against the same account.  Counters are 
 burst of concurrent attempts therefore cannot be evaluated beyond the limits, and every
 server process sees the same counts.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -85,9 +86,11 @@ def address_key(ip_address: str | None) -> str:
 
 def _threshold(scope: str) -> int:
     """The failures at which ``scope``'s counters lock (or slow down); 0: never."""
-    return {PAIR: settings.LOGIN_LOCKOUT_THRESHOLD,
-            ADDRESS: settings.LOGIN_LOCKOUT_ADDRESS_THRESHOLD,
-            ACCOUNT: settings.LOGIN_THROTTLE_THRESHOLD}[scope]
+    return {
+        PAIR: settings.LOGIN_LOCKOUT_THRESHOLD,
+        ADDRESS: settings.LOGIN_LOCKOUT_ADDRESS_THRESHOLD,
+        ACCOUNT: settings.LOGIN_THROTTLE_THRESHOLD,
+    }[scope]
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,15 @@ class LoginRefusal:
 def lockout_message(seconds: int, *, scope: str = PAIR) -> str:
     """Why a login was refused, and when to try again."""
     if scope == ACCOUNT:
-        return (f"Too many failed logins for this account. Wait {max(1, seconds)} s before "
-                f"trying again.")
+        return (
+            f"Too many failed logins for this account. Wait {max(1, seconds)} s before "
+            f"trying again."
+        )
     minutes = max(1, math.ceil(seconds / 60))
-    who = ("from this address" if scope == ADDRESS
-           else "for this account from this address")
-    return (f"Too many failed logins {who}. Try again in {minutes} "
-            f"minute{'s' if minutes != 1 else ''}.")
+    who = "from this address" if scope == ADDRESS else "for this account from this address"
+    return (
+        f"Too many failed logins {who}. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
+    )
 
 
 def _counter_keys(username: str, ip_address: str | None) -> list[tuple[str, str]]:
@@ -146,7 +151,8 @@ def _locked_counters(keys: list[tuple[str, str]], now: datetime) -> list[LoginCo
     order (no deadlock between attempts locking the same rows)."""
     LoginCounter.objects.bulk_create(
         [LoginCounter(scope=scope, key=key, window_started=now) for scope, key in keys],
-        ignore_conflicts=True)
+        ignore_conflicts=True,
+    )
     match = Q(pk__in=[])
     for scope, key in keys:
         match |= Q(scope=scope, key=key)
@@ -158,19 +164,21 @@ def _expire(counter: LoginCounter, now: datetime) -> None:
     blocked = counter.blocked_until is not None and counter.blocked_until > now
     lock_ended = counter.scope != ACCOUNT and counter.blocked_until is not None and not blocked
     window_over = now >= counter.window_started + timedelta(
-        seconds=settings.LOGIN_LOCKOUT_WINDOW_SECONDS)
+        seconds=settings.LOGIN_LOCKOUT_WINDOW_SECONDS
+    )
     if lock_ended or (window_over and not blocked):
         counter.failures, counter.window_started, counter.blocked_until = 0, now, None
 
 
-def _refusal(counters: list[LoginCounter], now: datetime, *,
-             familiar: bool) -> LoginRefusal | None:
+def _refusal(counters: list[LoginCounter], now: datetime, *, familiar: bool) -> LoginRefusal | None:
     """The longest-lasting reason to refuse, if any."""
     refusals = [
         LoginRefusal(c.scope, max(1, math.ceil((c.blocked_until - now).total_seconds())))
         for c in counters
-        if c.blocked_until is not None and c.blocked_until > now
-        and c.failures >= _threshold(c.scope) and not (c.scope == ACCOUNT and familiar)
+        if c.blocked_until is not None
+        and c.blocked_until > now
+        and c.failures >= _threshold(c.scope)
+        and not (c.scope == ACCOUNT and familiar)
     ]
     return max(refusals, key=lambda r: r.retry_after, default=None)
 
@@ -188,8 +196,7 @@ def _reserve(counter: LoginCounter, now: datetime) -> None:
     counter.blocked_until = now + timedelta(seconds=delay)
 
 
-def login_attempt_begin(*, username: str,
-                        ip_address: str | None) -> LoginAttempt | LoginRefusal:
+def login_attempt_begin(*, username: str, ip_address: str | None) -> LoginAttempt | LoginRefusal:
     """Check and count one attempt on ``username`` (normalized) from ``ip_address``,
     atomically, before its password is checked."""
     familiar = selectors.login_address_familiar(username=username, ip_address=ip_address)
@@ -208,8 +215,11 @@ def login_attempt_begin(*, username: str,
                 _reserve(counter, now)
                 blocks[(counter.scope, counter.key)] = (counter.blocked_until, before)
             # Refused attempts usually change nothing: no write for them under a flood.
-            if stored[id(counter)] != (counter.failures, counter.window_started,
-                                       counter.blocked_until):
+            if stored[id(counter)] != (
+                counter.failures,
+                counter.window_started,
+                counter.blocked_until,
+            ):
                 counter.save(update_fields=["failures", "window_started", "blocked_until"])
     return refusal or LoginAttempt(username=username, counters=tuple(keys), blocks=blocks)
 
@@ -233,8 +243,9 @@ def login_attempt_end(attempt: LoginAttempt, *, outcome: Outcome) -> None:
             counter.save(update_fields=["failures", "blocked_until"])
 
 
-def login_attempt_start(*, request: Any, raw_username: Any,
-                        via: str) -> LoginAttempt | LoginRefusal | None:
+def login_attempt_start(
+    *, request: Any, raw_username: Any, via: str
+) -> LoginAttempt | LoginRefusal | None:
     """The one gate of every login: normalize, then begin the attempt (None: no
     username, so no password will be checked).  A refusal is recorded as
     ``login_locked``."""
@@ -244,8 +255,11 @@ def login_attempt_start(*, request: Any, raw_username: Any,
     ip_address, user_agent = request_origin(request)
     result = login_attempt_begin(username=username, ip_address=ip_address)
     if isinstance(result, LoginRefusal):
-        activity_record(action="login_locked", username=username[:150],
-                        ip_address=ip_address, user_agent=user_agent,
-                        details={"via": via, "retry_after": result.retry_after,
-                                 "limit": result.scope})
+        activity_record(
+            action="login_locked",
+            username=username[:150],
+            ip_address=ip_address,
+            user_agent=user_agent,
+            details={"via": via, "retry_after": result.retry_after, "limit": result.scope},
+        )
     return result

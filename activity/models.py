@@ -1,4 +1,5 @@
 """The user activity log."""
+
 from __future__ import annotations
 
 import uuid
@@ -12,7 +13,10 @@ class UserActivity(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="activities",
     )
     # Kept apart from ``user`` so that the record survives the account's deletion
@@ -51,8 +55,9 @@ class LoginCounter(models.Model):
     blocked_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["scope", "key"],
-                                               name="login_counter_scope_key")]
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key"], name="login_counter_scope_key")
+        ]
         indexes = [models.Index(fields=["window_started"])]
 
     def __str__(self) -> str:

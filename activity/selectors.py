@@ -1,4 +1,5 @@
 """Reads of the user activity log."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -26,5 +27,6 @@ def login_address_familiar(*, username: str, ip_address: str | None) -> bool:
     if days <= 0:
         return False
     since = timezone.now() - timedelta(days=days)
-    return UserActivity.objects.filter(action="login", username=username, ip_address=address,
-                                       timestamp__gte=since).exists()
+    return UserActivity.objects.filter(
+        action="login", username=username, ip_address=address, timestamp__gte=since
+    ).exists()

@@ -1,4 +1,5 @@
 """Recording user activity; each record is published on ``user_activity``."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -21,24 +22,40 @@ def _clean_ip(value: str | None) -> str | None:
         return None
 
 
-def activity_record(*, action: str, user: Any | None = None, username: str | None = None,
-                    ip_address: str | None = None, user_agent: str = "",
-                    details: dict[str, Any] | None = None) -> UserActivity:
+def activity_record(
+    *,
+    action: str,
+    user: Any | None = None,
+    username: str | None = None,
+    ip_address: str | None = None,
+    user_agent: str = "",
+    details: dict[str, Any] | None = None,
+) -> UserActivity:
     """Store one activity record and publish it."""
     if user is not None and not getattr(user, "is_authenticated", False):
         user = None
     name = username or (user.get_username() if user is not None else "") or "anonymous"
     with transaction.atomic():
         record = UserActivity.objects.create(
-            user=user, username=name[:150], action=action, ip_address=_clean_ip(ip_address),
-            user_agent=(user_agent or "")[:500], details=details or {},
+            user=user,
+            username=name[:150],
+            action=action,
+            ip_address=_clean_ip(ip_address),
+            user_agent=(user_agent or "")[:500],
+            details=details or {},
         )
-        publish(UserActivityRecorded(
-            activity_id=str(record.id), user_id=str(user.pk) if user is not None else None,
-            username=record.username, action=action, ip_address=record.ip_address,
-            user_agent=record.user_agent, timestamp=iso(record.timestamp) or "",
-            details=record.details,
-        ))
+        publish(
+            UserActivityRecorded(
+                activity_id=str(record.id),
+                user_id=str(user.pk) if user is not None else None,
+                username=record.username,
+                action=action,
+                ip_address=record.ip_address,
+                user_agent=record.user_agent,
+                timestamp=iso(record.timestamp) or "",
+                details=record.details,
+            )
+        )
     return record
 
 

@@ -3,6 +3,7 @@ Pages of the activity app, and the pages that span every app: the login page and
 fleet overview. They live here because activity is the top of the app stack, the one
 app that may read hosts, alerts and activity alike.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,24 +57,35 @@ HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id")
 
 def details_text(details: dict[str, Any]) -> str:
     """``details`` as one line, ``key: value · key: value``, without identifiers."""
-    return " · ".join(f"{key}: {value}" for key, value in details.items()
-                      if key not in HIDDEN_DETAILS and value not in (None, ""))
+    return " · ".join(
+        f"{key}: {value}"
+        for key, value in details.items()
+        if key not in HIDDEN_DETAILS and value not in (None, "")
+    )
 
 
 def activity_row(record: UserActivity) -> dict[str, Any]:
     """One activity record as the activity tables show it."""
     return {
-        "timestamp": record.timestamp, "username": record.username, "action": record.action,
+        "timestamp": record.timestamp,
+        "username": record.username,
+        "action": record.action,
         "label": ACTION_LABELS.get(record.action, record.action),
-        "warning": record.action in WARNING_ACTIONS, "ip_address": record.ip_address or "",
-        "user_agent": record.user_agent, "details": details_text(record.details),
+        "warning": record.action in WARNING_ACTIONS,
+        "ip_address": record.ip_address or "",
+        "user_agent": record.user_agent,
+        "details": details_text(record.details),
     }
 
 
 def activity_script_data(rows: int) -> dict[str, Any]:
     """What the activity scripts need: the row limit and the action words."""
-    return {"activityRows": rows, "actionLabels": ACTION_LABELS,
-            "warningActions": list(WARNING_ACTIONS), "hiddenDetails": list(HIDDEN_DETAILS)}
+    return {
+        "activityRows": rows,
+        "actionLabels": ACTION_LABELS,
+        "warningActions": list(WARNING_ACTIONS),
+        "hiddenDetails": list(HIDDEN_DETAILS),
+    }
 
 
 def pending_registrations_url() -> str:
@@ -115,19 +127,26 @@ class OverviewView(DashboardMixin, TemplateView):
         return {
             **super().get_context_data(**kwargs),
             # Registrations are approved in the admin; the count is as of page load.
-            "pending_registrations": (host_selectors.registration_pending_count()
-                                      if permissions.can_view_registrations(self.request.user)
-                                      else 0),
+            "pending_registrations": (
+                host_selectors.registration_pending_count()
+                if permissions.can_view_registrations(self.request.user)
+                else 0
+            ),
             "pending_registrations_url": pending_registrations_url(),
             "fleet": alert_selectors.fleet_stats(),
-            "alert_counts": [(value, label, counts[value])
-                             for value, label in reversed(Severity.choices)],
+            "alert_counts": [
+                (value, label, counts[value]) for value, label in reversed(Severity.choices)
+            ],
             "active_alerts": sum(counts.values()),
-            "activities": ([activity_row(r) for r in
-                            selectors.activity_recent(limit=OVERVIEW_ACTIVITY_ROWS)]
-                           if can_view_activity else []),
-            "page_data": {"canViewActivity": can_view_activity,
-                          **activity_script_data(OVERVIEW_ACTIVITY_ROWS)},
+            "activities": (
+                [activity_row(r) for r in selectors.activity_recent(limit=OVERVIEW_ACTIVITY_ROWS)]
+                if can_view_activity
+                else []
+            ),
+            "page_data": {
+                "canViewActivity": can_view_activity,
+                **activity_script_data(OVERVIEW_ACTIVITY_ROWS),
+            },
         }
 
 
@@ -141,6 +160,8 @@ class ActivityView(DashboardMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         """The most recent records; the page script prepends new ones as they happen."""
         records = selectors.activity_recent(limit=ACTIVITY_PAGE_ROWS)
-        return {**super().get_context_data(**kwargs),
-                "activities": [activity_row(r) for r in records],
-                "page_data": activity_script_data(ACTIVITY_PAGE_LIVE_ROWS)}
+        return {
+            **super().get_context_data(**kwargs),
+            "activities": [activity_row(r) for r in records],
+            "page_data": activity_script_data(ACTIVITY_PAGE_LIVE_ROWS),
+        }

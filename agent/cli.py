@@ -44,8 +44,12 @@ async def run(config: AgentConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _request_stop, stop, sig)
     prime_cpu_usage()
-    log.info("sysmanage-agent %s starting (server %s, state in %s)", __version__,
-             config.websocket_url, config.state_dir)
+    log.info(
+        "sysmanage-agent %s starting (server %s, state in %s)",
+        __version__,
+        config.websocket_url,
+        config.state_dir,
+    )
     await agent.run(stop)
     log.info("Stopped")
     return EXIT_OK

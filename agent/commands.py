@@ -45,8 +45,9 @@ def parse_command(message: dict[str, Any]) -> CommandRequest:
         raise RequestError("'command' must be a non-empty string")
     if "\x00" in command:
         raise RequestError("'command' must not contain NUL characters")
-    return CommandRequest(data["execution_id"], command, _timeout(data.get("timeout")),
-                          request_id(message))
+    return CommandRequest(
+        data["execution_id"], command, _timeout(data.get("timeout")), request_id(message)
+    )
 
 
 def _timeout(value: Any) -> float:
@@ -60,27 +61,43 @@ def _timeout(value: Any) -> float:
     return float(value)
 
 
-async def run_command(request: CommandRequest, max_output: int, groups: ProcessGroups,
-                      on_start: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+async def run_command(
+    request: CommandRequest,
+    max_output: int,
+    groups: ProcessGroups,
+    on_start: Callable[[], Awaitable[None]],
+) -> dict[str, Any]:
     """Run ``request`` through the shell and return its ``command_result`` data."""
     stdout, stderr = CappedOutput(max_output), CappedOutput(max_output)
     started = time.monotonic()
     try:
         process = await asyncio.create_subprocess_shell(
-            request.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_environment())
+            request.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            env=child_environment(),
+        )
     except OSError as exc:
         log.warning("Command %s could not be started: %s", request.execution_id, exc)
         return result_data(request, FAILED, None, stdout, stderr, 0.0, str(exc))
-    readers = [asyncio.create_task(drain(process.stdout, stdout)),
-               asyncio.create_task(drain(process.stderr, stderr))]
+    readers = [
+        asyncio.create_task(drain(process.stdout, stdout)),
+        asyncio.create_task(drain(process.stderr, stderr)),
+    ]
     log.info("Command %s started (pid %d)", request.execution_id, process.pid)
     await on_start()
     finished = await supervise(process, readers, request.timeout, groups)
     elapsed = time.monotonic() - started
     status, exit_code, error = _outcome(finished, process.returncode, groups.stopping)
-    log.info("Command %s ended: %s, exit code %s, %.2fs", request.execution_id, status,
-             exit_code, elapsed)
+    log.info(
+        "Command %s ended: %s, exit code %s, %.2fs",
+        request.execution_id,
+        status,
+        exit_code,
+        elapsed,
+    )
     return result_data(request, status, exit_code, stdout, stderr, elapsed, error)
 
 
@@ -93,9 +110,15 @@ def _outcome(finished: bool, returncode: int | None, stopping: bool) -> tuple[st
     return COMPLETED, exit_code_of(returncode), ""
 
 
-def result_data(request: CommandRequest, status: str, exit_code: int | None,
-                stdout: CappedOutput, stderr: CappedOutput, elapsed: float,
-                error: str) -> dict[str, Any]:
+def result_data(
+    request: CommandRequest,
+    status: str,
+    exit_code: int | None,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+    elapsed: float,
+    error: str,
+) -> dict[str, Any]:
     """The ``command_result`` data for ``request``."""
     return {
         "execution_id": request.execution_id,

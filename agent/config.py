@@ -73,10 +73,11 @@ def build_config(values: Mapping[str, Any], environ: Mapping[str, str]) -> Agent
         metrics_interval=_interval(values, "metrics_interval", DEFAULT_METRICS_INTERVAL),
         state_dir=_state_dir(values, environ),
         max_output_bytes=_bounded_int(
-            values, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_BYTES_LIMIT),
+            values, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_BYTES_LIMIT
+        ),
         max_concurrent_commands=_bounded_int(
-            values, "max_concurrent_commands", DEFAULT_MAX_CONCURRENT_COMMANDS,
-            MAX_CONCURRENT_LIMIT),
+            values, "max_concurrent_commands", DEFAULT_MAX_CONCURRENT_COMMANDS, MAX_CONCURRENT_LIMIT
+        ),
         log_level=_log_level(values),
         explicit_intervals=frozenset(name for name in INTERVAL_SETTINGS if name in values),
     )
@@ -145,8 +146,9 @@ def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
-                          f"not {value!r}") from None
+        raise ConfigError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}"
+        ) from None
 
 
 def _interval(values: Mapping[str, Any], name: str, default: float) -> float:

@@ -51,8 +51,15 @@ class Reporter(Protocol):
 class JobRunner:
     """Accepts ``run_command`` and ``package_operation`` and reports their results."""
 
-    def __init__(self, spool: ResultSpool, ledger: IdLedger, reporter: Reporter,
-                 manager: PackageManager | None, max_output: int, max_commands: int) -> None:
+    def __init__(
+        self,
+        spool: ResultSpool,
+        ledger: IdLedger,
+        reporter: Reporter,
+        manager: PackageManager | None,
+        max_output: int,
+        max_commands: int,
+    ) -> None:
         """Run at most ``max_commands`` commands at once; package operations one at a time."""
         self.spool, self.ledger, self.reporter = spool, ledger, reporter
         self.manager = manager
@@ -146,10 +153,12 @@ class JobRunner:
             if self.groups.stopping:
                 data = failed_result_data(request.execution_id, NOT_STARTED)
             else:
-                started = envelope(COMMAND_STARTED, {"execution_id": request.execution_id},
-                                   id_=request.message_id)
-                data = await run_command(request, self.max_output, self.groups,
-                                         lambda: self.reporter.emit(started))
+                started = envelope(
+                    COMMAND_STARTED, {"execution_id": request.execution_id}, id_=request.message_id
+                )
+                data = await run_command(
+                    request, self.max_output, self.groups, lambda: self.reporter.emit(started)
+                )
         await self._finish(COMMAND_RESULT, ref, command_result(data, request.message_id))
 
     async def _package_job(self, message: dict[str, Any], ref: str) -> None:
@@ -159,19 +168,25 @@ class JobRunner:
             request = packages.parse_operation(message)
         except RequestError as exc:
             data = packages.failed_data(operation_id, str(exc))
-            await self._finish(PACKAGE_RESULT, ref,
-                               packages.package_result(data, request_id(message)))
+            await self._finish(
+                PACKAGE_RESULT, ref, packages.package_result(data, request_id(message))
+            )
             return
 
         async def progress(percent: int, text: str) -> None:
             """Report progress of this operation to the server."""
-            await self.reporter.emit(envelope(PACKAGE_PROGRESS, {
-                "operation_id": operation_id, "progress": percent, "message": text},
-                id_=request.message_id))
+            await self.reporter.emit(
+                envelope(
+                    PACKAGE_PROGRESS,
+                    {"operation_id": operation_id, "progress": percent, "message": text},
+                    id_=request.message_id,
+                )
+            )
 
         async with self._package_turn:
-            data = await packages.run_operation(request, self.manager, self.max_output,
-                                                self.groups, progress)
+            data = await packages.run_operation(
+                request, self.manager, self.max_output, self.groups, progress
+            )
         await self._finish(PACKAGE_RESULT, ref, packages.package_result(data, request.message_id))
 
     async def _finish(self, kind: str, ref: str, message: dict[str, Any]) -> None:
@@ -180,8 +195,9 @@ class JobRunner:
             self.spool.store(kind, ref, message)
             self.ledger.mark_finished(kind, ref)
         except OSError as exc:
-            log.error("Cannot save the %s of %s (%s); sending it without a saved copy",
-                      kind, ref, exc)
+            log.error(
+                "Cannot save the %s of %s (%s); sending it without a saved copy", kind, ref, exc
+            )
         await self.reporter.send_result(message)
 
 

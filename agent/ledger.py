@@ -58,8 +58,13 @@ class IdLedger:
         self._entries.pop(key, None)
         self._entries[key] = state
         self._trim()
-        atomic_write_json(self.path, {"version": 1, "entries": [
-            [kind, ref, value] for (kind, ref), value in self._entries.items()]})
+        atomic_write_json(
+            self.path,
+            {
+                "version": 1,
+                "entries": [[kind, ref, value] for (kind, ref), value in self._entries.items()],
+            },
+        )
 
     def _trim(self) -> None:
         """Drop the oldest finished ids beyond the limit."""
@@ -77,7 +82,10 @@ class IdLedger:
                 log.warning("Ignoring unreadable id ledger %s", self.path)
             return
         for entry in saved.get("entries", []) if isinstance(saved, dict) else []:
-            if (isinstance(entry, list) and len(entry) == 3
-                    and all(isinstance(part, str) for part in entry)
-                    and entry[2] in (RUNNING, FINISHED)):
+            if (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and all(isinstance(part, str) for part in entry)
+                and entry[2] in (RUNNING, FINISHED)
+            ):
                 self._entries[(entry[0], entry[1])] = entry[2]

@@ -13,12 +13,36 @@ from agent.protocol import utc_now_iso
 log = logging.getLogger(__name__)
 
 #: File systems that hold no user data worth reporting.
-PSEUDO_FILESYSTEMS = frozenset({
-    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
-    "devtmpfs", "efivarfs", "fuse.lxcfs", "fuse.snapfuse", "fusectl", "hugetlbfs", "mqueue",
-    "nsfs", "overlay", "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "squashfs",
-    "sysfs", "tmpfs", "tracefs",
-})
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "autofs",
+        "binfmt_misc",
+        "bpf",
+        "cgroup",
+        "cgroup2",
+        "configfs",
+        "debugfs",
+        "devpts",
+        "devtmpfs",
+        "efivarfs",
+        "fuse.lxcfs",
+        "fuse.snapfuse",
+        "fusectl",
+        "hugetlbfs",
+        "mqueue",
+        "nsfs",
+        "overlay",
+        "proc",
+        "pstore",
+        "ramfs",
+        "rpc_pipefs",
+        "securityfs",
+        "squashfs",
+        "sysfs",
+        "tmpfs",
+        "tracefs",
+    }
+)
 #: Most mount points reported (the server accepts at most 64).
 MAX_MOUNTS = 64
 #: Mount points under these directories belong to snaps or the system, not to users.

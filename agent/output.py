@@ -22,7 +22,7 @@ class CappedOutput:
         room = self.limit - len(self._buffer)
         if len(chunk) > room:
             self.truncated = True
-            chunk = chunk[:max(room, 0)]
+            chunk = chunk[: max(room, 0)]
         self._buffer.extend(chunk)
 
     def text(self) -> str:

@@ -24,8 +24,9 @@ PRIVATE_ENV_PREFIX = "SYSMANAGE_AGENT_"
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child: the agent's, without its own settings, plus ``extra``."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(PRIVATE_ENV_PREFIX)}
+    env = {
+        name: value for name, value in os.environ.items() if not name.startswith(PRIVATE_ENV_PREFIX)
+    }
     env.update(extra or {})
     return env
 
@@ -87,8 +88,12 @@ class ProcessGroups:
             kill_group(pgid, signal.SIGKILL)
 
 
-async def supervise(process: asyncio.subprocess.Process, readers: list[asyncio.Task[None]],
-                    time_limit: float, groups: ProcessGroups) -> bool:
+async def supervise(
+    process: asyncio.subprocess.Process,
+    readers: list[asyncio.Task[None]],
+    time_limit: float,
+    groups: ProcessGroups,
+) -> bool:
     """Wait for ``process`` to exit and its output to be read; False if ``time_limit`` passed.
 
     On timeout the whole process group is killed (SIGKILL).  When the process has exited
@@ -102,8 +107,9 @@ async def supervise(process: asyncio.subprocess.Process, readers: list[asyncio.T
         if not pending:
             await _settle(readers, OUTPUT_GRACE)
             return True
-        log.debug("Process %d timed out after %ss; killing its process group",
-                  process.pid, time_limit)
+        log.debug(
+            "Process %d timed out after %ss; killing its process group", process.pid, time_limit
+        )
         kill_group(process.pid)
         await _settle([exited, *readers], KILL_GRACE)
         return False

@@ -60,13 +60,21 @@ class Agent:
         self.spool = ResultSpool(state / "results")
         self.ledger = IdLedger(state / "seen-ids.json")
         self.manager = detect_manager()
-        self.jobs = JobRunner(self.spool, self.ledger, self, self.manager,
-                              config.max_output_bytes, config.max_concurrent_commands)
+        self.jobs = JobRunner(
+            self.spool,
+            self.ledger,
+            self,
+            self.manager,
+            config.max_output_bytes,
+            config.max_concurrent_commands,
+        )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
         self._handlers: dict[str, Handler] = {
-            WELCOME: self._on_welcome, RUN_COMMAND: self.jobs.handle_run_command,
-            PACKAGE_OPERATION: self.jobs.handle_package_operation, ACK: self._on_ack,
+            WELCOME: self._on_welcome,
+            RUN_COMMAND: self.jobs.handle_run_command,
+            PACKAGE_OPERATION: self.jobs.handle_package_operation,
+            ACK: self._on_ack,
             ERROR: self._on_error,
         }
 
@@ -170,8 +178,12 @@ class Agent:
             if setting in self.config.explicit_intervals or not _valid_interval(value):
                 continue
             setattr(self.intervals, name, float(value))
-        log.info("Welcome from the server (host id %s); heartbeat every %gs, metrics every %gs",
-                 data.get("host_id"), self.intervals.heartbeat, self.intervals.metrics)
+        log.info(
+            "Welcome from the server (host id %s); heartbeat every %gs, metrics every %gs",
+            data.get("host_id"),
+            self.intervals.heartbeat,
+            self.intervals.metrics,
+        )
 
     async def _on_ack(self, message: dict[str, Any]) -> None:
         """Forget an acknowledged result."""
@@ -211,5 +223,9 @@ def _describe(end: SessionEnd) -> str:
 
 def _valid_interval(value: Any) -> bool:
     """Whether ``value`` is a usable interval from the server."""
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value) and 0.1 <= value <= 86_400)
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.1 <= value <= 86_400
+    )

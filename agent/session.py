@@ -83,9 +83,14 @@ async def connect_once(agent: Agent) -> SessionEnd:
     headers = {"Authorization": f"Bearer {agent.config.token}"}
     log.info("Connecting to %s", url)
     try:
-        async with connect(url, additional_headers=headers, max_size=MAX_FRAME_BYTES,
-                           open_timeout=OPEN_TIMEOUT, close_timeout=5,
-                           user_agent_header=f"sysmanage-agent/{__version__}") as websocket:
+        async with connect(
+            url,
+            additional_headers=headers,
+            max_size=MAX_FRAME_BYTES,
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=5,
+            user_agent_header=f"sysmanage-agent/{__version__}",
+        ) as websocket:
             return await _serve(agent, websocket, time.monotonic())
     except ConnectionClosed as exc:
         return _closed(exc)
@@ -109,9 +114,11 @@ async def _serve(agent: Agent, websocket: ClientConnection, opened: float) -> Se
     log.info("Connected to the server as %s", facts["hostname"])
     link = Link(websocket)
     agent.attach(link)
-    reports = [asyncio.create_task(_heartbeats(agent, link)),
-               asyncio.create_task(_metrics(agent, link)),
-               asyncio.create_task(_resend_results(agent, link))]
+    reports = [
+        asyncio.create_task(_heartbeats(agent, link)),
+        asyncio.create_task(_metrics(agent, link)),
+        asyncio.create_task(_resend_results(agent, link)),
+    ]
     try:
         end = await _receive(agent, websocket)
     finally:

@@ -18,15 +18,30 @@ ENV_PREFIX = "SYSMANAGE_AGENT_"
 
 #: Settings read from the environment, as ``SYSMANAGE_AGENT_<NAME>``.
 ENV_SETTINGS = (
-    "server", "token", "hostname", "metrics_interval", "heartbeat_interval", "state_dir",
-    "config", "log_level",
+    "server",
+    "token",
+    "hostname",
+    "metrics_interval",
+    "heartbeat_interval",
+    "state_dir",
+    "config",
+    "log_level",
 )
 
 #: Keys allowed in the config file.
-FILE_SETTINGS = frozenset({
-    "server", "token", "hostname", "metrics_interval", "heartbeat_interval", "state_dir",
-    "max_output_bytes", "max_concurrent_commands", "log_level",
-})
+FILE_SETTINGS = frozenset(
+    {
+        "server",
+        "token",
+        "hostname",
+        "metrics_interval",
+        "heartbeat_interval",
+        "state_dir",
+        "max_output_bytes",
+        "max_concurrent_commands",
+        "log_level",
+    }
+)
 
 
 class ConfigError(Exception):

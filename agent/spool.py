@@ -31,8 +31,7 @@ class ResultSpool:
 
     def store(self, kind: str, ref: str, message: dict[str, Any]) -> None:
         """Write the result ``message`` atomically."""
-        atomic_write_json(self.path_for(kind, ref), {"kind": kind, "ref": ref,
-                                                     "message": message})
+        atomic_write_json(self.path_for(kind, ref), {"kind": kind, "ref": ref, "message": message})
 
     def get(self, kind: str, ref: str) -> dict[str, Any] | None:
         """The stored result of ``kind`` for ``ref``, if it is still unacknowledged."""

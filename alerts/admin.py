@@ -1,4 +1,5 @@
 """Admin of alerts, with acknowledge and resolve actions."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,16 @@ class AlertAdmin(admin.ModelAdmin):
     list_display = ("title", "severity", "status", "host", "category", "created_at")
     list_filter = ("severity", "status", "category")
     search_fields = ("title", "message", "host__hostname")
-    readonly_fields = ("id", "status", "created_at", "updated_at", "acknowledged_by",
-                       "acknowledged_at", "resolved_by", "resolved_at")
+    readonly_fields = (
+        "id",
+        "status",
+        "created_at",
+        "updated_at",
+        "acknowledged_by",
+        "acknowledged_at",
+        "resolved_by",
+        "resolved_at",
+    )
     actions = ["acknowledge", "resolve"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -36,8 +45,13 @@ class AlertAdmin(admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        created = services.alert_raise(severity=obj.severity, category=obj.category,
-                                       title=obj.title, message=obj.message, host=obj.host)
+        created = services.alert_raise(
+            severity=obj.severity,
+            category=obj.category,
+            title=obj.title,
+            message=obj.message,
+            host=obj.host,
+        )
         obj.pk = created.pk
 
     def _apply(self, request: HttpRequest, queryset: Any, service: Any, verb: str) -> None:
@@ -48,8 +62,11 @@ class AlertAdmin(admin.ModelAdmin):
                 done += 1
             except services.AlertStateError:
                 skipped += 1
-        self.message_user(request, f"{done} alert(s) {verb}; {skipped} skipped.",
-                          messages.SUCCESS if not skipped else messages.WARNING)
+        self.message_user(
+            request,
+            f"{done} alert(s) {verb}; {skipped} skipped.",
+            messages.SUCCESS if not skipped else messages.WARNING,
+        )
 
     @admin.action(description="Acknowledge selected alerts", permissions=["change"])
     def acknowledge(self, request: HttpRequest, queryset: Any) -> None:
@@ -66,18 +83,34 @@ class AlertAdmin(admin.ModelAdmin):
 class AlertRuleAdmin(admin.ModelAdmin):
     """Alert rules; every server process picks up edits within ALERT_RULES_RELOAD_SECONDS."""
 
-    list_display = ("name", "metric", "warning_threshold", "critical_threshold",
-                    "sustained_samples", "clear_margin", "enabled")
+    list_display = (
+        "name",
+        "metric",
+        "warning_threshold",
+        "critical_threshold",
+        "sustained_samples",
+        "clear_margin",
+        "enabled",
+    )
     list_editable = ("enabled",)
     list_filter = ("metric", "enabled")
     fieldsets = (
         (None, {"fields": ("name", "metric", "category", "enabled")}),
-        ("Thresholds", {"fields": ("warning_threshold", "critical_threshold",
-                                   "sustained_samples", "clear_margin"),
-                        "description": "Disk, memory and CPU rules are in percent; the load "
-                        "rule is the 1-minute load average per CPU. A rule for host offline "
-                        "needs no thresholds: set a critical threshold (any value) to raise "
-                        "critical alerts, or only a warning threshold for warnings."}),
+        (
+            "Thresholds",
+            {
+                "fields": (
+                    "warning_threshold",
+                    "critical_threshold",
+                    "sustained_samples",
+                    "clear_margin",
+                ),
+                "description": "Disk, memory and CPU rules are in percent; the load "
+                "rule is the 1-minute load average per CPU. A rule for host offline "
+                "needs no thresholds: set a critical threshold (any value) to raise "
+                "critical alerts, or only a warning threshold for warnings.",
+            },
+        ),
     )
 
     def save_model(self, request: HttpRequest, obj: AlertRule, form: Any, change: bool) -> None:

@@ -1,4 +1,5 @@
 """REST API of alerts: list, raise, acknowledge, resolve (each write needs its right)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,8 +26,18 @@ class AlertSerializer(serializers.ModelSerializer):
     class Meta:
         model = Alert
         fields = [
-            "id", "host", "hostname", "severity", "category", "title", "message", "status",
-            "created_at", "updated_at", "acknowledged_at", "resolved_at",
+            "id",
+            "host",
+            "hostname",
+            "severity",
+            "category",
+            "title",
+            "message",
+            "status",
+            "created_at",
+            "updated_at",
+            "acknowledged_at",
+            "resolved_at",
         ]
         read_only_fields = fields
 
@@ -38,8 +49,9 @@ class AlertRaiseSerializer(serializers.Serializer):
     category = serializers.CharField(max_length=50)
     title = serializers.CharField(max_length=200)
     message = serializers.CharField(allow_blank=True, required=False, default="")
-    host = serializers.PrimaryKeyRelatedField(queryset=Host.objects.all(), required=False,
-                                              allow_null=True)
+    host = serializers.PrimaryKeyRelatedField(
+        queryset=Host.objects.all(), required=False, allow_null=True
+    )
 
 
 class AlertFilters(serializers.Serializer):
@@ -59,9 +71,11 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
         """Alerts narrowed by the query parameters."""
         filters = query_filters(self.request, AlertFilters)
         host = filters.get("host")
-        return selectors.alert_list(severity=filters.get("severity") or None,
-                                    status=filters.get("status") or None,
-                                    host_id=str(host) if host else None)
+        return selectors.alert_list(
+            severity=filters.get("severity") or None,
+            status=filters.get("status") or None,
+            host_id=str(host) if host else None,
+        )
 
     def _require(self, right: str) -> None:
         if not permissions.holds(self.request.user, right):

@@ -1,4 +1,5 @@
 """App configuration of the alerts app."""
+
 from django.apps import AppConfig
 
 
@@ -21,6 +22,7 @@ class AlertsConfig(AppConfig):
         topics.register_snapshot("fleet_status", selectors.fleet_stats)
         listen("host.metrics_reported", evaluation.on_metrics)
         listen("host.status_changed", evaluation.on_status)
-        register_periodic("alerts.rules", lambda: settings.ALERT_RULES_RELOAD_SECONDS,
-                          evaluation.reload_rules)
+        register_periodic(
+            "alerts.rules", lambda: settings.ALERT_RULES_RELOAD_SECONDS, evaluation.reload_rules
+        )
         command_registry.register("system_alerts", commands.handle_alert_command)

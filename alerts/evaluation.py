@@ -5,6 +5,7 @@ Metrics reports are judged in memory by this process's :class:`~alerts.rules.Rul
 only verdicts reach the database, in the background.  Host status changes raise and
 resolve the "host offline" alerts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ MESSAGES = {
     "disk_usage": "Disk usage on {key} is {value:.1f}% ({severity} at {threshold:g}%)",
     "memory_usage": "Memory usage is {value:.1f}% ({severity} at {threshold:g}%)",
     "cpu_usage": "CPU usage is {value:.1f}% ({severity} at {threshold:g}%, "
-                 "sustained over {sustained} samples)",
+    "sustained over {sustained} samples)",
     "load_per_cpu": "Load average is {value:.2f} per CPU ({severity} at {threshold:g})",
 }
 
@@ -43,13 +44,22 @@ def apply_verdicts(verdicts: list[Verdict]) -> None:
     for verdict in _worth_writing(verdicts):
         rule = verdict.rule
         threshold = rule.critical if verdict.severity == "critical" else rule.warning
-        values = {"key": verdict.key, "value": verdict.value, "severity": verdict.severity,
-                  "threshold": threshold or 0, "sustained": rule.sustained}
+        values = {
+            "key": verdict.key,
+            "value": verdict.value,
+            "severity": verdict.severity,
+            "threshold": threshold or 0,
+            "sustained": rule.sustained,
+        }
         services.rule_alert_sync(
-            host_id=verdict.host_id, rule_id=rule.id, key=verdict.key,
-            severity=verdict.severity, category=rule.category,
+            host_id=verdict.host_id,
+            rule_id=rule.id,
+            key=verdict.key,
+            severity=verdict.severity,
+            category=rule.category,
             title=TITLES[rule.metric].format(**values),
-            message=MESSAGES[rule.metric].format(**values) if verdict.severity else "")
+            message=MESSAGES[rule.metric].format(**values) if verdict.severity else "",
+        )
 
 
 def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
@@ -65,11 +75,14 @@ def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
     active = {
         (str(host_id), str(rule_id), key)
         for host_id, rule_id, key in Alert.objects.filter(
-            host_id__in={v.host_id for v in clear}, rule_id__in={v.rule.id for v in clear},
-            status__in=Alert.ACTIVE_STATUSES).values_list("host_id", "rule_id", "rule_key")
+            host_id__in={v.host_id for v in clear},
+            rule_id__in={v.rule.id for v in clear},
+            status__in=Alert.ACTIVE_STATUSES,
+        ).values_list("host_id", "rule_id", "rule_key")
     }
-    return [v for v in verdicts
-            if v.severity is not None or (v.host_id, v.rule.id, v.key) in active]
+    return [
+        v for v in verdicts if v.severity is not None or (v.host_id, v.rule.id, v.key) in active
+    ]
 
 
 def on_metrics(data: dict[str, Any]) -> None:
@@ -83,8 +96,9 @@ def on_metrics(data: dict[str, Any]) -> None:
             hub.run_in_background(reload_rules)  # type: ignore[union-attr]
             return
         reload_rules()
-    verdicts = ENGINE.observe(data["host_id"], data.get("hostname", ""),
-                              data.get("metrics") or {}, data.get("cpu_count"))
+    verdicts = ENGINE.observe(
+        data["host_id"], data.get("hostname", ""), data.get("metrics") or {}, data.get("cpu_count")
+    )
     if not verdicts:
         return
     if in_loop:
@@ -98,11 +112,18 @@ def on_status(data: dict[str, Any]) -> None:
     rules = AlertRule.objects.filter(enabled=True, metric=RuleMetric.OFFLINE)
     offline = data["status"] == "offline"
     for rule in rules:
-        severity = "critical" if (rule.critical_threshold is not None or
-                                  rule.warning_threshold is None) else "warning"
+        severity = (
+            "critical"
+            if (rule.critical_threshold is not None or rule.warning_threshold is None)
+            else "warning"
+        )
         services.rule_alert_sync(
-            host_id=data["host_id"], rule_id=rule.id, key="",
-            severity=severity if offline else None, category=rule.category,
+            host_id=data["host_id"],
+            rule_id=rule.id,
+            key="",
+            severity=severity if offline else None,
+            category=rule.category,
             title=f"Host offline: {data['hostname']}",
             message=f"{data['hostname']} went offline (was {data['previous_status']}) at "
-                    f"{data['timestamp']}")
+            f"{data['timestamp']}",
+        )

@@ -1,4 +1,5 @@
 """Events of the alerts app."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """The alert model: something about a host that an operator should act on."""
+
 from __future__ import annotations
 
 import uuid
@@ -45,10 +46,13 @@ class AlertRule(models.Model):
     warning_threshold = models.FloatField(null=True, blank=True)
     critical_threshold = models.FloatField(null=True, blank=True)
     sustained_samples = models.PositiveIntegerField(
-        default=1, help_text="Consecutive samples over a threshold before the alert is raised.")
+        default=1, help_text="Consecutive samples over a threshold before the alert is raised."
+    )
     clear_margin = models.FloatField(
-        default=5.0, help_text="How far below a threshold the value must fall before the "
-        "alert is lowered or resolved, so that it does not flap.")
+        default=5.0,
+        help_text="How far below a threshold the value must fall before the "
+        "alert is lowered or resolved, so that it does not flap.",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -79,17 +83,24 @@ class Alert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     acknowledged_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     acknowledged_at = models.DateTimeField(null=True, blank=True)
     resolved_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     resolved_at = models.DateTimeField(null=True, blank=True)
-    rule = models.ForeignKey(AlertRule, null=True, blank=True, on_delete=models.SET_NULL,
-                             related_name="alerts")
+    rule = models.ForeignKey(
+        AlertRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts"
+    )
     # Which instance of the rule (a mount point for disk rules; empty otherwise).
     rule_key = models.CharField(max_length=255, blank=True)
 

@@ -9,6 +9,7 @@ written when an alert is raised, raised in severity, lowered or resolved, never 
 report.  Lowering and resolving need the value to fall ``clear_margin`` below the
 threshold, so a value hovering at a threshold does not flap.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,9 +35,16 @@ class RuleSpec:
     @classmethod
     def from_model(cls, rule: Any) -> RuleSpec:
         """Copy a rule row."""
-        return cls(id=str(rule.id), name=rule.name, metric=rule.metric, category=rule.category,
-                   warning=rule.warning_threshold, critical=rule.critical_threshold,
-                   sustained=max(1, rule.sustained_samples), margin=max(0.0, rule.clear_margin))
+        return cls(
+            id=str(rule.id),
+            name=rule.name,
+            metric=rule.metric,
+            category=rule.category,
+            warning=rule.warning_threshold,
+            critical=rule.critical_threshold,
+            sustained=max(1, rule.sustained_samples),
+            margin=max(0.0, rule.clear_margin),
+        )
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,14 @@ def _level(rule: RuleSpec, value: float, margin: float = 0.0) -> str | None:
     return None
 
 
-def rule_values(rule: RuleSpec, metrics: dict[str, Any],
-                cpu_count: int | None) -> list[tuple[str, float]]:
+def rule_values(
+    rule: RuleSpec, metrics: dict[str, Any], cpu_count: int | None
+) -> list[tuple[str, float]]:
     """The ``(instance key, value)`` pairs a metrics report gives for ``rule``."""
     if rule.metric == "disk_usage":
-        return sorted((str(mount), float(v)) for mount, v in
-                      (metrics.get("disk_usage") or {}).items())
+        return sorted(
+            (str(mount), float(v)) for mount, v in (metrics.get("disk_usage") or {}).items()
+        )
     if rule.metric in ("memory_usage", "cpu_usage") and metrics.get(rule.metric) is not None:
         return [("", float(metrics[rule.metric]))]
     if rule.metric == "load_per_cpu" and metrics.get("load_average") and cpu_count:
@@ -94,8 +104,9 @@ class RuleEngine:
             for key in [k for k in store if k[0] == host_id]:
                 del store[key]
 
-    def observe(self, host_id: str, hostname: str, metrics: dict[str, Any],
-                cpu_count: int | None) -> list[Verdict]:
+    def observe(
+        self, host_id: str, hostname: str, metrics: dict[str, Any], cpu_count: int | None
+    ) -> list[Verdict]:
         """Evaluate one metrics report; return the changes the database needs."""
         verdicts = []
         for rule in self.rules or ():

@@ -1,4 +1,5 @@
 """Reads of alerts, and the fleet-wide counts that involve them."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,12 @@ from hosts import selectors as host_selectors
 from sysmanage.protocol import iso
 
 
-def alert_list(*, severity: list[str] | None = None, status: list[str] | None = None,
-               host_id: str | None = None) -> QuerySet[Alert]:
+def alert_list(
+    *,
+    severity: list[str] | None = None,
+    status: list[str] | None = None,
+    host_id: str | None = None,
+) -> QuerySet[Alert]:
     """Alerts, newest first, optionally narrowed by severity, status and host."""
     alerts = Alert.objects.select_related("host")
     if severity:
@@ -28,7 +33,9 @@ def fleet_stats(filters: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``fleet_status`` figures, read from the database."""
     hosts_with_alerts = (
         Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
-        .values("host_id").distinct().count()
+        .values("host_id")
+        .distinct()
+        .count()
     )
     return {
         **host_selectors.host_counts(),
@@ -42,6 +49,8 @@ def alert_severity_counts() -> dict[str, int]:
     """Active (open or acknowledged) alerts per severity; every severity is present."""
     counts = dict(
         Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES)
-        .values_list("severity").annotate(count=Count("id")).order_by()
+        .values_list("severity")
+        .annotate(count=Count("id"))
+        .order_by()
     )
     return {severity: counts.get(severity, 0) for severity in Severity.values}

@@ -1,4 +1,5 @@
 """Writes of alerts: raise, acknowledge, resolve; each publishes on ``system_alerts``."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,24 +21,33 @@ class AlertStateError(Exception):
 
 
 def _publish(alert: Alert, action: str) -> None:
-    publish(AlertChanged(
-        alert_id=str(alert.id), action=action, severity=alert.severity, status=alert.status,
-        title=alert.title, message=alert.message,
-        host_id=str(alert.host_id) if alert.host_id else None,
-        hostname=alert.host.hostname if alert.host else None,
-        category=alert.category, timestamp=iso(alert.updated_at) or "",
-    ))
+    publish(
+        AlertChanged(
+            alert_id=str(alert.id),
+            action=action,
+            severity=alert.severity,
+            status=alert.status,
+            title=alert.title,
+            message=alert.message,
+            host_id=str(alert.host_id) if alert.host_id else None,
+            hostname=alert.host.hostname if alert.host else None,
+            category=alert.category,
+            timestamp=iso(alert.updated_at) or "",
+        )
+    )
     fleet_changed()
 
 
-def alert_raise(*, severity: str, category: str, title: str, message: str = "",
-                host: Host | None = None) -> Alert:
+def alert_raise(
+    *, severity: str, category: str, title: str, message: str = "", host: Host | None = None
+) -> Alert:
     """Open a new alert."""
     if severity not in Severity.values:
         raise ValueError(f"unknown severity {severity!r}")
     with transaction.atomic():
-        alert = Alert.objects.create(severity=severity, category=category, title=title,
-                                     message=message, host=host)
+        alert = Alert.objects.create(
+            severity=severity, category=category, title=title, message=message, host=host
+        )
         _publish(alert, "raised")
     return alert
 
@@ -46,8 +56,9 @@ def alert_acknowledge(*, alert_id: Any, actor: Actor) -> Alert:
     """Acknowledge an open alert."""
     user = actor.user
     with transaction.atomic():
-        alert = Alert.objects.select_for_update(of=("self",)).select_related("host").get(
-            id=alert_id)
+        alert = (
+            Alert.objects.select_for_update(of=("self",)).select_related("host").get(id=alert_id)
+        )
         if alert.status != AlertStatus.OPEN:
             raise AlertStateError(f"alert is {alert.status}, not open")
         alert.status = AlertStatus.ACKNOWLEDGED
@@ -63,8 +74,9 @@ def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
     """Resolve an open or acknowledged alert (``actor`` None when resolved automatically)."""
     user = actor.user if actor is not None else None
     with transaction.atomic():
-        alert = Alert.objects.select_for_update(of=("self",)).select_related("host").get(
-            id=alert_id)
+        alert = (
+            Alert.objects.select_for_update(of=("self",)).select_related("host").get(id=alert_id)
+        )
         if alert.status == AlertStatus.RESOLVED:
             raise AlertStateError("alert is resolved already")
         alert.status = AlertStatus.RESOLVED
@@ -76,29 +88,49 @@ def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
     return alert
 
 
-def rule_alert_sync(*, host_id: Any, rule_id: Any, key: str, severity: str | None,
-                    title: str, message: str, category: str) -> Alert | None:
+def rule_alert_sync(
+    *,
+    host_id: Any,
+    rule_id: Any,
+    key: str,
+    severity: str | None,
+    title: str,
+    message: str,
+    category: str,
+) -> Alert | None:
     """Make the active alert of (host, rule, key) match ``severity``; None resolves it.
 
     Raises the alert if there is none, updates its severity and text if it differs, and
     resolves it (automatically, by no one) when ``severity`` is None.
     """
-    active_alerts = Alert.objects.filter(host_id=host_id, rule_id=rule_id, rule_key=key,
-                                         status__in=Alert.ACTIVE_STATUSES)
+    active_alerts = Alert.objects.filter(
+        host_id=host_id, rule_id=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
+    )
     if severity is None and not active_alerts.exists():
         return None  # nothing to resolve: no write transaction (hosts coming online)
     with transaction.atomic():
-        active = Alert.objects.select_for_update(of=("self",)).select_related("host").filter(
-            host_id=host_id, rule_id=rule_id, rule_key=key,
-            status__in=Alert.ACTIVE_STATUSES).first()
+        active = (
+            Alert.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(
+                host_id=host_id, rule_id=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
+            )
+            .first()
+        )
         if severity is None:
             return alert_resolve(alert_id=active.id, actor=None) if active else None
         if active is None:
             try:
                 with transaction.atomic():
                     alert = Alert.objects.create(
-                        host_id=host_id, rule_id=rule_id, rule_key=key, severity=severity,
-                        category=category, title=title, message=message)
+                        host_id=host_id,
+                        rule_id=rule_id,
+                        rule_key=key,
+                        severity=severity,
+                        category=category,
+                        title=title,
+                        message=message,
+                    )
             except IntegrityError:  # another process raised it a moment ago
                 return None
             alert = Alert.objects.select_related("host").get(id=alert.id)

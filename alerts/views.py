@@ -1,4 +1,5 @@
 """Pages of the alerts app: the alerts table, filtered by severity and state."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,9 @@ ALERTS_PER_PAGE = 100
 DEFAULT_STATES = [AlertStatus.OPEN.value, AlertStatus.ACKNOWLEDGED.value]
 
 
-def chosen_values(params: QueryDict, name: str, choices: list[str],
-                  default: list[str]) -> list[str]:
+def chosen_values(
+    params: QueryDict, name: str, choices: list[str], default: list[str]
+) -> list[str]:
     """The known values of a multi-select parameter, in ``choices`` order.
 
     Accepts repeated parameters (``?status=open&status=resolved``) and commas
@@ -48,12 +50,19 @@ class AlertListView(DashboardMixin, TemplateView):
         can_manage = permissions.can_manage_alerts(self.request.user)
         return {
             **super().get_context_data(**kwargs),
-            "page_obj": page, "alerts": page.object_list,
-            "severity_choices": Severity.choices, "state_choices": AlertStatus.choices,
-            "severities": severities, "states": states,
+            "page_obj": page,
+            "alerts": page.object_list,
+            "severity_choices": Severity.choices,
+            "state_choices": AlertStatus.choices,
+            "severities": severities,
+            "states": states,
             "showing_default": states == DEFAULT_STATES and not severities,
             "can_manage_alerts": can_manage,
-            "page_data": {"severities": severities, "states": states,
-                          "canManageAlerts": can_manage, "firstPage": page.number == 1,
-                          "count": page.paginator.count},
+            "page_data": {
+                "severities": severities,
+                "states": states,
+                "canManageAlerts": can_manage,
+                "firstPage": page.number == 1,
+                "count": page.paginator.count,
+            },
         }

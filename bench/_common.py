@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks (run as ``python bench/NAME.py``)."""
+
 from __future__ import annotations
 
 import resource

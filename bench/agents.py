@@ -17,6 +17,7 @@ Prints: agents connected and connect time, metrics sent per second, the fraction
 watched reports delivered, server CPU (percent of one core) and RSS (total and per agent),
 and command round-trip p50/p99.  Targets only loopback; stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,22 +56,23 @@ print(json.dumps({{"tokens": tokens, "access": access_token_for(user)}}))
 """
 
 
-
-
-
-
 def server_env(workdir: Path, redis_url: str | None) -> dict[str, str]:
     """Environment of the server and of the enrolment script."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DJANGO_", "SYSMANAGE_", "DATABASE_URL", "REDIS_URL"))}
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
-        "SYSMANAGE_VAR_DIR": str(workdir),
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
-        "HOST_OFFLINE_AFTER_SECONDS": "3600",
-        "JWT_ACCESS_TTL_SECONDS": "3600",
-        "LOG_LEVEL": "WARNING",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "SYSMANAGE_", "DATABASE_URL", "REDIS_URL"))
+    }
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
+            "SYSMANAGE_VAR_DIR": str(workdir),
+            "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
+            "HOST_OFFLINE_AFTER_SECONDS": "3600",
+            "JWT_ACCESS_TTL_SECONDS": "3600",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
     if redis_url:
         env["REDIS_URL"] = redis_url
         env["SYSMANAGE_REDIS_PREFIX"] = f"bench-agents-{secrets.token_hex(4)}"
@@ -79,20 +81,40 @@ def server_env(workdir: Path, redis_url: str | None) -> dict[str, str]:
 
 def prepare(env: dict[str, str], agents: int) -> dict[str, Any]:
     """Migrate a fresh database and enroll the hosts; return tokens."""
-    subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True,
-                   timeout=300)
-    out = subprocess.run([PYTHON, "manage.py", "shell", "-c", ENROLL.format(count=agents)],
-                         cwd=REPO, env=env, check=True, timeout=900, capture_output=True,
-                         text=True).stdout
+    subprocess.run(
+        [PYTHON, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=300
+    )
+    out = subprocess.run(
+        [PYTHON, "manage.py", "shell", "-c", ENROLL.format(count=agents)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     """Start Daphne and wait until it answers."""
     handle = log.open("wb")
-    proc = subprocess.Popen([PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(port),
-                             "sysmanage.asgi:application"], cwd=REPO, env=env,
-                            stdout=handle, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "sysmanage.serve",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "sysmanage.asgi:application",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
@@ -104,11 +126,12 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
 
 def sample_metrics(rng: random.Random) -> dict[str, Any]:
     """A plausible metrics report, under every default alert threshold."""
-    return {"cpu_usage": round(rng.uniform(1, 60), 1),
-            "memory_usage": round(rng.uniform(20, 80), 1),
-            "disk_usage": {"/": round(rng.uniform(20, 70), 1),
-                           "/var": round(rng.uniform(20, 70), 1)},
-            "load_average": [round(rng.uniform(0, 1.5), 2) for _ in range(3)]}
+    return {
+        "cpu_usage": round(rng.uniform(1, 60), 1),
+        "memory_usage": round(rng.uniform(20, 80), 1),
+        "disk_usage": {"/": round(rng.uniform(20, 70), 1), "/var": round(rng.uniform(20, 70), 1)},
+        "load_average": [round(rng.uniform(0, 1.5), 2) for _ in range(3)],
+    }
 
 
 @dataclass
@@ -125,11 +148,24 @@ async def run_agent(url: str, token: str, index: int, interval: float, tally: Ta
     """One simulated agent: hello, metrics every interval, instant command results."""
     rng = random.Random(index)
     headers = {"Authorization": f"Bearer {token}"}
-    async with websockets.connect(url, additional_headers=headers, max_size=2**20,
-                                  open_timeout=60, ping_interval=None) as ws:
-        await ws.send(json.dumps({"type": "hello", "data": {
-            "hostname": f"agent-{index:05d}", "cpu_count": 4, "ip_addresses": [],
-            "os_name": "Debian GNU/Linux", "os_version": "12", "agent_version": "bench"}}))
+    async with websockets.connect(
+        url, additional_headers=headers, max_size=2**20, open_timeout=60, ping_interval=None
+    ) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "data": {
+                        "hostname": f"agent-{index:05d}",
+                        "cpu_count": 4,
+                        "ip_addresses": [],
+                        "os_name": "Debian GNU/Linux",
+                        "os_version": "12",
+                        "agent_version": "bench",
+                    },
+                }
+            )
+        )
         welcome = json.loads(await ws.recv())
         if welcome.get("type") != "welcome":
             tally.errors += 1
@@ -157,9 +193,21 @@ async def _answer(ws: Any, tally: Tally) -> None:
         async for raw in ws:
             message = json.loads(raw)
             if message.get("type") == "run_command":
-                await ws.send(json.dumps({"type": "command_result", "data": {
-                    "execution_id": message["data"]["execution_id"], "status": "completed",
-                    "exit_code": 0, "stdout": "ok\n", "stderr": "", "execution_time": 0.0}}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "command_result",
+                            "data": {
+                                "execution_id": message["data"]["execution_id"],
+                                "status": "completed",
+                                "exit_code": 0,
+                                "stdout": "ok\n",
+                                "stderr": "",
+                                "execution_time": 0.0,
+                            },
+                        }
+                    )
+                )
             elif message.get("type") == "error":
                 tally.errors += 1
 
@@ -174,8 +222,11 @@ async def watch_one(url: str, access: str, host_id: str, seconds: float) -> int:
     """Count one host's ``host_metrics`` events during ``seconds``."""
     headers = {"Authorization": f"Bearer {access}"}
     async with websockets.connect(url, additional_headers=headers, max_size=2**22) as ws:
-        await ws.send(json.dumps({"type": "subscribe", "channel": "host_metrics",
-                                  "filters": {"host_id": host_id}}))
+        await ws.send(
+            json.dumps(
+                {"type": "subscribe", "channel": "host_metrics", "filters": {"host_id": host_id}}
+            )
+        )
         count, deadline = 0, time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
@@ -213,9 +264,16 @@ async def time_commands(url: str, access: str, host_ids: list[str], count: int) 
         for i in range(count):
             host_id = random.choice(host_ids)
             started = time.perf_counter()
-            await ws.send(json.dumps({"type": "command", "channel": "command_execution",
-                                      "id": f"c{i}", "data": {"host_id": host_id,
-                                                              "command": "true", "timeout": 10}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "command",
+                        "channel": "command_execution",
+                        "id": f"c{i}",
+                        "data": {"host_id": host_id, "command": "true", "timeout": 10},
+                    }
+                )
+            )
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 30))
                 if message.get("id") == f"c{i}":
@@ -228,16 +286,30 @@ async def time_commands(url: str, access: str, host_ids: list[str], count: int) 
 
 def host_ids(env: dict[str, str], limit: int) -> list[str]:
     """Ids of the enrolled hosts (first ``limit``)."""
-    code = ("import json; from hosts.models import Host; "
-            f"print(json.dumps([str(h) for h in Host.objects.order_by('hostname')"
-            f".values_list('id', flat=True)[:{limit}]]))")
-    out = subprocess.run([PYTHON, "manage.py", "shell", "-c", code], cwd=REPO, env=env,
-                         check=True, capture_output=True, text=True, timeout=120).stdout
+    code = (
+        "import json; from hosts.models import Host; "
+        f"print(json.dumps([str(h) for h in Host.objects.order_by('hostname')"
+        f".values_list('id', flat=True)[:{limit}]]))"
+    )
+    out = subprocess.run(
+        [PYTHON, "manage.py", "shell", "-c", code],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     return list(json.loads(out.strip().splitlines()[-1]))
 
 
-async def drive(args: argparse.Namespace, base: str, data: dict[str, Any], ids: list[str],
-                server: psutil.Process) -> dict[str, Any]:
+async def drive(
+    args: argparse.Namespace,
+    base: str,
+    data: dict[str, Any],
+    ids: list[str],
+    server: psutil.Process,
+) -> dict[str, Any]:
     """Connect the agents, measure the steady state, time commands."""
     agent_url, client_url = f"ws://{base}/ws/agent", f"ws://{base}/ws"
     tally = Tally()
@@ -245,8 +317,9 @@ async def drive(args: argparse.Namespace, base: str, data: dict[str, Any], ids: 
     started = time.monotonic()
     tasks = []
     for index, token in enumerate(data["tokens"]):
-        tasks.append(asyncio.ensure_future(
-            run_agent(agent_url, token, index, args.interval, tally)))
+        tasks.append(
+            asyncio.ensure_future(run_agent(agent_url, token, index, args.interval, tally))
+        )
         if index % 50 == 49:
             await asyncio.sleep(0.05)  # a connect ramp, as a fleet restarting would be
     while tally.connected + tally.errors < len(tasks) and time.monotonic() - started < 300:
@@ -265,7 +338,9 @@ async def drive(args: argparse.Namespace, base: str, data: dict[str, Any], ids: 
     await asyncio.wait(tasks, timeout=30)
     busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     return {
-        "agents": len(tasks), "connected": tally.connected, "errors": tally.errors,
+        "agents": len(tasks),
+        "connected": tally.connected,
+        "errors": tally.errors,
         "connect_s": round(connect_seconds, 1),
         "settle_s": round(settle_seconds, 1),
         "metrics_per_s": round((sent1 - sent0) / (t1 - t0)),
@@ -297,13 +372,15 @@ def main() -> int:
         ids = host_ids(env, args.agents)
         port = free_port()
         proc = start_server(env, port, workdir / "server.log")
-        result = asyncio.run(drive(args, f"127.0.0.1:{port}", data, ids,
-                                   psutil.Process(proc.pid)))
+        result = asyncio.run(drive(args, f"127.0.0.1:{port}", data, ids, psutil.Process(proc.pid)))
     except BaseException:
         log = workdir / "server.log"
         if log.exists():
-            print("server log (last lines):\n" + "\n".join(
-                log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+            print(
+                "server log (last lines):\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-40:]),
+                file=sys.stderr,
+            )
         raise
     finally:
         if proc is not None:
@@ -313,8 +390,10 @@ def main() -> int:
             proc.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     layer = "redis" if args.redis_url else "in-memory"
-    print(f"agents benchmark ({layer} layer, interval {args.interval}s, "
-          f"{args.duration:.0f}s steady state, {os.cpu_count()} cores)")
+    print(
+        f"agents benchmark ({layer} layer, interval {args.interval}s, "
+        f"{args.duration:.0f}s steady state, {os.cpu_count()} cores)"
+    )
     for key, value in result.items():
         print(f"  {key:18} {value}")
     return 0 if result["connected"] == result["agents"] and not result["errors"] else 1

@@ -11,10 +11,12 @@ Run by ``bench/fanout.py``; on its own::
 
     python bench/bare_server.py --port 8765
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 
@@ -53,13 +55,12 @@ async def main(host: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.cancel)
     # No compression: Daphne does not negotiate permessage-deflate either.
-    async with serve(relay.handle, host, port, compression=None, max_size=2**20,
-                     ping_interval=None, backlog=1024):
+    async with serve(
+        relay.handle, host, port, compression=None, max_size=2**20, ping_interval=None, backlog=1024
+    ):
         print(f"listening on ws://{host}:{port}", flush=True)
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await stop
-        except asyncio.CancelledError:
-            pass
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ and whether something else was using the machine.
 Needs Redis on 127.0.0.1:6379 (``--redis-url``); targets only loopback addresses.
 See docs/benchmarks.md for how to read the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -154,8 +155,9 @@ class CpuWindow:
         t0, used0, busy0 = self.start
         t1, used1, busy1 = self._sample()
         span = max(t1 - t0, 1e-6)
-        result = {name: 100.0 * (used1.get(name, used0[name]) - used0[name]) / span
-                  for name in used0}
+        result = {
+            name: 100.0 * (used1.get(name, used0[name]) - used0[name]) / span for name in used0
+        }
         result["machine"] = 100.0 * (busy1 - busy0) / span
         return {k: round(v, 1) for k, v in result.items()}
 
@@ -182,13 +184,18 @@ class Bench:
             # Every subscriber socket of the benchmark is the same user's.
             "WS_MAX_SOCKETS_PER_USER": "0",
             "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                        os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "BENCH_PASSWORD": self.password,
             "PYTHONUNBUFFERED": "1",
         }
-        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-                     "ALL_PROXY"):
+        for name in (
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+        ):
             self.env.pop(name, None)
 
     # -- setup ----------------------------------------------------------------------------
@@ -196,8 +203,8 @@ class Bench:
     def prepare_database(self) -> None:
         """Migrate a fresh SQLite database and create the user and the host."""
         manage = [PYTHON, str(REPO / "manage.py")]
-        self._run(manage + ["migrate", "--noinput", "-v", "0"], timeout=300)
-        output = self._run(manage + ["shell", "-c", SETUP_SCRIPT], timeout=120)
+        self._run([*manage, "migrate", "--noinput", "-v", "0"], timeout=300)
+        output = self._run([*manage, "shell", "-c", SETUP_SCRIPT], timeout=120)
         for line in output.splitlines():
             if line.startswith("HOST_ID "):
                 self.host_id = line.split()[1]
@@ -205,8 +212,15 @@ class Bench:
             raise BenchError(f"setup printed no host id:\n{output}")
 
     def _run(self, command: list[str], timeout: float) -> str:
-        done = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        done = subprocess.run(
+            command,
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if done.returncode != 0:
             raise BenchError(f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}")
         return done.stdout
@@ -218,18 +232,34 @@ class Bench:
         self.runs += 1
         busy = self.wait_until_quiet()
         if busy > self.options.quiet_below:
-            print(f"  (machine still {busy:.0f}% busy with other processes; measuring anyway)",
-                  flush=True)
+            print(
+                f"  (machine still {busy:.0f}% busy with other processes; measuring anyway)",
+                flush=True,
+            )
         port = free_port()
         log = self.workdir / f"{self.runs:02d}-{kind}-server.log"
         if kind == "bare":
             command = [PYTHON, str(BENCH / "bare_server.py"), "--port", str(port)]
         else:
-            command = [PYTHON, "-m", "sysmanage.serve", "-b", LOOPBACK, "-p", str(port),
-                       self.options.asgi_app]
+            command = [
+                PYTHON,
+                "-m",
+                "sysmanage.serve",
+                "-b",
+                LOOPBACK,
+                "-p",
+                str(port),
+                self.options.asgi_app,
+            ]
         with log.open("wb") as out:
-            proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         server = Server(kind, proc, f"ws://{LOOPBACK}:{port}", log)
         try:
             wait_for_port(port, proc, timeout=60)
@@ -243,8 +273,11 @@ class Bench:
     def _token(self, port: int) -> str:
         body = json.dumps({"username": "bench", "password": self.password}).encode()
         request = urllib.request.Request(
-            f"http://{LOOPBACK}:{port}/api/token/", data=body,
-            headers={"Content-Type": "application/json"}, method="POST")
+            f"http://{LOOPBACK}:{port}/api/token/",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(request, timeout=30) as response:
             return str(json.load(response)["access"])
@@ -258,29 +291,61 @@ class Bench:
         logs = self.workdir / f"{self.runs:02d}-{kind}"
         deadline = options.connect_timeout + options.events / rate + options.drain_timeout + 120
         common = [PYTHON, str(BENCH / "loadgen.py")]
-        shared = ["--mode", kind, "--url", server.url, "--events", str(options.events),
-                  "--host-id", self.host_id, "--deadline", str(deadline)]
+        shared = [
+            "--mode",
+            kind,
+            "--url",
+            server.url,
+            "--events",
+            str(options.events),
+            "--host-id",
+            self.host_id,
+            "--deadline",
+            str(deadline),
+        ]
         server_ps = psutil.Process(server.proc.pid)
         children: list[Child] = []
         try:
             time.sleep(options.settle)
             rss_before = server_ps.memory_info().rss
-            subs = Child.spawn(common + ["subscribe"] + shared + [
-                "--subscribers", str(subscribers), "--client", options.client,
-                "--token", server.token, "--connect-timeout", str(options.connect_timeout),
-                "--drain-timeout", str(options.drain_timeout)],
-                self.env, Path(f"{logs}-subscribers.log"))
+            subs = Child.spawn(
+                [
+                    *common,
+                    "subscribe",
+                    *shared,
+                    "--subscribers",
+                    str(subscribers),
+                    "--client",
+                    options.client,
+                    "--token",
+                    server.token,
+                    "--connect-timeout",
+                    str(options.connect_timeout),
+                    "--drain-timeout",
+                    str(options.drain_timeout),
+                ],
+                self.env,
+                Path(f"{logs}-subscribers.log"),
+            )
             children.append(subs)
             subs.expect("READY", options.connect_timeout + 30)
             time.sleep(options.settle)
             rss_after = server_ps.memory_info().rss
-            pub = Child.spawn(common + ["publish"] + shared + ["--rate", str(rate)],
-                              self.env, Path(f"{logs}-publisher.log"))
+            pub = Child.spawn(
+                [*common, "publish", *shared, "--rate", str(rate)],
+                self.env,
+                Path(f"{logs}-publisher.log"),
+            )
             children.append(pub)
             pub.expect("READY", 60)
             profiler = self._start_profiler(server, label, subscribers)
-            cpu = CpuWindow({"server": server_ps, "subscribers": psutil.Process(subs.proc.pid),
-                             "publisher": psutil.Process(pub.proc.pid)})
+            cpu = CpuWindow(
+                {
+                    "server": server_ps,
+                    "subscribers": psutil.Process(subs.proc.pid),
+                    "publisher": psutil.Process(pub.proc.pid),
+                }
+            )
             pub.say("GO", {})
             done = pub.expect("DONE", options.events / rate + 120)
             subs.say("PUBLISHED", done)
@@ -302,8 +367,9 @@ class Bench:
         result["rate"] = rate
         return Row.build(kind, label, result, rss_before, rss_after, usage)
 
-    def _start_profiler(self, server: Server, label: str,
-                        subscribers: int) -> subprocess.Popen[str] | None:
+    def _start_profiler(
+        self, server: Server, label: str, subscribers: int
+    ) -> subprocess.Popen[str] | None:
         """Sample the server with py-spy over the publish window, if ``--profile`` asks."""
         directory: Path | None = self.options.profile
         if directory is None or server.kind not in self.options.profile_servers:
@@ -313,9 +379,23 @@ class Bench:
         py_spy = Path(PYTHON).parent / "py-spy"
         with (self.workdir / "py-spy.log").open("a") as log:
             proc = subprocess.Popen(
-                [str(py_spy), "record", "--pid", str(server.proc.pid), "--rate", "250",
-                 "--format", "raw", "--nonblocking", "--output", str(output)],
-                stdout=log, stderr=subprocess.STDOUT, text=True)
+                [
+                    str(py_spy),
+                    "record",
+                    "--pid",
+                    str(server.proc.pid),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(output),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         time.sleep(1.0)  # py-spy attaches before the first event
         return proc
 
@@ -349,9 +429,16 @@ class Child:
     def spawn(cls, command: list[str], env: dict[str, str], log: Path) -> Child:
         """Start ``command`` with its stderr in ``log`` and its stdout read line by line."""
         with log.open("w") as err:
-            proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=err, text=True,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         lines: queue.Queue[str | None] = queue.Queue()
 
         def pump() -> None:
@@ -375,8 +462,9 @@ class Child:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BenchError(f"no {tag} from {self.log.name} within {timeout:.0f}s:\n"
-                                 f"{tail(self.log)}")
+                raise BenchError(
+                    f"no {tag} from {self.log.name} within {timeout:.0f}s:\n{tail(self.log)}"
+                )
             try:
                 line = self.lines.get(timeout=remaining)
             except queue.Empty:
@@ -419,24 +507,41 @@ class Row:
     duplicates: int = 0
 
     @classmethod
-    def build(cls, kind: str, label: str, result: dict[str, Any], rss_before: int,
-              rss_after: int, usage: dict[str, float]) -> Row:
+    def build(
+        cls,
+        kind: str,
+        label: str,
+        result: dict[str, Any],
+        rss_before: int,
+        rss_after: int,
+        usage: dict[str, float],
+    ) -> Row:
         """Combine the load generator's result with the orchestrator's measurements."""
         subscribers = int(result["subscribers"])
         loadgen = round(usage.get("subscribers", 0.0) + usage.get("publisher", 0.0), 1)
         return cls(
-            server=kind, label=label, subscribers=subscribers, events=int(result["events"]),
-            rate=float(result["rate"]), published_rate=float(result["published_rate"]),
+            server=kind,
+            label=label,
+            subscribers=subscribers,
+            events=int(result["events"]),
+            rate=float(result["rate"]),
+            published_rate=float(result["published_rate"]),
             deliveries_per_s=float(result["deliveries_per_s"]),
-            p50_ms=result["p50_ms"], p99_ms=result["p99_ms"], lost=int(result["lost"]),
+            p50_ms=result["p50_ms"],
+            p99_ms=result["p99_ms"],
+            lost=int(result["lost"]),
             mean_bytes=result["mean_bytes"],
-            server_cpu=usage.get("server", 0.0), loadgen_cpu=loadgen,
-            server_us_per_delivery=round(usage.get("server", 0.0) * 1e4
-                                         / float(result["deliveries_per_s"]), 1)
-            if float(result["deliveries_per_s"]) > 0 else None,
+            server_cpu=usage.get("server", 0.0),
+            loadgen_cpu=loadgen,
+            server_us_per_delivery=round(
+                usage.get("server", 0.0) * 1e4 / float(result["deliveries_per_s"]), 1
+            )
+            if float(result["deliveries_per_s"]) > 0
+            else None,
             other_cpu=max(0.0, round(usage["machine"] - usage.get("server", 0.0) - loadgen, 1)),
             kb_per_conn=round((rss_after - rss_before) / 1024 / max(subscribers, 1), 1),
-            rss_before_mb=round(rss_before / 2**20, 1), rss_after_mb=round(rss_after / 2**20, 1),
+            rss_before_mb=round(rss_before / 2**20, 1),
+            rss_after_mb=round(rss_after / 2**20, 1),
             connect_seconds=float(result["connect_seconds"]),
             closed_early=int(result.get("closed_early", 0)),
             duplicates=int(result.get("duplicates", 0)),
@@ -444,12 +549,22 @@ class Row:
 
 
 COLUMNS: list[tuple[str, str, int]] = [
-    ("server", "server", 6), ("label", "run", 10), ("subscribers", "subs", 5),
-    ("events", "events", 6), ("rate", "rate/s", 7), ("published_rate", "pub/s", 7),
-    ("deliveries_per_s", "deliv/s", 8), ("p50_ms", "p50 ms", 7), ("p99_ms", "p99 ms", 7),
-    ("lost", "lost", 6), ("mean_bytes", "msg B", 5), ("server_cpu", "srv%", 5),
+    ("server", "server", 6),
+    ("label", "run", 10),
+    ("subscribers", "subs", 5),
+    ("events", "events", 6),
+    ("rate", "rate/s", 7),
+    ("published_rate", "pub/s", 7),
+    ("deliveries_per_s", "deliv/s", 8),
+    ("p50_ms", "p50 ms", 7),
+    ("p99_ms", "p99 ms", 7),
+    ("lost", "lost", 6),
+    ("mean_bytes", "msg B", 5),
+    ("server_cpu", "srv%", 5),
     ("server_us_per_delivery", "srv us/del", 10),
-    ("loadgen_cpu", "gen%", 5), ("other_cpu", "oth%", 5), ("kb_per_conn", "KB/conn", 7),
+    ("loadgen_cpu", "gen%", 5),
+    ("other_cpu", "oth%", 5),
+    ("kb_per_conn", "KB/conn", 7),
     ("ratio", "real/bare", 9),
 ]
 
@@ -467,8 +582,7 @@ def table(rows: list[Row]) -> str:
     head = "| " + " | ".join(title.rjust(width) for _, title, width in COLUMNS) + " |"
     rule = "|" + "|".join("-" * (width + 1) + ":" for _, _, width in COLUMNS) + "|"
     body = [
-        "| " + " | ".join(_cell(getattr(row, key)).rjust(width) for key, _, width in COLUMNS)
-        + " |"
+        "| " + " | ".join(_cell(getattr(row, key)).rjust(width) for key, _, width in COLUMNS) + " |"
         for row in rows
     ]
     return "\n".join([head, rule, *body])
@@ -490,20 +604,34 @@ def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterato
             continue
         if row.label == "saturation" and row.ratio is not None:
             ok = "met" if row.ratio >= ratio_target else "NOT met"
-            yield (f"{row.subscribers} subscribers: real/bare deliveries/s at saturation "
-                   f"{row.ratio:.2f} (target >= {ratio_target}): {ok}")
-            bare = next((r for r in rows if r.server == "bare" and r.label == row.label
-                         and r.subscribers == row.subscribers), None)
+            yield (
+                f"{row.subscribers} subscribers: real/bare deliveries/s at saturation "
+                f"{row.ratio:.2f} (target >= {ratio_target}): {ok}"
+            )
+            bare = next(
+                (
+                    r
+                    for r in rows
+                    if r.server == "bare"
+                    and r.label == row.label
+                    and r.subscribers == row.subscribers
+                ),
+                None,
+            )
             if bare is not None and bare.server_us_per_delivery and row.server_us_per_delivery:
-                yield (f"{row.subscribers} subscribers: server CPU per delivery at saturation "
-                       f"real {row.server_us_per_delivery:.1f} us, bare "
-                       f"{bare.server_us_per_delivery:.1f} us (bare/real "
-                       f"{bare.server_us_per_delivery / row.server_us_per_delivery:.2f})")
+                yield (
+                    f"{row.subscribers} subscribers: server CPU per delivery at saturation "
+                    f"real {row.server_us_per_delivery:.1f} us, bare "
+                    f"{bare.server_us_per_delivery:.1f} us (bare/real "
+                    f"{bare.server_us_per_delivery / row.server_us_per_delivery:.2f})"
+                )
         if row.label == "half" and row.p99_ms is not None:
             ok = "met" if row.p99_ms < p99_target and row.lost == 0 else "NOT met"
-            yield (f"{row.subscribers} subscribers: real p99 at {row.rate:g} events/s (half "
-                   f"its saturated rate) {row.p99_ms:.1f} ms, {row.lost} lost "
-                   f"(target < {p99_target:g} ms): {ok}")
+            yield (
+                f"{row.subscribers} subscribers: real p99 at {row.rate:g} events/s (half "
+                f"its saturated rate) {row.p99_ms:.1f} ms, {row.lost} lost "
+                f"(target < {p99_target:g} ms): {ok}"
+            )
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -512,43 +640,88 @@ def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterato
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        description="Fan-out benchmark: real server vs. bare websockets broadcast.")
-    parser.add_argument("--subscribers", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[500], help="subscriber counts, comma-separated (500,1000)")
+        description="Fan-out benchmark: real server vs. bare websockets broadcast."
+    )
+    parser.add_argument(
+        "--subscribers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[500],
+        help="subscriber counts, comma-separated (500,1000)",
+    )
     parser.add_argument("--events", type=int, default=200, help="events per run")
-    parser.add_argument("--rate", type=float, default=100.0,
-                        help="event rate of the nominal run, events/s")
-    parser.add_argument("--saturation-rate", type=float, default=5000.0,
-                        help="event rate of the saturation run, events/s")
-    parser.add_argument("--client", choices=("lean", "standard"), default="lean",
-                        help="subscriber implementation (see bench/loadgen.py)")
-    parser.add_argument("--drain-timeout", type=float, default=5.0,
-                        help="a run ends this long after the last delivery seen")
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="event rate of the nominal run, events/s"
+    )
+    parser.add_argument(
+        "--saturation-rate",
+        type=float,
+        default=5000.0,
+        help="event rate of the saturation run, events/s",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("lean", "standard"),
+        default="lean",
+        help="subscriber implementation (see bench/loadgen.py)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        help="a run ends this long after the last delivery seen",
+    )
     parser.add_argument("--connect-timeout", type=float, default=120.0)
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="pause before reading RSS and starting to publish, seconds")
-    parser.add_argument("--servers", default={"bare", "real"},
-                        type=lambda s: set(s.split(",")) & {"bare", "real"} or {"bare", "real"},
-                        help="servers to run: bare,real (default both)")
-    parser.add_argument("--asgi-app", default="sysmanage.asgi:application",
-                        help="application Daphne serves (to compare an experimental build; "
-                        "PYTHONPATH is passed on)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="pause before reading RSS and starting to publish, seconds",
+    )
+    parser.add_argument(
+        "--servers",
+        default={"bare", "real"},
+        type=lambda s: set(s.split(",")) & {"bare", "real"} or {"bare", "real"},
+        help="servers to run: bare,real (default both)",
+    )
+    parser.add_argument(
+        "--asgi-app",
+        default="sysmanage.asgi:application",
+        help="application Daphne serves (to compare an experimental build; "
+        "PYTHONPATH is passed on)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--ratio-target", type=float, default=0.8)
     parser.add_argument("--p99-target", type=float, default=100.0, help="milliseconds")
-    parser.add_argument("--quiet-below", type=float, default=20.0,
-                        help="before each run, wait until the machine's CPU use (%% of one "
-                        "core, all cores summed) is at most this")
-    parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="wait at most this many seconds for a quiet machine")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record py-spy samples of the server over each publish window "
-                        "into DIR (collapsed stacks, one file per run)")
-    parser.add_argument("--profile-servers", default="real",
-                        type=lambda s: set(s.split(",")), help="which servers to profile")
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=20.0,
+        help="before each run, wait until the machine's CPU use (%% of one "
+        "core, all cores summed) is at most this",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="wait at most this many seconds for a quiet machine",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy samples of the server over each publish window "
+        "into DIR (collapsed stacks, one file per run)",
+    )
+    parser.add_argument(
+        "--profile-servers",
+        default="real",
+        type=lambda s: set(s.split(",")),
+        help="which servers to profile",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary directory (database and logs)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (database and logs)"
+    )
     return parser.parse_args(argv)
 
 
@@ -570,18 +743,23 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         bench.prepare_database()
-        print(f"machine: {psutil.cpu_count()} CPUs, python {sys.version.split()[0]}; "
-              f"work dir {workdir}", flush=True)
+        print(
+            f"machine: {psutil.cpu_count()} CPUs, python {sys.version.split()[0]}; "
+            f"work dir {workdir}",
+            flush=True,
+        )
         kinds = [k for k in ("bare", "real") if k in options.servers]
         for n in options.subscribers:
-            for label, rate in (("nominal", options.rate),
-                                ("saturation", options.saturation_rate)):
+            for label, rate in (("nominal", options.rate), ("saturation", options.saturation_rate)):
                 for kind in kinds:
                     rows.append(bench.run(kind, label, n, rate))
                     _progress(rows[-1])
             # Half the event rate the real server (else the bare one) sustained.
-            reference = next(r for r in reversed(rows) if r.server == kinds[-1]
-                             and r.label == "saturation" and r.subscribers == n)
+            reference = next(
+                r
+                for r in reversed(rows)
+                if r.server == kinds[-1] and r.label == "saturation" and r.subscribers == n
+            )
             half = round(reference.deliveries_per_s / n / 2, 1)
             if half <= 0:
                 raise BenchError(f"the {kinds[-1]} server delivered nothing at saturation")
@@ -612,14 +790,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _progress(row: Row) -> None:
-    print(f"  {row.server:4} {row.label:10} {row.subscribers:5} subs @ {row.rate:g}/s: "
-          f"{row.deliveries_per_s:.0f} deliveries/s, p99 {row.p99_ms} ms, lost {row.lost}, "
-          f"server CPU {row.server_cpu}% ({row.server_us_per_delivery} us/delivery), "
-          f"load generator CPU {row.loadgen_cpu}%, others {row.other_cpu}%",
-          flush=True)
+    print(
+        f"  {row.server:4} {row.label:10} {row.subscribers:5} subs @ {row.rate:g}/s: "
+        f"{row.deliveries_per_s:.0f} deliveries/s, p99 {row.p99_ms} ms, lost {row.lost}, "
+        f"server CPU {row.server_cpu}% ({row.server_us_per_delivery} us/delivery), "
+        f"load generator CPU {row.loadgen_cpu}%, others {row.other_cpu}%",
+        flush=True,
+    )
     if row.closed_early or row.duplicates:
-        print(f"  WARNING: {row.closed_early} connections closed by the server, "
-              f"{row.duplicates} duplicate deliveries", flush=True)
+        print(
+            f"  WARNING: {row.closed_early} connections closed by the server, "
+            f"{row.duplicates} duplicate deliveries",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ the deliveries (or the drain timeout), prints ``DRAINED``, closes and prints
 ``RESULT``; the publisher prints ``READY``, waits for ``GO``, publishes and prints
 ``DONE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,20 +117,33 @@ def sample_metrics(rng: random.Random) -> dict[str, Any]:
         "process_count": rng.randint(150, 400),
         "uptime_seconds": rng.randint(10_000, 9_000_000),
         "network": {
-            "eth0": {"rx_bytes": rng.randint(10**6, 10**12), "tx_bytes": rng.randint(10**6, 10**12),
-                     "rx_errors": 0, "tx_errors": 0},
+            "eth0": {
+                "rx_bytes": rng.randint(10**6, 10**12),
+                "tx_bytes": rng.randint(10**6, 10**12),
+                "rx_errors": 0,
+                "tx_errors": 0,
+            },
         },
         "disks": [
-            {"mount": "/", "device": "/dev/sda1", "used_percent": round(rng.uniform(0, 100), 1),
-             "free_gb": round(rng.uniform(1, 400), 1)},
-            {"mount": "/var", "device": "/dev/sda2", "used_percent": round(rng.uniform(0, 100), 1),
-             "free_gb": round(rng.uniform(1, 400), 1)},
+            {
+                "mount": "/",
+                "device": "/dev/sda1",
+                "used_percent": round(rng.uniform(0, 100), 1),
+                "free_gb": round(rng.uniform(1, 400), 1),
+            },
+            {
+                "mount": "/var",
+                "device": "/dev/sda2",
+                "used_percent": round(rng.uniform(0, 100), 1),
+                "free_gb": round(rng.uniform(1, 400), 1),
+            },
         ],
     }
 
 
-def event_data(host_id: str, hostname: str, seq: int, sent_at: float,
-               rng: random.Random) -> dict[str, Any]:
+def event_data(
+    host_id: str, hostname: str, seq: int, sent_at: float, rng: random.Random
+) -> dict[str, Any]:
     """The ``data`` of one host_metrics event, stamped with ``seq`` and ``sent_at``."""
     metrics = sample_metrics(rng)
     metrics["bench_seq"] = seq
@@ -175,14 +189,16 @@ class BarePublisher:
 
     async def start(self) -> None:
         """Connect to the bare server's publisher endpoint."""
-        self.conn = await connect(self.url, compression=None, proxy=None, ping_interval=None,
-                                  close_timeout=2)
+        self.conn = await connect(
+            self.url, compression=None, proxy=None, ping_interval=None, close_timeout=2
+        )
 
     async def publish(self, data: dict[str, Any]) -> None:
         """Send one event envelope; the bare server relays it as it is."""
         assert self.conn is not None
-        await self.conn.send(dumps({"type": "event", "channel": CHANNEL, "data": data,
-                                    "timestamp": iso_now()}))
+        await self.conn.send(
+            dumps({"type": "event", "channel": CHANNEL, "data": data, "timestamp": iso_now()})
+        )
 
     async def close(self) -> None:
         """Close the publisher connection."""
@@ -221,8 +237,12 @@ class LayerPublisher:
 
     async def publish(self, data: dict[str, Any]) -> None:
         """Send one event to every server process's hub."""
-        event = self.event_type(host_id=data["host_id"], hostname=data["hostname"],
-                                timestamp=data["timestamp"], metrics=data["metrics"])
+        event = self.event_type(
+            host_id=data["host_id"],
+            hostname=data["hostname"],
+            timestamp=data["timestamp"],
+            metrics=data["metrics"],
+        )
         await self.layer.group_send(self.group, event.to_message())
 
     async def close(self) -> None:
@@ -248,9 +268,16 @@ async def publish_main(args: argparse.Namespace) -> None:
         await publisher.publish(event_data(args.host_id, args.hostname, seq, time.time(), rng))
     publish_seconds = loop.time() - start
     await publisher.close()
-    emit("DONE", {"first_publish": first_publish, "publish_seconds": round(publish_seconds, 3),
-                  "published_rate": round(args.events / publish_seconds, 1)
-                  if publish_seconds > 0 else float(args.events)})
+    emit(
+        "DONE",
+        {
+            "first_publish": first_publish,
+            "publish_seconds": round(publish_seconds, 3),
+            "published_rate": round(args.events / publish_seconds, 1)
+            if publish_seconds > 0
+            else float(args.events),
+        },
+    )
 
 
 # -- subscribers --------------------------------------------------------------------------
@@ -293,8 +320,9 @@ def subscribe_request(mode: str, host_id: str, request_id: str) -> str | None:
     """What a subscriber sends once connected (nothing on the bare server)."""
     if mode == "bare":
         return None
-    return dumps({"type": "subscribe", "channel": CHANNEL, "filters": {"host_id": host_id},
-                  "id": request_id})
+    return dumps(
+        {"type": "subscribe", "channel": CHANNEL, "filters": {"host_id": host_id}, "id": request_id}
+    )
 
 
 def is_ready_reply(mode: str, raw: bytes | str, request_id: str) -> bool:
@@ -302,8 +330,9 @@ def is_ready_reply(mode: str, raw: bytes | str, request_id: str) -> bool:
     reply = json.loads(raw)
     if reply.get("type") == "error":
         raise RuntimeError(f"subscriber {request_id} refused: {reply.get('data')}")
-    return bool(reply.get("type") == "response"
-                and (mode == "bare" or reply.get("id") == request_id))
+    return bool(
+        reply.get("type") == "response" and (mode == "bare" or reply.get("id") == request_id)
+    )
 
 
 class Subscriber(Protocol):
@@ -323,8 +352,7 @@ class Subscriber(Protocol):
 class LeanSubscriber(asyncio.Protocol):
     """A subscriber on websockets' Sans-I/O protocol, without per-message tasks or queues."""
 
-    def __init__(self, url: str, mode: str, host_id: str, request_id: str,
-                 tally: Tally) -> None:
+    def __init__(self, url: str, mode: str, host_id: str, request_id: str, tally: Tally) -> None:
         self.ws = ClientProtocol(parse_uri(url), max_size=MAX_MESSAGE)
         self.mode = mode
         self.host_id = host_id
@@ -425,15 +453,17 @@ class LeanSubscriber(asyncio.Protocol):
         return self.lost_connection
 
 
-async def open_lean(url: str, mode: str, host_id: str, index: int, tally: Tally,
-                    timeout: float) -> LeanSubscriber:
+async def open_lean(
+    url: str, mode: str, host_id: str, index: int, tally: Tally, timeout: float
+) -> LeanSubscriber:
     """Connect and subscribe one :class:`LeanSubscriber`."""
     uri = parse_uri(url)
     loop = asyncio.get_running_loop()
 
     async with asyncio.timeout(timeout):
         _, protocol = await loop.create_connection(
-            lambda: LeanSubscriber(url, mode, host_id, f"s{index}", tally), uri.host, uri.port)
+            lambda: LeanSubscriber(url, mode, host_id, f"s{index}", tally), uri.host, uri.port
+        )
         await protocol.ready
     return protocol
 
@@ -474,11 +504,19 @@ class StandardSubscriber:
         return self.task.done() and not self.task.cancelled()
 
 
-async def open_standard(url: str, mode: str, host_id: str, index: int, tally: Tally,
-                        timeout: float) -> StandardSubscriber:
+async def open_standard(
+    url: str, mode: str, host_id: str, index: int, tally: Tally, timeout: float
+) -> StandardSubscriber:
     """Connect and subscribe one :class:`StandardSubscriber`."""
-    conn = await connect(url, compression=None, proxy=None, open_timeout=timeout,
-                         ping_interval=None, close_timeout=2, max_size=MAX_MESSAGE)
+    conn = await connect(
+        url,
+        compression=None,
+        proxy=None,
+        open_timeout=timeout,
+        ping_interval=None,
+        close_timeout=2,
+        max_size=MAX_MESSAGE,
+    )
     request_id = f"s{index}"
     text = subscribe_request(mode, host_id, request_id)
     if text is not None:
@@ -532,10 +570,8 @@ async def wait_for_deliveries(tally: Tally, drain_timeout: float) -> None:
             last_count, last_change = tally.received, time.monotonic()
         elif time.monotonic() - last_change > drain_timeout:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tally.done.wait(), 0.2)
-        except TimeoutError:
-            pass
 
 
 async def subscribe_main(args: argparse.Namespace) -> None:
@@ -567,18 +603,30 @@ async def subscribe_main(args: argparse.Namespace) -> None:
             s.abort()
 
     latencies = sorted(tally.latencies_ms)
-    emit("RESULT", asdict(Result(
-        mode=args.mode, client=args.client, subscribers=args.subscribers, events=args.events,
-        expected=tally.expected, received=tally.received,
-        lost=tally.expected - tally.received, duplicates=tally.duplicates,
-        other_messages=tally.other, connect_seconds=round(connect_seconds, 3),
-        wall_seconds=round(wall, 3),
-        deliveries_per_s=round(tally.received / wall, 1) if wall > 0 else 0.0,
-        p50_ms=percentile(latencies, 0.50), p99_ms=percentile(latencies, 0.99),
-        max_ms=percentile(latencies, 1.0),
-        mean_bytes=round(tally.bytes / tally.received, 1) if tally.received else None,
-        closed_early=closed_early,
-    )))
+    emit(
+        "RESULT",
+        asdict(
+            Result(
+                mode=args.mode,
+                client=args.client,
+                subscribers=args.subscribers,
+                events=args.events,
+                expected=tally.expected,
+                received=tally.received,
+                lost=tally.expected - tally.received,
+                duplicates=tally.duplicates,
+                other_messages=tally.other,
+                connect_seconds=round(connect_seconds, 3),
+                wall_seconds=round(wall, 3),
+                deliveries_per_s=round(tally.received / wall, 1) if wall > 0 else 0.0,
+                p50_ms=percentile(latencies, 0.50),
+                p99_ms=percentile(latencies, 0.99),
+                max_ms=percentile(latencies, 1.0),
+                mean_bytes=round(tally.bytes / tally.received, 1) if tally.received else None,
+                closed_early=closed_early,
+            )
+        ),
+    )
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -593,16 +641,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, required=True)
     parser.add_argument("--host-id", default="00000000-0000-0000-0000-000000000000")
     parser.add_argument("--hostname", default="bench-host")
-    parser.add_argument("--deadline", type=float, default=600.0,
-                        help="give up on the whole run after this many seconds")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        help="give up on the whole run after this many seconds",
+    )
     sub = parser.add_argument_group("subscribe")
     sub.add_argument("--subscribers", type=int, default=1)
     sub.add_argument("--client", choices=sorted(OPENERS), default="lean")
     sub.add_argument("--token", default="", help="access JWT (real mode)")
     sub.add_argument("--connect-concurrency", type=int, default=50)
     sub.add_argument("--connect-timeout", type=float, default=60.0)
-    sub.add_argument("--drain-timeout", type=float, default=5.0,
-                     help="stop waiting after this long without a delivery")
+    sub.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=5.0,
+        help="stop waiting after this long without a delivery",
+    )
     pub = parser.add_argument_group("publish")
     pub.add_argument("--rate", type=float, default=100.0, help="events per second")
     return parser.parse_args(argv)

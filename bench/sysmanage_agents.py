@@ -35,6 +35,7 @@ every synchronous Django call of a process in one thread) shows on its own.
 
 Targets only loopback; every wait is bounded; stops every process it started.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,18 +90,43 @@ COUNTERS = 7
 STORM, STEADY, COMMANDS, STOP = range(4)
 PHASES = ("storm", "steady", "commands", "stop")
 
-WORDS = ("library", "utility", "daemon", "support", "shared", "development", "files",
-         "runtime", "documentation", "plugin", "module", "kernel", "network", "client",
-         "server", "tools", "the", "for", "and", "with", "GNU", "Python", "Perl", "data",
-         "common", "extension", "bindings", "headers", "interface", "protocol", "format")
+WORDS = (
+    "library",
+    "utility",
+    "daemon",
+    "support",
+    "shared",
+    "development",
+    "files",
+    "runtime",
+    "documentation",
+    "plugin",
+    "module",
+    "kernel",
+    "network",
+    "client",
+    "server",
+    "tools",
+    "the",
+    "for",
+    "and",
+    "with",
+    "GNU",
+    "Python",
+    "Perl",
+    "data",
+    "common",
+    "extension",
+    "bindings",
+    "headers",
+    "interface",
+    "protocol",
+    "format",
+)
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
-
-
-
-
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -120,11 +146,17 @@ def software_tail(packages: int, target_kb: float, seed: int = 7) -> str:
 
     def entry(i: int, description: str) -> dict[str, Any]:
         name = f"{rng.choice(WORDS).lower()}-{rng.choice(WORDS).lower()}{i}"
-        return {"package_name": name, "version": f"{rng.randint(0, 9)}.{rng.randint(0, 40)}."
-                f"{rng.randint(0, 99)}-{rng.randint(1, 9)}+deb12u{rng.randint(1, 5)}",
-                "package_manager": "apt", "architecture": "amd64",
-                "size": rng.randint(10_000, 90_000_000), "description": description,
-                "source": "debian-bookworm", "install_date": "2026-10-02T08:14:55+00:00"}
+        return {
+            "package_name": name,
+            "version": f"{rng.randint(0, 9)}.{rng.randint(0, 40)}."
+            f"{rng.randint(0, 99)}-{rng.randint(1, 9)}+deb12u{rng.randint(1, 5)}",
+            "package_manager": "apt",
+            "architecture": "amd64",
+            "size": rng.randint(10_000, 90_000_000),
+            "description": description,
+            "source": "debian-bookworm",
+            "install_date": "2026-10-02T08:14:55+00:00",
+        }
 
     bare = len(json.dumps([entry(i, "") for i in range(packages)]))
     room = max(0, int(target_kb * 1024) - bare - 200)
@@ -143,14 +175,24 @@ def software_tail(packages: int, target_kb: float, seed: int = 7) -> str:
 # -- a light HTTP/1.1 client (the agent's HTTP calls) -----------------------------------
 
 
-async def http(port: int, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None,
-               timeout: float = 120.0) -> tuple[int, Any]:
+async def http(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> tuple[int, Any]:
     """One request on a new connection (``Connection: close``); JSON answers decoded."""
     data = json.dumps(body).encode() if body is not None else b""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             "User-Agent: sysmanage-agent/bench", "Accept: application/json",
-             "Connection: close", f"Content-Length: {len(data)}"]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "User-Agent: sysmanage-agent/bench",
+        "Accept: application/json",
+        "Connection: close",
+        f"Content-Length: {len(data)}",
+    ]
     if body is not None:
         lines.append("Content-Type: application/json")
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -163,15 +205,16 @@ async def http(port: int, method: str, path: str, body: Any = None,
     head, _, content = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     status = int(status_line.split()[1])
-    if any(h.lower().startswith("transfer-encoding:") and "chunked" in h.lower()
-           for h in header_lines):
+    if any(
+        h.lower().startswith("transfer-encoding:") and "chunked" in h.lower() for h in header_lines
+    ):
         decoded, rest = b"", content
         while rest:
             size_text, _, rest = rest.partition(b"\r\n")
             size = int(size_text.split(b";")[0] or b"0", 16)
             if size == 0:
                 break
-            decoded, rest = decoded + rest[:size], rest[size + 2:]
+            decoded, rest = decoded + rest[:size], rest[size + 2 :]
         content = decoded
     try:
         parsed: Any = json.loads(content) if content else None
@@ -211,8 +254,9 @@ class WorkerStats:
 class Agent:
     """One SysManage agent as it behaves on the wire."""
 
-    def __init__(self, index: int, opts: dict[str, Any], shared: Shared, stats: WorkerStats,
-                 tail: str) -> None:
+    def __init__(
+        self, index: int, opts: dict[str, Any], shared: Shared, stats: WorkerStats, tail: str
+    ) -> None:
         self.index = index
         self.opts = opts
         self.port = opts["port"]
@@ -227,9 +271,13 @@ class Agent:
         self.metric_ids: list[str] = []
         self.sent: dict[str, tuple[str, int, float]] = {}  # message_id -> (type, phase, t)
         self.seen_commands: set[str] = set()
-        self.times: dict[str, float | None] = {"registered": None, "connected": None,
-                                               "proven": None, "online": None,
-                                               "inventory_acked": None}
+        self.times: dict[str, float | None] = {
+            "registered": None,
+            "connected": None,
+            "proven": None,
+            "online": None,
+            "inventory_acked": None,
+        }
         self.inventory_id: str | None = None
         self.ws: Any = None
 
@@ -260,17 +308,26 @@ class Agent:
     # -- start-up ---------------------------------------------------------------------------
 
     async def register(self) -> bool:
-        body = {"message_type": "registration_request", "message_id": str(uuid.uuid4()),
-                "timestamp": now_iso(), "hostname": self.fqdn, "fqdn": self.fqdn,
-                "ipv4": f"10.{self.index // 65536 % 256}.{self.index // 256 % 256}."
-                        f"{self.index % 256}", "ipv6": None, "active": True,
-                "script_execution_enabled": True, "is_privileged": False,
-                "enabled_shells": ["sh", "bash"], "agent_version": AGENT_VERSION,
-                "registration_key": self.opts["key"]}
+        body = {
+            "message_type": "registration_request",
+            "message_id": str(uuid.uuid4()),
+            "timestamp": now_iso(),
+            "hostname": self.fqdn,
+            "fqdn": self.fqdn,
+            "ipv4": f"10.{self.index // 65536 % 256}.{self.index // 256 % 256}.{self.index % 256}",
+            "ipv6": None,
+            "active": True,
+            "script_execution_enabled": True,
+            "is_privileged": False,
+            "enabled_shells": ["sh", "bash"],
+            "agent_version": AGENT_VERSION,
+            "registration_key": self.opts["key"],
+        }
         for attempt in range(8):
             try:
-                status, answer = await self.timed_http("register", "POST",
-                                                       "/api/host/register", body)
+                status, answer = await self.timed_http(
+                    "register", "POST", "/api/host/register", body
+                )
             except (OSError, TimeoutError, ValueError, IndexError):
                 status, answer = 0, None
             if status in (200, 201) and isinstance(answer, dict):
@@ -282,18 +339,24 @@ class Agent:
                 return False
             if self.stopping:
                 return False
-            await asyncio.sleep(min(60, 5 * 2 ** attempt) * self.rng.uniform(0.8, 1.2))
+            await asyncio.sleep(min(60, 5 * 2**attempt) * self.rng.uniform(0.8, 1.2))
         return False
 
-    def envelope(self, message_type: str, data: dict[str, Any], *,
-                 identity: bool = True) -> dict[str, Any]:
+    def envelope(
+        self, message_type: str, data: dict[str, Any], *, identity: bool = True
+    ) -> dict[str, Any]:
         if identity:
             data = {**data, "host_id": self.host_id, "host_token": self.host_token}
-        return {"message_type": message_type, "message_id": str(uuid.uuid4()),
-                "timestamp": now_iso(), "data": data}
+        return {
+            "message_type": message_type,
+            "message_id": str(uuid.uuid4()),
+            "timestamp": now_iso(),
+            "data": data,
+        }
 
-    async def send(self, message: dict[str, Any] | str, message_type: str,
-                   message_id: str | None) -> None:
+    async def send(
+        self, message: dict[str, Any] | str, message_type: str, message_id: str | None
+    ) -> None:
         text = message if isinstance(message, str) else json.dumps(message)
         if message_id is not None:
             self.sent[message_id] = (message_type, self.shared.phase.value, time.perf_counter())
@@ -304,49 +367,126 @@ class Agent:
 
     async def first_messages(self) -> None:
         """What the agent sends right after connecting."""
-        await self.send_message(self.envelope("system_info", {
-            "hostname": self.fqdn, "fqdn": self.fqdn, "ipv4": "10.0.0.1", "ipv6": None,
-            "platform": "Linux", "platform_release": "6.1.0-28-amd64",
-            "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1 (2024-11-22)",
-            "architecture": "x86_64", "processor": "x86_64",
-            "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12",
-                        "distribution_codename": "bookworm"},
-            "timezone": "UTC", "is_privileged": False, "script_execution_enabled": True,
-            "enabled_shells": ["sh", "bash"], "agent_version": AGENT_VERSION,
-            "host_id": self.host_id}, identity=False))
+        await self.send_message(
+            self.envelope(
+                "system_info",
+                {
+                    "hostname": self.fqdn,
+                    "fqdn": self.fqdn,
+                    "ipv4": "10.0.0.1",
+                    "ipv6": None,
+                    "platform": "Linux",
+                    "platform_release": "6.1.0-28-amd64",
+                    "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1 (2024-11-22)",
+                    "architecture": "x86_64",
+                    "processor": "x86_64",
+                    "os_info": {
+                        "distribution": "Debian GNU/Linux",
+                        "distribution_version": "12",
+                        "distribution_codename": "bookworm",
+                    },
+                    "timezone": "UTC",
+                    "is_privileged": False,
+                    "script_execution_enabled": True,
+                    "enabled_shells": ["sh", "bash"],
+                    "agent_version": AGENT_VERSION,
+                    "host_id": self.host_id,
+                },
+                identity=False,
+            )
+        )
         await self.send_message(self.heartbeat())
-        await self.send_message(self.envelope("os_version_update", {
-            "platform": "Linux", "platform_release": "6.1.0-28-amd64",
-            "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1 (2024-11-22)",
-            "machine_architecture": "x86_64", "processor": "x86_64",
-            "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12",
-                        "distribution_codename": "bookworm"}}))
-        await self.send_message(self.envelope("hardware_update", {
-            "cpu_vendor": "GenuineIntel", "cpu_model": "Intel Xeon Processor (Icelake)",
-            "cpu_cores": 2, "cpu_threads": 2, "cpu_frequency_mhz": 2400,
-            "memory_total_mb": 24105, "memory_available_mb": 20110,
-            "storage_devices": [
-                {"name": "/dev/vda1", "mount_point": "/", "total_size": 50 * 2**30,
-                 "used_size": 20 * 2**30, "file_system": "ext4"},
-                {"name": "/dev/vdb1", "mount_point": "/var", "total_size": 100 * 2**30,
-                 "used_size": 41 * 2**30, "file_system": "xfs"}],
-            "network_interfaces": [
-                {"name": "lo", "ipv4_addresses": ["127.0.0.1"], "ipv6_addresses": ["::1"],
-                 "mac_address": "00:00:00:00:00:00", "is_up": True},
-                {"name": "eth0", "ipv4_addresses": ["10.0.0.1"], "ipv6_addresses": [],
-                 "mac_address": "02:00:00:00:00:01", "is_up": True}],
-            "host_id": self.host_id}, identity=False))
+        await self.send_message(
+            self.envelope(
+                "os_version_update",
+                {
+                    "platform": "Linux",
+                    "platform_release": "6.1.0-28-amd64",
+                    "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1 (2024-11-22)",
+                    "machine_architecture": "x86_64",
+                    "processor": "x86_64",
+                    "os_info": {
+                        "distribution": "Debian GNU/Linux",
+                        "distribution_version": "12",
+                        "distribution_codename": "bookworm",
+                    },
+                },
+            )
+        )
+        await self.send_message(
+            self.envelope(
+                "hardware_update",
+                {
+                    "cpu_vendor": "GenuineIntel",
+                    "cpu_model": "Intel Xeon Processor (Icelake)",
+                    "cpu_cores": 2,
+                    "cpu_threads": 2,
+                    "cpu_frequency_mhz": 2400,
+                    "memory_total_mb": 24105,
+                    "memory_available_mb": 20110,
+                    "storage_devices": [
+                        {
+                            "name": "/dev/vda1",
+                            "mount_point": "/",
+                            "total_size": 50 * 2**30,
+                            "used_size": 20 * 2**30,
+                            "file_system": "ext4",
+                        },
+                        {
+                            "name": "/dev/vdb1",
+                            "mount_point": "/var",
+                            "total_size": 100 * 2**30,
+                            "used_size": 41 * 2**30,
+                            "file_system": "xfs",
+                        },
+                    ],
+                    "network_interfaces": [
+                        {
+                            "name": "lo",
+                            "ipv4_addresses": ["127.0.0.1"],
+                            "ipv6_addresses": ["::1"],
+                            "mac_address": "00:00:00:00:00:00",
+                            "is_up": True,
+                        },
+                        {
+                            "name": "eth0",
+                            "ipv4_addresses": ["10.0.0.1"],
+                            "ipv6_addresses": [],
+                            "mac_address": "02:00:00:00:00:01",
+                            "is_up": True,
+                        },
+                    ],
+                    "host_id": self.host_id,
+                },
+                identity=False,
+            )
+        )
         message_id = str(uuid.uuid4())
         self.inventory_id = message_id
-        text = ('{"message_type":"software_inventory_update","message_id":"' + message_id
-                + '","timestamp":"' + now_iso() + '","data":{"host_id":"' + str(self.host_id)
-                + '",' + self.tail + "}")
+        text = (
+            '{"message_type":"software_inventory_update","message_id":"'
+            + message_id
+            + '","timestamp":"'
+            + now_iso()
+            + '","data":{"host_id":"'
+            + str(self.host_id)
+            + '",'
+            + self.tail
+            + "}"
+        )
         await self.send(text, "software_inventory_update", message_id)
 
     def heartbeat(self) -> dict[str, Any]:
-        return self.envelope("heartbeat", {"agent_status": "healthy", "hostname": self.fqdn,
-                                           "ipv4": "10.0.0.1", "ipv6": None,
-                                           "agent_version": AGENT_VERSION})
+        return self.envelope(
+            "heartbeat",
+            {
+                "agent_status": "healthy",
+                "hostname": self.fqdn,
+                "ipv4": "10.0.0.1",
+                "ipv6": None,
+                "agent_version": AGENT_VERSION,
+            },
+        )
 
     def samples(self) -> dict[str, Any]:
         values = []
@@ -357,8 +497,15 @@ class Agent:
                 value = round(self.rng.uniform(0, 1.5), 2)
             else:
                 value = round(self.rng.uniform(20, 70), 2)
-            values.append({"metric_id": metric_id, "value": value, "status": "ok",
-                           "error_detail": None, "collected_at": now_iso()})
+            values.append(
+                {
+                    "metric_id": metric_id,
+                    "value": value,
+                    "status": "ok",
+                    "error_detail": None,
+                    "collected_at": now_iso(),
+                }
+            )
         return self.envelope("custom_metric_samples", {"samples": values})
 
     # -- the connection -------------------------------------------------------------------
@@ -373,8 +520,14 @@ class Agent:
         while not self.stopping:
             try:
                 await self.connection()
-            except (OSError, TimeoutError, ValueError, IndexError, KeyError,
-                    websockets.WebSocketException) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                ValueError,
+                IndexError,
+                KeyError,
+                websockets.WebSocketException,
+            ) as exc:
                 self.stats.errors[f"connect: {type(exc).__name__}"] += 1
             if self.stopping:
                 break
@@ -391,18 +544,26 @@ class Agent:
         status, _ = await self.timed_http("GET /", "GET", "/")
         if status != 200:
             raise ValueError(f"GET / answered {status}")
-        status, answer = await self.timed_http("auth", "POST", "/api/agent/auth",
-                                               headers={"x-agent-hostname": self.short})
+        status, answer = await self.timed_http(
+            "auth", "POST", "/api/agent/auth", headers={"x-agent-hostname": self.short}
+        )
         if status != 200 or not isinstance(answer, dict):
             raise ValueError(f"auth answered {status}")
-        url = (f"ws://127.0.0.1:{self.port}/api/agent/connect?"
-               + urlencode({"token": answer["connection_token"]}))
+        url = f"ws://127.0.0.1:{self.port}/api/agent/connect?" + urlencode(
+            {"token": answer["connection_token"]}
+        )
         started = time.perf_counter()
         ping = self.opts["ws_ping"] or None
-        async with ws_connect(url, open_timeout=60, close_timeout=5, max_size=2**20,
-                              ping_interval=ping, ping_timeout=ping, proxy=None,
-                              compression=None if self.opts["no_deflate"] else "deflate"
-                              ) as ws:
+        async with ws_connect(
+            url,
+            open_timeout=60,
+            close_timeout=5,
+            max_size=2**20,
+            ping_interval=ping,
+            ping_timeout=ping,
+            proxy=None,
+            compression=None if self.opts["no_deflate"] else "deflate",
+        ) as ws:
             self.ws = ws
             self.stats.http["ws handshake"].append((time.perf_counter() - started) * 1000)
             self.stats.extensions[",".join(e.name for e in ws.protocol.extensions) or "none"] += 1
@@ -413,7 +574,7 @@ class Agent:
                 tasks.append(asyncio.ensure_future(self.heartbeats()))
                 tasks.append(asyncio.ensure_future(self.metric_loop()))
                 stop = asyncio.ensure_future(self.wait_stop())
-                done, _ = await asyncio.wait([tasks[0], stop], return_when=asyncio.FIRST_COMPLETED)
+                _done, _ = await asyncio.wait([tasks[0], stop], return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
             finally:
                 for task in tasks:
@@ -456,8 +617,11 @@ class Agent:
                     await self.on_command(message)
                 elif kind == "ping":
                     data = message.get("data") or {}
-                    await self.send_message(self.envelope(
-                        "pong", {"ping_id": data.get("ping_id", message.get("message_id"))}))
+                    await self.send_message(
+                        self.envelope(
+                            "pong", {"ping_id": data.get("ping_id", message.get("message_id"))}
+                        )
+                    )
                 elif kind == "error":
                     self.stats.errors[f"server error {message.get('error_type')}"] += 1
 
@@ -475,8 +639,11 @@ class Agent:
 
     async def on_command(self, message: dict[str, Any]) -> None:
         queue_id = str(message.get("queue_message_id") or message.get("message_id"))
-        ack = {"message_type": "command_acknowledgment", "message_id": queue_id,
-               "timestamp": now_iso()}
+        ack = {
+            "message_type": "command_acknowledgment",
+            "message_id": queue_id,
+            "timestamp": now_iso(),
+        }
         await self.send(ack, "command_acknowledgment", None)
         if queue_id in self.seen_commands:
             return
@@ -487,18 +654,33 @@ class Agent:
         if command_type == "sync_custom_metrics":
             self.metric_ids = [m["id"] for m in parameters.get("metrics", [])]
             self.mark("online", ONLINE)
-            data = {"success": True, "result": {"metric_count": len(self.metric_ids)},
-                    "error": None, "exit_code": 0}
+            data = {
+                "success": True,
+                "result": {"metric_count": len(self.metric_ids)},
+                "error": None,
+                "exit_code": 0,
+            }
         elif command_type == "execute_shell":
             self.stats.commands_run += 1
-            data = {"success": True, "result": {"result": {
-                "stdout": "ok\n", "stderr": "", "exit_code": 0}}, "error": None,
-                "exit_code": 0}
+            data = {
+                "success": True,
+                "result": {"result": {"stdout": "ok\n", "stderr": "", "exit_code": 0}},
+                "error": None,
+                "exit_code": 0,
+            }
         else:
-            data = {"success": False, "result": None,
-                    "error": f"Unknown command type: {command_type}", "exit_code": None}
-        await self.send_message(self.envelope("command_result", {
-            "command_id": message.get("message_id"), "command_type": command_type, **data}))
+            data = {
+                "success": False,
+                "result": None,
+                "error": f"Unknown command type: {command_type}",
+                "exit_code": None,
+            }
+        await self.send_message(
+            self.envelope(
+                "command_result",
+                {"command_id": message.get("message_id"), "command_type": command_type, **data},
+            )
+        )
 
 
 def worker_main(indices: list[int], opts: dict[str, Any], shared: Shared, results: Any) -> None:
@@ -513,8 +695,10 @@ def worker_main(indices: list[int], opts: dict[str, Any], shared: Shared, result
         t0 = shared.t0.value
         n = opts["agents"]
         agents = [Agent(i, opts, shared, stats, tail) for i in indices]
-        tasks = [asyncio.ensure_future(a.run(max(0.0, t0 + opts["ramp"] * i / n - time.time())))
-                 for a, i in zip(agents, indices, strict=True)]
+        tasks = [
+            asyncio.ensure_future(a.run(max(0.0, t0 + opts["ramp"] * i / n - time.time())))
+            for a, i in zip(agents, indices, strict=True)
+        ]
         while shared.phase.value < STOP:
             await asyncio.sleep(0.5)
         await asyncio.wait(tasks, timeout=30)
@@ -524,33 +708,57 @@ def worker_main(indices: list[int], opts: dict[str, Any], shared: Shared, result
                 stats.host_ids.append(agent.host_id)
 
     asyncio.run(main())
-    results.put({"http": dict(stats.http), "http_status": dict(stats.http_status),
-                 "acks": dict(stats.acks), "agent_times": stats.agent_times,
-                 "errors": dict(stats.errors), "closes": dict(stats.closes),
-                 "commands_run": stats.commands_run, "extensions": dict(stats.extensions)})
+    results.put(
+        {
+            "http": dict(stats.http),
+            "http_status": dict(stats.http_status),
+            "acks": dict(stats.acks),
+            "agent_times": stats.agent_times,
+            "errors": dict(stats.errors),
+            "closes": dict(stats.closes),
+            "commands_run": stats.commands_run,
+            "extensions": dict(stats.extensions),
+        }
+    )
 
 
 # -- the server ---------------------------------------------------------------------------
 
 
 def server_env(workdir: Path, database_url: str, agents: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DJANGO_", "SYSMANAGE_", "JWT_", "WS_"))
-           and k not in ("DATABASE_URL", "REDIS_URL", "LOG_LEVEL", "PYTHONPATH")}
-    env.update({"DJANGO_SETTINGS_MODULE": "sysmanage.settings",
-                "SYSMANAGE_VAR_DIR": str(workdir), "DATABASE_URL": database_url,
-                "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
-                "JWT_ACCESS_TTL_SECONDS": "7200", "LOG_LEVEL": "WARNING",
-                # Every simulated agent connects from 127.0.0.1 but stands for a machine
-                # of its own: one address may hold all of them unproven at once.
-                "SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS": str(agents),
-                "PYTHONUNBUFFERED": "1"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "SYSMANAGE_", "JWT_", "WS_"))
+        and k not in ("DATABASE_URL", "REDIS_URL", "LOG_LEVEL", "PYTHONPATH")
+    }
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
+            "SYSMANAGE_VAR_DIR": str(workdir),
+            "DATABASE_URL": database_url,
+            "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
+            "JWT_ACCESS_TTL_SECONDS": "7200",
+            "LOG_LEVEL": "WARNING",
+            # Every simulated agent connects from 127.0.0.1 but stands for a machine
+            # of its own: one address may hold all of them unproven at once.
+            "SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS": str(agents),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
 def manage(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    result = subprocess.run([PYTHON, "manage.py", *args], cwd=REPO, env=env, timeout=timeout,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [PYTHON, "manage.py", *args],
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"manage.py {args[0]} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
@@ -559,19 +767,37 @@ def manage(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(port),
-         "--websocket-max-message-size", str(WS_LIMIT), "--websocket-max-frame-size",
-         str(WS_LIMIT), "sysmanage.asgi:application"],
-        cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            PYTHON,
+            "-m",
+            "sysmanage.serve",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--websocket-max-message-size",
+            str(WS_LIMIT),
+            "--websocket-max-frame-size",
+            str(WS_LIMIT),
+            "sysmanage.asgi:application",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 30
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        with contextlib.suppress(OSError):
-            with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return proc
+        with (
+            contextlib.suppress(OSError),
+            opener.open(f"http://127.0.0.1:{port}/healthz", timeout=1) as response,
+        ):
+            if response.status == 200:
+                return proc
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
@@ -596,25 +822,38 @@ class Sampler:
         machine = psutil.cpu_times()
         rss = self.server.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
-        return {"t": time.monotonic(), "server": cpu.user + cpu.system, "threads": threads,
-                "clients": clients, "rss": rss,
-                "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0)}
+        return {
+            "t": time.monotonic(),
+            "server": cpu.user + cpu.system,
+            "threads": threads,
+            "clients": clients,
+            "rss": rss,
+            "machine": sum(machine) - machine.idle - getattr(machine, "iowait", 0),
+        }
 
     def window(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         span = max(1e-6, b["t"] - a["t"])
         server = 100 * (b["server"] - a["server"]) / span
         clients = 100 * (b["clients"] - a["clients"]) / span
         machine = 100 * (b["machine"] - a["machine"]) / span
-        busy = sorted(((100 * (b["threads"][tid] - a["threads"].get(tid, 0.0)) / span, tid)
-                       for tid in b["threads"]), reverse=True)
+        busy = sorted(
+            (
+                (100 * (b["threads"][tid] - a["threads"].get(tid, 0.0)) / span, tid)
+                for tid in b["threads"]
+            ),
+            reverse=True,
+        )
         main = next((v for v, tid in busy if tid == self.server.pid), 0.0)
         others = [(v, tid) for v, tid in busy if tid != self.server.pid]
-        return {"seconds": round(span, 1), "server_cpu": round(server, 1),
-                "main_thread_cpu": round(main, 1),
-                "busiest_other_thread_cpu": round(others[0][0], 1) if others else 0.0,
-                "client_cpu": round(clients, 1),
-                "other_cpu": round(max(0.0, machine - server - clients), 1),
-                "rss_mb": round(b["rss"] / 2**20, 1)}
+        return {
+            "seconds": round(span, 1),
+            "server_cpu": round(server, 1),
+            "main_thread_cpu": round(main, 1),
+            "busiest_other_thread_cpu": round(others[0][0], 1) if others else 0.0,
+            "client_cpu": round(clients, 1),
+            "other_cpu": round(max(0.0, machine - server - clients), 1),
+            "rss_mb": round(b["rss"] / 2**20, 1),
+        }
 
 
 # -- /ws clients of the coordinator ---------------------------------------------------
@@ -623,8 +862,9 @@ class Sampler:
 async def fleet_watch(url: str, access: str, target: int, seen: dict[str, Any]) -> None:
     """Follow ``fleet_status``; note when ``online_hosts`` first reaches ``target``."""
     headers = {"Authorization": f"Bearer {access}"}
-    async with ws_connect(url, additional_headers=headers, max_size=2**22, proxy=None,
-                          open_timeout=60) as ws:
+    async with ws_connect(
+        url, additional_headers=headers, max_size=2**22, proxy=None, open_timeout=60
+    ) as ws:
         await ws.send(json.dumps({"type": "subscribe", "channel": "fleet_status", "id": "f"}))
         async for raw in ws:
             message = json.loads(raw)
@@ -639,31 +879,48 @@ async def fleet_watch(url: str, access: str, target: int, seen: dict[str, Any]) 
 
 async def metrics_watch(url: str, access: str, host_id: str, counts: dict[str, int]) -> None:
     headers = {"Authorization": f"Bearer {access}"}
-    async with ws_connect(url, additional_headers=headers, max_size=2**22, proxy=None,
-                          open_timeout=60) as ws:
-        await ws.send(json.dumps({"type": "subscribe", "channel": "host_metrics",
-                                  "filters": {"host_id": host_id}, "id": "m"}))
+    async with ws_connect(
+        url, additional_headers=headers, max_size=2**22, proxy=None, open_timeout=60
+    ) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "subscribe",
+                    "channel": "host_metrics",
+                    "filters": {"host_id": host_id},
+                    "id": "m",
+                }
+            )
+        )
         async for raw in ws:
             message = json.loads(raw)
             if message.get("type") == "event" and message.get("channel") == "host_metrics":
                 counts[host_id] = counts.get(host_id, 0) + 1
 
 
-async def time_commands(url: str, access: str, host_ids: list[str], count: int,
-                        spacing: float) -> tuple[list[float], Counter[str]]:
+async def time_commands(
+    url: str, access: str, host_ids: list[str], count: int, spacing: float
+) -> tuple[list[float], Counter[str]]:
     """Round trips (ms) of ``count`` shell commands sent one after another."""
     headers = {"Authorization": f"Bearer {access}"}
     times: list[float] = []
     outcomes: Counter[str] = Counter()
     rng = random.Random(1)
-    async with ws_connect(url, additional_headers=headers, max_size=2**22, proxy=None,
-                          open_timeout=60) as ws:
+    async with ws_connect(
+        url, additional_headers=headers, max_size=2**22, proxy=None, open_timeout=60
+    ) as ws:
         for i in range(count):
             started = time.perf_counter()
-            await ws.send(json.dumps({"type": "command", "channel": "command_execution",
-                                      "id": f"c{i}", "data": {"host_id": rng.choice(host_ids),
-                                                              "command": "true",
-                                                              "timeout": 10}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "command",
+                        "channel": "command_execution",
+                        "id": f"c{i}",
+                        "data": {"host_id": rng.choice(host_ids), "command": "true", "timeout": 10},
+                    }
+                )
+            )
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 60))
                 if message.get("id") == f"c{i}":
@@ -680,8 +937,9 @@ async def time_commands(url: str, access: str, host_ids: list[str], count: int,
 
 
 def rest_get(port: int, path: str, access: str) -> Any:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                     headers={"Authorization": f"Bearer {access}"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {access}"}
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=60) as response:
         return json.loads(response.read())
@@ -689,12 +947,21 @@ def rest_get(port: int, path: str, access: str) -> Any:
 
 def rest_register_without_key(port: int) -> int:
     """A new registration without a key, from the same address (the per-address limit)."""
-    body = json.dumps({"message_type": "registration_request",
-                       "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
-                       "hostname": "keyless-check.bench.test", "agent_version": "x"}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/host/register", data=body,
-                                     method="POST",
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "message_type": "registration_request",
+            "message_id": str(uuid.uuid4()),
+            "timestamp": now_iso(),
+            "hostname": "keyless-check.bench.test",
+            "agent_version": "x",
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/host/register",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=60) as response:
@@ -706,8 +973,14 @@ def rest_register_without_key(port: int) -> int:
 # -- the run ------------------------------------------------------------------------------
 
 
-async def coordinate(args: argparse.Namespace, port: int, access: str, shared: Shared,
-                     sampler: Sampler, workers: list[Any]) -> dict[str, Any]:
+async def coordinate(
+    args: argparse.Namespace,
+    port: int,
+    access: str,
+    shared: Shared,
+    sampler: Sampler,
+    workers: list[Any],
+) -> dict[str, Any]:
     n = args.agents
     ws_url = f"ws://127.0.0.1:{port}/ws"
     fleet: dict[str, Any] = {}
@@ -735,10 +1008,12 @@ async def coordinate(args: argparse.Namespace, port: int, access: str, shared: S
         c = list(shared.counters)
         if time.monotonic() - progress_at >= 10:
             progress_at = time.monotonic()
-            print(f"  [{time.time() - t0:5.0f}s] registered {c[REGISTERED]}, connected "
-                  f"{c[CONNECTED]}, proven {c[PROVEN]}, online {c[ONLINE]}, inventory acked "
-                  f"{c[INVENTORY_ACKED]}, failed {c[FAILED]}, reconnects {c[RECONNECTS]}",
-                  flush=True)
+            print(
+                f"  [{time.time() - t0:5.0f}s] registered {c[REGISTERED]}, connected "
+                f"{c[CONNECTED]}, proven {c[PROVEN]}, online {c[ONLINE]}, inventory acked "
+                f"{c[INVENTORY_ACKED]}, failed {c[FAILED]}, reconnects {c[RECONNECTS]}",
+                flush=True,
+            )
         if c[INVENTORY_ACKED] + c[FAILED] >= n and c[ONLINE] + c[FAILED] >= n:
             break
     s1 = sampler.snapshot()
@@ -747,22 +1022,34 @@ async def coordinate(args: argparse.Namespace, port: int, access: str, shared: S
     out["storm"]["peak_1s_server_cpu"] = round(peak_1s, 1)
     out["storm"]["rss_per_agent_kb"] = round((s1["rss"] - rss0) / max(1, n) / 1024, 1)
     out["storm_wall_s"] = round(time.time() - t0, 1)
-    out["counters"] = dict(zip(("registered", "connected", "proven", "online",
-                                "inventory_acked", "failed", "reconnects"),
-                               list(shared.counters), strict=True))
+    out["counters"] = dict(
+        zip(
+            (
+                "registered",
+                "connected",
+                "proven",
+                "online",
+                "inventory_acked",
+                "failed",
+                "reconnects",
+            ),
+            list(shared.counters),
+            strict=True,
+        )
+    )
     # fleet_status is throttled (FLEET_STATUS_MIN_INTERVAL): give its last event a moment
     for _ in range(10):
         if "all_online_at" in fleet:
             break
         await asyncio.sleep(0.5)
-    out["fleet_all_online_s"] = (round(fleet["all_online_at"] - t0, 1)
-                                 if "all_online_at" in fleet else None)
+    out["fleet_all_online_s"] = (
+        round(fleet["all_online_at"] - t0, 1) if "all_online_at" in fleet else None
+    )
     out["fleet_last"] = fleet.get("last")
 
     rows: list[dict[str, Any]] = []
     while True:  # the API pages at most 500 hosts at a time
-        page = rest_get(port, f"/api/hosts/?status=online&limit=500&offset={len(rows)}",
-                        access)
+        page = rest_get(port, f"/api/hosts/?status=online&limit=500&offset={len(rows)}", access)
         rows += page["results"]
         if not page.get("next") or not page["results"]:
             break
@@ -773,14 +1060,14 @@ async def coordinate(args: argparse.Namespace, port: int, access: str, shared: S
             inventory = rest_get(port, f"/api/hosts/{host_ids[0]}/inventory/", access)
             out["inventory_sample"] = {
                 kind: (row.get("item_count"), len(json.dumps(row.get("data"))))
-                for kind, row in inventory["inventory"].items()}
+                for kind, row in inventory["inventory"].items()
+            }
 
     # -- the steady state
     shared.phase.value = STEADY
     counts: dict[str, int] = {}
     watched = host_ids[:5]
-    background += [asyncio.ensure_future(metrics_watch(ws_url, access, h, counts))
-                   for h in watched]
+    background += [asyncio.ensure_future(metrics_watch(ws_url, access, h, counts)) for h in watched]
     await asyncio.sleep(2.0)
     reconnects0 = shared.counters[RECONNECTS]
     profiler = start_profiler(args, sampler.server.pid, "steady")
@@ -800,8 +1087,9 @@ async def coordinate(args: argparse.Namespace, port: int, access: str, shared: S
     outcomes: Counter[str] = Counter()
     if args.commands and host_ids:
         s4 = sampler.snapshot()
-        rtts, outcomes = await time_commands(ws_url, access, host_ids, args.commands,
-                                             args.command_spacing)
+        rtts, outcomes = await time_commands(
+            ws_url, access, host_ids, args.commands, args.command_spacing
+        )
         s5 = sampler.snapshot()
         out["commands"] = sampler.window(s4, s5)
     out["command_rtts"] = rtts
@@ -822,10 +1110,25 @@ def start_profiler(args: argparse.Namespace, pid: int, label: str) -> Any:
     args.profile.mkdir(parents=True, exist_ok=True)
     py_spy = Path(PYTHON).parent / "py-spy"
     output = args.profile / f"{label}-{args.agents}-{args.database}.txt"
-    proc = subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--rate", "100",
-                             "--format", "raw", "--threads", "--idle", "--nonblocking",
-                             "--output", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "100",
+            "--format",
+            "raw",
+            "--threads",
+            "--idle",
+            "--nonblocking",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)
     return proc
 
@@ -841,8 +1144,9 @@ def stop_profiler(proc: Any) -> None:
         proc.wait(5)
 
 
-def summarize(args: argparse.Namespace, out: dict[str, Any],
-              results: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], bool]:
+def summarize(
+    args: argparse.Namespace, out: dict[str, Any], results: list[dict[str, Any]]
+) -> tuple[list[tuple[str, str]], bool]:
     http: dict[str, list[float]] = defaultdict(list)
     acks: dict[str, list[float]] = defaultdict(list)
     statuses: Counter[str] = Counter()
@@ -865,37 +1169,52 @@ def summarize(args: argparse.Namespace, out: dict[str, Any],
     def spread(values: list[float], unit: str = "ms") -> str:
         if not values:
             return "-"
-        return (f"p50 {pct(values, .5):.0f} / p99 {pct(values, .99):.0f} / max "
-                f"{max(values):.0f} {unit} (n={len(values)})")
+        return (
+            f"p50 {pct(values, 0.5):.0f} / p99 {pct(values, 0.99):.0f} / max "
+            f"{max(values):.0f} {unit} (n={len(values)})"
+        )
 
     def when(key: str) -> str:
         values = [t[key] - t0 for t in times if t[key] is not None]
         if not values:
             return "-"
-        return (f"{len(values)}/{args.agents}; p50 {pct(values, .5):.1f} s, last "
-                f"{max(values):.1f} s")
+        return (
+            f"{len(values)}/{args.agents}; p50 {pct(values, 0.5):.1f} s, last {max(values):.1f} s"
+        )
 
     storm, steady = out["storm"], out["steady"]
     n = args.agents
     rows = [
-        ("agents / client processes", f"{n} / {args.workers}; ramp {args.ramp:.0f} s; "
-                                      f"inventory {args.packages} packages, "
-                                      f"{out['inventory_bytes'] / 1024:.0f} KB"),
+        (
+            "agents / client processes",
+            f"{n} / {args.workers}; ramp {args.ramp:.0f} s; "
+            f"inventory {args.packages} packages, "
+            f"{out['inventory_bytes'] / 1024:.0f} KB",
+        ),
         ("storm: registered (after 1st start)", when("registered")),
         ("storm: socket open", when("connected")),
         ("storm: identity proven (heartbeat ack)", when("proven")),
         ("storm: online (metric scripts received)", when("online")),
         ("storm: software inventory acknowledged", when("inventory_acked")),
-        ("storm: all online on fleet_status", f"{out['fleet_all_online_s']} s after start"
-         if out["fleet_all_online_s"] is not None else
-         f"never (last: {out['fleet_last']})"),
+        (
+            "storm: all online on fleet_status",
+            f"{out['fleet_all_online_s']} s after start"
+            if out["fleet_all_online_s"] is not None
+            else f"never (last: {out['fleet_last']})",
+        ),
         ("storm: window", f"{storm['seconds']} s"),
-        ("storm: server CPU", f"{storm['server_cpu']}% (peak 1 s {storm['peak_1s_server_cpu']}%);"
-                              f" main thread {storm['main_thread_cpu']}%, busiest other "
-                              f"thread {storm['busiest_other_thread_cpu']}%"),
+        (
+            "storm: server CPU",
+            f"{storm['server_cpu']}% (peak 1 s {storm['peak_1s_server_cpu']}%);"
+            f" main thread {storm['main_thread_cpu']}%, busiest other "
+            f"thread {storm['busiest_other_thread_cpu']}%",
+        ),
         ("storm: client CPU / others", f"{storm['client_cpu']}% / {storm['other_cpu']}%"),
-        ("storm: server RSS", f"{storm['rss_mb']} MB ({storm['rss_per_agent_kb']} KB per "
-                              f"agent); peak {out['peak_rss_mb']} MB"),
+        (
+            "storm: server RSS",
+            f"{storm['rss_mb']} MB ({storm['rss_per_agent_kb']} KB per "
+            f"agent); peak {out['peak_rss_mb']} MB",
+        ),
         ("storm: POST /api/host/register", spread(http["register"])),
         ("storm: GET /", spread(http["GET /"])),
         ("storm: POST /api/agent/auth", spread(http["auth"])),
@@ -904,25 +1223,35 @@ def summarize(args: argparse.Namespace, out: dict[str, Any],
         ("storm: ack heartbeat", spread(acks["storm heartbeat"])),
         ("storm: ack hardware_update", spread(acks["storm hardware_update"])),
         ("storm: ack software_inventory_update", spread(acks["storm software_inventory_update"])),
-        ("steady: window", f"{steady['seconds']} s, heartbeat every {args.heartbeat:.0f} s, "
-                           f"samples every {args.metrics_interval:.0f} s"),
-        ("steady: server CPU", f"{steady['server_cpu']}%; main thread "
-                               f"{steady['main_thread_cpu']}%, busiest other thread "
-                               f"{steady['busiest_other_thread_cpu']}%"),
+        (
+            "steady: window",
+            f"{steady['seconds']} s, heartbeat every {args.heartbeat:.0f} s, "
+            f"samples every {args.metrics_interval:.0f} s",
+        ),
+        (
+            "steady: server CPU",
+            f"{steady['server_cpu']}%; main thread "
+            f"{steady['main_thread_cpu']}%, busiest other thread "
+            f"{steady['busiest_other_thread_cpu']}%",
+        ),
         ("steady: client CPU / others", f"{steady['client_cpu']}% / {steady['other_cpu']}%"),
         ("steady: server RSS", f"{steady['rss_mb']} MB"),
         ("steady: ack heartbeat", spread(acks["steady heartbeat"])),
         ("steady: ack custom_metric_samples", spread(acks["steady custom_metric_samples"])),
-        ("steady: host_metrics events (5 hosts)", f"{out['host_metrics_events']} "
-                                                  f"(expected ~{out['host_metrics_expected']})"),
+        (
+            "steady: host_metrics events (5 hosts)",
+            f"{out['host_metrics_events']} (expected ~{out['host_metrics_expected']})",
+        ),
         ("steady: reconnects", str(steady["reconnects"])),
     ]
     rtts = out["command_rtts"]
     if "commands" in out:
         rows += [
             ("commands: round trip", spread(rtts)),
-            ("commands: outcomes", ", ".join(f"{k} {v}" for k, v in
-                                             sorted(out["command_outcomes"].items()))),
+            (
+                "commands: outcomes",
+                ", ".join(f"{k} {v}" for k, v in sorted(out["command_outcomes"].items())),
+            ),
             ("commands: server CPU", f"{out['commands']['server_cpu']}%"),
         ]
     rows += [
@@ -935,9 +1264,13 @@ def summarize(args: argparse.Namespace, out: dict[str, Any],
         ("keyless registration afterwards", f"HTTP {out['keyless_registration_after']}"),
         ("server log", out["log_summary"]),
     ]
-    ok = (out["counters"]["failed"] == 0 and out["counters"]["inventory_acked"] == n
-          and out["counters"]["online"] == n and not closes
-          and (not args.commands or len(rtts) == args.commands))
+    ok = (
+        out["counters"]["failed"] == 0
+        and out["counters"]["inventory_acked"] == n
+        and out["counters"]["online"] == n
+        and not closes
+        and (not args.commands or len(rtts) == args.commands)
+    )
     return rows, ok
 
 
@@ -953,10 +1286,12 @@ def log_summary(path: Path) -> str:
                 interesting[word] += 1
     if not interesting:
         return f"{len(lines)} lines, no warnings or errors"
-    first = next((ln for ln in lines if "ERROR" in ln or "WARNING" in ln or "Traceback" in ln),
-                 "")
-    return (f"{len(lines)} lines; " + ", ".join(f"{k} {v}" for k, v in interesting.items())
-            + f"; first: {first[:200]}")
+    first = next((ln for ln in lines if "ERROR" in ln or "WARNING" in ln or "Traceback" in ln), "")
+    return (
+        f"{len(lines)} lines; "
+        + ", ".join(f"{k} {v}" for k, v in interesting.items())
+        + f"; first: {first[:200]}"
+    )
 
 
 def with_database(url: str, name: str) -> str:
@@ -968,29 +1303,42 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2, help="client processes")
-    parser.add_argument("--ramp", type=float, default=5.0,
-                        help="seconds over which the agents start (default 5)")
+    parser.add_argument(
+        "--ramp", type=float, default=5.0, help="seconds over which the agents start (default 5)"
+    )
     parser.add_argument("--heartbeat", type=float, default=30.0)
     parser.add_argument("--metrics-interval", type=float, default=60.0)
     parser.add_argument("--duration", type=float, default=120.0, help="steady state, seconds")
     parser.add_argument("--commands", type=int, default=100)
-    parser.add_argument("--command-spacing", type=float, default=0.1,
-                        help="at least this long between two commands' starts (the /ws "
-                             "rate limit is 20 messages/s)")
+    parser.add_argument(
+        "--command-spacing",
+        type=float,
+        default=0.1,
+        help="at least this long between two commands' starts (the /ws "
+        "rate limit is 20 messages/s)",
+    )
     parser.add_argument("--packages", type=int, default=800)
     parser.add_argument("--inventory-kb", type=float, default=200.0)
-    parser.add_argument("--reconnect", type=float, default=5.0,
-                        help="the agent's reconnect interval, seconds")
-    parser.add_argument("--ws-ping", type=float, default=20.0,
-                        help="client keepalive ping interval and timeout (0: none)")
-    parser.add_argument("--no-deflate", action="store_true",
-                        help="do not offer permessage-deflate")
+    parser.add_argument(
+        "--reconnect", type=float, default=5.0, help="the agent's reconnect interval, seconds"
+    )
+    parser.add_argument(
+        "--ws-ping",
+        type=float,
+        default=20.0,
+        help="client keepalive ping interval and timeout (0: none)",
+    )
+    parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
     parser.add_argument("--storm-timeout", type=float, default=600.0)
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="py-spy the server (raw collapsed stacks, per thread) over the "
-                             "storm and the steady state, into this directory")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy the server (raw collapsed stacks, per thread) over the "
+        "storm and the steady state, into this directory",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -1004,6 +1352,7 @@ def main() -> int:
     try:
         if args.database == "postgres":
             import psycopg
+
             pg_name = f"bench_smagents_{secrets.token_hex(4)}"
             with psycopg.connect(args.pg_admin_url, autocommit=True, connect_timeout=5) as c:
                 c.execute(f'CREATE DATABASE "{pg_name}"')
@@ -1013,30 +1362,47 @@ def main() -> int:
         env = server_env(workdir, database_url, args.agents)
         manage(env, "migrate", "-v0")
         access = json.loads(manage(env, "shell", "-c", SETUP).strip().splitlines()[-1])["access"]
-        key = json.loads(manage(env, "create_registration_key", "bench storm").strip()
-                         .splitlines()[-1])["key"]
+        key = json.loads(
+            manage(env, "create_registration_key", "bench storm").strip().splitlines()[-1]
+        )["key"]
         port = free_port()
         proc = start_server(env, port, log)
 
         ctx = mp.get_context("fork")
-        shared = Shared(counters=ctx.Array("q", COUNTERS), phase=ctx.Value("i", STORM),
-                        start=ctx.Event(), t0=ctx.Value("d", 0.0))
+        shared = Shared(
+            counters=ctx.Array("q", COUNTERS),
+            phase=ctx.Value("i", STORM),
+            start=ctx.Event(),
+            t0=ctx.Value("d", 0.0),
+        )
         results = ctx.Queue()
-        opts = {"port": port, "key": key, "agents": args.agents, "ramp": args.ramp,
-                "heartbeat": args.heartbeat, "metrics_interval": args.metrics_interval,
-                "packages": args.packages, "inventory_kb": args.inventory_kb,
-                "reconnect": args.reconnect, "ws_ping": args.ws_ping,
-                "no_deflate": args.no_deflate}
+        opts = {
+            "port": port,
+            "key": key,
+            "agents": args.agents,
+            "ramp": args.ramp,
+            "heartbeat": args.heartbeat,
+            "metrics_interval": args.metrics_interval,
+            "packages": args.packages,
+            "inventory_kb": args.inventory_kb,
+            "reconnect": args.reconnect,
+            "ws_ping": args.ws_ping,
+            "no_deflate": args.no_deflate,
+        }
         for w in range(args.workers):
             indices = list(range(w, args.agents, args.workers))
-            worker = ctx.Process(target=worker_main, args=(indices, opts, shared, results),
-                                 daemon=True)
+            worker = ctx.Process(
+                target=worker_main, args=(indices, opts, shared, results), daemon=True
+            )
             worker.start()
             workers.append(worker)
         sampler = Sampler(psutil.Process(proc.pid), [psutil.Process(w.pid) for w in workers])
         time.sleep(1.0)  # the workers build their inventory
-        print(f"sysmanage agents benchmark: {args.agents} agents, {args.database}, "
-              f"server pid {proc.pid}, client pids {[w.pid for w in workers]}", flush=True)
+        print(
+            f"sysmanage agents benchmark: {args.agents} agents, {args.database}, "
+            f"server pid {proc.pid}, client pids {[w.pid for w in workers]}",
+            flush=True,
+        )
         out = asyncio.run(coordinate(args, port, access, shared, sampler, workers))
         collected = [results.get(timeout=120) for _ in workers]
         for worker in workers:
@@ -1045,8 +1411,11 @@ def main() -> int:
         out["log_summary"] = log_summary(log)
     except BaseException:
         if log.exists():
-            print("server log (last lines):\n" + "\n".join(
-                log.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+            print(
+                "server log (last lines):\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-40:]),
+                file=sys.stderr,
+            )
         raise
     finally:
         for worker in workers:
@@ -1062,6 +1431,7 @@ def main() -> int:
                 proc.wait(5)
         if pg_name is not None:
             import psycopg
+
             with psycopg.connect(args.pg_admin_url, autocommit=True, connect_timeout=5) as c:
                 c.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
         if args.keep:
@@ -1071,15 +1441,22 @@ def main() -> int:
 
     rows, ok = summarize(args, out, collected)
     width = max(len(k) for k, _ in rows)
-    print(f"\nSysManage agents benchmark ({args.database}, in-memory layer, one Daphne "
-          f"process, {os.cpu_count()} cores; CPU in % of one core)")
+    print(
+        f"\nSysManage agents benchmark ({args.database}, in-memory layer, one Daphne "
+        f"process, {os.cpu_count()} cores; CPU in % of one core)"
+    )
     print(f"| {'figure':{width}} | value |")
     print(f"|{'-' * (width + 2)}|-------|")
     for k, v in rows:
         print(f"| {k:{width}} | {v} |")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "out": out, "rows": rows}, indent=1, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "out": out, "rows": rows},
+                indent=1,
+                default=str,
+            )
+        )
     return 0 if ok else 1
 
 

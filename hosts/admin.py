@@ -1,4 +1,5 @@
 """Admin of hosts, command executions and package operations."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,13 +42,29 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class HostAdmin(admin.ModelAdmin):
     """Hosts: status comes from the agent; the rest can be corrected by hand."""
 
-    list_display = ("hostname", "status", "last_seen", "os_name", "os_version", "agent_kind",
-                    "agent_version", "has_token")
+    list_display = (
+        "hostname",
+        "status",
+        "last_seen",
+        "os_name",
+        "os_version",
+        "agent_kind",
+        "agent_version",
+        "has_token",
+    )
     list_filter = ("status", "agent_kind", "os_name")
     search_fields = ("hostname", "fqdn")
-    readonly_fields = ("id", "status", "agent_kind", "last_seen", "token_issued_at",
-                       "token_revoked_at", "reregistration_allowed_until", "created_at",
-                       "updated_at")
+    readonly_fields = (
+        "id",
+        "status",
+        "agent_kind",
+        "last_seen",
+        "token_issued_at",
+        "token_revoked_at",
+        "reregistration_allowed_until",
+        "created_at",
+        "updated_at",
+    )
     actions = ["rotate_token", "revoke_token", "allow_reregistration"]
 
     def has_manage_tokens_permission(self, request: HttpRequest) -> bool:
@@ -59,19 +76,20 @@ class HostAdmin(admin.ModelAdmin):
         """Whether an agent can authenticate as this host."""
         return obj.has_token
 
-    @admin.action(description="Issue a new agent token (shown once)",
-                  permissions=["manage_tokens"])
+    @admin.action(description="Issue a new agent token (shown once)", permissions=["manage_tokens"])
     def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
         """Rotate each selected host's token and show the new tokens once."""
         for host in queryset:
             try:
-                _, token = services.host_rotate_token(host_id=host.pk,
-                                                      actor=request_actor(request))
+                _, token = services.host_rotate_token(host_id=host.pk, actor=request_actor(request))
             except ValueError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
-            self.message_user(request, f"New agent token for {host.hostname} (shown only "
-                              f"now): {token}", messages.WARNING)
+            self.message_user(
+                request,
+                f"New agent token for {host.hostname} (shown only now): {token}",
+                messages.WARNING,
+            )
 
     @admin.action(description="Revoke agent token", permissions=["manage_tokens"])
     def revoke_token(self, request: HttpRequest, queryset: Any) -> None:
@@ -80,8 +98,10 @@ class HostAdmin(admin.ModelAdmin):
             services.host_revoke_token(host_id=host.pk, actor=request_actor(request))
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).")
 
-    @admin.action(description="Let its SysManage agent register again (within an hour)",
-                  permissions=["manage_tokens"])
+    @admin.action(
+        description="Let its SysManage agent register again (within an hour)",
+        permissions=["manage_tokens"],
+    )
     def allow_reregistration(self, request: HttpRequest, queryset: Any) -> None:
         """For agents that lost their identity: their next registration gets a new token."""
         for host in queryset:
@@ -90,8 +110,10 @@ class HostAdmin(admin.ModelAdmin):
             except EnrollmentRefused as exc:
                 self.message_user(request, exc.detail, messages.ERROR)
                 continue
-            self.message_user(request, f"The agent of {host.hostname} may register again "
-                              "within the next hour (once).")
+            self.message_user(
+                request,
+                f"The agent of {host.hostname} may register again within the next hour (once).",
+            )
 
     def save_model(self, request: HttpRequest, obj: Host, form: Any, change: bool) -> None:
         """New hosts go through the service so that fleet figures are published."""
@@ -122,8 +144,9 @@ class OutputHidingAdmin(ReadOnlyAdmin):
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         """Leave out the private fields of a record this user may not read."""
         fields = super().get_fields(request, obj)
-        if obj is not None and not permissions.can_see_command_output(request.user,
-                                                                      obj.requested_by_id):
+        if obj is not None and not permissions.can_see_command_output(
+            request.user, obj.requested_by_id
+        ):
             return [f for f in fields if f not in self.private_fields]
         return fields
 
@@ -181,8 +204,17 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
     """SysManage agents asking to be managed: approve or reject those waiting.  Deleting
     a rejected registration lets that host ask again."""
 
-    list_display = ("hostname", "status", "for_host", "fqdn", "remote_address",
-                    "agent_version", "key", "created_at", "decided_by")
+    list_display = (
+        "hostname",
+        "status",
+        "for_host",
+        "fqdn",
+        "remote_address",
+        "agent_version",
+        "key",
+        "created_at",
+        "decided_by",
+    )
     list_filter = ("status", ("for_host", admin.EmptyFieldListFilter))
     search_fields = ("hostname", "fqdn", "remote_address")
     actions = ["approve", "reject"]
@@ -220,8 +252,16 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
 class RegistrationKeyAdmin(admin.ModelAdmin):
     """Keys that approve SysManage agents on registration; the key is shown once."""
 
-    list_display = ("name", "key_prefix", "uses", "max_uses", "expires_at", "revoked_at",
-                    "usable", "created_at")
+    list_display = (
+        "name",
+        "key_prefix",
+        "uses",
+        "max_uses",
+        "expires_at",
+        "revoked_at",
+        "usable",
+        "created_at",
+    )
     fields = ("name", "max_uses", "expires_at")
     actions = ["revoke"]
 
@@ -246,16 +286,23 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
         """Revoking keys: the right the REST API asks too."""
         return permissions.can_revoke_registration_keys(request.user)
 
-    def save_model(self, request: HttpRequest, obj: RegistrationKey, form: Any,
-                   change: bool) -> None:
+    def save_model(
+        self, request: HttpRequest, obj: RegistrationKey, form: Any, change: bool
+    ) -> None:
         """Create the key through the service and show it once."""
-        key, secret = enrollment.key_create(name=obj.name, max_uses=obj.max_uses,
-                                            expires_at=obj.expires_at,
-                                            actor=request_actor(request))
+        key, secret = enrollment.key_create(
+            name=obj.name,
+            max_uses=obj.max_uses,
+            expires_at=obj.expires_at,
+            actor=request_actor(request),
+        )
         obj.pk, obj.key_prefix, obj.created_at = key.pk, key.key_prefix, key.created_at
-        self.message_user(request, f"Registration key {key.name} (shown only now): {secret} "
-                          "- put it in the agent's configuration as registration_key.",
-                          messages.WARNING)
+        self.message_user(
+            request,
+            f"Registration key {key.name} (shown only now): {secret} "
+            "- put it in the agent's configuration as registration_key.",
+            messages.WARNING,
+        )
 
     @admin.action(description="Revoke", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: Any) -> None:

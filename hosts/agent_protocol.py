@@ -4,6 +4,7 @@ Checking what agents send on ``/ws/agent`` (see ``docs/agent-protocol.md``).
 Each function returns clean values or raises :class:`~sysmanage.protocol.ProtocolError`
 with a code the agent can log; nothing an agent sends reaches a service unchecked.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -13,14 +14,26 @@ from typing import Any
 from hosts.models import ExecutionStatus
 from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
-AGENT_MESSAGE_TYPES = frozenset({
-    "hello", "heartbeat", "metrics", "command_started", "command_result",
-    "package_progress", "package_result",
-})
+AGENT_MESSAGE_TYPES = frozenset(
+    {
+        "hello",
+        "heartbeat",
+        "metrics",
+        "command_started",
+        "command_result",
+        "package_progress",
+        "package_result",
+    }
+)
 MAX_OUTPUT_CHARS = 512 * 1024
 FACT_LIMITS = {
-    "hostname": 255, "fqdn": 255, "os_name": 100, "os_version": 100, "kernel": 200,
-    "architecture": 50, "agent_version": 50,
+    "hostname": 255,
+    "fqdn": 255,
+    "os_name": 100,
+    "os_version": 100,
+    "kernel": 200,
+    "architecture": 50,
+    "agent_version": 50,
 }
 
 
@@ -29,9 +42,12 @@ def parse_agent_message(text: str) -> tuple[str, dict[str, Any], str | int | Non
     raw, id_ = load_object(text)
     type_ = raw.get("type")
     if type_ not in AGENT_MESSAGE_TYPES:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown agent message type "
-                            f"{str(type_)[:64]!r}", id_=id_,
-                            allowed_types=sorted(AGENT_MESSAGE_TYPES))
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"Unknown agent message type {str(type_)[:64]!r}",
+            id_=id_,
+            allowed_types=sorted(AGENT_MESSAGE_TYPES),
+        )
     data = raw.get("data") if raw.get("data") is not None else {}
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'data' must be an object", id_=id_)
@@ -100,16 +116,25 @@ def clean_command_result(data: dict[str, Any], id_: str | int | None) -> dict[st
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
         raise _invalid("'exit_code' must be an integer or null", id_)
     elapsed = data.get("execution_time")
-    if elapsed is not None and (isinstance(elapsed, bool) or not isinstance(elapsed, int | float)
-                                or elapsed < 0):
+    if elapsed is not None and (
+        isinstance(elapsed, bool) or not isinstance(elapsed, int | float) or elapsed < 0
+    ):
         raise _invalid("'execution_time' must be a non-negative number", id_)
     stdout, stderr = _text(data, "stdout", id_), _text(data, "stderr", id_)
-    notes = [f"{name} truncated by the agent" for name in ("stdout", "stderr")
-             if data.get(f"{name}_truncated")]
+    notes = [
+        f"{name} truncated by the agent"
+        for name in ("stdout", "stderr")
+        if data.get(f"{name}_truncated")
+    ]
     error = "; ".join(filter(None, [_text(data, "error", id_), *notes]))
-    return {"status": status, "exit_code": exit_code, "stdout": stdout, "stderr": stderr,
-            "execution_time": round(float(elapsed), 3) if elapsed is not None else None,
-            "error": error}
+    return {
+        "status": status,
+        "exit_code": exit_code,
+        "stdout": stdout,
+        "stderr": stderr,
+        "execution_time": round(float(elapsed), 3) if elapsed is not None else None,
+        "error": error,
+    }
 
 
 def clean_progress(data: dict[str, Any], id_: str | int | None) -> tuple[int, str]:

@@ -1,4 +1,5 @@
 """REST API of hosts, command executions and package operations."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -45,9 +46,22 @@ class HostSerializer(serializers.ModelSerializer):
     class Meta:
         model = Host
         fields = [
-            "id", "hostname", "fqdn", "ip_addresses", "os_name", "os_version", "kernel",
-            "architecture", "cpu_count", "memory_total", "agent_version", "agent_kind",
-            "status", "last_seen", "created_at", "updated_at",
+            "id",
+            "hostname",
+            "fqdn",
+            "ip_addresses",
+            "os_name",
+            "os_version",
+            "kernel",
+            "architecture",
+            "cpu_count",
+            "memory_total",
+            "agent_version",
+            "agent_kind",
+            "status",
+            "last_seen",
+            "created_at",
+            "updated_at",
         ]
         read_only_fields = fields
 
@@ -71,35 +85,56 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         except ValueError:
             return Response({"detail": "minutes must be an integer"}, status=400)
         since = timezone.now() - timedelta(minutes=minutes)
-        return Response({"host_id": str(host.id), "minutes": minutes,
-                         "samples": selectors.metric_history(str(host.id), since=since)})
+        return Response(
+            {
+                "host_id": str(host.id),
+                "minutes": minutes,
+                "samples": selectors.metric_history(str(host.id), since=since),
+            }
+        )
 
     # Reads are open to every signed-in user; the one write needs its right.
     action_rights = {"allow_reregistration": "manage_host_tokens"}
 
-    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, RequiresRight],
-            url_path="allow-reregistration")
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[IsAuthenticated, RequiresRight],
+        url_path="allow-reregistration",
+    )
     def allow_reregistration(self, request: Request, pk: str | None = None) -> Response:
         """Let the host's SysManage agent register again within an hour, once: for an
         agent that lost its identity (staff with ``hosts.change_host``)."""
         host = self.get_object()
         try:
-            host = enrollment.allow_reregistration(host_id=host.id,
-                                                   actor=request_actor(request))
+            host = enrollment.allow_reregistration(host_id=host.id, actor=request_actor(request))
         except EnrollmentRefused as exc:
             return Response({"detail": exc.detail}, status=exc.status)
-        return Response({"host_id": str(host.id),
-                         "reregistration_allowed_until": host.reregistration_allowed_until})
+        return Response(
+            {
+                "host_id": str(host.id),
+                "reregistration_allowed_until": host.reregistration_allowed_until,
+            }
+        )
 
     @action(detail=True, methods=["get"])
     def inventory(self, request: Request, pk: str | None = None) -> Response:
         """The latest OS, hardware, installed-package and available-update reports of
         the host's agent (SysManage agents send them)."""
         host = self.get_object()
-        return Response({"host_id": str(host.id), "inventory": {
-            row.kind: {"updated_at": row.updated_at, "item_count": row.item_count,
-                       "data": row.data}
-            for row in HostInventory.objects.filter(host=host)}})
+        return Response(
+            {
+                "host_id": str(host.id),
+                "inventory": {
+                    row.kind: {
+                        "updated_at": row.updated_at,
+                        "item_count": row.item_count,
+                        "data": row.data,
+                    }
+                    for row in HostInventory.objects.filter(host=host)
+                },
+            }
+        )
 
 
 class OutputRedactingSerializer(serializers.ModelSerializer):
@@ -109,8 +144,9 @@ class OutputRedactingSerializer(serializers.ModelSerializer):
 
     PRIVATE_FIELDS: tuple[str, ...] = ()
     hostname = serializers.CharField(source="host.hostname", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True,
-                                         default=None)
+    requested_by = serializers.CharField(
+        source="requested_by.username", read_only=True, default=None
+    )
     redacted = serializers.BooleanField(read_only=True, default=False)
 
     def to_representation(self, instance: Any) -> dict[str, Any]:
@@ -133,9 +169,22 @@ class CommandExecutionSerializer(OutputRedactingSerializer):
     class Meta:
         model = CommandExecution
         fields = [
-            "id", "host", "hostname", "command", "timeout", "status", "exit_code", "stdout",
-            "stderr", "execution_time", "error", "requested_by", "created_at", "started_at",
-            "finished_at", "redacted",
+            "id",
+            "host",
+            "hostname",
+            "command",
+            "timeout",
+            "status",
+            "exit_code",
+            "stdout",
+            "stderr",
+            "execution_time",
+            "error",
+            "requested_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "redacted",
         ]
         read_only_fields = fields
 
@@ -151,8 +200,14 @@ class CommandExecutionListSerializer(OutputRedactingSerializer):
     """A command in a list: the size and first characters of its output and errors
     (``GET /api/commands/<id>/`` has them whole), for those who may see them."""
 
-    PRIVATE_FIELDS = ("command", "stdout_length", "stderr_length", "stdout_preview",
-                      "stderr_preview", "error")
+    PRIVATE_FIELDS = (
+        "command",
+        "stdout_length",
+        "stderr_length",
+        "stdout_preview",
+        "stderr_preview",
+        "error",
+    )
 
     stdout_length = serializers.IntegerField(read_only=True)
     stderr_length = serializers.IntegerField(read_only=True)
@@ -163,10 +218,24 @@ class CommandExecutionListSerializer(OutputRedactingSerializer):
     class Meta:
         model = CommandExecution
         fields = [
-            "id", "host", "hostname", "command", "timeout", "status", "exit_code",
-            "stdout_length", "stderr_length", "stdout_preview", "stderr_preview",
-            "execution_time", "error", "requested_by", "created_at", "started_at",
-            "finished_at", "redacted",
+            "id",
+            "host",
+            "hostname",
+            "command",
+            "timeout",
+            "status",
+            "exit_code",
+            "stdout_length",
+            "stderr_length",
+            "stdout_preview",
+            "stderr_preview",
+            "execution_time",
+            "error",
+            "requested_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "redacted",
         ]
         read_only_fields = fields
 
@@ -179,15 +248,15 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_serializer_class(self) -> type[serializers.ModelSerializer]:
         """Outputs whole for one execution, in short for a list."""
-        return (CommandExecutionListSerializer if self.action == "list"
-                else CommandExecutionSerializer)
+        return (
+            CommandExecutionListSerializer if self.action == "list" else CommandExecutionSerializer
+        )
 
     def get_queryset(self) -> Any:
         """Executions narrowed by the query parameters."""
         filters = query_filters(self.request, CommandFilters)
         if self.action == "list":
-            return selectors.command_list(host_id=filters.get("host"),
-                                          status=filters.get("status"))
+            return selectors.command_list(host_id=filters.get("host"), status=filters.get("status"))
         queryset = CommandExecution.objects.select_related("host", "requested_by")
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])
@@ -205,8 +274,20 @@ class PackageOperationSerializer(OutputRedactingSerializer):
     class Meta:
         model = PackageOperation
         fields = [
-            "id", "host", "hostname", "operation", "package", "status", "progress", "message",
-            "output", "requested_by", "created_at", "updated_at", "finished_at", "redacted",
+            "id",
+            "host",
+            "hostname",
+            "operation",
+            "package",
+            "status",
+            "progress",
+            "message",
+            "output",
+            "requested_by",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "redacted",
         ]
         read_only_fields = fields
 
@@ -230,9 +311,21 @@ class PackageOperationListSerializer(OutputRedactingSerializer):
     class Meta:
         model = PackageOperation
         fields = [
-            "id", "host", "hostname", "operation", "package", "status", "progress", "message",
-            "output_length", "output_preview", "requested_by", "created_at", "updated_at",
-            "finished_at", "redacted",
+            "id",
+            "host",
+            "hostname",
+            "operation",
+            "package",
+            "status",
+            "progress",
+            "message",
+            "output_length",
+            "output_preview",
+            "requested_by",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "redacted",
         ]
         read_only_fields = fields
 
@@ -243,15 +336,17 @@ class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_serializer_class(self) -> type[serializers.ModelSerializer]:
         """Output whole for one operation, in short for a list."""
-        return (PackageOperationListSerializer if self.action == "list"
-                else PackageOperationSerializer)
+        return (
+            PackageOperationListSerializer if self.action == "list" else PackageOperationSerializer
+        )
 
     def get_queryset(self) -> Any:
         """Operations narrowed by the query parameters."""
         filters = query_filters(self.request, PackageOperationFilters)
         if self.action == "list":
-            return selectors.package_operation_list(host_id=filters.get("host"),
-                                                    status=filters.get("status"))
+            return selectors.package_operation_list(
+                host_id=filters.get("host"), status=filters.get("status")
+            )
         queryset = PackageOperation.objects.select_related("host", "requested_by")
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])
@@ -264,14 +359,26 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
     """A SysManage agent's registration and where it stands."""
 
     key = serializers.CharField(source="key.name", read_only=True, default=None)
-    decided_by = serializers.CharField(source="decided_by.username", read_only=True,
-                                       default=None)
+    decided_by = serializers.CharField(source="decided_by.username", read_only=True, default=None)
 
     class Meta:
         model = AgentRegistration
-        fields = ["id", "hostname", "fqdn", "ip_addresses", "agent_version", "remote_address",
-                  "status", "key", "host", "for_host", "decided_by", "decided_at", "created_at",
-                  "details"]
+        fields = [
+            "id",
+            "hostname",
+            "fqdn",
+            "ip_addresses",
+            "agent_version",
+            "remote_address",
+            "status",
+            "key",
+            "host",
+            "for_host",
+            "decided_by",
+            "decided_at",
+            "created_at",
+            "details",
+        ]
         read_only_fields = fields
 
 
@@ -288,8 +395,12 @@ class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
 
     serializer_class = AgentRegistrationSerializer
     permission_classes = [IsAuthenticated, RequiresRight]
-    action_rights = {"list": "view_registrations", "retrieve": "view_registrations",
-                     "approve": "decide_registrations", "reject": "decide_registrations"}
+    action_rights = {
+        "list": "view_registrations",
+        "retrieve": "view_registrations",
+        "approve": "decide_registrations",
+        "reject": "decide_registrations",
+    }
 
     def get_queryset(self) -> Any:
         """Registrations, newest first, narrowed by ``?status=``."""
@@ -322,16 +433,34 @@ class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
 class RegistrationKeySerializer(serializers.ModelSerializer):
     """A registration key (its secret is returned once, on creation)."""
 
-    expires_in_seconds = serializers.IntegerField(write_only=True, required=False,
-                                                  min_value=60, max_value=10 * 365 * 86400)
+    expires_in_seconds = serializers.IntegerField(
+        write_only=True, required=False, min_value=60, max_value=10 * 365 * 86400
+    )
     usable = serializers.SerializerMethodField()
 
     class Meta:
         model = RegistrationKey
-        fields = ["id", "name", "key_prefix", "max_uses", "uses", "expires_at", "revoked_at",
-                  "created_at", "expires_in_seconds", "usable"]
-        read_only_fields = ["id", "key_prefix", "uses", "expires_at", "revoked_at",
-                            "created_at", "usable"]
+        fields = [
+            "id",
+            "name",
+            "key_prefix",
+            "max_uses",
+            "uses",
+            "expires_at",
+            "revoked_at",
+            "created_at",
+            "expires_in_seconds",
+            "usable",
+        ]
+        read_only_fields = [
+            "id",
+            "key_prefix",
+            "uses",
+            "expires_at",
+            "revoked_at",
+            "created_at",
+            "usable",
+        ]
         extra_kwargs = {"max_uses": {"min_value": 1}}
 
     def get_usable(self, key: RegistrationKey) -> bool:
@@ -345,8 +474,12 @@ class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelView
 
     serializer_class = RegistrationKeySerializer
     permission_classes = [IsAuthenticated, RequiresRight]
-    action_rights = {"list": "view_registration_keys", "retrieve": "view_registration_keys",
-                     "create": "create_registration_keys", "revoke": "revoke_registration_keys"}
+    action_rights = {
+        "list": "view_registration_keys",
+        "retrieve": "view_registration_keys",
+        "create": "create_registration_keys",
+        "revoke": "revoke_registration_keys",
+    }
     queryset = RegistrationKey.objects.all()
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -358,9 +491,11 @@ class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelView
             name=serializer.validated_data["name"],
             max_uses=serializer.validated_data.get("max_uses"),
             expires_at=timezone.now() + timedelta(seconds=seconds) if seconds else None,
-            actor=request_actor(request))
-        return Response({**self.get_serializer(key).data, "key": secret},
-                        status=status.HTTP_201_CREATED)
+            actor=request_actor(request),
+        )
+        return Response(
+            {**self.get_serializer(key).data, "key": secret}, status=status.HTTP_201_CREATED
+        )
 
     @action(detail=True, methods=["post"])
     def revoke(self, request: Request, pk: str | None = None) -> Response:

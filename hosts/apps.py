@@ -1,4 +1,5 @@
 """App configuration of the hosts app."""
+
 from django.apps import AppConfig
 
 
@@ -21,7 +22,9 @@ class HostsConfig(AppConfig):
         topics.register_filter_check("host_id", selectors.host_id_problem)
         command_registry.register("command_execution", commands.handle_command)
         command_registry.register("package_operations", commands.handle_package_operation)
-        register_periodic("hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS,
-                          maintenance.sweep)
-        register_periodic("hosts.agent_recheck", lambda: settings.AGENT_RECHECK_SECONDS,
-                          maintenance.agent_recheck)
+        register_periodic(
+            "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.sweep
+        )
+        register_periodic(
+            "hosts.agent_recheck", lambda: settings.AGENT_RECHECK_SECONDS, maintenance.agent_recheck
+        )

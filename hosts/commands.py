@@ -5,6 +5,7 @@ Each checks the request, checks permission, records the request with who made it
 hands it to the host's agent.  A host that is unknown, offline or has no agent
 connection gets the seed's ``COMMAND_FAILED`` at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,9 @@ class CommandRequest:
 
 
 def _invalid(message: ClientMessage, why: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.INVALID_COMMAND, why, channel=message.channel or "system",
-                         id_=message.id)
+    return ProtocolError(
+        ErrorCode.INVALID_COMMAND, why, channel=message.channel or "system", id_=message.id
+    )
 
 
 def _host_id(message: ClientMessage) -> str:
@@ -67,24 +69,37 @@ def parse_command(message: ClientMessage) -> CommandRequest:
     if "\x00" in command:
         raise _invalid(message, "'command' must not contain NUL characters")
     timeout = message.data.get("timeout", 30)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
-            or not 1 <= timeout <= MAX_TIMEOUT:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 1 <= timeout <= MAX_TIMEOUT
+    ):
         raise _invalid(message, f"'timeout' must be a number of seconds from 1 to {MAX_TIMEOUT}")
     return CommandRequest(host_id=host_id, command=command, timeout=int(timeout))
 
 
-def _command_failed(message: ClientMessage, why: str, host_id: str,
-                    execution_id: str | None) -> ProtocolError:
-    return ProtocolError(ErrorCode.COMMAND_FAILED, why, channel=message.channel or "system",
-                         id_=message.id, host_id=host_id, execution_id=execution_id)
+def _command_failed(
+    message: ClientMessage, why: str, host_id: str, execution_id: str | None
+) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.COMMAND_FAILED,
+        why,
+        channel=message.channel or "system",
+        id_=message.id,
+        host_id=host_id,
+        execution_id=execution_id,
+    )
 
 
 async def _require_permission(context: CommandContext, message: ClientMessage) -> None:
     # As the database has the user now: the socket's user object is from connect time.
     if not await database_sync_to_async(permissions.holds_now)(context.user, "run_command"):
         raise ProtocolError(
-            ErrorCode.PERMISSION_DENIED, "You do not have permission to run commands on hosts",
-            channel=message.channel or "system", id_=message.id)
+            ErrorCode.PERMISSION_DENIED,
+            "You do not have permission to run commands on hosts",
+            channel=message.channel or "system",
+            id_=message.id,
+        )
 
 
 @database_sync_to_async
@@ -131,10 +146,12 @@ async def _sent_after_all(host: Host, kind: str, ref: str) -> bool:
     why = "Not delivered: the host's agent did not take it in time"
     if kind == "command":
         failed = await database_sync_to_async(deliveries.fail_undelivered_command)(
-            execution_id=ref, why=why)
+            execution_id=ref, why=why
+        )
     else:
         failed = await database_sync_to_async(deliveries.fail_undelivered_operation)(
-            operation_id=ref, why=why)
+            operation_id=ref, why=why
+        )
     return not failed
 
 
@@ -152,11 +169,16 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     taken = asyncio.ensure_future(_handed_over(hub, execution_id, _delivery_window(host)))
     finished = hub.wait_for(f"done:{execution_id}")
     execution = await database_sync_to_async(services.command_create)(
-        host=host, command=request.command, timeout=request.timeout, user=context.user,
-        request_id=str(message.id or ""), execution_id=execution_id, actor=context.actor)
+        host=host,
+        command=request.command,
+        timeout=request.timeout,
+        user=context.user,
+        request_id=str(message.id or ""),
+        execution_id=execution_id,
+        actor=context.actor,
+    )
     why = _offline_reason(host)
-    if why is None and not await taken and not await _sent_after_all(host, "command",
-                                                                       execution_id):
+    if why is None and not await taken and not await _sent_after_all(host, "command", execution_id):
         why = "Host not reachable: its agent did not take the command"
     if why is not None:
         taken.cancel()
@@ -164,33 +186,48 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
         await _fail_command(execution_id, host, why)
         raise _command_failed(message, why, request.host_id, execution_id)
     data = await _wait_for_result(finished, execution, host)
-    context.reply(envelope(MessageType.RESPONSE, "command_execution",
-                           _response_data(data), id_=message.id))
+    context.reply(
+        envelope(MessageType.RESPONSE, "command_execution", _response_data(data), id_=message.id)
+    )
 
 
 async def _fail_command(execution_id: str, host: Host, why: str) -> None:
     await database_sync_to_async(services.command_record_result)(
-        execution_id=execution_id, host_id=host.id,
-        result={"status": ExecutionStatus.FAILED, "error": why})
+        execution_id=execution_id,
+        host_id=host.id,
+        result={"status": ExecutionStatus.FAILED, "error": why},
+    )
 
 
-async def _wait_for_result(finished: asyncio.Future[dict[str, Any]], execution: Any,
-                           host: Host) -> dict[str, Any]:
+async def _wait_for_result(
+    finished: asyncio.Future[dict[str, Any]], execution: Any, host: Host
+) -> dict[str, Any]:
     """The final event of ``execution``; times it out if the agent never answers."""
     limit = execution.timeout + settings.COMMAND_RESULT_GRACE_SECONDS
     try:
         return await asyncio.wait_for(finished, limit)
     except TimeoutError:
         await database_sync_to_async(services.command_record_result)(
-            execution_id=execution.id, host_id=host.id,
-            result={"status": ExecutionStatus.TIMEOUT,
-                    "error": "No result from the agent in time"})
+            execution_id=execution.id,
+            host_id=host.id,
+            result={"status": ExecutionStatus.TIMEOUT, "error": "No result from the agent in time"},
+        )
         return await database_sync_to_async(selectors.command_event_data)(execution.id)
 
 
 def _response_data(data: dict[str, Any]) -> dict[str, Any]:
-    keys = ("execution_id", "host_id", "hostname", "command", "status", "exit_code", "stdout",
-            "stderr", "execution_time", "error")
+    keys = (
+        "execution_id",
+        "host_id",
+        "hostname",
+        "command",
+        "status",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "execution_time",
+        "error",
+    )
     return {key: data.get(key) for key in keys}
 
 
@@ -199,12 +236,17 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
     host_id = _host_id(message)
     operation = message.data.get("operation")
     if operation not in PackageOperationKind.values:
-        raise _invalid(message, "'operation' must be one of "
-                       + ", ".join(PackageOperationKind.values))
+        raise _invalid(
+            message, "'operation' must be one of " + ", ".join(PackageOperationKind.values)
+        )
     package = message.data.get("package")
-    if not isinstance(package, str) or not package.strip() or len(package) > 255 \
-            or package.startswith("-") or any(c.isspace() or not c.isprintable()
-                                              for c in package):
+    if (
+        not isinstance(package, str)
+        or not package.strip()
+        or len(package) > 255
+        or package.startswith("-")
+        or any(c.isspace() or not c.isprintable() for c in package)
+    ):
         raise _invalid(message, "'package' must be one package name")
     return host_id, operation, package
 
@@ -222,18 +264,42 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     operation_id = str(uuid.uuid4())
     taken = asyncio.ensure_future(_handed_over(hub, operation_id, _delivery_window(host)))
     record = await database_sync_to_async(services.package_operation_create)(
-        host=host, operation=operation, package=package, user=context.user,
-        operation_id=operation_id, actor=context.actor)
+        host=host,
+        operation=operation,
+        package=package,
+        user=context.user,
+        operation_id=operation_id,
+        actor=context.actor,
+    )
     why = _offline_reason(host)
-    if why is None and not await taken and not await _sent_after_all(host, "operation",
-                                                                       operation_id):
+    if (
+        why is None
+        and not await taken
+        and not await _sent_after_all(host, "operation", operation_id)
+    ):
         why = "Host not reachable: its agent did not take the operation"
     if why is not None:
         taken.cancel()
         await database_sync_to_async(services.package_operation_record_result)(
-            operation_id=operation_id, host_id=host.id, status=OperationStatus.FAILED,
-            message=why, output="")
+            operation_id=operation_id,
+            host_id=host.id,
+            status=OperationStatus.FAILED,
+            message=why,
+            output="",
+        )
         raise _command_failed(message, why, host_id, operation_id)
-    context.reply(envelope(MessageType.RESPONSE, "package_operations", {
-        "execution_id": str(record.id), "host_id": str(host.id), "hostname": host.hostname,
-        "operation": operation, "package": package, "status": "pending"}, id_=message.id))
+    context.reply(
+        envelope(
+            MessageType.RESPONSE,
+            "package_operations",
+            {
+                "execution_id": str(record.id),
+                "host_id": str(host.id),
+                "hostname": host.hostname,
+                "operation": operation,
+                "package": package,
+                "status": "pending",
+            },
+            id_=message.id,
+        )
+    )

@@ -6,6 +6,7 @@ the host online after ``hello``, turns metrics into ``host_metrics`` events with
 writing the database per report, hands queued commands and package operations to the
 agent, and stores the results it sends back, acknowledging each once stored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,20 +60,27 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
         await self.accept()
-        self.outbound = Outbound(self.scope.get(RAW_SEND_KEY, self.base_send),
-                                 max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-                                 on_overflow=self._on_overflow)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
+        )
         token = bearer_token(self.scope)
         host = await database_sync_to_async(selectors.host_for_token)(token or "")
         if host is None:
-            await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(
-                "Missing agent token" if not token else "Invalid or revoked agent token"))
+            await self._close_with(
+                CloseCode.AUTH_FAILED,
+                auth_failed_envelope(
+                    "Missing agent token" if not token else "Invalid or revoked agent token"
+                ),
+            )
             return
         self.host_id, self.hostname = str(host.id), host.hostname
         self.token_hash = host.token_hash
         self.session = uuid.uuid4().hex
-        self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
-                                  settings.AGENT_RATE_LIMIT_BURST)
+        self.bucket = TokenBucket(
+            settings.AGENT_RATE_LIMIT_PER_SECOND, settings.AGENT_RATE_LIMIT_BURST
+        )
         self.aggregator = MinuteAggregator()
         self.sent: set[str] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -80,8 +88,12 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.hub = await Hub.for_running_loop()
         previous = self.hub.register_agent(self.host_id, self)
         if previous is not None:
-            previous.close_from_hub(CloseCode.REPLACED, error_envelope(
-                ErrorCode.REPLACED, "Another connection with this host's token took over"))
+            previous.close_from_hub(
+                CloseCode.REPLACED,
+                error_envelope(
+                    ErrorCode.REPLACED, "Another connection with this host's token took over"
+                ),
+            )
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: flush metrics history, mark the host offline."""
@@ -95,7 +107,8 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         await self._save_minute(self.aggregator.flush())
         if self.ready:
             await database_sync_to_async(services.host_agent_gone)(
-                host_id=self.host_id, session=self.session)
+                host_id=self.host_id, session=self.session
+            )
 
     # -- sending --------------------------------------------------------------------------
 
@@ -131,8 +144,10 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     def _on_overflow(self) -> None:
         """The agent stopped reading: drop it so that it reconnects and catches up."""
         logger.warning("closing the agent of %s: it stopped reading", self.hostname)
-        self.close_from_hub(CloseCode.SLOW_CONSUMER, error_envelope(
-            ErrorCode.SLOW_CONSUMER, "Too many undelivered messages; reconnect"))
+        self.close_from_hub(
+            CloseCode.SLOW_CONSUMER,
+            error_envelope(ErrorCode.SLOW_CONSUMER, "Too many undelivered messages; reconnect"),
+        )
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host."""
@@ -154,9 +169,13 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
             return
         if len(text_data) > settings.AGENT_MAX_MESSAGE_BYTES:
-            await self._close_with(CloseCode.MESSAGE_TOO_BIG, error_envelope(
-                ErrorCode.MESSAGE_TOO_LARGE,
-                f"Message exceeds {settings.AGENT_MAX_MESSAGE_BYTES} bytes"))
+            await self._close_with(
+                CloseCode.MESSAGE_TOO_BIG,
+                error_envelope(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"Message exceeds {settings.AGENT_MAX_MESSAGE_BYTES} bytes",
+                ),
+            )
             return
         try:
             type_, data, id_ = agent_protocol.parse_agent_message(text_data)
@@ -175,14 +194,21 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Store the host's facts, mark it online and hand over queued work."""
         facts = agent_protocol.clean_facts(data, id_)
         host = await database_sync_to_async(services.host_agent_hello)(
-            host_id=self.host_id, session=self.session, facts=facts)
+            host_id=self.host_id, session=self.session, facts=facts
+        )
         self.cpu_count = host.cpu_count
         self.ready = True
         self.last_seen = services.LastSeen(self.host_id, written_now=True)  # hello wrote it
-        self.send_message("welcome", {
-            "host_id": self.host_id, "heartbeat_interval": settings.AGENT_HEARTBEAT_INTERVAL,
-            "metrics_interval": settings.AGENT_METRICS_INTERVAL, "server_time": utc_now_iso(),
-        }, id_)
+        self.send_message(
+            "welcome",
+            {
+                "host_id": self.host_id,
+                "heartbeat_interval": settings.AGENT_HEARTBEAT_INTERVAL,
+                "metrics_interval": settings.AGENT_METRICS_INTERVAL,
+                "server_time": utc_now_iso(),
+            },
+            id_,
+        )
         self.sent.clear()
         await self.dispatch_pending()
 
@@ -197,9 +223,15 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         except MetricsError as exc:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), id_=id_) from None
         now = timezone.now()
-        publish_now(HostMetricsReported(host_id=self.host_id or "", hostname=self.hostname,
-                                        timestamp=iso(now) or "", metrics=metrics,
-                                        cpu_count=self.cpu_count))
+        publish_now(
+            HostMetricsReported(
+                host_id=self.host_id or "",
+                hostname=self.hostname,
+                timestamp=iso(now) or "",
+                metrics=metrics,
+                cpu_count=self.cpu_count,
+            )
+        )
         await self._save_minute(self.aggregator.add(now, metrics))
         await self.last_seen.touch()
 
@@ -207,14 +239,16 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Mark a command running."""
         execution_id = agent_protocol.reference(data, "execution_id", id_)
         await database_sync_to_async(services.command_mark_running)(
-            execution_id=execution_id, host_id=self.host_id)
+            execution_id=execution_id, host_id=self.host_id
+        )
 
     async def on_command_result(self, data: dict[str, Any], id_: Any) -> None:
         """Store a command's result (once) and acknowledge it."""
         execution_id = agent_protocol.reference(data, "execution_id", id_)
         result = agent_protocol.clean_command_result(data, id_)
         await database_sync_to_async(services.command_record_result)(
-            execution_id=execution_id, host_id=self.host_id, result=result)
+            execution_id=execution_id, host_id=self.host_id, result=result
+        )
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
         await self.last_seen.touch()
 
@@ -223,21 +257,28 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         operation_id = agent_protocol.reference(data, "operation_id", id_)
         progress, message = agent_protocol.clean_progress(data, id_)
         await database_sync_to_async(services.package_operation_record_progress)(
-            operation_id=operation_id, host_id=self.host_id, progress=progress, message=message)
+            operation_id=operation_id, host_id=self.host_id, progress=progress, message=message
+        )
 
     async def on_package_result(self, data: dict[str, Any], id_: Any) -> None:
         """Store a package operation's result (once) and acknowledge it."""
         operation_id = agent_protocol.reference(data, "operation_id", id_)
         status = data.get("status")
         if status not in ("completed", "failed"):
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'status' must be completed or failed",
-                                id_=id_)
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "'status' must be completed or failed", id_=id_
+            )
         output = agent_protocol.without_nul(
-            str(data.get("output") or "")[:agent_protocol.MAX_OUTPUT_CHARS])
+            str(data.get("output") or "")[: agent_protocol.MAX_OUTPUT_CHARS]
+        )
         message = agent_protocol.without_nul(str(data.get("message") or "")[:1000])
         await database_sync_to_async(services.package_operation_record_result)(
-            operation_id=operation_id, host_id=self.host_id, status=status, message=message,
-            output=output)
+            operation_id=operation_id,
+            host_id=self.host_id,
+            status=status,
+            message=message,
+            output=output,
+        )
         self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
 
     HANDLERS = {
@@ -255,17 +296,28 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def dispatch_pending(self) -> None:
         """Send the agent every queued command and operation it has not been sent yet."""
         commands, operations = await database_sync_to_async(selectors.pending_work)(
-            self.host_id or "")
+            self.host_id or ""
+        )
         for execution in commands:
             if self._first_time(str(execution.id)):
-                self.send_message("run_command", {
-                    "execution_id": str(execution.id), "command": execution.command,
-                    "timeout": execution.timeout})
+                self.send_message(
+                    "run_command",
+                    {
+                        "execution_id": str(execution.id),
+                        "command": execution.command,
+                        "timeout": execution.timeout,
+                    },
+                )
         for operation in operations:
             if self._first_time(str(operation.id)):
-                self.send_message("package_operation", {
-                    "operation_id": str(operation.id), "operation": operation.operation,
-                    "package": operation.package})
+                self.send_message(
+                    "package_operation",
+                    {
+                        "operation_id": str(operation.id),
+                        "operation": operation.operation,
+                        "package": operation.package,
+                    },
+                )
 
     def _first_time(self, ref: str) -> bool:
         if ref in self.sent:
@@ -278,4 +330,5 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if finished is not None:
             minute, samples, averages = finished
             await database_sync_to_async(services.metric_sample_save)(
-                host_id=self.host_id, minute=minute, samples=samples, averages=averages)
+                host_id=self.host_id, minute=minute, samples=samples, averages=averages
+            )

@@ -1,4 +1,5 @@
 """Events of the hosts app."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,9 +84,14 @@ class PackageOperationUpdated(Event):
 def command_event(execution: CommandExecution) -> CommandExecutionUpdated:
     """The event describing ``execution`` as it is now."""
     return CommandExecutionUpdated(
-        execution_id=str(execution.id), host_id=str(execution.host_id),
-        hostname=execution.host.hostname, command=execution.command, status=execution.status,
-        exit_code=execution.exit_code, stdout=execution.stdout, stderr=execution.stderr,
+        execution_id=str(execution.id),
+        host_id=str(execution.host_id),
+        hostname=execution.host.hostname,
+        command=execution.command,
+        status=execution.status,
+        exit_code=execution.exit_code,
+        stdout=execution.stdout,
+        stderr=execution.stderr,
         execution_time=execution.execution_time,
         requested_by=execution.requested_by.username if execution.requested_by else None,
         requested_by_id=str(execution.requested_by_id) if execution.requested_by_id else None,
@@ -97,9 +103,13 @@ def command_event(execution: CommandExecution) -> CommandExecutionUpdated:
 def operation_event(operation: PackageOperation) -> PackageOperationUpdated:
     """The event describing ``operation`` as it is now."""
     return PackageOperationUpdated(
-        execution_id=str(operation.id), host_id=str(operation.host_id),
-        hostname=operation.host.hostname, operation=operation.operation,
-        package=operation.package, status=operation.status, progress=operation.progress,
+        execution_id=str(operation.id),
+        host_id=str(operation.host_id),
+        hostname=operation.host.hostname,
+        operation=operation.operation,
+        package=operation.package,
+        status=operation.status,
+        progress=operation.progress,
         message=operation.message,
         final=operation.status not in operation.ACTIVE_STATUSES,
     )

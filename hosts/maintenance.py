@@ -3,6 +3,7 @@ The hosts sweep: silent hosts go offline, overdue commands and stalled package
 operations end with a clear status.  Every server process runs it periodically, and
 ``manage.py mark_offline_hosts`` runs it from cron; it is safe to run concurrently.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,13 +36,20 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
     timed_out = services.commands_expire_overdue(grace=settings.COMMAND_RESULT_GRACE_SECONDS)
     undelivered = deliveries.expire_undelivered()
     failed = services.package_operations_expire_overdue(
-        silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS)
+        silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS
+    )
     expired = enrollment.registrations_expire()
     report = SweepReport([h.hostname for h in offline], timed_out, failed, undelivered, expired)
     if offline or timed_out or failed or undelivered or expired:
-        logger.info("sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) "
-                    "failed, %d not delivered, %d registration(s) expired", len(offline),
-                    timed_out, failed, undelivered, expired)
+        logger.info(
+            "sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) "
+            "failed, %d not delivered, %d registration(s) expired",
+            len(offline),
+            timed_out,
+            failed,
+            undelivered,
+            expired,
+        )
     return report
 
 
@@ -63,15 +71,22 @@ def agent_recheck() -> None:
     connected = list(hub.agents.items())  # a snapshot; the loop may change the dict
     ids = [host_id for host_id, _ in connected]
     tokens = dict(Host.objects.filter(id__in=ids).values_list("id", "token_hash"))
-    waiting = set(CommandExecution.objects.filter(
-        host_id__in=ids, status__in=CommandExecution.ACTIVE_STATUSES).values_list(
-        "host_id", flat=True)) | set(PackageOperation.objects.filter(
-        host_id__in=ids, status__in=PackageOperation.ACTIVE_STATUSES).values_list(
-        "host_id", flat=True))
+    waiting = set(
+        CommandExecution.objects.filter(
+            host_id__in=ids, status__in=CommandExecution.ACTIVE_STATUSES
+        ).values_list("host_id", flat=True)
+    ) | set(
+        PackageOperation.objects.filter(
+            host_id__in=ids, status__in=PackageOperation.ACTIVE_STATUSES
+        ).values_list("host_id", flat=True)
+    )
     for host_id, conn in connected:
         token_hash = tokens.get(uuid.UUID(host_id))
         if not token_hash or token_hash != getattr(conn, "token_hash", None):
-            hub.call_soon_threadsafe(conn.close_from_hub, CloseCode.AUTH_FAILED,
-                                     auth_failed_envelope("Agent token was revoked or rotated"))
+            hub.call_soon_threadsafe(
+                conn.close_from_hub,
+                CloseCode.AUTH_FAILED,
+                auth_failed_envelope("Agent token was revoked or rotated"),
+            )
         elif uuid.UUID(host_id) in waiting:
             hub.call_soon_threadsafe(conn.nudge)

@@ -5,6 +5,7 @@ Agents report every few seconds.  Writing each report would tie up the database 
 that every consumer of a Daphne process shares, so each agent connection keeps a
 :class:`MinuteAggregator` and writes one averaged row when a minute is complete.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,12 @@ class MetricsError(ValueError):
 
 
 def _percent(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 <= value <= 100:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= 100
+    ):
         raise MetricsError(f"'{name}' must be a percentage from 0 to 100")
     return round(float(value), 2)
 
@@ -39,18 +44,29 @@ def clean_metrics(raw: Any) -> dict[str, Any]:
         disks = raw["disk_usage"]
         if not isinstance(disks, dict) or len(disks) > MAX_MOUNTS:
             raise MetricsError(f"'disk_usage' must map at most {MAX_MOUNTS} mount points")
-        cleaned["disk_usage"] = {str(mount)[:255]: _percent(value, f"disk_usage[{mount}]")
-                                 for mount, value in disks.items()}
+        cleaned["disk_usage"] = {
+            str(mount)[:255]: _percent(value, f"disk_usage[{mount}]")
+            for mount, value in disks.items()
+        }
     if "load_average" in raw:
         load = raw["load_average"]
-        if not isinstance(load, list) or len(load) != 3 or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                and v >= 0 for v in load):
+        if (
+            not isinstance(load, list)
+            or len(load) != 3
+            or not all(
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v >= 0
+                for v in load
+            )
+        ):
             raise MetricsError("'load_average' must be a list of three non-negative numbers")
         cleaned["load_average"] = [round(float(v), 2) for v in load]
     if not cleaned:
-        raise MetricsError("'metrics' has none of cpu_usage, memory_usage, disk_usage, "
-                           "load_average")
+        raise MetricsError(
+            "'metrics' has none of cpu_usage, memory_usage, disk_usage, load_average"
+        )
     return cleaned
 
 
@@ -84,7 +100,8 @@ class MinuteAggregator:
         if self.minute is None or self.count == 0:
             return None
         averages: dict[str, Any] = {
-            key: round(self.sums[key] / self.counts[key], 2) for key in self.sums}
+            key: round(self.sums[key] / self.counts[key], 2) for key in self.sums
+        }
         averages.update(self.last)
         result = (self.minute, self.count, averages)
         self.minute, self.count = None, 0

@@ -1,4 +1,5 @@
 """Models of managed hosts, command executions and package operations."""
+
 from __future__ import annotations
 
 import uuid
@@ -38,8 +39,9 @@ class Host(models.Model):
     cpu_count = models.PositiveIntegerField(null=True, blank=True)
     memory_total = models.PositiveBigIntegerField("memory (bytes)", null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
-    agent_kind = models.CharField(max_length=10, choices=AgentKind.choices,
-                                  default=AgentKind.NATIVE)
+    agent_kind = models.CharField(
+        max_length=10, choices=AgentKind.choices, default=AgentKind.NATIVE
+    )
     status = models.CharField(
         max_length=10, choices=HostStatus.choices, default=HostStatus.UNKNOWN, db_index=True
     )
@@ -98,7 +100,9 @@ class CommandExecution(models.Model):
     command = models.TextField()
     timeout = models.PositiveIntegerField(default=30)
     status = models.CharField(
-        max_length=10, choices=ExecutionStatus.choices, default=ExecutionStatus.PENDING,
+        max_length=10,
+        choices=ExecutionStatus.choices,
+        default=ExecutionStatus.PENDING,
         db_index=True,
     )
     exit_code = models.IntegerField(null=True, blank=True)
@@ -107,7 +111,10 @@ class CommandExecution(models.Model):
     execution_time = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     requested_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="commands",
     )
     request_id = models.CharField(max_length=200, blank=True)
@@ -121,8 +128,10 @@ class CommandExecution(models.Model):
             # Without it, a user sees the text and output of their own commands only
             # (and the output of their own package operations): commands can carry
             # secrets (sysmanage.permissions).
-            ("view_command_output",
-             "Can see the text and output of every user's commands and package operations"),
+            (
+                "view_command_output",
+                "Can see the text and output of every user's commands and package operations",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -158,14 +167,19 @@ class PackageOperation(models.Model):
     operation = models.CharField(max_length=10, choices=PackageOperationKind.choices)
     package = models.CharField(max_length=255)
     status = models.CharField(
-        max_length=12, choices=OperationStatus.choices, default=OperationStatus.PENDING,
+        max_length=12,
+        choices=OperationStatus.choices,
+        default=OperationStatus.PENDING,
         db_index=True,
     )
     progress = models.PositiveSmallIntegerField(default=0)
     message = models.TextField(blank=True)
     output = models.TextField(blank=True)
     requested_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="package_operations",
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -209,13 +223,19 @@ class RegistrationKey(models.Model):
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     key_prefix = models.CharField("key starts with", max_length=12, editable=False)
     max_uses = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Leave empty for no limit.")
+        null=True, blank=True, help_text="Leave empty for no limit."
+    )
     uses = models.PositiveIntegerField(default=0, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-        related_name="+", editable=False)
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -248,21 +268,36 @@ class AgentRegistration(models.Model):
     agent_version = models.CharField(max_length=50, blank=True)
     details = models.JSONField(default=dict, blank=True)
     remote_address = models.GenericIPAddressField(null=True, blank=True)
-    status = models.CharField(max_length=10, choices=RegistrationStatus.choices,
-                              default=RegistrationStatus.PENDING, db_index=True)
+    status = models.CharField(
+        max_length=10,
+        choices=RegistrationStatus.choices,
+        default=RegistrationStatus.PENDING,
+        db_index=True,
+    )
     token_hash = models.CharField(max_length=64, editable=False)
-    key = models.ForeignKey(RegistrationKey, null=True, blank=True, on_delete=models.SET_NULL,
-                            related_name="registrations")
-    host = models.OneToOneField(Host, null=True, blank=True, on_delete=models.SET_NULL,
-                                related_name="registration")
+    key = models.ForeignKey(
+        RegistrationKey,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="registrations",
+    )
+    host = models.OneToOneField(
+        Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="registration"
+    )
     # Set on a re-registration: the existing host whose identity the agent asks for.
     # Approving it gives that host the agent's new token; until then the old one works.
-    for_host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.CASCADE,
-                                 related_name="reregistrations",
-                                 verbose_name="re-registration of")
+    for_host = models.ForeignKey(
+        Host,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="reregistrations",
+        verbose_name="re-registration of",
+    )
     decided_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-        related_name="+")
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     decided_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
@@ -270,8 +305,10 @@ class AgentRegistration(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                Lower("hostname"), condition=models.Q(status="pending"),
-                name="one_pending_registration_per_hostname_ci"),
+                Lower("hostname"),
+                condition=models.Q(status="pending"),
+                name="one_pending_registration_per_hostname_ci",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -298,12 +335,15 @@ class AgentDelivery(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="deliveries")
     command_type = models.CharField(max_length=64)
-    execution = models.OneToOneField(CommandExecution, null=True, blank=True,
-                                     on_delete=models.CASCADE, related_name="delivery")
-    operation = models.OneToOneField(PackageOperation, null=True, blank=True,
-                                     on_delete=models.CASCADE, related_name="delivery")
-    state = models.CharField(max_length=12, choices=DeliveryState.choices,
-                             default=DeliveryState.SENT, db_index=True)
+    execution = models.OneToOneField(
+        CommandExecution, null=True, blank=True, on_delete=models.CASCADE, related_name="delivery"
+    )
+    operation = models.OneToOneField(
+        PackageOperation, null=True, blank=True, on_delete=models.CASCADE, related_name="delivery"
+    )
+    state = models.CharField(
+        max_length=12, choices=DeliveryState.choices, default=DeliveryState.SENT, db_index=True
+    )
     attempts = models.PositiveSmallIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField()

@@ -1,4 +1,5 @@
 """Reads of hosts, command executions and package operations."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -77,10 +78,16 @@ def pending_operation_count() -> int:
 
 def pending_work(host_id: str) -> tuple[list[CommandExecution], list[PackageOperation]]:
     """Commands and package operations queued for a host's agent and not yet finished."""
-    commands = list(CommandExecution.objects.filter(
-        host_id=host_id, status__in=CommandExecution.ACTIVE_STATUSES).order_by("created_at"))
-    operations = list(PackageOperation.objects.filter(
-        host_id=host_id, status__in=PackageOperation.ACTIVE_STATUSES).order_by("created_at"))
+    commands = list(
+        CommandExecution.objects.filter(
+            host_id=host_id, status__in=CommandExecution.ACTIVE_STATUSES
+        ).order_by("created_at")
+    )
+    operations = list(
+        PackageOperation.objects.filter(
+            host_id=host_id, status__in=PackageOperation.ACTIVE_STATUSES
+        ).order_by("created_at")
+    )
     return commands, operations
 
 
@@ -98,19 +105,25 @@ def metric_history(host_id: str, *, since: Any) -> list[dict[str, Any]]:
     from hosts.models import MetricSample
 
     rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since).order_by("minute")
-    return [{"minute": iso(r.minute), "samples": r.samples, "cpu_usage": r.cpu_usage,
-             "memory_usage": r.memory_usage, "disk_usage": r.disk_usage,
-             "load_average": r.load_average} for r in rows]
+    return [
+        {
+            "minute": iso(r.minute),
+            "samples": r.samples,
+            "cpu_usage": r.cpu_usage,
+            "memory_usage": r.memory_usage,
+            "disk_usage": r.disk_usage,
+            "load_average": r.load_average,
+        }
+        for r in rows
+    ]
 
 
 def command_event_data(execution_id: Any) -> dict[str, Any]:
     """An execution as its ``command_execution`` events show it."""
     from hosts.events import command_event
 
-    execution = CommandExecution.objects.select_related("host", "requested_by").get(
-        id=execution_id)
+    execution = CommandExecution.objects.select_related("host", "requested_by").get(id=execution_id)
     return command_event(execution).data()
-
 
 
 #: Characters of each output a list item shows; the detail endpoint has the whole.
@@ -119,18 +132,22 @@ LIST_PREVIEW_CHARS = 200
 LIST_ERROR_CHARS = 1000
 
 
-def command_list(*, host_id: Any = None, status: str | None = None
-                 ) -> QuerySet[CommandExecution]:
+def command_list(*, host_id: Any = None, status: str | None = None) -> QuerySet[CommandExecution]:
     """Command executions, newest first, without their outputs: each carries
     ``stdout_length``/``stderr_length`` and ``stdout_preview``/``stderr_preview``, and
     ``error_text``, its error cut short.  Outputs run to 512 Ki characters each; a page
     of them was hundreds of megabytes, read from the database whole."""
-    rows = CommandExecution.objects.select_related("host", "requested_by").defer(
-        "stdout", "stderr", "error").annotate(
-        stdout_length=Length("stdout"), stderr_length=Length("stderr"),
-        stdout_preview=Substr("stdout", 1, LIST_PREVIEW_CHARS),
-        stderr_preview=Substr("stderr", 1, LIST_PREVIEW_CHARS),
-        error_text=Substr("error", 1, LIST_ERROR_CHARS))
+    rows = (
+        CommandExecution.objects.select_related("host", "requested_by")
+        .defer("stdout", "stderr", "error")
+        .annotate(
+            stdout_length=Length("stdout"),
+            stderr_length=Length("stderr"),
+            stdout_preview=Substr("stdout", 1, LIST_PREVIEW_CHARS),
+            stderr_preview=Substr("stderr", 1, LIST_PREVIEW_CHARS),
+            error_text=Substr("error", 1, LIST_ERROR_CHARS),
+        )
+    )
     if host_id is not None:
         rows = rows.filter(host_id=host_id)
     if status:
@@ -138,13 +155,18 @@ def command_list(*, host_id: Any = None, status: str | None = None
     return rows
 
 
-def package_operation_list(*, host_id: Any = None, status: str | None = None
-                           ) -> QuerySet[PackageOperation]:
+def package_operation_list(
+    *, host_id: Any = None, status: str | None = None
+) -> QuerySet[PackageOperation]:
     """Package operations, newest first, without their output: each carries
     ``output_length`` and ``output_preview`` instead."""
-    rows = PackageOperation.objects.select_related("host", "requested_by").defer(
-        "output").annotate(output_length=Length("output"),
-                           output_preview=Substr("output", 1, LIST_PREVIEW_CHARS))
+    rows = (
+        PackageOperation.objects.select_related("host", "requested_by")
+        .defer("output")
+        .annotate(
+            output_length=Length("output"), output_preview=Substr("output", 1, LIST_PREVIEW_CHARS)
+        )
+    )
     if host_id is not None:
         rows = rows.filter(host_id=host_id)
     if status:
@@ -217,8 +239,9 @@ def inventory_os(data: dict[str, Any]) -> dict[str, Any]:
         "version": _text(info.get("distribution_version")),
         "codename": _text(info.get("distribution_codename")),
         "kernel": _text(data.get("platform_release")),
-        "architecture": (_text(data.get("machine_architecture"))
-                         or _text(data.get("architecture"))),
+        "architecture": (
+            _text(data.get("machine_architecture")) or _text(data.get("architecture"))
+        ),
         "timezone": _text(data.get("timezone")),
     }
 
@@ -228,9 +251,14 @@ def _storage_row(device: dict[str, Any]) -> dict[str, Any]:
     total = _count(device.get("total_size"))
     used = _count(device.get("used_size"))
     percent = round(min(used, total) * 100 / total) if total and used is not None else None
-    return {"name": _text(device.get("name")), "mount_point": _text(device.get("mount_point"), 255),
-            "file_system": _text(device.get("file_system"), 50), "total": total, "used": used,
-            "used_percent": percent}
+    return {
+        "name": _text(device.get("name")),
+        "mount_point": _text(device.get("mount_point"), 255),
+        "file_system": _text(device.get("file_system"), 50),
+        "total": total,
+        "used": used,
+        "used_percent": percent,
+    }
 
 
 def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
@@ -246,8 +274,7 @@ def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
         "cpu_threads": _count(data.get("cpu_threads")),
         "cpu_mhz": _count(data.get("cpu_frequency_mhz")),
         "memory_total": int(memory_total * MIB) if memory_total is not None else None,
-        "memory_available": (int(memory_available * MIB)
-                             if memory_available is not None else None),
+        "memory_available": (int(memory_available * MIB) if memory_available is not None else None),
         "storage": [_storage_row(d) for d in devices[:INVENTORY_STORAGE_ROWS]],
         "storage_more": max(len(devices) - INVENTORY_STORAGE_ROWS, 0),
         "interfaces": [name for name in interfaces if name],
@@ -255,39 +282,57 @@ def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _update_row(item: dict[str, Any]) -> dict[str, Any]:
-    return {"name": _text(item.get("package_name"), 255),
-            "current": _text(item.get("current_version")),
-            "available": _text(item.get("available_version")),
-            "manager": _text(item.get("package_manager"), 50),
-            "security": _flag(item.get("is_security_update"))}
+    return {
+        "name": _text(item.get("package_name"), 255),
+        "current": _text(item.get("current_version")),
+        "available": _text(item.get("available_version")),
+        "manager": _text(item.get("package_manager"), 50),
+        "security": _flag(item.get("is_security_update")),
+    }
 
 
-def inventory_updates(data: dict[str, Any], *,
-                      limit: int = INVENTORY_UPDATE_ROWS) -> dict[str, Any]:
+def inventory_updates(
+    data: dict[str, Any], *, limit: int = INVENTORY_UPDATE_ROWS
+) -> dict[str, Any]:
     """The ``updates`` report: counts, and up to ``limit`` rows, security updates first."""
-    rows = [row for row in map(_update_row, _dicts(data.get("available_updates")))
-            if row["name"]]
+    rows = [row for row in map(_update_row, _dicts(data.get("available_updates"))) if row["name"]]
     rows.sort(key=lambda row: (not row["security"], row["name"].casefold()))
     # With a list, the counts are those of the rows shown; without, the agent's own.
     if isinstance(data.get("available_updates"), list):
         security = sum(row["security"] for row in rows)
     else:
         security = _count(data.get("security_updates"))
-    return {"count": _listed(data, "available_updates", "total_updates"),
-            "security_count": security, "rows": rows[:limit], "listed": len(rows),
-            "more": max(len(rows) - limit, 0)}
+    return {
+        "count": _listed(data, "available_updates", "total_updates"),
+        "security_count": security,
+        "rows": rows[:limit],
+        "listed": len(rows),
+        "more": max(len(rows) - limit, 0),
+    }
 
 
-def inventory_software(data: dict[str, Any], *,
-                       limit: int = INVENTORY_PACKAGE_ROWS) -> dict[str, Any]:
+def inventory_software(
+    data: dict[str, Any], *, limit: int = INVENTORY_PACKAGE_ROWS
+) -> dict[str, Any]:
     """The ``software`` report: how many packages, and the first ``limit`` by name."""
-    rows = [{"name": _text(item.get("package_name"), 255), "version": _text(item.get("version")),
-             "manager": _text(item.get("package_manager"), 50)}
-            for item in _dicts(data.get("software_packages"))]
-    rows = sorted((row for row in rows if row["name"]),
-                  key=lambda row: (row["name"].casefold(), row["version"]))
-    return {"count": _listed(data, "software_packages", "total_packages"),
-            "rows": rows[:limit], "listed": len(rows), "more": max(len(rows) - limit, 0)}
+    rows = [
+        {
+            "name": _text(item.get("package_name"), 255),
+            "version": _text(item.get("version")),
+            "manager": _text(item.get("package_manager"), 50),
+        }
+        for item in _dicts(data.get("software_packages"))
+    ]
+    rows = sorted(
+        (row for row in rows if row["name"]),
+        key=lambda row: (row["name"].casefold(), row["version"]),
+    )
+    return {
+        "count": _listed(data, "software_packages", "total_packages"),
+        "rows": rows[:limit],
+        "listed": len(rows),
+        "more": max(len(rows) - limit, 0),
+    }
 
 
 INVENTORY_SHAPERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -2,6 +2,7 @@
 Writes of the hosts app: every change to hosts, commands and package operations goes
 through here, and each publishes its event after the transaction commits.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,20 +40,29 @@ from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
 
 HOST_FACT_FIELDS = (
-    "fqdn", "ip_addresses", "os_name", "os_version", "kernel", "architecture",
-    "cpu_count", "memory_total", "agent_version",
+    "fqdn",
+    "ip_addresses",
+    "os_name",
+    "os_version",
+    "kernel",
+    "architecture",
+    "cpu_count",
+    "memory_total",
+    "agent_version",
 )
 
 
-def host_create(*, hostname: str, host_id: Any = None, agent_kind: str = AgentKind.NATIVE,
-                **facts: Any) -> Host:
+def host_create(
+    *, hostname: str, host_id: Any = None, agent_kind: str = AgentKind.NATIVE, **facts: Any
+) -> Host:
     """Create a host (status unknown until its agent connects)."""
     unknown = set(facts) - set(HOST_FACT_FIELDS)
     if unknown:
         raise TypeError(f"unknown host fields: {', '.join(sorted(unknown))}")
     with transaction.atomic():
-        host = Host.objects.create(id=host_id or uuid.uuid4(), hostname=hostname,
-                                   agent_kind=agent_kind, **facts)
+        host = Host.objects.create(
+            id=host_id or uuid.uuid4(), hostname=hostname, agent_kind=agent_kind, **facts
+        )
         fleet_changed()
     return host
 
@@ -76,8 +86,10 @@ def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, s
         if host is None:
             host = host_create(hostname=hostname)
         elif host.agent_kind != AgentKind.NATIVE:
-            raise ValueError(f"{hostname} is managed by a SysManage agent; it enrolls by "
-                             "registering (see docs/sysmanage-agent.md)")
+            raise ValueError(
+                f"{hostname} is managed by a SysManage agent; it enrolls by "
+                "registering (see docs/sysmanage-agent.md)"
+            )
         token = _issue_token(host)
         audit("host_enrolled", actor, host_id=str(host.id), hostname=host.hostname)
     return host, token
@@ -88,8 +100,10 @@ def host_rotate_token(*, host_id: Any, actor: Actor | None = None) -> tuple[Host
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
         if host.agent_kind != AgentKind.NATIVE:
-            raise ValueError(f"{host.hostname} is managed by a SysManage agent, which gets a "
-                             "new token only by registering again with a registration key")
+            raise ValueError(
+                f"{host.hostname} is managed by a SysManage agent, which gets a "
+                "new token only by registering again with a registration key"
+            )
         token = _issue_token(host)
         publish_control("close_agent", host_id=str(host.id), reason="Agent token was rotated")
         audit("host_token_rotated", actor, host_id=str(host.id), hostname=host.hostname)
@@ -131,43 +145,78 @@ def host_set_status(*, host_id: Any, status: str, seen_at: datetime | None = Non
             fields.append("last_seen")
         host.save(update_fields=fields)
         if previous != status:
-            publish(HostStatusChanged(
-                host_id=str(host.id), hostname=host.hostname, status=status,
-                previous_status=previous, timestamp=iso(timezone.now()) or utc_now_iso(),
-            ))
+            publish(
+                HostStatusChanged(
+                    host_id=str(host.id),
+                    hostname=host.hostname,
+                    status=status,
+                    previous_status=previous,
+                    timestamp=iso(timezone.now()) or utc_now_iso(),
+                )
+            )
             fleet_changed()
     return host
 
 
-def host_report_metrics(*, host: Host, metrics: dict[str, Any],
-                        timestamp: str | None = None) -> None:
+def host_report_metrics(
+    *, host: Host, metrics: dict[str, Any], timestamp: str | None = None
+) -> None:
     """Publish a host's live metrics on ``host_metrics`` (no database write)."""
-    publish(HostMetricsReported(
-        host_id=str(host.id), hostname=host.hostname, timestamp=timestamp or utc_now_iso(),
-        metrics=metrics, cpu_count=host.cpu_count,
-    ))
+    publish(
+        HostMetricsReported(
+            host_id=str(host.id),
+            hostname=host.hostname,
+            timestamp=timestamp or utc_now_iso(),
+            metrics=metrics,
+            cpu_count=host.cpu_count,
+        )
+    )
 
 
-def command_create(*, host: Host, command: str, timeout: int, user: Any,
-                   request_id: str = "", execution_id: Any = None,
-                   actor: Actor | None = None) -> CommandExecution:
+def command_create(
+    *,
+    host: Host,
+    command: str,
+    timeout: int,
+    user: Any,
+    request_id: str = "",
+    execution_id: Any = None,
+    actor: Actor | None = None,
+) -> CommandExecution:
     """Record a command a user asked to run (pending) and tell the host's agent."""
     with transaction.atomic():
         execution = CommandExecution.objects.create(
-            id=execution_id or uuid.uuid4(), host=host, command=command, timeout=timeout,
-            requested_by=user, request_id=request_id,
+            id=execution_id or uuid.uuid4(),
+            host=host,
+            command=command,
+            timeout=timeout,
+            requested_by=user,
+            request_id=request_id,
         )
         publish(command_event(execution))
         publish_control("agent_dispatch", host_id=str(host.id))
-        audit("command_run", actor, host_id=str(host.id), hostname=host.hostname,
-              command=command, execution_id=str(execution.id))
+        audit(
+            "command_run",
+            actor,
+            host_id=str(host.id),
+            hostname=host.hostname,
+            command=command,
+            execution_id=str(execution.id),
+        )
         fleet_changed()
     return execution
 
 
-def command_finish(*, execution: CommandExecution, status: str, exit_code: int | None = None,
-                   stdout: str = "", stderr: str = "", execution_time: float | None = None,
-                   error: str = "") -> CommandExecution:
+def command_finish(
+    *,
+    execution: CommandExecution,
+    status: str,
+    exit_code: int | None = None,
+    stdout: str = "",
+    stderr: str = "",
+    execution_time: float | None = None,
+    error: str = "",
+) -> CommandExecution:
     """Record a command's end (completed, failed or timed out) and publish it."""
     if status not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
         raise ValueError(f"{status!r} is not a final status")
@@ -185,25 +234,47 @@ def command_finish(*, execution: CommandExecution, status: str, exit_code: int |
     return execution
 
 
-def package_operation_create(*, host: Host, operation: str, package: str, user: Any,
-                             operation_id: Any = None,
-                             actor: Actor | None = None) -> PackageOperation:
+def package_operation_create(
+    *,
+    host: Host,
+    operation: str,
+    package: str,
+    user: Any,
+    operation_id: Any = None,
+    actor: Actor | None = None,
+) -> PackageOperation:
     """Record a package operation a user asked for (pending) and tell the host's agent."""
     with transaction.atomic():
         record = PackageOperation.objects.create(
-            id=operation_id or uuid.uuid4(), host=host, operation=operation, package=package,
+            id=operation_id or uuid.uuid4(),
+            host=host,
+            operation=operation,
+            package=package,
             requested_by=user,
         )
         publish(operation_event(record))
         publish_control("agent_dispatch", host_id=str(host.id))
-        audit("package_operation_started", actor, host_id=str(host.id), hostname=host.hostname,
-              operation=operation, package=package, execution_id=str(record.id))
+        audit(
+            "package_operation_started",
+            actor,
+            host_id=str(host.id),
+            hostname=host.hostname,
+            operation=operation,
+            package=package,
+            execution_id=str(record.id),
+        )
         fleet_changed()
     return record
 
 
-def package_operation_update(*, operation: PackageOperation, status: str, progress: int,
-                             message: str = "", output: str | None = None) -> PackageOperation:
+def package_operation_update(
+    *,
+    operation: PackageOperation,
+    status: str,
+    progress: int,
+    message: str = "",
+    output: str | None = None,
+) -> PackageOperation:
     """Record progress or the end of a package operation and publish it."""
     if status not in OperationStatus.values:
         raise ValueError(f"unknown operation status {status!r}")
@@ -251,24 +322,34 @@ def host_agent_gone(*, host_id: Any, session: str) -> bool:
 
 def host_update_facts(*, host_id: Any, facts: dict[str, Any]) -> None:
     """Store facts an agent reported while connected (no event: facts are not live data)."""
-    changes = {field: value for field, value in facts.items()
-               if field in HOST_FACT_FIELDS and value is not None}
+    changes = {
+        field: value
+        for field, value in facts.items()
+        if field in HOST_FACT_FIELDS and value is not None
+    }
     if changes:
         Host.objects.filter(id=host_id).update(**changes, updated_at=timezone.now())
 
 
-def host_inventory_save(*, host_id: Any, kind: str, data: dict[str, Any],
-                        item_count: int | None, facts: dict[str, Any],
-                        digest: str = "") -> bool:
+def host_inventory_save(
+    *,
+    host_id: Any,
+    kind: str,
+    data: dict[str, Any],
+    item_count: int | None,
+    facts: dict[str, Any],
+    digest: str = "",
+) -> bool:
     """Replace one kind of a host's inventory, and the host facts it carries; False (and
     nothing written) when ``digest`` says the stored report is the same."""
-    if digest and HostInventory.objects.filter(host_id=host_id, kind=kind,
-                                               digest=digest).exists():
+    if digest and HostInventory.objects.filter(host_id=host_id, kind=kind, digest=digest).exists():
         return False
     with transaction.atomic():
         HostInventory.objects.update_or_create(
-            host_id=host_id, kind=kind,
-            defaults={"data": data, "item_count": item_count, "digest": digest})
+            host_id=host_id,
+            kind=kind,
+            defaults={"data": data, "item_count": item_count, "digest": digest},
+        )
         host_update_facts(host_id=host_id, facts=facts)
     return True
 
@@ -291,24 +372,27 @@ class LastSeen:
         now = time.monotonic()
         if now - self.written >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
             self.written = now
-            await database_sync_to_async(host_touch)(host_id=self.host_id,
-                                                     seen_at=timezone.now())
+            await database_sync_to_async(host_touch)(host_id=self.host_id, seen_at=timezone.now())
 
 
 def hosts_mark_offline(*, silent_for: float) -> list[Host]:
     """Mark offline every online host not heard from for ``silent_for`` seconds."""
     cutoff = timezone.now() - timedelta(seconds=silent_for)
     stale = Host.objects.filter(status=HostStatus.ONLINE).filter(
-        Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True))
-    return [host_set_status(host_id=host.id, status=HostStatus.OFFLINE)
-            for host in stale]
+        Q(last_seen__lt=cutoff) | Q(last_seen__isnull=True)
+    )
+    return [host_set_status(host_id=host.id, status=HostStatus.OFFLINE) for host in stale]
 
 
 def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
     """Note that the agent started a pending command; False if it was not pending."""
     with transaction.atomic():
-        execution = CommandExecution.objects.select_for_update(of=("self",)).select_related(
-            "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
+        execution = (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id=execution_id, host_id=host_id)
+            .first()
+        )
         if execution is None or execution.status != ExecutionStatus.PENDING:
             return False
         execution.status = ExecutionStatus.RUNNING
@@ -321,8 +405,12 @@ def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
 def command_record_result(*, execution_id: Any, host_id: Any, result: dict[str, Any]) -> bool:
     """Store an agent's result once; False if unknown, another host's, or already final."""
     with transaction.atomic():
-        execution = CommandExecution.objects.select_for_update(of=("self",)).select_related(
-            "host", "requested_by").filter(id=execution_id, host_id=host_id).first()
+        execution = (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id=execution_id, host_id=host_id)
+            .first()
+        )
         if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
             return False
         command_finish(execution=execution, **result)
@@ -334,45 +422,67 @@ def commands_expire_overdue(*, grace: float) -> int:
     now = timezone.now()
     expired = 0
     for execution in CommandExecution.objects.filter(
-            status__in=CommandExecution.ACTIVE_STATUSES).select_related("host", "requested_by"):
+        status__in=CommandExecution.ACTIVE_STATUSES
+    ).select_related("host", "requested_by"):
         deadline = execution.created_at + timedelta(seconds=execution.timeout + grace)
         if deadline > now:
             continue
         with transaction.atomic():
             locked = CommandExecution.objects.select_for_update().get(id=execution.id)
             if locked.status in CommandExecution.ACTIVE_STATUSES:
-                command_finish(execution=execution, status=ExecutionStatus.TIMEOUT,
-                               error="No result from the agent in time")
+                command_finish(
+                    execution=execution,
+                    status=ExecutionStatus.TIMEOUT,
+                    error="No result from the agent in time",
+                )
                 expired += 1
     return expired
 
 
-def package_operation_record_progress(*, operation_id: Any, host_id: Any, progress: int,
-                                      message: str) -> bool:
+def package_operation_record_progress(
+    *, operation_id: Any, host_id: Any, progress: int, message: str
+) -> bool:
     """Store progress of an unfinished operation; False if unknown or finished."""
     with transaction.atomic():
-        operation = PackageOperation.objects.select_for_update(of=("self",)).select_related(
-            "host").filter(id=operation_id, host_id=host_id).first()
+        operation = (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id=operation_id, host_id=host_id)
+            .first()
+        )
         if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
             return False
-        package_operation_update(operation=operation, status=OperationStatus.IN_PROGRESS,
-                                 progress=progress, message=message)
+        package_operation_update(
+            operation=operation,
+            status=OperationStatus.IN_PROGRESS,
+            progress=progress,
+            message=message,
+        )
     return True
 
 
-def package_operation_record_result(*, operation_id: Any, host_id: Any, status: str,
-                                    message: str, output: str) -> bool:
+def package_operation_record_result(
+    *, operation_id: Any, host_id: Any, status: str, message: str, output: str
+) -> bool:
     """Store an operation's final result once; False if unknown or already final."""
     if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
-        operation = PackageOperation.objects.select_for_update(of=("self",)).select_related(
-            "host").filter(id=operation_id, host_id=host_id).first()
+        operation = (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id=operation_id, host_id=host_id)
+            .first()
+        )
         if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
             return False
         package_operation_update(
-            operation=operation, status=status, message=message, output=output,
-            progress=100 if status == OperationStatus.COMPLETED else operation.progress)
+            operation=operation,
+            status=status,
+            message=message,
+            output=output,
+            progress=100 if status == OperationStatus.COMPLETED else operation.progress,
+        )
     return True
 
 
@@ -380,23 +490,29 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
     """Fail operations with no progress for ``silent_for`` seconds (agent gone)."""
     cutoff = timezone.now() - timedelta(seconds=silent_for)
     stale = PackageOperation.objects.filter(
-        status__in=PackageOperation.ACTIVE_STATUSES, updated_at__lt=cutoff).select_related("host")
+        status__in=PackageOperation.ACTIVE_STATUSES, updated_at__lt=cutoff
+    ).select_related("host")
     count = 0
     for operation in stale:
         if package_operation_record_result(
-                operation_id=operation.id, host_id=operation.host_id,
-                status=OperationStatus.FAILED, output=operation.output,
-                message="No word from the agent in time; the result is unknown"):
+            operation_id=operation.id,
+            host_id=operation.host_id,
+            status=OperationStatus.FAILED,
+            output=operation.output,
+            message="No word from the agent in time; the result is unknown",
+        ):
             count += 1
     return count
 
 
-def metric_sample_save(*, host_id: Any, minute: datetime, samples: int,
-                       averages: dict[str, Any]) -> None:
+def metric_sample_save(
+    *, host_id: Any, minute: datetime, samples: int, averages: dict[str, Any]
+) -> None:
     """Store (or merge into) the one-minute history row of a host."""
     with transaction.atomic():
         row, created = MetricSample.objects.select_for_update().get_or_create(
-            host_id=host_id, minute=minute, defaults={"samples": samples, **averages})
+            host_id=host_id, minute=minute, defaults={"samples": samples, **averages}
+        )
         if created:
             return
         total = row.samples + samples

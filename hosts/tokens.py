@@ -3,6 +3,7 @@
 The tokens carry 256 bits of randomness, so a fast digest is enough: there is nothing
 to brute-force, and lookups stay a single indexed query.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ Pages of the hosts app: the hosts table and one host's page.
 Also home of :class:`DashboardMixin`, which every dashboard page uses; the alerts and
 activity pages import it from here (higher apps may import lower ones).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -63,8 +64,12 @@ class HostListView(DashboardMixin, TemplateView):
         query = self.request.GET.get("q", "").strip()[:255]
         hosts = list(selectors.host_list(search=query or None))
         total = len(hosts) if not query else selectors.host_counts()["total_hosts"]
-        return {**super().get_context_data(**kwargs), "query": query, "hosts": hosts,
-                "total_hosts": total}
+        return {
+            **super().get_context_data(**kwargs),
+            "query": query,
+            "hosts": hosts,
+            "total_hosts": total,
+        }
 
 
 class HostDetailView(DashboardMixin, TemplateView):
@@ -81,15 +86,21 @@ class HostDetailView(DashboardMixin, TemplateView):
         user = self.request.user
         can_run = permissions.can_run_commands(user)
         can_manage = permissions.can_manage_alerts(user)
-        return {**super().get_context_data(**kwargs), "host": host,
-                "inventory": selectors.host_inventory_view(host.pk),
-                "can_run_commands": can_run, "can_manage_alerts": can_manage,
-                "page_data": host_page_data(host, can_run_commands=can_run,
-                                            can_manage_alerts=can_manage)}
+        return {
+            **super().get_context_data(**kwargs),
+            "host": host,
+            "inventory": selectors.host_inventory_view(host.pk),
+            "can_run_commands": can_run,
+            "can_manage_alerts": can_manage,
+            "page_data": host_page_data(
+                host, can_run_commands=can_run, can_manage_alerts=can_manage
+            ),
+        }
 
 
-def host_page_data(host: Host, *, can_run_commands: bool,
-                   can_manage_alerts: bool) -> dict[str, Any]:
+def host_page_data(
+    host: Host, *, can_run_commands: bool, can_manage_alerts: bool
+) -> dict[str, Any]:
     """What the host page's script starts from (rendered with ``json_script``)."""
     return {
         "hostId": str(host.id),

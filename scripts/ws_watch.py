@@ -14,6 +14,7 @@ reconnects, unless ``--no-reconnect`` is given.  Ctrl-C closes the socket and ex
 
 Only the standard library and ``websockets`` are used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise Fatal(f"not an http(s) URL: {url}")
     request = urllib.request.Request(  # noqa: S310 (the scheme was checked above)
-        url, data=json.dumps(body).encode(), method="POST",
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
         headers={"Content-Type": "application/json", "Accept": "application/json"},
     )
     try:
@@ -69,8 +72,14 @@ def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]
 class Tokens:
     """Access and refresh tokens: from a password, refreshed when the access one expires."""
 
-    def __init__(self, base_url: str, username: str | None, password: str | None,
-                 access: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        username: str | None,
+        password: str | None,
+        access: str | None,
+        timeout: float,
+    ) -> None:
         self.base_url = base_url
         self.username = username
         self.password = password
@@ -82,16 +91,20 @@ class Tokens:
         """Get a fresh token pair with the username and password."""
         if self.username is None or self.password is None:
             raise Fatal("the token was refused and no --username/--password was given")
-        pair = _post_json(f"{self.base_url}/api/token/",
-                          {"username": self.username, "password": self.password}, self.timeout)
+        pair = _post_json(
+            f"{self.base_url}/api/token/",
+            {"username": self.username, "password": self.password},
+            self.timeout,
+        )
         self.access, self.refresh = pair["access"], pair.get("refresh")
 
     def renew(self) -> None:
         """Get a new access token (with the refresh token if possible, else log in again)."""
         if self.refresh:
             try:
-                pair = _post_json(f"{self.base_url}/api/token/refresh/",
-                                  {"refresh": self.refresh}, self.timeout)
+                pair = _post_json(
+                    f"{self.base_url}/api/token/refresh/", {"refresh": self.refresh}, self.timeout
+                )
                 self.access = pair["access"]
                 self.refresh = pair.get("refresh", self.refresh)
                 return
@@ -181,8 +194,10 @@ async def watch(args: argparse.Namespace, tokens: Tokens) -> int:
         try:
             code = await watch_once(args, tokens, counter)
         except InvalidStatus as exc:
-            raise Fatal(f"the server refused the handshake: HTTP "
-                        f"{exc.response.status_code} (is the Origin allowed?)") from None
+            raise Fatal(
+                f"the server refused the handshake: HTTP "
+                f"{exc.response.status_code} (is the Origin allowed?)"
+            ) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if args.no_reconnect:
                 raise Fatal(f"cannot connect: {exc}") from None
@@ -229,29 +244,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Subscribe to SysManage WebSocket channels and print each message "
         "as a JSON line.",
     )
-    parser.add_argument("--url", default=os.environ.get("SYSMANAGE_URL", "http://127.0.0.1:8000"),
-                        help="server base URL (default: %(default)s)")
-    parser.add_argument("--username", default=os.environ.get("SYSMANAGE_USERNAME"),
-                        help="user to log in as (or SYSMANAGE_USERNAME)")
-    parser.add_argument("--password", help="password (or SYSMANAGE_PASSWORD, or "
-                        "--password-file; asked for when missing)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SYSMANAGE_URL", "http://127.0.0.1:8000"),
+        help="server base URL (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--username",
+        default=os.environ.get("SYSMANAGE_USERNAME"),
+        help="user to log in as (or SYSMANAGE_USERNAME)",
+    )
+    parser.add_argument(
+        "--password",
+        help="password (or SYSMANAGE_PASSWORD, or --password-file; asked for when missing)",
+    )
     parser.add_argument("--password-file", help="read the password from this file")
     parser.add_argument("--token", help="use this access JWT instead of logging in")
-    parser.add_argument("--channel", action="append", metavar="NAME[=FILTERS]",
-                        help="channel to subscribe to; repeatable (default: host_status and "
-                        "fleet_status); NAME={...} gives that channel its own filters")
-    parser.add_argument("--filters", help="JSON object of filters for every --channel "
-                        "without its own, e.g. '{\"host_id\": \"...\"}'")
-    parser.add_argument("--send", action="append", metavar="JSON",
-                        help="a raw message to send after subscribing; repeatable")
-    parser.add_argument("--auth", choices=("header", "subprotocol", "query"), default="header",
-                        help="where to put the token (default: %(default)s)")
-    parser.add_argument("--count", type=int, default=0,
-                        help="exit after this many messages (default: run until Ctrl-C)")
-    parser.add_argument("--no-reconnect", action="store_true",
-                        help="exit when the server closes the connection")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for HTTP answers and the handshake")
+    parser.add_argument(
+        "--channel",
+        action="append",
+        metavar="NAME[=FILTERS]",
+        help="channel to subscribe to; repeatable (default: host_status and "
+        "fleet_status); NAME={...} gives that channel its own filters",
+    )
+    parser.add_argument(
+        "--filters",
+        help="JSON object of filters for every --channel "
+        'without its own, e.g. \'{"host_id": "..."}\'',
+    )
+    parser.add_argument(
+        "--send",
+        action="append",
+        metavar="JSON",
+        help="a raw message to send after subscribing; repeatable",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("header", "subprotocol", "query"),
+        default="header",
+        help="where to put the token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="exit after this many messages (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--no-reconnect", action="store_true", help="exit when the server closes the connection"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for HTTP answers and the handshake",
+    )
     args = parser.parse_args(argv)
     try:
         subscriptions(args)
@@ -281,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         base_url = args.url = http_base(args.url)
         if args.token is None and args.username is None:
             raise Fatal("give --username (and a password) or --token")
-        tokens = Tokens(base_url, args.username, read_password(args) if args.username else None,
-                        args.token, args.timeout)
+        tokens = Tokens(
+            base_url,
+            args.username,
+            read_password(args) if args.username else None,
+            args.token,
+            args.timeout,
+        )
         if tokens.access is None:
             tokens.login()
         return asyncio.run(main_async(args, tokens))

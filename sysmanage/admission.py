@@ -10,6 +10,7 @@ the oldest of those failures leaves the window (``TOO_MANY_AUTH_FAILURES``, clos
 Attempts refused that way are not counted, so the block ends on time.  IPv6 addresses
 count per /64, the block a single host usually holds.
 """
+
 from __future__ import annotations
 
 import ipaddress

@@ -5,6 +5,7 @@ depth, and errors that always carry a ``detail`` sentence.
 Malformed input is the client's mistake and gets 400 with words, never a server error:
 every list endpoint validates its filters here before they reach a query.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,12 +43,17 @@ def query_filters(request: Request, filters: type[serializers.Serializer]) -> di
     left to others (pagination, format).  Anything invalid raises :class:`InvalidQuery`.
     """
     names = filters().fields.keys()
-    data = {name: value for name, value in request.query_params.items()
-            if name in names and value != ""}
+    data = {
+        name: value for name, value in request.query_params.items() if name in names and value != ""
+    }
     checked = filters(data=data)
     if not checked.is_valid():
-        raise InvalidQuery({"detail": f"Invalid query parameters: {_summary(checked.errors)}",
-                            "errors": checked.errors})
+        raise InvalidQuery(
+            {
+                "detail": f"Invalid query parameters: {_summary(checked.errors)}",
+                "errors": checked.errors,
+            }
+        )
     return dict(checked.validated_data)
 
 
@@ -63,8 +69,9 @@ class CsvChoiceField(serializers.Field):
         values = [v.strip() for v in str(data).split(",") if v.strip()]
         unknown = [v for v in values if v not in self.choices]
         if unknown:
-            raise ValidationError(f"{', '.join(unknown)[:200]} is not one of "
-                                  f"{', '.join(self.choices)}")
+            raise ValidationError(
+                f"{', '.join(unknown)[:200]} is not one of {', '.join(self.choices)}"
+            )
         return values
 
     def to_representation(self, value: Any) -> str:
@@ -81,8 +88,7 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
             if depth > limit:
                 return True
             children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children
-                         if isinstance(child, dict | list))
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 
@@ -91,8 +97,12 @@ class BoundedJSONParser(JSONParser):
     ``API_MAX_JSON_DEPTH``: deep nesting costs recursion, and before this a body nested
     a few thousand levels deep was a server error."""
 
-    def parse(self, stream: Any, media_type: str | None = None,
-              parser_context: dict[str, Any] | None = None) -> Any:
+    def parse(
+        self,
+        stream: Any,
+        media_type: str | None = None,
+        parser_context: dict[str, Any] | None = None,
+    ) -> Any:
         """Parse, then measure the depth."""
         limit = settings.API_MAX_JSON_DEPTH
         try:
@@ -111,9 +121,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if response is None or not isinstance(exc, ValidationError):
         return response
     if isinstance(response.data, dict) and "detail" not in response.data:
-        response.data = {"detail": f"Invalid input: {_summary(response.data)}",
-                         **response.data}
+        response.data = {"detail": f"Invalid input: {_summary(response.data)}", **response.data}
     elif isinstance(response.data, list):
-        response.data = {"detail": f"Invalid input: {_summary(response.data)}",
-                         "errors": response.data}
+        response.data = {
+            "detail": f"Invalid input: {_summary(response.data)}",
+            "errors": response.data,
+        }
     return response

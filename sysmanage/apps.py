@@ -1,4 +1,5 @@
 """App configuration of the core package."""
+
 from django.apps import AppConfig
 
 
@@ -21,6 +22,9 @@ class SysmanageConfig(AppConfig):
         )
         from sysmanage.hub import register_control, register_periodic
 
-        register_periodic("sysmanage.socket_recheck", lambda: settings.WS_RECHECK_SECONDS,
-                          recheck.periodic_recheck)
+        register_periodic(
+            "sysmanage.socket_recheck",
+            lambda: settings.WS_RECHECK_SECONDS,
+            recheck.periodic_recheck,
+        )
         register_control("recheck_users", recheck.on_recheck_users)

@@ -2,6 +2,7 @@
 ASGI entry point: ``python -m sysmanage.serve sysmanage.asgi:application`` (Daphne with a
 redacting access log) serves HTTP and WebSocket on one port.
 """
+
 import logging
 import os
 import sys
@@ -31,7 +32,8 @@ if Path(sys.argv[0]).name == "daphne" or sys.argv[0].endswith(f"daphne{os.sep}__
     # query strings included; sysmanage.serve redacts them.
     logging.getLogger("sysmanage").warning(
         "Started by plain daphne, whose access log shows ?token= values: start the "
-        "server with `python -m sysmanage.serve` (same options) instead")
+        "server with `python -m sysmanage.serve` (same options) instead"
+    )
 
 application = ProtocolTypeRouter(
     {

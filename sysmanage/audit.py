@@ -5,6 +5,7 @@ Services of ``hosts`` and ``alerts`` describe the acting person with an :class:`
 and call :func:`audit`; the ``activity`` app (higher up) registers the sink that stores
 and publishes each record, so lower apps never import it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,8 +29,9 @@ class Actor:
         """An administrator acting through ``manage.py command``."""
         import getpass
 
-        return cls(username=f"{getpass.getuser()} (manage.py {command})"[:150],
-                   user_agent="manage.py")
+        return cls(
+            username=f"{getpass.getuser()} (manage.py {command})"[:150], user_agent="manage.py"
+        )
 
 
 AuditSink = Callable[..., Any]
@@ -49,8 +51,14 @@ def audit(action: str, actor: Actor | None, **details: Any) -> None:
 
     def record() -> None:
         for sink in _sinks:
-            sink(action=action, user=actor.user, username=actor.username or None,
-                 ip_address=actor.ip_address, user_agent=actor.user_agent, details=details)
+            sink(
+                action=action,
+                user=actor.user,
+                username=actor.username or None,
+                ip_address=actor.ip_address,
+                user_agent=actor.user_agent,
+                details=details,
+            )
 
     transaction.on_commit(record)
 
@@ -58,5 +66,8 @@ def audit(action: str, actor: Actor | None, **details: Any) -> None:
 def request_actor(request: Any) -> Actor:
     """The actor behind an HTTP request (REST API, admin, pages)."""
     meta = getattr(request, "META", {})
-    return Actor(user=getattr(request, "user", None), ip_address=meta.get("REMOTE_ADDR"),
-                 user_agent=meta.get("HTTP_USER_AGENT", "")[:500])
+    return Actor(
+        user=getattr(request, "user", None),
+        ip_address=meta.get("REMOTE_ADDR"),
+        user_agent=meta.get("HTTP_USER_AGENT", "")[:500],
+    )

@@ -9,6 +9,7 @@ logged-in Django session authenticates same-origin pages.  A token that is prese
 bad never falls back to the session.  A token must also carry the fingerprint of its
 user's current credentials (:mod:`sysmanage.credentials`).
 """
+
 from __future__ import annotations
 
 import time
@@ -69,7 +70,7 @@ def find_token(scope: dict[str, Any]) -> tuple[str | None, str | None, str | Non
     offered = _offered_subprotocols(scope)
     for index, proto in enumerate(offered):
         if proto.lower().startswith(BEARER_SUBPROTOCOL + "."):
-            return proto[len(BEARER_SUBPROTOCOL) + 1:], "subprotocol", proto
+            return proto[len(BEARER_SUBPROTOCOL) + 1 :], "subprotocol", proto
         if proto.lower() == BEARER_SUBPROTOCOL and index + 1 < len(offered):
             return offered[index + 1], "subprotocol", BEARER_SUBPROTOCOL
     authorization = _header(scope, b"authorization")
@@ -116,20 +117,30 @@ def authenticate_socket(scope: dict[str, Any]) -> SocketCredentials:
     raw, via, subprotocol = find_token(scope)
     if raw is not None:
         if not raw:
-            return SocketCredentials(via=via, subprotocol=subprotocol,
-                                     error="Malformed Authorization header")
+            return SocketCredentials(
+                via=via, subprotocol=subprotocol, error="Malformed Authorization header"
+            )
         user, expires_at, error = user_for_access_token(raw)
         if user is None:
             return SocketCredentials(via=via, subprotocol=subprotocol, error=error)
-        return SocketCredentials(user=user, via=via, expires_at=expires_at,
-                                 subprotocol=subprotocol, fingerprint=fingerprint(user),
-                                 rights=permissions.socket_rights(user))
+        return SocketCredentials(
+            user=user,
+            via=via,
+            expires_at=expires_at,
+            subprotocol=subprotocol,
+            fingerprint=fingerprint(user),
+            rights=permissions.socket_rights(user),
+        )
     user = scope.get("user")
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
     if user is not None and user.is_authenticated and user.is_active:
-        return SocketCredentials(user=user, via="session", fingerprint=fingerprint(user),
-                                 rights=permissions.socket_rights(user))
+        return SocketCredentials(
+            user=user,
+            via="session",
+            fingerprint=fingerprint(user),
+            rights=permissions.socket_rights(user),
+        )
     return SocketCredentials(error="Missing JWT token")
 
 

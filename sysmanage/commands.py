@@ -5,6 +5,7 @@ A handler is an async function ``(context, message)`` that replies through
 ``context.reply`` (a ``response`` with the request's ``id``) or raises
 :class:`~sysmanage.protocol.ProtocolError`.  The consumer runs each in its own task.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,14 +68,18 @@ def handler_for(channel: str | None, id_: str | int | None) -> CommandHandler:
         return handler
     if channel in TOPICS:
         raise ProtocolError(
-            ErrorCode.INVALID_COMMAND, f"Channel '{channel}' takes no commands",
-            channel=channel or "system", id_=id_,
+            ErrorCode.INVALID_COMMAND,
+            f"Channel '{channel}' takes no commands",
+            channel=channel or "system",
+            id_=id_,
             command_channels=sorted(_HANDLERS),
         )
     raise ProtocolError(
         ErrorCode.UNKNOWN_CHANNEL,
         f"Unknown channel {str(channel)[:64]!r}" if channel else "Message has no 'channel'",
-        id_=id_, requested_channel=channel, available_channels=sorted(TOPICS),
+        id_=id_,
+        requested_channel=channel,
+        available_channels=sorted(TOPICS),
     )
 
 
@@ -86,6 +91,11 @@ async def run(handler: CommandHandler, context: CommandContext, message: ClientM
         context.reply(exc.to_envelope())
     except Exception:
         logger.exception("command on %s failed", message.channel)
-        context.reply(error_envelope(
-            ErrorCode.INTERNAL_ERROR, "Internal server error", channel=message.channel or "system",
-            id_=message.id))
+        context.reply(
+            error_envelope(
+                ErrorCode.INTERNAL_ERROR,
+                "Internal server error",
+                channel=message.channel or "system",
+                id_=message.id,
+            )
+        )

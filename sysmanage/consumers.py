@@ -6,6 +6,7 @@ rate limits, parses each message and hands it to a small handler per message typ
 Channels are handled by :mod:`sysmanage.topics`; events arrive through the process's
 :class:`~sysmanage.hub.Hub`, never through a per-connection layer channel.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -106,9 +107,13 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             self.hub = await Hub.for_running_loop()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing the connection")
-            await self._close_with(CloseCode.TRY_AGAIN_LATER, error_envelope(
-                ErrorCode.SERVICE_UNAVAILABLE,
-                "The server cannot deliver events right now; reconnect later"))
+            await self._close_with(
+                CloseCode.TRY_AGAIN_LATER,
+                error_envelope(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The server cannot deliver events right now; reconnect later",
+                ),
+            )
             return
         # No await between counting and registering: the cap cannot be raced past.
         if admission.over_user_limit(len(self.hub.by_user.get(self.user_id or "", ()))):
@@ -118,7 +123,8 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         delay = seconds_until(credentials.expires_at)
         self.expiry_timer = (
             asyncio.get_running_loop().call_later(delay, self._token_expired)
-            if delay is not None else None
+            if delay is not None
+            else None
         )
 
     def _adopt(self, credentials: SocketCredentials, read_at: float) -> None:
@@ -140,18 +146,26 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def _refuse_blocked(self, seconds: float) -> None:
         """Turn away an address with too many failed authentications, unchecked."""
         await self._accept(None)
-        await self._close_with(CloseCode.AUTH_BLOCKED, error_envelope(
-            ErrorCode.TOO_MANY_AUTH_FAILURES,
-            "Too many failed authentications from this address; try again later",
-            retry_after=admission.retry_after(seconds)))
+        await self._close_with(
+            CloseCode.AUTH_BLOCKED,
+            error_envelope(
+                ErrorCode.TOO_MANY_AUTH_FAILURES,
+                "Too many failed authentications from this address; try again later",
+                retry_after=admission.retry_after(seconds),
+            ),
+        )
 
     async def _refuse_over_limit(self) -> None:
         """Turn away a user who holds the most sockets allowed in this process."""
         limit = settings.WS_MAX_SOCKETS_PER_USER
-        await self._close_with(CloseCode.TOO_MANY_CONNECTIONS, error_envelope(
-            ErrorCode.TOO_MANY_CONNECTIONS,
-            f"Too many open connections for this user (at most {limit}); close some first",
-            limit=limit))
+        await self._close_with(
+            CloseCode.TOO_MANY_CONNECTIONS,
+            error_envelope(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"Too many open connections for this user (at most {limit}); close some first",
+                limit=limit,
+            ),
+        )
 
     async def _accept(self, subprotocol: str | None) -> None:
         """Complete the handshake (refusals too, so they can be explained)."""
@@ -218,25 +232,35 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.rights, self.rights_read_at = rights, read_at
         for channel in permissions.CHANNEL_RIGHTS:
             if permissions.channel_lost(channel, rights) and self.hub.unsubscribe(self, channel):
-                self.reply(error_envelope(
-                    ErrorCode.SUBSCRIPTION_REVOKED,
-                    f"Subscription to '{channel}' ended: you no longer have permission "
-                    "for this channel", channel=channel, requested_channel=channel))
+                self.reply(
+                    error_envelope(
+                        ErrorCode.SUBSCRIPTION_REVOKED,
+                        f"Subscription to '{channel}' ended: you no longer have permission "
+                        "for this channel",
+                        channel=channel,
+                        requested_channel=channel,
+                    )
+                )
 
     def _token_expired(self) -> None:
         if not self.closing:
             self.closing = True
-            self._spawn(self._close_with(CloseCode.AUTH_FAILED,
-                                         auth_failed_envelope("JWT token expired")))
+            self._spawn(
+                self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope("JWT token expired"))
+            )
 
     def _on_overflow(self) -> None:
         logger.warning("closing a client that stopped reading (user %s)", self.user_id)
         self.closing = True
-        self._spawn(self._close_with(
-            CloseCode.SLOW_CONSUMER,
-            error_envelope(ErrorCode.SLOW_CONSUMER,
-                           "Too many undelivered messages; reconnect and resubscribe"),
-        ))
+        self._spawn(
+            self._close_with(
+                CloseCode.SLOW_CONSUMER,
+                error_envelope(
+                    ErrorCode.SLOW_CONSUMER,
+                    "Too many undelivered messages; reconnect and resubscribe",
+                ),
+            )
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -252,17 +276,25 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if self.user is None or self.closing:
             return
         if text_data is not None and (
-                len(text_data) > settings.WS_MAX_MESSAGE_BYTES
-                or len(text_data.encode("utf-8")) > settings.WS_MAX_MESSAGE_BYTES):
-            await self._close_with(CloseCode.MESSAGE_TOO_BIG, error_envelope(
-                ErrorCode.MESSAGE_TOO_LARGE,
-                f"Message exceeds {settings.WS_MAX_MESSAGE_BYTES} bytes"))
+            len(text_data) > settings.WS_MAX_MESSAGE_BYTES
+            or len(text_data.encode("utf-8")) > settings.WS_MAX_MESSAGE_BYTES
+        ):
+            await self._close_with(
+                CloseCode.MESSAGE_TOO_BIG,
+                error_envelope(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"Message exceeds {settings.WS_MAX_MESSAGE_BYTES} bytes",
+                ),
+            )
             return
         if not await self._within_rate(text_data or ""):
             return
         if text_data is None:
-            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE,
-                                      "Binary frames are not supported; send JSON text"))
+            self.reply(
+                error_envelope(
+                    ErrorCode.INVALID_MESSAGE, "Binary frames are not supported; send JSON text"
+                )
+            )
             return
         try:
             message = parse_client_message(text_data)
@@ -279,15 +311,23 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if wait == 0:
             return True
         now = time.monotonic()
-        self.rate_violations = [t for t in self.rate_violations
-                                if now - t < RATE_VIOLATION_WINDOW] + [now]
+        self.rate_violations = [
+            t for t in self.rate_violations if now - t < RATE_VIOLATION_WINDOW
+        ] + [now]
         if len(self.rate_violations) > MAX_RATE_VIOLATIONS:
-            await self._close_with(CloseCode.RATE_LIMITED, error_envelope(
-                ErrorCode.RATE_LIMITED, "Too many messages; connection closed"))
+            await self._close_with(
+                CloseCode.RATE_LIMITED,
+                error_envelope(ErrorCode.RATE_LIMITED, "Too many messages; connection closed"),
+            )
             return False
-        self.reply(error_envelope(
-            ErrorCode.RATE_LIMITED, "Too many messages; this one was not processed",
-            id_=request_id_of(text), retry_after=round(wait, 3)))
+        self.reply(
+            error_envelope(
+                ErrorCode.RATE_LIMITED,
+                "Too many messages; this one was not processed",
+                id_=request_id_of(text),
+                retry_after=round(wait, 3),
+            )
+        )
         return False
 
     async def on_ping(self, message: ClientMessage) -> None:
@@ -302,18 +342,38 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if rights is not None:
             self.update_rights(rights, read_at=read_at)
         if denied:
-            raise ProtocolError(ErrorCode.SUBSCRIPTION_FAILED, denied, channel="subscription",
-                                id_=message.id, requested_channel=topic.name)
+            raise ProtocolError(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                denied,
+                channel="subscription",
+                id_=message.id,
+                requested_channel=topic.name,
+            )
         filters = topic.clean_filters(message.filters, message.id)
         problem = await database_sync_to_async(filter_problem)(filters)
         if problem:
-            raise ProtocolError(ErrorCode.INVALID_FILTERS, problem, channel="subscription",
-                                id_=message.id, requested_channel=topic.name)
+            raise ProtocolError(
+                ErrorCode.INVALID_FILTERS,
+                problem,
+                channel="subscription",
+                id_=message.id,
+                requested_channel=topic.name,
+            )
         assert self.hub is not None
         self.hub.subscribe(self, topic.name, filters)
-        self.reply(envelope(MessageType.RESPONSE, topic.name, {
-            "action": "subscribe", "status": "subscribed", "channel": topic.name,
-            "filters": _jsonable(filters)}, id_=message.id))
+        self.reply(
+            envelope(
+                MessageType.RESPONSE,
+                topic.name,
+                {
+                    "action": "subscribe",
+                    "status": "subscribed",
+                    "channel": topic.name,
+                    "filters": _jsonable(filters),
+                },
+                id_=message.id,
+            )
+        )
         provider = snapshot_provider(topic.name) if topic.sends_initial_state else None
         if provider is not None:
             state = await database_sync_to_async(provider)(filters)
@@ -324,9 +384,19 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         topic = get_topic(message.channel, message.id)
         assert self.hub is not None
         was = self.hub.unsubscribe(self, topic.name)
-        self.reply(envelope(MessageType.RESPONSE, topic.name, {
-            "action": "unsubscribe", "status": "unsubscribed", "channel": topic.name,
-            "was_subscribed": was}, id_=message.id))
+        self.reply(
+            envelope(
+                MessageType.RESPONSE,
+                topic.name,
+                {
+                    "action": "unsubscribe",
+                    "status": "unsubscribed",
+                    "channel": topic.name,
+                    "was_subscribed": was,
+                },
+                id_=message.id,
+            )
+        )
 
     async def on_command(self, message: ClientMessage) -> None:
         """Run a channel command in its own task so that long commands block nothing."""

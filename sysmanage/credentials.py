@@ -12,6 +12,7 @@ tell a deactivation from other saves (and blacklist refresh tokens); enabling th
 account again gives back the same fingerprint, so an access token of before that has
 not expired works again: change the password to void everything for good.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -38,8 +39,9 @@ def fingerprint(user: Any) -> str:
     """The fingerprint of ``user``'s credentials now: it changes with the password hash
     and the active flag, and cannot be computed without SECRET_KEY."""
     material = f"{user.password}\x00{int(bool(user.is_active))}"
-    return salted_hmac("sysmanage.credentials.fingerprint", material,
-                       algorithm="sha256").hexdigest()[:32]
+    return salted_hmac(
+        "sysmanage.credentials.fingerprint", material, algorithm="sha256"
+    ).hexdigest()[:32]
 
 
 def fingerprint_matches(claims: Mapping[str, Any], user: Any) -> bool:
@@ -91,11 +93,11 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
         """Check the user as it is now, then refresh (and rotate) as usual."""
         refresh = self.token_class(attrs["refresh"])  # signature, expiry, blacklist
         user_id = refresh.payload.get(api_settings.USER_ID_CLAIM)
-        user = get_user_model()._default_manager.filter(pk=user_id).first() \
-            if user_id else None
+        user = get_user_model()._default_manager.filter(pk=user_id).first() if user_id else None
         if user is None or not user.is_active:
-            raise AuthenticationFailed("No active account found for the given token.",
-                                       "no_active_account")
+            raise AuthenticationFailed(
+                "No active account found for the given token.", "no_active_account"
+            )
         if not fingerprint_matches(refresh.payload, user):
             raise AuthenticationFailed(REVOKED_MESSAGE, "token_revoked")
         return super().validate(attrs)

@@ -1,4 +1,5 @@
 """A consumer mixin that skips Channels' per-message connection cleanup."""
+
 from __future__ import annotations
 
 from typing import Any

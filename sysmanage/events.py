@@ -6,6 +6,7 @@ which sends it after the surrounding transaction commits.  Every server process 
 one :class:`~sysmanage.hub.Hub` that has joined :data:`EVENTS_GROUP`; the hub fans each
 event out to the local WebSocket connections whose subscriptions match.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -140,8 +141,10 @@ def send_to_hubs(message: dict[str, Any]) -> None:
     except Exception:
         # The change itself is committed; failing the request now would only invite a
         # duplicate retry.  Say loudly which event was lost instead.
-        logger.exception("could not publish %s: the channel layer is unreachable",
-                         message.get("event") or message.get("action"))
+        logger.exception(
+            "could not publish %s: the channel layer is unreachable",
+            message.get("event") or message.get("action"),
+        )
 
 
 _warned = threading.Event()

@@ -7,6 +7,7 @@ process the hub coalesces those calls to at most one recomputation per
 other process (a management command) the figures are published at once.  The counts
 are always read from the database, so they stay right across processes and restarts.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -8,6 +8,7 @@ once.  Going through the layer once per process instead of once per connection i
 lets fan-out keep up (see ``docs/architecture.md``).  The hub also forwards events
 published in this process to the layer, in order, and coalesces fleet status updates.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -154,8 +155,10 @@ class Hub:
             self.spawn(self._dispatch_loop()),
             self.spawn(self._publish_loop()),
             self.spawn(self._rejoin_loop()),
-            *(self.spawn(self._periodic_loop(name, interval, job))
-              for name, (interval, job) in _PERIODIC.items()),
+            *(
+                self.spawn(self._periodic_loop(name, interval, job))
+                for name, (interval, job) in _PERIODIC.items()
+            ),
         ]
         logger.info("hub %s started", self.channel_name)
 
@@ -373,10 +376,16 @@ class Hub:
                     audience = topic.audience(conn, data) if topic.per_viewer else None
                     frame = framed.get(audience)
                     if frame is None:
-                        frame = framed[audience] = Frame(dumps(envelope(
-                            MessageType.EVENT, channel,
-                            topic.render_for(filters, data, audience),
-                            timestamp=message.get("timestamp"))))
+                        frame = framed[audience] = Frame(
+                            dumps(
+                                envelope(
+                                    MessageType.EVENT,
+                                    channel,
+                                    topic.render_for(filters, data, audience),
+                                    timestamp=message.get("timestamp"),
+                                )
+                            )
+                        )
                         frames += 1
                     conn.deliver(frame)
                     delivered += 1
@@ -413,13 +422,20 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("publishing %s failed (attempt %d)", message.get("event"),
-                               attempt, exc_info=True)
+                logger.warning(
+                    "publishing %s failed (attempt %d)",
+                    message.get("event"),
+                    attempt,
+                    exc_info=True,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         self.stats["publish_failures"] += 1
-        logger.error("dropped event %s after %d attempts: the channel layer is unreachable",
-                     message.get("event") or message.get("action"), PUBLISH_ATTEMPTS)
+        logger.error(
+            "dropped event %s after %d attempts: the channel layer is unreachable",
+            message.get("event") or message.get("action"),
+            PUBLISH_ATTEMPTS,
+        )
 
     async def _rejoin_loop(self) -> None:
         while True:
@@ -429,9 +445,9 @@ class Hub:
             except Exception:
                 logger.exception("hub could not renew its group membership")
 
-
-    async def _periodic_loop(self, name: str, interval: Callable[[], float],
-                             job: PeriodicJob) -> None:
+    async def _periodic_loop(
+        self, name: str, interval: Callable[[], float], job: PeriodicJob
+    ) -> None:
         from channels.db import database_sync_to_async
 
         while True:
@@ -462,8 +478,9 @@ def _close_session(hub: Hub, message: dict[str, Any]) -> None:
 def _close_agent(hub: Hub, message: dict[str, Any]) -> None:
     conn = hub.agents.get(str(message.get("host_id")))
     if conn is not None:
-        conn.close_from_hub(CloseCode.AUTH_FAILED,
-                            auth_failed_envelope(message.get("reason") or "Token revoked"))
+        conn.close_from_hub(
+            CloseCode.AUTH_FAILED, auth_failed_envelope(message.get("reason") or "Token revoked")
+        )
 
 
 def _agent_dispatch(hub: Hub, message: dict[str, Any]) -> None:
@@ -509,8 +526,9 @@ class FleetCoalescer:
         self._pending = True
         interval = settings.FLEET_STATUS_MIN_INTERVAL
         delay = max(0.0, self._last_time + interval - time.monotonic())
-        self.hub.loop.call_later(delay, lambda: self.hub.spawn(self._run()),
-                                 context=contextvars.Context())
+        self.hub.loop.call_later(
+            delay, lambda: self.hub.spawn(self._run()), context=contextvars.Context()
+        )
 
     async def _run(self) -> None:
         from sysmanage import fleet

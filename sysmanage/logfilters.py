@@ -3,6 +3,7 @@
 :func:`redact` is applied to every record of the server's handlers (``LOGGING`` in the
 settings) and to every line of Daphne's access log (``sysmanage/serve.py``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,12 +12,28 @@ from urllib.parse import unquote_plus
 
 #: Query or form parameters whose values are credentials, matched in the decoded,
 #: lower-cased name (``?token=``, ``?TOKEN=``, ``?t%6Fken=``, ``?access_token=``, ...).
-SENSITIVE_NAMES = ("token", "secret", "password", "passwd", "key", "auth", "session",
-                   "signature", "jwt", "csrf", "refresh", "access", "code")
+SENSITIVE_NAMES = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key",
+    "auth",
+    "session",
+    "signature",
+    "jwt",
+    "csrf",
+    "refresh",
+    "access",
+    "code",
+)
 
 # name=value pairs after ? & or ; (query strings, form bodies).
-_PARAMETER = re.compile(r"(?P<lead>[?&;]|^)(?P<name>[^=&;?\s\"'#]{1,100})="
-                        r"(?P<value>[^&;\s\"'#]*)", re.MULTILINE)
+_PARAMETER = re.compile(
+    r"(?P<lead>[?&;]|^)(?P<name>[^=&;?\s\"'#]{1,100})="
+    r"(?P<value>[^&;\s\"'#]*)",
+    re.MULTILINE,
+)
 _PATTERNS = [
     # token=... anywhere else in a message
     (re.compile(r"(?i)(token=)[^&\s\"']+"), r"\1[redacted]"),

@@ -1,4 +1,5 @@
 """HTTP middleware of the server: the Content-Security-Policy header."""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -11,9 +12,11 @@ from django.http.response import HttpResponseBase
 
 #: The pages load scripts, styles and data only from this server (no CDN, no inline
 #: script or style), open their socket to it, and are never framed.
-POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-          "font-src 'self'; connect-src 'self' {socket}; object-src 'none'; "
-          "base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
+POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self' {socket}; object-src 'none'; "
+    "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 def content_security_policy(request: HttpRequest) -> str:

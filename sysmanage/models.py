@@ -1,4 +1,5 @@
 """Core models: the user, with a UUID key as the WebSocket API's payloads carry."""
+
 from __future__ import annotations
 
 import uuid

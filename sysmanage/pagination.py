@@ -5,6 +5,7 @@ cap, ``?limit=100000`` answered 165 MiB and four such requests took a server to 
 ``limit`` and ``offset`` that are not non-negative integers get 400 instead of being
 ignored, and offsets beyond any database's range are refused instead of failing there.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,8 +26,12 @@ def _non_negative(request: Request, name: str, upper: int) -> int | None:
     if raw == "":
         return None
     if not raw.isascii() or not raw.isdigit() or len(raw) > 15 or int(raw) > upper:
-        raise ValidationError({"detail": f"{name} must be a whole number from 0 to {upper}",
-                               name: [f"must be a whole number from 0 to {upper}"]})
+        raise ValidationError(
+            {
+                "detail": f"{name} must be a whole number from 0 to {upper}",
+                name: [f"must be a whole number from 0 to {upper}"],
+            }
+        )
     return int(raw)
 
 

@@ -14,6 +14,7 @@ long, such as an open socket, asks :func:`holds_now` (or passes :func:`fresh`) t
 rights as they are now; sockets keep only :data:`SOCKET_RIGHTS` in memory, which the
 server rechecks (``sysmanage.recheck``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,30 +34,46 @@ class Right:
 
 
 RIGHTS: dict[str, Right] = {
-    "run_command": Right(("sysmanage.run_command",),
-                         "run commands and package operations on hosts"),
-    "view_command_output": Right(("hosts.view_command_output",),
-                                 "see the text and output of other users' commands"),
+    "run_command": Right(
+        ("sysmanage.run_command",), "run commands and package operations on hosts"
+    ),
+    "view_command_output": Right(
+        ("hosts.view_command_output",), "see the text and output of other users' commands"
+    ),
     "raise_alert": Right(("alerts.add_alert",), "raise alerts"),
     "manage_alert": Right(("alerts.change_alert",), "acknowledge or resolve alerts"),
     # Viewing in the admin is allowed by the view or the change permission.
-    "view_activity": Right(("activity.view_useractivity", "activity.change_useractivity"),
-                           "read the user activity log", staff_only=True),
+    "view_activity": Right(
+        ("activity.view_useractivity", "activity.change_useractivity"),
+        "read the user activity log",
+        staff_only=True,
+    ),
     "view_registrations": Right(
         ("hosts.view_agentregistration", "hosts.change_agentregistration"),
-        "see agent registrations", staff_only=True),
-    "decide_registrations": Right(("hosts.change_agentregistration",),
-                                  "approve or reject agent registrations", staff_only=True),
+        "see agent registrations",
+        staff_only=True,
+    ),
+    "decide_registrations": Right(
+        ("hosts.change_agentregistration",),
+        "approve or reject agent registrations",
+        staff_only=True,
+    ),
     "view_registration_keys": Right(
         ("hosts.view_registrationkey", "hosts.change_registrationkey"),
-        "see registration keys", staff_only=True),
-    "create_registration_keys": Right(("hosts.add_registrationkey",),
-                                      "create registration keys", staff_only=True),
-    "revoke_registration_keys": Right(("hosts.change_registrationkey",),
-                                      "revoke registration keys", staff_only=True),
-    "manage_host_tokens": Right(("hosts.change_host",),
-                                "rotate or revoke host tokens, or let a host register again",
-                                staff_only=True),
+        "see registration keys",
+        staff_only=True,
+    ),
+    "create_registration_keys": Right(
+        ("hosts.add_registrationkey",), "create registration keys", staff_only=True
+    ),
+    "revoke_registration_keys": Right(
+        ("hosts.change_registrationkey",), "revoke registration keys", staff_only=True
+    ),
+    "manage_host_tokens": Right(
+        ("hosts.change_host",),
+        "rotate or revoke host tokens, or let a host register again",
+        staff_only=True,
+    ),
 }
 
 #: Channels that need a right to subscribe to, and that right.
@@ -82,8 +99,10 @@ def denial(right: str) -> str:
     """The message that explains a refusal for lack of ``right``."""
     spec = RIGHTS[right]
     staff = "staff status and " if spec.staff_only else ""
-    return (f"You do not have permission to {spec.what} "
-            f"(needs {staff}the permission {spec.permissions[0]})")
+    return (
+        f"You do not have permission to {spec.what} "
+        f"(needs {staff}the permission {spec.permissions[0]})"
+    )
 
 
 def fresh(user: Any) -> Any:
@@ -123,13 +142,14 @@ def socket_rights(user: Any) -> frozenset[str]:
     return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
 
 
-def sees_command_output(*, user_id: str | None, rights: frozenset[str],
-                        requested_by_id: str | None) -> bool:
+def sees_command_output(
+    *, user_id: str | None, rights: frozenset[str], requested_by_id: str | None
+) -> bool:
     """Whether a viewer with ``rights`` sees the text and output of a command (or the
     output of a package operation): they asked for it, or they may see everyone's."""
     return "view_command_output" in rights or (
-        user_id is not None and requested_by_id is not None
-        and str(requested_by_id) == str(user_id))
+        user_id is not None and requested_by_id is not None and str(requested_by_id) == str(user_id)
+    )
 
 
 def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
@@ -137,7 +157,8 @@ def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
     for (superusers see all)."""
     return _active(user) and (
         holds(user, "view_command_output")
-        or (requested_by_id is not None and str(requested_by_id) == str(user.pk)))
+        or (requested_by_id is not None and str(requested_by_id) == str(user.pk))
+    )
 
 
 def can_run_commands(user: Any) -> bool:

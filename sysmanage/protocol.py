@@ -5,6 +5,7 @@ Every server message is ``{type, channel, data, timestamp}`` plus the ``id`` of 
 request it answers.  Error codes and close codes are listed here and nowhere else;
 ``docs/websocket-protocol.md`` documents each of them.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ CLIENT_TYPES = frozenset(
     {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.COMMAND, MessageType.PING}
 )
 SERVER_ONLY_TYPES = frozenset(
-    {MessageType.STATUS, MessageType.EVENT, MessageType.RESPONSE, MessageType.ERROR,
-     MessageType.PONG}
+    {
+        MessageType.STATUS,
+        MessageType.EVENT,
+        MessageType.RESPONSE,
+        MessageType.ERROR,
+        MessageType.PONG,
+    }
 )
 
 
@@ -137,9 +143,7 @@ def error_envelope(
 
 def auth_failed_envelope(message: str = "Invalid or expired JWT token") -> dict[str, Any]:
     """The seed's ``AUTH_FAILED`` error, sent before closing with ``CloseCode.AUTH_FAILED``."""
-    return error_envelope(
-        ErrorCode.AUTH_FAILED, message, action="reconnect_with_valid_token"
-    )
+    return error_envelope(ErrorCode.AUTH_FAILED, message, action="reconnect_with_valid_token")
 
 
 def dumps(message: dict[str, Any]) -> str:
@@ -221,13 +225,17 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Message has no 'type'", id_=id_)
     if not isinstance(type_, str) or type_ not in MessageType.__members__.values():
         raise ProtocolError(
-            ErrorCode.UNKNOWN_TYPE, f"Unknown message type {str(type_)[:64]!r}", id_=id_,
+            ErrorCode.UNKNOWN_TYPE,
+            f"Unknown message type {str(type_)[:64]!r}",
+            id_=id_,
             allowed_types=sorted(str(t) for t in CLIENT_TYPES),
         )
     if type_ in SERVER_ONLY_TYPES:
         raise ProtocolError(
-            ErrorCode.UNSUPPORTED_TYPE, f"Messages of type {type_!r} are sent by the server only",
-            id_=id_, allowed_types=sorted(str(t) for t in CLIENT_TYPES),
+            ErrorCode.UNSUPPORTED_TYPE,
+            f"Messages of type {type_!r} are sent by the server only",
+            id_=id_,
+            allowed_types=sorted(str(t) for t in CLIENT_TYPES),
         )
     channel = raw.get("channel")
     if channel is not None and not isinstance(channel, str):
@@ -240,8 +248,11 @@ def parse_client_message(text: str) -> ClientMessage:
     filters = raw.get("filters")
     if filters is not None and not isinstance(filters, dict):
         raise ProtocolError(
-            ErrorCode.INVALID_FILTERS, "'filters' must be an object", channel="subscription",
-            id_=id_, requested_channel=channel,
+            ErrorCode.INVALID_FILTERS,
+            "'filters' must be an object",
+            channel="subscription",
+            id_=id_,
+            requested_channel=channel,
         )
     return ClientMessage(type=type_, channel=channel, data=data, filters=filters, id=id_)
 

@@ -6,6 +6,7 @@ every change made through the ORM's ``save()`` and ``delete()``; the work itself
 done by the services.  Changes no signal sees (``QuerySet.update``) are caught by the
 credential fingerprint of tokens and by each server's periodic recheck of its sockets.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,9 @@ _HARMLESS_FIELDS = frozenset({"last_login"})
 
 
 @receiver(post_save, sender=User)
-def recheck_saved_user(sender: Any, instance: Any, created: bool = False,
-                       update_fields: Any = None, **kwargs: Any) -> None:
+def recheck_saved_user(
+    sender: Any, instance: Any, created: bool = False, update_fields: Any = None, **kwargs: Any
+) -> None:
     """Called after a user is saved: a deactivated user's open sockets are closed,
     refresh tokens issued for credentials it no longer has are revoked, and its other
     sockets are rechecked (a new password, lost staff or superuser status)."""
@@ -54,8 +56,9 @@ def _changed_users(instance: Any, reverse: bool, pk_set: Any) -> list[str] | Non
 
 @receiver(m2m_changed, sender=User.user_permissions.through)
 @receiver(m2m_changed, sender=User.groups.through)
-def recheck_users_of_changed_rights(sender: Any, instance: Any, action: str, reverse: bool,
-                                    pk_set: Any = None, **kwargs: Any) -> None:
+def recheck_users_of_changed_rights(
+    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any = None, **kwargs: Any
+) -> None:
     """Called when users' permissions or groups change (either side of the relation)."""
     if action in ("post_add", "post_remove", "post_clear"):
         user_access_recheck(user_ids=_changed_users(instance, reverse, pk_set))

@@ -14,6 +14,7 @@ A run reads every user with a socket in this process at once (a fixed number of
 queries), in the database thread; the snapshot and the verdicts are handled on the
 hub's loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,19 +89,28 @@ def read_and_judge(states: list[SocketState]) -> list[Verdict]:
     """Read the users and sessions of ``states`` (database thread) and judge each."""
     users = selectors.users_with_permissions(user_ids=[s.user_id for s in states])
     sessions = selectors.live_sessions(
-        session_keys=[s.session_key for s in states if s.session_key])
-    return [judge_one(s, users.get(s.user_id),
-                      sessions.get(s.session_key) if s.session_key else None)
-            for s in states]
+        session_keys=[s.session_key for s in states if s.session_key]
+    )
+    return [
+        judge_one(s, users.get(s.user_id), sessions.get(s.session_key) if s.session_key else None)
+        for s in states
+    ]
 
 
 def _snapshot(hub: Any, user_ids: set[str] | None) -> list[SocketState]:
-    wanted = hub.by_user if user_ids is None else {
-        uid: hub.by_user[uid] for uid in user_ids if uid in hub.by_user}
-    return [SocketState(conn, uid, getattr(conn, "fingerprint", None),
-                        getattr(conn, "session_key", None))
-            for uid, conns in wanted.items() for conn in conns
-            if not getattr(conn, "closing", False)]
+    wanted = (
+        hub.by_user
+        if user_ids is None
+        else {uid: hub.by_user[uid] for uid in user_ids if uid in hub.by_user}
+    )
+    return [
+        SocketState(
+            conn, uid, getattr(conn, "fingerprint", None), getattr(conn, "session_key", None)
+        )
+        for uid, conns in wanted.items()
+        for conn in conns
+        if not getattr(conn, "closing", False)
+    ]
 
 
 def _apply(conn: Any, verdict: Verdict, read_at: float) -> None:

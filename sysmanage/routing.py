@@ -1,5 +1,6 @@
 """WebSocket URL routes: ``/ws`` for clients and browsers, ``/ws/agent`` for the product's
 agent, ``/api/agent/connect`` for the SysManage agent."""
+
 from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import WebsocketDenier
 from django.urls import re_path

@@ -4,6 +4,7 @@ Core reads: users with their permissions, and live sessions, for many at once.
 The socket recheck asks these for every user with an open socket in a process, so each
 is a fixed number of queries however many users and sockets there are.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -25,10 +26,16 @@ def users_with_permissions(*, user_ids: Iterable[str]) -> dict[str, Any]:
     """
     ids = list(set(user_ids))
     users = {str(u.pk): u for u in get_user_model()._default_manager.filter(pk__in=ids)}
-    direct = Permission.objects.filter(user__in=ids).values_list(
-        "user__id", "content_type__app_label", "codename").order_by()
-    via_groups = Permission.objects.filter(group__user__in=ids).values_list(
-        "group__user__id", "content_type__app_label", "codename").order_by()
+    direct = (
+        Permission.objects.filter(user__in=ids)
+        .values_list("user__id", "content_type__app_label", "codename")
+        .order_by()
+    )
+    via_groups = (
+        Permission.objects.filter(group__user__in=ids)
+        .values_list("group__user__id", "content_type__app_label", "codename")
+        .order_by()
+    )
     granted: dict[str, set[str]] = defaultdict(set)
     for user_id, app_label, codename in direct.union(via_groups):
         granted[str(user_id)].add(f"{app_label}.{codename}")
@@ -52,11 +59,15 @@ def live_sessions(*, session_keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         return {}
     engine = _session_engine()
     store = engine.SessionStore()
-    if settings.SESSION_ENGINE in ("django.contrib.sessions.backends.db",
-                                   "django.contrib.sessions.backends.cached_db"):
-        rows = store.get_model_class().objects.filter(
-            session_key__in=keys, expire_date__gt=timezone.now()
-        ).values_list("session_key", "session_data")
+    if settings.SESSION_ENGINE in (
+        "django.contrib.sessions.backends.db",
+        "django.contrib.sessions.backends.cached_db",
+    ):
+        rows = (
+            store.get_model_class()
+            .objects.filter(session_key__in=keys, expire_date__gt=timezone.now())
+            .values_list("session_key", "session_data")
+        )
         return {key: store.decode(data) for key, data in rows}
     found = {}
     for key in keys:

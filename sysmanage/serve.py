@@ -11,6 +11,7 @@ and passes every access-log entry's path through :func:`sysmanage.logfilters.red
 before Daphne writes it, whatever the verbosity or destination.  ``scripts/serve`` and
 the documented production command run the server through it.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Core services: closing sockets and revoking tokens of users who lose access."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,17 @@ def session_tag(session_key: str) -> str:
 
 def user_sessions_revoke(*, user_id: str, reason: str) -> None:
     """Close every open WebSocket of ``user_id`` in every server process, after commit."""
-    publish_control("close_user", user_id=user_id, reason=reason,
-                    code=int(CloseCode.AUTH_FAILED))
+    publish_control("close_user", user_id=user_id, reason=reason, code=int(CloseCode.AUTH_FAILED))
 
 
 def session_sockets_close(*, session_key: str, reason: str) -> None:
     """Close every open WebSocket authenticated by this Django session, after commit."""
-    publish_control("close_session", session=session_tag(session_key), reason=reason,
-                    code=int(CloseCode.AUTH_FAILED))
+    publish_control(
+        "close_session",
+        session=session_tag(session_key),
+        reason=reason,
+        code=int(CloseCode.AUTH_FAILED),
+    )
 
 
 def _issued_for(stored_token: str) -> str | None:
@@ -52,12 +56,17 @@ def refresh_tokens_revoke(*, user_id: Any, unless_issued_for: str | None = None)
         OutstandingToken,
     )
 
-    rows = OutstandingToken.objects.filter(user_id=user_id, expires_at__gt=timezone.now(),
-                                           blacklistedtoken__isnull=True)
-    stale = [row for row in rows
-             if unless_issued_for is None or _issued_for(row.token) != unless_issued_for]
-    BlacklistedToken.objects.bulk_create([BlacklistedToken(token=row) for row in stale],
-                                         ignore_conflicts=True)
+    rows = OutstandingToken.objects.filter(
+        user_id=user_id, expires_at__gt=timezone.now(), blacklistedtoken__isnull=True
+    )
+    stale = [
+        row
+        for row in rows
+        if unless_issued_for is None or _issued_for(row.token) != unless_issued_for
+    ]
+    BlacklistedToken.objects.bulk_create(
+        [BlacklistedToken(token=row) for row in stale], ignore_conflicts=True
+    )
     return len(stale)
 
 
@@ -71,5 +80,6 @@ def user_access_recheck(*, user_ids: list[str] | None) -> None:
     """Ask every server process to recheck the open sockets of ``user_ids`` (None: of
     everyone) against the database, after commit: their flags, permissions or groups
     changed."""
-    publish_control("recheck_users",
-                    user_ids=None if user_ids is None else [str(u) for u in user_ids])
+    publish_control(
+        "recheck_users", user_ids=None if user_ids is None else [str(u) for u in user_ids]
+    )

@@ -4,6 +4,7 @@ Settings for the SysManage server.
 Everything that differs between a first run and a deployment comes from the
 environment through :func:`env`; ``docs/configuration.md`` lists every variable.
 """
+
 from __future__ import annotations
 
 import os
@@ -159,10 +160,15 @@ DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
 # Keep database connections open between requests and socket messages: Daphne runs every
 # database call of a process in one thread, and opening a connection per call cost
 # more than the queries themselves under agent load (docs/benchmarks.md).
-DATABASES = {"default": dj_database_url.parse(
-    DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" \
-        and env_int("DB_POOL_MAX", 10) > 0:
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
+    )
+}
+if (
+    DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    and env_int("DB_POOL_MAX", 10) > 0
+):
     # A pool per process (psycopg_pool): Django gives every HTTP request a thread of its
     # own, so per-thread connections meant one new PostgreSQL connection per request and,
     # in a connect storm of agents, "too many clients".  Pooled connections are returned
@@ -182,8 +188,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # at once (the timeout does not apply) when another connection wrote in between.
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;",
-         "transaction_mode": "IMMEDIATE"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}
     )
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
         _database_dir = Path(DATABASES["default"]["NAME"]).parent
@@ -306,9 +311,7 @@ WS_AUTH_FAILURES_PER_ADDRESS = env_int("WS_AUTH_FAILURES_PER_ADDRESS", 30)
 WS_AUTH_FAILURE_WINDOW_SECONDS = env_int("WS_AUTH_FAILURE_WINDOW_SECONDS", 60)
 # Origins (scheme://host[:port]) of pages on other hosts allowed to open /ws.
 WS_ALLOWED_ORIGINS = [
-    o.strip().rstrip("/")
-    for o in (env("WS_ALLOWED_ORIGINS", "") or "").split(",")
-    if o.strip()
+    o.strip().rstrip("/") for o in (env("WS_ALLOWED_ORIGINS", "") or "").split(",") if o.strip()
 ]
 FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.0")
 # How often each server process rechecks its client sockets against the database
@@ -350,8 +353,9 @@ SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR = env_int("SYSMANAGE_AGENT_REGISTRATIONS_
 SYSMANAGE_AGENT_PENDING_PER_ADDRESS = env_int("SYSMANAGE_AGENT_PENDING_PER_ADDRESS", 10)
 SYSMANAGE_AGENT_PENDING_PER_NETWORK = env_int("SYSMANAGE_AGENT_PENDING_PER_NETWORK", 50)
 # Registrations nobody approved or rejected expire after this long.
-SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS = env_int("SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS",
-                                                 7 * 86400)
+SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS = env_int(
+    "SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS", 7 * 86400
+)
 # Lifetime of the connection tokens /api/agent/auth hands out (one per connection).
 SYSMANAGE_AGENT_TOKEN_SECONDS = env_int("SYSMANAGE_AGENT_TOKEN_SECONDS", 300)
 # Until a connection proves whose agent it is (a message with host_id and host_token):
@@ -363,10 +367,8 @@ SYSMANAGE_AGENT_PROVE_SECONDS = env_int("SYSMANAGE_AGENT_PROVE_SECONDS", 120)
 SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS = env_int("SYSMANAGE_AGENT_UNPROVEN_PER_ADDRESS", 256)
 SYSMANAGE_AGENT_HELD_MESSAGES = env_int("SYSMANAGE_AGENT_HELD_MESSAGES", 50)
 SYSMANAGE_AGENT_HELD_BYTES = env_int("SYSMANAGE_AGENT_HELD_BYTES", 1024 * 1024)
-SYSMANAGE_AGENT_HELD_BYTES_TOTAL = env_int("SYSMANAGE_AGENT_HELD_BYTES_TOTAL",
-                                           64 * 1024 * 1024)
-SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES = env_int("SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES",
-                                               64 * 1024)
+SYSMANAGE_AGENT_HELD_BYTES_TOTAL = env_int("SYSMANAGE_AGENT_HELD_BYTES_TOTAL", 64 * 1024 * 1024)
+SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES = env_int("SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES", 64 * 1024)
 # Trust a polling agent that names its host_id (and holds a connection token for that
 # host's name) without host_token.  The unchanged agent's polls carry host_token only
 # inside some of its messages; off, commands reach a polling agent only in replies to
@@ -374,8 +376,7 @@ SYSMANAGE_AGENT_UNPROVEN_PARSE_BYTES = env_int("SYSMANAGE_AGENT_UNPROVEN_PARSE_B
 # name and id can act as that host: only on a network where that is acceptable.
 SYSMANAGE_AGENT_TRUST_POLLING = env_bool("SYSMANAGE_AGENT_TRUST_POLLING", False)
 # Largest frame or poll body accepted from these agents (inventories run to ~200 KB).
-SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = env_int("SYSMANAGE_AGENT_MAX_MESSAGE_BYTES",
-                                            4 * 1024 * 1024)
+SYSMANAGE_AGENT_MAX_MESSAGE_BYTES = env_int("SYSMANAGE_AGENT_MAX_MESSAGE_BYTES", 4 * 1024 * 1024)
 # A sent command not acknowledged this long is sent again (same id: never run twice)...
 SYSMANAGE_AGENT_ACK_SECONDS = env_int("SYSMANAGE_AGENT_ACK_SECONDS", 15)
 # ... up to this many times in all; then it fails as not delivered.
@@ -441,8 +442,7 @@ LOGGING = {
     "loggers": {
         # Django's own configuration gives these loggers handlers of their own, without
         # the redacting filter (the console one in DEBUG); route them through ours.
-        "django": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO"),
-                   "propagate": False},
+        "django": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO"), "propagate": False},
         "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.channels.server": {"level": "INFO"},
         "daphne": {"level": "WARNING"},

@@ -6,6 +6,7 @@ database would silently miss every event published by the first.  With REDIS_URL
 unset, the ASGI application takes an exclusive lock next to the database and refuses
 to start when another process holds it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -23,8 +24,10 @@ _lock_file: IO[str] | None = None
 
 def _lock_path() -> Path:
     database = settings.DATABASES["default"]
-    key = f"{database.get('ENGINE')}|{database.get('HOST')}|{database.get('PORT')}|" \
-          f"{database.get('NAME')}"
+    key = (
+        f"{database.get('ENGINE')}|{database.get('HOST')}|{database.get('PORT')}|"
+        f"{database.get('NAME')}"
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"sysmanage-server-{digest}.lock"
 

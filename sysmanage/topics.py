@@ -5,6 +5,7 @@ A handler authorizes a subscriber, validates and normalizes its filters, decides
 an event matches them, shapes the delivered payload, and optionally supplies the current
 state on subscribe.  The hub and the consumer know channels only through this registry.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -19,7 +20,10 @@ Filters = dict[str, Any]
 
 def _filters_error(channel: str, message: str, id_: str | int | None) -> ProtocolError:
     return ProtocolError(
-        ErrorCode.INVALID_FILTERS, message, channel="subscription", id_=id_,
+        ErrorCode.INVALID_FILTERS,
+        message,
+        channel="subscription",
+        id_=id_,
         requested_channel=channel,
     )
 
@@ -50,8 +54,10 @@ class Topic:
         if unknown:
             allowed = ", ".join(sorted(self.filter_fields)) or "none"
             raise _filters_error(
-                self.name, f"Unknown filter(s) {', '.join(unknown)} for channel "
-                f"'{self.name}' (allowed: {allowed})", id_,
+                self.name,
+                f"Unknown filter(s) {', '.join(unknown)} for channel "
+                f"'{self.name}' (allowed: {allowed})",
+                id_,
             )
         cleaned: Filters = {}
         for field, (required, kind) in self.filter_fields.items():
@@ -85,8 +91,9 @@ class Topic:
         with ``user_id`` and ``rights``) gets; viewers with equal keys share a frame."""
         return None
 
-    def render_for(self, filters: Filters, data: dict[str, Any],
-                   audience: Hashable) -> dict[str, Any]:
+    def render_for(
+        self, filters: Filters, data: dict[str, Any], audience: Hashable
+    ) -> dict[str, Any]:
         """The payload for a subscriber with ``filters`` in ``audience``."""
         return self.render(filters, data)
 
@@ -160,11 +167,14 @@ class CommandExecutionTopic(Topic):
     def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
         """True for viewers who see the text and output of this command."""
         return permissions.sees_command_output(
-            user_id=viewer.user_id, rights=viewer.rights,
-            requested_by_id=data.get("requested_by_id"))
+            user_id=viewer.user_id,
+            rights=viewer.rights,
+            requested_by_id=data.get("requested_by_id"),
+        )
 
-    def render_for(self, filters: Filters, data: dict[str, Any],
-                   audience: Hashable) -> dict[str, Any]:
+    def render_for(
+        self, filters: Filters, data: dict[str, Any], audience: Hashable
+    ) -> dict[str, Any]:
         """The event, with its text and output only for those who may see them."""
         shown = {k: v for k, v in data.items() if k != "requested_by_id"}
         if audience:
@@ -245,7 +255,9 @@ def get_topic(name: str | None, id_: str | int | None) -> Topic:
         raise ProtocolError(
             ErrorCode.UNKNOWN_CHANNEL,
             f"Unknown channel {str(name)[:64]!r}" if name else "Message has no 'channel'",
-            channel="subscription", id_=id_, requested_channel=name,
+            channel="subscription",
+            id_=id_,
+            requested_channel=name,
             available_channels=sorted(TOPICS),
         )
     return topic

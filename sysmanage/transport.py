@@ -17,6 +17,7 @@ frame with one non-blocking ``send()`` and hands only an unsent remainder to Twi
 Under any other server it falls back to a bounded queue drained by a writer task.
 Either way, delivering a frame never blocks the hub.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -122,14 +123,21 @@ class Outbound:
             if protocol.state != protocol.STATE_OPEN:
                 return
             transport = self._tcp
-            backlog = (len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-                       if transport is not None else self.backlog_bytes())
+            backlog = (
+                len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+                if transport is not None
+                else self.backlog_bytes()
+            )
             if backlog > self._max_buffer:
                 self._overflow()
                 return
             prepared = frame.prepared_for(protocol.factory)
-            if backlog == 0 and self._socket is not None and not protocol.send_queue \
-                    and (protocol._perMessageCompress is None or prepared.doNotCompress):
+            if (
+                backlog == 0
+                and self._socket is not None
+                and not protocol.send_queue
+                and (protocol._perMessageCompress is None or prepared.doNotCompress)
+            ):
                 self._send_now(prepared.payloadHybi)
             else:
                 protocol.sendPreparedMessage(prepared)

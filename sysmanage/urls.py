@@ -1,4 +1,5 @@
 """HTTP routes: the dashboard pages, the admin, the REST API and its schema."""
+
 from django.contrib import admin
 from django.contrib.auth.views import LogoutView
 from django.http import HttpRequest, HttpResponse

@@ -1,15 +1,16 @@
 """Shared fixtures: users, tokens, a fresh hub per test, and event capture."""
+
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("SYSMANAGE_ALLOW_UNSHARED_LAYER", "1")
 
-import pytest  # noqa: E402
-from channels.layers import channel_layers  # noqa: E402
-from django.contrib.auth import get_user_model  # noqa: E402
+import pytest
+from channels.layers import channel_layers
+from django.contrib.auth import get_user_model
 
-from sysmanage.hub import Hub  # noqa: E402
+from sysmanage.hub import Hub
 
 PASSWORD = "correct horse battery staple"
 
@@ -46,19 +47,30 @@ def grant(user, *perms: str) -> None:
 
     for perm in perms:
         app_label, codename = perm.split(".")
-        user.user_permissions.add(Permission.objects.get(
-            content_type__app_label=app_label, codename=codename))
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
 
 
 @pytest.fixture
 def make_user(db):
     """Create users: ``make_user("alice", staff=True, perms=["alerts.change_alert"])``."""
 
-    def make(username: str = "operator", *, staff: bool = False, superuser: bool = False,
-             active: bool = True, perms: tuple[str, ...] | list[str] = ()):
+    def make(
+        username: str = "operator",
+        *,
+        staff: bool = False,
+        superuser: bool = False,
+        active: bool = True,
+        perms: tuple[str, ...] | list[str] = (),
+    ):
         user = get_user_model().objects.create_user(
-            username=username, password=PASSWORD, is_staff=staff or superuser,
-            is_superuser=superuser, is_active=active)
+            username=username,
+            password=PASSWORD,
+            is_staff=staff or superuser,
+            is_superuser=superuser,
+            is_active=active,
+        )
         grant(user, *perms)
         return user
 
@@ -97,7 +109,10 @@ def published(monkeypatch, django_capture_on_commit_callbacks):
                 return fn(*args, **kwargs)
 
         def events(self, name=None):
-            return [m for m in messages if m.get("type") == "hub.event"
-                    and (name is None or m["event"] == name)]
+            return [
+                m
+                for m in messages
+                if m.get("type") == "hub.event" and (name is None or m["event"] == name)
+            ]
 
     return Capture()

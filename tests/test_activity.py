@@ -1,4 +1,5 @@
 """User activity: what is recorded, who may read it, and lockout of failed logins."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -14,8 +15,7 @@ pytestmark = pytest.mark.django_db
 
 
 def token_login(client, username, password=PASSWORD):
-    return client.post("/api/token/", {"username": username, "password": password},
-                       format="json")
+    return client.post("/api/token/", {"username": username, "password": password}, format="json")
 
 
 def test_repeated_failures_lock_the_account_and_say_so(make_user, settings):

@@ -1,4 +1,5 @@
 """Admission limits of /ws: sockets per user, failed authentications per address."""
+
 from __future__ import annotations
 
 import os
@@ -31,14 +32,17 @@ def test_defaults_meet_the_documented_bounds(monkeypatch):
     assert values["WS_AUTH_FAILURE_WINDOW_SECONDS"] == 60
 
 
-@pytest.mark.parametrize(("client", "key"), [
-    (("192.0.2.7", 5000), "192.0.2.7"),
-    (("2001:db8:1:2:aaaa::1", 5000), "2001:db8:1:2::/64"),
-    (("2001:db8:1:2:bbbb::9", 5000), "2001:db8:1:2::/64"),  # same /64: one count
-    (("::ffff:192.0.2.7", 5000), "192.0.2.7"),
-    (("unix-socket", 0), "unix-socket"),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    ("client", "key"),
+    [
+        (("192.0.2.7", 5000), "192.0.2.7"),
+        (("2001:db8:1:2:aaaa::1", 5000), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:bbbb::9", 5000), "2001:db8:1:2::/64"),  # same /64: one count
+        (("::ffff:192.0.2.7", 5000), "192.0.2.7"),
+        (("unix-socket", 0), "unix-socket"),
+        (None, None),
+    ],
+)
 def test_address_key(client, key):
     assert address_key({"client": client} if client else {}) == key
 
@@ -82,15 +86,15 @@ async def connect(token=None, address="203.0.113.9", **kwargs):
 
 async def expect_refusal(comm, code, close_code):
     error = await comm.receive_json_from(timeout=3)
-    assert error["type"] == "error" and error["channel"] == "system"
+    assert error["type"] == "error"
+    assert error["channel"] == "system"
     assert error["data"]["code"] == code, error
     assert await expect_close(comm) == close_code
     return error["data"]
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_one_user_may_not_hold_more_sockets_than_the_limit(make_user, token_for,
-                                                                 settings):
+async def test_one_user_may_not_hold_more_sockets_than_the_limit(make_user, token_for, settings):
     settings.WS_MAX_SOCKETS_PER_USER = 3
     alice = await database_sync_to_async(make_user)("alice")
     bob = await database_sync_to_async(make_user)("bob")
@@ -99,7 +103,8 @@ async def test_one_user_may_not_hold_more_sockets_than_the_limit(make_user, toke
         assert (await request(comm, {"type": "ping"}))["type"] == "pong"
     refused = await connect(token_for(alice))
     data = await expect_refusal(refused, "TOO_MANY_CONNECTIONS", 4429)
-    assert data["limit"] == 3 and "at most 3" in data["message"]
+    assert data["limit"] == 3
+    assert "at most 3" in data["message"]
     other = await connect(token_for(bob))  # another user is not affected
     assert (await request(other, {"type": "ping"}))["type"] == "pong"
     await held.pop().disconnect()
@@ -110,8 +115,9 @@ async def test_one_user_may_not_hold_more_sockets_than_the_limit(make_user, toke
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_an_address_with_too_many_failed_handshakes_is_cut_off(make_user, token_for,
-                                                                     settings, monkeypatch):
+async def test_an_address_with_too_many_failed_handshakes_is_cut_off(
+    make_user, token_for, settings, monkeypatch
+):
     settings.WS_AUTH_FAILURES_PER_ADDRESS = 3
     alice = await database_sync_to_async(make_user)("alice")
     for bad in ("nope", "a.b.c", None):

@@ -1,4 +1,5 @@
 """The agent endpoint through the consumer: auth, hello, metrics, commands, packages."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,12 +16,25 @@ from tests.wsutil import expect_close, next_event, open_socket, request, subscri
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FACTS = {"hostname": "web-01.local", "fqdn": "web-01.example.com",
-         "ip_addresses": ["192.0.2.10", "fe80::1%eth0"], "os_name": "Debian GNU/Linux",
-         "os_version": "12", "kernel": "6.1.0", "architecture": "x86_64", "cpu_count": 4,
-         "memory_total": 8 * 2**30, "agent_version": "1.0.0", "capabilities": ["commands"]}
-METRICS = {"cpu_usage": 23.5, "memory_usage": 67.2, "disk_usage": {"/": 45.8, "/var": 78.2},
-           "load_average": [1.2, 1.5, 1.8]}
+FACTS = {
+    "hostname": "web-01.local",
+    "fqdn": "web-01.example.com",
+    "ip_addresses": ["192.0.2.10", "fe80::1%eth0"],
+    "os_name": "Debian GNU/Linux",
+    "os_version": "12",
+    "kernel": "6.1.0",
+    "architecture": "x86_64",
+    "cpu_count": 4,
+    "memory_total": 8 * 2**30,
+    "agent_version": "1.0.0",
+    "capabilities": ["commands"],
+}
+METRICS = {
+    "cpu_usage": 23.5,
+    "memory_usage": 67.2,
+    "disk_usage": {"/": 45.8, "/var": 78.2},
+    "load_average": [1.2, 1.5, 1.8],
+}
 
 
 @pytest.fixture
@@ -62,15 +76,19 @@ async def next_of(comm, type_):
 async def test_bad_agent_token_gets_auth_failed_4001(enrolled, token):
     comm = await agent_socket(token)
     error = await comm.receive_json_from(timeout=3)
-    assert error["type"] == "error" and error["data"]["code"] == "AUTH_FAILED"
+    assert error["type"] == "error"
+    assert error["data"]["code"] == "AUTH_FAILED"
     assert error["data"]["action"] == "reconnect_with_valid_token"
     assert await expect_close(comm) == 4001
 
 
 async def test_browsers_cannot_use_the_agent_endpoint(enrolled):
     _, token = enrolled
-    comm = WebsocketCommunicator(application, "/ws/agent", headers=[
-        (b"authorization", f"Bearer {token}".encode()), (b"origin", b"http://localhost")])
+    comm = WebsocketCommunicator(
+        application,
+        "/ws/agent",
+        headers=[(b"authorization", f"Bearer {token}".encode()), (b"origin", b"http://localhost")],
+    )
     connected, _ = await comm.connect()
     assert not connected
 
@@ -89,13 +107,17 @@ async def test_hello_marks_online_and_stores_facts(enrolled, make_user, token_fo
     welcome = await hello(agent)
     assert welcome["id"] == "h"
     assert welcome["data"]["host_id"] == str(host.id)
-    assert welcome["data"]["heartbeat_interval"] > 0 and welcome["data"]["metrics_interval"] > 0
+    assert welcome["data"]["heartbeat_interval"] > 0
+    assert welcome["data"]["metrics_interval"] > 0
     event = await next_event(client, "host_status")
     assert (event["data"]["status"], event["data"]["previous_status"]) == ("online", "unknown")
     stored = await database_sync_to_async(Host.objects.get)(id=host.id)
     assert stored.hostname == "web-01"  # the enrolled name stays
-    assert (stored.os_name, stored.cpu_count, stored.ip_addresses) == \
-        ("Debian GNU/Linux", 4, ["192.0.2.10", "fe80::1"])
+    assert (stored.os_name, stored.cpu_count, stored.ip_addresses) == (
+        "Debian GNU/Linux",
+        4,
+        ["192.0.2.10", "fe80::1"],
+    )
     await agent.disconnect()
     event = await next_event(client, "host_status")
     assert (event["data"]["status"], event["data"]["previous_status"]) == ("offline", "online")
@@ -106,11 +128,11 @@ async def test_messages_before_hello_are_refused(enrolled):
     agent = await agent_socket(enrolled[1])
     await agent.send_json_to({"type": "heartbeat", "data": {}, "id": 1})
     error = await agent.receive_json_from(timeout=3)
-    assert error["data"]["code"] == "INVALID_MESSAGE" and error["id"] == 1
+    assert error["data"]["code"] == "INVALID_MESSAGE"
+    assert error["id"] == 1
 
 
-async def test_metrics_reach_subscribers_without_database_writes(enrolled, make_user,
-                                                                 token_for):
+async def test_metrics_reach_subscribers_without_database_writes(enrolled, make_user, token_for):
     host, token = enrolled
     client = await client_socket(make_user, token_for)
     await subscribe(client, "host_metrics", {"host_id": str(host.id), "metrics": ["disk"]})
@@ -122,10 +144,12 @@ async def test_metrics_reach_subscribers_without_database_writes(enrolled, make_
         event = await next_event(client, "host_metrics")
         assert event["data"]["metrics"] == {"disk_usage": {"/": 45.8, "/var": 78.2}}
     assert await database_sync_to_async(MetricSample.objects.count)() == 0
-    await agent.send_json_to({"type": "metrics", "data": {"metrics": {"cpu_usage": 150}},
-                              "id": "m"})
+    await agent.send_json_to(
+        {"type": "metrics", "data": {"metrics": {"cpu_usage": 150}}, "id": "m"}
+    )
     error = await next_of(agent, "error")
-    assert error["data"]["code"] == "INVALID_MESSAGE" and error["id"] == "m"
+    assert error["data"]["code"] == "INVALID_MESSAGE"
+    assert error["id"] == "m"
     await agent.disconnect()  # the unfinished minute is written on disconnect
     sample = await database_sync_to_async(MetricSample.objects.get)(host_id=host.id)
     assert (sample.samples, sample.cpu_usage, sample.disk_usage["/var"]) == (3, 23.5, 78.2)
@@ -137,10 +161,21 @@ async def run_agent_side(agent, *, exit_code=0, duplicate=False):
     order = await next_of(agent, "run_command")
     execution_id = order["data"]["execution_id"]
     await agent.send_json_to({"type": "command_started", "data": {"execution_id": execution_id}})
-    result = {"type": "command_result", "id": "r1", "data": {
-        "execution_id": execution_id, "status": "completed", "exit_code": exit_code,
-        "stdout": "hello\n", "stderr": "", "execution_time": 0.012,
-        "stdout_truncated": False, "stderr_truncated": False, "error": ""}}
+    result = {
+        "type": "command_result",
+        "id": "r1",
+        "data": {
+            "execution_id": execution_id,
+            "status": "completed",
+            "exit_code": exit_code,
+            "stdout": "hello\n",
+            "stderr": "",
+            "execution_time": 0.012,
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "error": "",
+        },
+    }
     await agent.send_json_to(result)
     ack = await next_of(agent, "ack")
     assert ack["data"] == {"kind": "command_result", "ref": execution_id}
@@ -159,25 +194,51 @@ async def test_command_round_trip(enrolled, make_user, token_for):
     client = await client_socket(make_user, token_for)
     watcher = await client_socket_named(make_user, token_for, "watcher")
     await subscribe(watcher, "command_execution", {"host_id": str(host.id)})
-    await client.send_json_to({"type": "command", "channel": "command_execution",
-                               "data": {"host_id": str(host.id), "command": "echo hello",
-                                        "timeout": 30}, "id": "request_123"})
+    await client.send_json_to(
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "echo hello", "timeout": 30},
+            "id": "request_123",
+        }
+    )
     order = await run_agent_side(agent, duplicate=True)
-    assert order["data"]["command"] == "echo hello" and order["data"]["timeout"] == 30
+    assert order["data"]["command"] == "echo hello"
+    assert order["data"]["timeout"] == 30
     response = await client.receive_json_from(timeout=5)
-    assert response["type"] == "response" and response["id"] == "request_123"
+    assert response["type"] == "response"
+    assert response["id"] == "request_123"
     assert response["channel"] == "command_execution"
     data = response["data"]
-    assert {k: data[k] for k in ("execution_id", "host_id", "command", "status", "exit_code",
-                                 "stdout", "stderr", "execution_time")} == {
-        "execution_id": order["data"]["execution_id"], "host_id": str(host.id),
-        "command": "echo hello", "status": "completed", "exit_code": 0, "stdout": "hello\n",
-        "stderr": "", "execution_time": 0.012}
-    statuses = [(await next_event(watcher, "command_execution"))["data"]["status"]
-                for _ in range(3)]
+    assert {
+        k: data[k]
+        for k in (
+            "execution_id",
+            "host_id",
+            "command",
+            "status",
+            "exit_code",
+            "stdout",
+            "stderr",
+            "execution_time",
+        )
+    } == {
+        "execution_id": order["data"]["execution_id"],
+        "host_id": str(host.id),
+        "command": "echo hello",
+        "status": "completed",
+        "exit_code": 0,
+        "stdout": "hello\n",
+        "stderr": "",
+        "execution_time": 0.012,
+    }
+    statuses = [
+        (await next_event(watcher, "command_execution"))["data"]["status"] for _ in range(3)
+    ]
     assert statuses == ["pending", "running", "completed"]
     stored = await database_sync_to_async(CommandExecution.objects.get)(
-        id=order["data"]["execution_id"])
+        id=order["data"]["execution_id"]
+    )
     assert stored.stdout == "hello\n"  # the duplicate result was not applied
     for comm in (agent, client, watcher):
         await comm.disconnect()
@@ -188,17 +249,24 @@ async def client_socket_named(make_user, token_for, name):
     return await open_socket("/ws", token=token_for(user))
 
 
-async def test_agent_that_never_answers_ends_in_timeout(enrolled, make_user, token_for,
-                                                        settings):
+async def test_agent_that_never_answers_ends_in_timeout(enrolled, make_user, token_for, settings):
     settings.COMMAND_RESULT_GRACE_SECONDS = 0
     host, token = enrolled
     agent = await agent_socket(token)
     await hello(agent)
     client = await client_socket(make_user, token_for)
-    response = await request(client, {"type": "command", "channel": "command_execution",
-                                      "data": {"host_id": str(host.id), "command": "sleep 60",
-                                               "timeout": 1}, "id": "t"}, timeout=5)
-    assert response["type"] == "response" and response["id"] == "t"
+    response = await request(
+        client,
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "sleep 60", "timeout": 1},
+            "id": "t",
+        },
+        timeout=5,
+    )
+    assert response["type"] == "response"
+    assert response["id"] == "t"
     assert response["data"]["status"] == "timeout"
     assert response["data"]["exit_code"] is None
     await agent.disconnect()
@@ -210,13 +278,21 @@ async def test_online_host_without_agent_fails_fast(enrolled, make_user, token_f
     host, _ = enrolled
     await database_sync_to_async(services.host_set_status)(host_id=host.id, status="online")
     client = await client_socket(make_user, token_for)
-    error = await request(client, {"type": "command", "channel": "command_execution",
-                                   "data": {"host_id": str(host.id), "command": "id"},
-                                   "id": "x"}, timeout=5)
+    error = await request(
+        client,
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "id"},
+            "id": "x",
+        },
+        timeout=5,
+    )
     assert error["data"]["code"] == "COMMAND_FAILED"
     assert error["data"]["message"] == "Host not reachable: its agent did not take the command"
     stored = await database_sync_to_async(CommandExecution.objects.get)(
-        id=error["data"]["execution_id"])
+        id=error["data"]["execution_id"]
+    )
     assert stored.status == "failed"
 
 
@@ -226,9 +302,14 @@ async def test_package_operation_progress_and_result(enrolled, make_user, token_
     await hello(agent)
     client = await client_socket(make_user, token_for)
     await subscribe(client, "package_operations", {"host_id": str(host.id)})
-    await client.send_json_to({"type": "command", "channel": "package_operations",
-                               "data": {"host_id": str(host.id), "operation": "install",
-                                        "package": "nginx"}, "id": "p"})
+    await client.send_json_to(
+        {
+            "type": "command",
+            "channel": "package_operations",
+            "data": {"host_id": str(host.id), "operation": "install", "package": "nginx"},
+            "id": "p",
+        }
+    )
     order = await next_of(agent, "package_operation")
     operation_id = order["data"]["operation_id"]
     assert (order["data"]["operation"], order["data"]["package"]) == ("install", "nginx")
@@ -239,16 +320,32 @@ async def test_package_operation_progress_and_result(enrolled, make_user, token_
             break
         if message["type"] == "event":
             seen.append((message["data"]["status"], message["data"]["progress"]))
-    assert message["id"] == "p" and message["data"]["execution_id"] == operation_id
+    assert message["id"] == "p"
+    assert message["data"]["execution_id"] == operation_id
     assert message["data"]["status"] == "pending"
-    await agent.send_json_to({"type": "package_progress", "data": {
-        "operation_id": operation_id, "progress": 45,
-        "message": "Downloading package nginx (1.18.0)"}})
-    await agent.send_json_to({"type": "package_result", "data": {
-        "operation_id": operation_id, "status": "completed", "exit_code": 0,
-        "output": "Setting up nginx", "message": "Installed nginx"}})
-    assert (await next_of(agent, "ack"))["data"] == {"kind": "package_result",
-                                                       "ref": operation_id}
+    await agent.send_json_to(
+        {
+            "type": "package_progress",
+            "data": {
+                "operation_id": operation_id,
+                "progress": 45,
+                "message": "Downloading package nginx (1.18.0)",
+            },
+        }
+    )
+    await agent.send_json_to(
+        {
+            "type": "package_result",
+            "data": {
+                "operation_id": operation_id,
+                "status": "completed",
+                "exit_code": 0,
+                "output": "Setting up nginx",
+                "message": "Installed nginx",
+            },
+        }
+    )
+    assert (await next_of(agent, "ack"))["data"] == {"kind": "package_result", "ref": operation_id}
     while not seen or seen[-1][0] != "completed":
         event = await next_event(client, "package_operations")
         seen.append((event["data"]["status"], event["data"]["progress"]))
@@ -290,4 +387,5 @@ async def test_unknown_agent_message_type(enrolled):
     await hello(agent)
     await agent.send_to(text_data=json.dumps({"type": "selfdestruct", "id": 9}))
     error = await agent.receive_json_from(timeout=3)
-    assert error["data"]["code"] == "UNKNOWN_TYPE" and error["id"] == 9
+    assert error["data"]["code"] == "UNKNOWN_TYPE"
+    assert error["id"] == 9

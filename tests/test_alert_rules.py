@@ -1,4 +1,5 @@
 """Alert rules: evaluation, dedupe, sustained breaches, auto-resolve with a margin."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,12 +11,36 @@ from alerts.rules import RuleEngine, RuleSpec
 from hosts import services as host_services
 from tests.wsutil import open_socket, request, subscribe
 
-DISK = RuleSpec(id="d", name="Disk", metric="disk_usage", category="disk_space", warning=85,
-                critical=95, sustained=1, margin=3)
-CPU = RuleSpec(id="c", name="CPU", metric="cpu_usage", category="cpu", warning=90,
-               critical=98, sustained=3, margin=10)
-LOAD = RuleSpec(id="l", name="Load", metric="load_per_cpu", category="load", warning=2,
-                critical=4, sustained=1, margin=0.5)
+DISK = RuleSpec(
+    id="d",
+    name="Disk",
+    metric="disk_usage",
+    category="disk_space",
+    warning=85,
+    critical=95,
+    sustained=1,
+    margin=3,
+)
+CPU = RuleSpec(
+    id="c",
+    name="CPU",
+    metric="cpu_usage",
+    category="cpu",
+    warning=90,
+    critical=98,
+    sustained=3,
+    margin=10,
+)
+LOAD = RuleSpec(
+    id="l",
+    name="Load",
+    metric="load_per_cpu",
+    category="load",
+    warning=2,
+    critical=4,
+    sustained=1,
+    margin=0.5,
+)
 
 
 def engine(*rules):
@@ -39,8 +64,9 @@ def test_disk_rule_per_mount_raises_escalates_and_dedupes():
     first = e.observe("h", "web", {"disk_usage": {"/": 50, "/var": 86}}, 2)
     assert severities(first) == [("/", None), ("/var", "warning")]
     assert e.observe("h", "web", {"disk_usage": {"/": 50, "/var": 88}}, 2) == []  # no flood
-    assert severities(e.observe("h", "web", {"disk_usage": {"/var": 96}}, 2)) == \
-        [("/var", "critical")]
+    assert severities(e.observe("h", "web", {"disk_usage": {"/var": 96}}, 2)) == [
+        ("/var", "critical")
+    ]
 
 
 def test_margin_prevents_flapping():
@@ -55,8 +81,7 @@ def test_critical_lowers_to_warning_only_below_the_margin():
     e = engine(DISK)
     e.observe("h", "web", {"disk_usage": {"/": 97}}, 2)
     assert e.observe("h", "web", {"disk_usage": {"/": 93}}, 2) == []
-    assert severities(e.observe("h", "web", {"disk_usage": {"/": 91}}, 2)) == \
-        [("/", "warning")]
+    assert severities(e.observe("h", "web", {"disk_usage": {"/": 91}}, 2)) == [("/", "warning")]
 
 
 def test_cpu_must_be_sustained():
@@ -78,8 +103,7 @@ def test_after_a_restart_an_undecided_value_keeps_the_stored_alert():
 
 def test_load_is_relative_to_cpu_count():
     e = engine(LOAD)
-    assert severities(e.observe("h", "web", {"load_average": [9.0, 1, 1]}, 4)) == \
-        [("", "warning")]
+    assert severities(e.observe("h", "web", {"load_average": [9.0, 1, 1]}, 4)) == [("", "warning")]
     assert e.observe("h2", "db", {"load_average": [9.0, 1, 1]}, None) == []
 
 
@@ -103,7 +127,8 @@ def test_metrics_raise_one_alert_and_resolve_it(published, django_capture_on_com
     evaluation.ENGINE.__init__()
     host = host_services.host_create(hostname="web-01", cpu_count=2)
     report = lambda pct: published.run(  # noqa: E731
-        host_services.host_report_metrics, host=host, metrics={"disk_usage": {"/var": pct}})
+        host_services.host_report_metrics, host=host, metrics={"disk_usage": {"/var": pct}}
+    )
     report(86)
     report(87)
     alert = Alert.objects.get(host=host, rule_key="/var")
@@ -117,8 +142,11 @@ def test_metrics_raise_one_alert_and_resolve_it(published, django_capture_on_com
     actions = [e["data"]["action"] for e in published.events("alert.changed")]
     assert actions == ["raised", "updated", "resolved"]
     data = published.events("alert.changed")[0]["data"]
-    assert (data["hostname"], data["severity"], data["category"]) == \
-        ("web-01", "warning", "disk_space")
+    assert (data["hostname"], data["severity"], data["category"]) == (
+        "web-01",
+        "warning",
+        "disk_space",
+    )
 
 
 @pytest.mark.django_db
@@ -127,11 +155,15 @@ def test_host_offline_raises_critical_and_online_resolves(published):
     published.run(host_services.host_set_status, host_id=host.id, status="online")
     published.run(host_services.host_set_status, host_id=host.id, status="offline")
     alert = Alert.objects.get(host=host, category="availability")
-    assert (alert.severity, alert.status, alert.title) == ("critical", "open",
-                                                           "Host offline: web-01")
+    assert (alert.severity, alert.status, alert.title) == (
+        "critical",
+        "open",
+        "Host offline: web-01",
+    )
     published.run(host_services.host_set_status, host_id=host.id, status="online")
     alert.refresh_from_db()
-    assert alert.status == "resolved" and alert.resolved_by is None
+    assert alert.status == "resolved"
+    assert alert.resolved_by is None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -142,11 +174,18 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
     # the staff flag alone is not the permission
     viewer = await database_sync_to_async(make_user)("viewer", staff=True)
     alert = await database_sync_to_async(alert_services.alert_raise)(
-        severity="warning", category="x", title="Something")
+        severity="warning", category="x", title="Something"
+    )
     comm = await open_socket("/ws", token=token_for(ops))
     await subscribe(comm, "system_alerts", {"severity": ["warning"]})
-    await comm.send_json_to({"type": "command", "channel": "system_alerts", "id": "a1",
-                             "data": {"action": "acknowledge", "alert_id": str(alert.id)}})
+    await comm.send_json_to(
+        {
+            "type": "command",
+            "channel": "system_alerts",
+            "id": "a1",
+            "data": {"action": "acknowledge", "alert_id": str(alert.id)},
+        }
+    )
     # The response and the event travel separately; either may come first.
     got = {}
     while len(got) < 2:
@@ -155,13 +194,27 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
     assert got["response"]["id"] == "a1"
     assert got["response"]["data"]["status"] == "acknowledged"
     assert got["event"]["data"]["action"] == "acknowledged"
-    again = await request(comm, {"type": "command", "channel": "system_alerts", "id": "a2",
-                                 "data": {"action": "acknowledge", "alert_id": str(alert.id)}})
+    again = await request(
+        comm,
+        {
+            "type": "command",
+            "channel": "system_alerts",
+            "id": "a2",
+            "data": {"action": "acknowledge", "alert_id": str(alert.id)},
+        },
+    )
     assert again["data"]["code"] == "COMMAND_FAILED"
     await comm.disconnect()
     comm = await open_socket("/ws", token=token_for(viewer))
-    denied = await request(comm, {"type": "command", "channel": "system_alerts", "id": "a3",
-                                  "data": {"action": "resolve", "alert_id": str(alert.id)}})
+    denied = await request(
+        comm,
+        {
+            "type": "command",
+            "channel": "system_alerts",
+            "id": "a3",
+            "data": {"action": "resolve", "alert_id": str(alert.id)},
+        },
+    )
     assert denied["data"]["code"] == "PERMISSION_DENIED"
     await comm.disconnect()
     stored = await database_sync_to_async(Alert.objects.get)(id=alert.id)
@@ -169,29 +222,49 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
     from activity.models import UserActivity
 
     assert await database_sync_to_async(
-        UserActivity.objects.filter(action="alert_acknowledged", username="ops").exists)()
+        UserActivity.objects.filter(action="alert_acknowledged", username="ops").exists
+    )()
 
 
 @pytest.mark.django_db
 def test_after_a_restart_a_stale_alert_is_resolved_and_clear_hosts_cost_one_query(
-        published, django_assert_num_queries):
+    published, django_assert_num_queries
+):
     from alerts import services as alert_services
 
     evaluation.reload_rules()
     rule = AlertRule.objects.get(name="Disk usage")
     stale_host = host_services.host_create(hostname="stale", cpu_count=2)
     clear_host = host_services.host_create(hostname="clear", cpu_count=2)
-    alert_services.rule_alert_sync(host_id=stale_host.id, rule_id=rule.id, key="/",
-                                   severity="warning", title="t", message="m",
-                                   category="disk_space")
+    alert_services.rule_alert_sync(
+        host_id=stale_host.id,
+        rule_id=rule.id,
+        key="/",
+        severity="warning",
+        title="t",
+        message="m",
+        category="disk_space",
+    )
     evaluation.ENGINE.__init__()  # a new process: nothing known about the database
     evaluation.reload_rules()
     with django_assert_num_queries(1):  # one lookup for all of the clear host's rules
-        evaluation.on_metrics({"host_id": str(clear_host.id), "hostname": "clear",
-                               "cpu_count": 2, "metrics": {"disk_usage": {"/": 10.0},
-                                                           "memory_usage": 20.0}})
-    published.run(evaluation.on_metrics, {"host_id": str(stale_host.id), "hostname": "stale",
-                                          "cpu_count": 2, "metrics": {"disk_usage": {"/": 10.0}}})
+        evaluation.on_metrics(
+            {
+                "host_id": str(clear_host.id),
+                "hostname": "clear",
+                "cpu_count": 2,
+                "metrics": {"disk_usage": {"/": 10.0}, "memory_usage": 20.0},
+            }
+        )
+    published.run(
+        evaluation.on_metrics,
+        {
+            "host_id": str(stale_host.id),
+            "hostname": "stale",
+            "cpu_count": 2,
+            "metrics": {"disk_usage": {"/": 10.0}},
+        },
+    )
     assert Alert.objects.get(host=stale_host).status == "resolved"
 
 
@@ -204,6 +277,15 @@ def test_resolving_with_nothing_active_writes_nothing(django_assert_num_queries)
     host = host_services.host_create(hostname="quiet-01")
     rule = AlertRule.objects.first()
     with django_assert_num_queries(1):  # one read; no transaction, no lock
-        assert alert_services.rule_alert_sync(
-            host_id=host.id, rule_id=rule.id, key="", severity=None, title="t", message="m",
-            category=rule.category) is None
+        assert (
+            alert_services.rule_alert_sync(
+                host_id=host.id,
+                rule_id=rule.id,
+                key="",
+                severity=None,
+                title="t",
+                message="m",
+                category=rule.category,
+            )
+            is None
+        )

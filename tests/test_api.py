@@ -1,4 +1,5 @@
 """The REST API: tokens (with activity), hosts, alerts, activity, commands, schema."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,12 @@ def client():
 
 
 def login(client, username):
-    response = client.post("/api/token/", {"username": username, "password": PASSWORD},
-                           format="json", HTTP_USER_AGENT="pytest-agent")
+    response = client.post(
+        "/api/token/",
+        {"username": username, "password": PASSWORD},
+        format="json",
+        HTTP_USER_AGENT="pytest-agent",
+    )
     assert response.status_code == 200, response.content
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {response.data['access']}")
     return response.data
@@ -31,16 +36,18 @@ def test_token_login_is_recorded(client, make_user, published):
     tokens = published.run(login, client, "alice")
     assert set(tokens) == {"access", "refresh"}
     record = UserActivity.objects.get(action="login")
-    assert (record.username, record.ip_address, record.user_agent) == \
-        ("alice", "127.0.0.1", "pytest-agent")
+    assert (record.username, record.ip_address, record.user_agent) == (
+        "alice",
+        "127.0.0.1",
+        "pytest-agent",
+    )
     assert record.details == {"via": "token"}
     assert published.events("user.activity")[0]["data"]["action"] == "login"
 
 
 def test_failed_login_is_recorded_and_refused(client, make_user):
     make_user("alice")
-    response = client.post("/api/token/", {"username": "alice", "password": "wrong"},
-                           format="json")
+    response = client.post("/api/token/", {"username": "alice", "password": "wrong"}, format="json")
     assert response.status_code == 401
     assert UserActivity.objects.filter(action="login_failed", username="alice").count() == 1
 
@@ -49,19 +56,27 @@ def test_refresh_and_logout(client, make_user):
     make_user("alice")
     tokens = login(client, "alice")
     refreshed = client.post("/api/token/refresh/", {"refresh": tokens["refresh"]}, format="json")
-    assert refreshed.status_code == 200 and "access" in refreshed.data
-    response = client.post("/api/token/logout/", {"refresh": refreshed.data["refresh"]},
-                           format="json")
+    assert refreshed.status_code == 200
+    assert "access" in refreshed.data
+    response = client.post(
+        "/api/token/logout/", {"refresh": refreshed.data["refresh"]}, format="json"
+    )
     assert response.status_code == 200
     assert UserActivity.objects.filter(action="logout", username="alice").exists()
-    again = client.post("/api/token/refresh/", {"refresh": refreshed.data["refresh"]},
-                        format="json")
+    again = client.post(
+        "/api/token/refresh/", {"refresh": refreshed.data["refresh"]}, format="json"
+    )
     assert again.status_code == 401
 
 
 def test_everything_needs_authentication(client):
-    for path in ("/api/hosts/", "/api/alerts/", "/api/activity/", "/api/commands/",
-                 "/api/package-operations/"):
+    for path in (
+        "/api/hosts/",
+        "/api/alerts/",
+        "/api/activity/",
+        "/api/commands/",
+        "/api/package-operations/",
+    ):
         assert client.get(path).status_code == 401, path
 
 
@@ -81,20 +96,33 @@ def test_alerts_raise_acknowledge_resolve(client, make_user, published):
     make_user("ops", perms=["alerts.add_alert", "alerts.change_alert"])
     login(client, "ops")
     host = host_services.host_create(hostname="web-01")
-    response = published.run(client.post, "/api/alerts/", {
-        "severity": "critical", "category": "disk_space", "title": "Disk full",
-        "message": "/ is 99%", "host": str(host.id)}, format="json")
+    response = published.run(
+        client.post,
+        "/api/alerts/",
+        {
+            "severity": "critical",
+            "category": "disk_space",
+            "title": "Disk full",
+            "message": "/ is 99%",
+            "host": str(host.id),
+        },
+        format="json",
+    )
     assert response.status_code == 201, response.content
     alert_id = response.data["id"]
     assert response.data["hostname"] == "web-01"
     ack = published.run(client.post, f"/api/alerts/{alert_id}/acknowledge/")
-    assert ack.status_code == 200 and ack.data["status"] == "acknowledged"
+    assert ack.status_code == 200
+    assert ack.data["status"] == "acknowledged"
     assert client.post(f"/api/alerts/{alert_id}/acknowledge/").status_code == 409
     resolved = published.run(client.post, f"/api/alerts/{alert_id}/resolve/")
     assert resolved.data["status"] == "resolved"
     assert Alert.objects.get(id=alert_id).status == AlertStatus.RESOLVED
-    assert [e["data"]["action"] for e in published.events("alert.changed")] == \
-        ["raised", "acknowledged", "resolved"]
+    assert [e["data"]["action"] for e in published.events("alert.changed")] == [
+        "raised",
+        "acknowledged",
+        "resolved",
+    ]
     critical = client.get("/api/alerts/?severity=critical&status=resolved").data["results"]
     assert [a["id"] for a in critical] == [alert_id]
 
@@ -104,8 +132,12 @@ def test_alert_changes_need_permission(client, make_user):
     login(client, "viewer")
     alert = alert_services.alert_raise(severity="info", category="x", title="t")
     assert client.post(f"/api/alerts/{alert.id}/acknowledge/").status_code == 403
-    assert client.post("/api/alerts/", {"severity": "info", "category": "x", "title": "t"},
-                       format="json").status_code == 403
+    assert (
+        client.post(
+            "/api/alerts/", {"severity": "info", "category": "x", "title": "t"}, format="json"
+        ).status_code
+        == 403
+    )
     assert client.get("/api/alerts/").data["count"] == 1
 
 
@@ -120,8 +152,9 @@ def test_activity_is_staff_only_and_filterable(client, make_user):
     login(client, "boss")
     logins = client.get("/api/activity/?action=login").data["results"]
     assert {r["username"] for r in logins} == {"viewer", "clerk", "boss"}
-    assert [r["username"] for r in client.get("/api/activity/?username=viewer").data["results"]] \
-        == ["viewer"]
+    assert [
+        r["username"] for r in client.get("/api/activity/?username=viewer").data["results"]
+    ] == ["viewer"]
 
 
 def test_commands_and_package_operations_are_listed(client, make_user):
@@ -129,11 +162,13 @@ def test_commands_and_package_operations_are_listed(client, make_user):
     login(client, "ops")
     host = host_services.host_create(hostname="web-01")
     host_services.command_create(host=host, command="uptime", timeout=5, user=user)
-    host_services.package_operation_create(host=host, operation="install", package="nginx",
-                                           user=user)
+    host_services.package_operation_create(
+        host=host, operation="install", package="nginx", user=user
+    )
     commands = client.get(f"/api/commands/?host={host.id}").data["results"]
-    assert [(c["command"], c["requested_by"], c["hostname"]) for c in commands] == \
-        [("uptime", "ops", "web-01")]
+    assert [(c["command"], c["requested_by"], c["hostname"]) for c in commands] == [
+        ("uptime", "ops", "web-01")
+    ]
     operations = client.get("/api/package-operations/?status=pending").data["results"]
     assert [(o["operation"], o["package"]) for o in operations] == [("install", "nginx")]
 
@@ -146,6 +181,12 @@ def test_schema_is_served(client, make_user):
     import json
 
     paths = json.loads(response.content)["paths"]
-    for path in ("/api/hosts/", "/api/alerts/{id}/acknowledge/", "/api/activity/",
-                 "/api/commands/", "/api/package-operations/", "/api/token/"):
+    for path in (
+        "/api/hosts/",
+        "/api/alerts/{id}/acknowledge/",
+        "/api/activity/",
+        "/api/commands/",
+        "/api/package-operations/",
+        "/api/token/",
+    ):
         assert path in paths, path

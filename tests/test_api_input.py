@@ -2,6 +2,7 @@
 
 In-process; ``tests/integration/test_security_http.py`` sends the same to a real server.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.django_db
 def staff(make_user):
     make_user("boss", superuser=True)
     client = APIClient()
-    access = client.post("/api/token/", {"username": "boss", "password": PASSWORD},
-                         format="json").data["access"]
+    access = client.post(
+        "/api/token/", {"username": "boss", "password": PASSWORD}, format="json"
+    ).data["access"]
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
     return client
 
@@ -60,14 +62,28 @@ def test_good_filters_still_filter(staff):
     listed = staff.get(f"/api/commands/?host={host.id}&status=pending").data["results"]
     assert [c["command"] for c in listed] == ["uptime"]
     assert staff.get("/api/alerts/?severity=warning,critical&status=open").status_code == 200
-    assert staff.get("/api/activity/?since=2000-01-01T00:00:00Z&ip_address=::1&"
-                     "user=00000000-0000-0000-0000-000000000000").status_code == 200
+    assert (
+        staff.get(
+            "/api/activity/?since=2000-01-01T00:00:00Z&ip_address=::1&"
+            "user=00000000-0000-0000-0000-000000000000"
+        ).status_code
+        == 200
+    )
     # empty parameters mean no filter, as before
     assert len(staff.get("/api/commands/?host=&status=").data["results"]) == 2
 
 
-@pytest.mark.parametrize("query", ["limit=abc", "limit=-1", "offset=-5", "offset=1e3",
-                                   "offset=99999999999999999999", "limit=１０"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=abc",
+        "limit=-1",
+        "offset=-5",
+        "offset=1e3",
+        "offset=99999999999999999999",
+        "limit=１０",
+    ],
+)
 def test_bad_pagination_parameters_are_400(staff, query):
     response = staff.get(f"/api/hosts/?{query}")
     assert response.status_code == 400, query
@@ -96,9 +112,15 @@ def nested(depth):
 
 
 @pytest.mark.parametrize("path", ["/api/token/", "/api/token/refresh/", "/api/alerts/"])
-@pytest.mark.parametrize("body", [nested(65), nested(100_000),
-                                  '{"a":' * 5000 + "1" + "}" * 5000,
-                                  '{"username": ' + nested(70) + ', "password": "x"}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(65),
+        nested(100_000),
+        '{"a":' * 5000 + "1" + "}" * 5000,
+        '{"username": ' + nested(70) + ', "password": "x"}',
+    ],
+)
 def test_json_nested_too_deep_is_400(staff, path, body):
     response = staff.post(path, body, content_type="application/json")
     assert response.status_code == 400, path
@@ -107,13 +129,13 @@ def test_json_nested_too_deep_is_400(staff, path, body):
 
 def test_json_within_the_depth_is_parsed(staff):
     body = json.dumps({"username": "x", "password": "y", "extra": json.loads(nested(60))})
-    assert APIClient().post("/api/token/", body, content_type="application/json"
-                            ).status_code == 401
+    assert APIClient().post("/api/token/", body, content_type="application/json").status_code == 401
 
 
 def test_field_errors_gain_a_detail_and_keep_their_keys(staff):
-    response = staff.post("/api/alerts/", {"severity": "doom", "category": "x", "title": "t"},
-                          format="json")
+    response = staff.post(
+        "/api/alerts/", {"severity": "doom", "category": "x", "title": "t"}, format="json"
+    )
     assert response.status_code == 400
     assert "severity" in response.data
     assert response.data["detail"].startswith("Invalid input: severity:")
@@ -127,18 +149,27 @@ def test_non_uuid_alert_actions_are_404_not_500(staff):
 def test_lists_carry_outputs_in_short_and_one_item_whole(staff):
     host = host_services.host_create(hostname="web-01")
     big = "x" * 300_000 + "END"
-    execution = host_services.command_create(host=host, command="cat big", timeout=5,
-                                             user=None)
-    host_services.command_finish(execution=execution, status="completed", exit_code=0,
-                                 stdout=big, stderr="warn", error="e" * 5000)
-    operation = host_services.package_operation_create(host=host, operation="install",
-                                                       package="nginx", user=None)
-    host_services.package_operation_update(operation=operation, status="completed",
-                                           progress=100, output=big)
+    execution = host_services.command_create(host=host, command="cat big", timeout=5, user=None)
+    host_services.command_finish(
+        execution=execution,
+        status="completed",
+        exit_code=0,
+        stdout=big,
+        stderr="warn",
+        error="e" * 5000,
+    )
+    operation = host_services.package_operation_create(
+        host=host, operation="install", package="nginx", user=None
+    )
+    host_services.package_operation_update(
+        operation=operation, status="completed", progress=100, output=big
+    )
     (listed,) = staff.get("/api/commands/").data["results"]
-    assert "stdout" not in listed and "stderr" not in listed
+    assert "stdout" not in listed
+    assert "stderr" not in listed
     assert (listed["stdout_length"], listed["stderr_length"]) == (len(big), 4)
-    assert listed["stdout_preview"] == big[:200] and listed["stderr_preview"] == "warn"
+    assert listed["stdout_preview"] == big[:200]
+    assert listed["stderr_preview"] == "warn"
     assert len(listed["error"]) == 1000
     whole = staff.get(f"/api/commands/{execution.id}/").data
     assert (whole["stdout"], len(whole["error"])) == (big, 5000)

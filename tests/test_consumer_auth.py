@@ -1,4 +1,5 @@
 """Authentication and origin checks of the /ws endpoint."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -58,7 +59,8 @@ async def test_query_token_authenticates(make_user, token_for):
     user = await database_sync_to_async(make_user)()
     comm = await open_socket("/ws/", token=token_for(user))
     pong = await request(comm, {"type": "ping", "id": "p1"})
-    assert pong["type"] == "pong" and pong["id"] == "p1"
+    assert pong["type"] == "pong"
+    assert pong["id"] == "p1"
     await comm.disconnect()
 
 
@@ -78,7 +80,8 @@ async def test_subprotocol_token_authenticates_and_selects_bearer(make_user, tok
 async def test_authorization_header_authenticates(make_user, token_for):
     user = await database_sync_to_async(make_user)()
     comm = await open_socket(
-        "/ws", headers=[(b"authorization", f"Bearer {token_for(user)}".encode())])
+        "/ws", headers=[(b"authorization", f"Bearer {token_for(user)}".encode())]
+    )
     assert (await request(comm, {"type": "ping"}))["type"] == "pong"
     await comm.disconnect()
 
@@ -86,24 +89,29 @@ async def test_authorization_header_authenticates(make_user, token_for):
 async def test_bad_token_does_not_fall_back_to_another_method(make_user, token_for):
     user = await database_sync_to_async(make_user)()
     comm = await open_socket(
-        "/ws", token="bad", headers=[(b"authorization", f"Bearer {token_for(user)}".encode())])
+        "/ws", token="bad", headers=[(b"authorization", f"Bearer {token_for(user)}".encode())]
+    )
     await assert_refused(comm)
 
 
 async def test_foreign_origin_is_refused(make_user, token_for):
     user = await database_sync_to_async(make_user)()
-    comm = WebsocketCommunicator(application, f"/ws?token={token_for(user)}",
-                                 headers=[(b"origin", b"https://evil.example"),
-                                          (b"host", b"localhost:8000")])
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws?token={token_for(user)}",
+        headers=[(b"origin", b"https://evil.example"), (b"host", b"localhost:8000")],
+    )
     connected, _ = await comm.connect()
     assert not connected  # closed before accept: Daphne answers the handshake with 403
 
 
 async def test_same_origin_is_accepted(make_user, token_for):
     user = await database_sync_to_async(make_user)()
-    comm = await open_socket("/ws", token=token_for(user),
-                             headers=[(b"origin", b"http://fleet.internal:8000"),
-                                      (b"host", b"fleet.internal:8000")])
+    comm = await open_socket(
+        "/ws",
+        token=token_for(user),
+        headers=[(b"origin", b"http://fleet.internal:8000"), (b"host", b"fleet.internal:8000")],
+    )
     assert (await request(comm, {"type": "ping"}))["type"] == "pong"
     await comm.disconnect()
 

@@ -1,4 +1,5 @@
 """The seed protocol through the /ws consumer: subscriptions, events, errors, limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,13 +46,17 @@ async def test_ping_gets_pong_with_same_id(viewer_socket):
 
 
 async def test_subscribe_confirms_channel_and_filters(viewer_socket, host):
-    reply = await subscribe(viewer_socket, "system_alerts", {"severity": ["critical", "warning"]},
-                            id_="s1")
+    reply = await subscribe(
+        viewer_socket, "system_alerts", {"severity": ["critical", "warning"]}, id_="s1"
+    )
     assert reply["channel"] == "system_alerts"
     assert reply["id"] == "s1"
-    assert reply["data"] == {"action": "subscribe", "status": "subscribed",
-                             "channel": "system_alerts",
-                             "filters": {"severity": ["warning", "critical"]}}
+    assert reply["data"] == {
+        "action": "subscribe",
+        "status": "subscribed",
+        "channel": "system_alerts",
+        "filters": {"severity": ["warning", "critical"]},
+    }
 
 
 async def test_every_channel_can_be_subscribed(staff_socket, host):
@@ -69,15 +74,17 @@ async def test_every_channel_can_be_subscribed(staff_socket, host):
         assert reply["data"]["channel"] == channel
         if channel in ("host_status", "fleet_status"):
             status = await staff_socket.receive_json_from(timeout=3)
-            assert status["type"] == "status" and status["channel"] == channel
+            assert status["type"] == "status"
+            assert status["channel"] == channel
             assert status["id"] == channel
 
 
 async def test_host_status_snapshot_lists_hosts(viewer_socket, host):
     await subscribe(viewer_socket, "host_status")
     status = await viewer_socket.receive_json_from(timeout=3)
-    assert status["data"]["hosts"] == [{"host_id": str(host.id), "hostname": "web-01",
-                                        "status": "unknown", "last_seen": None}]
+    assert status["data"]["hosts"] == [
+        {"host_id": str(host.id), "hostname": "web-01", "status": "unknown", "last_seen": None}
+    ]
 
 
 async def test_fleet_status_snapshot_counts(viewer_socket, host):
@@ -85,13 +92,15 @@ async def test_fleet_status_snapshot_counts(viewer_socket, host):
     status = await viewer_socket.receive_json_from(timeout=3)
     data = status["data"]
     assert (data["total_hosts"], data["online_hosts"], data["offline_hosts"]) == (1, 0, 1)
-    assert data["hosts_with_alerts"] == 0 and data["pending_operations"] == 0
+    assert data["hosts_with_alerts"] == 0
+    assert data["pending_operations"] == 0
     assert data["last_updated"].endswith("Z")
 
 
 async def test_user_activity_is_refused_to_non_staff(viewer_socket):
-    error = await request(viewer_socket, {"type": "subscribe", "channel": "user_activity",
-                                          "id": "ua"})
+    error = await request(
+        viewer_socket, {"type": "subscribe", "channel": "user_activity", "id": "ua"}
+    )
     assert error["type"] == "error"
     assert error["channel"] == "subscription"
     assert error["id"] == "ua"
@@ -103,8 +112,10 @@ async def test_user_activity_is_refused_to_non_staff(viewer_socket):
 
 
 async def test_unknown_host_in_filters_is_refused(viewer_socket):
-    error = await request(viewer_socket, {"type": "subscribe", "channel": "host_metrics",
-                                          "filters": {"host_id": str(uuid.uuid4())}})
+    error = await request(
+        viewer_socket,
+        {"type": "subscribe", "channel": "host_metrics", "filters": {"host_id": str(uuid.uuid4())}},
+    )
     assert error["data"]["code"] == "INVALID_FILTERS"
     assert "no host" in error["data"]["message"]
 
@@ -112,11 +123,15 @@ async def test_unknown_host_in_filters_is_refused(viewer_socket):
 async def test_host_status_event_carries_previous_status(viewer_socket, host):
     await subscribe(viewer_socket, "host_status", {"host_id": str(host.id)})
     await database_sync_to_async(host_services.host_set_status)(
-        host_id=host.id, status=HostStatus.ONLINE)
+        host_id=host.id, status=HostStatus.ONLINE
+    )
     event = await next_event(viewer_socket, "host_status")
-    assert {k: event["data"][k] for k in ("host_id", "hostname", "status", "previous_status")} \
-        == {"host_id": str(host.id), "hostname": "web-01", "status": "online",
-            "previous_status": "unknown"}
+    assert {k: event["data"][k] for k in ("host_id", "hostname", "status", "previous_status")} == {
+        "host_id": str(host.id),
+        "hostname": "web-01",
+        "status": "online",
+        "previous_status": "unknown",
+    }
     assert event["data"]["timestamp"].endswith("Z")
     assert "id" not in event
 
@@ -129,8 +144,15 @@ async def test_severity_filter_and_resubscribe_replaces_filters(viewer_socket, h
     event = await next_event(viewer_socket, "system_alerts")
     assert event["data"]["title"] == "c1"  # the warning raised first was filtered out
     assert event["data"]["hostname"] == "web-01"
-    assert set(event["data"]) >= {"alert_id", "severity", "title", "message", "host_id",
-                                  "hostname", "category"}
+    assert set(event["data"]) >= {
+        "alert_id",
+        "severity",
+        "title",
+        "message",
+        "host_id",
+        "hostname",
+        "category",
+    }
 
     await subscribe(viewer_socket, "system_alerts", {"severity": ["warning"]})
     await raise_alert(severity="critical", category="cpu", title="c2", host=host)
@@ -142,26 +164,40 @@ async def test_severity_filter_and_resubscribe_replaces_filters(viewer_socket, h
 async def test_unsubscribe_stops_events(viewer_socket, host):
     await subscribe(viewer_socket, "system_alerts")
     await subscribe(viewer_socket, "host_status")
-    reply = await request(viewer_socket, {"type": "unsubscribe", "channel": "system_alerts",
-                                          "id": "u1"})
+    reply = await request(
+        viewer_socket, {"type": "unsubscribe", "channel": "system_alerts", "id": "u1"}
+    )
     assert reply["type"] == "status"  # the host_status snapshot was queued first
     reply = await viewer_socket.receive_json_from(timeout=3)
-    assert reply["data"] == {"action": "unsubscribe", "status": "unsubscribed",
-                             "channel": "system_alerts", "was_subscribed": True}
+    assert reply["data"] == {
+        "action": "unsubscribe",
+        "status": "unsubscribed",
+        "channel": "system_alerts",
+        "was_subscribed": True,
+    }
     await database_sync_to_async(alert_services.alert_raise)(
-        severity="critical", category="x", title="nobody hears", host=host)
+        severity="critical", category="x", title="nobody hears", host=host
+    )
     await database_sync_to_async(host_services.host_set_status)(
-        host_id=host.id, status=HostStatus.ONLINE)
+        host_id=host.id, status=HostStatus.ONLINE
+    )
     event = await viewer_socket.receive_json_from(timeout=3)
     assert event["channel"] == "host_status"  # and not the alert published before it
 
 
 async def test_metrics_filter_delivers_only_named_metrics(viewer_socket, host):
-    await subscribe(viewer_socket, "host_metrics", {"host_id": str(host.id),
-                                                    "metrics": ["cpu", "load"]})
-    await database_sync_to_async(host_services.host_report_metrics)(host=host, metrics={
-        "cpu_usage": 23.5, "memory_usage": 67.2, "disk_usage": {"/": 45.8},
-        "load_average": [1.2, 1.5, 1.8]})
+    await subscribe(
+        viewer_socket, "host_metrics", {"host_id": str(host.id), "metrics": ["cpu", "load"]}
+    )
+    await database_sync_to_async(host_services.host_report_metrics)(
+        host=host,
+        metrics={
+            "cpu_usage": 23.5,
+            "memory_usage": 67.2,
+            "disk_usage": {"/": 45.8},
+            "load_average": [1.2, 1.5, 1.8],
+        },
+    )
     event = await next_event(viewer_socket, "host_metrics")
     assert event["data"]["metrics"] == {"cpu_usage": 23.5, "load_average": [1.2, 1.5, 1.8]}
     assert event["data"]["host_id"] == str(host.id)
@@ -185,29 +221,47 @@ async def test_user_activity_events_reach_staff(staff_socket, make_user):
     await subscribe(staff_socket, "user_activity")
     from activity.services import activity_record
 
-    await database_sync_to_async(activity_record)(action="login", username="someone",
-                                                   ip_address="10.0.0.1", user_agent="ua")
+    await database_sync_to_async(activity_record)(
+        action="login", username="someone", ip_address="10.0.0.1", user_agent="ua"
+    )
     event = await next_event(staff_socket, "user_activity")
-    assert {k: event["data"][k] for k in ("username", "action", "ip_address", "user_agent")} \
-        == {"username": "someone", "action": "login", "ip_address": "10.0.0.1",
-            "user_agent": "ua"}
-    assert "user_id" in event["data"] and event["data"]["timestamp"].endswith("Z")
+    assert {k: event["data"][k] for k in ("username", "action", "ip_address", "user_agent")} == {
+        "username": "someone",
+        "action": "login",
+        "ip_address": "10.0.0.1",
+        "user_agent": "ua",
+    }
+    assert "user_id" in event["data"]
+    assert event["data"]["timestamp"].endswith("Z")
 
 
 @pytest.mark.parametrize(
     ("message", "code", "channel"),
     [
         ('{"type": "dance", "id": "x"}', "UNKNOWN_TYPE", "system"),
-        ('{"type": "subscribe", "channel": "weather", "id": "x"}', "UNKNOWN_CHANNEL",
-         "subscription"),
+        (
+            '{"type": "subscribe", "channel": "weather", "id": "x"}',
+            "UNKNOWN_CHANNEL",
+            "subscription",
+        ),
         ('{"type": "subscribe", "id": "x"}', "UNKNOWN_CHANNEL", "subscription"),
-        ('{"type": "unsubscribe", "channel": "weather", "id": "x"}', "UNKNOWN_CHANNEL",
-         "subscription"),
-        ('{"type": "subscribe", "channel": "system_alerts", "filters": {"severity": "high"},'
-         ' "id": "x"}', "INVALID_FILTERS", "subscription"),
+        (
+            '{"type": "unsubscribe", "channel": "weather", "id": "x"}',
+            "UNKNOWN_CHANNEL",
+            "subscription",
+        ),
+        (
+            '{"type": "subscribe", "channel": "system_alerts", "filters": {"severity": "high"},'
+            ' "id": "x"}',
+            "INVALID_FILTERS",
+            "subscription",
+        ),
         ('{"type": "response", "id": "x"}', "UNSUPPORTED_TYPE", "system"),
-        ('{"type": "command", "channel": "fleet_status", "id": "x"}', "INVALID_COMMAND",
-         "fleet_status"),
+        (
+            '{"type": "command", "channel": "fleet_status", "id": "x"}',
+            "INVALID_COMMAND",
+            "fleet_status",
+        ),
         ('{"type": "command", "channel": "weather", "id": "x"}', "UNKNOWN_CHANNEL", "system"),
         ('{"channel": "host_status", "id": "x"}', "INVALID_MESSAGE", "system"),
     ],
@@ -223,8 +277,10 @@ async def test_bad_requests_get_errors_with_id(viewer_socket, message, code, cha
     assert (await request(viewer_socket, {"type": "ping"}))["type"] == "pong"  # still usable
 
 
-@pytest.mark.parametrize(("text", "code"), [("{oops", "INVALID_JSON"), ("[]", "INVALID_MESSAGE"),
-                                            ("42", "INVALID_MESSAGE")])
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("{oops", "INVALID_JSON"), ("[]", "INVALID_MESSAGE"), ("42", "INVALID_MESSAGE")],
+)
 async def test_unparseable_messages_get_errors(viewer_socket, text, code):
     await viewer_socket.send_to(text_data=text)
     error = await viewer_socket.receive_json_from(timeout=3)
@@ -258,8 +314,7 @@ async def test_flood_is_rate_limited_then_closed(make_user, token_for, settings)
     assert limited["id"] == "over"
     assert limited["data"]["retry_after"] > 0
     for i in range(105):  # malformed frames count against the rate too
-        await comm.send_to(text_data="not json" if i % 2 else json.dumps({"type": "ping",
-                                                                         "id": i}))
+        await comm.send_to(text_data="not json" if i % 2 else json.dumps({"type": "ping", "id": i}))
     codes = []
     while True:
         output = await comm.receive_output(timeout=3)
@@ -272,55 +327,86 @@ async def test_flood_is_rate_limited_then_closed(make_user, token_for, settings)
 
 async def test_command_to_unknown_host_fails(staff_socket):
     host_id = str(uuid.uuid4())
-    error = await request(staff_socket, {"type": "command", "channel": "command_execution",
-                                         "data": {"host_id": host_id, "command": "uptime"},
-                                         "id": "request_123"})
-    assert error == {**error, "type": "error", "channel": "command_execution",
-                     "id": "request_123"}
-    assert error["data"] == {"code": "COMMAND_FAILED", "message": "Host not found",
-                             "host_id": host_id, "execution_id": None}
+    error = await request(
+        staff_socket,
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": host_id, "command": "uptime"},
+            "id": "request_123",
+        },
+    )
+    assert error == {**error, "type": "error", "channel": "command_execution", "id": "request_123"}
+    assert error["data"] == {
+        "code": "COMMAND_FAILED",
+        "message": "Host not found",
+        "host_id": host_id,
+        "execution_id": None,
+    }
 
 
 async def test_command_to_offline_host_fails_and_is_recorded(staff_socket, host):
-    error = await request(staff_socket, {"type": "command", "channel": "command_execution",
-                                         "data": {"host_id": str(host.id),
-                                                  "command": "systemctl status nginx",
-                                                  "timeout": 30},
-                                         "id": "request_124"})
+    error = await request(
+        staff_socket,
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "systemctl status nginx", "timeout": 30},
+            "id": "request_124",
+        },
+    )
     assert error["data"]["code"] == "COMMAND_FAILED"
     assert error["data"]["message"].startswith("Host not reachable")
     execution = await database_sync_to_async(
         lambda: CommandExecution.objects.select_related("requested_by").get(
-            id=error["data"]["execution_id"]))()
+            id=error["data"]["execution_id"]
+        )
+    )()
     assert execution.status == ExecutionStatus.FAILED
     assert execution.requested_by.username == "admin"
     assert execution.command == "systemctl status nginx"
 
 
 async def test_package_operation_to_offline_host_fails(staff_socket, host):
-    error = await request(staff_socket, {"type": "command", "channel": "package_operations",
-                                         "data": {"host_id": str(host.id), "operation": "install",
-                                                  "package": "nginx"}, "id": "p1"})
+    error = await request(
+        staff_socket,
+        {
+            "type": "command",
+            "channel": "package_operations",
+            "data": {"host_id": str(host.id), "operation": "install", "package": "nginx"},
+            "id": "p1",
+        },
+    )
     assert error["data"]["code"] == "COMMAND_FAILED"
     assert error["data"]["execution_id"]
 
 
 async def test_commands_need_permission(viewer_socket, host):
-    error = await request(viewer_socket, {"type": "command", "channel": "command_execution",
-                                           "data": {"host_id": str(host.id), "command": "id"},
-                                           "id": "c"})
+    error = await request(
+        viewer_socket,
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "id"},
+            "id": "c",
+        },
+    )
     assert error["data"]["code"] == "PERMISSION_DENIED"
 
 
-@pytest.mark.parametrize("data", [
-    {"command": "ls"},
-    {"host_id": "nope", "command": "ls"},
-    {"host_id": str(uuid.uuid4()), "command": ""},
-    {"host_id": str(uuid.uuid4()), "command": "ls", "timeout": 0},
-    {"host_id": str(uuid.uuid4()), "command": "ls", "timeout": "soon"},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"command": "ls"},
+        {"host_id": "nope", "command": "ls"},
+        {"host_id": str(uuid.uuid4()), "command": ""},
+        {"host_id": str(uuid.uuid4()), "command": "ls", "timeout": 0},
+        {"host_id": str(uuid.uuid4()), "command": "ls", "timeout": "soon"},
+    ],
+)
 async def test_malformed_commands_are_refused(staff_socket, data):
-    error = await request(staff_socket, {"type": "command", "channel": "command_execution",
-                                         "data": data, "id": "c"})
+    error = await request(
+        staff_socket, {"type": "command", "channel": "command_execution", "data": data, "id": "c"}
+    )
     assert error["data"]["code"] == "INVALID_COMMAND"
     assert error["id"] == "c"

@@ -1,5 +1,6 @@
 """Credential fingerprints in tokens: a password change or a deactivation, however it is
 made, voids every token; changes the signals see also blacklist the refresh tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,9 @@ User = get_user_model()
 
 
 def tokens_of(username: str) -> dict[str, str]:
-    response = APIClient().post("/api/token/", {"username": username, "password": PASSWORD},
-                                format="json")
+    response = APIClient().post(
+        "/api/token/", {"username": username, "password": PASSWORD}, format="json"
+    )
     assert response.status_code == 200, response.content
     return response.data
 
@@ -43,8 +45,7 @@ def test_issued_tokens_carry_the_fingerprint(make_user):
     rotated = refresh(tokens["refresh"]).data
     assert AccessToken(rotated["access"])[FINGERPRINT_CLAIM] == fingerprint(alice)
     # the stored (outstanding) copy carries it too
-    stored = OutstandingToken.objects.get(
-        jti=RefreshToken(tokens["refresh"], verify=False)["jti"])
+    stored = OutstandingToken.objects.get(jti=RefreshToken(tokens["refresh"], verify=False)["jti"])
     assert RefreshToken(stored.token, verify=False)[FINGERPRINT_CLAIM] == fingerprint(alice)
 
 
@@ -132,9 +133,9 @@ def test_password_change_seen_by_the_signal_blacklists_refresh_tokens(make_user)
     alice.save()
     assert blacklisted() == {jti(t) for t in alices}
     # tokens issued for the new password survive saves that change no credential
-    response = APIClient().post("/api/token/", {"username": "alice",
-                                                "password": "a new password for alice"},
-                                format="json")
+    response = APIClient().post(
+        "/api/token/", {"username": "alice", "password": "a new password for alice"}, format="json"
+    )
     alice.first_name = "Alice"
     alice.save()
     assert jti(response.data["refresh"]) not in blacklisted()
@@ -160,8 +161,9 @@ async def test_socket_handshake_checks_the_fingerprint(make_user, token_for):
     comm = await open_socket("/ws", token=token)
     assert (await request(comm, {"type": "ping"}))["type"] == "pong"
     await comm.disconnect()
-    await database_sync_to_async(
-        User.objects.filter(pk=alice.pk).update)(password=make_password("changed"))
+    await database_sync_to_async(User.objects.filter(pk=alice.pk).update)(
+        password=make_password("changed")
+    )
     comm = await open_socket("/ws", token=token)
     error = await comm.receive_json_from(timeout=3)
     assert error["data"]["code"] == "AUTH_FAILED"

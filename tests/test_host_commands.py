@@ -1,4 +1,5 @@
 """Enrollment and maintenance management commands, and the hosts sweep."""
+
 from __future__ import annotations
 
 import io
@@ -26,7 +27,7 @@ def run(*args):
 
 
 def test_register_host_prints_json_last_and_stores_only_a_digest():
-    out, err = run("register_host", "web-01")
+    out, _err = run("register_host", "web-01")
     payload = json.loads(out.strip().splitlines()[-1])
     host = Host.objects.get(id=payload["host_id"])
     assert host.hostname == "web-01"
@@ -54,7 +55,8 @@ def test_revoke_host(published):
     published.run(run, "revoke_host", str(host.id))
     assert selectors.host_for_token(token) is None
     controls = [m for m in published.messages if m.get("action") == "close_agent"]
-    assert controls and controls[0]["host_id"] == str(host.id)
+    assert controls
+    assert controls[0]["host_id"] == str(host.id)
 
 
 @pytest.mark.parametrize("command", ["rotate_host_token", "revoke_host"])
@@ -72,20 +74,25 @@ def test_sweep_marks_silent_hosts_offline_and_times_out_commands(published, sett
     Host.objects.filter(id=quiet.id).update(last_seen=timezone.now() - timedelta(minutes=5))
     execution = services.command_create(host=lively, command="sleep 1", timeout=1, user=None)
     CommandExecution.objects.filter(id=execution.id).update(
-        created_at=timezone.now() - timedelta(seconds=5))
-    operation = services.package_operation_create(host=lively, operation="install",
-                                                  package="x", user=None)
+        created_at=timezone.now() - timedelta(seconds=5)
+    )
+    operation = services.package_operation_create(
+        host=lively, operation="install", package="x", user=None
+    )
     PackageOperation.objects.filter(id=operation.id).update(
-        updated_at=timezone.now() - timedelta(hours=2))
+        updated_at=timezone.now() - timedelta(hours=2)
+    )
     report = published.run(sweep, offline_after=90)
     assert report.hosts_offline == ["quiet"]
-    assert report.commands_timed_out == 1 and report.operations_failed == 1
+    assert report.commands_timed_out == 1
+    assert report.operations_failed == 1
     assert Host.objects.get(id=lively.id).status == "online"
     assert CommandExecution.objects.get(id=execution.id).status == "timeout"
     assert PackageOperation.objects.get(id=operation.id).status == "failed"
     changes = published.events("host.status_changed")
-    assert [(e["data"]["hostname"], e["data"]["previous_status"]) for e in changes] == \
-        [("quiet", "online")]
+    assert [(e["data"]["hostname"], e["data"]["previous_status"]) for e in changes] == [
+        ("quiet", "online")
+    ]
 
 
 def test_mark_offline_hosts_command():
@@ -113,18 +120,33 @@ def test_minute_aggregator_averages_and_rolls_over():
 def test_metric_samples_merge_within_a_minute():
     host = services.host_create(hostname="m")
     minute = timezone.now().replace(second=0, microsecond=0)
-    services.metric_sample_save(host_id=host.id, minute=minute, samples=2,
-                                averages={"cpu_usage": 10.0})
-    services.metric_sample_save(host_id=host.id, minute=minute, samples=2,
-                                averages={"cpu_usage": 30.0, "load_average": [1, 2, 3]})
+    services.metric_sample_save(
+        host_id=host.id, minute=minute, samples=2, averages={"cpu_usage": 10.0}
+    )
+    services.metric_sample_save(
+        host_id=host.id,
+        minute=minute,
+        samples=2,
+        averages={"cpu_usage": 30.0, "load_average": [1, 2, 3]},
+    )
     (row,) = selectors.metric_history(str(host.id), since=minute)
     assert (row["samples"], row["cpu_usage"], row["load_average"]) == (4, 20.0, [1, 2, 3])
 
 
-@pytest.mark.parametrize("bad", [
-    None, [], {}, {"cpu_usage": -1}, {"cpu_usage": "high"}, {"memory_usage": float("nan")},
-    {"disk_usage": {"/": 101}}, {"load_average": [1, 2]}, {"load_average": [1, 2, -3]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        {},
+        {"cpu_usage": -1},
+        {"cpu_usage": "high"},
+        {"memory_usage": float("nan")},
+        {"disk_usage": {"/": 101}},
+        {"load_average": [1, 2]},
+        {"load_average": [1, 2, -3]},
+    ],
+)
 def test_malformed_metrics_are_refused(bad):
     with pytest.raises(MetricsError):
         clean_metrics(bad)

@@ -1,4 +1,5 @@
 """The hub's fan-out and the per-connection outbound path."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,10 +32,18 @@ class Recorder:
 
 
 def metrics_message():
-    return {"type": "hub.event", "event": "host.metrics_reported", "channel": "host_metrics",
-            "timestamp": "2024-01-01T12:00:00.000Z",
-            "data": {"host_id": HOST, "hostname": "web-01", "timestamp": "t",
-                     "metrics": {"cpu_usage": 1.0, "memory_usage": 2.0}}}
+    return {
+        "type": "hub.event",
+        "event": "host.metrics_reported",
+        "channel": "host_metrics",
+        "timestamp": "2024-01-01T12:00:00.000Z",
+        "data": {
+            "host_id": HOST,
+            "hostname": "web-01",
+            "timestamp": "t",
+            "metrics": {"cpu_usage": 1.0, "memory_usage": 2.0},
+        },
+    }
 
 
 async def test_dispatch_serializes_once_per_distinct_payload():
@@ -56,7 +65,8 @@ async def test_dispatch_serializes_once_per_distinct_payload():
     cpu = json.loads(cpu_only[0].frames[0].text)
     assert full["data"]["metrics"] == {"cpu_usage": 1.0, "memory_usage": 2.0}
     assert cpu["data"]["metrics"] == {"cpu_usage": 1.0}
-    assert full["type"] == "event" and full["timestamp"] == "2024-01-01T12:00:00.000Z"
+    assert full["type"] == "event"
+    assert full["timestamp"] == "2024-01-01T12:00:00.000Z"
 
 
 async def test_unregister_drops_every_subscription():
@@ -76,8 +86,15 @@ async def test_close_user_reaches_only_that_users_connections():
     target, other = Recorder("a"), Recorder("b")
     hub.register(target)
     hub.register(other)
-    hub.handle({"type": "hub.control", "action": "close_user", "user_id": "a",
-                "reason": "User account is disabled", "code": 4001})
+    hub.handle(
+        {
+            "type": "hub.control",
+            "action": "close_user",
+            "user_id": "a",
+            "reason": "User account is disabled",
+            "code": 4001,
+        }
+    )
     assert [code for code, _ in target.closed] == [4001]
     assert target.closed[0][1]["data"]["code"] == "AUTH_FAILED"
     assert other.closed == []
@@ -111,7 +128,7 @@ class FakeFactory:
     def __init__(self):
         self.prepared = 0
 
-    def prepareMessage(self, payload, isBinary=False):
+    def prepareMessage(self, payload, isBinary=False):  # noqa: N802, N803 - Autobahn's names
         self.prepared += 1
         return ("prepared", payload)
 
@@ -127,7 +144,7 @@ class FakeDaphneProtocol:
         self.transport = FakeTransport()
         self.sent = []
 
-    def sendPreparedMessage(self, prepared):
+    def sendPreparedMessage(self, prepared):  # noqa: N802 - Autobahn's name
         self.sent.append(prepared)
         self.transport._tempDataLen += len(prepared[1])
 
@@ -140,8 +157,14 @@ async def test_direct_mode_frames_once_and_bounds_the_buffer():
     factory = FakeFactory()
     protocols = [FakeDaphneProtocol(factory) for _ in range(3)]
     overflows = []
-    outbounds = [Outbound(functools.partial(fake_handle_reply, p), max_buffer_bytes=100,
-                          on_overflow=lambda: overflows.append(1)) for p in protocols]
+    outbounds = [
+        Outbound(
+            functools.partial(fake_handle_reply, p),
+            max_buffer_bytes=100,
+            on_overflow=lambda: overflows.append(1),
+        )
+        for p in protocols
+    ]
     assert all(o.direct for o in outbounds)
     frame = Frame('{"x": 1}')
     for outbound in outbounds:
@@ -153,7 +176,8 @@ async def test_direct_mode_frames_once_and_bounds_the_buffer():
     for outbound in outbounds:
         outbound.deliver(frame)
     assert overflows == [1]
-    assert len(protocols[0].sent) == 1 and len(protocols[1].sent) == 2
+    assert len(protocols[0].sent) == 1
+    assert len(protocols[1].sent) == 2
     assert outbounds[0].backlog_bytes() > 100
 
 
@@ -161,8 +185,11 @@ async def test_direct_mode_frames_once_and_bounds_the_buffer():
 async def test_direct_mode_skips_sockets_that_are_not_open(state):
     protocol = FakeDaphneProtocol(FakeFactory())
     protocol.state = state
-    outbound = Outbound(functools.partial(fake_handle_reply, protocol), max_buffer_bytes=100,
-                        on_overflow=lambda: None)
+    outbound = Outbound(
+        functools.partial(fake_handle_reply, protocol),
+        max_buffer_bytes=100,
+        on_overflow=lambda: None,
+    )
     outbound.deliver(Frame("{}"))
     assert protocol.sent == []
 
@@ -173,8 +200,15 @@ async def test_close_session_reaches_only_that_sessions_sockets():
     mine.session_tag, other.session_tag = "s1", None
     hub.register(mine)
     hub.register(other)
-    hub.handle({"type": "hub.control", "action": "close_session", "session": "s1",
-                "reason": "Logged out", "code": 4001})
+    hub.handle(
+        {
+            "type": "hub.control",
+            "action": "close_session",
+            "session": "s1",
+            "reason": "Logged out",
+            "code": 4001,
+        }
+    )
     assert [code for code, _ in mine.closed] == [4001]
     assert other.closed == []
     hub.unregister(mine)
@@ -185,13 +219,22 @@ async def test_repeated_fleet_figures_are_not_delivered_twice():
     hub = Hub(layer=None, loop=asyncio.get_running_loop())
     conn = Recorder()
     hub.subscribe(conn, "fleet_status", {})
-    figures = {"total_hosts": 2, "online_hosts": 1, "offline_hosts": 1, "hosts_with_alerts": 0,
-               "pending_operations": 0}
+    figures = {
+        "total_hosts": 2,
+        "online_hosts": 1,
+        "offline_hosts": 1,
+        "hosts_with_alerts": 0,
+        "pending_operations": 0,
+    }
 
     def fleet(last_updated, **changes):
-        return {"type": "hub.event", "event": "fleet.status_updated", "channel": "fleet_status",
-                "timestamp": last_updated,
-                "data": {**figures, **changes, "last_updated": last_updated}}
+        return {
+            "type": "hub.event",
+            "event": "fleet.status_updated",
+            "channel": "fleet_status",
+            "timestamp": last_updated,
+            "data": {**figures, **changes, "last_updated": last_updated},
+        }
 
     assert hub.dispatch(fleet("t1")) == 1
     assert hub.dispatch(fleet("t2")) == 0  # same figures from another process
@@ -218,9 +261,13 @@ async def test_host_filtered_alert_subscribers_skip_hostless_alerts():
     hub.subscribe(everything, "system_alerts", {})
     hub.subscribe(one_host, "system_alerts", {"host_id": HOST})
     hub.subscribe(critical_only, "system_alerts", {"severity": ("critical",)})
-    alert = {"type": "hub.event", "event": "alert.changed", "channel": "system_alerts",
-             "timestamp": "t", "data": {"alert_id": "a", "severity": "warning",
-                                        "host_id": None, "title": "x"}}
+    alert = {
+        "type": "hub.event",
+        "event": "alert.changed",
+        "channel": "system_alerts",
+        "timestamp": "t",
+        "data": {"alert_id": "a", "severity": "warning", "host_id": None, "title": "x"},
+    }
     assert hub.dispatch(alert) == 1
     assert (len(everything.frames), len(one_host.frames), len(critical_only.frames)) == (1, 0, 0)
     alert["data"] = {**alert["data"], "host_id": HOST, "severity": "critical"}

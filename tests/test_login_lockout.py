@@ -4,6 +4,7 @@ In-process tests of ``activity/lockout.py`` through the token endpoint and the l
 forms; ``tests/integration/test_security_http.py`` performs the same attacks against a
 real server.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -26,18 +27,28 @@ pytestmark = pytest.mark.django_db
 
 ATTACKER, OWNER = "198.51.100.7", "203.0.113.9"
 #: Spellings of "alice" that Django's login forms turn into "alice".
-VARIANTS = ["alice ", " alice", "\talice", "alice\n", "\u3000alice", "ａｌｉｃｅ",
-            "\u00a0alice\u2003"]
+VARIANTS = [
+    "alice ",
+    " alice",
+    "\talice",
+    "alice\n",
+    "\u3000alice",
+    "ａｌｉｃｅ",
+    "\u00a0alice\u2003",
+]
 
 
 def token_login(username, password=PASSWORD, address=ATTACKER):
-    return APIClient().post("/api/token/", {"username": username, "password": password},
-                            format="json", REMOTE_ADDR=address)
+    return APIClient().post(
+        "/api/token/",
+        {"username": username, "password": password},
+        format="json",
+        REMOTE_ADDR=address,
+    )
 
 
 def form_login(client, path, username, password=PASSWORD, address=ATTACKER):
-    return client.post(path, {"username": username, "password": password},
-                       REMOTE_ADDR=address)
+    return client.post(path, {"username": username, "password": password}, REMOTE_ADDR=address)
 
 
 def lock_alice(settings, make_user, address=ATTACKER):
@@ -68,8 +79,7 @@ def test_ipv6_addresses_count_by_their_64_and_mapped_ipv4_as_ipv4():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variants_of_a_locked_name_are_refused_at_the_token_endpoint(variant, settings,
-                                                                     make_user):
+def test_variants_of_a_locked_name_are_refused_at_the_token_endpoint(variant, settings, make_user):
     lock_alice(settings, make_user)
     response = token_login(variant)
     assert response.status_code == 429, response.data
@@ -78,8 +88,9 @@ def test_variants_of_a_locked_name_are_refused_at_the_token_endpoint(variant, se
 
 @pytest.mark.parametrize("path", ["/login/", "/admin/login/"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variants_of_a_locked_name_are_refused_by_the_login_forms(variant, path, client,
-                                                                  settings, make_user):
+def test_variants_of_a_locked_name_are_refused_by_the_login_forms(
+    variant, path, client, settings, make_user
+):
     lock_alice(settings, make_user)
     response = form_login(client, path, variant)
     assert response.status_code == 200
@@ -92,8 +103,7 @@ def test_full_width_name_logs_in_at_the_token_endpoint_as_at_the_forms(make_user
     assert token_login("ａｌｉｃｅ").status_code == 200
 
 
-def test_the_owner_gets_in_from_another_address_while_the_attackers_is_locked(settings,
-                                                                              make_user):
+def test_the_owner_gets_in_from_another_address_while_the_attackers_is_locked(settings, make_user):
     lock_alice(settings, make_user)
     assert token_login("alice", address=OWNER).status_code == 200
     assert token_login("alice", address=ATTACKER).status_code == 429
@@ -122,9 +132,13 @@ def test_a_right_password_clears_its_pairs_failures(settings, make_user):
 
 def test_malformed_login_bodies_are_400_and_check_no_password(make_user):
     make_user("alice")
-    for body in ({"username": 123, "password": PASSWORD}, {"username": ["alice"]},
-                 {"username": "  ", "password": "x"}, ["alice", PASSWORD],
-                 {"username": "ali\x00ce", "password": PASSWORD}):
+    for body in (
+        {"username": 123, "password": PASSWORD},
+        {"username": ["alice"]},
+        {"username": "  ", "password": "x"},
+        ["alice", PASSWORD],
+        {"username": "ali\x00ce", "password": PASSWORD},
+    ):
         response = APIClient().post("/api/token/", body, format="json")
         assert response.status_code == 400, (body, response.data)
         assert isinstance(response.data["detail"], str) or response.data
@@ -149,7 +163,8 @@ def test_an_account_failing_from_many_addresses_is_slowed_not_locked(settings, m
     assert LoginCounter.objects.get(scope="account").blocked_until == delay_ends
     # once the delay passed, an attempt from anywhere is checked again
     LoginCounter.objects.filter(scope="account").update(
-        blocked_until=timezone.now() - timedelta(seconds=1))
+        blocked_until=timezone.now() - timedelta(seconds=1)
+    )
     assert token_login("alice", address="192.0.2.201").status_code == 200
 
 
@@ -192,8 +207,11 @@ def test_zero_thresholds_turn_the_limits_off(settings, make_user):
 def test_refusals_are_recorded_with_the_limit_that_refused(settings, make_user):
     lock_alice(settings, make_user)
     record = UserActivity.objects.get(action="login_locked")
-    assert (record.username, record.details["via"], record.details["limit"]) == \
-        ("alice", "token", "pair")
+    assert (record.username, record.details["via"], record.details["limit"]) == (
+        "alice",
+        "token",
+        "pair",
+    )
 
 
 def test_a_deleted_users_refresh_token_is_401(make_user):
@@ -203,8 +221,10 @@ def test_a_deleted_users_refresh_token_is_401(make_user):
     response = APIClient().post("/api/token/refresh/", {"refresh": refresh}, format="json")
     assert response.status_code == 401
     # (deleting a user also blacklists its refresh tokens: either refusal is clear)
-    assert response.data["detail"] in ("No active account found for the given token.",
-                                       "Token is blacklisted")
+    assert response.data["detail"] in (
+        "No active account found for the given token.",
+        "Token is blacklisted",
+    )
 
 
 def test_a_deactivated_users_refresh_token_is_401(make_user):

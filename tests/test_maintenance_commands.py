@@ -1,4 +1,5 @@
 """prune_data and fleet_report on a real database."""
+
 from __future__ import annotations
 
 import io
@@ -38,15 +39,18 @@ def test_prune_removes_only_old_finished_data():
     new_done = host_services.command_create(host=host, command="c", timeout=5, user=None)
     host_services.command_finish(execution=new_done, status="completed", exit_code=0)
     age(CommandExecution, "created_at", 40, id__in=[old_done.id, old_running.id])
-    op = host_services.package_operation_create(host=host, operation="install", package="x",
-                                                user=None)
+    op = host_services.package_operation_create(
+        host=host, operation="install", package="x", user=None
+    )
     host_services.package_operation_update(operation=op, status="completed", progress=100)
     age(PackageOperation, "created_at", 40)
     minute = timezone.now().replace(second=0, microsecond=0)
-    host_services.metric_sample_save(host_id=host.id, minute=minute - timedelta(days=40),
-                                     samples=1, averages={"cpu_usage": 1})
-    host_services.metric_sample_save(host_id=host.id, minute=minute, samples=1,
-                                     averages={"cpu_usage": 1})
+    host_services.metric_sample_save(
+        host_id=host.id, minute=minute - timedelta(days=40), samples=1, averages={"cpu_usage": 1}
+    )
+    host_services.metric_sample_save(
+        host_id=host.id, minute=minute, samples=1, averages={"cpu_usage": 1}
+    )
     activity_record(action="login", username="someone")
     age(UserActivity, "timestamp", 40)
     activity_record(action="login", username="recent")
@@ -86,8 +90,9 @@ def test_fleet_report_table_and_json():
     lines = table.splitlines()
     assert lines[0].split() == ["HOST", "STATUS", "LAST", "SEEN", "OS", "CRIT", "WARN", "INFO"]
     web_line = next(line for line in lines if line.startswith("web-01"))
-    assert "online" in web_line and "Debian 12" in web_line and web_line.split()[-3:] == \
-        ["1", "0", "0"]
+    assert "online" in web_line
+    assert "Debian 12" in web_line
+    assert web_line.split()[-3:] == ["1", "0", "0"]
     assert "2 hosts: 1 online, 1 offline; 1 with open alerts" in table
     data = json.loads(run("fleet_report", "--json", "--status", "unknown"))
     assert [h["hostname"] for h in data["hosts"]] == ["db-01"]
@@ -104,11 +109,16 @@ def test_prune_removes_old_login_counters_but_not_live_locks():
     from activity.models import LoginCounter
 
     now = timezone.now()
-    LoginCounter.objects.create(scope="pair", key="old", failures=3,
-                                window_started=now - timedelta(days=40))
-    LoginCounter.objects.create(scope="pair", key="still-locked", failures=5,
-                                window_started=now - timedelta(days=40),
-                                blocked_until=now + timedelta(minutes=5))
+    LoginCounter.objects.create(
+        scope="pair", key="old", failures=3, window_started=now - timedelta(days=40)
+    )
+    LoginCounter.objects.create(
+        scope="pair",
+        key="still-locked",
+        failures=5,
+        window_started=now - timedelta(days=40),
+        blocked_until=now + timedelta(minutes=5),
+    )
     LoginCounter.objects.create(scope="pair", key="recent", failures=1, window_started=now)
     assert "Deleted 1 login counters" in run("prune_data", "--older-than", "30d")
     assert set(LoginCounter.objects.values_list("key", flat=True)) == {"still-locked", "recent"}

@@ -1,4 +1,5 @@
 """The dashboard pages: login, access rules, what each page renders, search and filters."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ def page_data(response) -> dict:
     content = response.content.decode()
     start = content.index('id="page-data"')
     start = content.index(">", start) + 1
-    return json.loads(content[start:content.index("</script>", start)])
+    return json.loads(content[start : content.index("</script>", start)])
 
 
 #: What a staff member who reads the activity log and approves agents is given.
@@ -56,8 +57,13 @@ def root(client, make_user):
 
 @pytest.fixture
 def host():
-    return host_services.host_create(hostname="web-01", fqdn="web-01.example.com",
-                                     os_name="Debian GNU/Linux", os_version="12", cpu_count=4)
+    return host_services.host_create(
+        hostname="web-01",
+        fqdn="web-01.example.com",
+        os_name="Debian GNU/Linux",
+        os_version="12",
+        cpu_count=4,
+    )
 
 
 # -- login and logout ---------------------------------------------------------------------
@@ -97,14 +103,16 @@ def test_login_redirects_to_the_overview_and_is_recorded(client, make_user):
     response = client.post("/login/", {"username": "operator", "password": PASSWORD})
     assert response.status_code == 302
     assert response["Location"] == "/"
-    assert UserActivity.objects.filter(username="operator", action="login",
-                                       details__path="/login/").exists()
+    assert UserActivity.objects.filter(
+        username="operator", action="login", details__path="/login/"
+    ).exists()
 
 
 def test_login_follows_next(client, make_user):
     make_user("operator")
-    response = client.post("/login/?next=/alerts/", {
-        "username": "operator", "password": PASSWORD, "next": "/alerts/"})
+    response = client.post(
+        "/login/?next=/alerts/", {"username": "operator", "password": PASSWORD, "next": "/alerts/"}
+    )
     assert response["Location"] == "/alerts/"
 
 
@@ -158,8 +166,11 @@ def test_activity_page_is_staff_only(operator):
 
 
 def test_activity_page_for_staff(staff):
-    activity_record(action="command_run", username="alice",
-                    details={"hostname": "web-01", "command": "uptime", "execution_id": "x"})
+    activity_record(
+        action="command_run",
+        username="alice",
+        details={"hostname": "web-01", "command": "uptime", "execution_id": "x"},
+    )
     response = staff.get("/activity/")
     assert response.status_code == 200
     assert len(response.context["activities"]) == UserActivity.objects.count()
@@ -215,7 +226,10 @@ def test_overview_counts_hosts_and_active_alerts(operator, host):
     response = operator.get("/")
     assert response.context["fleet"]["total_hosts"] == 1
     assert response.context["alert_counts"] == [
-        ("critical", "Critical", 1), ("warning", "Warning", 1), ("info", "Info", 0)]
+        ("critical", "Critical", 1),
+        ("warning", "Warning", 1),
+        ("info", "Info", 0),
+    ]
     assert response.context["active_alerts"] == 2
     assert b"No hosts yet" in response.content  # present for live use, but hidden
     assert b'aria-labelledby="empty-fleet-heading" hidden' in response.content
@@ -326,10 +340,12 @@ def test_host_absolute_url_and_admin_link(root, host):
 @pytest.fixture
 def alerts(host):
     made = {
-        "critical": alert_services.alert_raise(severity="critical", category="disk",
-                                               title="Disk full", host=host),
-        "warning": alert_services.alert_raise(severity="warning", category="cpu",
-                                              title="CPU busy", host=host),
+        "critical": alert_services.alert_raise(
+            severity="critical", category="disk", title="Disk full", host=host
+        ),
+        "warning": alert_services.alert_raise(
+            severity="warning", category="cpu", title="CPU busy", host=host
+        ),
         "info": alert_services.alert_raise(severity="info", category="note", title="FYI"),
     }
     Alert.objects.filter(pk=made["info"].pk).update(status="resolved")
@@ -395,7 +411,7 @@ def test_alerts_are_paginated(operator, host):
 
 
 def test_every_page_links_its_script_and_styles(staff, host):
-    for path in PAGES + [f"/hosts/{host.pk}/"]:
+    for path in [*PAGES, f"/hosts/{host.pk}/"]:
         content = staff.get(path).content.decode()
         assert "/static/css/app.css" in content, path
         assert 'type="module" src="/static/js/pages/' in content, path
@@ -407,54 +423,99 @@ def test_every_page_links_its_script_and_styles(staff, host):
 
 
 OS_REPORT = {
-    "platform": "Linux", "platform_release": "6.1.0-18-amd64",
-    "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1", "architecture": "64bit",
-    "machine_architecture": "x86_64", "processor": "", "timezone": "Europe/Berlin",
+    "platform": "Linux",
+    "platform_release": "6.1.0-18-amd64",
+    "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1",
+    "architecture": "64bit",
+    "machine_architecture": "x86_64",
+    "processor": "",
+    "timezone": "Europe/Berlin",
     "python_version": "3.11.2",
-    "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12",
-                "distribution_codename": "bookworm"},
+    "os_info": {
+        "distribution": "Debian GNU/Linux",
+        "distribution_version": "12",
+        "distribution_codename": "bookworm",
+    },
 }
 HARDWARE_REPORT = {
-    "cpu_vendor": "GenuineIntel", "cpu_model": "Intel(R) Xeon(R) Gold 6226R CPU @ 2.90GHz",
-    "cpu_cores": 8, "cpu_threads": 16, "cpu_frequency_mhz": 2900, "memory_total_mb": 32768,
+    "cpu_vendor": "GenuineIntel",
+    "cpu_model": "Intel(R) Xeon(R) Gold 6226R CPU @ 2.90GHz",
+    "cpu_cores": 8,
+    "cpu_threads": 16,
+    "cpu_frequency_mhz": 2900,
+    "memory_total_mb": 32768,
     "memory_available_mb": 20480,
     "storage_devices": [
-        {"name": "/dev/sda1", "mount_point": "/", "total_size": 100 * 2**30,
-         "used_size": 42 * 2**30, "file_system": "ext4"},
-        {"name": "/dev/sdb1", "mount_point": "/srv/data", "total_size": 2 * 2**40,
-         "used_size": 1.9 * 2**40, "file_system": "xfs"},
+        {
+            "name": "/dev/sda1",
+            "mount_point": "/",
+            "total_size": 100 * 2**30,
+            "used_size": 42 * 2**30,
+            "file_system": "ext4",
+        },
+        {
+            "name": "/dev/sdb1",
+            "mount_point": "/srv/data",
+            "total_size": 2 * 2**40,
+            "used_size": 1.9 * 2**40,
+            "file_system": "xfs",
+        },
         {"name": "tmpfs", "mount_point": "/tmp", "file_system": "tmpfs"},  # no sizes
     ],
-    "network_interfaces": [{"name": "lo", "ipv4_addresses": ["127.0.0.1"]},
-                           {"name": "eno1", "ipv4_addresses": ["192.0.2.7"]}],
+    "network_interfaces": [
+        {"name": "lo", "ipv4_addresses": ["127.0.0.1"]},
+        {"name": "eno1", "ipv4_addresses": ["192.0.2.7"]},
+    ],
 }
 UPDATES_REPORT = {
     "available_updates": [
-        {"package_name": "curl", "current_version": "7.88.1-10+deb12u4",
-         "available_version": "7.88.1-10+deb12u5", "package_manager": "apt",
-         "is_security_update": False},
-        {"package_name": "openssl", "current_version": "3.0.11-1~deb12u1",
-         "available_version": "3.0.11-1~deb12u2", "package_manager": "apt",
-         "is_security_update": True},
+        {
+            "package_name": "curl",
+            "current_version": "7.88.1-10+deb12u4",
+            "available_version": "7.88.1-10+deb12u5",
+            "package_manager": "apt",
+            "is_security_update": False,
+        },
+        {
+            "package_name": "openssl",
+            "current_version": "3.0.11-1~deb12u1",
+            "available_version": "3.0.11-1~deb12u2",
+            "package_manager": "apt",
+            "is_security_update": True,
+        },
     ],
-    "total_updates": 2, "security_updates": 1,
+    "total_updates": 2,
+    "security_updates": 1,
 }
 
 
 def software_report(packages: int) -> dict:
-    return {"software_packages": [{"package_name": f"pkg-{i:04d}", "version": f"1.{i}-1",
-                                   "package_manager": "apt", "architecture": "amd64"}
-                                  for i in range(packages)],
-            "total_packages": packages}
+    return {
+        "software_packages": [
+            {
+                "package_name": f"pkg-{i:04d}",
+                "version": f"1.{i}-1",
+                "package_manager": "apt",
+                "architecture": "amd64",
+            }
+            for i in range(packages)
+        ],
+        "total_packages": packages,
+    }
 
 
 @pytest.fixture
 def sysmanage_host(host):
     Host.objects.filter(pk=host.pk).update(agent_kind="sysmanage", agent_version="0.9.5")
-    for kind, data in (("os", OS_REPORT), ("hardware", HARDWARE_REPORT),
-                       ("updates", UPDATES_REPORT), ("software", software_report(3))):
-        HostInventory.objects.create(host=host, kind=kind, data=data,
-                                     item_count=len(data.get("available_updates", [])))
+    for kind, data in (
+        ("os", OS_REPORT),
+        ("hardware", HARDWARE_REPORT),
+        ("updates", UPDATES_REPORT),
+        ("software", software_report(3)),
+    ):
+        HostInventory.objects.create(
+            host=host, kind=kind, data=data, item_count=len(data.get("available_updates", []))
+        )
     return host
 
 
@@ -468,13 +529,17 @@ def test_host_page_shows_the_inventory(operator, sysmanage_host):
     assert "SysManage agent 0.9.5" in content
     # Operating system
     assert "Debian GNU/Linux 12 (bookworm)" in content
-    assert "6.1.0-18-amd64" in content and "Europe/Berlin" in content
+    assert "6.1.0-18-amd64" in content
+    assert "Europe/Berlin" in content
     # Hardware
     hardware = inventory["hardware"]
     assert hardware["memory_total"] == 32 * 2**30
-    assert "Intel(R) Xeon(R) Gold 6226R" in content and "8 / 16" in content
+    assert "Intel(R) Xeon(R) Gold 6226R" in content
+    assert "8 / 16" in content
     assert [d["used_percent"] for d in hardware["storage"]] == [42, 95, None]
-    assert "/srv/data" in content and "95 %" in content and "eno1" in content
+    assert "/srv/data" in content
+    assert "95 %" in content
+    assert "eno1" in content
     # Updates: security first
     updates = inventory["updates"]
     assert (updates["count"], updates["security_count"]) == (2, 1)
@@ -483,7 +548,8 @@ def test_host_page_shows_the_inventory(operator, sysmanage_host):
     assert '<span class="badge severity-warning">Security</span>' in content
     # Installed packages, collapsed
     assert "3 packages installed." in content
-    assert '<details class="inventory-packages">' in content and "pkg-0002" in content
+    assert '<details class="inventory-packages">' in content
+    assert "pkg-0002" in content
     assert "more not shown" not in content
     # Each part says when it was reported
     assert content.count('class="inventory-reported muted"') == 4
@@ -498,8 +564,9 @@ def test_host_page_without_inventory(operator, host):
 
 
 def test_host_page_shows_only_the_reported_parts(operator, host):
-    HostInventory.objects.create(host=host, kind="updates", data={"available_updates": []},
-                                 item_count=0)
+    HostInventory.objects.create(
+        host=host, kind="updates", data={"available_updates": []}, item_count=0
+    )
     content = operator.get(f"/hosts/{host.pk}/").content.decode()
     assert "No updates available." in content
     assert 'id="inventory-os-heading"' not in content
@@ -507,20 +574,43 @@ def test_host_page_shows_only_the_reported_parts(operator, host):
 
 
 MALFORMED_REPORTS = {
-    "os": {"os_info": "Debian", "platform": ["Linux"], "platform_release": None,
-           "timezone": {"name": "UTC"}, "machine_architecture": 64},
-    "hardware": {"cpu_model": {"x": 1}, "cpu_cores": "many", "cpu_threads": -4,
-                 "memory_total_mb": True, "memory_available_mb": "nan",
-                 "storage_devices": [None, "sda", 7, {"mount_point": ["/"]},
-                                     {"mount_point": "/", "total_size": "100",
-                                      "used_size": 10**400},
-                                     {"mount_point": "/x", "total_size": 0, "used_size": 5}],
-                 "network_interfaces": {"eth0": {}}},
-    "updates": {"available_updates": [None, {"package_name": None},
-                                      {"package_name": "<script>alert(1)</script>",
-                                       "current_version": 1.5, "available_version": [2],
-                                       "is_security_update": "yes"}],
-                "total_updates": "lots", "security_updates": -1},
+    "os": {
+        "os_info": "Debian",
+        "platform": ["Linux"],
+        "platform_release": None,
+        "timezone": {"name": "UTC"},
+        "machine_architecture": 64,
+    },
+    "hardware": {
+        "cpu_model": {"x": 1},
+        "cpu_cores": "many",
+        "cpu_threads": -4,
+        "memory_total_mb": True,
+        "memory_available_mb": "nan",
+        "storage_devices": [
+            None,
+            "sda",
+            7,
+            {"mount_point": ["/"]},
+            {"mount_point": "/", "total_size": "100", "used_size": 10**400},
+            {"mount_point": "/x", "total_size": 0, "used_size": 5},
+        ],
+        "network_interfaces": {"eth0": {}},
+    },
+    "updates": {
+        "available_updates": [
+            None,
+            {"package_name": None},
+            {
+                "package_name": "<script>alert(1)</script>",
+                "current_version": 1.5,
+                "available_version": [2],
+                "is_security_update": "yes",
+            },
+        ],
+        "total_updates": "lots",
+        "security_updates": -1,
+    },
     "software": {"software_packages": "many", "total_packages": "12"},
 }
 
@@ -532,20 +622,32 @@ def test_host_page_survives_malformed_inventory(operator, host):
     assert response.status_code == 200
     content = response.content.decode()
     inventory = response.context["inventory"]
-    assert inventory["os"]["name"] == "" and inventory["os"]["architecture"] == "64"
+    assert inventory["os"]["name"] == ""
+    assert inventory["os"]["architecture"] == "64"
     hardware = inventory["hardware"]
-    assert hardware["cpu_cores"] is None and hardware["cpu_threads"] is None
-    assert hardware["memory_total"] is None and hardware["memory_available"] is None
+    assert hardware["cpu_cores"] is None
+    assert hardware["cpu_threads"] is None
+    assert hardware["memory_total"] is None
+    assert hardware["memory_available"] is None
     assert hardware["interfaces"] == []
-    assert [(d["mount_point"], d["total"], d["used"], d["used_percent"])
-            for d in hardware["storage"]] == [("", None, None, None), ("/", 100, None, None),
-                                              ("/x", 0, 5, None)]
+    assert [
+        (d["mount_point"], d["total"], d["used"], d["used_percent"]) for d in hardware["storage"]
+    ] == [("", None, None, None), ("/", 100, None, None), ("/x", 0, 5, None)]
     updates = inventory["updates"]
     assert (updates["count"], updates["security_count"]) == (3, 1)
-    assert updates["rows"] == [{"name": "<script>alert(1)</script>", "current": "1.5",
-                                "available": "", "manager": "", "security": True}]
-    assert "<script>alert(1)" not in content and "&lt;script&gt;alert(1)" in content
-    assert inventory["software"]["count"] == 12 and inventory["software"]["rows"] == []
+    assert updates["rows"] == [
+        {
+            "name": "<script>alert(1)</script>",
+            "current": "1.5",
+            "available": "",
+            "manager": "",
+            "security": True,
+        }
+    ]
+    assert "<script>alert(1)" not in content
+    assert "&lt;script&gt;alert(1)" in content
+    assert inventory["software"]["count"] == 12
+    assert inventory["software"]["rows"] == []
     assert "12 packages installed." in content
 
 
@@ -560,46 +662,84 @@ def test_host_page_survives_inventory_that_is_not_an_object(operator, host, data
 
 
 def test_inventory_updates_are_limited_to_200_security_first(operator, host):
-    updates = [{"package_name": f"lib{i:03d}", "current_version": "1", "available_version": "2",
-                "is_security_update": False} for i in range(249)]
-    updates.append({"package_name": "zz-last-by-name", "current_version": "1",
-                    "available_version": "2", "is_security_update": True})
-    HostInventory.objects.create(host=host, kind="updates", item_count=250,
-                                 data={"available_updates": updates, "total_updates": 250})
+    updates = [
+        {
+            "package_name": f"lib{i:03d}",
+            "current_version": "1",
+            "available_version": "2",
+            "is_security_update": False,
+        }
+        for i in range(249)
+    ]
+    updates.append(
+        {
+            "package_name": "zz-last-by-name",
+            "current_version": "1",
+            "available_version": "2",
+            "is_security_update": True,
+        }
+    )
+    HostInventory.objects.create(
+        host=host,
+        kind="updates",
+        item_count=250,
+        data={"available_updates": updates, "total_updates": 250},
+    )
     response = operator.get(f"/hosts/{host.pk}/")
     rows = response.context["inventory"]["updates"]["rows"]
-    assert len(rows) == 200 and rows[0]["name"] == "zz-last-by-name"
+    assert len(rows) == 200
+    assert rows[0]["name"] == "zz-last-by-name"
     content = response.content.decode()
-    assert "Showing the first 200 of 250 updates, security updates first; 50 more not shown." \
+    assert (
+        "Showing the first 200 of 250 updates, security updates first; 50 more not shown."
         in content
+    )
     assert content.count('<td class="version">') == 400
 
 
 def test_inventory_packages_are_limited_to_500(operator, host):
-    HostInventory.objects.create(host=host, kind="software", data=software_report(1200),
-                                 item_count=1200)
+    HostInventory.objects.create(
+        host=host, kind="software", data=software_report(1200), item_count=1200
+    )
     response = operator.get(f"/hosts/{host.pk}/")
     software = response.context["inventory"]["software"]
-    assert software["count"] == 1200 and len(software["rows"]) == 500
+    assert software["count"] == 1200
+    assert len(software["rows"]) == 500
     assert software["rows"][-1]["name"] == "pkg-0499"
     content = response.content.decode()
     assert "1200 packages installed." in content
     assert "The first 500 packages by name" in content
     assert "Listing the first 500 of 1200 packages by name; 700 more not shown." in content
-    assert "pkg-0499" in content and "pkg-0500" not in content
+    assert "pkg-0499" in content
+    assert "pkg-0500" not in content
 
 
 def test_inventory_shapers_are_plain_functions():
     assert host_selectors.inventory_updates({}) == {
-        "count": None, "security_count": None, "rows": [], "listed": 0, "more": 0}
-    assert host_selectors.inventory_updates(
-        {"total_updates": 9, "security_updates": 2.0}, limit=1)["security_count"] == 2
+        "count": None,
+        "security_count": None,
+        "rows": [],
+        "listed": 0,
+        "more": 0,
+    }
+    assert (
+        host_selectors.inventory_updates({"total_updates": 9, "security_updates": 2.0}, limit=1)[
+            "security_count"
+        ]
+        == 2
+    )
     assert host_selectors.inventory_software(software_report(5), limit=2)["more"] == 3
-    assert host_selectors.inventory_os({"platform": "FreeBSD", "platform_release": "14.0"}) \
-        == {"name": "FreeBSD", "version": "", "codename": "", "kernel": "14.0",
-            "architecture": "", "timezone": ""}
-    hardware = host_selectors.inventory_hardware({"memory_total_mb": "1024.5",
-                                                  "storage_devices": [{}] * 150})
+    assert host_selectors.inventory_os({"platform": "FreeBSD", "platform_release": "14.0"}) == {
+        "name": "FreeBSD",
+        "version": "",
+        "codename": "",
+        "kernel": "14.0",
+        "architecture": "",
+        "timezone": "",
+    }
+    hardware = host_selectors.inventory_hardware(
+        {"memory_total_mb": "1024.5", "storage_devices": [{}] * 150}
+    )
     assert hardware["memory_total"] == int(1024.5 * 2**20)
     assert (len(hardware["storage"]), hardware["storage_more"]) == (100, 50)
 

@@ -1,5 +1,6 @@
 """One permission path: the REST API and the admin ask the same model permission for
 each change, the staff flag alone grants nothing, superusers pass."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.django_db
 
 def rest_as(username: str) -> APIClient:
     client = APIClient()
-    response = client.post("/api/token/", {"username": username, "password": PASSWORD},
-                           format="json")
+    response = client.post(
+        "/api/token/", {"username": username, "password": PASSWORD}, format="json"
+    )
     assert response.status_code == 200, response.content
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {response.data['access']}")
     return client
@@ -43,32 +45,57 @@ def _alert() -> str:
 
 
 def _sysmanage_host() -> str:
-    host = host_services.host_create(hostname=f"sm-{Host.objects.count()}",
-                                     agent_kind=AgentKind.SYSMANAGE)
+    host = host_services.host_create(
+        hostname=f"sm-{Host.objects.count()}", agent_kind=AgentKind.SYSMANAGE
+    )
     return str(host.id)
 
 
 #: name -> (permission, builds the path, body, the status a holder gets)
 WRITES: dict[str, tuple[str, Any, dict[str, Any] | None, int]] = {
-    "create-registration-key": ("hosts.add_registrationkey",
-                                lambda: "/api/registration-keys/", {"name": "rollout"}, 201),
-    "revoke-registration-key": ("hosts.change_registrationkey",
-                                lambda: f"/api/registration-keys/{_key()}/revoke/", None, 200),
-    "approve-registration": ("hosts.change_agentregistration",
-                             lambda: f"/api/registrations/{_pending_registration()}/approve/",
-                             None, 200),
-    "reject-registration": ("hosts.change_agentregistration",
-                            lambda: f"/api/registrations/{_pending_registration()}/reject/",
-                            None, 200),
-    "allow-reregistration": ("hosts.change_host",
-                             lambda: f"/api/hosts/{_sysmanage_host()}/allow-reregistration/",
-                             None, 200),
-    "raise-alert": ("alerts.add_alert", lambda: "/api/alerts/",
-                    {"severity": "info", "category": "x", "title": "by hand"}, 201),
-    "acknowledge-alert": ("alerts.change_alert",
-                          lambda: f"/api/alerts/{_alert()}/acknowledge/", None, 200),
-    "resolve-alert": ("alerts.change_alert",
-                      lambda: f"/api/alerts/{_alert()}/resolve/", None, 200),
+    "create-registration-key": (
+        "hosts.add_registrationkey",
+        lambda: "/api/registration-keys/",
+        {"name": "rollout"},
+        201,
+    ),
+    "revoke-registration-key": (
+        "hosts.change_registrationkey",
+        lambda: f"/api/registration-keys/{_key()}/revoke/",
+        None,
+        200,
+    ),
+    "approve-registration": (
+        "hosts.change_agentregistration",
+        lambda: f"/api/registrations/{_pending_registration()}/approve/",
+        None,
+        200,
+    ),
+    "reject-registration": (
+        "hosts.change_agentregistration",
+        lambda: f"/api/registrations/{_pending_registration()}/reject/",
+        None,
+        200,
+    ),
+    "allow-reregistration": (
+        "hosts.change_host",
+        lambda: f"/api/hosts/{_sysmanage_host()}/allow-reregistration/",
+        None,
+        200,
+    ),
+    "raise-alert": (
+        "alerts.add_alert",
+        lambda: "/api/alerts/",
+        {"severity": "info", "category": "x", "title": "by hand"},
+        201,
+    ),
+    "acknowledge-alert": (
+        "alerts.change_alert",
+        lambda: f"/api/alerts/{_alert()}/acknowledge/",
+        None,
+        200,
+    ),
+    "resolve-alert": ("alerts.change_alert", lambda: f"/api/alerts/{_alert()}/resolve/", None, 200),
 }
 
 
@@ -77,17 +104,19 @@ def test_staff_without_the_model_permission_gets_403_and_nothing_changes(make_us
     perm, path, body, _ = WRITES[name]
     make_user("clerk", staff=True)
     target = path()
-    before = (RegistrationKey.objects.filter(revoked_at=None).count(),
-              Alert.objects.filter(status=AlertStatus.OPEN).count(),
-              sorted(Host.objects.values_list("reregistration_allowed_until", flat=True),
-                     key=str))
+    before = (
+        RegistrationKey.objects.filter(revoked_at=None).count(),
+        Alert.objects.filter(status=AlertStatus.OPEN).count(),
+        sorted(Host.objects.values_list("reregistration_allowed_until", flat=True), key=str),
+    )
     response = rest_as("clerk").post(target, body, format="json")
     assert response.status_code == 403, response.content
     assert perm in response.data["detail"]
-    assert before == (RegistrationKey.objects.filter(revoked_at=None).count(),
-                      Alert.objects.filter(status=AlertStatus.OPEN).count(),
-                      sorted(Host.objects.values_list("reregistration_allowed_until",
-                                                      flat=True), key=str))
+    assert before == (
+        RegistrationKey.objects.filter(revoked_at=None).count(),
+        Alert.objects.filter(status=AlertStatus.OPEN).count(),
+        sorted(Host.objects.values_list("reregistration_allowed_until", flat=True), key=str),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(WRITES))
@@ -108,17 +137,19 @@ def test_superusers_pass(make_user, name):
 
 def test_set_up_rights_need_staff_as_in_the_admin(make_user):
     make_user("outsider", perms=["hosts.add_registrationkey"])
-    response = rest_as("outsider").post("/api/registration-keys/", {"name": "k"},
-                                        format="json")
+    response = rest_as("outsider").post("/api/registration-keys/", {"name": "k"}, format="json")
     assert response.status_code == 403
     assert "staff status" in response.data["detail"]
 
 
-@pytest.mark.parametrize(("path", "perm"), [
-    ("/api/registrations/", "hosts.view_agentregistration"),
-    ("/api/registration-keys/", "hosts.view_registrationkey"),
-    ("/api/activity/", "activity.view_useractivity"),
-])
+@pytest.mark.parametrize(
+    ("path", "perm"),
+    [
+        ("/api/registrations/", "hosts.view_agentregistration"),
+        ("/api/registration-keys/", "hosts.view_registrationkey"),
+        ("/api/activity/", "activity.view_useractivity"),
+    ],
+)
 def test_staff_reads_need_the_view_permission(make_user, path, perm):
     make_user("clerk", staff=True)
     make_user("reader", staff=True, perms=[perm])
@@ -146,16 +177,17 @@ def test_admin_host_token_actions_need_the_change_permission(client, make_user):
     clerk = admin_as(client, make_user, "hosts.view_host")
     page = clerk.get("/admin/hosts/host/")
     assert page.status_code == 200
-    assert b"rotate_token" not in page.content and b"revoke_token" not in page.content
-    clerk.post("/admin/hosts/host/", {"action": "revoke_token",
-                                      "_selected_action": [str(host.pk)]})
+    assert b"rotate_token" not in page.content
+    assert b"revoke_token" not in page.content
+    clerk.post("/admin/hosts/host/", {"action": "revoke_token", "_selected_action": [str(host.pk)]})
     assert Host.objects.get(pk=host.pk).token_hash == digest
     client.logout()
     make_user("keeper", staff=True, perms=["hosts.view_host", "hosts.change_host"])
     assert client.login(username="keeper", password=PASSWORD)
     assert b"revoke_token" in client.get("/admin/hosts/host/").content
-    client.post("/admin/hosts/host/", {"action": "revoke_token",
-                                       "_selected_action": [str(host.pk)]})
+    client.post(
+        "/admin/hosts/host/", {"action": "revoke_token", "_selected_action": [str(host.pk)]}
+    )
     assert Host.objects.get(pk=host.pk).token_hash == ""
 
 
@@ -163,8 +195,9 @@ def test_admin_alert_actions_need_the_change_permission(client, make_user, publi
     alert = alert_services.alert_raise(severity="warning", category="cpu", title="CPU")
     clerk = admin_as(client, make_user, "alerts.view_alert")
     assert b'value="acknowledge"' not in clerk.get("/admin/alerts/alert/").content
-    clerk.post("/admin/alerts/alert/", {"action": "acknowledge",
-                                        "_selected_action": [str(alert.pk)]})
+    clerk.post(
+        "/admin/alerts/alert/", {"action": "acknowledge", "_selected_action": [str(alert.pk)]}
+    )
     assert Alert.objects.get(pk=alert.pk).status == AlertStatus.OPEN
     assert clerk.get("/admin/alerts/alert/add/").status_code == 403
 
@@ -173,9 +206,11 @@ def test_admin_registration_decisions_need_the_change_permission(client, make_us
     pending = _pending_registration()
     clerk = admin_as(client, make_user, "hosts.view_agentregistration")
     page = clerk.get("/admin/hosts/agentregistration/")
-    assert page.status_code == 200 and b'value="approve"' not in page.content
-    clerk.post("/admin/hosts/agentregistration/", {"action": "approve",
-                                                   "_selected_action": [pending]})
+    assert page.status_code == 200
+    assert b'value="approve"' not in page.content
+    clerk.post(
+        "/admin/hosts/agentregistration/", {"action": "approve", "_selected_action": [pending]}
+    )
     assert not Host.objects.filter(pk=pending).exists()
 
 
@@ -196,8 +231,10 @@ def test_admin_activity_log_needs_the_view_permission(client, make_user):
 def test_every_right_names_existing_permissions():
     from django.contrib.auth.models import Permission
 
-    known = {f"{app}.{code}" for app, code in Permission.objects.values_list(
-        "content_type__app_label", "codename")}
+    known = {
+        f"{app}.{code}"
+        for app, code in Permission.objects.values_list("content_type__app_label", "codename")
+    }
     for name, right in permissions.RIGHTS.items():
         assert set(right.permissions) <= known, name
 

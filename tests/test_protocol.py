@@ -1,4 +1,5 @@
 """Parsing client messages and building server envelopes."""
+
 from __future__ import annotations
 
 import re

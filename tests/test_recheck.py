@@ -1,5 +1,6 @@
 """Open sockets act on rights as they are now: fresh checks on privileged actions, and the
 recheck that closes sockets and ends subscriptions (through the consumer, in-process)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,16 +35,16 @@ def _perm(perm: str) -> Permission:
 
 def _drop_perm_unseen(user, perm: str) -> None:
     """Remove a permission without any signal (as raw SQL or a bulk delete would)."""
-    User.user_permissions.through.objects.filter(user_id=user.pk,
-                                                 permission=_perm(perm)).delete()
+    User.user_permissions.through.objects.filter(user_id=user.pk, permission=_perm(perm)).delete()
 
 
 async def command(comm, channel="command_execution", id_="c1"):
-    data = ({"host_id": str(uuid.uuid4()), "command": "uptime"}
-            if channel == "command_execution"
-            else {"action": "acknowledge", "alert_id": str(uuid.uuid4())})
-    return await request(comm, {"type": "command", "channel": channel, "id": id_,
-                                "data": data})
+    data = (
+        {"host_id": str(uuid.uuid4()), "command": "uptime"}
+        if channel == "command_execution"
+        else {"action": "acknowledge", "alert_id": str(uuid.uuid4())}
+    )
+    return await request(comm, {"type": "command", "channel": channel, "id": id_, "data": data})
 
 
 async def run_recheck() -> None:
@@ -61,29 +62,42 @@ async def expect_revoked(comm, channel="user_activity"):
 
 async def expect_closed_with(comm, message):
     error = await comm.receive_json_from(timeout=3)
-    assert error["data"] == {"code": "AUTH_FAILED", "message": message,
-                             "action": "reconnect_with_valid_token"}
+    assert error["data"] == {
+        "code": "AUTH_FAILED",
+        "message": message,
+        "action": "reconnect_with_valid_token",
+    }
     assert await expect_close(comm) == 4001
 
 
 # -- privileged actions check the database at once --------------------------------------------
 
 
-@pytest.mark.parametrize(("perm", "channel"), [
-    ("sysmanage.run_command", "command_execution"),
-    ("sysmanage.run_command", "package_operations"),
-    ("alerts.change_alert", "system_alerts"),
-])
-async def test_a_right_removed_unseen_is_refused_at_the_next_command(make_user, token_for,
-                                                                     perm, channel):
+@pytest.mark.parametrize(
+    ("perm", "channel"),
+    [
+        ("sysmanage.run_command", "command_execution"),
+        ("sysmanage.run_command", "package_operations"),
+        ("alerts.change_alert", "system_alerts"),
+    ],
+)
+async def test_a_right_removed_unseen_is_refused_at_the_next_command(
+    make_user, token_for, perm, channel
+):
     user = await database_sync_to_async(make_user)("ops", perms=[perm])
     comm = await open_socket("/ws", token=token_for(user))
 
     async def attempt(id_):
         if channel == "package_operations":
-            return await request(comm, {"type": "command", "channel": channel, "id": id_,
-                                        "data": {"host_id": str(uuid.uuid4()),
-                                                 "operation": "install", "package": "x"}})
+            return await request(
+                comm,
+                {
+                    "type": "command",
+                    "channel": channel,
+                    "id": id_,
+                    "data": {"host_id": str(uuid.uuid4()), "operation": "install", "package": "x"},
+                },
+            )
         return await command(comm, channel, id_)
 
     allowed = await attempt("before")
@@ -132,8 +146,16 @@ async def test_recheck_ends_a_subscription_whose_right_was_lost_unseen(make_user
     await comm.disconnect()
 
 
-@pytest.mark.parametrize("how", ["staff-flag-saved", "permission-removed", "group-removed",
-                                 "group-permission-removed", "group-deleted"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "staff-flag-saved",
+        "permission-removed",
+        "group-removed",
+        "group-permission-removed",
+        "group-deleted",
+    ],
+)
 async def test_signalled_changes_end_the_subscription_at_once(make_user, token_for, how):
     group = await database_sync_to_async(Group.objects.create)(name="readers")
 
@@ -170,12 +192,14 @@ async def test_signalled_changes_end_the_subscription_at_once(make_user, token_f
 # -- the recheck: sockets that must close -----------------------------------------------------
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"password": make_password("changed elsewhere")}, recheck.CREDENTIALS_CHANGED),
-    ({"is_active": False}, recheck.DISABLED),
-])
-async def test_recheck_closes_sockets_after_unseen_changes(make_user, token_for, change,
-                                                           message):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"password": make_password("changed elsewhere")}, recheck.CREDENTIALS_CHANGED),
+        ({"is_active": False}, recheck.DISABLED),
+    ],
+)
+async def test_recheck_closes_sockets_after_unseen_changes(make_user, token_for, change, message):
     user = await database_sync_to_async(make_user)("alice")
     other = await database_sync_to_async(make_user)("bob")
     comm = await open_socket("/ws", token=token_for(user))
@@ -225,8 +249,7 @@ async def test_recheck_closes_a_session_socket_whose_session_ended(make_user, ho
     if how == "deleted":
         await database_sync_to_async(rows.delete)()
     elif how == "expired":
-        await database_sync_to_async(rows.update)(
-            expire_date=timezone.now() - timedelta(seconds=1))
+        await database_sync_to_async(rows.update)(expire_date=timezone.now() - timedelta(seconds=1))
     else:
         other = await database_sync_to_async(make_user)("mallory")
 
@@ -235,7 +258,8 @@ async def test_recheck_closes_a_session_socket_whose_session_ended(make_user, ho
             data = session.get_decoded()
             data["_auth_user_id"] = str(other.pk)
             Session.objects.filter(session_key=key).update(
-                session_data=Session.objects.encode(data))
+                session_data=Session.objects.encode(data)
+            )
 
         await database_sync_to_async(swap)()
     await run_recheck()
@@ -287,8 +311,9 @@ def test_users_with_permissions_is_two_queries(make_user, django_assert_num_quer
     group.permissions.add(_perm("alerts.change_alert"))
     users[0].groups.add(group)
     with django_assert_num_queries(2):
-        found = selectors.users_with_permissions(user_ids=[str(u.pk) for u in users]
-                                                 + [str(uuid.uuid4())])
+        found = selectors.users_with_permissions(
+            user_ids=[str(u.pk) for u in users] + [str(uuid.uuid4())]
+        )
         assert set(found) == {str(u.pk) for u in users}
         assert found[str(users[0].pk)].has_perm("alerts.change_alert")
         assert all(u.has_perm(READER[0]) for u in found.values())
@@ -303,7 +328,8 @@ def test_live_sessions_is_one_query(make_user, django_assert_num_queries):
         client.login(username="alice", password=PASSWORD)
         keys.append(client.cookies["sessionid"].value)
     Session.objects.filter(session_key=keys[0]).update(
-        expire_date=timezone.now() - timedelta(seconds=1))
+        expire_date=timezone.now() - timedelta(seconds=1)
+    )
     with django_assert_num_queries(1):
         live = selectors.live_sessions(session_keys=[*keys, "missing"])
     assert set(live) == set(keys[1:])

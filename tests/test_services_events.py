@@ -1,4 +1,5 @@
 """Every service that publishes: how many events it sends, and that each validates."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,7 @@ def test_status_change_rolled_back_publishes_nothing(published, host):
 
 
 def test_unknown_status_is_refused(host):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown host status"):
         hosts.host_set_status(host_id=host.id, status="sleeping")
 
 
@@ -75,8 +76,11 @@ def test_metrics_publish_without_database_write(published, host):
 
     with CaptureQueriesContext(connection) as queries:
         published.run(hosts.host_report_metrics, host=host, metrics={"cpu_usage": 1.0})
-    writes = [q["sql"] for q in queries.captured_queries
-              if q["sql"].split()[0].upper() in ("INSERT", "UPDATE", "DELETE")]
+    writes = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].split()[0].upper() in ("INSERT", "UPDATE", "DELETE")
+    ]
     assert writes == []
     (event,) = published.events("host.metrics_reported")
     assert event["data"]["metrics"] == {"cpu_usage": 1.0}
@@ -85,29 +89,50 @@ def test_metrics_publish_without_database_write(published, host):
 
 def test_command_lifecycle_events(published, host, make_user):
     user = make_user("ops", superuser=True)
-    execution = published.run(hosts.command_create, host=host, command="uptime", timeout=5,
-                              user=user, request_id="r1")
-    published.run(hosts.command_finish, execution=execution, status=ExecutionStatus.COMPLETED,
-                  exit_code=0, stdout="up", execution_time=0.1)
+    execution = published.run(
+        hosts.command_create, host=host, command="uptime", timeout=5, user=user, request_id="r1"
+    )
+    published.run(
+        hosts.command_finish,
+        execution=execution,
+        status=ExecutionStatus.COMPLETED,
+        exit_code=0,
+        stdout="up",
+        execution_time=0.1,
+    )
     events = published.events("command.updated")
     assert [e["data"]["status"] for e in events] == ["pending", "completed"]
-    assert events[1]["data"]["stdout"] == "up" and events[1]["data"]["requested_by"] == "ops"
+    assert events[1]["data"]["stdout"] == "up"
+    assert events[1]["data"]["requested_by"] == "ops"
     for event in events:
         assert_valid(event)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not a final status"):
         hosts.command_finish(execution=execution, status=ExecutionStatus.RUNNING)
 
 
 def test_package_operation_events(published, host):
-    operation = published.run(hosts.package_operation_create, host=host, operation="install",
-                              package="nginx", user=None)
-    published.run(hosts.package_operation_update, operation=operation,
-                  status=OperationStatus.IN_PROGRESS, progress=45, message="Downloading")
-    published.run(hosts.package_operation_update, operation=operation,
-                  status=OperationStatus.COMPLETED, progress=150)
+    operation = published.run(
+        hosts.package_operation_create, host=host, operation="install", package="nginx", user=None
+    )
+    published.run(
+        hosts.package_operation_update,
+        operation=operation,
+        status=OperationStatus.IN_PROGRESS,
+        progress=45,
+        message="Downloading",
+    )
+    published.run(
+        hosts.package_operation_update,
+        operation=operation,
+        status=OperationStatus.COMPLETED,
+        progress=150,
+    )
     events = published.events("package_operation.updated")
     assert [(e["data"]["status"], e["data"]["progress"]) for e in events] == [
-        ("pending", 0), ("in_progress", 45), ("completed", 100)]
+        ("pending", 0),
+        ("in_progress", 45),
+        ("completed", 100),
+    ]
     assert events[1]["data"]["message"] == "Downloading"
     for event in events:
         assert_valid(event)
@@ -115,9 +140,14 @@ def test_package_operation_events(published, host):
 
 def test_alert_lifecycle_events(published, host, make_user):
     user = make_user("ops", staff=True)
-    alert = published.run(alerts.alert_raise, severity="warning", category="disk_space",
-                          title="High disk usage", message="Disk usage on /var is 85%",
-                          host=host)
+    alert = published.run(
+        alerts.alert_raise,
+        severity="warning",
+        category="disk_space",
+        title="High disk usage",
+        message="Disk usage on /var is 85%",
+        host=host,
+    )
     published.run(alerts.alert_acknowledge, alert_id=alert.id, actor=Actor(user=user))
     published.run(alerts.alert_resolve, alert_id=alert.id, actor=Actor(user=user))
     events = published.events("alert.changed")
@@ -135,8 +165,9 @@ def test_alert_lifecycle_events(published, host, make_user):
 
 def test_activity_record_event(published, make_user):
     user = make_user("ops")
-    published.run(activity_record, action="login", user=user, ip_address="not-an-ip",
-                  user_agent="x" * 900)
+    published.run(
+        activity_record, action="login", user=user, ip_address="not-an-ip", user_agent="x" * 900
+    )
     (event,) = published.events("user.activity")
     assert event["data"]["user_id"] == str(user.pk)
     assert event["data"]["ip_address"] is None
@@ -149,15 +180,22 @@ def test_deactivating_a_user_publishes_a_revocation(published, make_user):
     user.is_active = False
     published.run(user.save)
     controls = [m for m in published.messages if m["type"] == "hub.control"]
-    assert controls == [{"type": "hub.control", "action": "close_user",
-                         "user_id": str(user.pk), "reason": "User account is disabled",
-                         "code": 4001}]
+    assert controls == [
+        {
+            "type": "hub.control",
+            "action": "close_user",
+            "user_id": str(user.pk),
+            "reason": "User account is disabled",
+            "code": 4001,
+        }
+    ]
 
 
 def test_event_names_are_unique():
     from sysmanage.events import Event
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is registered twice"):
+
         @dataclasses.dataclass(frozen=True, kw_only=True)
         class Duplicate(Event):
             channel = "host_status"

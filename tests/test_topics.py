@@ -1,4 +1,5 @@
 """Channel handlers: filters, matching, payload shaping, permissions."""
+
 from __future__ import annotations
 
 import uuid
@@ -13,14 +14,24 @@ HOST = str(uuid.uuid4())
 
 
 def user(staff=False, active=True, authenticated=True, superuser=False, perms=()):
-    return SimpleNamespace(is_staff=staff, is_active=active, is_authenticated=authenticated,
-                           is_superuser=superuser, has_perm=lambda perm: perm in perms)
+    return SimpleNamespace(
+        is_staff=staff,
+        is_active=active,
+        is_authenticated=authenticated,
+        is_superuser=superuser,
+        has_perm=lambda perm: perm in perms,
+    )
 
 
 def test_the_seven_channels_exist():
     assert set(TOPICS) == {
-        "host_status", "package_operations", "command_execution", "system_alerts",
-        "user_activity", "host_metrics", "fleet_status",
+        "host_status",
+        "package_operations",
+        "command_execution",
+        "system_alerts",
+        "user_activity",
+        "host_metrics",
+        "fleet_status",
     }
 
 
@@ -93,8 +104,15 @@ def test_host_filter_matches_only_that_host():
 def test_metrics_filter_delivers_only_the_named_metrics():
     topic = TOPICS["host_metrics"]
     filters = topic.clean_filters({"host_id": HOST, "metrics": ["disk", "cpu"]}, None)
-    data = {"host_id": HOST, "metrics": {"cpu_usage": 1.0, "memory_usage": 2.0,
-                                         "disk_usage": {"/": 3.0}, "load_average": [1, 2, 3]}}
+    data = {
+        "host_id": HOST,
+        "metrics": {
+            "cpu_usage": 1.0,
+            "memory_usage": 2.0,
+            "disk_usage": {"/": 3.0},
+            "load_average": [1, 2, 3],
+        },
+    }
     rendered = topic.render(filters, data)
     assert rendered["metrics"] == {"cpu_usage": 1.0, "disk_usage": {"/": 3.0}}
     assert data["metrics"]["memory_usage"] == 2.0  # the shared payload is untouched

@@ -7,7 +7,7 @@ _KINDS = ("dlstatus", "pmstatus", "pmerror", "pmconffile")
 
 
 class AptProgress:
-    """Maps download (``dlstatus``) and dpkg (``pmstatus``) percentages onto 0–100.
+    """Maps download (``dlstatus``) and dpkg (``pmstatus``) percentages onto 0-100.
 
     Downloads take the first half and dpkg the second half when anything was
     downloaded; otherwise dpkg's percentage is used as is.  Progress never goes back.

@@ -46,32 +46,53 @@ class PackageManager:
 
 
 APT = PackageManager(
-    name="apt", executable="apt-get", requires=("apt-get", "dpkg"),
-    subcommands={INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"),
-                 UPDATE: ("install", "--only-upgrade", "-y")},
-    options=("-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT}",
-             "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"),
-    environment={"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none",
-                 "NEEDRESTART_MODE": "a"},
-    local_suffix=".deb", status_fd=True,
+    name="apt",
+    executable="apt-get",
+    requires=("apt-get", "dpkg"),
+    subcommands={
+        INSTALL: ("install", "-y"),
+        REMOVE: ("remove", "-y"),
+        UPDATE: ("install", "--only-upgrade", "-y"),
+    },
+    options=(
+        "-o",
+        f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT}",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+    ),
+    environment={
+        "DEBIAN_FRONTEND": "noninteractive",
+        "APT_LISTCHANGES_FRONTEND": "none",
+        "NEEDRESTART_MODE": "a",
+    },
+    local_suffix=".deb",
+    status_fd=True,
 )
 DNF = PackageManager(
-    name="dnf", executable="dnf", subcommands={
-        INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("upgrade", "-y")},
+    name="dnf",
+    executable="dnf",
+    subcommands={INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("upgrade", "-y")},
     local_suffix=".rpm",
 )
 YUM = PackageManager(
-    name="yum", executable="yum", subcommands={
-        INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("update", "-y")},
+    name="yum",
+    executable="yum",
+    subcommands={INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("update", "-y")},
     local_suffix=".rpm",
 )
 APK = PackageManager(
-    name="apk", executable="apk", options=("--no-progress",), subcommands={
-        INSTALL: ("add",), REMOVE: ("del",), UPDATE: ("add", "--upgrade")},
+    name="apk",
+    executable="apk",
+    options=("--no-progress",),
+    subcommands={INSTALL: ("add",), REMOVE: ("del",), UPDATE: ("add", "--upgrade")},
 )
 ZYPPER = PackageManager(
-    name="zypper", executable="zypper", options=("--non-interactive",), subcommands={
-        INSTALL: ("install",), REMOVE: ("remove",), UPDATE: ("update",)},
+    name="zypper",
+    executable="zypper",
+    options=("--non-interactive",),
+    subcommands={INSTALL: ("install",), REMOVE: ("remove",), UPDATE: ("update",)},
     local_suffix=".rpm",
 )
 

@@ -62,9 +62,13 @@ def parse_operation(message: dict[str, Any]) -> PackageRequest:
     return PackageRequest(data["operation_id"], operation, package, request_id(message))
 
 
-async def run_operation(request: PackageRequest, manager: PackageManager | None,
-                        max_output: int, groups: ProcessGroups,
-                        progress: Progress) -> dict[str, Any]:
+async def run_operation(
+    request: PackageRequest,
+    manager: PackageManager | None,
+    max_output: int,
+    groups: ProcessGroups,
+    progress: Progress,
+) -> dict[str, Any]:
     """Carry out ``request`` with ``manager`` and return the ``package_result`` data."""
     if manager is None:
         return failed_data(request.operation_id, NO_MANAGER)
@@ -74,8 +78,7 @@ async def run_operation(request: PackageRequest, manager: PackageManager | None,
         return failed_data(request.operation_id, str(exc))
     await progress(0, f"{request.operation} {request.package}: starting {manager.executable}")
     try:
-        outcome = await _execute(manager, request.operation, target, max_output, groups,
-                                 progress)
+        outcome = await _execute(manager, request.operation, target, max_output, groups, progress)
     except OSError as exc:
         message = f"{manager.executable} could not be started: {exc}"
         return failed_data(request.operation_id, message)
@@ -86,16 +89,26 @@ async def run_operation(request: PackageRequest, manager: PackageManager | None,
     return result_data(request.operation_id, status, outcome.exit_code, outcome.output, message)
 
 
-async def _execute(manager: PackageManager, operation: str, target: str, max_output: int,
-                   groups: ProcessGroups, progress: Progress) -> Outcome:
+async def _execute(
+    manager: PackageManager,
+    operation: str,
+    target: str,
+    max_output: int,
+    groups: ProcessGroups,
+    progress: Progress,
+) -> Outcome:
     """Run the package manager without a shell, following its status descriptor if any."""
     read_fd, write_fd = os.pipe() if manager.status_fd else (None, None)
     try:
         process = await asyncio.create_subprocess_exec(
-            *manager.argv(operation, target, write_fd), env=manager.env(),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            pass_fds=() if write_fd is None else (write_fd,))
+            *manager.argv(operation, target, write_fd),
+            env=manager.env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=() if write_fd is None else (write_fd,),
+        )
     except OSError:
         if read_fd is not None:
             os.close(read_fd)
@@ -117,7 +130,8 @@ async def follow_status(fd: int, progress: Progress) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
     tracker, splitter = AptProgress(), LineSplitter()
     try:
         while chunk := await reader.read(4096):
@@ -129,8 +143,9 @@ async def follow_status(fd: int, progress: Progress) -> None:
         transport.close()
 
 
-def _summary(request: PackageRequest, manager: PackageManager, outcome: Outcome,
-             stopping: bool) -> tuple[str, str]:
+def _summary(
+    request: PackageRequest, manager: PackageManager, outcome: Outcome, stopping: bool
+) -> tuple[str, str]:
     """Status and human message of a package manager run."""
     what = f"{request.operation} {request.package}"
     if stopping:
@@ -140,8 +155,10 @@ def _summary(request: PackageRequest, manager: PackageManager, outcome: Outcome,
     if outcome.exit_code == 0:
         return COMPLETED, f"{what}: completed"
     reason = last_error_line(outcome.output.text())
-    return FAILED, (f"{what}: {manager.executable} exited with status {outcome.exit_code}"
-                    + (f": {reason}" if reason else ""))
+    return FAILED, (
+        f"{what}: {manager.executable} exited with status {outcome.exit_code}"
+        + (f": {reason}" if reason else "")
+    )
 
 
 def last_error_line(output: str) -> str:
@@ -151,8 +168,9 @@ def last_error_line(output: str) -> str:
     return (errors or lines or [""])[-1][:500]
 
 
-def result_data(operation_id: str | int, status: str, exit_code: int | None,
-                output: CappedOutput, message: str) -> dict[str, Any]:
+def result_data(
+    operation_id: str | int, status: str, exit_code: int | None, output: CappedOutput, message: str
+) -> dict[str, Any]:
     """The ``package_result`` data."""
     return {
         "operation_id": operation_id,
@@ -171,5 +189,6 @@ def failed_data(operation_id: str | int, message: str) -> dict[str, Any]:
 
 def package_result(data: dict[str, Any], message_id: MessageId = None) -> dict[str, Any]:
     """Wrap result ``data`` in a ``package_result`` envelope that fits in one frame."""
-    return fit_frame(envelope(PACKAGE_RESULT, data, id_=message_id),
-                     [("output", "output_truncated")])
+    return fit_frame(
+        envelope(PACKAGE_RESULT, data, id_=message_id), [("output", "output_truncated")]
+    )

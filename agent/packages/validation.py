@@ -27,21 +27,25 @@ def resolve_target(manager: PackageManager, operation: str, package: str) -> str
     if package.endswith(LOCAL_SUFFIXES):
         return _local_file(manager, operation, package)
     if not PACKAGE_NAME.fullmatch(package):
-        raise RequestError("invalid package name: it must start with a letter or digit and "
-                           "contain no whitespace or shell metacharacters")
+        raise RequestError(
+            "invalid package name: it must start with a letter or digit and "
+            "contain no whitespace or shell metacharacters"
+        )
     return package
 
 
 def _local_file(manager: PackageManager, operation: str, path: str) -> str:
     """The absolute path of an existing local package file that ``manager`` can install."""
     if operation != INSTALL:
-        raise RequestError(f"a local package file can only be installed, not used for "
-                           f"'{operation}'")
+        raise RequestError(
+            f"a local package file can only be installed, not used for '{operation}'"
+        )
     if manager.local_suffix is None or not path.endswith(manager.local_suffix):
         raise RequestError(f"{manager.executable} cannot install local files like {path!r}")
     if not PACKAGE_PATH.fullmatch(path) or path.startswith("-"):
-        raise RequestError("invalid package file path: it must contain no whitespace or "
-                           "shell metacharacters")
+        raise RequestError(
+            "invalid package file path: it must contain no whitespace or shell metacharacters"
+        )
     absolute = os.path.abspath(path)
     if not os.path.isfile(absolute):
         raise RequestError(f"package file {absolute} does not exist")

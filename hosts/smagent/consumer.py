@@ -7,6 +7,7 @@ blocks WebSockets and switches to polling); a bad connection token then gets an
 proves the agent's identity; from then on this connection is the host's agent in the
 hub, exactly like a connection of the product's own agent.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,11 @@ logger = logging.getLogger(__name__)
 #: re-registers after three ``host_not_registered`` errors).
 MAX_REFUSALS = 5
 MAX_LOGGED_REFUSALS = 10
-ERROR_TYPES = {CloseCode.AUTH_FAILED: "invalid_token", CloseCode.REPLACED: "replaced",
-               CloseCode.SLOW_CONSUMER: "slow_consumer"}
+ERROR_TYPES = {
+    CloseCode.AUTH_FAILED: "invalid_token",
+    CloseCode.REPLACED: "replaced",
+    CloseCode.SLOW_CONSUMER: "slow_consumer",
+}
 
 
 class UnprovenConnections:
@@ -88,26 +92,44 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Accept, then check the connection token of the query string."""
         await self.accept()
-        self.outbound = Outbound(self.scope.get(RAW_SEND_KEY, self.base_send),
-                                 max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-                                 on_overflow=self._on_overflow)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
+        )
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         opened = tokens.open_token(token)
-        candidates = await database_sync_to_async(enrollment.named_host_ids)(opened.name) \
-            if opened is not None else set()
+        candidates = (
+            await database_sync_to_async(enrollment.named_host_ids)(opened.name)
+            if opened is not None
+            else set()
+        )
         if opened is None or not candidates:
-            await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
-                "invalid_token", "Missing, invalid or expired connection token; "
-                "get a new one from /api/agent/auth"))
+            await self._close_with(
+                CloseCode.AUTH_FAILED,
+                protocol.error_message(
+                    "invalid_token",
+                    "Missing, invalid or expired connection token; "
+                    "get a new one from /api/agent/auth",
+                ),
+            )
             return
         address = (self.scope.get("client") or ["?"])[0]
         if not UnprovenConnections.add(address):
-            logger.warning("refused an agent connection from %s: too many connections from "
-                           "there have not proved their identity", address)
-            await self._close_with(CloseCode.RATE_LIMITED, protocol.error_message(
-                "too_many_connections", "Too many connections from this address have not "
-                "proved their identity; retry later"))
+            logger.warning(
+                "refused an agent connection from %s: too many connections from "
+                "there have not proved their identity",
+                address,
+            )
+            await self._close_with(
+                CloseCode.RATE_LIMITED,
+                protocol.error_message(
+                    "too_many_connections",
+                    "Too many connections from this address have not "
+                    "proved their identity; retry later",
+                ),
+            )
             return
         self.unproven_address = address
         try:
@@ -116,16 +138,22 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             self.hub = await Hub.for_running_loop()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing an agent connection")
-            await self._close_with(CloseCode.TRY_AGAIN_LATER, protocol.error_message(
-                "server_busy", "The server cannot take connections right now; reconnect"))
+            await self._close_with(
+                CloseCode.TRY_AGAIN_LATER,
+                protocol.error_message(
+                    "server_busy", "The server cannot take connections right now; reconnect"
+                ),
+            )
             return
         self.session = AgentSession(opened.name, polled=False, candidates=candidates)
         self.connection_id = uuid.uuid4().hex
-        self.bucket = TokenBucket(settings.AGENT_RATE_LIMIT_PER_SECOND,
-                                  settings.AGENT_RATE_LIMIT_BURST)
+        self.bucket = TokenBucket(
+            settings.AGENT_RATE_LIMIT_PER_SECOND, settings.AGENT_RATE_LIMIT_BURST
+        )
         self.tasks: set[asyncio.Task[Any]] = set()
         self.deadline = asyncio.get_running_loop().call_later(
-            settings.SYSMANAGE_AGENT_PROVE_SECONDS, self._proof_overdue)
+            settings.SYSMANAGE_AGENT_PROVE_SECONDS, self._proof_overdue
+        )
 
     def _proven(self) -> None:
         """The connection proved its identity: it no longer counts as unproven."""
@@ -138,12 +166,22 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     def _proof_overdue(self) -> None:
         if self.session is not None and not self.session.verified and not self.closing:
-            logger.warning("closing the agent connection of %s: no proof of identity within "
-                           "%d s", self.session.name, settings.SYSMANAGE_AGENT_PROVE_SECONDS)
+            logger.warning(
+                "closing the agent connection of %s: no proof of identity within %d s",
+                self.session.name,
+                settings.SYSMANAGE_AGENT_PROVE_SECONDS,
+            )
             self.closing = True
-            self._spawn(self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
-                "identification_required", "No message with host_id and host_token came "
-                f"within {settings.SYSMANAGE_AGENT_PROVE_SECONDS} s of connecting")))
+            self._spawn(
+                self._close_with(
+                    CloseCode.AUTH_FAILED,
+                    protocol.error_message(
+                        "identification_required",
+                        "No message with host_id and host_token came "
+                        f"within {settings.SYSMANAGE_AGENT_PROVE_SECONDS} s of connecting",
+                    ),
+                )
+            )
 
     async def disconnect(self, code: int) -> None:
         """Forget this connection; the host goes offline unless another one took over."""
@@ -157,7 +195,8 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if self.hub is not None and self.session is not None and self.registered:
             self.hub.unregister_agent(self.session.host_id, self)
             await database_sync_to_async(services.host_agent_gone)(
-                host_id=self.session.host_id, session=self.connection_id)
+                host_id=self.session.host_id, session=self.connection_id
+            )
 
     # -- sending ----------------------------------------------------------------------
 
@@ -167,8 +206,10 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             try:
                 text = protocol.encode(message)
             except ValueError:
-                logger.exception("not sending an oversized frame to the agent of %s",
-                                 self.session.hostname if self.session else "?")
+                logger.exception(
+                    "not sending an oversized frame to the agent of %s",
+                    self.session.hostname if self.session else "?",
+                )
                 continue
             if self.outbound is not None:
                 self.outbound.send_text(text)
@@ -186,17 +227,25 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         by a newer connection of the same host."""
         if not self.closing:
             self.closing = True
-            reason = str((error.get("data") or {}).get("message") or error.get("message")
-                         or "Disconnected by the server")
-            self._spawn(self._close_with(code, protocol.error_message(
-                ERROR_TYPES.get(code, "disconnected"), reason)))
+            reason = str(
+                (error.get("data") or {}).get("message")
+                or error.get("message")
+                or "Disconnected by the server"
+            )
+            self._spawn(
+                self._close_with(
+                    code, protocol.error_message(ERROR_TYPES.get(code, "disconnected"), reason)
+                )
+            )
 
     def deliver(self, frame: Any) -> None:
         """Agents subscribe to no channel; the hub never fans events out to them."""
 
     def _on_overflow(self) -> None:
-        logger.warning("closing the agent of %s: it stopped reading",
-                       self.session.hostname if self.session else "?")
+        logger.warning(
+            "closing the agent of %s: it stopped reading",
+            self.session.hostname if self.session else "?",
+        )
         self.close_from_hub(CloseCode.SLOW_CONSUMER, {"message": "Too many unread messages"})
 
     def nudge(self) -> None:
@@ -219,8 +268,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         assert self.session is not None
         while not self.closing:
             await asyncio.sleep(settings.SYSMANAGE_AGENT_ACK_SECONDS + 0.05)
-            if not await database_sync_to_async(deliveries.unacknowledged)(
-                    self.session.host_id):
+            if not await database_sync_to_async(deliveries.unacknowledged)(self.session.host_id):
                 return
             self.send_messages(await self.session.due_commands())
 
@@ -237,17 +285,22 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             return
         size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
         if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
-            await self._close_with(CloseCode.MESSAGE_TOO_BIG, protocol.error_message(
-                "message_too_large", f"Messages are limited to "
-                f"{settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes"))
+            await self._close_with(
+                CloseCode.MESSAGE_TOO_BIG,
+                protocol.error_message(
+                    "message_too_large",
+                    f"Messages are limited to {settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes",
+                ),
+            )
             return
         replies: list[dict[str, Any]] = []
         try:
             if text_data is None:
                 raise AgentProtocolError("invalid_message", "Send JSON text frames")
             if self.bucket.take():
-                raise AgentProtocolError("rate_limited", "Too many messages; this one was "
-                                         "not processed")
+                raise AgentProtocolError(
+                    "rate_limited", "Too many messages; this one was not processed"
+                )
             replies, _ = await self.session.receive_text(text_data, size)
         except AwaitingApproval as exc:
             await self._close_with(CloseCode.AUTH_FAILED, exc.to_message())
@@ -257,14 +310,18 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             replies = [exc.to_message()]
             if self.session.refusals >= MAX_REFUSALS:
                 self.send_messages(replies)
-                await self._close_with(CloseCode.AUTH_FAILED, protocol.error_message(
-                    "host_not_registered", "Too many messages from an unidentified agent"))
+                await self._close_with(
+                    CloseCode.AUTH_FAILED,
+                    protocol.error_message(
+                        "host_not_registered", "Too many messages from an unidentified agent"
+                    ),
+                )
                 return
         except Exception:
-            logger.exception("error handling a message from the agent of %s",
-                             self.session.hostname)
-            replies = [protocol.error_message(
-                "server_error", "The server could not process this message")]
+            logger.exception("error handling a message from the agent of %s", self.session.hostname)
+            replies = [
+                protocol.error_message("server_error", "The server could not process this message")
+            ]
         # Proven (even if handling the message itself then failed): take over as the
         # host's agent now, or drop the connection so that the agent comes back.
         if self.session.verified and not self.registered and not self.closing:
@@ -272,11 +329,14 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             try:
                 await self._come_online()
             except Exception:
-                logger.exception("could not bring the agent of %s online",
-                                 self.session.hostname)
+                logger.exception("could not bring the agent of %s online", self.session.hostname)
                 self.send_messages(replies)
-                await self._close_with(CloseCode.TRY_AGAIN_LATER, protocol.error_message(
-                    "server_busy", "The server could not take this connection; reconnect"))
+                await self._close_with(
+                    CloseCode.TRY_AGAIN_LATER,
+                    protocol.error_message(
+                        "server_busy", "The server could not take this connection; reconnect"
+                    ),
+                )
                 return
         if self.session.held and not self.challenged:
             # Held for proof: ask for it rather than wait for the next heartbeat.
@@ -290,8 +350,13 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.logged_refusals = getattr(self, "logged_refusals", 0) + 1
         if self.logged_refusals <= MAX_LOGGED_REFUSALS:
             assert self.session is not None
-            logger.warning("agent of %s: %s %s: %s", self.session.hostname,
-                           exc.data.get("message_type", "frame"), exc.error_type, exc.message)
+            logger.warning(
+                "agent of %s: %s %s: %s",
+                self.session.hostname,
+                exc.data.get("message_type", "frame"),
+                exc.error_type,
+                exc.message,
+            )
 
     async def _come_online(self) -> None:
         """The agent proved who it is: take over as the host's agent, mark it online,
@@ -302,10 +367,12 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         previous = self.hub.register_agent(self.session.host_id, self)
         self.registered = True
         if previous is not None and previous is not self:
-            previous.close_from_hub(CloseCode.REPLACED, {
-                "message": "Another connection of this host took over"})
+            previous.close_from_hub(
+                CloseCode.REPLACED, {"message": "Another connection of this host took over"}
+            )
         await database_sync_to_async(services.host_agent_hello)(
-            host_id=self.session.host_id, session=self.connection_id, facts={})
+            host_id=self.session.host_id, session=self.connection_id, facts={}
+        )
         if self.session.mounts is None:  # a held hardware report may have sent it already
             self.send_messages([await self.session.initial_metrics_command()])
         await self._send_due(resend_all=True)

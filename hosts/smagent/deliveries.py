@@ -10,6 +10,7 @@ command no connection took within ``SYSMANAGE_AGENT_DELIVERY_SECONDS`` fails the
 way.  Sending moves the command to ``running`` in the same transaction, so a command is
 either delivered or failed, never both.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -52,27 +53,37 @@ class Outgoing:
 
 
 def _shell_command(execution: CommandExecution, delivery_id: str) -> dict[str, Any]:
-    return protocol.command_message(delivery_id, "execute_shell",
-                                    {"command": execution.command,
-                                     "timeout": execution.timeout}, execution.timeout)
+    return protocol.command_message(
+        delivery_id,
+        "execute_shell",
+        {"command": execution.command, "timeout": execution.timeout},
+        execution.timeout,
+    )
 
 
 def _package_command(operation: PackageOperation, delivery_id: str) -> dict[str, Any]:
     requested_by = operation.requested_by.get_username() if operation.requested_by else ""
     return protocol.command_message(
-        delivery_id, PACKAGE_COMMANDS[operation.operation],
-        {"request_id": str(operation.id), "requested_by": requested_by,
-         "packages": [{"package_name": operation.package, "package_manager": "auto"}]},
-        PACKAGE_TIMEOUT)
+        delivery_id,
+        PACKAGE_COMMANDS[operation.operation],
+        {
+            "request_id": str(operation.id),
+            "requested_by": requested_by,
+            "packages": [{"package_name": operation.package, "package_manager": "auto"}],
+        },
+        PACKAGE_TIMEOUT,
+    )
 
 
 def _message(delivery: AgentDelivery) -> Outgoing:
     if delivery.execution is not None:
-        return Outgoing(_shell_command(delivery.execution, str(delivery.id)),
-                        str(delivery.execution_id))
+        return Outgoing(
+            _shell_command(delivery.execution, str(delivery.id)), str(delivery.execution_id)
+        )
     assert delivery.operation is not None
-    return Outgoing(_package_command(delivery.operation, str(delivery.id)),
-                    str(delivery.operation_id))
+    return Outgoing(
+        _package_command(delivery.operation, str(delivery.id)), str(delivery.operation_id)
+    )
 
 
 def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
@@ -86,29 +97,42 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
     new: list[Any] = []
     now = timezone.now()
     with transaction.atomic():
-        for execution in CommandExecution.objects.select_for_update(of=("self",)).select_related(
-                "host", "requested_by").filter(host_id=host_id, status=ExecutionStatus.PENDING,
-                                               delivery__isnull=True).order_by("created_at")[:BATCH]:
+        for execution in (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(host_id=host_id, status=ExecutionStatus.PENDING, delivery__isnull=True)
+            .order_by("created_at")[:BATCH]
+        ):
             delivery = AgentDelivery.objects.create(
-                host_id=host_id, command_type="execute_shell", execution=execution, sent_at=now)
+                host_id=host_id, command_type="execute_shell", execution=execution, sent_at=now
+            )
             services.command_mark_running(execution_id=execution.id, host_id=host_id)
             new.append(delivery.id)
             out.append(Outgoing(_shell_command(execution, str(delivery.id)), str(execution.id)))
-        for operation in PackageOperation.objects.select_for_update(of=("self",)).select_related(
-                "host", "requested_by").filter(host_id=host_id, status=OperationStatus.PENDING,
-                                               delivery__isnull=True).order_by("created_at")[:BATCH]:
+        for operation in (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(host_id=host_id, status=OperationStatus.PENDING, delivery__isnull=True)
+            .order_by("created_at")[:BATCH]
+        ):
             delivery = AgentDelivery.objects.create(
-                host_id=host_id, command_type=PACKAGE_COMMANDS[operation.operation],
-                operation=operation, sent_at=now)
+                host_id=host_id,
+                command_type=PACKAGE_COMMANDS[operation.operation],
+                operation=operation,
+                sent_at=now,
+            )
             services.package_operation_record_progress(
-                operation_id=operation.id, host_id=host_id, progress=0,
-                message="Sent to the agent")
+                operation_id=operation.id, host_id=host_id, progress=0, message="Sent to the agent"
+            )
             new.append(delivery.id)
             out.append(Outgoing(_package_command(operation, str(delivery.id)), str(operation.id)))
         overdue = now - timedelta(seconds=settings.SYSMANAGE_AGENT_ACK_SECONDS)
-        unacknowledged = AgentDelivery.objects.select_for_update(of=("self",)).select_related(
-            "execution", "operation", "operation__requested_by").filter(
-            host_id=host_id, state=DeliveryState.SENT).exclude(id__in=new)
+        unacknowledged = (
+            AgentDelivery.objects.select_for_update(of=("self",))
+            .select_related("execution", "operation", "operation__requested_by")
+            .filter(host_id=host_id, state=DeliveryState.SENT)
+            .exclude(id__in=new)
+        )
         if not resend_all:
             unacknowledged = unacknowledged.filter(sent_at__lt=overdue)
         for delivery in unacknowledged[:BATCH]:
@@ -133,23 +157,33 @@ def unacknowledged(host_id: Any) -> bool:
 def _still_wanted(delivery: AgentDelivery) -> bool:
     if delivery.execution is not None:
         return delivery.execution.status in CommandExecution.ACTIVE_STATUSES
-    return delivery.operation is not None \
+    return (
+        delivery.operation is not None
         and delivery.operation.status in PackageOperation.ACTIVE_STATUSES
+    )
 
 
 def _abandon(delivery: AgentDelivery) -> None:
     delivery.state = DeliveryState.ABANDONED
     delivery.save(update_fields=["state"])
-    why = (f"Not delivered: the agent did not acknowledge the command after "
-           f"{delivery.attempts} attempts")
+    why = (
+        f"Not delivered: the agent did not acknowledge the command after "
+        f"{delivery.attempts} attempts"
+    )
     if delivery.execution_id is not None:
         services.command_record_result(
-            execution_id=delivery.execution_id, host_id=delivery.host_id,
-            result={"status": ExecutionStatus.FAILED, "error": why})
+            execution_id=delivery.execution_id,
+            host_id=delivery.host_id,
+            result={"status": ExecutionStatus.FAILED, "error": why},
+        )
     else:
         services.package_operation_record_result(
-            operation_id=delivery.operation_id, host_id=delivery.host_id,
-            status=OperationStatus.FAILED, message=why, output="")
+            operation_id=delivery.operation_id,
+            host_id=delivery.host_id,
+            status=OperationStatus.FAILED,
+            message=why,
+            output="",
+        )
 
 
 def _delivery(host_id: Any, delivery_id: Any) -> AgentDelivery | None:
@@ -157,8 +191,11 @@ def _delivery(host_id: Any, delivery_id: Any) -> AgentDelivery | None:
         key = uuid.UUID(str(delivery_id))
     except ValueError:
         return None
-    return AgentDelivery.objects.select_for_update(of=("self",)).filter(
-        id=key, host_id=host_id).first()
+    return (
+        AgentDelivery.objects.select_for_update(of=("self",))
+        .filter(id=key, host_id=host_id)
+        .first()
+    )
 
 
 def acknowledge(*, host_id: Any, delivery_id: Any) -> bool:
@@ -192,23 +229,36 @@ def record_result(*, host_id: Any, data: dict[str, Any]) -> bool:
         if delivery.execution_id is not None:
             elapsed = round((now - delivery.created_at).total_seconds(), 3)  # first send
             services.command_record_result(
-                execution_id=delivery.execution_id, host_id=host_id,
-                result=protocol.shell_result(data, elapsed))
+                execution_id=delivery.execution_id,
+                host_id=host_id,
+                result=protocol.shell_result(data, elapsed),
+            )
         elif delivery.operation_id is not None:
             status, message, output = protocol.package_result(data)
             services.package_operation_record_result(
-                operation_id=delivery.operation_id, host_id=host_id, status=status,
-                message=message, output=output)
+                operation_id=delivery.operation_id,
+                host_id=host_id,
+                status=status,
+                message=message,
+                output=output,
+            )
     return True
 
 
 def fail_undelivered_command(*, execution_id: Any, why: str) -> bool:
     """Fail a command no agent connection took; False if it was sent after all."""
     with transaction.atomic():
-        execution = CommandExecution.objects.select_for_update(of=("self",)).select_related(
-            "host", "requested_by").filter(id=execution_id).first()
-        if execution is None or execution.status != ExecutionStatus.PENDING \
-                or AgentDelivery.objects.filter(execution_id=execution_id).exists():
+        execution = (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id=execution_id)
+            .first()
+        )
+        if (
+            execution is None
+            or execution.status != ExecutionStatus.PENDING
+            or AgentDelivery.objects.filter(execution_id=execution_id).exists()
+        ):
             return False
         services.command_finish(execution=execution, status=ExecutionStatus.FAILED, error=why)
     return True
@@ -217,14 +267,22 @@ def fail_undelivered_command(*, execution_id: Any, why: str) -> bool:
 def fail_undelivered_operation(*, operation_id: Any, why: str) -> bool:
     """Fail a package operation no agent connection took; False if it was sent."""
     with transaction.atomic():
-        operation = PackageOperation.objects.select_for_update(of=("self",)).filter(
-            id=operation_id).first()
-        if operation is None or operation.status != OperationStatus.PENDING \
-                or AgentDelivery.objects.filter(operation_id=operation_id).exists():
+        operation = (
+            PackageOperation.objects.select_for_update(of=("self",)).filter(id=operation_id).first()
+        )
+        if (
+            operation is None
+            or operation.status != OperationStatus.PENDING
+            or AgentDelivery.objects.filter(operation_id=operation_id).exists()
+        ):
             return False
         services.package_operation_record_result(
-            operation_id=operation_id, host_id=operation.host_id, status=OperationStatus.FAILED,
-            message=why, output="")
+            operation_id=operation_id,
+            host_id=operation.host_id,
+            status=OperationStatus.FAILED,
+            message=why,
+            output="",
+        )
     return True
 
 
@@ -235,11 +293,17 @@ def expire_undelivered() -> int:
     why = "Not delivered: the host's agent did not connect in time"
     expired = 0
     for execution_id in CommandExecution.objects.filter(
-            host__agent_kind=AgentKind.SYSMANAGE, status=ExecutionStatus.PENDING,
-            delivery__isnull=True, created_at__lt=cutoff).values_list("id", flat=True):
+        host__agent_kind=AgentKind.SYSMANAGE,
+        status=ExecutionStatus.PENDING,
+        delivery__isnull=True,
+        created_at__lt=cutoff,
+    ).values_list("id", flat=True):
         expired += fail_undelivered_command(execution_id=execution_id, why=why)
     for operation_id in PackageOperation.objects.filter(
-            host__agent_kind=AgentKind.SYSMANAGE, status=OperationStatus.PENDING,
-            delivery__isnull=True, created_at__lt=cutoff).values_list("id", flat=True):
+        host__agent_kind=AgentKind.SYSMANAGE,
+        status=OperationStatus.PENDING,
+        delivery__isnull=True,
+        created_at__lt=cutoff,
+    ).values_list("id", flat=True):
         expired += fail_undelivered_operation(operation_id=operation_id, why=why)
     return expired

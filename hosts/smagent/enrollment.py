@@ -4,6 +4,7 @@ keys, and the short-lived connection tokens an approved agent connects with.
 
 Every write here runs in one transaction; approvals and key changes are audited.
 """
+
 from __future__ import annotations
 
 import enum
@@ -34,7 +35,7 @@ from hosts.tokens import token_digest
 from sysmanage.audit import Actor, audit
 from sysmanage.events import publish_control
 
-KEY_PREFIX = "smrk_"  # noqa: S105 - a label, not a secret
+KEY_PREFIX = "smrk_"
 
 
 class EnrollmentRefused(Exception):
@@ -73,8 +74,9 @@ def _key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def key_create(*, name: str, max_uses: int | None = None, expires_at: Any = None,
-               actor: Actor | None = None) -> tuple[RegistrationKey, str]:
+def key_create(
+    *, name: str, max_uses: int | None = None, expires_at: Any = None, actor: Actor | None = None
+) -> tuple[RegistrationKey, str]:
     """Create a registration key; returns it and its secret, which is not stored."""
     if not name.strip():
         raise ValueError("a registration key needs a name")
@@ -83,9 +85,13 @@ def key_create(*, name: str, max_uses: int | None = None, expires_at: Any = None
     secret = KEY_PREFIX + secrets.token_urlsafe(24)
     with transaction.atomic():
         key = RegistrationKey.objects.create(
-            name=name.strip()[:100], key_hash=_key_digest(secret), key_prefix=secret[:12],
-            max_uses=max_uses, expires_at=expires_at,
-            created_by=actor.user if actor and getattr(actor.user, "pk", None) else None)
+            name=name.strip()[:100],
+            key_hash=_key_digest(secret),
+            key_prefix=secret[:12],
+            max_uses=max_uses,
+            expires_at=expires_at,
+            created_by=actor.user if actor and getattr(actor.user, "pk", None) else None,
+        )
         audit("registration_key_created", actor, key=key.name, key_id=str(key.id))
     return key, secret
 
@@ -156,21 +162,27 @@ def _flood_problem(remote_address: str | None) -> str | None:
     if remote_address is None:
         return None
     since = timezone.now() - timedelta(hours=1)
-    if pending.filter(remote_address=remote_address).count() \
-            >= settings.SYSMANAGE_AGENT_PENDING_PER_ADDRESS \
-            or unkeyed.filter(remote_address=remote_address, created_at__gte=since).count() \
-            >= settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR:
+    if (
+        pending.filter(remote_address=remote_address).count()
+        >= settings.SYSMANAGE_AGENT_PENDING_PER_ADDRESS
+        or unkeyed.filter(remote_address=remote_address, created_at__gte=since).count()
+        >= settings.SYSMANAGE_AGENT_REGISTRATIONS_PER_HOUR
+    ):
         return "Too many registrations from this address; try again later"
     network = _network(remote_address)
-    same_network = sum(1 for address in pending.exclude(remote_address=None).values_list(
-        "remote_address", flat=True) if _network(address) == network)
+    same_network = sum(
+        1
+        for address in pending.exclude(remote_address=None).values_list("remote_address", flat=True)
+        if _network(address) == network
+    )
     if same_network >= settings.SYSMANAGE_AGENT_PENDING_PER_NETWORK:
         return f"Too many registrations from {network} are waiting; try again later"
     return None
 
 
-def registration_submit(*, request: RegistrationRequest,
-                        remote_address: str | None) -> RegistrationOutcome:
+def registration_submit(
+    *, request: RegistrationRequest, remote_address: str | None
+) -> RegistrationOutcome:
     """Handle a ``registration_request``.
 
     A new hostname is recorded as waiting for approval, or approved at once with a
@@ -192,25 +204,33 @@ def _submit(request: RegistrationRequest, remote_address: str | None) -> Registr
     if host is not None:
         return _submit_known(host, request, remote_address)
     key = _take_key(request.key) if request.key else None
-    pending = AgentRegistration.objects.select_for_update().filter(
-        hostname__iexact=request.hostname, status=RegistrationStatus.PENDING).first()
+    pending = (
+        AgentRegistration.objects.select_for_update()
+        .filter(hostname__iexact=request.hostname, status=RegistrationStatus.PENDING)
+        .first()
+    )
     if pending is not None and key is None:
-        return RegistrationOutcome(409, {"detail": f"{request.hostname} is registered and "
-                                                   "waiting for approval"})
+        return RegistrationOutcome(
+            409, {"detail": f"{request.hostname} is registered and waiting for approval"}
+        )
     if key is None and not settings.SYSMANAGE_AGENT_AUTO_APPROVE:
         rejected = AgentRegistration.objects.filter(
-            hostname__iexact=request.hostname, status=RegistrationStatus.REJECTED,
-            for_host__isnull=True).exists()
+            hostname__iexact=request.hostname,
+            status=RegistrationStatus.REJECTED,
+            for_host__isnull=True,
+        ).exists()
         if rejected:
-            raise EnrollmentRefused(403, f"The registration of {request.hostname} was rejected "
-                                         "by an administrator")
+            raise EnrollmentRefused(
+                403, f"The registration of {request.hostname} was rejected by an administrator"
+            )
         problem = _flood_problem(remote_address)
         if problem:
             raise EnrollmentRefused(429, problem)
         token, digest = _new_host_token()
         record = _record(request, remote_address, RegistrationStatus.PENDING, digest, None)
-        return RegistrationOutcome(201, {"id": str(record.id), "host_token": token,
-                                         "approved": False})
+        return RegistrationOutcome(
+            201, {"id": str(record.id), "host_token": token, "approved": False}
+        )
     token, digest = _new_host_token()
     if pending is not None:  # a key now approves the waiting registration
         record = pending
@@ -222,8 +242,9 @@ def _submit(request: RegistrationRequest, remote_address: str | None) -> Registr
     return RegistrationOutcome(201, {"id": str(host.id), "host_token": token, "approved": True})
 
 
-def _submit_known(host: Host, request: RegistrationRequest,
-                  remote_address: str | None) -> RegistrationOutcome:
+def _submit_known(
+    host: Host, request: RegistrationRequest, remote_address: str | None
+) -> RegistrationOutcome:
     """A registration naming a known host.
 
     The agent registers on every start, with the same key if it has one: a known host
@@ -234,33 +255,39 @@ def _submit_known(host: Host, request: RegistrationRequest,
     closes with it, and the host's current token keeps working until staff approve.
     """
     if host.agent_kind != AgentKind.SYSMANAGE:
-        raise EnrollmentRefused(409, f"{request.hostname} is managed by another kind of "
-                                     "agent on this server")
+        raise EnrollmentRefused(
+            409, f"{request.hostname} is managed by another kind of agent on this server"
+        )
     allowed = host.reregistration_allowed_until
     if allowed is None or allowed <= timezone.now():
         return RegistrationOutcome(409, {"detail": f"{request.hostname} is already registered"})
     host.reregistration_allowed_until = None
     host.save(update_fields=["reregistration_allowed_until", "updated_at"])
     token, digest = _new_host_token()
-    record = AgentRegistration(hostname=host.hostname, status=RegistrationStatus.PENDING,
-                               token_hash=digest, for_host=host)
+    record = AgentRegistration(
+        hostname=host.hostname, status=RegistrationStatus.PENDING, token_hash=digest, for_host=host
+    )
     _update_details(record, request, remote_address)
     record.save()
-    return RegistrationOutcome(201, {"id": str(host.id), "host_token": token,
-                                     "approved": False})
+    return RegistrationOutcome(201, {"id": str(host.id), "host_token": token, "approved": False})
 
 
-def _update_details(record: AgentRegistration, request: RegistrationRequest,
-                    remote_address: str | None) -> None:
+def _update_details(
+    record: AgentRegistration, request: RegistrationRequest, remote_address: str | None
+) -> None:
     record.fqdn, record.ip_addresses = request.fqdn, request.ip_addresses
     record.agent_version, record.details = request.agent_version, request.details
     record.remote_address = remote_address
 
 
-def _record(request: RegistrationRequest, remote_address: str | None, status: str,
-            digest: str, key: RegistrationKey | None) -> AgentRegistration:
-    record = AgentRegistration(hostname=request.hostname, status=status, token_hash=digest,
-                               key=key)
+def _record(
+    request: RegistrationRequest,
+    remote_address: str | None,
+    status: str,
+    digest: str,
+    key: RegistrationKey | None,
+) -> AgentRegistration:
+    record = AgentRegistration(hostname=request.hostname, status=status, token_hash=digest, key=key)
     _update_details(record, request, remote_address)
     record.save()
     return record
@@ -268,9 +295,14 @@ def _record(request: RegistrationRequest, remote_address: str | None, status: st
 
 def _approve(record: AgentRegistration, *, actor: Actor | None) -> Host:
     """Create the host of a waiting registration (same id, its host token)."""
-    host = host_create(hostname=record.hostname, host_id=record.id,
-                       agent_kind=AgentKind.SYSMANAGE, fqdn=record.fqdn[:255],
-                       ip_addresses=record.ip_addresses, agent_version=record.agent_version[:50])
+    host = host_create(
+        hostname=record.hostname,
+        host_id=record.id,
+        agent_kind=AgentKind.SYSMANAGE,
+        fqdn=record.fqdn[:255],
+        ip_addresses=record.ip_addresses,
+        agent_version=record.agent_version[:50],
+    )
     host.token_hash, host.token_issued_at = record.token_hash, timezone.now()
     host.save(update_fields=["token_hash", "token_issued_at", "updated_at"])
     _decide(record, RegistrationStatus.APPROVED, actor, host=host)
@@ -281,18 +313,21 @@ def _approve_reregistration(record: AgentRegistration, *, actor: Actor | None) -
     """Give the host of an approved re-registration the agent's new token: the old one,
     and every connection proven with it, stop working."""
     host = Host.objects.select_for_update().get(id=record.for_host_id)
-    host.token_hash, host.token_issued_at, host.token_revoked_at = \
-        record.token_hash, timezone.now(), None
-    host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at",
-                             "updated_at"])
+    host.token_hash, host.token_issued_at, host.token_revoked_at = (
+        record.token_hash,
+        timezone.now(),
+        None,
+    )
+    host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at", "updated_at"])
     AgentRegistration.objects.filter(host=host).update(host=None)
     _decide(record, RegistrationStatus.APPROVED, actor, host=host)
     publish_control("close_agent", host_id=str(host.id), reason="The host registered again")
     return host
 
 
-def _decide(record: AgentRegistration, status: str, actor: Actor | None,
-            host: Host | None = None) -> None:
+def _decide(
+    record: AgentRegistration, status: str, actor: Actor | None, host: Host | None = None
+) -> None:
     record.status, record.decided_at = status, timezone.now()
     record.decided_by = actor.user if actor and getattr(actor.user, "pk", None) else None
     if host is not None:
@@ -314,9 +349,14 @@ def registration_approve(*, registration_id: Any, actor: Actor | None = None) ->
             raise EnrollmentRefused(409, f"A host named {record.hostname} exists already")
         else:
             host = _approve(record, actor=actor)
-        audit("registration_approved", actor, host_id=str(host.id), hostname=host.hostname,
-              reregistration=record.for_host_id is not None,
-              remote_address=record.remote_address)
+        audit(
+            "registration_approved",
+            actor,
+            host_id=str(host.id),
+            hostname=host.hostname,
+            reregistration=record.for_host_id is not None,
+            remote_address=record.remote_address,
+        )
     return host
 
 
@@ -337,12 +377,11 @@ def registrations_expire() -> int:
     place in the limits by itself, and the records stay, with their addresses."""
     cutoff = timezone.now() - timedelta(seconds=settings.SYSMANAGE_AGENT_PENDING_EXPIRE_SECONDS)
     return AgentRegistration.objects.filter(
-        status=RegistrationStatus.PENDING, created_at__lt=cutoff).update(
-        status=RegistrationStatus.EXPIRED, decided_at=timezone.now())
+        status=RegistrationStatus.PENDING, created_at__lt=cutoff
+    ).update(status=RegistrationStatus.EXPIRED, decided_at=timezone.now())
 
 
-def allow_reregistration(*, host_id: Any, minutes: int = 60,
-                         actor: Actor | None = None) -> Host:
+def allow_reregistration(*, host_id: Any, minutes: int = 60, actor: Actor | None = None) -> Host:
     """Let the host's agent register again within ``minutes`` (once): for an agent that
     lost its identity (its local database), which otherwise gets 409 forever."""
     with transaction.atomic():
@@ -351,8 +390,7 @@ def allow_reregistration(*, host_id: Any, minutes: int = 60,
             raise EnrollmentRefused(409, f"{host.hostname} is not managed by a SysManage agent")
         host.reregistration_allowed_until = timezone.now() + timedelta(minutes=minutes)
         host.save(update_fields=["reregistration_allowed_until", "updated_at"])
-        audit("host_reregistration_allowed", actor, host_id=str(host.id),
-              hostname=host.hostname)
+        audit("host_reregistration_allowed", actor, host_id=str(host.id), hostname=host.hostname)
     return host
 
 
@@ -439,9 +477,13 @@ def prove(*, name: str, host_id: Any, host_token: Any) -> Host | Proof:
         return Proof.REFUSED
     if host_token_matches(host, host_token):
         return host
-    if isinstance(host_token, str) and host_token and AgentRegistration.objects.filter(
-            for_host=host, status=RegistrationStatus.PENDING,
-            token_hash=token_digest(host_token)).exists():
+    if (
+        isinstance(host_token, str)
+        and host_token
+        and AgentRegistration.objects.filter(
+            for_host=host, status=RegistrationStatus.PENDING, token_hash=token_digest(host_token)
+        ).exists()
+    ):
         return Proof.AWAITING_APPROVAL
     return Proof.REFUSED
 

@@ -6,6 +6,7 @@ carries no ``data`` and ``script_execution_result`` is flat.  Server → agent: 
 envelope; commands add ``queue_message_id``; errors are ``{message_type: "error",
 error_type, message, data}``.  Nothing here touches the database.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,38 +52,59 @@ def now_iso() -> str:
 
 def error_message(error_type: str, message: str, **data: Any) -> dict[str, Any]:
     """``{message_type: "error", error_type, message, data, timestamp}``."""
-    return {"message_type": "error", "message_id": str(uuid.uuid4()), "error_type": error_type,
-            "message": message, "timestamp": now_iso(), "data": data}
+    return {
+        "message_type": "error",
+        "message_id": str(uuid.uuid4()),
+        "error_type": error_type,
+        "message": message,
+        "timestamp": now_iso(),
+        "data": data,
+    }
 
 
 def ack_message(acked_id: str, status: str = "received") -> dict[str, Any]:
     """The acknowledgement of one agent message."""
-    return {"message_type": "ack", "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
-            "data": {"status": status, "acked_message_id": acked_id}}
+    return {
+        "message_type": "ack",
+        "message_id": str(uuid.uuid4()),
+        "timestamp": now_iso(),
+        "data": {"status": status, "acked_message_id": acked_id},
+    }
 
 
 def ping_message() -> dict[str, Any]:
     """A ``ping``: the agent answers with a ``pong`` that carries its ``host_id`` and
     ``host_token``, the quickest proof of identity a connection (or a poll) can give."""
-    return {"message_type": "ping", "message_id": str(uuid.uuid4()), "timestamp": now_iso(),
-            "data": {}}
+    return {
+        "message_type": "ping",
+        "message_id": str(uuid.uuid4()),
+        "timestamp": now_iso(),
+        "data": {},
+    }
 
 
-def command_message(delivery_id: str, command_type: str, parameters: dict[str, Any],
-                    timeout: int) -> dict[str, Any]:
+def command_message(
+    delivery_id: str, command_type: str, parameters: dict[str, Any], timeout: int
+) -> dict[str, Any]:
     """A command for the agent; its ids are the delivery's."""
-    return {"message_type": "command", "message_id": delivery_id,
-            "queue_message_id": delivery_id, "timestamp": now_iso(),
-            "data": {"command_type": command_type, "parameters": parameters,
-                     "timeout": timeout}}
+    return {
+        "message_type": "command",
+        "message_id": delivery_id,
+        "queue_message_id": delivery_id,
+        "timestamp": now_iso(),
+        "data": {"command_type": command_type, "parameters": parameters, "timeout": timeout},
+    }
 
 
 def for_polling(message: dict[str, Any]) -> dict[str, Any]:
     """A server message as a poll reply carries it: the agent merges ``data`` into the
     top level, so everything but the type and id goes inside ``data``."""
     rest = {k: v for k, v in message.items() if k not in ("message_type", "message_id")}
-    return {"message_type": message["message_type"], "message_id": message["message_id"],
-            "data": rest}
+    return {
+        "message_type": message["message_type"],
+        "message_id": message["message_id"],
+        "data": rest,
+    }
 
 
 def encode(message: dict[str, Any]) -> str:
@@ -120,9 +142,12 @@ def unwrap_polled(raw: dict[str, Any]) -> dict[str, Any]:
     try:
         inner = json.loads(data)
     except (ValueError, RecursionError):
-        raise AgentProtocolError("invalid_message", "'data' must be an object or a message "
-                                 "encoded as JSON", message_type=raw.get("message_type"),
-                                 message_id=raw.get("message_id")) from None
+        raise AgentProtocolError(
+            "invalid_message",
+            "'data' must be an object or a message encoded as JSON",
+            message_type=raw.get("message_type"),
+            message_id=raw.get("message_id"),
+        ) from None
     if isinstance(inner, dict) and "message_type" in inner:
         return inner
     return {**raw, "data": inner}
@@ -143,16 +168,23 @@ def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, s
         raise AgentProtocolError("invalid_message", "'message_type' must be a lower-case name")
     message_id = raw.get("message_id")
     if not isinstance(message_id, str) or not MESSAGE_ID.match(message_id):
-        raise AgentProtocolError("invalid_message", "'message_id' must be 20 to 100 letters, "
-                                 "digits or dashes", message_type=message_type)
+        raise AgentProtocolError(
+            "invalid_message",
+            "'message_id' must be 20 to 100 letters, digits or dashes",
+            message_type=message_type,
+        )
     if not polled:
         _check_timestamp(raw.get("timestamp"), message_type, message_id)
     data = raw.get("data")
     if data is None:
         data = {k: v for k, v in raw.items() if k not in ENVELOPE_KEYS}
     if not isinstance(data, dict):
-        raise AgentProtocolError("invalid_message", "'data' must be an object",
-                                 message_type=message_type, message_id=message_id)
+        raise AgentProtocolError(
+            "invalid_message",
+            "'data' must be an object",
+            message_type=message_type,
+            message_id=message_id,
+        )
     return message_type, message_id, data
 
 
@@ -160,14 +192,21 @@ def _check_timestamp(value: Any, message_type: str, message_id: str) -> None:
     try:
         when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
-        raise AgentProtocolError("invalid_message", "'timestamp' must be an ISO-8601 time",
-                                 message_type=message_type, message_id=message_id) from None
+        raise AgentProtocolError(
+            "invalid_message",
+            "'timestamp' must be an ISO-8601 time",
+            message_type=message_type,
+            message_id=message_id,
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     if abs(datetime.now(UTC) - when) > CLOCK_SKEW:
-        raise AgentProtocolError("invalid_message", "'timestamp' is more than 30 minutes from "
-                                 "the server's clock", message_type=message_type,
-                                 message_id=message_id)
+        raise AgentProtocolError(
+            "invalid_message",
+            "'timestamp' is more than 30 minutes from the server's clock",
+            message_type=message_type,
+            message_id=message_id,
+        )
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -196,8 +235,7 @@ def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
     pairs = {
         "fqdn": (data.get("fqdn"), 255),
         "os_name": (os_info.get("distribution") or data.get("platform"), 100),
-        "os_version": (os_info.get("distribution_version") or data.get("platform_release"),
-                       100),
+        "os_version": (os_info.get("distribution_version") or data.get("platform_release"), 100),
         # The agent has no kernel-release field; platform.version() is the kernel's build
         # string ("#1 SMP PREEMPT_DYNAMIC Debian 6.1.115-1 ...").
         "kernel": (data.get("platform_version"), 200),
@@ -232,9 +270,14 @@ def mounts_from_hardware(data: dict[str, Any]) -> list[str]:
     devices = data.get("storage_devices")
     for device in devices if isinstance(devices, list) else []:
         mount = device.get("mount_point") if isinstance(device, dict) else None
-        if isinstance(mount, str) and mount.startswith("/") and len(mount) <= 255 \
-                and mount.isprintable() and mount not in mounts and not mount.startswith(
-                    ("/proc", "/sys", "/dev", "/run", "/snap", "/boot/efi")):
+        if (
+            isinstance(mount, str)
+            and mount.startswith("/")
+            and len(mount) <= 255
+            and mount.isprintable()
+            and mount not in mounts
+            and not mount.startswith(("/proc", "/sys", "/dev", "/run", "/snap", "/boot/efi"))
+        ):
             mounts.append(mount)
     return mounts[:MAX_MOUNTS]
 
@@ -289,8 +332,14 @@ def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str
         status = ExecutionStatus.TIMEOUT
     else:
         status = ExecutionStatus.COMPLETED if success else ExecutionStatus.FAILED
-    return {"status": status, "exit_code": exit_code, "stdout": stdout, "stderr": stderr,
-            "execution_time": execution_time, "error": error}
+    return {
+        "status": status,
+        "exit_code": exit_code,
+        "stdout": stdout,
+        "stderr": stderr,
+        "execution_time": execution_time,
+        "error": error,
+    }
 
 
 def package_result(data: dict[str, Any]) -> tuple[str, str, str]:
@@ -339,17 +388,28 @@ METRIC_PREFIX = "sysmanage-server."
 
 def metric_definitions(mounts: list[str], cadence: int) -> list[dict[str, Any]]:
     """The ``sync_custom_metrics`` set: CPU, memory, load and disk use per mount."""
-    def metric(key: str, name: str, script: str) -> dict[str, Any]:
-        return {"id": METRIC_PREFIX + key, "name": name, "script": script,
-                "interpreter": "python3", "cadence_seconds": cadence}
 
-    metrics = [metric("cpu_usage", "CPU usage (%)", _CPU),
-               metric("memory_usage", "Memory usage (%)", _MEMORY)]
-    metrics += [metric(f"load_{n}", f"Load average ({n} min)", _LOAD.format(index=i))
-                for i, n in enumerate((1, 5, 15))]
-    metrics += [metric(f"disk:{mount}", f"Disk usage of {mount} (%)",
-                       _DISK.format(mount=json.dumps(mount)))
-                for mount in (mounts or ["/"])[:MAX_MOUNTS]]
+    def metric(key: str, name: str, script: str) -> dict[str, Any]:
+        return {
+            "id": METRIC_PREFIX + key,
+            "name": name,
+            "script": script,
+            "interpreter": "python3",
+            "cadence_seconds": cadence,
+        }
+
+    metrics = [
+        metric("cpu_usage", "CPU usage (%)", _CPU),
+        metric("memory_usage", "Memory usage (%)", _MEMORY),
+    ]
+    metrics += [
+        metric(f"load_{n}", f"Load average ({n} min)", _LOAD.format(index=i))
+        for i, n in enumerate((1, 5, 15))
+    ]
+    metrics += [
+        metric(f"disk:{mount}", f"Disk usage of {mount} (%)", _DISK.format(mount=json.dumps(mount)))
+        for mount in (mounts or ["/"])[:MAX_MOUNTS]
+    ]
     return metrics
 
 
@@ -364,10 +424,14 @@ def metrics_from_samples(samples: Any) -> dict[str, Any] | None:
         if not isinstance(sample, dict) or sample.get("status") != "ok":
             continue
         key, value = str(sample.get("metric_id") or ""), sample.get("value")
-        if not key.startswith(METRIC_PREFIX) or isinstance(value, bool) \
-                or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            not key.startswith(METRIC_PREFIX)
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             continue
-        key = key[len(METRIC_PREFIX):]
+        key = key[len(METRIC_PREFIX) :]
         if key in ("cpu_usage", "memory_usage"):
             raw[key] = min(100.0, max(0.0, float(value)))
         elif key.startswith("load_") and key[5:] in ("1", "5", "15"):

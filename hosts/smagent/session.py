@@ -6,6 +6,7 @@ One host's conversation with its SysManage agent, whichever transport carries it
 the host), feeds the product's services, and returns what to send back.  The socket
 consumer keeps one session per connection; the polling view makes one per request.
 """
+
 from __future__ import annotations
 
 import logging
@@ -113,8 +114,9 @@ class AgentSession:
 
     def _refuse(self, why: str, message_type: str, message_id: str) -> AgentProtocolError:
         self.refusals += 1
-        return AgentProtocolError("host_not_registered", why, message_type=message_type,
-                                  message_id=message_id)
+        return AgentProtocolError(
+            "host_not_registered", why, message_type=message_type, message_id=message_id
+        )
 
     async def _prove(self, message_type: str, message_id: str, data: dict[str, Any]) -> bool:
         """Before proof: True if this message proves the connection; False if it must be
@@ -127,28 +129,38 @@ class AgentSession:
         """
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
         if claimed_id is not None and str(claimed_id) not in self.candidates:
-            raise self._refuse("This host is not registered here (unknown host_id)",
-                               message_type, message_id)
+            raise self._refuse(
+                "This host is not registered here (unknown host_id)", message_type, message_id
+            )
         if claimed_token is None:
             if claimed_id is None and message_type == "pong":
                 # The answer to the server's ping carries whatever identity the agent
                 # holds: none at all means it lost it.  Telling it so is what makes it
                 # register again (after three such errors).
-                raise self._refuse("This agent sent no host_id and host_token; it is not "
-                                   "registered here", message_type, message_id)
+                raise self._refuse(
+                    "This agent sent no host_id and host_token; it is not registered here",
+                    message_type,
+                    message_id,
+                )
             return False
         if claimed_id is None:
-            raise self._refuse("Send host_token together with host_id", message_type,
-                               message_id)
+            raise self._refuse("Send host_token together with host_id", message_type, message_id)
         proof = await database_sync_to_async(enrollment.prove)(
-            name=self.name, host_id=claimed_id, host_token=claimed_token)
+            name=self.name, host_id=claimed_id, host_token=claimed_token
+        )
         if proof is enrollment.Proof.AWAITING_APPROVAL:
-            raise AwaitingApproval("host_not_approved", "This host's registration is waiting "
-                                   "for approval by an administrator", message_type=message_type,
-                                   message_id=message_id)
+            raise AwaitingApproval(
+                "host_not_approved",
+                "This host's registration is waiting for approval by an administrator",
+                message_type=message_type,
+                message_id=message_id,
+            )
         if not isinstance(proof, Host):
-            raise self._refuse("This host is not registered here (host_token does not match)",
-                               message_type, message_id)
+            raise self._refuse(
+                "This host is not registered here (host_token does not match)",
+                message_type,
+                message_id,
+            )
         self.bind(proof)
         return True
 
@@ -157,12 +169,17 @@ class AgentSession:
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
         assert self.host is not None
         if claimed_id is not None and str(claimed_id) != self.host_id:
-            raise self._refuse("This host is not registered here (unknown host_id)",
-                               message_type, message_id)
-        if claimed_token is not None \
-                and not enrollment.host_token_matches(self.host, claimed_token):
-            raise self._refuse("This host is not registered here (host_token does not match)",
-                               message_type, message_id)
+            raise self._refuse(
+                "This host is not registered here (unknown host_id)", message_type, message_id
+            )
+        if claimed_token is not None and not enrollment.host_token_matches(
+            self.host, claimed_token
+        ):
+            raise self._refuse(
+                "This host is not registered here (host_token does not match)",
+                message_type,
+                message_id,
+            )
 
     # -- handling ------------------------------------------------------------------------
 
@@ -176,8 +193,9 @@ class AgentSession:
             return [], False
         return await self.handle(protocol.decode(text), text=text, size=size)
 
-    async def handle(self, raw: dict[str, Any], *, text: str | None = None,
-                     size: int = 0) -> tuple[list[dict[str, Any]], bool]:
+    async def handle(
+        self, raw: dict[str, Any], *, text: str | None = None, size: int = 0
+    ) -> tuple[list[dict[str, Any]], bool]:
         """Handle one message: ``(replies, first_proof)``; ``first_proof`` is True when
         this message proved the agent's identity (the messages held until then are
         handled with it)."""
@@ -194,16 +212,22 @@ class AgentSession:
         return replies + await self._process(message_type, message_id, data), True
 
     def _hold(self, held: Held, message_type: str, message_id: str) -> None:
-        if len(self.held) >= settings.SYSMANAGE_AGENT_HELD_MESSAGES \
-                or self.held_bytes + held.size > settings.SYSMANAGE_AGENT_HELD_BYTES \
-                or not HeldBytes.reserve(held.size):
-            logger.warning("agent of %s: %s not processed, too much sent before it proved "
-                           "its identity", self.name, message_type or "a large frame")
-            ids = {"message_type": message_type, "message_id": message_id} \
-                if message_type else {}
+        if (
+            len(self.held) >= settings.SYSMANAGE_AGENT_HELD_MESSAGES
+            or self.held_bytes + held.size > settings.SYSMANAGE_AGENT_HELD_BYTES
+            or not HeldBytes.reserve(held.size)
+        ):
+            logger.warning(
+                "agent of %s: %s not processed, too much sent before it proved its identity",
+                self.name,
+                message_type or "a large frame",
+            )
+            ids = {"message_type": message_type, "message_id": message_id} if message_type else {}
             raise AgentProtocolError(
-                "identification_pending", "Not processed: too much sent before a message "
-                "with host_id and host_token", **ids)
+                "identification_pending",
+                "Not processed: too much sent before a message with host_id and host_token",
+                **ids,
+            )
         self.held.append(held)
         self.held_bytes += held.size
 
@@ -228,16 +252,23 @@ class AgentSession:
     def refuse_held(self) -> list[dict[str, Any]]:
         """Errors for the held messages of a poll (or a closing connection) that never
         proved its identity: they were not processed, and the agent is told so."""
-        return [protocol.error_message(
-            "identification_pending", "Not processed: send it with host_token, or together "
-            "with a message that has host_id and host_token", **_ids(held))
-            for held in self._take_held()]
+        return [
+            protocol.error_message(
+                "identification_pending",
+                "Not processed: send it with host_token, or together "
+                "with a message that has host_id and host_token",
+                **_ids(held),
+            )
+            for held in self._take_held()
+        ]
 
-    async def _process(self, message_type: str, message_id: str,
-                       data: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _process(
+        self, message_type: str, message_id: str, data: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         if message_type == "command_acknowledgment":  # acknowledged by not resending
             await database_sync_to_async(deliveries.acknowledge)(
-                host_id=self.host_id, delivery_id=message_id)
+                host_id=self.host_id, delivery_id=message_id
+            )
             return []
         handler = self.HANDLERS.get(message_type)
         replies: list[dict[str, Any]] = []
@@ -249,7 +280,8 @@ class AgentSession:
     async def on_system_info(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
         """Facts about the host: stored (the first one on a connection also comes online)."""
         await database_sync_to_async(services.host_update_facts)(
-            host_id=self.host_id, facts=protocol.facts_from_system_info(data))
+            host_id=self.host_id, facts=protocol.facts_from_system_info(data)
+        )
         await self.seen()
         return []
 
@@ -258,28 +290,39 @@ class AgentSession:
         await self.seen()
         return []
 
-    async def on_command_result(self, data: dict[str, Any],
-                                message_id: str) -> list[dict[str, Any]]:
+    async def on_command_result(
+        self, data: dict[str, Any], message_id: str
+    ) -> list[dict[str, Any]]:
         """A command's result: stored once, whether it comes before the ack or after."""
         await database_sync_to_async(deliveries.record_result)(host_id=self.host_id, data=data)
         await self.seen()
         return []
 
-    async def on_custom_metric_samples(self, data: dict[str, Any],
-                                       message_id: str) -> list[dict[str, Any]]:
+    async def on_custom_metric_samples(
+        self, data: dict[str, Any], message_id: str
+    ) -> list[dict[str, Any]]:
         """Samples of the metric scripts: published as ``host_metrics``, kept per minute."""
         metrics = protocol.metrics_from_samples(data.get("samples"))
         if metrics is not None:
             now = timezone.now()
-            publish_now(HostMetricsReported(host_id=self.host_id, hostname=self.hostname,
-                                            timestamp=iso(now) or "", metrics=metrics,
-                                            cpu_count=self.cpu_count))
+            publish_now(
+                HostMetricsReported(
+                    host_id=self.host_id,
+                    hostname=self.hostname,
+                    timestamp=iso(now) or "",
+                    metrics=metrics,
+                    cpu_count=self.cpu_count,
+                )
+            )
             averages = {key: metrics.get(key) for key in ("cpu_usage", "memory_usage")}
             averages["disk_usage"] = metrics.get("disk_usage") or {}
             averages["load_average"] = metrics.get("load_average") or []
             await database_sync_to_async(services.metric_sample_save)(
-                host_id=self.host_id, minute=now.replace(second=0, microsecond=0), samples=1,
-                averages=averages)
+                host_id=self.host_id,
+                minute=now.replace(second=0, microsecond=0),
+                samples=1,
+                averages=averages,
+            )
         await self.seen()
         return []
 
@@ -292,12 +335,17 @@ class AgentSession:
         elif kind == InventoryKind.HARDWARE:
             facts = protocol.facts_from_hardware(data)
             self.cpu_count = facts.get("cpu_count", self.cpu_count)
-        stored = protocol.storable({k: v for k, v in data.items()
-                                    if k not in ("host_id", "host_token")})
+        stored = protocol.storable(
+            {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
+        )
         await database_sync_to_async(services.host_inventory_save)(
-            host_id=self.host_id, kind=kind, data=stored,
-            item_count=protocol.inventory_items(kind, data), facts=facts,
-            digest=protocol.digest(stored))
+            host_id=self.host_id,
+            kind=kind,
+            data=stored,
+            item_count=protocol.inventory_items(kind, data),
+            facts=facts,
+            digest=protocol.digest(stored),
+        )
         await self.seen()
         if kind == InventoryKind.HARDWARE:
             mounts = protocol.mounts_from_hardware(data)
@@ -310,8 +358,10 @@ class AgentSession:
         "heartbeat": on_heartbeat,
         "command_result": on_command_result,
         "custom_metric_samples": on_custom_metric_samples,
-        **{name: (lambda self, data, message_id, _name=name: self.on_inventory(_name, data))
-           for name in INVENTORY_TYPES},
+        **{
+            name: (lambda self, data, message_id, _name=name: self.on_inventory(_name, data))
+            for name in INVENTORY_TYPES
+        },
     }
 
     # -- what the server sends ---------------------------------------------------------------
@@ -321,9 +371,15 @@ class AgentSession:
         mounts = list(mounts) or ["/"]
         self.mounts = mounts
         return protocol.command_message(
-            str(uuid.uuid4()), "sync_custom_metrics",
-            {"metrics": protocol.metric_definitions(
-                mounts, settings.SYSMANAGE_AGENT_METRICS_CADENCE)}, 60)
+            str(uuid.uuid4()),
+            "sync_custom_metrics",
+            {
+                "metrics": protocol.metric_definitions(
+                    mounts, settings.SYSMANAGE_AGENT_METRICS_CADENCE
+                )
+            },
+            60,
+        )
 
     async def initial_metrics_command(self) -> dict[str, Any]:
         """The metrics set for a newly proven connection (mounts from the last hardware
@@ -333,8 +389,7 @@ class AgentSession:
 
     async def due_commands(self, *, resend_all: bool = False) -> list[dict[str, Any]]:
         """Queued commands to send now; each is confirmed to its requester as taken."""
-        due = await database_sync_to_async(deliveries.take_due)(self.host_id,
-                                                                 resend_all=resend_all)
+        due = await database_sync_to_async(deliveries.take_due)(self.host_id, resend_all=resend_all)
         for item in due:
             publish_control_now("agent_took", ref=item.ref, host_id=self.host_id)
         return [item.message for item in due]
@@ -349,5 +404,4 @@ def _ids(held: Held) -> dict[str, Any]:
     """The type and id of a held message, where they can be told without parsing it."""
     if held.raw is None:
         return {}
-    return {"message_type": held.raw.get("message_type"),
-            "message_id": held.raw.get("message_id")}
+    return {"message_type": held.raw.get("message_type"), "message_id": held.raw.get("message_id")}

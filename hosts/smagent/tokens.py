@@ -9,6 +9,7 @@ host id.  What a connection may do is decided by what it proves afterwards (a me
 carrying a host's ``host_id`` and ``host_token``, for a host of that name), never by the
 token (see :mod:`hosts.smagent.session`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,8 +56,9 @@ def normalize_name(name: str) -> str:
 
 def issue(name: str) -> str:
     """A sealed token for one connection (or one poll) of the agent called ``name``."""
-    payload = json.dumps({"n": normalize_name(name), "t": round(time.time(), 3)},
-                         separators=(",", ":")).encode()
+    payload = json.dumps(
+        {"n": normalize_name(name), "t": round(time.time(), 3)}, separators=(",", ":")
+    ).encode()
     nonce = os.urandom(NONCE_BYTES)
     sealed = AESGCM(_keys()[0]).encrypt(nonce, payload, ASSOCIATED_DATA)
     return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")

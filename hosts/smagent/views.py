@@ -4,6 +4,7 @@ The HTTP side of the SysManage agent: registration, connection tokens and pollin
 These endpoints are called by agents, not people: no session, no CSRF, JSON in and out,
 and every refusal is a JSON ``{"detail": …}`` with the status the agent acts on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,6 +57,7 @@ def _busy() -> JsonResponse:
 def when_busy_503(view: Any) -> Any:
     """Answer :func:`_busy` when the database is locked or out of connections."""
     if asyncio.iscoroutinefunction(view):
+
         @functools.wraps(view)
         async def wrapped_async(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -63,6 +65,7 @@ def when_busy_503(view: Any) -> Any:
             except OperationalError as exc:
                 logger.warning("%s answered 503: %s", request.path, exc)
                 return _busy()
+
         return wrapped_async
 
     @functools.wraps(view)
@@ -72,6 +75,7 @@ def when_busy_503(view: Any) -> Any:
         except OperationalError as exc:
             logger.warning("%s answered 503: %s", request.path, exc)
             return _busy()
+
     return wrapped
 
 
@@ -104,21 +108,37 @@ def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
     """The parts of a ``registration_request`` kept; unknown fields are tolerated."""
     hostname = body.get("hostname")
     if not isinstance(hostname, str) or not HOSTNAME.match(hostname):
-        raise EnrollmentRefused(400, "'hostname' must be a host name (letters, digits, dots, "
-                                     "dashes; at most 255 characters)")
+        raise EnrollmentRefused(
+            400,
+            "'hostname' must be a host name (letters, digits, dots, "
+            "dashes; at most 255 characters)",
+        )
     keys = [body.get(name) for name in KEY_FIELDS if body.get(name)]
     if any(not isinstance(key, str) or len(key) > 200 for key in keys):
         raise EnrollmentRefused(400, "A registration key must be a string")
-    details = protocol.storable({k: body[k] for k in (
-        "platform", "is_privileged", "script_execution_enabled", "enabled_shells",
-        "agent_capabilities") if k in body})
+    details = protocol.storable(
+        {
+            k: body[k]
+            for k in (
+                "platform",
+                "is_privileged",
+                "script_execution_enabled",
+                "enabled_shells",
+                "agent_capabilities",
+            )
+            if k in body
+        }
+    )
     if len(json.dumps(details, default=str)) > 64 * 1024:
         details = {k: v for k, v in details.items() if k != "agent_capabilities"}
     return RegistrationRequest(
-        hostname=hostname, fqdn=_text(body, "fqdn", 255),
+        hostname=hostname,
+        fqdn=_text(body, "fqdn", 255),
         ip_addresses=protocol.facts_from_system_info(body).get("ip_addresses", []),
-        agent_version=_text(body, "agent_version", 50), key=keys[0] if keys else None,
-        details=details)
+        agent_version=_text(body, "agent_version", 50),
+        key=keys[0] if keys else None,
+        details=details,
+    )
 
 
 @csrf_exempt
@@ -130,7 +150,8 @@ def register(request: HttpRequest) -> JsonResponse:
     try:
         outcome = enrollment.registration_submit(
             request=parse_registration(_json_body(request, 256 * 1024)),
-            remote_address=request.META.get("REMOTE_ADDR"))
+            remote_address=request.META.get("REMOTE_ADDR"),
+        )
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
     return JsonResponse(outcome.body, status=outcome.status)
@@ -149,10 +170,13 @@ def auth(request: HttpRequest) -> JsonResponse:
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
     scheme = "wss" if request.is_secure() else "ws"
-    return JsonResponse({
-        "connection_token": token, "expires_in": settings.SYSMANAGE_AGENT_TOKEN_SECONDS,
-        "websocket_endpoint": f"{scheme}://{request.get_host()}/api/agent/connect",
-    })
+    return JsonResponse(
+        {
+            "connection_token": token,
+            "expires_in": settings.SYSMANAGE_AGENT_TOKEN_SECONDS,
+            "websocket_endpoint": f"{scheme}://{request.get_host()}/api/agent/connect",
+        }
+    )
 
 
 #: Poll bodies parsed at once per process: each may be megabytes from anyone holding a
@@ -163,8 +187,9 @@ _PARSING = asyncio.Semaphore(2)
 async def _poll_body(request: HttpRequest) -> dict[str, Any]:
     """The poll's JSON body, parsed off the event loop and the database thread."""
     async with _PARSING:
-        return await asyncio.to_thread(_json_body, request,
-                                       settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES)
+        return await asyncio.to_thread(
+            _json_body, request, settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES
+        )
 
 
 async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], float]:
@@ -180,8 +205,9 @@ async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], 
         raise EnrollmentRefused(403, "host_id does not match the connection token")
     messages = body.get("messages") or []
     if not isinstance(messages, list) or len(messages) > MAX_POLL_MESSAGES:
-        raise EnrollmentRefused(400, f"'messages' must be a list of at most "
-                                     f"{MAX_POLL_MESSAGES} messages")
+        raise EnrollmentRefused(
+            400, f"'messages' must be a list of at most {MAX_POLL_MESSAGES} messages"
+        )
     wait = body.get("max_wait") or 0
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
         raise EnrollmentRefused(400, "'max_wait' must be a number of seconds")
@@ -192,8 +218,9 @@ async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], 
     return session, messages, min(float(wait), MAX_POLL_WAIT)
 
 
-async def _handle_polled(session: AgentSession, messages: list[Any]) -> tuple[
-        list[dict[str, Any]], bool]:
+async def _handle_polled(
+    session: AgentSession, messages: list[Any]
+) -> tuple[list[dict[str, Any]], bool]:
     """Handle a poll's messages in order: ``(replies, proven)``, proven when one of them
     proved the host's identity."""
     replies: list[dict[str, Any]] = []
@@ -209,8 +236,9 @@ async def _handle_polled(session: AgentSession, messages: list[Any]) -> tuple[
             replies.append(exc.to_message())
         except Exception:
             logger.exception("error handling a polled message from %s", session.name)
-            replies.append(protocol.error_message(
-                "server_error", "The server could not process this message"))
+            replies.append(
+                protocol.error_message("server_error", "The server could not process this message")
+            )
     return replies + session.refuse_held(), proven
 
 
@@ -240,10 +268,12 @@ async def poll(request: HttpRequest) -> JsonResponse:
     commands: list[dict[str, Any]] = []
     if session.verified:
         assert session.host is not None
-        if (proven or settings.SYSMANAGE_AGENT_TRUST_POLLING) \
-                and session.host.status != HostStatus.ONLINE:
+        if (
+            proven or settings.SYSMANAGE_AGENT_TRUST_POLLING
+        ) and session.host.status != HostStatus.ONLINE:
             await database_sync_to_async(services.host_agent_hello)(
-                host_id=session.host_id, session=f"poll-{uuid.uuid4().hex}", facts={})
+                host_id=session.host_id, session=f"poll-{uuid.uuid4().hex}", facts={}
+            )
             if session.mounts is None:  # not sent with a held hardware report
                 replies.append(await session.initial_metrics_command())
         else:
@@ -253,10 +283,12 @@ async def poll(request: HttpRequest) -> JsonResponse:
         # The agent's polls carry host_token only in some messages, and an idle poll
         # carries none: the pong to this ping proves the next poll.
         commands.append(protocol.ping_message())
-    return JsonResponse({
-        "messages": [protocol.for_polling(m) for m in replies + commands],
-        "poll_interval": settings.SYSMANAGE_AGENT_POLL_INTERVAL,
-    })
+    return JsonResponse(
+        {
+            "messages": [protocol.for_polling(m) for m in replies + commands],
+            "poll_interval": settings.SYSMANAGE_AGENT_POLL_INTERVAL,
+        }
+    )
 
 
 async def _due_commands(session: AgentSession, max_wait: float) -> list[dict[str, Any]]:

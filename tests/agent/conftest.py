@@ -6,6 +6,7 @@ These tests need no database: the agent is a separate program that never imports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -20,15 +21,22 @@ from tests.agent.fake_server import TOKEN, FakeServer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Environment variables the agent reads; the tests set them explicitly or not at all.
 _AGENT_ENV_PREFIXES = ("SYSMANAGE_AGENT_", "XDG_STATE_HOME")
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-                    "ALL_PROXY")
+_PROXY_VARIABLES = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+)
 
 
 class AgentProcess:
     """A running ``python -m agent`` and its log."""
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path,
-                 state_dir: Path) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, log_path: Path, state_dir: Path
+    ) -> None:
         """Wrap a started agent process."""
         self.process = process
         self.log_path = log_path
@@ -65,14 +73,18 @@ class AgentProcess:
                 self.process.kill()
                 await self.process.wait()
                 raise AssertionError(
-                    f"agent did not stop within {timeout}s:\n{self.log()}") from exc
+                    f"agent did not stop within {timeout}s:\n{self.log()}"
+                ) from exc
         return self.process.returncode
 
 
 def agent_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for an agent process: this one, minus agent settings and proxies."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(_AGENT_ENV_PREFIXES) and name not in _PROXY_VARIABLES}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(_AGENT_ENV_PREFIXES) and name not in _PROXY_VARIABLES
+    }
     env["PYTHONPATH"] = str(REPO_ROOT)
     env.update(extra or {})
     return env
@@ -99,8 +111,13 @@ async def start_agent(tmp_path: Path, fake_server: FakeServer) -> AsyncIterator[
     """
     agents: list[AgentProcess] = []
 
-    async def start(*args: str, token: str | None = TOKEN, env: dict[str, str] | None = None,
-                    state_dir: Path | None = None, server: bool = True) -> AgentProcess:
+    async def start(
+        *args: str,
+        token: str | None = TOKEN,
+        env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
+        server: bool = True,
+    ) -> AgentProcess:
         """Start ``python -m agent`` with ``args`` after the standard test options."""
         state = state_dir or tmp_path / "state"
         argv = [sys.executable, "-m", "agent", "--state-dir", str(state), "--log-level", "DEBUG"]
@@ -111,8 +128,14 @@ async def start_agent(tmp_path: Path, fake_server: FakeServer) -> AsyncIterator[
         log_path = tmp_path / f"agent-{len(agents)}.log"
         with log_path.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
-                *argv, *args, cwd=REPO_ROOT, env=agent_environment(env),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+                *argv,
+                *args,
+                cwd=REPO_ROOT,
+                env=agent_environment(env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
         agent = AgentProcess(process, log_path, state)
         agents.append(agent)
         return agent
@@ -145,7 +168,5 @@ async def wait_until_gone(argv: list[str], timeout: float = 5.0) -> list[psutil.
 def kill_processes(argv: list[str]) -> None:
     """Kill leftover processes running ``argv`` (cleanup after a failed test)."""
     for process in live_processes(argv):
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass

@@ -22,18 +22,42 @@ _ID = (str, int)
 _NUMBER = (int, float)
 #: Required data fields and their types, per agent message type.
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "hello": {"hostname": str, "fqdn": str, "ip_addresses": list, "os_name": str,
-              "os_version": str, "kernel": str, "architecture": str, "cpu_count": int,
-              "memory_total": int, "agent_version": str, "capabilities": list},
+    "hello": {
+        "hostname": str,
+        "fqdn": str,
+        "ip_addresses": list,
+        "os_name": str,
+        "os_version": str,
+        "kernel": str,
+        "architecture": str,
+        "cpu_count": int,
+        "memory_total": int,
+        "agent_version": str,
+        "capabilities": list,
+    },
     "heartbeat": {},
     "metrics": {"timestamp": str, "metrics": dict},
     "command_started": {"execution_id": _ID},
-    "command_result": {"execution_id": _ID, "status": str, "exit_code": (int, type(None)),
-                       "stdout": str, "stderr": str, "stdout_truncated": bool,
-                       "stderr_truncated": bool, "execution_time": float, "error": str},
+    "command_result": {
+        "execution_id": _ID,
+        "status": str,
+        "exit_code": (int, type(None)),
+        "stdout": str,
+        "stderr": str,
+        "stdout_truncated": bool,
+        "stderr_truncated": bool,
+        "execution_time": float,
+        "error": str,
+    },
     "package_progress": {"operation_id": _ID, "progress": _NUMBER, "message": str},
-    "package_result": {"operation_id": _ID, "status": str, "exit_code": (int, type(None)),
-                       "output": str, "output_truncated": bool, "message": str},
+    "package_result": {
+        "operation_id": _ID,
+        "status": str,
+        "exit_code": (int, type(None)),
+        "output": str,
+        "output_truncated": bool,
+        "message": str,
+    },
 }
 RESULT_IDS = {"command_result": "execution_id", "package_result": "operation_id"}
 
@@ -45,9 +69,13 @@ def problems_with(message: Any) -> list[str]:
     kind, data = message.get("type"), message.get("data")
     if kind not in SCHEMAS or not isinstance(data, dict):
         return [f"unknown type or missing data: {message!r:.200}"]
-    found = [f"{kind}.{name} missing or not {expected}" for name, expected in SCHEMAS[kind].items()
-             if name not in data or not isinstance(data[name], expected)
-             or (expected is int and isinstance(data[name], bool))]
+    found = [
+        f"{kind}.{name} missing or not {expected}"
+        for name, expected in SCHEMAS[kind].items()
+        if name not in data
+        or not isinstance(data[name], expected)
+        or (expected is int and isinstance(data[name], bool))
+    ]
     try:
         datetime.fromisoformat(message["timestamp"].replace("Z", "+00:00"))
         assert message["timestamp"].endswith("Z")
@@ -88,12 +116,15 @@ class Received:
 class FakeServer:
     """Accepts agents on ``/ws/agent``, welcomes them, records and acknowledges messages."""
 
-    def __init__(self, token: str = TOKEN, heartbeat_interval: float = 0.3,
-                 metrics_interval: float = 0.3) -> None:
+    def __init__(
+        self, token: str = TOKEN, heartbeat_interval: float = 0.3, metrics_interval: float = 0.3
+    ) -> None:
         """Configure the token and the intervals sent in ``welcome``."""
         self.token = token
-        self.intervals = {"heartbeat_interval": heartbeat_interval,
-                          "metrics_interval": metrics_interval}
+        self.intervals = {
+            "heartbeat_interval": heartbeat_interval,
+            "metrics_interval": metrics_interval,
+        }
         self.auto_ack = True
         self.reject_code: int | None = None
         self.http_status: int | None = None
@@ -111,8 +142,13 @@ class FakeServer:
 
     async def start(self) -> None:
         """Listen (on the previous port again after a stop)."""
-        self._server = await serve(self._handle, "127.0.0.1", self.port, max_size=1 << 20,
-                                   process_request=self._process_request)
+        self._server = await serve(
+            self._handle,
+            "127.0.0.1",
+            self.port,
+            max_size=1 << 20,
+            process_request=self._process_request,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -129,8 +165,9 @@ class FakeServer:
 
     async def run_command(self, execution_id: str, command: str, timeout: float = 10) -> None:
         """Ask the agent to run ``command``."""
-        await self.send("run_command", {"execution_id": execution_id, "command": command,
-                                        "timeout": timeout})
+        await self.send(
+            "run_command", {"execution_id": execution_id, "command": command, "timeout": timeout}
+        )
 
     async def ack(self, kind: str, ref: str, connection: int = -1) -> None:
         """Acknowledge a result."""
@@ -140,14 +177,21 @@ class FakeServer:
         """Close the latest connection from the server side."""
         await self.connections[-1].websocket.close(code, "test drop")
 
-    def messages(self, type_: str | None = None,
-                 where: Callable[[Received], bool] = lambda item: True) -> list[Received]:
+    def messages(
+        self, type_: str | None = None, where: Callable[[Received], bool] = lambda item: True
+    ) -> list[Received]:
         """Messages received so far, optionally of one type and matching ``where``."""
-        return [item for item in self.received
-                if (type_ is None or item.type == type_) and where(item)]
+        return [
+            item for item in self.received if (type_ is None or item.type == type_) and where(item)
+        ]
 
-    async def wait_for(self, type_: str, where: Callable[[Received], bool] = lambda item: True,
-                       timeout: float = 10.0, count: int = 1) -> list[Received]:
+    async def wait_for(
+        self,
+        type_: str,
+        where: Callable[[Received], bool] = lambda item: True,
+        timeout: float = 10.0,
+        count: int = 1,
+    ) -> list[Received]:
         """Wait until ``count`` matching messages have arrived; return them."""
         async with asyncio.timeout(timeout):
             async with self._changed:
@@ -163,7 +207,8 @@ class FakeServer:
     async def result(self, execution_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """Wait for the ``command_result`` of ``execution_id``; return its data."""
         found = await self.wait_for(
-            "command_result", lambda item: item.data["execution_id"] == execution_id, timeout)
+            "command_result", lambda item: item.data["execution_id"] == execution_id, timeout
+        )
         return found[0].data
 
     async def _notify(self) -> None:
@@ -171,13 +216,15 @@ class FakeServer:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _process_request(self, connection: ServerConnection,
-                               request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         """Refuse the handshake with an HTTP status when the test asks for it."""
         if self.http_status is None:
             return None
-        self.connections.append(Connection(len(self.connections), request.path, request.headers,
-                                           connection))
+        self.connections.append(
+            Connection(len(self.connections), request.path, request.headers, connection)
+        )
         await self._notify()
         return connection.respond(HTTPStatus(self.http_status), "refused by test\n")
 
@@ -203,10 +250,20 @@ class FakeServer:
         """Close a connection with a wrong token (4001) or a test-chosen code."""
         websocket = connection.websocket
         if connection.headers.get("Authorization") != f"Bearer {self.token}":
-            await websocket.send(json.dumps({
-                "type": "error", "channel": "system", "timestamp": "2024-01-01T12:00:00.000Z",
-                "data": {"code": "AUTH_FAILED", "message": "Invalid host token",
-                         "action": "reconnect_with_valid_token"}}))
+            await websocket.send(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "channel": "system",
+                        "timestamp": "2024-01-01T12:00:00.000Z",
+                        "data": {
+                            "code": "AUTH_FAILED",
+                            "message": "Invalid host token",
+                            "action": "reconnect_with_valid_token",
+                        },
+                    }
+                )
+            )
             await websocket.close(4001, "authentication failed")
             return True
         if self.reject_code is not None:
@@ -221,14 +278,26 @@ class FakeServer:
         await self._notify()
         kind = message.get("type")
         if kind == "hello":
-            await connection.websocket.send(json.dumps({
-                "type": "welcome", "timestamp": "2024-01-01T12:00:00.000Z",
-                "data": {"host_id": HOST_ID, "server_time": "2024-01-01T12:00:00.000Z",
-                         **self.intervals}}))
+            await connection.websocket.send(
+                json.dumps(
+                    {
+                        "type": "welcome",
+                        "timestamp": "2024-01-01T12:00:00.000Z",
+                        "data": {
+                            "host_id": HOST_ID,
+                            "server_time": "2024-01-01T12:00:00.000Z",
+                            **self.intervals,
+                        },
+                    }
+                )
+            )
         elif kind in RESULT_IDS and self.auto_ack:
             ref = message["data"][RESULT_IDS[kind]]
-            ack = {"type": "ack", "data": {"kind": kind, "ref": ref},
-                   "timestamp": "2024-01-01T12:00:00.000Z"}
+            ack = {
+                "type": "ack",
+                "data": {"kind": kind, "ref": ref},
+                "timestamp": "2024-01-01T12:00:00.000Z",
+            }
             if "id" in message:
                 ack["id"] = message["id"]
             await connection.websocket.send(json.dumps(ack))

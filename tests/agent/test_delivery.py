@@ -12,7 +12,8 @@ from tests.agent.fake_server import FakeServer
 
 
 async def test_result_is_spooled_until_acked_and_resent_after_reconnect(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     fake_server.auto_ack = False
     agent = await start_agent()
@@ -26,7 +27,8 @@ async def test_result_is_spooled_until_acked_and_resent_after_reconnect(
     await fake_server.drop()
     await fake_server.wait_for("hello", count=2)
     resent = await fake_server.wait_for(
-        "command_result", lambda item: item.connection == 1, timeout=10)
+        "command_result", lambda item: item.connection == 1, timeout=10
+    )
     assert resent[0].data == first
     assert await agent.wait_spool(0) == []
 
@@ -47,7 +49,8 @@ async def test_ack_deletes_the_spool_file(fake_server: FakeServer, start_agent: 
 
 
 async def test_results_made_while_disconnected_are_delivered_later(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     agent = await start_agent()
     await fake_server.wait_for("hello")
@@ -59,12 +62,15 @@ async def test_results_made_while_disconnected_are_delivered_later(
 
     await fake_server.start()
     result = await fake_server.result("offline-1", timeout=15)
-    assert result["status"] == "completed" and result["stdout"] == "later\n"
+    assert result["status"] == "completed"
+    assert result["stdout"] == "later\n"
     await agent.wait_spool(0)
 
 
 async def test_repeated_run_command_runs_once(
-    fake_server: FakeServer, start_agent: StartAgent, tmp_path: Path,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
+    tmp_path: Path,
 ) -> None:
     marker = tmp_path / "runs"
     fake_server.auto_ack = False
@@ -92,7 +98,8 @@ async def test_repeated_run_command_runs_once(
 
 
 async def test_auth_failure_waits_the_maximum_delay(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     fake_server.token = "the-server-expects-another-token"
     agent = await start_agent()
@@ -105,7 +112,8 @@ async def test_auth_failure_waits_the_maximum_delay(
 
 
 async def test_http_forbidden_handshake_also_waits_the_maximum_delay(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     fake_server.http_status = 403
     agent = await start_agent()
@@ -116,7 +124,8 @@ async def test_http_forbidden_handshake_also_waits_the_maximum_delay(
 
 
 async def test_other_closes_reconnect_with_short_backoff(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     fake_server.reject_code = 1011
     agent = await start_agent()
@@ -125,7 +134,8 @@ async def test_other_closes_reconnect_with_short_backoff(
 
 
 async def test_sigterm_stops_children_and_closes_cleanly(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     sleeper = ["sleep", "32.5"]
     agent = await start_agent()
@@ -145,7 +155,8 @@ async def test_sigterm_stops_children_and_closes_cleanly(
 
 
 async def test_job_interrupted_by_a_crash_is_reported_after_restart(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     sleeper = ["sleep", "33.5"]
     agent = await start_agent()

@@ -14,7 +14,8 @@ from tests.agent.fake_server import TOKEN, FakeServer
 
 
 async def test_connects_with_bearer_token_and_no_origin(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     await start_agent()
     await fake_server.wait_for("hello")
@@ -26,7 +27,8 @@ async def test_connects_with_bearer_token_and_no_origin(
 
 
 async def test_hello_reports_real_host_facts(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     await start_agent()
     [hello] = await fake_server.wait_for("hello")
@@ -47,7 +49,8 @@ async def test_hello_reports_real_host_facts(
 
 
 async def test_heartbeats_and_metrics_follow_welcome_intervals(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     await start_agent()
     await fake_server.wait_for("heartbeat", count=3, timeout=5)
@@ -61,14 +64,16 @@ async def test_heartbeats_and_metrics_follow_welcome_intervals(
         assert 0.0 < values["memory_usage"] <= 100.0
         assert abs(values["disk_usage"]["/"] - psutil.disk_usage("/").percent) < 5
         assert all(0.0 <= percent <= 100.0 for percent in values["disk_usage"].values())
-        assert not any(mount.startswith(("/proc", "/sys", "/dev", "/snap"))
-                       for mount in values["disk_usage"])
+        assert not any(
+            mount.startswith(("/proc", "/sys", "/dev", "/snap")) for mount in values["disk_usage"]
+        )
         assert len(values["load_average"]) == 3
         assert all(isinstance(load, float) and load >= 0 for load in values["load_average"])
 
 
 async def test_explicit_interval_wins_over_welcome(
-    fake_server: FakeServer, start_agent: StartAgent,
+    fake_server: FakeServer,
+    start_agent: StartAgent,
 ) -> None:
     fake_server.intervals = {"heartbeat_interval": 60, "metrics_interval": 60}
     await start_agent("--heartbeat-interval", "0.2")

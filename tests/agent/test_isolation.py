@@ -8,8 +8,16 @@ import sys
 
 from tests.agent.conftest import REPO_ROOT, agent_environment
 
-SERVER_PACKAGES = {"django", "channels", "daphne", "rest_framework", "sysmanage", "hosts",
-                   "alerts", "activity"}
+SERVER_PACKAGES = {
+    "django",
+    "channels",
+    "daphne",
+    "rest_framework",
+    "sysmanage",
+    "hosts",
+    "alerts",
+    "activity",
+}
 ALLOWED_THIRD_PARTY = {"websockets", "psutil"}
 
 
@@ -24,8 +32,11 @@ def test_agent_sources_import_only_stdlib_websockets_and_psutil() -> None:
             else:
                 continue
             for root in roots:
-                assert root == "agent" or root in ALLOWED_THIRD_PARTY \
-                    or root in sys.stdlib_module_names, f"{path}: imports {root}"
+                assert (
+                    root == "agent"
+                    or root in ALLOWED_THIRD_PARTY
+                    or root in sys.stdlib_module_names
+                ), f"{path}: imports {root}"
 
 
 def test_importing_every_agent_module_loads_no_server_code() -> None:
@@ -35,9 +46,16 @@ def test_importing_every_agent_module_loads_no_server_code() -> None:
         "    importlib.import_module(info.name)\n"
         "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))\n"
     )
-    finished = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT,
-                              env=agent_environment(), capture_output=True, text=True,
-                              timeout=60, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=agent_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     loaded = set(finished.stdout.split())
-    assert "agent" in loaded and "websockets" in loaded
+    assert "agent" in loaded
+    assert "websockets" in loaded
     assert not loaded & SERVER_PACKAGES

@@ -62,9 +62,14 @@ def test_apt_status_lines_become_monotonic_progress() -> None:
         "pmstatus:foo:not-a-number:x",
     ]
     updates = [tracker.update(line) for line in lines]
-    assert updates[:4] == [(0, "Retrieving file 1 of 1"), (50, "Retrieving file 1 of 1"),
-                           (50, "Running dpkg"), (70, "Installing foo (amd64)")]
-    assert updates[4][0] == 70 and updates[4][1].startswith("error: /var/cache/foo.deb:")
+    assert updates[:4] == [
+        (0, "Retrieving file 1 of 1"),
+        (50, "Retrieving file 1 of 1"),
+        (50, "Running dpkg"),
+        (70, "Installing foo (amd64)"),
+    ]
+    assert updates[4][0] == 70
+    assert updates[4][1].startswith("error: /var/cache/foo.deb:")
     assert updates[5] == (90, "Installed foo (amd64)")
     assert updates[6:] == [None, None]
 
@@ -89,7 +94,8 @@ def test_capped_output_keeps_the_first_bytes_and_decodes_safely() -> None:
     output = CappedOutput(6)
     output.feed("héllo".encode())
     output.feed(b" world")
-    assert output.truncated and len(output) == 6
+    assert output.truncated
+    assert len(output) == 6
     assert output.text() == "héllo"
     cut = CappedOutput(2)
     cut.feed("é!".encode())
@@ -99,41 +105,55 @@ def test_capped_output_keeps_the_first_bytes_and_decodes_safely() -> None:
     assert partial.text() == ""  # a character cut in half is dropped
     invalid = CappedOutput(10)
     invalid.feed(b"a\xffb")
-    assert invalid.text() == "a\ufffdb" and not invalid.truncated
+    assert invalid.text() == "a\ufffdb"
+    assert not invalid.truncated
 
 
 def test_fit_frame_trims_the_longest_output() -> None:
-    data = {"stdout": "\x01" * 200_000, "stderr": "e" * 10, "stdout_truncated": False,
-            "stderr_truncated": False}
-    message = fit_frame(envelope("command_result", data),
-                        [("stdout", "stdout_truncated"), ("stderr", "stderr_truncated")],
-                        budget=300_000)
+    data = {
+        "stdout": "\x01" * 200_000,
+        "stderr": "e" * 10,
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+    }
+    message = fit_frame(
+        envelope("command_result", data),
+        [("stdout", "stdout_truncated"), ("stderr", "stderr_truncated")],
+        budget=300_000,
+    )
     assert frame_size(message) <= 300_000
     assert message["data"]["stdout_truncated"] is True
-    assert message["data"]["stderr"] == "e" * 10 and not message["data"]["stderr_truncated"]
+    assert message["data"]["stderr"] == "e" * 10
+    assert not message["data"]["stderr_truncated"]
 
 
 def test_exit_codes_follow_the_shell_convention() -> None:
-    assert exit_code_of(0) == 0 and exit_code_of(3) == 3
+    assert exit_code_of(0) == 0
+    assert exit_code_of(3) == 3
     assert exit_code_of(-9) == 137
     assert exit_code_of(None) is None
 
 
-@pytest.mark.parametrize("name", ["curl", "libc6:amd64", "python3.11", "g++", "nginx=1.22-1",
-                                  "linux-image-6.1.0-13-amd64"])
+@pytest.mark.parametrize(
+    "name",
+    ["curl", "libc6:amd64", "python3.11", "g++", "nginx=1.22-1", "linux-image-6.1.0-13-amd64"],
+)
 def test_valid_package_names(name: str) -> None:
     assert resolve_target(APT, "install", name) == name
 
 
-@pytest.mark.parametrize("name", ["-y", "--purge", "a b", "a;b", "a&&b", "$(x)", "`x`", "a|b",
-                                  "a>b", "a\nb", "../x", "~x", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["-y", "--purge", "a b", "a;b", "a&&b", "$(x)", "`x`", "a|b", "a>b", "a\nb", "../x", "~x", ""],
+)
 def test_invalid_package_names(name: str) -> None:
     with pytest.raises(RequestError):
         resolve_target(APT, "install", name)
 
 
 def test_local_deb_needs_apt_install_and_an_existing_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     deb = tmp_path / "x_1.0_all.deb"
     deb.write_bytes(b"!<arch>\n")
@@ -165,15 +185,18 @@ def test_package_manager_detection() -> None:
     assert detect_manager(lambda program: "/usr/bin/dnf" if program == "dnf" else None) is DNF
 
 
-@pytest.mark.parametrize(("device", "mountpoint", "fstype", "real"), [
-    ("/dev/sda1", "/", "ext4", True),
-    ("/dev/nvme0n1p1", "/boot/efi", "vfat", True),
-    ("/dev/loop3", "/snap/core/1", "squashfs", False),
-    ("/dev/loop0", "/mnt/image", "ext4", False),
-    ("tmpfs", "/tmp", "tmpfs", False),
-    ("overlay", "/var/lib/docker/overlay2/x/merged", "overlay", False),
-    ("/dev/sdb1", "/run/media/usb", "ext4", False),
-])
+@pytest.mark.parametrize(
+    ("device", "mountpoint", "fstype", "real"),
+    [
+        ("/dev/sda1", "/", "ext4", True),
+        ("/dev/nvme0n1p1", "/boot/efi", "vfat", True),
+        ("/dev/loop3", "/snap/core/1", "squashfs", False),
+        ("/dev/loop0", "/mnt/image", "ext4", False),
+        ("tmpfs", "/tmp", "tmpfs", False),
+        ("overlay", "/var/lib/docker/overlay2/x/merged", "overlay", False),
+        ("/dev/sdb1", "/run/media/usb", "ext4", False),
+    ],
+)
 def test_real_mounts(device: str, mountpoint: str, fstype: str, real: bool) -> None:
     assert is_real_mount(device, mountpoint, fstype) is real
 
@@ -214,8 +237,9 @@ def test_log_lines_never_show_the_secret() -> None:
     try:
         raise ValueError("header Authorization: Bearer tok-123")
     except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "sent %s", ("tok-123",),
-                                   exc_info=sys.exc_info())
+        record = logging.LogRecord(
+            "x", logging.ERROR, __file__, 1, "sent %s", ("tok-123",), exc_info=sys.exc_info()
+        )
     text = formatter.format(record)
     assert "tok-123" not in text
     assert text.count(REDACTED) >= 2
@@ -231,12 +255,15 @@ def test_spool_can_list_only_results_older_than_a_delay(tmp_path: Path) -> None:
     assert [m["data"]["n"] for m in spool.pending()] == [1, 2]
 
 
-@pytest.mark.parametrize(("end", "expected"), [
-    (SessionEnd(4001, "auth"), 60.0),
-    (SessionEnd(4009, "replaced", uptime=100, welcomed=True), 60.0),
-    (SessionEnd(None, "HTTP 403", http_status=403), 60.0),
-    (SessionEnd(None, "HTTP 401", http_status=401), 60.0),
-])
+@pytest.mark.parametrize(
+    ("end", "expected"),
+    [
+        (SessionEnd(4001, "auth"), 60.0),
+        (SessionEnd(4009, "replaced", uptime=100, welcomed=True), 60.0),
+        (SessionEnd(None, "HTTP 403", http_status=403), 60.0),
+        (SessionEnd(None, "HTTP 401", http_status=401), 60.0),
+    ],
+)
 def test_rejections_wait_the_maximum_delay(end: SessionEnd, expected: float) -> None:
     assert next_delay(end, Backoff(rng=random.Random(1))) == expected
 
@@ -249,4 +276,5 @@ def test_backoff_grows_on_failures_and_resets_after_a_long_connection() -> None:
     next_delay(SessionEnd(1011, "error", uptime=29.0, welcomed=True), backoff)
     assert backoff.ceiling() == 60
     delay = next_delay(SessionEnd(1012, "restart", uptime=31.0, welcomed=True), backoff)
-    assert delay <= 1.0 and backoff.ceiling() == 2
+    assert delay <= 1.0
+    assert backoff.ceiling() == 2

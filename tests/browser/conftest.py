@@ -7,8 +7,10 @@ Chromium and chromedriver are the Debian packages ``chromium`` and ``chromium-dr
 (``scripts/test`` installs them). Without them these tests are skipped, or fail when
 ``CI`` is set.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -56,8 +58,7 @@ def deployment(chromium: None, launch_sqlite: Any) -> Iterator[Deployment]:  # n
 
 
 @pytest.fixture(scope="module")
-def browser(deployment: Deployment,
-            request: pytest.FixtureRequest) -> Iterator[support.Browser]:
+def browser(deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[support.Browser]:
     """One headless Chromium for the module, not logged in at first."""
     shutil.rmtree(support.SCREENSHOTS / "failed", ignore_errors=True)
     instance = support.Browser(deployment.server.base_url, log_dir=deployment.work_dir)
@@ -79,14 +80,13 @@ def _read_console_after_each_test() -> Iterator[None]:
     """Keep the console lines of each test (a later test checks them all)."""
     yield
     for instance in _OPEN:
-        try:
+        with contextlib.suppress(Exception):
             instance.read_console()
-        except Exception:  # noqa: BLE001 - a dead browser fails its own test
-            pass
 
 
-def pytest_exception_interact(node: pytest.Item, call: pytest.CallInfo[Any],
-                              report: pytest.TestReport) -> None:
+def pytest_exception_interact(
+    node: pytest.Item, call: pytest.CallInfo[Any], report: pytest.TestReport
+) -> None:
     """When a test fails: a screenshot and the HTML of every open browser's page, and its
     console lines, under ``test-artifacts/screenshots/failed/``."""
     if not _OPEN:
@@ -99,9 +99,15 @@ def pytest_exception_interact(node: pytest.Item, call: pytest.CallInfo[Any],
             path = instance.screenshot(stem, directory)
             (directory / f"{stem}.html").write_text(instance.driver.page_source)
             instance.read_console()
-            lines = "\n".join(f"{e.level} {'(expected) ' if e.expected else ''}{e.page}: "
-                              f"{e.message}" for e in instance.console)
-            report.sections.append((f"browser {index}: {instance.driver.current_url}",
-                                    f"screenshot: {path}\nconsole:\n{lines or '(empty)'}"))
-        except Exception as exc:  # noqa: BLE001 - the report matters more
+            lines = "\n".join(
+                f"{e.level} {'(expected) ' if e.expected else ''}{e.page}: {e.message}"
+                for e in instance.console
+            )
+            report.sections.append(
+                (
+                    f"browser {index}: {instance.driver.current_url}",
+                    f"screenshot: {path}\nconsole:\n{lines or '(empty)'}",
+                )
+            )
+        except Exception as exc:
             report.sections.append((f"browser {index}", f"no screenshot: {exc!r}"))

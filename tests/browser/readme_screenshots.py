@@ -11,6 +11,7 @@ the real host, acknowledges an alert, and saves ``overview.png``, ``hosts.png``,
 ``host.png``, ``host-console.png`` and ``alerts.png``. Needs the Debian packages ``chromium`` and
 ``chromium-driver``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ REAL_HOST = "ops-01"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=harness.REPO_ROOT / "docs/screenshots")
-    parser.add_argument("--warmup", type=float, default=120.0,
-                        help="seconds the fleet reports before the first screenshot")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=120.0,
+        help="seconds the fleet reports before the first screenshot",
+    )
     args = parser.parse_args(argv)
     problem = support.chromium_missing()
     if problem:
@@ -46,38 +51,75 @@ def main(argv: list[str] | None = None) -> int:
 def take(work: Path, out: Path, warmup: float) -> None:
     password = secrets.token_urlsafe(12)
     env = harness.server_env(
-        **harness.COMMON_SETTINGS, **AGENT_SETTINGS,
+        **harness.COMMON_SETTINGS,
+        **AGENT_SETTINGS,
         DATABASE_URL=harness.sqlite_url(work / "db.sqlite3"),
-        SYSMANAGE_VAR_DIR=str(work / "var"), DJANGO_SECRET_KEY=harness.new_secret())
+        SYSMANAGE_VAR_DIR=str(work / "var"),
+        DJANGO_SECRET_KEY=harness.new_secret(),
+    )
     harness.run_python(["manage.py", "migrate", "--noinput"], env, what="migrate")
-    harness.manage_shell(env, (
-        "from django.contrib.auth import get_user_model; "
-        f"get_user_model().objects.create_superuser('admin', 'admin@example.com', {password!r})"))
+    harness.manage_shell(
+        env,
+        (
+            "from django.contrib.auth import get_user_model; "
+            f"get_user_model().objects.create_superuser('admin', 'admin@example.com', {password!r})"
+        ),
+    )
     servers = harness.start_servers([("screenshots", env)], work)
-    deployment = harness.Deployment(env=env, seed={"password": password}, servers=servers,
-                                    work_dir=work)
+    deployment = harness.Deployment(
+        env=env, seed={"password": password}, servers=servers, work_dir=work
+    )
     url = deployment.server.base_url
     demo = agent = browser = None
     try:
         demo = subprocess.Popen(
-            [harness.PYTHON, "manage.py", "seed_demo", "--server", url, "--hosts", "6",
-             "--interval", "1", "--seed", "7"],
-            cwd=harness.REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-            stderr=(work / "seed_demo.log").open("wb"))
+            [
+                harness.PYTHON,
+                "manage.py",
+                "seed_demo",
+                "--server",
+                url,
+                "--hosts",
+                "6",
+                "--interval",
+                "1",
+                "--seed",
+                "7",
+            ],
+            cwd=harness.REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "seed_demo.log").open("wb"),
+        )
         enrolled = register(deployment, REAL_HOST)
         register(deployment, "backup-01")  # enrolled, its agent not started yet
-        agent = AgentProcess(url, enrolled["token"], work / "agent-state",
-                             work / "agent.log").start()
+        agent = AgentProcess(
+            url, enrolled["token"], work / "agent-state", work / "agent.log"
+        ).start()
         host_id = enrolled["host_id"]
-        support.poll(lambda: support.api(deployment, "GET", "/api/hosts/?status=online&limit=50")
-                     ["count"] >= 7, 60, "the demo hosts and the agent to be online")
+        support.poll(
+            lambda: (
+                support.api(deployment, "GET", "/api/hosts/?status=online&limit=50")["count"] >= 7
+            ),
+            60,
+            "the demo hosts and the agent to be online",
+        )
         time.sleep(warmup)  # let the fleet report for a while: charts and alerts fill in
 
         browser = support.Browser(url)
         support.log_in(browser, "admin", password)
-        support.api(deployment, "POST", "/api/alerts/", {
-            "severity": "info", "category": "maintenance", "host": host_id,
-            "title": "Kernel update pending", "message": "A reboot is needed to use 6.1.0-28."})
+        support.api(
+            deployment,
+            "POST",
+            "/api/alerts/",
+            {
+                "severity": "info",
+                "category": "maintenance",
+                "host": host_id,
+                "title": "Kernel update pending",
+                "message": "A reboot is needed to use 6.1.0-28.",
+            },
+        )
 
         # The real host: a command run from its console, then its page.
         browser.open(f"/hosts/{host_id}/", "host_metrics", "system_alerts")
@@ -86,10 +128,14 @@ def take(work: Path, out: Path, warmup: float) -> None:
             box.clear()
             box.send_keys(command)
             browser.find("#console-form button[type=submit]").click()
-            browser.wait(lambda d, c=command: any(
-                li.find_element("css selector", ".history-command").text == c and
-                li.find_element("css selector", ".badge").text.startswith("Exit")
-                for li in browser.find_all("#console-history > li")), 45)
+            browser.wait(
+                lambda d, c=command: any(
+                    li.find_element("css selector", ".history-command").text == c
+                    and li.find_element("css selector", ".badge").text.startswith("Exit")
+                    for li in browser.find_all("#console-history > li")
+                ),
+                45,
+            )
         browser.wait_text('[data-chart="cpu"] [data-latest]', lambda t: t.endswith("%"))
         browser.find("#console-command").clear()
         browser.driver.execute_script("window.scrollTo(0, 0); document.activeElement.blur();")
@@ -97,13 +143,17 @@ def take(work: Path, out: Path, warmup: float) -> None:
         # Further down: the last charts and the console's results in one view.
         browser.driver.execute_script(
             "document.querySelector('#console-history').scrollIntoView({block: 'end'});"
-            "window.scrollBy(0, 24);")
+            "window.scrollBy(0, 24);"
+        )
         browser.screenshot("host-console", out)
 
         # Alerts: acknowledge the oldest open one through its button.
         browser.open("/alerts/", "system_alerts")
-        buttons = [b for b in browser.find_all('#alert-rows button[data-action="acknowledge"]')
-                   if b.is_displayed()]
+        buttons = [
+            b
+            for b in browser.find_all('#alert-rows button[data-action="acknowledge"]')
+            if b.is_displayed()
+        ]
         if buttons:
             row = buttons[-1].find_element("xpath", "./ancestor::tr")
             buttons[-1].click()

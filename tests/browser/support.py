@@ -5,6 +5,7 @@ server that can come back on the port it had, and small waits on what pages show
 Nothing here sleeps for correctness: every wait is a :class:`WebDriverWait` (or a bounded
 poll) on something the page or the server shows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,15 +53,21 @@ WAIT = 20.0
 
 def chromium_missing() -> str | None:
     """None if Chromium, chromedriver and Selenium are all here, else what is missing."""
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER)
-               if not (path.is_file() and os.access(path, os.X_OK))]
+    missing = [
+        str(path)
+        for path in (CHROMIUM, CHROMEDRIVER)
+        if not (path.is_file() and os.access(path, os.X_OK))
+    ]
     try:
         import selenium  # noqa: F401
     except ImportError:
         missing.append("the selenium package (requirements-dev.txt)")
     if missing:
-        return ("browser tests need " + ", ".join(missing)
-                + " (Debian: apt-get install chromium chromium-driver)")
+        return (
+            "browser tests need "
+            + ", ".join(missing)
+            + " (Debian: apt-get install chromium chromium-driver)"
+        )
     return None
 
 
@@ -85,8 +92,9 @@ class Browser:
     received (from the performance log) since the last :meth:`forget_frames`.
     """
 
-    def __init__(self, base_url: str, *, size: tuple[int, int] = WINDOW_SIZE,
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self, base_url: str, *, size: tuple[int, int] = WINDOW_SIZE, log_dir: Path | None = None
+    ) -> None:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -101,8 +109,11 @@ class Browser:
         options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
         log_output = str(log_dir / "chromedriver.log") if log_dir else subprocess.DEVNULL
         # The driver's path is given, so Selenium Manager never runs (nor downloads).
-        service = Service(executable_path=str(CHROMEDRIVER), log_output=log_output,
-                          service_args=["--log-level=WARNING"])
+        service = Service(
+            executable_path=str(CHROMEDRIVER),
+            log_output=log_output,
+            service_args=["--log-level=WARNING"],
+        )
         try:
             self.driver = webdriver.Chrome(service=service, options=options)
         except BaseException:
@@ -130,15 +141,19 @@ class Browser:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def wait(self, condition: Callable[[Any], Any], timeout: float = WAIT,
-             message: str = "") -> Any:
+    def wait(
+        self, condition: Callable[[Any], Any], timeout: float = WAIT, message: str = ""
+    ) -> Any:
         """Wait until ``condition(driver)`` is truthy; return its value."""
         from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.1,
-                             ignored_exceptions=(StaleElementReferenceException,)).until(
-            condition, message)
+        return WebDriverWait(
+            self.driver,
+            timeout,
+            poll_frequency=0.1,
+            ignored_exceptions=(StaleElementReferenceException,),
+        ).until(condition, message)
 
     def find(self, css: str) -> Any:
         from selenium.webdriver.common.by import By
@@ -155,16 +170,21 @@ class Browser:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as ec
 
-        return self.wait(ec.visibility_of_element_located((By.CSS_SELECTOR, css)), timeout,
-                         f"nothing visible matches {css!r}")
+        return self.wait(
+            ec.visibility_of_element_located((By.CSS_SELECTOR, css)),
+            timeout,
+            f"nothing visible matches {css!r}",
+        )
 
     def text_of(self, css: str) -> str:
         elements = self.find_all(css)
         return elements[0].text if elements else ""
 
-    def wait_text(self, css: str, predicate: Callable[[str], bool], timeout: float = WAIT,
-                  what: str = "") -> str:
+    def wait_text(
+        self, css: str, predicate: Callable[[str], bool], timeout: float = WAIT, what: str = ""
+    ) -> str:
         """Wait until the text of the first ``css`` element satisfies ``predicate``."""
+
         def check(_driver: Any) -> str | bool:
             text = self.text_of(css)
             return text if predicate(text) else False
@@ -172,8 +192,9 @@ class Browser:
         try:
             return self.wait(check, timeout)
         except Exception as exc:
-            raise AssertionError(f"{what or css}: text is {self.text_of(css)!r} after "
-                                 f"{timeout}s") from exc
+            raise AssertionError(
+                f"{what or css}: text is {self.text_of(css)!r} after {timeout}s"
+            ) from exc
 
     def connection_state(self) -> str:
         elements = self.find_all("#connection")
@@ -181,8 +202,11 @@ class Browser:
 
     def wait_live(self, timeout: float = WAIT) -> None:
         """Wait until the header's indicator says the page is live."""
-        self.wait(lambda d: self.connection_state() == "open", timeout,
-                  "the connection indicator never said Live")
+        self.wait(
+            lambda d: self.connection_state() == "open",
+            timeout,
+            "the connection indicator never said Live",
+        )
         assert self.text_of("#connection .connection-label") == "Live"
 
     def open(self, path: str, *channels: str, timeout: float = WAIT) -> None:
@@ -217,16 +241,23 @@ class Browser:
 
     def subscribed(self) -> set[str]:
         """Channels whose subscription the server confirmed since :meth:`forget_frames`."""
-        return {f["data"]["channel"] for f in self.read_frames()
-                if f.get("type") == "response" and isinstance(f.get("data"), dict)
-                and f["data"].get("action") == "subscribe"
-                and f["data"].get("status") == "subscribed"}
+        return {
+            f["data"]["channel"]
+            for f in self.read_frames()
+            if f.get("type") == "response"
+            and isinstance(f.get("data"), dict)
+            and f["data"].get("action") == "subscribe"
+            and f["data"].get("status") == "subscribed"
+        }
 
     def wait_subscribed(self, *channels: str, timeout: float = WAIT) -> None:
         if channels:
-            self.wait(lambda d: set(channels) <= self.subscribed(), timeout,
-                      f"the server did not confirm the subscriptions to {channels} "
-                      f"(confirmed: {sorted(self.subscribed())})")
+            self.wait(
+                lambda d: set(channels) <= self.subscribed(),
+                timeout,
+                f"the server did not confirm the subscriptions to {channels} "
+                f"(confirmed: {sorted(self.subscribed())})",
+            )
 
     # -- console ---
 
@@ -249,30 +280,38 @@ class Browser:
         fresh = []
         for entry in self.driver.get_log("browser"):
             message = str(entry.get("message", ""))
-            fresh.append(ConsoleEntry(
-                level=str(entry.get("level", "")), message=message,
-                timestamp=float(entry.get("timestamp", 0)), page=page,
-                expected=any(p.search(message) for p in self._expect_console)))
+            fresh.append(
+                ConsoleEntry(
+                    level=str(entry.get("level", "")),
+                    message=message,
+                    timestamp=float(entry.get("timestamp", 0)),
+                    page=page,
+                    expected=any(p.search(message) for p in self._expect_console),
+                )
+            )
         self.console.extend(fresh)
         return fresh
 
     def write_console(self, path: Path) -> None:
         """Save every console line read so far (the expected ones marked)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(
-            f"{e.timestamp:.0f} {e.level}{' (expected)' if e.expected else ''} "
-            f"{e.page}: {e.message}\n" for e in self.console))
+        path.write_text(
+            "".join(
+                f"{e.timestamp:.0f} {e.level}{' (expected)' if e.expected else ''} "
+                f"{e.page}: {e.message}\n"
+                for e in self.console
+            )
+        )
 
     def console_problems(self) -> list[ConsoleEntry]:
         """Errors and warnings in the console that no test expected."""
         self.read_console()
-        return [e for e in self.console
-                if e.level in ("SEVERE", "WARNING") and not e.expected]
+        return [e for e in self.console if e.level in ("SEVERE", "WARNING") and not e.expected]
 
     def _current_url(self) -> str:
         try:
             return self.driver.current_url
-        except Exception:  # noqa: BLE001 - only a label for the report
+        except Exception:
             return "?"
 
     # -- artifacts --
@@ -286,10 +325,10 @@ class Browser:
 
     def full_page_screenshot(self, name: str, directory: Path = SCREENSHOTS) -> Path:
         """Save the whole page (the window grown to the page's height) as a PNG."""
-        width, height = self.driver.execute_script(
-            "return [window.innerWidth, window.innerHeight]")
+        width, height = self.driver.execute_script("return [window.innerWidth, window.innerHeight]")
         page_height = self.driver.execute_script(
-            "return Math.ceil(document.documentElement.scrollHeight)")
+            "return Math.ceil(document.documentElement.scrollHeight)"
+        )
         try:
             self.set_viewport(width, max(height, page_height))
             return self.screenshot(name, directory)
@@ -304,8 +343,10 @@ def log_in(browser: Browser, username: str, password: str) -> None:
     """Log in through the ``/login/`` form and wait for the overview."""
     browser.driver.get(browser.url("/login/"))
     fill_login_form(browser, username, password)
-    browser.wait(lambda d: d.current_url.rstrip("/") == browser.base_url,
-                 message="the login did not lead to the overview")
+    browser.wait(
+        lambda d: d.current_url.rstrip("/") == browser.base_url,
+        message="the login did not lead to the overview",
+    )
 
 
 def fill_login_form(browser: Browser, username: str, password: str) -> None:
@@ -323,8 +364,10 @@ def ensure_logged_in(browser: Browser, username: str, password: str) -> None:
     browser.driver.get(browser.url("/"))
     if browser.find_all(".login-box"):  # anonymous: / shows the login form
         fill_login_form(browser, username, password)
-        browser.wait(lambda d: not browser.find_all(".login-box"),
-                     message="the login did not leave the login page")
+        browser.wait(
+            lambda d: not browser.find_all(".login-box"),
+            message="the login did not leave the login page",
+        )
 
 
 # -- a server that comes back on the same port ------------------------------------------------
@@ -339,11 +382,25 @@ class FixedPortServer(harness.DaphneServer):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [harness.PYTHON, "-m", "sysmanage.serve", "-b", "127.0.0.1", "-p", str(self.port),
-             "--application-close-timeout", "5", "sysmanage.asgi:application"],
-            cwd=harness.REPO_ROOT, env=self.env, stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=harness._die_with_parent if sys.platform == "linux" else None)
+            [
+                harness.PYTHON,
+                "-m",
+                "sysmanage.serve",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--application-close-timeout",
+                "5",
+                "sysmanage.asgi:application",
+            ],
+            cwd=harness.REPO_ROOT,
+            env=self.env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=harness._die_with_parent if sys.platform == "linux" else None,
+        )
         harness.LIVE_SERVERS.append(self)
         return self
 
@@ -354,8 +411,9 @@ def restart_on_same_port(deployment: harness.Deployment, name: str) -> FixedPort
     deployment's teardown stops it)."""
     old = deployment.server
     assert not old.alive(), "stop the old server first"
-    server = FixedPortServer(name=name, env=old.env,
-                             log_path=deployment.work_dir / f"{name}.log", port=old.port)
+    server = FixedPortServer(
+        name=name, env=old.env, log_path=deployment.work_dir / f"{name}.log", port=old.port
+    )
     server.start().wait_ready()
     deployment.servers[deployment.servers.index(old)] = server
     return server
@@ -374,29 +432,32 @@ def build_deb(workdir: Path, package: str) -> Path:
     (root / "DEBIAN/control").write_text(
         f"Package: {package}\nVersion: 1.0\nArchitecture: all\n"
         "Maintainer: SysManage tests <tests@example.invalid>\n"
-        "Description: package installed and removed by the browser tests\n")
+        "Description: package installed and removed by the browser tests\n"
+    )
     target = workdir / f"{package}_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "--build", str(root), str(target)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--build", str(root), str(target)], check=True, capture_output=True)
     return target
 
 
 def dpkg_installed(package: str) -> bool:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+    )
     return "install ok installed" in result.stdout
 
 
 # -- the REST API ------------------------------------------------------------------------------
 
 
-def api(deployment: harness.Deployment, method: str, path: str, body: Any = None,
-        user: str = "admin") -> Any:
+def api(
+    deployment: harness.Deployment, method: str, path: str, body: Any = None, user: str = "admin"
+) -> Any:
     """A REST API call as ``user`` (bearer token); return the JSON body, checking 2xx."""
     from tests.integration.client import http_request
 
-    response = http_request(method, deployment.server.base_url + path,
-                            token=deployment.token(user), json_body=body)
+    response = http_request(
+        method, deployment.server.base_url + path, token=deployment.token(user), json_body=body
+    )
     assert 200 <= response.status < 300, f"{method} {path}: {response.status} {response.body}"
     return response.body
 

@@ -10,6 +10,7 @@ agent) is made when missing.
 
 Screenshots of every page go to ``test-artifacts/screenshots/``.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,7 @@ PACKAGE = "sysmanage-browser-selftest"
 PERCENT = re.compile(r"^\d+(\.\d+)? %$")
 
 #: Console lines a browser logs while the server it talks to is down.
-WS_REFUSED = (r"WebSocket connection to '[^']*/ws' failed",
-              r"net::ERR_CONNECTION_REFUSED")
+WS_REFUSED = (r"WebSocket connection to '[^']*/ws' failed", r"net::ERR_CONNECTION_REFUSED")
 
 
 @dataclass
@@ -55,25 +55,42 @@ class Fleet:
         """``manage.py register_host``, then start the agent; return the host id."""
         enrolled = register(self.deployment, AGENT_HOSTNAME)
         self.host_id = enrolled["host_id"]
-        self.agent = AgentProcess(self.deployment.server.base_url, enrolled["token"],
-                                  self.work_dir / "agent-state",
-                                  self.work_dir / "agent.log").start()
+        self.agent = AgentProcess(
+            self.deployment.server.base_url,
+            enrolled["token"],
+            self.work_dir / "agent-state",
+            self.work_dir / "agent.log",
+        ).start()
         return self.host_id
 
     def online_host(self) -> str:
         """The agent host's id, enrolling it and waiting until it is online if need be."""
         if not self.host_id:
             self.enroll_and_start()
-        support.poll(lambda: support.api(self.deployment, "GET",
-                                         f"/api/hosts/{self.host_id}/")["status"] == "online",
-                     60, f"{AGENT_HOSTNAME} to be online")
+        support.poll(
+            lambda: (
+                support.api(self.deployment, "GET", f"/api/hosts/{self.host_id}/")["status"]
+                == "online"
+            ),
+            60,
+            f"{AGENT_HOSTNAME} to be online",
+        )
         return self.host_id
 
     def raise_alert(self, title: str, severity: str = "critical") -> str:
         """``POST /api/alerts/`` as admin; return the alert's id."""
-        alert = support.api(self.deployment, "POST", "/api/alerts/", {
-            "severity": severity, "category": "browser-test", "title": title,
-            "message": "Raised through the REST API.", "host": self.host_id or None})
+        alert = support.api(
+            self.deployment,
+            "POST",
+            "/api/alerts/",
+            {
+                "severity": severity,
+                "category": "browser-test",
+                "title": title,
+                "message": "Raised through the REST API.",
+                "host": self.host_id or None,
+            },
+        )
         self.alerts[title] = alert["id"]
         return alert["id"]
 
@@ -109,8 +126,10 @@ def alert_ids(browser: Browser) -> list[str]:
 
 def legend(browser: Browser, chart: str) -> list[str]:
     """The legend of a chart: one "name value" text per series."""
-    return [" ".join(li.text.split())
-            for li in browser.find_all(f'[data-chart="{chart}"] [data-legend] li')]
+    return [
+        " ".join(li.text.split())
+        for li in browser.find_all(f'[data-chart="{chart}"] [data-legend] li')
+    ]
 
 
 def history_item(browser: Browser, list_id: str, title: str) -> Any:
@@ -121,10 +140,12 @@ def history_item(browser: Browser, list_id: str, title: str) -> Any:
     return None
 
 
-def wait_history_badge(browser: Browser, list_id: str, title: str, predicate: Any,
-                       timeout: float = support.WAIT) -> Any:
+def wait_history_badge(
+    browser: Browser, list_id: str, title: str, predicate: Any, timeout: float = support.WAIT
+) -> Any:
     """Wait until the item ``title`` of a history list has a badge satisfying
     ``predicate(text)``; return the item."""
+
     def check(_driver: Any) -> Any:
         item = history_item(browser, list_id, title)
         if item is None:
@@ -136,8 +157,9 @@ def wait_history_badge(browser: Browser, list_id: str, title: str, predicate: An
         return browser.wait(check, timeout)
     except Exception as exc:
         item = history_item(browser, list_id, title)
-        raise AssertionError(f"{title!r} in #{list_id}: "
-                             f"{item.text if item is not None else 'no such item'!r}") from exc
+        raise AssertionError(
+            f"{title!r} in #{list_id}: {item.text if item is not None else 'no such item'!r}"
+        ) from exc
 
 
 def run_in_console(browser: Browser, command: str) -> Any:
@@ -146,10 +168,16 @@ def run_in_console(browser: Browser, command: str) -> Any:
     box.clear()
     box.send_keys(command)
     browser.find("#console-form button[type=submit]").click()
-    return wait_history_badge(browser, "console-history", command,
-                              lambda text: text.startswith("Exit") or text in
-                              ("Failed", "Timed out", "Not run", "Error", "Not allowed"),
-                              timeout=45)
+    return wait_history_badge(
+        browser,
+        "console-history",
+        command,
+        lambda text: (
+            text.startswith("Exit")
+            or text in ("Failed", "Timed out", "Not run", "Error", "Not allowed")
+        ),
+        timeout=45,
+    )
 
 
 def package_operation(browser: Browser, operation: str, package: str) -> Any:
@@ -192,8 +220,10 @@ def test_log_in_through_the_login_page(browser: Browser, deployment: Deployment)
     assert "/login/" in browser.driver.current_url
 
     support.fill_login_form(browser, "admin", deployment.password)
-    browser.wait(lambda d: d.current_url.rstrip("/") == browser.base_url,
-                 message="the login did not lead to the overview")
+    browser.wait(
+        lambda d: d.current_url.rstrip("/") == browser.base_url,
+        message="the login did not lead to the overview",
+    )
     assert browser.visible("h1").text == "Fleet overview"
     assert browser.text_of(".account-name") == "admin"
     browser.wait_live()
@@ -211,12 +241,16 @@ def test_hosts_page_shows_the_agent_coming_online(admin: Browser, fleet: Fleet) 
 
     host_id = fleet.enroll_and_start()
     row = row_of_host(browser, host_id)
-    browser.wait_text(f"{row} [data-cell=status] .badge", lambda t: t == "Online", 40,
-                      "the agent's status badge")
-    assert browser.driver.execute_script("return window.__sameDocument === true;"), \
+    browser.wait_text(
+        f"{row} [data-cell=status] .badge", lambda t: t == "Online", 40, "the agent's status badge"
+    )
+    assert browser.driver.execute_script("return window.__sameDocument === true;"), (
         "the page reloaded"
-    assert browser.find(f"{row} [data-cell=status] .badge").get_attribute("class") == \
-        "badge status-online"
+    )
+    assert (
+        browser.find(f"{row} [data-cell=status] .badge").get_attribute("class")
+        == "badge status-online"
+    )
     assert browser.text_of(f"{row} [data-cell=last-seen]") == "now"
     assert browser.text_of(f"{row} th a") == AGENT_HOSTNAME
     browser.wait_text("#host-count", lambda t: t == "7 hosts.")
@@ -242,8 +276,7 @@ def test_host_page_charts_console_and_failing_command(admin: Browser, fleet: Fle
     browser.find(f"{row_of_host(browser, host_id)} th a").click()
     browser.wait(lambda d: d.current_url.endswith(f"/hosts/{host_id}/"))
     browser.wait_live()
-    browser.wait_subscribed("host_status", "host_metrics", "system_alerts",
-                            "package_operations")
+    browser.wait_subscribed("host_status", "host_metrics", "system_alerts", "package_operations")
     assert browser.visible("h1").text == AGENT_HOSTNAME
     browser.wait_text("#host-status .badge", lambda t: t == "Online")
     assert browser.find(".host-offline-hint").is_displayed() is False
@@ -251,14 +284,19 @@ def test_host_page_charts_console_and_failing_command(admin: Browser, fleet: Fle
     # Live metrics: the current value of the CPU chart appears, then moves.
     cpu = '[data-chart="cpu"] [data-latest]'
     first = browser.wait_text(cpu, lambda t: bool(PERCENT.match(t)), 20, "CPU chart value")
-    browser.wait_text(cpu, lambda t: bool(PERCENT.match(t)) and t != first, 30,
-                      f"CPU chart value (first {first!r})")
+    browser.wait_text(
+        cpu,
+        lambda t: bool(PERCENT.match(t)) and t != first,
+        30,
+        f"CPU chart value (first {first!r})",
+    )
     browser.wait_text('[data-chart="memory"] [data-latest]', lambda t: bool(PERCENT.match(t)))
     disk_legend = browser.wait(lambda d: legend(browser, "disk") or False)
     assert any(re.fullmatch(r"/ \d+(\.\d+)? %", text) for text in disk_legend), disk_legend
     load_legend = legend(browser, "load")
-    assert [text.rsplit(" ", 1)[0] for text in load_legend] == ["1 min", "5 min", "15 min"], \
+    assert [text.rsplit(" ", 1)[0] for text in load_legend] == ["1 min", "5 min", "15 min"], (
         load_legend
+    )
     label = browser.find('[data-chart="cpu"] canvas').get_attribute("aria-label")
     assert label.startswith("CPU usage over the last hour; latest: "), label
 
@@ -275,16 +313,21 @@ def test_host_page_charts_console_and_failing_command(admin: Browser, fleet: Fle
     assert (badge.text, badge.get_attribute("class")) == ("Exit 3", "badge status-failed")
     assert item.find_element("css selector", "pre.output-stderr").text == "oops"
     assert not item.find_elements("css selector", "pre.output:not(.output-stderr)")
-    titles = [li.find_element("css selector", ".history-command").text
-              for li in browser.find_all("#console-history > li")]
+    titles = [
+        li.find_element("css selector", ".history-command").text
+        for li in browser.find_all("#console-history > li")
+    ]
     assert titles == ["echo oops >&2; exit 3", "echo hello-from-browser"]
     browser.screenshot("host")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get")
-                    or not shutil.which("dpkg-deb"), reason="needs root, apt-get and dpkg-deb")
-def test_package_install_and_remove_with_progress(admin: Browser, fleet: Fleet,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("apt-get") or not shutil.which("dpkg-deb"),
+    reason="needs root, apt-get and dpkg-deb",
+)
+def test_package_install_and_remove_with_progress(
+    admin: Browser, fleet: Fleet, tmp_path: Path
+) -> None:
     browser = admin
     host_id = fleet.online_host()
     deb = support.build_deb(tmp_path, PACKAGE)
@@ -292,8 +335,9 @@ def test_package_install_and_remove_with_progress(admin: Browser, fleet: Fleet,
     try:
         browser.open(f"/hosts/{host_id}/", "package_operations")
         item, seen = package_operation(browser, "install", str(deb))
-        assert item.find_element("css selector", ".history-head .badge").text == "Completed", \
+        assert item.find_element("css selector", ".history-head .badge").text == "Completed", (
             item.text
+        )
         assert item.find_element("css selector", "progress").get_attribute("value") == "100"
         assert item.find_element("css selector", ".progress-value").text == "100 %"
         assert seen[-1] == "100", seen
@@ -302,19 +346,23 @@ def test_package_install_and_remove_with_progress(admin: Browser, fleet: Fleet,
         browser.screenshot("host-package-installed")
 
         item, seen = package_operation(browser, "remove", PACKAGE)
-        assert item.find_element("css selector", ".history-head .badge").text == "Completed", \
+        assert item.find_element("css selector", ".history-head .badge").text == "Completed", (
             item.text
+        )
         assert item.find_element("css selector", ".progress-value").text == "100 %"
         assert not support.dpkg_installed(PACKAGE)
-        titles = [li.find_element("css selector", ".history-command").text
-                  for li in browser.find_all("#package-operations > li")]
+        titles = [
+            li.find_element("css selector", ".history-command").text
+            for li in browser.find_all("#package-operations > li")
+        ]
         assert titles == [f"Remove {PACKAGE}", f"Install {deb}"], titles
     finally:
         subprocess.run(["dpkg", "-r", PACKAGE], capture_output=True, check=False)
 
 
-def test_alert_appears_live_and_is_acknowledged(admin: Browser, fleet: Fleet,
-                                                deployment: Deployment) -> None:
+def test_alert_appears_live_and_is_acknowledged(
+    admin: Browser, fleet: Fleet, deployment: Deployment
+) -> None:
     browser = admin
     fleet.online_host()
     browser.open("/alerts/", "system_alerts")
@@ -331,10 +379,12 @@ def test_alert_appears_live_and_is_acknowledged(admin: Browser, fleet: Fleet,
     assert "is-new" in browser.find(row).get_attribute("class")
     # New alerts go on top (the agent's own rules may raise some meanwhile, too).
     shown = alert_ids(browser)
-    assert shown[len(shown) - len(earlier):] == earlier, (shown, earlier)
+    assert shown[len(shown) - len(earlier) :] == earlier, (shown, earlier)
     # The count follows the rows (all on the first page here).
-    browser.wait(lambda d: browser.text_of("#alert-count").startswith(
-        f"{len(alert_ids(browser))} alert"), message="the alert count did not follow")
+    browser.wait(
+        lambda d: browser.text_of("#alert-count").startswith(f"{len(alert_ids(browser))} alert"),
+        message="the alert count did not follow",
+    )
 
     browser.find(f'{row} button[data-action="acknowledge"]').click()
     browser.wait_text(f"{row} [data-cell=status]", lambda t: t == "Acknowledged")
@@ -342,13 +392,13 @@ def test_alert_appears_live_and_is_acknowledged(admin: Browser, fleet: Fleet,
     assert not browser.find(f'{row} button[data-action="acknowledge"]').is_displayed()
     assert browser.find(f'{row} button[data-action="resolve"]').is_displayed()
     browser.wait_text("#notices .notice-ok", lambda t: f"“{title}” acknowledged." in t)
-    assert support.api(deployment, "GET", f"/api/alerts/{alert_id}/")["status"] == \
-        "acknowledged"
+    assert support.api(deployment, "GET", f"/api/alerts/{alert_id}/")["status"] == "acknowledged"
     browser.screenshot("alerts")
 
 
-def test_server_restart_offline_then_live_again(admin: Browser, fleet: Fleet,
-                                                deployment: Deployment) -> None:
+def test_server_restart_offline_then_live_again(
+    admin: Browser, fleet: Fleet, deployment: Deployment
+) -> None:
     browser = admin
     fleet.online_host()
     browser.open("/alerts/", "system_alerts")
@@ -356,11 +406,15 @@ def test_server_restart_offline_then_live_again(admin: Browser, fleet: Fleet,
 
     with browser.expecting_console(*WS_REFUSED):
         deployment.server.stop()
-        browser.wait(lambda d: browser.connection_state() == "offline", 30,
-                     "the indicator did not go offline")
+        browser.wait(
+            lambda d: browser.connection_state() == "offline",
+            30,
+            "the indicator did not go offline",
+        )
         assert browser.text_of("#connection .connection-label") == "Offline — retrying"
-        browser.wait_text("#connection .connection-countdown",
-                          lambda t: bool(re.fullmatch(r"in \d+ s", t)))
+        browser.wait_text(
+            "#connection .connection-countdown", lambda t: bool(re.fullmatch(r"in \d+ s", t))
+        )
         assert browser.find("#connection .connection-retry").is_displayed()
         browser.screenshot("alerts-offline")
 
@@ -381,8 +435,9 @@ def test_server_restart_offline_then_live_again(admin: Browser, fleet: Fleet,
     assert browser.text_of(f"{row} [data-cell=status]") == "Open"
 
 
-def test_every_page_renders_live_without_console_errors(admin: Browser, fleet: Fleet,
-                                                        deployment: Deployment) -> None:
+def test_every_page_renders_live_without_console_errors(
+    admin: Browser, fleet: Fleet, deployment: Deployment
+) -> None:
     browser = admin
     host_id = fleet.online_host()  # the agent came back after the restart by itself
 
@@ -393,16 +448,20 @@ def test_every_page_renders_live_without_console_errors(admin: Browser, fleet: F
     browser.screenshot("overview")
 
     browser.open("/hosts/", "host_status")
-    browser.wait_text(f"{row_of_host(browser, host_id)} [data-cell=status]",
-                      lambda t: t == "Online")
+    browser.wait_text(
+        f"{row_of_host(browser, host_id)} [data-cell=status]", lambda t: t == "Online"
+    )
     browser.screenshot("hosts")
 
-    browser.open(f"/hosts/{host_id}/", "host_status", "host_metrics", "system_alerts",
-                 "package_operations")
+    browser.open(
+        f"/hosts/{host_id}/", "host_status", "host_metrics", "system_alerts", "package_operations"
+    )
     browser.wait_text("#host-status .badge", lambda t: t == "Online")
     browser.wait_text('[data-chart="cpu"] [data-latest]', lambda t: bool(PERCENT.match(t)))
-    browser.wait(lambda d: len(browser.find_all("#alert-rows tr")) >= len(fleet.alerts) or
-                 not fleet.alerts, message="the host's alerts did not load")
+    browser.wait(
+        lambda d: len(browser.find_all("#alert-rows tr")) >= len(fleet.alerts) or not fleet.alerts,
+        message="the host's alerts did not load",
+    )
     browser.screenshot("host")
     browser.full_page_screenshot("host-full")
 
@@ -413,13 +472,15 @@ def test_every_page_renders_live_without_console_errors(admin: Browser, fleet: F
     browser.open("/activity/", "user_activity")
     assert browser.visible("h1").text == "User activity"
     actions = [cell.text for cell in browser.find_all("#activity-rows .action")]
-    assert "Logged in" in actions and "Ran a command" in actions, actions
+    assert "Logged in" in actions, actions
+    assert "Ran a command" in actions, actions
     # A new record arrives live: this browser's own acknowledgement through the API.
     if fleet.alerts:
         alert_id = list(fleet.alerts.values())[-1]
         support.api(deployment, "POST", f"/api/alerts/{alert_id}/resolve/")
-        browser.wait_text("#activity-rows tr:first-child .action",
-                          lambda t: t == "Resolved an alert")
+        browser.wait_text(
+            "#activity-rows tr:first-child .action", lambda t: t == "Resolved an alert"
+        )
     browser.screenshot("activity")
 
     browser.find(".account button[type=submit]").click()  # Log out
@@ -429,4 +490,5 @@ def test_every_page_renders_live_without_console_errors(admin: Browser, fleet: F
 
     problems = browser.console_problems()
     assert not problems, "unexpected browser console lines:\n" + "\n".join(
-        f"{p.level} on {p.page}: {p.message}" for p in problems)
+        f"{p.level} on {p.page}: {p.message}" for p in problems
+    )

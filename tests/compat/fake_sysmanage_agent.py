@@ -23,6 +23,7 @@ configurable so that tests can reach the server's resend and ordering paths.
 
 Only the standard library (urllib, no proxy) and ``websockets`` are used.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,12 +90,20 @@ class FakeSysManageAgent:
     ``package_failures``: package names whose install/uninstall the fake reports failed.
     """
 
-    def __init__(self, base_url: str, hostname: str, *, registration_key: str | None = None,
-                 ack_order: str = "ack_first", fqdn: str | None = None,
-                 ipv4: str = "127.0.0.1", ipv6: str = "::1",
-                 package_failures: set[str] | None = None,
-                 compression: str | None = "deflate",
-                 source_address: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        hostname: str,
+        *,
+        registration_key: str | None = None,
+        ack_order: str = "ack_first",
+        fqdn: str | None = None,
+        ipv4: str = "127.0.0.1",
+        ipv6: str = "::1",
+        package_failures: set[str] | None = None,
+        compression: str | None = "deflate",
+        source_address: str | None = None,
+    ) -> None:
         assert ack_order in ACK_ORDERS, ack_order
         self.set_base_url(base_url)
         self.hostname = hostname
@@ -141,16 +150,27 @@ class FakeSysManageAgent:
         self.base_url = base_url.rstrip("/")
         parts = urllib.parse.urlsplit(self.base_url)
         self.ws_base = urllib.parse.urlunsplit(
-            ("wss" if parts.scheme == "https" else "ws", parts.netloc, "", "", ""))
+            ("wss" if parts.scheme == "https" else "ws", parts.netloc, "", "", "")
+        )
 
     # -- HTTP --------------------------------------------------------------------------
 
-    def _http(self, method: str, path: str, body: Any = None,
-              headers: dict[str, str] | None = None, *, raw: bytes | None = None,
-              timeout: float = 10.0) -> tuple[int, Any]:
+    def _http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        raw: bytes | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, Any]:
         """One HTTP request (no proxy); JSON answers are decoded."""
-        all_headers = {"Accept": "application/json", "User-Agent": "sysmanage-agent/fake",
-                       **(headers or {})}
+        all_headers = {
+            "Accept": "application/json",
+            "User-Agent": "sysmanage-agent/fake",
+            **(headers or {}),
+        }
         data = raw
         if body is not None:
             data = json.dumps(body).encode()
@@ -160,8 +180,12 @@ class FakeSysManageAgent:
         assert url.startswith(("http://", "https://")), url
         if self.source_address is not None:
             return self._http_from(method, path, data, all_headers, timeout)
-        request = urllib.request.Request(url, data=data, method=method,  # noqa: S310
-                                         headers=all_headers)
+        request = urllib.request.Request(  # noqa: S310
+            url,
+            data=data,
+            method=method,
+            headers=all_headers,
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(request, timeout=timeout) as response:
@@ -175,13 +199,16 @@ class FakeSysManageAgent:
             parsed = text
         return status, parsed
 
-    def _http_from(self, method: str, path: str, data: bytes | None, headers: dict[str, str],
-                   timeout: float) -> tuple[int, Any]:
+    def _http_from(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str], timeout: float
+    ) -> tuple[int, Any]:
         """:meth:`_http` from ``source_address`` (plain HTTP only)."""
         parts = urllib.parse.urlsplit(self.base_url)
-        assert parts.scheme == "http" and parts.hostname, self.base_url
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout,
-                                                source_address=(self.source_address, 0))
+        assert parts.scheme == "http", self.base_url
+        assert parts.hostname, self.base_url
+        connection = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=timeout, source_address=(self.source_address, 0)
+        )
         try:
             connection.request(method, path, body=data, headers=headers)
             response = connection.getresponse()
@@ -211,8 +238,12 @@ class FakeSysManageAgent:
             "agent_capabilities": {
                 "schema_version": 1,
                 "capabilities": ["shell", "packages", "custom_metrics"],
-                "commands": ["execute_shell", "install_packages", "uninstall_packages",
-                             "sync_custom_metrics"],
+                "commands": [
+                    "execute_shell",
+                    "install_packages",
+                    "uninstall_packages",
+                    "sync_custom_metrics",
+                ],
                 "unavailable": {"reboot_system": "not privileged"},
                 "partial": {},
                 "not_applicable": {"firewall": "container"},
@@ -261,78 +292,141 @@ class FakeSysManageAgent:
             ident["host_token"] = self.host_token
         return ident
 
-    def envelope(self, message_type: str, data: dict[str, Any] | None = None, *,
-                 identity: bool = True) -> dict[str, Any]:
+    def envelope(
+        self, message_type: str, data: dict[str, Any] | None = None, *, identity: bool = True
+    ) -> dict[str, Any]:
         payload = dict(data or {})
         if identity and "host_id" not in payload:
             # As the agent does: it adds host_id and host_token together, and only to
             # data that does not name the host already -- system_info, hardware_update and
             # software_inventory_update carry host_id alone (seen with the real agent).
             payload.update(self.identity())
-        return {"message_type": message_type, "message_id": new_message_id(),
-                "timestamp": now_iso(), "data": payload}
+        return {
+            "message_type": message_type,
+            "message_id": new_message_id(),
+            "timestamp": now_iso(),
+            "data": payload,
+        }
 
     def system_info_data(self) -> dict[str, Any]:
         return {
-            "hostname": self.hostname, "fqdn": self.fqdn, "ipv4": self.ipv4, "ipv6": self.ipv6,
-            "platform": "Linux", "platform_release": "6.1.0-fake-amd64",
-            "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.0-1", "architecture": "x86_64",
+            "hostname": self.hostname,
+            "fqdn": self.fqdn,
+            "ipv4": self.ipv4,
+            "ipv6": self.ipv6,
+            "platform": "Linux",
+            "platform_release": "6.1.0-fake-amd64",
+            "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.0-1",
+            "architecture": "x86_64",
             "processor": "x86_64",
-            "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12",
-                        "distribution_codename": "bookworm"},
-            "timezone": "UTC", "is_privileged": False, "script_execution_enabled": True,
-            "enabled_shells": ["sh", "bash"], "agent_version": AGENT_VERSION,
+            "os_info": {
+                "distribution": "Debian GNU/Linux",
+                "distribution_version": "12",
+                "distribution_codename": "bookworm",
+            },
+            "timezone": "UTC",
+            "is_privileged": False,
+            "script_execution_enabled": True,
+            "enabled_shells": ["sh", "bash"],
+            "agent_version": AGENT_VERSION,
             "host_id": self.host_id,
         }
 
     def heartbeat_data(self) -> dict[str, Any]:
-        return {"agent_status": "healthy", "hostname": self.hostname, "ipv4": self.ipv4,
-                "ipv6": self.ipv6, "agent_version": AGENT_VERSION}
+        return {
+            "agent_status": "healthy",
+            "hostname": self.hostname,
+            "ipv4": self.ipv4,
+            "ipv6": self.ipv6,
+            "agent_version": AGENT_VERSION,
+        }
 
     @staticmethod
     def os_version_data() -> dict[str, Any]:
-        return {"platform": "Linux", "platform_release": "6.1.0-fake-amd64",
-                "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.0-1",
-                "machine_architecture": "x86_64", "processor": "x86_64",
-                "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12"}}
+        return {
+            "platform": "Linux",
+            "platform_release": "6.1.0-fake-amd64",
+            "platform_version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.0-1",
+            "machine_architecture": "x86_64",
+            "processor": "x86_64",
+            "os_info": {"distribution": "Debian GNU/Linux", "distribution_version": "12"},
+        }
 
     @staticmethod
     def hardware_data() -> dict[str, Any]:
         return {
-            "cpu_vendor": "GenuineFake", "cpu_model": "Fake CPU @ 2.40GHz", "cpu_cores": 2,
-            "cpu_threads": 4, "cpu_frequency_mhz": 2400, "memory_total_mb": 8192,
+            "cpu_vendor": "GenuineFake",
+            "cpu_model": "Fake CPU @ 2.40GHz",
+            "cpu_cores": 2,
+            "cpu_threads": 4,
+            "cpu_frequency_mhz": 2400,
+            "memory_total_mb": 8192,
             "memory_available_mb": 4096,
             "storage_devices": [
-                {"name": "/dev/vda1", "mount_point": "/", "total_size": 50 * 2**30,
-                 "used_size": 20 * 2**30, "file_system": "ext4"},
-                {"name": "/dev/vdb1", "mount_point": "/var", "total_size": 100 * 2**30,
-                 "used_size": 91 * 2**30, "file_system": "xfs"},
+                {
+                    "name": "/dev/vda1",
+                    "mount_point": "/",
+                    "total_size": 50 * 2**30,
+                    "used_size": 20 * 2**30,
+                    "file_system": "ext4",
+                },
+                {
+                    "name": "/dev/vdb1",
+                    "mount_point": "/var",
+                    "total_size": 100 * 2**30,
+                    "used_size": 91 * 2**30,
+                    "file_system": "xfs",
+                },
             ],
             "network_interfaces": [
-                {"name": "lo", "ipv4_addresses": ["127.0.0.1"], "ipv6_addresses": ["::1"],
-                 "mac_address": "00:00:00:00:00:00", "is_up": True},
-                {"name": "eth0", "ipv4_addresses": ["192.0.2.10"], "ipv6_addresses": [],
-                 "mac_address": "02:00:00:00:00:01", "is_up": True},
+                {
+                    "name": "lo",
+                    "ipv4_addresses": ["127.0.0.1"],
+                    "ipv6_addresses": ["::1"],
+                    "mac_address": "00:00:00:00:00:00",
+                    "is_up": True,
+                },
+                {
+                    "name": "eth0",
+                    "ipv4_addresses": ["192.0.2.10"],
+                    "ipv6_addresses": [],
+                    "mac_address": "02:00:00:00:00:01",
+                    "is_up": True,
+                },
             ],
         }
 
     @staticmethod
     def software_inventory_data(packages: int = 3, *, pad: int = 0) -> dict[str, Any]:
         """``packages`` installed packages; ``pad`` extra characters of description each."""
-        software = [{"package_name": f"fake-package-{i:05d}", "version": f"1.{i}.0-1",
-                     "package_manager": "apt", "description": "x" * pad}
-                    for i in range(packages)]
+        software = [
+            {
+                "package_name": f"fake-package-{i:05d}",
+                "version": f"1.{i}.0-1",
+                "package_manager": "apt",
+                "description": "x" * pad,
+            }
+            for i in range(packages)
+        ]
         return {"software_packages": software, "total_packages": len(software)}
 
     @staticmethod
     def package_updates_data() -> dict[str, Any]:
         updates = [
-            {"package_name": "openssl", "current_version": "3.0.11-1",
-             "available_version": "3.0.13-1", "package_manager": "apt",
-             "is_security_update": True},
-            {"package_name": "curl", "current_version": "7.88.1-10",
-             "available_version": "7.88.1-11", "package_manager": "apt",
-             "is_security_update": False},
+            {
+                "package_name": "openssl",
+                "current_version": "3.0.11-1",
+                "available_version": "3.0.13-1",
+                "package_manager": "apt",
+                "is_security_update": True,
+            },
+            {
+                "package_name": "curl",
+                "current_version": "7.88.1-10",
+                "available_version": "7.88.1-11",
+                "package_manager": "apt",
+                "is_security_update": False,
+            },
         ]
         return {"available_updates": updates, "total_updates": len(updates)}
 
@@ -344,8 +438,14 @@ class FakeSysManageAgent:
             url += "?" + urllib.parse.urlencode({"token": token})
         return url
 
-    async def connect(self, token: str | None = None, *, fetch_token: bool = True,
-                      origin: str | None = None, check_health: bool = True) -> None:
+    async def connect(
+        self,
+        token: str | None = None,
+        *,
+        fetch_token: bool = True,
+        origin: str | None = None,
+        check_health: bool = True,
+    ) -> None:
         """Open the socket as the agent does (``GET /``, ``auth``, connect) and start
         reading.  ``token`` replaces the one from ``auth``; with ``fetch_token=False``
         and no token the URL carries none."""
@@ -360,8 +460,14 @@ class FakeSysManageAgent:
             kwargs["origin"] = origin
         if self.source_address is not None:
             kwargs["local_addr"] = (self.source_address, 0)
-        self.ws = await connect(self.connect_url(token), open_timeout=TIMEOUT, close_timeout=2,
-                                proxy=None, compression=self.compression, **kwargs)
+        self.ws = await connect(
+            self.connect_url(token),
+            open_timeout=TIMEOUT,
+            close_timeout=2,
+            proxy=None,
+            compression=self.compression,
+            **kwargs,
+        )
         self.close_code = None
         self.close_reason = ""
         self._closed = asyncio.Event()
@@ -479,8 +585,9 @@ class FakeSysManageAgent:
             while self.ws is ws and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
 
-    async def send(self, message_type: str, data: dict[str, Any] | None = None, *,
-                   identity: bool = True) -> dict[str, Any]:
+    async def send(
+        self, message_type: str, data: dict[str, Any] | None = None, *, identity: bool = True
+    ) -> dict[str, Any]:
         """Send one enveloped message over the socket; return it (``message_id`` is in it)."""
         message = self.envelope(message_type, data, identity=identity)
         await self._emit(message, "ws")
@@ -506,29 +613,43 @@ class FakeSysManageAgent:
         return await self.send("os_version_update", self.os_version_data())
 
     async def send_hardware(self) -> dict[str, Any]:
-        return await self.send("hardware_update", {**self.hardware_data(),
-                                                   "host_id": self.host_id})
+        return await self.send("hardware_update", {**self.hardware_data(), "host_id": self.host_id})
 
-    async def send_software_inventory(self, packages: int = 3, *, pad: int = 0
-                                      ) -> dict[str, Any]:
-        return await self.send("software_inventory_update",
-                               {**self.software_inventory_data(packages, pad=pad),
-                                "host_id": self.host_id})
+    async def send_software_inventory(self, packages: int = 3, *, pad: int = 0) -> dict[str, Any]:
+        return await self.send(
+            "software_inventory_update",
+            {**self.software_inventory_data(packages, pad=pad), "host_id": self.host_id},
+        )
 
     async def send_package_updates(self) -> dict[str, Any]:
         return await self.send("package_updates_update", self.package_updates_data())
 
-    async def send_script_execution_result(self, execution_id: str, *, stdout: str = "",
-                                           stderr: str = "", exit_code: int = 0,
-                                           execution_time: float = 0.01) -> dict[str, Any]:
+    async def send_script_execution_result(
+        self,
+        execution_id: str,
+        *,
+        stdout: str = "",
+        stderr: str = "",
+        exit_code: int = 0,
+        execution_time: float = 0.01,
+    ) -> dict[str, Any]:
         """The one flat message: its fields at the top level, no ``data``; it names the
         host by ``host_id`` only."""
-        message = {"message_type": "script_execution_result", "message_id": new_message_id(),
-                   "timestamp": now_iso(), "execution_id": execution_id,
-                   "success": exit_code == 0, "exit_code": exit_code, "stdout": stdout,
-                   "stderr": stderr, "execution_time": execution_time, "shell_used": "sh",
-                   "error": None if exit_code == 0 else f"exit code {exit_code}",
-                   "timeout": False, "host_id": self.host_id}
+        message = {
+            "message_type": "script_execution_result",
+            "message_id": new_message_id(),
+            "timestamp": now_iso(),
+            "execution_id": execution_id,
+            "success": exit_code == 0,
+            "exit_code": exit_code,
+            "stdout": stdout,
+            "stderr": stderr,
+            "execution_time": execution_time,
+            "shell_used": "sh",
+            "error": None if exit_code == 0 else f"exit code {exit_code}",
+            "timeout": False,
+            "host_id": self.host_id,
+        }
         await self._emit(message, "ws")
         return message
 
@@ -537,8 +658,14 @@ class FakeSysManageAgent:
 
     # -- waiting ---------------------------------------------------------------------------
 
-    async def wait_for(self, predicate: Predicate, timeout: float = TIMEOUT, *,
-                       what: str = "a matching message", start: int = 0) -> dict[str, Any]:
+    async def wait_for(
+        self,
+        predicate: Predicate,
+        timeout: float = TIMEOUT,
+        *,
+        what: str = "a matching message",
+        start: int = 0,
+    ) -> dict[str, Any]:
         """The first message received (from index ``start`` on) matching ``predicate``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -550,26 +677,41 @@ class FakeSysManageAgent:
             if left <= 0:
                 raise AssertionError(
                     f"{self.hostname}: no {what} within {timeout}s; received "
-                    f"{_short(self.received[start:])}; close code {self.close_code}")
+                    f"{_short(self.received[start:])}; close code {self.close_code}"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_message.wait(), left)
 
-    async def wait_type(self, message_type: str, timeout: float = TIMEOUT, *,
-                        start: int = 0, where: Predicate | None = None) -> dict[str, Any]:
+    async def wait_type(
+        self,
+        message_type: str,
+        timeout: float = TIMEOUT,
+        *,
+        start: int = 0,
+        where: Predicate | None = None,
+    ) -> dict[str, Any]:
         return await self.wait_for(
             lambda m: m.get("message_type") == message_type and (where is None or where(m)),
-            timeout, what=f"{message_type!r} message", start=start)
+            timeout,
+            what=f"{message_type!r} message",
+            start=start,
+        )
 
     async def wait_ack(self, message_id: str, timeout: float = TIMEOUT) -> dict[str, Any]:
         """The server's ``ack`` of the message ``message_id``."""
         return await self.wait_for(
-            lambda m: m.get("message_type") == "ack"
-            and isinstance(m.get("data"), dict)
-            and m["data"].get("acked_message_id") == message_id,
-            timeout, what=f"ack of {message_id}")
+            lambda m: (
+                m.get("message_type") == "ack"
+                and isinstance(m.get("data"), dict)
+                and m["data"].get("acked_message_id") == message_id
+            ),
+            timeout,
+            what=f"ack of {message_id}",
+        )
 
-    async def send_acked(self, message_type: str, data: dict[str, Any] | None = None,
-                         timeout: float = TIMEOUT) -> dict[str, Any]:
+    async def send_acked(
+        self, message_type: str, data: dict[str, Any] | None = None, timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
         """Send a message and return the server's ack of it."""
         message = await self.send(message_type, data)
         return await self.wait_ack(message["message_id"], timeout)
@@ -579,12 +721,15 @@ class FakeSysManageAgent:
         try:
             await asyncio.wait_for(self._closed.wait(), timeout)
         except TimeoutError:
-            raise AssertionError(f"{self.hostname}: socket still open after {timeout}s; "
-                                 f"received {_short(self.received)}") from None
+            raise AssertionError(
+                f"{self.hostname}: socket still open after {timeout}s; "
+                f"received {_short(self.received)}"
+            ) from None
         return self.close_code
 
-    async def wait_execution(self, predicate: Callable[[Execution], bool] | None = None,
-                             timeout: float = TIMEOUT) -> Execution:
+    async def wait_execution(
+        self, predicate: Callable[[Execution], bool] | None = None, timeout: float = TIMEOUT
+    ) -> Execution:
         """The first command the agent carried out (and answered) matching ``predicate``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -592,8 +737,10 @@ class FakeSysManageAgent:
                 if execution.result and (predicate is None or predicate(execution)):
                     return execution
             await asyncio.sleep(0.02)
-        raise AssertionError(f"{self.hostname}: no matching execution within {timeout}s; "
-                             f"commands received: {_short(self.commands)}")
+        raise AssertionError(
+            f"{self.hostname}: no matching execution within {timeout}s; "
+            f"commands received: {_short(self.commands)}"
+        )
 
     # -- commands --------------------------------------------------------------------------
 
@@ -623,8 +770,11 @@ class FakeSysManageAgent:
             self._drop_next -= 1
             self.dropped.append(message)
             return
-        ack = {"message_type": "command_acknowledgment", "message_id": queue_id,
-               "timestamp": now_iso()}
+        ack = {
+            "message_type": "command_acknowledgment",
+            "message_id": queue_id,
+            "timestamp": now_iso(),
+        }
         if queue_id in self._seen_queue_ids:
             # a repeat of a command already taken: acknowledge again, never run it twice
             await self._emit(ack, via)
@@ -645,8 +795,9 @@ class FakeSysManageAgent:
         if self.ack_order == "result_first":
             await self._emit(ack, via)
 
-    async def _carry_out(self, command_type: str, parameters: dict[str, Any],
-                         body: dict[str, Any]) -> dict[str, Any]:
+    async def _carry_out(
+        self, command_type: str, parameters: dict[str, Any], body: dict[str, Any]
+    ) -> dict[str, Any]:
         if command_type == "execute_shell":
             return await self._execute_shell(parameters, body)
         if command_type in ("install_packages", "uninstall_packages"):
@@ -654,23 +805,36 @@ class FakeSysManageAgent:
         if command_type == "sync_custom_metrics":
             metrics = parameters.get("metrics", [])
             self._store_metrics(metrics)
-            return {"success": True, "result": {"metric_count": len(self.custom_metrics)},
-                    "error": None, "exit_code": 0}
-        return {"success": False, "result": None,
-                "error": f"Unknown command type: {command_type}", "exit_code": None}
+            return {
+                "success": True,
+                "result": {"metric_count": len(self.custom_metrics)},
+                "error": None,
+                "exit_code": 0,
+            }
+        return {
+            "success": False,
+            "result": None,
+            "error": f"Unknown command type: {command_type}",
+            "exit_code": None,
+        }
 
-    async def _execute_shell(self, parameters: dict[str, Any],
-                             body: dict[str, Any]) -> dict[str, Any]:
+    async def _execute_shell(
+        self, parameters: dict[str, Any], body: dict[str, Any]
+    ) -> dict[str, Any]:
         command = parameters.get("command")
         if not isinstance(command, str) or not command:
-            return {"success": False, "result": None, "error": "No command specified",
-                    "exit_code": None}
+            return {
+                "success": False,
+                "result": None,
+                "error": "No command specified",
+                "exit_code": None,
+            }
         timeout = parameters.get("timeout") or body.get("timeout") or 300
         cwd = parameters.get("working_directory") or None
         try:
             process = await asyncio.create_subprocess_shell(
-                command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                cwd=cwd)
+                command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd
+            )
         except OSError as exc:
             return {"success": False, "result": None, "error": str(exc), "exit_code": None}
         try:
@@ -678,18 +842,22 @@ class FakeSysManageAgent:
         except TimeoutError:
             process.kill()
             await process.wait()
-            return {"success": False,
-                    "result": {"result": {"stdout": "", "stderr": "", "exit_code": None}},
-                    "error": f"Command timed out after {timeout} seconds", "exit_code": None}
+            return {
+                "success": False,
+                "result": {"result": {"stdout": "", "stderr": "", "exit_code": None}},
+                "error": f"Command timed out after {timeout} seconds",
+                "exit_code": None,
+            }
         code = process.returncode
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-        return {"success": code == 0,
-                "result": {"result": {"stdout": stdout, "stderr": stderr, "exit_code": code}},
-                "error": None if code == 0 else (stderr or f"exit code {code}"),
-                "exit_code": code}
+        return {
+            "success": code == 0,
+            "result": {"result": {"stdout": stdout, "stderr": stderr, "exit_code": code}},
+            "error": None if code == 0 else (stderr or f"exit code {code}"),
+            "exit_code": code,
+        }
 
-    def _package_operation(self, command_type: str, parameters: dict[str, Any]
-                           ) -> dict[str, Any]:
+    def _package_operation(self, command_type: str, parameters: dict[str, Any]) -> dict[str, Any]:
         verb = "Installed" if command_type == "install_packages" else "Removed"
         ok, failed, log = [], [], []
         for package in parameters.get("packages") or []:
@@ -701,43 +869,62 @@ class FakeSysManageAgent:
                 ok.append({"package_name": name, "version": "1.0.0-1"})
                 log.append(f"{verb} {name} 1.0.0-1")
         success = not failed and bool(ok)
-        return {"success": success,
-                "result": {"request_id": parameters.get("request_id"),
-                           "successful_packages": ok, "failed_packages": failed,
-                           "installation_log": "\n".join(log)},
-                "error": None if success else "; ".join(f["error"] for f in failed)
-                or "No packages given",
-                "exit_code": 0 if success else 1}
+        return {
+            "success": success,
+            "result": {
+                "request_id": parameters.get("request_id"),
+                "successful_packages": ok,
+                "failed_packages": failed,
+                "installation_log": "\n".join(log),
+            },
+            "error": None
+            if success
+            else "; ".join(f["error"] for f in failed) or "No packages given",
+            "exit_code": 0 if success else 1,
+        }
 
     # -- custom metrics --------------------------------------------------------------------
 
     def _store_metrics(self, metrics: Any) -> None:
-        self.custom_metrics = [m for m in metrics if isinstance(m, dict)] \
-            if isinstance(metrics, list) else []
+        self.custom_metrics = (
+            [m for m in metrics if isinstance(m, dict)] if isinstance(metrics, list) else []
+        )
 
     async def collect_custom_metrics(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Run every stored metric script once, for real (``<interpreter> -c <script>``)."""
         # each script runs on its own cadence in the agent: side by side here
-        return list(await asyncio.gather(*(self._run_metric(metric, timeout)
-                                           for metric in self.custom_metrics)))
+        return list(
+            await asyncio.gather(
+                *(self._run_metric(metric, timeout) for metric in self.custom_metrics)
+            )
+        )
 
     async def _run_metric(self, metric: dict[str, Any], timeout: float) -> dict[str, Any]:
         interpreter = metric.get("interpreter") or "sh"
-        sample: dict[str, Any] = {"metric_id": metric.get("id"), "value": None,
-                                  "status": "error", "error_detail": None,
-                                  "collected_at": now_iso()}
+        sample: dict[str, Any] = {
+            "metric_id": metric.get("id"),
+            "value": None,
+            "status": "error",
+            "error_detail": None,
+            "collected_at": now_iso(),
+        }
         try:
             process = await asyncio.create_subprocess_exec(
-                interpreter, "-c", str(metric.get("script", "")),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                interpreter,
+                "-c",
+                str(metric.get("script", "")),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             out, err = await asyncio.wait_for(process.communicate(), timeout)
         except (OSError, TimeoutError) as exc:
             sample["error_detail"] = f"{type(exc).__name__}: {exc}"
             return sample
         lines = out.decode(errors="replace").strip().splitlines()
         if process.returncode != 0:
-            sample["error_detail"] = (err.decode(errors="replace").strip()
-                                      or f"exit code {process.returncode}")[:500]
+            sample["error_detail"] = (
+                err.decode(errors="replace").strip() or f"exit code {process.returncode}"
+            )[:500]
             return sample
         try:
             sample["value"] = float(lines[-1].strip())
@@ -746,8 +933,9 @@ class FakeSysManageAgent:
             sample["error_detail"] = f"not a number: {lines[-1:]!r}"
         return sample
 
-    async def send_custom_metrics(self, timeout: float = 10.0) -> tuple[dict[str, Any],
-                                                                        list[dict[str, Any]]]:
+    async def send_custom_metrics(
+        self, timeout: float = 10.0
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Run every metric script and send one ``custom_metric_samples`` batch; return
         (the message, the samples)."""
         samples = await self.collect_custom_metrics(timeout)
@@ -756,8 +944,7 @@ class FakeSysManageAgent:
 
     # -- polling ---------------------------------------------------------------------------
 
-    def poll_message(self, message_type: str, data: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+    def poll_message(self, message_type: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
         """A message as the agent posts it in a poll (see :meth:`as_poll_message`)."""
         return self.as_poll_message(self.envelope(message_type, data))
 
@@ -766,16 +953,30 @@ class FakeSysManageAgent:
         """As the agent's polling transport posts a message: taken from its outbound
         queue, with the whole message JSON-encoded in ``data`` and the queue entry's
         own id as ``message_id``."""
-        return {"message_type": message["message_type"], "data": json.dumps(message),
-                "message_id": new_message_id()}
+        return {
+            "message_type": message["message_type"],
+            "data": json.dumps(message),
+            "message_id": new_message_id(),
+        }
 
-    def poll_raw(self, body: Any, *, token: str | None = None, raw: bytes | None = None,
-                 timeout: float = 40.0) -> tuple[int, Any]:
+    def poll_raw(
+        self,
+        body: Any,
+        *,
+        token: str | None = None,
+        raw: bytes | None = None,
+        timeout: float = 40.0,
+    ) -> tuple[int, Any]:
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         return self._http("POST", "/api/agent/poll", body, headers, raw=raw, timeout=timeout)
 
-    async def poll(self, messages: list[dict[str, Any]] | None = None, max_wait: float = 0, *,
-                   flush_outbox: bool = True) -> dict[str, Any]:
+    async def poll(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        max_wait: float = 0,
+        *,
+        flush_outbox: bool = True,
+    ) -> dict[str, Any]:
         """One poll with a fresh connection token: post ``messages`` (and, unless told
         otherwise, the acknowledgments and results waiting from the last poll), handle
         the commands that come back; return the reply ``{messages, poll_interval}``."""
@@ -785,8 +986,9 @@ class FakeSysManageAgent:
             outgoing += self.poll_outbox
             self.poll_outbox = []
         body = {"host_id": self.host_id, "messages": outgoing, "max_wait": max_wait}
-        status, reply = await asyncio.to_thread(self.poll_raw, body, token=token,
-                                                timeout=max_wait + 30)
+        status, reply = await asyncio.to_thread(
+            self.poll_raw, body, token=token, timeout=max_wait + 30
+        )
         if status != 200 or not isinstance(reply, dict):
             raise AgentHttpError("poll", status, reply)
         self.poll_intervals.append(reply.get("poll_interval"))

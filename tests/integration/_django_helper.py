@@ -5,6 +5,7 @@ Run inside a subprocess with the server's environment (DATABASE_URL, ...).
 DATABASE_URL and creates the users and hosts the integration tests rely on, then
 prints one line ``SEED_JSON: {...}`` describing them.  It never talks to a server.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,13 +55,18 @@ def seed() -> dict:
     users = {}
     for username, (staff, superuser) in USERS.items():
         user = user_model.objects.create_user(
-            username=username, password=PASSWORD, is_staff=staff, is_superuser=superuser,
-            email=f"{username}@example.com")
+            username=username,
+            password=PASSWORD,
+            is_staff=staff,
+            is_superuser=superuser,
+            email=f"{username}@example.com",
+        )
         users[username] = str(user.pk)
     hosts = {}
     for hostname, status in HOSTS.items():
-        host = host_services.host_create(hostname=hostname, fqdn=f"{hostname}.example.com",
-                                         os_name="Debian", os_version="12")
+        host = host_services.host_create(
+            hostname=hostname, fqdn=f"{hostname}.example.com", os_name="Debian", os_version="12"
+        )
         # online hosts were just heard from, so that no sweep takes them offline
         last_seen = timezone.now() if status == "online" else None
         Host.objects.filter(pk=host.pk).update(status=status, last_seen=last_seen)

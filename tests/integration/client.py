@@ -2,6 +2,7 @@
 Clients of a running server: a WebSocket client that checks every server message
 against the envelope of the seed protocol, and small HTTP helpers (urllib, no proxy).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,15 @@ TIMEOUT = 5.0
 
 SERVER_TYPES = {"status", "event", "response", "error", "pong"}
 ENVELOPE_KEYS = {"type", "channel", "data", "timestamp"}
-CHANNELS = ("host_status", "package_operations", "command_execution", "system_alerts",
-            "user_activity", "host_metrics", "fleet_status")
+CHANNELS = (
+    "host_status",
+    "package_operations",
+    "command_execution",
+    "system_alerts",
+    "user_activity",
+    "host_metrics",
+    "fleet_status",
+)
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 
 _ids = itertools.count(1)
@@ -43,7 +51,8 @@ def next_id(prefix: str = "req") -> str:
 
 def parse_iso_utc(value: str) -> datetime:
     """Parse an ISO-8601 UTC timestamp with a ``Z`` suffix (fails on anything else)."""
-    assert isinstance(value, str) and ISO_UTC.match(value), f"not ISO-8601 UTC: {value!r}"
+    assert isinstance(value, str), f"not ISO-8601 UTC: {value!r}"
+    assert ISO_UTC.match(value), f"not ISO-8601 UTC: {value!r}"
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     assert parsed.utcoffset() == timedelta(0)
     return parsed
@@ -57,13 +66,15 @@ def assert_envelope(message: Any) -> None:
     extra = message.keys() - ENVELOPE_KEYS - {"id"}
     assert not extra, f"message has unexpected keys {extra}: {message}"
     assert message["type"] in SERVER_TYPES, message
-    assert isinstance(message["channel"], str) and message["channel"], message
+    assert isinstance(message["channel"], str), message
+    assert message["channel"], message
     assert isinstance(message["data"], dict), message
     sent = parse_iso_utc(message["timestamp"])
     skew = abs((datetime.now(UTC) - sent).total_seconds())
     assert skew < 300, f"timestamp {message['timestamp']} is {skew:.0f}s off"
     if "id" in message:
-        assert isinstance(message["id"], str | int) and not isinstance(message["id"], bool)
+        assert isinstance(message["id"], str | int)
+        assert not isinstance(message["id"], bool)
     if message["type"] == "error":
         assert isinstance(message["data"].get("code"), str), message
         assert isinstance(message["data"].get("message"), str), message
@@ -121,9 +132,14 @@ class WsClient:
             return self.pending.pop(0)
         return await self._read(timeout)
 
-    async def expect(self, predicate: Callable[[dict[str, Any]], bool],
-                     timeout: float = TIMEOUT, *, what: str = "a matching message",
-                     skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    async def expect(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = TIMEOUT,
+        *,
+        what: str = "a matching message",
+        skipped: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Return the first message matching ``predicate``, pending ones included.
 
         Messages before it stay pending, unless ``skipped`` is given: then they are
@@ -144,8 +160,7 @@ class WsClient:
                     raise TimeoutError
                 message = await self._read(left)
             except TimeoutError:
-                raise AssertionError(
-                    f"no {what} within {timeout}s; got {self.pending}") from None
+                raise AssertionError(f"no {what} within {timeout}s; got {self.pending}") from None
             if predicate(message):
                 if skipped is not None:
                     skipped.extend(self.pending)
@@ -153,20 +168,25 @@ class WsClient:
                 return message
             self.pending.append(message)
 
-    async def next_event(self, channel: str, timeout: float = TIMEOUT,
-                         skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    async def next_event(
+        self, channel: str, timeout: float = TIMEOUT, skipped: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """The next ``event`` on ``channel`` (other messages stay pending)."""
         return await self.expect(
-            lambda m: m["type"] == "event" and m["channel"] == channel, timeout,
-            what=f"event on {channel}", skipped=skipped)
+            lambda m: m["type"] == "event" and m["channel"] == channel,
+            timeout,
+            what=f"event on {channel}",
+            skipped=skipped,
+        )
 
     async def request(self, message: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
         """Send ``message`` with a fresh id unless it has one; return the reply with that id."""
         if "id" not in message:
             message = {**message, "id": next_id()}
         await self.send(message)
-        reply = await self.expect(lambda m: m.get("id") == message["id"], timeout,
-                                  what=f"reply to {message['id']}")
+        reply = await self.expect(
+            lambda m: m.get("id") == message["id"], timeout, what=f"reply to {message['id']}"
+        )
         assert reply["id"] == message["id"]
         return reply
 
@@ -175,8 +195,9 @@ class WsClient:
         assert reply["type"] == "pong", reply
         return reply
 
-    async def subscribe(self, channel: str, filters: dict[str, Any] | None = None,
-                        timeout: float = TIMEOUT) -> dict[str, Any]:
+    async def subscribe(
+        self, channel: str, filters: dict[str, Any] | None = None, timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
         """Subscribe and check the confirmation; return it (the status snapshot, if one
         follows, is left for the caller: see :meth:`subscribe_with_status`)."""
         message: dict[str, Any] = {"type": "subscribe", "channel": channel}
@@ -190,12 +211,13 @@ class WsClient:
         assert reply["data"]["channel"] == channel
         return reply
 
-    async def subscribe_with_status(self, channel: str, filters: dict[str, Any] | None = None,
-                                    timeout: float = TIMEOUT
-                                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def subscribe_with_status(
+        self, channel: str, filters: dict[str, Any] | None = None, timeout: float = TIMEOUT
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         reply = await self.subscribe(channel, filters, timeout)
-        status = await self.expect(lambda m: m["type"] == "status", timeout,
-                                   what=f"status of {channel}")
+        status = await self.expect(
+            lambda m: m["type"] == "status", timeout, what=f"status of {channel}"
+        )
         assert status["channel"] == channel
         assert status["id"] == reply["id"]
         return reply, status
@@ -213,8 +235,9 @@ class WsClient:
             frame = exc.rcvd
             return Closed(frame.code if frame else None, frame.reason if frame else "", messages)
         except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s; got {messages}"
-                                 ) from None
+            raise AssertionError(
+                f"connection still open after {timeout}s; got {messages}"
+            ) from None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -222,17 +245,31 @@ class WsClient:
 
 
 @contextlib.asynccontextmanager
-async def ws_connect(url: str, *, token: str | None = None, origin: str | None = None,
-                     headers: dict[str, str] | None = None,
-                     subprotocols: list[str] | None = None,
-                     **kwargs: Any) -> AsyncIterator[WsClient]:
+async def ws_connect(
+    url: str,
+    *,
+    token: str | None = None,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+    subprotocols: list[str] | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[WsClient]:
     """Open a connection (``token`` goes in the query string) and close it afterwards."""
     if token is not None:
         url = f"{url}?{urllib.parse.urlencode({'token': token})}"
     ws = await connect(
-        url, origin=origin, additional_headers=headers, subprotocols=subprotocols,
-        open_timeout=TIMEOUT, close_timeout=2, proxy=None, compression=None,
-        max_size=None, ping_interval=None, **kwargs)
+        url,
+        origin=origin,
+        additional_headers=headers,
+        subprotocols=subprotocols,
+        open_timeout=TIMEOUT,
+        close_timeout=2,
+        proxy=None,
+        compression=None,
+        max_size=None,
+        ping_interval=None,
+        **kwargs,
+    )
     client = WsClient(ws)
     try:
         yield client
@@ -261,8 +298,7 @@ class _SourceAddressHandler(urllib.request.HTTPHandler):
         self.address = address
 
     def http_open(self, req: urllib.request.Request) -> Any:
-        connection = functools.partial(http.client.HTTPConnection,
-                                       source_address=(self.address, 0))
+        connection = functools.partial(http.client.HTTPConnection, source_address=(self.address, 0))
         return self.do_open(connection, req)
 
 
@@ -270,9 +306,10 @@ def opener_from(address: str, jar: http.cookiejar.CookieJar | None = None) -> An
     """An opener whose connections come from ``address`` (e.g. ``127.0.0.7``): the
     server sees another client address without trusting any proxy header."""
     return urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), _SourceAddressHandler(address),
-        urllib.request.HTTPCookieProcessor(jar if jar is not None
-                                           else http.cookiejar.CookieJar()))
+        urllib.request.ProxyHandler({}),
+        _SourceAddressHandler(address),
+        urllib.request.HTTPCookieProcessor(jar if jar is not None else http.cookiejar.CookieJar()),
+    )
 
 
 @dataclass
@@ -282,10 +319,18 @@ class HttpResponse:
     headers: dict[str, str]
 
 
-def http_request(method: str, url: str, *, token: str | None = None, json_body: Any = None,
-                 headers: dict[str, str] | None = None, opener: Any = None,
-                 form: dict[str, str] | None = None, timeout: float = 10.0,
-                 raw_body: bytes | None = None) -> HttpResponse:
+def http_request(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    json_body: Any = None,
+    headers: dict[str, str] | None = None,
+    opener: Any = None,
+    form: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    raw_body: bytes | None = None,
+) -> HttpResponse:
     """One HTTP request (``raw_body`` is sent as it is); JSON bodies are decoded."""
     all_headers = {"Accept": "application/json", **(headers or {})}
     data = raw_body
@@ -318,12 +363,16 @@ async def api(method: str, base_url: str, path: str, **kwargs: Any) -> HttpRespo
     return await asyncio.to_thread(http_request, method, base_url + path, **kwargs)
 
 
-def obtain_tokens(base_url: str, username: str, password: str,
-                  user_agent: str = "integration-tests") -> dict[str, str]:
+def obtain_tokens(
+    base_url: str, username: str, password: str, user_agent: str = "integration-tests"
+) -> dict[str, str]:
     """``POST /api/token/``: return ``{"access": ..., "refresh": ...}``."""
-    response = http_request("POST", f"{base_url}/api/token/",
-                            json_body={"username": username, "password": password},
-                            headers={"User-Agent": user_agent})
+    response = http_request(
+        "POST",
+        f"{base_url}/api/token/",
+        json_body={"username": username, "password": password},
+        headers={"User-Agent": user_agent},
+    )
     assert response.status == 200, response
     return response.body
 
@@ -343,9 +392,16 @@ class Session:
     def logout(self) -> int:
         """``POST /admin/logout/`` with the CSRF token, as the admin's logout button does."""
         response = http_request(
-            "POST", f"{self.base_url}/admin/logout/", opener=self.opener,
-            headers={"Accept": "text/html", "X-CSRFToken": self.cookies["csrftoken"],
-                     "Referer": f"{self.base_url}/admin/"}, form={})
+            "POST",
+            f"{self.base_url}/admin/logout/",
+            opener=self.opener,
+            headers={
+                "Accept": "text/html",
+                "X-CSRFToken": self.cookies["csrftoken"],
+                "Referer": f"{self.base_url}/admin/",
+            },
+            form={},
+        )
         return response.status
 
 
@@ -357,18 +413,27 @@ def session_login(base_url: str, username: str, password: str) -> str:
 def browser_login(base_url: str, username: str, password: str) -> Session:
     """Log in through the admin login form, as a browser would."""
     jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPCookieProcessor(jar))
-    page = http_request("GET", f"{base_url}/admin/login/", opener=opener,
-                        headers={"Accept": "text/html"})
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor(jar)
+    )
+    page = http_request(
+        "GET", f"{base_url}/admin/login/", opener=opener, headers={"Accept": "text/html"}
+    )
     assert page.status == 200, page.status
     match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.body)
     assert match, "no CSRF token in the login form"
     result = http_request(
-        "POST", f"{base_url}/admin/login/?next=/admin/", opener=opener,
+        "POST",
+        f"{base_url}/admin/login/?next=/admin/",
+        opener=opener,
         headers={"Accept": "text/html", "Referer": f"{base_url}/admin/login/"},
-        form={"username": username, "password": password,
-              "csrfmiddlewaretoken": match.group(1), "next": "/admin/"})
+        form={
+            "username": username,
+            "password": password,
+            "csrfmiddlewaretoken": match.group(1),
+            "next": "/admin/",
+        },
+    )
     assert result.status == 200, result.status
     cookies = {cookie.name: cookie.value for cookie in jar}
     assert "sessionid" in cookies, f"login failed; cookies: {sorted(cookies)}"

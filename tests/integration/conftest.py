@@ -17,6 +17,7 @@ A test that fails gets the tails of the live servers' logs in its report; a test
 during which a server logged a traceback fails (mark it ``server_errors_expected`` when
 that is the point).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,15 +32,17 @@ import pytest
 from tests.integration import harness
 from tests.integration.harness import COMMON_SETTINGS, SQLITE_SERVER_SETTINGS, Deployment
 
-POSTGRES_ADMIN_URL = os.environ.get("SYSMANAGE_TEST_POSTGRES_URL",
-                                    "postgres://postgres@127.0.0.1:5432/test")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SYSMANAGE_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test"
+)
 REDIS_TEST_URL = os.environ.get("SYSMANAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LOG_TAIL_CHARS = 20_000
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "server_errors_expected: the servers may log tracebacks during this test")
+        "markers", "server_errors_expected: the servers may log tracebacks during this test"
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -49,8 +52,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for server in harness.LIVE_SERVERS:
             state = "running" if server.alive() else f"exited {server.process.returncode}"
             report.sections.append(
-                (f"server {server.name} ({server.base_url}, {state}) log tail",
-                 server.log()[-LOG_TAIL_CHARS:]))
+                (
+                    f"server {server.name} ({server.base_url}, {state}) log tail",
+                    server.log()[-LOG_TAIL_CHARS:],
+                )
+            )
     return report
 
 
@@ -85,16 +91,20 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     """A migrated, seeded SQLite database to copy: ``(path, seed)``."""
     base = tmp_path_factory.mktemp("sqlite-template")
     path = base / "template.sqlite3"
-    env = harness.server_env(**COMMON_SETTINGS, DATABASE_URL=harness.sqlite_url(path),
-                             SYSMANAGE_VAR_DIR=str(base / "var"),
-                             DJANGO_SECRET_KEY=harness.new_secret())
+    env = harness.server_env(
+        **COMMON_SETTINGS,
+        DATABASE_URL=harness.sqlite_url(path),
+        SYSMANAGE_VAR_DIR=str(base / "var"),
+        DJANGO_SECRET_KEY=harness.new_secret(),
+    )
     seed = harness.seed_database(env)
     return path, seed
 
 
 @pytest.fixture(scope="session")
-def launch_sqlite(tmp_path_factory: pytest.TempPathFactory,
-                  sqlite_template: tuple[Path, dict[str, Any]]) -> Any:
+def launch_sqlite(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_template: tuple[Path, dict[str, Any]]
+) -> Any:
     """``with launch_sqlite("name", SETTING="value") as deployment:`` one server on a fresh
     copy of the template database, in-memory layer (REDIS_URL unset)."""
 
@@ -104,8 +114,11 @@ def launch_sqlite(tmp_path_factory: pytest.TempPathFactory,
         database = work / "db.sqlite3"
         harness.copy_sqlite(sqlite_template[0], database)
         env = harness.server_env(
-            DATABASE_URL=harness.sqlite_url(database), SYSMANAGE_VAR_DIR=str(work / "var"),
-            DJANGO_SECRET_KEY=harness.new_secret(), **{**COMMON_SETTINGS, **settings})
+            DATABASE_URL=harness.sqlite_url(database),
+            SYSMANAGE_VAR_DIR=str(work / "var"),
+            DJANGO_SECRET_KEY=harness.new_secret(),
+            **{**COMMON_SETTINGS, **settings},
+        )
         servers = harness.start_servers([(name, env)], work)
         try:
             yield Deployment(env=env, seed=sqlite_template[1], servers=servers, work_dir=work)
@@ -149,8 +162,9 @@ def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 **settings,
             }
             seed = harness.seed_database(harness.server_env(**common))
-            env = harness.server_env(**common, REDIS_URL=REDIS_TEST_URL,
-                                     SYSMANAGE_REDIS_PREFIX=prefix)
+            env = harness.server_env(
+                **common, REDIS_URL=REDIS_TEST_URL, SYSMANAGE_REDIS_PREFIX=prefix
+            )
             servers = harness.start_servers([(f"{name}-a", env), (f"{name}-b", env)], work)
             yield Deployment(env=env, seed=seed, servers=servers, work_dir=work)
         finally:
@@ -162,12 +176,16 @@ def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _require_pg_redis() -> None:
-    for name, url in (("SYSMANAGE_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL),
-                      ("SYSMANAGE_TEST_REDIS_URL", REDIS_TEST_URL)):
+    for name, url in (
+        ("SYSMANAGE_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL),
+        ("SYSMANAGE_TEST_REDIS_URL", REDIS_TEST_URL),
+    ):
         if not url:
             pytest.skip(f"{name} is set empty: running without that service")
-    for problem in (harness.postgres_reachable(POSTGRES_ADMIN_URL),
-                    harness.redis_reachable(REDIS_TEST_URL)):
+    for problem in (
+        harness.postgres_reachable(POSTGRES_ADMIN_URL),
+        harness.redis_reachable(REDIS_TEST_URL),
+    ):
         if problem:
             _unavailable(problem)
 

@@ -5,6 +5,7 @@ subprocesses that run Django code with a server's environment.
 Everything here is synchronous and bounded in time; the fixtures in ``conftest.py``
 use it, and tests use :mod:`tests.integration.client` to talk to the servers.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -68,7 +69,7 @@ def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, not available everywhere
+    except Exception:
         pass
 
 
@@ -86,7 +87,8 @@ def server_env(**settings: str | None) -> dict[str, str]:
     """The environment of a server process: ours, minus anything that configures it,
     plus ``settings`` (a None value leaves a variable unset)."""
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if k not in _SERVER_VARS and not k.startswith(_SERVER_VARS_PREFIXES)
     }
     env["DJANGO_SETTINGS_MODULE"] = "sysmanage.settings"
@@ -99,26 +101,44 @@ def server_env(**settings: str | None) -> dict[str, str]:
     return env
 
 
-def run_python(args: list[str], env: dict[str, str], *, timeout: float = SUBPROCESS_TIMEOUT,
-               what: str = "subprocess") -> subprocess.CompletedProcess[str]:
+def run_python(
+    args: list[str],
+    env: dict[str, str],
+    *,
+    timeout: float = SUBPROCESS_TIMEOUT,
+    what: str = "subprocess",
+) -> subprocess.CompletedProcess[str]:
     """Run ``python ARGS`` in the repository with ``env``; raise with its output on failure."""
     try:
         result = subprocess.run(
-            [PYTHON, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-            timeout=timeout, check=False)
+            [PYTHON, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{what} timed out after {timeout}s\nstdout:\n{exc.stdout}\n"
-                           f"stderr:\n{exc.stderr}") from None
+        raise RuntimeError(
+            f"{what} timed out after {timeout}s\nstdout:\n{exc.stdout}\nstderr:\n{exc.stderr}"
+        ) from None
     if result.returncode != 0:
-        raise RuntimeError(f"{what} failed with exit code {result.returncode}\n"
-                           f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise RuntimeError(
+            f"{what} failed with exit code {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
 def manage_shell(env: dict[str, str], code: str, *, timeout: float = SUBPROCESS_TIMEOUT) -> str:
     """Run ``manage.py shell -c CODE`` with a server's environment; return its stdout."""
-    return run_python(["manage.py", "shell", "--no-imports", "-c", code], env, timeout=timeout,
-                      what="manage.py shell").stdout
+    return run_python(
+        ["manage.py", "shell", "--no-imports", "-c", code],
+        env,
+        timeout=timeout,
+        what="manage.py shell",
+    ).stdout
 
 
 def seed_database(env: dict[str, str]) -> dict[str, Any]:
@@ -126,9 +146,10 @@ def seed_database(env: dict[str, str]) -> dict[str, Any]:
     result = run_python([str(HELPER), "seed"], env, what="database seeding")
     for line in result.stdout.splitlines():
         if line.startswith("SEED_JSON: "):
-            return json.loads(line[len("SEED_JSON: "):])
-    raise RuntimeError(f"seeding printed no SEED_JSON line\nstdout:\n{result.stdout}\n"
-                       f"stderr:\n{result.stderr}")
+            return json.loads(line[len("SEED_JSON: ") :])
+    raise RuntimeError(
+        f"seeding printed no SEED_JSON line\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
 
 
 # -- databases ------------------------------------------------------------------------
@@ -160,7 +181,7 @@ def postgres_reachable(url: str) -> str | None:
     try:
         with psycopg.connect(url, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure means unusable
+    except Exception as exc:
         return f"PostgreSQL at {url} is unreachable: {exc}"
     return None
 
@@ -173,7 +194,7 @@ def redis_reachable(url: str) -> str | None:
         client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
         client.ping()
         client.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"Redis at {url} is unreachable: {exc}"
     return None
 
@@ -257,16 +278,31 @@ class DaphneServer:
         self._log_file = self.log_path.open("wb")
         try:
             self.process = subprocess.Popen(
-                [PYTHON, "-m", "sysmanage.serve", "--fd", str(listener.fileno()),
-                 "--application-close-timeout", "5",
-                 # as scripts/serve and docs/configuration.md run it: room for large
-                 # SysManage-agent inventories (Daphne's default is 1 MiB)
-                 "--websocket-max-message-size", str(WS_TRANSPORT_LIMIT),
-                 "--websocket-max-frame-size", str(WS_TRANSPORT_LIMIT),
-                 *self.args, "sysmanage.asgi:application"],
-                cwd=REPO_ROOT, env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                pass_fds=[listener.fileno()], start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                [
+                    PYTHON,
+                    "-m",
+                    "sysmanage.serve",
+                    "--fd",
+                    str(listener.fileno()),
+                    "--application-close-timeout",
+                    "5",
+                    # as scripts/serve and docs/configuration.md run it: room for large
+                    # SysManage-agent inventories (Daphne's default is 1 MiB)
+                    "--websocket-max-message-size",
+                    str(WS_TRANSPORT_LIMIT),
+                    "--websocket-max-frame-size",
+                    str(WS_TRANSPORT_LIMIT),
+                    *self.args,
+                    "sysmanage.asgi:application",
+                ],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=[listener.fileno()],
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         finally:
             listener.close()
         LIVE_SERVERS.append(self)
@@ -278,8 +314,10 @@ class DaphneServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited with code "
-                                   f"{self.process.returncode} while starting:\n{self.log()}")
+                raise RuntimeError(
+                    f"server {self.name} exited with code "
+                    f"{self.process.returncode} while starting:\n{self.log()}"
+                )
             try:
                 status, body = http_get(f"{self.base_url}/healthz", timeout=1.0)
                 if status == 200 and body == "ok":
@@ -288,8 +326,9 @@ class DaphneServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"server {self.name} did not answer /healthz within {timeout}s:\n"
-                           f"{self.log()}")
+        raise RuntimeError(
+            f"server {self.name} did not answer /healthz within {timeout}s:\n{self.log()}"
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -1,4 +1,5 @@
 """A TCP relay between an agent and the server, which a test can cut or freeze."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,9 @@ class Relay:
         self.clients.append(writer)
         self.upstreams.append(up_writer)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                       keep_open: Callable[[], bool]) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep_open: Callable[[], bool]
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
                     if self.frozen:
@@ -42,8 +44,9 @@ class Relay:
             if not keep_open():
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer, lambda: self.frozen),
-                             pipe(up_reader, writer, lambda: False))
+        await asyncio.gather(
+            pipe(reader, up_writer, lambda: self.frozen), pipe(up_reader, writer, lambda: False)
+        )
 
     def cut(self) -> None:
         """Drop every relayed connection at once (both directions)."""

@@ -2,6 +2,7 @@
 Helpers of the tests that run the fake SysManage agent against a real server: enrollment
 over REST, bringing an agent online, waiting for host states.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,9 @@ def hostname(label: str) -> str:
     return f"sm-{label}-{uuid.uuid4().hex[:6]}"
 
 
-async def admin(d: harness.Deployment, method: str, path: str, user: str = "admin",
-                **kwargs: Any) -> Any:
+async def admin(
+    d: harness.Deployment, method: str, path: str, user: str = "admin", **kwargs: Any
+) -> Any:
     return await api(method, d.server.base_url, path, token=d.token(user), **kwargs)
 
 
@@ -57,7 +59,8 @@ async def approve(d: harness.Deployment, agent: FakeSysManageAgent) -> None:
 async def create_key(d: harness.Deployment, name: str, **fields: Any) -> dict[str, Any]:
     reply = await admin(d, "POST", "/api/registration-keys/", json_body={"name": name, **fields})
     assert reply.status == 201, reply
-    assert isinstance(reply.body["key"], str) and reply.body["key"], reply.body
+    assert isinstance(reply.body["key"], str), reply.body
+    assert reply.body["key"], reply.body
     return reply.body
 
 
@@ -69,7 +72,8 @@ async def enrolled(d: harness.Deployment, label: str, **kwargs: Any) -> FakeSysM
     """A fake agent registered and approved by an administrator (not connected)."""
     agent = FakeSysManageAgent(d.server.base_url, hostname(label), **kwargs)
     status, body = await register(agent)
-    assert status == 201 and body["approved"] is False, (status, body)
+    assert status == 201, (status, body)
+    assert body["approved"] is False, (status, body)
     await approve(d, agent)
     return agent
 
@@ -78,8 +82,9 @@ async def host(d: harness.Deployment, host_id: str) -> Any:
     return await admin(d, "GET", f"/api/hosts/{host_id}/")
 
 
-async def wait_host_status(d: harness.Deployment, host_id: str, status: str,
-                           timeout: float = WAIT) -> dict[str, Any]:
+async def wait_host_status(
+    d: harness.Deployment, host_id: str, status: str, timeout: float = WAIT
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -101,8 +106,10 @@ async def go_online(d: harness.Deployment, agent: FakeSysManageAgent) -> None:
     assert ack["data"]["status"] == "received"
     await agent.wait_ack(info["message_id"])
     await wait_host_status(d, agent.host_id, "online")
-    await agent.wait_execution(lambda e: e.command_type == "sync_custom_metrics"
-                               and agent.executions.index(e) >= start, WAIT)
+    await agent.wait_execution(
+        lambda e: e.command_type == "sync_custom_metrics" and agent.executions.index(e) >= start,
+        WAIT,
+    )
 
 
 async def close_and_settle(d: harness.Deployment, agent: FakeSysManageAgent) -> None:
@@ -114,8 +121,9 @@ async def close_and_settle(d: harness.Deployment, agent: FakeSysManageAgent) -> 
 
 
 @contextlib.asynccontextmanager
-async def online_agent(d: harness.Deployment, label: str,
-                       **kwargs: Any) -> AsyncIterator[FakeSysManageAgent]:
+async def online_agent(
+    d: harness.Deployment, label: str, **kwargs: Any
+) -> AsyncIterator[FakeSysManageAgent]:
     agent = await enrolled(d, label, **kwargs)
     try:
         await go_online(d, agent)
@@ -124,16 +132,23 @@ async def online_agent(d: harness.Deployment, label: str,
         await close_and_settle(d, agent)
 
 
-async def seed_client(stack: contextlib.AsyncExitStack, d: harness.Deployment,
-                      user: str = "admin") -> WsClient:
+async def seed_client(
+    stack: contextlib.AsyncExitStack, d: harness.Deployment, user: str = "admin"
+) -> WsClient:
     return await stack.enter_async_context(ws_connect(d.server.ws_url, token=d.token(user)))
 
 
-async def run_command(ws: WsClient, host_id: str, command: str, timeout: int = 30,
-                      wait: float = WAIT) -> dict[str, Any]:
-    return await ws.request({"type": "command", "channel": "command_execution",
-                             "data": {"host_id": host_id, "command": command,
-                                      "timeout": timeout}}, timeout=wait)
+async def run_command(
+    ws: WsClient, host_id: str, command: str, timeout: int = 30, wait: float = WAIT
+) -> dict[str, Any]:
+    return await ws.request(
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": host_id, "command": command, "timeout": timeout},
+        },
+        timeout=wait,
+    )
 
 
 def commands_of(agent: FakeSysManageAgent, queue_id: str) -> list[dict[str, Any]]:
@@ -141,8 +156,11 @@ def commands_of(agent: FakeSysManageAgent, queue_id: str) -> list[dict[str, Any]
 
 
 def shell_execution(agent: FakeSysManageAgent, command: str) -> Any:
-    matches = [e for e in agent.executions
-               if e.command_type == "execute_shell" and e.parameters.get("command") == command]
+    matches = [
+        e
+        for e in agent.executions
+        if e.command_type == "execute_shell" and e.parameters.get("command") == command
+    ]
     assert len(matches) == 1, f"{command!r} ran {len(matches)} times: {agent.executions}"
     return matches[0]
 
@@ -150,5 +168,6 @@ def shell_execution(agent: FakeSysManageAgent, command: str) -> Any:
 def error_of(message: dict[str, Any], error_type: str) -> dict[str, Any]:
     assert message["message_type"] == "error", message
     assert message["error_type"] == error_type, message
-    assert isinstance(message["message"], str) and message["message"], message
+    assert isinstance(message["message"], str), message
+    assert message["message"], message
     return message

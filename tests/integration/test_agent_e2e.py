@@ -2,6 +2,7 @@
 End to end: a real Daphne server, the real agent program (``python -m agent``) as a
 subprocess, and real WebSocket clients speaking the seed protocol.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,9 +38,21 @@ class AgentProcess:
     """The agent program running against a server, with its own state directory."""
 
     def __init__(self, server_url: str, token: str, state_dir: Path, log: Path) -> None:
-        self.args = [sys.executable, "-m", "agent", "--server", server_url,
-                     "--state-dir", str(state_dir), "--metrics-interval", "1",
-                     "--heartbeat-interval", "2", "--log-level", "DEBUG"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "agent",
+            "--server",
+            server_url,
+            "--state-dir",
+            str(state_dir),
+            "--metrics-interval",
+            "1",
+            "--heartbeat-interval",
+            "2",
+            "--log-level",
+            "DEBUG",
+        ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYSMANAGE_")}
         self.env["SYSMANAGE_AGENT_TOKEN"] = token
         self.log = log
@@ -48,9 +61,14 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         """Start the agent (it connects and reconnects by itself)."""
         handle = self.log.open("ab")
-        self.proc = subprocess.Popen(self.args, cwd=harness.REPO_ROOT, env=self.env,
-                                     stdout=handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=harness.REPO_ROOT,
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def stop(self) -> None:
@@ -73,18 +91,24 @@ def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
 
 def register(deployment: harness.Deployment, hostname: str) -> dict[str, str]:
     """``manage.py register_host``: its last line is the JSON with host_id and token."""
-    out = harness.run_python(["manage.py", "register_host", hostname], deployment.env,
-                             what="register_host").stdout
+    out = harness.run_python(
+        ["manage.py", "register_host", hostname], deployment.env, what="register_host"
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 @contextlib.asynccontextmanager
-async def running_agent(deployment: harness.Deployment, tmp_path: Path, hostname: str,
-                        server_url: str | None = None) -> AsyncIterator[tuple[dict, AgentProcess]]:
+async def running_agent(
+    deployment: harness.Deployment, tmp_path: Path, hostname: str, server_url: str | None = None
+) -> AsyncIterator[tuple[dict, AgentProcess]]:
     """Enroll ``hostname``, start its agent, wait until it is online."""
     enrolled = register(deployment, hostname)
-    agent = AgentProcess(server_url or deployment.server.base_url, enrolled["token"],
-                         tmp_path / f"{hostname}-state", tmp_path / f"{hostname}.log").start()
+    agent = AgentProcess(
+        server_url or deployment.server.base_url,
+        enrolled["token"],
+        tmp_path / f"{hostname}-state",
+        tmp_path / f"{hostname}.log",
+    ).start()
     try:
         await wait_status(deployment, enrolled["host_id"], "online")
         yield enrolled, agent
@@ -93,13 +117,18 @@ async def running_agent(deployment: harness.Deployment, tmp_path: Path, hostname
         assert enrolled["token"] not in agent.log.read_text(errors="replace")
 
 
-async def wait_status(deployment: harness.Deployment, host_id: str, status: str,
-                      timeout: float = 20) -> None:
+async def wait_status(
+    deployment: harness.Deployment, host_id: str, status: str, timeout: float = 20
+) -> None:
     """Poll the REST API until the host has ``status``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = await api("GET", deployment.server.base_url, f"/api/hosts/{host_id}/",
-                             token=deployment.token("admin"))
+        response = await api(
+            "GET",
+            deployment.server.base_url,
+            f"/api/hosts/{host_id}/",
+            token=deployment.token("admin"),
+        )
         if response.status == 200 and response.body["status"] == status:
             return
         await asyncio.sleep(0.2)
@@ -108,22 +137,37 @@ async def wait_status(deployment: harness.Deployment, host_id: str, status: str,
 
 async def host_event(ws: WsClient, host_id: str) -> dict[str, Any]:
     """The next ``host_status`` event of ``host_id``."""
-    return await ws.expect(lambda m: m["type"] == "event" and m["channel"] == "host_status"
-                           and m["data"]["host_id"] == host_id, 20, what="host status event")
+    return await ws.expect(
+        lambda m: (
+            m["type"] == "event"
+            and m["channel"] == "host_status"
+            and m["data"]["host_id"] == host_id
+        ),
+        20,
+        what="host status event",
+    )
 
 
-async def client(stack: contextlib.AsyncExitStack, deployment: harness.Deployment,
-                 user: str = "admin") -> WsClient:
+async def client(
+    stack: contextlib.AsyncExitStack, deployment: harness.Deployment, user: str = "admin"
+) -> WsClient:
     """A client socket that closes when ``stack`` does."""
     return await stack.enter_async_context(
-        ws_connect(deployment.server.ws_url, token=deployment.token(user)))
+        ws_connect(deployment.server.ws_url, token=deployment.token(user))
+    )
 
 
-async def run(ws: WsClient, host_id: str, command: str, timeout: int = 10,
-              wait: float = 30) -> dict[str, Any]:
-    return await ws.request({"type": "command", "channel": "command_execution",
-                             "data": {"host_id": host_id, "command": command,
-                                      "timeout": timeout}}, timeout=wait)
+async def run(
+    ws: WsClient, host_id: str, command: str, timeout: int = 10, wait: float = 30
+) -> dict[str, Any]:
+    return await ws.request(
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": host_id, "command": command, "timeout": timeout},
+        },
+        timeout=wait,
+    )
 
 
 async def test_online_metrics_and_offline(deployment, tmp_path):
@@ -133,41 +177,57 @@ async def test_online_metrics_and_offline(deployment, tmp_path):
         async with running_agent(deployment, tmp_path, "e2e-status") as (enrolled, agent):
             host_id = enrolled["host_id"]
             online = await host_event(ws, host_id)
-            assert (online["data"]["status"], online["data"]["previous_status"]) == \
-                ("online", "unknown")
+            assert (online["data"]["status"], online["data"]["previous_status"]) == (
+                "online",
+                "unknown",
+            )
             watcher = await client(stack, deployment)
-            await watcher.subscribe("host_metrics", {"host_id": host_id,
-                                                     "metrics": ["cpu", "disk"]})
+            await watcher.subscribe(
+                "host_metrics", {"host_id": host_id, "metrics": ["cpu", "disk"]}
+            )
             event = await watcher.next_event("host_metrics", timeout=10)
             metrics = event["data"]["metrics"]
             assert set(metrics) == {"cpu_usage", "disk_usage"}
             assert 0 <= metrics["cpu_usage"] <= 100
-            assert "/" in metrics["disk_usage"] and 0 < metrics["disk_usage"]["/"] <= 100
+            assert "/" in metrics["disk_usage"]
+            assert 0 < metrics["disk_usage"]["/"] <= 100
             agent.stop()
             offline = await host_event(ws, host_id)
-            assert (offline["data"]["status"], offline["data"]["previous_status"]) == \
-                ("offline", "online")
+            assert (offline["data"]["status"], offline["data"]["previous_status"]) == (
+                "offline",
+                "online",
+            )
 
 
 async def test_commands_echo_exit_code_timeout_and_concurrency(deployment, tmp_path):
-    async with contextlib.AsyncExitStack() as stack, \
-            running_agent(deployment, tmp_path, "e2e-commands") as (enrolled, _):
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        running_agent(deployment, tmp_path, "e2e-commands") as (enrolled, _),
+    ):
         host_id = enrolled["host_id"]
         ws = await client(stack, deployment)
         echo = await run(ws, host_id, "echo hello from the agent")
-        assert echo["type"] == "response" and echo["channel"] == "command_execution"
+        assert echo["type"] == "response"
+        assert echo["channel"] == "command_execution"
         data = echo["data"]
-        assert (data["status"], data["exit_code"], data["stdout"], data["stderr"]) == \
-            ("completed", 0, "hello from the agent\n", "")
-        assert data["execution_time"] >= 0 and data["host_id"] == host_id
+        assert (data["status"], data["exit_code"], data["stdout"], data["stderr"]) == (
+            "completed",
+            0,
+            "hello from the agent\n",
+            "",
+        )
+        assert data["execution_time"] >= 0
+        assert data["host_id"] == host_id
         failing = await run(ws, host_id, "echo oops >&2; exit 3")
         assert (failing["data"]["exit_code"], failing["data"]["stderr"]) == (3, "oops\n")
         slow = await run(ws, host_id, "sleep 30", timeout=1)
-        assert slow["data"]["status"] == "timeout" and slow["data"]["exit_code"] is None
+        assert slow["data"]["status"] == "timeout"
+        assert slow["data"]["exit_code"] is None
         sockets = [await client(stack, deployment) for _ in range(4)]
         started = time.monotonic()
-        results = await asyncio.gather(*(run(sock, host_id, f"sleep 1; echo {i}")
-                                         for i, sock in enumerate(sockets)))
+        results = await asyncio.gather(
+            *(run(sock, host_id, f"sleep 1; echo {i}") for i, sock in enumerate(sockets))
+        )
         assert sorted(r["data"]["stdout"] for r in results) == [f"{i}\n" for i in range(4)]
         assert time.monotonic() - started < 3.5  # side by side, not one after another
 
@@ -180,25 +240,30 @@ async def test_command_failed_cases(deployment, tmp_path):
         assert unknown["data"]["message"] == "Host not found"
         enrolled = register(deployment, "e2e-never-connected")
         offline = await run(ws, enrolled["host_id"], "true")
-        assert offline["type"] == "error" and offline["channel"] == "command_execution"
+        assert offline["type"] == "error"
+        assert offline["channel"] == "command_execution"
         assert offline["data"]["code"] == "COMMAND_FAILED"
         assert offline["data"]["message"].startswith("Host not reachable")
         assert offline["data"]["execution_id"]
 
 
-async def test_result_made_while_disconnected_is_delivered_after_reconnect(
-        deployment, tmp_path):
+async def test_result_made_while_disconnected_is_delivered_after_reconnect(deployment, tmp_path):
     proxy = Relay(deployment.server.port)
     port = await proxy.start()
-    async with contextlib.AsyncExitStack() as stack, \
-            running_agent(deployment, tmp_path, "e2e-reconnect",
-                          f"http://127.0.0.1:{port}") as (enrolled, _):
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        running_agent(deployment, tmp_path, "e2e-reconnect", f"http://127.0.0.1:{port}") as (
+            enrolled,
+            _,
+        ),
+    ):
         host_id = enrolled["host_id"]
         ws = await client(stack, deployment)
         watcher = await client(stack, deployment)
         await watcher.subscribe("host_status", {"host_id": host_id})
-        pending = asyncio.ensure_future(run(ws, host_id, "sleep 3; echo survived",
-                                            timeout=30, wait=60))
+        pending = asyncio.ensure_future(
+            run(ws, host_id, "sleep 3; echo survived", timeout=30, wait=60)
+        )
         await asyncio.sleep(1)
         proxy.cut()  # the agent loses its socket while the command runs
         offline = await host_event(watcher, host_id)
@@ -206,24 +271,32 @@ async def test_result_made_while_disconnected_is_delivered_after_reconnect(
         assert (offline["data"]["status"], online["data"]["status"]) == ("offline", "online")
         response = await pending
         assert response["type"] == "response", response
-        assert (response["data"]["status"], response["data"]["stdout"]) == \
-            ("completed", "survived\n")
-        listing = await api("GET", deployment.server.base_url,
-                            f"/api/commands/?host={host_id}", token=deployment.token("admin"))
+        assert (response["data"]["status"], response["data"]["stdout"]) == (
+            "completed",
+            "survived\n",
+        )
+        listing = await api(
+            "GET",
+            deployment.server.base_url,
+            f"/api/commands/?host={host_id}",
+            token=deployment.token("admin"),
+        )
         assert [c["status"] for c in listing.body["results"]] == ["completed"]
     await proxy.close()
 
 
 async def test_revoked_token_disconnects_the_agent(deployment, tmp_path):
     async with running_agent(deployment, tmp_path, "e2e-revoke") as (enrolled, agent):
-        harness.run_python(["manage.py", "revoke_host", "e2e-revoke"], deployment.env,
-                           what="revoke_host")
+        harness.run_python(
+            ["manage.py", "revoke_host", "e2e-revoke"], deployment.env, what="revoke_host"
+        )
         # Another process revoked it; without a shared layer the connection notices on
         # its next re-check (AGENT_RECHECK_SECONDS=1) and closes with 4001.
         await wait_status(deployment, enrolled["host_id"], "offline", timeout=15)
         log = agent.log.read_text()
         assert "AUTH_FAILED: Agent token was revoked or rotated" in log
-        assert agent.proc is not None and agent.proc.poll() is None  # waiting, not dead
+        assert agent.proc is not None
+        assert agent.proc.poll() is None
 
 
 def _build_deb(workdir: Path) -> Path:
@@ -234,47 +307,67 @@ def _build_deb(workdir: Path) -> Path:
     (root / "DEBIAN/control").write_text(
         "Package: sysmanage-e2e-selftest\nVersion: 1.0\nArchitecture: all\n"
         "Maintainer: SysManage tests <tests@example.invalid>\n"
-        "Description: package installed and removed by the end-to-end tests\n")
+        "Description: package installed and removed by the end-to-end tests\n"
+    )
     target = workdir / "sysmanage-e2e-selftest_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "--build", str(root), str(target)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--build", str(root), str(target)], check=True, capture_output=True)
     return target
 
 
 def _installed() -> bool:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "sysmanage-e2e-selftest"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", "sysmanage-e2e-selftest"],
+        capture_output=True,
+        text=True,
+    )
     return "install ok installed" in result.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get")
-                    or not shutil.which("dpkg-deb"), reason="needs root, apt-get and dpkg-deb")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("apt-get") or not shutil.which("dpkg-deb"),
+    reason="needs root, apt-get and dpkg-deb",
+)
 async def test_package_install_and_remove_for_real(deployment, tmp_path):
     deb = _build_deb(tmp_path)
     subprocess.run(["dpkg", "-r", "sysmanage-e2e-selftest"], capture_output=True)
-    async with contextlib.AsyncExitStack() as stack, \
-            running_agent(deployment, tmp_path, "e2e-packages") as (enrolled, _):
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        running_agent(deployment, tmp_path, "e2e-packages") as (enrolled, _),
+    ):
         host_id = enrolled["host_id"]
         ws = await client(stack, deployment)
         await ws.subscribe("package_operations", {"host_id": host_id})
-        for operation, package, installed in (("install", str(deb), True),
-                                              ("remove", "sysmanage-e2e-selftest", False)):
-            reply = await ws.request({"type": "command", "channel": "package_operations",
-                                      "data": {"host_id": host_id, "operation": operation,
-                                               "package": package}}, timeout=30)
+        for operation, package, installed in (
+            ("install", str(deb), True),
+            ("remove", "sysmanage-e2e-selftest", False),
+        ):
+            reply = await ws.request(
+                {
+                    "type": "command",
+                    "channel": "package_operations",
+                    "data": {"host_id": host_id, "operation": operation, "package": package},
+                },
+                timeout=30,
+            )
             assert reply["type"] == "response", reply
             operation_id = reply["data"]["execution_id"]
             progress = []
             while True:
                 event = await ws.expect(
-                    lambda m, ref=operation_id: m["type"] == "event"
-                    and m["channel"] == "package_operations"
-                    and m["data"]["execution_id"] == ref, 240, what="package progress")
+                    lambda m, ref=operation_id: (
+                        m["type"] == "event"
+                        and m["channel"] == "package_operations"
+                        and m["data"]["execution_id"] == ref
+                    ),
+                    240,
+                    what="package progress",
+                )
                 progress.append(event["data"]["progress"])
                 if event["data"]["status"] in ("completed", "failed"):
                     break
             assert event["data"]["status"] == "completed", event
-            assert progress[-1] == 100 and len(progress) >= 2
+            assert progress[-1] == 100
+            assert len(progress) >= 2
             assert _installed() is installed
 
 
@@ -282,9 +375,13 @@ async def test_fleet_status_is_right_after_a_server_restart(launch_sqlite, tmp_p
     with launch_sqlite("restart", **AGENT_SETTINGS) as restart:
         proxy = Relay(restart.server.port)
         port = await proxy.start()
-        async with contextlib.AsyncExitStack() as stack, \
-                running_agent(restart, tmp_path, "e2e-restart",
-                              f"http://127.0.0.1:{port}") as (enrolled, _):
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            running_agent(restart, tmp_path, "e2e-restart", f"http://127.0.0.1:{port}") as (
+                enrolled,
+                _,
+            ),
+        ):
             ws = await client(stack, restart)
             _, before = await ws.subscribe_with_status("fleet_status")
             assert before["data"]["online_hosts"] >= 1
@@ -299,16 +396,26 @@ async def test_fleet_status_is_right_after_a_server_restart(launch_sqlite, tmp_p
             ws = await client(stack, restart)
             _, after = await ws.subscribe_with_status("fleet_status")
             figures = {k: after["data"][k] for k in ("total_hosts", "online_hosts")}
-            assert figures == {"total_hosts": before["data"]["total_hosts"],
-                               "online_hosts": before["data"]["online_hosts"] - 1}
-            agent = AgentProcess(f"http://127.0.0.1:{port}", enrolled["token"],
-                                 tmp_path / "restart-state", tmp_path / "restart2.log").start()
+            assert figures == {
+                "total_hosts": before["data"]["total_hosts"],
+                "online_hosts": before["data"]["online_hosts"] - 1,
+            }
+            agent = AgentProcess(
+                f"http://127.0.0.1:{port}",
+                enrolled["token"],
+                tmp_path / "restart-state",
+                tmp_path / "restart2.log",
+            ).start()
             try:
-                event = await ws.expect(lambda m: m["type"] == "event"
-                                        and m["channel"] == "fleet_status"
-                                        and m["data"]["online_hosts"]
-                                        == before["data"]["online_hosts"], 20,
-                                        what="fleet status with the host back online")
+                event = await ws.expect(
+                    lambda m: (
+                        m["type"] == "event"
+                        and m["channel"] == "fleet_status"
+                        and m["data"]["online_hosts"] == before["data"]["online_hosts"]
+                    ),
+                    20,
+                    what="fleet status with the host back online",
+                )
                 assert event["data"]["total_hosts"] == before["data"]["total_hosts"]
             finally:
                 agent.stop()
@@ -319,20 +426,41 @@ async def test_seed_demo_streams_a_live_fleet(deployment, tmp_path):
     async with contextlib.AsyncExitStack() as stack:
         ws = await client(stack, deployment)
         demo = subprocess.Popen(
-            [sys.executable, "manage.py", "seed_demo", "--server", deployment.server.base_url,
-             "--hosts", "3", "--interval", "0.5", "--duration", "8", "--seed", "1"],
-            cwd=harness.REPO_ROOT, env=deployment.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "manage.py",
+                "seed_demo",
+                "--server",
+                deployment.server.base_url,
+                "--hosts",
+                "3",
+                "--interval",
+                "0.5",
+                "--duration",
+                "8",
+                "--seed",
+                "1",
+            ],
+            cwd=harness.REPO_ROOT,
+            env=deployment.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             await asyncio.sleep(2)
             host_id = await asyncio.to_thread(
-                harness.manage_shell, deployment.env,
-                "from hosts.models import Host; "
-                "print(Host.objects.get(hostname='demo-web-01').id)")
+                harness.manage_shell,
+                deployment.env,
+                "from hosts.models import Host; print(Host.objects.get(hostname='demo-web-01').id)",
+            )
             await ws.subscribe("host_metrics", {"host_id": host_id.strip()})
             event = await ws.next_event("host_metrics", timeout=10)
-            assert set(event["data"]["metrics"]) == {"cpu_usage", "memory_usage",
-                                                     "disk_usage", "load_average"}
+            assert set(event["data"]["metrics"]) == {
+                "cpu_usage",
+                "memory_usage",
+                "disk_usage",
+                "load_average",
+            }
             await wait_status(deployment, host_id.strip(), "online")
         finally:
             output, _ = await asyncio.to_thread(demo.communicate, timeout=30)
@@ -340,13 +468,18 @@ async def test_seed_demo_streams_a_live_fleet(deployment, tmp_path):
         assert b"Streaming metrics from 3 demo hosts" in output
 
 
-async def wait_command(deployment: harness.Deployment, host_id: str, status: str,
-                       timeout: float = 40) -> dict[str, Any]:
+async def wait_command(
+    deployment: harness.Deployment, host_id: str, status: str, timeout: float = 40
+) -> dict[str, Any]:
     """Poll the REST API until the host's latest command has ``status``; return it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listing = await api("GET", deployment.server.base_url, f"/api/commands/?host={host_id}",
-                            token=deployment.token("admin"))
+        listing = await api(
+            "GET",
+            deployment.server.base_url,
+            f"/api/commands/?host={host_id}",
+            token=deployment.token("admin"),
+        )
         results = listing.body["results"] if listing.status == 200 else []
         if results and results[0]["status"] == status:
             return results[0]
@@ -358,14 +491,24 @@ async def test_command_running_across_a_server_restart_ends_recorded(launch_sqli
     with launch_sqlite("restart-cmd", **AGENT_SETTINGS) as restart:
         proxy = Relay(restart.server.port)
         port = await proxy.start()
-        async with running_agent(restart, tmp_path, "e2e-restart-cmd",
-                                 f"http://127.0.0.1:{port}") as (enrolled, _):
+        async with running_agent(
+            restart, tmp_path, "e2e-restart-cmd", f"http://127.0.0.1:{port}"
+        ) as (enrolled, _):
             host_id = enrolled["host_id"]
             async with contextlib.AsyncExitStack() as stack:
                 ws = await client(stack, restart)
-                await ws.send({"type": "command", "channel": "command_execution", "id": "r1",
-                               "data": {"host_id": host_id, "timeout": 30,
-                                        "command": "sleep 4; echo after-restart"}})
+                await ws.send(
+                    {
+                        "type": "command",
+                        "channel": "command_execution",
+                        "id": "r1",
+                        "data": {
+                            "host_id": host_id,
+                            "timeout": 30,
+                            "command": "sleep 4; echo after-restart",
+                        },
+                    }
+                )
                 await wait_command(restart, host_id, "running", timeout=15)
             restart.servers[0].stop()  # the server goes away while the command runs
             (new,) = harness.start_servers([("restart-cmd-2", restart.env)], tmp_path)
@@ -375,7 +518,11 @@ async def test_command_running_across_a_server_restart_ends_recorded(launch_sqli
             done = await wait_command(restart, host_id, "completed")
             assert (done["stdout_preview"], done["exit_code"]) == ("after-restart\n", 0)
             # a list carries outputs in short; the execution itself has them whole
-            record = await api("GET", restart.server.base_url, f"/api/commands/{done['id']}/",
-                               token=restart.token("admin"))
+            record = await api(
+                "GET",
+                restart.server.base_url,
+                f"/api/commands/{done['id']}/",
+                token=restart.token("admin"),
+            )
             assert record.body["stdout"] == "after-restart\n"
         await proxy.close()

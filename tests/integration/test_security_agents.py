@@ -7,6 +7,7 @@ connection token to anyone who names a host, so everything here starts from one.
 test performs an attack and fails if it works again.  Other loopback addresses
 (127.0.x.y) stand for other machines.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,17 +86,39 @@ def forged_messages(agent: FakeSysManageAgent) -> list[dict[str, Any]]:
     raise alerts, heartbeats, a command result; each names the host by id alone."""
     ids = {"host_id": agent.host_id}
     return [
-        agent.envelope("system_info", {**ids, "hostname": agent.hostname, "platform": "Evil",
-                                       "os_info": {"distribution": "EvilOS",
-                                                   "distribution_version": "666"}}),
-        agent.envelope("software_inventory_update",
-                       {**ids, "software_packages": [{"package_name": "backdoor"}]}),
-        agent.envelope("custom_metric_samples", {**ids, "samples": [
-            {"metric_id": "sysmanage-server.cpu_usage", "value": 99.9, "status": "ok"}]}),
+        agent.envelope(
+            "system_info",
+            {
+                **ids,
+                "hostname": agent.hostname,
+                "platform": "Evil",
+                "os_info": {"distribution": "EvilOS", "distribution_version": "666"},
+            },
+        ),
+        agent.envelope(
+            "software_inventory_update",
+            {**ids, "software_packages": [{"package_name": "backdoor"}]},
+        ),
+        agent.envelope(
+            "custom_metric_samples",
+            {
+                **ids,
+                "samples": [
+                    {"metric_id": "sysmanage-server.cpu_usage", "value": 99.9, "status": "ok"}
+                ],
+            },
+        ),
         agent.envelope("heartbeat", {**ids, "agent_status": "healthy"}),
-        agent.envelope("command_result", {**ids, "command_id": str(uuid.uuid4()),
-                                          "success": True, "exit_code": 0,
-                                          "result": {"result": {"stdout": "pwned"}}}),
+        agent.envelope(
+            "command_result",
+            {
+                **ids,
+                "command_id": str(uuid.uuid4()),
+                "success": True,
+                "exit_code": 0,
+                "result": {"result": {"stdout": "pwned"}},
+            },
+        ),
     ]
 
 
@@ -112,8 +135,11 @@ async def no_event(ws: Any, channel: str, host_id: str, seconds: float) -> None:
             message = await ws.recv(timeout=max(0.05, deadline - time.monotonic()))
         except TimeoutError:
             return
-        assert not (message.get("type") == "event" and message.get("channel") == channel
-                    and message["data"].get("host_id") == host_id), message
+        assert not (
+            message.get("type") == "event"
+            and message.get("channel") == channel
+            and message["data"].get("host_id") == host_id
+        ), message
 
 
 def server_rss(d: harness.Deployment) -> int:
@@ -134,7 +160,8 @@ async def test_connection_tokens_are_opaque(deployment):
             for part in [token, *token.split(".")]:
                 decoded = unpadded_b64_decode(part)
                 for secret in (victim.host_id, victim.hostname, victim.host_id.replace("-", "")):
-                    assert secret.encode() not in decoded and secret not in part
+                    assert secret.encode() not in decoded
+                    assert secret not in part
 
 
 async def test_polls_without_the_host_token_change_nothing(deployment):
@@ -145,10 +172,12 @@ async def test_polls_without_the_host_token_change_nothing(deployment):
             await ws.subscribe("host_metrics", {"host_id": victim.host_id})
             before = await facts(d, victim.host_id)
             attacker = Attacker(d.server.base_url, victim)
-            reply = await attacker.poll([attacker.as_poll_message(m)
-                                         for m in forged_messages(attacker)])
-            errors = [m["data"]["error_type"] for m in reply["messages"]
-                      if m["message_type"] == "error"]
+            reply = await attacker.poll(
+                [attacker.as_poll_message(m) for m in forged_messages(attacker)]
+            )
+            errors = [
+                m["data"]["error_type"] for m in reply["messages"] if m["message_type"] == "error"
+            ]
             assert errors == ["identification_pending"] * 5, reply
             assert not [m for m in reply["messages"] if m["message_type"] == "ack"]
             await no_event(ws, "host_metrics", victim.host_id, 1.5)
@@ -157,8 +186,13 @@ async def test_polls_without_the_host_token_change_nothing(deployment):
             assert "backdoor" not in json.dumps(inventory.body)
         # A dead host cannot be kept online with heartbeats.
         for _ in range(3):
-            await attacker.poll([attacker.poll_message("heartbeat", {
-                "host_id": victim.host_id, "agent_status": "healthy"})])
+            await attacker.poll(
+                [
+                    attacker.poll_message(
+                        "heartbeat", {"host_id": victim.host_id, "agent_status": "healthy"}
+                    )
+                ]
+            )
         assert (await facts(d, victim.host_id))["status"] == "offline"
 
 
@@ -210,21 +244,29 @@ async def test_a_poller_without_proof_gets_no_command_and_cannot_answer_one(depl
         queue_id, _ = victim.command_ids(command)
         # With the delivery id in hand (sniffed), the attacker still cannot acknowledge
         # it or answer for the host.
-        forged = attacker.envelope("command_result", {
-            "host_id": victim.host_id, "command_id": queue_id, "success": True,
-            "exit_code": 0, "result": {"result": {"stdout": "forged\n", "exit_code": 0}}})
+        forged = attacker.envelope(
+            "command_result",
+            {
+                "host_id": victim.host_id,
+                "command_id": queue_id,
+                "success": True,
+                "exit_code": 0,
+                "result": {"result": {"stdout": "forged\n", "exit_code": 0}},
+            },
+        )
         reply = await attacker.poll([attacker.as_poll_message(forged)])
-        errors = [m["data"]["error_type"] for m in reply["messages"]
-                  if m["message_type"] == "error"]
-        assert errors and set(errors) == {"identification_pending"}, reply
+        errors = [
+            m["data"]["error_type"] for m in reply["messages"] if m["message_type"] == "error"
+        ]
+        assert errors, reply
+        assert set(errors) == {"identification_pending"}, reply
         assert not [m for m in reply["messages"] if m["message_type"] in ("ack", "command")]
         while not pending.done() and time.monotonic() < deadline:
             await victim.poll()
             await asyncio.sleep(0.2)
         response = await pending
         assert response["type"] == "response", response
-        assert (response["data"]["status"], response["data"]["stdout"]) == \
-            ("completed", "mine\n")
+        assert (response["data"]["status"], response["data"]["stdout"]) == ("completed", "mine\n")
 
 
 # -- 3. memory and CPU before identity --------------------------------------------------------
@@ -233,8 +275,14 @@ async def test_a_poller_without_proof_gets_no_command_and_cannot_answer_one(depl
 def expensive_frame(host_id: str, size: int) -> str:
     """A message that names the host by id alone, padded with empty lists: about 20
     times its size once parsed."""
-    head = json.dumps({"message_type": "hardware_update", "message_id": new_message_id(),
-                       "timestamp": now_iso(), "data": {"host_id": host_id, "x": []}})
+    head = json.dumps(
+        {
+            "message_type": "hardware_update",
+            "message_id": new_message_id(),
+            "timestamp": now_iso(),
+            "data": {"host_id": host_id, "x": []},
+        }
+    )
     lists = ",".join(["[]"] * ((size - len(head)) // 3))
     return head.replace('"x": []', f'"x": [{lists}]')
 
@@ -255,9 +303,14 @@ async def test_held_messages_before_proof_stay_within_a_small_budget(deployment)
         await attacker.send_raw(large)
         sent += len(large)
     held = 1024 * 1024 // len(small)  # what fits the per-connection budget
-    await attacker.wait_for(lambda m: sum(
-        1 for r in attacker.received if r.get("error_type") == "identification_pending")
-        >= 125 + 3 - held, WAIT, what="refusals of what exceeds the budget")
+    await attacker.wait_for(
+        lambda m: (
+            sum(1 for r in attacker.received if r.get("error_type") == "identification_pending")
+            >= 125 + 3 - held
+        ),
+        WAIT,
+        what="refusals of what exceeds the budget",
+    )
     grown = server_rss(d) - baseline
     assert sent > 18_000_000
     assert grown < 48 * 1024 * 1024, f"server grew by {grown / 2**20:.0f} MiB"
@@ -316,18 +369,18 @@ async def test_reregistration_never_hands_the_identity_to_the_first_caller(deplo
     async with contextlib.AsyncExitStack() as stack:
         ws = await seed_client(stack, d)
         async with online_agent(d, "hijack") as victim:
-            allowed = await admin(d, "POST",
-                                  f"/api/hosts/{victim.host_id}/allow-reregistration/")
+            allowed = await admin(d, "POST", f"/api/hosts/{victim.host_id}/allow-reregistration/")
             assert allowed.status == 200, allowed
-            intruder = FakeSysManageAgent(d.server.base_url, victim.hostname,
-                                          source_address="127.0.4.66")
+            intruder = FakeSysManageAgent(
+                d.server.base_url, victim.hostname, source_address="127.0.4.66"
+            )
             status, body = await register(intruder)  # the fastest caller
-            assert status == 201 and body["approved"] is False, body
+            assert status == 201, body
+            assert body["approved"] is False, body
             assert body["id"] == victim.host_id
             # The real agent keeps working; the intruder's token proves nothing.
             reply = await run_command(ws, victim.host_id, "echo still-me")
-            assert (reply["data"]["status"], reply["data"]["stdout"]) == \
-                ("completed", "still-me\n")
+            assert (reply["data"]["status"], reply["data"]["stdout"]) == ("completed", "still-me\n")
             await intruder.connect()
             await intruder.send("heartbeat", intruder.heartbeat_data())
             error = await intruder.wait_type("error")
@@ -343,8 +396,9 @@ async def test_reregistration_never_hands_the_identity_to_the_first_caller(deplo
             start = len(intruder.received)
             await intruder.connect()
             await intruder.send("heartbeat", intruder.heartbeat_data())
-            assert (await intruder.wait_type("error", start=start))["error_type"] == \
-                "host_not_registered"
+            assert (await intruder.wait_type("error", start=start))[
+                "error_type"
+            ] == "host_not_registered"
             reply = await run_command(ws, victim.host_id, "echo after")
             assert reply["data"]["stdout"] == "after\n"
             await intruder.close()
@@ -361,23 +415,34 @@ async def test_a_registration_flood_does_not_lock_out_real_agents(deployment):
         statuses = []
         for address in range(1, 18):  # 17 addresses of one network
             for n in range(15):
-                agent = FakeSysManageAgent(d.server.base_url, f"flood-{label}-{address}-{n}",
-                                           source_address=f"127.0.5.{address}")
+                agent = FakeSysManageAgent(
+                    d.server.base_url,
+                    f"flood-{label}-{address}-{n}",
+                    source_address=f"127.0.5.{address}",
+                )
                 statuses.append(agent.register()[0])
         return statuses
 
     statuses = await asyncio.to_thread(flood)
-    assert statuses.count(201) <= 50 and set(statuses) <= {201, 429}, statuses
+    assert statuses.count(201) <= 50, statuses
+    assert set(statuses) <= {201, 429}, statuses
     assert statuses.count(429) >= 17 * 15 - 50
-    real = FakeSysManageAgent(d.server.base_url, hostname("after-flood"),
-                              source_address="127.0.6.1")
+    real = FakeSysManageAgent(
+        d.server.base_url, hostname("after-flood"), source_address="127.0.6.1"
+    )
     status, body = await register(real)
-    assert status == 201 and body["approved"] is False, body
+    assert status == 201, body
+    assert body["approved"] is False, body
     key = await create_key(d, "rollout during a flood")
-    keyed = FakeSysManageAgent(d.server.base_url, hostname("keyed"),
-                               registration_key=key["key"], source_address="127.0.5.3")
+    keyed = FakeSysManageAgent(
+        d.server.base_url,
+        hostname("keyed"),
+        registration_key=key["key"],
+        source_address="127.0.5.3",
+    )
     status, body = await register(keyed)
-    assert status == 201 and body["approved"] is True, body
+    assert status == 201, body
+    assert body["approved"] is True, body
 
 
 async def test_host_names_compare_without_regard_to_case(deployment):
@@ -437,9 +502,9 @@ async def test_connection_tokens_never_reach_the_log(deployment):
     assert token
     base = d.server.ws_url.rsplit("/ws", 1)[0]
     with contextlib.suppress(Exception):
-        async with websockets.connect(f"{base}/api/agent/connect?token={token}x",
-                                      proxy=None) as ws:
+        async with websockets.connect(f"{base}/api/agent/connect?token={token}x", proxy=None) as ws:
             await asyncio.wait_for(ws.recv(), 3)
     await close_and_settle(d, victim)
     log = d.server.log_since(offset)
-    assert token not in log and victim.host_token not in log
+    assert token not in log
+    assert victim.host_token not in log

@@ -11,6 +11,7 @@ real WebSocket and HTTP clients on loopback.  Each test fails if its hole reopen
 * ``cluster``: two servers on PostgreSQL and Redis, recheck a minute away: a change a
   signal sees in a shell reaches the sockets of both servers at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,20 +84,23 @@ async def ashell(d: Deployment, code: str) -> str:
     return await asyncio.to_thread(shell, d, code)
 
 
-async def new_user(d: Deployment, prefix: str, *, staff: bool = False,
-                   perms: tuple[str, ...] = ()) -> str:
+async def new_user(
+    d: Deployment, prefix: str, *, staff: bool = False, perms: tuple[str, ...] = ()
+) -> str:
     """Create a user (in a shell) with the seed password; return its name."""
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    await ashell(d, f"""
+    await ashell(
+        d,
+        f"""
         user = User.objects.create_user({name!r}, password={d.password!r}, is_staff={staff})
         user.user_permissions.add(*[perm(p) for p in {list(perms)!r}])
-    """)
+    """,
+    )
     return name
 
 
 async def tokens(d: Deployment, name: str, server: int = 0) -> dict[str, str]:
-    return await asyncio.to_thread(obtain_tokens, d.servers[server].base_url, name,
-                                   d.password)
+    return await asyncio.to_thread(obtain_tokens, d.servers[server].base_url, name, d.password)
 
 
 def connect(d: Deployment, token: str, server: int = 0, **kwargs: Any) -> Any:
@@ -110,15 +114,17 @@ async def closed_with(client: WsClient, message: str, within: float) -> float:
     took = time.monotonic() - started
     assert closed.code == 4001, closed
     errors = [m for m in closed.messages if m["type"] == "error"]
-    assert [e["data"] for e in errors] == [{"code": "AUTH_FAILED", "message": message,
-                                            "action": "reconnect_with_valid_token"}], closed
+    assert [e["data"] for e in errors] == [
+        {"code": "AUTH_FAILED", "message": message, "action": "reconnect_with_valid_token"}
+    ], closed
     return took
 
 
 async def revoked(client: WsClient, channel: str, within: float) -> dict[str, Any]:
     """The error that ended the subscription to ``channel``."""
-    error = await client.expect(lambda m: m["type"] == "error", within,
-                                what=f"the end of the {channel} subscription")
+    error = await client.expect(
+        lambda m: m["type"] == "error", within, what=f"the end of the {channel} subscription"
+    )
     assert error["channel"] == channel, error
     assert error["data"]["code"] == "SUBSCRIPTION_REVOKED", error
     assert error["data"]["requested_channel"] == channel
@@ -127,38 +133,62 @@ async def revoked(client: WsClient, channel: str, within: float) -> dict[str, An
 
 
 def command_message(host_id: str, id_: str, text: str = "uptime") -> dict[str, Any]:
-    return {"type": "command", "channel": "command_execution", "id": id_,
-            "data": {"host_id": host_id, "command": text, "timeout": 10}}
+    return {
+        "type": "command",
+        "channel": "command_execution",
+        "id": id_,
+        "data": {"host_id": host_id, "command": text, "timeout": 10},
+    }
 
 
 # -- (A) privileged actions check rights as they are now --------------------------------------
 
 
 async def test_rights_removed_behind_an_open_socket_are_refused_at_the_next_action(
-        slow: Deployment):
+    slow: Deployment,
+):
     name = await new_user(slow, "ops", perms=("sysmanage.run_command", "alerts.change_alert"))
-    alert = await api("POST", slow.server.base_url, "/api/alerts/", token=slow.token("admin"),
-                      json_body={"severity": "info", "category": "x", "title": "ack me"})
+    alert = await api(
+        "POST",
+        slow.server.base_url,
+        "/api/alerts/",
+        token=slow.token("admin"),
+        json_body={"severity": "info", "category": "x", "title": "ack me"},
+    )
     unknown_host = str(uuid.uuid4())
     async with connect(slow, (await tokens(slow, name))["access"]) as client:
         allowed = await client.request(command_message(unknown_host, "before"))
         assert allowed["data"]["code"] == "COMMAND_FAILED", allowed  # past the permission
         # removed without any signal, by another process, while the socket stays open
-        await ashell(slow, f"""
+        await ashell(
+            slow,
+            f"""
             User.user_permissions.through.objects.filter(user__username={name!r}).delete()
-        """)
+        """,
+        )
         refused = await client.request(command_message(unknown_host, "after"))
         assert refused["data"]["code"] == "PERMISSION_DENIED", refused
-        package = await client.request({
-            "type": "command", "channel": "package_operations", "id": "pkg",
-            "data": {"host_id": unknown_host, "operation": "install", "package": "nginx"}})
+        package = await client.request(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "id": "pkg",
+                "data": {"host_id": unknown_host, "operation": "install", "package": "nginx"},
+            }
+        )
         assert package["data"]["code"] == "PERMISSION_DENIED", package
-        ack = await client.request({
-            "type": "command", "channel": "system_alerts", "id": "ack",
-            "data": {"action": "acknowledge", "alert_id": alert.body["id"]}})
+        ack = await client.request(
+            {
+                "type": "command",
+                "channel": "system_alerts",
+                "id": "ack",
+                "data": {"action": "acknowledge", "alert_id": alert.body["id"]},
+            }
+        )
         assert ack["data"]["code"] == "PERMISSION_DENIED", ack
-    state = await api("GET", slow.server.base_url, f"/api/alerts/{alert.body['id']}/",
-                      token=slow.token("admin"))
+    state = await api(
+        "GET", slow.server.base_url, f"/api/alerts/{alert.body['id']}/", token=slow.token("admin")
+    )
     assert state.body["status"] == "open"
 
 
@@ -177,14 +207,25 @@ async def test_staff_flag_removed_by_queryset_update_ends_user_activity(defaults
         assert "no longer have permission" in error["data"]["message"]
         await client.ping()  # the socket stays open, its other subscriptions too
         # a login (published first) then an alert: the login no longer reaches this user
-        await asyncio.to_thread(obtain_tokens, defaults.server.base_url, "viewer",
-                                defaults.password, "after-revocation")
-        marker = await api("POST", defaults.server.base_url, "/api/alerts/",
-                           token=defaults.token("admin"),
-                           json_body={"severity": "info", "category": "x", "title": "mark"})
+        await asyncio.to_thread(
+            obtain_tokens, defaults.server.base_url, "viewer", defaults.password, "after-revocation"
+        )
+        marker = await api(
+            "POST",
+            defaults.server.base_url,
+            "/api/alerts/",
+            token=defaults.token("admin"),
+            json_body={"severity": "info", "category": "x", "title": "mark"},
+        )
         before: list[dict[str, Any]] = []
-        await client.expect(lambda m: m["type"] == "event" and m["channel"] == "system_alerts"
-                            and m["data"]["alert_id"] == marker.body["id"], skipped=before)
+        await client.expect(
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "system_alerts"
+                and m["data"]["alert_id"] == marker.body["id"]
+            ),
+            skipped=before,
+        )
         assert not [m for m in before if m["channel"] == "user_activity"], before
 
 
@@ -203,132 +244,178 @@ async def test_subscribing_again_after_losing_the_right_is_refused(slow: Deploym
 
 
 async def test_password_changed_by_queryset_update_closes_sockets_and_voids_tokens(
-        defaults: Deployment):
+    defaults: Deployment,
+):
     name = await new_user(defaults, "pw")
     issued = await tokens(defaults, name)
     url, access = defaults.server.ws_url, issued["access"]
     async with contextlib.AsyncExitStack() as stack:
         sockets = [
             await stack.enter_async_context(ws_connect(url, token=access)),
-            await stack.enter_async_context(ws_connect(
-                url, headers={"Authorization": f"Bearer {access}"})),
+            await stack.enter_async_context(
+                ws_connect(url, headers={"Authorization": f"Bearer {access}"})
+            ),
             await stack.enter_async_context(ws_connect(url, subprotocols=["bearer", access])),
         ]
         for client in sockets:
             await client.ping()
-        await ashell(defaults, f"""
+        await ashell(
+            defaults,
+            f"""
             User.objects.filter(username={name!r}).update(
                 password=make_password("a password set behind the server's back"))
-        """)
-        took = await asyncio.gather(*(closed_with(c, CREDENTIALS_CHANGED, BOUND)
-                                      for c in sockets))
+        """,
+        )
+        took = await asyncio.gather(*(closed_with(c, CREDENTIALS_CHANGED, BOUND) for c in sockets))
         assert max(took) < BOUND, took
     base = defaults.server.base_url
-    refreshed = await api("POST", base, "/api/token/refresh/",
-                          json_body={"refresh": issued["refresh"]})
+    refreshed = await api(
+        "POST", base, "/api/token/refresh/", json_body={"refresh": issued["refresh"]}
+    )
     assert refreshed.status == 401, refreshed
     rest = await api("GET", base, "/api/hosts/", token=access)
     assert rest.status == 401, rest
     async with ws_connect(url, token=access) as client:
         await closed_with(client, TOKEN_REVOKED, 5)
     # the new password signs in again
-    fresh = await asyncio.to_thread(obtain_tokens, base, name,
-                                    "a password set behind the server's back")
+    fresh = await asyncio.to_thread(
+        obtain_tokens, base, name, "a password set behind the server's back"
+    )
     assert (await api("GET", base, "/api/hosts/", token=fresh["access"])).status == 200
 
 
 async def test_deactivation_and_deletion_in_a_shell_close_sockets(defaults: Deployment):
     disabled, deleted = await new_user(defaults, "off"), await new_user(defaults, "gone")
-    async with connect(defaults, (await tokens(defaults, disabled))["access"]) as a, \
-            connect(defaults, (await tokens(defaults, deleted))["access"]) as b, \
-            connect(defaults, defaults.token("viewer")) as bystander:
-        await ashell(defaults, f"""
+    async with (
+        connect(defaults, (await tokens(defaults, disabled))["access"]) as a,
+        connect(defaults, (await tokens(defaults, deleted))["access"]) as b,
+        connect(defaults, defaults.token("viewer")) as bystander,
+    ):
+        await ashell(
+            defaults,
+            f"""
             User.objects.filter(username={disabled!r}).update(is_active=False)
             User.objects.filter(username={deleted!r}).delete()
-        """)
-        took = await asyncio.gather(closed_with(a, "User account is disabled", BOUND),
-                                    closed_with(b, "User account was deleted", BOUND))
+        """,
+        )
+        took = await asyncio.gather(
+            closed_with(a, "User account is disabled", BOUND),
+            closed_with(b, "User account was deleted", BOUND),
+        )
         assert max(took) < BOUND
         await bystander.ping()
 
 
-async def test_password_changed_in_the_admin_closes_sockets_and_refresh_at_once(
-        slow: Deployment):
+async def test_password_changed_in_the_admin_closes_sockets_and_refresh_at_once(slow: Deployment):
     name = await new_user(slow, "pw")
-    user_id = (await ashell(slow, f"print('ID', User.objects.get(username={name!r}).pk)")
-               ).split("ID ", 1)[1].split()[0]
+    user_id = (
+        (await ashell(slow, f"print('ID', User.objects.get(username={name!r}).pk)"))
+        .split("ID ", 1)[1]
+        .split()[0]
+    )
     issued = await tokens(slow, name)
-    admin = await asyncio.to_thread(browser_login, slow.server.base_url, "admin",
-                                    slow.password)
+    admin = await asyncio.to_thread(browser_login, slow.server.base_url, "admin", slow.password)
     async with connect(slow, issued["access"]) as client:
         await client.ping()
         page = f"{slow.server.base_url}/admin/sysmanage/user/{user_id}/password/"
         changed = await asyncio.to_thread(
-            http_request, "POST", page, opener=admin.opener,
-            headers={"Accept": "text/html", "X-CSRFToken": admin.cookies["csrftoken"],
-                     "Referer": page},
-            form={"password1": "an admin-chosen password 77", "usable_password": "true",
-                  "password2": "an admin-chosen password 77"})
-        assert changed.status == 200 and "Password changed successfully" in changed.body
+            http_request,
+            "POST",
+            page,
+            opener=admin.opener,
+            headers={
+                "Accept": "text/html",
+                "X-CSRFToken": admin.cookies["csrftoken"],
+                "Referer": page,
+            },
+            form={
+                "password1": "an admin-chosen password 77",
+                "usable_password": "true",
+                "password2": "an admin-chosen password 77",
+            },
+        )
+        assert changed.status == 200
+        assert "Password changed successfully" in changed.body
         await closed_with(client, CREDENTIALS_CHANGED, AT_ONCE)
-    refreshed = await api("POST", slow.server.base_url, "/api/token/refresh/",
-                          json_body={"refresh": issued["refresh"]})
+    refreshed = await api(
+        "POST",
+        slow.server.base_url,
+        "/api/token/refresh/",
+        json_body={"refresh": issued["refresh"]},
+    )
     assert refreshed.status == 401
 
 
-async def test_session_socket_closes_when_its_session_is_deleted_or_expires(
-        defaults: Deployment):
+async def test_session_socket_closes_when_its_session_is_deleted_or_expires(defaults: Deployment):
     name = await new_user(defaults, "browser", staff=True)
-    first = await asyncio.to_thread(browser_login, defaults.server.base_url, name,
-                                    defaults.password)
-    second = await asyncio.to_thread(browser_login, defaults.server.base_url, name,
-                                     defaults.password)
+    first = await asyncio.to_thread(
+        browser_login, defaults.server.base_url, name, defaults.password
+    )
+    second = await asyncio.to_thread(
+        browser_login, defaults.server.base_url, name, defaults.password
+    )
     url = defaults.server.ws_url
-    async with ws_connect(url, headers={"Cookie": f"sessionid={first.sessionid}"}) as a, \
-            ws_connect(url, headers={"Cookie": f"sessionid={second.sessionid}"}) as b:
+    async with (
+        ws_connect(url, headers={"Cookie": f"sessionid={first.sessionid}"}) as a,
+        ws_connect(url, headers={"Cookie": f"sessionid={second.sessionid}"}) as b,
+    ):
         await a.ping()
         await b.ping()
-        await ashell(defaults, f"""
+        await ashell(
+            defaults,
+            f"""
             from datetime import timedelta
             from django.contrib.sessions.models import Session
             from django.utils import timezone
             Session.objects.filter(session_key={first.sessionid!r}).delete()
             Session.objects.filter(session_key={second.sessionid!r}).update(
                 expire_date=timezone.now() - timedelta(seconds=1))
-        """)
-        took = await asyncio.gather(closed_with(a, "Session ended or expired", BOUND),
-                                    closed_with(b, "Session ended or expired", BOUND))
+        """,
+        )
+        took = await asyncio.gather(
+            closed_with(a, "Session ended or expired", BOUND),
+            closed_with(b, "Session ended or expired", BOUND),
+        )
         assert max(took) < BOUND
 
 
-async def test_changes_seen_by_signals_reach_sockets_on_every_server_at_once(
-        cluster: Deployment):
+async def test_changes_seen_by_signals_reach_sockets_on_every_server_at_once(cluster: Deployment):
     reader = await new_user(cluster, "boss", staff=True, perms=("activity.view_useractivity",))
     changer = await new_user(cluster, "pw")
     reader_tokens = [await tokens(cluster, reader, server=i) for i in (0, 1)]
     changer_tokens = await tokens(cluster, changer)
     async with contextlib.AsyncExitStack() as stack:
-        readers = [await stack.enter_async_context(connect(cluster, t["access"], server=i))
-                   for i, t in enumerate(reader_tokens)]
-        changers = [await stack.enter_async_context(connect(
-            cluster, changer_tokens["access"], server=i)) for i in (0, 1)]
+        readers = [
+            await stack.enter_async_context(connect(cluster, t["access"], server=i))
+            for i, t in enumerate(reader_tokens)
+        ]
+        changers = [
+            await stack.enter_async_context(connect(cluster, changer_tokens["access"], server=i))
+            for i in (0, 1)
+        ]
         for client in readers:
             await client.subscribe("user_activity")
         for client in changers:
             await client.ping()
         # in a shell, through the ORM: the signals publish through Redis to both servers
-        await ashell(cluster, f"""
+        await ashell(
+            cluster,
+            f"""
             User.objects.get(username={reader!r}).user_permissions.remove(
                 perm("activity.view_useractivity"))
             changed = User.objects.get(username={changer!r})
             changed.set_password("a brand new password 42")
             changed.save()
-        """)
+        """,
+        )
         await asyncio.gather(*(revoked(c, "user_activity", AT_ONCE) for c in readers))
-        await asyncio.gather(*(closed_with(c, CREDENTIALS_CHANGED, AT_ONCE)
-                               for c in changers))
-    refreshed = await api("POST", cluster.servers[1].base_url, "/api/token/refresh/",
-                          json_body={"refresh": changer_tokens["refresh"]})
+        await asyncio.gather(*(closed_with(c, CREDENTIALS_CHANGED, AT_ONCE) for c in changers))
+    refreshed = await api(
+        "POST",
+        cluster.servers[1].base_url,
+        "/api/token/refresh/",
+        json_body={"refresh": changer_tokens["refresh"]},
+    )
     assert refreshed.status == 401
 
 
@@ -338,11 +425,19 @@ async def test_changes_seen_by_signals_reach_sockets_on_every_server_at_once(
 async def _write_targets(d: Deployment) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """One of everything a write can act on, made by the superuser or a shell."""
     base, admin = d.server.base_url, d.token("admin")
-    alert = await api("POST", base, "/api/alerts/", token=admin,
-                      json_body={"severity": "info", "category": "x", "title": "target"})
-    key = await api("POST", base, "/api/registration-keys/", token=admin,
-                    json_body={"name": "target"})
-    made = await ashell(d, f"""
+    alert = await api(
+        "POST",
+        base,
+        "/api/alerts/",
+        token=admin,
+        json_body={"severity": "info", "category": "x", "title": "target"},
+    )
+    key = await api(
+        "POST", base, "/api/registration-keys/", token=admin, json_body={"name": "target"}
+    )
+    made = await ashell(
+        d,
+        f"""
         from hosts.models import AgentRegistration
         from hosts.services import host_create
         for name in ("approve", "reject"):
@@ -351,7 +446,8 @@ async def _write_targets(d: Deployment) -> dict[str, tuple[str, dict[str, Any] |
             print(name.upper(), row.pk)
         print("HOST", host_create(hostname="sm-{uuid.uuid4().hex[:6]}",
                                   agent_kind="sysmanage").pk)
-    """)
+    """,
+    )
     ids = dict(re.findall(r"^(APPROVE|REJECT|HOST) (\S+)$", made, re.MULTILINE))
     return {
         "create a registration key": ("/api/registration-keys/", {"name": "sneaky"}),
@@ -359,8 +455,10 @@ async def _write_targets(d: Deployment) -> dict[str, tuple[str, dict[str, Any] |
         "approve a registration": (f"/api/registrations/{ids['APPROVE']}/approve/", None),
         "reject a registration": (f"/api/registrations/{ids['REJECT']}/reject/", None),
         "allow a re-registration": (f"/api/hosts/{ids['HOST']}/allow-reregistration/", None),
-        "raise an alert": ("/api/alerts/", {"severity": "critical", "category": "x",
-                                            "title": "sneaky"}),
+        "raise an alert": (
+            "/api/alerts/",
+            {"severity": "critical", "category": "x", "title": "sneaky"},
+        ),
         "acknowledge an alert": (f"/api/alerts/{alert.body['id']}/acknowledge/", None),
         "resolve an alert": (f"/api/alerts/{alert.body['id']}/resolve/", None),
     }
@@ -368,8 +466,12 @@ async def _write_targets(d: Deployment) -> dict[str, tuple[str, dict[str, Any] |
 
 async def _state(d: Deployment) -> Any:
     base, admin = d.server.base_url, d.token("admin")
-    paths = ("/api/registration-keys/", "/api/registrations/", "/api/alerts/?limit=500",
-             "/api/hosts/")
+    paths = (
+        "/api/registration-keys/",
+        "/api/registrations/",
+        "/api/alerts/?limit=500",
+        "/api/hosts/",
+    )
     bodies = [(await api("GET", base, p, token=admin)).body["results"] for p in paths]
     return [sorted(str(sorted(row.items())) for row in rows) for rows in bodies]
 
@@ -390,10 +492,19 @@ async def test_staff_without_model_permissions_gets_403_on_every_rest_write(slow
 
 
 async def test_the_admin_permissions_open_the_same_rest_writes(slow: Deployment):
-    name = await new_user(slow, "keeper", staff=True, perms=(
-        "hosts.add_registrationkey", "hosts.change_registrationkey",
-        "hosts.change_agentregistration", "hosts.change_host", "alerts.add_alert",
-        "alerts.change_alert"))
+    name = await new_user(
+        slow,
+        "keeper",
+        staff=True,
+        perms=(
+            "hosts.add_registrationkey",
+            "hosts.change_registrationkey",
+            "hosts.change_agentregistration",
+            "hosts.change_host",
+            "alerts.add_alert",
+            "alerts.change_alert",
+        ),
+    )
     token = (await tokens(slow, name))["access"]
     for what, (path, body) in (await _write_targets(slow)).items():
         response = await api("POST", slow.server.base_url, path, token=token, json_body=body)
@@ -411,24 +522,36 @@ async def test_other_users_never_see_command_text_or_output(slow: Deployment, tm
     other = await new_user(slow, "other")
     auditor = await new_user(slow, "auditor", perms=("hosts.view_command_output",))
     access = {n: (await tokens(slow, n))["access"] for n in (runner, other, auditor)}
-    async with running_agent(slow, tmp_path, f"secret-{uuid.uuid4().hex[:6]}") as (host, _), \
-            connect(slow, access[runner]) as mine, connect(slow, access[other]) as theirs, \
-            connect(slow, access[auditor]) as audit:
+    async with (
+        running_agent(slow, tmp_path, f"secret-{uuid.uuid4().hex[:6]}") as (host, _),
+        connect(slow, access[runner]) as mine,
+        connect(slow, access[other]) as theirs,
+        connect(slow, access[auditor]) as audit,
+    ):
         for client in (mine, theirs, audit):
             await client.subscribe("command_execution", {"host_id": host["host_id"]})
-        reply = await mine.request(command_message(host["host_id"], "run", f"echo {secret}"),
-                                   timeout=20)
-        assert reply["type"] == "response" and secret in reply["data"]["stdout"], reply
+        reply = await mine.request(
+            command_message(host["host_id"], "run", f"echo {secret}"), timeout=20
+        )
+        assert reply["type"] == "response", reply
+        assert secret in reply["data"]["stdout"], reply
         execution_id = reply["data"]["execution_id"]
         finals = {}
         for name, client in ((runner, mine), (other, theirs), (auditor, audit)):
             finals[name] = await client.expect(
-                lambda m: m["type"] == "event" and m["data"].get("final")
-                and m["data"]["execution_id"] == execution_id, 10, what="the final event")
+                lambda m: (
+                    m["type"] == "event"
+                    and m["data"].get("final")
+                    and m["data"]["execution_id"] == execution_id
+                ),
+                10,
+                what="the final event",
+            )
         seen_by_other = [m for m in theirs.log if m["channel"] == "command_execution"]
     for name in (runner, auditor):
         data = finals[name]["data"]
-        assert data["redacted"] is False and secret in data["stdout"], data
+        assert data["redacted"] is False, data
+        assert secret in data["stdout"], data
         assert data["command"] == f"echo {secret}"
     assert finals[other]["data"]["redacted"] is True
     assert finals[other]["data"]["status"] == "completed"
@@ -437,11 +560,17 @@ async def test_other_users_never_see_command_text_or_output(slow: Deployment, tm
     assert secret not in str(seen_by_other)
     assert all("requested_by_id" not in m["data"] for m in seen_by_other)
     for name, visible in ((runner, True), (auditor, True), (other, False)):
-        record = await api("GET", slow.server.base_url, f"/api/commands/{execution_id}/",
-                           token=access[name])
-        listed = await api("GET", slow.server.base_url,
-                           f"/api/commands/?host={host['host_id']}", token=access[name])
-        assert record.status == 200 and record.body["redacted"] is (not visible)
+        record = await api(
+            "GET", slow.server.base_url, f"/api/commands/{execution_id}/", token=access[name]
+        )
+        listed = await api(
+            "GET",
+            slow.server.base_url,
+            f"/api/commands/?host={host['host_id']}",
+            token=access[name],
+        )
+        assert record.status == 200
+        assert record.body["redacted"] is (not visible)
         assert (secret in str(record.body)) is visible
         assert (secret in str(listed.body)) is visible
 
@@ -471,8 +600,9 @@ async def test_the_51st_socket_of_one_user_is_refused(slow: Deployment):
 
 async def test_a_flood_of_bad_token_handshakes_is_cut_off(launch_sqlite: Any):
     limit = 10
-    with launch_sqlite("authz-flood", WS_AUTH_FAILURES_PER_ADDRESS=str(limit),
-                       WS_AUTH_FAILURE_WINDOW_SECONDS="60") as flood:
+    with launch_sqlite(
+        "authz-flood", WS_AUTH_FAILURES_PER_ADDRESS=str(limit), WS_AUTH_FAILURE_WINDOW_SECONDS="60"
+    ) as flood:
         good = flood.token("viewer")
         codes = []
         started = time.monotonic()
@@ -491,5 +621,4 @@ async def test_a_flood_of_bad_token_handshakes_is_cut_off(launch_sqlite: Any):
             closed = await client.expect_closed()
         assert closed.code == 4403
         # the REST API and other servers' addresses are not this limit's business
-        assert (await api("GET", flood.server.base_url, "/api/hosts/", token=good)).status \
-            == 200
+        assert (await api("GET", flood.server.base_url, "/api/hosts/", token=good)).status == 200

@@ -13,6 +13,7 @@ loopback): each test fails if the hole it closes opens again.
   and the scheme behind a TLS proxy.
 * The data directory's modes, on a ``var/`` that ``scripts/serve`` creates.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +56,10 @@ BURST = 120
 #: Spellings of ``name`` that reached a locked account before: whitespace around it,
 #: tabs, newlines, full-width (NFKC) forms.
 VARIANTS: list[Callable[[str], str]] = [
-    lambda n: f"{n} ", lambda n: f" {n}", lambda n: f"\t{n}", lambda n: f"{n}\n",
+    lambda n: f"{n} ",
+    lambda n: f" {n}",
+    lambda n: f"\t{n}",
+    lambda n: f"{n}\n",
     lambda n: f"\u3000{n}\u00a0",
     lambda n: "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in n),
 ]
@@ -72,44 +76,57 @@ def http_server(launch_sqlite: Any) -> Iterator[harness.Deployment]:
 
 def create_staff(deployment: harness.Deployment, *names: str) -> None:
     """Staff users (they may use the admin login) with the seed password."""
-    code = ("from django.contrib.auth import get_user_model\n"
-            f"for name in {list(names)!r}:\n"
-            "    get_user_model().objects.create_user(username=name, is_staff=True, "
-            f"password={deployment.password!r})\n")
+    code = (
+        "from django.contrib.auth import get_user_model\n"
+        f"for name in {list(names)!r}:\n"
+        "    get_user_model().objects.create_user(username=name, is_staff=True, "
+        f"password={deployment.password!r})\n"
+    )
     harness.manage_shell(deployment.env, code)
 
 
-def token_login(base_url: str, username: str, password: str, address: str,
-                timeout: float = 10.0) -> HttpResponse:
+def token_login(
+    base_url: str, username: str, password: str, address: str, timeout: float = 10.0
+) -> HttpResponse:
     """``POST /api/token/`` from ``address``."""
-    return http_request("POST", f"{base_url}/api/token/", opener=opener_from(address),
-                        json_body={"username": username, "password": password},
-                        timeout=timeout)
+    return http_request(
+        "POST",
+        f"{base_url}/api/token/",
+        opener=opener_from(address),
+        json_body={"username": username, "password": password},
+        timeout=timeout,
+    )
 
 
-def form_login(base_url: str, path: str, username: str, password: str,
-               address: str) -> tuple[HttpResponse, dict[str, str]]:
+def form_login(
+    base_url: str, path: str, username: str, password: str, address: str
+) -> tuple[HttpResponse, dict[str, str]]:
     """Log in through the form at ``path`` (``/login/`` or ``/admin/login/``) from
     ``address`` as a browser does; return the last answer and the cookies."""
     jar = http.cookiejar.CookieJar()
     opener = opener_from(address, jar)
-    page = http_request("GET", f"{base_url}{path}", opener=opener,
-                        headers={"Accept": "text/html"})
+    page = http_request("GET", f"{base_url}{path}", opener=opener, headers={"Accept": "text/html"})
     assert page.status == 200, page
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.body)
     assert token, "no CSRF token in the login form"
-    answer = http_request("POST", f"{base_url}{path}", opener=opener,
-                          headers={"Accept": "text/html"},
-                          form={"username": username, "password": password,
-                                "csrfmiddlewaretoken": token.group(1)})
+    answer = http_request(
+        "POST",
+        f"{base_url}{path}",
+        opener=opener,
+        headers={"Accept": "text/html"},
+        form={"username": username, "password": password, "csrfmiddlewaretoken": token.group(1)},
+    )
     return answer, {cookie.name: cookie.value for cookie in jar}
 
 
 def failures_recorded(deployment: harness.Deployment, username: str) -> int:
     """``login_failed`` records of ``username`` (each one a password that was checked)."""
     listing = http_request(
-        "GET", f"{deployment.server.base_url}/api/activity/?action=login_failed"
-        f"&username={username}&limit=500", token=deployment.token("admin"))
+        "GET",
+        f"{deployment.server.base_url}/api/activity/?action=login_failed"
+        f"&username={username}&limit=500",
+        token=deployment.token("admin"),
+    )
     assert listing.status == 200, listing
     return listing.body["count"]
 
@@ -126,7 +143,7 @@ def burst(attempt: Callable[[int], HttpResponse], count: int) -> Counter[int | s
         try:
             barrier.wait()
             status: int | str = attempt(i).status
-        except Exception as exc:  # noqa: BLE001 - reported in the statuses
+        except Exception as exc:
             status = type(exc).__name__
         with lock:
             statuses.append(status)
@@ -167,8 +184,7 @@ def test_spellings_of_a_locked_name_are_refused_at_every_login(http_server, path
             assert answer.status == 429, (variant, answer)
             assert LOCK_WORDS in answer.body["detail"]
         else:
-            answer, cookies = form_login(base, path, variant, http_server.password,
-                                         attacker)
+            answer, cookies = form_login(base, path, variant, http_server.password, attacker)
             assert LOCK_WORDS in answer.body, (variant, answer.status)
             assert "sessionid" not in cookies, variant
     # The spellings do reach the account: from an address that is not locked, each
@@ -182,8 +198,9 @@ def test_spellings_of_a_locked_name_are_refused_at_every_login(http_server, path
 def test_a_burst_from_one_address_is_evaluated_no_further_than_the_limit(http_server):
     create_staff(http_server, "burst-one")
     base = http_server.server.base_url
-    statuses = burst(lambda i: token_login(base, "burst-one", f"guess-{i}", "127.0.0.31",
-                                           timeout=60), BURST)
+    statuses = burst(
+        lambda i: token_login(base, "burst-one", f"guess-{i}", "127.0.0.31", timeout=60), BURST
+    )
     assert set(statuses) <= {401, 429}, statuses
     assert statuses[401] <= PAIR_LIMIT, statuses  # the passwords that were checked
     assert failures_recorded(http_server, "burst-one") == statuses[401]
@@ -192,8 +209,10 @@ def test_a_burst_from_one_address_is_evaluated_no_further_than_the_limit(http_se
 def test_a_burst_from_many_addresses_is_slowed_down_per_account(http_server):
     create_staff(http_server, "burst-many")
     base = http_server.server.base_url
-    statuses = burst(lambda i: token_login(base, "burst-many", f"guess-{i}",
-                                           f"127.0.1.{i + 1}", timeout=60), BURST)
+    statuses = burst(
+        lambda i: token_login(base, "burst-many", f"guess-{i}", f"127.0.1.{i + 1}", timeout=60),
+        BURST,
+    )
     assert set(statuses) <= {401, 429}, statuses
     # The account's limit, plus the few the doubling delay lets through while the
     # burst lasts (1 + 2 + 4 + ... seconds apart).
@@ -230,11 +249,14 @@ def test_an_account_attacked_from_everywhere_is_slowed_but_its_owner_gets_in(htt
 
 
 @pytest.mark.postgres_redis
-def test_a_burst_split_across_two_servers_is_evaluated_no_further_than_the_limit(
-        pg_redis_cluster):
+def test_a_burst_split_across_two_servers_is_evaluated_no_further_than_the_limit(pg_redis_cluster):
     servers = pg_redis_cluster.servers
-    statuses = burst(lambda i: token_login(servers[i % 2].base_url, "doomed", f"guess-{i}",
-                                           "127.0.0.61", timeout=60), BURST)
+    statuses = burst(
+        lambda i: token_login(
+            servers[i % 2].base_url, "doomed", f"guess-{i}", "127.0.0.61", timeout=60
+        ),
+        BURST,
+    )
     assert set(statuses) <= {401, 429}, statuses
     assert statuses[401] <= 5, statuses  # LOGIN_LOCKOUT_THRESHOLD's default
     assert failures_recorded(pg_redis_cluster, "doomed") == statuses[401]
@@ -289,13 +311,23 @@ def serve_script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeScri
     work = tmp_path_factory.mktemp("serve-script")
     work.chmod(0o755)
     port = _free_port()
-    env = harness.server_env(SYSMANAGE_VAR_DIR=str(work / "var"), PORT=str(port),
-                             HOST="127.0.0.1", DEMO="0", **harness.COMMON_SETTINGS)
+    env = harness.server_env(
+        SYSMANAGE_VAR_DIR=str(work / "var"),
+        PORT=str(port),
+        HOST="127.0.0.1",
+        DEMO="0",
+        **harness.COMMON_SETTINGS,
+    )
     output = work / "serve.log"
     with output.open("wb") as sink:
-        process = subprocess.Popen([str(harness.REPO_ROOT / "scripts" / "serve")],
-                                   cwd=harness.REPO_ROOT, env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT, preexec_fn=_usual_umask)
+        process = subprocess.Popen(
+            [str(harness.REPO_ROOT / "scripts" / "serve")],
+            cwd=harness.REPO_ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_usual_umask,
+        )
     served = ServeScript(process, port, work / "var", output)
     try:
         deadline = time.monotonic() + 120
@@ -335,33 +367,56 @@ def test_var_dir_and_database_are_private_to_the_server_user(serve_script):
 
 
 async def test_no_token_reaches_the_log_of_a_server_run_by_scripts_serve(serve_script):
-    secrets_sent = {name: f"{name}-{uuid.uuid4().hex}" for name in (
-        "http-ws", "agent-ws", "bad-path", "bad-query", "drf-400", "encoded", "upper",
-        "access", "not-found", "bad-host")}
+    secrets_sent = {
+        name: f"{name}-{uuid.uuid4().hex}"
+        for name in (
+            "http-ws",
+            "agent-ws",
+            "bad-path",
+            "bad-query",
+            "drf-400",
+            "encoded",
+            "upper",
+            "access",
+            "not-found",
+            "bad-host",
+        )
+    }
     base, port = serve_script.base_url, serve_script.port
     # /ws?token= as plain HTTP (no upgrade): Django answers 404
     assert http_request("GET", f"{base}/ws?token={secrets_sent['http-ws']}").status == 404
     # a WebSocket to the SysManage agents' endpoint with a (bad) connection token
     with contextlib.suppress(Exception):
-        async with ws_connect(f"ws://127.0.0.1:{port}/api/agent/connect"
-                              f"?token={secrets_sent['agent-ws']}") as ws:
+        async with ws_connect(
+            f"ws://127.0.0.1:{port}/api/agent/connect?token={secrets_sent['agent-ws']}"
+        ) as ws:
             await ws.expect_closed()
     # request lines Daphne itself refuses (400) before any application code runs
-    for raw in (f"GET /\xff?token={secrets_sent['bad-path']} HTTP/1.1",
-                f"GET /api/hosts/?token={secrets_sent['bad-query']}\xff HTTP/1.1"):
-        answer = _raw_http(port, raw.encode("latin-1") + b"\r\nHost: 127.0.0.1\r\n"
-                           b"Connection: close\r\n\r\n")
+    for raw in (
+        f"GET /\xff?token={secrets_sent['bad-path']} HTTP/1.1",
+        f"GET /api/hosts/?token={secrets_sent['bad-query']}\xff HTTP/1.1",
+    ):
+        answer = _raw_http(
+            port, raw.encode("latin-1") + b"\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
         assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     # Django and DRF refusals that log their own warnings
-    assert http_request("GET", f"{base}/api/hosts/?limit=x&token={secrets_sent['drf-400']}"
-                        ).status in (400, 401)
-    assert http_request("GET", f"{base}/nowhere/?token={secrets_sent['not-found']}"
-                        ).status == 404
-    assert http_request("GET", f"{base}/?token={secrets_sent['bad-host']}",
-                        headers={"Host": "evil.example"}).status == 400
+    assert http_request(
+        "GET", f"{base}/api/hosts/?limit=x&token={secrets_sent['drf-400']}"
+    ).status in (400, 401)
+    assert http_request("GET", f"{base}/nowhere/?token={secrets_sent['not-found']}").status == 404
+    assert (
+        http_request(
+            "GET", f"{base}/?token={secrets_sent['bad-host']}", headers={"Host": "evil.example"}
+        ).status
+        == 400
+    )
     # spellings of the parameter Django decodes as "token", and other credential names
-    for query in (f"t%6Fken={secrets_sent['encoded']}", f"TOKEN={secrets_sent['upper']}",
-                  f"access_token={secrets_sent['access']}"):
+    for query in (
+        f"t%6Fken={secrets_sent['encoded']}",
+        f"TOKEN={secrets_sent['upper']}",
+        f"access_token={secrets_sent['access']}",
+    ):
         assert http_request("GET", f"{base}/ws?{query}").status == 404
     await asyncio.sleep(0.5)  # the last access-log lines
     serve_script.stop()
@@ -413,15 +468,23 @@ def post_raw(url: str, body: str, token: str | None = None) -> HttpResponse:
 
 @pytest.mark.parametrize(("path", "param"), MALFORMED_QUERIES)
 def test_malformed_filters_are_400_with_words(http_server, path, param):
-    answer = http_request("GET", http_server.server.base_url + path,
-                          token=http_server.token("admin"))
+    answer = http_request(
+        "GET", http_server.server.base_url + path, token=http_server.token("admin")
+    )
     assert answer.status == 400, (path, answer)
     assert param in answer.body["detail"], answer.body
 
 
 @pytest.mark.parametrize("path", ["/api/token/", "/api/token/refresh/"])
-@pytest.mark.parametrize("body", [nested(100_000), '{"a":' * 10_000 + "1" + "}" * 10_000,
-                                  nested(65), '{"refresh": ' + nested(5000) + "}"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(100_000),
+        '{"a":' * 10_000 + "1" + "}" * 10_000,
+        nested(65),
+        '{"refresh": ' + nested(5000) + "}",
+    ],
+)
 def test_deeply_nested_json_is_400(http_server, path, body):
     answer = post_raw(http_server.server.base_url + path, body)
     assert answer.status == 400, answer
@@ -432,23 +495,36 @@ def test_a_deleted_users_refresh_token_is_401(http_server):
     create_staff(http_server, "leaver")
     base = http_server.server.base_url
     tokens = token_login(base, "leaver", http_server.password, "127.0.0.71").body
-    harness.manage_shell(http_server.env, "from django.contrib.auth import get_user_model\n"
-                         "get_user_model().objects.filter(username='leaver').delete()")
-    answer = http_request("POST", f"{base}/api/token/refresh/",
-                          json_body={"refresh": tokens["refresh"]})
+    harness.manage_shell(
+        http_server.env,
+        "from django.contrib.auth import get_user_model\n"
+        "get_user_model().objects.filter(username='leaver').delete()",
+    )
+    answer = http_request(
+        "POST", f"{base}/api/token/refresh/", json_body={"refresh": tokens["refresh"]}
+    )
     assert answer.status == 401, answer
     # (deleting a user also blacklists its refresh tokens: either refusal is clear)
-    assert answer.body["detail"] in ("No active account found for the given token.",
-                                     "Token is blacklisted"), answer.body
+    assert answer.body["detail"] in (
+        "No active account found for the given token.",
+        "Token is blacklisted",
+    ), answer.body
 
 
 def test_other_malformed_requests_found_by_fuzzing_are_4xx(http_server):
     base, admin = http_server.server.base_url, http_server.token("admin")
     for action in ("acknowledge", "resolve"):  # ids that are not UUIDs were a 500
-        assert http_request("POST", f"{base}/api/alerts/abc/{action}/", token=admin,
-                            json_body={}).status == 404
-    for body in ({"username": 12, "password": "x"}, {"username": "ad\x00min", "password": "x"},
-                 ["admin", "x"]):
+        assert (
+            http_request(
+                "POST", f"{base}/api/alerts/abc/{action}/", token=admin, json_body={}
+            ).status
+            == 404
+        )
+    for body in (
+        {"username": 12, "password": "x"},
+        {"username": "ad\x00min", "password": "x"},
+        ["admin", "x"],
+    ):
         answer = http_request("POST", f"{base}/api/token/", json_body=body)
         assert answer.status == 400, (body, answer)
         assert answer.body["detail"], answer.body
@@ -457,11 +533,17 @@ def test_other_malformed_requests_found_by_fuzzing_are_4xx(http_server):
 @pytest.mark.postgres_redis
 def test_a_login_name_with_nul_is_400_on_postgresql(pg_redis_cluster):
     # PostgreSQL stores no NUL in text: the lockout's counter once sent it there (500).
-    answer = http_request("POST", f"{pg_redis_cluster.server.base_url}/api/token/",
-                          json_body={"username": "ad\x00min", "password": "x"})
+    answer = http_request(
+        "POST",
+        f"{pg_redis_cluster.server.base_url}/api/token/",
+        json_body={"username": "ad\x00min", "password": "x"},
+    )
     assert answer.status == 400, answer
-    form = http_request("POST", f"{pg_redis_cluster.server.base_url}/api/token/",
-                        form={"username": "ad\x00min", "password": "x"})
+    form = http_request(
+        "POST",
+        f"{pg_redis_cluster.server.base_url}/api/token/",
+        form={"username": "ad\x00min", "password": "x"},
+    )
     assert form.status == 400, form
 
 
@@ -471,7 +553,9 @@ def test_a_login_name_with_nul_is_400_on_postgresql(pg_redis_cluster):
 def test_lists_are_capped_and_carry_no_whole_outputs(http_server):
     big = 3 * 1024 * 1024  # characters of stdout, and of output
     host_id = http_server.host_id("fleet-02")
-    harness.manage_shell(http_server.env, f"""
+    harness.manage_shell(
+        http_server.env,
+        f"""
 from hosts.models import CommandExecution, PackageOperation
 CommandExecution.objects.bulk_create(
     CommandExecution(host_id={host_id!r}, command=f"echo {{n}}", status="completed",
@@ -481,21 +565,29 @@ PackageOperation.objects.bulk_create(
     PackageOperation(host_id={host_id!r}, operation="install", package=f"p{{n}}",
                      status="completed", output="o" * {big} if n >= 596 else "")
     for n in range(600))
-""", timeout=120)
+""",
+        timeout=120,
+    )
     base, admin = http_server.server.base_url, http_server.token("admin")
-    listed = http_request("GET", f"{base}/api/commands/?host={host_id}&limit=100000",
-                          token=admin, timeout=60)
+    listed = http_request(
+        "GET", f"{base}/api/commands/?host={host_id}&limit=100000", token=admin, timeout=60
+    )
     assert listed.status == 200
-    assert listed.body["count"] == 600 and len(listed.body["results"]) == 500
+    assert listed.body["count"] == 600
+    assert len(listed.body["results"]) == 500
     biggest = max(listed.body["results"], key=lambda c: c["stdout_length"])
-    assert biggest["stdout_length"] == big and len(biggest["stdout_preview"]) == 200
+    assert biggest["stdout_length"] == big
+    assert len(biggest["stdout_preview"]) == 200
     assert all("stdout" not in c and "stderr" not in c for c in listed.body["results"])
     assert len(json.dumps(listed.body)) < 1024 * 1024
-    whole = http_request("GET", f"{base}/api/commands/{biggest['id']}/", token=admin,
-                         timeout=60)
+    whole = http_request("GET", f"{base}/api/commands/{biggest['id']}/", token=admin, timeout=60)
     assert len(whole.body["stdout"]) == big
-    operations = http_request("GET", f"{base}/api/package-operations/?host={host_id}"
-                              "&limit=100000", token=admin, timeout=60)
+    operations = http_request(
+        "GET",
+        f"{base}/api/package-operations/?host={host_id}&limit=100000",
+        token=admin,
+        timeout=60,
+    )
     assert len(operations.body["results"]) == 500
     assert all("output" not in o for o in operations.body["results"])
     assert max(o["output_length"] for o in operations.body["results"]) == big
@@ -518,62 +610,85 @@ def documented_production_env() -> dict[str, str]:
 
 def test_check_deploy_passes_in_the_documented_production_environment(tmp_path):
     env = harness.server_env(**documented_production_env(), SYSMANAGE_VAR_DIR=str(tmp_path))
-    result = harness.run_python(["manage.py", "check", "--deploy", "--fail-level", "DEBUG"],
-                                env, what="manage.py check --deploy")
-    assert result.stdout.strip() == "System check identified no issues (0 silenced).", \
-        (result.stdout, result.stderr)
+    result = harness.run_python(
+        ["manage.py", "check", "--deploy", "--fail-level", "DEBUG"],
+        env,
+        what="manage.py check --deploy",
+    )
+    assert result.stdout.strip() == "System check identified no issues (0 silenced).", (
+        result.stdout,
+        result.stderr,
+    )
     assert "WARNING" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("path", ["/", "/login/", "/admin/login/", "/hosts/", "/api/",
-                                  "/api/hosts/", "/nowhere/"])
+@pytest.mark.parametrize(
+    "path", ["/", "/login/", "/admin/login/", "/hosts/", "/api/", "/api/hosts/", "/nowhere/"]
+)
 def test_every_page_carries_a_content_security_policy(http_server, path):
-    session = http_request("GET", http_server.server.base_url + path,
-                           token=http_server.token("admin"), headers={"Accept": "text/html"})
+    session = http_request(
+        "GET",
+        http_server.server.base_url + path,
+        token=http_server.token("admin"),
+        headers={"Accept": "text/html"},
+    )
     policy = session.headers.get("Content-Security-Policy", "")
-    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, \
-        (path, session.status, policy)
+    assert "script-src 'self';" in policy, (path, session.status, policy)
+    assert "frame-ancestors 'none'" in policy, (path, session.status, policy)
     assert f"connect-src 'self' ws://127.0.0.1:{http_server.server.port};" in policy
 
 
 def create_sysmanage_host(deployment: harness.Deployment, hostname: str) -> None:
-    harness.manage_shell(deployment.env, "from hosts.models import Host\n"
-                         f"Host.objects.create(hostname={hostname!r}, agent_kind='sysmanage',"
-                         " token_hash='0' * 64)")
+    harness.manage_shell(
+        deployment.env,
+        "from hosts.models import Host\n"
+        f"Host.objects.create(hostname={hostname!r}, agent_kind='sysmanage',"
+        " token_hash='0' * 64)",
+    )
 
 
 @pytest.fixture(scope="module")
-def proxied_server(tmp_path_factory: pytest.TempPathFactory,
-                   sqlite_template: tuple[Path, dict[str, Any]]) -> Iterator[harness.Deployment]:
+def proxied_server(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_template: tuple[Path, dict[str, Any]]
+) -> Iterator[harness.Deployment]:
     """A server in production mode behind a (pretend) TLS proxy: DJANGO_SECURE and
     DJANGO_TRUST_PROXY_HEADERS set, started with ``--proxy-headers`` as documented."""
     work = tmp_path_factory.mktemp("proxied")
     harness.copy_sqlite(sqlite_template[0], work / "db.sqlite3")
-    env = harness.server_env(**harness.COMMON_SETTINGS,
-                             DATABASE_URL=harness.sqlite_url(work / "db.sqlite3"),
-                             SYSMANAGE_VAR_DIR=str(work / "var"),
-                             DJANGO_SECRET_KEY=harness.new_secret(), DJANGO_SECURE="true",
-                             DJANGO_TRUST_PROXY_HEADERS="true")
-    server = harness.DaphneServer("proxied", env, work / "proxied.log",
-                                  args=["--proxy-headers"]).start()
+    env = harness.server_env(
+        **harness.COMMON_SETTINGS,
+        DATABASE_URL=harness.sqlite_url(work / "db.sqlite3"),
+        SYSMANAGE_VAR_DIR=str(work / "var"),
+        DJANGO_SECRET_KEY=harness.new_secret(),
+        DJANGO_SECURE="true",
+        DJANGO_TRUST_PROXY_HEADERS="true",
+    )
+    server = harness.DaphneServer(
+        "proxied", env, work / "proxied.log", args=["--proxy-headers"]
+    ).start()
     try:
         server.wait_ready()
-        yield harness.Deployment(env=env, seed=sqlite_template[1], servers=[server],
-                                 work_dir=work)
+        yield harness.Deployment(env=env, seed=sqlite_template[1], servers=[server], work_dir=work)
     finally:
         server.stop()
 
 
 def agent_auth(base_url: str, hostname: str, **headers: str) -> HttpResponse:
-    return http_request("POST", f"{base_url}/api/agent/auth", json_body={},
-                        headers={"x-agent-hostname": hostname, **headers})
+    return http_request(
+        "POST",
+        f"{base_url}/api/agent/auth",
+        json_body={},
+        headers={"x-agent-hostname": hostname, **headers},
+    )
 
 
 def test_behind_a_tls_proxy_the_agent_endpoint_is_wss(proxied_server):
     create_sysmanage_host(proxied_server, "behind-proxy")
     base = proxied_server.server.base_url
-    for headers in ({"X-Forwarded-Proto": "https"},
-                    {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}):
+    for headers in (
+        {"X-Forwarded-Proto": "https"},
+        {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"},
+    ):
         answer = agent_auth(base, "behind-proxy", **headers)
         assert answer.status == 200, (headers, answer)
         assert answer.body["websocket_endpoint"].startswith("wss://"), answer.body
@@ -582,15 +697,20 @@ def test_behind_a_tls_proxy_the_agent_endpoint_is_wss(proxied_server):
 def test_production_mode_is_https_only_but_health_checks_answer(proxied_server):
     base = proxied_server.server.base_url
     plain = http_request("GET", f"{base}/login/", opener=_no_redirects())
-    assert plain.status == 301 and plain.headers["Location"].startswith("https://")
-    secure = http_request("GET", f"{base}/login/", headers={"X-Forwarded-Proto": "https",
-                                                             "Accept": "text/html"})
+    assert plain.status == 301
+    assert plain.headers["Location"].startswith("https://")
+    secure = http_request(
+        "GET", f"{base}/login/", headers={"X-Forwarded-Proto": "https", "Accept": "text/html"}
+    )
     assert secure.status == 200
-    assert "max-age=31536000; includeSubDomains; preload" == \
+    assert (
         secure.headers["Strict-Transport-Security"]
+        == "max-age=31536000; includeSubDomains; preload"
+    )
     assert "; secure" in secure.headers["Set-Cookie"].lower()
-    assert f"wss://127.0.0.1:{proxied_server.server.port}" in \
-        secure.headers["Content-Security-Policy"]
+    assert (
+        f"wss://127.0.0.1:{proxied_server.server.port}" in secure.headers["Content-Security-Policy"]
+    )
     assert harness.http_get(f"{base}/healthz") == (200, "ok")
 
 
@@ -618,14 +738,18 @@ def test_an_open_var_dir_and_database_are_made_private_at_start(tmp_path, sqlite
     var.chmod(0o755)
     harness.copy_sqlite(sqlite_template[0], var / "sysmanage.sqlite3")
     (var / "sysmanage.sqlite3").chmod(0o644)
-    env = harness.server_env(**harness.COMMON_SETTINGS, SYSMANAGE_VAR_DIR=str(var),
-                             DJANGO_SECRET_KEY=harness.new_secret())
+    env = harness.server_env(
+        **harness.COMMON_SETTINGS,
+        SYSMANAGE_VAR_DIR=str(var),
+        DJANGO_SECRET_KEY=harness.new_secret(),
+    )
     server = harness.DaphneServer("open-var", env, tmp_path / "open-var.log").start()
     try:
         server.wait_ready()
         assert http_request("GET", f"{server.base_url}/login/").status == 200
         assert stat.S_IMODE(var.stat().st_mode) == 0o700
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in var.iterdir()}
-        assert modes["sysmanage.sqlite3"] == 0o600 and set(modes.values()) == {0o600}, modes
+        assert modes["sysmanage.sqlite3"] == 0o600, modes
+        assert set(modes.values()) == {0o600}, modes
     finally:
         server.stop()

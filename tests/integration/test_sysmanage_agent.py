@@ -4,11 +4,13 @@ The unchanged SysManage agent against a real server: a protocol-faithful fake ag
 registers, is approved, connects or polls, reports, and runs commands that people send
 through the seed WebSocket API (``/ws``).
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import http.client
+import itertools
 import json
 import time
 import uuid
@@ -96,35 +98,43 @@ async def test_register_pending_approve_connect_online(deployment):
         assert status == 201, body
         assert body["approved"] is False
         assert str(uuid.UUID(body["id"])) == body["id"]
-        assert isinstance(body["host_token"], str) and len(body["host_token"]) >= 16
+        assert isinstance(body["host_token"], str)
+        assert len(body["host_token"]) >= 16
         identity = (agent.host_id, agent.host_token)
         assert identity == (body["id"], body["host_token"])
         # waiting for approval: not a host yet, no connection token, no second record
         assert (await host(d, agent.host_id)).status == 404
         refused = await asyncio.to_thread(agent.auth_raw)
-        assert refused[0] == 403 and refused[1]["detail"], refused
+        assert refused[0] == 403, refused
+        assert refused[1]["detail"], refused
         again = await register(agent)
-        assert again[0] == 409 and again[1]["detail"], again
+        assert again[0] == 409, again
+        assert again[1]["detail"], again
         assert (agent.host_id, agent.host_token) == identity  # kept what it had
         # people: only staff see and decide
         viewer = await admin(d, "GET", "/api/registrations/?status=pending", user="viewer")
         assert viewer.status == 403, viewer
         record = await pending_registration(d, agent.hostname)
-        denied = await admin(d, "POST", f"/api/registrations/{record['id']}/approve/",
-                             user="viewer")
+        denied = await admin(
+            d, "POST", f"/api/registrations/{record['id']}/approve/", user="viewer"
+        )
         assert denied.status == 403, denied
         await approve(d, agent)
         created = await host(d, agent.host_id)
-        assert created.status == 200 and created.body["hostname"] == agent.hostname
+        assert created.status == 200
+        assert created.body["hostname"] == agent.hostname
         assert created.body["status"] != "online"
         listing = await admin(d, "GET", "/api/registrations/?status=pending")
         assert agent.hostname not in [r["hostname"] for r in results(listing.body)]
 
         status, grant = await asyncio.to_thread(agent.auth_raw)
         assert status == 200, grant
-        assert isinstance(grant["connection_token"], str) and grant["connection_token"]
-        assert isinstance(grant["expires_in"], int) and grant["expires_in"] > 0
-        assert isinstance(grant["websocket_endpoint"], str) and grant["websocket_endpoint"]
+        assert isinstance(grant["connection_token"], str)
+        assert grant["connection_token"]
+        assert isinstance(grant["expires_in"], int)
+        assert grant["expires_in"] > 0
+        assert isinstance(grant["websocket_endpoint"], str)
+        assert grant["websocket_endpoint"]
 
         await agent.connect(grant["connection_token"])
         await asyncio.sleep(0.3)
@@ -138,28 +148,43 @@ async def test_register_pending_approve_connect_online(deployment):
         [pong] = [m for m in agent.sent if m["message_type"] == "pong"]
         assert pong["data"]["host_token"] == agent.host_token
         beat = await agent.send_acked("heartbeat", agent.heartbeat_data())  # with host_token
-        assert beat["data"] == {"status": "received", "acked_message_id": beat["data"][
-            "acked_message_id"]}
+        assert beat["data"] == {
+            "status": "received",
+            "acked_message_id": beat["data"]["acked_message_id"],
+        }
         assert ack["data"] == {"status": "received", "acked_message_id": message["message_id"]}
-        assert isinstance(ack["message_id"], str) and ack["message_id"]
-        online = await ws.expect(lambda m: m["type"] == "event"
-                                 and m["channel"] == "host_status"
-                                 and m["data"]["host_id"] == agent.host_id, WAIT,
-                                 what="host_status event of the agent")
+        assert isinstance(ack["message_id"], str)
+        assert ack["message_id"]
+        online = await ws.expect(
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "host_status"
+                and m["data"]["host_id"] == agent.host_id
+            ),
+            WAIT,
+            what="host_status event of the agent",
+        )
         assert online["data"]["status"] == "online"
         assert online["data"]["hostname"] == agent.hostname
-        figures = await ws.expect(lambda m: m["type"] == "event"
-                                  and m["channel"] == "fleet_status"
-                                  and m["data"]["online_hosts"]
-                                  == fleet["data"]["online_hosts"] + 1, WAIT,
-                                  what="fleet_status with one more host online")
+        figures = await ws.expect(
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "fleet_status"
+                and m["data"]["online_hosts"] == fleet["data"]["online_hosts"] + 1
+            ),
+            WAIT,
+            what="fleet_status with one more host online",
+        )
         assert figures["data"]["total_hosts"] == fleet["data"]["total_hosts"] + 1
         facts = (await host(d, agent.host_id)).body
-        assert facts["status"] == "online" and facts["fqdn"] == agent.fqdn
+        assert facts["status"] == "online"
+        assert facts["fqdn"] == agent.fqdn
         # the metric scripts behind live metrics come at once, as a command
-        command = await agent.wait_type("command", WAIT, where=lambda m: m["data"].get(
-            "command_type") == "sync_custom_metrics")
-        assert command["queue_message_id"] and command["message_id"]
+        command = await agent.wait_type(
+            "command", WAIT, where=lambda m: m["data"].get("command_type") == "sync_custom_metrics"
+        )
+        assert command["queue_message_id"]
+        assert command["message_id"]
         metrics = command["data"]["parameters"]["metrics"]
         assert {m["interpreter"] for m in metrics} <= {"python3", "sh", "bash"}
         for metric in metrics:
@@ -174,44 +199,58 @@ async def test_registration_keys(deployment):
     once = await create_key(d, "one host", max_uses=1)
     first = FakeSysManageAgent(d.server.base_url, hostname("key"), registration_key=once["key"])
     status, body = await register(first)
-    assert status == 201 and body["approved"] is True, body
+    assert status == 201, body
+    assert body["approved"] is True, body
     exists = await host(d, body["id"])
-    assert exists.status == 200 and exists.body["hostname"] == first.hostname
+    assert exists.status == 200
+    assert exists.body["hostname"] == first.hostname
     assert (await asyncio.to_thread(first.auth_raw))[0] == 200
 
-    used_up = FakeSysManageAgent(d.server.base_url, hostname("key"),
-                                 registration_key=once["key"])
+    used_up = FakeSysManageAgent(d.server.base_url, hostname("key"), registration_key=once["key"])
     status, body = await register(used_up)
-    assert status == 403 and body["detail"], body
+    assert status == 403, body
+    assert body["detail"], body
     assert used_up.host_id is None
 
     revoked = await create_key(d, "revoked")
     reply = await admin(d, "POST", f"/api/registration-keys/{revoked['id']}/revoke/")
     assert 200 <= reply.status < 300, reply
-    status, body = await register(FakeSysManageAgent(
-        d.server.base_url, hostname("key"), registration_key=revoked["key"]))
-    assert status == 403 and body["detail"], body
+    status, body = await register(
+        FakeSysManageAgent(d.server.base_url, hostname("key"), registration_key=revoked["key"])
+    )
+    assert status == 403, body
+    assert body["detail"], body
 
-    status, body = await register(FakeSysManageAgent(
-        d.server.base_url, hostname("key"), registration_key="smrk_" + "A" * 32))
-    assert status == 403 and body["detail"], body
+    status, body = await register(
+        FakeSysManageAgent(d.server.base_url, hostname("key"), registration_key="smrk_" + "A" * 32)
+    )
+    assert status == 403, body
+    assert body["detail"], body
 
     expiring = await create_key(d, "short-lived", expires_in_seconds=3600)
     # a minute is the shortest lifetime the API gives; let this one run out at once
-    await asyncio.to_thread(harness.manage_shell, d.env, (
-        "from datetime import timedelta; from django.utils import timezone; "
-        "from hosts.models import RegistrationKey; "
-        f"RegistrationKey.objects.filter(id='{expiring['id']}')"
-        ".update(expires_at=timezone.now() - timedelta(seconds=1))"))
-    status, body = await register(FakeSysManageAgent(
-        d.server.base_url, hostname("key"), registration_key=expiring["key"]))
-    assert status == 403 and body["detail"], body
+    await asyncio.to_thread(
+        harness.manage_shell,
+        d.env,
+        (
+            "from datetime import timedelta; from django.utils import timezone; "
+            "from hosts.models import RegistrationKey; "
+            f"RegistrationKey.objects.filter(id='{expiring['id']}')"
+            ".update(expires_at=timezone.now() - timedelta(seconds=1))"
+        ),
+    )
+    status, body = await register(
+        FakeSysManageAgent(d.server.base_url, hostname("key"), registration_key=expiring["key"])
+    )
+    assert status == 403, body
+    assert body["detail"], body
 
     # the same hostname again: 409 with or without a key (the agent registers on every
     # start; a key in its configuration must neither re-enrol it nor be used up) ...
     plain = FakeSysManageAgent(d.server.base_url, first.hostname)
     status, body = await register(plain)
-    assert status == 409 and body["detail"], body
+    assert status == 409, body
+    assert body["detail"], body
     old_token = first.host_token
     fresh = await create_key(d, "re-enrol", max_uses=1)
     first.registration_key = fresh["key"]
@@ -225,8 +264,10 @@ async def test_registration_keys(deployment):
     status, body = await register(first)
     # the first registration in the window waits for staff (it may be anybody's)
     assert status == 201, body
-    assert body["approved"] is False and body["id"] == exists.body["id"]
-    assert body["host_token"] and body["host_token"] != old_token
+    assert body["approved"] is False
+    assert body["id"] == exists.body["id"]
+    assert body["host_token"]
+    assert body["host_token"] != old_token
     assert (await register(first))[0] == 409  # the window closed with it
     first.host_token = body["host_token"]
     await first.connect()  # not yet approved: told so, and closed
@@ -242,8 +283,9 @@ async def test_registration_keys(deployment):
     await first.connect()
     first.host_token = old_token
     refused = await first.send("heartbeat", first.heartbeat_data())
-    error = await first.wait_type("error", where=lambda m: m.get("error_type")
-                                  == "host_not_registered")
+    error = await first.wait_type(
+        "error", where=lambda m: m.get("error_type") == "host_not_registered"
+    )
     assert refused["message_id"]
     error_of(error, "host_not_registered")
     first.host_token = body["host_token"]
@@ -252,8 +294,9 @@ async def test_registration_keys(deployment):
     await close_and_settle(d, first)
 
     # keys are for staff only
-    denied = await admin(d, "POST", "/api/registration-keys/", user="viewer",
-                         json_body={"name": "nope"})
+    denied = await admin(
+        d, "POST", "/api/registration-keys/", user="viewer", json_body={"name": "nope"}
+    )
     assert denied.status == 403, denied
 
 
@@ -261,14 +304,16 @@ async def test_key_approves_a_waiting_registration(deployment):
     d = deployment
     agent = FakeSysManageAgent(d.server.base_url, hostname("waiting"))
     status, body = await register(agent)
-    assert status == 201 and body["approved"] is False
+    assert status == 201
+    assert body["approved"] is False
     waiting_id = body["id"]
     agent.registration_key = (await create_key(d, "late key"))["key"]
     status, body = await register(agent)
     # a valid key approves the waiting registration: the host is created now (201), with
     # the id the agent already holds and a new host token
     assert status == 201, (status, body)
-    assert body["approved"] is True and body["id"] == waiting_id
+    assert body["approved"] is True
+    assert body["id"] == waiting_id
     assert (await host(d, waiting_id)).status == 200
 
 
@@ -280,17 +325,25 @@ async def test_registration_bodies_refused(deployment):
         ("a JSON string", b'"hostname"'),
     ]
     for what, raw in cases:
-        status, body = await asyncio.to_thread(agent._http, "POST", "/api/host/register",
-                                               None, None, raw=raw)
-        assert status == 400 and isinstance(body, dict) and body.get("detail"), (what, body)
+        status, body = await asyncio.to_thread(
+            agent._http, "POST", "/api/host/register", None, None, raw=raw
+        )
+        assert status == 400, (what, body)
+        assert isinstance(body, dict), (what, body)
+        assert body.get("detail"), (what, body)
     base = agent.registration_body()
     del base["hostname"]
-    for what, value in (("missing", None), ("empty", ""), ("a number", 42),
-                        ("too long", "h" * 300), ("with spaces", "bad host name")):
+    for what, value in (
+        ("missing", None),
+        ("empty", ""),
+        ("a number", 42),
+        ("too long", "h" * 300),
+        ("with spaces", "bad host name"),
+    ):
         body_sent = dict(base) if value is None else {**base, "hostname": value}
-        status, body = await asyncio.to_thread(agent._http, "POST", "/api/host/register",
-                                               body_sent)
-        assert status == 400 and body.get("detail"), (what, status, body)
+        status, body = await asyncio.to_thread(agent._http, "POST", "/api/host/register", body_sent)
+        assert status == 400, (what, status, body)
+        assert body.get("detail"), (what, status, body)
 
 
 async def test_auth_refusals(deployment):
@@ -309,17 +362,24 @@ async def test_auth_refusals(deployment):
     reply = await admin(d, "POST", f"/api/registrations/{record['id']}/reject/")
     assert 200 <= reply.status < 300, reply
     status, body = await asyncio.to_thread(rejected.auth_raw)
-    assert status == 403 and body["detail"], body
+    assert status == 403, body
+    assert body["detail"], body
     status, body = await register(rejected)
-    assert status == 403 and body["detail"], body
+    assert status == 403, body
+    assert body["detail"], body
     assert (await host(d, rejected.host_id)).status == 404
 
     revoked = await enrolled(d, "revoked")
     assert (await asyncio.to_thread(revoked.auth_raw))[0] == 200
-    await asyncio.to_thread(harness.run_python, ["manage.py", "revoke_host", revoked.hostname],
-                            d.env, what="revoke_host")
+    await asyncio.to_thread(
+        harness.run_python,
+        ["manage.py", "revoke_host", revoked.hostname],
+        d.env,
+        what="revoke_host",
+    )
     status, body = await asyncio.to_thread(revoked.auth_raw)
-    assert status == 403 and body["detail"], body
+    assert status == 403, body
+    assert body["detail"], body
 
 
 # -- the socket --------------------------------------------------------------------------
@@ -330,9 +390,13 @@ async def test_bad_connection_tokens_are_accepted_then_closed_4001(deployment):
     agent = await enrolled(d, "tokens")
     good = await asyncio.to_thread(agent.auth)
     middle = len(good) // 2
-    tampered = good[:middle] + ("A" if good[middle] != "A" else "B") + good[middle + 1:]
-    for what, token in (("garbage", "garbage-token"), ("missing", None),
-                        ("tampered", tampered), ("empty", "")):
+    tampered = good[:middle] + ("A" if good[middle] != "A" else "B") + good[middle + 1 :]
+    for what, token in (
+        ("garbage", "garbage-token"),
+        ("missing", None),
+        ("tampered", tampered),
+        ("empty", ""),
+    ):
         agent.received.clear()
         await agent.connect(token, fetch_token=False)  # the handshake itself succeeds
         error_of(await agent.wait_type("error"), "invalid_token")
@@ -358,8 +422,10 @@ async def test_expired_connection_token(launch_sqlite):
         await close_and_settle(d, agent)
 
 
-SAMPLES = [{"metric_id": "sysmanage-server.cpu_usage", "value": 12.5, "status": "ok"},
-           {"metric_id": "sysmanage-server.memory_usage", "value": 40.0, "status": "ok"}]
+SAMPLES = [
+    {"metric_id": "sysmanage-server.cpu_usage", "value": 12.5, "status": "ok"},
+    {"metric_id": "sysmanage-server.memory_usage", "value": 40.0, "status": "ok"},
+]
 
 
 @pytest.mark.parametrize("transport", ["socket", "poll"])
@@ -370,9 +436,14 @@ async def test_metrics_are_the_first_message_a_fresh_server_handles(launch_sqlit
     with launch_sqlite(f"sysmanage-agent-fresh-{transport}") as d:
         agent = FakeSysManageAgent(d.server.base_url, hostname("fresh"))
         await register(agent)
-        await asyncio.to_thread(harness.manage_shell, d.env, (
-            "from hosts.smagent import enrollment; "
-            f"enrollment.registration_approve(registration_id='{agent.host_id}')"))
+        await asyncio.to_thread(
+            harness.manage_shell,
+            d.env,
+            (
+                "from hosts.smagent import enrollment; "
+                f"enrollment.registration_approve(registration_id='{agent.host_id}')"
+            ),
+        )
         if transport == "socket":
             await agent.connect()
             await agent.send_acked("custom_metric_samples", {"samples": SAMPLES})
@@ -407,8 +478,7 @@ async def test_wrong_identity_gets_host_not_registered(deployment):
     error_of(await agent.wait_type("error"), "host_not_registered")
     agent.host_token = real_token
     start = len(agent.received)
-    await agent.send("system_info", {**agent.system_info_data(),
-                                     "host_id": str(uuid.uuid4())})
+    await agent.send("system_info", {**agent.system_info_data(), "host_id": str(uuid.uuid4())})
     error_of(await agent.wait_type("error", start=start), "host_not_registered")
     assert agent.host_not_registered_errors == 2
     await asyncio.sleep(0.3)
@@ -434,13 +504,16 @@ async def test_malformed_frames_get_invalid_message_and_the_socket_stays(deploym
             ("not JSON", "this is not json {"),
             ("a JSON list", json.dumps([good])),
             ("a JSON number", "42"),
-            ("no message_type", json.dumps({k: v for k, v in good.items()
-                                            if k != "message_type"})),
+            ("no message_type", json.dumps({k: v for k, v in good.items() if k != "message_type"})),
             ("short message_id", json.dumps({**good, "message_id": "abc-123"})),
-            ("bad characters in message_id",
-             json.dumps({**good, "message_id": "abcdefghij/klmnopqrst;uvw"})),
-            ("timestamp two hours off", json.dumps({**good, "message_id": str(uuid.uuid4()),
-                                                    "timestamp": stale})),
+            (
+                "bad characters in message_id",
+                json.dumps({**good, "message_id": "abcdefghij/klmnopqrst;uvw"}),
+            ),
+            (
+                "timestamp two hours off",
+                json.dumps({**good, "message_id": str(uuid.uuid4()), "timestamp": stale}),
+            ),
             ("binary frame", json.dumps(good).encode()),
         ]
         for what, frame in frames:
@@ -451,13 +524,19 @@ async def test_malformed_frames_get_invalid_message_and_the_socket_stays(deploym
             assert isinstance(error.get("data"), dict), (what, error)
             assert agent.close_code is None, what
         # nothing of those was acknowledged, and the socket still works
-        assert not [m for m in agent.received if m.get("message_type") == "ack"
-                    and m["data"].get("acked_message_id") in ("abc-123", good["message_id"])]
+        assert not [
+            m
+            for m in agent.received
+            if m.get("message_type") == "ack"
+            and m["data"].get("acked_message_id") in ("abc-123", good["message_id"])
+        ]
         await agent.send_acked("heartbeat", agent.heartbeat_data())
         # the edges that are fine: a 20-character id, a timestamp 20 minutes off
-        edge = {**agent.envelope("heartbeat", agent.heartbeat_data()),
-                "message_id": "a" * 10 + "-" + "9" * 9,
-                "timestamp": (datetime.now(UTC) - timedelta(minutes=20)).isoformat()}
+        edge = {
+            **agent.envelope("heartbeat", agent.heartbeat_data()),
+            "message_id": "a" * 10 + "-" + "9" * 9,
+            "timestamp": (datetime.now(UTC) - timedelta(minutes=20)).isoformat(),
+        }
         await agent.send_message(edge)
         await agent.wait_ack(edge["message_id"])
 
@@ -477,11 +556,12 @@ async def test_heartbeat_inventory_and_unknown_types_are_acknowledged(deployment
     async with online_agent(d, "inventory") as agent:
         ack = await agent.send_acked("heartbeat", agent.heartbeat_data())
         assert ack["data"]["status"] == "received"
-        for message_type, data in (("os_version_update", agent.os_version_data()),
-                                   ("hardware_update", agent.hardware_data()),
-                                   ("package_updates_update", agent.package_updates_data()),
-                                   ("software_inventory_update",
-                                    agent.software_inventory_data(50))):
+        for message_type, data in (
+            ("os_version_update", agent.os_version_data()),
+            ("hardware_update", agent.hardware_data()),
+            ("package_updates_update", agent.package_updates_data()),
+            ("software_inventory_update", agent.software_inventory_data(50)),
+        ):
             ack = await agent.send_acked(message_type, data)
             assert ack["data"]["status"] == "received", message_type
         # a ~600 KB installed-software report, as big agents send
@@ -491,8 +571,12 @@ async def test_heartbeat_inventory_and_unknown_types_are_acknowledged(deployment
         size = len(json.dumps(agent.envelope("software_inventory_update", big)))
         assert 550_000 < size < 690_000, size
         await agent.send_acked("software_inventory_update", big, timeout=WAIT)
-        for message_type in ("user_access_update", "reboot_status_update",
-                             "available_packages_batch_start", "a_type_nobody_has_seen"):
+        for message_type in (
+            "user_access_update",
+            "reboot_status_update",
+            "available_packages_batch_start",
+            "a_type_nobody_has_seen",
+        ):
             await agent.send_acked(message_type, {"anything": [1, 2, 3]})
         errors = [m for m in agent.received if m.get("message_type") == "error"]
         assert errors == []
@@ -521,34 +605,51 @@ async def test_flat_script_execution_result_is_acknowledged(deployment):
 @pytest.mark.parametrize("order", ["ack_first", "result_first", "no_ack"])
 async def test_shell_command_round_trip(deployment, order):
     d = deployment
-    async with contextlib.AsyncExitStack() as stack, \
-            online_agent(d, f"shell-{order.replace('_', '-')}", ack_order=order) as agent:
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        online_agent(d, f"shell-{order.replace('_', '-')}", ack_order=order) as agent,
+    ):
         ws = await seed_client(stack, d)
         reply = await run_command(ws, agent.host_id, "echo hi; echo there >&2")
-        assert reply["type"] == "response" and reply["channel"] == "command_execution", reply
+        assert reply["type"] == "response", reply
+        assert reply["channel"] == "command_execution", reply
         data = reply["data"]
-        assert (data["status"], data["exit_code"], data["stdout"], data["stderr"]) == \
-            ("completed", 0, "hi\n", "there\n"), data
-        assert isinstance(data["execution_time"], int | float) and data["execution_time"] >= 0
+        assert (data["status"], data["exit_code"], data["stdout"], data["stderr"]) == (
+            "completed",
+            0,
+            "hi\n",
+            "there\n",
+        ), data
+        assert isinstance(data["execution_time"], int | float)
+        assert data["execution_time"] >= 0
         assert data["host_id"] == agent.host_id
         execution = shell_execution(agent, "echo hi; echo there >&2")
         assert execution.parameters["timeout"] == 30
         (command,) = commands_of(agent, execution.queue_message_id)
-        assert command["message_id"] and command["queue_message_id"]
+        assert command["message_id"]
+        assert command["queue_message_id"]
         assert command["data"]["timeout"] >= 1
         # the agent's answers went in the order asked
-        kinds = [m["message_type"] for m in agent.sent
-                 if m.get("message_id") == execution.queue_message_id
-                 or (m.get("data") or {}).get("command_id") == execution.command_id]
-        expected = {"ack_first": ["command_acknowledgment", "command_result"],
-                    "result_first": ["command_result", "command_acknowledgment"],
-                    "no_ack": ["command_result"]}[order]
+        kinds = [
+            m["message_type"]
+            for m in agent.sent
+            if m.get("message_id") == execution.queue_message_id
+            or (m.get("data") or {}).get("command_id") == execution.command_id
+        ]
+        expected = {
+            "ack_first": ["command_acknowledgment", "command_result"],
+            "result_first": ["command_result", "command_acknowledgment"],
+            "no_ack": ["command_result"],
+        }[order]
         assert kinds == expected, kinds
 
         failing = await run_command(ws, agent.host_id, "echo oops >&2; exit 3")
         assert failing["type"] == "response", failing
-        assert (failing["data"]["status"], failing["data"]["exit_code"],
-                failing["data"]["stderr"]) == ("failed", 3, "oops\n"), failing
+        assert (
+            failing["data"]["status"],
+            failing["data"]["exit_code"],
+            failing["data"]["stderr"],
+        ) == ("failed", 3, "oops\n"), failing
         if order == "no_ack":
             # a result stands for the acknowledgment: nothing is sent again
             await asyncio.sleep(2.5)
@@ -567,13 +668,16 @@ async def test_unacknowledged_command_is_resent_with_the_same_id(deployment):
         deadline = time.monotonic() + 3 * ACK_SECONDS + 4
         while time.monotonic() < deadline and len(agent.executions) < 2:
             await asyncio.sleep(0.05)
-        arrivals = [round(c["_at"] - agent.dropped[0]["_at"], 1)
-                    for c in agent.commands if agent.dropped
-                    and agent.command_ids(c)[0] == agent.command_ids(agent.dropped[0])[0]]
+        arrivals = [
+            round(c["_at"] - agent.dropped[0]["_at"], 1)
+            for c in agent.commands
+            if agent.dropped and agent.command_ids(c)[0] == agent.command_ids(agent.dropped[0])[0]
+        ]
         assert len(arrivals) == 3, (
             f"deliveries at {arrivals} s; expected three, SYSMANAGE_AGENT_ACK_SECONDS "
-            f"({ACK_SECONDS} s) apart")
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+            f"({ACK_SECONDS} s) apart"
+        )
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         assert all(ACK_SECONDS - 0.5 <= gap <= ACK_SECONDS + 1.5 for gap in gaps), arrivals
         reply = await pending
         assert reply["type"] == "response", reply
@@ -592,14 +696,17 @@ async def test_command_resent_while_running_runs_once(deployment):
     command runs: the server sends the unacknowledged command again at once; the agent
     acknowledges the repeat and does not run it twice."""
     d = deployment
-    async with contextlib.AsyncExitStack() as stack, \
-            online_agent(d, "slow-ack", ack_order="result_first") as agent:
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        online_agent(d, "slow-ack", ack_order="result_first") as agent,
+    ):
         ws = await seed_client(stack, d)
         command = "sleep 2; echo slow"
         pending = asyncio.ensure_future(run_command(ws, agent.host_id, command, wait=15))
         stack.callback(pending.cancel)
-        first = await agent.wait_type("command", where=lambda m: (m["data"].get(
-            "parameters") or {}).get("command") == command)
+        first = await agent.wait_type(
+            "command", where=lambda m: (m["data"].get("parameters") or {}).get("command") == command
+        )
         await go_online(d, agent)  # a new socket while the command runs
         reply = await pending
         assert reply["type"] == "response", reply
@@ -608,8 +715,12 @@ async def test_command_resent_while_running_runs_once(deployment):
         assert execution.queue_message_id == agent.command_ids(first)[0]
         deliveries = commands_of(agent, execution.queue_message_id)
         assert len(deliveries) >= 2, "not sent again after the reconnect"
-        acks = [m for m in agent.sent if m["message_type"] == "command_acknowledgment"
-                and m["message_id"] == execution.queue_message_id]
+        acks = [
+            m
+            for m in agent.sent
+            if m["message_type"] == "command_acknowledgment"
+            and m["message_id"] == execution.queue_message_id
+        ]
         assert len(acks) >= 2  # the repeat was acknowledged at once, the first with the result
 
 
@@ -646,18 +757,18 @@ async def test_registrations_while_other_agents_report_and_disconnect(deployment
     agents = [await enrolled(d, f"churn{i}") for i in range(4)]
     for agent in agents:
         await go_online(d, agent)
-    newcomers = [FakeSysManageAgent(d.server.base_url, hostname(f"newcomer{i}"))
-                 for i in range(8)]
+    newcomers = [FakeSysManageAgent(d.server.base_url, hostname(f"newcomer{i}")) for i in range(8)]
 
     async def report_then_leave(agent: FakeSysManageAgent) -> None:
         for _ in range(3):
             await agent.send_acked("hardware_update", agent.hardware_data())
         await agent.close()
 
-    outcomes = await asyncio.gather(*(register(n) for n in newcomers),
-                                    *(report_then_leave(a) for a in agents))
-    statuses = [status for status, _ in outcomes[:len(newcomers)]]
-    assert statuses == [201] * len(newcomers), outcomes[:len(newcomers)]
+    outcomes = await asyncio.gather(
+        *(register(n) for n in newcomers), *(report_then_leave(a) for a in agents)
+    )
+    statuses = [status for status, _ in outcomes[: len(newcomers)]]
+    assert statuses == [201] * len(newcomers), outcomes[: len(newcomers)]
     for agent in agents:
         await wait_host_status(d, agent.host_id, "offline")
 
@@ -669,54 +780,75 @@ async def test_commands_for_unreachable_hosts_fail(deployment):
         never = await enrolled(d, "never")  # approved, never connected
         started = time.monotonic()
         reply = await run_command(ws, never.host_id, "true")
-        assert reply["type"] == "error" and reply["data"]["code"] == "COMMAND_FAILED", reply
+        assert reply["type"] == "error", reply
+        assert reply["data"]["code"] == "COMMAND_FAILED", reply
         assert time.monotonic() - started < 2
 
         gone = await enrolled(d, "gone")
         await go_online(d, gone)
         await close_and_settle(d, gone)
         reply = await run_command(ws, gone.host_id, "true")
-        assert reply["type"] == "error" and reply["data"]["code"] == "COMMAND_FAILED", reply
+        assert reply["type"] == "error", reply
+        assert reply["data"]["code"] == "COMMAND_FAILED", reply
 
         # online through polling, then silent: the command waits, then fails
         silent = await enrolled(d, "silent")
-        await silent.poll([silent.poll_message("system_info", silent.system_info_data()),
-                           silent.poll_message("heartbeat", silent.heartbeat_data())])
+        await silent.poll(
+            [
+                silent.poll_message("system_info", silent.system_info_data()),
+                silent.poll_message("heartbeat", silent.heartbeat_data()),
+            ]
+        )
         await wait_host_status(d, silent.host_id, "online")
         started = time.monotonic()
         reply = await run_command(ws, silent.host_id, "echo never", wait=15)
-        assert reply["type"] == "error" and reply["data"]["code"] == "COMMAND_FAILED", reply
+        assert reply["type"] == "error", reply
+        assert reply["data"]["code"] == "COMMAND_FAILED", reply
         assert time.monotonic() - started >= 2.5  # SYSMANAGE_AGENT_DELIVERY_SECONDS
-        assert not silent.executions or all(e.command_type != "execute_shell"
-                                            for e in silent.executions)
+        assert not silent.executions or all(
+            e.command_type != "execute_shell" for e in silent.executions
+        )
 
 
 async def test_package_operations_map_to_install_and_uninstall(deployment):
     d = deployment
-    async with contextlib.AsyncExitStack() as stack, \
-            online_agent(d, "packages", package_failures={"broken-pkg"}) as agent:
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        online_agent(d, "packages", package_failures={"broken-pkg"}) as agent,
+    ):
         ws = await seed_client(stack, d)
         await ws.subscribe("package_operations", {"host_id": agent.host_id})
         for operation, package, command_type, final in (
-                ("install", "nginx", "install_packages", "completed"),
-                ("remove", "broken-pkg", "uninstall_packages", "failed")):
-            reply = await ws.request({"type": "command", "channel": "package_operations",
-                                      "data": {"host_id": agent.host_id,
-                                               "operation": operation, "package": package}},
-                                     timeout=WAIT)
+            ("install", "nginx", "install_packages", "completed"),
+            ("remove", "broken-pkg", "uninstall_packages", "failed"),
+        ):
+            reply = await ws.request(
+                {
+                    "type": "command",
+                    "channel": "package_operations",
+                    "data": {"host_id": agent.host_id, "operation": operation, "package": package},
+                },
+                timeout=WAIT,
+            )
             assert reply["type"] == "response", reply
             operation_id = reply["data"]["execution_id"]
             execution = await agent.wait_execution(
-                lambda e, ref=operation_id: e.parameters.get("request_id") == ref)
+                lambda e, ref=operation_id: e.parameters.get("request_id") == ref
+            )
             assert execution.command_type == command_type
             assert execution.parameters["packages"] == [
-                {"package_name": package, "package_manager": "auto"}]
+                {"package_name": package, "package_manager": "auto"}
+            ]
             event = await ws.expect(
-                lambda m, ref=operation_id: m["type"] == "event"
-                and m["channel"] == "package_operations"
-                and m["data"]["execution_id"] == ref
-                and m["data"]["status"] in ("completed", "failed"), WAIT,
-                what=f"end of the {operation}")
+                lambda m, ref=operation_id: (
+                    m["type"] == "event"
+                    and m["channel"] == "package_operations"
+                    and m["data"]["execution_id"] == ref
+                    and m["data"]["status"] in ("completed", "failed")
+                ),
+                WAIT,
+                what=f"end of the {operation}",
+            )
             assert event["data"]["status"] == final, event
             assert event["data"]["package"] == package
 
@@ -732,25 +864,36 @@ async def test_custom_metric_scripts_become_host_metrics(deployment):
         samples = await agent.collect_custom_metrics()
         failed = [s for s in samples if s["status"] != "ok"]
         assert failed == [], failed  # the server's scripts run on this machine
-        extra = {"metric_id": "someone-elses-metric", "value": None, "status": "error",
-                 "error_detail": "boom", "collected_at": samples[0]["collected_at"]}
+        extra = {
+            "metric_id": "someone-elses-metric",
+            "value": None,
+            "status": "error",
+            "error_detail": "boom",
+            "collected_at": samples[0]["collected_at"],
+        }
         await agent.send_acked("custom_metric_samples", {"samples": [*samples, extra]})
         event = await ws.next_event("host_metrics", timeout=WAIT)
         assert event["data"]["host_id"] == agent.host_id
         metrics = event["data"]["metrics"]
         assert set(metrics) == {"cpu_usage", "memory_usage", "disk_usage", "load_average"}
-        assert 0 <= metrics["cpu_usage"] <= 100 and 0 < metrics["memory_usage"] <= 100
-        assert list(metrics["disk_usage"]) == ["/"] and 0 < metrics["disk_usage"]["/"] <= 100
-        assert len(metrics["load_average"]) == 3 and min(metrics["load_average"]) >= 0
-        by_name = {m["name"].lower(): s["value"] for m, s in zip(agent.custom_metrics, samples,
-                                                                 strict=True)}
+        assert 0 <= metrics["cpu_usage"] <= 100
+        assert 0 < metrics["memory_usage"] <= 100
+        assert list(metrics["disk_usage"]) == ["/"]
+        assert 0 < metrics["disk_usage"]["/"] <= 100
+        assert len(metrics["load_average"]) == 3
+        assert min(metrics["load_average"]) >= 0
+        by_name = {
+            m["name"].lower(): s["value"]
+            for m, s in zip(agent.custom_metrics, samples, strict=True)
+        }
         memory = next(v for name, v in by_name.items() if "memory" in name)
         assert metrics["memory_usage"] == pytest.approx(memory, abs=0.01)
         # a hardware report with more mounts brings a new set of scripts
         start = len(agent.executions)
         await agent.send_acked("hardware_update", agent.hardware_data())
-        resync = await agent.wait_execution(lambda e: e.command_type == "sync_custom_metrics"
-                                            and agent.executions.index(e) >= start)
+        resync = await agent.wait_execution(
+            lambda e: e.command_type == "sync_custom_metrics" and agent.executions.index(e) >= start
+        )
         scripts = " ".join(m["script"] for m in resync.parameters["metrics"])
         assert '"/var"' in scripts or "'/var'" in scripts, scripts
 
@@ -770,15 +913,18 @@ async def test_polling_fallback_end_to_end(deployment):
         # poll, carries host_id and host_token and proves that poll
         first = agent.poll_message("system_info", agent.system_info_data())
         refused = await agent.poll([first])
-        assert [m["data"].get("error_type") for m in refused["messages"]
-                if m["message_type"] == "error"] == ["identification_pending"], refused
+        assert [
+            m["data"].get("error_type") for m in refused["messages"] if m["message_type"] == "error"
+        ] == ["identification_pending"], refused
         assert [m["message_type"] for m in refused["messages"]][-1] == "ping"
         assert [m["message_type"] for m in agent.poll_outbox] == ["pong"]
         reply = await agent.poll([first])
         assert isinstance(reply["messages"], list)
-        assert isinstance(reply["poll_interval"], int | float) and reply["poll_interval"] > 0
+        assert isinstance(reply["poll_interval"], int | float)
+        assert reply["poll_interval"] > 0
         ack = await agent.wait_ack(inner_id(first))  # answered in the reply
-        assert ack["_via"] == "poll" and ack["data"]["status"] == "received"
+        assert ack["_via"] == "poll"
+        assert ack["data"]["status"] == "received"
         online = await ws.next_event("host_status", timeout=WAIT)
         assert online["data"]["status"] == "online"
         assert online["data"]["host_id"] == agent.host_id
@@ -794,9 +940,13 @@ async def test_polling_fallback_end_to_end(deployment):
         assert (reply["data"]["status"], reply["data"]["stdout"]) == ("completed", "polled\n")
         execution = shell_execution(agent, "echo polled")
         assert execution.via == "poll"
-        delivered = [m for r in replies for m in r["messages"]
-                     if m.get("message_type") == "command"
-                     and m["data"].get("queue_message_id") == execution.queue_message_id]
+        delivered = [
+            m
+            for r in replies
+            for m in r["messages"]
+            if m.get("message_type") == "command"
+            and m["data"].get("queue_message_id") == execution.queue_message_id
+        ]
         assert len(delivered) == 1, delivered
         (raw,) = delivered
         assert raw["message_id"]
@@ -805,8 +955,9 @@ async def test_polling_fallback_end_to_end(deployment):
         assert [m["message_type"] for m in agent.poll_outbox] == ["pong"]  # results went
         # posted messages are checked and answered like socket frames
         beat = agent.poll_message("heartbeat", agent.heartbeat_data())
-        bad = agent.as_poll_message({**agent.envelope("heartbeat", agent.heartbeat_data()),
-                                     "message_id": "short"})
+        bad = agent.as_poll_message(
+            {**agent.envelope("heartbeat", agent.heartbeat_data()), "message_id": "short"}
+        )
         start = len(agent.received)
         await agent.poll([beat, bad])
         await agent.wait_ack(inner_id(beat))
@@ -823,7 +974,7 @@ async def test_polling_fallback_end_to_end(deployment):
         assert status == 403
         token = await asyncio.to_thread(agent.auth)
         for raw_body in (b"{not json", b"[]", json.dumps({**body, "messages": "x"}).encode()):
-            status, answer = await asyncio.to_thread(agent.poll_raw, None, token=token,
-                                                     raw=raw_body)
+            status, answer = await asyncio.to_thread(
+                agent.poll_raw, None, token=token, raw=raw_body
+            )
             assert status == 400, (raw_body, status, answer)
-

@@ -2,6 +2,7 @@
 A server whose channel layer (Redis) is unreachable: sockets are refused with
 SERVICE_UNAVAILABLE, and the REST API should keep working.
 """
+
 from __future__ import annotations
 
 import socket
@@ -27,8 +28,11 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def no_layer(launch_sqlite: Any) -> Iterator[Deployment]:
-    with launch_sqlite("layer-down", REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
-                       SYSMANAGE_REDIS_PREFIX="sysmanage-it-unreachable") as deployment:
+    with launch_sqlite(
+        "layer-down",
+        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
+        SYSMANAGE_REDIS_PREFIX="sysmanage-it-unreachable",
+    ) as deployment:
         yield deployment
 
 
@@ -40,10 +44,14 @@ def admin_token(d: Deployment) -> str:
     cannot be used (see test_login_works_while_the_layer_is_down), and a token must
     carry the fingerprint of the user's credentials."""
     if d.env["DATABASE_URL"] not in _ADMIN_TOKENS:
-        out = harness.manage_shell(d.env, (
-            "from django.contrib.auth import get_user_model\n"
-            "from sysmanage.credentials import access_token_for\n"
-            "print('TOKEN', access_token_for(get_user_model().objects.get(username='admin')))"))
+        out = harness.manage_shell(
+            d.env,
+            (
+                "from django.contrib.auth import get_user_model\n"
+                "from sysmanage.credentials import access_token_for\n"
+                "print('TOKEN', access_token_for(get_user_model().objects.get(username='admin')))"
+            ),
+        )
         _ADMIN_TOKENS[d.env["DATABASE_URL"]] = out.split("TOKEN ", 1)[1].split()[0]
     return _ADMIN_TOKENS[d.env["DATABASE_URL"]]
 
@@ -62,20 +70,29 @@ async def test_socket_is_refused_with_service_unavailable(no_layer: Deployment):
 
 
 async def test_read_only_rest_api_works_while_the_layer_is_down(no_layer: Deployment):
-    response = await api("GET", no_layer.server.base_url, "/api/hosts/",
-                         token=admin_token(no_layer))
+    response = await api(
+        "GET", no_layer.server.base_url, "/api/hosts/", token=admin_token(no_layer)
+    )
     assert response.status == 200
     assert response.body["count"] == len(no_layer.seed["hosts"])
 
 
 async def test_login_works_while_the_layer_is_down(no_layer: Deployment):
     """Events are best effort: recording the login must not fail the login."""
-    response = await api("POST", no_layer.server.base_url, "/api/token/",
-                         json_body={"username": "viewer", "password": no_layer.password})
+    response = await api(
+        "POST",
+        no_layer.server.base_url,
+        "/api/token/",
+        json_body={"username": "viewer", "password": no_layer.password},
+    )
     assert response.status == 200, response.status
     assert {"access", "refresh"} <= set(response.body)
-    log = await api("GET", no_layer.server.base_url, "/api/activity/?username=viewer",
-                    token=admin_token(no_layer))
+    log = await api(
+        "GET",
+        no_layer.server.base_url,
+        "/api/activity/?username=viewer",
+        token=admin_token(no_layer),
+    )
     assert "login" in [row["action"] for row in log.body["results"]]
 
 
@@ -83,8 +100,13 @@ async def test_raising_an_alert_while_the_layer_is_down(no_layer: Deployment):
     """A committed write answers success even though its event cannot be delivered."""
     base, token = no_layer.server.base_url, admin_token(no_layer)
     before = (await api("GET", base, "/api/alerts/", token=token)).body["count"]
-    response = await api("POST", base, "/api/alerts/", token=token, json_body={
-        "severity": "warning", "category": "disk_space", "title": "layer down"})
+    response = await api(
+        "POST",
+        base,
+        "/api/alerts/",
+        token=token,
+        json_body={"severity": "warning", "category": "disk_space", "title": "layer down"},
+    )
     assert response.status == 201, response.status
     after = (await api("GET", base, "/api/alerts/", token=token)).body["count"]
     assert after == before + 1

@@ -5,9 +5,12 @@ Every message the server sends is checked for the envelope ``{type, channel, dat
 timestamp}`` (ISO-8601 UTC) by :class:`tests.integration.client.WsClient`; replies are
 matched to requests by ``id``.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import socket
 import time
@@ -48,39 +51,65 @@ def connect(d: Deployment, user: str = "admin", **kwargs: Any):
     return ws_connect(d.server.ws_url, token=d.token(user), **kwargs)
 
 
-async def raise_alert(d: Deployment, severity: str, title: str, *, host: str | None = None,
-                      user: str = "admin", expect: int = 201) -> dict[str, Any]:
-    body: dict[str, Any] = {"severity": severity, "category": "disk_space", "title": title,
-                            "message": f"{title}: disk usage on /var is 85%"}
+async def raise_alert(
+    d: Deployment,
+    severity: str,
+    title: str,
+    *,
+    host: str | None = None,
+    user: str = "admin",
+    expect: int = 201,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "severity": severity,
+        "category": "disk_space",
+        "title": title,
+        "message": f"{title}: disk usage on /var is 85%",
+    }
     if host is not None:
         body["host"] = d.host_id(host)
-    response = await api("POST", d.server.base_url, "/api/alerts/", token=d.token(user),
-                         json_body=body)
+    response = await api(
+        "POST", d.server.base_url, "/api/alerts/", token=d.token(user), json_body=body
+    )
     assert response.status == expect, response
     return response.body
 
 
 async def alert_action(d: Deployment, alert_id: str, action: str, expect: int = 200) -> Any:
-    response = await api("POST", d.server.base_url, f"/api/alerts/{alert_id}/{action}/",
-                         token=d.token("admin"))
+    response = await api(
+        "POST", d.server.base_url, f"/api/alerts/{alert_id}/{action}/", token=d.token("admin")
+    )
     assert response.status == expect, response
     return response.body
 
 
-async def expect_alert(client: WsClient, alert_id: str, *, action: str | None = None,
-                       before: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+async def expect_alert(
+    client: WsClient,
+    alert_id: str,
+    *,
+    action: str | None = None,
+    before: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The ``system_alerts`` event of ``alert_id`` (and ``action``); events that came
     before it go to ``before`` when given."""
     return await client.expect(
-        lambda m: m["type"] == "event" and m["channel"] == "system_alerts"
-        and m["data"]["alert_id"] == alert_id
-        and (action is None or m["data"]["action"] == action),
-        what=f"system_alerts event of {alert_id} ({action})", skipped=before)
+        lambda m: (
+            m["type"] == "event"
+            and m["channel"] == "system_alerts"
+            and m["data"]["alert_id"] == alert_id
+            and (action is None or m["data"]["action"] == action)
+        ),
+        what=f"system_alerts event of {alert_id} ({action})",
+        skipped=before,
+    )
 
 
 def alert_ids(messages: list[dict[str, Any]]) -> list[str]:
-    return [m["data"]["alert_id"] for m in messages
-            if m["type"] == "event" and m["channel"] == "system_alerts"]
+    return [
+        m["data"]["alert_id"]
+        for m in messages
+        if m["type"] == "event" and m["channel"] == "system_alerts"
+    ]
 
 
 async def expect_auth_failed(client: WsClient, message: str | None = None) -> dict[str, Any]:
@@ -100,8 +129,14 @@ async def expect_auth_failed(client: WsClient, message: str | None = None) -> di
     return error
 
 
-def assert_error(reply: dict[str, Any], code: str, *, channel: str = "system",
-                 id_: Any = None, has_id: bool = True) -> dict[str, Any]:
+def assert_error(
+    reply: dict[str, Any],
+    code: str,
+    *,
+    channel: str = "system",
+    id_: Any = None,
+    has_id: bool = True,
+) -> dict[str, Any]:
     assert reply["type"] == "error", reply
     assert reply["data"]["code"] == code, reply
     assert reply["channel"] == channel, reply
@@ -116,8 +151,9 @@ def assert_error(reply: dict[str, Any], code: str, *, channel: str = "system",
 
 
 @pytest.mark.parametrize("path", ["/ws", "/ws/"])
-@pytest.mark.parametrize("method", ["query", "subprotocol-pair", "subprotocol-dotted",
-                                    "authorization-header"])
+@pytest.mark.parametrize(
+    "method", ["query", "subprotocol-pair", "subprotocol-dotted", "authorization-header"]
+)
 async def test_each_token_method_authenticates(server: Deployment, method: str, path: str):
     token = server.token("admin")
     url = f"{server.server.base_url.replace('http', 'ws')}{path}"
@@ -141,43 +177,51 @@ async def test_each_token_method_authenticates(server: Deployment, method: str, 
 
 
 async def test_session_cookie_authenticates(server: Deployment):
-    session = await asyncio.to_thread(session_login, server.server.base_url, "admin",
-                                      server.password)
-    async with ws_connect(server.server.ws_url, headers={"Cookie": f"sessionid={session}"}
-                          ) as client:
+    session = await asyncio.to_thread(
+        session_login, server.server.base_url, "admin", server.password
+    )
+    async with ws_connect(
+        server.server.ws_url, headers={"Cookie": f"sessionid={session}"}
+    ) as client:
         await client.ping()
         await client.subscribe("user_activity")
     # a bad token is never rescued by a good session
-    async with ws_connect(server.server.ws_url, token="not-a-jwt",
-                          headers={"Cookie": f"sessionid={session}"}) as client:
+    async with ws_connect(
+        server.server.ws_url, token="not-a-jwt", headers={"Cookie": f"sessionid={session}"}
+    ) as client:
         await expect_auth_failed(client, "Invalid or expired JWT token")
 
 
 async def test_session_logout_closes_the_sockets_of_that_session(server: Deployment):
-    kept = await asyncio.to_thread(browser_login, server.server.base_url, "admin",
-                                   server.password)
-    ending = await asyncio.to_thread(browser_login, server.server.base_url, "admin",
-                                     server.password)
+    kept = await asyncio.to_thread(browser_login, server.server.base_url, "admin", server.password)
+    ending = await asyncio.to_thread(
+        browser_login, server.server.base_url, "admin", server.password
+    )
     assert kept.sessionid != ending.sessionid
-    async with ws_connect(server.server.ws_url,
-                          headers={"Cookie": f"sessionid={ending.sessionid}"}) as doomed, \
-            ws_connect(server.server.ws_url,
-                       headers={"Cookie": f"sessionid={kept.sessionid}"}) as other_session, \
-            connect(server) as by_token:
+    async with (
+        ws_connect(
+            server.server.ws_url, headers={"Cookie": f"sessionid={ending.sessionid}"}
+        ) as doomed,
+        ws_connect(
+            server.server.ws_url, headers={"Cookie": f"sessionid={kept.sessionid}"}
+        ) as other_session,
+        connect(server) as by_token,
+    ):
         for client in (doomed, other_session, by_token):
             await client.ping()
         assert await asyncio.to_thread(ending.logout) == 200
         closed = await doomed.expect_closed()
         assert closed.code == 4001, closed
-        assert [m["data"] for m in closed.messages] == [{
-            "code": "AUTH_FAILED", "message": "Logged out",
-            "action": "reconnect_with_valid_token"}]
+        assert [m["data"] for m in closed.messages] == [
+            {"code": "AUTH_FAILED", "message": "Logged out", "action": "reconnect_with_valid_token"}
+        ]
         # the same user's other session and tokens are not affected
         await other_session.ping()
         await by_token.ping()
     # the ended session no longer authenticates a socket
-    async with ws_connect(server.server.ws_url,
-                          headers={"Cookie": f"sessionid={ending.sessionid}"}) as client:
+    async with ws_connect(
+        server.server.ws_url, headers={"Cookie": f"sessionid={ending.sessionid}"}
+    ) as client:
         await expect_auth_failed(client, "Missing JWT token")
 
 
@@ -187,30 +231,58 @@ def _bad_credentials(d: Deployment) -> dict[str, tuple[dict[str, Any], str]]:
     return {
         "missing": ({}, "Missing JWT token"),
         "garbage-query": ({"token": "not-a-jwt"}, "Invalid or expired JWT token"),
-        "garbage-subprotocol": ({"subprotocols": ["bearer", "not.a.jwt"]},
-                                "Invalid or expired JWT token"),
-        "garbage-dotted-subprotocol": ({"subprotocols": ["bearer.garbage"]},
-                                       "Invalid or expired JWT token"),
-        "garbage-header": ({"headers": {"Authorization": "Bearer not-a-jwt"}},
-                           "Invalid or expired JWT token"),
-        "basic-auth-header": ({"headers": {"Authorization": "Basic YWRtaW46YWRtaW4="}},
-                              "Malformed Authorization header"),
-        "wrong-signing-key": ({"token": forge_access_token("another-key-" * 5, admin)},
-                              "Invalid or expired JWT token"),
+        "garbage-subprotocol": (
+            {"subprotocols": ["bearer", "not.a.jwt"]},
+            "Invalid or expired JWT token",
+        ),
+        "garbage-dotted-subprotocol": (
+            {"subprotocols": ["bearer.garbage"]},
+            "Invalid or expired JWT token",
+        ),
+        "garbage-header": (
+            {"headers": {"Authorization": "Bearer not-a-jwt"}},
+            "Invalid or expired JWT token",
+        ),
+        "basic-auth-header": (
+            {"headers": {"Authorization": "Basic YWRtaW46YWRtaW4="}},
+            "Malformed Authorization header",
+        ),
+        "wrong-signing-key": (
+            {"token": forge_access_token("another-key-" * 5, admin)},
+            "Invalid or expired JWT token",
+        ),
         "alg-none": ({"token": unsigned_token(admin)}, "Invalid or expired JWT token"),
-        "expired": ({"token": forge_access_token(secret, admin, lifetime=-60)},
-                    "Invalid or expired JWT token"),
-        "refresh-token-as-access": ({"token": d.refresh_token("admin")},
-                                    "Invalid or expired JWT token"),
-        "unknown-user": ({"token": forge_access_token(secret, str(uuid.uuid4()))},
-                         "Invalid or expired JWT token"),
+        "expired": (
+            {"token": forge_access_token(secret, admin, lifetime=-60)},
+            "Invalid or expired JWT token",
+        ),
+        "refresh-token-as-access": (
+            {"token": d.refresh_token("admin")},
+            "Invalid or expired JWT token",
+        ),
+        "unknown-user": (
+            {"token": forge_access_token(secret, str(uuid.uuid4()))},
+            "Invalid or expired JWT token",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage-query", "garbage-subprotocol",
-                                  "garbage-dotted-subprotocol", "garbage-header",
-                                  "basic-auth-header", "wrong-signing-key", "alg-none",
-                                  "expired", "refresh-token-as-access", "unknown-user"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "garbage-query",
+        "garbage-subprotocol",
+        "garbage-dotted-subprotocol",
+        "garbage-header",
+        "basic-auth-header",
+        "wrong-signing-key",
+        "alg-none",
+        "expired",
+        "refresh-token-as-access",
+        "unknown-user",
+    ],
+)
 async def test_bad_credentials_get_auth_failed_then_4001(server: Deployment, case: str):
     kwargs, message = _bad_credentials(server)[case]
     async with ws_connect(server.server.ws_url, **kwargs) as client:
@@ -227,21 +299,25 @@ async def test_forged_token_with_the_right_key_is_accepted(server: Deployment):
     async with ws_connect(server.server.ws_url, token=token) as client:
         await client.ping()
     # without the fingerprint, the same token is refused
-    async with ws_connect(server.server.ws_url,
-                          token=forge_access_token(secret, viewer)) as client:
+    async with ws_connect(server.server.ws_url, token=forge_access_token(secret, viewer)) as client:
         await expect_auth_failed(
-            client, "Token revoked: the account's credentials changed; sign in again")
+            client, "Token revoked: the account's credentials changed; sign in again"
+        )
 
 
 # -- origins ----------------------------------------------------------------------------------
 
 
 FOREIGN_ORIGINS = [
-    "http://evil.example.com", "https://evil.example.com", "null", "file://",
+    "http://evil.example.com",
+    "https://evil.example.com",
+    "null",
+    "file://",
     "http://127.0.0.2:1234",
     # same host name, other port: another site as far as the browser is concerned
     # (the scheme is not compared: behind a TLS proxy the page is https, the server http)
-    "http://localhost:3000", "http://127.0.0.1:1",
+    "http://localhost:3000",
+    "http://127.0.0.1:1",
     # a listed origin, but not exactly
     "https://dashboard.example.com:8444",
 ]
@@ -249,24 +325,32 @@ FOREIGN_ORIGINS = [
 
 @pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
 async def test_foreign_origin_is_refused_with_403(server: Deployment, origin: str):
-    status = await handshake_status(server.server.ws_url, token=server.token("admin"),
-                                    origin=origin)
+    status = await handshake_status(
+        server.server.ws_url, token=server.token("admin"), origin=origin
+    )
     assert status == 403
 
 
 async def test_foreign_origin_is_refused_even_with_a_session(server: Deployment):
-    session = await asyncio.to_thread(session_login, server.server.base_url, "admin",
-                                      server.password)
-    status = await handshake_status(server.server.ws_url, origin="http://evil.example.com",
-                                    headers={"Cookie": f"sessionid={session}"})
+    session = await asyncio.to_thread(
+        session_login, server.server.base_url, "admin", server.password
+    )
+    status = await handshake_status(
+        server.server.ws_url,
+        origin="http://evil.example.com",
+        headers={"Cookie": f"sessionid={session}"},
+    )
     assert status == 403
 
 
 @pytest.mark.parametrize("kind", ["same-origin", "no-origin", "listed-origin"])
 async def test_same_origin_and_missing_origin_are_accepted(server: Deployment, kind: str):
-    origin = {"same-origin": server.server.base_url, "no-origin": None,
-              # listed in WS_ALLOWED_ORIGINS (see SQLITE_SERVER_SETTINGS)
-              "listed-origin": "https://dashboard.example.com:8443"}[kind]
+    origin = {
+        "same-origin": server.server.base_url,
+        "no-origin": None,
+        # listed in WS_ALLOWED_ORIGINS (see SQLITE_SERVER_SETTINGS)
+        "listed-origin": "https://dashboard.example.com:8443",
+    }[kind]
     async with connect(server, origin=origin) as client:
         await client.ping()
 
@@ -315,16 +399,27 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
     async with connect(server) as client:
         for channel in CHANNELS:
             reply = await client.subscribe(channel, filters[channel])
-            assert reply["data"] == {"action": "subscribe", "status": "subscribed",
-                                     "channel": channel, "filters": filters[channel]}
+            assert reply["data"] == {
+                "action": "subscribe",
+                "status": "subscribed",
+                "channel": channel,
+                "filters": filters[channel],
+            }
             if channel in ("host_status", "fleet_status"):
                 status = await client.expect(lambda m: m["type"] == "status")
                 assert status["channel"] == channel
                 assert status["id"] == reply["id"]
                 if channel == "host_status":
-                    assert status["data"] == {"hosts": [{
-                        "host_id": server.host_id("web-01"), "hostname": "web-01",
-                        "status": "offline", "last_seen": None}]}
+                    assert status["data"] == {
+                        "hosts": [
+                            {
+                                "host_id": server.host_id("web-01"),
+                                "hostname": "web-01",
+                                "status": "offline",
+                                "last_seen": None,
+                            }
+                        ]
+                    }
                 else:
                     check_fleet_figures(server, status["data"])
         # no stray status message followed any of the other subscriptions
@@ -333,13 +428,20 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
 
 
 def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
-    assert set(data) == {"total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts",
-                         "pending_operations", "last_updated"}
+    assert set(data) == {
+        "total_hosts",
+        "online_hosts",
+        "offline_hosts",
+        "hosts_with_alerts",
+        "pending_operations",
+        "last_updated",
+    }
     hosts = d.seed["hosts"]
     assert data["total_hosts"] == len(hosts)
     assert data["online_hosts"] == sum(h["status"] == "online" for h in hosts.values())
     assert data["offline_hosts"] == data["total_hosts"] - data["online_hosts"]
-    assert isinstance(data["hosts_with_alerts"], int) and data["hosts_with_alerts"] >= 0
+    assert isinstance(data["hosts_with_alerts"], int)
+    assert data["hosts_with_alerts"] >= 0
     assert data["pending_operations"] == 0
     parse_iso_utc(data["last_updated"])
 
@@ -349,21 +451,30 @@ async def test_host_status_snapshot_lists_every_host(server: Deployment):
         reply, status = await client.subscribe_with_status("host_status")
     assert reply["data"]["filters"] == {}
     expected = sorted(
-        ({"host_id": h["id"], "hostname": name, "status": h["status"],
-          "last_seen": h["last_seen"]}
-         for name, h in server.seed["hosts"].items()),
-        key=lambda row: row["hostname"])
+        (
+            {
+                "host_id": h["id"],
+                "hostname": name,
+                "status": h["status"],
+                "last_seen": h["last_seen"],
+            }
+            for name, h in server.seed["hosts"].items()
+        ),
+        key=lambda row: row["hostname"],
+    )
     assert status["data"] == {"hosts": expected}
 
 
 async def test_subscribe_normalizes_filters(server: Deployment):
     host = server.host_id("db-01")
     async with connect(server) as client:
-        reply = await client.subscribe("system_alerts", {"severity": ["critical", "warning"],
-                                                         "host_id": host.upper()})
+        reply = await client.subscribe(
+            "system_alerts", {"severity": ["critical", "warning"], "host_id": host.upper()}
+        )
         assert reply["data"]["filters"] == {"severity": ["warning", "critical"], "host_id": host}
-        reply = await client.subscribe("host_metrics", {"host_id": host,
-                                                        "metrics": ["load", "cpu", "cpu"]})
+        reply = await client.subscribe(
+            "host_metrics", {"host_id": host, "metrics": ["load", "cpu", "cpu"]}
+        )
         assert reply["data"]["filters"] == {"host_id": host, "metrics": ["cpu", "load"]}
         reply = await client.subscribe("system_alerts", {"severity": None})
         assert reply["data"]["filters"] == {}
@@ -387,11 +498,23 @@ def invalid_filter_cases(d: Deployment) -> dict[str, tuple[str, Any]]:
     }
 
 
-@pytest.mark.parametrize("case", ["package_operations-without-host", "host_metrics-without-host",
-                                  "malformed-uuid", "uuid-not-a-string", "unknown-host",
-                                  "unknown-filter", "unknown-filter-user-activity",
-                                  "severity-not-a-list", "severity-empty", "severity-unknown",
-                                  "metrics-unknown", "filters-not-an-object"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "package_operations-without-host",
+        "host_metrics-without-host",
+        "malformed-uuid",
+        "uuid-not-a-string",
+        "unknown-host",
+        "unknown-filter",
+        "unknown-filter-user-activity",
+        "severity-not-a-list",
+        "severity-empty",
+        "severity-unknown",
+        "metrics-unknown",
+        "filters-not-an-object",
+    ],
+)
 async def test_invalid_filters_are_refused(server: Deployment, case: str):
     channel, filters = invalid_filter_cases(server)[case]
     async with connect(server) as client:
@@ -409,8 +532,9 @@ async def test_invalid_filters_are_refused(server: Deployment, case: str):
 
 async def test_user_activity_is_refused_to_non_staff_in_the_seed_shape(server: Deployment):
     async with connect(server, "viewer") as client:
-        reply = await client.request({"type": "subscribe", "channel": "user_activity",
-                                      "id": "ua-1"})
+        reply = await client.request(
+            {"type": "subscribe", "channel": "user_activity", "id": "ua-1"}
+        )
         assert reply == {
             "type": "error",
             "channel": "subscription",
@@ -445,23 +569,38 @@ async def test_unsubscribe_stops_events_and_is_idempotent(server: Deployment):
     async with connect(server) as client:
         await client.subscribe("system_alerts")
         await client.subscribe("user_activity")
-        reply = await client.request({"type": "unsubscribe", "channel": "system_alerts",
-                                      "id": "u1"})
+        reply = await client.request(
+            {"type": "unsubscribe", "channel": "system_alerts", "id": "u1"}
+        )
         assert reply["type"] == "response"
         assert reply["channel"] == "system_alerts"
-        assert reply["data"] == {"action": "unsubscribe", "status": "unsubscribed",
-                                 "channel": "system_alerts", "was_subscribed": True}
+        assert reply["data"] == {
+            "action": "unsubscribe",
+            "status": "unsubscribed",
+            "channel": "system_alerts",
+            "was_subscribed": True,
+        }
         again = await client.request({"type": "unsubscribe", "channel": "system_alerts"})
         assert again["data"]["was_subscribed"] is False
         # an alert (which would have matched) then a login, both published by the server
         # in this order: the login's event arriving first proves the alert was not sent
         await raise_alert(server, "critical", "after unsubscribe")
-        await asyncio.to_thread(obtain_tokens, server.server.base_url, "viewer",
-                                server.password, "marker-after-unsubscribe")
+        await asyncio.to_thread(
+            obtain_tokens,
+            server.server.base_url,
+            "viewer",
+            server.password,
+            "marker-after-unsubscribe",
+        )
         skipped: list[dict[str, Any]] = []
         event = await client.expect(
-            lambda m: m["type"] == "event" and m["channel"] == "user_activity"
-            and m["data"]["user_agent"] == "marker-after-unsubscribe", skipped=skipped)
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "user_activity"
+                and m["data"]["user_agent"] == "marker-after-unsubscribe"
+            ),
+            skipped=skipped,
+        )
         assert event["data"]["action"] == "login"
         assert not [m for m in skipped if m["channel"] == "system_alerts"], skipped
 
@@ -511,17 +650,26 @@ MALFORMED: dict[str, tuple[Any, str, Any, bool]] = {
     "id-int-too-big": ({"type": "ping", "id": 2**53}, "INVALID_MESSAGE", None, False),
     "id-int-too-small": ({"type": "ping", "id": -(2**53)}, "INVALID_MESSAGE", None, False),
     "id-int-huge": ('{"type": "ping", "id": ' + "9" * 300 + "}", "INVALID_MESSAGE", None, False),
-    "channel-not-a-string": ({"type": "subscribe", "channel": ["host_status"], "id": "m6"},
-                             "INVALID_MESSAGE", "m6", True),
-    "data-not-an-object": ({"type": "command", "channel": "command_execution", "data": [1],
-                            "id": "m7"}, "INVALID_MESSAGE", "m7", True),
+    "channel-not-a-string": (
+        {"type": "subscribe", "channel": ["host_status"], "id": "m6"},
+        "INVALID_MESSAGE",
+        "m6",
+        True,
+    ),
+    "data-not-an-object": (
+        {"type": "command", "channel": "command_execution", "data": [1], "id": "m7"},
+        "INVALID_MESSAGE",
+        "m7",
+        True,
+    ),
     "binary-frame": (b'{"type": "ping", "id": "b1"}', "INVALID_MESSAGE", None, False),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 async def test_malformed_messages_get_an_error_and_the_socket_stays_open(
-        server: Deployment, case: str):
+    server: Deployment, case: str
+):
     frame, code, id_, has_id = MALFORMED[case]
     async with connect(server) as client:
         await client.send(frame)
@@ -535,8 +683,9 @@ async def test_malformed_messages_get_an_error_and_the_socket_stays_open(
 @pytest.mark.parametrize("type_", ["status", "event", "response", "error", "pong"])
 async def test_server_only_types_are_unsupported(server: Deployment, type_: str):
     async with connect(server) as client:
-        reply = await client.request({"type": type_, "channel": "system_alerts", "data": {},
-                                      "id": f"so-{type_}"})
+        reply = await client.request(
+            {"type": type_, "channel": "system_alerts", "data": {}, "id": f"so-{type_}"}
+        )
         data = assert_error(reply, "UNSUPPORTED_TYPE", id_=f"so-{type_}")
         assert data["allowed_types"] == CLIENT_TYPES
         await client.ping()
@@ -552,8 +701,7 @@ RATE = int(SQLITE_SERVER_SETTINGS["WS_RATE_LIMIT_PER_SECOND"])
 def ping_of_size(size: int, id_: str, pad_char: str = "a") -> str:
     frame = json.dumps({"type": "ping", "id": id_, "pad": ""})
     pad = (size - len(frame.encode())) // len(pad_char.encode())
-    frame = json.dumps({"type": "ping", "id": id_, "pad": pad_char * pad}, ensure_ascii=False)
-    return frame
+    return json.dumps({"type": "ping", "id": id_, "pad": pad_char * pad}, ensure_ascii=False)
 
 
 async def test_message_at_the_size_limit_is_accepted(server: Deployment):
@@ -562,7 +710,8 @@ async def test_message_at_the_size_limit_is_accepted(server: Deployment):
     async with connect(server) as client:
         await client.send(frame)
         pong = await client.recv()
-        assert pong["type"] == "pong" and pong["id"] == "at-limit"
+        assert pong["type"] == "pong"
+        assert pong["id"] == "at-limit"
 
 
 def oversized_frame(kind: str) -> str:
@@ -584,8 +733,7 @@ TOO_BIG_CLOSE_CODE = 4013
 
 
 @pytest.mark.parametrize("kind", ["one-byte-over", "multibyte-over", "large"])
-async def test_oversized_message_gets_message_too_large_then_close(
-        server: Deployment, kind: str):
+async def test_oversized_message_gets_message_too_large_then_close(server: Deployment, kind: str):
     async with connect(server) as client:
         await client.send(oversized_frame(kind))
         closed = await client.expect_closed()
@@ -599,10 +747,9 @@ async def test_frame_over_daphne_limit_is_refused_by_daphne(server: Deployment):
     async with connect(server) as client:
         # the servers run as documented: Daphne's limit a little above the largest of
         # the server's own (harness.WS_TRANSPORT_LIMIT)
-        try:
+        # at 4 MiB the reset may come while the frame is still being written
+        with contextlib.suppress(ConnectionClosedError):
             await client.send(ping_of_size(harness.WS_TRANSPORT_LIMIT + 1024, "huge"))
-        except ConnectionClosedError:
-            pass  # at 4 MiB the reset may come while the frame is still being written
         closed = await client.expect_closed()
     # The docs say Daphne closes with 1009; in practice Autobahn sends its 1009 close
     # frame, then drops the TCP connection while the rest of the frame is still
@@ -614,8 +761,7 @@ async def test_frame_over_daphne_limit_is_refused_by_daphne(server: Deployment):
 async def test_flood_gets_rate_limited_with_the_ids_echoed(server: Deployment):
     count = 90
     async with connect(server) as client:
-        await client.send_many([json.dumps({"type": "ping", "id": f"f{i}"})
-                                for i in range(count)])
+        await client.send_many([json.dumps({"type": "ping", "id": f"f{i}"}) for i in range(count)])
         replies = [await client.recv() for _ in range(count)]
         assert [r["id"] for r in replies] == [f"f{i}" for i in range(count)]
         kinds = ["pong" if r["type"] == "pong" else r["data"]["code"] for r in replies]
@@ -626,7 +772,8 @@ async def test_flood_gets_rate_limited_with_the_ids_echoed(server: Deployment):
         for reply in limited:
             assert reply["channel"] == "system"
             retry = reply["data"]["retry_after"]
-            assert isinstance(retry, int | float) and 0 < retry <= 1 / RATE + 0.001
+            assert isinstance(retry, int | float)
+            assert 0 < retry <= 1 / RATE + 0.001
         # after waiting as told, messages are processed again
         await asyncio.sleep(max(r["data"]["retry_after"] for r in limited) + 0.05)
         await client.ping()
@@ -641,7 +788,7 @@ async def test_sustained_flood_closes_with_4029(server: Deployment):
     assert kinds.count("pong") >= 60
     assert set(kinds) == {"pong", "RATE_LIMITED"}, kinds
     # after the last message let through: 100 refusals tolerated, the 101st closes
-    trailing = closed.messages[len(kinds) - kinds[::-1].index("pong"):]
+    trailing = closed.messages[len(kinds) - kinds[::-1].index("pong") :]
     assert len(trailing) == 101, kinds
     for refused in trailing[:-1]:
         assert_error(refused, "RATE_LIMITED", id_=refused["id"])
@@ -720,9 +867,14 @@ async def flood_a_slow_client(d: Deployment) -> tuple[Any, list[str]]:
 
 
 async def raise_alert_with_message(d: Deployment, title: str, message: str) -> dict[str, Any]:
-    response = await api("POST", d.server.base_url, "/api/alerts/", token=d.token("admin"),
-                         json_body={"severity": "info", "category": "load", "title": title,
-                                    "message": message}, timeout=30)
+    response = await api(
+        "POST",
+        d.server.base_url,
+        "/api/alerts/",
+        token=d.token("admin"),
+        json_body={"severity": "info", "category": "load", "title": title, "message": message},
+        timeout=30,
+    )
     assert response.status == 201, response.status
     return response.body
 
@@ -736,7 +888,7 @@ async def test_slow_consumer_is_closed_with_4008(server: Deployment):
         closed, sent = await flood_a_slow_client(server)
         events = [m for m in closed.messages if m["type"] == "event"]
         # what did arrive is an in-order prefix of what was published, and not all of it
-        assert [e["data"]["alert_id"] for e in events] == sent[:len(events)]
+        assert [e["data"]["alert_id"] for e in events] == sent[: len(events)]
         assert len(events) < len(sent)
         attempts.append(closed.code)
         if closed.code is not None:
@@ -750,9 +902,12 @@ async def test_slow_consumer_is_closed_with_4008(server: Deployment):
 
 
 def command(host_id: Any, id_: Any = "cmd-1", **data: Any) -> dict[str, Any]:
-    return {"type": "command", "channel": "command_execution", "id": id_,
-            "data": {"host_id": host_id, "command": "systemctl status nginx", "timeout": 30,
-                     **data}}
+    return {
+        "type": "command",
+        "channel": "command_execution",
+        "id": id_,
+        "data": {"host_id": host_id, "command": "systemctl status nginx", "timeout": 30, **data},
+    }
 
 
 async def test_command_to_unknown_host_fails_in_the_seed_shape(server: Deployment):
@@ -762,19 +917,27 @@ async def test_command_to_unknown_host_fails_in_the_seed_shape(server: Deploymen
     assert reply == {
         "type": "error",
         "channel": "command_execution",
-        "data": {"code": "COMMAND_FAILED", "message": "Host not found", "host_id": missing,
-                 "execution_id": None},
+        "data": {
+            "code": "COMMAND_FAILED",
+            "message": "Host not found",
+            "host_id": missing,
+            "execution_id": None,
+        },
         "timestamp": reply["timestamp"],
         "id": "request_123",
     }
 
 
-@pytest.mark.parametrize(("hostname", "why"), [
-    ("web-01", "Host not reachable: web-01 is offline"),
-    ("cache-01", "Host not reachable: cache-01 is unknown"),
-])
+@pytest.mark.parametrize(
+    ("hostname", "why"),
+    [
+        ("web-01", "Host not reachable: web-01 is offline"),
+        ("cache-01", "Host not reachable: cache-01 is unknown"),
+    ],
+)
 async def test_command_to_unreachable_host_fails_and_is_recorded(
-        server: Deployment, hostname: str, why: str):
+    server: Deployment, hostname: str, why: str
+):
     host = server.host_id(hostname)
     request_id = next_id("cmd")
     async with connect(server) as client:
@@ -800,27 +963,38 @@ async def test_command_to_unreachable_host_fails_and_is_recorded(
         assert event["data"]["command"] == "systemctl status nginx"
         assert event["data"]["requested_by"] == "admin"
     assert seen[1]["data"]["error"] == why
-    record = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
-                       token=server.token("admin"))
+    record = await api(
+        "GET", server.server.base_url, f"/api/commands/{execution_id}/", token=server.token("admin")
+    )
     assert record.status == 200
     assert record.body["status"] == "failed"
     assert record.body["error"] == why
     assert record.body["host"] == host
     assert record.body["requested_by"] == "admin"
     # another user learns that it ran and failed, not what it was (test_security_authz.py)
-    other = await api("GET", server.server.base_url, f"/api/commands/{execution_id}/",
-                      token=server.token("viewer"))
+    other = await api(
+        "GET",
+        server.server.base_url,
+        f"/api/commands/{execution_id}/",
+        token=server.token("viewer"),
+    )
     assert (other.body["status"], other.body["redacted"]) == ("failed", True)
-    assert other.body["command"] is None and other.body["error"] is None
+    assert other.body["command"] is None
+    assert other.body["error"] is None
 
 
 async def test_package_operation_on_offline_host_fails_and_is_recorded(server: Deployment):
     host = server.host_id("web-01")
     async with connect(server) as client:
         await client.subscribe("package_operations", {"host_id": host})
-        reply = await client.request({
-            "type": "command", "channel": "package_operations", "id": "pkg-1",
-            "data": {"host_id": host, "operation": "install", "package": "nginx"}})
+        reply = await client.request(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "id": "pkg-1",
+                "data": {"host_id": host, "operation": "install", "package": "nginx"},
+            }
+        )
         data = assert_error(reply, "COMMAND_FAILED", channel="package_operations", id_="pkg-1")
         assert data["message"] == "Host not reachable: web-01 is offline"
         assert data["host_id"] == host
@@ -829,10 +1003,14 @@ async def test_package_operation_on_offline_host_fails_and_is_recorded(server: D
     assert {e["data"]["execution_id"] for e in seen} == {data["execution_id"]}
     assert seen[0]["data"]["package"] == "nginx"
     assert seen[0]["data"]["operation"] == "install"
-    record = await api("GET", server.server.base_url,
-                       f"/api/package-operations/{data['execution_id']}/",
-                       token=server.token("admin"))
-    assert record.status == 200 and record.body["status"] == "failed"
+    record = await api(
+        "GET",
+        server.server.base_url,
+        f"/api/package-operations/{data['execution_id']}/",
+        token=server.token("admin"),
+    )
+    assert record.status == 200
+    assert record.body["status"] == "failed"
 
 
 INVALID_COMMANDS: dict[str, dict[str, Any]] = {
@@ -852,34 +1030,47 @@ INVALID_COMMANDS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("case", sorted(INVALID_COMMANDS))
 async def test_invalid_command_data(server: Deployment, case: str):
-    data = {k: (server.host_id("web-01") if v == "<web>" else v)
-            for k, v in INVALID_COMMANDS[case].items()}
+    data = {
+        k: (server.host_id("web-01") if v == "<web>" else v)
+        for k, v in INVALID_COMMANDS[case].items()
+    }
     async with connect(server) as client:
-        reply = await client.request({"type": "command", "channel": "command_execution",
-                                      "data": data, "id": case})
+        reply = await client.request(
+            {"type": "command", "channel": "command_execution", "data": data, "id": case}
+        )
     assert_error(reply, "INVALID_COMMAND", channel="command_execution", id_=case)
 
 
-@pytest.mark.parametrize("data", [
-    {"operation": "purge", "package": "nginx"},
-    {"operation": "install", "package": "-rf"},
-    {"operation": "install", "package": "nginx apache2"},
-    {"operation": "install"},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"operation": "purge", "package": "nginx"},
+        {"operation": "install", "package": "-rf"},
+        {"operation": "install", "package": "nginx apache2"},
+        {"operation": "install"},
+    ],
+)
 async def test_invalid_package_operation(server: Deployment, data: dict[str, Any]):
     async with connect(server) as client:
-        reply = await client.request({
-            "type": "command", "channel": "package_operations", "id": "pk",
-            "data": {"host_id": server.host_id("web-01"), **data}})
+        reply = await client.request(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "id": "pk",
+                "data": {"host_id": server.host_id("web-01"), **data},
+            }
+        )
     assert_error(reply, "INVALID_COMMAND", channel="package_operations", id_="pk")
 
 
-@pytest.mark.parametrize("channel", ["host_status", "user_activity", "host_metrics",
-                                     "fleet_status"])
+@pytest.mark.parametrize(
+    "channel", ["host_status", "user_activity", "host_metrics", "fleet_status"]
+)
 async def test_command_on_a_channel_without_commands(server: Deployment, channel: str):
     async with connect(server) as client:
-        reply = await client.request({"type": "command", "channel": channel, "id": "nc",
-                                      "data": {}})
+        reply = await client.request(
+            {"type": "command", "channel": channel, "id": "nc", "data": {}}
+        )
     data = assert_error(reply, "INVALID_COMMAND", channel=channel, id_="nc")
     assert channel not in data["command_channels"]
     assert {"command_execution", "package_operations"} <= set(data["command_channels"])
@@ -900,23 +1091,28 @@ async def test_command_on_unknown_channel(server: Deployment, channel: str | Non
 @pytest.mark.parametrize("channel", ["command_execution", "package_operations"])
 async def test_commands_are_refused_without_permission(server: Deployment, channel: str):
     host = server.host_id("web-01")
-    data = ({"host_id": host, "command": "uptime"} if channel == "command_execution"
-            else {"host_id": host, "operation": "install", "package": "nginx"})
+    data = (
+        {"host_id": host, "command": "uptime"}
+        if channel == "command_execution"
+        else {"host_id": host, "operation": "install", "package": "nginx"}
+    )
     async with connect(server, "viewer") as client:
-        reply = await client.request({"type": "command", "channel": channel, "id": 7,
-                                      "data": data})
+        reply = await client.request({"type": "command", "channel": channel, "id": 7, "data": data})
     assert_error(reply, "PERMISSION_DENIED", channel=channel, id_=7)
-    listed = await api("GET", server.server.base_url, f"/api/commands/?host={host}",
-                       token=server.token("admin"))
+    listed = await api(
+        "GET", server.server.base_url, f"/api/commands/?host={host}", token=server.token("admin")
+    )
     assert all(row["requested_by"] != "viewer" for row in listed.body["results"])
 
 
 # -- events -----------------------------------------------------------------------------------
 
 
-def check_alert_event(event: dict[str, Any], alert: dict[str, Any], action: str,
-                      status: str) -> None:
-    assert event["type"] == "event" and event["channel"] == "system_alerts"
+def check_alert_event(
+    event: dict[str, Any], alert: dict[str, Any], action: str, status: str
+) -> None:
+    assert event["type"] == "event"
+    assert event["channel"] == "system_alerts"
     assert "id" not in event
     data = event["data"]
     assert data["alert_id"] == alert["id"]
@@ -929,8 +1125,11 @@ def check_alert_event(event: dict[str, Any], alert: dict[str, Any], action: str,
 
 
 async def test_alert_raise_reaches_subscribers_honouring_severity(server: Deployment):
-    async with connect(server) as critical_only, connect(server, "viewer") as everything, \
-            connect(server, "viewer") as warnings_up:
+    async with (
+        connect(server) as critical_only,
+        connect(server, "viewer") as everything,
+        connect(server, "viewer") as warnings_up,
+    ):
         await critical_only.subscribe("system_alerts", {"severity": ["critical"]})
         await everything.subscribe("system_alerts")
         await warnings_up.subscribe("system_alerts", {"severity": ["warning", "critical"]})
@@ -949,9 +1148,11 @@ async def test_alert_raise_reaches_subscribers_honouring_severity(server: Deploy
         assert got[0]["data"]["hostname"] == "web-01"
         assert got[2]["data"]["host_id"] is None
         assert got[2]["data"]["hostname"] is None
-        assert alert_ids(everything.log).index(warning["id"]) \
-            < alert_ids(everything.log).index(critical["id"]) \
+        assert (
+            alert_ids(everything.log).index(warning["id"])
+            < alert_ids(everything.log).index(critical["id"])
             < alert_ids(everything.log).index(info["id"])
+        )
 
         await expect_alert(warnings_up, warning["id"])
         await expect_alert(warnings_up, critical["id"])
@@ -978,17 +1179,26 @@ async def test_acknowledge_and_resolve_events(server: Deployment):
     async with connect(server, "viewer") as client:
         await client.subscribe("system_alerts")
         alert = await raise_alert(server, "warning", "Load high", host="db-01")
-        check_alert_event(await expect_alert(client, alert["id"], action="raised"),
-                          alert, "raised", "open")
+        check_alert_event(
+            await expect_alert(client, alert["id"], action="raised"), alert, "raised", "open"
+        )
         acked = await alert_action(server, alert["id"], "acknowledge")
         assert acked["status"] == "acknowledged"
-        check_alert_event(await expect_alert(client, alert["id"], action="acknowledged"),
-                          alert, "acknowledged", "acknowledged")
+        check_alert_event(
+            await expect_alert(client, alert["id"], action="acknowledged"),
+            alert,
+            "acknowledged",
+            "acknowledged",
+        )
         await alert_action(server, alert["id"], "acknowledge", expect=409)
         resolved = await alert_action(server, alert["id"], "resolve")
         assert resolved["status"] == "resolved"
-        check_alert_event(await expect_alert(client, alert["id"], action="resolved"),
-                          alert, "resolved", "resolved")
+        check_alert_event(
+            await expect_alert(client, alert["id"], action="resolved"),
+            alert,
+            "resolved",
+            "resolved",
+        )
         await alert_action(server, alert["id"], "resolve", expect=409)
         # the refused transitions published nothing before this marker
         marker = await raise_alert(server, "info", "marker after refusals")
@@ -999,8 +1209,12 @@ async def test_acknowledge_and_resolve_events(server: Deployment):
 
 async def test_acknowledge_and_resolve_over_the_socket(server: Deployment):
     def alert_command(action: str, alert_id: Any, id_: str) -> dict[str, Any]:
-        return {"type": "command", "channel": "system_alerts", "id": id_,
-                "data": {"action": action, "alert_id": alert_id}}
+        return {
+            "type": "command",
+            "channel": "system_alerts",
+            "id": id_,
+            "data": {"action": action, "alert_id": alert_id},
+        }
 
     alert = await raise_alert(server, "critical", "Acknowledge me", host="db-01")
     async with connect(server) as admin, connect(server, "viewer") as viewer:
@@ -1008,7 +1222,8 @@ async def test_acknowledge_and_resolve_over_the_socket(server: Deployment):
         reply = await viewer.request(alert_command("acknowledge", alert["id"], "v1"))
         assert_error(reply, "PERMISSION_DENIED", channel="system_alerts", id_="v1")
         reply = await admin.request(alert_command("acknowledge", alert["id"], "a1"))
-        assert reply["type"] == "response" and reply["channel"] == "system_alerts"
+        assert reply["type"] == "response"
+        assert reply["channel"] == "system_alerts"
         assert reply["data"]["action"] == "acknowledge"
         assert reply["data"]["alert_id"] == alert["id"]
         assert reply["data"]["status"] == "acknowledged"
@@ -1023,8 +1238,10 @@ async def test_acknowledge_and_resolve_over_the_socket(server: Deployment):
         reply = await admin.request(alert_command("resolve", missing, "a4"))
         data = assert_error(reply, "COMMAND_FAILED", channel="system_alerts", id_="a4")
         assert data["message"] == "Alert not found"
-        for bad in (alert_command("delete", alert["id"], "a5"),
-                    alert_command("resolve", "not-a-uuid", "a5")):
+        for bad in (
+            alert_command("delete", alert["id"], "a5"),
+            alert_command("resolve", "not-a-uuid", "a5"),
+        ):
             reply = await admin.request(bad)
             assert_error(reply, "INVALID_COMMAND", channel="system_alerts", id_="a5")
 
@@ -1033,8 +1250,12 @@ async def test_viewer_cannot_raise_alerts_and_nothing_is_published(server: Deplo
     async with connect(server, "viewer") as client:
         await client.subscribe("system_alerts")
         await raise_alert(server, "critical", "from viewer", user="viewer", expect=403)
-        refused = await api("POST", server.server.base_url,
-                            f"/api/alerts/{uuid.uuid4()}/resolve/", token=server.token("viewer"))
+        refused = await api(
+            "POST",
+            server.server.base_url,
+            f"/api/alerts/{uuid.uuid4()}/resolve/",
+            token=server.token("viewer"),
+        )
         assert refused.status == 403
         marker = await raise_alert(server, "info", "marker after viewer")
         before: list[dict[str, Any]] = []
@@ -1046,10 +1267,12 @@ async def test_login_logout_and_failed_login_reach_user_activity(server: Deploym
     agent = f"it-login-{uuid.uuid4().hex[:8]}"
     async with connect(server) as client:
         await client.subscribe("user_activity")
-        tokens = await asyncio.to_thread(obtain_tokens, server.server.base_url, "viewer",
-                                         server.password, agent)
-        event = await client.expect(lambda m: m["type"] == "event"
-                                    and m["data"].get("user_agent") == agent)
+        tokens = await asyncio.to_thread(
+            obtain_tokens, server.server.base_url, "viewer", server.password, agent
+        )
+        event = await client.expect(
+            lambda m: m["type"] == "event" and m["data"].get("user_agent") == agent
+        )
         assert event["channel"] == "user_activity"
         data = event["data"]
         assert data["username"] == "viewer"
@@ -1060,35 +1283,52 @@ async def test_login_logout_and_failed_login_reach_user_activity(server: Deploym
         parse_iso_utc(data["timestamp"])
         uuid.UUID(data["activity_id"])
 
-        bad = await api("POST", server.server.base_url, "/api/token/",
-                        json_body={"username": "viewer", "password": "wrong"},
-                        headers={"User-Agent": agent})
+        bad = await api(
+            "POST",
+            server.server.base_url,
+            "/api/token/",
+            json_body={"username": "viewer", "password": "wrong"},
+            headers={"User-Agent": agent},
+        )
         assert bad.status == 401
-        event = await client.expect(lambda m: m["type"] == "event"
-                                    and m["data"].get("user_agent") == agent)
+        event = await client.expect(
+            lambda m: m["type"] == "event" and m["data"].get("user_agent") == agent
+        )
         assert event["data"]["action"] == "login_failed"
         assert event["data"]["username"] == "viewer"
         assert event["data"]["user_id"] is None
 
-        out = await api("POST", server.server.base_url, "/api/token/logout/",
-                        json_body={"refresh": tokens["refresh"]}, headers={"User-Agent": agent})
+        out = await api(
+            "POST",
+            server.server.base_url,
+            "/api/token/logout/",
+            json_body={"refresh": tokens["refresh"]},
+            headers={"User-Agent": agent},
+        )
         assert out.status == 200
-        event = await client.expect(lambda m: m["type"] == "event"
-                                    and m["data"].get("user_agent") == agent)
+        event = await client.expect(
+            lambda m: m["type"] == "event" and m["data"].get("user_agent") == agent
+        )
         assert event["data"]["action"] == "logout"
         assert event["data"]["user_id"] == server.user_id("viewer")
         # the refresh token is blacklisted now
-        again = await api("POST", server.server.base_url, "/api/token/refresh/",
-                          json_body={"refresh": tokens["refresh"]})
+        again = await api(
+            "POST",
+            server.server.base_url,
+            "/api/token/refresh/",
+            json_body={"refresh": tokens["refresh"]},
+        )
         assert again.status == 401
 
     # and the activity log has it, for staff only
-    log = await api("GET", server.server.base_url, "/api/activity/?username=viewer",
-                    token=server.token("admin"))
+    log = await api(
+        "GET", server.server.base_url, "/api/activity/?username=viewer", token=server.token("admin")
+    )
     assert log.status == 200
     assert {"login", "login_failed", "logout"} <= {row["action"] for row in log.body["results"]}
-    denied = await api("GET", server.server.base_url, "/api/activity/",
-                       token=server.token("viewer"))
+    denied = await api(
+        "GET", server.server.base_url, "/api/activity/", token=server.token("viewer")
+    )
     assert denied.status == 403
 
 
@@ -1096,8 +1336,9 @@ async def test_session_login_reaches_user_activity(server: Deployment):
     async with connect(server) as client:
         await client.subscribe("user_activity")
         await asyncio.to_thread(session_login, server.server.base_url, "admin", server.password)
-        event = await client.expect(lambda m: m["type"] == "event"
-                                    and m["data"].get("details", {}).get("via") == "session")
+        event = await client.expect(
+            lambda m: m["type"] == "event" and m["data"].get("details", {}).get("via") == "session"
+        )
         assert event["data"]["action"] == "login"
         assert event["data"]["username"] == "admin"
 
@@ -1108,15 +1349,25 @@ async def test_fleet_status_event_after_a_change(server: Deployment):
         before = status["data"]["hosts_with_alerts"]
         alert = await raise_alert(server, "critical", "fleet change", host="fleet-01")
         event = await client.expect(
-            lambda m: m["type"] == "event" and m["channel"] == "fleet_status"
-            and m["data"]["hosts_with_alerts"] == before + 1, timeout=5)
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "fleet_status"
+                and m["data"]["hosts_with_alerts"] == before + 1
+            ),
+            timeout=5,
+        )
         assert set(event["data"]) == set(status["data"])
         assert event["data"]["total_hosts"] == status["data"]["total_hosts"]
         parse_iso_utc(event["data"]["last_updated"])
         await alert_action(server, alert["id"], "resolve")
         await client.expect(
-            lambda m: m["type"] == "event" and m["channel"] == "fleet_status"
-            and m["data"]["hosts_with_alerts"] == before, timeout=5)
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "fleet_status"
+                and m["data"]["hosts_with_alerts"] == before
+            ),
+            timeout=5,
+        )
 
 
 async def test_fleet_status_events_are_coalesced_to_one_per_second(server: Deployment):
@@ -1147,15 +1398,22 @@ async def test_fleet_status_events_are_coalesced_to_one_per_second(server: Deplo
         assert len(events) <= 2 + int(burst + 2.5), (burst, events)
         # FLEET_STATUS_MIN_INTERVAL is 1 s; the margin covers the figures' query time and
         # delivery jitter (without coalescing the gaps would be a few milliseconds)
-        gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(events)]
         assert all(gap > 0.6 for gap in gaps), gaps
-        figures = [tuple(sorted((k, v) for k, v in e.items() if k != "last_updated"))
-                   for _, e in events]
-        assert all(a != b for a, b in zip(figures, figures[1:], strict=False)), figures
+        figures = [
+            tuple(sorted((k, v) for k, v in e.items() if k != "last_updated")) for _, e in events
+        ]
+        assert all(a != b for a, b in itertools.pairwise(figures)), figures
         # put the fleet back as it was
         await alert_action(server, kept["id"], "resolve")
-        await client.expect(lambda m: m["channel"] == "fleet_status" and m["type"] == "event"
-                            and m["data"]["hosts_with_alerts"] == before, timeout=5)
+        await client.expect(
+            lambda m: (
+                m["channel"] == "fleet_status"
+                and m["type"] == "event"
+                and m["data"]["hosts_with_alerts"] == before
+            ),
+            timeout=5,
+        )
 
 
 # -- process-level checks ---------------------------------------------------------------------
@@ -1178,8 +1436,9 @@ async def test_tokens_never_reach_the_server_log(server: Deployment):
         await client.ping()
     async with ws_connect(server.server.ws_url, subprotocols=["bearer", token]) as client:
         await client.ping()
-    async with ws_connect(server.server.ws_url,
-                          headers={"Authorization": f"Bearer {token}"}) as client:
+    async with ws_connect(
+        server.server.ws_url, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
         await client.ping()
     await asyncio.sleep(0.2)
     log = server.server.log()
@@ -1190,7 +1449,8 @@ async def test_tokens_never_reach_the_server_log(server: Deployment):
 
 
 def test_second_server_on_the_same_database_without_redis_refuses_to_start(
-        server: Deployment, tmp_path):
+    server: Deployment, tmp_path
+):
     assert "REDIS_URL" not in server.env
     assert "SYSMANAGE_ALLOW_UNSHARED_LAYER" not in server.env
     second = harness.DaphneServer("sqlite-second", server.env, tmp_path / "second.log").start()

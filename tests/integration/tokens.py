@@ -2,6 +2,7 @@
 
 Built with the standard library so that the tests depend on no JWT package of their own.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,13 +21,23 @@ def _segment(value: dict[str, Any]) -> str:
 
 def _claims(user_id: str, lifetime: int, token_type: str) -> dict[str, Any]:
     now = int(time.time())
-    return {"token_type": token_type, "exp": now + lifetime, "iat": now,
-            "jti": uuid.uuid4().hex, "user_id": user_id}
+    return {
+        "token_type": token_type,
+        "exp": now + lifetime,
+        "iat": now,
+        "jti": uuid.uuid4().hex,
+        "user_id": user_id,
+    }
 
 
-def forge_access_token(secret: str, user_id: str, *, lifetime: int = 600,
-                       token_type: str = "access",  # noqa: S107
-                       extra: dict[str, Any] | None = None) -> str:
+def forge_access_token(
+    secret: str,
+    user_id: str,
+    *,
+    lifetime: int = 600,
+    token_type: str = "access",  # noqa: S107
+    extra: dict[str, Any] | None = None,
+) -> str:
     """An HS256 JWT shaped like simplejwt's, signed with ``secret``, with ``extra`` claims."""
     claims = {**_claims(user_id, lifetime, token_type), **(extra or {})}
     signing_input = f"{_segment({'alg': 'HS256', 'typ': 'JWT'})}.{_segment(claims)}"

@@ -1,4 +1,5 @@
 """``manage.py prune_data --older-than 30d``: delete old history, safely while serving."""
+
 from __future__ import annotations
 
 import re
@@ -40,16 +41,19 @@ def delete_in_batches(queryset: Any) -> int:
 class Command(BaseCommand):
     """Delete metrics history, activity, finished commands/operations and resolved alerts."""
 
-    help = ("Delete data older than --older-than: per-minute metrics history, user activity, "
-            "finished command executions and package operations, resolved alerts and "
-            "failed-login counters. "
-            "Unfinished work and open alerts are kept. Safe to run while servers run.")
+    help = (
+        "Delete data older than --older-than: per-minute metrics history, user activity, "
+        "finished command executions and package operations, resolved alerts and "
+        "failed-login counters. "
+        "Unfinished work and open alerts are kept. Safe to run while servers run."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Take the age and a dry-run switch."""
         parser.add_argument("--older-than", required=True, help="age, e.g. 30d, 12h, 2w")
-        parser.add_argument("--dry-run", action="store_true",
-                            help="only count what would be deleted")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="only count what would be deleted"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Prune and report per kind of record."""
@@ -57,15 +61,18 @@ class Command(BaseCommand):
         targets = {
             "metric samples": MetricSample.objects.filter(minute__lt=cutoff),
             "activity records": UserActivity.objects.filter(timestamp__lt=cutoff),
-            "command executions": CommandExecution.objects.filter(
-                created_at__lt=cutoff).exclude(status__in=CommandExecution.ACTIVE_STATUSES),
-            "package operations": PackageOperation.objects.filter(
-                created_at__lt=cutoff).exclude(status__in=PackageOperation.ACTIVE_STATUSES),
+            "command executions": CommandExecution.objects.filter(created_at__lt=cutoff).exclude(
+                status__in=CommandExecution.ACTIVE_STATUSES
+            ),
+            "package operations": PackageOperation.objects.filter(created_at__lt=cutoff).exclude(
+                status__in=PackageOperation.ACTIVE_STATUSES
+            ),
             "resolved alerts": Alert.objects.filter(status="resolved", updated_at__lt=cutoff),
             # Failed-login counters whose window began before the cutoff and that lock
             # nothing now: they would be started afresh at the next attempt anyway.
             "login counters": LoginCounter.objects.filter(window_started__lt=cutoff).exclude(
-                blocked_until__gt=timezone.now()),
+                blocked_until__gt=timezone.now()
+            ),
         }
         verb = "Would delete" if options["dry_run"] else "Deleted"
         for label, queryset in targets.items():

@@ -1,4 +1,5 @@
 """``manage.py fleet_report``: a readable table of hosts, their status and open alerts."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Options: status filter and JSON output."""
-        parser.add_argument("--status", choices=["online", "offline", "unknown"],
-                            help="only hosts in this status")
+        parser.add_argument(
+            "--status", choices=["online", "offline", "unknown"], help="only hosts in this status"
+        )
         parser.add_argument("--json", action="store_true", help="print JSON instead")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -44,10 +46,16 @@ class Command(BaseCommand):
         ).order_by("hostname")
         if options["status"]:
             hosts = hosts.filter(status=options["status"])
-        rows = [{"hostname": h.hostname, "status": h.status, "last_seen": _age(h),
-                 "os": f"{h.os_name} {h.os_version}".strip() or "-",
-                 "alerts": {"critical": h.critical, "warning": h.warning, "info": h.info}}
-                for h in hosts]
+        rows = [
+            {
+                "hostname": h.hostname,
+                "status": h.status,
+                "last_seen": _age(h),
+                "os": f"{h.os_name} {h.os_version}".strip() or "-",
+                "alerts": {"critical": h.critical, "warning": h.warning, "info": h.info},
+            }
+            for h in hosts
+        ]
         if options["json"]:
             self.stdout.write(json.dumps({"hosts": rows, "fleet": fleet_stats()}, indent=2))
             return
@@ -55,9 +63,18 @@ class Command(BaseCommand):
 
     def _table(self, rows: list[dict[str, Any]]) -> None:
         header = ("HOST", "STATUS", "LAST SEEN", "OS", "CRIT", "WARN", "INFO")
-        lines = [(r["hostname"], r["status"], r["last_seen"], r["os"],
-                  str(r["alerts"]["critical"]), str(r["alerts"]["warning"]),
-                  str(r["alerts"]["info"])) for r in rows]
+        lines = [
+            (
+                r["hostname"],
+                r["status"],
+                r["last_seen"],
+                r["os"],
+                str(r["alerts"]["critical"]),
+                str(r["alerts"]["warning"]),
+                str(r["alerts"]["info"]),
+            )
+            for r in rows
+        ]
         widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=False)]
         for line in (header, *lines):
             self.stdout.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
@@ -65,4 +82,5 @@ class Command(BaseCommand):
         self.stdout.write(
             f"\n{stats['total_hosts']} hosts: {stats['online_hosts']} online, "
             f"{stats['offline_hosts']} offline; {stats['hosts_with_alerts']} with open alerts; "
-            f"{stats['pending_operations']} operations pending")
+            f"{stats['pending_operations']} operations pending"
+        )

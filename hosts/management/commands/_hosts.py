@@ -1,4 +1,5 @@
 """Shared argument handling of the host management commands."""
+
 from __future__ import annotations
 
 import uuid

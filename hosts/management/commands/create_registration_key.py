@@ -1,4 +1,5 @@
 """``manage.py create_registration_key NAME``: a key that approves SysManage agents."""
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,26 @@ def parse_lifetime(text: str) -> timedelta:
 
 
 class Command(BaseCommand):
-    help = ("Create a registration key: SysManage agents that register with it (their "
-            "registration_key setting) are approved at once. The key is shown once; the "
-            'last line of output is JSON: {"id": ..., "key": ...}.')
+    help = (
+        "Create a registration key: SysManage agents that register with it (their "
+        "registration_key setting) are approved at once. The key is shown once; the "
+        'last line of output is JSON: {"id": ..., "key": ...}.'
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Name, use limit, lifetime."""
         parser.add_argument("name", help="what the key is for, e.g. 'web servers, rollout 3'")
-        parser.add_argument("--max-uses", type=int, default=None,
-                            help="how many registrations it approves (default: no limit)")
-        parser.add_argument("--expires-in", default=None,
-                            help="lifetime such as 12h, 7d or 30m (default: no expiry)")
+        parser.add_argument(
+            "--max-uses",
+            type=int,
+            default=None,
+            help="how many registrations it approves (default: no limit)",
+        )
+        parser.add_argument(
+            "--expires-in",
+            default=None,
+            help="lifetime such as 12h, 7d or 30m (default: no expiry)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Create the key and print it."""
@@ -45,11 +55,16 @@ class Command(BaseCommand):
             raise CommandError("--max-uses must be at least 1")
         try:
             key, secret = enrollment.key_create(
-                name=options["name"], max_uses=options["max_uses"], expires_at=expires_at,
-                actor=Actor.command_line("create_registration_key"))
+                name=options["name"],
+                max_uses=options["max_uses"],
+                expires_at=expires_at,
+                actor=Actor.command_line("create_registration_key"),
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        self.stderr.write(f"Created registration key {key.name}. Put it in each agent's "
-                          "/etc/sysmanage-agent.yaml as server.registration_key; it is shown "
-                          "only now.")
+        self.stderr.write(
+            f"Created registration key {key.name}. Put it in each agent's "
+            "/etc/sysmanage-agent.yaml as server.registration_key; it is shown "
+            "only now."
+        )
         self.stdout.write(json.dumps({"id": str(key.id), "key": secret}))

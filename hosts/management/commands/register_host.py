@@ -1,4 +1,5 @@
 """``manage.py register_host HOSTNAME``: enroll a host and print its agent token once."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,11 @@ HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
 class Command(BaseCommand):
     """Enroll a host; the last line printed is JSON with ``host_id`` and ``token``."""
 
-    help = ("Enroll a host and print its agent token (shown once; only a digest is stored). "
-            "Re-running for an enrolled host issues a new token and invalidates the old one. "
-            'The last line of output is JSON: {"host_id": ..., "token": ...}.')
+    help = (
+        "Enroll a host and print its agent token (shown once; only a digest is stored). "
+        "Re-running for an enrolled host issues a new token and invalidates the old one. "
+        'The last line of output is JSON: {"host_id": ..., "token": ...}.'
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Take the hostname."""
@@ -31,10 +34,13 @@ class Command(BaseCommand):
             raise CommandError(f"{hostname!r} is not a valid hostname")
         try:
             host, token = services.host_register(
-                hostname=hostname, actor=Actor.command_line("register_host"))
+                hostname=hostname, actor=Actor.command_line("register_host")
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        self.stderr.write(f"Enrolled {host.hostname}. Start its agent with:\n"
-                          f"  python -m agent --server http://SERVER:8000 --token {token}\n"
-                          "The token is shown only now.")
+        self.stderr.write(
+            f"Enrolled {host.hostname}. Start its agent with:\n"
+            f"  python -m agent --server http://SERVER:8000 --token {token}\n"
+            "The token is shown only now."
+        )
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))

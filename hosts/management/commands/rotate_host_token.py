@@ -1,4 +1,5 @@
 """``manage.py rotate_host_token HOST``: replace a host's agent token."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,10 @@ from sysmanage.audit import Actor
 class Command(BaseCommand):
     """Issue a new token; the agent connected with the old one is disconnected."""
 
-    help = ("Replace a host's agent token. The agent connected with the old token is "
-            'disconnected at once. The last line is JSON: {"host_id": ..., "token": ...}.')
+    help = (
+        "Replace a host's agent token. The agent connected with the old token is "
+        'disconnected at once. The last line is JSON: {"host_id": ..., "token": ...}.'
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Take the host."""
@@ -25,8 +28,8 @@ class Command(BaseCommand):
         """Rotate and print the new token."""
         try:
             host, token = services.host_rotate_token(
-                host_id=find_host(options["host"]).id,
-                actor=Actor.command_line("rotate_host_token"))
+                host_id=find_host(options["host"]).id, actor=Actor.command_line("rotate_host_token")
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))

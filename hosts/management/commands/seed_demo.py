@@ -1,4 +1,5 @@
 """``manage.py seed_demo``: a demo fleet of simulated hosts streaming live metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from hosts import services
 from sysmanage.audit import Actor
 
-ROLES = [("web", "Debian GNU/Linux", "12"), ("db", "Ubuntu", "24.04"),
-         ("cache", "Debian GNU/Linux", "12"), ("worker", "Rocky Linux", "9.4")]
+ROLES = [
+    ("web", "Debian GNU/Linux", "12"),
+    ("db", "Ubuntu", "24.04"),
+    ("cache", "Debian GNU/Linux", "12"),
+    ("worker", "Rocky Linux", "9.4"),
+]
 
 
 @dataclass
@@ -33,15 +38,23 @@ class DemoHost:
     def facts(self) -> dict[str, Any]:
         """What its ``hello`` reports."""
         index = int(self.hostname.rsplit("-", 1)[-1])
-        return {"hostname": self.hostname, "fqdn": f"{self.hostname}.demo.invalid",
-                "ip_addresses": [f"192.0.2.{index}"], "os_name": self.os_name,
-                "os_version": self.os_version, "kernel": "6.1.0-demo",
-                "architecture": "x86_64", "cpu_count": self.cpu_count,
-                "memory_total": self.cpu_count * 4 * 2**30, "agent_version": "demo",
-                "capabilities": []}
+        return {
+            "hostname": self.hostname,
+            "fqdn": f"{self.hostname}.demo.invalid",
+            "ip_addresses": [f"192.0.2.{index}"],
+            "os_name": self.os_name,
+            "os_version": self.os_version,
+            "kernel": "6.1.0-demo",
+            "architecture": "x86_64",
+            "cpu_count": self.cpu_count,
+            "memory_total": self.cpu_count * 4 * 2**30,
+            "agent_version": "demo",
+            "capabilities": [],
+        }
 
     def metrics(self) -> dict[str, Any]:
         """The next sample of the random walk (the first host fills its /var slowly)."""
+
         def walk(name: str, start: float, low: float, high: float, step: float) -> float:
             value = self.figures.get(name, start) + self.rng.uniform(-step, step)
             self.figures[name] = min(high, max(low, value))
@@ -49,12 +62,19 @@ class DemoHost:
 
         var_start, var_high = (85.5, 97.0) if self.hostname.endswith("-01") else (40.0, 70.0)
         cpu = walk("cpu", 20, 1, 99, 12)
-        return {"cpu_usage": cpu, "memory_usage": walk("mem", 55, 20, 95, 3),
-                "disk_usage": {"/": walk("root", 45, 30, 70, 0.5),
-                               "/var": walk("var", var_start, 30, var_high, 1.5)},
-                "load_average": [round(cpu / 100 * self.cpu_count * 1.2, 2),
-                                 round(cpu / 120 * self.cpu_count, 2),
-                                 round(cpu / 140 * self.cpu_count, 2)]}
+        return {
+            "cpu_usage": cpu,
+            "memory_usage": walk("mem", 55, 20, 95, 3),
+            "disk_usage": {
+                "/": walk("root", 45, 30, 70, 0.5),
+                "/var": walk("var", var_start, 30, var_high, 1.5),
+            },
+            "load_average": [
+                round(cpu / 100 * self.cpu_count * 1.2, 2),
+                round(cpu / 120 * self.cpu_count, 2),
+                round(cpu / 140 * self.cpu_count, 2),
+            ],
+        }
 
 
 async def run_host(host: DemoHost, url: str, interval: float, stop: asyncio.Event) -> None:
@@ -62,7 +82,8 @@ async def run_host(host: DemoHost, url: str, interval: float, stop: asyncio.Even
     while not stop.is_set():
         try:
             async with websockets.connect(
-                    url, additional_headers={"Authorization": f"Bearer {host.token}"}) as ws:
+                url, additional_headers={"Authorization": f"Bearer {host.token}"}
+            ) as ws:
                 await ws.send(json.dumps({"type": "hello", "data": host.facts()}))
                 await asyncio.gather(_report(ws, host, interval, stop), _answer(ws, stop))
         except (OSError, websockets.WebSocketException):
@@ -85,14 +106,37 @@ async def _answer(ws: Any, stop: asyncio.Event) -> None:
         message = json.loads(raw)
         data = message.get("data", {})
         if message.get("type") == "run_command":
-            await ws.send(json.dumps({"type": "command_result", "data": {
-                "execution_id": data["execution_id"], "status": "failed", "exit_code": None,
-                "stdout": "", "stderr": "", "execution_time": 0.0,
-                "error": "This is a simulated demo host; it does not run commands."}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "command_result",
+                        "data": {
+                            "execution_id": data["execution_id"],
+                            "status": "failed",
+                            "exit_code": None,
+                            "stdout": "",
+                            "stderr": "",
+                            "execution_time": 0.0,
+                            "error": "This is a simulated demo host; it does not run commands.",
+                        },
+                    }
+                )
+            )
         elif message.get("type") == "package_operation":
-            await ws.send(json.dumps({"type": "package_result", "data": {
-                "operation_id": data["operation_id"], "status": "failed", "exit_code": None,
-                "output": "", "message": "This is a simulated demo host; nothing was installed."}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "package_result",
+                        "data": {
+                            "operation_id": data["operation_id"],
+                            "status": "failed",
+                            "exit_code": None,
+                            "output": "",
+                            "message": "This is a simulated demo host; nothing was installed.",
+                        },
+                    }
+                )
+            )
         if stop.is_set():
             return
 
@@ -100,19 +144,27 @@ async def _answer(ws: Any, stop: asyncio.Event) -> None:
 class Command(BaseCommand):
     """Enroll demo hosts and run a simulated agent for each until stopped."""
 
-    help = ("Enroll a demo fleet (demo-web-01, ...) and stream live metrics from simulated "
-            "agents connected to a running server, so the dashboards have something to show. "
-            "Runs until interrupted (or --duration seconds). Demo hosts refuse to run commands.")
+    help = (
+        "Enroll a demo fleet (demo-web-01, ...) and stream live metrics from simulated "
+        "agents connected to a running server, so the dashboards have something to show. "
+        "Runs until interrupted (or --duration seconds). Demo hosts refuse to run commands."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Options: server URL, fleet size, report interval, duration."""
-        parser.add_argument("--server", default="http://127.0.0.1:8000",
-                            help="the running server's base URL")
+        parser.add_argument(
+            "--server", default="http://127.0.0.1:8000", help="the running server's base URL"
+        )
         parser.add_argument("--hosts", type=int, default=6, help="how many demo hosts (1-200)")
-        parser.add_argument("--interval", type=float, default=2.0,
-                            help="seconds between metrics reports")
-        parser.add_argument("--duration", type=float, default=0,
-                            help="stop after this many seconds (0: run until interrupted)")
+        parser.add_argument(
+            "--interval", type=float, default=2.0, help="seconds between metrics reports"
+        )
+        parser.add_argument(
+            "--duration",
+            type=float,
+            default=0,
+            help="stop after this many seconds (0: run until interrupted)",
+        )
         parser.add_argument("--seed", type=int, default=None, help="random seed")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -124,23 +176,23 @@ class Command(BaseCommand):
         server = options["server"].rstrip("/")
         if not server.startswith(("http://", "https://")):
             raise CommandError("--server must be an http:// or https:// URL")
-        url = "ws" + server[len("http"):] + "/ws/agent"
+        url = "ws" + server[len("http") :] + "/ws/agent"
         rng = random.Random(options["seed"])
         fleet = [self._enroll(i, rng) for i in range(1, options["hosts"] + 1)]
-        self.stdout.write(f"Streaming metrics from {len(fleet)} demo hosts to {url} "
-                          "(Ctrl-C to stop)")
+        self.stdout.write(
+            f"Streaming metrics from {len(fleet)} demo hosts to {url} (Ctrl-C to stop)"
+        )
         asyncio.run(self._run(fleet, url, options["interval"], options["duration"]))
 
     def _enroll(self, index: int, rng: random.Random) -> DemoHost:
         role, os_name, os_version = ROLES[(index - 1) % len(ROLES)]
         hostname = f"demo-{role}-{index:02d}"
-        _, token = services.host_register(hostname=hostname,
-                                          actor=Actor.command_line("seed_demo"))
-        return DemoHost(hostname, token, os_name, os_version, rng.choice([2, 4, 8]),
-                        random.Random(rng.random()))
+        _, token = services.host_register(hostname=hostname, actor=Actor.command_line("seed_demo"))
+        return DemoHost(
+            hostname, token, os_name, os_version, rng.choice([2, 4, 8]), random.Random(rng.random())
+        )
 
-    async def _run(self, fleet: list[DemoHost], url: str, interval: float,
-                   duration: float) -> None:
+    async def _run(self, fleet: list[DemoHost], url: str, interval: float, duration: float) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
