@@ -54,3 +54,18 @@ install_requirements() {
         die "pip could not install $main"
     printf '%s\n' "$want" >"$stamp"
 }
+
+# The development tools from npm (package.json: TypeScript), installed into node_modules
+# with `npm ci` again only when package-lock.json changed since the last install.
+ensure_node_modules() {
+    command -v npm >/dev/null 2>&1 || die "npm (Node.js 20 or newer) is needed for the JavaScript checks"
+    local stamp=node_modules/.installed-package-lock.sha256
+    local want
+    want=$(_requirements_hash package-lock.json)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    say "installing package-lock.json into node_modules"
+    npm ci --no-audit --no-fund --loglevel=error >&2 || die "npm ci failed"
+    printf '%s\n' "$want" >"$stamp"
+}

@@ -1,3 +1,4 @@
+// @ts-check
 /**
  * Browser client for the SysManage live WebSocket API (`/ws`); no dependencies, no build
  * step. It matches replies to requests by `id`, renews subscriptions after reconnecting,
@@ -16,6 +17,75 @@ export const DEFAULTS = Object.freeze({
 const CLOSE_NO_ANSWER = 4000;
 
 /**
+ * A decoded JSON object from the server (its fields depend on the channel).
+ * @typedef {Record<string, any>} JsonObject
+ */
+/**
+ * A message from the server: `response`, `pong`, `error`, `event` or `status`.
+ * @typedef {{type: string, channel: string, data: JsonObject, id?: string|number|null,
+ *            timestamp?: string}} Envelope
+ */
+/**
+ * A message to the server (the client adds the `id`).
+ * @typedef {{type: string, channel?: string, data?: object, filters?: object}} OutgoingMessage
+ */
+/** @typedef {"closed"|"connecting"|"open"|"offline"|"unauthenticated"} ClientState */
+/**
+ * The second argument of an `onStateChange` callback (`offline`: when the next try is, and
+ * how the connection closed, if it did).
+ * @typedef {{retryIn?: number, retryAt?: number, attempt?: number, code?: number,
+ *            reason?: string}} StateInfo
+ */
+/**
+ * What `onError` callbacks get.
+ * @typedef {{code: string, message: string, channel: string|null, data: JsonObject}} ErrorReport
+ */
+/** @typedef {(data: JsonObject, message: Envelope) => void} EventHandler */
+/**
+ * Unsubscribes when called; `ready` settles with the subscription's first answer.
+ * @typedef {(() => Promise<void>) & {ready: Promise<Envelope>}} Unsubscribe
+ */
+/**
+ * The options of {@link SysManageClient}, all optional; times in ms.
+ * @typedef {object} ClientOptions
+ * @property {string} [url] default: `/ws` on the page's host
+ * @property {() => Promise<string|null>} [getToken] an access token, or null to use the
+ *   page's Django session; called before every (re)connect and before the token expires
+ * @property {typeof WebSocket} [WebSocketImpl] default `globalThis.WebSocket`
+ * @property {(fn: () => void, ms: number) => unknown} [setTimeout] with `clearTimeout`,
+ *   `now`, `random`: for tests
+ * @property {(handle: any) => void} [clearTimeout]
+ * @property {() => number} [now]
+ * @property {() => number} [random]
+ * @property {number} [pingInterval]
+ * @property {number} [pongTimeout]
+ * @property {number} [connectTimeout]
+ * @property {number} [requestTimeout]
+ * @property {number} [commandGrace]
+ * @property {number} [minDelay]
+ * @property {number} [maxDelay]
+ * @property {number} [stableAfter]
+ * @property {number} [refreshBefore]
+ * @property {number} [queueLimit]
+ * @property {number} [maxMessageBytes]
+ */
+/**
+ * One socket to the server, with the token it was opened with.
+ * @typedef {{ws: WebSocket, token: string|null, openedAt: number, draining: boolean}} Connection
+ */
+/**
+ * A request waiting for its answer (queued while `conn` is null).
+ * @typedef {{id: string, text: string, resolve: (message: Envelope) => void,
+ *            reject: (error: SysManageError) => void, timer?: unknown,
+ *            conn: Connection|null}} PendingRequest
+ */
+/**
+ * @typedef {{channel: string, filters: object|null, handler: EventHandler,
+ *            ready: Promise<Envelope>, resolve: (message: Envelope) => void,
+ *            reject: (error: SysManageError) => void}} Subscription
+ */
+
+/**
  * What failed requests reject with. `code` is the server's `data.code` (`COMMAND_FAILED`,
  * `INVALID_FILTERS`, `RATE_LIMITED`...) or a client code: `TIMEOUT`, `DISCONNECTED`,
  * `QUEUE_FULL`, `MESSAGE_TOO_LARGE`, `CLOSED`, `UNAUTHENTICATED`, `REPLACED`.
@@ -26,17 +96,21 @@ export class SysManageError extends Error {
   /**
    * @param {string} code
    * @param {string} message
-   * @param {{data?: object, channel?: string, server?: boolean}} [details]
+   * @param {{data?: JsonObject, channel?: string|null, server?: boolean}} [details]
    */
   constructor(code, message, { data = {}, channel = null, server = false } = {}) {
     super(message);
-    Object.assign(this, { name: "SysManageError", code, data, channel, server });
+    this.name = "SysManageError";
+    this.code = code;
+    this.data = data;
+    this.channel = channel;
+    this.server = server;
   }
 }
 
 /**
  * The expiry of a JSON Web Token, from its `exp` claim (the signature is not checked).
- * @param {string} token
+ * @param {string|null} token
  * @returns {number|null} milliseconds since the epoch, or null
  */
 export function decodeJwtExpiry(token) {
@@ -77,9 +151,10 @@ export function backoffDelay(attempt, minDelay, maxDelay, random = Math.random) 
  * Whether a parsed server message has the envelope shape: an object with string `type` and
  * `channel`, an object `data`, and an `id` (if any) that is a string or a number.
  * @param {unknown} m
- * @returns {boolean}
+ * @returns {m is Envelope}
  */
 export function isEnvelope(m) {
+  /** @type {(v: unknown) => v is Record<string, any>} */
   const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
   return isObject(m) && typeof m.type === "string" && typeof m.channel === "string" &&
     isObject(m.data) && (m.id == null || typeof m.id === "string" || typeof m.id === "number");
@@ -92,20 +167,17 @@ export function isEnvelope(m) {
  */
 export class SysManageClient {
   /**
-   * @param {object} [options] all optional; times in ms; the numbers default to {@link DEFAULTS}:
+   * @param {ClientOptions} [options] all optional; times in ms; the numbers default to {@link DEFAULTS}:
    *   `pingInterval`, `pongTimeout`, `connectTimeout`, `requestTimeout`, `commandGrace` (added
    *   to a shell command's timeout), `minDelay`/`maxDelay` (backoff), `stableAfter` (resets
    *   the backoff), `refreshBefore` (new token this long before expiry, or at 90% of the time
-   *   left), `queueLimit`, `maxMessageBytes`
-   * @param {string} [options.url] default: `/ws` on the page's host
-   * @param {() => Promise<string|null>} [options.getToken] an access token, or null to use the
-   *   page's Django session; called before every (re)connect and before the token expires
-   * @param {typeof WebSocket} [options.WebSocketImpl] default `globalThis.WebSocket`
-   * @param {Function} [options.setTimeout] with `clearTimeout`, `now`, `random`: for tests
+   *   left), `queueLimit`, `maxMessageBytes`; `url`, `getToken`, `WebSocketImpl`, and
+   *   `setTimeout`, `clearTimeout`, `now`, `random` (for tests): see {@link ClientOptions}
    */
   constructor(options = {}) {
     const o = (this.options = { ...DEFAULTS, ...options });
     this.url = o.url || websocketUrl();
+    /** @type {ClientState} */
     this.state = "closed";
     this._WebSocket = o.WebSocketImpl || globalThis.WebSocket;
     this._getToken = o.getToken || (async () => null);
@@ -113,13 +185,21 @@ export class SysManageClient {
     this._clearTimeout = o.clearTimeout || ((handle) => globalThis.clearTimeout(handle));
     this._now = o.now || (() => Date.now());
     this._random = o.random || Math.random;
+    /** @type {Connection|null} */
     this._conn = null; // the connection in use: {ws, token, openedAt, draining}
+    /** @type {Connection|null} */
     this._next = null; // a connection opening with a fresh token, to take over
+    /** @type {Set<Connection>} */
     this._draining = new Set(); // replaced connections that still owe replies
+    /** @type {Map<string, Subscription>} */
     this._subs = new Map(); // channel -> {channel, filters, handler, ready}
+    /** @type {Map<string|number, PendingRequest>} */
     this._pending = new Map(); // id -> {id, text, resolve, reject, timer, conn}
+    /** @type {PendingRequest[]} */
     this._queue = []; // pending requests not sent yet
+    /** @type {Record<string, unknown>} */
     this._timers = {};
+    /** @type {Record<"state"|"error", Set<(...args: any[]) => void>>} */
     this._listeners = { state: new Set(), error: new Set() };
     this._attempt = this._gen = this._seq = this._emptyTokens = 0;
     this._skew = 0; // server clock minus local clock
@@ -146,6 +226,7 @@ export class SysManageClient {
   /**
    * Call `cb(state, info)` on every state change. For `offline`, `info` has `retryIn` (ms),
    * `retryAt` (epoch ms), `attempt`, and the `code`/`reason` of the close, if any.
+   * @param {(state: ClientState, info: StateInfo) => void} cb
    * @returns {() => void} removes the listener
    */
   onStateChange(cb) { return this._listen("state", cb); }
@@ -154,6 +235,7 @@ export class SysManageClient {
    * Call `cb({code, message, channel, data})` for errors not tied to a pending request:
    * server errors such as AUTH_FAILED or SLOW_CONSUMER, refused subscriptions, and
    * client-side problems (TOKEN_UNAVAILABLE, CONNECT_FAILED, MALFORMED_MESSAGE).
+   * @param {(error: ErrorReport) => void} cb
    * @returns {() => void} removes the listener
    */
   onError(cb) { return this._listen("error", cb); }
@@ -162,9 +244,9 @@ export class SysManageClient {
    * Send a message with a new `id` and wait for the `response` (or `pong`) with that id.
    * Queued while not connected. Rejects with a {@link SysManageError} on an `error` with
    * that id, on timeout, or when the connection that carried it is lost (`DISCONNECTED`).
-   * @param {{type: string, channel?: string, data?: object, filters?: object}} message
+   * @param {OutgoingMessage} message
    * @param {{timeout?: number}} [options] default `requestTimeout`
-   * @returns {Promise<object>} the whole response message
+   * @returns {Promise<Envelope>} the whole response message
    */
   request(message, { timeout = this.options.requestTimeout } = {}) {
     if (this.state === "closed" || this.state === "unauthenticated") {
@@ -176,6 +258,7 @@ export class SysManageClient {
       return Promise.reject(new SysManageError("MESSAGE_TOO_LARGE", "The message exceeds the server's size limit"));
     }
     return new Promise((resolve, reject) => {
+      /** @type {PendingRequest} */
       const entry = { id, text, resolve, reject, conn: null };
       entry.timer = this._setTimeout(
         () => this._settle(id, new SysManageError("TIMEOUT", `No answer within ${timeout} ms`)), timeout);
@@ -189,9 +272,9 @@ export class SysManageClient {
    * `package_operations` {host_id, operation, package}, `system_alerts` {action, alert_id}.
    * A shell command waits for its own `timeout` (seconds, default 30) plus `commandGrace`.
    * @param {string} channel
-   * @param {object} data
+   * @param {JsonObject} data
    * @param {{timeout?: number}} [options]
-   * @returns {Promise<object>} the `data` of the response
+   * @returns {Promise<JsonObject>} the `data` of the response
    */
   async command(channel, data, { timeout } = {}) {
     timeout ??= channel === "command_execution"
@@ -204,15 +287,29 @@ export class SysManageClient {
    * `handler(data, message)` gets each `event` and `status` snapshot of the channel;
    * `message.type` tells which. Subscribing again to a channel replaces its filters and
    * handler. A subscription the server refuses is dropped and reported to `onError`.
+   * @overload
    * @param {string} channel
-   * @param {object|null} [filters]
-   * @param {(data: object, message: object) => void} handler
-   * @returns {(() => Promise<void>) & {ready: Promise<object>}} call it to unsubscribe;
+   * @param {object|null|undefined} filters
+   * @param {EventHandler} handler
+   * @returns {Unsubscribe} call it to unsubscribe;
    *   `.ready` resolves with the first `response` (the filters in force) or rejects if refused
    */
+  /**
+   * Subscribe without filters: `subscribe(channel, handler)`.
+   * @overload
+   * @param {string} channel
+   * @param {EventHandler} handler
+   * @returns {Unsubscribe}
+   */
+  /**
+   * @param {string} channel
+   * @param {object|null|undefined|EventHandler} filters
+   * @param {EventHandler} [handler]
+   * @returns {Unsubscribe}
+   */
   subscribe(channel, filters, handler) {
-    if (typeof filters === "function") [handler, filters] = [filters, null];
-    const sub = { channel, filters: filters || null, handler };
+    if (typeof filters === "function") [handler, filters] = [/** @type {EventHandler} */ (filters), null];
+    const sub = /** @type {Subscription} */ ({ channel, filters: filters || null, handler });
     sub.ready = new Promise((resolve, reject) => Object.assign(sub, { resolve, reject }));
     sub.ready.catch(() => {}); // awaiting it is optional
     this._subs.get(channel)?.reject(new SysManageError("REPLACED", `Subscription to ${channel} replaced`));
@@ -232,7 +329,7 @@ export class SysManageClient {
     let token;
     try {
       token = (await this._getToken()) || null;
-    } catch (err) {
+    } catch (/** @type {any} */ err) {
       if (gen !== this._gen) return;
       this._report("TOKEN_UNAVAILABLE", `Could not get an access token: ${err?.message ?? err}`);
       return this._scheduleRetry();
@@ -247,11 +344,16 @@ export class SysManageClient {
     this._timer("watchdog", this.options.connectTimeout, () => this._lost(conn, "Connection timed out"));
   }
 
+  /**
+   * @param {string|null} token
+   * @returns {Connection|null}
+   */
   _open(token) {
-    const conn = { ws: null, token, openedAt: 0, draining: false };
+    /** @type {Connection} */
+    const conn = { ws: /** @type {any} */ (null), token, openedAt: 0, draining: false }; // ws: just below
     try { // the token travels as a subprotocol, never in the URL
       conn.ws = new this._WebSocket(this.url, token ? ["bearer", token] : undefined);
-    } catch (err) {
+    } catch (/** @type {any} */ err) {
       this._report("CONNECT_FAILED", `Cannot open a WebSocket: ${err?.message ?? err}`);
       return null;
     }
@@ -262,6 +364,7 @@ export class SysManageClient {
     return conn;
   }
 
+  /** @param {Connection} conn */
   _onOpen(conn) {
     if (conn === this._next) { // a fresh token: take over, let the old connection drain
       const old = this._conn;
@@ -277,6 +380,11 @@ export class SysManageClient {
     for (const entry of this._queue.splice(0)) this._transmit(entry);
   }
 
+  /**
+   * @param {Connection} conn
+   * @param {number} code
+   * @param {string} reason
+   */
   _onClose(conn, code, reason) {
     this._detach(conn);
     if (conn.draining) return void this._draining.delete(conn);
@@ -296,13 +404,20 @@ export class SysManageClient {
     this._scheduleRetry({ code, reason });
   }
 
-  /** Give up on a connection that does not answer, and reconnect. */
+  /**
+   * Give up on a connection that does not answer, and reconnect.
+   * @param {Connection} conn
+   * @param {string} reason
+   */
   _lost(conn, reason) {
     this._detach(conn, CLOSE_NO_ANSWER, reason);
     this._onClose(conn, CLOSE_NO_ANSWER, reason);
   }
 
-  /** Stop listening to a connection, close it, and fail the requests sent on it. */
+  /**
+   * Stop listening to a connection, close it, and fail the requests sent on it.
+   * @param {Connection} conn
+   */
   _detach(conn, code = 1000, reason = "") {
     const ws = conn.ws;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
@@ -312,16 +427,21 @@ export class SysManageClient {
     }
   }
 
+  /** @param {StateInfo} [info] */
   _scheduleRetry(info = {}) {
     const delay = backoffDelay(this._attempt++, this.options.minDelay, this.options.maxDelay, this._random);
     this._timer("retry", delay, () => this._start());
     this._setState("offline", { ...info, retryIn: delay, retryAt: this._now() + delay, attempt: this._attempt });
   }
 
+  /**
+   * @param {ClientState} state
+   * @param {SysManageError} err
+   */
   _stop(state, err) {
     this._gen++; // cancels a getToken() in progress
     Object.keys(this._timers).forEach((name) => this._clear(name));
-    const conns = [this._conn, this._next, ...this._draining].filter(Boolean);
+    const conns = /** @type {Connection[]} */ ([this._conn, this._next, ...this._draining].filter(Boolean));
     this._conn = this._next = null;
     this._draining.clear();
     this._queue = [];
@@ -332,6 +452,7 @@ export class SysManageClient {
 
   // -- token refresh ---------------------------------------------------------------------
 
+  /** @param {string|null} token */
   _scheduleRefresh(token) {
     const expiry = decodeJwtExpiry(token);
     if (expiry == null) return;
@@ -342,11 +463,11 @@ export class SysManageClient {
 
   /** Open a second connection with a fresh token; it takes over once open. */
   async _refresh() {
-    const [conn, gen] = [this._conn, this._gen];
+    const [conn, gen] = [/** @type {Connection} */ (this._conn), this._gen];
     let token = null;
     try {
       token = await this._getToken();
-    } catch (err) {
+    } catch (/** @type {any} */ err) {
       this._report("TOKEN_UNAVAILABLE", `Could not refresh the access token: ${err?.message ?? err}`);
     }
     if (gen !== this._gen || conn !== this._conn || this._next) return;
@@ -354,12 +475,14 @@ export class SysManageClient {
     this._next = this._open(token);
   }
 
+  /** @param {Connection} conn */
   _retire(conn) {
     conn.draining = true;
     this._draining.add(conn);
     this._closeIfDrained(conn);
   }
 
+  /** @param {Connection} conn */
   _closeIfDrained(conn) {
     for (const entry of this._pending.values()) if (entry.conn === conn) return;
     this._draining.delete(conn);
@@ -368,6 +491,10 @@ export class SysManageClient {
 
   // -- messages --------------------------------------------------------------------------
 
+  /**
+   * @param {Connection} conn
+   * @param {unknown} raw
+   */
   _onMessage(conn, raw) {
     let msg = null;
     try { msg = typeof raw === "string" ? JSON.parse(raw) : null; } catch { /* reported below */ }
@@ -382,7 +509,7 @@ export class SysManageClient {
       this._emptyTokens = 0;
     }
     if (msg.type === "pong" || msg.type === "response") {
-      const serverTime = Date.parse(msg.timestamp);
+      const serverTime = Date.parse(/** @type {string} */ (msg.timestamp)); // NaN if missing
       if (!Number.isNaN(serverTime)) this._skew = serverTime - this._now();
     }
     if (reply) return this._answer(entry, msg);
@@ -397,12 +524,17 @@ export class SysManageClient {
     }
   }
 
+  /**
+   * @param {PendingRequest} entry
+   * @param {Envelope} msg
+   */
   _answer(entry, msg) {
     if (msg.type !== "error") return this._settle(entry.id, null, msg);
     const { code, message } = errorInfo(msg);
     this._settle(entry.id, new SysManageError(code, message, { data: msg.data, channel: msg.channel, server: true }));
   }
 
+  /** @param {PendingRequest} entry */
   _transmit(entry) {
     if (this.state === "open" && this._conn) {
       entry.conn = this._conn;
@@ -414,6 +546,11 @@ export class SysManageClient {
     }
   }
 
+  /**
+   * @param {string|number} id
+   * @param {SysManageError|null} err
+   * @param {Envelope} [value] the answer, when there is no error
+   */
   _settle(id, err, value) {
     const entry = this._pending.get(id);
     if (!entry) return;
@@ -422,16 +559,22 @@ export class SysManageClient {
     const queued = this._queue.indexOf(entry);
     if (queued >= 0) this._queue.splice(queued, 1);
     if (err) entry.reject(err);
-    else entry.resolve(value);
+    else entry.resolve(/** @type {Envelope} */ (value));
     if (entry.conn?.draining && this._draining.has(entry.conn)) this._closeIfDrained(entry.conn);
   }
 
+  /** @param {Subscription} sub */
   _sendSubscribe(sub) {
+    /** @type {OutgoingMessage} */
     const message = { type: "subscribe", channel: sub.channel };
     if (sub.filters) message.filters = sub.filters;
     this.request(message).then(sub.resolve, (err) => this._subscribeFailed(sub, err));
   }
 
+  /**
+   * @param {Subscription} sub
+   * @param {SysManageError} err
+   */
   _subscribeFailed(sub, err) {
     if (this._subs.get(sub.channel) !== sub || !err.server) return; // renewed after reconnecting
     if (err.code === "RATE_LIMITED") {
@@ -443,6 +586,10 @@ export class SysManageClient {
     this._emit("error", { code: err.code, message: err.message, channel: sub.channel, data: err.data });
   }
 
+  /**
+   * @param {Subscription} sub
+   * @returns {Promise<void>}
+   */
   _unsubscribe(sub) {
     if (this._subs.get(sub.channel) !== sub) return Promise.resolve();
     this._subs.delete(sub.channel);
@@ -466,33 +613,64 @@ export class SysManageClient {
 
   _nextId() { return this._idPrefix + (++this._seq).toString(36); }
 
+  /**
+   * @param {string} name
+   * @param {number} ms
+   * @param {() => void} fn
+   */
   _timer(name, ms, fn) {
     this._clear(name);
     this._timers[name] = this._setTimeout(() => { delete this._timers[name]; fn(); }, ms);
   }
 
+  /** @param {string} name */
   _clear(name) {
     if (name in this._timers) this._clearTimeout(this._timers[name]);
     delete this._timers[name];
   }
 
+  /**
+   * @param {ClientState} state
+   * @param {StateInfo} [info]
+   */
   _setState(state, info = {}) {
     if (state === this.state && state !== "offline") return;
     this.state = state;
     this._emit("state", state, info);
   }
 
+  /**
+   * @param {"state"|"error"} kind
+   * @param {(...args: any[]) => void} cb
+   * @returns {() => void}
+   */
   _listen(kind, cb) { this._listeners[kind].add(cb); return () => this._listeners[kind].delete(cb); }
 
+  /**
+   * @param {"state"|"error"} kind
+   * @param {...any} args
+   */
   _emit(kind, ...args) { for (const cb of [...this._listeners[kind]]) this._call(cb, ...args); }
 
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
   _report(code, message) { this._emit("error", { code, message, channel: null, data: {} }); }
 
+  /**
+   * @param {(...args: any[]) => void} fn
+   * @param {...any} args
+   */
   _call(fn, ...args) {
     try { fn(...args); } catch (err) { console.error("sysmanage-client: a callback threw", err); }
   }
 }
 
+/**
+ * @param {Envelope} msg
+ * @returns {ErrorReport}
+ */
 function errorInfo(msg) {
   const code = typeof msg.data.code === "string" ? msg.data.code : "ERROR";
   const message = typeof msg.data.message === "string" ? msg.data.message : code;

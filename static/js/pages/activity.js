@@ -1,3 +1,4 @@
+// @ts-check
 /** `/activity/`: the live user activity stream (staff only). */
 import { followActivity } from "./activity-feed.js";
 import { pageData, showNotice, startLive } from "./live.js";
@@ -9,8 +10,8 @@ const client = startLive({
 });
 
 followActivity(client, {
-  tbody: document.getElementById("activity-rows"),
-  empty: document.getElementById("activity-empty"),
+  tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("activity-rows")),
+  empty: /** @type {HTMLElement} */ (document.getElementById("activity-empty")),
   compact: false,
   data,
 });

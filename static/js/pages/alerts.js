@@ -1,3 +1,4 @@
+// @ts-check
 /**
  * `/alerts/`: the server-rendered alerts table, kept current from `system_alerts`
  * (new alerts appear on the first page, state changes update their rows), with
@@ -7,12 +8,12 @@ import { AlertTable } from "./alerts-ui.js";
 import { pageData, showNotice, startLive } from "./live.js";
 
 const data = pageData();
-const countText = document.getElementById("alert-count");
+const countText = /** @type {HTMLElement} */ (document.getElementById("alert-count"));
 let count = data.count;
 
 const table = new AlertTable({
-  tbody: document.getElementById("alert-rows"),
-  empty: document.getElementById("alerts-empty"),
+  tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("alert-rows")),
+  empty: /** @type {HTMLElement} */ (document.getElementById("alerts-empty")),
   showHost: true,
   canManage: data.canManageAlerts,
   states: data.states,

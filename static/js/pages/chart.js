@@ -1,19 +1,37 @@
+// @ts-check
 /**
  * A small time-series line chart drawn on a `<canvas>`: several named series over a
  * sliding time window, a fixed or automatic value range, grid lines with labels, an
  * optional dashed reference line, and an HTML legend with each series' latest value.
  */
 
+/**
+ * One line of the chart: `points` are `[epoch ms, value]`, oldest first.
+ * @typedef {{label: string, colorVar: string, points: [number, number][],
+ *            legendValue: HTMLSpanElement}} Series
+ */
+/** @typedef {{value: number, label: string}} Reference */
+/** The plot area in CSS pixels. @typedef {{x0: number, y0: number, x1: number, y1: number}} Box */
+/** The time axis (epoch ms) and the top of the value axis. @typedef {{start: number, end: number, top: number}} Scale */
+/** Maps a time or a value to a pixel coordinate. @typedef {(n: number) => number} ToPixel */
+
 const PADDING = { top: 10, right: 12, bottom: 22, left: 44 };
 /** Points further apart than this are not joined: the host did not report in between. */
 const MAX_GAP_MS = 150_000;
 
-/** A CSS custom property of the document (colours follow the light or dark theme). */
+/**
+ * A CSS custom property of the document (colours follow the light or dark theme).
+ * @param {string} name
+ */
 function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim() || "#888";
 }
 
-/** A round step for about `count` grid lines between 0 and `max`. */
+/**
+ * A round step for about `count` grid lines between 0 and `max`.
+ * @param {number} max
+ * @param {number} count
+ */
 function niceStep(max, count) {
   const raw = max / count;
   const magnitude = 10 ** Math.floor(Math.log10(raw));
@@ -23,30 +41,44 @@ function niceStep(max, count) {
 
 export class LineChart {
   /**
-   * @param {HTMLFigureElement} figure holds a `<canvas>`, a `[data-legend]` list and
-   *   optionally a `[data-latest]` element
+   * @param {HTMLElement} figure a `<figure>` that holds a `<canvas>`, a `[data-legend]` list
+   *   and optionally a `[data-latest]` element
    * @param {{max?: number|null, unit?: string, digits?: number, windowMs?: number,
-   *          label: string, reference?: {value: number, label: string}|null}} options
+   *          label: string, reference?: Reference|null}} options
    *   `max`: top of the value axis (null: from the data); `label`: what is charted, for
    *   the canvas's text alternative
    */
   constructor(figure, { max = 100, unit = "%", digits = 1, windowMs = 3_600_000, label, reference = null }) {
-    this.canvas = figure.querySelector("canvas");
-    this.legend = figure.querySelector("[data-legend]");
+    this.canvas = /** @type {HTMLCanvasElement} */ (figure.querySelector("canvas"));
+    this.legend = /** @type {HTMLElement} */ (figure.querySelector("[data-legend]"));
+    /** @type {HTMLElement|null} */
     this.latestText = figure.querySelector("[data-latest]");
-    Object.assign(this, { max, unit, digits, windowMs, label, reference });
+    this.max = max;
+    this.unit = unit;
+    this.digits = digits;
+    this.windowMs = windowMs;
+    this.label = label;
+    this.reference = reference;
+    /** @type {Map<string, Series>} */
     this.series = new Map(); // name -> {label, colorVar, points: [[t, v]], legendValue}
+    /** @type {number|null} */
     this.frame = null;
     new ResizeObserver(() => this.draw()).observe(this.canvas);
     setInterval(() => this.draw(), 10_000); // the window slides even when nothing arrives
   }
 
-  /** Add a point to series `name` (created on first use, in order, with the next colour). */
+  /**
+   * Add a point to series `name` (created on first use, in order, with the next colour).
+   * @param {string} name
+   * @param {number} time epoch ms
+   * @param {unknown} value ignored unless a finite number
+   */
   add(name, time, value, label = name) {
     if (typeof value !== "number" || !Number.isFinite(value) || !Number.isFinite(time)) return;
     let series = this.series.get(name);
     if (!series) {
-      series = { label, colorVar: `--series-${(this.series.size % 6) + 1}`, points: [] };
+      // legendValue: added by addLegendItem
+      series = /** @type {Series} */ ({ label, colorVar: `--series-${(this.series.size % 6) + 1}`, points: /** @type {[number, number][]} */ ([]) });
       this.series.set(name, series);
       this.addLegendItem(series);
     }
@@ -63,10 +95,12 @@ export class LineChart {
     if (this.frame === null) this.frame = requestAnimationFrame(() => { this.frame = null; this.draw(); });
   }
 
+  /** @param {number} value */
   format(value) {
     return `${value.toLocaleString(undefined, { maximumFractionDigits: this.digits, minimumFractionDigits: this.digits })}${this.unit ? ` ${this.unit}` : ""}`;
   }
 
+  /** @param {Series} series */
   addLegendItem(series) {
     series.legendValue = document.createElement("span");
     series.legendValue.className = "legend-value";
@@ -113,13 +147,15 @@ export class LineChart {
       canvas.width = Math.round(width * ratio);
       canvas.height = Math.round(height * ratio);
     }
-    const ctx = canvas.getContext("2d");
+    const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext("2d"));
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, width, height);
     const now = Date.now();
     const box = { x0: PADDING.left, y0: PADDING.top, x1: width - PADDING.right, y1: height - PADDING.bottom };
     const scale = { start: now - this.windowMs, end: now, top: this.top() };
+    /** @type {ToPixel} */
     const x = (t) => box.x0 + ((t - scale.start) / (scale.end - scale.start)) * (box.x1 - box.x0);
+    /** @type {ToPixel} */
     const y = (v) => box.y1 - (Math.min(v, scale.top) / scale.top) * (box.y1 - box.y0);
     this.drawGrid(ctx, box, scale, x, y);
     if (this.reference) this.drawReference(ctx, box, x, y);
@@ -133,6 +169,13 @@ export class LineChart {
     this.updateText();
   }
 
+  /**
+   * @param {CanvasRenderingContext2D} ctx
+   * @param {Box} box
+   * @param {Scale} scale
+   * @param {ToPixel} x
+   * @param {ToPixel} y
+   */
   drawGrid(ctx, box, scale, x, y) {
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillStyle = cssVar("--muted");
@@ -163,8 +206,14 @@ export class LineChart {
     }
   }
 
+  /**
+   * @param {CanvasRenderingContext2D} ctx
+   * @param {Box} box
+   * @param {ToPixel} x
+   * @param {ToPixel} y
+   */
   drawReference(ctx, box, x, y) {
-    const py = Math.round(y(this.reference.value)) + 0.5;
+    const py = Math.round(y(/** @type {Reference} */ (this.reference).value)) + 0.5;
     ctx.save();
     ctx.setLineDash([5, 4]);
     ctx.strokeStyle = cssVar("--muted");
@@ -175,9 +224,15 @@ export class LineChart {
     ctx.restore();
     ctx.textAlign = "left";
     ctx.textBaseline = "bottom";
-    ctx.fillText(this.reference.label, box.x0 + 4, py - 2);
+    ctx.fillText(/** @type {Reference} */ (this.reference).label, box.x0 + 4, py - 2);
   }
 
+  /**
+   * @param {CanvasRenderingContext2D} ctx
+   * @param {Series} series
+   * @param {ToPixel} x
+   * @param {ToPixel} y
+   */
   drawSeries(ctx, series, x, y) {
     const { points } = series;
     if (!points.length) return;
@@ -200,6 +255,10 @@ export class LineChart {
     ctx.fill();
   }
 
+  /**
+   * @param {CanvasRenderingContext2D} ctx
+   * @param {Box} box
+   */
   drawEmpty(ctx, box) {
     ctx.fillStyle = cssVar("--muted");
     ctx.font = "13px system-ui, sans-serif";

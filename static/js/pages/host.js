@@ -1,3 +1,4 @@
+// @ts-check
 /**
  * `/hosts/<id>/`: one host, live. Status from `host_status`; charts from the per-minute
  * history (`GET /api/hosts/<id>/metrics/`) then `host_metrics`; the host's active alerts
@@ -10,6 +11,9 @@ import { LineChart } from "./chart.js";
 import {
   describeError, el, formatNumber, getJSON, pageData, showNotice, startLive, timeElement,
 } from "./live.js";
+
+/** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
+/** @typedef {import("../sysmanage-client.js").SysManageError} SysManageError */
 
 const data = pageData();
 const hostId = data.hostId;
@@ -24,12 +28,13 @@ const client = startLive({
 
 // -- status -------------------------------------------------------------------------------
 
+/** @type {Record<string, string>} */
 const STATUS_WORDS = { online: "Online", offline: "Offline", unknown: "Unknown" };
 let lastSeenIso = data.lastSeen;
 
 client.subscribe("host_status", { host_id: hostId }, (change, message) => {
   if (message.type === "status") {
-    const host = change.hosts.find((h) => h.host_id === hostId);
+    const host = change.hosts.find((/** @type {JsonObject} */ h) => h.host_id === hostId);
     if (host) showStatus(host.status, host.last_seen);
   } else {
     showStatus(change.status, change.status === "online" ? change.timestamp : null);
@@ -38,19 +43,24 @@ client.subscribe("host_status", { host_id: hostId }, (change, message) => {
   }
 });
 
+/**
+ * @param {string} status
+ * @param {string|null} iso
+ */
 function showStatus(status, iso) {
   if (iso) lastSeenIso = iso;
-  document.getElementById("host-status").replaceChildren(
+  /** @type {HTMLElement} */ (document.getElementById("host-status")).replaceChildren(
     el("span", { className: `badge status-${status}` }, STATUS_WORDS[status] || status));
-  document.getElementById("host-last-seen").replaceChildren(status === "online"
+  /** @type {HTMLElement} */ (document.getElementById("host-last-seen")).replaceChildren(status === "online"
     ? el("span", { className: "seen-now", title: "The agent is connected and reporting" }, "now")
     : timeElement(lastSeenIso, "never"));
-  document.querySelectorAll(".host-offline-hint").forEach((hint) => { hint.hidden = status === "online"; });
+  /** @type {NodeListOf<HTMLElement>} */ (document.querySelectorAll(".host-offline-hint")).forEach((hint) => { hint.hidden = status === "online"; });
 }
 
 // -- charts -------------------------------------------------------------------------------
 
-const figure = (name) => document.querySelector(`[data-chart="${name}"]`);
+/** @param {string} name */
+const figure = (name) => /** @type {HTMLElement} */ (document.querySelector(`[data-chart="${name}"]`));
 const charts = {
   cpu: new LineChart(figure("cpu"), { label: "CPU usage" }),
   memory: new LineChart(figure("memory"), { label: "Memory usage" }),
@@ -62,12 +72,16 @@ const charts = {
 };
 const LOAD_NAMES = ["1 min", "5 min", "15 min"];
 
-/** Add one set of metrics (a live report or a history minute) at `time` (epoch ms). */
+/**
+ * Add one set of metrics (a live report or a history minute) at `time` (epoch ms).
+ * @param {number} time
+ * @param {JsonObject} metrics
+ */
 function plot(time, metrics) {
   charts.cpu.add("cpu", time, metrics.cpu_usage, "CPU");
   charts.memory.add("memory", time, metrics.memory_usage, "Memory");
   for (const [mount, percent] of Object.entries(metrics.disk_usage || {})) charts.disk.add(mount, time, percent);
-  (metrics.load_average || []).forEach((value, i) => charts.load.add(LOAD_NAMES[i], time, value));
+  /** @type {number[]} */ (metrics.load_average || []).forEach((value, i) => charts.load.add(LOAD_NAMES[i], time, value));
 }
 
 client.subscribe("host_metrics", { host_id: hostId }, ({ timestamp, metrics }) => {
@@ -80,7 +94,7 @@ async function loadHistory() {
     const history = await getJSON(`/api/hosts/${hostId}/metrics/?minutes=60`);
     for (const row of history.samples) plot(Date.parse(row.minute) + 30_000, row);
   } catch (err) {
-    showNotice(`Could not load the metrics history: ${err.message}`, { kind: "error", key: "history" });
+    showNotice(`Could not load the metrics history: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "history" });
   }
 }
 loadHistory();
@@ -88,8 +102,8 @@ loadHistory();
 // -- alerts -------------------------------------------------------------------------------
 
 const alertTable = new AlertTable({
-  tbody: document.getElementById("alert-rows"),
-  empty: document.getElementById("alerts-empty"),
+  tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("alert-rows")),
+  empty: /** @type {HTMLElement} */ (document.getElementById("alerts-empty")),
   showHost: false,
   canManage: data.canManageAlerts,
   states: ["open", "acknowledged"],
@@ -99,13 +113,13 @@ const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }
 
 /** Read the host's active alerts (again after a reconnect: events may have been missed). */
 async function loadAlerts() {
-  const empty = document.getElementById("alerts-empty");
+  const empty = /** @type {HTMLElement} */ (document.getElementById("alerts-empty"));
   try {
     const page = await getJSON(`/api/alerts/?host=${hostId}&status=open,acknowledged&limit=200`);
     alertTable.replaceAll(page.results.map(alertFromApi));
     empty.textContent = "No open alerts for this host.";
   } catch (err) {
-    empty.textContent = `Could not load the alerts: ${err.message}`;
+    empty.textContent = `Could not load the alerts: ${/** @type {Error} */ (err).message}`;
     empty.hidden = false;
   }
 }
@@ -113,10 +127,10 @@ alertsSubscription.ready.then(loadAlerts, loadAlerts); // subscribed first: no c
 
 // -- command console --------------------------------------------------------------------------
 
-const consoleForm = document.getElementById("console-form");
-const commandInput = document.getElementById("console-command");
-const timeoutInput = document.getElementById("console-timeout");
-const consoleHistory = document.getElementById("console-history");
+const consoleForm = /** @type {HTMLFormElement} */ (document.getElementById("console-form"));
+const commandInput = /** @type {HTMLTextAreaElement} */ (document.getElementById("console-command"));
+const timeoutInput = /** @type {HTMLInputElement} */ (document.getElementById("console-timeout"));
+const consoleHistory = /** @type {HTMLOListElement} */ (document.getElementById("console-history"));
 
 commandInput.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
@@ -137,11 +151,15 @@ consoleForm.addEventListener("submit", async (event) => {
   try {
     showResult(entry, await client.command("command_execution", { host_id: hostId, command, timeout }));
   } catch (err) {
-    showCommandError(entry, err);
+    showCommandError(entry, /** @type {SysManageError} */ (err));
   }
 });
 
-/** A new history item, newest first, at most HISTORY_LIMIT of them. */
+/**
+ * A new history item, newest first, at most HISTORY_LIMIT of them.
+ * @param {string} command
+ * @param {number} timeout
+ */
 function commandEntry(command, timeout) {
   const badge = el("span", { className: "badge status-running" }, "Running…");
   const meta = el("span", { className: "history-meta" }, `timeout ${timeout} s · started `, timeElement(new Date().toISOString()));
@@ -153,14 +171,21 @@ function commandEntry(command, timeout) {
   const item = el("li", { ariaBusy: "true" },
     el("div", { className: "history-head" }, el("span", { className: "history-command" }, command), badge, meta, again), body);
   consoleHistory.prepend(item);
-  while (consoleHistory.children.length > HISTORY_LIMIT) consoleHistory.lastElementChild.remove();
-  document.getElementById("console-empty").hidden = true;
+  while (consoleHistory.children.length > HISTORY_LIMIT) /** @type {Element} */ (consoleHistory.lastElementChild).remove();
+  /** @type {HTMLElement} */ (document.getElementById("console-empty")).hidden = true;
   return { item, badge, meta, body };
 }
 
+/** @typedef {ReturnType<typeof commandEntry>} CommandEntry */
+
+/** @type {Record<string, string>} */
 const RESULT_WORDS = { failed: "Failed", timeout: "Timed out", pending: "Pending", running: "Running" };
 
-/** Show a command's result: exit status, time, stdout and stderr, or why it did not run. */
+/**
+ * Show a command's result: exit status, time, stdout and stderr, or why it did not run.
+ * @param {CommandEntry} entry
+ * @param {JsonObject} result the `data` of the command's response
+ */
 function showResult(entry, result) {
   entry.item.removeAttribute("aria-busy");
   const ok = result.status === "completed" && result.exit_code === 0;
@@ -174,7 +199,11 @@ function showResult(entry, result) {
   if (result.status === "completed" && !result.stdout && !result.stderr) entry.body.append(el("p", { className: "muted" }, "No output."));
 }
 
-/** Show why a command was refused or lost, in words. */
+/**
+ * Show why a command was refused or lost, in words.
+ * @param {CommandEntry} entry
+ * @param {SysManageError} err
+ */
 function showCommandError(entry, err) {
   entry.item.removeAttribute("aria-busy");
   entry.badge.className = "badge status-error";
@@ -188,12 +217,22 @@ function showCommandError(entry, err) {
 
 // -- package operations ------------------------------------------------------------------------
 
-const packageForm = document.getElementById("package-form");
-const packageInput = document.getElementById("package-name");
-const operationsList = document.getElementById("package-operations");
+/**
+ * An operation's list item and the parts that change; `rank` orders its states.
+ * @typedef {{item: HTMLLIElement, badge: HTMLSpanElement, bar: HTMLProgressElement,
+ *            value: HTMLSpanElement, message: HTMLParagraphElement, rank: number}} OperationEntry
+ */
+
+const packageForm = /** @type {HTMLFormElement} */ (document.getElementById("package-form"));
+const packageInput = /** @type {HTMLInputElement} */ (document.getElementById("package-name"));
+const operationsList = /** @type {HTMLOListElement} */ (document.getElementById("package-operations"));
+/** @type {Map<string, OperationEntry>} */
 const operations = new Map(); // execution_id -> {item, ...parts, rank}
+/** @type {Record<string, number>} */
 const RANK = { pending: 0, in_progress: 1, completed: 2, failed: 2 };
+/** @type {Record<string, string>} */
 const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update" };
+/** @type {Record<string, string>} */
 const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
 
 client.subscribe("package_operations", { host_id: hostId }, (event) => showOperation(event));
@@ -206,13 +245,13 @@ async function refreshOperations() {
       if (operations.has(op.id)) showOperation({ ...op, execution_id: op.id });
     }
   } catch (err) {
-    showNotice(`Could not refresh package operations: ${err.message}`, { kind: "error", key: "operations" });
+    showNotice(`Could not refresh package operations: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "operations" });
   }
 }
 
 packageForm.addEventListener("submit", async (event) => {
   event.preventDefault();
-  const operation = event.submitter?.value || "install";
+  const operation = /** @type {HTMLButtonElement|null} */ (event.submitter)?.value || "install";
   const name = packageInput.value.trim();
   if (!packageInput.checkValidity() || !name) {
     packageForm.reportValidity();
@@ -224,10 +263,10 @@ packageForm.addEventListener("submit", async (event) => {
     showOperation(await client.command("package_operations", { host_id: hostId, operation, package: name }));
     packageInput.value = "";
   } catch (err) {
-    const message = err.code === "PERMISSION_DENIED" ? "You are not allowed to change packages on hosts."
-      : err.code === "COMMAND_FAILED" ? `Not started: ${err.message}` : describeError(err);
+    const message = /** @type {SysManageError} */ (err).code === "PERMISSION_DENIED" ? "You are not allowed to change packages on hosts."
+      : /** @type {SysManageError} */ (err).code === "COMMAND_FAILED" ? `Not started: ${/** @type {SysManageError} */ (err).message}` : describeError(/** @type {SysManageError} */ (err));
     showOperation({
-      execution_id: err.data?.execution_id || `local-${Date.now()}`, operation, package: name,
+      execution_id: /** @type {SysManageError} */ (err).data?.execution_id || `local-${Date.now()}`, operation, package: name,
       status: "failed", progress: 0, message, final: true,
     });
   } finally {
@@ -235,7 +274,10 @@ packageForm.addEventListener("submit", async (event) => {
   }
 });
 
-/** Create or advance an operation's entry (events may arrive before the command's answer). */
+/**
+ * Create or advance an operation's entry (events may arrive before the command's answer).
+ * @param {JsonObject} op
+ */
 function showOperation(op) {
   let entry = operations.get(op.execution_id);
   if (!entry) {
@@ -256,22 +298,26 @@ function showOperation(op) {
   entry.item.setAttribute("aria-busy", String(rank < 2));
 }
 
+/**
+ * @param {JsonObject} op
+ * @returns {OperationEntry}
+ */
 function operationEntry(op) {
   const title = `${OPERATION_WORDS[op.operation] || op.operation} ${op.package}`;
-  const parts = {
+  const parts = /** @type {OperationEntry} */ ({ // item: below
     badge: el("span", { className: "badge" }),
     bar: el("progress", { max: 100, value: 0, ariaLabel: `Progress of ${title}` }),
     value: el("span", { className: "progress-value", ariaHidden: "true" }, "0 %"),
     message: el("p", { className: "progress-message" }),
     rank: -1,
-  };
+  });
   parts.item = el("li", {},
     el("div", { className: "history-head" }, el("span", { className: "history-command" }, title), parts.badge,
       el("span", { className: "history-meta" }, "started ", timeElement(new Date().toISOString()))),
     el("div", { className: "progress" }, parts.bar, parts.value),
     parts.message);
   operationsList.prepend(parts.item);
-  while (operationsList.children.length > HISTORY_LIMIT) operationsList.lastElementChild.remove();
-  document.getElementById("packages-empty").hidden = true;
+  while (operationsList.children.length > HISTORY_LIMIT) /** @type {Element} */ (operationsList.lastElementChild).remove();
+  /** @type {HTMLElement} */ (document.getElementById("packages-empty")).hidden = true;
   return parts;
 }

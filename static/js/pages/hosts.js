@@ -1,3 +1,4 @@
+// @ts-check
 /**
  * `/hosts/`: the hosts table with live status and last-seen from `host_status`
  * (snapshot, then events with `previous_status`) and instant filtering as you type.
@@ -8,14 +9,18 @@
  */
 import { el, getJSON, showNotice, startLive, timeElement } from "./live.js";
 
+/** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
+
+/** @type {Record<string, string>} */
 const STATUS_WORDS = { online: "Online", offline: "Offline", unknown: "Unknown" };
 
-const tbody = document.getElementById("host-rows");
-const search = document.getElementById("host-search");
-const countText = document.getElementById("host-count");
-const changeText = document.getElementById("host-change");
+const tbody = /** @type {HTMLTableSectionElement} */ (document.getElementById("host-rows"));
+const search = /** @type {HTMLInputElement} */ (document.getElementById("host-search"));
+const countText = /** @type {HTMLElement} */ (document.getElementById("host-count"));
+const changeText = /** @type {HTMLElement} */ (document.getElementById("host-change"));
 const rows = new Map([...tbody.rows].map((row) => [row.dataset.hostId, row]));
 let listComplete = false;
+/** @type {Promise<void>|null} */
 let loading = null;
 
 const client = startLive();
@@ -32,17 +37,24 @@ search.addEventListener("input", () => {
   history.replaceState(null, "", url);
   applyFilter();
 });
-search.form.addEventListener("submit", (event) => {
+/** @type {HTMLFormElement} */ (search.form).addEventListener("submit", (event) => {
   event.preventDefault(); // the table is filtered already; the URL says so too
   applyFilter();
 });
 
-/** The status badge, like `hosts/_status_badge.html`. */
+/**
+ * The status badge, like `hosts/_status_badge.html`.
+ * @param {string} status
+ */
 function statusBadge(status) {
   return el("span", { className: `badge status-${status}` }, STATUS_WORDS[status] || status);
 }
 
-/** "now" for an online host (its agent reports all the time), else the last time seen. */
+/**
+ * "now" for an online host (its agent reports all the time), else the last time seen.
+ * @param {string} status
+ * @param {string|null|undefined} iso
+ */
 function lastSeen(status, iso) {
   if (status === "online") {
     return el("span", { className: "seen-now", title: "The agent is connected and reporting" }, "now");
@@ -50,15 +62,23 @@ function lastSeen(status, iso) {
   return timeElement(iso, "never");
 }
 
-/** Show a host's status and last-seen in its row. */
+/**
+ * Show a host's status and last-seen in its row.
+ * @param {HTMLTableRowElement} row
+ * @param {string} status
+ * @param {string|null|undefined} iso
+ */
 function setStatus(row, status, iso) {
   row.dataset.status = status;
   if (iso) row.dataset.lastSeen = iso;
-  row.querySelector('[data-cell="status"]').replaceChildren(statusBadge(status));
-  row.querySelector('[data-cell="last-seen"]').replaceChildren(lastSeen(status, row.dataset.lastSeen));
+  /** @type {Element} */ (row.querySelector('[data-cell="status"]')).replaceChildren(statusBadge(status));
+  /** @type {Element} */ (row.querySelector('[data-cell="last-seen"]')).replaceChildren(lastSeen(status, row.dataset.lastSeen));
 }
 
-/** A `host_status` snapshot: every host's state; hosts missing from it were deleted. */
+/**
+ * A `host_status` snapshot: every host's state; hosts missing from it were deleted.
+ * @param {JsonObject[]} hosts
+ */
 function applySnapshot(hosts) {
   const seen = new Set();
   for (const host of hosts) {
@@ -76,7 +96,10 @@ function applySnapshot(hosts) {
   else applyFilter();
 }
 
-/** One host changed status. */
+/**
+ * One host changed status.
+ * @param {JsonObject} change a `host_status` event
+ */
 async function applyChange(change) {
   let row = rows.get(change.host_id);
   if (!row) {
@@ -85,7 +108,7 @@ async function applyChange(change) {
       upsertHost(await getJSON(`/api/hosts/${encodeURIComponent(change.host_id)}/`));
       applyFilter();
     } catch (err) {
-      showNotice(`Could not load host ${change.hostname}: ${err.message}`,
+      showNotice(`Could not load host ${change.hostname}: ${/** @type {Error} */ (err).message}`,
         { kind: "error", key: "hosts" });
       return;
     }
@@ -101,7 +124,10 @@ async function applyChange(change) {
     timeElement(change.timestamp), ".");
 }
 
-/** Read every host from the REST API (all pages) and add the rows the table lacks. */
+/**
+ * Read every host from the REST API (all pages) and add the rows the table lacks.
+ * @returns {Promise<void>|null}
+ */
 function loadAllHosts() {
   if (listComplete || loading) return loading;
   loading = (async () => {
@@ -114,7 +140,7 @@ function loadAllHosts() {
       }
       listComplete = true;
     } catch (err) {
-      showNotice(`Could not load the host list: ${err.message}`, { kind: "error", key: "hosts" });
+      showNotice(`Could not load the host list: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "hosts" });
     } finally {
       loading = null;
       applyFilter();
@@ -123,19 +149,25 @@ function loadAllHosts() {
   return loading;
 }
 
-/** Add (in hostname order) or refresh the row of a host from the REST API. */
+/**
+ * Add (in hostname order) or refresh the row of a host from the REST API.
+ * @param {JsonObject} host
+ */
 function upsertHost(host) {
   let row = rows.get(host.id);
   if (!row) {
     row = hostRow(host);
     rows.set(host.id, row);
-    const next = [...tbody.rows].find((other) => other.dataset.hostname.localeCompare(host.hostname) > 0);
+    const next = [...tbody.rows].find((other) => /** @type {string} */ (other.dataset.hostname).localeCompare(host.hostname) > 0);
     tbody.insertBefore(row, next || null);
   }
   setStatus(row, host.status, host.last_seen);
 }
 
-/** A row like the server's, from a REST API host. */
+/**
+ * A row like the server's, from a REST API host.
+ * @param {JsonObject} host
+ */
 function hostRow(host) {
   const os = [host.os_name, host.os_version].filter(Boolean).join(" ") || "—";
   const name = el("th", { scope: "row" }, el("a", { href: `/hosts/${host.id}/` }, host.hostname));
@@ -153,15 +185,16 @@ function applyFilter() {
   const query = search.value.trim().toLowerCase();
   let shown = 0;
   for (const row of rows.values()) {
-    const match = !query || row.dataset.hostname.toLowerCase().includes(query) ||
-      row.dataset.fqdn.toLowerCase().includes(query);
+    const match = !query || /** @type {string} */ (row.dataset.hostname).toLowerCase().includes(query) ||
+      /** @type {string} */ (row.dataset.fqdn).toLowerCase().includes(query);
     row.hidden = !match;
     if (match) shown += 1;
   }
   const total = rows.size;
-  document.getElementById("hosts-none").hidden = total > 0;
-  document.getElementById("hosts-no-match").hidden = total === 0 || shown > 0;
-  document.getElementById("no-match-query").textContent = search.value.trim();
+  /** @type {HTMLElement} */ (document.getElementById("hosts-none")).hidden = total > 0;
+  /** @type {HTMLElement} */ (document.getElementById("hosts-no-match")).hidden = total === 0 || shown > 0;
+  /** @type {HTMLElement} */ (document.getElementById("no-match-query")).textContent = search.value.trim();
+  /** @param {number} n */
   const plural = (n) => `${n} host${n === 1 ? "" : "s"}`;
   const text = query ? `${shown} of ${plural(total)} match “${search.value.trim()}”.` : `${plural(total)}.`;
   if (countText.textContent !== text) countText.textContent = text;

@@ -1,3 +1,4 @@
+// @ts-check
 /**
  * What every dashboard page shares: the live connection (session-authenticated
  * {@link SysManageClient}), the connection indicator, notices for server errors, relative
@@ -5,10 +6,15 @@
  */
 import { SysManageClient } from "../sysmanage-client.js";
 
-/** The JSON the page rendered with `json_script` under the id `page-data`. */
+/** @typedef {import("../sysmanage-client.js").ErrorReport} ErrorReport */
+
+/**
+ * The JSON the page rendered with `json_script` under the id `page-data`.
+ * @returns {Record<string, any>}
+ */
 export function pageData() {
   const node = document.getElementById("page-data");
-  return node ? JSON.parse(node.textContent) : {};
+  return node ? JSON.parse(/** @type {string} */ (node.textContent)) : {};
 }
 
 /**
@@ -42,13 +48,18 @@ const STATE_WORDS = {
   closed: "Disconnected",
 };
 
-/** Show the client's state in the header: words, a countdown, "Retry now", "Log in". */
+/**
+ * Show the client's state in the header: words, a countdown, "Retry now", "Log in".
+ * @param {SysManageClient} client
+ * @param {HTMLElement} indicator
+ */
 function watchConnection(client, indicator) {
-  const label = indicator.querySelector(".connection-label");
-  const countdown = indicator.querySelector(".connection-countdown");
-  const retry = indicator.querySelector(".connection-retry");
-  const login = indicator.querySelector(".connection-login");
-  let timer = null;
+  const label = /** @type {HTMLElement} */ (indicator.querySelector(".connection-label"));
+  const countdown = /** @type {HTMLElement} */ (indicator.querySelector(".connection-countdown"));
+  const retry = /** @type {HTMLButtonElement} */ (indicator.querySelector(".connection-retry"));
+  const login = /** @type {HTMLAnchorElement} */ (indicator.querySelector(".connection-login"));
+  /** @type {ReturnType<typeof setInterval>|undefined} */
+  let timer = undefined;
   retry.addEventListener("click", () => client.reconnectNow());
   client.onStateChange((state, info) => {
     clearInterval(timer);
@@ -60,7 +71,7 @@ function watchConnection(client, indicator) {
     login.hidden = state !== "unauthenticated";
     if (state === "offline") {
       const show = () => {
-        const seconds = Math.max(0, Math.ceil((info.retryAt - Date.now()) / 1000));
+        const seconds = Math.max(0, Math.ceil((/** @type {number} */ (info.retryAt) - Date.now()) / 1000));
         countdown.textContent = `in ${seconds} s`;
       };
       show();
@@ -79,7 +90,10 @@ function watchConnection(client, indicator) {
 
 // -- notices ------------------------------------------------------------------------------
 
-/** Words for the errors a page may see, by code; the server's own message otherwise. */
+/**
+ * Words for the errors a page may see, by code; the server's own message otherwise.
+ * @type {Record<string, (message: string) => string>}
+ */
 const ERROR_WORDS = {
   PERMISSION_DENIED: (m) => `Not allowed: ${m}`,
   TIMEOUT: () => "No answer from the server in time. The request may still take effect.",
@@ -104,14 +118,17 @@ const ERROR_WORDS = {
 export function describeError(error) {
   const code = error?.code;
   const message = error?.message || "Something went wrong.";
-  const words = ERROR_WORDS[code];
+  const words = ERROR_WORDS[/** @type {string} */ (code)];
   return words ? words(message) : message;
 }
 
 /** Why the server last refused this page's credentials ("Logged out", "User account is disabled"). */
 let lastAuthFailure = "";
 
-/** Errors not tied to a request: show them, except the ones the indicator already says. */
+/**
+ * Errors not tied to a request: show them, except the ones the indicator already says.
+ * @param {ErrorReport} error
+ */
 function reportClientError(error) {
   if (error.code === "AUTH_FAILED") {
     // Said with the "signed out" notice if the client gives up; the client retries once
@@ -144,11 +161,14 @@ export function showNotice(text, { kind = "info", key, link, action } = {}) {
   }
   notice.append(el("button", { type: "button", className: "link-button", onclick: () => notice.remove() }, "Dismiss"));
   area.prepend(notice);
-  while (area.children.length > 4) area.lastElementChild.remove();
+  while (area.children.length > 4) /** @type {Element} */ (area.lastElementChild).remove();
   if (kind !== "error" && !action) setTimeout(() => notice.remove(), 6000);
 }
 
-/** Remove the notice shown with `key`, if any. */
+/**
+ * Remove the notice shown with `key`, if any.
+ * @param {string} key
+ */
 export function dismissNotice(key) {
   document.querySelectorAll(`#notices [data-key="${CSS.escape(key)}"]`).forEach((n) => n.remove());
 }
@@ -170,14 +190,17 @@ export function relativeTime(then, now = Date.now()) {
   return `${days} day${days === 1 ? "" : "s"} ago`;
 }
 
-/** The full local date and time, for tooltips. */
+/**
+ * The full local date and time, for tooltips.
+ * @param {string|number} date an ISO time or epoch ms
+ */
 export function absoluteTime(date) {
   return new Date(date).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
 }
 
 /**
  * A `<time data-relative>` for an ISO time, kept current by the page's ticker.
- * @param {string|null} iso
+ * @param {string|null|undefined} iso
  * @param {string} [never] text when there is no time
  */
 export function timeElement(iso, never = "Never") {
@@ -196,7 +219,7 @@ function startRelativeTimes() {
   ticking = true;
   const tick = () => {
     const now = Date.now();
-    for (const node of document.querySelectorAll("time[data-relative]")) {
+    for (const node of /** @type {NodeListOf<HTMLTimeElement>} */ (document.querySelectorAll("time[data-relative]"))) {
       const then = Date.parse(node.dateTime);
       if (Number.isNaN(then)) continue;
       const text = relativeTime(then, now);
@@ -213,6 +236,11 @@ function startRelativeTimes() {
 /**
  * Create an element: `el("a", {href: "/x", className: "y"}, "text", child)`.
  * Properties are assigned (so `onclick`, `hidden`, `dataset` work); text is never parsed as HTML.
+ * @template {keyof HTMLElementTagNameMap} K
+ * @param {K} tag
+ * @param {Record<string, any>} [props]
+ * @param {...(Node|string|null|undefined|false)} children
+ * @returns {HTMLElementTagNameMap[K]}
  */
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -220,7 +248,7 @@ export function el(tag, props = {}, ...children) {
     if (value === undefined || value === null) continue;
     if (key === "dataset") Object.assign(node.dataset, value);
     else if (key === "role" || key.startsWith("aria")) node.setAttribute(key.replace(/^aria([A-Z])/, (_, c) => `aria-${c.toLowerCase()}`), value);
-    else node[key] = value;
+    else /** @type {Record<string, any>} */ (node)[key] = value;
   }
   for (const child of children) {
     if (child !== null && child !== undefined && child !== false) node.append(child);
@@ -231,6 +259,8 @@ export function el(tag, props = {}, ...children) {
 /**
  * GET a REST API URL with the session; resolves with the parsed JSON.
  * Rejects with an Error whose message is meant for people.
+ * @param {string} url
+ * @returns {Promise<any>}
  */
 export async function getJSON(url) {
   let answer;
@@ -244,7 +274,10 @@ export async function getJSON(url) {
   return answer.json();
 }
 
-/** Format a number with at most `digits` decimals, or "—". */
+/**
+ * Format a number with at most `digits` decimals, or "—".
+ * @param {number|string|null|undefined} value
+ */
 export function formatNumber(value, digits = 1) {
   if (value === null || value === undefined || Number.isNaN(Number(value))) return "—";
   return Number(value).toLocaleString(undefined, { maximumFractionDigits: digits });

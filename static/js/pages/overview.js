@@ -1,9 +1,12 @@
+// @ts-check
 /**
  * `/`: fleet figures from `fleet_status`, active alerts by severity (recounted through
  * the REST API whenever `system_alerts` reports a change) and, for staff, recent activity.
  */
 import { followActivity } from "./activity-feed.js";
 import { getJSON, pageData, showNotice, startLive } from "./live.js";
+
+/** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 
 const SEVERITIES = ["critical", "warning", "info"];
 const FIGURES = ["total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts", "pending_operations"];
@@ -23,28 +26,32 @@ client.subscribe("fleet_status", null, showFleet);
 client.subscribe("system_alerts", null, () => scheduleRecount());
 if (data.canViewActivity) {
   followActivity(client, {
-    tbody: document.getElementById("activity-rows"),
-    empty: document.getElementById("activity-empty"),
+    tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("activity-rows")),
+    empty: /** @type {HTMLElement} */ (document.getElementById("activity-empty")),
     compact: true,
     data,
   });
 }
 
-/** Put the `fleet_status` figures (snapshot or event) on the page. */
+/**
+ * Put the `fleet_status` figures (snapshot or event) on the page.
+ * @param {JsonObject} fleet
+ */
 function showFleet(fleet) {
   for (const name of FIGURES) {
     const node = document.querySelector(`[data-figure="${name}"]`);
     if (!node || typeof fleet[name] !== "number") continue;
     node.textContent = String(fleet[name]);
-    const card = node.closest(".figure");
+    const card = /** @type {HTMLElement} */ (node.closest(".figure"));
     if (card.dataset.nonzero !== undefined) card.dataset.nonzero = String(fleet[name] > 0);
   }
-  const updated = document.getElementById("fleet-updated");
+  const updated = /** @type {HTMLTimeElement} */ (document.getElementById("fleet-updated"));
   if (fleet.last_updated) updated.dateTime = fleet.last_updated;
-  document.getElementById("empty-fleet").hidden = fleet.total_hosts > 0;
+  /** @type {HTMLElement} */ (document.getElementById("empty-fleet")).hidden = fleet.total_hosts > 0;
 }
 
-let recountTimer = null;
+/** @type {ReturnType<typeof setTimeout>|undefined} */
+let recountTimer = undefined;
 
 /** Alerts change in bursts (a rule raising several); count once the burst is over. */
 function scheduleRecount() {
@@ -61,15 +68,15 @@ async function recountAlerts() {
       return [severity, page.count];
     }));
   } catch (err) {
-    showNotice(`Could not count the alerts: ${err.message}`, { kind: "error", key: "alert-count" });
+    showNotice(`Could not count the alerts: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "alert-count" });
     return;
   }
   let total = 0;
   for (const [severity, count] of counts) {
     total += count;
-    const number = document.querySelector(`[data-severity="${severity}"]`);
+    const number = /** @type {HTMLElement} */ (document.querySelector(`[data-severity="${severity}"]`));
     number.textContent = String(count);
-    number.closest(".severity-count").dataset.nonzero = String(count > 0);
+    /** @type {HTMLElement} */ (number.closest(".severity-count")).dataset.nonzero = String(count > 0);
   }
-  document.getElementById("alerts-none").hidden = total > 0;
+  /** @type {HTMLElement} */ (document.getElementById("alerts-none")).hidden = total > 0;
 }
