@@ -20,12 +20,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
-from hosts.events import HostMetricsReported
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import RAW_SEND_KEY, bearer_token
 from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
-from sysmanage.events import publish_control_now, publish_now
+from sysmanage.events import publish_control_now
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
     CloseCode,
@@ -34,7 +33,6 @@ from sysmanage.protocol import (
     auth_failed_envelope,
     dumps,
     error_envelope,
-    iso,
     utc_now_iso,
 )
 from sysmanage.transport import Outbound
@@ -223,14 +221,12 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         except MetricsError as exc:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), id_=id_) from None
         now = timezone.now()
-        publish_now(
-            HostMetricsReported(
-                host_id=self.host_id or "",
-                hostname=self.hostname,
-                timestamp=iso(now) or "",
-                metrics=metrics,
-                cpu_count=self.cpu_count,
-            )
+        services.host_metrics_publish(
+            host_id=self.host_id or "",
+            hostname=self.hostname,
+            metrics=metrics,
+            cpu_count=self.cpu_count,
+            at=now,
         )
         await self._save_minute(self.aggregator.add(now, metrics))
         await self.last_seen.touch()
