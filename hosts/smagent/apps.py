@@ -16,15 +16,19 @@ class SmagentConfig(AppConfig):
     verbose_name = "SysManage agent"
 
     def ready(self) -> None:
-        """Register the delivery policy of SysManage-agent hosts and the expiry job."""
+        """Register the delivery policy of SysManage-agent hosts, the expiry job and the
+        agent's HTTP, REST and WebSocket routes."""
         from django.conf import settings
 
         from hosts import delivery
         from hosts.models import AgentKind
         from hosts.smagent import deliveries, maintenance
+        from sysmanage import plugins
         from sysmanage.hub import register_periodic
 
         delivery.register(AgentKind.SYSMANAGE, deliveries.POLICY)
         register_periodic(
             "smagent.expire", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.expire
         )
+        plugins.register_urls("hosts.smagent.urls")
+        plugins.register_websocket_routes("hosts.smagent.routing")
