@@ -22,7 +22,6 @@ from django.utils import timezone
 from hosts import agent_protocol, selectors, services
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import RAW_SEND_KEY, bearer_token
-from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.events import publish_control_now
 from sysmanage.hub import Hub
@@ -35,6 +34,7 @@ from sysmanage.protocol import (
     error_envelope,
     utc_now_iso,
 )
+from sysmanage.ratelimit import TokenBucket
 from sysmanage.transport import Outbound
 
 logger = logging.getLogger(__name__)

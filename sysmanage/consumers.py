@@ -35,35 +35,12 @@ from sysmanage.protocol import (
     parse_client_message,
     request_id_of,
 )
+from sysmanage.ratelimit import RefusalWindow, TokenBucket
 from sysmanage.services import session_tag
 from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame, Outbound
 
 logger = logging.getLogger(__name__)
-
-#: Messages refused for rate within RATE_VIOLATION_WINDOW seconds that close the socket.
-MAX_RATE_VIOLATIONS = 100
-RATE_VIOLATION_WINDOW = 10.0
-
-
-class TokenBucket:
-    """Allows ``rate`` messages a second on average, in bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.capacity = float(burst)
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
-
-    def take(self) -> float:
-        """Take one token; return 0 if allowed, else the seconds until one is free."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
@@ -139,7 +116,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             self.session_tag = session_tag(session.session_key)
             self.session_key = session.session_key
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.rate_violations: list[float] = []
+        self.rate_refusals = RefusalWindow()
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
@@ -310,11 +287,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         wait = self.bucket.take()
         if wait == 0:
             return True
-        now = time.monotonic()
-        self.rate_violations = [
-            t for t in self.rate_violations if now - t < RATE_VIOLATION_WINDOW
-        ] + [now]
-        if len(self.rate_violations) > MAX_RATE_VIOLATIONS:
+        if self.rate_refusals.record():
             await self._close_with(
                 CloseCode.RATE_LIMITED,
                 error_envelope(ErrorCode.RATE_LIMITED, "Too many messages; connection closed"),

@@ -26,10 +26,10 @@ from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession, AwaitingApproval
 from sysmanage.auth import RAW_SEND_KEY
-from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
 from sysmanage.protocol import CloseCode
+from sysmanage.ratelimit import TokenBucket
 from sysmanage.transport import Outbound
 
 logger = logging.getLogger(__name__)
