@@ -16,16 +16,15 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from hosts import selectors, services
+from hosts import delivery, selectors, services
+from hosts.delivery import WorkKind
 from hosts.models import (
-    AgentKind,
     ExecutionStatus,
     Host,
     HostStatus,
     OperationStatus,
     PackageOperationKind,
 )
-from hosts.smagent import deliveries
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
 from sysmanage.hub import Hub
@@ -122,11 +121,8 @@ def _offline_reason(host: Host) -> str | None:
 
 
 def _delivery_window(host: Host) -> float:
-    """How long a request waits for the host's agent to take it: a SysManage agent's
-    commands wait in its queue through a reconnect or until its next poll."""
-    if host.agent_kind == AgentKind.SYSMANAGE:
-        return float(settings.SYSMANAGE_AGENT_DELIVERY_SECONDS)
-    return settings.AGENT_DISPATCH_CONFIRM_SECONDS
+    """How long a request waits for the host's agent to take it (its kind's policy)."""
+    return delivery.policy_for(host.agent_kind).window()
 
 
 async def _handed_over(hub: Hub, ref: str, seconds: float) -> bool:
@@ -138,21 +134,36 @@ async def _handed_over(hub: Hub, ref: str, seconds: float) -> bool:
     return True
 
 
-async def _sent_after_all(host: Host, kind: str, ref: str) -> bool:
-    """For a SysManage agent's queue: fail the request if no connection took it, at
-    once and atomically; True if it was sent after all (then its result is awaited)."""
-    if host.agent_kind != AgentKind.SYSMANAGE:
+async def _sent_after_all(host: Host, kind: WorkKind, ref: str) -> bool:
+    """For work no agent connection confirmed in time: True if one took it after all
+    (then its result is awaited); else it is not delivered.  An agent kind with a queue
+    of its own fails it there, atomically, so that it is delivered or failed, never both."""
+    settle = delivery.policy_for(host.agent_kind).settle_untaken
+    if settle is None:
         return False
     why = "Not delivered: the host's agent did not take it in time"
+    return bool(await database_sync_to_async(settle)(kind, ref, why))
+
+
+async def _hand_over(
+    message: ClientMessage, host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
+) -> None:
+    """Make sure the host's agent got the recorded work ``ref``, or record it as failed
+    and raise ``COMMAND_FAILED``.  ``taken`` waits for the agent's confirmation; it was
+    started before the work was recorded, so that no confirmation is missed."""
+    why = _offline_reason(host)
+    if why is None and not await taken and not await _sent_after_all(host, kind, ref):
+        why = f"Host not reachable: its agent did not take the {kind}"
+    if why is None:
+        return
+    taken.cancel()
     if kind == "command":
-        failed = await database_sync_to_async(deliveries.fail_undelivered_command)(
-            execution_id=ref, why=why
-        )
+        await _fail_command(ref, host, why)
     else:
-        failed = await database_sync_to_async(deliveries.fail_undelivered_operation)(
-            operation_id=ref, why=why
+        await database_sync_to_async(services.package_operation_record_result)(
+            operation_id=ref, host_id=host.id, status=OperationStatus.FAILED, message=why, output=""
         )
-    return not failed
+    raise _command_failed(message, why, str(host.id), ref)
 
 
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
@@ -177,14 +188,11 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
         execution_id=execution_id,
         actor=context.actor,
     )
-    why = _offline_reason(host)
-    if why is None and not await taken and not await _sent_after_all(host, "command", execution_id):
-        why = "Host not reachable: its agent did not take the command"
-    if why is not None:
-        taken.cancel()
+    try:
+        await _hand_over(message, host, "command", execution_id, taken)
+    except ProtocolError:
         finished.cancel()
-        await _fail_command(execution_id, host, why)
-        raise _command_failed(message, why, request.host_id, execution_id)
+        raise
     data = await _wait_for_result(finished, execution, host)
     context.reply(
         envelope(MessageType.RESPONSE, "command_execution", _response_data(data), id_=message.id)
@@ -271,23 +279,7 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
         operation_id=operation_id,
         actor=context.actor,
     )
-    why = _offline_reason(host)
-    if (
-        why is None
-        and not await taken
-        and not await _sent_after_all(host, "operation", operation_id)
-    ):
-        why = "Host not reachable: its agent did not take the operation"
-    if why is not None:
-        taken.cancel()
-        await database_sync_to_async(services.package_operation_record_result)(
-            operation_id=operation_id,
-            host_id=host.id,
-            status=OperationStatus.FAILED,
-            message=why,
-            output="",
-        )
-        raise _command_failed(message, why, host_id, operation_id)
+    await _hand_over(message, host, "operation", operation_id, taken)
     context.reply(
         envelope(
             MessageType.RESPONSE,

@@ -9,62 +9,44 @@ agent, and stores the results it sends back, acknowledging each once stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
-from hosts.events import HostMetricsReported
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
-from sysmanage.auth import RAW_SEND_KEY, bearer_token
-from sysmanage.consumers import TokenBucket
-from sysmanage.dispatch import NoPerMessageCleanupMixin
-from sysmanage.events import publish_control_now, publish_now
+from sysmanage.auth import bearer_token
+from sysmanage.connection import Connection
+from sysmanage.events import publish_control_now
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
     CloseCode,
     ErrorCode,
     ProtocolError,
     auth_failed_envelope,
-    dumps,
     error_envelope,
-    iso,
     utc_now_iso,
 )
-from sysmanage.transport import Outbound
+from sysmanage.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
 
 
-class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
+class AgentConsumer(Connection):
     """The connection of one host's agent."""
-
-    channel_layer_alias = "__hub_only__"  # work reaches agents through the hub
 
     host_id: str | None = None
     hostname = ""
-    hub: Hub | None = None
-    outbound: Outbound | None = None
     ready = False
-    closing = False
     cpu_count: int | None = None
-    user_id = None  # agents are not users; the hub's user index skips them
-    session_tag = None
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
-        await self.accept()
-        self.outbound = Outbound(
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-            on_overflow=self._on_overflow,
-        )
+        await self._accept()
         token = bearer_token(self.scope)
         host = await database_sync_to_async(selectors.host_for_token)(token or "")
         if host is None:
@@ -83,7 +65,6 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         )
         self.aggregator = MinuteAggregator()
         self.sent: set[str] = set()
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.last_seen = services.LastSeen(self.host_id)
         self.hub = await Hub.for_running_loop()
         previous = self.hub.register_agent(self.host_id, self)
@@ -97,10 +78,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: flush metrics history, mark the host offline."""
-        for task in getattr(self, "tasks", ()):
-            task.cancel()
-        if self.outbound is not None:
-            self.outbound.stop()
+        self._release()
         if self.hub is None or self.host_id is None:
             return
         self.hub.unregister_agent(self.host_id, self)
@@ -118,46 +96,15 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             message = {"type": type_, "data": data, "timestamp": utc_now_iso()}
             if id_ is not None:
                 message["id"] = id_
-            self.outbound.send_text(dumps(message))
+            self.reply(message)
 
-    def reply(self, message: dict[str, Any]) -> None:
-        """Send an already-built envelope (errors)."""
-        if self.outbound is not None:
-            self.outbound.send_text(dumps(message))
-
-    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
-        self.closing = True
-        assert self.outbound is not None
-        if self.outbound.overflowed:
-            await self.close(code=int(code))
-            return
-        self.reply(message)
-        await self.outbound.flush()
-        await self.close(code=int(code))
-
-    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
-        """Called by the hub: token revoked or rotated, host deleted, or replaced."""
-        if not self.closing:
-            self.closing = True
-            self._spawn(self._close_with(code, error))
-
-    def _on_overflow(self) -> None:
-        """The agent stopped reading: drop it so that it reconnects and catches up."""
+    def _log_overflow(self) -> None:
         logger.warning("closing the agent of %s: it stopped reading", self.hostname)
-        self.close_from_hub(
-            CloseCode.SLOW_CONSUMER,
-            error_envelope(ErrorCode.SLOW_CONSUMER, "Too many undelivered messages; reconnect"),
-        )
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host."""
         if self.ready and not self.closing:
             self._spawn(self.dispatch_pending())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -223,14 +170,12 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         except MetricsError as exc:
             raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc), id_=id_) from None
         now = timezone.now()
-        publish_now(
-            HostMetricsReported(
-                host_id=self.host_id or "",
-                hostname=self.hostname,
-                timestamp=iso(now) or "",
-                metrics=metrics,
-                cpu_count=self.cpu_count,
-            )
+        services.host_metrics_publish(
+            host_id=self.host_id or "",
+            hostname=self.hostname,
+            metrics=metrics,
+            cpu_count=self.cpu_count,
+            at=now,
         )
         await self._save_minute(self.aggregator.add(now, metrics))
         await self.last_seen.touch()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from hosts import services
-from hosts.smagent import deliveries, enrollment
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +24,6 @@ class SweepReport:
     hosts_offline: list[str]
     commands_timed_out: int
     operations_failed: int
-    not_delivered: int = 0
-    registrations_expired: int = 0
 
 
 def sweep(*, offline_after: float | None = None) -> SweepReport:
@@ -34,21 +31,16 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
     silent = offline_after if offline_after is not None else settings.HOST_OFFLINE_AFTER_SECONDS
     offline = services.hosts_mark_offline(silent_for=silent)
     timed_out = services.commands_expire_overdue(grace=settings.COMMAND_RESULT_GRACE_SECONDS)
-    undelivered = deliveries.expire_undelivered()
     failed = services.package_operations_expire_overdue(
         silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS
     )
-    expired = enrollment.registrations_expire()
-    report = SweepReport([h.hostname for h in offline], timed_out, failed, undelivered, expired)
-    if offline or timed_out or failed or undelivered or expired:
+    report = SweepReport([h.hostname for h in offline], timed_out, failed)
+    if offline or timed_out or failed:
         logger.info(
-            "sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) "
-            "failed, %d not delivered, %d registration(s) expired",
+            "sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) failed",
             len(offline),
             timed_out,
             failed,
-            undelivered,
-            expired,
         )
     return report
 

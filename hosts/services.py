@@ -35,7 +35,7 @@ from hosts.models import (
 )
 from hosts.tokens import new_token, token_digest
 from sysmanage.audit import Actor, audit
-from sysmanage.events import publish, publish_control
+from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
 
@@ -158,17 +158,24 @@ def host_set_status(*, host_id: Any, status: str, seen_at: datetime | None = Non
     return host
 
 
-def host_report_metrics(
-    *, host: Host, metrics: dict[str, Any], timestamp: str | None = None
+def host_metrics_publish(
+    *,
+    host_id: str,
+    hostname: str,
+    metrics: dict[str, Any],
+    cpu_count: int | None,
+    at: datetime,
 ) -> None:
-    """Publish a host's live metrics on ``host_metrics`` (no database write)."""
-    publish(
+    """Publish live metrics an agent reported on ``host_metrics`` at once, with no
+    database write: agent connections call it on the event loop for every report (the
+    history is kept a row per minute, apart)."""
+    publish_now(
         HostMetricsReported(
-            host_id=str(host.id),
-            hostname=host.hostname,
-            timestamp=timestamp or utc_now_iso(),
+            host_id=host_id,
+            hostname=hostname,
+            timestamp=iso(at) or utc_now_iso(),
             metrics=metrics,
-            cpu_count=host.cpu_count,
+            cpu_count=cpu_count,
         )
     )
 

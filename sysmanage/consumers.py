@@ -15,12 +15,11 @@ import time
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from sysmanage import admission, commands, permissions
-from sysmanage.auth import RAW_SEND_KEY, SocketCredentials, authenticate_socket, seconds_until
-from sysmanage.dispatch import NoPerMessageCleanupMixin
+from sysmanage.auth import SocketCredentials, authenticate_socket, seconds_until
+from sysmanage.connection import Connection
 from sysmanage.hub import Hub
 from sysmanage.protocol import (
     ClientMessage,
@@ -29,53 +28,23 @@ from sysmanage.protocol import (
     MessageType,
     ProtocolError,
     auth_failed_envelope,
-    dumps,
     envelope,
     error_envelope,
     parse_client_message,
     request_id_of,
 )
+from sysmanage.ratelimit import RefusalWindow, TokenBucket
 from sysmanage.services import session_tag
 from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
-from sysmanage.transport import Frame, Outbound
+from sysmanage.transport import Frame
 
 logger = logging.getLogger(__name__)
 
-#: Messages refused for rate within RATE_VIOLATION_WINDOW seconds that close the socket.
-MAX_RATE_VIOLATIONS = 100
-RATE_VIOLATION_WINDOW = 10.0
 
-
-class TokenBucket:
-    """Allows ``rate`` messages a second on average, in bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.capacity = float(burst)
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
-
-    def take(self) -> float:
-        """Take one token; return 0 if allowed, else the seconds until one is free."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
-class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
+class ClientConsumer(Connection):
     """One authenticated client connection speaking the seed protocol."""
 
-    # No per-connection layer channel: every event reaches this socket through the
-    # process's hub, which saves a layer round trip (and a Redis connection) per client.
-    channel_layer_alias = "__hub_only__"
-
     user: Any = None
-    user_id: str | None = None
-    session_tag: str | None = None
     #: the Django session a session-authenticated socket was opened with (kept in memory
     #: only: the recheck asks whether it still exists)
     session_key: str | None = None
@@ -84,9 +53,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
     rights: frozenset[str] = frozenset()
     rights_read_at = 0.0
-    closing = False
-    hub: Hub | None = None
-    outbound: Outbound | None = None
+    overflow_reason = "Too many undelivered messages; reconnect and resubscribe"
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate, then accept (always, to explain refusals)."""
@@ -139,9 +106,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             self.session_tag = session_tag(session.session_key)
             self.session_key = session.session_key
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.rate_violations: list[float] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closing = False
+        self.rate_refusals = RefusalWindow()
 
     async def _refuse_blocked(self, seconds: float) -> None:
         """Turn away an address with too many failed authentications, unchecked."""
@@ -167,15 +132,6 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             ),
         )
 
-    async def _accept(self, subprotocol: str | None) -> None:
-        """Complete the handshake (refusals too, so they can be explained)."""
-        await self.accept(subprotocol=subprotocol)
-        self.outbound = Outbound(
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-            on_overflow=self._on_overflow,
-        )
-
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: drop subscriptions, timers and running tasks."""
         if self.hub is not None:
@@ -183,10 +139,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         timer = getattr(self, "expiry_timer", None)
         if timer is not None:
             timer.cancel()
-        for task in getattr(self, "tasks", ()):
-            task.cancel()
-        if self.outbound is not None:
-            self.outbound.stop()
+        self._release()
 
     # -- sending ----------------------------------------------------------------------
 
@@ -195,33 +148,19 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if not self.closing and self.outbound is not None:
             self.outbound.deliver(frame)
 
-    def reply(self, message: dict[str, Any]) -> None:
-        """Send one message to this client, in order with event frames."""
-        if self.outbound is not None:
-            self.outbound.send_text(dumps(message))
-
-    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
-        """Send ``message`` (normally an error) and close with ``code``."""
-        self.closing = True
+    def _before_close(self) -> None:
+        """The socket gets no more events once closing starts."""
         if self.hub is not None:
             self.hub.unregister(self)
-        assert self.outbound is not None
-        if self.outbound.overflowed:
-            # The buffer is full; the reason goes in the close frame instead.
-            await self.close(code=int(code), reason=message["data"].get("code"))
-            return
-        self.reply(message)
-        await self.outbound.flush()
-        await self.close(code=int(code))
+
+    def _close_reason(self, message: dict[str, Any]) -> str | None:
+        """The error code of ``message``, for the close frame of a client that stopped
+        reading."""
+        code = message["data"].get("code")
+        return str(code) if code is not None else None
 
     async def _refuse(self, why: str) -> None:
         await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(why))
-
-    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
-        """Called by the hub when this user's access was revoked."""
-        if not self.closing:
-            self.closing = True
-            self._spawn(self._close_with(code, error))
 
     def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
         """Called with the user's rights as read from the database at ``read_at``: keep
@@ -249,25 +188,8 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                 self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope("JWT token expired"))
             )
 
-    def _on_overflow(self) -> None:
+    def _log_overflow(self) -> None:
         logger.warning("closing a client that stopped reading (user %s)", self.user_id)
-        self.closing = True
-        self._spawn(
-            self._close_with(
-                CloseCode.SLOW_CONSUMER,
-                error_envelope(
-                    ErrorCode.SLOW_CONSUMER,
-                    "Too many undelivered messages; reconnect and resubscribe",
-                ),
-            )
-        )
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        tasks = getattr(self, "tasks", None)
-        if tasks is not None:
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -310,11 +232,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         wait = self.bucket.take()
         if wait == 0:
             return True
-        now = time.monotonic()
-        self.rate_violations = [
-            t for t in self.rate_violations if now - t < RATE_VIOLATION_WINDOW
-        ] + [now]
-        if len(self.rate_violations) > MAX_RATE_VIOLATIONS:
+        if self.rate_refusals.record():
             await self._close_with(
                 CloseCode.RATE_LIMITED,
                 error_envelope(ErrorCode.RATE_LIMITED, "Too many messages; connection closed"),

@@ -119,6 +119,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "sysmanage",
     "hosts",
+    "hosts.smagent",
     "alerts",
     "activity",
 ]

@@ -1,4 +1,5 @@
-"""HTTP routes: the dashboard pages, the admin, the REST API and its schema."""
+"""HTTP routes: the dashboard pages, the admin, the REST API and its schema, and the
+routes apps plug in (:mod:`sysmanage.plugins`)."""
 
 from django.contrib import admin
 from django.contrib.auth.views import LogoutView
@@ -16,15 +17,9 @@ from activity.api import (
 from activity.views import ActivityView, DashboardLoginView, OverviewView
 from alerts.api import AlertViewSet
 from alerts.views import AlertListView
-from hosts.api import (
-    AgentRegistrationViewSet,
-    CommandExecutionViewSet,
-    HostViewSet,
-    PackageOperationViewSet,
-    RegistrationKeyViewSet,
-)
-from hosts.smagent import views as sysmanage_agent
+from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
+from sysmanage import plugins
 
 router = DefaultRouter()
 router.register("hosts", HostViewSet, basename="host")
@@ -32,8 +27,8 @@ router.register("alerts", AlertViewSet, basename="alert")
 router.register("activity", UserActivityViewSet, basename="activity")
 router.register("commands", CommandExecutionViewSet, basename="command")
 router.register("package-operations", PackageOperationViewSet, basename="package-operation")
-router.register("registrations", AgentRegistrationViewSet, basename="registration")
-router.register("registration-keys", RegistrationKeyViewSet, basename="registration-key")
+for prefix, viewset, basename in plugins.api_routes():
+    router.register(prefix, viewset, basename=basename)
 
 
 def health(request: HttpRequest) -> HttpResponse:
@@ -53,10 +48,8 @@ urlpatterns = [
     path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
     path("api/token/refresh/", RefreshTokenView.as_view(), name="token_refresh"),
     path("api/token/logout/", LogoutTokenView.as_view(), name="token_logout"),
-    # The SysManage agent's endpoints (docs/sysmanage-agent.md).
-    path("api/host/register", sysmanage_agent.register, name="sysmanage-agent-register"),
-    path("api/agent/auth", sysmanage_agent.auth, name="sysmanage-agent-auth"),
-    path("api/agent/poll", sysmanage_agent.poll, name="sysmanage-agent-poll"),
+    # Routes of the apps that plug in (sysmanage.plugins).
+    *(path("", include(module)) for module in plugins.url_modules()),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/", include(router.urls)),
     path("healthz", health, name="health"),

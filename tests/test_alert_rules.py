@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from alerts import evaluation
 from alerts.models import Alert, AlertRule
@@ -127,7 +128,12 @@ def test_metrics_raise_one_alert_and_resolve_it(published, django_capture_on_com
     evaluation.ENGINE.__init__()
     host = host_services.host_create(hostname="web-01", cpu_count=2)
     report = lambda pct: published.run(  # noqa: E731
-        host_services.host_report_metrics, host=host, metrics={"disk_usage": {"/var": pct}}
+        host_services.host_metrics_publish,
+        host_id=str(host.id),
+        hostname=host.hostname,
+        metrics={"disk_usage": {"/var": pct}},
+        cpu_count=host.cpu_count,
+        at=timezone.now(),
     )
     report(86)
     report(87)

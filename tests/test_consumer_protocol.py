@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from alerts import services as alert_services
 from hosts import services as host_services
@@ -189,8 +190,12 @@ async def test_metrics_filter_delivers_only_named_metrics(viewer_socket, host):
     await subscribe(
         viewer_socket, "host_metrics", {"host_id": str(host.id), "metrics": ["cpu", "load"]}
     )
-    await database_sync_to_async(host_services.host_report_metrics)(
-        host=host,
+    # On the event loop, as an agent's connection publishes them.
+    host_services.host_metrics_publish(
+        host_id=str(host.id),
+        hostname=host.hostname,
+        cpu_count=host.cpu_count,
+        at=timezone.now(),
         metrics={
             "cpu_usage": 23.5,
             "memory_usage": 67.2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from django.utils import timezone
 
 from activity.services import activity_record
 from alerts import services as alerts
@@ -75,7 +76,14 @@ def test_metrics_publish_without_database_write(published, host):
     from django.test.utils import CaptureQueriesContext
 
     with CaptureQueriesContext(connection) as queries:
-        published.run(hosts.host_report_metrics, host=host, metrics={"cpu_usage": 1.0})
+        published.run(
+            hosts.host_metrics_publish,
+            host_id=str(host.id),
+            hostname=host.hostname,
+            metrics={"cpu_usage": 1.0},
+            cpu_count=host.cpu_count,
+            at=timezone.now(),
+        )
     writes = [
         q["sql"]
         for q in queries.captured_queries

@@ -1084,6 +1084,23 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
         call_command("create_registration_key", "x", "--expires-in", "soon")
 
 
+@pytest.mark.django_db
+def test_the_host_admin_offers_the_reregistration_action(client, make_user):
+    from tests.conftest import PASSWORD
+
+    host, _ = approved_host()
+    make_user("root", superuser=True)
+    client.login(username="root", password=PASSWORD)
+    response = client.post(
+        "/admin/hosts/host/",
+        {"action": "allow_reregistration", "_selected_action": [str(host.id)]},
+        follow=True,
+    )
+    assert "may register again within the next hour" in response.content.decode()
+    host.refresh_from_db()
+    assert host.reregistration_allowed_until is not None
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_the_metric_scripts_go_once_when_a_held_hardware_report_came_first():
     host, host_token = await database_sync_to_async(approved_host)()

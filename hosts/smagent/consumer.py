@@ -18,19 +18,16 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from hosts import services
 from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession, AwaitingApproval
-from sysmanage.auth import RAW_SEND_KEY
-from sysmanage.consumers import TokenBucket
-from sysmanage.dispatch import NoPerMessageCleanupMixin
+from sysmanage.connection import Connection
 from sysmanage.hub import Hub
 from sysmanage.protocol import CloseCode
-from sysmanage.transport import Outbound
+from sysmanage.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +64,13 @@ class UnprovenConnections:
             del cls.by_address[address]
 
 
-class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
+class SysManageAgentConsumer(Connection):
     """The connection of one SysManage agent."""
 
-    channel_layer_alias = "__hub_only__"
-
     session: AgentSession | None = None
-    hub: Hub | None = None
-    outbound: Outbound | None = None
     registered = False
-    closing = False
     resender: asyncio.Future[None] | None = None
-    user_id = None  # agents are not users; the hub's user index skips them
-    session_tag = None
+    overflow_reason = "Too many unread messages"
     unproven_address: str | None = None
     deadline: asyncio.TimerHandle | None = None
     challenged = False
@@ -91,12 +82,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         """Accept, then check the connection token of the query string."""
-        await self.accept()
-        self.outbound = Outbound(
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
-            on_overflow=self._on_overflow,
-        )
+        await self._accept()
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         opened = tokens.open_token(token)
@@ -150,7 +136,6 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.bucket = TokenBucket(
             settings.AGENT_RATE_LIMIT_PER_SECOND, settings.AGENT_RATE_LIMIT_BURST
         )
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.deadline = asyncio.get_running_loop().call_later(
             settings.SYSMANAGE_AGENT_PROVE_SECONDS, self._proof_overdue
         )
@@ -188,10 +173,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self._proven()  # no longer counted, whatever it proved
         if self.session is not None:
             self.session.refuse_held()  # gives their bytes back to the process budget
-        for task in getattr(self, "tasks", ()):
-            task.cancel()
-        if self.outbound is not None:
-            self.outbound.stop()
+        self._release()
         if self.hub is not None and self.session is not None and self.registered:
             self.hub.unregister_agent(self.session.host_id, self)
             await database_sync_to_async(services.host_agent_gone)(
@@ -211,42 +193,29 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
                     self.session.hostname if self.session else "?",
                 )
                 continue
-            if self.outbound is not None:
-                self.outbound.send_text(text)
+            self.send_text(text)
 
-    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
-        self.closing = True
-        assert self.outbound is not None
-        if not self.outbound.overflowed:
-            self.outbound.send_text(protocol.encode(message))
-            await self.outbound.flush()
-        await self.close(code=int(code))
+    def encode(self, message: dict[str, Any]) -> str:
+        """One message as the agent reads it (under its 1 MiB frame limit)."""
+        return protocol.encode(message)
 
-    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
-        """Called by the hub: host token revoked or replaced, host deleted, or replaced
-        by a newer connection of the same host."""
-        if not self.closing:
-            self.closing = True
-            reason = str(
-                (error.get("data") or {}).get("message")
-                or error.get("message")
-                or "Disconnected by the server"
-            )
-            self._spawn(
-                self._close_with(
-                    code, protocol.error_message(ERROR_TYPES.get(code, "disconnected"), reason)
-                )
-            )
+    def _closing_message(self, code: int, error: dict[str, Any]) -> dict[str, Any]:
+        """The hub's reason for closing, as an error of the agent's protocol."""
+        reason = str(
+            (error.get("data") or {}).get("message")
+            or error.get("message")
+            or "Disconnected by the server"
+        )
+        return protocol.error_message(ERROR_TYPES.get(code, "disconnected"), reason)
 
     def deliver(self, frame: Any) -> None:
         """Agents subscribe to no channel; the hub never fans events out to them."""
 
-    def _on_overflow(self) -> None:
+    def _log_overflow(self) -> None:
         logger.warning(
             "closing the agent of %s: it stopped reading",
             self.session.hostname if self.session else "?",
         )
-        self.close_from_hub(CloseCode.SLOW_CONSUMER, {"message": "Too many unread messages"})
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host (or a resend is due)."""
@@ -271,11 +240,6 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             if not await database_sync_to_async(deliveries.unacknowledged)(self.session.host_id):
                 return
             self.send_messages(await self.session.due_commands())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     # -- receiving --------------------------------------------------------------------
 

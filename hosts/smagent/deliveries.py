@@ -23,6 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from hosts import services
+from hosts.delivery import DeliveryPolicy, WorkKind
 from hosts.models import (
     AgentDelivery,
     AgentKind,
@@ -307,3 +308,21 @@ def expire_undelivered() -> int:
     ).values_list("id", flat=True):
         expired += fail_undelivered_operation(operation_id=operation_id, why=why)
     return expired
+
+
+def settle_untaken(kind: WorkKind, ref: str, why: str) -> bool:
+    """For work no connection confirmed in time: fail it with ``why`` unless a
+    connection took it after all (True), atomically."""
+    if kind == "command":
+        return not fail_undelivered_command(execution_id=ref, why=why)
+    return not fail_undelivered_operation(operation_id=ref, why=why)
+
+
+def delivery_window() -> float:
+    """How long a request waits for a connection to take it: through a reconnect of the
+    agent, or until its next poll (``SYSMANAGE_AGENT_DELIVERY_SECONDS``)."""
+    return float(settings.SYSMANAGE_AGENT_DELIVERY_SECONDS)
+
+
+#: How commands and package operations reach SysManage agents (``hosts.delivery``).
+POLICY = DeliveryPolicy(window=delivery_window, settle_untaken=settle_untaken)

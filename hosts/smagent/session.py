@@ -19,12 +19,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import services
-from hosts.events import HostMetricsReported
 from hosts.models import Host, HostInventory, InventoryKind
 from hosts.smagent import deliveries, enrollment, protocol
 from hosts.smagent.protocol import AgentProtocolError
-from sysmanage.events import publish_control_now, publish_now
-from sysmanage.protocol import iso
+from sysmanage.events import publish_control_now
 
 logger = logging.getLogger(__name__)
 
@@ -305,14 +303,12 @@ class AgentSession:
         metrics = protocol.metrics_from_samples(data.get("samples"))
         if metrics is not None:
             now = timezone.now()
-            publish_now(
-                HostMetricsReported(
-                    host_id=self.host_id,
-                    hostname=self.hostname,
-                    timestamp=iso(now) or "",
-                    metrics=metrics,
-                    cpu_count=self.cpu_count,
-                )
+            services.host_metrics_publish(
+                host_id=self.host_id,
+                hostname=self.hostname,
+                metrics=metrics,
+                cpu_count=self.cpu_count,
+                at=now,
             )
             averages = {key: metrics.get(key) for key in ("cpu_usage", "memory_usage")}
             averages["disk_usage"] = metrics.get("disk_usage") or {}

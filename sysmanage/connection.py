@@ -1,0 +1,142 @@
+"""
+What every WebSocket connection of the server shares, whoever is at the other end.
+
+:class:`Connection` is the base of the client consumer (``/ws``), the product's agent
+consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
+
+- it has no layer channel of its own: events, control messages and work reach it
+  through the process's :class:`~sysmanage.hub.Hub`, which saves a layer round trip
+  (and a Redis connection) per socket;
+- everything it sends goes through one :class:`~sysmanage.transport.Outbound`, opened
+  when the handshake is accepted, so that it leaves in the order it was produced;
+- the tasks it starts end with it;
+- it closes with an explanation: a last message, then the close code (the code alone
+  when the peer stopped reading, since nothing more can reach it);
+- a peer that stops reading (the outbound buffer overflows) is closed as a slow
+  consumer, so that it reconnects and catches up rather than holding memory.
+
+Subclasses say how a message is encoded, what a peer that stopped reading is told, and
+how the hub's reasons for closing are put to their peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from sysmanage.auth import RAW_SEND_KEY
+from sysmanage.dispatch import NoPerMessageCleanupMixin
+from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope
+from sysmanage.transport import Outbound
+
+if TYPE_CHECKING:
+    from sysmanage.hub import Hub
+
+logger = logging.getLogger(__name__)
+
+
+class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
+    """One WebSocket connection: outbound path, tasks, closing and overflow."""
+
+    # No per-connection layer channel: everything reaches the socket through the hub.
+    channel_layer_alias = "__hub_only__"
+
+    hub: Hub | None = None
+    outbound: Outbound | None = None
+    closing = False
+    #: the user behind the socket; None for agents, which the hub's user index skips
+    user_id: str | None = None
+    session_tag: str | None = None
+    #: what a peer that stopped reading is told, should it read again
+    overflow_reason = "Too many undelivered messages; reconnect"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def _accept(self, subprotocol: str | None = None) -> None:
+        """Complete the handshake and open the outbound path (refusals too are
+        accepted first, so that they can be explained)."""
+        await self.accept(subprotocol=subprotocol)
+        self.outbound = Outbound(
+            self.scope.get(RAW_SEND_KEY, self.base_send),
+            max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
+            on_overflow=self._on_overflow,
+        )
+
+    def _release(self) -> None:
+        """Called on disconnect: end this connection's tasks and its outbound path."""
+        for task in self.tasks:
+            task.cancel()
+        if self.outbound is not None:
+            self.outbound.stop()
+
+    # -- sending --------------------------------------------------------------------------
+
+    def encode(self, message: dict[str, Any]) -> str:
+        """One message as the text of a frame."""
+        return dumps(message)
+
+    def send_text(self, text: str) -> None:
+        """Send one frame, in order with everything else this connection sends."""
+        if self.outbound is not None:
+            self.outbound.send_text(text)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        """Send one message (a reply, an error)."""
+        self.send_text(self.encode(message))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as a task that ends with the connection."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def _before_close(self) -> None:
+        """Called as closing starts (clients leave the hub at once)."""
+
+    def _close_reason(self, message: dict[str, Any]) -> str | None:
+        """The close frame's reason when ``message`` cannot be sent (none by default)."""
+        return None
+
+    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
+        """Send ``message`` (normally an error) and close with ``code``."""
+        self.closing = True
+        self._before_close()
+        assert self.outbound is not None
+        if self.outbound.overflowed:
+            # The buffer is full: only the close frame can still say why.
+            await self.close(code=int(code), reason=self._close_reason(message))
+            return
+        self.reply(message)
+        await self.outbound.flush()
+        await self.close(code=int(code))
+
+    def _closing_message(self, code: int, error: dict[str, Any]) -> dict[str, Any]:
+        """The message that tells the peer why the hub closes it (``error`` as it is)."""
+        return error
+
+    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+        """Called by the hub: access revoked, token rotated, host deleted, replaced by a
+        newer connection, or the peer stopped reading."""
+        if not self.closing:
+            self.closing = True
+            self._spawn(self._close_with(code, self._closing_message(code, error)))
+
+    def _log_overflow(self) -> None:
+        """Say in the log which connection stopped reading."""
+        logger.warning("closing a connection that stopped reading")
+
+    def _on_overflow(self) -> None:
+        """The peer stopped reading: close it so that it reconnects and catches up."""
+        self._log_overflow()
+        self.close_from_hub(
+            CloseCode.SLOW_CONSUMER, error_envelope(ErrorCode.SLOW_CONSUMER, self.overflow_reason)
+        )

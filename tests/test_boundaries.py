@@ -1,0 +1,74 @@
+"""The SysManage-agent protocol plugs into hosts; hosts never imports it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = "hosts.smagent"
+
+
+def imported_names(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module, and every ``module.name``, that the file at ``path`` imports
+    (relative imports resolved against its package under ``root``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = list(path.relative_to(root).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(tree):  # function-level imports too
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def forbidden(names: set[str]) -> list[str]:
+    return sorted(n for n in names if n == FORBIDDEN or n.startswith(FORBIDDEN + "."))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import hosts.smagent.protocol",
+        "from hosts import smagent",
+        "from hosts.smagent.enrollment import EnrollmentRefused",
+        "from .smagent import deliveries",
+        "def f():\n    from hosts.smagent import views\n",
+    ],
+)
+def test_the_check_sees_every_form_of_import(tmp_path, source):
+    module = tmp_path / "hosts" / "sample.py"
+    module.parent.mkdir()
+    module.write_text(source)
+    assert forbidden(imported_names(module, tmp_path))
+
+
+def test_hosts_imports_nothing_of_the_sysmanage_agent():
+    smagent = ROOT / "hosts" / "smagent"
+    modules = [p for p in (ROOT / "hosts").rglob("*.py") if smagent not in p.parents]
+    assert len(modules) > 20
+    offending = {
+        str(path.relative_to(ROOT)): names
+        for path in modules
+        if (names := forbidden(imported_names(path)))
+    }
+    assert offending == {}
+
+
+def test_the_sysmanage_agent_app_registers_its_delivery_policy_and_expiry_job():
+    from hosts import delivery
+    from hosts.models import AgentKind
+    from hosts.smagent import deliveries, maintenance
+    from sysmanage import hub
+
+    assert delivery.policy_for(AgentKind.SYSMANAGE) is deliveries.POLICY
+    assert delivery.policy_for(AgentKind.NATIVE) is delivery.CONNECTED_AGENT
+    with pytest.raises(ValueError, match="registered already"):
+        delivery.register(AgentKind.SYSMANAGE, delivery.CONNECTED_AGENT)
+    assert hub._PERIODIC["smagent.expire"][1] is maintenance.expire
