@@ -6,7 +6,7 @@ once, receives every event from the channel layer (in-memory or Redis), and hand
 to the local connections whose subscriptions match, serializing each distinct payload
 once.  Going through the layer once per process instead of once per connection is what
 lets fan-out keep up (see ``docs/architecture.md``).  The hub also forwards events
-published in this process to the layer, in order, and coalesces fleet status updates.
+published in this process to the layer, in order.
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ import contextvars
 import inspect
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from channels.layers import BaseChannelLayer, get_channel_layer
-from django.conf import settings
 
 from sysmanage.events import EVENTS_GROUP
-from sysmanage.fleet import same_figures
 from sysmanage.protocol import CloseCode, MessageType, auth_failed_envelope, dumps, envelope
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
@@ -111,7 +108,8 @@ class Hub:
         self._closed = False
         self.agents: dict[str, Subscriber] = {}
         self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
-        self.fleet = FleetCoalescer(self)
+        # channel -> its last payload, for the topics that drop repeated events
+        self._last: dict[str, dict[str, Any]] = {}
         self.stats = {"events": 0, "deliveries": 0, "frames": 0, "publish_failures": 0}
 
     # -- life cycle ---------------------------------------------------------------
@@ -299,6 +297,10 @@ class Hub:
         variants = self._index[channel].setdefault(filters.get("host_id"), {})
         return variants.setdefault(TOPICS[channel].variant(filters), set())
 
+    def last_delivered(self, channel: str) -> dict[str, Any] | None:
+        """The last payload seen on ``channel``, from any process (``drops_repeats`` topics)."""
+        return self._last.get(channel)
+
     def subscriber_count(self, channel: str | None = None) -> int:
         """How many local subscriptions exist (on ``channel``, or on all channels)."""
         if channel is not None:
@@ -350,17 +352,17 @@ class Hub:
         """Deliver one event to each matching local subscriber; return how many got it."""
         channel = message["channel"]
         data = message["data"]
-        if channel == "fleet_status":
-            if self.fleet.repeats(data):
-                return 0  # same figures as the last ones sent (another process had them)
-            self.fleet.seen(data)
+        topic = TOPICS[channel]
+        if topic.drops_repeats:
+            if topic.repeats(self._last.get(channel), data):
+                return 0
+            self._last[channel] = data
         if data.get("final") and data.get("execution_id"):
             self.resolve(f"done:{data['execution_id']}", data)
         self.stats["events"] += 1
         hosts = self._index.get(channel)
         if not hosts:
             return 0
-        topic = TOPICS[channel]
         host_id = data.get("host_id")
         buckets = [hosts.get(None)] + ([hosts.get(host_id)] if host_id is not None else [])
         frames = delivered = 0
@@ -500,42 +502,3 @@ _CONTROL_HANDLERS: dict[str, ControlHandler] = {
     "agent_dispatch": _agent_dispatch,
     "agent_took": _agent_took,
 }
-
-
-class FleetCoalescer:
-    """Publishes fleet status when it changes, at most once per interval per process."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.last_sent: dict[str, Any] | None = None
-        self._last_time = 0.0
-        self._pending = False
-
-    def seen(self, data: dict[str, Any]) -> None:
-        """Remember fleet status published by any process, to skip repeating it."""
-        self.last_sent = data
-
-    def repeats(self, data: dict[str, Any]) -> bool:
-        """Whether ``data`` has the same figures as the last fleet status delivered."""
-        return same_figures(self.last_sent, data)
-
-    def request(self) -> None:
-        """Note that fleet figures may have changed; recompute them soon (on the loop)."""
-        if self._pending:
-            return
-        self._pending = True
-        interval = settings.FLEET_STATUS_MIN_INTERVAL
-        delay = max(0.0, self._last_time + interval - time.monotonic())
-        self.hub.loop.call_later(
-            delay, lambda: self.hub.spawn(self._run()), context=contextvars.Context()
-        )
-
-    async def _run(self) -> None:
-        from sysmanage import fleet
-
-        self._pending = False
-        self._last_time = time.monotonic()
-        try:
-            await fleet.apublish_if_changed(self.last_sent)
-        except Exception:
-            logger.exception("could not compute fleet status")
