@@ -87,13 +87,13 @@ def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
 
 def on_metrics(data: dict[str, Any]) -> None:
     """Listener of ``host.metrics_reported``: judge in memory, write only verdicts."""
-    from sysmanage.hub import Hub
+    from sysmanage.node import Node
 
-    hub = Hub.current()
-    in_loop = hub is not None and hub.owns_current_thread()
+    node = Node.current()
+    in_loop = node is not None and node.owns_current_thread()
     if ENGINE.rules is None:
         if in_loop:
-            hub.run_in_background(reload_rules)  # type: ignore[union-attr]
+            node.run_in_background(reload_rules)  # type: ignore[union-attr]
             return
         reload_rules()
     verdicts = ENGINE.observe(
@@ -102,7 +102,7 @@ def on_metrics(data: dict[str, Any]) -> None:
     if not verdicts:
         return
     if in_loop:
-        hub.run_in_background(apply_verdicts, verdicts)  # type: ignore[union-attr]
+        node.run_in_background(apply_verdicts, verdicts)  # type: ignore[union-attr]
     else:
         apply_verdicts(verdicts)
 

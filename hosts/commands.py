@@ -29,6 +29,7 @@ from hosts.smagent import deliveries
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
 from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
 
@@ -164,7 +165,7 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     request = parse_command(message)
     await _require_permission(context, message)
     host = await _reachable_host(message, request.host_id)
-    hub = await Hub.for_running_loop()
+    hub = await running_hub()
     execution_id = str(uuid.uuid4())
     taken = asyncio.ensure_future(_handed_over(hub, execution_id, _delivery_window(host)))
     finished = hub.wait_for(f"done:{execution_id}")
@@ -260,7 +261,7 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     host_id, operation, package = parse_package_operation(message)
     await _require_permission(context, message)
     host = await _reachable_host(message, host_id)
-    hub = await Hub.for_running_loop()
+    hub = await running_hub()
     operation_id = str(uuid.uuid4())
     taken = asyncio.ensure_future(_handed_over(hub, operation_id, _delivery_window(host)))
     record = await database_sync_to_async(services.package_operation_create)(

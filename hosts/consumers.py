@@ -27,6 +27,7 @@ from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.events import publish_control_now, publish_now
 from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import (
     CloseCode,
     ErrorCode,
@@ -85,7 +86,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         self.sent: set[str] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_seen = services.LastSeen(self.host_id)
-        self.hub = await Hub.for_running_loop()
+        self.hub = await running_hub()
         previous = self.hub.register_agent(self.host_id, self)
         if previous is not None:
             previous.close_from_hub(

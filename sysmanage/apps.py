@@ -20,7 +20,7 @@ class SysmanageConfig(AppConfig):
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
         )
-        from sysmanage.hub import register_control, register_periodic
+        from sysmanage.node import register_control, register_periodic
 
         register_periodic(
             "sysmanage.socket_recheck",

@@ -22,6 +22,7 @@ from sysmanage import admission, commands, permissions
 from sysmanage.auth import RAW_SEND_KEY, SocketCredentials, authenticate_socket, seconds_until
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import (
     ClientMessage,
     CloseCode,
@@ -104,7 +105,7 @@ class ClientConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             return
         self._adopt(credentials, read_at)
         try:
-            self.hub = await Hub.for_running_loop()
+            self.hub = await running_hub()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing the connection")
             await self._close_with(

@@ -21,8 +21,8 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
-from sysmanage.events import Event, send_to_hubs
-from sysmanage.hub import Hub
+from sysmanage.events import Event, publish_now
+from sysmanage.node import Node
 from sysmanage.topics import TOPICS, snapshot_provider
 
 logger = logging.getLogger(__name__)
@@ -57,21 +57,21 @@ def fleet_changed() -> None:
 
 
 def _request_update() -> None:
-    hub = Hub.current()
-    if hub is not None and hub.accepts_messages():
-        if hub.owns_current_thread():
-            coalescer_for(hub).request()
+    node = Node.current()
+    if node is not None and node.accepts_messages():
+        if node.owns_current_thread():
+            coalescer_for(node).request()
         else:
-            hub.call_soon_threadsafe(coalescer_for(hub).request)
+            node.call_soon_threadsafe(coalescer_for(node).request)
         return
-    send_to_hubs(FleetStatusUpdated(**fleet_stats()).to_message())
+    publish_now(FleetStatusUpdated(**fleet_stats()))
 
 
 class FleetCoalescer:
     """Publishes fleet status when it changes, at most once per interval per process."""
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, node: Node) -> None:
+        self.node = node
         self._last_time = 0.0
         self._pending = False
 
@@ -82,8 +82,8 @@ class FleetCoalescer:
         self._pending = True
         interval = settings.FLEET_STATUS_MIN_INTERVAL
         delay = max(0.0, self._last_time + interval - time.monotonic())
-        self.hub.loop.call_later(
-            delay, lambda: self.hub.spawn(self._run()), context=contextvars.Context()
+        self.node.loop.call_later(
+            delay, lambda: self.node.spawn(self._run()), context=contextvars.Context()
         )
 
     async def _run(self) -> None:
@@ -98,18 +98,18 @@ class FleetCoalescer:
         """Recompute the counts and publish them if they differ from the last ones seen
         on the channel, from any process."""
         stats = await database_sync_to_async(fleet_stats)()
-        if TOPICS["fleet_status"].repeats(self.hub.last_delivered("fleet_status"), stats):
+        if TOPICS["fleet_status"].repeats(self.node.hub.last_delivered("fleet_status"), stats):
             return False
-        self.hub.enqueue_publish(FleetStatusUpdated(**stats).to_message())
+        self.node.enqueue_publish(FleetStatusUpdated(**stats).to_message())
         return True
 
 
-_COALESCERS: weakref.WeakKeyDictionary[Hub, FleetCoalescer] = weakref.WeakKeyDictionary()
+_COALESCERS: weakref.WeakKeyDictionary[Node, FleetCoalescer] = weakref.WeakKeyDictionary()
 
 
-def coalescer_for(hub: Hub) -> FleetCoalescer:
-    """The fleet coalescer of ``hub``'s process."""
-    coalescer = _COALESCERS.get(hub)
+def coalescer_for(node: Node) -> FleetCoalescer:
+    """The fleet coalescer of ``node``'s process."""
+    coalescer = _COALESCERS.get(node)
     if coalescer is None:
-        coalescer = _COALESCERS[hub] = FleetCoalescer(hub)
+        coalescer = _COALESCERS[node] = FleetCoalescer(node)
     return coalescer

@@ -17,6 +17,8 @@ hub's loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 import weakref
@@ -150,7 +152,9 @@ class Rechecker:
         else:
             self.pending.update(str(u) for u in user_ids)
         if self.task is None or self.task.done():
-            self.task = self.hub.spawn(self._drain())
+            # A fresh context, as for the node's own tasks: the run belongs to no request.
+            loop = asyncio.get_running_loop()
+            self.task = loop.create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
         while self.everyone or self.pending:

@@ -29,6 +29,7 @@ from sysmanage.auth import RAW_SEND_KEY
 from sysmanage.consumers import TokenBucket
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import CloseCode
 from sysmanage.transport import Outbound
 
@@ -135,7 +136,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         try:
             # Started before any message is handled: handling publishes events, which
             # go through the hub of this process (the first connection starts it).
-            self.hub = await Hub.for_running_loop()
+            self.hub = await running_hub()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing an agent connection")
             await self._close_with(
@@ -363,7 +364,7 @@ class SysManageAgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         push the metric scripts and everything queued for it (facts came with the
         messages themselves)."""
         assert self.session is not None
-        self.hub = await Hub.for_running_loop()
+        self.hub = await running_hub()
         previous = self.hub.register_agent(self.session.host_id, self)
         self.registered = True
         if previous is not None and previous is not self:
