@@ -17,7 +17,7 @@ class AlertsConfig(AppConfig):
         from sysmanage import commands as command_registry
         from sysmanage import topics
         from sysmanage.events import listen
-        from sysmanage.node import register_periodic
+        from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("fleet_status", selectors.fleet_stats)
         listen("host.metrics_reported", evaluation.on_metrics)

@@ -16,7 +16,7 @@ class HostsConfig(AppConfig):
         from hosts import commands, maintenance, selectors
         from sysmanage import commands as command_registry
         from sysmanage import topics
-        from sysmanage.node import register_periodic
+        from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)

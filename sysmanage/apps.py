@@ -20,7 +20,8 @@ class SysmanageConfig(AppConfig):
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
         )
-        from sysmanage.node import register_control, register_periodic
+        from sysmanage.node import register_control
+        from sysmanage.periodic import register_periodic
 
         register_periodic(
             "sysmanage.socket_recheck",

@@ -6,8 +6,9 @@ one layer channel (``hub.…``), joins :data:`EVENTS_GROUP` and starts its loops
 receives every message of the group from the channel layer (in-memory or Redis) and
 another hands each on (events to the process's :class:`~sysmanage.hub.Hub` for
 fan-out, control messages to their handlers); one forwards what this process publishes
-to the layer, in order; one renews the group membership; and one per periodic job.
-Failures of the layer are retried here, so the hub never waits on it.
+to the layer, in order; one renews the group membership; and one runs each periodic
+job (:mod:`sysmanage.periodic`).  Failures of the layer are retried here, so the hub
+never waits on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -26,6 +26,7 @@ from channels.db import database_sync_to_async
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
+from sysmanage import periodic
 from sysmanage.hub import Hub
 from sysmanage.protocol import CloseCode, auth_failed_envelope
 
@@ -56,22 +57,7 @@ class EventMessage(TypedDict):
 #: What travels on the layer: events, and control messages (``"type": "hub.control"``).
 LayerMessage = EventMessage | dict[str, Any]
 
-#: A sync function run in the database thread, or a coroutine function given the hub
-#: and run on the node's loop (for jobs that read the hub's connections).
-PeriodicJob = Callable[..., Any]
-_PERIODIC: dict[str, tuple[Callable[[], float], PeriodicJob]] = {}
 ControlHandler = Callable[[Hub, dict[str, Any]], None]
-
-
-def register_periodic(name: str, interval: Callable[[], float], job: PeriodicJob) -> None:
-    """Run ``job`` every ``interval()`` seconds in each server process (after a first run).
-
-    Apps register maintenance here from ``AppConfig.ready``; jobs must be safe to run in
-    several processes at once.
-    """
-    if name in _PERIODIC and _PERIODIC[name][1] is not job:
-        raise ValueError(f"periodic job {name!r} is registered already")
-    _PERIODIC[name] = (interval, job)
 
 
 def register_control(action: str, handler: ControlHandler) -> None:
@@ -141,10 +127,7 @@ class Node:
             self.spawn(self._dispatch_loop()),
             self.spawn(self._publish_loop()),
             self.spawn(self._rejoin_loop()),
-            *(
-                self.spawn(self._periodic_loop(name, interval, job))
-                for name, (interval, job) in _PERIODIC.items()
-            ),
+            *(self.spawn(periodic.run_forever(job, self.hub)) for job in periodic.registered()),
         ]
         logger.info("node %s started", self.channel_name)
 
@@ -289,21 +272,6 @@ class Node:
                 await self.layer.group_add(EVENTS_GROUP, self.channel_name or "")
             except Exception:
                 logger.exception("node could not renew its group membership")
-
-    async def _periodic_loop(
-        self, name: str, interval: Callable[[], float], job: PeriodicJob
-    ) -> None:
-        while True:
-            try:
-                if inspect.iscoroutinefunction(job):
-                    await job(self.hub)
-                else:
-                    await database_sync_to_async(job)()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("periodic job %s failed", name)
-            await asyncio.sleep(interval())
 
 
 async def running_hub() -> Hub:
