@@ -24,6 +24,7 @@ from hosts.events import HostMetricsReported
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import RAW_SEND_KEY, bearer_token
 from sysmanage.consumers import TokenBucket
+from sysmanage.control import AgentTook
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.events import publish_control_now, publish_now
 from sysmanage.hub import Hub
@@ -324,7 +325,7 @@ class AgentConsumer(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if ref in self.sent:
             return False
         self.sent.add(ref)
-        publish_control_now("agent_took", ref=ref, host_id=self.host_id)
+        publish_control_now(AgentTook(ref=ref, host_id=str(self.host_id)))
         return True
 
     async def _save_minute(self, finished: tuple[Any, int, dict[str, Any]] | None) -> None:

@@ -16,11 +16,11 @@ class SysmanageConfig(AppConfig):
         from django.conf import settings
 
         from sysmanage import (
+            control,
             receivers,  # noqa: F401
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
         )
-        from sysmanage.node import register_control
         from sysmanage.periodic import register_periodic
 
         register_periodic(
@@ -28,4 +28,4 @@ class SysmanageConfig(AppConfig):
             lambda: settings.WS_RECHECK_SECONDS,
             recheck.periodic_recheck,
         )
-        register_control("recheck_users", recheck.on_recheck_users)
+        control.register(control.RecheckUsers, recheck.on_recheck_users)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from django.db import transaction
 
 from sysmanage import node
+from sysmanage.control import Control
 from sysmanage.node import EventMessage
 from sysmanage.protocol import utc_now_iso
 
@@ -99,9 +100,9 @@ def publish(event: Event) -> None:
     transaction.on_commit(lambda: _deliver(message))
 
 
-def publish_control(action: str, **fields: Any) -> None:
+def publish_control(control: Control) -> None:
     """Ask every node to act on its connections (e.g. close a user's sockets), after commit."""
-    message = {"type": "hub.control", "action": action, **fields}
+    message = control.to_message()
     transaction.on_commit(lambda: node.send_to_nodes(message))
 
 
@@ -110,6 +111,6 @@ def publish_now(event: Event) -> None:
     _deliver(event.to_message())
 
 
-def publish_control_now(action: str, **fields: Any) -> None:
+def publish_control_now(control: Control) -> None:
     """Send a control message to every node at once, outside any transaction."""
-    node.send_to_nodes({"type": "hub.control", "action": action, **fields})
+    node.send_to_nodes(control.to_message())

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Literal, TypedDict
 
 from asgiref.sync import async_to_sync
@@ -26,9 +26,9 @@ from channels.db import database_sync_to_async
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from sysmanage import periodic
+from sysmanage import control, periodic
+from sysmanage.control import ControlMessage
 from sysmanage.hub import Hub
-from sysmanage.protocol import CloseCode, auth_failed_envelope
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,8 @@ class EventMessage(TypedDict):
     timestamp: str
 
 
-#: What travels on the layer: events, and control messages (``"type": "hub.control"``).
-LayerMessage = EventMessage | dict[str, Any]
-
-ControlHandler = Callable[[Hub, dict[str, Any]], None]
-
-
-def register_control(action: str, handler: ControlHandler) -> None:
-    """Make every node call ``handler(hub, message)`` for control messages of ``action``
-    (called on the node's loop; it must not block).  Refuses duplicates."""
-    if action in _CONTROL_HANDLERS and _CONTROL_HANDLERS[action] is not handler:
-        raise ValueError(f"control action {action!r} is registered already")
-    _CONTROL_HANDLERS[action] = handler
+#: What travels on the layer: events, and control messages (:mod:`sysmanage.control`).
+LayerMessage = EventMessage | ControlMessage
 
 
 class Node:
@@ -79,8 +69,9 @@ class Node:
         self.hub = Hub()
         self.channel_name: str | None = None
         self._outbox: asyncio.Queue[LayerMessage] = asyncio.Queue()
-        # Received but not yet fanned out; bounded so a backlog stays in the layer.
-        self._inbox: asyncio.Queue[LayerMessage] = asyncio.Queue(maxsize=INBOX_SIZE)
+        # Received but not yet fanned out; bounded so a backlog stays in the layer.  What
+        # the layer hands over is checked as it is handled, so it is not typed here.
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
@@ -211,24 +202,15 @@ class Node:
             except Exception:
                 logger.exception("node failed to handle a %s message", message.get("type"))
 
-    def handle(self, message: LayerMessage) -> None:
+    def handle(self, message: Mapping[str, Any]) -> None:
         """Act on one layer message: an event to fan out, or a control message."""
         kind = message.get("type")
         if kind == "hub.event":
             self.hub.dispatch(message["channel"], message["data"], message.get("timestamp"))
         elif kind == "hub.control":
-            self.control(message)
+            control.handle(self.hub, message)
         else:
             logger.warning("node ignored a message of unknown type %r", kind)
-
-    def control(self, message: dict[str, Any]) -> None:
-        """Act on a control message: close revoked sockets, nudge agents, wake waiters."""
-        action = message.get("action")
-        handler = _CONTROL_HANDLERS.get(str(action))
-        if handler is None:
-            logger.warning("node ignored unknown control action %r", action)
-            return
-        handler(self.hub, message)
 
     # -- outbound: this process -> layer ---------------------------------------------------
 
@@ -327,42 +309,3 @@ def _warn_if_unshared_layer() -> None:
         "Events published by this process reach no server: the in-memory channel layer "
         "is not shared between processes. Set REDIS_URL to deliver them."
     )
-
-
-def _close_user(hub: Hub, message: dict[str, Any]) -> None:
-    error = auth_failed_envelope(message.get("reason") or "Session revoked")
-    for conn in list(hub.by_user.get(str(message.get("user_id")), ())):
-        conn.close_from_hub(int(message.get("code") or CloseCode.AUTH_FAILED), error)
-
-
-def _close_session(hub: Hub, message: dict[str, Any]) -> None:
-    error = auth_failed_envelope(message.get("reason") or "Logged out")
-    for conn in list(hub.by_session.get(str(message.get("session")), ())):
-        conn.close_from_hub(int(message.get("code") or CloseCode.AUTH_FAILED), error)
-
-
-def _close_agent(hub: Hub, message: dict[str, Any]) -> None:
-    conn = hub.agents.get(str(message.get("host_id")))
-    if conn is not None:
-        conn.close_from_hub(
-            CloseCode.AUTH_FAILED, auth_failed_envelope(message.get("reason") or "Token revoked")
-        )
-
-
-def _agent_dispatch(hub: Hub, message: dict[str, Any]) -> None:
-    conn = hub.agents.get(str(message.get("host_id")))
-    if conn is not None:
-        conn.nudge()
-
-
-def _agent_took(hub: Hub, message: dict[str, Any]) -> None:
-    hub.resolve(f"took:{message.get('ref')}", message)
-
-
-_CONTROL_HANDLERS: dict[str, ControlHandler] = {
-    "close_user": _close_user,
-    "close_session": _close_session,
-    "close_agent": _close_agent,
-    "agent_dispatch": _agent_dispatch,
-    "agent_took": _agent_took,
-}

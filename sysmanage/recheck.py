@@ -31,7 +31,9 @@ from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.utils.crypto import constant_time_compare
 
 from sysmanage import permissions, selectors
+from sysmanage.control import RecheckUsers
 from sysmanage.credentials import fingerprint
+from sysmanage.hub import Hub
 from sysmanage.protocol import CloseCode, auth_failed_envelope
 
 logger = logging.getLogger(__name__)
@@ -169,13 +171,12 @@ class Rechecker:
 _RECHECKERS: weakref.WeakKeyDictionary[Any, Rechecker] = weakref.WeakKeyDictionary()
 
 
-def on_recheck_users(hub: Any, message: dict[str, Any]) -> None:
+def on_recheck_users(hub: Hub, message: RecheckUsers) -> None:
     """Control message ``recheck_users``: recheck those users' sockets (all if no list)."""
     rechecker = _RECHECKERS.get(hub)
     if rechecker is None:
         rechecker = _RECHECKERS[hub] = Rechecker(hub)
-    ids = message.get("user_ids")
-    rechecker.request(None if ids is None else [str(i) for i in ids])
+    rechecker.request(message.user_ids)
 
 
 async def periodic_recheck(hub: Any) -> None:

@@ -56,7 +56,7 @@ def test_revoke_host(published):
     assert selectors.host_for_token(token) is None
     controls = [m for m in published.messages if m.get("action") == "close_agent"]
     assert controls
-    assert controls[0]["host_id"] == str(host.id)
+    assert controls[0]["fields"]["host_id"] == str(host.id)
 
 
 @pytest.mark.parametrize("command", ["rotate_host_token", "revoke_host"])

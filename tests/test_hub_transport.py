@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from sysmanage.control import CloseSession, CloseUser
 from sysmanage.hub import Hub
 from sysmanage.node import Node
 from sysmanage.transport import FALLBACK_QUEUE_FRAMES, Frame, Outbound
@@ -93,15 +94,7 @@ async def test_close_user_reaches_only_that_users_connections():
     target, other = Recorder("a"), Recorder("b")
     hub.register(target)
     hub.register(other)
-    node.handle(
-        {
-            "type": "hub.control",
-            "action": "close_user",
-            "user_id": "a",
-            "reason": "User account is disabled",
-            "code": 4001,
-        }
-    )
+    node.handle(CloseUser(user_id="a", reason="User account is disabled").to_message())
     assert [code for code, _ in target.closed] == [4001]
     assert target.closed[0][1]["data"]["code"] == "AUTH_FAILED"
     assert other.closed == []
@@ -208,15 +201,7 @@ async def test_close_session_reaches_only_that_sessions_sockets():
     mine.session_tag, other.session_tag = "s1", None
     hub.register(mine)
     hub.register(other)
-    node.handle(
-        {
-            "type": "hub.control",
-            "action": "close_session",
-            "session": "s1",
-            "reason": "Logged out",
-            "code": 4001,
-        }
-    )
+    node.handle(CloseSession(session="s1", reason="Logged out").to_message())
     assert [code for code, _ in mine.closed] == [4001]
     assert other.closed == []
     hub.unregister(mine)

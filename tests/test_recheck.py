@@ -18,6 +18,7 @@ from django.test import Client
 from django.utils import timezone
 
 from sysmanage import recheck, selectors
+from sysmanage.control import RecheckUsers
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
 from tests.wsutil import expect_close, open_socket, request, subscribe
@@ -348,7 +349,7 @@ async def test_rechecker_merges_requests_made_while_it_runs(make_user, token_for
 
     monkeypatch.setattr(recheck, "recheck", counting)
     for _ in range(10):
-        recheck.on_recheck_users(Node.current().hub, {"user_ids": [str(user.pk)]})
+        recheck.on_recheck_users(Node.current().hub, RecheckUsers(user_ids=(str(user.pk),)))
     await asyncio.sleep(0.3)
     # one run for the ten requests (None: a periodic run that may fall in between)
     assert [ids for ids in runs if ids is not None] == [{str(user.pk)}]

@@ -184,9 +184,7 @@ def test_deactivating_a_user_publishes_a_revocation(published, make_user):
         {
             "type": "hub.control",
             "action": "close_user",
-            "user_id": str(user.pk),
-            "reason": "User account is disabled",
-            "code": 4001,
+            "fields": {"user_id": str(user.pk), "reason": "User account is disabled", "code": 4001},
         }
     ]
 
