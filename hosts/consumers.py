@@ -20,11 +20,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
-from hosts.events import HostMetricsReported
+from hosts.events import AgentTook, HostMetricsReported
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import RAW_SEND_KEY, bearer_token
 from sysmanage.consumers import TokenBucket
-from sysmanage.control import AgentTook
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.events import publish_control_now, publish_now
 from sysmanage.hub import Hub

@@ -17,6 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from hosts.events import (
+    CommandFinished,
     HostMetricsReported,
     HostStatusChanged,
     command_event,
@@ -231,6 +232,7 @@ def command_finish(
         execution.finished_at = timezone.now()
         execution.save()
         publish(command_event(execution))
+        publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
     return execution
 

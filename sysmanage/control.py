@@ -206,16 +206,6 @@ class AgentDispatch(Control):
     host_id: str
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AgentTook(Control):
-    """An agent was sent the command or package operation ``ref``."""
-
-    action = "agent_took"
-
-    ref: str
-    host_id: str
-
-
 def close_user(hub: Hub, message: CloseUser) -> None:
     """Close the user's sockets in this process."""
     error = auth_failed_envelope(message.reason)
@@ -244,13 +234,7 @@ def agent_dispatch(hub: Hub, message: AgentDispatch) -> None:
         conn.nudge()
 
 
-def agent_took(hub: Hub, message: AgentTook) -> None:
-    """Wake whoever in this process waits for ``ref`` to be taken."""
-    hub.resolve(f"took:{message.ref}", {"ref": message.ref, "host_id": message.host_id})
-
-
 register(CloseUser, close_user)
 register(CloseSession, close_session)
 register(CloseAgent, close_agent)
 register(AgentDispatch, agent_dispatch)
-register(AgentTook, agent_took)

@@ -12,7 +12,6 @@ once per process instead of once per connection is what lets fan-out keep up (se
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -50,7 +49,6 @@ class Hub:
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
         self.by_session: dict[str, set[Subscriber]] = defaultdict(set)
         self.agents: dict[str, Subscriber] = {}
-        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = defaultdict(list)
         # channel -> its last payload, for the topics that drop repeated events
         self._last: dict[str, dict[str, Any]] = {}
         self.stats = {"events": 0, "deliveries": 0, "frames": 0}
@@ -92,26 +90,6 @@ class Hub:
             del self.agents[host_id]
             return True
         return False
-
-    def wait_for(self, key: str) -> asyncio.Future[dict[str, Any]]:
-        """A future resolved by :meth:`resolve` for ``key`` (e.g. an execution's end)."""
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters[key].append(future)
-        future.add_done_callback(lambda f: self._forget_waiter(key, f))
-        return future
-
-    def resolve(self, key: str, value: dict[str, Any]) -> None:
-        """Resolve every waiter of ``key`` with ``value``."""
-        for future in self._waiters.pop(key, ()):
-            if not future.done():
-                future.set_result(value)
-
-    def _forget_waiter(self, key: str, future: asyncio.Future[dict[str, Any]]) -> None:
-        waiters = self._waiters.get(key)
-        if waiters and future in waiters:
-            waiters.remove(future)
-            if not waiters:
-                del self._waiters[key]
 
     def subscribe(self, conn: Subscriber, channel: str, filters: Filters) -> None:
         """Subscribe ``conn`` to ``channel``, replacing any filters it had there."""
@@ -157,8 +135,6 @@ class Hub:
             if topic.repeats(self._last.get(channel), data):
                 return 0
             self._last[channel] = data
-        if data.get("final") and data.get("execution_id"):
-            self.resolve(f"done:{data['execution_id']}", data)
         self.stats["events"] += 1
         hosts = self._index.get(channel)
         if not hosts:

@@ -19,11 +19,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import services
-from hosts.events import HostMetricsReported
+from hosts.events import AgentTook, HostMetricsReported
 from hosts.models import Host, HostInventory, InventoryKind
 from hosts.smagent import deliveries, enrollment, protocol
 from hosts.smagent.protocol import AgentProtocolError
-from sysmanage.control import AgentTook
 from sysmanage.events import publish_control_now, publish_now
 from sysmanage.protocol import iso
 
