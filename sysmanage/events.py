@@ -72,8 +72,9 @@ def listen(event_name: str, listener: Listener) -> None:
     """Call ``listener(data)`` in the publishing process whenever ``event_name`` is published.
 
     Higher apps react to lower apps' events this way (alerts to metrics, for instance).
-    A listener runs where the event was published: after commit in a worker thread, or
-    on the event loop for :func:`publish_now`, where it must not block.
+    Listeners may block and use the database: they run after commit, in publication
+    order, in the thread that published the event, except on the node's event loop
+    (:func:`publish_now` of live metrics), where they run in the database thread instead.
     """
     if event_name not in _REGISTRY:
         raise ValueError(f"unknown event {event_name!r}")
@@ -82,11 +83,22 @@ def listen(event_name: str, listener: Listener) -> None:
 
 
 def _notify(message: EventMessage) -> None:
-    for listener in _LISTENERS.get(message.get("event", ""), ()):
+    listeners = tuple(_LISTENERS.get(message["event"], ()))
+    if not listeners:
+        return
+    current = node.Node.current()
+    if current is not None and current.owns_current_thread():
+        current.run_in_background(_call_listeners, listeners, message)
+    else:
+        _call_listeners(listeners, message)
+
+
+def _call_listeners(listeners: tuple[Listener, ...], message: EventMessage) -> None:
+    for listener in listeners:
         try:
             listener(message["data"])
         except Exception:
-            logger.exception("listener of %s failed", message.get("event"))
+            logger.exception("listener of %s failed", message["event"])
 
 
 def _deliver(message: EventMessage) -> None:
