@@ -11,6 +11,8 @@ class AlertsConfig(AppConfig):
 
     def ready(self) -> None:
         """Provide fleet figures, judge metrics and host states, take alert commands."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from alerts import commands, evaluation, selectors

@@ -11,6 +11,8 @@ class HostsConfig(AppConfig):
 
     def ready(self) -> None:
         """Plug the hosts app into the protocol core: snapshots, filter checks, commands."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from hosts import commands, maintenance, selectors

@@ -13,6 +13,8 @@ class SysmanageConfig(AppConfig):
     def ready(self) -> None:
         """Connect the revocation receivers, the recheck of open sockets and the OpenAPI
         description of the authentication."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from sysmanage import (

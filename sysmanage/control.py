@@ -17,7 +17,6 @@ end: ``hosts.apps``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import types
 import typing
@@ -50,7 +49,7 @@ class Control:
     """Base of every control message: a unique action name and typed fields.
 
     Fields may be ``str``, ``int``, ``bool``, ``None``, ``tuple[str, ...]`` and unions
-    of those: what the channel layer carries unchanged.
+    of those: what the channel layer carries (a tuple arrives as a list, turned back).
     """
 
     action: ClassVar[str]
@@ -86,9 +85,14 @@ class Control:
         return {"type": "hub.control", "action": self.action, "fields": fields}
 
 
-@functools.cache
+_HINTS: dict[type[Control], dict[str, Any]] = {}
+
+
 def _field_hints(kind: type[Control]) -> dict[str, Any]:
-    return typing.get_type_hints(kind)
+    hints = _HINTS.get(kind)
+    if hints is None:
+        hints = _HINTS[kind] = typing.get_type_hints(kind)
+    return hints
 
 
 def _conforms(value: object, hint: object) -> bool:

@@ -61,8 +61,8 @@ def _request_update() -> None:
     if node is not None and node.accepts_messages():
         if node.owns_current_thread():
             coalescer_for(node).request()
-        else:
-            node.call_soon_threadsafe(coalescer_for(node).request)
+        else:  # the coalescer is made and used on the node's loop only
+            node.call_soon_threadsafe(lambda: coalescer_for(node).request())
         return
     publish_now(FleetStatusUpdated(**fleet_stats()))
 
