@@ -11,13 +11,15 @@ class AlertsConfig(AppConfig):
 
     def ready(self) -> None:
         """Provide fleet figures, judge metrics and host states, take alert commands."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from alerts import commands, evaluation, selectors
         from sysmanage import commands as command_registry
         from sysmanage import topics
         from sysmanage.events import listen
-        from sysmanage.hub import register_periodic
+        from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("fleet_status", selectors.fleet_stats)
         listen("host.metrics_reported", evaluation.on_metrics)

@@ -2,8 +2,8 @@
 Wiring of alert rules to the events of the hosts app.
 
 Metrics reports are judged in memory by this process's :class:`~alerts.rules.RuleEngine`;
-only verdicts reach the database, in the background.  Host status changes raise and
-resolve the "host offline" alerts.
+only verdicts reach the database.  Host status changes raise and resolve the "host
+offline" alerts.  Both listeners run off the event loop (:func:`sysmanage.events.listen`).
 """
 
 from __future__ import annotations
@@ -87,23 +87,12 @@ def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
 
 def on_metrics(data: dict[str, Any]) -> None:
     """Listener of ``host.metrics_reported``: judge in memory, write only verdicts."""
-    from sysmanage.hub import Hub
-
-    hub = Hub.current()
-    in_loop = hub is not None and hub.owns_current_thread()
     if ENGINE.rules is None:
-        if in_loop:
-            hub.run_in_background(reload_rules)  # type: ignore[union-attr]
-            return
         reload_rules()
     verdicts = ENGINE.observe(
         data["host_id"], data.get("hostname", ""), data.get("metrics") or {}, data.get("cpu_count")
     )
-    if not verdicts:
-        return
-    if in_loop:
-        hub.run_in_background(apply_verdicts, verdicts)  # type: ignore[union-attr]
-    else:
+    if verdicts:
         apply_verdicts(verdicts)
 
 

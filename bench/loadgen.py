@@ -227,7 +227,7 @@ class LayerPublisher:
         from django.conf import settings
 
         from hosts.events import HostMetricsReported
-        from sysmanage.events import EVENTS_GROUP
+        from sysmanage.node import EVENTS_GROUP
 
         if not settings.REDIS_URL:
             raise SystemExit("real mode needs REDIS_URL: the in-memory layer is per process")

@@ -11,17 +11,22 @@ class HostsConfig(AppConfig):
 
     def ready(self) -> None:
         """Plug the hosts app into the protocol core: snapshots, filter checks, commands."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from hosts import commands, maintenance, selectors
+        from hosts.events import AgentTook, CommandFinished
         from sysmanage import commands as command_registry
-        from sysmanage import topics
-        from sysmanage.hub import register_periodic
+        from sysmanage import control, topics
+        from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)
         command_registry.register("command_execution", commands.handle_command)
         command_registry.register("package_operations", commands.handle_package_operation)
+        control.register(AgentTook, commands.on_agent_took)
+        control.register(CommandFinished, commands.on_command_finished)
         register_periodic(
             "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.sweep
         )

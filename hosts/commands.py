@@ -4,6 +4,12 @@
 Each checks the request, checks permission, records the request with who made it, and
 hands it to the host's agent.  A host that is unknown, offline or has no agent
 connection gets the seed's ``COMMAND_FAILED`` at once.
+
+The request waits in the process that took it, whichever process holds the host's
+agent: for :class:`~hosts.events.AgentTook` (the agent was sent it) and, for a shell
+command, :class:`~hosts.events.CommandFinished` (its result is stored).  Both are
+control messages to every process; :func:`wait_for` and the two handlers below, which
+``hosts.apps`` registers, tie them to the waiting request by an :class:`Awaited` key.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from hosts import delivery, selectors, services
 from hosts.delivery import WorkKind
+from hosts.events import AgentTook, CommandFinished
 from hosts.models import (
     ExecutionStatus,
     Host,
@@ -28,11 +35,57 @@ from hosts.models import (
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
 from sysmanage.hub import Hub
+from sysmanage.node import Node
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
 
 MAX_COMMAND_LENGTH = 4096
 MAX_TIMEOUT = 3600
+
+
+@dataclass(frozen=True)
+class Awaited:
+    """What a request waits for: its command or operation ``ref`` ``taken`` by an agent,
+    or command ``ref`` ``finished``."""
+
+    what: Literal["taken", "finished"]
+    ref: str
+
+
+_WAITERS: dict[Awaited, list[asyncio.Future[None]]] = {}
+
+
+def wait_for(key: Awaited) -> asyncio.Future[None]:
+    """A future done when this process hears of ``key`` (start waiting before the
+    request is recorded, so that the news cannot come first)."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    _WAITERS.setdefault(key, []).append(future)
+    future.add_done_callback(lambda done: _forget(key, done))
+    return future
+
+
+def _resolve(key: Awaited) -> None:
+    for future in _WAITERS.pop(key, ()):
+        if not future.done():
+            future.set_result(None)
+
+
+def _forget(key: Awaited, future: asyncio.Future[None]) -> None:
+    waiters = _WAITERS.get(key)
+    if waiters and future in waiters:
+        waiters.remove(future)
+        if not waiters:
+            del _WAITERS[key]
+
+
+def on_agent_took(hub: Hub, message: AgentTook) -> None:
+    """Control message ``agent_took``: wake the request waiting for ``ref`` here."""
+    _resolve(Awaited("taken", message.ref))
+
+
+def on_command_finished(hub: Hub, message: CommandFinished) -> None:
+    """Control message ``command_finished``: wake the request waiting for its result here."""
+    _resolve(Awaited("finished", message.execution_id))
 
 
 @dataclass(frozen=True)
@@ -125,10 +178,10 @@ def _delivery_window(host: Host) -> float:
     return delivery.policy_for(host.agent_kind).window()
 
 
-async def _handed_over(hub: Hub, ref: str, seconds: float) -> bool:
+async def _handed_over(ref: str, seconds: float) -> bool:
     """Wait until the server process holding the host's agent confirms it sent ``ref``."""
     try:
-        await asyncio.wait_for(hub.wait_for(f"took:{ref}"), seconds)
+        await asyncio.wait_for(wait_for(Awaited("taken", ref)), seconds)
     except TimeoutError:
         return False
     return True
@@ -175,10 +228,10 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     request = parse_command(message)
     await _require_permission(context, message)
     host = await _reachable_host(message, request.host_id)
-    hub = await Hub.for_running_loop()
+    await Node.for_running_loop()  # this process hears the control messages awaited
     execution_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(hub, execution_id, _delivery_window(host)))
-    finished = hub.wait_for(f"done:{execution_id}")
+    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", execution_id))
     execution = await database_sync_to_async(services.command_create)(
         host=host,
         command=request.command,
@@ -208,19 +261,19 @@ async def _fail_command(execution_id: str, host: Host, why: str) -> None:
 
 
 async def _wait_for_result(
-    finished: asyncio.Future[dict[str, Any]], execution: Any, host: Host
+    finished: asyncio.Future[None], execution: Any, host: Host
 ) -> dict[str, Any]:
-    """The final event of ``execution``; times it out if the agent never answers."""
+    """``execution`` as it ended; times it out if the agent never answers."""
     limit = execution.timeout + settings.COMMAND_RESULT_GRACE_SECONDS
     try:
-        return await asyncio.wait_for(finished, limit)
+        await asyncio.wait_for(finished, limit)
     except TimeoutError:
         await database_sync_to_async(services.command_record_result)(
             execution_id=execution.id,
             host_id=host.id,
             result={"status": ExecutionStatus.TIMEOUT, "error": "No result from the agent in time"},
         )
-        return await database_sync_to_async(selectors.command_event_data)(execution.id)
+    return await database_sync_to_async(selectors.command_event_data)(execution.id)
 
 
 def _response_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -268,9 +321,9 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     host_id, operation, package = parse_package_operation(message)
     await _require_permission(context, message)
     host = await _reachable_host(message, host_id)
-    hub = await Hub.for_running_loop()
+    await Node.for_running_loop()  # this process hears the control messages awaited
     operation_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(hub, operation_id, _delivery_window(host)))
+    taken = asyncio.ensure_future(_handed_over(operation_id, _delivery_window(host)))
     record = await database_sync_to_async(services.package_operation_create)(
         host=host,
         operation=operation,

@@ -18,11 +18,12 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
+from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.events import publish_control_now
-from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import (
     CloseCode,
     ErrorCode,
@@ -66,7 +67,7 @@ class AgentConsumer(Connection):
         self.aggregator = MinuteAggregator()
         self.sent: set[str] = set()
         self.last_seen = services.LastSeen(self.host_id)
-        self.hub = await Hub.for_running_loop()
+        self.hub = await running_hub()
         previous = self.hub.register_agent(self.host_id, self)
         if previous is not None:
             previous.close_from_hub(
@@ -268,7 +269,7 @@ class AgentConsumer(Connection):
         if ref in self.sent:
             return False
         self.sent.add(ref)
-        publish_control_now("agent_took", ref=ref, host_id=self.host_id)
+        publish_control_now(AgentTook(ref=ref, host_id=str(self.host_id)))
         return True
 
     async def _save_minute(self, finished: tuple[Any, int, dict[str, Any]] | None) -> None:

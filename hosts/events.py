@@ -1,10 +1,11 @@
-"""Events of the hosts app."""
+"""Events of the hosts app, and its control messages about commands."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from sysmanage.control import Control
 from sysmanage.events import Event
 
 if TYPE_CHECKING:
@@ -79,6 +80,25 @@ class PackageOperationUpdated(Event):
     progress: int
     message: str
     final: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgentTook(Control):
+    """An agent was sent the command or package operation ``ref`` (``hosts.commands``)."""
+
+    action = "agent_took"
+
+    ref: str
+    host_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommandFinished(Control):
+    """Command ``execution_id`` ended, its result stored (``hosts.commands``)."""
+
+    action = "command_finished"
+
+    execution_id: str
 
 
 def command_event(execution: CommandExecution) -> CommandExecutionUpdated:

@@ -54,13 +54,13 @@ def agent_recheck() -> None:
     were lost.
     """
     from hosts.models import CommandExecution, Host, PackageOperation
-    from sysmanage.hub import Hub
+    from sysmanage.node import Node
     from sysmanage.protocol import CloseCode, auth_failed_envelope
 
-    hub = Hub.current()
-    if hub is None or not hub.agents:
+    node = Node.current()
+    if node is None or not node.hub.agents:
         return
-    connected = list(hub.agents.items())  # a snapshot; the loop may change the dict
+    connected = list(node.hub.agents.items())  # a snapshot; the loop may change the dict
     ids = [host_id for host_id, _ in connected]
     tokens = dict(Host.objects.filter(id__in=ids).values_list("id", "token_hash"))
     waiting = set(
@@ -75,10 +75,10 @@ def agent_recheck() -> None:
     for host_id, conn in connected:
         token_hash = tokens.get(uuid.UUID(host_id))
         if not token_hash or token_hash != getattr(conn, "token_hash", None):
-            hub.call_soon_threadsafe(
+            node.call_soon_threadsafe(
                 conn.close_from_hub,
                 CloseCode.AUTH_FAILED,
                 auth_failed_envelope("Agent token was revoked or rotated"),
             )
         elif uuid.UUID(host_id) in waiting:
-            hub.call_soon_threadsafe(conn.nudge)
+            node.call_soon_threadsafe(conn.nudge)

@@ -17,6 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from hosts.events import (
+    CommandFinished,
     HostMetricsReported,
     HostStatusChanged,
     command_event,
@@ -35,6 +36,7 @@ from hosts.models import (
 )
 from hosts.tokens import new_token, token_digest
 from sysmanage.audit import Actor, audit
+from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
@@ -72,7 +74,7 @@ def host_delete(*, host: Host) -> None:
     with transaction.atomic():
         host_id = str(host.id)
         host.delete()
-        publish_control("close_agent", host_id=host_id, reason="Host was deleted")
+        publish_control(CloseAgent(host_id=host_id, reason="Host was deleted"))
         fleet_changed()
 
 
@@ -105,7 +107,7 @@ def host_rotate_token(*, host_id: Any, actor: Actor | None = None) -> tuple[Host
                 "new token only by registering again with a registration key"
             )
         token = _issue_token(host)
-        publish_control("close_agent", host_id=str(host.id), reason="Agent token was rotated")
+        publish_control(CloseAgent(host_id=str(host.id), reason="Agent token was rotated"))
         audit("host_token_rotated", actor, host_id=str(host.id), hostname=host.hostname)
     return host, token
 
@@ -117,7 +119,7 @@ def host_revoke_token(*, host_id: Any, actor: Actor | None = None) -> Host:
         host.token_hash = ""
         host.token_revoked_at = timezone.now()
         host.save(update_fields=["token_hash", "token_revoked_at", "updated_at"])
-        publish_control("close_agent", host_id=str(host.id), reason="Agent token was revoked")
+        publish_control(CloseAgent(host_id=str(host.id), reason="Agent token was revoked"))
         audit("host_token_revoked", actor, host_id=str(host.id), hostname=host.hostname)
     return host
 
@@ -201,7 +203,7 @@ def command_create(
             request_id=request_id,
         )
         publish(command_event(execution))
-        publish_control("agent_dispatch", host_id=str(host.id))
+        publish_control(AgentDispatch(host_id=str(host.id)))
         audit(
             "command_run",
             actor,
@@ -237,6 +239,7 @@ def command_finish(
         execution.finished_at = timezone.now()
         execution.save()
         publish(command_event(execution))
+        publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
     return execution
 
@@ -260,7 +263,7 @@ def package_operation_create(
             requested_by=user,
         )
         publish(operation_event(record))
-        publish_control("agent_dispatch", host_id=str(host.id))
+        publish_control(AgentDispatch(host_id=str(host.id)))
         audit(
             "package_operation_started",
             actor,

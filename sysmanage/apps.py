@@ -13,18 +13,21 @@ class SysmanageConfig(AppConfig):
     def ready(self) -> None:
         """Connect the revocation receivers, the recheck of open sockets and the OpenAPI
         description of the authentication."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from sysmanage import (
+            control,
             receivers,  # noqa: F401
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
         )
-        from sysmanage.hub import register_control, register_periodic
+        from sysmanage.periodic import register_periodic
 
         register_periodic(
             "sysmanage.socket_recheck",
             lambda: settings.WS_RECHECK_SECONDS,
             recheck.periodic_recheck,
         )
-        register_control("recheck_users", recheck.on_recheck_users)
+        control.register(control.RecheckUsers, recheck.on_recheck_users)

@@ -20,7 +20,7 @@ django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 # Imported after Django is set up: these modules use the models.
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from sysmanage.events import mark_server_process  # noqa: E402
+from sysmanage.node import mark_server_process  # noqa: E402
 from sysmanage.routing import websocket_urlpatterns  # noqa: E402
 from sysmanage.singleton import ensure_single_process_on_memory_layer  # noqa: E402
 

@@ -20,7 +20,7 @@ from django.conf import settings
 from sysmanage import admission, commands, permissions
 from sysmanage.auth import SocketCredentials, authenticate_socket, seconds_until
 from sysmanage.connection import Connection
-from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import (
     ClientMessage,
     CloseCode,
@@ -71,7 +71,7 @@ class ClientConsumer(Connection):
             return
         self._adopt(credentials, read_at)
         try:
-            self.hub = await Hub.for_running_loop()
+            self.hub = await running_hub()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing the connection")
             await self._close_with(

@@ -2,7 +2,7 @@
 Fleet status: the fleet-wide counts on the ``fleet_status`` channel.
 
 Services call :func:`fleet_changed` whenever a count may have moved.  In a server
-process the hub coalesces those calls to at most one recomputation per
+process a :class:`FleetCoalescer` turns those calls into at most one recomputation per
 ``FLEET_STATUS_MIN_INTERVAL`` and publishes only when a figure really changed; in any
 other process (a management command) the figures are published at once.  The counts
 are always read from the database, so they stay right across processes and restarts.
@@ -10,14 +10,22 @@ are always read from the database, so they stay right across processes and resta
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import logging
+import time
+import weakref
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.db import transaction
 
-from sysmanage.events import Event, send_to_hubs
-from sysmanage.topics import snapshot_provider
+from sysmanage.events import Event, publish_now
+from sysmanage.node import Node
+from sysmanage.topics import TOPICS, snapshot_provider
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,38 +51,65 @@ def fleet_stats() -> dict[str, Any]:
     return dict(provider({}))
 
 
-def same_figures(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """Whether two fleet statuses have the same figures (``last_updated`` aside)."""
-    if a is None:
-        return False
-    return all(a.get(k) == v for k, v in b.items() if k != "last_updated")
-
-
 def fleet_changed() -> None:
     """Note, after the current transaction commits, that fleet counts may have changed."""
     transaction.on_commit(_request_update)
 
 
 def _request_update() -> None:
-    from sysmanage.hub import Hub
-
-    hub = Hub.current()
-    if hub is not None and hub.accepts_messages():
-        if hub.owns_current_thread():
-            hub.fleet.request()
-        else:
-            hub.call_soon_threadsafe(hub.fleet.request)
+    node = Node.current()
+    if node is not None and node.accepts_messages():
+        if node.owns_current_thread():
+            coalescer_for(node).request()
+        else:  # the coalescer is made and used on the node's loop only
+            node.call_soon_threadsafe(lambda: coalescer_for(node).request())
         return
-    send_to_hubs(FleetStatusUpdated(**fleet_stats()).to_message())
+    publish_now(FleetStatusUpdated(**fleet_stats()))
 
 
-async def apublish_if_changed(last_sent: dict[str, Any] | None) -> bool:
-    """Recompute the counts and publish them if they differ from ``last_sent``."""
-    from sysmanage.hub import Hub
+class FleetCoalescer:
+    """Publishes fleet status when it changes, at most once per interval per process."""
 
-    stats = await database_sync_to_async(fleet_stats)()
-    if same_figures(last_sent, stats):
-        return False
-    hub = await Hub.for_running_loop()
-    hub.enqueue_publish(FleetStatusUpdated(**stats).to_message())
-    return True
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._last_time = 0.0
+        self._pending = False
+
+    def request(self) -> None:
+        """Note that fleet figures may have changed; recompute them soon (on the loop)."""
+        if self._pending:
+            return
+        self._pending = True
+        interval = settings.FLEET_STATUS_MIN_INTERVAL
+        delay = max(0.0, self._last_time + interval - time.monotonic())
+        self.node.loop.call_later(
+            delay, lambda: self.node.spawn(self._run()), context=contextvars.Context()
+        )
+
+    async def _run(self) -> None:
+        self._pending = False
+        self._last_time = time.monotonic()
+        try:
+            await self.publish_if_changed()
+        except Exception:
+            logger.exception("could not compute fleet status")
+
+    async def publish_if_changed(self) -> bool:
+        """Recompute the counts and publish them if they differ from the last ones seen
+        on the channel, from any process."""
+        stats = await database_sync_to_async(fleet_stats)()
+        if TOPICS["fleet_status"].repeats(self.node.hub.last_delivered("fleet_status"), stats):
+            return False
+        self.node.enqueue_publish(FleetStatusUpdated(**stats).to_message())
+        return True
+
+
+_COALESCERS: weakref.WeakKeyDictionary[Node, FleetCoalescer] = weakref.WeakKeyDictionary()
+
+
+def coalescer_for(node: Node) -> FleetCoalescer:
+    """The fleet coalescer of ``node``'s process."""
+    coalescer = _COALESCERS.get(node)
+    if coalescer is None:
+        coalescer = _COALESCERS[node] = FleetCoalescer(node)
+    return coalescer

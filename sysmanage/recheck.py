@@ -17,6 +17,8 @@ hub's loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 import weakref
@@ -29,7 +31,9 @@ from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.utils.crypto import constant_time_compare
 
 from sysmanage import permissions, selectors
+from sysmanage.control import RecheckUsers
 from sysmanage.credentials import fingerprint
+from sysmanage.hub import Hub
 from sysmanage.protocol import CloseCode, auth_failed_envelope
 
 logger = logging.getLogger(__name__)
@@ -150,7 +154,9 @@ class Rechecker:
         else:
             self.pending.update(str(u) for u in user_ids)
         if self.task is None or self.task.done():
-            self.task = self.hub.spawn(self._drain())
+            # A fresh context, as for the node's own tasks: the run belongs to no request.
+            loop = asyncio.get_running_loop()
+            self.task = loop.create_task(self._drain(), context=contextvars.Context())
 
     async def _drain(self) -> None:
         while self.everyone or self.pending:
@@ -165,13 +171,12 @@ class Rechecker:
 _RECHECKERS: weakref.WeakKeyDictionary[Any, Rechecker] = weakref.WeakKeyDictionary()
 
 
-def on_recheck_users(hub: Any, message: dict[str, Any]) -> None:
+def on_recheck_users(hub: Hub, message: RecheckUsers) -> None:
     """Control message ``recheck_users``: recheck those users' sockets (all if no list)."""
     rechecker = _RECHECKERS.get(hub)
     if rechecker is None:
         rechecker = _RECHECKERS[hub] = Rechecker(hub)
-    ids = message.get("user_ids")
-    rechecker.request(None if ids is None else [str(i) for i in ids])
+    rechecker.request(message.user_ids)
 
 
 async def periodic_recheck(hub: Any) -> None:

@@ -7,9 +7,9 @@ from typing import Any
 
 from django.utils import timezone
 
+from sysmanage.control import CloseSession, CloseUser, RecheckUsers
 from sysmanage.credentials import FINGERPRINT_CLAIM, fingerprint
 from sysmanage.events import publish_control
-from sysmanage.protocol import CloseCode
 
 
 def session_tag(session_key: str) -> str:
@@ -19,17 +19,12 @@ def session_tag(session_key: str) -> str:
 
 def user_sessions_revoke(*, user_id: str, reason: str) -> None:
     """Close every open WebSocket of ``user_id`` in every server process, after commit."""
-    publish_control("close_user", user_id=user_id, reason=reason, code=int(CloseCode.AUTH_FAILED))
+    publish_control(CloseUser(user_id=str(user_id), reason=reason))
 
 
 def session_sockets_close(*, session_key: str, reason: str) -> None:
     """Close every open WebSocket authenticated by this Django session, after commit."""
-    publish_control(
-        "close_session",
-        session=session_tag(session_key),
-        reason=reason,
-        code=int(CloseCode.AUTH_FAILED),
-    )
+    publish_control(CloseSession(session=session_tag(session_key), reason=reason))
 
 
 def _issued_for(stored_token: str) -> str | None:
@@ -81,5 +76,5 @@ def user_access_recheck(*, user_ids: list[str] | None) -> None:
     everyone) against the database, after commit: their flags, permissions or groups
     changed."""
     publish_control(
-        "recheck_users", user_ids=None if user_ids is None else [str(u) for u in user_ids]
+        RecheckUsers(user_ids=None if user_ids is None else tuple(str(u) for u in user_ids))
     )

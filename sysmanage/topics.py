@@ -42,6 +42,9 @@ class Topic:
     #: whether what a subscriber sees of an event depends on who they are (the hub then
     #: asks :meth:`audience` per subscriber and frames each audience once).
     per_viewer: ClassVar[bool] = False
+    #: whether an event that only repeats the last one of the channel is dropped (the hub
+    #: then keeps the channel's last payload and asks :meth:`repeats` per event).
+    drops_repeats: ClassVar[bool] = False
 
     def authorize(self, user: Any) -> str | None:
         """Return why ``user`` may not subscribe, or None if it may."""
@@ -96,6 +99,11 @@ class Topic:
     ) -> dict[str, Any]:
         """The payload for a subscriber with ``filters`` in ``audience``."""
         return self.render(filters, data)
+
+    def repeats(self, last: dict[str, Any] | None, data: dict[str, Any]) -> bool:
+        """(``drops_repeats`` topics) whether ``data`` tells nothing that ``last``, the
+        channel's previous payload, did not."""
+        return False
 
 
 def parse_uuid(value: Any) -> str:
@@ -228,10 +236,18 @@ class FleetStatusTopic(Topic):
 
     name = "fleet_status"
     sends_initial_state = True
+    drops_repeats = True
 
     def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
         """Every fleet event goes to every subscriber."""
         return True
+
+    def repeats(self, last: dict[str, Any] | None, data: dict[str, Any]) -> bool:
+        """The same figures as ``last`` (``last_updated`` aside): several processes may
+        count the same change, and subscribers need to hear of it once."""
+        if last is None:
+            return False
+        return all(last.get(k) == v for k, v in data.items() if k != "last_updated")
 
 
 TOPICS: dict[str, Topic] = {

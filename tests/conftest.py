@@ -10,7 +10,7 @@ import pytest
 from channels.layers import channel_layers
 from django.contrib.auth import get_user_model
 
-from sysmanage.hub import Hub
+from sysmanage.node import Node
 
 PASSWORD = "correct horse battery staple"
 
@@ -33,11 +33,11 @@ def _no_failed_handshakes_carried_over():
 
 @pytest.fixture(autouse=True)
 def _fresh_layer_and_hub():
-    """Each test gets a new in-memory layer and starts its own hub on its own loop."""
+    """Each test gets a new in-memory layer and starts its own node on its own loop."""
     channel_layers.backends.clear()
-    Hub._current = None
+    Node._current = None
     yield
-    Hub._current = None
+    Node._current = None
     channel_layers.backends.clear()
 
 
@@ -92,12 +92,10 @@ def token_for():
 @pytest.fixture
 def published(monkeypatch, django_capture_on_commit_callbacks):
     """Capture the layer messages that services publish (after commit), in order."""
-    import sysmanage.events
-    import sysmanage.fleet
+    import sysmanage.node
 
     messages: list[dict] = []
-    monkeypatch.setattr(sysmanage.events, "send_to_hubs", messages.append)
-    monkeypatch.setattr(sysmanage.fleet, "send_to_hubs", messages.append)
+    monkeypatch.setattr(sysmanage.node, "send_to_nodes", messages.append)
 
     class Capture:
         def __init__(self):

@@ -65,10 +65,11 @@ def test_the_sysmanage_agent_app_registers_its_delivery_policy_and_expiry_job():
     from hosts import delivery
     from hosts.models import AgentKind
     from hosts.smagent import deliveries, maintenance
-    from sysmanage import hub
+    from sysmanage import periodic
 
     assert delivery.policy_for(AgentKind.SYSMANAGE) is deliveries.POLICY
     assert delivery.policy_for(AgentKind.NATIVE) is delivery.CONNECTED_AGENT
     with pytest.raises(ValueError, match="registered already"):
         delivery.register(AgentKind.SYSMANAGE, delivery.CONNECTED_AGENT)
-    assert hub._PERIODIC["smagent.expire"][1] is maintenance.expire
+    jobs = {job.name: job.job for job in periodic.registered()}
+    assert jobs["smagent.expire"] is maintenance.expire

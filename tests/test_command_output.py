@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 from hosts import services as host_services
 from hosts.models import ExecutionStatus, OperationStatus
 from sysmanage import recheck
-from sysmanage.hub import Hub
+from sysmanage.node import Node
 from tests.conftest import PASSWORD
 from tests.wsutil import next_event, open_socket, subscribe
 
@@ -135,7 +135,7 @@ async def test_command_execution_events_carry_output_only_for_those_who_may_see_
                 assert "hunter2" not in str(event)
         assert events[1]["data"]["stdout"] == (OUTPUT if visible else None)
     # three subscribers in one bucket, two audiences: two frames per event
-    assert Hub.current().stats["frames"] == 4
+    assert Node.current().hub.stats["frames"] == 4
     for comm in sockets.values():
         await comm.disconnect()
 
@@ -158,7 +158,7 @@ async def test_losing_the_permission_hides_output_from_the_next_events(make_user
             permission__in=Permission.objects.filter(codename="view_command_output"),
         ).delete
     )()  # no signal: the recheck finds it
-    await recheck.recheck(Hub.current())
+    await recheck.recheck(Node.current().hub)
     await database_sync_to_async(ran_command)(alice)
     event = await next_event(comm, "command_execution")
     assert event["data"]["redacted"] is True

@@ -148,15 +148,15 @@ async def test_deactivating_a_user_closes_its_sockets(make_user, token_for):
 
 
 async def test_unreachable_channel_layer_is_reported(make_user, token_for, monkeypatch):
-    from sysmanage.hub import Hub
+    from sysmanage.node import Node
 
     async def broken_start(self):
         raise ConnectionError("layer down")
 
-    monkeypatch.setattr(Hub, "start", broken_start)
+    monkeypatch.setattr(Node, "start", broken_start)
     user = await database_sync_to_async(make_user)()
     comm = await open_socket("/ws", token=token_for(user))
     error = await comm.receive_json_from(timeout=3)
     assert error["data"]["code"] == "SERVICE_UNAVAILABLE"
     assert await expect_close(comm) == 4503
-    assert Hub.current() is None  # the next connection tries again
+    assert Node.current() is None  # the next connection tries again

@@ -56,7 +56,7 @@ def test_revoke_host(published):
     assert selectors.host_for_token(token) is None
     controls = [m for m in published.messages if m.get("action") == "close_agent"]
     assert controls
-    assert controls[0]["host_id"] == str(host.id)
+    assert controls[0]["fields"]["host_id"] == str(host.id)
 
 
 @pytest.mark.parametrize("command", ["rotate_host_token", "revoke_host"])
@@ -150,3 +150,18 @@ def test_metric_samples_merge_within_a_minute():
 def test_malformed_metrics_are_refused(bad):
     with pytest.raises(MetricsError):
         clean_metrics(bad)
+
+
+async def test_a_request_waits_for_the_news_of_its_own_command_only():
+    from hosts import commands
+    from hosts.events import AgentTook, CommandFinished
+
+    taken = commands.wait_for(commands.Awaited("taken", "c1"))
+    finished = commands.wait_for(commands.Awaited("finished", "c1"))
+    commands.on_command_finished(None, CommandFinished(execution_id="c2"))
+    commands.on_agent_took(None, AgentTook(ref="c1", host_id="h"))
+    assert taken.done()
+    assert not finished.done()
+    commands.on_command_finished(None, CommandFinished(execution_id="c1"))
+    assert finished.done()
+    assert commands._WAITERS == {}

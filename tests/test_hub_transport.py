@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 
+from sysmanage.control import CloseSession, CloseUser
 from sysmanage.hub import Hub
+from sysmanage.node import Node
 from sysmanage.transport import FALLBACK_QUEUE_FRAMES, Frame, Outbound
 
 HOST = str(uuid.uuid4())
@@ -31,6 +33,11 @@ class Recorder:
         self.closed.append((code, error))
 
 
+def dispatch(hub, message):
+    """Hand ``hub`` one event as the node does with a layer message."""
+    return hub.dispatch(message["channel"], message["data"], message["timestamp"])
+
+
 def metrics_message():
     return {
         "type": "hub.event",
@@ -47,7 +54,7 @@ def metrics_message():
 
 
 async def test_dispatch_serializes_once_per_distinct_payload():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    hub = Hub()
     all_metrics = [Recorder() for _ in range(3)]
     cpu_only = [Recorder() for _ in range(2)]
     other_host = Recorder()
@@ -57,7 +64,7 @@ async def test_dispatch_serializes_once_per_distinct_payload():
         hub.subscribe(r, "host_metrics", {"host_id": HOST, "metrics": ("cpu",)})
     hub.subscribe(other_host, "host_metrics", {"host_id": str(uuid.uuid4())})
 
-    assert hub.dispatch(metrics_message()) == 5
+    assert dispatch(hub, metrics_message()) == 5
     assert hub.stats["frames"] == 2
     assert other_host.frames == []
     assert len({id(r.frames[0]) for r in all_metrics}) == 1  # one shared frame
@@ -70,7 +77,7 @@ async def test_dispatch_serializes_once_per_distinct_payload():
 
 
 async def test_unregister_drops_every_subscription():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    hub = Hub()
     conn = Recorder()
     hub.register(conn)
     hub.subscribe(conn, "host_metrics", {"host_id": HOST})
@@ -78,23 +85,16 @@ async def test_unregister_drops_every_subscription():
     hub.unregister(conn)
     assert hub.subscriber_count() == 0
     assert hub.by_user == {}
-    assert hub.dispatch(metrics_message()) == 0
+    assert dispatch(hub, metrics_message()) == 0
 
 
 async def test_close_user_reaches_only_that_users_connections():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    node = Node(layer=None, loop=asyncio.get_running_loop())
+    hub = node.hub
     target, other = Recorder("a"), Recorder("b")
     hub.register(target)
     hub.register(other)
-    hub.handle(
-        {
-            "type": "hub.control",
-            "action": "close_user",
-            "user_id": "a",
-            "reason": "User account is disabled",
-            "code": 4001,
-        }
-    )
+    node.handle(CloseUser(user_id="a", reason="User account is disabled").to_message())
     assert [code for code, _ in target.closed] == [4001]
     assert target.closed[0][1]["data"]["code"] == "AUTH_FAILED"
     assert other.closed == []
@@ -195,20 +195,13 @@ async def test_direct_mode_skips_sockets_that_are_not_open(state):
 
 
 async def test_close_session_reaches_only_that_sessions_sockets():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    node = Node(layer=None, loop=asyncio.get_running_loop())
+    hub = node.hub
     mine, other = Recorder("a"), Recorder("a")
     mine.session_tag, other.session_tag = "s1", None
     hub.register(mine)
     hub.register(other)
-    hub.handle(
-        {
-            "type": "hub.control",
-            "action": "close_session",
-            "session": "s1",
-            "reason": "Logged out",
-            "code": 4001,
-        }
-    )
+    node.handle(CloseSession(session="s1", reason="Logged out").to_message())
     assert [code for code, _ in mine.closed] == [4001]
     assert other.closed == []
     hub.unregister(mine)
@@ -216,7 +209,7 @@ async def test_close_session_reaches_only_that_sessions_sockets():
 
 
 async def test_repeated_fleet_figures_are_not_delivered_twice():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    hub = Hub()
     conn = Recorder()
     hub.subscribe(conn, "fleet_status", {})
     figures = {
@@ -236,27 +229,27 @@ async def test_repeated_fleet_figures_are_not_delivered_twice():
             "data": {**figures, **changes, "last_updated": last_updated},
         }
 
-    assert hub.dispatch(fleet("t1")) == 1
-    assert hub.dispatch(fleet("t2")) == 0  # same figures from another process
-    assert hub.dispatch(fleet("t3", online_hosts=2, offline_hosts=0)) == 1
+    assert dispatch(hub, fleet("t1")) == 1
+    assert dispatch(hub, fleet("t2")) == 0  # same figures from another process
+    assert dispatch(hub, fleet("t3", online_hosts=2, offline_hosts=0)) == 1
 
 
 async def test_resubscribing_moves_a_connection_between_host_buckets():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    hub = Hub()
     conn = Recorder()
     other_host = str(uuid.uuid4())
     hub.subscribe(conn, "host_metrics", {"host_id": other_host})
     hub.subscribe(conn, "host_metrics", {"host_id": HOST, "metrics": ("cpu",)})
-    assert hub.dispatch(metrics_message()) == 1
+    assert dispatch(hub, metrics_message()) == 1
     assert json.loads(conn.frames[0].text)["data"]["metrics"] == {"cpu_usage": 1.0}
     assert other_host not in hub._index["host_metrics"]
     hub.unsubscribe(conn, "host_metrics")
     assert hub._index["host_metrics"] == {}
-    assert hub.dispatch(metrics_message()) == 0
+    assert dispatch(hub, metrics_message()) == 0
 
 
 async def test_host_filtered_alert_subscribers_skip_hostless_alerts():
-    hub = Hub(layer=None, loop=asyncio.get_running_loop())
+    hub = Hub()
     everything, one_host, critical_only = Recorder(), Recorder(), Recorder()
     hub.subscribe(everything, "system_alerts", {})
     hub.subscribe(one_host, "system_alerts", {"host_id": HOST})
@@ -268,7 +261,7 @@ async def test_host_filtered_alert_subscribers_skip_hostless_alerts():
         "timestamp": "t",
         "data": {"alert_id": "a", "severity": "warning", "host_id": None, "title": "x"},
     }
-    assert hub.dispatch(alert) == 1
+    assert dispatch(hub, alert) == 1
     assert (len(everything.frames), len(one_host.frames), len(critical_only.frames)) == (1, 0, 0)
     alert["data"] = {**alert["data"], "host_id": HOST, "severity": "critical"}
-    assert hub.dispatch(alert) == 3
+    assert dispatch(hub, alert) == 3

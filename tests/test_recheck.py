@@ -18,7 +18,8 @@ from django.test import Client
 from django.utils import timezone
 
 from sysmanage import recheck, selectors
-from sysmanage.hub import Hub
+from sysmanage.control import RecheckUsers
+from sysmanage.node import Node
 from tests.conftest import PASSWORD
 from tests.wsutil import expect_close, open_socket, request, subscribe
 
@@ -48,7 +49,7 @@ async def command(comm, channel="command_execution", id_="c1"):
 
 
 async def run_recheck() -> None:
-    await recheck.recheck(Hub.current())
+    await recheck.recheck(Node.current().hub)
 
 
 async def expect_revoked(comm, channel="user_activity"):
@@ -140,8 +141,8 @@ async def test_recheck_ends_a_subscription_whose_right_was_lost_unseen(make_user
     await run_recheck()
     error = await expect_revoked(comm)
     assert "no longer have permission" in error["data"]["message"]
-    assert Hub.current().subscriber_count("user_activity") == 0
-    assert Hub.current().subscriber_count("host_status") == 1  # needs no right: kept
+    assert Node.current().hub.subscriber_count("user_activity") == 0
+    assert Node.current().hub.subscriber_count("host_status") == 1  # needs no right: kept
     assert (await request(comm, {"type": "ping"}))["type"] == "pong"  # socket stays open
     await comm.disconnect()
 
@@ -271,10 +272,10 @@ async def test_recheck_leaves_unchanged_sockets_alone(make_user, token_for):
     comm = await open_socket("/ws", token=token_for(user))
     session_comm, _ = await session_socket("boss")
     await subscribe(comm, "user_activity")
-    assert await recheck.recheck(Hub.current()) == 2
+    assert await recheck.recheck(Node.current().hub) == 2
     assert await comm.receive_nothing(timeout=0.2)
     assert await session_comm.receive_nothing(timeout=0.1)
-    assert Hub.current().subscriber_count("user_activity") == 1
+    assert Node.current().hub.subscriber_count("user_activity") == 1
     await comm.disconnect()
     await session_comm.disconnect()
 
@@ -293,7 +294,7 @@ async def test_an_older_reading_of_rights_does_not_override_a_newer_one(make_use
     user = await database_sync_to_async(make_user)("boss", staff=True, perms=READER)
     comm = await open_socket("/ws", token=token_for(user))
     await subscribe(comm, "user_activity")
-    [conn] = Hub.current().by_user[str(user.pk)]
+    [conn] = Node.current().hub.by_user[str(user.pk)]
     conn.update_rights(frozenset(), read_at=conn.rights_read_at - 1)  # stale: ignored
     assert await comm.receive_nothing(timeout=0.2)
     conn.update_rights(frozenset(), read_at=time.monotonic())
@@ -348,7 +349,7 @@ async def test_rechecker_merges_requests_made_while_it_runs(make_user, token_for
 
     monkeypatch.setattr(recheck, "recheck", counting)
     for _ in range(10):
-        recheck.on_recheck_users(Hub.current(), {"user_ids": [str(user.pk)]})
+        recheck.on_recheck_users(Node.current().hub, RecheckUsers(user_ids=(str(user.pk),)))
     await asyncio.sleep(0.3)
     # one run for the ten requests (None: a periodic run that may fall in between)
     assert [ids for ids in runs if ids is not None] == [{str(user.pk)}]

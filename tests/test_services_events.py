@@ -114,6 +114,14 @@ def test_command_lifecycle_events(published, host, make_user):
     assert events[1]["data"]["requested_by"] == "ops"
     for event in events:
         assert_valid(event)
+    controls = [
+        (m["action"], m["fields"]) for m in published.messages if m["type"] == "hub.control"
+    ]
+    # the agent is nudged when the command is queued; its requester is told when it ends
+    assert controls == [
+        ("agent_dispatch", {"host_id": str(host.id)}),
+        ("command_finished", {"execution_id": str(execution.id)}),
+    ]
     with pytest.raises(ValueError, match="is not a final status"):
         hosts.command_finish(execution=execution, status=ExecutionStatus.RUNNING)
 
@@ -192,9 +200,7 @@ def test_deactivating_a_user_publishes_a_revocation(published, make_user):
         {
             "type": "hub.control",
             "action": "close_user",
-            "user_id": str(user.pk),
-            "reason": "User account is disabled",
-            "code": 4001,
+            "fields": {"user_id": str(user.pk), "reason": "User account is disabled", "code": 4001},
         }
     ]
 

@@ -24,7 +24,7 @@ class SmagentConfig(AppConfig):
         from hosts.models import AgentKind
         from hosts.smagent import deliveries, maintenance
         from sysmanage import plugins
-        from sysmanage.hub import register_periodic
+        from sysmanage.periodic import register_periodic
 
         delivery.register(AgentKind.SYSMANAGE, deliveries.POLICY)
         register_periodic(

@@ -25,7 +25,7 @@ from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession, AwaitingApproval
 from sysmanage.connection import Connection
-from sysmanage.hub import Hub
+from sysmanage.node import running_hub
 from sysmanage.protocol import CloseCode
 from sysmanage.ratelimit import TokenBucket
 
@@ -121,7 +121,7 @@ class SysManageAgentConsumer(Connection):
         try:
             # Started before any message is handled: handling publishes events, which
             # go through the hub of this process (the first connection starts it).
-            self.hub = await Hub.for_running_loop()
+            self.hub = await running_hub()
         except Exception:
             logger.exception("cannot reach the channel layer; refusing an agent connection")
             await self._close_with(
@@ -327,7 +327,7 @@ class SysManageAgentConsumer(Connection):
         push the metric scripts and everything queued for it (facts came with the
         messages themselves)."""
         assert self.session is not None
-        self.hub = await Hub.for_running_loop()
+        self.hub = await running_hub()
         previous = self.hub.register_agent(self.session.host_id, self)
         self.registered = True
         if previous is not None and previous is not self:

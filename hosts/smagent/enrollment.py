@@ -33,6 +33,7 @@ from hosts.smagent import tokens
 from hosts.smagent.tokens import normalize_name
 from hosts.tokens import token_digest
 from sysmanage.audit import Actor, audit
+from sysmanage.control import CloseAgent
 from sysmanage.events import publish_control
 
 KEY_PREFIX = "smrk_"
@@ -321,7 +322,7 @@ def _approve_reregistration(record: AgentRegistration, *, actor: Actor | None) -
     host.save(update_fields=["token_hash", "token_issued_at", "token_revoked_at", "updated_at"])
     AgentRegistration.objects.filter(host=host).update(host=None)
     _decide(record, RegistrationStatus.APPROVED, actor, host=host)
-    publish_control("close_agent", host_id=str(host.id), reason="The host registered again")
+    publish_control(CloseAgent(host_id=str(host.id), reason="The host registered again"))
     return host
 
 

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import services
+from hosts.events import AgentTook
 from hosts.models import Host, HostInventory, InventoryKind
 from hosts.smagent import deliveries, enrollment, protocol
 from hosts.smagent.protocol import AgentProtocolError
@@ -387,7 +388,7 @@ class AgentSession:
         """Queued commands to send now; each is confirmed to its requester as taken."""
         due = await database_sync_to_async(deliveries.take_due)(self.host_id, resend_all=resend_all)
         for item in due:
-            publish_control_now("agent_took", ref=item.ref, host_id=self.host_id)
+            publish_control_now(AgentTook(ref=item.ref, host_id=self.host_id))
         return [item.message for item in due]
 
     async def seen(self) -> None:

@@ -29,7 +29,7 @@ from hosts.smagent import enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError
 from hosts.smagent.session import AgentSession
-from sysmanage.hub import Hub
+from sysmanage.node import Node
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
     except EnrollmentRefused as exc:
         return _refuse(exc.status, exc.detail)
     try:
-        await Hub.for_running_loop()  # handling publishes events through it
+        await Node.for_running_loop()  # handling publishes events through it
     except Exception:
         logger.exception("cannot reach the channel layer; a poll answered 503")
         return _busy()

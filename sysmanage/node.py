@@ -1,0 +1,311 @@
+"""
+The per-process node: everything that talks to the other server processes.
+
+Each server process runs one :class:`Node` on its event loop.  On first use it creates
+one layer channel (``hub.…``), joins :data:`EVENTS_GROUP` and starts its loops: one
+receives every message of the group from the channel layer (in-memory or Redis) and
+another hands each on (events to the process's :class:`~sysmanage.hub.Hub` for
+fan-out, control messages to their handlers); one forwards what this process publishes
+to the layer, in order; one renews the group membership; and one runs each periodic
+job (:mod:`sysmanage.periodic`).  Failures of the layer are retried here, so the hub
+never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Literal, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import BaseChannelLayer, get_channel_layer
+from django.conf import settings
+
+from sysmanage import control, periodic
+from sysmanage.control import ControlMessage
+from sysmanage.hub import Hub
+
+logger = logging.getLogger(__name__)
+
+#: The layer group every node joins; events and control messages travel on it.
+EVENTS_GROUP = "sysmanage.events"
+#: Re-join the group this often: channels-redis expires members after ``group_expiry``.
+REJOIN_INTERVAL = 3600.0
+#: Back-off bounds when the layer fails (Redis restarting, network blip).
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+#: Messages received from the layer and waiting for fan-out, at most.
+INBOX_SIZE = 1000
+#: Attempts to hand one published message to the layer before giving up on it.
+PUBLISH_ATTEMPTS = 5
+
+
+class EventMessage(TypedDict):
+    """An event as it travels on the layer (:meth:`sysmanage.events.Event.to_message`)."""
+
+    type: Literal["hub.event"]
+    event: str
+    channel: str
+    data: dict[str, Any]
+    timestamp: str
+
+
+#: What travels on the layer: events, and control messages (:mod:`sysmanage.control`).
+LayerMessage = EventMessage | ControlMessage
+
+
+class Node:
+    """This process's link to the channel layer; one per process (per event loop)."""
+
+    _current: ClassVar[Node | None] = None
+
+    def __init__(self, layer: BaseChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
+        self.layer = layer
+        self.loop = loop
+        self.hub = Hub()
+        self.channel_name: str | None = None
+        self._outbox: asyncio.Queue[LayerMessage] = asyncio.Queue()
+        # Received but not yet fanned out; bounded so a backlog stays in the layer.  What
+        # the layer hands over is checked as it is handled, so it is not typed here.
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=INBOX_SIZE)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready: asyncio.Future[None] = loop.create_future()
+        self._closed = False
+        self.publish_failures = 0
+
+    # -- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    def current(cls) -> Node | None:
+        """The node of this process, if one was started."""
+        return cls._current
+
+    @classmethod
+    async def for_running_loop(cls) -> Node:
+        """Return this process's node for the running loop, starting it on first use.
+
+        Raises whatever the channel layer raised if the node cannot start (e.g. Redis
+        is unreachable); the next caller tries again.
+        """
+        loop = asyncio.get_running_loop()
+        node = cls._current
+        if node is not None and node.loop is loop and not node._closed:
+            await asyncio.shield(node._ready)
+            return node
+        node = cls(get_channel_layer(), loop)
+        cls._current = node
+        try:
+            await node.start()
+        except BaseException as exc:
+            if cls._current is node:
+                cls._current = None
+            node._ready.set_exception(exc)
+            node._ready.exception()  # retrieved here, so no "never retrieved" warning
+            raise
+        node._ready.set_result(None)
+        return node
+
+    async def start(self) -> None:
+        """Create this node's layer channel, join the events group and start its tasks."""
+        self.channel_name = await self.layer.new_channel(prefix="hub")
+        await self.layer.group_add(EVENTS_GROUP, self.channel_name)
+        self._tasks = [
+            self.spawn(self._receive_loop()),
+            self.spawn(self._dispatch_loop()),
+            self.spawn(self._publish_loop()),
+            self.spawn(self._rejoin_loop()),
+            *(self.spawn(periodic.run_forever(job, self.hub)) for job in periodic.registered()),
+        ]
+        logger.info("node %s started", self.channel_name)
+
+    async def close(self) -> None:
+        """Stop the node's tasks and leave the group (tests and shutdown)."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.channel_name is not None:
+            with contextlib.suppress(Exception):
+                await self.layer.group_discard(EVENTS_GROUP, self.channel_name)
+        if Node._current is self:
+            Node._current = None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of the node with a fresh context.
+
+        A task inherits the context of whoever created it; if that was a
+        ``sync_to_async`` worker, asgiref would refuse the node's own database calls
+        as a deadlock.  The node's work belongs to no request, so it starts clean.
+        """
+        return self.loop.create_task(coro, context=contextvars.Context())
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run ``callback(*args)`` on the node's loop, from any thread, in a fresh context."""
+        self.loop.call_soon_threadsafe(callback, *args, context=contextvars.Context())
+
+    def run_in_background(self, job: Callable[..., object], *args: Any) -> None:
+        """Run blocking ``job(*args)`` in the database thread without awaiting it."""
+
+        async def run() -> None:
+            try:
+                await database_sync_to_async(job)(*args)
+            except Exception:
+                logger.exception("background job %s failed", getattr(job, "__name__", job))
+
+        self.spawn(run())
+
+    def accepts_messages(self) -> bool:
+        """Whether the node's loop is alive to take published messages."""
+        return not self._closed and self.loop.is_running() and not self.loop.is_closed()
+
+    def owns_current_thread(self) -> bool:
+        """Whether the caller runs on the node's own event loop thread."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    # -- inbound: layer -> hub and handlers -------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.channel_name is not None
+        delay = RETRY_MIN
+        while True:
+            try:
+                message = await self.layer.receive(self.channel_name)
+                delay = RETRY_MIN
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("node receive failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            await self._inbox.put(message)
+
+    async def _dispatch_loop(self) -> None:
+        """Hand received messages on, while the receive loop already fetches the next.
+
+        With Redis each receive is a round trip; overlapping it with the fan-out of the
+        previous event keeps the process busy delivering instead of waiting.
+        """
+        while True:
+            message = await self._inbox.get()
+            try:
+                self.handle(message)
+            except Exception:
+                logger.exception("node failed to handle a %s message", message.get("type"))
+
+    def handle(self, message: Mapping[str, Any]) -> None:
+        """Act on one layer message: an event to fan out, or a control message."""
+        kind = message.get("type")
+        if kind == "hub.event":
+            self.hub.dispatch(message["channel"], message["data"], message.get("timestamp"))
+        elif kind == "hub.control":
+            control.handle(self.hub, message)
+        else:
+            logger.warning("node ignored a message of unknown type %r", kind)
+
+    # -- outbound: this process -> layer ---------------------------------------------------
+
+    def enqueue_publish(self, message: LayerMessage) -> None:
+        """Queue ``message`` for the layer; called on the node's loop only."""
+        self._outbox.put_nowait(message)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            await self._publish_one(message)
+
+    async def _publish_one(self, message: LayerMessage) -> None:
+        delay = RETRY_MIN
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await self.layer.group_send(EVENTS_GROUP, message)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning(
+                    "publishing %s failed (attempt %d)",
+                    message.get("event"),
+                    attempt,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        self.publish_failures += 1
+        logger.error(
+            "dropped event %s after %d attempts: the channel layer is unreachable",
+            message.get("event") or message.get("action"),
+            PUBLISH_ATTEMPTS,
+        )
+
+    async def _rejoin_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_INTERVAL)
+            try:
+                await self.layer.group_add(EVENTS_GROUP, self.channel_name or "")
+            except Exception:
+                logger.exception("node could not renew its group membership")
+
+
+async def running_hub() -> Hub:
+    """This process's hub, its node started on first use (see :meth:`Node.for_running_loop`)."""
+    return (await Node.for_running_loop()).hub
+
+
+def send_to_nodes(message: LayerMessage) -> None:
+    """Hand ``message`` to the layer, from any thread, without waiting on the event loop.
+
+    In a server process the local node's publisher task forwards it, keeping the order
+    of publication; elsewhere (management commands, tests without a node) it is sent
+    directly.
+    """
+    node = Node.current()
+    if node is not None and node.accepts_messages():
+        if node.owns_current_thread():
+            node.enqueue_publish(message)
+        else:
+            node.call_soon_threadsafe(node.enqueue_publish, message)
+        return
+    _warn_if_unshared_layer()
+    try:
+        async_to_sync(get_channel_layer().group_send)(EVENTS_GROUP, message)
+    except Exception:
+        # The change itself is committed; failing the request now would only invite a
+        # duplicate retry.  Say loudly which event was lost instead.
+        logger.exception(
+            "could not publish %s: the channel layer is unreachable",
+            message.get("event") or message.get("action"),
+        )
+
+
+_warned = threading.Event()
+_server_process = threading.Event()
+
+
+def mark_server_process() -> None:
+    """Note that this process serves clients: its events need no warning (see below)."""
+    _server_process.set()
+
+
+def _warn_if_unshared_layer() -> None:
+    """Say once that events of a process without a node reach nobody on the in-memory layer.
+
+    A server process without a node simply has no subscriber yet; any other process
+    (a management command) is talking to nobody, which is worth a warning.
+    """
+    if settings.REDIS_URL or _warned.is_set() or _server_process.is_set():
+        return
+    _warned.set()
+    logger.warning(
+        "Events published by this process reach no server: the in-memory channel layer "
+        "is not shared between processes. Set REDIS_URL to deliver them."
+    )
