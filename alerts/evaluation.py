@@ -9,11 +9,13 @@ offline" alerts.  Both listeners run off the event loop (:func:`sysmanage.events
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from alerts import services
 from alerts.models import Alert, AlertRule, RuleMetric
 from alerts.rules import RuleEngine, RuleSpec, Verdict
+from hosts.models import Host
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,34 @@ MESSAGES = {
 
 
 def reload_rules() -> None:
-    """Read the enabled rules from the database (periodically and after edits)."""
+    """Read the enabled rules from the database (periodically and after edits), and
+    forget the state of hosts that were deleted meanwhile."""
     ENGINE.set_rules([RuleSpec.from_model(r) for r in AlertRule.objects.filter(enabled=True)])
+    forget_deleted_hosts()
+
+
+def forget_deleted_hosts() -> None:
+    """Drop the engine's state of hosts that no longer exist.
+
+    A host is deleted in whichever process served the request, while its metrics were
+    judged in the process holding its agent, so each process sweeps its own engine on
+    the rules' reload interval instead of listening for the deletion.
+    """
+    known = {host_id: _as_uuid(host_id) for host_id in ENGINE.host_ids()}
+    if not known:
+        return
+    ids = [pk for pk in known.values() if pk is not None]
+    existing = set(Host.objects.filter(id__in=ids).values_list("id", flat=True))
+    for host_id, pk in known.items():
+        if pk not in existing:
+            ENGINE.forget_host(host_id)
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 def apply_verdicts(verdicts: list[Verdict]) -> None:

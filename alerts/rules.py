@@ -104,6 +104,10 @@ class RuleEngine:
             for key in [k for k in store if k[0] == host_id]:
                 del store[key]
 
+    def host_ids(self) -> set[str]:
+        """The hosts this engine holds state for."""
+        return {key[0] for store in (self._streaks, self._known) for key in store}
+
     def observe(
         self, host_id: str, hostname: str, metrics: dict[str, Any], cpu_count: int | None
     ) -> list[Verdict]:

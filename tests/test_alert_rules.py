@@ -295,3 +295,24 @@ def test_resolving_with_nothing_active_writes_nothing(django_assert_num_queries)
             )
             is None
         )
+
+
+@pytest.mark.django_db
+def test_a_deleted_hosts_rule_state_is_forgotten_on_the_next_reload(published):
+    evaluation.ENGINE.__init__()
+    evaluation.reload_rules()
+    kept = host_services.host_create(hostname="kept", cpu_count=2)
+    gone = host_services.host_create(hostname="gone", cpu_count=2)
+    for host in (kept, gone):
+        evaluation.on_metrics(
+            {
+                "host_id": str(host.id),
+                "hostname": host.hostname,
+                "cpu_count": 2,
+                "metrics": {"cpu_usage": 99.0},  # a streak under way, not yet an alert
+            }
+        )
+    assert evaluation.ENGINE.host_ids() == {str(kept.id), str(gone.id)}
+    host_services.host_delete(host=gone)
+    evaluation.reload_rules()
+    assert evaluation.ENGINE.host_ids() == {str(kept.id)}
