@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
 
 from activity.events import UserActivityRecorded
-from activity.models import UserActivity
+from activity.models import LoginCounter, UserActivity
+from alerts.models import Alert
+from hosts.models import CommandExecution, MetricSample, PackageOperation
 from sysmanage.events import publish
 from sysmanage.protocol import iso
 
@@ -65,3 +70,46 @@ def request_origin(request: Any) -> tuple[str | None, str]:
         return None, ""
     meta = getattr(request, "META", {})
     return meta.get("REMOTE_ADDR"), meta.get("HTTP_USER_AGENT", "")
+
+
+#: Rows deleted per transaction by :func:`history_prune`.
+PRUNE_BATCH = 1000
+
+
+def history_prune(*, cutoff: datetime, dry_run: bool = False) -> dict[str, int]:
+    """Delete history older than ``cutoff`` (or only count it): per-minute metrics,
+    activity, finished commands and package operations, resolved alerts, and failed-login
+    counters that lock nothing.  Unfinished work and open alerts are kept.  Returns the
+    count per kind of record."""
+    targets: dict[str, QuerySet[Any]] = {
+        "metric samples": MetricSample.objects.filter(minute__lt=cutoff),
+        "activity records": UserActivity.objects.filter(timestamp__lt=cutoff),
+        "command executions": CommandExecution.objects.filter(created_at__lt=cutoff).exclude(
+            status__in=CommandExecution.ACTIVE_STATUSES
+        ),
+        "package operations": PackageOperation.objects.filter(created_at__lt=cutoff).exclude(
+            status__in=PackageOperation.ACTIVE_STATUSES
+        ),
+        "resolved alerts": Alert.objects.filter(status="resolved", updated_at__lt=cutoff),
+        # Counters whose window began before the cutoff and that lock nothing now: they
+        # would be started afresh at the next attempt anyway.
+        "login counters": LoginCounter.objects.filter(window_started__lt=cutoff).exclude(
+            blocked_until__gt=timezone.now()
+        ),
+    }
+    return {
+        label: queryset.count() if dry_run else _delete_in_batches(queryset)
+        for label, queryset in targets.items()
+    }
+
+
+def _delete_in_batches(queryset: QuerySet[Any]) -> int:
+    """Delete rows a batch at a time so that no long lock blocks a running server."""
+    total = 0
+    while True:
+        ids = list(queryset.values_list("pk", flat=True)[:PRUNE_BATCH])
+        if not ids:
+            return total
+        with transaction.atomic():
+            deleted, _ = queryset.model.objects.filter(pk__in=ids).delete()
+        total += deleted

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.contrib import admin
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponseBase
@@ -48,7 +47,7 @@ class DashboardMixin(LoginRequiredMixin):
         context.update(
             nav_section=self.nav_section,
             can_view_activity=permissions.can_view_activity(user),
-            can_use_admin=admin.site.has_permission(self.request),  # type: ignore[attr-defined]
+            can_use_admin=permissions.can_use_admin(user),
         )
         return context
 

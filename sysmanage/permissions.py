@@ -176,6 +176,11 @@ def can_manage_alerts(user: Any) -> bool:
     return holds(user, "manage_alert")
 
 
+def can_use_admin(user: Any) -> bool:
+    """Whether ``user`` may open the admin site (as the admin itself decides: active staff)."""
+    return _active(user) and bool(user.is_staff)
+
+
 def can_view_activity(user: Any) -> bool:
     """Whether ``user`` may read the user activity log."""
     return holds(user, "view_activity")

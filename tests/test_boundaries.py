@@ -73,3 +73,30 @@ def test_the_sysmanage_agent_app_registers_its_delivery_policy_and_expiry_job():
         delivery.register(AgentKind.SYSMANAGE, delivery.CONNECTED_AGENT)
     jobs = {job.name: job.job for job in periodic.registered()}
     assert jobs["smagent.expire"] is maintenance.expire
+
+
+#: Each app and the higher apps it must never import (``docs/architecture.md``):
+#: sysmanage ◄── hosts ◄── alerts ◄── activity.
+LAYERS = {
+    "sysmanage": ("hosts", "alerts", "activity"),
+    "hosts": ("alerts", "activity"),
+    "alerts": ("activity",),
+}
+#: The modules that assemble the site from every app's routes.
+SITE_ASSEMBLY = {"sysmanage/urls.py", "sysmanage/routing.py"}
+
+
+@pytest.mark.parametrize("app", sorted(LAYERS))
+def test_lower_apps_never_import_higher_ones(app):
+    higher = LAYERS[app]
+    offending = {}
+    for path in (ROOT / app).rglob("*.py"):
+        relative = str(path.relative_to(ROOT))
+        if "migrations" in path.parts or relative in SITE_ASSEMBLY:
+            continue
+        names = sorted(
+            n for n in imported_names(path) if any(n == h or n.startswith(h + ".") for h in higher)
+        )
+        if names:
+            offending[relative] = names
+    assert offending == {}

@@ -7,15 +7,11 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
 from django.utils import timezone
 
-from activity.models import LoginCounter, UserActivity
-from alerts.models import Alert
-from hosts.models import CommandExecution, MetricSample, PackageOperation
+from activity import services
 
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-BATCH = 1000
 
 
 def parse_age(text: str) -> timedelta:
@@ -24,18 +20,6 @@ def parse_age(text: str) -> timedelta:
     if not match or int(match.group(1)) <= 0:
         raise CommandError(f"--older-than must look like 30d, 12h, 90m, 2w or 45s, not {text!r}")
     return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
-
-
-def delete_in_batches(queryset: Any) -> int:
-    """Delete rows a batch at a time so that no long lock blocks a running server."""
-    total = 0
-    while True:
-        ids = list(queryset.values_list("pk", flat=True)[:BATCH])
-        if not ids:
-            return total
-        with transaction.atomic():
-            deleted, _ = queryset.model.objects.filter(pk__in=ids).delete()
-        total += deleted
 
 
 class Command(BaseCommand):
@@ -58,23 +42,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         """Prune and report per kind of record."""
         cutoff = timezone.now() - parse_age(options["older_than"])
-        targets = {
-            "metric samples": MetricSample.objects.filter(minute__lt=cutoff),
-            "activity records": UserActivity.objects.filter(timestamp__lt=cutoff),
-            "command executions": CommandExecution.objects.filter(created_at__lt=cutoff).exclude(
-                status__in=CommandExecution.ACTIVE_STATUSES
-            ),
-            "package operations": PackageOperation.objects.filter(created_at__lt=cutoff).exclude(
-                status__in=PackageOperation.ACTIVE_STATUSES
-            ),
-            "resolved alerts": Alert.objects.filter(status="resolved", updated_at__lt=cutoff),
-            # Failed-login counters whose window began before the cutoff and that lock
-            # nothing now: they would be started afresh at the next attempt anyway.
-            "login counters": LoginCounter.objects.filter(window_started__lt=cutoff).exclude(
-                blocked_until__gt=timezone.now()
-            ),
-        }
         verb = "Would delete" if options["dry_run"] else "Deleted"
-        for label, queryset in targets.items():
-            count = queryset.count() if options["dry_run"] else delete_in_batches(queryset)
+        for label, count in services.history_prune(
+            cutoff=cutoff, dry_run=options["dry_run"]
+        ).items():
             self.stdout.write(f"{verb} {count} {label} older than {cutoff:%Y-%m-%d %H:%M} UTC")
