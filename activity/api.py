@@ -12,6 +12,7 @@ from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import (
     TokenBlacklistView,
@@ -24,6 +25,7 @@ from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
 from sysmanage.api_input import query_filters
+from sysmanage.credentials import decode
 
 
 class UserActivitySerializer(serializers.ModelSerializer):
@@ -128,8 +130,7 @@ class LoginTokenView(TokenObtainPairView):
 
     @staticmethod
     def _record_login(request: Request, refresh: str) -> None:
-        user_id = RefreshToken(refresh).payload.get("user_id")
-        user = get_user_model().objects.get(pk=user_id)
+        user = get_user_model().objects.get(pk=_user_id_of(refresh))
         ip, agent = request_origin(request)
         activity_record(
             action="login", user=user, ip_address=ip, user_agent=agent, details={"via": "token"}
@@ -149,9 +150,10 @@ class LogoutTokenView(TokenBlacklistView):
 
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Blacklist the refresh token and record the logout."""
-        user_id = None
+        refresh = request.data.get("refresh", "") if isinstance(request.data, dict) else ""
+        user_id: str | None
         try:
-            user_id = RefreshToken(request.data.get("refresh", "")).payload.get("user_id")
+            user_id = _user_id_of(refresh)
         except Exception:  # invalid tokens are reported by the parent view
             user_id = None
         response = super().post(request, *args, **kwargs)
@@ -166,3 +168,13 @@ class LogoutTokenView(TokenBlacklistView):
                 details={"via": "token"},
             )
         return response
+
+
+def _user_id_of(refresh: object) -> str:
+    """The user id claim of a valid refresh token (raises ``TokenError`` otherwise)."""
+    if not isinstance(refresh, str):
+        raise TokenError("the refresh token must be a string")
+    claim = decode(RefreshToken, refresh).payload.get(api_settings.USER_ID_CLAIM)
+    if not isinstance(claim, str):
+        raise TokenError("the refresh token names no user")
+    return claim
