@@ -16,7 +16,7 @@ admin.site.login_form = LockoutAdminAuthenticationForm
 
 
 @admin.register(UserActivity)
-class UserActivityAdmin(admin.ModelAdmin):
+class UserActivityAdmin(admin.ModelAdmin[UserActivity]):
     """What users did; nobody edits history."""
 
     list_display = ("timestamp", "username", "action", "ip_address")
@@ -39,7 +39,7 @@ class UserActivityAdmin(admin.ModelAdmin):
 
 
 @admin.register(LoginCounter)
-class LoginCounterAdmin(admin.ModelAdmin):
+class LoginCounterAdmin(admin.ModelAdmin[LoginCounter]):
     """Failed-login counters (``activity/lockout.py``): deleting one lifts its lock or
     slow-down at once, e.g. for an owner locked out at their own address."""
 

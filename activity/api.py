@@ -28,7 +28,7 @@ from sysmanage.api_input import query_filters
 from sysmanage.credentials import decode
 
 
-class UserActivitySerializer(serializers.ModelSerializer):
+class UserActivitySerializer(serializers.ModelSerializer[UserActivity]):
     """One activity record."""
 
     user_id = serializers.UUIDField(source="user.pk", read_only=True, default=None)
@@ -48,7 +48,7 @@ class UserActivitySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ActivityFilters(serializers.Serializer):
+class ActivityFilters(serializers.Serializer[None]):
     """``GET /api/activity/`` filters."""
 
     user = serializers.UUIDField(required=False)
@@ -59,7 +59,7 @@ class ActivityFilters(serializers.Serializer):
     until = serializers.DateTimeField(required=False)
 
 
-class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
+class UserActivityViewSet(viewsets.ReadOnlyModelViewSet[UserActivity]):
     """User activity, newest first.
 
     Filters: ``?user=`` (id), ``?username=``, ``?action=``, ``?ip_address=``, and

@@ -14,7 +14,7 @@ from sysmanage.audit import request_actor
 
 
 @admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
+class AlertAdmin(admin.ModelAdmin[Alert]):
     """Alerts; state changes go through the services so that subscribers see them."""
 
     list_display = ("title", "severity", "status", "host", "category", "created_at")
@@ -80,7 +80,7 @@ class AlertAdmin(admin.ModelAdmin):
 
 
 @admin.register(AlertRule)
-class AlertRuleAdmin(admin.ModelAdmin):
+class AlertRuleAdmin(admin.ModelAdmin[AlertRule]):
     """Alert rules; every server process picks up edits within ALERT_RULES_RELOAD_SECONDS."""
 
     list_display = (

@@ -18,7 +18,7 @@ from sysmanage.api_input import CsvChoiceField, query_filters
 from sysmanage.audit import request_actor
 
 
-class AlertSerializer(serializers.ModelSerializer):
+class AlertSerializer(serializers.ModelSerializer[Alert]):
     """An alert with its host's name."""
 
     hostname = serializers.CharField(source="host.hostname", read_only=True, default=None)
@@ -42,7 +42,7 @@ class AlertSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AlertRaiseSerializer(serializers.Serializer):
+class AlertRaiseSerializer(serializers.Serializer[None]):
     """What a person supplies to raise an alert by hand."""
 
     severity = serializers.ChoiceField(choices=Severity.choices)
@@ -54,7 +54,7 @@ class AlertRaiseSerializer(serializers.Serializer):
     )
 
 
-class AlertFilters(serializers.Serializer):
+class AlertFilters(serializers.Serializer[None]):
     """``GET /api/alerts/`` filters."""
 
     severity = CsvChoiceField(choices=Severity.choices, required=False)
@@ -62,7 +62,7 @@ class AlertFilters(serializers.Serializer):
     host = serializers.UUIDField(required=False)
 
 
-class AlertViewSet(viewsets.ReadOnlyModelViewSet):
+class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
     """Alerts, newest first. ``?severity=warning,critical``, ``?status=open``, ``?host=``."""
 
     serializer_class = AlertSerializer

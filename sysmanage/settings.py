@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import overload
 
 import dj_database_url
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+
+# Django's generic classes take type arguments at run time too (``ModelAdmin[Alert]``),
+# as mypy with django-stubs wants them written.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
