@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
 from django.db import transaction
+from django.http import HttpRequest
+from rest_framework.request import Request
 
 from activity.events import UserActivityRecorded
 from activity.models import UserActivity
+from sysmanage.audit import AuditDetails
 from sysmanage.events import publish
 from sysmanage.protocol import iso
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
 
 def _clean_ip(value: str | None) -> str | None:
@@ -25,19 +33,18 @@ def _clean_ip(value: str | None) -> str | None:
 def activity_record(
     *,
     action: str,
-    user: Any | None = None,
+    user: User | AnonymousUser | None = None,
     username: str | None = None,
     ip_address: str | None = None,
     user_agent: str = "",
-    details: dict[str, Any] | None = None,
+    details: AuditDetails | None = None,
 ) -> UserActivity:
     """Store one activity record and publish it."""
-    if user is not None and not getattr(user, "is_authenticated", False):
-        user = None
-    name = username or (user.get_username() if user is not None else "") or "anonymous"
+    person = user if isinstance(user, get_user_model()) else None  # not an anonymous visitor
+    name = username or (person.get_username() if person is not None else "") or "anonymous"
     with transaction.atomic():
         record = UserActivity.objects.create(
-            user=user,
+            user=person,
             username=name[:150],
             action=action,
             ip_address=_clean_ip(ip_address),
@@ -47,7 +54,7 @@ def activity_record(
         publish(
             UserActivityRecorded(
                 activity_id=str(record.id),
-                user_id=str(user.pk) if user is not None else None,
+                user_id=str(person.pk) if person is not None else None,
                 username=record.username,
                 action=action,
                 ip_address=record.ip_address,
@@ -59,7 +66,7 @@ def activity_record(
     return record
 
 
-def request_origin(request: Any) -> tuple[str | None, str]:
+def request_origin(request: HttpRequest | Request | None) -> tuple[str | None, str]:
     """``(ip_address, user_agent)`` of an HTTP request."""
     if request is None:
         return None, ""
