@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
 from django.http import HttpRequest
 
@@ -24,17 +22,17 @@ class UserActivityAdmin(admin.ModelAdmin[UserActivity]):
     search_fields = ("username", "ip_address")
     date_hierarchy = "timestamp"
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         """Reading the log: the right the REST API, the sockets and the pages ask too."""
         return permissions.can_view_activity(request.user)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         return False
 
 
@@ -50,5 +48,5 @@ class LoginCounterAdmin(admin.ModelAdmin[LoginCounter]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: LoginCounter | None = None) -> bool:
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import QuerySet
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
@@ -67,7 +68,7 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
 
     serializer_class = AlertSerializer
 
-    def get_queryset(self) -> Any:
+    def get_queryset(self) -> QuerySet[Alert]:
         """Alerts narrowed by the query parameters."""
         filters = query_filters(self.request, AlertFilters)
         host = filters.get("host")
@@ -99,7 +100,7 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         """Resolve an open or acknowledged alert (``alerts.change_alert``)."""
         return self._transition(services.alert_resolve, pk)
 
-    def _transition(self, service: Any, pk: str | None) -> Response:
+    def _transition(self, service: services.AlertTransition, pk: str | None) -> Response:
         self._require("manage_alert")
         # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500).
         alert_id = self.get_object().pk
