@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db.models import QuerySet
 from rest_framework import permissions, serializers, viewsets
 from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from rest_framework.request import Request
@@ -70,7 +71,7 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet[UserActivity]):
     permission_classes = [permissions.IsAuthenticated, access.RequiresRight]
     action_rights = {"list": "view_activity", "retrieve": "view_activity"}
 
-    def get_queryset(self) -> Any:
+    def get_queryset(self) -> QuerySet[UserActivity]:
         """Activity narrowed by the query parameters."""
         filters = query_filters(self.request, ActivityFilters)
         queryset = UserActivity.objects.select_related("user")

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
+from django.db.models import Model, QuerySet
 from django.utils import timezone
 
 from activity.models import LoginCounter, UserActivity
@@ -26,7 +27,7 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
 
 
-def delete_in_batches(queryset: Any) -> int:
+def delete_in_batches(queryset: QuerySet[Model]) -> int:
     """Delete rows a batch at a time so that no long lock blocks a running server."""
     total = 0
     while True:
@@ -34,7 +35,7 @@ def delete_in_batches(queryset: Any) -> int:
         if not ids:
             return total
         with transaction.atomic():
-            deleted, _ = queryset.model.objects.filter(pk__in=ids).delete()
+            deleted, _ = queryset.model._default_manager.filter(pk__in=ids).delete()
         total += deleted
 
 
