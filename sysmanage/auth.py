@@ -43,7 +43,9 @@ TokenSource = Literal["query", "subprotocol", "header", "session"]
 #: An ASGI connection scope as this module reads it: the keys of the ASGI specification
 #: plus those that servers and middleware add (``user``, :data:`RAW_SEND_KEY`).
 ScopeView = Mapping[str, Any]
-#: What the routes wrap: any ASGI application (channels' middleware included).
+#: What the routes wrap: an ASGI application.  Any, because channels' stubs type their
+#: middleware stacks as a union that includes ASGI 2 (single-callable) applications,
+#: which nothing here could call with ``(scope, receive, send)``.
 ASGIApp = Any
 
 #: Refuses a handshake with HTTP 403 (channels' denier, as an ASGI application).
