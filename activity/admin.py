@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
 from django.http import HttpRequest
 
@@ -16,7 +14,7 @@ admin.site.login_form = LockoutAdminAuthenticationForm
 
 
 @admin.register(UserActivity)
-class UserActivityAdmin(admin.ModelAdmin):
+class UserActivityAdmin(admin.ModelAdmin[UserActivity]):
     """What users did; nobody edits history."""
 
     list_display = ("timestamp", "username", "action", "ip_address")
@@ -24,22 +22,22 @@ class UserActivityAdmin(admin.ModelAdmin):
     search_fields = ("username", "ip_address")
     date_hierarchy = "timestamp"
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         """Reading the log: the right the REST API, the sockets and the pages ask too."""
         return permissions.can_view_activity(request.user)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: UserActivity | None = None) -> bool:
         return False
 
 
 @admin.register(LoginCounter)
-class LoginCounterAdmin(admin.ModelAdmin):
+class LoginCounterAdmin(admin.ModelAdmin[LoginCounter]):
     """Failed-login counters (``activity/lockout.py``): deleting one lifts its lock or
     slow-down at once, e.g. for an owner locked out at their own address."""
 
@@ -50,5 +48,5 @@ class LoginCounterAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: LoginCounter | None = None) -> bool:
         return False

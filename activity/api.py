@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db.models import QuerySet
 from rest_framework import permissions, serializers, viewsets
 from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import (
     TokenBlacklistView,
@@ -24,9 +26,10 @@ from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
 from sysmanage.api_input import query_filters
+from sysmanage.credentials import decode
 
 
-class UserActivitySerializer(serializers.ModelSerializer):
+class UserActivitySerializer(serializers.ModelSerializer[UserActivity]):
     """One activity record."""
 
     user_id = serializers.UUIDField(source="user.pk", read_only=True, default=None)
@@ -46,7 +49,7 @@ class UserActivitySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ActivityFilters(serializers.Serializer):
+class ActivityFilters(serializers.Serializer[None]):
     """``GET /api/activity/`` filters."""
 
     user = serializers.UUIDField(required=False)
@@ -57,7 +60,7 @@ class ActivityFilters(serializers.Serializer):
     until = serializers.DateTimeField(required=False)
 
 
-class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
+class UserActivityViewSet(viewsets.ReadOnlyModelViewSet[UserActivity]):
     """User activity, newest first.
 
     Filters: ``?user=`` (id), ``?username=``, ``?action=``, ``?ip_address=``, and
@@ -68,7 +71,7 @@ class UserActivityViewSet(viewsets.ReadOnlyModelViewSet):
     permission_classes = [permissions.IsAuthenticated, access.RequiresRight]
     action_rights = {"list": "view_activity", "retrieve": "view_activity"}
 
-    def get_queryset(self) -> Any:
+    def get_queryset(self) -> QuerySet[UserActivity]:
         """Activity narrowed by the query parameters."""
         filters = query_filters(self.request, ActivityFilters)
         queryset = UserActivity.objects.select_related("user")
@@ -128,8 +131,7 @@ class LoginTokenView(TokenObtainPairView):
 
     @staticmethod
     def _record_login(request: Request, refresh: str) -> None:
-        user_id = RefreshToken(refresh).payload.get("user_id")
-        user = get_user_model().objects.get(pk=user_id)
+        user = get_user_model().objects.get(pk=_user_id_of(refresh))
         ip, agent = request_origin(request)
         activity_record(
             action="login", user=user, ip_address=ip, user_agent=agent, details={"via": "token"}
@@ -149,9 +151,10 @@ class LogoutTokenView(TokenBlacklistView):
 
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Blacklist the refresh token and record the logout."""
-        user_id = None
+        refresh = request.data.get("refresh", "") if isinstance(request.data, dict) else ""
+        user_id: str | None
         try:
-            user_id = RefreshToken(request.data.get("refresh", "")).payload.get("user_id")
+            user_id = _user_id_of(refresh)
         except Exception:  # invalid tokens are reported by the parent view
             user_id = None
         response = super().post(request, *args, **kwargs)
@@ -166,3 +169,13 @@ class LogoutTokenView(TokenBlacklistView):
                 details={"via": "token"},
             )
         return response
+
+
+def _user_id_of(refresh: object) -> str:
+    """The user id claim of a valid refresh token (raises ``TokenError`` otherwise)."""
+    if not isinstance(refresh, str):
+        raise TokenError("the refresh token must be a string")
+    claim = decode(RefreshToken, refresh).payload.get(api_settings.USER_ID_CLAIM)
+    if not isinstance(claim, str):
+        raise TokenError("the refresh token names no user")
+    return claim

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
+from sysmanage.audit import AuditDetails
 from sysmanage.events import Event
 
 
@@ -22,4 +22,4 @@ class UserActivityRecorded(Event):
     ip_address: str | None
     user_agent: str
     timestamp: str
-    details: dict[str, Any]
+    details: AuditDetails

@@ -16,29 +16,26 @@ from activity.lockout import (
 )
 
 
-class LockoutMixin:
+class LockoutMixin(AuthenticationForm):
     """Count the attempt, and refuse locked-out ones, before any password is checked.
 
-    Mixed into an ``AuthenticationForm``: it reads the form's ``cleaned_data`` and
-    ``request``, and authenticates with the username normalized as the lockout counts it.
+    Mixed into an ``AuthenticationForm`` (it is one, so that it reads the form's
+    ``cleaned_data`` and ``request`` as typed), it authenticates with the username
+    normalized as the lockout counts it.
     """
-
-    cleaned_data: dict[str, Any]
-    request: Any
-    user_cache: Any
 
     def clean(self) -> dict[str, Any]:
         """Gate the password check (Django's ``clean``) behind the lockout."""
         username = login_username_normalize(self.cleaned_data.get("username"))
         if username is None or not self.cleaned_data.get("password"):
-            return super().clean()  # type: ignore[misc]  # no password will be checked
+            return super().clean()  # no password will be checked
         self.cleaned_data["username"] = username
         attempt = login_attempt_start(request=self.request, raw_username=username, via="session")
         if isinstance(attempt, LoginRefusal):
             raise forms.ValidationError(attempt.message, code="locked")
         assert attempt is not None
         try:
-            cleaned = super().clean()  # type: ignore[misc]
+            cleaned = super().clean()
         except forms.ValidationError:
             # A right password refused for another reason (an admin form and a user who
             # is not staff) is no guess; a wrong one keeps its place as a failure.

@@ -34,12 +34,14 @@ import math
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
+from django.http import HttpRequest
 from django.utils import timezone
+from rest_framework.request import Request
 
 from activity import selectors
 from activity.models import LoginCounter
@@ -47,11 +49,13 @@ from activity.services import activity_record, request_origin
 
 PAIR, ADDRESS, ACCOUNT = "pair", "address", "account"
 Outcome = Literal["succeeded", "failed", "not_checked"]
+#: The login paths: Django's session login forms, or the token endpoint.
+LoginVia = Literal["session", "token"]
 #: Counter keys are at most this long; longer usernames match no account anyway.
 KEY_LENGTH = 200
 
 
-def login_username_normalize(raw: Any) -> str | None:
+def login_username_normalize(raw: object) -> str | None:
     """The username a login names, as every entry point authenticates it (None: none).
 
     NFKC, then surrounding whitespace removed: what Django's login forms do to the
@@ -244,7 +248,7 @@ def login_attempt_end(attempt: LoginAttempt, *, outcome: Outcome) -> None:
 
 
 def login_attempt_start(
-    *, request: Any, raw_username: Any, via: str
+    *, request: HttpRequest | Request | None, raw_username: object, via: LoginVia
 ) -> LoginAttempt | LoginRefusal | None:
     """The one gate of every login: normalize, then begin the attempt (None: no
     username, so no password will be checked).  A refusal is recorded as

@@ -7,16 +7,21 @@ the work is done by :func:`activity.services.activity_record`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
+from django.http import HttpRequest
 
 from activity.services import activity_record, request_origin
 
+if TYPE_CHECKING:
+    from sysmanage.models import User
+
 
 @receiver(user_logged_in)
-def record_login(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+def record_login(sender: type[User], request: HttpRequest, user: User, **kwargs: object) -> None:
     """Called after a session login."""
     ip, agent = request_origin(request)
     activity_record(
@@ -29,7 +34,9 @@ def record_login(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
 
 
 @receiver(user_logged_out)
-def record_logout(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+def record_logout(
+    sender: type[User], request: HttpRequest, user: User | None, **kwargs: object
+) -> None:
     """Called after a session logout."""
     if user is None:
         return
@@ -41,7 +48,10 @@ def record_logout(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
 
 @receiver(user_login_failed)
 def record_login_failure(
-    sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any
+    sender: str,
+    credentials: Mapping[str, object],
+    request: HttpRequest | None = None,
+    **kwargs: object,
 ) -> None:
     """Called after a failed login on any path (admin, token endpoint)."""
     ip, agent = request_origin(request)

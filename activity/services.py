@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest
 from django.utils import timezone
+from rest_framework.request import Request
 
 from activity.events import UserActivityRecorded
 from activity.models import LoginCounter, UserActivity
 from alerts.models import Alert
 from hosts.models import CommandExecution, MetricSample, PackageOperation
+from sysmanage.audit import AuditDetails
 from sysmanage.events import publish
 from sysmanage.protocol import iso
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
 
 def _clean_ip(value: str | None) -> str | None:
@@ -30,19 +38,18 @@ def _clean_ip(value: str | None) -> str | None:
 def activity_record(
     *,
     action: str,
-    user: Any | None = None,
+    user: User | AnonymousUser | None = None,
     username: str | None = None,
     ip_address: str | None = None,
     user_agent: str = "",
-    details: dict[str, Any] | None = None,
+    details: AuditDetails | None = None,
 ) -> UserActivity:
     """Store one activity record and publish it."""
-    if user is not None and not getattr(user, "is_authenticated", False):
-        user = None
-    name = username or (user.get_username() if user is not None else "") or "anonymous"
+    person = user if isinstance(user, get_user_model()) else None  # not an anonymous visitor
+    name = username or (person.get_username() if person is not None else "") or "anonymous"
     with transaction.atomic():
         record = UserActivity.objects.create(
-            user=user,
+            user=person,
             username=name[:150],
             action=action,
             ip_address=_clean_ip(ip_address),
@@ -52,7 +59,7 @@ def activity_record(
         publish(
             UserActivityRecorded(
                 activity_id=str(record.id),
-                user_id=str(user.pk) if user is not None else None,
+                user_id=str(person.pk) if person is not None else None,
                 username=record.username,
                 action=action,
                 ip_address=record.ip_address,
@@ -64,7 +71,7 @@ def activity_record(
     return record
 
 
-def request_origin(request: Any) -> tuple[str | None, str]:
+def request_origin(request: HttpRequest | Request | None) -> tuple[str | None, str]:
     """``(ip_address, user_agent)`` of an HTTP request."""
     if request is None:
         return None, ""
@@ -81,7 +88,7 @@ def history_prune(*, cutoff: datetime, dry_run: bool = False) -> dict[str, int]:
     activity, finished commands and package operations, resolved alerts, and failed-login
     counters that lock nothing.  Unfinished work and open alerts are kept.  Returns the
     count per kind of record."""
-    targets: dict[str, QuerySet[Any]] = {
+    targets: dict[str, QuerySet[Model]] = {
         "metric samples": MetricSample.objects.filter(minute__lt=cutoff),
         "activity records": UserActivity.objects.filter(timestamp__lt=cutoff),
         "command executions": CommandExecution.objects.filter(created_at__lt=cutoff).exclude(
@@ -103,7 +110,7 @@ def history_prune(*, cutoff: datetime, dry_run: bool = False) -> dict[str, int]:
     }
 
 
-def _delete_in_batches(queryset: QuerySet[Any]) -> int:
+def _delete_in_batches(queryset: QuerySet[Model]) -> int:
     """Delete rows a batch at a time so that no long lock blocks a running server."""
     total = 0
     while True:
@@ -111,5 +118,5 @@ def _delete_in_batches(queryset: QuerySet[Any]) -> int:
         if not ids:
             return total
         with transaction.atomic():
-            deleted, _ = queryset.model.objects.filter(pk__in=ids).delete()
+            deleted, _ = queryset.model._default_manager.filter(pk__in=ids).delete()
         total += deleted

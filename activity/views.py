@@ -6,7 +6,9 @@ app that may read hosts, alerts and activity alike.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, TypedDict
 
 from django.contrib.auth.views import LoginView
 from django.http import HttpRequest
@@ -55,7 +57,29 @@ WARNING_ACTIONS = ("login_failed", "login_locked")
 HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id")
 
 
-def details_text(details: dict[str, Any]) -> str:
+class ActivityRow(TypedDict):
+    """One activity record as the activity tables show it."""
+
+    timestamp: datetime
+    username: str
+    action: str
+    label: str
+    warning: bool
+    ip_address: str
+    user_agent: str
+    details: str
+
+
+class ActivityScriptData(TypedDict):
+    """What the activity scripts read from the page (``json_script``)."""
+
+    activityRows: int
+    actionLabels: dict[str, str]
+    warningActions: list[str]
+    hiddenDetails: list[str]
+
+
+def details_text(details: Mapping[str, object]) -> str:
     """``details`` as one line, ``key: value · key: value``, without identifiers."""
     return " · ".join(
         f"{key}: {value}"
@@ -64,7 +88,7 @@ def details_text(details: dict[str, Any]) -> str:
     )
 
 
-def activity_row(record: UserActivity) -> dict[str, Any]:
+def activity_row(record: UserActivity) -> ActivityRow:
     """One activity record as the activity tables show it."""
     return {
         "timestamp": record.timestamp,
@@ -78,7 +102,7 @@ def activity_row(record: UserActivity) -> dict[str, Any]:
     }
 
 
-def activity_script_data(rows: int) -> dict[str, Any]:
+def activity_script_data(rows: int) -> ActivityScriptData:
     """What the activity scripts need: the row limit and the action words."""
     return {
         "activityRows": rows,

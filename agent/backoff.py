@@ -12,7 +12,9 @@ class Backoff:
     spreads reconnecting agents out instead of having them retry in lockstep.
     """
 
-    def __init__(self, base: float = 1.0, cap: float = 60.0, rng: random.Random | None = None):
+    def __init__(
+        self, base: float = 1.0, cap: float = 60.0, rng: random.Random | None = None
+    ) -> None:
         """Start with no failed attempt yet."""
         self.base = base
         self.cap = cap
@@ -26,7 +28,7 @@ class Backoff:
 
     def ceiling(self) -> float:
         """The upper bound of the next delay."""
-        return min(self.cap, self.base * 2 ** min(self.attempt, 32))
+        return min(self.cap, self.base * 2.0 ** min(self.attempt, 32))
 
     def next_delay(self) -> float:
         """Return the delay before the next attempt and count this attempt."""

@@ -8,17 +8,32 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Final
 
 from agent.errors import RequestError
 from agent.output import CappedOutput, drain
 from agent.processes import ProcessGroups, child_environment, exit_code_of, supervise
-from agent.protocol import COMMAND_RESULT, MessageId, envelope, fit_frame, ref_of, request_id
+from agent.protocol import (
+    COMMAND_RESULT,
+    CommandResult,
+    CommandResultData,
+    CommandStatus,
+    JobId,
+    MessageId,
+    ServerMessage,
+    envelope,
+    fit_frame,
+    job_id,
+    ref_of,
+    request_id,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300.0
-COMPLETED, TIMEOUT, FAILED = "completed", "timeout", "failed"
+COMPLETED: Final = "completed"
+TIMEOUT: Final = "timeout"
+FAILED: Final = "failed"
 SHUTDOWN_ERROR = "the agent shut down while the command was running"
 
 
@@ -26,18 +41,26 @@ SHUTDOWN_ERROR = "the agent shut down while the command was running"
 class CommandRequest:
     """A validated ``run_command``."""
 
-    execution_id: str | int
+    execution_id: JobId
     command: str
     timeout: float
     message_id: MessageId = None
 
 
-def command_ref(message: dict[str, Any]) -> str | None:
+def command_ref(message: ServerMessage) -> str | None:
     """The ``execution_id`` of a ``run_command`` as a string, or ``None`` if it has none."""
     return ref_of(message["data"].get("execution_id"))
 
 
-def parse_command(message: dict[str, Any]) -> CommandRequest:
+def execution_id_of(message: ServerMessage) -> JobId:
+    """The ``execution_id`` of a ``run_command`` (checked by :func:`command_ref` first)."""
+    execution_id = job_id(message["data"].get("execution_id"))
+    if execution_id is None:
+        raise RequestError("'execution_id' must be a non-empty string or an integer")
+    return execution_id
+
+
+def parse_command(message: ServerMessage) -> CommandRequest:
     """Validate a ``run_command`` message (its id already checked) or raise RequestError."""
     data = message["data"]
     command = data.get("command")
@@ -46,11 +69,11 @@ def parse_command(message: dict[str, Any]) -> CommandRequest:
     if "\x00" in command:
         raise RequestError("'command' must not contain NUL characters")
     return CommandRequest(
-        data["execution_id"], command, _timeout(data.get("timeout")), request_id(message)
+        execution_id_of(message), command, _timeout(data.get("timeout")), request_id(message)
     )
 
 
-def _timeout(value: Any) -> float:
+def _timeout(value: object) -> float:
     """The command timeout in seconds; absent means the default."""
     if value is None:
         return DEFAULT_TIMEOUT
@@ -66,7 +89,7 @@ async def run_command(
     max_output: int,
     groups: ProcessGroups,
     on_start: Callable[[], Awaitable[None]],
-) -> dict[str, Any]:
+) -> CommandResultData:
     """Run ``request`` through the shell and return its ``command_result`` data."""
     stdout, stderr = CappedOutput(max_output), CappedOutput(max_output)
     started = time.monotonic()
@@ -101,7 +124,9 @@ async def run_command(
     return result_data(request, status, exit_code, stdout, stderr, elapsed, error)
 
 
-def _outcome(finished: bool, returncode: int | None, stopping: bool) -> tuple[str, int | None, str]:
+def _outcome(
+    finished: bool, returncode: int | None, stopping: bool
+) -> tuple[CommandStatus, int | None, str]:
     """Status, exit code and error of a command that ran."""
     if stopping:
         return FAILED, exit_code_of(returncode), SHUTDOWN_ERROR
@@ -112,13 +137,13 @@ def _outcome(finished: bool, returncode: int | None, stopping: bool) -> tuple[st
 
 def result_data(
     request: CommandRequest,
-    status: str,
+    status: CommandStatus,
     exit_code: int | None,
     stdout: CappedOutput,
     stderr: CappedOutput,
     elapsed: float,
     error: str,
-) -> dict[str, Any]:
+) -> CommandResultData:
     """The ``command_result`` data for ``request``."""
     return {
         "execution_id": request.execution_id,
@@ -133,14 +158,14 @@ def result_data(
     }
 
 
-def failed_result_data(execution_id: str | int, error: str) -> dict[str, Any]:
+def failed_result_data(execution_id: JobId, error: str) -> CommandResultData:
     """The data of a command that could not be run at all."""
     request = CommandRequest(execution_id, "", DEFAULT_TIMEOUT)
     empty = CappedOutput(0)
     return result_data(request, FAILED, None, empty, empty, 0.0, error)
 
 
-def command_result(data: dict[str, Any], message_id: MessageId = None) -> dict[str, Any]:
+def command_result(data: CommandResultData, message_id: MessageId = None) -> CommandResult:
     """Wrap result ``data`` in a ``command_result`` envelope that fits in one frame."""
     message = envelope(COMMAND_RESULT, data, id_=message_id)
     return fit_frame(message, [("stdout", "stdout_truncated"), ("stderr", "stderr_truncated")])

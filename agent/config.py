@@ -7,10 +7,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from agent.sources import ConfigError, from_command_line, from_environment, from_file
+from agent.sources import (
+    ConfigError,
+    Settings,
+    from_command_line,
+    from_environment,
+    from_file,
+)
 
 DEFAULT_HEARTBEAT_INTERVAL = 15.0
 DEFAULT_METRICS_INTERVAL = 30.0
@@ -57,11 +62,11 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Agent
     env = from_environment(environ)
     cli_path, env_path = cli.pop("config", None), env.pop("config", None)
     config_path = cli_path or env_path
-    file_values = from_file(Path(config_path).expanduser()) if config_path else {}
+    file_values = from_file(Path(str(config_path)).expanduser()) if config_path else {}
     return build_config({**file_values, **env, **cli}, environ)
 
 
-def build_config(values: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig:
+def build_config(values: Settings, environ: Mapping[str, str]) -> AgentConfig:
     """Validate merged raw ``values`` into an :class:`AgentConfig`."""
     server = _required_text(values, "server", "server URL", "--server")
     websocket_url(server)
@@ -110,7 +115,7 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     return root / "sysmanage-agent"
 
 
-def _required_text(values: Mapping[str, Any], name: str, what: str, option: str) -> str:
+def _required_text(values: Settings, name: str, what: str, option: str) -> str:
     """Return a required string setting or raise a ConfigError naming its sources."""
     value = values.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -121,7 +126,7 @@ def _required_text(values: Mapping[str, Any], name: str, what: str, option: str)
     return value.strip()
 
 
-def _token(values: Mapping[str, Any]) -> str:
+def _token(values: Settings) -> str:
     """Return the token; messages about it never include its value."""
     token = _required_text(values, "token", "host token", "--token")
     if any(char.isspace() or not char.isprintable() for char in token):
@@ -129,7 +134,7 @@ def _token(values: Mapping[str, Any]) -> str:
     return token
 
 
-def _optional_text(values: Mapping[str, Any], name: str) -> str | None:
+def _optional_text(values: Settings, name: str) -> str | None:
     """Return an optional non-empty string setting, or ``None``."""
     value = values.get(name)
     if value is None:
@@ -139,19 +144,22 @@ def _optional_text(values: Mapping[str, Any], name: str) -> str | None:
     return value.strip()
 
 
-def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+def _number(name: str, value: object, kind: type[int] | type[float]) -> int | float:
     """Convert ``value`` (a TOML number or a string) to ``kind`` or raise ConfigError."""
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, not {value!r}")
+    wrong = ConfigError(
+        f"{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}"
+    )
+    if not isinstance(value, int | float | str):
+        raise wrong
     try:
         return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}"
-        ) from None
+    except ValueError:
+        raise wrong from None
 
 
-def _interval(values: Mapping[str, Any], name: str, default: float) -> float:
+def _interval(values: Settings, name: str, default: float) -> float:
     """Return an interval in seconds within the allowed range."""
     if name not in values:
         return default
@@ -161,7 +169,7 @@ def _interval(values: Mapping[str, Any], name: str, default: float) -> float:
     return seconds
 
 
-def _bounded_int(values: Mapping[str, Any], name: str, default: int, upper: int) -> int:
+def _bounded_int(values: Settings, name: str, default: int, upper: int) -> int:
     """Return an integer setting between 1 and ``upper``."""
     if name not in values:
         return default
@@ -171,7 +179,7 @@ def _bounded_int(values: Mapping[str, Any], name: str, default: int, upper: int)
     return int(number)
 
 
-def _state_dir(values: Mapping[str, Any], environ: Mapping[str, str]) -> Path:
+def _state_dir(values: Settings, environ: Mapping[str, str]) -> Path:
     """Return the state directory (absolute), given or default."""
     value = values.get("state_dir")
     if value is None:
@@ -181,7 +189,7 @@ def _state_dir(values: Mapping[str, Any], environ: Mapping[str, str]) -> Path:
     return Path(value).expanduser().absolute()
 
 
-def _log_level(values: Mapping[str, Any]) -> str:
+def _log_level(values: Settings) -> str:
     """Return a valid logging level name."""
     level = str(values.get("log_level", DEFAULT_LOG_LEVEL)).upper()
     if level not in LOG_LEVELS or not isinstance(logging.getLevelName(level), int):

@@ -6,16 +6,16 @@ import ipaddress
 import os
 import platform
 import socket
-from typing import Any
 
 import psutil
 
 from agent import __version__
+from agent.protocol import HelloData
 
 _ADDRESS_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def collect_facts(hostname: str | None, capabilities: list[str]) -> dict[str, Any]:
+def collect_facts(hostname: str | None, capabilities: list[str]) -> HelloData:
     """Return the ``hello`` data: identity, addresses, OS, hardware and capabilities."""
     os_name, os_version = os_release()
     return {

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from agent.commands import (
     command_ref,
     command_result,
+    execution_id_of,
     failed_result_data,
     parse_command,
     run_command,
@@ -25,6 +26,11 @@ from agent.protocol import (
     COMMAND_STARTED,
     PACKAGE_PROGRESS,
     PACKAGE_RESULT,
+    AgentMessage,
+    CommandStartedData,
+    PackageProgressData,
+    ResultMessage,
+    ServerMessage,
     envelope,
     request_id,
 )
@@ -41,10 +47,10 @@ SHUTDOWN_GRACE = 5.0
 class Reporter(Protocol):
     """Where jobs send their messages (the current connection, if any)."""
 
-    async def emit(self, message: dict[str, Any]) -> None:
+    async def emit(self, message: AgentMessage) -> None:
         """Send a progress message now, or drop it when disconnected."""
 
-    async def send_result(self, message: dict[str, Any]) -> None:
+    async def send_result(self, message: ResultMessage) -> None:
         """Send a result that is already stored in the spool, if connected."""
 
 
@@ -81,7 +87,7 @@ class JobRunner:
             log.warning("%d job(s) were interrupted when the agent last stopped", count)
         return count
 
-    async def handle_run_command(self, message: dict[str, Any]) -> None:
+    async def handle_run_command(self, message: ServerMessage) -> None:
         """Accept a ``run_command`` unless its ``execution_id`` was seen before."""
         ref = command_ref(message)
         if ref is None:
@@ -89,7 +95,7 @@ class JobRunner:
         elif await self._accept(COMMAND_RESULT, ref):
             self._start(self._command_job(message, ref), COMMAND_RESULT, ref)
 
-    async def handle_package_operation(self, message: dict[str, Any]) -> None:
+    async def handle_package_operation(self, message: ServerMessage) -> None:
         """Accept a ``package_operation`` unless its ``operation_id`` was seen before."""
         ref = packages.operation_ref(message)
         if ref is None:
@@ -141,12 +147,12 @@ class JobRunner:
             if self.ledger.state(kind, ref) == RUNNING:
                 await self._finish(kind, ref, _failed_result(kind, ref, f"agent error: {exc}"))
 
-    async def _command_job(self, message: dict[str, Any], ref: str) -> None:
+    async def _command_job(self, message: ServerMessage, ref: str) -> None:
         """Validate and run one command, then report it."""
         try:
             request = parse_command(message)
         except RequestError as exc:
-            data = failed_result_data(message["data"]["execution_id"], str(exc))
+            data = failed_result_data(execution_id_of(message), str(exc))
             await self._finish(COMMAND_RESULT, ref, command_result(data, request_id(message)))
             return
         async with self._command_slots:
@@ -154,16 +160,18 @@ class JobRunner:
                 data = failed_result_data(request.execution_id, NOT_STARTED)
             else:
                 started = envelope(
-                    COMMAND_STARTED, {"execution_id": request.execution_id}, id_=request.message_id
+                    COMMAND_STARTED,
+                    CommandStartedData(execution_id=request.execution_id),
+                    id_=request.message_id,
                 )
                 data = await run_command(
                     request, self.max_output, self.groups, lambda: self.reporter.emit(started)
                 )
         await self._finish(COMMAND_RESULT, ref, command_result(data, request.message_id))
 
-    async def _package_job(self, message: dict[str, Any], ref: str) -> None:
+    async def _package_job(self, message: ServerMessage, ref: str) -> None:
         """Validate and run one package operation (one at a time), then report it."""
-        operation_id = message["data"]["operation_id"]
+        operation_id = packages.operation_id_of(message)
         try:
             request = packages.parse_operation(message)
         except RequestError as exc:
@@ -178,7 +186,7 @@ class JobRunner:
             await self.reporter.emit(
                 envelope(
                     PACKAGE_PROGRESS,
-                    {"operation_id": operation_id, "progress": percent, "message": text},
+                    PackageProgressData(operation_id=operation_id, progress=percent, message=text),
                     id_=request.message_id,
                 )
             )
@@ -189,7 +197,7 @@ class JobRunner:
             )
         await self._finish(PACKAGE_RESULT, ref, packages.package_result(data, request.message_id))
 
-    async def _finish(self, kind: str, ref: str, message: dict[str, Any]) -> None:
+    async def _finish(self, kind: str, ref: str, message: ResultMessage) -> None:
         """Store the result, mark its id finished, then send it."""
         try:
             self.spool.store(kind, ref, message)
@@ -201,13 +209,13 @@ class JobRunner:
         await self.reporter.send_result(message)
 
 
-def _failed_result(kind: str, ref: str, error: str) -> dict[str, Any]:
+def _failed_result(kind: str, ref: str, error: str) -> ResultMessage:
     """A ``failed`` result envelope for ``ref`` of ``kind``."""
     if kind == COMMAND_RESULT:
         return command_result(failed_result_data(ref, error))
     return packages.package_result(packages.failed_data(ref, error))
 
 
-def _interrupted_result(kind: str, ref: str) -> dict[str, Any]:
+def _interrupted_result(kind: str, ref: str) -> ResultMessage:
     """The result for a job the agent was stopped during (recorded at the next start)."""
     return _failed_result(kind, ref, INTERRUPTED)

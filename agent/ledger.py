@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 from agent.storage import atomic_write_json, read_json
 
@@ -76,7 +75,7 @@ class IdLedger:
 
     def _load(self) -> None:
         """Read the saved entries, skipping malformed ones."""
-        saved: Any = read_json(self.path)
+        saved = read_json(self.path)
         if saved is None:
             if self.path.exists():
                 log.warning("Ignoring unreadable id ledger %s", self.path)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import psutil
 
-from agent.protocol import utc_now_iso
+from agent.protocol import MetricsData, utc_now_iso
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def prime_cpu_usage() -> None:
     psutil.cpu_percent(interval=None)
 
 
-def collect_metrics() -> dict[str, Any]:
+def collect_metrics() -> MetricsData:
     """Return the ``metrics`` data: a timestamp and the current readings."""
     return {
         "timestamp": utc_now_iso(),

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ async def wait_exit(process: asyncio.subprocess.Process) -> None:
         waiter.cancel()
 
 
-async def _settle(tasks: list[asyncio.Future[None]], grace: float) -> None:
+async def _settle(tasks: Sequence[asyncio.Future[None]], grace: float) -> None:
     """Give ``tasks`` up to ``grace`` seconds to finish."""
     if tasks:
         await asyncio.wait(tasks, timeout=grace)

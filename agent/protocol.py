@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, Generic, Literal, NotRequired, TypedDict, TypeVar, cast
 
 #: Largest frame either side accepts (1 MiB).
 MAX_FRAME_BYTES = 1 << 20
@@ -20,25 +20,160 @@ CLOSE_REPLACED = 4009
 CLOSE_GOING_AWAY = 1001
 
 # Agent -> server.
-HELLO = "hello"
-HEARTBEAT = "heartbeat"
-METRICS = "metrics"
-COMMAND_STARTED = "command_started"
-COMMAND_RESULT = "command_result"
-PACKAGE_PROGRESS = "package_progress"
-PACKAGE_RESULT = "package_result"
+HELLO: Final = "hello"
+HEARTBEAT: Final = "heartbeat"
+METRICS: Final = "metrics"
+COMMAND_STARTED: Final = "command_started"
+COMMAND_RESULT: Final = "command_result"
+PACKAGE_PROGRESS: Final = "package_progress"
+PACKAGE_RESULT: Final = "package_result"
 
 # Server -> agent.
-WELCOME = "welcome"
-RUN_COMMAND = "run_command"
-PACKAGE_OPERATION = "package_operation"
-ACK = "ack"
-ERROR = "error"
+WELCOME: Final = "welcome"
+RUN_COMMAND: Final = "run_command"
+PACKAGE_OPERATION: Final = "package_operation"
+ACK: Final = "ack"
+ERROR: Final = "error"
+
+AgentMessageType = Literal[
+    "hello",
+    "heartbeat",
+    "metrics",
+    "command_started",
+    "command_result",
+    "package_progress",
+    "package_result",
+]
+#: The messages whose delivery the server acknowledges (``ack``'s ``kind``).
+ResultKind = Literal["command_result", "package_result"]
 
 #: The result kinds the server acknowledges, and the id field each one carries.
-RESULT_ID_FIELDS = {COMMAND_RESULT: "execution_id", PACKAGE_RESULT: "operation_id"}
+RESULT_ID_FIELDS: dict[ResultKind, str] = {
+    COMMAND_RESULT: "execution_id",
+    PACKAGE_RESULT: "operation_id",
+}
 
 MessageId = str | int | None
+#: An ``execution_id`` or ``operation_id`` as the server sent it.
+JobId = str | int
+
+_Data = TypeVar("_Data")
+
+
+class Envelope(TypedDict, Generic[_Data]):
+    """Every agent message: its type, its data, when it was sent, and the ``id`` of the
+    server message it answers (if any)."""
+
+    type: AgentMessageType
+    data: _Data
+    timestamp: str
+    id: NotRequired[str | int]
+
+
+class HelloData(TypedDict):
+    """``hello``: who this host is and what the agent can do."""
+
+    hostname: str
+    fqdn: str
+    ip_addresses: list[str]
+    os_name: str
+    os_version: str
+    kernel: str
+    architecture: str
+    cpu_count: int
+    memory_total: int
+    agent_version: str
+    capabilities: list[str]
+
+
+class HeartbeatData(TypedDict):
+    """``heartbeat``: nothing but the envelope's timestamp."""
+
+
+class Readings(TypedDict):
+    """The figures of a ``metrics`` message, in percent (load: the 1, 5 and 15 minute
+    averages)."""
+
+    cpu_usage: float
+    memory_usage: float
+    disk_usage: dict[str, float]
+    load_average: list[float]
+
+
+class MetricsData(TypedDict):
+    """``metrics``: the readings and when they were taken."""
+
+    timestamp: str
+    metrics: Readings
+
+
+class CommandStartedData(TypedDict):
+    """``command_started``: the command's process is running."""
+
+    execution_id: JobId
+
+
+CommandStatus = Literal["completed", "timeout", "failed"]
+
+
+class CommandResultData(TypedDict):
+    """``command_result``: how a command ended and what it printed."""
+
+    execution_id: JobId
+    status: CommandStatus
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    execution_time: float
+    error: str
+
+
+class PackageProgressData(TypedDict):
+    """``package_progress``: how far a package operation got, in percent."""
+
+    operation_id: JobId
+    progress: int
+    message: str
+
+
+PackageStatus = Literal["completed", "failed"]
+
+
+class PackageResultData(TypedDict):
+    """``package_result``: how a package operation ended and what it printed."""
+
+    operation_id: JobId
+    status: PackageStatus
+    exit_code: int | None
+    output: str
+    output_truncated: bool
+    message: str
+
+
+CommandResult = Envelope[CommandResultData]
+PackageResult = Envelope[PackageResultData]
+#: What the agent stores until the server acknowledges it.
+ResultMessage = CommandResult | PackageResult
+#: Everything the agent sends.
+AgentMessage = (
+    Envelope[HelloData]
+    | Envelope[HeartbeatData]
+    | Envelope[MetricsData]
+    | Envelope[CommandStartedData]
+    | Envelope[PackageProgressData]
+    | ResultMessage
+)
+
+
+class ServerMessage(TypedDict):
+    """A message from the server, as :func:`parse` lets it through: an object with a
+    string ``type`` and an object ``data``, whose fields each handler checks itself."""
+
+    type: str
+    data: dict[str, object]
+    id: NotRequired[object]
 
 
 def utc_now_iso() -> str:
@@ -46,25 +181,25 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def envelope(type_: str, data: dict[str, Any], *, id_: MessageId = None) -> dict[str, Any]:
+def envelope(type_: AgentMessageType, data: _Data, *, id_: MessageId = None) -> Envelope[_Data]:
     """Build an agent message; ``id`` is included only when answering a server message."""
-    message: dict[str, Any] = {"type": type_, "data": data, "timestamp": utc_now_iso()}
+    message: Envelope[_Data] = {"type": type_, "data": data, "timestamp": utc_now_iso()}
     if id_ is not None:
         message["id"] = id_
     return message
 
 
-def dumps(message: dict[str, Any]) -> str:
+def dumps(message: Mapping[str, object]) -> str:
     """Serialize a message compactly (non-ASCII text is kept as UTF-8, not escaped)."""
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
-def frame_size(message: dict[str, Any]) -> int:
+def frame_size(message: Mapping[str, object]) -> int:
     """Return the size in bytes of the frame that carries ``message``."""
     return len(dumps(message).encode("utf-8"))
 
 
-def parse(raw: str | bytes) -> dict[str, Any] | None:
+def parse(raw: str | bytes) -> ServerMessage | None:
     """Parse a server frame; return ``None`` unless it is an object with ``type`` and ``data``."""
     try:
         message = json.loads(raw)
@@ -74,10 +209,10 @@ def parse(raw: str | bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(message.get("data"), dict):
         return None
-    return message
+    return cast("ServerMessage", message)
 
 
-def request_id(message: dict[str, Any]) -> MessageId:
+def request_id(message: ServerMessage) -> MessageId:
     """Return the ``id`` of a server message if it can be echoed back, else ``None``."""
     value = message.get("id")
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -85,25 +220,32 @@ def request_id(message: dict[str, Any]) -> MessageId:
     return value
 
 
-def ref_of(value: Any) -> str | None:
-    """An execution or operation id as a string, if it is a non-empty string or an integer."""
+def job_id(value: object) -> JobId | None:
+    """``value`` if it can be an execution or operation id: a non-empty string or an
+    integer."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
-    text = str(value)
-    return text if text.strip() else None
+    return value if str(value).strip() else None
+
+
+def ref_of(value: object) -> str | None:
+    """An execution or operation id as a string, if it is a non-empty string or an integer."""
+    valid = job_id(value)
+    return None if valid is None else str(valid)
 
 
 def fit_frame(
-    message: dict[str, Any],
+    message: Envelope[_Data],
     fields: Sequence[tuple[str, str]],
     budget: int = FRAME_BUDGET_BYTES,
-) -> dict[str, Any]:
+) -> Envelope[_Data]:
     """Shorten text fields of ``message`` in place until its frame fits in ``budget`` bytes.
 
     ``fields`` pairs each text field of ``message["data"]`` with the boolean field that
     records its truncation.  The longest field is halved until the frame fits.
     """
-    data = message["data"]
+    # The fields are named at run time; a TypedDict takes literal keys only.
+    data = cast("dict[str, Any]", message["data"])
     while frame_size(message) > budget:
         name, flag = max(fields, key=lambda pair: len(data[pair[0]]))
         text = data[name]

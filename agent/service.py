@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeGuard
 
 from agent.backoff import Backoff
 from agent.config import AgentConfig
@@ -23,6 +23,9 @@ from agent.protocol import (
     RESULT_ID_FIELDS,
     RUN_COMMAND,
     WELCOME,
+    AgentMessage,
+    ResultMessage,
+    ServerMessage,
     parse,
     ref_of,
 )
@@ -39,7 +42,7 @@ CLOSE_WAIT = 5.0
 #: Pause between results sent again, so a long backlog stays under the server's rate limit.
 RESEND_PAUSE = 0.05
 
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[ServerMessage], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -143,17 +146,17 @@ class Agent:
         if self.link is link:
             self.link = None
 
-    async def emit(self, message: dict[str, Any]) -> None:
+    async def emit(self, message: AgentMessage) -> None:
         """Send a progress message if connected; drop it otherwise."""
         if self.link is not None:
             await self.link.send(message)
 
-    async def send_result(self, message: dict[str, Any]) -> None:
+    async def send_result(self, message: ResultMessage) -> None:
         """Send a stored result if connected; otherwise it goes out after reconnecting."""
         if self.link is not None:
             await self.link.send(message)
 
-    async def handle(self, raw: str | bytes) -> dict[str, Any] | None:
+    async def handle(self, raw: str | bytes) -> ServerMessage | None:
         """Act on one frame from the server; return the parsed message, if it is one."""
         message = parse(raw)
         if message is None:
@@ -169,7 +172,7 @@ class Agent:
             log.exception("Error while handling a %s message", message["type"])
         return message
 
-    async def _on_welcome(self, message: dict[str, Any]) -> None:
+    async def _on_welcome(self, message: ServerMessage) -> None:
         """Adopt the server's intervals unless they were set explicitly."""
         data = message["data"]
         for name in ("heartbeat", "metrics"):
@@ -185,15 +188,15 @@ class Agent:
             self.intervals.metrics,
         )
 
-    async def _on_ack(self, message: dict[str, Any]) -> None:
+    async def _on_ack(self, message: ServerMessage) -> None:
         """Forget an acknowledged result."""
         kind, ref = message["data"].get("kind"), ref_of(message["data"].get("ref"))
-        if kind not in RESULT_ID_FIELDS or ref is None:
+        if not isinstance(kind, str) or kind not in RESULT_ID_FIELDS or ref is None:
             log.warning("Ignoring an ack for %r %r", kind, message["data"].get("ref"))
         elif self.spool.discard(kind, ref):
             log.debug("The server acknowledged %s %s", kind, ref)
 
-    async def _on_error(self, message: dict[str, Any]) -> None:
+    async def _on_error(self, message: ServerMessage) -> None:
         """Log an error reported by the server."""
         data = message["data"]
         log.warning("Server error %s: %s", data.get("code"), data.get("message"))
@@ -221,7 +224,7 @@ def _describe(end: SessionEnd) -> str:
     return f"close code {end.close_code}" + (f" ({end.reason})" if end.reason else "")
 
 
-def _valid_interval(value: Any) -> bool:
+def _valid_interval(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is a usable interval from the server."""
     return (
         isinstance(value, int | float)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -22,6 +22,8 @@ from agent.protocol import (
     MAX_FRAME_BYTES,
     METRICS,
     WELCOME,
+    AgentMessage,
+    HeartbeatData,
     dumps,
     envelope,
 )
@@ -64,7 +66,7 @@ class Link:
         """Wrap an open connection."""
         self._websocket = websocket
 
-    async def send(self, message: dict[str, Any]) -> bool:
+    async def send(self, message: AgentMessage) -> bool:
         """Send ``message``; return False if the connection is already closed."""
         try:
             await self._websocket.send(dumps(message))
@@ -177,7 +179,7 @@ async def _heartbeats(agent: Agent, link: Link) -> None:
     """Send a heartbeat every ``heartbeat_interval`` seconds."""
     while True:
         await asyncio.sleep(agent.intervals.heartbeat)
-        await link.send(envelope(HEARTBEAT, {}))
+        await link.send(envelope(HEARTBEAT, HeartbeatData()))
 
 
 async def _metrics(agent: Agent, link: Link) -> None:

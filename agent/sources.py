@@ -10,7 +10,7 @@ import argparse
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
 from agent import __version__
 
@@ -69,15 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def from_command_line(argv: Sequence[str] | None) -> dict[str, Any]:
+#: Settings as given (TOML values, or strings from the command line and the environment),
+#: before :func:`agent.config.build_config` checks them.
+Settings: TypeAlias = Mapping[str, object]
+
+
+def from_command_line(argv: Sequence[str] | None) -> dict[str, object]:
     """Return the settings given on the command line (argparse exits on unknown options)."""
     namespace = build_parser().parse_args(argv)
     return {name: value for name, value in vars(namespace).items() if value is not None}
 
 
-def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+def from_environment(environ: Mapping[str, str]) -> dict[str, object]:
     """Return the settings given as ``SYSMANAGE_AGENT_*`` variables (empty ones are unset)."""
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for name in ENV_SETTINGS:
         value = environ.get(ENV_PREFIX + name.upper())
         if value:
@@ -85,7 +90,7 @@ def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def from_file(path: Path) -> dict[str, Any]:
+def from_file(path: Path) -> dict[str, object]:
     """Read the TOML config file at ``path``; unknown keys are an error."""
     try:
         with path.open("rb") as handle:

@@ -6,8 +6,9 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import cast
 
+from agent.protocol import ResultMessage
 from agent.storage import atomic_write_json, ensure_private_dir, read_json, remove_file
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,11 @@ class ResultSpool:
         digest = hashlib.sha256(ref.encode("utf-8")).hexdigest()[:40]
         return self.directory / f"{kind}-{digest}.json"
 
-    def store(self, kind: str, ref: str, message: dict[str, Any]) -> None:
+    def store(self, kind: str, ref: str, message: ResultMessage) -> None:
         """Write the result ``message`` atomically."""
         atomic_write_json(self.path_for(kind, ref), {"kind": kind, "ref": ref, "message": message})
 
-    def get(self, kind: str, ref: str) -> dict[str, Any] | None:
+    def get(self, kind: str, ref: str) -> ResultMessage | None:
         """The stored result of ``kind`` for ``ref``, if it is still unacknowledged."""
         entry = read_json(self.path_for(kind, ref))
         return _message_of(entry)
@@ -46,7 +47,7 @@ class ResultSpool:
         """Whether a result of ``kind`` for ``ref`` is stored."""
         return self.path_for(kind, ref).exists()
 
-    def pending(self, older_than: float = 0.0) -> list[dict[str, Any]]:
+    def pending(self, older_than: float = 0.0) -> list[ResultMessage]:
         """Stored results, oldest first; only those stored ``older_than`` seconds ago or more."""
         messages = []
         for path in self._files_oldest_first(time.time() - older_than):
@@ -70,9 +71,10 @@ class ResultSpool:
         return [path for _, _, path in sorted(files)]
 
 
-def _message_of(entry: Any) -> dict[str, Any] | None:
+def _message_of(entry: object) -> ResultMessage | None:
     """The message inside a stored entry, or ``None`` if the entry is malformed."""
     if not isinstance(entry, dict):
         return None
     message = entry.get("message")
-    return message if isinstance(message, dict) else None
+    # Written by ResultSpool.store: a result envelope (sent again as it is).
+    return cast("ResultMessage", message) if isinstance(message, dict) else None

@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 
 class StateError(Exception):
@@ -25,7 +24,7 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
+def atomic_write_json(path: Path, payload: object) -> None:
     """Write ``payload`` as JSON to ``path``: temp file, fsync, rename (mode 0600)."""
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,7 +41,7 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     _sync_directory(path.parent)
 
 
-def read_json(path: Path) -> Any | None:
+def read_json(path: Path) -> object:
     """Return the JSON content of ``path``, or ``None`` if it is missing or unreadable."""
     try:
         return json.loads(path.read_bytes())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from alerts import services
@@ -14,7 +15,7 @@ from sysmanage.audit import request_actor
 
 
 @admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
+class AlertAdmin(admin.ModelAdmin[Alert]):
     """Alerts; state changes go through the services so that subscribers see them."""
 
     list_display = ("title", "severity", "status", "host", "category", "created_at")
@@ -36,7 +37,7 @@ class AlertAdmin(admin.ModelAdmin):
         """Raising alerts: the right the REST API asks too."""
         return permissions.can_raise_alerts(request.user)
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Alert | None = None) -> bool:
         """Changing alerts: the right the REST API and the sockets ask too."""
         return permissions.can_manage_alerts(request.user)
 
@@ -54,7 +55,13 @@ class AlertAdmin(admin.ModelAdmin):
         )
         obj.pk = created.pk
 
-    def _apply(self, request: HttpRequest, queryset: Any, service: Any, verb: str) -> None:
+    def _apply(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Alert],
+        service: services.AlertTransition,
+        verb: str,
+    ) -> None:
         done = skipped = 0
         for alert in queryset:
             try:
@@ -69,18 +76,18 @@ class AlertAdmin(admin.ModelAdmin):
         )
 
     @admin.action(description="Acknowledge selected alerts", permissions=["change"])
-    def acknowledge(self, request: HttpRequest, queryset: Any) -> None:
+    def acknowledge(self, request: HttpRequest, queryset: QuerySet[Alert]) -> None:
         """Acknowledge each open alert selected."""
         self._apply(request, queryset, services.alert_acknowledge, "acknowledged")
 
     @admin.action(description="Resolve selected alerts", permissions=["change"])
-    def resolve(self, request: HttpRequest, queryset: Any) -> None:
+    def resolve(self, request: HttpRequest, queryset: QuerySet[Alert]) -> None:
         """Resolve each unresolved alert selected."""
         self._apply(request, queryset, services.alert_resolve, "resolved")
 
 
 @admin.register(AlertRule)
-class AlertRuleAdmin(admin.ModelAdmin):
+class AlertRuleAdmin(admin.ModelAdmin[AlertRule]):
     """Alert rules; every server process picks up edits within ALERT_RULES_RELOAD_SECONDS."""
 
     list_display = (

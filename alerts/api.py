@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import QuerySet
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
@@ -18,7 +19,7 @@ from sysmanage.api_input import CsvChoiceField, query_filters
 from sysmanage.audit import request_actor
 
 
-class AlertSerializer(serializers.ModelSerializer):
+class AlertSerializer(serializers.ModelSerializer[Alert]):
     """An alert with its host's name."""
 
     hostname = serializers.CharField(source="host.hostname", read_only=True, default=None)
@@ -42,7 +43,7 @@ class AlertSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AlertRaiseSerializer(serializers.Serializer):
+class AlertRaiseSerializer(serializers.Serializer[None]):
     """What a person supplies to raise an alert by hand."""
 
     severity = serializers.ChoiceField(choices=Severity.choices)
@@ -54,7 +55,7 @@ class AlertRaiseSerializer(serializers.Serializer):
     )
 
 
-class AlertFilters(serializers.Serializer):
+class AlertFilters(serializers.Serializer[None]):
     """``GET /api/alerts/`` filters."""
 
     severity = CsvChoiceField(choices=Severity.choices, required=False)
@@ -62,12 +63,12 @@ class AlertFilters(serializers.Serializer):
     host = serializers.UUIDField(required=False)
 
 
-class AlertViewSet(viewsets.ReadOnlyModelViewSet):
+class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
     """Alerts, newest first. ``?severity=warning,critical``, ``?status=open``, ``?host=``."""
 
     serializer_class = AlertSerializer
 
-    def get_queryset(self) -> Any:
+    def get_queryset(self) -> QuerySet[Alert]:
         """Alerts narrowed by the query parameters."""
         filters = query_filters(self.request, AlertFilters)
         host = filters.get("host")
@@ -99,7 +100,7 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
         """Resolve an open or acknowledged alert (``alerts.change_alert``)."""
         return self._transition(services.alert_resolve, pk)
 
-    def _transition(self, service: Any, pk: str | None) -> Response:
+    def _transition(self, service: services.AlertTransition, pk: str | None) -> Response:
         self._require("manage_alert")
         # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500).
         alert_id = self.get_object().pk

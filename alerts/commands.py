@@ -11,7 +11,10 @@ from sysmanage.commands import CommandContext
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
 
-ACTIONS = {"acknowledge": services.alert_acknowledge, "resolve": services.alert_resolve}
+ACTIONS: dict[str, services.AlertTransition] = {
+    "acknowledge": services.alert_acknowledge,
+    "resolve": services.alert_resolve,
+}
 
 
 async def handle_alert_command(context: CommandContext, message: ClientMessage) -> None:

@@ -12,11 +12,20 @@ threshold, so a value hovering at a threshold does not flap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-SEVERITY_ORDER = {None: 0, "warning": 1, "critical": 2}
-UNKNOWN = "unknown"  # the database state is not known yet (first report since start)
+if TYPE_CHECKING:
+    from alerts.models import AlertRule
+
+#: The severity of an alert a rule raises (``alerts.models.Severity`` has ``info`` too).
+Level = Literal["warning", "critical"]
+SEVERITY_ORDER: dict[Level | None, int] = {None: 0, "warning": 1, "critical": 2}
+#: The database state is not known yet (first report since start).
+UNKNOWN: Final = "unknown"
+#: What the engine believes the database holds: no alert, an alert of a level, or unknown.
+Known = Level | None | Literal["unknown"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class RuleSpec:
     margin: float
 
     @classmethod
-    def from_model(cls, rule: Any) -> RuleSpec:
+    def from_model(cls, rule: AlertRule) -> RuleSpec:
         """Copy a rule row."""
         return cls(
             id=str(rule.id),
@@ -55,11 +64,11 @@ class Verdict:
     hostname: str
     rule: RuleSpec
     key: str
-    severity: str | None  # None: no active alert
+    severity: Level | None  # None: no active alert
     value: float
 
 
-def _level(rule: RuleSpec, value: float, margin: float = 0.0) -> str | None:
+def _level(rule: RuleSpec, value: float, margin: float = 0.0) -> Level | None:
     if rule.critical is not None and value >= rule.critical - margin:
         return "critical"
     if rule.warning is not None and value >= rule.warning - margin:
@@ -68,7 +77,7 @@ def _level(rule: RuleSpec, value: float, margin: float = 0.0) -> str | None:
 
 
 def rule_values(
-    rule: RuleSpec, metrics: dict[str, Any], cpu_count: int | None
+    rule: RuleSpec, metrics: Mapping[str, Any], cpu_count: int | None
 ) -> list[tuple[str, float]]:
     """The ``(instance key, value)`` pairs a metrics report gives for ``rule``."""
     if rule.metric == "disk_usage":
@@ -88,7 +97,7 @@ class RuleEngine:
     def __init__(self) -> None:
         self.rules: list[RuleSpec] | None = None
         self._streaks: dict[tuple[str, str, str], int] = {}
-        self._known: dict[tuple[str, str, str], str | None] = {}
+        self._known: dict[tuple[str, str, str], Level | None] = {}
 
     def set_rules(self, rules: list[RuleSpec]) -> None:
         """Replace the rules; state of rules that disappeared is dropped."""
@@ -109,7 +118,7 @@ class RuleEngine:
         return {key[0] for store in (self._streaks, self._known) for key in store}
 
     def observe(
-        self, host_id: str, hostname: str, metrics: dict[str, Any], cpu_count: int | None
+        self, host_id: str, hostname: str, metrics: Mapping[str, Any], cpu_count: int | None
     ) -> list[Verdict]:
         """Evaluate one metrics report; return the changes the database needs."""
         verdicts = []
@@ -122,12 +131,12 @@ class RuleEngine:
                     verdicts.append(Verdict(host_id, hostname, rule, key, severity, value))
         return verdicts
 
-    def _judge(self, state: tuple[str, str, str], rule: RuleSpec, value: float) -> str | None:
+    def _judge(self, state: tuple[str, str, str], rule: RuleSpec, value: float) -> Known:
         """The new severity for ``state``, or ``UNKNOWN`` when nothing changes."""
         breach = _level(rule, value)
         streak = self._streaks.get(state, 0) + 1 if breach else 0
         self._streaks[state] = streak
-        current = self._known.get(state, UNKNOWN)
+        current: Known = self._known.get(state, UNKNOWN)
         raised = breach if streak >= rule.sustained else None
         held = _level(rule, value, rule.margin)
         if current == UNKNOWN:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from django.db.models import Count, QuerySet
 from django.utils import timezone
@@ -29,16 +29,31 @@ def alert_list(
     return alerts.order_by("-created_at")
 
 
-def fleet_stats(filters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``fleet_status`` figures, read from the database."""
+class FleetStats(TypedDict):
+    """The ``fleet_status`` figures."""
+
+    total_hosts: int
+    online_hosts: int
+    offline_hosts: int
+    hosts_with_alerts: int
+    pending_operations: int
+    last_updated: str
+
+
+def fleet_stats(filters: object = None) -> FleetStats:
+    """The ``fleet_status`` figures, read from the database (``filters``: those of a
+    ``fleet_status`` subscription, which has none)."""
     hosts_with_alerts = (
         Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
         .values("host_id")
         .distinct()
         .count()
     )
+    counts = host_selectors.host_counts()
     return {
-        **host_selectors.host_counts(),
+        "total_hosts": counts["total_hosts"],
+        "online_hosts": counts["online_hosts"],
+        "offline_hosts": counts["offline_hosts"],
         "hosts_with_alerts": hosts_with_alerts,
         "pending_operations": host_selectors.pending_operation_count(),
         "last_updated": iso(timezone.now()),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Protocol
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -15,9 +16,20 @@ from sysmanage.events import publish
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso
 
+#: An alert's (or rule's, or host's) id as callers hold it: a UUID or its text.
+ModelId = uuid.UUID | str
+
 
 class AlertStateError(Exception):
     """The alert cannot make the requested transition (e.g. resolving it twice)."""
+
+
+class AlertTransition(Protocol):
+    """A person's change of an alert's state (:func:`alert_acknowledge`,
+    :func:`alert_resolve`); raises :class:`AlertStateError`."""
+
+    def __call__(self, *, alert_id: ModelId, actor: Actor) -> Alert:
+        """Make the change as ``actor`` and publish it."""
 
 
 def _publish(alert: Alert, action: str) -> None:
@@ -52,7 +64,7 @@ def alert_raise(
     return alert
 
 
-def alert_acknowledge(*, alert_id: Any, actor: Actor) -> Alert:
+def alert_acknowledge(*, alert_id: ModelId, actor: Actor) -> Alert:
     """Acknowledge an open alert."""
     user = actor.user
     with transaction.atomic():
@@ -70,7 +82,7 @@ def alert_acknowledge(*, alert_id: Any, actor: Actor) -> Alert:
     return alert
 
 
-def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
+def alert_resolve(*, alert_id: ModelId, actor: Actor | None) -> Alert:
     """Resolve an open or acknowledged alert (``actor`` None when resolved automatically)."""
     user = actor.user if actor is not None else None
     with transaction.atomic():
@@ -90,8 +102,8 @@ def alert_resolve(*, alert_id: Any, actor: Actor | None) -> Alert:
 
 def rule_alert_sync(
     *,
-    host_id: Any,
-    rule_id: Any,
+    host_id: ModelId,
+    rule_id: ModelId,
     key: str,
     severity: str | None,
     title: str,
@@ -104,7 +116,7 @@ def rule_alert_sync(
     resolves it (automatically, by no one) when ``severity`` is None.
     """
     active_alerts = Alert.objects.filter(
-        host_id=host_id, rule_id=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
+        host_id=host_id, rule__pk=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
     )
     if severity is None and not active_alerts.exists():
         return None  # nothing to resolve: no write transaction (hosts coming online)
@@ -113,7 +125,7 @@ def rule_alert_sync(
             Alert.objects.select_for_update(of=("self",))
             .select_related("host")
             .filter(
-                host_id=host_id, rule_id=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
+                host_id=host_id, rule__pk=rule_id, rule_key=key, status__in=Alert.ACTIVE_STATUSES
             )
             .first()
         )

@@ -93,7 +93,10 @@ def prepare(env: dict[str, str], agents: int) -> dict[str, Any]:
         capture_output=True,
         text=True,
     ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    tokens = json.loads(out.strip().splitlines()[-1])
+    if not isinstance(tokens, dict):
+        raise RuntimeError(f"enrolment printed no JSON object: {out[-300:]!r}")
+    return tokens
 
 
 def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:

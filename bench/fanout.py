@@ -403,7 +403,7 @@ class Bench:
         """Wait (bounded) until other processes leave the CPUs idle; return their busy %."""
         limit, deadline = self.options.quiet_below, time.monotonic() + self.options.quiet_wait
         while True:
-            busy = psutil.cpu_percent(interval=1.0) * psutil.cpu_count()
+            busy = psutil.cpu_percent(interval=1.0) * (psutil.cpu_count() or 1)
             if busy <= limit or time.monotonic() >= deadline:
                 return round(busy, 1)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import builtins
 import contextlib
 import json
 import random
@@ -297,7 +298,8 @@ class Tally:
     last_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def record(self, seen: bytearray, raw: bytes, now: float) -> None:
+    # builtins.bytes: inside this class, ``bytes`` names the field above.
+    def record(self, seen: bytearray, raw: builtins.bytes, now: float) -> None:
         """Account for one message ``raw`` received at ``now`` by a receiver that saw ``seen``."""
         stamp = read_stamp(raw)
         if stamp is None:

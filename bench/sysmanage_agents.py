@@ -292,7 +292,7 @@ class Agent:
 
     @property
     def stopping(self) -> bool:
-        return self.shared.phase.value >= STOP
+        return bool(self.shared.phase.value >= STOP)
 
     async def timed_http(self, what: str, *args: Any, **kwargs: Any) -> tuple[int, Any]:
         started = time.perf_counter()
@@ -627,7 +627,7 @@ class Agent:
 
     def on_ack(self, message: dict[str, Any]) -> None:
         acked = (message.get("data") or {}).get("acked_message_id")
-        sent = self.sent.pop(acked, None)
+        sent = self.sent.pop(acked, None) if isinstance(acked, str) else None
         if sent is None:
             return
         kind, phase, at = sent
@@ -1279,7 +1279,7 @@ def log_summary(path: Path) -> str:
         lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return "no log"
-    interesting = Counter()
+    interesting: Counter[str] = Counter()
     for line in lines:
         for word in ("ERROR", "WARNING", "Traceback", "database is locked", "timed out"):
             if word in line:

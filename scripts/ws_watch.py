@@ -28,7 +28,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -61,12 +61,15 @@ def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return json.loads(response.read().decode())
+            answer = json.loads(response.read().decode())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300]
         raise Fatal(f"POST {url} answered {exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise Fatal(f"cannot reach {url}: {exc.reason}") from None
+    if not isinstance(answer, dict):
+        raise Fatal(f"POST {url} answered with JSON that is not an object")
+    return answer
 
 
 class Tokens:
@@ -143,14 +146,23 @@ def connect_args(url: str, token: str, how: str) -> tuple[str, dict[str, Any]]:
     return f"{url}?{urllib.parse.urlencode({'token': token})}", {}
 
 
-def subscriptions(args: argparse.Namespace) -> list[dict[str, Any]]:
+class Subscribe(TypedDict):
+    """A ``subscribe`` message of the WebSocket API."""
+
+    type: Literal["subscribe"]
+    channel: str
+    id: str
+    filters: NotRequired[object]
+
+
+def subscriptions(args: argparse.Namespace) -> list[Subscribe]:
     """The subscribe messages to send: one per ``--channel`` (``NAME`` or ``NAME=FILTERS``)."""
     shared = json.loads(args.filters) if args.filters else None
     messages = []
     for index, spec in enumerate(args.channel or ["host_status", "fleet_status"], start=1):
         name, sep, own = spec.partition("=")
         filters = json.loads(own) if sep else shared
-        message: dict[str, Any] = {"type": "subscribe", "channel": name, "id": f"sub-{index}"}
+        message: Subscribe = {"type": "subscribe", "channel": name, "id": f"sub-{index}"}
         if filters is not None:
             message["filters"] = filters
         messages.append(message)
@@ -310,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_password(args: argparse.Namespace) -> str | None:
     """The password from the options, the environment, a file, or a prompt."""
     if args.password:
-        return args.password
+        return str(args.password)
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as handle:
             return handle.readline().rstrip("\n")

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -26,7 +27,7 @@ from django.conf import settings
 MAX_TRACKED_ADDRESSES = 10_000
 
 
-def address_key(scope: dict[str, Any]) -> str | None:
+def address_key(scope: Mapping[str, Any]) -> str | None:
     """The address a handshake is counted under (None when the server does not know it).
 
     Behind a reverse proxy this is the proxy's address unless Daphne runs with

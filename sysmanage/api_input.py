@@ -8,7 +8,8 @@ every list endpoint validates its filters here before they reach a query.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
 
 from django.conf import settings
 from rest_framework import serializers
@@ -27,7 +28,7 @@ class InvalidQuery(APIException):
     default_detail = "Invalid query parameters."
 
 
-def _summary(errors: Any) -> str:
+def _summary(errors: object) -> str:
     """``field: message; field: message`` from a serializer's errors."""
     if isinstance(errors, dict):
         return "; ".join(f"{field}: {_summary(value)}" for field, value in errors.items())
@@ -36,7 +37,7 @@ def _summary(errors: Any) -> str:
     return str(errors)
 
 
-def query_filters(request: Request, filters: type[serializers.Serializer]) -> dict[str, Any]:
+def query_filters(request: Request, filters: type[serializers.Serializer[Any]]) -> dict[str, Any]:
     """The validated values of ``filters``' fields among the query parameters.
 
     An empty parameter means no filter; parameters the serializer does not name are
@@ -57,14 +58,14 @@ def query_filters(request: Request, filters: type[serializers.Serializer]) -> di
     return dict(checked.validated_data)
 
 
-class CsvChoiceField(serializers.Field):
+class CsvChoiceField(serializers.Field[list[str], object, str, Any]):
     """Comma-separated values, each one of ``choices``: ``?severity=warning,critical``."""
 
-    def __init__(self, *, choices: Any, **kwargs: Any) -> None:
+    def __init__(self, *, choices: Iterable[tuple[str, object]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.choices = [value for value, _label in choices]
 
-    def to_internal_value(self, data: Any) -> list[str]:
+    def to_internal_value(self, data: object) -> list[str]:
         """The listed values, each checked."""
         values = [v.strip() for v in str(data).split(",") if v.strip()]
         unknown = [v for v in values if v not in self.choices]
@@ -74,14 +75,14 @@ class CsvChoiceField(serializers.Field):
             )
         return values
 
-    def to_representation(self, value: Any) -> str:
+    def to_representation(self, value: list[str]) -> str:
         """Back to the comma-separated form."""
         return ",".join(value)
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
+def _depth_exceeds(value: object, limit: int) -> bool:
     """Whether ``value`` nests lists and objects deeper than ``limit`` (iteratively)."""
-    stack = [(value, 1)]
+    stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict | list):
@@ -99,9 +100,9 @@ class BoundedJSONParser(JSONParser):
 
     def parse(
         self,
-        stream: Any,
+        stream: IO[Any],
         media_type: str | None = None,
-        parser_context: dict[str, Any] | None = None,
+        parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         """Parse, then measure the depth."""
         limit = settings.API_MAX_JSON_DEPTH

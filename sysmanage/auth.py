@@ -13,24 +13,43 @@ user's current credentials (:mod:`sysmanage.credentials`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from channels.db import database_sync_to_async
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken
 
 from sysmanage import permissions
-from sysmanage.credentials import REVOKED_MESSAGE, fingerprint, fingerprint_matches
+from sysmanage.credentials import REVOKED_MESSAGE, decode, fingerprint, fingerprint_matches
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
 #: Scope key under which the outermost middleware keeps the server's send callable.
 RAW_SEND_KEY = "sysmanage.raw_send"
 #: The subprotocol the server selects when a client offered a bearer token that way.
 BEARER_SUBPROTOCOL = "bearer"
+
+#: Where a socket's credentials came from.
+TokenSource = Literal["query", "subprotocol", "header", "session"]
+#: An ASGI connection scope as this module reads it: the keys of the ASGI specification
+#: plus those that servers and middleware add (``user``, :data:`RAW_SEND_KEY`).
+ScopeView = Mapping[str, Any]
+#: What the routes wrap: an ASGI application.  Any, because channels' stubs type their
+#: middleware stacks as a union that includes ASGI 2 (single-callable) applications,
+#: which nothing here could call with ``(scope, receive, send)``.
+ASGIApp = Any
+
+#: Refuses a handshake with HTTP 403 (channels' denier, as an ASGI application).
+_deny = WebsocketDenier.as_asgi()
 
 
 @dataclass(frozen=True)
@@ -42,8 +61,8 @@ class SocketCredentials:
     the user's fingerprint no longer matches it.
     """
 
-    user: Any = None
-    via: str | None = None
+    user: User | None = None
+    via: TokenSource | None = None
     expires_at: float | None = None
     subprotocol: str | None = None
     error: str | None = None
@@ -51,18 +70,18 @@ class SocketCredentials:
     rights: frozenset[str] = frozenset()
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
+def _header(scope: ScopeView, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 
-def _offered_subprotocols(scope: dict[str, Any]) -> list[str]:
+def _offered_subprotocols(scope: ScopeView) -> list[str]:
     return [p.strip() for p in scope.get("subprotocols", ()) if p and p.strip()]
 
 
-def find_token(scope: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+def find_token(scope: ScopeView) -> tuple[str | None, TokenSource | None, str | None]:
     """Return ``(token, where, subprotocol_to_select)``; token None when none was sent."""
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get("token"):
@@ -82,7 +101,7 @@ def find_token(scope: dict[str, Any]) -> tuple[str | None, str | None, str | Non
     return None, None, None
 
 
-def bearer_token(scope: dict[str, Any]) -> str | None:
+def bearer_token(scope: ScopeView) -> str | None:
     """The token of an ``Authorization: Bearer`` header (agents), or None."""
     authorization = _header(scope, b"authorization")
     if not authorization:
@@ -91,16 +110,19 @@ def bearer_token(scope: dict[str, Any]) -> str | None:
     return credentials.strip() or None if scheme.lower() == "bearer" else None
 
 
-def user_for_access_token(raw: str) -> tuple[Any, float | None, str | None]:
+def user_for_access_token(raw: str) -> tuple[User | None, float | None, str | None]:
     """Validate an access JWT; return ``(user, expires_at, None)`` or ``(None, None, why)``."""
     try:
-        token = AccessToken(raw)
+        token = decode(AccessToken, raw)
     except TokenError:
         return None, None, "Invalid or expired JWT token"
-    claim = settings.SIMPLE_JWT.get("USER_ID_CLAIM", "user_id")
+    claim = str(api_settings.USER_ID_CLAIM)
+    user_id = token.payload.get(claim)
     user_model = get_user_model()
+    if not isinstance(user_id, str):
+        return None, None, "Invalid or expired JWT token"
     try:
-        user = user_model.objects.get(pk=token.payload.get(claim))
+        user = user_model.objects.get(pk=user_id)
     except (user_model.DoesNotExist, ValueError, TypeError):
         return None, None, "Invalid or expired JWT token"
     if not user.is_active:
@@ -112,7 +134,7 @@ def user_for_access_token(raw: str) -> tuple[Any, float | None, str | None]:
 
 
 @database_sync_to_async
-def authenticate_socket(scope: dict[str, Any]) -> SocketCredentials:
+def authenticate_socket(scope: ScopeView) -> SocketCredentials:
     """Resolve the credentials of a connecting socket (runs in the database thread)."""
     raw, via, subprotocol = find_token(scope)
     if raw is not None:
@@ -149,7 +171,7 @@ def seconds_until(expires_at: float | None) -> float | None:
     return None if expires_at is None else max(0.0, expires_at - time.time())
 
 
-def origin_allowed(origin: str, scope: dict[str, Any]) -> bool:
+def origin_allowed(origin: str, scope: ScopeView) -> bool:
     """Whether a browser at ``origin`` may open a socket to this server.
 
     Same-origin pages (the ``Origin`` names the host and port the request was sent to)
@@ -171,28 +193,34 @@ def origin_allowed(origin: str, scope: dict[str, Any]) -> bool:
 class RefuseBrowsers:
     """Refuse handshakes that carry an ``Origin`` header: only agents may use this route."""
 
-    def __init__(self, application: Any) -> None:
+    def __init__(self, application: ASGIApp) -> None:
         self.application = application
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         """Called per connection: browsers always send Origin, agents never do."""
         if _header(scope, b"origin") is not None:
-            return await WebsocketDenier()(scope, receive, send)
-        return await self.application(scope, receive, send)
+            await _deny(scope, receive, send)
+            return
+        await self.application(scope, receive, send)
 
 
 class BrowserOriginValidator:
     """Refuse WebSocket handshakes from foreign origins; allow clients that send none."""
 
-    def __init__(self, application: Any) -> None:
+    def __init__(self, application: ASGIApp) -> None:
         self.application = application
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         """Called per connection: pass it on, or deny it with HTTP 403."""
         origin = _header(scope, b"origin")
         if origin is not None and not origin_allowed(origin, scope):
-            return await WebsocketDenier()(scope, receive, send)
+            await _deny(scope, receive, send)
+            return
         # The server's own send callable, before middleware wraps it: the hub writes
-        # event frames through it directly (see sysmanage.transport).
-        scope = {**scope, RAW_SEND_KEY: send}
-        return await self.application(scope, receive, send)
+        # event frames through it directly (see sysmanage.transport).  ASGI lets
+        # middleware add keys to the scope; asgiref's TypedDicts do not list them.
+        await self.application(cast("Scope", {**scope, RAW_SEND_KEY: send}), receive, send)

@@ -11,11 +11,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sysmanage.audit import Actor
-from sysmanage.protocol import ClientMessage, ErrorCode, ProtocolError, error_envelope
+from sysmanage.auth import ScopeView
+from sysmanage.protocol import (
+    ClientMessage,
+    ErrorCode,
+    ProtocolError,
+    ServerMessage,
+    error_envelope,
+)
 from sysmanage.topics import TOPICS
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +34,9 @@ logger = logging.getLogger(__name__)
 class CommandContext:
     """What a command handler may use: who asked, the connection scope, and a reply hook."""
 
-    user: Any
-    scope: dict[str, Any]
-    reply: Callable[[dict[str, Any]], None]
+    user: User
+    scope: ScopeView
+    reply: Callable[[ServerMessage], None]
 
     @property
     def ip_address(self) -> str | None:

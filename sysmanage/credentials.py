@@ -16,12 +16,13 @@ not expired works again: change the password to void everything for good.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils.crypto import constant_time_compare, salted_hmac
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.authentication import AuthUser, JWTAuthentication
 from rest_framework_simplejwt.serializers import (
     TokenObtainPairSerializer,
     TokenRefreshSerializer,
@@ -29,13 +30,15 @@ from rest_framework_simplejwt.serializers import (
 from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken, Token
 
+_T = TypeVar("_T", bound=Token)
+
 #: The claim that carries the fingerprint.
 FINGERPRINT_CLAIM = "cfp"
 #: What a client is told when its token was voided by a change of credentials.
 REVOKED_MESSAGE = "Token revoked: the account's credentials changed; sign in again"
 
 
-def fingerprint(user: Any) -> str:
+def fingerprint(user: AbstractBaseUser) -> str:
     """The fingerprint of ``user``'s credentials now: it changes with the password hash
     and the active flag, and cannot be computed without SECRET_KEY."""
     material = f"{user.password}\x00{int(bool(user.is_active))}"
@@ -44,10 +47,17 @@ def fingerprint(user: Any) -> str:
     ).hexdigest()[:32]
 
 
-def fingerprint_matches(claims: Mapping[str, Any], user: Any) -> bool:
+def fingerprint_matches(claims: Mapping[str, object], user: AbstractBaseUser) -> bool:
     """Whether a token with ``claims`` was issued for ``user``'s current credentials."""
     claim = claims.get(FINGERPRINT_CLAIM)
     return isinstance(claim, str) and constant_time_compare(claim, fingerprint(user))
+
+
+def decode(token_class: type[_T], raw: str, *, verify: bool = True) -> _T:
+    """``raw`` decoded as a ``token_class`` (signature, expiry and blacklist checked unless
+    ``verify`` is false); raises ``TokenError``."""
+    # simplejwt annotates the encoded token as a Token; at run time it takes the string.
+    return token_class(raw, verify=verify)  # type: ignore[arg-type]
 
 
 class _Fingerprinted(Token):
@@ -55,8 +65,10 @@ class _Fingerprinted(Token):
     outstanding, so the stored copy carries it too)."""
 
     @classmethod
-    def for_user(cls, user: Any) -> Any:
+    def for_user(cls, user: AuthUser) -> Self:
         """A new token for ``user`` with the fingerprint claim."""
+        if not isinstance(user, AbstractBaseUser):  # simplejwt's TokenUser has no password
+            raise TypeError("tokens are issued for users of the database only")
         token = super().for_user(user)
         token[FINGERPRINT_CLAIM] = fingerprint(user)
         return token
@@ -66,13 +78,16 @@ class FingerprintedAccessToken(_Fingerprinted, AccessToken):
     """An access token bound to the user's credentials."""
 
 
-class FingerprintedRefreshToken(RefreshToken, _Fingerprinted):
+# simplejwt types RefreshToken.for_user (its BlacklistMixin's) as returning a RefreshToken
+# and Token.for_user as returning the class it is called on, which mypy cannot reconcile
+# in a subclass of both; the order of the bases is what stores the claim (see above).
+class FingerprintedRefreshToken(RefreshToken, _Fingerprinted):  # type: ignore[misc]
     """A refresh token bound to the user's credentials; its access tokens copy the claim."""
 
     access_token_class = FingerprintedAccessToken
 
 
-def access_token_for(user: Any) -> str:
+def access_token_for(user: AbstractBaseUser) -> str:
     """An access token for ``user`` (scripts and tests; people use ``/api/token/``)."""
     return str(FingerprintedAccessToken.for_user(user))
 
@@ -91,7 +106,7 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
         """Check the user as it is now, then refresh (and rotate) as usual."""
-        refresh = self.token_class(attrs["refresh"])  # signature, expiry, blacklist
+        refresh = decode(self.token_class, attrs["refresh"])  # signature, expiry, blacklist
         user_id = refresh.payload.get(api_settings.USER_ID_CLAIM)
         user = get_user_model()._default_manager.filter(pk=user_id).first() if user_id else None
         if user is None or not user.is_active:
@@ -106,7 +121,8 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
 class FingerprintJWTAuthentication(JWTAuthentication):
     """REST authentication by access token that also checks the fingerprint."""
 
-    def get_user(self, validated_token: Token) -> Any:
+    # simplejwt returns a type variable that no argument binds; these are database users.
+    def get_user(self, validated_token: Token) -> AbstractBaseUser:  # type: ignore[override]
         """The token's user, if the token still matches its credentials."""
         user = super().get_user(validated_token)
         if not fingerprint_matches(validated_token.payload, user):

@@ -41,12 +41,13 @@ class ContentSecurityPolicyMiddleware:
 
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
-        if iscoroutinefunction(get_response):
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         """Called for each request."""
-        if iscoroutinefunction(self):
+        if self.is_async:
             return self.__acall__(request)
         return self._with_policy(request, self.get_response(request))
 

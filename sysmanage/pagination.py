@@ -14,6 +14,7 @@ from django.conf import settings
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 #: Larger offsets overflow SQLite's and PostgreSQL's 64-bit OFFSET (a server error).
 MAX_OFFSET = 10**12
@@ -49,14 +50,15 @@ class CappedLimitOffsetPagination(LimitOffsetPagination):
         default too, as in DRF."""
         limit = _non_negative(request, self.limit_query_param, 10**15 - 1)
         if not limit:
-            return int(self.default_limit)
+            # REST_FRAMEWORK["PAGE_SIZE"]; without one, a page is as long as allowed
+            return self.max_limit if self.default_limit is None else self.default_limit
         return min(limit, self.max_limit)
 
     def get_offset(self, request: Request) -> int:
         """``?offset=``, 0 without one."""
         return _non_negative(request, self.offset_query_param, MAX_OFFSET) or 0
 
-    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+    def get_schema_operation_parameters(self, view: APIView) -> list[dict[str, Any]]:
         """DRF's parameters, with the cap stated."""
         parameters = super().get_schema_operation_parameters(view)
         for parameter in parameters:

@@ -18,10 +18,19 @@ server rechecks (``sysmanage.recheck``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
 from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
+
+#: Whoever asks: a user, an anonymous visitor, or nobody (a socket not yet authenticated).
+Asker: TypeAlias = "User | AnonymousUser | None"
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,11 @@ CHANNEL_RIGHTS = {"user_activity": "view_activity"}
 SOCKET_RIGHTS = ("view_activity", "view_command_output")
 
 
-def _active(user: Any) -> bool:
+def _active(user: Asker) -> TypeGuard[User]:
     return bool(user is not None and user.is_authenticated and user.is_active)
 
 
-def holds(user: Any, right: str) -> bool:
+def holds(user: Asker, right: str) -> bool:
     """Whether ``user`` holds ``right`` (a key of :data:`RIGHTS`)."""
     spec = RIGHTS[right]
     if not _active(user) or (spec.staff_only and not user.is_staff):
@@ -105,7 +114,7 @@ def denial(right: str) -> str:
     )
 
 
-def fresh(user: Any) -> Any:
+def fresh(user: Asker) -> User | None:
     """``user`` as the database has it now, permissions not yet read; None if deleted.
 
     A user object read when a socket connected keeps the flags and the permission cache
@@ -116,12 +125,12 @@ def fresh(user: Any) -> Any:
     return get_user_model()._default_manager.filter(pk=user.pk).first()
 
 
-def holds_now(user: Any, right: str) -> bool:
+def holds_now(user: Asker, right: str) -> bool:
     """Whether ``user`` holds ``right`` according to the database now (runs queries)."""
     return holds(fresh(user), right)
 
 
-def subscribe_denied_reason(user: Any, channel: str) -> str | None:
+def subscribe_denied_reason(user: Asker, channel: str) -> str | None:
     """Return why ``user`` may not subscribe to ``channel``, or None when it may."""
     if not _active(user):
         return "Authentication required"
@@ -137,7 +146,7 @@ def channel_lost(channel: str, rights: frozenset[str]) -> bool:
     return right is not None and right not in rights
 
 
-def socket_rights(user: Any) -> frozenset[str]:
+def socket_rights(user: Asker) -> frozenset[str]:
     """The :data:`SOCKET_RIGHTS` that ``user`` holds."""
     return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
 
@@ -152,7 +161,7 @@ def sees_command_output(
     )
 
 
-def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
+def can_see_command_output(user: Asker, requested_by_id: object) -> bool:
     """Whether ``user`` sees the text and output of a command ``requested_by_id`` asked
     for (superusers see all)."""
     return _active(user) and (
@@ -161,57 +170,57 @@ def can_see_command_output(user: Any, requested_by_id: Any) -> bool:
     )
 
 
-def can_run_commands(user: Any) -> bool:
+def can_run_commands(user: Asker) -> bool:
     """Whether ``user`` may run commands and package operations on hosts."""
     return holds(user, "run_command")
 
 
-def can_raise_alerts(user: Any) -> bool:
+def can_raise_alerts(user: Asker) -> bool:
     """Whether ``user`` may raise an alert by hand."""
     return holds(user, "raise_alert")
 
 
-def can_manage_alerts(user: Any) -> bool:
+def can_manage_alerts(user: Asker) -> bool:
     """Whether ``user`` may acknowledge or resolve alerts."""
     return holds(user, "manage_alert")
 
 
-def can_use_admin(user: Any) -> bool:
+def can_use_admin(user: Asker) -> bool:
     """Whether ``user`` may open the admin site (as the admin itself decides: active staff)."""
     return _active(user) and bool(user.is_staff)
 
 
-def can_view_activity(user: Any) -> bool:
+def can_view_activity(user: Asker) -> bool:
     """Whether ``user`` may read the user activity log."""
     return holds(user, "view_activity")
 
 
-def can_view_registrations(user: Any) -> bool:
+def can_view_registrations(user: Asker) -> bool:
     """Whether ``user`` may see SysManage agent registrations."""
     return holds(user, "view_registrations")
 
 
-def can_decide_registrations(user: Any) -> bool:
+def can_decide_registrations(user: Asker) -> bool:
     """Whether ``user`` may approve or reject SysManage agent registrations."""
     return holds(user, "decide_registrations")
 
 
-def can_view_registration_keys(user: Any) -> bool:
+def can_view_registration_keys(user: Asker) -> bool:
     """Whether ``user`` may list registration keys."""
     return holds(user, "view_registration_keys")
 
 
-def can_create_registration_keys(user: Any) -> bool:
+def can_create_registration_keys(user: Asker) -> bool:
     """Whether ``user`` may create registration keys."""
     return holds(user, "create_registration_keys")
 
 
-def can_revoke_registration_keys(user: Any) -> bool:
+def can_revoke_registration_keys(user: Asker) -> bool:
     """Whether ``user`` may revoke registration keys."""
     return holds(user, "revoke_registration_keys")
 
 
-def can_manage_host_tokens(user: Any) -> bool:
+def can_manage_host_tokens(user: Asker) -> bool:
     """Whether ``user`` may rotate or revoke host tokens or allow a re-registration."""
     return holds(user, "manage_host_tokens")
 
@@ -224,7 +233,7 @@ class RequiresRight(BasePermission):
 
     message = "You do not have permission to perform this action."
 
-    def has_permission(self, request: Any, view: Any) -> bool:
+    def has_permission(self, request: Request, view: APIView) -> bool:
         """Whether the requester holds the right of this action (401 first if anonymous)."""
         right = getattr(view, "action_rights", {}).get(getattr(view, "action", None))
         if right is None or not holds(request.user, right):

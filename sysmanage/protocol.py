@@ -9,10 +9,11 @@ request it answers.  Error codes and close codes are listed here and nowhere els
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, NotRequired, TypedDict, overload
 
 
 class MessageType(StrEnum):
@@ -95,11 +96,32 @@ MAX_ID_LENGTH = 128
 MAX_INT_ID = 2**53 - 1
 
 
+#: A JSON object: a message's ``data`` or ``filters`` (each handler checks its fields).
+JSONObject = dict[str, Any]
+
+
+class ServerMessage(TypedDict):
+    """A message the server sends: ``{type, channel, data, timestamp}``, and the ``id``
+    of the request it answers."""
+
+    type: str
+    channel: str
+    data: JSONObject
+    timestamp: str
+    id: NotRequired[str | int]
+
+
 def utc_now_iso() -> str:
     """Return the current time as ISO-8601 UTC with a ``Z`` suffix, to the millisecond."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: None) -> None: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
     """Format an aware datetime as ISO-8601 UTC with a ``Z`` suffix."""
     if value is None:
@@ -110,13 +132,13 @@ def iso(value: datetime | None) -> str | None:
 def envelope(
     type_: str,
     channel: str,
-    data: dict[str, Any],
+    data: JSONObject,
     *,
     id_: str | int | None = None,
     timestamp: str | None = None,
-) -> dict[str, Any]:
+) -> ServerMessage:
     """Build a server message; ``id`` is present only when answering a request."""
-    message: dict[str, Any] = {
+    message: ServerMessage = {
         "type": str(type_),
         "channel": channel,
         "data": data,
@@ -134,19 +156,19 @@ def error_envelope(
     channel: str = "system",
     id_: str | int | None = None,
     **extra: Any,
-) -> dict[str, Any]:
+) -> ServerMessage:
     """Build an ``error`` message with a code, a human message and any extra fields."""
     return envelope(
         MessageType.ERROR, channel, {"code": str(code), "message": message, **extra}, id_=id_
     )
 
 
-def auth_failed_envelope(message: str = "Invalid or expired JWT token") -> dict[str, Any]:
+def auth_failed_envelope(message: str = "Invalid or expired JWT token") -> ServerMessage:
     """The seed's ``AUTH_FAILED`` error, sent before closing with ``CloseCode.AUTH_FAILED``."""
     return error_envelope(ErrorCode.AUTH_FAILED, message, action="reconnect_with_valid_token")
 
 
-def dumps(message: dict[str, Any]) -> str:
+def dumps(message: Mapping[str, Any]) -> str:
     """Serialize a message compactly."""
     return json.dumps(message, separators=(",", ":"), default=str)
 
@@ -170,7 +192,7 @@ class ProtocolError(Exception):
         self.id = id_
         self.extra = extra
 
-    def to_envelope(self) -> dict[str, Any]:
+    def to_envelope(self) -> ServerMessage:
         """Render this error as the protocol's ``error`` message."""
         return error_envelope(
             self.code, self.message, channel=self.channel, id_=self.id, **self.extra
@@ -183,12 +205,12 @@ class ClientMessage:
 
     type: str
     channel: str | None
-    data: dict[str, Any]
-    filters: dict[str, Any] | None
+    data: JSONObject
+    filters: JSONObject | None
     id: str | int | None
 
 
-def load_object(text: str) -> tuple[dict[str, Any], str | int | None]:
+def load_object(text: str) -> tuple[JSONObject, str | int | None]:
     """Decode a frame that must be a JSON object; return it with its checked ``id``."""
     try:
         raw = json.loads(text)
@@ -199,7 +221,7 @@ def load_object(text: str) -> tuple[dict[str, Any], str | int | None]:
     return raw, _extract_id(raw)
 
 
-def _extract_id(raw: dict[str, Any]) -> str | int | None:
+def _extract_id(raw: JSONObject) -> str | int | None:
     """Return the request ``id`` if it is one the server can echo back safely."""
     value = raw.get("id")
     if value is None:

@@ -22,9 +22,9 @@ import contextvars
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
@@ -33,8 +33,10 @@ from django.utils.crypto import constant_time_compare
 from sysmanage import permissions, selectors
 from sysmanage.control import RecheckUsers
 from sysmanage.credentials import fingerprint
-from sysmanage.hub import Hub
-from sysmanage.protocol import CloseCode, auth_failed_envelope
+from sysmanage.protocol import CloseCode, ServerMessage, auth_failed_envelope
+
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,36 @@ CREDENTIALS_CHANGED = "The account's credentials changed; sign in again"
 SESSION_ENDED = "Session ended or expired"
 
 
+class CheckedSocket(Protocol):
+    """What the recheck needs of a client socket (``sysmanage.consumers.ClientConsumer``)."""
+
+    user_id: str | None
+
+    def close_from_hub(self, code: int, error: ServerMessage) -> None:
+        """Send ``error`` and close the socket with ``code``."""
+
+    def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
+        """Keep ``rights`` as the socket's rights, as read at ``read_at`` (monotonic)."""
+
+
+class SocketRegistry(Protocol):
+    """What the recheck needs of a hub: its client sockets by user, and its tasks."""
+
+    # The hub holds them as its own Subscriber protocol, which declares less than
+    # CheckedSocket; only client sockets are registered by user.
+    @property
+    def by_user(self) -> Mapping[str, Iterable[Any]]:
+        """Open client sockets by user id."""
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of the hub."""
+
+
 @dataclass(frozen=True)
 class SocketState:
     """What the recheck needs of one socket, read on the hub's loop."""
 
-    conn: Any
+    conn: CheckedSocket
     user_id: str
     fingerprint: str | None
     session_key: str | None
@@ -62,7 +89,7 @@ class Verdict:
     rights: frozenset[str] = frozenset()
 
 
-def session_problem(session: dict[str, Any] | None, user: Any) -> str | None:
+def session_problem(session: Mapping[str, Any] | None, user: User) -> str | None:
     """Why a session no longer authenticates ``user`` (as Django's ``get_user`` would
     decide), or None."""
     if session is None or str(session.get(SESSION_KEY)) != str(user.pk):
@@ -74,7 +101,7 @@ def session_problem(session: dict[str, Any] | None, user: Any) -> str | None:
     return None
 
 
-def judge_one(state: SocketState, user: Any, session: dict[str, Any] | None) -> Verdict:
+def judge_one(state: SocketState, user: User | None, session: Mapping[str, Any] | None) -> Verdict:
     """The verdict on one socket, given its user and session as they are now."""
     if user is None:
         return Verdict(DELETED)
@@ -101,7 +128,7 @@ def read_and_judge(states: list[SocketState]) -> list[Verdict]:
     ]
 
 
-def _snapshot(hub: Any, user_ids: set[str] | None) -> list[SocketState]:
+def _snapshot(hub: SocketRegistry, user_ids: set[str] | None) -> list[SocketState]:
     wanted = (
         hub.by_user
         if user_ids is None
@@ -117,7 +144,7 @@ def _snapshot(hub: Any, user_ids: set[str] | None) -> list[SocketState]:
     ]
 
 
-def _apply(conn: Any, verdict: Verdict, read_at: float) -> None:
+def _apply(conn: CheckedSocket, verdict: Verdict, read_at: float) -> None:
     if verdict.close_reason is not None:
         logger.info("closing a socket of user %s: %s", conn.user_id, verdict.close_reason)
         conn.close_from_hub(CloseCode.AUTH_FAILED, auth_failed_envelope(verdict.close_reason))
@@ -125,7 +152,7 @@ def _apply(conn: Any, verdict: Verdict, read_at: float) -> None:
         conn.update_rights(verdict.rights, read_at=read_at)
 
 
-async def recheck(hub: Any, user_ids: Iterable[str] | None = None) -> int:
+async def recheck(hub: SocketRegistry, user_ids: Iterable[str] | None = None) -> int:
     """Recheck this hub's sockets (of ``user_ids``, or all); return how many were read."""
     states = _snapshot(hub, None if user_ids is None else {str(u) for u in user_ids})
     if not states:
@@ -141,11 +168,11 @@ class Rechecker:
     """Runs one hub's requested rechecks one at a time, merging requests that arrive
     while one runs (a burst of permission changes costs a run or two, not one each)."""
 
-    def __init__(self, hub: Any) -> None:
+    def __init__(self, hub: SocketRegistry) -> None:
         self.hub = hub
         self.pending: set[str] = set()
         self.everyone = False
-        self.task: Any = None
+        self.task: asyncio.Task[Any] | None = None
 
     def request(self, user_ids: Iterable[str] | None) -> None:
         """Recheck the sockets of ``user_ids`` (None: every socket) soon."""
@@ -168,10 +195,10 @@ class Rechecker:
                 logger.exception("recheck of open sockets failed")
 
 
-_RECHECKERS: weakref.WeakKeyDictionary[Any, Rechecker] = weakref.WeakKeyDictionary()
+_RECHECKERS: weakref.WeakKeyDictionary[SocketRegistry, Rechecker] = weakref.WeakKeyDictionary()
 
 
-def on_recheck_users(hub: Hub, message: RecheckUsers) -> None:
+def on_recheck_users(hub: SocketRegistry, message: RecheckUsers) -> None:
     """Control message ``recheck_users``: recheck those users' sockets (all if no list)."""
     rechecker = _RECHECKERS.get(hub)
     if rechecker is None:
@@ -179,7 +206,7 @@ def on_recheck_users(hub: Hub, message: RecheckUsers) -> None:
     rechecker.request(message.user_ids)
 
 
-async def periodic_recheck(hub: Any) -> None:
+async def periodic_recheck(hub: SocketRegistry) -> None:
     """The periodic job: recheck every socket of this process (catches what no signal
     sees: ``QuerySet.update``, raw SQL, expired or deleted sessions, other databases'
     processes without a shared layer)."""

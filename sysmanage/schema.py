@@ -6,7 +6,8 @@ from __future__ import annotations
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 
 
-class FingerprintJWTScheme(SimpleJWTScheme):
+# drf-spectacular registers extensions in an unannotated __init_subclass__.
+class FingerprintJWTScheme(SimpleJWTScheme):  # type: ignore[no-untyped-call]
     """``sysmanage.credentials.FingerprintJWTAuthentication``: a bearer JWT."""
 
     target_class = "sysmanage.credentials.FingerprintJWTAuthentication"

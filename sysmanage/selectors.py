@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from importlib import import_module
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
+if TYPE_CHECKING:
+    from sysmanage.models import User
 
-def users_with_permissions(*, user_ids: Iterable[str]) -> dict[str, Any]:
+
+def users_with_permissions(*, user_ids: Iterable[str]) -> dict[str, User]:
     """The users named (missing ones left out), by id, with their permissions loaded.
 
     Two queries: the users, and their direct and group permissions together.  Each user
@@ -26,26 +30,28 @@ def users_with_permissions(*, user_ids: Iterable[str]) -> dict[str, Any]:
     """
     ids = list(set(user_ids))
     users = {str(u.pk): u for u in get_user_model()._default_manager.filter(pk__in=ids)}
+    found = list(users.values())
     direct = (
-        Permission.objects.filter(user__in=ids)
+        Permission.objects.filter(user__in=found)
         .values_list("user__id", "content_type__app_label", "codename")
         .order_by()
     )
     via_groups = (
-        Permission.objects.filter(group__user__in=ids)
+        Permission.objects.filter(group__user__in=found)
         .values_list("group__user__id", "content_type__app_label", "codename")
         .order_by()
     )
     granted: dict[str, set[str]] = defaultdict(set)
     for user_id, app_label, codename in direct.union(via_groups):
         granted[str(user_id)].add(f"{app_label}.{codename}")
-    for user_id, user in users.items():
-        # what ModelBackend.get_all_permissions would compute and cache
-        user._perm_cache = granted[user_id] if user.is_active else set()
+    for key, user in users.items():
+        # what ModelBackend.get_all_permissions would compute and cache (on an attribute
+        # of its own, which the user model does not declare)
+        user._perm_cache = granted[key] if user.is_active else set()  # type: ignore[attr-defined]
     return users
 
 
-def _session_engine() -> Any:
+def _session_engine() -> ModuleType:
     return import_module(settings.SESSION_ENGINE)
 
 

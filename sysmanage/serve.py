@@ -23,7 +23,7 @@ from daphne.server import Server
 from sysmanage.logfilters import redact
 
 
-class RedactingServer(Server):
+class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type information
     """Daphne's server, redacting the path of each access-log entry."""
 
     def log_action(self, protocol: str, action: str, details: dict[str, Any]) -> None:
@@ -33,7 +33,7 @@ class RedactingServer(Server):
         super().log_action(protocol, action, details)
 
 
-class RedactingCommandLineInterface(CommandLineInterface):
+class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]  # as above
     """Daphne's command line, serving with :class:`RedactingServer`."""
 
     server_class = RedactingServer

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import uuid
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils import timezone
 
 from sysmanage.control import CloseSession, CloseUser, RecheckUsers
-from sysmanage.credentials import FINGERPRINT_CLAIM, fingerprint
+from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprint
 from sysmanage.events import publish_control
 
 
@@ -33,13 +34,13 @@ def _issued_for(stored_token: str) -> str | None:
     from rest_framework_simplejwt.tokens import RefreshToken
 
     try:
-        claim = RefreshToken(stored_token, verify=False).payload.get(FINGERPRINT_CLAIM)
+        claim = decode(RefreshToken, stored_token, verify=False).payload.get(FINGERPRINT_CLAIM)
     except TokenError:
         return None
     return claim if isinstance(claim, str) else None
 
 
-def refresh_tokens_revoke(*, user_id: Any, unless_issued_for: str | None = None) -> int:
+def refresh_tokens_revoke(*, user_id: uuid.UUID | str, unless_issued_for: str | None = None) -> int:
     """Blacklist ``user_id``'s refresh tokens that are still valid; with
     ``unless_issued_for``, only those issued for other credentials.  Returns how many.
 
@@ -65,7 +66,7 @@ def refresh_tokens_revoke(*, user_id: Any, unless_issued_for: str | None = None)
     return len(stale)
 
 
-def user_credentials_sync(*, user: Any) -> int:
+def user_credentials_sync(*, user: AbstractBaseUser) -> int:
     """After ``user`` was saved: revoke the refresh tokens issued for credentials it no
     longer has (a new password, a deactivation).  Returns how many were revoked."""
     return refresh_tokens_revoke(user_id=user.pk, unless_issued_for=fingerprint(user))

@@ -12,13 +12,25 @@ import secrets
 from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
+from typing import overload
 
 import dj_database_url
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+
+# Django's generic classes take type arguments at run time too (``ModelAdmin[Alert]``),
+# as mypy with django-stubs wants them written.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
+@overload
+def env(name: str) -> str | None: ...
+@overload
+def env(name: str, default: str) -> str: ...
+@overload
+def env(name: str, default: str | None) -> str | None: ...
 def env(name: str, default: str | None = None) -> str | None:
     """Return environment variable ``name``, or ``default`` when unset or empty."""
     value = os.environ.get(name, "")

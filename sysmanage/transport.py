@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,7 +54,7 @@ class Frame:
         return self._prepared
 
 
-def _raw_socket(protocol: Any) -> Any:
+def _raw_socket(protocol: Any) -> socket.socket | None:
     """The plain TCP socket under ``protocol``, or None (TLS, or not Twisted's TCP)."""
     try:
         from twisted.internet import tcp
@@ -63,7 +64,8 @@ def _raw_socket(protocol: Any) -> Any:
     # A TLS wrapper is not a tcp.Connection (and would forward .socket to the raw one).
     if type(transport) is not tcp.Server or getattr(transport, "TLS", True):
         return None
-    return getattr(transport, "socket", None)
+    raw = getattr(transport, "socket", None)
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def _daphne_protocol(send: Any) -> Any:
@@ -132,13 +134,14 @@ class Outbound:
                 self._overflow()
                 return
             prepared = frame.prepared_for(protocol.factory)
+            sock = self._socket
             if (
                 backlog == 0
-                and self._socket is not None
+                and sock is not None
                 and not protocol.send_queue
                 and (protocol._perMessageCompress is None or prepared.doNotCompress)
             ):
-                self._send_now(prepared.payloadHybi)
+                self._send_now(sock, prepared.payloadHybi)
             else:
                 protocol.sendPreparedMessage(prepared)
             return
@@ -148,10 +151,10 @@ class Outbound:
         except asyncio.QueueFull:
             self._overflow()
 
-    def _send_now(self, data: bytes) -> None:
+    def _send_now(self, sock: socket.socket, data: bytes) -> None:
         """One non-blocking send; whatever the kernel does not take goes to Twisted."""
         try:
-            sent = self._socket.send(data)
+            sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:

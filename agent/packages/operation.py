@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Final
 
 from agent.errors import RequestError
 from agent.output import CappedOutput, drain
@@ -15,13 +15,27 @@ from agent.packages.apt_status import AptProgress, LineSplitter
 from agent.packages.managers import OPERATIONS, PackageManager
 from agent.packages.validation import resolve_target
 from agent.processes import ProcessGroups, exit_code_of, supervise
-from agent.protocol import PACKAGE_RESULT, MessageId, envelope, fit_frame, ref_of, request_id
+from agent.protocol import (
+    PACKAGE_RESULT,
+    JobId,
+    MessageId,
+    PackageResult,
+    PackageResultData,
+    PackageStatus,
+    ServerMessage,
+    envelope,
+    fit_frame,
+    job_id,
+    ref_of,
+    request_id,
+)
 
 log = logging.getLogger(__name__)
 
 #: A package operation still running after this many seconds is killed.
 PACKAGE_TIMEOUT = 3600.0
-COMPLETED, FAILED = "completed", "failed"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
 NO_MANAGER = "no supported package manager (apt-get, dnf, yum, apk or zypper) on this host"
 
 Progress = Callable[[int, str], Awaitable[None]]
@@ -31,7 +45,7 @@ Progress = Callable[[int, str], Awaitable[None]]
 class PackageRequest:
     """A validated ``package_operation``."""
 
-    operation_id: str | int
+    operation_id: JobId
     operation: str
     package: str
     message_id: MessageId = None
@@ -46,12 +60,21 @@ class Outcome:
     output: CappedOutput
 
 
-def operation_ref(message: dict[str, Any]) -> str | None:
+def operation_ref(message: ServerMessage) -> str | None:
     """The ``operation_id`` of a ``package_operation`` as a string, or ``None``."""
     return ref_of(message["data"].get("operation_id"))
 
 
-def parse_operation(message: dict[str, Any]) -> PackageRequest:
+def operation_id_of(message: ServerMessage) -> JobId:
+    """The ``operation_id`` of a ``package_operation`` (checked by :func:`operation_ref`
+    first)."""
+    operation_id = job_id(message["data"].get("operation_id"))
+    if operation_id is None:
+        raise RequestError("'operation_id' must be a non-empty string or an integer")
+    return operation_id
+
+
+def parse_operation(message: ServerMessage) -> PackageRequest:
     """Validate a ``package_operation`` (its id already checked) or raise RequestError."""
     data = message["data"]
     operation, package = data.get("operation"), data.get("package")
@@ -59,7 +82,7 @@ def parse_operation(message: dict[str, Any]) -> PackageRequest:
         raise RequestError(f"'operation' must be one of {', '.join(OPERATIONS)}")
     if not isinstance(package, str) or not package:
         raise RequestError("'package' must be a non-empty string")
-    return PackageRequest(data["operation_id"], operation, package, request_id(message))
+    return PackageRequest(operation_id_of(message), operation, package, request_id(message))
 
 
 async def run_operation(
@@ -68,7 +91,7 @@ async def run_operation(
     max_output: int,
     groups: ProcessGroups,
     progress: Progress,
-) -> dict[str, Any]:
+) -> PackageResultData:
     """Carry out ``request`` with ``manager`` and return the ``package_result`` data."""
     if manager is None:
         return failed_data(request.operation_id, NO_MANAGER)
@@ -145,7 +168,7 @@ async def follow_status(fd: int, progress: Progress) -> None:
 
 def _summary(
     request: PackageRequest, manager: PackageManager, outcome: Outcome, stopping: bool
-) -> tuple[str, str]:
+) -> tuple[PackageStatus, str]:
     """Status and human message of a package manager run."""
     what = f"{request.operation} {request.package}"
     if stopping:
@@ -169,8 +192,12 @@ def last_error_line(output: str) -> str:
 
 
 def result_data(
-    operation_id: str | int, status: str, exit_code: int | None, output: CappedOutput, message: str
-) -> dict[str, Any]:
+    operation_id: JobId,
+    status: PackageStatus,
+    exit_code: int | None,
+    output: CappedOutput,
+    message: str,
+) -> PackageResultData:
     """The ``package_result`` data."""
     return {
         "operation_id": operation_id,
@@ -182,12 +209,12 @@ def result_data(
     }
 
 
-def failed_data(operation_id: str | int, message: str) -> dict[str, Any]:
+def failed_data(operation_id: JobId, message: str) -> PackageResultData:
     """The data of an operation that could not be run at all."""
     return result_data(operation_id, FAILED, None, CappedOutput(0), message)
 
 
-def package_result(data: dict[str, Any], message_id: MessageId = None) -> dict[str, Any]:
+def package_result(data: PackageResultData, message_id: MessageId = None) -> PackageResult:
     """Wrap result ``data`` in a ``package_result`` envelope that fits in one frame."""
     return fit_frame(
         envelope(PACKAGE_RESULT, data, id_=message_id), [("output", "output_truncated")]

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 from django.core.management.base import BaseCommand, CommandParser
 from django.db.models import Count, Q
 
 from alerts.selectors import fleet_stats
 from hosts.models import Host
+
+
+class AlertCounts(TypedDict):
+    """A host's open and acknowledged alerts per severity."""
+
+    critical: int
+    warning: int
+    info: int
+
+
+class HostRow(TypedDict):
+    """One line of the report."""
+
+    hostname: str
+    status: str
+    last_seen: str
+    os: str
+    alerts: AlertCounts
 
 
 def _age(host: Host) -> str:
@@ -47,13 +65,13 @@ class Command(BaseCommand):
         if options["status"]:
             hosts = hosts.filter(status=options["status"])
         rows = [
-            {
-                "hostname": h.hostname,
-                "status": h.status,
-                "last_seen": _age(h),
-                "os": f"{h.os_name} {h.os_version}".strip() or "-",
-                "alerts": {"critical": h.critical, "warning": h.warning, "info": h.info},
-            }
+            HostRow(
+                hostname=h.hostname,
+                status=h.status,
+                last_seen=_age(h),
+                os=f"{h.os_name} {h.os_version}".strip() or "-",
+                alerts=AlertCounts(critical=h.critical, warning=h.warning, info=h.info),
+            )
             for h in hosts
         ]
         if options["json"]:
@@ -61,7 +79,7 @@ class Command(BaseCommand):
             return
         self._table(rows)
 
-    def _table(self, rows: list[dict[str, Any]]) -> None:
+    def _table(self, rows: list[HostRow]) -> None:
         header = ("HOST", "STATUS", "LAST SEEN", "OS", "CRIT", "WARN", "INFO")
         lines = [
             (
