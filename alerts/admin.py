@@ -9,6 +9,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from alerts import services
+from alerts.evaluation import reload_rules
 from alerts.models import Alert, AlertRule
 from sysmanage import permissions
 from sysmanage.audit import request_actor
@@ -123,6 +124,4 @@ class AlertRuleAdmin(admin.ModelAdmin[AlertRule]):
     def save_model(self, request: HttpRequest, obj: AlertRule, form: Any, change: bool) -> None:
         """Save, and let this process use the new rules at once."""
         super().save_model(request, obj, form, change)
-        from alerts.evaluation import reload_rules
-
         reload_rules()

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from hosts import services
+from hosts.models import CommandExecution, Host, PackageOperation
+from sysmanage.node import Node
+from sysmanage.protocol import CloseCode, auth_failed_envelope
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +56,6 @@ def agent_recheck() -> None:
     ones made by a process that shares no channel layer with this one, and nudges that
     were lost.
     """
-    from hosts.models import CommandExecution, Host, PackageOperation
-    from sysmanage.node import Node
-    from sysmanage.protocol import CloseCode, auth_failed_envelope
-
     node = Node.current()
     if node is None or not node.hub.agents:
         return

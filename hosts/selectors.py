@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.db.models.functions import Length, Substr
 
+from hosts.events import command_event
 from hosts.models import (
     AgentRegistration,
     CommandExecution,
@@ -15,9 +16,11 @@ from hosts.models import (
     HostInventory,
     HostStatus,
     InventoryKind,
+    MetricSample,
     PackageOperation,
     RegistrationStatus,
 )
+from hosts.tokens import token_digest
 from sysmanage.protocol import iso
 
 #: How many rows of each inventory list a host's page shows at most.
@@ -93,8 +96,6 @@ def pending_work(host_id: str) -> tuple[list[CommandExecution], list[PackageOper
 
 def host_for_token(token: str) -> Host | None:
     """The host whose current agent token is ``token``, if any."""
-    from hosts.tokens import token_digest
-
     if not token:
         return None
     return Host.objects.filter(token_hash=token_digest(token)).first()
@@ -102,8 +103,6 @@ def host_for_token(token: str) -> Host | None:
 
 def metric_history(host_id: str, *, since: Any) -> list[dict[str, Any]]:
     """A host's per-minute metrics since ``since``, oldest first."""
-    from hosts.models import MetricSample
-
     rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since).order_by("minute")
     return [
         {
@@ -120,8 +119,6 @@ def metric_history(host_id: str, *, since: Any) -> list[dict[str, Any]]:
 
 def command_event_data(execution_id: Any) -> dict[str, Any]:
     """An execution as its ``command_execution`` events show it."""
-    from hosts.events import command_event
-
     execution = CommandExecution.objects.select_related("host", "requested_by").get(id=execution_id)
     return command_event(execution).data()
 

@@ -8,6 +8,7 @@ and publishes each record, so lower apps never import it.
 
 from __future__ import annotations
 
+import getpass
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,8 +39,6 @@ class Actor:
     @classmethod
     def command_line(cls, command: str) -> Actor:
         """An administrator acting through ``manage.py command``."""
-        import getpass
-
         return cls(
             username=f"{getpass.getuser()} (manage.py {command})"[:150], user_agent="manage.py"
         )

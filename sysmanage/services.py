@@ -7,6 +7,9 @@ import uuid
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils import timezone
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+from rest_framework_simplejwt.tokens import RefreshToken
 
 from sysmanage.control import CloseSession, CloseUser, RecheckUsers
 from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprint
@@ -30,9 +33,6 @@ def session_sockets_close(*, session_key: str, reason: str) -> None:
 
 def _issued_for(stored_token: str) -> str | None:
     """The fingerprint claim of a refresh token as stored (already verified when issued)."""
-    from rest_framework_simplejwt.exceptions import TokenError
-    from rest_framework_simplejwt.tokens import RefreshToken
-
     try:
         claim = decode(RefreshToken, stored_token, verify=False).payload.get(FINGERPRINT_CLAIM)
     except TokenError:
@@ -47,11 +47,6 @@ def refresh_tokens_revoke(*, user_id: uuid.UUID | str, unless_issued_for: str | 
     Tokens are void anyway once their fingerprint differs (:mod:`sysmanage.credentials`);
     the blacklist makes that visible (and survives a change back to the old password).
     """
-    from rest_framework_simplejwt.token_blacklist.models import (
-        BlacklistedToken,
-        OutstandingToken,
-    )
-
     rows = OutstandingToken.objects.filter(
         user_id=user_id, expires_at__gt=timezone.now(), blacklistedtoken__isnull=True
     )

@@ -56,7 +56,7 @@ class Frame:
 
 def _raw_socket(protocol: Any) -> socket.socket | None:
     """The plain TCP socket under ``protocol``, or None (TLS, or not Twisted's TCP)."""
-    try:
+    try:  # imported here: Twisted is optional outside Daphne
         from twisted.internet import tcp
     except ImportError:  # pragma: no cover - Daphne always brings Twisted
         return None

@@ -18,6 +18,8 @@ class SmagentConfig(AppConfig):
     def ready(self) -> None:
         """Register the delivery policy of SysManage-agent hosts, the expiry job and the
         agent's HTTP, REST and WebSocket routes."""
+        # Imported here: these modules reach the models, which Django loads after the
+        # app configs (not to break an import cycle).
         from django.conf import settings
 
         from hosts import delivery

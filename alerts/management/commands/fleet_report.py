@@ -7,6 +7,7 @@ from typing import Any, TypedDict
 
 from django.core.management.base import BaseCommand, CommandParser
 from django.db.models import Count, Q
+from django.utils import timezone
 
 from alerts.selectors import fleet_stats
 from hosts.models import Host
@@ -33,8 +34,6 @@ class HostRow(TypedDict):
 def _age(host: Host) -> str:
     if host.last_seen is None:
         return "never"
-    from django.utils import timezone
-
     seconds = int((timezone.now() - host.last_seen).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
