@@ -15,6 +15,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -107,7 +108,7 @@ def for_polling(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def encode(message: dict[str, Any]) -> str:
+def encode(message: Mapping[str, Any]) -> str:
     """One frame for the agent; refuses what its client would drop."""
     text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode("utf-8")) > MAX_FRAME_TO_AGENT:
