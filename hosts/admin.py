@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 
 from hosts import services
@@ -17,7 +17,11 @@ from sysmanage.audit import request_actor
 admin.site.site_url = "/"
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+#: The model an admin shows.
+_Record = TypeVar("_Record", bound=Model)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin[_Record]):
     """A record the server writes and people only read."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -28,7 +32,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Host)
-class HostAdmin(admin.ModelAdmin):
+class HostAdmin(admin.ModelAdmin[Host]):
     """Hosts: status comes from the agent; the rest can be corrected by hand."""
 
     list_display = (
@@ -115,7 +119,7 @@ def add_host_action(action: Any) -> None:
         HostAdmin.actions = [*HostAdmin.actions, action]
 
 
-class OutputHidingAdmin(ReadOnlyAdmin):
+class OutputHidingAdmin(ReadOnlyAdmin[_Record]):
     """Shows ``private_fields`` only to the requester and holders of
     ``hosts.view_command_output``, as the REST API and the sockets do."""
 
@@ -139,7 +143,7 @@ class OutputHidingAdmin(ReadOnlyAdmin):
 
 
 @admin.register(CommandExecution)
-class CommandExecutionAdmin(OutputHidingAdmin):
+class CommandExecutionAdmin(OutputHidingAdmin[CommandExecution]):
     """Commands run on hosts, read-only; text and output for those who may see them."""
 
     list_display = ("command", "host", "status", "exit_code", "requested_by", "created_at")
@@ -166,7 +170,7 @@ class CommandExecutionAdmin(OutputHidingAdmin):
 
 
 @admin.register(PackageOperation)
-class PackageOperationAdmin(OutputHidingAdmin):
+class PackageOperationAdmin(OutputHidingAdmin[PackageOperation]):
     """Package operations, read-only; output for those who may see it."""
 
     list_display = ("operation", "package", "host", "status", "progress", "created_at")
@@ -180,7 +184,7 @@ class PackageOperationAdmin(OutputHidingAdmin):
 
 
 @admin.register(HostInventory)
-class HostInventoryAdmin(ReadOnlyAdmin):
+class HostInventoryAdmin(ReadOnlyAdmin[HostInventory]):
     """The latest inventory reports of hosts, read-only."""
 
     list_display = ("host", "kind", "item_count", "updated_at")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from django.db import models
 from django.utils import timezone
 from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
@@ -25,14 +26,14 @@ from sysmanage import permissions
 from sysmanage.api_input import query_filters
 
 
-class HostFilters(serializers.Serializer):
+class HostFilters(serializers.Serializer[None]):
     """``GET /api/hosts/`` filters."""
 
     search = serializers.CharField(max_length=255, required=False)
     status = serializers.ChoiceField(choices=HostStatus.choices, required=False)
 
 
-class HostSerializer(serializers.ModelSerializer):
+class HostSerializer(serializers.ModelSerializer[Host]):
     """A host with its reported facts."""
 
     class Meta:
@@ -58,7 +59,7 @@ class HostSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class HostViewSet(viewsets.ReadOnlyModelViewSet):
+class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
     """Managed hosts. ``?search=`` matches hostname and FQDN; ``?status=`` filters."""
 
     serializer_class = HostSerializer
@@ -105,7 +106,11 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         )
 
 
-class OutputRedactingSerializer(serializers.ModelSerializer):
+#: The record a serializer shows.
+_Record = TypeVar("_Record", bound=models.Model)
+
+
+class OutputRedactingSerializer(serializers.ModelSerializer[_Record]):
     """Shows ``PRIVATE_FIELDS`` only to the requester and to holders of
     ``hosts.view_command_output`` (superusers too); others get them as null, with
     ``redacted`` true.  The same rule as the ``command_execution`` channel."""
@@ -129,7 +134,7 @@ class OutputRedactingSerializer(serializers.ModelSerializer):
         return data
 
 
-class CommandExecutionSerializer(OutputRedactingSerializer):
+class CommandExecutionSerializer(OutputRedactingSerializer[CommandExecution]):
     """A command run on a host, and its result (text and output for those who may)."""
 
     PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
@@ -157,14 +162,14 @@ class CommandExecutionSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class CommandFilters(serializers.Serializer):
+class CommandFilters(serializers.Serializer[None]):
     """``GET /api/commands/`` filters."""
 
     host = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=ExecutionStatus.choices, required=False)
 
 
-class CommandExecutionListSerializer(OutputRedactingSerializer):
+class CommandExecutionListSerializer(OutputRedactingSerializer[CommandExecution]):
     """A command in a list: the size and first characters of its output and errors
     (``GET /api/commands/<id>/`` has them whole), for those who may see them."""
 
@@ -208,13 +213,13 @@ class CommandExecutionListSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
+class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet[CommandExecution]):
     """Command executions, newest first; ``?host=`` and ``?status=`` filter.  Lists
     carry each output's length and first 200 characters; one execution, the whole.
     Every user sees that a command ran; its text and output only the requester and
     holders of ``hosts.view_command_output``."""
 
-    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+    def get_serializer_class(self) -> type[OutputRedactingSerializer[CommandExecution]]:
         """Outputs whole for one execution, in short for a list."""
         return (
             CommandExecutionListSerializer if self.action == "list" else CommandExecutionSerializer
@@ -233,7 +238,7 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet):
         return queryset
 
 
-class PackageOperationSerializer(OutputRedactingSerializer):
+class PackageOperationSerializer(OutputRedactingSerializer[PackageOperation]):
     """A package operation on a host, with its progress (the package manager's output for
     those who may see it: it can echo configuration and credentials)."""
 
@@ -260,14 +265,14 @@ class PackageOperationSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class PackageOperationFilters(serializers.Serializer):
+class PackageOperationFilters(serializers.Serializer[None]):
     """``GET /api/package-operations/`` filters."""
 
     host = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=OperationStatus.choices, required=False)
 
 
-class PackageOperationListSerializer(OutputRedactingSerializer):
+class PackageOperationListSerializer(OutputRedactingSerializer[PackageOperation]):
     """A package operation in a list: the size and first characters of its output
     (``GET /api/package-operations/<id>/`` has it whole), for those who may see it."""
 
@@ -298,11 +303,11 @@ class PackageOperationListSerializer(OutputRedactingSerializer):
         read_only_fields = fields
 
 
-class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet):
+class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet[PackageOperation]):
     """Package operations, newest first; ``?host=`` and ``?status=`` filter.  Lists
     carry the output's length and first 200 characters; one operation, the whole."""
 
-    def get_serializer_class(self) -> type[serializers.ModelSerializer]:
+    def get_serializer_class(self) -> type[OutputRedactingSerializer[PackageOperation]]:
         """Output whole for one operation, in short for a list."""
         return (
             PackageOperationListSerializer if self.action == "list" else PackageOperationSerializer

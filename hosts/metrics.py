@@ -80,7 +80,9 @@ class MinuteAggregator:
     counts: dict[str, int] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, at: datetime, metrics: dict[str, Any]) -> tuple[datetime, int, dict] | None:
+    def add(
+        self, at: datetime, metrics: dict[str, Any]
+    ) -> tuple[datetime, int, dict[str, Any]] | None:
         """Add one report; return ``(minute, samples, averages)`` of a finished minute."""
         minute = at.replace(second=0, microsecond=0)
         finished = self.flush() if self.minute is not None and minute != self.minute else None
@@ -95,7 +97,7 @@ class MinuteAggregator:
                 self.last[key] = metrics[key]
         return finished
 
-    def flush(self) -> tuple[datetime, int, dict] | None:
+    def flush(self) -> tuple[datetime, int, dict[str, Any]] | None:
         """Return the current minute's averages (if any) and start afresh."""
         if self.minute is None or self.count == 0:
             return None

@@ -217,6 +217,11 @@ def _flag(value: Any) -> bool:
     return value is True or (isinstance(value, int) and value == 1)
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def _dicts(value: Any) -> list[dict[str, Any]]:
     """The dicts in ``value`` if it is a list; anything else is no items."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
@@ -230,7 +235,7 @@ def _listed(data: dict[str, Any], key: str, total_key: str) -> int | None:
 
 def inventory_os(data: dict[str, Any]) -> dict[str, Any]:
     """The ``os`` report: distribution, kernel, architecture, time zone."""
-    info = data.get("os_info") if isinstance(data.get("os_info"), dict) else {}
+    info = _object(data.get("os_info"))
     return {
         "name": _text(info.get("distribution")) or _text(data.get("platform")),
         "version": _text(info.get("distribution_version")),

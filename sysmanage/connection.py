@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -35,7 +35,7 @@ from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope
 from sysmanage.transport import Outbound
 
 if TYPE_CHECKING:
-    from sysmanage.hub import Hub
+    from sysmanage.hub import CloseReason, Hub
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,14 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Complete the handshake and open the outbound path (refusals too are
         accepted first, so that they can be explained)."""
         await self.accept(subprotocol=subprotocol)
-        self.outbound = Outbound(
+        # The server's own send callable, kept in the scope by sysmanage.auth (channels'
+        # scope type does not list the key); the outbound path sends it plain dicts.
+        raw_send = cast(
+            "Callable[[dict[str, Any]], Awaitable[None]]",
             self.scope.get(RAW_SEND_KEY, self.base_send),
+        )
+        self.outbound = Outbound(
+            raw_send,
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
             on_overflow=self._on_overflow,
         )
@@ -78,7 +84,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     # -- sending --------------------------------------------------------------------------
 
-    def encode(self, message: dict[str, Any]) -> str:
+    def encode(self, message: Mapping[str, Any]) -> str:
         """One message as the text of a frame."""
         return dumps(message)
 
@@ -87,7 +93,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if self.outbound is not None:
             self.outbound.send_text(text)
 
-    def reply(self, message: dict[str, Any]) -> None:
+    def reply(self, message: Mapping[str, Any]) -> None:
         """Send one message (a reply, an error)."""
         self.send_text(self.encode(message))
 
@@ -102,11 +108,11 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     def _before_close(self) -> None:
         """Called as closing starts (clients leave the hub at once)."""
 
-    def _close_reason(self, message: dict[str, Any]) -> str | None:
+    def _close_reason(self, message: Mapping[str, Any]) -> str | None:
         """The close frame's reason when ``message`` cannot be sent (none by default)."""
         return None
 
-    async def _close_with(self, code: int, message: dict[str, Any]) -> None:
+    async def _close_with(self, code: int, message: Mapping[str, Any]) -> None:
         """Send ``message`` (normally an error) and close with ``code``."""
         self.closing = True
         self._before_close()
@@ -119,11 +125,11 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         await self.outbound.flush()
         await self.close(code=int(code))
 
-    def _closing_message(self, code: int, error: dict[str, Any]) -> dict[str, Any]:
+    def _closing_message(self, code: int, error: CloseReason) -> Mapping[str, Any]:
         """The message that tells the peer why the hub closes it (``error`` as it is)."""
         return error
 
-    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
+    def close_from_hub(self, code: int, error: CloseReason) -> None:
         """Called by the hub: access revoked, token rotated, host deleted, replaced by a
         newer connection, or the peer stopped reading."""
         if not self.closing:

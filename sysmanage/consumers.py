@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -153,7 +154,7 @@ class ClientConsumer(Connection):
         if self.hub is not None:
             self.hub.unregister(self)
 
-    def _close_reason(self, message: dict[str, Any]) -> str | None:
+    def _close_reason(self, message: Mapping[str, Any]) -> str | None:
         """The error code of ``message``, for the close frame of a client that stopped
         reading."""
         code = message["data"].get("code")
@@ -322,7 +323,10 @@ class ClientConsumer(Connection):
         context = commands.CommandContext(user=self.user, scope=self.scope, reply=self.reply)
         self._spawn(commands.run(handler, context, message))
 
-    HANDLERS = {
+    #: by message type (``parse_client_message`` lets through only the types below)
+    HANDLERS: ClassVar[
+        dict[str, Callable[[ClientConsumer, ClientMessage], Coroutine[Any, Any, None]]]
+    ] = {
         MessageType.PING: on_ping,
         MessageType.SUBSCRIBE: on_subscribe,
         MessageType.UNSUBSCRIBE: on_unsubscribe,

@@ -13,15 +13,33 @@ once per process instead of once per connection is what lets fan-out keep up (se
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
-from sysmanage.protocol import MessageType, dumps, envelope
+from sysmanage.protocol import MessageType, ServerMessage, dumps, envelope
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
 
 
-class Subscriber(Protocol):
-    """What the hub needs of a connection."""
+class PlainReason(TypedDict):
+    """A reason for closing given as text alone (no envelope of the seed protocol)."""
+
+    message: str
+
+
+#: Why a connection is closed: an ``error`` envelope, or text alone.  Each connection
+#: puts it to its peer in its own protocol.
+CloseReason = ServerMessage | PlainReason
+
+
+class Closable(Protocol):
+    """A connection the hub (or a control message's handler) may close."""
+
+    def close_from_hub(self, code: int, error: CloseReason) -> None:
+        """Send ``error`` and close the connection with ``code`` (scheduled, not awaited)."""
+
+
+class Subscriber(Closable, Protocol):
+    """What the hub needs of a client connection."""
 
     user_id: str | None
     session_tag: str | None
@@ -31,11 +49,12 @@ class Subscriber(Protocol):
     def deliver(self, frame: Frame) -> None:
         """Send ``frame`` without blocking."""
 
-    def close_from_hub(self, code: int, error: dict[str, Any]) -> None:
-        """Send ``error`` and close the connection with ``code`` (scheduled, not awaited)."""
+
+class AgentLink(Closable, Protocol):
+    """What the hub needs of a host's agent connection."""
 
     def nudge(self) -> None:
-        """(Agents only) look for work queued for this host."""
+        """Look for work queued for this host."""
 
 
 class Hub:
@@ -48,7 +67,7 @@ class Hub:
         self._index: dict[str, dict[Any, dict[Any, set[Subscriber]]]] = defaultdict(dict)
         self.by_user: dict[str, set[Subscriber]] = defaultdict(set)
         self.by_session: dict[str, set[Subscriber]] = defaultdict(set)
-        self.agents: dict[str, Subscriber] = {}
+        self.agents: dict[str, AgentLink] = {}
         # channel -> its last payload, for the topics that drop repeated events
         self._last: dict[str, dict[str, Any]] = {}
         self.stats = {"events": 0, "deliveries": 0, "frames": 0}
@@ -78,13 +97,13 @@ class Hub:
             found.append((self.by_session, tag))
         return found
 
-    def register_agent(self, host_id: str, conn: Subscriber) -> Subscriber | None:
+    def register_agent(self, host_id: str, conn: AgentLink) -> AgentLink | None:
         """Record ``conn`` as ``host_id``'s agent here; return the connection it replaces."""
         previous = self.agents.get(host_id)
         self.agents[host_id] = conn
         return previous if previous is not conn else None
 
-    def unregister_agent(self, host_id: str, conn: Subscriber) -> bool:
+    def unregister_agent(self, host_id: str, conn: AgentLink) -> bool:
         """Forget ``conn`` as ``host_id``'s agent; False if another connection replaced it."""
         if self.agents.get(host_id) is conn:
             del self.agents[host_id]

@@ -19,11 +19,11 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Any, ClassVar, Literal, Protocol, TypedDict, cast
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from channels.layers import BaseChannelLayer, get_channel_layer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from sysmanage import control, periodic
@@ -58,12 +58,31 @@ class EventMessage(TypedDict):
 LayerMessage = EventMessage | ControlMessage
 
 
+class ChannelLayer(Protocol):
+    """What the node uses of a channel layer.  The in-memory and the Redis layers have
+    it all; channels' ``BaseChannelLayer`` declares ``new_channel`` without ``prefix``."""
+
+    async def new_channel(self, prefix: str = ...) -> str: ...
+    async def receive(self, channel: str) -> dict[str, Any]: ...
+    async def group_add(self, group: str, channel: str) -> None: ...
+    async def group_discard(self, group: str, channel: str) -> None: ...
+    async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+
+def channel_layer() -> ChannelLayer:
+    """The configured channel layer (``CHANNEL_LAYERS``); raises if there is none."""
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer is configured (CHANNEL_LAYERS)")
+    return cast(ChannelLayer, layer)
+
+
 class Node:
     """This process's link to the channel layer; one per process (per event loop)."""
 
     _current: ClassVar[Node | None] = None
 
-    def __init__(self, layer: BaseChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, layer: ChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
         self.layer = layer
         self.loop = loop
         self.hub = Hub()
@@ -96,7 +115,7 @@ class Node:
         if node is not None and node.loop is loop and not node._closed:
             await asyncio.shield(node._ready)
             return node
-        node = cls(get_channel_layer(), loop)
+        node = cls(channel_layer(), loop)
         cls._current = node
         try:
             await node.start()
@@ -227,7 +246,7 @@ class Node:
         delay = RETRY_MIN
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                await self.layer.group_send(EVENTS_GROUP, message)
+                await self.layer.group_send(EVENTS_GROUP, dict(message))
                 return
             except asyncio.CancelledError:
                 raise
@@ -277,7 +296,7 @@ def send_to_nodes(message: LayerMessage) -> None:
         return
     _warn_if_unshared_layer()
     try:
-        async_to_sync(get_channel_layer().group_send)(EVENTS_GROUP, message)
+        async_to_sync(channel_layer().group_send)(EVENTS_GROUP, dict(message))
     except Exception:
         # The change itself is committed; failing the request now would only invite a
         # duplicate retry.  Say loudly which event was lost instead.

@@ -9,8 +9,8 @@ extends names it:
 - :func:`register_urls`: the module's ``urlpatterns`` are served from the site's root,
   and each ``(prefix, viewset, basename)`` of its ``api_routes`` is registered on the
   REST API's router (``/api/<prefix>/``, listed on the API's root and in its schema);
-- :func:`register_websocket_routes`: the module's ``websocket_urlpatterns`` are matched
-  before unknown WebSocket paths are refused.
+- :func:`register_websocket_routes`: the module's ``websocket_urlpatterns`` (made with
+  :func:`websocket_route`) are matched before unknown WebSocket paths are refused.
 
 The modules are imported with the URL configuration, once every app is ready.
 """
@@ -18,9 +18,18 @@ The modules are imported with the URL configuration, once every app is ready.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from django.urls import URLPattern, URLResolver
+from django.urls import re_path
+
+if TYPE_CHECKING:
+    # What channels' stubs call a route: a URL pattern whose callback is an ASGI app.
+    from channels.routing import URLRouter, _ExtendedURLPattern
+
+    from sysmanage.auth import ASGIApp
+
+    #: A WebSocket route, as channels' ``URLRouter`` takes them.
+    WebSocketRoute = _ExtendedURLPattern | URLRouter
 
 #: ``(prefix, viewset, basename)`` of a REST route, as ``router.register`` takes them.
 ApiRoute = tuple[str, Any, str]
@@ -55,7 +64,12 @@ def api_routes() -> list[ApiRoute]:
     ]
 
 
-def websocket_urlpatterns() -> list[URLPattern | URLResolver]:
+def websocket_route(pattern: str, application: ASGIApp) -> _ExtendedURLPattern:
+    """A WebSocket route (``re_path``, which Django's stubs type for views only)."""
+    return cast("_ExtendedURLPattern", re_path(pattern, application))
+
+
+def websocket_urlpatterns() -> list[WebSocketRoute]:
     """The WebSocket routes of every registered module."""
     return [
         pattern

@@ -22,7 +22,7 @@ import contextvars
 import logging
 import time
 import weakref
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,16 +59,13 @@ class CheckedSocket(Protocol):
 
 
 class SocketRegistry(Protocol):
-    """What the recheck needs of a hub: its client sockets by user, and its tasks."""
+    """What the recheck needs of a hub: its client sockets by user."""
 
     # The hub holds them as its own Subscriber protocol, which declares less than
     # CheckedSocket; only client sockets are registered by user.
     @property
     def by_user(self) -> Mapping[str, Iterable[Any]]:
         """Open client sockets by user id."""
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
-        """Run ``coro`` as a task of the hub."""
 
 
 @dataclass(frozen=True)

@@ -4,28 +4,22 @@ agent's ``/api/agent/connect``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import WebsocketDenier
-from django.urls import re_path
 
 from hosts.consumers import AgentConsumer
 from sysmanage import plugins
-from sysmanage.auth import ASGIApp, BrowserOriginValidator, RefuseBrowsers
+from sysmanage.auth import BrowserOriginValidator, RefuseBrowsers
 from sysmanage.consumers import ClientConsumer
+from sysmanage.plugins import websocket_route as route
 
 if TYPE_CHECKING:
-    # What channels' stubs call a route: a URL pattern whose callback is an ASGI app.
-    from channels.routing import URLRouter, _ExtendedURLPattern
+    from sysmanage.plugins import WebSocketRoute
 
 
-def route(pattern: str, application: ASGIApp) -> _ExtendedURLPattern:
-    """A WebSocket route (``re_path``, which Django's stubs type for views only)."""
-    return cast("_ExtendedURLPattern", re_path(pattern, application))
-
-
-websocket_urlpatterns: list[_ExtendedURLPattern | URLRouter] = [
+websocket_urlpatterns: list[WebSocketRoute] = [
     route(r"^ws/agent/?$", RefuseBrowsers(AgentConsumer.as_asgi())),
     *plugins.websocket_urlpatterns(),
     route(r"^ws/?$", BrowserOriginValidator(AuthMiddlewareStack(ClientConsumer.as_asgi()))),

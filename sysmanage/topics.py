@@ -9,7 +9,7 @@ state on subscribe.  The hub and the consumer know channels only through this re
 from __future__ import annotations
 
 import uuid
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 from sysmanage import permissions
@@ -135,7 +135,8 @@ METRIC_KEYS = {
     "load": "load_average",
 }
 
-PARSERS = {
+#: Filter kinds: each parser returns the clean value or raises ``ValueError``.
+PARSERS: dict[str, Callable[[Any], object]] = {
     "uuid": parse_uuid,
     "severities": lambda v: _parse_choice_list(v, SEVERITIES, "severity"),
     "metrics": lambda v: _parse_choice_list(v, METRICS, "metric"),

@@ -39,7 +39,7 @@ add_host_action(allow_reregistration)
 
 
 @admin.register(AgentRegistration)
-class AgentRegistrationAdmin(ReadOnlyAdmin):
+class AgentRegistrationAdmin(ReadOnlyAdmin[AgentRegistration]):
     """SysManage agents asking to be managed: approve or reject those waiting.  Deleting
     a rejected registration lets that host ask again."""
 
@@ -88,7 +88,7 @@ class AgentRegistrationAdmin(ReadOnlyAdmin):
 
 
 @admin.register(RegistrationKey)
-class RegistrationKeyAdmin(admin.ModelAdmin):
+class RegistrationKeyAdmin(admin.ModelAdmin[RegistrationKey]):
     """Keys that approve SysManage agents on registration; the key is shown once."""
 
     list_display = (
@@ -152,7 +152,7 @@ class RegistrationKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(AgentDelivery)
-class AgentDeliveryAdmin(ReadOnlyAdmin):
+class AgentDeliveryAdmin(ReadOnlyAdmin[AgentDelivery]):
     """Commands sent to SysManage agents and whether they acknowledged them, read-only."""
 
     list_display = ("command_type", "host", "state", "attempts", "sent_at", "acknowledged_at")

@@ -24,14 +24,15 @@ from sysmanage.audit import request_actor
 from sysmanage.permissions import RequiresRight
 
 
-class ReregistrationSerializer(serializers.Serializer):
-    """Until when a host's SysManage agent may register again."""
+class ReregistrationSerializer(serializers.Serializer[Host]):
+    """Until when a host's SysManage agent may register again (the reply is built from
+    the host by hand; this describes it)."""
 
     host_id = serializers.UUIDField(read_only=True)
     reregistration_allowed_until = serializers.DateTimeField(read_only=True)
 
 
-class HostReregistrationViewSet(viewsets.GenericViewSet):
+class HostReregistrationViewSet(viewsets.GenericViewSet[Host]):
     """``POST /api/hosts/<id>/allow-reregistration/`` (staff with ``hosts.change_host``)."""
 
     queryset = Host.objects.all()
@@ -56,7 +57,7 @@ class HostReregistrationViewSet(viewsets.GenericViewSet):
         )
 
 
-class AgentRegistrationSerializer(serializers.ModelSerializer):
+class AgentRegistrationSerializer(serializers.ModelSerializer[AgentRegistration]):
     """A SysManage agent's registration and where it stands."""
 
     key = serializers.CharField(source="key.name", read_only=True, default=None)
@@ -83,13 +84,13 @@ class AgentRegistrationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RegistrationFilters(serializers.Serializer):
+class RegistrationFilters(serializers.Serializer[None]):
     """``GET /api/registrations/`` filters."""
 
     status = serializers.ChoiceField(choices=RegistrationStatus.choices, required=False)
 
 
-class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
+class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet[AgentRegistration]):
     """SysManage agent registrations (staff with ``hosts.view_agentregistration``);
     ``?status=pending`` lists those waiting.  ``POST …/approve/`` creates the host;
     ``POST …/reject/`` refuses it (both ``hosts.change_agentregistration``)."""
@@ -131,7 +132,7 @@ class AgentRegistrationViewSet(viewsets.ReadOnlyModelViewSet):
         return self._decide(request, enrollment.registration_reject)
 
 
-class RegistrationKeySerializer(serializers.ModelSerializer):
+class RegistrationKeySerializer(serializers.ModelSerializer[RegistrationKey]):
     """A registration key (its secret is returned once, on creation)."""
 
     expires_in_seconds = serializers.IntegerField(
@@ -169,7 +170,9 @@ class RegistrationKeySerializer(serializers.ModelSerializer):
         return enrollment.key_problem(key) is None
 
 
-class RegistrationKeyViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+class RegistrationKeyViewSet(
+    mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet[RegistrationKey]
+):
     """Registration keys (staff with the model permissions the admin asks): create one
     (the key is in the reply, once), list them, ``POST …/revoke/``."""
 

@@ -14,7 +14,8 @@ import asyncio
 import collections
 import logging
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -29,13 +30,17 @@ from sysmanage.node import running_hub
 from sysmanage.protocol import CloseCode
 from sysmanage.ratelimit import TokenBucket
 
+if TYPE_CHECKING:
+    from sysmanage.hub import CloseReason
+
 logger = logging.getLogger(__name__)
 
 #: Messages refused for identity before the connection is dropped (the agent itself
 #: re-registers after three ``host_not_registered`` errors).
 MAX_REFUSALS = 5
 MAX_LOGGED_REFUSALS = 10
-ERROR_TYPES = {
+#: The agent's ``error_type`` for each close code the hub closes with.
+ERROR_TYPES: dict[int, str] = {
     CloseCode.AUTH_FAILED: "invalid_token",
     CloseCode.REPLACED: "replaced",
     CloseCode.SLOW_CONSUMER: "slow_consumer",
@@ -195,15 +200,16 @@ class SysManageAgentConsumer(Connection):
                 continue
             self.send_text(text)
 
-    def encode(self, message: dict[str, Any]) -> str:
+    def encode(self, message: Mapping[str, Any]) -> str:
         """One message as the agent reads it (under its 1 MiB frame limit)."""
         return protocol.encode(message)
 
-    def _closing_message(self, code: int, error: dict[str, Any]) -> dict[str, Any]:
+    def _closing_message(self, code: int, error: CloseReason) -> dict[str, Any]:
         """The hub's reason for closing, as an error of the agent's protocol."""
+        fields: Mapping[str, Any] = error  # an error envelope, or text alone
         reason = str(
-            (error.get("data") or {}).get("message")
-            or error.get("message")
+            (fields.get("data") or {}).get("message")
+            or fields.get("message")
             or "Disconnected by the server"
         )
         return protocol.error_message(ERROR_TYPES.get(code, "disconnected"), reason)

@@ -36,7 +36,8 @@ from hosts.models import (
 )
 from hosts.smagent import protocol
 
-PACKAGE_COMMANDS = {
+#: The agent command for each kind of package operation (``PackageOperation.operation``).
+PACKAGE_COMMANDS: dict[str, str] = {
     PackageOperationKind.INSTALL: "install_packages",
     PackageOperationKind.UPDATE: "install_packages",  # installing a package upgrades it
     PackageOperationKind.REMOVE: "uninstall_packages",

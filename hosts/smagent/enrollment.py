@@ -174,7 +174,7 @@ def _flood_problem(remote_address: str | None) -> str | None:
     same_network = sum(
         1
         for address in pending.exclude(remote_address=None).values_list("remote_address", flat=True)
-        if _network(address) == network
+        if address is not None and _network(address) == network
     )
     if same_network >= settings.SYSMANAGE_AGENT_PENDING_PER_NETWORK:
         return f"Too many registrations from {network} are waiting; try again later"
@@ -310,10 +310,12 @@ def _approve(record: AgentRegistration, *, actor: Actor | None) -> Host:
     return host
 
 
-def _approve_reregistration(record: AgentRegistration, *, actor: Actor | None) -> Host:
-    """Give the host of an approved re-registration the agent's new token: the old one,
-    and every connection proven with it, stop working."""
-    host = Host.objects.select_for_update().get(id=record.for_host_id)
+def _approve_reregistration(
+    record: AgentRegistration, host_id: uuid.UUID, *, actor: Actor | None
+) -> Host:
+    """Give ``host_id``, the host of an approved re-registration, the agent's new token:
+    the old one, and every connection proven with it, stop working."""
+    host = Host.objects.select_for_update().get(id=host_id)
     host.token_hash, host.token_issued_at, host.token_revoked_at = (
         record.token_hash,
         timezone.now(),
@@ -345,7 +347,7 @@ def registration_approve(*, registration_id: Any, actor: Actor | None = None) ->
         if record.status != RegistrationStatus.PENDING:
             raise EnrollmentRefused(409, f"The registration is {record.status}, not waiting")
         if record.for_host_id is not None:
-            host = _approve_reregistration(record, actor=actor)
+            host = _approve_reregistration(record, record.for_host_id, actor=actor)
         elif Host.objects.filter(hostname__iexact=record.hostname).exists():
             raise EnrollmentRefused(409, f"A host named {record.hostname} exists already")
         else:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -107,7 +108,7 @@ def for_polling(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def encode(message: dict[str, Any]) -> str:
+def encode(message: Mapping[str, Any]) -> str:
     """One frame for the agent; refuses what its client would drop."""
     text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode("utf-8")) > MAX_FRAME_TO_AGENT:
@@ -231,7 +232,7 @@ def _addresses(*values: Any) -> list[str]:
 def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
     """Host facts from ``system_info`` (and the parts of ``heartbeat`` it shares)."""
     facts: dict[str, Any] = {}
-    os_info = data.get("os_info") if isinstance(data.get("os_info"), dict) else {}
+    os_info = _object(data.get("os_info"))
     pairs = {
         "fqdn": (data.get("fqdn"), 255),
         "os_name": (os_info.get("distribution") or data.get("platform"), 100),
@@ -312,6 +313,11 @@ def inventory_items(kind: str, data: dict[str, Any]) -> int | None:
 # -- results ---------------------------------------------------------------------------
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -319,8 +325,9 @@ def _int_or_none(value: Any) -> int | None:
 def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str, Any]:
     """An ``execute_shell`` ``command_result`` as :func:`hosts.services.command_finish`
     takes it.  The output sits in ``result.result`` (nested twice)."""
-    outer = data.get("result") if isinstance(data.get("result"), dict) else {}
-    inner = outer.get("result") if isinstance(outer.get("result"), dict) else outer
+    outer = _object(data.get("result"))
+    nested = outer.get("result")
+    inner = nested if isinstance(nested, dict) else outer
     exit_code = _int_or_none(data.get("exit_code"))
     if exit_code is None:
         exit_code = _int_or_none(inner.get("exit_code"))
@@ -345,7 +352,7 @@ def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str
 def package_result(data: dict[str, Any]) -> tuple[str, str, str]:
     """``(status, message, output)`` of an ``install_packages``/``uninstall_packages``
     ``command_result``."""
-    result = data.get("result") if isinstance(data.get("result"), dict) else {}
+    result = _object(data.get("result"))
     output = result.get("installation_log") or result.get("uninstall_log") or ""
     if isinstance(output, list):
         output = "\n".join(map(str, output))
