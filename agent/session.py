@@ -6,12 +6,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from agent import __version__
+from agent.config import AgentConfig
 from agent.facts import collect_facts
 from agent.metrics import collect_metrics
 from agent.protocol import (
@@ -24,12 +25,10 @@ from agent.protocol import (
     WELCOME,
     AgentMessage,
     HeartbeatData,
+    ServerMessage,
     dumps,
     envelope,
 )
-
-if TYPE_CHECKING:
-    from agent.service import Agent
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,39 @@ class Link:
     async def close(self, reason: str = "agent shutting down") -> None:
         """Close the connection with 1001 (going away)."""
         await self._websocket.close(CLOSE_GOING_AWAY, reason)
+
+
+class Intervals(Protocol):
+    """The heartbeat and metrics intervals in force, in seconds."""
+
+    heartbeat: float
+    metrics: float
+
+
+class Agent(Protocol):
+    """What a session needs of the agent that outlives it (:class:`agent.service.Agent`)."""
+
+    config: AgentConfig
+
+    @property
+    def intervals(self) -> Intervals:
+        """The heartbeat and metrics intervals in force (the server may change them)."""
+
+    @property
+    def capabilities(self) -> list[str]:
+        """What the agent announces in ``hello``."""
+
+    def attach(self, link: Link) -> None:
+        """Use ``link`` for everything sent until :meth:`detach`."""
+
+    def detach(self, link: Link) -> None:
+        """Stop using ``link`` (its connection ended)."""
+
+    async def handle(self, raw: str | bytes) -> ServerMessage | None:
+        """Act on one frame from the server; return the message it held, if any."""
+
+    async def resend_pending(self, link: Link, older_than: float = 0.0) -> None:
+        """Send again the results the server has not acknowledged."""
 
 
 async def connect_once(agent: Agent) -> SessionEnd:
