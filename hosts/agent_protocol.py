@@ -9,25 +9,41 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Literal, NotRequired, Required, TypedDict, TypeGuard, get_args
 
-from hosts.models import ExecutionStatus
 from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
-AGENT_MESSAGE_TYPES = frozenset(
-    {
-        "hello",
-        "heartbeat",
-        "metrics",
-        "command_started",
-        "command_result",
-        "package_progress",
-        "package_result",
-    }
-)
+#: What agents send.
+AgentMessageType = Literal[
+    "hello",
+    "heartbeat",
+    "metrics",
+    "command_started",
+    "command_result",
+    "package_progress",
+    "package_result",
+]
+#: What the server sends agents (errors are the seed protocol's error envelopes).
+ServerMessageType = Literal["welcome", "ack", "run_command", "package_operation"]
+#: The results the server acknowledges (``ack``'s ``kind``).
+ResultKind = Literal["command_result", "package_result"]
+#: How a command ends (``ExecutionStatus``'s final values).
+CommandStatus = Literal["completed", "failed", "timeout"]
+#: How a package operation ends (``OperationStatus``'s final values).
+PackageStatus = Literal["completed", "failed"]
+#: The ``id`` of a message: echoed back as it came.
+MessageId = str | int | None
+#: A message's ``data`` once it is known to be an object; its fields are still unchecked.
+AgentData = Mapping[str, object]
+
+AGENT_MESSAGE_TYPES: frozenset[AgentMessageType] = frozenset(get_args(AgentMessageType))
+COMMAND_STATUSES: tuple[CommandStatus, ...] = get_args(CommandStatus)
+PACKAGE_STATUSES: tuple[PackageStatus, ...] = get_args(PackageStatus)
 MAX_OUTPUT_CHARS = 512 * 1024
-FACT_LIMITS = {
-    "hostname": 255,
+#: The text facts a host reports, and the longest each may be.
+TextFact = Literal["fqdn", "os_name", "os_version", "kernel", "architecture", "agent_version"]
+TEXT_FACT_LIMITS: dict[TextFact, int] = {
     "fqdn": 255,
     "os_name": 100,
     "os_version": 100,
@@ -35,13 +51,109 @@ FACT_LIMITS = {
     "architecture": 50,
     "agent_version": 50,
 }
+HOSTNAME_LIMIT = 255
+COUNT_FACTS: tuple[Literal["cpu_count", "memory_total"], ...] = ("cpu_count", "memory_total")
 
 
-def parse_agent_message(text: str) -> tuple[str, dict[str, Any], str | int | None]:
+class HostFacts(TypedDict, total=False):
+    """Facts about a host, checked, as :func:`hosts.services.host_agent_hello` and
+    :func:`hosts.services.host_update_facts` store them (the enrolled name is not one)."""
+
+    fqdn: str
+    os_name: str
+    os_version: str
+    kernel: str
+    architecture: str
+    agent_version: str
+    ip_addresses: list[str]
+    cpu_count: int
+    memory_total: int
+
+
+class CommandOutcome(TypedDict, total=False):
+    """How a command ended, as :func:`hosts.services.command_finish` takes it (what an
+    agent did not report, when the server ends a command itself, is left out)."""
+
+    status: Required[CommandStatus]
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    execution_time: float | None
+    error: str
+
+
+class PackageOutcome(TypedDict):
+    """How a package operation ended, as
+    :func:`hosts.services.package_operation_record_result` takes it."""
+
+    status: PackageStatus
+    message: str
+    output: str
+
+
+class WelcomeData(TypedDict):
+    """``welcome``: the answer to ``hello``."""
+
+    host_id: str
+    heartbeat_interval: int
+    metrics_interval: int
+    server_time: str
+
+
+class AckData(TypedDict):
+    """``ack``: a result is stored."""
+
+    kind: ResultKind
+    ref: str
+
+
+class RunCommandData(TypedDict):
+    """``run_command``: a command to run."""
+
+    execution_id: str
+    command: str
+    timeout: int
+
+
+class PackageOperationData(TypedDict):
+    """``package_operation``: a package to install, update or remove."""
+
+    operation_id: str
+    operation: str
+    package: str
+
+
+ServerData = WelcomeData | AckData | RunCommandData | PackageOperationData
+
+
+class ServerMessage(TypedDict):
+    """A message the server sends an agent."""
+
+    type: ServerMessageType
+    data: ServerData
+    timestamp: str
+    id: NotRequired[str | int]
+
+
+def _is_agent_type(value: object) -> TypeGuard[AgentMessageType]:
+    return value in AGENT_MESSAGE_TYPES
+
+
+def is_command_status(value: object) -> TypeGuard[CommandStatus]:
+    """Whether ``value`` is a final status of a command."""
+    return value in COMMAND_STATUSES
+
+
+def is_package_status(value: object) -> TypeGuard[PackageStatus]:
+    """Whether ``value`` is a final status of a package operation."""
+    return value in PACKAGE_STATUSES
+
+
+def parse_agent_message(text: str) -> tuple[AgentMessageType, AgentData, MessageId]:
     """Parse one agent frame into ``(type, data, id)``."""
     raw, id_ = load_object(text)
     type_ = raw.get("type")
-    if type_ not in AGENT_MESSAGE_TYPES:
+    if not _is_agent_type(type_):
         raise ProtocolError(
             ErrorCode.UNKNOWN_TYPE,
             f"Unknown agent message type {str(type_)[:64]!r}",
@@ -54,20 +166,28 @@ def parse_agent_message(text: str) -> tuple[str, dict[str, Any], str | int | Non
     return type_, data, id_
 
 
-def _invalid(why: str, id_: str | int | None) -> ProtocolError:
+def _invalid(why: str, id_: MessageId) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_MESSAGE, why, id_=id_)
 
 
-def clean_facts(data: dict[str, Any], id_: str | int | None) -> dict[str, Any]:
+def _fact_text(data: AgentData, key: str, limit: int, id_: MessageId) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid(f"'{key}' must be a string", id_)
+    return without_nul(value[:limit])
+
+
+def clean_facts(data: AgentData, id_: MessageId) -> HostFacts:
     """The host facts of a ``hello``, trimmed and typed; unknown keys are ignored."""
-    facts: dict[str, Any] = {}
-    for key, limit in FACT_LIMITS.items():
-        value = data.get(key)
+    # The enrolled name stays; the reported one is informative (checked, not kept).
+    _fact_text(data, "hostname", HOSTNAME_LIMIT, id_)
+    facts: HostFacts = {}
+    for key, limit in TEXT_FACT_LIMITS.items():
+        value = _fact_text(data, key, limit, id_)
         if value is not None:
-            if not isinstance(value, str):
-                raise _invalid(f"'{key}' must be a string", id_)
-            facts[key] = without_nul(value[:limit])
-    facts.pop("hostname", None)  # the enrolled name stays; the reported one is informative
+            facts[key] = value
     addresses = data.get("ip_addresses", [])
     if not isinstance(addresses, list):
         raise _invalid("'ip_addresses' must be a list", id_)
@@ -78,16 +198,16 @@ def clean_facts(data: dict[str, Any], id_: str | int | None) -> dict[str, Any]:
         except ValueError:
             raise _invalid(f"{str(address)[:64]!r} is not an IP address", id_) from None
     facts["ip_addresses"] = cleaned
-    for key in ("cpu_count", "memory_total"):
-        value = data.get(key)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _invalid(f"'{key}' must be a non-negative integer", id_)
-            facts[key] = value
+    for count in COUNT_FACTS:
+        number = data.get(count)
+        if number is not None:
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise _invalid(f"'{count}' must be a non-negative integer", id_)
+            facts[count] = number
     return facts
 
 
-def reference(data: dict[str, Any], key: str, id_: str | int | None) -> str:
+def reference(data: AgentData, key: str, id_: MessageId) -> str:
     """A UUID field (``execution_id`` / ``operation_id``) in canonical form."""
     try:
         return str(uuid.UUID(str(data.get(key))))
@@ -95,7 +215,7 @@ def reference(data: dict[str, Any], key: str, id_: str | int | None) -> str:
         raise _invalid(f"'{key}' must be a UUID", id_) from None
 
 
-def _text(data: dict[str, Any], key: str, id_: str | int | None) -> str:
+def _text(data: AgentData, key: str, id_: MessageId) -> str:
     value = data.get(key) or ""
     if not isinstance(value, str):
         raise _invalid(f"'{key}' must be a string", id_)
@@ -107,10 +227,10 @@ def without_nul(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def clean_command_result(data: dict[str, Any], id_: str | int | None) -> dict[str, Any]:
+def clean_command_result(data: AgentData, id_: MessageId) -> CommandOutcome:
     """The fields of a ``command_result`` as :func:`hosts.services.command_finish` takes them."""
     status = data.get("status")
-    if status not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
+    if not is_command_status(status):
         raise _invalid("'status' must be completed, failed or timeout", id_)
     exit_code = data.get("exit_code")
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
@@ -137,9 +257,19 @@ def clean_command_result(data: dict[str, Any], id_: str | int | None) -> dict[st
     }
 
 
-def clean_progress(data: dict[str, Any], id_: str | int | None) -> tuple[int, str]:
+def clean_progress(data: AgentData, id_: MessageId) -> tuple[int, str]:
     """``(progress, message)`` of a ``package_progress``."""
     progress = data.get("progress", 0)
     if isinstance(progress, bool) or not isinstance(progress, int | float):
         raise _invalid("'progress' must be a number from 0 to 100", id_)
     return max(0, min(100, int(progress))), _text(data, "message", id_)[:1000]
+
+
+def clean_package_result(data: AgentData, id_: MessageId) -> PackageOutcome:
+    """The fields of a ``package_result``."""
+    status = data.get("status")
+    if not is_package_status(status):
+        raise _invalid("'status' must be completed or failed", id_)
+    output = without_nul(str(data.get("output") or "")[:MAX_OUTPUT_CHARS])
+    message = without_nul(str(data.get("message") or "")[:1000])
+    return {"status": status, "message": message, "output": output}

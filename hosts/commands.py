@@ -26,7 +26,6 @@ from hosts import delivery, selectors, services
 from hosts.delivery import WorkKind
 from hosts.events import AgentTook, CommandFinished
 from hosts.models import (
-    ExecutionStatus,
     Host,
     HostStatus,
     OperationStatus,
@@ -256,7 +255,7 @@ async def _fail_command(execution_id: str, host: Host, why: str) -> None:
     await database_sync_to_async(services.command_record_result)(
         execution_id=execution_id,
         host_id=host.id,
-        result={"status": ExecutionStatus.FAILED, "error": why},
+        result={"status": "failed", "error": why},
     )
 
 
@@ -271,7 +270,7 @@ async def _wait_for_result(
         await database_sync_to_async(services.command_record_result)(
             execution_id=execution.id,
             host_id=host.id,
-            result={"status": ExecutionStatus.TIMEOUT, "error": "No result from the agent in time"},
+            result={"status": "timeout", "error": "No result from the agent in time"},
         )
     return await database_sync_to_async(selectors.command_event_data)(execution.id)
 

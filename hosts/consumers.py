@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
+from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
 from hosts.events import AgentTook
-from hosts.metrics import MetricsError, MinuteAggregator, clean_metrics
+from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.events import publish_control_now
@@ -91,10 +92,12 @@ class AgentConsumer(Connection):
 
     # -- sending --------------------------------------------------------------------------
 
-    def send_message(self, type_: str, data: dict[str, Any], id_: Any = None) -> None:
+    def send_message(
+        self, type_: ServerMessageType, data: ServerData, id_: MessageId = None
+    ) -> None:
         """Send one protocol message to the agent."""
         if self.outbound is not None:
-            message = {"type": type_, "data": data, "timestamp": utc_now_iso()}
+            message: ServerMessage = {"type": type_, "data": data, "timestamp": utc_now_iso()}
             if id_ is not None:
                 message["id"] = id_
             self.reply(message)
@@ -138,12 +141,13 @@ class AgentConsumer(Connection):
             logger.exception("error handling a message from agent of %s", self.hostname)
             self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
 
-    async def on_hello(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_hello(self, data: AgentData, id_: MessageId) -> None:
         """Store the host's facts, mark it online and hand over queued work."""
         facts = agent_protocol.clean_facts(data, id_)
         host = await database_sync_to_async(services.host_agent_hello)(
             host_id=self.host_id, session=self.session, facts=facts
         )
+        assert self.host_id is not None  # set on connecting, before any message
         self.cpu_count = host.cpu_count
         self.ready = True
         self.last_seen = services.LastSeen(self.host_id, written_now=True)  # hello wrote it
@@ -160,11 +164,11 @@ class AgentConsumer(Connection):
         self.sent.clear()
         await self.dispatch_pending()
 
-    async def on_heartbeat(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
         """Note that the agent is alive."""
         await self.last_seen.touch()
 
-    async def on_metrics(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_metrics(self, data: AgentData, id_: MessageId) -> None:
         """Publish live metrics; add them to this minute's history row."""
         try:
             metrics = clean_metrics(data.get("metrics"))
@@ -181,14 +185,14 @@ class AgentConsumer(Connection):
         await self._save_minute(self.aggregator.add(now, metrics))
         await self.last_seen.touch()
 
-    async def on_command_started(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_command_started(self, data: AgentData, id_: MessageId) -> None:
         """Mark a command running."""
         execution_id = agent_protocol.reference(data, "execution_id", id_)
         await database_sync_to_async(services.command_mark_running)(
             execution_id=execution_id, host_id=self.host_id
         )
 
-    async def on_command_result(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_command_result(self, data: AgentData, id_: MessageId) -> None:
         """Store a command's result (once) and acknowledge it."""
         execution_id = agent_protocol.reference(data, "execution_id", id_)
         result = agent_protocol.clean_command_result(data, id_)
@@ -198,7 +202,7 @@ class AgentConsumer(Connection):
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
         await self.last_seen.touch()
 
-    async def on_package_progress(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_package_progress(self, data: AgentData, id_: MessageId) -> None:
         """Store and publish a package operation's progress."""
         operation_id = agent_protocol.reference(data, "operation_id", id_)
         progress, message = agent_protocol.clean_progress(data, id_)
@@ -206,24 +210,12 @@ class AgentConsumer(Connection):
             operation_id=operation_id, host_id=self.host_id, progress=progress, message=message
         )
 
-    async def on_package_result(self, data: dict[str, Any], id_: Any) -> None:
+    async def on_package_result(self, data: AgentData, id_: MessageId) -> None:
         """Store a package operation's result (once) and acknowledge it."""
         operation_id = agent_protocol.reference(data, "operation_id", id_)
-        status = data.get("status")
-        if status not in ("completed", "failed"):
-            raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE, "'status' must be completed or failed", id_=id_
-            )
-        output = agent_protocol.without_nul(
-            str(data.get("output") or "")[: agent_protocol.MAX_OUTPUT_CHARS]
-        )
-        message = agent_protocol.without_nul(str(data.get("message") or "")[:1000])
+        result = agent_protocol.clean_package_result(data, id_)
         await database_sync_to_async(services.package_operation_record_result)(
-            operation_id=operation_id,
-            host_id=self.host_id,
-            status=status,
-            message=message,
-            output=output,
+            operation_id=operation_id, host_id=self.host_id, **result
         )
         self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
 
@@ -272,7 +264,7 @@ class AgentConsumer(Connection):
         publish_control_now(AgentTook(ref=ref, host_id=str(self.host_id)))
         return True
 
-    async def _save_minute(self, finished: tuple[Any, int, dict[str, Any]] | None) -> None:
+    async def _save_minute(self, finished: tuple[datetime, int, MinuteAverages] | None) -> None:
         if finished is not None:
             minute, samples, averages = finished
             await database_sync_to_async(services.metric_sample_save)(

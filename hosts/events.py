@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sysmanage.control import Control
 from sysmanage.events import Event
 
 if TYPE_CHECKING:
+    from hosts.metrics import Metrics
     from hosts.models import CommandExecution, PackageOperation
 
 
@@ -36,7 +37,7 @@ class HostMetricsReported(Event):
     host_id: str
     hostname: str
     timestamp: str
-    metrics: dict[str, Any]
+    metrics: Metrics
     cpu_count: int | None = None
 
 

@@ -11,16 +11,40 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Final, Literal, TypedDict
 
 MAX_MOUNTS = 64
+#: The figures averaged over a minute.
+PercentKey = Literal["cpu_usage", "memory_usage"]
+PERCENT_KEYS: Final[tuple[PercentKey, ...]] = ("cpu_usage", "memory_usage")
+
+
+class Metrics(TypedDict, total=False):
+    """A checked metrics report (at least one of its figures): percentages, per mount for
+    the disks, and the 1, 5 and 15 minute load averages."""
+
+    cpu_usage: float
+    memory_usage: float
+    disk_usage: dict[str, float]
+    load_average: list[float]
+
+
+class MinuteAverages(TypedDict, total=False):
+    """One minute of a host's reports, as :func:`hosts.services.metric_sample_save` stores
+    it: the percentages averaged (None when none was reported), the disks and load as
+    last reported."""
+
+    cpu_usage: float | None
+    memory_usage: float | None
+    disk_usage: dict[str, float]
+    load_average: list[float]
 
 
 class MetricsError(ValueError):
     """A metrics report that does not have the documented shape."""
 
 
-def _percent(value: Any, name: str) -> float:
+def _percent(value: object, name: str) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -31,15 +55,14 @@ def _percent(value: Any, name: str) -> float:
     return round(float(value), 2)
 
 
-def clean_metrics(raw: Any) -> dict[str, Any]:
+def clean_metrics(raw: object) -> Metrics:
     """Validate an agent's ``metrics`` object; return it with only the known keys."""
     if not isinstance(raw, dict):
         raise MetricsError("'metrics' must be an object")
-    cleaned: dict[str, Any] = {}
-    if "cpu_usage" in raw:
-        cleaned["cpu_usage"] = _percent(raw["cpu_usage"], "cpu_usage")
-    if "memory_usage" in raw:
-        cleaned["memory_usage"] = _percent(raw["memory_usage"], "memory_usage")
+    cleaned: Metrics = {}
+    for key in PERCENT_KEYS:
+        if key in raw:
+            cleaned[key] = _percent(raw[key], key)
     if "disk_usage" in raw:
         disks = raw["disk_usage"]
         if not isinstance(disks, dict) or len(disks) > MAX_MOUNTS:
@@ -78,32 +101,32 @@ class MinuteAggregator:
     count: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    last: dict[str, Any] = field(default_factory=dict)
+    last: MinuteAverages = field(default_factory=MinuteAverages)
 
-    def add(
-        self, at: datetime, metrics: dict[str, Any]
-    ) -> tuple[datetime, int, dict[str, Any]] | None:
+    def add(self, at: datetime, metrics: Metrics) -> tuple[datetime, int, MinuteAverages] | None:
         """Add one report; return ``(minute, samples, averages)`` of a finished minute."""
         minute = at.replace(second=0, microsecond=0)
         finished = self.flush() if self.minute is not None and minute != self.minute else None
         self.minute = minute
         self.count += 1
-        for key in ("cpu_usage", "memory_usage"):
+        for key in PERCENT_KEYS:
             if key in metrics:
                 self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
                 self.counts[key] = self.counts.get(key, 0) + 1
-        for key in ("disk_usage", "load_average"):
-            if key in metrics:
-                self.last[key] = metrics[key]
+        if "disk_usage" in metrics:
+            self.last["disk_usage"] = metrics["disk_usage"]
+        if "load_average" in metrics:
+            self.last["load_average"] = metrics["load_average"]
         return finished
 
-    def flush(self) -> tuple[datetime, int, dict[str, Any]] | None:
+    def flush(self) -> tuple[datetime, int, MinuteAverages] | None:
         """Return the current minute's averages (if any) and start afresh."""
         if self.minute is None or self.count == 0:
             return None
-        averages: dict[str, Any] = {
-            key: round(self.sums[key] / self.counts[key], 2) for key in self.sums
-        }
+        averages: MinuteAverages = {}
+        for key in PERCENT_KEYS:
+            if key in self.sums:
+                averages[key] = round(self.sums[key] / self.counts[key], 2)
         averages.update(self.last)
         result = (self.minute, self.count, averages)
         self.minute, self.count = None, 0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, TypedDict
 
 from django.db.models import QuerySet
 from django.db.models.functions import Length, Substr
@@ -41,7 +42,27 @@ def host_list(*, search: str | None = None, status: str | None = None) -> QueryS
     return hosts.order_by("hostname")
 
 
-def host_status_row(host: Host) -> dict[str, Any]:
+class HostStatusRow(TypedDict):
+    """One host on the ``host_status`` channel."""
+
+    host_id: str
+    hostname: str
+    status: str
+    last_seen: str | None
+
+
+class MetricMinute(TypedDict):
+    """One minute of a host's metrics history (disks and load as last reported)."""
+
+    minute: str | None
+    samples: int
+    cpu_usage: float | None
+    memory_usage: float | None
+    disk_usage: dict[str, float]
+    load_average: list[float]
+
+
+def host_status_row(host: Host) -> HostStatusRow:
     """One host as the ``host_status`` channel shows it."""
     return {
         "host_id": str(host.id),
@@ -101,7 +122,7 @@ def host_for_token(token: str) -> Host | None:
     return Host.objects.filter(token_hash=token_digest(token)).first()
 
 
-def metric_history(host_id: str, *, since: Any) -> list[dict[str, Any]]:
+def metric_history(host_id: str, *, since: datetime) -> list[MetricMinute]:
     """A host's per-minute metrics since ``since``, oldest first."""
     rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since).order_by("minute")
     return [
@@ -182,15 +203,18 @@ def registration_pending_count() -> int:
 # another type, so every value goes through one of these coercions and the shapers return
 # only strings, non-negative numbers, booleans and lists of such dicts.
 
+#: A stored report (a JSON object as the agent sent it), or an object inside one.
+Report = Mapping[str, object]
 
-def _text(value: Any, limit: int = 200) -> str:
+
+def _text(value: object, limit: int = 200) -> str:
     """``value`` as display text (strings and numbers only), or ``""``."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return ""
     return str(value).strip()[:limit]
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     """``value`` as a non-negative number below 2**64 (numeric strings too), or None."""
     if isinstance(value, str):
         try:
@@ -204,36 +228,113 @@ def _number(value: Any) -> float | None:
     return value if 0 <= value < MAX_NUMBER else None
 
 
-def _count(value: Any) -> int | None:
+def _count(value: object) -> int | None:
     """``value`` as a whole non-negative number, or None."""
     number = _number(value)
     return int(number) if number is not None else None
 
 
-def _flag(value: Any) -> bool:
+def _flag(value: object) -> bool:
     """Whether ``value`` says yes (``True``, ``1``, ``"true"``, ``"yes"``)."""
     if isinstance(value, str):
         return value.strip().lower() in ("true", "yes", "1")
     return value is True or (isinstance(value, int) and value == 1)
 
 
-def _object(value: Any) -> dict[str, Any]:
+def _object(value: object) -> Mapping[str, object]:
     """``value`` if it is a JSON object, else an empty one."""
     return value if isinstance(value, dict) else {}
 
 
-def _dicts(value: Any) -> list[dict[str, Any]]:
+def _dicts(value: object) -> list[Mapping[str, object]]:
     """The dicts in ``value`` if it is a list; anything else is no items."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def _listed(data: dict[str, Any], key: str, total_key: str) -> int | None:
+def _listed(data: Report, key: str, total_key: str) -> int | None:
     """How many items a report lists: the list's length, else its reported total."""
     items = data.get(key)
     return len(items) if isinstance(items, list) else _count(data.get(total_key))
 
 
-def inventory_os(data: dict[str, Any]) -> dict[str, Any]:
+class OsInventory(TypedDict):
+    """The ``os`` report as a host's page shows it."""
+
+    name: str
+    version: str
+    codename: str
+    kernel: str
+    architecture: str
+    timezone: str
+
+
+class StorageRow(TypedDict):
+    """One storage device; sizes in bytes."""
+
+    name: str
+    mount_point: str
+    file_system: str
+    total: int | None
+    used: int | None
+    used_percent: int | None
+
+
+class HardwareInventory(TypedDict):
+    """The ``hardware`` report as a host's page shows it; memory in bytes."""
+
+    cpu_model: str
+    cpu_vendor: str
+    cpu_cores: int | None
+    cpu_threads: int | None
+    cpu_mhz: int | None
+    memory_total: int | None
+    memory_available: int | None
+    storage: list[StorageRow]
+    storage_more: int
+    interfaces: list[str]
+
+
+class UpdateRow(TypedDict):
+    """One available update."""
+
+    name: str
+    current: str
+    available: str
+    manager: str
+    security: bool
+
+
+class UpdatesInventory(TypedDict):
+    """The ``updates`` report as a host's page shows it."""
+
+    count: int | None
+    security_count: int | None
+    rows: list[UpdateRow]
+    listed: int
+    more: int
+
+
+class PackageRow(TypedDict):
+    """One installed package."""
+
+    name: str
+    version: str
+    manager: str
+
+
+class SoftwareInventory(TypedDict):
+    """The ``software`` report as a host's page shows it."""
+
+    count: int | None
+    rows: list[PackageRow]
+    listed: int
+    more: int
+
+
+InventoryReport = OsInventory | HardwareInventory | UpdatesInventory | SoftwareInventory
+
+
+def inventory_os(data: Report) -> OsInventory:
     """The ``os`` report: distribution, kernel, architecture, time zone."""
     info = _object(data.get("os_info"))
     return {
@@ -248,7 +349,7 @@ def inventory_os(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _storage_row(device: dict[str, Any]) -> dict[str, Any]:
+def _storage_row(device: Report) -> StorageRow:
     """One storage device; sizes in bytes, use in whole percent when both sizes are known."""
     total = _count(device.get("total_size"))
     used = _count(device.get("used_size"))
@@ -263,7 +364,7 @@ def _storage_row(device: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
+def inventory_hardware(data: Report) -> HardwareInventory:
     """The ``hardware`` report: CPU, memory (in bytes), storage devices, interface names."""
     devices = _dicts(data.get("storage_devices"))
     memory_total = _number(data.get("memory_total_mb"))
@@ -283,7 +384,7 @@ def inventory_hardware(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _update_row(item: dict[str, Any]) -> dict[str, Any]:
+def _update_row(item: Report) -> UpdateRow:
     return {
         "name": _text(item.get("package_name"), 255),
         "current": _text(item.get("current_version")),
@@ -293,13 +394,12 @@ def _update_row(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def inventory_updates(
-    data: dict[str, Any], *, limit: int = INVENTORY_UPDATE_ROWS
-) -> dict[str, Any]:
+def inventory_updates(data: Report, *, limit: int = INVENTORY_UPDATE_ROWS) -> UpdatesInventory:
     """The ``updates`` report: counts, and up to ``limit`` rows, security updates first."""
     rows = [row for row in map(_update_row, _dicts(data.get("available_updates"))) if row["name"]]
     rows.sort(key=lambda row: (not row["security"], row["name"].casefold()))
     # With a list, the counts are those of the rows shown; without, the agent's own.
+    security: int | None
     if isinstance(data.get("available_updates"), list):
         security = sum(row["security"] for row in rows)
     else:
@@ -313,11 +413,9 @@ def inventory_updates(
     }
 
 
-def inventory_software(
-    data: dict[str, Any], *, limit: int = INVENTORY_PACKAGE_ROWS
-) -> dict[str, Any]:
+def inventory_software(data: Report, *, limit: int = INVENTORY_PACKAGE_ROWS) -> SoftwareInventory:
     """The ``software`` report: how many packages, and the first ``limit`` by name."""
-    rows = [
+    rows: list[PackageRow] = [
         {
             "name": _text(item.get("package_name"), 255),
             "version": _text(item.get("version")),
@@ -337,7 +435,7 @@ def inventory_software(
     }
 
 
-INVENTORY_SHAPERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+INVENTORY_SHAPERS: dict[str, Callable[[Report], InventoryReport]] = {
     InventoryKind.OS: inventory_os,
     InventoryKind.HARDWARE: inventory_hardware,
     InventoryKind.UPDATES: inventory_updates,
@@ -345,10 +443,10 @@ INVENTORY_SHAPERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, Any]]:
+def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, object]]:
     """Inventory rows as plain dicts by kind, each with its ``updated_at``; kinds not
     reported are left out, so an empty dict means no inventory at all."""
-    view: dict[str, dict[str, Any]] = {}
+    view: dict[str, dict[str, object]] = {}
     for row in rows:
         shape = INVENTORY_SHAPERS.get(row.kind)
         if shape is not None:
@@ -357,6 +455,6 @@ def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, Any]]:
     return view
 
 
-def host_inventory_view(host_id: Any) -> dict[str, dict[str, Any]]:
+def host_inventory_view(host_id: Any) -> dict[str, dict[str, object]]:
     """A host's latest inventory as its page shows it (see :func:`inventory_view`)."""
     return inventory_view(list(HostInventory.objects.filter(host_id=host_id)))

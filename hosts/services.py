@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from hosts.agent_protocol import CommandOutcome, HostFacts
 from hosts.events import (
     CommandFinished,
     HostMetricsReported,
@@ -23,6 +25,7 @@ from hosts.events import (
     command_event,
     operation_event,
 )
+from hosts.metrics import PERCENT_KEYS, Metrics, MinuteAverages
 from hosts.models import (
     AgentKind,
     CommandExecution,
@@ -164,7 +167,7 @@ def host_metrics_publish(
     *,
     host_id: str,
     hostname: str,
-    metrics: dict[str, Any],
+    metrics: Metrics,
     cpu_count: int | None,
     at: datetime,
 ) -> None:
@@ -306,13 +309,14 @@ def package_operation_update(
 # -- agent-driven changes ------------------------------------------------------------
 
 
-def host_agent_hello(*, host_id: Any, session: str, facts: dict[str, Any]) -> Host:
+def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
     """Store the facts an agent reported on connecting, and mark its host online."""
+    reported: Mapping[str, object] = facts
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
         for field in HOST_FACT_FIELDS:
-            if field in facts and facts[field] is not None:
-                setattr(host, field, facts[field])
+            if field in reported and reported[field] is not None:
+                setattr(host, field, reported[field])
         host.agent_session = session
         host.save()
         return host_set_status(host_id=host.id, status=HostStatus.ONLINE)
@@ -330,7 +334,7 @@ def host_agent_gone(*, host_id: Any, session: str) -> bool:
     return True
 
 
-def host_update_facts(*, host_id: Any, facts: dict[str, Any]) -> None:
+def host_update_facts(*, host_id: Any, facts: HostFacts) -> None:
     """Store facts an agent reported while connected (no event: facts are not live data)."""
     changes = {
         field: value
@@ -345,9 +349,9 @@ def host_inventory_save(
     *,
     host_id: Any,
     kind: str,
-    data: dict[str, Any],
+    data: dict[str, object],
     item_count: int | None,
-    facts: dict[str, Any],
+    facts: HostFacts,
     digest: str = "",
 ) -> bool:
     """Replace one kind of a host's inventory, and the host facts it carries; False (and
@@ -412,7 +416,7 @@ def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
     return True
 
 
-def command_record_result(*, execution_id: Any, host_id: Any, result: dict[str, Any]) -> bool:
+def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOutcome) -> bool:
     """Store an agent's result once; False if unknown, another host's, or already final."""
     with transaction.atomic():
         execution = (
@@ -516,7 +520,7 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
 
 
 def metric_sample_save(
-    *, host_id: Any, minute: datetime, samples: int, averages: dict[str, Any]
+    *, host_id: Any, minute: datetime, samples: int, averages: MinuteAverages
 ) -> None:
     """Store (or merge into) the one-minute history row of a host."""
     with transaction.atomic():
@@ -526,7 +530,7 @@ def metric_sample_save(
         if created:
             return
         total = row.samples + samples
-        for field in ("cpu_usage", "memory_usage"):
+        for field in PERCENT_KEYS:
             old, new = getattr(row, field), averages.get(field)
             if new is not None:
                 merged = new if old is None else (old * row.samples + new * samples) / total

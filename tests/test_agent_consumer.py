@@ -9,8 +9,8 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from hosts import services
-from hosts.models import CommandExecution, Host, MetricSample
+from hosts import agent_protocol, services
+from hosts.models import CommandExecution, ExecutionStatus, Host, MetricSample, OperationStatus
 from sysmanage.asgi import application
 from tests.wsutil import expect_close, next_event, open_socket, request, subscribe
 
@@ -389,3 +389,15 @@ async def test_unknown_agent_message_type(enrolled):
     error = await agent.receive_json_from(timeout=3)
     assert error["data"]["code"] == "UNKNOWN_TYPE"
     assert error["id"] == 9
+
+
+def test_result_statuses_are_the_final_statuses_of_the_models() -> None:
+    assert set(agent_protocol.COMMAND_STATUSES) == {
+        ExecutionStatus.COMPLETED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.TIMEOUT,
+    }
+    assert set(agent_protocol.PACKAGE_STATUSES) == {
+        OperationStatus.COMPLETED,
+        OperationStatus.FAILED,
+    }

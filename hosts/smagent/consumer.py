@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -23,7 +23,7 @@ from django.conf import settings
 
 from hosts import services
 from hosts.smagent import deliveries, enrollment, protocol, tokens
-from hosts.smagent.protocol import AgentProtocolError
+from hosts.smagent.protocol import AgentProtocolError, ErrorMessage, ErrorType, ServerMessage
 from hosts.smagent.session import AgentSession, AwaitingApproval
 from sysmanage.connection import Connection
 from sysmanage.node import running_hub
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 MAX_REFUSALS = 5
 MAX_LOGGED_REFUSALS = 10
 #: The agent's ``error_type`` for each close code the hub closes with.
-ERROR_TYPES: dict[int, str] = {
+ERROR_TYPES: dict[int, ErrorType] = {
     CloseCode.AUTH_FAILED: "invalid_token",
     CloseCode.REPLACED: "replaced",
     CloseCode.SLOW_CONSUMER: "slow_consumer",
@@ -187,7 +187,7 @@ class SysManageAgentConsumer(Connection):
 
     # -- sending ----------------------------------------------------------------------
 
-    def send_messages(self, messages: list[dict[str, Any]]) -> None:
+    def send_messages(self, messages: Sequence[ServerMessage]) -> None:
         """Send messages to the agent, each as one frame under its 1 MiB limit."""
         for message in messages:
             try:
@@ -200,11 +200,11 @@ class SysManageAgentConsumer(Connection):
                 continue
             self.send_text(text)
 
-    def encode(self, message: Mapping[str, Any]) -> str:
+    def encode(self, message: Mapping[str, object]) -> str:
         """One message as the agent reads it (under its 1 MiB frame limit)."""
         return protocol.encode(message)
 
-    def _closing_message(self, code: int, error: CloseReason) -> dict[str, Any]:
+    def _closing_message(self, code: int, error: CloseReason) -> ErrorMessage:
         """The hub's reason for closing, as an error of the agent's protocol."""
         fields: Mapping[str, Any] = error  # an error envelope, or text alone
         reason = str(
@@ -263,7 +263,7 @@ class SysManageAgentConsumer(Connection):
                 ),
             )
             return
-        replies: list[dict[str, Any]] = []
+        replies: list[ServerMessage] = []
         try:
             if text_data is None:
                 raise AgentProtocolError("invalid_message", "Send JSON text frames")

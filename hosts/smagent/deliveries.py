@@ -37,7 +37,7 @@ from hosts.models import (
 from hosts.smagent import protocol
 
 #: The agent command for each kind of package operation (``PackageOperation.operation``).
-PACKAGE_COMMANDS: dict[str, str] = {
+PACKAGE_COMMANDS: dict[str, protocol.CommandType] = {
     PackageOperationKind.INSTALL: "install_packages",
     PackageOperationKind.UPDATE: "install_packages",  # installing a package upgrades it
     PackageOperationKind.REMOVE: "uninstall_packages",
@@ -50,11 +50,11 @@ BATCH = 50
 class Outgoing:
     """A command to send now, and the request it carries out (for ``agent_took``)."""
 
-    message: dict[str, Any]
+    message: protocol.CommandMessage
     ref: str
 
 
-def _shell_command(execution: CommandExecution, delivery_id: str) -> dict[str, Any]:
+def _shell_command(execution: CommandExecution, delivery_id: str) -> protocol.CommandMessage:
     return protocol.command_message(
         delivery_id,
         "execute_shell",
@@ -63,7 +63,7 @@ def _shell_command(execution: CommandExecution, delivery_id: str) -> dict[str, A
     )
 
 
-def _package_command(operation: PackageOperation, delivery_id: str) -> dict[str, Any]:
+def _package_command(operation: PackageOperation, delivery_id: str) -> protocol.CommandMessage:
     requested_by = operation.requested_by.get_username() if operation.requested_by else ""
     return protocol.command_message(
         delivery_id,
@@ -176,7 +176,7 @@ def _abandon(delivery: AgentDelivery) -> None:
         services.command_record_result(
             execution_id=delivery.execution_id,
             host_id=delivery.host_id,
-            result={"status": ExecutionStatus.FAILED, "error": why},
+            result={"status": "failed", "error": why},
         )
     else:
         services.package_operation_record_result(
@@ -213,7 +213,7 @@ def acknowledge(*, host_id: Any, delivery_id: Any) -> bool:
     return True
 
 
-def record_result(*, host_id: Any, data: dict[str, Any]) -> bool:
+def record_result(*, host_id: Any, data: protocol.MessageData) -> bool:
     """Store a ``command_result`` once (it may come before the acknowledgement).
 
     False for a result of a command this server did not send as a delivery (the

@@ -57,7 +57,7 @@ class RegistrationRequest:
     ip_addresses: list[str]
     agent_version: str
     key: str | None
-    details: dict[str, Any]
+    details: dict[str, object]
 
 
 @dataclass(frozen=True)

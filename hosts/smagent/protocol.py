@@ -17,11 +17,18 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Literal, TypedDict
 
-from hosts.agent_protocol import MAX_OUTPUT_CHARS, without_nul
-from hosts.metrics import MetricsError, clean_metrics
-from hosts.models import ExecutionStatus, OperationStatus
+from hosts.agent_protocol import (
+    MAX_OUTPUT_CHARS,
+    CommandOutcome,
+    CommandStatus,
+    HostFacts,
+    PackageStatus,
+    TextFact,
+    without_nul,
+)
+from hosts.metrics import Metrics, MetricsError, clean_metrics
 
 #: Frames to the agent stay below its WebSocket client's 1 MiB limit.
 MAX_FRAME_TO_AGENT = 1024 * 1024 - 1024
@@ -31,17 +38,155 @@ CLOCK_SKEW = timedelta(minutes=30)
 ENVELOPE_KEYS = ("message_type", "message_id", "timestamp", "data")
 MAX_MOUNTS = 16
 
+#: A message as decoded, before its envelope is checked.
+RawMessage = Mapping[str, object]
+#: The ``data`` of a message whose envelope is checked; its fields are still unchecked.
+MessageData = Mapping[str, object]
+
+#: The ``error_type`` of the errors the server sends.
+ErrorType = Literal[
+    "invalid_message",
+    "rate_limited",
+    "message_too_large",
+    "server_error",
+    "server_busy",
+    "host_not_registered",
+    "host_not_approved",
+    "identification_pending",
+    "identification_required",
+    "too_many_connections",
+    "invalid_token",
+    "replaced",
+    "slow_consumer",
+    "disconnected",
+]
+#: The commands the server sends.
+CommandType = Literal[
+    "execute_shell", "install_packages", "uninstall_packages", "sync_custom_metrics"
+]
+
+
+class ErrorMessage(TypedDict):
+    """``error``: a message refused (``data`` names it) or a connection being closed."""
+
+    message_type: Literal["error"]
+    message_id: str
+    error_type: ErrorType
+    message: str
+    timestamp: str
+    data: dict[str, object]
+
+
+class AckData(TypedDict):
+    """What an ``ack`` acknowledges."""
+
+    status: str
+    acked_message_id: str
+
+
+class AckMessage(TypedDict):
+    """``ack``: an agent message handled."""
+
+    message_type: Literal["ack"]
+    message_id: str
+    timestamp: str
+    data: AckData
+
+
+class PingData(TypedDict):
+    """A ``ping`` carries nothing."""
+
+
+class PingMessage(TypedDict):
+    """``ping``: asks for a ``pong`` with the agent's identity."""
+
+    message_type: Literal["ping"]
+    message_id: str
+    timestamp: str
+    data: PingData
+
+
+class ShellParameters(TypedDict):
+    """``execute_shell``'s parameters."""
+
+    command: str
+    timeout: int
+
+
+class PackageSpec(TypedDict):
+    """One package of ``install_packages``/``uninstall_packages``."""
+
+    package_name: str
+    package_manager: str
+
+
+class PackageParameters(TypedDict):
+    """``install_packages``/``uninstall_packages``'s parameters."""
+
+    request_id: str
+    requested_by: str
+    packages: list[PackageSpec]
+
+
+class MetricDefinition(TypedDict):
+    """One custom metric script of ``sync_custom_metrics``."""
+
+    id: str
+    name: str
+    script: str
+    interpreter: str
+    cadence_seconds: int
+
+
+class MetricsParameters(TypedDict):
+    """``sync_custom_metrics``'s parameters."""
+
+    metrics: list[MetricDefinition]
+
+
+CommandParameters = ShellParameters | PackageParameters | MetricsParameters
+
+
+class CommandData(TypedDict):
+    """What a ``command`` asks for."""
+
+    command_type: CommandType
+    parameters: CommandParameters
+    timeout: int
+
+
+class CommandMessage(TypedDict):
+    """``command``: work for the agent; its ids are its delivery's."""
+
+    message_type: Literal["command"]
+    message_id: str
+    queue_message_id: str
+    timestamp: str
+    data: CommandData
+
+
+#: Everything the server sends the agent.
+ServerMessage = ErrorMessage | AckMessage | PingMessage | CommandMessage
+
+
+class PolledMessage(TypedDict):
+    """A server message as a poll reply carries it."""
+
+    message_type: str
+    message_id: str
+    data: dict[str, object]
+
 
 class AgentProtocolError(Exception):
     """A message the server refuses, with the agent's ``error_type``."""
 
-    def __init__(self, error_type: str, message: str, **data: Any) -> None:
+    def __init__(self, error_type: ErrorType, message: str, **data: object) -> None:
         super().__init__(message)
-        self.error_type = error_type
+        self.error_type: ErrorType = error_type
         self.message = message
         self.data = data
 
-    def to_message(self) -> dict[str, Any]:
+    def to_message(self) -> ErrorMessage:
         """The error as the agent reads it."""
         return error_message(self.error_type, self.message, **self.data)
 
@@ -51,7 +196,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def error_message(error_type: str, message: str, **data: Any) -> dict[str, Any]:
+def error_message(error_type: ErrorType, message: str, **data: object) -> ErrorMessage:
     """``{message_type: "error", error_type, message, data, timestamp}``."""
     return {
         "message_type": "error",
@@ -63,7 +208,7 @@ def error_message(error_type: str, message: str, **data: Any) -> dict[str, Any]:
     }
 
 
-def ack_message(acked_id: str, status: str = "received") -> dict[str, Any]:
+def ack_message(acked_id: str, status: str = "received") -> AckMessage:
     """The acknowledgement of one agent message."""
     return {
         "message_type": "ack",
@@ -73,7 +218,7 @@ def ack_message(acked_id: str, status: str = "received") -> dict[str, Any]:
     }
 
 
-def ping_message() -> dict[str, Any]:
+def ping_message() -> PingMessage:
     """A ``ping``: the agent answers with a ``pong`` that carries its ``host_id`` and
     ``host_token``, the quickest proof of identity a connection (or a poll) can give."""
     return {
@@ -85,8 +230,8 @@ def ping_message() -> dict[str, Any]:
 
 
 def command_message(
-    delivery_id: str, command_type: str, parameters: dict[str, Any], timeout: int
-) -> dict[str, Any]:
+    delivery_id: str, command_type: CommandType, parameters: CommandParameters, timeout: int
+) -> CommandMessage:
     """A command for the agent; its ids are the delivery's."""
     return {
         "message_type": "command",
@@ -97,7 +242,7 @@ def command_message(
     }
 
 
-def for_polling(message: dict[str, Any]) -> dict[str, Any]:
+def for_polling(message: ServerMessage) -> PolledMessage:
     """A server message as a poll reply carries it: the agent merges ``data`` into the
     top level, so everything but the type and id goes inside ``data``."""
     rest = {k: v for k, v in message.items() if k not in ("message_type", "message_id")}
@@ -108,7 +253,7 @@ def for_polling(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def encode(message: Mapping[str, Any]) -> str:
+def encode(message: Mapping[str, object]) -> str:
     """One frame for the agent; refuses what its client would drop."""
     text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode("utf-8")) > MAX_FRAME_TO_AGENT:
@@ -119,7 +264,7 @@ def encode(message: Mapping[str, Any]) -> str:
 # -- reading agent messages ----------------------------------------------------------
 
 
-def decode(text: str) -> dict[str, Any]:
+def decode(text: str) -> RawMessage:
     """A frame as a JSON object."""
     try:
         raw = json.loads(text)
@@ -130,7 +275,7 @@ def decode(text: str) -> dict[str, Any]:
     return raw
 
 
-def unwrap_polled(raw: dict[str, Any]) -> dict[str, Any]:
+def unwrap_polled(raw: RawMessage) -> RawMessage:
     """A polled message as the agent queued it.
 
     The unchanged agent polls with each message as its local queue keeps it: ``data``
@@ -154,7 +299,7 @@ def unwrap_polled(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "data": inner}
 
 
-def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, str, dict[str, Any]]:
+def check_envelope(raw: RawMessage, *, polled: bool = False) -> tuple[str, str, MessageData]:
     """``(message_type, message_id, data)`` of a well-formed message.
 
     ``message_id`` must be 20-100 letters, digits or dashes; on the socket the timestamp
@@ -189,7 +334,7 @@ def check_envelope(raw: dict[str, Any], *, polled: bool = False) -> tuple[str, s
     return message_type, message_id, data
 
 
-def _check_timestamp(value: Any, message_type: str, message_id: str) -> None:
+def _check_timestamp(value: object, message_type: str, message_id: str) -> None:
     try:
         when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
@@ -210,13 +355,13 @@ def _check_timestamp(value: Any, message_type: str, message_id: str) -> None:
         )
 
 
-def _text(value: Any, limit: int) -> str | None:
+def _text(value: object, limit: int) -> str | None:
     if value is None:
         return None
     return without_nul(str(value)[:limit])
 
 
-def _addresses(*values: Any) -> list[str]:
+def _addresses(*values: object) -> list[str]:
     found: list[str] = []
     for value in values:
         for item in (value if isinstance(value, list) else [value])[:32]:
@@ -229,11 +374,11 @@ def _addresses(*values: Any) -> list[str]:
     return found
 
 
-def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
+def facts_from_system_info(data: MessageData) -> HostFacts:
     """Host facts from ``system_info`` (and the parts of ``heartbeat`` it shares)."""
-    facts: dict[str, Any] = {}
+    facts: HostFacts = {}
     os_info = _object(data.get("os_info"))
-    pairs = {
+    pairs: dict[TextFact, tuple[object, int]] = {
         "fqdn": (data.get("fqdn"), 255),
         "os_name": (os_info.get("distribution") or data.get("platform"), 100),
         "os_version": (os_info.get("distribution_version") or data.get("platform_release"), 100),
@@ -253,9 +398,9 @@ def facts_from_system_info(data: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def facts_from_hardware(data: dict[str, Any]) -> dict[str, Any]:
+def facts_from_hardware(data: MessageData) -> HostFacts:
     """Host facts (CPUs, memory) from ``hardware_update``."""
-    facts: dict[str, Any] = {}
+    facts: HostFacts = {}
     cpus = data.get("cpu_threads") or data.get("cpu_cores")
     if isinstance(cpus, int) and not isinstance(cpus, bool) and 0 < cpus < 100000:
         facts["cpu_count"] = cpus
@@ -265,7 +410,7 @@ def facts_from_hardware(data: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def mounts_from_hardware(data: dict[str, Any]) -> list[str]:
+def mounts_from_hardware(data: MessageData) -> list[str]:
     """The mount points of ``hardware_update``'s storage devices (at most 16)."""
     mounts: list[str] = []
     devices = data.get("storage_devices")
@@ -283,7 +428,7 @@ def mounts_from_hardware(data: dict[str, Any]) -> list[str]:
     return mounts[:MAX_MOUNTS]
 
 
-def storable(value: Any, depth: int = 0) -> Any:
+def storable(value: object, depth: int = 0) -> object:
     """``value`` with NUL characters replaced in every string and key, for a JSON column
     (PostgreSQL's jsonb cannot hold ``\u0000``); nesting deeper than 32 is cut off."""
     if isinstance(value, str):
@@ -297,13 +442,18 @@ def storable(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def digest(value: Any) -> str:
+def storable_object(value: Mapping[str, object]) -> dict[str, object]:
+    """A JSON object as :func:`storable` keeps it."""
+    return {without_nul(str(k)): storable(v, 1) for k, v in value.items()}
+
+
+def digest(value: object) -> str:
     """A SHA-256 of ``value`` as canonical JSON: equal reports, equal digests."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def inventory_items(kind: str, data: dict[str, Any]) -> int | None:
+def inventory_items(kind: str, data: MessageData) -> int | None:
     """How many items an inventory report lists (packages, updates), if it lists any."""
     key = {"software": "software_packages", "updates": "available_updates"}.get(kind)
     items = data.get(key) if key else None
@@ -313,16 +463,16 @@ def inventory_items(kind: str, data: dict[str, Any]) -> int | None:
 # -- results ---------------------------------------------------------------------------
 
 
-def _object(value: Any) -> dict[str, Any]:
+def _object(value: object) -> Mapping[str, object]:
     """``value`` if it is a JSON object, else an empty one."""
     return value if isinstance(value, dict) else {}
 
 
-def _int_or_none(value: Any) -> int | None:
+def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str, Any]:
+def shell_result(data: MessageData, execution_time: float | None) -> CommandOutcome:
     """An ``execute_shell`` ``command_result`` as :func:`hosts.services.command_finish`
     takes it.  The output sits in ``result.result`` (nested twice)."""
     outer = _object(data.get("result"))
@@ -335,10 +485,11 @@ def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str
     stderr = _text(inner.get("stderr"), MAX_OUTPUT_CHARS) or ""
     error = _text(data.get("error"), 2000) or ""
     success = data.get("success") is True and exit_code in (0, None)
+    status: CommandStatus
     if exit_code == -1 and "timed out" in error.lower():
-        status = ExecutionStatus.TIMEOUT
+        status = "timeout"
     else:
-        status = ExecutionStatus.COMPLETED if success else ExecutionStatus.FAILED
+        status = "completed" if success else "failed"
     return {
         "status": status,
         "exit_code": exit_code,
@@ -349,7 +500,7 @@ def shell_result(data: dict[str, Any], execution_time: float | None) -> dict[str
     }
 
 
-def package_result(data: dict[str, Any]) -> tuple[str, str, str]:
+def package_result(data: MessageData) -> tuple[PackageStatus, str, str]:
     """``(status, message, output)`` of an ``install_packages``/``uninstall_packages``
     ``command_result``."""
     result = _object(data.get("result"))
@@ -361,7 +512,7 @@ def package_result(data: dict[str, Any]) -> tuple[str, str, str]:
     message = _text(result.get("summary") or data.get("error") or "", 1000) or ""
     if not ok and not message:
         message = "The agent reported a failure"
-    status = OperationStatus.COMPLETED if ok else OperationStatus.FAILED
+    status: PackageStatus = "completed" if ok else "failed"
     return status, message, _text(output, MAX_OUTPUT_CHARS) or ""
 
 
@@ -393,10 +544,10 @@ print(round(100.0 * used / max(used + free, 1), 2))
 METRIC_PREFIX = "sysmanage-server."
 
 
-def metric_definitions(mounts: list[str], cadence: int) -> list[dict[str, Any]]:
+def metric_definitions(mounts: list[str], cadence: int) -> list[MetricDefinition]:
     """The ``sync_custom_metrics`` set: CPU, memory, load and disk use per mount."""
 
-    def metric(key: str, name: str, script: str) -> dict[str, Any]:
+    def metric(key: str, name: str, script: str) -> MetricDefinition:
         return {
             "id": METRIC_PREFIX + key,
             "name": name,
@@ -420,12 +571,13 @@ def metric_definitions(mounts: list[str], cadence: int) -> list[dict[str, Any]]:
     return metrics
 
 
-def metrics_from_samples(samples: Any) -> dict[str, Any] | None:
+def metrics_from_samples(samples: object) -> Metrics | None:
     """The seed's ``host_metrics`` figures from ``custom_metric_samples``; None when no
     sample of ours has a value.  Samples of other metrics are ignored."""
     if not isinstance(samples, list):
         raise AgentProtocolError("invalid_message", "'samples' must be a list")
-    raw: dict[str, Any] = {}
+    raw: dict[str, object] = {}
+    disks: dict[str, float] = {}
     load: dict[int, float] = {}
     for sample in samples[:256]:
         if not isinstance(sample, dict) or sample.get("status") != "ok":
@@ -444,7 +596,9 @@ def metrics_from_samples(samples: Any) -> dict[str, Any] | None:
         elif key.startswith("load_") and key[5:] in ("1", "5", "15"):
             load[int(key[5:])] = max(0.0, float(value))
         elif key.startswith("disk:"):
-            raw.setdefault("disk_usage", {})[key[5:]] = min(100.0, max(0.0, float(value)))
+            disks[key[5:]] = min(100.0, max(0.0, float(value)))
+    if disks:
+        raw["disk_usage"] = disks
     if len(load) == 3:
         raw["load_average"] = [load[1], load[5], load[15]]
     if not raw:

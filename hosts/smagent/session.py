@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from hosts import services
+from hosts.agent_protocol import HostFacts
 from hosts.events import AgentTook
+from hosts.metrics import MinuteAverages
 from hosts.models import Host, HostInventory, InventoryKind
 from hosts.smagent import deliveries, enrollment, protocol
-from hosts.smagent.protocol import AgentProtocolError
+from hosts.smagent.protocol import (
+    AgentProtocolError,
+    CommandMessage,
+    MessageData,
+    RawMessage,
+    ServerMessage,
+)
 from sysmanage.events import publish_control_now
 
 logger = logging.getLogger(__name__)
@@ -66,8 +74,21 @@ class Held:
     came (parsed only once proof arrives), or the message of a poll."""
 
     text: str | None
-    raw: dict[str, Any] | None
+    raw: RawMessage | None
     size: int
+
+
+#: How the session handles one type of message: the replies to send besides the ack.
+Handler = Callable[["AgentSession", MessageData, str], Awaitable[list[ServerMessage]]]
+
+
+def _inventory_handler(message_type: str) -> Handler:
+    async def handle(
+        session: AgentSession, data: MessageData, message_id: str
+    ) -> list[ServerMessage]:
+        return await session.on_inventory(message_type, data)
+
+    return handle
 
 
 class AwaitingApproval(AgentProtocolError):
@@ -117,7 +138,7 @@ class AgentSession:
             "host_not_registered", why, message_type=message_type, message_id=message_id
         )
 
-    async def _prove(self, message_type: str, message_id: str, data: dict[str, Any]) -> bool:
+    async def _prove(self, message_type: str, message_id: str, data: MessageData) -> bool:
         """Before proof: True if this message proves the connection; False if it must be
         held (it names no identity, or only a ``host_id`` it may prove later); refused
         if it claims an identity this connection cannot have.
@@ -163,7 +184,7 @@ class AgentSession:
         self.bind(proof)
         return True
 
-    def _check_claim(self, message_type: str, message_id: str, data: dict[str, Any]) -> None:
+    def _check_claim(self, message_type: str, message_id: str, data: MessageData) -> None:
         """After proof: a message may name this host (or nothing), never another."""
         claimed_id, claimed_token = data.get("host_id"), data.get("host_token")
         assert self.host is not None
@@ -182,7 +203,7 @@ class AgentSession:
 
     # -- handling ------------------------------------------------------------------------
 
-    async def receive_text(self, text: str, size: int) -> tuple[list[dict[str, Any]], bool]:
+    async def receive_text(self, text: str, size: int) -> tuple[list[ServerMessage], bool]:
         """Handle one frame of the socket (``size`` bytes), as :meth:`handle` does.
         Before proof a large frame is held as it came, unparsed: parsing megabytes for a
         connection that may be anybody's is work (and memory) an attacker could make the
@@ -193,8 +214,8 @@ class AgentSession:
         return await self.handle(protocol.decode(text), text=text, size=size)
 
     async def handle(
-        self, raw: dict[str, Any], *, text: str | None = None, size: int = 0
-    ) -> tuple[list[dict[str, Any]], bool]:
+        self, raw: RawMessage, *, text: str | None = None, size: int = 0
+    ) -> tuple[list[ServerMessage], bool]:
         """Handle one message: ``(replies, first_proof)``; ``first_proof`` is True when
         this message proved the agent's identity (the messages held until then are
         handled with it)."""
@@ -236,9 +257,9 @@ class AgentSession:
         self.held_bytes = 0
         return held
 
-    async def release_held(self) -> list[dict[str, Any]]:
+    async def release_held(self) -> list[ServerMessage]:
         """Handle the messages held for proof, in order, once it came."""
-        replies: list[dict[str, Any]] = []
+        replies: list[ServerMessage] = []
         for held in self._take_held():
             try:
                 raw = held.raw if held.raw is not None else protocol.decode(held.text or "")
@@ -248,7 +269,7 @@ class AgentSession:
                 replies.append(exc.to_message())
         return replies
 
-    def refuse_held(self) -> list[dict[str, Any]]:
+    def refuse_held(self) -> list[ServerMessage]:
         """Errors for the held messages of a poll (or a closing connection) that never
         proved its identity: they were not processed, and the agent is told so."""
         return [
@@ -262,21 +283,21 @@ class AgentSession:
         ]
 
     async def _process(
-        self, message_type: str, message_id: str, data: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+        self, message_type: str, message_id: str, data: MessageData
+    ) -> list[ServerMessage]:
         if message_type == "command_acknowledgment":  # acknowledged by not resending
             await database_sync_to_async(deliveries.acknowledge)(
                 host_id=self.host_id, delivery_id=message_id
             )
             return []
         handler = self.HANDLERS.get(message_type)
-        replies: list[dict[str, Any]] = []
+        replies: list[ServerMessage] = []
         if handler is not None:
             replies += await handler(self, data, message_id)
         replies.append(protocol.ack_message(message_id))
         return replies
 
-    async def on_system_info(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
+    async def on_system_info(self, data: MessageData, message_id: str) -> list[ServerMessage]:
         """Facts about the host: stored (the first one on a connection also comes online)."""
         await database_sync_to_async(services.host_update_facts)(
             host_id=self.host_id, facts=protocol.facts_from_system_info(data)
@@ -284,22 +305,20 @@ class AgentSession:
         await self.seen()
         return []
 
-    async def on_heartbeat(self, data: dict[str, Any], message_id: str) -> list[dict[str, Any]]:
+    async def on_heartbeat(self, data: MessageData, message_id: str) -> list[ServerMessage]:
         """The agent is alive."""
         await self.seen()
         return []
 
-    async def on_command_result(
-        self, data: dict[str, Any], message_id: str
-    ) -> list[dict[str, Any]]:
+    async def on_command_result(self, data: MessageData, message_id: str) -> list[ServerMessage]:
         """A command's result: stored once, whether it comes before the ack or after."""
         await database_sync_to_async(deliveries.record_result)(host_id=self.host_id, data=data)
         await self.seen()
         return []
 
     async def on_custom_metric_samples(
-        self, data: dict[str, Any], message_id: str
-    ) -> list[dict[str, Any]]:
+        self, data: MessageData, message_id: str
+    ) -> list[ServerMessage]:
         """Samples of the metric scripts: published as ``host_metrics``, kept per minute."""
         metrics = protocol.metrics_from_samples(data.get("samples"))
         if metrics is not None:
@@ -311,9 +330,12 @@ class AgentSession:
                 cpu_count=self.cpu_count,
                 at=now,
             )
-            averages = {key: metrics.get(key) for key in ("cpu_usage", "memory_usage")}
-            averages["disk_usage"] = metrics.get("disk_usage") or {}
-            averages["load_average"] = metrics.get("load_average") or []
+            averages: MinuteAverages = {
+                "cpu_usage": metrics.get("cpu_usage"),
+                "memory_usage": metrics.get("memory_usage"),
+                "disk_usage": metrics.get("disk_usage") or {},
+                "load_average": metrics.get("load_average") or [],
+            }
             await database_sync_to_async(services.metric_sample_save)(
                 host_id=self.host_id,
                 minute=now.replace(second=0, microsecond=0),
@@ -323,16 +345,16 @@ class AgentSession:
         await self.seen()
         return []
 
-    async def on_inventory(self, message_type: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+    async def on_inventory(self, message_type: str, data: MessageData) -> list[ServerMessage]:
         """An inventory report: stored as the host's latest of its kind."""
         kind = INVENTORY_TYPES[message_type]
-        facts: dict[str, Any] = {}
+        facts: HostFacts = {}
         if kind == InventoryKind.OS:
             facts = protocol.facts_from_system_info(data)
         elif kind == InventoryKind.HARDWARE:
             facts = protocol.facts_from_hardware(data)
             self.cpu_count = facts.get("cpu_count", self.cpu_count)
-        stored = protocol.storable(
+        stored = protocol.storable_object(
             {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
         )
         await database_sync_to_async(services.host_inventory_save)(
@@ -350,20 +372,17 @@ class AgentSession:
                 return [self.metrics_command(mounts)]
         return []
 
-    HANDLERS: dict[str, Any] = {
+    HANDLERS: dict[str, Handler] = {
         "system_info": on_system_info,
         "heartbeat": on_heartbeat,
         "command_result": on_command_result,
         "custom_metric_samples": on_custom_metric_samples,
-        **{
-            name: (lambda self, data, message_id, _name=name: self.on_inventory(_name, data))
-            for name in INVENTORY_TYPES
-        },
+        **{name: _inventory_handler(name) for name in INVENTORY_TYPES},
     }
 
     # -- what the server sends ---------------------------------------------------------------
 
-    def metrics_command(self, mounts: list[str]) -> dict[str, Any]:
+    def metrics_command(self, mounts: list[str]) -> CommandMessage:
         """``sync_custom_metrics`` with the scripts behind live metrics."""
         mounts = list(mounts) or ["/"]
         self.mounts = mounts
@@ -378,13 +397,13 @@ class AgentSession:
             60,
         )
 
-    async def initial_metrics_command(self) -> dict[str, Any]:
+    async def initial_metrics_command(self) -> CommandMessage:
         """The metrics set for a newly proven connection (mounts from the last hardware
         report, or ``/`` until one arrives)."""
         mounts = await database_sync_to_async(_load_mounts)(self.host_id)
         return self.metrics_command(mounts)
 
-    async def due_commands(self, *, resend_all: bool = False) -> list[dict[str, Any]]:
+    async def due_commands(self, *, resend_all: bool = False) -> list[CommandMessage]:
         """Queued commands to send now; each is confirmed to its requester as taken."""
         due = await database_sync_to_async(deliveries.take_due)(self.host_id, resend_all=resend_all)
         for item in due:
@@ -397,7 +416,7 @@ class AgentSession:
         await self.last_seen.touch()
 
 
-def _ids(held: Held) -> dict[str, Any]:
+def _ids(held: Held) -> dict[str, object]:
     """The type and id of a held message, where they can be told without parsing it."""
     if held.raw is None:
         return {}

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -27,7 +28,7 @@ from hosts import services
 from hosts.models import Host, HostStatus
 from hosts.smagent import enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
-from hosts.smagent.protocol import AgentProtocolError
+from hosts.smagent.protocol import AgentProtocolError, CommandMessage, ServerMessage
 from hosts.smagent.session import AgentSession
 from sysmanage.node import Node
 
@@ -79,7 +80,7 @@ def when_busy_503(view: Any) -> Any:
     return wrapped
 
 
-def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
+def _json_body(request: HttpRequest, limit: int) -> Mapping[str, object]:
     """The request's JSON object, or :class:`EnrollmentRefused` with 400/413."""
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -99,12 +100,12 @@ def _json_body(request: HttpRequest, limit: int) -> dict[str, Any]:
     return body
 
 
-def _text(body: dict[str, Any], key: str, limit: int) -> str:
+def _text(body: Mapping[str, object], key: str, limit: int) -> str:
     value = body.get(key)
     return str(value)[:limit].replace("\x00", "") if isinstance(value, str | int | float) else ""
 
 
-def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
+def parse_registration(body: Mapping[str, object]) -> RegistrationRequest:
     """The parts of a ``registration_request`` kept; unknown fields are tolerated."""
     hostname = body.get("hostname")
     if not isinstance(hostname, str) or not HOSTNAME.match(hostname):
@@ -113,10 +114,14 @@ def parse_registration(body: dict[str, Any]) -> RegistrationRequest:
             "'hostname' must be a host name (letters, digits, dots, "
             "dashes; at most 255 characters)",
         )
-    keys = [body.get(name) for name in KEY_FIELDS if body.get(name)]
-    if any(not isinstance(key, str) or len(key) > 200 for key in keys):
-        raise EnrollmentRefused(400, "A registration key must be a string")
-    details = protocol.storable(
+    keys: list[str] = []
+    for name in KEY_FIELDS:
+        key = body.get(name)
+        if key:
+            if not isinstance(key, str) or len(key) > 200:
+                raise EnrollmentRefused(400, "A registration key must be a string")
+            keys.append(key)
+    details = protocol.storable_object(
         {
             k: body[k]
             for k in (
@@ -184,7 +189,7 @@ def auth(request: HttpRequest) -> JsonResponse:
 _PARSING = asyncio.Semaphore(2)
 
 
-async def _poll_body(request: HttpRequest) -> dict[str, Any]:
+async def _poll_body(request: HttpRequest) -> Mapping[str, object]:
     """The poll's JSON body, parsed off the event loop and the database thread."""
     async with _PARSING:
         return await asyncio.to_thread(
@@ -192,7 +197,7 @@ async def _poll_body(request: HttpRequest) -> dict[str, Any]:
         )
 
 
-async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], float]:
+async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[object], float]:
     """``(session, messages, max_wait)`` of a poll, or :class:`EnrollmentRefused`."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     opened = tokens.open_token(token.strip() if scheme.lower() == "bearer" else "")
@@ -219,11 +224,11 @@ async def _poll_request(request: HttpRequest) -> tuple[AgentSession, list[Any], 
 
 
 async def _handle_polled(
-    session: AgentSession, messages: list[Any]
-) -> tuple[list[dict[str, Any]], bool]:
+    session: AgentSession, messages: list[object]
+) -> tuple[list[ServerMessage], bool]:
     """Handle a poll's messages in order: ``(replies, proven)``, proven when one of them
     proved the host's identity."""
-    replies: list[dict[str, Any]] = []
+    replies: list[ServerMessage] = []
     proven = False
     for raw in messages:
         try:
@@ -265,7 +270,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
         logger.exception("cannot reach the channel layer; a poll answered 503")
         return _busy()
     replies, proven = await _handle_polled(session, messages)
-    commands: list[dict[str, Any]] = []
+    commands: list[ServerMessage] = []
     if session.verified:
         assert session.host is not None
         if (
@@ -278,7 +283,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
                 replies.append(await session.initial_metrics_command())
         else:
             await session.seen()
-        commands = await _due_commands(session, max_wait)
+        commands += await _due_commands(session, max_wait)
     if not settings.SYSMANAGE_AGENT_TRUST_POLLING:
         # The agent's polls carry host_token only in some messages, and an idle poll
         # carries none: the pong to this ping proves the next poll.
@@ -291,7 +296,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
     )
 
 
-async def _due_commands(session: AgentSession, max_wait: float) -> list[dict[str, Any]]:
+async def _due_commands(session: AgentSession, max_wait: float) -> list[CommandMessage]:
     """The commands due for a proven poll's host, waiting up to ``max_wait`` for one."""
     commands = await session.due_commands()
     deadline = time.monotonic() + max_wait

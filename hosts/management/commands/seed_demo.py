@@ -13,6 +13,7 @@ import websockets
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from hosts import services
+from hosts.metrics import Metrics
 from sysmanage.audit import Actor
 
 ROLES = [
@@ -35,7 +36,7 @@ class DemoHost:
     rng: random.Random
     figures: dict[str, float] = field(default_factory=dict)
 
-    def facts(self) -> dict[str, Any]:
+    def facts(self) -> dict[str, object]:
         """What its ``hello`` reports."""
         index = int(self.hostname.rsplit("-", 1)[-1])
         return {
@@ -52,7 +53,7 @@ class DemoHost:
             "capabilities": [],
         }
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> Metrics:
         """The next sample of the random walk (the first host fills its /var slowly)."""
 
         def walk(name: str, start: float, low: float, high: float, step: float) -> float:
