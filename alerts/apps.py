@@ -22,7 +22,7 @@ class AlertsConfig(AppConfig):
         from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("fleet_status", selectors.fleet_stats)
-        listen("host.metrics_reported", evaluation.on_metrics)
+        listen("host.metrics_reported", evaluation.on_metrics, blocking=False)
         listen("host.status_changed", evaluation.on_status)
         register_periodic(
             "alerts.rules", lambda: settings.ALERT_RULES_RELOAD_SECONDS, evaluation.reload_rules

@@ -16,10 +16,13 @@ from alerts import services
 from alerts.models import Alert, AlertRule, RuleMetric
 from alerts.rules import RuleEngine, RuleSpec, Verdict
 from hosts.models import Host
+from sysmanage.events import defer
 
 logger = logging.getLogger(__name__)
 
 ENGINE = RuleEngine()
+#: Not empty while a first load of the rules, asked for by a metrics report, is queued.
+_LOADING: set[bool] = set()
 
 TITLES = {
     "disk_usage": "High disk usage on {key}",
@@ -114,14 +117,26 @@ def _worth_writing(verdicts: list[Verdict]) -> list[Verdict]:
 
 
 def on_metrics(data: dict[str, Any]) -> None:
-    """Listener of ``host.metrics_reported``: judge in memory, write only verdicts."""
+    """Listener of ``host.metrics_reported`` (non-blocking): judge in memory, and leave
+    the database work, loading the rules and writing verdicts, to :func:`defer`."""
     if ENGINE.rules is None:
-        reload_rules()
+        if not _LOADING:  # one load at a time, however many reports arrive meanwhile
+            _LOADING.add(True)
+            defer(_load_rules)
+        if ENGINE.rules is None:  # loading in the background: this report is not judged
+            return
     verdicts = ENGINE.observe(
         data["host_id"], data.get("hostname", ""), data.get("metrics") or {}, data.get("cpu_count")
     )
     if verdicts:
-        apply_verdicts(verdicts)
+        defer(apply_verdicts, verdicts)
+
+
+def _load_rules() -> None:
+    try:
+        reload_rules()
+    finally:
+        _LOADING.clear()
 
 
 def on_status(data: dict[str, Any]) -> None:

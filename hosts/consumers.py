@@ -116,10 +116,8 @@ class AgentConsumer(Connection):
         """Called for each agent frame: check limits, parse, dispatch by type."""
         if self.host_id is None or self.closing:
             return
-        if text_data is None:
-            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
-            return
-        if len(text_data) > settings.AGENT_MAX_MESSAGE_BYTES:
+        size = len(text_data) if text_data is not None else len(bytes_data or b"")
+        if size > settings.AGENT_MAX_MESSAGE_BYTES:
             await self._close_with(
                 CloseCode.MESSAGE_TOO_BIG,
                 error_envelope(
@@ -128,10 +126,13 @@ class AgentConsumer(Connection):
                 ),
             )
             return
+        if not await self._within_rate(text_data):
+            return
+        if text_data is None:
+            self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
+            return
         try:
             type_, data, id_ = agent_protocol.parse_agent_message(text_data)
-            if self.bucket.take():
-                raise ProtocolError(ErrorCode.RATE_LIMITED, "Too many messages", id_=id_)
             if not self.ready and type_ != "hello":
                 raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Send 'hello' first", id_=id_)
             await self.HANDLERS[type_](self, data, id_)

@@ -13,7 +13,10 @@ consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
 - it closes with an explanation: a last message, then the close code (the code alone
   when the peer stopped reading, since nothing more can reach it);
 - a peer that stops reading (the outbound buffer overflows) is closed as a slow
-  consumer, so that it reconnects and catches up rather than holding memory.
+  consumer, so that it reconnects and catches up rather than holding memory;
+- every frame it receives, whatever it holds, takes a token of the endpoint's rate
+  before anything parses it; a frame over the rate is refused, and a peer that keeps
+  sending through the refusals is closed (4029).
 
 Subclasses say how a message is encoded, what a peer that stopped reading is told, and
 how the hub's reasons for closing are put to their peer.
@@ -31,7 +34,8 @@ from django.conf import settings
 
 from sysmanage.auth import RAW_SEND_KEY
 from sysmanage.dispatch import NoPerMessageCleanupMixin
-from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope
+from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
+from sysmanage.ratelimit import RefusalWindow, TokenBucket
 from sysmanage.transport import Outbound
 
 if TYPE_CHECKING:
@@ -54,10 +58,13 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     session_tag: str | None = None
     #: what a peer that stopped reading is told, should it read again
     overflow_reason = "Too many undelivered messages; reconnect"
+    #: the endpoint's rate of frames, set when its connection is accepted
+    bucket: TokenBucket | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.rate_refusals = RefusalWindow()
 
     async def _accept(self, subprotocol: str | None = None) -> None:
         """Complete the handshake and open the outbound path (refusals too are
@@ -102,6 +109,33 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _within_rate(self, text: str | None) -> bool:
+        """Take a token for this frame (text or binary, parsed or not, before anything
+        parses it).  Over the rate, refuse it; when refusals keep coming, close (4029)."""
+        wait = self.bucket.take() if self.bucket is not None else 0.0
+        if wait == 0:
+            return True
+        if self.rate_refusals.record():
+            await self._close_with(CloseCode.RATE_LIMITED, self._rate_closing_message())
+            return False
+        self.reply(self._rate_refusal(text, wait))
+        return False
+
+    def _rate_refusal(self, text: str | None, wait: float) -> Mapping[str, Any]:
+        """The reply to one frame over the rate (the seed's error envelope by default)."""
+        return error_envelope(
+            ErrorCode.RATE_LIMITED,
+            "Too many messages; this one was not processed",
+            id_=request_id_of(text) if text else None,
+            retry_after=round(wait, 3),
+        )
+
+    def _rate_closing_message(self) -> Mapping[str, Any]:
+        """The last message to a peer closed for sending through its refusals."""
+        return error_envelope(ErrorCode.RATE_LIMITED, "Too many messages; connection closed")
 
     # -- closing --------------------------------------------------------------------------
 

@@ -32,9 +32,8 @@ from sysmanage.protocol import (
     envelope,
     error_envelope,
     parse_client_message,
-    request_id_of,
 )
-from sysmanage.ratelimit import RefusalWindow, TokenBucket
+from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag
 from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame
@@ -107,7 +106,6 @@ class ClientConsumer(Connection):
             self.session_tag = session_tag(session.session_key)
             self.session_key = session.session_key
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
-        self.rate_refusals = RefusalWindow()
 
     async def _refuse_blocked(self, seconds: float) -> None:
         """Turn away an address with too many failed authentications, unchecked."""
@@ -210,7 +208,7 @@ class ClientConsumer(Connection):
                 ),
             )
             return
-        if not await self._within_rate(text_data or ""):
+        if not await self._within_rate(text_data):
             return
         if text_data is None:
             self.reply(
@@ -227,27 +225,6 @@ class ClientConsumer(Connection):
         except Exception:
             logger.exception("error handling a client message")
             self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
-
-    async def _within_rate(self, text: str) -> bool:
-        """Take a token for this frame (parsed or not); refuse it, or close, when over."""
-        wait = self.bucket.take()
-        if wait == 0:
-            return True
-        if self.rate_refusals.record():
-            await self._close_with(
-                CloseCode.RATE_LIMITED,
-                error_envelope(ErrorCode.RATE_LIMITED, "Too many messages; connection closed"),
-            )
-            return False
-        self.reply(
-            error_envelope(
-                ErrorCode.RATE_LIMITED,
-                "Too many messages; this one was not processed",
-                id_=request_id_of(text),
-                retry_after=round(wait, 3),
-            )
-        )
-        return False
 
     async def on_ping(self, message: ClientMessage) -> None:
         """Answer an application-level ping with a pong carrying the same id."""

@@ -65,3 +65,38 @@ def test_listeners_of_events_published_after_commit_run_in_the_committing_thread
         events.publish(change)
         assert heard == []  # not before the commit
     assert heard == [threading.current_thread()]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_non_blocking_listener_runs_at_once_on_the_loop_and_defers_its_writes(
+    monkeypatch,
+):
+    node = await Node.for_running_loop()
+    loop = asyncio.get_running_loop()
+    judged: list[tuple[str, bool]] = []
+    written: list[tuple[str, bool]] = []
+    all_written = asyncio.Event()
+
+    def write(hostname):
+        written.append((hostname, on_a_loop()))
+        if len(written) == 2:
+            loop.call_soon_threadsafe(all_written.set)
+
+    def judge(data):
+        judged.append((data["hostname"], on_a_loop()))
+        events.defer(write, data["hostname"])
+
+    monkeypatch.setitem(events._LISTENERS, HostMetricsReported.name, [])
+    monkeypatch.setitem(events._QUICK_LISTENERS, HostMetricsReported.name, [judge])
+    events.publish_now(metrics(0))
+    events.publish_now(metrics(1))
+    assert judged == [("web-0", True), ("web-1", True)]  # at once, on the loop
+    await asyncio.wait_for(all_written.wait(), 5)
+    assert written == [("web-0", False), ("web-1", False)]  # in order, off the loop
+    await node.close()
+
+
+def test_a_deferred_job_runs_at_once_off_the_loop():
+    ran: list[int] = []
+    events.defer(ran.append, 1)
+    assert ran == [1]

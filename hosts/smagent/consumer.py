@@ -204,6 +204,16 @@ class SysManageAgentConsumer(Connection):
         """One message as the agent reads it (under its 1 MiB frame limit)."""
         return protocol.encode(message)
 
+    def _rate_refusal(self, text: str | None, wait: float) -> ErrorMessage:
+        """One frame over the rate, refused in the agent's protocol."""
+        return protocol.error_message(
+            "rate_limited", "Too many messages; this one was not processed"
+        )
+
+    def _rate_closing_message(self) -> ErrorMessage:
+        """The last message to an agent that kept sending through its refusals."""
+        return protocol.error_message("rate_limited", "Too many messages; connection closed")
+
     def _closing_message(self, code: int, error: CloseReason) -> ErrorMessage:
         """The hub's reason for closing, as an error of the agent's protocol."""
         fields: Mapping[str, Any] = error  # an error envelope, or text alone
@@ -263,14 +273,12 @@ class SysManageAgentConsumer(Connection):
                 ),
             )
             return
+        if not await self._within_rate(text_data):
+            return
         replies: list[ServerMessage] = []
         try:
             if text_data is None:
                 raise AgentProtocolError("invalid_message", "Send JSON text frames")
-            if self.bucket.take():
-                raise AgentProtocolError(
-                    "rate_limited", "Too many messages; this one was not processed"
-                )
             replies, _ = await self.session.receive_text(text_data, size)
         except AwaitingApproval as exc:
             await self._close_with(CloseCode.AUTH_FAILED, exc.to_message())

@@ -526,3 +526,22 @@ async def test_command_running_across_a_server_restart_ends_recorded(launch_sqli
             )
             assert record.body["stdout"] == "after-restart\n"
         await proxy.close()
+
+
+async def test_a_flood_of_garbage_on_the_agent_socket_is_rate_limited_and_closed(deployment):
+    """Frames that do not parse, text or binary, take the rate like any other: past the
+    burst they are refused unparsed, and an agent that keeps sending is closed (4029)."""
+    enrolled = register(deployment, "garbage-flood")
+    url = deployment.server.ws_url.replace("/ws", "/ws/agent")
+    headers = {"Authorization": f"Bearer {enrolled['token']}"}
+    async with ws_connect(url, headers=headers) as client:
+        for i in range(1000):
+            await client.ws.send(b"\x00garbage" if i % 2 else "{not json")
+        closed = await client.expect_closed(timeout=20)
+    assert closed.code == 4029, closed.code
+    codes = [m["data"]["code"] for m in closed.messages]
+    assert set(codes) == {"INVALID_JSON", "INVALID_MESSAGE", "RATE_LIMITED"}, set(codes)
+    first_refused = codes.index("RATE_LIMITED")
+    assert 200 <= first_refused <= 210, first_refused  # the burst allowance is 200
+    assert codes.count("RATE_LIMITED") == 101, codes.count("RATE_LIMITED")
+    assert closed.messages[-1]["data"]["message"] == "Too many messages; connection closed"
