@@ -440,7 +440,7 @@ if env_bool("DJANGO_TRUST_PROXY_HEADERS", False):
 # to use HTTPS for a year (HSTS).
 if env_bool("DJANGO_SECURE", False):
     SECURE_SSL_REDIRECT = True
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31_536_000)

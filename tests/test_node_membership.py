@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 
+import pytest
 from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 
@@ -156,3 +157,19 @@ async def test_redis_membership_is_read_from_the_groups_sorted_set_on_its_shard(
         (shard, b"p:group:" + EVENTS_GROUP.encode(), "hub.out"),
     ]
 
+
+@pytest.mark.django_db
+def test_readiness_reports_an_unreachable_layer(client):
+    assert client.get("/readyz").content == b"ready"
+    node = Node(OpaqueLayer(), asyncio.new_event_loop())
+    Node._current = node
+    try:
+        node.layer_failed("receiving", ConnectionError("Connection refused."))
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.content.startswith(b"channel layer unreachable since ")
+        node.layer_down_since = None
+        assert client.get("/readyz").status_code == 200
+    finally:
+        Node._current = None
+        node.loop.close()
