@@ -13,11 +13,16 @@ once per process instead of once per connection is what lets fan-out keep up (se
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypedDict
 
-from sysmanage.protocol import MessageType, ServerMessage, dumps, envelope
+from sysmanage.protocol import MessageType, ServerMessage, dumps, envelope, iso
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
+
+#: ``data.event`` of the ``status`` message on ``system`` telling a client that events may
+#: have been lost (docs/websocket-protocol.md).
+EVENTS_MISSED = "events_missed"
 
 
 class PlainReason(TypedDict):
@@ -146,6 +151,40 @@ class Hub:
         if channel is not None:
             return len(self.subscriptions.get(channel, {}))
         return sum(len(s) for s in self.subscriptions.values())
+
+    def connections(self) -> set[Subscriber]:
+        """Every client connection registered here."""
+        found: set[Subscriber] = set()
+        for index in (self.by_user, self.by_session):
+            for conns in index.values():
+                found.update(conns)
+        return found
+
+    def notify_events_missed(self, since: float, until: float) -> int:
+        """Tell every client connection that events published between ``since`` and
+        ``until`` (epoch seconds) may not have reached it; return how many were told.
+
+        The node calls this when it finds it was cut off from the channel layer.
+        """
+        frame = Frame(
+            dumps(
+                envelope(
+                    MessageType.STATUS,
+                    "system",
+                    {
+                        "event": EVENTS_MISSED,
+                        "message": "The server was cut off from its channel layer; events "
+                        "of this period may be missing. Fetch the current state again.",
+                        "since": iso(datetime.fromtimestamp(since, UTC)),
+                        "until": iso(datetime.fromtimestamp(until, UTC)),
+                    },
+                )
+            )
+        )
+        conns = self.connections()
+        for conn in conns:
+            conn.deliver(frame)
+        return len(conns)
 
     def dispatch(self, channel: str, data: dict[str, Any], timestamp: str | None = None) -> int:
         """Deliver one event to each matching local subscriber; return how many got it."""

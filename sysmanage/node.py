@@ -6,9 +6,14 @@ one layer channel (``hub.…``), joins :data:`EVENTS_GROUP` and starts its loops
 receives every message of the group from the channel layer (in-memory or Redis) and
 another hands each on (events to the process's :class:`~sysmanage.hub.Hub` for
 fan-out, control messages to their handlers); one forwards what this process publishes
-to the layer, in order; one renews the group membership; and one runs each periodic
-job (:mod:`sysmanage.periodic`).  Failures of the layer are retried here, so the hub
-never waits on it.
+to the layer, in order; one checks and renews the group membership every
+``LAYER_REJOIN_SECONDS``; and one runs each periodic job (:mod:`sysmanage.periodic`).
+Failures of the layer are retried here, so the hub never waits on it.
+
+A Redis that restarts empty (or is flushed) forgets the group's members: the process
+would then receive nothing, silently.  The membership check notices (as it notices an
+outage of the layer), rejoins, logs it once and tells every client connection of the
+process that events may have been missed (:meth:`~sysmanage.hub.Hub.notify_events_missed`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import contextlib
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, cast
 
 from asgiref.sync import async_to_sync
@@ -29,13 +36,17 @@ from django.conf import settings
 from sysmanage import control, periodic
 from sysmanage.control import ControlMessage
 from sysmanage.hub import Hub
+from sysmanage.protocol import iso
 
 logger = logging.getLogger(__name__)
 
 #: The layer group every node joins; events and control messages travel on it.
 EVENTS_GROUP = "sysmanage.events"
-#: Re-join the group this often: channels-redis expires members after ``group_expiry``.
-REJOIN_INTERVAL = 3600.0
+#: While the layer is unreachable, say so in the log at most this often (seconds).
+OUTAGE_LOG_INTERVAL = 60.0
+#: While the layer is unreachable, check for its return this often (seconds), so that
+#: the membership is back soon after it is.
+OUTAGE_CHECK_INTERVAL = 1.0
 #: Back-off bounds when the layer fails (Redis restarting, network blip).
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 #: Messages received from the layer and waiting for fan-out, at most.
@@ -95,6 +106,14 @@ class Node:
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
         self.publish_failures = 0
+        #: wall-clock time of the first failure of the current outage of the layer, if any
+        self.layer_down_since: float | None = None
+        self._outage_logged_at = 0.0  # monotonic
+        self._outage_began = asyncio.Event()
+        #: wall-clock time the node last knew itself a member of the events group
+        self.member_since = time.time()
+        #: how many times the node found its membership lost (or the layer back) and rejoined
+        self.rejoins = 0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -132,6 +151,7 @@ class Node:
         """Create this node's layer channel, join the events group and start its tasks."""
         self.channel_name = await self.layer.new_channel(prefix="hub")
         await self.layer.group_add(EVENTS_GROUP, self.channel_name)
+        self.member_since = time.time()
         self._tasks = [
             self.spawn(self._receive_loop()),
             self.spawn(self._dispatch_loop()),
@@ -201,8 +221,8 @@ class Node:
                 delay = RETRY_MIN
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("node receive failed; retrying in %.1fs", delay)
+            except Exception as exc:
+                self.layer_failed("receiving", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
@@ -244,19 +264,14 @@ class Node:
 
     async def _publish_one(self, message: LayerMessage) -> None:
         delay = RETRY_MIN
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        for _attempt in range(PUBLISH_ATTEMPTS):
             try:
                 await self.layer.group_send(EVENTS_GROUP, dict(message))
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.warning(
-                    "publishing %s failed (attempt %d)",
-                    message.get("event"),
-                    attempt,
-                    exc_info=True,
-                )
+            except Exception as exc:
+                self.layer_failed("publishing", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         self.publish_failures += 1
@@ -266,13 +281,104 @@ class Node:
             PUBLISH_ATTEMPTS,
         )
 
+    # -- membership and outages of the layer -----------------------------------------
+
+    def layer_failed(self, doing: str, exc: BaseException) -> None:
+        """Note that the layer failed while ``doing`` something; log it once per outage
+        and then once per :data:`OUTAGE_LOG_INTERVAL` while it lasts."""
+        now = time.monotonic()
+        if self.layer_down_since is None:
+            self.layer_down_since = time.time()
+            self._outage_began.set()
+            logger.error(
+                "channel layer unreachable (%s failed: %s: %s); events are not delivered "
+                "until it returns",
+                doing,
+                type(exc).__name__,
+                exc,
+            )
+        elif now - self._outage_logged_at >= OUTAGE_LOG_INTERVAL:
+            logger.error(
+                "channel layer still unreachable, for %.0fs (%s failed: %s: %s)",
+                time.time() - self.layer_down_since,
+                doing,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            return
+        self._outage_logged_at = now
+
     async def _rejoin_loop(self) -> None:
         while True:
-            await asyncio.sleep(REJOIN_INTERVAL)
+            interval = settings.LAYER_REJOIN_SECONDS
+            if self.layer_down_since is not None:
+                interval = min(interval, OUTAGE_CHECK_INTERVAL)
             try:
-                await self.layer.group_add(EVENTS_GROUP, self.channel_name or "")
-            except Exception:
-                logger.exception("node could not renew its group membership")
+                # an outage that begins meanwhile shortens the wait (layer_failed)
+                async with asyncio.timeout(interval):
+                    await self._outage_began.wait()
+            except TimeoutError:
+                await self.check_membership()
+            self._outage_began.clear()
+
+    async def check_membership(self) -> bool:
+        """Check and renew this node's membership of the events group.
+
+        If the membership was gone (Redis restarted empty or was flushed) or the layer
+        was unreachable since the last check, rejoin, say so once in the log and tell
+        every client connection of this process that events may have been missed.
+        Return whether that happened.
+        """
+        assert self.channel_name is not None
+        try:
+            member = await is_group_member(self.layer, EVENTS_GROUP, self.channel_name)
+            await self.layer.group_add(EVENTS_GROUP, self.channel_name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.layer_failed("renewing the group membership", exc)
+            return False
+        now = time.time()
+        since, self.member_since = self.member_since, now
+        down_since, self.layer_down_since = self.layer_down_since, None
+        if member is not False and down_since is None:
+            return False
+        self.rejoins += 1
+        if member is False:
+            reason = "its membership was gone (the layer's Redis restarted empty or was flushed)"
+        else:
+            reason = f"the channel layer was unreachable for {now - (down_since or now):.0f}s"
+        told = self.hub.notify_events_missed(since, now)
+        logger.warning(
+            "node %s rejoined the events group: %s; events published since %s may not "
+            "have reached this process (%d client connections told)",
+            self.channel_name,
+            reason,
+            iso(datetime.fromtimestamp(since, UTC)),
+            told,
+        )
+        return True
+
+
+async def is_group_member(layer: ChannelLayer, group: str, channel: str) -> bool | None:
+    """Whether ``channel`` is a member of ``group``; None if the layer cannot tell.
+
+    The layers do not offer this, so it reads their storage, as they name it:
+    channels-redis keeps a group as a sorted set (``_group_key``) on the shard that
+    ``consistent_hash`` picks; the in-memory layer keeps a dict per group.  Other layers
+    get None, and the node then only renews its membership.
+    """
+    key_of = getattr(layer, "_group_key", None)
+    shard_of = getattr(layer, "consistent_hash", None)
+    connection_of = getattr(layer, "connection", None)
+    if callable(key_of) and callable(shard_of) and callable(connection_of):
+        connection = connection_of(shard_of(group))
+        return await connection.zscore(key_of(group), channel) is not None
+    groups = getattr(layer, "groups", None)
+    if isinstance(groups, dict):
+        return channel in groups.get(group, {})
+    return None
 
 
 async def running_hub() -> Hub:

@@ -17,6 +17,8 @@ from typing import overload
 import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 # Django's generic classes take type arguments at run time too (``ModelAdmin[Alert]``),
 # as mypy with django-stubs wants them written.
@@ -220,7 +222,11 @@ if REDIS_URL:
             "CONFIG": {
                 # redis-py's default socket timeout equals channels-redis's 5 s BRPOP
                 # timeout, which kills idle receivers; give reads room to finish.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # A command that meets a pooled connection broken by a Redis restart
+                # reconnects and is sent again once, instead of failing.
+                "hosts": [
+                    {"address": REDIS_URL, "socket_timeout": 30, "retry": Retry(NoBackoff(), 1)}
+                ],
                 "prefix": env("SYSMANAGE_REDIS_PREFIX", "sysmanage") or "sysmanage",
                 # Only per-process hub channels receive events; let them queue deep.
                 "capacity": 1000,
@@ -237,6 +243,10 @@ else:
             "CONFIG": {"capacity": 100_000, "expiry": 60},
         }
     }
+# How often each server process checks and renews its membership of the layer's events
+# group: a Redis that restarted empty (or was flushed) loses it, and the process then
+# rejoins and tells its clients that events may have been missed (sysmanage.node).
+LAYER_REJOIN_SECONDS = float(env("LAYER_REJOIN_SECONDS", "5") or "5")
 
 # --- Authentication -----------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -430,7 +440,7 @@ if env_bool("DJANGO_TRUST_PROXY_HEADERS", False):
 # to use HTTPS for a year (HSTS).
 if env_bool("DJANGO_SECURE", False):
     SECURE_SSL_REDIRECT = True
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31_536_000)

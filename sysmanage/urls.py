@@ -1,6 +1,8 @@
 """HTTP routes: the dashboard pages, the admin, the REST API and its schema, and the
 routes apps plug in (:mod:`sysmanage.plugins`)."""
 
+from datetime import UTC, datetime
+
 from django.contrib import admin
 from django.contrib.auth.views import LogoutView
 from django.http import HttpRequest, HttpResponse
@@ -20,6 +22,8 @@ from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
 from sysmanage import plugins
+from sysmanage.node import Node
+from sysmanage.protocol import iso
 
 router = DefaultRouter()
 router.register("hosts", HostViewSet, basename="host")
@@ -34,6 +38,21 @@ for prefix, viewset, basename in plugins.api_routes():
 def health(request: HttpRequest) -> HttpResponse:
     """Liveness check for load balancers and the test harness."""
     return HttpResponse("ok", content_type="text/plain")
+
+
+def readiness(request: HttpRequest) -> HttpResponse:
+    """Readiness check: 503 while this process cannot reach its channel layer (its
+    clients then get no events), ``ready`` otherwise."""
+    node = Node.current()
+    down_since = node.layer_down_since if node is not None else None
+    if down_since is not None:
+        since = datetime.fromtimestamp(down_since, UTC)
+        return HttpResponse(
+            f"channel layer unreachable since {iso(since)}\n",
+            status=503,
+            content_type="text/plain",
+        )
+    return HttpResponse("ready", content_type="text/plain")
 
 
 urlpatterns = [
@@ -53,4 +72,5 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/", include(router.urls)),
     path("healthz", health, name="health"),
+    path("readyz", readiness, name="readiness"),
 ]

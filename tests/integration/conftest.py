@@ -144,7 +144,8 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``with launch_pg_redis("name", SETTING="value") as deployment:`` two servers on one
-    fresh PostgreSQL database and one Redis prefix (skipped without those services)."""
+    fresh PostgreSQL database and one Redis prefix (skipped without those services); a
+    ``REDIS_URL`` among the settings replaces the shared test Redis."""
 
     @contextlib.contextmanager
     def launch(name: str, **settings: str) -> Iterator[Deployment]:
@@ -163,7 +164,7 @@ def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
             }
             seed = harness.seed_database(harness.server_env(**common))
             env = harness.server_env(
-                **common, REDIS_URL=REDIS_TEST_URL, SYSMANAGE_REDIS_PREFIX=prefix
+                **{"REDIS_URL": REDIS_TEST_URL, "SYSMANAGE_REDIS_PREFIX": prefix, **common}
             )
             servers = harness.start_servers([(f"{name}-a", env), (f"{name}-b", env)], work)
             yield Deployment(env=env, seed=seed, servers=servers, work_dir=work)

@@ -1,0 +1,185 @@
+"""
+Redis restarts empty under two running server processes: each process notices that its
+membership of the events group is gone, rejoins within LAYER_REJOIN_SECONDS, tells its
+clients that events may have been missed, and events cross processes again, with no
+server restart.  /readyz answers 503 while Redis is down.
+
+The Redis here is a private ``redis-server`` (no persistence) on a free loopback port,
+killed with SIGKILL and started again, empty, on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import harness
+from tests.integration.client import api, ws_connect
+from tests.integration.harness import Deployment
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+#: The default LAYER_REJOIN_SECONDS is 5: the notice is due within that of Redis's return.
+NOTICE_TIMEOUT = 15.0
+#: Loopback only, and nothing kept on disk: a restarted server starts empty.
+REDIS_OPTIONS = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+EVENT_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, without persistence: a restart starts empty."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.work = work
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        log = open(self.work / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--dir", str(self.work), *REDIS_OPTIONS],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=harness._die_with_parent if sys.platform == "linux" else None,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while harness.redis_reachable(self.url):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def log(self) -> str:
+        return (self.work / "redis.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def redis_and_cluster(
+    launch_pg_redis: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PrivateRedis, Deployment]]:
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = PrivateRedis(tmp_path_factory.mktemp("private-redis"))
+    redis.start()
+    try:
+        with launch_pg_redis("redis-restart", REDIS_URL=redis.url) as deployment:
+            yield redis, deployment
+    finally:
+        redis.kill()
+
+
+def alert_raised(alert_id: str):
+    return lambda m: (
+        m["type"] == "event"
+        and m["channel"] == "system_alerts"
+        and m["data"]["alert_id"] == alert_id
+    )
+
+
+def events_missed(m: dict[str, Any]) -> bool:
+    return (
+        m["type"] == "status"
+        and m["channel"] == "system"
+        and m["data"].get("event") == "events_missed"
+    )
+
+
+async def raise_alert(server: harness.DaphneServer, d: Deployment, title: str) -> str:
+    response = await api(
+        "POST",
+        server.base_url,
+        "/api/alerts/",
+        token=d.token("admin"),
+        json_body={"severity": "warning", "category": "disk_space", "title": title},
+    )
+    assert response.status == 201, response
+    return str(response.body["id"])
+
+
+async def readiness(server: harness.DaphneServer) -> tuple[int, str]:
+    return await asyncio.to_thread(harness.http_get, f"{server.base_url}/readyz", 2.0)
+
+
+async def wait_for_readiness(server: harness.DaphneServer, status: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, body = await readiness(server)
+        if got == status:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/readyz of {server.name} still {got} {body!r} after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def test_events_cross_processes_again_after_redis_restarts_empty(redis_and_cluster):
+    redis, cluster = redis_and_cluster
+    server_a, server_b = cluster.servers
+    async with (
+        ws_connect(server_a.ws_url, token=cluster.token("viewer")) as on_a,
+        ws_connect(server_b.ws_url, token=cluster.token("viewer")) as on_b,
+    ):
+        await on_a.subscribe("system_alerts")
+        await on_b.subscribe("system_alerts")
+        before = await raise_alert(server_b, cluster, "before the restart")
+        await on_a.expect(alert_raised(before), EVENT_TIMEOUT)
+        await on_b.expect(alert_raised(before), EVENT_TIMEOUT)
+        assert await readiness(server_a) == (200, "ready")
+        logs = {s.name: s.log_size() for s in (server_a, server_b)}
+
+        await asyncio.to_thread(redis.kill)
+        body = await wait_for_readiness(server_a, 503, timeout=10)
+        assert body.startswith("channel layer unreachable since ")
+        await asyncio.to_thread(redis.start)  # empty: the group and its members are gone
+        restarted = time.monotonic()
+
+        notices = [
+            await client.expect(events_missed, NOTICE_TIMEOUT, what="an events_missed status")
+            for client in (on_a, on_b)
+        ]
+        noticed = time.monotonic() - restarted
+        print(f"events_missed on both processes {noticed:.2f}s after Redis restarted")
+        for notice in notices:
+            assert notice["data"]["since"] <= notice["data"]["until"]
+            assert notice["data"]["message"]
+        assert await readiness(server_a) == (200, "ready")
+
+        after = await raise_alert(server_b, cluster, "after the restart, via B")
+        await on_a.expect(alert_raised(after), EVENT_TIMEOUT)
+        await on_b.expect(alert_raised(after), EVENT_TIMEOUT)
+        back = await raise_alert(server_a, cluster, "after the restart, via A")
+        await on_b.expect(alert_raised(back), EVENT_TIMEOUT)
+        await on_a.expect(alert_raised(back), EVENT_TIMEOUT)
+
+    for server in (server_a, server_b):
+        log = server.log_since(logs[server.name])
+        # loud, but once: not a line per retry
+        assert log.count("channel layer unreachable (") == 1, log
+        assert log.count("rejoined the events group") == 1, log
