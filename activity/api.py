@@ -26,7 +26,8 @@ from activity.models import UserActivity
 from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
 from sysmanage.api_input import query_filters
-from sysmanage.credentials import decode
+from sysmanage.credentials import SESSION_CLAIM, decode
+from sysmanage.services import token_session_sockets_close
 
 
 class UserActivitySerializer(serializers.ModelSerializer[UserActivity]):
@@ -131,7 +132,7 @@ class LoginTokenView(TokenObtainPairView):
 
     @staticmethod
     def _record_login(request: Request, refresh: str) -> None:
-        user = get_user_model().objects.get(pk=_user_id_of(refresh))
+        user = get_user_model().objects.get(pk=_user_and_session_of(refresh)[0])
         ip, agent = request_origin(request)
         activity_record(
             action="login", user=user, ip_address=ip, user_agent=agent, details={"via": "token"}
@@ -154,10 +155,12 @@ class LogoutTokenView(TokenBlacklistView):
         refresh = request.data.get("refresh", "") if isinstance(request.data, dict) else ""
         user_id: str | None
         try:
-            user_id = _user_id_of(refresh)
+            user_id, session = _user_and_session_of(refresh)
         except Exception:  # invalid tokens are reported by the parent view
-            user_id = None
+            user_id, session = None, None
         response = super().post(request, *args, **kwargs)
+        if response.status_code == 200 and session:
+            token_session_sockets_close(session=session, reason="Logged out")
         if response.status_code == 200 and user_id:
             user = get_user_model().objects.filter(pk=user_id).first()
             ip, agent = request_origin(request)
@@ -171,11 +174,14 @@ class LogoutTokenView(TokenBlacklistView):
         return response
 
 
-def _user_id_of(refresh: object) -> str:
-    """The user id claim of a valid refresh token (raises ``TokenError`` otherwise)."""
+def _user_and_session_of(refresh: object) -> tuple[str, str | None]:
+    """The user id and sign-in (``sid``) claims of a valid refresh token (raises
+    ``TokenError`` otherwise; tokens from before sign-ins were named have none)."""
     if not isinstance(refresh, str):
         raise TokenError("the refresh token must be a string")
-    claim = decode(RefreshToken, refresh).payload.get(api_settings.USER_ID_CLAIM)
+    payload = decode(RefreshToken, refresh).payload
+    claim = payload.get(api_settings.USER_ID_CLAIM)
     if not isinstance(claim, str):
         raise TokenError("the refresh token names no user")
-    return claim
+    session = payload.get(SESSION_CLAIM)
+    return claim, session if isinstance(session, str) else None

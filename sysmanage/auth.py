@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -28,7 +28,13 @@ from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken
 
 from sysmanage import permissions
-from sysmanage.credentials import REVOKED_MESSAGE, decode, fingerprint, fingerprint_matches
+from sysmanage.credentials import (
+    REVOKED_MESSAGE,
+    SESSION_CLAIM,
+    decode,
+    fingerprint,
+    fingerprint_matches,
+)
 
 if TYPE_CHECKING:
     from sysmanage.models import User
@@ -68,6 +74,8 @@ class SocketCredentials:
     error: str | None = None
     fingerprint: str | None = None
     rights: frozenset[str] = frozenset()
+    #: the sign-in the access token descends from (closed by a token logout)
+    token_session: str | None = None
 
 
 def _header(scope: ScopeView, name: bytes) -> str | None:
@@ -110,27 +118,43 @@ def bearer_token(scope: ScopeView) -> str | None:
     return credentials.strip() or None if scheme.lower() == "bearer" else None
 
 
-def user_for_access_token(raw: str) -> tuple[User | None, float | None, str | None]:
-    """Validate an access JWT; return ``(user, expires_at, None)`` or ``(None, None, why)``."""
+class AccessCheck(NamedTuple):
+    """What an access JWT proved: a user (and when the token expires), or why not."""
+
+    user: User | None
+    expires_at: float | None = None
+    error: str | None = None
+    #: the sign-in the token descends from (``SESSION_CLAIM``), if it was made from one
+    session: str | None = None
+
+
+def user_for_access_token(raw: str) -> AccessCheck:
+    """Validate an access JWT: the user it names, as they are now, or why it is refused."""
+    invalid = AccessCheck(None, error="Invalid or expired JWT token")
     try:
         token = decode(AccessToken, raw)
     except TokenError:
-        return None, None, "Invalid or expired JWT token"
+        return invalid
     claim = str(api_settings.USER_ID_CLAIM)
     user_id = token.payload.get(claim)
     user_model = get_user_model()
     if not isinstance(user_id, str):
-        return None, None, "Invalid or expired JWT token"
+        return invalid
     try:
         user = user_model.objects.get(pk=user_id)
     except (user_model.DoesNotExist, ValueError, TypeError):
-        return None, None, "Invalid or expired JWT token"
+        return invalid
     if not user.is_active:
-        return None, None, "User account is disabled"
+        return AccessCheck(None, error="User account is disabled")
     if not fingerprint_matches(token.payload, user):
-        return None, None, REVOKED_MESSAGE
+        return AccessCheck(None, error=REVOKED_MESSAGE)
     exp = token.payload.get("exp")
-    return user, float(exp) if exp is not None else None, None
+    session = token.payload.get(SESSION_CLAIM)
+    return AccessCheck(
+        user,
+        expires_at=float(exp) if exp is not None else None,
+        session=session if isinstance(session, str) else None,
+    )
 
 
 @database_sync_to_async
@@ -142,16 +166,17 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
             return SocketCredentials(
                 via=via, subprotocol=subprotocol, error="Malformed Authorization header"
             )
-        user, expires_at, error = user_for_access_token(raw)
-        if user is None:
-            return SocketCredentials(via=via, subprotocol=subprotocol, error=error)
+        check = user_for_access_token(raw)
+        if check.user is None:
+            return SocketCredentials(via=via, subprotocol=subprotocol, error=check.error)
         return SocketCredentials(
-            user=user,
+            user=check.user,
             via=via,
-            expires_at=expires_at,
+            expires_at=check.expires_at,
             subprotocol=subprotocol,
-            fingerprint=fingerprint(user),
-            rights=permissions.socket_rights(user),
+            fingerprint=fingerprint(check.user),
+            rights=permissions.socket_rights(check.user),
+            token_session=check.session,
         )
     user = scope.get("user")
     if user is not None:

@@ -34,7 +34,7 @@ from sysmanage.protocol import (
     parse_client_message,
 )
 from sysmanage.ratelimit import TokenBucket
-from sysmanage.services import session_tag
+from sysmanage.services import session_tag, token_session_tag
 from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame
 
@@ -105,6 +105,8 @@ class ClientConsumer(Connection):
         if credentials.via == "session" and session is not None and session.session_key:
             self.session_tag = session_tag(session.session_key)
             self.session_key = session.session_key
+        elif credentials.token_session is not None:
+            self.session_tag = token_session_tag(credentials.token_session)
         self.bucket = TokenBucket(settings.WS_RATE_LIMIT_PER_SECOND, settings.WS_RATE_LIMIT_BURST)
 
     async def _refuse_blocked(self, seconds: float) -> None:

@@ -15,6 +15,7 @@ not expired works again: change the password to void everything for good.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any, Self, TypeVar
 
@@ -34,6 +35,10 @@ _T = TypeVar("_T", bound=Token)
 
 #: The claim that carries the fingerprint.
 FINGERPRINT_CLAIM = "cfp"
+#: The sign-in a token descends from: set on the refresh token issued at login, kept
+#: through rotations and copied into every access token made from it, so that a token
+#: logout can close the sockets opened with that sign-in's access tokens.
+SESSION_CLAIM = "sid"
 #: What a client is told when its token was voided by a change of credentials.
 REVOKED_MESSAGE = "Token revoked: the account's credentials changed; sign in again"
 
@@ -71,6 +76,8 @@ class _Fingerprinted(Token):
             raise TypeError("tokens are issued for users of the database only")
         token = super().for_user(user)
         token[FINGERPRINT_CLAIM] = fingerprint(user)
+        if isinstance(token, RefreshToken):
+            token[SESSION_CLAIM] = uuid.uuid4().hex
         return token
 
 

@@ -26,6 +26,17 @@ def user_sessions_revoke(*, user_id: str, reason: str) -> None:
     publish_control(CloseUser(user_id=str(user_id), reason=reason))
 
 
+def token_session_tag(session: str) -> str:
+    """The hub's name for the sockets opened with the access tokens of one sign-in."""
+    return session_tag(f"jwt:{session}")
+
+
+def token_session_sockets_close(*, session: str, reason: str) -> None:
+    """Close every open WebSocket opened with an access token of this sign-in (its
+    ``sid`` claim), in every server process, after commit."""
+    publish_control(CloseSession(session=token_session_tag(session), reason=reason))
+
+
 def session_sockets_close(*, session_key: str, reason: str) -> None:
     """Close every open WebSocket authenticated by this Django session, after commit."""
     publish_control(CloseSession(session=session_tag(session_key), reason=reason))

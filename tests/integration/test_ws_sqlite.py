@@ -225,6 +225,32 @@ async def test_session_logout_closes_the_sockets_of_that_session(server: Deploym
         await expect_auth_failed(client, "Missing JWT token")
 
 
+async def test_token_logout_closes_the_sockets_of_that_sign_in(server: Deployment):
+    base = server.server.base_url
+    signed_in = await asyncio.to_thread(obtain_tokens, base, "admin", server.password)
+    elsewhere = await asyncio.to_thread(obtain_tokens, base, "admin", server.password)
+    rotated = await api("POST", base, "/api/token/refresh/", json_body=signed_in)
+    assert rotated.status == 200, rotated
+    async with (
+        ws_connect(server.server.ws_url, token=signed_in["access"]) as first_access,
+        ws_connect(server.server.ws_url, token=rotated.body["access"]) as refreshed_access,
+        ws_connect(server.server.ws_url, token=elsewhere["access"]) as other_sign_in,
+    ):
+        for client in (first_access, refreshed_access, other_sign_in):
+            await client.ping()
+        started = time.monotonic()
+        logout = await api(
+            "POST", base, "/api/token/logout/", json_body={"refresh": rotated.body["refresh"]}
+        )
+        assert logout.status == 200, logout
+        for doomed in (first_access, refreshed_access):
+            closed = await doomed.expect_closed(timeout=10)
+            assert closed.code == 4001, closed
+            assert [m["data"]["message"] for m in closed.messages] == ["Logged out"]
+        assert time.monotonic() - started < 10
+        await other_sign_in.ping()  # the same user's other sign-in is not affected
+
+
 def _bad_credentials(d: Deployment) -> dict[str, tuple[dict[str, Any], str]]:
     secret = d.env["DJANGO_SECRET_KEY"]
     admin = d.user_id("admin")
