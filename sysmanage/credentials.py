@@ -21,6 +21,7 @@ from typing import Any, Self, TypeVar
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
 from django.utils.crypto import constant_time_compare, salted_hmac
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.authentication import AuthUser, JWTAuthentication
@@ -112,7 +113,9 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
     token_class = FingerprintedRefreshToken
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
-        """Check the user as it is now, then refresh (and rotate) as usual."""
+        """Check the user as it is now, then refresh (and rotate) in one transaction:
+        the old refresh token is spent only if the new one is recorded, so a failed
+        write (a busy database) leaves the client with a token that still works."""
         refresh = decode(self.token_class, attrs["refresh"])  # signature, expiry, blacklist
         user_id = refresh.payload.get(api_settings.USER_ID_CLAIM)
         user = get_user_model()._default_manager.filter(pk=user_id).first() if user_id else None
@@ -122,7 +125,8 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
             )
         if not fingerprint_matches(refresh.payload, user):
             raise AuthenticationFailed(REVOKED_MESSAGE, "token_revoked")
-        return super().validate(attrs)
+        with transaction.atomic():
+            return super().validate(attrs)
 
 
 class FingerprintJWTAuthentication(JWTAuthentication):

@@ -190,3 +190,30 @@ def test_schema_is_served(client, make_user):
         "/api/token/",
     ):
         assert path in paths, path
+
+
+def test_a_refresh_that_fails_to_record_its_new_token_does_not_spend_the_old_one(
+    client, make_user, monkeypatch
+):
+    from django.db import OperationalError
+    from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
+
+    make_user("alice")
+    tokens = login(client, "alice")
+    real_get_or_create = OutstandingToken.objects.get_or_create
+
+    old_jti = OutstandingToken.objects.get(token=tokens["refresh"]).jti
+
+    def busy(**kwargs):
+        if kwargs.get("jti") == old_jti:  # blacklisting the old token goes through
+            return real_get_or_create(**kwargs)
+        raise OperationalError("database is locked")
+
+    # the new token is recorded with get_or_create (simplejwt's RefreshToken.outstand)
+    monkeypatch.setattr(OutstandingToken.objects, "get_or_create", busy)
+    client.raise_request_exception = False
+    failed = client.post("/api/token/refresh/", {"refresh": tokens["refresh"]}, format="json")
+    assert failed.status_code == 500
+    monkeypatch.setattr(OutstandingToken.objects, "get_or_create", real_get_or_create)
+    retried = client.post("/api/token/refresh/", {"refresh": tokens["refresh"]}, format="json")
+    assert retried.status_code == 200, retried.data  # the client is not logged out for good
