@@ -22,6 +22,7 @@ from hosts.models import (
     OperationStatus,
     PackageOperation,
 )
+from hosts.services import HOST_FACT_FIELDS
 from sysmanage import permissions
 from sysmanage.api_input import query_filters
 
@@ -41,15 +42,7 @@ class HostSerializer(serializers.ModelSerializer[Host]):
         fields = [
             "id",
             "hostname",
-            "fqdn",
-            "ip_addresses",
-            "os_name",
-            "os_version",
-            "kernel",
-            "architecture",
-            "cpu_count",
-            "memory_total",
-            "agent_version",
+            *HOST_FACT_FIELDS,
             "agent_kind",
             "status",
             "last_seen",
