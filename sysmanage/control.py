@@ -172,7 +172,8 @@ class CloseUser(Control):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CloseSession(Control):
-    """Close every socket opened with one Django session (by its tag: the user logged out)."""
+    """Close every socket of one sign-in, by its tag: a Django session, or the access
+    tokens of one token login (``sysmanage.services.token_session_tag``); it logged out."""
 
     action = "close_session"
 
