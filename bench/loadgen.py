@@ -208,48 +208,49 @@ class BarePublisher:
 
 
 class LayerPublisher:
-    """Publishes ``HostMetricsReported`` to the hubs' group through the Redis channel layer.
+    """Publishes ``HostMetricsReported`` to the servers' channel streams in Redis, as a
+    server process without the agent path would (:mod:`sysmanage.streams`).
 
     Needs ``DJANGO_SETTINGS_MODULE``, ``REDIS_URL`` and ``SYSMANAGE_REDIS_PREFIX`` as
     the server has them, and the project on ``sys.path``.
     """
 
     def __init__(self) -> None:
-        self.layer: Any = None
-        self.group = ""
+        self.streams: Any = None
         self.event_type: Any = None
 
     async def start(self) -> None:
-        """Set Django up and get the channel layer."""
+        """Set Django up and open the streams."""
         import django
 
         django.setup()
-        from channels.layers import get_channel_layer
         from django.conf import settings
 
         from hosts.events import HostMetricsReported
-        from sysmanage.node import EVENTS_GROUP
+        from sysmanage.streams import RedisStreams
 
         if not settings.REDIS_URL:
             raise SystemExit("real mode needs REDIS_URL: the in-memory layer is per process")
-        self.layer = get_channel_layer()
-        self.group = EVENTS_GROUP
+        self.streams = RedisStreams(settings.REDIS_URL)
         self.event_type = HostMetricsReported
 
     async def publish(self, data: dict[str, Any]) -> None:
-        """Send one event to every server process's hub."""
+        """Number and store one event; every server process reads it from its stream."""
         event = self.event_type(
             host_id=data["host_id"],
             hostname=data["hostname"],
             timestamp=data["timestamp"],
             metrics=data["metrics"],
         )
-        await self.layer.group_send(self.group, event.to_message())
+        message = event.to_message()
+        await self.streams.publish(
+            [(message["channel"], message["event"], message["data"], message["timestamp"])]
+        )
 
     async def close(self) -> None:
-        """Close the layer's Redis connections."""
-        if self.layer is not None and hasattr(self.layer, "close_pools"):
-            await self.layer.close_pools()
+        """Close the Redis connections."""
+        if self.streams is not None:
+            await self.streams.close()
 
 
 async def publish_main(args: argparse.Namespace) -> None:

@@ -257,22 +257,47 @@ class ClientConsumer(Connection):
                 id_=message.id,
                 requested_channel=topic.name,
             )
-        assert self.hub is not None
-        self.hub.subscribe(self, topic.name, filters)
-        self.reply(
-            envelope(
-                MessageType.RESPONSE,
-                topic.name,
-                {
-                    "action": "subscribe",
-                    "status": "subscribed",
-                    "channel": topic.name,
-                    "filters": _jsonable(filters),
-                },
-                id_=message.id,
-            )
+        hub = self.hub
+        assert hub is not None
+        answer: dict[str, Any] = {
+            "action": "subscribe",
+            "status": "subscribed",
+            "channel": topic.name,
+            "filters": _jsonable(filters),
+        }
+        recovered = False
+        if message.since is None:
+            hub.subscribe(self, topic.name, filters)
+            head = hub.head(topic.name)
+            if head is not None:
+                answer["position"] = head.to_json()
+            self.reply(envelope(MessageType.RESPONSE, topic.name, answer, id_=message.id))
+        else:
+            # Live events wait from here until the missed ones are sent (hub.release).
+            head = None
+            try:
+                recovered, head, missed = await hub.resume(self, topic.name, filters, message.since)
+                answer["recovered"] = recovered
+                if head is not None:
+                    answer["position"] = head.to_json()
+                self.reply(envelope(MessageType.RESPONSE, topic.name, answer, id_=message.id))
+                if recovered:
+                    hub.replay(self, topic.name, filters, missed)
+            except Exception:
+                hub.unsubscribe(self, topic.name)
+                logger.exception("could not read the history of %s", topic.name)
+                raise ProtocolError(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "The channel's history cannot be read right now; subscribe again later",
+                    channel="subscription",
+                    id_=message.id,
+                    requested_channel=topic.name,
+                ) from None
+            finally:
+                hub.release(self, topic.name, head)
+        provider = (
+            snapshot_provider(topic.name) if topic.sends_initial_state and not recovered else None
         )
-        provider = snapshot_provider(topic.name) if topic.sends_initial_state else None
         if provider is not None:
             state = await database_sync_to_async(provider)(filters)
             self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))

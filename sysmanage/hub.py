@@ -13,12 +13,17 @@ once per process instead of once per connection is what lets fan-out keep up (se
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from sysmanage.protocol import MessageType, ServerMessage, dumps, envelope, iso
+from sysmanage.protocol import MessageType, ServerMessage, StreamPosition, dumps, envelope, iso
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
+
+if TYPE_CHECKING:
+    from sysmanage.streams import Entry, History
 
 #: ``data.event`` of the ``status`` message on ``system`` telling a client that events may
 #: have been lost (docs/websocket-protocol.md).
@@ -62,6 +67,32 @@ class AgentLink(Closable, Protocol):
         """Look for work queued for this host."""
 
 
+class HistoryReader(Protocol):
+    """Where a resuming subscription's missed events are read (:mod:`sysmanage.streams`)."""
+
+    async def read_after(self, channel: str, since: StreamPosition) -> History:
+        """The events after ``since`` on ``channel``, if all are still kept."""
+
+
+@dataclass(slots=True)
+class _Resume:
+    """A subscription being resumed: its live events wait (``held``) while the missed
+    ones are read; then those the replay already covered (up to ``until``) are skipped."""
+
+    held: list[tuple[StreamPosition | None, Frame]] | None = field(default_factory=list)
+    until: StreamPosition | None = None
+
+    def covers(self, position: StreamPosition | None) -> bool:
+        """Whether the replay already sent the event at ``position``."""
+        until = self.until
+        return (
+            until is not None
+            and position is not None
+            and position.epoch == until.epoch
+            and position.offset <= until.offset
+        )
+
+
 class Hub:
     """The connections of this process and their subscriptions; fans events out to them."""
 
@@ -75,6 +106,12 @@ class Hub:
         self.agents: dict[str, AgentLink] = {}
         # channel -> its last payload, for the topics that drop repeated events
         self._last: dict[str, dict[str, Any]] = {}
+        #: channel -> the position of the last event dispatched here (set by the node)
+        self.heads: dict[str, StreamPosition] = {}
+        #: channel -> subscriptions being resumed (see :meth:`resume`)
+        self._resuming: dict[str, dict[Subscriber, _Resume]] = defaultdict(dict)
+        #: the streams' history, for resuming subscriptions (set by the node)
+        self.history: HistoryReader | None = None
         self.stats = {"events": 0, "deliveries": 0, "frames": 0}
 
     def register(self, conn: Subscriber) -> None:
@@ -121,8 +158,87 @@ class Hub:
         self.subscriptions[channel][conn] = filters
         self._bucket(channel, filters).add(conn)
 
+    def head(self, channel: str) -> StreamPosition | None:
+        """The position of the last event dispatched on ``channel`` (where a subscription
+        made now starts), if the channel has a stream."""
+        return self.heads.get(channel)
+
+    async def resume(
+        self, conn: Subscriber, channel: str, filters: Filters, since: StreamPosition
+    ) -> tuple[bool, StreamPosition | None, list[Entry]]:
+        """Subscribe ``conn`` and read what it missed since ``since``.
+
+        Return whether every missed event is still kept, the position the subscription
+        continues from, and the missed events (empty unless all are kept).  Live events
+        that arrive meanwhile wait until :meth:`release`, which the caller must call once
+        it has sent the missed ones (:meth:`replay`): none is lost, none sent twice.
+        """
+        self.subscribe(conn, channel, filters)
+        self._resuming[channel][conn] = _Resume()
+        if self.history is None:
+            return False, self.head(channel), []
+        history = await self.history.read_after(channel, since)
+        return history.complete, history.head, history.entries
+
+    def replay(
+        self, conn: Subscriber, channel: str, filters: Filters, entries: Iterable[Entry]
+    ) -> int:
+        """Send ``conn`` the events of ``entries`` that its subscription matches, as the
+        live path would have; return how many were sent."""
+        topic = TOPICS[channel]
+        last: dict[str, Any] | None = None
+        sent = 0
+        for entry in entries:
+            data = entry.data
+            if topic.drops_repeats:
+                if topic.repeats(last, data):
+                    continue
+                last = data
+            if not topic.matches(filters, data):
+                continue
+            audience = topic.audience(conn, data) if topic.per_viewer else None
+            conn.deliver(
+                Frame(
+                    dumps(
+                        envelope(
+                            MessageType.EVENT,
+                            channel,
+                            topic.render_for(filters, data, audience),
+                            timestamp=entry.timestamp,
+                            position=entry.position,
+                        )
+                    )
+                )
+            )
+            sent += 1
+        return sent
+
+    def release(self, conn: Subscriber, channel: str, until: StreamPosition | None) -> None:
+        """End the wait of a resumed subscription: send the live events held meanwhile
+        that come after ``until`` (what the replay covered), and skip later arrivals up
+        to it (a process reading its streams behind the history)."""
+        pending = self._resuming[channel].pop(conn, None)
+        if pending is None or conn not in self.subscriptions[channel]:
+            return
+        done = _Resume(held=None, until=until)
+        for position, frame in pending.held or ():
+            if not done.covers(position):
+                conn.deliver(frame)
+        head = self.heads.get(channel)
+        caught_up = (
+            head is not None
+            and until is not None
+            and head.epoch == until.epoch
+            and head.offset >= until.offset
+        )
+        if until is not None and not caught_up:
+            self._resuming[channel][conn] = done
+
     def unsubscribe(self, conn: Subscriber, channel: str) -> bool:
         """Unsubscribe ``conn`` from ``channel``; return whether it was subscribed."""
+        resuming = self._resuming.get(channel)
+        if resuming:
+            resuming.pop(conn, None)
         filters = self.subscriptions[channel].pop(conn, None)
         if filters is None:
             return False
@@ -173,8 +289,9 @@ class Hub:
                     "system",
                     {
                         "event": EVENTS_MISSED,
-                        "message": "The server was cut off from its channel layer; events "
-                        "of this period may be missing. Fetch the current state again.",
+                        "message": "Events of this period may not have reached this "
+                        "connection. Subscribe again with 'since' to recover them, or fetch "
+                        "the current state again.",
                         "since": iso(datetime.fromtimestamp(since, UTC)),
                         "until": iso(datetime.fromtimestamp(until, UTC)),
                     },
@@ -186,9 +303,25 @@ class Hub:
             conn.deliver(frame)
         return len(conns)
 
-    def dispatch(self, channel: str, data: dict[str, Any], timestamp: str | None = None) -> int:
-        """Deliver one event to each matching local subscriber; return how many got it."""
+    def dispatch_entry(self, entry: Entry) -> int:
+        """Deliver one event read from its channel's stream (see :meth:`dispatch`)."""
+        return self.dispatch(entry.channel, entry.data, entry.timestamp, entry.position)
+
+    def dispatch(
+        self,
+        channel: str,
+        data: dict[str, Any],
+        timestamp: str | None = None,
+        position: StreamPosition | None = None,
+    ) -> int:
+        """Deliver one event to each matching local subscriber; return how many got it.
+
+        ``position`` is the event's place on its channel's stream, sent with it so that
+        clients can resume from there.
+        """
         topic = TOPICS[channel]
+        if position is not None:
+            self.heads[channel] = position
         if topic.drops_repeats:
             if topic.repeats(self._last.get(channel), data):
                 return 0
@@ -201,6 +334,7 @@ class Hub:
         buckets = [hosts.get(None)] + ([hosts.get(host_id)] if host_id is not None else [])
         frames = delivered = 0
         filters_of = self.subscriptions[channel]
+        resuming = self._resuming.get(channel)
         for variants in buckets:
             for conns in (variants or {}).values():
                 # one frame per audience (None for topics whose payload is the same for all)
@@ -219,12 +353,37 @@ class Hub:
                                     channel,
                                     topic.render_for(filters, data, audience),
                                     timestamp=timestamp,
+                                    position=position,
                                 )
                             )
                         )
                         frames += 1
+                    if (
+                        resuming
+                        and conn in resuming
+                        and self._withheld(resuming, conn, position, frame)
+                    ):
+                        continue
                     conn.deliver(frame)
                     delivered += 1
         self.stats["deliveries"] += delivered
         self.stats["frames"] += frames
         return delivered
+
+    @staticmethod
+    def _withheld(
+        resuming: dict[Subscriber, _Resume],
+        conn: Subscriber,
+        position: StreamPosition | None,
+        frame: Frame,
+    ) -> bool:
+        """Whether a resuming subscription does not get this live event now: held until
+        its replay is sent, or skipped as covered by the replay."""
+        pending = resuming[conn]
+        if pending.held is not None:
+            pending.held.append((position, frame))
+            return True
+        if pending.covers(position):
+            return True
+        del resuming[conn]  # past the replay: live from here on
+        return False

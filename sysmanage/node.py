@@ -33,10 +33,12 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from sysmanage import control, periodic
+from sysmanage import control, periodic, streams
 from sysmanage.control import ControlMessage
 from sysmanage.hub import Hub
-from sysmanage.protocol import iso
+from sysmanage.protocol import StreamPosition, iso
+from sysmanage.streams import Entry, MemoryStreams, RedisStreams
+from sysmanage.topics import TOPICS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ RETRY_MIN, RETRY_MAX = 0.2, 5.0
 INBOX_SIZE = 1000
 #: Attempts to hand one published message to the layer before giving up on it.
 PUBLISH_ATTEMPTS = 5
+#: Events numbered and stored in one round trip to Redis, at most.
+PUBLISH_BATCH = 200
+#: How long one read of the Redis streams waits for new events (milliseconds).
+READ_BLOCK_MS = 2000
 
 
 class EventMessage(TypedDict):
@@ -93,10 +99,19 @@ class Node:
 
     _current: ClassVar[Node | None] = None
 
-    def __init__(self, layer: ChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        layer: ChannelLayer,
+        loop: asyncio.AbstractEventLoop,
+        event_streams: MemoryStreams | RedisStreams | None = None,
+    ) -> None:
         self.layer = layer
         self.loop = loop
         self.hub = Hub()
+        #: the channel streams: events are numbered there and, with Redis, read back from
+        #: there by every process (:mod:`sysmanage.streams`)
+        self.streams = event_streams if event_streams is not None else make_streams()
+        self.hub.history = self.streams
         self.channel_name: str | None = None
         self._outbox: asyncio.Queue[LayerMessage] = asyncio.Queue()
         # Received but not yet fanned out; bounded so a backlog stays in the layer.  What
@@ -114,6 +129,10 @@ class Node:
         self.member_since = time.time()
         #: how many times the node found its membership lost (or the layer back) and rejoined
         self.rejoins = 0
+        #: how many times a channel's history was found lost (a new epoch) or cut short
+        self.stream_losses = 0
+        self._heads_checked_at = 0.0  # monotonic
+        self._membership_lock = asyncio.Lock()
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -152,11 +171,19 @@ class Node:
         self.channel_name = await self.layer.new_channel(prefix="hub")
         await self.layer.group_add(EVENTS_GROUP, self.channel_name)
         self.member_since = time.time()
+        if isinstance(self.streams, RedisStreams):
+            self.hub.heads.update(await self.streams.heads(TOPICS))
+            self._heads_checked_at = time.monotonic()
+            readers = [self.spawn(self._stream_loop(self.streams))]
+        else:
+            self.hub.heads.update({channel: self.streams.head(channel) for channel in TOPICS})
+            readers = []
         self._tasks = [
             self.spawn(self._receive_loop()),
             self.spawn(self._dispatch_loop()),
             self.spawn(self._publish_loop()),
             self.spawn(self._rejoin_loop()),
+            *readers,
             *(self.spawn(periodic.run_forever(job, self.hub)) for job in periodic.registered()),
         ]
         logger.info("node %s started", self.channel_name)
@@ -172,6 +199,9 @@ class Node:
         if self.channel_name is not None:
             with contextlib.suppress(Exception):
                 await self.layer.group_discard(EVENTS_GROUP, self.channel_name)
+        if isinstance(self.streams, RedisStreams):
+            with contextlib.suppress(Exception):
+                await self.streams.close()
         if Node._current is self:
             Node._current = None
 
@@ -242,7 +272,8 @@ class Node:
                 logger.exception("node failed to handle a %s message", message.get("type"))
 
     def handle(self, message: Mapping[str, Any]) -> None:
-        """Act on one layer message: an event to fan out, or a control message."""
+        """Act on one layer message: a control message, or an event sent on the layer
+        itself (not through the streams: it has no position, and cannot be resumed)."""
         kind = message.get("type")
         if kind == "hub.event":
             self.hub.dispatch(message["channel"], message["data"], message.get("timestamp"))
@@ -258,9 +289,137 @@ class Node:
         self._outbox.put_nowait(message)
 
     async def _publish_loop(self) -> None:
+        """Forward what this process publishes, in order: events to the channel streams
+        (several per round trip when they queue up), control messages to the layer."""
         while True:
-            message = await self._outbox.get()
-            await self._publish_one(message)
+            pending = [await self._outbox.get()]
+            while len(pending) < PUBLISH_BATCH and not self._outbox.empty():
+                pending.append(self._outbox.get_nowait())
+            events: list[EventMessage] = []
+            for message in pending:
+                if message["type"] == "hub.event":
+                    events.append(message)
+                    continue
+                if events:
+                    await self._store_events(events)
+                    events = []
+                await self._publish_one(message)
+            if events:
+                await self._store_events(events)
+
+    async def _store_events(self, events: list[EventMessage]) -> None:
+        """Number and keep ``events`` on their channels' streams.
+
+        In memory they are fanned out here at once; with Redis every process (this one
+        included) reads them back from the streams (:meth:`_stream_loop`).
+        """
+        if isinstance(self.streams, MemoryStreams):
+            for message in events:
+                entry = self.streams.append(
+                    message["channel"], message["event"], message["data"], message["timestamp"]
+                )
+                try:
+                    self.hub.dispatch_entry(entry)
+                except Exception:
+                    logger.exception("node failed to fan out a %s event", entry.event)
+            return
+        batch = [(m["channel"], m["event"], m["data"], m["timestamp"]) for m in events]
+        delay = RETRY_MIN
+        for _attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.streams.publish(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.layer_failed("publishing", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        self.publish_failures += len(events)
+        logger.error(
+            "dropped %d event(s) (%s) after %d attempts: Redis is unreachable",
+            len(events),
+            ", ".join(sorted({m["event"] for m in events})),
+            PUBLISH_ATTEMPTS,
+        )
+
+    async def _stream_loop(self, source: RedisStreams) -> None:
+        """Read every channel's stream from where this process is, and fan the events
+        out in offset order; check the streams' epochs every ``LAYER_REJOIN_SECONDS``
+        and after a failure, so that a Redis that restarted empty is noticed."""
+        delay = RETRY_MIN
+        check_heads = False
+        while True:
+            try:
+                due = time.monotonic() - self._heads_checked_at >= settings.LAYER_REJOIN_SECONDS
+                if check_heads or due:
+                    heads = await source.heads(TOPICS)
+                    # Back from a failure: rejoin first, so that one notice covers both.
+                    told = check_heads and await self.check_membership()
+                    lost = self.adopt_heads(heads)
+                    if lost and not told:
+                        self.stream_lost(lost, "its history was lost (Redis restarted empty)")
+                    check_heads = False
+                batches = await source.read_new(dict(self.hub.heads), READ_BLOCK_MS)
+                delay = RETRY_MIN
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.layer_failed("reading the event streams", exc)
+                check_heads = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            for _channel, entries in batches:
+                for entry in entries:
+                    self.take_entry(entry)
+
+    def take_entry(self, entry: Entry) -> None:
+        """Fan out one event read from its stream, noting a history that went missing."""
+        head = self.hub.heads.get(entry.channel)
+        if head is not None and head.epoch != entry.position.epoch:
+            # read past a reset we have not checked yet: start the new history over
+            lost = self.adopt_heads({entry.channel: entry.position})
+            self.stream_lost(lost, "its history was lost (Redis restarted empty)")
+            return
+        if head is not None and entry.position.offset > head.offset + 1:
+            self.stream_lost(
+                [entry.channel],
+                f"events {head.offset + 1}..{entry.position.offset - 1} left its history "
+                "before this process read them",
+            )
+        try:
+            self.hub.dispatch_entry(entry)
+        except Exception:
+            logger.exception("node failed to fan out a %s event", entry.event)
+
+    def adopt_heads(self, heads: Mapping[str, StreamPosition]) -> list[str]:
+        """Compare the streams' epochs with this process's; a channel whose history was
+        replaced (Redis restarted empty, or lost the key) is read again from its start.
+        Return those channels."""
+        self._heads_checked_at = time.monotonic()
+        lost = []
+        for channel, head in heads.items():
+            known = self.hub.heads.get(channel)
+            if known is None or known.epoch == head.epoch:
+                continue
+            self.hub.heads[channel] = StreamPosition(head.epoch, 0)
+            lost.append(channel)
+        return lost
+
+    def stream_lost(self, channels: list[str], why: str) -> None:
+        """Say once that events of ``channels`` may be missing here, and tell the clients."""
+        if not channels:
+            return
+        self.stream_losses += 1
+        now = time.time()
+        told = self.hub.notify_events_missed(now, now)
+        logger.warning(
+            "channel(s) %s: %s; %d client connections told that events may be missing",
+            ", ".join(channels),
+            why,
+            told,
+        )
 
     async def _publish_one(self, message: LayerMessage) -> None:
         delay = RETRY_MIN
@@ -330,6 +489,10 @@ class Node:
         every client connection of this process that events may have been missed.
         Return whether that happened.
         """
+        async with self._membership_lock:  # the stream reader checks too, after a failure
+            return await self._check_membership()
+
+    async def _check_membership(self) -> bool:
         assert self.channel_name is not None
         try:
             member = await is_group_member(self.layer, EVENTS_GROUP, self.channel_name)
@@ -381,6 +544,13 @@ async def is_group_member(layer: ChannelLayer, group: str, channel: str) -> bool
     return None
 
 
+def make_streams() -> MemoryStreams | RedisStreams:
+    """The channel streams this deployment keeps: in Redis with ``REDIS_URL``, else in memory."""
+    if settings.REDIS_URL:
+        return RedisStreams(settings.REDIS_URL)
+    return MemoryStreams()
+
+
 async def running_hub() -> Hub:
     """This process's hub, its node started on first use (see :meth:`Node.for_running_loop`)."""
     return (await Node.for_running_loop()).hub
@@ -402,7 +572,16 @@ def send_to_nodes(message: LayerMessage) -> None:
         return
     _warn_if_unshared_layer()
     try:
-        async_to_sync(channel_layer().group_send)(EVENTS_GROUP, dict(message))
+        if message["type"] == "hub.event" and settings.REDIS_URL:
+            streams.publish_blocking(
+                settings.REDIS_URL,
+                message["channel"],
+                message["event"],
+                message["data"],
+                message["timestamp"],
+            )
+        else:
+            async_to_sync(channel_layer().group_send)(EVENTS_GROUP, dict(message))
     except Exception:
         # The change itself is committed; failing the request now would only invite a
         # duplicate retry.  Say loudly which event was lost instead.

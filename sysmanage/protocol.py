@@ -109,6 +109,9 @@ class ServerMessage(TypedDict):
     data: JSONObject
     timestamp: str
     id: NotRequired[str | int]
+    #: (``event`` messages) the event's position on its channel's stream
+    offset: NotRequired[int]
+    epoch: NotRequired[str]
 
 
 def utc_now_iso() -> str:
@@ -136,8 +139,10 @@ def envelope(
     *,
     id_: str | int | None = None,
     timestamp: str | None = None,
+    position: StreamPosition | None = None,
 ) -> ServerMessage:
-    """Build a server message; ``id`` is present only when answering a request."""
+    """Build a server message; ``id`` is present only when answering a request, and an
+    event's ``offset`` and ``epoch`` only when it has a place on its channel's stream."""
     message: ServerMessage = {
         "type": str(type_),
         "channel": channel,
@@ -146,6 +151,9 @@ def envelope(
     }
     if id_ is not None:
         message["id"] = id_
+    if position is not None:
+        message["offset"] = position.offset
+        message["epoch"] = position.epoch
     return message
 
 
@@ -200,6 +208,26 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """A place on a channel's stream: the ``offset`` of an event in history ``epoch``.
+
+    Offsets grow by one with every event published on the channel, cluster-wide; the
+    epoch names one unbroken history, and changes when the history was lost.
+    """
+
+    epoch: str
+    offset: int
+
+    def to_json(self) -> JSONObject:
+        """The position as sent to clients (``{"epoch": …, "offset": …}``)."""
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+#: Longest ``since.epoch`` a client may send (the server's epochs are much shorter).
+MAX_EPOCH_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
 class ClientMessage:
     """A parsed, shape-checked message from a client."""
 
@@ -208,6 +236,8 @@ class ClientMessage:
     data: JSONObject
     filters: JSONObject | None
     id: str | int | None
+    #: (``subscribe``) the last position the client saw on the channel, to resume from
+    since: StreamPosition | None = None
 
 
 def load_object(text: str) -> tuple[JSONObject, str | int | None]:
@@ -276,7 +306,36 @@ def parse_client_message(text: str) -> ClientMessage:
             id_=id_,
             requested_channel=channel,
         )
-    return ClientMessage(type=type_, channel=channel, data=data, filters=filters, id=id_)
+    since = _parse_since(raw.get("since"), id_, channel) if "since" in raw else None
+    return ClientMessage(
+        type=type_, channel=channel, data=data, filters=filters, id=id_, since=since
+    )
+
+
+def _parse_since(value: Any, id_: str | int | None, channel: str | None) -> StreamPosition | None:
+    """Check a subscribe's ``since``: null, or ``{"epoch": str, "offset": int >= 0}``."""
+    if value is None:
+        return None
+    problem = None
+    if not isinstance(value, dict) or set(value) != {"epoch", "offset"}:
+        problem = "'since' must be an object with exactly 'epoch' and 'offset'"
+    elif not isinstance(value["epoch"], str) or not 0 < len(value["epoch"]) <= MAX_EPOCH_LENGTH:
+        problem = f"'since.epoch' must be a string of 1 to {MAX_EPOCH_LENGTH} characters"
+    elif (
+        isinstance(value["offset"], bool)
+        or not isinstance(value["offset"], int)
+        or not 0 <= value["offset"] <= MAX_INT_ID
+    ):
+        problem = "'since.offset' must be an integer from 0 to 2**53-1"
+    if problem is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            problem,
+            channel="subscription",
+            id_=id_,
+            requested_channel=channel,
+        )
+    return StreamPosition(epoch=value["epoch"], offset=value["offset"])
 
 
 def request_id_of(text: str) -> str | int | None:

@@ -248,6 +248,22 @@ else:
 # rejoins and tells its clients that events may have been missed (sysmanage.node).
 LAYER_REJOIN_SECONDS = float(env("LAYER_REJOIN_SECONDS", "5") or "5")
 
+# Channel streams (sysmanage.streams): how much of each channel's recent history is kept
+# for clients that resume after a disconnect (count and age; whichever is reached first).
+# host_metrics keeps less: its charts back-fill from the stored per-minute history.
+STREAM_HISTORY = {
+    "default": {
+        "size": env_int("STREAM_HISTORY_SIZE", 10_000),
+        "seconds": float(env("STREAM_HISTORY_SECONDS", "600") or "600"),
+    },
+    "host_metrics": {
+        "size": env_int("STREAM_METRICS_HISTORY_SIZE", 2_000),
+        "seconds": float(env("STREAM_METRICS_HISTORY_SECONDS", "120") or "120"),
+    },
+}
+# Redis keys of the streams (with REDIS_URL): beside the channel layer's, same prefix.
+STREAM_KEY_PREFIX = (env("SYSMANAGE_REDIS_PREFIX", "sysmanage") or "sysmanage") + ":stream"
+
 # --- Authentication -----------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -52,12 +52,15 @@ async def test_subscribe_confirms_channel_and_filters(viewer_socket, host):
     )
     assert reply["channel"] == "system_alerts"
     assert reply["id"] == "s1"
+    position = reply["data"].pop("position")
     assert reply["data"] == {
         "action": "subscribe",
         "status": "subscribed",
         "channel": "system_alerts",
         "filters": {"severity": ["warning", "critical"]},
     }
+    assert set(position) == {"epoch", "offset"}
+    assert isinstance(position["offset"], int)
 
 
 async def test_every_channel_can_be_subscribed(staff_socket, host):

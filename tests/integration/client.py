@@ -64,6 +64,14 @@ def assert_envelope(message: Any) -> None:
     missing = ENVELOPE_KEYS - message.keys()
     assert not missing, f"message lacks {missing}: {message}"
     extra = message.keys() - ENVELOPE_KEYS - {"id"}
+    if message.get("type") == "event":
+        # an event's place on its channel's stream: both or neither
+        assert {"offset", "epoch"} <= message.keys(), f"event without its position: {message}"
+        assert isinstance(message["offset"], int), message
+        assert message["offset"] >= 1, message
+        assert isinstance(message["epoch"], str), message
+        assert message["epoch"], message
+        extra -= {"offset", "epoch"}
     assert not extra, f"message has unexpected keys {extra}: {message}"
     assert message["type"] in SERVER_TYPES, message
     assert isinstance(message["channel"], str), message

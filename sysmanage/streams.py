@@ -1,0 +1,329 @@
+"""
+Channel streams: every event's place on its channel, and the recent history to resume from.
+
+Each channel is a stream.  Publishing an event gives it the next **offset** of its
+channel (1, 2, 3…, cluster-wide) in the channel's current **epoch**, a random name for
+one unbroken history; a client that saw offset N in epoch E and lost its socket
+subscribes again with ``since`` and gets every event after N that it would have
+received (:meth:`Streams.read_after`), or is told the history cannot cover the gap.
+
+Two stores, one per deployment:
+
+- :class:`MemoryStreams` (one process, the in-memory layer): a bounded deque per
+  channel.  The epoch is new at every start, so a client never resumes across a restart
+  of the process that held its history.
+- :class:`RedisStreams` (several processes): a Redis stream per channel whose entry ids
+  are the offsets, plus a hash holding the epoch and the last offset.  One Lua script
+  numbers, stores and trims each event atomically, so offsets never repeat or go back;
+  every process reads the streams (``XREAD``) and fans the events out in offset order.
+  A Redis that restarts empty (or evicts a channel's hash) gets a new epoch on first use,
+  so stale positions are recognised, never misread.
+
+History is bounded by count and age per channel (``STREAM_HISTORY_*`` settings); a gap
+that reaches past what is kept is reported as not recovered, never replayed in part.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from sysmanage.protocol import StreamPosition
+
+#: How many entries one ``XREAD`` hands over at most.
+READ_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One event as kept on its channel's stream."""
+
+    channel: str
+    position: StreamPosition
+    event: str
+    data: dict[str, Any]
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a stream holds after a client's position (:meth:`Streams.read_after`)."""
+
+    #: the channel's position now (its epoch and last offset)
+    head: StreamPosition
+    #: the events after the asked offset, oldest first (empty unless ``complete``)
+    entries: list[Entry]
+    #: whether ``entries`` are every event after the asked position
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How much of one channel's history is kept."""
+
+    size: int
+    seconds: float
+
+
+def bounds_for(channel: str) -> Bounds:
+    """The history bounds of ``channel`` (settings ``STREAM_HISTORY`` and its overrides)."""
+    default = settings.STREAM_HISTORY["default"]
+    chosen = settings.STREAM_HISTORY.get(channel, default)
+    return Bounds(size=int(chosen["size"]), seconds=float(chosen["seconds"]))
+
+
+def new_epoch() -> str:
+    """A fresh epoch name: short, random, URL-safe."""
+    return secrets.token_urlsafe(6)
+
+
+def _judge(since: int, head: StreamPosition, first: int | None, epoch: str) -> bool:
+    """Whether a history whose oldest kept offset is ``first`` covers everything after
+    ``since`` in ``epoch`` (``head`` is the stream's position now)."""
+    if epoch != head.epoch or since > head.offset:
+        return False
+    return since == head.offset or (first is not None and first <= since + 1)
+
+
+class MemoryStreams:
+    """The streams of a single process, kept in memory; offsets start at 1 per start."""
+
+    def __init__(self) -> None:
+        self._epoch = new_epoch()
+        self._offsets: dict[str, int] = {}
+        self._kept: dict[str, deque[tuple[float, Entry]]] = {}
+
+    def head(self, channel: str) -> StreamPosition:
+        """The channel's position now: its epoch and last offset (0 before any event)."""
+        return StreamPosition(self._epoch, self._offsets.get(channel, 0))
+
+    def append(self, channel: str, event: str, data: dict[str, Any], timestamp: str) -> Entry:
+        """Number ``event`` on its channel, keep it within the bounds, and return it."""
+        offset = self._offsets.get(channel, 0) + 1
+        self._offsets[channel] = offset
+        entry = Entry(channel, StreamPosition(self._epoch, offset), event, data, timestamp)
+        bounds = bounds_for(channel)
+        kept = self._kept.get(channel)
+        if kept is None:
+            kept = self._kept[channel] = deque(maxlen=max(bounds.size, 1))
+        now = time.monotonic()
+        kept.append((now, entry))
+        oldest = now - bounds.seconds
+        while kept and kept[0][0] < oldest:
+            kept.popleft()
+        return entry
+
+    async def read_after(self, channel: str, since: StreamPosition) -> History:
+        """The events after ``since`` on ``channel``, if all of them are still kept.
+
+        It never waits (a coroutine only to match :class:`RedisStreams`): nothing is
+        published between the read and the caller's next step.
+        """
+        head = self.head(channel)
+        kept = self._kept.get(channel, deque())
+        first = kept[0][1].position.offset if kept else None
+        if not _judge(since.offset, head, first, since.epoch):
+            return History(head, [], False)
+        skip = since.offset + 1 - first if first is not None else 0
+        entries = [entry for _, entry in list(kept)[max(skip, 0) :]]
+        return History(head, entries, True)
+
+
+# -- Redis -----------------------------------------------------------------------------
+
+#: Number, store and trim one event.  KEYS: stream, meta hash.  ARGV: a new epoch (used
+#: if the hash has none), the payload, the size bound, the oldest time to keep (ms), now
+#: (ms).  Returns {epoch, offset}.
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], offset .. '-0',
+  'e', epoch, 't', ARGV[5], 'p', ARGV[2])
+for _ = 1, 16 do
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first == 0 or tonumber(first[1][2][4]) >= tonumber(ARGV[4]) then break end
+  redis.call('XDEL', KEYS[1], first[1][1])
+end
+return {epoch, offset}
+"""
+
+#: A channel's position, creating its epoch if it has none.  KEYS: stream, meta hash.
+#: ARGV: a new epoch.  Returns {epoch, offset}.
+HEAD_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  return {epoch, 0}
+end
+return {epoch, tonumber(redis.call('HGET', KEYS[2], 'offset'))}
+"""
+
+#: The position and the events after an offset, read at one instant.  KEYS: stream,
+#: meta hash.  ARGV: a new epoch, the offset.  Returns {epoch, offset, first kept
+#: offset or -1, entries after the offset}.
+READ_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  return {epoch, 0, -1, {}}
+end
+local head = tonumber(redis.call('HGET', KEYS[2], 'offset'))
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local first_offset = -1
+if #first > 0 then first_offset = tonumber(string.match(first[1][1], '^(%d+)')) end
+local after = tonumber(ARGV[2])
+local entries = {}
+if after < head and first_offset ~= -1 and first_offset <= after + 1 then
+  entries = redis.call('XRANGE', KEYS[1], (after + 1) .. '-0', '+')
+end
+return {epoch, head, first_offset, entries}
+"""
+
+
+def stream_keys(channel: str) -> tuple[str, str]:
+    """The Redis keys of ``channel``'s stream and of its epoch-and-offset hash.
+
+    Both share a hash tag, so the scripts may touch them together on a Redis Cluster.
+    """
+    base = f"{settings.STREAM_KEY_PREFIX}:{{{channel}}}"
+    return f"{base}:events", f"{base}:meta"
+
+
+def encode_payload(event: str, data: Mapping[str, Any], timestamp: str) -> str:
+    """What a stream entry keeps of an event, besides its position."""
+    return json.dumps({"event": event, "data": data, "timestamp": timestamp}, default=str)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_entry(channel: str, entry_id: bytes | str, fields: Any) -> Entry:
+    """Rebuild an :class:`Entry` from a stream entry (``fields`` as a dict or a flat list)."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    fields = {_text(k): v for k, v in fields.items()}
+    payload = json.loads(fields["p"])
+    offset = int(_text(entry_id).split("-", 1)[0])
+    return Entry(
+        channel,
+        StreamPosition(_text(fields["e"]), offset),
+        payload["event"],
+        payload["data"],
+        payload["timestamp"],
+    )
+
+
+def publish_args(channel: str, payload: str) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of :data:`PUBLISH_SCRIPT` for one event of ``channel``."""
+    bounds = bounds_for(channel)
+    now_ms = int(time.time() * 1000)
+    return list(stream_keys(channel)), [
+        new_epoch(),
+        payload,
+        bounds.size,
+        now_ms - int(bounds.seconds * 1000),
+        now_ms,
+    ]
+
+
+def position_of(reply: Iterable[Any]) -> StreamPosition:
+    """A script's ``{epoch, offset}`` reply as a position."""
+    epoch, offset = reply
+    return StreamPosition(_text(epoch), int(offset))
+
+
+class RedisStreams:
+    """The channel streams of a cluster, in Redis (async, for a server process's node)."""
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as aioredis  # only deployments with Redis need it
+
+        # Reads block for up to READ_BLOCK_MS; give the socket room beyond that.
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+        # A dedicated connection for blocking reads, so publishing never waits behind one.
+        self.reader = aioredis.Redis.from_url(
+            url, socket_timeout=30, socket_connect_timeout=5, single_connection_client=True
+        )
+        self._publish = self.redis.register_script(PUBLISH_SCRIPT)
+        self._head = self.redis.register_script(HEAD_SCRIPT)
+        self._read = self.redis.register_script(READ_SCRIPT)
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self.reader.aclose()
+        await self.redis.aclose()
+
+    async def publish(self, events: Sequence[tuple[str, str, Mapping[str, Any], str]]) -> None:
+        """Number and store ``events`` (channel, name, data, timestamp), in order, in one
+        round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, event, data, timestamp in events:
+                keys, args = publish_args(channel, encode_payload(event, data, timestamp))
+                await self._publish(keys=keys, args=args, client=pipe)
+            await pipe.execute()
+
+    async def heads(self, channels: Iterable[str]) -> dict[str, StreamPosition]:
+        """Every channel's position now (creating the epochs that are missing)."""
+        found = {}
+        for channel in channels:
+            reply = await self._head(keys=list(stream_keys(channel)), args=[new_epoch()])
+            found[channel] = position_of(reply)
+        return found
+
+    async def read_after(self, channel: str, since: StreamPosition) -> History:
+        """The events after ``since`` on ``channel``, if all of them are still kept."""
+        epoch, head_offset, first, raw = await self._read(
+            keys=list(stream_keys(channel)), args=[new_epoch(), since.offset]
+        )
+        head = StreamPosition(_text(epoch), int(head_offset))
+        first_offset = int(first) if int(first) >= 0 else None
+        if not _judge(since.offset, head, first_offset, since.epoch):
+            return History(head, [], False)
+        entries = [decode_entry(channel, entry_id, fields) for entry_id, fields in raw]
+        return History(head, entries, True)
+
+    async def read_new(
+        self, positions: Mapping[str, StreamPosition], block_ms: int
+    ) -> list[tuple[str, list[Entry]]]:
+        """Wait up to ``block_ms`` for events after ``positions``; return them by channel."""
+        streams: dict[Any, Any] = {
+            stream_keys(channel)[0]: f"{p.offset}-0" for channel, p in positions.items()
+        }
+        channel_of = {stream_keys(channel)[0]: channel for channel in positions}
+        reply: Any = await self.reader.xread(streams, count=READ_BATCH, block=block_ms)
+        found = []
+        for key, entries in reply or ():
+            channel = channel_of[_text(key)]
+            found.append(
+                (channel, [decode_entry(channel, entry_id, fields) for entry_id, fields in entries])
+            )
+        return found
+
+
+def publish_blocking(url: str, channel: str, event: str, data: Mapping[str, Any], ts: str) -> None:
+    """Number and store one event from a process without a node (management commands)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        keys, args = publish_args(channel, encode_payload(event, data, ts))
+        client.register_script(PUBLISH_SCRIPT)(keys=keys, args=args)
+    finally:
+        client.close()

@@ -1,0 +1,310 @@
+"""Channel streams: offsets, epochs and bounded history, in memory and in Redis; and the
+hub's resume, which joins a replay to the live events without a gap or a duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+
+from sysmanage.hub import Hub
+from sysmanage.protocol import StreamPosition
+from sysmanage.streams import MemoryStreams, RedisStreams, stream_keys
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def small_history(settings, size=5, seconds=600.0):
+    settings.STREAM_HISTORY = {
+        "default": {"size": size, "seconds": seconds},
+        "host_metrics": {"size": 2, "seconds": seconds},
+    }
+
+
+def event(n, host="h1"):
+    return {"n": n, "host_id": host}
+
+
+# -- memory ----------------------------------------------------------------------------
+
+
+async def test_memory_offsets_count_per_channel_from_one(settings):
+    small_history(settings)
+    streams = MemoryStreams()
+    assert streams.head("host_status").offset == 0
+    offsets = [streams.append("host_status", "e", event(i), "t").position.offset for i in range(3)]
+    assert offsets == [1, 2, 3]
+    assert streams.append("system_alerts", "e", event(0), "t").position.offset == 1
+    assert streams.head("host_status") == StreamPosition(streams.head("x").epoch, 3)
+
+
+async def test_memory_read_after_returns_exactly_the_missed_events(settings):
+    small_history(settings)
+    streams = MemoryStreams()
+    for i in range(1, 5):
+        streams.append("host_status", "e", event(i), "t")
+    epoch = streams.head("host_status").epoch
+    history = await streams.read_after("host_status", StreamPosition(epoch, 2))
+    assert history.complete
+    assert [e.position.offset for e in history.entries] == [3, 4]
+    assert [e.data["n"] for e in history.entries] == [3, 4]
+    assert history.head == StreamPosition(epoch, 4)
+    nothing = await streams.read_after("host_status", StreamPosition(epoch, 4))
+    assert nothing.complete
+    assert nothing.entries == []
+
+
+async def test_memory_refuses_a_gap_longer_than_the_history(settings):
+    small_history(settings, size=5)
+    streams = MemoryStreams()
+    for i in range(1, 11):
+        streams.append("host_status", "e", event(i), "t")
+    epoch = streams.head("host_status").epoch
+    # offsets 6..10 are kept: resuming after 5 is complete, after 4 is not
+    assert (await streams.read_after("host_status", StreamPosition(epoch, 5))).complete
+    short = await streams.read_after("host_status", StreamPosition(epoch, 4))
+    assert not short.complete
+    assert short.entries == []
+    assert short.head.offset == 10
+
+
+async def test_memory_drops_events_older_than_the_age_bound(settings, monkeypatch):
+    small_history(settings, size=100, seconds=10)
+    clock = [1000.0]
+    monkeypatch.setattr("sysmanage.streams.time.monotonic", lambda: clock[0])
+    streams = MemoryStreams()
+    streams.append("host_status", "e", event(1), "t")
+    clock[0] += 11
+    streams.append("host_status", "e", event(2), "t")
+    epoch = streams.head("host_status").epoch
+    assert not (await streams.read_after("host_status", StreamPosition(epoch, 0))).complete
+    assert (await streams.read_after("host_status", StreamPosition(epoch, 1))).complete
+
+
+async def test_memory_refuses_another_epoch_and_a_position_from_the_future(settings):
+    small_history(settings)
+    streams = MemoryStreams()
+    streams.append("host_status", "e", event(1), "t")
+    epoch = streams.head("host_status").epoch
+    assert not (await streams.read_after("host_status", StreamPosition("other", 0))).complete
+    assert not (await streams.read_after("host_status", StreamPosition(epoch, 2))).complete
+    # a new process (restart) is a new epoch: the old positions mean nothing there
+    assert MemoryStreams().head("host_status").epoch != epoch
+
+
+async def test_metrics_keep_their_own_smaller_history(settings):
+    small_history(settings, size=5)
+    streams = MemoryStreams()
+    for i in range(1, 5):
+        streams.append("host_metrics", "e", event(i), "t")
+    epoch = streams.head("host_metrics").epoch
+    assert (await streams.read_after("host_metrics", StreamPosition(epoch, 2))).complete
+    assert not (await streams.read_after("host_metrics", StreamPosition(epoch, 1))).complete
+
+
+# -- Redis -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_streams(settings):
+    """Streams in the local Redis under a prefix of their own, deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    settings.STREAM_KEY_PREFIX = f"test-{secrets.token_hex(4)}:stream"
+    small_history(settings, size=5)
+    yield client
+    keys = list(client.scan_iter(f"{settings.STREAM_KEY_PREFIX}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+async def test_redis_numbers_events_and_replays_them_in_order(redis_streams):
+    streams = RedisStreams(REDIS_URL)
+    try:
+        start = (await streams.heads(["host_status"]))["host_status"]
+        assert start.offset == 0
+        await streams.publish([("host_status", "e", event(i), f"t{i}") for i in range(1, 5)])
+        history = await streams.read_after("host_status", StreamPosition(start.epoch, 1))
+        assert history.complete
+        assert [(e.position.offset, e.data["n"], e.timestamp) for e in history.entries] == [
+            (2, 2, "t2"),
+            (3, 3, "t3"),
+            (4, 4, "t4"),
+        ]
+        assert {e.position.epoch for e in history.entries} == {start.epoch}
+        batches = await streams.read_new({"host_status": StreamPosition(start.epoch, 2)}, 10)
+        assert [(c, [e.position.offset for e in es]) for c, es in batches] == [
+            ("host_status", [3, 4])
+        ]
+    finally:
+        await streams.close()
+
+
+async def test_redis_history_is_bounded_and_never_partly_replayed(redis_streams):
+    streams = RedisStreams(REDIS_URL)
+    try:
+        epoch = (await streams.heads(["host_status"]))["host_status"].epoch
+        await streams.publish([("host_status", "e", event(i), "t") for i in range(1, 401)])
+        stream_key, _ = stream_keys("host_status")
+        kept = redis_streams.xlen(stream_key)
+        assert 5 <= kept < 400  # MAXLEN ~ trims in whole nodes: at least the bound
+        assert not (await streams.read_after("host_status", StreamPosition(epoch, 0))).complete
+        recent = await streams.read_after("host_status", StreamPosition(epoch, 395))
+        assert recent.complete
+        assert [e.position.offset for e in recent.entries] == list(range(396, 401))
+    finally:
+        await streams.close()
+
+
+async def test_redis_drops_events_older_than_the_age_bound(redis_streams, settings):
+    small_history(settings, size=100, seconds=0.2)
+    streams = RedisStreams(REDIS_URL)
+    try:
+        epoch = (await streams.heads(["host_status"]))["host_status"].epoch
+        await streams.publish([("host_status", "e", event(1), "t")])
+        await asyncio.sleep(0.3)
+        await streams.publish([("host_status", "e", event(2), "t")])
+        assert not (await streams.read_after("host_status", StreamPosition(epoch, 0))).complete
+        assert (await streams.read_after("host_status", StreamPosition(epoch, 1))).complete
+    finally:
+        await streams.close()
+
+
+async def test_a_redis_that_lost_its_data_starts_a_new_epoch(redis_streams):
+    streams = RedisStreams(REDIS_URL)
+    try:
+        before = (await streams.heads(["host_status"]))["host_status"]
+        await streams.publish([("host_status", "e", event(i), "t") for i in range(3)])
+        redis_streams.delete(*stream_keys("host_status"))  # what a Redis restarted empty is
+        await streams.publish([("host_status", "e", event(9), "t")])
+        after = (await streams.heads(["host_status"]))["host_status"]
+        assert after.epoch != before.epoch
+        assert after.offset == 1
+        stale = await streams.read_after("host_status", StreamPosition(before.epoch, 3))
+        assert not stale.complete
+        assert stale.entries == []
+    finally:
+        await streams.close()
+
+
+def test_the_stream_keys_share_one_hash_tag(settings):
+    settings.STREAM_KEY_PREFIX = "p:stream"
+    events, meta = stream_keys("host_status")
+    assert events == "p:stream:{host_status}:events"
+    assert meta == "p:stream:{host_status}:meta"
+    assert django_settings.STREAM_KEY_PREFIX == "p:stream"
+
+
+# -- the hub's resume --------------------------------------------------------------------
+
+
+class Recorder:
+    user_id = "u"
+    session_tag = None
+    rights: frozenset[str] = frozenset()
+
+    def __init__(self):
+        self.messages = []
+
+    def deliver(self, frame):
+        self.messages.append(json.loads(frame.text))
+
+    def close_from_hub(self, code, error):
+        pass
+
+    def offsets(self):
+        return [m["offset"] for m in self.messages]
+
+
+class SlowHistory:
+    """A history whose read waits until released, while live events keep arriving."""
+
+    def __init__(self, streams):
+        self.streams = streams
+        self.reading = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def read_after(self, channel, since):
+        history = await self.streams.read_after(channel, since)
+        self.reading.set()
+        await self.go.wait()
+        return history
+
+
+async def test_a_resume_joins_replay_and_live_events_without_gap_or_duplicate(settings):
+    small_history(settings, size=100)
+    streams = MemoryStreams()
+    hub = Hub()
+    hub.history = slow = SlowHistory(streams)
+
+    def publish(n, host="h1"):
+        hub.dispatch_entry(streams.append("host_status", "e", event(n, host), "t"))
+
+    for n in range(1, 6):
+        publish(n, host="h1" if n % 2 else "h2")
+    conn = Recorder()
+    epoch = streams.head("host_status").epoch
+    resuming = asyncio.ensure_future(
+        hub.resume(conn, "host_status", {"host_id": "h1"}, StreamPosition(epoch, 1))
+    )
+    await slow.reading.wait()
+    publish(6, host="h1")  # after the history was read: held, then sent
+    publish(7, host="h1")
+    assert conn.messages == []
+    slow.go.set()
+    recovered, head, missed = await resuming
+    assert recovered
+    assert head == StreamPosition(epoch, 5)
+    hub.replay(conn, "host_status", {"host_id": "h1"}, missed)
+    hub.release(conn, "host_status", head)
+    publish(8, host="h1")
+    publish(9, host="h2")
+    # h1's events after offset 1, each once, in order: the replay (3, 5), then live
+    assert conn.offsets() == [3, 5, 6, 7, 8]
+    assert {m["epoch"] for m in conn.messages} == {epoch}
+    assert all(m["data"]["host_id"] == "h1" for m in conn.messages)
+
+
+async def test_events_the_replay_covered_are_skipped_when_they_arrive_late(settings):
+    """With Redis, a process may read its streams behind the history a client resumes
+    from: what the replay already sent must not come again."""
+    small_history(settings, size=100)
+    streams = MemoryStreams()
+    hub = Hub()
+    hub.history = streams
+    entries = [streams.append("host_status", "e", event(n), "t") for n in range(1, 5)]
+    hub.dispatch_entry(entries[0])  # this process has dispatched offset 1 only
+    conn = Recorder()
+    epoch = streams.head("host_status").epoch
+    recovered, head, missed = await hub.resume(conn, "host_status", {}, StreamPosition(epoch, 1))
+    assert recovered
+    assert head.offset == 4
+    hub.replay(conn, "host_status", {}, missed)
+    hub.release(conn, "host_status", head)
+    for entry in entries[1:]:
+        hub.dispatch_entry(entry)  # the late arrivals of 2..4
+    hub.dispatch_entry(streams.append("host_status", "e", event(5), "t"))
+    assert conn.offsets() == [2, 3, 4, 5]
+
+
+async def test_a_subscription_without_a_usable_history_is_not_recovered(settings):
+    small_history(settings)
+    streams = MemoryStreams()
+    hub = Hub()
+    hub.history = streams
+    hub.heads["host_status"] = streams.head("host_status")
+    conn = Recorder()
+    recovered, head, missed = await hub.resume(conn, "host_status", {}, StreamPosition("gone", 7))
+    assert not recovered
+    assert missed == []
+    hub.release(conn, "host_status", head)
+    hub.dispatch_entry(streams.append("host_status", "e", event(1), "t"))
+    assert conn.offsets() == [1]
