@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.client import WsClient, api, next_id, obtain_tokens, ws_connect
-from tests.integration.harness import Deployment
+from tests.integration.harness import REPO_ROOT, Deployment
 from tests.integration.tokens import forge_access_token
 
 pytestmark = pytest.mark.integration
@@ -305,3 +308,54 @@ async def test_in_the_grace_subscribe_is_refused_events_flow_and_refresh_restore
         await asyncio.sleep(max(0.0, expires + GRACE - time.time()) + 0.5)
         await client.ping()  # the first token's grace is over: the socket lives on
         assert not [m for m in client.pending if m["type"] == "error"], client.pending
+
+
+# -- ws_watch.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["password", "refresh-token"])
+async def test_ws_watch_refreshes_in_band(short_lived: Deployment, how: str, tmp_path: Path):
+    base = short_lived.server.base_url
+    if how == "password":
+        secret_file = tmp_path / "password"
+        secret_file.write_text(short_lived.password + "\n")
+        credentials = ["--username", "admin", "--password-file", str(secret_file)]
+    else:
+        tokens = await fresh_tokens(short_lived)
+        credentials = ["--token", tokens["access"], "--refresh-token", tokens["refresh"]]
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "ws_watch.py"),
+        "--url",
+        base,
+        *credentials,
+        "--channel",
+        "user_activity",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert watcher.stdout is not None
+    messages: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(3 * TTL + GRACE + 10):
+            # two in-band refreshes: the connection outlived two tokens
+            while sum(m["type"] == "response" and m["channel"] == "system" for m in messages) < 2:
+                line = await watcher.stdout.readline()
+                assert line, "ws_watch.py stopped"
+                messages.append(json.loads(line))
+    finally:
+        if watcher.returncode is None:
+            watcher.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, notes = await watcher.communicate()
+    assert watcher.returncode == 0, notes
+    assert time.monotonic() - started > TTL
+    refreshes = [m for m in messages if m["channel"] == "system" and m["type"] == "response"]
+    assert [m["data"]["status"] for m in refreshes] == ["refreshed", "refreshed"]
+    assert sum(is_warning(m) for m in messages) == 2
+    assert not [m for m in messages if m["type"] == "error"], messages
+    text = notes.decode()
+    assert text.count("connected to") == 1, text  # never reconnected
+    assert text.count("handed the connection a new access token") >= 2, text
