@@ -8,9 +8,14 @@ Watch the SysManage WebSocket API from a terminal: one JSON message per line.
 Gets an access token from ``/api/token/``, connects to ``/ws`` with the token in an
 ``Authorization: Bearer`` header (so it never appears in a URL or an access log),
 subscribes to each ``--channel`` and prints every message the server sends as one JSON
-line on standard output; progress notes go to standard error.  When the server closes
-the connection (the access token expired, the server restarted) it gets a new token and
-reconnects, unless ``--no-reconnect`` is given.  Ctrl-C closes the socket and exits.
+line on standard output; progress notes go to standard error.  When the server warns
+that the access token expires soon (status ``token_expiring``), it gets a new one from
+``/api/token/refresh/`` and hands it to the open socket (message ``refresh``), so the
+connection and its subscriptions carry on.  When the server closes the connection (the
+token was refused, the server restarted) it gets a new token and reconnects, unless
+``--no-reconnect`` is given.  Ctrl-C closes the socket and exits.
+
+With ``--token`` instead of a password, ``--refresh-token`` gives it the means to renew.
 
 Only the standard library and ``websockets`` are used.
 """
@@ -25,12 +30,13 @@ import json
 import os
 import signal
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Literal, NotRequired, TypedDict
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 #: Close codes after which reconnecting would only fail again.
@@ -82,13 +88,22 @@ class Tokens:
         password: str | None,
         access: str | None,
         timeout: float,
+        refresh: str | None = None,
     ) -> None:
         self.base_url = base_url
         self.username = username
         self.password = password
         self.access = access
-        self.refresh: str | None = None
+        self.refresh = refresh
         self.timeout = timeout
+        # an in-band refresh (in a thread) and a reconnection may want a token at once:
+        # one at a time, so that the second uses the refresh token the first got
+        self._renewing = threading.Lock()
+
+    @property
+    def renewable(self) -> bool:
+        """Whether a new access token can be had (a refresh token, or a password)."""
+        return bool(self.refresh) or (self.username is not None and self.password is not None)
 
     def login(self) -> None:
         """Get a fresh token pair with the username and password."""
@@ -103,6 +118,11 @@ class Tokens:
 
     def renew(self) -> None:
         """Get a new access token (with the refresh token if possible, else log in again)."""
+        with self._renewing:
+            self._renew()
+
+    def _renew(self) -> None:
+        """:meth:`renew`, with the lock held."""
         if self.refresh:
             try:
                 pair = _post_json(
@@ -169,10 +189,37 @@ def subscriptions(args: argparse.Namespace) -> list[Subscribe]:
     return messages
 
 
+def is_token_warning(message: object) -> bool:
+    """Whether ``message`` is the server's warning that the access token expires soon."""
+    if not isinstance(message, dict) or message.get("type") != "status":
+        return False
+    data = message.get("data")
+    return (
+        message.get("channel") == "system"
+        and isinstance(data, dict)
+        and data.get("event") == "token_expiring"
+    )
+
+
+async def refresh_in_band(ws: ClientConnection, tokens: Tokens) -> None:
+    """Get a new access token and hand it to the open socket (``refresh``); the server
+    answers with a ``response`` (printed like every message), or closes the socket."""
+    try:
+        await asyncio.to_thread(tokens.renew)
+    except Fatal as exc:
+        note(f"cannot renew the access token ({exc}); the server will close the connection")
+        return
+    message = {"type": "refresh", "channel": "system", "data": {"token": tokens.access}}
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(json.dumps({**message, "id": "refresh"}))
+        note("handed the connection a new access token")
+
+
 async def watch_once(args: argparse.Namespace, tokens: Tokens, counter: list[int]) -> int | None:
     """Connect, subscribe, print messages until the socket closes; return the close code."""
     assert tokens.access is not None
     url, kwargs = connect_args(websocket_url(args.url), tokens.access, args.auth)
+    refreshing: asyncio.Task[None] | None = None
     async with connect(url, open_timeout=args.timeout, max_size=None, **kwargs) as ws:
         note(f"connected to {websocket_url(args.url)}")
         for message in subscriptions(args):
@@ -183,16 +230,23 @@ async def watch_once(args: argparse.Namespace, tokens: Tokens, counter: list[int
             async for frame in ws:
                 text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
                 try:
-                    line = json.dumps(json.loads(text), ensure_ascii=False)
+                    parsed = json.loads(text)
+                    line = json.dumps(parsed, ensure_ascii=False)
                 except ValueError:
-                    line = json.dumps({"unparsed": text})
+                    parsed, line = None, json.dumps({"unparsed": text})
                 print(line, flush=True)
                 counter[0] += 1
                 if args.count and counter[0] >= args.count:
                     await ws.close()
                     return None
+                idle = refreshing is None or refreshing.done()
+                if is_token_warning(parsed) and tokens.renewable and idle:
+                    refreshing = asyncio.ensure_future(refresh_in_band(ws, tokens))
         except ConnectionClosed:
             pass
+        finally:
+            if refreshing is not None:
+                refreshing.cancel()
         code = ws.close_code if ws.close_code is not None else 1006
         note(f"server closed the connection: {code} {ws.close_reason or ''}".rstrip())
         return code
@@ -222,7 +276,7 @@ async def watch(args: argparse.Namespace, tokens: Tokens) -> int:
         if args.no_reconnect or code in FINAL_CLOSE_CODES:
             return 0 if code in (1000, 1001) else 1
         if code == AUTH_FAILED:
-            if args.token and not args.username:
+            if not tokens.renewable:
                 raise Fatal("the token was refused or has expired")
             tokens.renew()
             delay = 1.0
@@ -272,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--password-file", help="read the password from this file")
     parser.add_argument("--token", help="use this access JWT instead of logging in")
+    parser.add_argument(
+        "--refresh-token",
+        help="a refresh JWT to go with --token: used for new access tokens before the "
+        "current one expires (in band) and after the server refused one",
+    )
     parser.add_argument(
         "--channel",
         action="append",
@@ -346,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             read_password(args) if args.username else None,
             args.token,
             args.timeout,
+            args.refresh_token,
         )
         if tokens.access is None:
             tokens.login()

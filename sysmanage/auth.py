@@ -12,7 +12,6 @@ user's current credentials (:mod:`sysmanage.credentials`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -76,6 +75,8 @@ class SocketCredentials:
     rights: frozenset[str] = frozenset()
     #: the sign-in the access token descends from (closed by a token logout)
     token_session: str | None = None
+    #: when the access token was issued (its ``iat``, epoch seconds)
+    issued_at: float | None = None
 
 
 def _header(scope: ScopeView, name: bytes) -> str | None:
@@ -126,6 +127,7 @@ class AccessCheck(NamedTuple):
     error: str | None = None
     #: the sign-in the token descends from (``SESSION_CLAIM``), if it was made from one
     session: str | None = None
+    issued_at: float | None = None
 
 
 def user_for_access_token(raw: str) -> AccessCheck:
@@ -149,11 +151,33 @@ def user_for_access_token(raw: str) -> AccessCheck:
     if not fingerprint_matches(token.payload, user):
         return AccessCheck(None, error=REVOKED_MESSAGE)
     exp = token.payload.get("exp")
+    iat = token.payload.get("iat")
     session = token.payload.get(SESSION_CLAIM)
     return AccessCheck(
         user,
         expires_at=float(exp) if exp is not None else None,
         session=session if isinstance(session, str) else None,
+        issued_at=float(iat) if isinstance(iat, int | float) else None,
+    )
+
+
+def token_credentials(
+    raw: str, via: TokenSource | None, subprotocol: str | None = None
+) -> SocketCredentials:
+    """What an access JWT gives a socket, checked as :func:`user_for_access_token` does
+    (database thread): at the handshake, and for an in-band ``refresh``."""
+    check = user_for_access_token(raw)
+    if check.user is None:
+        return SocketCredentials(via=via, subprotocol=subprotocol, error=check.error)
+    return SocketCredentials(
+        user=check.user,
+        via=via,
+        expires_at=check.expires_at,
+        subprotocol=subprotocol,
+        fingerprint=fingerprint(check.user),
+        rights=permissions.socket_rights(check.user),
+        token_session=check.session,
+        issued_at=check.issued_at,
     )
 
 
@@ -166,18 +190,7 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
             return SocketCredentials(
                 via=via, subprotocol=subprotocol, error="Malformed Authorization header"
             )
-        check = user_for_access_token(raw)
-        if check.user is None:
-            return SocketCredentials(via=via, subprotocol=subprotocol, error=check.error)
-        return SocketCredentials(
-            user=check.user,
-            via=via,
-            expires_at=check.expires_at,
-            subprotocol=subprotocol,
-            fingerprint=fingerprint(check.user),
-            rights=permissions.socket_rights(check.user),
-            token_session=check.session,
-        )
+        return token_credentials(raw, via, subprotocol)
     user = scope.get("user")
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
@@ -191,9 +204,12 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
     return SocketCredentials(error="Missing JWT token")
 
 
-def seconds_until(expires_at: float | None) -> float | None:
-    """Seconds from now until ``expires_at`` (epoch), or None if it never expires."""
-    return None if expires_at is None else max(0.0, expires_at - time.time())
+def warning_lead(expires_at: float, issued_at: float | None, now: float) -> float:
+    """How long before ``expires_at`` a socket is warned that its token expires:
+    ``WS_TOKEN_WARNING_SECONDS``, or half the token's lifetime if that is shorter (the
+    time it had left at ``now`` when it carries no ``iat``); 0 when warnings are off."""
+    lifetime = expires_at - (issued_at if issued_at is not None else now)
+    return max(0.0, min(settings.WS_TOKEN_WARNING_SECONDS, lifetime / 2))
 
 
 def origin_allowed(origin: str, scope: ScopeView) -> bool:

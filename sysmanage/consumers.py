@@ -5,6 +5,11 @@ The client WebSocket endpoint, ``/ws``: the seed protocol for dashboards and cli
 rate limits, parses each message and hands it to a small handler per message type.
 Channels are handled by :mod:`sysmanage.topics`; events arrive through the process's
 :class:`~sysmanage.hub.Hub`, never through a per-connection layer channel.
+
+A socket opened with an access token follows that token's life: it is warned before the
+token expires (status ``token_expiring``), may hand over a new token of the same user at
+any time (``refresh``), and after expiry waits ``WS_TOKEN_GRACE_SECONDS`` for one --
+keeping its subscriptions, but refused new ones and commands -- before it is closed.
 """
 
 from __future__ import annotations
@@ -13,13 +18,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from sysmanage import admission, commands, permissions
-from sysmanage.auth import SocketCredentials, authenticate_socket, seconds_until
+from sysmanage.auth import (
+    SocketCredentials,
+    authenticate_socket,
+    token_credentials,
+    warning_lead,
+)
 from sysmanage.connection import Connection
 from sysmanage.node import running_hub
 from sysmanage.protocol import (
@@ -31,7 +42,9 @@ from sysmanage.protocol import (
     auth_failed_envelope,
     envelope,
     error_envelope,
+    iso,
     parse_client_message,
+    refresh_token_of,
 )
 from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag, token_session_tag
@@ -39,6 +52,11 @@ from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame
 
 logger = logging.getLogger(__name__)
+
+#: The ``event`` of the ``status`` that warns a socket its access token expires soon.
+TOKEN_EXPIRING = "token_expiring"  # noqa: S105 - an event name, not a secret
+#: What a socket whose token expired may not do until it sends a ``refresh``.
+NEEDS_VALID_TOKEN = frozenset({MessageType.SUBSCRIBE, MessageType.COMMAND})
 
 
 class ClientConsumer(Connection):
@@ -53,6 +71,14 @@ class ClientConsumer(Connection):
     #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
     rights: frozenset[str] = frozenset()
     rights_read_at = 0.0
+    #: the access token's expiry (epoch seconds); None for session sockets
+    expires_at: float | None = None
+    #: the expiry a ``token_expiring`` warning was sent for (one warning per token)
+    warned_for: float | None = None
+    #: the token expired: the socket waits for a ``refresh`` until the grace ends
+    in_grace = False
+    #: the next step of the token's life: the warning, the expiry, or the end of grace
+    expiry_timer: asyncio.TimerHandle | None = None
     overflow_reason = "Too many undelivered messages; reconnect and resubscribe"
 
     async def connect(self) -> None:
@@ -87,12 +113,7 @@ class ClientConsumer(Connection):
             await self._refuse_over_limit()
             return
         self.hub.register(self)
-        delay = seconds_until(credentials.expires_at)
-        self.expiry_timer = (
-            asyncio.get_running_loop().call_later(delay, self._token_expired)
-            if delay is not None
-            else None
-        )
+        self._follow_token(credentials.expires_at, credentials.issued_at)
 
     def _adopt(self, credentials: SocketCredentials, read_at: float) -> None:
         """Take on the authenticated user, and set up this connection's limits."""
@@ -137,9 +158,8 @@ class ClientConsumer(Connection):
         """Called when the socket closes: drop subscriptions, timers and running tasks."""
         if self.hub is not None:
             self.hub.unregister(self)
-        timer = getattr(self, "expiry_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
         self._release()
 
     # -- sending ----------------------------------------------------------------------
@@ -182,12 +202,90 @@ class ClientConsumer(Connection):
                     )
                 )
 
+    # -- the access token's life ---------------------------------------------------------
+
+    def _follow_token(self, expires_at: float | None, issued_at: float | None) -> None:
+        """Arm the timers of a (new) access token: the warning, unless this token had
+        one, then its expiry."""
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
+        self.expires_at, self.in_grace = expires_at, False
+        if expires_at is None:
+            return
+        lead = warning_lead(expires_at, issued_at, time.time())
+        if lead > 0 and self.warned_for != expires_at:
+            self._at(expires_at - lead, self._warn_expiring)
+        else:
+            self._at(expires_at, self._token_expired)
+
+    def _at(self, when: float, step: Callable[[], None]) -> None:
+        """Run ``step`` at ``when`` (epoch seconds; at once if that is past)."""
+        delay = max(0.0, when - time.time())
+        self.expiry_timer = asyncio.get_running_loop().call_later(delay, step)
+
+    def _warn_expiring(self) -> None:
+        """Tell the client its token expires soon, so that it sends a ``refresh``."""
+        if self.closing or self.expires_at is None:
+            return
+        seconds_left = round(max(0.0, self.expires_at - time.time()))
+        self.warned_for = self.expires_at
+        self.reply(
+            envelope(
+                MessageType.STATUS,
+                "system",
+                {
+                    "event": TOKEN_EXPIRING,
+                    "expires_at": _iso_epoch(self.expires_at),
+                    "seconds_left": seconds_left,
+                    "message": f"The access token expires in {seconds_left} s; send a "
+                    "'refresh' with a new access token to keep this connection",
+                },
+            )
+        )
+        self._at(self.expires_at, self._token_expired)
+
     def _token_expired(self) -> None:
+        """The token expired: wait out the grace for a ``refresh``, or close at once."""
+        if self.closing or self.expires_at is None:
+            return
+        grace = settings.WS_TOKEN_GRACE_SECONDS
+        if grace > 0:
+            self.in_grace = True
+            self._at(self.expires_at + grace, self._grace_over)
+        else:
+            self._grace_over()
+
+    def _grace_over(self) -> None:
+        """No ``refresh`` came in time: close the socket (4001)."""
         if not self.closing:
             self.closing = True
             self._spawn(
                 self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope("JWT token expired"))
             )
+
+    def _check_token(self, message: ClientMessage) -> None:
+        """In the grace period, refuse what needs a valid token (``refresh`` still helps)."""
+        if self.in_grace and self.expires_at is not None and message.type in NEEDS_VALID_TOKEN:
+            raise ProtocolError(
+                ErrorCode.TOKEN_EXPIRED,
+                "The access token expired; send a 'refresh' with a new access token first",
+                id_=message.id,
+                action="refresh",
+                grace_ends_at=_iso_epoch(self.expires_at + settings.WS_TOKEN_GRACE_SECONDS),
+            )
+
+    def _take_token(self, credentials: SocketCredentials, read_at: float) -> None:
+        """Make a verified token of the socket's own user the socket's credentials: its
+        fingerprint and sign-in (what the recheck and a token logout go by), the rights
+        read with it, and its expiry."""
+        assert self.hub is not None
+        self.user = credentials.user
+        self.fingerprint = credentials.fingerprint
+        session = credentials.token_session
+        self.hub.retag(self, token_session_tag(session) if session is not None else None)
+        self.update_rights(credentials.rights, read_at=read_at)
+        self._follow_token(credentials.expires_at, credentials.issued_at)
 
     def _log_overflow(self) -> None:
         logger.warning("closing a client that stopped reading (user %s)", self.user_id)
@@ -221,6 +319,7 @@ class ClientConsumer(Connection):
             return
         try:
             message = parse_client_message(text_data)
+            self._check_token(message)
             await self.HANDLERS[message.type](self, message)
         except ProtocolError as exc:
             self.reply(exc.to_envelope())
@@ -327,6 +426,39 @@ class ClientConsumer(Connection):
         context = commands.CommandContext(user=self.user, scope=self.scope, reply=self.reply)
         self._spawn(commands.run(handler, context, message))
 
+    async def on_refresh(self, message: ClientMessage) -> None:
+        """Take a new access token of the same user without reconnecting; any other
+        token -- invalid, expired, revoked, another user's -- closes the socket (4001)."""
+        if self.auth_via == "session":
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                "This connection is authenticated by its session; nothing to refresh",
+                id_=message.id,
+            )
+        raw = refresh_token_of(message)
+        read_at = time.monotonic()
+        credentials = await database_sync_to_async(token_credentials)(raw, self.auth_via)
+        if self.closing:
+            return
+        if credentials.user is None or str(credentials.user.pk) != self.user_id:
+            why = credentials.error or "The new access token belongs to another user"
+            logger.info("refused a token refresh on a socket of user %s: %s", self.user_id, why)
+            await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(why, id_=message.id))
+            return
+        self._take_token(credentials, read_at)
+        self.reply(
+            envelope(
+                MessageType.RESPONSE,
+                message.channel or "system",
+                {
+                    "action": "refresh",
+                    "status": "refreshed",
+                    "expires_at": _iso_epoch(self.expires_at),
+                },
+                id_=message.id,
+            )
+        )
+
     #: by message type (``parse_client_message`` lets through only the types below)
     HANDLERS: ClassVar[
         dict[str, Callable[[ClientConsumer, ClientMessage], Coroutine[Any, Any, None]]]
@@ -335,6 +467,7 @@ class ClientConsumer(Connection):
         MessageType.SUBSCRIBE: on_subscribe,
         MessageType.UNSUBSCRIBE: on_unsubscribe,
         MessageType.COMMAND: on_command,
+        MessageType.REFRESH: on_refresh,
     }
 
 
@@ -343,6 +476,11 @@ def _authorize_now(topic: Topic, user: Any) -> tuple[str | None, frozenset[str] 
     why not), and the user's socket rights now (None if the user is gone)."""
     now = permissions.fresh(user)
     return topic.authorize(now), (permissions.socket_rights(now) if now is not None else None)
+
+
+def _iso_epoch(seconds: float | None) -> str | None:
+    """Epoch seconds as the protocol's ISO-8601 UTC timestamp."""
+    return iso(datetime.fromtimestamp(seconds, UTC)) if seconds is not None else None
 
 
 def _jsonable(filters: dict[str, Any]) -> dict[str, Any]:

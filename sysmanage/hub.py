@@ -130,6 +130,20 @@ class Hub:
                 if not members:
                     del index[key]
 
+    def retag(self, conn: Subscriber, session_tag: str | None) -> None:
+        """File ``conn`` under another sign-in (its token was refreshed in band), keeping
+        its subscriptions: control messages closing that sign-in then reach it."""
+        old = conn.session_tag
+        if old == session_tag:
+            return
+        if old is not None and old in self.by_session:
+            self.by_session[old].discard(conn)
+            if not self.by_session[old]:
+                del self.by_session[old]
+        conn.session_tag = session_tag
+        if session_tag is not None:
+            self.by_session[session_tag].add(conn)
+
     def _indexes(self, conn: Subscriber) -> list[tuple[dict[str, set[Subscriber]], str]]:
         found = []
         if conn.user_id is not None:

@@ -17,7 +17,8 @@ from typing import Any, NotRequired, TypedDict, overload
 
 
 class MessageType(StrEnum):
-    """Message types of the seed protocol, plus the application-level ping/pong."""
+    """Message types of the seed protocol, plus the application-level ping/pong and the
+    in-band token ``refresh``."""
 
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
@@ -28,11 +29,19 @@ class MessageType(StrEnum):
     ERROR = "error"
     PING = "ping"
     PONG = "pong"
+    #: a client hands its open socket a new access token
+    REFRESH = "refresh"
 
 
 #: Types a client may send; the rest are sent by the server only.
 CLIENT_TYPES = frozenset(
-    {MessageType.SUBSCRIBE, MessageType.UNSUBSCRIBE, MessageType.COMMAND, MessageType.PING}
+    {
+        MessageType.SUBSCRIBE,
+        MessageType.UNSUBSCRIBE,
+        MessageType.COMMAND,
+        MessageType.PING,
+        MessageType.REFRESH,
+    }
 )
 SERVER_ONLY_TYPES = frozenset(
     {
@@ -68,6 +77,8 @@ class ErrorCode(StrEnum):
     REPLACED = "REPLACED"
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     TOO_MANY_AUTH_FAILURES = "TOO_MANY_AUTH_FAILURES"
+    #: the socket's access token expired; in the grace period only ``refresh`` helps
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105 - an error code, not a secret
 
 
 class CloseCode(IntEnum):
@@ -94,6 +105,9 @@ class CloseCode(IntEnum):
 MAX_ID_LENGTH = 128
 #: Largest integer ``id``: what a JavaScript number holds exactly.
 MAX_INT_ID = 2**53 - 1
+#: Longest access token a ``refresh`` may carry (the server's own are a few hundred
+#: characters long).
+MAX_TOKEN_LENGTH = 4096
 
 
 #: A JSON object: a message's ``data`` or ``filters`` (each handler checks its fields).
@@ -171,9 +185,14 @@ def error_envelope(
     )
 
 
-def auth_failed_envelope(message: str = "Invalid or expired JWT token") -> ServerMessage:
-    """The seed's ``AUTH_FAILED`` error, sent before closing with ``CloseCode.AUTH_FAILED``."""
-    return error_envelope(ErrorCode.AUTH_FAILED, message, action="reconnect_with_valid_token")
+def auth_failed_envelope(
+    message: str = "Invalid or expired JWT token", *, id_: str | int | None = None
+) -> ServerMessage:
+    """The seed's ``AUTH_FAILED`` error, sent before closing with ``CloseCode.AUTH_FAILED``
+    (with the ``id`` of the message refused, when it answers one)."""
+    return error_envelope(
+        ErrorCode.AUTH_FAILED, message, id_=id_, action="reconnect_with_valid_token"
+    )
 
 
 def dumps(message: Mapping[str, Any]) -> str:
@@ -336,6 +355,25 @@ def _parse_since(value: Any, id_: str | int | None, channel: str | None) -> Stre
             requested_channel=channel,
         )
     return StreamPosition(epoch=value["epoch"], offset=value["offset"])
+
+
+def refresh_token_of(message: ClientMessage) -> str:
+    """The access token a ``refresh`` message carries in ``data.token`` (raises
+    :class:`ProtocolError` ``INVALID_MESSAGE`` when it carries none that could be one)."""
+    token = message.data.get("token")
+    if not isinstance(token, str) or not token.strip():
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            "'refresh' needs the new access token as a string in 'data.token'",
+            id_=message.id,
+        )
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"'data.token' must be at most {MAX_TOKEN_LENGTH} characters",
+            id_=message.id,
+        )
+    return token
 
 
 def request_id_of(text: str) -> str | int | None:

@@ -359,6 +359,12 @@ FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.
 # takes to close a socket or end a subscription.  Changes made through save(), the
 # admin or the REST API are acted on at once.
 WS_RECHECK_SECONDS = max(0.2, float(env("WS_RECHECK_SECONDS", "5") or "5"))
+# A socket opened with an access token is told this long before the token expires
+# (status ``token_expiring``), or at half the token's lifetime if that is later; 0: never.
+WS_TOKEN_WARNING_SECONDS = max(0.0, float(env("WS_TOKEN_WARNING_SECONDS", "60") or "60"))
+# How long such a socket stays open after its token expired, waiting for a ``refresh``
+# (it keeps its subscriptions but may not subscribe or run commands); 0: closed at expiry.
+WS_TOKEN_GRACE_SECONDS = max(0.0, float(env("WS_TOKEN_GRACE_SECONDS", "30") or "30"))
 
 # --- Agents -------------------------------------------------------------------------
 HOST_OFFLINE_AFTER_SECONDS = env_int("HOST_OFFLINE_AFTER_SECONDS", 90)

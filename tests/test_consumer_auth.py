@@ -116,7 +116,10 @@ async def test_same_origin_is_accepted(make_user, token_for):
     await comm.disconnect()
 
 
-async def test_token_expiring_while_open_closes_the_socket(make_user):
+async def test_token_expiring_while_open_closes_the_socket(make_user, settings):
+    # no warning, no grace (tests/test_token_refresh.py covers both)
+    settings.WS_TOKEN_WARNING_SECONDS = 0
+    settings.WS_TOKEN_GRACE_SECONDS = 0
     user = await database_sync_to_async(make_user)()
     token = FingerprintedAccessToken.for_user(user)
     token.set_exp(lifetime=timedelta(seconds=1))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from sysmanage.protocol import (
+    MAX_TOKEN_LENGTH,
     ErrorCode,
     ProtocolError,
     auth_failed_envelope,
     envelope,
     parse_client_message,
+    refresh_token_of,
 )
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -33,6 +36,53 @@ def test_auth_failed_envelope_is_the_seed_shape():
         "message": "Invalid or expired JWT token",
         "action": "reconnect_with_valid_token",
     }
+
+
+def test_auth_failed_envelope_answering_a_message_carries_its_id():
+    message = auth_failed_envelope("JWT token expired", id_="r1")
+    assert message["id"] == "r1"
+    assert message["data"]["action"] == "reconnect_with_valid_token"
+
+
+def test_refresh_is_a_client_type_and_its_token_is_read():
+    parsed = parse_client_message('{"type": "refresh", "data": {"token": "a.b.c"}, "id": "r"}')
+    assert parsed.type == "refresh"
+    assert parsed.channel is None
+    assert refresh_token_of(parsed) == "a.b.c"
+    longest = "x" * MAX_TOKEN_LENGTH
+    assert (
+        refresh_token_of(
+            parse_client_message(f'{{"type": "refresh", "data": {{"token": "{longest}"}}}}')
+        )
+        == longest
+    )
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_message('{"type": "teleport"}')
+    assert "refresh" in caught.value.extra["allowed_types"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {},
+        {"token": None},
+        {"token": 5},
+        {"token": ["a.b.c"]},
+        {"token": {"raw": "a.b.c"}},
+        {"token": ""},
+        {"token": " \t"},
+        {"token": "x" * (MAX_TOKEN_LENGTH + 1)},
+    ],
+)
+def test_refresh_without_a_usable_token_is_invalid(data):
+    raw = {"type": "refresh", "id": "r9"} | ({"data": data} if data is not None else {})
+    with pytest.raises(ProtocolError) as caught:
+        refresh_token_of(parse_client_message(json.dumps(raw)))
+    error = caught.value.to_envelope()
+    assert error["data"]["code"] == ErrorCode.INVALID_MESSAGE
+    assert "data.token" in error["data"]["message"]
+    assert error["id"] == "r9"
 
 
 def test_valid_subscribe_is_parsed():

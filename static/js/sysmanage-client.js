@@ -3,7 +3,8 @@
  * Browser client for the SysManage live WebSocket API (`/ws`); no dependencies, no build
  * step. It matches replies to requests by `id`, renews subscriptions after reconnecting,
  * queues requests while offline, reconnects with exponential backoff, checks the connection
- * with ping/pong and replaces the access token before it expires. See docs/browser-client.md.
+ * with ping/pong and hands the connection a new access token before the current one
+ * expires (in band, without reconnecting). See docs/browser-client.md.
  */
 
 /** Defaults of the {@link SysManageClient} options (times in milliseconds). */
@@ -70,8 +71,10 @@ const CLOSE_NO_ANSWER = 4000;
  * @property {number} [maxMessageBytes]
  */
 /**
- * One socket to the server, with the token it was opened with.
- * @typedef {{ws: WebSocket, token: string|null, openedAt: number, draining: boolean}} Connection
+ * One socket to the server, with the token it carries (the one it was opened with, or the
+ * last one handed over in band); `refreshing` while a new token is on its way to it.
+ * @typedef {{ws: WebSocket, token: string|null, openedAt: number, draining: boolean,
+ *            refreshing?: boolean}} Connection
  */
 /**
  * A request waiting for its answer (queued while `conn` is null).
@@ -204,6 +207,7 @@ export class SysManageClient {
     this._attempt = this._gen = this._seq = this._emptyTokens = 0;
     this._skew = 0; // server clock minus local clock
     this._needAuth = false;
+    this._inBand = true; // false once a server did not know the `refresh` message
     this._idPrefix = Math.floor(Math.random() * 36 ** 4).toString(36) + "-";
   }
 
@@ -461,18 +465,49 @@ export class SysManageClient {
     if (delay >= 1000) this._timer("refresh", delay, () => this._refresh());
   }
 
-  /** Open a second connection with a fresh token; it takes over once open. */
+  /**
+   * Get a fresh token and hand it to the open connection (`refresh`); with a server that
+   * does not know `refresh`, open a second connection with it, which takes over once open.
+   */
   async _refresh() {
-    const [conn, gen] = [/** @type {Connection} */ (this._conn), this._gen];
+    const [conn, gen] = [this._conn, this._gen];
+    if (!conn || conn.refreshing || this._next || this.state !== "open") return;
+    conn.refreshing = true;
+    this._clear("refresh");
     let token = null;
     try {
       token = await this._getToken();
     } catch (/** @type {any} */ err) {
       this._report("TOKEN_UNAVAILABLE", `Could not refresh the access token: ${err?.message ?? err}`);
     }
+    conn.refreshing = false;
     if (gen !== this._gen || conn !== this._conn || this._next) return;
     if (!token || token === conn.token) return this._scheduleRefresh(conn.token); // try again later
-    this._next = this._open(token);
+    if (!this._inBand) return void (this._next = this._open(token));
+    this._refreshInBand(conn, token);
+  }
+
+  /**
+   * Send `refresh` with `token` on `conn`. Refused (AUTH_FAILED), the server closes the
+   * connection (4001) and the usual reconnection follows; not understood (UNKNOWN_TYPE, an
+   * older server), a second connection takes over; anything else: try again later.
+   * @param {Connection} conn
+   * @param {string} token
+   */
+  async _refreshInBand(conn, token) {
+    conn.refreshing = true;
+    try {
+      await this.request({ type: "refresh", channel: "system", data: { token } });
+      conn.token = token;
+    } catch (/** @type {any} */ err) {
+      if (err.code === "UNKNOWN_TYPE") this._inBand = false;
+      if (err.code === "AUTH_FAILED") return;
+    } finally {
+      conn.refreshing = false;
+    }
+    if (conn !== this._conn || this._next) return;
+    if (!this._inBand) this._next = this._open(token);
+    else this._scheduleRefresh(conn.token);
   }
 
   /** @param {Connection} conn */
@@ -517,6 +552,9 @@ export class SysManageClient {
       // The server ended a subscription (the user lost the right): do not renew it.
       if (msg.data.code === "SUBSCRIPTION_REVOKED") this._subs.delete(msg.channel);
       return this._emit("error", errorInfo(msg));
+    }
+    if (msg.type === "status" && msg.channel === "system" && msg.data.event === "token_expiring") {
+      return void this._refresh(); // the server's clock says the token expires soon
     }
     if (msg.type === "event" || msg.type === "status") {
       const sub = this._subs.get(msg.channel);
@@ -577,7 +615,8 @@ export class SysManageClient {
    */
   _subscribeFailed(sub, err) {
     if (this._subs.get(sub.channel) !== sub || !err.server) return; // renewed after reconnecting
-    if (err.code === "RATE_LIMITED") {
+    if (err.code === "RATE_LIMITED" || err.code === "TOKEN_EXPIRED") { // keep it; send it again
+      if (err.code === "TOKEN_EXPIRED") this._refresh();
       const retry = () => this._subs.get(sub.channel) === sub && this.state === "open" && this._sendSubscribe(sub);
       return void this._setTimeout(retry, Math.max(100, 1000 * (Number(err.data.retry_after) || 1)));
     }

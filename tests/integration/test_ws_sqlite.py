@@ -39,7 +39,7 @@ from tests.integration.tokens import claims_of, forge_access_token, unsigned_tok
 pytestmark = pytest.mark.integration
 
 AUTH_FAILED_ACTION = "reconnect_with_valid_token"
-CLIENT_TYPES = ["command", "ping", "subscribe", "unsubscribe"]
+CLIENT_TYPES = ["command", "ping", "refresh", "subscribe", "unsubscribe"]
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,14 @@ async def test_session_cookie_authenticates(server: Deployment):
     ) as client:
         await client.ping()
         await client.subscribe("user_activity")
+        # a session socket has no token to replace; it stays open
+        token = server.token("admin")
+        reply = await client.request({"type": "refresh", "data": {"token": token}})
+        data = assert_error(reply, "INVALID_MESSAGE", id_=reply["id"])
+        assert data["message"] == (
+            "This connection is authenticated by its session; nothing to refresh"
+        )
+        await client.ping()
     # a bad token is never rescued by a good session
     async with ws_connect(
         server.server.ws_url, token="not-a-jwt", headers={"Cookie": f"sessionid={session}"}

@@ -101,7 +101,7 @@ test("a socket that never opens is abandoned after connectTimeout", async () => 
   assert.equal(t.sockets[0].closedWith.code, 4000);
 });
 
-test("before the token expires, a new socket with a fresh token takes over seamlessly", async () => {
+test("with a server that does not know `refresh`, a new socket with a fresh token takes over seamlessly", async () => {
   const issued = [];
   const getToken = async () => {
     issued.push(makeJwt({ exp: Math.floor(t.clock.now() / 1000) + 900, n: issued.length }));
@@ -122,6 +122,10 @@ test("before the token expires, a new socket with a fresh token takes over seaml
   const command = first.sent[1];
   await clock.tick(10_000); // 60 s before expiry
   assert.equal(issued.length, 2);
+  const [refresh] = first.sentOfType("refresh"); // tried in band first; an older server:
+  first.receive({ type: "error", channel: "system", id: refresh.id,
+    data: { code: "UNKNOWN_TYPE", message: "Unknown message type 'refresh'" } });
+  await clock.tick();
   assert.equal(sockets.length, 2);
   const second = sockets[1];
   assert.deepEqual(second.protocols, ["bearer", issued[1]]);
@@ -137,8 +141,9 @@ test("before the token expires, a new socket with a fresh token takes over seaml
   assert.deepEqual(first.closedWith, { code: 1000, reason: "Replaced" });
   assert.deepEqual(seen, ["new"]);
   assert.deepEqual(t.states.map((s) => s.state), ["connecting", "open"]);
-  await clock.tick(840_000); // and again before the second token expires
+  await clock.tick(840_000); // and again before the second token expires, at once
   assert.equal(sockets.length, 3);
+  assert.deepEqual(second.sentOfType("refresh"), []);
 });
 
 test("a refresh that yields the same token keeps the connection and waits for the server", async () => {
