@@ -91,8 +91,9 @@ class ConsoleEntry:
 class Browser:
     """One headless Chromium with the helpers the tests share.
 
-    Keeps every console line it has read (``console``) and the WebSocket frames the pages
-    received (from the performance log) since the last :meth:`forget_frames`.
+    Keeps every console line it has read (``console``), and the WebSocket frames the pages
+    received and the URLs they requested (``frames``, ``requests``: from the performance
+    log) since the last :meth:`forget_frames`.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class Browser:
         self.set_viewport(*size)
         self.console: list[ConsoleEntry] = []
         self.frames: list[dict[str, Any]] = []
+        self.requests: list[str] = []
         self._expect_console: list[re.Pattern[str]] = []
 
     def set_viewport(self, width: int, height: int) -> None:
@@ -223,12 +225,15 @@ class Browser:
     # -- WebSocket frames (from Chromium's performance log) --
 
     def read_frames(self) -> list[dict[str, Any]]:
-        """Collect the JSON WebSocket frames received since the last call."""
+        """Collect the JSON WebSocket frames received (and the URLs requested) since the
+        last call."""
         for entry in self.driver.get_log("performance"):
             try:
                 message = json.loads(entry["message"])["message"]
             except (KeyError, ValueError):
                 continue
+            if message.get("method") == "Network.requestWillBeSent":
+                self.requests.append(str(message["params"].get("request", {}).get("url", "")))
             if message.get("method") != "Network.webSocketFrameReceived":
                 continue
             payload = message["params"].get("response", {}).get("payloadData", "")
@@ -241,6 +246,7 @@ class Browser:
     def forget_frames(self) -> None:
         self.read_frames()
         self.frames.clear()
+        self.requests.clear()
 
     def subscribed(self) -> set[str]:
         """Channels whose subscription the server confirmed since :meth:`forget_frames`."""

@@ -185,6 +185,21 @@ def test_host_page_shows_what_happened_while_it_was_cut_off(
         gap = cut_off_while_things_happen(browser, deployment, agent, relay, stop_agent=True)
         assert_page_shows(browser, gap)
         browser.wait_text("#host-status .badge", lambda t: t == "Offline")
+        # The metrics of the gap: replayed, or else read from the per-minute history.
+        browser.wait_subscribed("host_metrics")
+        metrics = [
+            f["data"]
+            for f in browser.read_frames()
+            if f.get("type") == "response" and f.get("channel") == "host_metrics"
+        ]
+        if metrics[-1].get("recovered") is not True:
+            backfill = f"/api/hosts/{agent.host_id}/metrics/?since="
+
+            def backfilled(_driver: Any) -> bool:
+                browser.read_frames()
+                return any(backfill in url and "&until=" in url for url in browser.requests)
+
+            browser.wait(backfilled, message=f"no back-fill request among {browser.requests}")
         browser.screenshot("host-after-cut")
     finally:
         agent.process.start()  # for the next test
