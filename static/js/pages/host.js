@@ -238,7 +238,7 @@ function commandEntry(command, timeout) {
 }
 
 /** @type {Record<string, string>} */
-const RESULT_WORDS = { failed: "Failed", timeout: "Timed out", pending: "Pending", running: "Running" };
+const RESULT_WORDS = { failed: "Not run", timeout: "Timed out", pending: "Pending", running: "Running" };
 
 /**
  * Show a command's result: exit status, time, stdout and stderr, or why it did not run.
@@ -256,7 +256,10 @@ function showResult(entry, result) {
   entry.badge.className = `badge status-${ok ? "completed" : "failed"}`;
   entry.badge.textContent = words;
   if (typeof result.execution_time === "number") entry.meta.append(` · took ${formatNumber(result.execution_time, 3)} s`);
-  if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
+  if (result.status === "failed") { // as COMMAND_FAILED says it, whichever arrives first
+    entry.badge.className = "badge status-error";
+    entry.body.append(el("p", { className: "error-text" }, `The command could not be run: ${result.error}`));
+  } else if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
   if (result.stdout) entry.body.append(el("p", { className: "output-label" }, "Output"), el("pre", { className: "output" }, result.stdout));
   if (result.stderr) entry.body.append(el("p", { className: "output-label" }, "Errors"), el("pre", { className: "output output-stderr" }, result.stderr));
   if (result.status === "completed" && !result.stdout && !result.stderr) entry.body.append(el("p", { className: "muted" }, "No output."));
