@@ -25,6 +25,7 @@ from hosts.models import (
 from hosts.services import HOST_FACT_FIELDS
 from sysmanage import permissions
 from sysmanage.api_input import query_filters
+from sysmanage.protocol import iso
 
 
 class HostFilters(serializers.Serializer[None]):
@@ -32,6 +33,23 @@ class HostFilters(serializers.Serializer[None]):
 
     search = serializers.CharField(max_length=255, required=False)
     status = serializers.ChoiceField(choices=HostStatus.choices, required=False)
+
+
+#: The longest metrics history one request reads, in minutes (a week).
+METRICS_MAX_MINUTES = 10080
+
+
+class MetricsRange(serializers.Serializer[None]):
+    """``GET /api/hosts/<id>/metrics/`` range: ``?since=`` and ``?until=``, ISO times."""
+
+    since = serializers.DateTimeField(required=False)
+    until = serializers.DateTimeField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """``since`` must not be after ``until``."""
+        if "since" in attrs and "until" in attrs and attrs["since"] > attrs["until"]:
+            raise serializers.ValidationError("since must not be after until")
+        return attrs
 
 
 class HostSerializer(serializers.ModelSerializer[Host]):
@@ -64,18 +82,31 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
 
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str | None = None) -> Response:
-        """Per-minute metrics history; ``?minutes=`` (default 60, at most 10080)."""
+        """Per-minute metrics history: the last ``?minutes=`` (default 60), or the minutes
+        that overlap ``?since=`` to ``?until=`` (ISO times; ``until`` defaults to now), at
+        most a week back."""
         host = self.get_object()
-        try:
-            minutes = max(1, min(10080, int(request.query_params.get("minutes", 60))))
-        except ValueError:
-            return Response({"detail": "minutes must be an integer"}, status=400)
-        since = timezone.now() - timedelta(minutes=minutes)
+        bounds = query_filters(request, MetricsRange)
+        oldest = timezone.now() - timedelta(minutes=METRICS_MAX_MINUTES)
+        minutes: int | None = None
+        if "since" in bounds:  # from the start of the minute that holds it
+            since = max(oldest, bounds["since"].replace(second=0, microsecond=0))
+        else:
+            try:
+                minutes = max(
+                    1, min(METRICS_MAX_MINUTES, int(request.query_params.get("minutes", 60)))
+                )
+            except ValueError:
+                return Response({"detail": "minutes must be an integer"}, status=400)
+            since = timezone.now() - timedelta(minutes=minutes)
+        until = bounds.get("until")
         return Response(
             {
                 "host_id": str(host.id),
                 "minutes": minutes,
-                "samples": selectors.metric_history(str(host.id), since=since),
+                "since": iso(since),
+                "until": iso(until),
+                "samples": selectors.metric_history(str(host.id), since=since, until=until),
             }
         )
 

@@ -122,9 +122,15 @@ def host_for_token(token: str) -> Host | None:
     return Host.objects.filter(token_hash=token_digest(token)).first()
 
 
-def metric_history(host_id: str, *, since: datetime) -> list[MetricMinute]:
-    """A host's per-minute metrics since ``since``, oldest first."""
-    rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since).order_by("minute")
+def metric_history(
+    host_id: str, *, since: datetime, until: datetime | None = None
+) -> list[MetricMinute]:
+    """A host's per-minute metrics of the minutes starting from ``since`` up to ``until``
+    (when given), oldest first."""
+    rows = MetricSample.objects.filter(host_id=host_id, minute__gte=since)
+    if until is not None:
+        rows = rows.filter(minute__lte=until)
+    rows = rows.order_by("minute")
     return [
         {
             "minute": iso(r.minute),

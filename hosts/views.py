@@ -92,17 +92,22 @@ class HostDetailView(DashboardMixin, TemplateView):
             "can_run_commands": can_run,
             "can_manage_alerts": can_manage,
             "page_data": host_page_data(
-                host, can_run_commands=can_run, can_manage_alerts=can_manage
+                host,
+                username=user.get_username(),
+                can_run_commands=can_run,
+                can_manage_alerts=can_manage,
             ),
         }
 
 
 def host_page_data(
-    host: Host, *, can_run_commands: bool, can_manage_alerts: bool
+    host: Host, *, username: str, can_run_commands: bool, can_manage_alerts: bool
 ) -> dict[str, Any]:
-    """What the host page's script starts from (rendered with ``json_script``)."""
+    """What the host page's script starts from (rendered with ``json_script``); ``username``
+    tells the page which commands on the host are its user's."""
     return {
         "hostId": str(host.id),
+        "username": username,
         "hostname": host.hostname,
         "status": host.status,
         "lastSeen": iso(host.last_seen),

@@ -11,9 +11,15 @@ subscribes to each ``--channel`` and prints every message the server sends as on
 line on standard output; progress notes go to standard error.  When the server warns
 that the access token expires soon (status ``token_expiring``), it gets a new one from
 ``/api/token/refresh/`` and hands it to the open socket (message ``refresh``), so the
-connection and its subscriptions carry on.  When the server closes the connection (the
-token was refused, the server restarted) it gets a new token and reconnects, unless
-``--no-reconnect`` is given.  Ctrl-C closes the socket and exits.
+connection and its subscriptions carry on.  When the connection ends (the token was
+refused, the network dropped, the server restarted, or closed it with 4008 because the
+watcher fell behind) it reconnects with backoff, getting a new token first when the old
+one was refused, unless ``--no-reconnect`` is given.  Each stream resumes where it
+stopped: the subscriptions are renewed with ``since`` (the last event's position), the
+server replays the missed events, and a note says whether a stream was recovered or not
+(then the ``status`` snapshot follows, where the channel has one).  The same happens on
+the server's ``events_missed`` notice.  An event seen already (its offset not after the
+last one of its stream) is not printed again.  Ctrl-C closes the socket and exits.
 
 With ``--token`` instead of a password, ``--refresh-token`` gives it the means to renew.
 
@@ -28,20 +34,32 @@ import contextlib
 import getpass
 import json
 import os
+import random
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 #: Close codes after which reconnecting would only fail again.
-FINAL_CLOSE_CODES = {4003, 4008, 4029, 1009}
+FINAL_CLOSE_CODES = {4003, 4029, 1009}
 AUTH_FAILED = 4001
+#: Reconnection backoff, in seconds: the first delay, and the longest.
+FIRST_DELAY = 1.0
+MAX_DELAY = 30.0
+#: A connection that stayed open this long (seconds) starts the backoff over.
+STABLE_AFTER = 10.0
+#: Channels whose ``status`` snapshot follows a subscription the server could not resume.
+SNAPSHOT_CHANNELS = frozenset(
+    {"host_status", "fleet_status", "system_alerts", "command_execution", "package_operations"}
+)
 
 
 def note(text: str) -> None:
@@ -166,6 +184,13 @@ def connect_args(url: str, token: str, how: str) -> tuple[str, dict[str, Any]]:
     return f"{url}?{urllib.parse.urlencode({'token': token})}", {}
 
 
+class Position(TypedDict):
+    """A place in a channel's stream: later events have a greater offset in the same epoch."""
+
+    epoch: str
+    offset: int
+
+
 class Subscribe(TypedDict):
     """A ``subscribe`` message of the WebSocket API."""
 
@@ -173,6 +198,7 @@ class Subscribe(TypedDict):
     channel: str
     id: str
     filters: NotRequired[object]
+    since: NotRequired[Position]
 
 
 def subscriptions(args: argparse.Namespace) -> list[Subscribe]:
@@ -215,36 +241,237 @@ async def refresh_in_band(ws: ClientConnection, tokens: Tokens) -> None:
         note("handed the connection a new access token")
 
 
-async def watch_once(args: argparse.Namespace, tokens: Tokens, counter: list[int]) -> int | None:
-    """Connect, subscribe, print messages until the socket closes; return the close code."""
+# -- resuming streams ------------------------------------------------------------------
+
+
+def stream_position(value: object) -> Position | None:
+    """``{"epoch": str, "offset": int}`` from an event envelope or a subscribe response's
+    ``position``, if well-formed (a non-empty epoch, a non-negative integer offset)."""
+    if not isinstance(value, dict):
+        return None
+    epoch, offset = value.get("epoch"), value.get("offset")
+    if not isinstance(epoch, str) or not epoch:
+        return None
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        return None
+    return {"epoch": epoch, "offset": offset}
+
+
+@dataclass
+class Renewal:
+    """A renewed subscription waiting for its answer: the ``since`` it sent, and the
+    channel's events that arrived meanwhile (the server may replay them, in order)."""
+
+    since: Position | None
+    reason: str
+    held: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Stream:
+    """One subscription and where its stream stopped: the last position seen (latest
+    event, or subscribe response) and the server time of it."""
+
+    subscribe: Subscribe
+    position: Position | None = None
+    seen_at: str | None = None
+    answered: bool = False
+    renewal: Renewal | None = None
+
+    @property
+    def channel(self) -> str:
+        return self.subscribe["channel"]
+
+
+@dataclass
+class Outcome:
+    """What to do with one server message: print these (JSON lines), say these notes,
+    send these subscribe messages."""
+
+    show: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    send: list[Subscribe] = field(default_factory=list)
+
+
+class Streams:
+    """The watched subscriptions: renewed with ``since`` after a reconnect or an
+    ``events_missed`` notice, replayed events let through, duplicates dropped."""
+
+    def __init__(self, messages: list[Subscribe]) -> None:
+        self.streams = {message["channel"]: Stream(message) for message in messages}
+        self.duplicates = 0
+
+    def subscribe_messages(self, reason: str) -> list[Subscribe]:
+        """The subscribe messages for a new connection: a renewal, with ``since`` where
+        the position is known, for each subscription the server confirmed before."""
+        return [self._renew(stream, reason) for stream in self.streams.values()]
+
+    def _renew(self, stream: Stream, reason: str) -> Subscribe:
+        message = Subscribe(**stream.subscribe)
+        if not stream.answered:
+            return message
+        if stream.position is not None:
+            message["since"] = stream.position
+        stream.renewal = Renewal(stream.position, reason)
+        return message
+
+    def handle(self, message: dict[str, Any]) -> Outcome:
+        """Route one parsed server message."""
+        kind, channel, data = message.get("type"), message.get("channel"), message.get("data")
+        stream = self.streams.get(channel) if isinstance(channel, str) else None
+        if not isinstance(data, dict):
+            return Outcome(show=[message])
+        if kind == "status" and channel == "system" and data.get("event") == "events_missed":
+            return self._events_missed(message, data)
+        if kind == "error":  # a refused subscribe comes on the channel "subscription"
+            refused = [s for s in self.streams.values() if s.subscribe["id"] == message.get("id")]
+            return self._refused(refused[0], message) if refused else Outcome(show=[message])
+        if stream is None:
+            return Outcome(show=[message])
+        if kind == "event":
+            if stream.renewal is not None and stream.renewal.since is not None:
+                stream.renewal.held.append(message)
+                return Outcome()
+            return Outcome(show=self._admit(stream, [message]))
+        if kind == "response" and data.get("action") == "subscribe":
+            return self._subscribed(stream, message, data)
+        return Outcome(show=[message])
+
+    def _admit(self, stream: Stream, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events not seen before, moving the stream's position along."""
+        fresh = []
+        for event in events:
+            position = stream_position(event)
+            last = stream.position
+            if (
+                position is not None
+                and last is not None
+                and position["epoch"] == last["epoch"]
+                and position["offset"] <= last["offset"]
+            ):
+                self.duplicates += 1
+                continue
+            if position is not None:
+                stream.position = position
+            if isinstance(event.get("timestamp"), str):
+                stream.seen_at = event["timestamp"]
+            fresh.append(event)
+        return fresh
+
+    def _subscribed(self, stream: Stream, message: dict[str, Any], data: dict[str, Any]) -> Outcome:
+        position = stream_position(data.get("position"))
+        at = message.get("timestamp") if isinstance(message.get("timestamp"), str) else None
+        renewal, stream.renewal = stream.renewal, None
+        if not stream.answered or renewal is None:
+            stream.answered, stream.position, stream.seen_at = True, position, at
+            return Outcome(show=[message])
+        name = stream.channel
+        if data.get("recovered") is True and renewal.since is not None:
+            since = renewal.since
+            return Outcome(
+                show=[message],
+                notes=[
+                    f"{name}: stream recovered from offset {since['offset']} "
+                    f"(epoch {since['epoch']}): the missed events follow"
+                ],
+            )
+        gap = f"between {stream.seen_at or 'the last event'} and {at or 'now'}"
+        if data.get("recovered") is False:
+            then = (
+                "the status snapshot follows"
+                if name in SNAPSHOT_CHANNELS
+                else "this channel has no snapshot"
+            )
+            words = f"{name}: stream not recovered: events {gap} are lost; {then}"
+        else:
+            words = (
+                f"{name}: subscribed again; the server does not resume streams, so events "
+                f"{gap} are not replayed"
+            )
+        shown = self._admit(stream, renewal.held)  # nothing replays them
+        stream.position, stream.seen_at = position, at
+        return Outcome(show=[message, *shown], notes=[words])
+
+    def _refused(self, stream: Stream, message: dict[str, Any]) -> Outcome:
+        renewal, stream.renewal = stream.renewal, None
+        held = self._admit(stream, renewal.held) if renewal is not None else []
+        return Outcome(show=[message, *held])
+
+    def _events_missed(self, message: dict[str, Any], data: dict[str, Any]) -> Outcome:
+        renewals = [
+            self._renew(stream, "events_missed")
+            for stream in self.streams.values()
+            if stream.answered and stream.renewal is None
+        ]
+        span = f" ({data.get('since')} to {data.get('until')})" if data.get("since") else ""
+        return Outcome(
+            show=[message],
+            notes=[f"the server may have missed events{span}; resuming every stream"],
+            send=renewals,
+        )
+
+    def connection_lost(self) -> None:
+        """A connection ended: renewals in flight on it get no answer; the events they held
+        back are dropped (the next renewal starts before them, so they come again)."""
+        for stream in self.streams.values():
+            stream.renewal = None
+
+
+def reconnect_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: half of ``FIRST_DELAY * 2**attempt`` (at most
+    ``MAX_DELAY``), plus up to as much again at random."""
+    ceiling = min(MAX_DELAY, FIRST_DELAY * 2.0 ** min(attempt, 30))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+# -- watching ----------------------------------------------------------------------------
+
+
+def parse_frame(frame: str | bytes) -> dict[str, Any]:
+    """A frame as the JSON object it holds, or ``{"unparsed": text}``."""
+    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return {"unparsed": text}
+    return message if isinstance(message, dict) else {"unparsed": text}
+
+
+async def watch_once(
+    args: argparse.Namespace, tokens: Tokens, counter: list[int], streams: Streams
+) -> int | None:
+    """Connect, subscribe (resuming each stream), print messages until the socket closes;
+    return the close code (None after ``--count`` messages)."""
     assert tokens.access is not None
     url, kwargs = connect_args(websocket_url(args.url), tokens.access, args.auth)
     refreshing: asyncio.Task[None] | None = None
     async with connect(url, open_timeout=args.timeout, max_size=None, **kwargs) as ws:
         note(f"connected to {websocket_url(args.url)}")
-        for message in subscriptions(args):
-            await ws.send(json.dumps(message))
-        for raw in args.send or []:
-            await ws.send(raw)
         try:
+            for message in streams.subscribe_messages("reconnected"):
+                await ws.send(json.dumps(message))
+            for raw in args.send or []:
+                await ws.send(raw)
             async for frame in ws:
-                text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-                try:
-                    parsed = json.loads(text)
-                    line = json.dumps(parsed, ensure_ascii=False)
-                except ValueError:
-                    parsed, line = None, json.dumps({"unparsed": text})
-                print(line, flush=True)
-                counter[0] += 1
-                if args.count and counter[0] >= args.count:
-                    await ws.close()
-                    return None
+                parsed = parse_frame(frame)
+                outcome = streams.handle(parsed)
+                for words in outcome.notes:
+                    note(words)
+                for shown in outcome.show:
+                    print(json.dumps(shown, ensure_ascii=False), flush=True)
+                    counter[0] += 1
+                    if args.count and counter[0] >= args.count:
+                        await ws.close()
+                        return None
+                for renewal in outcome.send:
+                    await ws.send(json.dumps(renewal))
                 idle = refreshing is None or refreshing.done()
                 if is_token_warning(parsed) and tokens.renewable and idle:
                     refreshing = asyncio.ensure_future(refresh_in_band(ws, tokens))
         except ConnectionClosed:
             pass
         finally:
+            streams.connection_lost()
             if refreshing is not None:
                 refreshing.cancel()
         code = ws.close_code if ws.close_code is not None else 1006
@@ -255,10 +482,12 @@ async def watch_once(args: argparse.Namespace, tokens: Tokens, counter: list[int
 async def watch(args: argparse.Namespace, tokens: Tokens) -> int:
     """Watch until Ctrl-C, ``--count`` messages, or a close that reconnecting cannot fix."""
     counter = [0]
-    delay = 1.0
+    streams = Streams(subscriptions(args))
+    attempt = 0
     while True:
+        started = time.monotonic()
         try:
-            code = await watch_once(args, tokens, counter)
+            code = await watch_once(args, tokens, counter, streams)
         except InvalidStatus as exc:
             raise Fatal(
                 f"the server refused the handshake: HTTP "
@@ -267,23 +496,27 @@ async def watch(args: argparse.Namespace, tokens: Tokens) -> int:
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             if args.no_reconnect:
                 raise Fatal(f"cannot connect: {exc}") from None
-            note(f"cannot connect ({exc}); retrying in {delay:.0f}s")
+            delay = reconnect_delay(attempt)
+            attempt += 1
+            note(f"cannot connect ({exc}); retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
             continue
         if code is None:
             return 0
         if args.no_reconnect or code in FINAL_CLOSE_CODES:
             return 0 if code in (1000, 1001) else 1
+        if time.monotonic() - started >= STABLE_AFTER:
+            attempt = 0
         if code == AUTH_FAILED:
             if not tokens.renewable:
                 raise Fatal("the token was refused or has expired")
             tokens.renew()
-            delay = 1.0
+            attempt = 0
             continue
-        note(f"reconnecting in {delay:.0f}s")
+        delay = reconnect_delay(attempt)
+        attempt += 1
+        note(f"reconnecting in {delay:.1f}s")
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 30.0)
 
 
 async def main_async(args: argparse.Namespace, tokens: Tokens) -> int:

@@ -9,6 +9,7 @@ from activity.models import UserActivity
 from alerts import services as alert_services
 from alerts.models import Alert, AlertStatus
 from hosts import services as host_services
+from sysmanage.protocol import iso
 from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db
@@ -217,3 +218,80 @@ def test_a_refresh_that_fails_to_record_its_new_token_does_not_spend_the_old_one
     monkeypatch.setattr(OutstandingToken.objects, "get_or_create", real_get_or_create)
     retried = client.post("/api/token/refresh/", {"refresh": tokens["refresh"]}, format="json")
     assert retried.status_code == 200, retried.data  # the client is not logged out for good
+
+
+def _metric_minutes(host, *minutes):
+    """One stored metrics minute per datetime, its CPU the minute of the hour."""
+    from hosts.models import MetricSample
+
+    for minute in minutes:
+        MetricSample.objects.create(host=host, minute=minute, samples=6, cpu_usage=minute.minute)
+
+
+def test_metrics_history_of_the_last_minutes(client, make_user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_user("viewer")
+    login(client, "viewer")
+    host = host_services.host_create(hostname="web-01")
+    now = timezone.now().replace(second=0, microsecond=0)
+    _metric_minutes(host, now - timedelta(minutes=90), now - timedelta(minutes=5), now)
+    answer = client.get(f"/api/hosts/{host.pk}/metrics/").data
+    assert (answer["minutes"], answer["until"]) == (60, None)
+    assert [s["cpu_usage"] for s in answer["samples"]] == [
+        (now - timedelta(minutes=5)).minute,
+        now.minute,
+    ]
+    wider = client.get(f"/api/hosts/{host.pk}/metrics/?minutes=120").data
+    assert len(wider["samples"]) == 3
+    bad = client.get(f"/api/hosts/{host.pk}/metrics/?minutes=soon")
+    assert (bad.status_code, bad.data) == (400, {"detail": "minutes must be an integer"})
+
+
+def test_metrics_history_between_two_times(client, make_user):
+    """``since``/``until`` give the minutes that overlap a gap (a page back-filling its
+    charts after a reconnect): from the minute holding ``since`` to the one holding ``until``."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_user("viewer")
+    login(client, "viewer")
+    host = host_services.host_create(hostname="web-01")
+    start = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=30)
+    _metric_minutes(host, *(start + timedelta(minutes=n) for n in range(10)))
+    since = (start + timedelta(minutes=2, seconds=40)).isoformat()
+    until = (start + timedelta(minutes=5, seconds=10)).isoformat()
+    answer = client.get(f"/api/hosts/{host.pk}/metrics/", {"since": since, "until": until}).data
+    assert [s["minute"] for s in answer["samples"]] == [
+        iso(start + timedelta(minutes=n)) for n in (2, 3, 4, 5)
+    ]
+    assert (answer["minutes"], answer["since"]) == (None, iso(start + timedelta(minutes=2)))
+    assert answer["until"] == iso(start + timedelta(minutes=5, seconds=10))
+    open_ended = client.get(f"/api/hosts/{host.pk}/metrics/", {"since": since}).data
+    assert len(open_ended["samples"]) == 8
+
+
+def test_metrics_history_range_is_checked_and_bounded(client, make_user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_user("viewer")
+    login(client, "viewer")
+    host = host_services.host_create(hostname="web-01")
+    now = timezone.now().replace(second=0, microsecond=0)
+    _metric_minutes(host, now - timedelta(days=8), now - timedelta(days=6))
+    url = f"/api/hosts/{host.pk}/metrics/"
+    bad = client.get(url, {"since": "yesterday"})
+    assert bad.status_code == 400
+    assert bad.data["detail"].startswith("Invalid query parameters: since: ")
+    reversed_range = client.get(
+        url, {"since": now.isoformat(), "until": (now - timedelta(hours=1)).isoformat()}
+    )
+    assert reversed_range.status_code == 400
+    assert "since must not be after until" in reversed_range.data["detail"]
+    old = client.get(url, {"since": (now - timedelta(days=30)).isoformat()}).data
+    assert len(old["samples"]) == 1  # a week back at most

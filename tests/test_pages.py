@@ -292,6 +292,7 @@ def test_host_page(operator, host):
     assert response.context["host"] == host
     data = page_data(response)
     assert data["hostId"] == str(host.pk)
+    assert data["username"] == "operator"  # which commands on the host are this page's
     assert data["cpuCount"] == 4
     assert data["canRunCommands"] is False
     assert data["canManageAlerts"] is False

@@ -1,10 +1,11 @@
 // @ts-check
 /**
  * Browser client for the SysManage live WebSocket API (`/ws`); no dependencies, no build
- * step. It matches replies to requests by `id`, renews subscriptions after reconnecting,
- * queues requests while offline, reconnects with exponential backoff, checks the connection
- * with ping/pong and hands the connection a new access token before the current one
- * expires (in band, without reconnecting). See docs/browser-client.md.
+ * step. It matches replies to requests by `id`, renews subscriptions after reconnecting (and
+ * resumes their streams where they stopped, when the server can replay them), queues requests
+ * while offline, reconnects with exponential backoff, checks the connection with ping/pong and
+ * hands the connection a new access token before the current one expires (in band, without
+ * reconnecting). See docs/browser-client.md.
  */
 
 /** Defaults of the {@link SysManageClient} options (times in milliseconds). */
@@ -17,18 +18,30 @@ export const DEFAULTS = Object.freeze({
 /** Close code the client uses when it gives up on a connection that does not answer. */
 const CLOSE_NO_ANSWER = 4000;
 
+/** Channels whose `status` snapshot follows a subscription the server could not resume. */
+const SNAPSHOT_CHANNELS = new Set(["host_status", "fleet_status", "system_alerts", "command_execution", "package_operations"]);
+/** Channels with a snapshot on every subscribe, from servers that do not resume streams. */
+const LEGACY_SNAPSHOT_CHANNELS = new Set(["host_status", "fleet_status"]);
+
 /**
  * A decoded JSON object from the server (its fields depend on the channel).
  * @typedef {Record<string, any>} JsonObject
  */
 /**
- * A message from the server: `response`, `pong`, `error`, `event` or `status`.
+ * A message from the server: `response`, `pong`, `error`, `event` or `status`. Events
+ * carry their place in the channel's stream (`offset`, `epoch`) when the server resumes
+ * streams.
  * @typedef {{type: string, channel: string, data: JsonObject, id?: string|number|null,
- *            timestamp?: string}} Envelope
+ *            timestamp?: string, offset?: unknown, epoch?: unknown}} Envelope
+ */
+/**
+ * A place in a channel's stream: events after it have a greater `offset` in the same `epoch`.
+ * @typedef {{epoch: string, offset: number}} StreamPosition
  */
 /**
  * A message to the server (the client adds the `id`).
- * @typedef {{type: string, channel?: string, data?: object, filters?: object}} OutgoingMessage
+ * @typedef {{type: string, channel?: string, data?: object, filters?: object,
+ *            since?: StreamPosition}} OutgoingMessage
  */
 /** @typedef {"closed"|"connecting"|"open"|"offline"|"unauthenticated"} ClientState */
 /**
@@ -40,6 +53,16 @@ const CLOSE_NO_ANSWER = 4000;
 /**
  * What `onError` callbacks get.
  * @typedef {{code: string, message: string, channel: string|null, data: JsonObject}} ErrorReport
+ */
+/**
+ * What `onResume` callbacks get after a subscription was renewed (after a reconnect, or after
+ * the server said events may have been missed). `status` is `recovered` (the missed events
+ * are replayed to the handler, nothing to do) or `rebuild` (they are lost: rebuild from the
+ * `status` snapshot when `snapshot` is true, otherwise from the REST API; `from` and `to` are
+ * the server times between which events may be missing).
+ * @typedef {{channel: string, status: "recovered"|"rebuild", reason: "reconnected"|"events_missed",
+ *            snapshot: boolean, from: string|null, to: string|null,
+ *            position: StreamPosition|null}} ResumeReport
  */
 /** @typedef {(data: JsonObject, message: Envelope) => void} EventHandler */
 /**
@@ -70,6 +93,7 @@ const CLOSE_NO_ANSWER = 4000;
  * @property {number} [queueLimit]
  * @property {number} [maxMessageBytes]
  */
+/** @typedef {"state"|"error"|"resume"} ListenerKind */
 /**
  * One socket to the server, with the token it carries (the one it was opened with, or the
  * last one handed over in band); `refreshing` while a new token is on its way to it.
@@ -80,12 +104,21 @@ const CLOSE_NO_ANSWER = 4000;
  * A request waiting for its answer (queued while `conn` is null).
  * @typedef {{id: string, text: string, resolve: (message: Envelope) => void,
  *            reject: (error: SysManageError) => void, timer?: unknown,
- *            conn: Connection|null}} PendingRequest
+ *            conn: Connection|null, onAnswer?: (message: Envelope) => void}} PendingRequest
  */
 /**
+ * A renewal of a subscription waiting for its answer: `since` was sent (if known); events of
+ * the channel that arrive meanwhile wait in `buffer` (the server may replay them, in order).
+ * @typedef {{since: StreamPosition|null, reason: ResumeReport["reason"], buffer: Envelope[]}} Resumption
+ */
+/**
+ * `position` is the last place in the stream the subscription saw (the latest event, or the
+ * subscribe response); `seenAt` the server time of it; `answered` whether the server ever
+ * confirmed the subscription; `resuming` a renewal in flight.
  * @typedef {{channel: string, filters: object|null, handler: EventHandler,
  *            ready: Promise<Envelope>, resolve: (message: Envelope) => void,
- *            reject: (error: SysManageError) => void}} Subscription
+ *            reject: (error: SysManageError) => void, position?: StreamPosition|null,
+ *            seenAt?: string|null, answered?: boolean, resuming?: Resumption|null}} Subscription
  */
 
 /**
@@ -202,8 +235,8 @@ export class SysManageClient {
     this._queue = []; // pending requests not sent yet
     /** @type {Record<string, unknown>} */
     this._timers = {};
-    /** @type {Record<"state"|"error", Set<(...args: any[]) => void>>} */
-    this._listeners = { state: new Set(), error: new Set() };
+    /** @type {Record<ListenerKind, Set<(...args: any[]) => void>>} */
+    this._listeners = { state: new Set(), error: new Set(), resume: new Set() };
     this._attempt = this._gen = this._seq = this._emptyTokens = 0;
     this._skew = 0; // server clock minus local clock
     this._needAuth = false;
@@ -245,6 +278,16 @@ export class SysManageClient {
   onError(cb) { return this._listen("error", cb); }
 
   /**
+   * Call `cb({channel, status, reason, snapshot, from, to, position})` each time a
+   * subscription is renewed after it was confirmed once: after a reconnect, and after the
+   * server said events may have been missed (`events_missed`). `status` is `recovered` when
+   * the server replays the missed events to the handler, `rebuild` when they are lost.
+   * @param {(report: ResumeReport) => void} cb
+   * @returns {() => void} removes the listener
+   */
+  onResume(cb) { return this._listen("resume", cb); }
+
+  /**
    * Send a message with a new `id` and wait for the `response` (or `pong`) with that id.
    * Queued while not connected. Rejects with a {@link SysManageError} on an `error` with
    * that id, on timeout, or when the connection that carried it is lost (`DISCONNECTED`).
@@ -253,6 +296,18 @@ export class SysManageClient {
    * @returns {Promise<Envelope>} the whole response message
    */
   request(message, { timeout = this.options.requestTimeout } = {}) {
+    return this._request(message, timeout);
+  }
+
+  /**
+   * {@link request}, with `onAnswer` called with the answer as soon as it arrives (before any
+   * later message is handled; the promise settles later).
+   * @param {OutgoingMessage} message
+   * @param {number} timeout
+   * @param {(message: Envelope) => void} [onAnswer]
+   * @returns {Promise<Envelope>}
+   */
+  _request(message, timeout, onAnswer) {
     if (this.state === "closed" || this.state === "unauthenticated") {
       return Promise.reject(new SysManageError(this.state.toUpperCase(), `The client is ${this.state}`));
     }
@@ -263,7 +318,7 @@ export class SysManageClient {
     }
     return new Promise((resolve, reject) => {
       /** @type {PendingRequest} */
-      const entry = { id, text, resolve, reject, conn: null };
+      const entry = { id, text, resolve, reject, conn: null, onAnswer };
       entry.timer = this._setTimeout(
         () => this._settle(id, new SysManageError("TIMEOUT", `No answer within ${timeout} ms`)), timeout);
       this._pending.set(id, entry);
@@ -287,10 +342,12 @@ export class SysManageClient {
   }
 
   /**
-   * Subscribe to a channel, now and again after every reconnect, with the same filters.
-   * `handler(data, message)` gets each `event` and `status` snapshot of the channel;
-   * `message.type` tells which. Subscribing again to a channel replaces its filters and
-   * handler. A subscription the server refuses is dropped and reported to `onError`.
+   * Subscribe to a channel, now and again after every reconnect, with the same filters
+   * (and, when the server gave stream positions, from where the stream stopped: see
+   * `onResume`). `handler(data, message)` gets each `event` and `status` snapshot of the
+   * channel, never the same event twice; `message.type` tells which. Subscribing again to a
+   * channel replaces its filters and handler. A subscription the server refuses is dropped
+   * and reported to `onError`.
    * @overload
    * @param {string} channel
    * @param {object|null|undefined} filters
@@ -556,9 +613,10 @@ export class SysManageClient {
     if (msg.type === "status" && msg.channel === "system" && msg.data.event === "token_expiring") {
       return void this._refresh(); // the server's clock says the token expires soon
     }
+    if (isEventsMissed(msg)) return this._resumeAll("events_missed");
     if (msg.type === "event" || msg.type === "status") {
       const sub = this._subs.get(msg.channel);
-      if (sub) this._call(sub.handler, msg.data, msg);
+      if (sub) this._deliver(sub, msg);
     }
   }
 
@@ -597,16 +655,28 @@ export class SysManageClient {
     const queued = this._queue.indexOf(entry);
     if (queued >= 0) this._queue.splice(queued, 1);
     if (err) entry.reject(err);
-    else entry.resolve(/** @type {Envelope} */ (value));
+    else {
+      if (entry.onAnswer) this._call(entry.onAnswer, value);
+      entry.resolve(/** @type {Envelope} */ (value));
+    }
     if (entry.conn?.draining && this._draining.has(entry.conn)) this._closeIfDrained(entry.conn);
   }
 
-  /** @param {Subscription} sub */
-  _sendSubscribe(sub) {
+  /**
+   * @param {Subscription} sub
+   * @param {ResumeReport["reason"]} [reason] why a subscription confirmed before is renewed
+   */
+  _sendSubscribe(sub, reason = "reconnected") {
     /** @type {OutgoingMessage} */
     const message = { type: "subscribe", channel: sub.channel };
     if (sub.filters) message.filters = sub.filters;
-    this.request(message).then(sub.resolve, (err) => this._subscribeFailed(sub, err));
+    const resuming = this._startResume(sub, message, reason);
+    // The answer is handled at once: the events that follow it depend on it.
+    this._request(message, this.options.requestTimeout, (reply) => this._subscribed(sub, reply, resuming))
+      .then(sub.resolve, (err) => {
+        this._abandonResume(sub, resuming);
+        this._subscribeFailed(sub, err);
+      });
   }
 
   /**
@@ -634,6 +704,94 @@ export class SysManageClient {
     this._subs.delete(sub.channel);
     if (this.state !== "open") return Promise.resolve();
     return this.request({ type: "unsubscribe", channel: sub.channel }).then(() => {}, () => {});
+  }
+
+  // -- resuming streams --------------------------------------------------------------------
+
+  /**
+   * Renewing a subscription the server confirmed before: ask for the events after the last
+   * position seen (`since`), and hold back the channel's events until the answer.
+   * @param {Subscription} sub
+   * @param {OutgoingMessage} message the subscribe message, given `since` here
+   * @param {ResumeReport["reason"]} reason
+   * @returns {Resumption|null} null for a first subscription
+   */
+  _startResume(sub, message, reason) {
+    if (!sub.answered) return null;
+    const since = sub.position ?? null;
+    if (since) message.since = since;
+    return (sub.resuming = { since, reason, buffer: [] });
+  }
+
+  /**
+   * The server confirmed a subscription: note its position; after a renewal, tell the page
+   * whether the missed events follow (`recovered`) or its state must be rebuilt.
+   * @param {Subscription} sub
+   * @param {Envelope} reply
+   * @param {Resumption|null} resuming
+   */
+  _subscribed(sub, reply, resuming) {
+    if (this._subs.get(sub.channel) !== sub) return; // replaced or ended meanwhile
+    const position = streamPosition(reply.data.position);
+    const at = typeof reply.timestamp === "string" ? reply.timestamp : null;
+    if (!resuming) {
+      Object.assign(sub, { answered: true, position, seenAt: at });
+      return;
+    }
+    if (sub.resuming !== resuming) return; // a later renewal took over (a new connection)
+    sub.resuming = null;
+    const recovered = reply.data.recovered === true && resuming.since !== null;
+    const from = sub.seenAt ?? null;
+    if (!recovered) { // nothing is replayed: what arrived meanwhile is all there is
+      for (const msg of resuming.buffer) this._deliver(sub, msg);
+      Object.assign(sub, { position, seenAt: at });
+    } // else: the replay that follows brings the held-back events again, in order
+    const snapshot = (reply.data.recovered === false ? SNAPSHOT_CHANNELS : LEGACY_SNAPSHOT_CHANNELS).has(sub.channel);
+    /** @type {ResumeReport} */
+    const report = recovered
+      ? { channel: sub.channel, status: "recovered", reason: resuming.reason, snapshot: false, from, to: at, position: resuming.since }
+      : { channel: sub.channel, status: "rebuild", reason: resuming.reason, snapshot, from, to: at, position };
+    this._emit("resume", report);
+  }
+
+  /**
+   * A renewal that got no answer (refused, or its connection closed): deliver the events
+   * held back, which no replay will bring.
+   * @param {Subscription} sub
+   * @param {Resumption|null} resuming
+   */
+  _abandonResume(sub, resuming) {
+    if (!resuming || sub.resuming !== resuming) return;
+    sub.resuming = null;
+    if (this._subs.get(sub.channel) === sub) for (const msg of resuming.buffer) this._deliver(sub, msg);
+  }
+
+  /**
+   * Hand an event or snapshot to the subscription's handler, unless it is a duplicate (an
+   * offset not after the last one seen in the same epoch) or must wait for a renewal.
+   * @param {Subscription} sub
+   * @param {Envelope} msg
+   */
+  _deliver(sub, msg) {
+    if (msg.type === "event") {
+      if (sub.resuming?.since) return void sub.resuming.buffer.push(msg);
+      const position = streamPosition(msg);
+      const last = sub.position;
+      if (position && last && position.epoch === last.epoch && position.offset <= last.offset) return;
+      if (position) sub.position = position;
+      if (typeof msg.timestamp === "string") sub.seenAt = msg.timestamp;
+    }
+    this._call(sub.handler, msg.data, msg);
+  }
+
+  /**
+   * The server may have lost events (`events_missed`): renew every confirmed subscription
+   * from its position, on the same connection.
+   * @param {ResumeReport["reason"]} reason
+   */
+  _resumeAll(reason) {
+    if (this.state !== "open") return;
+    for (const sub of this._subs.values()) if (sub.answered && !sub.resuming) this._sendSubscribe(sub, reason);
   }
 
   _schedulePing() {
@@ -679,14 +837,14 @@ export class SysManageClient {
   }
 
   /**
-   * @param {"state"|"error"} kind
+   * @param {ListenerKind} kind
    * @param {(...args: any[]) => void} cb
    * @returns {() => void}
    */
   _listen(kind, cb) { this._listeners[kind].add(cb); return () => this._listeners[kind].delete(cb); }
 
   /**
-   * @param {"state"|"error"} kind
+   * @param {ListenerKind} kind
    * @param {...any} args
    */
   _emit(kind, ...args) { for (const cb of [...this._listeners[kind]]) this._call(cb, ...args); }
@@ -704,6 +862,27 @@ export class SysManageClient {
   _call(fn, ...args) {
     try { fn(...args); } catch (err) { console.error("sysmanage-client: a callback threw", err); }
   }
+}
+
+/**
+ * A stream position (`{epoch, offset}`: an event envelope, or a response's `position`), if
+ * well-formed: a non-empty string epoch and a non-negative integer offset.
+ * @param {unknown} value
+ * @returns {StreamPosition|null}
+ */
+function streamPosition(value) {
+  if (value === null || typeof value !== "object") return null;
+  const { epoch, offset } = /** @type {Record<string, unknown>} */ (value);
+  return typeof epoch === "string" && epoch !== "" && Number.isSafeInteger(offset) && /** @type {number} */ (offset) >= 0
+    ? { epoch, offset: /** @type {number} */ (offset) } : null;
+}
+
+/**
+ * Whether a message is the server's notice that events may have been missed.
+ * @param {Envelope} msg
+ */
+function isEventsMissed(msg) {
+  return msg.type === "status" && msg.channel === "system" && msg.data.event === "events_missed";
 }
 
 /**

@@ -8,6 +8,7 @@ poll) on something the page or the server shows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration import harness
+from tests.integration.relay import Relay
 
 CHROMIUM = Path(os.environ.get("SYSMANAGE_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("SYSMANAGE_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -88,8 +91,9 @@ class ConsoleEntry:
 class Browser:
     """One headless Chromium with the helpers the tests share.
 
-    Keeps every console line it has read (``console``) and the WebSocket frames the pages
-    received (from the performance log) since the last :meth:`forget_frames`.
+    Keeps every console line it has read (``console``), and the WebSocket frames the pages
+    received and the URLs they requested (``frames``, ``requests``: from the performance
+    log) since the last :meth:`forget_frames`.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Browser:
         self.set_viewport(*size)
         self.console: list[ConsoleEntry] = []
         self.frames: list[dict[str, Any]] = []
+        self.requests: list[str] = []
         self._expect_console: list[re.Pattern[str]] = []
 
     def set_viewport(self, width: int, height: int) -> None:
@@ -220,12 +225,15 @@ class Browser:
     # -- WebSocket frames (from Chromium's performance log) --
 
     def read_frames(self) -> list[dict[str, Any]]:
-        """Collect the JSON WebSocket frames received since the last call."""
+        """Collect the JSON WebSocket frames received (and the URLs requested) since the
+        last call."""
         for entry in self.driver.get_log("performance"):
             try:
                 message = json.loads(entry["message"])["message"]
             except (KeyError, ValueError):
                 continue
+            if message.get("method") == "Network.requestWillBeSent":
+                self.requests.append(str(message["params"].get("request", {}).get("url", "")))
             if message.get("method") != "Network.webSocketFrameReceived":
                 continue
             payload = message["params"].get("response", {}).get("payloadData", "")
@@ -238,6 +246,7 @@ class Browser:
     def forget_frames(self) -> None:
         self.read_frames()
         self.frames.clear()
+        self.requests.clear()
 
     def subscribed(self) -> set[str]:
         """Channels whose subscription the server confirmed since :meth:`forget_frames`."""
@@ -417,6 +426,54 @@ def restart_on_same_port(deployment: harness.Deployment, name: str) -> FixedPort
     server.start().wait_ready()
     deployment.servers[deployment.servers.index(old)] = server
     return server
+
+
+# -- a network that can go down ---------------------------------------------------------------
+
+
+class RelayThread:
+    """A :class:`~tests.integration.relay.Relay` to a server's port, run on an event loop
+    of its own thread so that the (synchronous) browser tests can cut it: a browser that
+    loads pages from :attr:`port` talks to the server through it, HTTP and WebSocket."""
+
+    def __init__(self, target_port: int) -> None:
+        self.relay = Relay(target_port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="relay", daemon=True)
+        self.thread.start()
+        self.port: int = self._run(self.relay.start())
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def _call(self, action: Callable[[], None]) -> None:
+        async def run() -> None:
+            action()
+
+        self._run(run())
+
+    def go_down(self) -> None:
+        """Drop every relayed connection and refuse new ones."""
+        self._call(self.relay.refuse)
+        self._call(self.relay.cut)
+
+    def come_back(self) -> None:
+        """Relay new connections again."""
+        self._call(self.relay.accept)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            await self.relay.close()  # the relayed connections end, and their tasks with them
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+
+        try:
+            self._run(shut())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
 
 
 # -- a package to install --------------------------------------------------------------------

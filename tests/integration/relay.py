@@ -12,12 +12,15 @@ class Relay:
 
     :meth:`cut` drops every relayed connection at once (both sides see it end);
     :meth:`freeze` drops only the agent's side and swallows what the server sends, so
-    that the server still believes the agent is connected.
+    that the server still believes the agent is connected; between :meth:`refuse` and
+    :meth:`accept` new connections are dropped as soon as they arrive (the network is down
+    for as long as the test needs).
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.frozen = False
+        self.refusing = False
         self.clients: list[asyncio.StreamWriter] = []
         self.upstreams: list[asyncio.StreamWriter] = []
         self.server: asyncio.AbstractServer | None = None
@@ -28,6 +31,9 @@ class Relay:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.clients.append(writer)
         self.upstreams.append(up_writer)
@@ -62,6 +68,14 @@ class Relay:
         for writer in self.clients:
             if writer.transport is not None:
                 writer.transport.abort()
+
+    def refuse(self) -> None:
+        """Drop every new connection at once, until :meth:`accept`."""
+        self.refusing = True
+
+    def accept(self) -> None:
+        """Relay new connections again."""
+        self.refusing = False
 
     async def close(self) -> None:
         """Stop listening and drop everything."""

@@ -81,6 +81,7 @@ test("a live server: the token is handed over in band before it expires, without
   const states = [];
   client.onStateChange((state) => states.push(state));
   const seen = [];
+  const resumes = [];
   client.subscribe("fleet_status", null, (data, message) => seen.push(message.type));
   const connectedAt = Date.now();
   client.connect();

@@ -18,6 +18,16 @@ const STATE_WORDS = { open: "Open", acknowledged: "Acknowledged", resolved: "Res
 const DONE_WORDS = { acknowledge: "acknowledged", resolve: "resolved" };
 
 /**
+ * An alert as a `system_alerts` event or snapshot item carries it, with `created_at` (when
+ * it was raised) taken from its `timestamp` if it has none.
+ * @param {JsonObject} alert
+ * @returns {JsonObject}
+ */
+export function alertFromEvent(alert) {
+  return { ...alert, created_at: alert.created_at ?? alert.timestamp };
+}
+
+/**
  * An alert from `GET /api/alerts/`, in the shape of a `system_alerts` event.
  * @param {JsonObject} alert
  * @returns {JsonObject}
@@ -65,6 +75,11 @@ export class AlertTable {
     return this.tbody.querySelector(`tr[data-alert-id="${CSS.escape(alertId)}"]`);
   }
 
+  /** @returns {HTMLTableRowElement[]} the rows, top to bottom */
+  rows() {
+    return [...this.tbody.querySelectorAll("tr")];
+  }
+
   /**
    * Replace every row (e.g. after reading the list from the REST API).
    * @param {JsonObject[]} alerts
@@ -93,6 +108,48 @@ export class AlertTable {
       this.onCountChange?.(1);
     }
     this.updateEmpty();
+  }
+
+  /**
+   * Bring the table in line with a list of current alerts (a `status` snapshot, or a page of
+   * `GET /api/alerts/`): the rows of listed alerts are updated, listed alerts the table
+   * lacks are added in order of age (newest first), and, when the list is `complete` (it
+   * holds every alert the table should show), rows of alerts it does not list fade out.
+   * @param {JsonObject[]} alerts in the shape of `system_alerts` events, with `created_at`
+   * @param {{complete: boolean}} options
+   */
+  sync(alerts, { complete }) {
+    const listed = new Set();
+    for (const alert of alerts) {
+      listed.add(alert.alert_id);
+      const row = this.row(alert.alert_id);
+      if (row) {
+        this.update(row, alert);
+        if (!this.shows(alert.status)) this.leave(row);
+      } else if (this.shows(alert.status)) {
+        this.insert(alert);
+      }
+    }
+    if (complete) {
+      for (const row of this.rows()) if (!listed.has(row.dataset.alertId)) this.leave(row);
+    }
+    this.updateEmpty();
+  }
+
+  /**
+   * Add a row for an alert the table lacks, above the rows of older alerts.
+   * @param {JsonObject} alert
+   */
+  insert(alert) {
+    const fresh = this.build(alert);
+    fresh.classList.add("is-new");
+    const raised = Date.parse(alert.created_at);
+    const older = this.rows().find((row) => {
+      const time = /** @type {HTMLTimeElement|null} */ (row.querySelector('[data-cell="raised"] time'));
+      return time !== null && Date.parse(time.dateTime) < raised;
+    });
+    this.tbody.insertBefore(fresh, older ?? null);
+    this.onCountChange?.(1);
   }
 
   /**

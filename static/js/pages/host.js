@@ -3,28 +3,31 @@
  * `/hosts/<id>/`: one host, live. Status from `host_status`; charts from the per-minute
  * history (`GET /api/hosts/<id>/metrics/`) then `host_metrics`; the host's active alerts
  * (`GET /api/alerts/`, then `system_alerts`); a command console (`command` on
- * `command_execution`) and package operations (`command` on `package_operations`, with
- * progress from its events).
+ * `command_execution`, results also from its events) and package operations (`command` on
+ * `package_operations`, with progress from its events).
+ *
+ * Events published while the page was disconnected are replayed to it like live ones.
+ * When they were lost, each part rebuilds: the status from its snapshot, the charts from
+ * the history of the gap, alerts, commands and operations from their snapshots or else the
+ * REST API.
  */
-import { AlertTable, alertFromApi } from "./alerts-ui.js";
+import { AlertTable, alertFromApi, alertFromEvent } from "./alerts-ui.js";
 import { LineChart } from "./chart.js";
 import {
-  describeError, el, formatNumber, getJSON, pageData, showNotice, startLive, timeElement,
+  describeError, el, formatNumber, getJSON, onRebuild, pageData, showNotice, startLive, StreamRebuild, timeElement,
 } from "./live.js";
 
 /** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 /** @typedef {import("../sysmanage-client.js").SysManageError} SysManageError */
+/** @typedef {import("../sysmanage-client.js").ResumeReport} ResumeReport */
 
 const data = pageData();
 const hostId = data.hostId;
 const HISTORY_LIMIT = 10;
+/** Final states of a command execution. */
+const FINAL_COMMAND_STATES = ["completed", "failed", "timeout"];
 
-const client = startLive({
-  onReconnect: () => {
-    loadAlerts();
-    refreshOperations();
-  },
-});
+const client = startLive();
 
 // -- status -------------------------------------------------------------------------------
 
@@ -99,6 +102,26 @@ async function loadHistory() {
 }
 loadHistory();
 
+/**
+ * Reports lost during a disconnect: plot the per-minute averages of the gap (the minutes
+ * whose middle falls between the last report seen and the reconnection).
+ * @param {ResumeReport} report
+ */
+async function backfillHistory({ from, to }) {
+  if (!from || !to) return;
+  const [start, end] = [Date.parse(from), Date.parse(to)];
+  try {
+    const history = await getJSON(`/api/hosts/${hostId}/metrics/?${new URLSearchParams({ since: from, until: to })}`);
+    for (const row of history.samples) {
+      const time = Date.parse(row.minute) + 30_000;
+      if (time > start && time < end) plot(time, row);
+    }
+  } catch (err) {
+    showNotice(`Could not fill the gap in the charts: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "history" });
+  }
+}
+onRebuild(client, "host_metrics", backfillHistory);
+
 // -- alerts -------------------------------------------------------------------------------
 
 const alertTable = new AlertTable({
@@ -109,21 +132,40 @@ const alertTable = new AlertTable({
   states: ["open", "acknowledged"],
 });
 if (data.canManageAlerts) alertTable.bindActions(client);
-const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }, (alert) => alertTable.apply(alert));
 
-/** Read the host's active alerts (again after a reconnect: events may have been missed). */
-async function loadAlerts() {
+/**
+ * Read the host's active alerts: all of them at first, and again when changes were lost.
+ * @param {{initial: boolean}} options `initial`: the table starts from them
+ */
+async function loadAlerts({ initial }) {
   const empty = /** @type {HTMLElement} */ (document.getElementById("alerts-empty"));
   try {
     const page = await getJSON(`/api/alerts/?host=${hostId}&status=open,acknowledged&limit=200`);
-    alertTable.replaceAll(page.results.map(alertFromApi));
+    const alerts = page.results.map(alertFromApi);
+    if (initial) alertTable.replaceAll(alerts);
+    else alertTable.sync(alerts, { complete: true });
     empty.textContent = "No open alerts for this host.";
   } catch (err) {
     empty.textContent = `Could not load the alerts: ${/** @type {Error} */ (err).message}`;
     empty.hidden = false;
   }
 }
-alertsSubscription.ready.then(loadAlerts, loadAlerts); // subscribed first: no change falls in between
+
+// Lost changes: the snapshot lists the host's current alerts; without one, the REST API.
+const alertsRebuild = new StreamRebuild(client, "system_alerts", {
+  fromSnapshot: (snapshot) => {
+    if (!Array.isArray(snapshot.alerts)) return false;
+    alertTable.sync(snapshot.alerts.map(alertFromEvent), { complete: true });
+    return true;
+  },
+  fromRest: () => loadAlerts({ initial: false }),
+});
+const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }, (alert, message) => {
+  if (message.type === "status") alertsRebuild.snapshot(alert);
+  else alertsRebuild.apply(() => alertTable.apply(alert));
+});
+const loadAllAlerts = () => loadAlerts({ initial: true });
+alertsSubscription.ready.then(loadAllAlerts, loadAllAlerts); // subscribed first: no change falls in between
 
 // -- command console --------------------------------------------------------------------------
 
@@ -149,16 +191,32 @@ consoleForm.addEventListener("submit", async (event) => {
   }
   const entry = commandEntry(command, timeout);
   try {
-    showResult(entry, await client.command("command_execution", { host_id: hostId, command, timeout }));
+    const result = await client.command("command_execution", { host_id: hostId, command, timeout });
+    entry.executionId = result.execution_id ?? entry.executionId;
+    showResult(entry, result);
   } catch (err) {
-    showCommandError(entry, /** @type {SysManageError} */ (err));
+    const error = /** @type {SysManageError} */ (err);
+    if (error.data?.execution_id) entry.executionId = error.data.execution_id;
+    showCommandError(entry, error);
   }
 });
+
+/**
+ * A command of this page: its list item and the parts that change, the execution it
+ * became (from the response, an event, or a snapshot), and whether its outcome is shown.
+ * @typedef {{item: HTMLLIElement, badge: HTMLSpanElement, meta: HTMLSpanElement,
+ *            body: HTMLDivElement, command: string, executionId: string|null,
+ *            done: boolean}} CommandEntry
+ */
+
+/** @type {CommandEntry[]} this page's commands, newest first */
+let commandEntries = [];
 
 /**
  * A new history item, newest first, at most HISTORY_LIMIT of them.
  * @param {string} command
  * @param {number} timeout
+ * @returns {CommandEntry}
  */
 function commandEntry(command, timeout) {
   const badge = el("span", { className: "badge status-running" }, "Running…");
@@ -173,31 +231,42 @@ function commandEntry(command, timeout) {
   consoleHistory.prepend(item);
   while (consoleHistory.children.length > HISTORY_LIMIT) /** @type {Element} */ (consoleHistory.lastElementChild).remove();
   /** @type {HTMLElement} */ (document.getElementById("console-empty")).hidden = true;
-  return { item, badge, meta, body };
+  /** @type {CommandEntry} */
+  const entry = { item, badge, meta, body, command, executionId: null, done: false };
+  commandEntries = [entry, ...commandEntries.filter((e) => e.item.isConnected)];
+  return entry;
 }
 
-/** @typedef {ReturnType<typeof commandEntry>} CommandEntry */
-
 /** @type {Record<string, string>} */
-const RESULT_WORDS = { failed: "Failed", timeout: "Timed out", pending: "Pending", running: "Running" };
+const RESULT_WORDS = { failed: "Not run", timeout: "Timed out", pending: "Pending", running: "Running" };
 
 /**
  * Show a command's result: exit status, time, stdout and stderr, or why it did not run.
+ * Shown once; a later copy (the response after the final event, or a replay) changes nothing.
  * @param {CommandEntry} entry
- * @param {JsonObject} result the `data` of the command's response
+ * @param {JsonObject} result the `data` of the command's response, or its final event
  */
 function showResult(entry, result) {
+  if (entry.done) return;
+  entry.done = true;
   entry.item.removeAttribute("aria-busy");
+  entry.body.replaceChildren(); // a note that the connection was lost, if any
   const ok = result.status === "completed" && result.exit_code === 0;
   const words = result.status === "completed" ? `Exit ${result.exit_code}` : RESULT_WORDS[result.status] || result.status;
   entry.badge.className = `badge status-${ok ? "completed" : "failed"}`;
   entry.badge.textContent = words;
   if (typeof result.execution_time === "number") entry.meta.append(` · took ${formatNumber(result.execution_time, 3)} s`);
-  if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
+  if (result.status === "failed") { // as COMMAND_FAILED says it, whichever arrives first
+    entry.badge.className = "badge status-error";
+    entry.body.append(el("p", { className: "error-text" }, `The command could not be run: ${result.error}`));
+  } else if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
   if (result.stdout) entry.body.append(el("p", { className: "output-label" }, "Output"), el("pre", { className: "output" }, result.stdout));
   if (result.stderr) entry.body.append(el("p", { className: "output-label" }, "Errors"), el("pre", { className: "output output-stderr" }, result.stderr));
   if (result.status === "completed" && !result.stdout && !result.stderr) entry.body.append(el("p", { className: "muted" }, "No output."));
 }
+
+/** Errors after which the command may still run: its result can still arrive as an event. */
+const UNSETTLED_ERRORS = ["DISCONNECTED", "TIMEOUT"];
 
 /**
  * Show why a command was refused or lost, in words.
@@ -205,6 +274,15 @@ function showResult(entry, result) {
  * @param {SysManageError} err
  */
 function showCommandError(entry, err) {
+  if (entry.done) return;
+  if (UNSETTLED_ERRORS.includes(err.code)) {
+    entry.badge.className = "badge status-error";
+    entry.badge.textContent = err.code === "TIMEOUT" ? "No answer" : "Connection lost";
+    entry.body.replaceChildren(el("p", { className: "error-text" },
+      `${describeError(err)} If the command runs, its result appears here.`));
+    return;
+  }
+  entry.done = true;
   entry.item.removeAttribute("aria-busy");
   entry.badge.className = "badge status-error";
   entry.badge.textContent = err.code === "PERMISSION_DENIED" ? "Not allowed"
@@ -212,8 +290,63 @@ function showCommandError(entry, err) {
   const words = err.code === "COMMAND_FAILED" ? `The command could not be run: ${err.message}`
     : err.code === "PERMISSION_DENIED" ? "You are not allowed to run commands on hosts."
       : describeError(err);
-  entry.body.append(el("p", { className: "error-text" }, words));
+  entry.body.replaceChildren(el("p", { className: "error-text" }, words));
 }
+
+/**
+ * The entry of an execution: the one bound to it, or else the oldest of this page's
+ * commands with the same text still waiting for its execution, when the execution is this
+ * user's (the events of a command come before its response, and after a lost connection
+ * they are all there is).
+ * @param {JsonObject} execution a `command_execution` event or snapshot item
+ * @returns {CommandEntry|undefined}
+ */
+function entryOf(execution) {
+  const bound = commandEntries.find((e) => e.executionId === execution.execution_id);
+  if (bound || execution.redacted || execution.requested_by !== data.username) return bound;
+  const entry = [...commandEntries].reverse().find((e) => e.executionId === null && e.command === execution.command);
+  if (entry) entry.executionId = execution.execution_id;
+  return entry;
+}
+
+/**
+ * A step of an execution (an event, live or replayed, or a snapshot item): a final one
+ * shows the result in its entry.
+ * @param {JsonObject} execution
+ */
+function followExecution(execution) {
+  const entry = entryOf(execution);
+  if (entry && (execution.final || FINAL_COMMAND_STATES.includes(execution.status))) showResult(entry, execution);
+}
+
+/**
+ * When command events were lost: read this user's latest commands on the host and show
+ * the results of the entries still waiting for theirs.
+ */
+async function refreshCommands() {
+  if (!commandEntries.some((e) => !e.done)) return;
+  const page = await getJSON(`/api/commands/?host=${encodeURIComponent(hostId)}&limit=50`);
+  for (const listed of page.results.reverse()) {
+    if (listed.requested_by !== data.username) continue;
+    const entry = entryOf({ ...listed, execution_id: listed.id });
+    if (!entry || entry.done || !FINAL_COMMAND_STATES.includes(listed.status)) continue;
+    const whole = await getJSON(`/api/commands/${encodeURIComponent(listed.id)}/`); // the list cuts outputs short
+    showResult(entry, { ...whole, execution_id: whole.id });
+  }
+}
+
+const commandsRebuild = new StreamRebuild(client, "command_execution", {
+  fromSnapshot: (snapshot) => {
+    if (!Array.isArray(snapshot.commands)) return false;
+    snapshot.commands.forEach(followExecution);
+    return true;
+  },
+  fromRest: refreshCommands,
+});
+client.subscribe("command_execution", { host_id: hostId }, (execution, message) => {
+  if (message.type === "status") commandsRebuild.snapshot(execution);
+  else followExecution(execution);
+});
 
 // -- package operations ------------------------------------------------------------------------
 
@@ -235,19 +368,54 @@ const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update"
 /** @type {Record<string, string>} */
 const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
 
-client.subscribe("package_operations", { host_id: hostId }, (event) => showOperation(event));
+/**
+ * Whether an operation the page does not show belongs on it after lost events: one still
+ * under way, or one started after the page last heard from the channel (`since`).
+ * @param {JsonObject} op an event, snapshot item or REST API operation
+ * @param {string|null|undefined} since
+ */
+function startedDuringGap(op, since) {
+  if (!op.final && RANK[op.status] !== 2) return true;
+  const started = Date.parse(op.created_at ?? op.timestamp ?? "");
+  return Boolean(since) && started > Date.parse(/** @type {string} */ (since));
+}
 
-/** After a reconnect, bring the operations shown up to date (events may have been missed). */
-async function refreshOperations() {
+/**
+ * When events were lost: the snapshot's operations (those shown, and new ones).
+ * @param {JsonObject} snapshot
+ * @param {ResumeReport|null} report
+ */
+function operationsFromSnapshot(snapshot, report) {
+  if (!Array.isArray(snapshot.operations)) return false;
+  for (const op of snapshot.operations) {
+    if (operations.has(op.execution_id) || startedDuringGap(op, report?.from)) showOperation(op);
+  }
+  return true;
+}
+
+/**
+ * When events were lost and no snapshot says what happened: read the host's latest
+ * operations and bring those shown up to date, adding the ones started meanwhile.
+ * @param {ResumeReport|null} report
+ */
+async function refreshOperations(report) {
   try {
     const page = await getJSON(`/api/package-operations/?host=${encodeURIComponent(hostId)}&limit=50`);
     for (const op of page.results.reverse()) {
-      if (operations.has(op.id)) showOperation({ ...op, execution_id: op.id });
+      if (operations.has(op.id) || startedDuringGap(op, report?.from)) showOperation({ ...op, execution_id: op.id });
     }
   } catch (err) {
     showNotice(`Could not refresh package operations: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "operations" });
   }
 }
+
+const operationsRebuild = new StreamRebuild(client, "package_operations", {
+  fromSnapshot: operationsFromSnapshot, fromRest: refreshOperations,
+});
+client.subscribe("package_operations", { host_id: hostId }, (event, message) => {
+  if (message.type === "status") operationsRebuild.snapshot(event);
+  else operationsRebuild.apply(() => showOperation(event));
+});
 
 packageForm.addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -263,6 +431,11 @@ packageForm.addEventListener("submit", async (event) => {
     showOperation(await client.command("package_operations", { host_id: hostId, operation, package: name }));
     packageInput.value = "";
   } catch (err) {
+    if (UNSETTLED_ERRORS.includes(/** @type {SysManageError} */ (err).code)) { // it may have started
+      showNotice(`${describeError(/** @type {SysManageError} */ (err))} If the operation started, it appears under “Operations on this host”.`,
+        { kind: "warn", key: "operations" });
+      return;
+    }
     const message = /** @type {SysManageError} */ (err).code === "PERMISSION_DENIED" ? "You are not allowed to change packages on hosts."
       : /** @type {SysManageError} */ (err).code === "COMMAND_FAILED" ? `Not started: ${/** @type {SysManageError} */ (err).message}` : describeError(/** @type {SysManageError} */ (err));
     showOperation({
@@ -275,7 +448,8 @@ packageForm.addEventListener("submit", async (event) => {
 });
 
 /**
- * Create or advance an operation's entry (events may arrive before the command's answer).
+ * Create or advance an operation's entry (events may arrive before the command's answer;
+ * steps seen again, or out of order, never move it back).
  * @param {JsonObject} op
  */
 function showOperation(op) {
@@ -286,8 +460,9 @@ function showOperation(op) {
   }
   const rank = RANK[op.status] ?? 0;
   if (rank < entry.rank) return;
-  entry.rank = rank;
   const progress = op.status === "completed" ? 100 : Math.max(0, Math.min(100, Number(op.progress) || 0));
+  if (rank === entry.rank && progress < entry.bar.value) return; // an older step, seen again
+  entry.rank = rank;
   if (op.progress !== undefined || op.status === "completed") {
     entry.bar.value = progress;
     entry.value.textContent = `${progress} %`;
@@ -313,7 +488,7 @@ function operationEntry(op) {
   });
   parts.item = el("li", {},
     el("div", { className: "history-head" }, el("span", { className: "history-command" }, title), parts.badge,
-      el("span", { className: "history-meta" }, "started ", timeElement(new Date().toISOString()))),
+      el("span", { className: "history-meta" }, "started ", timeElement(op.created_at ?? new Date().toISOString()))),
     el("div", { className: "progress" }, parts.bar, parts.value),
     parts.message);
   operationsList.prepend(parts.item);

@@ -1,12 +1,15 @@
 // @ts-check
 /**
  * What every dashboard page shares: the live connection (session-authenticated
- * {@link SysManageClient}), the connection indicator, notices for server errors, relative
- * times that tick, and small helpers for building DOM nodes and reading the REST API.
+ * {@link SysManageClient}), the connection indicator, rebuilding a channel's state when its
+ * events were lost during a disconnect, notices for server errors, relative times that
+ * tick, and small helpers for building DOM nodes and reading the REST API.
  */
 import { SysManageClient } from "../sysmanage-client.js";
 
 /** @typedef {import("../sysmanage-client.js").ErrorReport} ErrorReport */
+/** @typedef {import("../sysmanage-client.js").ResumeReport} ResumeReport */
+/** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 
 /**
  * The JSON the page rendered with `json_script` under the id `page-data`.
@@ -19,23 +22,109 @@ export function pageData() {
 
 /**
  * Start the page's connection to `/ws` with the session cookie (no token), wired to the
- * connection indicator and to the notices.
- * @param {{onReconnect?: () => void}} [options] `onReconnect` runs when the connection
- *   comes back after having been lost (events published meanwhile were missed).
+ * connection indicator and to the notices. After a reconnect the client resumes each
+ * subscription: missed events reach the handlers like live ones, or the page is told to
+ * rebuild ({@link onRebuild}, {@link StreamRebuild}).
  * @returns {SysManageClient}
  */
-export function startLive({ onReconnect } = {}) {
+export function startLive() {
   const client = new SysManageClient({ getToken: async () => null });
   const indicator = document.getElementById("connection");
   if (indicator) watchConnection(client, indicator);
-  let wasOpen = false;
-  client.onStateChange((state) => {
-    if (state === "open" && wasOpen && onReconnect) onReconnect();
-    if (state === "open") wasOpen = true;
-  });
   client.onError(reportClientError);
   startRelativeTimes();
   return client.connect();
+}
+
+// -- rebuilding after lost events -------------------------------------------------------
+
+/** How long a page waits for a `status` snapshot the server announced, before reading the REST API instead. */
+const SNAPSHOT_WAIT_MS = 5000;
+
+/**
+ * Call `fn(report)` when the events of `channel` published during a disconnect were lost
+ * (the server could not replay them): the page must rebuild what it shows of the channel.
+ * @param {SysManageClient} client
+ * @param {string} channel
+ * @param {(report: ResumeReport) => void} fn
+ * @returns {() => void} stops listening
+ */
+export function onRebuild(client, channel, fn) {
+  return client.onResume((report) => {
+    if (report.channel === channel && report.status === "rebuild") fn(report);
+  });
+}
+
+/**
+ * Keeps what a page shows of one channel whole across disconnects. Replayed events need
+ * nothing: they reach the subscription's handler like live ones. When the events were
+ * lost, the state is rebuilt from the `status` snapshot that follows (`fromSnapshot`, which
+ * returns false when the snapshot lacks what it needs), or from the REST API (`fromRest`)
+ * when no snapshot is announced, the snapshot is unusable, or it does not come within
+ * {@link SNAPSHOT_WAIT_MS}. The subscription's handler passes snapshots to {@link snapshot}
+ * and events through {@link apply}, which applies an event again once a REST answer that
+ * was on its way is in (so that the older answer does not undo it).
+ */
+export class StreamRebuild {
+  /**
+   * @param {SysManageClient} client
+   * @param {string} channel
+   * @param {{fromSnapshot?: (data: JsonObject, report: ResumeReport|null) => boolean,
+   *          fromRest: (report: ResumeReport|null) => Promise<void>|void}} how
+   */
+  constructor(client, channel, { fromSnapshot, fromRest }) {
+    this.fromSnapshot = fromSnapshot;
+    this.fromRest = fromRest;
+    /** @type {ResumeReport|null} the rebuild under way */
+    this.report = null;
+    /** @type {ReturnType<typeof setTimeout>|undefined} */
+    this.timer = undefined;
+    /** @type {(() => void)[]|null} events to apply again after the REST answer */
+    this.replay = null;
+    onRebuild(client, channel, (report) => {
+      this.report = report;
+      clearTimeout(this.timer);
+      this.timer = undefined;
+      if (report.snapshot && this.fromSnapshot) this.timer = setTimeout(() => this.read(), SNAPSHOT_WAIT_MS);
+      else this.read();
+    });
+  }
+
+  /**
+   * A `status` snapshot of the channel arrived.
+   * @param {JsonObject} data
+   */
+  snapshot(data) {
+    const awaited = this.timer !== undefined;
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.fromSnapshot?.(data, this.report)) return;
+    if (awaited) this.read();
+  }
+
+  /**
+   * Apply an event now, and again after the REST answer if one is on its way.
+   * @param {() => void} fn
+   */
+  apply(fn) {
+    fn();
+    this.replay?.push(fn);
+  }
+
+  /** Rebuild from the REST API. */
+  async read() {
+    /** @type {(() => void)[]} */
+    const replay = [];
+    this.replay = replay;
+    try {
+      await this.fromRest(this.report);
+    } catch (err) {
+      showNotice(`Could not bring this page up to date: ${/** @type {Error} */ (err).message}`, { kind: "error", key: "rebuild" });
+    } finally {
+      if (this.replay === replay) this.replay = null;
+      replay.forEach((fn) => fn());
+    }
+  }
 }
 
 // -- the connection indicator -----------------------------------------------------------

@@ -4,7 +4,7 @@
  * the REST API whenever `system_alerts` reports a change) and, for staff, recent activity.
  */
 import { followActivity } from "./activity-feed.js";
-import { getJSON, pageData, showNotice, startLive } from "./live.js";
+import { getJSON, onRebuild, pageData, showNotice, startLive } from "./live.js";
 
 /** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 
@@ -12,19 +12,15 @@ const SEVERITIES = ["critical", "warning", "info"];
 const FIGURES = ["total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts", "pending_operations"];
 
 const data = pageData();
-const client = startLive({
-  onReconnect: () => {
-    recountAlerts();
-    if (data.canViewActivity) {
-      showNotice("Reconnected. Activity recorded while this page was offline is not listed.",
-        { kind: "warn", key: "reconnected", action: { text: "Reload", run: () => location.reload() } });
-    }
-  },
-});
+const client = startLive();
 
 client.subscribe("fleet_status", null, showFleet);
+// Every alert change, replayed or live, and a snapshot after lost events, lead to a recount.
 client.subscribe("system_alerts", null, () => scheduleRecount());
+onRebuild(client, "system_alerts", () => scheduleRecount());
 if (data.canViewActivity) {
+  onRebuild(client, "user_activity", () => showNotice("Reconnected. Activity recorded while this page was offline is not listed.",
+    { kind: "warn", key: "reconnected", action: { text: "Reload", run: () => location.reload() } }));
   followActivity(client, {
     tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("activity-rows")),
     empty: /** @type {HTMLElement} */ (document.getElementById("activity-empty")),
