@@ -206,7 +206,6 @@ def test_host_page_shows_what_happened_while_it_was_cut_off(
         agent.wait_status("online")
 
 
-@pytest.mark.xfail(strict=False, reason="needs stream resume on the server")
 def test_host_page_streams_resume_and_the_gap_is_replayed(
     browser: Browser, deployment: Deployment, agent: Agent, relay: RelayThread
 ) -> None:

@@ -178,7 +178,6 @@ async def test_ws_watch_reconnects_after_a_cut_and_says_what_became_of_its_strea
         ), said
 
 
-@pytest.mark.xfail(strict=False, reason="needs stream resume on the server")
 async def test_ws_watch_prints_every_event_of_the_gap_once_after_resuming(deployment):
     async with watching(deployment) as (watcher, relay):
         tag = secrets.token_hex(3)
