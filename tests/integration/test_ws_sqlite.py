@@ -431,11 +431,16 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
                 "channel": channel,
                 "filters": filters[channel],
             }
-            if channel in ("host_status", "fleet_status"):
-                status = await client.expect(lambda m: m["type"] == "status")
+            if channel in SNAPSHOT_CHANNELS:
+                # the current state follows the response at once (nothing else is
+                # published meanwhile)
+                status = await client.recv()
+                assert status["type"] == "status", status
                 assert status["channel"] == channel
                 assert status["id"] == reply["id"]
-                if channel == "host_status":
+                if channel in LIST_SNAPSHOTS:
+                    check_list_snapshot(status["data"], LIST_SNAPSHOTS[channel])
+                elif channel == "host_status":
                     assert status["data"] == {
                         "hosts": [
                             {
@@ -450,7 +455,24 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
                     check_fleet_figures(server, status["data"])
         # no stray status message followed any of the other subscriptions
         await client.ping()
-        assert [m["type"] for m in client.log].count("status") == 2
+        assert [m["type"] for m in client.log].count("status") == len(SNAPSHOT_CHANNELS)
+
+
+#: The channels that send their current state on subscribe, and the list each sends.
+LIST_SNAPSHOTS = {
+    "package_operations": "operations",
+    "command_execution": "commands",
+    "system_alerts": "alerts",
+}
+SNAPSHOT_CHANNELS = {"host_status", "fleet_status", *LIST_SNAPSHOTS}
+
+
+def check_list_snapshot(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """A list snapshot: ``{key: [...], "count": N, "truncated": bool}``; returns the list."""
+    assert set(data) == {key, "count", "truncated"}, data
+    assert isinstance(data[key], list)
+    assert data["truncated"] is (data["count"] > len(data[key])), data
+    return data[key]
 
 
 def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
@@ -593,7 +615,7 @@ async def test_unknown_channel(server: Deployment, kind: str, channel: str | Non
 
 async def test_unsubscribe_stops_events_and_is_idempotent(server: Deployment):
     async with connect(server) as client:
-        await client.subscribe("system_alerts")
+        await client.subscribe_with_status("system_alerts")
         await client.subscribe("user_activity")
         reply = await client.request(
             {"type": "unsubscribe", "channel": "system_alerts", "id": "u1"}
