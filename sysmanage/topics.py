@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db.models import Model, QuerySet
 
 from sysmanage import permissions
-from sysmanage.protocol import ErrorCode, ProtocolError
+from sysmanage.protocol import ErrorCode, ProtocolError, dumps
 
 Filters = dict[str, Any]
 
@@ -339,6 +339,9 @@ def snapshot_provider(channel: str) -> SnapshotProvider | None:
 
 
 M = TypeVar("M", bound=Model)
+#: Rows a snapshot reads from the database at a time: it stops reading once its budget is
+#: spent, so an alert with a megabyte of text costs at most this many such rows in memory.
+SNAPSHOT_CHUNK_ROWS = 10
 
 
 def snapshot_list(
@@ -353,18 +356,29 @@ def snapshot_list(
     N, "truncated": bool}``.
 
     Each item is the payload of the event that describes it now (``event_data``), as
-    ``viewer`` with ``filters`` gets it (:meth:`Topic.present`).  At most
-    ``WS_SNAPSHOT_MAX_ITEMS`` are listed; ``count`` says how many there are in all and
-    ``truncated`` whether some were left out.  One query when they all fit, two when
-    they do not (the count); ``rows`` must join what ``event_data`` reads.
+    ``viewer`` with ``filters`` gets it (:meth:`Topic.present`).  Items are listed in
+    order while there are at most ``WS_SNAPSHOT_MAX_ITEMS`` of them and their JSON takes
+    at most ``WS_SNAPSHOT_MAX_BYTES``: the first that does not fit ends the list (one
+    larger than the whole budget is never listed).  ``count`` says how many there are in
+    all and ``truncated`` whether some were left out.  One query when they all fit, two
+    when they do not (the count); ``rows`` must join what ``event_data`` reads.
     """
     topic = TOPICS[channel]
-    limit = settings.WS_SNAPSHOT_MAX_ITEMS
-    listed = list(rows[: limit + 1])
-    truncated = len(listed) > limit
-    # counted apart only when they do not fit (a row may come or go between the queries)
-    count = max(rows.count(), len(listed)) if truncated else len(listed)
-    items = [topic.present(filters, viewer, event_data(row)) for row in listed[:limit]]
+    limit, budget = settings.WS_SNAPSHOT_MAX_ITEMS, settings.WS_SNAPSHOT_MAX_BYTES
+    items: list[dict[str, Any]] = []
+    size, truncated = 0, False
+    for row in rows[: limit + 1].iterator(chunk_size=SNAPSHOT_CHUNK_ROWS):
+        if len(items) == limit:
+            truncated = True
+            break
+        item = topic.present(filters, viewer, event_data(row))
+        size += len(dumps(item)) + 1  # ASCII, and a comma
+        if size > budget:
+            truncated = True
+            break
+        items.append(item)
+    # counted apart only when some were left out (a row may come or go meanwhile)
+    count = max(rows.count(), len(items) + 1) if truncated else len(items)
     return {key: items, "count": count, "truncated": truncated}
 
 

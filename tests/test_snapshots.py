@@ -4,6 +4,8 @@ queries) and the ``status`` message through the consumer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from channels.db import database_sync_to_async
 
@@ -137,6 +139,35 @@ def test_alert_snapshot_is_bounded_and_says_how_many_there_are(published, hosts,
     exactly = alert_snapshot(filters("system_alerts"), NOBODY)
     assert [a["title"] for a in exactly["alerts"]] == ["a1", "a0"]
     assert (exactly["count"], exactly["truncated"]) == (2, False)
+
+
+def test_alert_snapshot_stops_where_its_bytes_run_out(published, hosts, settings):
+    settings.WS_SNAPSHOT_MAX_BYTES = 4096
+    web, _ = hosts
+
+    def alert(title, message=""):
+        return published.run(
+            alert_services.alert_raise,
+            severity="info",
+            category="x",
+            title=title,
+            message=message,
+            host=web,
+        )
+
+    alert("oldest")
+    alert("huge", "x" * 5000)  # larger than the whole budget: never listed
+    for i in range(3):
+        alert(f"small {i}", "y" * 1500)
+    snapshot = alert_snapshot(filters("system_alerts"), NOBODY)
+    # newest first: two fit in 4096 bytes, the third would not; nothing after it is read
+    assert [a["title"] for a in snapshot["alerts"]] == ["small 2", "small 1"]
+    assert (snapshot["count"], snapshot["truncated"]) == (5, True)
+    assert len(json.dumps(snapshot["alerts"], separators=(",", ":"))) <= 4096
+    settings.WS_SNAPSHOT_MAX_BYTES = 6000
+    snapshot = alert_snapshot(filters("system_alerts"), NOBODY)
+    assert [a["title"] for a in snapshot["alerts"]] == ["small 2", "small 1", "small 0"]
+    assert (snapshot["count"], snapshot["truncated"]) == (5, True)
 
 
 def test_alert_snapshot_of_a_quiet_fleet_is_empty(hosts):

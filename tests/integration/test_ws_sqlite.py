@@ -513,6 +513,32 @@ async def test_host_status_snapshot_lists_every_host(server: Deployment):
     assert status["data"] == {"hosts": expected}
 
 
+async def test_a_snapshot_of_huge_alerts_stays_within_its_budget(server: Deployment):
+    """Alerts may carry megabytes of text (the REST API takes a message as long as a
+    request may be).  The ``system_alerts`` snapshot lists those that fit in
+    ``WS_SNAPSHOT_MAX_BYTES`` (1 MiB) and counts the rest.  Listing them all read every
+    one into the server's memory and sent each subscriber a 12 MB frame, more than the
+    send buffer (``WS_MAX_SEND_BUFFER_BYTES``) is meant to hold for a client."""
+    async with connect(server, "viewer") as client:
+        _, before = await client.subscribe_with_status("system_alerts", {"severity": ["info"]})
+    huge = [
+        await raise_alert_with_message(server, f"huge {i}", "z" * (1024 * 1024)) for i in range(12)
+    ]
+    newest = await raise_alert_with_message(server, "small, and newest", "fits")
+    try:
+        async with connect(server, "viewer") as client:
+            _, status = await client.subscribe_with_status("system_alerts", {"severity": ["info"]})
+            await client.ping()  # and the socket stays open
+        listed = check_list_snapshot(status["data"], "alerts")
+        assert [a["alert_id"] for a in listed] == [newest["id"]]
+        assert status["data"]["count"] == before["data"]["count"] + 13
+        assert status["data"]["truncated"] is True
+        assert len(json.dumps(status)) < 4096
+    finally:
+        for alert in huge:
+            await alert_action(server, alert["id"], "resolve")
+
+
 async def test_subscribe_normalizes_filters(server: Deployment):
     host = server.host_id("db-01")
     async with connect(server) as client:
