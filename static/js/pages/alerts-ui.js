@@ -96,6 +96,16 @@ export class AlertTable {
   }
 
   /**
+   * Apply a `system_alerts` snapshot (the unresolved alerts, sent on every subscription):
+   * the rows shown take their alerts' current state. No row is added: the snapshot does
+   * not say when each alert was raised, and the table is ordered by that.
+   * @param {JsonObject} snapshot the `data` of the `status` message
+   */
+  applySnapshot(snapshot) {
+    for (const alert of snapshot.alerts) this.apply(alert, { prependNew: false });
+  }
+
+  /**
    * Fade a row that no longer matches the filter, then remove it.
    * @param {HTMLTableRowElement} row
    */

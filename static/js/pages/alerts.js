@@ -31,6 +31,7 @@ if (data.canManageAlerts) table.bindActions(client);
 
 // Severity is filtered by the server; states here, since an alert's state changes.
 const filters = data.severities.length ? { severity: data.severities } : null;
-client.subscribe("system_alerts", filters, (alert) => {
-  table.apply(alert, { prependNew: data.firstPage });
+client.subscribe("system_alerts", filters, (alert, message) => {
+  if (message.type === "status") table.applySnapshot(alert);
+  else table.apply(alert, { prependNew: data.firstPage });
 });

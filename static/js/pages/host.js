@@ -4,7 +4,7 @@
  * history (`GET /api/hosts/<id>/metrics/`) then `host_metrics`; the host's active alerts
  * (`GET /api/alerts/`, then `system_alerts`); a command console (`command` on
  * `command_execution`) and package operations (`command` on `package_operations`, with
- * progress from its events).
+ * progress from its events; the unfinished ones from its snapshot on subscribing).
  */
 import { AlertTable, alertFromApi } from "./alerts-ui.js";
 import { LineChart } from "./chart.js";
@@ -109,7 +109,10 @@ const alertTable = new AlertTable({
   states: ["open", "acknowledged"],
 });
 if (data.canManageAlerts) alertTable.bindActions(client);
-const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }, (alert) => alertTable.apply(alert));
+const alertsSubscription = client.subscribe("system_alerts", { host_id: hostId }, (alert, message) => {
+  if (message.type === "status") alertTable.applySnapshot(alert);
+  else alertTable.apply(alert);
+});
 
 /** Read the host's active alerts (again after a reconnect: events may have been missed). */
 async function loadAlerts() {
@@ -235,7 +238,11 @@ const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update"
 /** @type {Record<string, string>} */
 const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
 
-client.subscribe("package_operations", { host_id: hostId }, (event) => showOperation(event));
+client.subscribe("package_operations", { host_id: hostId }, (event, message) => {
+  // the snapshot lists the unfinished operations newest first; each new entry goes on top
+  if (message.type === "status") [...event.operations].reverse().forEach((op) => showOperation(op, null));
+  else showOperation(event);
+});
 
 /** After a reconnect, bring the operations shown up to date (events may have been missed). */
 async function refreshOperations() {
@@ -277,11 +284,12 @@ packageForm.addEventListener("submit", async (event) => {
 /**
  * Create or advance an operation's entry (events may arrive before the command's answer).
  * @param {JsonObject} op
+ * @param {string|null} [started] when a new entry's operation started (null: not known)
  */
-function showOperation(op) {
+function showOperation(op, started = new Date().toISOString()) {
   let entry = operations.get(op.execution_id);
   if (!entry) {
-    entry = operationEntry(op);
+    entry = operationEntry(op, started);
     operations.set(op.execution_id, entry);
   }
   const rank = RANK[op.status] ?? 0;
@@ -300,9 +308,10 @@ function showOperation(op) {
 
 /**
  * @param {JsonObject} op
+ * @param {string|null} started when it started (null: not known, the time is left out)
  * @returns {OperationEntry}
  */
-function operationEntry(op) {
+function operationEntry(op, started) {
   const title = `${OPERATION_WORDS[op.operation] || op.operation} ${op.package}`;
   const parts = /** @type {OperationEntry} */ ({ // item: below
     badge: el("span", { className: "badge" }),
@@ -313,7 +322,7 @@ function operationEntry(op) {
   });
   parts.item = el("li", {},
     el("div", { className: "history-head" }, el("span", { className: "history-command" }, title), parts.badge,
-      el("span", { className: "history-meta" }, "started ", timeElement(new Date().toISOString()))),
+      started ? el("span", { className: "history-meta" }, "started ", timeElement(started)) : null),
     el("div", { className: "progress" }, parts.bar, parts.value),
     parts.message);
   operationsList.prepend(parts.item);

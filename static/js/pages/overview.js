@@ -23,7 +23,8 @@ const client = startLive({
 });
 
 client.subscribe("fleet_status", null, showFleet);
-client.subscribe("system_alerts", null, () => scheduleRecount());
+// the counts are read at page load and after a reconnect; events say when to read again
+client.subscribe("system_alerts", null, (_, message) => { if (message.type === "event") scheduleRecount(); });
 if (data.canViewActivity) {
   followActivity(client, {
     tbody: /** @type {HTMLTableSectionElement} */ (document.getElementById("activity-rows")),
