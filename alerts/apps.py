@@ -10,7 +10,8 @@ class AlertsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Provide fleet figures, judge metrics and host states, take alert commands."""
+        """Provide fleet figures and open alerts, judge metrics and host states, take alert
+        commands."""
         # Imported here: these modules reach the models, which Django loads after the
         # app configs (not to break an import cycle).
         from django.conf import settings
@@ -21,7 +22,8 @@ class AlertsConfig(AppConfig):
         from sysmanage.events import listen
         from sysmanage.periodic import register_periodic
 
-        topics.register_snapshot("fleet_status", selectors.fleet_stats)
+        topics.register_snapshot("fleet_status", selectors.fleet_snapshot)
+        topics.register_snapshot("system_alerts", selectors.alert_snapshot)
         listen("host.metrics_reported", evaluation.on_metrics, blocking=False)
         listen("host.status_changed", evaluation.on_status)
         register_periodic(

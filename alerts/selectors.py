@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from alerts.models import Alert, Severity
+from alerts.events import alert_event
+from alerts.models import Alert, AlertStatus, Severity
 from hosts import selectors as host_selectors
 from sysmanage.protocol import iso
+from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
 
 
 def alert_list(
@@ -29,6 +31,34 @@ def alert_list(
     return alerts.order_by("-created_at")
 
 
+#: The ``action`` a ``system_alerts`` snapshot gives an active alert: the step that left
+#: it in its state (an open alert whose severity changed since says ``raised`` too).
+CURRENT_ACTION: dict[str, str] = {
+    AlertStatus.OPEN: "raised",
+    AlertStatus.ACKNOWLEDGED: "acknowledged",
+}
+
+
+def alert_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
+    """The ``system_alerts`` snapshot: the unresolved (open or acknowledged) alerts that
+    match the subscription's ``severity`` and ``host_id`` filters, newest first, each as
+    its ``system_alerts`` event shows it (``sysmanage.topics.snapshot_list``)."""
+    severity = filters.get("severity")
+    rows = alert_list(
+        severity=list(severity) if severity else None,
+        status=list(Alert.ACTIVE_STATUSES),
+        host_id=filters.get("host_id"),
+    )
+    return snapshot_list(
+        "system_alerts",
+        "alerts",
+        rows,
+        lambda alert: alert_event(alert, CURRENT_ACTION[alert.status]).data(),
+        filters,
+        viewer,
+    )
+
+
 class FleetStats(TypedDict):
     """The ``fleet_status`` figures."""
 
@@ -40,9 +70,8 @@ class FleetStats(TypedDict):
     last_updated: str
 
 
-def fleet_stats(filters: object = None) -> FleetStats:
-    """The ``fleet_status`` figures, read from the database (``filters``: those of a
-    ``fleet_status`` subscription, which has none)."""
+def fleet_stats() -> FleetStats:
+    """The ``fleet_status`` figures, read from the database."""
     hosts_with_alerts = (
         Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
         .values("host_id")
@@ -58,6 +87,12 @@ def fleet_stats(filters: object = None) -> FleetStats:
         "pending_operations": host_selectors.pending_operation_count(),
         "last_updated": iso(timezone.now()),
     }
+
+
+def fleet_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
+    """The ``fleet_status`` snapshot: the figures (the channel has no filters, and every
+    ``viewer`` sees the same)."""
+    return dict(fleet_stats())
 
 
 def alert_severity_counts() -> dict[str, int]:

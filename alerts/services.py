@@ -8,13 +8,12 @@ from typing import Protocol
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from alerts.events import AlertChanged
+from alerts.events import alert_event
 from alerts.models import Alert, AlertStatus, Severity
 from hosts.models import Host
 from sysmanage.audit import Actor, audit
 from sysmanage.events import publish
 from sysmanage.fleet import fleet_changed
-from sysmanage.protocol import iso
 
 #: An alert's (or rule's, or host's) id as callers hold it: a UUID or its text.
 ModelId = uuid.UUID | str
@@ -33,20 +32,7 @@ class AlertTransition(Protocol):
 
 
 def _publish(alert: Alert, action: str) -> None:
-    publish(
-        AlertChanged(
-            alert_id=str(alert.id),
-            action=action,
-            severity=alert.severity,
-            status=alert.status,
-            title=alert.title,
-            message=alert.message,
-            host_id=str(alert.host_id) if alert.host_id else None,
-            hostname=alert.host.hostname if alert.host else None,
-            category=alert.category,
-            timestamp=iso(alert.updated_at) or "",
-        )
-    )
+    publish(alert_event(alert, action))
     fleet_changed()
 
 

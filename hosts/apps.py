@@ -22,6 +22,8 @@ class HostsConfig(AppConfig):
         from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
+        topics.register_snapshot("command_execution", selectors.command_snapshot)
+        topics.register_snapshot("package_operations", selectors.operation_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)
         command_registry.register("command_execution", commands.handle_command)
         command_registry.register("package_operations", commands.handle_package_operation)

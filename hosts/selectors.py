@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 from django.db.models import QuerySet
 from django.db.models.functions import Length, Substr
 
-from hosts.events import command_event
+from hosts.events import command_event, operation_event
 from hosts.models import (
     AgentRegistration,
     CommandExecution,
@@ -23,6 +23,7 @@ from hosts.models import (
 )
 from hosts.tokens import token_digest
 from sysmanage.protocol import iso
+from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
 
 #: How many rows of each inventory list a host's page shows at most.
 INVENTORY_STORAGE_ROWS = 100
@@ -72,12 +73,55 @@ def host_status_row(host: Host) -> HostStatusRow:
     }
 
 
-def host_status_snapshot(filters: dict[str, Any]) -> dict[str, Any]:
-    """Current status of every host (or the one in ``filters``), for new subscribers."""
+def host_status_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
+    """Current status of every host (or the one in ``filters``), for new subscribers
+    (every ``viewer`` sees the same)."""
     hosts = Host.objects.all().order_by("hostname")
     if filters.get("host_id"):
         hosts = hosts.filter(id=filters["host_id"])
     return {"hosts": [host_status_row(h) for h in hosts]}
+
+
+def command_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
+    """The ``command_execution`` snapshot: the commands pending or running (on the
+    ``host_id`` of ``filters``, if any), newest first, each as its ``command_execution``
+    event shows it to ``viewer``: text and output so far only for the requester and
+    holders of ``hosts.view_command_output`` (``sysmanage.topics.snapshot_list``)."""
+    rows = (
+        CommandExecution.objects.select_related("host", "requested_by")
+        .filter(status__in=CommandExecution.ACTIVE_STATUSES)
+        .order_by("-created_at")
+    )
+    if filters.get("host_id"):
+        rows = rows.filter(host_id=filters["host_id"])
+    return snapshot_list(
+        "command_execution",
+        "commands",
+        rows,
+        lambda execution: command_event(execution).data(),
+        filters,
+        viewer,
+    )
+
+
+def operation_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
+    """The ``package_operations`` snapshot: the operations pending or in progress on the
+    host of ``filters``, newest first, each as its ``package_operations`` event shows it
+    (progress and message; like the events, no output)."""
+    rows = (
+        PackageOperation.objects.select_related("host")
+        .defer("output")
+        .filter(host_id=filters["host_id"], status__in=PackageOperation.ACTIVE_STATUSES)
+        .order_by("-created_at")
+    )
+    return snapshot_list(
+        "package_operations",
+        "operations",
+        rows,
+        lambda operation: operation_event(operation).data(),
+        filters,
+        viewer,
+    )
 
 
 def host_id_problem(host_id: str) -> str | None:

@@ -48,7 +48,7 @@ from sysmanage.protocol import (
 )
 from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag, token_session_tag
-from sysmanage.topics import Topic, filter_problem, get_topic, snapshot_provider
+from sysmanage.topics import Topic, Viewer, filter_problem, get_topic, snapshot_provider
 from sysmanage.transport import Frame
 
 logger = logging.getLogger(__name__)
@@ -398,7 +398,9 @@ class ClientConsumer(Connection):
             snapshot_provider(topic.name) if topic.sends_initial_state and not recovered else None
         )
         if provider is not None:
-            state = await database_sync_to_async(provider)(filters)
+            state = await database_sync_to_async(provider)(
+                filters, Viewer(self.user_id, self.rights)
+            )
             self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
 
     async def on_unsubscribe(self, message: ClientMessage) -> None:

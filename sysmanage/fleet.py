@@ -23,7 +23,7 @@ from django.db import transaction
 
 from sysmanage.events import Event, publish_now
 from sysmanage.node import Node
-from sysmanage.topics import TOPICS, snapshot_provider
+from sysmanage.topics import NOBODY, TOPICS, snapshot_provider
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ class FleetStatusUpdated(Event):
 
 
 def fleet_stats() -> dict[str, Any]:
-    """The current counts, from the provider the apps registered (database reads)."""
+    """The current counts, from the provider the apps registered (database reads; the
+    same for every subscriber, so read as no one in particular)."""
     provider = snapshot_provider("fleet_status")
     if provider is None:
         raise RuntimeError("no fleet_status snapshot provider is registered")
-    return dict(provider({}))
+    return provider({}, NOBODY)
 
 
 def fleet_changed() -> None:

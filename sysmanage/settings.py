@@ -342,6 +342,12 @@ WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024)
 WS_RATE_LIMIT_PER_SECOND = env_int("WS_RATE_LIMIT_PER_SECOND", 20)
 WS_RATE_LIMIT_BURST = env_int("WS_RATE_LIMIT_BURST", 60)
 WS_MAX_SEND_BUFFER_BYTES = env_int("WS_MAX_SEND_BUFFER_BYTES", 4 * 1024 * 1024)
+# The most items (alerts, commands, package operations) a ``status`` snapshot on subscribe
+# lists, and the most bytes of JSON they may take (well under WS_MAX_SEND_BUFFER_BYTES, so
+# that a reading client always takes it); it says how many there are in all, and that it
+# left some out.
+WS_SNAPSHOT_MAX_ITEMS = max(1, env_int("WS_SNAPSHOT_MAX_ITEMS", 500))
+WS_SNAPSHOT_MAX_BYTES = max(1024, env_int("WS_SNAPSHOT_MAX_BYTES", 1024 * 1024))
 # Open sockets one user may hold in one server process (0: no limit); more get 4429.
 WS_MAX_SOCKETS_PER_USER = env_int("WS_MAX_SOCKETS_PER_USER", 50)
 # Handshakes failing authentication from one address (IPv6: one /64) within the window

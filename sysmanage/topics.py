@@ -8,14 +8,33 @@ state on subscribe.  The hub and the consumer know channels only through this re
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Hashable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+from django.conf import settings
+from django.db.models import Model, QuerySet
 
 from sysmanage import permissions
-from sysmanage.protocol import ErrorCode, ProtocolError
+from sysmanage.protocol import ErrorCode, ProtocolError, dumps
 
 Filters = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Viewer:
+    """Who a snapshot is read for: a subscriber's user id and socket rights (those of
+    :mod:`sysmanage.permissions` that a connection keeps), as the connection held them
+    when it subscribed.  The hub asks the same of the connections themselves."""
+
+    user_id: str | None
+    rights: frozenset[str] = frozenset()
+
+
+#: No one in particular: sees only what every subscriber sees (the fleet figures that
+#: are published to all are read as this viewer).
+NOBODY = Viewer(user_id=None)
 
 
 def _filters_error(channel: str, message: str, id_: str | int | None) -> ProtocolError:
@@ -90,8 +109,9 @@ class Topic:
         return data
 
     def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
-        """(``per_viewer`` topics) which version of the event ``viewer`` (a connection,
-        with ``user_id`` and ``rights``) gets; viewers with equal keys share a frame."""
+        """(``per_viewer`` topics) which version of the event ``viewer`` (a connection or
+        a :class:`Viewer`: ``user_id`` and ``rights``) gets; viewers with equal keys share
+        a frame."""
         return None
 
     def render_for(
@@ -104,6 +124,12 @@ class Topic:
         """(``drops_repeats`` topics) whether ``data`` tells nothing that ``last``, the
         channel's previous payload, did not."""
         return False
+
+    def present(self, filters: Filters, viewer: Viewer, data: dict[str, Any]) -> dict[str, Any]:
+        """``data``, an event payload, as a subscriber with ``filters`` who is ``viewer``
+        gets it: what the hub delivers to them, and what snapshots list."""
+        audience = self.audience(viewer, data) if self.per_viewer else None
+        return self.render_for(filters, data, audience)
 
 
 def parse_uuid(value: Any) -> str:
@@ -152,10 +178,12 @@ class HostStatusTopic(Topic):
 
 
 class PackageOperationsTopic(Topic):
-    """Package operation progress for one host (``host_id`` required)."""
+    """Package operation progress for one host (``host_id`` required); the operations
+    not yet finished sent on subscribe."""
 
     name = "package_operations"
     filter_fields = {"host_id": (True, "uuid")}
+    sends_initial_state = True
 
 
 class CommandExecutionTopic(Topic):
@@ -164,11 +192,13 @@ class CommandExecutionTopic(Topic):
     Every subscriber learns that a command ran, where, by whom and how it ended; its
     text and output (``command``, ``stdout``, ``stderr``, ``error``) only the requester
     and holders of ``hosts.view_command_output`` see (they may carry secrets).  Others
-    get those fields as null, and ``redacted`` true.
+    get those fields as null, and ``redacted`` true.  The commands not yet finished are
+    sent on subscribe, under the same rule.
     """
 
     name = "command_execution"
     filter_fields = {"host_id": (False, "uuid")}
+    sends_initial_state = True
     per_viewer = True
     #: the fields only those who may see a command's output get
     PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
@@ -192,10 +222,12 @@ class CommandExecutionTopic(Topic):
 
 
 class SystemAlertsTopic(Topic):
-    """Alerts raised and changed; optional ``severity`` list and ``host_id``."""
+    """Alerts raised and changed; optional ``severity`` list and ``host_id``; the
+    unresolved alerts sent on subscribe."""
 
     name = "system_alerts"
     filter_fields = {"severity": (False, "severities"), "host_id": (False, "uuid")}
+    sends_initial_state = True
     extra_match = True
 
     def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
@@ -280,11 +312,15 @@ def get_topic(name: str | None, id_: str | int | None) -> Topic:
     return topic
 
 
-Snapshot = Any  # Callable[[Filters], dict[str, Any]], run in a worker thread
-_SNAPSHOTS: dict[str, Snapshot] = {}
+#: Reads the current state of a channel for one subscriber (in a worker thread): called
+#: with the subscription's filters and the subscriber, returns the data of the ``status``
+#: message.  Items that events also describe go through :meth:`Topic.present`, so that
+#: the subscriber sees them as it would see their events (:func:`snapshot_list`).
+SnapshotProvider = Callable[[Filters, Viewer], dict[str, Any]]
+_SNAPSHOTS: dict[str, SnapshotProvider] = {}
 
 
-def register_snapshot(channel: str, provider: Snapshot) -> None:
+def register_snapshot(channel: str, provider: SnapshotProvider) -> None:
     """Register the function that returns ``channel``'s current state for a subscriber.
 
     Apps above the core register these from ``AppConfig.ready`` so that the core
@@ -297,9 +333,53 @@ def register_snapshot(channel: str, provider: Snapshot) -> None:
     _SNAPSHOTS[channel] = provider
 
 
-def snapshot_provider(channel: str) -> Snapshot | None:
+def snapshot_provider(channel: str) -> SnapshotProvider | None:
     """The registered current-state function of ``channel``, if any."""
     return _SNAPSHOTS.get(channel)
+
+
+M = TypeVar("M", bound=Model)
+#: Rows a snapshot reads from the database at a time: it stops reading once its budget is
+#: spent, so an alert with a megabyte of text costs at most this many such rows in memory.
+SNAPSHOT_CHUNK_ROWS = 10
+
+
+def snapshot_list(
+    channel: str,
+    key: str,
+    rows: QuerySet[M],
+    event_data: Callable[[M], dict[str, Any]],
+    filters: Filters,
+    viewer: Viewer,
+) -> dict[str, Any]:
+    """A snapshot of the items in ``rows`` (ordered, filtered): ``{key: [...], "count":
+    N, "truncated": bool}``.
+
+    Each item is the payload of the event that describes it now (``event_data``), as
+    ``viewer`` with ``filters`` gets it (:meth:`Topic.present`).  Items are listed in
+    order while there are at most ``WS_SNAPSHOT_MAX_ITEMS`` of them and their JSON takes
+    at most ``WS_SNAPSHOT_MAX_BYTES``: the first that does not fit ends the list (one
+    larger than the whole budget is never listed).  ``count`` says how many there are in
+    all and ``truncated`` whether some were left out.  One query when they all fit, two
+    when they do not (the count); ``rows`` must join what ``event_data`` reads.
+    """
+    topic = TOPICS[channel]
+    limit, budget = settings.WS_SNAPSHOT_MAX_ITEMS, settings.WS_SNAPSHOT_MAX_BYTES
+    items: list[dict[str, Any]] = []
+    size, truncated = 0, False
+    for row in rows[: limit + 1].iterator(chunk_size=SNAPSHOT_CHUNK_ROWS):
+        if len(items) == limit:
+            truncated = True
+            break
+        item = topic.present(filters, viewer, event_data(row))
+        size += len(dumps(item)) + 1  # ASCII, and a comma
+        if size > budget:
+            truncated = True
+            break
+        items.append(item)
+    # counted apart only when some were left out (a row may come or go meanwhile)
+    count = max(rows.count(), len(items) + 1) if truncated else len(items)
+    return {key: items, "count": count, "truncated": truncated}
 
 
 FilterCheck = Any  # Callable[[Any], str | None], run in a worker thread

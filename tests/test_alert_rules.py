@@ -10,7 +10,7 @@ from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from alerts.rules import RuleEngine, RuleSpec
 from hosts import services as host_services
-from tests.wsutil import open_socket, request, subscribe
+from tests.wsutil import open_socket, request, subscribe_with_status
 
 DISK = RuleSpec(
     id="d",
@@ -183,7 +183,8 @@ async def test_alert_commands_over_the_socket(make_user, token_for):
         severity="warning", category="x", title="Something"
     )
     comm = await open_socket("/ws", token=token_for(ops))
-    await subscribe(comm, "system_alerts", {"severity": ["warning"]})
+    _, status = await subscribe_with_status(comm, "system_alerts", {"severity": ["warning"]})
+    assert [a["alert_id"] for a in status["data"]["alerts"]] == [str(alert.id)]
     await comm.send_json_to(
         {
             "type": "command",

@@ -13,7 +13,14 @@ from django.utils import timezone
 from alerts import services as alert_services
 from hosts import services as host_services
 from hosts.models import CommandExecution, ExecutionStatus, HostStatus
-from tests.wsutil import expect_close, next_event, open_socket, request, subscribe
+from tests.wsutil import (
+    expect_close,
+    next_event,
+    open_socket,
+    request,
+    subscribe,
+    subscribe_with_status,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,14 +80,24 @@ async def test_every_channel_can_be_subscribed(staff_socket, host):
         "host_metrics": {"host_id": str(host.id), "metrics": ["cpu"]},
         "fleet_status": None,
     }
+    snapshots = {}
     for channel, channel_filters in filters.items():
         reply = await subscribe(staff_socket, channel, channel_filters, id_=channel)
         assert reply["data"]["channel"] == channel
-        if channel in ("host_status", "fleet_status"):
+        if channel not in ("user_activity", "host_metrics"):
             status = await staff_socket.receive_json_from(timeout=3)
             assert status["type"] == "status"
             assert status["channel"] == channel
             assert status["id"] == channel
+            snapshots[channel] = status["data"]
+    # nothing is pending, running or open: the lists are empty
+    empty = {"count": 0, "truncated": False}
+    assert snapshots["package_operations"] == {"operations": [], **empty}
+    assert snapshots["command_execution"] == {"commands": [], **empty}
+    assert snapshots["system_alerts"] == {"alerts": [], **empty}
+    # and no status message followed user_activity or host_metrics
+    pong = await request(staff_socket, {"type": "ping", "id": "after"})
+    assert pong["type"] == "pong"
 
 
 async def test_host_status_snapshot_lists_hosts(viewer_socket, host):
@@ -166,7 +183,7 @@ async def test_severity_filter_and_resubscribe_replaces_filters(viewer_socket, h
 
 
 async def test_unsubscribe_stops_events(viewer_socket, host):
-    await subscribe(viewer_socket, "system_alerts")
+    await subscribe_with_status(viewer_socket, "system_alerts")
     await subscribe(viewer_socket, "host_status")
     reply = await request(
         viewer_socket, {"type": "unsubscribe", "channel": "system_alerts", "id": "u1"}

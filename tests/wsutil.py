@@ -47,6 +47,18 @@ async def subscribe(
     return reply
 
 
+async def subscribe_with_status(
+    comm: WebsocketCommunicator, channel: str, filters: dict | None = None, id_: str = "sub"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Subscribe to a channel that sends its current state; return the response and the
+    ``status`` message, which must come next, with the same id (no event is published
+    meanwhile in the tests that use this)."""
+    reply = await subscribe(comm, channel, filters, id_)
+    status = await comm.receive_json_from(timeout=3)
+    assert (status["type"], status["channel"], status.get("id")) == ("status", channel, id_), status
+    return reply, status
+
+
 async def expect_close(comm: WebsocketCommunicator, timeout: float = 3) -> int:
     """Wait for the server to close the socket; return the close code."""
     output = await comm.receive_output(timeout=timeout)

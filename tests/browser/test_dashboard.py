@@ -361,6 +361,44 @@ def test_package_install_and_remove_with_progress(
         subprocess.run(["dpkg", "-r", PACKAGE], capture_output=True, check=False)
 
 
+def test_host_page_lists_the_package_operations_in_progress_when_it_opens(
+    admin: Browser, deployment: Deployment
+) -> None:
+    """Operations started before the page opened come from the ``package_operations``
+    snapshot: the page shows them with their progress, then follows their events."""
+    browser = admin
+    package = f"sysmanage-snapshot-{secrets.token_hex(3)}"
+    started = harness.manage_shell(
+        deployment.env,
+        "from hosts import services; from hosts.models import Host, OperationStatus; "
+        "op = services.package_operation_create(host=Host.objects.get(hostname='db-01'), "
+        f"operation='install', package={package!r}, user=None); "
+        "services.package_operation_update(operation=op, status=OperationStatus.IN_PROGRESS, "
+        f"progress=40, message='Unpacking {package}'); print(op.id)",
+    ).strip()
+    finish = (
+        "from hosts import services; from hosts.models import OperationStatus, "
+        f"PackageOperation; services.package_operation_update(operation=PackageOperation."
+        f"objects.get(id={started!r}), status=OperationStatus.COMPLETED, progress=100, "
+        f"message='Installed {package}')"
+    )
+    try:
+        browser.open(f"/hosts/{deployment.host_id('db-01')}/", "package_operations")
+        title = f"Install {package}"
+        item = wait_history_badge(
+            browser, "package-operations", title, lambda text: text == "In progress"
+        )
+        assert item.find_element("css selector", "progress").get_attribute("value") == "40"
+        assert item.find_element("css selector", ".progress-value").text == "40 %"
+        assert item.find_element("css selector", ".progress-message").text == (
+            f"Unpacking {package}"
+        )
+        # when it started is not known to the page: no time is made up
+        assert not item.find_elements("css selector", ".history-meta")
+    finally:
+        harness.manage_shell(deployment.env, finish)
+
+
 def test_alert_appears_live_and_is_acknowledged(
     admin: Browser, fleet: Fleet, deployment: Deployment
 ) -> None:

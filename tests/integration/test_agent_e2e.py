@@ -99,16 +99,24 @@ def register(deployment: harness.Deployment, hostname: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    deployment: harness.Deployment, tmp_path: Path, hostname: str, server_url: str | None = None
+    deployment: harness.Deployment,
+    tmp_path: Path,
+    hostname: str,
+    server_url: str | None = None,
+    programs: Path | None = None,
 ) -> AsyncIterator[tuple[dict, AgentProcess]]:
-    """Enroll ``hostname``, start its agent, wait until it is online."""
+    """Enroll ``hostname``, start its agent, wait until it is online (``programs``: a
+    directory the agent looks in first for the programs it runs)."""
     enrolled = register(deployment, hostname)
     agent = AgentProcess(
         server_url or deployment.server.base_url,
         enrolled["token"],
         tmp_path / f"{hostname}-state",
         tmp_path / f"{hostname}.log",
-    ).start()
+    )
+    if programs is not None:
+        agent.env["PATH"] = f"{programs}{os.pathsep}{agent.env.get('PATH', os.defpath)}"
+    agent.start()
     try:
         await wait_status(deployment, enrolled["host_id"], "online")
         yield enrolled, agent
@@ -369,6 +377,172 @@ async def test_package_install_and_remove_for_real(deployment, tmp_path):
             assert progress[-1] == 100
             assert len(progress) >= 2
             assert _installed() is installed
+
+
+#: Stands in for apt-get on the agent's PATH: reports 40 % on apt's status descriptor,
+#: then takes its time, so that a package operation stays in progress for a while.
+SLOW_APT_GET = """#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in APT::Status-Fd=*) fd="${arg#APT::Status-Fd=}" ;; esac
+done
+eval "echo 'pmstatus:sysmanage-e2e-slow:40:Unpacking sysmanage-e2e-slow' >&$fd"
+sleep 5
+echo "Setting up sysmanage-e2e-slow"
+"""
+
+
+def slow_package_manager(tmp_path: Path) -> Path:
+    """A directory holding :data:`SLOW_APT_GET` as ``apt-get``."""
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    apt_get = programs / "apt-get"
+    apt_get.write_text(SLOW_APT_GET)
+    apt_get.chmod(0o755)
+    return programs
+
+
+async def subscribed_state(ws: WsClient, channel: str, filters: dict[str, Any]) -> dict[str, Any]:
+    """Subscribe; the next message must be the channel's current state: return its data."""
+    reply = await ws.subscribe(channel, filters)
+    status = await ws.recv()
+    assert (status["type"], status["channel"], status.get("id")) == (
+        "status",
+        channel,
+        reply["id"],
+    ), status
+    return status["data"]
+
+
+@pytest.mark.skipif(not shutil.which("dpkg"), reason="the agent picks apt only with dpkg")
+async def test_a_new_subscriber_gets_what_is_running_open_and_in_progress(deployment, tmp_path):
+    """A command running on a real agent, a package operation in progress and an open
+    alert reach a subscriber who arrives meanwhile at once, as the ``status`` right after
+    the ``response``: each item as that subscriber's events show it, the command's text
+    for its requester only."""
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        running_agent(
+            deployment, tmp_path, "e2e-snapshots", programs=slow_package_manager(tmp_path)
+        ) as (enrolled, _),
+    ):
+        host_id = enrolled["host_id"]
+        only_here = {"host_id": host_id}
+        admin = await client(stack, deployment)
+        idle = await subscribed_state(admin, "command_execution", only_here)
+        assert idle == {"commands": [], "count": 0, "truncated": False}
+        idle = await subscribed_state(admin, "package_operations", only_here)
+        assert idle == {"operations": [], "count": 0, "truncated": False}
+
+        await admin.send(
+            {
+                "type": "command",
+                "channel": "command_execution",
+                "id": "slow-command",
+                "data": {"host_id": host_id, "command": "sleep 5; echo finished", "timeout": 30},
+            }
+        )
+        running = await admin.expect(
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "command_execution"
+                and m["data"]["status"] == "running"
+            ),
+            15,
+            what="the command running",
+        )
+        taken = await admin.request(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "data": {
+                    "host_id": host_id,
+                    "operation": "install",
+                    "package": "sysmanage-e2e-slow",
+                },
+            },
+            timeout=15,
+        )
+        assert taken["type"] == "response", taken
+        progressing = await admin.expect(
+            lambda m: (
+                m["type"] == "event"
+                and m["channel"] == "package_operations"
+                and m["data"]["progress"] == 40
+            ),
+            15,
+            what="the operation at 40 %",
+        )
+        alert = await api(
+            "POST",
+            deployment.server.base_url,
+            "/api/alerts/",
+            token=deployment.token("admin"),
+            json_body={
+                "severity": "critical",
+                "category": "disk_space",
+                "title": "Disk almost full",
+                "message": "Disk usage on / is 97%",
+                "host": host_id,
+            },
+        )
+        assert alert.status == 201, alert
+
+        for user in ("admin", "viewer"):
+            ws = await client(stack, deployment, user)
+            commands = await subscribed_state(ws, "command_execution", only_here)
+            expected = running["data"]
+            if user == "viewer":  # not the requester, without hosts.view_command_output
+                private = dict.fromkeys(("command", "stdout", "stderr", "error"))
+                expected = {**expected, **private, "redacted": True}
+            assert commands == {"commands": [expected], "count": 1, "truncated": False}
+            assert commands["commands"][0]["requested_by"] == "admin"
+            assert ("sleep 5" in json.dumps(commands)) is (user == "admin")
+
+            operations = await subscribed_state(ws, "package_operations", only_here)
+            assert operations == {
+                "operations": [progressing["data"]],
+                "count": 1,
+                "truncated": False,
+            }
+            assert (progressing["data"]["status"], progressing["data"]["message"]) == (
+                "in_progress",
+                "Unpacking sysmanage-e2e-slow",
+            )
+
+            alerts = await subscribed_state(
+                ws, "system_alerts", {"severity": ["critical"], "host_id": host_id}
+            )
+            assert alerts["count"] == 1
+            [item] = alerts["alerts"]
+            assert {k: item[k] for k in ("alert_id", "action", "status", "hostname")} == {
+                "alert_id": alert.body["id"],
+                "action": "raised",
+                "status": "open",
+                "hostname": "e2e-snapshots",
+            }
+            assert await subscribed_state(
+                ws, "system_alerts", {"severity": ["info"], "host_id": host_id}
+            ) == {"alerts": [], "count": 0, "truncated": False}
+
+        done = await admin.expect(lambda m: m.get("id") == "slow-command", 30, what="result")
+        assert (done["data"]["status"], done["data"]["stdout"]) == ("completed", "finished\n")
+        await admin.expect(
+            lambda m: (
+                m["type"] == "event" and m["channel"] == "package_operations" and m["data"]["final"]
+            ),
+            30,
+            what="the operation's end",
+        )
+        later = await client(stack, deployment, "viewer")
+        assert (await subscribed_state(later, "command_execution", only_here))["count"] == 0
+        assert (await subscribed_state(later, "package_operations", only_here))["count"] == 0
+        resolved = await api(
+            "POST",
+            deployment.server.base_url,
+            f"/api/alerts/{alert.body['id']}/resolve/",
+            token=deployment.token("admin"),
+        )
+        assert resolved.status == 200, resolved
 
 
 async def test_fleet_status_is_right_after_a_server_restart(launch_sqlite, tmp_path):

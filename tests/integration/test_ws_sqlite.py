@@ -439,11 +439,16 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
                 "channel": channel,
                 "filters": filters[channel],
             }
-            if channel in ("host_status", "fleet_status"):
-                status = await client.expect(lambda m: m["type"] == "status")
+            if channel in SNAPSHOT_CHANNELS:
+                # the current state follows the response at once (nothing else is
+                # published meanwhile)
+                status = await client.recv()
+                assert status["type"] == "status", status
                 assert status["channel"] == channel
                 assert status["id"] == reply["id"]
-                if channel == "host_status":
+                if channel in LIST_SNAPSHOTS:
+                    check_list_snapshot(status["data"], LIST_SNAPSHOTS[channel])
+                elif channel == "host_status":
                     assert status["data"] == {
                         "hosts": [
                             {
@@ -458,7 +463,24 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
                     check_fleet_figures(server, status["data"])
         # no stray status message followed any of the other subscriptions
         await client.ping()
-        assert [m["type"] for m in client.log].count("status") == 2
+        assert [m["type"] for m in client.log].count("status") == len(SNAPSHOT_CHANNELS)
+
+
+#: The channels that send their current state on subscribe, and the list each sends.
+LIST_SNAPSHOTS = {
+    "package_operations": "operations",
+    "command_execution": "commands",
+    "system_alerts": "alerts",
+}
+SNAPSHOT_CHANNELS = {"host_status", "fleet_status", *LIST_SNAPSHOTS}
+
+
+def check_list_snapshot(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """A list snapshot: ``{key: [...], "count": N, "truncated": bool}``; returns the list."""
+    assert set(data) == {key, "count", "truncated"}, data
+    assert isinstance(data[key], list)
+    assert data["truncated"] is (data["count"] > len(data[key])), data
+    return data[key]
 
 
 def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
@@ -497,6 +519,32 @@ async def test_host_status_snapshot_lists_every_host(server: Deployment):
         key=lambda row: row["hostname"],
     )
     assert status["data"] == {"hosts": expected}
+
+
+async def test_a_snapshot_of_huge_alerts_stays_within_its_budget(server: Deployment):
+    """Alerts may carry megabytes of text (the REST API takes a message as long as a
+    request may be).  The ``system_alerts`` snapshot lists those that fit in
+    ``WS_SNAPSHOT_MAX_BYTES`` (1 MiB) and counts the rest.  Listing them all read every
+    one into the server's memory and sent each subscriber a 12 MB frame, more than the
+    send buffer (``WS_MAX_SEND_BUFFER_BYTES``) is meant to hold for a client."""
+    async with connect(server, "viewer") as client:
+        _, before = await client.subscribe_with_status("system_alerts", {"severity": ["info"]})
+    huge = [
+        await raise_alert_with_message(server, f"huge {i}", "z" * (1024 * 1024)) for i in range(12)
+    ]
+    newest = await raise_alert_with_message(server, "small, and newest", "fits")
+    try:
+        async with connect(server, "viewer") as client:
+            _, status = await client.subscribe_with_status("system_alerts", {"severity": ["info"]})
+            await client.ping()  # and the socket stays open
+        listed = check_list_snapshot(status["data"], "alerts")
+        assert [a["alert_id"] for a in listed] == [newest["id"]]
+        assert status["data"]["count"] == before["data"]["count"] + 13
+        assert status["data"]["truncated"] is True
+        assert len(json.dumps(status)) < 4096
+    finally:
+        for alert in huge:
+            await alert_action(server, alert["id"], "resolve")
 
 
 async def test_subscribe_normalizes_filters(server: Deployment):
@@ -601,7 +649,7 @@ async def test_unknown_channel(server: Deployment, kind: str, channel: str | Non
 
 async def test_unsubscribe_stops_events_and_is_idempotent(server: Deployment):
     async with connect(server) as client:
-        await client.subscribe("system_alerts")
+        await client.subscribe_with_status("system_alerts")
         await client.subscribe("user_activity")
         reply = await client.request(
             {"type": "unsubscribe", "channel": "system_alerts", "id": "u1"}

@@ -451,11 +451,12 @@ packageForm.addEventListener("submit", async (event) => {
  * Create or advance an operation's entry (events may arrive before the command's answer;
  * steps seen again, or out of order, never move it back).
  * @param {JsonObject} op
+ * @param {string|null} [started] when a new entry's operation started (null: not known)
  */
-function showOperation(op) {
+function showOperation(op, started = new Date().toISOString()) {
   let entry = operations.get(op.execution_id);
   if (!entry) {
-    entry = operationEntry(op);
+    entry = operationEntry(op, started);
     operations.set(op.execution_id, entry);
   }
   const rank = RANK[op.status] ?? 0;
@@ -475,9 +476,10 @@ function showOperation(op) {
 
 /**
  * @param {JsonObject} op
+ * @param {string|null} started when it started (null: not known, the time is left out)
  * @returns {OperationEntry}
  */
-function operationEntry(op) {
+function operationEntry(op, started) {
   const title = `${OPERATION_WORDS[op.operation] || op.operation} ${op.package}`;
   const parts = /** @type {OperationEntry} */ ({ // item: below
     badge: el("span", { className: "badge" }),

@@ -15,8 +15,9 @@ const data = pageData();
 const client = startLive();
 
 client.subscribe("fleet_status", null, showFleet);
-// Every alert change, replayed or live, and a snapshot after lost events, lead to a recount.
-client.subscribe("system_alerts", null, () => scheduleRecount());
+// Every alert change, replayed or live, leads to a recount, as does a rebuild after lost
+// events; the snapshot sent on subscribing says nothing the counts read at load do not.
+client.subscribe("system_alerts", null, (_, message) => { if (message.type === "event") scheduleRecount(); });
 onRebuild(client, "system_alerts", () => scheduleRecount());
 if (data.canViewActivity) {
   onRebuild(client, "user_activity", () => showNotice("Reconnected. Activity recorded while this page was offline is not listed.",
