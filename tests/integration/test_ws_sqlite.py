@@ -433,6 +433,8 @@ async def test_subscribe_to_all_seven_channels(server: Deployment):
     async with connect(server) as client:
         for channel in CHANNELS:
             reply = await client.subscribe(channel, filters[channel])
+            position = reply["data"].pop("position")
+            assert set(position) == {"epoch", "offset"}
             assert reply["data"] == {
                 "action": "subscribe",
                 "status": "subscribed",

@@ -160,7 +160,7 @@ async def test_token_expiring_while_connected_then_refused_then_refreshed(short_
     expires = expiry_of(tokens["access"])
     async with ws_connect(short_lived.server.ws_url, token=tokens["access"]) as client:
         await client.ping()
-        await client.subscribe("system_alerts")
+        await client.subscribe_with_status("system_alerts")
         # the server closes the socket itself once the token expired and the grace passed
         closed = await client.expect_closed(timeout=TTL + GRACE + 5)
         closed_at = time.time()

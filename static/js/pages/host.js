@@ -388,7 +388,8 @@ function startedDuringGap(op, since) {
 function operationsFromSnapshot(snapshot, report) {
   if (!Array.isArray(snapshot.operations)) return false;
   for (const op of snapshot.operations) {
-    if (operations.has(op.execution_id) || startedDuringGap(op, report?.from)) showOperation(op);
+    // a snapshot does not say when an operation started: its time is left out
+    if (operations.has(op.execution_id) || startedDuringGap(op, report?.from)) showOperation(op, null);
   }
   return true;
 }
@@ -456,7 +457,7 @@ packageForm.addEventListener("submit", async (event) => {
 function showOperation(op, started = new Date().toISOString()) {
   let entry = operations.get(op.execution_id);
   if (!entry) {
-    entry = operationEntry(op, started);
+    entry = operationEntry(op, op.created_at ?? started);
     operations.set(op.execution_id, entry);
   }
   const rank = RANK[op.status] ?? 0;
@@ -490,7 +491,7 @@ function operationEntry(op, started) {
   });
   parts.item = el("li", {},
     el("div", { className: "history-head" }, el("span", { className: "history-command" }, title), parts.badge,
-      el("span", { className: "history-meta" }, "started ", timeElement(op.created_at ?? new Date().toISOString()))),
+      started ? el("span", { className: "history-meta" }, "started ", timeElement(started)) : null),
     el("div", { className: "progress" }, parts.bar, parts.value),
     parts.message);
   operationsList.prepend(parts.item);
