@@ -303,6 +303,11 @@ SIMPLE_JWT = {
     "TOKEN_REFRESH_SERIALIZER": "sysmanage.credentials.FingerprintTokenRefreshSerializer",
 }
 
+# A refresh token presented again this soon after it was rotated (the client never saw
+# the answer) gets a new pair of its sign-in, unless its successor was spent since or
+# the sign-in logged out (sysmanage/credentials.py).  0 turns the grace off.
+JWT_REFRESH_REUSE_GRACE_SECONDS = env_int("JWT_REFRESH_REUSE_GRACE_SECONDS", 30)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "sysmanage.credentials.FingerprintJWTAuthentication",

@@ -1,17 +1,22 @@
 """
 Token refresh against a real server on SQLite, the default deployment.
 
-A storm of concurrent refreshes while SQLite's write lock is held longer than the
-server's lock timeout: every refresh is answered 200 or 503 with ``Retry-After`` --
-never 500 -- and a refresh told to retry succeeds when retried with the same token (the
-old token is spent only together with the new one being recorded), so nobody ends up
-logged out.
+* A storm of concurrent refreshes while SQLite's write lock is held longer than the
+  server's lock timeout: every refresh is answered 200 or 503 with ``Retry-After`` --
+  never 500 -- and a refresh told to retry succeeds when retried with the same token
+  (the old token is spent only together with the new one being recorded), so nobody
+  ends up logged out.
+* The reuse grace: a client that never saw the answer to its refresh sends the same
+  token again and gets a working pair -- within the grace only, and never after the
+  sign-in logged out or the password changed.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -34,11 +39,18 @@ LOCK_TIMEOUT = 2
 LOCK_HOLD = LOCK_TIMEOUT + 1.5
 #: Tries per client before the test gives up on it.
 MAX_TRIES = 25
+#: The server's refresh-token reuse grace (JWT_REFRESH_REUSE_GRACE_SECONDS), short so
+#: that the test can outwait it.
+GRACE = 3
 
 
 @pytest.fixture(scope="module")
 def refresh_server(launch_sqlite: Any) -> Iterator[harness.Deployment]:
-    with launch_sqlite("refresh", DB_SQLITE_LOCK_TIMEOUT=str(LOCK_TIMEOUT)) as deployment:
+    with launch_sqlite(
+        "refresh",
+        DB_SQLITE_LOCK_TIMEOUT=str(LOCK_TIMEOUT),
+        JWT_REFRESH_REUSE_GRACE_SECONDS=str(GRACE),
+    ) as deployment:
         yield deployment
 
 
@@ -46,8 +58,8 @@ def database_path(d: harness.Deployment) -> str:
     return d.env["DATABASE_URL"].removeprefix("sqlite:///")
 
 
-def mint_refresh_tokens(d: harness.Deployment, count: int) -> list[str]:
-    """``count`` sign-ins of ``viewer`` (refresh tokens as /api/token/ issues them),
+def mint_refresh_tokens(d: harness.Deployment, count: int, username: str = "viewer") -> list[str]:
+    """``count`` sign-ins of ``username`` (refresh tokens as /api/token/ issues them),
     made in a shell: a password check per sign-in would take minutes."""
     out = harness.manage_shell(
         d.env,
@@ -55,7 +67,7 @@ def mint_refresh_tokens(d: harness.Deployment, count: int) -> list[str]:
             "import json\n"
             "from django.contrib.auth import get_user_model\n"
             "from sysmanage.credentials import FingerprintedRefreshToken\n"
-            "user = get_user_model().objects.get(username='viewer')\n"
+            f"user = get_user_model().objects.get(username={username!r})\n"
             f"print('TOKENS', json.dumps([str(FingerprintedRefreshToken.for_user(user))"
             f" for _ in range({count})]))"
         ),
@@ -130,3 +142,109 @@ def test_a_refresh_storm_is_answered_200_or_503_and_nobody_is_logged_out(refresh
     log = d.server.log_since(log_from)
     assert "database busy (database is locked)" in log
     assert "django.request" not in log, log  # counted, not a line per request
+
+
+def usable(d: harness.Deployment, pair: dict[str, str]) -> bool:
+    """Whether the pair's access token is accepted and its refresh token refreshes."""
+    hosts = http_request("GET", f"{d.server.base_url}/api/hosts/", token=pair["access"])
+    return hosts.status == 200 and refresh(d, pair["refresh"]).status == 200
+
+
+def refresh_and_hang_up(d: harness.Deployment, token: str) -> None:
+    """Send a refresh and close the connection without reading the answer, as a client
+    whose network dropped does."""
+    body = json.dumps({"refresh": token}).encode()
+    with socket.create_connection(("127.0.0.1", d.server.port), timeout=5) as conn:
+        conn.sendall(
+            b"POST /api/token/refresh/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+
+def test_a_refresh_whose_answer_was_lost_can_be_sent_again(refresh_server):
+    d = refresh_server
+    first, second = mint_refresh_tokens(d, 2)
+    seen = refresh(d, first)
+    assert seen.status == 200
+    again = refresh(d, first)  # as if the first answer never arrived
+    assert again.status == 200, again
+    assert again.body["refresh"] != seen.body["refresh"]
+    assert usable(d, again.body)
+
+    refresh_and_hang_up(d, second)
+    retried = refresh(d, second)
+    assert retried.status == 200, retried
+    assert usable(d, retried.body)
+
+
+def test_the_grace_ends(refresh_server):
+    d = refresh_server
+    (token,) = mint_refresh_tokens(d, 1)
+    assert refresh(d, token).status == 200
+    time.sleep(GRACE + 0.5)
+    late = refresh(d, token)
+    assert late.status == 401, late
+    assert late.body["code"] == "token_not_valid", late.body
+
+
+def test_no_grace_after_logout(refresh_server):
+    d = refresh_server
+    (token,) = mint_refresh_tokens(d, 1)
+    new = refresh(d, token)
+    rotated = time.monotonic()
+    assert new.status == 200
+    out = http_request(
+        "POST", f"{d.server.base_url}/api/token/logout/", json_body={"refresh": new.body["refresh"]}
+    )
+    assert out.status == 200, out
+    assert refresh(d, token).status == 401
+    assert time.monotonic() - rotated < GRACE  # it was refused within the grace
+
+
+def test_no_grace_after_a_password_change(refresh_server):
+    d = refresh_server
+    harness.manage_shell(
+        d.env,
+        "from django.contrib.auth import get_user_model\n"
+        "get_user_model().objects.create_user(username='grace', password='first horse')\n",
+    )
+    (token,) = mint_refresh_tokens(d, 1, "grace")
+    # a shell ready to change the password at once (starting one takes seconds)
+    shell = subprocess.Popen(
+        [
+            harness.PYTHON,
+            "manage.py",
+            "shell",
+            "--no-imports",
+            "-c",
+            "import sys\n"
+            "from django.contrib.auth import get_user_model\n"
+            "user = get_user_model().objects.get(username='grace')\n"
+            "print('READY', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "user.set_password('second horse')\n"
+            "user.save()\n"
+            "print('DONE', flush=True)\n",
+        ],
+        cwd=harness.REPO_ROOT,
+        env=d.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert shell.stdout is not None
+        assert shell.stdin is not None
+        assert shell.stdout.readline().strip() == "READY"
+        assert refresh(d, token).status == 200
+        rotated = time.monotonic()
+        shell.stdin.write("\n")
+        shell.stdin.flush()
+        assert shell.stdout.readline().strip() == "DONE"
+        assert refresh(d, token).status == 401
+        assert time.monotonic() - rotated < GRACE  # it was refused within the grace
+    finally:
+        shell.kill()
+        shell.wait(10)
