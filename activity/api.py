@@ -27,7 +27,7 @@ from activity.services import activity_record, request_origin
 from sysmanage import permissions as access
 from sysmanage.api_input import query_filters
 from sysmanage.credentials import SESSION_CLAIM, decode
-from sysmanage.services import token_session_sockets_close
+from sysmanage.services import token_session_grace_end, token_session_sockets_close
 
 
 class UserActivitySerializer(serializers.ModelSerializer[UserActivity]):
@@ -160,6 +160,7 @@ class LogoutTokenView(TokenBlacklistView):
             user_id, session = None, None
         response = super().post(request, *args, **kwargs)
         if response.status_code == 200 and session:
+            token_session_grace_end(session=session)
             token_session_sockets_close(session=session, reason="Logged out")
         if response.status_code == 200 and user_id:
             user = get_user_model().objects.filter(pk=user_id).first()

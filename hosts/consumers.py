@@ -21,6 +21,7 @@ from hosts import agent_protocol, selectors, services
 from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
 from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
+from sysmanage import dbgate
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.events import publish_control_now
@@ -31,6 +32,7 @@ from sysmanage.protocol import (
     ProtocolError,
     auth_failed_envelope,
     error_envelope,
+    request_id_of,
     utc_now_iso,
 )
 from sysmanage.ratelimit import TokenBucket
@@ -50,7 +52,15 @@ class AgentConsumer(Connection):
         """Called on the handshake: authenticate the host token, then register with the hub."""
         await self._accept()
         token = bearer_token(self.scope)
-        host = await database_sync_to_async(selectors.host_for_token)(token or "")
+        try:
+            host = await database_sync_to_async(selectors.host_for_token)(token or "")
+        except Exception as exc:
+            fault = dbgate.unavailable(exc)
+            if fault is None:
+                raise
+            dbgate.note(fault, exc)
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, dbgate.socket_error(fault))
+            return
         if host is None:
             await self._close_with(
                 CloseCode.AUTH_FAILED,
@@ -84,11 +94,16 @@ class AgentConsumer(Connection):
         if self.hub is None or self.host_id is None:
             return
         self.hub.unregister_agent(self.host_id, self)
-        await self._save_minute(self.aggregator.flush())
-        if self.ready:
-            await database_sync_to_async(services.host_agent_gone)(
-                host_id=self.host_id, session=self.session
-            )
+        try:
+            await self._save_minute(self.aggregator.flush())
+            if self.ready:
+                await database_sync_to_async(services.host_agent_gone)(
+                    host_id=self.host_id, session=self.session
+                )
+        except Exception:
+            # With the database away, the host stays online until the sweep finds it
+            # silent (HOST_OFFLINE_AFTER_SECONDS).
+            dbgate.log_exception(logger, "could not record that %s went away", self.hostname)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -139,8 +154,14 @@ class AgentConsumer(Connection):
         except ProtocolError as exc:
             self.reply(exc.to_envelope())
         except Exception:
-            logger.exception("error handling a message from agent of %s", self.hostname)
-            self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+            fault = dbgate.log_exception(
+                logger, "error handling a message from agent of %s", self.hostname
+            )
+            self.reply(
+                dbgate.socket_error(fault, id_=request_id_of(text_data))
+                if fault is not None
+                else error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error")
+            )
 
     async def on_hello(self, data: AgentData, id_: MessageId) -> None:
         """Store the host's facts, mark it online and hand over queued work."""

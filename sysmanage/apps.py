@@ -11,8 +11,9 @@ class SysmanageConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the revocation receivers, the recheck of open sockets and the OpenAPI
-        description of the authentication."""
+        """Connect the revocation receivers, the recheck of open sockets, the pruning of
+        spent refresh tokens' reuse grace and the OpenAPI description of the
+        authentication."""
         # Imported here: these modules reach the models, which Django loads after the
         # app configs (not to break an import cycle).
         from django.conf import settings
@@ -22,6 +23,7 @@ class SysmanageConfig(AppConfig):
             receivers,  # noqa: F401
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
+            services,
         )
         from sysmanage.periodic import register_periodic
 
@@ -29,5 +31,10 @@ class SysmanageConfig(AppConfig):
             "sysmanage.socket_recheck",
             lambda: settings.WS_RECHECK_SECONDS,
             recheck.periodic_recheck,
+        )
+        register_periodic(
+            "sysmanage.refresh_rotations_prune",
+            lambda: max(60.0, float(settings.JWT_REFRESH_REUSE_GRACE_SECONDS)),
+            services.refresh_rotations_prune,
         )
         control.register(control.RecheckUsers, recheck.on_recheck_users)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sysmanage import dbgate
 from sysmanage.audit import Actor
 from sysmanage.auth import ScopeView
 from sysmanage.protocol import (
@@ -100,12 +101,12 @@ async def run(handler: CommandHandler, context: CommandContext, message: ClientM
     except ProtocolError as exc:
         context.reply(exc.to_envelope())
     except Exception:
-        logger.exception("command on %s failed", message.channel)
+        fault = dbgate.log_exception(logger, "command on %s failed", message.channel)
+        channel = message.channel or "system"
         context.reply(
-            error_envelope(
-                ErrorCode.INTERNAL_ERROR,
-                "Internal server error",
-                channel=message.channel or "system",
-                id_=message.id,
+            dbgate.socket_error(fault, channel=channel, id_=message.id)
+            if fault is not None
+            else error_envelope(
+                ErrorCode.INTERNAL_ERROR, "Internal server error", channel=channel, id_=message.id
             )
         )

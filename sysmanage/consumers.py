@@ -24,10 +24,11 @@ from typing import Any, ClassVar
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from sysmanage import admission, commands, permissions
+from sysmanage import admission, commands, dbgate, permissions
 from sysmanage.auth import (
     SocketCredentials,
     authenticate_socket,
+    find_token,
     token_credentials,
     warning_lead,
 )
@@ -45,6 +46,7 @@ from sysmanage.protocol import (
     iso,
     parse_client_message,
     refresh_token_of,
+    request_id_of,
 )
 from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag, token_session_tag
@@ -89,7 +91,16 @@ class ClientConsumer(Connection):
             await self._refuse_blocked(blocked)  # before any database work
             return
         read_at = time.monotonic()
-        credentials = await authenticate_socket(self.scope)
+        try:
+            credentials = await authenticate_socket(self.scope)
+        except Exception as exc:
+            fault = dbgate.unavailable(exc)
+            if fault is None:
+                raise
+            dbgate.note(fault, exc)
+            await self._accept(find_token(self.scope)[2])
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, dbgate.socket_error(fault))
+            return
         await self._accept(credentials.subprotocol)
         if credentials.user is None:
             admission.AUTH_FAILURES.record(address)
@@ -324,8 +335,12 @@ class ClientConsumer(Connection):
         except ProtocolError as exc:
             self.reply(exc.to_envelope())
         except Exception:
-            logger.exception("error handling a client message")
-            self.reply(error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error"))
+            fault = dbgate.log_exception(logger, "error handling a client message")
+            self.reply(
+                dbgate.socket_error(fault, id_=request_id_of(text_data))
+                if fault is not None
+                else error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error")
+            )
 
     async def on_ping(self, message: ClientMessage) -> None:
         """Answer an application-level ping with a pong carrying the same id."""

@@ -11,26 +11,41 @@ signal sees.  The active flag is part of the digest so that the signal receivers
 tell a deactivation from other saves (and blacklist refresh tokens); enabling the
 account again gives back the same fingerprint, so an access token of before that has
 not expired works again: change the password to void everything for good.
+
+Refreshing rotates the refresh token: the old one is blacklisted in the transaction
+that records the new one.  A client that sent a refresh and never saw the answer
+retries with the token it sent; within ``JWT_REFRESH_REUSE_GRACE_SECONDS`` of the
+rotation that token gets a new pair of the same sign-in (the "reuse interval" of Auth0
+and Okta), unless the latest token issued for it was spent since -- rotated, logged out,
+revoked -- or the user's credentials changed (:class:`~sysmanage.models.RefreshRotation`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, Self, TypeVar
 
-from django.contrib.auth import get_user_model
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
+from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.authentication import AuthUser, JWTAuthentication
+from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.serializers import (
     TokenObtainPairSerializer,
     TokenRefreshSerializer,
 )
 from rest_framework_simplejwt.settings import api_settings
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken, Token
+from rest_framework_simplejwt.utils import datetime_from_epoch
+
+from sysmanage.models import RefreshRotation, User
 
 _T = TypeVar("_T", bound=Token)
 
@@ -106,27 +121,130 @@ class FingerprintTokenObtainPairSerializer(TokenObtainPairSerializer):
     token_class = FingerprintedRefreshToken
 
 
+class _SpentRefreshToken(FingerprintedRefreshToken):
+    """A refresh token decoded for the reuse grace: signature, expiry and type are
+    verified as always, the blacklist is not (the token is known to be spent)."""
+
+    def check_blacklist(self) -> None:
+        """Skipped: whether a spent token may be used again is the grace's to say."""
+
+
+def token_digest(raw: str) -> str:
+    """The SHA-256 (hex) of a token or claim: what the reuse grace stores instead."""
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _sign_in_digest(token: Token) -> str:
+    sid = token.payload.get(SESSION_CLAIM)
+    return token_digest(sid) if isinstance(sid, str) else ""
+
+
+def _outstanding(token: Token, user: User, raw: str) -> OutstandingToken:
+    """The outstanding-token row of ``token`` (made if simplejwt has none yet)."""
+    row, _ = OutstandingToken.objects.get_or_create(
+        jti=token[api_settings.JTI_CLAIM],
+        defaults={
+            "user": user,
+            "created_at": token.current_time,
+            "token": raw,
+            "expires_at": datetime_from_epoch(token["exp"]),
+        },
+    )
+    return row
+
+
 class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
     """``POST /api/token/refresh/``: refuses a refresh token whose user is gone, disabled,
-    or whose credentials changed since it was issued."""
+    or whose credentials changed since it was issued; rotates the refresh token; and
+    gives a token it rotated within the reuse grace a new pair of the same sign-in."""
 
     token_class = FingerprintedRefreshToken
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
-        """Check the user as it is now, then refresh (and rotate) in one transaction:
-        the old refresh token is spent only if the new one is recorded, so a failed
-        write (a busy database) leaves the client with a token that still works."""
-        refresh = decode(self.token_class, attrs["refresh"])  # signature, expiry, blacklist
-        user_id = refresh.payload.get(api_settings.USER_ID_CLAIM)
-        user = get_user_model()._default_manager.filter(pk=user_id).first() if user_id else None
-        if user is None or not user.is_active:
+        """Check the user as it is now, then spend the token and issue the new pair in
+        one transaction: the old refresh token is spent only if the new one is
+        recorded, so a failed write (a busy database) leaves the client with a token
+        that still works.  A spent token gets a pair only within its reuse grace."""
+        raw = attrs["refresh"]
+        try:
+            refresh = decode(self.token_class, raw)  # signature, expiry, blacklist
+        except TokenError:
+            reissued = self._reissue_within_grace(raw)
+            if reissued is None:
+                raise
+            return reissued
+        user = _current_user(refresh)
+        if user is None:
             raise AuthenticationFailed(
                 "No active account found for the given token.", "no_active_account"
             )
         if not fingerprint_matches(refresh.payload, user):
             raise AuthenticationFailed(REVOKED_MESSAGE, "token_revoked")
         with transaction.atomic():
-            return super().validate(attrs)
+            spent = _outstanding(refresh, user, raw)
+            _, first = BlacklistedToken.objects.get_or_create(token=spent)
+            if not first:  # spent by a concurrent request with the same token
+                reissued = self._reissue_within_grace(raw)
+                if reissued is None:
+                    raise TokenError("Token is blacklisted")
+                return reissued
+            data, successor = _rotate(refresh, user)
+            grace = settings.JWT_REFRESH_REUSE_GRACE_SECONDS
+            if grace > 0:
+                RefreshRotation.objects.create(
+                    spent=token_digest(raw),
+                    successor=successor,
+                    sign_in=_sign_in_digest(refresh),
+                    grace_until=timezone.now() + timedelta(seconds=grace),
+                )
+            return data
+
+    def _reissue_within_grace(self, raw: str) -> dict[str, str] | None:
+        """A new pair for a refresh token this server rotated less than
+        ``JWT_REFRESH_REUSE_GRACE_SECONDS`` ago, or None: the grace is off or over, the
+        latest token issued for it was spent since, the sign-in was logged out, or the
+        user's credentials changed."""
+        if settings.JWT_REFRESH_REUSE_GRACE_SECONDS <= 0:
+            return None
+        try:
+            spent = decode(_SpentRefreshToken, raw)
+        except TokenError:
+            return None
+        user = _current_user(spent)
+        if user is None or not fingerprint_matches(spent.payload, user):
+            return None
+        with transaction.atomic():
+            rotation = (
+                RefreshRotation.objects.select_for_update()
+                .filter(spent=token_digest(raw), grace_until__gt=timezone.now())
+                .first()
+            )
+            if rotation is None:
+                return None
+            if BlacklistedToken.objects.filter(token_id=rotation.successor_id).exists():
+                return None
+            data, rotation.successor = _rotate(spent, user)
+            rotation.save(update_fields=["successor"])
+            return data
+
+
+def _current_user(token: Token) -> User | None:
+    """The token's user as the database has it now, if it exists and is active."""
+    user_id = token.payload.get(api_settings.USER_ID_CLAIM)
+    user = User.objects.filter(pk=user_id).first() if user_id else None
+    return user if user is not None and user.is_active else None
+
+
+def _rotate(refresh: RefreshToken, user: User) -> tuple[dict[str, str], OutstandingToken]:
+    """Issue the pair that follows ``refresh`` (same sign-in and claims, a new ``jti``,
+    ``iat`` and ``exp``), as simplejwt's rotation does; returns it and the new refresh
+    token's outstanding-token row."""
+    access = str(refresh.access_token)
+    refresh.set_jti()
+    refresh.set_exp()
+    refresh.set_iat()
+    new = str(refresh)
+    return {"access": access, "refresh": new}, _outstanding(refresh, user, new)
 
 
 class FingerprintJWTAuthentication(JWTAuthentication):

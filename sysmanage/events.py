@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from django.db import transaction
 
-from sysmanage import node
+from sysmanage import dbgate, node
 from sysmanage.control import Control
 from sysmanage.node import EventMessage
 from sysmanage.protocol import utc_now_iso
@@ -113,7 +113,7 @@ def _call_listeners(listeners: tuple[Listener, ...], message: EventMessage) -> N
         try:
             listener(message["data"])
         except Exception:
-            logger.exception("listener of %s failed", message["event"])
+            dbgate.log_exception(logger, "listener of %s failed", message["event"])
 
 
 def _deliver(message: EventMessage) -> None:

@@ -21,6 +21,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
+from sysmanage import dbgate
 from sysmanage.events import Event, publish_now
 from sysmanage.node import Node
 from sysmanage.topics import NOBODY, TOPICS, snapshot_provider
@@ -93,7 +94,7 @@ class FleetCoalescer:
         try:
             await self.publish_if_changed()
         except Exception:
-            logger.exception("could not compute fleet status")
+            dbgate.log_exception(logger, "could not compute fleet status")
 
     async def publish_if_changed(self) -> bool:
         """Recompute the counts and publish them if they differ from the last ones seen

@@ -33,7 +33,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from sysmanage import control, periodic, streams
+from sysmanage import control, dbgate, periodic, streams
 from sysmanage.control import ControlMessage
 from sysmanage.hub import Hub
 from sysmanage.protocol import StreamPosition, iso
@@ -225,7 +225,9 @@ class Node:
             try:
                 await database_sync_to_async(job)(*args)
             except Exception:
-                logger.exception("background job %s failed", getattr(job, "__name__", job))
+                dbgate.log_exception(
+                    logger, "background job %s failed", getattr(job, "__name__", job)
+                )
 
         self.spawn(run())
 

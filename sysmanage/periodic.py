@@ -19,6 +19,7 @@ from typing import cast
 
 from channels.db import database_sync_to_async
 
+from sysmanage import dbgate
 from sysmanage.hub import Hub
 
 logger = logging.getLogger(__name__)
@@ -66,5 +67,5 @@ async def run_forever(periodic: Periodic, hub: Hub) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("periodic job %s failed", periodic.name)
+            dbgate.log_exception(logger, "periodic job %s failed", periodic.name)
         await asyncio.sleep(periodic.interval())

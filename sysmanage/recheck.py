@@ -30,7 +30,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.utils.crypto import constant_time_compare
 
-from sysmanage import permissions, selectors
+from sysmanage import dbgate, permissions, selectors
 from sysmanage.control import RecheckUsers
 from sysmanage.credentials import fingerprint
 from sysmanage.protocol import CloseCode, ServerMessage, auth_failed_envelope
@@ -189,7 +189,7 @@ class Rechecker:
             try:
                 await recheck(self.hub, ids)
             except Exception:
-                logger.exception("recheck of open sockets failed")
+                dbgate.log_exception(logger, "recheck of open sockets failed")
 
 
 _RECHECKERS: weakref.WeakKeyDictionary[SocketRegistry, Rechecker] = weakref.WeakKeyDictionary()

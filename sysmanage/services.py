@@ -1,4 +1,5 @@
-"""Core services: closing sockets and revoking tokens of users who lose access."""
+"""Core services: closing sockets and revoking tokens of users who lose access, and
+ending the refresh-token reuse grace of a sign-in."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from sysmanage.control import CloseSession, CloseUser, RecheckUsers
-from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprint
+from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprint, token_digest
 from sysmanage.events import publish_control
+from sysmanage.models import RefreshRotation
 
 
 def session_tag(session_key: str) -> str:
@@ -85,3 +87,16 @@ def user_access_recheck(*, user_ids: list[str] | None) -> None:
     publish_control(
         RecheckUsers(user_ids=None if user_ids is None else tuple(str(u) for u in user_ids))
     )
+
+
+def token_session_grace_end(*, session: str) -> int:
+    """After a sign-in (``sid``) logged out: no refresh token of it may be used again
+    within the reuse grace.  Returns how many rotations were forgotten."""
+    deleted, _ = RefreshRotation.objects.filter(sign_in=token_digest(session)).delete()
+    return deleted
+
+
+def refresh_rotations_prune() -> int:
+    """Forget the rotations whose reuse grace is over.  Returns how many."""
+    deleted, _ = RefreshRotation.objects.filter(grace_until__lte=timezone.now()).delete()
+    return deleted

@@ -141,6 +141,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "sysmanage.middleware.ContentSecurityPolicyMiddleware",
+    "sysmanage.middleware.DatabaseUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -180,10 +181,19 @@ DATABASES = {
         DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
     )
 }
-if (
-    DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
-    and env_int("DB_POOL_MAX", 10) > 0
-):
+# How long a request waits for a pooled PostgreSQL connection before it is answered 503.
+DB_POOL_TIMEOUT = env_int("DB_POOL_TIMEOUT", 20)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend behind a gate (sysmanage/dbgate.py): once a connection attempt
+    # fails, the database counts as unreachable and requests are refused at once (503,
+    # 4503) until a probe connects again, instead of each waiting out a timeout.
+    DATABASES["default"]["ENGINE"] = "sysmanage.postgres"
+    # A connection attempt to a host that never answers gives up after this long
+    # (libpq's own default waits forever; psycopg's, 130 s).  libpq's minimum is 2 s.
+    DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int(
+        "DB_CONNECT_TIMEOUT", 2
+    )
+if DATABASES["default"]["ENGINE"] == "sysmanage.postgres" and env_int("DB_POOL_MAX", 10) > 0:
     # A pool per process (psycopg_pool): Django gives every HTTP request a thread of its
     # own, so per-thread connections meant one new PostgreSQL connection per request and,
     # in a connect storm of agents, "too many clients".  Pooled connections are returned
@@ -191,19 +201,27 @@ if (
     # DB_POOL_TIMEOUT) for one instead of failing.  Pooling replaces CONN_MAX_AGE.
     # DB_POOL_MAX=0 turns it off (behind an external pooler such as PgBouncer).
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    DATABASES["default"]["OPTIONS"]["pool"] = {
         "min_size": env_int("DB_POOL_MIN", 2),
         "max_size": env_int("DB_POOL_MAX", 10),
-        "timeout": env_int("DB_POOL_TIMEOUT", 20),
+        # One step of the wait: the backend waits DB_POOL_TIMEOUT in steps this long,
+        # so that a waiting request notices at once that the database became unreachable.
+        "timeout": 0.25,
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers proceed while the single writer commits; the timeout rides
     # out short write bursts instead of failing with "database is locked".  Transactions
     # take the write lock when they begin: a deferred one that reads, then writes, fails
     # at once (the timeout does not apply) when another connection wrote in between.
+    # A request whose write still finds the lock held after the timeout is answered 503
+    # with Retry-After (sysmanage.middleware.DatabaseUnavailableMiddleware), not 500.
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}
+        {
+            "timeout": env_int("DB_SQLITE_LOCK_TIMEOUT", 20),
+            "init_command": "PRAGMA journal_mode=WAL;",
+            "transaction_mode": "IMMEDIATE",
+        }
     )
     if DATABASES["default"]["NAME"] not in ("", ":memory:"):
         _database_dir = Path(DATABASES["default"]["NAME"]).parent
@@ -300,6 +318,11 @@ SIMPLE_JWT = {
     "TOKEN_OBTAIN_SERIALIZER": "sysmanage.credentials.FingerprintTokenObtainPairSerializer",
     "TOKEN_REFRESH_SERIALIZER": "sysmanage.credentials.FingerprintTokenRefreshSerializer",
 }
+
+# A refresh token presented again this soon after it was rotated (the client never saw
+# the answer) gets a new pair of its sign-in, unless its successor was spent since or
+# the sign-in logged out (sysmanage/credentials.py).  0 turns the grace off.
+JWT_REFRESH_REUSE_GRACE_SECONDS = env_int("JWT_REFRESH_REUSE_GRACE_SECONDS", 30)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -497,5 +520,8 @@ LOGGING = {
         "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.channels.server": {"level": "INFO"},
         "daphne": {"level": "WARNING"},
+        # The pool warns of every failed connection attempt and broken connection; the
+        # database gate (sysmanage/dbgate.py) reports an outage once per interval instead.
+        "psycopg.pool": {"level": "ERROR"},
     },
 }

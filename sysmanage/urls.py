@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 
 from django.contrib import admin
 from django.contrib.auth.views import LogoutView
-from django.http import HttpRequest, HttpResponse
+from django.db import DatabaseError, connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import DefaultRouter
@@ -21,7 +22,8 @@ from alerts.api import AlertViewSet
 from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
-from sysmanage import plugins
+from sysmanage import dbgate, plugins
+from sysmanage.middleware import reported_elsewhere
 from sysmanage.node import Node
 from sysmanage.protocol import iso
 
@@ -40,19 +42,39 @@ def health(request: HttpRequest) -> HttpResponse:
     return HttpResponse("ok", content_type="text/plain")
 
 
-def readiness(request: HttpRequest) -> HttpResponse:
-    """Readiness check: 503 while this process cannot reach its channel layer (its
-    clients then get no events), ``ready`` otherwise."""
+def _database_check() -> str:
+    """``ok``, or why this process cannot use its database now."""
+    outage = dbgate.gate().outage()
+    if outage is not None:
+        since, reason = outage
+        return f"unreachable since {iso(since)}: {reason}"
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except DatabaseError as exc:
+        return f"{dbgate.unavailable(exc) or 'failing'}: {dbgate.first_line(exc)}"
+    return "ok"
+
+
+def _channel_layer_check() -> str:
+    """``ok``, or since when this process cannot reach its channel layer (its clients
+    then get no events)."""
     node = Node.current()
     down_since = node.layer_down_since if node is not None else None
-    if down_since is not None:
-        since = datetime.fromtimestamp(down_since, UTC)
-        return HttpResponse(
-            f"channel layer unreachable since {iso(since)}\n",
-            status=503,
-            content_type="text/plain",
-        )
-    return HttpResponse("ready", content_type="text/plain")
+    if down_since is None:
+        return "ok"
+    return f"unreachable since {iso(datetime.fromtimestamp(down_since, UTC))}"
+
+
+def readiness(request: HttpRequest) -> JsonResponse:
+    """Readiness check: 503 while this process cannot use its database or reach its
+    channel layer, with what failed; 200 otherwise."""
+    checks = {"database": _database_check(), "channel_layer": _channel_layer_check()}
+    if all(result == "ok" for result in checks.values()):
+        return JsonResponse({"status": "ready", "checks": checks})
+    # Load balancers ask often; the faults themselves are logged where they are found.
+    response = JsonResponse({"status": "unavailable", "checks": checks}, status=503)
+    return reported_elsewhere(response)
 
 
 urlpatterns = [

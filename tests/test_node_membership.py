@@ -160,14 +160,16 @@ async def test_redis_membership_is_read_from_the_groups_sorted_set_on_its_shard(
 
 @pytest.mark.django_db
 def test_readiness_reports_an_unreachable_layer(client):
-    assert client.get("/readyz").content == b"ready"
+    assert client.get("/readyz").json()["status"] == "ready"
     node = Node(OpaqueLayer(), asyncio.new_event_loop())
     Node._current = node
     try:
         node.layer_failed("receiving", ConnectionError("Connection refused."))
         response = client.get("/readyz")
         assert response.status_code == 503
-        assert response.content.startswith(b"channel layer unreachable since ")
+        assert response.json()["status"] == "unavailable"
+        assert response.json()["checks"]["database"] == "ok"
+        assert response.json()["checks"]["channel_layer"].startswith("unreachable since ")
         node.layer_down_since = None
         assert client.get("/readyz").status_code == 200
     finally:

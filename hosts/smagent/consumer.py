@@ -25,6 +25,7 @@ from hosts import services
 from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError, ErrorMessage, ErrorType, ServerMessage
 from hosts.smagent.session import AgentSession, AwaitingApproval
+from sysmanage import dbgate
 from sysmanage.connection import Connection
 from sysmanage.node import running_hub
 from sysmanage.protocol import CloseCode
@@ -45,6 +46,16 @@ ERROR_TYPES: dict[int, ErrorType] = {
     CloseCode.REPLACED: "replaced",
     CloseCode.SLOW_CONSUMER: "slow_consumer",
 }
+
+
+def database_refusal(fault: dbgate.Fault) -> ErrorMessage:
+    """What the agent is told when its connection or message needs the database and the
+    database is unreachable or busy: ``server_busy``, to come back later."""
+    return protocol.error_message(
+        "server_busy",
+        f"{dbgate.explain(fault)}; try again in a moment",
+        retry_after=dbgate.RETRY_AFTER,
+    )
 
 
 class UnprovenConnections:
@@ -91,11 +102,19 @@ class SysManageAgentConsumer(Connection):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         opened = tokens.open_token(token)
-        candidates = (
-            await database_sync_to_async(enrollment.named_host_ids)(opened.name)
-            if opened is not None
-            else set()
-        )
+        try:
+            candidates = (
+                await database_sync_to_async(enrollment.named_host_ids)(opened.name)
+                if opened is not None
+                else set()
+            )
+        except Exception as exc:
+            fault = dbgate.unavailable(exc)
+            if fault is None:
+                raise
+            dbgate.note(fault, exc)
+            await self._close_with(CloseCode.TRY_AGAIN_LATER, database_refusal(fault))
+            return
         if opened is None or not candidates:
             await self._close_with(
                 CloseCode.AUTH_FAILED,
@@ -181,9 +200,16 @@ class SysManageAgentConsumer(Connection):
         self._release()
         if self.hub is not None and self.session is not None and self.registered:
             self.hub.unregister_agent(self.session.host_id, self)
-            await database_sync_to_async(services.host_agent_gone)(
-                host_id=self.session.host_id, session=self.connection_id
-            )
+            try:
+                await database_sync_to_async(services.host_agent_gone)(
+                    host_id=self.session.host_id, session=self.connection_id
+                )
+            except Exception:
+                # With the database away, the host stays online until the sweep finds
+                # it silent (HOST_OFFLINE_AFTER_SECONDS).
+                dbgate.log_exception(
+                    logger, "could not record that %s went away", self.session.hostname
+                )
 
     # -- sending ----------------------------------------------------------------------
 
@@ -296,9 +322,15 @@ class SysManageAgentConsumer(Connection):
                 )
                 return
         except Exception:
-            logger.exception("error handling a message from the agent of %s", self.session.hostname)
+            fault = dbgate.log_exception(
+                logger, "error handling a message from the agent of %s", self.session.hostname
+            )
             replies = [
-                protocol.error_message("server_error", "The server could not process this message")
+                database_refusal(fault)
+                if fault is not None
+                else protocol.error_message(
+                    "server_error", "The server could not process this message"
+                )
             ]
         # Proven (even if handling the message itself then failed): take over as the
         # host's agent now, or drop the connection so that the agent comes back.
@@ -307,7 +339,9 @@ class SysManageAgentConsumer(Connection):
             try:
                 await self._come_online()
             except Exception:
-                logger.exception("could not bring the agent of %s online", self.session.hostname)
+                dbgate.log_exception(
+                    logger, "could not bring the agent of %s online", self.session.hostname
+                )
                 self.send_messages(replies)
                 await self._close_with(
                     CloseCode.TRY_AGAIN_LATER,

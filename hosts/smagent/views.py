@@ -30,6 +30,7 @@ from hosts.smagent import enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError, CommandMessage, ServerMessage
 from hosts.smagent.session import AgentSession
+from sysmanage import dbgate
 from sysmanage.node import Node
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,18 @@ def _busy() -> JsonResponse:
     return response
 
 
+def _note_busy(request: HttpRequest, exc: OperationalError) -> None:
+    """Count a database fault (logged once per interval), or log another error."""
+    fault = dbgate.unavailable(exc)
+    if fault is not None:
+        dbgate.note(fault, exc)
+    else:
+        logger.warning("%s answered 503: %s", request.path, exc)
+
+
 def when_busy_503(view: Any) -> Any:
-    """Answer :func:`_busy` when the database is locked or out of connections."""
+    """Answer :func:`_busy` when the database is locked, unreachable or out of
+    connections."""
     if asyncio.iscoroutinefunction(view):
 
         @functools.wraps(view)
@@ -64,7 +75,7 @@ def when_busy_503(view: Any) -> Any:
             try:
                 return await view(request, *args, **kwargs)
             except OperationalError as exc:
-                logger.warning("%s answered 503: %s", request.path, exc)
+                _note_busy(request, exc)
                 return _busy()
 
         return wrapped_async
@@ -74,7 +85,7 @@ def when_busy_503(view: Any) -> Any:
         try:
             return view(request, *args, **kwargs)
         except OperationalError as exc:
-            logger.warning("%s answered 503: %s", request.path, exc)
+            _note_busy(request, exc)
             return _busy()
 
     return wrapped

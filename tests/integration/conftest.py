@@ -176,19 +176,22 @@ def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return launch
 
 
+def require_postgres() -> None:
+    """Skip (fail when ``CI`` is set) unless the test PostgreSQL answers."""
+    if not POSTGRES_ADMIN_URL:
+        pytest.skip("SYSMANAGE_TEST_POSTGRES_URL is set empty: running without that service")
+    problem = harness.postgres_reachable(POSTGRES_ADMIN_URL)
+    if problem:
+        _unavailable(problem)
+
+
 def _require_pg_redis() -> None:
-    for name, url in (
-        ("SYSMANAGE_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL),
-        ("SYSMANAGE_TEST_REDIS_URL", REDIS_TEST_URL),
-    ):
-        if not url:
-            pytest.skip(f"{name} is set empty: running without that service")
-    for problem in (
-        harness.postgres_reachable(POSTGRES_ADMIN_URL),
-        harness.redis_reachable(REDIS_TEST_URL),
-    ):
-        if problem:
-            _unavailable(problem)
+    require_postgres()
+    if not REDIS_TEST_URL:
+        pytest.skip("SYSMANAGE_TEST_REDIS_URL is set empty: running without that service")
+    problem = harness.redis_reachable(REDIS_TEST_URL)
+    if problem:
+        _unavailable(problem)
 
 
 @pytest.fixture(scope="module")

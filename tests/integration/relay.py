@@ -1,9 +1,13 @@
-"""A TCP relay between an agent and the server, which a test can cut or freeze."""
+"""TCP relays a test can cut: between an agent and the server (:class:`Relay`), and in
+front of a database (:class:`CuttableRelay`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import threading
 from collections.abc import Callable
 
 
@@ -82,3 +86,103 @@ class Relay:
         self.cut()
         if self.server is not None:
             self.server.close()
+
+
+class CuttableRelay:
+    """A TCP relay on a fixed loopback port, in threads of its own, in front of a
+    service (PostgreSQL) that the tests must not stop, since others share it.
+
+    :meth:`cut` drops every relayed connection and then, by ``mode``, either stops
+    listening (``"refuse"``: connections are refused, as by a stopped server) or keeps
+    accepting without ever answering (``"blackhole"``: connections hang, as behind a
+    dead host or a dropped route); :meth:`restore` relays again on the same port.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.mode = "open"
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> int:
+        """Listen on a free port; return it."""
+        self._listen()
+        return self.port
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: the relay was cut (refuse) or closed
+            with self._lock:
+                self._sockets.append(client)
+                if self.mode != "open":
+                    continue  # black hole: held open, never read, never answered
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                self._abort(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets.append(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
+        """Close with a reset, as a crashed or killed peer would."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def cut(self, mode: str = "refuse") -> None:
+        """Drop every relayed connection; then refuse or black-hole new ones."""
+        assert mode in ("refuse", "blackhole"), mode
+        with self._lock:
+            self.mode = mode
+            sockets, self._sockets = self._sockets, []
+            listener = self._listener if mode == "refuse" else None
+            if listener is not None:
+                self._listener = None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for sock in sockets:
+            self._abort(sock)
+
+    def restore(self) -> None:
+        """Relay new connections again, on the same port."""
+        with self._lock:
+            held, self._sockets = self._sockets, []
+            mode, self.mode = self.mode, "open"
+        for sock in held:  # connections that hung in the black hole fail now
+            self._abort(sock)
+        if mode == "refuse":
+            self._listen()
+
+    def close(self) -> None:
+        """Stop listening and drop everything."""
+        self.cut("refuse")
