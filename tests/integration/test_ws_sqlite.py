@@ -982,6 +982,30 @@ async def test_slow_consumer_is_closed_with_4008(server: Deployment):
     assert attempts[-1] == 4008, attempts
 
 
+async def test_a_slow_consumer_resumes_after_4008_and_loses_nothing(server: Deployment):
+    closed, sent = await flood_a_slow_client(server)
+    got = [m for m in closed.messages if m["type"] == "event"]
+    assert got, "the slow client received no event before it was closed"
+    assert len(got) < len(sent)
+    last = got[-1]
+    async with connect(server) as client:
+        reply = await client.request(
+            {
+                "type": "subscribe",
+                "channel": "system_alerts",
+                "filters": {"severity": ["info"]},
+                "since": {"epoch": last["epoch"], "offset": last["offset"]},
+            }
+        )
+        assert reply["data"]["recovered"] is True, reply
+        for _ in range(len(sent) - len(got)):
+            got.append(await client.next_event("system_alerts", timeout=20))
+    ids = [e["data"]["alert_id"] for e in got]
+    assert ids == sent  # every alert once, in order: before the close, then replayed
+    offsets = [e["offset"] for e in got]
+    assert offsets == sorted(set(offsets))
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
