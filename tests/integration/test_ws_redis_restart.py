@@ -56,6 +56,9 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start it and wait until it answers.  Call it from the test's own thread: the
+        process gets SIGTERM when the thread that started it ends (``_die_with_parent``),
+        and a worker thread of ``asyncio.to_thread`` ends with the test's event loop."""
         self.work.mkdir(parents=True, exist_ok=True)
         log = open(self.work / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
@@ -157,7 +160,7 @@ async def test_events_cross_processes_again_after_redis_restarts_empty(redis_and
         await asyncio.to_thread(redis.kill)
         body = await wait_for_readiness(server_a, 503, timeout=10)
         assert body.startswith("channel layer unreachable since ")
-        await asyncio.to_thread(redis.start)  # empty: the group and its members are gone
+        redis.start()  # empty: the group and its members are gone
         restarted = time.monotonic()
 
         notices = [
