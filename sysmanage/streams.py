@@ -39,6 +39,11 @@ from sysmanage.protocol import StreamPosition
 
 #: How many entries one ``XREAD`` hands over at most.
 READ_BATCH = 1000
+#: Connections to Redis one process uses for publishing and for reading histories (its
+#: blocking reader aside).  More callers at once wait for a free one, for at most
+#: ``POOL_WAIT_SECONDS``: a burst of resuming clients queues instead of failing.
+POOL_CONNECTIONS = 20
+POOL_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +260,15 @@ class RedisStreams:
     def __init__(self, url: str) -> None:
         import redis.asyncio as aioredis  # only deployments with Redis need it
 
-        # Reads block for up to READ_BLOCK_MS; give the socket room beyond that.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=POOL_WAIT_SECONDS,
+            # reads block for up to READ_BLOCK_MS; give the socket room beyond that
+            socket_timeout=30,
+            socket_connect_timeout=5,
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         # A dedicated connection for blocking reads, so publishing never waits behind one.
         self.reader = aioredis.Redis.from_url(
             url, socket_timeout=30, socket_connect_timeout=5, single_connection_client=True

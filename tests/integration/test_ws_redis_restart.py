@@ -11,6 +11,7 @@ killed with SIGKILL and started again, empty, on the same port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 
 from tests.integration import harness
-from tests.integration.client import api, ws_connect
+from tests.integration.client import WsClient, api, ws_connect
 from tests.integration.harness import Deployment
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
@@ -186,3 +188,60 @@ async def test_events_cross_processes_again_after_redis_restarts_empty(redis_and
         # loud, but once: not a line per retry
         assert log.count("channel layer unreachable (") == 1, log
         assert log.count("rejoined the events group") == 1, log
+
+
+#: More resuming clients than redis-py's default connection pool (100) would serve at once.
+RESUMERS = 150
+#: Sockets per user and process are capped (WS_MAX_SOCKETS_PER_USER, 50): spread the users.
+USERS = ("admin", "viewer", "doomed")
+
+
+async def resumers(
+    stack: contextlib.AsyncExitStack, server: harness.DaphneServer, d: Deployment, count: int
+) -> list[tuple[WsClient, dict[str, Any]]]:
+    """``count`` clients of ``server`` subscribed to system_alerts, with their positions."""
+    found = []
+    for index in range(count):
+        client = await stack.enter_async_context(
+            ws_connect(server.ws_url, token=d.token(USERS[index % len(USERS)]))
+        )
+        reply = await client.subscribe("system_alerts")
+        found.append((client, reply["data"]["position"]))
+    return found
+
+
+async def resume_all(
+    clients: list[tuple[WsClient, dict[str, Any]]], timeout: float
+) -> list[dict[str, Any]]:
+    """Every client subscribes again from its position, all at once; return the answers."""
+    for client, position in clients:
+        await client.send(
+            {"type": "subscribe", "channel": "system_alerts", "since": position, "id": "again"}
+        )
+    return [
+        await client.expect(lambda m: m.get("id") == "again", timeout, what="an answer")
+        for client, _ in clients
+    ]
+
+
+def pause_redis(url: str, milliseconds: int) -> None:
+    """Make Redis hold every client's commands for a while (``CLIENT PAUSE``)."""
+    client = redis_client.Redis.from_url(url)
+    try:
+        client.execute_command("CLIENT", "PAUSE", str(milliseconds), "ALL")
+    finally:
+        client.close()
+
+
+async def test_a_burst_of_resumes_while_redis_stalls_is_answered(redis_and_cluster):
+    """150 clients of one process resume at once while Redis stalls: each waits for a
+    connection to Redis and is answered, none is refused for want of one."""
+    redis, cluster = redis_and_cluster
+    server = cluster.servers[0]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = await resumers(stack, server, cluster, RESUMERS)
+        pause_redis(redis.url, 1500)  # the resumes pile up meanwhile
+        answers = await resume_all(clients, timeout=20)
+    refused = [a["data"] for a in answers if a["type"] != "response"]
+    assert not refused, f"{len(refused)} refused, e.g. {refused[0]}"
+    assert all(a["data"]["recovered"] is True for a in answers)
