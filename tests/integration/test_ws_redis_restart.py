@@ -245,3 +245,34 @@ async def test_a_burst_of_resumes_while_redis_stalls_is_answered(redis_and_clust
     refused = [a["data"] for a in answers if a["type"] != "response"]
     assert not refused, f"{len(refused)} refused, e.g. {refused[0]}"
     assert all(a["data"]["recovered"] is True for a in answers)
+
+
+async def test_connections_pooled_before_redis_restarts_are_not_taken_for_a_new_outage(
+    redis_and_cluster,
+):
+    """After Redis restarts empty, the connections a process pooled before are dead.
+    They are replaced at their first use: the resumes that follow the events_missed
+    notice are answered, and the process announces the outage once, not again when it
+    meets a dead connection."""
+    redis, cluster = redis_and_cluster
+    server = cluster.servers[0]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = await resumers(stack, server, cluster, 60)
+        pause_redis(redis.url, 1000)  # resumes during the pause: one pooled connection each
+        await resume_all(clients, timeout=20)
+        log_from = server.log_size()
+
+        await asyncio.to_thread(redis.kill)
+        redis.start()
+        for client, _ in clients:
+            await client.expect(events_missed, NOTICE_TIMEOUT, what="an events_missed status")
+        answers = await resume_all(clients, timeout=20)
+        refused = [a["data"] for a in answers if a["type"] != "response"]
+        assert not refused, f"{len(refused)} refused, e.g. {refused[0]}"
+        assert all(a["data"]["recovered"] is False for a in answers)  # a new epoch
+        await asyncio.sleep(3)  # time for a second notice, if a dead connection caused one
+        again = [m for client, _ in clients for m in client.pending if events_missed(m)]
+        assert not again, f"{len(again)} clients told of a second outage"
+    log = server.log_since(log_from)
+    assert log.count("channel layer unreachable (") == 1, log
+    assert "Traceback" not in log, log
