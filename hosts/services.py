@@ -431,6 +431,22 @@ def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOut
     return True
 
 
+def command_fail_pending(*, execution_id: Any, why: str) -> bool:
+    """Fail a command its agent has not reported starting (still pending) with ``why``;
+    False if it started or ended meanwhile (or is gone), atomically."""
+    with transaction.atomic():
+        execution = (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id=execution_id)
+            .first()
+        )
+        if execution is None or execution.status != ExecutionStatus.PENDING:
+            return False
+        command_finish(execution=execution, status=ExecutionStatus.FAILED, error=why)
+    return True
+
+
 def commands_expire_overdue(*, grace: float) -> int:
     """Time out commands whose agent never answered (timeout plus ``grace`` seconds)."""
     now = timezone.now()
@@ -496,6 +512,24 @@ def package_operation_record_result(
             message=message,
             output=output,
             progress=100 if status == OperationStatus.COMPLETED else operation.progress,
+        )
+    return True
+
+
+def package_operation_fail_pending(*, operation_id: Any, why: str) -> bool:
+    """Fail a package operation its agent has not reported working on (still pending)
+    with ``why``; False if it progressed or ended meanwhile (or is gone), atomically."""
+    with transaction.atomic():
+        operation = (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id=operation_id)
+            .first()
+        )
+        if operation is None or operation.status != OperationStatus.PENDING:
+            return False
+        package_operation_update(
+            operation=operation, status=OperationStatus.FAILED, progress=0, message=why, output=""
         )
     return True
 

@@ -28,6 +28,7 @@ import redis as redis_client
 from tests.integration import harness
 from tests.integration.client import WsClient, api, ws_connect
 from tests.integration.harness import Deployment
+from tests.integration.test_agent_e2e import AGENT_SETTINGS, run, running_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
 
@@ -276,3 +277,52 @@ async def test_connections_pooled_before_redis_restarts_are_not_taken_for_a_new_
     log = server.log_since(log_from)
     assert log.count("channel layer unreachable (") == 1, log
     assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def redis_and_agents(
+    launch_pg_redis: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PrivateRedis, Deployment]]:
+    """Two servers on a private Redis, with the short agent intervals of the agent tests."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = PrivateRedis(tmp_path_factory.mktemp("private-redis-agents"))
+    redis.start()
+    try:
+        with launch_pg_redis("redis-agents", REDIS_URL=redis.url, **AGENT_SETTINGS) as deployment:
+            yield redis, deployment
+    finally:
+        redis.kill()
+
+
+async def test_a_command_sent_while_redis_is_down_ends_with_its_result(redis_and_agents, tmp_path):
+    """The agent is connected to one process, the requester to the other, and Redis is
+    down: neither the nudge nor the confirmation that the agent was sent the command
+    (agent_took) can cross.  The agent's process finds the command in the database and
+    sends it; the requester, without a confirmation, finds that the agent started it and
+    waits for its result, instead of recording a running command as failed (and then
+    dropping its result)."""
+    redis, cluster = redis_and_agents
+    server_a, server_b = cluster.servers
+    async with (
+        running_agent(cluster, tmp_path, "redis-down", server_a.base_url) as (enrolled, _),
+        ws_connect(server_b.ws_url, token=cluster.token("admin")) as requester,
+    ):
+        await requester.ping()  # its process has joined the cluster (node started)
+        await asyncio.to_thread(redis.kill)
+        try:
+            # still running when the window for the confirmation (5 s) closes
+            reply = await run(
+                requester, enrolled["host_id"], "sleep 6; echo ran", timeout=8, wait=40
+            )
+        finally:
+            redis.start()
+    assert reply["type"] == "response", reply
+    assert (reply["data"]["status"], reply["data"]["stdout"]) == ("completed", "ran\n"), reply
+    record = await api(
+        "GET",
+        server_b.base_url,
+        f"/api/commands/{reply['data']['execution_id']}/",
+        token=cluster.token("admin"),
+    )
+    assert (record.body["status"], record.body["stdout"]) == ("completed", "ran\n"), record.body
