@@ -191,6 +191,38 @@ async def test_events_cross_processes_again_after_redis_restarts_empty(redis_and
         assert log.count("rejoined the events group") == 1, log
 
 
+#: Long enough for the node's retries to back off to their longest wait (5 s).
+LONG_OUTAGE = 8.0
+
+
+async def test_after_a_long_outage_a_process_tells_its_clients_once_and_delivers_at_once(
+    redis_and_cluster,
+):
+    """Redis is down long enough for the retries to back off to their longest wait, and
+    returns empty: each process tells its clients of it once (not again when it finds
+    the histories lost), and reads the streams again as soon as it rejoins, so that an
+    alert raised right after the notice is delivered at once."""
+    redis, cluster = redis_and_cluster
+    server_a, server_b = cluster.servers
+    async with (
+        ws_connect(server_a.ws_url, token=cluster.token("viewer")) as on_a,
+        ws_connect(server_b.ws_url, token=cluster.token("viewer")) as on_b,
+    ):
+        await on_a.subscribe("system_alerts")
+        await on_b.subscribe("system_alerts")
+        await asyncio.to_thread(redis.kill)
+        await asyncio.sleep(LONG_OUTAGE)
+        redis.start()
+        for client in (on_a, on_b):
+            await client.expect(events_missed, NOTICE_TIMEOUT, what="an events_missed status")
+        alert = await raise_alert(server_b, cluster, "right after the notice")
+        for client in (on_a, on_b):
+            await client.expect(alert_raised(alert), 1.5, what="the alert at once")
+        await asyncio.sleep(4)  # time for a second notice to arrive, if one is sent
+        again = [m for client in (on_a, on_b) for m in client.pending if events_missed(m)]
+        assert not again, again
+
+
 #: More resuming clients than redis-py's default connection pool (100) would serve at once.
 RESUMERS = 150
 #: Sockets per user and process are capped (WS_MAX_SOCKETS_PER_USER, 50): spread the users.
