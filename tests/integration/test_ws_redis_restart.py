@@ -28,7 +28,12 @@ import redis as redis_client
 from tests.integration import harness
 from tests.integration.client import WsClient, api, ws_connect
 from tests.integration.harness import Deployment
-from tests.integration.test_agent_e2e import AGENT_SETTINGS, run, running_agent
+from tests.integration.test_agent_e2e import (
+    AGENT_SETTINGS,
+    AgentProcess,
+    register,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
 
@@ -327,34 +332,57 @@ def redis_and_agents(
         redis.kill()
 
 
-async def test_a_command_sent_while_redis_is_down_ends_with_its_result(redis_and_agents, tmp_path):
+async def test_commands_sent_while_redis_is_down_end_with_their_results(redis_and_agents, tmp_path):
     """The agent is connected to one process, the requester to the other, and Redis is
-    down: neither the nudge nor the confirmation that the agent was sent the command
-    (agent_took) can cross.  The agent's process finds the command in the database and
-    sends it; the requester, without a confirmation, finds that the agent started it and
-    waits for its result, instead of recording a running command as failed (and then
-    dropping its result)."""
+    down: neither the nudge nor the confirmation that the agent was sent a command
+    (agent_took) can cross.  The agent's process finds the commands in the database and
+    sends them; the requester, without a confirmation, finds them handed over and waits
+    for their results, instead of recording them as failed (and then dropping the
+    results): the first still running when the window for the confirmation closes, the
+    second not even started, as the agent runs one command at a time."""
     redis, cluster = redis_and_agents
     server_a, server_b = cluster.servers
-    async with (
-        running_agent(cluster, tmp_path, "redis-down", server_a.base_url) as (enrolled, _),
-        ws_connect(server_b.ws_url, token=cluster.token("admin")) as requester,
-    ):
-        await requester.ping()  # its process has joined the cluster (node started)
-        await asyncio.to_thread(redis.kill)
-        try:
-            # still running when the window for the confirmation (5 s) closes
-            reply = await run(
-                requester, enrolled["host_id"], "sleep 6; echo ran", timeout=8, wait=40
-            )
-        finally:
-            redis.start()
-    assert reply["type"] == "response", reply
-    assert (reply["data"]["status"], reply["data"]["stdout"]) == ("completed", "ran\n"), reply
-    record = await api(
-        "GET",
-        server_b.base_url,
-        f"/api/commands/{reply['data']['execution_id']}/",
-        token=cluster.token("admin"),
-    )
-    assert (record.body["status"], record.body["stdout"]) == ("completed", "ran\n"), record.body
+    enrolled = register(cluster, "redis-down")
+    config = tmp_path / "agent.toml"
+    config.write_text("max_concurrent_commands = 1\n")
+    agent = AgentProcess(
+        server_a.base_url,
+        enrolled["token"],
+        tmp_path / "redis-down-state",
+        tmp_path / "redis-down.log",
+        config=config,
+    ).start()
+    host_id = enrolled["host_id"]
+    try:
+        await wait_status(cluster, host_id, "online")
+        async with ws_connect(server_b.ws_url, token=cluster.token("admin")) as requester:
+            await requester.ping()  # its process has joined the cluster (node started)
+            await asyncio.to_thread(redis.kill)
+            try:
+                for name, command in (("first", "sleep 6; echo first"), ("second", "echo second")):
+                    await requester.send(
+                        {
+                            "type": "command",
+                            "channel": "command_execution",
+                            "id": name,
+                            "data": {"host_id": host_id, "command": command, "timeout": 8},
+                        }
+                    )
+                replies = [
+                    await requester.expect(lambda m, n=name: m.get("id") == n, 40, what=name)
+                    for name in ("first", "second")
+                ]
+            finally:
+                redis.start()
+    finally:
+        agent.stop()
+    for name, reply in zip(("first", "second"), replies, strict=True):
+        assert reply["type"] == "response", reply
+        assert (reply["data"]["status"], reply["data"]["stdout"]) == ("completed", f"{name}\n")
+        record = await api(
+            "GET",
+            server_b.base_url,
+            f"/api/commands/{reply['data']['execution_id']}/",
+            token=cluster.token("admin"),
+        )
+        assert (record.body["status"], record.body["stdout"]) == ("completed", f"{name}\n")
