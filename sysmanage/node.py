@@ -252,6 +252,7 @@ class Node:
         while True:
             try:
                 message = await self.layer.receive(self.channel_name)
+                self._claim_receive_cleaners()
                 delay = RETRY_MIN
             except asyncio.CancelledError:
                 raise
@@ -261,6 +262,14 @@ class Node:
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             await self._inbox.put(message)
+
+    def _claim_receive_cleaners(self) -> None:
+        """channels-redis removes each message it hands over from a backup set in a task
+        of its own (``receive_cleaners``).  When Redis goes away meanwhile, that task
+        fails and asyncio logs a traceback for an error nobody retrieved, one per message
+        received; retrieve those errors here (the outage itself is logged once)."""
+        for cleaner in getattr(self.layer, "receive_cleaners", ()):
+            cleaner.add_done_callback(_retrieve_error)
 
     async def _dispatch_loop(self) -> None:
         """Hand received messages on, while the receive loop already fetches the next.
@@ -538,6 +547,12 @@ class Node:
             told,
         )
         return True
+
+
+def _retrieve_error(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's error, if any, so that it is not reported as unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def is_group_member(layer: ChannelLayer, group: str, channel: str) -> bool | None:
