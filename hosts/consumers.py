@@ -254,9 +254,10 @@ class AgentConsumer(Connection):
     # -- work for the agent ---------------------------------------------------------------
 
     async def dispatch_pending(self) -> None:
-        """Send the agent every queued command and operation it has not been sent yet."""
-        commands, operations = await database_sync_to_async(selectors.pending_work)(
-            self.host_id or ""
+        """Send the agent every unfinished command and operation it has not been sent yet
+        on this connection (handing the pending ones over: they are running from now)."""
+        commands, operations = await database_sync_to_async(services.work_hand_over)(
+            host_id=self.host_id
         )
         for execution in commands:
             if self._first_time(str(execution.id)):

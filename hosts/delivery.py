@@ -18,6 +18,8 @@ from typing import Literal
 
 from django.conf import settings
 
+from hosts import services
+
 #: What is handed to an agent: a shell command or a package operation.
 WorkKind = Literal["command", "operation"]
 
@@ -37,8 +39,22 @@ class DeliveryPolicy:
     settle_untaken: SettleUntaken | None = None
 
 
+def settle_by_status(kind: WorkKind, ref: str, why: str) -> bool:
+    """For work of the product's agent that no connection confirmed in time: taken if
+    an agent connection was sent it (it is no longer pending: handing it over and
+    failing it here lock the same row), since the confirmation can be lost on its way
+    (the channel layer was down) while the agent, nudged from the database, runs the
+    work; else it fails with ``why``."""
+    if kind == "command":
+        return not services.command_fail_pending(execution_id=ref, why=why)
+    return not services.package_operation_fail_pending(operation_id=ref, why=why)
+
+
 #: The product's own agent: work goes out while it is connected, confirmed at once.
-CONNECTED_AGENT = DeliveryPolicy(window=lambda: float(settings.AGENT_DISPATCH_CONFIRM_SECONDS))
+CONNECTED_AGENT = DeliveryPolicy(
+    window=lambda: float(settings.AGENT_DISPATCH_CONFIRM_SECONDS),
+    settle_untaken=settle_by_status,
+)
 
 _POLICIES: dict[str, DeliveryPolicy] = {}
 

@@ -144,21 +144,6 @@ def pending_operation_count() -> int:
     )
 
 
-def pending_work(host_id: str) -> tuple[list[CommandExecution], list[PackageOperation]]:
-    """Commands and package operations queued for a host's agent and not yet finished."""
-    commands = list(
-        CommandExecution.objects.filter(
-            host_id=host_id, status__in=CommandExecution.ACTIVE_STATUSES
-        ).order_by("created_at")
-    )
-    operations = list(
-        PackageOperation.objects.filter(
-            host_id=host_id, status__in=PackageOperation.ACTIVE_STATUSES
-        ).order_by("created_at")
-    )
-    return commands, operations
-
-
 def host_for_token(token: str) -> Host | None:
     """The host whose current agent token is ``token``, if any."""
     if not token:

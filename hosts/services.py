@@ -398,6 +398,41 @@ def hosts_mark_offline(*, silent_for: float) -> list[Host]:
     return [host_set_status(host_id=host.id, status=HostStatus.OFFLINE) for host in stale]
 
 
+def work_hand_over(*, host_id: Any) -> tuple[list[CommandExecution], list[PackageOperation]]:
+    """The unfinished commands and package operations of ``host_id``, oldest first, for
+    its agent's connection to send.  Pending ones move to running (in progress) at once,
+    in the same transaction: work is handed over or failed as not taken
+    (:func:`command_fail_pending`), never both."""
+    with transaction.atomic():
+        commands = list(
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(host_id=host_id, status__in=CommandExecution.ACTIVE_STATUSES)
+            .order_by("created_at")
+        )
+        for execution in commands:
+            if execution.status == ExecutionStatus.PENDING:
+                execution.status = ExecutionStatus.RUNNING
+                execution.started_at = timezone.now()
+                execution.save(update_fields=["status", "started_at"])
+                publish(command_event(execution))
+        operations = list(
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(host_id=host_id, status__in=PackageOperation.ACTIVE_STATUSES)
+            .order_by("created_at")
+        )
+        for operation in operations:
+            if operation.status == OperationStatus.PENDING:
+                package_operation_update(
+                    operation=operation,
+                    status=OperationStatus.IN_PROGRESS,
+                    progress=0,
+                    message="Sent to the agent",
+                )
+    return commands, operations
+
+
 def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
     """Note that the agent started a pending command; False if it was not pending."""
     with transaction.atomic():
@@ -428,6 +463,22 @@ def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOut
         if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
             return False
         command_finish(execution=execution, **result)
+    return True
+
+
+def command_fail_pending(*, execution_id: Any, why: str) -> bool:
+    """Fail a command not handed to its agent yet (still pending) with ``why``; False if
+    it was handed over or ended meanwhile (or is gone), atomically."""
+    with transaction.atomic():
+        execution = (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id=execution_id)
+            .first()
+        )
+        if execution is None or execution.status != ExecutionStatus.PENDING:
+            return False
+        command_finish(execution=execution, status=ExecutionStatus.FAILED, error=why)
     return True
 
 
@@ -496,6 +547,24 @@ def package_operation_record_result(
             message=message,
             output=output,
             progress=100 if status == OperationStatus.COMPLETED else operation.progress,
+        )
+    return True
+
+
+def package_operation_fail_pending(*, operation_id: Any, why: str) -> bool:
+    """Fail a package operation not handed to its agent yet (still pending) with
+    ``why``; False if it was handed over or ended meanwhile (or is gone), atomically."""
+    with transaction.atomic():
+        operation = (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id=operation_id)
+            .first()
+        )
+        if operation is None or operation.status != OperationStatus.PENDING:
+            return False
+        package_operation_update(
+            operation=operation, status=OperationStatus.FAILED, progress=0, message=why, output=""
         )
     return True
 

@@ -133,6 +133,10 @@ class Node:
         self.stream_losses = 0
         self._heads_checked_at = 0.0  # monotonic
         self._membership_lock = asyncio.Lock()
+        #: set when a membership check succeeds: wakes a stream reader waiting to retry
+        self._layer_back = asyncio.Event()
+        #: wall-clock time the clients were last told that events may have been missed
+        self._told_at = 0.0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -250,6 +254,7 @@ class Node:
         while True:
             try:
                 message = await self.layer.receive(self.channel_name)
+                self._claim_receive_cleaners()
                 delay = RETRY_MIN
             except asyncio.CancelledError:
                 raise
@@ -259,6 +264,14 @@ class Node:
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             await self._inbox.put(message)
+
+    def _claim_receive_cleaners(self) -> None:
+        """channels-redis removes each message it hands over from a backup set in a task
+        of its own (``receive_cleaners``).  When Redis goes away meanwhile, that task
+        fails and asyncio logs a traceback for an error nobody retrieved, one per message
+        received; retrieve those errors here (the outage itself is logged once)."""
+        for cleaner in getattr(self.layer, "receive_cleaners", ()):
+            cleaner.add_done_callback(_retrieve_error)
 
     async def _dispatch_loop(self) -> None:
         """Hand received messages on, while the receive loop already fetches the next.
@@ -351,13 +364,17 @@ class Node:
         and after a failure, so that a Redis that restarted empty is noticed."""
         delay = RETRY_MIN
         check_heads = False
+        failing_since = 0.0  # wall clock
         while True:
             try:
                 due = time.monotonic() - self._heads_checked_at >= settings.LAYER_REJOIN_SECONDS
                 if check_heads or due:
                     heads = await source.heads(TOPICS)
-                    # Back from a failure: rejoin first, so that one notice covers both.
-                    told = check_heads and await self.check_membership()
+                    # Back from a failure: rejoin first, so that one notice covers both
+                    # (the membership check may have told the clients as the layer came back).
+                    told = check_heads and (
+                        await self.check_membership() or self._told_at >= failing_since
+                    )
                     lost = self.adopt_heads(heads)
                     if lost and not told:
                         self.stream_lost(lost, "its history was lost (Redis restarted empty)")
@@ -368,8 +385,14 @@ class Node:
                 raise
             except Exception as exc:
                 self.layer_failed("reading the event streams", exc)
+                if not check_heads:
+                    failing_since = time.time()
                 check_heads = True
-                await asyncio.sleep(delay)
+                # retry after the delay, or as soon as a membership check finds the layer back
+                self._layer_back.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._layer_back.wait()
                 delay = min(delay * 2, RETRY_MAX)
                 continue
             for _channel, entries in batches:
@@ -414,7 +437,7 @@ class Node:
         if not channels:
             return
         self.stream_losses += 1
-        now = time.time()
+        now = self._told_at = time.time()
         told = self.hub.notify_events_missed(now, now)
         logger.warning(
             "channel(s) %s: %s; %d client connections told that events may be missing",
@@ -504,6 +527,7 @@ class Node:
         except Exception as exc:
             self.layer_failed("renewing the group membership", exc)
             return False
+        self._layer_back.set()
         now = time.time()
         since, self.member_since = self.member_since, now
         down_since, self.layer_down_since = self.layer_down_since, None
@@ -514,6 +538,7 @@ class Node:
             reason = "its membership was gone (the layer's Redis restarted empty or was flushed)"
         else:
             reason = f"the channel layer was unreachable for {now - (down_since or now):.0f}s"
+        self._told_at = now
         told = self.hub.notify_events_missed(since, now)
         logger.warning(
             "node %s rejoined the events group: %s; events published since %s may not "
@@ -524,6 +549,12 @@ class Node:
             told,
         )
         return True
+
+
+def _retrieve_error(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's error, if any, so that it is not reported as unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def is_group_member(layer: ChannelLayer, group: str, channel: str) -> bool | None:

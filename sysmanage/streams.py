@@ -39,6 +39,11 @@ from sysmanage.protocol import StreamPosition
 
 #: How many entries one ``XREAD`` hands over at most.
 READ_BATCH = 1000
+#: Connections to Redis one process uses for publishing and for reading histories (its
+#: blocking reader aside).  More callers at once wait for a free one, for at most
+#: ``POOL_WAIT_SECONDS``: a burst of resuming clients queues instead of failing.
+POOL_CONNECTIONS = 20
+POOL_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,14 +258,26 @@ class RedisStreams:
     """The channel streams of a cluster, in Redis (async, for a server process's node)."""
 
     def __init__(self, url: str) -> None:
-        import redis.asyncio as aioredis  # only deployments with Redis need it
+        # only deployments with Redis need it
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
-        # Reads block for up to READ_BLOCK_MS; give the socket room beyond that.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
-        # A dedicated connection for blocking reads, so publishing never waits behind one.
-        self.reader = aioredis.Redis.from_url(
-            url, socket_timeout=30, socket_connect_timeout=5, single_connection_client=True
+        # A connection opened before Redis restarted is dead and fails at its next use:
+        # that use is tried once more on a new connection, not taken for an outage.
+        # Reads block for up to READ_BLOCK_MS; the sockets have room beyond that.
+        options: dict[str, Any] = {
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "retry": Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS, **options
         )
+        self.redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        # A dedicated connection for blocking reads, so publishing never waits behind one.
+        self.reader = aioredis.Redis.from_url(url, single_connection_client=True, **options)
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._head = self.redis.register_script(HEAD_SCRIPT)
         self._read = self.redis.register_script(READ_SCRIPT)

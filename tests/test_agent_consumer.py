@@ -9,7 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from hosts import agent_protocol, services
+from hosts import agent_protocol, consumers, services
 from hosts.models import CommandExecution, ExecutionStatus, Host, MetricSample, OperationStatus
 from sysmanage.asgi import application
 from tests.wsutil import expect_close, next_event, open_socket, request, subscribe
@@ -161,6 +161,12 @@ async def run_agent_side(agent, *, exit_code=0, duplicate=False):
     order = await next_of(agent, "run_command")
     execution_id = order["data"]["execution_id"]
     await agent.send_json_to({"type": "command_started", "data": {"execution_id": execution_id}})
+    await run_agent_side_result(agent, execution_id, exit_code=exit_code, duplicate=duplicate)
+    return order
+
+
+async def run_agent_side_result(agent, execution_id, *, exit_code=0, duplicate=False):
+    """Play the agent: report the result of ``execution_id`` and take the ack."""
     result = {
         "type": "command_result",
         "id": "r1",
@@ -184,7 +190,6 @@ async def run_agent_side(agent, *, exit_code=0, duplicate=False):
         await agent.send_json_to(result)
         ack = await next_of(agent, "ack")
         assert ack["data"]["ref"] == execution_id
-    return order
 
 
 async def test_command_round_trip(enrolled, make_user, token_for):
@@ -296,6 +301,42 @@ async def test_online_host_without_agent_fails_fast(enrolled, make_user, token_f
     assert stored.status == "failed"
 
 
+async def test_a_command_sent_to_its_agent_is_not_failed_when_the_confirmation_is_lost(
+    enrolled, make_user, token_for, settings, monkeypatch
+):
+    """The confirmation that the agent was sent a command (``agent_took``) travels through
+    the channel layer, and is lost while that is down.  A command sent to its agent is
+    running from then on, whether or not the agent has reported starting it yet (it may
+    be waiting for a free slot): the requester gets its result, not COMMAND_FAILED."""
+    settings.AGENT_DISPATCH_CONFIRM_SECONDS = 0.3
+    monkeypatch.setattr(consumers, "publish_control_now", lambda message: None)
+    host, token = enrolled
+    agent = await agent_socket(token)
+    await hello(agent)
+    client = await client_socket(make_user, token_for)
+    await client.send_json_to(
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "echo hello", "timeout": 30},
+            "id": "lost",
+        }
+    )
+    order = await next_of(agent, "run_command")
+    execution_id = order["data"]["execution_id"]
+    stored = await database_sync_to_async(CommandExecution.objects.get)(id=execution_id)
+    assert stored.status == "running"
+    await asyncio.sleep(0.6)  # past the window for the confirmation, no start reported
+    await run_agent_side_result(agent, execution_id)
+    response = await client.receive_json_from(timeout=5)
+    assert (response["type"], response["id"]) == ("response", "lost"), response
+    assert (response["data"]["status"], response["data"]["stdout"]) == ("completed", "hello\n")
+    stored = await database_sync_to_async(CommandExecution.objects.get)(id=execution_id)
+    assert (stored.status, stored.stdout) == ("completed", "hello\n")
+    for comm in (agent, client):
+        await comm.disconnect()
+
+
 async def test_package_operation_progress_and_result(enrolled, make_user, token_for):
     host, token = enrolled
     agent = await agent_socket(token)
@@ -349,7 +390,8 @@ async def test_package_operation_progress_and_result(enrolled, make_user, token_
     while not seen or seen[-1][0] != "completed":
         event = await next_event(client, "package_operations")
         seen.append((event["data"]["status"], event["data"]["progress"]))
-    assert seen == [("pending", 0), ("in_progress", 45), ("completed", 100)]
+    # handed to the agent (in progress at 0 %), then its own progress
+    assert seen == [("pending", 0), ("in_progress", 0), ("in_progress", 45), ("completed", 100)]
     await agent.disconnect()
     await client.disconnect()
 

@@ -247,7 +247,9 @@ class DaphneServer:
     ``scripts/serve`` runs it: Daphne with a redacting access log) on a port of its own.
 
     The test process binds the listening socket and hands it to Daphne (``--fd``), so
-    the port is known in advance and no other process can take it in between.
+    the port is known in advance and no other process can take it in between.  A
+    ``port`` given before :meth:`start` is bound again (a process restarted where its
+    clients and agents look for it); 0 picks a free one.
     """
 
     name: str
@@ -271,7 +273,7 @@ class DaphneServer:
         """Start the process (without waiting for it to serve)."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
+        listener.bind(("127.0.0.1", self.port))
         listener.listen(256)
         self.port = listener.getsockname()[1]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +353,18 @@ class DaphneServer:
             self._log_file.close()
             self._log_file = None
         return code
+
+    def kill(self) -> None:
+        """SIGKILL the process, as a crash would end it: no shutdown, no goodbye to any
+        client or agent."""
+        if self in LIVE_SERVERS:
+            LIVE_SERVERS.remove(self)
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(SERVER_STOP_TIMEOUT)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def log(self) -> str:
         try:

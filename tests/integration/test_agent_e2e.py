@@ -37,7 +37,19 @@ AGENT_SETTINGS = {
 class AgentProcess:
     """The agent program running against a server, with its own state directory."""
 
-    def __init__(self, server_url: str, token: str, state_dir: Path, log: Path) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        token: str,
+        state_dir: Path,
+        log: Path,
+        *,
+        metrics_interval: float = 1,
+        heartbeat_interval: float = 2,
+        log_level: str = "DEBUG",
+        config: Path | None = None,
+    ) -> None:
+        self.state_dir = state_dir
         self.args = [
             sys.executable,
             "-m",
@@ -47,11 +59,12 @@ class AgentProcess:
             "--state-dir",
             str(state_dir),
             "--metrics-interval",
-            "1",
+            str(metrics_interval),
             "--heartbeat-interval",
-            "2",
+            str(heartbeat_interval),
             "--log-level",
-            "DEBUG",
+            log_level,
+            *(["--config", str(config)] if config is not None else []),
         ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SYSMANAGE_")}
         self.env["SYSMANAGE_AGENT_TOKEN"] = token
