@@ -97,6 +97,14 @@ def token_session_grace_end(*, session: str) -> int:
 
 
 def refresh_rotations_prune() -> int:
-    """Forget the rotations whose reuse grace is over.  Returns how many."""
-    deleted, _ = RefreshRotation.objects.filter(grace_until__lte=timezone.now()).delete()
+    """Forget the rotations whose reuse grace is over.  Returns how many.
+
+    A delete opens a write transaction even when it matches nothing; the check first
+    keeps the job, which runs in every process every minute, from taking SQLite's write
+    lock for nothing.
+    """
+    expired = RefreshRotation.objects.filter(grace_until__lte=timezone.now())
+    if not expired.exists():
+        return 0
+    deleted, _ = expired.delete()
     return deleted
