@@ -398,6 +398,11 @@ class Node:
             for _channel, entries in batches:
                 for entry in entries:
                     self.take_entry(entry)
+            linger = settings.STREAM_READ_LINGER_SECONDS
+            if batches and linger > 0 and sum(len(e) for _, e in batches) < streams.READ_BATCH:
+                # Let the next events gather: one read per few milliseconds instead of one
+                # per event, for a delay of at most this much.
+                await asyncio.sleep(linger)
 
     def take_entry(self, entry: Entry) -> None:
         """Fan out one event read from its stream, noting a history that went missing."""

@@ -279,6 +279,9 @@ STREAM_HISTORY = {
         "seconds": float(env("STREAM_METRICS_HISTORY_SECONDS", "120") or "120"),
     },
 }
+# With Redis, how long a process lets events gather after reading some, before it reads
+# again: each read costs a round trip whatever it brings (docs/benchmarks.md, "Cluster").
+STREAM_READ_LINGER_SECONDS = float(env("STREAM_READ_LINGER_MS", "5") or "5") / 1000
 # Redis keys of the streams (with REDIS_URL): beside the channel layer's, same prefix.
 STREAM_KEY_PREFIX = (env("SYSMANAGE_REDIS_PREFIX", "sysmanage") or "sysmanage") + ":stream"
 
