@@ -22,6 +22,19 @@ generator and of the whole machine is read over the publish-and-deliver window, 
 reader can tell which side was the bottleneck, how much server CPU one delivery costs,
 and whether something else was using the machine.
 
+``--reference-ref REV`` also measures the real server of another revision in the same
+run, to see what a change costs::
+
+    .venv/bin/python bench/fanout.py --subscribers 100,500 --reference-ref e07fd36
+
+The revision is checked out into a temporary ``git worktree`` (removed at the end) with
+a database and a Redis prefix of its own; its server and its own load generator run
+from there (each version's publisher sends events the way that version's servers read
+them).  The new and the reference server take turns, the order swapped at every step,
+so that the machine's noise falls on both alike; a second table gives new/reference
+for deliveries/s, server CPU per delivery and latency, judged against
+``--history-budget``.
+
 Needs Redis on 127.0.0.1:6379 (``--redis-url``); targets only loopback addresses.
 See docs/benchmarks.md for how to read the figures.
 """
@@ -36,6 +49,7 @@ import queue
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +58,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +126,46 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def wait_until_quiet(limit: float, wait: float) -> float:
+    """Wait up to ``wait`` seconds until the machine's CPU use (% of one core, all cores
+    summed) is at most ``limit``; return the last reading."""
+    deadline = time.monotonic() + wait
+    while True:
+        busy = psutil.cpu_percent(interval=1.0) * (psutil.cpu_count() or 1)
+        if busy <= limit or time.monotonic() >= deadline:
+            return round(busy, 1)
+
+
+class RedisUsage:
+    """CPU time the Redis server spent over a window, in all and per command (from
+    ``INFO cpu`` and ``INFO commandstats``, to the microsecond).  Redis is shared: what
+    other clients of it did meanwhile is counted too."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=5)
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, dict[str, tuple[int, int]]]:
+        cpu = self.client.info("cpu")
+        commands = {
+            name.removeprefix("cmdstat_"): (int(stats["calls"]), int(stats["usec"]))
+            for name, stats in self.client.info("commandstats").items()
+        }
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), commands
+
+    def used(self) -> tuple[float, dict[str, tuple[int, int]]]:
+        """CPU seconds since the window opened, and (calls, microseconds) per command."""
+        cpu0, commands0 = self.start
+        cpu1, commands1 = self._sample()
+        self.client.close()
+        delta = {}
+        for name, (calls, usec) in commands1.items():
+            calls0, usec0 = commands0.get(name, (0, 0))
+            if calls > calls0:
+                delta[name] = (calls - calls0, usec - usec0)
+        return cpu1 - cpu0, delta
+
+
 def raise_open_file_limit() -> None:
     """Let this process and its children hold thousands of sockets."""
     import resource
@@ -139,6 +193,8 @@ class CpuWindow:
     def __init__(self, procs: dict[str, psutil.Process]) -> None:
         self.procs = procs
         self.start = self._sample()
+        #: the length of the window, seconds (set by :meth:`percentages`)
+        self.span = 0.0
 
     def _sample(self) -> tuple[float, dict[str, float], float]:
         machine = psutil.cpu_times()
@@ -154,7 +210,7 @@ class CpuWindow:
         """Percent of one core used since the window opened, per process and ``machine``."""
         t0, used0, busy0 = self.start
         t1, used1, busy1 = self._sample()
-        span = max(t1 - t0, 1e-6)
+        span = self.span = max(t1 - t0, 1e-6)
         result = {
             name: 100.0 * (used1.get(name, used0[name]) - used0[name]) / span for name in used0
         }
@@ -162,29 +218,81 @@ class CpuWindow:
         return {k: round(v, 1) for k, v in result.items()}
 
 
-class Bench:
-    """Owns the temporary directory, the database and every process of a benchmark."""
+@dataclass
+class Build:
+    """One version of the real server: the checkout it runs from, its environment (own
+    database and Redis prefix) and the benchmark host in its database."""
 
-    def __init__(self, options: argparse.Namespace, workdir: Path) -> None:
+    kind: str
+    root: Path
+    revision: str
+    env: dict[str, str]
+    host_id: str = ""
+
+
+def git(*args: str) -> str:
+    """Run git in this repository; return its output."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def reference_checkout(ref: str, into: Path) -> Iterator[tuple[Path, str]]:
+    """Check ``ref`` out into a temporary git worktree at ``into``; yield it and its short
+    commit id; remove the worktree afterwards."""
+    revision = git("rev-parse", "--short", f"{ref}^{{commit}}")
+    git("worktree", "add", "--detach", "--quiet", str(into), revision)
+    try:
+        yield into, revision
+    finally:
+        with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
+            git("worktree", "remove", "--force", str(into))
+        if into.exists():
+            import shutil
+
+            shutil.rmtree(into, ignore_errors=True)
+            with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
+                git("worktree", "prune")
+
+
+class Bench:
+    """Owns the temporary directory, the databases and every process of a benchmark."""
+
+    def __init__(
+        self, options: argparse.Namespace, workdir: Path, reference: tuple[Path, str] | None
+    ) -> None:
         self.options = options
         self.workdir = workdir
         self.prefix = f"sysmanage-bench-{uuid.uuid4().hex[:12]}"
         self.password = secrets.token_urlsafe(16)
-        self.host_id = ""
         self.runs = 0
-        self.env = {
+        self.secret_key = secrets.token_urlsafe(50)
+        self.builds = {"real": self._build("real", REPO, git("rev-parse", "--short", "HEAD"))}
+        if reference is not None:
+            self.builds["ref"] = self._build("ref", *reference)
+
+    def _build(self, kind: str, root: Path, revision: str) -> Build:
+        env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
-            "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-            "SYSMANAGE_VAR_DIR": str(workdir / "var"),
-            "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-            "REDIS_URL": options.redis_url,
-            "SYSMANAGE_REDIS_PREFIX": self.prefix,
+            "DATABASE_URL": f"sqlite:///{self.workdir / f'{kind}.sqlite3'}",
+            "SYSMANAGE_VAR_DIR": str(self.workdir / f"{kind}-var"),
+            "DJANGO_SECRET_KEY": self.secret_key,
+            "REDIS_URL": self.options.redis_url,
+            "SYSMANAGE_REDIS_PREFIX": f"{self.prefix}-{kind}",
             "JWT_ACCESS_TTL_SECONDS": "7200",
             # Every subscriber socket of the benchmark is the same user's.
             "WS_MAX_SOCKETS_PER_USER": "0",
             "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
             "BENCH_PASSWORD": self.password,
             "PYTHONUNBUFFERED": "1",
         }
@@ -196,26 +304,29 @@ class Bench:
             "HTTPS_PROXY",
             "ALL_PROXY",
         ):
-            self.env.pop(name, None)
+            env.pop(name, None)
+        return Build(kind, root, revision, env)
 
     # -- setup ----------------------------------------------------------------------------
 
-    def prepare_database(self) -> None:
-        """Migrate a fresh SQLite database and create the user and the host."""
-        manage = [PYTHON, str(REPO / "manage.py")]
-        self._run([*manage, "migrate", "--noinput", "-v", "0"], timeout=300)
-        output = self._run([*manage, "shell", "-c", SETUP_SCRIPT], timeout=120)
-        for line in output.splitlines():
-            if line.startswith("HOST_ID "):
-                self.host_id = line.split()[1]
-        if not self.host_id:
-            raise BenchError(f"setup printed no host id:\n{output}")
+    def prepare_databases(self) -> None:
+        """Migrate each build's fresh SQLite database (with its own code) and create the
+        user and the host."""
+        for build in self.builds.values():
+            manage = [PYTHON, str(build.root / "manage.py")]
+            self._run(build, [*manage, "migrate", "--noinput", "-v", "0"], timeout=300)
+            output = self._run(build, [*manage, "shell", "-c", SETUP_SCRIPT], timeout=120)
+            for line in output.splitlines():
+                if line.startswith("HOST_ID "):
+                    build.host_id = line.split()[1]
+            if not build.host_id:
+                raise BenchError(f"setup printed no host id:\n{output}")
 
-    def _run(self, command: list[str], timeout: float) -> str:
+    def _run(self, build: Build, command: list[str], timeout: float) -> str:
         done = subprocess.run(
             command,
-            cwd=REPO,
-            env=self.env,
+            cwd=build.root,
+            env=build.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -225,10 +336,14 @@ class Bench:
             raise BenchError(f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}")
         return done.stdout
 
+    def build_for(self, kind: str) -> Build:
+        """The build a server of ``kind`` runs (``bare`` runs from this checkout)."""
+        return self.builds["ref" if kind == "ref" else "real"]
+
     # -- servers --------------------------------------------------------------------------
 
     def start_server(self, kind: str) -> Server:
-        """Start a fresh server of ``kind`` (``bare`` or ``real``) on a free port."""
+        """Start a fresh server of ``kind`` (``bare``, ``real`` or ``ref``) on a free port."""
         self.runs += 1
         busy = self.wait_until_quiet()
         if busy > self.options.quiet_below:
@@ -236,6 +351,7 @@ class Bench:
                 f"  (machine still {busy:.0f}% busy with other processes; measuring anyway)",
                 flush=True,
             )
+        build = self.build_for(kind)
         port = free_port()
         log = self.workdir / f"{self.runs:02d}-{kind}-server.log"
         if kind == "bare":
@@ -254,8 +370,8 @@ class Bench:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 command,
-                cwd=REPO,
-                env=self.env,
+                cwd=build.root,
+                env=build.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -263,7 +379,7 @@ class Bench:
         server = Server(kind, proc, f"ws://{LOOPBACK}:{port}", log)
         try:
             wait_for_port(port, proc, timeout=60)
-            if kind == "real":
+            if kind != "bare":
                 server.token = self._token(port)
         except BaseException:
             stop_process(proc)
@@ -284,22 +400,27 @@ class Bench:
 
     # -- one run --------------------------------------------------------------------------
 
-    def run(self, kind: str, label: str, subscribers: int, rate: float) -> Row:
-        """Start a server, drive it with the load generator once, stop everything."""
+    def run(self, kind: str, label: str, subscribers: int, rate: float, round_: int = 1) -> Row:
+        """Start a server, drive it with the load generator once, stop everything.
+
+        The load generator is the one of the server's own checkout: each version's
+        publisher sends events the way that version's servers receive them.
+        """
         options = self.options
+        build = self.build_for(kind)
         server = self.start_server(kind)
         logs = self.workdir / f"{self.runs:02d}-{kind}"
         deadline = options.connect_timeout + options.events / rate + options.drain_timeout + 120
-        common = [PYTHON, str(BENCH / "loadgen.py")]
+        common = [PYTHON, str(build.root / "bench" / "loadgen.py")]
         shared = [
             "--mode",
-            kind,
+            "bare" if kind == "bare" else "real",
             "--url",
             server.url,
             "--events",
             str(options.events),
             "--host-id",
-            self.host_id,
+            build.host_id,
             "--deadline",
             str(deadline),
         ]
@@ -324,7 +445,8 @@ class Bench:
                     "--drain-timeout",
                     str(options.drain_timeout),
                 ],
-                self.env,
+                build.root,
+                build.env,
                 Path(f"{logs}-subscribers.log"),
             )
             children.append(subs)
@@ -333,12 +455,13 @@ class Bench:
             rss_after = server_ps.memory_info().rss
             pub = Child.spawn(
                 [*common, "publish", *shared, "--rate", str(rate)],
-                self.env,
+                build.root,
+                build.env,
                 Path(f"{logs}-publisher.log"),
             )
             children.append(pub)
             pub.expect("READY", 60)
-            profiler = self._start_profiler(server, label, subscribers)
+            profiler = self._start_profiler(server, label, subscribers, round_)
             cpu = CpuWindow(
                 {
                     "server": server_ps,
@@ -346,11 +469,14 @@ class Bench:
                     "publisher": psutil.Process(pub.proc.pid),
                 }
             )
+            redis_usage = RedisUsage(options.redis_url)
             pub.say("GO", {})
             done = pub.expect("DONE", options.events / rate + 120)
             subs.say("PUBLISHED", done)
             subs.expect("DRAINED", deadline)
             usage = cpu.percentages()
+            redis_seconds, redis_commands = redis_usage.used()
+            usage["redis"] = round(100.0 * redis_seconds / cpu.span, 1)
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 children.append(Child(profiler, queue.Queue(), self.workdir / "py-spy.log"))
@@ -364,18 +490,21 @@ class Bench:
                 stop_process(child.proc, grace=5)
             stop_process(server.proc)
         result["published_rate"] = done["published_rate"]
+        result["redis_seconds"] = redis_seconds
+        result["window_seconds"] = cpu.span
+        result["redis_commands"] = redis_commands
         result["rate"] = rate
-        return Row.build(kind, label, result, rss_before, rss_after, usage)
+        return Row.build(kind, label, result, rss_before, rss_after, usage, round_)
 
     def _start_profiler(
-        self, server: Server, label: str, subscribers: int
+        self, server: Server, label: str, subscribers: int, round_: int
     ) -> subprocess.Popen[str] | None:
         """Sample the server with py-spy over the publish window, if ``--profile`` asks."""
         directory: Path | None = self.options.profile
         if directory is None or server.kind not in self.options.profile_servers:
             return None
         directory.mkdir(parents=True, exist_ok=True)
-        output = directory / f"{server.kind}-{label}-{subscribers}.txt"
+        output = directory / f"{server.kind}-{label}-{subscribers}-r{round_}.txt"
         py_spy = Path(PYTHON).parent / "py-spy"
         with (self.workdir / "py-spy.log").open("a") as log:
             proc = subprocess.Popen(
@@ -401,14 +530,11 @@ class Bench:
 
     def wait_until_quiet(self) -> float:
         """Wait (bounded) until other processes leave the CPUs idle; return their busy %."""
-        limit, deadline = self.options.quiet_below, time.monotonic() + self.options.quiet_wait
-        while True:
-            busy = psutil.cpu_percent(interval=1.0) * (psutil.cpu_count() or 1)
-            if busy <= limit or time.monotonic() >= deadline:
-                return round(busy, 1)
+        return wait_until_quiet(self.options.quiet_below, self.options.quiet_wait)
 
     def cleanup_redis(self) -> None:
-        """Delete the keys this benchmark's channel layer left in Redis (unique prefix)."""
+        """Delete the keys this benchmark's channel layers and streams left in Redis (a
+        unique prefix per build, all starting with :attr:`prefix`)."""
         with contextlib.suppress(redis.RedisError):
             client = redis.Redis.from_url(self.options.redis_url, socket_timeout=5)
             keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
@@ -426,12 +552,13 @@ class Child:
     log: Path
 
     @classmethod
-    def spawn(cls, command: list[str], env: dict[str, str], log: Path) -> Child:
-        """Start ``command`` with its stderr in ``log`` and its stdout read line by line."""
+    def spawn(cls, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> Child:
+        """Start ``command`` in ``cwd`` with ``env``, its stderr in ``log`` and its stdout
+        read line by line."""
         with log.open("w") as err:
             proc = subprocess.Popen(
                 command,
-                cwd=REPO,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -505,6 +632,21 @@ class Row:
     ratio: float | None = None
     closed_early: int = 0
     duplicates: int = 0
+    round: int = 1
+    redis_cpu: float | None = None
+    redis_us_per_event: float | None = None
+    #: the publisher process's CPU per event (what publishing costs the process that
+    #: publishes: in a deployment, a server process)
+    publisher_us_per_event: float | None = None
+    #: the five commands Redis spent most time on: calls, microseconds per event
+    redis_commands: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def publisher_bound(self) -> bool:
+        """Whether the server delivered (nearly) everything the publisher offered: then
+        deliveries/s is the publisher's rate times the subscribers, not the server's
+        ceiling."""
+        return self.deliveries_per_s >= 0.9 * self.published_rate * self.subscribers
 
     @classmethod
     def build(
@@ -515,9 +657,11 @@ class Row:
         rss_before: int,
         rss_after: int,
         usage: dict[str, float],
+        round_: int = 1,
     ) -> Row:
         """Combine the load generator's result with the orchestrator's measurements."""
         subscribers = int(result["subscribers"])
+        events = max(int(result["events"]), 1)
         loadgen = round(usage.get("subscribers", 0.0) + usage.get("publisher", 0.0), 1)
         return cls(
             server=kind,
@@ -538,17 +682,36 @@ class Row:
             )
             if float(result["deliveries_per_s"]) > 0
             else None,
-            other_cpu=max(0.0, round(usage["machine"] - usage.get("server", 0.0) - loadgen, 1)),
+            other_cpu=max(
+                0.0,
+                round(
+                    usage["machine"] - usage.get("server", 0.0) - loadgen - usage.get("redis", 0.0),
+                    1,
+                ),
+            ),
+            redis_cpu=usage.get("redis"),
+            redis_us_per_event=round(float(result["redis_seconds"]) * 1e6 / events, 1),
+            publisher_us_per_event=round(
+                usage.get("publisher", 0.0) * float(result["window_seconds"]) * 1e4 / events, 1
+            ),
+            redis_commands={
+                name: f"{calls} calls, {usec / events:.1f} us/event"
+                for name, (calls, usec) in sorted(
+                    result["redis_commands"].items(), key=lambda item: -item[1][1]
+                )[:5]
+            },
             kb_per_conn=round((rss_after - rss_before) / 1024 / max(subscribers, 1), 1),
             rss_before_mb=round(rss_before / 2**20, 1),
             rss_after_mb=round(rss_after / 2**20, 1),
             connect_seconds=float(result["connect_seconds"]),
             closed_early=int(result.get("closed_early", 0)),
             duplicates=int(result.get("duplicates", 0)),
+            round=round_,
         )
 
 
 COLUMNS: list[tuple[str, str, int]] = [
+    ("round", "#", 2),
     ("server", "server", 6),
     ("label", "run", 10),
     ("subscribers", "subs", 5),
@@ -563,9 +726,12 @@ COLUMNS: list[tuple[str, str, int]] = [
     ("server_cpu", "srv%", 5),
     ("server_us_per_delivery", "srv us/del", 10),
     ("loadgen_cpu", "gen%", 5),
+    ("publisher_us_per_event", "pub us/ev", 9),
+    ("redis_cpu", "rds%", 5),
+    ("redis_us_per_event", "rds us/ev", 9),
     ("other_cpu", "oth%", 5),
     ("kb_per_conn", "KB/conn", 7),
-    ("ratio", "real/bare", 9),
+    ("ratio", "x/bare", 6),
 ]
 
 
@@ -589,12 +755,28 @@ def table(rows: list[Row]) -> str:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """Set real/bare deliveries/s on each real row that has a bare run of the same kind."""
-    bare = {(r.subscribers, r.label): r for r in rows if r.server == "bare"}
+    """Set x/bare deliveries/s on each real and reference row that has a bare run of the
+    same kind in its round."""
+    bare = {(r.round, r.subscribers, r.label): r for r in rows if r.server == "bare"}
     for row in rows:
-        match = bare.get((row.subscribers, row.label))
-        if row.server == "real" and match is not None and match.deliveries_per_s > 0:
+        match = bare.get((row.round, row.subscribers, row.label))
+        if row.server != "bare" and match is not None and match.deliveries_per_s > 0:
             row.ratio = round(row.deliveries_per_s / match.deliveries_per_s, 2)
+
+
+def _twin(rows: list[Row], row: Row, server: str) -> Row | None:
+    """The run of ``server`` with the same round, subscriber count and kind as ``row``."""
+    return next(
+        (
+            r
+            for r in rows
+            if r.server == server
+            and r.round == row.round
+            and r.label == row.label
+            and r.subscribers == row.subscribers
+        ),
+        None,
+    )
 
 
 def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterator[str]:
@@ -608,16 +790,7 @@ def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterato
                 f"{row.subscribers} subscribers: real/bare deliveries/s at saturation "
                 f"{row.ratio:.2f} (target >= {ratio_target}): {ok}"
             )
-            bare = next(
-                (
-                    r
-                    for r in rows
-                    if r.server == "bare"
-                    and r.label == row.label
-                    and r.subscribers == row.subscribers
-                ),
-                None,
-            )
+            bare = _twin(rows, row, "bare")
             if bare is not None and bare.server_us_per_delivery and row.server_us_per_delivery:
                 yield (
                     f"{row.subscribers} subscribers: server CPU per delivery at saturation "
@@ -631,6 +804,103 @@ def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterato
                 f"{row.subscribers} subscribers: real p99 at {row.rate:g} events/s (half "
                 f"its saturated rate) {row.p99_ms:.1f} ms, {row.lost} lost "
                 f"(target < {p99_target:g} ms): {ok}"
+            )
+
+
+# -- new against reference -------------------------------------------------------------------
+
+
+def _ratio(new: float | None, ref: float | None) -> float | None:
+    if new is None or ref is None or ref == 0:
+        return None
+    return round(new / ref, 2)
+
+
+#: (title, figure of a row) of the comparison table, each shown new, reference, new/ref
+COMPARED: list[tuple[str, str]] = [
+    ("deliv/s", "deliveries_per_s"),
+    ("srv us/del", "server_us_per_delivery"),
+    ("p50 ms", "p50_ms"),
+    ("p99 ms", "p99_ms"),
+    ("rds us/ev", "redis_us_per_event"),
+    ("pub us/ev", "publisher_us_per_event"),
+]
+
+
+def pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """Each new-server run with the reference run of the same round, size and kind."""
+    found = []
+    for row in rows:
+        if row.server == "real":
+            ref = _twin(rows, row, "ref")
+            if ref is not None:
+                found.append((row, ref))
+    return found
+
+
+def comparison_table(matched: list[tuple[Row, Row]]) -> str:
+    """New against reference, side by side, with the ratio new/reference of each figure."""
+    head = ["#", "subs", "run", "rate/s"]
+    for title, _ in COMPARED:
+        head += [f"{title} new", f"{title} ref", "new/ref"]
+    head += ["lost new/ref", "srv% new/ref", "pub-bound new/ref"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---:" for _ in head) + "|",
+    ]
+    for new, ref in matched:
+        cells = [str(new.round), str(new.subscribers), new.label, _cell(new.rate)]
+        for _, key in COMPARED:
+            a, b = getattr(new, key), getattr(ref, key)
+            cells += [_cell(a), _cell(b), _cell(_ratio(a, b))]
+        cells += [
+            f"{new.lost}/{ref.lost}",
+            f"{_cell(new.server_cpu)}/{_cell(ref.server_cpu)}",
+            "/".join("yes" if r.publisher_bound else "no" for r in (new, ref)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_verdicts(matched: list[tuple[Row, Row]], budget: float) -> Iterator[str]:
+    """Per subscriber count, at saturation: what the new version keeps of the reference's
+    fan-out throughput, by deliveries/s and by server CPU per delivery (the figure that
+    contention distorts least), against ``budget`` (the share it may cost)."""
+    floor = 1.0 - budget
+    sizes = sorted({new.subscribers for new, _ in matched})
+    for n in sizes:
+        saturated = [(a, b) for a, b in matched if a.subscribers == n and a.label == "saturation"]
+        by_rate = [
+            r
+            for r in (_ratio(a.deliveries_per_s, b.deliveries_per_s) for a, b in saturated)
+            if r is not None
+        ]
+        by_cpu = [
+            r
+            for r in (
+                _ratio(b.server_us_per_delivery, a.server_us_per_delivery) for a, b in saturated
+            )
+            if r is not None
+        ]
+        for what, ratios in (
+            ("deliveries/s new/ref", by_rate),
+            ("deliveries per server CPU second new/ref (ref us/del / new us/del)", by_cpu),
+        ):
+            if not ratios:
+                continue
+            middle = statistics.median(ratios)
+            ok = "met" if middle >= floor else "NOT met"
+            shown = ", ".join(f"{r:.2f}" for r in ratios)
+            yield (
+                f"{n} subscribers, saturation: {what} {middle:.2f} (median of {shown}; "
+                f"target >= {floor:.2f}, history costing at most {budget:.0%}): {ok}"
+            )
+        bound = sum(1 for a, b in saturated if a.publisher_bound or b.publisher_bound)
+        if bound:
+            yield (
+                f"{n} subscribers, saturation: in {bound} of {len(saturated)} pairs a "
+                "server delivered all its publisher offered, so deliveries/s measures the "
+                "publishers there, not the servers; judge by CPU per delivery"
             )
 
 
@@ -679,9 +949,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default={"bare", "real"},
-        type=lambda s: set(s.split(",")) & {"bare", "real"} or {"bare", "real"},
-        help="servers to run: bare,real (default both)",
+        default=None,
+        type=lambda s: set(s.split(",")) & {"bare", "real", "ref"},
+        help="servers to run: bare,real,ref (default bare,real, and ref with --reference-ref)",
+    )
+    parser.add_argument(
+        "--reference-ref",
+        metavar="REV",
+        help="also run the real server of git revision REV (and its load generator), "
+        "from a temporary worktree, alternating with this one",
+    )
+    parser.add_argument(
+        "--history-budget",
+        type=float,
+        default=0.10,
+        help="share of the reference's fan-out throughput the new version may cost",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole set of runs this many times",
     )
     parser.add_argument(
         "--asgi-app",
@@ -716,7 +1004,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile-servers",
         default="real",
         type=lambda s: set(s.split(",")),
-        help="which servers to profile",
+        help="which servers to profile (bare, real, ref)",
     )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument(
@@ -730,6 +1018,12 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if not options.redis_url.startswith(("redis://127.", "redis://localhost")):
         raise SystemExit("--redis-url must point to a loopback address")
+    if options.servers is None:
+        options.servers = {"bare", "real"} | ({"ref"} if options.reference_ref else set())
+    if "ref" in options.servers and not options.reference_ref:
+        raise SystemExit("--servers ref needs --reference-ref")
+    if not options.servers:
+        raise SystemExit("--servers names none of bare, real, ref")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise_open_file_limit()
     try:
@@ -738,55 +1032,126 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"Redis is not reachable at {options.redis_url}: {exc}") from None
 
     workdir = Path(tempfile.mkdtemp(prefix="sysmanage-bench-"))
-    bench = Bench(options, workdir)
     rows: list[Row] = []
     status = 0
     try:
-        bench.prepare_database()
-        print(
-            f"machine: {psutil.cpu_count()} CPUs, python {sys.version.split()[0]}; "
-            f"work dir {workdir}",
-            flush=True,
-        )
-        kinds = [k for k in ("bare", "real") if k in options.servers]
-        for n in options.subscribers:
-            for label, rate in (("nominal", options.rate), ("saturation", options.saturation_rate)):
-                for kind in kinds:
-                    rows.append(bench.run(kind, label, n, rate))
-                    _progress(rows[-1])
-            # Half the event rate the real server (else the bare one) sustained.
-            reference = next(
-                r
-                for r in reversed(rows)
-                if r.server == kinds[-1] and r.label == "saturation" and r.subscribers == n
-            )
-            half = round(reference.deliveries_per_s / n / 2, 1)
-            if half <= 0:
-                raise BenchError(f"the {kinds[-1]} server delivered nothing at saturation")
-            for kind in reversed(kinds):
-                rows.append(bench.run(kind, "half", n, half))
-                _progress(rows[-1])
-    except (BenchError, subprocess.TimeoutExpired) as exc:
+        with contextlib.ExitStack() as stack:
+            reference = None
+            if options.reference_ref:
+                reference = stack.enter_context(
+                    reference_checkout(options.reference_ref, workdir / "reference")
+                )
+            bench = Bench(options, workdir, reference)
+            try:
+                run_all(bench, rows)
+            except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
+                print(f"benchmark stopped: {exc}", file=sys.stderr)
+                status = 1
+            finally:
+                bench.cleanup_redis()
+    except BenchError as exc:  # the reference could not be checked out
         print(f"benchmark stopped: {exc}", file=sys.stderr)
         status = 1
     finally:
-        bench.cleanup_redis()
         if options.keep:
-            print(f"kept {workdir}")
+            print(f"kept {workdir} (the reference worktree is removed all the same)")
         else:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-        add_ratios(rows)
-        if rows:
-            print()
-            print(table(rows))
-            print()
-            for line in verdicts(rows, options.ratio_target, options.p99_target):
-                print(line)
-        if options.json is not None and rows:
-            options.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        report(options, rows)
     return status
+
+
+def run_all(bench: Bench, rows: list[Row]) -> None:
+    """Every run, appended to ``rows`` as it completes.
+
+    Per round and subscriber count: nominal, saturation, then half of the rate the new
+    server (else the reference, else bare) sustained at saturation.  The new and the
+    reference server alternate: their order is swapped at every step and every round.
+    """
+    options = bench.options
+    names = {"real": "new", "ref": "reference"}
+    print(
+        f"machine: {psutil.cpu_count()} CPUs, python {sys.version.split()[0]}; "
+        f"work dir {bench.workdir}; "
+        + ", ".join(f"{names[k]} {b.revision} ({b.root})" for k, b in bench.builds.items()),
+        flush=True,
+    )
+    print(f"load: {machine_load()}", flush=True)
+    bench.prepare_databases()
+    pair = [k for k in ("real", "ref") if k in options.servers]
+    lead = ["bare"] if "bare" in options.servers else []
+    step = 0
+
+    def order(round_: int) -> list[str]:
+        """The servers of the next step: the new/reference order swapped at every step,
+        and at every round (so each step has each order in turn)."""
+        nonlocal step
+        step += 1
+        return lead + (pair if (step + round_) % 2 == 0 else pair[::-1])
+
+    for round_ in range(1, options.rounds + 1):
+        step = 0
+        for n in options.subscribers:
+            for label, rate in (("nominal", options.rate), ("saturation", options.saturation_rate)):
+                for kind in order(round_):
+                    rows.append(bench.run(kind, label, n, rate, round_))
+                    _progress(rows[-1])
+            judged = (pair or lead)[0]
+            saturated = next(
+                r
+                for r in reversed(rows)
+                if r.server == judged and r.label == "saturation" and r.subscribers == n
+            )
+            half = round(saturated.deliveries_per_s / n / 2, 1)
+            if half <= 0:
+                raise BenchError(f"the {judged} server delivered nothing at saturation")
+            for kind in reversed(order(round_)):
+                rows.append(bench.run(kind, "half", n, half, round_))
+                _progress(rows[-1])
+    print(f"load: {machine_load()}", flush=True)
+
+
+def report(options: argparse.Namespace, rows: list[Row]) -> None:
+    """Print the tables and the verdicts; write the JSON file if asked."""
+    add_ratios(rows)
+    if rows:
+        print()
+        print(table(rows))
+        print()
+        for line in verdicts(rows, options.ratio_target, options.p99_target):
+            print(line)
+        matched = pairs(rows)
+        if matched:
+            print()
+            print("new against reference:")
+            print()
+            print(comparison_table(matched))
+            print()
+            for line in comparison_verdicts(matched, options.history_budget):
+                print(line)
+    if options.json is not None and rows:
+        options.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+def machine_load() -> str:
+    """The load average and the processes busiest over the next second (what else runs)."""
+    procs = list(psutil.process_iter(["name", "cmdline"]))
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent(None)
+    time.sleep(1.0)
+    busy = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            used = proc.cpu_percent(None)
+            if used >= 5.0 and proc.pid != os.getpid():
+                command = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])
+                busy.append((used, f"{used:.0f}% {command[:60]}"))
+    one, five, fifteen = os.getloadavg()
+    top = "; ".join(text for _, text in sorted(busy, reverse=True)[:5]) or "nothing above 5%"
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}; busiest: {top}"
 
 
 def _progress(row: Row) -> None:
@@ -794,7 +1159,10 @@ def _progress(row: Row) -> None:
         f"  {row.server:4} {row.label:10} {row.subscribers:5} subs @ {row.rate:g}/s: "
         f"{row.deliveries_per_s:.0f} deliveries/s, p99 {row.p99_ms} ms, lost {row.lost}, "
         f"server CPU {row.server_cpu}% ({row.server_us_per_delivery} us/delivery), "
-        f"load generator CPU {row.loadgen_cpu}%, others {row.other_cpu}%",
+        f"load generator CPU {row.loadgen_cpu}%, Redis {row.redis_cpu}% "
+        f"({row.redis_us_per_event} us/event: "
+        + "; ".join(f"{k} {v}" for k, v in row.redis_commands.items())
+        + f"), others {row.other_cpu}%",
         flush=True,
     )
     if row.closed_early or row.duplicates:
