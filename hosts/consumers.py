@@ -188,7 +188,7 @@ class AgentConsumer(Connection):
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
         """Note that the agent is alive."""
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
     async def on_metrics(self, data: AgentData, id_: MessageId) -> None:
         """Publish live metrics; add them to this minute's history row."""
@@ -205,7 +205,7 @@ class AgentConsumer(Connection):
             at=now,
         )
         await self._save_minute(self.aggregator.add(now, metrics))
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
     async def on_command_started(self, data: AgentData, id_: MessageId) -> None:
         """Mark a command running."""
@@ -222,7 +222,7 @@ class AgentConsumer(Connection):
             execution_id=execution_id, host_id=self.host_id, result=result
         )
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
     async def on_package_progress(self, data: AgentData, id_: MessageId) -> None:
         """Store and publish a package operation's progress."""
