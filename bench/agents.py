@@ -201,12 +201,12 @@ async def _agent(url: str, token: str, index: int, interval: float, tally: Tally
 
 async def _report(ws: Any, rng: random.Random, interval: float, tally: Tally) -> None:
     await asyncio.sleep(rng.uniform(0, interval))
-    beats = 0
+    reports = rng.randrange(30)  # heartbeats every 30 reports, spread over the fleet
     while not tally.stop.is_set():
         await ws.send(json.dumps({"type": "metrics", "data": {"metrics": sample_metrics(rng)}}))
         tally.sent += 1
-        beats += 1
-        if beats % 30 == 0:
+        reports += 1
+        if reports % 30 == 0:
             await ws.send(json.dumps({"type": "heartbeat", "data": {}}))
             tally.beats += 1
         with contextlib.suppress(TimeoutError):
