@@ -191,7 +191,8 @@ class AgentConsumer(Connection):
         self.last_seen.touch()
 
     async def on_metrics(self, data: AgentData, id_: MessageId) -> None:
-        """Publish live metrics; add them to this minute's history row."""
+        """Publish live metrics; add them to this minute's history row, which is stored
+        with the other agents' (:data:`hosts.services.METRIC_MINUTES`) once it is over."""
         try:
             metrics = clean_metrics(data.get("metrics"))
         except MetricsError as exc:
@@ -204,7 +205,10 @@ class AgentConsumer(Connection):
             cpu_count=self.cpu_count,
             at=now,
         )
-        await self._save_minute(self.aggregator.add(now, metrics))
+        finished = self.aggregator.add(now, metrics)
+        if finished is not None:  # the first report of a minute: store the one before
+            minute, samples, averages = finished
+            services.METRIC_MINUTES.add((self.host_id, minute, samples, averages))
         self.last_seen.touch()
 
     async def on_command_started(self, data: AgentData, id_: MessageId) -> None:

@@ -5,18 +5,14 @@ through here, and each publishes its event after the transaction commits.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import logging
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -41,14 +37,12 @@ from hosts.models import (
     PackageOperation,
 )
 from hosts.tokens import new_token, token_digest
-from sysmanage import dbgate
 from sysmanage.audit import Actor, audit
 from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
-
-logger = logging.getLogger(__name__)
+from sysmanage.writebatch import WriteBatch
 
 HOST_FACT_FIELDS = (
     "fqdn",
@@ -374,81 +368,40 @@ def host_inventory_save(
     return True
 
 
-#: Hosts whose last-seen time one statement writes, at most.
-TOUCH_CHUNK = 500
-#: How long the last-seen times noted by a process's agent connections wait, from the
-#: first of them, to be written together (seconds).
-LAST_SEEN_BATCH_SECONDS = 1.0
+#: Hosts whose last-seen time one statement writes, at most; minutes of history, too.
+WRITE_CHUNK = 500
+#: How long what agent connections note for the database (last-seen times, finished
+#: minutes of history) waits, from the first note, to be written with the rest (seconds).
+BATCH_SECONDS = 1.0
 
 
 def hosts_touch(*, host_ids: Collection[Any], seen_at: datetime) -> None:
     """Record that the agents of ``host_ids`` were heard from at ``seen_at`` (no event):
-    one statement per :data:`TOUCH_CHUNK` hosts, never moving a last-seen time back."""
+    one statement per :data:`WRITE_CHUNK` hosts, never moving a last-seen time back."""
     ids = list(host_ids)
-    for start in range(0, len(ids), TOUCH_CHUNK):
-        Host.objects.filter(id__in=ids[start : start + TOUCH_CHUNK]).filter(
+    for start in range(0, len(ids), WRITE_CHUNK):
+        Host.objects.filter(id__in=ids[start : start + WRITE_CHUNK]).filter(
             Q(last_seen__lt=seen_at) | Q(last_seen__isnull=True)
         ).update(last_seen=seen_at)
 
 
-class LastSeenBatch:
-    """The last-seen times a process's agent connections noted and has not written yet.
-
-    The first time noted starts a timer on the event loop; :data:`LAST_SEEN_BATCH_SECONDS`
-    later every host noted meanwhile is written in one trip to the database thread
-    (:func:`hosts_touch`), with the time of the first note, so that no host is said to
-    have been heard from later than it was.  A fleet of ten thousand agents then costs
-    one statement a second instead of hundreds.
-    """
-
-    def __init__(self) -> None:
-        self.pending: set[Any] = set()
-        self.first_noted: datetime | None = None
-        #: the loop whose timer will write the pending hosts
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._writes: set[asyncio.Task[None]] = set()
-
-    def note(self, host_id: Any) -> None:
-        """Note that ``host_id``'s agent was heard from now (on the event loop)."""
-        if not self.pending:
-            self.first_noted = timezone.now()
-        self.pending.add(host_id)
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # none yet, or set by a loop that has gone
-            self._loop = loop
-            loop.call_later(LAST_SEEN_BATCH_SECONDS, self.flush)
-
-    def flush(self) -> None:
-        """Write every pending host, in the database thread, without waiting for it."""
-        loop, self._loop = self._loop, None
-        if not self.pending or self.first_noted is None or loop is None:
-            return
-        ids, seen_at = self.pending, self.first_noted
-        self.pending, self.first_noted = set(), None
-        # A fresh context: the timer runs in the context of the connection that noted first.
-        task = loop.create_task(self._write(ids, seen_at), context=contextvars.Context())
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    @staticmethod
-    async def _write(host_ids: set[Any], seen_at: datetime) -> None:
-        try:
-            await database_sync_to_async(hosts_touch)(host_ids=host_ids, seen_at=seen_at)
-        except Exception:
-            # The hosts are noted again a third of the offline timeout later.
-            dbgate.log_exception(
-                logger, "could not record when %d agent(s) were last heard from", len(host_ids)
-            )
+def _touch_noted(noted: list[tuple[Any, datetime]]) -> None:
+    """Write the last-seen times a process noted, with the earliest time among them, so
+    that no host is said to have been heard from later than it was."""
+    hosts_touch(host_ids={host_id for host_id, _ in noted}, seen_at=min(t for _, t in noted))
 
 
-LAST_SEEN = LastSeenBatch()
+#: The last-seen times noted by this process's agent connections, written together.
+LAST_SEEN: WriteBatch[tuple[Any, datetime]] = WriteBatch(
+    _touch_noted, what="last-seen times of agents", delay=BATCH_SECONDS
+)
 
 
 class LastSeen:
     """An agent connection's last-seen time, noted at most every third of the offline
     timeout (often enough to keep the host online) and written with every other
-    connection's of the process (:class:`LastSeenBatch`), so that it never waits on the
-    database nor makes a report wait."""
+    connection's of the process (:data:`LAST_SEEN`), so that a fleet costs one statement a
+    second, and no report waits for it."""
 
     def __init__(self, host_id: Any, *, written_now: bool = False) -> None:
         self.host_id = host_id
@@ -459,7 +412,7 @@ class LastSeen:
         now = time.monotonic()
         if now - self.written >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
             self.written = now
-            LAST_SEEN.note(self.host_id)
+            LAST_SEEN.add((self.host_id, timezone.now()))
 
 
 def hosts_mark_offline(*, silent_for: float) -> list[Host]:
@@ -592,23 +545,97 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
     return count
 
 
+#: A finished minute of a host's metrics: host id, minute, reports, their averages.
+MinuteRow = tuple[Any, datetime, int, MinuteAverages]
+
+
+def _merged(
+    old_samples: int, old: MinuteAverages, samples: int, new: MinuteAverages
+) -> MinuteAverages:
+    """Two parts of one minute as one: percentages averaged by their reports, the disks
+    and load of the later part (if it has them)."""
+    total = old_samples + samples
+    merged: MinuteAverages = {}
+    for key in PERCENT_KEYS:
+        before, after = old.get(key), new.get(key)
+        if after is None or before is None:
+            merged[key] = before if after is None else after
+        else:
+            merged[key] = (before * old_samples + after * samples) / total
+    merged["disk_usage"] = new.get("disk_usage") or old.get("disk_usage") or {}
+    merged["load_average"] = new.get("load_average") or old.get("load_average") or []
+    return merged
+
+
+def _row_averages(row: MetricSample) -> MinuteAverages:
+    return {
+        "cpu_usage": row.cpu_usage,
+        "memory_usage": row.memory_usage,
+        "disk_usage": row.disk_usage,
+        "load_average": row.load_average,
+    }
+
+
+def metric_samples_save(*, rows: Sequence[MinuteRow]) -> None:
+    """Store one-minute history rows, each merged into the row of its host and minute if
+    there is one already: a few statements for all of them."""
+    combined: dict[tuple[str, datetime], tuple[int, MinuteAverages]] = {}
+    for host_id, minute, samples, averages in rows:
+        key = (str(host_id), minute)
+        if key in combined:
+            old_samples, old = combined[key]
+            combined[key] = (old_samples + samples, _merged(old_samples, old, samples, averages))
+        else:
+            combined[key] = (samples, averages)
+    keys = list(combined)
+    for start in range(0, len(keys), WRITE_CHUNK):
+        chunk = {key: combined[key] for key in keys[start : start + WRITE_CHUNK]}
+        try:
+            _save_minutes(chunk)
+        except IntegrityError:
+            # Another process created one of the rows meanwhile: merge into it instead.
+            _save_minutes(chunk)
+
+
+def _save_minutes(rows: dict[tuple[str, datetime], tuple[int, MinuteAverages]]) -> None:
+    with transaction.atomic():
+        existing = {
+            (str(row.host_id), row.minute): row
+            for row in MetricSample.objects.select_for_update().filter(
+                host_id__in={host_id for host_id, _ in rows},
+                minute__in={minute for _, minute in rows},
+            )
+        }
+        changed, created = [], []
+        for (host_id, minute), (samples, averages) in rows.items():
+            row = existing.get((host_id, minute))
+            if row is None:
+                created.append(
+                    MetricSample(host_id=host_id, minute=minute, samples=samples, **averages)
+                )
+                continue
+            for field, value in _merged(row.samples, _row_averages(row), samples, averages).items():
+                setattr(row, field, value)
+            row.samples += samples
+            changed.append(row)
+        MetricSample.objects.bulk_create(created)
+        MetricSample.objects.bulk_update(
+            changed, ["samples", "cpu_usage", "memory_usage", "disk_usage", "load_average"]
+        )
+
+
 def metric_sample_save(
     *, host_id: Any, minute: datetime, samples: int, averages: MinuteAverages
 ) -> None:
     """Store (or merge into) the one-minute history row of a host."""
-    with transaction.atomic():
-        row, created = MetricSample.objects.select_for_update().get_or_create(
-            host_id=host_id, minute=minute, defaults={"samples": samples, **averages}
-        )
-        if created:
-            return
-        total = row.samples + samples
-        for field in PERCENT_KEYS:
-            old, new = getattr(row, field), averages.get(field)
-            if new is not None:
-                merged = new if old is None else (old * row.samples + new * samples) / total
-                setattr(row, field, merged)
-        row.disk_usage = averages.get("disk_usage") or row.disk_usage
-        row.load_average = averages.get("load_average") or row.load_average
-        row.samples = total
-        row.save()
+    metric_samples_save(rows=[(host_id, minute, samples, averages)])
+
+
+def _save_noted_minutes(rows: list[MinuteRow]) -> None:
+    metric_samples_save(rows=rows)
+
+
+#: Finished minutes of this process's agent connections, written together.
+METRIC_MINUTES: WriteBatch[MinuteRow] = WriteBatch(
+    _save_noted_minutes, what="minutes of metrics history", delay=BATCH_SECONDS
+)
