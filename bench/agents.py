@@ -345,6 +345,7 @@ class CpuWindow:
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
                 used[name] = times.user + times.system
+                used[f"{name}_system"] = times.system
         return time.monotonic(), used, busy
 
     def close(self) -> dict[str, float]:
@@ -355,7 +356,8 @@ class CpuWindow:
         spent = {name: used1[name] - used0.get(name, 0.0) for name in used1}
         spent["machine"] = busy1 - busy0
         spent["others"] = max(
-            0.0, spent["machine"] - sum(v for k, v in spent.items() if k != "machine")
+            0.0,
+            spent["machine"] - sum(spent[name] for name in self.procs if name in spent),
         )
         spent["seconds"] = t1 - t0
         return spent
@@ -438,6 +440,7 @@ async def drive(
         "heartbeats_per_s": round(beats / seconds, 1),
         "watched_delivery": round(watched / max(1, 10 * seconds / args.interval), 3),
         "server_cpu_pct": round(100 * spent["server"] / seconds, 1),
+        "server_kernel_pct": round(100 * spent["server_system"] / seconds, 1),
         "us_per_message": round(us_per_message, 1) if us_per_message is not None else None,
         "loadgen_cpu_pct": round(100 * spent["loadgen"] / seconds, 1),
         "others_cpu_pct": round(100 * spent["others"] / seconds, 1),
@@ -658,6 +661,7 @@ def main() -> int:
             f"  {row['server']} run {row['run']}: connected {row['connected']} of "
             f"{row['agents']} in {row['connect_s']}s (+{row['settle_s']}s settling), "
             f"errors {row['errors']}, heartbeats {row['heartbeats_per_s']}/s, "
+            f"server CPU in the kernel {row['server_kernel_pct']}% of a core, "
             f"RSS {row['rss_mb']} MB, commands {row['commands']} "
             f"p50/p99 {row['rtt_p50_ms']}/{row['rtt_p99_ms']} ms, "
             f"py-spy {row['profiler_cpu_pct']}%"
