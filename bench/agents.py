@@ -159,22 +159,58 @@ class Tally:
     sent: int = 0
     beats: int = 0
     errors: int = 0
+    retries: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def run_agent(url: str, token: str, index: int, interval: float, tally: Tally) -> None:
-    """One simulated agent: hello, metrics every interval, instant command results."""
-    try:
-        await _agent(url, token, index, interval, tally)
-    except (OSError, TimeoutError, websockets.WebSocketException):
-        tally.errors += 1
+@dataclass
+class Behaviour:
+    """How the simulated agents behave (the agent program's defaults but for metrics)."""
+
+    interval: float
+    heartbeat: float
+    #: seconds between the agents' protocol pings (0: none)
+    ping: float
+    #: give up connecting after this many seconds of retrying
+    connect_for: float
 
 
-async def _agent(url: str, token: str, index: int, interval: float, tally: Tally) -> None:
+async def run_agent(url: str, token: str, index: int, how: Behaviour, tally: Tally) -> None:
+    """One simulated agent: hello, metrics every interval, heartbeats, instant command
+    results; a refused or dropped handshake is retried with backoff, as the agent does."""
     rng = random.Random(index)
+    deadline, delay = time.monotonic() + how.connect_for, 1.0
+    while True:
+        welcomed = asyncio.Event()
+        try:
+            await _agent(url, token, index, how, tally, welcomed, rng)
+            return
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            if welcomed.is_set() or time.monotonic() > deadline or tally.stop.is_set():
+                tally.errors += 1
+                return
+        tally.retries += 1
+        await asyncio.sleep(rng.uniform(0, delay))
+        delay = min(delay * 2, 10.0)
+
+
+async def _agent(
+    url: str,
+    token: str,
+    index: int,
+    how: Behaviour,
+    tally: Tally,
+    welcomed: asyncio.Event,
+    rng: random.Random,
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     async with websockets.connect(
-        url, additional_headers=headers, max_size=2**20, open_timeout=60, ping_interval=None
+        url,
+        additional_headers=headers,
+        max_size=2**20,
+        open_timeout=60,
+        ping_interval=how.ping or None,
+        ping_timeout=how.ping or None,
     ) as ws:
         await ws.send(
             json.dumps(
@@ -195,22 +231,32 @@ async def _agent(url: str, token: str, index: int, interval: float, tally: Tally
         if welcome.get("type") != "welcome":
             tally.errors += 1
             return
+        welcomed.set()
         tally.connected += 1
-        await asyncio.gather(_report(ws, rng, interval, tally), _answer(ws, tally))
+        await asyncio.gather(_report(ws, rng, how, tally), _answer(ws, tally))
 
 
-async def _report(ws: Any, rng: random.Random, interval: float, tally: Tally) -> None:
-    await asyncio.sleep(rng.uniform(0, interval))
-    reports = rng.randrange(30)  # heartbeats every 30 reports, spread over the fleet
+async def _report(ws: Any, rng: random.Random, how: Behaviour, tally: Tally) -> None:
+    now = time.monotonic()
+    next_report = now + rng.uniform(0, how.interval)  # spread over the fleet
+    next_beat = now + rng.uniform(0, how.heartbeat)
     while not tally.stop.is_set():
-        await ws.send(json.dumps({"type": "metrics", "data": {"metrics": sample_metrics(rng)}}))
-        tally.sent += 1
-        reports += 1
-        if reports % 30 == 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                tally.stop.wait(), max(0.0, min(next_report, next_beat) - time.monotonic())
+            )
+        if tally.stop.is_set():
+            break
+        now = time.monotonic()
+        if now >= next_report:
+            metrics = sample_metrics(rng)
+            await ws.send(json.dumps({"type": "metrics", "data": {"metrics": metrics}}))
+            tally.sent += 1
+            next_report += how.interval
+        if now >= next_beat:
             await ws.send(json.dumps({"type": "heartbeat", "data": {}}))
             tally.beats += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(tally.stop.wait(), interval)
+            next_beat += how.heartbeat
     await ws.close()
 
 
@@ -393,14 +439,14 @@ async def drive(
     tally = Tally()
     rss_before = server.memory_info().rss
     started = time.monotonic()
+    how = Behaviour(args.interval, args.heartbeat, args.agent_ping, args.connect_for)
     tasks = []
     for index, token in enumerate(data["tokens"]):
-        tasks.append(
-            asyncio.ensure_future(run_agent(agent_url, token, index, args.interval, tally))
-        )
+        tasks.append(asyncio.ensure_future(run_agent(agent_url, token, index, how, tally)))
         if index % 50 == 49:
-            await asyncio.sleep(0.05)  # a connect ramp, as a fleet restarting would be
-    while tally.connected + tally.errors < len(tasks) and time.monotonic() - started < 300:
+            await asyncio.sleep(50 / args.ramp)  # a connect ramp, as a fleet restarting would be
+    deadline = started + args.connect_for + 60
+    while tally.connected + tally.errors < len(tasks) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     connect_seconds = time.monotonic() - started
     settle_started = time.monotonic()
@@ -434,6 +480,7 @@ async def drive(
         "agents": len(tasks),
         "connected": tally.connected,
         "errors": tally.errors,
+        "handshake_retries": tally.retries,
         "connect_s": round(connect_seconds, 1),
         "settle_s": round(settle_seconds, 1),
         "metrics_per_s": round(sent / seconds),
@@ -588,7 +635,20 @@ def main() -> int:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
+    parser.add_argument(
+        "--heartbeat", type=float, default=30.0, help="seconds between heartbeats (the agent's)"
+    )
+    parser.add_argument(
+        "--agent-ping",
+        type=float,
+        default=20.0,
+        help="seconds between the agents' protocol pings (the agent's default; 0: none)",
+    )
+    parser.add_argument("--ramp", type=float, default=1000.0, help="agents started per second")
+    parser.add_argument(
+        "--connect-for", type=float, default=300.0, help="how long an agent retries connecting"
+    )
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--redis-url", default=None)
@@ -646,8 +706,9 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     layer = "redis" if args.redis_url else "in-memory"
     print(
-        f"agents benchmark ({layer} layer, {args.agents} agents, interval {args.interval}s, "
-        f"{args.duration:.0f}s windows, offline after "
+        f"agents benchmark ({layer} layer, {args.agents} agents, reports every "
+        f"{args.interval}s, heartbeats every {args.heartbeat}s, pings every "
+        f"{args.agent_ping or '-'}s, {args.duration:.0f}s windows, offline after "
         f"{args.offline_after if args.offline_after is not None else 'default'}, "
         f"{os.cpu_count()} cores)"
     )
@@ -660,7 +721,8 @@ def main() -> int:
         print(
             f"  {row['server']} run {row['run']}: connected {row['connected']} of "
             f"{row['agents']} in {row['connect_s']}s (+{row['settle_s']}s settling), "
-            f"errors {row['errors']}, heartbeats {row['heartbeats_per_s']}/s, "
+            f"errors {row['errors']}, handshakes retried {row['handshake_retries']}, "
+            f"heartbeats {row['heartbeats_per_s']}/s, "
             f"server CPU in the kernel {row['server_kernel_pct']}% of a core, "
             f"RSS {row['rss_mb']} MB, commands {row['commands']} "
             f"p50/p99 {row['rtt_p50_ms']}/{row['rtt_p99_ms']} ms, "
