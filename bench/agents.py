@@ -4,6 +4,7 @@ Agent ingest benchmark: many simulated agents against one real server process.
 ::
 
     .venv/bin/python bench/agents.py --agents 1000 --interval 1 --duration 30 --commands 200
+    .venv/bin/python bench/agents.py --commands 0 --repeat 3 --reference-ref main
 
 Starts a fresh server (SQLite, in-memory layer; ``--redis-url`` for channels-redis),
 enrolls ``--agents`` hosts, and connects one simulated agent per host speaking the agent
@@ -13,9 +14,16 @@ seconds (staggered) and a heartbeat now and then.  A staff client watches ten ho
 shell commands one after another to random agents, which answer at once, to time the
 whole round trip (client → server → agent → server → client).
 
-Prints: agents connected and connect time, metrics sent per second, the fraction of
-watched reports delivered, server CPU (percent of one core) and RSS (total and per agent),
-and command round-trip p50/p99.  Targets only loopback; stops by itself.
+``--reference-ref REV`` measures REV's server too, from a temporary git worktree of it
+(its own database, enrolled by its own code), in the same session: ``--repeat`` runs of
+each, alternating (ABBA), every run on a freshly started server.  ``--profile DIR``
+records py-spy samples of the server over each window and summarises them.
+
+Prints per run: agents connected, metrics sent per second, server CPU (percent of one
+core) and **server CPU per metrics message** against the target, the CPU of this load
+generator and of every other process over the same window, the machine's load average,
+the fraction of watched reports delivered, RSS per agent and the command round trip;
+then the min and median per server.  Targets only loopback; stops by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +50,12 @@ from typing import Any
 import psutil
 import websockets
 from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
+from _profile import start_py_spy, summarise
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+#: The target of server CPU per agent metrics message (docs/benchmarks.md), microseconds.
+TARGET_US = 150.0
 
 ENROLL = """
 import json
@@ -56,7 +68,7 @@ print(json.dumps({{"tokens": tokens, "access": access_token_for(user)}}))
 """
 
 
-def server_env(workdir: Path, redis_url: str | None) -> dict[str, str]:
+def server_env(workdir: Path, redis_url: str | None, offline_after: int | None) -> dict[str, str]:
     """Environment of the server and of the enrolment script."""
     env = {
         k: v
@@ -68,25 +80,27 @@ def server_env(workdir: Path, redis_url: str | None) -> dict[str, str]:
             "DJANGO_SETTINGS_MODULE": "sysmanage.settings",
             "SYSMANAGE_VAR_DIR": str(workdir),
             "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
-            "HOST_OFFLINE_AFTER_SECONDS": "3600",
-            "JWT_ACCESS_TTL_SECONDS": "3600",
+            "JWT_ACCESS_TTL_SECONDS": "21600",
             "LOG_LEVEL": "WARNING",
         }
     )
+    if offline_after is not None:
+        env["HOST_OFFLINE_AFTER_SECONDS"] = str(offline_after)
     if redis_url:
         env["REDIS_URL"] = redis_url
         env["SYSMANAGE_REDIS_PREFIX"] = f"bench-agents-{secrets.token_hex(4)}"
     return env
 
 
-def prepare(env: dict[str, str], agents: int) -> dict[str, Any]:
-    """Migrate a fresh database and enroll the hosts; return tokens."""
+def prepare(root: Path, env: dict[str, str], agents: int) -> dict[str, Any]:
+    """Migrate a fresh database and enroll the hosts with the code in ``root``; return
+    the agents' tokens and a staff user's access token."""
     subprocess.run(
-        [PYTHON, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=300
+        [PYTHON, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True, timeout=300
     )
     out = subprocess.run(
         [PYTHON, "manage.py", "shell", "-c", ENROLL.format(count=agents)],
-        cwd=REPO,
+        cwd=root,
         env=env,
         check=True,
         timeout=900,
@@ -99,9 +113,9 @@ def prepare(env: dict[str, str], agents: int) -> dict[str, Any]:
     return tokens
 
 
-def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """Start Daphne and wait until it answers."""
-    handle = log.open("wb")
+def start_server(root: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start the server of the code in ``root`` as it ships, and wait until it answers."""
+    handle = log.open("ab")
     proc = subprocess.Popen(
         [
             PYTHON,
@@ -113,7 +127,7 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
             str(port),
             "sysmanage.asgi:application",
         ],
-        cwd=REPO,
+        cwd=root,
         env=env,
         stdout=handle,
         stderr=subprocess.STDOUT,
@@ -143,16 +157,60 @@ class Tally:
 
     connected: int = 0
     sent: int = 0
+    beats: int = 0
     errors: int = 0
+    retries: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def run_agent(url: str, token: str, index: int, interval: float, tally: Tally) -> None:
-    """One simulated agent: hello, metrics every interval, instant command results."""
+@dataclass
+class Behaviour:
+    """How the simulated agents behave (the agent program's defaults but for metrics)."""
+
+    interval: float
+    heartbeat: float
+    #: seconds between the agents' protocol pings (0: none)
+    ping: float
+    #: give up connecting after this many seconds of retrying
+    connect_for: float
+
+
+async def run_agent(url: str, token: str, index: int, how: Behaviour, tally: Tally) -> None:
+    """One simulated agent: hello, metrics every interval, heartbeats, instant command
+    results; a refused or dropped handshake is retried with backoff, as the agent does."""
     rng = random.Random(index)
+    deadline, delay = time.monotonic() + how.connect_for, 1.0
+    while True:
+        welcomed = asyncio.Event()
+        try:
+            await _agent(url, token, index, how, tally, welcomed, rng)
+            return
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            if welcomed.is_set() or time.monotonic() > deadline or tally.stop.is_set():
+                tally.errors += 1
+                return
+        tally.retries += 1
+        await asyncio.sleep(rng.uniform(0, delay))
+        delay = min(delay * 2, 10.0)
+
+
+async def _agent(
+    url: str,
+    token: str,
+    index: int,
+    how: Behaviour,
+    tally: Tally,
+    welcomed: asyncio.Event,
+    rng: random.Random,
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     async with websockets.connect(
-        url, additional_headers=headers, max_size=2**20, open_timeout=60, ping_interval=None
+        url,
+        additional_headers=headers,
+        max_size=2**20,
+        open_timeout=60,
+        ping_interval=how.ping or None,
+        ping_timeout=how.ping or None,
     ) as ws:
         await ws.send(
             json.dumps(
@@ -173,21 +231,32 @@ async def run_agent(url: str, token: str, index: int, interval: float, tally: Ta
         if welcome.get("type") != "welcome":
             tally.errors += 1
             return
+        welcomed.set()
         tally.connected += 1
-        await asyncio.gather(_report(ws, rng, interval, tally), _answer(ws, tally))
+        await asyncio.gather(_report(ws, rng, how, tally), _answer(ws, tally))
 
 
-async def _report(ws: Any, rng: random.Random, interval: float, tally: Tally) -> None:
-    await asyncio.sleep(rng.uniform(0, interval))
-    beats = 0
+async def _report(ws: Any, rng: random.Random, how: Behaviour, tally: Tally) -> None:
+    now = time.monotonic()
+    next_report = now + rng.uniform(0, how.interval)  # spread over the fleet
+    next_beat = now + rng.uniform(0, how.heartbeat)
     while not tally.stop.is_set():
-        await ws.send(json.dumps({"type": "metrics", "data": {"metrics": sample_metrics(rng)}}))
-        tally.sent += 1
-        beats += 1
-        if beats % 30 == 0:
-            await ws.send(json.dumps({"type": "heartbeat", "data": {}}))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(tally.stop.wait(), interval)
+            await asyncio.wait_for(
+                tally.stop.wait(), max(0.0, min(next_report, next_beat) - time.monotonic())
+            )
+        if tally.stop.is_set():
+            break
+        now = time.monotonic()
+        if now >= next_report:
+            metrics = sample_metrics(rng)
+            await ws.send(json.dumps({"type": "metrics", "data": {"metrics": metrics}}))
+            tally.sent += 1
+            next_report += how.interval
+        if now >= next_beat:
+            await ws.send(json.dumps({"type": "heartbeat", "data": {}}))
+            tally.beats += 1
+            next_beat += how.heartbeat
     await ws.close()
 
 
@@ -287,7 +356,7 @@ async def time_commands(url: str, access: str, host_ids: list[str], count: int) 
     return times
 
 
-def host_ids(env: dict[str, str], limit: int) -> list[str]:
+def host_ids(root: Path, env: dict[str, str], limit: int) -> list[str]:
     """Ids of the enrolled hosts (first ``limit``)."""
     code = (
         "import json; from hosts.models import Host; "
@@ -296,7 +365,7 @@ def host_ids(env: dict[str, str], limit: int) -> list[str]:
     )
     out = subprocess.run(
         [PYTHON, "manage.py", "shell", "-c", code],
-        cwd=REPO,
+        cwd=root,
         env=env,
         check=True,
         capture_output=True,
@@ -306,49 +375,124 @@ def host_ids(env: dict[str, str], limit: int) -> list[str]:
     return list(json.loads(out.strip().splitlines()[-1]))
 
 
+class CpuWindow:
+    """CPU seconds of some processes and of the whole machine over a window, so that
+    every figure says what else was running."""
+
+    def __init__(self, procs: dict[str, psutil.Process]) -> None:
+        self.procs = procs
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, dict[str, float], float]:
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        used = {}
+        for name, proc in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                used[name] = times.user + times.system
+                used[f"{name}_system"] = times.system
+        return time.monotonic(), used, busy
+
+    def close(self) -> dict[str, float]:
+        """CPU seconds used since the window opened, per process, by the ``machine`` and
+        by ``others`` (every other process), and the window's ``seconds``."""
+        t0, used0, busy0 = self.start
+        t1, used1, busy1 = self._sample()
+        spent = {name: used1[name] - used0.get(name, 0.0) for name in used1}
+        spent["machine"] = busy1 - busy0
+        spent["others"] = max(
+            0.0,
+            spent["machine"] - sum(spent[name] for name in self.procs if name in spent),
+        )
+        spent["seconds"] = t1 - t0
+        return spent
+
+
+@dataclass
+class Deployment:
+    """One revision's server: the code it runs from, its database and its environment."""
+
+    label: str
+    root: Path
+    workdir: Path
+    env: dict[str, str]
+    data: dict[str, Any] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+
+    def prepare(self, agents: int) -> None:
+        """Migrate the deployment's fresh database and enroll the hosts."""
+        self.data = prepare(self.root, self.env, agents)
+        self.ids = host_ids(self.root, self.env, agents)
+
+
 async def drive(
     args: argparse.Namespace,
     base: str,
-    data: dict[str, Any],
-    ids: list[str],
+    deployment: Deployment,
     server: psutil.Process,
+    profile_to: Path | None,
 ) -> dict[str, Any]:
     """Connect the agents, measure the steady state, time commands."""
+    data, ids = deployment.data, deployment.ids
     agent_url, client_url = f"ws://{base}/ws/agent", f"ws://{base}/ws"
     tally = Tally()
     rss_before = server.memory_info().rss
     started = time.monotonic()
+    how = Behaviour(args.interval, args.heartbeat, args.agent_ping, args.connect_for)
     tasks = []
     for index, token in enumerate(data["tokens"]):
-        tasks.append(
-            asyncio.ensure_future(run_agent(agent_url, token, index, args.interval, tally))
-        )
+        tasks.append(asyncio.ensure_future(run_agent(agent_url, token, index, how, tally)))
         if index % 50 == 49:
-            await asyncio.sleep(0.05)  # a connect ramp, as a fleet restarting would be
-    while tally.connected + tally.errors < len(tasks) and time.monotonic() - started < 300:
+            await asyncio.sleep(50 / args.ramp)  # a connect ramp, as a fleet restarting would be
+    deadline = started + args.connect_for + 60
+    while tally.connected + tally.errors < len(tasks) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     connect_seconds = time.monotonic() - started
     settle_started = time.monotonic()
     await settle(client_url, data["access"])
     settle_seconds = time.monotonic() - settle_started
     await asyncio.sleep(args.interval * 2)
-    cpu0, sent0, t0 = server.cpu_times(), tally.sent, time.monotonic()
+    profiler = None
+    if profile_to is not None:
+        profiler = start_py_spy(
+            server.pid, profile_to, args.duration, profile_to.with_suffix(".log")
+        )
+        await asyncio.sleep(1.0)  # py-spy attaches before the window opens
+    procs = {"server": server, "loadgen": psutil.Process()}
+    if profiler is not None:
+        procs["profiler"] = psutil.Process(profiler.pid)
+    window = CpuWindow(procs)
+    sent0, beats0 = tally.sent, tally.beats
     watched = await watch(client_url, data["access"], ids[:10], args.duration)
-    cpu1, sent1, t1 = server.cpu_times(), tally.sent, time.monotonic()
+    spent = window.close()
+    sent, beats = tally.sent - sent0, tally.beats - beats0
+    load = os.getloadavg()
     rss_after = server.memory_info().rss
+    if profiler is not None:
+        await asyncio.to_thread(profiler.wait, 60)
     rtts = await time_commands(client_url, data["access"], ids, args.commands)
     tally.stop.set()
     await asyncio.wait(tasks, timeout=30)
-    busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    seconds = spent["seconds"]
+    us_per_message = 1e6 * spent["server"] / sent if sent else None
     return {
         "agents": len(tasks),
         "connected": tally.connected,
         "errors": tally.errors,
+        "handshake_retries": tally.retries,
         "connect_s": round(connect_seconds, 1),
         "settle_s": round(settle_seconds, 1),
-        "metrics_per_s": round((sent1 - sent0) / (t1 - t0)),
-        "watched_delivery": round(watched / max(1, 10 * (t1 - t0) / args.interval), 3),
-        "server_cpu_pct": round(100 * busy / (t1 - t0), 1),
+        "metrics_per_s": round(sent / seconds),
+        "heartbeats_per_s": round(beats / seconds, 1),
+        "watched_delivery": round(watched / max(1, 10 * seconds / args.interval), 3),
+        "server_cpu_pct": round(100 * spent["server"] / seconds, 1),
+        "server_kernel_pct": round(100 * spent["server_system"] / seconds, 1),
+        "us_per_message": round(us_per_message, 1) if us_per_message is not None else None,
+        "loadgen_cpu_pct": round(100 * spent["loadgen"] / seconds, 1),
+        "others_cpu_pct": round(100 * spent["others"] / seconds, 1),
+        "profiler_cpu_pct": round(100 * spent.get("profiler", 0.0) / seconds, 1),
+        "load_avg": " ".join(f"{v:.2f}" for v in load),
         "rss_mb": round(rss_after / 2**20, 1),
         "rss_per_agent_kb": round((rss_after - rss_before) / max(1, tally.connected) / 1024, 1),
         "commands": len(rtts),
@@ -357,49 +501,238 @@ async def drive(
     }
 
 
+def run_once(
+    args: argparse.Namespace, deployment: Deployment, run: int, profile_dir: Path | None
+) -> dict[str, Any]:
+    """Start a fresh server of ``deployment``, drive it once, stop it."""
+    log = deployment.workdir / "server.log"
+    profile_to = None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        profile_to = profile_dir / f"{deployment.label.split()[0]}-{run}.txt"
+    port = free_port()
+    proc = start_server(deployment.root, deployment.env, port, log)
+    try:
+        result = asyncio.run(
+            drive(args, f"127.0.0.1:{port}", deployment, psutil.Process(proc.pid), profile_to)
+        )
+    except BaseException:
+        print(
+            "server log (last lines):\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-40:]),
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        proc.kill()
+        proc.wait()
+    if profile_to is not None and profile_to.exists():
+        summary = summarise(profile_to)
+        profile_to.with_name(profile_to.stem + "-summary.txt").write_text(summary)
+    return {"server": deployment.label, "run": run, **result}
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """A temporary git worktree of ``rev``, removed afterwards."""
+    holder = Path(tempfile.mkdtemp(prefix="bench-agents-ref-"))
+    tree = holder / "tree"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(tree), rev],
+        check=True,
+    )
+    try:
+        yield tree
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False
+        )
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def describe(rev: str) -> str:
+    """A revision's short hash."""
+    return subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def working_tree_label() -> str:
+    """The label of the code being measured: its commit, and whether it has changes."""
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"candidate ({describe('HEAD')}{' + changes' if dirty else ''})"
+
+
+#: Columns of the per-run table: key, heading.
+COLUMNS = [
+    ("server", "server"),
+    ("run", "run"),
+    ("connected", "agents"),
+    ("metrics_per_s", "msg/s"),
+    ("server_cpu_pct", "srv%"),
+    ("us_per_message", "µs/msg"),
+    ("loadgen_cpu_pct", "gen%"),
+    ("others_cpu_pct", "oth%"),
+    ("load_avg", "load 1/5/15 min"),
+    ("watched_delivery", "watched"),
+    ("rss_per_agent_kb", "KB/agent"),
+    ("rtt_p99_ms", "cmd p99 ms"),
+    ("target", "≤150 µs"),
+]
+
+
+def verdict(us: float | None) -> str:
+    """Whether one figure meets the target."""
+    if us is None:
+        return "n/a"
+    return "met" if us <= TARGET_US else "MISSED"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The per-run rows, aligned."""
+    cells = [[head for _, head in COLUMNS]]
+    cells += [
+        ["" if row.get(key) is None else str(row.get(key)) for key, _ in COLUMNS] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def print_summary(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, float]:
+    """Min and median µs per message of each server, the target, and the ratio."""
+    medians = {}
+    for label in labels:
+        figures = [
+            r["us_per_message"] for r in rows if r["server"] == label and r["us_per_message"]
+        ]
+        if not figures:
+            continue
+        medians[label] = statistics.median(figures)
+        print(
+            f"  {label}: server CPU per metrics message min {min(figures):.1f} µs, "
+            f"median {medians[label]:.1f} µs over {len(figures)} run(s); "
+            f"target ≤ {TARGET_US:.0f} µs {verdict(medians[label])} (median)"
+        )
+    if len(medians) == 2:
+        reference, candidate = (medians[label] for label in labels)
+        print(f"  candidate / reference (medians): {candidate / reference:.2f}")
+    return medians
+
+
 def main() -> int:
-    """Run the benchmark once and print its figures."""
+    """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
+    parser.add_argument(
+        "--heartbeat", type=float, default=30.0, help="seconds between heartbeats (the agent's)"
+    )
+    parser.add_argument(
+        "--agent-ping",
+        type=float,
+        default=20.0,
+        help="seconds between the agents' protocol pings (the agent's default; 0: none)",
+    )
+    parser.add_argument("--ramp", type=float, default=1000.0, help="agents started per second")
+    parser.add_argument(
+        "--connect-for", type=float, default=300.0, help="how long an agent retries connecting"
+    )
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--commands", type=int, default=200)
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument(
+        "--offline-after",
+        type=int,
+        default=None,
+        help="HOST_OFFLINE_AFTER_SECONDS of the server (default: the shipped 90); an "
+        "agent's last-seen time is written every third of it",
+    )
+    parser.add_argument(
+        "--reference-ref",
+        default=None,
+        help="also measure this git revision's server (from a temporary worktree), "
+        "alternating with the working tree's",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per server")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record py-spy samples of the server over each window into this directory",
+    )
     args = parser.parse_args()
     raise_fd_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    env = server_env(workdir, args.redis_url)
-    proc = None
+    scratch = Path(tempfile.mkdtemp(prefix="bench-agents-"))
+    rows: list[dict[str, Any]] = []
     try:
-        data = prepare(env, args.agents)
-        ids = host_ids(env, args.agents)
-        port = free_port()
-        proc = start_server(env, port, workdir / "server.log")
-        result = asyncio.run(drive(args, f"127.0.0.1:{port}", data, ids, psutil.Process(proc.pid)))
-    except BaseException:
-        log = workdir / "server.log"
-        if log.exists():
-            print(
-                "server log (last lines):\n"
-                + "\n".join(log.read_text(errors="replace").splitlines()[-40:]),
-                file=sys.stderr,
-            )
-        raise
+        with contextlib.ExitStack() as stack:
+            deployments = []
+            if args.reference_ref:
+                tree = stack.enter_context(checkout(args.reference_ref))
+                deployments.append((f"reference ({describe(args.reference_ref)})", tree))
+            deployments.append((working_tree_label(), REPO))
+            servers = []
+            for index, (label, root) in enumerate(deployments):
+                workdir = scratch / str(index)
+                workdir.mkdir()
+                env = server_env(workdir, args.redis_url, args.offline_after)
+                servers.append(Deployment(label, root, workdir, env))
+            for deployment in servers:
+                deployment.prepare(args.agents)
+            for run in range(1, args.repeat + 1):
+                # ABBA order, so that a drift of the machine's load weighs on both alike
+                for deployment in servers if run % 2 else servers[::-1]:
+                    row = run_once(args, deployment, run, args.profile)
+                    row["target"] = verdict(row["us_per_message"])
+                    rows.append(row)
+                    print(
+                        f"  {row['server']} run {run}: {row['us_per_message']} µs/msg, "
+                        f"load {row['load_avg']}, others {row['others_cpu_pct']}%",
+                        flush=True,
+                    )
     finally:
-        if proc is not None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            proc.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     layer = "redis" if args.redis_url else "in-memory"
     print(
-        f"agents benchmark ({layer} layer, interval {args.interval}s, "
-        f"{args.duration:.0f}s steady state, {os.cpu_count()} cores)"
+        f"agents benchmark ({layer} layer, {args.agents} agents, reports every "
+        f"{args.interval}s, heartbeats every {args.heartbeat}s, pings every "
+        f"{args.agent_ping or '-'}s, {args.duration:.0f}s windows, offline after "
+        f"{args.offline_after if args.offline_after is not None else 'default'}, "
+        f"{os.cpu_count()} cores)"
     )
-    for key, value in result.items():
-        print(f"  {key:18} {value}")
-    return 0 if result["connected"] == result["agents"] and not result["errors"] else 1
+    print_table(rows)
+    print(
+        "  srv% gen% oth%: percent of one core used by the server, by this load generator and "
+        "by every other process over the window; load: os.getloadavg() at its end"
+    )
+    for row in rows:
+        print(
+            f"  {row['server']} run {row['run']}: connected {row['connected']} of "
+            f"{row['agents']} in {row['connect_s']}s (+{row['settle_s']}s settling), "
+            f"errors {row['errors']}, handshakes retried {row['handshake_retries']}, "
+            f"heartbeats {row['heartbeats_per_s']}/s, "
+            f"server CPU in the kernel {row['server_kernel_pct']}% of a core, "
+            f"RSS {row['rss_mb']} MB, commands {row['commands']} "
+            f"p50/p99 {row['rtt_p50_ms']}/{row['rtt_p99_ms']} ms, "
+            f"py-spy {row['profiler_cpu_pct']}%"
+        )
+    print_summary(rows, [d.label for d in servers])
+    if args.profile is not None:
+        print(f"  profiles (raw py-spy samples and *-summary.txt): {args.profile}")
+    ok = all(r["connected"] == r["agents"] and not r["errors"] for r in rows)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

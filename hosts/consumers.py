@@ -188,10 +188,11 @@ class AgentConsumer(Connection):
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
         """Note that the agent is alive."""
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
     async def on_metrics(self, data: AgentData, id_: MessageId) -> None:
-        """Publish live metrics; add them to this minute's history row."""
+        """Publish live metrics; add them to this minute's history row, which is stored
+        with the other agents' (:data:`hosts.services.METRIC_MINUTES`) once it is over."""
         try:
             metrics = clean_metrics(data.get("metrics"))
         except MetricsError as exc:
@@ -204,8 +205,11 @@ class AgentConsumer(Connection):
             cpu_count=self.cpu_count,
             at=now,
         )
-        await self._save_minute(self.aggregator.add(now, metrics))
-        await self.last_seen.touch()
+        finished = self.aggregator.add(now, metrics)
+        if finished is not None:  # the first report of a minute: store the one before
+            minute, samples, averages = finished
+            services.METRIC_MINUTES.add((self.host_id, minute, samples, averages))
+        self.last_seen.touch()
 
     async def on_command_started(self, data: AgentData, id_: MessageId) -> None:
         """Mark a command running."""
@@ -222,7 +226,7 @@ class AgentConsumer(Connection):
             execution_id=execution_id, host_id=self.host_id, result=result
         )
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
     async def on_package_progress(self, data: AgentData, id_: MessageId) -> None:
         """Store and publish a package operation's progress."""

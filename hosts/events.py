@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sysmanage.control import Control
 from sysmanage.events import Event
@@ -39,6 +39,16 @@ class HostMetricsReported(Event):
     timestamp: str
     metrics: Metrics
     cpu_count: int | None = None
+
+    def data(self) -> dict[str, Any]:
+        """The payload, its values as they are, not deep-copied as
+        :meth:`~sysmanage.events.Event.data` does: a report's figures are built for it
+        alone (:func:`hosts.metrics.clean_metrics`) and nothing changes them afterwards,
+        and the copy cost more than the rest of publishing a report."""
+        return {name: getattr(self, name) for name in _METRICS_FIELDS}
+
+
+_METRICS_FIELDS = tuple(field.name for field in dataclasses.fields(HostMetricsReported))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,6 @@ operations end with a clear status.  Every server process runs it periodically, 
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -18,6 +17,9 @@ from sysmanage.node import Node
 from sysmanage.protocol import CloseCode, auth_failed_envelope
 
 logger = logging.getLogger(__name__)
+
+#: Token hashes one query of :func:`agent_recheck` asks about, at most.
+RECHECK_CHUNK = 2000
 
 
 @dataclass(frozen=True)
@@ -50,34 +52,40 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
 
 def agent_recheck() -> None:
     """For every agent connected to this process: is its token still valid, and is work
-    waiting for it?  One query for each question, for all of them at once.
+    waiting for it?  A few queries for all of them at once.
 
     Revocations and new work normally arrive at once through the hub; this catches the
     ones made by a process that shares no channel layer with this one, and nudges that
-    were lost.
+    were lost.  It runs for every agent every ``AGENT_RECHECK_SECONDS``, so it asks the
+    database which of the connections' token hashes are still some host's (no host ids
+    to convert), and for the work waiting anywhere in the fleet, which is little, rather
+    than sending every connected host's id to the database.
     """
     node = Node.current()
     if node is None or not node.hub.agents:
         return
     connected = list(node.hub.agents.items())  # a snapshot; the loop may change the dict
-    ids = [host_id for host_id, _ in connected]
-    tokens = dict(Host.objects.filter(id__in=ids).values_list("id", "token_hash"))
-    waiting = set(
-        CommandExecution.objects.filter(
-            host_id__in=ids, status__in=CommandExecution.ACTIVE_STATUSES
-        ).values_list("host_id", flat=True)
-    ) | set(
-        PackageOperation.objects.filter(
-            host_id__in=ids, status__in=PackageOperation.ACTIVE_STATUSES
-        ).values_list("host_id", flat=True)
-    )
+    hashes = [h for _, conn in connected if (h := getattr(conn, "token_hash", ""))]
+    valid: set[str] = set()
+    for start in range(0, len(hashes), RECHECK_CHUNK):
+        valid.update(
+            Host.objects.filter(token_hash__in=hashes[start : start + RECHECK_CHUNK]).values_list(
+                "token_hash", flat=True
+            )
+        )
+    waiting = {
+        str(host_id)
+        for model in (CommandExecution, PackageOperation)
+        for host_id in model.objects.filter(status__in=model.ACTIVE_STATUSES)
+        .values_list("host_id", flat=True)
+        .distinct()
+    }
     for host_id, conn in connected:
-        token_hash = tokens.get(uuid.UUID(host_id))
-        if not token_hash or token_hash != getattr(conn, "token_hash", None):
+        if getattr(conn, "token_hash", "") not in valid:
             node.call_soon_threadsafe(
                 conn.close_from_hub,
                 CloseCode.AUTH_FAILED,
                 auth_failed_envelope("Agent token was revoked or rotated"),
             )
-        elif uuid.UUID(host_id) in waiting:
+        elif host_id in waiting:
             node.call_soon_threadsafe(conn.nudge)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -43,6 +42,7 @@ from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
+from sysmanage.writebatch import WriteBatch
 
 HOST_FACT_FIELDS = (
     "fqdn",
@@ -368,25 +368,51 @@ def host_inventory_save(
     return True
 
 
-def host_touch(*, host_id: Any, seen_at: datetime) -> None:
-    """Record when a host's agent was last heard from (no event)."""
-    Host.objects.filter(id=host_id).update(last_seen=seen_at)
+#: Hosts whose last-seen time one statement writes, at most; minutes of history, too.
+WRITE_CHUNK = 500
+#: How long what agent connections note for the database (last-seen times, finished
+#: minutes of history) waits, from the first note, to be written with the rest (seconds).
+BATCH_SECONDS = 1.0
+
+
+def hosts_touch(*, host_ids: Collection[Any], seen_at: datetime) -> None:
+    """Record that the agents of ``host_ids`` were heard from at ``seen_at`` (no event):
+    one statement per :data:`WRITE_CHUNK` hosts, never moving a last-seen time back."""
+    ids = list(host_ids)
+    for start in range(0, len(ids), WRITE_CHUNK):
+        Host.objects.filter(id__in=ids[start : start + WRITE_CHUNK]).filter(
+            Q(last_seen__lt=seen_at) | Q(last_seen__isnull=True)
+        ).update(last_seen=seen_at)
+
+
+def _touch_noted(noted: list[tuple[Any, datetime]]) -> None:
+    """Write the last-seen times a process noted, with the earliest time among them, so
+    that no host is said to have been heard from later than it was."""
+    hosts_touch(host_ids={host_id for host_id, _ in noted}, seen_at=min(t for _, t in noted))
+
+
+#: The last-seen times noted by this process's agent connections, written together.
+LAST_SEEN: WriteBatch[tuple[Any, datetime]] = WriteBatch(
+    _touch_noted, what="last-seen times of agents", delay=BATCH_SECONDS
+)
 
 
 class LastSeen:
-    """An agent connection's last-seen time, written at most every third of the offline
-    timeout: often enough to keep the host online, rarely enough to spare the database."""
+    """An agent connection's last-seen time, noted at most every third of the offline
+    timeout (often enough to keep the host online) and written with every other
+    connection's of the process (:data:`LAST_SEEN`), so that a fleet costs one statement a
+    second, and no report waits for it."""
 
     def __init__(self, host_id: Any, *, written_now: bool = False) -> None:
         self.host_id = host_id
         self.written = time.monotonic() if written_now else float("-inf")
 
-    async def touch(self) -> None:
-        """Note that the agent was heard from; persist it if it is time to."""
+    def touch(self) -> None:
+        """Note that the agent was heard from; have it written if it is time to."""
         now = time.monotonic()
         if now - self.written >= settings.HOST_OFFLINE_AFTER_SECONDS / 3:
             self.written = now
-            await database_sync_to_async(host_touch)(host_id=self.host_id, seen_at=timezone.now())
+            LAST_SEEN.add((self.host_id, timezone.now()))
 
 
 def hosts_mark_offline(*, silent_for: float) -> list[Host]:
@@ -588,23 +614,97 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
     return count
 
 
+#: A finished minute of a host's metrics: host id, minute, reports, their averages.
+MinuteRow = tuple[Any, datetime, int, MinuteAverages]
+
+
+def _merged(
+    old_samples: int, old: MinuteAverages, samples: int, new: MinuteAverages
+) -> MinuteAverages:
+    """Two parts of one minute as one: percentages averaged by their reports, the disks
+    and load of the later part (if it has them)."""
+    total = old_samples + samples
+    merged: MinuteAverages = {}
+    for key in PERCENT_KEYS:
+        before, after = old.get(key), new.get(key)
+        if after is None or before is None:
+            merged[key] = before if after is None else after
+        else:
+            merged[key] = (before * old_samples + after * samples) / total
+    merged["disk_usage"] = new.get("disk_usage") or old.get("disk_usage") or {}
+    merged["load_average"] = new.get("load_average") or old.get("load_average") or []
+    return merged
+
+
+def _row_averages(row: MetricSample) -> MinuteAverages:
+    return {
+        "cpu_usage": row.cpu_usage,
+        "memory_usage": row.memory_usage,
+        "disk_usage": row.disk_usage,
+        "load_average": row.load_average,
+    }
+
+
+def metric_samples_save(*, rows: Sequence[MinuteRow]) -> None:
+    """Store one-minute history rows, each merged into the row of its host and minute if
+    there is one already: a few statements for all of them."""
+    combined: dict[tuple[str, datetime], tuple[int, MinuteAverages]] = {}
+    for host_id, minute, samples, averages in rows:
+        key = (str(host_id), minute)
+        if key in combined:
+            old_samples, old = combined[key]
+            combined[key] = (old_samples + samples, _merged(old_samples, old, samples, averages))
+        else:
+            combined[key] = (samples, averages)
+    keys = list(combined)
+    for start in range(0, len(keys), WRITE_CHUNK):
+        chunk = {key: combined[key] for key in keys[start : start + WRITE_CHUNK]}
+        try:
+            _save_minutes(chunk)
+        except IntegrityError:
+            # Another process created one of the rows meanwhile: merge into it instead.
+            _save_minutes(chunk)
+
+
+def _save_minutes(rows: dict[tuple[str, datetime], tuple[int, MinuteAverages]]) -> None:
+    with transaction.atomic():
+        existing = {
+            (str(row.host_id), row.minute): row
+            for row in MetricSample.objects.select_for_update().filter(
+                host_id__in={host_id for host_id, _ in rows},
+                minute__in={minute for _, minute in rows},
+            )
+        }
+        changed, created = [], []
+        for (host_id, minute), (samples, averages) in rows.items():
+            row = existing.get((host_id, minute))
+            if row is None:
+                created.append(
+                    MetricSample(host_id=host_id, minute=minute, samples=samples, **averages)
+                )
+                continue
+            for field, value in _merged(row.samples, _row_averages(row), samples, averages).items():
+                setattr(row, field, value)
+            row.samples += samples
+            changed.append(row)
+        MetricSample.objects.bulk_create(created)
+        MetricSample.objects.bulk_update(
+            changed, ["samples", "cpu_usage", "memory_usage", "disk_usage", "load_average"]
+        )
+
+
 def metric_sample_save(
     *, host_id: Any, minute: datetime, samples: int, averages: MinuteAverages
 ) -> None:
     """Store (or merge into) the one-minute history row of a host."""
-    with transaction.atomic():
-        row, created = MetricSample.objects.select_for_update().get_or_create(
-            host_id=host_id, minute=minute, defaults={"samples": samples, **averages}
-        )
-        if created:
-            return
-        total = row.samples + samples
-        for field in PERCENT_KEYS:
-            old, new = getattr(row, field), averages.get(field)
-            if new is not None:
-                merged = new if old is None else (old * row.samples + new * samples) / total
-                setattr(row, field, merged)
-        row.disk_usage = averages.get("disk_usage") or row.disk_usage
-        row.load_average = averages.get("load_average") or row.load_average
-        row.samples = total
-        row.save()
+    metric_samples_save(rows=[(host_id, minute, samples, averages)])
+
+
+def _save_noted_minutes(rows: list[MinuteRow]) -> None:
+    metric_samples_save(rows=rows)
+
+
+#: Finished minutes of this process's agent connections, written together.
+METRIC_MINUTES: WriteBatch[MinuteRow] = WriteBatch(
+    _save_noted_minutes, what="minutes of metrics history", delay=BATCH_SECONDS
+)

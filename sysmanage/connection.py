@@ -6,7 +6,9 @@ consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
 
 - it has no layer channel of its own: events, control messages and work reach it
   through the process's :class:`~sysmanage.hub.Hub`, which saves a layer round trip
-  (and a Redis connection) per socket;
+  (and a Redis connection) per socket; so it awaits its socket's messages alone,
+  without the task and ``asyncio.wait`` per frame that Channels spends on waiting for
+  a socket and a layer channel at once;
 - everything it sends goes through one :class:`~sysmanage.transport.Outbound`, opened
   when the handshake is accepted, so that it leaves in the order it was produced;
 - the tasks it starts end with it;
@@ -25,10 +27,13 @@ how the hub's reasons for closing are put to their peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -39,6 +44,8 @@ from sysmanage.ratelimit import RefusalWindow, TokenBucket
 from sysmanage.transport import Outbound
 
 if TYPE_CHECKING:
+    from channels.consumer import _ChannelScope
+
     from sysmanage.hub import CloseReason, Hub
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,17 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.rate_refusals = RefusalWindow()
+
+    async def __call__(
+        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Called by the server for the connection's whole life: hand each of the
+        socket's messages to its handler, one after another, until a handler stops."""
+        self.scope = scope
+        self.base_send = send
+        with contextlib.suppress(StopConsumer):
+            while True:
+                await self.dispatch(cast("dict[str, Any]", await receive()))
 
     async def _accept(self, subprotocol: str | None = None) -> None:
         """Complete the handshake and open the outbound path (refusals too are

@@ -1270,7 +1270,7 @@ async def test_a_failure_while_handling_the_proving_message_still_brings_the_hos
     host, host_token = await database_sync_to_async(approved_host)()
     comm = await connect(await database_sync_to_async(enrollment.connection_token_issue)("web-01"))
 
-    async def locked(self):
+    def locked(self):
         raise OperationalError("database is locked")
 
     monkeypatch.setattr(session_module.AgentSession, "seen", locked)

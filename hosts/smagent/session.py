@@ -302,18 +302,18 @@ class AgentSession:
         await database_sync_to_async(services.host_update_facts)(
             host_id=self.host_id, facts=protocol.facts_from_system_info(data)
         )
-        await self.seen()
+        self.seen()
         return []
 
     async def on_heartbeat(self, data: MessageData, message_id: str) -> list[ServerMessage]:
         """The agent is alive."""
-        await self.seen()
+        self.seen()
         return []
 
     async def on_command_result(self, data: MessageData, message_id: str) -> list[ServerMessage]:
         """A command's result: stored once, whether it comes before the ack or after."""
         await database_sync_to_async(deliveries.record_result)(host_id=self.host_id, data=data)
-        await self.seen()
+        self.seen()
         return []
 
     async def on_custom_metric_samples(
@@ -342,7 +342,7 @@ class AgentSession:
                 samples=1,
                 averages=averages,
             )
-        await self.seen()
+        self.seen()
         return []
 
     async def on_inventory(self, message_type: str, data: MessageData) -> list[ServerMessage]:
@@ -365,7 +365,7 @@ class AgentSession:
             facts=facts,
             digest=protocol.digest(stored),
         )
-        await self.seen()
+        self.seen()
         if kind == InventoryKind.HARDWARE:
             mounts = protocol.mounts_from_hardware(data)
             if mounts and mounts != self.mounts:
@@ -410,10 +410,10 @@ class AgentSession:
             publish_control_now(AgentTook(ref=item.ref, host_id=self.host_id))
         return [item.message for item in due]
 
-    async def seen(self) -> None:
+    def seen(self) -> None:
         """The agent was heard from."""
         assert self.last_seen is not None
-        await self.last_seen.touch()
+        self.last_seen.touch()
 
 
 def _ids(held: Held) -> dict[str, object]:

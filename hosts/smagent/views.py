@@ -293,7 +293,7 @@ async def poll(request: HttpRequest) -> JsonResponse:
             if session.mounts is None:  # not sent with a held hardware report
                 replies.append(await session.initial_metrics_command())
         else:
-            await session.seen()
+            session.seen()
         commands += await _due_commands(session, max_wait)
     if not settings.SYSMANAGE_AGENT_TRUST_POLLING:
         # The agent's polls carry host_token only in some messages, and an idle poll
