@@ -38,7 +38,6 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage.auth import RAW_SEND_KEY
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
 from sysmanage.ratelimit import RefusalWindow, TokenBucket
@@ -94,12 +93,9 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Complete the handshake and open the outbound path (refusals too are
         accepted first, so that they can be explained)."""
         await self.accept(subprotocol=subprotocol)
-        # The server's own send callable, kept in the scope by sysmanage.auth (channels'
-        # scope type does not list the key); the outbound path sends it plain dicts.
-        raw_send = cast(
-            "Callable[[dict[str, Any]], Awaitable[None]]",
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-        )
+        # The server's own send callable (no middleware wraps it), which lets the outbound
+        # path write to Daphne's protocol directly; it sends it plain dicts.
+        raw_send = cast("Callable[[dict[str, Any]], Awaitable[None]]", self.base_send)
         self.outbound = Outbound(
             raw_send,
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
