@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import import_module
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from channels.auth import UserLazyObject, get_user
 from channels.db import database_sync_to_async
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.http import parse_cookie
+from django.utils.functional import LazyObject
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken
@@ -38,15 +42,13 @@ from sysmanage.credentials import (
 if TYPE_CHECKING:
     from sysmanage.models import User
 
-#: Scope key under which the outermost middleware keeps the server's send callable.
-RAW_SEND_KEY = "sysmanage.raw_send"
 #: The subprotocol the server selects when a client offered a bearer token that way.
 BEARER_SUBPROTOCOL = "bearer"
 
 #: Where a socket's credentials came from.
 TokenSource = Literal["query", "subprotocol", "header", "session"]
 #: An ASGI connection scope as this module reads it: the keys of the ASGI specification
-#: plus those that servers and middleware add (``user``, :data:`RAW_SEND_KEY`).
+#: plus those that servers and middleware add (``user``, ``session``).
 ScopeView = Mapping[str, Any]
 #: What the routes wrap: an ASGI application.  Any, because channels' stubs type their
 #: middleware stacks as a union that includes ASGI 2 (single-callable) applications,
@@ -169,13 +171,15 @@ def token_credentials(
     check = user_for_access_token(raw)
     if check.user is None:
         return SocketCredentials(via=via, subprotocol=subprotocol, error=check.error)
+    rights = permissions.socket_rights(check.user)
+    permissions.forget_permissions(check.user)  # the socket keeps the user, not these
     return SocketCredentials(
         user=check.user,
         via=via,
         expires_at=check.expires_at,
         subprotocol=subprotocol,
         fingerprint=fingerprint(check.user),
-        rights=permissions.socket_rights(check.user),
+        rights=rights,
         token_session=check.session,
         issued_at=check.issued_at,
     )
@@ -195,11 +199,10 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
     if user is not None and user.is_authenticated and user.is_active:
+        rights = permissions.socket_rights(user)
+        permissions.forget_permissions(user)  # the socket keeps the user, not these
         return SocketCredentials(
-            user=user,
-            via="session",
-            fingerprint=fingerprint(user),
-            rights=permissions.socket_rights(user),
+            user=user, via="session", fingerprint=fingerprint(user), rights=rights
         )
     return SocketCredentials(error="Missing JWT token")
 
@@ -247,8 +250,24 @@ class RefuseBrowsers:
         await self.application(scope, receive, send)
 
 
-class BrowserOriginValidator:
-    """Refuse WebSocket handshakes from foreign origins; allow clients that send none."""
+class ClientSocketScope:
+    """What ``/ws`` does before its consumer, in one step and one copy of the scope.
+
+    - A browser page of a foreign origin is refused with HTTP 403 (:func:`origin_allowed`);
+      clients that send no ``Origin`` pass.
+    - The scope gets ``cookies``, ``session`` and ``user`` as channels'
+      ``AuthMiddlewareStack`` gives them: the handshake's cookies, the Django session its
+      session cookie names, and that session's user (``AnonymousUser`` without one),
+      read in the database thread.  :func:`authenticate_socket` falls back to that user
+      when the socket carries no token.
+
+    Channels' stack does the last part in three middlewares, each holding a copy of the
+    scope and a suspended coroutine for as long as the socket is open, about 4 KB per
+    idle socket (docs/benchmarks.md, "Memory per idle socket").  Its session middleware
+    also wraps ``send`` to save a modified session with an HTTP response, which a
+    WebSocket never sends; here the consumer gets the server's own ``send``, which
+    :class:`~sysmanage.transport.Outbound` needs to write event frames directly.
+    """
 
     def __init__(self, application: ASGIApp) -> None:
         self.application = application
@@ -256,12 +275,19 @@ class BrowserOriginValidator:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        """Called per connection: pass it on, or deny it with HTTP 403."""
+        """Called per connection: deny it with HTTP 403, or pass it on with its session."""
         origin = _header(scope, b"origin")
         if origin is not None and not origin_allowed(origin, scope):
             await _deny(scope, receive, send)
             return
-        # The server's own send callable, before middleware wraps it: the hub writes
-        # event frames through it directly (see sysmanage.transport).  ASGI lets
-        # middleware add keys to the scope; asgiref's TypedDicts do not list them.
-        await self.application(cast("Scope", {**scope, RAW_SEND_KEY: send}), receive, send)
+        cookie = _header(scope, b"cookie")
+        cookies = parse_cookie(cookie) if cookie is not None else {}
+        session: LazyObject[Any] = LazyObject()
+        session._wrapped = import_module(settings.SESSION_ENGINE).SessionStore(
+            cookies.get(settings.SESSION_COOKIE_NAME)
+        )
+        # ASGI lets middleware add keys to the scope; asgiref's TypedDicts do not list them.
+        inner: dict[str, Any] = {**scope, "cookies": cookies, "session": session}
+        user = inner["user"] = UserLazyObject()
+        user._wrapped = await get_user(cast("Any", inner))  # channels' own scope type
+        await self.application(cast("Scope", inner), receive, send)

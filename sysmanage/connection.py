@@ -18,7 +18,11 @@ consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
   consumer, so that it reconnects and catches up rather than holding memory;
 - every frame it receives, whatever it holds, takes a token of the endpoint's rate
   before anything parses it; a frame over the rate is refused, and a peer that keeps
-  sending through the refusals is closed (4029).
+  sending through the refusals is closed (4029);
+- it holds as little as it can while idle, since a process holds thousands of them
+  (docs/benchmarks.md, "Memory per idle socket"): it awaits the server's messages itself
+  rather than through channels' task-per-receive loop, and makes its set of tasks and
+  its window of rate refusals only when it first needs them.
 
 Subclasses say how a message is encoded, what a peer that stopped reading is told, and
 how the hub's reasons for closing are put to their peer.
@@ -32,12 +36,11 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage.auth import RAW_SEND_KEY
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
 from sysmanage.ratelimit import RefusalWindow, TokenBucket
@@ -68,10 +71,28 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     #: the endpoint's rate of frames, set when its connection is accepted
     bucket: TokenBucket | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.rate_refusals = RefusalWindow()
+    #: the tasks this connection started and that have not ended (made on first use)
+    tasks: set[asyncio.Task[Any]] | None = None
+    #: the frames recently refused for rate (made at the first refusal)
+    rate_refusals: RefusalWindow | None = None
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve the connection: dispatch each message of the server to its handler.
+
+        Channels' consumer does the same through ``await_many_dispatch``, which runs
+        every ``receive()`` in a task of its own and waits on it with ``asyncio.wait``
+        (a task, a future, a set and three suspended coroutines per idle socket).  With
+        no layer channel there is only one source to wait on, so it is awaited directly.
+        """
+        self.scope = scope  # type: ignore[assignment]  # channels types it as its own scope
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())  # type: ignore[arg-type]
+        except StopConsumer:
+            pass
 
     async def __call__(
         self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -88,12 +109,9 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Complete the handshake and open the outbound path (refusals too are
         accepted first, so that they can be explained)."""
         await self.accept(subprotocol=subprotocol)
-        # The server's own send callable, kept in the scope by sysmanage.auth (channels'
-        # scope type does not list the key); the outbound path sends it plain dicts.
-        raw_send = cast(
-            "Callable[[dict[str, Any]], Awaitable[None]]",
-            self.scope.get(RAW_SEND_KEY, self.base_send),
-        )
+        # The server's own send callable (no middleware wraps it), which lets the outbound
+        # path write to Daphne's protocol directly; it sends it plain dicts.
+        raw_send = cast("Callable[[dict[str, Any]], Awaitable[None]]", self.base_send)
         self.outbound = Outbound(
             raw_send,
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
@@ -102,7 +120,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     def _release(self) -> None:
         """Called on disconnect: end this connection's tasks and its outbound path."""
-        for task in self.tasks:
+        for task in self.tasks or ():
             task.cancel()
         if self.outbound is not None:
             self.outbound.stop()
@@ -122,11 +140,14 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Send one message (a reply, an error)."""
         self.send_text(self.encode(message))
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coro`` as a task that ends with the connection."""
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task that ends with the connection; return the task."""
         task = asyncio.ensure_future(coro)
+        if self.tasks is None:
+            self.tasks = set()
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -136,6 +157,8 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         wait = self.bucket.take() if self.bucket is not None else 0.0
         if wait == 0:
             return True
+        if self.rate_refusals is None:
+            self.rate_refusals = RefusalWindow()
         if self.rate_refusals.record():
             await self._close_with(CloseCode.RATE_LIMITED, self._rate_closing_message())
             return False

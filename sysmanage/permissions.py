@@ -147,8 +147,25 @@ def channel_lost(channel: str, rights: frozenset[str]) -> bool:
 
 
 def socket_rights(user: Asker) -> frozenset[str]:
-    """The :data:`SOCKET_RIGHTS` that ``user`` holds."""
-    return frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
+    """The :data:`SOCKET_RIGHTS` that ``user`` holds (one shared set per distinct answer:
+    thousands of sockets keep a few)."""
+    rights = frozenset(right for right in SOCKET_RIGHTS if holds(user, right))
+    return _RIGHTS_SETS.setdefault(rights, rights)
+
+
+#: Every distinct answer of :func:`socket_rights` (at most 2 ** len(SOCKET_RIGHTS)).
+_RIGHTS_SETS: dict[frozenset[str], frozenset[str]] = {}
+#: The caches Django's ``ModelBackend`` fills on a user object to answer ``has_perm``.
+_PERMISSION_CACHES = ("_perm_cache", "_user_perm_cache", "_group_perm_cache")
+
+
+def forget_permissions(user: Asker) -> None:
+    """Drop the permissions Django cached on ``user`` (every permission name the user
+    holds, in three sets).  A socket keeps its user object for as long as it is open
+    but asks only :func:`fresh` users, so there they would only take memory."""
+    if user is not None:
+        for name in _PERMISSION_CACHES:
+            user.__dict__.pop(name, None)
 
 
 def sees_command_output(

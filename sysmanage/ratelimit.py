@@ -15,6 +15,8 @@ RATE_VIOLATION_WINDOW = 10.0
 class TokenBucket:
     """Allows ``rate`` messages a second on average, in bursts of up to ``burst``."""
 
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.capacity = float(burst)
@@ -34,6 +36,8 @@ class TokenBucket:
 
 class RefusalWindow:
     """The messages refused for rate within the last ``window`` seconds."""
+
+    __slots__ = ("limit", "times", "window")
 
     def __init__(
         self, limit: int = MAX_RATE_VIOLATIONS, window: float = RATE_VIOLATION_WINDOW

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import WebsocketDenier
 
 from hosts.consumers import AgentConsumer
 from sysmanage import plugins
-from sysmanage.auth import BrowserOriginValidator, RefuseBrowsers
+from sysmanage.auth import ClientSocketScope, RefuseBrowsers
 from sysmanage.consumers import ClientConsumer
 from sysmanage.plugins import websocket_route as route
 
@@ -22,6 +21,6 @@ if TYPE_CHECKING:
 websocket_urlpatterns: list[WebSocketRoute] = [
     route(r"^ws/agent/?$", RefuseBrowsers(AgentConsumer.as_asgi())),
     *plugins.websocket_urlpatterns(),
-    route(r"^ws/?$", BrowserOriginValidator(AuthMiddlewareStack(ClientConsumer.as_asgi()))),
+    route(r"^ws/?$", ClientSocketScope(ClientConsumer.as_asgi())),
     route(r"", WebsocketDenier.as_asgi()),  # any other path: handshake refused (403)
 ]

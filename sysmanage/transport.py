@@ -80,6 +80,18 @@ def _daphne_protocol(send: Any) -> Any:
 class Outbound:
     """The outgoing side of one client connection."""
 
+    __slots__ = (
+        "_max_buffer",
+        "_on_overflow",
+        "_protocol",
+        "_queue",
+        "_send",
+        "_socket",
+        "_tcp",
+        "_writer",
+        "overflowed",
+    )
+
     def __init__(
         self,
         send: Callable[[dict[str, Any]], Awaitable[None]],

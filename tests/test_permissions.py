@@ -246,3 +246,24 @@ def test_staff_flag_alone_holds_no_right(make_user):
     assert all(permissions.holds(root, right) for right in permissions.RIGHTS)
     root.is_active = False
     assert not any(permissions.holds(root, right) for right in permissions.RIGHTS)
+
+
+def test_sockets_share_one_set_of_rights_per_answer(make_user):
+    first = make_user("first", staff=True, perms=["activity.view_useractivity"])
+    second = make_user("second", staff=True, perms=["activity.view_useractivity"])
+    rights = permissions.socket_rights(first)
+    assert rights == {"view_activity"}
+    assert permissions.socket_rights(second) is rights
+
+
+def test_a_socket_keeps_its_user_without_the_permission_cache(make_user, token_for):
+    from sysmanage.auth import token_credentials
+
+    user = make_user("watcher", staff=True, perms=["activity.view_useractivity", "hosts.view_host"])
+    credentials = token_credentials(token_for(user), "query")
+    assert credentials.rights == {"view_activity"}
+    held = credentials.user
+    assert held is not None
+    assert not {"_perm_cache", "_user_perm_cache", "_group_perm_cache"} & set(vars(held))
+    # asking again still answers (Django reads the permissions anew)
+    assert held.has_perm("hosts.view_host")

@@ -269,9 +269,7 @@ class SysManageAgentConsumer(Connection):
         sent = await self.session.due_commands(resend_all=resend_all)
         self.send_messages(sent)
         if sent and (self.resender is None or self.resender.done()):
-            self.resender = asyncio.ensure_future(self._resend_until_acknowledged())
-            self.tasks.add(self.resender)
-            self.resender.add_done_callback(self.tasks.discard)
+            self.resender = self._spawn(self._resend_until_acknowledged())
 
     async def _resend_until_acknowledged(self) -> None:
         """While commands sent on this connection wait for their acknowledgement, look

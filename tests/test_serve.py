@@ -1,0 +1,184 @@
+"""What the server entry point (``sysmanage.serve``) keeps per WebSocket connection:
+Daphne's own code paths, driven through Twisted's in-memory transport, with the lean
+inbox, protocol and the release of the upgraded HTTP request."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from typing import Any
+
+import pytest
+from autobahn.websocket.protocol import WebSocketProtocol as AutobahnProtocol
+from daphne.http_protocol import HTTPFactory, WebRequest
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketFactory
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from sysmanage.serve import Inbox, LeanWebSocketProtocol, RedactingServer
+
+UPGRADE = (
+    b"GET /ws?token=s3cr3t HTTP/1.1\r\nHost: testserver\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+# -- the inbox ---------------------------------------------------------------------------
+
+
+async def test_inbox_hands_over_in_order_and_waits_when_empty():
+    inbox = Inbox()
+    inbox.put_nowait({"n": 1})
+    inbox.put_nowait({"n": 2})
+    assert await inbox.get() == {"n": 1}
+    assert await inbox.get() == {"n": 2}
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    inbox.put_nowait({"n": 3})
+    assert await asyncio.wait_for(waiting, 1) == {"n": 3}
+
+
+async def test_a_cancelled_get_takes_nothing():
+    inbox = Inbox()
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait({"n": 1})  # wakes the reader, which is cancelled before it runs
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await asyncio.wait_for(inbox.get(), 1) == {"n": 1}
+
+
+async def test_a_second_reader_is_refused():
+    inbox = Inbox()
+    first = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="another reader"):
+        await inbox.get()
+    inbox.put_nowait({"n": 1})
+    assert await asyncio.wait_for(first, 1) == {"n": 1}
+
+
+async def test_an_empty_inbox_keeps_no_queue():
+    inbox = Inbox()
+    inbox.put_nowait({"n": 1})
+    await inbox.get()
+    assert inbox._items is None
+
+
+# -- a WebSocket upgrade through Daphne ----------------------------------------------------
+
+
+class Upgraded:
+    """One WebSocket handshake served by a Daphne server of ``server_class`` over an
+    in-memory transport, to an application that accepts it and waits."""
+
+    def __init__(self, server_class: type[Server]) -> None:
+        self.received: list[dict[str, Any]] = []
+        #: every HTTP request the server was told of (weakly)
+        self.http_requests: list[weakref.ref[Any]] = []
+        self.server = server_class(self.application, endpoints=["tcp:port=0"])
+        self.server.connections = {}
+        connected = self.server.protocol_connected
+
+        def note(protocol: Any) -> None:
+            if isinstance(protocol, WebRequest):
+                self.http_requests.append(weakref.ref(protocol))
+            connected(protocol)
+
+        self.server.protocol_connected = note
+        # What Daphne's Server.run makes before it listens.
+        self.server.ws_factory = WebSocketFactory(self.server, server="Daphne")
+        self.server.ws_factory.setProtocolOptions(autoPingTimeout=7, allowNullOrigin=True)
+        self.server.http_factory = HTTPFactory(self.server)
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.channel = self.server.http_factory.buildProtocol(peer)
+        self.transport = StringTransport(
+            peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000)
+        )
+        self.channel.makeConnection(self.transport)
+
+    async def application(self, scope: Any, receive: Any, send: Any) -> None:
+        self.received.append(await receive())
+        await send({"type": "websocket.accept"})
+        await asyncio.Event().wait()
+
+    async def handshake(self) -> None:
+        self.channel.dataReceived(UPGRADE)
+        for _ in range(100):
+            if self.transport.value().startswith(b"HTTP/1.1 101"):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no handshake answer: {self.transport.value()!r}")
+
+    def requests(self) -> list[Any]:
+        """The HTTP requests the connection's HTTP channel still holds."""
+        return list(self.channel._channel.requests)
+
+    def stop(self) -> None:
+        for details in self.server.connections.values():
+            instance = details.get("application_instance")
+            if instance is not None:
+                instance.cancel()
+
+
+async def test_the_upgraded_http_request_is_let_go():
+    served = Upgraded(RedactingServer)
+    try:
+        await served.handshake()
+        # Daphne hands the request's data to the WebSocket protocol, then is done with it.
+        assert served.received == [{"type": "websocket.connect"}]
+        assert served.requests() == []
+    finally:
+        served.stop()
+
+
+async def test_daphne_alone_keeps_the_upgraded_request():
+    """The reference: what the release above saves (the request, its headers and URL,
+    token included) for as long as the socket is open."""
+    served = Upgraded(Server)
+    try:
+        await served.handshake()
+        kept = served.requests()
+        assert len(kept) == 1
+        assert b"s3cr3t" in kept[0].uri
+    finally:
+        served.stop()
+
+
+@pytest.mark.parametrize(("server_class", "freed"), [(RedactingServer, True), (Server, False)])
+async def test_the_released_request_is_freed(server_class, freed):
+    served = Upgraded(server_class)
+    try:
+        await served.handshake()
+        # What Daphne's application checker does within a second: forget the answered
+        # or upgraded requests.
+        served.server.connections = {
+            p: d for p, d in served.server.connections.items() if "disconnected" not in d
+        }
+        gc.collect()
+        assert [ref() is None for ref in served.http_requests] == [freed]
+    finally:
+        served.stop()
+
+
+async def test_connections_read_autobahns_options_from_the_factory():
+    served = Upgraded(RedactingServer)
+    try:
+        await served.handshake()
+        protocol = served.transport.protocol
+        assert isinstance(protocol, LeanWebSocketProtocol)
+        assert protocol.autoPingTimeout == 7
+        for option in AutobahnProtocol.CONFIG_ATTRS_COMMON:
+            assert option not in vars(protocol)
+            assert getattr(protocol, option) == getattr(served.server.ws_factory, option)
+        # the queue of chopped writes still works as Autobahn uses it
+        protocol.sendData(b"abcdef", chopsize=3)
+        assert served.transport.value().endswith(b"abc")
+        assert len(protocol.send_queue) == 1
+    finally:
+        served.stop()
