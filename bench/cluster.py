@@ -200,7 +200,7 @@ async def hold_sockets(
 
 def cpu_seconds(proc: psutil.Process) -> float:
     times = proc.cpu_times()
-    return times.user + times.system
+    return float(times.user + times.system)
 
 
 def measure(root: Path, label: str, processes: int, args: argparse.Namespace, work: Path) -> Row:
@@ -282,7 +282,8 @@ async def run_window(
                 raise RuntimeError(f"the publisher ended before {tag}")
             text = raw.decode().strip()
             if text.startswith(tag):
-                return json.loads(text[len(tag) :].strip() or "{}")
+                found: dict[str, Any] = json.loads(text[len(tag) :].strip() or "{}")
+                return found
 
     await line("READY")
     procs = [psutil.Process(proc.pid) for proc, _ in servers]

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -77,28 +77,16 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     rate_refusals: RefusalWindow | None = None
 
     async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        """Serve the connection: dispatch each message of the server to its handler.
+        """Called by the server for the connection's whole life: hand each of the
+        socket's messages to its handler, one after another, until a handler stops.
 
         Channels' consumer does the same through ``await_many_dispatch``, which runs
         every ``receive()`` in a task of its own and waits on it with ``asyncio.wait``
         (a task, a future, a set and three suspended coroutines per idle socket).  With
         no layer channel there is only one source to wait on, so it is awaited directly.
         """
-        self.scope = scope  # type: ignore[assignment]  # channels types it as its own scope
-        self.base_send = send
-        try:
-            while True:
-                await self.dispatch(await receive())  # type: ignore[arg-type]
-        except StopConsumer:
-            pass
-
-    async def __call__(
-        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        """Called by the server for the connection's whole life: hand each of the
-        socket's messages to its handler, one after another, until a handler stops."""
         self.scope = scope
         self.base_send = send
         with contextlib.suppress(StopConsumer):
