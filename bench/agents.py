@@ -42,14 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 import websockets
-from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
+from _common import free_port, raise_fd_limit, reference_worktree  # bench/ is on sys.path
 from _profile import start_py_spy, summarise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -535,24 +534,6 @@ def run_once(
     return {"server": deployment.label, "run": run, **result}
 
 
-@contextlib.contextmanager
-def checkout(rev: str) -> Iterator[Path]:
-    """A temporary git worktree of ``rev``, removed afterwards."""
-    holder = Path(tempfile.mkdtemp(prefix="bench-agents-ref-"))
-    tree = holder / "tree"
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(tree), rev],
-        check=True,
-    )
-    try:
-        yield tree
-    finally:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False
-        )
-        shutil.rmtree(holder, ignore_errors=True)
-
-
 def describe(rev: str) -> str:
     """A revision's short hash."""
     return subprocess.run(
@@ -680,7 +661,7 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             deployments = []
             if args.reference_ref:
-                tree = stack.enter_context(checkout(args.reference_ref))
+                tree, _ = stack.enter_context(reference_worktree(args.reference_ref))
                 deployments.append((f"reference ({describe(args.reference_ref)})", tree))
             deployments.append((working_tree_label(), REPO))
             servers = []

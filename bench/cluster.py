@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ import psutil
 import psycopg
 import redis
 import websockets
-from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
+from _common import free_port, raise_fd_limit, reference_worktree  # bench/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -100,28 +99,6 @@ HEADER = [
     "machine %",
     "load1",
 ]
-
-
-@contextlib.contextmanager
-def checkout(ref: str | None) -> Iterator[Path]:
-    """This checkout (``ref`` None), or ``ref`` in a temporary git worktree."""
-    if ref is None:
-        yield REPO
-        return
-    where = Path(tempfile.mkdtemp(prefix="sysmanage-ref-"))
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(where), ref],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield where
-    finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(where)], cwd=REPO, capture_output=True
-        )
-        shutil.rmtree(where, ignore_errors=True)
 
 
 def server_env(postgres_url: str, database: str, redis_url: str, prefix: str) -> dict[str, str]:
@@ -363,12 +340,12 @@ def main() -> int:
     rows: list[Row] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
-        checkout(None) as current,
-        checkout(args.reference_ref) as reference,
+        contextlib.ExitStack() as stack,
     ):
         work = Path(tmp)
-        revisions = [("current", current)]
+        revisions = [("current", REPO)]
         if args.reference_ref:
+            reference, _ = stack.enter_context(reference_worktree(args.reference_ref))
             revisions.append((args.reference_ref, reference))
         for _ in range(args.rounds):
             for processes in args.processes:

@@ -64,6 +64,7 @@ from typing import Any
 
 import psutil
 import redis
+from _common import reference_worktree  # bench/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -242,25 +243,6 @@ def git(*args: str) -> str:
     if done.returncode != 0:
         raise BenchError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout.strip()
-
-
-@contextlib.contextmanager
-def reference_checkout(ref: str, into: Path) -> Iterator[tuple[Path, str]]:
-    """Check ``ref`` out into a temporary git worktree at ``into``; yield it and its short
-    commit id; remove the worktree afterwards."""
-    revision = git("rev-parse", "--short", f"{ref}^{{commit}}")
-    git("worktree", "add", "--detach", "--quiet", str(into), revision)
-    try:
-        yield into, revision
-    finally:
-        with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-            git("worktree", "remove", "--force", str(into))
-        if into.exists():
-            import shutil
-
-            shutil.rmtree(into, ignore_errors=True)
-            with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-                git("worktree", "prune")
 
 
 class Bench:
@@ -1038,9 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             reference = None
             if options.reference_ref:
-                reference = stack.enter_context(
-                    reference_checkout(options.reference_ref, workdir / "reference")
-                )
+                reference = stack.enter_context(reference_worktree(options.reference_ref))
             bench = Bench(options, workdir, reference)
             try:
                 run_all(bench, rows)
