@@ -97,13 +97,65 @@ def _judge(since: int, head: StreamPosition, first: int | None, epoch: str) -> b
     return since == head.offset or (first is not None and first <= since + 1)
 
 
+class Recent:
+    """The recent events of each channel, kept in memory within the bounds, contiguous
+    within one epoch: what a resume is served from without asking Redis."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, deque[tuple[float, Entry]]] = {}
+
+    def add(self, entry: Entry) -> None:
+        """Keep ``entry``, the next event of its channel; older ones leave by the bounds.
+
+        An entry that does not follow the last one kept (another epoch, or offsets
+        missing) starts the channel's copy over, so that what is kept stays contiguous.
+        """
+        bounds = bounds_for(entry.channel)
+        kept = self._kept.get(entry.channel)
+        if kept is None:
+            kept = self._kept[entry.channel] = deque(maxlen=max(bounds.size, 1))
+        elif kept:
+            last = kept[-1][1].position
+            if last.epoch != entry.position.epoch or last.offset + 1 != entry.position.offset:
+                kept.clear()
+        now = time.monotonic()
+        kept.append((now, entry))
+        oldest = now - bounds.seconds
+        while kept and kept[0][0] < oldest:
+            kept.popleft()
+
+    def forget(self, channel: str) -> None:
+        """Drop what is kept of ``channel`` (its history was replaced)."""
+        self._kept.pop(channel, None)
+
+    def after(self, channel: str, since: StreamPosition, head: StreamPosition) -> History | None:
+        """The events after ``since`` up to ``head`` if all are kept here, else None.
+
+        ``head`` is the channel's position as far as the caller has taken events in; a
+        ``since`` in another epoch or past ``head`` is no business of this copy (None).
+        """
+        kept = self._kept.get(channel)
+        if since.epoch != head.epoch or since.offset > head.offset:
+            return None
+        if since.offset == head.offset:
+            return History(head, [], True)
+        if not kept:
+            return None
+        first, last = kept[0][1].position, kept[-1][1].position
+        if first.epoch != head.epoch or last != head or first.offset > since.offset + 1:
+            return None
+        return History(
+            head, [entry for _, entry in list(kept)[since.offset + 1 - first.offset :]], True
+        )
+
+
 class MemoryStreams:
     """The streams of a single process, kept in memory; offsets start at 1 per start."""
 
     def __init__(self) -> None:
         self._epoch = new_epoch()
         self._offsets: dict[str, int] = {}
-        self._kept: dict[str, deque[tuple[float, Entry]]] = {}
+        self._recent = Recent()
 
     def head(self, channel: str) -> StreamPosition:
         """The channel's position now: its epoch and last offset (0 before any event)."""
@@ -114,15 +166,7 @@ class MemoryStreams:
         offset = self._offsets.get(channel, 0) + 1
         self._offsets[channel] = offset
         entry = Entry(channel, StreamPosition(self._epoch, offset), event, data, timestamp)
-        bounds = bounds_for(channel)
-        kept = self._kept.get(channel)
-        if kept is None:
-            kept = self._kept[channel] = deque(maxlen=max(bounds.size, 1))
-        now = time.monotonic()
-        kept.append((now, entry))
-        oldest = now - bounds.seconds
-        while kept and kept[0][0] < oldest:
-            kept.popleft()
+        self._recent.add(entry)
         return entry
 
     async def read_after(self, channel: str, since: StreamPosition) -> History:
@@ -132,13 +176,8 @@ class MemoryStreams:
         published between the read and the caller's next step.
         """
         head = self.head(channel)
-        kept = self._kept.get(channel, deque())
-        first = kept[0][1].position.offset if kept else None
-        if not _judge(since.offset, head, first, since.epoch):
-            return History(head, [], False)
-        skip = since.offset + 1 - first if first is not None else 0
-        entries = [entry for _, entry in list(kept)[max(skip, 0) :]]
-        return History(head, entries, True)
+        found = self._recent.after(channel, since, head)
+        return found if found is not None else History(head, [], False)
 
 
 # -- Redis -----------------------------------------------------------------------------
@@ -315,6 +354,14 @@ class RedisStreams:
             return History(head, [], False)
         entries = [decode_entry(channel, entry_id, fields) for entry_id, fields in raw]
         return History(head, entries, True)
+
+    async def kept(self, channel: str, head: StreamPosition) -> list[Entry]:
+        """What the stream of ``channel`` keeps up to ``head``, oldest first (to warm a
+        process's copy of recent events when it starts)."""
+        key, _ = stream_keys(channel)
+        raw: Any = await self.redis.xrange(key, "-", f"{head.offset}-0")
+        entries = [decode_entry(channel, entry_id, fields) for entry_id, fields in raw]
+        return [e for e in entries if e.position.epoch == head.epoch]
 
     async def read_new(
         self, positions: Mapping[str, StreamPosition], block_ms: int

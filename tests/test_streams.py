@@ -308,3 +308,81 @@ async def test_a_subscription_without_a_usable_history_is_not_recovered(settings
     hub.release(conn, "host_status", head)
     hub.dispatch_entry(streams.append("host_status", "e", event(1), "t"))
     assert conn.offsets() == [1]
+
+
+# -- a process's copy of the recent events (Redis deployments) ----------------------------
+
+
+def entry_at(channel, epoch, offset):
+    from sysmanage.streams import Entry
+
+    return Entry(channel, StreamPosition(epoch, offset), "e", event(offset), "t")
+
+
+def test_the_recent_copy_serves_a_resume_only_when_it_holds_the_whole_gap(settings):
+    from sysmanage.streams import Recent
+
+    small_history(settings, size=5)
+    recent = Recent()
+    for offset in range(3, 11):  # the copy starts at 3 (warmed late); 6..10 stay kept
+        recent.add(entry_at("host_status", "E", offset))
+    head = StreamPosition("E", 10)
+    found = recent.after("host_status", StreamPosition("E", 7), head)
+    assert found is not None
+    assert [e.position.offset for e in found.entries] == [8, 9, 10]
+    assert found.complete
+    assert recent.after("host_status", StreamPosition("E", 4), head) is None  # trimmed
+    assert recent.after("host_status", StreamPosition("X", 9), head) is None  # other epoch
+    assert recent.after("host_status", StreamPosition("E", 11), head) is None  # future
+    # a process whose copy is behind its head (or ahead) asks Redis instead
+    assert recent.after("host_status", StreamPosition("E", 7), StreamPosition("E", 11)) is None
+
+
+def test_the_recent_copy_restarts_at_a_gap_or_a_new_epoch(settings):
+    from sysmanage.streams import Recent
+
+    small_history(settings, size=100)
+    recent = Recent()
+    for offset in (1, 2, 3, 7, 8):  # 4..6 never read: what is kept starts again at 7
+        recent.add(entry_at("host_status", "E", offset))
+    head = StreamPosition("E", 8)
+    assert recent.after("host_status", StreamPosition("E", 2), head) is None
+    assert [
+        e.position.offset for e in recent.after("host_status", StreamPosition("E", 6), head).entries
+    ] == [7, 8]
+    recent.add(entry_at("host_status", "F", 1))
+    assert recent.after("host_status", StreamPosition("E", 7), head) is None
+    found = recent.after("host_status", StreamPosition("F", 0), StreamPosition("F", 1))
+    assert [e.position.offset for e in found.entries] == [1]
+
+
+async def test_a_redis_node_serves_resumes_from_its_copy_and_warms_it_at_start(
+    redis_streams, settings
+):
+    from channels.layers import InMemoryChannelLayer
+
+    from sysmanage.node import Node
+
+    small_history(settings, size=50)
+    publisher = RedisStreams(REDIS_URL)
+    node = None
+    try:
+        start = (await publisher.heads(["host_status"]))["host_status"]
+        await publisher.publish([("host_status", "e", event(i), "t") for i in range(1, 6)])
+        node = Node(InMemoryChannelLayer(), asyncio.get_running_loop(), RedisStreams(REDIS_URL))
+        await node.start()  # warms its copy with offsets 1..5
+        await publisher.publish([("host_status", "e", event(i), "t") for i in range(6, 9)])
+        for _ in range(100):
+            if node.hub.heads["host_status"].offset == 8:
+                break
+            await asyncio.sleep(0.05)
+        assert node.hub.heads["host_status"] == StreamPosition(start.epoch, 8)
+        redis_streams.delete(stream_keys("host_status")[0])  # Redis can no longer answer
+        history = await node.read_after("host_status", StreamPosition(start.epoch, 2))
+        assert history.complete
+        assert [e.position.offset for e in history.entries] == [3, 4, 5, 6, 7, 8]
+        assert [e.data["n"] for e in history.entries] == [3, 4, 5, 6, 7, 8]
+    finally:
+        if node is not None:
+            await node.close()
+        await publisher.close()
