@@ -308,13 +308,20 @@ async def test_a_lost_history_is_not_recovered_and_the_state_is_sent(cluster):
     async with tracked(server_a.ws_url, token) as first:
         reply = await first.subscribe("host_status", None)
     position = reply["data"]["position"]
-    # Redis loses the channel's history (a restart without persistence, an eviction)
-    client = redis.Redis.from_url(REDIS_TEST_URL)
-    prefix = cluster.env["SYSMANAGE_REDIS_PREFIX"]
-    keys = list(client.scan_iter(f"{prefix}:stream:{{host_status}}*"))
-    assert keys, "the stream of host_status is not in Redis"
-    client.delete(*keys)
-    client.close()
+    async with tracked(server_b.ws_url, token) as witness:
+        # Redis loses the channel's history (a restart without persistence, an eviction)
+        client = redis.Redis.from_url(REDIS_TEST_URL)
+        prefix = cluster.env["SYSMANAGE_REDIS_PREFIX"]
+        keys = list(client.scan_iter(f"{prefix}:stream:{{host_status}}*"))
+        assert keys, "the stream of host_status is not in Redis"
+        client.delete(*keys)
+        client.close()
+        # B notices within LAYER_REJOIN_SECONDS (5 s) and tells its clients; until then it
+        # may still serve that history from its own copy, which is as good as Redis' was
+        deadline = time.monotonic() + 15
+        while not any(m["data"].get("event") == "events_missed" for m in witness.others):
+            assert time.monotonic() < deadline, "server B never noticed the history loss"
+            await asyncio.sleep(0.1)
     async with tracked(server_b.ws_url, token) as second:
         reply = await second.subscribe("host_status", None, since=position)
         assert reply["data"]["recovered"] is False
