@@ -309,7 +309,7 @@ async def watch_one(url: str, access: str, host_id: str, seconds: float) -> int:
         return count
 
 
-async def settle(url: str, access: str, limit: float = 120) -> None:
+async def settle(url: str, access: str, limit: float) -> None:
     """Wait until a new client socket is accepted promptly again.
 
     Right after a connect storm the server's database thread is still working through
@@ -452,11 +452,11 @@ async def drive(
         await asyncio.sleep(0.2)
     connect_seconds = time.monotonic() - started
     settle_started = time.monotonic()
-    await settle(client_url, data["access"])
+    await settle(client_url, data["access"], args.settle_for)
     await asyncio.sleep(args.interval * 2)
     # The agents' first reports queue their first alert checks for the database thread;
     # measure once it keeps up again.
-    await settle(client_url, data["access"])
+    await settle(client_url, data["access"], args.settle_for)
     settle_seconds = time.monotonic() - settle_started - args.interval * 2
     profiler = None
     if profile_to is not None:
@@ -651,6 +651,13 @@ def main() -> int:
         help="seconds between the agents' protocol pings (the agent's default; 0: none)",
     )
     parser.add_argument("--ramp", type=float, default=1000.0, help="agents started per second")
+    parser.add_argument(
+        "--settle-for",
+        type=float,
+        default=120.0,
+        help="how long the server may take to accept a client promptly again after the "
+        "agents connected and after their first reports",
+    )
     parser.add_argument(
         "--connect-for", type=float, default=300.0, help="how long an agent retries connecting"
     )
