@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from _common import free_port, raise_fd_limit  # bench/ is on sys.path when run
 from _profile import start_py_spy, summarise
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
 PYTHON = sys.executable
 #: The target of server CPU per agent metrics message (docs/benchmarks.md), microseconds.
 TARGET_US = 150.0
@@ -113,20 +115,22 @@ def prepare(root: Path, env: dict[str, str], agents: int) -> dict[str, Any]:
     return tokens
 
 
-def start_server(root: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """Start the server of the code in ``root`` as it ships, and wait until it answers."""
+#: How each kind of server is started: module run by Python, ASGI application.
+SERVERS = {
+    "server": ("sysmanage.serve", "sysmanage.asgi:application"),
+    "floor": ("daphne", "floor_app:application"),
+}
+
+
+def start_server(
+    root: Path, env: dict[str, str], port: int, log: Path, kind: str = "server"
+) -> subprocess.Popen[bytes]:
+    """Start the server of the code in ``root`` as it ships (or the floor application),
+    and wait until it answers."""
+    module, app = SERVERS[kind]
     handle = log.open("ab")
     proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "sysmanage.serve",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "sysmanage.asgi:application",
-        ],
+        [PYTHON, "-m", module, "-b", "127.0.0.1", "-p", str(port), app],
         cwd=root,
         env=env,
         stdout=handle,
@@ -419,11 +423,18 @@ class Deployment:
     root: Path
     workdir: Path
     env: dict[str, str]
+    #: "server", or "floor" (``bench/floor_app.py`` under Daphne)
+    kind: str = "server"
     data: dict[str, Any] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
 
     def prepare(self, agents: int) -> None:
-        """Migrate the deployment's fresh database and enroll the hosts."""
+        """Migrate the deployment's fresh database and enroll the hosts (the floor
+        application takes any token)."""
+        if self.kind == "floor":
+            self.data = {"tokens": [f"floor-{i}" for i in range(agents)], "access": "floor"}
+            self.ids = [str(uuid.UUID(int=i)) for i in range(agents)]
+            return
         self.data = prepare(self.root, self.env, agents)
         self.ids = host_ids(self.root, self.env, agents)
 
@@ -516,7 +527,7 @@ def run_once(
         profile_dir.mkdir(parents=True, exist_ok=True)
         profile_to = profile_dir / f"{deployment.label.split()[0]}-{run}.txt"
     port = free_port()
-    proc = start_server(deployment.root, deployment.env, port, log)
+    proc = start_server(deployment.root, deployment.env, port, log, deployment.kind)
     try:
         result = asyncio.run(
             drive(args, f"127.0.0.1:{port}", deployment, psutil.Process(proc.pid), profile_to)
@@ -630,9 +641,17 @@ def print_summary(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, fl
             f"median {medians[label]:.1f} µs over {len(figures)} run(s); "
             f"target ≤ {TARGET_US:.0f} µs {verdict(medians[label])} (median)"
         )
-    if len(medians) == 2:
-        reference, candidate = (medians[label] for label in labels)
-        print(f"  candidate / reference (medians): {candidate / reference:.2f}")
+    by_role = {label.split()[0]: median for label, median in medians.items()}
+    if "reference" in by_role and "candidate" in by_role:
+        ratio = by_role["candidate"] / by_role["reference"]
+        print(f"  candidate / reference (medians): {ratio:.2f}")
+    if "floor" in by_role:
+        for role in ("reference", "candidate"):
+            if role in by_role:
+                print(
+                    f"  {role} above the floor (medians): "
+                    f"{by_role[role] - by_role['floor']:.1f} µs per message"
+                )
     return medians
 
 
@@ -679,6 +698,12 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per server")
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/floor_app.py under Daphne: what a frame costs before any "
+        "of the server's own work",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -701,6 +726,11 @@ def main() -> int:
                 workdir.mkdir()
                 env = server_env(workdir, args.redis_url, args.offline_after)
                 servers.append(Deployment(label, root, workdir, env))
+            if args.floor:
+                workdir = scratch / "floor"
+                workdir.mkdir()
+                env = server_env(workdir, None, None)
+                servers.append(Deployment("floor (bare Daphne)", BENCH, workdir, env, "floor"))
             for deployment in servers:
                 deployment.prepare(args.agents)
             for run in range(1, args.repeat + 1):
