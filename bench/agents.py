@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from _common import free_port, raise_fd_limit, reference_worktree  # bench/ is o
 from _profile import start_py_spy, summarise
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
 PYTHON = sys.executable
 #: The target of server CPU per agent metrics message (docs/benchmarks.md), microseconds.
 TARGET_US = 150.0
@@ -112,20 +114,22 @@ def prepare(root: Path, env: dict[str, str], agents: int) -> dict[str, Any]:
     return tokens
 
 
-def start_server(root: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """Start the server of the code in ``root`` as it ships, and wait until it answers."""
+#: How each kind of server is started: module run by Python, ASGI application.
+SERVERS = {
+    "server": ("sysmanage.serve", "sysmanage.asgi:application"),
+    "floor": ("daphne", "floor_app:application"),
+}
+
+
+def start_server(
+    root: Path, env: dict[str, str], port: int, log: Path, kind: str = "server"
+) -> subprocess.Popen[bytes]:
+    """Start the server of the code in ``root`` as it ships (or the floor application),
+    and wait until it answers."""
+    module, app = SERVERS[kind]
     handle = log.open("ab")
     proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "sysmanage.serve",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "sysmanage.asgi:application",
-        ],
+        [PYTHON, "-m", module, "-b", "127.0.0.1", "-p", str(port), app],
         cwd=root,
         env=env,
         stdout=handle,
@@ -292,7 +296,9 @@ async def watch(url: str, access: str, host_ids: list[str], seconds: float) -> i
 async def watch_one(url: str, access: str, host_id: str, seconds: float) -> int:
     """Count one host's ``host_metrics`` events during ``seconds``."""
     headers = {"Authorization": f"Bearer {access}"}
-    async with websockets.connect(url, additional_headers=headers, max_size=2**22) as ws:
+    async with websockets.connect(
+        url, additional_headers=headers, max_size=2**22, open_timeout=60
+    ) as ws:
         await ws.send(
             json.dumps(
                 {"type": "subscribe", "channel": "host_metrics", "filters": {"host_id": host_id}}
@@ -306,7 +312,7 @@ async def watch_one(url: str, access: str, host_id: str, seconds: float) -> int:
         return count
 
 
-async def settle(url: str, access: str, limit: float = 120) -> None:
+async def settle(url: str, access: str, limit: float) -> None:
     """Wait until a new client socket is accepted promptly again.
 
     Right after a connect storm the server's database thread is still working through
@@ -416,11 +422,18 @@ class Deployment:
     root: Path
     workdir: Path
     env: dict[str, str]
+    #: "server", or "floor" (``bench/floor_app.py`` under Daphne)
+    kind: str = "server"
     data: dict[str, Any] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
 
     def prepare(self, agents: int) -> None:
-        """Migrate the deployment's fresh database and enroll the hosts."""
+        """Migrate the deployment's fresh database and enroll the hosts (the floor
+        application takes any token)."""
+        if self.kind == "floor":
+            self.data = {"tokens": [f"floor-{i}" for i in range(agents)], "access": "floor"}
+            self.ids = [str(uuid.UUID(int=i)) for i in range(agents)]
+            return
         self.data = prepare(self.root, self.env, agents)
         self.ids = host_ids(self.root, self.env, agents)
 
@@ -449,9 +462,12 @@ async def drive(
         await asyncio.sleep(0.2)
     connect_seconds = time.monotonic() - started
     settle_started = time.monotonic()
-    await settle(client_url, data["access"])
-    settle_seconds = time.monotonic() - settle_started
+    await settle(client_url, data["access"], args.settle_for)
     await asyncio.sleep(args.interval * 2)
+    # The agents' first reports queue their first alert checks for the database thread;
+    # measure once it keeps up again.
+    await settle(client_url, data["access"], args.settle_for)
+    settle_seconds = time.monotonic() - settle_started - args.interval * 2
     profiler = None
     if profile_to is not None:
         profiler = start_py_spy(
@@ -510,7 +526,7 @@ def run_once(
         profile_dir.mkdir(parents=True, exist_ok=True)
         profile_to = profile_dir / f"{deployment.label.split()[0]}-{run}.txt"
     port = free_port()
-    proc = start_server(deployment.root, deployment.env, port, log)
+    proc = start_server(deployment.root, deployment.env, port, log, deployment.kind)
     try:
         result = asyncio.run(
             drive(args, f"127.0.0.1:{port}", deployment, psutil.Process(proc.pid), profile_to)
@@ -606,9 +622,17 @@ def print_summary(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, fl
             f"median {medians[label]:.1f} µs over {len(figures)} run(s); "
             f"target ≤ {TARGET_US:.0f} µs {verdict(medians[label])} (median)"
         )
-    if len(medians) == 2:
-        reference, candidate = (medians[label] for label in labels)
-        print(f"  candidate / reference (medians): {candidate / reference:.2f}")
+    by_role = {label.split()[0]: median for label, median in medians.items()}
+    if "reference" in by_role and "candidate" in by_role:
+        ratio = by_role["candidate"] / by_role["reference"]
+        print(f"  candidate / reference (medians): {ratio:.2f}")
+    if "floor" in by_role:
+        for role in ("reference", "candidate"):
+            if role in by_role:
+                print(
+                    f"  {role} above the floor (medians): "
+                    f"{by_role[role] - by_role['floor']:.1f} µs per message"
+                )
     return medians
 
 
@@ -627,6 +651,13 @@ def main() -> int:
         help="seconds between the agents' protocol pings (the agent's default; 0: none)",
     )
     parser.add_argument("--ramp", type=float, default=1000.0, help="agents started per second")
+    parser.add_argument(
+        "--settle-for",
+        type=float,
+        default=120.0,
+        help="how long the server may take to accept a client promptly again after the "
+        "agents connected and after their first reports",
+    )
     parser.add_argument(
         "--connect-for", type=float, default=300.0, help="how long an agent retries connecting"
     )
@@ -647,6 +678,12 @@ def main() -> int:
         "alternating with the working tree's",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per server")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bench/floor_app.py under Daphne: what a frame costs before any "
+        "of the server's own work",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -670,6 +707,11 @@ def main() -> int:
                 workdir.mkdir()
                 env = server_env(workdir, args.redis_url, args.offline_after)
                 servers.append(Deployment(label, root, workdir, env))
+            if args.floor:
+                workdir = scratch / "floor"
+                workdir.mkdir()
+                env = server_env(workdir, None, None)
+                servers.append(Deployment("floor (bare Daphne)", BENCH, workdir, env, "floor"))
             for deployment in servers:
                 deployment.prepare(args.agents)
             for run in range(1, args.repeat + 1):
