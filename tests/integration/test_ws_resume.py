@@ -134,6 +134,23 @@ def compare(observer: Tracker, resumer: Tracker, channel: str, away_from: int) -
     return sum(1 for m in expected if m["offset"] > away_from)
 
 
+async def not_recovered_and_rebuilt(
+    tracker: Tracker, reply: dict[str, Any], since: dict[str, Any]
+) -> None:
+    """A resume of ``host_status`` from ``since`` was refused (a new epoch), nothing was
+    replayed, and the snapshot followed the response."""
+    assert reply["data"]["recovered"] is False
+    assert reply["data"]["position"]["epoch"] != since["epoch"]
+    deadline = time.monotonic() + 10
+    while not tracker.snapshots:
+        assert time.monotonic() < deadline, "no snapshot after recovered: false"
+        await asyncio.sleep(0.05)
+    (snapshot,) = tracker.snapshots
+    assert snapshot["type"] == "status"
+    assert snapshot["id"] == reply["id"]
+    assert snapshot["channel"] == "host_status"
+
+
 async def raise_alert(base_url: str, token: str, title: str) -> str:
     response = await api(
         "POST",
@@ -240,17 +257,8 @@ async def test_a_restarted_server_is_a_new_epoch_and_the_state_is_sent(launch_sq
         deployment.servers[0] = server
         async with tracked(server.ws_url, token) as after:
             reply = await after.subscribe("host_status", None, since=position)
-            assert reply["data"]["recovered"] is False
-            assert reply["data"]["position"]["epoch"] != position["epoch"]
-            deadline = time.monotonic() + 10
-            while not after.snapshots:
-                assert time.monotonic() < deadline, "no snapshot after recovered: false"
-                await asyncio.sleep(0.05)
-            (snapshot,) = after.snapshots
-            assert snapshot["type"] == "status"
-            assert snapshot["id"] == reply["id"]
-            assert snapshot["channel"] == "host_status"
-            assert after.events == {}
+            await not_recovered_and_rebuilt(after, reply, position)
+            assert after.events == {}  # nothing replayed
 
 
 # -- two servers on Redis: resume on the other process -----------------------------------------
@@ -309,6 +317,9 @@ async def test_a_lost_history_is_not_recovered_and_the_state_is_sent(cluster):
         reply = await first.subscribe("host_status", None)
     position = reply["data"]["position"]
     async with tracked(server_b.ws_url, token) as witness:
+        # B knows the channel's history as it was (its node has read the epoch)
+        seen = await witness.subscribe("host_status", None)
+        assert seen["data"]["position"]["epoch"] == position["epoch"]
         # Redis loses the channel's history (a restart without persistence, an eviction)
         client = redis.Redis.from_url(REDIS_TEST_URL)
         prefix = cluster.env["SYSMANAGE_REDIS_PREFIX"]
@@ -324,12 +335,4 @@ async def test_a_lost_history_is_not_recovered_and_the_state_is_sent(cluster):
             await asyncio.sleep(0.1)
     async with tracked(server_b.ws_url, token) as second:
         reply = await second.subscribe("host_status", None, since=position)
-        assert reply["data"]["recovered"] is False
-        assert reply["data"]["position"]["epoch"] != position["epoch"]
-        deadline = time.monotonic() + 10
-        while not second.snapshots:
-            assert time.monotonic() < deadline, "no snapshot after recovered: false"
-            await asyncio.sleep(0.05)
-        (snapshot,) = second.snapshots
-        assert snapshot["type"] == "status"
-        assert snapshot["channel"] == "host_status"
+        await not_recovered_and_rebuilt(second, reply, position)
