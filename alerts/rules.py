@@ -96,6 +96,9 @@ class RuleEngine:
 
     def __init__(self) -> None:
         self.rules: list[RuleSpec] | None = None
+        #: the rules that judge metrics reports (not "host offline")
+        self._judging: list[RuleSpec] = []
+        #: samples in a row over a threshold, where there are any
         self._streaks: dict[tuple[str, str, str], int] = {}
         self._known: dict[tuple[str, str, str], Level | None] = {}
 
@@ -103,6 +106,7 @@ class RuleEngine:
         """Replace the rules; state of rules that disappeared is dropped."""
         ids = {r.id for r in rules}
         self.rules = rules
+        self._judging = [r for r in rules if r.metric != "host_offline"]
         for store in (self._streaks, self._known):
             for key in [k for k in store if k[1] not in ids]:
                 del store[key]
@@ -122,9 +126,7 @@ class RuleEngine:
     ) -> list[Verdict]:
         """Evaluate one metrics report; return the changes the database needs."""
         verdicts = []
-        for rule in self.rules or ():
-            if rule.metric == "host_offline":
-                continue
+        for rule in self._judging:
             for key, value in rule_values(rule, metrics, cpu_count):
                 severity = self._judge((host_id, rule.id, key), rule, value)
                 if severity != UNKNOWN:
@@ -133,12 +135,21 @@ class RuleEngine:
 
     def _judge(self, state: tuple[str, str, str], rule: RuleSpec, value: float) -> Known:
         """The new severity for ``state``, or ``UNKNOWN`` when nothing changes."""
+        current: Known = self._known.get(state, UNKNOWN)
+        held = _level(rule, value, rule.margin)
+        if held is None and current is None:
+            # Clear of every threshold by the margin, and no alert: what nearly every
+            # report of a healthy fleet finds.
+            if state in self._streaks:
+                del self._streaks[state]
+            return UNKNOWN
         breach = _level(rule, value)
         streak = self._streaks.get(state, 0) + 1 if breach else 0
-        self._streaks[state] = streak
-        current: Known = self._known.get(state, UNKNOWN)
+        if streak:
+            self._streaks[state] = streak
+        else:
+            self._streaks.pop(state, None)
         raised = breach if streak >= rule.sustained else None
-        held = _level(rule, value, rule.margin)
         if current == UNKNOWN:
             # After a start the database may hold an alert from before: decide only when
             # the value clearly calls for an alert, or clearly for none.

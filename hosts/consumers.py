@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -47,6 +48,8 @@ class AgentConsumer(Connection):
     hostname = ""
     ready = False
     cpu_count: int | None = None
+    #: the next frame :meth:`receive` gets already took its token of the rate
+    prepaid = False
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
@@ -141,7 +144,9 @@ class AgentConsumer(Connection):
                 ),
             )
             return
-        if not await self._within_rate(text_data):
+        if self.prepaid:  # its token was taken by receive_at_once
+            self.prepaid = False
+        elif not await self._within_rate(text_data):
             return
         if text_data is None:
             self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
@@ -154,14 +159,49 @@ class AgentConsumer(Connection):
         except ProtocolError as exc:
             self.reply(exc.to_envelope())
         except Exception:
-            fault = dbgate.log_exception(
-                logger, "error handling a message from agent of %s", self.hostname
-            )
-            self.reply(
-                dbgate.socket_error(fault, id_=request_id_of(text_data))
-                if fault is not None
-                else error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error")
-            )
+            self._reply_fault(text_data)
+
+    def receive_at_once(self, message: dict[str, Any]) -> bool:
+        """Called by the server for a frame that arrives while this connection waits:
+        take metrics and heartbeats at once (they need no waiting); anything else, and
+        anything the usual way would refuse, goes to :meth:`receive`.
+
+        A fleet's reports are most of what reaches the server; taken here, a report costs
+        no task step, future or dispatch of its own.
+        """
+        text = message.get("text")
+        if (
+            not self.ready
+            or self.closing
+            or message["type"] != "websocket.receive"
+            or text is None
+            or len(text) > settings.AGENT_MAX_MESSAGE_BYTES
+            or self.bucket is None
+            or self.bucket.take() != 0  # over the rate: receive() refuses it
+        ):
+            return False
+        try:
+            type_, data, id_ = agent_protocol.parse_agent_message(text)
+            take = self.AT_ONCE.get(type_)
+            if take is None:
+                self.prepaid = True
+                return False
+            take(self, data, id_)
+        except ProtocolError as exc:
+            self.reply(exc.to_envelope())
+        except Exception:
+            self._reply_fault(text)
+        return True
+
+    def _reply_fault(self, text: str) -> None:
+        fault = dbgate.log_exception(
+            logger, "error handling a message from agent of %s", self.hostname
+        )
+        self.reply(
+            dbgate.socket_error(fault, id_=request_id_of(text))
+            if fault is not None
+            else error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error")
+        )
 
     async def on_hello(self, data: AgentData, id_: MessageId) -> None:
         """Store the host's facts, mark it online and hand over queued work."""
@@ -188,11 +228,20 @@ class AgentConsumer(Connection):
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
         """Note that the agent is alive."""
+        self.take_heartbeat(data, id_)
+
+    def take_heartbeat(self, data: AgentData, id_: MessageId) -> None:
+        """Note that the agent is alive (at once)."""
         self.last_seen.touch()
 
     async def on_metrics(self, data: AgentData, id_: MessageId) -> None:
+        """Take live metrics (:meth:`take_metrics`)."""
+        self.take_metrics(data, id_)
+
+    def take_metrics(self, data: AgentData, id_: MessageId) -> None:
         """Publish live metrics; add them to this minute's history row, which is stored
-        with the other agents' (:data:`hosts.services.METRIC_MINUTES`) once it is over."""
+        with the other agents' (:data:`hosts.services.METRIC_MINUTES`) once it is over.
+        Nothing here waits or touches the database."""
         try:
             metrics = clean_metrics(data.get("metrics"))
         except MetricsError as exc:
@@ -254,6 +303,8 @@ class AgentConsumer(Connection):
         "package_progress": on_package_progress,
         "package_result": on_package_result,
     }
+    #: what :meth:`receive_at_once` takes as it arrives
+    AT_ONCE = {"heartbeat": take_heartbeat, "metrics": take_metrics}
 
     # -- work for the agent ---------------------------------------------------------------
 

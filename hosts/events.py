@@ -11,6 +11,7 @@ from sysmanage.events import Event
 if TYPE_CHECKING:
     from hosts.metrics import Metrics
     from hosts.models import CommandExecution, PackageOperation
+    from sysmanage.node import EventMessage
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,17 @@ class HostMetricsReported(Event):
         alone (:func:`hosts.metrics.clean_metrics`) and nothing changes them afterwards,
         and the copy cost more than the rest of publishing a report."""
         return {name: getattr(self, name) for name in _METRICS_FIELDS}
+
+    def to_message(self) -> EventMessage:
+        """The layer message, stamped with the report's own time (taken as it arrived)
+        rather than the clock read again."""
+        return {
+            "type": "hub.event",
+            "event": self.name,
+            "channel": self.channel,
+            "data": self.data(),
+            "timestamp": self.timestamp,
+        }
 
 
 _METRICS_FIELDS = tuple(field.name for field in dataclasses.fields(HostMetricsReported))

@@ -45,6 +45,8 @@ class MetricsError(ValueError):
 
 
 def _percent(value: object, name: str) -> float:
+    if type(value) is float and 0.0 <= value <= 100.0:  # what agents send (NaN fails)
+        return round(value, 2)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -53,6 +55,17 @@ def _percent(value: object, name: str) -> float:
     ):
         raise MetricsError(f"'{name}' must be a percentage from 0 to 100")
     return round(float(value), 2)
+
+
+def _load(value: object) -> bool:
+    if type(value) is float:
+        return 0.0 <= value < math.inf  # NaN fails
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def clean_metrics(raw: object) -> Metrics:
@@ -73,17 +86,7 @@ def clean_metrics(raw: object) -> Metrics:
         }
     if "load_average" in raw:
         load = raw["load_average"]
-        if (
-            not isinstance(load, list)
-            or len(load) != 3
-            or not all(
-                isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-                and v >= 0
-                for v in load
-            )
-        ):
+        if not isinstance(load, list) or len(load) != 3 or not all(map(_load, load)):
             raise MetricsError("'load_average' must be a list of three non-negative numbers")
         cleaned["load_average"] = [round(float(v), 2) for v in load]
     if not cleaned:

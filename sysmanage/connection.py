@@ -89,9 +89,29 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """
         self.scope = scope
         self.base_send = send
-        with contextlib.suppress(StopConsumer):
-            while True:
-                await self.dispatch(cast("dict[str, Any]", await receive()))
+        # Daphne's inbox of this connection (sysmanage.serve.Inbox), if it offers messages
+        # as they arrive and this connection takes some of them so.
+        inbox: Any = getattr(receive, "__self__", None)
+        if type(self).receive_at_once is Connection.receive_at_once or not hasattr(
+            inbox, "at_once"
+        ):
+            inbox = None
+        else:
+            inbox.at_once = self.receive_at_once
+        try:
+            with contextlib.suppress(StopConsumer):
+                while True:
+                    await self.dispatch(cast("dict[str, Any]", await receive()))
+        finally:
+            if inbox is not None:
+                inbox.at_once = None
+
+    def receive_at_once(self, message: dict[str, Any]) -> bool:
+        """Called by the server with one of the socket's messages as it arrives, while
+        this connection waits for one: take it now and return True, or return False to
+        have it dispatched as usual.  It must not block, and says nothing it cannot
+        finish at once.  The default takes none."""
+        return False
 
     async def _accept(self, subprotocol: str | None = None) -> None:
         """Complete the handshake and open the outbound path (refusals too are

@@ -9,6 +9,7 @@ request it answers.  Error codes and close codes are listed here and nowhere els
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -128,9 +129,28 @@ class ServerMessage(TypedDict):
     epoch: NotRequired[str]
 
 
+#: The last whole second formatted (seconds since the epoch, its text): every message
+#: carries a timestamp, and a busy process sends thousands within the same second.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def utc_now_iso() -> str:
     """Return the current time as ISO-8601 UTC with a ``Z`` suffix, to the millisecond."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_of_epoch(time.time())
+
+
+def iso_of_epoch(seconds: float) -> str:
+    """Format seconds since the epoch as ISO-8601 UTC with a ``Z`` suffix, to the
+    millisecond (each second is formatted once)."""
+    global _last_second
+    whole = int(seconds)
+    last = _last_second
+    if last[0] != whole:  # a tuple, replaced whole: safe from any thread
+        last = _last_second = (
+            whole,
+            datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    return f"{last[1]}.{int((seconds - whole) * 1000):03d}Z"
 
 
 @overload
@@ -143,7 +163,9 @@ def iso(value: datetime | None) -> str | None:
     """Format an aware datetime as ISO-8601 UTC with a ``Z`` suffix."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"  # without "+00:00"
 
 
 def envelope(
