@@ -546,7 +546,7 @@ def run_once(
         proc.kill()
         proc.wait()
     if profile_to is not None and profile_to.exists():
-        summary = summarise(profile_to)
+        summary = summarise(profile_to, us_per_unit=result["us_per_message"])
         profile_to.with_name(profile_to.stem + "-summary.txt").write_text(summary)
     return {"server": deployment.label, "run": run, **result}
 
