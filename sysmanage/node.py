@@ -122,6 +122,8 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
+        #: the publisher waits for messages, none queued (see enqueue_publish)
+        self._publisher_waits = False
         self.publish_failures = 0
         #: wall-clock time of the first failure of the current outage of the layer, if any
         self.layer_down_since: float | None = None
@@ -305,14 +307,31 @@ class Node:
     # -- outbound: this process -> layer ---------------------------------------------------
 
     def enqueue_publish(self, message: LayerMessage) -> None:
-        """Queue ``message`` for the layer; called on the node's loop only."""
+        """Queue ``message`` for the layer; called on the node's loop only.
+
+        An event on the in-memory streams that nothing queued precedes, while the
+        publisher waits, is numbered and fanned out at once instead: the same order,
+        without waking the publisher for each of a fleet's reports.
+        """
+        if (
+            self._publisher_waits
+            and message["type"] == "hub.event"
+            and isinstance(self.streams, MemoryStreams)
+            and self._outbox.empty()
+        ):
+            self._store_in_memory(message)
+            return
         self._outbox.put_nowait(message)
 
     async def _publish_loop(self) -> None:
         """Forward what this process publishes, in order: events to the channel streams
         (several per round trip when they queue up), control messages to the layer."""
         while True:
-            pending = [await self._outbox.get()]
+            self._publisher_waits = True
+            try:
+                pending = [await self._outbox.get()]
+            finally:
+                self._publisher_waits = False
             while len(pending) < PUBLISH_BATCH and not self._outbox.empty():
                 pending.append(self._outbox.get_nowait())
             events: list[EventMessage] = []
@@ -335,13 +354,7 @@ class Node:
         """
         if isinstance(self.streams, MemoryStreams):
             for message in events:
-                entry = self.streams.append(
-                    message["channel"], message["event"], message["data"], message["timestamp"]
-                )
-                try:
-                    self.hub.dispatch_entry(entry)
-                except Exception:
-                    logger.exception("node failed to fan out a %s event", entry.event)
+                self._store_in_memory(message)
             return
         batch = [(m["channel"], m["event"], m["data"], m["timestamp"]) for m in events]
         delay = RETRY_MIN
@@ -362,6 +375,16 @@ class Node:
             ", ".join(sorted({m["event"] for m in events})),
             PUBLISH_ATTEMPTS,
         )
+
+    def _store_in_memory(self, message: EventMessage) -> None:
+        assert isinstance(self.streams, MemoryStreams)
+        entry = self.streams.append(
+            message["channel"], message["event"], message["data"], message["timestamp"]
+        )
+        try:
+            self.hub.dispatch_entry(entry)
+        except Exception:
+            logger.exception("node failed to fan out a %s event", entry.event)
 
     async def _stream_loop(self, source: RedisStreams) -> None:
         """Read every channel's stream from where this process is, and fan the events

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -20,6 +21,7 @@ from django.db.backends import utils as db_utils
 
 from hosts import consumers, services
 from sysmanage.asgi import application
+from sysmanage.node import Node
 from sysmanage.serve import Inbox
 from tests.test_agent_consumer import METRICS, client_socket, hello, next_of
 from tests.wsutil import next_event, subscribe
@@ -249,6 +251,22 @@ async def test_a_report_is_not_copied_deeply(enrolled, make_user, token_for, mon
     assert copies == []
     await agent.disconnect()
     await client.disconnect()
+
+
+async def test_a_report_is_fanned_out_within_its_frame_arrival(enrolled):
+    """Taken at once and, with the publisher idle, numbered and fanned out at once: no
+    task step between the frame and the hub (``Node.enqueue_publish``)."""
+    _, token = enrolled
+    agent, inbox = await agent_through_inbox(token)
+    await ready(agent)
+    await settled(agent)
+    node = Node.current()
+    assert node is not None
+    before = node.hub.stats["events"]
+    frame = json.dumps({"type": "metrics", "data": {"metrics": METRICS}})
+    inbox.put_nowait({"type": "websocket.receive", "text": frame})  # no await after it
+    assert node.hub.stats["events"] == before + 1
+    await agent.disconnect()
 
 
 # -- the inbox's side ----------------------------------------------------------------------
