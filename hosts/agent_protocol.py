@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Literal, NotRequired, Required, TypedDict, TypeGuard, get_args
 
+import orjson
+
 from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
 #: What agents send.
@@ -150,8 +152,13 @@ def is_package_status(value: object) -> TypeGuard[PackageStatus]:
 
 
 def parse_agent_message(text: str) -> tuple[AgentMessageType, AgentData, MessageId]:
-    """Parse one agent frame into ``(type, data, id)``."""
-    raw, id_ = load_object(text)
+    """Parse one agent frame into ``(type, data, id)``.
+
+    Decoded by orjson: a fleet's reports are most of the frames the server parses, and
+    it takes a fifth of the time of :func:`json.loads` for one (it refuses ``NaN`` and
+    integers beyond 64 bits, which no agent message carries, as not JSON).
+    """
+    raw, id_ = load_object(text, orjson.loads)
     type_ = raw.get("type")
     if not _is_agent_type(type_):
         raise ProtocolError(

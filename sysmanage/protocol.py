@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -281,10 +281,13 @@ class ClientMessage:
     since: StreamPosition | None = None
 
 
-def load_object(text: str) -> tuple[JSONObject, str | int | None]:
-    """Decode a frame that must be a JSON object; return it with its checked ``id``."""
+def load_object(
+    text: str, loads: Callable[[str], Any] = json.loads
+) -> tuple[JSONObject, str | int | None]:
+    """Decode a frame that must be a JSON object; return it with its checked ``id``
+    (``loads`` decodes; it raises ``ValueError`` on what is not JSON)."""
     try:
-        raw = json.loads(text)
+        raw = loads(text)
     except (ValueError, RecursionError):
         raise ProtocolError(ErrorCode.INVALID_JSON, "Message is not valid JSON") from None
     if not isinstance(raw, dict):
