@@ -22,7 +22,9 @@ consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
 - it holds as little as it can while idle, since a process holds thousands of them
   (docs/benchmarks.md, "Memory per idle socket"): it awaits the server's messages itself
   rather than through channels' task-per-receive loop, and makes its set of tasks and
-  its window of rate refusals only when it first needs them.
+  its window of rate refusals only when it first needs them;
+- a subclass may take some frames as the server hands them over, while it waits
+  (:meth:`Connection.receive_at_once`; the agents' metrics), with no task step per frame.
 
 Subclasses say how a message is encoded, what a peer that stopped reading is told, and
 how the hub's reasons for closing are put to their peer.
