@@ -667,6 +667,17 @@ def metric_samples_save(*, rows: Sequence[MinuteRow]) -> None:
 
 
 def _save_minutes(rows: dict[tuple[str, datetime], tuple[int, MinuteAverages]]) -> None:
+    # Nearly always every row is new (a minute is written once it is over): insert them
+    # all in one statement, and merge only if one was there already.
+    try:
+        with transaction.atomic():
+            MetricSample.objects.bulk_create(
+                MetricSample(host_id=host_id, minute=minute, samples=samples, **averages)
+                for (host_id, minute), (samples, averages) in rows.items()
+            )
+        return
+    except IntegrityError:
+        pass
     with transaction.atomic():
         existing = {
             (str(row.host_id), row.minute): row

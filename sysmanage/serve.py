@@ -147,11 +147,28 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
     Autobahn copies each option (``CONFIG_ATTRS``) onto a new connection unless the
     connection already has it; as class attributes reading the factory's value they are
     found, so not copied, and stay the factory's (which nothing changes after start).
+    Each server has a subclass of its own (:meth:`for_factory`), whose first connection
+    turns those attributes into the factory's values, so that Autobahn's reads of them
+    for every frame are plain attribute reads.
     """
+
+    #: whether this class holds its factory's options as plain values
+    options_fixed = False
+
+    @classmethod
+    def for_factory(cls) -> type[LeanWebSocketProtocol]:
+        """A subclass for the connections of one factory."""
+        return type(cls.__name__, (cls,), {"__module__": cls.__module__})
 
     def _connectionMade(self) -> None:  # noqa: N802 - Autobahn's name
         super()._connectionMade()
         self.send_queue = _SendQueue()
+        cls = type(self)
+        if not cls.options_fixed and cls is not LeanWebSocketProtocol:
+            # The server has set its options by the time anyone connects.
+            for option in WebSocketProtocol.CONFIG_ATTRS:
+                setattr(cls, option, getattr(self.factory, option))
+            cls.options_fixed = True
 
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:
@@ -169,7 +186,7 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
 
     @ws_factory.setter
     def ws_factory(self, factory: Any) -> None:
-        factory.protocol = LeanWebSocketProtocol
+        factory.protocol = LeanWebSocketProtocol.for_factory()
         self._ws_factory = factory
 
     def protocol_disconnected(self, protocol: Any) -> None:

@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hosts import consumers, services
@@ -134,6 +136,17 @@ def test_minutes_saved_together_merge_with_each_other_and_with_stored_rows(db):
     assert (first.samples, first.cpu_usage, first.memory_usage) == (4, 25.0, 50.0)
     assert (first.disk_usage, first.load_average) == ({"/": 5.0}, [1.0, 1.0, 1.0])
     assert (second.samples, second.cpu_usage, second.memory_usage) == (3, 1.0, 2.0)
+
+
+def test_new_minutes_are_inserted_without_reading_first(db):
+    hosts = [services.host_register(hostname=f"web-{i}")[0] for i in range(30)]
+    minute = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    rows = [(host.id, minute, 2, {"cpu_usage": 1.0, "memory_usage": 2.0}) for host in hosts]
+    with CaptureQueriesContext(connection) as queries:
+        services.metric_samples_save(rows=rows)
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    assert "SELECT" not in statements, statements
+    assert MetricSample.objects.filter(minute=minute, samples=2).count() == 30
 
 
 async def test_a_batch_that_cannot_be_written_is_logged_and_the_next_one_written(caplog):

@@ -176,6 +176,11 @@ async def test_connections_read_autobahns_options_from_the_factory():
         for option in AutobahnProtocol.CONFIG_ATTRS_COMMON:
             assert option not in vars(protocol)
             assert getattr(protocol, option) == getattr(served.server.ws_factory, option)
+        # ... as plain values of the server's own protocol class, once one connected: no
+        # call per read (Autobahn reads several for every frame)
+        assert vars(type(protocol))["autoPingTimeout"] == 7
+        assert type(protocol) is not LeanWebSocketProtocol
+        assert not isinstance(vars(LeanWebSocketProtocol)["autoPingTimeout"], int)
         # the queue of chopped writes still works as Autobahn uses it
         protocol.sendData(b"abcdef", chopsize=3)
         assert served.transport.value().endswith(b"abc")
