@@ -165,9 +165,13 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
         self.send_queue = _SendQueue()
         cls = type(self)
         if not cls.options_fixed and cls is not LeanWebSocketProtocol:
-            # The server has set its options by the time anyone connects.
+            # The server has set its options by the time anyone connects.  A callable
+            # option (perMessageCompressionAccept) stays read from the factory: on the
+            # class it would become a method of the connection.
             for option in WebSocketProtocol.CONFIG_ATTRS:
-                setattr(cls, option, getattr(self.factory, option))
+                value = getattr(self.factory, option)
+                if not callable(value):
+                    setattr(cls, option, value)
             cls.options_fixed = True
 
 

@@ -181,6 +181,9 @@ async def test_connections_read_autobahns_options_from_the_factory():
         assert vars(type(protocol))["autoPingTimeout"] == 7
         assert type(protocol) is not LeanWebSocketProtocol
         assert not isinstance(vars(LeanWebSocketProtocol)["autoPingTimeout"], int)
+        # a callable option stays the factory's (on the class it would become a method)
+        factory = served.server.ws_factory
+        assert protocol.perMessageCompressionAccept is factory.perMessageCompressionAccept
         # the queue of chopped writes still works as Autobahn uses it
         protocol.sendData(b"abcdef", chopsize=3)
         assert served.transport.value().endswith(b"abc")
