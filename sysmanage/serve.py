@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from daphne.cli import CommandLineInterface
 from daphne.http_protocol import WebRequest
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
 from sysmanage.logfilters import redact
 
@@ -239,6 +241,42 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
         super().log_action(protocol, action, details)
 
 
+class LeanAsyncioReactor(AsyncioSelectorReactor):
+    """Twisted's asyncio reactor, calling a socket's reader directly when it is readable.
+
+    Twisted's own wraps every read in ``log.callWithLogger``, which asks the socket for
+    its log prefix and pushes it on Twisted's context stack around the call, so that
+    legacy log messages of the read carry it: four Python calls and a dictionary for
+    each frame an agent sends, about a tenth of the server's CPU per report
+    (docs/benchmarks.md, "Agent ingest").  Daphne sends Twisted's log nowhere unless
+    verbose, and a failed read is still logged (by Twisted's reactor, or asyncio's).
+    """
+
+    def addReader(self, reader: Any) -> None:  # noqa: N802 - Twisted's name
+        """Called by Twisted to watch ``reader``: Twisted's own, without the wrapper."""
+        if reader in self._readers or reader in self._continuousPolling._readers:
+            return
+        fd = reader.fileno()
+        try:
+            self._asyncioEventloop.add_reader(fd, self._readOrWrite, reader, True)
+            self._readers[reader] = fd
+        except OSError as exc:
+            self._unregisterFDInAsyncio(fd)  # type: ignore[no-untyped-call]  # Twisted's
+            if exc.errno != errno.EPERM:
+                raise
+            # epoll cannot watch it (a file): poll it, as Twisted does
+            self._continuousPolling.addReader(reader)  # type: ignore[no-untyped-call]
+
+
+def use_lean_reads(installed: Any) -> bool:
+    """Make the installed asyncio reactor a :class:`LeanAsyncioReactor` (same object,
+    same state, sockets watched from now on are read directly); False if another kind
+    of reactor is installed."""
+    if type(installed) is AsyncioSelectorReactor:
+        installed.__class__ = LeanAsyncioReactor
+    return isinstance(installed, LeanAsyncioReactor)
+
+
 class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]  # as above
     """Daphne's command line, serving with :class:`RedactingServer`."""
 
@@ -247,6 +285,9 @@ class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]
 
 def main(argv: list[str] | None = None) -> None:
     """Run Daphne with ``argv`` (default: this process's arguments)."""
+    from twisted.internet import reactor  # installed by daphne.server, imported above
+
+    use_lean_reads(reactor)
     RedactingCommandLineInterface().run(sys.argv[1:] if argv is None else argv)
 
 

@@ -190,3 +190,47 @@ async def test_connections_read_autobahns_options_from_the_factory():
         assert len(protocol.send_queue) == 1
     finally:
         served.stop()
+
+
+# -- reads without Twisted's logging context ------------------------------------------------
+
+
+def test_the_lean_reactor_reads_a_socket_directly():
+    import socket
+
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+    from twisted.python import log
+
+    from sysmanage.serve import LeanAsyncioReactor, use_lean_reads
+
+    loop = asyncio.new_event_loop()
+    reactor = AsyncioSelectorReactor(loop)
+    try:
+        assert use_lean_reads(reactor)
+        assert isinstance(reactor, LeanAsyncioReactor)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        reads: list[bytes] = []
+
+        class Reader:
+            def fileno(self) -> int:
+                return ours.fileno()
+
+            def doRead(self) -> None:  # noqa: N802 - Twisted's name
+                reads.append(ours.recv(100))
+
+            def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+                return "reader"
+
+        reader = Reader()
+        reactor.addReader(reader)
+        handle = loop._selector.get_key(ours.fileno()).data[0]
+        assert handle._callback is not log.callWithLogger
+        theirs.send(b"frame")
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert reads == [b"frame"]
+        reactor.removeReader(reader)
+        ours.close()
+        theirs.close()
+    finally:
+        loop.close()
