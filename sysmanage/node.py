@@ -658,15 +658,19 @@ def mark_server_process() -> None:
 
 
 def _warn_if_unshared_layer() -> None:
-    """Say once that events of a process without a node reach nobody on the in-memory layer.
+    """Note once (at debug level) that events of a process without a node reach nobody on
+    the in-memory layer.
 
     A server process without a node simply has no subscriber yet; any other process
-    (a management command) is talking to nobody, which is worth a warning.
+    (a management command) is talking to nobody.  That is the embedded default working
+    as designed, not a fault: the server's pages and sockets read the database again
+    (rechecks, snapshots, page loads), so nothing is lost but the live event, and a
+    warning on every command of a first run would only be noise.
     """
     if settings.REDIS_URL or _warned.is_set() or _server_process.is_set():
         return
     _warned.set()
-    logger.warning(
+    logger.debug(
         "Events published by this process reach no server: the in-memory channel layer "
         "is not shared between processes. Set REDIS_URL to deliver them."
     )

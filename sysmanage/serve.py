@@ -39,6 +39,7 @@ from daphne.http_protocol import WebRequest
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 
+from sysmanage import preflight
 from sysmanage.logfilters import redact
 
 
@@ -192,8 +193,11 @@ class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run Daphne with ``argv`` (default: this process's arguments)."""
-    RedactingCommandLineInterface().run(sys.argv[1:] if argv is None else argv)
+    """Check the configuration, then run Daphne with ``argv`` (default: this process's
+    arguments)."""
+    argv = sys.argv[1:] if argv is None else argv
+    preflight.exit_on_problems(preflight.bound_host(argv))
+    RedactingCommandLineInterface().run(argv)
 
 
 if __name__ == "__main__":

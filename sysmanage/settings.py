@@ -176,11 +176,18 @@ DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
 # Keep database connections open between requests and socket messages: Daphne runs every
 # database call of a process in one thread, and opening a connection per call cost
 # more than the queries themselves under agent load (docs/benchmarks.md).
-DATABASES = {
-    "default": dj_database_url.parse(
-        DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
-    )
-}
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
+        )
+    }
+except ValueError as _exc:  # dj_database_url.UnknownSchemeError among them
+    _scheme = DATABASE_URL.split(":", 1)[0]
+    raise ImproperlyConfigured(
+        f"DATABASE_URL: unknown kind of database {_scheme!r}; use postgres://USER@HOST:PORT/NAME "
+        "or sqlite:////absolute/path"
+    ) from _exc
 # How long a request waits for a pooled PostgreSQL connection before it is answered 503.
 DB_POOL_TIMEOUT = env_int("DB_POOL_TIMEOUT", 20)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -504,7 +511,10 @@ if env_bool("DJANGO_SECURE", False):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact_tokens": {"()": "sysmanage.logfilters.RedactTokensFilter"}},
+    "filters": {
+        "redact_tokens": {"()": "sysmanage.logfilters.RedactTokensFilter"},
+        "disallowed_host": {"()": "sysmanage.logfilters.DisallowedHostFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
     },
@@ -526,5 +536,8 @@ LOGGING = {
         # The pool warns of every failed connection attempt and broken connection; the
         # database gate (sysmanage/dbgate.py) reports an outage once per interval instead.
         "psycopg.pool": {"level": "ERROR"},
+        # A request for a host not in ALLOWED_HOSTS: one line saying what to add, once
+        # per host and minute, instead of a traceback per request.
+        "django.security.DisallowedHost": {"filters": ["disallowed_host"]},
     },
 }

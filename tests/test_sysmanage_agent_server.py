@@ -1067,7 +1067,7 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
     native = services.host_register(hostname="native-01")[0]
     with pytest.raises(CommandError, match="not managed by a SysManage agent"):
         call_command("allow_reregistration", str(native.id))
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     call_command(
         "create_registration_key",
         "rollout",
@@ -1076,8 +1076,11 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
         "--expires-in",
         "7d",
         stdout=out,
-        stderr=io.StringIO(),
+        stderr=err,
     )
+    # the setting the agent reads (security.registration_key), not another one
+    assert "security.registration_key" in err.getvalue()
+    assert "server.registration_key" not in err.getvalue()
     created = json.loads(out.getvalue().strip().splitlines()[-1])
     assert submit("web-02", created["key"]).body["approved"] is True
     with pytest.raises(CommandError, match="--expires-in"):
