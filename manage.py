@@ -18,6 +18,15 @@ def main() -> None:
     except ImproperlyConfigured as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] != "help":
+        from sysmanage.preflight import check_database
+
+        # A database that does not exist or refuses the login: one line now, rather
+        # than the pool's wait and a traceback from inside the command.
+        problem = check_database()
+        if problem:
+            sys.stderr.write(f"error: {problem}\n")
+            sys.exit(2)
 
     execute_from_command_line(sys.argv)
 

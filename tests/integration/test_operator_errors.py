@@ -86,6 +86,8 @@ def test_a_postgres_database_that_does_not_exist_is_named_at_once(tmp_path):
     line = one_error_line(run(PREFLIGHT, tmp_path, DATABASE_URL=url), "DATABASE_URL")
     assert "no database 'no_such_fleet_db'" in line
     assert "createdb no_such_fleet_db" in line
+    migrate = run(["manage.py", "migrate"], tmp_path, DATABASE_URL=url)
+    one_error_line(migrate, "DATABASE_URL", "no database 'no_such_fleet_db'")
 
 
 def test_a_postgres_port_where_nothing_listens_is_named(tmp_path):
