@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sys
 from functools import partial
 from typing import Any
@@ -126,6 +127,15 @@ for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
 
 
+access_log = logging.getLogger("sysmanage.access")
+
+
+def _json_logs() -> bool:
+    from django.conf import settings
+
+    return bool(settings.LOG_FORMAT == "json")
+
+
 class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type information
     """Daphne's server, redacting the path of each access-log entry, with lean
     WebSocket connections (:class:`Inbox`, :class:`LeanWebSocketProtocol`)."""
@@ -183,6 +193,22 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
         """Called by Daphne for each access-log entry (HTTP request, WebSocket event)."""
         if details.get("path") is not None:
             details = {**details, "path": redact(str(details["path"]))}
+        if self.action_logger is not None and _json_logs():
+            # With LOG_FORMAT=json the access log is JSON lines too, through logging.
+            client = details.get("client")
+            access_log.info(
+                "%s %s",
+                details.get("method") or f"{protocol}.{action}",
+                details.get("path"),
+                extra={
+                    "kind": f"{protocol}.{action}",
+                    "client": client if isinstance(client, str) else str(client or ""),
+                    "path": details.get("path"),
+                    "status": details.get("status"),
+                    "size": details.get("size"),
+                },
+            )
+            return
         super().log_action(protocol, action, details)
 
 

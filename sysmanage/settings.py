@@ -508,21 +508,29 @@ if env_bool("DJANGO_SECURE", False):
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
 
+# LOG_FORMAT=json: one JSON object per line (Daphne's access log too); text otherwise.
+# Either way each line carries the request or connection id it is about
+# (sysmanage.logcontext) and has had every credential redacted (sysmanage.logfilters).
+LOG_FORMAT = (env("LOG_FORMAT", "text") or "text").strip().lower()
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {
         "redact_tokens": {"()": "sysmanage.logfilters.RedactTokensFilter"},
         "disallowed_host": {"()": "sysmanage.logfilters.DisallowedHostFilter"},
+        "context": {"()": "sysmanage.logcontext.ContextFilter"},
     },
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "text": {"()": "sysmanage.logcontext.ReadableFormatter"},
+        "json": {"()": "sysmanage.logcontext.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "filters": ["redact_tokens"],
+            "formatter": LOG_FORMAT,
+            "filters": ["redact_tokens", "context"],
         },
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
