@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 class AgentConsumer(Connection):
     """The connection of one host's agent."""
 
+    metric_kind = "agent"
     host_id: str | None = None
     hostname = ""
     ready = False

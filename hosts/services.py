@@ -37,6 +37,7 @@ from hosts.models import (
     PackageOperation,
 )
 from hosts.tokens import new_token, token_digest
+from sysmanage import metrics
 from sysmanage.audit import Actor, audit
 from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
@@ -241,6 +242,8 @@ def command_finish(
         execution.error = error
         execution.finished_at = timezone.now()
         execution.save()
+        took = (execution.finished_at - execution.created_at).total_seconds()
+        transaction.on_commit(lambda: metrics.round_trip("command", status, took))
         publish(command_event(execution))
         publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
@@ -299,6 +302,8 @@ def package_operation_update(
             operation.output = output
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             operation.finished_at = timezone.now()
+            took = (operation.finished_at - operation.created_at).total_seconds()
+            transaction.on_commit(lambda: metrics.round_trip("package_operation", status, took))
         operation.save()
         publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):

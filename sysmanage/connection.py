@@ -36,11 +36,12 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, WebSocketDisconnectEvent
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from sysmanage import metrics
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
 from sysmanage.ratelimit import RefusalWindow, TokenBucket
@@ -70,6 +71,8 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     overflow_reason = "Too many undelivered messages; reconnect"
     #: the endpoint's rate of frames, set when its connection is accepted
     bucket: TokenBucket | None = None
+    #: what ``/metrics`` counts this connection as
+    metric_kind = "client"
 
     #: the tasks this connection started and that have not ended (made on first use)
     tasks: set[asyncio.Task[Any]] | None = None
@@ -105,6 +108,12 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
             on_overflow=self._on_overflow,
         )
+
+    async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
+        """Called when the socket closes, whoever closed it: count it, then
+        :meth:`disconnect`."""
+        metrics.socket_closed(self.metric_kind, message.get("code"))
+        await super().websocket_disconnect(message)
 
     def _release(self) -> None:
         """Called on disconnect: end this connection's tasks and its outbound path."""

@@ -33,7 +33,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from sysmanage import control, dbgate, periodic, streams
+from sysmanage import control, dbgate, metrics, periodic, streams
 from sysmanage.control import ControlMessage
 from sysmanage.hub import Hub
 from sysmanage.protocol import StreamPosition, iso
@@ -304,6 +304,10 @@ class Node:
 
     # -- outbound: this process -> layer ---------------------------------------------------
 
+    def inbox_depth(self) -> int:
+        """Messages from the layer waiting for the hub (``/metrics``)."""
+        return self._inbox.qsize()
+
     def enqueue_publish(self, message: LayerMessage) -> None:
         """Queue ``message`` for the layer; called on the node's loop only."""
         self._outbox.put_nowait(message)
@@ -333,6 +337,8 @@ class Node:
         In memory they are fanned out here at once; with Redis every process (this one
         included) reads them back from the streams (:meth:`_stream_loop`).
         """
+        for message in events:
+            metrics.published(message["channel"])
         if isinstance(self.streams, MemoryStreams):
             for message in events:
                 entry = self.streams.append(

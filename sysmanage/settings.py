@@ -139,6 +139,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "sysmanage.metrics.RequestDurationMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "sysmanage.middleware.ContentSecurityPolicyMiddleware",
     "sysmanage.middleware.DatabaseUnavailableMiddleware",
@@ -507,6 +508,10 @@ if env_bool("DJANGO_SECURE", False):
     SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31_536_000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
+
+# GET /metrics (Prometheus): with METRICS_TOKEN set, only to "Authorization: Bearer
+# <METRICS_TOKEN>"; without it, only to loopback addresses (docs/operations.md).
+METRICS_TOKEN = env("METRICS_TOKEN", "") or ""
 
 # LOG_FORMAT=json: one JSON object per line (Daphne's access log too); text otherwise.
 # Either way each line carries the request or connection id it is about

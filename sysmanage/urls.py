@@ -24,6 +24,7 @@ from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
 from sysmanage import dbgate, plugins
+from sysmanage.metrics import metrics_view
 from sysmanage.middleware import reported_elsewhere
 from sysmanage.node import Node
 from sysmanage.protocol import iso
@@ -116,4 +117,5 @@ urlpatterns = [
     path("api/", include(router.urls)),
     path("healthz", health, name="health"),
     path("readyz", readiness, name="readiness"),
+    path("metrics", metrics_view, name="metrics"),
 ]

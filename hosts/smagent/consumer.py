@@ -83,6 +83,7 @@ class UnprovenConnections:
 class SysManageAgentConsumer(Connection):
     """The connection of one SysManage agent."""
 
+    metric_kind = "sysmanage_agent"
     session: AgentSession | None = None
     registered = False
     resender: asyncio.Future[None] | None = None
