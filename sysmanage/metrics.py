@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 # The ``_created`` series double every counter and histogram for nothing a dashboard uses.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 REGISTRY = CollectorRegistry()
 ProcessCollector(namespace="sysmanage", registry=REGISTRY)
 
