@@ -4,6 +4,9 @@
 import os
 import sys
 
+#: Commands that do not use the database: they run whether it answers or not.
+WITHOUT_DATABASE = {"help", "version", "check", "makemigrations", "collectstatic", "diffsettings"}
+
 
 def main() -> None:
     """Run administrative tasks."""
@@ -18,7 +21,8 @@ def main() -> None:
     except ImproperlyConfigured as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-") and sys.argv[1] != "help":
+    command = sys.argv[1] if len(sys.argv) > 1 else "help"
+    if command not in WITHOUT_DATABASE and not command.startswith("-"):
         from sysmanage.preflight import check_database
 
         # A database that does not exist or refuses the login: one line now, rather

@@ -146,6 +146,12 @@ def host_counts() -> dict[str, int]:
     }
 
 
+def host_status_counts() -> dict[str, int]:
+    """Hosts per status; every status is present."""
+    found = dict(Host.objects.values_list("status").annotate(n=Count("id")).order_by())
+    return {status: found.get(status, 0) for status in HostStatus.values}
+
+
 def pending_operation_count() -> int:
     """Command executions and package operations not yet finished."""
     return (

@@ -23,7 +23,7 @@ import hmac
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -94,13 +94,34 @@ def _counter(name: str, doc: str, labels: list[str], values: Counter[Any]) -> Me
     return family
 
 
+#: Returns the process's node, or None before one started (set by ``sysmanage.node``,
+#: which this module must not import: the node counts through it).
+_node_source: Callable[[], Any] = lambda: None  # noqa: E731
+#: (name, help, label, read) of the figures the apps read from the database
+_figures: list[tuple[str, str, str, Callable[[], Mapping[str, int]]]] = []
+
+
+def set_node_source(source: Callable[[], Any]) -> None:
+    """Tell the collector how to find the process's node."""
+    global _node_source
+    _node_source = source
+
+
+def register_figures(
+    name: str, doc: str, label: str, read: Callable[[], Mapping[str, int]]
+) -> None:
+    """Serve ``name{label=...}`` gauges with what ``read`` returns (database reads; an app
+    registers them when ready, as it registers snapshots)."""
+    if not name.startswith("sysmanage_"):
+        raise ValueError(f"metric names start with sysmanage_, not {name!r}")
+    _figures.append((name, doc, label, read))
+
+
 class LiveCollector(Collector):
     """The figures read from the process's node and hub when scraped."""
 
     def collect(self) -> Iterator[Metric]:
         """Called once per scrape."""
-        from sysmanage.node import Node
-
         yield _counter(
             "sysmanage_events_published",
             "Events this process published, by channel.",
@@ -120,7 +141,7 @@ class LiveCollector(Collector):
             ["kind", "type"],
             _agent_messages,
         )
-        node = Node.current()
+        node = _node_source()
         sockets = GaugeMetricFamily(
             "sysmanage_sockets_open",
             "Open, authenticated WebSocket connections, by kind and authentication method.",
@@ -181,28 +202,11 @@ class DatabaseCollector(Collector):
         yield from _pool_metrics()
 
     def _read(self) -> Iterable[Metric]:
-        from django.db.models import Count
-
-        from alerts.models import Alert
-        from hosts.models import Host, HostStatus
-
-        hosts = GaugeMetricFamily("sysmanage_hosts", "Hosts, by status.", labels=["status"])
-        by_status = dict(Host.objects.values_list("status").annotate(n=Count("id")))
-        for status in HostStatus.values:
-            hosts.add_metric([status], by_status.get(status, 0))
-        alerts = GaugeMetricFamily(
-            "sysmanage_alerts_active",
-            "Open or acknowledged alerts, by severity.",
-            labels=["severity"],
-        )
-        by_severity = dict(
-            Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES)
-            .values_list("severity")
-            .annotate(n=Count("id"))
-        )
-        for severity in ("critical", "warning", "info"):
-            alerts.add_metric([severity], by_severity.get(severity, 0))
-        return [hosts, alerts]
+        for name, doc, label, read in _figures:
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for value, count in sorted(read().items()):
+                family.add_metric([value], count)
+            yield family
 
 
 def _pool_metrics() -> Iterator[Metric]:

@@ -658,6 +658,9 @@ _warned = threading.Event()
 _server_process = threading.Event()
 
 
+metrics.set_node_source(Node.current)
+
+
 def mark_server_process() -> None:
     """Note that this process serves clients: its events need no warning (see below)."""
     _server_process.set()
