@@ -5,6 +5,7 @@ through here, and each publishes its event after the transaction commits.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -16,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from hosts.agent_protocol import CommandOutcome, HostFacts
+from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts
 from hosts.events import (
     CommandFinished,
     HostMetricsReported,
@@ -44,6 +45,8 @@ from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
 from sysmanage.writebatch import WriteBatch
+
+logger = logging.getLogger(__name__)
 
 HOST_FACT_FIELDS = (
     "fqdn",
@@ -229,8 +232,13 @@ def command_finish(
     stderr: str = "",
     execution_time: float | None = None,
     error: str = "",
+    stdout_truncated: bool = False,
+    stderr_truncated: bool = False,
+    stdout_bytes: int | None = None,
+    stderr_bytes: int | None = None,
 ) -> CommandExecution:
-    """Record a command's end (completed, failed or timed out) and publish it."""
+    """Record a command's end (completed, failed or timed out) and publish it; say in
+    the log when its output was cut."""
     if status not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
@@ -238,6 +246,8 @@ def command_finish(
         execution.exit_code = exit_code
         execution.stdout = stdout
         execution.stderr = stderr
+        execution.stdout_truncated, execution.stdout_bytes = stdout_truncated, stdout_bytes
+        execution.stderr_truncated, execution.stderr_bytes = stderr_truncated, stderr_bytes
         execution.execution_time = execution_time
         execution.error = error
         execution.finished_at = timezone.now()
@@ -247,7 +257,32 @@ def command_finish(
         publish(command_event(execution))
         publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
+    cuts = [
+        _cut(name, text, size)
+        for name, text, cut, size in (
+            ("stdout", stdout, stdout_truncated, stdout_bytes),
+            ("stderr", stderr, stderr_truncated, stderr_bytes),
+        )
+        if cut
+    ]
+    if cuts:
+        _log_cut(f"command {execution.id}", execution.host.hostname, cuts)
     return execution
+
+
+def _cut(name: str, text: str, size: int | None) -> tuple[str, bool]:
+    """How an output was cut, for the log: ``(description, by the server)``."""
+    by_server = len(text) >= MAX_OUTPUT_CHARS
+    whole = f"{size} bytes" if size is not None else "an unknown size"
+    where = f"the server's limit of {MAX_OUTPUT_CHARS} characters" if by_server else "the agent"
+    return f"{name} of {whole} cut to {len(text)} characters by {where}", by_server
+
+
+def _log_cut(what: str, hostname: str, cuts: list[tuple[str, bool]]) -> None:
+    """One line for an output cut: a warning when the server dropped some of it, a
+    note when the agent cut it to its own limit."""
+    level = logging.WARNING if any(by_server for _, by_server in cuts) else logging.INFO
+    logger.log(level, "%s on %s: %s", what, hostname, "; ".join(text for text, _ in cuts))
 
 
 def package_operation_create(
@@ -290,8 +325,11 @@ def package_operation_update(
     progress: int,
     message: str = "",
     output: str | None = None,
+    output_truncated: bool = False,
+    output_bytes: int | None = None,
 ) -> PackageOperation:
-    """Record progress or the end of a package operation and publish it."""
+    """Record progress or the end of a package operation and publish it (with its
+    ``output``, if given: say in the log when it was cut)."""
     if status not in OperationStatus.values:
         raise ValueError(f"unknown operation status {status!r}")
     with transaction.atomic():
@@ -300,6 +338,7 @@ def package_operation_update(
         operation.message = message
         if output is not None:
             operation.output = output
+            operation.output_truncated, operation.output_bytes = output_truncated, output_bytes
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             operation.finished_at = timezone.now()
             took = (operation.finished_at - operation.created_at).total_seconds()
@@ -308,6 +347,9 @@ def package_operation_update(
         publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             fleet_changed()
+    if output is not None and output_truncated:
+        cut = _cut("output", output, output_bytes)
+        _log_cut(f"package operation {operation.id}", operation.host.hostname, [cut])
     return operation
 
 
@@ -558,7 +600,14 @@ def package_operation_record_progress(
 
 
 def package_operation_record_result(
-    *, operation_id: Any, host_id: Any, status: str, message: str, output: str
+    *,
+    operation_id: Any,
+    host_id: Any,
+    status: str,
+    message: str,
+    output: str,
+    output_truncated: bool = False,
+    output_bytes: int | None = None,
 ) -> bool:
     """Store an operation's final result once; False if unknown or already final."""
     if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
@@ -577,6 +626,8 @@ def package_operation_record_result(
             status=status,
             message=message,
             output=output,
+            output_truncated=output_truncated,
+            output_bytes=output_bytes,
             progress=100 if status == OperationStatus.COMPLETED else operation.progress,
         )
     return True
@@ -613,6 +664,8 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
             host_id=operation.host_id,
             status=OperationStatus.FAILED,
             output=operation.output,
+            output_truncated=operation.output_truncated,
+            output_bytes=operation.output_bytes,
             message="No word from the agent in time; the result is unknown",
         ):
             count += 1

@@ -236,13 +236,10 @@ def record_result(*, host_id: Any, data: protocol.MessageData) -> bool:
                 result=protocol.shell_result(data, elapsed),
             )
         elif delivery.operation_id is not None:
-            status, message, output = protocol.package_result(data)
             services.package_operation_record_result(
                 operation_id=delivery.operation_id,
                 host_id=host_id,
-                status=status,
-                message=message,
-                output=output,
+                **protocol.package_result(data),
             )
     return True
 
