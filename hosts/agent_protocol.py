@@ -8,11 +8,13 @@ with a code the agent can log; nothing an agent sends reaches a service unchecke
 from __future__ import annotations
 
 import ipaddress
+import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NotRequired, Required, TypedDict, TypeGuard, get_args
 
+from sysmanage.oversized import Oversized, mib
 from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
 #: What agents send.
@@ -355,3 +357,29 @@ def package_outputs(output: KeptOutput) -> PackageOutputs:
         "output_truncated": output.truncated,
         "output_bytes": output.size,
     }
+
+
+def result_too_large(message: Oversized, setting: str, what: str = "result") -> str:
+    """Why ``message`` (a ``result``, or another ``what``) was not taken, and what to do
+    about it (``setting`` names the server's limit of the endpoint)."""
+    return (
+        f"The {what} was larger than the server accepts ({mib(message.limit)}): "
+        f"{mib(message.size)} were sent, and not read; raise {setting} (and Daphne's "
+        "--websocket-max-message-size above it) or reduce the output"
+    )
+
+
+def log_oversized(
+    logger: logging.Logger, hostname: str, message: Oversized, ended: Sequence[tuple[str, str]]
+) -> None:
+    """One line for a message over the limit: host, size, limit, and the work it ended
+    (``(kind, ref)`` pairs)."""
+    names = {"command_result": "command", "package_result": "package operation"}
+    what = ", ".join(f"{names.get(kind, kind)} {ref}" for kind, ref in ended)
+    logger.warning(
+        "agent of %s sent a message of %d bytes, over the limit of %d bytes; not read, failed: %s",
+        hostname,
+        message.size,
+        message.limit,
+        what,
+    )

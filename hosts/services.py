@@ -10,14 +10,14 @@ import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts
+from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts, ResultKind
 from hosts.events import (
     CommandFinished,
     HostMetricsReported,
@@ -47,6 +47,16 @@ from sysmanage.protocol import iso, utc_now_iso
 from sysmanage.writebatch import WriteBatch
 
 logger = logging.getLogger(__name__)
+
+
+class WorkEnded(NamedTuple):
+    """A command or package operation a result was about (``kind`` is the result's:
+    ``command_result`` or ``package_result``), and whether it was ended just now."""
+
+    kind: ResultKind
+    ref: str
+    ended_now: bool
+
 
 HOST_FACT_FIELDS = (
     "fqdn",
@@ -237,8 +247,7 @@ def command_finish(
     stdout_bytes: int | None = None,
     stderr_bytes: int | None = None,
 ) -> CommandExecution:
-    """Record a command's end (completed, failed or timed out) and publish it; say in
-    the log when its output was cut."""
+    """Record a command's end (completed, failed or timed out) and publish it."""
     if status not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
@@ -257,16 +266,6 @@ def command_finish(
         publish(command_event(execution))
         publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
-    cuts = [
-        _cut(name, text, size)
-        for name, text, cut, size in (
-            ("stdout", stdout, stdout_truncated, stdout_bytes),
-            ("stderr", stderr, stderr_truncated, stderr_bytes),
-        )
-        if cut
-    ]
-    if cuts:
-        _log_cut(f"command {execution.id}", execution.host.hostname, cuts)
     return execution
 
 
@@ -328,8 +327,7 @@ def package_operation_update(
     output_truncated: bool = False,
     output_bytes: int | None = None,
 ) -> PackageOperation:
-    """Record progress or the end of a package operation and publish it (with its
-    ``output``, if given: say in the log when it was cut)."""
+    """Record progress or the end of a package operation and publish it."""
     if status not in OperationStatus.values:
         raise ValueError(f"unknown operation status {status!r}")
     with transaction.atomic():
@@ -347,9 +345,6 @@ def package_operation_update(
         publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             fleet_changed()
-    if output is not None and output_truncated:
-        cut = _cut("output", output, output_bytes)
-        _log_cut(f"package operation {operation.id}", operation.host.hostname, [cut])
     return operation
 
 
@@ -525,7 +520,8 @@ def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
 
 
 def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOutcome) -> bool:
-    """Store an agent's result once; False if unknown, another host's, or already final."""
+    """Store an agent's result once; False if unknown, another host's, or already final.
+    An output that was cut is said so in the log."""
     with transaction.atomic():
         execution = (
             CommandExecution.objects.select_for_update(of=("self",))
@@ -536,7 +532,57 @@ def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOut
         if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
             return False
         command_finish(execution=execution, **result)
+    cuts = []
+    if result.get("stdout_truncated"):
+        cuts.append(_cut("stdout", result.get("stdout", ""), result.get("stdout_bytes")))
+    if result.get("stderr_truncated"):
+        cuts.append(_cut("stderr", result.get("stderr", ""), result.get("stderr_bytes")))
+    if cuts:
+        _log_cut(f"command {execution.id}", execution.host.hostname, cuts)
     return True
+
+
+def work_fail_oversized(*, host_id: Any, refs: Collection[str], why: str) -> list[WorkEnded]:
+    """Fail, with ``why``, the unfinished commands and package operations of ``host_id``
+    among ``refs`` (ids found in a result too large to take, whose output is lost).
+
+    Returns every one of the host's among ``refs``, failed now or ended before, so that
+    the agent can be told that its result needs no resending.
+    """
+    ended: list[WorkEnded] = []
+    with transaction.atomic():
+        for execution in (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id__in=refs, host_id=host_id)
+        ):
+            active = execution.status in CommandExecution.ACTIVE_STATUSES
+            if active:
+                command_finish(
+                    execution=execution,
+                    status=ExecutionStatus.FAILED,
+                    error=why,
+                    stdout_truncated=True,
+                    stderr_truncated=True,
+                )
+            ended.append(WorkEnded("command_result", str(execution.id), active))
+        for operation in (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id__in=refs, host_id=host_id)
+        ):
+            active = operation.status in PackageOperation.ACTIVE_STATUSES
+            if active:
+                package_operation_update(
+                    operation=operation,
+                    status=OperationStatus.FAILED,
+                    progress=operation.progress,
+                    message=why,
+                    output="",
+                    output_truncated=True,
+                )
+            ended.append(WorkEnded("package_result", str(operation.id), active))
+    return ended
 
 
 def command_fail_pending(*, execution_id: Any, why: str) -> bool:
@@ -630,6 +676,9 @@ def package_operation_record_result(
             output_bytes=output_bytes,
             progress=100 if status == OperationStatus.COMPLETED else operation.progress,
         )
+    if output_truncated:
+        cut = _cut("output", output, output_bytes)
+        _log_cut(f"package operation {operation.id}", operation.host.hostname, [cut])
     return True
 
 

@@ -819,12 +819,19 @@ async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frame
     assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == unknown[
         "message_id"
     ]
-    await comm.send_to(
-        text_data=json.dumps(message("software_inventory_update", {**ids, "pad": "x" * 70000}))
-    )
-    assert (await comm.receive_json_from(timeout=3))["error_type"] == "message_too_large"
-    assert await expect_close(comm) == 4013
-    await comm.disconnect()  # Daphne reports the closed socket to the consumer
+    big = message("software_inventory_update", {**ids, "pad": "x" * 70000})
+    await comm.send_to(text_data=json.dumps(big))
+    refused = await comm.receive_json_from(timeout=3)
+    assert refused["error_type"] == "message_too_large"
+    assert refused["data"] == {"message_type": big["message_type"], "message_id": big["message_id"]}
+    assert "SYSMANAGE_AGENT_MAX_MESSAGE_BYTES" in refused["message"]
+    # not processed, and the connection stays open: the agent has no reason to send it again
+    heartbeat = message("heartbeat", ids)
+    await comm.send_json_to(heartbeat)
+    assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == heartbeat[
+        "message_id"
+    ]
+    await comm.disconnect()
     status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
     assert status == HostStatus.OFFLINE
 
