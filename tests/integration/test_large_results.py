@@ -29,7 +29,7 @@ from tests.integration.test_agent_e2e import register, running_agent
 pytestmark = pytest.mark.integration
 
 MAX_OUTPUT_CHARS = 512 * 1024
-APP_LIMIT = 4 * 1024 * 1024  # SYSMANAGE_AGENT_MAX_MESSAGE_BYTES and AGENT_MAX_MESSAGE_BYTES
+APP_LIMIT = 4 * 1024 * 1024  # SYSMANAGE_AGENT_MAX_MESSAGE_BYTES
 WAIT = 30.0
 
 
