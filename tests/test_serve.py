@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 import weakref
 from typing import Any
 
@@ -277,5 +278,31 @@ async def test_without_asking_an_oversized_message_fails_the_connection():
         protocol = served.transport.protocol
         assert protocol.failedByMe
         assert protocol.wasMaxFramePayloadSizeExceeded or protocol.wasMaxMessagePayloadSizeExceeded
+    finally:
+        served.stop()
+
+
+async def test_a_skipped_message_is_never_held_in_memory():
+    """32 MiB read past in 64 KiB pieces: what the process allocates meanwhile stays
+    within a few pieces and the kept start and end, whatever the message's size."""
+    served = Skipping(RedactingServer, skip=True)
+    try:
+        await served.handshake()
+        protocol = served.transport.protocol
+        size = 32 * 1024 * 1024
+        header = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") + b"\x00" * 4  # mask 0
+        piece = b"x" * 65536
+        protocol.dataReceived(header)
+        tracemalloc.start()
+        try:
+            for _ in range(size // len(piece)):
+                protocol.dataReceived(piece)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        await asyncio.sleep(0.01)
+        assert peak < 1024 * 1024, peak
+        assert served.received[-1]["size"] == size
+        assert len(served.received[-1]["head"]) == len(served.received[-1]["tail"]) == KEEP_BYTES
     finally:
         served.stop()
