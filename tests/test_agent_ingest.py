@@ -20,6 +20,7 @@ from channels.testing import WebsocketCommunicator
 from django.db.backends import utils as db_utils
 
 from hosts import consumers, services
+from sysmanage import metrics
 from sysmanage.asgi import application
 from sysmanage.node import Node
 from sysmanage.serve import Inbox
@@ -263,9 +264,11 @@ async def test_a_report_is_fanned_out_within_its_frame_arrival(enrolled):
     node = Node.current()
     assert node is not None
     before = node.hub.stats["events"]
+    counted = metrics._published["host_metrics"]
     frame = json.dumps({"type": "metrics", "data": {"metrics": METRICS}})
     inbox.put_nowait({"type": "websocket.receive", "text": frame})  # no await after it
     assert node.hub.stats["events"] == before + 1
+    assert metrics._published["host_metrics"] == counted + 1  # and counted (GET /metrics)
     await agent.disconnect()
 
 
