@@ -318,8 +318,23 @@ class Hub:
         return len(conns)
 
     def dispatch_entry(self, entry: Entry) -> int:
-        """Deliver one event read from its channel's stream (see :meth:`dispatch`)."""
+        """Deliver one event read from its channel's stream (see :meth:`dispatch`); one
+        that no local subscription can want is only counted, its payload not decoded."""
+        if not self.wants(entry.channel, entry.host):
+            self.heads[entry.channel] = entry.position
+            self.stats["events"] += 1
+            return 0
         return self.dispatch(entry.channel, entry.data, entry.timestamp, entry.position)
+
+    def wants(self, channel: str, host_id: str | None) -> bool:
+        """Whether an event of ``channel`` about ``host_id`` may match a local subscription
+        (topics that drop repeats always look: they remember the last payload)."""
+        hosts = self._index.get(channel)
+        if TOPICS[channel].drops_repeats:
+            return True
+        if not hosts:
+            return False
+        return None in hosts or (host_id is not None and host_id in hosts)
 
     def dispatch(
         self,
