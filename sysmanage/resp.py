@@ -244,18 +244,27 @@ class Connection:
             await self._call([b"SELECT", str(options["db"]).encode()], 0.0, Reply())
 
     async def execute(
-        self, args: Sequence[bytes], block_seconds: float = 0.0, reply: Reply | None = None
+        self, args: Sequence[bytes], block_seconds: float = 0.0, reply: type[Reply] = Reply
     ) -> Any:
-        """Send one command and return its parsed reply (as ``reply`` parses it; by
+        """Send one command and return its parsed reply (as a ``reply`` parses it; by
         default with :func:`parse`); ``block_seconds`` is how long Redis may hold the
         reply back (a blocking read), on top of :attr:`timeout`."""
-        try:
-            if self._writer is None:
-                await self._connect()
-            return await self._call(args, block_seconds, reply or Reply())
-        except BaseException:
-            await self.close()
-            raise
+        # A connection opened before Redis restarted is dead and fails at its next use:
+        # that use is tried once more on a new connection, not taken for an outage.
+        attempts = 2 if self._writer is not None else 1
+        for attempt in range(attempts):
+            try:
+                if self._writer is None:
+                    await self._connect()
+                return await self._call(args, block_seconds, reply())
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                if attempt + 1 == attempts:
+                    raise
+            except BaseException:
+                await self.close()
+                raise
+        raise AssertionError("unreachable")
 
     async def _call(self, args: Sequence[bytes], block_seconds: float, reply: Reply) -> Any:
         reader, writer = self._reader, self._writer

@@ -511,7 +511,7 @@ class RedisStreams:
         args = [b"XREAD", b"COUNT", b"%d" % READ_BATCH, b"BLOCK", b"%d" % block_ms, b"STREAMS"]
         args += channel_of
         args += [b"%d-0" % p.offset for p in positions.values()]
-        reply = await self.reader.execute(args, block_ms / 1000, resp.StreamsReply())
+        reply = await self.reader.execute(args, block_ms / 1000, resp.StreamsReply)
         found = []
         for key, entries in reply or ():
             channel = channel_of[key]

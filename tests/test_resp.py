@@ -121,10 +121,15 @@ async def test_a_connection_talks_to_redis_and_reconnects_after_a_failure(live_r
         with pytest.raises(resp.ReplyError):
             await conn.execute([b"NOSUCHCOMMAND"])
         assert await conn.execute([b"PING"]) == b"PONG"  # a fresh connection
+        # a connection that died meanwhile (Redis restarted) is replaced, the command kept
+        first = await conn.execute([b"CLIENT", b"ID"])
+        live_redis.execute_command("CLIENT", "KILL", "ID", first)
+        assert await conn.execute([b"PING"]) == b"PONG"
+        assert await conn.execute([b"CLIENT", b"ID"]) != first
         reply = await conn.execute(
             [b"XREAD", b"BLOCK", b"10", b"STREAMS", b"no-such-stream", b"0-0"],
             0.01,
-            resp.StreamsReply(),
+            resp.StreamsReply,
         )
         assert reply is None
     finally:
