@@ -19,6 +19,12 @@ Two stores, one per deployment:
   A Redis that restarts empty (or evicts a channel's hash) gets a new epoch on first use,
   so stale positions are recognised, never misread.
 
+Every process reads every event of the cluster, so the reading is lean: a connection of
+its own that parses ``XREAD`` replies by slicing bytes (:mod:`sysmanage.resp`), and
+entries whose payload stays as stored until used (:class:`Entry`): each entry carries its
+event's host beside the payload, enough for the hub to see that no local subscriber
+wants it (most events, in a cluster whose processes serve different clients).
+
 History is bounded by count and age per channel (``STREAM_HISTORY_*`` settings); a gap
 that reaches past what is kept is reported as not recovered, never replayed in part.
 """
