@@ -606,19 +606,29 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[Target]:
 
 
 def ratios(rows: list[Row]) -> list[str]:
-    """Throughput of 2 processes over 1, per revision and rate (the slower process)."""
+    """2 processes against 1, per revision and rate: the events/s each took in (the slower
+    process; 1.0 when both kept up with the publisher), and what the servers' core could
+    take in at the measured cost (1 / the sum of the processes' µs per event)."""
     lines = []
     for revision in dict.fromkeys(r.revision for r in rows):
         for rate in dict.fromkeys(r.rate for r in rows):
             one = [r for r in rows if (r.revision, r.rate, r.processes) == (revision, rate, 1)]
             two = [r for r in rows if (r.revision, r.rate, r.processes) == (revision, rate, 2)]
-            if one and two and all(r.received_rate for r in one + two):
+            if not one or not two:
+                continue
+            if all(r.received_rate for r in one + two):
                 a = sum(min(r.received_rate) for r in one) / len(one)
                 b = sum(min(r.received_rate) for r in two) / len(two)
                 lines.append(
-                    f"{revision} at {rate:.0f}/s: 2 processes take in {b:.0f} events/s each, "
-                    f"1 process {a:.0f}: ratio {b / a:.2f}"
+                    f"{revision} at {rate:.0f}/s: taken in by 2 processes {b:.0f}/s, "
+                    f"by 1 {a:.0f}/s: ratio {b / a:.2f}"
                 )
+            a = sum(1e6 / max(sum(r.us_per_event), 1e-3) for r in one) / len(one)
+            b = sum(1e6 / max(sum(r.us_per_event), 1e-3) for r in two) / len(two)
+            lines.append(
+                f"{revision} at {rate:.0f}/s: one core's capacity at the measured cost, "
+                f"2 processes {b:.0f} events/s, 1 process {a:.0f}: ratio {b / a:.2f}"
+            )
     return lines
 
 
