@@ -75,8 +75,10 @@ SETUP = """
 import json
 from django.contrib.auth import get_user_model
 from sysmanage.credentials import access_token_for
+from hosts.models import Host
 user = get_user_model().objects.create_superuser("bench", "bench@example.invalid", "x" * 20)
-print(json.dumps({"access": access_token_for(user)}))
+host = Host.objects.create(hostname="bench-subscribed")
+print(json.dumps({"access": access_token_for(user), "host": str(host.id)}))
 """
 
 
@@ -235,8 +237,12 @@ async def hold_sockets(
                     "filters": {"host_id": host},
                 }
                 await ws.send(json.dumps(request))
-            while json.loads(await asyncio.wait_for(ws.recv(), 10)).get("id") != "start":
-                pass
+            while True:
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if reply.get("type") == "error":
+                    raise RuntimeError(f"subscription refused: {reply}")
+                if reply.get("id") == "start":
+                    break
             readers.append(asyncio.create_task(watch(ws, seen)))
         ready.set()
         await stop.wait()
@@ -272,7 +278,7 @@ def measure(
         subprocess.run(
             [PYTHON, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True, timeout=300
         )
-        token = json.loads(
+        made = json.loads(
             subprocess.run(
                 [PYTHON, "manage.py", "shell", "-c", SETUP],
                 cwd=root,
@@ -284,13 +290,13 @@ def measure(
             )
             .stdout.strip()
             .splitlines()[-1]
-        )["access"]
+        )
         servers = [
             start_server(root, env, work / f"{label}-{processes}-{i}.log", where.servers)
             for i in range(processes)
         ]
         try:
-            return asyncio.run(run_window(root, env, label, processes, rate, servers, token, args))
+            return asyncio.run(run_window(root, env, label, processes, rate, servers, made, args))
         finally:
             for proc, _ in servers:
                 proc.terminate()
@@ -311,10 +317,12 @@ async def run_window(
     processes: int,
     rate: float,
     servers: list[tuple[subprocess.Popen[bytes], int]],
-    token: str,
+    made: dict[str, str],
     args: argparse.Namespace,
 ) -> Row:
-    hosts = [str(uuid.uuid4()) for _ in range(args.hosts)]
+    # the subscribed host exists (subscriptions check it); the others need not
+    token = made["access"]
+    hosts = [made["host"]] + [str(uuid.uuid4()) for _ in range(args.hosts - 1)]
     events = max(int(rate * args.seconds), 1)
     watches = [Watch() for _ in servers]
     ready, stop = asyncio.Event(), asyncio.Event()
