@@ -601,10 +601,12 @@ def targets(rows: list[Row], args: argparse.Namespace) -> list[Target]:
             )
     big = [r for r in mine if r.processes >= 4 and r.rate >= 5000]
     for row in big:
-        took = min(row.received_rate) if row.kept_up else 0.0
+        # sustained: published at that rate, and every process had every event within a
+        # second of the last one's publication (else: what the slowest process took in)
+        took = row.published_rate if row.kept_up else min(row.received_rate, default=0.0)
         found.append(
             Target(
-                f"{row.processes} processes take in distinct events/s (each all of them)",
+                f"{row.processes} processes sustain distinct events/s (each receives all)",
                 round(took),
                 5000,
                 op=">=",
