@@ -247,6 +247,11 @@ def can_use_admin(user: Asker) -> bool:
     return _active(user) and bool(user.is_staff)
 
 
+def can_watch_fleet_metrics(user: Asker) -> bool:
+    """Whether ``user`` may watch every host's live metrics at once (one subscription)."""
+    return holds(user, "view_fleet_metrics")
+
+
 def can_view_activity(user: Asker) -> bool:
     """Whether ``user`` may read the user activity log."""
     return holds(user, "view_activity")
