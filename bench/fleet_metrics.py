@@ -320,6 +320,75 @@ def summarise(rows: list[dict[str, Any]], agents: int) -> list[Target]:
     return targets
 
 
+def hub_costs(hosts: int, rounds: int) -> dict[str, float]:
+    """In this process, the hub's own costs: a metrics event dispatched with and without
+    the summaries kept (µs), and one summary of ``hosts`` hosts framed (ms), full and
+    trimmed to CPU and memory."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sysmanage.settings")
+    os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(40))
+    sys.path.insert(0, str(REPO))
+    import django
+
+    django.setup()
+    from sysmanage.hub import Hub  # imported here: Django must be set up first
+
+    class Sink:
+        """A subscriber that drops what it is given."""
+
+        user_id: str | None = "u"
+        session_tag: str | None = None
+        rights: frozenset[str] = frozenset()
+
+        def deliver(self, frame: Any) -> None:
+            pass
+
+        def close_from_hub(self, code: int, error: Any) -> None:
+            pass
+
+    payloads = [
+        {
+            "host_id": f"00000000-0000-0000-0000-{i:012d}",
+            "hostname": f"agent-{i:05d}",
+            "timestamp": "2026-12-05T11:00:00.000Z",
+            "metrics": {
+                "cpu_usage": 12.5,
+                "memory_usage": 40.1,
+                "disk_usage": {"/": 40.2, "/var": 51.7},
+                "load_average": [0.5, 0.4, 0.3],
+            },
+            "cpu_count": 4,
+        }
+        for i in range(hosts)
+    ]
+
+    def dispatch_us(hub: Hub) -> float:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for data in payloads:
+                hub.dispatch("host_metrics", data, "2026-12-05T11:00:00.000Z")
+        return 1e6 * (time.perf_counter() - started) / (rounds * hosts)
+
+    bare = Hub()
+    bare.summaries = {}
+    kept = Hub()
+    figures = {"dispatch_us_without": dispatch_us(bare), "dispatch_us_with": dispatch_us(kept)}
+    for label, filters in (
+        ("full", {"host_id": "*"}),
+        ("cpu+memory", {"host_id": "*", "metrics": ("cpu", "memory")}),
+    ):
+        hub = Hub()
+        hub.subscribe(Sink(), "host_metrics", filters)
+        spent = 0.0
+        for _ in range(rounds):
+            for data in payloads:
+                hub.dispatch("host_metrics", data, None)
+            started = time.perf_counter()
+            hub.send_summaries(max_hosts=2000, max_bytes=MAX_BYTES)
+            spent += time.perf_counter() - started
+        figures[f"summary_ms_{label}"] = 1e3 * spent / rounds
+    return figures
+
+
 def main() -> int:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -339,8 +408,12 @@ def main() -> int:
     )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per window")
     parser.add_argument("--redis-url", default=None)
+    parser.add_argument(
+        "--hub-rounds", type=int, default=50, help="rounds of the in-process hub figures"
+    )
     args = parser.parse_args()
     raise_fd_limit()
+    costs = hub_costs(args.agents, args.hub_rounds)
     scratch = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     env = server_env(scratch, args.redis_url, None)
     if args.redis_url:
@@ -367,6 +440,21 @@ def main() -> int:
         f"{args.interval}s, {args.duration:.0f}s windows, {os.cpu_count()} cores)"
     )
     targets = summarise(rows, args.agents)
+    print(
+        f"  in the hub (this process, {args.hub_rounds} rounds of {args.agents} hosts): a "
+        f"metrics event dispatched {costs['dispatch_us_without']:.2f} µs without keeping "
+        f"the hosts' latest, {costs['dispatch_us_with']:.2f} µs with; one summary of "
+        f"{args.agents} hosts framed in {costs['summary_ms_full']:.2f} ms (all metrics), "
+        f"{costs['summary_ms_cpu+memory']:.2f} ms (cpu and memory)"
+    )
+    targets.append(
+        Target(
+            "hub cost of keeping each host's latest, per metrics event",
+            round(costs["dispatch_us_with"] - costs["dispatch_us_without"], 2),
+            2.0,
+            " µs",
+        )
+    )
     connected = min(r["connected"] for r in rows)
     print(f"  agents connected throughout: {connected} of {args.agents}")
     ok = print_targets(targets)
