@@ -416,6 +416,9 @@ def main() -> int:
     costs = hub_costs(args.agents, args.hub_rounds)
     scratch = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     env = server_env(scratch, args.redis_url, None)
+    # The per-host viewer holds a socket per host, far past the per-user cap (50): that
+    # cap alone refuses such a view in production.
+    env["WS_MAX_SOCKETS_PER_USER"] = "0"
     if args.redis_url:
         env["SYSMANAGE_REDIS_PREFIX"] = f"bench-fleet-{secrets.token_hex(4)}"
     proc = None
