@@ -350,6 +350,9 @@ class Hub:
         if not self.wants(entry.channel, entry.host):
             self.heads[entry.channel] = entry.position
             self.stats["events"] += 1
+            summary = self.summaries.get(entry.channel)
+            if summary is not None:
+                summary.note_entry(entry)
             return 0
         return self.dispatch(entry.channel, entry.data, entry.timestamp, entry.position)
 

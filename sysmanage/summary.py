@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 
 from sysmanage.protocol import MessageType, dumps, envelope
 from sysmanage.topics import Filters, Topic
 from sysmanage.transport import Frame
+
+if TYPE_CHECKING:
+    from sysmanage.streams import Entry
 
 #: A host's latest payload is forgotten once it is this old (seconds): its host stopped
 #: reporting (agents report every few seconds; the SysManage agent once a minute).
@@ -63,8 +66,9 @@ class HostSummary:
     def __init__(self, topic: Topic) -> None:
         self.topic = topic
         self.channel = topic.name
-        #: host_id -> (latest payload, when it came: the ``now`` of then)
-        self.latest: dict[str, tuple[dict[str, Any], float]] = {}
+        #: host_id -> (latest payload, when it came: the ``now`` of then); an event read
+        #: from a stream is kept as its entry, decoded only if a summary takes it
+        self.latest: dict[str, tuple[dict[str, Any] | Entry, float]] = {}
         #: host_id -> None: an ordered set of the hosts not yet in a summary
         self.due: dict[str, None] = {}
         #: the time of the last summary (``time.monotonic()``, or as given to :meth:`send`)
@@ -77,6 +81,19 @@ class HostSummary:
         if host_id is not None:
             self.latest[host_id] = (data, self.now)
             self.due[host_id] = None
+
+    def note_entry(self, entry: Entry) -> None:
+        """Like :meth:`note`, for an event read from its stream that the hub did not
+        decode: kept as it is (a host reporting every second is decoded at most once per
+        summary it goes into, not once per report)."""
+        host_id = entry.host
+        if host_id is not None:
+            self.latest[host_id] = (entry, self.now)
+            self.due[host_id] = None
+
+    def _payload(self, host_id: str) -> dict[str, Any]:
+        kept = self.latest[host_id][0]
+        return kept if isinstance(kept, dict) else kept.data
 
     def send(
         self,
@@ -134,7 +151,7 @@ class HostSummary:
         texts: dict[str, str] = {}
         size = 0
         for host_id in hosts[:max_hosts]:
-            text = dumps(self.latest[host_id][0])
+            text = dumps(self._payload(host_id))
             size += len(text) + 1  # ASCII, and a comma
             if size > max_bytes:
                 break
@@ -157,7 +174,7 @@ class HostSummary:
         if topic.variant(filters) is None:
             parts = [texts[host] for host in hosts]
         else:
-            parts = [dumps(topic.render(filters, self.latest[host][0])) for host in hosts]
+            parts = [dumps(topic.render(filters, self._payload(host))) for host in hosts]
         head = dumps(envelope(type_, self.channel, {"hosts": [], **extra}, id_=id_))
         cut = head.index(_HOSTS_MARK) + len(_HOSTS_MARK) - 1  # inside the brackets
         return Frame(head[:cut] + ",".join(parts) + head[cut:])

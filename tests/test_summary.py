@@ -343,3 +343,34 @@ async def test_others_are_refused_and_staff_who_lose_the_right_lose_the_summary(
         assert Node.current().hub.subscriber_count("host_metrics") == 0
     finally:
         await comm.disconnect()
+
+
+def test_reports_read_from_a_stream_are_summarized_without_decoding_each():
+    """With Redis the hub routes an event by its host before decoding it: an all-hosts
+    subscription keeps each host's latest entry as read, and decodes only the ones a
+    summary takes (one per host, however often it reported)."""
+    from sysmanage import streams
+    from sysmanage.protocol import StreamPosition
+
+    hub = Hub()
+    watcher = Recorder()
+    hub.subscribe(watcher, "host_metrics", ALL)
+    entries = []
+    for n in range(30):
+        host = HOSTS[n % 3]
+        data = {"host_id": host, "hostname": "h", "timestamp": "t", "metrics": {"cpu": n}}
+        payload = streams.encode_payload("host.metrics_reported", data, "t")
+        entries.append(
+            streams.Entry.stored("host_metrics", StreamPosition("E", n + 1), payload, host)
+        )
+    decoded = streams.DECODED["payloads"]
+    for entry in entries:
+        assert hub.dispatch_entry(entry) == 0
+    assert streams.DECODED["payloads"] == decoded  # routed and noted, nothing decoded
+    assert hub.heads["host_metrics"] == StreamPosition("E", 30)
+    assert hub.send_summaries(**BOUNDS) == 1
+    hosts = summary_of(watcher.frames[0])["hosts"]
+    assert sorted((h["host_id"], h["metrics"]["cpu"]) for h in hosts) == sorted(
+        [(HOSTS[0], 27), (HOSTS[1], 28), (HOSTS[2], 29)]
+    )
+    assert streams.DECODED["payloads"] - decoded == 3  # each host's latest, once
