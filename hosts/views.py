@@ -53,7 +53,8 @@ class DashboardMixin(LoginRequiredMixin):
 
 
 class HostListView(DashboardMixin, TemplateView):
-    """``/hosts/``: every host (or those matching ``?q=``), with live status."""
+    """``/hosts/``: every host (or those matching ``?q=``), with live status, and for
+    those who may watch every host's metrics at once, live CPU and memory."""
 
     template_name = "hosts/host_list.html"
     nav_section = "hosts"
@@ -63,11 +64,14 @@ class HostListView(DashboardMixin, TemplateView):
         query = self.request.GET.get("q", "").strip()[:255]
         hosts = list(selectors.host_list(search=query or None))
         total = len(hosts) if not query else selectors.host_counts()["total_hosts"]
+        live_metrics = permissions.can_watch_fleet_metrics(self.request.user)
         return {
             **super().get_context_data(**kwargs),
             "query": query,
             "hosts": hosts,
             "total_hosts": total,
+            "live_metrics": live_metrics,
+            "page_data": {"liveMetrics": live_metrics},
         }
 
 

@@ -12,8 +12,8 @@ class SysmanageConfig(AppConfig):
 
     def ready(self) -> None:
         """Connect the revocation receivers, the recheck of open sockets, the pruning of
-        spent refresh tokens' reuse grace and the OpenAPI description of the
-        authentication."""
+        spent refresh tokens' reuse grace, the all-hosts summaries and the OpenAPI
+        description of the authentication."""
         # Imported here: these modules reach the models, which Django loads after the
         # app configs (not to break an import cycle).
         from django.conf import settings
@@ -24,6 +24,7 @@ class SysmanageConfig(AppConfig):
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
             services,
+            summary,
         )
         from sysmanage.periodic import register_periodic
 
@@ -36,5 +37,10 @@ class SysmanageConfig(AppConfig):
             "sysmanage.refresh_rotations_prune",
             lambda: max(60.0, float(settings.JWT_REFRESH_REUSE_GRACE_SECONDS)),
             services.refresh_rotations_prune,
+        )
+        register_periodic(
+            "sysmanage.fleet_metrics",
+            lambda: settings.WS_FLEET_METRICS_INTERVAL,
+            summary.send_summaries,
         )
         control.register(control.RecheckUsers, recheck.on_recheck_users)

@@ -50,7 +50,14 @@ from sysmanage.protocol import (
 )
 from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag, token_session_tag
-from sysmanage.topics import Topic, Viewer, filter_problem, get_topic, snapshot_provider
+from sysmanage.topics import (
+    Filters,
+    Topic,
+    Viewer,
+    filter_problem,
+    get_topic,
+    snapshot_provider,
+)
 from sysmanage.transport import Frame
 
 logger = logging.getLogger(__name__)
@@ -201,8 +208,11 @@ class ClientConsumer(Connection):
         if self.closing or self.hub is None or read_at < self.rights_read_at:
             return
         self.rights, self.rights_read_at = rights, read_at
-        for channel in permissions.CHANNEL_RIGHTS:
-            if permissions.channel_lost(channel, rights) and self.hub.unsubscribe(self, channel):
+        for channel, subscribers in list(self.hub.subscriptions.items()):
+            filters = subscribers.get(self)
+            if filters is None or not permissions.subscription_lost(channel, filters, rights):
+                continue
+            if self.hub.unsubscribe(self, channel):
                 self.reply(
                     error_envelope(
                         ErrorCode.SUBSCRIPTION_REVOKED,
@@ -362,6 +372,15 @@ class ClientConsumer(Connection):
                 requested_channel=topic.name,
             )
         filters = topic.clean_filters(message.filters, message.id)
+        denied = permissions.filters_denied_reason(topic.name, filters, self.rights)
+        if denied:
+            raise ProtocolError(
+                ErrorCode.SUBSCRIPTION_FAILED,
+                denied,
+                channel="subscription",
+                id_=message.id,
+                requested_channel=topic.name,
+            )
         problem = await database_sync_to_async(filter_problem)(filters)
         if problem:
             raise ProtocolError(
@@ -371,6 +390,9 @@ class ClientConsumer(Connection):
                 id_=message.id,
                 requested_channel=topic.name,
             )
+        if topic.all_hosts(filters):
+            self._subscribe_all_hosts(topic, filters, message)
+            return
         hub = self.hub
         assert hub is not None
         answer: dict[str, Any] = {
@@ -417,6 +439,30 @@ class ClientConsumer(Connection):
                 filters, Viewer(self.user_id, self.rights)
             )
             self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
+
+    def _subscribe_all_hosts(self, topic: Topic, filters: Filters, message: ClientMessage) -> None:
+        """Subscribe to the summary of every host (``sysmanage.summary``).  It has no place
+        on the channel's stream, so it is not resumable: a ``since`` is answered
+        ``recovered: false``.  The latest report of every host follows as the ``status``."""
+        hub = self.hub
+        assert hub is not None
+        hub.subscribe(self, topic.name, filters)
+        answer: dict[str, Any] = {
+            "action": "subscribe",
+            "status": "subscribed",
+            "channel": topic.name,
+            "filters": _jsonable(filters),
+        }
+        if message.since is not None:
+            answer["recovered"] = False
+        self.reply(envelope(MessageType.RESPONSE, topic.name, answer, id_=message.id))
+        snapshot = hub.summaries[topic.name].snapshot(
+            filters,
+            max_hosts=settings.WS_FLEET_METRICS_MAX_HOSTS,
+            max_bytes=settings.WS_FLEET_METRICS_MAX_BYTES,
+            id_=message.id,
+        )
+        self.send_text(snapshot.text)
 
     async def on_unsubscribe(self, message: ClientMessage) -> None:
         """Unsubscribe; answering even when there was no subscription (it is idempotent)."""

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from sysmanage.protocol import MessageType, ServerMessage, StreamPosition, dumps, envelope, iso
+from sysmanage.protocol import (
+    ALL_HOSTS,
+    MessageType,
+    ServerMessage,
+    StreamPosition,
+    dumps,
+    envelope,
+    iso,
+)
+from sysmanage.summary import Audience, HostSummary
 from sysmanage.topics import TOPICS, Filters
 from sysmanage.transport import Frame
 
@@ -113,6 +122,11 @@ class Hub:
         #: the streams' history, for resuming subscriptions (set by the node)
         self.history: HistoryReader | None = None
         self.stats = {"events": 0, "deliveries": 0, "frames": 0}
+        #: channel -> its hosts' latest events, for all-hosts subscribers (who are indexed
+        #: under the host ``"*"``, which no event has: dispatch never walks them)
+        self.summaries = {
+            name: HostSummary(topic) for name, topic in TOPICS.items() if topic.summarized
+        }
 
     def register(self, conn: Subscriber) -> None:
         """Track ``conn`` so that control messages (revocations) can reach it."""
@@ -272,6 +286,19 @@ class Hub:
         variants = self._index[channel].setdefault(filters.get("host_id"), {})
         return variants.setdefault(TOPICS[channel].variant(filters), set())
 
+    def send_summaries(self, *, max_hosts: int, max_bytes: int) -> int:
+        """Send every all-hosts subscriber the summary of the hosts that reported since
+        the last one (:mod:`sysmanage.summary`); return how many got one."""
+        sent = 0
+        for channel, summary in self.summaries.items():
+            variants = self._index.get(channel, {}).get(ALL_HOSTS, {})
+            filters_of = self.subscriptions[channel]
+            audiences: list[Audience] = [
+                (filters_of[next(iter(conns))], conns) for conns in variants.values() if conns
+            ]
+            sent += summary.send(audiences, max_hosts=max_hosts, max_bytes=max_bytes)
+        return sent
+
     def last_delivered(self, channel: str) -> dict[str, Any] | None:
         """The last payload seen on ``channel``, from any process (``drops_repeats`` topics)."""
         return self._last.get(channel)
@@ -318,8 +345,26 @@ class Hub:
         return len(conns)
 
     def dispatch_entry(self, entry: Entry) -> int:
-        """Deliver one event read from its channel's stream (see :meth:`dispatch`)."""
+        """Deliver one event read from its channel's stream (see :meth:`dispatch`); one
+        that no local subscription can want is only counted, its payload not decoded."""
+        if not self.wants(entry.channel, entry.host):
+            self.heads[entry.channel] = entry.position
+            self.stats["events"] += 1
+            summary = self.summaries.get(entry.channel)
+            if summary is not None:
+                summary.note_entry(entry)
+            return 0
         return self.dispatch(entry.channel, entry.data, entry.timestamp, entry.position)
+
+    def wants(self, channel: str, host_id: str | None) -> bool:
+        """Whether an event of ``channel`` about ``host_id`` may match a local subscription
+        (topics that drop repeats always look: they remember the last payload)."""
+        hosts = self._index.get(channel)
+        if TOPICS[channel].drops_repeats:
+            return True
+        if not hosts:
+            return False
+        return None in hosts or (host_id is not None and host_id in hosts)
 
     def dispatch(
         self,
@@ -341,6 +386,9 @@ class Hub:
                 return 0
             self._last[channel] = data
         self.stats["events"] += 1
+        summary = self.summaries.get(channel)
+        if summary is not None:
+            summary.note(data)
         hosts = self._index.get(channel)
         if not hosts:
             return 0

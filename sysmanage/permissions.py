@@ -17,6 +17,7 @@ server rechecks (``sysmanage.recheck``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
@@ -25,6 +26,8 @@ from django.contrib.auth.models import AnonymousUser
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.views import APIView
+
+from sysmanage.protocol import ALL_HOSTS
 
 if TYPE_CHECKING:
     from sysmanage.models import User
@@ -83,13 +86,22 @@ RIGHTS: dict[str, Right] = {
         "rotate or revoke host tokens, or let a host register again",
         staff_only=True,
     ),
+    # Every host's live metrics on one socket: what staff who may list the hosts in the
+    # admin see there, at a bounded cost (one summary a second).
+    "view_fleet_metrics": Right(
+        ("hosts.view_host", "hosts.change_host"),
+        "watch every host's live metrics at once",
+        staff_only=True,
+    ),
 }
 
 #: Channels that need a right to subscribe to, and that right.
 CHANNEL_RIGHTS = {"user_activity": "view_activity"}
+#: Subscriptions that need a right because of a filter: (channel, filter, value) -> right.
+FILTER_RIGHTS = {("host_metrics", "host_id", ALL_HOSTS): "view_fleet_metrics"}
 #: The rights an open socket keeps in memory: the hub consults them for every event, so
 #: they cannot be read from the database then.  The recheck keeps them current.
-SOCKET_RIGHTS = ("view_activity", "view_command_output")
+SOCKET_RIGHTS = ("view_activity", "view_command_output", "view_fleet_metrics")
 
 
 def _active(user: Asker) -> TypeGuard[User]:
@@ -140,9 +152,37 @@ def subscribe_denied_reason(user: Asker, channel: str) -> str | None:
     return None
 
 
-def channel_lost(channel: str, rights: frozenset[str]) -> bool:
-    """Whether a subscription to ``channel`` needs a right missing from ``rights``."""
+def filters_right(channel: str, filters: Mapping[str, object]) -> str | None:
+    """The right a subscription to ``channel`` needs because of its ``filters``, if any."""
+    for (name, field, value), right in FILTER_RIGHTS.items():
+        if name == channel and filters.get(field) == value:
+            return right
+    return None
+
+
+def filters_denied_reason(
+    channel: str, filters: Mapping[str, object], rights: frozenset[str]
+) -> str | None:
+    """Why a user with socket ``rights`` may not subscribe to ``channel`` with ``filters``
+    (the channel itself allowed), or None when it may."""
+    for (name, field, value), right in FILTER_RIGHTS.items():
+        if name == channel and filters.get(field) == value and right not in rights:
+            spec = RIGHTS[right]
+            staff = "staff status and " if spec.staff_only else ""
+            return (
+                f"Insufficient permissions for channel '{channel}' with {field} {value!r} "
+                f"(needs {staff}the permission {spec.permissions[0]})"
+            )
+    return None
+
+
+def subscription_lost(channel: str, filters: Mapping[str, object], rights: frozenset[str]) -> bool:
+    """Whether a subscription to ``channel`` with ``filters`` needs a right missing from
+    ``rights``."""
     right = CHANNEL_RIGHTS.get(channel)
+    if right is not None and right not in rights:
+        return True
+    right = filters_right(channel, filters)
     return right is not None and right not in rights
 
 
@@ -205,6 +245,11 @@ def can_manage_alerts(user: Asker) -> bool:
 def can_use_admin(user: Asker) -> bool:
     """Whether ``user`` may open the admin site (as the admin itself decides: active staff)."""
     return _active(user) and bool(user.is_staff)
+
+
+def can_watch_fleet_metrics(user: Asker) -> bool:
+    """Whether ``user`` may watch every host's live metrics at once (one subscription)."""
+    return holds(user, "view_fleet_metrics")
 
 
 def can_view_activity(user: Asker) -> bool:

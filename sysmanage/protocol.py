@@ -109,6 +109,9 @@ MAX_INT_ID = 2**53 - 1
 #: Longest access token a ``refresh`` may carry (the server's own are a few hundred
 #: characters long).
 MAX_TOKEN_LENGTH = 4096
+#: The ``host_id`` filter value that asks for every host at once (``host_metrics``: one
+#: coalesced summary a second instead of an event per report).
+ALL_HOSTS = "*"
 
 
 #: A JSON object: a message's ``data`` or ``filters`` (each handler checks its fields).

@@ -392,6 +392,13 @@ WS_AUTH_FAILURE_WINDOW_SECONDS = env_int("WS_AUTH_FAILURE_WINDOW_SECONDS", 60)
 WS_ALLOWED_ORIGINS = [
     o.strip().rstrip("/") for o in (env("WS_ALLOWED_ORIGINS", "") or "").split(",") if o.strip()
 ]
+# Every host's live metrics at once (``host_metrics`` with ``host_id: "*"``): one summary
+# per interval of the hosts that reported meanwhile, at most so many hosts and bytes of
+# JSON each (the hosts left out lead the next one).  Keep the bytes well under
+# WS_MAX_SEND_BUFFER_BYTES; a host's report takes at most about 20 KB.
+WS_FLEET_METRICS_INTERVAL = max(0.1, float(env("WS_FLEET_METRICS_INTERVAL", "1.0") or "1.0"))
+WS_FLEET_METRICS_MAX_HOSTS = max(1, env_int("WS_FLEET_METRICS_MAX_HOSTS", 2000))
+WS_FLEET_METRICS_MAX_BYTES = max(65536, env_int("WS_FLEET_METRICS_MAX_BYTES", 512 * 1024))
 FLEET_STATUS_MIN_INTERVAL = float(env("FLEET_STATUS_MIN_INTERVAL", "1.0") or "1.0")
 # How often each server process rechecks its client sockets against the database
 # (deleted or disabled users, changed passwords, ended sessions, lost rights): the bound

@@ -19,6 +19,12 @@ Two stores, one per deployment:
   A Redis that restarts empty (or evicts a channel's hash) gets a new epoch on first use,
   so stale positions are recognised, never misread.
 
+Every process reads every event of the cluster, so the reading is lean: a connection of
+its own that parses ``XREAD`` replies by slicing bytes (:mod:`sysmanage.resp`), and
+entries whose payload stays as stored until used (:class:`Entry`): each entry carries its
+event's host beside the payload, enough for the hub to see that no local subscriber
+wants it (most events, in a cluster whose processes serve different clients).
+
 History is bounded by count and age per channel (``STREAM_HISTORY_*`` settings); a gap
 that reaches past what is kept is reported as not recovered, never replayed in part.
 """
@@ -35,6 +41,7 @@ from typing import Any
 
 from django.conf import settings
 
+from sysmanage import resp
 from sysmanage.protocol import StreamPosition
 
 #: How many entries one ``XREAD`` hands over at most.
@@ -46,15 +53,111 @@ POOL_CONNECTIONS = 20
 POOL_WAIT_SECONDS = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+#: How many stored payloads this process has decoded (JSON) since it started: an event no
+#: local subscriber wants is routed by its header and never decoded.
+DECODED = {"payloads": 0}
+
+
 class Entry:
-    """One event as kept on its channel's stream."""
+    """One event as kept on its channel's stream.
+
+    An entry read from Redis keeps its payload as the bytes stored there and decodes it
+    on first use of ``event``, ``data`` or ``timestamp``: ``host`` (the ``host_id`` of
+    its data, stored beside the payload) is enough to tell that no local subscriber
+    wants it, and most events a process receives in a cluster are such events.
+    """
+
+    __slots__ = ("_data", "_event", "_host", "_payload", "_timestamp", "channel", "position")
 
     channel: str
     position: StreamPosition
-    event: str
-    data: dict[str, Any]
-    timestamp: str
+
+    def __init__(
+        self,
+        channel: str,
+        position: StreamPosition,
+        event: str,
+        data: dict[str, Any],
+        timestamp: str,
+    ) -> None:
+        self.channel = channel
+        self.position = position
+        self._event, self._data, self._timestamp = event, data, timestamp
+        self._payload: bytes | str | None = None
+        self._host: object = _host_of(data)
+
+    @classmethod
+    def stored(
+        cls,
+        channel: str,
+        position: StreamPosition,
+        payload: bytes | str,
+        host: object = None,
+    ) -> Entry:
+        """An entry as read from its stream, its ``payload`` (:func:`encode_payload`) not
+        decoded yet; ``host`` is :data:`UNROUTED` if the stream did not say it."""
+        entry = cls.__new__(cls)
+        entry.channel = channel
+        entry.position = position
+        entry._payload = payload
+        entry._host = host
+        return entry
+
+    def _decode(self) -> None:
+        payload = json.loads(self._payload or "null")
+        DECODED["payloads"] += 1
+        self._event, self._data, self._timestamp = (
+            payload["event"],
+            payload["data"],
+            payload["timestamp"],
+        )
+        self._payload = None
+
+    @property
+    def event(self) -> str:
+        """The event's name."""
+        if self._payload is not None:
+            self._decode()
+        return self._event
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's payload."""
+        if self._payload is not None:
+            self._decode()
+        return self._data
+
+    @property
+    def timestamp(self) -> str:
+        """When the event happened (ISO 8601)."""
+        if self._payload is not None:
+            self._decode()
+        return self._timestamp
+
+    @property
+    def host(self) -> str | None:
+        """The ``host_id`` of the event's data, if it has one (decoding only an entry
+        stored without it)."""
+        if self._host is UNROUTED:
+            self._host = _host_of(self.data)
+        return self._host  # type: ignore[return-value]
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the payload was decoded (or never needed to be)."""
+        return self._payload is None
+
+    def __repr__(self) -> str:
+        return f"Entry({self.channel!r}, {self.position!r})"
+
+
+#: The ``host`` of a stored entry that did not say it (written before entries carried it).
+UNROUTED = object()
+
+
+def _host_of(data: Mapping[str, Any]) -> str | None:
+    host = data.get("host_id")
+    return host if isinstance(host, str) or host is None else str(host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +206,19 @@ class Recent:
 
     def __init__(self) -> None:
         self._kept: dict[str, deque[tuple[float, Entry]]] = {}
+        # every event passes here: the bounds are looked up once per channel (and again
+        # if the setting is replaced, as tests do)
+        self._bounds: dict[str, Bounds] = {}
+        self._bounds_of: object = None
+
+    def _bounds_for(self, channel: str) -> Bounds:
+        if self._bounds_of is not settings.STREAM_HISTORY:
+            self._bounds_of = settings.STREAM_HISTORY
+            self._bounds = {}
+        bounds = self._bounds.get(channel)
+        if bounds is None:
+            bounds = self._bounds[channel] = bounds_for(channel)
+        return bounds
 
     def add(self, entry: Entry) -> None:
         """Keep ``entry``, the next event of its channel; older ones leave by the bounds.
@@ -110,7 +226,7 @@ class Recent:
         An entry that does not follow the last one kept (another epoch, or offsets
         missing) starts the channel's copy over, so that what is kept stays contiguous.
         """
-        bounds = bounds_for(entry.channel)
+        bounds = self._bounds_for(entry.channel)
         kept = self._kept.get(entry.channel)
         if kept is None:
             kept = self._kept[entry.channel] = deque(maxlen=max(bounds.size, 1))
@@ -184,7 +300,10 @@ class MemoryStreams:
 
 #: Number, store and trim one event.  KEYS: stream, meta hash.  ARGV: a new epoch (used
 #: if the hash has none), the payload, the size bound, the oldest time to keep (ms), now
-#: (ms).  Returns {epoch, offset}.
+#: (ms), the event's host ("" for none).  Returns {epoch, offset}.
+#:
+#: An entry's fields: ``e`` epoch, ``t`` time stored (ms; the trimming reads it as the
+#: 4th item), ``h`` host (what a reader routes by without decoding), ``p`` payload.
 PUBLISH_SCRIPT = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -194,7 +313,7 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], offset .. '-0',
-  'e', epoch, 't', ARGV[5], 'p', ARGV[2])
+  'e', epoch, 't', ARGV[5], 'h', ARGV[6], 'p', ARGV[2])
 for _ = 1, 16 do
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
   if #first == 0 or tonumber(first[1][2][4]) >= tonumber(ARGV[4]) then break end
@@ -259,23 +378,47 @@ def _text(value: bytes | str) -> str:
 
 
 def decode_entry(channel: str, entry_id: bytes | str, fields: Any) -> Entry:
-    """Rebuild an :class:`Entry` from a stream entry (``fields`` as a dict or a flat list)."""
+    """Rebuild an :class:`Entry` from a stream entry (``fields`` as a dict or a flat
+    list); its payload is decoded when first used."""
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
     fields = {_text(k): v for k, v in fields.items()}
-    payload = json.loads(fields["p"])
     offset = int(_text(entry_id).split("-", 1)[0])
-    return Entry(
-        channel,
-        StreamPosition(_text(fields["e"]), offset),
-        payload["event"],
-        payload["data"],
-        payload["timestamp"],
-    )
+    host = fields.get("h", UNROUTED)
+    if host is not UNROUTED:
+        host = _text(host) or None
+    return Entry.stored(channel, StreamPosition(_text(fields["e"]), offset), fields["p"], host)
 
 
-def publish_args(channel: str, payload: str) -> tuple[list[str], list[str | int]]:
-    """The keys and arguments of :data:`PUBLISH_SCRIPT` for one event of ``channel``."""
+def read_entries(channel: str, raw: list[resp.RawEntry]) -> list[Entry]:
+    """The entries of one stream in an ``XREAD`` reply (:class:`sysmanage.resp.StreamsReply`),
+    their payloads not decoded."""
+    found = []
+    epochs: dict[bytes, str] = {}
+    for offset, fields in raw:
+        epoch = b""
+        host: object = UNROUTED
+        payload = b""
+        for i in range(0, len(fields), 2):
+            name = fields[i]
+            if name == b"p":
+                payload = fields[i + 1]
+            elif name == b"e":
+                epoch = fields[i + 1]
+            elif name == b"h":
+                host = fields[i + 1].decode() or None
+        name_of_epoch = epochs.get(epoch)
+        if name_of_epoch is None:
+            name_of_epoch = epochs[epoch] = epoch.decode()
+        found.append(Entry.stored(channel, StreamPosition(name_of_epoch, offset), payload, host))
+    return found
+
+
+def publish_args(
+    channel: str, payload: str, host: str | None = None
+) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of :data:`PUBLISH_SCRIPT` for one event of ``channel``
+    about ``host`` (its data's ``host_id``)."""
     bounds = bounds_for(channel)
     now_ms = int(time.time() * 1000)
     return list(stream_keys(channel)), [
@@ -284,6 +427,7 @@ def publish_args(channel: str, payload: str) -> tuple[list[str], list[str | int]
         bounds.size,
         now_ms - int(bounds.seconds * 1000),
         now_ms,
+        host or "",
     ]
 
 
@@ -315,15 +459,16 @@ class RedisStreams:
             url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS, **options
         )
         self.redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-        # A dedicated connection for blocking reads, so publishing never waits behind one.
-        self.reader = aioredis.Redis.from_url(url, single_connection_client=True, **options)
+        # A dedicated connection for blocking reads, so publishing never waits behind one;
+        # a lean one, as every process reads every event through it (sysmanage.resp).
+        self.reader = resp.Connection(url, timeout=30, connect_timeout=5)
         self._publish = self.redis.register_script(PUBLISH_SCRIPT)
         self._head = self.redis.register_script(HEAD_SCRIPT)
         self._read = self.redis.register_script(READ_SCRIPT)
 
     async def close(self) -> None:
         """Close the connections."""
-        await self.reader.aclose()
+        await self.reader.close()
         await self.redis.aclose()
 
     async def publish(self, events: Sequence[tuple[str, str, Mapping[str, Any], str]]) -> None:
@@ -331,7 +476,8 @@ class RedisStreams:
         round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for channel, event, data, timestamp in events:
-                keys, args = publish_args(channel, encode_payload(event, data, timestamp))
+                payload = encode_payload(event, data, timestamp)
+                keys, args = publish_args(channel, payload, _host_of(data))
                 await self._publish(keys=keys, args=args, client=pipe)
             await pipe.execute()
 
@@ -367,17 +513,15 @@ class RedisStreams:
         self, positions: Mapping[str, StreamPosition], block_ms: int
     ) -> list[tuple[str, list[Entry]]]:
         """Wait up to ``block_ms`` for events after ``positions``; return them by channel."""
-        streams: dict[Any, Any] = {
-            stream_keys(channel)[0]: f"{p.offset}-0" for channel, p in positions.items()
-        }
-        channel_of = {stream_keys(channel)[0]: channel for channel in positions}
-        reply: Any = await self.reader.xread(streams, count=READ_BATCH, block=block_ms)
+        channel_of = {stream_keys(channel)[0].encode(): channel for channel in positions}
+        args = [b"XREAD", b"COUNT", b"%d" % READ_BATCH, b"BLOCK", b"%d" % block_ms, b"STREAMS"]
+        args += channel_of
+        args += [b"%d-0" % p.offset for p in positions.values()]
+        reply = await self.reader.execute(args, block_ms / 1000, resp.StreamsReply)
         found = []
         for key, entries in reply or ():
-            channel = channel_of[_text(key)]
-            found.append(
-                (channel, [decode_entry(channel, entry_id, fields) for entry_id, fields in entries])
-            )
+            channel = channel_of[key]
+            found.append((channel, read_entries(channel, entries)))
         return found
 
 
@@ -387,7 +531,7 @@ def publish_blocking(url: str, channel: str, event: str, data: Mapping[str, Any]
 
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     try:
-        keys, args = publish_args(channel, encode_payload(event, data, ts))
+        keys, args = publish_args(channel, encode_payload(event, data, ts), _host_of(data))
         client.register_script(PUBLISH_SCRIPT)(keys=keys, args=args)
     finally:
         client.close()

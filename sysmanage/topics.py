@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db.models import Model, QuerySet
 
 from sysmanage import permissions
-from sysmanage.protocol import ErrorCode, ProtocolError, dumps
+from sysmanage.protocol import ALL_HOSTS, ErrorCode, ProtocolError, dumps
 
 Filters = dict[str, Any]
 
@@ -64,6 +64,10 @@ class Topic:
     #: whether an event that only repeats the last one of the channel is dropped (the hub
     #: then keeps the channel's last payload and asks :meth:`repeats` per event).
     drops_repeats: ClassVar[bool] = False
+    #: whether ``host_id`` may be :data:`~sysmanage.protocol.ALL_HOSTS`: such subscribers
+    #: get no event per report but one summary of every host a second
+    #: (:mod:`sysmanage.summary`), and their subscription is not resumable.
+    summarized: ClassVar[bool] = False
 
     def authorize(self, user: Any) -> str | None:
         """Return why ``user`` may not subscribe, or None if it may."""
@@ -94,6 +98,10 @@ class Topic:
             except ValueError as exc:
                 raise _filters_error(self.name, f"Filter '{field}': {exc}", id_) from None
         return cleaned
+
+    def all_hosts(self, filters: Filters) -> bool:
+        """Whether a subscriber with ``filters`` gets the every-host summary."""
+        return self.summarized and filters.get("host_id") == ALL_HOSTS
 
     def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
         """Whether an event with payload ``data`` goes to a subscriber with ``filters``."""
@@ -142,6 +150,16 @@ def parse_uuid(value: Any) -> str:
         raise ValueError(f"{value[:64]!r} is not a valid UUID") from None
 
 
+def parse_host_or_all(value: Any) -> str:
+    """A host's UUID in canonical string form, or ``"*"`` for every host."""
+    if value == ALL_HOSTS:
+        return ALL_HOSTS
+    try:
+        return parse_uuid(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or '{ALL_HOSTS}' for every host") from None
+
+
 def _parse_choice_list(value: Any, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"must be a non-empty list of {what} ({', '.join(choices)})")
@@ -164,6 +182,7 @@ METRIC_KEYS = {
 #: Filter kinds: each parser returns the clean value or raises ``ValueError``.
 PARSERS: dict[str, Callable[[Any], object]] = {
     "uuid": parse_uuid,
+    "host_or_all": parse_host_or_all,
     "severities": lambda v: _parse_choice_list(v, SEVERITIES, "severity"),
     "metrics": lambda v: _parse_choice_list(v, METRICS, "metric"),
 }
@@ -245,10 +264,13 @@ class UserActivityTopic(Topic):
 
 
 class HostMetricsTopic(Topic):
-    """Live metrics of one host (``host_id`` required), limited to the ``metrics`` named."""
+    """Live metrics of one host (``host_id`` required), limited to the ``metrics`` named;
+    or, with ``host_id`` ``"*"`` (for those who hold the right), a summary of every host's
+    latest metrics once a second."""
 
     name = "host_metrics"
-    filter_fields = {"host_id": (True, "uuid"), "metrics": (False, "metrics")}
+    filter_fields = {"host_id": (True, "host_or_all"), "metrics": (False, "metrics")}
+    summarized = True
 
     def variant(self, filters: Filters) -> Hashable:
         """Subscribers asking for the same metric names share one serialized frame."""
@@ -395,7 +417,7 @@ def filter_problem(filters: Filters) -> str | None:
     """Run the registered checks on ``filters``; return the first problem found."""
     for field, value in filters.items():
         check = _FILTER_CHECKS.get(field)
-        if check is not None:
+        if check is not None and value != ALL_HOSTS:
             problem = check(value)
             if problem:
                 return f"Filter '{field}': {problem}"

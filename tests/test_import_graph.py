@@ -11,7 +11,7 @@ from pathlib import Path
 
 CORE = Path(__file__).resolve().parent.parent / "sysmanage"
 #: What the hub may import: the registry and fan-out need channels, frames and envelopes.
-HUB_IMPORTS = {"protocol", "streams", "topics", "transport"}
+HUB_IMPORTS = {"protocol", "streams", "summary", "topics", "transport"}
 #: Modules that import nothing inside functions (each such import once hid a circle).
 NO_LOCAL_IMPORTS = {"control", "events", "fleet", "hub", "node", "periodic"}
 

@@ -261,7 +261,7 @@ def test_a_socket_keeps_its_user_without_the_permission_cache(make_user, token_f
 
     user = make_user("watcher", staff=True, perms=["activity.view_useractivity", "hosts.view_host"])
     credentials = token_credentials(token_for(user), "query")
-    assert credentials.rights == {"view_activity"}
+    assert credentials.rights == {"view_activity", "view_fleet_metrics"}
     held = credentials.user
     assert held is not None
     assert not {"_perm_cache", "_user_perm_cache", "_group_perm_cache"} & set(vars(held))

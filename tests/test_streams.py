@@ -386,3 +386,89 @@ async def test_a_redis_node_serves_resumes_from_its_copy_and_warms_it_at_start(
         if node is not None:
             await node.close()
         await publisher.close()
+
+
+# -- routing without decoding (Redis deployments) -------------------------------------------
+
+
+def metrics_event(n, host):
+    return ("host_metrics", "host_metrics_reported", {"host_id": host, "n": n}, "t")
+
+
+async def test_events_that_no_local_subscriber_wants_are_never_decoded(redis_streams, settings):
+    """A process receives every event of the cluster; it decodes only those one of its own
+    subscriptions may match (by channel and host, stored beside the payload)."""
+    from channels.layers import InMemoryChannelLayer
+
+    from sysmanage import streams as streams_module
+    from sysmanage.node import Node
+
+    small_history(settings, size=50)
+    publisher = RedisStreams(REDIS_URL)
+    node = None
+    try:
+        node = Node(InMemoryChannelLayer(), asyncio.get_running_loop(), RedisStreams(REDIS_URL))
+        await node.start()
+        watcher = Recorder()
+        node.hub.subscribe(watcher, "host_metrics", {"host_id": "h1"})
+        decoded = streams_module.DECODED["payloads"]
+        await publisher.publish([metrics_event(n, "h1" if n % 4 == 0 else "h2") for n in range(12)])
+        await publisher.publish([("host_status", "host_status_changed", event(1, "h3"), "t")])
+        for _ in range(100):
+            if node.hub.heads["host_metrics"].offset == 12 and node.hub.heads["host_status"].offset:
+                break
+            await asyncio.sleep(0.05)
+        assert node.hub.heads["host_metrics"].offset == 12
+        assert node.hub.heads["host_status"].offset == 1
+        assert [m["data"]["n"] for m in watcher.messages] == [0, 4, 8]
+        # the three events of h1, and nothing else
+        assert streams_module.DECODED["payloads"] - decoded == 3
+        assert node.hub.stats["events"] == 13
+        # what was not decoded is kept as it was stored, and decoded when a resume needs it
+        epoch = node.hub.heads["host_metrics"].epoch
+        history = await node.read_after("host_metrics", StreamPosition(epoch, 8))
+        assert [(e.data["n"], e.data["host_id"]) for e in history.entries] == [
+            (8, "h1"),
+            (9, "h2"),
+            (10, "h2"),
+            (11, "h2"),
+        ]
+        # a subscription to every host wants them all
+        everyone = Recorder()
+        node.hub.subscribe(everyone, "host_status", {})
+        await publisher.publish([("host_status", "host_status_changed", event(2, "h4"), "t")])
+        for _ in range(100):
+            if everyone.messages:
+                break
+            await asyncio.sleep(0.05)
+        assert [m["data"]["host_id"] for m in everyone.messages] == ["h4"]
+    finally:
+        if node is not None:
+            await node.close()
+        await publisher.close()
+
+
+async def test_entries_stored_without_their_host_are_read_and_routed(redis_streams):
+    """Entries written before they carried the host (fields e, t, p) still read; they
+    are decoded to find their host."""
+    from sysmanage.streams import encode_payload
+
+    streams = RedisStreams(REDIS_URL)
+    try:
+        epoch = (await streams.heads(["host_status"]))["host_status"].epoch
+        key, _ = stream_keys("host_status")
+        payload = encode_payload("e", event(1, "h9"), "t")
+        redis_streams.xadd(key, {"e": epoch, "t": "1", "p": payload}, id="1-0")
+        batches = await streams.read_new({"host_status": StreamPosition(epoch, 0)}, 10)
+        [(channel, [entry])] = batches
+        assert channel == "host_status"
+        assert entry.position == StreamPosition(epoch, 1)
+        assert not entry.decoded
+        assert entry.host == "h9"
+        assert entry.data == event(1, "h9")
+        hub = Hub()
+        conn = Recorder()
+        hub.subscribe(conn, "host_status", {"host_id": "h9"})
+        assert hub.dispatch_entry(entry) == 1
+    finally:
+        await streams.close()

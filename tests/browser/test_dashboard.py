@@ -269,6 +269,39 @@ def test_hosts_page_shows_the_agent_coming_online(admin: Browser, fleet: Fleet) 
     browser.screenshot("hosts")
 
 
+def test_hosts_page_shows_every_hosts_metrics_through_one_subscription(
+    admin: Browser, fleet: Fleet
+) -> None:
+    browser = admin
+    host_id = fleet.online_host()
+    browser.open("/hosts/", "host_status", "host_metrics")
+    row = row_of_host(browser, host_id)
+    browser.wait_text(f"{row} [data-cell=cpu]", lambda t: bool(PERCENT.match(t)), 30, "CPU")
+    browser.wait_text(f"{row} [data-cell=memory]", lambda t: bool(PERCENT.match(t)))
+
+    # one subscription to every host, answered by summaries (not an event per report)
+    def metrics_frames(kind: str) -> list[dict[str, Any]]:
+        return [
+            f
+            for f in browser.read_frames()
+            if f.get("channel") == "host_metrics" and f["type"] == kind
+        ]
+
+    [answer] = metrics_frames("response")
+    assert answer["data"]["filters"] == {"host_id": "*", "metrics": ["cpu", "memory"]}
+    assert metrics_frames("status"), "no snapshot of every host"
+    browser.wait(lambda d: metrics_frames("event"), message="no summary within the wait")
+    summaries = metrics_frames("event")
+    assert all("hosts" in f["data"] and "offset" not in f for f in summaries), summaries
+    # hosts that never reported keep a dash
+    assert (
+        browser.text_of(
+            f"{row_of_host(browser, fleet.deployment.host_id('web-01'))} [data-cell=cpu]"
+        )
+        == "—"
+    )
+
+
 def test_host_page_charts_console_and_failing_command(admin: Browser, fleet: Fleet) -> None:
     browser = admin
     host_id = fleet.online_host()

@@ -58,14 +58,19 @@ def parse_iso_utc(value: str) -> datetime:
     return parsed
 
 
+def _is_summary(message: dict[str, Any]) -> bool:
+    """A summary of every host's metrics (``host_id: "*"``): no place on the stream."""
+    return message.get("channel") == "host_metrics" and "hosts" in message.get("data", {})
+
+
 def assert_envelope(message: Any) -> None:
     """Every server message: ``{type, channel, data, timestamp}`` plus an optional ``id``."""
     assert isinstance(message, dict), message
     missing = ENVELOPE_KEYS - message.keys()
     assert not missing, f"message lacks {missing}: {message}"
     extra = message.keys() - ENVELOPE_KEYS - {"id"}
-    if message.get("type") == "event":
-        # an event's place on its channel's stream: both or neither
+    if message.get("type") == "event" and not _is_summary(message):
+        # an event's place on its channel's stream (a summary of every host has none)
         assert {"offset", "epoch"} <= message.keys(), f"event without its position: {message}"
         assert isinstance(message["offset"], int), message
         assert message["offset"] >= 1, message

@@ -1,13 +1,15 @@
 // @ts-check
 /**
  * `/hosts/`: the hosts table with live status and last-seen from `host_status`
- * (snapshot, then events with `previous_status`) and instant filtering as you type.
+ * (snapshot, then events with `previous_status`) and instant filtering as you type; for
+ * those who may watch every host's metrics, live CPU and memory from one `host_metrics`
+ * subscription to every host (`host_id: "*"`: a snapshot, then a summary a second).
  *
  * The server renders the hosts matching `?q=`; once a snapshot names hosts the table does
  * not have (a narrower server search, or hosts enrolled since), the whole list is read
  * from `GET /api/hosts/` so that filtering can widen again without a reload.
  */
-import { el, getJSON, showNotice, startLive, timeElement } from "./live.js";
+import { el, getJSON, pageData, showNotice, startLive, timeElement } from "./live.js";
 
 /** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 
@@ -23,11 +25,36 @@ let listComplete = false;
 /** @type {Promise<void>|null} */
 let loading = null;
 
+const liveMetrics = pageData().liveMetrics === true;
 const client = startLive();
 client.subscribe("host_status", null, (data, message) => {
   if (message.type === "status") applySnapshot(data.hosts);
   else applyChange(data);
 });
+if (liveMetrics) client.subscribe("host_metrics", { host_id: "*", metrics: ["cpu", "memory"] }, (data) => showMetrics(data.hosts));
+
+/**
+ * Every host's latest CPU and memory (the snapshot, or a summary of those that reported).
+ * @param {JsonObject[]} hosts
+ */
+function showMetrics(hosts) {
+  for (const host of hosts || []) {
+    const row = rows.get(host.host_id);
+    if (!row) continue;
+    setPercent(row, "cpu", host.metrics.cpu_usage);
+    setPercent(row, "memory", host.metrics.memory_usage);
+  }
+}
+
+/**
+ * @param {HTMLTableRowElement} row
+ * @param {string} cell
+ * @param {unknown} value a percentage, if reported
+ */
+function setPercent(row, cell, value) {
+  const node = row.querySelector(`[data-cell="${cell}"]`);
+  if (node && typeof value === "number") node.textContent = `${value.toFixed(1)} %`;
+}
 
 search.addEventListener("input", () => {
   const query = search.value.trim();
@@ -172,10 +199,14 @@ function hostRow(host) {
   const os = [host.os_name, host.os_version].filter(Boolean).join(" ") || "—";
   const name = el("th", { scope: "row" }, el("a", { href: `/hosts/${host.id}/` }, host.hostname));
   if (host.fqdn && host.fqdn !== host.hostname) name.append(el("span", { className: "sub" }, host.fqdn));
+  const metrics = liveMetrics
+    ? [el("td", { className: "num", dataset: { cell: "cpu" } }, "—"), el("td", { className: "num", dataset: { cell: "memory" } }, "—")]
+    : [];
   return el("tr", { dataset: { hostId: host.id, hostname: host.hostname, fqdn: host.fqdn || "" } },
     name,
     el("td", { dataset: { cell: "status" } }),
     el("td", { className: "nowrap", dataset: { cell: "last-seen" } }),
+    ...metrics,
     el("td", { className: "col-optional" }, os),
     el("td", { className: "col-optional" }, host.agent_version || "—"));
 }
