@@ -22,7 +22,7 @@ from hosts import agent_protocol, selectors, services
 from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
 from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
-from sysmanage import dbgate
+from sysmanage import dbgate, metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.events import publish_control_now
@@ -151,6 +151,7 @@ class AgentConsumer(Connection):
             return
         try:
             type_, data, id_ = agent_protocol.parse_agent_message(text_data)
+            metrics.agent_message("agent", type_)
             if not self.ready and type_ != "hello":
                 raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Send 'hello' first", id_=id_)
             await self.HANDLERS[type_](self, data, id_)
@@ -184,6 +185,7 @@ class AgentConsumer(Connection):
             if take is None:
                 self.prepaid = True
                 return False
+            metrics.agent_message("agent", type_)
             take(self, data, id_)
         except ProtocolError as exc:
             self.reply(exc.to_envelope())

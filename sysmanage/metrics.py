@@ -77,9 +77,17 @@ def socket_closed(kind: str, code: int | None) -> None:
     _closed[kind, str(code if code is not None else 1005)] += 1
 
 
+#: Distinct message types counted; an agent names its own types, so past this many a
+#: new one is counted as ``other`` (a series per invented name would grow without end).
+MAX_MESSAGE_TYPES = 100
+
+
 def agent_message(kind: str, message_type: str) -> None:
     """Count one message received from an agent of ``kind``."""
-    _agent_messages[kind, message_type] += 1
+    key = (kind, message_type)
+    if key not in _agent_messages and len(_agent_messages) >= MAX_MESSAGE_TYPES:
+        key = (kind, "other")
+    _agent_messages[key] += 1
 
 
 def round_trip(kind: str, status: str, seconds: float) -> None:

@@ -31,6 +31,7 @@ from hosts.smagent.protocol import (
     RawMessage,
     ServerMessage,
 )
+from sysmanage import metrics
 from sysmanage.events import publish_control_now
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class AgentSession:
         this message proved the agent's identity (the messages held until then are
         handled with it)."""
         message_type, message_id, data = protocol.check_envelope(raw, polled=self.polled)
+        metrics.agent_message("sysmanage_agent", message_type)
         if self.verified:
             self._check_claim(message_type, message_id, data)
             return await self._process(message_type, message_id, data), False
