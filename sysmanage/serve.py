@@ -23,7 +23,10 @@ what Daphne does with them:
   rare chopped writes in a list rather than a deque;
 - the HTTP request a WebSocket was upgraded from (its headers, URL and query string,
   about 3 KB) is let go once the WebSocket protocol has it, instead of staying in the
-  HTTP channel's list of requests until the connection ends.
+  HTTP channel's list of requests until the connection ends;
+- what Autobahn and Daphne keep of the opening handshake once the WebSocket is open
+  (the raw request, its parsed headers and query string, the response; about 2.5 KB)
+  is let go too.
 """
 
 from __future__ import annotations
@@ -107,18 +110,56 @@ class _SendQueue(list[tuple[bytes, bool]]):
         return self.pop(0)
 
 
+class OpenedRequest:
+    """What Daphne still reads of a WebSocket's opening request once it is open: the path
+    (for its access log).  Autobahn's ``ConnectionRequest`` also holds every header and
+    the parsed query string, token included."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+#: What Autobahn keeps of the opening handshake on a server connection and reads only
+#: while handling it: the raw request, its status line, URI, headers and parsed query
+#: string, and the response sent (kept "for the test suite").
+HANDSHAKE_ONLY = (
+    "http_request_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_headers",
+    "http_request_params",
+    "http_response_data",
+)
+
+
 class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no types in daphne
-    """Daphne's WebSocket protocol, with Autobahn's options read from the factory and a
-    smaller queue of pending writes.
+    """Daphne's WebSocket protocol, with Autobahn's options read from the factory, a
+    smaller queue of pending writes, and nothing of the opening handshake kept once the
+    connection is open.
 
     Autobahn copies each option (``CONFIG_ATTRS``) onto a new connection unless the
     connection already has it; as class attributes reading the factory's value they are
     found, so not copied, and stay the factory's (which nothing changes after start).
     """
 
+    #: Autobahn's ``ConnectionRequest`` (set by Daphne's ``onConnect``), then an
+    #: :class:`OpenedRequest`
+    request: Any
+
     def _connectionMade(self) -> None:  # noqa: N802 - Autobahn's name
         super()._connectionMade()
         self.send_queue = _SendQueue()
+
+    def onOpen(self) -> None:  # noqa: N802 - Autobahn's name
+        """Called by Autobahn once the handshake's answer is sent: Daphne logs the
+        connection, then the request's headers, URI and query string (about 3 KB) are
+        let go.  The application has its own copy of what it needs, in its scope."""
+        super().onOpen()
+        for name in HANDSHAKE_ONLY:
+            setattr(self, name, None)
+        self.request = OpenedRequest(self.request.path)
 
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:

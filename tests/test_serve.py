@@ -17,7 +17,13 @@ from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from sysmanage.serve import Inbox, LeanWebSocketProtocol, RedactingServer
+from sysmanage.serve import (
+    HANDSHAKE_ONLY,
+    Inbox,
+    LeanWebSocketProtocol,
+    OpenedRequest,
+    RedactingServer,
+)
 
 UPGRADE = (
     b"GET /ws?token=s3cr3t HTTP/1.1\r\nHost: testserver\r\nUpgrade: websocket\r\n"
@@ -180,5 +186,25 @@ async def test_connections_read_autobahns_options_from_the_factory():
         protocol.sendData(b"abcdef", chopsize=3)
         assert served.transport.value().endswith(b"abc")
         assert len(protocol.send_queue) == 1
+    finally:
+        served.stop()
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake():
+    served = Upgraded(RedactingServer)
+    try:
+        await served.handshake()
+        protocol = served.transport.protocol
+        assert protocol.state == protocol.STATE_OPEN
+        for name in HANDSHAKE_ONLY:
+            assert getattr(protocol, name) is None, name
+        assert isinstance(protocol.request, OpenedRequest)
+        assert protocol.request.path == "/ws"
+        # the token in the query string stays only in what the application was given
+        kept = [repr(value) for value in vars(protocol).values() if value is not protocol]
+        assert [text for text in kept if "s3cr3t" in text] == ["b'token=s3cr3t'"]
+        # the connection still works: a frame goes out
+        protocol.sendMessage(b"hello")
+        assert served.transport.value().endswith(b"hello")
     finally:
         served.stop()
