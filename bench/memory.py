@@ -803,7 +803,7 @@ def versus_bare(rows: list[Row]) -> Iterator[str]:
             continue
         yield (
             f"{r.server} {r.sockets} {r.kind}: {r.kb_per_socket} KB per socket against bare "
-            f"{reference.kb_per_socket} KB: +{r.kb_per_socket - reference.kb_per_socket:.1f} KB, "
+            f"{reference.kb_per_socket} KB: {r.kb_per_socket - reference.kb_per_socket:+.1f} KB, "
             f"{r.kb_per_socket / reference.kb_per_socket:.2f}x"
         )
 
