@@ -68,6 +68,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _common import (  # bench/ is on sys.path
+    MachineWindow,
+    Target,
+    free_port,
+    print_targets,
+    raise_fd_limit,
+    reference_worktree,
+)
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidState
@@ -342,6 +350,22 @@ async def bare(port: int) -> None:
 # -- the inspecting wrapper of the real server ------------------------------------------
 
 
+def where(traceback: Any) -> str:
+    """Where an allocation happened: its innermost frame and, when tracemalloc kept more
+    frames, the innermost ones outside asyncio, the standard library's internals and
+    Twisted's reactor (``<`` reads "called from")."""
+    frames = list(traceback)  # most recent call last
+    inner = frames[-1]
+    place = f"{inner.filename.rsplit('site-packages/', 1)[-1]}:{inner.lineno}"
+    skip = ("asyncio/", "/python3.", "twisted/internet/", "daphne/server.py", "bench/")
+    callers = [
+        f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+        for f in reversed(frames[:-1])
+        if not any(part in f.filename for part in skip)
+    ]
+    return " < ".join([place, *callers[:3]])
+
+
 def inspect_serve(argv: list[str]) -> None:
     """Run ``sysmanage.serve`` with a SIGUSR1 handler writing object counts to the file
     named by ``BENCH_MEMORY_DUMP`` (a ``.N`` suffix per signal)."""
@@ -369,8 +393,10 @@ def inspect_serve(argv: list[str]) -> None:
                 [tracemalloc.Filter(False, tracemalloc.__file__)]
             )
             if "snapshot" in previous:
-                stats = snapshot.compare_to(previous["snapshot"], "lineno")[:40]
-                result["lines"] = [[str(s.traceback[0]), s.size_diff, s.count_diff] for s in stats]
+                frames = tracemalloc.get_traceback_limit()
+                group = "traceback" if frames > 1 else "lineno"
+                stats = snapshot.compare_to(previous["snapshot"], group)[:60]
+                result["lines"] = [[where(s.traceback), s.size_diff, s.count_diff] for s in stats]
             previous["snapshot"] = snapshot
         dumps["n"] += 1
         path = Path(f"{target}.{dumps['n']}")
@@ -384,13 +410,6 @@ def inspect_serve(argv: list[str]) -> None:
 
 
 # -- the orchestrator --------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback address."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
@@ -466,30 +485,6 @@ class Child:
         self.proc.stdin.flush()
 
 
-class Machine:
-    """CPU used by the machine and by some processes over a window."""
-
-    def __init__(self, procs: list[psutil.Process]) -> None:
-        self.procs = procs
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[float, float, float]:
-        times = psutil.cpu_times()
-        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
-        ours = 0.0
-        for proc in self.procs:
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                ours += t.user + t.system + t.children_user + t.children_system
-        return time.monotonic(), busy, ours
-
-    def others_percent(self) -> float:
-        """Percent of one core used by everything but ``procs`` since the window opened."""
-        t0, busy0, ours0 = self.start
-        t1, busy1, ours1 = self._sample()
-        return round(max(0.0, 100.0 * ((busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-6)), 1)
-
-
 @dataclass
 class Row:
     """One run's figures."""
@@ -505,8 +500,11 @@ class Row:
     rss_after_mb: float
     kb_per_socket: float
     server_cpu_connect: float
+    #: descriptors the server process held with every socket open
+    server_fds: int
     load1: float
-    others_cpu: float
+    #: the machine over the window the sockets were held (``MachineWindow.report``)
+    machine: str
     growth: list[tuple[str, float, float]] = field(default_factory=list)
     lines: list[Any] = field(default_factory=list)
 
@@ -583,7 +581,7 @@ class Bench:
             if self.options.inspect:
                 env["BENCH_MEMORY_DUMP"] = str(self.workdir / f"{self.runs:02d}-objects")
                 if self.options.tracemalloc:
-                    env["PYTHONTRACEMALLOC"] = "1"
+                    env["PYTHONTRACEMALLOC"] = str(self.options.tracemalloc)
                 command = [PYTHON, str(Path(__file__).resolve()), "inspect-serve", *daphne]
             else:
                 command = [PYTHON, "-m", "sysmanage.serve", *daphne]
@@ -635,7 +633,7 @@ class Bench:
         """Ask the inspecting wrapper for its object counts; return them."""
         path = Path(f"{self.workdir / f'{self.runs:02d}-objects'}.{number}")
         proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a deep tracemalloc snapshot takes minutes
         while not path.exists():
             if time.monotonic() > deadline:
                 raise BenchError("the server wrote no object counts")
@@ -661,6 +659,7 @@ class Bench:
             rss_before = server.memory_info().rss
             cpu_before = server.cpu_times()
             started = time.monotonic()
+            window = MachineWindow(own=[proc.pid])
             held = self.holders(kind, url, options.warmup, sockets, "hold")
             children += held
             reports = [
@@ -669,13 +668,11 @@ class Bench:
             ]
             connect_s = time.monotonic() - started
             cpu_after = server.cpu_times()
-            machine = Machine(
-                [server, psutil.Process()] + [psutil.Process(c.proc.pid) for c in children]
-            )
             self.settle(server)
             rss_after = server.memory_info().rss
+            server_fds = server.num_fds()
             after = self.dump_objects(proc, 2) if inspect else {}
-            others = machine.others_percent()
+            machine = window.report()
             for child in children:
                 child.say("CLOSE")
             lost = sum(int(c.expect("CLOSED", 60)["lost_while_held"]) for c in children)
@@ -702,8 +699,9 @@ class Bench:
             rss_after_mb=round(rss_after / 2**20, 1),
             kb_per_socket=round((rss_after - rss_before) / 1024 / max(opened, 1), 1),
             server_cpu_connect=round(100 * busy / max(connect_s, 1e-6), 1),
+            server_fds=server_fds,
             load1=round(os.getloadavg()[0], 2),
-            others_cpu=others,
+            machine=machine,
         )
         if inspect:
             row.growth = growth(before, after, opened, options.top)
@@ -771,8 +769,8 @@ def table(rows: list[Row]) -> Iterator[str]:
         "RSS after MB",
         "KB/socket",
         "srv% connecting",
+        "server fds",
         "load1",
-        "others%",
     ]
     yield "| " + " | ".join(head) + " |"
     yield "|" + "|".join("---:" for _ in head) + "|"
@@ -789,24 +787,52 @@ def table(rows: list[Row]) -> Iterator[str]:
             r.rss_after_mb,
             r.kb_per_socket,
             r.server_cpu_connect,
+            r.server_fds,
             r.load1,
-            r.others_cpu,
         ]
         yield "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def verdicts(rows: list[Row], options: argparse.Namespace) -> Iterator[str]:
-    """The targets, met or missed, for the real server's rows."""
+def versus_bare(rows: list[Row]) -> Iterator[str]:
+    """Each real (and base) row against the bare server's row of the same size and kind
+    in this run: KB per socket more, and the ratio."""
+    bare = {(r.kind, r.sockets): r for r in rows if r.server == "bare"}
+    for r in rows:
+        reference = bare.get((r.kind, r.sockets))
+        if r.server == "bare" or reference is None or reference.kb_per_socket <= 0:
+            continue
+        yield (
+            f"{r.server} {r.sockets} {r.kind}: {r.kb_per_socket} KB per socket against bare "
+            f"{reference.kb_per_socket} KB: {r.kb_per_socket - reference.kb_per_socket:+.1f} KB, "
+            f"{r.kb_per_socket / reference.kb_per_socket:.2f}x"
+        )
+
+
+def targets(rows: list[Row], options: argparse.Namespace) -> list[Target]:
+    """The issue's targets for the real server's rows: KB per idle socket of each kind,
+    every socket opened and kept, and how many idle authenticated sockets one process
+    held at once (the warm-up sockets included)."""
     limits = {"clients": options.client_kb, "agents": options.agent_kb}
+    found: list[Target] = []
     for r in rows:
         if r.server != "real":
             continue
-        whole = r.opened == r.sockets and r.failed == 0 and r.lost == 0
-        ok = "met" if r.kb_per_socket <= limits[r.kind] and whole else "NOT met"
-        yield (
-            f"{r.sockets} {r.kind}: {r.kb_per_socket} KB per socket (target <= "
-            f"{limits[r.kind]:g}), {r.opened} opened, {r.failed} failed, {r.lost} lost: {ok}"
+        label = f"{r.sockets} idle {r.kind}"
+        found.append(Target(f"{label}, KB per socket", r.kb_per_socket, limits[r.kind], " KB"))
+        found.append(Target(f"{label}, failed or lost", r.failed + r.lost, 0))
+    real = [r for r in rows if r.server == "real"]
+    if real:
+        most = max(real, key=lambda r: r.opened)
+        held = most.opened + options.warmup
+        found.append(
+            Target(
+                f"idle authenticated sockets held by one process ({most.kind})",
+                held,
+                options.hold_target,
+                op=">=",
+            )
         )
+    return found
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -831,6 +857,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="bare,real (and base with --compare), in this order",
     )
     parser.add_argument("--compare", type=Path, help="a checkout to run as the 'base' server")
+    parser.add_argument(
+        "--reference-ref", help="a git revision to check out and run as the 'base' server"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="sockets opened first and kept")
     parser.add_argument("--per-worker", type=int, default=8000, help="sockets per load process")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes per load process")
@@ -841,34 +870,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="server setting"
     )
     parser.add_argument("--inspect", action="store_true", help="object counts by type")
-    parser.add_argument("--tracemalloc", action="store_true", help="with --inspect: lines")
+    parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="FRAMES",
+        help="with --inspect: allocating lines (FRAMES > 1: grouped by call path)",
+    )
     parser.add_argument("--top", type=int, default=25, help="types (lines) listed by --inspect")
     parser.add_argument("--client-kb", type=float, default=25.0, help="target per client socket")
     parser.add_argument("--agent-kb", type=float, default=30.0, help="target per agent socket")
+    parser.add_argument(
+        "--hold-target", type=int, default=20000, help="target: sockets one process holds"
+    )
     parser.add_argument("--quiet-below", type=float, default=30.0, help="%% of one core")
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="seconds")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     options = parser.parse_args(argv)
-    if "base" in options.servers and options.compare is None:
-        parser.error("--servers base needs --compare DIR")
-    if options.compare is not None and "base" not in options.servers:
+    if options.compare is not None and options.reference_ref:
+        parser.error("--compare and --reference-ref exclude each other")
+    if "base" in options.servers and options.compare is None and not options.reference_ref:
+        parser.error("--servers base needs --compare DIR or --reference-ref REF")
+    if (options.compare is not None or options.reference_ref) and "base" not in options.servers:
         options.servers.append("base")
     return options
 
 
-def raise_fd_limit() -> int:
-    """Raise this process's descriptor limit (inherited by the others) to its hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+def descriptor_limit() -> int:
+    """Raise this process's descriptor limit (inherited by the servers and load generators
+    it starts) as far as the machine allows; return it."""
+    raise_fd_limit()
+    return min(resource.getrlimit(resource.RLIMIT_NOFILE))
 
 
 def orchestrate(argv: list[str]) -> int:
-    """Run every (size, kind, server) combination; print the table and the verdicts."""
+    """Run every (size, kind, server) combination, against a reference revision's server
+    when asked; print the table, the comparison with bare and the targets."""
     options = parse_args(argv)
-    limit = raise_fd_limit()
+    if not options.reference_ref:
+        return measure(options)
+    with reference_worktree(options.reference_ref) as (tree, revision):
+        print(f"reference ('base'): {options.reference_ref} at {revision}", flush=True)
+        options.compare = tree
+        return measure(options)
+
+
+def measure(options: argparse.Namespace) -> int:
+    """Run every (size, kind, server) combination; print the table and the targets."""
+    limit = descriptor_limit()
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     bench = Bench(options, workdir)
     rows: list[Row] = []
@@ -889,9 +941,10 @@ def orchestrate(argv: list[str]) -> int:
                     print(
                         f"  {server:4} {kind:7} {n:6}: {row.kb_per_socket} KB/socket "
                         f"({row.opened} opened, {row.failed} failed, {row.lost} lost, "
-                        f"{row.connect_s}s), load {row.load1}, others {row.others_cpu}%",
+                        f"{row.connect_s}s), server fds {row.server_fds}",
                         flush=True,
                     )
+                    print(f"      {row.machine}", flush=True)
                     for name, objects, size in row.growth:
                         print(f"      {objects:8.2f} objects {size:7.0f} B per socket  {name}")
                     for line in row.lines:
@@ -909,8 +962,11 @@ def orchestrate(argv: list[str]) -> int:
         for line in table(rows):
             print(line)
         print()
-        for line in verdicts(rows, options):
+        for line in versus_bare(rows):
             print(line)
+        print()
+        if not print_targets(targets(rows, options)):
+            status = status or 2
         if options.json is not None:
             options.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return status
@@ -929,11 +985,11 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--count", type=int, required=True)
         parser.add_argument("--concurrency", type=int, default=32)
         parser.add_argument("--timeout", type=float, default=60.0)
-        raise_fd_limit()
+        descriptor_limit()
         asyncio.run(hold(parser.parse_args(argv[1:])))
         return 0
     if role == "bare":
-        raise_fd_limit()
+        descriptor_limit()
         port = int(argv[argv.index("--port") + 1])
         asyncio.run(bare(port))
         return 0

@@ -50,6 +50,9 @@ class AgentConsumer(Connection):
     hostname = ""
     ready = False
     cpu_count: int | None = None
+    #: the commands and operations handed over on this connection (made on first use:
+    #: most idle agents never get one)
+    sent: set[str] | None = None
     skips_oversized = True
     #: the next frame :meth:`receive` gets already took its token of the rate
     prepaid = False
@@ -82,7 +85,6 @@ class AgentConsumer(Connection):
             settings.AGENT_RATE_LIMIT_PER_SECOND, settings.AGENT_RATE_LIMIT_BURST
         )
         self.aggregator = MinuteAggregator()
-        self.sent: set[str] = set()
         self.last_seen = services.LastSeen(self.host_id)
         self.hub = await running_hub()
         previous = self.hub.register_agent(self.host_id, self)
@@ -242,7 +244,7 @@ class AgentConsumer(Connection):
             },
             id_,
         )
-        self.sent.clear()
+        self.sent = None
         await self.dispatch_pending()
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
@@ -355,7 +357,9 @@ class AgentConsumer(Connection):
                 )
 
     def _first_time(self, ref: str) -> bool:
-        if ref in self.sent:
+        if self.sent is None:
+            self.sent = set()
+        elif ref in self.sent:
             return False
         self.sent.add(ref)
         publish_control_now(AgentTook(ref=ref, host_id=str(self.host_id)))

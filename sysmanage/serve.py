@@ -25,7 +25,10 @@ what Daphne does with them:
   rare chopped writes in a list rather than a deque;
 - the HTTP request a WebSocket was upgraded from (its headers, URL and query string,
   about 3 KB) is let go once the WebSocket protocol has it, instead of staying in the
-  HTTP channel's list of requests until the connection ends.
+  HTTP channel's list of requests until the connection ends;
+- what Autobahn and Daphne keep of the opening handshake once the WebSocket is open
+  (the raw request, its parsed headers and query string, the response; about 2.5 KB)
+  is let go too.
 
 And it lets a connection's application ask for messages over Daphne's
 ``--websocket-max-message-size`` to be skipped rather than end the connection
@@ -149,6 +152,30 @@ class _SendQueue(list[tuple[bytes, bool]]):
         return self.pop(0)
 
 
+class OpenedRequest:
+    """What Daphne still reads of a WebSocket's opening request once it is open: the path
+    (for its access log).  Autobahn's ``ConnectionRequest`` also holds every header and
+    the parsed query string, token included."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+#: What Autobahn keeps of the opening handshake on a server connection and reads only
+#: while handling it: the raw request, its status line, URI, headers and parsed query
+#: string, and the response sent (kept "for the test suite").
+HANDSHAKE_ONLY = (
+    "http_request_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_headers",
+    "http_request_params",
+    "http_response_data",
+)
+
+
 class SkippedMessage:
     """A message over the limit that is being read past: its size so far, its first and
     its last :data:`~sysmanage.oversized.KEEP_BYTES`."""
@@ -185,8 +212,9 @@ class SkippedMessage:
 
 
 class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no types in daphne
-    """Daphne's WebSocket protocol, with Autobahn's options read from the factory and a
-    smaller queue of pending writes; on request, it skips oversized messages.
+    """Daphne's WebSocket protocol, with Autobahn's options read from the factory, a
+    smaller queue of pending writes, and nothing of the opening handshake kept once the
+    connection is open; on request, it skips oversized messages.
 
     Autobahn copies each option (``CONFIG_ATTRS``) onto a new connection unless the
     connection already has it; as class attributes reading the factory's value they are
@@ -196,6 +224,9 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
     for every frame are plain attribute reads.
     """
 
+    #: Autobahn's ``ConnectionRequest`` (set by Daphne's ``onConnect``), then an
+    #: :class:`OpenedRequest`
+    request: Any
     #: whether the application asked for messages over the limit to be skipped
     skips_oversized = False
     #: the message over the limit being read past, if any
@@ -223,6 +254,15 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
                 if not callable(value):
                     setattr(cls, option, value)
             cls.options_fixed = True
+
+    def onOpen(self) -> None:  # noqa: N802 - Autobahn's name
+        """Called by Autobahn once the handshake's answer is sent: Daphne logs the
+        connection, then the request's headers, URI and query string (about 3 KB) are
+        let go.  The application has its own copy of what it needs, in its scope."""
+        super().onOpen()
+        for name in HANDSHAKE_ONLY:
+            setattr(self, name, None)
+        self.request = OpenedRequest(self.request.path)
 
     def handle_reply(self, message: dict[str, Any]) -> None:
         """Called with each message of the application; an accept may ask for skipping."""

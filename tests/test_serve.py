@@ -19,7 +19,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from sysmanage.oversized import KEEP_BYTES, SKIP_OVERSIZED
-from sysmanage.serve import Inbox, LeanWebSocketProtocol, RedactingServer
+from sysmanage.serve import (
+    HANDSHAKE_ONLY,
+    Inbox,
+    LeanWebSocketProtocol,
+    OpenedRequest,
+    RedactingServer,
+)
 
 UPGRADE = (
     b"GET /ws?token=s3cr3t HTTP/1.1\r\nHost: testserver\r\nUpgrade: websocket\r\n"
@@ -236,6 +242,26 @@ def test_the_lean_reactor_reads_a_socket_directly():
         theirs.close()
     finally:
         loop.close()
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake():
+    served = Upgraded(RedactingServer)
+    try:
+        await served.handshake()
+        protocol = served.transport.protocol
+        assert protocol.state == protocol.STATE_OPEN
+        for name in HANDSHAKE_ONLY:
+            assert getattr(protocol, name) is None, name
+        assert isinstance(protocol.request, OpenedRequest)
+        assert protocol.request.path == "/ws"
+        # the token in the query string stays only in what the application was given
+        kept = [repr(value) for value in vars(protocol).values() if value is not protocol]
+        assert [text for text in kept if "s3cr3t" in text] == ["b'token=s3cr3t'"]
+        # the connection still works: a frame goes out
+        protocol.sendMessage(b"hello")
+        assert served.transport.value().endswith(b"hello")
+    finally:
+        served.stop()
 
 
 # -- messages over the limit -----------------------------------------------------------------
