@@ -13,7 +13,6 @@ import logging
 import uuid
 from datetime import datetime
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
@@ -24,6 +23,7 @@ from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_
 from sysmanage import dbgate
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import publish_control_now
 from sysmanage.node import running_hub
 from sysmanage.protocol import (

@@ -181,6 +181,10 @@ DATABASES = {
         DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
     )
 }
+# Threads that run the database calls of sockets, periodic jobs and the token refresh in
+# each process (sysmanage/dbthreads.py); one connection each.  SQLite always uses 1: it
+# allows one writer at a time.
+DB_THREADS = env_int("DB_THREADS", 4)
 # How long a request waits for a pooled PostgreSQL connection before it is answered 503.
 DB_POOL_TIMEOUT = env_int("DB_POOL_TIMEOUT", 20)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
