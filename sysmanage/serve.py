@@ -125,9 +125,25 @@ for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
 
 
+#: Connections the kernel may hold for the server before it accepts them (capped by the
+#: system's ``net.core.somaxconn``).
+LISTEN_BACKLOG = 4096
+
+
 class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type information
     """Daphne's server, redacting the path of each access-log entry, with lean
     WebSocket connections (:class:`Inbox`, :class:`LeanWebSocketProtocol`)."""
+
+    endpoints: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted listens with a backlog of 50: thousands of agents reconnecting at once
+        # after a restart overflowed it, and each dropped SYN cost its sender 1-3 s.
+        self.endpoints = [
+            f"{e}:backlog={LISTEN_BACKLOG}" if e.startswith("tcp:") and "backlog=" not in e else e
+            for e in self.endpoints
+        ]
 
     @property
     def ws_factory(self) -> Any:

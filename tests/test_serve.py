@@ -17,7 +17,7 @@ from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from sysmanage.serve import Inbox, LeanWebSocketProtocol, RedactingServer
+from sysmanage.serve import LISTEN_BACKLOG, Inbox, LeanWebSocketProtocol, RedactingServer
 
 UPGRADE = (
     b"GET /ws?token=s3cr3t HTTP/1.1\r\nHost: testserver\r\nUpgrade: websocket\r\n"
@@ -182,3 +182,15 @@ async def test_connections_read_autobahns_options_from_the_factory():
         assert len(protocol.send_queue) == 1
     finally:
         served.stop()
+
+
+def test_the_server_listens_with_a_backlog_for_a_reconnect_storm():
+    """Twisted's default backlog (50) overflowed when thousands of agents reconnected at
+    once after a restart: each dropped SYN cost its sender a retransmission (1-3 s)."""
+    server = RedactingServer(None, endpoints=["tcp:port=0:interface=127.0.0.1", "unix:/x"])
+    assert server.endpoints == [
+        f"tcp:port=0:interface=127.0.0.1:backlog={LISTEN_BACKLOG}",
+        "unix:/x",
+    ]
+    explicit = RedactingServer(None, endpoints=["tcp:port=0:backlog=10"])
+    assert explicit.endpoints == ["tcp:port=0:backlog=10"]
