@@ -391,6 +391,7 @@ class Peer:
         #: attempts that reached the server but did not end subscribed (not counting
         #: connections refused while no process listened)
         self.handshakes_dropped = 0
+        self.drop_kinds: dict[str, int] = {}
 
     # messages
 
@@ -521,6 +522,15 @@ class Peer:
             await asyncio.sleep(backoff(attempt, args.min_delay, args.max_delay))
         return False
 
+    def dropped(self, exc: BaseException, when: str) -> None:
+        """Count an attempt that reached the server and failed, by kind."""
+        self.handshakes_dropped += 1
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        close = getattr(getattr(exc, "rcvd", None), "code", None)
+        kind = f"{when}: {type(exc).__name__}" + (f" {status}" if status else "")
+        kind += f" close {close}" if close else ""
+        self.drop_kinds[kind] = self.drop_kinds.get(kind, 0) + 1
+
     async def open(self, url: str) -> ClientConnection:
         """Open a socket to ``url`` (bounded by ``--connect-timeout``)."""
         return await connect(
@@ -567,9 +577,9 @@ class Peer:
             except ConnectionRefusedError:
                 self.failed_attempts += 1  # nothing listens yet
                 continue
-            except (OSError, InvalidHandshake, TimeoutError):
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
                 self.failed_attempts += 1
-                self.handshakes_dropped += 1
+                self.dropped(exc, "opening")
                 continue
             self.connected_at = time.time()
             reader = asyncio.create_task(self.pump(conn))
@@ -583,9 +593,9 @@ class Peer:
                         break
                     self.refusals += len(todo)
                     await asyncio.sleep(backoff(retry, args.min_delay, args.max_delay))
-            except (ConnectionError, ConnectionClosed, TimeoutError):
+            except (ConnectionError, ConnectionClosed, TimeoutError) as exc:
                 self.failed_attempts += 1
-                self.handshakes_dropped += 1
+                self.dropped(exc, "subscribing")
                 await conn.close()
                 await reader
                 continue
@@ -723,6 +733,7 @@ class Crowd:
             "refresh_answers": tally(c.refresh_answers for c in clients),
             "logged_out": sum(1 for c in clients if c.logged_out),
             "handshakes_dropped": sum(c.handshakes_dropped for c in clients),
+            "drop_kinds": tally(c.drop_kinds for c in clients),
             "check": check,
         }
 
@@ -1307,7 +1318,7 @@ def summary(result: dict[str, Any]) -> Iterator[str]:
         )
     yield (
         f"  handshakes dropped (reached the server, did not end subscribed) "
-        f"{result['handshakes_dropped']}; server logs: 'database is locked' "
+        f"{result['handshakes_dropped']} {result['drop_kinds']}; server logs: 'database is locked' "
         f"{result['database_locked']}, tracebacks {result['tracebacks']}; "
         f"DB_THREADS {result['db_threads']}"
     )

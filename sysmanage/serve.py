@@ -125,6 +125,12 @@ for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
 
 
+#: Seconds a WebSocket handshake may wait for the application to accept it
+#: (``--websocket_connect_timeout``).  Daphne's default, 5 s, refused (403) every socket
+#: whose authentication queued longer in a reconnect storm; each client then retried
+#: after a longer back-off, and the storm lasted minutes instead of seconds.
+HANDSHAKE_TIMEOUT = 60
+
 #: Connections the kernel may hold for the server before it accepts them (capped by the
 #: system's ``net.core.somaxconn``).
 LISTEN_BACKLOG = 4096
@@ -202,9 +208,14 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
 
 
 class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]  # as above
-    """Daphne's command line, serving with :class:`RedactingServer`."""
+    """Daphne's command line, serving with :class:`RedactingServer`, and giving a
+    connecting socket :data:`HANDSHAKE_TIMEOUT` seconds rather than 5 by default."""
 
     server_class = RedactingServer
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser.set_defaults(websocket_connect_timeout=HANDSHAKE_TIMEOUT)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,14 @@ from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from sysmanage.serve import LISTEN_BACKLOG, Inbox, LeanWebSocketProtocol, RedactingServer
+from sysmanage.serve import (
+    HANDSHAKE_TIMEOUT,
+    LISTEN_BACKLOG,
+    Inbox,
+    LeanWebSocketProtocol,
+    RedactingCommandLineInterface,
+    RedactingServer,
+)
 
 UPGRADE = (
     b"GET /ws?token=s3cr3t HTTP/1.1\r\nHost: testserver\r\nUpgrade: websocket\r\n"
@@ -194,3 +201,14 @@ def test_the_server_listens_with_a_backlog_for_a_reconnect_storm():
     ]
     explicit = RedactingServer(None, endpoints=["tcp:port=0:backlog=10"])
     assert explicit.endpoints == ["tcp:port=0:backlog=10"]
+
+
+def test_a_handshake_may_wait_for_its_authentication_in_a_storm():
+    """Daphne refuses a handshake not accepted within 5 s: in a reconnect storm that
+    dropped thousands of sockets whose authentication was queued."""
+    args = RedactingCommandLineInterface().parser.parse_args(["sysmanage.asgi:application"])
+    assert args.websocket_connect_timeout == HANDSHAKE_TIMEOUT >= 30
+    chosen = RedactingCommandLineInterface().parser.parse_args(
+        ["--websocket_connect_timeout", "7", "sysmanage.asgi:application"]
+    )
+    assert chosen.websocket_connect_timeout == 7
