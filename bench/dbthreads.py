@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -207,6 +208,7 @@ def main() -> int:
             psycopg.connect(args.postgres_url, autocommit=True) as admin,
         ):
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
