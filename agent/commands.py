@@ -153,6 +153,8 @@ def result_data(
         "stderr": stderr.text(),
         "stdout_truncated": stdout.truncated,
         "stderr_truncated": stderr.truncated,
+        "stdout_bytes": stdout.size,
+        "stderr_bytes": stderr.size,
         "execution_time": round(elapsed, 3),
         "error": error,
     }

@@ -9,16 +9,19 @@ CHUNK_SIZE = 64 * 1024
 
 
 class CappedOutput:
-    """Keeps at most ``limit`` bytes of a stream and notes whether more arrived."""
+    """Keeps at most ``limit`` bytes of a stream, notes whether more arrived and counts
+    every byte (``size``)."""
 
     def __init__(self, limit: int) -> None:
         """Start empty."""
         self.limit = limit
         self._buffer = bytearray()
         self.truncated = False
+        self.size = 0
 
     def feed(self, chunk: bytes) -> None:
         """Add ``chunk``; bytes beyond the limit are dropped."""
+        self.size += len(chunk)
         room = self.limit - len(self._buffer)
         if len(chunk) > room:
             self.truncated = True

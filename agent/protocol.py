@@ -126,6 +126,9 @@ class CommandResultData(TypedDict):
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
+    #: every byte the command wrote, kept or not
+    stdout_bytes: int
+    stderr_bytes: int
     execution_time: float
     error: str
 
@@ -149,6 +152,8 @@ class PackageResultData(TypedDict):
     exit_code: int | None
     output: str
     output_truncated: bool
+    #: every byte the package manager wrote, kept or not
+    output_bytes: int
     message: str
 
 

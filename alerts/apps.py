@@ -18,11 +18,17 @@ class AlertsConfig(AppConfig):
 
         from alerts import commands, evaluation, selectors
         from sysmanage import commands as command_registry
-        from sysmanage import topics
+        from sysmanage import metrics, topics
         from sysmanage.events import listen
         from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("fleet_status", selectors.fleet_snapshot)
+        metrics.register_figures(
+            "sysmanage_alerts_active",
+            "Open or acknowledged alerts, by severity.",
+            "severity",
+            selectors.alert_severity_counts,
+        )
         topics.register_snapshot("system_alerts", selectors.alert_snapshot)
         listen("host.metrics_reported", evaluation.on_metrics, blocking=False)
         listen("host.status_changed", evaluation.on_status)

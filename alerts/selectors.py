@@ -65,6 +65,7 @@ class FleetStats(TypedDict):
     total_hosts: int
     online_hosts: int
     offline_hosts: int
+    unknown_hosts: int
     hosts_with_alerts: int
     pending_operations: int
     last_updated: str
@@ -83,6 +84,7 @@ def fleet_stats() -> FleetStats:
         "total_hosts": counts["total_hosts"],
         "online_hosts": counts["online_hosts"],
         "offline_hosts": counts["offline_hosts"],
+        "unknown_hosts": counts["unknown_hosts"],
         "hosts_with_alerts": hosts_with_alerts,
         "pending_operations": host_selectors.pending_operation_count(),
         "last_updated": iso(timezone.now()),

@@ -8,10 +8,13 @@ with a code the agent can log; nothing an agent sends reaches a service unchecke
 from __future__ import annotations
 
 import ipaddress
+import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, NotRequired, Required, TypedDict, TypeGuard, get_args
 
+from sysmanage.oversized import Oversized, mib
 from sysmanage.protocol import ErrorCode, ProtocolError, load_object
 
 #: What agents send.
@@ -40,6 +43,7 @@ AgentData = Mapping[str, object]
 AGENT_MESSAGE_TYPES: frozenset[AgentMessageType] = frozenset(get_args(AgentMessageType))
 COMMAND_STATUSES: tuple[CommandStatus, ...] = get_args(CommandStatus)
 PACKAGE_STATUSES: tuple[PackageStatus, ...] = get_args(PackageStatus)
+#: The most characters of each output (stdout, stderr, a package manager's) stored.
 MAX_OUTPUT_CHARS = 512 * 1024
 #: The text facts a host reports, and the longest each may be.
 TextFact = Literal["fqdn", "os_name", "os_version", "kernel", "architecture", "agent_version"]
@@ -70,7 +74,17 @@ class HostFacts(TypedDict, total=False):
     memory_total: int
 
 
-class CommandOutcome(TypedDict, total=False):
+class CommandOutputs(TypedDict, total=False):
+    """Whether a command's ``stdout`` and ``stderr`` hold less than it wrote, and the
+    size in bytes of what it wrote, when known."""
+
+    stdout_truncated: bool
+    stderr_truncated: bool
+    stdout_bytes: int | None
+    stderr_bytes: int | None
+
+
+class CommandOutcome(CommandOutputs, total=False):
     """How a command ended, as :func:`hosts.services.command_finish` takes it (what an
     agent did not report, when the server ends a command itself, is left out)."""
 
@@ -82,13 +96,46 @@ class CommandOutcome(TypedDict, total=False):
     error: str
 
 
-class PackageOutcome(TypedDict):
+class PackageOutputs(TypedDict):
+    """A package operation's output, whether it holds less than was written, and the
+    size in bytes of what was written, when known."""
+
+    output: str
+    output_truncated: bool
+    output_bytes: int | None
+
+
+class PackageOutcome(PackageOutputs):
     """How a package operation ended, as
     :func:`hosts.services.package_operation_record_result` takes it."""
 
     status: PackageStatus
     message: str
-    output: str
+
+
+@dataclass(frozen=True)
+class KeptOutput:
+    """An output as the server stores it: its text, whether that is less than was
+    written, and the size in bytes of everything written, when known."""
+
+    text: str
+    truncated: bool
+    size: int | None
+
+
+def keep_output(value: str, *, truncated: bool = False, size: object = None) -> KeptOutput:
+    """``value`` cut to :data:`MAX_OUTPUT_CHARS` characters (NUL replaced).
+
+    ``truncated`` says that the agent already cut it, ``size`` is the whole output's
+    size in bytes as the agent reported it.  Without a reported size, an output that
+    arrived whole is measured; one the agent cut has no known size.
+    """
+    known = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+    if known is None and not truncated:
+        known = len(value.encode("utf-8", "surrogatepass"))
+    return KeptOutput(
+        without_nul(value[:MAX_OUTPUT_CHARS]), truncated or len(value) > MAX_OUTPUT_CHARS, known
+    )
 
 
 class WelcomeData(TypedDict):
@@ -215,11 +262,24 @@ def reference(data: AgentData, key: str, id_: MessageId) -> str:
         raise _invalid(f"'{key}' must be a UUID", id_) from None
 
 
-def _text(data: AgentData, key: str, id_: MessageId) -> str:
+def _raw_text(data: AgentData, key: str, id_: MessageId) -> str:
     value = data.get(key) or ""
     if not isinstance(value, str):
         raise _invalid(f"'{key}' must be a string", id_)
-    return without_nul(value[:MAX_OUTPUT_CHARS])
+    return value
+
+
+def _text(data: AgentData, key: str, id_: MessageId) -> str:
+    return without_nul(_raw_text(data, key, id_)[:MAX_OUTPUT_CHARS])
+
+
+def _output(data: AgentData, key: str, id_: MessageId) -> KeptOutput:
+    """Output ``key`` with its ``<key>_truncated`` and ``<key>_bytes`` fields."""
+    return keep_output(
+        _raw_text(data, key, id_),
+        truncated=bool(data.get(f"{key}_truncated")),
+        size=data.get(f"{key}_bytes"),
+    )
 
 
 def without_nul(text: str) -> str:
@@ -240,7 +300,7 @@ def clean_command_result(data: AgentData, id_: MessageId) -> CommandOutcome:
         isinstance(elapsed, bool) or not isinstance(elapsed, int | float) or elapsed < 0
     ):
         raise _invalid("'execution_time' must be a non-negative number", id_)
-    stdout, stderr = _text(data, "stdout", id_), _text(data, "stderr", id_)
+    stdout, stderr = _output(data, "stdout", id_), _output(data, "stderr", id_)
     notes = [
         f"{name} truncated by the agent"
         for name in ("stdout", "stderr")
@@ -250,10 +310,21 @@ def clean_command_result(data: AgentData, id_: MessageId) -> CommandOutcome:
     return {
         "status": status,
         "exit_code": exit_code,
-        "stdout": stdout,
-        "stderr": stderr,
+        "stdout": stdout.text,
+        "stderr": stderr.text,
         "execution_time": round(float(elapsed), 3) if elapsed is not None else None,
         "error": error,
+        **command_outputs(stdout, stderr),
+    }
+
+
+def command_outputs(stdout: KeptOutput, stderr: KeptOutput) -> CommandOutputs:
+    """The truncation fields of a command's outcome."""
+    return {
+        "stdout_truncated": stdout.truncated,
+        "stderr_truncated": stderr.truncated,
+        "stdout_bytes": stdout.size,
+        "stderr_bytes": stderr.size,
     }
 
 
@@ -270,6 +341,45 @@ def clean_package_result(data: AgentData, id_: MessageId) -> PackageOutcome:
     status = data.get("status")
     if not is_package_status(status):
         raise _invalid("'status' must be completed or failed", id_)
-    output = without_nul(str(data.get("output") or "")[:MAX_OUTPUT_CHARS])
+    output = keep_output(
+        str(data.get("output") or ""),
+        truncated=bool(data.get("output_truncated")),
+        size=data.get("output_bytes"),
+    )
     message = without_nul(str(data.get("message") or "")[:1000])
-    return {"status": status, "message": message, "output": output}
+    return {"status": status, "message": message, **package_outputs(output)}
+
+
+def package_outputs(output: KeptOutput) -> PackageOutputs:
+    """The output fields of a package operation's outcome."""
+    return {
+        "output": output.text,
+        "output_truncated": output.truncated,
+        "output_bytes": output.size,
+    }
+
+
+def result_too_large(message: Oversized, setting: str, what: str = "result") -> str:
+    """Why ``message`` (a ``result``, or another ``what``) was not taken, and what to do
+    about it (``setting`` names the server's limit of the endpoint)."""
+    return (
+        f"The {what} was larger than the server accepts ({mib(message.limit)}): "
+        f"{mib(message.size)} were sent, and not read; raise {setting} (and Daphne's "
+        "--websocket-max-message-size above it) or reduce the output"
+    )
+
+
+def log_oversized(
+    logger: logging.Logger, hostname: str, message: Oversized, ended: Sequence[tuple[str, str]]
+) -> None:
+    """One line for a message over the limit: host, size, limit, and the work it ended
+    (``(kind, ref)`` pairs)."""
+    names = {"command_result": "command", "package_result": "package operation"}
+    what = ", ".join(f"{names.get(kind, kind)} {ref}" for kind, ref in ended)
+    logger.warning(
+        "agent of %s sent a message of %d bytes, over the limit of %d bytes; not read, failed: %s",
+        hostname,
+        message.size,
+        message.limit,
+        what,
+    )

@@ -161,7 +161,7 @@ class OutputRedactingSerializer(serializers.ModelSerializer[_Record]):
 class CommandExecutionSerializer(OutputRedactingSerializer[CommandExecution]):
     """A command run on a host, and its result (text and output for those who may)."""
 
-    PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
+    PRIVATE_FIELDS = ("command", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "error")
 
     class Meta:
         model = CommandExecution
@@ -175,6 +175,10 @@ class CommandExecutionSerializer(OutputRedactingSerializer[CommandExecution]):
             "exit_code",
             "stdout",
             "stderr",
+            "stdout_truncated",
+            "stderr_truncated",
+            "stdout_bytes",
+            "stderr_bytes",
             "execution_time",
             "error",
             "requested_by",
@@ -203,6 +207,8 @@ class CommandExecutionListSerializer(OutputRedactingSerializer[CommandExecution]
         "stderr_length",
         "stdout_preview",
         "stderr_preview",
+        "stdout_bytes",
+        "stderr_bytes",
         "error",
     )
 
@@ -226,6 +232,10 @@ class CommandExecutionListSerializer(OutputRedactingSerializer[CommandExecution]
             "stderr_length",
             "stdout_preview",
             "stderr_preview",
+            "stdout_truncated",
+            "stderr_truncated",
+            "stdout_bytes",
+            "stderr_bytes",
             "execution_time",
             "error",
             "requested_by",
@@ -266,7 +276,7 @@ class PackageOperationSerializer(OutputRedactingSerializer[PackageOperation]):
     """A package operation on a host, with its progress (the package manager's output for
     those who may see it: it can echo configuration and credentials)."""
 
-    PRIVATE_FIELDS = ("output",)
+    PRIVATE_FIELDS = ("output", "output_bytes")
 
     class Meta:
         model = PackageOperation
@@ -280,6 +290,8 @@ class PackageOperationSerializer(OutputRedactingSerializer[PackageOperation]):
             "progress",
             "message",
             "output",
+            "output_truncated",
+            "output_bytes",
             "requested_by",
             "created_at",
             "updated_at",
@@ -300,7 +312,7 @@ class PackageOperationListSerializer(OutputRedactingSerializer[PackageOperation]
     """A package operation in a list: the size and first characters of its output
     (``GET /api/package-operations/<id>/`` has it whole), for those who may see it."""
 
-    PRIVATE_FIELDS = ("output_length", "output_preview")
+    PRIVATE_FIELDS = ("output_length", "output_preview", "output_bytes")
 
     output_length = serializers.IntegerField(read_only=True)
     output_preview = serializers.CharField(read_only=True)
@@ -318,6 +330,8 @@ class PackageOperationListSerializer(OutputRedactingSerializer[PackageOperation]
             "message",
             "output_length",
             "output_preview",
+            "output_truncated",
+            "output_bytes",
             "requested_by",
             "created_at",
             "updated_at",

@@ -18,10 +18,13 @@ class HostsConfig(AppConfig):
         from hosts import commands, maintenance, selectors
         from hosts.events import AgentTook, CommandFinished
         from sysmanage import commands as command_registry
-        from sysmanage import control, topics
+        from sysmanage import control, metrics, topics
         from sysmanage.periodic import register_periodic
 
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
+        metrics.register_figures(
+            "sysmanage_hosts", "Hosts, by status.", "status", selectors.host_status_counts
+        )
         topics.register_snapshot("command_execution", selectors.command_snapshot)
         topics.register_snapshot("package_operations", selectors.operation_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)

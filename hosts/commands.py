@@ -285,6 +285,10 @@ def _response_data(data: dict[str, Any]) -> dict[str, Any]:
         "exit_code",
         "stdout",
         "stderr",
+        "stdout_truncated",
+        "stderr_truncated",
+        "stdout_bytes",
+        "stderr_bytes",
         "execution_time",
         "error",
     )

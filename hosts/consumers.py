@@ -26,6 +26,7 @@ from sysmanage.connection import Connection
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import publish_control_now
 from sysmanage.node import running_hub
+from sysmanage.oversized import Oversized
 from sysmanage.protocol import (
     CloseCode,
     ErrorCode,
@@ -43,10 +44,12 @@ logger = logging.getLogger(__name__)
 class AgentConsumer(Connection):
     """The connection of one host's agent."""
 
+    metric_kind = "agent"
     host_id: str | None = None
     hostname = ""
     ready = False
     cpu_count: int | None = None
+    skips_oversized = True
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
@@ -132,16 +135,11 @@ class AgentConsumer(Connection):
         if self.host_id is None or self.closing:
             return
         size = len(text_data) if text_data is not None else len(bytes_data or b"")
-        if size > settings.AGENT_MAX_MESSAGE_BYTES:
-            await self._close_with(
-                CloseCode.MESSAGE_TOO_BIG,
-                error_envelope(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"Message exceeds {settings.AGENT_MAX_MESSAGE_BYTES} bytes",
-                ),
-            )
-            return
         if not await self._within_rate(text_data):
+            return
+        if size > settings.AGENT_MAX_MESSAGE_BYTES:
+            limit = settings.AGENT_MAX_MESSAGE_BYTES
+            await self.oversized(Oversized.from_frame(text_data, bytes_data, size, limit))
             return
         if text_data is None:
             self.reply(error_envelope(ErrorCode.INVALID_MESSAGE, "Send JSON text frames"))
@@ -162,6 +160,25 @@ class AgentConsumer(Connection):
                 if fault is not None
                 else error_envelope(ErrorCode.INTERNAL_ERROR, "Internal server error")
             )
+
+    async def oversized(self, message: Oversized) -> None:
+        """Called for a message over the limit, not processed: fail the command or
+        package operation it was the result of, log it, tell the agent (and acknowledge
+        the result, which it need not send again); the connection stays open."""
+        if self.host_id is None:
+            return
+        why = agent_protocol.result_too_large(message, "AGENT_MAX_MESSAGE_BYTES")
+        ended = await database_sync_to_async(services.work_fail_oversized)(
+            host_id=self.host_id, refs=message.uuids() if self.ready else [], why=why
+        )
+        agent_protocol.log_oversized(
+            logger, self.hostname, message, [(w.kind, w.ref) for w in ended if w.ended_now]
+        )
+        if not ended:
+            why = agent_protocol.result_too_large(message, "AGENT_MAX_MESSAGE_BYTES", "message")
+        self.reply(error_envelope(ErrorCode.MESSAGE_TOO_LARGE, why))
+        for work in ended:
+            self.send_message("ack", {"kind": work.kind, "ref": work.ref})
 
     async def on_hello(self, data: AgentData, id_: MessageId) -> None:
         """Store the host's facts, mark it online and hand over queued work."""

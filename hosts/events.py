@@ -66,6 +66,12 @@ class CommandExecutionUpdated(Event):
     exit_code: int | None
     stdout: str
     stderr: str
+    #: whether ``stdout``/``stderr`` hold less than the command wrote
+    stdout_truncated: bool
+    stderr_truncated: bool
+    #: the size in bytes of all the command wrote there, when known
+    stdout_bytes: int | None
+    stderr_bytes: int | None
     execution_time: float | None
     requested_by: str | None
     #: who may see ``command``, ``stdout``, ``stderr`` and ``error`` besides the holders of
@@ -90,6 +96,8 @@ class PackageOperationUpdated(Event):
     status: str
     progress: int
     message: str
+    #: whether the stored output holds less than the package manager wrote
+    output_truncated: bool
     final: bool
 
 
@@ -123,6 +131,10 @@ def command_event(execution: CommandExecution) -> CommandExecutionUpdated:
         exit_code=execution.exit_code,
         stdout=execution.stdout,
         stderr=execution.stderr,
+        stdout_truncated=execution.stdout_truncated,
+        stderr_truncated=execution.stderr_truncated,
+        stdout_bytes=execution.stdout_bytes,
+        stderr_bytes=execution.stderr_bytes,
         execution_time=execution.execution_time,
         requested_by=execution.requested_by.username if execution.requested_by else None,
         requested_by_id=str(execution.requested_by_id) if execution.requested_by_id else None,
@@ -142,5 +154,6 @@ def operation_event(operation: PackageOperation) -> PackageOperationUpdated:
         status=operation.status,
         progress=operation.progress,
         message=operation.message,
+        output_truncated=operation.output_truncated,
         final=operation.status not in operation.ACTIVE_STATUSES,
     )

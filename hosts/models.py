@@ -108,6 +108,13 @@ class CommandExecution(models.Model):
     exit_code = models.IntegerField(null=True, blank=True)
     stdout = models.TextField(blank=True)
     stderr = models.TextField(blank=True)
+    #: whether ``stdout``/``stderr`` hold less than the command wrote (cut by the agent
+    #: or the server, or lost with a result too large to take)
+    stdout_truncated = models.BooleanField(default=False)
+    stderr_truncated = models.BooleanField(default=False)
+    #: the size in bytes of everything the command wrote there, when known
+    stdout_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    stderr_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     execution_time = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     requested_by = models.ForeignKey(
@@ -175,6 +182,10 @@ class PackageOperation(models.Model):
     progress = models.PositiveSmallIntegerField(default=0)
     message = models.TextField(blank=True)
     output = models.TextField(blank=True)
+    #: whether ``output`` holds less than the package manager wrote
+    output_truncated = models.BooleanField(default=False)
+    #: the size in bytes of everything it wrote, when known
+    output_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypedDict
 
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import Length, Substr
 
 from hosts.events import command_event, operation_event
@@ -130,10 +130,26 @@ def host_id_problem(host_id: str) -> str | None:
 
 
 def host_counts() -> dict[str, int]:
-    """Total and online host counts."""
-    total = Host.objects.count()
-    online = Host.objects.filter(status=HostStatus.ONLINE).count()
-    return {"total_hosts": total, "online_hosts": online, "offline_hosts": total - online}
+    """Total and online host counts; ``offline_hosts`` counts every host not online (as
+    the protocol defines it), ``unknown_hosts`` those of them never heard from."""
+    counts = Host.objects.aggregate(
+        total=Count("id"),
+        online=Count("id", filter=Q(status=HostStatus.ONLINE)),
+        unknown=Count("id", filter=Q(status=HostStatus.UNKNOWN)),
+    )
+    total, online = counts["total"], counts["online"]
+    return {
+        "total_hosts": total,
+        "online_hosts": online,
+        "offline_hosts": total - online,
+        "unknown_hosts": counts["unknown"],
+    }
+
+
+def host_status_counts() -> dict[str, int]:
+    """Hosts per status; every status is present."""
+    found = dict(Host.objects.values_list("status").annotate(n=Count("id")).order_by())
+    return {status: found.get(status, 0) for status in HostStatus.values}
 
 
 def pending_operation_count() -> int:

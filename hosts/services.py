@@ -5,18 +5,19 @@ through here, and each publishes its event after the transaction commits.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from hosts.agent_protocol import CommandOutcome, HostFacts
+from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts, ResultKind
 from hosts.events import (
     CommandFinished,
     HostMetricsReported,
@@ -37,12 +38,25 @@ from hosts.models import (
     PackageOperation,
 )
 from hosts.tokens import new_token, token_digest
+from sysmanage import metrics
 from sysmanage.audit import Actor, audit
 from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
 from sysmanage.protocol import iso, utc_now_iso
 from sysmanage.writebatch import WriteBatch
+
+logger = logging.getLogger(__name__)
+
+
+class WorkEnded(NamedTuple):
+    """A command or package operation a result was about (``kind`` is the result's:
+    ``command_result`` or ``package_result``), and whether it was ended just now."""
+
+    kind: ResultKind
+    ref: str
+    ended_now: bool
+
 
 HOST_FACT_FIELDS = (
     "fqdn",
@@ -228,6 +242,10 @@ def command_finish(
     stderr: str = "",
     execution_time: float | None = None,
     error: str = "",
+    stdout_truncated: bool = False,
+    stderr_truncated: bool = False,
+    stdout_bytes: int | None = None,
+    stderr_bytes: int | None = None,
 ) -> CommandExecution:
     """Record a command's end (completed, failed or timed out) and publish it."""
     if status not in (ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
@@ -237,14 +255,33 @@ def command_finish(
         execution.exit_code = exit_code
         execution.stdout = stdout
         execution.stderr = stderr
+        execution.stdout_truncated, execution.stdout_bytes = stdout_truncated, stdout_bytes
+        execution.stderr_truncated, execution.stderr_bytes = stderr_truncated, stderr_bytes
         execution.execution_time = execution_time
         execution.error = error
         execution.finished_at = timezone.now()
         execution.save()
+        took = (execution.finished_at - execution.created_at).total_seconds()
+        transaction.on_commit(lambda: metrics.round_trip("command", status, took))
         publish(command_event(execution))
         publish_control(CommandFinished(execution_id=str(execution.id)))
         fleet_changed()
     return execution
+
+
+def _cut(name: str, text: str, size: int | None) -> tuple[str, bool]:
+    """How an output was cut, for the log: ``(description, by the server)``."""
+    by_server = len(text) >= MAX_OUTPUT_CHARS
+    whole = f"{size} bytes" if size is not None else "an unknown size"
+    where = f"the server's limit of {MAX_OUTPUT_CHARS} characters" if by_server else "the agent"
+    return f"{name} of {whole} cut to {len(text)} characters by {where}", by_server
+
+
+def _log_cut(what: str, hostname: str, cuts: list[tuple[str, bool]]) -> None:
+    """One line for an output cut: a warning when the server dropped some of it, a
+    note when the agent cut it to its own limit."""
+    level = logging.WARNING if any(by_server for _, by_server in cuts) else logging.INFO
+    logger.log(level, "%s on %s: %s", what, hostname, "; ".join(text for text, _ in cuts))
 
 
 def package_operation_create(
@@ -287,6 +324,8 @@ def package_operation_update(
     progress: int,
     message: str = "",
     output: str | None = None,
+    output_truncated: bool = False,
+    output_bytes: int | None = None,
 ) -> PackageOperation:
     """Record progress or the end of a package operation and publish it."""
     if status not in OperationStatus.values:
@@ -297,8 +336,11 @@ def package_operation_update(
         operation.message = message
         if output is not None:
             operation.output = output
+            operation.output_truncated, operation.output_bytes = output_truncated, output_bytes
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             operation.finished_at = timezone.now()
+            took = (operation.finished_at - operation.created_at).total_seconds()
+            transaction.on_commit(lambda: metrics.round_trip("package_operation", status, took))
         operation.save()
         publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
@@ -478,7 +520,8 @@ def command_mark_running(*, execution_id: Any, host_id: Any) -> bool:
 
 
 def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOutcome) -> bool:
-    """Store an agent's result once; False if unknown, another host's, or already final."""
+    """Store an agent's result once; False if unknown, another host's, or already final.
+    An output that was cut is said so in the log."""
     with transaction.atomic():
         execution = (
             CommandExecution.objects.select_for_update(of=("self",))
@@ -489,7 +532,57 @@ def command_record_result(*, execution_id: Any, host_id: Any, result: CommandOut
         if execution is None or execution.status not in CommandExecution.ACTIVE_STATUSES:
             return False
         command_finish(execution=execution, **result)
+    cuts = []
+    if result.get("stdout_truncated"):
+        cuts.append(_cut("stdout", result.get("stdout", ""), result.get("stdout_bytes")))
+    if result.get("stderr_truncated"):
+        cuts.append(_cut("stderr", result.get("stderr", ""), result.get("stderr_bytes")))
+    if cuts:
+        _log_cut(f"command {execution.id}", execution.host.hostname, cuts)
     return True
+
+
+def work_fail_oversized(*, host_id: Any, refs: Collection[str], why: str) -> list[WorkEnded]:
+    """Fail, with ``why``, the unfinished commands and package operations of ``host_id``
+    among ``refs`` (ids found in a result too large to take, whose output is lost).
+
+    Returns every one of the host's among ``refs``, failed now or ended before, so that
+    the agent can be told that its result needs no resending.
+    """
+    ended: list[WorkEnded] = []
+    with transaction.atomic():
+        for execution in (
+            CommandExecution.objects.select_for_update(of=("self",))
+            .select_related("host", "requested_by")
+            .filter(id__in=refs, host_id=host_id)
+        ):
+            active = execution.status in CommandExecution.ACTIVE_STATUSES
+            if active:
+                command_finish(
+                    execution=execution,
+                    status=ExecutionStatus.FAILED,
+                    error=why,
+                    stdout_truncated=True,
+                    stderr_truncated=True,
+                )
+            ended.append(WorkEnded("command_result", str(execution.id), active))
+        for operation in (
+            PackageOperation.objects.select_for_update(of=("self",))
+            .select_related("host")
+            .filter(id__in=refs, host_id=host_id)
+        ):
+            active = operation.status in PackageOperation.ACTIVE_STATUSES
+            if active:
+                package_operation_update(
+                    operation=operation,
+                    status=OperationStatus.FAILED,
+                    progress=operation.progress,
+                    message=why,
+                    output="",
+                    output_truncated=True,
+                )
+            ended.append(WorkEnded("package_result", str(operation.id), active))
+    return ended
 
 
 def command_fail_pending(*, execution_id: Any, why: str) -> bool:
@@ -553,7 +646,14 @@ def package_operation_record_progress(
 
 
 def package_operation_record_result(
-    *, operation_id: Any, host_id: Any, status: str, message: str, output: str
+    *,
+    operation_id: Any,
+    host_id: Any,
+    status: str,
+    message: str,
+    output: str,
+    output_truncated: bool = False,
+    output_bytes: int | None = None,
 ) -> bool:
     """Store an operation's final result once; False if unknown or already final."""
     if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
@@ -572,8 +672,13 @@ def package_operation_record_result(
             status=status,
             message=message,
             output=output,
+            output_truncated=output_truncated,
+            output_bytes=output_bytes,
             progress=100 if status == OperationStatus.COMPLETED else operation.progress,
         )
+    if output_truncated:
+        cut = _cut("output", output, output_bytes)
+        _log_cut(f"package operation {operation.id}", operation.host.hostname, [cut])
     return True
 
 
@@ -608,6 +713,8 @@ def package_operations_expire_overdue(*, silent_for: float) -> int:
             host_id=operation.host_id,
             status=OperationStatus.FAILED,
             output=operation.output,
+            output_truncated=operation.output_truncated,
+            output_bytes=operation.output_bytes,
             message="No word from the agent in time; the result is unknown",
         ):
             count += 1

@@ -300,6 +300,8 @@ class Streams:
     def __init__(self, messages: list[Subscribe]) -> None:
         self.streams = {message["channel"]: Stream(message) for message in messages}
         self.duplicates = 0
+        #: the message of the last connection-level error the server sent (why it closes)
+        self.last_error = ""
 
     def subscribe_messages(self, reason: str) -> list[Subscribe]:
         """The subscribe messages for a new connection: a renewal, with ``since`` where
@@ -448,12 +450,18 @@ async def watch_once(
     async with connect(url, open_timeout=args.timeout, max_size=None, **kwargs) as ws:
         note(f"connected to {websocket_url(args.url)}")
         try:
-            for message in streams.subscribe_messages("reconnected"):
-                await ws.send(json.dumps(message))
-            for raw in args.send or []:
-                await ws.send(raw)
+            # A socket refused at once (4001) is closed while these go out; its error
+            # frame, which says why, is still read below.
+            with contextlib.suppress(ConnectionClosed):
+                for message in streams.subscribe_messages("reconnected"):
+                    await ws.send(json.dumps(message))
+                for raw in args.send or []:
+                    await ws.send(raw)
             async for frame in ws:
                 parsed = parse_frame(frame)
+                if parsed.get("type") == "error" and parsed.get("channel") == "system":
+                    data = parsed.get("data") or {}
+                    streams.last_error = f"{data.get('message', '')} ({data.get('code', '?')})"
                 outcome = streams.handle(parsed)
                 for words in outcome.notes:
                     note(words)
@@ -509,7 +517,8 @@ async def watch(args: argparse.Namespace, tokens: Tokens) -> int:
             attempt = 0
         if code == AUTH_FAILED:
             if not tokens.renewable:
-                raise Fatal("the token was refused or has expired")
+                why = f": {streams.last_error}" if streams.last_error else " or has expired"
+                raise Fatal(f"the server refused the token{why}")
             tokens.renew()
             attempt = 0
             continue

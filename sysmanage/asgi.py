@@ -20,6 +20,7 @@ django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 # Imported after Django is set up: these modules use the models.
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from sysmanage.logcontext import Identified  # noqa: E402
 from sysmanage.node import mark_server_process  # noqa: E402
 from sysmanage.routing import websocket_urlpatterns  # noqa: E402
 from sysmanage.singleton import ensure_single_process_on_memory_layer  # noqa: E402
@@ -35,9 +36,12 @@ if Path(sys.argv[0]).name == "daphne" or sys.argv[0].endswith(f"daphne{os.sep}__
         "server with `python -m sysmanage.serve` (same options) instead"
     )
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": URLRouter(websocket_urlpatterns),
-    }
+# Every request and connection gets an id its log lines carry (sysmanage.logcontext).
+application = Identified(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": URLRouter(websocket_urlpatterns),
+        }
+    )
 )

@@ -19,6 +19,8 @@ consumer (``/ws/agent``) and the SysManage agent's (``/api/agent/connect``):
 - every frame it receives, whatever it holds, takes a token of the endpoint's rate
   before anything parses it; a frame over the rate is refused, and a peer that keeps
   sending through the refusals is closed (4029);
+- a connection that says so (``skips_oversized``) asks the server to read past messages
+  over Daphne's limit instead of dropping it, and hears of each (:meth:`oversized`);
 - it holds as little as it can while idle, since a process holds thousands of them
   (docs/benchmarks.md, "Memory per idle socket"): it awaits the server's messages itself
   rather than through channels' task-per-receive loop, and makes its set of tasks and
@@ -36,12 +38,14 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, WebSocketDisconnectEvent
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from sysmanage import metrics
 from sysmanage.dispatch import NoPerMessageCleanupMixin
+from sysmanage.oversized import SKIP_OVERSIZED, Oversized
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
 from sysmanage.ratelimit import RefusalWindow, TokenBucket
 from sysmanage.transport import Outbound
@@ -70,6 +74,11 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     overflow_reason = "Too many undelivered messages; reconnect"
     #: the endpoint's rate of frames, set when its connection is accepted
     bucket: TokenBucket | None = None
+    #: what ``/metrics`` counts this connection as
+    metric_kind = "client"
+    #: whether messages over the server's limit are skipped and handed to
+    #: :meth:`oversized` (rather than the server dropping the connection)
+    skips_oversized = False
 
     #: the tasks this connection started and that have not ended (made on first use)
     tasks: set[asyncio.Task[Any]] | None = None
@@ -96,15 +105,26 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     async def _accept(self, subprotocol: str | None = None) -> None:
         """Complete the handshake and open the outbound path (refusals too are
         accepted first, so that they can be explained)."""
-        await self.accept(subprotocol=subprotocol)
         # The server's own send callable (no middleware wraps it), which lets the outbound
         # path write to Daphne's protocol directly; it sends it plain dicts.
         raw_send = cast("Callable[[dict[str, Any]], Awaitable[None]]", self.base_send)
+        if self.skips_oversized:
+            await raw_send(
+                {"type": "websocket.accept", "subprotocol": subprotocol, SKIP_OVERSIZED: True}
+            )
+        else:
+            await self.accept(subprotocol=subprotocol)
         self.outbound = Outbound(
             raw_send,
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
             on_overflow=self._on_overflow,
         )
+
+    async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
+        """Called when the socket closes, whoever closed it: count it, then
+        :meth:`disconnect`."""
+        metrics.socket_closed(self.metric_kind, message.get("code"))
+        await super().websocket_disconnect(message)
 
     def _release(self) -> None:
         """Called on disconnect: end this connection's tasks and its outbound path."""
@@ -152,6 +172,20 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             return False
         self.reply(self._rate_refusal(text, wait))
         return False
+
+    async def websocket_receive_oversized(self, event: dict[str, Any]) -> None:
+        """Called by the server (for connections that skip them) for a message over its
+        limit, which it read past without keeping it."""
+        if not self.closing and await self._within_rate(None):
+            await self.oversized(Oversized.from_event(event))
+
+    async def oversized(self, message: Oversized) -> None:
+        """Called for a message over a limit, not processed: by default the peer is told
+        and closed (4013)."""
+        await self._close_with(
+            CloseCode.MESSAGE_TOO_BIG,
+            error_envelope(ErrorCode.MESSAGE_TOO_LARGE, f"Message exceeds {message.limit} bytes"),
+        )
 
     def _rate_refusal(self, text: str | None, wait: float) -> Mapping[str, Any]:
         """The reply to one frame over the rate (the seed's error envelope by default)."""

@@ -39,6 +39,8 @@ class FleetStatusUpdated(Event):
     total_hosts: int
     online_hosts: int
     offline_hosts: int
+    #: of the offline hosts, those never heard from (an extension of the protocol)
+    unknown_hosts: int
     hosts_with_alerts: int
     pending_operations: int
     last_updated: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from urllib.parse import unquote_plus
 
 #: Query or form parameters whose values are credentials, matched in the decoded,
@@ -27,6 +28,9 @@ SENSITIVE_NAMES = (
     "access",
     "code",
 )
+
+# Django's DisallowedHost message: Invalid HTTP_HOST header: 'name'. ...
+_DISALLOWED_HOST = re.compile(r"Invalid HTTP_HOST header: '([^']{0,300})'")
 
 # name=value pairs after ? & or ; (query strings, form bodies).
 _PARAMETER = re.compile(
@@ -85,4 +89,39 @@ class RedactTokensFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        return True
+
+
+class DisallowedHostFilter(logging.Filter):
+    """Turn Django's report of a request for a host not in ``ALLOWED_HOSTS`` (an error
+    with a traceback, per request) into one line that says what to add, logged once per
+    host per ``interval`` seconds with the number of requests refused meanwhile."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the first record per host and interval, rewritten; drop the others."""
+        exc = record.exc_info[1] if record.exc_info else None
+        match = _DISALLOWED_HOST.search(str(exc) if exc is not None else record.getMessage())
+        host = match.group(1) if match else "?"
+        now = time.monotonic()
+        since, refused = self._last.get(host, (-self.interval, 0))
+        if now - since < self.interval:
+            self._last[host] = (since, refused + 1)
+            return False
+        if len(self._last) > 1000:  # names chosen by whoever sends requests
+            self._last.clear()
+        self._last[host] = (now, 0)
+        more = f" ({refused} more since the last report)" if refused else ""
+        record.msg = (
+            "Refused a request for host %r: it is not in DJANGO_ALLOWED_HOSTS; if clients "
+            "reach the server by that name, add it there%s"
+        )
+        record.args = (host, more)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = None
+        record.exc_text = None
         return True

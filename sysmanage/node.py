@@ -32,7 +32,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from sysmanage import control, dbgate, periodic, streams
+from sysmanage import control, dbgate, metrics, periodic, streams
 from sysmanage.control import ControlMessage
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
@@ -308,6 +308,10 @@ class Node:
 
     # -- outbound: this process -> layer ---------------------------------------------------
 
+    def inbox_depth(self) -> int:
+        """Messages from the layer waiting for the hub (``/metrics``)."""
+        return self._inbox.qsize()
+
     def enqueue_publish(self, message: LayerMessage) -> None:
         """Queue ``message`` for the layer; called on the node's loop only."""
         self._outbox.put_nowait(message)
@@ -337,6 +341,8 @@ class Node:
         In memory they are fanned out here at once; with Redis every process (this one
         included) reads them back from the streams (:meth:`_stream_loop`).
         """
+        for message in events:
+            metrics.published(message["channel"])
         if isinstance(self.streams, MemoryStreams):
             for message in events:
                 entry = self.streams.append(
@@ -656,21 +662,28 @@ _warned = threading.Event()
 _server_process = threading.Event()
 
 
+metrics.set_node_source(Node.current)
+
+
 def mark_server_process() -> None:
     """Note that this process serves clients: its events need no warning (see below)."""
     _server_process.set()
 
 
 def _warn_if_unshared_layer() -> None:
-    """Say once that events of a process without a node reach nobody on the in-memory layer.
+    """Note once (at debug level) that events of a process without a node reach nobody on
+    the in-memory layer.
 
     A server process without a node simply has no subscriber yet; any other process
-    (a management command) is talking to nobody, which is worth a warning.
+    (a management command) is talking to nobody.  That is the embedded default working
+    as designed, not a fault: the server's pages and sockets read the database again
+    (rechecks, snapshots, page loads), so nothing is lost but the live event, and a
+    warning on every command of a first run would only be noise.
     """
     if settings.REDIS_URL or _warned.is_set() or _server_process.is_set():
         return
     _warned.set()
-    logger.warning(
+    logger.debug(
         "Events published by this process reach no server: the in-memory channel layer "
         "is not shared between processes. Set REDIS_URL to deliver them."
     )

@@ -24,13 +24,19 @@ what Daphne does with them:
 - the HTTP request a WebSocket was upgraded from (its headers, URL and query string,
   about 3 KB) is let go once the WebSocket protocol has it, instead of staying in the
   HTTP channel's list of requests until the connection ends.
+
+And it lets a connection's application ask for messages over Daphne's
+``--websocket-max-message-size`` to be skipped rather than end the connection
+(:mod:`sysmanage.oversized`; the agents' endpoints ask).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -39,7 +45,9 @@ from daphne.http_protocol import WebRequest
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 
+from sysmanage import preflight
 from sysmanage.logfilters import redact
+from sysmanage.oversized import KEEP_BYTES, RECEIVE_OVERSIZED, SKIP_OVERSIZED
 
 
 class Inbox:
@@ -107,18 +115,106 @@ class _SendQueue(list[tuple[bytes, bool]]):
         return self.pop(0)
 
 
+class SkippedMessage:
+    """A message over the limit that is being read past: its size so far, its first and
+    its last :data:`~sysmanage.oversized.KEEP_BYTES`."""
+
+    __slots__ = ("head", "limit", "size", "tail")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.head = bytearray()
+        self.tail = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Count ``data``, keeping what belongs to the start or, for now, to the end."""
+        self.size += len(data)
+        room = KEEP_BYTES - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            del self.tail[:-KEEP_BYTES]
+
+    def event(self, binary: bool) -> dict[str, Any]:
+        """The event that tells the application of the skipped message."""
+        return {
+            "type": RECEIVE_OVERSIZED,
+            "size": self.size,
+            "limit": self.limit,
+            "binary": binary,
+            "head": bytes(self.head),
+            "tail": bytes(self.tail),
+        }
+
+
 class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no types in daphne
     """Daphne's WebSocket protocol, with Autobahn's options read from the factory and a
-    smaller queue of pending writes.
+    smaller queue of pending writes; on request, it skips oversized messages.
 
     Autobahn copies each option (``CONFIG_ATTRS``) onto a new connection unless the
     connection already has it; as class attributes reading the factory's value they are
     found, so not copied, and stay the factory's (which nothing changes after start).
     """
 
+    #: whether the application asked for messages over the limit to be skipped
+    skips_oversized = False
+    #: the message over the limit being read past, if any
+    skipping: SkippedMessage | None = None
+    #: Autobahn's: the complete frames of the message being received
+    message_data: list[bytes] | None
+
     def _connectionMade(self) -> None:  # noqa: N802 - Autobahn's name
         super()._connectionMade()
         self.send_queue = _SendQueue()
+
+    def handle_reply(self, message: dict[str, Any]) -> None:
+        """Called with each message of the application; an accept may ask for skipping."""
+        if message.get("type") == "websocket.accept" and message.get(SKIP_OVERSIZED):
+            self.skips_oversized = True
+        super().handle_reply(message)
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        """Called by Autobahn when a message (or frame) outgrows the limit, which fails
+        the connection (1009); a connection that asked for it reads past the message
+        instead.  Compressed messages are never skipped (Daphne does not negotiate
+        compression, and a skipped one would leave the decompressor behind)."""
+        if not self.skips_oversized or self._isMessageCompressed or self.websocket_version == 0:
+            super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
+            return
+        if self.skipping is None:
+            self.skipping = SkippedMessage(self.maxMessagePayloadSize or max_msg_size)
+            for chunk in self.message_data or ():  # the frames of the message already complete
+                self.skipping.feed(chunk)
+            self.message_data = []
+
+    def onMessageFrameData(self, payload: bytes) -> None:  # noqa: N802 - Autobahn's name
+        """Called by Autobahn for each piece of a message's frame."""
+        if self.skipping is not None:
+            self.skipping.feed(payload)
+            return
+        super().onMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:  # noqa: N802 - Autobahn's name
+        """Called by Autobahn at the end of each frame of a message."""
+        if self.skipping is not None:
+            self.frame_data = None
+            return
+        super().onMessageFrameEnd()
+
+    def onMessageEnd(self) -> None:  # noqa: N802 - Autobahn's name
+        """Called by Autobahn at the end of a message: a skipped one is reported."""
+        skipped = self.skipping
+        if skipped is None:
+            super().onMessageEnd()
+            return
+        self.skipping = None
+        self.message_data = None
+        if not self.muted:
+            self.last_ping = time.time()  # as Daphne does for every message
+            self.application_queue.put_nowait(skipped.event(self.message_is_binary))
 
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:
@@ -134,6 +230,14 @@ HANDSHAKE_TIMEOUT = 60
 #: Connections the kernel may hold for the server before it accepts them (capped by the
 #: system's ``net.core.somaxconn``).
 LISTEN_BACKLOG = 4096
+
+access_log = logging.getLogger("sysmanage.access")
+
+
+def _json_logs() -> bool:
+    from django.conf import settings
+
+    return bool(settings.LOG_FORMAT == "json")
 
 
 class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type information
@@ -204,6 +308,22 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
         """Called by Daphne for each access-log entry (HTTP request, WebSocket event)."""
         if details.get("path") is not None:
             details = {**details, "path": redact(str(details["path"]))}
+        if self.action_logger is not None and _json_logs():
+            # With LOG_FORMAT=json the access log is JSON lines too, through logging.
+            client = details.get("client")
+            access_log.info(
+                "%s %s",
+                details.get("method") or f"{protocol}.{action}",
+                details.get("path"),
+                extra={
+                    "kind": f"{protocol}.{action}",
+                    "client": client if isinstance(client, str) else str(client or ""),
+                    "path": details.get("path"),
+                    "status": details.get("status"),
+                    "size": details.get("size"),
+                },
+            )
+            return
         super().log_action(protocol, action, details)
 
 
@@ -219,8 +339,11 @@ class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run Daphne with ``argv`` (default: this process's arguments)."""
-    RedactingCommandLineInterface().run(sys.argv[1:] if argv is None else argv)
+    """Check the configuration, then run Daphne with ``argv`` (default: this process's
+    arguments)."""
+    argv = sys.argv[1:] if argv is None else argv
+    preflight.exit_on_problems(preflight.bound_host(argv))
+    RedactingCommandLineInterface().run(argv)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "sysmanage.metrics.RequestDurationMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "sysmanage.middleware.ContentSecurityPolicyMiddleware",
     "sysmanage.middleware.DatabaseUnavailableMiddleware",
@@ -173,14 +174,21 @@ TEMPLATES = [
 # DATABASE_URL takes any URL of the usual form (postgres://..., sqlite:///path).
 # Without it the server keeps a SQLite file under var/.
 DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
-# Keep database connections open between requests and socket messages: Daphne runs every
-# database call of a process in one thread, and opening a connection per call cost
-# more than the queries themselves under agent load (docs/benchmarks.md).
-DATABASES = {
-    "default": dj_database_url.parse(
-        DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
-    )
-}
+# Keep database connections open between requests and socket messages: the database
+# threads (DB_THREADS) run every call of the sockets, and opening a connection per call
+# cost more than the queries themselves under agent load (docs/benchmarks.md).
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
+        )
+    }
+except ValueError as _exc:  # dj_database_url.UnknownSchemeError among them
+    _scheme = DATABASE_URL.split(":", 1)[0]
+    raise ImproperlyConfigured(
+        f"DATABASE_URL: unknown kind of database {_scheme!r}; use postgres://USER@HOST:PORT/NAME "
+        "or sqlite:////absolute/path"
+    ) from _exc
 # Threads that run the database calls of sockets, periodic jobs and the token refresh in
 # each process (sysmanage/dbthreads.py); one connection each.  SQLite always uses 1: it
 # allows one writer at a time.
@@ -505,18 +513,33 @@ if env_bool("DJANGO_SECURE", False):
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
 
+# GET /metrics (Prometheus): with METRICS_TOKEN set, only to "Authorization: Bearer
+# <METRICS_TOKEN>"; without it, only to loopback addresses (docs/operations.md).
+METRICS_TOKEN = env("METRICS_TOKEN", "") or ""
+
+# LOG_FORMAT=json: one JSON object per line (Daphne's access log too); text otherwise.
+# Either way each line carries the request or connection id it is about
+# (sysmanage.logcontext) and has had every credential redacted (sysmanage.logfilters).
+LOG_FORMAT = (env("LOG_FORMAT", "text") or "text").strip().lower()
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact_tokens": {"()": "sysmanage.logfilters.RedactTokensFilter"}},
+    "filters": {
+        "redact_tokens": {"()": "sysmanage.logfilters.RedactTokensFilter"},
+        "disallowed_host": {"()": "sysmanage.logfilters.DisallowedHostFilter"},
+        "context": {"()": "sysmanage.logcontext.ContextFilter"},
+    },
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "text": {"()": "sysmanage.logcontext.ReadableFormatter"},
+        "json": {"()": "sysmanage.logcontext.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "filters": ["redact_tokens"],
+            "formatter": LOG_FORMAT,
+            "filters": ["redact_tokens", "context"],
         },
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
@@ -530,5 +553,8 @@ LOGGING = {
         # The pool warns of every failed connection attempt and broken connection; the
         # database gate (sysmanage/dbgate.py) reports an outage once per interval instead.
         "psycopg.pool": {"level": "ERROR"},
+        # A request for a host not in ALLOWED_HOSTS: one line saying what to add, once
+        # per host and minute, instead of a traceback per request.
+        "django.security.DisallowedHost": {"filters": ["disallowed_host"]},
     },
 }

@@ -201,7 +201,7 @@ class CommandExecutionTopic(Topic):
     sends_initial_state = True
     per_viewer = True
     #: the fields only those who may see a command's output get
-    PRIVATE_FIELDS = ("command", "stdout", "stderr", "error")
+    PRIVATE_FIELDS = ("command", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "error")
 
     def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
         """True for viewers who see the text and output of this command."""

@@ -3,6 +3,7 @@ routes apps plug in (:mod:`sysmanage.plugins`)."""
 
 from datetime import UTC, datetime
 
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth.views import LogoutView
 from django.db import DatabaseError, connection
@@ -24,6 +25,7 @@ from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationView
 from hosts.views import HostDetailView, HostListView
 from sysmanage import dbgate, plugins
 from sysmanage.dbthreads import in_database_threads
+from sysmanage.metrics import metrics_view
 from sysmanage.middleware import reported_elsewhere
 from sysmanage.node import Node
 from sysmanage.protocol import iso
@@ -61,10 +63,30 @@ def _channel_layer_check() -> str:
     """``ok``, or since when this process cannot reach its channel layer (its clients
     then get no events)."""
     node = Node.current()
-    down_since = node.layer_down_since if node is not None else None
+    if node is None:
+        # No socket has started this process's node yet: ask Redis directly, so that a
+        # process is not sent clients it could not serve.
+        return _redis_check()
+    down_since = node.layer_down_since
     if down_since is None:
         return "ok"
     return f"unreachable since {iso(datetime.fromtimestamp(down_since, UTC))}"
+
+
+def _redis_check() -> str:
+    """``ok`` when there is no Redis to reach or it answers a ping within a second."""
+    if not settings.REDIS_URL:
+        return "ok"
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"unreachable ({type(exc).__name__})"
+    finally:
+        client.close()
+    return "ok"
 
 
 def readiness(request: HttpRequest) -> JsonResponse:
@@ -102,4 +124,5 @@ urlpatterns = [
     path("api/", include(router.urls)),
     path("healthz", health, name="health"),
     path("readyz", readiness, name="readiness"),
+    path("metrics", metrics_view, name="metrics"),
 ]

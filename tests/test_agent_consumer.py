@@ -443,3 +443,44 @@ def test_result_statuses_are_the_final_statuses_of_the_models() -> None:
         OperationStatus.COMPLETED,
         OperationStatus.FAILED,
     }
+
+
+async def test_a_result_over_the_limit_fails_its_command_and_keeps_the_connection(
+    enrolled, make_user, token_for, settings, caplog
+):
+    settings.AGENT_MAX_MESSAGE_BYTES = 64 * 1024
+    host, token = enrolled
+    agent = await agent_socket(token)
+    await hello(agent)
+    client = await client_socket(make_user, token_for)
+    await client.send_json_to(
+        {
+            "type": "command",
+            "channel": "command_execution",
+            "data": {"host_id": str(host.id), "command": "cat big", "timeout": 30},
+            "id": "big",
+        }
+    )
+    order = await next_of(agent, "run_command")
+    execution_id = order["data"]["execution_id"]
+    big = {"execution_id": execution_id, "status": "completed", "stdout": "x" * 100_000}
+    await agent.send_json_to({"type": "command_result", "data": big, "id": "r1"})
+    refused = await next_of(agent, "error")
+    assert refused["data"]["code"] == "MESSAGE_TOO_LARGE"
+    assert "AGENT_MAX_MESSAGE_BYTES" in refused["data"]["message"]
+    # acknowledged: the agent need not send it again, the server has recorded the failure
+    ack = await next_of(agent, "ack")
+    assert ack["data"] == {"kind": "command_result", "ref": execution_id}
+    response = await client.receive_json_from(timeout=5)
+    assert response["data"]["status"] == "failed"
+    assert response["data"]["error"].startswith("The result was larger than the server accepts")
+    assert (response["data"]["stdout_truncated"], response["data"]["stdout_bytes"]) == (True, None)
+    (line,) = [r for r in caplog.records if "over the limit" in r.getMessage()]
+    assert all(part in line.getMessage() for part in ("web-01", "65536", execution_id)), line
+    # the connection is still the host's agent
+    await agent.send_json_to({"type": "heartbeat", "data": {}})
+    assert await agent.receive_nothing(timeout=0.3)
+    row = await database_sync_to_async(Host.objects.get)(id=host.id)
+    assert row.status == "online"
+    for comm in (agent, client):
+        await comm.disconnect()

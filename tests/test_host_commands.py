@@ -36,6 +36,27 @@ def test_register_host_prints_json_last_and_stores_only_a_digest():
     assert selectors.host_for_token(payload["token"]) == host
 
 
+def test_register_host_never_puts_the_token_on_a_command_line():
+    out, err = run("register_host", "web-01")
+    token = json.loads(out.strip().splitlines()[-1])["token"]
+    assert f"--token {token}" not in err
+    assert f"export SYSMANAGE_AGENT_TOKEN='{token}'" in err
+
+
+def test_register_host_refuses_an_enrolled_host_unless_told_to_reissue(published):
+    first = json.loads(run("register_host", "web-01")[0].splitlines()[-1])["token"]
+    with pytest.raises(CommandError, match=r"already enrolled.*rotate_host_token web-01"):
+        run("register_host", "WEB-01")
+    assert selectors.host_for_token(first).hostname == "web-01"  # still works
+    again = json.loads(
+        published.run(run, "register_host", "web-01", "--reissue")[0].splitlines()[-1]
+    )
+    assert selectors.host_for_token(first) is None
+    assert selectors.host_for_token(again["token"]).hostname == "web-01"
+    # the agent running with the old token is cut off, as by rotate_host_token
+    assert [m for m in published.messages if m.get("action") == "close_agent"]
+
+
 def test_register_host_refuses_bad_names():
     with pytest.raises(CommandError):
         run("register_host", "bad name!")

@@ -93,10 +93,12 @@ def test_fleet_report_table_and_json():
     assert "online" in web_line
     assert "Debian 12" in web_line
     assert web_line.split()[-3:] == ["1", "0", "0"]
-    assert "2 hosts: 1 online, 1 offline; 1 with open alerts" in table
+    # db-01 was never heard from: unknown, not offline
+    assert "2 hosts: 1 online, 0 offline, 1 unknown (never heard from); 1 with open alerts" in table
     data = json.loads(run("fleet_report", "--json", "--status", "unknown"))
     assert [h["hostname"] for h in data["hosts"]] == ["db-01"]
     assert data["fleet"]["total_hosts"] == 2
+    assert data["fleet"]["unknown_hosts"] == 1
 
 
 def test_seed_demo_refuses_bad_arguments():

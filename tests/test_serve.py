@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 import weakref
 from typing import Any
 
@@ -17,6 +18,7 @@ from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from sysmanage.oversized import KEEP_BYTES, SKIP_OVERSIZED
 from sysmanage.serve import (
     HANDSHAKE_TIMEOUT,
     LISTEN_BACKLOG,
@@ -212,3 +214,125 @@ def test_a_handshake_may_wait_for_its_authentication_in_a_storm():
         ["--websocket_connect_timeout", "7", "sysmanage.asgi:application"]
     )
     assert chosen.websocket_connect_timeout == 7
+
+
+# -- messages over the limit -----------------------------------------------------------------
+
+
+def client_frame(payload: bytes, *, opcode: int = 1, fin: bool = True) -> bytes:
+    """One masked frame, as a client sends it."""
+    mask = b"\x01\x02\x03\x04"
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    elif len(payload) < 65536:
+        head += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + len(payload).to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class Skipping(Upgraded):
+    """A connection whose application may ask for oversized messages to be skipped, and
+    records every message it receives; Daphne's limit is ``LIMIT`` bytes."""
+
+    LIMIT = 1000
+
+    def __init__(self, server_class: type[Server], *, skip: bool) -> None:
+        self.skip = skip
+        super().__init__(server_class)
+        self.server.ws_factory.setProtocolOptions(
+            maxMessagePayloadSize=self.LIMIT, maxFramePayloadSize=self.LIMIT
+        )
+
+    async def application(self, scope: Any, receive: Any, send: Any) -> None:
+        self.received.append(await receive())
+        await send({"type": "websocket.accept", SKIP_OVERSIZED: self.skip})
+        while True:
+            self.received.append(await receive())
+
+    async def send(self, *frames: bytes) -> None:
+        protocol = self.transport.protocol
+        for frame in frames:
+            protocol.dataReceived(frame)
+        await asyncio.sleep(0.01)
+
+
+async def test_an_oversized_message_is_skipped_and_reported_when_asked_for():
+    served = Skipping(RedactingServer, skip=True)
+    try:
+        await served.handshake()
+        big = b"{" + b"a" * (KEEP_BYTES - 1) + b"b" * 50_000 + b"c" * (KEEP_BYTES - 1) + b"}"
+        await served.send(client_frame(big), client_frame(b'{"small": 1}'))
+        _, skipped, small = served.received
+        assert skipped == {
+            "type": "websocket.receive_oversized",
+            "size": len(big),
+            "limit": Skipping.LIMIT,
+            "binary": False,
+            "head": big[:KEEP_BYTES],
+            "tail": big[-KEEP_BYTES:],
+        }
+        # the connection goes on: the next message arrives as usual
+        assert small == {"type": "websocket.receive", "text": '{"small": 1}'}
+        assert served.transport.protocol.skipping is None
+    finally:
+        served.stop()
+
+
+async def test_a_fragmented_message_is_skipped_from_the_frame_that_outgrows_the_limit():
+    served = Skipping(RedactingServer, skip=True)
+    try:
+        await served.handshake()
+        first, second = b"x" * 600, b"y" * 600
+        await served.send(
+            client_frame(first, fin=False),
+            client_frame(second, opcode=0),
+            client_frame(b"\x00\x01", opcode=2),
+        )
+        _, skipped, binary = served.received
+        assert (skipped["size"], skipped["head"]) == (1200, first + second)
+        assert binary == {"type": "websocket.receive", "bytes": b"\x00\x01"}
+    finally:
+        served.stop()
+
+
+async def test_without_asking_an_oversized_message_fails_the_connection():
+    """The reference: Daphne's (Autobahn's) own behaviour, the connection failed (1009,
+    or dropped) and nothing for the application but the disconnect that follows."""
+    served = Skipping(RedactingServer, skip=False)
+    try:
+        await served.handshake()
+        await served.send(client_frame(b"z" * 5000))
+        assert [m["type"] for m in served.received] == ["websocket.connect"]
+        protocol = served.transport.protocol
+        assert protocol.failedByMe
+        assert protocol.wasMaxFramePayloadSizeExceeded or protocol.wasMaxMessagePayloadSizeExceeded
+    finally:
+        served.stop()
+
+
+async def test_a_skipped_message_is_never_held_in_memory():
+    """32 MiB read past in 64 KiB pieces: what the process allocates meanwhile stays
+    within a few pieces and the kept start and end, whatever the message's size."""
+    served = Skipping(RedactingServer, skip=True)
+    try:
+        await served.handshake()
+        protocol = served.transport.protocol
+        size = 32 * 1024 * 1024
+        header = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big") + b"\x00" * 4  # mask 0
+        piece = b"x" * 65536
+        protocol.dataReceived(header)
+        tracemalloc.start()
+        try:
+            for _ in range(size // len(piece)):
+                protocol.dataReceived(piece)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        await asyncio.sleep(0.01)
+        assert peak < 1024 * 1024, peak
+        assert served.received[-1]["size"] == size
+        assert len(served.received[-1]["head"]) == len(served.received[-1]["tail"]) == KEEP_BYTES
+    finally:
+        served.stop()

@@ -17,6 +17,7 @@ from django.db import IntegrityError
 from django.utils import timezone
 
 from hosts import services
+from hosts.agent_protocol import MAX_OUTPUT_CHARS
 from hosts.models import (
     AgentDelivery,
     AgentKind,
@@ -130,6 +131,10 @@ def test_shell_results_are_read_from_the_doubly_nested_result():
         "stderr": "",
         "execution_time": 0.15,
         "error": "",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "stdout_bytes": 3,
+        "stderr_bytes": 0,
     }
     failed = {
         **data,
@@ -150,6 +155,15 @@ def test_shell_results_are_read_from_the_doubly_nested_result():
     assert "\x00" not in protocol.shell_result(nul, 0)["stdout"]
 
 
+def test_shell_output_over_the_limit_is_cut_and_flagged_with_its_size():
+    big = "é" * (MAX_OUTPUT_CHARS + 10)
+    data = {"success": True, "exit_code": 0, "result": {"result": {"stdout": big, "stderr": "e"}}}
+    outcome = protocol.shell_result(data, 1.0)
+    assert len(outcome["stdout"]) == MAX_OUTPUT_CHARS
+    assert (outcome["stdout_truncated"], outcome["stdout_bytes"]) == (True, len(big) * 2)
+    assert (outcome["stderr_truncated"], outcome["stderr_bytes"]) == (False, 1)
+
+
 def test_package_results():
     ok = {
         "success": True,
@@ -160,13 +174,28 @@ def test_package_results():
             "installation_log": "done",
         },
     }
-    assert protocol.package_result(ok) == ("completed", "", "done")
+    assert protocol.package_result(ok) == {
+        "status": "completed",
+        "message": "",
+        "output": "done",
+        "output_truncated": False,
+        "output_bytes": 4,
+    }
     bad = {
         "success": False,
         "error": "apt failed",
         "result": {"failed_packages": [{"package": "x"}], "uninstall_log": ["a", "b"]},
     }
-    assert protocol.package_result(bad) == ("failed", "apt failed", "a\nb")
+    failed = protocol.package_result(bad)
+    assert (failed["status"], failed["message"], failed["output"]) == (
+        "failed",
+        "apt failed",
+        "a\nb",
+    )
+    huge = {**ok, "result": {"installation_log": "x" * (MAX_OUTPUT_CHARS + 1)}}
+    cut = protocol.package_result(huge)
+    assert (len(cut["output"]), cut["output_truncated"]) == (MAX_OUTPUT_CHARS, True)
+    assert cut["output_bytes"] == MAX_OUTPUT_CHARS + 1
 
 
 def test_samples_become_host_metrics():
@@ -790,12 +819,19 @@ async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frame
     assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == unknown[
         "message_id"
     ]
-    await comm.send_to(
-        text_data=json.dumps(message("software_inventory_update", {**ids, "pad": "x" * 70000}))
-    )
-    assert (await comm.receive_json_from(timeout=3))["error_type"] == "message_too_large"
-    assert await expect_close(comm) == 4013
-    await comm.disconnect()  # Daphne reports the closed socket to the consumer
+    big = message("software_inventory_update", {**ids, "pad": "x" * 70000})
+    await comm.send_to(text_data=json.dumps(big))
+    refused = await comm.receive_json_from(timeout=3)
+    assert refused["error_type"] == "message_too_large"
+    assert refused["data"] == {"message_type": big["message_type"], "message_id": big["message_id"]}
+    assert "SYSMANAGE_AGENT_MAX_MESSAGE_BYTES" in refused["message"]
+    # not processed, and the connection stays open: the agent has no reason to send it again
+    heartbeat = message("heartbeat", ids)
+    await comm.send_json_to(heartbeat)
+    assert (await comm.receive_json_from(timeout=3))["data"]["acked_message_id"] == heartbeat[
+        "message_id"
+    ]
+    await comm.disconnect()
     status = await database_sync_to_async(lambda: Host.objects.get(id=host.id).status)()
     assert status == HostStatus.OFFLINE
 
@@ -1067,7 +1103,7 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
     native = services.host_register(hostname="native-01")[0]
     with pytest.raises(CommandError, match="not managed by a SysManage agent"):
         call_command("allow_reregistration", str(native.id))
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     call_command(
         "create_registration_key",
         "rollout",
@@ -1076,8 +1112,11 @@ def test_reregistration_over_rest_and_the_command_line(client, make_user):
         "--expires-in",
         "7d",
         stdout=out,
-        stderr=io.StringIO(),
+        stderr=err,
     )
+    # the setting the agent reads (security.registration_key), not another one
+    assert "security.registration_key" in err.getvalue()
+    assert "server.registration_key" not in err.getvalue()
     created = json.loads(out.getvalue().strip().splitlines()[-1])
     assert submit("web-02", created["key"]).body["approved"] is True
     with pytest.raises(CommandError, match="--expires-in"):

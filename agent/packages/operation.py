@@ -205,6 +205,7 @@ def result_data(
         "exit_code": exit_code,
         "output": output.text(),
         "output_truncated": output.truncated,
+        "output_bytes": output.size,
         "message": message,
     }
 

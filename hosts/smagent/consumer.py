@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 from django.conf import settings
 
 from hosts import services
+from hosts.agent_protocol import log_oversized, result_too_large
 from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError, ErrorMessage, ErrorType, ServerMessage
 from hosts.smagent.session import AgentSession, AwaitingApproval
@@ -28,6 +29,7 @@ from sysmanage import dbgate
 from sysmanage.connection import Connection
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import running_hub
+from sysmanage.oversized import Oversized
 from sysmanage.protocol import CloseCode
 from sysmanage.ratelimit import TokenBucket
 
@@ -83,6 +85,7 @@ class UnprovenConnections:
 class SysManageAgentConsumer(Connection):
     """The connection of one SysManage agent."""
 
+    metric_kind = "sysmanage_agent"
     session: AgentSession | None = None
     registered = False
     resender: asyncio.Future[None] | None = None
@@ -90,6 +93,7 @@ class SysManageAgentConsumer(Connection):
     unproven_address: str | None = None
     deadline: asyncio.TimerHandle | None = None
     challenged = False
+    skips_oversized = True
 
     @property
     def token_hash(self) -> str:
@@ -288,16 +292,11 @@ class SysManageAgentConsumer(Connection):
         if self.session is None or self.closing:
             return
         size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
-        if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
-            await self._close_with(
-                CloseCode.MESSAGE_TOO_BIG,
-                protocol.error_message(
-                    "message_too_large",
-                    f"Messages are limited to {settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES} bytes",
-                ),
-            )
-            return
         if not await self._within_rate(text_data):
+            return
+        if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
+            limit = settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES
+            await self.oversized(Oversized.from_frame(text_data, bytes_data, size, limit))
             return
         replies: list[ServerMessage] = []
         try:
@@ -353,6 +352,28 @@ class SysManageAgentConsumer(Connection):
             self.challenged = True
             replies.append(protocol.ping_message())
         self.send_messages(replies)
+
+    async def oversized(self, message: Oversized) -> None:
+        """Called for a message over the limit, not processed: fail the command it was
+        the result of (once the connection is proven), log it, and tell the agent, which
+        then does not send it again; the connection stays open."""
+        if self.session is None:
+            return
+        why = result_too_large(message, "SYSMANAGE_AGENT_MAX_MESSAGE_BYTES")
+        ended: list[services.WorkEnded] = []
+        if self.session.verified:
+            ended = await database_sync_to_async(deliveries.fail_oversized)(
+                host_id=self.session.host_id, ids=message.uuids(), why=why
+            )
+        log_oversized(logger, self.session.hostname, message, [(w.kind, w.ref) for w in ended])
+        named = {
+            key: value
+            for key in ("message_type", "message_id")
+            if (value := message.string_field(key)) is not None
+        }
+        if not ended:
+            why = result_too_large(message, "SYSMANAGE_AGENT_MAX_MESSAGE_BYTES", "message")
+        self.send_messages([protocol.error_message("message_too_large", why, **named)])
 
     def _log_refusal(self, exc: AgentProtocolError) -> None:
         """Log the first refusals of a connection (an agent that speaks differently, or

@@ -14,6 +14,7 @@ either delivered or failed, never both.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -236,15 +237,34 @@ def record_result(*, host_id: Any, data: protocol.MessageData) -> bool:
                 result=protocol.shell_result(data, elapsed),
             )
         elif delivery.operation_id is not None:
-            status, message, output = protocol.package_result(data)
             services.package_operation_record_result(
                 operation_id=delivery.operation_id,
                 host_id=host_id,
-                status=status,
-                message=message,
-                output=output,
+                **protocol.package_result(data),
             )
     return True
+
+
+def fail_oversized(*, host_id: Any, ids: Collection[str], why: str) -> list[services.WorkEnded]:
+    """Fail, with ``why``, the work of the deliveries among ``ids`` (found in a
+    ``command_result`` too large to take), acknowledging them: the agent has them, and
+    they are not to be sent again.  Returns what was failed now."""
+    with transaction.atomic():
+        found = list(
+            AgentDelivery.objects.select_for_update(of=("self",)).filter(
+                id__in=ids, host_id=host_id
+            )
+        )
+        for delivery in found:
+            if delivery.state != DeliveryState.ACKNOWLEDGED:
+                delivery.state = DeliveryState.ACKNOWLEDGED
+                delivery.acknowledged_at = timezone.now()
+                delivery.save(update_fields=["state", "acknowledged_at"])
+        refs = [
+            str(d.execution_id or d.operation_id) for d in found if d.execution_id or d.operation_id
+        ]
+        ended = services.work_fail_oversized(host_id=host_id, refs=refs, why=why)
+    return [work for work in ended if work.ended_now]
 
 
 def fail_undelivered_command(*, execution_id: Any, why: str) -> bool:

@@ -20,12 +20,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal, TypedDict
 
 from hosts.agent_protocol import (
-    MAX_OUTPUT_CHARS,
     CommandOutcome,
     CommandStatus,
     HostFacts,
+    PackageOutcome,
     PackageStatus,
     TextFact,
+    command_outputs,
+    keep_output,
+    package_outputs,
     without_nul,
 )
 from hosts.metrics import Metrics, MetricsError, clean_metrics
@@ -481,8 +484,8 @@ def shell_result(data: MessageData, execution_time: float | None) -> CommandOutc
     exit_code = _int_or_none(data.get("exit_code"))
     if exit_code is None:
         exit_code = _int_or_none(inner.get("exit_code"))
-    stdout = _text(inner.get("stdout"), MAX_OUTPUT_CHARS) or ""
-    stderr = _text(inner.get("stderr"), MAX_OUTPUT_CHARS) or ""
+    stdout = keep_output(_whole_text(inner.get("stdout")))
+    stderr = keep_output(_whole_text(inner.get("stderr")))
     error = _text(data.get("error"), 2000) or ""
     success = data.get("success") is True and exit_code in (0, None)
     status: CommandStatus
@@ -493,16 +496,21 @@ def shell_result(data: MessageData, execution_time: float | None) -> CommandOutc
     return {
         "status": status,
         "exit_code": exit_code,
-        "stdout": stdout,
-        "stderr": stderr,
+        "stdout": stdout.text,
+        "stderr": stderr.text,
         "execution_time": execution_time,
         "error": error,
+        **command_outputs(stdout, stderr),
     }
 
 
-def package_result(data: MessageData) -> tuple[PackageStatus, str, str]:
-    """``(status, message, output)`` of an ``install_packages``/``uninstall_packages``
-    ``command_result``."""
+def _whole_text(value: object) -> str:
+    """An output as it came (the agent cuts none), as text."""
+    return "" if value is None else str(value)
+
+
+def package_result(data: MessageData) -> PackageOutcome:
+    """The outcome of an ``install_packages``/``uninstall_packages`` ``command_result``."""
     result = _object(data.get("result"))
     output = result.get("installation_log") or result.get("uninstall_log") or ""
     if isinstance(output, list):
@@ -513,7 +521,7 @@ def package_result(data: MessageData) -> tuple[PackageStatus, str, str]:
     if not ok and not message:
         message = "The agent reported a failure"
     status: PackageStatus = "completed" if ok else "failed"
-    return status, message, _text(output, MAX_OUTPUT_CHARS) or ""
+    return {"status": status, "message": message, **package_outputs(keep_output(str(output)))}
 
 
 # -- live metrics through custom metric scripts -----------------------------------------

@@ -46,6 +46,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "stderr": str,
         "stdout_truncated": bool,
         "stderr_truncated": bool,
+        "stdout_bytes": int,
+        "stderr_bytes": int,
         "execution_time": float,
         "error": str,
     },
@@ -56,6 +58,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "exit_code": (int, type(None)),
         "output": str,
         "output_truncated": bool,
+        "output_bytes": int,
         "message": str,
     },
 }

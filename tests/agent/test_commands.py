@@ -76,8 +76,10 @@ async def test_output_is_capped(
     assert result["status"] == "completed"
     assert result["stdout"] == "a" * 1000
     assert result["stdout_truncated"] is True
+    assert result["stdout_bytes"] == 5000000  # everything the command wrote, kept or not
     assert result["stderr"] == "short\n"
     assert result["stderr_truncated"] is False
+    assert result["stderr_bytes"] == 6
 
 
 async def test_commands_run_concurrently_within_the_limit(

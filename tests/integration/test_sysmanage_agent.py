@@ -541,14 +541,22 @@ async def test_malformed_frames_get_invalid_message_and_the_socket_stays(deploym
         await agent.wait_ack(edge["message_id"])
 
 
-async def test_oversize_frame_closes_4013(deployment):
+async def test_oversize_frame_is_refused_and_the_socket_stays_open(deployment):
     async with online_agent(deployment, "oversize") as agent:
         data = {**agent.heartbeat_data(), "padding": "x" * 750_000}
-        await agent.send("heartbeat", data)
-        assert await agent.wait_closed(WAIT) == 4013
-        # the agent reconnects as usual
-        await agent.connect()
+        sent = await agent.send("heartbeat", data)
+        refused = error_of(await agent.wait_type("error", WAIT), "message_too_large")
+        assert refused["data"] == {"message_type": "heartbeat", "message_id": sent["message_id"]}
+        assert "The message was larger than the server accepts" in refused["message"]
+        # not processed, not acknowledged; the connection goes on
         await agent.send_acked("heartbeat", agent.heartbeat_data())
+        assert not agent.is_closed
+        assert not [
+            m
+            for m in agent.received
+            if m.get("message_type") == "ack"
+            and m["data"].get("acked_message_id") == sent["message_id"]
+        ]
 
 
 async def test_heartbeat_inventory_and_unknown_types_are_acknowledged(deployment):

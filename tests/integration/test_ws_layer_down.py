@@ -5,8 +5,8 @@ SERVICE_UNAVAILABLE, and the REST API should keep working.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,26 +14,28 @@ import pytest
 from tests.integration import harness
 from tests.integration.client import api, ws_connect
 from tests.integration.harness import Deployment
+from tests.integration.test_ws_redis_restart import REDIS_SERVER, PrivateRedis
 
 # The server logs the layer's connection errors; that is expected here.
 pytestmark = [pytest.mark.integration, pytest.mark.server_errors_expected]
 
 
-def closed_port() -> int:
-    """A local port nothing listens on (connections are refused at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def no_layer(launch_sqlite: Any) -> Iterator[Deployment]:
-    with launch_sqlite(
-        "layer-down",
-        REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
-        SYSMANAGE_REDIS_PREFIX="sysmanage-it-unreachable",
-    ) as deployment:
-        yield deployment
+def no_layer(launch_sqlite: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A server that started with its Redis, which is then gone for good (a server does
+    not start without one: sysmanage.preflight)."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.skip("redis-server is not installed")
+    redis = PrivateRedis(tmp_path_factory.mktemp("layer-down-redis"))
+    redis.start()
+    try:
+        with launch_sqlite(
+            "layer-down", REDIS_URL=redis.url, SYSMANAGE_REDIS_PREFIX="sysmanage-it-unreachable"
+        ) as deployment:
+            redis.kill()
+            yield deployment
+    finally:
+        redis.kill()
 
 
 _ADMIN_TOKENS: dict[str, str] = {}
@@ -54,6 +56,16 @@ def admin_token(d: Deployment) -> str:
         )
         _ADMIN_TOKENS[d.env["DATABASE_URL"]] = out.split("TOKEN ", 1)[1].split()[0]
     return _ADMIN_TOKENS[d.env["DATABASE_URL"]]
+
+
+async def test_readiness_says_so_before_any_socket_started_the_hub(no_layer: Deployment):
+    """A load balancer asks before it sends anyone: the process must not look ready."""
+    response = await api("GET", no_layer.server.base_url, "/readyz")
+    assert response.status == 503, response
+    assert response.body["checks"]["database"] == "ok"
+    assert response.body["checks"]["channel_layer"].startswith("unreachable")
+    health = await api("GET", no_layer.server.base_url, "/healthz")
+    assert health.status == 200  # alive: the process itself is fine
 
 
 async def test_socket_is_refused_with_service_unavailable(no_layer: Deployment):

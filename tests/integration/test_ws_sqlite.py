@@ -490,6 +490,7 @@ def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
         "total_hosts",
         "online_hosts",
         "offline_hosts",
+        "unknown_hosts",
         "hosts_with_alerts",
         "pending_operations",
         "last_updated",
@@ -498,6 +499,7 @@ def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
     assert data["total_hosts"] == len(hosts)
     assert data["online_hosts"] == sum(h["status"] == "online" for h in hosts.values())
     assert data["offline_hosts"] == data["total_hosts"] - data["online_hosts"]
+    assert data["unknown_hosts"] == sum(h["status"] == "unknown" for h in hosts.values())
     assert isinstance(data["hosts_with_alerts"], int)
     assert data["hosts_with_alerts"] >= 0
     assert data["pending_operations"] == 0

@@ -98,6 +98,8 @@ class Command(BaseCommand):
         stats = fleet_stats()
         self.stdout.write(
             f"\n{stats['total_hosts']} hosts: {stats['online_hosts']} online, "
-            f"{stats['offline_hosts']} offline; {stats['hosts_with_alerts']} with open alerts; "
+            f"{stats['offline_hosts'] - stats['unknown_hosts']} offline, "
+            f"{stats['unknown_hosts']} unknown (never heard from); "
+            f"{stats['hosts_with_alerts']} with open alerts; "
             f"{stats['pending_operations']} operations pending"
         )

@@ -19,3 +19,16 @@ def find_host(identifier: str) -> Host:
     if host is None:
         raise CommandError(f"No host with hostname or id {identifier!r}")
     return host
+
+
+def agent_start_hint(what: str, token: str) -> str:
+    """How to give ``token`` to the host's agent: through its environment or config file,
+    never its command line, where every user of the machine can read it."""
+    return (
+        f"{what} The token is shown only now. Give it to the agent through its environment "
+        "or its config file, not its command line (other users can read that):\n"
+        f"  export SYSMANAGE_AGENT_TOKEN='{token}'\n"
+        "  python -m agent --server http://SERVER:8000\n"
+        f'or token = "{token}" in /etc/sysmanage-agent/agent.toml (chmod 600); '
+        "see docs/agent.md."
+    )

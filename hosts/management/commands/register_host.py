@@ -9,6 +9,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from hosts import services
+from hosts.management.commands._hosts import agent_start_hint
+from hosts.models import Host
 from sysmanage.audit import Actor
 
 HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?$")
@@ -19,28 +21,38 @@ class Command(BaseCommand):
 
     help = (
         "Enroll a host and print its agent token (shown once; only a digest is stored). "
-        "Re-running for an enrolled host issues a new token and invalidates the old one. "
+        "An enrolled host is refused (rotate_host_token gives it a new token). "
         'The last line of output is JSON: {"host_id": ..., "token": ...}.'
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         """Take the hostname."""
         parser.add_argument("hostname", help="the host's name, e.g. web-01")
+        parser.add_argument(
+            "--reissue",
+            action="store_true",
+            help="the host is enrolled already: issue a new token anyway (as rotate_host_token)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Enroll the host and print the token."""
         hostname = options["hostname"].strip()
         if not HOSTNAME.match(hostname):
             raise CommandError(f"{hostname!r} is not a valid hostname")
-        try:
-            host, token = services.host_register(
-                hostname=hostname, actor=Actor.command_line("register_host")
+        enrolled = Host.objects.filter(hostname__iexact=hostname).first()
+        if enrolled is not None and not options["reissue"]:
+            raise CommandError(
+                f"{enrolled.hostname} is already enrolled and its agent keeps its token. "
+                "To give it a new one (the agent running with the old token is cut off), "
+                f"run: manage.py rotate_host_token {enrolled.hostname}"
             )
+        actor = Actor.command_line("register_host")
+        try:
+            if enrolled is not None:  # --reissue: as rotate_host_token, old agent cut off
+                host, token = services.host_rotate_token(host_id=enrolled.id, actor=actor)
+            else:
+                host, token = services.host_register(hostname=hostname, actor=actor)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        self.stderr.write(
-            f"Enrolled {host.hostname}. Start its agent with:\n"
-            f"  python -m agent --server http://SERVER:8000 --token {token}\n"
-            "The token is shown only now."
-        )
+        self.stderr.write(agent_start_hint(f"Enrolled {host.hostname}.", token))
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))

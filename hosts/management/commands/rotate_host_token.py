@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from hosts import services
-from hosts.management.commands._hosts import find_host
+from hosts.management.commands._hosts import agent_start_hint, find_host
 from sysmanage.audit import Actor
 
 
@@ -32,4 +32,5 @@ class Command(BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        self.stderr.write(agent_start_hint(f"Issued a new token for {host.hostname}.", token))
         self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))

@@ -6,6 +6,9 @@ import asyncio
 import json
 import random
 import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,16 +81,55 @@ class DemoHost:
         }
 
 
-async def run_host(host: DemoHost, url: str, interval: float, stop: asyncio.Event) -> None:
+class TokenRefused(Exception):
+    """The server refused a demo host's token: it does not know the host."""
+
+
+class Outage:
+    """Says once, not per host and attempt, that the server cannot be reached, and
+    again when it can."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.down = False
+
+    def failed(self, url: str, exc: BaseException) -> None:
+        """A connection attempt failed."""
+        if not self.down:
+            self.down = True
+            self.say(f"cannot reach {url} ({exc or type(exc).__name__}); retrying every 2 s")
+
+    def connected(self) -> None:
+        """A connection succeeded."""
+        if self.down:
+            self.down = False
+            self.say("connected again")
+
+
+async def run_host(
+    host: DemoHost, url: str, interval: float, stop: asyncio.Event, outage: Outage
+) -> None:
     """Keep one simulated agent connected, reporting until ``stop`` is set."""
     while not stop.is_set():
         try:
             async with websockets.connect(
                 url, additional_headers={"Authorization": f"Bearer {host.token}"}
             ) as ws:
+                outage.connected()
                 await ws.send(json.dumps({"type": "hello", "data": host.facts()}))
                 await asyncio.gather(_report(ws, host, interval, stop), _answer(ws, stop))
-        except (OSError, websockets.WebSocketException):
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 4001:
+                raise TokenRefused(host.hostname) from exc
+            outage.failed(url, exc)
+            await asyncio.sleep(2)
+        except websockets.InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                raise TokenRefused(host.hostname) from exc
+            outage.failed(url, exc)
+            await asyncio.sleep(2)
+        except (OSError, websockets.WebSocketException) as exc:
+            outage.failed(url, exc)
             await asyncio.sleep(2)
 
 
@@ -142,6 +184,21 @@ async def _answer(ws: Any, stop: asyncio.Event) -> None:
             return
 
 
+def _check_server(server: str) -> None:
+    """Refuse to start when nothing answers at ``server``: the demo would stream nowhere."""
+    try:
+        with urllib.request.urlopen(f"{server}/healthz", timeout=5):  # noqa: S310  # http(s) only
+            pass
+    except urllib.error.HTTPError:
+        return  # something answers; the agents' endpoint will tell the rest
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CommandError(
+            f"--server: nothing answers at {server} ({reason}); start the server first "
+            "(scripts/serve) or pass its URL with --server"
+        ) from None
+
+
 class Command(BaseCommand):
     """Enroll demo hosts and run a simulated agent for each until stopped."""
 
@@ -178,12 +235,20 @@ class Command(BaseCommand):
         if not server.startswith(("http://", "https://")):
             raise CommandError("--server must be an http:// or https:// URL")
         url = "ws" + server[len("http") :] + "/ws/agent"
+        _check_server(server)
         rng = random.Random(options["seed"])
         fleet = [self._enroll(i, rng) for i in range(1, options["hosts"] + 1)]
         self.stdout.write(
             f"Streaming metrics from {len(fleet)} demo hosts to {url} (Ctrl-C to stop)"
         )
-        asyncio.run(self._run(fleet, url, options["interval"], options["duration"]))
+        try:
+            asyncio.run(self._run(fleet, url, options["interval"], options["duration"]))
+        except TokenRefused as exc:
+            raise CommandError(
+                f"the server at {server} refused the token of {exc}: it is not using the "
+                "database this command enrolled the demo hosts in (run both with the same "
+                "DATABASE_URL and SYSMANAGE_VAR_DIR)"
+            ) from None
 
     def _enroll(self, index: int, rng: random.Random) -> DemoHost:
         role, os_name, os_version = ROLES[(index - 1) % len(ROLES)]
@@ -200,4 +265,5 @@ class Command(BaseCommand):
             loop.add_signal_handler(sig, stop.set)
         if duration:
             loop.call_later(duration, stop.set)
-        await asyncio.gather(*(run_host(h, url, interval, stop) for h in fleet))
+        outage = Outage(lambda line: self.stderr.write(line))
+        await asyncio.gather(*(run_host(h, url, interval, stop, outage) for h in fleet))

@@ -260,9 +260,22 @@ function showResult(entry, result) {
     entry.badge.className = "badge status-error";
     entry.body.append(el("p", { className: "error-text" }, `The command could not be run: ${result.error}`));
   } else if (result.error) entry.body.append(el("p", { className: "error-text" }, result.error));
-  if (result.stdout) entry.body.append(el("p", { className: "output-label" }, "Output"), el("pre", { className: "output" }, result.stdout));
-  if (result.stderr) entry.body.append(el("p", { className: "output-label" }, "Errors"), el("pre", { className: "output output-stderr" }, result.stderr));
+  if (result.stdout) entry.body.append(el("p", { className: "output-label" }, "Output"), el("pre", { className: "output" }, result.stdout), ...cutNote(result, "stdout"));
+  if (result.stderr) entry.body.append(el("p", { className: "output-label" }, "Errors"), el("pre", { className: "output output-stderr" }, result.stderr), ...cutNote(result, "stderr"));
   if (result.status === "completed" && !result.stdout && !result.stderr) entry.body.append(el("p", { className: "muted" }, "No output."));
+}
+
+/**
+ * A note under an output that the agent or the server cut, with its whole size when known.
+ * @param {JsonObject} result
+ * @param {"stdout"|"stderr"} name
+ * @returns {HTMLElement[]}
+ */
+function cutNote(result, name) {
+  if (result[`${name}_truncated`] !== true) return [];
+  const size = result[`${name}_bytes`];
+  const whole = typeof size === "number" ? ` of ${formatNumber(size, 0)} bytes` : "";
+  return [el("p", { className: "muted" }, `Only the start${whole} is kept.`)];
 }
 
 /** Errors after which the command may still run: its result can still arrive as an event. */

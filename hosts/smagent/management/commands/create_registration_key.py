@@ -64,7 +64,8 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         self.stderr.write(
             f"Created registration key {key.name}. Put it in each agent's "
-            "/etc/sysmanage-agent.yaml as server.registration_key; it is shown "
+            "/etc/sysmanage-agent.yaml under security: as registration_key (the agent "
+            "reads security.registration_key), then restart the agent; the key is shown "
             "only now."
         )
         self.stdout.write(json.dumps({"id": str(key.id), "key": secret}))
