@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from channels.db import database_sync_to_async
-
 from alerts import services
 from alerts.models import Alert
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
 

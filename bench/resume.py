@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -63,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import free_port  # bench/ is on sys.path when run
+from _common import MachineWindow, Target, free_port, print_targets  # bench/ is on sys.path
 from fanout import (
     BenchError,
     Child,
@@ -94,6 +95,17 @@ get_user_model().objects.create_user(
     is_superuser=True)
 hosts = [host_create(hostname=f"bench-{n:02d}") for n in range(int(os.environ["BENCH_HOSTS"]))]
 print("HOSTS " + json.dumps([[str(h.id), h.hostname] for h in hosts]))
+"""
+
+#: Signs the benchmark's user in N times (``--refresh``): one pair of tokens per client.
+MINT_SCRIPT = """
+import json, os
+from django.contrib.auth import get_user_model
+from sysmanage.credentials import FingerprintedRefreshToken
+user = get_user_model().objects.get(username="bench")
+count = int(os.environ["BENCH_SIGN_INS"])
+tokens = [FingerprintedRefreshToken.for_user(user) for _ in range(count)]
+print("TOKENS " + json.dumps([[str(t.access_token), str(t)] for t in tokens]))
 """
 
 #: The channels a client subscribes to, in this order (``--channels`` takes the first).
@@ -132,6 +144,33 @@ def spread(values: list[float]) -> dict[str, float | int | None]:
 def backoff(attempt: int, low: float, high: float) -> float:
     """The browser client's reconnection delay (``backoffDelay``): full jitter."""
     return random.random() * min(high, low * float(2 ** min(attempt, 30)))
+
+
+async def post_json(
+    host: str, port: int, path: str, body: dict[str, Any], timeout: float
+) -> tuple[int, dict[str, Any]]:
+    """One HTTP/1.1 ``POST`` of a JSON body on a connection of its own: the status and
+    the JSON answer (a lean client: thousands of them share the clients' process)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            data = json.dumps(body).encode()
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + data
+            )
+            raw = await reader.read(-1)
+        finally:
+            writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        answer = json.loads(payload) if payload.strip() else {}
+    except ValueError:
+        answer = {}
+    return status, answer if isinstance(answer, dict) else {}
 
 
 # -- publisher ------------------------------------------------------------------------------
@@ -343,6 +382,16 @@ class Peer:
         self.refusals = 0
         self.errors: list[str] = []
         self.resuming = False
+        #: with ``--refresh``: the client's own sign-in, refreshed before it reconnects
+        self.access = ""
+        self.refresh = ""
+        self.refreshed_at: float | None = None
+        self.refresh_answers: dict[str, int] = {}
+        self.logged_out = False
+        #: attempts that reached the server but did not end subscribed (not counting
+        #: connections refused while no process listened)
+        self.handshakes_dropped = 0
+        self.drop_kinds: dict[str, int] = {}
 
     # messages
 
@@ -438,10 +487,54 @@ class Peer:
                     refused.append(stream)
         return refused
 
+    def url(self, url: str) -> str:
+        """``url`` with the client's own access token, when it has one."""
+        return f"{url.split('?', 1)[0]}?token={self.access}" if self.access else url
+
+    async def refresh_token(self) -> bool:
+        """``POST /api/token/refresh/`` with the client's refresh token until answered
+        200 (retried with the same token, after the back-off, on anything but 401);
+        False when the server says the token is no good: the user is logged out."""
+        args = self.crowd.args
+        base = urllib.parse.urlsplit(args.resume_url)
+        for attempt in itertools.count():
+            try:
+                status, body = await post_json(
+                    base.hostname or LOOPBACK,
+                    base.port or 80,
+                    "/api/token/refresh/",
+                    {"refresh": self.refresh},
+                    args.connect_timeout,
+                )
+            except ConnectionRefusedError:
+                status, body = -1, {}
+            except (OSError, TimeoutError, ValueError):
+                status, body = 0, {}
+            key = {-1: "nothing listening", 0: "no answer"}.get(status, str(status))
+            self.refresh_answers[key] = self.refresh_answers.get(key, 0) + 1
+            if status == 200:
+                self.access, self.refresh = str(body["access"]), str(body["refresh"])
+                self.refreshed_at = time.time()
+                return True
+            if status == 401:
+                self.logged_out = True
+                return False
+            await asyncio.sleep(backoff(attempt, args.min_delay, args.max_delay))
+        return False
+
+    def dropped(self, exc: BaseException, when: str) -> None:
+        """Count an attempt that reached the server and failed, by kind."""
+        self.handshakes_dropped += 1
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        close = getattr(getattr(exc, "rcvd", None), "code", None)
+        kind = f"{when}: {type(exc).__name__}" + (f" {status}" if status else "")
+        kind += f" close {close}" if close else ""
+        self.drop_kinds[kind] = self.drop_kinds.get(kind, 0) + 1
+
     async def open(self, url: str) -> ClientConnection:
         """Open a socket to ``url`` (bounded by ``--connect-timeout``)."""
         return await connect(
-            url,
+            self.url(url),
             compression=None,
             proxy=None,
             open_timeout=self.crowd.args.connect_timeout,
@@ -477,10 +570,16 @@ class Peer:
         while not self.crowd.finishing:
             await asyncio.sleep(backoff(attempt, args.min_delay, args.max_delay))
             attempt += 1
+            if args.refresh and self.refreshed_at is None and not await self.refresh_token():
+                return  # logged out
             try:
                 conn = self.conn = await self.open(url)
-            except (OSError, InvalidHandshake, TimeoutError):
+            except ConnectionRefusedError:
+                self.failed_attempts += 1  # nothing listens yet
+                continue
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
                 self.failed_attempts += 1
+                self.dropped(exc, "opening")
                 continue
             self.connected_at = time.time()
             reader = asyncio.create_task(self.pump(conn))
@@ -494,8 +593,9 @@ class Peer:
                         break
                     self.refusals += len(todo)
                     await asyncio.sleep(backoff(retry, args.min_delay, args.max_delay))
-            except (ConnectionError, ConnectionClosed, TimeoutError):
+            except (ConnectionError, ConnectionClosed, TimeoutError) as exc:
                 self.failed_attempts += 1
+                self.dropped(exc, "subscribing")
                 await conn.close()
                 await reader
                 continue
@@ -523,6 +623,10 @@ class Crowd:
             else {}
         )
         self.host_of = {c.name: hosts[i % len(hosts)] for i, c in enumerate(self.clients)}
+        if args.tokens_file:
+            pairs = json.loads(Path(args.tokens_file).read_text())
+            for client, (access, refresh) in zip(self.clients, pairs, strict=True):
+                client.access, client.refresh = access, refresh
         self.finishing = False
         self.resumed = 0
         self.all_resumed = asyncio.Event()
@@ -625,6 +729,11 @@ class Crowd:
             "other_messages": self.other_messages,
             "observers": len(self.observers),
             "observers_lost": observers_lost,
+            "refreshed": after([c.refreshed_at for c in clients]),
+            "refresh_answers": tally(c.refresh_answers for c in clients),
+            "logged_out": sum(1 for c in clients if c.logged_out),
+            "handshakes_dropped": sum(c.handshakes_dropped for c in clients),
+            "drop_kinds": tally(c.drop_kinds for c in clients),
             "check": check,
         }
 
@@ -689,6 +798,15 @@ class Crowd:
         }
 
 
+def tally(counts: Iterator[dict[str, int]]) -> dict[str, int]:
+    """The sum of several counts by key."""
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 async def clients_main(args: argparse.Namespace) -> None:
     """The client process (see :class:`Crowd`)."""
     await Crowd(args).run()
@@ -707,6 +825,8 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    #: the checkout whose server runs (``--server-root``)
+    root: Path = REPO
 
     @property
     def http(self) -> str:
@@ -735,7 +855,7 @@ class Server:
                     str(self.port),
                     "sysmanage.asgi:application",
                 ],
-                cwd=REPO,
+                cwd=self.root,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -827,7 +947,7 @@ class Bench:
                 "WS_MAX_SOCKETS_PER_USER": "0",
                 "HOST_OFFLINE_AFTER_SECONDS": "86400",
                 "LOG_LEVEL": "WARNING",
-                "PYTHONPATH": str(REPO),
+                "PYTHONPATH": str(self.options.server_root),
                 "PYTHONUNBUFFERED": "1",
                 "BENCH_PASSWORD": self.password,
                 "BENCH_HOSTS": str(self.options.hosts),
@@ -841,13 +961,19 @@ class Bench:
 
     def seed(self, kind: str, env: dict[str, str]) -> None:
         """Migrate the database of ``env`` and create the user and hosts."""
-        manage = [PYTHON, str(REPO / "manage.py")]
+        manage = [PYTHON, str(self.options.server_root / "manage.py")]
         for command in (
             [*manage, "migrate", "--noinput", "-v", "0"],
             [*manage, "shell", "-c", SEED_SCRIPT],
         ):
             done = subprocess.run(
-                command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+                command,
+                cwd=self.options.server_root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
             )
             if done.returncode != 0:
                 raise BenchError(f"{' '.join(command[1:3])} failed:\n{done.stderr[-3000:]}")
@@ -856,6 +982,23 @@ class Bench:
                 self.hosts[kind] = [(h, name) for h, name in json.loads(line[6:])]
         if kind not in self.hosts:
             raise BenchError(f"seeding printed no hosts:\n{done.stdout}")
+
+    def mint(self, env: dict[str, str], path: Path) -> None:
+        """Sign the user in once per client; write the pairs of tokens to ``path``."""
+        done = subprocess.run(
+            [PYTHON, str(self.options.server_root / "manage.py"), "shell", "-c", MINT_SCRIPT],
+            cwd=self.options.server_root,
+            env={**env, "BENCH_SIGN_INS": str(self.options.clients)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        for line in done.stdout.splitlines():
+            if line.startswith("TOKENS "):
+                path.write_text(line[7:])
+                return
+        raise BenchError(f"minting tokens failed:\n{done.stderr[-3000:]}")
 
     def postgres_url(self) -> str:
         """A fresh database on the PostgreSQL server (created once per run)."""
@@ -935,8 +1078,11 @@ class Bench:
             if "postgres" not in self.hosts:
                 self.seed("postgres", env)
             hosts = self.hosts["postgres"]
-        a = Server(f"{variant}-a", env, self.workdir)
-        b = None if single else Server(f"{variant}-b", env, self.workdir)
+        tokens = self.workdir / f"{variant}-tokens.json"
+        if options.refresh:
+            self.mint(env, tokens)
+        a = Server(f"{variant}-a", env, self.workdir, root=options.server_root)
+        b = None if single else Server(f"{variant}-b", env, self.workdir, root=options.server_root)
         servers = [s for s in (a, b) if s is not None]
         children: list[Child] = []
         profilers: list[subprocess.Popen[bytes] | None] = []
@@ -982,6 +1128,7 @@ class Bench:
                     str(options.connect_concurrency),
                     "--drain",
                     str(options.drain),
+                    *(["--refresh", "--tokens-file", str(tokens)] if options.refresh else []),
                 ],
                 REPO,
                 env,
@@ -1032,6 +1179,7 @@ class Bench:
             if b is not None and variant == "other":
                 profilers.append(self.profile(b.pid, variant))
             cpu = CpuWindow(watched)
+            machine = MachineWindow()
             killed_at = time.time()
             a.kill()
             a.start()
@@ -1043,6 +1191,7 @@ class Bench:
             a_ready = time.time() - killed_at
             a_startup = cpu_seconds(restarted_a)
             resumed = crowd.expect("RESUMED", options.resume_timeout + 30)
+            machine_report = machine.report()
             window = time.time() - killed_at
             usage = cpu.percentages()
             a_used = cpu_seconds(restarted_a)
@@ -1075,8 +1224,15 @@ class Bench:
                     stop_process(profiler)
             for server in servers:
                 server.stop()
+        logs = "".join(
+            path.read_text(errors="replace") for path in self.workdir.glob(f"{variant}-[ab]-*.log")
+        )
         result.update(
             variant=variant,
+            machine=machine_report,
+            database_locked=logs.count("database is locked"),
+            tracebacks=logs.count("Traceback"),
+            db_threads=os.environ.get("DB_THREADS", "default"),
             jitter=f"full jitter, first delay uniform in [0, {options.min_delay:g}) s, "
             f"doubling per failed attempt up to {options.max_delay:g} s",
             a_serving_after=round(a_ready, 3),
@@ -1153,6 +1309,19 @@ def summary(result: dict[str, Any]) -> Iterator[str]:
         )
         for example in check["examples"]:
             yield f"    {example}"
+    if result["refreshed"]["count"]:
+        refreshed = result["refreshed"]
+        yield (
+            f"  token refreshed: {refreshed['count']} clients, p50 {refreshed['p50']} s, "
+            f"p99 {refreshed['p99']} s, max {refreshed['max']} s after the kill; answers "
+            f"{result['refresh_answers']}; logged out {result['logged_out']}"
+        )
+    yield (
+        f"  handshakes dropped (reached the server, did not end subscribed) "
+        f"{result['handshakes_dropped']} {result['drop_kinds']}; server logs: 'database is locked' "
+        f"{result['database_locked']}, tracebacks {result['tracebacks']}; "
+        f"DB_THREADS {result['db_threads']}"
+    )
     if result["errors"]:
         yield f"  errors received: {result['errors']}"
     yield (
@@ -1165,8 +1334,25 @@ def summary(result: dict[str, Any]) -> Iterator[str]:
         f"{result['serving_cpu_s']} s, {result['serving_cpu_ms_per_client']} ms per client; "
         f"restarted A's start-up: {result['a_startup_cpu_s']} s"
     )
+    yield f"  {result['machine']}"
     yield f"  before: {result['load_before']}"
     yield f"  after:  {result['load_after']}"
+
+
+def targets(result: dict[str, Any], limit: float) -> list[Target]:
+    """The storm's targets: every client back within ``limit`` s of the kill, no server
+    error, nobody logged out, no handshake dropped, SQLite never "locked"."""
+    n = result["clients"]
+    resumed = result["resumed"]
+    back = resumed["max"] if resumed["count"] == n and resumed["max"] is not None else 1e9
+    answers = result["refresh_answers"]
+    return [
+        Target(f"{result['variant']}: all {n} back (resumed) after the kill", back, limit, " s"),
+        Target("HTTP 500 answers to refreshes", answers.get("500", 0), 0),
+        Target("clients logged out", result["logged_out"], 0),
+        Target("handshakes dropped", result["handshakes_dropped"], 0),
+        Target('"database is locked" in the server logs', result["database_locked"], 0),
+    ]
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -1230,6 +1416,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record py-spy samples of the serving process from the kill until every "
         "client resumed, into DIR (collapsed stacks, one file per variant)",
     )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="every client has a sign-in of its own and, after losing its socket, "
+        "refreshes its token (POST /api/token/refresh/, retried with the same token) "
+        "before it reconnects with the new access token",
+    )
+    parser.add_argument(
+        "--target-seconds",
+        type=float,
+        default=30.0,
+        help="with --refresh: every client must be back within this long of the kill",
+    )
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=REPO,
+        help="run the server (and seed its database) from this checkout, e.g. a worktree "
+        "of an earlier revision to compare with",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     # set by the orchestrator for its roles
     parser.add_argument("--host-ids", default="")
@@ -1240,6 +1446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token", default="")
     parser.add_argument("--hosts-json", dest="hosts_json", default="")
+    parser.add_argument("--tokens-file", default="")
     return parser.parse_args(argv)
 
 
@@ -1267,6 +1474,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench.run(variant))
             for line in summary(results[-1]):
                 print(line, flush=True)
+            if options.refresh:
+                print_targets(targets(results[-1], options.target_seconds))
     except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"benchmark stopped: {exc}", file=sys.stderr)
         status = 1

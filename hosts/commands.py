@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from hosts import delivery, selectors, services
@@ -33,6 +32,7 @@ from hosts.models import (
 )
 from sysmanage import permissions
 from sysmanage.commands import CommandContext
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
 from sysmanage.node import Node
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope

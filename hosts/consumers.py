@@ -14,7 +14,6 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
@@ -25,6 +24,7 @@ from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_
 from sysmanage import dbgate, metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import publish_control_now
 from sysmanage.node import running_hub
 from sysmanage.oversized import Oversized

@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from channels.auth import UserLazyObject, get_user
-from channels.db import database_sync_to_async
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -38,6 +37,7 @@ from sysmanage.credentials import (
     fingerprint,
     fingerprint_matches,
 )
+from sysmanage.dbthreads import database_sync_to_async
 
 if TYPE_CHECKING:
     from sysmanage.models import User

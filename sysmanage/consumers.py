@@ -21,7 +21,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from sysmanage import admission, commands, dbgate, permissions
@@ -33,6 +32,7 @@ from sysmanage.auth import (
     warning_lead,
 )
 from sysmanage.connection import Connection
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import running_hub
 from sysmanage.protocol import (
     ClientMessage,

@@ -17,11 +17,11 @@ import time
 import weakref
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
 from sysmanage import dbgate
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import Event, publish_now
 from sysmanage.node import Node
 from sysmanage.topics import NOBODY, TOPICS, snapshot_provider

@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, cast
 
 from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from sysmanage import control, dbgate, metrics, periodic, streams
 from sysmanage.control import ControlMessage
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
 from sysmanage.protocol import StreamPosition, iso
 from sysmanage.streams import Entry, History, MemoryStreams, Recent, RedisStreams
@@ -120,6 +120,8 @@ class Node:
         # the layer hands over is checked as it is handled, so it is not typed here.
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
+        #: background jobs run one at a time, in the order they were handed over
+        self._background = asyncio.Lock()
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
         #: the publisher waits for messages, none queued (see enqueue_publish)
@@ -230,11 +232,13 @@ class Node:
         self.loop.call_soon_threadsafe(callback, *args, context=contextvars.Context())
 
     def run_in_background(self, job: Callable[..., object], *args: Any) -> None:
-        """Run blocking ``job(*args)`` in the database thread without awaiting it."""
+        """Run blocking ``job(*args)`` in a database thread without awaiting it, after
+        the jobs handed over before it (listeners run in publication order)."""
 
         async def run() -> None:
             try:
-                await database_sync_to_async(job)(*args)
+                async with self._background:
+                    await database_sync_to_async(job)(*args)
             except Exception:
                 dbgate.log_exception(
                     logger, "background job %s failed", getattr(job, "__name__", job)

@@ -17,9 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
-from channels.db import database_sync_to_async
-
 from sysmanage import dbgate
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
 
 logger = logging.getLogger(__name__)

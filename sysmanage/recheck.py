@@ -26,13 +26,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from channels.db import database_sync_to_async
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.utils.crypto import constant_time_compare
 
 from sysmanage import dbgate, permissions, selectors
 from sysmanage.control import RecheckUsers
 from sysmanage.credentials import fingerprint
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.protocol import CloseCode, ServerMessage, auth_failed_envelope
 
 if TYPE_CHECKING:

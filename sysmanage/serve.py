@@ -315,6 +315,16 @@ for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
 
 
+#: Seconds a WebSocket handshake may wait for the application to accept it
+#: (``--websocket_connect_timeout``).  Daphne's default, 5 s, refused (403) every socket
+#: whose authentication queued longer in a reconnect storm; each client then retried
+#: after a longer back-off, and the storm lasted minutes instead of seconds.
+HANDSHAKE_TIMEOUT = 60
+
+#: Connections the kernel may hold for the server before it accepts them (capped by the
+#: system's ``net.core.somaxconn``).
+LISTEN_BACKLOG = 4096
+
 access_log = logging.getLogger("sysmanage.access")
 
 
@@ -327,6 +337,17 @@ def _json_logs() -> bool:
 class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type information
     """Daphne's server, redacting the path of each access-log entry, with lean
     WebSocket connections (:class:`Inbox`, :class:`LeanWebSocketProtocol`)."""
+
+    endpoints: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted listens with a backlog of 50: thousands of agents reconnecting at once
+        # after a restart overflowed it, and each dropped SYN cost its sender 1-3 s.
+        self.endpoints = [
+            f"{e}:backlog={LISTEN_BACKLOG}" if e.startswith("tcp:") and "backlog=" not in e else e
+            for e in self.endpoints
+        ]
 
     @property
     def ws_factory(self) -> Any:
@@ -437,9 +458,14 @@ def use_lean_reads(installed: Any) -> bool:
 
 
 class RedactingCommandLineInterface(CommandLineInterface):  # type: ignore[misc]  # as above
-    """Daphne's command line, serving with :class:`RedactingServer`."""
+    """Daphne's command line, serving with :class:`RedactingServer`, and giving a
+    connecting socket :data:`HANDSHAKE_TIMEOUT` seconds rather than 5 by default."""
 
     server_class = RedactingServer
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser.set_defaults(websocket_connect_timeout=HANDSHAKE_TIMEOUT)
 
 
 def main(argv: list[str] | None = None) -> None:

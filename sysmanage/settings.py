@@ -174,9 +174,9 @@ TEMPLATES = [
 # DATABASE_URL takes any URL of the usual form (postgres://..., sqlite:///path).
 # Without it the server keeps a SQLite file under var/.
 DATABASE_URL = env("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sysmanage.sqlite3'}")
-# Keep database connections open between requests and socket messages: Daphne runs every
-# database call of a process in one thread, and opening a connection per call cost
-# more than the queries themselves under agent load (docs/benchmarks.md).
+# Keep database connections open between requests and socket messages: the database
+# threads (DB_THREADS) run every call of the sockets, and opening a connection per call
+# cost more than the queries themselves under agent load (docs/benchmarks.md).
 try:
     DATABASES = {
         "default": dj_database_url.parse(
@@ -189,6 +189,10 @@ except ValueError as _exc:  # dj_database_url.UnknownSchemeError among them
         f"DATABASE_URL: unknown kind of database {_scheme!r}; use postgres://USER@HOST:PORT/NAME "
         "or sqlite:////absolute/path"
     ) from _exc
+# Threads that run the database calls of sockets, periodic jobs and the token refresh in
+# each process (sysmanage/dbthreads.py); one connection each.  SQLite always uses 1: it
+# allows one writer at a time.
+DB_THREADS = env_int("DB_THREADS", 4)
 # How long a request waits for a pooled PostgreSQL connection before it is answered 503.
 DB_POOL_TIMEOUT = env_int("DB_POOL_TIMEOUT", 20)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":

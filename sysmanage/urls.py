@@ -24,6 +24,7 @@ from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
 from sysmanage import dbgate, plugins
+from sysmanage.dbthreads import in_database_threads
 from sysmanage.metrics import metrics_view
 from sysmanage.middleware import reported_elsewhere
 from sysmanage.node import Node
@@ -109,7 +110,13 @@ urlpatterns = [
     path("logout/", LogoutView.as_view(next_page="login"), name="logout"),
     path("admin/", admin.site.urls),
     path("api/token/", LoginTokenView.as_view(), name="token_obtain_pair"),
-    path("api/token/refresh/", RefreshTokenView.as_view(), name="token_refresh"),
+    # In the database threads: a storm of refreshes queues there instead of making a
+    # thread and a connection each (sysmanage/dbthreads.py).
+    path(
+        "api/token/refresh/",
+        in_database_threads(RefreshTokenView.as_view()),
+        name="token_refresh",
+    ),
     path("api/token/logout/", LogoutTokenView.as_view(), name="token_logout"),
     # Routes of the apps that plug in (sysmanage.plugins).
     *(path("", include(module)) for module in plugins.url_modules()),

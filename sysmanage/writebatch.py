@@ -21,9 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from channels.db import database_sync_to_async
-
 from sysmanage import dbgate
+from sysmanage.dbthreads import database_sync_to_async
 
 logger = logging.getLogger(__name__)
 

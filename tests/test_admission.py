@@ -7,12 +7,12 @@ import runpy
 from pathlib import Path
 
 import pytest
-from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from sysmanage import admission, consumers
 from sysmanage.admission import AuthFailures, address_key
 from sysmanage.asgi import application
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import expect_close, request
 
 SETTINGS_FILE = Path(__file__).resolve().parents[1] / "sysmanage" / "settings.py"

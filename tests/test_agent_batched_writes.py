@@ -10,7 +10,6 @@ import types
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from channels.db import database_sync_to_async
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -19,6 +18,7 @@ from django.utils import timezone
 from hosts import consumers, services
 from hosts.events import HostMetricsReported
 from hosts.models import Host, MetricSample
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.writebatch import WriteBatch
 from tests.test_agent_consumer import METRICS, agent_socket, hello
 

@@ -6,12 +6,12 @@ import asyncio
 import json
 
 import pytest
-from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from hosts import agent_protocol, consumers, services
 from hosts.models import CommandExecution, ExecutionStatus, Host, MetricSample, OperationStatus
 from sysmanage.asgi import application
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import expect_close, next_event, open_socket, request, subscribe
 
 pytestmark = pytest.mark.django_db(transaction=True)

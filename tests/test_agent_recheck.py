@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from channels.db import database_sync_to_async
 
 from hosts import maintenance, services
 from hosts.models import CommandExecution, Host
+from sysmanage.dbthreads import database_sync_to_async
 from tests.test_agent_consumer import agent_socket, hello, next_of
 from tests.wsutil import expect_close
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from alerts import evaluation
 from alerts.models import Alert, AlertRule
 from alerts.rules import RuleEngine, RuleSpec
 from hosts import services as host_services
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import open_socket, request, subscribe_with_status
 
 DISK = RuleSpec(

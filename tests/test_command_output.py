@@ -5,12 +5,12 @@ The same rule in REST, on ``command_execution``, and in the admin."""
 from __future__ import annotations
 
 import pytest
-from channels.db import database_sync_to_async
 from rest_framework.test import APIClient
 
 from hosts import services as host_services
 from hosts.models import ExecutionStatus, OperationStatus
 from sysmanage import recheck
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
 from tests.wsutil import next_event, open_socket, subscribe

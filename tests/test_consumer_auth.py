@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from rest_framework_simplejwt.tokens import AccessToken
 
 from sysmanage.asgi import application
 from sysmanage.credentials import FingerprintedAccessToken
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import expect_close, open_socket, request
 
 pytestmark = pytest.mark.django_db(transaction=True)

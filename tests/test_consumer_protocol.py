@@ -7,12 +7,12 @@ import json
 import uuid
 
 import pytest
-from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from alerts import services as alert_services
 from hosts import services as host_services
 from hosts.models import CommandExecution, ExecutionStatus, HostStatus
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import (
     expect_close,
     next_event,

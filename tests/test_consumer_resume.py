@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from channels.db import database_sync_to_async
 
 from alerts import services as alert_services
 from hosts import services as host_services
 from hosts.models import HostStatus
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import next_event, open_socket, request, subscribe
 
 pytestmark = pytest.mark.django_db(transaction=True)

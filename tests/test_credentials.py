@@ -4,7 +4,6 @@ made, voids every token; changes the signals see also blacklist the refresh toke
 from __future__ import annotations
 
 import pytest
-from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from rest_framework.test import APIClient
@@ -12,6 +11,7 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from sysmanage.credentials import FINGERPRINT_CLAIM, REVOKED_MESSAGE, fingerprint
+from sysmanage.dbthreads import database_sync_to_async
 from tests.conftest import PASSWORD
 from tests.wsutil import expect_close, open_socket, request
 

@@ -9,7 +9,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, Permission
@@ -19,6 +18,7 @@ from django.utils import timezone
 
 from sysmanage import recheck, selectors
 from sysmanage.control import RecheckUsers
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
 from tests.wsutil import expect_close, open_socket, request, subscribe

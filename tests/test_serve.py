@@ -21,9 +21,12 @@ from twisted.internet.testing import StringTransport
 from sysmanage.oversized import KEEP_BYTES, SKIP_OVERSIZED
 from sysmanage.serve import (
     HANDSHAKE_ONLY,
+    HANDSHAKE_TIMEOUT,
+    LISTEN_BACKLOG,
     Inbox,
     LeanWebSocketProtocol,
     OpenedRequest,
+    RedactingCommandLineInterface,
     RedactingServer,
 )
 
@@ -262,6 +265,29 @@ async def test_an_open_connection_keeps_nothing_of_its_handshake():
         assert served.transport.value().endswith(b"hello")
     finally:
         served.stop()
+
+
+def test_the_server_listens_with_a_backlog_for_a_reconnect_storm():
+    """Twisted's default backlog (50) overflowed when thousands of agents reconnected at
+    once after a restart: each dropped SYN cost its sender a retransmission (1-3 s)."""
+    server = RedactingServer(None, endpoints=["tcp:port=0:interface=127.0.0.1", "unix:/x"])
+    assert server.endpoints == [
+        f"tcp:port=0:interface=127.0.0.1:backlog={LISTEN_BACKLOG}",
+        "unix:/x",
+    ]
+    explicit = RedactingServer(None, endpoints=["tcp:port=0:backlog=10"])
+    assert explicit.endpoints == ["tcp:port=0:backlog=10"]
+
+
+def test_a_handshake_may_wait_for_its_authentication_in_a_storm():
+    """Daphne refuses a handshake not accepted within 5 s: in a reconnect storm that
+    dropped thousands of sockets whose authentication was queued."""
+    args = RedactingCommandLineInterface().parser.parse_args(["sysmanage.asgi:application"])
+    assert args.websocket_connect_timeout == HANDSHAKE_TIMEOUT >= 30
+    chosen = RedactingCommandLineInterface().parser.parse_args(
+        ["--websocket_connect_timeout", "7", "sysmanage.asgi:application"]
+    )
+    assert chosen.websocket_connect_timeout == 7
 
 
 # -- messages over the limit -----------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from channels.db import database_sync_to_async
 
 from alerts import services as alert_services
 from alerts.selectors import alert_snapshot
@@ -16,6 +15,7 @@ from hosts.models import ExecutionStatus, OperationStatus
 from hosts.selectors import command_snapshot, operation_snapshot
 from sysmanage import permissions
 from sysmanage.audit import Actor
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.topics import NOBODY, TOPICS, Viewer, snapshot_provider
 from tests.wsutil import next_event, open_socket, subscribe, subscribe_with_status
 

@@ -12,7 +12,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import IntegrityError
 from django.utils import timezone
@@ -36,6 +35,7 @@ from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError
 from sysmanage.asgi import application
+from sysmanage.dbthreads import database_sync_to_async
 from tests.wsutil import expect_close
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.test import Client
@@ -25,6 +24,7 @@ from sysmanage.credentials import (
     FingerprintedAccessToken,
     FingerprintedRefreshToken,
 )
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from sysmanage.protocol import MAX_TOKEN_LENGTH
 from sysmanage.services import token_session_tag

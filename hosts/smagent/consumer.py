@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from hosts import services
@@ -28,6 +27,7 @@ from hosts.smagent.protocol import AgentProtocolError, ErrorMessage, ErrorType, 
 from hosts.smagent.session import AgentSession, AwaitingApproval
 from sysmanage import dbgate
 from sysmanage.connection import Connection
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import running_hub
 from sysmanage.oversized import Oversized
 from sysmanage.protocol import CloseCode

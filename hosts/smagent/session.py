@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
@@ -32,6 +31,7 @@ from hosts.smagent.protocol import (
     ServerMessage,
 )
 from sysmanage import metrics
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import publish_control_now
 
 logger = logging.getLogger(__name__)

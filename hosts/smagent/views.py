@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import OperationalError
 from django.http import HttpRequest, JsonResponse
@@ -31,6 +30,7 @@ from hosts.smagent.enrollment import EnrollmentRefused, RegistrationRequest
 from hosts.smagent.protocol import AgentProtocolError, CommandMessage, ServerMessage
 from hosts.smagent.session import AgentSession
 from sysmanage import dbgate
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,13 +98,19 @@ def refresh_until_done(d: harness.Deployment, token: str) -> tuple[list[int], di
     return statuses, {}
 
 
-def hold_write_lock(path: str, taken: threading.Event, seconds: float) -> None:
-    """Take SQLite's write lock (as a long write of another process would) and hold it."""
+def hold_write_lock(
+    path: str, taken: threading.Event, seconds: float, until: Callable[[], bool] = lambda: True
+) -> None:
+    """Take SQLite's write lock (as a long write of another process would) and hold it
+    for ``seconds``, and then until ``until()`` (at most 30 s more)."""
     writer = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         writer.execute("BEGIN IMMEDIATE")
         taken.set()
         time.sleep(seconds)
+        deadline = time.monotonic() + 30
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.1)
         writer.execute("COMMIT")
     finally:
         writer.close()
@@ -115,7 +121,17 @@ def test_a_refresh_storm_is_answered_200_or_503_and_nobody_is_logged_out(refresh
     tokens = mint_refresh_tokens(d, STORM)
     log_from = d.server.log_size()
     taken = threading.Event()
-    holder = threading.Thread(target=hold_write_lock, args=(database_path(d), taken, LOCK_HOLD))
+    # held until a refresh was told to retry: the requests queue in the server's one
+    # database thread, so on a loaded machine the first may arrive late
+    holder = threading.Thread(
+        target=hold_write_lock,
+        args=(
+            database_path(d),
+            taken,
+            LOCK_HOLD,
+            lambda: "database busy" in d.server.log_since(log_from),
+        ),
+    )
     holder.start()
     assert taken.wait(10)
     start = threading.Barrier(STORM)
