@@ -520,6 +520,9 @@ class Bench:
             redis_seconds, redis_commands = redis_usage.used()
             usage["redis"] = round(100.0 * redis_seconds / cpu.span, 1)
             window = machine.report()
+            if path == "e2e":  # the agents' refusals, read once the window closed
+                pub.say("REPORT", {})
+                done.update(pub.expect("ERRORS", options.drain_timeout + 30))
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 children.append(Child(profiler, queue.Queue(), self.workdir / "py-spy.log"))
@@ -747,10 +750,15 @@ class Row:
             mean_bytes=result["mean_bytes"],
             server_cpu=usage.get("server", 0.0),
             loadgen_cpu=loadgen,
+            # server CPU seconds over the window / deliveries in it
             server_us_per_delivery=round(
-                usage.get("server", 0.0) * 1e4 / float(result["deliveries_per_s"]), 1
+                usage.get("server", 0.0)
+                * float(result["window_seconds"])
+                * 1e4
+                / int(result["received"]),
+                2,
             )
-            if float(result["deliveries_per_s"]) > 0
+            if int(result["received"]) > 0
             else None,
             other_cpu=max(
                 0.0,
@@ -1029,7 +1037,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--deliveries",
         type=int,
-        default=500_000,
+        default=1_000_000,
         help="deliveries per run: each run sends this many events times H/N",
     )
     parser.add_argument(
@@ -1056,7 +1064,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--saturation-rate",
         type=float,
-        default=5000.0,
+        default=20000.0,
         help="event rate of the saturation run, events/s",
     )
     parser.add_argument(

@@ -120,13 +120,13 @@ def test_agents_reach_subscribers_of_their_host_on_the_bare_server(tmp_path):
         assert subs.stdout.readline().startswith("READY")
         agents = subprocess.run(
             [*common[:2], "agents", *common[3:], "--rate", "400"],
-            input="GO {}\n",
+            input="GO {}\nREPORT {}\n",
             capture_output=True,
             text=True,
             timeout=30,
         )
-        done = json.loads(agents.stdout.split("DONE ", 1)[1])
-        assert done["errors"] == 0
+        done = json.loads(agents.stdout.split("DONE ", 1)[1].split("\n", 1)[0])
+        assert json.loads(agents.stdout.split("ERRORS ", 1)[1])["errors"] == 0
         out, _ = subs.communicate(f"PUBLISHED {json.dumps(done)}\n", timeout=30)
         result = json.loads(out.split("RESULT ", 1)[1])
         assert result["expected"] == 6 * 20
