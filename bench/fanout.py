@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -64,21 +65,31 @@ from typing import Any
 
 import psutil
 import redis
-from _common import reference_worktree  # bench/ is on sys.path when run
+from _common import (  # bench/ is on sys.path when run
+    MachineWindow,
+    Target,
+    print_targets,
+    reference_worktree,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
 
-#: Creates the benchmark's user and host in the fresh database; prints the host id.
+#: Creates the benchmark's user and enrolls its hosts in the fresh database; prints
+#: each host's id, name and agent token.
 SETUP_SCRIPT = """
-import os
+import json, os
 from django.contrib.auth import get_user_model
-from hosts.services import host_create
+from hosts.services import host_register
 get_user_model().objects.create_user(
     username="bench", password=os.environ["BENCH_PASSWORD"], is_staff=True)
-print("HOST_ID", host_create(hostname="bench-host").id)
+hosts = []
+for i in range(int(os.environ["BENCH_HOSTS"])):
+    host, token = host_register(hostname=f"bench-host-{i:03d}")
+    hosts.append({"host_id": str(host.id), "hostname": host.hostname, "token": token})
+print("HOSTS", json.dumps(hosts))
 """
 
 
@@ -125,6 +136,25 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def events_for(deliveries: int, subscribers: int, hosts: int) -> int:
+    """Events of a run that makes about ``deliveries`` deliveries: a multiple of
+    ``hosts`` (each host's agent sends as many), at least ten per host."""
+    per_host = max(10, round(deliveries / subscribers))
+    return per_host * hosts
+
+
+GC_PAUSE = re.compile(r"paused the process for ([\d.]+) ms")
+
+
+def gc_pauses(log: Path) -> list[float]:
+    """The collection pauses a server logged so far (``sysmanage.gcwatch``), ms."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [float(found) for found in GC_PAUSE.findall(text)]
 
 
 def wait_until_quiet(limit: float, wait: float) -> float:
@@ -228,7 +258,8 @@ class Build:
     root: Path
     revision: str
     env: dict[str, str]
-    host_id: str = ""
+    #: the JSON file listing the enrolled hosts (bench/loadgen.py ``--hosts-file``)
+    hosts_file: Path | None = None
 
 
 def git(*args: str) -> str:
@@ -276,6 +307,12 @@ class Bench:
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
             "BENCH_PASSWORD": self.password,
+            "BENCH_HOSTS": str(self.options.hosts),
+            # One agent per host sends every report of its host: above the per-agent
+            # rate limit at saturation, which the benchmark does not measure.
+            "AGENT_RATE_LIMIT_PER_SECOND": "1000000",
+            "AGENT_RATE_LIMIT_BURST": "1000000",
+            "GC_PAUSE_LOG_MS": str(self.options.gc_log_ms),
             "PYTHONUNBUFFERED": "1",
         }
         for name in (
@@ -297,12 +334,19 @@ class Bench:
         for build in self.builds.values():
             manage = [PYTHON, str(build.root / "manage.py")]
             self._run(build, [*manage, "migrate", "--noinput", "-v", "0"], timeout=300)
-            output = self._run(build, [*manage, "shell", "-c", SETUP_SCRIPT], timeout=120)
-            for line in output.splitlines():
-                if line.startswith("HOST_ID "):
-                    build.host_id = line.split()[1]
-            if not build.host_id:
-                raise BenchError(f"setup printed no host id:\n{output}")
+            output = self._run(build, [*manage, "shell", "-c", SETUP_SCRIPT], timeout=300)
+            hosts = next(
+                (json.loads(line[6:]) for line in output.splitlines() if line.startswith("HOSTS ")),
+                None,
+            )
+            if not hosts:
+                raise BenchError(f"setup printed no hosts:\n{output}")
+            build.hosts_file = self.workdir / f"{build.kind}-hosts.json"
+            build.hosts_file.write_text(json.dumps(hosts))
+            # The bare server takes an agent's token for its host id.
+            bare = [{**h, "token": h["host_id"]} for h in hosts]
+            (self.workdir / "bare-hosts.json").write_text(json.dumps(bare))
+            (self.workdir / "bare-1-hosts.json").write_text(json.dumps(bare[:1]))
 
     def _run(self, build: Build, command: list[str], timeout: float) -> str:
         done = subprocess.run(
@@ -382,29 +426,46 @@ class Bench:
 
     # -- one run --------------------------------------------------------------------------
 
-    def run(self, kind: str, label: str, subscribers: int, rate: float, round_: int = 1) -> Row:
+    def run(
+        self,
+        kind: str,
+        label: str,
+        subscribers: int,
+        rate: float,
+        round_: int = 1,
+        path: str = "e2e",
+        hosts: int | None = None,
+    ) -> Row:
         """Start a server, drive it with the load generator once, stop everything.
 
-        The load generator is the one of the server's own checkout: each version's
-        publisher sends events the way that version's servers receive them.
+        ``path`` is how events reach the server: ``e2e`` from agents on ``/ws/agent``,
+        ``inject`` straight into its channel streams (the bare server: ``/publish``).
+        ``hosts=1`` puts every subscriber on one host (the calibration run).
         """
         options = self.options
         build = self.build_for(kind)
+        hosts_file = self.hosts_file(kind, hosts == 1)
         server = self.start_server(kind)
         logs = self.workdir / f"{self.runs:02d}-{kind}"
-        deadline = options.connect_timeout + options.events / rate + options.drain_timeout + 120
-        common = [PYTHON, str(build.root / "bench" / "loadgen.py")]
+        hosts = hosts or options.hosts
+        events = events_for(options.deliveries, subscribers, hosts)
+        deadline = options.connect_timeout + events / rate + options.drain_timeout + 120
+        loadgen = [PYTHON, str(BENCH / "loadgen.py")]
         shared = [
             "--mode",
             "bare" if kind == "bare" else "real",
             "--url",
             server.url,
             "--events",
-            str(options.events),
-            "--host-id",
-            build.host_id,
+            str(events),
+            "--hosts-file",
+            str(hosts_file),
             "--deadline",
             str(deadline),
+            "--connect-timeout",
+            str(options.connect_timeout),
+            "--drain-timeout",
+            str(options.drain_timeout),
         ]
         server_ps = psutil.Process(server.proc.pid)
         children: list[Child] = []
@@ -413,7 +474,7 @@ class Bench:
             rss_before = server_ps.memory_info().rss
             subs = Child.spawn(
                 [
-                    *common,
+                    *loadgen,
                     "subscribe",
                     *shared,
                     "--subscribers",
@@ -422,10 +483,6 @@ class Bench:
                     options.client,
                     "--token",
                     server.token,
-                    "--connect-timeout",
-                    str(options.connect_timeout),
-                    "--drain-timeout",
-                    str(options.drain_timeout),
                 ],
                 build.root,
                 build.env,
@@ -433,17 +490,20 @@ class Bench:
             )
             children.append(subs)
             subs.expect("READY", options.connect_timeout + 30)
-            time.sleep(options.settle)
-            rss_after = server_ps.memory_info().rss
+            role = "agents" if path == "e2e" else "publish"
             pub = Child.spawn(
-                [*common, "publish", *shared, "--rate", str(rate)],
+                [*loadgen, role, *shared, "--rate", str(rate)],
                 build.root,
                 build.env,
-                Path(f"{logs}-publisher.log"),
+                Path(f"{logs}-{role}.log"),
             )
             children.append(pub)
-            pub.expect("READY", 60)
-            profiler = self._start_profiler(server, label, subscribers, round_)
+            pub.expect("READY", options.connect_timeout + 30)
+            time.sleep(options.settle)
+            rss_after = server_ps.memory_info().rss
+            gc_before = gc_pauses(server.log)
+            profiler = self._start_profiler(server, f"{path}-{label}", subscribers, round_)
+            machine = MachineWindow(own=[server.proc.pid])
             cpu = CpuWindow(
                 {
                     "server": server_ps,
@@ -453,12 +513,16 @@ class Bench:
             )
             redis_usage = RedisUsage(options.redis_url)
             pub.say("GO", {})
-            done = pub.expect("DONE", options.events / rate + 120)
+            done = pub.expect("DONE", events / rate + options.drain_timeout + 120)
             subs.say("PUBLISHED", done)
             subs.expect("DRAINED", deadline)
             usage = cpu.percentages()
             redis_seconds, redis_commands = redis_usage.used()
             usage["redis"] = round(100.0 * redis_seconds / cpu.span, 1)
+            window = machine.report()
+            if path == "e2e":  # the agents' refusals, read once the window closed
+                pub.say("REPORT", {})
+                done.update(pub.expect("ERRORS", options.drain_timeout + 30))
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 children.append(Child(profiler, queue.Queue(), self.workdir / "py-spy.log"))
@@ -467,16 +531,32 @@ class Bench:
                 child.proc.wait(30)
             if server.proc.poll() is not None:
                 raise BenchError(f"{kind} server died:\n{tail(server.log)}")
+            pauses = gc_pauses(server.log)[len(gc_before) :]
         finally:
             for child in children:
                 stop_process(child.proc, grace=5)
             stop_process(server.proc)
         result["published_rate"] = done["published_rate"]
+        result["publish_errors"] = int(done.get("errors", 0))
         result["redis_seconds"] = redis_seconds
         result["window_seconds"] = cpu.span
         result["redis_commands"] = redis_commands
         result["rate"] = rate
+        result["path"] = path if hosts != 1 else "calib"
+        result["hosts"] = hosts
+        result["machine"] = window
+        result["gc_max_ms"] = max(pauses, default=None)
+        result["gc_over"] = sum(1 for p in pauses if p > options.gc_pause_target)
         return Row.build(kind, label, result, rss_before, rss_after, usage, round_)
+
+    def hosts_file(self, kind: str, alone: bool) -> Path:
+        """The hosts file of a server of ``kind`` (the first host ``alone``: calibration)."""
+        if kind == "bare":
+            return self.workdir / ("bare-1-hosts.json" if alone else "bare-hosts.json")
+        found = self.build_for(kind).hosts_file
+        assert found is not None  # prepare_databases wrote it
+        assert not alone  # one host alone: the bare server's calibration only
+        return found
 
     def _start_profiler(
         self, server: Server, label: str, subscribers: int, round_: int
@@ -622,6 +702,17 @@ class Row:
     publisher_us_per_event: float | None = None
     #: the five commands Redis spent most time on: calls, microseconds per event
     redis_commands: dict[str, str] = field(default_factory=dict)
+    #: how events reached the server: ``e2e`` (agents), ``inject`` (the streams), ``calib``
+    path: str = "e2e"
+    hosts: int = 1
+    #: reports or events the server refused (``error`` replies to the agents)
+    publish_errors: int = 0
+    #: the longest collection pause the server logged over the window (ms; None: none
+    #: over ``--gc-log-ms``), and how many exceeded ``--gc-pause-target``
+    gc_max_ms: float | None = None
+    gc_over: int = 0
+    #: the machine over the window (``_common.MachineWindow``)
+    machine: str = ""
 
     @property
     def publisher_bound(self) -> bool:
@@ -659,10 +750,15 @@ class Row:
             mean_bytes=result["mean_bytes"],
             server_cpu=usage.get("server", 0.0),
             loadgen_cpu=loadgen,
+            # server CPU seconds over the window / deliveries in it
             server_us_per_delivery=round(
-                usage.get("server", 0.0) * 1e4 / float(result["deliveries_per_s"]), 1
+                usage.get("server", 0.0)
+                * float(result["window_seconds"])
+                * 1e4
+                / int(result["received"]),
+                2,
             )
-            if float(result["deliveries_per_s"]) > 0
+            if int(result["received"]) > 0
             else None,
             other_cpu=max(
                 0.0,
@@ -689,14 +785,22 @@ class Row:
             closed_early=int(result.get("closed_early", 0)),
             duplicates=int(result.get("duplicates", 0)),
             round=round_,
+            path=str(result.get("path", "e2e")),
+            hosts=int(result.get("hosts", 1)),
+            publish_errors=int(result.get("publish_errors", 0)),
+            gc_max_ms=result.get("gc_max_ms"),
+            gc_over=int(result.get("gc_over", 0)),
+            machine=str(result.get("machine", "")),
         )
 
 
 COLUMNS: list[tuple[str, str, int]] = [
     ("round", "#", 2),
+    ("path", "path", 6),
     ("server", "server", 6),
     ("label", "run", 10),
     ("subscribers", "subs", 5),
+    ("hosts", "hosts", 5),
     ("events", "events", 6),
     ("rate", "rate/s", 7),
     ("published_rate", "pub/s", 7),
@@ -704,6 +808,7 @@ COLUMNS: list[tuple[str, str, int]] = [
     ("p50_ms", "p50 ms", 7),
     ("p99_ms", "p99 ms", 7),
     ("lost", "lost", 6),
+    ("gc_max_ms", "gc ms", 5),
     ("mean_bytes", "msg B", 5),
     ("server_cpu", "srv%", 5),
     ("server_us_per_delivery", "srv us/del", 10),
@@ -739,9 +844,9 @@ def table(rows: list[Row]) -> str:
 def add_ratios(rows: list[Row]) -> None:
     """Set x/bare deliveries/s on each real and reference row that has a bare run of the
     same kind in its round."""
-    bare = {(r.round, r.subscribers, r.label): r for r in rows if r.server == "bare"}
+    bare = {(r.round, r.path, r.subscribers, r.label): r for r in rows if r.server == "bare"}
     for row in rows:
-        match = bare.get((row.round, row.subscribers, row.label))
+        match = bare.get((row.round, row.path, row.subscribers, row.label))
         if row.server != "bare" and match is not None and match.deliveries_per_s > 0:
             row.ratio = round(row.deliveries_per_s / match.deliveries_per_s, 2)
 
@@ -754,6 +859,7 @@ def _twin(rows: list[Row], row: Row, server: str) -> Row | None:
             for r in rows
             if r.server == server
             and r.round == row.round
+            and r.path == row.path
             and r.label == row.label
             and r.subscribers == row.subscribers
         ),
@@ -761,31 +867,59 @@ def _twin(rows: list[Row], row: Row, server: str) -> Row | None:
     )
 
 
-def verdicts(rows: list[Row], ratio_target: float, p99_target: float) -> Iterator[str]:
-    """One line per subscriber count on each target."""
+def targets(rows: list[Row], options: argparse.Namespace) -> Iterator[Target]:
+    """The issue's targets, one per real run that judges one (e2e rows; inject rows are
+    shown for comparison only), and the load generator's calibration."""
     for row in rows:
-        if row.server != "real":
-            continue
-        if row.label == "saturation" and row.ratio is not None:
-            ok = "met" if row.ratio >= ratio_target else "NOT met"
-            yield (
-                f"{row.subscribers} subscribers: real/bare deliveries/s at saturation "
-                f"{row.ratio:.2f} (target >= {ratio_target}): {ok}"
+        if row.path == "calib":
+            yield Target(
+                f"load generator takes from the bare server ({row.subscribers} subscribers "
+                "on one host)",
+                row.deliveries_per_s,
+                options.calibration_target,
+                " deliveries/s",
+                ">=",
             )
-            bare = _twin(rows, row, "bare")
-            if bare is not None and bare.server_us_per_delivery and row.server_us_per_delivery:
-                yield (
-                    f"{row.subscribers} subscribers: server CPU per delivery at saturation "
-                    f"real {row.server_us_per_delivery:.1f} us, bare "
-                    f"{bare.server_us_per_delivery:.1f} us (bare/real "
-                    f"{bare.server_us_per_delivery / row.server_us_per_delivery:.2f})"
-                )
+            continue
+        if row.server != "real" or row.path != "e2e":
+            continue
+        n = row.subscribers
+        if row.label == "saturation" and row.ratio is not None:
+            yield Target(
+                f"{n} subscribers: real/bare deliveries/s at saturation",
+                row.ratio,
+                options.ratio_target,
+                "",
+                ">=",
+            )
         if row.label == "half" and row.p99_ms is not None:
-            ok = "met" if row.p99_ms < p99_target and row.lost == 0 else "NOT met"
+            yield Target(
+                f"{n} subscribers: p99 at half the saturated rate ({row.rate:g} events/s)",
+                row.p99_ms,
+                options.p99_target,
+                " ms",
+            )
+        yield Target(f"{n} subscribers, {row.label}: lost", row.lost, 0)
+        if row.label == "half":  # at saturation the backlog grows the heap without bound
+            yield Target(
+                f"{n} subscribers, half: collection pauses over {options.gc_pause_target:g} ms",
+                row.gc_over,
+                0,
+            )
+
+
+def cost_lines(rows: list[Row]) -> Iterator[str]:
+    """Server CPU per delivery, real against bare, per path and subscriber count."""
+    for row in rows:
+        if row.server != "real" or row.label != "saturation":
+            continue
+        bare = _twin(rows, row, "bare")
+        if bare is not None and bare.server_us_per_delivery and row.server_us_per_delivery:
             yield (
-                f"{row.subscribers} subscribers: real p99 at {row.rate:g} events/s (half "
-                f"its saturated rate) {row.p99_ms:.1f} ms, {row.lost} lost "
-                f"(target < {p99_target:g} ms): {ok}"
+                f"{row.path} {row.subscribers} subscribers: server CPU per delivery at "
+                f"saturation real {row.server_us_per_delivery:.1f} us, bare "
+                f"{bare.server_us_per_delivery:.1f} us (bare/real "
+                f"{bare.server_us_per_delivery / row.server_us_per_delivery:.2f})"
             )
 
 
@@ -900,20 +1034,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[500],
         help="subscriber counts, comma-separated (500,1000)",
     )
-    parser.add_argument("--events", type=int, default=200, help="events per run")
     parser.add_argument(
-        "--rate", type=float, default=100.0, help="event rate of the nominal run, events/s"
+        "--deliveries",
+        type=int,
+        default=1_000_000,
+        help="deliveries per run: each run sends this many events times H/N",
     )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=4,
+        help="hosts the events come from; subscriber i watches host i mod H, so each "
+        "event goes to N/H subscribers",
+    )
+    parser.add_argument(
+        "--paths",
+        type=lambda s: [p for p in s.split(",") if p in ("e2e", "inject")],
+        default=["e2e", "inject"],
+        help="how events reach the servers: e2e (agents on /ws/agent), inject (straight "
+        "into the channel streams; the bare server's /publish)",
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip the load generator's calibration run",
+    )
+    parser.add_argument("--calibration-target", type=float, default=100_000.0)
     parser.add_argument(
         "--saturation-rate",
         type=float,
-        default=5000.0,
+        default=20000.0,
         help="event rate of the saturation run, events/s",
     )
     parser.add_argument(
         "--client",
-        choices=("lean", "standard"),
-        default="lean",
+        choices=("raw", "standard"),
+        default="raw",
         help="subscriber implementation (see bench/loadgen.py)",
     )
     parser.add_argument(
@@ -961,7 +1118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--ratio-target", type=float, default=0.8)
-    parser.add_argument("--p99-target", type=float, default=100.0, help="milliseconds")
+    parser.add_argument("--p99-target", type=float, default=50.0, help="milliseconds")
+    parser.add_argument(
+        "--gc-pause-target", type=float, default=50.0, help="longest collection pause, ms"
+    )
+    parser.add_argument(
+        "--gc-log-ms",
+        type=float,
+        default=5.0,
+        help="the servers log collection pauses from this long (GC_PAUSE_LOG_MS)",
+    )
     parser.add_argument(
         "--quiet-below",
         type=float,
@@ -1006,6 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--servers ref needs --reference-ref")
     if not options.servers:
         raise SystemExit("--servers names none of bare, real, ref")
+    if not options.paths:
+        raise SystemExit("--paths names none of e2e, inject")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise_open_file_limit()
     try:
@@ -1046,9 +1214,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(bench: Bench, rows: list[Row]) -> None:
     """Every run, appended to ``rows`` as it completes.
 
-    Per round and subscriber count: nominal, saturation, then half of the rate the new
-    server (else the reference, else bare) sustained at saturation.  The new and the
-    reference server alternate: their order is swapped at every step and every round.
+    First the calibration (the bare server, every subscriber on one host, at
+    saturation); then per round, subscriber count and path: saturation, then half of
+    the rate the new server (else the reference, else bare) sustained there.  The new
+    and the reference server alternate: their order is swapped at every step and every
+    round.
     """
     options = bench.options
     names = {"real": "new", "ref": "reference"}
@@ -1060,6 +1230,10 @@ def run_all(bench: Bench, rows: list[Row]) -> None:
     )
     print(f"load: {machine_load()}", flush=True)
     bench.prepare_databases()
+    if options.calibrate:
+        n = max(options.subscribers)
+        rows.append(bench.run("bare", "saturation", n, options.saturation_rate, 0, "e2e", 1))
+        _progress(rows[-1])
     pair = [k for k in ("real", "ref") if k in options.servers]
     lead = ["bare"] if "bare" in options.servers else []
     step = 0
@@ -1074,22 +1248,28 @@ def run_all(bench: Bench, rows: list[Row]) -> None:
     for round_ in range(1, options.rounds + 1):
         step = 0
         for n in options.subscribers:
-            for label, rate in (("nominal", options.rate), ("saturation", options.saturation_rate)):
+            for path in options.paths:
                 for kind in order(round_):
-                    rows.append(bench.run(kind, label, n, rate, round_))
+                    rows.append(
+                        bench.run(kind, "saturation", n, options.saturation_rate, round_, path)
+                    )
                     _progress(rows[-1])
-            judged = (pair or lead)[0]
-            saturated = next(
-                r
-                for r in reversed(rows)
-                if r.server == judged and r.label == "saturation" and r.subscribers == n
-            )
-            half = round(saturated.deliveries_per_s / n / 2, 1)
-            if half <= 0:
-                raise BenchError(f"the {judged} server delivered nothing at saturation")
-            for kind in reversed(order(round_)):
-                rows.append(bench.run(kind, "half", n, half, round_))
-                _progress(rows[-1])
+                judged = (pair or lead)[0]
+                saturated = (
+                    rows[-1]
+                    if rows[-1].server == judged
+                    else next(
+                        r
+                        for r in reversed(rows)
+                        if r.server == judged and r.label == "saturation" and r.path == path
+                    )
+                )
+                half = round(saturated.deliveries_per_s / (n / options.hosts) / 2, 1)
+                if half <= 0:
+                    raise BenchError(f"the {judged} server delivered nothing at saturation")
+                for kind in reversed(order(round_)):
+                    rows.append(bench.run(kind, "half", n, half, round_, path))
+                    _progress(rows[-1])
     print(f"load: {machine_load()}", flush=True)
 
 
@@ -1100,8 +1280,10 @@ def report(options: argparse.Namespace, rows: list[Row]) -> None:
         print()
         print(table(rows))
         print()
-        for line in verdicts(rows, options.ratio_target, options.p99_target):
+        for line in cost_lines(rows):
             print(line)
+        print()
+        print_targets(targets(rows, options))
         matched = pairs(rows)
         if matched:
             print()
@@ -1136,8 +1318,10 @@ def machine_load() -> str:
 
 def _progress(row: Row) -> None:
     print(
-        f"  {row.server:4} {row.label:10} {row.subscribers:5} subs @ {row.rate:g}/s: "
+        f"  {row.path:6} {row.server:4} {row.label:10} {row.subscribers:5} subs "
+        f"({row.hosts} hosts) @ {row.rate:g}/s: "
         f"{row.deliveries_per_s:.0f} deliveries/s, p99 {row.p99_ms} ms, lost {row.lost}, "
+        f"refused {row.publish_errors}, longest collection {row.gc_max_ms} ms, "
         f"server CPU {row.server_cpu}% ({row.server_us_per_delivery} us/delivery), "
         f"load generator CPU {row.loadgen_cpu}%, Redis {row.redis_cpu}% "
         f"({row.redis_us_per_event} us/event: "
@@ -1145,6 +1329,7 @@ def _progress(row: Row) -> None:
         + f"), others {row.other_cpu}%",
         flush=True,
     )
+    print(f"    {row.machine}", flush=True)
     if row.closed_early or row.duplicates:
         print(
             f"  WARNING: {row.closed_early} connections closed by the server, "

@@ -1,48 +1,52 @@
 """
-The fan-out benchmark's load generator, used unchanged against both servers.
+The fan-out benchmark's load generator, used unchanged against every server.
 
-It runs as two processes, each a separate process from the server under test:
+It runs as separate processes from the server under test:
 
 ``subscribe``
-    N WebSocket subscribers in one asyncio process.  On the real server (``--mode
-    real``) each sends a ``subscribe`` to ``host_metrics`` filtered on the benchmark's
-    host and waits for the ``response``; on the bare server (``--mode bare``) each
-    waits for the server's greeting.  Then every receiver counts its deliveries and
-    computes each one's latency from the send time the event carries.
+    N WebSocket subscribers in one asyncio process, spread over the benchmark's hosts
+    (subscriber i watches host i mod H).  Each sends a ``subscribe`` to
+    ``host_metrics`` filtered on its host and waits for the ``response``, on the real
+    server and on the bare one alike; then it counts its deliveries and computes each
+    one's latency from the send time the event carries.
+``agents``
+    The path a user's events take: one simulated agent per host on ``/ws/agent``
+    (``docs/agent-protocol.md``: ``Authorization: Bearer`` host token, ``hello``,
+    ``welcome``), which together send E ``metrics`` reports at R/s, host after host, on
+    a fixed schedule (open loop: a late report is sent at once).
 ``publish``
-    Sends E events at R events/s on a fixed schedule (open loop: a late event is sent
-    at once, the rate does not adapt to the server).  ``real`` sends
-    ``HostMetricsReported`` to the hubs' layer group through Redis, as any other server
-    process would; ``bare`` sends over a WebSocket the very envelope the real server
-    delivers, and the bare server relays it unchanged.
+    The shortcut, kept to tell the two costs apart: E events at R/s injected straight
+    into the channel streams in Redis (``--mode real``, as another server process would
+    publish them) or sent over ``/publish`` (``--mode bare``), without the agent path.
 
-Every event carries its sequence number and send time (``time.time()``, the same
-clock in both processes) inside ``metrics``.
+Every event carries its host's sequence number and its send time (``time.time()`` in
+milliseconds, the same clock in every process) as the 5- and 15-minute load averages,
+``load_average: [load, seq, sent_ms]``: numbers the server passes on as they are (it
+judges the first alone), so that a report creates no state of its own in the server (a
+new mount point per report would).  Both paths give the subscribers the same bytes.
 
-Two subscriber implementations are available (``--client``):
+Two subscriber implementations (``--client``):
 
-``lean`` (default)
-    websockets' own protocol implementation (``websockets.client.ClientProtocol``,
-    the Sans-I/O core that its asyncio client is built on) driven by a plain
-    ``asyncio.Protocol``; events are recognised by their leading bytes and their two
-    benchmark fields read with a regular expression.  About twice as many messages a
-    second per core as ``standard``, so that the servers, not the client, saturate.
+``raw`` (default)
+    :mod:`wsraw`: a plain ``asyncio.Protocol`` with minimal framing; each message is
+    found in the receive buffer and its stamp read with one regular expression search,
+    without copying it.  It takes well over 100,000 deliveries/s on one core, so that
+    the servers, not the client, saturate (the calibration row of bench/fanout.py).
 ``standard``
     ``websockets.asyncio.client.connect`` and ``json.loads`` of every message, as an
     ordinary application would.
 
-Both talk to ``bench/fanout.py`` over stdio with one-line messages ``TAG {json}``:
-the subscriber process prints ``READY``, waits for ``PUBLISHED`` on stdin, waits for
-the deliveries (or the drain timeout), prints ``DRAINED``, closes and prints
-``RESULT``; the publisher prints ``READY``, waits for ``GO``, publishes and prints
-``DONE``.
+All talk to ``bench/fanout.py`` over stdio with one-line messages ``TAG {json}``: the
+subscriber process prints ``READY``, waits for ``PUBLISHED`` on stdin, waits for the
+deliveries (or the drain timeout), prints ``DRAINED``, closes and prints ``RESULT``; a
+publisher (``agents`` or ``publish``) prints ``READY``, waits for ``GO``, sends and
+prints ``DONE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import builtins
 import contextlib
 import json
 import random
@@ -52,23 +56,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed, InvalidState
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
-from websockets.uri import parse_uri
+from websockets.exceptions import ConnectionClosed
+from wsraw import RawSocket, open_raw  # bench/ is on sys.path when run
 
 #: Path of the bare server's publisher endpoint (see bench/bare_server.py).
 PUBLISH_PATH = "/publish"
+AGENT_PATH = "/ws/agent"
 CHANNEL = "host_metrics"
 MAX_MESSAGE = 2**20
-#: Every event message (both servers) starts with these bytes.
-EVENT_PREFIX = b'{"type":"event"'
-#: The two benchmark fields, last in ``metrics`` and in this order on both servers.
-STAMP = re.compile(rb'"bench_seq":(\d+),"bench_sent_at":([-+.\deE]+)')
+#: An event's stamp: the last two load averages of its report, ``[load, seq, sent_ms]``.
+STAMP = re.compile(rb'"load_average":\[[\d.]+,(\d+)\.0,(\d+)\.0\]')
+#: The number of CPUs a simulated host reports in its ``hello``.
+CPU_COUNT = 4
 
 
 def iso_now() -> str:
@@ -101,11 +104,42 @@ async def expect_line(tag: str) -> dict[str, Any]:
     return dict(json.loads(payload or "{}"))
 
 
+@dataclass(frozen=True)
+class BenchHost:
+    """One of the benchmark's hosts: its id, name and agent token (on the bare server
+    the token is the host id)."""
+
+    host_id: str
+    hostname: str
+    token: str
+
+
+def load_hosts(args: argparse.Namespace) -> list[BenchHost]:
+    """The hosts of ``--hosts-file`` (JSON: a list of objects with the three fields), or
+    the one of ``--host-id`` and ``--hostname``."""
+    if args.hosts_file is None:
+        return [BenchHost(args.host_id, args.hostname, args.host_id)]
+    return [BenchHost(**item) for item in json.loads(args.hosts_file.read_text())]
+
+
 # -- events -------------------------------------------------------------------------------
 
 
+def report_metrics(rng: random.Random, seq: int, sent_at: float) -> dict[str, Any]:
+    """An agent's metrics report, under every default alert threshold, stamped with
+    ``seq`` and ``sent_at`` (seconds); already in the shape the server keeps (known keys
+    only, floats of at most two decimals), so that both servers pass it on byte for byte."""
+    return {
+        "cpu_usage": round(rng.uniform(1, 60), 1),
+        "memory_usage": round(rng.uniform(20, 80), 1),
+        "disk_usage": {"/": round(rng.uniform(20, 70), 1), "/var": round(rng.uniform(20, 70), 1)},
+        "load_average": [round(rng.uniform(0, 1.5), 2), float(seq), float(round(sent_at * 1000))],
+    }
+
+
 def sample_metrics(rng: random.Random) -> dict[str, Any]:
-    """A realistic agent metrics report (an event envelope of about 700 bytes)."""
+    """A richer metrics report than agents send (an event envelope of about 700 bytes),
+    for benchmarks that publish events without the agent path (bench/resume.py)."""
     return {
         "cpu_usage": round(rng.uniform(0, 100), 1),
         "memory_usage": round(rng.uniform(0, 100), 1),
@@ -142,30 +176,122 @@ def sample_metrics(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def event_data(
-    host_id: str, hostname: str, seq: int, sent_at: float, rng: random.Random
-) -> dict[str, Any]:
-    """The ``data`` of one host_metrics event, stamped with ``seq`` and ``sent_at``."""
-    metrics = sample_metrics(rng)
-    metrics["bench_seq"] = seq
-    metrics["bench_sent_at"] = sent_at
-    return {"host_id": host_id, "hostname": hostname, "timestamp": iso_now(), "metrics": metrics}
+def report_bytes(metrics: dict[str, Any]) -> bytes:
+    """An agent's ``metrics`` message carrying ``metrics``, as sent."""
+    return dumps({"type": "metrics", "data": {"metrics": metrics}}).encode()
 
 
-def read_stamp(raw: bytes) -> tuple[int, float] | None:
-    """``(seq, sent_at)`` of an event message, or None if ``raw`` is something else."""
-    if raw.startswith(EVENT_PREFIX):
-        found = STAMP.search(raw)
-        if found is not None:
-            return int(found.group(1)), float(found.group(2))
-    message = json.loads(raw)
-    if message.get("type") != "event":
+def read_stamp(
+    raw: bytes | bytearray, start: int = 0, end: int | None = None
+) -> tuple[int, float] | None:
+    """``(seq, sent_at)`` of an event message, or None if it carries no stamp."""
+    found = STAMP.search(raw, start, len(raw) if end is None else end)
+    if found is None:
         return None
-    metrics = message["data"]["metrics"]
-    return int(metrics["bench_seq"]), float(metrics["bench_sent_at"])
+    return int(found.group(1)), int(found.group(2)) / 1000.0
 
 
-# -- publishers ---------------------------------------------------------------------------
+def schedule(hosts: int, events: int) -> list[tuple[int, int]]:
+    """``(host index, sequence number)`` of each event in sending order: host after
+    host, each host's events numbered from 0."""
+    return [(k % hosts, k // hosts) for k in range(events)]
+
+
+async def send_on_schedule(
+    rate: float, plan: list[tuple[int, int]], send: Callable[[int, int, float], Awaitable[None]]
+) -> dict[str, Any]:
+    """Call ``send(host, seq, sent_at)`` for each planned event at ``rate`` per second;
+    return the figures of ``DONE``."""
+    loop = asyncio.get_running_loop()
+    first_publish = time.time()
+    start = loop.time()
+    for k, (host, seq) in enumerate(plan):
+        delay = start + k / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send(host, seq, time.time())
+    seconds = loop.time() - start
+    return {
+        "first_publish": first_publish,
+        "publish_seconds": round(seconds, 3),
+        "published_rate": round(len(plan) / seconds, 1) if seconds > 0 else float(len(plan)),
+    }
+
+
+# -- agents (the user's path) ---------------------------------------------------------------
+
+
+class RawAgent(RawSocket):
+    """A simulated agent: ``hello`` once connected, then reports when told; counts the
+    server's ``error`` replies (a refused report is a lost event)."""
+
+    def __init__(self, url: str, host: BenchHost) -> None:
+        super().__init__(url, {"Authorization": f"Bearer {host.token}"})
+        self.host = host
+        self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.errors: list[str] = []
+
+    def on_open(self) -> None:
+        """Introduce the host."""
+        super().on_open()
+        hello = {
+            "hostname": self.host.hostname,
+            "cpu_count": CPU_COUNT,
+            "ip_addresses": [],
+            "os_name": "Debian GNU/Linux",
+            "os_version": "12",
+            "agent_version": "bench",
+        }
+        self.send(dumps({"type": "hello", "data": hello}).encode())
+
+    def on_message(self, buf: bytearray, start: int, end: int) -> None:
+        """Note the welcome; keep errors."""
+        message = json.loads(bytes(buf[start:end]))
+        if message.get("type") == "welcome" and not self.welcomed.done():
+            self.welcomed.set_result(None)
+        elif message.get("type") == "error":
+            self.errors.append(str(message.get("data", {}).get("code")))
+            if not self.welcomed.done():
+                self.welcomed.set_exception(RuntimeError(f"agent refused: {message}"))
+
+
+async def agents_main(args: argparse.Namespace) -> None:
+    """The agents process: connect one agent per host, READY, wait for GO, report on
+    schedule, DONE (with the errors the server answered)."""
+    hosts = load_hosts(args)
+    url = args.url.rstrip("/") + AGENT_PATH
+    agents = []
+    for host in hosts:
+        agent = await open_raw(RawAgent(url, host), url, args.connect_timeout)
+        await asyncio.wait_for(agent.welcomed, args.connect_timeout)
+        agents.append(agent)
+    emit("READY", {"agents": len(agents)})
+    await expect_line("GO")
+    rng = random.Random(42)
+    # Each host's report but for its stamp, made once: at 20,000 reports a second
+    # building each from scratch would cost the agents' process a core.
+    reports = [report_bytes(report_metrics(rng, 0, 0.0)).rsplit(b"0.0,0.0]", 1) for _ in agents]
+
+    async def send(host: int, seq: int, sent_at: float) -> None:
+        head, tail = reports[host]
+        agents[host].send(b"%s%d.0,%d.0]%s" % (head, seq, round(sent_at * 1000), tail))
+
+    done = await send_on_schedule(args.rate, schedule(len(hosts), args.events), send)
+    emit("DONE", done)
+    await expect_line("REPORT")  # after the deliveries: errors come back after reports
+    emit(
+        "ERRORS",
+        {
+            "errors": sum(len(a.errors) for a in agents),
+            "error_codes": sorted({code for a in agents for code in a.errors}),
+            "closed": sum(int(a.closed) for a in agents),
+        },
+    )
+    for agent in agents:
+        agent.close()
+
+
+# -- the shortcut: events injected without the agent path -----------------------------------
 
 
 class Publisher(Protocol):
@@ -182,7 +308,8 @@ class Publisher(Protocol):
 
 
 class BarePublisher:
-    """Sends the envelope the real server would deliver over a WebSocket to the bare server."""
+    """Sends the bare server an event's payload over ``/publish``; it forwards the
+    envelope to the host's subscribers."""
 
     def __init__(self, base_url: str) -> None:
         self.url = base_url.rstrip("/") + PUBLISH_PATH
@@ -195,11 +322,9 @@ class BarePublisher:
         )
 
     async def publish(self, data: dict[str, Any]) -> None:
-        """Send one event envelope; the bare server relays it as it is."""
+        """Send one event's payload."""
         assert self.conn is not None
-        await self.conn.send(
-            dumps({"type": "event", "channel": CHANNEL, "data": data, "timestamp": iso_now()})
-        )
+        await self.conn.send(dumps(data))
 
     async def close(self) -> None:
         """Close the publisher connection."""
@@ -236,13 +361,7 @@ class LayerPublisher:
 
     async def publish(self, data: dict[str, Any]) -> None:
         """Number and store one event; every server process reads it from its stream."""
-        event = self.event_type(
-            host_id=data["host_id"],
-            hostname=data["hostname"],
-            timestamp=data["timestamp"],
-            metrics=data["metrics"],
-        )
-        message = event.to_message()
+        message = self.event_type(**data).to_message()
         await self.streams.publish(
             [(message["channel"], message["event"], message["data"], message["timestamp"])]
         )
@@ -254,32 +373,28 @@ class LayerPublisher:
 
 
 async def publish_main(args: argparse.Namespace) -> None:
-    """The publisher process: READY, wait for GO, publish on schedule, DONE."""
+    """The injecting publisher: READY, wait for GO, publish on schedule, DONE."""
+    hosts = load_hosts(args)
     publisher: Publisher = LayerPublisher() if args.mode == "real" else BarePublisher(args.url)
     await publisher.start()
     emit("READY", {})
     await expect_line("GO")
     rng = random.Random(42)
-    loop = asyncio.get_running_loop()
-    first_publish = time.time()
-    start = loop.time()
-    for seq in range(args.events):
-        delay = start + seq / args.rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await publisher.publish(event_data(args.host_id, args.hostname, seq, time.time(), rng))
-    publish_seconds = loop.time() - start
+
+    async def send(host: int, seq: int, sent_at: float) -> None:
+        await publisher.publish(
+            {
+                "host_id": hosts[host].host_id,
+                "hostname": hosts[host].hostname,
+                "timestamp": iso_now(),
+                "metrics": report_metrics(rng, seq, sent_at),
+                "cpu_count": CPU_COUNT,
+            }
+        )
+
+    done = await send_on_schedule(args.rate, schedule(len(hosts), args.events), send)
     await publisher.close()
-    emit(
-        "DONE",
-        {
-            "first_publish": first_publish,
-            "publish_seconds": round(publish_seconds, 3),
-            "published_rate": round(args.events / publish_seconds, 1)
-            if publish_seconds > 0
-            else float(args.events),
-        },
-    )
+    emit("DONE", done)
 
 
 # -- subscribers --------------------------------------------------------------------------
@@ -289,53 +404,51 @@ async def publish_main(args: argparse.Namespace) -> None:
 class Tally:
     """What every receiver adds to, and the signal that all deliveries arrived."""
 
+    #: events each subscriber should get (its host's)
     events: int
     expected: int
     received: int = 0
     duplicates: int = 0
     other: int = 0
-    bytes: int = 0
+    octets: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     last_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    # builtins.bytes: inside this class, ``bytes`` names the field above.
-    def record(self, seen: bytearray, raw: builtins.bytes, now: float) -> None:
-        """Account for one message ``raw`` received at ``now`` by a receiver that saw ``seen``."""
-        stamp = read_stamp(raw)
+    def record(
+        self, seen: bytearray, stamp: tuple[int, float] | None, size: int, now: float
+    ) -> None:
+        """Account for one message of ``size`` bytes received at ``now`` by a receiver
+        that saw ``seen``."""
         if stamp is None:
             self.other += 1
             return
         seq, sent_at = stamp
-        if seen[seq]:
+        if seq >= len(seen) or seen[seq]:
             self.duplicates += 1
             return
         seen[seq] = 1
         self.received += 1
-        self.bytes += len(raw)
+        self.octets += size
         self.latencies_ms.append((now - sent_at) * 1000.0)
         self.last_at = now
         if self.received >= self.expected:
             self.done.set()
 
 
-def subscribe_request(mode: str, host_id: str, request_id: str) -> str | None:
-    """What a subscriber sends once connected (nothing on the bare server)."""
-    if mode == "bare":
-        return None
+def subscribe_request(host_id: str, request_id: str) -> str:
+    """What a subscriber sends once connected."""
     return dumps(
         {"type": "subscribe", "channel": CHANNEL, "filters": {"host_id": host_id}, "id": request_id}
     )
 
 
-def is_ready_reply(mode: str, raw: bytes | str, request_id: str) -> bool:
+def is_ready_reply(raw: bytes | str, request_id: str) -> bool:
     """Whether ``raw`` tells a subscriber it now gets every event; raise on refusal."""
     reply = json.loads(raw)
     if reply.get("type") == "error":
         raise RuntimeError(f"subscriber {request_id} refused: {reply.get('data')}")
-    return bool(
-        reply.get("type") == "response" and (mode == "bare" or reply.get("id") == request_id)
-    )
+    return bool(reply.get("type") == "response" and reply.get("id") == request_id)
 
 
 class Subscriber(Protocol):
@@ -352,123 +465,60 @@ class Subscriber(Protocol):
         """Whether the server closed the connection before the end of the run."""
 
 
-class LeanSubscriber(asyncio.Protocol):
-    """A subscriber on websockets' Sans-I/O protocol, without per-message tasks or queues."""
+class RawSubscriber(RawSocket):
+    """A subscriber on :mod:`wsraw`: each event's stamp is read in the receive buffer."""
 
-    def __init__(self, url: str, mode: str, host_id: str, request_id: str, tally: Tally) -> None:
-        self.ws = ClientProtocol(parse_uri(url), max_size=MAX_MESSAGE)
-        self.mode = mode
+    def __init__(self, url: str, host_id: str, request_id: str, tally: Tally) -> None:
+        super().__init__(url)
         self.host_id = host_id
         self.request_id = request_id
         self.tally = tally
         self.seen = bytearray(tally.events)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-        self.fragments: list[bytes] = []
-        self.lost_connection = False
-
-    # asyncio.Protocol callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Send the opening handshake."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.ws.send_request(self.ws.connect())
-        self._flush()
+        self.now = 0.0
+        self.closing = False
 
     def data_received(self, data: bytes) -> None:
-        """Parse what arrived and handle each frame."""
-        now = time.time()
-        self.ws.receive_data(data)
-        for event in self.ws.events_received():
-            if isinstance(event, Frame):
-                self._frame(event, now)
-            elif isinstance(event, Response):
-                self._handshake_done()
-        self._flush()
+        """Note the arrival time once for every message in ``data``."""
+        self.now = time.time()
+        super().data_received(data)
 
-    def eof_received(self) -> bool | None:
-        """Let the protocol handle the end of the stream."""
-        self.ws.receive_eof()
-        self._flush()
-        return None
+    def on_open(self) -> None:
+        """Subscribe."""
+        super().on_open()
+        self.send(subscribe_request(self.host_id, self.request_id).encode())
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Note an unexpected loss; fail a subscriber that was not ready yet."""
-        self.lost_connection = True
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
-
-    # internals
-
-    def _flush(self) -> None:
-        assert self.transport is not None
-        for data in self.ws.data_to_send():
-            if data:
-                self.transport.write(data)
-            elif self.transport.can_write_eof():
-                self.transport.write_eof()
-
-    def _handshake_done(self) -> None:
-        if self.ws.handshake_exc is not None:
-            self.ready.set_exception(self.ws.handshake_exc)
+    def on_message(self, buf: bytearray, start: int, end: int) -> None:
+        """Count an event; before that, wait for the subscription's response."""
+        if self.ready.done():
+            found = STAMP.search(buf, start, end)
+            stamp = (int(found.group(1)), int(found.group(2)) / 1000.0) if found else None
+            self.tally.record(self.seen, stamp, end - start, self.now)
             return
-        text = subscribe_request(self.mode, self.host_id, self.request_id)
-        if text is not None:
-            self.ws.send_text(text.encode())
+        try:
+            if is_ready_reply(bytes(buf[start:end]), self.request_id):
+                self.ready.set_result(None)
+        except (RuntimeError, ValueError) as exc:
+            self.ready.set_exception(exc)
 
-    def _frame(self, frame: Frame, now: float) -> None:
-        if frame.opcode is Opcode.TEXT or frame.opcode is Opcode.CONT:
-            if not frame.fin:
-                self.fragments.append(bytes(frame.data))
-                return
-            raw = bytes(frame.data)
-            if self.fragments:
-                raw = b"".join([*self.fragments, raw])
-                self.fragments.clear()
-            if self.ready.done():
-                self.tally.record(self.seen, raw, now)
-                return
-            try:
-                if is_ready_reply(self.mode, raw, self.request_id):
-                    self.ready.set_result(None)
-            except (RuntimeError, ValueError) as exc:
-                self.ready.set_exception(exc)
-
-    # Subscriber interface
-
-    async def close(self) -> None:
-        """Send a close frame and drop the connection (no need to wait for the reply)."""
-        if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(InvalidState):
-                self.ws.send_close()
-                self._flush()
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Drop the connection at once."""
-        if self.transport is not None:
-            self.transport.abort()
+    async def close(self) -> None:  # type: ignore[override]
+        """Send a close frame and drop the connection."""
+        self.closing = True
+        RawSocket.close(self)
 
     @property
     def closed_early(self) -> bool:
         """Whether the connection was lost before this process closed it."""
-        return self.lost_connection
+        return self.closed and not self.closing
 
 
-async def open_lean(
-    url: str, mode: str, host_id: str, index: int, tally: Tally, timeout: float
-) -> LeanSubscriber:
-    """Connect and subscribe one :class:`LeanSubscriber`."""
-    uri = parse_uri(url)
-    loop = asyncio.get_running_loop()
-
-    async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(
-            lambda: LeanSubscriber(url, mode, host_id, f"s{index}", tally), uri.host, uri.port
-        )
-        await protocol.ready
-    return protocol
+async def open_raw_subscriber(
+    url: str, host_id: str, index: int, tally: Tally, timeout: float
+) -> RawSubscriber:
+    """Connect and subscribe one :class:`RawSubscriber`."""
+    sub = await open_raw(RawSubscriber(url, host_id, f"s{index}", tally), url, timeout)
+    await asyncio.wait_for(sub.ready, timeout)
+    return sub
 
 
 class StandardSubscriber:
@@ -485,10 +535,8 @@ class StandardSubscriber:
                 now = time.time()
                 data = raw.encode() if isinstance(raw, str) else bytes(raw)
                 message = json.loads(data)  # what an application does with every message
-                if message.get("type") == "event":
-                    tally.record(seen, data, now)
-                else:
-                    tally.other += 1
+                stamp = read_stamp(data) if message.get("type") == "event" else None
+                tally.record(seen, stamp, len(data), now)
         except ConnectionClosed:
             pass
 
@@ -508,7 +556,7 @@ class StandardSubscriber:
 
 
 async def open_standard(
-    url: str, mode: str, host_id: str, index: int, tally: Tally, timeout: float
+    url: str, host_id: str, index: int, tally: Tally, timeout: float
 ) -> StandardSubscriber:
     """Connect and subscribe one :class:`StandardSubscriber`."""
     conn = await connect(
@@ -521,17 +569,15 @@ async def open_standard(
         max_size=MAX_MESSAGE,
     )
     request_id = f"s{index}"
-    text = subscribe_request(mode, host_id, request_id)
-    if text is not None:
-        await conn.send(text)
+    await conn.send(subscribe_request(host_id, request_id))
     async with asyncio.timeout(timeout):
-        while not is_ready_reply(mode, await conn.recv(), request_id):
+        while not is_ready_reply(await conn.recv(), request_id):
             pass
     return StandardSubscriber(conn, tally)
 
 
-Opener = Callable[[str, str, str, int, Tally, float], Awaitable[Subscriber]]
-OPENERS: dict[str, Opener] = {"lean": open_lean, "standard": open_standard}
+Opener = Callable[[str, str, int, Tally, float], Awaitable[Subscriber]]
+OPENERS: dict[str, Opener] = {"raw": open_raw_subscriber, "standard": open_standard}
 
 
 @dataclass
@@ -579,14 +625,17 @@ async def wait_for_deliveries(tally: Tally, drain_timeout: float) -> None:
 
 async def subscribe_main(args: argparse.Namespace) -> None:
     """The subscriber process: connect all, READY, receive until done, DRAINED, RESULT."""
-    url = args.url if args.mode == "bare" else f"{args.url.rstrip('/')}/ws?token={args.token}"
-    tally = Tally(events=args.events, expected=args.subscribers * args.events)
+    hosts = load_hosts(args)
+    url = f"{args.url.rstrip('/')}/ws" + (f"?token={args.token}" if args.token else "")
+    per_host = args.events // len(hosts)
+    tally = Tally(events=per_host, expected=args.subscribers * per_host)
     opener = OPENERS[args.client]
     gate = asyncio.Semaphore(args.connect_concurrency)
 
     async def open_one(index: int) -> Subscriber:
         async with gate:
-            return await opener(url, args.mode, args.host_id, index, tally, args.connect_timeout)
+            host_id = hosts[index % len(hosts)].host_id
+            return await opener(url, host_id, index, tally, args.connect_timeout)
 
     started = time.monotonic()
     subs = await asyncio.gather(*(open_one(i) for i in range(args.subscribers)))
@@ -625,7 +674,7 @@ async def subscribe_main(args: argparse.Namespace) -> None:
                 p50_ms=percentile(latencies, 0.50),
                 p99_ms=percentile(latencies, 0.99),
                 max_ms=percentile(latencies, 1.0),
-                mean_bytes=round(tally.bytes / tally.received, 1) if tally.received else None,
+                mean_bytes=round(tally.octets / tally.received, 1) if tally.received else None,
                 closed_early=closed_early,
             )
         ),
@@ -638,10 +687,11 @@ async def subscribe_main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (set by bench/fanout.py)."""
     parser = argparse.ArgumentParser(description="Fan-out benchmark load generator.")
-    parser.add_argument("role", choices=("subscribe", "publish"))
+    parser.add_argument("role", choices=("subscribe", "agents", "publish"))
     parser.add_argument("--mode", choices=("bare", "real"), required=True)
     parser.add_argument("--url", required=True, help="ws://127.0.0.1:PORT of the server")
-    parser.add_argument("--events", type=int, required=True)
+    parser.add_argument("--events", type=int, required=True, help="events in all hosts")
+    parser.add_argument("--hosts-file", type=Path, help="JSON list of host_id, hostname, token")
     parser.add_argument("--host-id", default="00000000-0000-0000-0000-000000000000")
     parser.add_argument("--hostname", default="bench-host")
     parser.add_argument(
@@ -650,30 +700,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=600.0,
         help="give up on the whole run after this many seconds",
     )
-    sub = parser.add_argument_group("subscribe")
-    sub.add_argument("--subscribers", type=int, default=1)
-    sub.add_argument("--client", choices=sorted(OPENERS), default="lean")
-    sub.add_argument("--token", default="", help="access JWT (real mode)")
-    sub.add_argument("--connect-concurrency", type=int, default=50)
-    sub.add_argument("--connect-timeout", type=float, default=60.0)
-    sub.add_argument(
+    parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=5.0,
         help="stop waiting after this long without a delivery",
     )
-    pub = parser.add_argument_group("publish")
+    sub = parser.add_argument_group("subscribe")
+    sub.add_argument("--subscribers", type=int, default=1)
+    sub.add_argument("--client", choices=sorted(OPENERS), default="raw")
+    sub.add_argument("--token", default="", help="access JWT (real mode)")
+    sub.add_argument("--connect-concurrency", type=int, default=50)
+    pub = parser.add_argument_group("agents and publish")
     pub.add_argument("--rate", type=float, default=100.0, help="events per second")
     return parser.parse_args(argv)
 
 
 async def amain(args: argparse.Namespace) -> None:
     """Run one role within the overall deadline."""
+    roles = {"subscribe": subscribe_main, "agents": agents_main, "publish": publish_main}
     async with asyncio.timeout(args.deadline):
-        if args.role == "subscribe":
-            await subscribe_main(args)
-        else:
-            await publish_main(args)
+        await roles[args.role](args)
 
 
 if __name__ == "__main__":

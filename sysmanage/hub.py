@@ -12,8 +12,9 @@ once per process instead of once per connection is what lets fan-out keep up (se
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -29,7 +30,7 @@ from sysmanage.protocol import (
 )
 from sysmanage.summary import Audience, HostSummary
 from sysmanage.topics import TOPICS, Filters
-from sysmanage.transport import Frame
+from sysmanage.transport import Frame, FrameRun
 
 if TYPE_CHECKING:
     from sysmanage.streams import Entry, History
@@ -121,12 +122,46 @@ class Hub:
         self._resuming: dict[str, dict[Subscriber, _Resume]] = defaultdict(dict)
         #: the streams' history, for resuming subscriptions (set by the node)
         self.history: HistoryReader | None = None
-        self.stats = {"events": 0, "deliveries": 0, "frames": 0}
+        self.stats = {"events": 0, "deliveries": 0, "frames": 0, "writes": 0}
         #: channel -> its hosts' latest events, for all-hosts subscribers (who are indexed
         #: under the host ``"*"``, which no event has: dispatch never walks them)
         self.summaries = {
             name: HostSummary(topic) for name, topic in TOPICS.items() if topic.summarized
         }
+        #: while gathering (:meth:`gathered`): bucket id -> (bucket, its frames so far)
+        self._gathering: dict[int, tuple[set[Subscriber], list[Frame]]] | None = None
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Gather the frames of the events dispatched inside the block, and write them
+        at its end: each bucket's frames joined once, each socket written to once.
+
+        The node wraps each read from the streams in it.  Nothing may await inside the
+        block (no subscription changes meanwhile).  A delivery that cannot be gathered
+        (a per-viewer or per-subscriber topic, a subscription being resumed, a notice)
+        writes what was gathered first, so that every socket keeps the order of events.
+        """
+        outer = self._gathering is None
+        if outer:
+            self._gathering = {}
+        try:
+            yield
+        finally:
+            if outer:
+                self._write_gathered()
+                self._gathering = None
+
+    def _write_gathered(self) -> None:
+        """Write every gathered bucket's frames to its sockets, one write each."""
+        gathering = self._gathering
+        if not gathering:
+            return
+        self._gathering = {}
+        for conns, frames in gathering.values():
+            frame = frames[0] if len(frames) == 1 else FrameRun(frames)
+            for conn in list(conns):
+                conn.deliver(frame)
+            self.stats["writes"] += len(conns)
 
     def register(self, conn: Subscriber) -> None:
         """Track ``conn`` so that control messages (revocations) can reach it."""
@@ -339,6 +374,7 @@ class Hub:
                 )
             )
         )
+        self._write_gathered()  # the events read before the notice go first
         conns = self.connections()
         for conn in conns:
             conn.deliver(frame)
@@ -397,8 +433,16 @@ class Hub:
         frames = delivered = 0
         filters_of = self.subscriptions[channel]
         resuming = self._resuming.get(channel)
+        gathering = self._gathering
+        if gathering is not None and (topic.extra_match or topic.per_viewer or resuming):
+            self._write_gathered()
+            gathering = None
         for variants in buckets:
             for conns in (variants or {}).values():
+                if gathering is not None:
+                    delivered += self._gather(gathering, conns, channel, data, timestamp, position)
+                    frames += 1
+                    continue
                 # one frame per audience (None for topics whose payload is the same for all)
                 framed: dict[Any, Frame] = {}
                 for conn in list(conns):
@@ -431,6 +475,37 @@ class Hub:
         self.stats["deliveries"] += delivered
         self.stats["frames"] += frames
         return delivered
+
+    def _gather(
+        self,
+        gathering: dict[int, tuple[set[Subscriber], list[Frame]]],
+        conns: set[Subscriber],
+        channel: str,
+        data: dict[str, Any],
+        timestamp: str | None,
+        position: StreamPosition | None,
+    ) -> int:
+        """Frame an event once for a bucket whose subscribers all get the same payload,
+        and add it to the bucket's gathered frames; return how many subscribers get it."""
+        topic = TOPICS[channel]
+        filters = self.subscriptions[channel][next(iter(conns))]
+        frame = Frame(
+            dumps(
+                envelope(
+                    MessageType.EVENT,
+                    channel,
+                    topic.render_for(filters, data, None),
+                    timestamp=timestamp,
+                    position=position,
+                )
+            )
+        )
+        pending = gathering.get(id(conns))
+        if pending is None:
+            gathering[id(conns)] = (conns, [frame])
+        else:
+            pending[1].append(frame)
+        return len(conns)
 
     @staticmethod
     def _withheld(

@@ -434,9 +434,10 @@ class Node:
                         await self._layer_back.wait()
                 delay = min(delay * 2, RETRY_MAX)
                 continue
-            for _channel, entries in batches:
-                for entry in entries:
-                    self.take_entry(entry)
+            with self.hub.gathered():  # one write per socket for the whole read
+                for _channel, entries in batches:
+                    for entry in entries:
+                        self.take_entry(entry)
             linger = settings.STREAM_READ_LINGER_SECONDS
             if batches and linger > 0 and sum(len(e) for _, e in batches) < streams.READ_BATCH:
                 # Let the next events gather: one read per few milliseconds instead of one

@@ -53,7 +53,7 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-from sysmanage import preflight
+from sysmanage import gcwatch, preflight
 from sysmanage.logfilters import redact
 from sysmanage.oversized import KEEP_BYTES, RECEIVE_OVERSIZED, SKIP_OVERSIZED
 
@@ -397,6 +397,12 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return inbox
+
+    def run(self) -> None:
+        """Serve until stopped, once the collector is settled (:mod:`sysmanage.gcwatch`):
+        the application is imported by now."""
+        gcwatch.settle()
+        super().run()
 
     def log_action(self, protocol: str, action: str, details: dict[str, Any]) -> None:
         """Called by Daphne for each access-log entry (HTTP request, WebSocket event)."""

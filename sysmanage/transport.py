@@ -54,6 +54,44 @@ class Frame:
         return self._prepared
 
 
+class _Joined:
+    """Several prepared messages' wire bytes, one after the other (what Autobahn's
+    ``sendPreparedMessage`` reads of a prepared message when nothing is compressed)."""
+
+    __slots__ = ("payloadHybi",)
+
+    doNotCompress = True  # noqa: N815 - the name Autobahn reads
+
+    def __init__(self, wire: bytes) -> None:
+        self.payloadHybi = wire
+
+
+class FrameRun(Frame):
+    """Consecutive frames that the same sockets get, written with one ``send()`` each.
+
+    The hub gathers the events of one read from the streams (:meth:`Hub.gathered
+    <sysmanage.hub.Hub.gathered>`): every subscriber of a bucket gets the same frames in
+    the same order, so their wire bytes are joined once per bucket, and a socket costs
+    one system call per read instead of one per event.  Where frames cannot be joined
+    (a compressing connection, the queue of other servers) each is delivered alone.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Frame]) -> None:
+        super().__init__("")
+        self.parts = parts
+
+    def prepared_for(self, factory: Any) -> Any:
+        """The frames' wire bytes joined, once for every socket."""
+        if self._factory is not factory:
+            self._prepared = _Joined(
+                b"".join(part.prepared_for(factory).payloadHybi for part in self.parts)
+            )
+            self._factory = factory
+        return self._prepared
+
+
 def _raw_socket(protocol: Any) -> socket.socket | None:
     """The plain TCP socket under ``protocol``, or None (TLS, or not Twisted's TCP)."""
     try:  # imported here: Twisted is optional outside Daphne
@@ -133,6 +171,10 @@ class Outbound:
         if self.overflowed:
             return
         protocol = self._protocol
+        if type(frame) is FrameRun and (protocol is None or protocol._perMessageCompress):
+            for part in frame.parts:
+                self.deliver(part)
+            return
         if protocol is not None:
             if protocol.state != protocol.STATE_OPEN:
                 return

@@ -410,3 +410,15 @@ async def test_a_skipped_message_is_never_held_in_memory():
         assert len(served.received[-1]["head"]) == len(served.received[-1]["tail"]) == KEEP_BYTES
     finally:
         served.stop()
+
+
+def test_the_collector_is_settled_before_serving(monkeypatch):
+    """The server settles the collector (sysmanage.gcwatch) once the application is
+    imported, just before Daphne starts serving."""
+    from sysmanage import gcwatch
+
+    calls: list[str] = []
+    monkeypatch.setattr(gcwatch, "settle", lambda: calls.append("settle"))
+    monkeypatch.setattr(Server, "run", lambda self: calls.append("run"))
+    RedactingServer(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"]).run()
+    assert calls == ["settle", "run"]
