@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from channels.db import database_sync_to_async
 from daphne.http_protocol import HTTPFactory
 from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
@@ -38,6 +37,7 @@ from websockets.uri import parse_uri
 
 from hosts import services as host_services
 from sysmanage.asgi import application
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.serve import RedactingServer
 
 pytestmark = pytest.mark.django_db(transaction=True)

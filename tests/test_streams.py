@@ -14,6 +14,7 @@ from django.conf import settings as django_settings
 from sysmanage.hub import Hub
 from sysmanage.protocol import StreamPosition
 from sysmanage.streams import MemoryStreams, RedisStreams, stream_keys
+from sysmanage.transport import FrameRun
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -215,7 +216,9 @@ class Recorder:
         self.messages = []
 
     def deliver(self, frame):
-        self.messages.append(json.loads(frame.text))
+        # a read's events come joined (the hub's gathering), as a socket writes them
+        for part in frame.parts if isinstance(frame, FrameRun) else [frame]:
+            self.messages.append(json.loads(part.text))
 
     def close_from_hub(self, code, error):
         pass

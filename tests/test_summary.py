@@ -7,12 +7,12 @@ import json
 import uuid
 
 import pytest
-from channels.db import database_sync_to_async
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 
 from hosts import services as host_services
 from sysmanage import permissions
+from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
 from sysmanage.node import Node
 from sysmanage.protocol import ALL_HOSTS, ErrorCode, ProtocolError
