@@ -80,6 +80,7 @@ class AgentConsumer(Connection):
         )
         self.aggregator = MinuteAggregator()
         self.sent: set[str] = set()
+        self.answered: set[str] = set()  # of ``sent``, the work whose result came
         self.last_seen = services.LastSeen(self.host_id)
         self.hub = await running_hub()
         previous = self.hub.register_agent(self.host_id, self)
@@ -122,6 +123,10 @@ class AgentConsumer(Connection):
 
     def _log_overflow(self) -> None:
         logger.warning("closing the agent of %s: it stopped reading", self.hostname)
+
+    def owes_results(self) -> bool:
+        """Whether work sent on this connection still waits for its result."""
+        return self.host_id is not None and not self.sent <= self.answered
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host."""
@@ -201,6 +206,7 @@ class AgentConsumer(Connection):
             id_,
         )
         self.sent.clear()
+        self.answered.clear()
         await self.dispatch_pending()
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
@@ -243,6 +249,7 @@ class AgentConsumer(Connection):
             execution_id=execution_id, host_id=self.host_id, result=result
         )
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
+        self.answered.add(execution_id)
         self.last_seen.touch()
 
     async def on_package_progress(self, data: AgentData, id_: MessageId) -> None:
@@ -261,6 +268,7 @@ class AgentConsumer(Connection):
             operation_id=operation_id, host_id=self.host_id, **result
         )
         self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
+        self.answered.add(operation_id)
 
     HANDLERS = {
         "hello": on_hello,

@@ -120,6 +120,7 @@ class Node:
         # the layer hands over is checked as it is handled, so it is not typed here.
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=INBOX_SIZE)
         self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()  # the outbox is empty and the publisher holds nothing
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
         self.publish_failures = 0
@@ -310,12 +311,15 @@ class Node:
 
     def enqueue_publish(self, message: LayerMessage) -> None:
         """Queue ``message`` for the layer; called on the node's loop only."""
+        self._idle.clear()
         self._outbox.put_nowait(message)
 
     async def _publish_loop(self) -> None:
         """Forward what this process publishes, in order: events to the channel streams
         (several per round trip when they queue up), control messages to the layer."""
         while True:
+            if self._outbox.empty():
+                self._idle.set()
             pending = [await self._outbox.get()]
             while len(pending) < PUBLISH_BATCH and not self._outbox.empty():
                 pending.append(self._outbox.get_nowait())
@@ -330,6 +334,11 @@ class Node:
                 await self._publish_one(message)
             if events:
                 await self._store_events(events)
+
+    async def settle(self) -> None:
+        """Return once what this process published has been handed to the layer (before
+        the process stops)."""
+        await self._idle.wait()
 
     async def _store_events(self, events: list[EventMessage]) -> None:
         """Number and keep ``events`` on their channels' streams.

@@ -28,6 +28,14 @@ what Daphne does with them:
 And it lets a connection's application ask for messages over Daphne's
 ``--websocket-max-message-size`` to be skipped rather than end the connection
 (:mod:`sysmanage.oversized`; the agents' endpoints ask).
+
+And it drains the process before it stops (:mod:`sysmanage.drain`).  Twisted turns
+SIGTERM and SIGINT into ``reactor.stop()``, which first runs the "before shutdown"
+triggers and waits for the Deferreds they return; Daphne's is ``kill_all_applications``,
+which cancels every connection's handler.  :class:`RedactingServer` runs the drain there
+first, while the reactor still serves: new WebSocket handshakes get HTTP 503, open
+sockets are closed with 1012 over ``DRAIN_SECONDS`` (at once on SIGINT, a person at a
+terminal), and only what is left after it is cancelled.  Then the process exits 0.
 """
 
 from __future__ import annotations
@@ -35,17 +43,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import signal
 import sys
 import time
 from functools import partial
 from typing import Any
 
+from autobahn.websocket.types import ConnectionDeny
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import WebRequest
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import defer, reactor
 
-from sysmanage import preflight
+from sysmanage import drain, preflight
 from sysmanage.logfilters import redact
 from sysmanage.oversized import KEEP_BYTES, RECEIVE_OVERSIZED, SKIP_OVERSIZED
 
@@ -216,12 +227,53 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
             self.last_ping = time.time()  # as Daphne does for every message
             self.application_queue.put_nowait(skipped.event(self.message_is_binary))
 
+    def onConnect(self, request: Any) -> Any:  # noqa: N802 - Autobahn's name
+        """Called with a handshake; refused with 503 while the process drains, before
+        any application sees it, so that a proxy tries another process."""
+        if drain.draining():
+            raise ConnectionDeny(503, "Service Unavailable")  # type: ignore[no-untyped-call]
+        return super().onConnect(request)
+
+    def sendHttpErrorResponse(  # noqa: N802 - Autobahn's name
+        self,
+        code: int,
+        reason: str,
+        responseHeaders: Any = None,  # noqa: N803
+    ) -> None:
+        """Answer a refused handshake; a 503 says when to try again, and that it ends."""
+        if code == 503:
+            responseHeaders = [  # noqa: N806
+                *(responseHeaders or ()),
+                ("Retry-After", "1"),
+                ("Content-Length", "0"),
+                ("Connection", "close"),
+            ]
+        super().sendHttpErrorResponse(code, reason, responseHeaders)
+
+    def serverClose(self, code: int | None = None) -> None:  # noqa: N802 - Daphne's name
+        """Close the socket with ``code``; Autobahn lets an application use only 1000
+        and 3000-4999, so 1012 (a drain's "service restart") is sent as a frame here."""
+        if code == drain.SERVICE_RESTART:
+            self.sendCloseFrame(code=code, reasonUtf8=drain.SERVICE_RESTART_REASON.encode())
+            return
+        super().serverClose(code=code)
+
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
 
 
 access_log = logging.getLogger("sysmanage.access")
+logger = logging.getLogger(__name__)
+
+
+async def _settle_node() -> None:
+    """Return once what this process published has left for the channel layer."""
+    from sysmanage.node import Node  # imported late: it needs Django set up
+
+    node = Node.current()
+    if node is not None:
+        await node.settle()
 
 
 def _json_logs() -> bool:
@@ -246,13 +298,16 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
 
     def protocol_disconnected(self, protocol: Any) -> None:
         """Called by Daphne when a protocol is done with the server: an HTTP request
-        answered or upgraded, a WebSocket closed.
+        answered or upgraded, a WebSocket closed (or refused while draining, before
+        Daphne knew of it).
 
         An upgraded request (its transport handed to the WebSocket protocol, unanswered)
         stays in its HTTP channel's queue of requests, where nothing reads it again: the
         channel stays the transport's producer, but while a request is being handled its
         pausing and resuming never look at the queue.  Taken out, it is freed.
         """
+        if protocol not in self.connections:
+            return
         super().protocol_disconnected(protocol)
         channel = getattr(protocol, "channel", None)
         if (
@@ -282,6 +337,31 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return inbox
+
+    def kill_all_applications(self) -> Any:
+        """Called by Twisted as shutdown begins (SIGTERM, SIGINT): drain the process,
+        then cancel what is left, as Daphne does; Twisted waits for the Deferred."""
+        drained = defer.Deferred.fromFuture(asyncio.ensure_future(self._drain()))
+        drained.addCallback(lambda _: Server.kill_all_applications(self))
+        return drained
+
+    async def _drain(self) -> None:
+        from django.conf import settings  # Django is set up by the application module
+
+        interrupted = getattr(reactor, "_exitSignal", None) == signal.SIGINT
+        window = 0.0 if interrupted else settings.DRAIN_SECONDS
+        try:
+            await drain.drain(window, busy=self._busy, settle=_settle_node)
+        except Exception:
+            logger.exception("draining failed; stopping at once")
+
+    def _busy(self) -> int:
+        """How many connections' handlers (WebSocket or HTTP request) are still running."""
+        return sum(
+            1
+            for details in self.connections.values()
+            if (instance := details.get("application_instance")) is not None and not instance.done()
+        )
 
     def log_action(self, protocol: str, action: str, details: dict[str, Any]) -> None:
         """Called by Daphne for each access-log entry (HTTP request, WebSocket event)."""
