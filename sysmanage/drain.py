@@ -100,6 +100,8 @@ class Drain:
         self.queue: collections.deque[Drainable] = collections.deque()
         self.seen: weakref.WeakSet[Drainable] = weakref.WeakSet()
         self.waiting: list[Drainable] = []
+        #: sockets seen (counted here: a closed one may leave ``seen`` when it is freed)
+        self.total = 0
         self.scheduled = 0  #: sockets whose turn came (closed, or waiting for results)
         self.closed = 0
         self.waited = 0  #: sockets closed later than their turn, for results owed
@@ -110,6 +112,7 @@ class Drain:
             if conn not in self.seen:
                 self.seen.add(conn)
                 self.queue.append(conn)
+                self.total += 1
 
     def _close(self, conn: Drainable) -> None:
         self.closed += 1
@@ -122,7 +125,7 @@ class Drain:
         """Close the sockets whose turn has come ``elapsed`` seconds into the drain."""
         self._take_new()
         over = elapsed >= self.window
-        target = due(len(self.seen), elapsed, self.window)
+        target = due(self.total, elapsed, self.window)
         while self.scheduled < target and self.queue:
             conn = self.queue.popleft()
             self.scheduled += 1
@@ -164,7 +167,7 @@ async def drain(
     logger.info(
         "draining: refusing new sockets, closing %d open socket(s) over %.1fs (1012 service "
         "restart)",
-        len(plan.seen),
+        plan.total,
         plan.window,
     )
     deadline = plan.window + FINISH_SECONDS

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import signal
 import sys
@@ -341,7 +342,9 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
     def kill_all_applications(self) -> Any:
         """Called by Twisted as shutdown begins (SIGTERM, SIGINT): drain the process,
         then cancel what is left, as Daphne does; Twisted waits for the Deferred."""
-        drained = defer.Deferred.fromFuture(asyncio.ensure_future(self._drain()))
+        # A fresh context: the drain belongs to no request or connection (log lines).
+        task = asyncio.get_event_loop().create_task(self._drain(), context=contextvars.Context())
+        drained = defer.Deferred.fromFuture(task)
         drained.addCallback(lambda _: Server.kill_all_applications(self))
         return drained
 

@@ -5,6 +5,7 @@ handshake (through Daphne's own code paths, as ``tests/test_serve.py`` drives th
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -107,6 +108,28 @@ def test_an_agent_owing_results_is_closed_once_they_came_or_the_window_ended():
     assert owing.closed_at in (1.2, 1.5)
     assert stuck.closed_at == 2.0
     assert plan.closed == 4
+
+
+def test_sockets_freed_once_closed_do_not_hold_up_the_others():
+    """A closed socket's consumer is freed once its connection ends; the schedule must
+    still reach every socket (it once counted the live ones, and stopped short)."""
+    alive = {i: FakeSocket(f"s{i}") for i in range(6)}
+    closed: list[float] = []
+    plan = drain.Drain(1.0)
+    for conn in alive.values():
+        drain.track(conn)
+    for step in range(12):
+        t = step / 10
+        for conn in alive.values():
+            conn.clock = t
+        plan.step(t)
+        for key, conn in list(alive.items()):
+            if conn.closed_at is not None:
+                closed.append(conn.closed_at)
+                del alive[key]  # the last reference: the socket is gone
+        gc.collect()
+    assert len(closed) == 6
+    assert plan.done()
 
 
 def test_a_socket_accepted_while_draining_is_closed_too():
