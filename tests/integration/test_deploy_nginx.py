@@ -465,3 +465,96 @@ async def test_a_rolling_restart_through_nginx(stack):
     assert sum(len(f.recovered) for f in followers) >= CLIENTS  # each moved at least once
     # Only the two stops closed anything.
     assert {code for f in followers for _, code in f.closes} == {1012}
+
+
+def test_the_tls_site_is_accepted_by_nginx(tmp_path):
+    """``nginx -t`` on the whole site of ``deploy/nginx/sysmanage.conf`` (TLS, the
+    redirect, the access log), with a throwaway certificate in place of the real one."""
+    binary = nginx_binary()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=fleet.example.com",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    site = (DEPLOY / "nginx/sysmanage.conf").read_text()
+    for shipped, here in (
+        ("/etc/nginx/sysmanage/", f"{DEPLOY / 'nginx'}/"),
+        ("/etc/ssl/certs/fleet.example.com.pem", str(cert)),
+        ("/etc/ssl/private/fleet.example.com.key", str(key)),
+        ("/var/log/nginx/", f"{tmp_path}/"),
+    ):
+        assert shipped in site, f"deploy/nginx/sysmanage.conf lost {shipped!r}"
+        site = site.replace(shipped, here)
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path / 'nginx.pid'};\nevents {{}}\n"
+        f"http {{ access_log off; include {tmp_path / 'site.conf'}; }}\n"
+    )
+    checked = subprocess.run(
+        [
+            binary,
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-e",
+            str(tmp_path / "error.log"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "[warn]" not in checked.stderr, checked.stderr
+
+
+def test_the_systemd_unit_is_valid_and_outlasts_the_drain(tmp_path):
+    """``systemd-analyze verify`` finds nothing to say about the template (with its
+    paths pointed at files that exist here), and it gives the drain time to finish."""
+    unit = (DEPLOY / "systemd/sysmanage@.service").read_text()
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#"
+    )
+    assert settings["KillSignal"] == "SIGTERM"
+    env_default = (DEPLOY / "systemd/sysmanage.env.example").read_text()
+    assert "\nDRAIN_SECONDS=10\n" in env_default
+    from sysmanage.drain import FINISH_SECONDS
+
+    assert int(settings["TimeoutStopSec"]) >= 10 + FINISH_SECONDS + 10
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    (tmp_path / "sysmanage.env").write_text(env_default)
+    local = unit.replace("/srv/sysmanage/.venv/bin/python", harness.PYTHON).replace(
+        "/etc/sysmanage/sysmanage.env", str(tmp_path / "sysmanage.env")
+    )
+    (tmp_path / "sysmanage@8001.service").write_text(local)
+    checked = subprocess.run(
+        [analyze, "verify", "--man=no", "./sysmanage@8001.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.strip() == "", checked.stderr
