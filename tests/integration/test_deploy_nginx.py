@@ -6,28 +6,23 @@ server processes on PostgreSQL and Redis; the WebSocket API, the agent
 (``python -m agent``) and the REST API through it; and a rolling restart: each server
 process in turn gets SIGTERM while 50 clients and the agent are connected through nginx.
 
-nginx runs as the current user with a prefix of its own (``-p``), its pid file, logs and
-temporary files in the test's directory.  ``scripts/test`` installs the ``nginx``
-package; without it these tests are skipped (a failure when ``CI`` is set).
+nginx runs as the current user with a prefix of its own (``tests/integration/nginx.py``).
+``scripts/test`` installs the ``nginx`` package; without it these tests are skipped (a
+failure when ``CI`` is set).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import getpass
-import grp
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,133 +31,26 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.integration import harness
 from tests.integration.client import api
+from tests.integration.nginx import DEPLOY, Nginx, find_nginx
 from tests.integration.test_agent_e2e import AGENT_SETTINGS, AgentProcess, register
 
 pytestmark = pytest.mark.integration
 
-DEPLOY = harness.REPO_ROOT / "deploy"
 #: The drain window of the servers here (the default is 10 s).
 DRAIN_SECONDS = 5.0
 #: Clients connected through nginx during the rolling restart.
 CLIENTS = 50
-#: What the shipped files name that a test on loopback must change.
-UPSTREAMS = ("server 127.0.0.1:8001 ", "server 127.0.0.1:8002 ")
-STATIC_ALIAS = "alias /srv/sysmanage/staticfiles/;"
 
 
 def nginx_binary() -> str:
     """Debian's nginx; skipped (failed when ``CI`` is set) if it is not installed."""
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
+    found = find_nginx()
     if found is None:
         reason = "nginx is not installed (scripts/test installs Debian's nginx package)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI is set, so this is a failure", pytrace=False)
         pytest.skip(reason)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Nginx:
-    """nginx with the shipped configuration, in front of ``ports``, under ``prefix``."""
-
-    def __init__(self, binary: str, prefix: Path, ports: list[int]) -> None:
-        self.binary = binary
-        self.prefix = prefix
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        prefix.mkdir(parents=True, exist_ok=True)
-        upstream = (DEPLOY / "nginx/sysmanage-upstream.conf").read_text()
-        for line, port in zip(UPSTREAMS, ports, strict=True):
-            assert line in upstream, f"deploy/nginx/sysmanage-upstream.conf lost {line!r}"
-            upstream = upstream.replace(line, f"server 127.0.0.1:{port} ")
-        locations = (DEPLOY / "nginx/sysmanage-locations.conf").read_text()
-        assert STATIC_ALIAS in locations, "deploy/nginx/sysmanage-locations.conf lost its alias"
-        locations = locations.replace(STATIC_ALIAS, f"alias {harness.REPO_ROOT / 'static'}/;")
-        (prefix / "sysmanage-upstream.conf").write_text(upstream)
-        (prefix / "sysmanage-locations.conf").write_text(locations)
-        user, group = getpass.getuser(), grp.getgrgid(os.getegid()).gr_name
-        temp = "\n".join(
-            f"    {kind}_temp_path {prefix / kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        (prefix / "nginx.conf").write_text(
-            f"""
-# Run as {user}: as root its workers would otherwise switch to nobody (not root: ignored).
-user {user} {group};
-daemon off;
-worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix / "access.log"};
-{temp}
-    include {prefix / "sysmanage-upstream.conf"};
-    server {{
-        listen 127.0.0.1:{self.port};
-        include {prefix / "sysmanage-locations.conf"};
-    }}
-}}
-"""
-        )
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def _command(self, *extra: str) -> list[str]:
-        return [
-            self.binary,
-            "-p",
-            str(self.prefix),
-            "-c",
-            str(self.prefix / "nginx.conf"),
-            "-e",
-            str(self.prefix / "error.log"),
-            *extra,
-        ]
-
-    def start(self) -> Nginx:
-        checked = subprocess.run(self._command("-t"), capture_output=True, text=True, check=False)
-        assert checked.returncode == 0, f"nginx -t refused the configuration:\n{checked.stderr}"
-        self.process = subprocess.Popen(
-            self._command(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited {self.process.returncode}:\n{self.errors()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"nginx did not listen:\n{self.errors()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-
-    def errors(self) -> str:
-        path = self.prefix / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @dataclass
