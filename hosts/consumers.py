@@ -21,7 +21,7 @@ from hosts import agent_protocol, selectors, services
 from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
 from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
-from sysmanage import dbgate
+from sysmanage import dbgate, drain
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.events import publish_control_now
@@ -100,7 +100,9 @@ class AgentConsumer(Connection):
         self.hub.unregister_agent(self.host_id, self)
         try:
             await self._save_minute(self.aggregator.flush())
-            if self.ready:
+            # A draining process sent the agent to another one: the host stays online
+            # (the sweep takes it offline if its agent does not come back).
+            if self.ready and not drain.draining():
                 await database_sync_to_async(services.host_agent_gone)(
                     host_id=self.host_id, session=self.session
                 )

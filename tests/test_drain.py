@@ -12,6 +12,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from hosts import services
+from hosts.models import Host
 from sysmanage import drain
 from sysmanage.serve import RedactingServer
 from tests.test_agent_consumer import (
@@ -265,3 +266,29 @@ async def test_1012_goes_out_as_a_close_frame():
         assert frame[4:] == b"service restart"
     finally:
         served.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_agent_sent_away_by_a_drain_leaves_its_host_online():
+    """A restart must not flap every host offline and back (raising and resolving their
+    "host offline" alerts): the agent reconnects to another process within a second."""
+    host, token = await database_sync_to_async(services.host_register)(hostname="drain-02")
+    agent = await agent_socket(token)
+    await hello(agent)
+    drain.begin()
+    (conn,) = list(drain._open)
+    conn.close_for_restart()
+    assert (await next_of_close(agent)) == 1012
+    await agent.disconnect()
+    host = await database_sync_to_async(Host.objects.get)(id=host.id)
+    assert host.status == "online"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_agent_that_leaves_otherwise_takes_its_host_offline():
+    host, token = await database_sync_to_async(services.host_register)(hostname="drain-03")
+    agent = await agent_socket(token)
+    await hello(agent)
+    await agent.disconnect()
+    host = await database_sync_to_async(Host.objects.get)(id=host.id)
+    assert host.status == "offline"

@@ -177,6 +177,8 @@ class Follower:
     recovered: list[bool] = field(default_factory=list)
     #: handshakes refused (HTTP status) or failed (the error)
     refused: list[str] = field(default_factory=list)
+    #: hosts this client was told went offline
+    offline: list[str] = field(default_factory=list)
     position: dict[str, Any] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -209,6 +211,8 @@ class Follower:
                 self.subscribed.append(time.monotonic())
             elif message["type"] == "event":
                 self.position = {"epoch": message["epoch"], "offset": message["offset"]}
+                if message["data"].get("status") == "offline":
+                    self.offline.append(message["data"]["host_id"])
 
     def back_after(self, closed_at: float) -> float | None:
         """Seconds from a close to the next confirmed subscription, if there was one."""
@@ -351,6 +355,8 @@ async def test_a_rolling_restart_through_nginx(stack):
     assert set(statuses) == {200}, sorted(set(statuses))
     assert all(all(f.recovered) for f in followers), "a resumed subscription lost events"
     assert sum(len(f.recovered) for f in followers) >= CLIENTS  # each moved at least once
+    # The agent moved twice without its host going offline.
+    assert not any(stack.host_id in f.offline for f in followers)
     # Only the two stops closed anything.
     assert {code for f in followers for _, code in f.closes} == {1012}
 
