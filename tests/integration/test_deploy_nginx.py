@@ -156,6 +156,7 @@ async def test_the_api_and_an_agent_through_nginx(stack):
     hosts = await api("GET", stack.nginx.base_url, "/api/hosts/", token=stack.token)
     assert hosts.status == 200
     assert harness.http_get(f"{stack.nginx.base_url}/readyz")[0] == 200
+    assert harness.http_get(f"{stack.nginx.base_url}/metrics")[0] == 404  # scraped directly
     status, script = harness.http_get(f"{stack.nginx.base_url}/static/js/sysmanage-client.js")
     assert status == 200
     assert "export class" in script
