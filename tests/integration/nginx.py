@@ -36,7 +36,10 @@ def free_port() -> int:
 class Nginx:
     """nginx with the shipped configuration, in front of ``ports``, under ``prefix``."""
 
-    def __init__(self, binary: str, prefix: Path, ports: list[int]) -> None:
+    def __init__(
+        self, binary: str, prefix: Path, ports: list[int], connections: int = 1024
+    ) -> None:
+        """``connections``: nginx's ``worker_connections``; each proxied socket takes two."""
         self.binary = binary
         self.prefix = prefix
         self.port = free_port()
@@ -64,7 +67,8 @@ daemon off;
 worker_processes 1;
 pid {prefix / "nginx.pid"};
 error_log {prefix / "error.log"} info;
-events {{ worker_connections 1024; }}
+worker_rlimit_nofile {connections * 2};
+events {{ worker_connections {connections}; }}
 http {{
     access_log {prefix / "access.log"};
 {temp}

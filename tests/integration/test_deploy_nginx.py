@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from tests.integration import harness
 from tests.integration.client import api
@@ -192,7 +192,7 @@ class Follower:
                 self.refused.append(f"HTTP {exc.response.status_code}")
             except ConnectionClosed:
                 pass
-            except OSError as exc:
+            except (InvalidHandshake, OSError) as exc:
                 self.refused.append(repr(exc))
             if ws is not None:
                 self.closes.append((time.monotonic(), ws.close_code))
