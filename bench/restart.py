@@ -76,7 +76,8 @@ class Client:
     closes: list[tuple[float, int | None]] = field(default_factory=list)
     subscribed: list[float] = field(default_factory=list)
     recovered: list[bool] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
+    #: (when, why) of each handshake refused or failed
+    refused: list[tuple[float, str]] = field(default_factory=list)
     position: dict[str, Any] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -91,11 +92,11 @@ class Client:
                 ) as ws:
                     await self.follow(ws)
             except InvalidStatus as exc:
-                self.refused.append(f"HTTP {exc.response.status_code}")
+                self.refused.append((time.monotonic(), f"HTTP {exc.response.status_code}"))
             except (ConnectionClosed, TimeoutError):
                 pass
             except (InvalidHandshake, OSError) as exc:
-                self.refused.append(type(exc).__name__)
+                self.refused.append((time.monotonic(), type(exc).__name__))
             if ws is not None:
                 self.closes.append((time.monotonic(), ws.close_code))
             await asyncio.sleep(random.uniform(0, 0.2))
@@ -127,7 +128,7 @@ class Agent:
     started: set[str] = field(default_factory=set)
     unacked: dict[str, dict[str, Any]] = field(default_factory=dict)
     closes: list[tuple[float, int | None]] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
+    refused: list[tuple[float, str]] = field(default_factory=list)
     link: ClientConnection | None = None
     jobs: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -142,11 +143,11 @@ class Agent:
                     self.link = ws
                     await self.session(ws)
             except InvalidStatus as exc:
-                self.refused.append(f"HTTP {exc.response.status_code}")
+                self.refused.append((time.monotonic(), f"HTTP {exc.response.status_code}"))
             except (ConnectionClosed, TimeoutError):
                 pass
             except (InvalidHandshake, OSError) as exc:
-                self.refused.append(type(exc).__name__)
+                self.refused.append((time.monotonic(), type(exc).__name__))
             if self.link is not None:
                 self.closes.append((time.monotonic(), self.link.close_code))
             self.link = None
@@ -248,8 +249,9 @@ async def run(args: argparse.Namespace) -> bool:
             WS_RATE_LIMIT_BURST="1000",
         )
         servers = harness.start_servers([("a", env), ("b", env)], work)
+        # two connections per socket, and room for the storm of first connections
         sockets = args.clients + args.agents + 100
-        nginx = Nginx(binary, work / "nginx", [s.port for s in servers], 2 * sockets).start()
+        nginx = Nginx(binary, work / "nginx", [s.port for s in servers], 4 * sockets).start()
         token = obtain_tokens(nginx.base_url, "admin", seed["password"])["access"]
         leaving, staying = servers
         stop = asyncio.Event()
@@ -346,7 +348,10 @@ def summarize(
                 moved += 1
                 back.append(min(later) - closed_at)
                 last_back = max(last_back, min(later) - sigterm)
-    refused = [r for c in clients for r in c.refused] + [r for a in agents for r in a.refused]
+    # only after the SIGTERM: the first connection storm is not the subject
+    attempts = [r for c in clients for r in c.refused] + [r for a in agents for r in a.refused]
+    refused = [why for t, why in attempts if t >= sigterm]
+    before = sum(1 for t, _ in attempts if t < sigterm)
     completed = sum(
         1
         for r in replies.values()
@@ -363,7 +368,10 @@ def summarize(
         f"max {back[-1] if back else 0:.3f}s; last back {last_back:.2f}s after SIGTERM"
     )
     print(f"client closes per second after SIGTERM: {dict(sorted(per_second.items()))}")
-    print(f"agents closed {dict(agent_codes)}; handshakes refused or failed: {len(refused)}")
+    print(
+        f"agents closed {dict(agent_codes)}; handshakes refused or failed after SIGTERM: "
+        f"{dict(collections.Counter(refused))} (while first connecting: {before})"
+    )
     print(f"commands completed {completed} of {len(agents)} (replies {len(replies)})")
     resumed = [r for c in clients for r in c.recovered]
     print(f"resumed subscriptions {len(resumed)}, recovered {sum(resumed)}")
