@@ -18,6 +18,8 @@ CLOSE_AUTH_FAILED = 4001
 CLOSE_REPLACED = 4009
 #: Close code the agent uses when it shuts down.
 CLOSE_GOING_AWAY = 1001
+#: Close code of a server process that drains before a restart: reconnect soon.
+CLOSE_SERVICE_RESTART = 1012
 
 # Agent -> server.
 HELLO: Final = "hello"

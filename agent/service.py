@@ -18,6 +18,7 @@ from agent.packages.managers import detect_manager
 from agent.protocol import (
     ACK,
     CLOSE_REPLACED,
+    CLOSE_SERVICE_RESTART,
     ERROR,
     PACKAGE_OPERATION,
     RESULT_ID_FIELDS,
@@ -212,6 +213,11 @@ def next_delay(end: SessionEnd, backoff: Backoff) -> float:
     if end.close_code == CLOSE_REPLACED:
         log.warning("Another agent connected with the same token (close code 4009)")
         return backoff.maximum
+    if end.close_code == CLOSE_SERVICE_RESTART:
+        # The server spreads these closes out itself; another process takes the agent.
+        log.info("The server is restarting (%s); reconnecting", _describe(end))
+        backoff.reset()
+        return backoff.next_delay()
     if end.close_code is not None or end.reason:
         log.warning("Disconnected: %s", _describe(end))
     return backoff.next_delay()

@@ -21,7 +21,7 @@ from hosts import agent_protocol, selectors, services
 from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
 from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
-from sysmanage import dbgate, metrics
+from sysmanage import dbgate, drain, metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
 from sysmanage.dbthreads import database_sync_to_async
@@ -53,6 +53,8 @@ class AgentConsumer(Connection):
     #: the commands and operations handed over on this connection (made on first use:
     #: most idle agents never get one)
     sent: set[str] | None = None
+    #: of ``sent``, the work whose result came (made on first use too)
+    answered: set[str] | None = None
     skips_oversized = True
     #: the next frame :meth:`receive` gets already took its token of the rate
     prepaid = False
@@ -104,7 +106,9 @@ class AgentConsumer(Connection):
         self.hub.unregister_agent(self.host_id, self)
         try:
             await self._save_minute(self.aggregator.flush())
-            if self.ready:
+            # A draining process sent the agent to another one: the host stays online
+            # (the sweep takes it offline if its agent does not come back).
+            if self.ready and not drain.draining():
                 await database_sync_to_async(services.host_agent_gone)(
                     host_id=self.host_id, session=self.session
                 )
@@ -127,6 +131,10 @@ class AgentConsumer(Connection):
 
     def _log_overflow(self) -> None:
         logger.warning("closing the agent of %s: it stopped reading", self.hostname)
+
+    def owes_results(self) -> bool:
+        """Whether work sent on this connection still waits for its result."""
+        return self.host_id is not None and not (self.sent or set()) <= (self.answered or set())
 
     def nudge(self) -> None:
         """Called by the hub when work was queued for this host."""
@@ -244,7 +252,7 @@ class AgentConsumer(Connection):
             },
             id_,
         )
-        self.sent = None
+        self.sent = self.answered = None
         await self.dispatch_pending()
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
@@ -296,6 +304,7 @@ class AgentConsumer(Connection):
             execution_id=execution_id, host_id=self.host_id, result=result
         )
         self.send_message("ack", {"kind": "command_result", "ref": execution_id}, id_)
+        self._answered(execution_id)
         self.last_seen.touch()
 
     async def on_package_progress(self, data: AgentData, id_: MessageId) -> None:
@@ -314,6 +323,13 @@ class AgentConsumer(Connection):
             operation_id=operation_id, host_id=self.host_id, **result
         )
         self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
+        self._answered(operation_id)
+
+    def _answered(self, ref: str) -> None:
+        """Note that the result of ``ref`` came (the drain waits for those still owed)."""
+        if self.answered is None:
+            self.answered = set()
+        self.answered.add(ref)
 
     HANDLERS = {
         "hello": on_hello,

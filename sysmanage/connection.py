@@ -45,7 +45,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from sysmanage import metrics
+from sysmanage import drain, metrics
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.oversized import SKIP_OVERSIZED, Oversized
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
@@ -141,6 +141,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
             max_buffer_bytes=settings.WS_MAX_SEND_BUFFER_BYTES,
             on_overflow=self._on_overflow,
         )
+        drain.track(self)
 
     async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
         """Called when the socket closes, whoever closed it: count it, then
@@ -150,6 +151,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
 
     def _release(self) -> None:
         """Called on disconnect: end this connection's tasks and its outbound path."""
+        drain.forget(self)
         for task in self.tasks or ():
             task.cancel()
         if self.outbound is not None:
@@ -254,6 +256,19 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         if not self.closing:
             self.closing = True
             self._spawn(self._close_with(code, self._closing_message(code, error)))
+
+    def close_for_restart(self) -> None:
+        """Called while the process drains (:mod:`sysmanage.drain`): close with 1012
+        "service restart", after which the peer reconnects, to another process."""
+        if not self.closing and self.outbound is not None:
+            self.closing = True
+            self._before_close()
+            self._spawn(self.close(code=drain.SERVICE_RESTART))
+
+    def owes_results(self) -> bool:
+        """Whether the peer still owes results of work sent on this socket (the drain
+        closes such a socket last); agents say."""
+        return False
 
     def _log_overflow(self) -> None:
         """Say in the log which connection stopped reading."""

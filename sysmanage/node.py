@@ -122,6 +122,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         #: background jobs run one at a time, in the order they were handed over
         self._background = asyncio.Lock()
+        self._idle = asyncio.Event()  # the outbox is empty and the publisher holds nothing
         self._ready: asyncio.Future[None] = loop.create_future()
         self._closed = False
         #: the publisher waits for messages, none queued (see enqueue_publish)
@@ -330,12 +331,15 @@ class Node:
             metrics.published(message["channel"])
             self._store_in_memory(message)
             return
+        self._idle.clear()
         self._outbox.put_nowait(message)
 
     async def _publish_loop(self) -> None:
         """Forward what this process publishes, in order: events to the channel streams
         (several per round trip when they queue up), control messages to the layer."""
         while True:
+            if self._outbox.empty():
+                self._idle.set()
             self._publisher_waits = True
             try:
                 pending = [await self._outbox.get()]
@@ -354,6 +358,11 @@ class Node:
                 await self._publish_one(message)
             if events:
                 await self._store_events(events)
+
+    async def settle(self) -> None:
+        """Return once what this process published has been handed to the layer (before
+        the process stops)."""
+        await self._idle.wait()
 
     async def _store_events(self, events: list[EventMessage]) -> None:
         """Number and keep ``events`` on their channels' streams.

@@ -33,27 +33,39 @@ what Daphne does with them:
 And it lets a connection's application ask for messages over Daphne's
 ``--websocket-max-message-size`` to be skipped rather than end the connection
 (:mod:`sysmanage.oversized`; the agents' endpoints ask).
+
+And it drains the process before it stops (:mod:`sysmanage.drain`).  Twisted turns
+SIGTERM and SIGINT into ``reactor.stop()``, which first runs the "before shutdown"
+triggers and waits for the Deferreds they return; Daphne's is ``kill_all_applications``,
+which cancels every connection's handler.  :class:`RedactingServer` runs the drain there
+first, while the reactor still serves: new WebSocket handshakes get HTTP 503, open
+sockets are closed with 1012 over ``DRAIN_SECONDS`` (at once on SIGINT, a person at a
+terminal), and only what is left after it is cancelled.  Then the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import errno
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from autobahn.websocket.types import ConnectionDeny
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import WebRequest
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import defer, reactor
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-from sysmanage import gcwatch, preflight
+from sysmanage import drain, gcwatch, preflight
 from sysmanage.logfilters import redact
 from sysmanage.oversized import KEEP_BYTES, RECEIVE_OVERSIZED, SKIP_OVERSIZED
 
@@ -310,6 +322,37 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
             self.last_ping = time.time()  # as Daphne does for every message
             self.application_queue.put_nowait(skipped.event(self.message_is_binary))
 
+    def onConnect(self, request: Any) -> Any:  # noqa: N802 - Autobahn's name
+        """Called with a handshake; refused with 503 while the process drains, before
+        any application sees it, so that a proxy tries another process."""
+        if drain.draining():
+            raise ConnectionDeny(503, "Service Unavailable")  # type: ignore[no-untyped-call]
+        return super().onConnect(request)
+
+    def sendHttpErrorResponse(  # noqa: N802 - Autobahn's name
+        self,
+        code: int,
+        reason: str,
+        responseHeaders: Any = None,  # noqa: N803
+    ) -> None:
+        """Answer a refused handshake; a 503 says when to try again, and that it ends."""
+        if code == 503:
+            responseHeaders = [  # noqa: N806
+                *(responseHeaders or ()),
+                ("Retry-After", "1"),
+                ("Content-Length", "0"),
+                ("Connection", "close"),
+            ]
+        super().sendHttpErrorResponse(code, reason, responseHeaders)
+
+    def serverClose(self, code: int | None = None) -> None:  # noqa: N802 - Daphne's name
+        """Close the socket with ``code``; Autobahn lets an application use only 1000
+        and 3000-4999, so 1012 (a drain's "service restart") is sent as a frame here."""
+        if code == drain.SERVICE_RESTART:
+            self.sendCloseFrame(code=code, reasonUtf8=drain.SERVICE_RESTART_REASON.encode())
+            return
+        super().serverClose(code=code)
+
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:
     setattr(LeanWebSocketProtocol, _option, _FactoryOption(_option))
@@ -326,6 +369,16 @@ HANDSHAKE_TIMEOUT = 60
 LISTEN_BACKLOG = 4096
 
 access_log = logging.getLogger("sysmanage.access")
+logger = logging.getLogger(__name__)
+
+
+async def _settle_node() -> None:
+    """Return once what this process published has left for the channel layer."""
+    from sysmanage.node import Node  # imported late: it needs Django set up
+
+    node = Node.current()
+    if node is not None:
+        await node.settle()
 
 
 def _json_logs() -> bool:
@@ -361,13 +414,16 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
 
     def protocol_disconnected(self, protocol: Any) -> None:
         """Called by Daphne when a protocol is done with the server: an HTTP request
-        answered or upgraded, a WebSocket closed.
+        answered or upgraded, a WebSocket closed (or refused while draining, before
+        Daphne knew of it).
 
         An upgraded request (its transport handed to the WebSocket protocol, unanswered)
         stays in its HTTP channel's queue of requests, where nothing reads it again: the
         channel stays the transport's producer, but while a request is being handled its
         pausing and resuming never look at the queue.  Taken out, it is freed.
         """
+        if protocol not in self.connections:
+            return
         super().protocol_disconnected(protocol)
         channel = getattr(protocol, "channel", None)
         if (
@@ -403,6 +459,33 @@ class RedactingServer(Server):  # type: ignore[misc]  # daphne ships no type inf
         the application is imported by now."""
         gcwatch.settle()
         super().run()
+
+    def kill_all_applications(self) -> Any:
+        """Called by Twisted as shutdown begins (SIGTERM, SIGINT): drain the process,
+        then cancel what is left, as Daphne does; Twisted waits for the Deferred."""
+        # A fresh context: the drain belongs to no request or connection (log lines).
+        task = asyncio.get_event_loop().create_task(self._drain(), context=contextvars.Context())
+        drained = defer.Deferred.fromFuture(task)
+        drained.addCallback(lambda _: Server.kill_all_applications(self))
+        return drained
+
+    async def _drain(self) -> None:
+        from django.conf import settings  # Django is set up by the application module
+
+        interrupted = getattr(reactor, "_exitSignal", None) == signal.SIGINT
+        window = 0.0 if interrupted else settings.DRAIN_SECONDS
+        try:
+            await drain.drain(window, busy=self._busy, settle=_settle_node)
+        except Exception:
+            logger.exception("draining failed; stopping at once")
+
+    def _busy(self) -> int:
+        """How many connections' handlers (WebSocket or HTTP request) are still running."""
+        return sum(
+            1
+            for details in self.connections.values()
+            if (instance := details.get("application_instance")) is not None and not instance.done()
+        )
 
     def log_action(self, protocol: str, action: str, details: dict[str, Any]) -> None:
         """Called by Daphne for each access-log entry (HTTP request, WebSocket event)."""

@@ -277,6 +277,9 @@ else:
 # group: a Redis that restarted empty (or was flushed) loses it, and the process then
 # rejoins and tells its clients that events may have been missed (sysmanage.node).
 LAYER_REJOIN_SECONDS = float(env("LAYER_REJOIN_SECONDS", "5") or "5")
+# On SIGTERM a server process closes its sockets (1012) spread over this many seconds,
+# then stops (sysmanage/drain.py).
+DRAIN_SECONDS = max(0.0, float(env("DRAIN_SECONDS", "10") or "10"))
 
 # Channel streams (sysmanage.streams): how much of each channel's recent history is kept
 # for clients that resume after a disconnect (count and age; whichever is reached first).

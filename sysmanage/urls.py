@@ -23,7 +23,7 @@ from alerts.api import AlertViewSet
 from alerts.views import AlertListView
 from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
 from hosts.views import HostDetailView, HostListView
-from sysmanage import dbgate, plugins
+from sysmanage import dbgate, drain, plugins
 from sysmanage.dbthreads import in_database_threads
 from sysmanage.metrics import metrics_view
 from sysmanage.middleware import reported_elsewhere
@@ -90,8 +90,12 @@ def _redis_check() -> str:
 
 
 def readiness(request: HttpRequest) -> JsonResponse:
-    """Readiness check: 503 while this process cannot use its database or reach its
-    channel layer, with what failed; 200 otherwise."""
+    """Readiness check: 503 while this process drains before stopping, or cannot use its
+    database or reach its channel layer, with what failed; 200 otherwise."""
+    since = drain.draining_since()
+    if since is not None:
+        draining = {"status": "draining", "since": iso(datetime.fromtimestamp(since, UTC))}
+        return reported_elsewhere(JsonResponse(draining, status=503))
     checks = {"database": _database_check(), "channel_layer": _channel_layer_check()}
     if all(result == "ok" for result in checks.values()):
         return JsonResponse({"status": "ready", "checks": checks})

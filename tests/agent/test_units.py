@@ -268,6 +268,15 @@ def test_rejections_wait_the_maximum_delay(end: SessionEnd, expected: float) -> 
     assert next_delay(end, Backoff(rng=random.Random(1))) == expected
 
 
+def test_a_server_restart_is_followed_by_a_prompt_reconnect() -> None:
+    backoff = Backoff(rng=random.Random(5))
+    for _ in range(5):
+        next_delay(SessionEnd(None, "refused"), backoff)
+    delay = next_delay(SessionEnd(1012, "service restart", uptime=2.0, welcomed=True), backoff)
+    assert delay <= 1.0
+    assert backoff.ceiling() == 2
+
+
 def test_backoff_grows_on_failures_and_resets_after_a_long_connection() -> None:
     backoff = Backoff(rng=random.Random(3))
     for _ in range(5):

@@ -46,6 +46,8 @@ _SERVER_VARS = {"DATABASE_URL", "REDIS_URL", "FLEET_STATUS_MIN_INTERVAL", "LOG_L
 #: deliberately failed handshakes of the tests, all from 127.0.0.1, never block that
 #: address (test_security_authz.py tests the limit on servers of its own).
 COMMON_SETTINGS = {
+    # A server stopped with sockets open closes them over this window (the default is 10 s).
+    "DRAIN_SECONDS": "2",
     "HOST_OFFLINE_AFTER_SECONDS": "86400",
     "WS_AUTH_FAILURES_PER_ADDRESS": "100000",
 }
