@@ -154,6 +154,7 @@ class AgentConsumer(Connection):
             return
         if size > settings.AGENT_MAX_MESSAGE_BYTES:
             limit = settings.AGENT_MAX_MESSAGE_BYTES
+            metrics.frame_refused(self.metric_kind, "too_large")
             await self.oversized(Oversized.from_frame(text_data, bytes_data, size, limit))
             return
         if text_data is None:

@@ -189,6 +189,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         wait = self.bucket.take() if self.bucket is not None else 0.0
         if wait == 0:
             return True
+        metrics.frame_refused(self.metric_kind, "rate")
         if self.rate_refusals is None:
             self.rate_refusals = RefusalWindow()
         if self.rate_refusals.record():
@@ -201,6 +202,7 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         """Called by the server (for connections that skip them) for a message over its
         limit, which it read past without keeping it."""
         if not self.closing and await self._within_rate(None):
+            metrics.frame_refused(self.metric_kind, "too_large")
             await self.oversized(Oversized.from_event(event))
 
     async def oversized(self, message: Oversized) -> None:

@@ -69,6 +69,12 @@ def executor() -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
+def queued() -> int:
+    """Database calls waiting for a free thread (``/metrics``)."""
+    pool = _EXECUTOR
+    return pool._work_queue.qsize() if pool is not None else 0
+
+
 def database_sync_to_async(func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """``func`` as a coroutine function that runs it in one of the database threads
     (channels' ``database_sync_to_async``, with a pool instead of one thread)."""

@@ -123,6 +123,8 @@ class Hub:
         #: the streams' history, for resuming subscriptions (set by the node)
         self.history: HistoryReader | None = None
         self.stats = {"events": 0, "deliveries": 0, "frames": 0, "writes": 0}
+        #: channel -> event frames handed to sockets (``/metrics``)
+        self.deliveries: dict[str, int] = defaultdict(int)
         #: channel -> its hosts' latest events, for all-hosts subscribers (who are indexed
         #: under the host ``"*"``, which no event has: dispatch never walks them)
         self.summaries = {
@@ -473,6 +475,7 @@ class Hub:
                     conn.deliver(frame)
                     delivered += 1
         self.stats["deliveries"] += delivered
+        self.deliveries[channel] += delivered
         self.stats["frames"] += frames
         return delivered
 

@@ -39,6 +39,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sysmanage import dbthreads
+
 # The ``_created`` series double every counter and histogram for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 REGISTRY = CollectorRegistry()
@@ -48,6 +50,8 @@ ProcessCollector(namespace="sysmanage", registry=REGISTRY)
 _published: Counter[str] = Counter()
 #: (kind, close code) -> sockets closed
 _closed: Counter[tuple[str, str]] = Counter()
+#: (kind, reason) -> frames received and not processed
+_refused: Counter[tuple[str, str]] = Counter()
 #: (kind, message type) -> messages received from agents
 _agent_messages: Counter[tuple[str, str]] = Counter()
 
@@ -70,6 +74,11 @@ ROUND_TRIP = Histogram(
 def published(channel: str) -> None:
     """Count one event this process published on ``channel``."""
     _published[channel] += 1
+
+
+def frame_refused(kind: str, reason: str) -> None:
+    """Count one frame from a socket of ``kind`` not processed (``rate``, ``too_large``)."""
+    _refused[kind, reason] += 1
 
 
 def socket_closed(kind: str, code: int | None) -> None:
@@ -144,6 +153,12 @@ class LiveCollector(Collector):
             _closed,
         )
         yield _counter(
+            "sysmanage_frames_refused",
+            "Frames received and not processed, by socket kind and reason (rate, too_large).",
+            ["kind", "reason"],
+            _refused,
+        )
+        yield _counter(
             "sysmanage_agent_messages",
             "Messages received from agents, by agent kind and message type.",
             ["kind", "type"],
@@ -162,8 +177,14 @@ class LiveCollector(Collector):
             "sysmanage_events_dispatched", "Events this process fanned out to its sockets."
         )
         deliveries = CounterMetricFamily(
-            "sysmanage_event_deliveries", "Event frames handed to sockets (one per subscriber)."
+            "sysmanage_event_deliveries",
+            "Event frames handed to sockets (one per subscriber), by channel.",
+            labels=["channel"],
         )
+        db_queued = GaugeMetricFamily(
+            "sysmanage_db_calls_queued", "Database calls waiting for one of the database threads."
+        )
+        db_queued.add_metric([], dbthreads.queued())
         inbox = GaugeMetricFamily(
             "sysmanage_hub_inbox_depth", "Messages from the channel layer waiting for the hub."
         )
@@ -185,11 +206,13 @@ class LiveCollector(Collector):
             for channel, subscribers in sorted(hub.subscriptions.items()):
                 subscriptions.add_metric([channel], len(subscribers))
             delivered.add_metric([], hub.stats.get("events", 0))
-            deliveries.add_metric([], hub.stats.get("deliveries", 0))
+            for channel, count in sorted(hub.deliveries.items()):
+                deliveries.add_metric([channel], count)
             inbox.add_metric([], node.inbox_depth())
             layer_up.add_metric([], 0 if node.layer_down_since is not None else 1)
             failures.add_metric([], node.publish_failures)
         yield from (sockets, subscriptions, delivered, deliveries, inbox, layer_up, failures)
+        yield db_queued
 
 
 class DatabaseCollector(Collector):

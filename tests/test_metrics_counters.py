@@ -39,6 +39,17 @@ def test_invented_message_types_cannot_grow_the_series_without_end():
     assert any('type="other"' in line for line in series)
 
 
+def test_refused_frames_by_kind_and_reason(monkeypatch):
+    monkeypatch.setattr(metrics, "_refused", metrics.Counter())
+    metrics.frame_refused("agent", "too_large")
+    metrics.frame_refused("client", "rate")
+    metrics.frame_refused("client", "rate")
+    text = scraped()
+    assert 'sysmanage_frames_refused_total{kind="agent",reason="too_large"} 1.0' in text
+    assert 'sysmanage_frames_refused_total{kind="client",reason="rate"} 2.0' in text
+    assert "sysmanage_db_calls_queued 0.0" in text
+
+
 def test_sockets_closed_by_code():
     metrics.socket_closed("client", 4008)
     metrics.socket_closed("client", None)  # no code in the close: 1005, as RFC 6455 says

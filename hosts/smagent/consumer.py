@@ -25,7 +25,7 @@ from hosts.agent_protocol import log_oversized, result_too_large
 from hosts.smagent import deliveries, enrollment, protocol, tokens
 from hosts.smagent.protocol import AgentProtocolError, ErrorMessage, ErrorType, ServerMessage
 from hosts.smagent.session import AgentSession, AwaitingApproval
-from sysmanage import dbgate
+from sysmanage import dbgate, metrics
 from sysmanage.connection import Connection
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import running_hub
@@ -296,6 +296,7 @@ class SysManageAgentConsumer(Connection):
             return
         if size > settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES:
             limit = settings.SYSMANAGE_AGENT_MAX_MESSAGE_BYTES
+            metrics.frame_refused(self.metric_kind, "too_large")
             await self.oversized(Oversized.from_frame(text_data, bytes_data, size, limit))
             return
         replies: list[ServerMessage] = []
