@@ -16,7 +16,8 @@ import argparse
 import ipaddress
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 #: What ``DJANGO_ALLOWED_HOSTS`` allows when unset: this machine only.
@@ -48,11 +49,12 @@ def check_settings() -> str | None:
     return None
 
 
-def check_database() -> str | None:
-    """Connect once to the configured database, bypassing the server's pool and gate."""
+def check_database(db: Mapping[str, Any] | None = None) -> str | None:
+    """Connect once to the configured database (or ``db``, settings of the same form),
+    bypassing the server's pool and gate."""
     from django.conf import settings
 
-    db = settings.DATABASES["default"]
+    db = settings.DATABASES["default"] if db is None else db
     if db["ENGINE"] == "django.db.backends.sqlite3":
         return None  # a file under a directory the settings created
     import psycopg

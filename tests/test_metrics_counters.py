@@ -56,3 +56,63 @@ def test_sockets_closed_by_code():
     text = scraped()
     assert 'sysmanage_sockets_closed_total{code="4008",kind="client"} 1.0' in text
     assert 'sysmanage_sockets_closed_total{code="1005",kind="client"} 1.0' in text
+
+
+class FakeHub:
+    def __init__(self):
+        client = type("Conn", (), {"auth_via": "header"})()
+        agent = type("Agent", (), {"metric_kind": "sysmanage_agent"})()
+        self.clients = {client}
+        self.agents = {"h1": agent}
+        self.subscriptions = {"host_status": {client: {}}}
+        self.stats = {"events": 7}
+        self.deliveries = {"host_status": 5}
+
+    def connections(self):
+        return self.clients
+
+
+class FakeNode:
+    hub = FakeHub()
+    layer_down_since = None
+    publish_failures = 2
+
+    def inbox_depth(self):
+        return 3
+
+
+def test_live_figures_come_from_the_node(monkeypatch):
+    monkeypatch.setattr(metrics, "_node_source", FakeNode)
+    text = scraped()
+    assert 'sysmanage_sockets_open{auth="header",kind="client"} 1.0' in text
+    assert 'sysmanage_sockets_open{auth="token",kind="sysmanage_agent"} 1.0' in text
+    assert 'sysmanage_subscriptions{channel="host_status"} 1.0' in text
+    assert 'sysmanage_event_deliveries_total{channel="host_status"} 5.0' in text
+    assert "sysmanage_events_dispatched_total 7.0" in text
+    assert "sysmanage_hub_inbox_depth 3.0" in text
+    assert "sysmanage_channel_layer_up 1.0" in text
+    assert "sysmanage_publish_failures_total 2.0" in text
+    assert 'sysmanage_hosts{status="unknown"}' in text  # the apps' figures, from the database
+
+
+def test_metrics_are_served_to_loopback_or_the_token_only(rf, settings):
+    settings.METRICS_TOKEN = ""
+    assert metrics.metrics_view(rf.get("/metrics", REMOTE_ADDR="127.0.0.1")).status_code == 200
+    assert metrics.metrics_view(rf.get("/metrics", REMOTE_ADDR="10.1.2.3")).status_code == 403
+    assert metrics.metrics_view(rf.get("/metrics", REMOTE_ADDR="bogus")).status_code == 403
+    settings.METRICS_TOKEN = "t0ken-for-scrapes"
+    assert metrics.metrics_view(rf.get("/metrics", REMOTE_ADDR="127.0.0.1")).status_code == 403
+    granted = rf.get(
+        "/metrics", REMOTE_ADDR="10.1.2.3", HTTP_AUTHORIZATION="Bearer t0ken-for-scrapes"
+    )
+    assert metrics.metrics_view(granted).status_code == 200
+
+
+def test_request_durations_are_observed_by_view(client):
+    client.get("/healthz")
+    assert 'sysmanage_http_request_duration_seconds_count{method="GET",view="health"}' in scraped()
+    metrics.round_trip("command", "completed", 1.5)
+    assert (
+        'sysmanage_operation_round_trip_seconds_count{kind="command",status="completed"}'
+        in scraped()
+    )
