@@ -205,6 +205,21 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int(
         "DB_CONNECT_TIMEOUT", 2
     )
+    # A connection whose database host died or dropped off the network: a query sent on
+    # it fails once TCP has waited DB_TCP_TIMEOUT seconds for an acknowledgement, and a
+    # query waiting for its answer once keep-alive probes go unanswered for about as long
+    # (the system's defaults wait some fifteen minutes, holding a database thread).  A
+    # slow query on a live database is not affected: its host answers the probes.
+    _tcp_timeout = max(2, env_int("DB_TCP_TIMEOUT", 10))
+    DATABASES["default"]["OPTIONS"].update(
+        {
+            "keepalives": 1,
+            "keepalives_idle": max(1, _tcp_timeout // 2),
+            "keepalives_interval": max(1, _tcp_timeout // 6),
+            "keepalives_count": 3,
+            "tcp_user_timeout": _tcp_timeout * 1000,
+        }
+    )
 if DATABASES["default"]["ENGINE"] == "sysmanage.postgres" and env_int("DB_POOL_MAX", 10) > 0:
     # A pool per process (psycopg_pool): Django gives every HTTP request a thread of its
     # own, so per-thread connections meant one new PostgreSQL connection per request and,

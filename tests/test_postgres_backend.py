@@ -4,6 +4,11 @@ database is away, the pool is replaced, and connections work again when it is ba
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -115,3 +120,80 @@ def outage_and_recovery(conn: Any, relay: CuttableRelay, mode: str) -> None:
         conn.close()
         if conn.pool:
             conn.close_pool()
+
+
+def settings_of(**env: str) -> dict[str, Any]:
+    """The ``default`` database the server's settings make of ``env``."""
+    code = (
+        "import json, django; django.setup(); from django.conf import settings; "
+        "print(json.dumps(settings.DATABASES['default']['OPTIONS'], default=str))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, "DJANGO_SETTINGS_MODULE": "sysmanage.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return dict(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_a_dead_database_host_is_noticed_within_the_tcp_timeout(relay, django_db_blocker):
+    """The server's PostgreSQL connections time out on a host that stopped answering
+    (keep-alives and TCP_USER_TIMEOUT, DB_TCP_TIMEOUT): libpq takes the options, and a
+    connection made with them has them."""
+    url = POSTGRES_ADMIN_URL
+    options = settings_of(DATABASE_URL=url, DB_TCP_TIMEOUT="12")
+    assert options["tcp_user_timeout"] == 12000, options
+    assert options["keepalives"] == 1, options
+    assert options["keepalives_idle"] + 3 * options["keepalives_interval"] <= 12, options
+    assert settings_of(DATABASE_URL=url)["tcp_user_timeout"] == 10000
+    conn = connection(
+        relay, CONN_MAX_AGE=0, OPTIONS={k: v for k, v in options.items() if k != "pool"}
+    )
+    with django_db_blocker.unblock():
+        try:
+            assert select_one(conn) == 1
+            parameters = conn.connection.info.get_parameters()
+            assert parameters["tcp_user_timeout"] == "12000", parameters
+            assert parameters["keepalives"] == "1", parameters
+        finally:
+            conn.close()
+
+
+def test_a_query_in_flight_when_the_relay_is_cut_fails_at_once(relay):
+    """The relay itself: a query waiting for its answer at the cut ends at once (closing a
+    socket another thread is reading from did not tell the peer, and such a query waited
+    forever, silencing a server thread in the outage tests)."""
+    import psycopg
+
+    url = urlsplit(POSTGRES_ADMIN_URL)
+    conn = psycopg.connect(
+        host="127.0.0.1",
+        port=relay.port,
+        dbname=url.path.lstrip("/"),
+        user=url.username or "postgres",
+        connect_timeout=2,
+    )
+    outcome: list[BaseException | None] = []
+
+    def query() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(1)")
+            outcome.append(None)
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=query, daemon=True)
+    worker.start()
+    time.sleep(0.3)
+    cut_at = time.monotonic()
+    relay.cut("refuse")
+    worker.join(5)
+    # (a connection still waiting is left to the daemon thread: closing it would wait too)
+    assert not worker.is_alive(), "the query still waits for an answer after the cut"
+    conn.close()
+    assert time.monotonic() - cut_at < 2.0
+    assert isinstance(outcome[0], psycopg.OperationalError), outcome

@@ -151,9 +151,17 @@ class CuttableRelay:
 
     @staticmethod
     def _abort(sock: socket.socket) -> None:
-        """Close with a reset, as a crashed or killed peer would."""
+        """Close with a reset, as a crashed or killed peer would.
+
+        The shutdown comes first because closing a socket that another thread is
+        blocked reading (a pipe thread) neither wakes that thread nor tells the peer
+        anything on Linux: the socket lives on until the read returns.  A query in
+        flight at the cut then waited forever for an answer, instead of failing.
+        """
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             sock.close()
 
