@@ -70,6 +70,19 @@ ROUND_TRIP = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 
+LAYER_LAG = Histogram(
+    "sysmanage_layer_receive_lag_seconds",
+    "From an event's publication (by any process) to this process reading it from the "
+    "channel layer: once per read, the oldest event of the read.",
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def received(lag: float) -> None:
+    """Observe how long the oldest event of one read from the layer waited for it."""
+    LAYER_LAG.observe(max(0.0, lag))
+
 
 def published(channel: str) -> None:
     """Count one event this process published on ``channel``."""

@@ -443,6 +443,8 @@ class Node:
                         await self._layer_back.wait()
                 delay = min(delay * 2, RETRY_MAX)
                 continue
+            if batches:
+                self.note_lag(batches)
             with self.hub.gathered():  # one write per socket for the whole read
                 for _channel, entries in batches:
                     for entry in entries:
@@ -452,6 +454,14 @@ class Node:
                 # Let the next events gather: one read per few milliseconds instead of one
                 # per event, for a delay of at most this much.
                 await asyncio.sleep(linger)
+
+    @staticmethod
+    def note_lag(batches: list[tuple[str, list[Entry]]]) -> None:
+        """Observe the receive lag of one read: the oldest of its channels' first events
+        (one timestamp read per channel, not per event)."""
+        published = [at for _, entries in batches if (at := entries[0].published_at())]
+        if published:
+            metrics.received(time.time() - min(published))
 
     def take_entry(self, entry: Entry) -> None:
         """Fan out one event read from its stream, noting a history that went missing."""

@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -134,6 +135,25 @@ class Entry:
             self._decode()
         return self._timestamp
 
+    def published_at(self) -> float | None:
+        """When the event was published (seconds since the epoch), read from the end of a
+        stored payload without decoding the rest; None if it does not say."""
+        payload = self._payload
+        if payload is None:
+            text = self._timestamp
+        else:
+            raw = payload if isinstance(payload, bytes) else payload.encode()
+            at = raw.rfind(_TIMESTAMP_KEY)
+            if at < 0:
+                return None
+            start = at + len(_TIMESTAMP_KEY)
+            end = raw.find(b'"', start)
+            text = raw[start:end].decode() if end > start else ""
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except (TypeError, ValueError):
+            return None
+
     @property
     def host(self) -> str | None:
         """The ``host_id`` of the event's data, if it has one (decoding only an entry
@@ -150,6 +170,9 @@ class Entry:
     def __repr__(self) -> str:
         return f"Entry({self.channel!r}, {self.position!r})"
 
+
+#: How the timestamp is introduced in a stored payload (:func:`encode_payload`: last key).
+_TIMESTAMP_KEY = b'"timestamp": "'
 
 #: The ``host`` of a stored entry that did not say it (written before entries carried it).
 UNROUTED = object()

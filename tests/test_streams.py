@@ -475,3 +475,51 @@ async def test_entries_stored_without_their_host_are_read_and_routed(redis_strea
         assert hub.dispatch_entry(entry) == 1
     finally:
         await streams.close()
+
+
+def test_an_entry_tells_when_it_was_published_without_decoding_its_payload():
+    from sysmanage.streams import Entry, encode_payload
+
+    stamp = "2026-12-05T10:00:00.250Z"
+    data = {"host_id": "h1", "note": 'a "timestamp": "1999-01-01T00:00:00Z" in the data'}
+    payload = encode_payload("metrics", data, stamp).encode()
+    stored = Entry.stored("host_metrics", StreamPosition("e", 1), payload, "h1")
+    assert stored.published_at() == 1796464800.25
+    assert not stored.decoded  # read from the end of the payload only
+    made = Entry("host_metrics", StreamPosition("e", 2), "metrics", data, stamp)
+    assert made.published_at() == 1796464800.25
+    broken = Entry.stored("host_metrics", StreamPosition("e", 3), b'{"event": "x"}', None)
+    assert broken.published_at() is None
+
+
+def test_each_read_observes_the_lag_of_its_oldest_event():
+    import time
+
+    from sysmanage import metrics
+    from sysmanage.node import Node
+    from sysmanage.protocol import iso_of_epoch
+    from sysmanage.streams import Entry
+
+    def entry(channel: str, age: float) -> Entry:
+        return Entry(channel, StreamPosition("e", 1), "x", {}, iso_of_epoch(time.time() - age))
+
+    def observed() -> tuple[float, float]:
+        count = sum_ = 0.0
+        for family in metrics.LAYER_LAG.collect():
+            for s in family.samples:
+                if s.name == "sysmanage_layer_receive_lag_seconds_count":
+                    count = s.value
+                elif s.name == "sysmanage_layer_receive_lag_seconds_sum":
+                    sum_ = s.value
+        return count, sum_
+
+    count, total = observed()
+    Node.note_lag(
+        [
+            ("host_metrics", [entry("host_metrics", 0.5)]),
+            ("system_alerts", [entry("system_alerts", 3.0), entry("system_alerts", 0)]),
+        ]
+    )
+    new_count, new_total = observed()
+    assert new_count == count + 1  # once per read
+    assert 2.9 < new_total - total < 3.5  # the oldest of the read

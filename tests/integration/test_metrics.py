@@ -96,6 +96,8 @@ async def test_metrics_follow_what_happens_and_cover_the_dashboard(pg_redis_clus
         assert sample(text, "sysmanage_alerts_active", severity="critical") >= 0
         assert sample(text, "sysmanage_channel_layer_up") == 1
         assert sample(text, "sysmanage_db_pool_connections") >= 1
+        # read back from the alert's stream in Redis, with its lag
+        assert sample(text, "sysmanage_layer_receive_lag_seconds_count") >= 1
     text = scrape()
     assert sample(text, "sysmanage_sockets_closed_total", kind="client", code="1000") >= 1
     names = families(text)
