@@ -110,8 +110,8 @@ class CommandExecution(models.Model):
     stderr = models.TextField(blank=True)
     #: whether ``stdout``/``stderr`` hold less than the command wrote (cut by the agent
     #: or the server, or lost with a result too large to take)
-    stdout_truncated = models.BooleanField(default=False)
-    stderr_truncated = models.BooleanField(default=False)
+    stdout_truncated = models.BooleanField(default=False, db_default=False)
+    stderr_truncated = models.BooleanField(default=False, db_default=False)
     #: the size in bytes of everything the command wrote there, when known
     stdout_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     stderr_bytes = models.PositiveBigIntegerField(null=True, blank=True)
@@ -183,7 +183,7 @@ class PackageOperation(models.Model):
     message = models.TextField(blank=True)
     output = models.TextField(blank=True)
     #: whether ``output`` holds less than the package manager wrote
-    output_truncated = models.BooleanField(default=False)
+    output_truncated = models.BooleanField(default=False, db_default=False)
     #: the size in bytes of everything it wrote, when known
     output_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     requested_by = models.ForeignKey(
