@@ -732,3 +732,64 @@ async def test_a_flood_of_garbage_on_the_agent_socket_is_rate_limited_and_closed
     assert 200 <= first_refused <= 210, first_refused  # the burst allowance is 200
     assert codes.count("RATE_LIMITED") == 101, codes.count("RATE_LIMITED")
     assert closed.messages[-1]["data"]["message"] == "Too many messages; connection closed"
+
+
+async def test_hosts_a_killed_server_left_online_follow_who_reconnects(launch_sqlite, tmp_path):
+    """A server process killed outright cannot mark its agents' hosts offline. After it
+    is started again, a host whose agent comes back stays online; a host whose agent does
+    not is taken offline once silent for HOST_OFFLINE_AFTER_SECONDS, and ``host_status``
+    says so -- no host stays "online" on a stale ``last_seen``."""
+    settings = {
+        **AGENT_SETTINGS,
+        "HOST_OFFLINE_AFTER_SECONDS": "5",
+        "MAINTENANCE_SWEEP_SECONDS": "1",
+    }
+    with launch_sqlite("stale-hosts", **settings) as deployment:
+        proxy = Relay(deployment.server.port)
+        port = await proxy.start()
+        try:
+            async with (
+                running_agent(deployment, tmp_path, "stale-back", f"http://127.0.0.1:{port}") as (
+                    back,
+                    _,
+                ),
+                running_agent(deployment, tmp_path, "stale-gone") as (gone, gone_agent),
+            ):
+                deployment.servers[0].kill()
+                gone_agent.stop()  # its host is still "online" in the database
+                stored = await asyncio.to_thread(
+                    harness.manage_shell,
+                    deployment.env,
+                    "from hosts.models import Host; "
+                    "print(Host.objects.get(hostname='stale-gone').status)",
+                )
+                assert stored.strip() == "online", stored
+                (new,) = harness.start_servers([("stale-hosts-2", deployment.env)], tmp_path)
+                deployment.servers[0] = new
+                proxy.target_port = new.port
+                async with contextlib.AsyncExitStack() as stack:
+                    ws = await client(stack, deployment)
+                    await ws.subscribe("host_status")
+                    went = await ws.expect(
+                        lambda m: (
+                            m["type"] == "event"
+                            and m["channel"] == "host_status"
+                            and m["data"].get("host_id") == gone["host_id"]
+                            and m["data"].get("status") == "offline"
+                        ),
+                        20,
+                        what="host_status: the host whose agent did not return went offline",
+                    )
+                    assert went["data"]["hostname"] == "stale-gone", went
+                    await wait_status(deployment, back["host_id"], "online")
+                    # the returning agent's host never went offline
+                    offline_back = [
+                        m
+                        for m in ws.pending
+                        if m.get("channel") == "host_status"
+                        and m["data"].get("host_id") == back["host_id"]
+                        and m["data"].get("status") == "offline"
+                    ]
+                    assert not offline_back, offline_back
+        finally:
+            await proxy.close()
