@@ -382,7 +382,7 @@ def summarize(
             Target("clients refused (5xx/403) or failed on reconnect", len(refused), 0),
             Target("clients closed and not back", closed - moved, 0),
             Target("clients closed other than with 1012", closed - codes[1012], 0),
-            Target("last client back after SIGTERM", round(last_back, 2), args.window + 1, "s"),
+            Target("last client back after SIGTERM", round(last_back, 2), args.window, "s"),
             # spread evenly, a second holds closed / window; allow twice that
             Target("closes in the busiest second", peak, 2 * closed / max(args.window, 1)),
             Target("command results lost", len(agents) - completed, 0),

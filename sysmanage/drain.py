@@ -10,10 +10,12 @@ runs :func:`drain` before Daphne shuts down:
    (nginx: ``proxy_next_upstream http_503``) and a client without a proxy retries.  HTTP
    requests are still served.
 2. The open sockets are closed with 1012 "service restart", one after another, spread
-   evenly over ``DRAIN_SECONDS``, so that twenty thousand clients do not come back in
-   the same second.  A socket whose agent still owes the result of work it was sent
-   (:meth:`Drainable.owes_results`) is closed once the result arrived, or when the window
-   ends: what an agent has not sent by then it keeps and sends again after reconnecting.
+   evenly over the first part of ``DRAIN_SECONDS`` (:func:`spread`), so that twenty
+   thousand clients do not come back in the same second, and the last of them is back
+   on another process before the window ends.  A socket whose agent still owes the
+   result of work it was sent (:meth:`Drainable.owes_results`) is closed once the
+   result arrived, or when the window ends: what an agent has not sent by then it keeps
+   and sends again after reconnecting.
 3. Once every socket is closed and every connection's handler has finished (at most
    :data:`FINISH_SECONDS` after the window), and what the process published has left
    for the layer, Daphne stops as it always does and the process exits 0.
@@ -41,6 +43,10 @@ SERVICE_RESTART_REASON = "service restart"
 FINISH_SECONDS = 5.0
 #: How often the drain looks at its schedule (seconds).
 TICK = 0.05
+#: The end of the window kept for the last clients closed to reconnect elsewhere:
+#: this share of it, at most :data:`RECONNECT_SECONDS`.
+RECONNECT_SHARE = 0.2
+RECONNECT_SECONDS = 2.0
 
 
 class Drainable(Protocol):
@@ -89,7 +95,14 @@ def due(count: int, elapsed: float, window: float) -> int:
     of ``window`` seconds: the k-th (from 0) at ``window * k / count``."""
     if elapsed >= window or count == 0:
         return count
-    return min(count, math.floor(count * elapsed / window) + 1)
+    # (a turn that falls on ``elapsed`` is due, whatever the rounding of the division)
+    return min(count, math.floor(count * elapsed / window + 1e-9) + 1)
+
+
+def spread(window: float) -> float:
+    """Seconds over which a drain of ``window`` seconds closes its sockets: the window,
+    less the time its last clients get to reconnect elsewhere before it ends."""
+    return window - min(RECONNECT_SECONDS, window * RECONNECT_SHARE)
 
 
 class Drain:
@@ -97,6 +110,7 @@ class Drain:
 
     def __init__(self, window: float) -> None:
         self.window = max(0.0, window)
+        self.spread = spread(self.window)
         self.queue: collections.deque[Drainable] = collections.deque()
         self.seen: weakref.WeakSet[Drainable] = weakref.WeakSet()
         self.waiting: list[Drainable] = []
@@ -125,7 +139,7 @@ class Drain:
         """Close the sockets whose turn has come ``elapsed`` seconds into the drain."""
         self._take_new()
         over = elapsed >= self.window
-        target = due(self.total, elapsed, self.window)
+        target = due(self.total, elapsed, self.spread)
         while self.scheduled < target and self.queue:
             conn = self.queue.popleft()
             self.scheduled += 1

@@ -68,6 +68,23 @@ def test_closes_are_spread_evenly_over_the_window():
     assert drain.due(20_000, 0.5, 10) == 1001  # a twentieth per half second
 
 
+def test_the_last_clients_are_closed_in_time_to_be_back_within_the_window():
+    assert drain.spread(10.0) == 8.0  # 2 s to reconnect elsewhere
+    assert drain.spread(30.0) == 28.0  # at most 2 s
+    assert drain.spread(1.0) == 0.8  # a fifth of a short window
+    assert drain.spread(0.0) == 0.0
+    plan = drain.Drain(10.0)
+    sockets = [FakeSocket(f"s{i}") for i in range(1000)]
+    for conn in sockets:
+        drain.track(conn)
+    for step in range(101):
+        for conn in sockets:
+            conn.clock = step / 10
+        plan.step(step / 10)
+    assert max(s.closed_at for s in sockets if s.closed_at is not None) <= 8.0
+    assert plan.closed == 1000
+
+
 def run_schedule(sockets: list[FakeSocket], window: float, until: float) -> drain.Drain:
     plan = drain.Drain(window)
     for conn in sockets:
@@ -84,7 +101,8 @@ def run_schedule(sockets: list[FakeSocket], window: float, until: float) -> drai
 def test_each_socket_is_closed_once_at_its_turn():
     sockets = [FakeSocket(f"s{i}") for i in range(4)]
     plan = run_schedule(sockets, window=2.0, until=3.0)
-    assert sorted(s.closed_at for s in sockets) == [0.0, 0.5, 1.0, 1.5]  # in any order
+    # over the first 1.6 s: the last 0.4 s are for reconnecting elsewhere
+    assert sorted(s.closed_at for s in sockets) == [0.0, 0.4, 0.8, 1.2]  # in any order
     assert plan.done()
     assert (plan.closed, plan.waited) == (4, 0)
 
@@ -103,10 +121,10 @@ def test_an_agent_owing_results_is_closed_once_they_came_or_the_window_ended():
         if t == 1.2:
             owing.owes = False  # its result arrived
         plan.step(t)
-    # turns at 0, 0.5, 1.0 and 1.5, in any order: the others close at theirs, the agent
-    # whose result came at 1.2 then (or at its turn, if later), the other at the end
-    assert all(s.closed_at in (0.0, 0.5, 1.0, 1.5) for s in others)
-    assert owing.closed_at in (1.2, 1.5)
+    # turns at 0, 0.4, 0.8 and 1.2, in any order: the others close at theirs, the agent
+    # whose result came at 1.2 then (or at its turn), the other at the end of the window
+    assert all(s.closed_at in (0.0, 0.4, 0.8, 1.2) for s in others)
+    assert owing.closed_at == 1.2
     assert stuck.closed_at == 2.0
     assert plan.closed == 4
 
