@@ -28,6 +28,7 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
     CollectorRegistry,
@@ -39,7 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sysmanage import dbthreads
+from sysmanage import dbgate, dbthreads
 
 # The ``_created`` series double every counter and histogram for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -198,6 +199,12 @@ class LiveCollector(Collector):
             "sysmanage_db_calls_queued", "Database calls waiting for one of the database threads."
         )
         db_queued.add_metric([], dbthreads.queued())
+        database_up = GaugeMetricFamily(
+            "sysmanage_database_up",
+            "1 while this process takes its database to be reachable; 0 from the first failed "
+            "connection until one succeeds again.",
+        )
+        database_up.add_metric([], 0 if dbgate.gate().outage() is not None else 1)
         inbox = GaugeMetricFamily(
             "sysmanage_hub_inbox_depth", "Messages from the channel layer waiting for the hub."
         )
@@ -225,7 +232,7 @@ class LiveCollector(Collector):
             layer_up.add_metric([], 0 if node.layer_down_since is not None else 1)
             failures.add_metric([], node.publish_failures)
         yield from (sockets, subscriptions, delivered, deliveries, inbox, layer_up, failures)
-        yield db_queued
+        yield from (db_queued, database_up)
 
 
 class DatabaseCollector(Collector):
@@ -238,10 +245,19 @@ class DatabaseCollector(Collector):
         self._cached: list[Metric] = []
 
     def collect(self) -> Iterator[Metric]:
-        """Called once per scrape, in the request's thread."""
+        """Called once per scrape, in the request's thread.  While the database cannot
+        answer, its figures are left out (not the last ones read, which would look
+        current) and the rest of the scrape is served: ``sysmanage_database_up`` says why."""
         if time.monotonic() - self._read_at >= self.ttl:
-            self._cached = list(self._read())
-            self._read_at = time.monotonic()
+            try:
+                self._cached = list(self._read())
+                self._read_at = time.monotonic()
+            except DatabaseError as exc:
+                fault = dbgate.unavailable(exc)
+                if fault is None:
+                    raise
+                dbgate.note(fault, exc)  # and read again at the next scrape
+                self._cached = []
         yield from self._cached
         yield from _pool_metrics()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
+from django.db import ProgrammingError
 from prometheus_client import generate_latest
 
-from sysmanage import metrics
+from sysmanage import dbgate, metrics
 
 pytestmark = pytest.mark.django_db
 
@@ -116,3 +118,35 @@ def test_request_durations_are_observed_by_view(client):
         'sysmanage_operation_round_trip_seconds_count{kind="command",status="completed"}'
         in scraped()
     )
+
+
+def test_database_up_follows_the_process_gate(monkeypatch):
+    assert "sysmanage_database_up 1.0" in scraped()
+    monkeypatch.setattr(dbgate.gate(), "down_since_wall", datetime.now(UTC))
+    assert "sysmanage_database_up 0.0" in scraped()
+
+
+def test_figures_the_database_cannot_give_are_left_out_and_read_again(monkeypatch):
+    answers: list[object] = [dbgate.DatabaseUnavailable("away"), {"online": 3}]
+
+    def read() -> dict[str, int]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, dict)
+        return answer
+
+    monkeypatch.setattr(metrics, "_figures", [("sysmanage_test_hosts", "Test.", "status", read)])
+    collector = metrics.DatabaseCollector(ttl=60)
+    assert [m.name for m in collector.collect()] == []  # no figures, no stale ones, no error
+    served = list(collector.collect())  # read again at once, not after the ttl
+    assert [(m.name, m.samples[0].value) for m in served] == [("sysmanage_test_hosts", 3)]
+
+
+def test_a_database_error_that_is_a_bug_still_fails_the_scrape(monkeypatch):
+    def read() -> dict[str, int]:
+        raise ProgrammingError("no such column")
+
+    monkeypatch.setattr(metrics, "_figures", [("sysmanage_test_hosts", "Test.", "status", read)])
+    with pytest.raises(ProgrammingError):
+        list(metrics.DatabaseCollector().collect())

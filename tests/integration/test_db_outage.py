@@ -6,8 +6,9 @@ through a relay (:class:`~tests.integration.relay.CuttableRelay`) that the tests
 either refusing connections (a stopped database) or accepting them and never answering
 (a dead host, which is what makes clients hang).  While it is cut, everything that needs
 the database is refused at once and explained: HTTP 503 with ``Retry-After``, sockets
-closed with 4503 and a SERVICE_UNAVAILABLE error, ``/readyz`` 503; service is back within
-moments of the database.
+closed with 4503 and a SERVICE_UNAVAILABLE error, ``/readyz`` 503, while ``/metrics`` is
+still served and says ``sysmanage_database_up 0``; service is back within moments of the
+database.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tests.integration.client import (
 )
 from tests.integration.conftest import POSTGRES_ADMIN_URL, require_postgres
 from tests.integration.relay import CuttableRelay
+from tests.integration.test_metrics import sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
 
@@ -45,6 +47,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres_redis]
 ANSWER_BOUND = 3.0
 #: How long after the database is back the first request may still fail.
 RECOVERY_BOUND = 3.0
+#: Seconds the fleet figures of ``/metrics`` are served from what was last read.
+FIGURES_TTL = 5.0
 
 
 @dataclass
@@ -197,6 +201,16 @@ async def until_served(call: Callable[[], Awaitable[HttpResponse]], bound: float
         await asyncio.sleep(0.05)
 
 
+async def scrape(o: Outage) -> str:
+    """``GET /metrics`` (served to loopback): it must answer whether or not the database does."""
+    response = await asyncio.to_thread(
+        http_request, "GET", f"{o.server.base_url}/metrics", headers={"Accept": "text/plain"}
+    )
+    assert response.status == 200, response
+    assert isinstance(response.body, str), response.body
+    return response.body
+
+
 async def all_served(o: Outage) -> None:
     assert (await rest(o)).status == 200
     assert (await page(o)).status == 200
@@ -209,6 +223,7 @@ async def all_served(o: Outage) -> None:
 async def test_everything_needing_the_database_is_refused_at_once_and_comes_back(outage, mode):
     o = outage
     await all_served(o)
+    assert sample(await scrape(o), "sysmanage_database_up") == 1
     log_from = o.server.log_size()
     async with ws_connect(o.server.ws_url, token=o.access) as open_before:
         await open_before.subscribe("host_status")
@@ -220,6 +235,9 @@ async def test_everything_needing_the_database_is_refused_at_once_and_comes_back
 
         back = await until_served(lambda: rest(o), RECOVERY_BOUND)
         print(f"{o.server.name} {mode}: served again {back:.2f}s after the database came back")
+        metrics = await scrape(o)
+        assert sample(metrics, "sysmanage_database_up") == 1, metrics
+        assert 'sysmanage_hosts{status="online"}' in metrics, metrics  # read again
         # the socket that stayed open through the outage works again
         await open_before.subscribe("host_status")
     await all_served(o)
@@ -251,6 +269,9 @@ async def refused_while_cut(o: Outage, mode: str, open_before: WsClient) -> None
     assert took <= ANSWER_BOUND, took
     _, took = await timed(sysmanage_agent_refused(o))
     assert took <= ANSWER_BOUND, took
+    metrics, took = await timed(scrape(o))
+    assert "sysmanage_database_up 0.0" in metrics, metrics
+    assert took <= ANSWER_BOUND, took
     ready, took = await timed(readiness(o))
     assert ready.status == 503, ready
     assert ready.body["status"] == "unavailable", ready.body
@@ -263,3 +284,18 @@ async def refused_while_cut(o: Outage, mode: str, open_before: WsClient) -> None
     assert reply["type"] == "error", reply
     assert reply["data"]["code"] == "SERVICE_UNAVAILABLE", reply
     assert reply["id"] == "during", reply
+    await fleet_figures_left_out(o)
+
+
+async def fleet_figures_left_out(o: Outage) -> None:
+    """Once the figures read before the outage are older than the collector's cache, the
+    scrape leaves out those it cannot read, and still answers."""
+    began = time.monotonic()
+    while True:
+        metrics, took = await timed(scrape(o))
+        assert "sysmanage_database_up 0.0" in metrics, metrics
+        assert took <= ANSWER_BOUND, took
+        if "sysmanage_hosts{" not in metrics:
+            return
+        assert time.monotonic() - began <= FIGURES_TTL + ANSWER_BOUND, metrics
+        await asyncio.sleep(0.25)
