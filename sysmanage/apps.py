@@ -12,8 +12,9 @@ class SysmanageConfig(AppConfig):
 
     def ready(self) -> None:
         """Connect the revocation receivers, the recheck of open sockets, the pruning of
-        spent refresh tokens' reuse grace, the all-hosts summaries and the OpenAPI
-        description of the authentication."""
+        spent refresh tokens' reuse grace, the all-hosts summaries, the OpenAPI
+        description of the authentication, and the JWT backend that also verifies with
+        the former secret keys."""
         # Imported here: these modules reach the models, which Django loads after the
         # app configs (not to break an import cycle).
         from django.conf import settings
@@ -23,10 +24,13 @@ class SysmanageConfig(AppConfig):
             receivers,  # noqa: F401
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
+            secretkeys,
             services,
             summary,
         )
         from sysmanage.periodic import register_periodic
+
+        secretkeys.token_backend_install()
 
         register_periodic(
             "sysmanage.socket_recheck",

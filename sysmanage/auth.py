@@ -19,11 +19,22 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
-from channels.auth import UserLazyObject, get_user
+from channels.auth import UserLazyObject
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
-from django.contrib.auth import get_user_model
+from django.contrib.auth import (
+    BACKEND_SESSION_KEY,
+    HASH_SESSION_KEY,
+    SESSION_KEY,
+    get_user_model,
+    load_backend,
+)
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.contrib.sessions.backends.base import SessionBase, UpdateError
+from django.core.exceptions import ValidationError
 from django.http import parse_cookie
+from django.utils.crypto import constant_time_compare
 from django.utils.functional import LazyObject
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings
@@ -207,6 +218,51 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
     return SocketCredentials(error="Missing JWT token")
 
 
+def _session_hash_verified(session: SessionBase, user: AbstractBaseUser) -> bool:
+    """Whether ``session`` holds ``user``'s session hash under the secret key or a former
+    one; one under a former key is replaced by the current one and saved (a socket
+    cannot cycle the session key as Django does over HTTP: no cookie goes back)."""
+    stored = session.get(HASH_SESSION_KEY)
+    if not stored:
+        return False
+    current = user.get_session_auth_hash()
+    if constant_time_compare(stored, current):
+        return True
+    if not any(constant_time_compare(stored, h) for h in user.get_session_auth_fallback_hash()):
+        return False
+    session[HASH_SESSION_KEY] = current
+    try:
+        session.save()
+    except UpdateError:  # the session ended meanwhile
+        return False
+    return True
+
+
+@database_sync_to_async
+def session_user(session: SessionBase) -> AbstractBaseUser | AnonymousUser:
+    """The user of the Django session a socket's cookie names, as Django's ``get_user``
+    decides over HTTP, in a database thread.
+
+    Channels' own ``get_user`` knows no ``SECRET_KEY_FALLBACKS``: after a key rotation
+    it ended (flushed) the session of every page whose socket reconnected before it
+    loaded a page again.
+    """
+    try:
+        user_id = get_user_model()._meta.pk.to_python(session[SESSION_KEY])
+        backend_path = session[BACKEND_SESSION_KEY]
+    except (KeyError, ValidationError):
+        return AnonymousUser()
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return AnonymousUser()
+    user = load_backend(backend_path).get_user(user_id)
+    if user is None:
+        return AnonymousUser()
+    if not _session_hash_verified(session, user):
+        session.flush()
+        return AnonymousUser()
+    return user
+
+
 def warning_lead(expires_at: float, issued_at: float | None, now: float) -> float:
     """How long before ``expires_at`` a socket is warned that its token expires:
     ``WS_TOKEN_WARNING_SECONDS``, or half the token's lifetime if that is shorter (the
@@ -258,8 +314,9 @@ class ClientSocketScope:
     - The scope gets ``cookies``, ``session`` and ``user`` as channels'
       ``AuthMiddlewareStack`` gives them: the handshake's cookies, the Django session its
       session cookie names, and that session's user (``AnonymousUser`` without one),
-      read in the database thread.  :func:`authenticate_socket` falls back to that user
-      when the socket carries no token.
+      read in a database thread by :func:`session_user`, which also accepts a session
+      of a former secret key.  :func:`authenticate_socket` falls back to that user when
+      the socket carries no token.
 
     Channels' stack does the last part in three middlewares, each holding a copy of the
     scope and a suspended coroutine for as long as the socket is open, about 4 KB per
@@ -282,12 +339,13 @@ class ClientSocketScope:
             return
         cookie = _header(scope, b"cookie")
         cookies = parse_cookie(cookie) if cookie is not None else {}
-        session: LazyObject[Any] = LazyObject()
-        session._wrapped = import_module(settings.SESSION_ENGINE).SessionStore(
+        store = import_module(settings.SESSION_ENGINE).SessionStore(
             cookies.get(settings.SESSION_COOKIE_NAME)
         )
+        session: LazyObject[Any] = LazyObject()
+        session._wrapped = store
         # ASGI lets middleware add keys to the scope; asgiref's TypedDicts do not list them.
         inner: dict[str, Any] = {**scope, "cookies": cookies, "session": session}
         user = inner["user"] = UserLazyObject()
-        user._wrapped = await get_user(cast("Any", inner))  # channels' own scope type
+        user._wrapped = await session_user(store)
         await self.application(cast("Scope", inner), receive, send)

@@ -10,7 +10,10 @@ made: the admin, the REST API, ``manage.py shell`` or ``QuerySet.update``, which
 signal sees.  The active flag is part of the digest so that the signal receivers can
 tell a deactivation from other saves (and blacklist refresh tokens); enabling the
 account again gives back the same fingerprint, so an access token of before that has
-not expired works again: change the password to void everything for good.
+not expired works again: change the password to void everything for good.  A token
+issued under a former secret key (during a rotation: docs/operations.md) carries the
+fingerprint under that key, which matches as long as the key is in
+``SECRET_KEY_FALLBACKS``; refreshing it gives a pair fingerprinted under the current key.
 
 Refreshing rotates the refresh token: the old one is blacklisted in the transaction
 that records the new one.  A client that sent a refresh and never saw the answer
@@ -46,6 +49,7 @@ from rest_framework_simplejwt.tokens import AccessToken, RefreshToken, Token
 from rest_framework_simplejwt.utils import datetime_from_epoch
 
 from sysmanage.models import RefreshRotation, User
+from sysmanage.secretkeys import secret_keys
 
 _T = TypeVar("_T", bound=Token)
 
@@ -59,19 +63,32 @@ SESSION_CLAIM = "sid"
 REVOKED_MESSAGE = "Token revoked: the account's credentials changed; sign in again"
 
 
-def fingerprint(user: AbstractBaseUser) -> str:
-    """The fingerprint of ``user``'s credentials now: it changes with the password hash
-    and the active flag, and cannot be computed without SECRET_KEY."""
+def _keyed_fingerprint(user: AbstractBaseUser, secret: str) -> str:
     material = f"{user.password}\x00{int(bool(user.is_active))}"
     return salted_hmac(
-        "sysmanage.credentials.fingerprint", material, algorithm="sha256"
+        "sysmanage.credentials.fingerprint", material, secret=secret, algorithm="sha256"
     ).hexdigest()[:32]
 
 
+def fingerprint(user: AbstractBaseUser) -> str:
+    """The fingerprint of ``user``'s credentials now: it changes with the password hash
+    and the active flag, and cannot be computed without SECRET_KEY."""
+    return _keyed_fingerprint(user, settings.SECRET_KEY)
+
+
+def fingerprints(user: AbstractBaseUser) -> list[str]:
+    """``user``'s fingerprint under SECRET_KEY, then under each key of
+    SECRET_KEY_FALLBACKS: tokens issued before a key rotation carry one of the latter."""
+    return [_keyed_fingerprint(user, secret) for secret in secret_keys()]
+
+
 def fingerprint_matches(claims: Mapping[str, object], user: AbstractBaseUser) -> bool:
-    """Whether a token with ``claims`` was issued for ``user``'s current credentials."""
+    """Whether a token with ``claims`` was issued for ``user``'s current credentials
+    (under the secret key or a former one)."""
     claim = claims.get(FINGERPRINT_CLAIM)
-    return isinstance(claim, str) and constant_time_compare(claim, fingerprint(user))
+    return isinstance(claim, str) and any(
+        constant_time_compare(claim, expected) for expected in fingerprints(user)
+    )
 
 
 def decode(token_class: type[_T], raw: str, *, verify: bool = True) -> _T:
@@ -238,7 +255,10 @@ def _current_user(token: Token) -> User | None:
 def _rotate(refresh: RefreshToken, user: User) -> tuple[dict[str, str], OutstandingToken]:
     """Issue the pair that follows ``refresh`` (same sign-in and claims, a new ``jti``,
     ``iat`` and ``exp``), as simplejwt's rotation does; returns it and the new refresh
-    token's outstanding-token row."""
+    token's outstanding-token row.  The fingerprint, checked already, is made again
+    under the current key: one made under a former key would void the pair once that
+    key is dropped."""
+    refresh[FINGERPRINT_CLAIM] = fingerprint(user)
     access = str(refresh.access_token)
     refresh.set_jti()
     refresh.set_exp()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Collection
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils import timezone
@@ -13,7 +14,7 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from sysmanage.control import CloseSession, CloseUser, RecheckUsers
-from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprint, token_digest
+from sysmanage.credentials import FINGERPRINT_CLAIM, decode, fingerprints, token_digest
 from sysmanage.events import publish_control
 from sysmanage.models import RefreshRotation
 
@@ -53,9 +54,12 @@ def _issued_for(stored_token: str) -> str | None:
     return claim if isinstance(claim, str) else None
 
 
-def refresh_tokens_revoke(*, user_id: uuid.UUID | str, unless_issued_for: str | None = None) -> int:
+def refresh_tokens_revoke(
+    *, user_id: uuid.UUID | str, unless_issued_for: Collection[str] | None = None
+) -> int:
     """Blacklist ``user_id``'s refresh tokens that are still valid; with
-    ``unless_issued_for``, only those issued for other credentials.  Returns how many.
+    ``unless_issued_for`` (fingerprints), only those issued for other credentials.
+    Returns how many.
 
     Tokens are void anyway once their fingerprint differs (:mod:`sysmanage.credentials`);
     the blacklist makes that visible (and survives a change back to the old password).
@@ -66,7 +70,7 @@ def refresh_tokens_revoke(*, user_id: uuid.UUID | str, unless_issued_for: str | 
     stale = [
         row
         for row in rows
-        if unless_issued_for is None or _issued_for(row.token) != unless_issued_for
+        if unless_issued_for is None or _issued_for(row.token) not in unless_issued_for
     ]
     BlacklistedToken.objects.bulk_create(
         [BlacklistedToken(token=row) for row in stale], ignore_conflicts=True
@@ -76,8 +80,9 @@ def refresh_tokens_revoke(*, user_id: uuid.UUID | str, unless_issued_for: str | 
 
 def user_credentials_sync(*, user: AbstractBaseUser) -> int:
     """After ``user`` was saved: revoke the refresh tokens issued for credentials it no
-    longer has (a new password, a deactivation).  Returns how many were revoked."""
-    return refresh_tokens_revoke(user_id=user.pk, unless_issued_for=fingerprint(user))
+    longer has (a new password, a deactivation), under the secret key or a former one.
+    Returns how many were revoked."""
+    return refresh_tokens_revoke(user_id=user.pk, unless_issued_for=fingerprints(user))
 
 
 def user_access_recheck(*, user_ids: list[str] | None) -> None:

@@ -109,7 +109,27 @@ def _local_secret_key() -> str:
     return path.read_text().strip()
 
 
+def _secret_key_fallbacks(listed: str, key: str) -> list[str]:
+    """The former keys of ``DJANGO_SECRET_KEY_FALLBACKS`` (comma-separated), in order.
+
+    The current key among them is refused: it is what an operator who changed
+    DJANGO_SECRET_KEY but not this list would have left there (the old key, missing,
+    would log everyone out), and it is never needed.
+    """
+    keys = list(dict.fromkeys(k.strip() for k in listed.split(",") if k.strip()))
+    if key in keys:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY_FALLBACKS holds the current DJANGO_SECRET_KEY; list the "
+            'former keys only (docs/operations.md, "Rotating the secret key")'
+        )
+    return keys
+
+
 SECRET_KEY = env("DJANGO_SECRET_KEY") or _local_secret_key()
+# Former keys during a rotation: what was signed with them (sessions, tokens, the agents'
+# connection tokens) is still accepted; everything new is signed with SECRET_KEY
+# (sysmanage/secretkeys.py; docs/operations.md, "Rotating the secret key").
+SECRET_KEY_FALLBACKS = _secret_key_fallbacks(env("DJANGO_SECRET_KEY_FALLBACKS", ""), SECRET_KEY)
 ALLOWED_HOSTS = [
     h.strip()
     for h in (env("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]") or "").split(",")
@@ -342,6 +362,7 @@ SIMPLE_JWT = {
     "ROTATE_REFRESH_TOKENS": True,
     "BLACKLIST_AFTER_ROTATION": True,
     "UPDATE_LAST_LOGIN": True,
+    # Verified with SECRET_KEY_FALLBACKS too (sysmanage.secretkeys.RotatingTokenBackend).
     "SIGNING_KEY": SECRET_KEY,
     "USER_ID_FIELD": "id",
     "USER_ID_CLAIM": "user_id",

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
 from django.utils.crypto import salted_hmac
 
+from sysmanage.secretkeys import secret_keys
+
 KEY_SALT = "sysmanage.agent-connection-token"
 #: Bound to this use: a sealed blob of another purpose never opens as a token.
 ASSOCIATED_DATA = b"sysmanage agent connection token v1"
@@ -45,8 +47,7 @@ def _key(secret: str) -> bytes:
 
 def _keys() -> list[bytes]:
     """The current key first, then keys of ``SECRET_KEY_FALLBACKS`` (key rotation)."""
-    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
-    return [_key(secret) for secret in secrets]
+    return [_key(secret) for secret in secret_keys()]
 
 
 def normalize_name(name: str) -> str:

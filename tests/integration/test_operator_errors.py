@@ -74,6 +74,18 @@ def test_a_variable_the_settings_refuse_is_one_line(tmp_path):
     one_error_line(run(["manage.py", "check"], tmp_path, DJANGO_DEBUG="maybe"), "DJANGO_DEBUG")
 
 
+def test_a_fallback_key_that_is_the_key_itself_is_one_line(tmp_path):
+    """An environment file edited for a key rotation without swapping the two values."""
+    key, old = harness.new_secret(), harness.new_secret()
+    settings = {"DJANGO_SECRET_KEY": key, "DJANGO_SECRET_KEY_FALLBACKS": f"{old},{key}"}
+    line = one_error_line(run(PREFLIGHT, tmp_path, **settings), "DJANGO_SECRET_KEY_FALLBACKS")
+    assert key not in line
+    assert old not in line
+    one_error_line(run(["manage.py", "check"], tmp_path, **settings), "DJANGO_SECRET_KEY")
+    settings["DJANGO_SECRET_KEY_FALLBACKS"] = f" {old} ,"
+    assert run(PREFLIGHT, tmp_path, **settings).returncode == 0
+
+
 def test_a_database_url_of_an_unknown_kind_is_named(tmp_path):
     url = "postgress://postgres@127.0.0.1:5432/test"
     one_error_line(run(PREFLIGHT, tmp_path, DATABASE_URL=url), "DATABASE_URL", "'postgress'")

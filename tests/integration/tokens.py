@@ -54,3 +54,11 @@ def claims_of(token: str) -> dict[str, Any]:
     """The claims of a JWT, unverified (to copy one into a forged token)."""
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def signed_with(token: str, secret: str) -> bool:
+    """Whether the HS256 signature of ``token`` is made with ``secret``."""
+    signing_input, _, signature = token.rpartition(".")
+    expected = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    sent = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    return hmac.compare_digest(expected, sent)
