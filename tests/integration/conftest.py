@@ -149,7 +149,7 @@ def launch_pg_redis(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     @contextlib.contextmanager
     def launch(name: str, **settings: str) -> Iterator[Deployment]:
-        _require_pg_redis()
+        require_pg_redis()
         work = tmp_path_factory.mktemp(name)
         database = harness.create_postgres_database(POSTGRES_ADMIN_URL)
         prefix = f"sysmanage-it-{secrets.token_hex(6)}"
@@ -185,7 +185,8 @@ def require_postgres() -> None:
         _unavailable(problem)
 
 
-def _require_pg_redis() -> None:
+def require_pg_redis() -> None:
+    """Skip (fail when ``CI`` is set) unless the test PostgreSQL and Redis answer."""
     require_postgres()
     if not REDIS_TEST_URL:
         pytest.skip("SYSMANAGE_TEST_REDIS_URL is set empty: running without that service")
