@@ -33,6 +33,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.sessions.backends.base import SessionBase, UpdateError
 from django.core.exceptions import ValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import parse_cookie
 from django.utils.crypto import constant_time_compare
 from django.utils.functional import LazyObject
@@ -40,7 +41,7 @@ from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings
 from rest_framework_simplejwt.tokens import AccessToken
 
-from sysmanage import permissions
+from sysmanage import dbgate, permissions
 from sysmanage.credentials import (
     REVOKED_MESSAGE,
     SESSION_CLAIM,
@@ -68,6 +69,10 @@ ASGIApp = Any
 
 #: Refuses a handshake with HTTP 403 (channels' denier, as an ASGI application).
 _deny = WebsocketDenier.as_asgi()
+#: The scope key of a database fault met reading (or bringing over to the current secret
+#: key) the handshake's session: :func:`authenticate_socket` raises it for a socket that
+#: has no token, so that the consumer answers it as it answers any database fault.
+SESSION_FAULT = "sysmanage.session_fault"
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,9 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
                 via=via, subprotocol=subprotocol, error="Malformed Authorization header"
             )
         return token_credentials(raw, via, subprotocol)
+    fault = scope.get(SESSION_FAULT)
+    if fault is not None:
+        raise fault
     user = scope.get("user")
     if user is not None:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
@@ -233,7 +241,13 @@ def _session_hash_verified(session: SessionBase, user: AbstractBaseUser) -> bool
     session[HASH_SESSION_KEY] = current
     try:
         session.save()
-    except UpdateError:  # the session ended meanwhile
+    except UpdateError as exc:
+        # Django's database store says UpdateError for any error of the write, too: a
+        # fault of the database (busy, unreachable) is raised as such, and the session
+        # left as it is, so that the client retries; the session ended meanwhile otherwise.
+        fault = exc.__context__
+        if isinstance(fault, OperationalError | InterfaceError):
+            raise fault from fault.__cause__
         return False
     return True
 
@@ -316,7 +330,9 @@ class ClientSocketScope:
       session cookie names, and that session's user (``AnonymousUser`` without one),
       read in a database thread by :func:`session_user`, which also accepts a session
       of a former secret key.  :func:`authenticate_socket` falls back to that user when
-      the socket carries no token.
+      the socket carries no token, and raises a database fault met reading the session
+      (``SESSION_FAULT``) so that the consumer answers it with 4503, as it answers the
+      faults of its own reads.
 
     Channels' stack does the last part in three middlewares, each holding a copy of the
     scope and a suspended coroutine for as long as the socket is open, about 4 KB per
@@ -347,5 +363,10 @@ class ClientSocketScope:
         # ASGI lets middleware add keys to the scope; asgiref's TypedDicts do not list them.
         inner: dict[str, Any] = {**scope, "cookies": cookies, "session": session}
         user = inner["user"] = UserLazyObject()
-        user._wrapped = await session_user(store)
+        try:
+            user._wrapped = await session_user(store)
+        except Exception as exc:
+            if dbgate.unavailable(exc) is None:
+                raise
+            user._wrapped, inner[SESSION_FAULT] = AnonymousUser(), exc
         await self.application(cast("Scope", inner), receive, send)
