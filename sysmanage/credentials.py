@@ -33,6 +33,7 @@ from typing import Any, Self, TypeVar
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
@@ -273,7 +274,13 @@ class FingerprintJWTAuthentication(JWTAuthentication):
     # simplejwt returns a type variable that no argument binds; these are database users.
     def get_user(self, validated_token: Token) -> AbstractBaseUser:  # type: ignore[override]
         """The token's user, if the token still matches its credentials."""
-        user = super().get_user(validated_token)
+        try:
+            user = super().get_user(validated_token)
+        except (ValueError, TypeError, DjangoValidationError):
+            # a user id that is no id at all (a list, not a UUID): refused, not a 500
+            raise AuthenticationFailed(
+                "Token contained no recognizable user identification", code="token_not_valid"
+            ) from None
         if not fingerprint_matches(validated_token.payload, user):
             raise AuthenticationFailed(REVOKED_MESSAGE, code="token_revoked")
         return user

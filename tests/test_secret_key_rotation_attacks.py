@@ -174,7 +174,7 @@ def test_the_old_key_signed_garbage_is_refused_cleanly(keys, make_user):
     alice = make_user("alice")
     keys(NEW, OLD)
     base = {"token_type": "access", "exp": int(time.time()) + 600, "jti": uuid.uuid4().hex}
-    for user_id in (None, 7, str(uuid.uuid4())):
+    for user_id in (None, 7, str(uuid.uuid4()), "not-a-uuid", ["a", "list"], {"an": "object"}):
         raw = forged({**base, "user_id": user_id, "cfp": credentials.fingerprint(alice)}, OLD)
         assert rest_status(raw) == 401, user_id
 
