@@ -50,11 +50,17 @@ ACTION_LABELS = {
     "registration_key_created": "Created a registration key",
     "registration_key_revoked": "Revoked a registration key",
     "host_reregistration_allowed": "Let a host register again",
+    "registration_key_changed": "Changed a registration key's host groups",
+    "host_group_created": "Created a host group",
+    "host_group_changed": "Changed a host group",
+    "host_group_deleted": "Deleted a host group",
+    "host_group_members_changed": "Changed the hosts of a host group",
+    "host_groups_changed": "Changed the groups of a host",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")
 #: Identifiers in ``details`` that mean nothing to a reader.
-HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id")
+HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id", "group_id")
 
 
 class ActivityRow(TypedDict):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
+from django.db.models import Count, Model, QuerySet
 from django.http import HttpRequest
 
 from hosts import services
-from hosts.models import CommandExecution, Host, HostInventory, PackageOperation
+from hosts.models import CommandExecution, Host, HostGroup, HostInventory, PackageOperation
 from sysmanage import permissions
 from sysmanage.audit import request_actor
 
@@ -43,10 +43,12 @@ class HostAdmin(admin.ModelAdmin[Host]):
         "os_version",
         "agent_kind",
         "agent_version",
+        "group_names",
         "has_token",
     )
-    list_filter = ("status", "agent_kind", "os_name")
+    list_filter = ("status", "agent_kind", "groups", "os_name")
     search_fields = ("hostname", "fqdn")
+    filter_horizontal = ("groups",)
     readonly_fields = (
         "id",
         "status",
@@ -63,6 +65,31 @@ class HostAdmin(admin.ModelAdmin[Host]):
     def has_manage_tokens_permission(self, request: HttpRequest) -> bool:
         """Token actions: the right the REST API asks too (not merely seeing hosts)."""
         return permissions.can_manage_host_tokens(request.user)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Host]:
+        """Hosts with their groups, which the list shows."""
+        return super().get_queryset(request).prefetch_related("groups")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """A host's groups are shown to all, changed by those who may manage groups."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        if permissions.can_manage_host_groups(request.user):
+            return fields
+        return (*fields, "groups")
+
+    @admin.display(description="groups")
+    def group_names(self, obj: Host) -> str:
+        """The groups the host is in."""
+        return ", ".join(group.name for group in obj.groups.all())
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        """The host's groups change through the service, which records who changed them."""
+        groups = form.cleaned_data.pop("groups", None)
+        super().save_related(request, form, formsets, change)
+        if groups is not None:
+            services.host_set_groups(
+                host_id=form.instance.pk, groups=list(groups), actor=request_actor(request)
+            )
 
     @admin.display(boolean=True, description="agent token")
     def has_token(self, obj: Host) -> bool:
@@ -109,6 +136,59 @@ class HostAdmin(admin.ModelAdmin[Host]):
         """Bulk deletes too."""
         for host in queryset:
             services.host_delete(host=host)
+
+
+@admin.register(HostGroup)
+class HostGroupAdmin(admin.ModelAdmin[HostGroup]):
+    """Host groups: named sets of hosts (a host's groups are edited on the host).  Every
+    change needs the right to manage host groups, which the REST API asks too."""
+
+    list_display = ("name", "description", "host_count", "created_at")
+    search_fields = ("name", "description")
+    fields = ("name", "description")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[HostGroup]:
+        """Groups with their host counts."""
+        return super().get_queryset(request).annotate(host_count=Count("hosts"))
+
+    @admin.display(description="hosts", ordering="host_count")
+    def host_count(self, obj: HostGroup) -> int:
+        """How many hosts are in the group."""
+        return int(getattr(obj, "host_count", 0))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Creating groups: the right to manage them."""
+        return permissions.can_manage_host_groups(request.user)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Changing groups: the right to manage them."""
+        return permissions.can_manage_host_groups(request.user)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Deleting groups: the right to manage them."""
+        return permissions.can_manage_host_groups(request.user)
+
+    def save_model(self, request: HttpRequest, obj: HostGroup, form: Any, change: bool) -> None:
+        """Create or change the group through the services, which record who did."""
+        actor = request_actor(request)
+        if change:
+            services.host_group_update(
+                group_id=obj.pk, name=obj.name, description=obj.description, actor=actor
+            )
+            return
+        created = services.host_group_create(
+            name=obj.name, description=obj.description, actor=actor
+        )
+        obj.pk, obj.created_at = created.pk, created.created_at
+
+    def delete_model(self, request: HttpRequest, obj: HostGroup) -> None:
+        """Delete through the service (hosts stay)."""
+        services.host_group_delete(group_id=obj.pk, actor=request_actor(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: Any) -> None:
+        """Bulk deletes too."""
+        for group in queryset:
+            services.host_group_delete(group_id=group.pk, actor=request_actor(request))
 
 
 def add_host_action(action: Any) -> None:

@@ -9,14 +9,16 @@ from django.db import models
 from django.utils import timezone
 from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from hosts import selectors
+from hosts import selectors, services
 from hosts.models import (
     CommandExecution,
     ExecutionStatus,
     Host,
+    HostGroup,
     HostInventory,
     HostStatus,
     OperationStatus,
@@ -25,6 +27,7 @@ from hosts.models import (
 from hosts.services import HOST_FACT_FIELDS
 from sysmanage import permissions
 from sysmanage.api_input import query_filters
+from sysmanage.audit import request_actor
 from sysmanage.protocol import iso
 
 
@@ -33,6 +36,7 @@ class HostFilters(serializers.Serializer[None]):
 
     search = serializers.CharField(max_length=255, required=False)
     status = serializers.ChoiceField(choices=HostStatus.choices, required=False)
+    group = serializers.CharField(max_length=100, required=False)
 
 
 #: The longest metrics history one request reads, in minutes (a week).
@@ -52,8 +56,34 @@ class MetricsRange(serializers.Serializer[None]):
         return attrs
 
 
+class HostGroupNameField(serializers.SlugRelatedField[HostGroup]):
+    """A host group given by its name, in any case (as ``?group=`` finds it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(slug_field="name", queryset=HostGroup.objects.all(), **kwargs)
+
+    def to_internal_value(self, data: Any) -> HostGroup:
+        """The group named ``data``, or a validation error saying there is none."""
+        name = str(data).strip()
+        group = HostGroup.objects.filter(name__iexact=name).first()
+        if group is None:
+            raise serializers.ValidationError(f"No host group named {name[:100]}")
+        return group
+
+
+class HostGroupRefSerializer(serializers.ModelSerializer[HostGroup]):
+    """A group a host is in: its id and name."""
+
+    class Meta:
+        model = HostGroup
+        fields = ["id", "name"]
+        read_only_fields = fields
+
+
 class HostSerializer(serializers.ModelSerializer[Host]):
-    """A host with its reported facts."""
+    """A host with its reported facts and the groups it is in."""
+
+    groups = HostGroupRefSerializer(many=True, read_only=True)
 
     class Meta:
         model = Host
@@ -64,6 +94,7 @@ class HostSerializer(serializers.ModelSerializer[Host]):
             "agent_kind",
             "status",
             "last_seen",
+            "groups",
             "created_at",
             "updated_at",
         ]
@@ -71,14 +102,17 @@ class HostSerializer(serializers.ModelSerializer[Host]):
 
 
 class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
-    """Managed hosts. ``?search=`` matches hostname and FQDN; ``?status=`` filters."""
+    """Managed hosts. ``?search=`` matches hostname and FQDN; ``?status=`` filters, and
+    ``?group=`` (a group's name, in any case) keeps the hosts in that group."""
 
     serializer_class = HostSerializer
 
     def get_queryset(self) -> Any:
         """Hosts narrowed by the query parameters."""
         filters = query_filters(self.request, HostFilters)
-        return selectors.host_list(search=filters.get("search"), status=filters.get("status"))
+        return selectors.host_list(
+            search=filters.get("search"), status=filters.get("status"), group=filters.get("group")
+        )
 
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str | None = None) -> Response:
@@ -128,6 +162,108 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
                 },
             }
         )
+
+
+class HostGroupSerializer(serializers.ModelSerializer[HostGroup]):
+    """A host group in a list: how many hosts it has (``GET /api/hosts/?group=`` lists
+    them)."""
+
+    name = serializers.CharField(max_length=100)
+    host_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = HostGroup
+        fields = ["id", "name", "description", "host_count", "created_at"]
+        read_only_fields = ["id", "host_count", "created_at"]
+
+
+class HostIdsField(serializers.ListField):
+    """The ids of a group's hosts."""
+
+    def get_attribute(self, instance: HostGroup) -> list[Any]:
+        """The ids, read from the database (in hostname order)."""
+        return list(instance.hosts.order_by("hostname").values_list("pk", flat=True))
+
+
+class HostGroupDetailSerializer(HostGroupSerializer):
+    """One host group with the ids of its hosts; writing ``hosts`` makes them its hosts
+    (the others leave it)."""
+
+    hosts = HostIdsField(child=serializers.UUIDField(), required=False, max_length=100_000)
+
+    class Meta(HostGroupSerializer.Meta):
+        fields = [*HostGroupSerializer.Meta.fields, "hosts"]
+
+
+class HostGroupViewSet(viewsets.ModelViewSet[HostGroup]):
+    """Host groups: every signed-in user may list and read them; creating, changing
+    (``hosts`` replaces the members) and deleting one needs the right to manage host
+    groups (staff with ``hosts.change_hostgroup``)."""
+
+    action_rights = {
+        "create": "manage_host_groups",
+        "update": "manage_host_groups",
+        "partial_update": "manage_host_groups",
+        "destroy": "manage_host_groups",
+    }
+
+    def get_permissions(self) -> list[BasePermission]:
+        """Reads: signed in, as the hosts; writes: the right as well."""
+        if self.action in ("list", "retrieve"):
+            return [IsAuthenticated()]
+        return [IsAuthenticated(), permissions.RequiresRight()]
+
+    def get_queryset(self) -> Any:
+        """Groups by name, with their host counts."""
+        return selectors.host_group_list()
+
+    def get_serializer_class(self) -> type[HostGroupSerializer]:
+        """Member ids for one group and for writes; counts only in a list."""
+        return HostGroupSerializer if self.action == "list" else HostGroupDetailSerializer
+
+    def _reply(self, group: HostGroup, status: int = 200) -> Response:
+        fresh = self.get_queryset().get(pk=group.pk)
+        return Response(HostGroupDetailSerializer(fresh).data, status=status)
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Create a group, with ``hosts`` if given."""
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            group = services.host_group_create(
+                name=data["name"],
+                description=data.get("description", ""),
+                host_ids=data.get("hosts"),
+                actor=request_actor(request),
+            )
+        except ValueError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        return self._reply(group, status=201)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Change what the body names (all of name and description for ``PUT``)."""
+        group = self.get_object()
+        partial = kwargs.get("partial", False)
+        serializer = self.get_serializer(group, data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            group = services.host_group_update(
+                group_id=group.pk,
+                name=data.get("name"),
+                description=data.get("description"),
+                host_ids=data.get("hosts"),
+                actor=request_actor(request),
+            )
+        except ValueError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        return self._reply(group)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Delete the group; its hosts stay."""
+        services.host_group_delete(group_id=self.get_object().pk, actor=request_actor(request))
+        return Response(status=204)
 
 
 #: The record a serializer shows.

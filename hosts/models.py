@@ -25,6 +25,29 @@ class AgentKind(models.TextChoices):
     SYSMANAGE = "sysmanage", "SysManage agent (/api/agent/connect)"
 
 
+class HostGroup(models.Model):
+    """A named set of hosts; a host may be in several.
+
+    Groups are the unit that fleet-wide actions and grants of rights over hosts attach
+    to: a grant names a group, never a list of hosts.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            # Group names compare without regard to case, as host names do.
+            models.UniqueConstraint(Lower("name"), name="host_group_name_unique_ci"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Host(models.Model):
     """A managed machine, with the facts its agent last reported."""
 
@@ -57,6 +80,7 @@ class Host(models.Model):
     # Until when a SysManage agent may register this hostname again (and get a new host
     # token); set by an administrator for an agent that lost its identity.
     reregistration_allowed_until = models.DateTimeField(null=True, blank=True, editable=False)
+    groups = models.ManyToManyField(HostGroup, blank=True, related_name="hosts")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -239,6 +263,13 @@ class RegistrationKey(models.Model):
     uses = models.PositiveIntegerField(default=0, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    #: the groups that hosts enrolled with this key join
+    groups = models.ManyToManyField(
+        HostGroup,
+        blank=True,
+        related_name="registration_keys",
+        help_text="Hosts that register with this key join these groups.",
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

@@ -14,6 +14,7 @@ from hosts.models import (
     AgentRegistration,
     CommandExecution,
     Host,
+    HostGroup,
     HostInventory,
     HostStatus,
     InventoryKind,
@@ -33,14 +34,25 @@ MIB = 1024 * 1024
 MAX_NUMBER = 2**64
 
 
-def host_list(*, search: str | None = None, status: str | None = None) -> QuerySet[Host]:
-    """Hosts, optionally narrowed by a hostname/FQDN search and a status."""
+def host_list(
+    *, search: str | None = None, status: str | None = None, group: str | None = None
+) -> QuerySet[Host]:
+    """Hosts with their groups, optionally narrowed by a hostname/FQDN search, a status
+    and the name of a group they are in (in any case)."""
     hosts = Host.objects.all()
     if search:
         hosts = hosts.filter(hostname__icontains=search) | hosts.filter(fqdn__icontains=search)
     if status:
         hosts = hosts.filter(status=status)
-    return hosts.order_by("hostname")
+    if group:
+        # Names are unique without regard to case: one group at most, no duplicate rows.
+        hosts = hosts.filter(groups__name__iexact=group)
+    return hosts.prefetch_related("groups").order_by("hostname")
+
+
+def host_group_list() -> QuerySet[HostGroup]:
+    """Host groups by name, each with its ``host_count``."""
+    return HostGroup.objects.annotate(host_count=Count("hosts")).order_by("name")
 
 
 class HostStatusRow(TypedDict):

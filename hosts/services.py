@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -31,6 +31,7 @@ from hosts.models import (
     CommandExecution,
     ExecutionStatus,
     Host,
+    HostGroup,
     HostInventory,
     HostStatus,
     MetricSample,
@@ -72,9 +73,14 @@ HOST_FACT_FIELDS = (
 
 
 def host_create(
-    *, hostname: str, host_id: Any = None, agent_kind: str = AgentKind.NATIVE, **facts: Any
+    *,
+    hostname: str,
+    host_id: Any = None,
+    agent_kind: str = AgentKind.NATIVE,
+    groups: Collection[HostGroup] = (),
+    **facts: Any,
 ) -> Host:
-    """Create a host (status unknown until its agent connects)."""
+    """Create a host (status unknown until its agent connects), in ``groups``."""
     unknown = set(facts) - set(HOST_FACT_FIELDS)
     if unknown:
         raise TypeError(f"unknown host fields: {', '.join(sorted(unknown))}")
@@ -82,6 +88,8 @@ def host_create(
         host = Host.objects.create(
             id=host_id or uuid.uuid4(), hostname=hostname, agent_kind=agent_kind, **facts
         )
+        if groups:
+            host.groups.add(*groups)
         fleet_changed()
     return host
 
@@ -95,8 +103,11 @@ def host_delete(*, host: Host) -> None:
         fleet_changed()
 
 
-def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, str]:
-    """Enroll a host: create it (or re-enroll an existing one) and issue its agent token.
+def host_register(
+    *, hostname: str, groups: Collection[HostGroup] = (), actor: Actor | None = None
+) -> tuple[Host, str]:
+    """Enroll a host: create it (or re-enroll an existing one) and issue its agent token;
+    it joins ``groups`` (an enrolled host keeps the groups it is in).
 
     Returns the host and the token, which is not stored and cannot be shown again.
     """
@@ -109,8 +120,11 @@ def host_register(*, hostname: str, actor: Actor | None = None) -> tuple[Host, s
                 f"{hostname} is managed by a SysManage agent; it enrolls by "
                 "registering (see docs/sysmanage-agent.md)"
             )
+        if groups:
+            host.groups.add(*groups)
         token = _issue_token(host)
-        audit("host_enrolled", actor, host_id=str(host.id), hostname=host.hostname)
+        joined = {"groups": _names(group.name for group in groups)} if groups else {}
+        audit("host_enrolled", actor, host_id=str(host.id), hostname=host.hostname, **joined)
     return host, token
 
 
@@ -346,6 +360,176 @@ def package_operation_update(
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
             fleet_changed()
     return operation
+
+
+# -- host groups ----------------------------------------------------------------------
+
+#: The most names one audit record lists (a group can hold thousands of hosts).
+AUDIT_NAMES = 20
+
+
+def _names(names: Iterable[str]) -> str:
+    """Names for an audit record, sorted: ``a, b, c`` (and how many more)."""
+    ordered = sorted(names, key=str.lower)
+    shown = ", ".join(ordered[:AUDIT_NAMES])
+    more = len(ordered) - AUDIT_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _changes(added: Collection[str], removed: Collection[str]) -> dict[str, str]:
+    """``added`` and ``removed`` for an audit record, each only if not empty."""
+    changes = {"added": _names(added), "removed": _names(removed)}
+    return {key: value for key, value in changes.items() if value}
+
+
+def host_group_name(name: str) -> str:
+    """``name`` as a group is named (stripped); ValueError if empty or too long."""
+    cleaned = name.strip()
+    if not cleaned:
+        raise ValueError("A host group needs a name")
+    limit = HostGroup._meta.get_field("name").max_length or 100
+    if len(cleaned) > limit:
+        raise ValueError(f"A host group's name has at most {limit} characters")
+    return cleaned
+
+
+def _save_group(group: HostGroup) -> None:
+    """Save ``group``; a name another group has (in any case) is a ValueError."""
+    taken = HostGroup.objects.filter(name__iexact=group.name).exclude(pk=group.pk)
+    if taken.exists():
+        raise ValueError(f"A host group named {group.name} exists already")
+    try:
+        with transaction.atomic():  # a savepoint: a concurrent twin must not end ours
+            group.save()
+    except IntegrityError:
+        raise ValueError(f"A host group named {group.name} exists already") from None
+
+
+def host_group_create(
+    *,
+    name: str,
+    description: str = "",
+    host_ids: Collection[Any] | None = None,
+    actor: Actor | None = None,
+) -> HostGroup:
+    """Create a host group (with ``host_ids`` as its hosts); ValueError if the name is
+    empty or taken (in any case), or a host id names no host."""
+    with transaction.atomic():
+        group = HostGroup(name=host_group_name(name), description=description.strip())
+        _save_group(group)
+        audit("host_group_created", actor, group_id=str(group.id), group=group.name)
+        if host_ids:
+            host_group_set_hosts(group_id=group.id, host_ids=host_ids, actor=actor)
+    return group
+
+
+def host_group_update(
+    *,
+    group_id: Any,
+    name: str | None = None,
+    description: str | None = None,
+    host_ids: Collection[Any] | None = None,
+    actor: Actor | None = None,
+) -> HostGroup:
+    """Rename a host group, change its description or make ``host_ids`` its hosts (what
+    is not None); ValueError as :func:`host_group_create`."""
+    with transaction.atomic():
+        group = HostGroup.objects.select_for_update().get(id=group_id)
+        before = (group.name, group.description)
+        if name is not None:
+            group.name = host_group_name(name)
+        if description is not None:
+            group.description = description.strip()
+        if (group.name, group.description) != before:
+            _save_group(group)
+            renamed = {"renamed_from": before[0]} if group.name != before[0] else {}
+            audit("host_group_changed", actor, group_id=str(group.id), group=group.name, **renamed)
+        if host_ids is not None:
+            host_group_set_hosts(group_id=group.id, host_ids=host_ids, actor=actor)
+    return group
+
+
+def host_group_delete(*, group_id: Any, actor: Actor | None = None) -> None:
+    """Delete a host group: its hosts stay, in their other groups; registration keys
+    stop naming it."""
+    with transaction.atomic():
+        group = HostGroup.objects.select_for_update().get(id=group_id)
+        count = group.hosts.count()
+        name, group_id = group.name, str(group.id)
+        group.delete()
+        audit("host_group_deleted", actor, group_id=group_id, group=name, hosts=count)
+
+
+def host_group_set_hosts(
+    *, group_id: Any, host_ids: Collection[Any], actor: Actor | None = None
+) -> HostGroup:
+    """Make ``host_ids`` the hosts of a group (others leave it); ValueError naming the
+    ids of no host."""
+    wanted = {str(host_id) for host_id in host_ids}
+    with transaction.atomic():
+        group = HostGroup.objects.select_for_update().get(id=group_id)
+        found = dict(Host.objects.filter(id__in=wanted).values_list("id", "hostname"))
+        missing = wanted - {str(host_id) for host_id in found}
+        if missing:
+            raise ValueError(f"No host with id {', '.join(sorted(missing)[:AUDIT_NAMES])}")
+        current = dict(group.hosts.values_list("id", "hostname"))
+        added = [name for host_id, name in found.items() if host_id not in current]
+        removed = [name for host_id, name in current.items() if host_id not in found]
+        group.hosts.set(Host.objects.filter(id__in=found).only("id"))
+        if added or removed:
+            audit(
+                "host_group_members_changed",
+                actor,
+                group_id=str(group.id),
+                group=group.name,
+                **_changes(added, removed),
+                hosts=len(found),
+            )
+    return group
+
+
+def host_set_groups(
+    *, host_id: Any, groups: Collection[HostGroup], keep: bool = False, actor: Actor | None = None
+) -> Host:
+    """Make ``groups`` a host's groups (with ``keep``, add them to those it is in)."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(id=host_id)
+        current = {group.pk: group for group in host.groups.all()}
+        wanted = {group.pk: group for group in groups}
+        if keep:
+            wanted = {**current, **wanted}
+        added = [group.name for pk, group in wanted.items() if pk not in current]
+        removed = [group.name for pk, group in current.items() if pk not in wanted]
+        host.groups.set(list(wanted.values()))
+        if added or removed:
+            audit(
+                "host_groups_changed",
+                actor,
+                host_id=str(host.id),
+                hostname=host.hostname,
+                **_changes(added, removed),
+            )
+    return host
+
+
+def host_groups_ensure(
+    *, names: Iterable[str], actor: Actor | None = None
+) -> tuple[list[HostGroup], list[str]]:
+    """The groups ``names`` name (in any case), each created if there is none; returns
+    them and the names of those created now."""
+    groups: dict[str, HostGroup] = {}
+    created: list[str] = []
+    with transaction.atomic():
+        for raw in names:
+            name = host_group_name(raw)
+            if name.lower() in groups:
+                continue
+            group = HostGroup.objects.filter(name__iexact=name).first()
+            if group is None:
+                group = host_group_create(name=name, actor=actor)
+                created.append(group.name)
+            groups[name.lower()] = group
+    return list(groups.values()), created
 
 
 # -- agent-driven changes ------------------------------------------------------------

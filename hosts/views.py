@@ -53,25 +53,37 @@ class DashboardMixin(LoginRequiredMixin):
 
 
 class HostListView(DashboardMixin, TemplateView):
-    """``/hosts/``: every host (or those matching ``?q=``), with live status, and for
-    those who may watch every host's metrics at once, live CPU and memory."""
+    """``/hosts/``: every host (or those in the group ``?group=`` names, or matching
+    ``?q=``), with its groups and live status, and for those who may watch every host's
+    metrics at once, live CPU and memory."""
 
     template_name = "hosts/host_list.html"
     nav_section = "hosts"
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
-        """The hosts matching the search, and whether there are any hosts at all."""
+        """The hosts matching the search in the group, and how many the group (or the
+        fleet) has in all."""
         query = self.request.GET.get("q", "").strip()[:255]
-        hosts = list(selectors.host_list(search=query or None))
-        total = len(hosts) if not query else selectors.host_counts()["total_hosts"]
+        group = self.request.GET.get("group", "").strip()[:100] or None
+        hosts = list(selectors.host_list(search=query or None, group=group))
+        if not query:
+            total = len(hosts)
+        elif group:
+            total = selectors.host_list(group=group).count()
+        else:
+            total = selectors.host_counts()["total_hosts"]
+        groups = list(selectors.host_group_list())
         live_metrics = permissions.can_watch_fleet_metrics(self.request.user)
         return {
             **super().get_context_data(**kwargs),
             "query": query,
+            "group": group,
+            "groups": groups,
+            "group_known": group is None or any(g.name.lower() == group.lower() for g in groups),
             "hosts": hosts,
             "total_hosts": total,
             "live_metrics": live_metrics,
-            "page_data": {"liveMetrics": live_metrics},
+            "page_data": {"liveMetrics": live_metrics, "group": group},
         }
 
 

@@ -4,8 +4,8 @@ pages ask.
 
 Every right is a Django model permission, granted in the admin to users or to groups;
 active superusers hold them all.  Rights over the server's own set-up (registration keys,
-agent registrations, host tokens, the activity log) also need the staff flag, exactly as
-the admin does, so a user gets the same answer on every path.  The staff flag alone
+agent registrations, host tokens, host groups, the activity log) also need the staff flag,
+exactly as the admin does, so a user gets the same answer on every path.  The staff flag alone
 grants nothing.
 
 The checks read the flags and permissions of the user object they are given, and Django
@@ -84,6 +84,14 @@ RIGHTS: dict[str, Right] = {
     "manage_host_tokens": Right(
         ("hosts.change_host",),
         "rotate or revoke host tokens, or let a host register again",
+        staff_only=True,
+    ),
+    # One right for every change to groups (create, rename, delete, members): the admin
+    # asks it for adding and deleting groups too, so that the answer is the same on
+    # every path.  Seeing groups needs nothing more than seeing hosts.
+    "manage_host_groups": Right(
+        ("hosts.change_hostgroup",),
+        "create, change or delete host groups or change which hosts are in them",
         staff_only=True,
     ),
     # Every host's live metrics on one socket: what staff who may list the hosts in the
@@ -285,6 +293,11 @@ def can_revoke_registration_keys(user: Asker) -> bool:
 def can_manage_host_tokens(user: Asker) -> bool:
     """Whether ``user`` may rotate or revoke host tokens or allow a re-registration."""
     return holds(user, "manage_host_tokens")
+
+
+def can_manage_host_groups(user: Asker) -> bool:
+    """Whether ``user`` may create, change or delete host groups and set their hosts."""
+    return holds(user, "manage_host_groups")
 
 
 class RequiresRight(BasePermission):

@@ -21,7 +21,12 @@ from activity.api import (
 from activity.views import ActivityView, DashboardLoginView, OverviewView
 from alerts.api import AlertViewSet
 from alerts.views import AlertListView
-from hosts.api import CommandExecutionViewSet, HostViewSet, PackageOperationViewSet
+from hosts.api import (
+    CommandExecutionViewSet,
+    HostGroupViewSet,
+    HostViewSet,
+    PackageOperationViewSet,
+)
 from hosts.views import HostDetailView, HostListView
 from sysmanage import dbgate, drain, plugins
 from sysmanage.dbthreads import in_database_threads
@@ -32,6 +37,7 @@ from sysmanage.protocol import iso
 
 router = DefaultRouter()
 router.register("hosts", HostViewSet, basename="host")
+router.register("host-groups", HostGroupViewSet, basename="host-group")
 router.register("alerts", AlertViewSet, basename="alert")
 router.register("activity", UserActivityViewSet, basename="activity")
 router.register("commands", CommandExecutionViewSet, basename="command")

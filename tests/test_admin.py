@@ -8,7 +8,7 @@ from django.contrib import admin
 from activity.models import UserActivity
 from alerts import services as alert_services
 from alerts.models import Alert, AlertRule
-from hosts.models import CommandExecution, Host, PackageOperation
+from hosts.models import CommandExecution, Host, HostGroup, PackageOperation
 from sysmanage.models import User
 from tests.conftest import PASSWORD
 
@@ -23,7 +23,16 @@ def admin_client(client, make_user):
 
 
 def test_every_model_is_registered():
-    for model in (User, Host, CommandExecution, PackageOperation, Alert, AlertRule, UserActivity):
+    for model in (
+        User,
+        Host,
+        HostGroup,
+        CommandExecution,
+        PackageOperation,
+        Alert,
+        AlertRule,
+        UserActivity,
+    ):
         assert admin.site.is_registered(model), model
 
 
@@ -37,6 +46,8 @@ def test_admin_pages_render(admin_client):
         "/admin/hosts/packageoperation/",
         "/admin/sysmanage/user/",
         "/admin/hosts/host/add/",
+        "/admin/hosts/hostgroup/",
+        "/admin/hosts/hostgroup/add/",
         "/admin/alerts/alertrule/",
         "/admin/auth/group/",
     ):

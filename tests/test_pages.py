@@ -265,12 +265,12 @@ def test_hosts_table_shows_live_metrics_to_those_who_may_watch_every_host(
     operator, client, make_user, host
 ):
     response = operator.get("/hosts/")
-    assert page_data(response) == {"liveMetrics": False}
+    assert page_data(response) == {"liveMetrics": False, "group": None}
     assert b'data-cell="cpu"' not in response.content
     make_user("ops", staff=True, perms=["hosts.view_host"])
     assert client.login(username="ops", password=PASSWORD)
     response = client.get("/hosts/")
-    assert page_data(response) == {"liveMetrics": True}
+    assert page_data(response) == {"liveMetrics": True, "group": None}
     assert b'<th scope="col" class="num">CPU</th>' in response.content
     assert b'data-cell="cpu"' in response.content
     assert b'data-cell="memory"' in response.content

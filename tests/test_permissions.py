@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 from alerts import services as alert_services
 from alerts.models import Alert, AlertStatus
 from hosts import services as host_services
-from hosts.models import AgentKind, Host, RegistrationKey
+from hosts.models import AgentKind, Host, HostGroup, RegistrationKey
 from hosts.smagent import enrollment
 from sysmanage import permissions
 from tests.conftest import PASSWORD
@@ -65,6 +65,12 @@ WRITES: dict[str, tuple[str, Any, dict[str, Any] | None, int]] = {
         None,
         200,
     ),
+    "create-host-group": (
+        "hosts.change_hostgroup",
+        lambda: "/api/host-groups/",
+        {"name": "web"},
+        201,
+    ),
     "approve-registration": (
         "hosts.change_agentregistration",
         lambda: f"/api/registrations/{_pending_registration()}/approve/",
@@ -108,6 +114,7 @@ def test_staff_without_the_model_permission_gets_403_and_nothing_changes(make_us
         RegistrationKey.objects.filter(revoked_at=None).count(),
         Alert.objects.filter(status=AlertStatus.OPEN).count(),
         sorted(Host.objects.values_list("reregistration_allowed_until", flat=True), key=str),
+        HostGroup.objects.count(),
     )
     response = rest_as("clerk").post(target, body, format="json")
     assert response.status_code == 403, response.content
@@ -116,6 +123,7 @@ def test_staff_without_the_model_permission_gets_403_and_nothing_changes(make_us
         RegistrationKey.objects.filter(revoked_at=None).count(),
         Alert.objects.filter(status=AlertStatus.OPEN).count(),
         sorted(Host.objects.values_list("reregistration_allowed_until", flat=True), key=str),
+        HostGroup.objects.count(),
     )
 
 
@@ -218,6 +226,16 @@ def test_admin_registration_keys_need_the_add_permission(client, make_user):
     clerk = admin_as(client, make_user, "hosts.view_registrationkey")
     assert clerk.get("/admin/hosts/registrationkey/").status_code == 200
     assert clerk.get("/admin/hosts/registrationkey/add/").status_code == 403
+
+
+def test_admin_host_groups_need_the_change_permission(client, make_user):
+    group = host_services.host_group_create(name="web")
+    clerk = admin_as(client, make_user, "hosts.view_hostgroup", "hosts.add_hostgroup")
+    assert clerk.get("/admin/hosts/hostgroup/").status_code == 200
+    # Adding asks the same right as the REST API: hosts.change_hostgroup.
+    assert clerk.get("/admin/hosts/hostgroup/add/").status_code == 403
+    clerk.post(f"/admin/hosts/hostgroup/{group.pk}/change/", {"name": "renamed"})
+    assert HostGroup.objects.get().name == "web"
 
 
 def test_admin_activity_log_needs_the_view_permission(client, make_user):

@@ -99,10 +99,25 @@ class RegistrationKeyAdmin(admin.ModelAdmin[RegistrationKey]):
         "expires_at",
         "revoked_at",
         "usable",
+        "group_names",
         "created_at",
     )
-    fields = ("name", "max_uses", "expires_at")
+    fields = ("name", "max_uses", "expires_at", "groups")
+    filter_horizontal = ("groups",)
     actions = ["revoke"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        """A key's groups can be changed; the rest is as it was created."""
+        return ("name", "max_uses", "expires_at") if obj is not None else ()
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        """Keys with their groups, which the list shows."""
+        return super().get_queryset(request).prefetch_related("groups")
+
+    @admin.display(description="host groups")
+    def group_names(self, obj: RegistrationKey) -> str:
+        """The groups hosts registering with the key join."""
+        return ", ".join(group.name for group in obj.groups.all())
 
     @admin.display(boolean=True)
     def usable(self, obj: RegistrationKey) -> bool:
@@ -118,8 +133,9 @@ class RegistrationKeyAdmin(admin.ModelAdmin[RegistrationKey]):
         return permissions.can_create_registration_keys(request.user)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        """Keys are created and revoked, not edited."""
-        return obj is None and permissions.can_revoke_registration_keys(request.user)
+        """Keys are created and revoked, and their groups changed, not otherwise edited:
+        the right to revoke them."""
+        return permissions.can_revoke_registration_keys(request.user)
 
     def has_revoke_permission(self, request: HttpRequest) -> bool:
         """Revoking keys: the right the REST API asks too."""
@@ -128,11 +144,15 @@ class RegistrationKeyAdmin(admin.ModelAdmin[RegistrationKey]):
     def save_model(
         self, request: HttpRequest, obj: RegistrationKey, form: Any, change: bool
     ) -> None:
-        """Create the key through the service and show it once."""
+        """Create the key through the service and show it once (a change is only to its
+        groups: :meth:`save_related`)."""
+        if change:
+            return
         key, secret = enrollment.key_create(
             name=obj.name,
             max_uses=obj.max_uses,
             expires_at=obj.expires_at,
+            groups=list(form.cleaned_data.get("groups", [])),
             actor=request_actor(request),
         )
         obj.pk, obj.key_prefix, obj.created_at = key.pk, key.key_prefix, key.created_at
@@ -142,6 +162,16 @@ class RegistrationKeyAdmin(admin.ModelAdmin[RegistrationKey]):
             "- put it in the agent's configuration as registration_key.",
             messages.WARNING,
         )
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        """A changed key's groups change through the service, which records who changed
+        them; a new key has its groups already."""
+        groups = form.cleaned_data.pop("groups", None)
+        super().save_related(request, form, formsets, change)
+        if change and groups is not None:
+            enrollment.key_set_groups(
+                key_id=form.instance.pk, groups=list(groups), actor=request_actor(request)
+            )
 
     @admin.action(description="Revoke", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: Any) -> None:

@@ -16,6 +16,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from hosts.api import HostGroupNameField
 from hosts.models import AgentRegistration, Host, RegistrationKey, RegistrationStatus
 from hosts.smagent import enrollment
 from hosts.smagent.enrollment import EnrollmentRefused
@@ -139,6 +140,8 @@ class RegistrationKeySerializer(serializers.ModelSerializer[RegistrationKey]):
         write_only=True, required=False, min_value=60, max_value=10 * 365 * 86400
     )
     usable = serializers.SerializerMethodField()
+    #: the host groups that hosts registering with the key join
+    groups = HostGroupNameField(many=True, required=False)
 
     class Meta:
         model = RegistrationKey
@@ -152,6 +155,7 @@ class RegistrationKeySerializer(serializers.ModelSerializer[RegistrationKey]):
             "revoked_at",
             "created_at",
             "expires_in_seconds",
+            "groups",
             "usable",
         ]
         read_only_fields = [
@@ -174,7 +178,8 @@ class RegistrationKeyViewSet(
     mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet[RegistrationKey]
 ):
     """Registration keys (staff with the model permissions the admin asks): create one
-    (the key is in the reply, once), list them, ``POST …/revoke/``."""
+    (the key is in the reply, once; hosts registering with it join its ``groups``, named
+    as existing host groups), list them, ``POST …/revoke/``."""
 
     serializer_class = RegistrationKeySerializer
     permission_classes = [IsAuthenticated, RequiresRight]
@@ -184,7 +189,7 @@ class RegistrationKeyViewSet(
         "create": "create_registration_keys",
         "revoke": "revoke_registration_keys",
     }
-    queryset = RegistrationKey.objects.all()
+    queryset = RegistrationKey.objects.prefetch_related("groups")
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Create a key; the reply carries its secret ``key``, which is not stored."""
@@ -195,6 +200,7 @@ class RegistrationKeyViewSet(
             name=serializer.validated_data["name"],
             max_uses=serializer.validated_data.get("max_uses"),
             expires_at=timezone.now() + timedelta(seconds=seconds) if seconds else None,
+            groups=serializer.validated_data.get("groups", []),
             actor=request_actor(request),
         )
         return Response(

@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import secrets
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from hosts.models import (
     AgentKind,
     AgentRegistration,
     Host,
+    HostGroup,
     RegistrationKey,
     RegistrationStatus,
 )
@@ -76,9 +78,15 @@ def _key_digest(key: str) -> str:
 
 
 def key_create(
-    *, name: str, max_uses: int | None = None, expires_at: Any = None, actor: Actor | None = None
+    *,
+    name: str,
+    max_uses: int | None = None,
+    expires_at: Any = None,
+    groups: Collection[HostGroup] = (),
+    actor: Actor | None = None,
 ) -> tuple[RegistrationKey, str]:
-    """Create a registration key; returns it and its secret, which is not stored."""
+    """Create a registration key (hosts enrolled with it join ``groups``); returns it and
+    its secret, which is not stored."""
     if not name.strip():
         raise ValueError("a registration key needs a name")
     if max_uses is not None and max_uses < 1:
@@ -93,8 +101,30 @@ def key_create(
             expires_at=expires_at,
             created_by=actor.user if actor and getattr(actor.user, "pk", None) else None,
         )
-        audit("registration_key_created", actor, key=key.name, key_id=str(key.id))
+        key.groups.set(list(groups))
+        joined = {"groups": ", ".join(sorted(g.name for g in groups))} if groups else {}
+        audit("registration_key_created", actor, key=key.name, key_id=str(key.id), **joined)
     return key, secret
+
+
+def key_set_groups(
+    *, key_id: Any, groups: Collection[HostGroup], actor: Actor | None = None
+) -> RegistrationKey:
+    """Make ``groups`` the groups that hosts enrolled with a key join from now on (hosts
+    enrolled before keep theirs)."""
+    with transaction.atomic():
+        key = RegistrationKey.objects.select_for_update().get(id=key_id)
+        before = set(key.groups.values_list("pk", flat=True))
+        key.groups.set(list(groups))
+        if before != {group.pk for group in groups}:
+            audit(
+                "registration_key_changed",
+                actor,
+                key=key.name,
+                key_id=str(key.id),
+                groups=", ".join(sorted(group.name for group in groups)) or "(none)",
+            )
+    return key
 
 
 def key_revoke(*, key_id: Any, actor: Actor | None = None) -> RegistrationKey:
@@ -295,11 +325,13 @@ def _record(
 
 
 def _approve(record: AgentRegistration, *, actor: Actor | None) -> Host:
-    """Create the host of a waiting registration (same id, its host token)."""
+    """Create the host of a waiting registration (same id, its host token), in the
+    groups of the key it registered with."""
     host = host_create(
         hostname=record.hostname,
         host_id=record.id,
         agent_kind=AgentKind.SYSMANAGE,
+        groups=list(record.key.groups.all()) if record.key is not None else (),
         fqdn=record.fqdn[:255],
         ip_addresses=record.ip_addresses,
         agent_version=record.agent_version[:50],

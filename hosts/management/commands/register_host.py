@@ -1,4 +1,5 @@
-"""``manage.py register_host HOSTNAME``: enroll a host and print its agent token once."""
+"""``manage.py register_host HOSTNAME [--group GROUP ...]``: enroll a host (in host
+groups) and print its agent token once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
 
 from hosts import services
 from hosts.management.commands._hosts import agent_start_hint
@@ -22,7 +24,9 @@ class Command(BaseCommand):
     help = (
         "Enroll a host and print its agent token (shown once; only a digest is stored). "
         "An enrolled host is refused (rotate_host_token gives it a new token). "
-        'The last line of output is JSON: {"host_id": ..., "token": ...}.'
+        "--group puts the host in a group (repeat it for several; a group that does not "
+        "exist is created). "
+        'The last line of output is JSON: {"host_id": ..., "token": ..., "groups": [...]}.'
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -32,6 +36,13 @@ class Command(BaseCommand):
             "--reissue",
             action="store_true",
             help="the host is enrolled already: issue a new token anyway (as rotate_host_token)",
+        )
+        parser.add_argument(
+            "--group",
+            action="append",
+            default=[],
+            metavar="GROUP",
+            help="a host group to put the host in, created if there is none (repeatable)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -48,11 +59,20 @@ class Command(BaseCommand):
             )
         actor = Actor.command_line("register_host")
         try:
-            if enrolled is not None:  # --reissue: as rotate_host_token, old agent cut off
-                host, token = services.host_rotate_token(host_id=enrolled.id, actor=actor)
-            else:
-                host, token = services.host_register(hostname=hostname, actor=actor)
+            with transaction.atomic():  # no group is left created for a refused host
+                groups, created = services.host_groups_ensure(names=options["group"], actor=actor)
+                if enrolled is not None:  # --reissue: as rotate_host_token, old agent cut off
+                    host, token = services.host_rotate_token(host_id=enrolled.id, actor=actor)
+                    services.host_set_groups(host_id=host.id, groups=groups, keep=True, actor=actor)
+                else:
+                    host, token = services.host_register(
+                        hostname=hostname, groups=groups, actor=actor
+                    )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        self.stderr.write(agent_start_hint(f"Enrolled {host.hostname}.", token))
-        self.stdout.write(json.dumps({"host_id": str(host.id), "token": token}))
+        for name in created:
+            self.stderr.write(f"Created host group {name}.")
+        names = sorted(host.groups.values_list("name", flat=True), key=str.lower)
+        joined = f" Host groups: {', '.join(names)}." if names else ""
+        self.stderr.write(agent_start_hint(f"Enrolled {host.hostname}.{joined}", token))
+        self.stdout.write(json.dumps({"host_id": str(host.id), "token": token, "groups": names}))

@@ -5,9 +5,11 @@
  * those who may watch every host's metrics, live CPU and memory from one `host_metrics`
  * subscription to every host (`host_id: "*"`: a snapshot, then a summary a second).
  *
- * The server renders the hosts matching `?q=`; once a snapshot names hosts the table does
- * not have (a narrower server search, or hosts enrolled since), the whole list is read
- * from `GET /api/hosts/` so that filtering can widen again without a reload.
+ * The server renders the hosts matching `?q=` (in the group `?group=` names); once a
+ * snapshot names hosts the table does not have (a narrower server search, or hosts
+ * enrolled since), the whole list (of the group) is read from `GET /api/hosts/` so that
+ * filtering can widen again without a reload.  Groups are as the page was loaded, apart
+ * from the rows added later; choosing another group loads the page again.
  */
 import { el, getJSON, pageData, showNotice, startLive, timeElement } from "./live.js";
 
@@ -18,14 +20,19 @@ const STATUS_WORDS = { online: "Online", offline: "Offline", unknown: "Unknown" 
 
 const tbody = /** @type {HTMLTableSectionElement} */ (document.getElementById("host-rows"));
 const search = /** @type {HTMLInputElement} */ (document.getElementById("host-search"));
+const groupSelect = /** @type {HTMLSelectElement|null} */ (document.getElementById("host-group"));
 const countText = /** @type {HTMLElement} */ (document.getElementById("host-count"));
 const changeText = /** @type {HTMLElement} */ (document.getElementById("host-change"));
 const rows = new Map([...tbody.rows].map((row) => [row.dataset.hostId, row]));
+/** Hosts known to be outside the group the page shows (their events are ignored). */
+const outside = new Set();
 let listComplete = false;
 /** @type {Promise<void>|null} */
 let loading = null;
 
 const liveMetrics = pageData().liveMetrics === true;
+/** The group the page shows (`?group=`), or null for every host. */
+const group = typeof pageData().group === "string" ? /** @type {string} */ (pageData().group) : null;
 const client = startLive();
 client.subscribe("host_status", null, (data, message) => {
   if (message.type === "status") applySnapshot(data.hosts);
@@ -65,9 +72,11 @@ search.addEventListener("input", () => {
   applyFilter();
 });
 /** @type {HTMLFormElement} */ (search.form).addEventListener("submit", (event) => {
+  if (groupSelect && groupSelect.value.toLowerCase() !== (group || "").toLowerCase()) return; // another group: the server's
   event.preventDefault(); // the table is filtered already; the URL says so too
   applyFilter();
 });
+groupSelect?.addEventListener("change", () => /** @type {HTMLFormElement} */ (search.form).requestSubmit());
 
 /**
  * The status badge, like `hosts/_status_badge.html`.
@@ -129,6 +138,7 @@ function applySnapshot(hosts) {
  */
 async function applyChange(change) {
   let row = rows.get(change.host_id);
+  if (!row && outside.has(change.host_id)) return;
   if (!row) {
     // A host enrolled after this page was loaded: fetch its row, then show the change.
     try {
@@ -159,7 +169,7 @@ function loadAllHosts() {
   if (listComplete || loading) return loading;
   loading = (async () => {
     try {
-      let url = "/api/hosts/?limit=500";
+      let url = "/api/hosts/?limit=500" + (group ? `&group=${encodeURIComponent(group)}` : "");
       while (url) {
         const page = await getJSON(url);
         page.results.forEach(upsertHost);
@@ -181,6 +191,10 @@ function loadAllHosts() {
  * @param {JsonObject} host
  */
 function upsertHost(host) {
+  if (group && !(host.groups || []).some((/** @type {JsonObject} */ g) => g.name.toLowerCase() === group.toLowerCase())) {
+    outside.add(host.id);
+    return;
+  }
   let row = rows.get(host.id);
   if (!row) {
     row = hostRow(host);
@@ -206,9 +220,23 @@ function hostRow(host) {
     name,
     el("td", { dataset: { cell: "status" } }),
     el("td", { className: "nowrap", dataset: { cell: "last-seen" } }),
+    el("td", { dataset: { cell: "groups" } }, ...groupLinks(host.groups || [])),
     ...metrics,
     el("td", { className: "col-optional" }, os),
     el("td", { className: "col-optional" }, host.agent_version || "—"));
+}
+
+/**
+ * Links to the hosts of each group, like `hosts/_groups.html`.
+ * @param {JsonObject[]} groups `{id, name}` of each
+ * @returns {(Node|string)[]}
+ */
+function groupLinks(groups) {
+  if (!groups.length) return [el("span", { className: "muted" }, "—")];
+  return groups.flatMap((g, i) => [
+    ...(i ? [" "] : []),
+    el("a", { className: "badge badge-group", href: `/hosts/?group=${encodeURIComponent(g.name)}` }, g.name),
+  ]);
 }
 
 /** Show the rows whose hostname or FQDN contains the query (as the server searches). */
@@ -222,11 +250,13 @@ function applyFilter() {
     if (match) shown += 1;
   }
   const total = rows.size;
-  /** @type {HTMLElement} */ (document.getElementById("hosts-none")).hidden = total > 0;
+  /** @type {HTMLElement} */ (document.getElementById("hosts-none")).hidden = total > 0 || group !== null;
   /** @type {HTMLElement} */ (document.getElementById("hosts-no-match")).hidden = total === 0 || shown > 0;
   /** @type {HTMLElement} */ (document.getElementById("no-match-query")).textContent = search.value.trim();
   /** @param {number} n */
   const plural = (n) => `${n} host${n === 1 ? "" : "s"}`;
-  const text = query ? `${shown} of ${plural(total)} match “${search.value.trim()}”.` : `${plural(total)}.`;
-  if (countText.textContent !== text) countText.textContent = text;
+  const where = group === null ? "" : ` in group “${group}”`;
+  const text = query ? `${shown} of ${plural(total)}${where} match “${search.value.trim()}”.` : `${plural(total)}${where}.`;
+  // The server's note on a group that does not exist stays.
+  if (!countText.textContent?.startsWith(text)) countText.textContent = text;
 }
