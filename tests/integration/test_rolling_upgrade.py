@@ -6,7 +6,9 @@ new schema.  Here the models of the release before output truncation (hosts 0006
 no truncation flags) create a host, a command and a package operation in a database
 migrated to the latest schema, and the current code reads them.  Without the database
 defaults of hosts 0008 these inserts fail (NOT NULL), which during a real upgrade is
-every command and package operation until the last process restarted.
+every command and package operation until the last process restarted.  And the
+previous release deletes a host the new one put in a group: without the cascade of
+hosts 0010 in the database that delete fails on the membership's foreign key.
 tests/test_migrations_rolling.py holds every later migration to the same rule.
 """
 
@@ -39,14 +41,22 @@ command = Command.objects.create(host=host, command="uptime")
 operation = Operation.objects.create(host=host, operation="install", package="htop")
 Command.objects.filter(pk=command.pk).update(status="completed", stdout="up")
 
-from hosts.models import CommandExecution, PackageOperation
+from hosts.models import CommandExecution, Host as NewHost, HostGroup, PackageOperation
 new_command = CommandExecution.objects.get(pk=command.pk)
 new_operation = PackageOperation.objects.get(pk=operation.pk)
+
+# a host the new release put in a group, deleted by the previous release (which does not
+# know the membership table): the membership must go with it
+group = HostGroup.objects.create(name="rolling")
+NewHost.objects.get(pk=host.pk).groups.add(group)
+Host.objects.filter(pk=host.pk).delete()
 print(json.dumps({{
     "stdout": new_command.stdout,
     "stdout_truncated": new_command.stdout_truncated,
     "stderr_truncated": new_command.stderr_truncated,
     "output_truncated": new_operation.output_truncated,
+    "members_left": group.hosts.count(),
+    "hosts_left": NewHost.objects.filter(pk=host.pk).count(),
 }}))
 """
 
@@ -67,6 +77,8 @@ def test_the_previous_release_keeps_writing_after_the_migrations():
             "stdout_truncated": False,
             "stderr_truncated": False,
             "output_truncated": False,
+            "members_left": 0,
+            "hosts_left": 0,
         }, read
     finally:
         harness.drop_postgres_database(POSTGRES_ADMIN_URL, database)
