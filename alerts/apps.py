@@ -17,6 +17,7 @@ class AlertsConfig(AppConfig):
         from django.conf import settings
 
         from alerts import commands, evaluation, selectors
+        from alerts.models import AlertStatus
         from sysmanage import commands as command_registry
         from sysmanage import metrics, topics
         from sysmanage.events import listen
@@ -28,6 +29,12 @@ class AlertsConfig(AppConfig):
             "Open or acknowledged alerts, by severity.",
             "severity",
             selectors.alert_severity_counts,
+        )
+        metrics.register_figures(
+            "sysmanage_alerts_open",
+            "Open alerts that nobody has acknowledged yet, by severity.",
+            "severity",
+            lambda: selectors.alert_severity_counts((AlertStatus.OPEN,)),
         )
         topics.register_snapshot("system_alerts", selectors.alert_snapshot)
         listen("host.metrics_reported", evaluation.on_metrics, blocking=False)

@@ -97,10 +97,11 @@ def fleet_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
     return dict(fleet_stats())
 
 
-def alert_severity_counts() -> dict[str, int]:
-    """Active (open or acknowledged) alerts per severity; every severity is present."""
+def alert_severity_counts(statuses: tuple[str, ...] = Alert.ACTIVE_STATUSES) -> dict[str, int]:
+    """Alerts in ``statuses`` (by default the active ones: open or acknowledged) per
+    severity; every severity is present."""
     counts = dict(
-        Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES)
+        Alert.objects.filter(status__in=statuses)
         .values_list("severity")
         .annotate(count=Count("id"))
         .order_by()

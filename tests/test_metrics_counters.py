@@ -150,3 +150,14 @@ def test_a_database_error_that_is_a_bug_still_fails_the_scrape(monkeypatch):
     monkeypatch.setattr(metrics, "_figures", [("sysmanage_test_hosts", "Test.", "status", read)])
     with pytest.raises(ProgrammingError):
         list(metrics.DatabaseCollector().collect())
+
+
+@pytest.mark.django_db
+def test_open_alerts_leave_out_the_acknowledged_ones():
+    from alerts.models import Alert, AlertStatus
+    from alerts.selectors import alert_severity_counts
+
+    for status in (AlertStatus.OPEN, AlertStatus.ACKNOWLEDGED, AlertStatus.RESOLVED):
+        Alert.objects.create(severity="critical", category="disk_space", title="x", status=status)
+    assert alert_severity_counts()["critical"] == 2  # open or acknowledged
+    assert alert_severity_counts((AlertStatus.OPEN,))["critical"] == 1

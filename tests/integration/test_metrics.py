@@ -121,7 +121,8 @@ async def test_metrics_follow_what_happens_and_cover_the_dashboard(pg_redis_clus
         assert sample(text, "sysmanage_subscriptions", channel="system_alerts") >= 1
         assert sample(text, "sysmanage_events_published_total", channel="system_alerts") >= 1
         assert sample(text, "sysmanage_event_deliveries_total", channel="system_alerts") >= 1
-        assert sample(text, "sysmanage_alerts_active", severity="critical") >= 0
+        assert sample(text, "sysmanage_alerts_active", severity="critical") >= 1
+        assert sample(text, "sysmanage_alerts_open", severity="critical") >= 1
         assert sample(text, "sysmanage_channel_layer_up") == 1
         assert sample(text, "sysmanage_database_up") == 1
         assert sample(text, "sysmanage_db_pool_connections") >= 1
