@@ -18,13 +18,21 @@ from django.conf import settings
 from django.utils import timezone
 
 from hosts import agent_protocol, selectors, services
-from hosts.agent_protocol import AgentData, MessageId, ServerData, ServerMessage, ServerMessageType
+from hosts.agent_protocol import (
+    AgentData,
+    HostFacts,
+    MessageId,
+    ServerData,
+    ServerMessage,
+    ServerMessageType,
+)
 from hosts.events import AgentTook
 from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_metrics
+from hosts.models import CommandExecution, Host, PackageOperation
 from sysmanage import dbgate, drain, metrics
 from sysmanage.auth import bearer_token
 from sysmanage.connection import Connection
-from sysmanage.dbthreads import database_sync_to_async
+from sysmanage.dbthreads import PeerGone, database_sync_to_async
 from sysmanage.events import publish_control_now
 from sysmanage.node import running_hub
 from sysmanage.oversized import Oversized
@@ -40,6 +48,9 @@ from sysmanage.protocol import (
 from sysmanage.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
+
+#: The commands and package operations handed over to an agent.
+Work = tuple[list[CommandExecution], list[PackageOperation]]
 
 
 class AgentConsumer(Connection):
@@ -64,7 +75,9 @@ class AgentConsumer(Connection):
         await self._accept()
         token = bearer_token(self.scope)
         try:
-            host = await database_sync_to_async(selectors.host_for_token)(token or "")
+            host = await self.database(selectors.host_for_token)(token or "")
+        except PeerGone:
+            return
         except Exception as exc:
             fault = dbgate.unavailable(exc)
             if fault is None:
@@ -79,6 +92,10 @@ class AgentConsumer(Connection):
                     "Missing agent token" if not token else "Invalid or revoked agent token"
                 ),
             )
+            return
+        if not self.peer_alive():
+            # Gone while its host was looked up (its agent gave up waiting and may be
+            # back on another socket already, which registering this one would replace).
             return
         self.host_id, self.hostname = str(host.id), host.hostname
         self.token_hash = host.token_hash
@@ -234,15 +251,20 @@ class AgentConsumer(Connection):
             self.send_message("ack", {"kind": work.kind, "ref": work.ref})
 
     async def on_hello(self, data: AgentData, id_: MessageId) -> None:
-        """Store the host's facts, mark it online and hand over queued work."""
+        """Store the host's facts, mark it online and hand over queued work (one trip to
+        the database threads), unless the agent has gone by then."""
         facts = agent_protocol.clean_facts(data, id_)
-        host = await database_sync_to_async(services.host_agent_hello)(
-            host_id=self.host_id, session=self.session, facts=facts
-        )
+        try:
+            host, work = await self.database(self._hello)(facts)
+        except PeerGone:
+            return
         assert self.host_id is not None  # set on connecting, before any message
         self.cpu_count = host.cpu_count
-        self.ready = True
+        self.ready = True  # the host is online: its disconnect takes it offline
         self.last_seen = services.LastSeen(self.host_id, written_now=True)  # hello wrote it
+        self.sent = self.answered = None
+        if work is None:
+            return
         self.send_message(
             "welcome",
             {
@@ -253,8 +275,21 @@ class AgentConsumer(Connection):
             },
             id_,
         )
-        self.sent = self.answered = None
-        await self.dispatch_pending()
+        if isinstance(work, Exception):
+            raise work
+        self._send_work(*work)
+
+    def _hello(self, facts: HostFacts) -> tuple[Host, Work | Exception | None]:
+        """In a database thread: the hello's writes, then the work to hand over, which
+        is left where it is if the agent has gone meanwhile (None).  A failure to hand
+        it over is returned: the hello stands, and the agent is welcomed, then told."""
+        host = services.host_agent_hello(host_id=self.host_id, session=self.session, facts=facts)
+        if not self.peer_alive():
+            return host, None
+        try:
+            return host, services.work_hand_over(host_id=self.host_id)
+        except Exception as exc:
+            return host, exc
 
     async def on_heartbeat(self, data: AgentData, id_: MessageId) -> None:
         """Note that the agent is alive."""
@@ -349,9 +384,16 @@ class AgentConsumer(Connection):
     async def dispatch_pending(self) -> None:
         """Send the agent every unfinished command and operation it has not been sent yet
         on this connection (handing the pending ones over: they are running from now)."""
-        commands, operations = await database_sync_to_async(services.work_hand_over)(
-            host_id=self.host_id
-        )
+        try:
+            work = await self.database(services.work_hand_over)(host_id=self.host_id)
+        except PeerGone:
+            return
+        self._send_work(*work)
+
+    def _send_work(
+        self, commands: list[CommandExecution], operations: list[PackageOperation]
+    ) -> None:
+        """Send the agent the work handed over that it was not sent yet on this socket."""
         for execution in commands:
             if self._first_time(str(execution.id)):
                 self.send_message(

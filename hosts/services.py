@@ -177,18 +177,23 @@ def host_set_status(*, host_id: Any, status: str, seen_at: datetime | None = Non
             host.last_seen = seen_at or timezone.now()
             fields.append("last_seen")
         host.save(update_fields=fields)
-        if previous != status:
-            publish(
-                HostStatusChanged(
-                    host_id=str(host.id),
-                    hostname=host.hostname,
-                    status=status,
-                    previous_status=previous,
-                    timestamp=iso(timezone.now()) or utc_now_iso(),
-                )
-            )
-            fleet_changed()
+        _status_changed(host, previous)
     return host
+
+
+def _status_changed(host: Host, previous: str) -> None:
+    """Publish ``host_status`` (on commit) if ``host``'s status is not ``previous``."""
+    if previous != host.status:
+        publish(
+            HostStatusChanged(
+                host_id=str(host.id),
+                hostname=host.hostname,
+                status=host.status,
+                previous_status=previous,
+                timestamp=iso(timezone.now()) or utc_now_iso(),
+            )
+        )
+        fleet_changed()
 
 
 def host_metrics_publish(
@@ -536,16 +541,25 @@ def host_groups_ensure(
 
 
 def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
-    """Store the facts an agent reported on connecting, and mark its host online."""
+    """Store the facts an agent reported on connecting, and mark its host online
+    (publishing ``host_status`` if it was not): one row lock and one write, since a
+    reconnect storm brings every agent's hello at once."""
     reported: Mapping[str, object] = facts
     with transaction.atomic():
         host = Host.objects.select_for_update().get(id=host_id)
+        previous = host.status
+        changed = ["agent_session", "status", "last_seen", "updated_at"]
         for field in HOST_FACT_FIELDS:
-            if field in reported and reported[field] is not None:
-                setattr(host, field, reported[field])
+            value = reported.get(field)
+            if value is not None and value != getattr(host, field):
+                setattr(host, field, value)
+                changed.append(field)
         host.agent_session = session
-        host.save()
-        return host_set_status(host_id=host.id, status=HostStatus.ONLINE)
+        host.status = HostStatus.ONLINE
+        host.last_seen = timezone.now()
+        host.save(update_fields=changed)
+        _status_changed(host, previous)
+    return host
 
 
 def host_agent_gone(*, host_id: Any, session: str) -> bool:

@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, WebSocketDisconnectEvent
 from channels.exceptions import StopConsumer
@@ -46,6 +46,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from sysmanage import drain, metrics
+from sysmanage.dbthreads import database_sync_to_async_while
 from sysmanage.dispatch import NoPerMessageCleanupMixin
 from sysmanage.oversized import SKIP_OVERSIZED, Oversized
 from sysmanage.protocol import CloseCode, ErrorCode, dumps, error_envelope, request_id_of
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
     from sysmanage.hub import CloseReason, Hub
 
 logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
@@ -86,6 +90,9 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
     tasks: set[asyncio.Task[Any]] | None = None
     #: the frames recently refused for rate (made at the first refusal)
     rate_refusals: RefusalWindow | None = None
+    #: the server's inbox of this socket's messages, when it says whether the socket has
+    #: closed (``sysmanage.serve.Inbox``)
+    inbox: Any = None
 
     async def __call__(
         self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -103,6 +110,8 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         # Daphne's inbox of this connection (sysmanage.serve.Inbox), if it offers messages
         # as they arrive and this connection takes some of them so.
         inbox: Any = getattr(receive, "__self__", None)
+        if hasattr(inbox, "peer_gone"):
+            self.inbox = inbox
         if type(self).receive_at_once is Connection.receive_at_once or not hasattr(
             inbox, "at_once"
         ):
@@ -116,6 +125,17 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         finally:
             if inbox is not None:
                 inbox.at_once = None
+
+    def peer_alive(self) -> bool:
+        """Whether the socket is still open as far as the server knows: False once it has
+        closed, even while its ``websocket.disconnect`` waits behind this connection's
+        work (any thread may ask)."""
+        return not (self.inbox is not None and self.inbox.peer_gone)
+
+    def database(self, func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+        """``func`` run in the database threads for this socket, unless its peer has
+        gone by the call's turn (then :class:`~sysmanage.dbthreads.PeerGone` is raised)."""
+        return database_sync_to_async_while(self.peer_alive, func)
 
     def receive_at_once(self, message: dict[str, Any]) -> bool:
         """Called by the server with one of the socket's messages as it arrives, while

@@ -49,6 +49,8 @@ _R = TypeVar("_R")
 
 _EXECUTOR: ThreadPoolExecutor | None = None
 _LOCK = threading.Lock()
+#: calls of sockets not made because their peer had gone (``/metrics``)
+_SKIPPED = 0
 
 
 def thread_count() -> int:
@@ -75,10 +77,42 @@ def queued() -> int:
     return pool._work_queue.qsize() if pool is not None else 0
 
 
+def skipped() -> int:
+    """Calls of sockets not made because their peer had gone by their turn (``/metrics``)."""
+    return _SKIPPED
+
+
 def database_sync_to_async(func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """``func`` as a coroutine function that runs it in one of the database threads
     (channels' ``database_sync_to_async``, with a pool instead of one thread)."""
     return DatabaseSyncToAsync(func, thread_sensitive=False, executor=executor())
+
+
+class PeerGone(Exception):
+    """A socket's database call that was not made: its peer had gone by its turn."""
+
+
+def database_sync_to_async_while(
+    alive: Callable[[], bool], func: Callable[_P, _R]
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """``func`` as :func:`database_sync_to_async` makes it, for a socket: when its turn
+    in the database threads comes and ``alive()`` says the socket's peer has gone, it is
+    not run, and the call raises :class:`PeerGone`.
+
+    In a reconnect storm the calls of sockets whose peer gave up waiting queue among
+    the others; run, they would only delay the calls of the peers still waiting.
+    """
+
+    @functools.wraps(func)
+    def unless_gone(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not alive():
+            global _SKIPPED
+            with _LOCK:
+                _SKIPPED += 1
+            raise PeerGone
+        return func(*args, **kwargs)
+
+    return database_sync_to_async(unless_gone)
 
 
 def in_database_threads(

@@ -205,6 +205,11 @@ class LiveCollector(Collector):
             "connection until one succeeds again.",
         )
         database_up.add_metric([], 0 if dbgate.gate().outage() is not None else 1)
+        db_skipped = CounterMetricFamily(
+            "sysmanage_db_calls_skipped",
+            "Database calls of sockets not made because the socket had closed by their turn.",
+        )
+        db_skipped.add_metric([], dbthreads.skipped())
         inbox = GaugeMetricFamily(
             "sysmanage_hub_inbox_depth", "Messages from the channel layer waiting for the hub."
         )
@@ -232,7 +237,7 @@ class LiveCollector(Collector):
             layer_up.add_metric([], 0 if node.layer_down_since is not None else 1)
             failures.add_metric([], node.publish_failures)
         yield from (sockets, subscriptions, delivered, deliveries, inbox, layer_up, failures)
-        yield from (db_queued, database_up)
+        yield from (db_queued, db_skipped, database_up)
 
 
 class DatabaseCollector(Collector):

@@ -81,7 +81,7 @@ class Inbox:
     rather than left waiting forever.  An empty inbox holds nothing but two empty slots.
     """
 
-    __slots__ = ("_items", "_waiter", "at_once")
+    __slots__ = ("_items", "_waiter", "at_once", "peer_gone")
 
     def __init__(self) -> None:
         self._items: collections.deque[dict[str, Any]] | None = None
@@ -89,6 +89,9 @@ class Inbox:
         #: set by an application that can take some messages as they arrive
         #: (:meth:`sysmanage.connection.Connection.receive_at_once`)
         self.at_once: Callable[[dict[str, Any]], bool] | None = None
+        #: whether the socket has closed (its ``websocket.disconnect`` is queued or taken),
+        #: which the application may want to know before it reaches that message
+        self.peer_gone = False
 
     def put_nowait(self, item: dict[str, Any]) -> None:
         """Add ``item``, waking the reader if it waits.
@@ -110,6 +113,8 @@ class Inbox:
         if self._items is None:
             self._items = collections.deque()
         self._items.append(item)
+        if item.get("type") == "websocket.disconnect":
+            self.peer_gone = True
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
