@@ -22,7 +22,8 @@ what Daphne does with them:
 - Autobahn copies its 29 protocol options from the factory onto every connection, which
   doubles the size of the connection's attribute dictionary; :class:`LeanWebSocketProtocol`
   reads them from the factory instead (Daphne sets them once, at start), and queues its
-  rare chopped writes in a list rather than a deque;
+  rare chopped writes in a list rather than a deque; nor does it pretty-print them for
+  a debug line nobody logs;
 - the HTTP request a WebSocket was upgraded from (its headers, URL and query string,
   about 3 KB) is let go once the WebSocket protocol has it, instead of staying in the
   HTTP channel's list of requests until the connection ends;
@@ -55,8 +56,10 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pprint import pformat
 from typing import Any
 
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.types import ConnectionDeny
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import WebRequest
@@ -259,7 +262,17 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
         return type(cls.__name__, (cls,), {"__module__": cls.__module__})
 
     def _connectionMade(self) -> None:  # noqa: N802 - Autobahn's name
-        super()._connectionMade()
+        # Autobahn formats its 29 options for a debug line on every connection, logged
+        # or not (pprint: a tenth of the event loop's time in a reconnect storm); when
+        # nothing logs it, it gets nothing to format.  The event loop runs one
+        # connection's setup at a time, so no other code sees the stand-in.
+        quiet = getattr(self.log.debug, "__name__", "") == "_no_op"  # txaio's, below debug
+        if quiet:
+            autobahn_protocol.pformat = _not_formatted  # type: ignore[assignment]  # no options
+        try:
+            super()._connectionMade()
+        finally:
+            autobahn_protocol.pformat = pformat
         self.send_queue = _SendQueue()
         cls = type(self)
         if not cls.options_fixed and cls is not LeanWebSocketProtocol:
@@ -357,6 +370,11 @@ class LeanWebSocketProtocol(WebSocketProtocol):  # type: ignore[misc]  # no type
             self.sendCloseFrame(code=code, reasonUtf8=drain.SERVICE_RESTART_REASON.encode())
             return
         super().serverClose(code=code)
+
+
+def _not_formatted(value: object, *args: Any, **kwargs: Any) -> str:
+    """What Autobahn's unlogged debug line of a connection's options formats."""
+    return ""
 
 
 for _option in WebSocketProtocol.CONFIG_ATTRS:

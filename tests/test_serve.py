@@ -18,6 +18,7 @@ from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from sysmanage import serve
 from sysmanage.oversized import KEEP_BYTES, SKIP_OVERSIZED
 from sysmanage.serve import (
     HANDSHAKE_ONLY,
@@ -199,6 +200,27 @@ async def test_connections_read_autobahns_options_from_the_factory():
         protocol.sendData(b"abcdef", chopsize=3)
         assert served.transport.value().endswith(b"abc")
         assert len(protocol.send_queue) == 1
+    finally:
+        served.stop()
+
+
+async def test_a_connection_formats_no_debug_line_nobody_logs(monkeypatch):
+    import autobahn.websocket.protocol as autobahn_protocol
+
+    formatted: list[object] = []
+
+    def counting(value: object) -> str:
+        formatted.append(value)
+        return ""
+
+    monkeypatch.setattr(autobahn_protocol, "pformat", counting)
+    monkeypatch.setattr(serve, "pformat", counting)  # what the connection puts back
+    served = Upgraded(RedactingServer)
+    try:
+        await served.handshake()
+        assert isinstance(served.transport.protocol, LeanWebSocketProtocol)
+        assert formatted == []
+        assert autobahn_protocol.pformat is counting
     finally:
         served.stop()
 
