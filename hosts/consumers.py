@@ -69,6 +69,8 @@ class AgentConsumer(Connection):
     skips_oversized = True
     #: the next frame :meth:`receive` gets already took its token of the rate
     prepaid = False
+    #: whether work was queued for the host before the hello was through
+    nudged = False
 
     async def connect(self) -> None:
         """Called on the handshake: authenticate the host token, then register with the hub."""
@@ -154,8 +156,11 @@ class AgentConsumer(Connection):
         return self.host_id is not None and not (self.sent or set()) <= (self.answered or set())
 
     def nudge(self) -> None:
-        """Called by the hub when work was queued for this host."""
-        if self.ready and not self.closing:
+        """Called by the hub when work was queued for this host (before the hello is
+        through, remembered for it)."""
+        if not self.ready:
+            self.nudged = True
+        elif not self.closing:
             self._spawn(self.dispatch_pending())
 
     # -- receiving ------------------------------------------------------------------------
@@ -278,6 +283,9 @@ class AgentConsumer(Connection):
         if isinstance(work, Exception):
             raise work
         self._send_work(*work)
+        if self.nudged:  # work queued while the hello was under way, perhaps unseen
+            self.nudged = False
+            await self.dispatch_pending()
 
     def _hello(self, facts: HostFacts) -> tuple[Host, Work | Exception | None]:
         """In a database thread: the hello's writes, then the work to hand over, which
@@ -286,6 +294,8 @@ class AgentConsumer(Connection):
         host = services.host_agent_hello(host_id=self.host_id, session=self.session, facts=facts)
         if not self.peer_alive():
             return host, None
+        if not services.work_waiting(host):
+            return host, ([], [])  # work queued from now on nudges this connection
         try:
             return host, services.work_hand_over(host_id=self.host_id)
         except Exception as exc:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts, ResultKind
@@ -543,10 +543,11 @@ def host_groups_ensure(
 def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
     """Store the facts an agent reported on connecting, and mark its host online
     (publishing ``host_status`` if it was not): one row lock and one write, since a
-    reconnect storm brings every agent's hello at once."""
+    reconnect storm brings every agent's hello at once.  The host returned says whether
+    work waits for it (:func:`work_waiting`)."""
     reported: Mapping[str, object] = facts
     with transaction.atomic():
-        host = Host.objects.select_for_update().get(id=host_id)
+        host = _with_work_waiting(Host.objects.select_for_update()).get(id=host_id)
         previous = host.status
         changed = ["agent_session", "status", "last_seen", "updated_at"]
         for field in HOST_FACT_FIELDS:
@@ -560,6 +561,29 @@ def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
         host.save(update_fields=changed)
         _status_changed(host, previous)
     return host
+
+
+def _with_work_waiting(hosts: QuerySet[Host]) -> QuerySet[Host]:
+    """``hosts``, each read with whether unfinished work waits for it (:func:`work_waiting`)."""
+    return hosts.annotate(
+        work_waiting=Exists(
+            CommandExecution.objects.filter(
+                host_id=OuterRef("pk"), status__in=CommandExecution.ACTIVE_STATUSES
+            )
+        )
+        | Exists(
+            PackageOperation.objects.filter(
+                host_id=OuterRef("pk"), status__in=PackageOperation.ACTIVE_STATUSES
+            )
+        )
+    )
+
+
+def work_waiting(host: Host) -> bool:
+    """Whether unfinished commands or package operations waited for ``host`` when
+    :func:`host_agent_hello` read it (True if unknown): without, its agent's connection
+    need not ask for them (:func:`work_hand_over`)."""
+    return bool(getattr(host, "work_waiting", True))
 
 
 def host_agent_gone(*, host_id: Any, session: str) -> bool:

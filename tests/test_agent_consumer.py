@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from types import SimpleNamespace
 
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from hosts import agent_protocol, consumers, services
+from hosts import agent_protocol, consumers, maintenance, services
 from hosts.models import CommandExecution, ExecutionStatus, Host, MetricSample, OperationStatus
 from sysmanage.asgi import application
 from sysmanage.dbthreads import database_sync_to_async
@@ -484,3 +486,78 @@ async def test_a_result_over_the_limit_fails_its_command_and_keeps_the_connectio
     assert row.status == "online"
     for comm in (agent, client):
         await comm.disconnect()
+
+
+def test_a_hello_is_one_row_lock_and_one_write(enrolled, django_assert_num_queries):
+    host, _ = enrolled
+    services.host_agent_hello(host_id=host.id, session="before", facts={})
+    # its agent reconnects to a restarted server: the host is still online
+    # BEGIN, the host (and whether work waits), its update, COMMIT
+    with django_assert_num_queries(4):
+        hello_host = services.host_agent_hello(host_id=host.id, session="s", facts=FACTS)
+    assert hello_host.status == "online"
+    assert not services.work_waiting(hello_host)
+    stored = Host.objects.get(id=host.id)
+    assert (stored.status, stored.agent_session, stored.fqdn) == (
+        "online",
+        "s",
+        "web-01.example.com",
+    )
+    assert stored.last_seen is not None
+
+
+async def test_a_hello_asks_for_work_only_when_some_waits(enrolled, make_user, monkeypatch):
+    host, token = enrolled
+    asked: list[str] = []
+    hand_over = services.work_hand_over
+
+    def counted(**kwargs):
+        asked.append(kwargs["host_id"])
+        return hand_over(**kwargs)
+
+    monkeypatch.setattr(services, "work_hand_over", counted)
+    agent = await agent_socket(token)
+    await hello(agent)
+    await agent.disconnect()
+    assert asked == []
+    user = await database_sync_to_async(make_user)("ops", superuser=True)
+    await database_sync_to_async(services.command_create)(
+        host=host, command="uptime", timeout=30, user=user
+    )
+    agent = await agent_socket(token)
+    await hello(agent)
+    order = await next_of(agent, "run_command")
+    assert order["data"]["command"] == "uptime"
+    assert asked == [str(host.id)]
+    await agent.disconnect()
+
+
+async def test_work_queued_while_the_hello_is_under_way_is_handed_over(
+    enrolled, make_user, monkeypatch
+):
+    _host, token = enrolled
+    user = await database_sync_to_async(make_user)("ops", superuser=True)
+    real_hello, real_nudge = services.host_agent_hello, consumers.AgentConsumer.nudge
+    nudged = threading.Event()
+
+    def nudge(self):
+        real_nudge(self)
+        nudged.set()
+
+    def hello_then_a_command(**kwargs):
+        # the host is online, and its work was looked at: a command comes just after,
+        # and the connection hears of it before the hello is through
+        said = real_hello(**kwargs)
+        services.command_create(host=said, command="uptime", timeout=30, user=user)
+        assert nudged.wait(5)
+        return said
+
+    monkeypatch.setattr(consumers.AgentConsumer, "nudge", nudge)
+    # no periodic re-check of the agents' work (hosts.maintenance.agent_recheck) helps
+    monkeypatch.setattr(maintenance, "Node", SimpleNamespace(current=lambda: None))
+    monkeypatch.setattr(services, "host_agent_hello", hello_then_a_command)
+    agent = await agent_socket(token)
+    await hello(agent)
+    order = await next_of(agent, "run_command")
+    assert order["data"]["command"] == "uptime"
+    await agent.disconnect()
