@@ -260,7 +260,8 @@ class AgentConsumer(Connection):
         the database threads), unless the agent has gone by then."""
         facts = agent_protocol.clean_facts(data, id_)
         try:
-            host, work = await self.database(self._hello)(facts)
+            # ahead of other sockets' authentication: this one's agent is online after it
+            host, work = await self.database(self._hello, ahead=True)(facts)
         except PeerGone:
             return
         assert self.host_id is not None  # set on connecting, before any message

@@ -132,10 +132,14 @@ class Connection(NoPerMessageCleanupMixin, AsyncWebsocketConsumer):
         work (any thread may ask)."""
         return not (self.inbox is not None and self.inbox.peer_gone)
 
-    def database(self, func: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    def database(
+        self, func: Callable[_P, _R], *, ahead: bool = False
+    ) -> Callable[_P, Coroutine[Any, Any, _R]]:
         """``func`` run in the database threads for this socket, unless its peer has
-        gone by the call's turn (then :class:`~sysmanage.dbthreads.PeerGone` is raised)."""
-        return database_sync_to_async_while(self.peer_alive, func)
+        gone by the call's turn (then :class:`~sysmanage.dbthreads.PeerGone` is raised);
+        ``ahead`` of the calls queued without, for a call that completes what the peer
+        waits for."""
+        return database_sync_to_async_while(self.peer_alive, func, ahead=ahead)
 
     def receive_at_once(self, message: dict[str, Any]) -> bool:
         """Called by the server with one of the socket's messages as it arrives, while

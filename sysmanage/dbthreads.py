@@ -19,6 +19,9 @@ What keeps that correct:
 - the calls of one connection (a socket's handler) are awaited in turn, so they keep
   their order; calls of different sockets never relied on an order (writes that could
   race, such as an agent's going away and its reconnection, are guarded in the data);
+- calls queue in order, except that a socket's call that completes what its peer waits
+  for may go ahead of the rest (:class:`CallQueue`), and a socket's call is not made if
+  its peer has gone by its turn (:func:`database_sync_to_async_while`);
 - SQLite allows one writer at a time: ``DB_THREADS`` is 1 on SQLite whatever is asked,
   and busy HTTP endpoints that write (the token refresh) run in the same thread
   (:func:`in_database_threads`), so that a storm of them never waits out SQLite's lock
@@ -31,7 +34,10 @@ threads", has the figures).
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import functools
+import queue
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +66,49 @@ def thread_count() -> int:
     return max(1, int(getattr(settings, "DB_THREADS", 4)))
 
 
+#: whether the database calls submitted in this context go ahead of the others
+#: (:func:`database_sync_to_async_while`, ``ahead``)
+_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar("database_call_ahead", default=False)
+
+
+class CallQueue:
+    """The database threads' queue of calls (what ``ThreadPoolExecutor`` uses a
+    ``SimpleQueue`` for): in order, except that calls submitted ahead go first.
+
+    In a reconnect storm every socket's first call (its authentication) queues at once;
+    a call that completes what a socket started (an agent's hello, after which it is
+    online) waiting behind all of them would keep every peer waiting until they gave up.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition(threading.Lock())
+        self._ahead: collections.deque[Any] = collections.deque()
+        self._rest: collections.deque[Any] = collections.deque()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Queue ``item`` (ahead of the rest if submitted so)."""
+        with self._ready:
+            (self._ahead if _AHEAD.get() else self._rest).append(item)
+            self._ready.notify()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next item, waiting for one if ``block``."""
+        with self._ready:
+            while not (self._ahead or self._rest):
+                if not block:
+                    raise queue.Empty
+                self._ready.wait()
+            return (self._ahead or self._rest).popleft()
+
+    def get_nowait(self) -> Any:
+        """The next item, or :class:`queue.Empty`."""
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        """How many items wait."""
+        return len(self._ahead) + len(self._rest)
+
+
 def executor() -> ThreadPoolExecutor:
     """The process's database threads (made on first use)."""
     global _EXECUTOR
@@ -68,6 +117,7 @@ def executor() -> ThreadPoolExecutor:
             _EXECUTOR = ThreadPoolExecutor(
                 max_workers=thread_count(), thread_name_prefix="database"
             )
+            _EXECUTOR._work_queue = CallQueue()  # type: ignore[assignment]  # as used
         return _EXECUTOR
 
 
@@ -93,11 +143,12 @@ class PeerGone(Exception):
 
 
 def database_sync_to_async_while(
-    alive: Callable[[], bool], func: Callable[_P, _R]
+    alive: Callable[[], bool], func: Callable[_P, _R], *, ahead: bool = False
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """``func`` as :func:`database_sync_to_async` makes it, for a socket: when its turn
     in the database threads comes and ``alive()`` says the socket's peer has gone, it is
-    not run, and the call raises :class:`PeerGone`.
+    not run, and the call raises :class:`PeerGone`.  With ``ahead``, its calls go ahead
+    of the calls queued without (:class:`CallQueue`).
 
     In a reconnect storm the calls of sockets whose peer gave up waiting queue among
     the others; run, they would only delay the calls of the peers still waiting.
@@ -112,7 +163,19 @@ def database_sync_to_async_while(
             raise PeerGone
         return func(*args, **kwargs)
 
-    return database_sync_to_async(unless_gone)
+    call = database_sync_to_async(unless_gone)
+    if not ahead:
+        return call
+
+    @functools.wraps(func)
+    async def call_ahead(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        token = _AHEAD.set(True)  # read as the call is queued, before the first wait
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            _AHEAD.reset(token)
+
+    return call_ahead
 
 
 def in_database_threads(
