@@ -31,6 +31,7 @@ from hosts.metrics import MetricsError, MinuteAggregator, MinuteAverages, clean_
 from hosts.models import CommandExecution, Host, PackageOperation
 from sysmanage import dbgate, drain, metrics
 from sysmanage.auth import bearer_token
+from sysmanage.callbatch import ReadBatch
 from sysmanage.connection import Connection
 from sysmanage.dbthreads import PeerGone, database_sync_to_async
 from sysmanage.events import publish_control_now
@@ -51,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 #: The commands and package operations handed over to an agent.
 Work = tuple[list[CommandExecution], list[PackageOperation]]
+
+#: The hosts of the tokens agents connect with, looked up together when many connect at
+#: once (the sockets that connected while one lookup ran wait for the next).
+TOKEN_HOSTS: ReadBatch[str, Host] = ReadBatch(
+    lambda tokens: selectors.hosts_for_tokens(tokens), most=500
+)
 
 
 class AgentConsumer(Connection):
@@ -77,7 +84,7 @@ class AgentConsumer(Connection):
         await self._accept()
         token = bearer_token(self.scope)
         try:
-            host = await self.database(selectors.host_for_token)(token or "")
+            host = await TOKEN_HOSTS.get(token, self.peer_alive) if token else None
         except PeerGone:
             return
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any, TypedDict
 
@@ -177,6 +177,14 @@ def host_for_token(token: str) -> Host | None:
     if not token:
         return None
     return Host.objects.filter(token_hash=token_digest(token)).first()
+
+
+def hosts_for_tokens(tokens: Collection[str]) -> dict[str, Host]:
+    """The hosts whose current agent token is one of ``tokens``, by token (one query)."""
+    digests = {token_digest(token): token for token in tokens if token}
+    if not digests:
+        return {}
+    return {digests[h.token_hash]: h for h in Host.objects.filter(token_hash__in=digests)}
 
 
 def metric_history(

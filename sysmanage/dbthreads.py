@@ -127,6 +127,13 @@ def queued() -> int:
     return pool._work_queue.qsize() if pool is not None else 0
 
 
+def note_skipped(count: int = 1) -> None:
+    """Count calls of sockets not made because their peer had gone (any thread)."""
+    global _SKIPPED
+    with _LOCK:
+        _SKIPPED += count
+
+
 def skipped() -> int:
     """Calls of sockets not made because their peer had gone by their turn (``/metrics``)."""
     return _SKIPPED
@@ -157,9 +164,7 @@ def database_sync_to_async_while(
     @functools.wraps(func)
     def unless_gone(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not alive():
-            global _SKIPPED
-            with _LOCK:
-                _SKIPPED += 1
+            note_skipped()
             raise PeerGone
         return func(*args, **kwargs)
 

@@ -231,10 +231,10 @@ async def test_a_socket_is_told_the_database_is_unreachable_and_closed_4503(monk
 
 @pytest.mark.django_db(transaction=True)
 async def test_an_agent_is_told_the_database_is_busy_and_closed_4503(monkeypatch):
-    def locked(token):
+    def locked(tokens):
         raise wrapped(OperationalError, sqlite3.OperationalError("database is locked"))
 
-    monkeypatch.setattr("hosts.selectors.host_for_token", locked)
+    monkeypatch.setattr("hosts.selectors.hosts_for_tokens", locked)
     comm = await open_socket("/ws/agent", headers=[(b"authorization", b"Bearer abc")])
     error = await comm.receive_json_from(timeout=3)
     assert error["data"]["code"] == "SERVICE_UNAVAILABLE", error
