@@ -224,6 +224,17 @@ async def worker_main(args: argparse.Namespace) -> None:
 # -- the orchestrator -----------------------------------------------------------------------
 
 
+def first_traceback(log: str) -> str:
+    """The log line before the server's first traceback, and the traceback's last lines."""
+    at = log.find("Traceback")
+    if at < 0:
+        return ""
+    before = log[:at].rstrip("\n").rsplit("\n", 1)[-1]
+    lines = log[at:].split("\n")
+    end = next((n for n, line in enumerate(lines[1:], 1) if not line.startswith(" ")), 1)
+    return "\n".join([before, *lines[max(1, end - 4) : end + 1]])
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
@@ -356,6 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_cpu_pct": 100.0 * server_cpu / window,
         "server_threads": threads,
         "tracebacks": log.count("Traceback"),
+        "first_traceback": first_traceback(log),
         "machine": report,
         "db_threads": os.environ.get("DB_THREADS", "default"),
     }
@@ -401,6 +413,8 @@ def main() -> int:
         f"of a core over the storm ({result['server_threads']} threads); server tracebacks "
         f"{result['tracebacks']}"
     )
+    if result["first_traceback"]:
+        print(f"  the server's first traceback:\n{result['first_traceback']}")
     print(f"  {result['machine']}")
     all_back = result["all_back_s"] if result["all_back_s"] is not None else 1e9
     ok = print_targets(
