@@ -347,5 +347,6 @@ class ClientSocketScope:
         # ASGI lets middleware add keys to the scope; asgiref's TypedDicts do not list them.
         inner: dict[str, Any] = {**scope, "cookies": cookies, "session": session}
         user = inner["user"] = UserLazyObject()
-        user._wrapped = await session_user(store)
+        # Without a session (token clients) there is no user to read: no database trip.
+        user._wrapped = AnonymousUser() if store.session_key is None else await session_user(store)
         await self.application(cast("Scope", inner), receive, send)
