@@ -1051,6 +1051,7 @@ class Bench:
                     "--format",
                     "raw",
                     "--nonblocking",
+                    *(["--gil"] if self.options.profile_gil else []),
                     "--output",
                     str(directory / f"resume-{variant}.txt"),
                 ],
@@ -1415,6 +1416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="record py-spy samples of the serving process from the kill until every "
         "client resumed, into DIR (collapsed stacks, one file per variant)",
+    )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the interpreter lock (where "
+        "the process's Python CPU goes, rather than where its threads wait)",
     )
     parser.add_argument(
         "--refresh",

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
@@ -20,6 +21,7 @@ django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 # Imported after Django is set up: these modules use the models.
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from sysmanage.dbthreads import RequestsInDatabaseThreads  # noqa: E402
 from sysmanage.logcontext import Identified  # noqa: E402
 from sysmanage.node import mark_server_process  # noqa: E402
 from sysmanage.routing import websocket_urlpatterns  # noqa: E402
@@ -36,11 +38,22 @@ if Path(sys.argv[0]).name == "daphne" or sys.argv[0].endswith(f"daphne{os.sep}__
         "server with `python -m sysmanage.serve` (same options) instead"
     )
 
+# The busy endpoints that write (the token refresh) are handled wholly in the database
+# threads (sysmanage/dbthreads.py); every other request as Django handles it.
+in_database_threads = RequestsInDatabaseThreads()
+
+
+async def http(scope: Any, receive: Any, send: Any) -> None:
+    """Called per HTTP request: hand it to the handler for its path."""
+    handler = in_database_threads if in_database_threads.handles(scope) else django_asgi_app
+    await handler(scope, receive, send)
+
+
 # Every request and connection gets an id its log lines carry (sysmanage.logcontext).
 application = Identified(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": http,
             "websocket": URLRouter(websocket_urlpatterns),
         }
     )

@@ -363,10 +363,14 @@ class ClientSocketScope:
         # ASGI lets middleware add keys to the scope; asgiref's TypedDicts do not list them.
         inner: dict[str, Any] = {**scope, "cookies": cookies, "session": session}
         user = inner["user"] = UserLazyObject()
-        try:
-            user._wrapped = await session_user(store)
-        except Exception as exc:
-            if dbgate.unavailable(exc) is None:
-                raise
-            user._wrapped, inner[SESSION_FAULT] = AnonymousUser(), exc
+        # Without a session (token clients) there is no user to read: no database trip.
+        if store.session_key is None:
+            user._wrapped = AnonymousUser()
+        else:
+            try:
+                user._wrapped = await session_user(store)
+            except Exception as exc:
+                if dbgate.unavailable(exc) is None:
+                    raise
+                user._wrapped, inner[SESSION_FAULT] = AnonymousUser(), exc
         await self.application(cast("Scope", inner), receive, send)

@@ -359,37 +359,28 @@ class ClientConsumer(Connection):
     async def on_subscribe(self, message: ClientMessage) -> None:
         """Subscribe (or re-subscribe with new filters) and confirm the filters in force."""
         topic = get_topic(message.channel, message.id)
+        try:
+            filters: Filters | None = topic.clean_filters(message.filters, message.id)
+            invalid = None
+        except ProtocolError as exc:  # told after a refusal, as the checks go in order
+            filters, invalid = None, exc
         read_at = time.monotonic()
-        denied, rights = await database_sync_to_async(_authorize_now)(topic, self.user)
+        # One trip to the database threads: the user now, and the filters' own check.
+        denied, rights, problem = await database_sync_to_async(_authorize_now)(
+            topic, self.user, filters
+        )
         if rights is not None:
             self.update_rights(rights, read_at=read_at)
         if denied:
-            raise ProtocolError(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                denied,
-                channel="subscription",
-                id_=message.id,
-                requested_channel=topic.name,
-            )
-        filters = topic.clean_filters(message.filters, message.id)
+            raise _subscription_error(ErrorCode.SUBSCRIPTION_FAILED, denied, message, topic)
+        if invalid is not None:
+            raise invalid
+        assert filters is not None
         denied = permissions.filters_denied_reason(topic.name, filters, self.rights)
         if denied:
-            raise ProtocolError(
-                ErrorCode.SUBSCRIPTION_FAILED,
-                denied,
-                channel="subscription",
-                id_=message.id,
-                requested_channel=topic.name,
-            )
-        problem = await database_sync_to_async(filter_problem)(filters)
+            raise _subscription_error(ErrorCode.SUBSCRIPTION_FAILED, denied, message, topic)
         if problem:
-            raise ProtocolError(
-                ErrorCode.INVALID_FILTERS,
-                problem,
-                channel="subscription",
-                id_=message.id,
-                requested_channel=topic.name,
-            )
+            raise _subscription_error(ErrorCode.INVALID_FILTERS, problem, message, topic)
         if topic.all_hosts(filters):
             self._subscribe_all_hosts(topic, filters, message)
             return
@@ -416,9 +407,14 @@ class ClientConsumer(Connection):
                 answer["recovered"] = recovered
                 if head is not None:
                     answer["position"] = head.to_json()
-                self.reply(envelope(MessageType.RESPONSE, topic.name, answer, id_=message.id))
-                if recovered:
-                    hub.replay(self, topic.name, filters, missed)
+                response = envelope(MessageType.RESPONSE, topic.name, answer, id_=message.id)
+                if recovered and not self.closing:
+                    # the response and the missed events in one write
+                    hub.replay(
+                        self, topic.name, filters, missed, first=Frame(self.encode(response))
+                    )
+                else:
+                    self.reply(response)
             except Exception:
                 hub.unsubscribe(self, topic.name)
                 logger.exception("could not read the history of %s", topic.name)
@@ -534,11 +530,27 @@ class ClientConsumer(Connection):
     }
 
 
-def _authorize_now(topic: Topic, user: Any) -> tuple[str | None, frozenset[str] | None]:
+def _authorize_now(
+    topic: Topic, user: Any, filters: Filters | None
+) -> tuple[str | None, frozenset[str] | None, str | None]:
     """Whether the user, as the database has it now, may subscribe to ``topic`` (None, or
-    why not), and the user's socket rights now (None if the user is gone)."""
+    why not), the user's socket rights now (None if the user is gone), and what the
+    database says of ``filters`` (:func:`~sysmanage.topics.filter_problem`; None if they
+    are fine or were not valid to begin with)."""
     now = permissions.fresh(user)
-    return topic.authorize(now), (permissions.socket_rights(now) if now is not None else None)
+    denied = topic.authorize(now)
+    rights = permissions.socket_rights(now) if now is not None else None
+    problem = filter_problem(filters) if filters is not None and denied is None else None
+    return denied, rights, problem
+
+
+def _subscription_error(
+    code: ErrorCode, why: str, message: ClientMessage, topic: Topic
+) -> ProtocolError:
+    """The refusal of a subscribe."""
+    return ProtocolError(
+        code, why, channel="subscription", id_=message.id, requested_channel=topic.name
+    )
 
 
 def _iso_epoch(seconds: float | None) -> str | None:

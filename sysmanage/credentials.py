@@ -37,6 +37,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
+from django.utils.translation import gettext_lazy as _
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.authentication import AuthUser, JWTAuthentication
 from rest_framework_simplejwt.exceptions import TokenError
@@ -140,11 +141,21 @@ class FingerprintTokenObtainPairSerializer(TokenObtainPairSerializer):
 
 
 class _SpentRefreshToken(FingerprintedRefreshToken):
-    """A refresh token decoded for the reuse grace: signature, expiry and type are
-    verified as always, the blacklist is not (the token is known to be spent)."""
+    """A refresh token decoded with its signature, expiry and type verified as always,
+    but not the blacklist: the refresh reads that where it spends the token, and for a
+    token known to be spent the reuse grace decides."""
 
     def check_blacklist(self) -> None:
-        """Skipped: whether a spent token may be used again is the grace's to say."""
+        """Skipped: the caller reads whether the token was spent (:func:`_spent`)."""
+
+
+#: What a spent refresh token is refused with (simplejwt's words).
+_BLACKLISTED = _("Token is blacklisted")
+
+
+def _spent(token: Token) -> bool:
+    """Whether ``token`` (a refresh token) is on the blacklist."""
+    return BlacklistedToken.objects.filter(token__jti=token[api_settings.JTI_CLAIM]).exists()
 
 
 def token_digest(raw: str) -> str:
@@ -182,30 +193,28 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
         """Check the user as it is now, then spend the token and issue the new pair in
         one transaction: the old refresh token is spent only if the new one is
         recorded, so a failed write (a busy database) leaves the client with a token
-        that still works.  A spent token gets a pair only within its reuse grace."""
+        that still works.  A spent token gets a pair only within its reuse grace.
+
+        Whether the token was spent is read once, in the transaction that spends it (a
+        storm of refreshes makes every query count), and before that only for a token
+        refused for its user, which a spent token is refused for as one.
+        """
         raw = attrs["refresh"]
-        try:
-            refresh = decode(self.token_class, raw)  # signature, expiry, blacklist
-        except TokenError:
-            reissued = self._reissue_within_grace(raw)
-            if reissued is None:
-                raise
-            return reissued
+        refresh = decode(_SpentRefreshToken, raw)  # signature, expiry; spent: below
         user = _current_user(refresh)
-        if user is None:
-            raise AuthenticationFailed(
-                "No active account found for the given token.", "no_active_account"
-            )
-        if not fingerprint_matches(refresh.payload, user):
+        if user is None or not fingerprint_matches(refresh.payload, user):
+            if _spent(refresh):
+                return self._reissued_or_refused(raw)
+            if user is None:
+                raise AuthenticationFailed(
+                    "No active account found for the given token.", "no_active_account"
+                )
             raise AuthenticationFailed(REVOKED_MESSAGE, "token_revoked")
         with transaction.atomic():
             spent = _outstanding(refresh, user, raw)
             _, first = BlacklistedToken.objects.get_or_create(token=spent)
-            if not first:  # spent by a concurrent request with the same token
-                reissued = self._reissue_within_grace(raw)
-                if reissued is None:
-                    raise TokenError("Token is blacklisted")
-                return reissued
+            if not first:  # spent before, or by a concurrent request with the same token
+                return self._reissued_or_refused(raw)
             data, successor = _rotate(refresh, user)
             grace = settings.JWT_REFRESH_REUSE_GRACE_SECONDS
             if grace > 0:
@@ -216,6 +225,14 @@ class FingerprintTokenRefreshSerializer(TokenRefreshSerializer):
                     grace_until=timezone.now() + timedelta(seconds=grace),
                 )
             return data
+
+    def _reissued_or_refused(self, raw: str) -> dict[str, str]:
+        """A new pair for a spent refresh token within its reuse grace, or the refusal
+        of a spent token."""
+        reissued = self._reissue_within_grace(raw)
+        if reissued is None:
+            raise TokenError(_BLACKLISTED)
+        return reissued
 
     def _reissue_within_grace(self, raw: str) -> dict[str, str] | None:
         """A new pair for a refresh token this server rotated less than
@@ -265,7 +282,15 @@ def _rotate(refresh: RefreshToken, user: User) -> tuple[dict[str, str], Outstand
     refresh.set_exp()
     refresh.set_iat()
     new = str(refresh)
-    return {"access": access, "refresh": new}, _outstanding(refresh, user, new)
+    # a new jti: recorded without looking for it first (one query instead of four)
+    recorded = OutstandingToken.objects.create(
+        jti=refresh[api_settings.JTI_CLAIM],
+        user=user,
+        created_at=refresh.current_time,
+        token=new,
+        expires_at=datetime_from_epoch(refresh["exp"]),
+    )
+    return {"access": access, "refresh": new}, recorded
 
 
 class FingerprintJWTAuthentication(JWTAuthentication):

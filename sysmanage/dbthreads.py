@@ -39,16 +39,21 @@ import contextvars
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import markcoroutinefunction, sync_to_async
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from channels.db import DatabaseSyncToAsync
 from django.conf import settings
-from django.core.handlers.asgi import ASGIRequest
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest, get_script_prefix
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
+from django.urls import ResolverMatch, get_resolver, set_script_prefix
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -195,6 +200,7 @@ def in_database_threads(
     database threads they queue, in order, and each finds a connection free.
     """
 
+    @functools.wraps(view)  # what the middleware read of the view (csrf_exempt)
     def respond(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         response = view(request, *args, **kwargs)
         render = getattr(response, "render", None)
@@ -211,4 +217,80 @@ def in_database_threads(
         return await database_sync_to_async(respond)(request, *args, **kwargs)
 
     markcoroutinefunction(run)
+    run.in_thread = respond  # type: ignore[attr-defined]  # what RequestsInDatabaseThreads calls
     return run
+
+
+def _in_thread(view: Any) -> Callable[..., HttpResponseBase] | None:
+    """The synchronous view behind a view made by :func:`in_database_threads`."""
+    return getattr(view, "in_thread", None)
+
+
+@functools.cache
+def _paths() -> frozenset[str]:
+    """The paths of the views made by :func:`in_database_threads` (routes of the root
+    URLconf's first level)."""
+    return frozenset(
+        f"/{pattern.pattern}"
+        for pattern in get_resolver().url_patterns
+        if _in_thread(getattr(pattern, "callback", None)) is not None
+    )
+
+
+class RequestsInDatabaseThreads(ASGIHandler):
+    """Django's ASGI handler for the views made by :func:`in_database_threads`: each
+    request -- the request signals, the middleware, the view and the closing of its
+    response -- is handled in one call in a database thread.
+
+    Django's own handler gives every request a thread of its own (asgiref's
+    ``ThreadSensitiveContext``), started and joined per request, and hops to it for the
+    signals, each synchronous middleware and the closing: in a storm of two thousand
+    token refreshes that took about a tenth of the process's CPU (docs/benchmarks.md,
+    "Database threads and storms").  The middleware are those of ``MIDDLEWARE``, run
+    synchronously; only plain (not streaming) responses are expected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.load_middleware(is_async=False)
+
+    @staticmethod
+    def handles(scope: Scope) -> bool:
+        """Whether ``scope`` is an HTTP request for a view made by :func:`in_database_threads`."""
+        return scope["type"] == "http" and scope["path"] in _paths()
+
+    async def __call__(  # type: ignore[override]
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Read the body here, handle the request in a database thread, send the answer."""
+        arrived = time.perf_counter()
+        try:
+            body = await self.read_body(receive)
+        except RequestAborted:
+            return
+        response = await database_sync_to_async(self._respond)(scope, body, arrived)
+        await self.send_response(response, send)  # type: ignore[arg-type]
+
+    def _respond(self, scope: Any, body: Any, arrived: float) -> HttpResponseBase:
+        """The request, answered as Django's synchronous handler answers it."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        try:
+            request, error = self.create_request(scope, body)
+            if request is not None:
+                # its duration counts its wait for a database thread (sysmanage.metrics)
+                request.arrived_at = arrived  # type: ignore[attr-defined]
+            response = error if request is None else self.get_response(request)
+            assert response is not None
+        finally:
+            body.close()
+        response.close()  # the request_finished signal; the content stays
+        return response
+
+    def resolve_request(self, request: HttpRequest) -> ResolverMatch:
+        """The view's match, calling the synchronous view behind it."""
+        match = super().resolve_request(request)
+        sync = _in_thread(match.func)
+        if sync is not None:
+            match.func = sync
+        return match

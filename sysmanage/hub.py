@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -29,7 +29,7 @@ from sysmanage.protocol import (
     iso,
 )
 from sysmanage.summary import Audience, HostSummary
-from sysmanage.topics import TOPICS, Filters
+from sysmanage.topics import TOPICS, Filters, Topic
 from sysmanage.transport import Frame, FrameRun
 
 if TYPE_CHECKING:
@@ -246,13 +246,25 @@ class Hub:
         return history.complete, history.head, history.entries
 
     def replay(
-        self, conn: Subscriber, channel: str, filters: Filters, entries: Iterable[Entry]
+        self,
+        conn: Subscriber,
+        channel: str,
+        filters: Filters,
+        entries: Iterable[Entry],
+        *,
+        first: Frame | None = None,
     ) -> int:
         """Send ``conn`` the events of ``entries`` that its subscription matches, as the
-        live path would have; return how many were sent."""
+        live path would have, in one write after ``first`` (the subscribe response);
+        return how many events were sent.
+
+        Each event is framed once per payload shape and kept on its entry: clients
+        resuming from overlapping positions share the frames (and their wire bytes).
+        """
         topic = TOPICS[channel]
+        variant = topic.variant(filters)
+        frames: list[Frame] = [first] if first is not None else []
         last: dict[str, Any] | None = None
-        sent = 0
         for entry in entries:
             data = entry.data
             if topic.drops_repeats:
@@ -262,21 +274,15 @@ class Hub:
             if not topic.matches(filters, data):
                 continue
             audience = topic.audience(conn, data) if topic.per_viewer else None
-            conn.deliver(
-                Frame(
-                    dumps(
-                        envelope(
-                            MessageType.EVENT,
-                            channel,
-                            topic.render_for(filters, data, audience),
-                            timestamp=entry.timestamp,
-                            position=entry.position,
-                        )
-                    )
+            frames.append(
+                entry.frame(
+                    (variant, audience),
+                    lambda e: _event_frame(topic, filters, e, audience),  # noqa: B023 - used at once
                 )
             )
-            sent += 1
-        return sent
+        if frames:
+            conn.deliver(frames[0] if len(frames) == 1 else FrameRun(frames))
+        return len(frames) - (first is not None)
 
     def release(self, conn: Subscriber, channel: str, until: StreamPosition | None) -> None:
         """End the wait of a resumed subscription: send the live events held meanwhile
@@ -527,3 +533,19 @@ class Hub:
             return True
         del resuming[conn]  # past the replay: live from here on
         return False
+
+
+def _event_frame(topic: Topic, filters: Filters, entry: Entry, audience: Hashable) -> Frame:
+    """The frame of a stored event as a subscriber with ``filters`` in ``audience`` gets
+    it (what :meth:`Hub.dispatch` sends live)."""
+    return Frame(
+        dumps(
+            envelope(
+                MessageType.EVENT,
+                topic.name,
+                topic.render_for(filters, entry.data, audience),
+                timestamp=entry.timestamp,
+                position=entry.position,
+            )
+        )
+    )

@@ -335,7 +335,8 @@ class RequestDurationMiddleware:
         """Called for each request."""
         if self.is_async:
             return self.__acall__(request)
-        started = time.perf_counter()
+        # a request handled in a database thread arrived before it got one
+        started = getattr(request, "arrived_at", None) or time.perf_counter()
         response = self.get_response(request)
         _observe(request, started)
         return response

@@ -35,7 +35,7 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,6 +44,7 @@ from django.conf import settings
 
 from sysmanage import resp
 from sysmanage.protocol import StreamPosition
+from sysmanage.transport import Frame
 
 #: How many entries one ``XREAD`` hands over at most.
 READ_BATCH = 1000
@@ -66,9 +67,22 @@ class Entry:
     on first use of ``event``, ``data`` or ``timestamp``: ``host`` (the ``host_id`` of
     its data, stored beside the payload) is enough to tell that no local subscriber
     wants it, and most events a process receives in a cluster are such events.
+
+    The frames a resume replays are kept on the entry (:meth:`frame`): a storm of
+    clients resuming from overlapping positions serializes each event once per payload
+    shape, not once per client.
     """
 
-    __slots__ = ("_data", "_event", "_host", "_payload", "_timestamp", "channel", "position")
+    __slots__ = (
+        "_data",
+        "_event",
+        "_frames",
+        "_host",
+        "_payload",
+        "_timestamp",
+        "channel",
+        "position",
+    )
 
     channel: str
     position: StreamPosition
@@ -86,6 +100,7 @@ class Entry:
         self._event, self._data, self._timestamp = event, data, timestamp
         self._payload: bytes | str | None = None
         self._host: object = _host_of(data)
+        self._frames: dict[Hashable, Frame] | None = None
 
     @classmethod
     def stored(
@@ -102,6 +117,7 @@ class Entry:
         entry.position = position
         entry._payload = payload
         entry._host = host
+        entry._frames = None
         return entry
 
     def _decode(self) -> None:
@@ -153,6 +169,17 @@ class Entry:
             return datetime.fromisoformat(text).timestamp()
         except (TypeError, ValueError):
             return None
+
+    def frame(self, shape: Hashable, make: Callable[[Entry], Frame]) -> Frame:
+        """The event's frame for subscribers who get payload ``shape`` (a topic's
+        variant and audience), made by ``make`` the first time it is asked for."""
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = {}
+        found = frames.get(shape)
+        if found is None:
+            found = frames[shape] = make(self)
+        return found
 
     @property
     def host(self) -> str | None:

@@ -435,3 +435,79 @@ async def test_malformed_commands_are_refused(staff_socket, data):
     )
     assert error["data"]["code"] == "INVALID_COMMAND"
     assert error["id"] == "c"
+
+
+# -- database trips of a subscribe ------------------------------------------------------
+
+
+@pytest.fixture
+def database_trips(monkeypatch):
+    """The functions the consumer runs in the database threads, in order."""
+    import sysmanage.consumers
+
+    trips: list[str] = []
+    real = sysmanage.consumers.database_sync_to_async
+
+    def counting(func):
+        def call(*args, **kwargs):
+            trips.append(func.__name__)
+            return real(func)(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(sysmanage.consumers, "database_sync_to_async", counting)
+    return trips
+
+
+async def test_a_subscribe_makes_one_database_trip(viewer_socket, host, database_trips):
+    """The user's rights now and the host filter's check are read in one trip: in a
+    storm of resuming clients each trip waits its turn for a database thread."""
+    await subscribe(viewer_socket, "host_metrics", {"host_id": str(host.id)})
+    assert database_trips == ["_authorize_now"]
+
+
+async def test_one_trip_still_refuses_in_order(viewer_socket, database_trips):
+    """Refused for the channel before the filters are judged; then bad filters, then a
+    host that does not exist."""
+    refused = await request(
+        viewer_socket,
+        {"type": "subscribe", "channel": "user_activity", "filters": {"bogus": 1}, "id": "a"},
+    )
+    assert (refused["type"], refused["data"]["code"]) == ("error", "SUBSCRIPTION_FAILED")
+    invalid = await request(
+        viewer_socket,
+        {"type": "subscribe", "channel": "host_metrics", "filters": {"host_id": "x"}, "id": "b"},
+    )
+    assert (invalid["type"], invalid["data"]["code"]) == ("error", "INVALID_FILTERS")
+    assert "valid UUID" in invalid["data"]["message"]
+    missing = await request(
+        viewer_socket,
+        {
+            "type": "subscribe",
+            "channel": "host_metrics",
+            "filters": {"host_id": str(uuid.uuid4())},
+            "id": "c",
+        },
+    )
+    assert (missing["type"], missing["data"]["code"]) == ("error", "INVALID_FILTERS")
+    assert "no host with id" in missing["data"]["message"]
+    assert database_trips == ["_authorize_now"] * 3
+
+
+async def test_a_token_socket_without_a_session_reads_no_session(make_user, token_for, monkeypatch):
+    """A socket with a token and no session cookie has no session user to read: its
+    handshake goes to the database threads once (the token's user), not twice."""
+    import sysmanage.auth
+
+    user = await database_sync_to_async(make_user)("viewer")
+    read = []
+
+    async def session_user(store):
+        read.append(store.session_key)
+        raise AssertionError("no session to read")
+
+    monkeypatch.setattr(sysmanage.auth, "session_user", session_user)
+    comm = await open_socket("/ws", token=token_for(user))
+    assert (await request(comm, {"type": "ping", "id": 1}))["type"] == "pong"
+    assert read == []
+    await comm.disconnect()

@@ -182,3 +182,27 @@ def test_a_request_racing_a_rotation_of_its_token_is_a_reuse(
     if status == 200:
         monkeypatch.undo()
         assert works(dict(raced.data))
+
+
+def test_a_refresh_takes_few_queries(alice, django_assert_max_num_queries):
+    """A storm of clients refreshing at once waits on these: the user, the token's
+    record, its spending, the new record and the rotation, in one transaction."""
+    first = sign_in()
+    # the user; the token's record, its spending (looked up, then recorded in a
+    # savepoint), the new token's record, the rotation; the transaction's savepoint
+    # (the test's transaction around it) -- 14 when each was looked up before it was made
+    with django_assert_max_num_queries(10):
+        assert refresh(first["refresh"]).status_code == 200
+
+
+def test_a_spent_token_of_a_disabled_user_is_refused_as_spent(alice):
+    """Refused for being spent, as before the refresh read the blacklist only once."""
+    first = sign_in()
+    refresh(first["refresh"])
+    logout(refresh(first["refresh"]).data["refresh"])
+    alice.is_active = False
+    alice.save()
+    answer = refresh(first["refresh"])
+    assert answer.status_code == 401
+    assert answer.data["code"] == "token_not_valid"
+    assert "blacklisted" in str(answer.data["detail"]).lower()

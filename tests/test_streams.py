@@ -14,7 +14,7 @@ from django.conf import settings as django_settings
 from sysmanage.hub import Hub
 from sysmanage.protocol import StreamPosition
 from sysmanage.streams import MemoryStreams, RedisStreams, stream_keys
-from sysmanage.transport import FrameRun
+from sysmanage.transport import Frame, FrameRun
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -311,6 +311,110 @@ async def test_a_subscription_without_a_usable_history_is_not_recovered(settings
     hub.release(conn, "host_status", head)
     hub.dispatch_entry(streams.append("host_status", "e", event(1), "t"))
     assert conn.offsets() == [1]
+
+
+class Writes:
+    """A connection that records each write (a frame, or a run of frames joined)."""
+
+    session_tag = None
+
+    def __init__(self, user_id="u", rights=frozenset()):
+        self.user_id = user_id
+        self.rights = rights
+        self.writes = []
+
+    def deliver(self, frame):
+        self.writes.append(list(frame.parts) if isinstance(frame, FrameRun) else [frame])
+
+    def close_from_hub(self, code, error):
+        pass
+
+    def frames(self):
+        """The event frames written, without the subscribe response."""
+        return [frame for write in self.writes for frame in write if frame.text != "response"]
+
+
+def metrics_report(n, host):
+    return {"host_id": host, "metrics": {"cpu_usage": n, "memory_usage": 100 - n}}
+
+
+async def replayed_to(hub, conn, channel, filters, since):
+    recovered, head, missed = await hub.resume(conn, channel, filters, since)
+    assert recovered
+    hub.replay(conn, channel, filters, missed, first=Frame("response"))
+    hub.release(conn, channel, head)
+    assert conn.writes[0][0].text == "response"  # in the same write as the events
+    return conn
+
+
+async def test_resumes_from_overlapping_positions_share_frames_as_each_gets_them_alone(settings):
+    """A storm of clients resuming: each event is framed once per payload shape, and the
+    frames are the bytes each client would get alone, in one write per resume."""
+    small_history(settings, size=100)
+    settings.STREAM_HISTORY["host_metrics"] = {"size": 100, "seconds": 600.0}
+    streams = MemoryStreams()
+    hub = Hub()
+    hub.history = streams
+    for n in range(1, 9):
+        streams.append("host_metrics", "metrics", metrics_report(n, "h1" if n % 2 else "h2"), "t")
+    epoch = streams.head("host_metrics").epoch
+    cpu = {"host_id": "h1", "metrics": ("cpu",)}
+    early = await replayed_to(
+        hub, Writes(), "host_metrics", {"host_id": "h1"}, StreamPosition(epoch, 1)
+    )
+    late = await replayed_to(
+        hub, Writes(), "host_metrics", {"host_id": "h1"}, StreamPosition(epoch, 4)
+    )
+    shaped = await replayed_to(hub, Writes(), "host_metrics", cpu, StreamPosition(epoch, 1))
+
+    assert [len(c.writes) for c in (early, late, shaped)] == [1, 1, 1]
+    assert [json.loads(f.text)["offset"] for f in early.frames()] == [3, 5, 7]
+    assert late.frames() == early.frames()[1:]  # the same frames, not copies
+    assert all(a is b for a, b in zip(late.frames(), early.frames()[1:], strict=True))
+    assert not set(map(id, shaped.frames())) & set(map(id, early.frames()))
+    assert [json.loads(f.text)["data"]["metrics"] for f in shaped.frames()] == [
+        {"cpu_usage": 3},
+        {"cpu_usage": 5},
+        {"cpu_usage": 7},
+    ]
+    # what each gets is what a process that served no one else would send it
+    for conn, filters, since in ((late, {"host_id": "h1"}, 4), (shaped, cpu, 1)):
+        alone = MemoryStreams()
+        alone._epoch = epoch  # the same positions
+        for n in range(1, 9):
+            alone.append("host_metrics", "metrics", metrics_report(n, "h1" if n % 2 else "h2"), "t")
+        lone_hub = Hub()
+        lone_hub.history = alone
+        history = await alone.read_after("host_metrics", StreamPosition(epoch, since))
+        by_itself = Writes()
+        lone_hub.replay(by_itself, "host_metrics", filters, history.entries)
+        assert [f.text for f in conn.frames()] == [f.text for f in by_itself.frames()]
+
+
+async def test_replayed_frames_are_shared_only_within_an_audience(settings):
+    """Command output is framed per audience: a viewer who may not see it never gets the
+    frame made for one who may."""
+    small_history(settings, size=100)
+    streams = MemoryStreams()
+    hub = Hub()
+    hub.history = streams
+    data = {
+        "host_id": "h1",
+        "command": "cat /etc/shadow",
+        "stdout": "secret",
+        "requested_by_id": "1",
+    }
+    streams.append("command_execution", "command_completed", data, "t")
+    epoch = streams.head("command_execution").epoch
+    since = StreamPosition(epoch, 0)
+    requester = await replayed_to(hub, Writes(user_id="1"), "command_execution", {}, since)
+    other = await replayed_to(hub, Writes(user_id="2"), "command_execution", {}, since)
+    again = await replayed_to(hub, Writes(user_id="3"), "command_execution", {}, since)
+    [shown], [hidden], [hidden_again] = requester.frames(), other.frames(), again.frames()
+    assert json.loads(shown.text)["data"]["stdout"] == "secret"
+    assert json.loads(hidden.text)["data"]["stdout"] is None
+    assert json.loads(hidden.text)["data"]["redacted"] is True
+    assert hidden_again is hidden
 
 
 # -- a process's copy of the recent events (Redis deployments) ----------------------------
