@@ -73,6 +73,9 @@ class HostListView(DashboardMixin, TemplateView):
         else:
             total = selectors.host_counts()["total_hosts"]
         groups = list(selectors.host_group_list())
+        if group is not None:
+            # the group as it is named, however the address spelled it
+            group = next((g.name for g in groups if g.name.lower() == group.lower()), group)
         live_metrics = permissions.can_watch_fleet_metrics(self.request.user)
         return {
             **super().get_context_data(**kwargs),
