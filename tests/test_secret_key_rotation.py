@@ -25,6 +25,7 @@ from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.secretkeys import RotatingTokenBackend, secret_keys
 from sysmanage.settings import _secret_key_fallbacks
 from tests.conftest import PASSWORD
+from tests.test_credentials import rest_status, tokens_of
 from tests.wsutil import expect_close, open_socket, request
 
 OLD = "the old secret key " + "o" * 40
@@ -43,20 +44,6 @@ def keys(settings, monkeypatch):
 
     restart(OLD)
     return restart
-
-
-def tokens_of(username: str) -> dict[str, str]:
-    response = APIClient().post(
-        "/api/token/", {"username": username, "password": PASSWORD}, format="json"
-    )
-    assert response.status_code == 200, response.content
-    return response.data
-
-
-def rest_status(access: str) -> int:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
-    return client.get("/api/hosts/").status_code
 
 
 def signed_with(raw: str, key: str) -> bool:

@@ -32,6 +32,7 @@ from sysmanage.dbgate import DatabaseUnavailable
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.secretkeys import RotatingTokenBackend
 from tests.conftest import PASSWORD
+from tests.test_credentials import rest_status, tokens_of
 from tests.wsutil import expect_close, open_socket, request
 
 OLD = "the old secret key " + "o" * 40
@@ -74,20 +75,6 @@ def forged(claims: dict[str, Any], secret: str, *, alg: str = "HS256", header: A
 
 def claims_of(raw: str) -> dict[str, Any]:
     return dict(AccessToken(raw, verify=False).payload)  # type: ignore[arg-type]
-
-
-def tokens_of(username: str) -> dict[str, str]:
-    response = APIClient().post(
-        "/api/token/", {"username": username, "password": PASSWORD}, format="json"
-    )
-    assert response.status_code == 200, response.content
-    return response.data
-
-
-def rest_status(access: str) -> int:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
-    return client.get("/api/hosts/").status_code
 
 
 def refresh_status(refresh: str) -> int:
