@@ -17,7 +17,7 @@ server rechecks (``sysmanage.recheck``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
@@ -238,6 +238,14 @@ def can_see_command_output(user: Asker, requested_by_id: object) -> bool:
 def can_run_commands(user: Asker) -> bool:
     """Whether ``user`` may run commands and package operations on hosts."""
     return holds(user, "run_command")
+
+
+def hosts_allowed(user: Asker, right: str, host_ids: Iterable[object]) -> set[str]:
+    """Of ``host_ids``, those on which ``user`` may use ``right`` (``run_command`` or
+    ``manage_alert``), as canonical strings.  Reads the database: pass a :func:`fresh`
+    user when acting on rights as they are now."""
+    ids = {str(h) for h in host_ids}
+    return ids if holds(user, right) else set()
 
 
 def can_raise_alerts(user: Asker) -> bool:
