@@ -56,11 +56,22 @@ ACTION_LABELS = {
     "host_group_deleted": "Deleted a host group",
     "host_group_members_changed": "Changed the hosts of a host group",
     "host_groups_changed": "Changed the groups of a host",
+    "host_group_grant_given": "Granted access to a host group",
+    "host_group_grant_changed": "Changed access to a host group",
+    "host_group_grant_removed": "Took away access to a host group",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")
 #: Identifiers in ``details`` that mean nothing to a reader.
-HIDDEN_DETAILS = ("execution_id", "host_id", "alert_id", "activity_id", "group_id")
+HIDDEN_DETAILS = (
+    "execution_id",
+    "host_id",
+    "alert_id",
+    "activity_id",
+    "group_id",
+    "grant_id",
+    "user_id",
+)
 
 
 class ActivityRow(TypedDict):
@@ -153,7 +164,8 @@ class OverviewView(DashboardMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         """Figures and counts as they are now; the page script keeps them current."""
         can_view_activity = permissions.can_view_activity(self.request.user)
-        counts = alert_selectors.alert_severity_counts()
+        scope = permissions.host_scope(self.request.user)
+        counts = alert_selectors.alert_severity_counts(scope=scope)
         return {
             **super().get_context_data(**kwargs),
             # Registrations are approved in the admin; the count is as of page load.
@@ -163,7 +175,7 @@ class OverviewView(DashboardMixin, TemplateView):
                 else 0
             ),
             "pending_registrations_url": pending_registrations_url(),
-            "fleet": alert_selectors.fleet_stats(),
+            "fleet": alert_selectors.fleet_stats(scope),
             "alert_counts": [
                 (value, label, counts[value]) for value, label in reversed(Severity.choices)
             ],

@@ -7,7 +7,7 @@ from typing import Any
 from django.db.models import QuerySet
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -72,10 +72,14 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         """Alerts narrowed by the query parameters."""
         filters = query_filters(self.request, AlertFilters)
         host = filters.get("host")
-        return selectors.alert_list(
-            severity=filters.get("severity") or None,
-            status=filters.get("status") or None,
-            host_id=str(host) if host else None,
+        return permissions.visible(
+            selectors.alert_list(
+                severity=filters.get("severity") or None,
+                status=filters.get("status") or None,
+                host_id=str(host) if host else None,
+            ),
+            self.request.user,
+            hostless=True,
         )
 
     def _require(self, right: str) -> None:
@@ -87,6 +91,10 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         self._require("raise_alert")
         form = AlertRaiseSerializer(data=request.data)
         form.is_valid(raise_exception=True)
+        host = form.validated_data.get("host")
+        if host is not None and not permissions.may_on_host(request.user, "view", host.pk):
+            # answered as for a host that does not exist
+            raise ValidationError({"host": [f'Invalid pk "{host.pk}" - object does not exist.']})
         alert = services.alert_raise(**form.validated_data)
         return Response(AlertSerializer(alert).data, status=status.HTTP_201_CREATED)
 
@@ -101,9 +109,14 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         return self._transition(services.alert_resolve, pk)
 
     def _transition(self, service: services.AlertTransition, pk: str | None) -> Response:
-        self._require("manage_alert")
-        # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500).
-        alert_id = self.get_object().pk
+        # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500), and
+        # for alerts about hosts the user does not see.
+        found = self.get_object()
+        if found.host_id is None:
+            self._require("manage_alert")
+        elif not permissions.may_on_host(self.request.user, "manage_alert", found.host_id):
+            raise PermissionDenied(permissions.denial("manage_alert"))
+        alert_id = found.pk
         try:
             alert = service(alert_id=alert_id, actor=request_actor(self.request))
         except services.AlertStateError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alerts import services
 from alerts.models import Alert
 from sysmanage import permissions
@@ -33,7 +35,16 @@ async def handle_alert_command(context: CommandContext, message: ClientMessage) 
             ErrorCode.INVALID_COMMAND, f"'alert_id' {exc}", channel="system_alerts", id_=message.id
         ) from None
     # As the database has the user now: the socket's user object is from connect time.
-    if not await database_sync_to_async(permissions.holds_now)(context.user, "manage_alert"):
+    allowed = await database_sync_to_async(_may_manage)(context.user, alert_id)
+    if allowed is None:
+        raise ProtocolError(
+            ErrorCode.COMMAND_FAILED,
+            "Alert not found",
+            channel="system_alerts",
+            id_=message.id,
+            alert_id=alert_id,
+        )
+    if not allowed:
         raise ProtocolError(
             ErrorCode.PERMISSION_DENIED,
             "You do not have permission to manage alerts",
@@ -74,3 +85,24 @@ async def handle_alert_command(context: CommandContext, message: ClientMessage) 
             id_=message.id,
         )
     )
+
+
+def _may_manage(user: Any, alert_id: str) -> bool | None:
+    """Whether ``user``, as the database has them now, may acknowledge or resolve the
+    alert: on its host (or, for an alert about no host, everywhere).  None when there is
+    no such alert, or it is about a host the user does not see; someone who may manage
+    alerts nowhere is refused whatever the alert."""
+    now = permissions.fresh(user)
+    if not permissions.holds(now, "manage_alert") and not permissions.may_anywhere(
+        now, "manage_alert"
+    ):
+        return False  # refused whatever the alert
+    row = Alert.objects.filter(pk=alert_id).values("host_id").first()
+    if row is None:
+        return None
+    host_id = row["host_id"]
+    if host_id is None:
+        return permissions.holds(now, "manage_alert")
+    if not permissions.may_on_host(now, "view", host_id):
+        return None
+    return permissions.may_on_host(now, "manage_alert", host_id)

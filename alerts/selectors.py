@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from alerts.events import alert_event
 from alerts.models import Alert, AlertStatus, Severity
 from hosts import selectors as host_selectors
+from sysmanage.permissions import HostScope
 from sysmanage.protocol import iso
 from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
 
@@ -71,38 +72,42 @@ class FleetStats(TypedDict):
     last_updated: str
 
 
-def fleet_stats() -> FleetStats:
-    """The ``fleet_status`` figures, read from the database."""
-    hosts_with_alerts = (
-        Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
-        .values("host_id")
-        .distinct()
-        .count()
-    )
-    counts = host_selectors.host_counts()
+def fleet_stats(scope: HostScope = None) -> FleetStats:
+    """The ``fleet_status`` figures, read from the database: over the hosts in ``scope``
+    (None: every host)."""
+    alerting = Alert.objects.filter(status__in=Alert.ACTIVE_STATUSES, host__isnull=False)
+    if scope is not None:
+        alerting = alerting.filter(host_id__in=scope)
+    hosts_with_alerts = alerting.values("host_id").distinct().count()
+    counts = host_selectors.host_counts(scope)
     return {
         "total_hosts": counts["total_hosts"],
         "online_hosts": counts["online_hosts"],
         "offline_hosts": counts["offline_hosts"],
         "unknown_hosts": counts["unknown_hosts"],
         "hosts_with_alerts": hosts_with_alerts,
-        "pending_operations": host_selectors.pending_operation_count(),
+        "pending_operations": host_selectors.pending_operation_count(scope),
         "last_updated": iso(timezone.now()),
     }
 
 
 def fleet_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
-    """The ``fleet_status`` snapshot: the figures (the channel has no filters, and every
-    ``viewer`` sees the same)."""
-    return dict(fleet_stats())
+    """The ``fleet_status`` snapshot: the figures, counted over the hosts ``viewer`` sees
+    (the channel has no filters)."""
+    return dict(fleet_stats(viewer.scope))
 
 
-def alert_severity_counts(statuses: tuple[str, ...] = Alert.ACTIVE_STATUSES) -> dict[str, int]:
+def alert_severity_counts(
+    statuses: tuple[str, ...] = Alert.ACTIVE_STATUSES, *, scope: HostScope = None
+) -> dict[str, int]:
     """Alerts in ``statuses`` (by default the active ones: open or acknowledged) per
-    severity; every severity is present."""
+    severity, of the hosts in ``scope`` and about no host (None: all); every severity is
+    present."""
+    alerts = Alert.objects.filter(status__in=statuses)
+    if scope is not None:
+        alerts = alerts.filter(Q(host_id__in=scope) | Q(host__isnull=True))
     counts = dict(
-        Alert.objects.filter(status__in=statuses)
-        .values_list("severity")
+        alerts.values_list("severity")
         .annotate(count=Count("id"))
         .order_by()
     )

@@ -45,9 +45,13 @@ class AlertListView(DashboardMixin, TemplateView):
         params = self.request.GET
         severities = chosen_values(params, "severity", Severity.values, [])
         states = chosen_values(params, "status", AlertStatus.values, DEFAULT_STATES)
-        alerts = selectors.alert_list(severity=severities or None, status=states or None)
+        alerts = permissions.visible(
+            selectors.alert_list(severity=severities or None, status=states or None),
+            self.request.user,
+            hostless=True,
+        )
         page = Paginator(alerts, ALERTS_PER_PAGE).get_page(params.get("page"))
-        can_manage = permissions.can_manage_alerts(self.request.user)
+        can_manage = permissions.may_anywhere(self.request.user, "manage_alert")
         return {
             **super().get_context_data(**kwargs),
             "page_obj": page,

@@ -111,7 +111,10 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
         """Hosts narrowed by the query parameters."""
         filters = query_filters(self.request, HostFilters)
         return selectors.host_list(
-            search=filters.get("search"), status=filters.get("status"), group=filters.get("group")
+            search=filters.get("search"),
+            status=filters.get("status"),
+            group=filters.get("group"),
+            visible=permissions.scope_query(self.request.user),
         )
 
     @action(detail=True, methods=["get"])
@@ -181,8 +184,13 @@ class HostIdsField(serializers.ListField):
     """The ids of a group's hosts."""
 
     def get_attribute(self, instance: HostGroup) -> list[Any]:
-        """The ids, read from the database (in hostname order)."""
-        return list(instance.hosts.order_by("hostname").values_list("pk", flat=True))
+        """The ids, read from the database (in hostname order): of the hosts the reader
+        sees."""
+        hosts = instance.hosts.order_by("hostname")
+        request = self.context.get("request")
+        if request is not None:
+            hosts = permissions.visible(hosts, request.user, "id")
+        return list(hosts.values_list("pk", flat=True))
 
 
 class HostGroupDetailSerializer(HostGroupSerializer):
@@ -214,8 +222,8 @@ class HostGroupViewSet(viewsets.ModelViewSet[HostGroup]):
         return [IsAuthenticated(), permissions.RequiresRight()]
 
     def get_queryset(self) -> Any:
-        """Groups by name, with their host counts."""
-        return selectors.host_group_list()
+        """Groups by name, with their host counts (of the hosts the user sees)."""
+        return selectors.host_group_list(permissions.scope_query(self.request.user))
 
     def get_serializer_class(self) -> type[HostGroupSerializer]:
         """Member ids for one group and for writes; counts only in a list."""
@@ -399,8 +407,13 @@ class CommandExecutionViewSet(viewsets.ReadOnlyModelViewSet[CommandExecution]):
         """Executions narrowed by the query parameters."""
         filters = query_filters(self.request, CommandFilters)
         if self.action == "list":
-            return selectors.command_list(host_id=filters.get("host"), status=filters.get("status"))
-        queryset = CommandExecution.objects.select_related("host", "requested_by")
+            return permissions.visible(
+                selectors.command_list(host_id=filters.get("host"), status=filters.get("status")),
+                self.request.user,
+            )
+        queryset = permissions.visible(
+            CommandExecution.objects.select_related("host", "requested_by"), self.request.user
+        )
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])
         if "status" in filters:
@@ -491,10 +504,15 @@ class PackageOperationViewSet(viewsets.ReadOnlyModelViewSet[PackageOperation]):
         """Operations narrowed by the query parameters."""
         filters = query_filters(self.request, PackageOperationFilters)
         if self.action == "list":
-            return selectors.package_operation_list(
-                host_id=filters.get("host"), status=filters.get("status")
+            return permissions.visible(
+                selectors.package_operation_list(
+                    host_id=filters.get("host"), status=filters.get("status")
+                ),
+                self.request.user,
             )
-        queryset = PackageOperation.objects.select_related("host", "requested_by")
+        queryset = permissions.visible(
+            PackageOperation.objects.select_related("host", "requested_by"), self.request.user
+        )
         if "host" in filters:
             queryset = queryset.filter(host_id=filters["host"])
         if "status" in filters:

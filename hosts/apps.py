@@ -15,12 +15,13 @@ class HostsConfig(AppConfig):
         # app configs (not to break an import cycle).
         from django.conf import settings
 
-        from hosts import commands, maintenance, selectors
+        from hosts import commands, maintenance, receivers, selectors  # noqa: F401 - signals
         from hosts.events import AgentTook, CommandFinished
         from sysmanage import commands as command_registry
-        from sysmanage import control, metrics, topics
+        from sysmanage import control, metrics, permissions, topics
         from sysmanage.periodic import register_periodic
 
+        permissions.register_granted_hosts(selectors.granted_host_ids)
         topics.register_snapshot("host_status", selectors.host_status_snapshot)
         metrics.register_figures(
             "sysmanage_hosts", "Hosts, by status.", "status", selectors.host_status_counts

@@ -142,12 +142,40 @@ def _command_failed(
     )
 
 
-async def _require_permission(context: CommandContext, message: ClientMessage) -> None:
+#: What each kind of work needs, and how a refusal says it.
+_RUN_RIGHTS = {
+    "command": ("run_command", "You do not have permission to run commands on hosts"),
+    "package": (
+        "run_package_operation",
+        "You do not have permission to run package operations on hosts",
+    ),
+}
+
+
+def _may_run(user: Any, right: str, host_id: str) -> bool | None:
+    """Whether ``user``, as the database has them now, may use ``right`` on the host; None
+    when they may use it somewhere but do not see this host (answered as a host that does
+    not exist).  Someone who may use it nowhere is refused whatever the host."""
+    now = permissions.fresh(user)
+    if permissions.may_on_host(now, right, host_id):
+        return True
+    if permissions.may_anywhere(now, right) and not permissions.may_on_host(now, "view", host_id):
+        return None
+    return False
+
+
+async def _require_permission(
+    context: CommandContext, message: ClientMessage, kind: str, host_id: str
+) -> None:
     # As the database has the user now: the socket's user object is from connect time.
-    if not await database_sync_to_async(permissions.holds_now)(context.user, "run_command"):
+    right, refusal = _RUN_RIGHTS[kind]
+    allowed = await database_sync_to_async(_may_run)(context.user, right, host_id)
+    if allowed is None:
+        raise _command_failed(message, "Host not found", host_id, None)
+    if not allowed:
         raise ProtocolError(
             ErrorCode.PERMISSION_DENIED,
-            "You do not have permission to run commands on hosts",
+            refusal,
             channel=message.channel or "system",
             id_=message.id,
         )
@@ -225,7 +253,7 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     ``response`` when the result arrives (or ``timeout`` if it never does).
     """
     request = parse_command(message)
-    await _require_permission(context, message)
+    await _require_permission(context, message, "command", request.host_id)
     host = await _reachable_host(message, request.host_id)
     await Node.for_running_loop()  # this process hears the control messages awaited
     execution_id = str(uuid.uuid4())
@@ -322,7 +350,7 @@ async def handle_package_operation(context: CommandContext, message: ClientMessa
     follow as ``package_operations`` events.
     """
     host_id, operation, package = parse_package_operation(message)
-    await _require_permission(context, message)
+    await _require_permission(context, message, "package", host_id)
     host = await _reachable_host(message, host_id)
     await Node.for_running_loop()  # this process hears the control messages awaited
     operation_id = str(uuid.uuid4())

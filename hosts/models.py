@@ -90,6 +90,11 @@ class Host(models.Model):
             # Host names compare without regard to case everywhere (DNS does too).
             models.UniqueConstraint(Lower("hostname"), name="host_hostname_unique_ci"),
         ]
+        permissions = [
+            # Without it (and without staff status), a user sees only the hosts of the
+            # groups granted to them (HostGroupGrant; sysmanage.permissions).
+            ("view_all_hosts", "Can see every host"),
+        ]
 
     def __str__(self) -> str:
         return self.hostname
@@ -102,6 +107,60 @@ class Host(models.Model):
     def has_token(self) -> bool:
         """Whether an agent can currently authenticate as this host."""
         return bool(self.token_hash)
+
+
+class HostGroupGrant(models.Model):
+    """Rights over the hosts of one group, granted to a user or to a Django group.
+
+    Every grant lets its holders see the group's hosts (REST, pages and every WebSocket
+    channel); its flags add the actions they may take there.  Rights granted on every
+    host by model permissions (``sysmanage.run_command``, ``alerts.change_alert``) and
+    ``hosts.view_all_hosts`` still apply everywhere; :mod:`sysmanage.permissions` decides.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    host_group = models.ForeignKey(HostGroup, on_delete=models.CASCADE, related_name="grants")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="host_group_grants",
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="host_group_grants",
+        verbose_name="user group",
+    )
+    can_run_commands = models.BooleanField("run commands", default=False)
+    can_run_package_operations = models.BooleanField("run package operations", default=False)
+    can_manage_alerts = models.BooleanField("acknowledge and resolve alerts", default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["host_group__name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(user__isnull=False, group__isnull=True)
+                    | models.Q(user__isnull=True, group__isnull=False)
+                ),
+                name="host_group_grant_one_holder",
+            ),
+            models.UniqueConstraint(
+                fields=["host_group", "user"], name="host_group_grant_unique_user"
+            ),
+            models.UniqueConstraint(
+                fields=["host_group", "group"], name="host_group_grant_unique_group"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        holder = self.user if self.user_id is not None else self.group
+        return f"{self.host_group} → {holder}"
 
 
 class ExecutionStatus(models.TextChoices):

@@ -15,6 +15,7 @@ from hosts.models import (
     CommandExecution,
     Host,
     HostGroup,
+    HostGroupGrant,
     HostInventory,
     HostStatus,
     InventoryKind,
@@ -23,6 +24,7 @@ from hosts.models import (
     RegistrationStatus,
 )
 from hosts.tokens import token_digest
+from sysmanage.permissions import HostScope
 from sysmanage.protocol import iso
 from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
 
@@ -34,12 +36,34 @@ MIB = 1024 * 1024
 MAX_NUMBER = 2**64
 
 
+def granted_host_ids(user: Any, flag: str | None) -> QuerySet[Any]:
+    """The ids of the hosts in the groups granted to ``user``, directly or through their
+    Django groups, by grants with ``flag`` set (None: any grant); none without a user
+    (``sysmanage.permissions.scope_query``)."""
+    if user is None:
+        return Host.objects.none().values_list("id", flat=True)
+    grants = HostGroupGrant.objects.filter(Q(user=user) | Q(group__user=user))
+    if flag:
+        grants = grants.filter(**{flag: True})
+    return Host.objects.filter(groups__grants__in=grants).values_list("id", flat=True).distinct()
+
+
+def within(rows: QuerySet[Any], scope: HostScope, field: str = "host_id") -> QuerySet[Any]:
+    """``rows`` narrowed to the hosts of ``scope`` (None: unchanged)."""
+    return rows if scope is None else rows.filter(**{f"{field}__in": scope})
+
+
 def host_list(
-    *, search: str | None = None, status: str | None = None, group: str | None = None
+    *,
+    search: str | None = None,
+    status: str | None = None,
+    group: str | None = None,
+    visible: Any = None,
 ) -> QuerySet[Host]:
     """Hosts with their groups, optionally narrowed by a hostname/FQDN search, a status
-    and the name of a group they are in (in any case)."""
-    hosts = Host.objects.all()
+    and the name of a group they are in (in any case); only those in ``visible`` (a query
+    of host ids, from ``sysmanage.permissions.scope_query``) unless it is None."""
+    hosts = Host.objects.all() if visible is None else Host.objects.filter(id__in=visible)
     if search:
         hosts = hosts.filter(hostname__icontains=search) | hosts.filter(fqdn__icontains=search)
     if status:
@@ -50,9 +74,11 @@ def host_list(
     return hosts.prefetch_related("groups").order_by("hostname")
 
 
-def host_group_list() -> QuerySet[HostGroup]:
-    """Host groups by name, each with its ``host_count``."""
-    return HostGroup.objects.annotate(host_count=Count("hosts")).order_by("name")
+def host_group_list(visible: Any = None) -> QuerySet[HostGroup]:
+    """Host groups by name, each with its ``host_count``: of the hosts in ``visible`` (a
+    query of host ids) unless it is None."""
+    counted = Count("hosts") if visible is None else Count("hosts", filter=Q(hosts__in=visible))
+    return HostGroup.objects.annotate(host_count=counted).order_by("name")
 
 
 class HostStatusRow(TypedDict):
@@ -86,9 +112,9 @@ def host_status_row(host: Host) -> HostStatusRow:
 
 
 def host_status_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
-    """Current status of every host (or the one in ``filters``), for new subscribers
-    (every ``viewer`` sees the same)."""
-    hosts = Host.objects.all().order_by("hostname")
+    """Current status of every host ``viewer`` sees (or the one in ``filters``), for new
+    subscribers."""
+    hosts = within(Host.objects.all(), viewer.scope, "id").order_by("hostname")
     if filters.get("host_id"):
         hosts = hosts.filter(id=filters["host_id"])
     return {"hosts": [host_status_row(h) for h in hosts]}
@@ -109,7 +135,7 @@ def command_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any
     return snapshot_list(
         "command_execution",
         "commands",
-        rows,
+        within(rows, viewer.scope),
         lambda execution: command_event(execution).data(),
         filters,
         viewer,
@@ -126,6 +152,7 @@ def operation_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, A
         .filter(host_id=filters["host_id"], status__in=PackageOperation.ACTIVE_STATUSES)
         .order_by("-created_at")
     )
+    rows = within(rows, viewer.scope)
     return snapshot_list(
         "package_operations",
         "operations",
@@ -141,10 +168,11 @@ def host_id_problem(host_id: str) -> str | None:
     return None if Host.objects.filter(id=host_id).exists() else f"no host with id {host_id}"
 
 
-def host_counts() -> dict[str, int]:
-    """Total and online host counts; ``offline_hosts`` counts every host not online (as
-    the protocol defines it), ``unknown_hosts`` those of them never heard from."""
-    counts = Host.objects.aggregate(
+def host_counts(scope: HostScope = None) -> dict[str, int]:
+    """Total and online host counts (of the hosts in ``scope``; None: all);
+    ``offline_hosts`` counts every host not online (as the protocol defines it),
+    ``unknown_hosts`` those of them never heard from."""
+    counts = within(Host.objects.all(), scope, "id").aggregate(
         total=Count("id"),
         online=Count("id", filter=Q(status=HostStatus.ONLINE)),
         unknown=Count("id", filter=Q(status=HostStatus.UNKNOWN)),
@@ -164,12 +192,12 @@ def host_status_counts() -> dict[str, int]:
     return {status: found.get(status, 0) for status in HostStatus.values}
 
 
-def pending_operation_count() -> int:
-    """Command executions and package operations not yet finished."""
-    return (
-        CommandExecution.objects.filter(status__in=CommandExecution.ACTIVE_STATUSES).count()
-        + PackageOperation.objects.filter(status__in=PackageOperation.ACTIVE_STATUSES).count()
-    )
+def pending_operation_count(scope: HostScope = None) -> int:
+    """Command executions and package operations not yet finished (on the hosts in
+    ``scope``; None: all)."""
+    commands = CommandExecution.objects.filter(status__in=CommandExecution.ACTIVE_STATUSES)
+    operations = PackageOperation.objects.filter(status__in=PackageOperation.ACTIVE_STATUSES)
+    return within(commands, scope).count() + within(operations, scope).count()
 
 
 def host_for_token(token: str) -> Host | None:

@@ -32,6 +32,7 @@ from hosts.models import (
     ExecutionStatus,
     Host,
     HostGroup,
+    HostGroupGrant,
     HostInventory,
     HostStatus,
     MetricSample,
@@ -40,7 +41,7 @@ from hosts.models import (
 )
 from hosts.tokens import new_token, token_digest
 from sysmanage import metrics
-from sysmanage.audit import Actor, audit
+from sysmanage.audit import Actor, DetailValue, audit
 from sysmanage.control import AgentDispatch, CloseAgent
 from sysmanage.events import publish, publish_control, publish_now
 from sysmanage.fleet import fleet_changed
@@ -463,6 +464,64 @@ def host_group_delete(*, group_id: Any, actor: Actor | None = None) -> None:
         name, group_id = group.name, str(group.id)
         group.delete()
         audit("host_group_deleted", actor, group_id=group_id, group=name, hosts=count)
+
+
+#: The flags of a grant, as the audit log names them.
+GRANT_FLAGS = ("can_run_commands", "can_run_package_operations", "can_manage_alerts")
+
+
+def _grant_details(grant: HostGroupGrant) -> dict[str, DetailValue]:
+    holder: dict[str, DetailValue] = (
+        {"user_id": str(grant.user_id), "user": grant.user.get_username()}
+        if grant.user is not None
+        else {"user_group": grant.group.name if grant.group is not None else None}
+    )
+    flags = [flag.removeprefix("can_") for flag in GRANT_FLAGS if getattr(grant, flag)]
+    return {
+        "grant_id": str(grant.id),
+        "group": grant.host_group.name,
+        **holder,
+        "rights": ", ".join(["view", *flags]),
+    }
+
+
+def host_group_grant_save(grant: HostGroupGrant, *, actor: Actor | None = None) -> HostGroupGrant:
+    """Give or change a grant of rights over a host group's hosts (to a user or to a
+    Django group); open sockets of its holders take it within seconds
+    (``hosts.receivers``).  ValueError when the grant names no holder or both, or the
+    holder already has a grant on the group."""
+    if (grant.user_id is None) == (grant.group_id is None):
+        raise ValueError("A grant names either a user or a user group")
+    with transaction.atomic():
+        created = grant._state.adding
+        taken = HostGroupGrant.objects.filter(host_group_id=grant.host_group_id).exclude(
+            pk=grant.pk
+        )
+        holder = (
+            Q(user_id=grant.user_id) if grant.user_id is not None else Q(group_id=grant.group_id)
+        )
+        taken = taken.filter(holder)
+        if taken.exists():
+            raise ValueError("That holder has a grant on this group already; change it instead")
+        grant.save()
+        audit(
+            "host_group_grant_given" if created else "host_group_grant_changed",
+            actor,
+            **_grant_details(grant),
+        )
+    return grant
+
+
+def host_group_grant_delete(*, grant_id: Any, actor: Actor | None = None) -> None:
+    """Take a grant away; its holders stop seeing the group's hosts (unless other rights
+    show them) within seconds."""
+    with transaction.atomic():
+        grant = HostGroupGrant.objects.select_related("host_group", "user", "group").get(
+            id=grant_id
+        )
+        details = _grant_details(grant)
+        grant.delete()
+        audit("host_group_grant_removed", actor, **details)
 
 
 def host_group_set_hosts(

@@ -65,14 +65,15 @@ class HostListView(DashboardMixin, TemplateView):
         fleet) has in all."""
         query = self.request.GET.get("q", "").strip()[:255]
         group = self.request.GET.get("group", "").strip()[:100] or None
-        hosts = list(selectors.host_list(search=query or None, group=group))
+        scope = permissions.host_scope(self.request.user)
+        hosts = list(selectors.host_list(search=query or None, group=group, visible=scope))
         if not query:
             total = len(hosts)
         elif group:
-            total = selectors.host_list(group=group).count()
+            total = selectors.host_list(group=group, visible=scope).count()
         else:
-            total = selectors.host_counts()["total_hosts"]
-        groups = list(selectors.host_group_list())
+            total = selectors.host_counts(scope)["total_hosts"]
+        groups = list(selectors.host_group_list(scope))
         if group is not None:
             # the group as it is named, however the address spelled it
             group = next((g.name for g in groups if g.name.lower() == group.lower()), group)
@@ -100,10 +101,12 @@ class HostDetailView(DashboardMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         """The host, its inventory, what this user may do to it, and the data its page
         script needs."""
-        host = get_object_or_404(selectors.host_list(), pk=kwargs["host_id"])
         user = self.request.user
-        can_run = permissions.can_run_commands(user)
-        can_manage = permissions.can_manage_alerts(user)
+        host = get_object_or_404(
+            selectors.host_list(visible=permissions.scope_query(user)), pk=kwargs["host_id"]
+        )
+        can_run = permissions.may_on_host(user, "run_command", host.pk)
+        can_manage = permissions.may_on_host(user, "manage_alert", host.pk)
         return {
             **super().get_context_data(**kwargs),
             "host": host,

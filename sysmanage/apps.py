@@ -21,6 +21,8 @@ class SysmanageConfig(AppConfig):
 
         from sysmanage import (
             control,
+            fleet,
+            hub,
             receivers,  # noqa: F401
             recheck,
             schema,  # noqa: F401 - registers the OpenAPI description of the authentication
@@ -31,6 +33,8 @@ class SysmanageConfig(AppConfig):
         from sysmanage.periodic import register_periodic
 
         secretkeys.token_backend_install()
+        if fleet.on_figures_changed not in hub.FIGURES_LISTENERS:
+            hub.FIGURES_LISTENERS.append(fleet.on_figures_changed)
 
         register_periodic(
             "sysmanage.socket_recheck",

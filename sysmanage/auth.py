@@ -91,6 +91,8 @@ class SocketCredentials:
     error: str | None = None
     fingerprint: str | None = None
     rights: frozenset[str] = frozenset()
+    #: the hosts the user sees (None: every host)
+    scope: permissions.HostScope = None
     #: the sign-in the access token descends from (closed by a token logout)
     token_session: str | None = None
     #: when the access token was issued (its ``iat``, epoch seconds)
@@ -188,6 +190,7 @@ def token_credentials(
     if check.user is None:
         return SocketCredentials(via=via, subprotocol=subprotocol, error=check.error)
     rights = permissions.socket_rights(check.user)
+    scope = permissions.host_scope(check.user)
     permissions.forget_permissions(check.user)  # the socket keeps the user, not these
     return SocketCredentials(
         user=check.user,
@@ -196,6 +199,7 @@ def token_credentials(
         subprotocol=subprotocol,
         fingerprint=fingerprint(check.user),
         rights=rights,
+        scope=scope,
         token_session=check.session,
         issued_at=check.issued_at,
     )
@@ -219,9 +223,10 @@ def authenticate_socket(scope: ScopeView) -> SocketCredentials:
         user = getattr(user, "_wrapped", user)  # resolve channels' lazy user
     if user is not None and user.is_authenticated and user.is_active:
         rights = permissions.socket_rights(user)
+        hosts = permissions.host_scope(user)
         permissions.forget_permissions(user)  # the socket keeps the user, not these
         return SocketCredentials(
-            user=user, via="session", fingerprint=fingerprint(user), rights=rights
+            user=user, via="session", fingerprint=fingerprint(user), rights=rights, scope=hosts
         )
     return SocketCredentials(error="Missing JWT token")
 

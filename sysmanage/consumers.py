@@ -35,6 +35,7 @@ from sysmanage.connection import Connection
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import running_hub
 from sysmanage.protocol import (
+    ALL_HOSTS,
     ClientMessage,
     CloseCode,
     ErrorCode,
@@ -80,6 +81,8 @@ class ClientConsumer(Connection):
     #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
     rights: frozenset[str] = frozenset()
     rights_read_at = 0.0
+    #: the hosts the user sees (None: every host), read with the rights
+    host_scope: permissions.HostScope = frozenset()
     #: the access token's expiry (epoch seconds); None for session sockets
     expires_at: float | None = None
     #: the expiry a ``token_expiring`` warning was sent for (one warning per token)
@@ -140,6 +143,7 @@ class ClientConsumer(Connection):
         self.auth_via = credentials.via
         self.fingerprint = credentials.fingerprint
         self.rights, self.rights_read_at = credentials.rights, read_at
+        self.host_scope = credentials.scope
         session = self.scope.get("session")
         if credentials.via == "session" and session is not None and session.session_key:
             self.session_tag = session_tag(session.session_key)
@@ -201,27 +205,35 @@ class ClientConsumer(Connection):
     async def _refuse(self, why: str) -> None:
         await self._close_with(CloseCode.AUTH_FAILED, auth_failed_envelope(why))
 
-    def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
-        """Called with the user's rights as read from the database at ``read_at``: keep
-        them (unless newer ones were read since) and end each subscription that needs a
-        right no longer held."""
+    def update_rights(
+        self, rights: frozenset[str], *, read_at: float, scope: permissions.HostScope
+    ) -> None:
+        """Called with the user's rights and the hosts they see, as read from the database
+        at ``read_at``: keep them (unless newer ones were read since) and end each
+        subscription that needs a right no longer held, or names a host no longer seen."""
         if self.closing or self.hub is None or read_at < self.rights_read_at:
             return
         self.rights, self.rights_read_at = rights, read_at
         for channel, subscribers in list(self.hub.subscriptions.items()):
             filters = subscribers.get(self)
-            if filters is None or not permissions.subscription_lost(channel, filters, rights):
+            if filters is None:
+                continue
+            if permissions.subscription_lost(channel, filters, rights):
+                why = "you no longer have permission for this channel"
+            elif not permissions.in_scope(scope, filters.get("host_id")):
+                why = "you can no longer see its host"
+            else:
                 continue
             if self.hub.unsubscribe(self, channel):
                 self.reply(
                     error_envelope(
                         ErrorCode.SUBSCRIPTION_REVOKED,
-                        f"Subscription to '{channel}' ended: you no longer have permission "
-                        "for this channel",
+                        f"Subscription to '{channel}' ended: {why}",
                         channel=channel,
                         requested_channel=channel,
                     )
                 )
+        self.hub.rescope(self, scope)
 
     # -- the access token's life ---------------------------------------------------------
 
@@ -305,7 +317,7 @@ class ClientConsumer(Connection):
         self.fingerprint = credentials.fingerprint
         session = credentials.token_session
         self.hub.retag(self, token_session_tag(session) if session is not None else None)
-        self.update_rights(credentials.rights, read_at=read_at)
+        self.update_rights(credentials.rights, read_at=read_at, scope=credentials.scope)
         self._follow_token(credentials.expires_at, credentials.issued_at)
 
     def _log_overflow(self) -> None:
@@ -366,11 +378,11 @@ class ClientConsumer(Connection):
             filters, invalid = None, exc
         read_at = time.monotonic()
         # One trip to the database threads: the user now, and the filters' own check.
-        denied, rights, problem = await database_sync_to_async(_authorize_now)(
+        denied, rights, scope, problem = await database_sync_to_async(_authorize_now)(
             topic, self.user, filters
         )
         if rights is not None:
-            self.update_rights(rights, read_at=read_at)
+            self.update_rights(rights, read_at=read_at, scope=scope)
         if denied:
             raise _subscription_error(ErrorCode.SUBSCRIPTION_FAILED, denied, message, topic)
         if invalid is not None:
@@ -427,12 +439,17 @@ class ClientConsumer(Connection):
                 ) from None
             finally:
                 hub.release(self, topic.name, head)
+        # Figures counted over some hosts are not on the channel's stream: a resumed
+        # subscription gets them now, as a new one does.
+        scoped = topic.scoped_figures and self.host_scope is not None
         provider = (
-            snapshot_provider(topic.name) if topic.sends_initial_state and not recovered else None
+            snapshot_provider(topic.name)
+            if topic.sends_initial_state and (not recovered or scoped)
+            else None
         )
         if provider is not None:
             state = await database_sync_to_async(provider)(
-                filters, Viewer(self.user_id, self.rights)
+                filters, Viewer(self.user_id, self.rights, self.host_scope)
             )
             self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
 
@@ -532,16 +549,22 @@ class ClientConsumer(Connection):
 
 def _authorize_now(
     topic: Topic, user: Any, filters: Filters | None
-) -> tuple[str | None, frozenset[str] | None, str | None]:
+) -> tuple[str | None, frozenset[str] | None, permissions.HostScope, str | None]:
     """Whether the user, as the database has it now, may subscribe to ``topic`` (None, or
-    why not), the user's socket rights now (None if the user is gone), and what the
-    database says of ``filters`` (:func:`~sysmanage.topics.filter_problem`; None if they
-    are fine or were not valid to begin with)."""
+    why not), the user's socket rights and the hosts they see now (rights None if the
+    user is gone), and what the database says of ``filters``
+    (:func:`~sysmanage.topics.filter_problem`; None if they are fine or were not valid to
+    begin with).  A host the user does not see is answered as one that does not exist."""
     now = permissions.fresh(user)
     denied = topic.authorize(now)
     rights = permissions.socket_rights(now) if now is not None else None
+    scope = permissions.host_scope(now) if now is not None else frozenset()
     problem = filter_problem(filters) if filters is not None and denied is None else None
-    return denied, rights, problem
+    if problem is None and filters is not None and denied is None:
+        host_id = filters.get("host_id")
+        if host_id != ALL_HOSTS and not permissions.in_scope(scope, host_id):
+            problem = f"Filter 'host_id': no host with id {host_id}"
+    return denied, rights, scope, problem
 
 
 def _subscription_error(

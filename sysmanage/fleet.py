@@ -23,8 +23,12 @@ from django.db import transaction
 from sysmanage import dbgate
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.events import Event, publish_now
+from sysmanage.hub import Hub
 from sysmanage.node import Node
-from sysmanage.topics import NOBODY, TOPICS, snapshot_provider
+from sysmanage.permissions import HostScope
+from sysmanage.protocol import MessageType, dumps, envelope
+from sysmanage.topics import NOBODY, TOPICS, Viewer, snapshot_provider
+from sysmanage.transport import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +50,18 @@ class FleetStatusUpdated(Event):
     last_updated: str
 
 
-def fleet_stats() -> dict[str, Any]:
-    """The current counts, from the provider the apps registered (database reads; the
-    same for every subscriber, so read as no one in particular)."""
+def fleet_stats(scope: HostScope = None) -> dict[str, Any]:
+    """The current counts, from the provider the apps registered (database reads): over
+    every host (as no one in particular), or over the hosts of ``scope``."""
     provider = snapshot_provider("fleet_status")
     if provider is None:
         raise RuntimeError("no fleet_status snapshot provider is registered")
-    return provider({}, NOBODY)
+    return provider({}, NOBODY if scope is None else Viewer(None, scope=scope))
+
+
+def figures_by_scope(scopes: set[frozenset[str]]) -> dict[frozenset[str], dict[str, Any]]:
+    """The counts over each of ``scopes`` (database thread; a few queries per scope)."""
+    return {scope: fleet_stats(scope) for scope in scopes}
 
 
 def fleet_changed() -> None:
@@ -108,7 +117,92 @@ class FleetCoalescer:
         return True
 
 
+class ScopedFigures:
+    """Fleet figures for the ``fleet_status`` subscribers of this process who see only some
+    hosts: whenever the fleet-wide figures change (or a subscriber moves to a scope),
+    each scope's are counted over its hosts, at most once per ``FLEET_STATUS_MIN_INTERVAL``,
+    and sent to its subscribers when they differ from the last sent there.  Subscribers
+    with the same grants share one count and one frame."""
+
+    channel = "fleet_status"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._last_time = 0.0
+        self._pending = False
+        #: scope -> the figures last sent to its subscribers
+        self._sent: dict[frozenset[str], dict[str, Any]] = {}
+
+    def request(self, channel: str, newcomer: frozenset[str] | None = None) -> None:
+        """Count the scoped figures again soon (``newcomer``: a scope whose subscribers
+        get them even if unchanged)."""
+        if newcomer is not None:
+            self._sent.pop(newcomer, None)
+        if self._pending:
+            return
+        self._pending = True
+        interval = settings.FLEET_STATUS_MIN_INTERVAL
+        delay = max(0.0, self._last_time + interval - time.monotonic())
+        self.node.loop.call_later(
+            delay, lambda: self.node.spawn(self._run()), context=contextvars.Context()
+        )
+
+    async def _run(self) -> None:
+        self._pending = False
+        self._last_time = time.monotonic()
+        try:
+            await self.send()
+        except Exception:
+            dbgate.log_exception(logger, "could not compute fleet status for scoped viewers")
+
+    async def send(self) -> int:
+        """Count and send; return how many subscribers got figures."""
+        hub = self.node.hub
+        scopes = {key.scope for key, _ in hub.scoped_buckets(self.channel)}
+        self._sent = {scope: sent for scope, sent in self._sent.items() if scope in scopes}
+        if not scopes:
+            return 0
+        figures = await database_sync_to_async(figures_by_scope)(scopes)
+        topic = TOPICS[self.channel]
+        delivered = 0
+        for key, conns in hub.scoped_buckets(self.channel):  # as they are now
+            stats = figures.get(key.scope)
+            if stats is None or topic.repeats(self._sent.get(key.scope), stats):
+                continue
+            # at the channel's place that the fleet-wide figures they follow had
+            frame = Frame(
+                dumps(
+                    envelope(
+                        MessageType.EVENT, self.channel, stats, position=hub.head(self.channel)
+                    )
+                )
+            )
+            for conn in list(conns):
+                conn.deliver(frame)
+            delivered += len(conns)
+        for scope, stats in figures.items():
+            self._sent[scope] = stats
+        return delivered
+
+
 _COALESCERS: weakref.WeakKeyDictionary[Node, FleetCoalescer] = weakref.WeakKeyDictionary()
+_SCOPED: weakref.WeakKeyDictionary[Node, ScopedFigures] = weakref.WeakKeyDictionary()
+
+
+def on_figures_changed(hub: Hub, channel: str, newcomer: frozenset[str] | None) -> None:
+    """Hub listener (:data:`sysmanage.hub.FIGURES_LISTENERS`): count the figures of the
+    subscribers who see only some hosts again, in the process whose hub it is."""
+    node = Node.current()
+    if node is not None and node.hub is hub:
+        scoped_figures_for(node).request(channel, newcomer)
+
+
+def scoped_figures_for(node: Node) -> ScopedFigures:
+    """The scoped fleet figures of ``node``'s process."""
+    scoped = _SCOPED.get(node)
+    if scoped is None:
+        scoped = _SCOPED[node] = ScopedFigures(node)
+    return scoped
 
 
 def coalescer_for(node: Node) -> FleetCoalescer:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -65,6 +65,9 @@ class Subscriber(Closable, Protocol):
     session_tag: str | None
     #: what the connection's user may see (``sysmanage.permissions.SOCKET_RIGHTS``)
     rights: frozenset[str]
+    #: the hosts the connection's user sees (None: every host;
+    #: ``sysmanage.permissions.HostScope``)
+    host_scope: frozenset[str] | None
 
     def deliver(self, frame: Frame) -> None:
         """Send ``frame`` without blocking."""
@@ -101,6 +104,32 @@ class _Resume:
             and position.epoch == until.epoch
             and position.offset <= until.offset
         )
+
+
+#: Called with a hub and a channel of fleet figures when new figures arrive there and some
+#: of its subscribers see only some hosts, or with the scope a subscriber moved to (whose
+#: figures it needs whether or not they changed): ``sysmanage.fleet`` counts theirs.
+FigureListener = Callable[["Hub", str, "frozenset[str] | None"], None]
+FIGURES_LISTENERS: list[FigureListener] = []
+
+
+@dataclass(frozen=True)
+class Scoped:
+    """The bucket key of subscribers to every host of a channel who see only some hosts:
+    their payload variant and the hosts they see.  Subscribers with the same grants
+    share a bucket, and so a frame; those who see every host are keyed by their variant
+    alone and cost dispatch nothing more."""
+
+    variant: Hashable
+    scope: frozenset[str]
+
+    def admits(self, topic: Topic, host_id: str | None) -> bool:
+        """Whether an event of ``topic`` about ``host_id`` goes to this bucket: events
+        about a host they see, and events about no host, except fleet figures (counted
+        over every host: these subscribers get theirs counted over what they see)."""
+        if host_id is None:
+            return not topic.scoped_figures
+        return host_id in self.scope
 
 
 class Hub:
@@ -221,7 +250,37 @@ class Hub:
         """Subscribe ``conn`` to ``channel``, replacing any filters it had there."""
         self.unsubscribe(conn, channel)
         self.subscriptions[channel][conn] = filters
-        self._bucket(channel, filters).add(conn)
+        self._bucket(channel, filters, conn).add(conn)
+
+    def scoped_buckets(self, channel: str) -> list[tuple[Scoped, set[Subscriber]]]:
+        """The subscribers to every host of ``channel`` who see only some hosts, by
+        scope and payload variant."""
+        variants = self._index.get(channel, {}).get(None, {})
+        return [(key, conns) for key, conns in variants.items() if type(key) is Scoped and conns]
+
+    def _figures_changed(self, channel: str, newcomer: frozenset[str] | None) -> None:
+        for listener in FIGURES_LISTENERS:
+            listener(self, channel, newcomer)
+
+    def rescope(self, conn: Subscriber, scope: frozenset[str] | None) -> None:
+        """Make ``scope`` the hosts ``conn`` sees, moving its subscriptions to every host
+        to the bucket of that scope.  (Those to one host it no longer sees the caller
+        ends first.)"""
+        if scope == getattr(conn, "host_scope", None):
+            conn.host_scope = scope
+            return
+        moved = [
+            (channel, filters)
+            for channel, subscribers in self.subscriptions.items()
+            if (filters := subscribers.get(conn)) is not None and filters.get("host_id") is None
+        ]
+        for channel, filters in moved:
+            self._unbucket(channel, filters, conn)
+        conn.host_scope = scope
+        for channel, filters in moved:
+            self._bucket(channel, filters, conn).add(conn)
+            if TOPICS[channel].scoped_figures and scope is not None:
+                self._figures_changed(channel, scope)
 
     def head(self, channel: str) -> StreamPosition | None:
         """The position of the last event dispatched on ``channel`` (where a subscription
@@ -263,6 +322,7 @@ class Hub:
         """
         topic = TOPICS[channel]
         variant = topic.variant(filters)
+        key = self._key(channel, filters, conn)
         frames: list[Frame] = [first] if first is not None else []
         last: dict[str, Any] | None = None
         for entry in entries:
@@ -272,6 +332,8 @@ class Hub:
                     continue
                 last = data
             if not topic.matches(filters, data):
+                continue
+            if type(key) is Scoped and not key.admits(topic, data.get("host_id")):
                 continue
             audience = topic.audience(conn, data) if topic.per_viewer else None
             frames.append(
@@ -313,21 +375,34 @@ class Hub:
         filters = self.subscriptions[channel].pop(conn, None)
         if filters is None:
             return False
-        hosts = self._index[channel]
-        key = filters.get("host_id")
-        variants = hosts[key]
-        bucket = variants[TOPICS[channel].variant(filters)]
-        bucket.discard(conn)
-        if not bucket:
-            del variants[TOPICS[channel].variant(filters)]
-            if not variants:
-                del hosts[key]
+        self._unbucket(channel, filters, conn)
         return True
 
-    def _bucket(self, channel: str, filters: Filters) -> set[Subscriber]:
-        """The set of subscribers sharing ``filters``' host and payload shape."""
+    @staticmethod
+    def _key(channel: str, filters: Filters, conn: Subscriber) -> Hashable:
+        variant = TOPICS[channel].variant(filters)
+        scope = getattr(conn, "host_scope", None)
+        if scope is None or filters.get("host_id") is not None:
+            return variant
+        return Scoped(variant, scope)
+
+    def _bucket(self, channel: str, filters: Filters, conn: Subscriber) -> set[Subscriber]:
+        """The set of subscribers sharing ``filters``' host and payload shape (and, for
+        subscribers to every host, ``conn``'s scope)."""
         variants = self._index[channel].setdefault(filters.get("host_id"), {})
-        return variants.setdefault(TOPICS[channel].variant(filters), set())
+        return variants.setdefault(self._key(channel, filters, conn), set())
+
+    def _unbucket(self, channel: str, filters: Filters, conn: Subscriber) -> None:
+        hosts = self._index[channel]
+        host = filters.get("host_id")
+        variants = hosts[host]
+        key = self._key(channel, filters, conn)
+        bucket = variants[key]
+        bucket.discard(conn)
+        if not bucket:
+            del variants[key]
+            if not variants:
+                del hosts[host]
 
     def send_summaries(self, *, max_hosts: int, max_bytes: int) -> int:
         """Send every all-hosts subscriber the summary of the hosts that reported since
@@ -436,6 +511,8 @@ class Hub:
         hosts = self._index.get(channel)
         if not hosts:
             return 0
+        if topic.scoped_figures and self.scoped_buckets(channel):
+            self._figures_changed(channel, None)
         host_id = data.get("host_id")
         buckets = [hosts.get(None)] + ([hosts.get(host_id)] if host_id is not None else [])
         frames = delivered = 0
@@ -446,7 +523,9 @@ class Hub:
             self._write_gathered()
             gathering = None
         for variants in buckets:
-            for conns in (variants or {}).values():
+            for key, conns in (variants or {}).items():
+                if type(key) is Scoped and not key.admits(topic, host_id):
+                    continue
                 if gathering is not None:
                     delivered += self._gather(gathering, conns, channel, data, timestamp, position)
                     frames += 1

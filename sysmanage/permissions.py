@@ -17,12 +17,13 @@ server rechecks (``sysmanage.recheck``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, TypeVar
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
+from django.db.models import Q, QuerySet
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -49,6 +50,8 @@ RIGHTS: dict[str, Right] = {
     "run_command": Right(
         ("sysmanage.run_command",), "run commands and package operations on hosts"
     ),
+    "run_package_operation": Right(("sysmanage.run_command",), "run package operations on hosts"),
+    "view_all_hosts": Right(("hosts.view_all_hosts",), "see every host"),
     "view_command_output": Right(
         ("hosts.view_command_output",), "see the text and output of other users' commands"
     ),
@@ -94,6 +97,12 @@ RIGHTS: dict[str, Right] = {
         "create, change or delete host groups or change which hosts are in them",
         staff_only=True,
     ),
+    # Who sees which host groups: as much as every right over hosts together.
+    "manage_host_access": Right(
+        ("hosts.change_hostgroupgrant",),
+        "grant or take away access to host groups",
+        staff_only=True,
+    ),
     # Every host's live metrics on one socket: what staff who may list the hosts in the
     # admin see there, at a bounded cost (one summary a second).
     "view_fleet_metrics": Right(
@@ -128,9 +137,10 @@ def denial(right: str) -> str:
     """The message that explains a refusal for lack of ``right``."""
     spec = RIGHTS[right]
     staff = "staff status and " if spec.staff_only else ""
+    granted = " or a host group grant that gives it" if right in HOST_RIGHTS else ""
     return (
         f"You do not have permission to {spec.what} "
-        f"(needs {staff}the permission {spec.permissions[0]})"
+        f"(needs {staff}the permission {spec.permissions[0]}{granted})"
     )
 
 
@@ -240,12 +250,123 @@ def can_run_commands(user: Asker) -> bool:
     return holds(user, "run_command")
 
 
+# -- which hosts ---------------------------------------------------------------------------
+
+Rows = TypeVar("Rows", bound="QuerySet[Any]")
+#: Which hosts a right reaches: None for every host, else the ids (canonical strings).
+HostScope: TypeAlias = "frozenset[str] | None"
+#: The rights a host group grant gives over its group's hosts: right -> the grant's flag
+#: (None: every grant gives it).
+HOST_RIGHTS: dict[str, str | None] = {
+    "view": None,
+    "run_command": "can_run_commands",
+    "run_package_operation": "can_run_package_operations",
+    "manage_alert": "can_manage_alerts",
+}
+
+#: Reads the ids of the hosts in the groups granted to a user (directly or through their
+#: Django groups) by grants with a flag set (None: any grant; no user: no host);
+#: registered by the hosts app, so that the core never imports it.  Returns a query of
+#: host ids, evaluated by the caller or used in a filter.
+GrantedHosts = Callable[["User | None", "str | None"], Any]
+_GRANTED: list[GrantedHosts] = []
+
+
+def register_granted_hosts(reader: GrantedHosts) -> None:
+    """Register the reader of granted hosts (the hosts app, from ``AppConfig.ready``)."""
+    _GRANTED[:] = [reader]
+
+
+def sees_every_host(user: Asker) -> bool:
+    """Whether ``user`` sees every host: superusers, staff, and holders of
+    ``hosts.view_all_hosts``."""
+    return _active(user) and bool(
+        user.is_superuser or user.is_staff or holds(user, "view_all_hosts")
+    )
+
+
+def scope_query(user: Asker, right: str = "view") -> Any:
+    """The hosts on which ``user`` may use ``right`` (a key of :data:`HOST_RIGHTS`): None
+    for every host, else a query of their ids (possibly empty; runs no query until used).
+
+    Seeing a host needs :func:`sees_every_host` or a grant on one of its groups.  Acting
+    on it needs the right on every host (a model permission) and sight of it, or a grant
+    of its group with the right's flag.
+    """
+    flag = HOST_RIGHTS[right]
+    granted = _GRANTED[0]  # registered before any request is served
+    if not _active(user):
+        return granted(None, None)
+    sees_all = sees_every_host(user)
+    if right == "view" or holds(user, right):
+        return None if sees_all else granted(user, None)
+    return granted(user, flag)
+
+
+def visible(
+    rows: Rows, user: Asker, field: str = "host_id", *, right: str = "view", hostless: bool = False
+) -> Rows:
+    """``rows`` (a query set) narrowed to those whose ``field`` names a host on which
+    ``user`` may use ``right``: what every list and detail of hosts, and of things about
+    hosts, goes through.  With ``hostless``, rows about no host (``field`` null) stay, as
+    their events reach every subscriber."""
+    query = scope_query(user, right)
+    if query is None:
+        return rows
+    if hostless:
+        return rows.filter(Q(**{f"{field}__in": query}) | Q(**{f"{field}__isnull": True}))
+    return rows.filter(**{f"{field}__in": query})
+
+
+def host_scope(user: Asker, right: str = "view") -> HostScope:
+    """:func:`scope_query`, read: None for every host, else the host ids (runs a query)."""
+    query = scope_query(user, right)
+    if query is None:
+        return None
+    return _shared(frozenset(str(host_id) for host_id in query))
+
+
 def hosts_allowed(user: Asker, right: str, host_ids: Iterable[object]) -> set[str]:
-    """Of ``host_ids``, those on which ``user`` may use ``right`` (``run_command`` or
-    ``manage_alert``), as canonical strings.  Reads the database: pass a :func:`fresh`
-    user when acting on rights as they are now."""
+    """Of ``host_ids``, those on which ``user`` may use ``right`` (a key of
+    :data:`HOST_RIGHTS`), as canonical strings.  Reads the database: pass a :func:`fresh`
+    user to act on rights as they are now."""
     ids = {str(h) for h in host_ids}
-    return ids if holds(user, right) else set()
+    if not _active(user):
+        return set()
+    query = scope_query(user, right)
+    if query is None:
+        return ids
+    return {str(h) for h in query.filter(id__in=ids)} if ids else set()
+
+
+def may_anywhere(user: Asker, right: str) -> bool:
+    """Whether ``user`` may use ``right`` on some host (or on every host)."""
+    if not _active(user):
+        return False
+    query = scope_query(user, right)
+    return query is None or query.exists()
+
+
+def may_on_host(user: Asker, right: str, host_id: object) -> bool:
+    """Whether ``user`` may use ``right`` on the host ``host_id``."""
+    return bool(hosts_allowed(user, right, [host_id]))
+
+
+def in_scope(scope: HostScope, host_id: object) -> bool:
+    """Whether a host is within ``scope`` (events without a host are in every scope)."""
+    return scope is None or host_id is None or str(host_id) in scope
+
+
+#: Every distinct scope sockets hold, so that thousands of sockets with the same grants
+#: keep one set; emptied when it grows past a bound (grants change rarely).
+_SCOPES: dict[frozenset[str], frozenset[str]] = {}
+_SCOPES_MAX = 1024
+
+
+def _shared(scope: frozenset[str]) -> frozenset[str]:
+    if len(_SCOPES) >= _SCOPES_MAX and scope not in _SCOPES:
+        _SCOPES.clear()
+    return _SCOPES.setdefault(scope, scope)
 
 
 def can_raise_alerts(user: Asker) -> bool:
@@ -306,6 +427,11 @@ def can_manage_host_tokens(user: Asker) -> bool:
 def can_manage_host_groups(user: Asker) -> bool:
     """Whether ``user`` may create, change or delete host groups and set their hosts."""
     return holds(user, "manage_host_groups")
+
+
+def can_manage_host_access(user: Asker) -> bool:
+    """Whether ``user`` may grant or take away access to host groups."""
+    return holds(user, "manage_host_access")
 
 
 class RequiresRight(BasePermission):

@@ -54,8 +54,11 @@ class CheckedSocket(Protocol):
     def close_from_hub(self, code: int, error: ServerMessage) -> None:
         """Send ``error`` and close the socket with ``code``."""
 
-    def update_rights(self, rights: frozenset[str], *, read_at: float) -> None:
-        """Keep ``rights`` as the socket's rights, as read at ``read_at`` (monotonic)."""
+    def update_rights(
+        self, rights: frozenset[str], *, read_at: float, scope: permissions.HostScope
+    ) -> None:
+        """Keep ``rights`` and ``scope`` as the socket's, as read at ``read_at``
+        (monotonic)."""
 
 
 class SocketRegistry(Protocol):
@@ -80,10 +83,12 @@ class SocketState:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Close the socket (``close_reason``), or keep it with these ``rights``."""
+    """Close the socket (``close_reason``), or keep it with these ``rights`` and
+    ``scope``."""
 
     close_reason: str | None = None
     rights: frozenset[str] = frozenset()
+    scope: permissions.HostScope = None
 
 
 def session_problem(session: Mapping[str, Any] | None, user: User) -> str | None:
@@ -98,8 +103,14 @@ def session_problem(session: Mapping[str, Any] | None, user: User) -> str | None
     return None
 
 
-def judge_one(state: SocketState, user: User | None, session: Mapping[str, Any] | None) -> Verdict:
-    """The verdict on one socket, given its user and session as they are now."""
+def judge_one(
+    state: SocketState,
+    user: User | None,
+    session: Mapping[str, Any] | None,
+    scopes: dict[str, permissions.HostScope] | None = None,
+) -> Verdict:
+    """The verdict on one socket, given its user and session as they are now (and the
+    users' host scopes read so far in this run, to read each user's once)."""
     if user is None:
         return Verdict(DELETED)
     if not user.is_active:
@@ -110,7 +121,10 @@ def judge_one(state: SocketState, user: User | None, session: Mapping[str, Any] 
         problem = session_problem(session, user)
         if problem:
             return Verdict(problem)
-    return Verdict(rights=permissions.socket_rights(user))
+    scopes = {} if scopes is None else scopes
+    if state.user_id not in scopes:
+        scopes[state.user_id] = permissions.host_scope(user)
+    return Verdict(rights=permissions.socket_rights(user), scope=scopes[state.user_id])
 
 
 def read_and_judge(states: list[SocketState]) -> list[Verdict]:
@@ -119,8 +133,14 @@ def read_and_judge(states: list[SocketState]) -> list[Verdict]:
     sessions = selectors.live_sessions(
         session_keys=[s.session_key for s in states if s.session_key]
     )
+    scopes: dict[str, permissions.HostScope] = {}
     return [
-        judge_one(s, users.get(s.user_id), sessions.get(s.session_key) if s.session_key else None)
+        judge_one(
+            s,
+            users.get(s.user_id),
+            sessions.get(s.session_key) if s.session_key else None,
+            scopes,
+        )
         for s in states
     ]
 
@@ -146,7 +166,7 @@ def _apply(conn: CheckedSocket, verdict: Verdict, read_at: float) -> None:
         logger.info("closing a socket of user %s: %s", conn.user_id, verdict.close_reason)
         conn.close_from_hub(CloseCode.AUTH_FAILED, auth_failed_envelope(verdict.close_reason))
     else:
-        conn.update_rights(verdict.rights, read_at=read_at)
+        conn.update_rights(verdict.rights, read_at=read_at, scope=verdict.scope)
 
 
 async def recheck(hub: SocketRegistry, user_ids: Iterable[str] | None = None) -> int:

@@ -24,12 +24,14 @@ Filters = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Viewer:
-    """Who a snapshot is read for: a subscriber's user id and socket rights (those of
-    :mod:`sysmanage.permissions` that a connection keeps), as the connection held them
-    when it subscribed.  The hub asks the same of the connections themselves."""
+    """Who a snapshot is read for: a subscriber's user id, socket rights (those of
+    :mod:`sysmanage.permissions` that a connection keeps) and the hosts they see (None:
+    every host), as the connection held them when it subscribed.  The hub asks the same
+    of the connections themselves."""
 
     user_id: str | None
     rights: frozenset[str] = frozenset()
+    scope: permissions.HostScope = None
 
 
 #: No one in particular: sees only what every subscriber sees (the fleet figures that
@@ -68,6 +70,10 @@ class Topic:
     #: get no event per report but one summary of every host a second
     #: (:mod:`sysmanage.summary`), and their subscription is not resumable.
     summarized: ClassVar[bool] = False
+    #: whether its events are figures counted over every host: subscribers who see only
+    #: some hosts do not get them, but figures counted over what they see
+    #: (:mod:`sysmanage.scopedfigures`).
+    scoped_figures: ClassVar[bool] = False
 
     def authorize(self, user: Any) -> str | None:
         """Return why ``user`` may not subscribe, or None if it may."""
@@ -292,6 +298,7 @@ class FleetStatusTopic(Topic):
     name = "fleet_status"
     sends_initial_state = True
     drops_repeats = True
+    scoped_figures = True
 
     def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
         """Every fleet event goes to every subscriber."""

@@ -31,6 +31,44 @@ def _no_failed_handshakes_carried_over():
     AUTH_FAILURES.clear()
 
 
+def _wait_for_database_threads(timeout: float = 5.0) -> None:
+    """Wait until the database threads finished what was queued (every thread meets at a
+    barrier only once all are free), so that no query of a socket's work is still running
+    when the test's database is flushed: on SQLite's shared in-memory database a running
+    read locks the table the flush empties."""
+    import threading
+
+    from sysmanage import dbthreads
+
+    if dbthreads._EXECUTOR is None:
+        return
+    count = dbthreads.thread_count()
+    barrier = threading.Barrier(count)
+    meetings = [dbthreads.executor().submit(barrier.wait, timeout) for _ in range(count)]
+    for meeting in meetings:
+        try:
+            meeting.result(timeout)
+        except Exception:  # a thread busy for longer: the flush says so if it matters
+            barrier.abort()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flush_after_database_threads():
+    """Transactional tests flush the database after each test; first let the database
+    threads finish (:func:`_wait_for_database_threads`)."""
+    from django.test import TransactionTestCase
+
+    original = TransactionTestCase._fixture_teardown
+
+    def teardown(self):
+        _wait_for_database_threads()
+        return original(self)
+
+    TransactionTestCase._fixture_teardown = teardown
+    yield
+    TransactionTestCase._fixture_teardown = original
+
+
 @pytest.fixture(autouse=True)
 def _fresh_layer_and_hub():
     """Each test gets a new in-memory layer and starts its own node on its own loop."""
@@ -54,7 +92,9 @@ def grant(user, *perms: str) -> None:
 
 @pytest.fixture
 def make_user(db):
-    """Create users: ``make_user("alice", staff=True, perms=["alerts.change_alert"])``."""
+    """Create users: ``make_user("alice", staff=True, perms=["alerts.change_alert"])``.
+
+    Users who are not staff see every host unless ``every_host=False``."""
 
     def make(
         username: str = "operator",
@@ -63,7 +103,10 @@ def make_user(db):
         superuser: bool = False,
         active: bool = True,
         perms: tuple[str, ...] | list[str] = (),
+        every_host: bool = True,
     ):
+        """``every_host``: a user who is not staff sees every host (holds
+        ``hosts.view_all_hosts``); False for one who sees only granted groups."""
         user = get_user_model().objects.create_user(
             username=username,
             password=PASSWORD,
@@ -71,6 +114,17 @@ def make_user(db):
             is_superuser=superuser,
             is_active=active,
         )
+        if every_host and not (staff or superuser):
+            # Written without the m2m signal: a new user has no socket to recheck, and a
+            # recheck still reading when the test's database is flushed would lock it.
+            from django.contrib.auth.models import Permission
+
+            user.user_permissions.through.objects.create(
+                user=user,
+                permission=Permission.objects.get(
+                    content_type__app_label="hosts", codename="view_all_hosts"
+                ),
+            )
         grant(user, *perms)
         return user
 

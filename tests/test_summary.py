@@ -337,7 +337,7 @@ async def test_others_are_refused_and_staff_who_lose_the_right_lose_the_summary(
         await subscribe(comm, "host_metrics", ALL)
         await comm.receive_json_from(timeout=3)  # the snapshot
         [conn] = Node.current().hub.subscriptions["host_metrics"]
-        conn.update_rights(frozenset(), read_at=conn.rights_read_at + 1)
+        conn.update_rights(frozenset(), read_at=conn.rights_read_at + 1, scope=None)
         error = await comm.receive_json_from(timeout=3)
         assert (error["channel"], error["data"]["code"]) == ("host_metrics", "SUBSCRIPTION_REVOKED")
         assert Node.current().hub.subscriber_count("host_metrics") == 0

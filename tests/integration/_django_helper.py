@@ -22,6 +22,7 @@ import django  # noqa: E402
 django.setup()
 
 from django.contrib.auth import get_user_model  # noqa: E402
+from django.contrib.auth.models import Permission  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
@@ -61,6 +62,10 @@ def seed() -> dict:
             is_superuser=superuser,
             email=f"{username}@example.com",
         )
+        if not staff:  # sees every host, as users from before scoped access do
+            user.user_permissions.add(
+                Permission.objects.get(content_type__app_label="hosts", codename="view_all_hosts")
+            )
         users[username] = str(user.pk)
     hosts = {}
     for hostname, status in HOSTS.items():
