@@ -56,6 +56,7 @@ ACTION_LABELS = {
     "host_group_deleted": "Deleted a host group",
     "host_group_members_changed": "Changed the hosts of a host group",
     "host_groups_changed": "Changed the groups of a host",
+    "host_updates_check": "Asked a host to check for updates",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")

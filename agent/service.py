@@ -17,6 +17,7 @@ from agent.ledger import IdLedger
 from agent.packages.managers import detect_manager
 from agent.protocol import (
     ACK,
+    CHECK_UPDATES,
     CLOSE_REPLACED,
     CLOSE_SERVICE_RESTART,
     ERROR,
@@ -74,12 +75,15 @@ class Agent:
         )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
+        #: set when the server asks for a fresh look at pending updates
+        self.check_updates = asyncio.Event()
         self._handlers: dict[str, Handler] = {
             WELCOME: self._on_welcome,
             RUN_COMMAND: self.jobs.handle_run_command,
             PACKAGE_OPERATION: self.jobs.handle_package_operation,
             ACK: self._on_ack,
             ERROR: self._on_error,
+            CHECK_UPDATES: self._on_check_updates,
         }
 
     @property
@@ -196,6 +200,10 @@ class Agent:
             log.warning("Ignoring an ack for %r %r", kind, message["data"].get("ref"))
         elif self.spool.discard(kind, ref):
             log.debug("The server acknowledged %s %s", kind, ref)
+
+    async def _on_check_updates(self, message: ServerMessage) -> None:
+        """Look at pending updates now and report them, changed or not."""
+        self.check_updates.set()
 
     async def _on_error(self, message: ServerMessage) -> None:
         """Log an error reported by the server."""

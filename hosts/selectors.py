@@ -16,12 +16,14 @@ from hosts.models import (
     Host,
     HostGroup,
     HostInventory,
+    HostPatchStatus,
     HostStatus,
     InventoryKind,
     MetricSample,
     PackageOperation,
     RegistrationStatus,
 )
+from hosts.patching import PendingUpdate
 from hosts.tokens import token_digest
 from sysmanage.protocol import iso
 from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
@@ -529,3 +531,47 @@ def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, object]]:
 def host_inventory_view(host_id: Any) -> dict[str, dict[str, object]]:
     """A host's latest inventory as its page shows it (see :func:`inventory_view`)."""
     return inventory_view(list(HostInventory.objects.filter(host_id=host_id)))
+
+
+# -- pending updates and reboots ---------------------------------------------------------
+
+
+class PatchView(TypedDict):
+    """A host's pending updates and reboot state, as its page and the REST API show
+    them; ``None`` where the agent did not report."""
+
+    update_count: int | None
+    security_count: int | None
+    updates: list[PendingUpdate]
+    updates_reported_at: str | None
+    reboot_required: bool | None
+    reboot_required_since: str | None
+    reboot_reported_at: str | None
+
+
+def host_patch_view(host_id: Any) -> PatchView:
+    """A host's pending updates and whether it needs a reboot."""
+    row = HostPatchStatus.objects.filter(host_id=host_id).first()
+    if row is None:
+        row = HostPatchStatus(host_id=host_id)
+    return {
+        "update_count": row.update_count,
+        "security_count": row.security_count,
+        "updates": row.updates if isinstance(row.updates, list) else [],
+        "updates_reported_at": iso(row.updates_reported_at),
+        "reboot_required": row.reboot_required,
+        "reboot_required_since": iso(row.reboot_required_since),
+        "reboot_reported_at": iso(row.reboot_reported_at),
+    }
+
+
+def patch_counts() -> dict[str, int]:
+    """Hosts with at least one pending security update, and hosts needing a reboot."""
+    counts = HostPatchStatus.objects.aggregate(
+        security=Count("host_id", filter=Q(security_count__gt=0)),
+        reboot=Count("host_id", filter=Q(reboot_required=True)),
+    )
+    return {
+        "hosts_with_security_updates": counts["security"],
+        "hosts_needing_reboot": counts["reboot"],
+    }

@@ -1,0 +1,243 @@
+"""
+Pending updates and reboots, end to end: the fake SysManage agent and the real agent
+program (with a stand-in ``apt`` and reboot flag file) report to a real server; the
+host's REST answer, its page and the fleet figures show what they reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import harness
+from tests.integration.client import api, browser_login, http_request, ws_connect
+from tests.integration.smagent import WAIT, admin, online_agent
+from tests.integration.test_agent_e2e import AGENT_SETTINGS, AgentProcess, register
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
+    """One server for both agents, with short agent intervals."""
+    with launch_sqlite("patching", **AGENT_SETTINGS) as deployment:
+        yield deployment
+
+
+async def updates_of(d: harness.Deployment, host_id: str, user: str = "admin") -> Any:
+    return await admin(d, "GET", f"/api/hosts/{host_id}/updates/", user=user)
+
+
+async def wait_updates(
+    d: harness.Deployment, host_id: str, ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The host's ``updates`` answer once ``ready`` says it shows what was reported."""
+    deadline = time.monotonic() + WAIT
+    last = None
+    while time.monotonic() < deadline:
+        last = await updates_of(d, host_id)
+        assert last.status == 200, last
+        if ready(last.body):
+            return last.body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the updates of {host_id} never became as expected: {last}")
+
+
+async def fleet_figures(d: harness.Deployment) -> dict[str, Any]:
+    """The ``fleet_status`` snapshot a fresh subscriber gets."""
+    async with ws_connect(d.server.ws_url, token=d.token("admin")) as ws:
+        _, status = await ws.subscribe_with_status("fleet_status")
+        return status["data"]
+
+
+async def wait_figure(d: harness.Deployment, name: str, value: int) -> None:
+    deadline = time.monotonic() + WAIT
+    figures: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        figures = await fleet_figures(d)
+        if figures[name] == value:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{name} never became {value}: {figures}")
+
+
+def host_page(d: harness.Deployment, host_id: str) -> str:
+    session = browser_login(d.server.base_url, "admin", d.password)
+    page = http_request(
+        "GET",
+        f"{d.server.base_url}/hosts/{host_id}/",
+        opener=session.opener,
+        headers={"Accept": "text/html"},
+    )
+    assert page.status == 200, page
+    return str(page.body)
+
+
+# -- the SysManage agent -----------------------------------------------------------------
+
+
+async def test_sysmanage_agent_checks_updates_on_connect_and_reports_reboots(deployment):
+    d = deployment
+    before = await fleet_figures(d)
+    async with online_agent(d, "patch") as agent:
+        # The server asked for a check as the agent came online; its report is stored.
+        body = await wait_updates(d, agent.host_id, lambda b: b["update_count"] == 2)
+        assert len(agent.update_checks) == 1
+        assert body["security_count"] == 1
+        assert body["updates"] == [
+            {"name": "openssl", "current": "3.0.11-1", "available": "3.0.13-1", "security": True},
+            {"name": "curl", "current": "7.88.1-10", "available": "7.88.1-11", "security": False},
+        ]
+        assert body["reboot_required"] is None
+        await wait_figure(
+            d, "hosts_with_security_updates", before["hosts_with_security_updates"] + 1
+        )
+
+        ack = await agent.send_acked("reboot_status_update", agent.reboot_status_data(True))
+        assert ack["data"]["status"] == "received"
+        body = await wait_updates(d, agent.host_id, lambda b: b["reboot_required"] is True)
+        assert body["reboot_required_since"] is not None
+        await wait_figure(d, "hosts_needing_reboot", before["hosts_needing_reboot"] + 1)
+        page = await asyncio.to_thread(host_page, d, agent.host_id)
+        assert "Reboot required" in page
+        assert "openssl" in page
+        assert "3.0.13-1" in page
+
+        # On demand: a fresh check, whose report replaces the last one.
+        agent.available_updates = []
+        refused = await admin(d, "POST", f"/api/hosts/{agent.host_id}/check-updates/", "viewer")
+        assert refused.status == 403, refused
+        asked = await admin(d, "POST", f"/api/hosts/{agent.host_id}/check-updates/")
+        assert asked.status == 202, asked
+        body = await wait_updates(d, agent.host_id, lambda b: b["update_count"] == 0)
+        assert len(agent.update_checks) == 2
+        assert (body["security_count"], body["updates"]) == (0, [])
+        await wait_figure(d, "hosts_with_security_updates", before["hosts_with_security_updates"])
+
+        await agent.send_acked("reboot_status_update", agent.reboot_status_data(False))
+        body = await wait_updates(d, agent.host_id, lambda b: b["reboot_required"] is False)
+        assert body["reboot_required_since"] is None
+        await wait_figure(d, "hosts_needing_reboot", before["hosts_needing_reboot"])
+
+
+# -- this project's agent ------------------------------------------------------------------
+
+#: Stands in for ``apt`` on the agent's PATH: ``apt list --upgradable`` as apt prints it.
+FAKE_APT = """#!/bin/sh
+[ "$1 $2" = "list --upgradable" ] || exit 100
+echo "WARNING: apt does not have a stable CLI interface." >&2
+echo "Listing..."
+cat "$(dirname "$0")/upgradable.txt"
+"""
+UPGRADABLE = (
+    "libssl3/stable-security 3.0.15-1~deb12u1 amd64 [upgradable from: 3.0.14-1~deb12u2]\n"
+    "tzdata/stable-updates,stable 2025a-0+deb12u1 all [upgradable from: 2024b-0+deb12u1]\n"
+)
+
+
+def fake_programs(tmp_path: Path) -> Path:
+    """A directory with the stand-in ``apt`` (and ``apt-get`` and ``dpkg``, so that the
+    agent picks apt as its package manager)."""
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    for name, script in (("apt", FAKE_APT), ("apt-get", "#!/bin/sh\nexit 0\n")):
+        (programs / name).write_text(script)
+        (programs / name).chmod(0o755)
+    dpkg = shutil.which("dpkg")
+    (programs / "dpkg").symlink_to(dpkg or "/bin/true")
+    (programs / "upgradable.txt").write_text(UPGRADABLE)
+    return programs
+
+
+@contextlib.asynccontextmanager
+async def patch_agent(
+    d: harness.Deployment, tmp_path: Path, hostname: str, interval: float = 1
+) -> Any:
+    """The agent program with the stand-in apt, a reboot flag file of its own and
+    ``patch_interval`` of ``interval`` seconds."""
+    programs = fake_programs(tmp_path)
+    flag = tmp_path / "reboot-required"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'patch_interval = {interval}\nreboot_required_file = "{flag}"\n')
+    enrolled = register(d, hostname)
+    agent = AgentProcess(
+        d.server.base_url,
+        enrolled["token"],
+        tmp_path / "state",
+        tmp_path / "agent.log",
+        config=config,
+    )
+    agent.env["PATH"] = f"{programs}{os.pathsep}{agent.env.get('PATH', os.defpath)}"
+    agent.start()
+    try:
+        yield enrolled["host_id"], programs, flag
+    finally:
+        agent.stop()
+
+
+async def test_agent_reports_pending_updates_and_the_reboot_flag(deployment, tmp_path):
+    d = deployment
+    before = await fleet_figures(d)
+    async with patch_agent(d, tmp_path, "patch-native") as (host_id, programs, flag):
+        body = await wait_updates(d, host_id, lambda b: b["update_count"] == 2)
+        assert body["security_count"] == 1
+        assert body["updates"] == [
+            {
+                "name": "libssl3",
+                "current": "3.0.14-1~deb12u2",
+                "available": "3.0.15-1~deb12u1",
+                "security": True,
+            },
+            {
+                "name": "tzdata",
+                "current": "2024b-0+deb12u1",
+                "available": "2025a-0+deb12u1",
+                "security": False,
+            },
+        ]
+        assert body["reboot_required"] is False
+        await wait_figure(
+            d, "hosts_with_security_updates", before["hosts_with_security_updates"] + 1
+        )
+
+        # The flag file appears: reported at the next look (the interval is 1 s).
+        flag.write_text("*** System restart required ***\n")
+        body = await wait_updates(d, host_id, lambda b: b["reboot_required"] is True)
+        await wait_figure(d, "hosts_needing_reboot", before["hosts_needing_reboot"] + 1)
+        page = await asyncio.to_thread(host_page, d, host_id)
+        assert "Reboot required" in page
+        assert "libssl3" in page
+
+        # The updates are installed and the host rebooted: both clear.
+        (programs / "upgradable.txt").write_text("")
+        flag.unlink()
+        body = await wait_updates(
+            d, host_id, lambda b: b["update_count"] == 0 and b["reboot_required"] is False
+        )
+        await wait_figure(d, "hosts_needing_reboot", before["hosts_needing_reboot"])
+        await wait_figure(d, "hosts_with_security_updates", before["hosts_with_security_updates"])
+
+
+async def test_a_check_asked_for_reaches_the_agent_program(deployment, tmp_path):
+    """With a long interval the agent looks only when connecting, and when asked."""
+    d = deployment
+    async with patch_agent(d, tmp_path, "patch-asked", 3600) as (host_id, programs, _):
+        await wait_updates(d, host_id, lambda b: b["update_count"] == 2)
+        (programs / "upgradable.txt").write_text(UPGRADABLE.splitlines()[1] + "\n")
+        asked = await api(
+            "POST",
+            d.server.base_url,
+            f"/api/hosts/{host_id}/check-updates/",
+            token=d.token("admin"),
+        )
+        assert asked.status == 202, asked
+        body = await wait_updates(d, host_id, lambda b: b["update_count"] == 1)
+        assert body["security_count"] == 0
