@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import Length, Substr
@@ -575,3 +575,23 @@ def patch_counts() -> dict[str, int]:
         "hosts_with_security_updates": counts["security"],
         "hosts_needing_reboot": counts["reboot"],
     }
+
+
+class RebootWaiting(NamedTuple):
+    """A host that needs a reboot, and since when."""
+
+    host_id: Any
+    hostname: str
+    since: datetime
+
+
+def hosts_needing_reboot() -> list[RebootWaiting]:
+    """The hosts whose agent last reported that they need a reboot."""
+    rows = HostPatchStatus.objects.filter(
+        reboot_required=True, reboot_required_since__isnull=False
+    ).values_list("host_id", "host__hostname", "reboot_required_since")
+    return [
+        RebootWaiting(host_id, hostname, since)
+        for host_id, hostname, since in rows
+        if since is not None
+    ]

@@ -530,6 +530,9 @@ SYSMANAGE_AGENT_CHECK_UPDATES_ON_CONNECT = env_bool(
 
 # How often each server process re-reads alert rules edited in the admin.
 ALERT_RULES_RELOAD_SECONDS = env_int("ALERT_RULES_RELOAD_SECONDS", 30)
+# How often each server process checks how long hosts have needed a reboot (the
+# "reboot_required" alert rules).
+ALERT_REBOOT_CHECK_SECONDS = env_int("ALERT_REBOOT_CHECK_SECONDS", 60)
 
 # --- Internationalization, static files ---------------------------------------
 LANGUAGE_CODE = "en-us"

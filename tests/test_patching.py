@@ -8,7 +8,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from alerts import evaluation
 from alerts import selectors as alert_selectors
+from alerts.models import Alert, AlertRule, AlertStatus, RuleMetric
 from hosts import patching, selectors, services
 from hosts.models import HostPatchStatus
 from sysmanage.protocol import ProtocolError
@@ -142,3 +144,41 @@ def test_check_updates_needs_the_right_to_run_commands(client, make_user, host):
     assert answer["host_id"] == str(host.id)
     assert answer["update_count"] is None
     assert selectors.host_patch_view(host.id)["reboot_required"] is None
+
+
+def _reboot_waiting_since(host, hours: float) -> None:
+    services.host_reboot_save(host_id=host.id, required=True)
+    HostPatchStatus.objects.filter(host=host).update(
+        reboot_required_since=timezone.now() - timedelta(hours=hours)
+    )
+
+
+def test_a_host_needing_a_reboot_too_long_gets_an_alert_resolved_after_the_reboot(host):
+    rule = AlertRule.objects.get(metric=RuleMetric.REBOOT)  # the default rule: 24 h
+    rule.critical_threshold = 72.0
+    rule.save()
+    fresh = services.host_create(hostname="web-02")
+    _reboot_waiting_since(fresh, 1)
+    _reboot_waiting_since(host, 30)
+    evaluation.check_reboots()
+    (alert,) = Alert.objects.filter(rule=rule, status=AlertStatus.OPEN)
+    assert (alert.host_id, alert.severity, alert.category) == (host.id, "warning", "patching")
+    assert alert.title == "Reboot pending: web-01"
+    evaluation.check_reboots()  # nothing changed: still one alert
+    assert Alert.objects.filter(rule=rule).count() == 1
+    _reboot_waiting_since(host, 80)
+    evaluation.check_reboots()
+    alert.refresh_from_db()
+    assert (alert.severity, alert.status) == ("critical", AlertStatus.OPEN)
+    services.host_reboot_save(host_id=host.id, required=False)
+    evaluation.check_reboots()
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.RESOLVED
+    assert not Alert.objects.filter(rule=rule, status__in=Alert.ACTIVE_STATUSES).exists()
+
+
+def test_a_disabled_reboot_rule_raises_nothing(host):
+    AlertRule.objects.filter(metric=RuleMetric.REBOOT).update(enabled=False)
+    _reboot_waiting_since(host, 1000)
+    evaluation.check_reboots()
+    assert not Alert.objects.exists()

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
-    """One server for both agents, with short agent intervals."""
-    with launch_sqlite("patching", **AGENT_SETTINGS) as deployment:
+    """One server for both agents, with short agent intervals and a reboot check every
+    second."""
+    with launch_sqlite("patching", **AGENT_SETTINGS, ALERT_REBOOT_CHECK_SECONDS="1") as deployment:
         yield deployment
 
 
@@ -241,3 +242,58 @@ async def test_a_check_asked_for_reaches_the_agent_program(deployment, tmp_path)
         assert asked.status == 202, asked
         body = await wait_updates(d, host_id, lambda b: b["update_count"] == 1)
         assert body["security_count"] == 0
+
+
+# -- the reboot alert ----------------------------------------------------------------------
+
+
+def set_reboot_rule(d: harness.Deployment, warning_hours: float) -> None:
+    """Set the default "Reboot pending" rule's warning threshold (as in the admin)."""
+    code = (
+        "from alerts.models import AlertRule; "
+        "AlertRule.objects.filter(metric='reboot_required')"
+        f".update(warning_threshold={warning_hours})"
+    )
+    harness.run_python(["manage.py", "shell", "-c", code], d.env, what="set the reboot rule")
+
+
+async def reboot_alerts(d: harness.Deployment, host_id: str, status: str) -> list[Any]:
+    reply = await admin(d, "GET", f"/api/alerts/?host={host_id}&status={status}")
+    assert reply.status == 200, reply
+    body = reply.body["results"] if isinstance(reply.body, dict) else reply.body
+    return [a for a in body if a["category"] == "patching"]
+
+
+async def wait_reboot_alerts(
+    d: harness.Deployment, host_id: str, status: str, count: int
+) -> list[Any]:
+    deadline = time.monotonic() + WAIT
+    found: list[Any] = []
+    while time.monotonic() < deadline:
+        found = await reboot_alerts(d, host_id, status)
+        if len(found) == count:
+            return found
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{count} {status} reboot alert(s) expected for {host_id}: {found}")
+
+
+async def test_a_reboot_pending_too_long_raises_an_alert_resolved_by_the_reboot(deployment):
+    d = deployment
+    async with online_agent(d, "reboot") as agent:
+        await agent.send_acked("reboot_status_update", agent.reboot_status_data(True))
+        await wait_updates(d, agent.host_id, lambda b: b["reboot_required"] is True)
+        # Under the default 24 hours: no alert.
+        await asyncio.sleep(2.5)
+        assert await reboot_alerts(d, agent.host_id, "open") == []
+        set_reboot_rule(d, 0.0)
+        try:
+            (alert,) = await wait_reboot_alerts(d, agent.host_id, "open", 1)
+            assert alert["severity"] == "warning"
+            assert alert["title"] == f"Reboot pending: {agent.hostname}"
+            # Rebooted: the agent says so, and the alert is resolved by itself.
+            await agent.send_acked("reboot_status_update", agent.reboot_status_data(False))
+            (resolved,) = await wait_reboot_alerts(d, agent.host_id, "resolved", 1)
+            assert resolved["id"] == alert["id"]
+            assert await reboot_alerts(d, agent.host_id, "open") == []
+        finally:
+            set_reboot_rule(d, 24.0)
