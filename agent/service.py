@@ -22,6 +22,7 @@ from agent.protocol import (
     CLOSE_SERVICE_RESTART,
     ERROR,
     PACKAGE_OPERATION,
+    PACKAGE_RESULT,
     RESULT_ID_FIELDS,
     RUN_COMMAND,
     WELCOME,
@@ -157,7 +158,10 @@ class Agent:
             await self.link.send(message)
 
     async def send_result(self, message: ResultMessage) -> None:
-        """Send a stored result if connected; otherwise it goes out after reconnecting."""
+        """Send a stored result if connected; otherwise it goes out after reconnecting.
+        A package operation changes the pending updates: they are looked at again."""
+        if message["type"] == PACKAGE_RESULT:
+            self.check_updates.set()
         if self.link is not None:
             await self.link.send(message)
 

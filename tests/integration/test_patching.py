@@ -138,6 +138,14 @@ echo "WARNING: apt does not have a stable CLI interface." >&2
 echo "Listing..."
 cat "$(dirname "$0")/upgradable.txt"
 """
+#: Stands in for ``apt-get``: "upgrading" a package takes it off the upgradable list.
+FAKE_APT_GET = """#!/bin/bash
+package="${@: -1}"
+here="$(dirname "$0")"
+grep -v "^$package/" "$here/upgradable.txt" > "$here/upgradable.new"
+mv "$here/upgradable.new" "$here/upgradable.txt"
+echo "Setting up $package"
+"""
 UPGRADABLE = (
     "libssl3/stable-security 3.0.15-1~deb12u1 amd64 [upgradable from: 3.0.14-1~deb12u2]\n"
     "tzdata/stable-updates,stable 2025a-0+deb12u1 all [upgradable from: 2024b-0+deb12u1]\n"
@@ -149,7 +157,7 @@ def fake_programs(tmp_path: Path) -> Path:
     agent picks apt as its package manager)."""
     programs = tmp_path / "programs"
     programs.mkdir()
-    for name, script in (("apt", FAKE_APT), ("apt-get", "#!/bin/sh\nexit 0\n")):
+    for name, script in (("apt", FAKE_APT), ("apt-get", FAKE_APT_GET)):
         (programs / name).write_text(script)
         (programs / name).chmod(0o755)
     dpkg = shutil.which("dpkg")
@@ -297,3 +305,26 @@ async def test_a_reboot_pending_too_long_raises_an_alert_resolved_by_the_reboot(
             assert await reboot_alerts(d, agent.host_id, "open") == []
         finally:
             set_reboot_rule(d, 24.0)
+
+
+async def test_a_package_operation_is_followed_by_a_fresh_report(deployment, tmp_path):
+    """The pending updates change with a package operation: the agent looks again when
+    it ends (the interval here is an hour)."""
+    d = deployment
+    async with (
+        patch_agent(d, tmp_path, "patch-upgrade", 3600) as (host_id, _, _),
+        ws_connect(d.server.ws_url, token=d.token("admin")) as ws,
+    ):
+        await wait_updates(d, host_id, lambda b: b["security_count"] == 1)
+        reply = await ws.request(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "data": {"host_id": host_id, "operation": "update", "package": "libssl3"},
+            },
+            timeout=30,
+        )
+        assert reply["type"] == "response", reply
+        body = await wait_updates(d, host_id, lambda b: b["update_count"] == 1)
+        assert body["security_count"] == 0
+        assert [u["name"] for u in body["updates"]] == ["tzdata"]
