@@ -1101,9 +1101,9 @@ def host_updates_check_request(*, host: Host, actor: Actor | None) -> None:
 def host_updates_check_take(*, host_id: Any) -> bool:
     """Whether a check of updates asked for is still to be sent to the host's agent;
     True marks it sent."""
-    now = timezone.now()
-    return bool(
-        HostPatchStatus.objects.filter(host_id=host_id, check_requested_at__isnull=False)
-        .filter(Q(check_sent_at__isnull=True) | Q(check_sent_at__lt=F("check_requested_at")))
-        .update(check_sent_at=now)
+    due = HostPatchStatus.objects.filter(host_id=host_id, check_requested_at__isnull=False).filter(
+        Q(check_sent_at__isnull=True) | Q(check_sent_at__lt=F("check_requested_at"))
     )
+    # Read first: this runs with every look for due commands (a polling agent's too), and
+    # an UPDATE that matches nothing still takes SQLite's write lock.
+    return due.exists() and bool(due.update(check_sent_at=timezone.now()))
