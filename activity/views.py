@@ -59,6 +59,7 @@ ACTION_LABELS = {
     "host_group_grant_given": "Granted access to a host group",
     "host_group_grant_changed": "Changed access to a host group",
     "host_group_grant_removed": "Took away access to a host group",
+    "host_updates_check": "Asked a host to check for updates",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")

@@ -22,6 +22,9 @@ DEFAULT_METRICS_INTERVAL = 30.0
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
 DEFAULT_MAX_CONCURRENT_COMMANDS = 8
 DEFAULT_LOG_LEVEL = "INFO"
+#: Seconds between looks at pending updates and the reboot flag (sent only on change).
+DEFAULT_PATCH_INTERVAL = 900.0
+DEFAULT_REBOOT_REQUIRED_FILE = Path("/var/run/reboot-required")
 
 MIN_INTERVAL, MAX_INTERVAL = 0.1, 86_400.0
 MAX_OUTPUT_BYTES_LIMIT = 256 * 1024
@@ -47,6 +50,9 @@ class AgentConfig:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     max_concurrent_commands: int = DEFAULT_MAX_CONCURRENT_COMMANDS
     log_level: str = DEFAULT_LOG_LEVEL
+    patch_interval: float = DEFAULT_PATCH_INTERVAL
+    #: The file whose presence says that the host needs a reboot.
+    reboot_required_file: Path = DEFAULT_REBOOT_REQUIRED_FILE
     #: The interval settings given explicitly; the server's ``welcome`` overrides the rest.
     explicit_intervals: frozenset[str] = frozenset()
 
@@ -84,6 +90,8 @@ def build_config(values: Settings, environ: Mapping[str, str]) -> AgentConfig:
             values, "max_concurrent_commands", DEFAULT_MAX_CONCURRENT_COMMANDS, MAX_CONCURRENT_LIMIT
         ),
         log_level=_log_level(values),
+        patch_interval=_interval(values, "patch_interval", DEFAULT_PATCH_INTERVAL),
+        reboot_required_file=_path(values, "reboot_required_file", DEFAULT_REBOOT_REQUIRED_FILE),
         explicit_intervals=frozenset(name for name in INTERVAL_SETTINGS if name in values),
     )
 
@@ -186,6 +194,16 @@ def _state_dir(values: Settings, environ: Mapping[str, str]) -> Path:
         return default_state_dir(environ)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError("state_dir must be a non-empty path")
+    return Path(value).expanduser().absolute()
+
+
+def _path(values: Settings, name: str, default: Path) -> Path:
+    """Return a path setting (absolute), given or default."""
+    value = values.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty path")
     return Path(value).expanduser().absolute()
 
 

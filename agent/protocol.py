@@ -29,11 +29,13 @@ COMMAND_STARTED: Final = "command_started"
 COMMAND_RESULT: Final = "command_result"
 PACKAGE_PROGRESS: Final = "package_progress"
 PACKAGE_RESULT: Final = "package_result"
+PATCH_STATUS: Final = "patch_status"
 
 # Server -> agent.
 WELCOME: Final = "welcome"
 RUN_COMMAND: Final = "run_command"
 PACKAGE_OPERATION: Final = "package_operation"
+CHECK_UPDATES: Final = "check_updates"
 ACK: Final = "ack"
 ERROR: Final = "error"
 
@@ -45,6 +47,7 @@ AgentMessageType = Literal[
     "command_result",
     "package_progress",
     "package_result",
+    "patch_status",
 ]
 #: The messages whose delivery the server acknowledges (``ack``'s ``kind``).
 ResultKind = Literal["command_result", "package_result"]
@@ -159,6 +162,25 @@ class PackageResultData(TypedDict):
     message: str
 
 
+class PendingUpdate(TypedDict):
+    """One package with a newer version available."""
+
+    name: str
+    current: str
+    available: str
+    security: bool
+
+
+class PatchStatusData(TypedDict):
+    """``patch_status``: pending updates (None: the agent cannot list them), security
+    updates first, and whether the host needs a reboot."""
+
+    updates: list[PendingUpdate] | None
+    update_count: int | None
+    security_count: int | None
+    reboot_required: bool | None
+
+
 CommandResult = Envelope[CommandResultData]
 PackageResult = Envelope[PackageResultData]
 #: What the agent stores until the server acknowledges it.
@@ -170,6 +192,7 @@ AgentMessage = (
     | Envelope[MetricsData]
     | Envelope[CommandStartedData]
     | Envelope[PackageProgressData]
+    | Envelope[PatchStatusData]
     | ResultMessage
 )
 

@@ -17,10 +17,12 @@ from agent.ledger import IdLedger
 from agent.packages.managers import detect_manager
 from agent.protocol import (
     ACK,
+    CHECK_UPDATES,
     CLOSE_REPLACED,
     CLOSE_SERVICE_RESTART,
     ERROR,
     PACKAGE_OPERATION,
+    PACKAGE_RESULT,
     RESULT_ID_FIELDS,
     RUN_COMMAND,
     WELCOME,
@@ -74,12 +76,15 @@ class Agent:
         )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
+        #: set when the server asks for a fresh look at pending updates
+        self.check_updates = asyncio.Event()
         self._handlers: dict[str, Handler] = {
             WELCOME: self._on_welcome,
             RUN_COMMAND: self.jobs.handle_run_command,
             PACKAGE_OPERATION: self.jobs.handle_package_operation,
             ACK: self._on_ack,
             ERROR: self._on_error,
+            CHECK_UPDATES: self._on_check_updates,
         }
 
     @property
@@ -153,7 +158,10 @@ class Agent:
             await self.link.send(message)
 
     async def send_result(self, message: ResultMessage) -> None:
-        """Send a stored result if connected; otherwise it goes out after reconnecting."""
+        """Send a stored result if connected; otherwise it goes out after reconnecting.
+        A package operation changes the pending updates: they are looked at again."""
+        if message["type"] == PACKAGE_RESULT:
+            self.check_updates.set()
         if self.link is not None:
             await self.link.send(message)
 
@@ -196,6 +204,10 @@ class Agent:
             log.warning("Ignoring an ack for %r %r", kind, message["data"].get("ref"))
         elif self.spool.discard(kind, ref):
             log.debug("The server acknowledged %s %s", kind, ref)
+
+    async def _on_check_updates(self, message: ServerMessage) -> None:
+        """Look at pending updates now and report them, changed or not."""
+        self.check_updates.set()
 
     async def _on_error(self, message: ServerMessage) -> None:
         """Log an error reported by the server."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.facts import collect_facts
 from agent.metrics import collect_metrics
+from agent.packages.managers import PackageManager
+from agent.patches import LIST_TIMEOUT, collect_patch_status
 from agent.protocol import (
     CLOSE_AUTH_FAILED,
     CLOSE_GOING_AWAY,
@@ -22,6 +25,7 @@ from agent.protocol import (
     HELLO,
     MAX_FRAME_BYTES,
     METRICS,
+    PATCH_STATUS,
     WELCOME,
     AgentMessage,
     HeartbeatData,
@@ -89,6 +93,9 @@ class Agent(Protocol):
     """What a session needs of the agent that outlives it (:class:`agent.service.Agent`)."""
 
     config: AgentConfig
+    manager: PackageManager | None
+    #: set when the server asks for a fresh look at pending updates
+    check_updates: asyncio.Event
 
     @property
     def intervals(self) -> Intervals:
@@ -152,6 +159,7 @@ async def _serve(agent: Agent, websocket: ClientConnection, opened: float) -> Se
         asyncio.create_task(_heartbeats(agent, link)),
         asyncio.create_task(_metrics(agent, link)),
         asyncio.create_task(_resend_results(agent, link)),
+        asyncio.create_task(_patch_status(agent, link)),
     ]
     try:
         end = await _receive(agent, websocket)
@@ -224,3 +232,28 @@ async def _metrics(agent: Agent, link: Link) -> None:
         else:
             await link.send(envelope(METRICS, data))
         await asyncio.sleep(agent.intervals.metrics)
+
+
+async def _patch_status(agent: Agent, link: Link) -> None:
+    """Report pending updates and the reboot flag on connecting, then look again every
+    ``patch_interval`` seconds and report only a change; at once, changed or not, when
+    the server asks (``check_updates``)."""
+    last = None
+    agent.check_updates.clear()
+    while True:
+        try:
+            data = await asyncio.wait_for(
+                asyncio.to_thread(
+                    collect_patch_status, agent.manager, agent.config.reboot_required_file
+                ),
+                LIST_TIMEOUT + 5,
+            )
+        except Exception as exc:
+            log.warning("Cannot collect pending updates: %s", exc)
+        else:
+            if data != last or agent.check_updates.is_set():
+                agent.check_updates.clear()
+                if await link.send(envelope(PATCH_STATUS, data)):
+                    last = data
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(agent.check_updates.wait(), agent.config.patch_interval)

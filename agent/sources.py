@@ -26,6 +26,8 @@ ENV_SETTINGS = (
     "state_dir",
     "config",
     "log_level",
+    "patch_interval",
+    "reboot_required_file",
 )
 
 #: Keys allowed in the config file.
@@ -40,6 +42,8 @@ FILE_SETTINGS = frozenset(
         "max_output_bytes",
         "max_concurrent_commands",
         "log_level",
+        "patch_interval",
+        "reboot_required_file",
     }
 )
 

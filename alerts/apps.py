@@ -42,4 +42,9 @@ class AlertsConfig(AppConfig):
         register_periodic(
             "alerts.rules", lambda: settings.ALERT_RULES_RELOAD_SECONDS, evaluation.reload_rules
         )
+        register_periodic(
+            "alerts.reboots",
+            lambda: settings.ALERT_REBOOT_CHECK_SECONDS,
+            evaluation.check_reboots,
+        )
         command_registry.register("system_alerts", commands.handle_alert_command)

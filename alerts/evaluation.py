@@ -4,6 +4,7 @@ Wiring of alert rules to the events of the hosts app.
 Metrics reports are judged in memory by this process's :class:`~alerts.rules.RuleEngine`;
 only verdicts reach the database.  Host status changes raise and resolve the "host
 offline" alerts.  Both listeners run off the event loop (:func:`sysmanage.events.listen`).
+A periodic check (:func:`check_reboots`) raises and resolves the "reboot pending" ones.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import logging
 import uuid
 from typing import Any
 
+from django.utils import timezone
+
 from alerts import services
 from alerts.models import Alert, AlertRule, RuleMetric
 from alerts.rules import RuleEngine, RuleSpec, Verdict
+from hosts import selectors as host_selectors
 from hosts.models import Host
 from sysmanage.events import defer
 
@@ -159,3 +163,43 @@ def on_status(data: dict[str, Any]) -> None:
             message=f"{data['hostname']} went offline (was {data['previous_status']}) at "
             f"{data['timestamp']}",
         )
+
+
+def check_reboots() -> None:
+    """Raise, raise in severity and resolve the alerts of the ``reboot_required`` rules:
+    a host that has needed a reboot for at least a threshold's hours (warning, then
+    critical) has one; a host rebooted since (or reporting no need) has it resolved.
+    Runs every ``ALERT_REBOOT_CHECK_SECONDS`` in each server process."""
+    rules = list(AlertRule.objects.filter(enabled=True, metric=RuleMetric.REBOOT))
+    if not rules:
+        return
+    now = timezone.now()
+    waiting = {h.host_id: h for h in host_selectors.hosts_needing_reboot()}
+    for rule in rules:
+        alerted = set(
+            Alert.objects.filter(rule=rule, status__in=Alert.ACTIVE_STATUSES).values_list(
+                "host_id", flat=True
+            )
+        )
+        for host_id in alerted | set(waiting):
+            host = waiting.get(host_id)
+            hours = (now - host.since).total_seconds() / 3600 if host is not None else 0.0
+            _sync_reboot_alert(rule, host_id, host.hostname if host else "", hours)
+
+
+def _sync_reboot_alert(rule: AlertRule, host_id: Any, hostname: str, hours: float) -> None:
+    """Make the rule's alert of one host match ``hours`` of needing a reboot."""
+    severity = None
+    if rule.critical_threshold is not None and hours >= rule.critical_threshold:
+        severity = "critical"
+    elif rule.warning_threshold is not None and hours >= rule.warning_threshold:
+        severity = "warning"
+    services.rule_alert_sync(
+        host_id=host_id,
+        rule_id=rule.id,
+        key="",
+        severity=severity if hostname else None,
+        category=rule.category,
+        title=f"Reboot pending: {hostname}",
+        message=f"{hostname} has needed a reboot for {hours:.1f} hours",
+    )

@@ -34,6 +34,7 @@ class RuleMetric(models.TextChoices):
     CPU = "cpu_usage", "CPU usage (%)"
     LOAD = "load_per_cpu", "1-minute load average per CPU"
     OFFLINE = "host_offline", "Host offline"
+    REBOOT = "reboot_required", "Hours a host has needed a reboot"
 
 
 class AlertRule(models.Model):

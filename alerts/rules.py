@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 if TYPE_CHECKING:
     from alerts.models import AlertRule
 
+#: The rules that judge a host's state rather than its metrics reports.
+HOST_STATE_METRICS = frozenset({"host_offline", "reboot_required"})
 #: The severity of an alert a rule raises (``alerts.models.Severity`` has ``info`` too).
 Level = Literal["warning", "critical"]
 SEVERITY_ORDER: dict[Level | None, int] = {None: 0, "warning": 1, "critical": 2}
@@ -106,7 +108,7 @@ class RuleEngine:
         """Replace the rules; state of rules that disappeared is dropped."""
         ids = {r.id for r in rules}
         self.rules = rules
-        self._judging = [r for r in rules if r.metric != "host_offline"]
+        self._judging = [r for r in rules if r.metric not in HOST_STATE_METRICS]
         for store in (self._streaks, self._known):
             for key in [k for k in store if k[1] not in ids]:
                 del store[key]

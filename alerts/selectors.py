@@ -69,6 +69,8 @@ class FleetStats(TypedDict):
     unknown_hosts: int
     hosts_with_alerts: int
     pending_operations: int
+    hosts_with_security_updates: int
+    hosts_needing_reboot: int
     last_updated: str
 
 
@@ -80,6 +82,7 @@ def fleet_stats(scope: HostScope = None) -> FleetStats:
         alerting = alerting.filter(host_id__in=scope)
     hosts_with_alerts = alerting.values("host_id").distinct().count()
     counts = host_selectors.host_counts(scope)
+    patches = host_selectors.patch_counts(scope)
     return {
         "total_hosts": counts["total_hosts"],
         "online_hosts": counts["online_hosts"],
@@ -87,6 +90,8 @@ def fleet_stats(scope: HostScope = None) -> FleetStats:
         "unknown_hosts": counts["unknown_hosts"],
         "hosts_with_alerts": hosts_with_alerts,
         "pending_operations": host_selectors.pending_operation_count(scope),
+        "hosts_with_security_updates": patches["hosts_with_security_updates"],
+        "hosts_needing_reboot": patches["hosts_needing_reboot"],
         "last_updated": iso(timezone.now()),
     }
 

@@ -28,9 +28,10 @@ AgentMessageType = Literal[
     "command_result",
     "package_progress",
     "package_result",
+    "patch_status",
 ]
 #: What the server sends agents (errors are the seed protocol's error envelopes).
-ServerMessageType = Literal["welcome", "ack", "run_command", "package_operation"]
+ServerMessageType = Literal["welcome", "ack", "run_command", "package_operation", "check_updates"]
 #: The results the server acknowledges (``ack``'s ``kind``).
 ResultKind = Literal["command_result", "package_result"]
 #: How a command ends (``ExecutionStatus``'s final values).
@@ -172,7 +173,11 @@ class PackageOperationData(TypedDict):
     package: str
 
 
-ServerData = WelcomeData | AckData | RunCommandData | PackageOperationData
+class CheckUpdatesData(TypedDict):
+    """``check_updates``: look at pending updates now and send ``patch_status``."""
+
+
+ServerData = WelcomeData | AckData | RunCommandData | PackageOperationData | CheckUpdatesData
 
 
 class ServerMessage(TypedDict):

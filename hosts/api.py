@@ -166,6 +166,30 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
             }
         )
 
+    @action(detail=True, methods=["get"])
+    def updates(self, request: Request, pk: str | None = None) -> Response:
+        """The host's pending updates (security updates first) and whether it needs a
+        reboot, as its agent last reported them (either agent)."""
+        host = self.get_object()
+        return Response({"host_id": str(host.id), **selectors.host_patch_view(host.id)})
+
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path="check-updates",
+        permission_classes=[IsAuthenticated, permissions.RequiresRight],
+    )
+    def check_updates(self, request: Request, pk: str | None = None) -> Response:
+        """Ask the host's agent to check for updates now (202; it reports what it finds
+        as usual); needs the right to run commands on the host."""
+        host = self.get_object()
+        if not permissions.hosts_allowed(request.user, "run_command", [host.id]):
+            return Response({"detail": permissions.denial("run_command")}, status=403)
+        services.host_updates_check_request(host=host, actor=request_actor(request))
+        return Response({"host_id": str(host.id), "requested": True}, status=202)
+
+    action_rights = {"check_updates": "run_command"}
+
 
 class HostGroupSerializer(serializers.ModelSerializer[HostGroup]):
     """A host group in a list: how many hosts it has (``GET /api/hosts/?group=`` lists

@@ -17,7 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from hosts import agent_protocol, selectors, services
+from hosts import agent_protocol, patching, selectors, services
 from hosts.agent_protocol import (
     AgentData,
     HostFacts,
@@ -379,6 +379,13 @@ class AgentConsumer(Connection):
         self.send_message("ack", {"kind": "package_result", "ref": operation_id}, id_)
         self._answered(operation_id)
 
+    async def on_patch_status(self, data: AgentData, id_: MessageId) -> None:
+        """Store the host's pending updates and whether it needs a reboot."""
+        updates = patching.updates_from_native(data, id_)
+        reboot = patching.reboot_from_native(data, id_)
+        await database_sync_to_async(_save_patch_status)(self.host_id, updates, reboot)
+        self.last_seen.touch()
+
     def _answered(self, ref: str) -> None:
         """Note that the result of ``ref`` came (the drain waits for those still owed)."""
         if self.answered is None:
@@ -393,6 +400,7 @@ class AgentConsumer(Connection):
         "command_result": on_command_result,
         "package_progress": on_package_progress,
         "package_result": on_package_result,
+        "patch_status": on_patch_status,
     }
     #: what :meth:`receive_at_once` takes as it arrives
     AT_ONCE = {"heartbeat": take_heartbeat, "metrics": take_metrics}
@@ -404,9 +412,12 @@ class AgentConsumer(Connection):
         on this connection (handing the pending ones over: they are running from now)."""
         try:
             work = await self.database(services.work_hand_over)(host_id=self.host_id)
+            check = await self.database(services.host_updates_check_take)(host_id=self.host_id)
         except PeerGone:
             return
         self._send_work(*work)
+        if check:
+            self.send_message("check_updates", {})
 
     def _send_work(
         self, commands: list[CommandExecution], operations: list[PackageOperation]
@@ -448,3 +459,13 @@ class AgentConsumer(Connection):
             await database_sync_to_async(services.metric_sample_save)(
                 host_id=self.host_id, minute=minute, samples=samples, averages=averages
             )
+
+
+def _save_patch_status(
+    host_id: str | None, updates: patching.PatchUpdates | None, reboot: bool | None
+) -> None:
+    """In a database thread: what a ``patch_status`` reported (the parts it carried)."""
+    if updates is not None:
+        services.host_patch_updates_save(host_id=host_id, report=updates)
+    if reboot is not None:
+        services.host_reboot_save(host_id=host_id, required=reboot)

@@ -488,3 +488,35 @@ class HostInventory(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} of {self.host_id}"
+
+
+class HostPatchStatus(models.Model):
+    """What a host's agent last reported of its pending updates and of whether it needs
+    a reboot, in one shape whichever agent reported it.
+
+    ``None`` counts and ``reboot_required`` mean "not reported": an agent that cannot
+    tell is not counted as a host that needs nothing.
+    """
+
+    host = models.OneToOneField(
+        Host, primary_key=True, on_delete=models.CASCADE, related_name="patch_status"
+    )
+    update_count = models.PositiveIntegerField(null=True, blank=True)
+    security_count = models.PositiveIntegerField(null=True, blank=True, db_index=True)
+    #: ``[{name, current, available, security}]``, security updates first
+    updates = models.JSONField(default=list, blank=True)
+    updates_reported_at = models.DateTimeField(null=True, blank=True)
+    reboot_required = models.BooleanField(null=True, blank=True, db_index=True)
+    #: since when the host has needed a reboot without a break (its first such report)
+    reboot_required_since = models.DateTimeField(null=True, blank=True)
+    reboot_reported_at = models.DateTimeField(null=True, blank=True)
+    #: a fresh check of updates asked for (``POST /api/hosts/<id>/check-updates/``), and
+    #: when the agent was last sent one: a request newer than the send is still due
+    check_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
+    check_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name_plural = "host patch statuses"
+
+    def __str__(self) -> str:
+        return f"Patch status of {self.host_id}"

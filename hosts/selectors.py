@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import Length, Substr
@@ -17,12 +17,14 @@ from hosts.models import (
     HostGroup,
     HostGroupGrant,
     HostInventory,
+    HostPatchStatus,
     HostStatus,
     InventoryKind,
     MetricSample,
     PackageOperation,
     RegistrationStatus,
 )
+from hosts.patching import PendingUpdate
 from hosts.tokens import token_digest
 from sysmanage.permissions import HostScope
 from sysmanage.protocol import iso
@@ -557,3 +559,68 @@ def inventory_view(rows: list[HostInventory]) -> dict[str, dict[str, object]]:
 def host_inventory_view(host_id: Any) -> dict[str, dict[str, object]]:
     """A host's latest inventory as its page shows it (see :func:`inventory_view`)."""
     return inventory_view(list(HostInventory.objects.filter(host_id=host_id)))
+
+
+# -- pending updates and reboots ---------------------------------------------------------
+
+
+class PatchView(TypedDict):
+    """A host's pending updates and reboot state, as its page and the REST API show
+    them; ``None`` where the agent did not report."""
+
+    update_count: int | None
+    security_count: int | None
+    updates: list[PendingUpdate]
+    updates_reported_at: str | None
+    reboot_required: bool | None
+    reboot_required_since: str | None
+    reboot_reported_at: str | None
+
+
+def host_patch_view(host_id: Any) -> PatchView:
+    """A host's pending updates and whether it needs a reboot."""
+    row = HostPatchStatus.objects.filter(host_id=host_id).first()
+    if row is None:
+        row = HostPatchStatus(host_id=host_id)
+    return {
+        "update_count": row.update_count,
+        "security_count": row.security_count,
+        "updates": row.updates if isinstance(row.updates, list) else [],
+        "updates_reported_at": iso(row.updates_reported_at),
+        "reboot_required": row.reboot_required,
+        "reboot_required_since": iso(row.reboot_required_since),
+        "reboot_reported_at": iso(row.reboot_reported_at),
+    }
+
+
+def patch_counts(scope: HostScope = None) -> dict[str, int]:
+    """Hosts with at least one pending security update, and hosts needing a reboot (of
+    the hosts in ``scope``; None: all)."""
+    counts = within(HostPatchStatus.objects.all(), scope).aggregate(
+        security=Count("host_id", filter=Q(security_count__gt=0)),
+        reboot=Count("host_id", filter=Q(reboot_required=True)),
+    )
+    return {
+        "hosts_with_security_updates": counts["security"],
+        "hosts_needing_reboot": counts["reboot"],
+    }
+
+
+class RebootWaiting(NamedTuple):
+    """A host that needs a reboot, and since when."""
+
+    host_id: Any
+    hostname: str
+    since: datetime
+
+
+def hosts_needing_reboot() -> list[RebootWaiting]:
+    """The hosts whose agent last reported that they need a reboot."""
+    rows = HostPatchStatus.objects.filter(
+        reboot_required=True, reboot_required_since__isnull=False
+    ).values_list("host_id", "host__hostname", "reboot_required_since")
+    return [
+        RebootWaiting(host_id, hostname, since)
+        for host_id, hostname, since in rows
+        if since is not None
+    ]

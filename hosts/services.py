@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts, ResultKind
@@ -34,11 +34,13 @@ from hosts.models import (
     HostGroup,
     HostGroupGrant,
     HostInventory,
+    HostPatchStatus,
     HostStatus,
     MetricSample,
     OperationStatus,
     PackageOperation,
 )
+from hosts.patching import PatchUpdates
 from hosts.tokens import new_token, token_digest
 from sysmanage import metrics
 from sysmanage.audit import Actor, DetailValue, audit
@@ -1107,3 +1109,60 @@ def _save_noted_minutes(rows: list[MinuteRow]) -> None:
 METRIC_MINUTES: WriteBatch[MinuteRow] = WriteBatch(
     _save_noted_minutes, what="minutes of metrics history", delay=BATCH_SECONDS
 )
+
+
+# -- pending updates and reboots ---------------------------------------------------------
+
+
+def host_patch_updates_save(*, host_id: Any, report: PatchUpdates) -> None:
+    """Store a host's pending updates (whichever agent reported them); the fleet's
+    count of hosts with security updates may move."""
+    HostPatchStatus.objects.update_or_create(
+        host_id=host_id,
+        defaults={
+            "update_count": report.count,
+            "security_count": report.security_count,
+            "updates": report.updates,
+            "updates_reported_at": timezone.now(),
+        },
+    )
+    fleet_changed()
+
+
+def host_reboot_save(*, host_id: Any, required: bool) -> None:
+    """Store whether a host needs a reboot; ``reboot_required_since`` keeps the first
+    report of a run of them (the reboot alert measures from it)."""
+    now = timezone.now()
+    with transaction.atomic():
+        status, _ = HostPatchStatus.objects.select_for_update().get_or_create(host_id=host_id)
+        if required and not status.reboot_required:
+            status.reboot_required_since = now
+        elif not required:
+            status.reboot_required_since = None
+        status.reboot_required, status.reboot_reported_at = required, now
+        status.save(
+            update_fields=["reboot_required", "reboot_required_since", "reboot_reported_at"]
+        )
+    fleet_changed()
+
+
+def host_updates_check_request(*, host: Host, actor: Actor | None) -> None:
+    """Ask the host's agent for a fresh check of its updates: sent with its next work
+    (now, if it is connected), rather than at the agent's own next check."""
+    with transaction.atomic():
+        HostPatchStatus.objects.update_or_create(
+            host=host, defaults={"check_requested_at": timezone.now()}
+        )
+        audit("host_updates_check", actor, host_id=str(host.id), hostname=host.hostname)
+        publish_control(AgentDispatch(host_id=str(host.id)))
+
+
+def host_updates_check_take(*, host_id: Any) -> bool:
+    """Whether a check of updates asked for is still to be sent to the host's agent;
+    True marks it sent."""
+    due = HostPatchStatus.objects.filter(host_id=host_id, check_requested_at__isnull=False).filter(
+        Q(check_sent_at__isnull=True) | Q(check_sent_at__lt=F("check_requested_at"))
+    )
+    # Read first: this runs with every look for due commands (a polling agent's too), and
+    # an UPDATE that matches nothing still takes SQLite's write lock.
+    return due.exists() and bool(due.update(check_sent_at=timezone.now()))

@@ -111,6 +111,7 @@ class HostDetailView(DashboardMixin, TemplateView):
             **super().get_context_data(**kwargs),
             "host": host,
             "inventory": selectors.host_inventory_view(host.pk),
+            "patch": selectors.host_patch_view(host.pk),
             "can_run_commands": can_run,
             "can_manage_alerts": can_manage,
             "page_data": host_page_data(

@@ -47,6 +47,10 @@ class FleetStatusUpdated(Event):
     unknown_hosts: int
     hosts_with_alerts: int
     pending_operations: int
+    #: hosts with at least one pending security update
+    hosts_with_security_updates: int
+    #: hosts whose agent last reported that they need a reboot
+    hosts_needing_reboot: int
     last_updated: str
 
 

@@ -522,9 +522,17 @@ SYSMANAGE_AGENT_DELIVERY_SECONDS = env_int("SYSMANAGE_AGENT_DELIVERY_SECONDS", 3
 SYSMANAGE_AGENT_POLL_INTERVAL = env_int("SYSMANAGE_AGENT_POLL_INTERVAL", 5)
 # How often the metric scripts pushed to these agents run (the agent's floor is 60 s).
 SYSMANAGE_AGENT_METRICS_CADENCE = env_int("SYSMANAGE_AGENT_METRICS_CADENCE", 60)
+# Whether these agents are sent ``check_updates`` when they come online, for a fresh
+# report of pending updates rather than their own next hourly check.
+SYSMANAGE_AGENT_CHECK_UPDATES_ON_CONNECT = env_bool(
+    "SYSMANAGE_AGENT_CHECK_UPDATES_ON_CONNECT", True
+)
 
 # How often each server process re-reads alert rules edited in the admin.
 ALERT_RULES_RELOAD_SECONDS = env_int("ALERT_RULES_RELOAD_SECONDS", 30)
+# How often each server process checks how long hosts have needed a reboot (the
+# "reboot_required" alert rules).
+ALERT_REBOOT_CHECK_SECONDS = env_int("ALERT_REBOOT_CHECK_SECONDS", 60)
 
 # --- Internationalization, static files ---------------------------------------
 LANGUAGE_CODE = "en-us"

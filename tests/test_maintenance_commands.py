@@ -86,6 +86,7 @@ def test_fleet_report_table_and_json():
     host_services.host_create(hostname="db-01")
     host_services.host_set_status(host_id=web.id, status="online")
     alert_services.alert_raise(severity="critical", category="disk", title="Disk", host=web)
+    host_services.host_reboot_save(host_id=web.id, required=True)
     table = run("fleet_report")
     lines = table.splitlines()
     assert lines[0].split() == ["HOST", "STATUS", "LAST", "SEEN", "OS", "CRIT", "WARN", "INFO"]
@@ -95,6 +96,7 @@ def test_fleet_report_table_and_json():
     assert web_line.split()[-3:] == ["1", "0", "0"]
     # db-01 was never heard from: unknown, not offline
     assert "2 hosts: 1 online, 0 offline, 1 unknown (never heard from); 1 with open alerts" in table
+    assert "0 with security updates, 1 needing a reboot" in table
     data = json.loads(run("fleet_report", "--json", "--status", "unknown"))
     assert [h["hostname"] for h in data["hosts"]] == ["db-01"]
     assert data["fleet"]["total_hosts"] == 2

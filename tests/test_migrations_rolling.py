@@ -82,6 +82,25 @@ def problems(operations: Iterable[Operation]) -> list[str]:
     return found
 
 
+#: Field attributes the database never sees: changing only these alters no column.
+_PYTHON_ONLY = {"choices", "help_text", "verbose_name", "validators", "blank", "editable"}
+
+
+def _only_python_side(loader: MigrationLoader, key: tuple[str, str], op: Operation) -> bool:
+    """Whether ``op`` is an AlterField that leaves the column as it was (new choices)."""
+    if not isinstance(op, migrations.AlterField):
+        return False
+    state = loader.project_state(key, at_end=False)
+    before = state.models[key[0], op.model_name_lower].fields[op.name]
+
+    def column(field: models.Field[object, object]) -> tuple[object, ...]:
+        _, path, args, kwargs = field.deconstruct()
+        kept = {k: v for k, v in kwargs.items() if k not in _PYTHON_ONLY}
+        return path, tuple(args), tuple(sorted(kept.items()))
+
+    return column(before) == column(op.field)
+
+
 def test_every_new_migration_leaves_the_previous_release_working():
     loader = MigrationLoader(None, ignore_no_migrations=True)
     checked = 0
@@ -90,7 +109,8 @@ def test_every_new_migration_leaves_the_previous_release_working():
         if key[0] not in APPS or key in BEFORE_THE_RULE or key in CONTRACTIONS:
             continue
         checked += 1
-        report += [f"{key[0]}/{key[1]}: {p}" for p in problems(migration.operations)]
+        operations = [op for op in migration.operations if not _only_python_side(loader, key, op)]
+        report += [f"{key[0]}/{key[1]}: {p}" for p in problems(operations)]
     assert checked >= 1  # hosts 0008 at least: the rule is applied to something
     assert not report, "\n".join(report)
 

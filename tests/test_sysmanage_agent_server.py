@@ -807,6 +807,8 @@ async def test_a_proven_agent_comes_online_gets_its_metric_scripts_and_bad_frame
     ack = await comm.receive_json_from(timeout=3)
     assert ack["message_type"] == "ack"
     assert ack["data"]["acked_message_id"] == info["message_id"]
+    check = await comm.receive_json_from(timeout=3)  # a fresh look at pending updates
+    assert check["data"]["command_type"] == "check_updates"
     row = await database_sync_to_async(Host.objects.get)(id=host.id)
     assert (row.status, row.os_name, row.os_version) == ("online", "Debian", "12")
     for frame in ("not json", "[]", json.dumps({"message_type": "heartbeat"})):
@@ -910,7 +912,8 @@ def test_polling_carries_messages_in_and_commands_out(client):
     kinds = [(m["message_type"], m["data"].get("error_type")) for m in reply.json()["messages"]]
     assert sorted(kinds, key=str) == [
         ("ack", None),
-        ("command", None),
+        ("command", None),  # the metric scripts
+        ("command", None),  # check_updates
         ("error", "invalid_message"),
         ("ping", None),
     ], kinds
@@ -1011,11 +1014,12 @@ async def test_messages_naming_the_host_without_its_token_wait_for_proof():
     assert status != HostStatus.ONLINE
     beat = message("heartbeat", {"host_id": str(host.id), "host_token": host_token})
     await comm.send_json_to(beat)
-    replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(4)]
     acked = [r["data"]["acked_message_id"] for r in replies if r["message_type"] == "ack"]
     assert acked == [info["message_id"], beat["message_id"]]  # in the order sent
     assert [r["data"]["command_type"] for r in replies if r["message_type"] == "command"] == [
-        "sync_custom_metrics"
+        "sync_custom_metrics",
+        "check_updates",
     ]
     row = await database_sync_to_async(Host.objects.get)(id=host.id)
     assert (row.status, row.os_name, row.kernel) == ("online", "Debian", "6.1.0-28")
@@ -1156,9 +1160,9 @@ async def test_the_metric_scripts_go_once_when_a_held_hardware_report_came_first
     await comm.send_json_to(
         message("heartbeat", {"host_id": str(host.id), "host_token": host_token})
     )
-    replies = [await comm.receive_json_from(timeout=3) for _ in range(3)]
+    replies = [await comm.receive_json_from(timeout=3) for _ in range(4)]
     assert await comm.receive_nothing(timeout=0.3)
-    syncs = [r for r in replies if r["message_type"] == "command"]
+    syncs = [r for r in replies if r["data"].get("command_type") == "sync_custom_metrics"]
     assert len(syncs) == 1, replies
     ids = {m["id"] for m in syncs[0]["data"]["parameters"]["metrics"]}
     assert protocol.METRIC_PREFIX + "disk:/var" in ids

@@ -93,6 +93,8 @@ class SysManageAgentConsumer(Connection):
     unproven_address: str | None = None
     deadline: asyncio.TimerHandle | None = None
     challenged = False
+    #: whether the check of updates sent when the agent comes online went out
+    checked_updates = False
     skips_oversized = True
 
     @property
@@ -348,10 +350,15 @@ class SysManageAgentConsumer(Connection):
                     ),
                 )
                 return
+        came_online = self.registered and not self.checked_updates
         if self.session.held and not self.challenged:
             # Held for proof: ask for it rather than wait for the next heartbeat.
             self.challenged = True
             replies.append(protocol.ping_message())
+        if came_online and settings.SYSMANAGE_AGENT_CHECK_UPDATES_ON_CONNECT:
+            # a fresh look at pending updates, rather than the agent's next hourly one
+            replies.append(self.session.check_updates_command())
+        self.checked_updates = self.checked_updates or came_online
         self.send_messages(replies)
 
     async def oversized(self, message: Oversized) -> None:

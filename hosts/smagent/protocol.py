@@ -65,7 +65,11 @@ ErrorType = Literal[
 ]
 #: The commands the server sends.
 CommandType = Literal[
-    "execute_shell", "install_packages", "uninstall_packages", "sync_custom_metrics"
+    "execute_shell",
+    "install_packages",
+    "uninstall_packages",
+    "sync_custom_metrics",
+    "check_updates",
 ]
 
 
@@ -147,7 +151,14 @@ class MetricsParameters(TypedDict):
     metrics: list[MetricDefinition]
 
 
-CommandParameters = ShellParameters | PackageParameters | MetricsParameters
+class NoParameters(TypedDict):
+    """The parameters of a command that takes none (``check_updates``)."""
+
+
+CommandParameters = ShellParameters | PackageParameters | MetricsParameters | NoParameters
+
+#: Seconds the agent has for ``check_updates`` (it refreshes its package lists).
+CHECK_UPDATES_TIMEOUT = 600
 
 
 class CommandData(TypedDict):

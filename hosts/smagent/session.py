@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.utils import timezone
 
-from hosts import services
+from hosts import patching, services
 from hosts.agent_protocol import HostFacts
 from hosts.events import AgentTook
 from hosts.metrics import MinuteAverages
@@ -42,6 +42,15 @@ INVENTORY_TYPES = {
     "software_inventory_update": InventoryKind.SOFTWARE,
     "package_updates_update": InventoryKind.UPDATES,
 }
+
+
+def _take_due(host_id: str, resend_all: bool) -> tuple[list[deliveries.Outgoing], bool]:
+    """The queued commands due, and whether a check of updates asked for is due (one
+    trip to the database threads)."""
+    return (
+        deliveries.take_due(host_id, resend_all=resend_all),
+        services.host_updates_check_take(host_id=host_id),
+    )
 
 
 def _load_mounts(host_id: str) -> list[str]:
@@ -356,6 +365,10 @@ class AgentSession:
         elif kind == InventoryKind.HARDWARE:
             facts = protocol.facts_from_hardware(data)
             self.cpu_count = facts.get("cpu_count", self.cpu_count)
+        if kind == InventoryKind.UPDATES:
+            await database_sync_to_async(services.host_patch_updates_save)(
+                host_id=self.host_id, report=patching.updates_from_sysmanage(data)
+            )
         stored = protocol.storable_object(
             {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
         )
@@ -374,8 +387,19 @@ class AgentSession:
                 return [self.metrics_command(mounts)]
         return []
 
+    async def on_reboot_status(self, data: MessageData, message_id: str) -> list[ServerMessage]:
+        """Whether the host needs a reboot: stored (a report without it changes nothing)."""
+        required = patching.reboot_from_sysmanage(data)
+        if required is not None:
+            await database_sync_to_async(services.host_reboot_save)(
+                host_id=self.host_id, required=required
+            )
+        self.seen()
+        return []
+
     HANDLERS: dict[str, Handler] = {
         "system_info": on_system_info,
+        "reboot_status_update": on_reboot_status,
         "heartbeat": on_heartbeat,
         "command_result": on_command_result,
         "custom_metric_samples": on_custom_metric_samples,
@@ -405,12 +429,20 @@ class AgentSession:
         mounts = await database_sync_to_async(_load_mounts)(self.host_id)
         return self.metrics_command(mounts)
 
+    def check_updates_command(self) -> CommandMessage:
+        """``check_updates``: the agent looks for updates now and reports them
+        (``package_updates_update``) instead of at its next hourly check."""
+        return protocol.command_message(
+            str(uuid.uuid4()), "check_updates", {}, protocol.CHECK_UPDATES_TIMEOUT
+        )
+
     async def due_commands(self, *, resend_all: bool = False) -> list[CommandMessage]:
-        """Queued commands to send now; each is confirmed to its requester as taken."""
-        due = await database_sync_to_async(deliveries.take_due)(self.host_id, resend_all=resend_all)
+        """Queued commands to send now (each confirmed to its requester as taken), and a
+        check of updates if one was asked for."""
+        due, check = await database_sync_to_async(_take_due)(self.host_id, resend_all)
         for item in due:
             publish_control_now(AgentTook(ref=item.ref, host_id=self.host_id))
-        return [item.message for item in due]
+        return [item.message for item in due] + ([self.check_updates_command()] if check else [])
 
     def seen(self) -> None:
         """The agent was heard from."""

@@ -292,6 +292,8 @@ async def poll(request: HttpRequest) -> JsonResponse:
             )
             if session.mounts is None:  # not sent with a held hardware report
                 replies.append(await session.initial_metrics_command())
+            if settings.SYSMANAGE_AGENT_CHECK_UPDATES_ON_CONNECT:
+                replies.append(session.check_updates_command())
         else:
             session.seen()
         commands += await _due_commands(session, max_wait)

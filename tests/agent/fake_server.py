@@ -61,6 +61,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "output_bytes": int,
         "message": str,
     },
+    "patch_status": {
+        "updates": (list, type(None)),
+        "update_count": (int, type(None)),
+        "security_count": (int, type(None)),
+        "reboot_required": (bool, type(None)),
+    },
 }
 RESULT_IDS = {"command_result": "execution_id", "package_result": "operation_id"}
 

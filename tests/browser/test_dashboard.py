@@ -561,6 +561,52 @@ def test_server_restart_offline_then_live_again(
     assert browser.text_of(f"{row} [data-cell=status]") == "Open"
 
 
+def test_host_page_shows_updates_and_asks_for_a_fresh_check(
+    admin: Browser, fleet: Fleet, deployment: Deployment
+) -> None:
+    browser = admin
+    host_id = fleet.online_host()
+
+    def reported() -> Any:
+        return support.api(deployment, "GET", f"/api/hosts/{host_id}/updates/")[
+            "updates_reported_at"
+        ]
+
+    # The agent reports on connecting (the reboot flag at least, updates where apt lists
+    # them): wait for that, so that the next report is the one the button asks for.
+    first = support.poll(
+        lambda: support.api(deployment, "GET", f"/api/hosts/{host_id}/updates/")[
+            "reboot_reported_at"
+        ],
+        30,
+        "the agent's first patch status",
+    )
+    browser.open(
+        f"/hosts/{host_id}/", "host_status", "host_metrics", "system_alerts", "package_operations"
+    )
+    assert browser.visible("#patch-heading").text == "Updates and reboot"
+    assert browser.text_of("#patch-reboot") in ("Not needed", "Reboot required")
+    before = reported()
+    browser.find("#check-updates").click()
+    browser.wait_text(
+        "#notices [data-key=check-updates]",
+        lambda t: "The agent was asked to check for updates" in t,
+    )
+    if before is not None:  # an agent without apt reports no updates, only the flag
+        support.poll(lambda: reported() != before, 30, "a fresh report of pending updates")
+    else:
+        support.poll(
+            lambda: (
+                support.api(deployment, "GET", f"/api/hosts/{host_id}/updates/")[
+                    "reboot_reported_at"
+                ]
+                != first
+            ),
+            30,
+            "a fresh report of the reboot flag",
+        )
+
+
 def test_every_page_renders_live_without_console_errors(
     admin: Browser, fleet: Fleet, deployment: Deployment
 ) -> None:

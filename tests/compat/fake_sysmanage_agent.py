@@ -17,7 +17,10 @@ It speaks to a server exactly as the unchanged agent does:
 
 Commands (``execute_shell``, ``install_packages``, ``uninstall_packages``,
 ``sync_custom_metrics``) are handled as the agent handles them: shell commands really
-run, package operations are faked, custom metric scripts really run on request.  The
+run, package operations are faked, custom metric scripts really run on request.
+``check_updates`` is acknowledged, answered and followed by a ``package_updates_update``
+of :attr:`FakeSysManageAgent.available_updates`; it is kept apart (``update_checks``)
+from the other commands, which tests count.  The
 order of acknowledgment and result, and dropping a delivery on purpose, are
 configurable so that tests can reach the server's resend and ordering paths.
 
@@ -141,6 +144,9 @@ class FakeSysManageAgent:
         self._seen_queue_ids: set[str] = set()
         self.poll_outbox: list[dict[str, Any]] = []
         self.poll_intervals: list[Any] = []
+        # pending updates: what a check_updates reports (package_updates_data() if None)
+        self.available_updates: list[dict[str, Any]] | None = None
+        self.update_checks: list[dict[str, Any]] = []  # check_updates commands received
         # custom metrics
         self.custom_metrics: list[dict[str, Any]] = []
         self.host_not_registered_errors = 0
@@ -764,6 +770,9 @@ class FakeSysManageAgent:
         return data
 
     async def _handle_command(self, message: dict[str, Any], via: str) -> None:
+        if self._command_body(message).get("command_type") == "check_updates":
+            await self._check_updates(message, via)
+            return
         self.commands.append(message)
         queue_id, message_id = self.command_ids(message)
         if self._drop_next > 0:
@@ -794,6 +803,41 @@ class FakeSysManageAgent:
         execution.result = data
         if self.ack_order == "result_first":
             await self._emit(ack, via)
+
+    async def _check_updates(self, message: dict[str, Any], via: str) -> None:
+        """Acknowledge and answer ``check_updates``, then report the updates found."""
+        self.update_checks.append(message)
+        queue_id, message_id = self.command_ids(message)
+        await self._emit(
+            {
+                "message_type": "command_acknowledgment",
+                "message_id": queue_id,
+                "timestamp": now_iso(),
+            },
+            via,
+        )
+        result = {
+            "command_id": message_id,
+            "command_type": "check_updates",
+            "success": True,
+            "result": {"message": "Update check completed"},
+            "error": None,
+            "exit_code": 0,
+        }
+        await self._emit(self.envelope("command_result", result), via)
+        await self._emit(self.envelope("package_updates_update", self.updates_report()), via)
+
+    def updates_report(self) -> dict[str, Any]:
+        """The ``package_updates_update`` data of :attr:`available_updates`."""
+        if self.available_updates is None:
+            return self.package_updates_data()
+        updates = list(self.available_updates)
+        return {"available_updates": updates, "total_updates": len(updates)}
+
+    @staticmethod
+    def reboot_status_data(required: bool, reason: str = "Kernel updated") -> dict[str, Any]:
+        """``reboot_status_update``: whether the host needs a reboot, and why."""
+        return {"reboot_required": required, "reboot_required_reason": reason if required else ""}
 
     async def _carry_out(
         self, command_type: str, parameters: dict[str, Any], body: dict[str, Any]

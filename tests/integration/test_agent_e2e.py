@@ -393,8 +393,10 @@ async def test_package_install_and_remove_for_real(deployment, tmp_path):
 
 
 #: Stands in for apt-get on the agent's PATH: reports 40 % on apt's status descriptor,
-#: then takes its time, so that a package operation stays in progress for a while.
-SLOW_APT_GET = """#!/bin/sh
+#: then takes its time, so that a package operation stays in progress for a while.  In
+#: bash: the descriptor may be above 9 (the agent may hold other pipes at that moment,
+#: e.g. while it lists pending updates), which dash cannot redirect to.
+SLOW_APT_GET = """#!/bin/bash
 for arg in "$@"; do
   case "$arg" in APT::Status-Fd=*) fd="${arg#APT::Status-Fd=}" ;; esac
 done

@@ -493,6 +493,8 @@ def check_fleet_figures(d: Deployment, data: dict[str, Any]) -> None:
         "unknown_hosts",
         "hosts_with_alerts",
         "pending_operations",
+        "hosts_with_security_updates",
+        "hosts_needing_reboot",
         "last_updated",
     }
     hosts = d.seed["hosts"]

@@ -101,5 +101,7 @@ class Command(BaseCommand):
             f"{stats['offline_hosts'] - stats['unknown_hosts']} offline, "
             f"{stats['unknown_hosts']} unknown (never heard from); "
             f"{stats['hosts_with_alerts']} with open alerts; "
-            f"{stats['pending_operations']} operations pending"
+            f"{stats['pending_operations']} operations pending; "
+            f"{stats['hosts_with_security_updates']} with security updates, "
+            f"{stats['hosts_needing_reboot']} needing a reboot"
         )

@@ -512,3 +512,33 @@ function operationEntry(op, started) {
   /** @type {HTMLElement} */ (document.getElementById("packages-empty")).hidden = true;
   return parts;
 }
+
+// -- updates and reboot ----------------------------------------------------------------
+
+const checkButton = /** @type {HTMLButtonElement|null} */ (document.getElementById("check-updates"));
+checkButton?.addEventListener("click", () => { void checkUpdates(checkButton); });
+
+/**
+ * Ask the host's agent for a fresh check of its updates (`POST /api/hosts/<id>/check-updates/`);
+ * the page shows the new figures when reloaded after the agent reported.
+ * @param {HTMLButtonElement} button
+ */
+async function checkUpdates(button) {
+  const csrf = /** @type {HTMLInputElement|null} */ (document.querySelector("input[name=csrfmiddlewaretoken]"));
+  button.disabled = true;
+  try {
+    const answer = await fetch(`/api/hosts/${data.hostId}/check-updates/`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { Accept: "application/json", "X-CSRFToken": csrf ? csrf.value : "" },
+    });
+    if (!answer.ok) throw new Error(`The server answered ${answer.status} ${answer.statusText}.`);
+    showNotice("The agent was asked to check for updates. Reload the page in a minute to see what it found.",
+      { kind: "info", key: "check-updates", action: { text: "Reload", run: () => location.reload() } });
+  } catch (error) {
+    showNotice(`Could not ask for a check: ${error instanceof Error ? error.message : String(error)}`,
+      { kind: "warn", key: "check-updates" });
+  } finally {
+    button.disabled = false;
+  }
+}

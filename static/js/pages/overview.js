@@ -9,7 +9,10 @@ import { getJSON, onRebuild, pageData, showNotice, startLive } from "./live.js";
 /** @typedef {import("../sysmanage-client.js").JsonObject} JsonObject */
 
 const SEVERITIES = ["critical", "warning", "info"];
-const FIGURES = ["total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts", "pending_operations"];
+const FIGURES = [
+  "total_hosts", "online_hosts", "offline_hosts", "hosts_with_alerts", "pending_operations",
+  "hosts_with_security_updates", "hosts_needing_reboot",
+];
 
 const data = pageData();
 const client = startLive();
