@@ -31,6 +31,7 @@ from hosts.models import (
     PackageOperationKind,
 )
 from sysmanage import permissions
+from sysmanage.audit import Actor
 from sysmanage.commands import CommandContext
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
@@ -197,17 +198,17 @@ async def _sent_after_all(host: Host, kind: WorkKind, ref: str) -> bool:
     return bool(await database_sync_to_async(settle)(kind, ref, why))
 
 
-async def _hand_over(
-    message: ClientMessage, host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
-) -> None:
-    """Make sure the host's agent got the recorded work ``ref``, or record it as failed
-    and raise ``COMMAND_FAILED``.  ``taken`` waits for the agent's confirmation; it was
-    started before the work was recorded, so that no confirmation is missed."""
+async def _undelivered(
+    host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
+) -> str | None:
+    """Make sure the host's agent got the recorded work ``ref``: None if it did, else
+    why not, the work recorded as failed.  ``taken`` waits for the agent's confirmation;
+    it was started before the work was recorded, so that no confirmation is missed."""
     why = _offline_reason(host)
     if why is None and not await taken and not await _sent_after_all(host, kind, ref):
         why = f"Host not reachable: its agent did not take the {kind}"
     if why is None:
-        return
+        return None
     taken.cancel()
     if kind == "command":
         await _fail_command(ref, host, why)
@@ -215,7 +216,58 @@ async def _hand_over(
         await database_sync_to_async(services.package_operation_record_result)(
             operation_id=ref, host_id=host.id, status=OperationStatus.FAILED, message=why, output=""
         )
-    raise _command_failed(message, why, str(host.id), ref)
+    return why
+
+
+async def _hand_over(
+    message: ClientMessage, host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
+) -> None:
+    """:func:`_undelivered`, raising ``COMMAND_FAILED`` if the work was not delivered."""
+    why = await _undelivered(host, kind, ref, taken)
+    if why is not None:
+        raise _command_failed(message, why, str(host.id), ref)
+
+
+class NotDelivered(Exception):
+    """The host's agent never got command ``execution_id`` (recorded as failed)."""
+
+    def __init__(self, why: str, execution_id: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.execution_id = execution_id
+
+
+async def command_run_and_wait(
+    *,
+    host: Host,
+    command: str,
+    time_limit: int,
+    user: Any,
+    actor: Actor | None,
+    request_id: str = "",
+) -> dict[str, Any]:
+    """Run ``command`` on ``host`` (its timeout ``time_limit`` seconds) and wait for its
+    end: the command's event data as it ended (timed out if the agent never answers).
+    Raises :class:`NotDelivered` if the host's agent never got it.  Permission is the
+    caller's to check."""
+    await Node.for_running_loop()  # this process hears the control messages awaited
+    execution_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", execution_id))
+    execution = await database_sync_to_async(services.command_create)(
+        host=host,
+        command=command,
+        timeout=time_limit,
+        user=user,
+        request_id=request_id,
+        execution_id=execution_id,
+        actor=actor,
+    )
+    why = await _undelivered(host, "command", execution_id, taken)
+    if why is not None:
+        finished.cancel()
+        raise NotDelivered(why, execution_id)
+    return await _wait_for_result(finished, execution, host)
 
 
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
@@ -227,25 +279,17 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     request = parse_command(message)
     await _require_permission(context, message)
     host = await _reachable_host(message, request.host_id)
-    await Node.for_running_loop()  # this process hears the control messages awaited
-    execution_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
-    finished = wait_for(Awaited("finished", execution_id))
-    execution = await database_sync_to_async(services.command_create)(
-        host=host,
-        command=request.command,
-        timeout=request.timeout,
-        user=context.user,
-        request_id=str(message.id or ""),
-        execution_id=execution_id,
-        actor=context.actor,
-    )
     try:
-        await _hand_over(message, host, "command", execution_id, taken)
-    except ProtocolError:
-        finished.cancel()
-        raise
-    data = await _wait_for_result(finished, execution, host)
+        data = await command_run_and_wait(
+            host=host,
+            command=request.command,
+            time_limit=request.timeout,
+            user=context.user,
+            actor=context.actor,
+            request_id=str(message.id or ""),
+        )
+    except NotDelivered as exc:
+        raise _command_failed(message, exc.why, str(host.id), exc.execution_id) from None
     context.reply(
         envelope(MessageType.RESPONSE, "command_execution", _response_data(data), id_=message.id)
     )
