@@ -15,7 +15,7 @@ class HostsConfig(AppConfig):
         # app configs (not to break an import cycle).
         from django.conf import settings
 
-        from hosts import commands, maintenance, selectors
+        from hosts import commands, fleetrunner, maintenance, selectors
         from hosts.events import AgentTook, CommandFinished
         from sysmanage import commands as command_registry
         from sysmanage import control, metrics, topics
@@ -28,7 +28,8 @@ class HostsConfig(AppConfig):
         topics.register_snapshot("command_execution", selectors.command_snapshot)
         topics.register_snapshot("package_operations", selectors.operation_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)
-        command_registry.register("command_execution", commands.handle_command)
+        topics.register_filter_check("run_id", selectors.fleet_run_id_problem)
+        command_registry.register("command_execution", fleetrunner.handle_command)
         command_registry.register("package_operations", commands.handle_package_operation)
         control.register(AgentTook, commands.on_agent_took)
         control.register(CommandFinished, commands.on_command_finished)

@@ -216,11 +216,20 @@ class CommandExecutionTopic(Topic):
     """
 
     name = "command_execution"
-    filter_fields = {"host_id": (False, "uuid")}
+    filter_fields = {"host_id": (False, "uuid"), "run_id": (False, "uuid")}
     sends_initial_state = True
     per_viewer = True
+    extra_match = True
     #: the fields only those who may see a command's output get
     PRIVATE_FIELDS = ("command", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "error")
+
+    def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
+        """Match on host (if filtered) and on fleet run (``run_id``, if filtered: only
+        that run's ``fleet_run.progress`` events)."""
+        run_id = filters.get("run_id")
+        if run_id is not None and data.get("run_id") != run_id:
+            return False
+        return super().matches(filters, data)
 
     def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
         """True for viewers who see the text and output of this command."""

@@ -1,0 +1,344 @@
+"""
+The fleet runner: drives a recorded :class:`~hosts.models.FleetRun` to its end.
+
+A run is a task on the event loop of the server process that accepted it (a WebSocket
+``command`` with ``targets`` or ``POST /api/fleet-runs/``), not of the request: the
+requester may go away and the run goes on.  Hosts run in batches of ``batch_size``, in
+the order of the run's rows; each goes through the same path as one command on one host
+(:func:`hosts.commands.command_run_and_wait`), and the next batch starts when the whole
+batch has ended.  A host offline when its turn comes is skipped, with the reason.  Once
+as many hosts failed as the failure limit allows, no further host starts: the rest are
+skipped ("failure limit reached") and the run ends ``stopped``.
+
+While it runs, the task notes every ``FLEET_RUN_HEARTBEAT_SECONDS`` that it is alive.
+If its process dies, the run's heartbeat stops, and the maintenance sweep of any
+process (which also runs when a process starts) marks it ``interrupted`` after
+``FLEET_RUN_STALE_SECONDS``, its unfinished hosts skipped: a run is never left running.
+
+Progress goes out as ``fleet_run.progress`` events on ``command_execution``: the counts
+and the hosts that ended since the previous one, at most one every
+``FLEET_RUN_PROGRESS_INTERVAL`` seconds per run, whatever the number of hosts or
+subscribers, and a last one (``final``) when the run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from django.conf import settings
+
+from hosts import commands, fleetruns
+from hosts.events import FleetRunProgress
+from hosts.models import (
+    ExecutionStatus,
+    FleetRun,
+    FleetRunHost,
+    FleetRunHostStatus,
+    FleetRunState,
+    Host,
+    HostStatus,
+)
+from sysmanage import dbgate
+from sysmanage.audit import Actor
+from sysmanage.commands import CommandContext
+from sysmanage.dbthreads import database_sync_to_async
+from sysmanage.events import publish_now
+from sysmanage.node import Node
+from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FAILURE_LIMIT_REACHED = "failure limit reached"
+#: The runs this process drives, by id (a task is kept here so that it is not collected).
+RUNNING: dict[str, asyncio.Task[None]] = {}
+
+
+async def run_batches(
+    items: Sequence[T],
+    *,
+    batch_size: int,
+    threshold: int | None,
+    run_one: Callable[[T], Awaitable[str]],
+) -> bool:
+    """Run ``run_one`` on ``items``, ``batch_size`` at a time, each batch after the
+    previous one ended; stop starting items once ``threshold`` of them returned
+    ``failed``.  Returns whether it stopped early (items were left unstarted)."""
+    failed = 0
+    for start in range(0, len(items), batch_size):
+        if threshold is not None and failed >= threshold:
+            return True
+        outcomes = await asyncio.gather(*(run_one(i) for i in items[start : start + batch_size]))
+        failed += sum(1 for outcome in outcomes if outcome == FleetRunHostStatus.FAILED)
+    return False
+
+
+def outcome_of(data: dict[str, Any]) -> str:
+    """A host's outcome from its command's end: succeeded only if it completed with 0."""
+    if data.get("status") == ExecutionStatus.COMPLETED and data.get("exit_code") == 0:
+        return FleetRunHostStatus.SUCCEEDED
+    return FleetRunHostStatus.FAILED
+
+
+def _host_reason(data: dict[str, Any]) -> str:
+    if data.get("status") == ExecutionStatus.COMPLETED:
+        return "" if data.get("exit_code") == 0 else f"exit code {data.get('exit_code')}"
+    return str(data.get("error") or data.get("status") or "")
+
+
+@dataclass
+class _Row:
+    """A host of the run as the runner needs it."""
+
+    id: int
+    host_id: str | None
+    hostname: str
+
+
+class FleetRunner:
+    """Drives one run and publishes its progress."""
+
+    def __init__(self, run: FleetRun, user: Any, actor: Actor | None) -> None:
+        self.run_id = str(run.id)
+        self.command = run.command
+        self.timeout = run.timeout
+        self.batch_size = run.batch_size
+        self.threshold = fleetruns.failure_threshold(
+            run.total, run.failure_limit, run.failure_percent
+        )
+        self.total = run.total
+        self.user, self.actor = user, actor
+        self.requested_by = getattr(user, "username", None)
+        self.requested_by_id = str(user.pk) if getattr(user, "pk", None) else None
+        self.counts = dict.fromkeys(("running", "succeeded", "failed", "skipped"), 0)
+        self.state: str = FleetRunState.RUNNING
+        self.reason = ""
+        self._results: list[dict[str, Any]] = []
+        self._published_at = 0.0
+        self._flush: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        """Run every batch, then record and publish how the run ended."""
+        beat = asyncio.ensure_future(self._heartbeat())
+        try:
+            rows = await database_sync_to_async(_rows)(self.run_id)
+            stopped = await run_batches(
+                rows, batch_size=self.batch_size, threshold=self.threshold, run_one=self._run_one
+            )
+            await self._end(stopped)
+        finally:
+            beat.cancel()
+
+    async def _end(self, stopped: bool) -> None:
+        if stopped:
+            self.reason = f"Stopped: {FAILURE_LIMIT_REACHED} ({self.counts['failed']} failed)"
+            skipped = await database_sync_to_async(fleetruns.fleet_run_skip_rest)(
+                run_id=self.run_id, reason=FAILURE_LIMIT_REACHED
+            )
+            self.counts["skipped"] += skipped
+            self.state = FleetRunState.STOPPED
+        elif self.counts["succeeded"] == self.total:
+            self.state = FleetRunState.SUCCEEDED
+        else:
+            self.state = FleetRunState.FAILED
+            self.reason = f"{self.counts['failed']} failed, {self.counts['skipped']} skipped"
+        await database_sync_to_async(fleetruns.fleet_run_finish)(
+            run_id=self.run_id, state=self.state, reason=self.reason
+        )
+        self.publish(final=True)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(settings.FLEET_RUN_HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):
+                await database_sync_to_async(fleetruns.fleet_run_heartbeat)(run_id=self.run_id)
+
+    async def _run_one(self, row: _Row) -> str:
+        """Run the command on one host of the run; its outcome."""
+        host = await database_sync_to_async(_host)(row.host_id)
+        if host is None or host.status != HostStatus.ONLINE:
+            why = "host deleted" if host is None else f"host {host.status}"
+            return await self._ended(row, FleetRunHostStatus.SKIPPED, why)
+        await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
+        self._change("running", 1)
+        try:
+            data = await commands.command_run_and_wait(
+                host=host,
+                command=self.command,
+                time_limit=self.timeout,
+                user=self.user,
+                actor=self.actor,
+                request_id=f"fleet-run:{self.run_id}",
+            )
+        except commands.NotDelivered as exc:
+            return await self._ended(
+                row, FleetRunHostStatus.FAILED, exc.why, execution_id=exc.execution_id
+            )
+        finally:
+            self._change("running", -1)
+        return await self._ended(
+            row,
+            outcome_of(data),
+            _host_reason(data),
+            execution_id=data.get("execution_id"),
+            exit_code=data.get("exit_code"),
+        )
+
+    async def _ended(
+        self,
+        row: _Row,
+        status: str,
+        reason: str,
+        *,
+        execution_id: str | None = None,
+        exit_code: int | None = None,
+    ) -> str:
+        await database_sync_to_async(fleetruns.fleet_run_host_ended)(
+            row_id=row.id,
+            status=status,
+            reason=reason,
+            execution_id=execution_id,
+            exit_code=exit_code,
+        )
+        self._results.append(
+            {
+                "host_id": row.host_id,
+                "hostname": row.hostname,
+                "status": status,
+                "exit_code": exit_code,
+                "execution_id": execution_id,
+                "reason": reason,
+            }
+        )
+        self._change(status, 1)
+        return status
+
+    def _change(self, key: str, by: int) -> None:
+        """Count a change and publish it soon: at once if the last progress is older than
+        the interval, else when it is (changes meanwhile go out together)."""
+        self.counts[key] += by
+        if self._flush is not None:
+            return
+        wait = self._published_at + settings.FLEET_RUN_PROGRESS_INTERVAL - time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._flush = loop.call_later(max(0.0, wait), self.publish)
+
+    def publish(self, final: bool = False) -> None:
+        """Publish the progress now (the counts, and the results since the last one)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._published_at = time.monotonic()
+        results, self._results = self._results, []
+        done = sum(self.counts[k] for k in ("running", "succeeded", "failed", "skipped"))
+        publish_now(
+            FleetRunProgress(
+                run_id=self.run_id,
+                state=self.state,
+                command=self.command,
+                total=self.total,
+                counts={"queued": max(0, self.total - done), **self.counts},
+                results=results,
+                reason=self.reason,
+                requested_by=self.requested_by,
+                requested_by_id=self.requested_by_id,
+                final=final,
+            )
+        )
+
+
+def _rows(run_id: str) -> list[_Row]:
+    return [
+        _Row(row.id, str(row.host_id) if row.host_id else None, row.hostname)
+        for row in FleetRunHost.objects.filter(run__id=run_id).order_by("position")
+    ]
+
+
+def _host(host_id: str | None) -> Host | None:
+    return Host.objects.filter(id=host_id).first() if host_id else None
+
+
+async def _drive(runner: FleetRunner) -> None:
+    """Run ``runner``; a failure ends the run as failed rather than leaving it running."""
+    try:
+        await runner.run()
+    except asyncio.CancelledError:
+        # The process is stopping: say so now rather than after the stale delay.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_interrupted(runner.run_id))
+        raise
+    except Exception:
+        dbgate.log_exception(logger, "fleet run %s failed", runner.run_id)
+        with contextlib.suppress(Exception):
+            await database_sync_to_async(fleetruns.fleet_run_finish)(
+                run_id=runner.run_id, state=FleetRunState.FAILED, reason="Internal server error"
+            )
+        runner.state = FleetRunState.FAILED
+        runner.publish(final=True)
+    finally:
+        RUNNING.pop(runner.run_id, None)
+
+
+async def _interrupted(run_id: str) -> None:
+    why = "The server process running it stopped"
+    await database_sync_to_async(fleetruns.fleet_run_skip_rest)(run_id=run_id, reason=why)
+    await database_sync_to_async(fleetruns.fleet_run_finish)(
+        run_id=run_id, state=FleetRunState.INTERRUPTED, reason=why
+    )
+
+
+async def fleet_run_start(run: FleetRun, *, user: Any, actor: Actor | None) -> None:
+    """Start driving the recorded ``run`` on this process's loop, apart from the caller."""
+    node = await Node.for_running_loop()
+    runner = FleetRunner(run, user, actor)
+    RUNNING[runner.run_id] = node.spawn(_drive(runner))
+
+
+# -- the WebSocket extension of ``command`` on ``command_execution`` ----------------
+
+
+async def handle_command(context: CommandContext, message: ClientMessage) -> None:
+    """``command`` on ``command_execution``: with ``targets``, a fleet run; else the
+    command on one host (:func:`hosts.commands.handle_command`)."""
+    if "targets" not in message.data:
+        await commands.handle_command(context, message)
+        return
+    try:
+        spec = fleetruns.parse_fleet_run(message.data)
+    except ValueError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_COMMAND, str(exc), channel="command_execution", id_=message.id
+        ) from None
+    run = await _create(context, message, spec)
+    await fleet_run_start(run, user=context.user, actor=context.actor)
+    data = await database_sync_to_async(fleetruns.fleet_run_data)(run)
+    context.reply(envelope(MessageType.RESPONSE, "command_execution", data, id_=message.id))
+
+
+async def _create(
+    context: CommandContext, message: ClientMessage, spec: fleetruns.FleetRunSpec
+) -> FleetRun:
+    """Record the run, or raise the protocol error that says why not."""
+    try:
+        return await database_sync_to_async(fleetruns.fleet_run_create)(
+            spec=spec, user=context.user, actor=context.actor
+        )
+    except fleetruns.FleetRunRefused as exc:
+        raise ProtocolError(
+            ErrorCode.PERMISSION_DENIED,
+            str(exc),
+            channel="command_execution",
+            id_=message.id,
+            refused=exc.refused,
+            total=exc.total,
+        ) from None
+    except ValueError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_COMMAND, str(exc), channel="command_execution", id_=message.id
+        ) from None

@@ -1,0 +1,352 @@
+"""
+Fleet runs: one shell command on many hosts (the hosts of groups, a list of hosts, or
+both), in batches, stopped when too many fail; the requests, records and reads of them.
+
+The run itself is driven by :mod:`hosts.fleetrunner`; this module validates what was
+asked (:func:`parse_fleet_run`), checks that the user may run commands on every targeted
+host, records the run with one row per host (:func:`fleet_run_create`), records how each
+host went, and marks runs whose process stopped as interrupted
+(:func:`fleet_runs_interrupt_stale`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from hosts.models import (
+    FleetRun,
+    FleetRunHost,
+    FleetRunHostStatus,
+    FleetRunState,
+    Host,
+    HostGroup,
+)
+from sysmanage import permissions
+from sysmanage.audit import Actor, audit
+from sysmanage.protocol import iso
+from sysmanage.topics import parse_uuid
+
+MAX_COMMAND_LENGTH = 4096
+MAX_TIMEOUT = 3600
+#: The most hosts one run may target, and the largest batch.
+MAX_HOSTS = 10000
+MAX_BATCH = 500
+#: Offline hosts: ``skip`` them at their turn (the only policy for now).
+OFFLINE_POLICIES = ("skip",)
+FINAL_HOST_STATUSES = (
+    FleetRunHostStatus.SUCCEEDED,
+    FleetRunHostStatus.FAILED,
+    FleetRunHostStatus.SKIPPED,
+)
+
+
+class FleetRunRefused(Exception):
+    """The user may not run commands on some targeted hosts (``refused`` of them)."""
+
+    def __init__(self, refused: int, total: int) -> None:
+        super().__init__(
+            f"You do not have permission to run commands on {refused} of the {total} targeted hosts"
+        )
+        self.refused = refused
+        self.total = total
+
+
+@dataclass(frozen=True)
+class FleetRunSpec:
+    """A validated fleet run request."""
+
+    command: str
+    groups: tuple[str, ...] = ()
+    host_ids: tuple[str, ...] = ()
+    timeout: int = 30
+    batch_size: int = 5
+    #: stop once this many hosts failed (or this percent of them, with ``percent``)
+    failure_limit: int | None = None
+    percent: bool = False
+    offline: str = "skip"
+    target: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(data: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"'{key}' must be a number from {low} to {high}")
+    return int(value)
+
+
+def _failure_limit(value: Any) -> tuple[int | None, bool]:
+    """``failure_limit``: a count of hosts (at least 1) or a percent string (``"20%"``)."""
+    if value is None:
+        return None, False
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            percent = float(value[:-1])
+        except ValueError:
+            percent = -1
+        if not 0 < percent <= 100 or percent != int(percent):
+            raise ValueError("'failure_limit' as a percent must be from '1%' to '100%'")
+        return int(percent), True
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("'failure_limit' must be a number of hosts (1 or more) or a percent")
+    return value, False
+
+
+def _targets(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    targets = data.get("targets")
+    if not isinstance(targets, dict) or set(targets) - {"groups", "host_ids"}:
+        raise ValueError("'targets' must be an object with 'groups' and/or 'host_ids'")
+    groups, host_ids = targets.get("groups", []), targets.get("host_ids", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g.strip() for g in groups):
+        raise ValueError("'targets.groups' must be a list of group names")
+    if not isinstance(host_ids, list) or len(host_ids) > MAX_HOSTS:
+        raise ValueError(f"'targets.host_ids' must be a list of at most {MAX_HOSTS} host ids")
+    try:
+        ids = tuple(dict.fromkeys(parse_uuid(h) for h in host_ids))
+    except ValueError as exc:
+        raise ValueError(f"'targets.host_ids': {exc}") from None
+    if not groups and not ids:
+        raise ValueError("'targets' names no group and no host")
+    return tuple(dict.fromkeys(g.strip() for g in groups)), ids
+
+
+def parse_fleet_run(data: Mapping[str, Any]) -> FleetRunSpec:
+    """Validate a fleet run request (the ``data`` of the ``command`` message, or the
+    REST body); ValueError says what is wrong."""
+    groups, host_ids = _targets(data)
+    command = data.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise ValueError("'command' must be a non-empty string")
+    if len(command) > MAX_COMMAND_LENGTH or "\x00" in command:
+        raise ValueError(f"'command' must be at most {MAX_COMMAND_LENGTH} characters, no NUL")
+    limit, percent = _failure_limit(data.get("failure_limit"))
+    offline = data.get("offline", "skip")
+    if offline not in OFFLINE_POLICIES:
+        raise ValueError("'offline' must be one of " + ", ".join(OFFLINE_POLICIES))
+    return FleetRunSpec(
+        command=command,
+        groups=groups,
+        host_ids=host_ids,
+        timeout=_number(data, "timeout", 30, 1, MAX_TIMEOUT),
+        batch_size=_number(data, "batch_size", 5, 1, MAX_BATCH),
+        failure_limit=limit,
+        percent=percent,
+        offline=offline,
+        target={"groups": list(groups), "host_ids": list(host_ids)},
+    )
+
+
+def fleet_run_hosts(spec: FleetRunSpec) -> list[Host]:
+    """The hosts ``spec`` targets, by hostname; ValueError if a group or host is unknown."""
+    query = Q(id__in=spec.host_ids)
+    for name in spec.groups:
+        group = HostGroup.objects.filter(name__iexact=name).first()
+        if group is None:
+            raise ValueError(f"No host group named {name}")
+        query |= Q(groups=group)
+    hosts = list(Host.objects.filter(query).distinct().order_by("hostname"))
+    missing = set(spec.host_ids) - {str(host.id) for host in hosts}
+    if missing:
+        raise ValueError(f"{len(missing)} of 'targets.host_ids' name no host")
+    if not hosts:
+        raise ValueError("The targets hold no host")
+    if len(hosts) > MAX_HOSTS:
+        raise ValueError(f"A fleet run targets at most {MAX_HOSTS} hosts")
+    return hosts
+
+
+def failure_threshold(total: int, limit: int | None, percent: bool) -> int | None:
+    """How many failed hosts stop a run of ``total`` hosts (None: no limit)."""
+    if limit is None:
+        return None
+    return max(1, math.ceil(total * limit / 100)) if percent else limit
+
+
+def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = None) -> FleetRun:
+    """Record a fleet run (running, every host queued) that ``user`` asked for.
+
+    Refuses with :class:`FleetRunRefused` if ``user`` may not run commands on every
+    targeted host (as the database has the user's rights now); ValueError if a target
+    is unknown.
+    """
+    hosts = fleet_run_hosts(spec)
+    allowed = permissions.hosts_allowed(
+        permissions.fresh(user), "run_command", (h.id for h in hosts)
+    )
+    refused = sum(1 for host in hosts if str(host.id) not in allowed)
+    if refused:
+        raise FleetRunRefused(refused, len(hosts))
+    with transaction.atomic():
+        run = FleetRun.objects.create(
+            command=spec.command,
+            target=spec.target,
+            timeout=spec.timeout,
+            batch_size=spec.batch_size,
+            failure_limit=spec.failure_limit,
+            failure_percent=spec.percent,
+            offline=spec.offline,
+            total=len(hosts),
+            requested_by=user if getattr(user, "pk", None) else None,
+            heartbeat_at=timezone.now(),
+        )
+        FleetRunHost.objects.bulk_create(
+            FleetRunHost(run=run, host=host, hostname=host.hostname, position=index)
+            for index, host in enumerate(hosts)
+        )
+        audit(
+            "fleet_run_started",
+            actor,
+            run_id=str(run.id),
+            command=spec.command,
+            hosts=len(hosts),
+            target=_target_text(spec.target),
+        )
+    return run
+
+
+def _target_text(target: Mapping[str, Any]) -> str:
+    parts = []
+    if target.get("groups"):
+        parts.append("groups " + ", ".join(target["groups"]))
+    if target.get("host_ids"):
+        parts.append(f"{len(target['host_ids'])} host(s) by id")
+    return "; ".join(parts)
+
+
+def fleet_run_host_started(*, row_id: int) -> None:
+    """Note that a host of a run started."""
+    FleetRunHost.objects.filter(id=row_id).update(
+        status=FleetRunHostStatus.RUNNING, started_at=timezone.now()
+    )
+
+
+def fleet_run_host_ended(
+    *,
+    row_id: int,
+    status: str,
+    reason: str = "",
+    execution_id: Any = None,
+    exit_code: int | None = None,
+) -> None:
+    """Record how a host of a run ended, and add it to the run's counts."""
+    if status not in FINAL_HOST_STATUSES:
+        raise ValueError(f"{status!r} is not a final status")
+    with transaction.atomic():
+        row = FleetRunHost.objects.select_for_update().get(id=row_id)
+        row.status, row.reason = status, reason[:2000]
+        row.execution_id, row.exit_code = execution_id, exit_code
+        row.finished_at = timezone.now()
+        row.save()
+        run = FleetRun.objects.select_for_update().get(id=row.run_id)
+        setattr(run, status, getattr(run, status) + 1)
+        run.heartbeat_at = timezone.now()
+        run.save(update_fields=[status, "heartbeat_at"])
+
+
+def fleet_run_skip_rest(*, run_id: Any, reason: str) -> int:
+    """Skip, with ``reason``, every host of a run not yet ended; how many."""
+    with transaction.atomic():
+        run = FleetRun.objects.select_for_update().get(id=run_id)
+        rest = FleetRunHost.objects.filter(run=run).exclude(status__in=FINAL_HOST_STATUSES)
+        count = rest.update(
+            status=FleetRunHostStatus.SKIPPED, reason=reason, finished_at=timezone.now()
+        )
+        run.skipped += count
+        run.save(update_fields=["skipped"])
+    return count
+
+
+def fleet_run_finish(*, run_id: Any, state: str, reason: str = "") -> FleetRun:
+    """Record the end of a run (its state and why), if it is still running."""
+    with transaction.atomic():
+        run = FleetRun.objects.select_for_update().get(id=run_id)
+        if run.state == FleetRunState.RUNNING:
+            run.state, run.reason = state, reason
+            run.finished_at = timezone.now()
+            run.save(update_fields=["state", "reason", "finished_at"])
+    return run
+
+
+def fleet_run_heartbeat(*, run_id: Any) -> None:
+    """Note that the process running the run is alive."""
+    FleetRun.objects.filter(id=run_id, state=FleetRunState.RUNNING).update(
+        heartbeat_at=timezone.now()
+    )
+
+
+def fleet_runs_interrupt_stale(*, silent_for: float) -> list[str]:
+    """Mark as interrupted the runs still running whose process has not said it is
+    alive for ``silent_for`` seconds (it stopped or died); their hosts not yet ended
+    are skipped.  Returns their ids."""
+    cutoff = timezone.now() - timedelta(seconds=silent_for)
+    stale = FleetRun.objects.filter(state=FleetRunState.RUNNING, heartbeat_at__lt=cutoff)
+    ended = []
+    for run_id in stale.values_list("id", flat=True):
+        why = "The server process running it stopped"
+        fleet_run_skip_rest(run_id=run_id, reason=why)
+        fleet_run_finish(run_id=run_id, state=FleetRunState.INTERRUPTED, reason=why)
+        ended.append(str(run_id))
+    return ended
+
+
+# -- reads --------------------------------------------------------------------------
+
+
+def fleet_run_counts(run: FleetRun) -> dict[str, int]:
+    """The run's hosts by where they are: ``queued``, ``running`` and the three ends."""
+    rows = FleetRunHost.objects.filter(run=run, status__in=("queued", "running"))
+    running = rows.filter(status=FleetRunHostStatus.RUNNING).count()
+    queued = rows.count() - running
+    return {
+        "queued": queued,
+        "running": running,
+        "succeeded": run.succeeded,
+        "failed": run.failed,
+        "skipped": run.skipped,
+    }
+
+
+def fleet_run_host_data(row: FleetRunHost) -> dict[str, Any]:
+    """One host of a run, as the API shows it."""
+    return {
+        "host_id": str(row.host_id) if row.host_id else None,
+        "hostname": row.hostname,
+        "status": row.status,
+        "reason": row.reason,
+        "execution_id": str(row.execution_id) if row.execution_id else None,
+        "exit_code": row.exit_code,
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
+    }
+
+
+def fleet_run_data(run: FleetRun, *, with_hosts: bool = False) -> dict[str, Any]:
+    """A run as the API shows it (with each host's outcome if ``with_hosts``)."""
+    limit = run.failure_limit
+    data: dict[str, Any] = {
+        "run_id": str(run.id),
+        "kind": run.kind,
+        "target": run.target,
+        "command": run.command,
+        "timeout": run.timeout,
+        "batch_size": run.batch_size,
+        "failure_limit": None if limit is None else (f"{limit}%" if run.failure_percent else limit),
+        "offline": run.offline,
+        "state": run.state,
+        "reason": run.reason,
+        "total": run.total,
+        "counts": fleet_run_counts(run),
+        "requested_by": run.requested_by.username if run.requested_by else None,
+        "created_at": iso(run.created_at),
+        "finished_at": iso(run.finished_at),
+    }
+    if with_hosts:
+        data["hosts"] = [fleet_run_host_data(row) for row in run.hosts.all()]
+    return data
