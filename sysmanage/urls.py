@@ -27,6 +27,7 @@ from hosts.api import (
     HostViewSet,
     PackageOperationViewSet,
 )
+from hosts.fleetapi import FleetRunViewSet
 from hosts.views import HostDetailView, HostListView
 from sysmanage import dbgate, drain, plugins
 from sysmanage.dbthreads import in_database_threads
@@ -42,6 +43,7 @@ router.register("alerts", AlertViewSet, basename="alert")
 router.register("activity", UserActivityViewSet, basename="activity")
 router.register("commands", CommandExecutionViewSet, basename="command")
 router.register("package-operations", PackageOperationViewSet, basename="package-operation")
+router.register("fleet-runs", FleetRunViewSet, basename="fleet-run")
 for prefix, viewset, basename in plugins.api_routes():
     router.register(prefix, viewset, basename=basename)
 

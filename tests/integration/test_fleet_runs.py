@@ -1,0 +1,235 @@
+"""
+Fleet runs end to end: a command on a host group of twenty simulated agents (speaking
+the agent protocol, each in this process) and one host that never connects, through a
+real server, in batches of five, stopped by its failure limit; its progress followed
+over the WebSocket API with the ``run_id`` filter; refused for a user without the right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.integration import harness
+from tests.integration.client import api, ws_connect
+from tests.integration.test_agent_e2e import AGENT_SETTINGS
+
+pytestmark = pytest.mark.integration
+
+AGENTS = 20
+#: sorted before ``fr-00``: in the first batch, and never connected
+OFFLINE = "fr-0-offline"
+#: how long each simulated agent takes to run a command
+RUN_SECONDS = 0.3
+
+ENROLL = """
+import json
+from hosts import services
+group = services.host_group_create(name="fleet")
+out = {}
+for name in [%s]:
+    host, token = services.host_register(hostname=name, groups=[group])
+    out[name] = [str(host.id), token]
+print("ENROLLED " + json.dumps(out))
+"""
+
+
+@dataclass
+class Ledger:
+    """What the simulated agents did: each command's start and end, and how many ran
+    at once at most."""
+
+    running: int = 0
+    most: int = 0
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+async def agent(url: str, name: str, token: str, ledger: Ledger, stop: asyncio.Event) -> None:
+    """One simulated agent: hello, heartbeats, and commands answered after
+    ``RUN_SECONDS``; a command fails (exit code 1) on the hosts whose names it holds."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with websockets.connect(url, additional_headers=headers, proxy=None) as ws:
+        await ws.send(json.dumps({"type": "hello", "data": {"hostname": name, "cpu_count": 1}}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+
+        async def beat() -> None:
+            while not stop.is_set():
+                await ws.send(json.dumps({"type": "heartbeat", "data": {}}))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1)
+
+        beating = asyncio.ensure_future(beat())
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("type") == "run_command":
+                    await run(ws, name, message["data"], ledger)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            beating.cancel()
+
+
+async def run(ws: Any, name: str, data: dict[str, Any], ledger: Ledger) -> None:
+    ledger.running += 1
+    ledger.most = max(ledger.most, ledger.running)
+    started = time.monotonic()
+    await asyncio.sleep(RUN_SECONDS)
+    ledger.running -= 1
+    ledger.spans[name] = (started, time.monotonic())
+    code = 1 if name in data["command"].split() else 0
+    result = {
+        "execution_id": data["execution_id"],
+        "status": "completed",
+        "exit_code": code,
+        "stdout": f"{name}\n",
+        "stderr": "",
+        "execution_time": RUN_SECONDS,
+    }
+    await ws.send(json.dumps({"type": "command_result", "data": result}))
+
+
+@pytest.fixture(scope="module")
+def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
+    """One server on SQLite with short agent intervals."""
+    with launch_sqlite("fleet-runs", **AGENT_SETTINGS) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def enrolled(deployment: harness.Deployment) -> dict[str, list[str]]:
+    """``fr-00`` … ``fr-19`` and the offline host, enrolled in group ``fleet``."""
+    names = [f"fr-{i:02d}" for i in range(AGENTS)] + [OFFLINE]
+    said = harness.manage_shell(deployment.env, ENROLL % ", ".join(repr(n) for n in names))
+    line = next(x for x in said.splitlines() if x.startswith("ENROLLED "))
+    return dict(json.loads(line[len("ENROLLED ") :]))
+
+
+@contextlib.asynccontextmanager
+async def fleet(d: harness.Deployment, enrolled: dict[str, list[str]]) -> AsyncIterator[Ledger]:
+    """The twenty agents connected (and online) while the block runs."""
+    ledger, stop = Ledger(), asyncio.Event()
+    url = d.server.ws_url.replace("/ws", "/ws/agent")
+    tasks = [
+        asyncio.ensure_future(agent(url, name, token, ledger, stop))
+        for name, (_, token) in enrolled.items()
+        if name != OFFLINE
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            hosts = await api(
+                "GET", d.server.base_url, "/api/hosts/?group=fleet", token=d.token("admin")
+            )
+            items = hosts.body.get("results", hosts.body)
+            if sum(1 for h in items if h["status"] == "online") == AGENTS:
+                break
+            await asyncio.sleep(0.3)
+        else:
+            raise AssertionError("the agents did not all come online")
+        yield ledger
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_fleet_run_in_batches_stopped_by_its_failure_limit(deployment, enrolled):
+    d = deployment
+    failing = "fr-01 fr-03 fr-06"
+    async with (
+        fleet(d, enrolled) as ledger,
+        ws_connect(d.server.ws_url, token=d.token("admin")) as requester,
+        ws_connect(d.server.ws_url, token=d.token("admin")) as watcher,
+    ):
+        reply = await requester.request(
+            {
+                "type": "command",
+                "channel": "command_execution",
+                "data": {
+                    "targets": {"groups": ["FLEET"]},
+                    "command": f"check {failing}",
+                    "timeout": 10,
+                    "batch_size": 5,
+                    "failure_limit": 3,
+                },
+            }
+        )
+        assert reply["type"] == "response", reply
+        run_id = reply["data"]["run_id"]
+        assert reply["data"]["total"] == AGENTS + 1
+        assert reply["data"]["state"] == "running"
+        await watcher.subscribe("command_execution", {"run_id": run_id})
+        events = []
+        while True:
+            message = await watcher.recv(timeout=30)
+            if message["type"] == "status":
+                assert message["data"]["fleet_run"]["run_id"] == run_id
+                continue
+            assert message["type"] == "event", message
+            # The run_id filter keeps each host's own command events away.
+            assert message["data"].get("run_id") == run_id, message
+            events.append(message["data"])
+            if message["data"]["final"]:
+                break
+
+    last = events[-1]
+    assert last["state"] == "stopped"
+    assert last["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 6,
+        "failed": 3,
+        "skipped": 12,
+    }
+    # Batches of five: never more at once, and the second batch began once the first
+    # (four online hosts) had ended; the hosts after the second batch never ran.
+    assert ledger.most <= 5
+    first = [ledger.spans[f"fr-{i:02d}"] for i in range(4)]
+    second = [ledger.spans[f"fr-{i:02d}"] for i in range(4, 9)]
+    assert min(start for start, _ in second) >= max(end for _, end in first)
+    assert not any(f"fr-{i:02d}" in ledger.spans for i in range(9, AGENTS))
+    # Coalesced: far fewer frames than host changes (two per host that ran).
+    assert len(events) < 2 * 9
+
+    shown = await api(
+        "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
+    )
+    assert shown.status == 200, shown
+    hosts = {h["hostname"]: h for h in shown.body["hosts"]}
+    assert hosts[OFFLINE]["status"] == "skipped"
+    assert "unknown" in hosts[OFFLINE]["reason"] or "offline" in hosts[OFFLINE]["reason"]
+    assert hosts["fr-06"]["status"] == "failed"
+    assert hosts["fr-06"]["exit_code"] == 1
+    assert (
+        hosts["fr-12"] | {"status": "skipped", "reason": "failure limit reached"} == hosts["fr-12"]
+    )
+    assert hosts["fr-00"]["status"] == "succeeded"
+    assert shown.body["requested_by"] == "admin"
+    assert shown.body["target"] == {"groups": ["FLEET"], "host_ids": []}
+
+
+async def test_fleet_run_refused_without_the_right_on_every_host(deployment, enrolled):
+    d = deployment
+    async with ws_connect(d.server.ws_url, token=d.token("viewer")) as client:
+        reply = await client.request(
+            {
+                "type": "command",
+                "channel": "command_execution",
+                "data": {"targets": {"groups": ["fleet"]}, "command": "uptime"},
+            }
+        )
+    assert reply["type"] == "error", reply
+    assert reply["data"]["code"] == "PERMISSION_DENIED", reply
+    assert f"{AGENTS + 1} of the {AGENTS + 1} targeted hosts" in reply["data"]["message"]
+    listed = await api("GET", d.server.base_url, "/api/fleet-runs/", token=d.token("admin"))
+    assert all(run["command"] != "uptime" for run in listed.body["results"])
