@@ -16,7 +16,7 @@ class HostsConfig(AppConfig):
         from django.conf import settings
 
         from hosts import commands, fleetrunner, maintenance, selectors
-        from hosts.events import AgentTook, CommandFinished
+        from hosts.events import AgentTook, CommandFinished, PackageOperationFinished
         from sysmanage import commands as command_registry
         from sysmanage import control, metrics, topics
         from sysmanage.periodic import register_periodic
@@ -30,9 +30,10 @@ class HostsConfig(AppConfig):
         topics.register_filter_check("host_id", selectors.host_id_problem)
         topics.register_filter_check("run_id", selectors.fleet_run_id_problem)
         command_registry.register("command_execution", fleetrunner.handle_command)
-        command_registry.register("package_operations", commands.handle_package_operation)
+        command_registry.register("package_operations", fleetrunner.handle_package_operation)
         control.register(AgentTook, commands.on_agent_took)
         control.register(CommandFinished, commands.on_command_finished)
+        control.register(PackageOperationFinished, commands.on_package_operation_finished)
         register_periodic(
             "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.sweep
         )

@@ -15,6 +15,7 @@ control messages to every process; :func:`wait_for` and the two handlers below, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,12 +24,13 @@ from django.conf import settings
 
 from hosts import delivery, selectors, services
 from hosts.delivery import WorkKind
-from hosts.events import AgentTook, CommandFinished
+from hosts.events import AgentTook, CommandFinished, PackageOperationFinished
 from hosts.models import (
     Host,
     HostStatus,
     OperationStatus,
     PackageOperationKind,
+    is_package_name,
 )
 from sysmanage import permissions
 from sysmanage.audit import Actor
@@ -46,7 +48,7 @@ MAX_TIMEOUT = 3600
 @dataclass(frozen=True)
 class Awaited:
     """What a request waits for: its command or operation ``ref`` ``taken`` by an agent,
-    or command ``ref`` ``finished``."""
+    or ``finished``."""
 
     what: Literal["taken", "finished"]
     ref: str
@@ -86,6 +88,11 @@ def on_agent_took(hub: Hub, message: AgentTook) -> None:
 def on_command_finished(hub: Hub, message: CommandFinished) -> None:
     """Control message ``command_finished``: wake the request waiting for its result here."""
     _resolve(Awaited("finished", message.execution_id))
+
+
+def on_package_operation_finished(hub: Hub, message: PackageOperationFinished) -> None:
+    """Control message ``package_operation_finished``: wake whoever waits for it here."""
+    _resolve(Awaited("finished", message.operation_id))
 
 
 @dataclass(frozen=True)
@@ -229,12 +236,13 @@ async def _hand_over(
 
 
 class NotDelivered(Exception):
-    """The host's agent never got command ``execution_id`` (recorded as failed)."""
+    """The host's agent never got the command or package operation ``ref`` (recorded as
+    failed)."""
 
-    def __init__(self, why: str, execution_id: str) -> None:
+    def __init__(self, why: str, ref: str) -> None:
         super().__init__(why)
         self.why = why
-        self.execution_id = execution_id
+        self.ref = ref
 
 
 async def command_run_and_wait(
@@ -289,7 +297,7 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
             request_id=str(message.id or ""),
         )
     except NotDelivered as exc:
-        raise _command_failed(message, exc.why, str(host.id), exc.execution_id) from None
+        raise _command_failed(message, exc.why, str(host.id), exc.ref) from None
     context.reply(
         envelope(MessageType.RESPONSE, "command_execution", _response_data(data), id_=message.id)
     )
@@ -348,15 +356,43 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
             message, "'operation' must be one of " + ", ".join(PackageOperationKind.values)
         )
     package = message.data.get("package")
-    if (
-        not isinstance(package, str)
-        or not package.strip()
-        or len(package) > 255
-        or package.startswith("-")
-        or any(c.isspace() or not c.isprintable() for c in package)
-    ):
+    if not is_package_name(package):
         raise _invalid(message, "'package' must be one package name")
     return host_id, operation, package
+
+
+async def package_operation_run_and_wait(
+    *,
+    host: Host,
+    operation: str,
+    package: str,
+    time_limit: int,
+    user: Any,
+    actor: Actor | None,
+) -> dict[str, Any]:
+    """Start a package operation on ``host`` and wait up to ``time_limit`` seconds for its
+    end: the operation's event data as it is then (still ``in_progress`` if it has not
+    ended; it goes on).  Raises :class:`NotDelivered` if the host's agent never got it.
+    Permission is the caller's to check."""
+    await Node.for_running_loop()  # this process hears the control messages awaited
+    operation_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(operation_id, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", operation_id))
+    await database_sync_to_async(services.package_operation_create)(
+        host=host,
+        operation=operation,
+        package=package,
+        user=user,
+        operation_id=operation_id,
+        actor=actor,
+    )
+    why = await _undelivered(host, "operation", operation_id, taken)
+    if why is not None:
+        finished.cancel()
+        raise NotDelivered(why, operation_id)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(finished, time_limit)
+    return await database_sync_to_async(selectors.operation_event_data)(operation_id)
 
 
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:

@@ -123,6 +123,9 @@ class FleetRunProgress(Event):
     name = "fleet_run.progress"
 
     run_id: str
+    #: ``command`` or ``package`` (a package operation, ``command`` reading
+    #: ``<operation> <package>``)
+    kind: str
     state: str
     #: the command (shown only to those who may see its text, as for one command)
     command: str
@@ -130,7 +133,8 @@ class FleetRunProgress(Event):
     #: ``queued``, ``running``, ``succeeded``, ``failed``, ``skipped``
     counts: dict[str, int]
     #: hosts that ended since the previous progress event: ``host_id``, ``hostname``,
-    #: ``status`` (succeeded, failed, skipped), ``exit_code``, ``execution_id``, ``reason``
+    #: ``status`` (succeeded, failed, skipped), ``exit_code``, ``execution_id`` (a
+    #: command's) or ``operation_id`` (a package operation's), ``reason``
     results: list[dict[str, Any]]
     reason: str
     requested_by: str | None
@@ -156,6 +160,15 @@ class CommandFinished(Control):
     action = "command_finished"
 
     execution_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackageOperationFinished(Control):
+    """Package operation ``operation_id`` ended, its result stored (``hosts.commands``)."""
+
+    action = "package_operation_finished"
+
+    operation_id: str
 
 
 def command_event(execution: CommandExecution) -> CommandExecutionUpdated:

@@ -20,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from hosts import fleetrunner, fleetruns
-from hosts.models import FleetRun
+from hosts.models import FleetRun, FleetRunKind, PackageOperationKind
 from sysmanage import permissions
 from sysmanage.audit import request_actor
 from sysmanage.pagination import CappedLimitOffsetPagination
@@ -48,8 +48,15 @@ class FleetRunRequestSerializer(serializers.Serializer[None]):
     checks it)."""
 
     targets = FleetRunTargetsSerializer()
-    command = serializers.CharField()
-    timeout = serializers.IntegerField(required=False, default=30)
+    kind = serializers.ChoiceField(choices=FleetRunKind.choices, required=False)
+    command = serializers.CharField(required=False, help_text="for a shell command")
+    operation = serializers.ChoiceField(
+        choices=PackageOperationKind.choices, required=False, help_text="for a package run"
+    )
+    package = serializers.CharField(required=False, help_text="for a package run")
+    timeout = serializers.IntegerField(
+        required=False, help_text="seconds per host: 30 by default, 600 for a package run"
+    )
     batch_size = serializers.IntegerField(required=False, default=5)
     failure_limit = serializers.CharField(
         required=False, help_text="a number of hosts, or a percent such as '20%'"
@@ -95,8 +102,11 @@ class FleetRunViewSet(viewsets.ViewSet):
         """Start a run; 202 with the run (it goes on in this server process)."""
         if not isinstance(request.data, dict):
             return Response({"detail": "The body must be a JSON object"}, status=400)
+        kind = request.data.get("kind", FleetRunKind.COMMAND)
+        if kind not in FleetRunKind.values:
+            return Response({"detail": "'kind' must be 'command' or 'package'"}, status=400)
         try:
-            spec = fleetruns.parse_fleet_run(request.data)
+            spec = fleetruns.parse_fleet_run(request.data, kind)
             run = fleetruns.fleet_run_create(
                 spec=spec, user=request.user, actor=request_actor(request)
             )

@@ -40,9 +40,11 @@ from hosts.models import (
     FleetRun,
     FleetRunHost,
     FleetRunHostStatus,
+    FleetRunKind,
     FleetRunState,
     Host,
     HostStatus,
+    OperationStatus,
 )
 from sysmanage import dbgate
 from sysmanage.audit import Actor
@@ -79,17 +81,37 @@ async def run_batches(
     return False
 
 
-def outcome_of(data: dict[str, Any]) -> str:
+@dataclass(frozen=True)
+class Outcome:
+    """How a host of a run ended: its status, why (if not plainly succeeded), the
+    command or package operation it ran (``ref``) and a command's exit code."""
+
+    status: str
+    reason: str = ""
+    ref: str | None = None
+    exit_code: int | None = None
+
+
+def command_outcome(data: dict[str, Any]) -> Outcome:
     """A host's outcome from its command's end: succeeded only if it completed with 0."""
-    if data.get("status") == ExecutionStatus.COMPLETED and data.get("exit_code") == 0:
-        return FleetRunHostStatus.SUCCEEDED
-    return FleetRunHostStatus.FAILED
-
-
-def _host_reason(data: dict[str, Any]) -> str:
+    ref, code = data.get("execution_id"), data.get("exit_code")
     if data.get("status") == ExecutionStatus.COMPLETED:
-        return "" if data.get("exit_code") == 0 else f"exit code {data.get('exit_code')}"
-    return str(data.get("error") or data.get("status") or "")
+        if code == 0:
+            return Outcome(FleetRunHostStatus.SUCCEEDED, "", ref, code)
+        return Outcome(FleetRunHostStatus.FAILED, f"exit code {code}", ref, code)
+    why = str(data.get("error") or data.get("status") or "")
+    return Outcome(FleetRunHostStatus.FAILED, why, ref, code)
+
+
+def package_outcome(data: dict[str, Any], waited: int) -> Outcome:
+    """A host's outcome from its package operation: succeeded if it completed, failed
+    if it failed or had not ended after ``waited`` seconds (it goes on)."""
+    ref, status = data.get("execution_id"), data.get("status")
+    if status == OperationStatus.COMPLETED:
+        return Outcome(FleetRunHostStatus.SUCCEEDED, "", ref)
+    if status == OperationStatus.FAILED:
+        return Outcome(FleetRunHostStatus.FAILED, str(data.get("message") or "failed"), ref)
+    return Outcome(FleetRunHostStatus.FAILED, f"not ended after {waited} s (it goes on)", ref)
 
 
 @dataclass
@@ -106,6 +128,7 @@ class FleetRunner:
 
     def __init__(self, run: FleetRun, user: Any, actor: Actor | None) -> None:
         self.run_id = str(run.id)
+        self.kind, self.operation, self.package = run.kind, run.operation, run.package
         self.command = run.command
         self.timeout = run.timeout
         self.batch_size = run.batch_size
@@ -160,64 +183,66 @@ class FleetRunner:
                 await database_sync_to_async(fleetruns.fleet_run_heartbeat)(run_id=self.run_id)
 
     async def _run_one(self, row: _Row) -> str:
-        """Run the command on one host of the run; its outcome."""
+        """Run the command (or package operation) on one host of the run; its outcome."""
         host = await database_sync_to_async(_host)(row.host_id)
         if host is None or host.status != HostStatus.ONLINE:
             why = "host deleted" if host is None else f"host {host.status}"
-            return await self._ended(row, FleetRunHostStatus.SKIPPED, why)
+            return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
         await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
         self._change("running", 1)
         try:
-            data = await commands.command_run_and_wait(
+            outcome = await self._attempt(host)
+        except commands.NotDelivered as exc:
+            outcome = Outcome(FleetRunHostStatus.FAILED, exc.why, ref=exc.ref)
+        return await self._ended(row, outcome, was_running=True)
+
+    async def _attempt(self, host: Host) -> Outcome:
+        """What the run does on ``host``, through the one-host path, and how it went."""
+        if self.kind == FleetRunKind.PACKAGE:
+            data = await commands.package_operation_run_and_wait(
                 host=host,
-                command=self.command,
+                operation=self.operation,
+                package=self.package,
                 time_limit=self.timeout,
                 user=self.user,
                 actor=self.actor,
-                request_id=f"fleet-run:{self.run_id}",
             )
-        except commands.NotDelivered as exc:
-            return await self._ended(
-                row, FleetRunHostStatus.FAILED, exc.why, execution_id=exc.execution_id
-            )
-        finally:
-            self._change("running", -1)
-        return await self._ended(
-            row,
-            outcome_of(data),
-            _host_reason(data),
-            execution_id=data.get("execution_id"),
-            exit_code=data.get("exit_code"),
+            return package_outcome(data, self.timeout)
+        data = await commands.command_run_and_wait(
+            host=host,
+            command=self.command,
+            time_limit=self.timeout,
+            user=self.user,
+            actor=self.actor,
+            request_id=f"fleet-run:{self.run_id}",
         )
+        return command_outcome(data)
 
-    async def _ended(
-        self,
-        row: _Row,
-        status: str,
-        reason: str,
-        *,
-        execution_id: str | None = None,
-        exit_code: int | None = None,
-    ) -> str:
+    async def _ended(self, row: _Row, outcome: Outcome, *, was_running: bool = False) -> str:
+        package = self.kind == FleetRunKind.PACKAGE
         await database_sync_to_async(fleetruns.fleet_run_host_ended)(
             row_id=row.id,
-            status=status,
-            reason=reason,
-            execution_id=execution_id,
-            exit_code=exit_code,
+            status=outcome.status,
+            reason=outcome.reason,
+            execution_id=None if package else outcome.ref,
+            package_operation_id=outcome.ref if package else None,
+            exit_code=outcome.exit_code,
         )
         self._results.append(
             {
                 "host_id": row.host_id,
                 "hostname": row.hostname,
-                "status": status,
-                "exit_code": exit_code,
-                "execution_id": execution_id,
-                "reason": reason,
+                "status": outcome.status,
+                "exit_code": outcome.exit_code,
+                "execution_id": None if package else outcome.ref,
+                "operation_id": outcome.ref if package else None,
+                "reason": outcome.reason,
             }
         )
-        self._change(status, 1)
-        return status
+        if was_running:
+            self.counts["running"] -= 1  # with the end counted below, in one step
+        self._change(outcome.status, 1)
+        return outcome.status
 
     def _change(self, key: str, by: int) -> None:
         """Count a change and publish it soon: at once if the last progress is older than
@@ -240,6 +265,7 @@ class FleetRunner:
         publish_now(
             FleetRunProgress(
                 run_id=self.run_id,
+                kind=self.kind,
                 state=self.state,
                 command=self.command,
                 total=self.total,
@@ -309,16 +335,32 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     if "targets" not in message.data:
         await commands.handle_command(context, message)
         return
+    await _start(context, message, FleetRunKind.COMMAND)
+
+
+async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:
+    """``command`` on ``package_operations``: with ``targets``, a fleet run of the
+    package operation; else the operation on one host
+    (:func:`hosts.commands.handle_package_operation`)."""
+    if "targets" not in message.data:
+        await commands.handle_package_operation(context, message)
+        return
+    await _start(context, message, FleetRunKind.PACKAGE)
+
+
+async def _start(context: CommandContext, message: ClientMessage, kind: str) -> None:
+    """Check, record and start a fleet run; answer with the run."""
+    channel = message.channel or "command_execution"
     try:
-        spec = fleetruns.parse_fleet_run(message.data)
+        spec = fleetruns.parse_fleet_run(message.data, kind)
     except ValueError as exc:
         raise ProtocolError(
-            ErrorCode.INVALID_COMMAND, str(exc), channel="command_execution", id_=message.id
+            ErrorCode.INVALID_COMMAND, str(exc), channel=channel, id_=message.id
         ) from None
     run = await _create(context, message, spec)
     await fleet_run_start(run, user=context.user, actor=context.actor)
     data = await database_sync_to_async(fleetruns.fleet_run_data)(run)
-    context.reply(envelope(MessageType.RESPONSE, "command_execution", data, id_=message.id))
+    context.reply(envelope(MessageType.RESPONSE, channel, data, id_=message.id))
 
 
 async def _create(
@@ -333,12 +375,15 @@ async def _create(
         raise ProtocolError(
             ErrorCode.PERMISSION_DENIED,
             str(exc),
-            channel="command_execution",
+            channel=message.channel or "command_execution",
             id_=message.id,
             refused=exc.refused,
             total=exc.total,
         ) from None
     except ValueError as exc:
         raise ProtocolError(
-            ErrorCode.INVALID_COMMAND, str(exc), channel="command_execution", id_=message.id
+            ErrorCode.INVALID_COMMAND,
+            str(exc),
+            channel=message.channel or "command_execution",
+            id_=message.id,
         ) from None

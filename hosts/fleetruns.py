@@ -1,6 +1,7 @@
 """
-Fleet runs: one shell command on many hosts (the hosts of groups, a list of hosts, or
-both), in batches, stopped when too many fail; the requests, records and reads of them.
+Fleet runs: one shell command or package operation on many hosts (the hosts of groups,
+a list of hosts, or both), in batches, stopped when too many fail; the requests,
+records and reads of them.
 
 The run itself is driven by :mod:`hosts.fleetrunner`; this module validates what was
 asked (:func:`parse_fleet_run`), checks that the user may run commands on every targeted
@@ -25,9 +26,12 @@ from hosts.models import (
     FleetRun,
     FleetRunHost,
     FleetRunHostStatus,
+    FleetRunKind,
     FleetRunState,
     Host,
     HostGroup,
+    PackageOperationKind,
+    is_package_name,
 )
 from sysmanage import permissions
 from sysmanage.audit import Actor, audit
@@ -36,6 +40,8 @@ from sysmanage.topics import parse_uuid
 
 MAX_COMMAND_LENGTH = 4096
 MAX_TIMEOUT = 3600
+#: Seconds each host may take unless the request says: a command's, a package operation's.
+DEFAULT_TIMEOUT: dict[str, int] = {FleetRunKind.COMMAND: 30, FleetRunKind.PACKAGE: 600}
 #: The most hosts one run may target, and the largest batch.
 MAX_HOSTS = 10000
 MAX_BATCH = 500
@@ -61,9 +67,13 @@ class FleetRunRefused(Exception):
 
 @dataclass(frozen=True)
 class FleetRunSpec:
-    """A validated fleet run request."""
+    """A validated fleet run request: a shell command, or (``kind`` ``package``) a
+    package operation, whose ``command`` reads ``<operation> <package>``."""
 
     command: str
+    kind: str = FleetRunKind.COMMAND
+    operation: str = ""
+    package: str = ""
     groups: tuple[str, ...] = ()
     host_ids: tuple[str, ...] = ()
     timeout: int = 30
@@ -117,24 +127,40 @@ def _targets(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(dict.fromkeys(g.strip() for g in groups)), ids
 
 
-def parse_fleet_run(data: Mapping[str, Any]) -> FleetRunSpec:
-    """Validate a fleet run request (the ``data`` of the ``command`` message, or the
-    REST body); ValueError says what is wrong."""
-    groups, host_ids = _targets(data)
+def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
+    """What runs on each host: ``(command, operation, package)``."""
+    if kind == FleetRunKind.PACKAGE:
+        operation, package = data.get("operation"), data.get("package")
+        if operation not in PackageOperationKind.values:
+            raise ValueError("'operation' must be one of " + ", ".join(PackageOperationKind.values))
+        if not is_package_name(package):
+            raise ValueError("'package' must be one package name")
+        return f"{operation} {package}", str(operation), str(package)
     command = data.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ValueError("'command' must be a non-empty string")
     if len(command) > MAX_COMMAND_LENGTH or "\x00" in command:
         raise ValueError(f"'command' must be at most {MAX_COMMAND_LENGTH} characters, no NUL")
+    return command, "", ""
+
+
+def parse_fleet_run(data: Mapping[str, Any], kind: str = FleetRunKind.COMMAND) -> FleetRunSpec:
+    """Validate a fleet run request (the ``data`` of the ``command`` message, or the
+    REST body) of ``kind``; ValueError says what is wrong."""
+    groups, host_ids = _targets(data)
+    command, operation, package = _what(data, kind)
     limit, percent = _failure_limit(data.get("failure_limit"))
     offline = data.get("offline", "skip")
     if offline not in OFFLINE_POLICIES:
         raise ValueError("'offline' must be one of " + ", ".join(OFFLINE_POLICIES))
     return FleetRunSpec(
         command=command,
+        kind=kind,
+        operation=operation,
+        package=package,
         groups=groups,
         host_ids=host_ids,
-        timeout=_number(data, "timeout", 30, 1, MAX_TIMEOUT),
+        timeout=_number(data, "timeout", DEFAULT_TIMEOUT[kind], 1, MAX_TIMEOUT),
         batch_size=_number(data, "batch_size", 5, 1, MAX_BATCH),
         failure_limit=limit,
         percent=percent,
@@ -185,7 +211,10 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
         raise FleetRunRefused(refused, len(hosts))
     with transaction.atomic():
         run = FleetRun.objects.create(
+            kind=spec.kind,
             command=spec.command,
+            operation=spec.operation,
+            package=spec.package,
             target=spec.target,
             timeout=spec.timeout,
             batch_size=spec.batch_size,
@@ -233,15 +262,18 @@ def fleet_run_host_ended(
     status: str,
     reason: str = "",
     execution_id: Any = None,
+    package_operation_id: Any = None,
     exit_code: int | None = None,
 ) -> None:
-    """Record how a host of a run ended, and add it to the run's counts."""
+    """Record how a host of a run ended (and the command or package operation it ran
+    there), and add it to the run's counts."""
     if status not in FINAL_HOST_STATUSES:
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
         row = FleetRunHost.objects.select_for_update().get(id=row_id)
         row.status, row.reason = status, reason[:2000]
         row.execution_id, row.exit_code = execution_id, exit_code
+        row.package_operation_id = package_operation_id
         row.finished_at = timezone.now()
         row.save()
         run = FleetRun.objects.select_for_update().get(id=row.run_id)
@@ -321,6 +353,7 @@ def fleet_run_host_data(row: FleetRunHost) -> dict[str, Any]:
         "status": row.status,
         "reason": row.reason,
         "execution_id": str(row.execution_id) if row.execution_id else None,
+        "operation_id": str(row.package_operation_id) if row.package_operation_id else None,
         "exit_code": row.exit_code,
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
@@ -335,6 +368,8 @@ def fleet_run_data(run: FleetRun, *, with_hosts: bool = False) -> dict[str, Any]
         "kind": run.kind,
         "target": run.target,
         "command": run.command,
+        "operation": run.operation or None,
+        "package": run.package or None,
         "timeout": run.timeout,
         "batch_size": run.batch_size,
         "failure_limit": None if limit is None else (f"{limit}%" if run.failure_percent else limit),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TypeGuard
 
 from django.conf import settings
 from django.db import models
@@ -177,6 +178,17 @@ class PackageOperationKind(models.TextChoices):
     INSTALL = "install", "Install"
     REMOVE = "remove", "Remove"
     UPDATE = "update", "Update"
+
+
+def is_package_name(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is one package name: printable, no space, not an option."""
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and len(value) <= 255
+        and not value.startswith("-")
+        and not any(c.isspace() or not c.isprintable() for c in value)
+    )
 
 
 class OperationStatus(models.TextChoices):
@@ -431,6 +443,13 @@ class HostInventory(models.Model):
         return f"{self.get_kind_display()} of {self.host_id}"
 
 
+class FleetRunKind(models.TextChoices):
+    """What a fleet run does on each host."""
+
+    COMMAND = "command", "Shell command"
+    PACKAGE = "package", "Package operation"
+
+
 class FleetRunState(models.TextChoices):
     """Life cycle of a fleet run."""
 
@@ -462,11 +481,16 @@ class FleetRun(models.Model):
     ACTIVE_STATES = (FleetRunState.RUNNING,)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    kind = models.CharField(max_length=20, default="command")
+    kind = models.CharField(max_length=20, choices=FleetRunKind.choices, default="command")
     #: what was asked for: ``{"groups": [names], "host_ids": [ids]}``
     target = models.JSONField(default=dict)
+    #: the shell command; for a package run, ``<operation> <package>``
     command = models.TextField()
-    #: seconds each host may take (the command's own timeout)
+    #: a package run's operation and package
+    operation = models.CharField(max_length=10, blank=True)
+    package = models.CharField(max_length=255, blank=True)
+    #: seconds each host may take (a command's own timeout; how long a package
+    #: operation is waited for before the host counts as failed)
     timeout = models.PositiveIntegerField(default=30)
     batch_size = models.PositiveIntegerField(default=5)
     #: stop after this many failures, or this percent of the hosts (see ``failure_percent``)
@@ -520,6 +544,9 @@ class FleetRunHost(models.Model):
     reason = models.TextField(blank=True)
     execution = models.ForeignKey(
         CommandExecution, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    package_operation = models.ForeignKey(
+        PackageOperation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     exit_code = models.IntegerField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -232,6 +232,12 @@ def metric_history(
     ]
 
 
+def operation_event_data(operation_id: Any) -> dict[str, Any]:
+    """A package operation as its ``package_operations`` events show it."""
+    operation = PackageOperation.objects.select_related("host").get(id=operation_id)
+    return operation_event(operation).data()
+
+
 def command_event_data(execution_id: Any) -> dict[str, Any]:
     """An execution as its ``command_execution`` events show it."""
     execution = CommandExecution.objects.select_related("host", "requested_by").get(id=execution_id)

@@ -102,6 +102,32 @@ def test_a_malformed_request_says_what_is_wrong(data, problem):
         parse_fleet_run(data)
 
 
+def test_a_package_request_names_one_operation_and_one_package():
+    spec = parse_fleet_run(
+        {"targets": {"groups": ["web"]}, "operation": "install", "package": "nginx"}, "package"
+    )
+    assert (spec.kind, spec.command, spec.timeout) == ("package", "install nginx", 600)
+    with pytest.raises(ValueError, match="'operation'"):
+        parse_fleet_run({"targets": {"groups": ["web"]}, "operation": "purge"}, "package")
+    with pytest.raises(ValueError, match="'package'"):
+        parse_fleet_run(
+            {"targets": {"groups": ["web"]}, "operation": "install", "package": "-y x"}, "package"
+        )
+
+
+def test_outcomes_of_commands_and_package_operations():
+    from hosts.fleetrunner import command_outcome, package_outcome
+
+    assert command_outcome({"status": "completed", "exit_code": 0}).status == "succeeded"
+    assert command_outcome({"status": "completed", "exit_code": 2}).reason == "exit code 2"
+    timed_out = command_outcome({"status": "timeout", "error": "No result from the agent"})
+    assert (timed_out.status, timed_out.reason) == ("failed", "No result from the agent")
+    assert package_outcome({"status": "completed"}, 60).status == "succeeded"
+    assert package_outcome({"status": "failed", "message": "E: x"}, 60).reason == "E: x"
+    slow = package_outcome({"status": "in_progress"}, 60)
+    assert (slow.status, slow.reason) == ("failed", "not ended after 60 s (it goes on)")
+
+
 def test_a_request_in_full():
     spec = parse_fleet_run(
         {
@@ -268,3 +294,50 @@ async def test_the_runner_coalesces_progress_and_ends_stopped(monkeypatch, setti
     ).items()
     stored = await sync_to_async(lambda: FleetRun.objects.get(pk=run.pk))()
     assert (stored.state, stored.succeeded, stored.failed, stored.skipped) == ("stopped", 20, 3, 7)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_package_run_goes_through_the_package_path(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    published: list[Any] = []
+    monkeypatch.setattr(fleetrunner, "publish_now", published.append)
+    asked: list[tuple[str, str, str, int]] = []
+
+    async def installed(*, host: Host, operation: str, package: str, time_limit: int, **kw: Any):
+        asked.append((host.hostname, operation, package, time_limit))
+        if host.hostname == "p-1":
+            raise commands.NotDelivered("Host not reachable: its agent did not take it", None)
+        return {"execution_id": None, "status": "completed"}
+
+    monkeypatch.setattr(commands, "package_operation_run_and_wait", installed)
+
+    def setup() -> tuple[FleetRun, Any]:
+        from django.contrib.auth import get_user_model
+
+        admin = get_user_model().objects.create_user("root", is_superuser=True, is_staff=True)
+        hosts = [host_services.host_create(hostname=f"p-{i}") for i in range(3)]
+        Host.objects.update(status=HostStatus.ONLINE)
+        spec = parse_fleet_run(
+            {
+                "targets": {"host_ids": [str(h.id) for h in hosts]},
+                "operation": "remove",
+                "package": "telnet",
+                "timeout": 90,
+            },
+            "package",
+        )
+        return fleetruns.fleet_run_create(spec=spec, user=admin), admin
+
+    run, admin = await sync_to_async(setup)()
+    await FleetRunner(run, admin, None).run()
+    assert sorted(asked) == [(f"p-{i}", "remove", "telnet", 90) for i in range(3)]
+    final = published[-1]
+    assert (final.kind, final.state, final.command) == ("package", "failed", "remove telnet")
+    assert final.counts["succeeded"] == 2
+    assert final.counts["failed"] == 1
+    rows = await sync_to_async(
+        lambda: {r.hostname: r for r in FleetRunHost.objects.filter(run=run)}
+    )()
+    assert rows["p-1"].reason == "Host not reachable: its agent did not take it"
+    assert rows["p-1"].status == "failed"

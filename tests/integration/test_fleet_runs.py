@@ -72,6 +72,8 @@ async def agent(url: str, name: str, token: str, ledger: Ledger, stop: asyncio.E
                 message = json.loads(raw)
                 if message.get("type") == "run_command":
                     await run(ws, name, message["data"], ledger)
+                elif message.get("type") == "package_operation":
+                    await install(ws, name, message["data"])
         except websockets.ConnectionClosed:
             pass
         finally:
@@ -95,6 +97,28 @@ async def run(ws: Any, name: str, data: dict[str, Any], ledger: Ledger) -> None:
         "execution_time": RUN_SECONDS,
     }
     await ws.send(json.dumps({"type": "command_result", "data": result}))
+
+
+async def install(ws: Any, name: str, data: dict[str, Any]) -> None:
+    """A package operation: fails on ``fr-02`` (no such package there), else completes."""
+    ref = data["operation_id"]
+    await ws.send(
+        json.dumps(
+            {
+                "type": "package_progress",
+                "data": {"operation_id": ref, "progress": 50, "message": "unpacking"},
+            }
+        )
+    )
+    failed = name == "fr-02"
+    result = {
+        "operation_id": ref,
+        "status": "failed" if failed else "completed",
+        "exit_code": 100 if failed else 0,
+        "output": "",
+        "message": "Unable to locate package" if failed else "installed",
+    }
+    await ws.send(json.dumps({"type": "package_result", "data": result}))
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +257,54 @@ async def test_fleet_run_refused_without_the_right_on_every_host(deployment, enr
     assert f"{AGENTS + 1} of the {AGENTS + 1} targeted hosts" in reply["data"]["message"]
     listed = await api("GET", d.server.base_url, "/api/fleet-runs/", token=d.token("admin"))
     assert all(run["command"] != "uptime" for run in listed.body["results"])
+
+
+async def test_package_fleet_run_over_rest_goes_on_without_its_requester(deployment, enrolled):
+    d = deployment
+    fleet_ids = [host_id for name, (host_id, _) in enrolled.items() if name != OFFLINE]
+    async with fleet(d, enrolled):
+        started = await api(
+            "POST",
+            d.server.base_url,
+            "/api/fleet-runs/",
+            token=d.token("admin"),
+            json_body={
+                "kind": "package",
+                "targets": {"host_ids": fleet_ids[:10]},
+                "operation": "install",
+                "package": "nginx",
+                "batch_size": 4,
+                "timeout": 20,
+            },
+        )
+        assert started.status == 202, started
+        run_id = started.body["run_id"]
+        assert started.body["kind"] == "package"
+        assert started.body["command"] == "install nginx"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shown = await api(
+                "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
+            )
+            if shown.body["state"] != "running":
+                break
+            await asyncio.sleep(0.3)
+    assert shown.body["state"] == "failed", shown.body
+    assert shown.body["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 9,
+        "failed": 1,
+        "skipped": 0,
+    }
+    hosts = {h["hostname"]: h for h in shown.body["hosts"]}
+    assert hosts["fr-02"]["status"] == "failed"
+    assert hosts["fr-02"]["reason"] == "Unable to locate package"
+    operation = await api(
+        "GET",
+        d.server.base_url,
+        f"/api/package-operations/{hosts['fr-03']['operation_id']}/",
+        token=d.token("admin"),
+    )
+    assert operation.body["status"] == "completed"
+    assert operation.body["package"] == "nginx"
