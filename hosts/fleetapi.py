@@ -62,6 +62,9 @@ class FleetRunRequestSerializer(serializers.Serializer[None]):
         required=False, help_text="a number of hosts, or a percent such as '20%'"
     )
     offline = serializers.ChoiceField(choices=fleetruns.OFFLINE_POLICIES, required=False)
+    offline_wait = serializers.IntegerField(
+        required=False, help_text="with offline=wait: seconds to wait for them, default 600"
+    )
 
 
 _RUN_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)

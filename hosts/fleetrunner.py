@@ -6,7 +6,9 @@ A run is a task on the event loop of the server process that accepted it (a WebS
 requester may go away and the run goes on.  Hosts run in batches of ``batch_size``, in
 the order of the run's rows; each goes through the same path as one command on one host
 (:func:`hosts.commands.command_run_and_wait`), and the next batch starts when the whole
-batch has ended.  A host offline when its turn comes is skipped, with the reason.  Once
+batch has ended.  A host offline when its turn comes is skipped, with the reason; or,
+with ``offline`` ``wait``, it stays queued and, once the batches are done, is run when
+it returns (batches again), or skipped after ``offline_wait`` seconds.  Once
 as many hosts failed as the failure limit allows, no further host starts: the rest are
 skipped ("failure limit reached") and the run ends ``stopped``.
 
@@ -58,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FAILURE_LIMIT_REACHED = "failure limit reached"
+#: How often a run waiting for offline hosts looks whether they returned (seconds).
+OFFLINE_POLL_SECONDS = 1.0
 #: The runs this process drives, by id (a task is kept here so that it is not collected).
 RUNNING: dict[str, asyncio.Task[None]] = {}
 
@@ -136,6 +140,9 @@ class FleetRunner:
             run.total, run.failure_limit, run.failure_percent
         )
         self.total = run.total
+        self.offline, self.offline_wait = run.offline, run.offline_wait
+        #: hosts offline at their turn that the run waits for (``offline`` ``wait``)
+        self.waiting: list[_Row] = []
         self.user, self.actor = user, actor
         self.requested_by = getattr(user, "username", None)
         self.requested_by_id = str(user.pk) if getattr(user, "pk", None) else None
@@ -154,9 +161,34 @@ class FleetRunner:
             stopped = await run_batches(
                 rows, batch_size=self.batch_size, threshold=self.threshold, run_one=self._run_one
             )
+            if self.waiting and not stopped:
+                stopped = await self._wait_for_offline()
             await self._end(stopped)
         finally:
             beat.cancel()
+
+    async def _wait_for_offline(self) -> bool:
+        """Run the hosts that were offline at their turn as they return, in batches,
+        for ``offline_wait`` seconds; then skip those still away.  Returns whether the
+        failure limit was reached meanwhile."""
+        deadline = time.monotonic() + self.offline_wait
+        while self.waiting and time.monotonic() < deadline:
+            await asyncio.sleep(min(OFFLINE_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            online = await database_sync_to_async(_online)([r.host_id for r in self.waiting])
+            back = [row for row in self.waiting if row.host_id in online]
+            if not back:
+                continue
+            self.waiting = [row for row in self.waiting if row.host_id not in online]
+            left = None if self.threshold is None else self.threshold - self.counts["failed"]
+            if await run_batches(
+                back, batch_size=self.batch_size, threshold=left, run_one=self._run_one
+            ):
+                return True
+        why = f"still offline after {self.offline_wait} s"
+        away, self.waiting = self.waiting, []
+        for row in away:
+            await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
+        return False
 
     async def _end(self, stopped: bool) -> None:
         if stopped:
@@ -185,6 +217,9 @@ class FleetRunner:
     async def _run_one(self, row: _Row) -> str:
         """Run the command (or package operation) on one host of the run; its outcome."""
         host = await database_sync_to_async(_host)(row.host_id)
+        if host is not None and host.status != HostStatus.ONLINE and self.offline == "wait":
+            self.waiting.append(row)
+            return FleetRunHostStatus.QUEUED
         if host is None or host.status != HostStatus.ONLINE:
             why = "host deleted" if host is None else f"host {host.status}"
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
@@ -284,6 +319,12 @@ def _rows(run_id: str) -> list[_Row]:
         _Row(row.id, str(row.host_id) if row.host_id else None, row.hostname)
         for row in FleetRunHost.objects.filter(run__id=run_id).order_by("position")
     ]
+
+
+def _online(host_ids: list[str | None]) -> set[str]:
+    ids = [h for h in host_ids if h]
+    rows = Host.objects.filter(id__in=ids, status=HostStatus.ONLINE).values_list("id", flat=True)
+    return {str(host_id) for host_id in rows}
 
 
 def _host(host_id: str | None) -> Host | None:

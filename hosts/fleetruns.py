@@ -45,8 +45,10 @@ DEFAULT_TIMEOUT: dict[str, int] = {FleetRunKind.COMMAND: 30, FleetRunKind.PACKAG
 #: The most hosts one run may target, and the largest batch.
 MAX_HOSTS = 10000
 MAX_BATCH = 500
-#: Offline hosts: ``skip`` them at their turn (the only policy for now).
-OFFLINE_POLICIES = ("skip",)
+#: Offline hosts: ``skip`` them at their turn, or ``wait`` for them to return.
+OFFLINE_POLICIES = ("skip", "wait")
+#: The longest a run waits for its offline hosts (a day).
+MAX_OFFLINE_WAIT = 86400
 FINAL_HOST_STATUSES = (
     FleetRunHostStatus.SUCCEEDED,
     FleetRunHostStatus.FAILED,
@@ -82,6 +84,7 @@ class FleetRunSpec:
     failure_limit: int | None = None
     percent: bool = False
     offline: str = "skip"
+    offline_wait: int = 600
     target: dict[str, Any] = field(default_factory=dict)
 
 
@@ -165,6 +168,7 @@ def parse_fleet_run(data: Mapping[str, Any], kind: str = FleetRunKind.COMMAND) -
         failure_limit=limit,
         percent=percent,
         offline=offline,
+        offline_wait=_number(data, "offline_wait", 600, 1, MAX_OFFLINE_WAIT),
         target={"groups": list(groups), "host_ids": list(host_ids)},
     )
 
@@ -221,6 +225,7 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
             failure_limit=spec.failure_limit,
             failure_percent=spec.percent,
             offline=spec.offline,
+            offline_wait=spec.offline_wait,
             total=len(hosts),
             requested_by=user if getattr(user, "pk", None) else None,
             heartbeat_at=timezone.now(),
@@ -374,6 +379,7 @@ def fleet_run_data(run: FleetRun, *, with_hosts: bool = False) -> dict[str, Any]
         "batch_size": run.batch_size,
         "failure_limit": None if limit is None else (f"{limit}%" if run.failure_percent else limit),
         "offline": run.offline,
+        "offline_wait": run.offline_wait,
         "state": run.state,
         "reason": run.reason,
         "total": run.total,

@@ -496,8 +496,10 @@ class FleetRun(models.Model):
     #: stop after this many failures, or this percent of the hosts (see ``failure_percent``)
     failure_limit = models.PositiveIntegerField(null=True, blank=True)
     failure_percent = models.BooleanField(default=False)
-    #: what becomes of a host that is offline when its turn comes: ``skip`` or ``wait``
+    #: what becomes of a host that is offline when its turn comes: ``skip`` it, or
+    #: ``wait`` for it (once the batches are done) up to ``offline_wait`` seconds
     offline = models.CharField(max_length=10, default="skip")
+    offline_wait = models.PositiveIntegerField(default=600)
     state = models.CharField(
         max_length=12, choices=FleetRunState.choices, default=FleetRunState.RUNNING, db_index=True
     )

@@ -341,3 +341,51 @@ async def test_a_package_run_goes_through_the_package_path(monkeypatch):
     )()
     assert rows["p-1"].reason == "Host not reachable: its agent did not take it"
     assert rows["p-1"].status == "failed"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_with_offline_wait_a_host_runs_when_it_returns_or_is_skipped(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    monkeypatch.setattr(fleetrunner, "OFFLINE_POLL_SECONDS", 0.05)
+    published: list[Any] = []
+    monkeypatch.setattr(fleetrunner, "publish_now", published.append)
+    ran: list[str] = []
+
+    async def run_it(*, host: Host, **kwargs: Any) -> dict[str, Any]:
+        ran.append(host.hostname)
+        return {"execution_id": None, "status": "completed", "exit_code": 0}
+
+    monkeypatch.setattr(commands, "command_run_and_wait", run_it)
+
+    def setup() -> tuple[FleetRun, Any]:
+        from django.contrib.auth import get_user_model
+
+        admin = get_user_model().objects.create_user("root", is_superuser=True, is_staff=True)
+        hosts = [host_services.host_create(hostname=f"w-{i}") for i in range(3)]
+        Host.objects.filter(hostname="w-0").update(status=HostStatus.ONLINE)
+        spec = parse_fleet_run(
+            {
+                "targets": {"host_ids": [str(h.id) for h in hosts]},
+                "command": "x",
+                "offline": "wait",
+                "offline_wait": 1,
+            }
+        )
+        return fleetruns.fleet_run_create(spec=spec, user=admin), admin
+
+    run, admin = await sync_to_async(setup)()
+    runner = asyncio.ensure_future(FleetRunner(run, admin, None).run())
+    await asyncio.sleep(0.3)
+    assert ran == ["w-0"]  # the others wait, queued
+    assert published[-1].counts["queued"] == 2
+    await sync_to_async(
+        lambda: Host.objects.filter(hostname="w-1").update(status=HostStatus.ONLINE)
+    )()
+    await asyncio.wait_for(runner, 5)
+    assert ran == ["w-0", "w-1"]
+    final = published[-1]
+    assert final.state == "failed"
+    assert final.counts == {"queued": 0, "running": 0, "succeeded": 2, "failed": 0, "skipped": 1}
+    skipped = [r for e in published for r in e.results if r["status"] == "skipped"]
+    assert [(r["hostname"], r["reason"]) for r in skipped] == [("w-2", "still offline after 1 s")]

@@ -308,3 +308,51 @@ async def test_package_fleet_run_over_rest_goes_on_without_its_requester(deploym
     )
     assert operation.body["status"] == "completed"
     assert operation.body["package"] == "nginx"
+
+
+async def test_with_offline_wait_a_host_that_returns_runs_then(deployment, enrolled):
+    d = deployment
+    targets = [enrolled["fr-00"][0], enrolled[OFFLINE][0]]
+    ledger, stop = Ledger(), asyncio.Event()
+    url = d.server.ws_url.replace("/ws", "/ws/agent")
+    async with fleet(d, enrolled):
+        started = await api(
+            "POST",
+            d.server.base_url,
+            "/api/fleet-runs/",
+            token=d.token("admin"),
+            json_body={
+                "targets": {"host_ids": targets},
+                "command": "hostname",
+                "offline": "wait",
+                "offline_wait": 60,
+            },
+        )
+        assert started.status == 202, started
+        run_id = started.body["run_id"]
+        await asyncio.sleep(1.5)
+        shown = await api(
+            "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
+        )
+        assert shown.body["state"] == "running"
+        assert shown.body["counts"]["queued"] == 1  # waiting for the host to return
+        returned = asyncio.ensure_future(agent(url, OFFLINE, enrolled[OFFLINE][1], ledger, stop))
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                shown = await api(
+                    "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
+                )
+                if shown.body["state"] != "running":
+                    break
+                await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            returned.cancel()
+            await asyncio.gather(returned, return_exceptions=True)
+    assert shown.body["state"] == "succeeded", shown.body
+    assert OFFLINE in ledger.spans
+    assert {h["hostname"]: h["status"] for h in shown.body["hosts"]} == {
+        "fr-00": "succeeded",
+        OFFLINE: "succeeded",
+    }
