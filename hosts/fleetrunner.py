@@ -13,8 +13,9 @@ as many hosts failed as the failure limit allows, no further host starts: the re
 skipped ("failure limit reached") and the run ends ``stopped``.
 
 While it runs, the task notes every ``FLEET_RUN_HEARTBEAT_SECONDS`` that it is alive.
-If its process dies, the run's heartbeat stops, and the maintenance sweep of any
-process (which also runs when a process starts) marks it ``interrupted`` after
+If its process dies, the run's heartbeat stops, and the maintenance sweep
+(:mod:`hosts.maintenance`: every process runs it periodically from its first socket on,
+and ``manage.py mark_offline_hosts`` from cron) marks it ``interrupted`` after
 ``FLEET_RUN_STALE_SECONDS``, its unfinished hosts skipped: a run is never left running.
 
 Progress goes out as ``fleet_run.progress`` events on ``command_execution``: the counts

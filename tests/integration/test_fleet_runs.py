@@ -20,7 +20,7 @@ import websockets
 
 from tests.integration import harness
 from tests.integration.client import api, ws_connect
-from tests.integration.test_agent_e2e import AGENT_SETTINGS
+from tests.integration.test_agent_e2e import AGENT_SETTINGS, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +81,9 @@ async def agent(url: str, name: str, token: str, ledger: Ledger, stop: asyncio.E
 
 
 async def run(ws: Any, name: str, data: dict[str, Any], ledger: Ledger) -> None:
+    if data["command"] == "hang":
+        ledger.spans[name] = (time.monotonic(), time.monotonic())
+        await asyncio.sleep(3600)  # never answers
     ledger.running += 1
     ledger.most = max(ledger.most, ledger.running)
     started = time.monotonic()
@@ -356,3 +359,78 @@ async def test_with_offline_wait_a_host_that_returns_runs_then(deployment, enrol
         "fr-00": "succeeded",
         OFFLINE: "succeeded",
     }
+
+
+@pytest.fixture(scope="module")
+def killable(launch_sqlite: Any) -> Iterator[harness.Deployment]:
+    """A server of its own, to be killed: its runs say they are alive every second and
+    are interrupted after three seconds of silence."""
+    with launch_sqlite(
+        "fleet-runs-killed",
+        **AGENT_SETTINGS,
+        FLEET_RUN_HEARTBEAT_SECONDS="1",
+        FLEET_RUN_STALE_SECONDS="3",
+        MAINTENANCE_SWEEP_SECONDS="1",
+    ) as deployment:
+        yield deployment
+
+
+async def test_a_run_whose_server_was_killed_is_marked_interrupted(killable):
+    d = killable
+    said = harness.manage_shell(d.env, ENROLL % "'k-0', 'k-1'")
+    line = next(x for x in said.splitlines() if x.startswith("ENROLLED "))
+    enrolled = json.loads(line[len("ENROLLED ") :])
+    ledger, stop = Ledger(), asyncio.Event()
+    url = d.server.ws_url.replace("/ws", "/ws/agent")
+    agents = [
+        asyncio.ensure_future(agent(url, name, token, ledger, stop))
+        for name, (_, token) in enrolled.items()
+    ]
+    try:
+        for host_id, _ in enrolled.values():
+            await wait_status(d, host_id, "online")
+        started = await api(
+            "POST",
+            d.server.base_url,
+            "/api/fleet-runs/",
+            token=d.token("admin"),
+            json_body={
+                "targets": {"groups": ["fleet"]},
+                "command": "hang",
+                "batch_size": 1,
+                "timeout": 600,
+            },
+        )
+        assert started.status == 202, started
+        run_id = started.body["run_id"]
+        deadline = time.monotonic() + 10
+        while "k-0" not in ledger.spans and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert "k-0" in ledger.spans
+        d.server.kill()
+        d.server.start().wait_ready()
+        # The agents come back, as they do after a restart (and with the first socket,
+        # the process starts its maintenance).
+        agents += [
+            asyncio.ensure_future(agent(url, name, token, ledger, stop))
+            for name, (_, token) in enrolled.items()
+        ]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            shown = await api(
+                "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
+            )
+            if shown.status == 200 and shown.body["state"] != "running":
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        for task in agents:
+            task.cancel()
+        await asyncio.gather(*agents, return_exceptions=True)
+    assert shown.body["state"] == "interrupted", shown.body
+    assert shown.body["reason"] == "The server process running it stopped"
+    assert [(h["hostname"], h["status"], h["reason"]) for h in shown.body["hosts"]] == [
+        ("k-0", "skipped", "The server process running it stopped"),
+        ("k-1", "skipped", "The server process running it stopped"),
+    ]
