@@ -434,3 +434,75 @@ async def test_a_run_whose_server_was_killed_is_marked_interrupted(killable):
         ("k-0", "skipped", "The server process running it stopped"),
         ("k-1", "skipped", "The server process running it stopped"),
     ]
+
+
+@pytest.fixture(scope="module")
+def cluster(launch_pg_redis: Any) -> Iterator[harness.Deployment]:
+    """Two servers on PostgreSQL and Redis, with short agent intervals."""
+    with launch_pg_redis("fleet-runs-pg", **AGENT_SETTINGS) as deployment:
+        yield deployment
+
+
+async def test_a_run_on_one_server_reaches_agents_of_the_other(cluster):
+    d = cluster
+    names = [f"pg-{i}" for i in range(10)]
+    said = harness.manage_shell(d.env, ENROLL % ", ".join(repr(n) for n in names))
+    line = next(x for x in said.splitlines() if x.startswith("ENROLLED "))
+    enrolled = json.loads(line[len("ENROLLED ") :])
+    a, b = d.servers
+    ledger, stop = Ledger(), asyncio.Event()
+    # even hosts on server a, odd ones on server b
+    agents = [
+        asyncio.ensure_future(
+            agent(
+                (a if i % 2 == 0 else b).ws_url.replace("/ws", "/ws/agent"),
+                name,
+                enrolled[name][1],
+                ledger,
+                stop,
+            )
+        )
+        for i, name in enumerate(names)
+    ]
+    try:
+        for host_id, _ in enrolled.values():
+            await wait_status(d, host_id, "online")
+        async with (
+            ws_connect(a.ws_url, token=d.token("admin")) as requester,
+            ws_connect(b.ws_url, token=d.token("admin")) as watcher,
+        ):
+            reply = await requester.request(
+                {
+                    "type": "command",
+                    "channel": "command_execution",
+                    "data": {
+                        "targets": {"groups": ["fleet"]},
+                        "command": "check pg-4 pg-5",
+                        "batch_size": 3,
+                        "failure_limit": "20%",
+                    },
+                }
+            )
+            assert reply["type"] == "response", reply
+            run_id = reply["data"]["run_id"]
+            await watcher.subscribe("command_execution", {"run_id": run_id})
+            while True:
+                message = await watcher.recv(timeout=30)
+                if message["type"] == "event" and message["data"].get("final"):
+                    break
+    finally:
+        stop.set()
+        for task in agents:
+            task.cancel()
+        await asyncio.gather(*agents, return_exceptions=True)
+    final = message["data"]
+    # batches pg-0..2, pg-3..5 (two failures: 20% of 10), then the rest skipped
+    assert final["state"] == "stopped"
+    assert final["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 4,
+        "failed": 2,
+        "skipped": 4,
+    }
+    assert sorted(ledger.spans) == names[:6]
