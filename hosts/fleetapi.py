@@ -36,11 +36,20 @@ def _shown(request: Request, run: FleetRun, *, with_hosts: bool) -> dict[str, An
     return data
 
 
+class FleetRunFilterSerializer(serializers.Serializer[None]):
+    """Hosts matching all of: a text in their hostname or FQDN, a text in their OS name."""
+
+    search = serializers.CharField(required=False)
+    os = serializers.CharField(required=False)
+
+
 class FleetRunTargetsSerializer(serializers.Serializer[None]):
-    """What a run targets: host groups by name, hosts by id (either or both)."""
+    """What a run targets: host groups by name, hosts by id, hosts matching a filter
+    (any of them, together)."""
 
     groups = serializers.ListField(child=serializers.CharField(), required=False)
     host_ids = serializers.ListField(child=serializers.UUIDField(), required=False)
+    filter = FleetRunFilterSerializer(required=False)
 
 
 class FleetRunRequestSerializer(serializers.Serializer[None]):

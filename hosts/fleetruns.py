@@ -78,6 +78,8 @@ class FleetRunSpec:
     package: str = ""
     groups: tuple[str, ...] = ()
     host_ids: tuple[str, ...] = ()
+    #: hosts matching every one of these (``FILTER_FIELDS``), besides the groups and ids
+    filter: dict[str, str] = field(default_factory=dict)
     timeout: int = 30
     batch_size: int = 5
     #: stop once this many hosts failed (or this percent of them, with ``percent``)
@@ -112,22 +114,46 @@ def _failure_limit(value: Any) -> tuple[int | None, bool]:
     return value, False
 
 
-def _targets(data: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+#: Filters a run's ``targets.filter`` may hold: each a substring (any case) of the hosts'.
+FILTER_FIELDS = {"search": ("hostname", "fqdn"), "os": ("os_name",)}
+
+
+def _filter(value: Any) -> dict[str, str]:
+    """``targets.filter``: ``search`` (hostname or FQDN) and/or ``os`` (OS name)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value or set(value) - set(FILTER_FIELDS):
+        raise ValueError("'targets.filter' must be an object with 'search' and/or 'os'")
+    for key, text in value.items():
+        if not isinstance(text, str) or not text.strip() or len(text) > 255:
+            raise ValueError(f"'targets.filter.{key}' must be a non-empty string")
+    return {key: text.strip() for key, text in value.items()}
+
+
+def _targets(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``targets``: ``groups`` (names), ``host_ids`` and ``filter``, cleaned."""
     targets = data.get("targets")
-    if not isinstance(targets, dict) or set(targets) - {"groups", "host_ids"}:
-        raise ValueError("'targets' must be an object with 'groups' and/or 'host_ids'")
+    if not isinstance(targets, dict) or set(targets) - {"groups", "host_ids", "filter"}:
+        raise ValueError("'targets' must be an object with 'groups', 'host_ids' and/or 'filter'")
     groups, host_ids = targets.get("groups", []), targets.get("host_ids", [])
     if not isinstance(groups, list) or not all(isinstance(g, str) and g.strip() for g in groups):
         raise ValueError("'targets.groups' must be a list of group names")
     if not isinstance(host_ids, list) or len(host_ids) > MAX_HOSTS:
         raise ValueError(f"'targets.host_ids' must be a list of at most {MAX_HOSTS} host ids")
     try:
-        ids = tuple(dict.fromkeys(parse_uuid(h) for h in host_ids))
+        ids = list(dict.fromkeys(parse_uuid(h) for h in host_ids))
     except ValueError as exc:
         raise ValueError(f"'targets.host_ids': {exc}") from None
-    if not groups and not ids:
-        raise ValueError("'targets' names no group and no host")
-    return tuple(dict.fromkeys(g.strip() for g in groups)), ids
+    matching = _filter(targets.get("filter"))
+    if not groups and not ids and not matching:
+        raise ValueError("'targets' names no group, no host and no filter")
+    cleaned: dict[str, Any] = {
+        "groups": list(dict.fromkeys(g.strip() for g in groups)),
+        "host_ids": ids,
+    }
+    if matching:
+        cleaned["filter"] = matching
+    return cleaned
 
 
 def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
@@ -150,7 +176,7 @@ def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
 def parse_fleet_run(data: Mapping[str, Any], kind: str = FleetRunKind.COMMAND) -> FleetRunSpec:
     """Validate a fleet run request (the ``data`` of the ``command`` message, or the
     REST body) of ``kind``; ValueError says what is wrong."""
-    groups, host_ids = _targets(data)
+    target = _targets(data)
     command, operation, package = _what(data, kind)
     limit, percent = _failure_limit(data.get("failure_limit"))
     offline = data.get("offline", "skip")
@@ -161,21 +187,24 @@ def parse_fleet_run(data: Mapping[str, Any], kind: str = FleetRunKind.COMMAND) -
         kind=kind,
         operation=operation,
         package=package,
-        groups=groups,
-        host_ids=host_ids,
+        groups=tuple(target["groups"]),
+        host_ids=tuple(target["host_ids"]),
+        filter=target.get("filter", {}),
         timeout=_number(data, "timeout", DEFAULT_TIMEOUT[kind], 1, MAX_TIMEOUT),
         batch_size=_number(data, "batch_size", 5, 1, MAX_BATCH),
         failure_limit=limit,
         percent=percent,
         offline=offline,
         offline_wait=_number(data, "offline_wait", 600, 1, MAX_OFFLINE_WAIT),
-        target={"groups": list(groups), "host_ids": list(host_ids)},
+        target=target,
     )
 
 
 def fleet_run_hosts(spec: FleetRunSpec) -> list[Host]:
     """The hosts ``spec`` targets, by hostname; ValueError if a group or host is unknown."""
     query = Q(id__in=spec.host_ids)
+    if spec.filter:
+        query |= _filter_query(spec.filter)
     for name in spec.groups:
         group = HostGroup.objects.filter(name__iexact=name).first()
         if group is None:
@@ -190,6 +219,17 @@ def fleet_run_hosts(spec: FleetRunSpec) -> list[Host]:
     if len(hosts) > MAX_HOSTS:
         raise ValueError(f"A fleet run targets at most {MAX_HOSTS} hosts")
     return hosts
+
+
+def _filter_query(matching: Mapping[str, str]) -> Q:
+    """Hosts matching every filter of ``matching``."""
+    query = Q()
+    for key, text in matching.items():
+        either = Q()
+        for column in FILTER_FIELDS[key]:
+            either |= Q(**{f"{column}__icontains": text})
+        query &= either
+    return query
 
 
 def failure_threshold(total: int, limit: int | None, percent: bool) -> int | None:
@@ -251,6 +291,8 @@ def _target_text(target: Mapping[str, Any]) -> str:
         parts.append("groups " + ", ".join(target["groups"]))
     if target.get("host_ids"):
         parts.append(f"{len(target['host_ids'])} host(s) by id")
+    for key, text in target.get("filter", {}).items():
+        parts.append(f"{key} {text!r}")
     return "; ".join(parts)
 
 

@@ -140,8 +140,8 @@ def host_page_data(
 
 
 class FleetRunListView(DashboardMixin, TemplateView):
-    """``/fleet-runs/``: start a command on a host group (``?group=`` preselects one) and
-    the latest runs with their outcome."""
+    """``/fleet-runs/``: start a command on a host group and/or the hosts a search matches
+    (``?group=`` and ``?q=`` fill them in) and the latest runs with their outcome."""
 
     template_name = "hosts/fleet_run_list.html"
     nav_section = "fleet-runs"
@@ -150,6 +150,7 @@ class FleetRunListView(DashboardMixin, TemplateView):
         """The groups to choose from, and the latest runs as this user may see them."""
         user = self.request.user
         group = self.request.GET.get("group", "").strip()[:100]
+        query = self.request.GET.get("q", "").strip()[:255]
         runs = [
             _run_view(run, user)
             for run in FleetRun.objects.select_related("requested_by")[:RECENT_RUNS]
@@ -158,6 +159,7 @@ class FleetRunListView(DashboardMixin, TemplateView):
             **super().get_context_data(**kwargs),
             "groups": list(selectors.host_group_list()),
             "group": group,
+            "query": query,
             "runs": runs,
             "can_run_commands": permissions.can_run_commands(user),
         }

@@ -55,5 +55,10 @@ def test_a_groups_hosts_page_leads_to_a_run_on_it(client, run, make_user):
     client.force_login(run.requested_by)
     page = client.get("/hosts/?group=web").content.decode()
     assert 'href="/fleet-runs/?group=web"' in page
+    page = client.get("/hosts/?group=web&q=b-1").content.decode()
+    assert 'href="/fleet-runs/?group=web&amp;q=b-1"' in page
+    assert "/fleet-runs/?" not in client.get("/hosts/?q=nothing-matches").content.decode()
+    listed = client.get("/fleet-runs/?group=web&q=b-1").content.decode()
+    assert 'value="b-1"' in listed
     client.force_login(make_user("other"))
     assert 'href="/fleet-runs/?group=web"' not in client.get("/hosts/?group=web").content.decode()

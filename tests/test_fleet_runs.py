@@ -188,6 +188,26 @@ def test_a_run_is_refused_naming_how_many_hosts_are_not_allowed(web, make_user, 
     assert not FleetRun.objects.exists()
 
 
+def test_a_filter_targets_the_hosts_matching_all_of_it(web, make_user):
+    admin = make_user("root", superuser=True)
+    host_services.host_create(hostname="db-1", fqdn="db-1.web.example", os_name="Debian")
+    host_services.host_create(hostname="db-2", os_name="Debian")
+    Host.objects.filter(hostname="web-3").update(os_name="debian")
+    spec = parse_fleet_run({"targets": {"filter": {"search": "WEB", "os": "deb"}}, "command": "x"})
+    assert spec.target == {"groups": [], "host_ids": [], "filter": {"search": "WEB", "os": "deb"}}
+    run = fleetruns.fleet_run_create(spec=spec, user=admin)
+    assert list(run.hosts.values_list("hostname", flat=True)) == ["db-1", "web-3"]
+    spec = parse_fleet_run(
+        {"targets": {"groups": ["web"], "filter": {"search": "db-2"}}, "command": "x"}
+    )
+    run = fleetruns.fleet_run_create(spec=spec, user=admin)
+    assert run.hosts.count() == 6  # the group's five, and the one matching
+    with pytest.raises(ValueError, match="'targets.filter'"):
+        parse_fleet_run({"targets": {"filter": {"status": "online"}}, "command": "x"})
+    with pytest.raises(ValueError, match="'targets.filter.search'"):
+        parse_fleet_run({"targets": {"filter": {"search": " "}}, "command": "x"})
+
+
 def test_a_user_without_the_right_is_refused_every_host(web, make_user):
     spec = parse_fleet_run({"targets": {"groups": ["web"]}, "command": "x"})
     with pytest.raises(fleetruns.FleetRunRefused, match="5 of the 5"):

@@ -1,7 +1,8 @@
 // @ts-check
 /**
- * `/fleet-runs/`: start a command on a host group (a fleet run: `command` on
- * `command_execution` with `targets`), then open the run's page, which follows it live.
+ * `/fleet-runs/`: start a command on a host group and/or the hosts a search matches (a
+ * fleet run: `command` on `command_execution` with `targets`), then open the run's page,
+ * which follows it live.
  * The list of the latest runs is the server's, as the page was loaded.
  */
 import { describeError, startLive } from "./live.js";
@@ -30,6 +31,18 @@ function failureLimit(text) {
   return text.endsWith("%") ? text : Number(text);
 }
 
+/**
+ * `targets` of the run: the group chosen and the hosts the search matches.
+ * @param {string} group
+ * @param {string} search
+ */
+function targets(group, search) {
+  return {
+    ...(group ? { groups: [group] } : {}),
+    ...(search ? { filter: { search } } : {}),
+  };
+}
+
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!form.reportValidity()) return;
@@ -38,7 +51,7 @@ form.addEventListener("submit", async (event) => {
   button.disabled = true;
   try {
     const run = await client.command("command_execution", {
-      targets: { groups: [field("group")] },
+      targets: targets(field("group"), field("search")),
       command: field("command"),
       batch_size: Number(field("batch_size")),
       timeout: Number(field("timeout")),
