@@ -443,6 +443,7 @@ def cluster(launch_pg_redis: Any) -> Iterator[harness.Deployment]:
         yield deployment
 
 
+@pytest.mark.postgres_redis
 async def test_a_run_on_one_server_reaches_agents_of_the_other(cluster):
     d = cluster
     names = [f"pg-{i}" for i in range(10)]
