@@ -6,7 +6,9 @@ A run is a task on the event loop of the server process that accepted it (a WebS
 requester may go away and the run goes on.  Hosts run in batches of ``batch_size``, in
 the order of the run's rows; each goes through the same path as one command on one host
 (:func:`hosts.commands.command_run_and_wait`), and the next batch starts when the whole
-batch has ended.  A host offline when its turn comes is skipped, with the reason; or,
+batch has ended.  The requester's right to run commands on each host is checked again
+as its turn comes (a host no longer allowed is skipped).  A host offline when its turn
+comes is skipped, with the reason; or,
 with ``offline`` ``wait``, it stays queued and, once the batches are done, is run when
 it returns (batches again), or skipped after ``offline_wait`` seconds.  Once
 as many hosts failed as the failure limit allows, no further host starts: the rest are
@@ -49,7 +51,7 @@ from hosts.models import (
     HostStatus,
     OperationStatus,
 )
-from sysmanage import dbgate
+from sysmanage import dbgate, permissions
 from sysmanage.audit import Actor
 from sysmanage.commands import CommandContext
 from sysmanage.dbthreads import database_sync_to_async
@@ -61,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FAILURE_LIMIT_REACHED = "failure limit reached"
+WITHDRAWN = "the requester may no longer run commands on this host"
 #: How often a run waiting for offline hosts looks whether they returned (seconds).
 OFFLINE_POLL_SECONDS = 1.0
 #: The runs this process drives, by id (a task is kept here so that it is not collected).
@@ -224,6 +227,8 @@ class FleetRunner:
         if host is None or host.status != HostStatus.ONLINE:
             why = "host deleted" if host is None else f"host {host.status}"
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
+        if not await database_sync_to_async(_still_allowed)(self.user, str(host.id)):
+            return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, WITHDRAWN))
         await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
         self._change("running", 1)
         try:
@@ -320,6 +325,12 @@ def _rows(run_id: str) -> list[_Row]:
         _Row(row.id, str(row.host_id) if row.host_id else None, row.hostname)
         for row in FleetRunHost.objects.filter(run__id=run_id).order_by("position")
     ]
+
+
+def _still_allowed(user: Any, host_id: str) -> bool:
+    """Whether ``user`` may still run commands on the host (rights are checked when
+    used: a run can outlast a right withdrawn after it started)."""
+    return host_id in permissions.hosts_allowed(permissions.fresh(user), "run_command", [host_id])
 
 
 def _online(host_ids: list[str | None]) -> set[str]:

@@ -202,9 +202,9 @@ def test_a_filter_targets_the_hosts_matching_all_of_it(web, make_user):
     )
     run = fleetruns.fleet_run_create(spec=spec, user=admin)
     assert run.hosts.count() == 6  # the group's five, and the one matching
-    with pytest.raises(ValueError, match="'targets.filter'"):
+    with pytest.raises(ValueError, match=r"'targets\.filter'"):
         parse_fleet_run({"targets": {"filter": {"status": "online"}}, "command": "x"})
-    with pytest.raises(ValueError, match="'targets.filter.search'"):
+    with pytest.raises(ValueError, match=r"'targets\.filter\.search'"):
         parse_fleet_run({"targets": {"filter": {"search": " "}}, "command": "x"})
 
 
@@ -409,3 +409,41 @@ async def test_with_offline_wait_a_host_runs_when_it_returns_or_is_skipped(monke
     assert final.counts == {"queued": 0, "running": 0, "succeeded": 2, "failed": 0, "skipped": 1}
     skipped = [r for e in published for r in e.results if r["status"] == "skipped"]
     assert [(r["hostname"], r["reason"]) for r in skipped] == [("w-2", "still offline after 1 s")]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_host_the_requester_lost_the_right_to_is_skipped_at_its_turn(monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    monkeypatch.setattr(fleetrunner, "publish_now", lambda event: None)
+    ran: list[str] = []
+    refused: set[str] = set()
+
+    async def run_it(*, host: Host, **kwargs: Any) -> dict[str, Any]:
+        ran.append(host.hostname)
+        refused.add(str(later.id))  # withdrawn while the first batch runs
+        return {"execution_id": None, "status": "completed", "exit_code": 0}
+
+    def hosts_allowed(asker: Any, right: str, host_ids: Any) -> set[str]:
+        assert right == "run_command"
+        return {str(h) for h in host_ids} - refused
+
+    monkeypatch.setattr(commands, "command_run_and_wait", run_it)
+    monkeypatch.setattr(permissions, "hosts_allowed", hosts_allowed)
+
+    def setup() -> tuple[FleetRun, Any, Host]:
+        from django.contrib.auth import get_user_model
+
+        user = get_user_model().objects.create_user("op")
+        hosts = [host_services.host_create(hostname=f"r-{i}") for i in range(2)]
+        Host.objects.update(status=HostStatus.ONLINE)
+        spec = parse_fleet_run(
+            {"targets": {"host_ids": [str(h.id) for h in hosts]}, "command": "x", "batch_size": 1}
+        )
+        return fleetruns.fleet_run_create(spec=spec, user=user), user, hosts[1]
+
+    run, user, later = await sync_to_async(setup)()
+    await FleetRunner(run, user, None).run()
+    assert ran == ["r-0"]
+    row = await sync_to_async(lambda: FleetRunHost.objects.get(run=run, hostname="r-1"))()
+    assert (row.status, row.reason) == ("skipped", fleetrunner.WITHDRAWN)
