@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from hosts.models import (
@@ -316,17 +316,19 @@ def fleet_run_host_ended(
     there), and add it to the run's counts."""
     if status not in FINAL_HOST_STATUSES:
         raise ValueError(f"{status!r} is not a final status")
+    now = timezone.now()
     with transaction.atomic():
-        row = FleetRunHost.objects.select_for_update().get(id=row_id)
-        row.status, row.reason = status, reason[:2000]
-        row.execution_id, row.exit_code = execution_id, exit_code
-        row.package_operation_id = package_operation_id
-        row.finished_at = timezone.now()
-        row.save()
-        run = FleetRun.objects.select_for_update().get(id=row.run_id)
-        setattr(run, status, getattr(run, status) + 1)
-        run.heartbeat_at = timezone.now()
-        run.save(update_fields=[status, "heartbeat_at"])
+        run_id = FleetRunHost.objects.filter(id=row_id).values_list("run_id", flat=True).get()
+        FleetRunHost.objects.filter(id=row_id).update(
+            status=status,
+            reason=reason[:2000],
+            execution_id=execution_id,
+            package_operation_id=package_operation_id,
+            exit_code=exit_code,
+            finished_at=now,
+        )
+        # one UPDATE that adds to the count: the hosts of a batch end at once
+        FleetRun.objects.filter(id=run_id).update(**{status: F(status) + 1}, heartbeat_at=now)
 
 
 def fleet_run_skip_rest(*, run_id: Any, reason: str) -> int:
