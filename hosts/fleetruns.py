@@ -334,13 +334,11 @@ def fleet_run_host_ended(
 def fleet_run_skip_rest(*, run_id: Any, reason: str) -> int:
     """Skip, with ``reason``, every host of a run not yet ended; how many."""
     with transaction.atomic():
-        run = FleetRun.objects.select_for_update().get(id=run_id)
-        rest = FleetRunHost.objects.filter(run=run).exclude(status__in=FINAL_HOST_STATUSES)
+        rest = FleetRunHost.objects.filter(run__id=run_id).exclude(status__in=FINAL_HOST_STATUSES)
         count = rest.update(
             status=FleetRunHostStatus.SKIPPED, reason=reason, finished_at=timezone.now()
         )
-        run.skipped += count
-        run.save(update_fields=["skipped"])
+        FleetRun.objects.filter(id=run_id).update(skipped=F("skipped") + count)
     return count
 
 
