@@ -11,6 +11,8 @@ from django.http import HttpRequest
 from hosts import services
 from hosts.models import (
     CommandExecution,
+    FleetRun,
+    FleetRunHost,
     Host,
     HostGroup,
     HostGroupGrant,
@@ -336,6 +338,53 @@ class PackageOperationAdmin(OutputHidingAdmin[PackageOperation]):
     def get_queryset(self, request: HttpRequest) -> QuerySet[PackageOperation]:
         """The output (up to 512 Ki characters) is read only when a page shows it."""
         return super().get_queryset(request).defer("output")
+
+
+class FleetRunHostInline(admin.TabularInline[FleetRunHost, FleetRun]):
+    """Each host of a run and how it went there."""
+
+    model = FleetRunHost
+    fields = ("hostname", "status", "reason", "exit_code", "execution", "started_at", "finished_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """Whoever may view the run sees its hosts (no permission of their own)."""
+        return bool(request.user.has_perm("hosts.view_fleetrun"))
+
+
+@admin.register(FleetRun)
+class FleetRunAdmin(OutputHidingAdmin[FleetRun]):
+    """Fleet runs, read-only, with each host's outcome; the command for those who may
+    see it."""
+
+    list_display = ("__str__", "state", "total", "succeeded", "failed", "skipped", "created_at")
+    list_filter = ("state",)
+    private_fields = ("command",)
+    inlines = (FleetRunHostInline,)
+    fields = (
+        "command",
+        "target",
+        "timeout",
+        "batch_size",
+        "failure_limit",
+        "failure_percent",
+        "offline",
+        "state",
+        "reason",
+        "total",
+        "succeeded",
+        "failed",
+        "skipped",
+        "requested_by",
+        "created_at",
+        "finished_at",
+    )
+    readonly_fields = fields
 
 
 @admin.register(HostInventory)

@@ -15,8 +15,14 @@ class HostsConfig(AppConfig):
         # app configs (not to break an import cycle).
         from django.conf import settings
 
-        from hosts import commands, maintenance, receivers, selectors  # noqa: F401 - signals
-        from hosts.events import AgentTook, CommandFinished
+        from hosts import (  # noqa: F401 - receivers: signals
+            commands,
+            fleetrunner,
+            maintenance,
+            receivers,
+            selectors,
+        )
+        from hosts.events import AgentTook, CommandFinished, PackageOperationFinished
         from sysmanage import commands as command_registry
         from sysmanage import control, metrics, permissions, topics
         from sysmanage.periodic import register_periodic
@@ -29,10 +35,12 @@ class HostsConfig(AppConfig):
         topics.register_snapshot("command_execution", selectors.command_snapshot)
         topics.register_snapshot("package_operations", selectors.operation_snapshot)
         topics.register_filter_check("host_id", selectors.host_id_problem)
-        command_registry.register("command_execution", commands.handle_command)
-        command_registry.register("package_operations", commands.handle_package_operation)
+        topics.register_filter_check("run_id", selectors.fleet_run_id_problem)
+        command_registry.register("command_execution", fleetrunner.handle_command)
+        command_registry.register("package_operations", fleetrunner.handle_package_operation)
         control.register(AgentTook, commands.on_agent_took)
         control.register(CommandFinished, commands.on_command_finished)
+        control.register(PackageOperationFinished, commands.on_package_operation_finished)
         register_periodic(
             "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.sweep
         )

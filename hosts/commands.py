@@ -15,6 +15,7 @@ control messages to every process; :func:`wait_for` and the two handlers below, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,14 +24,16 @@ from django.conf import settings
 
 from hosts import delivery, selectors, services
 from hosts.delivery import WorkKind
-from hosts.events import AgentTook, CommandFinished
+from hosts.events import AgentTook, CommandFinished, PackageOperationFinished
 from hosts.models import (
     Host,
     HostStatus,
     OperationStatus,
     PackageOperationKind,
+    is_package_name,
 )
 from sysmanage import permissions
+from sysmanage.audit import Actor
 from sysmanage.commands import CommandContext
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.hub import Hub
@@ -45,7 +48,7 @@ MAX_TIMEOUT = 3600
 @dataclass(frozen=True)
 class Awaited:
     """What a request waits for: its command or operation ``ref`` ``taken`` by an agent,
-    or command ``ref`` ``finished``."""
+    or ``finished``."""
 
     what: Literal["taken", "finished"]
     ref: str
@@ -85,6 +88,11 @@ def on_agent_took(hub: Hub, message: AgentTook) -> None:
 def on_command_finished(hub: Hub, message: CommandFinished) -> None:
     """Control message ``command_finished``: wake the request waiting for its result here."""
     _resolve(Awaited("finished", message.execution_id))
+
+
+def on_package_operation_finished(hub: Hub, message: PackageOperationFinished) -> None:
+    """Control message ``package_operation_finished``: wake whoever waits for it here."""
+    _resolve(Awaited("finished", message.operation_id))
 
 
 @dataclass(frozen=True)
@@ -225,17 +233,17 @@ async def _sent_after_all(host: Host, kind: WorkKind, ref: str) -> bool:
     return bool(await database_sync_to_async(settle)(kind, ref, why))
 
 
-async def _hand_over(
-    message: ClientMessage, host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
-) -> None:
-    """Make sure the host's agent got the recorded work ``ref``, or record it as failed
-    and raise ``COMMAND_FAILED``.  ``taken`` waits for the agent's confirmation; it was
-    started before the work was recorded, so that no confirmation is missed."""
+async def _undelivered(
+    host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
+) -> str | None:
+    """Make sure the host's agent got the recorded work ``ref``: None if it did, else
+    why not, the work recorded as failed.  ``taken`` waits for the agent's confirmation;
+    it was started before the work was recorded, so that no confirmation is missed."""
     why = _offline_reason(host)
     if why is None and not await taken and not await _sent_after_all(host, kind, ref):
         why = f"Host not reachable: its agent did not take the {kind}"
     if why is None:
-        return
+        return None
     taken.cancel()
     if kind == "command":
         await _fail_command(ref, host, why)
@@ -243,7 +251,59 @@ async def _hand_over(
         await database_sync_to_async(services.package_operation_record_result)(
             operation_id=ref, host_id=host.id, status=OperationStatus.FAILED, message=why, output=""
         )
-    raise _command_failed(message, why, str(host.id), ref)
+    return why
+
+
+async def _hand_over(
+    message: ClientMessage, host: Host, kind: WorkKind, ref: str, taken: asyncio.Future[bool]
+) -> None:
+    """:func:`_undelivered`, raising ``COMMAND_FAILED`` if the work was not delivered."""
+    why = await _undelivered(host, kind, ref, taken)
+    if why is not None:
+        raise _command_failed(message, why, str(host.id), ref)
+
+
+class NotDelivered(Exception):
+    """The host's agent never got the command or package operation ``ref`` (recorded as
+    failed)."""
+
+    def __init__(self, why: str, ref: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.ref = ref
+
+
+async def command_run_and_wait(
+    *,
+    host: Host,
+    command: str,
+    time_limit: int,
+    user: Any,
+    actor: Actor | None,
+    request_id: str = "",
+) -> dict[str, Any]:
+    """Run ``command`` on ``host`` (its timeout ``time_limit`` seconds) and wait for its
+    end: the command's event data as it ended (timed out if the agent never answers).
+    Raises :class:`NotDelivered` if the host's agent never got it.  Permission is the
+    caller's to check."""
+    await Node.for_running_loop()  # this process hears the control messages awaited
+    execution_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", execution_id))
+    execution = await database_sync_to_async(services.command_create)(
+        host=host,
+        command=command,
+        timeout=time_limit,
+        user=user,
+        request_id=request_id,
+        execution_id=execution_id,
+        actor=actor,
+    )
+    why = await _undelivered(host, "command", execution_id, taken)
+    if why is not None:
+        finished.cancel()
+        raise NotDelivered(why, execution_id)
+    return await _wait_for_result(finished, execution, host)
 
 
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
@@ -255,25 +315,17 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     request = parse_command(message)
     await _require_permission(context, message, "command", request.host_id)
     host = await _reachable_host(message, request.host_id)
-    await Node.for_running_loop()  # this process hears the control messages awaited
-    execution_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
-    finished = wait_for(Awaited("finished", execution_id))
-    execution = await database_sync_to_async(services.command_create)(
-        host=host,
-        command=request.command,
-        timeout=request.timeout,
-        user=context.user,
-        request_id=str(message.id or ""),
-        execution_id=execution_id,
-        actor=context.actor,
-    )
     try:
-        await _hand_over(message, host, "command", execution_id, taken)
-    except ProtocolError:
-        finished.cancel()
-        raise
-    data = await _wait_for_result(finished, execution, host)
+        data = await command_run_and_wait(
+            host=host,
+            command=request.command,
+            time_limit=request.timeout,
+            user=context.user,
+            actor=context.actor,
+            request_id=str(message.id or ""),
+        )
+    except NotDelivered as exc:
+        raise _command_failed(message, exc.why, str(host.id), exc.ref) from None
     context.reply(
         envelope(MessageType.RESPONSE, "command_execution", _response_data(data), id_=message.id)
     )
@@ -332,15 +384,43 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
             message, "'operation' must be one of " + ", ".join(PackageOperationKind.values)
         )
     package = message.data.get("package")
-    if (
-        not isinstance(package, str)
-        or not package.strip()
-        or len(package) > 255
-        or package.startswith("-")
-        or any(c.isspace() or not c.isprintable() for c in package)
-    ):
+    if not is_package_name(package):
         raise _invalid(message, "'package' must be one package name")
     return host_id, operation, package
+
+
+async def package_operation_run_and_wait(
+    *,
+    host: Host,
+    operation: str,
+    package: str,
+    time_limit: int,
+    user: Any,
+    actor: Actor | None,
+) -> dict[str, Any]:
+    """Start a package operation on ``host`` and wait up to ``time_limit`` seconds for its
+    end: the operation's event data as it is then (still ``in_progress`` if it has not
+    ended; it goes on).  Raises :class:`NotDelivered` if the host's agent never got it.
+    Permission is the caller's to check."""
+    await Node.for_running_loop()  # this process hears the control messages awaited
+    operation_id = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(operation_id, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", operation_id))
+    await database_sync_to_async(services.package_operation_create)(
+        host=host,
+        operation=operation,
+        package=package,
+        user=user,
+        operation_id=operation_id,
+        actor=actor,
+    )
+    why = await _undelivered(host, "operation", operation_id, taken)
+    if why is not None:
+        finished.cancel()
+        raise NotDelivered(why, operation_id)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(finished, time_limit)
+    return await database_sync_to_async(selectors.operation_event_data)(operation_id)
 
 
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:

@@ -114,6 +114,36 @@ class PackageOperationUpdated(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class FleetRunProgress(Event):
+    """A fleet run's progress: its counts, and the results of the hosts that ended since
+    the last one.  Published at most every ``FLEET_RUN_PROGRESS_INTERVAL`` seconds per run
+    while it runs, and once more when it ends (``final``)."""
+
+    channel = "command_execution"
+    name = "fleet_run.progress"
+
+    run_id: str
+    #: ``command`` or ``package`` (a package operation, ``command`` reading
+    #: ``<operation> <package>``)
+    kind: str
+    state: str
+    #: the command (shown only to those who may see its text, as for one command)
+    command: str
+    total: int
+    #: ``queued``, ``running``, ``succeeded``, ``failed``, ``skipped``
+    counts: dict[str, int]
+    #: hosts that ended since the previous progress event: ``host_id``, ``hostname``,
+    #: ``status`` (succeeded, failed, skipped), ``exit_code``, ``execution_id`` (a
+    #: command's) or ``operation_id`` (a package operation's), ``reason``
+    results: list[dict[str, Any]]
+    reason: str
+    requested_by: str | None
+    #: who may see ``command`` (never sent to clients, as for one command)
+    requested_by_id: str | None
+    final: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentTook(Control):
     """An agent was sent the command or package operation ``ref`` (``hosts.commands``)."""
 
@@ -130,6 +160,15 @@ class CommandFinished(Control):
     action = "command_finished"
 
     execution_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackageOperationFinished(Control):
+    """Package operation ``operation_id`` ended, its result stored (``hosts.commands``)."""
+
+    action = "package_operation_finished"
+
+    operation_id: str
 
 
 def command_event(execution: CommandExecution) -> CommandExecutionUpdated:

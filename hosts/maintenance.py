@@ -1,6 +1,7 @@
 """
 The hosts sweep: silent hosts go offline, overdue commands and stalled package
-operations end with a clear status.  Every server process runs it periodically, and
+operations end with a clear status, and fleet runs whose process stopped are marked
+interrupted.  Every server process runs it periodically, and
 ``manage.py mark_offline_hosts`` runs it from cron; it is safe to run concurrently.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from hosts import services
+from hosts import fleetruns, services
 from hosts.models import CommandExecution, Host, PackageOperation
 from sysmanage.node import Node
 from sysmanage.protocol import CloseCode, auth_failed_envelope
@@ -29,6 +30,8 @@ class SweepReport:
     hosts_offline: list[str]
     commands_timed_out: int
     operations_failed: int
+    #: fleet runs whose process stopped, marked interrupted
+    fleet_runs_interrupted: list[str]
 
 
 def sweep(*, offline_after: float | None = None) -> SweepReport:
@@ -39,13 +42,16 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
     failed = services.package_operations_expire_overdue(
         silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS
     )
-    report = SweepReport([h.hostname for h in offline], timed_out, failed)
-    if offline or timed_out or failed:
+    interrupted = fleetruns.fleet_runs_interrupt_stale(silent_for=settings.FLEET_RUN_STALE_SECONDS)
+    report = SweepReport([h.hostname for h in offline], timed_out, failed, interrupted)
+    if offline or timed_out or failed or interrupted:
         logger.info(
-            "sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) failed",
+            "sweep: %d host(s) offline, %d command(s) timed out, %d operation(s) failed, "
+            "%d fleet run(s) interrupted",
             len(offline),
             timed_out,
             failed,
+            len(interrupted),
         )
     return report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TypeGuard
 
 from django.conf import settings
 from django.db import models
@@ -236,6 +237,17 @@ class PackageOperationKind(models.TextChoices):
     INSTALL = "install", "Install"
     REMOVE = "remove", "Remove"
     UPDATE = "update", "Update"
+
+
+def is_package_name(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is one package name: printable, no space, not an option."""
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and len(value) <= 255
+        and not value.startswith("-")
+        and not any(c.isspace() or not c.isprintable() for c in value)
+    )
 
 
 class OperationStatus(models.TextChoices):
@@ -520,3 +532,124 @@ class HostPatchStatus(models.Model):
 
     def __str__(self) -> str:
         return f"Patch status of {self.host_id}"
+
+
+class FleetRunKind(models.TextChoices):
+    """What a fleet run does on each host."""
+
+    COMMAND = "command", "Shell command"
+    PACKAGE = "package", "Package operation"
+
+
+class FleetRunState(models.TextChoices):
+    """Life cycle of a fleet run."""
+
+    RUNNING = "running", "Running"
+    #: every targeted host ran it and succeeded
+    SUCCEEDED = "succeeded", "Succeeded"
+    #: it ran to the end, but some hosts failed or were skipped
+    FAILED = "failed", "Failed"
+    #: the failure limit was reached: the hosts not yet started were skipped
+    STOPPED = "stopped", "Stopped"
+    #: the server process running it stopped before it ended
+    INTERRUPTED = "interrupted", "Interrupted"
+
+
+class FleetRunHostStatus(models.TextChoices):
+    """Where one host of a fleet run is."""
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    SKIPPED = "skipped", "Skipped"
+
+
+class FleetRun(models.Model):
+    """A command run on many hosts at once: a group, a list of hosts or both, in
+    batches, stopped when too many fail.  Kept as history with each host's outcome."""
+
+    ACTIVE_STATES = (FleetRunState.RUNNING,)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=20, choices=FleetRunKind.choices, default="command")
+    #: what was asked for: ``{"groups": [names], "host_ids": [ids]}``
+    target = models.JSONField(default=dict)
+    #: the shell command; for a package run, ``<operation> <package>``
+    command = models.TextField()
+    #: a package run's operation and package
+    operation = models.CharField(max_length=10, blank=True)
+    package = models.CharField(max_length=255, blank=True)
+    #: seconds each host may take (a command's own timeout; how long a package
+    #: operation is waited for before the host counts as failed)
+    timeout = models.PositiveIntegerField(default=30)
+    batch_size = models.PositiveIntegerField(default=5)
+    #: stop after this many failures, or this percent of the hosts (see ``failure_percent``)
+    failure_limit = models.PositiveIntegerField(null=True, blank=True)
+    failure_percent = models.BooleanField(default=False)
+    #: what becomes of a host that is offline when its turn comes: ``skip`` it, or
+    #: ``wait`` for it (once the batches are done) up to ``offline_wait`` seconds
+    offline = models.CharField(max_length=10, default="skip")
+    offline_wait = models.PositiveIntegerField(default=600)
+    state = models.CharField(
+        max_length=12, choices=FleetRunState.choices, default=FleetRunState.RUNNING, db_index=True
+    )
+    reason = models.TextField(blank=True)
+    total = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="fleet_runs",
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    #: last sign of life of the process running it; a silent running run is interrupted
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"fleet run {str(self.id)[:8]}"
+
+
+class FleetRunHost(models.Model):
+    """One host of a fleet run and how it went there."""
+
+    id = models.BigAutoField(primary_key=True)
+    run = models.ForeignKey(FleetRun, on_delete=models.CASCADE, related_name="hosts")
+    #: the host (null once deleted; its name is kept)
+    host = models.ForeignKey(
+        Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="fleet_runs"
+    )
+    hostname = models.CharField(max_length=255)
+    #: the order the host runs in (batches take hosts in this order)
+    position = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=10, choices=FleetRunHostStatus.choices, default=FleetRunHostStatus.QUEUED
+    )
+    #: why it was skipped or failed without a result
+    reason = models.TextField(blank=True)
+    execution = models.ForeignKey(
+        CommandExecution, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    package_operation = models.ForeignKey(
+        PackageOperation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    exit_code = models.IntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "position"], name="fleet_run_host_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} in {self.run}"

@@ -10,9 +10,11 @@ from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import Length, Substr
 
 from hosts.events import command_event, operation_event
+from hosts.fleetruns import fleet_run_data
 from hosts.models import (
     AgentRegistration,
     CommandExecution,
+    FleetRun,
     Host,
     HostGroup,
     HostGroupGrant,
@@ -26,9 +28,10 @@ from hosts.models import (
 )
 from hosts.patching import PendingUpdate
 from hosts.tokens import token_digest
+from sysmanage import permissions
 from sysmanage.permissions import HostScope
 from sysmanage.protocol import iso
-from sysmanage.topics import NOBODY, Filters, Viewer, snapshot_list
+from sysmanage.topics import NOBODY, TOPICS, Filters, Viewer, snapshot_list
 
 #: How many rows of each inventory list a host's page shows at most.
 INVENTORY_STORAGE_ROWS = 100
@@ -134,7 +137,9 @@ def command_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any
     )
     if filters.get("host_id"):
         rows = rows.filter(host_id=filters["host_id"])
-    return snapshot_list(
+    if filters.get("run_id"):
+        rows = rows.filter(request_id=f"fleet-run:{filters['run_id']}")
+    snapshot = snapshot_list(
         "command_execution",
         "commands",
         within(rows, viewer.scope),
@@ -142,6 +147,27 @@ def command_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any
         filters,
         viewer,
     )
+    if filters.get("run_id"):
+        snapshot["fleet_run"] = fleet_run_snapshot(filters, viewer)
+    return snapshot
+
+
+def fleet_run_snapshot(filters: Filters, viewer: Viewer) -> dict[str, Any] | None:
+    """The fleet run of ``filters`` as it is now (its counts, no host results), as its
+    ``fleet_run.progress`` events show it to ``viewer``; None if there is none."""
+    run = FleetRun.objects.select_related("requested_by").filter(id=filters["run_id"]).first()
+    if run is None or not permissions.sees_fleet_run(
+        scope=viewer.scope, user_id=viewer.user_id, requested_by_id=run.requested_by_id
+    ):
+        return None
+    data = fleet_run_data(run)
+    data["requested_by_id"] = str(run.requested_by_id) if run.requested_by_id else None
+    return TOPICS["command_execution"].present(filters, viewer, data)
+
+
+def fleet_run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` is not a filter to subscribe with (no such run), or None."""
+    return None if FleetRun.objects.filter(id=run_id).exists() else "no such fleet run"
 
 
 def operation_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
@@ -237,6 +263,12 @@ def metric_history(
         }
         for r in rows
     ]
+
+
+def operation_event_data(operation_id: Any) -> dict[str, Any]:
+    """A package operation as its ``package_operations`` events show it."""
+    operation = PackageOperation.objects.select_related("host").get(id=operation_id)
+    return operation_event(operation).data()
 
 
 def command_event_data(execution_id: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from hosts.events import (
     CommandFinished,
     HostMetricsReported,
     HostStatusChanged,
+    PackageOperationFinished,
     command_event,
     operation_event,
 )
@@ -366,6 +367,7 @@ def package_operation_update(
         operation.save()
         publish(operation_event(operation))
         if status in (OperationStatus.COMPLETED, OperationStatus.FAILED):
+            publish_control(PackageOperationFinished(operation_id=str(operation.id)))
             fleet_changed()
     return operation
 

@@ -1,5 +1,5 @@
 """
-Pages of the hosts app: the hosts table and one host's page.
+Pages of the hosts app: the hosts table, one host's page, and the fleet runs.
 
 Also home of :class:`DashboardMixin`, which every dashboard page uses; the alerts and
 activity pages import it from here (higher apps may import lower ones).
@@ -18,7 +18,8 @@ from django.shortcuts import get_object_or_404
 from django.views.generic import TemplateView
 
 from hosts import selectors
-from hosts.models import Host
+from hosts.fleetruns import fleet_run_data
+from hosts.models import FleetRun, Host
 from sysmanage import permissions
 from sysmanage.protocol import iso
 
@@ -87,6 +88,7 @@ class HostListView(DashboardMixin, TemplateView):
             "hosts": hosts,
             "total_hosts": total,
             "live_metrics": live_metrics,
+            "can_run_commands": permissions.can_run_commands(self.request.user),
             "page_data": {"liveMetrics": live_metrics, "group": group},
         }
 
@@ -139,3 +141,65 @@ def host_page_data(
         "canManageAlerts": can_manage_alerts,
         "offlineAfterSeconds": settings.HOST_OFFLINE_AFTER_SECONDS,
     }
+
+
+class FleetRunListView(DashboardMixin, TemplateView):
+    """``/fleet-runs/``: start a command on a host group and/or the hosts a search matches
+    (``?group=`` and ``?q=`` fill them in) and the latest runs with their outcome."""
+
+    template_name = "hosts/fleet_run_list.html"
+    nav_section = "fleet-runs"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """The groups to choose from, and the latest runs as this user may see them."""
+        user = self.request.user
+        group = self.request.GET.get("group", "").strip()[:100]
+        query = self.request.GET.get("q", "").strip()[:255]
+        runs = [
+            _run_view(run, user)
+            for run in permissions.fleet_runs_visible(
+                FleetRun.objects.select_related("requested_by"), self.request.user
+            )[:RECENT_RUNS]
+        ]
+        return {
+            **super().get_context_data(**kwargs),
+            "groups": list(selectors.host_group_list()),
+            "group": group,
+            "query": query,
+            "runs": runs,
+            "can_run_commands": permissions.can_run_commands(user),
+        }
+
+
+class FleetRunDetailView(DashboardMixin, TemplateView):
+    """``/fleet-runs/<uuid>/``: one run, its counts and each host's outcome, live."""
+
+    template_name = "hosts/fleet_run_detail.html"
+    nav_section = "fleet-runs"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """The run with its hosts, and what the page's script starts from."""
+        run = get_object_or_404(
+            permissions.fleet_runs_visible(
+                FleetRun.objects.select_related("requested_by"), self.request.user
+            ),
+            pk=kwargs["run_id"],
+        )
+        view = _run_view(run, self.request.user)
+        return {
+            **super().get_context_data(**kwargs),
+            "run": view,
+            "hosts": view["data"]["hosts"],
+            "page_data": {"runId": str(run.id), "state": run.state},
+        }
+
+
+#: Runs the list page shows.
+RECENT_RUNS = 50
+
+
+def _run_view(run: FleetRun, user: Any) -> dict[str, Any]:
+    """A run for a page: its API data (with hosts) and whether ``user`` sees its command."""
+    data = fleet_run_data(run, with_hosts=True)
+    visible = permissions.can_see_command_output(user, run.requested_by_id)
+    return {"data": data, "command_visible": visible, "run": run}

@@ -335,6 +335,8 @@ class Hub:
                 continue
             if type(key) is Scoped and not key.admits(topic, data.get("host_id")):
                 continue
+            if topic.per_viewer and topic.withholds(conn, data):
+                continue
             audience = topic.audience(conn, data) if topic.per_viewer else None
             frames.append(
                 entry.frame(
@@ -535,6 +537,8 @@ class Hub:
                 for conn in list(conns):
                     filters = filters_of[conn]
                     if topic.extra_match and not topic.matches(filters, data):
+                        continue
+                    if topic.per_viewer and topic.withholds(conn, data):
                         continue
                     audience = topic.audience(conn, data) if topic.per_viewer else None
                     frame = framed.get(audience)

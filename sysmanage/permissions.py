@@ -352,6 +352,24 @@ def may_on_host(user: Asker, right: str, host_id: object) -> bool:
     return bool(hosts_allowed(user, right, [host_id]))
 
 
+def sees_fleet_run(*, scope: HostScope, user_id: object, requested_by_id: object) -> bool:
+    """Whether a viewer who sees ``scope`` sees a fleet run (its counts and its hosts'
+    results): its requester (who could act on every host in it), and those who see
+    every host."""
+    return scope is None or (
+        user_id is not None and requested_by_id is not None and str(user_id) == str(requested_by_id)
+    )
+
+
+def fleet_runs_visible(rows: Rows, user: Asker) -> Rows:
+    """Fleet runs (a query set) narrowed to those ``user`` sees (:func:`sees_fleet_run`)."""
+    if sees_every_host(user):
+        return rows
+    if not _active(user):
+        return rows.none()
+    return rows.filter(requested_by_id=user.pk)
+
+
 def in_scope(scope: HostScope, host_id: object) -> bool:
     """Whether a host is within ``scope`` (events without a host are in every scope)."""
     return scope is None or host_id is None or str(host_id) in scope

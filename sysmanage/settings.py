@@ -474,6 +474,12 @@ COMMAND_RESULT_GRACE_SECONDS = env_int("COMMAND_RESULT_GRACE_SECONDS", 30)
 PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 1800)
 # How often each server process sweeps for silent hosts and overdue commands.
 MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
+# Fleet runs (a command on many hosts): how often the process running one says it is
+# alive, how long a run may go unheard of before the sweep marks it interrupted, and how
+# often, at most, its aggregated progress is published (seconds).
+FLEET_RUN_HEARTBEAT_SECONDS = float(env("FLEET_RUN_HEARTBEAT_SECONDS", "10") or "10")
+FLEET_RUN_STALE_SECONDS = float(env("FLEET_RUN_STALE_SECONDS", "60") or "60")
+FLEET_RUN_PROGRESS_INTERVAL = float(env("FLEET_RUN_PROGRESS_INTERVAL", "0.25") or "0.25")
 
 # --- The SysManage agent (POST /api/host/register, /api/agent/*) --------------------
 # Approve every registration at once (no admin approval, no key needed).  Off: new

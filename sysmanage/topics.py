@@ -33,6 +33,11 @@ class Viewer:
     rights: frozenset[str] = frozenset()
     scope: permissions.HostScope = None
 
+    @property
+    def host_scope(self) -> permissions.HostScope:
+        """The hosts seen, by the name connections give it."""
+        return self.scope
+
 
 #: No one in particular: sees only what every subscriber sees (the fleet figures that
 #: are published to all are read as this viewer).
@@ -134,6 +139,11 @@ class Topic:
         """The payload for a subscriber with ``filters`` in ``audience``."""
         return self.render(filters, data)
 
+    def withholds(self, viewer: Any, data: dict[str, Any]) -> bool:
+        """(``per_viewer`` topics) whether ``viewer`` (a connection or a :class:`Viewer`)
+        gets nothing of an event about no host in particular that they may not see."""
+        return False
+
     def repeats(self, last: dict[str, Any] | None, data: dict[str, Any]) -> bool:
         """(``drops_repeats`` topics) whether ``data`` tells nothing that ``last``, the
         channel's previous payload, did not."""
@@ -222,11 +232,28 @@ class CommandExecutionTopic(Topic):
     """
 
     name = "command_execution"
-    filter_fields = {"host_id": (False, "uuid")}
+    filter_fields = {"host_id": (False, "uuid"), "run_id": (False, "uuid")}
     sends_initial_state = True
     per_viewer = True
+    extra_match = True
     #: the fields only those who may see a command's output get
     PRIVATE_FIELDS = ("command", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "error")
+
+    def matches(self, filters: Filters, data: dict[str, Any]) -> bool:
+        """Match on host (if filtered) and on fleet run (``run_id``, if filtered: only
+        that run's ``fleet_run.progress`` events)."""
+        run_id = filters.get("run_id")
+        if run_id is not None and data.get("run_id") != run_id:
+            return False
+        return super().matches(filters, data)
+
+    def withholds(self, viewer: Any, data: dict[str, Any]) -> bool:
+        """A fleet run's progress (about many hosts) only for those who see the run."""
+        return "run_id" in data and not permissions.sees_fleet_run(
+            scope=getattr(viewer, "host_scope", None),
+            user_id=viewer.user_id,
+            requested_by_id=data.get("requested_by_id"),
+        )
 
     def audience(self, viewer: Any, data: dict[str, Any]) -> Hashable:
         """True for viewers who see the text and output of this command."""

@@ -27,7 +27,8 @@ from hosts.api import (
     HostViewSet,
     PackageOperationViewSet,
 )
-from hosts.views import HostDetailView, HostListView
+from hosts.fleetapi import FleetRunViewSet
+from hosts.views import FleetRunDetailView, FleetRunListView, HostDetailView, HostListView
 from sysmanage import dbgate, drain, plugins
 from sysmanage.dbthreads import in_database_threads
 from sysmanage.metrics import metrics_view
@@ -42,6 +43,7 @@ router.register("alerts", AlertViewSet, basename="alert")
 router.register("activity", UserActivityViewSet, basename="activity")
 router.register("commands", CommandExecutionViewSet, basename="command")
 router.register("package-operations", PackageOperationViewSet, basename="package-operation")
+router.register("fleet-runs", FleetRunViewSet, basename="fleet-run")
 for prefix, viewset, basename in plugins.api_routes():
     router.register(prefix, viewset, basename=basename)
 
@@ -114,6 +116,8 @@ urlpatterns = [
     path("", OverviewView.as_view(), name="dashboard-overview"),
     path("hosts/", HostListView.as_view(), name="dashboard-hosts"),
     path("hosts/<uuid:host_id>/", HostDetailView.as_view(), name="dashboard-host"),
+    path("fleet-runs/", FleetRunListView.as_view(), name="dashboard-fleet-runs"),
+    path("fleet-runs/<uuid:run_id>/", FleetRunDetailView.as_view(), name="dashboard-fleet-run"),
     path("alerts/", AlertListView.as_view(), name="dashboard-alerts"),
     path("activity/", ActivityView.as_view(), name="dashboard-activity"),
     path("login/", DashboardLoginView.as_view(), name="login"),

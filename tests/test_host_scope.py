@@ -383,3 +383,41 @@ def test_a_grant_or_a_membership_change_asks_for_a_recheck(
     # a group without grants changes no one's view
     published.run(host_services.host_group_set_hosts, group_id=fleet.db.pk, host_ids=[str(new.pk)])
     assert len(rechecks()) == before + 1
+
+
+# -- fleet runs ----------------------------------------------------------------------------
+
+
+def test_fleet_run_targets_are_what_the_requester_sees_and_runs_are_theirs(
+    webops, fleet, make_user
+):
+    from hosts import fleetruns
+    from hosts.fleetruns import parse_fleet_run
+    from hosts.models import FleetRun
+
+    # hosts matching a filter, some out of sight: only those seen are targets (and the
+    # others are not even counted)
+    spec = parse_fleet_run({"targets": {"filter": {"search": "-01"}}, "command": "uptime"})
+    run = fleetruns.fleet_run_create(spec=spec, user=webops)
+    assert list(run.hosts.values_list("hostname", flat=True)) == ["web-01"]
+    hidden = parse_fleet_run({"targets": {"host_ids": [fleet.id("db-01")]}, "command": "uptime"})
+    with pytest.raises(ValueError, match="name no host"):
+        fleetruns.fleet_run_create(spec=hidden, user=webops)
+
+    theirs = FleetRun.objects.create(kind="command", command="x", total=0, target={})
+    listed = [r["run_id"] for r in rest(webops).get("/api/fleet-runs/").json()["results"]]
+    assert listed == [str(run.id)]
+    assert rest(webops).get(f"/api/fleet-runs/{theirs.id}/").status_code == 404
+    everyone = rest(make_user("old-timer")).get("/api/fleet-runs/").json()["results"]
+    assert {r["run_id"] for r in everyone} == {str(run.id), str(theirs.id)}
+
+
+def test_fleet_run_progress_reaches_only_those_who_see_the_run():
+    from sysmanage.topics import TOPICS, Viewer
+
+    topic = TOPICS["command_execution"]
+    progress = {"run_id": "r", "requested_by_id": "7", "results": [], "counts": {}}
+    assert not topic.withholds(Viewer("7", scope=frozenset()), progress)  # the requester
+    assert not topic.withholds(Viewer("8", scope=None), progress)  # sees every host
+    assert topic.withholds(Viewer("8", scope=frozenset({"h"})), progress)
+    assert not topic.withholds(Viewer("8", scope=frozenset()), {"host_id": "h"})

@@ -152,6 +152,14 @@ def test_package_operation_events(published, host):
     assert events[1]["data"]["message"] == "Downloading"
     for event in events:
         assert_valid(event)
+    controls = [
+        (m["action"], m["fields"]) for m in published.messages if m["type"] == "hub.control"
+    ]
+    # whoever waits for its end (a fleet run) is told when it ends, once
+    assert controls == [
+        ("agent_dispatch", {"host_id": str(host.id)}),
+        ("package_operation_finished", {"operation_id": str(operation.id)}),
+    ]
 
 
 def test_alert_lifecycle_events(published, host, make_user):

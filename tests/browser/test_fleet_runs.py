@@ -1,0 +1,93 @@
+"""
+A fleet run started from its page in headless Chromium, against a real Daphne server and
+the real agent program: the form on a group's page starts it over the socket, and the
+run's page shows it as it happens, each host's outcome as it lands (one host of the
+group never connected: skipped).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.browser.support import Browser, ensure_logged_in
+from tests.integration import harness
+from tests.integration.harness import Deployment
+from tests.integration.test_agent_e2e import AgentProcess
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+
+def enroll(deployment: Deployment, hostname: str, group: str) -> dict[str, str]:
+    """``manage.py register_host HOSTNAME --group GROUP``: its JSON line."""
+    args = ["manage.py", "register_host", hostname, "--group", group]
+    out = harness.run_python(args, deployment.env, what="register_host").stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_run_started_on_a_group_shows_live(
+    browser: Browser, deployment: Deployment, tmp_path: Path
+) -> None:
+    ensure_logged_in(browser, "admin", deployment.password)
+    hosts = {name: enroll(deployment, name, "batch") for name in ("run-a", "run-b", "run-c")}
+    agents = [
+        AgentProcess(
+            deployment.server.base_url,
+            hosts[name]["token"],
+            tmp_path / f"{name}-state",
+            tmp_path / f"{name}.log",
+        ).start()
+        for name in ("run-a", "run-b")
+    ]
+    try:
+        browser.open("/hosts/?group=batch", "host_status")
+        for name in ("run-a", "run-b"):
+            browser.wait_text(
+                f'#host-rows tr[data-host-id="{hosts[name]["host_id"]}"] [data-cell=status]',
+                lambda t: t == "Online",
+                40,
+            )
+        browser.find("#group-run a").click()
+        browser.wait_live()
+        assert browser.find("#run-group").get_attribute("value") == "batch"
+        browser.find("#run-command").send_keys("sleep 1; echo done")
+        browser.find("#run-batch").clear()
+        browser.find("#run-batch").send_keys("1")
+        browser.forget_frames()
+        browser.find("#fleet-run-form button[type=submit]").click()
+
+        browser.wait(lambda d: "/fleet-runs/" in d.current_url and d.current_url.count("/") > 4)
+        browser.wait_live()
+        browser.wait_text("#run-state", lambda t: t == "Failed", 40, "the run's state")
+        counts = {
+            key: browser.text_of(f'#run-counts [data-count="{key}"]')
+            for key in ("queued", "running", "succeeded", "failed", "skipped")
+        }
+        assert counts == {
+            "queued": "0",
+            "running": "0",
+            "succeeded": "2",
+            "failed": "0",
+            "skipped": "1",
+        }
+        assert browser.text_of("#run-reason") == "0 failed, 1 skipped"
+        row = f'#run-host-rows tr[data-host-id="{hosts["run-c"]["host_id"]}"]'
+        assert browser.text_of(f"{row} [data-cell=status]") == "Skipped"
+        assert browser.text_of(f"{row} [data-cell=reason]") == "host unknown"
+        row = f'#run-host-rows tr[data-host-id="{hosts["run-a"]["host_id"]}"]'
+        assert browser.text_of(f"{row} [data-cell=exit-code]") == "0"
+        # The page heard the run's progress over its run_id subscription, and nothing else
+        # of command_execution.
+        events = [
+            f["data"]
+            for f in browser.read_frames()
+            if f.get("type") == "event" and f.get("channel") == "command_execution"
+        ]
+        assert events
+        assert all("run_id" in data for data in events)
+        assert events[-1]["final"] is True
+    finally:
+        for agent in agents:
+            agent.stop()
