@@ -93,8 +93,12 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         form.is_valid(raise_exception=True)
         host = form.validated_data.get("host")
         if host is not None and not permissions.may_on_host(request.user, "view", host.pk):
-            # answered as for a host that does not exist
-            raise ValidationError({"host": [f'Invalid pk "{host.pk}" - object does not exist.']})
+            # answered as for a host that does not exist: the id echoed as it was sent
+            field = form.fields["host"]
+            sent = form.initial_data.get("host")
+            raise ValidationError(
+                {"host": [field.error_messages["does_not_exist"].format(pk_value=sent)]}
+            )
         alert = services.alert_raise(**form.validated_data)
         return Response(AlertSerializer(alert).data, status=status.HTTP_201_CREATED)
 
