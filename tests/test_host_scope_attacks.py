@@ -258,3 +258,84 @@ async def test_a_fleet_run_out_of_sight_is_answered_as_one_that_does_not_exist(
         await _quiet(comm)
     assert answers[0] == answers[1] == ("error", "INVALID_FILTERS", answers[1][2]), answers
     await comm.disconnect()
+
+
+# -- package runs follow the grant's package flag --------------------------------------------
+
+
+def test_a_package_fleet_run_needs_the_grants_package_flag_not_the_command_one(
+    webops, fleet, make_user
+):
+    """One package operation needs a grant's "run package operations"; a fleet run of
+    one does too (webops may run commands on the web hosts, not package operations)."""
+    from hosts import fleetrunner, fleetruns
+    from hosts.models import FleetRunKind
+
+    body = {"targets": {"groups": ["web"]}, "operation": "install", "package": "htop"}
+    spec = fleetruns.parse_fleet_run(body, FleetRunKind.PACKAGE)
+    with pytest.raises(fleetruns.FleetRunRefused, match="package operations on 2 of the 2"):
+        fleetruns.fleet_run_create(spec=spec, user=webops)
+    client = APIClient()
+    client.force_authenticate(webops)
+    refused = client.post("/api/fleet-runs/", {**body, "kind": "package"}, format="json")
+    assert refused.status_code == 403, refused.json()
+    assert not fleetrunner._still_allowed(webops, fleet.id("web-01"), "run_package_operation")
+
+    packager = make_user("packager", every_host=False)
+    give(fleet.web, user=packager, can_run_package_operations=True)
+    run = fleetruns.fleet_run_create(spec=spec, user=packager)
+    assert run.total == 2
+    assert fleetrunner._still_allowed(packager, fleet.id("web-01"), "run_package_operation")
+    command = fleetruns.parse_fleet_run({"targets": {"groups": ["web"]}, "command": "uptime"})
+    with pytest.raises(fleetruns.FleetRunRefused, match="run commands on 2 of the 2"):
+        fleetruns.fleet_run_create(spec=command, user=packager)
+
+
+async def test_a_resume_whose_grant_is_taken_away_while_history_is_read_replays_nothing(
+    make_user, fleet, token_for, monkeypatch
+):
+    """A subscribe with ``since`` reads the channel's history; the grant of its host is
+    taken away meanwhile.  The missed events of that host must not follow."""
+    user = await database_sync_to_async(make_user)("resumer", every_host=False)
+    grant = await database_sync_to_async(give)(fleet.db, user=user)
+    comm = await open_socket("/ws", token=token_for(user))
+    filters = {"host_id": fleet.id("db-01")}
+    reply = await request(
+        comm, {"type": "subscribe", "channel": "system_alerts", "id": "s", "filters": filters}
+    )
+    since = reply["data"]["position"]
+    await _quiet(comm)  # the snapshot
+    await database_sync_to_async(alert_services.alert_raise)(
+        severity="critical", category="disk", title="missed", host=fleet.hosts["db-01"]
+    )
+    await _quiet(comm)
+
+    hub = Node.current().hub
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    real = hub.history.read_after
+
+    async def slowed(channel, position):
+        history = await real(channel, position)
+        reading.set()
+        await go_on.wait()
+        return history
+
+    monkeypatch.setattr(hub.history, "read_after", slowed)
+    await comm.send_json_to(
+        {
+            "type": "subscribe",
+            "channel": "system_alerts",
+            "id": "again",
+            "filters": filters,
+            "since": since,
+        }
+    )
+    await asyncio.wait_for(reading.wait(), 3)
+    await database_sync_to_async(host_services.host_group_grant_delete)(grant_id=grant.pk)
+    await recheck.recheck(hub)
+    go_on.set()
+    got = await _quiet(comm, 0.5)
+    assert not any(m["type"] == "event" for m in got), got
+    assert "missed" not in str(got), got
+    assert got[-1]["data"].get("code") == "INVALID_FILTERS", got
+    await comm.disconnect()
