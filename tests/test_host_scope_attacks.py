@@ -151,6 +151,15 @@ def test_raising_an_alert_answers_a_hidden_host_as_a_missing_one_however_it_is_s
         assert str(hidden.json()).replace(hidden_id, "X") == str(missing.json()).replace(
             missing_id, "X"
         ), (hidden.json(), missing.json())
+    # with another field wrong too: the host is still refused alike
+    bad = {**body, "severity": "bogus"}
+    hidden_id, missing_id = fleet.id("db-01"), str(uuid.uuid4())
+    hidden = client.post("/api/alerts/", {**bad, "host": hidden_id}, format="json")
+    missing = client.post("/api/alerts/", {**bad, "host": missing_id}, format="json")
+    assert hidden.status_code == missing.status_code == 400
+    assert str(hidden.json()).replace(hidden_id, "X") == str(missing.json()).replace(
+        missing_id, "X"
+    ), (hidden.json(), missing.json())
 
 
 def test_checking_for_updates_follows_the_grant_and_hides_hosts_out_of_sight(
