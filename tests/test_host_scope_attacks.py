@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 from alerts import services as alert_services
 from hosts import services as host_services
 from hosts.models import HostGroupGrant, HostStatus
-from sysmanage import consumers, recheck
+from sysmanage import consumers, permissions, recheck
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
@@ -45,8 +45,10 @@ def fleet() -> Fleet:
     return Fleet()
 
 
-def give(group, *, user=None, **flags) -> HostGroupGrant:
-    return host_services.host_group_grant_save(HostGroupGrant(host_group=group, user=user, **flags))
+def give(group, *, user=None, group_of_users=None, **flags) -> HostGroupGrant:
+    return host_services.host_group_grant_save(
+        HostGroupGrant(host_group=group, user=user, group=group_of_users, **flags)
+    )
 
 
 @pytest.fixture
@@ -348,3 +350,44 @@ async def test_a_resume_whose_grant_is_taken_away_while_history_is_read_replays_
     assert "missed" not in str(got), got
     assert got[-1]["data"].get("code") == "INVALID_FILTERS", got
     await comm.disconnect()
+
+
+# -- changes that narrow a user's hosts ask every process for a recheck -----------------------
+
+
+def test_every_change_that_narrows_a_users_hosts_asks_for_a_recheck(make_user, fleet, published):
+    """Deleting a granted group, a host leaving it from either side, the user leaving the
+    Django group a grant names, that Django group deleted: each asks the processes to
+    recheck the sockets concerned (after commit)."""
+    from django.contrib.auth.models import Group
+
+    def rechecks() -> int:
+        return sum(1 for m in published.messages if m.get("action") == "recheck_users")
+
+    user = make_user("narrowed", every_host=False)
+    dba = Group.objects.create(name="dba")
+    published.run(user.groups.add, dba)
+    published.run(give, fleet.db, group_of_users=dba)
+    published.run(give, fleet.web, user=user)
+    assert permissions.host_scope(user) == {fleet.id(n) for n in ("web-01", "web-02", "db-01")}
+
+    steps = [
+        (lambda: fleet.hosts["web-02"].groups.remove(fleet.web), {"web-01", "db-01"}),
+        (lambda: fleet.web.hosts.remove(fleet.hosts["web-01"]), {"db-01"}),
+        (lambda: fleet.hosts["web-01"].groups.add(fleet.web), {"web-01", "db-01"}),
+        (lambda: fleet.hosts["web-01"].groups.clear(), {"db-01"}),
+        (lambda: user.groups.remove(dba), set()),
+        (lambda: user.groups.add(dba), {"db-01"}),
+        (lambda: dba.delete(), set()),
+    ]
+    for change, sees in steps:
+        before = rechecks()
+        published.run(change)
+        assert rechecks() > before, change
+        assert permissions.host_scope(user) == {fleet.id(n) for n in sees}
+
+    published.run(give, fleet.db, user=user)
+    before = rechecks()
+    published.run(host_services.host_group_delete, group_id=fleet.db.pk)
+    assert rechecks() > before
+    assert permissions.host_scope(user) == frozenset()
