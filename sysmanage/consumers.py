@@ -601,8 +601,10 @@ def _still_allowed(
     topic: Topic, filters: Filters, rights: frozenset[str], scope: permissions.HostScope
 ) -> tuple[str | None, str | None]:
     """Whether a socket with ``rights`` that sees ``scope`` may keep a subscription to
-    ``topic`` with ``filters``: (why not for lack of a right, why not for its host)."""
-    if permissions.subscription_lost(topic.name, filters, rights):
+    ``topic`` with ``filters``: (why not for lack of the channel's right, why not for
+    its host).  The rights its filters need are checked apart, with their own words
+    (:func:`~sysmanage.permissions.filters_denied_reason`)."""
+    if permissions.subscription_lost(topic.name, {}, rights):
         return f"Insufficient permissions for channel '{topic.name}'", None
     host_id = filters.get("host_id")
     if host_id != ALL_HOSTS and not permissions.in_scope(scope, host_id):
