@@ -227,7 +227,8 @@ class FleetRunner:
         if host is None or host.status != HostStatus.ONLINE:
             why = "host deleted" if host is None else f"host {host.status}"
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
-        if not await database_sync_to_async(_still_allowed)(self.user, str(host.id)):
+        right = fleetruns.run_right(self.kind)
+        if not await database_sync_to_async(_still_allowed)(self.user, str(host.id), right):
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, WITHDRAWN))
         await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
         self._change("running", 1)
@@ -327,10 +328,11 @@ def _rows(run_id: str) -> list[_Row]:
     ]
 
 
-def _still_allowed(user: Any, host_id: str) -> bool:
-    """Whether ``user`` may still run commands on the host (rights are checked when
-    used: a run can outlast a right withdrawn after it started)."""
-    return host_id in permissions.hosts_allowed(permissions.fresh(user), "run_command", [host_id])
+def _still_allowed(user: Any, host_id: str, right: str = "run_command") -> bool:
+    """Whether ``user`` may still use ``right`` (the run's: commands or package
+    operations) on the host (rights are checked when used: a run can outlast a right
+    withdrawn after it started)."""
+    return host_id in permissions.hosts_allowed(permissions.fresh(user), right, [host_id])
 
 
 def _online(host_ids: list[str | None]) -> set[str]:

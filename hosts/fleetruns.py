@@ -57,14 +57,21 @@ FINAL_HOST_STATUSES = (
 
 
 class FleetRunRefused(Exception):
-    """The user may not run commands on some targeted hosts (``refused`` of them)."""
+    """The user may not run the run's kind of work on some targeted hosts (``refused``
+    of them)."""
 
-    def __init__(self, refused: int, total: int) -> None:
+    def __init__(self, refused: int, total: int, what: str = "run commands") -> None:
         super().__init__(
-            f"You do not have permission to run commands on {refused} of the {total} targeted hosts"
+            f"You do not have permission to {what} on {refused} of the {total} targeted hosts"
         )
         self.refused = refused
         self.total = total
+
+
+def run_right(kind: str) -> str:
+    """The right (``sysmanage.permissions.HOST_RIGHTS``) a run of ``kind`` needs on each
+    of its hosts: a package run that of package operations, as one operation does."""
+    return "run_package_operation" if kind == FleetRunKind.PACKAGE else "run_command"
 
 
 @dataclass(frozen=True)
@@ -248,16 +255,18 @@ def failure_threshold(total: int, limit: int | None, percent: bool) -> int | Non
 def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = None) -> FleetRun:
     """Record a fleet run (running, every host queued) that ``user`` asked for.
 
-    Refuses with :class:`FleetRunRefused` if ``user`` may not run commands on every
-    targeted host (as the database has the user's rights now); ValueError if a target
-    is unknown.
+    Refuses with :class:`FleetRunRefused` if ``user`` may not run commands (for a
+    package run: package operations) on every targeted host (as the database has the
+    user's rights now); ValueError if a target is unknown.
     """
     now = permissions.fresh(user)
     hosts = fleet_run_hosts(spec, permissions.scope_query(now))
-    allowed = permissions.hosts_allowed(now, "run_command", (h.id for h in hosts))
+    right = run_right(spec.kind)
+    allowed = permissions.hosts_allowed(now, right, (h.id for h in hosts))
     refused = sum(1 for host in hosts if str(host.id) not in allowed)
     if refused:
-        raise FleetRunRefused(refused, len(hosts))
+        what = "run package operations" if right == "run_package_operation" else "run commands"
+        raise FleetRunRefused(refused, len(hosts), what)
     with transaction.atomic():
         run = FleetRun.objects.create(
             kind=spec.kind,
