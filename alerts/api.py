@@ -114,8 +114,14 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         return self._transition(services.alert_resolve, pk)
 
     def _transition(self, service: services.AlertTransition, pk: str | None) -> Response:
-        # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500), and
-        # for alerts about hosts the user does not see.
+        # Someone who may manage alerts nowhere is refused whatever the alert.  DRF's
+        # lookup answers 404 for ids that are not UUIDs (Django's raised a 500), and for
+        # alerts about hosts the user does not see.
+        user = self.request.user
+        if not permissions.holds(user, "manage_alert") and not permissions.may_anywhere(
+            user, "manage_alert"
+        ):
+            raise PermissionDenied(permissions.denial("manage_alert"))
         found = self.get_object()
         if found.host_id is None:
             self._require("manage_alert")
