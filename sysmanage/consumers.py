@@ -82,8 +82,11 @@ class ClientConsumer(Connection):
     #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
     rights: frozenset[str] = frozenset()
     rights_read_at = 0.0
-    #: the hosts the user sees (None: every host), read with the rights
-    host_scope: permissions.HostScope = frozenset()
+    #: the hosts the user sees (None: every host), read with the rights.  Most sockets see
+    #: every host: the class holds that answer, and a socket stores its own only when it
+    #: sees some hosts (one attribute less per socket).  A socket subscribes only once
+    #: :meth:`_adopt` has set it.
+    host_scope: permissions.HostScope = None
     #: the access token's expiry (epoch seconds); None for session sockets
     expires_at: float | None = None
     #: the expiry a ``token_expiring`` warning was sent for (one warning per token)
@@ -144,7 +147,8 @@ class ClientConsumer(Connection):
         self.auth_via = credentials.via
         self.fingerprint = credentials.fingerprint
         self.rights, self.rights_read_at = credentials.rights, read_at
-        self.host_scope = credentials.scope
+        if credentials.scope is not None:
+            self.host_scope = credentials.scope
         session = self.scope.get("session")
         if credentials.via == "session" and session is not None and session.session_key:
             self.session_tag = session_tag(session.session_key)
