@@ -52,7 +52,7 @@ def test_a_run_started_on_a_group_shows_live(
         browser.find("#group-run a").click()
         browser.wait_live()
         assert browser.find("#run-group").get_attribute("value") == "batch"
-        browser.find("#run-command").send_keys("sleep 1; echo done")
+        browser.find("#run-command").send_keys("sleep 2; echo done")
         browser.find("#run-batch").clear()
         browser.find("#run-batch").send_keys("1")
         browser.forget_frames()
@@ -60,7 +60,31 @@ def test_a_run_started_on_a_group_shows_live(
 
         browser.wait(lambda d: "/fleet-runs/" in d.current_url and d.current_url.count("/") > 4)
         browser.wait_live()
+        browser.driver.execute_script("window.__sameDocument = true;")
+
+        def count(key: str) -> str:
+            return browser.text_of(f'#run-counts [data-count="{key}"]')
+
+        def status_of(name: str) -> str:
+            return browser.text_of(
+                f'#run-host-rows tr[data-host-id="{hosts[name]["host_id"]}"] [data-cell=status]'
+            )
+
+        # Mid-run, as the progress arrives: the first host done, the second running (the
+        # progress names the hosts that ended, so only the counts say which one runs).
+        browser.wait(
+            lambda d: (
+                (count("succeeded"), count("running"), status_of("run-a"))
+                == ("1", "1", "Succeeded")
+            ),
+            40,
+            "the run's page never showed the first host done and the second running",
+        )
+        assert browser.text_of("#run-state") == "Running"
         browser.wait_text("#run-state", lambda t: t == "Failed", 40, "the run's state")
+        assert browser.driver.execute_script("return window.__sameDocument === true;"), (
+            "the page reloaded"
+        )
         counts = {
             key: browser.text_of(f'#run-counts [data-count="{key}"]')
             for key in ("queued", "running", "succeeded", "failed", "skipped")
