@@ -28,7 +28,9 @@ and per host, the load generator's CPU, progress frames per ``run_id`` subscribe
 per second: coalesced, not one per host), the frames per unfiltered subscriber, and the
 machine's load (``_common.MachineWindow``).  With ``--count-queries`` (the default) one
 more round runs on the same database with the server started by ``bench/_querycount.py``
-(the same server, its SQL statements counted), for the statements per host.
+(the same server, its SQL statements counted), for the statements per host: less what
+the server executes meanwhile anyway (metrics reports, heartbeats, sweeps), measured over
+an ``--idle`` window with no command running.
 
 The per-socket message rate limit (``WS_RATE_LIMIT_PER_SECOND``, 20/s) is lifted for the
 run: with it, the one-host-at-a-time reference could not send more than 20 commands a
@@ -174,6 +176,7 @@ class Counter:
         self.queries0 = self._queries()
         self.cpu0 = sum(server.cpu_times()[:2])
         self.me0 = sum(psutil.Process().cpu_times()[:2])
+        self.started = time.monotonic()
 
     def _queries(self) -> dict[str, int]:
         if self.counts is None:
@@ -193,6 +196,7 @@ class Counter:
         queries = self._queries()
         spent = {k: v - self.queries0.get(k, 0) for k, v in queries.items()}
         return {
+            "window_s": time.monotonic() - self.started,
             "server_cpu": cpu,
             "loadgen_cpu": me,
             "queries": {k: v for k, v in spent.items() if v},
@@ -365,6 +369,7 @@ async def measure(
     print(f"  {tally.connected} of {len(agents)} agents connected", flush=True)
     watchers = [await Subscriber.connect(url, access) for _ in range(args.unfiltered)]
     await asyncio.gather(*(w.subscribe(None) for w in watchers))
+    idle = await idle_statements(server, counts, args.idle) if counts is not None else 0.0
     plan: list[tuple[str, int, int]] = []
     for batch in args.batch_size:
         plan += [("fleet", batch, n) for n in args.subscribers] + [("single", batch, 0)]
@@ -375,7 +380,7 @@ async def measure(
                 row = await fleet(url, access, server, watchers, followers, batch, counts)
             else:
                 row = await single(url, access, server, watchers, ids, batch, counts)
-            row.update(round=number, connected=tally.connected, answered=tally.answered)
+            row.update(round=number, connected=tally.connected, answered=tally.answered, idle=idle)
             rows.append(row)
             print(f"  {line(row)}\n    {row['machine']}", flush=True)
             await asyncio.sleep(2.0)
@@ -411,8 +416,23 @@ def line(row: dict[str, Any]) -> str:
         )
     if row["queries"]:
         total = sum(row["queries"].values())
-        text += f"; SQL {total} ({total / hosts:.1f}/host: {row['queries']})"
+        run = total - row["idle"] * row["window_s"]
+        text += (
+            f"; SQL {total} ({total / hosts:.1f}/host: {row['queries']}); less the idle "
+            f"rate over the window: {run / hosts:.1f}/host"
+        )
     return text
+
+
+async def idle_statements(server: psutil.Process, counts: Path, seconds: float) -> float:
+    """The server's SQL statements per second with the agents connected and no command
+    running (metrics reports, heartbeats, the periodic sweeps), to subtract."""
+    counter = Counter(server, counts)
+    await asyncio.sleep(seconds)
+    figures = counter.finish()
+    rate = sum(figures["queries"].values()) / figures["window_s"]
+    print(f"  idle: {rate:.1f} SQL statements/s {figures['queries']}", flush=True)
+    return rate
 
 
 def _ms(seconds: float | None) -> str:
@@ -513,6 +533,9 @@ def main() -> int:
     )
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between metrics")
     parser.add_argument("--repeat", type=int, default=2, help="rounds on the shipped server")
+    parser.add_argument(
+        "--idle", type=float, default=20.0, help="seconds of the idle window when counting"
+    )
     parser.add_argument(
         "--count-queries",
         action=argparse.BooleanOptionalAction,
