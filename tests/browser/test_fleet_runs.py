@@ -12,12 +12,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import support
 from tests.browser.support import Browser, ensure_logged_in
 from tests.integration import harness
 from tests.integration.harness import Deployment
 from tests.integration.test_agent_e2e import AgentProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+#: Run before a page's scripts: its WebSockets go to a closed port until
+#: ``window.__releaseSockets`` is set.
+HOLD_SOCKETS = """
+const RealWebSocket = window.WebSocket;
+window.WebSocket = class extends RealWebSocket {
+  constructor(url, protocols) {
+    super(window.__releaseSockets ? url : "ws://127.0.0.1:9/held", protocols);
+  }
+};
+"""
 
 
 def enroll(deployment: Deployment, hostname: str, group: str) -> dict[str, str]:
@@ -115,3 +127,66 @@ def test_a_run_started_on_a_group_shows_live(
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_hosts_that_ended_before_the_page_subscribed_show_how_they_ended(
+    browser: Browser, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The page is rendered while the hosts are queued, and its socket connects only
+    after the run ended: the snapshot has the counts but names no host, so the page reads
+    the run again and every row shows its end."""
+    ensure_logged_in(browser, "admin", deployment.password)
+    hosts = {name: enroll(deployment, name, "gap") for name in ("gap-a", "gap-b")}
+    agent = AgentProcess(
+        deployment.server.base_url,
+        hosts["gap-a"]["token"],
+        tmp_path / "gap-a-state",
+        tmp_path / "gap-a.log",
+    ).start()
+    try:
+        support.poll(
+            lambda: (
+                support.api(deployment, "GET", f"/api/hosts/{hosts['gap-a']['host_id']}/")["status"]
+                == "online"
+            ),
+            40,
+            "gap-a online",
+        )
+        run = support.api(
+            deployment,
+            "POST",
+            "/api/fleet-runs/",
+            {"targets": {"groups": ["gap"]}, "command": "sleep 2; echo ok", "batch_size": 1},
+        )
+        # The page's sockets go nowhere until released (it retries, as after any failure).
+        driver = browser.driver
+        held = driver.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument", {"source": HOLD_SOCKETS}
+        )["identifier"]
+        try:
+            driver.get(browser.url(f"/fleet-runs/{run['run_id']}/"))
+            assert browser.text_of("#run-state") == "Running"
+            assert browser.text_of(row_status(hosts["gap-b"])) == "Queued"
+            support.poll(
+                lambda: (
+                    support.api(deployment, "GET", f"/api/fleet-runs/{run['run_id']}/")["state"]
+                    != "running"
+                ),
+                40,
+                "the run's end",
+            )
+            assert browser.connection_state() != "open"
+            assert browser.text_of(row_status(hosts["gap-b"])) == "Queued"
+            driver.execute_script("window.__releaseSockets = true;")
+            browser.wait_live(60)
+        finally:
+            driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": held})
+        browser.wait_text("#run-state", lambda t: t == "Failed", 20, "the run's state")
+        browser.wait_text(row_status(hosts["gap-a"]), lambda t: t == "Succeeded", 20)
+        browser.wait_text(row_status(hosts["gap-b"]), lambda t: t == "Skipped", 20)
+    finally:
+        agent.stop()
+
+
+def row_status(enrolled: dict[str, str]) -> str:
+    return f'#run-host-rows tr[data-host-id="{enrolled["host_id"]}"] [data-cell=status]'
