@@ -2,7 +2,8 @@
 A fleet run started from its page in headless Chromium, against a real Daphne server and
 the real agent program: the form on a group's page starts it over the socket, and the
 run's page shows it as it happens, each host's outcome as it lands (one host of the
-group never connected: skipped).
+group never connected: skipped).  A run page whose socket connects only after the run
+ended still shows every host's end.
 """
 
 from __future__ import annotations
