@@ -60,6 +60,7 @@ ACTION_LABELS = {
     "host_group_grant_changed": "Changed access to a host group",
     "host_group_grant_removed": "Took away access to a host group",
     "host_updates_check": "Asked a host to check for updates",
+    "fleet_run_started": "Started a fleet run",
 }
 #: Actions shown as warnings.
 WARNING_ACTIONS = ("login_failed", "login_locked")

@@ -170,6 +170,8 @@ class Tally:
     beats: int = 0
     errors: int = 0
     retries: int = 0
+    #: ``run_command`` messages answered
+    answered: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -183,6 +185,8 @@ class Behaviour:
     ping: float
     #: give up connecting after this many seconds of retrying
     connect_for: float
+    #: seconds an agent takes to answer a ``run_command`` (0: at once)
+    answer_delay: float = 0.0
 
 
 async def run_agent(url: str, token: str, index: int, how: Behaviour, tally: Tally) -> None:
@@ -243,7 +247,7 @@ async def _agent(
             return
         welcomed.set()
         tally.connected += 1
-        await asyncio.gather(_report(ws, rng, how, tally), _answer(ws, tally))
+        await asyncio.gather(_report(ws, rng, how, tally), _answer(ws, tally, how.answer_delay))
 
 
 async def _report(ws: Any, rng: random.Random, how: Behaviour, tally: Tally) -> None:
@@ -270,28 +274,44 @@ async def _report(ws: Any, rng: random.Random, how: Behaviour, tally: Tally) -> 
     await ws.close()
 
 
-async def _answer(ws: Any, tally: Tally) -> None:
+async def _answer(ws: Any, tally: Tally, delay: float = 0.0) -> None:
+    pending: set[asyncio.Task[None]] = set()
     with contextlib.suppress(websockets.ConnectionClosed):
         async for raw in ws:
             message = json.loads(raw)
             if message.get("type") == "run_command":
-                await ws.send(
-                    json.dumps(
-                        {
-                            "type": "command_result",
-                            "data": {
-                                "execution_id": message["data"]["execution_id"],
-                                "status": "completed",
-                                "exit_code": 0,
-                                "stdout": "ok\n",
-                                "stderr": "",
-                                "execution_time": 0.0,
-                            },
-                        }
-                    )
-                )
+                execution_id = message["data"]["execution_id"]
+                if not delay:
+                    await _result(ws, execution_id, tally)
+                    continue
+                task = asyncio.ensure_future(_result(ws, execution_id, tally, delay))
+                pending.add(task)  # kept until done, so that it is not collected
+                task.add_done_callback(pending.discard)
             elif message.get("type") == "error":
                 tally.errors += 1
+
+
+async def _result(ws: Any, execution_id: str, tally: Tally, delay: float = 0.0) -> None:
+    """Answer a ``run_command`` as the command had run for ``delay`` seconds."""
+    if delay:
+        await asyncio.sleep(delay)
+    with contextlib.suppress(websockets.ConnectionClosed):
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "command_result",
+                    "data": {
+                        "execution_id": execution_id,
+                        "status": "completed",
+                        "exit_code": 0,
+                        "stdout": "ok\n",
+                        "stderr": "",
+                        "execution_time": delay,
+                    },
+                }
+            )
+        )
+    tally.answered += 1
 
 
 async def watch(url: str, access: str, host_ids: list[str], seconds: float) -> int:

@@ -180,6 +180,16 @@ def test_activity_page_for_staff(staff):
     assert page_data(response)["actionLabels"]["login"] == "Logged in"
 
 
+def test_activity_page_names_a_fleet_run_started(staff):
+    activity_record(
+        action="fleet_run_started",
+        username="alice",
+        details={"run_id": "x", "command": "uptime", "hosts": 3, "target": "groups web"},
+    )
+    row = staff.get("/activity/").context["activities"][0]
+    assert row["label"] == "Started a fleet run"
+
+
 def test_activity_page_keeps_the_last_hundred(staff):
     for i in range(105):
         activity_record(action="login", username=f"user{i}")

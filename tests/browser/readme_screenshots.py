@@ -8,13 +8,19 @@ fleet into it (``manage.py seed_demo --hosts 6 --interval 1``), enrolls one real
 running the agent program (``python -m agent``, on this machine), lets them report for
 ``--warmup`` seconds, then logs in as ``admin`` in headless Chromium, runs a command on
 the real host, acknowledges an alert, and saves ``overview.png``, ``hosts.png``,
-``host.png``, ``host-console.png`` and ``alerts.png``. Needs the Debian packages ``chromium`` and
+``host.png``, ``host-console.png`` and ``alerts.png``.  The real host's agent lists its
+pending updates through a stand-in ``apt`` and has its reboot flag set (``host-updates.png``);
+with two more real hosts and one never connected it makes up the group ``ops``, shown on
+the hosts page (``hosts-group.png``), on which a fleet run is started from that page and
+taken while it runs (``fleet-run.png``).  Needs the Debian packages ``chromium`` and
 ``chromium-driver``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import secrets
 import subprocess
 import sys
@@ -24,9 +30,43 @@ from pathlib import Path
 
 from tests.browser import support
 from tests.integration import harness
-from tests.integration.test_agent_e2e import AGENT_SETTINGS, AgentProcess, register
+from tests.integration.test_agent_e2e import AGENT_SETTINGS, AgentProcess
+from tests.integration.test_patching import fake_programs
 
 REAL_HOST = "ops-01"
+#: The group of the real hosts: ``REAL_HOST``, these, and ``backup-01`` (never connected).
+MORE_REAL_HOSTS = ("ops-02", "ops-03")
+GROUP = "ops"
+
+
+def enroll(deployment: harness.Deployment, hostname: str, *groups: str) -> dict[str, str]:
+    """``manage.py register_host HOSTNAME --group G ...``: its JSON line."""
+    args = ["manage.py", "register_host", hostname]
+    for group in groups:
+        args += ["--group", group]
+    out = harness.run_python(args, deployment.env, what="register_host").stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def real_agent(url: str, enrolled: dict[str, str], work: Path, patched: bool) -> AgentProcess:
+    """The agent program for an enrolled host; ``patched``: with a stand-in ``apt``
+    listing two updates (one a security update) and its reboot flag set."""
+    name = enrolled["host_id"]
+    config = None
+    programs = None
+    if patched:
+        (work / name).mkdir()
+        programs = fake_programs(work / name)
+        flag = work / f"{name}-reboot-required"
+        flag.write_text("*** System restart required ***\n")
+        config = work / f"{name}.toml"
+        config.write_text(f'reboot_required_file = "{flag}"\n')
+    agent = AgentProcess(
+        url, enrolled["token"], work / f"{name}-state", work / f"{name}.log", config=config
+    )
+    if programs is not None:
+        agent.env["PATH"] = f"{programs}{os.pathsep}{agent.env.get('PATH', os.defpath)}"
+    return agent.start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +110,8 @@ def take(work: Path, out: Path, warmup: float) -> None:
         env=env, seed={"password": password}, servers=servers, work_dir=work
     )
     url = deployment.server.base_url
-    demo = agent = browser = None
+    demo = browser = None
+    agents: list[AgentProcess] = []
     try:
         demo = subprocess.Popen(
             [
@@ -91,15 +132,16 @@ def take(work: Path, out: Path, warmup: float) -> None:
             stdout=subprocess.DEVNULL,
             stderr=(work / "seed_demo.log").open("wb"),
         )
-        enrolled = register(deployment, REAL_HOST)
-        register(deployment, "backup-01")  # enrolled, its agent not started yet
-        agent = AgentProcess(
-            url, enrolled["token"], work / "agent-state", work / "agent.log"
-        ).start()
+        enrolled = enroll(deployment, REAL_HOST, GROUP)
+        enroll(deployment, "backup-01", GROUP)  # enrolled, its agent not started yet
+        agents.append(real_agent(url, enrolled, work, patched=True))
+        for name in MORE_REAL_HOSTS:
+            agents.append(real_agent(url, enroll(deployment, name, GROUP), work, patched=False))
         host_id = enrolled["host_id"]
         support.poll(
             lambda: (
-                support.api(deployment, "GET", "/api/hosts/?status=online&limit=50")["count"] >= 7
+                support.api(deployment, "GET", "/api/hosts/?status=online&limit=50")["count"]
+                >= 7 + len(MORE_REAL_HOSTS)
             ),
             60,
             "the demo hosts and the agent to be online",
@@ -147,6 +189,14 @@ def take(work: Path, out: Path, warmup: float) -> None:
         )
         browser.screenshot("host-console", out)
 
+        # Its pending updates and reboot flag, as its agent reported them.
+        browser.driver.execute_script(
+            "document.getElementById('patch-status').scrollIntoView({block: 'center'});"
+        )
+        browser.screenshot("host-updates", out)
+
+        fleet_run(browser, out)
+
         # Alerts: acknowledge the oldest open one through its button.
         browser.open("/alerts/", "system_alerts")
         buttons = [
@@ -165,17 +215,52 @@ def take(work: Path, out: Path, warmup: float) -> None:
 
         browser.open("/", "fleet_status", "system_alerts", "user_activity")
         browser.screenshot("overview", out)
-        print(f"saved the overview, hosts, host, host-console and alerts screenshots in {out}")
+        print(
+            "saved the overview, hosts, hosts-group, host, host-console, host-updates, "
+            f"fleet-run and alerts screenshots in {out}"
+        )
     finally:
         if browser is not None:
             browser.quit()
-        if agent is not None:
+        for agent in agents:
             agent.stop()
         if demo is not None:
             demo.terminate()
             demo.wait(10)
         for server in servers:
             server.stop()
+
+
+def fleet_run(browser: support.Browser, out: Path) -> None:
+    """The group's hosts page, then a command run on them from it, taken mid-run."""
+    browser.open(f"/hosts/?group={GROUP}", "host_status")
+    browser.wait(
+        lambda d: (
+            sum(b.text == "Online" for b in browser.find_all("#host-rows .badge"))
+            >= 1 + len(MORE_REAL_HOSTS)
+        ),
+        30,
+        "the group's real hosts online",
+    )
+    browser.screenshot("hosts-group", out)
+    browser.find("#group-run a").click()
+    browser.wait_live()
+    browser.find("#run-command").send_keys("sleep 4; uptime")
+    browser.find("#run-batch").clear()
+    browser.find("#run-batch").send_keys("1")
+    browser.find("#fleet-run-form button[type=submit]").click()
+    browser.wait(lambda d: "/fleet-runs/" in d.current_url and d.current_url.count("/") > 4)
+    browser.wait_live()
+    browser.wait(
+        lambda d: (
+            browser.text_of('#run-counts [data-count="succeeded"]') == "1"
+            and browser.text_of('#run-counts [data-count="running"]') == "1"
+        ),
+        60,
+        "the run with one host done and the next running",
+    )
+    browser.screenshot("fleet-run", out)
+    browser.wait_text("#run-state", lambda t: t not in ("", "Running"), 60, "the run's end")
 
 
 if __name__ == "__main__":
