@@ -95,6 +95,9 @@ class Host(models.Model):
             # Without it (and without staff status), a user sees only the hosts of the
             # groups granted to them (HostGroupGrant; sysmanage.permissions).
             ("view_all_hosts", "Can see every host"),
+            # Applying updates and rebooting: a right of its own, apart from running
+            # commands, since a reboot takes every service of the host down.
+            ("patch_host", "Can apply updates to and reboot hosts"),
         ]
 
     def __str__(self) -> str:
@@ -139,6 +142,9 @@ class HostGroupGrant(models.Model):
     can_run_commands = models.BooleanField("run commands", default=False)
     can_run_package_operations = models.BooleanField("run package operations", default=False)
     can_manage_alerts = models.BooleanField("acknowledge and resolve alerts", default=False)
+    can_patch_and_reboot = models.BooleanField(
+        "apply updates and reboot", default=False, db_default=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

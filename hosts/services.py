@@ -471,7 +471,12 @@ def host_group_delete(*, group_id: Any, actor: Actor | None = None) -> None:
 
 
 #: The flags of a grant, as the audit log names them.
-GRANT_FLAGS = ("can_run_commands", "can_run_package_operations", "can_manage_alerts")
+GRANT_FLAGS = (
+    "can_run_commands",
+    "can_run_package_operations",
+    "can_manage_alerts",
+    "can_patch_and_reboot",
+)
 
 
 def _grant_details(grant: HostGroupGrant) -> dict[str, DetailValue]:
