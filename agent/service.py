@@ -73,6 +73,7 @@ class Agent:
             self.manager,
             config.max_output_bytes,
             config.max_concurrent_commands,
+            config.reboot_command,
         )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
@@ -164,6 +165,14 @@ class Agent:
             self.check_updates.set()
         if self.link is not None:
             await self.link.send(message)
+
+    async def rebooting(self) -> None:
+        """The host is going down: close the connection now, so that the server sees
+        the host go; if the agent is still running after the reconnect delay (a command
+        that only simulates a reboot), it connects again as after any disconnect."""
+        if self.link is not None:
+            log.warning("The host is rebooting; leaving the connection")
+            await self.link.close("host rebooting")
 
     async def handle(self, raw: str | bytes) -> ServerMessage | None:
         """Act on one frame from the server; return the parsed message, if it is one."""

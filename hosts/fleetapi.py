@@ -20,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from hosts import fleetrunner, fleetruns
-from hosts.models import FleetRun, FleetRunKind, PackageOperationKind
+from hosts.models import PACKAGE_CHANGES, FleetRun, FleetRunKind
 from sysmanage import permissions
 from sysmanage.audit import request_actor
 from sysmanage.pagination import CappedLimitOffsetPagination
@@ -60,7 +60,7 @@ class FleetRunRequestSerializer(serializers.Serializer[None]):
     kind = serializers.ChoiceField(choices=FleetRunKind.choices, required=False)
     command = serializers.CharField(required=False, help_text="for a shell command")
     operation = serializers.ChoiceField(
-        choices=PackageOperationKind.choices, required=False, help_text="for a package run"
+        choices=PACKAGE_CHANGES, required=False, help_text="for a package run"
     )
     package = serializers.CharField(required=False, help_text="for a package run")
     timeout = serializers.IntegerField(

@@ -23,6 +23,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from hosts.models import (
+    PACKAGE_CHANGES,
     FleetRun,
     FleetRunHost,
     FleetRunHostStatus,
@@ -30,7 +31,6 @@ from hosts.models import (
     FleetRunState,
     Host,
     HostGroup,
-    PackageOperationKind,
     is_package_name,
 )
 from sysmanage import permissions
@@ -160,8 +160,8 @@ def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
     """What runs on each host: ``(command, operation, package)``."""
     if kind == FleetRunKind.PACKAGE:
         operation, package = data.get("operation"), data.get("package")
-        if operation not in PackageOperationKind.values:
-            raise ValueError("'operation' must be one of " + ", ".join(PackageOperationKind.values))
+        if operation not in PACKAGE_CHANGES:
+            raise ValueError("'operation' must be one of " + ", ".join(PACKAGE_CHANGES))
         if not is_package_name(package):
             raise ValueError("'package' must be one package name")
         return f"{operation} {package}", str(operation), str(package)

@@ -243,6 +243,21 @@ class PackageOperationKind(models.TextChoices):
     INSTALL = "install", "Install"
     REMOVE = "remove", "Remove"
     UPDATE = "update", "Update"
+    #: apply pending updates: ``package`` is :data:`hosts.patchapply.ALL_UPDATES`,
+    #: :data:`hosts.patchapply.SECURITY_UPDATES` or package names separated by spaces
+    UPGRADE = "upgrade", "Apply updates"
+    #: reboot the host (``package`` empty); ends when the host is back online
+    REBOOT = "reboot", "Reboot"
+
+
+#: The kinds a package operation request may name (``package_operations`` commands,
+#: package fleet runs); applying updates and rebooting need a right of their own
+#: (``hosts.patchapply``).
+PACKAGE_CHANGES: tuple[str, ...] = (
+    PackageOperationKind.INSTALL,
+    PackageOperationKind.REMOVE,
+    PackageOperationKind.UPDATE,
+)
 
 
 def is_package_name(value: object) -> TypeGuard[str]:
@@ -287,6 +302,10 @@ class PackageOperation(models.Model):
     output_truncated = models.BooleanField(default=False, db_default=False)
     #: the size in bytes of everything it wrote, when known
     output_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    #: a reboot: when its agent said the reboot began (it then waits for the host), and
+    #: when the host's agent connected again after it was handed the reboot
+    rebooting_since = models.DateTimeField(null=True, blank=True)
+    agent_returned_at = models.DateTimeField(null=True, blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

@@ -4,17 +4,30 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+
 import pytest
+from rest_framework.test import APIClient
 
+from hosts import patchapply
 from hosts import services as host_services
-from hosts.models import HostGroupGrant
+from hosts.commands import parse_package_operation
+from hosts.models import (
+    PACKAGE_CHANGES,
+    Host,
+    HostGroupGrant,
+    HostPatchStatus,
+    HostStatus,
+    OperationStatus,
+    PackageOperation,
+)
 from sysmanage import permissions
-
-pytestmark = pytest.mark.django_db
+from sysmanage.protocol import ProtocolError, parse_client_message
 
 
 @pytest.fixture
-def fleet():
+def fleet(db):
     web = [host_services.host_create(hostname=f"web-0{i}") for i in (1, 2)]
     db = host_services.host_create(hostname="db-01")
     group = host_services.host_group_create(name="web", host_ids=[h.pk for h in web])
@@ -25,6 +38,7 @@ def grant(group, user, **flags) -> HostGroupGrant:
     return host_services.host_group_grant_save(HostGroupGrant(host_group=group, user=user, **flags))
 
 
+@pytest.mark.django_db
 def test_the_grant_flag_gives_the_right_on_the_group_hosts_only(make_user, fleet):
     group, web, db = fleet
     patcher = make_user("patcher", every_host=False)
@@ -34,6 +48,7 @@ def test_the_grant_flag_gives_the_right_on_the_group_hosts_only(make_user, fleet
     assert not permissions.may_on_host(patcher, "patch_reboot", db)
 
 
+@pytest.mark.django_db
 def test_running_commands_does_not_give_the_right(make_user, fleet):
     group, web, _ = fleet
     ops = make_user("ops", every_host=False)
@@ -44,8 +59,146 @@ def test_running_commands_does_not_give_the_right(make_user, fleet):
     assert "hosts.patch_host" in permissions.denial("patch_reboot")
 
 
+@pytest.mark.django_db
 def test_the_model_permission_gives_it_on_every_host_in_sight(make_user, fleet):
     _, web, db = fleet
     holder = make_user("holder", perms=["hosts.patch_host"])
     assert permissions.hosts_allowed(holder, "patch_reboot", [*web, db]) == {*web, db}
     assert permissions.may_on_host(make_user("root", superuser=True), "patch_reboot", db)
+
+
+# -- what a request to apply updates may say -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "target"),
+    [
+        ({}, "*"),
+        ({"which": "all"}, "*"),
+        ({"which": "security", "packages": []}, "*security"),
+        ({"which": "packages", "packages": ["curl", "libssl3", "curl"]}, "curl libssl3"),
+    ],
+)
+def test_requests_to_apply_updates(body, target):
+    assert patchapply.parse_updates_request(body).target == target
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"which": "everything"},
+        {"which": "packages"},
+        {"which": "packages", "packages": []},
+        {"which": "packages", "packages": "curl"},
+        {"which": "packages", "packages": ["-y"]},
+        {"which": "packages", "packages": ["a b"]},
+        {"which": "packages", "packages": ["*"]},
+        {"which": "packages", "packages": [f"package-{i:03}" for i in range(40)]},
+        {"which": "all", "packages": ["curl"]},
+    ],
+)
+def test_requests_that_cannot_be_carried_out(body):
+    with pytest.raises(patchapply.PatchRequestError):
+        patchapply.parse_updates_request(body)
+
+
+def test_package_operation_requests_cannot_apply_updates_or_reboot():
+    """The ``package_operations`` command and package fleet runs need only the right to
+    run package operations: they may not name the kinds that need ``patch_reboot``."""
+    assert set(patchapply.PATCH_KINDS).isdisjoint(PACKAGE_CHANGES)
+    message = parse_client_message(
+        json.dumps(
+            {
+                "type": "command",
+                "channel": "package_operations",
+                "id": "1",
+                "data": {"host_id": str(uuid.uuid4()), "operation": "reboot", "package": "x"},
+            }
+        )
+    )
+    with pytest.raises(ProtocolError, match="'operation' must be one of install, remove, update"):
+        parse_package_operation(message)
+
+
+# -- REST ---------------------------------------------------------------------------------
+
+
+def rest(user) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rest_refuses_without_the_right_and_hides_hosts_out_of_sight(make_user, fleet):
+    group, web, db = fleet
+    Host.objects.filter(id__in=[*web, db]).update(status=HostStatus.ONLINE)
+    ops = make_user("ops", every_host=False)
+    grant(group, ops, can_run_commands=True, can_run_package_operations=True)
+    for path in ("apply-updates", "reboot"):
+        assert rest(ops).post(f"/api/hosts/{web[0]}/{path}/", {}, format="json").status_code == 403
+        assert rest(ops).post(f"/api/hosts/{db}/{path}/", {}, format="json").status_code == 404
+    assert not PackageOperation.objects.exists()
+
+    patcher = make_user("patcher", every_host=False)
+    grant(group, patcher, can_patch_and_reboot=True)
+    answer = rest(patcher).post(f"/api/hosts/{web[0]}/reboot/", {}, format="json")
+    assert answer.status_code == 202, answer.content
+    assert (answer.json()["operation"], answer.json()["status"]) == ("reboot", "pending")
+    bad = rest(patcher).post(f"/api/hosts/{web[1]}/apply-updates/", {"which": "x"}, format="json")
+    assert bad.status_code == 400
+    Host.objects.filter(id=web[1]).update(status=HostStatus.OFFLINE)
+    offline = rest(patcher).post(f"/api/hosts/{web[1]}/apply-updates/", {}, format="json")
+    assert offline.status_code == 409
+
+
+# -- the wait for a rebooted host --------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("result_first", [True, False])
+def test_a_reboot_ends_when_the_host_is_back_whichever_comes_first(make_user, fleet, result_first):
+    _, web, _ = fleet
+    host = Host.objects.get(id=web[0])
+    operation = patchapply.host_reboot(host=host, user=None)
+    PackageOperation.objects.filter(id=operation.id).update(status=OperationStatus.IN_PROGRESS)
+
+    def result() -> None:
+        host_services.package_operation_record_result(
+            operation_id=operation.id,
+            host_id=host.id,
+            status="completed",
+            message="The reboot began",
+            output="",
+        )
+
+    def hello() -> None:
+        host_services.host_agent_hello(host_id=host.id, session="s2", facts={})
+
+    first, second = (result, hello) if result_first else (hello, result)
+    first()
+    operation.refresh_from_db()
+    assert operation.status == OperationStatus.IN_PROGRESS
+    second()
+    operation.refresh_from_db()
+    assert operation.status == OperationStatus.COMPLETED
+    assert operation.message.startswith("Rebooted: the host is back online after")
+    assert HostPatchStatus.objects.get(host=host).check_requested_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_host_that_does_not_come_back_fails_the_reboot(fleet):
+    _, web, _ = fleet
+    host = Host.objects.get(id=web[0])
+    operation = patchapply.host_reboot(host=host, user=None)
+    PackageOperation.objects.filter(id=operation.id).update(status=OperationStatus.IN_PROGRESS)
+    host_services.package_operation_record_result(
+        operation_id=operation.id, host_id=host.id, status="completed", message="", output=""
+    )
+    # the stall sweep leaves a reboot waiting for its host alone; its own bound ends it
+    assert host_services.package_operations_expire_overdue(silent_for=0) == 0
+    assert host_services.reboots_expire_overdue(within=60) == 0
+    assert host_services.reboots_expire_overdue(within=0) == 1
+    operation.refresh_from_db()
+    assert operation.status == OperationStatus.FAILED
+    assert operation.message == "The host did not come back within 0s of the reboot"
