@@ -22,6 +22,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from hosts import patchapply
 from hosts.models import (
     PACKAGE_CHANGES,
     FleetRun,
@@ -31,6 +32,7 @@ from hosts.models import (
     FleetRunState,
     Host,
     HostGroup,
+    PackageOperationKind,
     is_package_name,
 )
 from sysmanage import permissions
@@ -41,7 +43,22 @@ from sysmanage.topics import parse_uuid
 MAX_COMMAND_LENGTH = 4096
 MAX_TIMEOUT = 3600
 #: Seconds each host may take unless the request says: a command's, a package operation's.
-DEFAULT_TIMEOUT: dict[str, int] = {FleetRunKind.COMMAND: 30, FleetRunKind.PACKAGE: 600}
+DEFAULT_TIMEOUT: dict[str, int] = {
+    FleetRunKind.COMMAND: 30,
+    FleetRunKind.PACKAGE: 600,
+    FleetRunKind.PATCH: 1800,
+    # from the request to the host's return
+    FleetRunKind.REBOOT: 900,
+}
+#: The right a run of each kind needs on every host it targets.
+KIND_RIGHTS: dict[str, str] = {
+    FleetRunKind.COMMAND: "run_command",
+    FleetRunKind.PACKAGE: "run_command",
+    FleetRunKind.PATCH: "patch_reboot",
+    FleetRunKind.REBOOT: "patch_reboot",
+}
+#: The kinds whose hosts each run a package operation (rather than a shell command).
+OPERATION_KINDS = (FleetRunKind.PACKAGE, FleetRunKind.PATCH, FleetRunKind.REBOOT)
 #: The most hosts one run may target, and the largest batch.
 MAX_HOSTS = 10000
 MAX_BATCH = 500
@@ -57,11 +74,12 @@ FINAL_HOST_STATUSES = (
 
 
 class FleetRunRefused(Exception):
-    """The user may not run commands on some targeted hosts (``refused`` of them)."""
+    """The user may not run commands (or apply updates and reboot, for those kinds) on
+    some targeted hosts (``refused`` of them)."""
 
-    def __init__(self, refused: int, total: int) -> None:
+    def __init__(self, refused: int, total: int, what: str = "run commands") -> None:
         super().__init__(
-            f"You do not have permission to run commands on {refused} of the {total} targeted hosts"
+            f"You do not have permission to {what} on {refused} of the {total} targeted hosts"
         )
         self.refused = refused
         self.total = total
@@ -158,6 +176,15 @@ def _targets(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
     """What runs on each host: ``(command, operation, package)``."""
+    if kind == FleetRunKind.REBOOT:
+        return "reboot", PackageOperationKind.REBOOT, ""
+    if kind == FleetRunKind.PATCH:
+        try:
+            target = patchapply.parse_updates_request(data).target
+        except patchapply.PatchRequestError as exc:
+            raise ValueError(str(exc)) from None
+        described = patchapply.updates_described(target)
+        return f"apply {described}", PackageOperationKind.UPGRADE, target
     if kind == FleetRunKind.PACKAGE:
         operation, package = data.get("operation"), data.get("package")
         if operation not in PACKAGE_CHANGES:
@@ -254,10 +281,12 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
     """
     now = permissions.fresh(user)
     hosts = fleet_run_hosts(spec, permissions.scope_query(now))
-    allowed = permissions.hosts_allowed(now, "run_command", (h.id for h in hosts))
+    right = KIND_RIGHTS[spec.kind]
+    allowed = permissions.hosts_allowed(now, right, (h.id for h in hosts))
     refused = sum(1 for host in hosts if str(host.id) not in allowed)
     if refused:
-        raise FleetRunRefused(refused, len(hosts))
+        what = "apply updates and reboot" if right == "patch_reboot" else "run commands"
+        raise FleetRunRefused(refused, len(hosts), what)
     with transaction.atomic():
         run = FleetRun.objects.create(
             kind=spec.kind,

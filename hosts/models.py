@@ -564,6 +564,9 @@ class FleetRunKind(models.TextChoices):
 
     COMMAND = "command", "Shell command"
     PACKAGE = "package", "Package operation"
+    #: apply updates (``hosts.patchapply``), and reboot (a host succeeds once back online)
+    PATCH = "patch", "Apply updates"
+    REBOOT = "reboot", "Reboot"
 
 
 class FleetRunState(models.TextChoices):

@@ -10,11 +10,12 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
-from hosts import patchapply
+from hosts import fleetruns, patchapply
 from hosts import services as host_services
 from hosts.commands import parse_package_operation
 from hosts.models import (
     PACKAGE_CHANGES,
+    FleetRunKind,
     Host,
     HostGroupGrant,
     HostPatchStatus,
@@ -202,3 +203,42 @@ def test_a_host_that_does_not_come_back_fails_the_reboot(fleet):
     operation.refresh_from_db()
     assert operation.status == OperationStatus.FAILED
     assert operation.message == "The host did not come back within 0s of the reboot"
+
+
+# -- fleet runs of kind patch and reboot ---------------------------------------------------
+
+TARGETS = {"targets": {"groups": ["web"]}}
+
+
+def test_fleet_runs_that_apply_updates_or_reboot():
+    patch = fleetruns.parse_fleet_run({**TARGETS, "which": "security"}, FleetRunKind.PATCH)
+    assert (patch.command, patch.operation, patch.package) == (
+        "apply security updates",
+        "upgrade",
+        "*security",
+    )
+    assert patch.timeout == 1800
+    named = {**TARGETS, "which": "packages", "packages": ["curl"], "batch_size": 2}
+    assert fleetruns.parse_fleet_run(named, FleetRunKind.PATCH).package == "curl"
+    reboot = fleetruns.parse_fleet_run({**TARGETS, "timeout": 120}, FleetRunKind.REBOOT)
+    assert (reboot.command, reboot.operation, reboot.package) == ("reboot", "reboot", "")
+    assert reboot.timeout == 120
+    with pytest.raises(ValueError, match="'which' must be one of"):
+        fleetruns.parse_fleet_run({**TARGETS, "which": "most"}, FleetRunKind.PATCH)
+    # a package run cannot be turned into either
+    with pytest.raises(ValueError, match="'operation' must be one of install, remove, update"):
+        fleetruns.parse_fleet_run({**TARGETS, "operation": "reboot", "package": "x"}, "package")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fleet_runs_that_reboot_need_the_right_on_every_host(make_user, fleet):
+    group, _, _ = fleet
+    ops = make_user("ops", every_host=False)
+    grant(group, ops, can_run_commands=True, can_run_package_operations=True)
+    spec = fleetruns.parse_fleet_run(TARGETS, FleetRunKind.REBOOT)
+    with pytest.raises(fleetruns.FleetRunRefused, match="apply updates and reboot on 2 of the 2"):
+        fleetruns.fleet_run_create(spec=spec, user=ops)
+    patcher = make_user("patcher", every_host=False)
+    grant(group, patcher, can_patch_and_reboot=True)
+    run = fleetruns.fleet_run_create(spec=spec, user=patcher)
+    assert (run.kind, run.total, run.operation) == ("reboot", 2, "reboot")

@@ -50,7 +50,7 @@ def deployment(launch_sqlite: Any) -> Iterator[harness.Deployment]:
 
 def programs_dir(tmp_path: Path) -> Path:
     programs = tmp_path / "programs"
-    programs.mkdir()
+    programs.mkdir(parents=True)
     for name, script in (("apt", FAKE_APT), ("apt-get", FAKE_APT_GET)):
         (programs / name).write_text(script)
         (programs / name).chmod(0o755)
@@ -63,10 +63,12 @@ def programs_dir(tmp_path: Path) -> Path:
 def agent_program(
     d: harness.Deployment, tmp_path: Path, hostname: str, *groups: str
 ) -> Iterator[tuple[str, Path, Path]]:
-    """The agent program, enrolled in ``groups``; its reboot command removes its reboot
-    flag file (what a real reboot does to ``/var/run/reboot-required``)."""
+    """The agent program, enrolled in ``groups``, on a host that needs a reboot; its
+    reboot command removes the reboot flag file (what a real reboot does to
+    ``/var/run/reboot-required``)."""
     programs = programs_dir(tmp_path)
     flag = tmp_path / "reboot-required"
+    flag.write_text("*** System restart required ***\n")
     config = tmp_path / "agent.toml"
     config.write_text(
         f'patch_interval = 3600\nreboot_required_file = "{flag}"\n'
@@ -100,7 +102,6 @@ async def operation_of(d: harness.Deployment, operation_id: str, status: str) ->
 async def test_the_agent_program_applies_updates_and_reboots(deployment, tmp_path):
     d = deployment
     with agent_program(d, tmp_path, "pa-native") as (host_id, programs, flag):
-        flag.write_text("*** System restart required ***\n")
         await wait_updates(d, host_id, lambda b: b["update_count"] == 2)
 
         asked = await admin(
@@ -246,3 +247,84 @@ async def test_who_may_apply_updates_and_reboot(deployment, tmp_path):
         allowed = await post("apply-updates", host_id, json_body={"which": "all"})
         assert allowed.status == 202, allowed
         assert (await post("reboot", other, json_body={})).status == 404
+
+
+# -- fleet-wide --------------------------------------------------------------------------
+
+
+async def fleet_run_of(d: harness.Deployment, run_id: str) -> dict[str, Any]:
+    """The run once it ended (with its hosts), following its progress meanwhile."""
+    deadline = time.monotonic() + WAIT * 8
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await admin(d, "GET", f"/api/fleet-runs/{run_id}/")
+        if last.status == 200 and last.body["state"] != "running":
+            return dict(last.body)
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"fleet run {run_id} did not end: {last}")
+
+
+async def test_a_fleet_reboot_in_batches_and_a_fleet_patch_run(deployment, tmp_path):
+    """Four agent programs in a group: a reboot run in batches of two (a host succeeds
+    once it is back online, and the next batch starts only then), then a patch run."""
+    d = deployment
+    with contextlib.ExitStack() as stack:
+        hosts = [
+            stack.enter_context(agent_program(d, tmp_path / f"h{i}", f"pa-fleet-{i}", "pa-fleet"))
+            for i in range(4)
+        ]
+        for host_id, _, _ in hosts:
+            await wait_updates(d, host_id, lambda b: b["reboot_required"] is True)
+        started = await admin(
+            d,
+            "POST",
+            "/api/fleet-runs/",
+            json_body={"kind": "reboot", "targets": {"groups": ["pa-fleet"]}, "batch_size": 2},
+        )
+        assert started.status == 202, started
+        run = await fleet_run_of(d, started.body["run_id"])
+        assert (run["state"], run["counts"]["succeeded"]) == ("succeeded", 4), run
+        rows = sorted(run["hosts"], key=lambda h: h["started_at"])
+        # the second batch started after the first one's hosts were back
+        assert min(r["started_at"] for r in rows[2:]) >= max(r["finished_at"] for r in rows[:2])
+        for row in rows:
+            done = await admin(d, "GET", f"/api/package-operations/{row['operation_id']}/")
+            assert done.body["operation"] == "reboot"
+            assert done.body["message"].startswith("Rebooted: the host is back online after")
+        for host_id, _, flag in hosts:
+            assert not flag.exists()
+            await wait_updates(d, host_id, lambda b: b["reboot_required"] is False)
+
+        patched = await admin(
+            d,
+            "POST",
+            "/api/fleet-runs/",
+            json_body={
+                "kind": "patch",
+                "which": "packages",
+                "packages": ["tzdata"],
+                "targets": {"groups": ["pa-fleet"]},
+                "batch_size": 3,
+            },
+        )
+        assert patched.status == 202, patched
+        assert patched.body["command"] == "apply tzdata"
+        run = await fleet_run_of(d, patched.body["run_id"])
+        assert (run["state"], run["counts"]["succeeded"]) == ("succeeded", 4), run
+        for host_id, programs, _ in hosts:
+            body = await wait_updates(d, host_id, lambda b: b["update_count"] == 1)
+            assert [u["name"] for u in body["updates"]] == ["libssl3"]
+            assert "install --only-upgrade -y tzdata" in (programs / "apt-get.log").read_text()
+
+        # without the right, on any of the hosts: refused before anything runs
+        refused = await admin(
+            d,
+            "POST",
+            "/api/fleet-runs/",
+            user="viewer",
+            json_body={"kind": "reboot", "targets": {"groups": ["pa-fleet"]}},
+        )
+        assert refused.status == 403, refused
+        assert refused.body["detail"] == (
+            "You do not have permission to apply updates and reboot on 4 of the 4 targeted hosts"
+        )
