@@ -8,6 +8,7 @@ import json
 import uuid
 
 import pytest
+from django.test import Client
 from rest_framework.test import APIClient
 
 from hosts import fleetruns, patchapply
@@ -242,3 +243,27 @@ def test_fleet_runs_that_reboot_need_the_right_on_every_host(make_user, fleet):
     grant(group, patcher, can_patch_and_reboot=True)
     run = fleetruns.fleet_run_create(spec=spec, user=patcher)
     assert (run.kind, run.total, run.operation) == ("reboot", 2, "reboot")
+
+
+# -- the host page -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_host_page_offers_updates_and_reboot_to_holders_of_the_right(make_user, fleet):
+    group, web, _ = fleet
+    ops = make_user("ops", perms=["sysmanage.run_command"])
+    patcher = make_user("patcher", every_host=False)
+    grant(group, patcher, can_patch_and_reboot=True)
+    pages = {}
+    for user in (ops, patcher):
+        client = Client()
+        client.force_login(user)
+        page = client.get(f"/hosts/{web[0]}/")
+        assert page.status_code == 200
+        pages[user.username] = page.content.decode()
+    assert 'id="check-updates"' in pages["ops"]
+    assert 'id="apply-updates"' not in pages["ops"]
+    assert 'id="reboot-host"' not in pages["ops"]
+    assert 'id="apply-updates"' in pages["patcher"]
+    assert 'id="reboot-host"' in pages["patcher"]
+    assert '<option value="security">security updates only</option>' in pages["patcher"]
