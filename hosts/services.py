@@ -629,7 +629,8 @@ def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
         host.last_seen = timezone.now()
         host.save(update_fields=changed)
         _status_changed(host, previous)
-        _reboots_returned(host.id)
+        if work_waiting(host):  # a reboot awaited is unfinished work: no query otherwise
+            _reboots_returned(host.id)
     return host
 
 
