@@ -101,3 +101,26 @@ def test_the_reboot_began_when_its_command_succeeds(tmp_path):
     missing = asyncio.run(run_reboot("op", (str(tmp_path / "nope"),), 1000, ProcessGroups()))
     assert missing["status"] == "failed"
     assert "could not start" in missing["message"]
+
+
+async def test_after_a_reboot_began_the_agent_leaves_and_comes_back(
+    tmp_path, fake_server, start_agent
+):
+    """The reboot command only simulates a reboot here: the agent reports that it
+    began, leaves its connection and connects again, every time."""
+    config = tmp_path / "agent.toml"
+    marker = tmp_path / "rebooted"
+    config.write_text(f'reboot_command = ["sh", "-c", "echo x >> {marker}"]\n')
+    await start_agent("--config", str(config))
+    await fake_server.wait_for_connections(1)
+    for attempt in range(1, 6):
+        await fake_server.wait_for("hello", count=attempt)
+        await fake_server.send(
+            "package_operation", {"operation_id": f"r{attempt}", "operation": "reboot"}
+        )
+        (result,) = await fake_server.wait_for(
+            "package_result", lambda m, a=attempt: m.data["operation_id"] == f"r{a}"
+        )
+        assert (result.data["status"], result.data["exit_code"]) == ("completed", 0)
+        await fake_server.wait_for_connections(attempt + 1, timeout=10)
+    assert marker.read_text() == "x\n" * 5

@@ -261,7 +261,8 @@ async def fleet_run_of(d: harness.Deployment, run_id: str) -> dict[str, Any]:
         if last.status == 200 and last.body["state"] != "running":
             return dict(last.body)
         await asyncio.sleep(0.2)
-    raise AssertionError(f"fleet run {run_id} did not end: {last}")
+    operations = await admin(d, "GET", "/api/package-operations/?limit=20")
+    raise AssertionError(f"fleet run {run_id} did not end: {last}\n{operations.body}")
 
 
 async def test_a_fleet_reboot_in_batches_and_a_fleet_patch_run(deployment, tmp_path):
