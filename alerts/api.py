@@ -7,7 +7,7 @@ from typing import Any
 from django.db.models import QuerySet
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -43,6 +43,17 @@ class AlertSerializer(serializers.ModelSerializer[Alert]):
         read_only_fields = fields
 
 
+class VisibleHostField(serializers.PrimaryKeyRelatedField[Host]):
+    """A host by id, among those the requester sees: one out of sight is refused as one
+    that does not exist, to the same words, whatever else the request gets wrong."""
+
+    def get_queryset(self) -> QuerySet[Host]:
+        """The hosts the requester (``context["request"]``) sees."""
+        request = self.context.get("request")
+        user = request.user if request is not None else None
+        return permissions.visible(Host.objects.all(), user, "id")
+
+
 class AlertRaiseSerializer(serializers.Serializer[None]):
     """What a person supplies to raise an alert by hand."""
 
@@ -50,9 +61,7 @@ class AlertRaiseSerializer(serializers.Serializer[None]):
     category = serializers.CharField(max_length=50)
     title = serializers.CharField(max_length=200)
     message = serializers.CharField(allow_blank=True, required=False, default="")
-    host = serializers.PrimaryKeyRelatedField(
-        queryset=Host.objects.all(), required=False, allow_null=True
-    )
+    host = VisibleHostField(required=False, allow_null=True)
 
 
 class AlertFilters(serializers.Serializer[None]):
@@ -89,12 +98,8 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Raise an alert by hand (``alerts.add_alert``)."""
         self._require("raise_alert")
-        form = AlertRaiseSerializer(data=request.data)
+        form = AlertRaiseSerializer(data=request.data, context={"request": request})
         form.is_valid(raise_exception=True)
-        host = form.validated_data.get("host")
-        if host is not None and not permissions.may_on_host(request.user, "view", host.pk):
-            # answered as for a host that does not exist
-            raise ValidationError({"host": [f'Invalid pk "{host.pk}" - object does not exist.']})
         alert = services.alert_raise(**form.validated_data)
         return Response(AlertSerializer(alert).data, status=status.HTTP_201_CREATED)
 
@@ -109,8 +114,14 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet[Alert]):
         return self._transition(services.alert_resolve, pk)
 
     def _transition(self, service: services.AlertTransition, pk: str | None) -> Response:
-        # DRF's lookup answers 404 for ids that are not UUIDs (Django's raised a 500), and
-        # for alerts about hosts the user does not see.
+        # Someone who may manage alerts nowhere is refused whatever the alert.  DRF's
+        # lookup answers 404 for ids that are not UUIDs (Django's raised a 500), and for
+        # alerts about hosts the user does not see.
+        user = self.request.user
+        if not permissions.holds(user, "manage_alert") and not permissions.may_anywhere(
+            user, "manage_alert"
+        ):
+            raise PermissionDenied(permissions.denial("manage_alert"))
         found = self.get_object()
         if found.host_id is None:
             self._require("manage_alert")

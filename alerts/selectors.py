@@ -50,6 +50,8 @@ def alert_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
         status=list(Alert.ACTIVE_STATUSES),
         host_id=filters.get("host_id"),
     )
+    if viewer.scope is not None:  # alerts of the hosts the viewer sees, and about no host
+        rows = rows.filter(Q(host_id__in=viewer.scope) | Q(host__isnull=True))
     return snapshot_list(
         "system_alerts",
         "alerts",
@@ -111,9 +113,5 @@ def alert_severity_counts(
     alerts = Alert.objects.filter(status__in=statuses)
     if scope is not None:
         alerts = alerts.filter(Q(host_id__in=scope) | Q(host__isnull=True))
-    counts = dict(
-        alerts.values_list("severity")
-        .annotate(count=Count("id"))
-        .order_by()
-    )
+    counts = dict(alerts.values_list("severity").annotate(count=Count("id")).order_by())
     return {severity: counts.get(severity, 0) for severity in Severity.values}

@@ -227,8 +227,8 @@ class FleetRunner:
         if host is None or host.status != HostStatus.ONLINE:
             why = "host deleted" if host is None else f"host {host.status}"
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
-        allowed = database_sync_to_async(_still_allowed)
-        if not await allowed(self.user, str(host.id), fleetruns.KIND_RIGHTS[self.kind]):
+        right = fleetruns.run_right(self.kind)
+        if not await database_sync_to_async(_still_allowed)(self.user, str(host.id), right):
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, WITHDRAWN))
         await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
         self._change("running", 1)
@@ -328,9 +328,10 @@ def _rows(run_id: str) -> list[_Row]:
     ]
 
 
-def _still_allowed(user: Any, host_id: str, right: str) -> bool:
-    """Whether ``user`` may still use ``right`` (the run's kind's) on the host (rights
-    are checked when used: a run can outlast a right withdrawn after it started)."""
+def _still_allowed(user: Any, host_id: str, right: str = "run_command") -> bool:
+    """Whether ``user`` may still use ``right`` (the run's kind's: commands, package
+    operations, or applying updates and rebooting) on the host (rights are checked when
+    used: a run can outlast a right withdrawn after it started)."""
     return host_id in permissions.hosts_allowed(permissions.fresh(user), right, [host_id])
 
 

@@ -50,12 +50,17 @@ DEFAULT_TIMEOUT: dict[str, int] = {
     # from the request to the host's return
     FleetRunKind.REBOOT: 900,
 }
-#: The right a run of each kind needs on every host it targets.
+#: The right a run of each kind needs on every host it targets (:func:`run_right`).
 KIND_RIGHTS: dict[str, str] = {
     FleetRunKind.COMMAND: "run_command",
-    FleetRunKind.PACKAGE: "run_command",
+    FleetRunKind.PACKAGE: "run_package_operation",
     FleetRunKind.PATCH: "patch_reboot",
     FleetRunKind.REBOOT: "patch_reboot",
+}
+#: How a refusal names each right.
+REFUSED_WHAT = {
+    "run_package_operation": "run package operations",
+    "patch_reboot": "apply updates and reboot",
 }
 #: The kinds whose hosts each run a package operation (rather than a shell command).
 OPERATION_KINDS = (FleetRunKind.PACKAGE, FleetRunKind.PATCH, FleetRunKind.REBOOT)
@@ -74,8 +79,8 @@ FINAL_HOST_STATUSES = (
 
 
 class FleetRunRefused(Exception):
-    """The user may not run commands (or apply updates and reboot, for those kinds) on
-    some targeted hosts (``refused`` of them)."""
+    """The user may not run the run's kind of work on some targeted hosts (``refused``
+    of them)."""
 
     def __init__(self, refused: int, total: int, what: str = "run commands") -> None:
         super().__init__(
@@ -83,6 +88,13 @@ class FleetRunRefused(Exception):
         )
         self.refused = refused
         self.total = total
+
+
+def run_right(kind: str) -> str:
+    """The right (``sysmanage.permissions.HOST_RIGHTS``) a run of ``kind`` needs on each
+    of its hosts: a package run that of package operations, as one operation does; a
+    patch or reboot run that of applying updates and rebooting."""
+    return KIND_RIGHTS.get(kind, "run_command")
 
 
 @dataclass(frozen=True)
@@ -275,17 +287,17 @@ def failure_threshold(total: int, limit: int | None, percent: bool) -> int | Non
 def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = None) -> FleetRun:
     """Record a fleet run (running, every host queued) that ``user`` asked for.
 
-    Refuses with :class:`FleetRunRefused` if ``user`` may not run commands on every
-    targeted host (as the database has the user's rights now); ValueError if a target
-    is unknown.
+    Refuses with :class:`FleetRunRefused` if ``user`` may not run commands (for a
+    package run: package operations) on every targeted host (as the database has the
+    user's rights now); ValueError if a target is unknown.
     """
     now = permissions.fresh(user)
     hosts = fleet_run_hosts(spec, permissions.scope_query(now))
-    right = KIND_RIGHTS[spec.kind]
+    right = run_right(spec.kind)
     allowed = permissions.hosts_allowed(now, right, (h.id for h in hosts))
     refused = sum(1 for host in hosts if str(host.id) not in allowed)
     if refused:
-        what = "apply updates and reboot" if right == "patch_reboot" else "run commands"
+        what = REFUSED_WHAT.get(right, "run commands")
         raise FleetRunRefused(refused, len(hosts), what)
     with transaction.atomic():
         run = FleetRun.objects.create(

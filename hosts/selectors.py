@@ -165,9 +165,11 @@ def fleet_run_snapshot(filters: Filters, viewer: Viewer) -> dict[str, Any] | Non
     return TOPICS["command_execution"].present(filters, viewer, data)
 
 
-def fleet_run_id_problem(run_id: str) -> str | None:
-    """Why ``run_id`` is not a filter to subscribe with (no such run), or None."""
-    return None if FleetRun.objects.filter(id=run_id).exists() else "no such fleet run"
+def fleet_run_id_problem(run_id: str, user: Any = None) -> str | None:
+    """Why ``run_id`` is not a filter for ``user`` to subscribe with (no such run, or
+    one they do not see: answered alike), or None."""
+    runs = permissions.fleet_runs_visible(FleetRun.objects.filter(id=run_id), user)
+    return None if runs.exists() else "no such fleet run"
 
 
 def operation_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, Any]:
@@ -191,7 +193,7 @@ def operation_snapshot(filters: Filters, viewer: Viewer = NOBODY) -> dict[str, A
     )
 
 
-def host_id_problem(host_id: str) -> str | None:
+def host_id_problem(host_id: str, user: Any = None) -> str | None:
     """Why ``host_id`` cannot be used as a filter (no such host), or None."""
     return None if Host.objects.filter(id=host_id).exists() else f"no host with id {host_id}"
 

@@ -152,7 +152,8 @@ class FleetRunListView(DashboardMixin, TemplateView):
     nav_section = "fleet-runs"
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
-        """The groups to choose from, and the latest runs as this user may see them."""
+        """The groups to choose from (their hosts counted over those this user sees),
+        and the latest runs as this user may see them."""
         user = self.request.user
         group = self.request.GET.get("group", "").strip()[:100]
         query = self.request.GET.get("q", "").strip()[:255]
@@ -164,7 +165,7 @@ class FleetRunListView(DashboardMixin, TemplateView):
         ]
         return {
             **super().get_context_data(**kwargs),
-            "groups": list(selectors.host_group_list()),
+            "groups": list(selectors.host_group_list(permissions.scope_query(user))),
             "group": group,
             "query": query,
             "runs": runs,

@@ -53,6 +53,7 @@ from sysmanage.ratelimit import TokenBucket
 from sysmanage.services import session_tag, token_session_tag
 from sysmanage.topics import (
     Filters,
+    SnapshotProvider,
     Topic,
     Viewer,
     filter_problem,
@@ -81,8 +82,11 @@ class ClientConsumer(Connection):
     #: what the user may see, as read at ``rights_read_at`` (``time.monotonic()``)
     rights: frozenset[str] = frozenset()
     rights_read_at = 0.0
-    #: the hosts the user sees (None: every host), read with the rights
-    host_scope: permissions.HostScope = frozenset()
+    #: the hosts the user sees (None: every host), read with the rights.  Most sockets see
+    #: every host: the class holds that answer, and a socket stores its own only when it
+    #: sees some hosts (one attribute less per socket).  A socket subscribes only once
+    #: :meth:`_adopt` has set it.
+    host_scope: permissions.HostScope = None
     #: the access token's expiry (epoch seconds); None for session sockets
     expires_at: float | None = None
     #: the expiry a ``token_expiring`` warning was sent for (one warning per token)
@@ -143,7 +147,8 @@ class ClientConsumer(Connection):
         self.auth_via = credentials.via
         self.fingerprint = credentials.fingerprint
         self.rights, self.rights_read_at = credentials.rights, read_at
-        self.host_scope = credentials.scope
+        if credentials.scope is not None:
+            self.host_scope = credentials.scope
         session = self.scope.get("session")
         if credentials.via == "session" and session is not None and session.session_key:
             self.session_tag = session_tag(session.session_key)
@@ -383,6 +388,10 @@ class ClientConsumer(Connection):
         )
         if rights is not None:
             self.update_rights(rights, read_at=read_at, scope=scope)
+        if not denied and filters is not None and not problem:
+            # A recheck read after this subscribe's read may have narrowed the socket
+            # meanwhile: the newest rights and hosts decide.
+            denied, problem = _still_allowed(topic, filters, self.rights, self.host_scope)
         if denied:
             raise _subscription_error(ErrorCode.SUBSCRIPTION_FAILED, denied, message, topic)
         if invalid is not None:
@@ -416,6 +425,15 @@ class ClientConsumer(Connection):
             head = None
             try:
                 recovered, head, missed = await hub.resume(self, topic.name, filters, message.since)
+                if hub.subscriptions[topic.name].get(self) is not filters:
+                    # ended while the history was read (a right or the host taken away)
+                    denied, problem = _still_allowed(topic, filters, self.rights, self.host_scope)
+                    raise _subscription_error(
+                        ErrorCode.INVALID_FILTERS if problem else ErrorCode.SUBSCRIPTION_FAILED,
+                        problem or denied or f"Subscription to '{topic.name}' ended",
+                        message,
+                        topic,
+                    )
                 answer["recovered"] = recovered
                 if head is not None:
                     answer["position"] = head.to_json()
@@ -427,6 +445,8 @@ class ClientConsumer(Connection):
                     )
                 else:
                     self.reply(response)
+            except ProtocolError:
+                raise
             except Exception:
                 hub.unsubscribe(self, topic.name)
                 logger.exception("could not read the history of %s", topic.name)
@@ -448,10 +468,24 @@ class ClientConsumer(Connection):
             else None
         )
         if provider is not None:
-            state = await database_sync_to_async(provider)(
-                filters, Viewer(self.user_id, self.rights, self.host_scope)
-            )
-            self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
+            await self._send_snapshot(provider, topic, filters, message)
+
+    async def _send_snapshot(
+        self, provider: SnapshotProvider, topic: Topic, filters: Filters, message: ClientMessage
+    ) -> None:
+        """Send the current state of a subscription as this socket's user sees it.  Read
+        again if a recheck changed the hosts the socket sees while it was read; nothing
+        if the subscription ended meanwhile (a right or its host taken away)."""
+        hub = self.hub
+        assert hub is not None
+        for _ in range(3):
+            viewer = Viewer(self.user_id, self.rights, self.host_scope)
+            state = await database_sync_to_async(provider)(filters, viewer)
+            if hub.subscriptions[topic.name].get(self) is not filters:
+                return
+            if viewer.scope == self.host_scope and viewer.rights == self.rights:
+                self.reply(envelope(MessageType.STATUS, topic.name, state, id_=message.id))
+                return
 
     def _subscribe_all_hosts(self, topic: Topic, filters: Filters, message: ClientMessage) -> None:
         """Subscribe to the summary of every host (``sysmanage.summary``).  It has no place
@@ -559,12 +593,27 @@ def _authorize_now(
     denied = topic.authorize(now)
     rights = permissions.socket_rights(now) if now is not None else None
     scope = permissions.host_scope(now) if now is not None else frozenset()
-    problem = filter_problem(filters) if filters is not None and denied is None else None
+    problem = filter_problem(filters, now) if filters is not None and denied is None else None
     if problem is None and filters is not None and denied is None:
         host_id = filters.get("host_id")
         if host_id != ALL_HOSTS and not permissions.in_scope(scope, host_id):
             problem = f"Filter 'host_id': no host with id {host_id}"
     return denied, rights, scope, problem
+
+
+def _still_allowed(
+    topic: Topic, filters: Filters, rights: frozenset[str], scope: permissions.HostScope
+) -> tuple[str | None, str | None]:
+    """Whether a socket with ``rights`` that sees ``scope`` may keep a subscription to
+    ``topic`` with ``filters``: (why not for lack of the channel's right, why not for
+    its host).  The rights its filters need are checked apart, with their own words
+    (:func:`~sysmanage.permissions.filters_denied_reason`)."""
+    if permissions.subscription_lost(topic.name, {}, rights):
+        return f"Insufficient permissions for channel '{topic.name}'", None
+    host_id = filters.get("host_id")
+    if host_id != ALL_HOSTS and not permissions.in_scope(scope, host_id):
+        return None, f"Filter 'host_id': no host with id {host_id}"
+    return None, None
 
 
 def _subscription_error(

@@ -438,21 +438,24 @@ def snapshot_list(
     return {key: items, "count": count, "truncated": truncated}
 
 
-FilterCheck = Any  # Callable[[Any], str | None], run in a worker thread
+FilterCheck = Any  # Callable[[Any, Any], str | None], run in a worker thread
 _FILTER_CHECKS: dict[str, FilterCheck] = {}
 
 
 def register_filter_check(field: str, check: FilterCheck) -> None:
-    """Register a database check of filter ``field`` (e.g. that a ``host_id`` exists)."""
+    """Register a database check of filter ``field`` (e.g. that a ``host_id`` exists),
+    called with the value and the subscribing user (as the database has them now): what
+    the user may not see is answered as what does not exist."""
     _FILTER_CHECKS[field] = check
 
 
-def filter_problem(filters: Filters) -> str | None:
-    """Run the registered checks on ``filters``; return the first problem found."""
+def filter_problem(filters: Filters, user: Any = None) -> str | None:
+    """Run the registered checks on ``filters`` for ``user``; return the first problem
+    found."""
     for field, value in filters.items():
         check = _FILTER_CHECKS.get(field)
         if check is not None and value != ALL_HOSTS:
-            problem = check(value)
+            problem = check(value, user)
             if problem:
                 return f"Filter '{field}': {problem}"
     return None

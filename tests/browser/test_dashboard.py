@@ -229,7 +229,7 @@ def test_log_in_through_the_login_page(browser: Browser, deployment: Deployment)
     assert browser.text_of(".account-name") == "admin"
     browser.wait_live()
     nav = [a.text for a in browser.find_all(".site-nav a")]
-    assert nav == ["Overview", "Hosts", "Alerts", "Activity", "Admin"], nav
+    assert nav == ["Overview", "Hosts", "Alerts", "Fleet runs", "Activity", "Admin"], nav
 
 
 def test_hosts_page_shows_the_agent_coming_online(admin: Browser, fleet: Fleet) -> None:

@@ -846,6 +846,15 @@ async def test_clients_and_commands_come_through_a_killed_server_and_an_emptied_
         commanders = clients[:COMMANDERS]
         load = [asyncio.ensure_future(commander(c)) for c in commanders]
         load.append(asyncio.ensure_future(raise_alerts()))
+        # A host status change every subscriber to every host is owed, whenever the sweep
+        # of the seeded hosts happens to run: a host without an agent comes online (and
+        # goes offline again at a later sweep).
+        await asyncio.to_thread(
+            harness.manage_shell,
+            cluster.env,
+            "from hosts import services\n"
+            f"services.host_set_status(host_id={cluster.host_id('web-01')!r}, status='online')\n",
+        )
 
         pids = {
             "agents": [a.proc.pid for a in agents if a.proc is not None],

@@ -181,6 +181,14 @@ async def check_channels(d: harness.Deployment, client: WsClient, web: str, db: 
         and m["channel"] != "fleet_status"
     ]
     assert leaked == [], leaked
+    # Subscribing now, with the alert on the hidden host open: the snapshot leaves it
+    # out as the events did; a subscription to the host's alerts is refused.
+    _, alerts = await client.subscribe_with_status("system_alerts")
+    assert db not in str(alerts["data"]), alerts
+    hidden_alerts = await client.request(
+        {"type": "subscribe", "channel": "system_alerts", "filters": {"host_id": db}}
+    )
+    assert hidden_alerts["data"]["code"] == "INVALID_FILTERS", hidden_alerts
     fleet = [m for m in client.log if m["channel"] == "fleet_status" and m["type"] == "event"]
     assert all(m["data"]["total_hosts"] == 1 for m in fleet), fleet
     assert all(m["data"]["hosts_with_alerts"] == 0 for m in fleet), fleet

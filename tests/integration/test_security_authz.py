@@ -85,10 +85,18 @@ async def ashell(d: Deployment, code: str) -> str:
 
 
 async def new_user(
-    d: Deployment, prefix: str, *, staff: bool = False, perms: tuple[str, ...] = ()
+    d: Deployment,
+    prefix: str,
+    *,
+    staff: bool = False,
+    perms: tuple[str, ...] = (),
+    every_host: bool = True,
 ) -> str:
-    """Create a user (in a shell) with the seed password; return its name."""
+    """Create a user (in a shell) with the seed password; return its name.  One who is
+    not staff sees every host unless ``every_host`` is False."""
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    if every_host and not staff:
+        perms = (*perms, "hosts.view_all_hosts")
     await ashell(
         d,
         f"""
