@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ DEFAULT_LOG_LEVEL = "INFO"
 #: Seconds between looks at pending updates and the reboot flag (sent only on change).
 DEFAULT_PATCH_INTERVAL = 900.0
 DEFAULT_REBOOT_REQUIRED_FILE = Path("/var/run/reboot-required")
+#: The program (and its arguments) that reboots the host, run without a shell.
+DEFAULT_REBOOT_COMMAND = ("systemctl", "reboot")
 
 MIN_INTERVAL, MAX_INTERVAL = 0.1, 86_400.0
 MAX_OUTPUT_BYTES_LIMIT = 256 * 1024
@@ -53,6 +56,9 @@ class AgentConfig:
     patch_interval: float = DEFAULT_PATCH_INTERVAL
     #: The file whose presence says that the host needs a reboot.
     reboot_required_file: Path = DEFAULT_REBOOT_REQUIRED_FILE
+    #: What a ``reboot`` operation runs (no shell): the agent reports that the reboot
+    #: began when it exits with status 0, then leaves its connection and reconnects.
+    reboot_command: tuple[str, ...] = DEFAULT_REBOOT_COMMAND
     #: The interval settings given explicitly; the server's ``welcome`` overrides the rest.
     explicit_intervals: frozenset[str] = frozenset()
 
@@ -92,6 +98,7 @@ def build_config(values: Settings, environ: Mapping[str, str]) -> AgentConfig:
         log_level=_log_level(values),
         patch_interval=_interval(values, "patch_interval", DEFAULT_PATCH_INTERVAL),
         reboot_required_file=_path(values, "reboot_required_file", DEFAULT_REBOOT_REQUIRED_FILE),
+        reboot_command=_argv(values, "reboot_command", DEFAULT_REBOOT_COMMAND),
         explicit_intervals=frozenset(name for name in INTERVAL_SETTINGS if name in values),
     )
 
@@ -205,6 +212,24 @@ def _path(values: Settings, name: str, default: Path) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name} must be a non-empty path")
     return Path(value).expanduser().absolute()
+
+
+def _argv(values: Settings, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Return a program and its arguments: a list of strings, or one string split as a
+    shell would split it (no shell runs it)."""
+    value = values.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{name} cannot be split into arguments: {exc}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a command: a string or a list of strings")
+    if not value[0].strip():
+        raise ConfigError(f"{name} must name a program")
+    return tuple(value)
 
 
 def _log_level(values: Settings) -> str:

@@ -16,10 +16,11 @@ from agent.commands import (
     parse_command,
     run_command,
 )
+from agent.config import DEFAULT_REBOOT_COMMAND
 from agent.errors import RequestError
 from agent.ledger import RUNNING, IdLedger
 from agent.packages import operation as packages
-from agent.packages.managers import PackageManager
+from agent.packages.managers import REBOOT, PackageManager
 from agent.processes import ProcessGroups
 from agent.protocol import (
     COMMAND_RESULT,
@@ -34,6 +35,7 @@ from agent.protocol import (
     envelope,
     request_id,
 )
+from agent.reboot import run_reboot
 from agent.spool import ResultSpool
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class Reporter(Protocol):
     async def send_result(self, message: ResultMessage) -> None:
         """Send a result that is already stored in the spool, if connected."""
 
+    async def rebooting(self) -> None:
+        """The host is going down: leave the connection (and connect again if it lives)."""
+
 
 class JobRunner:
     """Accepts ``run_command`` and ``package_operation`` and reports their results."""
@@ -65,9 +70,12 @@ class JobRunner:
         manager: PackageManager | None,
         max_output: int,
         max_commands: int,
+        reboot_command: tuple[str, ...] = DEFAULT_REBOOT_COMMAND,
     ) -> None:
-        """Run at most ``max_commands`` commands at once; package operations one at a time."""
+        """Run at most ``max_commands`` commands at once; package operations one at a
+        time; a ``reboot`` operation runs ``reboot_command``."""
         self.spool, self.ledger, self.reporter = spool, ledger, reporter
+        self.reboot_command = reboot_command
         self.manager = manager
         self.max_output = max_output
         self.groups = ProcessGroups()
@@ -192,10 +200,17 @@ class JobRunner:
             )
 
         async with self._package_turn:
-            data = await packages.run_operation(
-                request, self.manager, self.max_output, self.groups, progress
-            )
+            if request.operation == REBOOT:
+                data = await run_reboot(
+                    operation_id, self.reboot_command, self.max_output, self.groups
+                )
+            else:
+                data = await packages.run_operation(
+                    request, self.manager, self.max_output, self.groups, progress
+                )
         await self._finish(PACKAGE_RESULT, ref, packages.package_result(data, request.message_id))
+        if request.operation == REBOOT and data["status"] == packages.COMPLETED:
+            await self.reporter.rebooting()
 
     async def _finish(self, kind: str, ref: str, message: ResultMessage) -> None:
         """Store the result, mark its id finished, then send it."""

@@ -32,7 +32,7 @@ from agent.protocol import (
     parse,
     ref_of,
 )
-from agent.session import Link, SessionEnd, connect_once
+from agent.session import REBOOTING, Link, SessionEnd, connect_once
 from agent.spool import ResultSpool
 from agent.storage import ensure_private_dir
 
@@ -73,11 +73,14 @@ class Agent:
             self.manager,
             config.max_output_bytes,
             config.max_concurrent_commands,
+            config.reboot_command,
         )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
         #: set when the server asks for a fresh look at pending updates
         self.check_updates = asyncio.Event()
+        #: set when a reboot began: the session leaves its connection
+        self.leaving = asyncio.Event()
         self._handlers: dict[str, Handler] = {
             WELCOME: self._on_welcome,
             RUN_COMMAND: self.jobs.handle_run_command,
@@ -100,6 +103,8 @@ class Agent:
             end = await self._session_until(stop)
             if end is None or stop.is_set():
                 break
+            if end.reason == REBOOTING:
+                backoff.reset()  # a leave of the agent's own: as after a fresh start
             delay = next_delay(end, backoff)
             log.info("Reconnecting in %.1fs", delay)
             with contextlib.suppress(TimeoutError):
@@ -164,6 +169,14 @@ class Agent:
             self.check_updates.set()
         if self.link is not None:
             await self.link.send(message)
+
+    async def rebooting(self) -> None:
+        """The host is going down: the session closes the connection now, so that the
+        server sees the host go; if the agent is still running after the reconnect delay
+        (a command that only simulates a reboot), it connects again, with the backoff
+        of a fresh start."""
+        if self.link is not None:
+            self.leaving.set()
 
     async def handle(self, raw: str | bytes) -> ServerMessage | None:
         """Act on one frame from the server; return the parsed message, if it is one."""

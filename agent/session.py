@@ -43,6 +43,11 @@ OPEN_TIMEOUT = 20.0
 RETRY_UNACKED_EVERY = 300.0
 #: A metrics reading that takes longer than this (hung mount) is skipped.
 METRICS_TIMEOUT = 10.0
+#: Seconds the closing handshake may take when the agent leaves for a reboot.
+LEAVE_WAIT = 3.0
+#: Seconds between cancellations of a report loop that goes on (:func:`_stop`).
+STOP_RETRY = 0.1
+REBOOTING = "host rebooting"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,8 @@ class Agent(Protocol):
     manager: PackageManager | None
     #: set when the server asks for a fresh look at pending updates
     check_updates: asyncio.Event
+    #: set when the host is going down (a reboot began): the connection is left
+    leaving: asyncio.Event
 
     @property
     def intervals(self) -> Intervals:
@@ -161,14 +168,25 @@ async def _serve(agent: Agent, websocket: ClientConnection, opened: float) -> Se
         asyncio.create_task(_resend_results(agent, link)),
         asyncio.create_task(_patch_status(agent, link)),
     ]
+    agent.leaving.clear()
     try:
-        end = await _receive(agent, websocket)
+        end = await _receive_until_leaving(agent, websocket)
     finally:
         agent.detach(link)
-        for task in reports:
-            task.cancel()
-        await asyncio.gather(*reports, return_exceptions=True)
+        await _stop(reports)
     return SessionEnd(end.close_code, end.reason, time.monotonic() - opened, welcomed=True)
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` until they have ended.  One cancellation is not always enough:
+    ``asyncio.wait_for`` (Python 3.11) returns the result instead of raising when what it
+    waits for ends just as the task is cancelled, and the report loops would then go on
+    (a report collected in a thread at the very moment the connection ends)."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_RETRY)
 
 
 async def _await_welcome(agent: Agent, websocket: ClientConnection) -> SessionEnd | None:
@@ -185,6 +203,28 @@ async def _await_welcome(agent: Agent, websocket: ClientConnection) -> SessionEn
         log.warning("The server sent no welcome within %gs", WELCOME_TIMEOUT)
         await websocket.close(CLOSE_GOING_AWAY, "no welcome")
         return SessionEnd(None, "no welcome")
+
+
+async def _receive_until_leaving(agent: Agent, websocket: ClientConnection) -> SessionEnd:
+    """Handle server messages until the connection closes, or until the agent leaves it
+    because the host is going down."""
+    receiving = asyncio.create_task(_receive(agent, websocket))
+    leaving = asyncio.create_task(agent.leaving.wait())
+    await asyncio.wait({receiving, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    leaving.cancel()
+    if receiving.done():
+        return receiving.result()
+    log.warning("The host is rebooting; leaving the connection")
+    # Every step is bounded (asyncio.wait, which never waits for a cancelled task): the
+    # connection is dropped if the server does not answer the close in time.
+    closing = asyncio.create_task(websocket.close(CLOSE_GOING_AWAY, REBOOTING))
+    await asyncio.wait({closing}, timeout=LEAVE_WAIT)
+    if not closing.done():
+        websocket.transport.abort()
+        closing.cancel()
+    receiving.cancel()
+    await asyncio.wait({receiving}, timeout=LEAVE_WAIT)
+    return SessionEnd(CLOSE_GOING_AWAY, REBOOTING)
 
 
 async def _receive(agent: Agent, websocket: ClientConnection) -> SessionEnd:

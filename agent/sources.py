@@ -28,6 +28,7 @@ ENV_SETTINGS = (
     "log_level",
     "patch_interval",
     "reboot_required_file",
+    "reboot_command",
 )
 
 #: Keys allowed in the config file.
@@ -44,6 +45,7 @@ FILE_SETTINGS = frozenset(
         "log_level",
         "patch_interval",
         "reboot_required_file",
+        "reboot_command",
     }
 )
 

@@ -160,6 +160,7 @@ class HostGroupGrantAdmin(admin.ModelAdmin[HostGroupGrant]):
         "can_run_commands",
         "can_run_package_operations",
         "can_manage_alerts",
+        "can_patch_and_reboot",
         "created_at",
     )
     list_filter = ("host_group",)
@@ -171,6 +172,7 @@ class HostGroupGrantAdmin(admin.ModelAdmin[HostGroupGrant]):
         "can_run_commands",
         "can_run_package_operations",
         "can_manage_alerts",
+        "can_patch_and_reboot",
     )
 
     @admin.display(description="granted to")

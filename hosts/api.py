@@ -13,7 +13,7 @@ from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from hosts import selectors, services
+from hosts import patchapply, selectors, services
 from hosts.models import (
     CommandExecution,
     ExecutionStatus,
@@ -183,6 +183,55 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
             return Response({"detail": permissions.denial("run_command")}, status=403)
         services.host_updates_check_request(host=host, actor=request_actor(request))
         return Response({"host_id": str(host.id), "requested": True}, status=202)
+
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path="apply-updates",
+        permission_classes=[IsAuthenticated],
+    )
+    def apply_updates(self, request: Request, pk: str | None = None) -> Response:
+        """Apply updates on the host (202 with the ``upgrade`` package operation, which
+        goes on as ``package_operations`` events): body ``{"which": "all"|"security"|
+        "packages", "packages": [names]}``.  Needs the right to apply updates and reboot
+        on the host."""
+        host = self.get_object()
+        refused = _patch_refusal(request, host)
+        if refused is not None:
+            return refused
+        data = request.data if isinstance(request.data, dict) else {}
+        try:
+            updates = patchapply.parse_updates_request(data)
+        except patchapply.PatchRequestError as exc:
+            return Response({"detail": str(exc)}, status=400)
+        operation = patchapply.host_apply_updates(
+            host=host, request=updates, user=request.user, actor=request_actor(request)
+        )
+        return Response(selectors.operation_event_data(operation.id), status=202)
+
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated])
+    def reboot(self, request: Request, pk: str | None = None) -> Response:
+        """Reboot the host (202 with the ``reboot`` package operation, which completes
+        when the host is back online).  Needs the right to apply updates and reboot on
+        the host."""
+        host = self.get_object()
+        refused = _patch_refusal(request, host)
+        if refused is not None:
+            return refused
+        operation = patchapply.host_reboot(
+            host=host, user=request.user, actor=request_actor(request)
+        )
+        return Response(selectors.operation_event_data(operation.id), status=202)
+
+
+def _patch_refusal(request: Request, host: Host) -> Response | None:
+    """Why applying updates or rebooting ``host`` (in sight) is refused, if it is: 403
+    without the right, 409 while its agent is not online."""
+    if not permissions.may_on_host(request.user, "patch_reboot", host.id):
+        return Response({"detail": permissions.denial("patch_reboot")}, status=403)
+    if host.status != HostStatus.ONLINE:
+        return Response({"detail": f"{host.hostname} is {host.status}"}, status=409)
+    return None
 
 
 class HostGroupSerializer(serializers.ModelSerializer[HostGroup]):

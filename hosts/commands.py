@@ -26,10 +26,10 @@ from hosts import delivery, selectors, services
 from hosts.delivery import WorkKind
 from hosts.events import AgentTook, CommandFinished, PackageOperationFinished
 from hosts.models import (
+    PACKAGE_CHANGES,
     Host,
     HostStatus,
     OperationStatus,
-    PackageOperationKind,
     is_package_name,
 )
 from sysmanage import permissions
@@ -379,10 +379,8 @@ def parse_package_operation(message: ClientMessage) -> tuple[str, str, str]:
     """Validate the data of a package operation request: ``(host_id, operation, package)``."""
     host_id = _host_id(message)
     operation = message.data.get("operation")
-    if operation not in PackageOperationKind.values:
-        raise _invalid(
-            message, "'operation' must be one of " + ", ".join(PackageOperationKind.values)
-        )
+    if operation not in PACKAGE_CHANGES:
+        raise _invalid(message, "'operation' must be one of " + ", ".join(PACKAGE_CHANGES))
     package = message.data.get("package")
     if not is_package_name(package):
         raise _invalid(message, "'package' must be one package name")

@@ -19,8 +19,8 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from hosts import fleetrunner, fleetruns
-from hosts.models import FleetRun, FleetRunKind, PackageOperationKind
+from hosts import fleetrunner, fleetruns, patchapply
+from hosts.models import PACKAGE_CHANGES, FleetRun, FleetRunKind
 from sysmanage import permissions
 from sysmanage.audit import request_actor
 from sysmanage.pagination import CappedLimitOffsetPagination
@@ -60,11 +60,21 @@ class FleetRunRequestSerializer(serializers.Serializer[None]):
     kind = serializers.ChoiceField(choices=FleetRunKind.choices, required=False)
     command = serializers.CharField(required=False, help_text="for a shell command")
     operation = serializers.ChoiceField(
-        choices=PackageOperationKind.choices, required=False, help_text="for a package run"
+        choices=PACKAGE_CHANGES, required=False, help_text="for a package run"
     )
     package = serializers.CharField(required=False, help_text="for a package run")
+    which = serializers.ChoiceField(
+        choices=patchapply.WHICH, required=False, help_text="for a patch run: all by default"
+    )
+    packages = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="for a patch run with which=packages",
+    )
     timeout = serializers.IntegerField(
-        required=False, help_text="seconds per host: 30 by default, 600 for a package run"
+        required=False,
+        help_text="seconds per host: 30 by default, 600 for a package run, 1800 for a "
+        "patch run, 900 for a reboot run (until the host is back)",
     )
     batch_size = serializers.IntegerField(required=False, default=5)
     failure_limit = serializers.CharField(
@@ -120,7 +130,8 @@ class FleetRunViewSet(viewsets.ViewSet):
             return Response({"detail": "The body must be a JSON object"}, status=400)
         kind = request.data.get("kind", FleetRunKind.COMMAND)
         if kind not in FleetRunKind.values:
-            return Response({"detail": "'kind' must be 'command' or 'package'"}, status=400)
+            kinds = ", ".join(f"'{k}'" for k in FleetRunKind.values)
+            return Response({"detail": f"'kind' must be one of {kinds}"}, status=400)
         try:
             spec = fleetruns.parse_fleet_run(request.data, kind)
             run = fleetruns.fleet_run_create(

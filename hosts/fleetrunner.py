@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FAILURE_LIMIT_REACHED = "failure limit reached"
-WITHDRAWN = "the requester may no longer run commands on this host"
+WITHDRAWN = "the requester no longer has the right to do this on this host"
 #: How often a run waiting for offline hosts looks whether they returned (seconds).
 OFFLINE_POLL_SECONDS = 1.0
 #: The runs this process drives, by id (a task is kept here so that it is not collected).
@@ -240,7 +240,7 @@ class FleetRunner:
 
     async def _attempt(self, host: Host) -> Outcome:
         """What the run does on ``host``, through the one-host path, and how it went."""
-        if self.kind == FleetRunKind.PACKAGE:
+        if self.kind in fleetruns.OPERATION_KINDS:
             data = await commands.package_operation_run_and_wait(
                 host=host,
                 operation=self.operation,
@@ -261,7 +261,7 @@ class FleetRunner:
         return command_outcome(data)
 
     async def _ended(self, row: _Row, outcome: Outcome, *, was_running: bool = False) -> str:
-        package = self.kind == FleetRunKind.PACKAGE
+        package = self.kind in fleetruns.OPERATION_KINDS
         await database_sync_to_async(fleetruns.fleet_run_host_ended)(
             row_id=row.id,
             status=outcome.status,
@@ -329,9 +329,9 @@ def _rows(run_id: str) -> list[_Row]:
 
 
 def _still_allowed(user: Any, host_id: str, right: str = "run_command") -> bool:
-    """Whether ``user`` may still use ``right`` (the run's: commands or package
-    operations) on the host (rights are checked when used: a run can outlast a right
-    withdrawn after it started)."""
+    """Whether ``user`` may still use ``right`` (the run's kind's: commands, package
+    operations, or applying updates and rebooting) on the host (rights are checked when
+    used: a run can outlast a right withdrawn after it started)."""
     return host_id in permissions.hosts_allowed(permissions.fresh(user), right, [host_id])
 
 

@@ -22,7 +22,9 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from hosts import patchapply
 from hosts.models import (
+    PACKAGE_CHANGES,
     FleetRun,
     FleetRunHost,
     FleetRunHostStatus,
@@ -41,7 +43,27 @@ from sysmanage.topics import parse_uuid
 MAX_COMMAND_LENGTH = 4096
 MAX_TIMEOUT = 3600
 #: Seconds each host may take unless the request says: a command's, a package operation's.
-DEFAULT_TIMEOUT: dict[str, int] = {FleetRunKind.COMMAND: 30, FleetRunKind.PACKAGE: 600}
+DEFAULT_TIMEOUT: dict[str, int] = {
+    FleetRunKind.COMMAND: 30,
+    FleetRunKind.PACKAGE: 600,
+    FleetRunKind.PATCH: 1800,
+    # from the request to the host's return
+    FleetRunKind.REBOOT: 900,
+}
+#: The right a run of each kind needs on every host it targets (:func:`run_right`).
+KIND_RIGHTS: dict[str, str] = {
+    FleetRunKind.COMMAND: "run_command",
+    FleetRunKind.PACKAGE: "run_package_operation",
+    FleetRunKind.PATCH: "patch_reboot",
+    FleetRunKind.REBOOT: "patch_reboot",
+}
+#: How a refusal names each right.
+REFUSED_WHAT = {
+    "run_package_operation": "run package operations",
+    "patch_reboot": "apply updates and reboot",
+}
+#: The kinds whose hosts each run a package operation (rather than a shell command).
+OPERATION_KINDS = (FleetRunKind.PACKAGE, FleetRunKind.PATCH, FleetRunKind.REBOOT)
 #: The most hosts one run may target, and the largest batch.
 MAX_HOSTS = 10000
 MAX_BATCH = 500
@@ -70,8 +92,9 @@ class FleetRunRefused(Exception):
 
 def run_right(kind: str) -> str:
     """The right (``sysmanage.permissions.HOST_RIGHTS``) a run of ``kind`` needs on each
-    of its hosts: a package run that of package operations, as one operation does."""
-    return "run_package_operation" if kind == FleetRunKind.PACKAGE else "run_command"
+    of its hosts: a package run that of package operations, as one operation does; a
+    patch or reboot run that of applying updates and rebooting."""
+    return KIND_RIGHTS.get(kind, "run_command")
 
 
 @dataclass(frozen=True)
@@ -165,10 +188,19 @@ def _targets(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _what(data: Mapping[str, Any], kind: str) -> tuple[str, str, str]:
     """What runs on each host: ``(command, operation, package)``."""
+    if kind == FleetRunKind.REBOOT:
+        return "reboot", PackageOperationKind.REBOOT, ""
+    if kind == FleetRunKind.PATCH:
+        try:
+            target = patchapply.parse_updates_request(data).target
+        except patchapply.PatchRequestError as exc:
+            raise ValueError(str(exc)) from None
+        described = patchapply.updates_described(target)
+        return f"apply {described}", PackageOperationKind.UPGRADE, target
     if kind == FleetRunKind.PACKAGE:
         operation, package = data.get("operation"), data.get("package")
-        if operation not in PackageOperationKind.values:
-            raise ValueError("'operation' must be one of " + ", ".join(PackageOperationKind.values))
+        if operation not in PACKAGE_CHANGES:
+            raise ValueError("'operation' must be one of " + ", ".join(PACKAGE_CHANGES))
         if not is_package_name(package):
             raise ValueError("'package' must be one package name")
         return f"{operation} {package}", str(operation), str(package)
@@ -265,7 +297,7 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
     allowed = permissions.hosts_allowed(now, right, (h.id for h in hosts))
     refused = sum(1 for host in hosts if str(host.id) not in allowed)
     if refused:
-        what = "run package operations" if right == "run_package_operation" else "run commands"
+        what = REFUSED_WHAT.get(right, "run commands")
         raise FleetRunRefused(refused, len(hosts), what)
     with transaction.atomic():
         run = FleetRun.objects.create(

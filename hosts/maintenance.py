@@ -1,7 +1,7 @@
 """
-The hosts sweep: silent hosts go offline, overdue commands and stalled package
-operations end with a clear status, and fleet runs whose process stopped are marked
-interrupted.  Every server process runs it periodically, and
+The hosts sweep: silent hosts go offline, overdue commands, stalled package operations
+and reboots whose host did not come back end with a clear status, and fleet runs whose
+process stopped are marked interrupted.  Every server process runs it periodically, and
 ``manage.py mark_offline_hosts`` runs it from cron; it is safe to run concurrently.
 """
 
@@ -42,6 +42,7 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
     failed = services.package_operations_expire_overdue(
         silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS
     )
+    failed += services.reboots_expire_overdue(within=settings.HOST_REBOOT_TIMEOUT_SECONDS)
     interrupted = fleetruns.fleet_runs_interrupt_stale(silent_for=settings.FLEET_RUN_STALE_SECONDS)
     report = SweepReport([h.hostname for h in offline], timed_out, failed, interrupted)
     if offline or timed_out or failed or interrupted:

@@ -95,6 +95,9 @@ class Host(models.Model):
             # Without it (and without staff status), a user sees only the hosts of the
             # groups granted to them (HostGroupGrant; sysmanage.permissions).
             ("view_all_hosts", "Can see every host"),
+            # Applying updates and rebooting: a right of its own, apart from running
+            # commands, since a reboot takes every service of the host down.
+            ("patch_host", "Can apply updates to and reboot hosts"),
         ]
 
     def __str__(self) -> str:
@@ -139,6 +142,9 @@ class HostGroupGrant(models.Model):
     can_run_commands = models.BooleanField("run commands", default=False)
     can_run_package_operations = models.BooleanField("run package operations", default=False)
     can_manage_alerts = models.BooleanField("acknowledge and resolve alerts", default=False)
+    can_patch_and_reboot = models.BooleanField(
+        "apply updates and reboot", default=False, db_default=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -237,6 +243,21 @@ class PackageOperationKind(models.TextChoices):
     INSTALL = "install", "Install"
     REMOVE = "remove", "Remove"
     UPDATE = "update", "Update"
+    #: apply pending updates: ``package`` is :data:`hosts.patchapply.ALL_UPDATES`,
+    #: :data:`hosts.patchapply.SECURITY_UPDATES` or package names separated by spaces
+    UPGRADE = "upgrade", "Apply updates"
+    #: reboot the host (``package`` empty); ends when the host is back online
+    REBOOT = "reboot", "Reboot"
+
+
+#: The kinds a package operation request may name (``package_operations`` commands,
+#: package fleet runs); applying updates and rebooting need a right of their own
+#: (``hosts.patchapply``).
+PACKAGE_CHANGES: tuple[str, ...] = (
+    PackageOperationKind.INSTALL,
+    PackageOperationKind.REMOVE,
+    PackageOperationKind.UPDATE,
+)
 
 
 def is_package_name(value: object) -> TypeGuard[str]:
@@ -281,6 +302,10 @@ class PackageOperation(models.Model):
     output_truncated = models.BooleanField(default=False, db_default=False)
     #: the size in bytes of everything it wrote, when known
     output_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    #: a reboot: when its agent said the reboot began (it then waits for the host), and
+    #: when the host's agent connected again after it was handed the reboot
+    rebooting_since = models.DateTimeField(null=True, blank=True)
+    agent_returned_at = models.DateTimeField(null=True, blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -539,6 +564,9 @@ class FleetRunKind(models.TextChoices):
 
     COMMAND = "command", "Shell command"
     PACKAGE = "package", "Package operation"
+    #: apply updates (``hosts.patchapply``), and reboot (a host succeeds once back online)
+    PATCH = "patch", "Apply updates"
+    REBOOT = "reboot", "Reboot"
 
 
 class FleetRunState(models.TextChoices):

@@ -40,6 +40,7 @@ from hosts.models import (
     MetricSample,
     OperationStatus,
     PackageOperation,
+    PackageOperationKind,
 )
 from hosts.patching import PatchUpdates
 from hosts.tokens import new_token, token_digest
@@ -471,7 +472,12 @@ def host_group_delete(*, group_id: Any, actor: Actor | None = None) -> None:
 
 
 #: The flags of a grant, as the audit log names them.
-GRANT_FLAGS = ("can_run_commands", "can_run_package_operations", "can_manage_alerts")
+GRANT_FLAGS = (
+    "can_run_commands",
+    "can_run_package_operations",
+    "can_manage_alerts",
+    "can_patch_and_reboot",
+)
 
 
 def _grant_details(grant: HostGroupGrant) -> dict[str, DetailValue]:
@@ -623,6 +629,8 @@ def host_agent_hello(*, host_id: Any, session: str, facts: HostFacts) -> Host:
         host.last_seen = timezone.now()
         host.save(update_fields=changed)
         _status_changed(host, previous)
+        if work_waiting(host):  # a reboot awaited is unfinished work: no query otherwise
+            _reboots_returned(host.id)
     return host
 
 
@@ -952,6 +960,14 @@ def package_operation_record_result(
         )
         if operation is None or operation.status not in PackageOperation.ACTIVE_STATUSES:
             return False
+        if operation.rebooting_since is not None:
+            return False  # the result came already; the host is awaited
+        reboot = operation.operation == PackageOperationKind.REBOOT
+        if reboot and status == OperationStatus.COMPLETED:
+            _reboot_began(operation, message=message, output=output)
+            return True
+        if operation.operation == PackageOperationKind.UPGRADE:
+            _updates_recheck(operation.host_id)
         package_operation_update(
             operation=operation,
             status=status,
@@ -965,6 +981,82 @@ def package_operation_record_result(
         cut = _cut("output", output, output_bytes)
         _log_cut(f"package operation {operation.id}", operation.host.hostname, [cut])
     return True
+
+
+def _reboot_began(operation: PackageOperation, *, message: str, output: str) -> None:
+    """The agent began the reboot: wait for the host to come back, unless its agent
+    connected again already (the result can come after the reconnect)."""
+    operation.rebooting_since = timezone.now()
+    if operation.agent_returned_at is not None:
+        _reboot_done(operation)
+        return
+    package_operation_update(
+        operation=operation,
+        status=OperationStatus.IN_PROGRESS,
+        progress=50,
+        message="Rebooting: waiting for the host to come back"
+        + (f". {message}" if message else ""),
+        output=output,
+    )
+
+
+def _reboot_done(operation: PackageOperation) -> None:
+    """The host came back from ``operation``'s reboot."""
+    assert operation.rebooting_since is not None
+    took = (timezone.now() - operation.rebooting_since).total_seconds()
+    package_operation_update(
+        operation=operation,
+        status=OperationStatus.COMPLETED,
+        progress=100,
+        message=f"Rebooted: the host is back online after {took:.0f}s",
+    )
+    _updates_recheck(operation.host_id)
+
+
+def _reboots_returned(host_id: Any) -> None:
+    """The host's agent connected: the reboots it began are over; those it was handed
+    and has not answered yet note it (their result may come later)."""
+    rebooting = PackageOperation.objects.select_for_update(of=("self",)).filter(
+        host_id=host_id,
+        operation=PackageOperationKind.REBOOT,
+        status=OperationStatus.IN_PROGRESS,
+    )
+    for operation in rebooting:
+        if operation.rebooting_since is not None:
+            _reboot_done(operation)
+        elif operation.agent_returned_at is None:
+            operation.agent_returned_at = timezone.now()
+            operation.save(update_fields=["agent_returned_at"])
+
+
+def _updates_recheck(host_id: Any) -> None:
+    """Ask the host's agent again for its pending updates and reboot flag (with its next
+    work; this project's agent reports them after every package operation and on
+    connecting anyway): applying updates and rebooting change both."""
+    HostPatchStatus.objects.update_or_create(
+        host_id=host_id, defaults={"check_requested_at": timezone.now()}
+    )
+    publish_control(AgentDispatch(host_id=str(host_id)))
+
+
+def reboots_expire_overdue(*, within: float) -> int:
+    """Fail the reboots whose host did not come back within ``within`` seconds."""
+    cutoff = timezone.now() - timedelta(seconds=within)
+    count = 0
+    with transaction.atomic():
+        for operation in PackageOperation.objects.select_for_update(of=("self",)).filter(
+            operation=PackageOperationKind.REBOOT,
+            status=OperationStatus.IN_PROGRESS,
+            rebooting_since__lt=cutoff,
+        ):
+            package_operation_update(
+                operation=operation,
+                status=OperationStatus.FAILED,
+                progress=operation.progress,
+                message=f"The host did not come back within {within:g}s of the reboot",
+            )
+            count += 1
+    return count
 
 
 def package_operation_fail_pending(*, operation_id: Any, why: str) -> bool:
@@ -988,8 +1080,11 @@ def package_operation_fail_pending(*, operation_id: Any, why: str) -> bool:
 def package_operations_expire_overdue(*, silent_for: float) -> int:
     """Fail operations with no progress for ``silent_for`` seconds (agent gone)."""
     cutoff = timezone.now() - timedelta(seconds=silent_for)
+    # a reboot waiting for its host has its own bound (:func:`reboots_expire_overdue`)
     stale = PackageOperation.objects.filter(
-        status__in=PackageOperation.ACTIVE_STATUSES, updated_at__lt=cutoff
+        status__in=PackageOperation.ACTIVE_STATUSES,
+        updated_at__lt=cutoff,
+        rebooting_since__isnull=True,
     ).select_related("host")
     count = 0
     for operation in stale:

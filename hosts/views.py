@@ -116,6 +116,7 @@ class HostDetailView(DashboardMixin, TemplateView):
             "patch": selectors.host_patch_view(host.pk),
             "can_run_commands": can_run,
             "can_manage_alerts": can_manage,
+            "can_patch_and_reboot": permissions.may_on_host(user, "patch_reboot", host.pk),
             "page_data": host_page_data(
                 host,
                 username=user.get_username(),

@@ -51,6 +51,7 @@ RIGHTS: dict[str, Right] = {
         ("sysmanage.run_command",), "run commands and package operations on hosts"
     ),
     "run_package_operation": Right(("sysmanage.run_command",), "run package operations on hosts"),
+    "patch_reboot": Right(("hosts.patch_host",), "apply updates to and reboot hosts"),
     "view_all_hosts": Right(("hosts.view_all_hosts",), "see every host"),
     "view_command_output": Right(
         ("hosts.view_command_output",), "see the text and output of other users' commands"
@@ -262,6 +263,7 @@ HOST_RIGHTS: dict[str, str | None] = {
     "run_command": "can_run_commands",
     "run_package_operation": "can_run_package_operations",
     "manage_alert": "can_manage_alerts",
+    "patch_reboot": "can_patch_and_reboot",
 }
 
 #: Reads the ids of the hosts in the groups granted to a user (directly or through their

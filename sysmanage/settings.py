@@ -472,6 +472,8 @@ AGENT_RECHECK_SECONDS = float(env("AGENT_RECHECK_SECONDS", "10") or "10")
 COMMAND_RESULT_GRACE_SECONDS = env_int("COMMAND_RESULT_GRACE_SECONDS", 30)
 # A package operation with no word from its agent this long is failed.
 PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 1800)
+# A reboot whose host is not back online this long after its agent began it is failed.
+HOST_REBOOT_TIMEOUT_SECONDS = env_int("HOST_REBOOT_TIMEOUT_SECONDS", 600)
 # How often each server process sweeps for silent hosts and overdue commands.
 MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 # Fleet runs (a command on many hosts): how often the process running one says it is

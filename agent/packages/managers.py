@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.processes import child_environment
 
 INSTALL, REMOVE, UPDATE = "install", "remove", "update"
 OPERATIONS = (INSTALL, REMOVE, UPDATE)
+#: Applying updates (every pending one, security ones, or named packages) and rebooting.
+UPGRADE, REBOOT = "upgrade", "reboot"
+#: ``package`` of an ``upgrade``: every pending update, or security updates only.
+ALL_UPDATES, SECURITY_UPDATES = "*", "*security"
 
 #: Seconds apt waits for another package manager to release its lock.
 APT_LOCK_TIMEOUT = 120
@@ -29,6 +33,10 @@ class PackageManager:
     local_suffix: str | None = None
     #: Whether it reports progress on a file descriptor (``APT::Status-Fd``).
     status_fd: bool = False
+    #: The subcommand that applies every pending update, and the one that applies only
+    #: security updates (empty: it cannot tell them apart by itself).
+    upgrade_all: tuple[str, ...] = ()
+    upgrade_security: tuple[str, ...] = ()
 
     @property
     def capability(self) -> str:
@@ -39,6 +47,13 @@ class PackageManager:
         """The argument vector for ``operation`` on ``target`` (a name or an absolute path)."""
         status = ["-o", f"APT::Status-Fd={status_fd}"] if status_fd is not None else []
         return [self.executable, *status, *self.options, *self.subcommands[operation], target]
+
+    def command(
+        self, subcommand: Sequence[str], targets: Sequence[str], status_fd: int | None = None
+    ) -> list[str]:
+        """The argument vector for ``subcommand`` on ``targets`` (package names)."""
+        status = ["-o", f"APT::Status-Fd={status_fd}"] if status_fd is not None else []
+        return [self.executable, *status, *self.options, *subcommand, *targets]
 
     def env(self) -> dict[str, str]:
         """The environment for the package manager: the agent's plus non-interactive flags."""
@@ -69,24 +84,30 @@ APT = PackageManager(
     },
     local_suffix=".deb",
     status_fd=True,
+    upgrade_all=("upgrade", "--with-new-pkgs", "-y"),
 )
 DNF = PackageManager(
     name="dnf",
     executable="dnf",
     subcommands={INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("upgrade", "-y")},
     local_suffix=".rpm",
+    upgrade_all=("upgrade", "-y"),
+    upgrade_security=("upgrade", "--security", "-y"),
 )
 YUM = PackageManager(
     name="yum",
     executable="yum",
     subcommands={INSTALL: ("install", "-y"), REMOVE: ("remove", "-y"), UPDATE: ("update", "-y")},
     local_suffix=".rpm",
+    upgrade_all=("update", "-y"),
+    upgrade_security=("update", "--security", "-y"),
 )
 APK = PackageManager(
     name="apk",
     executable="apk",
     options=("--no-progress",),
     subcommands={INSTALL: ("add",), REMOVE: ("del",), UPDATE: ("add", "--upgrade")},
+    upgrade_all=("upgrade",),
 )
 ZYPPER = PackageManager(
     name="zypper",
@@ -94,6 +115,8 @@ ZYPPER = PackageManager(
     options=("--non-interactive",),
     subcommands={INSTALL: ("install",), REMOVE: ("remove",), UPDATE: ("update",)},
     local_suffix=".rpm",
+    upgrade_all=("update",),
+    upgrade_security=("patch", "--category", "security"),
 )
 
 #: In order of preference.

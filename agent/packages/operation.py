@@ -11,8 +11,9 @@ from typing import Final
 
 from agent.errors import RequestError
 from agent.output import CappedOutput, drain
+from agent.packages import upgrade
 from agent.packages.apt_status import AptProgress, LineSplitter
-from agent.packages.managers import OPERATIONS, PackageManager
+from agent.packages.managers import OPERATIONS, REBOOT, UPGRADE, PackageManager
 from agent.packages.validation import resolve_target
 from agent.processes import ProcessGroups, exit_code_of, supervise
 from agent.protocol import (
@@ -39,6 +40,8 @@ FAILED: Final = "failed"
 NO_MANAGER = "no supported package manager (apt-get, dnf, yum, apk or zypper) on this host"
 
 Progress = Callable[[int, str], Awaitable[None]]
+#: The operations a ``package_operation`` may ask for (a reboot runs apart: agent.reboot).
+KINDS = (*OPERATIONS, UPGRADE, REBOOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +81,35 @@ def parse_operation(message: ServerMessage) -> PackageRequest:
     """Validate a ``package_operation`` (its id already checked) or raise RequestError."""
     data = message["data"]
     operation, package = data.get("operation"), data.get("package")
-    if operation not in OPERATIONS:
-        raise RequestError(f"'operation' must be one of {', '.join(OPERATIONS)}")
-    if not isinstance(package, str) or not package:
+    if operation not in KINDS:
+        raise RequestError(f"'operation' must be one of {', '.join(KINDS)}")
+    if operation == REBOOT:
+        package = ""
+    elif not isinstance(package, str) or not package:
         raise RequestError("'package' must be a non-empty string")
+    elif operation == UPGRADE:
+        upgrade.check_target(package)
     return PackageRequest(operation_id_of(message), operation, package, request_id(message))
+
+
+def _plan(manager: PackageManager, operation: str, target: str) -> upgrade.Argv:
+    """How to run an install, removal or update of ``target`` (already resolved)."""
+    return lambda status_fd: manager.argv(operation, target, status_fd)
+
+
+async def _planned(request: PackageRequest, manager: PackageManager) -> upgrade.Argv | None:
+    """How to run ``request`` with ``manager`` (None: nothing to do), or RequestError."""
+    if request.operation == UPGRADE:
+        return await upgrade.upgrade_argv(manager, request.package)
+    target = resolve_target(manager, request.operation, request.package)
+    return _plan(manager, request.operation, target)
+
+
+def _what(request: PackageRequest) -> str:
+    """The operation, for people."""
+    if request.operation == UPGRADE:
+        return upgrade.describe(request.package)
+    return f"{request.operation} {request.package}"
 
 
 async def run_operation(
@@ -96,12 +123,15 @@ async def run_operation(
     if manager is None:
         return failed_data(request.operation_id, NO_MANAGER)
     try:
-        target = resolve_target(manager, request.operation, request.package)
+        argv = await _planned(request, manager)
     except RequestError as exc:
         return failed_data(request.operation_id, str(exc))
-    await progress(0, f"{request.operation} {request.package}: starting {manager.executable}")
+    if argv is None:
+        message = f"{_what(request)}: nothing to apply"
+        return result_data(request.operation_id, COMPLETED, 0, CappedOutput(0), message)
+    await progress(0, f"{_what(request)}: starting {manager.executable}")
     try:
-        outcome = await _execute(manager, request.operation, target, max_output, groups, progress)
+        outcome = await _execute(manager, argv, max_output, groups, progress)
     except OSError as exc:
         message = f"{manager.executable} could not be started: {exc}"
         return failed_data(request.operation_id, message)
@@ -114,8 +144,7 @@ async def run_operation(
 
 async def _execute(
     manager: PackageManager,
-    operation: str,
-    target: str,
+    argv: upgrade.Argv,
     max_output: int,
     groups: ProcessGroups,
     progress: Progress,
@@ -124,7 +153,7 @@ async def _execute(
     read_fd, write_fd = os.pipe() if manager.status_fd else (None, None)
     try:
         process = await asyncio.create_subprocess_exec(
-            *manager.argv(operation, target, write_fd),
+            *argv(write_fd),
             env=manager.env(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -139,7 +168,7 @@ async def _execute(
     finally:
         if write_fd is not None:
             os.close(write_fd)
-    log.info("Package %s of %s started (pid %d)", operation, target, process.pid)
+    log.info("%s started (pid %d)", manager.executable, process.pid)
     output = CappedOutput(max_output)
     readers = [asyncio.create_task(drain(process.stdout, output))]
     if read_fd is not None:
@@ -170,7 +199,7 @@ def _summary(
     request: PackageRequest, manager: PackageManager, outcome: Outcome, stopping: bool
 ) -> tuple[PackageStatus, str]:
     """Status and human message of a package manager run."""
-    what = f"{request.operation} {request.package}"
+    what = _what(request)
     if stopping:
         return FAILED, f"{what}: the agent shut down during the operation"
     if not outcome.finished:

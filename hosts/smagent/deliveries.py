@@ -42,8 +42,12 @@ PACKAGE_COMMANDS: dict[str, protocol.CommandType] = {
     PackageOperationKind.INSTALL: "install_packages",
     PackageOperationKind.UPDATE: "install_packages",  # installing a package upgrades it
     PackageOperationKind.REMOVE: "uninstall_packages",
+    PackageOperationKind.UPGRADE: "apply_updates",
+    PackageOperationKind.REBOOT: "reboot_system",
 }
 PACKAGE_TIMEOUT = 1800
+#: Seconds the agent has to start a reboot (the host's return is awaited apart).
+REBOOT_TIMEOUT = 120
 BATCH = 50
 
 
@@ -66,6 +70,15 @@ def _shell_command(execution: CommandExecution, delivery_id: str) -> protocol.Co
 
 def _package_command(operation: PackageOperation, delivery_id: str) -> protocol.CommandMessage:
     requested_by = operation.requested_by.get_username() if operation.requested_by else ""
+    if operation.operation == PackageOperationKind.REBOOT:
+        return protocol.command_message(delivery_id, "reboot_system", {}, REBOOT_TIMEOUT)
+    if operation.operation == PackageOperationKind.UPGRADE:
+        return protocol.command_message(
+            delivery_id,
+            "apply_updates",
+            _update_parameters(operation, requested_by),
+            PACKAGE_TIMEOUT,
+        )
     return protocol.command_message(
         delivery_id,
         PACKAGE_COMMANDS[operation.operation],
@@ -76,6 +89,18 @@ def _package_command(operation: PackageOperation, delivery_id: str) -> protocol.
         },
         PACKAGE_TIMEOUT,
     )
+
+
+def _update_parameters(operation: PackageOperation, requested_by: str) -> protocol.UpdateParameters:
+    """``apply_updates`` for an ``upgrade`` operation (``hosts.patchapply``'s targets)."""
+    target = operation.package
+    names = [] if target.startswith("*") else target.split()
+    return {
+        "request_id": str(operation.id),
+        "requested_by": requested_by,
+        "packages": [{"package_name": name, "package_manager": "auto"} for name in names],
+        "security_only": target == "*security",
+    }
 
 
 def _message(delivery: AgentDelivery) -> Outgoing:

@@ -70,6 +70,9 @@ CommandType = Literal[
     "uninstall_packages",
     "sync_custom_metrics",
     "check_updates",
+    "apply_updates",
+    "reboot_system",
+    "check_reboot_status",
 ]
 
 
@@ -135,6 +138,16 @@ class PackageParameters(TypedDict):
     packages: list[PackageSpec]
 
 
+class UpdateParameters(TypedDict):
+    """``apply_updates``'s parameters: the packages to update (none: every pending
+    update, or every security update with ``security_only``)."""
+
+    request_id: str
+    requested_by: str
+    packages: list[PackageSpec]
+    security_only: bool
+
+
 class MetricDefinition(TypedDict):
     """One custom metric script of ``sync_custom_metrics``."""
 
@@ -152,10 +165,13 @@ class MetricsParameters(TypedDict):
 
 
 class NoParameters(TypedDict):
-    """The parameters of a command that takes none (``check_updates``)."""
+    """The parameters of a command that takes none (``check_updates``,
+    ``check_reboot_status``, ``reboot_system``)."""
 
 
-CommandParameters = ShellParameters | PackageParameters | MetricsParameters | NoParameters
+CommandParameters = (
+    ShellParameters | PackageParameters | UpdateParameters | MetricsParameters | NoParameters
+)
 
 #: Seconds the agent has for ``check_updates`` (it refreshes its package lists).
 CHECK_UPDATES_TIMEOUT = 600

@@ -436,13 +436,21 @@ class AgentSession:
             str(uuid.uuid4()), "check_updates", {}, protocol.CHECK_UPDATES_TIMEOUT
         )
 
+    def check_reboot_command(self) -> CommandMessage:
+        """``check_reboot_status``: the agent says whether the host needs a reboot now
+        (``reboot_status_update``)."""
+        return protocol.command_message(
+            str(uuid.uuid4()), "check_reboot_status", {}, protocol.CHECK_UPDATES_TIMEOUT
+        )
+
     async def due_commands(self, *, resend_all: bool = False) -> list[CommandMessage]:
         """Queued commands to send now (each confirmed to its requester as taken), and a
         check of updates if one was asked for."""
         due, check = await database_sync_to_async(_take_due)(self.host_id, resend_all)
         for item in due:
             publish_control_now(AgentTook(ref=item.ref, host_id=self.host_id))
-        return [item.message for item in due] + ([self.check_updates_command()] if check else [])
+        checks = [self.check_updates_command(), self.check_reboot_command()] if check else []
+        return [item.message for item in due] + checks
 
     def seen(self) -> None:
         """The agent was heard from."""

@@ -20,7 +20,10 @@ Commands (``execute_shell``, ``install_packages``, ``uninstall_packages``,
 run, package operations are faked, custom metric scripts really run on request.
 ``check_updates`` is acknowledged, answered and followed by a ``package_updates_update``
 of :attr:`FakeSysManageAgent.available_updates`; it is kept apart (``update_checks``)
-from the other commands, which tests count.  The
+from the other commands, which tests count, as is ``check_reboot_status``
+(``reboot_checks``, answered with a ``reboot_status_update``).  ``apply_updates`` takes
+updates off that list (and makes a reboot required); ``reboot_system`` succeeds, then
+the socket drops as the host goes down (``reboots``).  The
 order of acknowledgment and result, and dropping a delivery on purpose, are
 configurable so that tests can reach the server's resend and ordering paths.
 
@@ -147,6 +150,12 @@ class FakeSysManageAgent:
         # pending updates: what a check_updates reports (package_updates_data() if None)
         self.available_updates: list[dict[str, Any]] | None = None
         self.update_checks: list[dict[str, Any]] = []  # check_updates commands received
+        # the reboot flag check_reboot_status reports, and those commands received
+        self.reboot_required = False
+        self.reboot_checks: list[dict[str, Any]] = []
+        # reboot_system: each one done (the socket then closes, as the host goes down;
+        # the test brings the agent back, as the host's boot does)
+        self.reboots: list[float] = []
         # custom metrics
         self.custom_metrics: list[dict[str, Any]] = []
         self.host_not_registered_errors = 0
@@ -773,6 +782,9 @@ class FakeSysManageAgent:
         if self._command_body(message).get("command_type") == "check_updates":
             await self._check_updates(message, via)
             return
+        if self._command_body(message).get("command_type") == "check_reboot_status":
+            await self._check_reboot(message, via)
+            return
         self.commands.append(message)
         queue_id, message_id = self.command_ids(message)
         if self._drop_next > 0:
@@ -803,6 +815,10 @@ class FakeSysManageAgent:
         execution.result = data
         if self.ack_order == "result_first":
             await self._emit(ack, via)
+        if command_type == "reboot_system" and data.get("success"):
+            self.reboots.append(time.monotonic())
+            self.reboot_required = False
+            self._spawn(self.abort())  # the host goes down: no close frame
 
     async def _check_updates(self, message: dict[str, Any], via: str) -> None:
         """Acknowledge and answer ``check_updates``, then report the updates found."""
@@ -827,6 +843,58 @@ class FakeSysManageAgent:
         await self._emit(self.envelope("command_result", result), via)
         await self._emit(self.envelope("package_updates_update", self.updates_report()), via)
 
+    async def _check_reboot(self, message: dict[str, Any], via: str) -> None:
+        """Acknowledge and answer ``check_reboot_status``, then report the reboot flag."""
+        self.reboot_checks.append(message)
+        queue_id, message_id = self.command_ids(message)
+        await self._emit(
+            {
+                "message_type": "command_acknowledgment",
+                "message_id": queue_id,
+                "timestamp": now_iso(),
+            },
+            via,
+        )
+        result = {
+            "command_id": message_id,
+            "command_type": "check_reboot_status",
+            "success": True,
+            "result": {"reboot_required": self.reboot_required},
+            "error": None,
+            "exit_code": 0,
+        }
+        await self._emit(self.envelope("command_result", result), via)
+        data = self.reboot_status_data(self.reboot_required)
+        await self._emit(self.envelope("reboot_status_update", data), via)
+
+    def _apply_updates(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """``apply_updates``: the named packages' updates (every pending one, or the
+        security ones with ``security_only``) leave :attr:`available_updates`."""
+        pending = self.updates_report()["available_updates"]
+        names = {
+            p.get("package_name") if isinstance(p, dict) else str(p)
+            for p in parameters.get("packages") or []
+        }
+        if names:
+            applied = [u for u in pending if u["package_name"] in names]
+        elif parameters.get("security_only"):
+            applied = [u for u in pending if u.get("is_security_update")]
+        else:
+            applied = list(pending)
+        self.available_updates = [u for u in pending if u not in applied]
+        self.reboot_required = self.reboot_required or bool(applied)
+        return {
+            "success": True,
+            "result": {
+                "updated_packages": [u["package_name"] for u in applied],
+                "installation_log": "\n".join(
+                    f"Upgraded {u['package_name']} to {u['available_version']}" for u in applied
+                ),
+            },
+            "error": None,
+            "exit_code": 0,
+        }
+
     def updates_report(self) -> dict[str, Any]:
         """The ``package_updates_update`` data of :attr:`available_updates`."""
         if self.available_updates is None:
@@ -846,6 +914,10 @@ class FakeSysManageAgent:
             return await self._execute_shell(parameters, body)
         if command_type in ("install_packages", "uninstall_packages"):
             return self._package_operation(command_type, parameters)
+        if command_type == "apply_updates":
+            return self._apply_updates(parameters)
+        if command_type == "reboot_system":
+            return {"success": True, "result": {"message": "Reboot scheduled"}, "error": None}
         if command_type == "sync_custom_metrics":
             metrics = parameters.get("metrics", [])
             self._store_metrics(metrics)

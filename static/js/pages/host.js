@@ -377,7 +377,9 @@ const operations = new Map(); // execution_id -> {item, ...parts, rank}
 /** @type {Record<string, number>} */
 const RANK = { pending: 0, in_progress: 1, completed: 2, failed: 2 };
 /** @type {Record<string, string>} */
-const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update" };
+const OPERATION_WORDS = { install: "Install", remove: "Remove", update: "Update", upgrade: "Apply updates:", reboot: "Reboot" };
+/** @type {Record<string, string>} */
+const UPDATE_TARGETS = { "*": "all pending updates", "*security": "security updates" };
 /** @type {Record<string, string>} */
 const OPERATION_STATUS = { pending: "Pending", in_progress: "In progress", completed: "Completed", failed: "Failed" };
 
@@ -494,7 +496,8 @@ function showOperation(op, started = new Date().toISOString()) {
  * @returns {OperationEntry}
  */
 function operationEntry(op, started) {
-  const title = `${OPERATION_WORDS[op.operation] || op.operation} ${op.package}`;
+  const target = op.operation === "upgrade" ? (UPDATE_TARGETS[op.package] || op.package) : op.package;
+  const title = `${OPERATION_WORDS[op.operation] || op.operation} ${target}`.trim();
   const parts = /** @type {OperationEntry} */ ({ // item: below
     badge: el("span", { className: "badge" }),
     bar: el("progress", { max: 100, value: 0, ariaLabel: `Progress of ${title}` }),
@@ -517,6 +520,48 @@ function operationEntry(op, started) {
 
 const checkButton = /** @type {HTMLButtonElement|null} */ (document.getElementById("check-updates"));
 checkButton?.addEventListener("click", () => { void checkUpdates(checkButton); });
+const applyButton = /** @type {HTMLButtonElement|null} */ (document.getElementById("apply-updates"));
+applyButton?.addEventListener("click", () => {
+  const which = /** @type {HTMLSelectElement} */ (document.getElementById("apply-which")).value;
+  void hostAction(applyButton, "apply-updates", { which },
+    which === "security" ? "Applying security updates." : "Applying all pending updates.");
+});
+const rebootButton = /** @type {HTMLButtonElement|null} */ (document.getElementById("reboot-host"));
+rebootButton?.addEventListener("click", () => {
+  if (!window.confirm(`Reboot ${data.hostname}? Every service on it stops until it is back.`)) return;
+  void hostAction(rebootButton, "reboot", {}, "Rebooting: the reboot ends when the host is back online.");
+});
+
+/**
+ * Apply updates or reboot (`POST /api/hosts/<id>/<path>/`); the operation then shows
+ * among the package operations, live.
+ * @param {HTMLButtonElement} button
+ * @param {string} path
+ * @param {Record<string, string>} body
+ * @param {string} started what the notice says once the server took it
+ */
+async function hostAction(button, path, body, started) {
+  const csrf = /** @type {HTMLInputElement|null} */ (document.querySelector("input[name=csrfmiddlewaretoken]"));
+  button.disabled = true;
+  try {
+    const answer = await fetch(`/api/hosts/${data.hostId}/${path}/`, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrf ? csrf.value : "" },
+      body: JSON.stringify(body),
+    });
+    if (!answer.ok) {
+      const reply = await answer.json().catch(() => ({}));
+      throw new Error(reply.detail || `The server answered ${answer.status} ${answer.statusText}.`);
+    }
+    showNotice(started, { kind: "info", key: path });
+  } catch (error) {
+    showNotice(`Could not ${path === "reboot" ? "reboot" : "apply updates"}: ${error instanceof Error ? error.message : String(error)}`,
+      { kind: "warn", key: path });
+  } finally {
+    button.disabled = false;
+  }
+}
 
 /**
  * Ask the host's agent for a fresh check of its updates (`POST /api/hosts/<id>/check-updates/`);
