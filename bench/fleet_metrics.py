@@ -338,6 +338,7 @@ def hub_costs(hosts: int, rounds: int) -> dict[str, float]:
         user_id: str | None = "u"
         session_tag: str | None = None
         rights: frozenset[str] = frozenset()
+        host_scope: frozenset[str] | None = None  # sees every host
 
         def deliver(self, frame: Any) -> None:
             pass
