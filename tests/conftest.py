@@ -59,14 +59,23 @@ def _flush_after_database_threads():
     from django.test import TransactionTestCase
 
     original = TransactionTestCase._fixture_teardown
+    original_setup = TransactionTestCase.__dict__["_pre_setup"]  # a classmethod
 
     def teardown(self):
         _wait_for_database_threads()
         return original(self)
 
+    @classmethod
+    def setup(cls):
+        # and what a previous test's sockets left running as they closed
+        _wait_for_database_threads()
+        return original_setup.__func__(cls)
+
     TransactionTestCase._fixture_teardown = teardown
+    TransactionTestCase._pre_setup = setup
     yield
     TransactionTestCase._fixture_teardown = original
+    TransactionTestCase._pre_setup = original_setup
 
 
 @pytest.fixture(autouse=True)
