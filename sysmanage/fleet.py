@@ -84,16 +84,19 @@ def _request_update() -> None:
     publish_now(FleetStatusUpdated(**fleet_stats()))
 
 
-class FleetCoalescer:
-    """Publishes fleet status when it changes, at most once per interval per process."""
+class _AtMostEveryInterval:
+    """Runs :meth:`work` soon after a request, at most once per
+    ``FLEET_STATUS_MIN_INTERVAL`` on the node's loop, merging requests made meanwhile."""
+
+    #: what a failed run logs
+    failure = "could not compute fleet status"
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self._last_time = 0.0
         self._pending = False
 
-    def request(self) -> None:
-        """Note that fleet figures may have changed; recompute them soon (on the loop)."""
+    def _schedule(self) -> None:
         if self._pending:
             return
         self._pending = True
@@ -107,9 +110,25 @@ class FleetCoalescer:
         self._pending = False
         self._last_time = time.monotonic()
         try:
-            await self.publish_if_changed()
+            await self.work()
         except Exception:
-            dbgate.log_exception(logger, "could not compute fleet status")
+            dbgate.log_exception(logger, self.failure)
+
+    async def work(self) -> object:
+        """What a run does."""
+        raise NotImplementedError
+
+
+class FleetCoalescer(_AtMostEveryInterval):
+    """Publishes fleet status when it changes, at most once per interval per process."""
+
+    def request(self) -> None:
+        """Note that fleet figures may have changed; recompute them soon (on the loop)."""
+        self._schedule()
+
+    async def work(self) -> bool:
+        """A run: :meth:`publish_if_changed`."""
+        return await self.publish_if_changed()
 
     async def publish_if_changed(self) -> bool:
         """Recompute the counts and publish them if they differ from the last ones seen
@@ -121,7 +140,7 @@ class FleetCoalescer:
         return True
 
 
-class ScopedFigures:
+class ScopedFigures(_AtMostEveryInterval):
     """Fleet figures for the ``fleet_status`` subscribers of this process who see only some
     hosts: whenever the fleet-wide figures change (or a subscriber moves to a scope),
     each scope's are counted over its hosts, at most once per ``FLEET_STATUS_MIN_INTERVAL``,
@@ -129,11 +148,10 @@ class ScopedFigures:
     with the same grants share one count and one frame."""
 
     channel = "fleet_status"
+    failure = "could not compute fleet status for scoped viewers"
 
     def __init__(self, node: Node) -> None:
-        self.node = node
-        self._last_time = 0.0
-        self._pending = False
+        super().__init__(node)
         #: scope -> the figures last sent to its subscribers
         self._sent: dict[frozenset[str], dict[str, Any]] = {}
 
@@ -142,22 +160,11 @@ class ScopedFigures:
         get them even if unchanged)."""
         if newcomer is not None:
             self._sent.pop(newcomer, None)
-        if self._pending:
-            return
-        self._pending = True
-        interval = settings.FLEET_STATUS_MIN_INTERVAL
-        delay = max(0.0, self._last_time + interval - time.monotonic())
-        self.node.loop.call_later(
-            delay, lambda: self.node.spawn(self._run()), context=contextvars.Context()
-        )
+        self._schedule()
 
-    async def _run(self) -> None:
-        self._pending = False
-        self._last_time = time.monotonic()
-        try:
-            await self.send()
-        except Exception:
-            dbgate.log_exception(logger, "could not compute fleet status for scoped viewers")
+    async def work(self) -> int:
+        """A run: :meth:`send`."""
+        return await self.send()
 
     async def send(self) -> int:
         """Count and send; return how many subscribers got figures."""

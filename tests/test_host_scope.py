@@ -14,42 +14,20 @@ from rest_framework.test import APIClient
 
 from alerts import services as alert_services
 from hosts import services as host_services
-from hosts.models import HostGroupGrant, HostStatus
+from hosts.models import HostStatus
 from sysmanage import permissions, recheck
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
+from tests.scopeutil import Fleet, give, quiet
 from tests.wsutil import open_socket, request, subscribe, subscribe_with_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class Fleet:
-    """web-01 and web-02 in "web", db-01 in "db", lone-01 in no group."""
-
-    def __init__(self) -> None:
-        self.hosts = {
-            name: host_services.host_create(hostname=name)
-            for name in ("web-01", "web-02", "db-01", "lone-01")
-        }
-        self.web = host_services.host_group_create(
-            name="web", host_ids=[self.id("web-01"), self.id("web-02")]
-        )
-        self.db = host_services.host_group_create(name="db", host_ids=[self.id("db-01")])
-
-    def id(self, name: str) -> str:
-        return str(self.hosts[name].pk)
-
-
 @pytest.fixture
 def fleet() -> Fleet:
     return Fleet()
-
-
-def give(group, *, user=None, user_group=None, **flags) -> HostGroupGrant:
-    return host_services.host_group_grant_save(
-        HostGroupGrant(host_group=group, user=user, group=user_group, **flags)
-    )
 
 
 @pytest.fixture
@@ -212,15 +190,6 @@ async def _socket(user, token_for):
     return await open_socket("/ws", token=token_for(user))
 
 
-async def _quiet(comm, seconds: float = 0.3) -> list[dict]:
-    """What arrives until nothing has for ``seconds`` (without ending the application,
-    as a timed-out receive would)."""
-    got = []
-    while not await comm.receive_nothing(timeout=seconds):
-        got.append(await comm.receive_json_from(timeout=1))
-    return got
-
-
 def _set_status(host_id: str, status: str) -> None:
     host_services.host_set_status(host_id=host_id, status=status)
 
@@ -234,7 +203,7 @@ async def test_host_status_snapshot_and_events_reach_only_hosts_in_sight(webops,
     await database_sync_to_async(_set_status)(fleet.id("web-02"), HostStatus.ONLINE)
     event = await comm.receive_json_from(timeout=3)
     assert (event["type"], event["data"]["hostname"]) == ("event", "web-02"), event
-    assert await _quiet(comm) == []
+    assert await quiet(comm) == []
     await comm.disconnect()
 
 
@@ -332,7 +301,7 @@ async def test_alerts_and_fleet_figures_are_counted_over_what_the_viewer_sees(
     assert alerts == ["seen"], got
     assert fleet_events[-1]["data"]["hosts_with_alerts"] == 1, fleet_events
     assert fleet_events[-1]["data"]["total_hosts"] == 2, fleet_events
-    extra = await _quiet(comm, 1.5)
+    extra = await quiet(comm, 1.5)
     assert all(m["channel"] != "system_alerts" for m in extra), extra
     assert all(m["data"]["total_hosts"] == 2 for m in extra if m["channel"] == "fleet_status")
     await comm.disconnect()
@@ -357,7 +326,7 @@ async def test_grants_given_and_taken_reach_open_sockets(make_user, fleet, token
     assert (revoked["channel"], revoked["data"]["code"]) == ("host_metrics", "SUBSCRIPTION_REVOKED")
     assert "can no longer see its host" in revoked["data"]["message"]
     await database_sync_to_async(_set_status)(fleet.id("db-01"), HostStatus.OFFLINE)
-    assert await _quiet(comm) == []
+    assert await quiet(comm) == []
     await comm.disconnect()
 
 

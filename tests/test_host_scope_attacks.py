@@ -13,42 +13,20 @@ from rest_framework.test import APIClient
 
 from alerts import services as alert_services
 from hosts import services as host_services
-from hosts.models import HostGroupGrant, HostStatus
+from hosts.models import HostStatus
 from sysmanage import consumers, permissions, recheck
 from sysmanage.dbthreads import database_sync_to_async
 from sysmanage.node import Node
 from tests.conftest import PASSWORD
+from tests.scopeutil import Fleet, give, quiet
 from tests.wsutil import open_socket, request, subscribe_with_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class Fleet:
-    """web-01 and web-02 in "web", db-01 in "db", lone-01 in no group."""
-
-    def __init__(self) -> None:
-        self.hosts = {
-            name: host_services.host_create(hostname=name)
-            for name in ("web-01", "web-02", "db-01", "lone-01")
-        }
-        self.web = host_services.host_group_create(
-            name="web", host_ids=[self.id("web-01"), self.id("web-02")]
-        )
-        self.db = host_services.host_group_create(name="db", host_ids=[self.id("db-01")])
-
-    def id(self, name: str) -> str:
-        return str(self.hosts[name].pk)
-
-
 @pytest.fixture
 def fleet() -> Fleet:
     return Fleet()
-
-
-def give(group, *, user=None, group_of_users=None, **flags) -> HostGroupGrant:
-    return host_services.host_group_grant_save(
-        HostGroupGrant(host_group=group, user=user, group=group_of_users, **flags)
-    )
 
 
 @pytest.fixture
@@ -57,13 +35,6 @@ def webops(make_user, fleet):
     user = make_user("webops", every_host=False)
     give(fleet.web, user=user, can_run_commands=True)
     return user
-
-
-async def _quiet(comm, seconds: float = 0.3) -> list[dict]:
-    got = []
-    while not await comm.receive_nothing(timeout=seconds):
-        got.append(await comm.receive_json_from(timeout=1))
-    return got
 
 
 # -- the system_alerts snapshot ------------------------------------------------------------
@@ -232,7 +203,7 @@ async def test_a_subscribe_read_before_a_grant_was_taken_away_does_not_outlive_i
     answer = await comm.receive_json_from(timeout=3)
     assert (answer["type"], answer["data"].get("code")) == ("error", "INVALID_FILTERS"), answer
     await database_sync_to_async(_set_status)(fleet.id("db-01"), HostStatus.ONLINE)
-    assert await _quiet(comm) == []
+    assert await quiet(comm) == []
     await comm.disconnect()
 
 
@@ -266,7 +237,7 @@ async def test_a_fleet_run_out_of_sight_is_answered_as_one_that_does_not_exist(
             },
         )
         answers.append((answer["type"], answer["data"].get("code"), answer["data"].get("message")))
-        await _quiet(comm)
+        await quiet(comm)
     assert answers[0] == answers[1] == ("error", "INVALID_FILTERS", answers[1][2]), answers
     await comm.disconnect()
 
@@ -315,11 +286,11 @@ async def test_a_resume_whose_grant_is_taken_away_while_history_is_read_replays_
         comm, {"type": "subscribe", "channel": "system_alerts", "id": "s", "filters": filters}
     )
     since = reply["data"]["position"]
-    await _quiet(comm)  # the snapshot
+    await quiet(comm)  # the snapshot
     await database_sync_to_async(alert_services.alert_raise)(
         severity="critical", category="disk", title="missed", host=fleet.hosts["db-01"]
     )
-    await _quiet(comm)
+    await quiet(comm)
 
     hub = Node.current().hub
     reading, go_on = asyncio.Event(), asyncio.Event()
@@ -345,7 +316,7 @@ async def test_a_resume_whose_grant_is_taken_away_while_history_is_read_replays_
     await database_sync_to_async(host_services.host_group_grant_delete)(grant_id=grant.pk)
     await recheck.recheck(hub)
     go_on.set()
-    got = await _quiet(comm, 0.5)
+    got = await quiet(comm, 0.5)
     assert not any(m["type"] == "event" for m in got), got
     assert "missed" not in str(got), got
     assert got[-1]["data"].get("code") == "INVALID_FILTERS", got
@@ -367,7 +338,7 @@ def test_every_change_that_narrows_a_users_hosts_asks_for_a_recheck(make_user, f
     user = make_user("narrowed", every_host=False)
     dba = Group.objects.create(name="dba")
     published.run(user.groups.add, dba)
-    published.run(give, fleet.db, group_of_users=dba)
+    published.run(give, fleet.db, user_group=dba)
     published.run(give, fleet.web, user=user)
     assert permissions.host_scope(user) == {fleet.id(n) for n in ("web-01", "web-02", "db-01")}
 
