@@ -404,13 +404,17 @@ SPECTACULAR_SETTINGS = {
     "The live WebSocket API is at /ws; see docs/websocket-protocol.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
-    # Several models have a "status" of their own values: name each set of values.
+    # Several models have a "status" (and an "operation") of their own values: name each
+    # set of values.
     "ENUM_NAME_OVERRIDES": {
         "HostStatusEnum": "hosts.models.HostStatus",
         "ExecutionStatusEnum": "hosts.models.ExecutionStatus",
         "OperationStatusEnum": "hosts.models.OperationStatus",
         "RegistrationStatusEnum": "hosts.models.RegistrationStatus",
         "AlertStatusEnum": "alerts.models.AlertStatus",
+        # and "operation": what a package operation did, and what a request may ask
+        "PackageOperationKindEnum": "hosts.models.PackageOperationKind",
+        "PackageChangeEnum": "hosts.models.PACKAGE_CHANGES",
     },
 }
 
