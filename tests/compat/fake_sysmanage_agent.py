@@ -820,9 +820,10 @@ class FakeSysManageAgent:
             self.reboot_required = False
             self._spawn(self.abort())  # the host goes down: no close frame
 
-    async def _check_updates(self, message: dict[str, Any], via: str) -> None:
-        """Acknowledge and answer ``check_updates``, then report the updates found."""
-        self.update_checks.append(message)
+    async def _answer_check(
+        self, message: dict[str, Any], via: str, command_type: str, result: dict[str, Any]
+    ) -> None:
+        """Acknowledge a check command and send its successful ``command_result``."""
         queue_id, message_id = self.command_ids(message)
         await self._emit(
             {
@@ -832,38 +833,30 @@ class FakeSysManageAgent:
             },
             via,
         )
-        result = {
+        answer = {
             "command_id": message_id,
-            "command_type": "check_updates",
+            "command_type": command_type,
             "success": True,
-            "result": {"message": "Update check completed"},
+            "result": result,
             "error": None,
             "exit_code": 0,
         }
-        await self._emit(self.envelope("command_result", result), via)
+        await self._emit(self.envelope("command_result", answer), via)
+
+    async def _check_updates(self, message: dict[str, Any], via: str) -> None:
+        """Acknowledge and answer ``check_updates``, then report the updates found."""
+        self.update_checks.append(message)
+        await self._answer_check(
+            message, via, "check_updates", {"message": "Update check completed"}
+        )
         await self._emit(self.envelope("package_updates_update", self.updates_report()), via)
 
     async def _check_reboot(self, message: dict[str, Any], via: str) -> None:
         """Acknowledge and answer ``check_reboot_status``, then report the reboot flag."""
         self.reboot_checks.append(message)
-        queue_id, message_id = self.command_ids(message)
-        await self._emit(
-            {
-                "message_type": "command_acknowledgment",
-                "message_id": queue_id,
-                "timestamp": now_iso(),
-            },
-            via,
+        await self._answer_check(
+            message, via, "check_reboot_status", {"reboot_required": self.reboot_required}
         )
-        result = {
-            "command_id": message_id,
-            "command_type": "check_reboot_status",
-            "success": True,
-            "result": {"reboot_required": self.reboot_required},
-            "error": None,
-            "exit_code": 0,
-        }
-        await self._emit(self.envelope("command_result", result), via)
         data = self.reboot_status_data(self.reboot_required)
         await self._emit(self.envelope("reboot_status_update", data), via)
 
