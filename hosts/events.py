@@ -115,9 +115,10 @@ class PackageOperationUpdated(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FleetRunProgress(Event):
-    """A fleet run's progress: its counts, and the results of the hosts that ended since
-    the last one.  Published at most every ``FLEET_RUN_PROGRESS_INTERVAL`` seconds per run
-    while it runs, and once more when it ends (``final``)."""
+    """A fleet run's progress: its counts, the hosts that started and the results of the
+    hosts that ended since the last one.  Published at most every
+    ``FLEET_RUN_PROGRESS_INTERVAL`` seconds per run while it runs, and once more when it
+    ends (``final``)."""
 
     channel = "command_execution"
     name = "fleet_run.progress"
@@ -136,6 +137,9 @@ class FleetRunProgress(Event):
     #: ``status`` (succeeded, failed, skipped), ``exit_code``, ``execution_id`` (a
     #: command's) or ``operation_id`` (a package operation's), ``reason``
     results: list[dict[str, Any]]
+    #: hosts whose turn came since the previous progress event (``host_id``,
+    #: ``hostname``): they are running now, unless ``results`` already says how they ended
+    started: list[dict[str, Any]]
     reason: str
     requested_by: str | None
     #: who may see ``command`` (never sent to clients, as for one command)

@@ -154,6 +154,7 @@ class FleetRunner:
         self.state: str = FleetRunState.RUNNING
         self.reason = ""
         self._results: list[dict[str, Any]] = []
+        self._started: list[dict[str, Any]] = []
         self._published_at = 0.0
         self._flush: asyncio.TimerHandle | None = None
 
@@ -231,6 +232,7 @@ class FleetRunner:
         if not await database_sync_to_async(_still_allowed)(self.user, str(host.id), right):
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, WITHDRAWN))
         await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
+        self._started.append({"host_id": row.host_id, "hostname": row.hostname})
         self._change("running", 1)
         try:
             outcome = await self._attempt(host)
@@ -303,6 +305,7 @@ class FleetRunner:
             self._flush = None
         self._published_at = time.monotonic()
         results, self._results = self._results, []
+        started, self._started = self._started, []
         done = sum(self.counts[k] for k in ("running", "succeeded", "failed", "skipped"))
         publish_now(
             FleetRunProgress(
@@ -313,6 +316,7 @@ class FleetRunner:
                 total=self.total,
                 counts={"queued": max(0, self.total - done), **self.counts},
                 results=results,
+                started=started,
                 reason=self.reason,
                 requested_by=self.requested_by,
                 requested_by_id=self.requested_by_id,
@@ -390,17 +394,41 @@ async def handle_command(context: CommandContext, message: ClientMessage) -> Non
     if "targets" not in message.data:
         await commands.handle_command(context, message)
         return
-    await _start(context, message, FleetRunKind.COMMAND)
+    await _start(context, message, _kind(message, (FleetRunKind.COMMAND,)))
 
 
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:
     """``command`` on ``package_operations``: with ``targets``, a fleet run of the
-    package operation; else the operation on one host
+    package operation (``kind`` ``package``, the default), of applying updates
+    (``patch``) or of rebooting (``reboot``); else the operation on one host
     (:func:`hosts.commands.handle_package_operation`)."""
     if "targets" not in message.data:
         await commands.handle_package_operation(context, message)
         return
-    await _start(context, message, FleetRunKind.PACKAGE)
+    await _start(context, message, _kind(message, OPERATION_RUN_KINDS))
+
+
+#: The kinds of fleet run each channel starts (the first is the default).
+OPERATION_RUN_KINDS = (FleetRunKind.PACKAGE, FleetRunKind.PATCH, FleetRunKind.REBOOT)
+
+
+def _kind(message: ClientMessage, kinds: tuple[str, ...]) -> str:
+    """The run's ``kind`` as asked (one of ``kinds``, the first by default), or the
+    ``INVALID_COMMAND`` that says which the channel takes."""
+    kind = message.data.get("kind", kinds[0])
+    if kind in kinds:
+        return str(kind)
+    if len(kinds) == 1:
+        why = f"'kind' on {message.channel} must be '{kinds[0]}' (package, patch and reboot "
+        why += "runs go on package_operations)"
+    else:
+        why = f"'kind' on {message.channel} must be one of " + ", ".join(f"'{k}'" for k in kinds)
+    raise ProtocolError(
+        ErrorCode.INVALID_COMMAND,
+        why,
+        channel=message.channel or "command_execution",
+        id_=message.id,
+    )
 
 
 async def _start(context: CommandContext, message: ClientMessage, kind: str) -> None:

@@ -309,6 +309,9 @@ async def test_the_runner_coalesces_progress_and_ends_stopped(monkeypatch, setti
     assert len(published) < 30  # not one per host change
     results = [r for event in published for r in event.results]
     assert len(results) == 24  # every host that had its turn, each once
+    started = [h["hostname"] for event in published for h in event.started]
+    # every online host whose turn came started once (h-00 was offline: skipped unstarted)
+    assert sorted(started) == [f"h-{i:02d}" for i in range(1, 24)]
     assert {"hostname": "h-00", "status": "skipped", "reason": "host offline"}.items() <= next(
         r for r in results if r["hostname"] == "h-00"
     ).items()

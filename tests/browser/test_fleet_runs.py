@@ -83,12 +83,12 @@ def test_a_run_started_on_a_group_shows_live(
                 f'#run-host-rows tr[data-host-id="{hosts[name]["host_id"]}"] [data-cell=status]'
             )
 
-        # Mid-run, as the progress arrives: the first host done, the second running (the
-        # progress names the hosts that ended, so only the counts say which one runs).
+        # Mid-run, as the progress arrives: the first host done, the second running (its
+        # row says so: the progress names the hosts that started as well as those that ended).
         browser.wait(
             lambda d: (
-                (count("succeeded"), count("running"), status_of("run-a"))
-                == ("1", "1", "Succeeded")
+                (count("succeeded"), count("running"), status_of("run-a"), status_of("run-b"))
+                == ("1", "1", "Succeeded", "Running")
             ),
             40,
             "the run's page never showed the first host done and the second running",

@@ -227,6 +227,12 @@ async def test_fleet_run_in_batches_stopped_by_its_failure_limit(deployment, enr
     assert not any(f"fr-{i:02d}" in ledger.spans for i in range(9, AGENTS))
     # Coalesced: far fewer frames than host changes (two per host that ran).
     assert len(events) < 2 * 9
+    # Each host that ran was said to start (once), in the event of its result or before.
+    started = {h["hostname"]: i for i, e in enumerate(events) for h in e["started"]}
+    ended = {r["hostname"]: i for i, e in enumerate(events) for r in e["results"]}
+    assert set(started) == set(ledger.spans), (started, ledger.spans)
+    assert sum(len(e["started"]) for e in events) == len(started)
+    assert all(started[name] <= ended[name] for name in started)
 
     shown = await api(
         "GET", d.server.base_url, f"/api/fleet-runs/{run_id}/", token=d.token("admin")
@@ -255,6 +261,16 @@ async def test_fleet_run_refused_without_the_right_on_every_host(deployment, enr
                 "data": {"targets": {"groups": ["fleet"]}, "command": "uptime"},
             }
         )
+        # a reboot is not a command_execution run: said so, before any right is looked at
+        misplaced = await client.request(
+            {
+                "type": "command",
+                "channel": "command_execution",
+                "data": {"targets": {"groups": ["fleet"]}, "kind": "reboot"},
+            }
+        )
+    assert misplaced["data"]["code"] == "INVALID_COMMAND", misplaced
+    assert "runs go on package_operations" in misplaced["data"]["message"]
     assert reply["type"] == "error", reply
     assert reply["data"]["code"] == "PERMISSION_DENIED", reply
     assert f"{AGENTS + 1} of the {AGENTS + 1} targeted hosts" in reply["data"]["message"]

@@ -265,6 +265,20 @@ async def fleet_run_of(d: harness.Deployment, run_id: str) -> dict[str, Any]:
     raise AssertionError(f"fleet run {run_id} did not end: {last}\n{operations.body}")
 
 
+def patch_run_message(kind: str) -> dict[str, Any]:
+    return {
+        "type": "command",
+        "channel": "package_operations",
+        "data": {
+            "kind": kind,
+            "which": "packages",
+            "packages": ["tzdata"],
+            "targets": {"groups": ["pa-fleet"]},
+            "batch_size": 3,
+        },
+    }
+
+
 async def test_a_fleet_reboot_in_batches_and_a_fleet_patch_run(deployment, tmp_path):
     """Four agent programs in a group: a reboot run in batches of two (a host succeeds
     once it is back online, and the next batch starts only then), then a patch run."""
@@ -296,21 +310,15 @@ async def test_a_fleet_reboot_in_batches_and_a_fleet_patch_run(deployment, tmp_p
             assert not flag.exists()
             await wait_updates(d, host_id, lambda b: b["reboot_required"] is False)
 
-        patched = await admin(
-            d,
-            "POST",
-            "/api/fleet-runs/",
-            json_body={
-                "kind": "patch",
-                "which": "packages",
-                "packages": ["tzdata"],
-                "targets": {"groups": ["pa-fleet"]},
-                "batch_size": 3,
-            },
-        )
-        assert patched.status == 202, patched
-        assert patched.body["command"] == "apply tzdata"
-        run = await fleet_run_of(d, patched.body["run_id"])
+        # A patch run asked for over the WebSocket (``package_operations`` with targets)
+        async with ws_connect(d.server.ws_url, token=d.token("admin")) as ws:
+            wrong = await ws.request(patch_run_message(kind="command"))
+            assert (wrong["type"], wrong["data"]["code"]) == ("error", "INVALID_COMMAND")
+            assert "'kind' on package_operations must be one of" in wrong["data"]["message"]
+            patched = await ws.request(patch_run_message(kind="patch"))
+        assert patched["type"] == "response", patched
+        assert (patched["data"]["kind"], patched["data"]["command"]) == ("patch", "apply tzdata")
+        run = await fleet_run_of(d, patched["data"]["run_id"])
         assert (run["state"], run["counts"]["succeeded"]) == ("succeeded", 4), run
         for host_id, programs, _ in hosts:
             body = await wait_updates(d, host_id, lambda b: b["update_count"] == 1)

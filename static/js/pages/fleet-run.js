@@ -2,8 +2,8 @@
 /**
  * `/fleet-runs/<id>/`: one fleet run as it happens. Subscribes to `command_execution`
  * with the run's `run_id`: the snapshot and each progress event carry the run's counts
- * and state, and the events the hosts that ended since the previous one, which update
- * their rows. If events were lost during a disconnect, or hosts ended between the page's
+ * and state, and the events the hosts that started (shown running) and those that ended
+ * since the previous one, which update their rows. If events were lost during a disconnect, or hosts ended between the page's
  * rendering and its subscription (the snapshot counts them but names no host), the run
  * is read again from `GET /api/fleet-runs/<id>/`.
  */
@@ -37,6 +37,7 @@ client.subscribe("command_execution", { run_id: runId }, (data, message) => {
     }
   } else if (data.run_id === runId) {
     showRun(data);
+    for (const host of data.started || []) showHost({ ...host, status: "running", exit_code: null, reason: "" });
     for (const result of data.results || []) showHost(result);
   }
 });
