@@ -486,6 +486,13 @@ class AgentDelivery(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField()
     acknowledged_at = models.DateTimeField(null=True, blank=True)
+    #: an ``apply_updates``'s ``packages`` (``[{package_name, package_manager}]``), as
+    #: first sent: its resends say the same, and the agent's ``update_apply_result``
+    #: (which names no command) is matched to it by those names
+    packages = models.JSONField(default=list, blank=True)
+    #: when the agent said it began applying them in the background (its
+    #: ``command_result``); the operation ends with its ``update_apply_result``
+    applying_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["created_at"]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from hosts import services
 from hosts.models import Host, PackageOperation, PackageOperationKind, is_package_name
+from hosts.patching import PendingUpdate
 from sysmanage.audit import Actor
 
 #: ``package`` of an ``upgrade``: every pending update, or only security updates.  Package
@@ -31,6 +32,21 @@ WHICH: tuple[Which, ...] = ("all", "security", "packages")
 #: The most characters the names of one request take together (the operation's
 #: ``package`` column).
 MAX_NAMES_LENGTH = 255
+
+
+def updates_to_apply(
+    target: str, pending: list[PendingUpdate]
+) -> tuple[list[PendingUpdate], list[str]]:
+    """The pending updates that an ``upgrade`` operation's ``package`` selects
+    (:data:`ALL_UPDATES`, :data:`SECURITY_UPDATES`, or package names separated by
+    spaces), and the names it asks for that are not pending."""
+    if target == ALL_UPDATES:
+        return list(pending), []
+    if target == SECURITY_UPDATES:
+        return [u for u in pending if u["security"]], []
+    names = target.split()
+    by_name = {u["name"]: u for u in pending}
+    return [by_name[n] for n in names if n in by_name], [n for n in names if n not in by_name]
 
 
 class PatchRequestError(ValueError):

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from hosts.agent_protocol import MessageId
 from sysmanage.protocol import ErrorCode, ProtocolError
 
 #: The most updates stored (and shown) per host; the counts cover them all.
 MAX_STORED_UPDATES = 1000
-NAME_LIMIT, VERSION_LIMIT = 255, 200
+NAME_LIMIT, VERSION_LIMIT, MANAGER_LIMIT = 255, 200, 40
 
 
 class PendingUpdate(TypedDict):
@@ -29,6 +29,9 @@ class PendingUpdate(TypedDict):
     current: str
     available: str
     security: bool
+    #: the package manager that offers it (a SysManage agent's report names it, and its
+    #: ``apply_updates`` takes only updates named with their manager)
+    manager: NotRequired[str]
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,16 @@ def sorted_updates(updates: list[PendingUpdate]) -> list[PendingUpdate]:
 
 
 def _sysmanage_update(item: Mapping[str, object]) -> PendingUpdate:
-    return {
+    update: PendingUpdate = {
         "name": _text(item.get("package_name"), NAME_LIMIT),
         "current": _text(item.get("current_version"), VERSION_LIMIT),
         "available": _text(item.get("available_version"), VERSION_LIMIT),
         "security": _flag(item.get("is_security_update")),
     }
+    manager = _text(item.get("package_manager"), MANAGER_LIMIT)
+    if manager:
+        update["manager"] = manager
+    return update
 
 
 def updates_from_sysmanage(data: Mapping[str, object]) -> PatchUpdates:

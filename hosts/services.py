@@ -947,8 +947,11 @@ def package_operation_record_result(
     output: str,
     output_truncated: bool = False,
     output_bytes: int | None = None,
+    recheck: bool = True,
 ) -> bool:
-    """Store an operation's final result once; False if unknown or already final."""
+    """Store an operation's final result once; False if unknown or already final.
+    Applying updates asks the agent for its updates and reboot flag again, unless
+    ``recheck`` is false (an agent that looks again by itself)."""
     if status not in (OperationStatus.COMPLETED, OperationStatus.FAILED):
         raise ValueError(f"{status!r} is not a final status")
     with transaction.atomic():
@@ -966,7 +969,7 @@ def package_operation_record_result(
         if reboot and status == OperationStatus.COMPLETED:
             _reboot_began(operation, message=message, output=output)
             return True
-        if operation.operation == PackageOperationKind.UPGRADE:
+        if operation.operation == PackageOperationKind.UPGRADE and recheck:
             _updates_recheck(operation.host_id)
         package_operation_update(
             operation=operation,

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from hosts import services
+from hosts import patchapply, services
 from hosts.delivery import DeliveryPolicy, WorkKind
 from hosts.models import (
     AgentDelivery,
@@ -31,6 +31,7 @@ from hosts.models import (
     CommandExecution,
     DeliveryState,
     ExecutionStatus,
+    HostPatchStatus,
     OperationStatus,
     PackageOperation,
     PackageOperationKind,
@@ -68,17 +69,20 @@ def _shell_command(execution: CommandExecution, delivery_id: str) -> protocol.Co
     )
 
 
-def _package_command(operation: PackageOperation, delivery_id: str) -> protocol.CommandMessage:
+def _package_command(
+    operation: PackageOperation, delivery_id: str, packages: list[protocol.PackageSpec]
+) -> protocol.CommandMessage:
     requested_by = operation.requested_by.get_username() if operation.requested_by else ""
     if operation.operation == PackageOperationKind.REBOOT:
         return protocol.command_message(delivery_id, "reboot_system", {}, REBOOT_TIMEOUT)
     if operation.operation == PackageOperationKind.UPGRADE:
-        return protocol.command_message(
-            delivery_id,
-            "apply_updates",
-            _update_parameters(operation, requested_by),
-            PACKAGE_TIMEOUT,
-        )
+        parameters: protocol.UpdateParameters = {
+            "request_id": str(operation.id),
+            "requested_by": requested_by,
+            "packages": packages,
+            "security_only": operation.package == "*security",
+        }
+        return protocol.command_message(delivery_id, "apply_updates", parameters, PACKAGE_TIMEOUT)
     return protocol.command_message(
         delivery_id,
         PACKAGE_COMMANDS[operation.operation],
@@ -91,16 +95,30 @@ def _package_command(operation: PackageOperation, delivery_id: str) -> protocol.
     )
 
 
-def _update_parameters(operation: PackageOperation, requested_by: str) -> protocol.UpdateParameters:
-    """``apply_updates`` for an ``upgrade`` operation (``hosts.patchapply``'s targets)."""
-    target = operation.package
-    names = [] if target.startswith("*") else target.split()
-    return {
-        "request_id": str(operation.id),
-        "requested_by": requested_by,
-        "packages": [{"package_name": name, "package_manager": "auto"} for name in names],
-        "security_only": target == "*security",
-    }
+def _updates_chosen(operation: PackageOperation) -> tuple[list[protocol.PackageSpec], str]:
+    """The pending updates (as last reported) an ``upgrade`` operation applies, each with
+    its package manager, and what the operation's progress says of them; no updates and
+    the reason when there is nothing the agent could apply."""
+    status = HostPatchStatus.objects.filter(host_id=operation.host_id).first()
+    pending = list(status.updates) if status is not None else []
+    chosen, missing = patchapply.updates_to_apply(operation.package, pending)
+    unnamed = [u["name"] for u in chosen if not u.get("manager")]
+    packages: list[protocol.PackageSpec] = [
+        {"package_name": u["name"], "package_manager": u["manager"]}
+        for u in chosen
+        if u.get("manager")
+    ]
+    notes = []
+    if missing:
+        notes.append("not pending, left out: " + ", ".join(missing[:10]))
+    if unnamed:
+        notes.append("no package manager reported, left out: " + ", ".join(unnamed[:10]))
+    if packages:
+        said = f"Sent to the agent: {len(packages)} update{'' if len(packages) == 1 else 's'}"
+        return packages, "; ".join([said, *notes])
+    if not pending and operation.package.startswith(patchapply.ALL_UPDATES):
+        return [], ""
+    return [], "Nothing to apply: " + ("; ".join(notes) or "no such pending update")
 
 
 def _message(delivery: AgentDelivery) -> Outgoing:
@@ -110,7 +128,20 @@ def _message(delivery: AgentDelivery) -> Outgoing:
         )
     assert delivery.operation is not None
     return Outgoing(
-        _package_command(delivery.operation, str(delivery.id)), str(delivery.operation_id)
+        _package_command(delivery.operation, str(delivery.id), delivery.packages),
+        str(delivery.operation_id),
+    )
+
+
+def _nothing_to_apply(operation: PackageOperation, why: str) -> None:
+    """End an ``upgrade`` that selects no update the agent could apply, unsent: done if
+    nothing is pending, failed (saying why) if what was asked for is not."""
+    services.package_operation_record_result(
+        operation_id=operation.id,
+        host_id=operation.host_id,
+        status=OperationStatus.FAILED if why else OperationStatus.COMPLETED,
+        message=why or "No pending updates to apply (as the agent last reported)",
+        output="",
     )
 
 
@@ -143,17 +174,27 @@ def take_due(host_id: Any, *, resend_all: bool = False) -> list[Outgoing]:
             .filter(host_id=host_id, status=OperationStatus.PENDING, delivery__isnull=True)
             .order_by("created_at")[:BATCH]
         ):
+            packages: list[protocol.PackageSpec] = []
+            said = "Sent to the agent"
+            if operation.operation == PackageOperationKind.UPGRADE:
+                packages, said = _updates_chosen(operation)
+                if not packages:
+                    _nothing_to_apply(operation, said)
+                    continue
             delivery = AgentDelivery.objects.create(
                 host_id=host_id,
                 command_type=PACKAGE_COMMANDS[operation.operation],
                 operation=operation,
                 sent_at=now,
+                packages=packages,
             )
             services.package_operation_record_progress(
-                operation_id=operation.id, host_id=host_id, progress=0, message="Sent to the agent"
+                operation_id=operation.id, host_id=host_id, progress=0, message=said
             )
             new.append(delivery.id)
-            out.append(Outgoing(_package_command(operation, str(delivery.id)), str(operation.id)))
+            out.append(
+                Outgoing(_package_command(operation, str(delivery.id), packages), str(operation.id))
+            )
         overdue = now - timedelta(seconds=settings.SYSMANAGE_AGENT_ACK_SECONDS)
         unacknowledged = (
             AgentDelivery.objects.select_for_update(of=("self",))
@@ -262,12 +303,61 @@ def record_result(*, host_id: Any, data: protocol.MessageData) -> bool:
                 result=protocol.shell_result(data, elapsed),
             )
         elif delivery.operation_id is not None:
-            services.package_operation_record_result(
-                operation_id=delivery.operation_id,
-                host_id=host_id,
-                **protocol.package_result(data),
-            )
+            if delivery.command_type == "apply_updates" and protocol.apply_started(data):
+                _applying(delivery, now)
+            else:
+                services.package_operation_record_result(
+                    operation_id=delivery.operation_id,
+                    host_id=host_id,
+                    **protocol.package_result(data),
+                )
     return True
+
+
+def _applying(delivery: AgentDelivery, now: Any) -> None:
+    """The agent began applying the updates in the background: the operation goes on
+    until its ``update_apply_result`` (or its time runs out)."""
+    if delivery.applying_since is None:
+        delivery.applying_since = now
+        delivery.save(update_fields=["applying_since"])
+        services.package_operation_record_progress(
+            operation_id=delivery.operation_id,
+            host_id=delivery.host_id,
+            progress=50,
+            message="The agent is applying the updates; it reports when they are done",
+        )
+
+
+def record_apply_result(*, host_id: Any, data: protocol.MessageData) -> bool:
+    """End the ``upgrade`` operation an ``update_apply_result`` reports on.
+
+    The report names no command: it goes to the oldest ``apply_updates`` of the host
+    still going whose packages include one it names (the agent applies them one
+    command at a time).  False if there is none (a report of updates this server did
+    not ask for, or one repeated after its operation ended)."""
+    names, outcome = protocol.apply_result(data)
+    with transaction.atomic():
+        going = (
+            AgentDelivery.objects.select_for_update(of=("self",))
+            .filter(
+                host_id=host_id,
+                command_type="apply_updates",
+                operation__status__in=PackageOperation.ACTIVE_STATUSES,
+            )
+            .order_by("created_at")
+        )
+        for delivery in going:
+            if names & {p.get("package_name") for p in delivery.packages}:
+                if delivery.state != DeliveryState.ACKNOWLEDGED:
+                    delivery.state = DeliveryState.ACKNOWLEDGED
+                    delivery.acknowledged_at = timezone.now()
+                    delivery.save(update_fields=["state", "acknowledged_at"])
+                # The agent looks for updates again by itself once done: asking it too
+                # would queue a second, minutes-long check ahead of later commands.
+                return services.package_operation_record_result(
+                    operation_id=delivery.operation_id, host_id=host_id, recheck=False, **outcome
+                )
+    return False
 
 
 def fail_oversized(*, host_id: Any, ids: Collection[str], why: str) -> list[services.WorkEnded]:

@@ -139,8 +139,10 @@ class PackageParameters(TypedDict):
 
 
 class UpdateParameters(TypedDict):
-    """``apply_updates``'s parameters: the packages to update (none: every pending
-    update, or every security update with ``security_only``)."""
+    """``apply_updates``'s parameters: the pending updates to apply, each named with the
+    package manager its report named (the agent has no "every update" form: it refuses
+    an empty list, and a name without a manager it knows).  It reads only ``packages``;
+    the rest says what was asked, for its logs."""
 
     request_id: str
     requested_by: str
@@ -534,6 +536,53 @@ def shell_result(data: MessageData, execution_time: float | None) -> CommandOutc
 def _whole_text(value: object) -> str:
     """An output as it came (the agent cuts none), as text."""
     return "" if value is None else str(value)
+
+
+def apply_started(data: MessageData) -> bool:
+    """Whether an ``apply_updates`` ``command_result`` only says the agent began applying
+    them in the background (``{"result": "Updates started in background", "packages":
+    [...]}``): the outcome comes in its ``update_apply_result``."""
+    result = _object(data.get("result"))
+    return (
+        data.get("success") is True
+        and "updated_packages" not in result
+        and "failed_packages" not in result
+    )
+
+
+def _package_names(entries: object, *, limit: int = 1000) -> list[dict[str, str]]:
+    """``[{package_name, ...}]`` entries of an ``update_apply_result``, as short texts."""
+    if not isinstance(entries, list):
+        return []
+    return [
+        {k: _text(v, 1000) or "" for k, v in entry.items() if isinstance(k, str)}
+        for entry in entries[:limit]
+        if isinstance(entry, dict) and entry.get("package_name")
+    ]
+
+
+def apply_result(data: MessageData) -> tuple[set[str], PackageOutcome]:
+    """The package names an ``update_apply_result`` is about, and the outcome it gives
+    the ``upgrade`` operation: completed if no package failed, with a line per package
+    (``name: old -> new``, or ``name: FAILED: error``) as its output."""
+    updated = _package_names(data.get("updated_packages"))
+    failed = _package_names(data.get("failed_packages"))
+    lines = [
+        f"{u['package_name']}: {u.get('old_version') or '?'} -> {u.get('new_version') or '?'}"
+        for u in updated
+    ] + [f"{f['package_name']}: FAILED: {f.get('error') or 'no reason given'}" for f in failed]
+    if failed:
+        names = ", ".join(f["package_name"] for f in failed[:10])
+        message = f"{len(failed)} of {len(updated) + len(failed)} updates failed: {names}"
+    else:
+        message = f"Applied {len(updated)} update{'' if len(updated) == 1 else 's'}"
+    status: PackageStatus = "failed" if failed else "completed"
+    outcome: PackageOutcome = {
+        "status": status,
+        "message": message,
+        **package_outputs(keep_output("\n".join(lines))),
+    }
+    return {u["package_name"] for u in updated + failed}, outcome
 
 
 def package_result(data: MessageData) -> PackageOutcome:

@@ -397,9 +397,25 @@ class AgentSession:
         self.seen()
         return []
 
+    async def on_update_apply_result(
+        self, data: MessageData, message_id: str
+    ) -> list[ServerMessage]:
+        """How applying updates went (the agent applies them in the background after
+        answering ``apply_updates``): ends that operation; a reboot it needs is stored."""
+        await database_sync_to_async(deliveries.record_apply_result)(
+            host_id=self.host_id, data=data
+        )
+        if data.get("requires_reboot") is True:
+            await database_sync_to_async(services.host_reboot_save)(
+                host_id=self.host_id, required=True
+            )
+        self.seen()
+        return []
+
     HANDLERS: dict[str, Handler] = {
         "system_info": on_system_info,
         "reboot_status_update": on_reboot_status,
+        "update_apply_result": on_update_apply_result,
         "heartbeat": on_heartbeat,
         "command_result": on_command_result,
         "custom_metric_samples": on_custom_metric_samples,

@@ -50,6 +50,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 AGENT_VERSION = "0.9.9-fake"
+#: The package managers whose updates the agent applies on Linux (and ``*_release``).
+PACKAGE_MANAGERS = frozenset({"apt", "snap", "flatpak", "dnf", "yum", "fwupd"})
 #: Default bound of every wait.
 TIMEOUT = 5.0
 #: Orders in which a command's acknowledgment and result can be sent.
@@ -156,6 +158,11 @@ class FakeSysManageAgent:
         # reboot_system: each one done (the socket then closes, as the host goes down;
         # the test brings the agent back, as the host's boot does)
         self.reboots: list[float] = []
+        # apply_updates: the update_apply_result of the last one, until sent, its delay,
+        # and those sent
+        self._applied: dict[str, Any] | None = None
+        self.apply_delay = 0.2
+        self.apply_results: list[dict[str, Any]] = []
         # custom metrics
         self.custom_metrics: list[dict[str, Any]] = []
         self.host_not_registered_errors = 0
@@ -815,6 +822,8 @@ class FakeSysManageAgent:
         execution.result = data
         if self.ack_order == "result_first":
             await self._emit(ack, via)
+        if command_type == "apply_updates" and data.get("success"):
+            self._spawn(self._report_applied(via))
         if command_type == "reboot_system" and data.get("success"):
             self.reboots.append(time.monotonic())
             self.reboot_required = False
@@ -861,32 +870,74 @@ class FakeSysManageAgent:
         await self._emit(self.envelope("reboot_status_update", data), via)
 
     def _apply_updates(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        """``apply_updates``: the named packages' updates (every pending one, or the
-        security ones with ``security_only``) leave :attr:`available_updates`."""
-        pending = self.updates_report()["available_updates"]
-        names = {
-            p.get("package_name") if isinstance(p, dict) else str(p)
+        """``apply_updates``, as the real agent does it: only ``packages`` entries naming
+        both a package and a package manager it knows count (an empty list is refused,
+        there is no "every update" form, ``security_only`` is not read); it answers at
+        once that it started, and reports how it went in an ``update_apply_result``
+        (:attr:`apply_results`) sent after :attr:`apply_delay` seconds, then looks for
+        updates again (a ``package_updates_update``)."""
+        asked = [
+            p
             for p in parameters.get("packages") or []
+            if isinstance(p, dict) and p.get("package_name") and p.get("package_manager")
+        ]
+        if not asked:
+            return {
+                "success": False,
+                "result": None,
+                "error": "No packages specified for update",
+                "exit_code": None,
+            }
+        pending = {u["package_name"]: u for u in self.updates_report()["available_updates"]}
+        updated, failed = [], []
+        for entry in asked:
+            name, manager = entry["package_name"], entry["package_manager"]
+            update = pending.get(name)
+            if manager not in PACKAGE_MANAGERS and not str(manager).endswith("_release"):
+                error = f"Unsupported package manager: {manager}"
+            elif update is None:
+                error = f"E: Unable to locate package {name}"
+            else:
+                updated.append(
+                    {
+                        "package_name": name,
+                        "old_version": update.get("current_version"),
+                        "new_version": update.get("available_version"),
+                        "package_manager": manager,
+                    }
+                )
+                continue
+            failed.append({"package_name": name, "package_manager": manager, "error": error})
+        done = {u["package_name"] for u in updated}
+        self.available_updates = [u for u in pending.values() if u["package_name"] not in done]
+        self.reboot_required = self.reboot_required or bool(updated)
+        self._applied = {
+            "updated_packages": updated,
+            "failed_packages": failed,
+            "requires_reboot": bool(updated),
+            "timestamp": "",
+            "hostname": self.hostname,
         }
-        if names:
-            applied = [u for u in pending if u["package_name"] in names]
-        elif parameters.get("security_only"):
-            applied = [u for u in pending if u.get("is_security_update")]
-        else:
-            applied = list(pending)
-        self.available_updates = [u for u in pending if u not in applied]
-        self.reboot_required = self.reboot_required or bool(applied)
         return {
             "success": True,
             "result": {
-                "updated_packages": [u["package_name"] for u in applied],
-                "installation_log": "\n".join(
-                    f"Upgraded {u['package_name']} to {u['available_version']}" for u in applied
-                ),
+                "result": "Updates started in background",
+                "packages": [p["package_name"] for p in asked],
             },
             "error": None,
-            "exit_code": 0,
+            "exit_code": None,
         }
+
+    async def _report_applied(self, via: str) -> None:
+        """Send the ``update_apply_result`` of the last ``apply_updates``, then the
+        updates still pending."""
+        await asyncio.sleep(self.apply_delay)
+        applied, self._applied = self._applied, None
+        if applied is None:
+            return
+        self.apply_results.append(applied)
+        await self._emit(self.envelope("update_apply_result", applied), via)
+        await self._emit(self.envelope("package_updates_update", self.updates_report()), via)
 
     def updates_report(self) -> dict[str, Any]:
         """The ``package_updates_update`` data of :attr:`available_updates`."""

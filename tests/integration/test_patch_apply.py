@@ -171,23 +171,57 @@ async def test_the_sysmanage_agent_applies_updates_reboots_and_is_checked_again(
     d = deployment
     async with online_agent(d, "pa-sm") as agent:
         await wait_updates(d, agent.host_id, lambda b: b["update_count"] == 2)
+        agent.apply_delay = 1.5  # the agent answers "started", then applies them
         asked = await admin(
             d,
             "POST",
             f"/api/hosts/{agent.host_id}/apply-updates/",
-            json_body={"which": "packages", "packages": ["curl"]},
+            json_body={"which": "packages", "packages": ["curl", "not-pending"]},
         )
         assert asked.status == 202, asked
-        await operation_of(d, asked.body["execution_id"], "completed")
+        ref = asked.body["execution_id"]
+        applying = await operation_of(d, ref, "in_progress")
+        deadline = time.monotonic() + WAIT
+        while "applying the updates" not in applying["message"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            applying = (await admin(d, "GET", f"/api/package-operations/{ref}/")).body
+        # ended by the update_apply_result, not by the command_result saying "started"
+        assert applying["status"] == "in_progress", applying
+        assert "applying the updates" in applying["message"], applying
+        done = await operation_of(d, ref, "completed")
+        assert done["message"] == "Applied 1 update", done
+        assert done["output"] == "curl: 7.88.1-10 -> 7.88.1-11", done
         (applied,) = [e for e in agent.executions if e.command_type == "apply_updates"]
+        # each pending update named with the package manager its report named
         assert applied.parameters["packages"] == [
-            {"package_name": "curl", "package_manager": "auto"}
+            {"package_name": "curl", "package_manager": "apt"}
         ]
-        assert applied.parameters["security_only"] is False
-        # the server asked again after the update: curl is gone, a reboot is needed
+        # the agent looked again by itself: curl is gone, a reboot is needed
         body = await wait_updates(d, agent.host_id, lambda b: b["update_count"] == 1)
         assert [u["name"] for u in body["updates"]] == ["openssl"]
         await wait_updates(d, agent.host_id, lambda b: b["reboot_required"] is True)
+
+        # every pending update: the list is spelt out (the agent has no "all" form)
+        agent.apply_delay = 0.1
+        everything = await admin(
+            d, "POST", f"/api/hosts/{agent.host_id}/apply-updates/", json_body={"which": "all"}
+        )
+        assert everything.status == 202, everything
+        done = await operation_of(d, everything.body["execution_id"], "completed")
+        assert done["message"] == "Applied 1 update", done
+        applied = [e for e in agent.executions if e.command_type == "apply_updates"][-1]
+        assert applied.parameters["packages"] == [
+            {"package_name": "openssl", "package_manager": "apt"}
+        ]
+        await wait_updates(d, agent.host_id, lambda b: b["update_count"] == 0)
+        # nothing left: done without a word to the agent
+        sent = len(agent.executions)
+        idle = await admin(
+            d, "POST", f"/api/hosts/{agent.host_id}/apply-updates/", json_body={"which": "all"}
+        )
+        done = await operation_of(d, idle.body["execution_id"], "completed")
+        assert done["message"].startswith("No pending updates to apply"), done
+        assert len(agent.executions) == sent
 
         reboot = await admin(d, "POST", f"/api/hosts/{agent.host_id}/reboot/")
         assert reboot.status == 202, reboot

@@ -94,8 +94,21 @@ async def test_sysmanage_agent_checks_updates_on_connect_and_reports_reboots(dep
         assert len(agent.update_checks) == 1
         assert body["security_count"] == 1
         assert body["updates"] == [
-            {"name": "openssl", "current": "3.0.11-1", "available": "3.0.13-1", "security": True},
-            {"name": "curl", "current": "7.88.1-10", "available": "7.88.1-11", "security": False},
+            # with the package manager each was reported with (apply_updates needs it)
+            {
+                "name": "openssl",
+                "current": "3.0.11-1",
+                "available": "3.0.13-1",
+                "security": True,
+                "manager": "apt",
+            },
+            {
+                "name": "curl",
+                "current": "7.88.1-10",
+                "available": "7.88.1-11",
+                "security": False,
+                "manager": "apt",
+            },
         ]
         assert body["reboot_required"] is None
         await wait_figure(
