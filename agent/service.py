@@ -44,6 +44,12 @@ BACKOFF_RESET_AFTER = 30.0
 CLOSE_WAIT = 5.0
 #: Pause between results sent again, so a long backlog stays under the server's rate limit.
 RESEND_PAUSE = 0.05
+#: The ``error`` code of a server that could not store what it was sent for now (its
+#: database is away), and how long the agent waits before sending its unacknowledged
+#: results again: the ``retry_after`` of the error, within these bounds (seconds).
+SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+RETRY_AFTER_DEFAULT = 2.0
+RETRY_AFTER_MAX = 60.0
 
 Handler = Callable[[ServerMessage], Awaitable[None]]
 
@@ -77,6 +83,10 @@ class Agent:
         )
         self.intervals = Intervals(config.heartbeat_interval, config.metrics_interval)
         self.link: Link | None = None
+        #: whether the results are to be sent again after a SERVICE_UNAVAILABLE error,
+        #: and the tasks that do it (kept until they end)
+        self._retry_due = False
+        self._retries: set[asyncio.Task[None]] = set()
         #: set when the server asks for a fresh look at pending updates
         self.check_updates = asyncio.Event()
         #: set when a reboot began: the session leaves its connection
@@ -223,9 +233,35 @@ class Agent:
         self.check_updates.set()
 
     async def _on_error(self, message: ServerMessage) -> None:
-        """Log an error reported by the server."""
+        """Log an error reported by the server; after ``SERVICE_UNAVAILABLE`` (a result
+        it could not store for now, perhaps), send the unacknowledged results again once
+        its ``retry_after`` has passed, rather than at the next reconnect."""
         data = message["data"]
         log.warning("Server error %s: %s", data.get("code"), data.get("message"))
+        unavailable = data.get("code") == SERVICE_UNAVAILABLE
+        if unavailable and self.link is not None and not self._retry_due:
+            self._retry_due = True
+            delay = retry_delay(data.get("retry_after"))
+            task = asyncio.create_task(self._resend_after(self.link, delay))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _resend_after(self, link: Link, delay: float) -> None:
+        """Send the unacknowledged results again on ``link`` in ``delay`` seconds (an
+        error in reply to them sets the next try)."""
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._retry_due = False
+        if self.link is link:
+            await self.resend_pending(link)
+
+
+def retry_delay(retry_after: object) -> float:
+    """Seconds to wait after a ``SERVICE_UNAVAILABLE`` error with ``retry_after``."""
+    if not _valid_interval(retry_after):
+        return RETRY_AFTER_DEFAULT
+    return min(float(retry_after), RETRY_AFTER_MAX)
 
 
 def next_delay(end: SessionEnd, backoff: Backoff) -> float:

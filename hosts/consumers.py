@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from hosts import agent_protocol, patching, selectors, services
@@ -414,6 +415,13 @@ class AgentConsumer(Connection):
             work = await self.database(services.work_hand_over)(host_id=self.host_id)
             check = await self.database(services.host_updates_check_take)(host_id=self.host_id)
         except PeerGone:
+            return
+        except DatabaseError as exc:
+            # The database is away: the work stays queued for the next nudge or recheck.
+            fault = dbgate.unavailable(exc)
+            if fault is None:
+                raise
+            dbgate.note(fault, exc)
             return
         self._send_work(*work)
         if check:

@@ -141,6 +141,8 @@ class FleetRunViewSet(viewsets.ViewSet):
             return Response(
                 {"detail": str(exc), "refused": exc.refused, "total": exc.total}, status=403
             )
+        except fleetruns.FleetRunLimitReached as exc:
+            return Response({"detail": str(exc), "limit": exc.limit}, status=429)
         except ValueError as exc:
             return Response({"detail": str(exc)}, status=400)
         async_to_sync(fleetrunner.fleet_run_start)(

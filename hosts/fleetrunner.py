@@ -19,6 +19,10 @@ If its process dies, the run's heartbeat stops, and the maintenance sweep
 (:mod:`hosts.maintenance`: every process runs it periodically from its first socket on,
 and ``manage.py mark_offline_hosts`` from cron) marks it ``interrupted`` after
 ``FLEET_RUN_STALE_SECONDS``, its unfinished hosts skipped: a run is never left running.
+A run outlasts a short outage of its database: what it records waits for the database
+(:func:`_database`), and a host whose command could not be run meanwhile fails, with the
+reason; an outage longer than ``FLEET_RUN_STALE_SECONDS`` ends the run (the sweep marks it
+interrupted), and a host the sweep skipped meanwhile is not started nor recorded again.
 
 Progress goes out as ``fleet_run.progress`` events on ``command_execution``: the counts
 and the hosts that ended since the previous one, at most one every
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from hosts import commands, fleetruns
 from hosts.events import FleetRunProgress
@@ -66,8 +71,27 @@ FAILURE_LIMIT_REACHED = "failure limit reached"
 WITHDRAWN = "the requester no longer has the right to do this on this host"
 #: How often a run waiting for offline hosts looks whether they returned (seconds).
 OFFLINE_POLL_SECONDS = 1.0
+#: How often the runner tries its database again while it is unreachable (seconds).
+DATABASE_RETRY_SECONDS = 1.0
+#: Why a host whose command could not be run for want of the database failed.
+NO_DATABASE = "The server could not reach its database to run it"
 #: The runs this process drives, by id (a task is kept here so that it is not collected).
 RUNNING: dict[str, asyncio.Task[None]] = {}
+
+
+async def _database(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` in a database thread; while the database is unreachable
+    or busy (:func:`sysmanage.dbgate.unavailable`), tried again every
+    ``DATABASE_RETRY_SECONDS`` for up to ``FLEET_RUN_STALE_SECONDS`` (past that, the sweep
+    takes the run for a dead one anyway), then the error is raised."""
+    deadline = time.monotonic() + settings.FLEET_RUN_STALE_SECONDS
+    while True:
+        try:
+            return await database_sync_to_async(func)(*args, **kwargs)
+        except DatabaseError as exc:
+            if dbgate.unavailable(exc) is None or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(DATABASE_RETRY_SECONDS)
 
 
 async def run_batches(
@@ -162,7 +186,7 @@ class FleetRunner:
         """Run every batch, then record and publish how the run ended."""
         beat = asyncio.ensure_future(self._heartbeat())
         try:
-            rows = await database_sync_to_async(_rows)(self.run_id)
+            rows = await _database(_rows, self.run_id)
             stopped = await run_batches(
                 rows, batch_size=self.batch_size, threshold=self.threshold, run_one=self._run_one
             )
@@ -179,7 +203,7 @@ class FleetRunner:
         deadline = time.monotonic() + self.offline_wait
         while self.waiting and time.monotonic() < deadline:
             await asyncio.sleep(min(OFFLINE_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            online = await database_sync_to_async(_online)([r.host_id for r in self.waiting])
+            online = await _database(_online, [r.host_id for r in self.waiting])
             back = [row for row in self.waiting if row.host_id in online]
             if not back:
                 continue
@@ -198,8 +222,8 @@ class FleetRunner:
     async def _end(self, stopped: bool) -> None:
         if stopped:
             self.reason = f"Stopped: {FAILURE_LIMIT_REACHED} ({self.counts['failed']} failed)"
-            skipped = await database_sync_to_async(fleetruns.fleet_run_skip_rest)(
-                run_id=self.run_id, reason=FAILURE_LIMIT_REACHED
+            skipped = await _database(
+                fleetruns.fleet_run_skip_rest, run_id=self.run_id, reason=FAILURE_LIMIT_REACHED
             )
             self.counts["skipped"] += skipped
             self.state = FleetRunState.STOPPED
@@ -208,8 +232,8 @@ class FleetRunner:
         else:
             self.state = FleetRunState.FAILED
             self.reason = f"{self.counts['failed']} failed, {self.counts['skipped']} skipped"
-        await database_sync_to_async(fleetruns.fleet_run_finish)(
-            run_id=self.run_id, state=self.state, reason=self.reason
+        await _database(
+            fleetruns.fleet_run_finish, run_id=self.run_id, state=self.state, reason=self.reason
         )
         self.publish(final=True)
 
@@ -221,7 +245,7 @@ class FleetRunner:
 
     async def _run_one(self, row: _Row) -> str:
         """Run the command (or package operation) on one host of the run; its outcome."""
-        host = await database_sync_to_async(_host)(row.host_id)
+        host = await _database(_host, row.host_id)
         if host is not None and host.status != HostStatus.ONLINE and self.offline == "wait":
             self.waiting.append(row)
             return FleetRunHostStatus.QUEUED
@@ -229,15 +253,20 @@ class FleetRunner:
             why = "host deleted" if host is None else f"host {host.status}"
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, why))
         right = fleetruns.run_right(self.kind)
-        if not await database_sync_to_async(_still_allowed)(self.user, str(host.id), right):
+        if not await _database(_still_allowed, self.user, str(host.id), right):
             return await self._ended(row, Outcome(FleetRunHostStatus.SKIPPED, WITHDRAWN))
-        await database_sync_to_async(fleetruns.fleet_run_host_started)(row_id=row.id)
+        if not await _database(fleetruns.fleet_run_host_started, row_id=row.id):
+            return FleetRunHostStatus.SKIPPED  # the sweep ended the run meanwhile
         self._started.append({"host_id": row.host_id, "hostname": row.hostname})
         self._change("running", 1)
         try:
             outcome = await self._attempt(host)
         except commands.NotDelivered as exc:
             outcome = Outcome(FleetRunHostStatus.FAILED, exc.why, ref=exc.ref)
+        except DatabaseError as exc:
+            if dbgate.unavailable(exc) is None:
+                raise
+            outcome = Outcome(FleetRunHostStatus.FAILED, NO_DATABASE)
         return await self._ended(row, outcome, was_running=True)
 
     async def _attempt(self, host: Host) -> Outcome:
@@ -264,7 +293,8 @@ class FleetRunner:
 
     async def _ended(self, row: _Row, outcome: Outcome, *, was_running: bool = False) -> str:
         package = self.kind in fleetruns.OPERATION_KINDS
-        await database_sync_to_async(fleetruns.fleet_run_host_ended)(
+        await _database(
+            fleetruns.fleet_run_host_ended,
             row_id=row.id,
             status=outcome.status,
             reason=outcome.reason,
@@ -361,8 +391,11 @@ async def _drive(runner: FleetRunner) -> None:
     except Exception:
         dbgate.log_exception(logger, "fleet run %s failed", runner.run_id)
         with contextlib.suppress(Exception):
-            await database_sync_to_async(fleetruns.fleet_run_finish)(
-                run_id=runner.run_id, state=FleetRunState.FAILED, reason="Internal server error"
+            await _database(
+                fleetruns.fleet_run_finish,
+                run_id=runner.run_id,
+                state=FleetRunState.FAILED,
+                reason="Internal server error",
             )
         runner.state = FleetRunState.FAILED
         runner.publish(final=True)
@@ -462,6 +495,14 @@ async def _create(
             id_=message.id,
             refused=exc.refused,
             total=exc.total,
+        ) from None
+    except fleetruns.FleetRunLimitReached as exc:
+        raise ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            str(exc),
+            channel=message.channel or "command_execution",
+            id_=message.id,
+            limit=exc.limit,
         ) from None
     except ValueError as exc:
         raise ProtocolError(

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -88,6 +90,17 @@ class FleetRunRefused(Exception):
         )
         self.refused = refused
         self.total = total
+
+
+class FleetRunLimitReached(Exception):
+    """The user already has ``limit`` runs running (``FLEET_RUNS_MAX_RUNNING_PER_USER``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"You already have the most fleet runs running at once ({limit}); "
+            "start this one once one of them has ended"
+        )
+        self.limit = limit
 
 
 def run_right(kind: str) -> str:
@@ -289,7 +302,8 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
 
     Refuses with :class:`FleetRunRefused` if ``user`` may not run commands (for a
     package run: package operations) on every targeted host (as the database has the
-    user's rights now); ValueError if a target is unknown.
+    user's rights now); with :class:`FleetRunLimitReached` if ``user`` already has
+    ``FLEET_RUNS_MAX_RUNNING_PER_USER`` runs running; ValueError if a target is unknown.
     """
     now = permissions.fresh(user)
     hosts = fleet_run_hosts(spec, permissions.scope_query(now))
@@ -300,6 +314,7 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
         what = REFUSED_WHAT.get(right, "run commands")
         raise FleetRunRefused(refused, len(hosts), what)
     with transaction.atomic():
+        _refuse_over_limit(user)
         run = FleetRun.objects.create(
             kind=spec.kind,
             command=spec.command,
@@ -331,6 +346,19 @@ def fleet_run_create(*, spec: FleetRunSpec, user: Any, actor: Actor | None = Non
     return run
 
 
+def _refuse_over_limit(user: Any) -> None:
+    """In the transaction that records a run: :class:`FleetRunLimitReached` if ``user``
+    already has the most runs running at once.  The user's row is locked first, so that
+    requests of one user at the same moment (on any process) are counted one by one."""
+    limit = settings.FLEET_RUNS_MAX_RUNNING_PER_USER
+    if limit <= 0 or not getattr(user, "pk", None):
+        return
+    list(get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk"))
+    running = FleetRun.objects.filter(requested_by_id=user.pk, state=FleetRunState.RUNNING)
+    if running.count() >= limit:
+        raise FleetRunLimitReached(limit)
+
+
 def _target_text(target: Mapping[str, Any]) -> str:
     parts = []
     if target.get("groups"):
@@ -342,11 +370,11 @@ def _target_text(target: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def fleet_run_host_started(*, row_id: int) -> None:
-    """Note that a host of a run started."""
-    FleetRunHost.objects.filter(id=row_id).update(
-        status=FleetRunHostStatus.RUNNING, started_at=timezone.now()
-    )
+def fleet_run_host_started(*, row_id: int) -> bool:
+    """Note that a host of a run started; False if it is no longer queued (the sweep
+    skipped it: the run was taken for interrupted), and then it must not start."""
+    queued = FleetRunHost.objects.filter(id=row_id, status=FleetRunHostStatus.QUEUED)
+    return bool(queued.update(status=FleetRunHostStatus.RUNNING, started_at=timezone.now()))
 
 
 def fleet_run_host_ended(
@@ -359,20 +387,27 @@ def fleet_run_host_ended(
     exit_code: int | None = None,
 ) -> None:
     """Record how a host of a run ended (and the command or package operation it ran
-    there), and add it to the run's counts."""
+    there), and add it to the run's counts; once: a host already ended (skipped by the
+    sweep meanwhile) keeps its end."""
     if status not in FINAL_HOST_STATUSES:
         raise ValueError(f"{status!r} is not a final status")
     now = timezone.now()
     with transaction.atomic():
         run_id = FleetRunHost.objects.filter(id=row_id).values_list("run_id", flat=True).get()
-        FleetRunHost.objects.filter(id=row_id).update(
-            status=status,
-            reason=reason[:2000],
-            execution_id=execution_id,
-            package_operation_id=package_operation_id,
-            exit_code=exit_code,
-            finished_at=now,
+        ended = (
+            FleetRunHost.objects.filter(id=row_id)
+            .exclude(status__in=FINAL_HOST_STATUSES)
+            .update(
+                status=status,
+                reason=reason[:2000],
+                execution_id=execution_id,
+                package_operation_id=package_operation_id,
+                exit_code=exit_code,
+                finished_at=now,
+            )
         )
+        if not ended:
+            return
         # one UPDATE that adds to the count: the hosts of a batch end at once
         FleetRun.objects.filter(id=run_id).update(**{status: F(status) + 1}, heartbeat_at=now)
 

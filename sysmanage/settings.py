@@ -486,6 +486,9 @@ MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 FLEET_RUN_HEARTBEAT_SECONDS = float(env("FLEET_RUN_HEARTBEAT_SECONDS", "10") or "10")
 FLEET_RUN_STALE_SECONDS = float(env("FLEET_RUN_STALE_SECONDS", "60") or "60")
 FLEET_RUN_PROGRESS_INTERVAL = float(env("FLEET_RUN_PROGRESS_INTERVAL", "0.25") or "0.25")
+# The most fleet runs one user may have running at once, over every server process (a
+# further one is refused until one ended); 0: no limit.
+FLEET_RUNS_MAX_RUNNING_PER_USER = env_int("FLEET_RUNS_MAX_RUNNING_PER_USER", 10)
 
 # --- The SysManage agent (POST /api/host/register, /api/agent/*) --------------------
 # Approve every registration at once (no admin approval, no key needed).  Off: new

@@ -248,6 +248,44 @@ def test_a_run_whose_process_went_silent_is_marked_interrupted(web, make_user, s
     assert alive.state == FleetRunState.RUNNING
 
 
+def test_a_host_the_sweep_ended_is_neither_started_nor_recorded_again(web, make_user, settings):
+    """A run taken for interrupted (its database was away longer than the stale delay)
+    while its process lived on: what the runner then records does not undo the sweep."""
+    admin = make_user("root", superuser=True)
+    spec = FleetRunSpec(command="x", groups=("web",), target={"groups": ["web"]})
+    run = fleetruns.fleet_run_create(spec=spec, user=admin)
+    first, second = run.hosts.order_by("position")[:2]
+    assert fleetruns.fleet_run_host_started(row_id=first.id)
+    old = timezone.now() - timedelta(seconds=settings.FLEET_RUN_STALE_SECONDS + 5)
+    FleetRun.objects.filter(pk=run.pk).update(heartbeat_at=old)
+    assert sweep().fleet_runs_interrupted == [str(run.id)]
+    fleetruns.fleet_run_host_ended(row_id=first.id, status="succeeded")
+    assert not fleetruns.fleet_run_host_started(row_id=second.id)
+    run.refresh_from_db()
+    assert (run.state, run.succeeded, run.skipped) == (FleetRunState.INTERRUPTED, 0, 5)
+    first.refresh_from_db()
+    assert (first.status, first.reason) == ("skipped", "The server process running it stopped")
+
+
+def test_a_user_with_the_most_runs_running_is_refused_another(web, make_user, settings):
+    settings.FLEET_RUNS_MAX_RUNNING_PER_USER = 2
+    admin, other = make_user("root", superuser=True), make_user("ops", superuser=True)
+    spec = FleetRunSpec(command="x", groups=("web",), target={"groups": ["web"]})
+    first = fleetruns.fleet_run_create(spec=spec, user=admin)
+    fleetruns.fleet_run_create(spec=spec, user=admin)
+    with pytest.raises(
+        fleetruns.FleetRunLimitReached, match=r"the most fleet runs running at once \(2\)"
+    ) as no:
+        fleetruns.fleet_run_create(spec=spec, user=admin)
+    assert no.value.limit == 2
+    assert FleetRun.objects.filter(requested_by=admin).count() == 2  # nothing recorded
+    fleetruns.fleet_run_create(spec=spec, user=other)  # counted per user
+    fleetruns.fleet_run_finish(run_id=first.id, state=FleetRunState.SUCCEEDED)
+    fleetruns.fleet_run_create(spec=spec, user=admin)  # one ended: room for one more
+    settings.FLEET_RUNS_MAX_RUNNING_PER_USER = 0  # no limit
+    fleetruns.fleet_run_create(spec=spec, user=admin)
+
+
 # -- the run_id filter --------------------------------------------------------------
 
 

@@ -46,6 +46,25 @@ def test_rest_lists_runs_and_shows_one_with_its_hosts(web, make_user):
     assert bad.status_code == 400
 
 
+def test_rest_refuses_a_run_over_the_users_running_limit(web, make_user, settings):
+    settings.FLEET_RUNS_MAX_RUNNING_PER_USER = 1
+    owner = make_user("root", superuser=True)
+    fleetruns.fleet_run_create(
+        spec=parse_fleet_run({"targets": {"groups": ["web"]}, "command": "x"}), user=owner
+    )
+    client = APIClient()
+    client.force_authenticate(owner)
+    refused = client.post(
+        "/api/fleet-runs/", {"targets": {"groups": ["web"]}, "command": "y"}, format="json"
+    )
+    assert refused.status_code == 429
+    assert refused.json() == {
+        "detail": "You already have the most fleet runs running at once (1); "
+        "start this one once one of them has ended",
+        "limit": 1,
+    }
+
+
 def test_the_admin_lists_runs_and_shows_each_host_read_only(web, make_user, client):
     owner = make_user("root", superuser=True)
     spec = parse_fleet_run({"targets": {"groups": ["web"]}, "command": "secret-cmd"})

@@ -33,6 +33,33 @@ async def test_result_is_spooled_until_acked_and_resent_after_reconnect(
     assert await agent.wait_spool(0) == []
 
 
+async def test_a_result_the_server_could_not_store_is_sent_again_after_retry_after(
+    fake_server: FakeServer,
+    start_agent: StartAgent,
+) -> None:
+    """A SERVICE_UNAVAILABLE error (the server's database is away) is followed, once its
+    retry_after has passed, by the unacknowledged results, on the same connection: not
+    only at the next reconnect."""
+    fake_server.auto_ack = False
+    agent = await start_agent()
+    await fake_server.wait_for("hello")
+    await fake_server.run_command("busy-1", "echo kept")
+    first = await fake_server.result("busy-1")
+    await fake_server.send(
+        "error",
+        {
+            "code": "SERVICE_UNAVAILABLE",
+            "message": "The server cannot reach its database; try again in a moment",
+            "retry_after": 0.5,
+        },
+    )
+    again = await fake_server.wait_for("command_result", count=2, timeout=5)
+    assert again[1].data == first
+    assert again[1].connection == again[0].connection == 0
+    await fake_server.ack("command_result", "busy-1")
+    assert await agent.wait_spool(0) == []
+
+
 async def test_ack_deletes_the_spool_file(fake_server: FakeServer, start_agent: StartAgent) -> None:
     fake_server.auto_ack = False
     agent = await start_agent()
