@@ -489,7 +489,7 @@ class AgentDelivery(models.Model):
     #: an ``apply_updates``'s ``packages`` (``[{package_name, package_manager}]``), as
     #: first sent: its resends say the same, and the agent's ``update_apply_result``
     #: (which names no command) is matched to it by those names
-    packages = models.JSONField(default=list, blank=True)
+    packages = models.JSONField(null=True, blank=True)  # null: none (older rows too)
     #: when the agent said it began applying them in the background (its
     #: ``command_result``); the operation ends with its ``update_apply_result``
     applying_since = models.DateTimeField(null=True, blank=True)

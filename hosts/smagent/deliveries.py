@@ -128,7 +128,7 @@ def _message(delivery: AgentDelivery) -> Outgoing:
         )
     assert delivery.operation is not None
     return Outgoing(
-        _package_command(delivery.operation, str(delivery.id), delivery.packages),
+        _package_command(delivery.operation, str(delivery.id), delivery.packages or []),
         str(delivery.operation_id),
     )
 
@@ -347,7 +347,7 @@ def record_apply_result(*, host_id: Any, data: protocol.MessageData) -> bool:
             .order_by("created_at")
         )
         for delivery in going:
-            if names & {p.get("package_name") for p in delivery.packages}:
+            if names & {p.get("package_name") for p in delivery.packages or []}:
                 if delivery.state != DeliveryState.ACKNOWLEDGED:
                     delivery.state = DeliveryState.ACKNOWLEDGED
                     delivery.acknowledged_at = timezone.now()
