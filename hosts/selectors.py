@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple, TypedDict
@@ -712,7 +711,7 @@ def _certificate_row(row: HostCertificate, now: datetime, warning_days: int) -> 
         "fingerprint_sha256": row.fingerprint_sha256,
         "not_before": iso(row.not_before),
         "not_after": iso(row.not_after),
-        "days_left": None if left is None else math.floor(left),
+        "days_left": None if left is None else int(left),  # whole days, toward zero
         "expired": expired,
         "expiring": left is not None and not expired and left <= warning_days,
         "is_ca": row.is_ca,
