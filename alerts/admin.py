@@ -114,9 +114,13 @@ class AlertRuleAdmin(admin.ModelAdmin[AlertRule]):
                     "clear_margin",
                 ),
                 "description": "Disk, memory and CPU rules are in percent; the load "
-                "rule is the 1-minute load average per CPU. A rule for host offline "
-                "needs no thresholds: set a critical threshold (any value) to raise "
-                "critical alerts, or only a warning threshold for warnings.",
+                "rule is the 1-minute load average per CPU; the reboot rule is hours. "
+                "The certificate rule is days until a certificate expires, where lower "
+                "is worse: its warning threshold is at least its critical one (an "
+                "expired certificate is critical; CA certificates are not judged). A "
+                "rule for host offline needs no thresholds: set a critical threshold "
+                "(any value) to raise critical alerts, or only a warning threshold for "
+                "warnings.",
             },
         ),
     )

@@ -47,4 +47,9 @@ class AlertsConfig(AppConfig):
             lambda: settings.ALERT_REBOOT_CHECK_SECONDS,
             evaluation.check_reboots,
         )
+        register_periodic(
+            "alerts.certificates",
+            lambda: settings.ALERT_CERT_CHECK_SECONDS,
+            evaluation.check_certificates,
+        )
         command_registry.register("system_alerts", commands.handle_alert_command)

@@ -4,13 +4,15 @@ Wiring of alert rules to the events of the hosts app.
 Metrics reports are judged in memory by this process's :class:`~alerts.rules.RuleEngine`;
 only verdicts reach the database.  Host status changes raise and resolve the "host
 offline" alerts.  Both listeners run off the event loop (:func:`sysmanage.events.listen`).
-A periodic check (:func:`check_reboots`) raises and resolves the "reboot pending" ones.
+A periodic check (:func:`check_reboots`) raises and resolves the "reboot pending" ones,
+another (:func:`check_certificates`) those of certificates about to expire.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -19,6 +21,7 @@ from alerts import services
 from alerts.models import Alert, AlertRule, RuleMetric
 from alerts.rules import RuleEngine, RuleSpec, Verdict
 from hosts import selectors as host_selectors
+from hosts.certificates import alert_key, days_left
 from hosts.models import Host
 from sysmanage.events import defer
 
@@ -202,4 +205,87 @@ def _sync_reboot_alert(rule: AlertRule, host_id: Any, hostname: str, hours: floa
         category=rule.category,
         title=f"Reboot pending: {hostname}",
         message=f"{hostname} has needed a reboot for {hours:.1f} hours",
+    )
+
+
+def check_certificates() -> None:
+    """Raise, raise in severity and resolve the alerts of the ``cert_expiry`` rules, one
+    per host and certificate file (the alert's key): a certificate that expires within
+    a threshold's days (warning, then critical; an expired one is critical) has one; a
+    certificate renewed, removed or no longer reported has it resolved.  CA certificates
+    (the trust store) are not judged.  Runs every ``ALERT_CERT_CHECK_SECONDS`` in each
+    server process."""
+    rules = list(AlertRule.objects.filter(enabled=True, metric=RuleMetric.CERT_EXPIRY))
+    if not rules:
+        return
+    now = timezone.now()
+    horizon = max(
+        (t for rule in rules for t in (rule.warning_threshold, rule.critical_threshold) if t),
+        default=0.0,
+    )
+    due = host_selectors.certificates_expiring(now + timedelta(days=max(0.0, horizon)))
+    by_key = {(str(c.host_id), alert_key(c.file_path)): c for c in due}
+    for rule in rules:
+        alerted = {
+            (str(host_id), key)
+            for host_id, key in Alert.objects.filter(
+                rule=rule, status__in=Alert.ACTIVE_STATUSES
+            ).values_list("host_id", "rule_key")
+        }
+        for host_id, key in sorted(alerted | set(by_key)):
+            cert = by_key.get((host_id, key))
+            severity = certificate_severity(rule, cert.not_after, now) if cert else None
+            if severity is None and (host_id, key) not in alerted:
+                continue
+            _sync_certificate_alert(rule, host_id, key, cert, severity, now)
+
+
+def certificate_severity(rule: AlertRule, not_after: datetime, now: datetime) -> str | None:
+    """The severity a ``cert_expiry`` rule gives a certificate expiring at ``not_after``:
+    critical once expired or within the critical threshold's days, warning within the
+    warning threshold's, else none."""
+    left = days_left(not_after, now)
+    if left < 0 or (rule.critical_threshold is not None and left <= rule.critical_threshold):
+        return "critical"
+    if rule.warning_threshold is not None and left <= rule.warning_threshold:
+        return "warning"
+    return None
+
+
+def _sync_certificate_alert(
+    rule: AlertRule,
+    host_id: str,
+    key: str,
+    cert: host_selectors.CertificateDue | None,
+    severity: str | None,
+    now: datetime,
+) -> None:
+    if cert is None:
+        services.rule_alert_sync(
+            host_id=host_id,
+            rule_id=rule.id,
+            key=key,
+            severity=None,
+            category=rule.category,
+            title="",
+            message="",
+        )
+        return
+    left = days_left(cert.not_after, now)
+    label = cert.name or cert.file_path
+    if left < 0:
+        title = f"Certificate expired: {label} on {cert.hostname}"
+        when = f"expired {-left:.0f} days ago"
+    else:
+        title = f"Certificate expiring: {label} on {cert.hostname}"
+        when = f"expires in {left:.0f} days"
+    services.rule_alert_sync(
+        host_id=host_id,
+        rule_id=rule.id,
+        key=key,
+        severity=severity,
+        category=rule.category,
+        title=title[:200],
+        message=f"{cert.file_path} on {cert.hostname} {when} "
+        f"(not after {cert.not_after:%Y-%m-%d %H:%M} UTC)",
     )

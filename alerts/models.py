@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from hosts.models import Host
@@ -35,6 +36,12 @@ class RuleMetric(models.TextChoices):
     LOAD = "load_per_cpu", "1-minute load average per CPU"
     OFFLINE = "host_offline", "Host offline"
     REBOOT = "reboot_required", "Hours a host has needed a reboot"
+    #: lower is worse: a rule's warning threshold is at least its critical one
+    CERT_EXPIRY = "cert_expiry", "Days until a certificate expires"
+
+
+#: The metrics whose alerts grow worse as the value falls.
+LOWER_IS_WORSE = frozenset({RuleMetric.CERT_EXPIRY.value})
 
 
 class AlertRule(models.Model):
@@ -63,6 +70,25 @@ class AlertRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        """Thresholds in the order of the metric: critical at least the warning one,
+        except for metrics where lower is worse (days until a certificate expires),
+        where the warning threshold is at least the critical one."""
+        warning, critical = self.warning_threshold, self.critical_threshold
+        if warning is None or critical is None or self.metric == RuleMetric.OFFLINE:
+            return
+        if self.metric in LOWER_IS_WORSE and critical > warning:
+            raise ValidationError(
+                {
+                    "critical_threshold": "Lower is worse for this metric: the critical "
+                    "threshold must not be above the warning threshold."
+                }
+            )
+        if self.metric not in LOWER_IS_WORSE and critical < warning:
+            raise ValidationError(
+                {"critical_threshold": "The critical threshold must not be below the warning one."}
+            )
 
 
 class Alert(models.Model):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from alerts.models import AlertRule
 
 #: The rules that judge a host's state rather than its metrics reports.
-HOST_STATE_METRICS = frozenset({"host_offline", "reboot_required"})
+HOST_STATE_METRICS = frozenset({"host_offline", "reboot_required", "cert_expiry"})
 #: The severity of an alert a rule raises (``alerts.models.Severity`` has ``info`` too).
 Level = Literal["warning", "critical"]
 SEVERITY_ORDER: dict[Level | None, int] = {None: 0, "warning": 1, "critical": 2}

@@ -173,6 +173,16 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
         host = self.get_object()
         return Response({"host_id": str(host.id), **selectors.host_patch_view(host.id)})
 
+    @action(detail=True, methods=["get"])
+    def certificates(self, request: Request, pk: str | None = None) -> Response:
+        """The certificates the host's agent last found (SysManage agents report them):
+        counts (all, expiring within ``HOST_CERTIFICATE_WARNING_DAYS``, expired, CA),
+        then the certificates that are not CA certificates, soonest expiry first, then
+        the CA certificates; each with its path, name, subject, issuer, serial, validity,
+        whole days left (negative once expired) and whether it is expired or expiring."""
+        host = self.get_object()
+        return Response({"host_id": str(host.id), **selectors.host_certificates_view(host.id)})
+
     @action(detail=True, methods=["post"], url_path="check-updates")
     def check_updates(self, request: Request, pk: str | None = None) -> Response:
         """Ask the host's agent to check for updates now (202; it reports what it finds

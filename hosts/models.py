@@ -566,6 +566,43 @@ class HostPatchStatus(models.Model):
         return f"Patch status of {self.host_id}"
 
 
+class HostCertificate(models.Model):
+    """A certificate file its agent found on a host (``hosts.certificates``); each report
+    replaces the host's set."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="certificates")
+    file_path = models.CharField(max_length=1024)
+    #: the agent's name for it, or the subject's common name, or the file's name
+    name = models.CharField(max_length=255, blank=True)
+    subject = models.CharField(max_length=1024, blank=True)
+    issuer = models.CharField(max_length=1024, blank=True)
+    serial_number = models.CharField(max_length=128, blank=True)
+    fingerprint_sha256 = models.CharField(max_length=128, blank=True)
+    not_before = models.DateTimeField(null=True, blank=True)
+    not_after = models.DateTimeField(null=True, blank=True)
+    #: the agent's guess (from the path, the subject and the purposes)
+    is_ca = models.BooleanField(default=False)
+    key_usage = models.CharField(max_length=100, blank=True)
+    #: when the agent last reported it
+    reported_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["host", "not_after"]
+        indexes = [
+            models.Index(fields=["host", "not_after"]),
+            # the periodic check of the "cert_expiry" alert rules
+            models.Index(fields=["is_ca", "not_after"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "file_path"], name="one_certificate_per_host_file"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name or self.file_path} on {self.host_id}"
+
+
 class FleetRunKind(models.TextChoices):
     """What a fleet run does on each host."""
 

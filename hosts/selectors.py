@@ -6,9 +6,12 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any, NamedTuple, TypedDict
 
-from django.db.models import Count, Q, QuerySet
+from django.conf import settings
+from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Length, Substr
+from django.utils import timezone
 
+from hosts.certificates import days_left
 from hosts.events import command_event, operation_event
 from hosts.fleetruns import fleet_run_data
 from hosts.models import (
@@ -16,6 +19,7 @@ from hosts.models import (
     CommandExecution,
     FleetRun,
     Host,
+    HostCertificate,
     HostGroup,
     HostGroupGrant,
     HostInventory,
@@ -657,4 +661,106 @@ def hosts_needing_reboot() -> list[RebootWaiting]:
         RebootWaiting(host_id, hostname, since)
         for host_id, hostname, since in rows
         if since is not None
+    ]
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+
+class CertificateRow(TypedDict):
+    """One certificate as the host page and the REST API show it."""
+
+    file_path: str
+    name: str
+    subject: str
+    issuer: str
+    serial_number: str
+    fingerprint_sha256: str
+    not_before: str | None
+    not_after: str | None
+    days_left: int | None
+    expired: bool
+    expiring: bool
+    is_ca: bool
+    key_usage: str
+
+
+class CertificatesView(TypedDict):
+    """A host's certificates: counts, then the certificates that are not CA certificates
+    (soonest expiry first, those without an expiry last), then the CA certificates."""
+
+    reported_at: str | None
+    warning_days: int
+    total: int
+    expiring: int
+    expired: int
+    ca_count: int
+    certificates: list[CertificateRow]
+    ca_certificates: list[CertificateRow]
+
+
+def _certificate_row(row: HostCertificate, now: datetime, warning_days: int) -> CertificateRow:
+    left = days_left(row.not_after, now) if row.not_after is not None else None
+    expired = left is not None and left < 0
+    return {
+        "file_path": row.file_path,
+        "name": row.name,
+        "subject": row.subject,
+        "issuer": row.issuer,
+        "serial_number": row.serial_number,
+        "fingerprint_sha256": row.fingerprint_sha256,
+        "not_before": iso(row.not_before),
+        "not_after": iso(row.not_after),
+        "days_left": None if left is None else int(left),  # whole days, toward zero
+        "expired": expired,
+        "expiring": left is not None and not expired and left <= warning_days,
+        "is_ca": row.is_ca,
+        "key_usage": row.key_usage,
+    }
+
+
+def host_certificates_view(host_id: Any) -> CertificatesView:
+    """The certificates a host's agent last reported (``HOST_CERTIFICATE_WARNING_DAYS``
+    decides which count as expiring)."""
+    now = timezone.now()
+    warning_days = settings.HOST_CERTIFICATE_WARNING_DAYS
+    rows = [
+        _certificate_row(row, now, warning_days)
+        for row in HostCertificate.objects.filter(host_id=host_id).order_by(
+            F("not_after").asc(nulls_last=True), "file_path"
+        )
+    ]
+    reported = HostCertificate.objects.filter(host_id=host_id).aggregate(at=Max("reported_at"))
+    return {
+        "reported_at": iso(reported["at"]),
+        "warning_days": warning_days,
+        "total": len(rows),
+        "expiring": sum(r["expiring"] for r in rows),
+        "expired": sum(r["expired"] for r in rows),
+        "ca_count": sum(r["is_ca"] for r in rows),
+        "certificates": [r for r in rows if not r["is_ca"]],
+        "ca_certificates": [r for r in rows if r["is_ca"]],
+    }
+
+
+class CertificateDue(NamedTuple):
+    """A certificate (not a CA certificate) that expires soon, or has expired."""
+
+    host_id: Any
+    hostname: str
+    file_path: str
+    name: str
+    not_after: datetime
+
+
+def certificates_expiring(before: datetime) -> list[CertificateDue]:
+    """The certificates, other than CA certificates, of every host that expire before
+    ``before`` (expired ones included)."""
+    rows = HostCertificate.objects.filter(is_ca=False, not_after__lt=before).values_list(
+        "host_id", "host__hostname", "file_path", "name", "not_after"
+    )
+    return [
+        CertificateDue(host_id, hostname, path, name, not_after)
+        for host_id, hostname, path, name, not_after in rows
+        if not_after is not None
     ]

@@ -18,6 +18,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from hosts.agent_protocol import MAX_OUTPUT_CHARS, CommandOutcome, HostFacts, ResultKind
+from hosts.certificates import Certificate, CertificateReport
 from hosts.events import (
     CommandFinished,
     HostMetricsReported,
@@ -32,6 +33,7 @@ from hosts.models import (
     CommandExecution,
     ExecutionStatus,
     Host,
+    HostCertificate,
     HostGroup,
     HostGroupGrant,
     HostInventory,
@@ -1266,3 +1268,60 @@ def host_updates_check_take(*, host_id: Any) -> bool:
     # Read first: this runs with every look for due commands (a polling agent's too), and
     # an UPDATE that matches nothing still takes SQLite's write lock.
     return due.exists() and bool(due.update(check_sent_at=timezone.now()))
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+_CERTIFICATE_FIELDS = (
+    "file_path",
+    "name",
+    "subject",
+    "issuer",
+    "serial_number",
+    "fingerprint_sha256",
+    "not_before",
+    "not_after",
+    "is_ca",
+    "key_usage",
+)
+
+
+def _certificate_values(cert: Certificate | HostCertificate) -> tuple[object, ...]:
+    return tuple(getattr(cert, name) for name in _CERTIFICATE_FIELDS)
+
+
+def host_certificates_save(*, host_id: Any, hostname: str, report: CertificateReport) -> bool:
+    """Replace a host's certificates with those of a report; True when the set changed.
+
+    The agent resends the same set every few minutes: an unchanged set only has its
+    ``reported_at`` moved (one statement).  A report cut to the bound is logged.
+    """
+    now = timezone.now()
+    if report.dropped:
+        logger.warning(
+            "certificates of %s: %d of %d stored, the rest dropped (at most %d per host)",
+            hostname,
+            len(report.certificates),
+            report.distinct,
+            len(report.certificates),
+        )
+    wanted = {_certificate_values(cert) for cert in report.certificates}
+    with transaction.atomic():
+        stored = HostCertificate.objects.select_for_update().filter(host_id=host_id)
+        current = {_certificate_values(row) for row in stored}
+        if current == wanted and len(wanted) == len(report.certificates):
+            stored.update(reported_at=now)
+            return False
+        stored.delete()
+        HostCertificate.objects.bulk_create(
+            [
+                HostCertificate(
+                    host_id=host_id,
+                    reported_at=now,
+                    **{name: getattr(cert, name) for name in _CERTIFICATE_FIELDS},
+                )
+                for cert in report.certificates
+            ],
+            batch_size=500,
+        )
+    return True

@@ -114,6 +114,7 @@ class HostDetailView(DashboardMixin, TemplateView):
             "host": host,
             "inventory": selectors.host_inventory_view(host.pk),
             "patch": selectors.host_patch_view(host.pk),
+            "certs": selectors.host_certificates_view(host.pk),
             "can_run_commands": can_run,
             "can_manage_alerts": can_manage,
             "can_patch_and_reboot": permissions.may_on_host(user, "patch_reboot", host.pk),

@@ -478,6 +478,9 @@ COMMAND_RESULT_GRACE_SECONDS = env_int("COMMAND_RESULT_GRACE_SECONDS", 30)
 PACKAGE_OPERATION_STALL_SECONDS = env_int("PACKAGE_OPERATION_STALL_SECONDS", 1800)
 # A reboot whose host is not back online this long after its agent began it is failed.
 HOST_REBOOT_TIMEOUT_SECONDS = env_int("HOST_REBOOT_TIMEOUT_SECONDS", 600)
+# Certificates that expire within this many days are counted and marked "expiring" on
+# the host page and in GET /api/hosts/<id>/certificates/ (alerts follow their own rule).
+HOST_CERTIFICATE_WARNING_DAYS = env_int("HOST_CERTIFICATE_WARNING_DAYS", 30)
 # How often each server process sweeps for silent hosts and overdue commands.
 MAINTENANCE_SWEEP_SECONDS = env_int("MAINTENANCE_SWEEP_SECONDS", 15)
 # Fleet runs (a command on many hosts): how often the process running one says it is
@@ -548,6 +551,9 @@ ALERT_RULES_RELOAD_SECONDS = env_int("ALERT_RULES_RELOAD_SECONDS", 30)
 # How often each server process checks how long hosts have needed a reboot (the
 # "reboot_required" alert rules).
 ALERT_REBOOT_CHECK_SECONDS = env_int("ALERT_REBOOT_CHECK_SECONDS", 60)
+# How often each server process checks how soon the hosts' certificates expire (the
+# "cert_expiry" alert rules).
+ALERT_CERT_CHECK_SECONDS = env_int("ALERT_CERT_CHECK_SECONDS", 300)
 
 # --- Internationalization, static files ---------------------------------------
 LANGUAGE_CODE = "en-us"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.utils import timezone
 
-from hosts import patching, services
+from hosts import certificates, patching, services
 from hosts.agent_protocol import HostFacts
 from hosts.events import AgentTook
 from hosts.metrics import MinuteAverages
@@ -412,10 +412,28 @@ class AgentSession:
         self.seen()
         return []
 
+    async def on_certificates(self, data: MessageData, message_id: str) -> list[ServerMessage]:
+        """The certificates found on the host: they replace those stored (a report
+        without a list changes nothing)."""
+        report = certificates.certificates_from_sysmanage(data)
+        if report is not None:
+            if report.skipped:
+                logger.info(
+                    "certificates of %s: %d malformed entries skipped",
+                    self.hostname,
+                    report.skipped,
+                )
+            await database_sync_to_async(services.host_certificates_save)(
+                host_id=self.host_id, hostname=self.hostname, report=report
+            )
+        self.seen()
+        return []
+
     HANDLERS: dict[str, Handler] = {
         "system_info": on_system_info,
         "reboot_status_update": on_reboot_status,
         "update_apply_result": on_update_apply_result,
+        "host_certificates_update": on_certificates,
         "heartbeat": on_heartbeat,
         "command_result": on_command_result,
         "custom_metric_samples": on_custom_metric_samples,

@@ -23,7 +23,10 @@ of :attr:`FakeSysManageAgent.available_updates`; it is kept apart (``update_chec
 from the other commands, which tests count, as is ``check_reboot_status``
 (``reboot_checks``, answered with a ``reboot_status_update``).  ``apply_updates`` takes
 updates off that list (and makes a reboot required); ``reboot_system`` succeeds, then
-the socket drops as the host goes down (``reboots``).  The
+the socket drops as the host goes down (``reboots``).  With ``certificates`` (a
+list such as :meth:`FakeSysManageAgent.sample_certificates`), the agent reports them
+(``host_certificates_update``, every file twice, as the real agent does) when it
+connects (``tests/integration/smagent.go_online``) and on ``collect_certificates``.  The
 order of acknowledgment and result, and dropping a delivery on purpose, are
 configurable so that tests can reach the server's resend and ordering paths.
 
@@ -43,7 +46,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -111,6 +114,7 @@ class FakeSysManageAgent:
         package_failures: set[str] | None = None,
         compression: str | None = "deflate",
         source_address: str | None = None,
+        certificates: list[dict[str, Any]] | None = None,
     ) -> None:
         assert ack_order in ACK_ORDERS, ack_order
         self.set_base_url(base_url)
@@ -163,6 +167,9 @@ class FakeSysManageAgent:
         self._applied: dict[str, Any] | None = None
         self.apply_delay = 0.2
         self.apply_results: list[dict[str, Any]] = []
+        # the certificates found on the host (None: this agent reports none)
+        self.certificates = certificates
+        self.certificate_collections: list[dict[str, Any]] = []  # collect_certificates
         # custom metrics
         self.custom_metrics: list[dict[str, Any]] = []
         self.host_not_registered_errors = 0
@@ -643,6 +650,54 @@ class FakeSysManageAgent:
             {**self.software_inventory_data(packages, pad=pad), "host_id": self.host_id},
         )
 
+    async def send_certificates(self) -> dict[str, Any]:
+        """``host_certificates_update`` of :attr:`certificates`."""
+        return await self.send("host_certificates_update", self.certificates_report())
+
+    def certificates_report(self) -> dict[str, Any]:
+        """The ``host_certificates_update`` data of :attr:`certificates`: each file
+        listed twice, as the real agent lists them (it searches flat, then recursively)."""
+        listed = list(self.certificates or [])
+        collected = now_iso()
+        return {
+            "hostname": self.fqdn,
+            "certificates": [{**c, "collected_at": collected} for c in listed + listed],
+            "collected_at": collected,
+        }
+
+    @staticmethod
+    def certificate(
+        path: str, days: float, *, ca: bool = False, name: str | None = None
+    ) -> dict[str, Any]:
+        """One certificate as the agent reports it, expiring ``days`` from now (the
+        OpenSSL one-line subject; ``certificate_name`` and the fingerprint null, as the
+        real agent sends them with OpenSSL 3)."""
+        now = datetime.now(UTC)
+        cn = name or path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        return {
+            "file_path": path,
+            "certificate_name": None,
+            "subject": f"C = US, O = Example, CN = {cn}",
+            "issuer": "C = US, O = Example, CN = Example Root CA" if not ca else f"CN = {cn}",
+            "not_before": (now - timedelta(days=400)).isoformat(timespec="seconds"),
+            "not_after": (now + timedelta(days=days)).isoformat(timespec="seconds"),
+            "serial_number": uuid.uuid5(uuid.NAMESPACE_URL, path).hex.upper(),
+            "fingerprint_sha256": None,
+            "is_ca": ca,
+            "key_usage": "CA",
+        }
+
+    @classmethod
+    def sample_certificates(cls) -> list[dict[str, Any]]:
+        """A CA certificate of the trust store, a server certificate expiring in 5 days,
+        an expired one and one good for a year."""
+        return [
+            cls.certificate("/etc/ssl/certs/Example_Root_CA.pem", 3000, ca=True),
+            cls.certificate("/etc/nginx/ssl/shop.example.test.crt", 5),
+            cls.certificate("/etc/apache2/ssl/certs/old.example.test.crt", -3),
+            cls.certificate("/etc/pki/tls/certs/api.example.test.crt", 365),
+        ]
+
     async def send_package_updates(self) -> dict[str, Any]:
         return await self.send("package_updates_update", self.package_updates_data())
 
@@ -792,6 +847,9 @@ class FakeSysManageAgent:
         if self._command_body(message).get("command_type") == "check_reboot_status":
             await self._check_reboot(message, via)
             return
+        if self._command_body(message).get("command_type") == "collect_certificates":
+            await self._collect_certificates(message, via)
+            return
         self.commands.append(message)
         queue_id, message_id = self.command_ids(message)
         if self._drop_next > 0:
@@ -868,6 +926,17 @@ class FakeSysManageAgent:
         )
         data = self.reboot_status_data(self.reboot_required)
         await self._emit(self.envelope("reboot_status_update", data), via)
+
+    async def _collect_certificates(self, message: dict[str, Any], via: str) -> None:
+        """Acknowledge and answer ``collect_certificates``, then report them (no report
+        when there are none, as the real agent does)."""
+        self.certificate_collections.append(message)
+        count = len(self.certificates or [])
+        await self._answer_check(message, via, "collect_certificates", {"certificate_count": count})
+        if count:
+            await self._emit(
+                self.envelope("host_certificates_update", self.certificates_report()), via
+            )
 
     def _apply_updates(self, parameters: dict[str, Any]) -> dict[str, Any]:
         """``apply_updates``, as the real agent does it: only ``packages`` entries naming

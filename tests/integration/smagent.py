@@ -97,11 +97,15 @@ async def wait_host_status(
 
 async def go_online(d: harness.Deployment, agent: FakeSysManageAgent) -> None:
     """Connect as the agent does: system_info first (it names the host without its token,
-    so it waits), then a heartbeat that proves the identity; wait until online and until
-    the metric scripts the server pushes on connect have been answered."""
+    so it waits), then (for an agent with certificates) its report of them, and a
+    heartbeat, which prove the identity; wait until online and until the metric scripts
+    the server pushes on connect have been answered."""
     start = len(agent.executions)
     await agent.connect()
     info = await agent.send_system_info()
+    if agent.certificates is not None:
+        report = await agent.send_certificates()
+        await agent.wait_ack(report["message_id"])
     ack = await agent.send_acked("heartbeat", agent.heartbeat_data())
     assert ack["data"]["status"] == "received"
     await agent.wait_ack(info["message_id"])
