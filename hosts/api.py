@@ -149,8 +149,11 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet[Host]):
 
     @action(detail=True, methods=["get"])
     def inventory(self, request: Request, pk: str | None = None) -> Response:
-        """The latest OS, hardware, installed-package and available-update reports of
-        the host's agent (SysManage agents send them)."""
+        """The latest reports of the host's agent (SysManage agents send them), by kind:
+        ``os``, ``hardware``, ``software`` (installed packages), ``updates`` (available
+        updates), ``users`` (users and groups) and ``services`` (services of the server
+        packages installed).  ``users`` and ``services`` are stored normalized and bounded
+        (docs/sysmanage-agent.md); the others as the agent sent them."""
         host = self.get_object()
         return Response(
             {

@@ -509,6 +509,8 @@ class InventoryKind(models.TextChoices):
     HARDWARE = "hardware", "Hardware"
     SOFTWARE = "software", "Installed packages"
     UPDATES = "updates", "Available updates"
+    USERS = "users", "Users and groups"
+    SERVICES = "services", "Services"
 
 
 class HostInventory(models.Model):

@@ -470,7 +470,65 @@ class SoftwareInventory(TypedDict):
     more: int
 
 
-InventoryReport = OsInventory | HardwareInventory | UpdatesInventory | SoftwareInventory
+class UserRow(TypedDict):
+    """One account of the ``users`` report."""
+
+    name: str
+    uid: int | None
+    shell: str
+    home: str
+    groups: list[str]
+
+
+class GroupRow(TypedDict):
+    """One group of the ``users`` report."""
+
+    name: str
+    gid: int | None
+    system: bool
+
+
+class UsersInventory(TypedDict):
+    """The ``users`` report as a host's page shows it: regular accounts apart from
+    system ones, each list by uid (groups by gid)."""
+
+    count: int
+    regular: list[UserRow]
+    system: list[UserRow]
+    not_kept: int
+    groups: list[GroupRow]
+    system_group_count: int
+    groups_not_kept: int
+
+
+class ServiceRow(TypedDict):
+    """One role of the ``services`` report; ``tone`` is how its status reads (``good``
+    running, ``warn`` stopped, ``neutral`` anything else)."""
+
+    role: str
+    package: str
+    version: str
+    service: str
+    status: str
+    tone: str
+
+
+class ServicesInventory(TypedDict):
+    """The ``services`` report as a host's page shows it, by role."""
+
+    rows: list[ServiceRow]
+    running: int
+    not_kept: int
+
+
+InventoryReport = (
+    OsInventory
+    | HardwareInventory
+    | UpdatesInventory
+    | SoftwareInventory
+    | UsersInventory
+    | ServicesInventory
+)
 
 
 def inventory_os(data: Report) -> OsInventory:
@@ -574,11 +632,89 @@ def inventory_software(data: Report, *, limit: int = INVENTORY_PACKAGE_ROWS) -> 
     }
 
 
+def _by_id(key: str) -> Callable[[Mapping[str, Any]], tuple[bool, int, str]]:
+    """Order by the number under ``key`` (none last), then by name."""
+
+    def order(row: Mapping[str, Any]) -> tuple[bool, int, str]:
+        number = row[key]
+        return (number is None, number or 0, str(row["name"]).casefold())
+
+    return order
+
+
+def inventory_users(data: Report) -> UsersInventory:
+    """The ``users`` report (stored as :func:`hosts.smagent.inventory.users_report`
+    keeps it): regular and system accounts, and the groups."""
+    regular: list[UserRow] = []
+    system: list[UserRow] = []
+    for item in _dicts(data.get("users")):
+        member_of = item.get("groups")
+        row: UserRow = {
+            "name": _text(item.get("username"), 128),
+            "uid": _count(item.get("uid")),
+            "shell": _text(item.get("shell"), 255),
+            "home": _text(item.get("home_directory"), 255),
+            "groups": [_text(g, 128) for g in member_of if _text(g)]
+            if isinstance(member_of, list)
+            else [],
+        }
+        if row["name"]:
+            (system if _flag(item.get("is_system_user")) else regular).append(row)
+    groups: list[GroupRow] = [
+        {
+            "name": _text(item.get("group_name"), 128),
+            "gid": _count(item.get("gid")),
+            "system": _flag(item.get("is_system_group")),
+        }
+        for item in _dicts(data.get("groups"))
+    ]
+    groups = sorted((g for g in groups if g["name"]), key=_by_id("gid"))
+    return {
+        "count": len(regular) + len(system),
+        "regular": sorted(regular, key=_by_id("uid")),
+        "system": sorted(system, key=_by_id("uid")),
+        "not_kept": _count(data.get("users_not_kept")) or 0,
+        "groups": groups,
+        "system_group_count": sum(g["system"] for g in groups),
+        "groups_not_kept": _count(data.get("groups_not_kept")) or 0,
+    }
+
+
+#: How a service's status reads on the host page.
+SERVICE_TONES = {"running": "good", "stopped": "warn"}
+
+
+def inventory_services(data: Report) -> ServicesInventory:
+    """The ``services`` report (stored as :func:`hosts.smagent.inventory.services_report`
+    keeps it): each role's package, service and status, by role."""
+    rows: list[ServiceRow] = []
+    for item in _dicts(data.get("roles")):
+        status = _text(item.get("service_status"), 32).lower()
+        row: ServiceRow = {
+            "role": _text(item.get("role"), 128),
+            "package": _text(item.get("package_name"), 255),
+            "version": _text(item.get("package_version"), 100),
+            "service": _text(item.get("service_name"), 255),
+            "status": status,
+            "tone": SERVICE_TONES.get(status, "neutral"),
+        }
+        if row["role"] or row["package"]:
+            rows.append(row)
+    rows.sort(key=lambda r: (r["role"].casefold(), r["package"].casefold()))
+    return {
+        "rows": rows,
+        "running": sum(row["status"] == "running" for row in rows),
+        "not_kept": _count(data.get("roles_not_kept")) or 0,
+    }
+
+
 INVENTORY_SHAPERS: dict[str, Callable[[Report], InventoryReport]] = {
     InventoryKind.OS: inventory_os,
     InventoryKind.HARDWARE: inventory_hardware,
     InventoryKind.UPDATES: inventory_updates,
     InventoryKind.SOFTWARE: inventory_software,
+    InventoryKind.USERS: inventory_users,
+    InventoryKind.SERVICES: inventory_services,
 }
 
 

@@ -1202,6 +1202,9 @@ FIELDS = [
     "platform_version",
     "hostname",
     "agent_version",
+    "users",
+    "groups",
+    "roles",
 ]
 
 
@@ -1222,6 +1225,8 @@ async def test_odd_field_values_get_an_ack_or_a_clear_error_never_a_server_error
         "hardware_update",
         "software_inventory_update",
         "package_updates_update",
+        "user_access_update",
+        "role_data",
         "something_else",
     ]
     for index, message_type in enumerate(types):

@@ -22,7 +22,7 @@ from hosts.agent_protocol import HostFacts
 from hosts.events import AgentTook
 from hosts.metrics import MinuteAverages
 from hosts.models import Host, HostInventory, InventoryKind
-from hosts.smagent import deliveries, enrollment, protocol
+from hosts.smagent import deliveries, enrollment, inventory, protocol
 from hosts.smagent.protocol import (
     AgentProtocolError,
     CommandMessage,
@@ -41,6 +41,8 @@ INVENTORY_TYPES = {
     "hardware_update": InventoryKind.HARDWARE,
     "software_inventory_update": InventoryKind.SOFTWARE,
     "package_updates_update": InventoryKind.UPDATES,
+    "user_access_update": InventoryKind.USERS,
+    "role_data": InventoryKind.SERVICES,
 }
 
 
@@ -357,7 +359,8 @@ class AgentSession:
         return []
 
     async def on_inventory(self, message_type: str, data: MessageData) -> list[ServerMessage]:
-        """An inventory report: stored as the host's latest of its kind."""
+        """An inventory report: stored as the host's latest of its kind (users and
+        services in the normalized form of :mod:`hosts.smagent.inventory`)."""
         kind = INVENTORY_TYPES[message_type]
         facts: HostFacts = {}
         if kind == InventoryKind.OS:
@@ -369,17 +372,28 @@ class AgentSession:
             await database_sync_to_async(services.host_patch_updates_save)(
                 host_id=self.host_id, report=patching.updates_from_sysmanage(data)
             )
-        stored = protocol.storable_object(
-            {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
-        )
-        await database_sync_to_async(services.host_inventory_save)(
-            host_id=self.host_id,
-            kind=kind,
-            data=stored,
-            item_count=protocol.inventory_items(kind, data),
-            facts=facts,
-            digest=protocol.digest(stored),
-        )
+        normalize = inventory.NORMALIZED.get(kind)
+        stored: dict[str, object] | None
+        if normalize is not None:
+            # kept in the form the server shows, bounded; a report without its list
+            # (nothing to store) leaves the last one in place
+            normalized = normalize(data)
+            stored = dict(normalized[0]) if normalized is not None else None
+            items = normalized[1] if normalized is not None else None
+        else:
+            stored = protocol.storable_object(
+                {k: v for k, v in data.items() if k not in ("host_id", "host_token")}
+            )
+            items = protocol.inventory_items(kind, data)
+        if stored is not None:
+            await database_sync_to_async(services.host_inventory_save)(
+                host_id=self.host_id,
+                kind=kind,
+                data=stored,
+                item_count=items,
+                facts=facts,
+                digest=protocol.digest(stored),
+            )
         self.seen()
         if kind == InventoryKind.HARDWARE:
             mounts = protocol.mounts_from_hardware(data)

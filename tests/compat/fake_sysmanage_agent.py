@@ -11,8 +11,8 @@ It speaks to a server exactly as the unchanged agent does:
   1 MiB frame limit), where every message it sends has the envelope
   ``{message_type, message_id, timestamp, data{..., host_id, host_token}}`` -- except
   that messages whose data names the host already (``system_info``, ``hardware_update``,
-  ``software_inventory_update``) carry ``host_id`` without ``host_token``, as the real
-  agent's do;
+  ``software_inventory_update``, the periodic ``user_access_update``) carry ``host_id``
+  without ``host_token``, as the real agent's do;
 * or, as a fallback, ``POST /api/agent/poll`` with ``Authorization: Bearer <token>``.
 
 Commands (``execute_shell``, ``install_packages``, ``uninstall_packages``,
@@ -459,6 +459,89 @@ class FakeSysManageAgent:
         ]
         return {"available_updates": updates, "total_updates": len(updates)}
 
+    def user_access_data(self) -> dict[str, Any]:
+        """``user_access_update``'s report: two regular users and two system accounts
+        (sent periodically, the agent adds ``host_id`` and no ``host_token``)."""
+        users = [
+            {
+                "username": "root",
+                "uid": 0,
+                "home_directory": "/root",
+                "shell": "/bin/bash",
+                "is_system_user": True,
+                "groups": ["root"],
+            },
+            {
+                "username": "www-data",
+                "uid": 33,
+                "home_directory": "/var/www",
+                "shell": "/usr/sbin/nologin",
+                "is_system_user": True,
+                "groups": ["www-data"],
+            },
+            {
+                "username": "alice",
+                "uid": 1000,
+                "home_directory": "/home/alice",
+                "shell": "/bin/bash",
+                "is_system_user": False,
+                "groups": ["alice", "sudo"],
+            },
+            {
+                "username": "nobody",
+                "uid": 65534,
+                "home_directory": "/nonexistent",
+                "shell": "/usr/sbin/nologin",
+                "is_system_user": False,
+                "groups": ["nogroup"],
+            },
+        ]
+        groups = [
+            {"group_name": "root", "gid": 0, "is_system_group": True},
+            {"group_name": "sudo", "gid": 27, "is_system_group": True},
+            {"group_name": "alice", "gid": 1000, "is_system_group": False},
+        ]
+        return {
+            "users": users,
+            "groups": groups,
+            "platform": "Linux",
+            "total_users": len(users),
+            "total_groups": len(groups),
+            "system_users": 2,
+            "regular_users": 2,
+            "system_groups": 2,
+            "regular_groups": 1,
+            "hostname": self.hostname,
+        }
+
+    def role_data(self) -> dict[str, Any]:
+        """``role_data``: the services of two server packages, one running, one stopped
+        (the agent adds ``host_id`` and ``host_token``)."""
+        roles = [
+            {
+                "role": "Database Server",
+                "package_name": "postgresql",
+                "package_version": "15+248+deb12u2",
+                "service_name": "postgresql",
+                "service_status": "running",
+                "is_active": True,
+            },
+            {
+                "role": "Web Server",
+                "package_name": "nginx",
+                "package_version": "1.22.1-9+deb12u1",
+                "service_name": "nginx",
+                "service_status": "stopped",
+                "is_active": False,
+            },
+        ]
+        return {
+            "hostname": self.hostname,
+            "roles": roles,
+            "role_count": len(roles),
+            "collection_timestamp": now_iso(),
+        }
+
     # -- the socket ----------------------------------------------------------------------
 
     def connect_url(self, token: str | None) -> str:
@@ -700,6 +783,14 @@ class FakeSysManageAgent:
 
     async def send_package_updates(self) -> dict[str, Any]:
         return await self.send("package_updates_update", self.package_updates_data())
+
+    async def send_user_access(self) -> dict[str, Any]:
+        return await self.send(
+            "user_access_update", {**self.user_access_data(), "host_id": self.host_id}
+        )
+
+    async def send_roles(self) -> dict[str, Any]:
+        return await self.send("role_data", self.role_data())
 
     async def send_script_execution_result(
         self,

@@ -23,6 +23,7 @@ import websockets
 
 from tests.compat.fake_sysmanage_agent import FakeSysManageAgent
 from tests.integration import harness
+from tests.integration.client import browser_login, http_request
 from tests.integration.relay import Relay
 from tests.integration.smagent import (
     WAIT,
@@ -593,6 +594,69 @@ async def test_heartbeat_inventory_and_unknown_types_are_acknowledged(deployment
         assert facts["cpu_count"] == 4
         assert facts["memory_total"] == 8192 * 1024 * 1024
         assert agent.close_code is None
+
+
+async def test_users_and_services_are_stored_and_shown(deployment):
+    """``user_access_update`` (periodic: no ``host_token``) and ``role_data`` become the
+    host's ``users`` and ``services`` inventory: over REST and on its page."""
+    d = deployment
+    async with online_agent(d, "usersvc") as agent:
+        for sent in (await agent.send_user_access(), await agent.send_roles()):
+            ack = await agent.wait_ack(sent["message_id"])
+            assert ack["data"]["status"] == "received"
+        assert "host_token" not in agent.user_access_data()
+        reply = await admin(d, "GET", f"/api/hosts/{agent.host_id}/inventory/")
+        assert reply.status == 200, reply
+        kinds = reply.body["inventory"]
+        assert kinds["users"]["item_count"] == 4
+        users = kinds["users"]["data"]
+        # regular accounts first, only the fields the agent's report is known to hold
+        assert [u["username"] for u in users["users"]] == ["alice", "nobody", "root", "www-data"]
+        assert users["users"][0] == {
+            "username": "alice",
+            "uid": 1000,
+            "home_directory": "/home/alice",
+            "shell": "/bin/bash",
+            "is_system_user": False,
+            "groups": ["alice", "sudo"],
+        }
+        assert users["total_users"] == 4
+        assert len(users["groups"]) == 3
+        assert kinds["services"]["item_count"] == 2
+        services = kinds["services"]["data"]
+        assert [(r["package_name"], r["service_status"]) for r in services["roles"]] == [
+            ("postgresql", "running"),
+            ("nginx", "stopped"),
+        ]
+        assert "collection_timestamp" not in services
+        assert "host_token" not in json.dumps(kinds)
+        # sent again unchanged (a new collection time): still one report of each kind
+        await agent.send_acked("role_data", agent.role_data())
+        again = await admin(d, "GET", f"/api/hosts/{agent.host_id}/inventory/")
+        assert again.body["inventory"]["services"] == kinds["services"]
+        page = await asyncio.to_thread(host_page, d, agent.host_id)
+        assert 'id="inventory-users-heading"' in page
+        assert "2 regular users and 2 system accounts; 3 groups (2 system)." in page
+        assert "/home/alice" in page
+        assert "alice, sudo" in page
+        assert 'id="inventory-system-users"' in page
+        assert 'id="inventory-services-heading"' in page
+        assert "15+248+deb12u2" in page
+        assert 'class="badge service-good status-succeeded">Running<' in page
+        assert 'class="badge service-warn severity-warning">Stopped<' in page
+
+
+def host_page(d: harness.Deployment, host_id: str) -> str:
+    """A host's page as the administrator sees it in a browser."""
+    session = browser_login(d.server.base_url, "admin", d.password)
+    page = http_request(
+        "GET",
+        f"{d.server.base_url}/hosts/{host_id}/",
+        opener=session.opener,
+        headers={"Accept": "text/html"},
+    )
+    assert page.status == 200, page
+    return str(page.body)
 
 
 async def test_flat_script_execution_result_is_acknowledged(deployment):
