@@ -273,12 +273,13 @@ def _sync_certificate_alert(
         return
     left = days_left(cert.not_after, now)
     label = cert.name or cert.file_path
+    whole = int(left)  # whole days, toward zero, as the host page and the API count them
     if left < 0:
         title = f"Certificate expired: {label} on {cert.hostname}"
-        when = f"expired {-left:.0f} days ago"
+        when = f"expired {-whole} days ago" if whole else "expired today"
     else:
         title = f"Certificate expiring: {label} on {cert.hostname}"
-        when = f"expires in {left:.0f} days"
+        when = f"expires in {whole} days" if whole else "expires within a day"
     services.rule_alert_sync(
         host_id=host_id,
         rule_id=rule.id,

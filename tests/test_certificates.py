@@ -267,7 +267,7 @@ def test_the_default_rule_raises_escalates_and_resolves_on_renewal(host):
     )
     _store(
         host,
-        entry("/etc/nginx/ssl/site.crt", days=20),
+        entry("/etc/nginx/ssl/site.crt", days=20.5),
         entry("/etc/nginx/ssl/fine.crt", days=200),
         entry("/etc/ssl/certs/old-ca.pem", days=-100, ca=True),  # the trust store: no alert
     )
@@ -280,6 +280,8 @@ def test_the_default_rule_raises_escalates_and_resolves_on_renewal(host):
     )
     assert alert.category == "certificates"
     assert alert.title == "Certificate expiring: site.crt on web-01"
+    # whole days, as the host page and the API count them
+    assert alert.message.startswith("/etc/nginx/ssl/site.crt on web-01 expires in 20 days")
     evaluation.check_certificates()  # nothing changed: still one alert
     assert Alert.objects.filter(rule=rule).count() == 1
     _store(host, entry("/etc/nginx/ssl/site.crt", days=3))
