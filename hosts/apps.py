@@ -42,7 +42,7 @@ class HostsConfig(AppConfig):
         control.register(CommandFinished, commands.on_command_finished)
         control.register(PackageOperationFinished, commands.on_package_operation_finished)
         register_periodic(
-            "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.sweep
+            "hosts.sweep", lambda: settings.MAINTENANCE_SWEEP_SECONDS, maintenance.periodic_sweep
         )
         register_periodic(
             "hosts.agent_recheck", lambda: settings.AGENT_RECHECK_SECONDS, maintenance.agent_recheck

@@ -8,6 +8,7 @@ process stopped are marked interrupted.  Every server process runs it periodical
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -34,10 +35,13 @@ class SweepReport:
     fleet_runs_interrupted: list[str]
 
 
-def sweep(*, offline_after: float | None = None) -> SweepReport:
-    """Run every part of the sweep once and report what changed."""
+def sweep(*, offline_after: float | None = None, quiet_since: float | None = None) -> SweepReport:
+    """Run every part of the sweep once and report what changed.  With ``quiet_since``
+    (a ``time.monotonic()``), no host is marked offline until it is that long ago."""
     silent = offline_after if offline_after is not None else settings.HOST_OFFLINE_AFTER_SECONDS
-    offline = services.hosts_mark_offline(silent_for=silent)
+    offline: list[Host] = []
+    if quiet_since is None or time.monotonic() - quiet_since >= silent:
+        offline = services.hosts_mark_offline(silent_for=silent)
     timed_out = services.commands_expire_overdue(grace=settings.COMMAND_RESULT_GRACE_SECONDS)
     failed = services.package_operations_expire_overdue(
         silent_for=settings.PACKAGE_OPERATION_STALL_SECONDS
@@ -55,6 +59,23 @@ def sweep(*, offline_after: float | None = None) -> SweepReport:
             len(interrupted),
         )
     return report
+
+
+#: When this process first swept (:func:`periodic_sweep`).
+_first_sweep: float | None = None
+
+
+def periodic_sweep() -> SweepReport:
+    """The sweep each server process runs.  For its first ``HOST_OFFLINE_AFTER_SECONDS``
+    it marks no host offline: after a restart, the agents of the hosts its previous run
+    served are reconnecting (each with its back-off), and a host whose agent is on its way
+    back must not flap offline and online.  A host whose agent does not come back is
+    marked offline once that time is up (``manage.py mark_offline_hosts`` has no such
+    wait)."""
+    global _first_sweep
+    if _first_sweep is None:
+        _first_sweep = time.monotonic()
+    return sweep(quiet_since=_first_sweep)
 
 
 def agent_recheck() -> None:

@@ -126,3 +126,33 @@ def test_prune_removes_old_login_counters_but_not_live_locks():
     LoginCounter.objects.create(scope="pair", key="recent", failures=1, window_started=now)
     assert "Deleted 1 login counters" in run("prune_data", "--older-than", "30d")
     assert set(LoginCounter.objects.values_list("key", flat=True)) == {"still-locked", "recent"}
+
+
+@pytest.mark.django_db
+def test_a_process_marks_no_host_offline_before_its_agents_had_time_to_return(
+    monkeypatch, settings
+):
+    """After a restart the agents of the hosts the previous run served reconnect with
+    their back-off: the process's own sweep leaves their hosts online for
+    HOST_OFFLINE_AFTER_SECONDS from its first sweep, then marks the silent ones offline;
+    the cron command does not wait."""
+    import time
+
+    from hosts import maintenance
+    from hosts.models import Host, HostStatus
+
+    settings.HOST_OFFLINE_AFTER_SECONDS = 30
+    host = host_services.host_create(hostname="was-served")
+    Host.objects.filter(pk=host.pk).update(
+        status=HostStatus.ONLINE, last_seen=timezone.now() - timedelta(minutes=10)
+    )
+    monkeypatch.setattr(maintenance, "_first_sweep", None)
+    assert maintenance.periodic_sweep().hosts_offline == []
+    assert Host.objects.get(pk=host.pk).status == HostStatus.ONLINE
+    monkeypatch.setattr(maintenance, "_first_sweep", time.monotonic() - 31)
+    assert maintenance.periodic_sweep().hosts_offline == ["was-served"]
+
+    Host.objects.filter(pk=host.pk).update(status=HostStatus.ONLINE)
+    monkeypatch.setattr(maintenance, "_first_sweep", None)
+    maintenance.periodic_sweep()  # a process just started: waits
+    assert maintenance.sweep().hosts_offline == ["was-served"]  # what cron runs: at once
