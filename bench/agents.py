@@ -76,12 +76,18 @@ print(json.dumps({{"tokens": tokens, "access": access_token_for(user)}}))
 """
 
 
+#: Server settings taken from this process's environment: switches of the server's own
+#: code to compare with and without (``SYSMANAGE_FAST_FRAMES=0``).
+PASSED_THROUGH = {"SYSMANAGE_FAST_FRAMES"}
+
+
 def server_env(workdir: Path, redis_url: str | None, offline_after: int | None) -> dict[str, str]:
     """Environment of the server and of the enrolment script."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("DJANGO_", "SYSMANAGE_", "DATABASE_URL", "REDIS_URL"))
+        or k in PASSED_THROUGH
     }
     env.update(
         {
