@@ -15,6 +15,38 @@ from sysmanage.node import Node
 PASSWORD = "correct horse battery staple"
 
 
+#: The data migrations whose rows a freshly migrated database holds: the default alert
+#: rules, and the functions that create them (``get_or_create``: safe to run again).
+SEEDING_MIGRATIONS = (
+    ("alerts.migrations.0004_default_rules", "create_rules"),
+    ("alerts.migrations.0005_reboot_rule", "create_rule"),
+    ("alerts.migrations.0006_cert_expiry_rule", "create_rule"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _rows_of_data_migrations(request, _django_db_marker):
+    """A transactional test's flush empties what the data migrations put in the tables;
+    a test after it on the same database gets those rows back, as every test finds them
+    in a freshly migrated database, whatever ran before it (the suite may run in several
+    processes, each in its own order)."""
+    if request.node.get_closest_marker("django_db") is None:
+        asked = [f for f in ("transactional_db", "db") if f in request.fixturenames]
+        if not asked:
+            return  # no database
+        request.getfixturevalue(asked[0])  # set up now rather than after this
+    import importlib
+
+    from django.apps import apps
+
+    from alerts.models import AlertRule
+
+    if AlertRule.objects.exists():
+        return
+    for module, function in SEEDING_MIGRATIONS:
+        getattr(importlib.import_module(module), function)(apps, None)
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     """PBKDF2's deliberate slowness only slows the suite down."""

@@ -191,7 +191,16 @@ async def check_channels(d: harness.Deployment, client: WsClient, web: str, db: 
     assert hidden_alerts["data"]["code"] == "INVALID_FILTERS", hidden_alerts
     fleet = [m for m in client.log if m["channel"] == "fleet_status" and m["type"] == "event"]
     assert all(m["data"]["total_hosts"] == 1 for m in fleet), fleet
-    assert all(m["data"]["hosts_with_alerts"] == 0 for m in fleet), fleet
+    # The hidden host's alert is never counted. The visible host may have had one of its
+    # own meanwhile (its real agent reports this machine's CPU, which a busy machine
+    # keeps high): then it counts as one, and the hidden one would make two.
+    everything = await api(
+        "GET", d.servers[0].base_url, f"/api/alerts/?host={web}&limit=500", token=d.token("admin")
+    )
+    assert everything.status == 200, everything
+    own = results(everything.body)
+    ceiling = 1 if own else 0
+    assert all(m["data"]["hosts_with_alerts"] <= ceiling for m in fleet), (fleet, own)
 
 
 async def check_grant_changes(d: harness.Deployment, client: WsClient, db: str) -> None:
