@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from django.conf import settings
 
@@ -40,6 +41,8 @@ from sysmanage.hub import Hub
 from sysmanage.node import Node
 from sysmanage.protocol import ClientMessage, ErrorCode, MessageType, ProtocolError, envelope
 from sysmanage.topics import parse_uuid
+
+T = TypeVar("T")
 
 MAX_COMMAND_LENGTH = 4096
 MAX_TIMEOUT = 3600
@@ -286,24 +289,38 @@ async def command_run_and_wait(
     end: the command's event data as it ended (timed out if the agent never answers).
     Raises :class:`NotDelivered` if the host's agent never got it.  Permission is the
     caller's to check."""
-    await Node.for_running_loop()  # this process hears the control messages awaited
-    execution_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(execution_id, _delivery_window(host)))
-    finished = wait_for(Awaited("finished", execution_id))
-    execution = await database_sync_to_async(services.command_create)(
-        host=host,
-        command=command,
-        timeout=time_limit,
-        user=user,
-        request_id=request_id,
-        execution_id=execution_id,
-        actor=actor,
+    execution, finished = await _started(
+        host,
+        "command",
+        lambda ref: services.command_create(
+            host=host,
+            command=command,
+            timeout=time_limit,
+            user=user,
+            request_id=request_id,
+            execution_id=ref,
+            actor=actor,
+        ),
     )
-    why = await _undelivered(host, "command", execution_id, taken)
+    return await _wait_for_result(finished, execution, host)
+
+
+async def _started(
+    host: Host, what: WorkKind, create: Callable[[str], T]
+) -> tuple[T, asyncio.Future[Any]]:
+    """Record new work on ``host`` with ``create`` (given its id) and wait until its agent
+    took it: the record, and the end to await.  Raises :class:`NotDelivered` if the
+    agent never got it."""
+    await Node.for_running_loop()  # this process hears the control messages awaited
+    ref = str(uuid.uuid4())
+    taken = asyncio.ensure_future(_handed_over(ref, _delivery_window(host)))
+    finished = wait_for(Awaited("finished", ref))
+    record = await database_sync_to_async(create)(ref)
+    why = await _undelivered(host, what, ref, taken)
     if why is not None:
         finished.cancel()
-        raise NotDelivered(why, execution_id)
-    return await _wait_for_result(finished, execution, host)
+        raise NotDelivered(why, ref)
+    return record, finished
 
 
 async def handle_command(context: CommandContext, message: ClientMessage) -> None:
@@ -400,25 +417,21 @@ async def package_operation_run_and_wait(
     end: the operation's event data as it is then (still ``in_progress`` if it has not
     ended; it goes on).  Raises :class:`NotDelivered` if the host's agent never got it.
     Permission is the caller's to check."""
-    await Node.for_running_loop()  # this process hears the control messages awaited
-    operation_id = str(uuid.uuid4())
-    taken = asyncio.ensure_future(_handed_over(operation_id, _delivery_window(host)))
-    finished = wait_for(Awaited("finished", operation_id))
-    await database_sync_to_async(services.package_operation_create)(
-        host=host,
-        operation=operation,
-        package=package,
-        user=user,
-        operation_id=operation_id,
-        actor=actor,
+    record, finished = await _started(
+        host,
+        "operation",
+        lambda ref: services.package_operation_create(
+            host=host,
+            operation=operation,
+            package=package,
+            user=user,
+            operation_id=ref,
+            actor=actor,
+        ),
     )
-    why = await _undelivered(host, "operation", operation_id, taken)
-    if why is not None:
-        finished.cancel()
-        raise NotDelivered(why, operation_id)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(finished, time_limit)
-    return await database_sync_to_async(selectors.operation_event_data)(operation_id)
+    return await database_sync_to_async(selectors.operation_event_data)(str(record.id))
 
 
 async def handle_package_operation(context: CommandContext, message: ClientMessage) -> None:
