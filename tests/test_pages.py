@@ -69,7 +69,9 @@ def host():
 # -- login and logout ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [p for p in PAGES if p != "/"] + ["/hosts/5f0c6a8e-0d1b-4c39-9a51-2b7de3c4f6a1/"])
+@pytest.mark.parametrize(
+    "path", [p for p in PAGES if p != "/"] + ["/hosts/5f0c6a8e-0d1b-4c39-9a51-2b7de3c4f6a1/"]
+)
 def test_pages_require_login(client, path):
     response = client.get(path)
     assert response.status_code == 302
