@@ -10,7 +10,6 @@ by live among the host's package operations, and so does the host going and comi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ import pytest
 from tests.browser import support
 from tests.browser.support import Browser, ensure_logged_in
 from tests.integration.harness import Deployment
-from tests.integration.test_agent_e2e import AgentProcess, register
 from tests.integration.test_patch_apply import agent_program
-from tests.integration.test_patching import UPGRADABLE, fake_programs
+from tests.integration.test_patching import UPGRADABLE
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -42,24 +40,8 @@ def test_the_panel_shows_the_agents_report_and_a_check_reaches_it(
     browser: Browser, deployment: Deployment, tmp_path: Path
 ) -> None:
     ensure_logged_in(browser, "admin", deployment.password)
-    programs = fake_programs(tmp_path)
-    flag = tmp_path / "reboot-required"
-    flag.write_text("*** System restart required ***\n")
-    config = tmp_path / "agent.toml"
-    # It looks only on connecting and when asked: the second report is the button's.
-    config.write_text(f'patch_interval = 3600\nreboot_required_file = "{flag}"\n')
-    enrolled = register(deployment, "patch-page")
-    host_id = enrolled["host_id"]
-    agent = AgentProcess(
-        deployment.server.base_url,
-        enrolled["token"],
-        tmp_path / "state",
-        tmp_path / "agent.log",
-        config=config,
-    )
-    agent.env["PATH"] = f"{programs}{os.pathsep}{agent.env.get('PATH', os.defpath)}"
-    agent.start()
-    try:
+    # The agent looks only on connecting and when asked: the second report is the button's.
+    with agent_program(deployment, tmp_path, "patch-page") as (host_id, programs, flag):
         support.poll(
             lambda: updates(deployment, host_id)["update_count"] == 2,
             40,
@@ -103,8 +85,6 @@ def test_the_panel_shows_the_agents_report_and_a_check_reaches_it(
         assert browser.text_of("#patch-security-count") == "0"
         assert browser.text_of("#patch-reboot") == "Not needed"
         assert listed(browser) == [("tzdata", "2024b-0+deb12u1", "2025a-0+deb12u1", "No")]
-    finally:
-        agent.stop()
 
 
 #: Each row of the host's package operations: title, status badge, message.
